@@ -1,0 +1,1 @@
+"""firmware-sim: a simulated keyfleet device (measured boot into swtpm, serial console)."""

@@ -1,0 +1,1 @@
+"""keyfleet fleet side: the provisioning service, factory station and operator CLI."""

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install the Debian packages keyfleet needs, only those that are missing.
+# Runs apt-get directly as root, through sudo otherwise; says clearly when it can do neither.
+set -euo pipefail
+
+packages=(swtpm swtpm-tools libtss2-dev mosquitto socat pkg-config gcc python3-dev python3-venv)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+
+echo "keyfleet: installing Debian packages: ${missing[*]}"
+if [ "$(id -u)" -eq 0 ]; then
+    as_root=()
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    as_root=(sudo -n)
+else
+    echo "keyfleet: these Debian packages are missing: ${missing[*]}" >&2
+    echo "keyfleet: run this as root, or give this user sudo, or install them yourself:" >&2
+    echo "    apt-get install ${missing[*]}" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+"${as_root[@]}" apt-get update -qq
+"${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+
+# The Debian mosquitto package starts a system broker on port 1883; keyfleet starts its own
+# brokers on free loopback ports, so the system one is not needed (and is left as the admin set it).
