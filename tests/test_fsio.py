@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.errors import StateError
+from agent.fsio import atomic_write, shred
+
+pytestmark = pytest.mark.pure
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "state.bin"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]
+
+
+def test_failed_write_keeps_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "state.bin"
+    atomic_write(target, b"old")
+    target_dir_mode = tmp_path.stat().st_mode
+    os.chmod(tmp_path, 0o500)
+    try:
+        if os.geteuid() == 0:
+            # root ignores directory modes: make the rename fail with a directory in the way
+            os.chmod(tmp_path, target_dir_mode)
+            blocker = tmp_path / "dir"
+            blocker.mkdir()
+            (blocker / "x").write_bytes(b"")
+            with pytest.raises(StateError, match="could not write"):
+                atomic_write(blocker, b"new")
+            assert (blocker / "x").exists()
+        else:
+            with pytest.raises(StateError, match="could not write"):
+                atomic_write(target, b"new")
+    finally:
+        os.chmod(tmp_path, target_dir_mode)
+    assert target.read_bytes() == b"old"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_shred_removes(tmp_path: Path) -> None:
+    target = tmp_path / "blob"
+    target.write_bytes(b"x" * 100)
+    shred(target)
+    assert not target.exists()
+    shred(target)  # gone already: nothing to do
