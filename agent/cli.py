@@ -1,0 +1,71 @@
+"""``keyagent``: the device agent's command line. Subcommands are added as they exist."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from agent.selftest import SelftestReport, run_builtin_selftests, run_vector_files
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keyagent", description="keyfleet device agent: keys born in the TPM."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    selftest = commands.add_parser(
+        "selftest",
+        help="run the known-answer tests (RFC 9180 / RFC 9420 vectors)",
+        description=(
+            "Run the built-in known-answer tests, or the given test-vector files (RFC 9180 "
+            "test-vectors JSON; mls-implementations tree-math, crypto-basics, key-schedule; "
+            "the format is detected from the content). Exits 1 if any check failed."
+        ),
+    )
+    selftest.add_argument(
+        "--vectors",
+        nargs="+",
+        metavar="FILE",
+        help="vector files to run instead of the built-in ones",
+    )
+    selftest.add_argument("--json", action="store_true", help="print the report as JSON")
+    selftest.add_argument("-v", "--verbose", action="store_true", help="name every failed check")
+    return parser
+
+
+def _print_report(report: SelftestReport, as_json: bool, verbose: bool) -> None:
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    for result in report.files:
+        print(result.summary())
+        # Failures are always named: a self-test that only says "failed" helps nobody.
+        shown = result.failures if verbose else result.failures[:10]
+        for failure in shown:
+            print(f"  FAILED {failure}")
+        if len(result.failures) > len(shown):
+            print(f"  ... {len(result.failures) - len(shown)} more (use --verbose)")
+    verdict = "ok" if report.ok else "FAILED"
+    print(
+        f"selftest {verdict}: {report.passed} passed, {report.failed} failed, "
+        f"{report.skipped} skipped in {report.elapsed_s * 1000:.0f} ms"
+    )
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    report = run_vector_files(args.vectors) if args.vectors else run_builtin_selftests()
+    _print_report(report, args.json, args.verbose)
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "selftest":
+        return _selftest(args)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses unknown ones
+
+
+if __name__ == "__main__":
+    sys.exit(main())
