@@ -457,6 +457,9 @@ def run_vector_files(paths: Iterable[str | Path]) -> SelftestReport:
     results = []
     for path in paths:
         try:
+            if Path(path).stat().st_size > MAX_VECTOR_FILE_BYTES:
+                results.append(FileResult(str(path), None, 0, 1, 0, failures=("file too large",)))
+                continue
             raw = Path(path).read_bytes()
         except OSError as exc:
             results.append(

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import hpke
 from agent.errors import CryptoError, ProtocolError
@@ -173,3 +175,22 @@ def test_reader_opaque_and_trailing_bytes() -> None:
         tls.Reader(b"\x05abc").opaque_v()
     with pytest.raises(ValueError):
         tls.uint16(1 << 16)
+
+
+@given(st.integers(min_value=0, max_value=tls.VARINT_MAX))
+def test_varint_round_trip(value: int) -> None:
+    reader = tls.Reader(tls.varint(value))
+    assert reader.varint() == value
+    reader.finish()
+
+
+@given(st.binary(max_size=64))
+def test_reader_refuses_garbage_only_with_protocol_error(data: bytes) -> None:
+    reader = tls.Reader(data)
+    try:
+        value = reader.opaque_v()
+        reader.finish()
+    except ProtocolError as exc:
+        assert exc.check == "tls.decode"
+    else:
+        assert tls.opaque_v(value) == data  # whatever decodes re-encodes to the same bytes
