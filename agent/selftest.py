@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import hpke
 from agent.errors import KeyfleetError
 from agent.mls import crypto, key_schedule
+from agent.mls.tls import Reader
 
 FORMAT_RFC9180 = "rfc9180"
 FORMAT_TREE_MATH = "mls-tree-math"
@@ -161,6 +162,27 @@ def _scalar(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _private_key(scalar: bytes) -> ec.EllipticCurvePrivateKey:
     return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
+
+
+def _unprefixed(raw: bytes, size: int) -> bytes:
+    """Earlier revisions of crypto-basics.json TLS-encode keys (``opaque<V>``: 0x20 + 32-byte
+    scalar, 0x4041 + 65-byte point); later ones give them raw. The sizes make it unambiguous."""
+    if len(raw) == size:
+        return raw
+    reader = Reader(raw)
+    key = reader.opaque_v()
+    reader.finish()
+    if len(key) != size:
+        raise ValueError(f"expected a {size}-byte key, got {len(key)}")
+    return key
+
+
+def _mls_private_key(hex_value: Any) -> ec.EllipticCurvePrivateKey:
+    return _private_key(_unprefixed(_h(hex_value), hpke.N_SK))
+
+
+def _mls_public_key(hex_value: Any) -> bytes:
+    return _unprefixed(_h(hex_value), hpke.N_PK)
 
 
 def detect_format(data: object) -> str | None:
@@ -335,23 +357,23 @@ def _crypto_basics_checks(e: dict[str, Any]) -> Iterator[tuple[str, Callable[[],
     def sign_with_label() -> None:
         v = e["sign_with_label"]
         label, content = v["label"].encode(), _h(v["content"])
-        priv = _private_key(_h(v["priv"]))
-        pub = hpke.deserialize_public_key(_h(v["pub"]))
-        _equal(hpke.serialize_public_key(priv.public_key()), _h(v["pub"]), "pub")
+        priv = _mls_private_key(v["priv"])
+        pub = hpke.deserialize_public_key(_mls_public_key(v["pub"]))
+        _equal(hpke.serialize_public_key(priv.public_key()), _mls_public_key(v["pub"]), "pub")
         crypto.verify_with_label(pub, label, content, _h(v["signature"]))
         crypto.verify_with_label(pub, label, content, crypto.sign_with_label(priv, label, content))
 
     def encrypt_with_label() -> None:
         v = e["encrypt_with_label"]
         label, context = v["label"].encode(), _h(v["context"])
-        priv = _private_key(_h(v["priv"]))
-        _equal(hpke.serialize_public_key(priv.public_key()), _h(v["pub"]), "pub")
+        priv = _mls_private_key(v["priv"])
+        _equal(hpke.serialize_public_key(priv.public_key()), _mls_public_key(v["pub"]), "pub")
         pt = crypto.decrypt_with_label(
             priv, label, context, _h(v["kem_output"]), _h(v["ciphertext"])
         )
         _equal(pt, _h(v["plaintext"]), "plaintext")
         kem_output, ct = crypto.encrypt_with_label(
-            hpke.deserialize_public_key(_h(v["pub"])), label, context, pt
+            hpke.deserialize_public_key(_mls_public_key(v["pub"])), label, context, pt
         )
         _equal(crypto.decrypt_with_label(priv, label, context, kem_output, ct), pt, "round trip")
 

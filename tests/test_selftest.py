@@ -200,3 +200,17 @@ def test_no_subcommand_is_a_usage_error() -> None:
     result = _keyagent()
     assert result.returncode == 2
     assert "selftest" in result.stderr
+
+
+def test_crypto_basics_with_tls_encoded_keys_of_earlier_revisions(tmp_path: Path) -> None:
+    """Earlier revisions of the published crypto-basics.json carry priv/pub as opaque<V>."""
+    data = _load("mls-crypto-basics-cs2.json")
+    for name in ("sign_with_label", "encrypt_with_label"):
+        entry = data[0][name]
+        entry["priv"] = "20" + entry["priv"]
+        entry["pub"] = "4041" + entry["pub"]
+    (result,) = selftest.run_vector_files([_write(tmp_path / "old.json", data)]).files
+    assert (result.passed, result.failed) == (6, 0), result.failures
+    data[0]["sign_with_label"]["pub"] = "4042" + data[0]["sign_with_label"]["pub"][4:] + "00"
+    (result,) = selftest.run_vector_files([_write(tmp_path / "bad.json", data)]).files
+    assert (result.passed, result.failed) == (5, 1)
