@@ -40,6 +40,7 @@ from tpm2_pytss.types import (
     TPM2B_SENSITIVE_CREATE,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
+    TPMS_CONTEXT,
     TPMS_SCHEME_HASH,
     TPMS_SENSITIVE_CREATE,
     TPMT_HA,
@@ -69,7 +70,7 @@ PCR_DEBUG = 16
 MAX_SEALED_SIZE = 128
 _NV_CHUNK = 512
 
-_RC_POLICY_FAIL = 0x99D
+_RC_POLICY_FAIL = 0x09D  # format 1, session number stripped
 # INTEGRITY, SIZE, KEY: what TPM2_Load answers for a private part wrapped by another seed
 _RC_FOREIGN_BLOB = (0x09A, 0x095, 0x09C)
 _RC_OBJECT_MEMORY = 0x902
@@ -97,7 +98,10 @@ class TPMKey(ec.EllipticCurvePrivateKey):
 
     def __init__(self, store: TPMStore, handle: ESYS_TR, blob: KeyBlob) -> None:
         self._store = store
+        # exactly one of _handle (resident) / _saved (swapped out by the store) is set while open
         self._handle: ESYS_TR | None = handle
+        self._saved: TPMS_CONTEXT | None = None
+        self._closed = False
         self.blob = blob
         public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
         self._area: TPMT_PUBLIC = public.publicArea
@@ -110,7 +114,10 @@ class TPMKey(ec.EllipticCurvePrivateKey):
         )
 
     def __repr__(self) -> str:
-        state = "loaded" if self._handle is not None else "flushed"
+        if self._closed:
+            state = "closed"
+        else:
+            state = "loaded" if self._handle is not None else "swapped out"
         return f"TPMKey(kind={self.kind.value}, name={self.name.hex()[:16]}…, {state})"
 
     @property
@@ -119,17 +126,21 @@ class TPMKey(ec.EllipticCurvePrivateKey):
         return self.blob.public
 
     @property
-    def handle(self) -> ESYS_TR:
-        if self._handle is None:
-            raise TPMError("use-key", None, f"{self.kind.value} key was already flushed")
-        return self._handle
+    def loaded(self) -> bool:
+        """True while the key occupies a TPM object slot (not closed, not swapped out)."""
+        return self._handle is not None
 
     @property
-    def loaded(self) -> bool:
-        return self._handle is not None
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Flush the key from the TPM (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._saved = None
+        self._store._forget(self)
         handle, self._handle = self._handle, None
         if handle is not None:
             self._store._flush(handle)
@@ -205,6 +216,8 @@ class TPMStore:
     def __init__(self, tcti: str) -> None:
         self.tcti = tcti
         self.commands_issued = 0
+        self._resident: list[TPMKey] = []  # least recently used first
+        self._pinned: list[TPMKey] = []
         try:
             self._esys: ESAPI | None = ESAPI(tcti)
         except TSS2_Exception as exc:
@@ -238,7 +251,17 @@ class TPMStore:
 
     def _call(self, operation: str, method: str, *args: Any, **kwargs: Any) -> Any:
         """Issue one TPM command (ESAPI ``method``), counted; tpm2-pytss errors become
-        TPMError."""
+        TPMError. A TPM without a resource manager has about three object slots: when it runs
+        out, the least recently used key not needed by the current operation is swapped out
+        (ContextSave + FlushContext) and the command is retried."""
+        while True:
+            try:
+                return self._raw_call(operation, method, *args, **kwargs)
+            except TPMError as exc:
+                if exc.rc != _RC_OBJECT_MEMORY or not self._evict_one():
+                    raise
+
+    def _raw_call(self, operation: str, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._esys is None:
             raise TPMError(operation, None, "the TPM store is closed")
         self.commands_issued += 1
@@ -246,6 +269,45 @@ class TPMStore:
             return getattr(self._esys, method)(*args, **kwargs)
         except TSS2_Exception as exc:
             raise TPMError(operation, int(exc.rc), str(exc)) from None
+
+    def _evict_one(self) -> bool:
+        for key in self._resident:
+            if key not in self._pinned and key._handle is not None:
+                handle = key._handle
+                key._saved = self._raw_call("swap-out", "context_save", handle)
+                self._raw_call("swap-out", "flush_context", handle)
+                key._handle = None
+                self._resident.remove(key)
+                return True
+        return False
+
+    def _forget(self, key: TPMKey) -> None:
+        if key in self._resident:
+            self._resident.remove(key)
+
+    @contextlib.contextmanager
+    def _using(self, *keys: TPMKey) -> Iterator[list[ESYS_TR]]:
+        """Make ``keys`` resident (swapping them back in if needed) and keep them from being
+        swapped out during the block."""
+        for key in keys:
+            if key._store is not self:
+                raise TPMError("use-key", None, "key belongs to another TPM connection")
+            if key._closed:
+                raise TPMError("use-key", None, f"{key.kind.value} key was already closed")
+        self._pinned.extend(keys)
+        try:
+            handles: list[ESYS_TR] = []
+            for key in keys:
+                if key._handle is None:
+                    key._handle = self._call("swap-in", "context_load", key._saved)
+                    key._saved = None
+                self._forget(key)
+                self._resident.append(key)
+                handles.append(key._handle)
+            yield handles
+        finally:
+            for key in keys:
+                self._pinned.remove(key)
 
     def _flush(self, handle: ESYS_TR) -> None:
         if self._esys is not None:
@@ -300,10 +362,12 @@ class TPMStore:
             raise TPMError("load", None, f"blob holds no keyfleet key: {exc}") from None
         handle = self._load(public, private)
         try:
-            return TPMKey(self, handle, blob)
+            key = TPMKey(self, handle, blob)
         except BaseException:
             self._flush(handle)
             raise
+        self._resident.append(key)
+        return key
 
     def create_and_load(self, kind: KeyKind) -> TPMKey:
         return self.load_key(self.create_key(kind))
@@ -331,7 +395,8 @@ class TPMStore:
         point = TPM2B_ECC_POINT()
         point.point.x = numbers.x.to_bytes(32, "big")
         point.point.y = numbers.y.to_bytes(32, "big")
-        out = self._call("ecdh-zgen", "ecdh_zgen", key.handle, point)
+        with self._using(key) as (handle,):
+            out = self._call("ecdh-zgen", "ecdh_zgen", handle, point)
         # keep ``out`` and ``coordinates`` bound: reading x off a temporary returned garbage
         coordinates = out.point
         x = bytes(coordinates.x)
@@ -345,7 +410,8 @@ class TPMStore:
             details=TPMU_SIG_SCHEME(ecdsa=TPMS_SCHEME_HASH(hashAlg=TPM2_ALG.SHA256)),
         )
         validation = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
-        signature = self._call("sign", "sign", key.handle, TPM2B_DIGEST(digest), scheme, validation)
+        with self._using(key) as (handle,):
+            signature = self._call("sign", "sign", handle, TPM2B_DIGEST(digest), scheme, validation)
         return bytes(signature)
 
     # --- PCRs -------------------------------------------------------------------------------
@@ -539,28 +605,25 @@ class TPMStore:
         if ak.kind is not KeyKind.AK:
             raise TPMError("quote", None, f"quotes are signed by the AK, not a {ak.kind.value}")
         selection = _pcr_selection(pcrs)
-        attest, signature = self._call(
-            "quote",
-            "quote",
-            ak.handle,
-            selection,
-            nonce,
-            TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
-        )
+        with self._using(ak) as (ak_handle,):
+            attest, signature = self._call(
+                "quote", "quote", ak_handle, selection, nonce, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
+            )
         return Attestation(attest=bytes(attest), signature=bytes(signature))
 
     def certify(self, ak: TPMKey, key: TPMKey, nonce: bytes) -> Attestation:
         """TPM2_Certify: the AK vouches that ``key`` lives in this TPM (with its attributes)."""
         if ak.kind is not KeyKind.AK:
             raise TPMError("certify", None, f"certify is signed by the AK, not a {ak.kind.value}")
-        attest, signature = self._call(
-            "certify",
-            "certify",
-            key.handle,
-            ak.handle,
-            nonce,
-            TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
-        )
+        with self._using(key, ak) as (key_handle, ak_handle):
+            attest, signature = self._call(
+                "certify",
+                "certify",
+                key_handle,
+                ak_handle,
+                nonce,
+                TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+            )
         return Attestation(attest=bytes(attest), signature=bytes(signature))
 
     # --- endorsement ------------------------------------------------------------------------
@@ -631,15 +694,16 @@ class TPMStore:
                     expiration=0,
                 )
                 try:
-                    cred = self._call(
-                        "activate-credential",
-                        "activate_credential",
-                        ak.handle,
-                        ek_handle,
-                        blob,
-                        secret,
-                        session2=session,
-                    )
+                    with self._using(ak) as (ak_handle,):
+                        cred = self._call(
+                            "activate-credential",
+                            "activate_credential",
+                            ak_handle,
+                            ek_handle,
+                            blob,
+                            secret,
+                            session2=session,
+                        )
                 except TPMError as exc:
                     raise TPMError(
                         "activate-credential",
