@@ -1,0 +1,83 @@
+"""Group handshake messages: key package, commit, welcome.
+
+The MLS-layer structures (agent/mls/) travel as opaque bytes, encoded by that layer; only the
+group id and the epoch are in the clear, so that the delivery service can order commits (one per
+epoch, the first valid wins) and receivers can refuse rolled-back epochs without decrypting.
+``epoch`` is always the epoch the sender was in when it made the message: a commit made in epoch
+``e`` moves the group to ``e + 1``; a welcome's epoch is the epoch the joiner enters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from agent.wire.messages.base import (
+    COMMAND_ID_MAX,
+    COMMAND_ID_MIN,
+    Body,
+    check_bytes,
+    check_epoch,
+    check_id,
+    check_ids,
+)
+
+
+@dataclass(frozen=True)
+class KeyPackageMessage(Body):
+    """Device -> service: a key package (leaf public key in the TPM, signed by the device) that
+    lets a committer add the device to a group."""
+
+    TYPE: ClassVar[str] = "group.key_package"
+
+    key_package: bytes
+
+    def __post_init__(self) -> None:
+        check_bytes(self.key_package, "key_package", min_len=1)
+
+
+@dataclass(frozen=True)
+class CommitMessage(Body):
+    """Committer -> service -> members (``grp/{group}/commit``): a commit made in ``epoch``.
+    ``command_id`` names the service's commit request it answers, when there was one."""
+
+    TYPE: ClassVar[str] = "group.commit"
+
+    group_id: str
+    epoch: int
+    commit: bytes
+    command_id: bytes | None = None
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_bytes(self.commit, "commit", min_len=1)
+        if self.command_id is not None:
+            check_bytes(
+                self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX
+            )
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class WelcomeMessage(Body):
+    """Committer -> service: the welcome for the devices its commit added, entering ``epoch``.
+    The service forwards it to each new member as ``svc.welcome``."""
+
+    TYPE: ClassVar[str] = "group.welcome"
+
+    group_id: str
+    epoch: int
+    welcome: bytes
+    new_members: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_bytes(self.welcome, "welcome", min_len=1)
+        check_ids(self.new_members, "new_members", min_len=1)
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)

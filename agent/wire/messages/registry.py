@@ -1,0 +1,60 @@
+"""The map from envelope ``type`` strings to body classes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from agent.errors import ProtocolError
+from agent.wire.messages.ack import Ack
+from agent.wire.messages.attestation import AttestChallenge, AttestReport
+from agent.wire.messages.base import Body
+from agent.wire.messages.enrollment import (
+    EnrollChallenge,
+    EnrollRequest,
+    EnrollResponse,
+    EnrollResult,
+)
+from agent.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
+from agent.wire.messages.key_state import KeyStateReport
+from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.wire.messages.result import OperatorResult
+from agent.wire.messages.service import CommitRequest, ReportRequest, WelcomeDelivery
+
+BODY_CLASSES: tuple[type[Body], ...] = (
+    EnrollRequest,
+    EnrollChallenge,
+    EnrollResponse,
+    EnrollResult,
+    AttestChallenge,
+    AttestReport,
+    KeyStateReport,
+    KeyPackageMessage,
+    CommitMessage,
+    WelcomeMessage,
+    Ack,
+    CommitRequest,
+    ReportRequest,
+    WelcomeDelivery,
+    Rekey,
+    Revoke,
+    GroupCreate,
+    GroupAdd,
+    AttestDevice,
+    OperatorResult,
+)
+
+REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
+
+
+def body_class(message_type: str) -> type[Body]:
+    """The body class for ``message_type``; ``envelope.type`` if there is none."""
+    try:
+        return REGISTRY[message_type]
+    except KeyError:
+        raise ProtocolError("envelope.type", "unknown message type") from None
+
+
+def parse_body(message_type: str, value: object) -> Body:
+    """Strictly parse a body map of ``message_type``."""
+    return body_class(message_type).from_cbor_map(value)
