@@ -1,0 +1,66 @@
+"""The fleet service's registry: schema (schema.py), engines and transactions (engine.py) and the
+repository API the service calls (repository.py). Independent of MQTT."""
+
+from provisioning.registry.engine import (
+    RetryableConflict,
+    create_schema,
+    make_engine,
+    missing_tables,
+    redact_url,
+    run_in_transaction,
+    session_factory,
+)
+from provisioning.registry.repository import (
+    AckStatus,
+    CommitRecord,
+    DeviceRecord,
+    EpochConflict,
+    GroupRecord,
+    KeyRecord,
+    KeyStateReport,
+    KeyTransitionRecord,
+    MemberRecord,
+    OperatorRecord,
+    Registry,
+    StationRecord,
+    cert_fingerprint,
+    pem_fingerprint,
+)
+from provisioning.registry.schema import (
+    AttestationResult,
+    DeviceState,
+    KeyState,
+    Outcome,
+    PendingChange,
+    Role,
+)
+
+__all__ = [
+    "AckStatus",
+    "AttestationResult",
+    "CommitRecord",
+    "DeviceRecord",
+    "DeviceState",
+    "EpochConflict",
+    "GroupRecord",
+    "KeyRecord",
+    "KeyState",
+    "KeyStateReport",
+    "KeyTransitionRecord",
+    "MemberRecord",
+    "OperatorRecord",
+    "Outcome",
+    "PendingChange",
+    "Registry",
+    "RetryableConflict",
+    "Role",
+    "StationRecord",
+    "cert_fingerprint",
+    "create_schema",
+    "make_engine",
+    "missing_tables",
+    "pem_fingerprint",
+    "redact_url",
+    "run_in_transaction",
+    "session_factory",
+]

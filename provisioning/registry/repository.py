@@ -1,0 +1,999 @@
+"""What the fleet service does to its registry, as one class over a caller's Session.
+
+The caller owns the transaction (``run_in_transaction`` in engine.py is the usual way), so a state
+change and the audit entry that records it commit together or not at all. Methods never commit.
+Every method that changes something takes ``now`` (integer seconds): the clock is injected, as
+everywhere in keyfleet. Results are frozen dataclasses, not ORM objects, so they stay valid after
+the session is gone and no caller can change the database by mutating a result.
+
+Refusals raise ``agent.errors.ProtocolError`` with a stable check id (listed in docs/service.md):
+the service reports them to the device or operator and writes them to the audit log as refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from agent.errors import ProtocolError
+from provisioning.registry.engine import RetryableConflict
+from provisioning.registry.schema import (
+    ID_LENGTH,
+    KEY_NAME_LENGTH,
+    Ack,
+    AttestationResult,
+    CommitLogEntry,
+    Device,
+    DeviceKey,
+    DeviceState,
+    Group,
+    GroupMember,
+    KeyState,
+    KeyTransition,
+    Operator,
+    PendingChange,
+    Role,
+    Station,
+)
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+# Agent key names carry a path: "devid", "leaf/<group>", "epoch/<group>/<epoch>".
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+
+# Which device-state changes make sense; anything else is an operator or service mistake.
+DEVICE_TRANSITIONS: Mapping[DeviceState, frozenset[DeviceState]] = {
+    DeviceState.REGISTERED: frozenset(
+        {DeviceState.ACTIVE, DeviceState.QUARANTINED, DeviceState.REVOKED}
+    ),
+    DeviceState.ACTIVE: frozenset({DeviceState.QUARANTINED, DeviceState.REVOKED}),
+    DeviceState.QUARANTINED: frozenset({DeviceState.ACTIVE, DeviceState.REVOKED}),
+    DeviceState.REVOKED: frozenset({DeviceState.DESTROYED}),
+    DeviceState.DESTROYED: frozenset(),
+}
+
+# NIST SP 800-57 Part 1 Rev. 5, section 7, as the agent applies it (agent/lifecycle.py): the
+# service accepts exactly the transitions a well-behaved agent can make, and nothing leaves
+# destroyed.
+KEY_TRANSITIONS: Mapping[KeyState, frozenset[KeyState]] = {
+    KeyState.PRE_ACTIVATION: frozenset({KeyState.ACTIVE, KeyState.COMPROMISED, KeyState.DESTROYED}),
+    KeyState.ACTIVE: frozenset(
+        {KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED, KeyState.DESTROYED}
+    ),
+    KeyState.SUSPENDED: frozenset(
+        {KeyState.ACTIVE, KeyState.DEACTIVATED, KeyState.COMPROMISED, KeyState.DESTROYED}
+    ),
+    KeyState.DEACTIVATED: frozenset({KeyState.COMPROMISED, KeyState.DESTROYED}),
+    KeyState.COMPROMISED: frozenset({KeyState.DESTROYED}),
+    KeyState.DESTROYED: frozenset(),
+}
+
+# Devices that may be given a leaf in a group.
+_GROUP_ELIGIBLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE})
+
+
+class EpochConflict(ProtocolError):
+    """A commit arrived for an epoch that already has an accepted commit: the first valid commit
+    won, this one is refused and the committer must process the winner and try again."""
+
+    def __init__(self, group_id: str, epoch: int, current_epoch: int | None) -> None:
+        now_at = "" if current_epoch is None else f"; the group is at epoch {current_epoch}"
+        super().__init__(
+            "ds.commit.epoch_taken",
+            f"group {group_id!r}: epoch {epoch} already has an accepted commit{now_at}",
+        )
+        self.group_id = group_id
+        self.epoch = epoch
+
+
+def cert_fingerprint(cert: x509.Certificate) -> str:
+    """The fingerprint the registry stores: lowercase hex SHA-256 of the certificate's DER."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def pem_fingerprint(pem: str | bytes) -> str:
+    data = pem.encode() if isinstance(pem, str) else pem
+    return cert_fingerprint(x509.load_pem_x509_certificate(data))
+
+
+# ---- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    ek_cert_fingerprint: str
+    devid_cert_pem: str
+    state: DeviceState
+    state_reason: str
+    registered_at: int
+    state_changed_at: int
+    attestation_result: AttestationResult | None
+    attestation_reason: str | None
+    attested_at: int | None
+    last_seen: int | None
+    last_report: bytes | None = field(repr=False)
+    last_report_at: int | None
+
+
+@dataclass(frozen=True)
+class KeyStateReport:
+    """One transition as a device reports it: key ``key_name`` entered ``state`` at ``at``
+    (device clock). Reports may repeat transitions already recorded; those are skipped."""
+
+    key_name: str
+    state: KeyState
+    at: int
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    device_id: str
+    key_name: str
+    state: KeyState
+    changed_at: int
+
+
+@dataclass(frozen=True)
+class KeyTransitionRecord:
+    key_name: str
+    from_state: KeyState | None
+    to_state: KeyState
+    at: int
+    recorded_at: int
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    group_id: str
+    epoch: int
+    public_tree: bytes = field(repr=False)
+    group_context: bytes = field(repr=False)
+    created_at: int
+    updated_at: int
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    group_id: str
+    device_id: str
+    leaf_index: int | None
+    pending: PendingChange | None
+    joined_epoch: int | None
+    requested_at: int
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    group_id: str
+    epoch: int
+    committer: str
+    commit: bytes = field(repr=False)
+    welcome: bytes | None = field(repr=False)
+    accepted_at: int
+
+
+@dataclass(frozen=True)
+class AckStatus:
+    """Who has confirmed the group's current epoch. ``by_authenticator`` groups the acked
+    devices by the epoch authenticator they sent: more than one key means members derived
+    different epoch secrets (a fork the service can see without knowing any secret)."""
+
+    group_id: str
+    epoch: int
+    members: tuple[str, ...]
+    stragglers: tuple[str, ...]
+    by_authenticator: Mapping[bytes, tuple[str, ...]]
+
+    @property
+    def agreed(self) -> bool:
+        return not self.stragglers and len(self.by_authenticator) <= 1
+
+
+@dataclass(frozen=True)
+class OperatorRecord:
+    name: str
+    cert_fingerprint: str
+    role: Role
+    created_at: int
+    updated_at: int
+
+
+@dataclass(frozen=True)
+class StationRecord:
+    name: str
+    cert_fingerprint: str
+    created_at: int
+
+
+# ---- validation helpers ----------------------------------------------------------------------
+
+
+def _check_identifier(kind: str, value: str) -> None:
+    if len(value) > ID_LENGTH or not _IDENTIFIER.fullmatch(value):
+        raise ProtocolError(
+            f"registry.{kind}.name",
+            f"{kind} name {value!r} is not 1..{ID_LENGTH} characters of letters, digits, '.', "
+            "'_', ':' or '-' starting with a letter or digit",
+        )
+
+
+def _check_key_name(value: str) -> None:
+    if len(value) > KEY_NAME_LENGTH or not _KEY_NAME.fullmatch(value):
+        raise ProtocolError(
+            "registry.key.name",
+            f"key name {value!r} is not 1..{KEY_NAME_LENGTH} characters of letters, digits, "
+            "'.', '_', ':', '/' or '-' starting with a letter or digit",
+        )
+
+
+def _check_fingerprint(kind: str, value: str) -> None:
+    if not _FINGERPRINT.fullmatch(value):
+        raise ProtocolError(
+            f"registry.{kind}.fingerprint",
+            f"{kind} certificate fingerprint {value!r} is not 64 lowercase hex digits (SHA-256)",
+        )
+
+
+def _device_record(row: Device) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row.device_id,
+        ek_cert_fingerprint=row.ek_cert_fingerprint,
+        devid_cert_pem=row.devid_cert_pem,
+        state=row.state,
+        state_reason=row.state_reason,
+        registered_at=row.registered_at,
+        state_changed_at=row.state_changed_at,
+        attestation_result=row.attestation_result,
+        attestation_reason=row.attestation_reason,
+        attested_at=row.attested_at,
+        last_seen=row.last_seen,
+        last_report=row.last_report,
+        last_report_at=row.last_report_at,
+    )
+
+
+def _group_record(row: Group) -> GroupRecord:
+    return GroupRecord(
+        group_id=row.group_id,
+        epoch=row.epoch,
+        public_tree=row.public_tree,
+        group_context=row.group_context,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _member_record(row: GroupMember) -> MemberRecord:
+    return MemberRecord(
+        group_id=row.group_id,
+        device_id=row.device_id,
+        leaf_index=row.leaf_index,
+        pending=row.pending,
+        joined_epoch=row.joined_epoch,
+        requested_at=row.requested_at,
+    )
+
+
+def _commit_record(row: CommitLogEntry) -> CommitRecord:
+    return CommitRecord(
+        group_id=row.group_id,
+        epoch=row.epoch,
+        committer=row.committer,
+        commit=row.commit,
+        welcome=row.welcome,
+        accepted_at=row.accepted_at,
+    )
+
+
+def _operator_record(row: Operator) -> OperatorRecord:
+    return OperatorRecord(
+        name=row.name,
+        cert_fingerprint=row.cert_fingerprint,
+        role=row.role,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _station_record(row: Station) -> StationRecord:
+    return StationRecord(
+        name=row.name, cert_fingerprint=row.cert_fingerprint, created_at=row.created_at
+    )
+
+
+# ---- the repository --------------------------------------------------------------------------
+
+
+class Registry:
+    """The fleet registry inside one transaction of ``session``."""
+
+    def __init__(self, session: Session) -> None:
+        self._s = session
+
+    # -- devices --
+
+    def register_device(
+        self, device_id: str, *, ek_cert_fingerprint: str, devid_cert_pem: str, now: int
+    ) -> DeviceRecord:
+        """Enroll a device whose EK chain, credential activation and DevID certify the factory
+        flow has already checked. One EK is one device: a second enrollment of the same TPM is
+        refused (re-provisioning goes through a factory reset, a later issue)."""
+        _check_identifier("device", device_id)
+        _check_fingerprint("device", ek_cert_fingerprint)
+        if self._s.get(Device, device_id) is not None:
+            raise ProtocolError("registry.device.exists", f"device {device_id!r} already exists")
+        holder = self._s.scalar(
+            select(Device.device_id).where(Device.ek_cert_fingerprint == ek_cert_fingerprint)
+        )
+        if holder is not None:
+            raise ProtocolError(
+                "registry.device.ek_taken",
+                f"EK certificate {ek_cert_fingerprint} is already enrolled as device {holder!r}",
+            )
+        row = Device(
+            device_id=device_id,
+            ek_cert_fingerprint=ek_cert_fingerprint,
+            devid_cert_pem=devid_cert_pem,
+            state=DeviceState.REGISTERED,
+            state_reason="enrolled",
+            registered_at=now,
+            state_changed_at=now,
+        )
+        self._s.add(row)
+        try:
+            self._s.flush()
+        except IntegrityError:
+            # Another instance enrolled the same id or EK between our check and our insert.
+            raise RetryableConflict(f"device {device_id!r} was enrolled concurrently") from None
+        return _device_record(row)
+
+    def _device_row(self, device_id: str) -> Device:
+        row = self._s.get(Device, device_id)
+        if row is None:
+            raise ProtocolError("registry.device.unknown", f"no device {device_id!r}")
+        return row
+
+    def device(self, device_id: str) -> DeviceRecord:
+        return _device_record(self._device_row(device_id))
+
+    def device_by_ek(self, ek_cert_fingerprint: str) -> DeviceRecord | None:
+        row = self._s.scalar(
+            select(Device).where(Device.ek_cert_fingerprint == ek_cert_fingerprint)
+        )
+        return None if row is None else _device_record(row)
+
+    def devices(self, *, state: DeviceState | None = None) -> list[DeviceRecord]:
+        query = select(Device).order_by(Device.device_id)
+        if state is not None:
+            query = query.where(Device.state == state)
+        return [_device_record(row) for row in self._s.scalars(query)]
+
+    def set_device_state(
+        self, device_id: str, state: DeviceState, *, reason: str, now: int
+    ) -> DeviceRecord:
+        """Move a device along DEVICE_TRANSITIONS. Setting the state it is already in is a no-op
+        (a repeated operator command or report must not fail)."""
+        row = self._device_row(device_id)
+        if row.state != state:
+            if state not in DEVICE_TRANSITIONS[row.state]:
+                raise ProtocolError(
+                    "registry.device.transition",
+                    f"device {device_id!r} cannot go from {row.state} to {state}",
+                )
+            row.state = state
+            row.state_reason = reason
+            row.state_changed_at = now
+            self._s.flush()
+        return _device_record(row)
+
+    def record_attestation(
+        self, device_id: str, result: AttestationResult, *, reason: str, now: int
+    ) -> DeviceRecord:
+        """Store the verifier's verdict. Changing the device's state because of it (quarantine)
+        is the service's decision and its own audited step."""
+        row = self._device_row(device_id)
+        row.attestation_result = result
+        row.attestation_reason = reason
+        row.attested_at = now
+        row.last_seen = now
+        self._s.flush()
+        return _device_record(row)
+
+    def record_report(
+        self,
+        device_id: str,
+        report: bytes,
+        key_states: Iterable[KeyStateReport] = (),
+        *,
+        now: int,
+    ) -> DeviceRecord:
+        """Keep the device's latest report (its verified CBOR payload) and apply its key-state
+        transitions in order. Idempotent: transitions already recorded are skipped, so a device
+        may always send its whole history. An impossible transition refuses the whole report."""
+        row = self._device_row(device_id)
+        keys = {key.key_name: key for key in row.keys}
+        # Check the whole report before changing anything, so that a refused report leaves no
+        # partial change behind even if the caller goes on to audit the refusal in this session.
+        planned: list[tuple[KeyStateReport, KeyState | None]] = []
+        simulated: dict[str, tuple[KeyState, int]] = {
+            name: (key.state, key.changed_at) for name, key in keys.items()
+        }
+        for item in key_states:
+            _check_key_name(item.key_name)
+            known = keys.get(item.key_name)
+            if known is not None and any(
+                t.to_state == item.state and t.at == item.at for t in known.transitions
+            ):
+                continue
+            before = simulated.get(item.key_name)
+            if before is not None:
+                state, changed_at = before
+                if item.at < changed_at or item.state not in KEY_TRANSITIONS[state]:
+                    raise ProtocolError(
+                        "registry.key.transition",
+                        f"device {device_id!r} key {item.key_name!r}: {state} at {changed_at} "
+                        f"cannot become {item.state} at {item.at} (NIST SP 800-57 transitions)",
+                    )
+            planned.append((item, None if before is None else before[0]))
+            simulated[item.key_name] = (item.state, item.at)
+        for item, from_state in planned:
+            key = keys.get(item.key_name)
+            if key is None:
+                key = DeviceKey(key_name=item.key_name, state=item.state, changed_at=item.at)
+                row.keys.append(key)
+                keys[item.key_name] = key
+            key.transitions.append(
+                KeyTransition(
+                    from_state=from_state, to_state=item.state, at=item.at, recorded_at=now
+                )
+            )
+            key.state = item.state
+            key.changed_at = item.at
+        row.last_report = report
+        row.last_report_at = now
+        row.last_seen = now
+        self._s.flush()
+        return _device_record(row)
+
+    def key_states(self, device_id: str) -> list[KeyRecord]:
+        row = self._device_row(device_id)
+        return [
+            KeyRecord(device_id, key.key_name, key.state, key.changed_at)
+            for key in sorted(row.keys, key=lambda k: k.key_name)
+        ]
+
+    def key_history(self, device_id: str, key_name: str) -> list[KeyTransitionRecord]:
+        row = self._device_row(device_id)
+        for key in row.keys:
+            if key.key_name == key_name:
+                return [
+                    KeyTransitionRecord(key_name, t.from_state, t.to_state, t.at, t.recorded_at)
+                    for t in key.transitions
+                ]
+        raise ProtocolError("registry.key.unknown", f"device {device_id!r} has no key {key_name!r}")
+
+    # -- groups --
+
+    def create_group(
+        self,
+        group_id: str,
+        *,
+        creator: str,
+        public_tree: bytes,
+        group_context: bytes,
+        now: int,
+    ) -> GroupRecord:
+        """Record a group a member device created (RFC 9420: the creator is alone at leaf 0 in
+        epoch 0); everyone else joins through accepted commits."""
+        _check_identifier("group", group_id)
+        device = self._device_row(creator)
+        if device.state not in _GROUP_ELIGIBLE:
+            raise ProtocolError(
+                "registry.member.device_state",
+                f"device {creator!r} is {device.state} and cannot create a group",
+            )
+        if self._s.get(Group, group_id) is not None:
+            raise ProtocolError("registry.group.exists", f"group {group_id!r} already exists")
+        group = Group(
+            group_id=group_id,
+            epoch=0,
+            public_tree=public_tree,
+            group_context=group_context,
+            created_at=now,
+            updated_at=now,
+        )
+        self._s.add(group)
+        self._s.add(
+            GroupMember(
+                group_id=group_id,
+                device_id=creator,
+                leaf_index=0,
+                pending=None,
+                joined_epoch=0,
+                requested_at=now,
+            )
+        )
+        try:
+            self._s.flush()
+        except IntegrityError:
+            raise RetryableConflict(f"group {group_id!r} was created concurrently") from None
+        return _group_record(group)
+
+    def _group_row(self, group_id: str) -> Group:
+        row = self._s.get(Group, group_id)
+        if row is None:
+            raise ProtocolError("registry.group.unknown", f"no group {group_id!r}")
+        return row
+
+    def group(self, group_id: str) -> GroupRecord:
+        return _group_record(self._group_row(group_id))
+
+    def groups(self) -> list[GroupRecord]:
+        return [_group_record(g) for g in self._s.scalars(select(Group).order_by(Group.group_id))]
+
+    def members(self, group_id: str) -> list[MemberRecord]:
+        self._group_row(group_id)
+        rows = self._s.scalars(
+            select(GroupMember)
+            .where(GroupMember.group_id == group_id)
+            .order_by(
+                GroupMember.leaf_index.is_(None), GroupMember.leaf_index, GroupMember.device_id
+            )
+        )
+        return [_member_record(row) for row in rows]
+
+    def groups_of(self, device_id: str) -> list[MemberRecord]:
+        self._device_row(device_id)
+        rows = self._s.scalars(
+            select(GroupMember)
+            .where(GroupMember.device_id == device_id)
+            .order_by(GroupMember.group_id)
+        )
+        return [_member_record(row) for row in rows]
+
+    def request_add(self, group_id: str, device_id: str, *, now: int) -> MemberRecord:
+        """Ask for ``device_id`` to be added to the group: it stays pending (no leaf) until a
+        member's commit adding it is accepted. Asking again is a no-op."""
+        self._group_row(group_id)
+        device = self._device_row(device_id)
+        existing = self._s.get(GroupMember, (group_id, device_id))
+        if existing is not None:
+            if existing.pending is PendingChange.REMOVE:
+                raise ProtocolError(
+                    "registry.member.pending_remove",
+                    f"device {device_id!r} is being removed from group {group_id!r}",
+                )
+            return _member_record(existing)
+        if device.state not in _GROUP_ELIGIBLE:
+            raise ProtocolError(
+                "registry.member.device_state",
+                f"device {device_id!r} is {device.state} and cannot join group {group_id!r}",
+            )
+        row = GroupMember(
+            group_id=group_id,
+            device_id=device_id,
+            leaf_index=None,
+            pending=PendingChange.ADD,
+            joined_epoch=None,
+            requested_at=now,
+        )
+        self._s.add(row)
+        self._s.flush()
+        return _member_record(row)
+
+    def request_remove(self, group_id: str, device_id: str, *, now: int) -> MemberRecord | None:
+        """Ask for a member's removal (pending until a commit removes it). A pending add that no
+        commit has made yet is simply withdrawn, and None is returned."""
+        self._group_row(group_id)
+        row = self._s.get(GroupMember, (group_id, device_id))
+        if row is None:
+            raise ProtocolError(
+                "registry.member.unknown", f"device {device_id!r} is not in group {group_id!r}"
+            )
+        if row.leaf_index is None:
+            self._s.delete(row)
+            self._s.flush()
+            return None
+        row.pending = PendingChange.REMOVE
+        row.requested_at = now
+        self._s.flush()
+        return _member_record(row)
+
+    def append_commit(
+        self,
+        group_id: str,
+        *,
+        epoch: int,
+        committer: str,
+        commit: bytes,
+        welcome: bytes | None,
+        public_tree: bytes,
+        group_context: bytes,
+        added: Mapping[str, int] | None = None,
+        removed: Collection[str] = (),
+        now: int,
+    ) -> CommitRecord:
+        """Accept the commit ``committer`` made in ``epoch`` and move the group to ``epoch + 1``
+        with the new public tree and context; ``added`` (device -> leaf index) and ``removed``
+        are the membership changes the commit makes, already checked against its proposals.
+
+        Exactly one commit per epoch: the (group_id, epoch) key of the commit log and a
+        conditional epoch update decide between racing instances, so a loser gets
+        ``EpochConflict`` however the race interleaves.
+        """
+        added = dict(added or {})
+        group = self._group_row(group_id)
+        if epoch < group.epoch:
+            raise EpochConflict(group_id, epoch, group.epoch)
+        if epoch > group.epoch:
+            raise ProtocolError(
+                "ds.commit.epoch_ahead",
+                f"group {group_id!r} is at epoch {group.epoch}; a commit for epoch {epoch} "
+                "cannot be applied",
+            )
+        member = self._s.get(GroupMember, (group_id, committer))
+        if member is None or member.leaf_index is None:
+            raise ProtocolError(
+                "ds.commit.committer",
+                f"device {committer!r} is not a member of group {group_id!r} and cannot commit",
+            )
+        current = {
+            m.device_id: m
+            for m in self._s.scalars(select(GroupMember).where(GroupMember.group_id == group_id))
+        }
+        for device_id in removed:
+            gone = current.get(device_id)
+            if gone is None or gone.leaf_index is None:
+                raise ProtocolError(
+                    "ds.commit.remove_unknown",
+                    f"group {group_id!r} has no member {device_id!r} to remove",
+                )
+        for device_id, leaf in added.items():
+            if leaf < 0:
+                raise ProtocolError(
+                    "ds.commit.leaf", f"leaf index {leaf} for {device_id!r} is negative"
+                )
+            present = current.get(device_id)
+            if present is not None and present.leaf_index is not None:
+                raise ProtocolError(
+                    "ds.commit.add_member",
+                    f"device {device_id!r} is already a member of group {group_id!r}",
+                )
+            device = self._device_row(device_id)
+            if device.state not in _GROUP_ELIGIBLE:
+                raise ProtocolError(
+                    "registry.member.device_state",
+                    f"device {device_id!r} is {device.state} and cannot join group {group_id!r}",
+                )
+
+        # The commit-log row first: its primary key is the ordering rule itself.
+        entry = CommitLogEntry(
+            group_id=group_id,
+            epoch=epoch,
+            committer=committer,
+            commit=commit,
+            welcome=welcome,
+            accepted_at=now,
+        )
+        self._s.add(entry)
+        try:
+            self._s.flush()
+        except IntegrityError:
+            raise EpochConflict(group_id, epoch, None) from None
+        moved = self._s.execute(
+            update(Group)
+            .where(Group.group_id == group_id, Group.epoch == epoch)
+            .values(
+                epoch=epoch + 1,
+                public_tree=public_tree,
+                group_context=group_context,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if moved.rowcount != 1:  # type: ignore[attr-defined]
+            raise EpochConflict(group_id, epoch, None)
+        self._s.expire(group)
+
+        # Removals before additions: a commit may give a freed leaf to a newcomer, and the
+        # (group_id, leaf_index) constraint must never see both at once.
+        for device_id in removed:
+            self._s.delete(current[device_id])
+        self._s.flush()
+        for device_id, leaf in added.items():
+            row = current.get(device_id)
+            if row is None:
+                row = GroupMember(group_id=group_id, device_id=device_id, requested_at=now)
+                self._s.add(row)
+            row.leaf_index = leaf
+            row.pending = None
+            row.joined_epoch = epoch + 1
+        try:
+            self._s.flush()
+        except IntegrityError:
+            raise ProtocolError(
+                "ds.commit.leaf",
+                f"commit for group {group_id!r} epoch {epoch} puts two members on one leaf",
+            ) from None
+        return _commit_record(entry)
+
+    def commits_from(self, group_id: str, epoch: int) -> list[CommitRecord]:
+        """The commits a member at ``epoch`` needs to catch up to the current epoch, in order.
+        If retention already dropped one of them the member is too far behind and must be
+        re-added with a fresh welcome (``ds.catchup.pruned``)."""
+        group = self._group_row(group_id)
+        if epoch > group.epoch:
+            raise ProtocolError(
+                "ds.catchup.epoch_ahead",
+                f"group {group_id!r} is at epoch {group.epoch}, not {epoch}",
+            )
+        rows = list(
+            self._s.scalars(
+                select(CommitLogEntry)
+                .where(CommitLogEntry.group_id == group_id, CommitLogEntry.epoch >= epoch)
+                .order_by(CommitLogEntry.epoch)
+            )
+        )
+        if len(rows) != group.epoch - epoch or (rows and rows[0].epoch != epoch):
+            raise ProtocolError(
+                "ds.catchup.pruned",
+                f"group {group_id!r}: commits from epoch {epoch} are no longer kept; "
+                "the member needs a fresh welcome",
+            )
+        return [_commit_record(row) for row in rows]
+
+    def prune_commit_log(self, group_id: str, below_epoch: int) -> int:
+        """Retention: drop commits (and acks) of epochs below ``below_epoch``; returns how many
+        commits went. The audit log keeps who committed what."""
+        self._group_row(group_id)
+        pruned = self._s.execute(
+            delete(CommitLogEntry)
+            .where(CommitLogEntry.group_id == group_id, CommitLogEntry.epoch < below_epoch)
+            .execution_options(synchronize_session=False)
+        )
+        self._s.execute(
+            delete(Ack)
+            .where(Ack.group_id == group_id, Ack.epoch < below_epoch)
+            .execution_options(synchronize_session=False)
+        )
+        count: int = pruned.rowcount  # type: ignore[attr-defined]
+        return count
+
+    def oldest_retained_epoch(self, group_id: str) -> int | None:
+        self._group_row(group_id)
+        oldest: int | None = self._s.scalar(
+            select(func.min(CommitLogEntry.epoch)).where(CommitLogEntry.group_id == group_id)
+        )
+        return oldest
+
+    def record_ack(
+        self,
+        group_id: str,
+        *,
+        epoch: int,
+        device_id: str,
+        epoch_authenticator: bytes,
+        now: int,
+    ) -> None:
+        """Record that a member reached ``epoch``. Repeating the same ack is a no-op; an ack
+        that changes a recorded authenticator, or names an epoch no commit produced, is refused."""
+        group = self._group_row(group_id)
+        member = self._s.get(GroupMember, (group_id, device_id))
+        if member is None or member.leaf_index is None:
+            raise ProtocolError(
+                "ds.ack.not_member", f"device {device_id!r} is not a member of {group_id!r}"
+            )
+        if epoch > group.epoch:
+            raise ProtocolError(
+                "ds.ack.epoch_ahead",
+                f"device {device_id!r} acked epoch {epoch} of {group_id!r}, "
+                f"which is only at epoch {group.epoch}",
+            )
+        existing = self._s.get(Ack, (group_id, epoch, device_id))
+        if existing is not None:
+            if existing.epoch_authenticator != epoch_authenticator:
+                raise ProtocolError(
+                    "ds.ack.changed",
+                    f"device {device_id!r} already acked epoch {epoch} of {group_id!r} "
+                    "with a different epoch authenticator",
+                )
+            return
+        self._s.add(
+            Ack(
+                group_id=group_id,
+                epoch=epoch,
+                device_id=device_id,
+                epoch_authenticator=epoch_authenticator,
+                received_at=now,
+            )
+        )
+        self._device_row(device_id).last_seen = now
+        try:
+            self._s.flush()
+        except IntegrityError:
+            raise RetryableConflict(f"ack from {device_id!r} recorded concurrently") from None
+
+    def ack_status(self, group_id: str) -> AckStatus:
+        """Acks for the group's current epoch, against its current members (pending removals
+        are still members until the commit that removes them)."""
+        group = self._group_row(group_id)
+        members = sorted(
+            self._s.scalars(
+                select(GroupMember.device_id).where(
+                    GroupMember.group_id == group_id, GroupMember.leaf_index.is_not(None)
+                )
+            )
+        )
+        acks = self._s.execute(
+            select(Ack.device_id, Ack.epoch_authenticator).where(
+                Ack.group_id == group_id, Ack.epoch == group.epoch
+            )
+        ).all()
+        acked = {device: auth for device, auth in acks if device in set(members)}
+        by_auth: dict[bytes, list[str]] = {}
+        for device, auth in sorted(acked.items()):
+            by_auth.setdefault(auth, []).append(device)
+        return AckStatus(
+            group_id=group_id,
+            epoch=group.epoch,
+            members=tuple(members),
+            stragglers=tuple(m for m in members if m not in acked),
+            by_authenticator={auth: tuple(devs) for auth, devs in by_auth.items()},
+        )
+
+    def pending_acks(self, group_id: str) -> list[str]:
+        """The stragglers: current members that have not acked the current epoch."""
+        return list(self.ack_status(group_id).stragglers)
+
+    # -- operators --
+
+    def add_operator(
+        self, name: str, *, cert_fingerprint: str, role: Role, now: int
+    ) -> OperatorRecord:
+        _check_identifier("operator", name)
+        _check_fingerprint("operator", cert_fingerprint)
+        if self._s.get(Operator, name) is not None:
+            raise ProtocolError("registry.operator.exists", f"operator {name!r} already exists")
+        if self.operator_by_fingerprint(cert_fingerprint) is not None:
+            raise ProtocolError(
+                "registry.operator.fingerprint_taken",
+                f"certificate {cert_fingerprint} already belongs to another operator",
+            )
+        row = Operator(
+            name=name, cert_fingerprint=cert_fingerprint, role=role, created_at=now, updated_at=now
+        )
+        self._s.add(row)
+        try:
+            self._s.flush()
+        except IntegrityError:
+            raise RetryableConflict(f"operator {name!r} was added concurrently") from None
+        return _operator_record(row)
+
+    def _operator_row(self, name: str) -> Operator:
+        row = self._s.get(Operator, name)
+        if row is None:
+            raise ProtocolError("registry.operator.unknown", f"no operator {name!r}")
+        return row
+
+    def operator(self, name: str) -> OperatorRecord:
+        return _operator_record(self._operator_row(name))
+
+    def operator_by_fingerprint(self, cert_fingerprint: str) -> OperatorRecord | None:
+        row = self._s.scalar(select(Operator).where(Operator.cert_fingerprint == cert_fingerprint))
+        return None if row is None else _operator_record(row)
+
+    def operators(self) -> list[OperatorRecord]:
+        return [
+            _operator_record(r) for r in self._s.scalars(select(Operator).order_by(Operator.name))
+        ]
+
+    def set_operator_role(self, name: str, role: Role, *, now: int) -> OperatorRecord:
+        row = self._operator_row(name)
+        if row.role != role:
+            if row.role is Role.ADMIN and role is not Role.ADMIN:
+                self._refuse_last_admin(name)
+            row.role = role
+            row.updated_at = now
+            self._s.flush()
+        return _operator_record(row)
+
+    def set_operator_certificate(
+        self, name: str, cert_fingerprint: str, *, now: int
+    ) -> OperatorRecord:
+        """Rotate an operator's certificate (the old one stops being accepted at once)."""
+        _check_fingerprint("operator", cert_fingerprint)
+        row = self._operator_row(name)
+        other = self.operator_by_fingerprint(cert_fingerprint)
+        if other is not None and other.name != name:
+            raise ProtocolError(
+                "registry.operator.fingerprint_taken",
+                f"certificate {cert_fingerprint} already belongs to operator {other.name!r}",
+            )
+        row.cert_fingerprint = cert_fingerprint
+        row.updated_at = now
+        self._s.flush()
+        return _operator_record(row)
+
+    def remove_operator(self, name: str) -> None:
+        row = self._operator_row(name)
+        if row.role is Role.ADMIN:
+            self._refuse_last_admin(name)
+        self._s.delete(row)
+        self._s.flush()
+
+    def _refuse_last_admin(self, name: str) -> None:
+        # Without an admin nobody could manage operators again short of editing the database.
+        admins = self._s.scalar(select(func.count()).where(Operator.role == Role.ADMIN))
+        if admins is not None and admins <= 1:
+            raise ProtocolError(
+                "registry.operator.last_admin",
+                f"operator {name!r} is the last admin; make another admin first",
+            )
+
+    # -- factory stations --
+
+    def add_station(self, name: str, *, cert_fingerprint: str, now: int) -> StationRecord:
+        _check_identifier("station", name)
+        _check_fingerprint("station", cert_fingerprint)
+        if self._s.get(Station, name) is not None:
+            raise ProtocolError("registry.station.exists", f"station {name!r} already exists")
+        if self.station_by_fingerprint(cert_fingerprint) is not None:
+            raise ProtocolError(
+                "registry.station.fingerprint_taken",
+                f"certificate {cert_fingerprint} already belongs to another station",
+            )
+        row = Station(name=name, cert_fingerprint=cert_fingerprint, created_at=now)
+        self._s.add(row)
+        try:
+            self._s.flush()
+        except IntegrityError:
+            raise RetryableConflict(f"station {name!r} was added concurrently") from None
+        return _station_record(row)
+
+    def station(self, name: str) -> StationRecord:
+        row = self._s.get(Station, name)
+        if row is None:
+            raise ProtocolError("registry.station.unknown", f"no station {name!r}")
+        return _station_record(row)
+
+    def station_by_fingerprint(self, cert_fingerprint: str) -> StationRecord | None:
+        row = self._s.scalar(select(Station).where(Station.cert_fingerprint == cert_fingerprint))
+        return None if row is None else _station_record(row)
+
+    def stations(self) -> list[StationRecord]:
+        return [_station_record(r) for r in self._s.scalars(select(Station).order_by(Station.name))]
+
+    def remove_station(self, name: str) -> None:
+        row = self._s.get(Station, name)
+        if row is None:
+            raise ProtocolError("registry.station.unknown", f"no station {name!r}")
+        self._s.delete(row)
+        self._s.flush()
+
+
+__all__ = [
+    "DEVICE_TRANSITIONS",
+    "KEY_TRANSITIONS",
+    "AckStatus",
+    "CommitRecord",
+    "DeviceRecord",
+    "EpochConflict",
+    "GroupRecord",
+    "KeyRecord",
+    "KeyStateReport",
+    "KeyTransitionRecord",
+    "MemberRecord",
+    "OperatorRecord",
+    "Registry",
+    "StationRecord",
+    "cert_fingerprint",
+    "pem_fingerprint",
+]

@@ -1,0 +1,303 @@
+"""The fleet service's tables, as SQLAlchemy 2 typed ORM classes.
+
+Portable on purpose: the same schema runs on a SQLite file (one machine) and on PostgreSQL (several
+service instances), so only portable types appear: String, Text, LargeBinary, Integer, BigInteger.
+Every time is an integer count of seconds since the Unix epoch (UTC), the same ``now: int`` the
+rest of keyfleet passes around; no DateTime columns, so no time-zone or driver differences.
+
+Ordering rules that several service instances must agree on are constraints in the database, not
+checks in Python: one commit per (group, epoch), one ack per (group, epoch, device), one audit
+entry per sequence number and per previous hash. A racing writer gets an integrity error from the
+database and is refused or retries; it can never fork a group or the audit chain.
+
+What is deliberately absent: any private group material. Groups hold the public ratchet tree and
+the public group context; commits and welcomes are stored as the opaque bytes members sent (their
+secrets are HPKE-encrypted to members' leaf keys). No epoch secret, path secret or private key has
+a column here, so a stolen database decrypts nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names: PostgreSQL reports them in errors and migrations refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID_LENGTH = 64  # device ids, group ids, operator and station names
+KEY_NAME_LENGTH = 160  # agent key names such as "epoch/<group id>/<epoch>"
+FINGERPRINT_LENGTH = 64  # lowercase hex SHA-256 of a certificate's DER
+HASH_LENGTH = 32  # SHA-256 digest in the audit chain
+
+
+class DeviceState(enum.StrEnum):
+    """A device's life in the fleet. ``registered``: enrolled by a factory station, not yet seen
+    attesting; ``active``: trusted and in its groups; ``quarantined``: failed attestation, removed
+    from its groups, may come back; ``revoked``: never trusted again; ``destroyed``: its keys are
+    gone (reported by the device or decided by an operator)."""
+
+    REGISTERED = "registered"
+    ACTIVE = "active"
+    QUARANTINED = "quarantined"
+    REVOKED = "revoked"
+    DESTROYED = "destroyed"
+
+
+class KeyState(enum.StrEnum):
+    """NIST SP 800-57 Part 1 Rev. 5, section 7: the states of a cryptographic key."""
+
+    PRE_ACTIVATION = "pre-activation"
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    DEACTIVATED = "deactivated"
+    COMPROMISED = "compromised"
+    DESTROYED = "destroyed"
+
+
+class AttestationResult(enum.StrEnum):
+    TRUSTED = "trusted"
+    UNTRUSTED = "untrusted"
+
+
+class PendingChange(enum.StrEnum):
+    """A membership change the service has been asked for but no accepted commit has made yet."""
+
+    ADD = "add"
+    REMOVE = "remove"
+
+
+class Role(enum.StrEnum):
+    """Operator roles, each including the one before: a viewer reads, an operator rekeys and
+    quarantines, an admin also revokes, destroys and manages operators."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+    def allows(self, required: Role) -> bool:
+        order = list(Role)
+        return order.index(self) >= order.index(required)
+
+
+class Outcome(enum.StrEnum):
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+
+
+def _enum_column(kind: type[enum.StrEnum], name: str) -> Enum:
+    # VARCHAR + CHECK on every database (no native PostgreSQL ENUM type to migrate later), storing
+    # the lowercase values people read in SQL rather than the Python member names.
+    return Enum(
+        kind,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    ek_cert_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH), unique=True)
+    devid_cert_pem: Mapped[str] = mapped_column(Text)
+    state: Mapped[DeviceState] = mapped_column(_enum_column(DeviceState, "device_state"))
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    registered_at: Mapped[int] = mapped_column(BigInteger)
+    state_changed_at: Mapped[int] = mapped_column(BigInteger)
+    attestation_result: Mapped[AttestationResult | None] = mapped_column(
+        _enum_column(AttestationResult, "attestation_result"), nullable=True
+    )
+    attestation_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attested_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_seen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_report: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    last_report_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+    keys: Mapped[list[DeviceKey]] = relationship(
+        back_populates="device", cascade="all, delete-orphan"
+    )
+
+
+class DeviceKey(Base):
+    """The current NIST state of one named key on one device (the agent's key names: ``devid``,
+    ``ak``, ``epoch/<group>/<epoch>``...); its history is in ``key_transitions``."""
+
+    __tablename__ = "device_keys"
+    __table_args__ = (UniqueConstraint("device_id", "key_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.device_id", ondelete="CASCADE"), index=True
+    )
+    key_name: Mapped[str] = mapped_column(String(KEY_NAME_LENGTH))
+    state: Mapped[KeyState] = mapped_column(_enum_column(KeyState, "key_state"))
+    changed_at: Mapped[int] = mapped_column(BigInteger)
+
+    device: Mapped[Device] = relationship(back_populates="keys")
+    transitions: Mapped[list[KeyTransition]] = relationship(
+        back_populates="key", cascade="all, delete-orphan", order_by="KeyTransition.id"
+    )
+
+
+class KeyTransition(Base):
+    """One state change of a device key: ``at`` is when the device made it (its clock),
+    ``recorded_at`` when the service learnt of it (ours)."""
+
+    __tablename__ = "key_transitions"
+    __table_args__ = (UniqueConstraint("device_key_id", "to_state", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_key_id: Mapped[int] = mapped_column(
+        ForeignKey("device_keys.id", ondelete="CASCADE"), index=True
+    )
+    from_state: Mapped[KeyState | None] = mapped_column(
+        _enum_column(KeyState, "key_transition_from"), nullable=True
+    )
+    to_state: Mapped[KeyState] = mapped_column(_enum_column(KeyState, "key_transition_to"))
+    at: Mapped[int] = mapped_column(BigInteger)
+    recorded_at: Mapped[int] = mapped_column(BigInteger)
+
+    key: Mapped[DeviceKey] = relationship(back_populates="transitions")
+
+
+class Group(Base):
+    """A group's public state at its current epoch: the ratchet tree without any private key and
+    the GroupContext, both as the bytes the accepted commit produced."""
+
+    __tablename__ = "groups"
+    __table_args__ = (CheckConstraint("epoch >= 0", name="epoch_not_negative"),)
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    public_tree: Mapped[bytes] = mapped_column(LargeBinary)
+    group_context: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class GroupMember(Base):
+    """A device's place in a group. ``leaf_index`` is NULL while an add is pending (no commit has
+    given it a leaf yet); two members of one group never share a leaf."""
+
+    __tablename__ = "group_members"
+    __table_args__ = (UniqueConstraint("group_id", "leaf_index"),)
+
+    group_id: Mapped[str] = mapped_column(
+        ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.device_id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    leaf_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pending: Mapped[PendingChange | None] = mapped_column(
+        _enum_column(PendingChange, "pending_change"), nullable=True
+    )
+    joined_epoch: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    requested_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class CommitLogEntry(Base):
+    """An accepted commit. ``epoch`` is the epoch the commit was made in; accepting it moves the
+    group to ``epoch + 1``. The primary key (group_id, epoch) is the rule "one commit per epoch,
+    the first valid one wins", enforced by the database for every service instance."""
+
+    __tablename__ = "commit_log"
+
+    group_id: Mapped[str] = mapped_column(
+        ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    committer: Mapped[str] = mapped_column(ForeignKey("devices.device_id"))
+    commit: Mapped[bytes] = mapped_column(LargeBinary)
+    welcome: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    accepted_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Ack(Base):
+    """A member's confirmation that it reached ``epoch``, with its epoch authenticator (RFC 9420
+    section 8.7): public, yet equal only among members that derived the same epoch secrets."""
+
+    __tablename__ = "acks"
+    __table_args__ = (Index("ix_acks_group_epoch", "group_id", "epoch"),)
+
+    group_id: Mapped[str] = mapped_column(
+        ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.device_id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch_authenticator: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Operator(Base):
+    __tablename__ = "operators"
+
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    cert_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH), unique=True)
+    role: Mapped[Role] = mapped_column(_enum_column(Role, "operator_role"))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Station(Base):
+    """A factory station allowed to enroll devices (used by the provisioning issue)."""
+
+    __tablename__ = "stations"
+
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    cert_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH), unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditEntry(Base):
+    """One link of the append-only, hash-chained audit log (format and verification in
+    provisioning/audit.py and docs/service.md). UNIQUE(seq) and UNIQUE(prev_hash) make the chain
+    head a database constraint: two writers that read the same head cannot both append."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        CheckConstraint("seq >= 1", name="seq_positive"),
+        UniqueConstraint("prev_hash"),
+        UniqueConstraint("entry_hash"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    time: Mapped[int] = mapped_column(BigInteger)
+    actor: Mapped[str] = mapped_column(String(ID_LENGTH * 2))
+    action: Mapped[str] = mapped_column(String(ID_LENGTH))
+    target: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[Outcome] = mapped_column(_enum_column(Outcome, "audit_outcome"))
+    reason: Mapped[str] = mapped_column(Text)
+    details: Mapped[str] = mapped_column(Text)  # canonical JSON, hashed as stored
+    prev_hash: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))
+    entry_hash: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))
