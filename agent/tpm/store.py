@@ -657,6 +657,29 @@ class TPMStore:
         except ValueError:
             raise TPMError("read-ek-cert", None, f"NV 0x{index:08x} holds no certificate") from None
 
+    @contextlib.contextmanager
+    def _ek_authorization(self, ek: EKKind) -> Iterator[ESYS_TR]:
+        """The RSA EK (TCG low-range template) can only be used through its policy,
+        PolicySecret(TPM_RH_ENDORSEMENT); swtpm's ECC P-384 EK also allows its (empty) password."""
+        if ek == "ecc":
+            yield ESYS_TR.PASSWORD
+            return
+        session = self._call(
+            "start-session",
+            "start_auth_session",
+            ESYS_TR.NONE,
+            ESYS_TR.NONE,
+            TPM2_SE.POLICY,
+            None,
+            TPM2_ALG.SHA256,
+        )
+        try:
+            self._call("policy-secret", "policy_secret", ESYS_TR.ENDORSEMENT, session, expiration=0)
+            yield session
+        finally:
+            with contextlib.suppress(TPMError):
+                self._flush_session(session)
+
     def activate_credential(
         self,
         ak: TPMKey,
@@ -674,45 +697,27 @@ class TPMStore:
         if used_blob != len(credential_blob) or used_secret != len(encrypted_secret):
             raise TPMError("activate-credential", None, "trailing bytes in credential")
         handle_value = EK_RSA_HANDLE if ek == "rsa" else EK_ECC_HANDLE
-        with self._persistent(handle_value, "activate-credential") as ek_handle:
-            session = self._call(
-                "start-session",
-                "start_auth_session",
-                ESYS_TR.NONE,
-                ESYS_TR.NONE,
-                TPM2_SE.POLICY,
-                None,
-                TPM2_ALG.SHA256,
-            )
+        with (
+            self._persistent(handle_value, "activate-credential") as ek_handle,
+            self._ek_authorization(ek) as ek_session,
+            self._using(ak) as (ak_handle,),
+        ):
             try:
-                # the EK's policy: PolicySecret(TPM_RH_ENDORSEMENT), endorsement auth is empty
-                self._call(
-                    "policy-secret",
-                    "policy_secret",
-                    ESYS_TR.ENDORSEMENT,
-                    session,
-                    expiration=0,
+                cred = self._call(
+                    "activate-credential",
+                    "activate_credential",
+                    ak_handle,
+                    ek_handle,
+                    blob,
+                    secret,
+                    session2=ek_session,
                 )
-                try:
-                    with self._using(ak) as (ak_handle,):
-                        cred = self._call(
-                            "activate-credential",
-                            "activate_credential",
-                            ak_handle,
-                            ek_handle,
-                            blob,
-                            secret,
-                            session2=session,
-                        )
-                except TPMError as exc:
-                    raise TPMError(
-                        "activate-credential",
-                        exc.rc,
-                        f"credential was not made for this TPM's EK and this AK ({exc.detail})",
-                    ) from None
-            finally:
-                with contextlib.suppress(TPMError):
-                    self._flush_session(session)
+            except TPMError as exc:
+                raise TPMError(
+                    "activate-credential",
+                    exc.rc,
+                    f"credential was not made for this TPM's EK and this AK ({exc.detail})",
+                ) from None
         return Secret(bytes(cred))
 
 
