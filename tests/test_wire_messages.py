@@ -1,0 +1,277 @@
+"""Message bodies: round trips for every family, strict refusal of unknown fields, wrong types and
+out-of-bounds values. ``SAMPLES`` (one valid body per type) is shared with the fuzz tests."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from agent.errors import ProtocolError
+from agent.lifecycle import KeyKind, KeyRecord, KeyState
+from agent.wire import cbor
+from agent.wire.messages.ack import Ack
+from agent.wire.messages.attestation import AttestChallenge, AttestReport
+from agent.wire.messages.base import Body
+from agent.wire.messages.enrollment import (
+    EnrollChallenge,
+    EnrollRequest,
+    EnrollResponse,
+    EnrollResult,
+)
+from agent.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
+from agent.wire.messages.key_state import KeyStateReport
+from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
+from agent.wire.messages.result import OperatorResult, ResultStatus
+from agent.wire.messages.service import (
+    AttestRequest,
+    CommitAction,
+    CommitRequest,
+    ReportRequest,
+    WelcomeDelivery,
+)
+
+pytestmark = pytest.mark.pure
+
+CMD = bytes(range(16))
+NONCE = bytes(range(100, 132))
+
+DEVID = KeyRecord(
+    name="devid",
+    kind=KeyKind.DEVID,
+    transitions=((KeyState.PRE_ACTIVATION, 100), (KeyState.ACTIVE, 101)),
+)
+LEAF = KeyRecord(
+    name="leaf/g1",
+    kind=KeyKind.LEAF,
+    transitions=(
+        (KeyState.PRE_ACTIVATION, 200),
+        (KeyState.ACTIVE, 200),
+        (KeyState.DEACTIVATED, 300),
+        (KeyState.DESTROYED, 301),
+    ),
+    group="g1",
+)
+
+SAMPLES: list[Body] = [
+    EnrollRequest(
+        serial="SN-0001",
+        ek_cert=b"\x30\x82ek",
+        ak_public=b"ak-public",
+        devid_public=b"devid-public",
+        certify_info=b"\xff\x54\x43\x47attest",
+        certify_signature=b"sig",
+    ),
+    EnrollChallenge(credential_blob=b"blob", encrypted_secret=b"secret-wrapped"),
+    EnrollResponse(proof=bytes(32)),
+    EnrollResult(
+        accepted=True,
+        device_id="dev-1",
+        devid_cert=b"\x30cert",
+        trust_anchors=(b"\x30ca",),
+        broker="127.0.0.1:8883",
+        groups=("g1", "g2"),
+    ),
+    EnrollResult(accepted=False, reason="EK certificate chain does not verify"),
+    AttestChallenge(nonce=NONCE, pcrs=(0, 1, 2, 3, 7)),
+    AttestReport(
+        nonce=NONCE,
+        quote=b"\xff\x54\x43\x47quote",
+        signature=b"tpmt-signature",
+        pcr_bank="sha256",
+        pcrs=(0, 1, 2, 3, 7),
+        event_log=b"event-log",
+        keys=(DEVID, LEAF),
+    ),
+    KeyStateReport(keys=(DEVID, LEAF)),
+    KeyStateReport(keys=()),
+    KeyPackageMessage(key_package=cbor.encode({"leaf": b"pub", "sig": b"s"})),
+    CommitMessage(group_id="g1", epoch=4, commit=b"commit-bytes", command_id=CMD),
+    CommitMessage(group_id="g1", epoch=0, commit=b"commit-bytes"),
+    WelcomeMessage(group_id="g1", epoch=5, welcome=b"welcome", new_members=("dev-2",)),
+    Ack(group_id="g1", epoch=5, epoch_authenticator=bytes(range(32)), command_id=CMD),
+    CommitRequest(
+        command_id=CMD,
+        group_id="g1",
+        epoch=4,
+        action=CommitAction.ADD,
+        member="dev-2",
+        key_package=b"kp",
+    ),
+    CommitRequest(
+        command_id=CMD, group_id="g1", epoch=4, action=CommitAction.REMOVE, member="dev-3"
+    ),
+    CommitRequest(command_id=CMD, group_id="g1", epoch=4, action=CommitAction.UPDATE),
+    ReportRequest(command_id=CMD),
+    WelcomeDelivery(group_id="g1", epoch=5, welcome=b"welcome"),
+    Rekey(command_id=CMD, group_id="g1"),
+    Revoke(command_id=CMD, device_id="dev-3", reason="lost"),
+    Revoke(command_id=CMD, device_id="dev-3"),
+    GroupCreate(command_id=CMD, group_id="g9", members=("dev-1", "dev-2")),
+    GroupAdd(command_id=CMD, group_id="g1", device_id="dev-4"),
+    AttestDevice(command_id=CMD, device_id="dev-1"),
+    OperatorResult(
+        command_id=CMD,
+        status=ResultStatus.TIMEOUT,
+        detail="2 of 3 members acked",
+        acked=("dev-1", "dev-2"),
+        pending=("dev-3",),
+        epoch=6,
+    ),
+]
+
+
+def test_samples_cover_every_registered_type() -> None:
+    assert {type(body) for body in SAMPLES} == set(BODY_CLASSES)
+    assert set(REGISTRY) == {cls.TYPE for cls in BODY_CLASSES}
+    assert len(REGISTRY) == len(BODY_CLASSES)  # no two classes share a type string
+
+
+def test_attest_request_is_the_attestation_challenge() -> None:
+    assert AttestRequest is AttestChallenge
+
+
+@pytest.mark.parametrize("body", SAMPLES, ids=lambda b: type(b).__name__)
+def test_round_trip_through_cbor(body: Body) -> None:
+    wire = cbor.encode(body.to_cbor_map())
+    again = parse_body(body.TYPE, cbor.decode(wire))
+    assert again == body
+    assert cbor.encode(again.to_cbor_map()) == wire
+
+
+@pytest.mark.parametrize("body", SAMPLES, ids=lambda b: type(b).__name__)
+def test_unknown_field_is_refused(body: Body) -> None:
+    fields = body.to_cbor_map()
+    fields["extra"] = 1
+    with pytest.raises(ProtocolError) as err:
+        type(body).from_cbor_map(fields)
+    assert err.value.check == "body.malformed"
+
+
+@pytest.mark.parametrize("body", SAMPLES, ids=lambda b: type(b).__name__)
+def test_missing_required_field_is_refused(body: Body) -> None:
+    fields = body.to_cbor_map()
+    first = next(iter(fields))
+    del fields[first]
+    with pytest.raises(ProtocolError) as err:
+        type(body).from_cbor_map(fields)
+    assert err.value.check in {"body.malformed", "key.record"}
+
+
+@pytest.mark.parametrize("body", SAMPLES, ids=lambda b: type(b).__name__)
+def test_every_field_with_a_wrong_type_is_refused(body: Body) -> None:
+    fields = body.to_cbor_map()
+    for name, value in fields.items():
+        # A value of another CBOR type than the right one (bool for everything but bools).
+        wrong: object = True if type(value) is not bool else "yes"
+        with pytest.raises(ProtocolError) as err:
+            type(body).from_cbor_map({**fields, name: wrong})
+        assert err.value.check in {"body.type", "body.malformed"}, name
+
+
+def test_body_is_not_a_map() -> None:
+    for value in ([], b"", "x", 1, None):
+        with pytest.raises(ProtocolError) as err:
+            Rekey.from_cbor_map(value)
+        assert err.value.check == "body.malformed"
+
+
+@pytest.mark.parametrize(
+    ("make", "check"),
+    [
+        (lambda: Rekey(command_id=b"short", group_id="g1"), "body.bounds"),
+        (lambda: Rekey(command_id=CMD, group_id="g/1"), "body.bounds"),
+        (lambda: Rekey(command_id=CMD, group_id="+"), "body.bounds"),
+        (lambda: Rekey(command_id=CMD, group_id="x" * 65), "body.bounds"),
+        (lambda: AttestChallenge(nonce=bytes(8), pcrs=(0,)), "body.bounds"),
+        (lambda: AttestChallenge(nonce=NONCE, pcrs=(1, 0)), "body.bounds"),
+        (lambda: AttestChallenge(nonce=NONCE, pcrs=(0, 0)), "body.bounds"),
+        (lambda: AttestChallenge(nonce=NONCE, pcrs=(24,)), "body.bounds"),
+        (lambda: AttestChallenge(nonce=NONCE, pcrs=()), "body.bounds"),
+        (lambda: AttestChallenge(nonce=NONCE, pcrs=(True,)), "body.type"),
+        (lambda: Ack(group_id="g1", epoch=-1, epoch_authenticator=bytes(32)), "body.bounds"),
+        (lambda: Ack(group_id="g1", epoch=1 << 64, epoch_authenticator=bytes(32)), "body.bounds"),
+        (lambda: Ack(group_id="g1", epoch=1, epoch_authenticator=bytes(31)), "body.bounds"),
+        (lambda: GroupCreate(command_id=CMD, group_id="g", members=("a", "a")), "body.bounds"),
+        (lambda: GroupCreate(command_id=CMD, group_id="g", members=()), "body.bounds"),
+        (
+            lambda: CommitRequest(
+                command_id=CMD, group_id="g", epoch=1, action=CommitAction.ADD, member="d"
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD, group_id="g", epoch=1, action=CommitAction.UPDATE, member="d"
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD,
+                group_id="g",
+                epoch=1,
+                action=CommitAction.REMOVE,
+                member="d",
+                key_package=b"k",
+            ),
+            "body.malformed",
+        ),
+        (lambda: EnrollResult(accepted=True), "body.malformed"),
+        (lambda: EnrollResult(accepted=False), "body.malformed"),
+        (lambda: EnrollResult(accepted=False, reason="no", device_id="d"), "body.malformed"),
+        (lambda: EnrollResponse(proof=bytes(8)), "body.bounds"),
+        (lambda: KeyStateReport(keys=(DEVID, DEVID)), "body.bounds"),
+    ],
+)
+def test_bounds_and_consistency(make: object, check: str) -> None:
+    assert callable(make)
+    with pytest.raises(ProtocolError) as err:
+        make()
+    assert err.value.check == check
+
+
+def test_unknown_enum_value_is_refused() -> None:
+    fields = CommitRequest(
+        command_id=CMD, group_id="g1", epoch=1, action=CommitAction.UPDATE
+    ).to_cbor_map()
+    with pytest.raises(ProtocolError) as err:
+        CommitRequest.from_cbor_map({**fields, "action": "merge"})
+    assert err.value.check == "body.bounds"
+
+
+def test_key_report_refuses_an_impossible_history() -> None:
+    record = DEVID.to_cbor_map()
+    record["transitions"] = [["pre-activation", 1], ["destroyed", 2], ["active", 3]]
+    record["state"] = "active"
+    with pytest.raises(ProtocolError) as err:
+        KeyStateReport.from_cbor_map({"keys": [record]})
+    assert err.value.check == "key.record"
+
+
+def test_key_report_refuses_integer_keys_in_a_record() -> None:
+    record: dict[object, object] = dict(DEVID.to_cbor_map())
+    record[1] = 0
+    with pytest.raises(ProtocolError) as err:
+        KeyStateReport.from_cbor_map({"keys": [record]})
+    assert err.value.check == "body.type"
+
+
+def test_secret_bearing_field_is_not_in_repr() -> None:
+    proof = bytes(range(40, 72))
+    assert proof.hex() not in repr(EnrollResponse(proof=proof))
+    assert repr(proof) not in repr(EnrollResponse(proof=proof))
+
+
+def test_group_epoch_only_for_group_messages() -> None:
+    with_epoch = {type(b).__name__ for b in SAMPLES if b.group_epoch() is not None}
+    assert with_epoch == {
+        "CommitMessage",
+        "WelcomeMessage",
+        "Ack",
+        "CommitRequest",
+        "WelcomeDelivery",
+    }
+    commit = replace(SAMPLES[10])
+    assert commit.group_epoch() == ("g1", 4)
