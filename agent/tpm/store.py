@@ -71,16 +71,16 @@ MAX_SEALED_SIZE = 128
 _NV_CHUNK = 512
 
 _RC_POLICY_FAIL = 0x09D  # format 1, session number stripped
-# INTEGRITY, SIZE, KEY: what TPM2_Load answers for a private part wrapped by another seed
-_RC_FOREIGN_BLOB = (0x09A, 0x095, 0x09C)
+# INTEGRITY, SIZE, INSUFFICIENT, KEY: TPM2_Load on a private part wrapped by another seed
+_RC_FOREIGN_BLOB = (0x09F, 0x095, 0x09A, 0x09C)
 _RC_OBJECT_MEMORY = 0x902
 
 EKKind = Literal["rsa", "ecc"]
 
 
 def _rc_base(rc: int) -> int:
-    """The response code without the handle/parameter/session number (format 1)."""
-    return rc & ~0xF00 if rc & 0x80 else rc
+    """A format-1 response code without its handle/parameter/session number (Part 2 §6.6)."""
+    return 0x080 | (rc & 0x3F) if rc & 0x80 else rc
 
 
 def _pcr_selection(pcrs: Iterable[int]) -> TPML_PCR_SELECTION:
