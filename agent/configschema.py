@@ -1,0 +1,396 @@
+"""A small declarative validator for TOML configuration files.
+
+Why not a library: the rules are few and the one thing that matters is the error report. Every
+problem is collected (not just the first), and each is one line that names the dotted key, the
+value found, its TOML type, and what was expected::
+
+    broker.port: got "8883" (string), expected an integer from 1 to 65535
+
+A schema is a tree of ``Check`` objects. ``Table`` maps key names to ``Field``s (a check, whether
+it is required, a default) and names unknown keys. A check returns the converted value, or
+``INVALID`` after recording a problem; the caller builds its own typed objects from the result.
+Values are printed (truncated) because a configuration holds names, numbers and paths, never
+secrets; file contents are never printed, only whether a file could be read and parsed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import stat
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography import x509
+
+from agent.errors import ConfigError
+
+MAX_CONFIG_BYTES = 1024 * 1024
+_MAX_SHOWN = 240  # long enough for real paths, short enough for a log line
+
+
+class _Invalid:
+    def __repr__(self) -> str:
+        return "INVALID"
+
+
+INVALID: Final = _Invalid()
+"""Returned by a check that recorded a problem."""
+
+
+class ConfigProblems(ConfigError):
+    """A configuration file was refused. ``problems`` holds one line per problem; the message is a
+    heading naming the file followed by those lines."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        count = f"{len(problems)} problem" + ("" if len(problems) == 1 else "s")
+        lines = [f"invalid configuration {source} ({count}):", *(f"  {p}" for p in problems)]
+        super().__init__("\n".join(lines))
+        self.source = source
+        self.problems = list(problems)
+
+
+def toml_type(value: object) -> str:
+    """The TOML name of a parsed value's type, for problem lines."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    return "date/time"
+
+
+def show(value: object) -> str:
+    """A short rendering of a value: strings quoted, tables and long values elided."""
+    if isinstance(value, dict):
+        return "{...}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = f'"{value}"' if isinstance(value, str) else repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+class Problems:
+    """Collects problem lines while a document is checked."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def bad(self, key: str, value: object, expected: str) -> _Invalid:
+        self.lines.append(f"{key}: got {show(value)} ({toml_type(value)}), expected {expected}")
+        return INVALID
+
+    def missing(self, key: str, expected: str) -> _Invalid:
+        self.lines.append(f"{key}: missing, expected {expected}")
+        return INVALID
+
+    def note(self, key: str, text: str) -> _Invalid:
+        self.lines.append(f"{key}: {text}")
+        return INVALID
+
+
+class Check:
+    """Base of all checks: ``check(key, value, problems)`` returns the value or ``INVALID``."""
+
+    expected: str = "a value"
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Field:
+    check: Check
+    required: bool = False
+    default: object = None
+
+
+class Str(Check):
+    def __init__(self, expected: str = "a string", *, non_empty: bool = True) -> None:
+        self.expected = expected
+        self.non_empty = non_empty
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        if not isinstance(value, str) or (self.non_empty and not value):
+            return problems.bad(key, value, self.expected)
+        return value
+
+
+class Bool(Check):
+    expected = "true or false"
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        if not isinstance(value, bool):
+            return problems.bad(key, value, self.expected)
+        return value
+
+
+class Int(Check):
+    def __init__(self, low: int, high: int, unit: str = "") -> None:
+        self.low, self.high = low, high
+        suffix = f" ({unit})" if unit else ""
+        self.expected = f"an integer from {low} to {high}{suffix}"
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return problems.bad(key, value, self.expected)
+        if not self.low <= value <= self.high:
+            return problems.bad(key, value, self.expected)
+        return value
+
+
+class OneOf(Check):
+    def __init__(self, choices: Sequence[str]) -> None:
+        self.choices = tuple(choices)
+        self.expected = "one of " + ", ".join(f'"{c}"' for c in choices)
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        if not isinstance(value, str) or value not in self.choices:
+            return problems.bad(key, value, self.expected)
+        return value
+
+
+class Predicate(Check):
+    """Wrap a base check with an extra condition: ``test(value) -> None`` or a reason string."""
+
+    def __init__(self, base: Check, test: Callable[[Any], str | None], expected: str) -> None:
+        self.base = base
+        self.test = test
+        self.expected = expected
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        got = self.base.check(key, value, problems)
+        if got is INVALID:
+            return INVALID
+        reason = self.test(got)
+        if reason is not None:
+            return problems.bad(key, value, f"{self.expected} ({reason})")
+        return got
+
+
+class List(Check):
+    def __init__(
+        self, item: Check, *, min_items: int = 0, max_items: int = 1000, unique: bool = False
+    ) -> None:
+        self.item = item
+        self.min_items, self.max_items, self.unique = min_items, max_items, unique
+        self.expected = f"an array of {item.expected}"
+        if min_items:
+            self.expected += f" (at least {min_items})"
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        if not isinstance(value, list):
+            return problems.bad(key, value, self.expected)
+        if not self.min_items <= len(value) <= self.max_items:
+            return problems.bad(
+                key, value, f"{self.expected}, {self.min_items} to {self.max_items} items"
+            )
+        out: list[object] = []
+        ok = True
+        for i, item in enumerate(value):
+            got = self.item.check(f"{key}[{i}]", item, problems)
+            ok = ok and got is not INVALID
+            out.append(got)
+        if ok and self.unique and len({repr(v) for v in out}) != len(out):
+            return problems.bad(key, value, f"{self.expected} without duplicates")
+        return out if ok else INVALID
+
+
+class Table(Check):
+    """A TOML table with known keys; unknown keys are problems (a typo must not be ignored)."""
+
+    def __init__(self, fields: Mapping[str, Field], expected: str = "a table") -> None:
+        self.fields = dict(fields)
+        self.expected = expected
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        if not isinstance(value, dict):
+            return problems.bad(key, value, self.expected)
+        prefix = f"{key}." if key else ""
+        known = ", ".join(self.fields) or "nothing"
+        out: dict[str, object] = {}
+        ok = True
+        for name in value:
+            if name not in self.fields:
+                problems.note(f"{prefix}{name}", f"unknown key, expected one of: {known}")
+                ok = False
+        for name, spec in self.fields.items():
+            if name not in value:
+                if spec.required:
+                    problems.missing(f"{prefix}{name}", spec.check.expected)
+                    ok = False
+                elif spec.default is None:
+                    out[name] = None
+                else:
+                    # Defaults go through the same check, so they are converted like given
+                    # values (a default table gets its own defaults filled in).
+                    got = spec.check.check(f"{prefix}{name}", copy.deepcopy(spec.default), problems)
+                    ok = ok and got is not INVALID
+                    out[name] = got
+                continue
+            got = spec.check.check(f"{prefix}{name}", value[name], problems)
+            ok = ok and got is not INVALID
+            out[name] = got
+        return out if ok else INVALID
+
+
+class MapOf(Check):
+    """A table whose keys are names chosen by the user (e.g. per-group overrides)."""
+
+    def __init__(self, name_check: Callable[[str], bool], name_expected: str, item: Check) -> None:
+        self.name_check = name_check
+        self.name_expected = name_expected
+        self.item = item
+        self.expected = f"a table of {name_expected} -> {item.expected}"
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        if not isinstance(value, dict):
+            return problems.bad(key, value, self.expected)
+        out: dict[str, object] = {}
+        ok = True
+        for name, item in value.items():
+            if not self.name_check(name):
+                problems.note(f"{key}.{name}", f"bad name, expected {self.name_expected}")
+                ok = False
+                continue
+            got = self.item.check(f"{key}.{name}", item, problems)
+            ok = ok and got is not INVALID
+            out[name] = got
+        return out if ok else INVALID
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def _file_problem(path: Path, *, private: bool) -> str | None:
+    """None if ``path`` is a regular file this process can read, else a reason."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable by this process"
+    if private and info.st_mode & 0o077:
+        return (
+            f"private key file has mode {stat.S_IMODE(info.st_mode):04o}, must be 0600 or stricter"
+        )
+    return None
+
+
+class AbsPath(Check):
+    """An absolute path (existence not required: the daemon creates directories it owns)."""
+
+    def __init__(self, expected: str = "an absolute path") -> None:
+        self.expected = expected
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        if not isinstance(value, str) or not value or not os.path.isabs(value) or "\0" in value:
+            return problems.bad(key, value, self.expected)
+        return Path(value)
+
+
+class ReadableFile(Check):
+    """A readable regular file, optionally private (no group/other permission bits) and with
+    content checked by ``parse(bytes) -> reason | None``. The content is never shown."""
+
+    def __init__(
+        self,
+        expected: str,
+        *,
+        private: bool = False,
+        parse: Callable[[bytes], str | None] | None = None,
+    ) -> None:
+        self.expected = expected
+        self.private = private
+        self.parse = parse
+
+    def check(self, key: str, value: object, problems: Problems) -> object:
+        if not isinstance(value, str) or not value or "\0" in value:
+            return problems.bad(key, value, self.expected)
+        path = Path(value)
+        if not path.is_absolute():
+            return problems.bad(key, value, f"{self.expected} given as an absolute path")
+        reason = _file_problem(path, private=self.private)
+        if reason is None and self.parse is not None:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                reason = f"cannot read: {exc.strerror}"
+            else:
+                reason = self.parse(data)
+        if reason is not None:
+            return problems.bad(key, value, f"{self.expected} ({reason})")
+        return path
+
+
+def pem_certificates_problem(data: bytes) -> str | None:
+    """None if ``data`` holds one or more PEM X.509 certificates and nothing else unparsable."""
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        return "no PEM certificate in the file"
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return "the PEM certificate does not parse as X.509"
+    return None
+
+
+def load_pem_certificates(path: Path) -> tuple[x509.Certificate, ...]:
+    """Certificates of a file that already passed ``pem_certificates_problem``."""
+    return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
+
+
+# -- documents ------------------------------------------------------------------------------
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file or raise ``ConfigProblems`` naming the file and what went wrong."""
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigProblems(
+            source, [f"{source}: file not found, expected a TOML configuration file"]
+        ) from None
+    except OSError as exc:
+        raise ConfigProblems(
+            source, [f"{source}: cannot read ({exc.strerror}), expected a readable TOML file"]
+        ) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigProblems(source, [f"{source}: over {MAX_CONFIG_BYTES} bytes"])
+    try:
+        text = data.decode("utf-8")
+        return tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigProblems(source, [f"{source}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's messages give the position, not the offending text.
+        raise ConfigProblems(source, [f"{source}: not valid TOML: {exc}"]) from None
+
+
+@dataclass
+class Validation:
+    """The result of checking a document: converted values (or INVALID) and problem lines."""
+
+    value: object
+    problems: list[str] = field(default_factory=list)
+
+
+def validate(document: Mapping[str, Any], schema: Table) -> Validation:
+    problems = Problems()
+    value = schema.check("", dict(document), problems)
+    return Validation(value, problems.lines)
