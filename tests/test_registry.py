@@ -109,6 +109,7 @@ def test_sqlite_file_has_every_table_wal_and_foreign_keys(engine: Engine, tmp_pa
         "operators",
         "stations",
         "audit_log",
+        "audit_head",
     }
     assert set(Base.metadata.tables) == expected
 

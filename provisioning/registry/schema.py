@@ -301,3 +301,17 @@ class AuditEntry(Base):
     details: Mapped[str] = mapped_column(Text)  # canonical JSON, hashed as stored
     prev_hash: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))
     entry_hash: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))
+
+
+class AuditHead(Base):
+    """One row: the chain head (seq and hash of the last entry). Appending starts by updating
+    this row, which takes the row lock on PostgreSQL and the write lock on SQLite, so concurrent
+    appenders queue instead of racing and retrying; the unique constraints of ``audit_log`` stay
+    the guarantee. Verification also checks that the chain ends where this row says."""
+
+    __tablename__ = "audit_head"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    entry_hash: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))

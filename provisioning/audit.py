@@ -1,0 +1,431 @@
+"""The append-only, hash-chained audit log of the fleet service.
+
+Every accepted or refused command and every state change is one entry. Entry ``n`` stores the
+hash of entry ``n - 1`` and its own hash over that link and its content:
+
+    entry_hash = SHA-256(prev_hash || CBOR([1, seq, time, actor, action, target, outcome,
+                                            reason, details]))
+
+CBOR is deterministic (RFC 8949 section 4.2) and ``details`` is the canonical JSON text exactly as
+stored (sorted keys, no spaces, UTF-8, integers only), so anyone can recompute a hash from the row
+with any CBOR library. The first entry links to 32 zero bytes.
+
+Concurrency: an append first updates the single ``audit_head`` row, which queues appenders on
+the row lock (PostgreSQL) or the write lock (SQLite), so they do not race in the common case. The
+guarantee itself is the database's: UNIQUE seq and UNIQUE prev_hash. Two writers that somehow
+read the same head both try to insert the same ``seq``; one gets an integrity error, which
+becomes ``AuditConflict``, and its whole unit of work runs again on the new head
+(``run_in_transaction``). The chain never forks, on SQLite or with several service instances on
+PostgreSQL.
+
+What the chain proves: any edit of a stored entry, any deletion inside the chain and any
+reordering is found by ``verify_chain`` and named by sequence number. What it cannot prove alone:
+that nobody cut entries off the end and also rewrote ``audit_head``, or rewrote a whole suffix and
+recomputed its hashes. Against that, record the head (seq and hash, printed by ``keyfleet audit
+verify``) somewhere else and pass it back as ``anchor``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from sqlalchemy import String, select, type_coerce, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from provisioning.registry.engine import RetryableConflict, run_in_transaction
+from provisioning.registry.schema import HASH_LENGTH, AuditEntry, AuditHead, Outcome
+
+FORMAT_VERSION = 1
+GENESIS_PREV_HASH = bytes(HASH_LENGTH)
+
+JsonValue = None | bool | int | str | Sequence["JsonValue"] | Mapping[str, "JsonValue"]
+
+
+class AuditConflict(RetryableConflict):
+    """Another writer appended at the same chain head first; retry the unit of work."""
+
+
+class ProblemKind(enum.StrEnum):
+    HASH_MISMATCH = "hash mismatch"
+    BROKEN_LINK = "broken link"
+    GAP = "gap"
+    ANCHOR = "anchor mismatch"
+    HEAD = "head mismatch"
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    time: int
+    actor: str
+    action: str
+    target: str
+    outcome: Outcome
+    reason: str
+    details: str
+    prev_hash: bytes
+    entry_hash: bytes
+
+    def details_dict(self) -> dict[str, Any]:
+        decoded: dict[str, Any] = json.loads(self.details)
+        return decoded
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """The first bad entry: its sequence number, what is wrong, and a sentence for people."""
+
+    seq: int
+    kind: ProblemKind
+    reason: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """``entries`` good entries were checked up to ``head_seq``/``head_hash`` (the last good
+    one, or 0 / the genesis hash); ``problem`` is the first bad entry, None if all are good."""
+
+    entries: int
+    head_seq: int
+    head_hash: bytes
+    problem: ChainProblem | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def _check_json(value: object, where: str) -> None:
+    # Floats are refused: their text form differs between languages, and a verifier written in
+    # another one must be able to reproduce the exact bytes that were hashed.
+    if value is None or isinstance(value, bool | int | str):
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"audit details{where}: key {key!r} is not a string")
+            _check_json(item, f"{where}.{key}")
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_json(item, f"{where}[{index}]")
+        return
+    raise TypeError(
+        f"audit details{where}: {type(value).__name__} is not allowed "
+        "(use str, int, bool, None, lists and objects; hex-encode bytes)"
+    )
+
+
+def canonical_json(details: Mapping[str, JsonValue]) -> str:
+    """The one text form of ``details`` that is stored and hashed."""
+    _check_json(details, "")
+    return json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_preimage(
+    *,
+    seq: object,
+    time: object,
+    actor: object,
+    action: object,
+    target: object,
+    outcome: object,
+    reason: object,
+    details: object,
+) -> bytes:
+    """The deterministic CBOR array hashed after ``prev_hash``. Takes whatever the row holds, so
+    a verifier also hashes values someone wrote with the wrong type (they then mismatch)."""
+    return bytes(
+        cbor2.dumps(
+            [FORMAT_VERSION, seq, time, actor, action, target, outcome, reason, details],
+            canonical=True,
+        )
+    )
+
+
+def compute_hash(prev_hash: bytes, preimage: bytes) -> bytes:
+    return hashlib.sha256(prev_hash + preimage).digest()
+
+
+def _record(row: AuditEntry) -> AuditRecord:
+    return AuditRecord(
+        seq=row.seq,
+        time=row.time,
+        actor=row.actor,
+        action=row.action,
+        target=row.target,
+        outcome=row.outcome,
+        reason=row.reason,
+        details=row.details,
+        prev_hash=row.prev_hash,
+        entry_hash=row.entry_hash,
+    )
+
+
+def head(session: Session) -> tuple[int, bytes]:
+    """(seq, hash) of the last entry, or (0, genesis) for an empty log."""
+    last = session.execute(
+        select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)
+    ).first()
+    if last is None:
+        return 0, GENESIS_PREV_HASH
+    return int(last[0]), bytes(last[1])
+
+
+def append(
+    session: Session,
+    *,
+    now: int,
+    actor: str,
+    action: str,
+    target: str,
+    outcome: Outcome,
+    reason: str = "",
+    details: Mapping[str, JsonValue] | None = None,
+) -> AuditRecord:
+    """Append one entry in the caller's transaction, linked to the current head.
+
+    ``actor`` is who asked (``operator:alice``, ``device:pi-0042``, ``service``), ``action`` what
+    (``device.revoke``), ``target`` on what, ``reason`` why it was refused (or a note). Never put
+    secrets in any field: the log is meant to be read. Raises ``AuditConflict`` if another writer
+    took the head first; the caller's unit of work must then be retried (``run_in_transaction``
+    does it).
+    """
+    if not isinstance(outcome, Outcome):
+        raise TypeError(f"outcome must be an Outcome, not {outcome!r}")
+    details_text = canonical_json(details or {})
+    head_row = _lock_head(session)
+    prev_seq, prev_hash = head(session)
+    seq = prev_seq + 1
+    preimage = entry_preimage(
+        seq=seq,
+        time=now,
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome.value,
+        reason=reason,
+        details=details_text,
+    )
+    row = AuditEntry(
+        seq=seq,
+        time=now,
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome,
+        reason=reason,
+        details=details_text,
+        prev_hash=prev_hash,
+        entry_hash=compute_hash(prev_hash, preimage),
+    )
+    session.add(row)
+    head_row.seq = seq
+    head_row.entry_hash = row.entry_hash
+    try:
+        session.flush()
+    except IntegrityError:
+        raise AuditConflict(f"audit entry {seq} was appended concurrently") from None
+    return _record(row)
+
+
+def _lock_head(session: Session) -> AuditHead:
+    # A no-op UPDATE is still a write: it takes the lock that makes other appenders wait here,
+    # before they read the head, rather than fail later at the unique constraint.
+    locked = session.execute(
+        update(AuditHead)
+        .where(AuditHead.id == 1)
+        .values(seq=AuditHead.seq)
+        .execution_options(synchronize_session=False)
+    )
+    if locked.rowcount == 0:  # type: ignore[attr-defined]
+        session.add(AuditHead(id=1, seq=0, entry_hash=GENESIS_PREV_HASH))
+        try:
+            session.flush()
+        except IntegrityError:
+            raise AuditConflict("the audit head row was created concurrently") from None
+    head_row = session.get(AuditHead, 1, populate_existing=True)
+    if head_row is None:  # pragma: no cover - inserted or updated just above
+        raise AuditConflict("the audit head row vanished")
+    return head_row
+
+
+def record(
+    sessions: sessionmaker[Session],
+    *,
+    now: int,
+    actor: str,
+    action: str,
+    target: str,
+    outcome: Outcome,
+    reason: str = "",
+    details: Mapping[str, JsonValue] | None = None,
+) -> AuditRecord:
+    """Append one entry in its own transaction, retrying on a concurrent append: for events
+    that change nothing else (a refused command)."""
+    return run_in_transaction(
+        sessions,
+        lambda session: append(
+            session,
+            now=now,
+            actor=actor,
+            action=action,
+            target=target,
+            outcome=outcome,
+            reason=reason,
+            details=details,
+        ),
+    )
+
+
+def entries(session: Session, *, from_seq: int = 1, limit: int | None = None) -> list[AuditRecord]:
+    query = select(AuditEntry).where(AuditEntry.seq >= from_seq).order_by(AuditEntry.seq)
+    if limit is not None:
+        query = query.limit(limit)
+    return [_record(row) for row in session.scalars(query)]
+
+
+def _raw_rows(session: Session, batch: int) -> Iterator[tuple[Any, ...]]:
+    # Raw column values: a tampered row (an unknown outcome, a text in a number column) must be
+    # reported by the verifier, not crash the ORM's type conversion.
+    query = select(
+        AuditEntry.seq,
+        AuditEntry.time,
+        AuditEntry.actor,
+        AuditEntry.action,
+        AuditEntry.target,
+        type_coerce(AuditEntry.outcome, String),
+        AuditEntry.reason,
+        AuditEntry.details,
+        AuditEntry.prev_hash,
+        AuditEntry.entry_hash,
+    ).order_by(AuditEntry.seq)
+    for row in session.execute(query.execution_options(yield_per=batch)):
+        yield tuple(row)
+
+
+def verify_chain(
+    session: Session, *, anchor: tuple[int, bytes] | None = None, batch: int = 1000
+) -> VerifyResult:
+    """Walk the whole chain in order and report the first bad entry.
+
+    Per entry, in this order: its seq follows the previous one (``gap`` names the missing seq),
+    its stored hash matches its content (``hash mismatch``: this entry was edited), its
+    prev_hash equals the previous entry's hash (``broken link``: this entry or the previous one
+    was rewritten with a recomputed hash). With ``anchor`` (seq, hash) recorded earlier, the
+    chain must still contain that entry with that hash (``anchor mismatch`` otherwise: the log
+    was cut or rewritten from there).
+    """
+    count = 0
+    expected_seq = 1
+    prev_hash = GENESIS_PREV_HASH
+    anchor_seen = False
+
+    def result(problem: ChainProblem | None) -> VerifyResult:
+        return VerifyResult(
+            entries=count, head_seq=expected_seq - 1, head_hash=prev_hash, problem=problem
+        )
+
+    for (
+        seq,
+        time,
+        actor,
+        action,
+        target,
+        outcome,
+        reason,
+        details,
+        raw_prev,
+        raw_hash,
+    ) in _raw_rows(session, batch):
+        if not isinstance(seq, int) or seq != expected_seq:
+            if isinstance(seq, int) and seq > expected_seq:
+                missing = (
+                    f"entry {expected_seq} is missing"
+                    if seq == expected_seq + 1
+                    else f"entries {expected_seq}..{seq - 1} are missing"
+                )
+                after = f"entry {expected_seq - 1}" if expected_seq > 1 else "the start"
+                return result(
+                    ChainProblem(
+                        expected_seq, ProblemKind.GAP, f"{missing}: {after} is followed by {seq}"
+                    )
+                )
+            return result(
+                ChainProblem(
+                    expected_seq,
+                    ProblemKind.GAP,
+                    f"found seq {seq!r} where {expected_seq} was expected",
+                )
+            )
+        preimage = entry_preimage(
+            seq=seq,
+            time=time,
+            actor=actor,
+            action=action,
+            target=target,
+            outcome=outcome,
+            reason=reason,
+            details=details,
+        )
+        stored_prev = bytes(raw_prev) if isinstance(raw_prev, bytes | memoryview) else None
+        stored = bytes(raw_hash) if isinstance(raw_hash, bytes | memoryview) else None
+        if stored_prev is None or stored is None or compute_hash(stored_prev, preimage) != stored:
+            return result(
+                ChainProblem(
+                    seq,
+                    ProblemKind.HASH_MISMATCH,
+                    f"entry {seq} does not match its stored hash: it was changed after it "
+                    "was written",
+                )
+            )
+        if stored_prev != prev_hash:
+            before = f"entry {seq - 1}'s hash" if seq > 1 else "the genesis hash (32 zero bytes)"
+            return result(
+                ChainProblem(
+                    seq,
+                    ProblemKind.BROKEN_LINK,
+                    f"entry {seq} does not link to {before}: one of them was rewritten",
+                )
+            )
+        if anchor is not None and seq == anchor[0]:
+            if stored != anchor[1]:
+                return result(
+                    ChainProblem(
+                        seq,
+                        ProblemKind.ANCHOR,
+                        f"entry {seq} has hash {stored.hex()}, the anchor says {anchor[1].hex()}",
+                    )
+                )
+            anchor_seen = True
+        count += 1
+        expected_seq = seq + 1
+        prev_hash = stored
+    recorded = session.execute(select(AuditHead.seq, AuditHead.entry_hash)).first()
+    recorded_seq, recorded_hash = (0, GENESIS_PREV_HASH) if recorded is None else recorded
+    if recorded_seq != expected_seq - 1 or bytes(recorded_hash) != prev_hash:
+        return result(
+            ChainProblem(
+                expected_seq,
+                ProblemKind.HEAD,
+                f"the chain ends at entry {expected_seq - 1} but audit_head records entry "
+                f"{recorded_seq}: entries were cut off the end (or audit_head was edited)",
+            )
+        )
+    if anchor is not None and not anchor_seen:
+        return result(
+            ChainProblem(
+                anchor[0],
+                ProblemKind.ANCHOR,
+                f"anchored entry {anchor[0]} is not in the log (it ends at {expected_seq - 1}): "
+                "entries were cut off the end",
+            )
+        )
+    return result(None)
