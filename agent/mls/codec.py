@@ -1,8 +1,9 @@
 """CBOR framing helpers of keyfleet's MLS subset: one place that encodes and decodes, and strict
 field readers that turn a decoded CBOR value into checked Python values or raise.
 
-Every refusal is a ``ProtocolError`` whose check id starts with ``mls.decode``: wrong type, wrong
-length, a count over its limit, a point that is not on P-256, an unknown or missing map key.
+Every refusal is a ``ProtocolError``: ``cbor.*`` from the wire decoder (size, malformed or
+non-deterministic CBOR), ``mls.decode*`` from the field readers (wrong type, wrong length, a count
+over its limit, a point that is not on P-256, an unknown or missing map key).
 Nothing is half-parsed: structures are built only from values that passed these readers.
 """
 
@@ -13,11 +14,11 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import TypeVar
 
-import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import ProtocolError
 from agent.hpke import N_PK, deserialize_public_key
+from agent.wire import cbor as wire_cbor
 
 T = TypeVar("T")
 
@@ -34,27 +35,16 @@ _DECODE = "mls.decode"
 
 
 def encode(value: object) -> bytes:
-    """Deterministic CBOR of ``value`` (maps keyed by text or by non-negative ints only, so
-    length-first and bytewise key order agree)."""
-    return bytes(cbor2.dumps(value, canonical=True))
+    """Deterministic CBOR (RFC 8949 §4.2.1) of ``value``: the project's one wire encoder."""
+    return wire_cbor.encode(value)
 
 
 def decode(data: bytes, max_size: int, what: str) -> object:
-    """Decode one CBOR item strictly: size limit first, then only the deterministic encoding is
-    accepted (decode, re-encode, compare), so every accepted message has one encoding."""
+    """Decode one CBOR item strictly through the project's wire decoder (size limit before
+    decoding, deterministic encoding only, bounded nesting); its refusals carry ``cbor.*`` ids."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(f"{_DECODE}.type", f"{what}: expected bytes")
-    data = bytes(data)
-    if len(data) > max_size:
-        raise ProtocolError(f"{_DECODE}.size", f"{what}: {len(data)} bytes > limit {max_size}")
-    try:
-        value = cbor2.loads(data, max_depth=24, allow_indefinite=False, allow_duplicate_keys=False)
-        canonical = encode(value)
-    except Exception:  # cbor2 raises several families; all mean "malformed" here
-        raise ProtocolError(f"{_DECODE}.cbor", f"{what}: not well-formed CBOR") from None
-    if canonical != data:
-        raise ProtocolError(f"{_DECODE}.noncanonical", f"{what}: not deterministic CBOR")
-    return value
+    return wire_cbor.decode(bytes(data), max_size=max_size)
 
 
 def fail(what: str, reason: str) -> ProtocolError:

@@ -311,10 +311,10 @@ class PublicGroup:
             raise ProtocolError("mls.remove.self", "no other member could commit the removal")
         return best[1]
 
-    def check_welcome(self, verified: VerifiedCommit, welcome: Welcome) -> None:
+    def check_welcome(self, commit: Commit, welcome: Welcome) -> None:
         """A Welcome must carry exactly one sealed GroupSecrets per KeyPackage the commit added
         (the service cannot open them, only match references)."""
-        expected = sorted(kp.ref() for kp in verified.commit.content.adds)
+        expected = sorted(kp.ref() for kp in commit.content.adds)
         got = sorted(s.key_package_ref for s in welcome.secrets)
         if expected != got:
             raise ProtocolError("mls.welcome.recipients", "Welcome does not match the adds")

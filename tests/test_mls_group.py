@@ -1,0 +1,550 @@
+"""TreeKEM groups with software keys: agreement over random add/remove/update sequences, the
+delivery service's public view following every commit, removed members locked out,
+post-compromise security of a self-update, rejections by check id without state change, at most
+one leaf-key exchange per processed commit, state round trips."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.errors import CryptoError, ProtocolError, StateError
+from agent.mls import codec
+from agent.mls import tree_math as tm
+from agent.mls.crypto import decrypt_with_label
+from agent.mls.group import Group
+from agent.mls.messages import Commit, KeyPackage, UpdatePath, UpdatePathNode, Welcome
+from agent.mls.public import UPDATE_PATH_LABEL, PublicGroup
+from agent.mls.tree import ParentNode
+
+pytestmark = pytest.mark.pure
+
+_ids = itertools.count()
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+class FakeCountingKey(ec.EllipticCurvePrivateKey):
+    """Stands in for a TPM leaf key: only ``exchange`` and ``public_key`` work, and ``exchange``
+    calls are counted (each would be one ECDH_ZGen on a device)."""
+
+    def __init__(self, inner: ec.EllipticCurvePrivateKey | None = None) -> None:
+        self._inner = inner or new_key()
+        self.exchanges = 0
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        self.exchanges += 1
+        return self._inner.exchange(algorithm, peer_public_key)
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._inner.public_key()
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._inner.curve
+
+    @property
+    def key_size(self) -> int:
+        return self._inner.key_size
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError("a TPM leaf key cannot be used for this")
+
+    sign = _refuse  # type: ignore[assignment]
+    private_numbers = _refuse  # type: ignore[assignment]
+    private_bytes = _refuse  # type: ignore[assignment]
+    __copy__ = _refuse  # type: ignore[assignment]
+    __deepcopy__ = _refuse  # type: ignore[assignment]
+
+
+@dataclass
+class Member:
+    """A device: DevID signature key, TPM-like leaf key, and its current group state."""
+
+    device_id: bytes
+    signature_key: ec.EllipticCurvePrivateKey = field(default_factory=new_key)
+    leaf_key: FakeCountingKey = field(default_factory=FakeCountingKey)
+    group: Group | None = None
+    _kp: KeyPackage | None = None
+
+    @classmethod
+    def new(cls) -> Member:
+        return cls(f"dev-{next(_ids)}".encode())
+
+    def key_package(self) -> KeyPackage:
+        # one per device (ECDSA is randomized: a second one would have another reference)
+        if self._kp is None:
+            self._kp = KeyPackage.create(
+                self.device_id, self.signature_key, self.leaf_key.public_key()
+            )
+        return self._kp
+
+    @property
+    def g(self) -> Group:
+        assert self.group is not None
+        return self.group
+
+
+class World:
+    """Members, the delivery service's public view, and helpers to run commits through all of
+    them the way the service would (one commit per epoch, fanned out to every member)."""
+
+    def __init__(self) -> None:
+        creator = Member.new()
+        creator.group = Group.create(b"group-1", creator.key_package(), creator.leaf_key)
+        self.members: dict[bytes, Member] = {creator.device_id: creator}
+        self.service = creator.g.public_group()
+        self.removed: list[Member] = []
+        self.history: list[Commit] = []
+        self.contexts: list[bytes] = []  # each commit's provisional GroupContext
+        self.saw_unmerged = False
+
+    def by_leaf(self, leaf: int) -> Member:
+        return next(m for m in self.members.values() if m.g.own_leaf == leaf)
+
+    def deliver(self, committer: Member, result: Any) -> None:
+        commit = Commit.decode(result.commit.encode())
+        verified = self.service.verify(commit)
+        self.service = PublicGroup(verified.next_state())
+        self.history.append(commit)
+        self.contexts.append(verified.provisional_context)
+        tree = verified.tree
+        self.saw_unmerged |= any(
+            isinstance(tree.node(x), ParentNode) and tree.parent_node(x).unmerged_leaves  # type: ignore[union-attr]
+            for x in range(1, 2 * tree.n_leaves - 1, 2)
+        )
+        for m in list(self.members.values()):
+            if m is committer:
+                m.group = result.group
+            elif m.g.own_leaf in commit.content.removes:
+                before = m.g.to_state()
+                with pytest.raises(ProtocolError) as exc:
+                    m.g.process(commit)
+                assert exc.value.check == "mls.removed"
+                assert m.g.to_state() == before
+                assert_cannot_decrypt(m.g, commit, self.contexts[-1])
+                del self.members[m.device_id]
+                self.removed.append(m)
+            else:
+                m.leaf_key.exchanges = 0
+                m.group = m.g.process(commit)
+                assert m.leaf_key.exchanges <= 1
+        for gone in self.removed:
+            before = gone.g.to_state()
+            with pytest.raises(ProtocolError):
+                gone.g.process(commit)
+            assert gone.g.to_state() == before
+
+    def add(self, committer: Member, count: int) -> None:
+        joiners = [Member.new() for _ in range(count)]
+        result = committer.g.add(committer.signature_key, [j.key_package() for j in joiners])
+        self.deliver(committer, result)
+        assert result.welcome is not None
+        welcome = Welcome.decode(result.welcome.encode())
+        self.service.check_welcome(self.history[-1], welcome)
+        for j in joiners:
+            j.leaf_key.exchanges = 0
+            j.group = Group.join(welcome, j.key_package(), j.leaf_key)
+            assert j.leaf_key.exchanges == 1
+            self.members[j.device_id] = j
+
+    def members_any(self) -> Member:
+        return next(iter(self.members.values()))
+
+    def remove(self, committer: Member, target: Member) -> None:
+        self.deliver(committer, committer.g.remove(committer.signature_key, [target.g.own_leaf]))
+
+    def update(self, committer: Member) -> None:
+        new_leaf = FakeCountingKey()
+        self.deliver(committer, committer.g.update(committer.signature_key, new_leaf))
+        committer.leaf_key = new_leaf
+
+    def check_agreement(self) -> None:
+        groups = [m.g for m in self.members.values()]
+        assert len({g.epoch for g in groups}) == 1
+        assert groups[0].epoch == self.service.epoch
+        assert len({g.epoch_authenticator for g in groups}) == 1
+        assert len({g.data_key() for g in groups}) == 1
+        assert len({g.export(b"other", b"ctx", 16) for g in groups}) == 1
+        assert {g.tree_hash() for g in groups} == {self.service.tree_hash()}
+        assert {g.group_context() for g in groups} == {self.service.state.group_context()}
+        assert sorted(d for _, d in groups[0].members()) == sorted(self.members)
+
+
+def assert_cannot_decrypt(group: Group, commit: Commit, context: bytes) -> None:
+    """No key this state holds (leaf or parent) opens any path secret in ``commit``, even with
+    the right provisional ``context`` (so a failure is the key's)."""
+    keys: list[ec.EllipticCurvePrivateKey] = [group._leaf_key, *group._node_keys.values()]
+    assert keys
+    for node in commit.content.path.nodes:
+        for kem, ct in node.encrypted_path_secret:
+            for key in keys:
+                with pytest.raises(CryptoError):
+                    decrypt_with_label(key, UPDATE_PATH_LABEL, context, kem, ct)
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "add", "remove", "update"]),
+        st.integers(0, 1 << 16),
+        st.integers(0, 1 << 16),
+        st.integers(1, 12),
+    ),
+    min_size=1,
+    max_size=14,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS)
+def test_random_operations_keep_every_member_in_agreement(
+    ops: list[tuple[str, int, int, int]],
+) -> None:
+    world = World()
+    for op, a, b, n in ops:
+        members = sorted(world.members.values(), key=lambda m: m.g.own_leaf)
+        committer = members[a % len(members)]
+        if op == "add" or len(members) == 1:
+            world.add(committer, min(n, 64 - len(members)) or 1)
+        elif op == "remove":
+            others = [m for m in members if m is not committer]
+            world.remove(committer, others[b % len(others)])
+        else:
+            world.update(committer)
+        world.check_agreement()
+        assert len(world.members) <= 65
+
+
+def test_sixty_four_members_with_blanks_and_unmerged_leaves() -> None:
+    world = World()
+    world.add(world.members_any(), 20)
+    members = list(world.members.values())
+    for target in members[3:9]:
+        world.remove(members[12], target)
+        world.check_agreement()
+    world.add(members[1], 30)
+    world.update(members[2])
+    world.add(members[15], 64 - len(world.members))
+    world.check_agreement()
+    assert len(world.members) == 64
+    for m in list(world.members.values())[::7]:
+        world.update(m)
+        world.check_agreement()
+    # some parent nodes carried unmerged leaves along the way, and some are blank now
+    tree = world.service.tree
+    assert any(tree.node(x) is None for x in range(1, 2 * tree.n_leaves - 1, 2))
+    assert world.saw_unmerged
+
+
+def test_post_compromise_security_of_a_self_update() -> None:
+    world = World()
+    world.add(world.members_any(), 11)
+    victim = list(world.members.values())[5]
+    stolen_state = victim.g.to_state()
+    stolen_leaf = victim.leaf_key
+    stolen = Group.from_state(stolen_state, lambda ref: stolen_leaf)
+    world.update(victim)
+    world.check_agreement()
+    commit = world.history[-1]
+    assert_cannot_decrypt(stolen, commit, world.contexts[-1])
+    with pytest.raises(ProtocolError):
+        stolen.process(commit)
+    # the thief also cannot follow a later commit by someone else
+    world.update(next(iter(world.members.values())))
+    with pytest.raises(ProtocolError) as exc:
+        stolen.process(world.history[-1])
+    assert exc.value.check == "mls.epoch-future"
+    assert_cannot_decrypt(stolen, world.history[-1], world.contexts[-1])
+
+
+def test_a_removed_member_cannot_follow_later_commits() -> None:
+    world = World()
+    world.add(world.members_any(), 7)
+    members = list(world.members.values())
+    world.remove(members[0], members[1])
+    assert world.removed == [members[1]]
+    for committer in members[2:5]:
+        world.update(committer)
+        world.check_agreement()
+        assert_cannot_decrypt(members[1].g, world.history[-1], world.contexts[-1])
+
+
+# -- rejections ------------------------------------------------------------------------------
+
+
+def _three() -> tuple[World, Member, Member]:
+    world = World()
+    world.add(world.members_any(), 3)
+    ms = list(world.members.values())
+    return world, ms[0], ms[2]
+
+
+def _expect(receiver: Member, commit: Commit, check: str) -> None:
+    before = receiver.g.to_state()
+    with pytest.raises(ProtocolError) as exc:
+        receiver.g.process(commit)
+    assert exc.value.check == check
+    assert receiver.g.to_state() == before
+
+
+def test_stale_and_future_epochs_are_refused() -> None:
+    world, committer, receiver = _three()
+    old = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    world.update(committer)
+    _expect(receiver, old, "mls.epoch-stale")
+    with pytest.raises(ProtocolError) as exc:
+        world.service.apply(old)
+    assert exc.value.check == "mls.epoch-stale"
+    ahead = committer.g.update(committer.signature_key, FakeCountingKey())
+    future = ahead.group.update(committer.signature_key, FakeCountingKey()).commit
+    _expect(receiver, future, "mls.epoch-future")
+    # the receiver still follows the real next commit
+    world.update(committer)
+    world.check_agreement()
+
+
+def test_forged_signature_is_refused() -> None:
+    world, committer, receiver = _three()
+    commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    forger = new_key()
+    forged = replace(commit, signature=forger.sign(b"x", ec.ECDSA(hashes.SHA256())))
+    _expect(receiver, forged, "mls.commit.signature")
+    with pytest.raises(ProtocolError) as exc:
+        world.service.apply(forged)
+    assert exc.value.check == "mls.commit.signature"
+    # a different sender index with the same signature does not pass either
+    content = replace(commit.content, sender=receiver.g.own_leaf)
+    _expect(
+        list(world.members.values())[1], replace(commit, content=content), "mls.commit.signature"
+    )
+
+
+def _tamper_ciphertexts(commit: Commit) -> Commit:
+    nodes = tuple(
+        UpdatePathNode(
+            n.encryption_key,
+            tuple((kem, ct[:-1] + bytes([ct[-1] ^ 1])) for kem, ct in n.encrypted_path_secret),
+        )
+        for n in commit.content.path.nodes
+    )
+    path = UpdatePath(commit.content.path.leaf_key, nodes)
+    return replace(commit, content=replace(commit.content, path=path))
+
+
+def test_tampered_ciphertext_is_refused() -> None:
+    _world, committer, receiver = _three()
+    commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    # re-signed by the committer, so only the ciphertext is wrong
+    tampered = _tamper_ciphertexts(commit)
+    resigned = _resign(committer, tampered)
+    _expect(receiver, resigned, "mls.path.decrypt")
+    # without re-signing the signature check catches it first
+    _expect(receiver, tampered, "mls.commit.signature")
+
+
+def _resign(committer: Member, commit: Commit) -> Commit:
+    from agent.mls.crypto import sign_with_label
+    from agent.mls.public import COMMIT_LABEL, commit_tbs
+
+    signature = sign_with_label(
+        committer.signature_key,
+        COMMIT_LABEL,
+        commit_tbs(commit.content, committer.g.group_context()),
+    )
+    return replace(commit, signature=signature)
+
+
+def test_wrong_confirmation_tag_is_refused_and_the_service_cannot_tell() -> None:
+    world, committer, receiver = _three()
+    commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    bad = replace(commit, confirmation_tag=bytes(32))
+    _expect(receiver, bad, "mls.confirmation-tag")
+    world.service.apply(bad)  # public checks pass: the tag needs the confirmation key
+
+
+def test_path_keys_not_matching_the_secret_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    world, committer, receiver = _three()
+    from agent.mls import group as group_module
+
+    honest = group_module._path_node_keys
+
+    def lying(path_secret: bytes, count: int) -> Any:
+        _, secrets = honest(path_secret, count)
+        keys, _ = honest(os.urandom(32), count)
+        return keys, secrets
+
+    # a malicious committer: advertises keys that its (correctly sealed) path secrets do not give
+    monkeypatch.setattr(group_module, "_path_node_keys", lying)
+    commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    monkeypatch.undo()
+    _expect(receiver, commit, "mls.path.mismatch")
+    world.service.apply(commit)  # invisible in public
+
+
+def test_a_changed_public_key_changes_the_context_so_nothing_decrypts() -> None:
+    _world, committer, receiver = _three()
+    commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    nodes = list(commit.content.path.nodes)
+    nodes[-1] = UpdatePathNode(_point(), nodes[-1].encrypted_path_secret)
+    path = UpdatePath(commit.content.path.leaf_key, tuple(nodes))
+    bad = _resign(committer, replace(commit, content=replace(commit.content, path=path)))
+    _expect(receiver, bad, "mls.path.decrypt")
+
+
+def _point() -> bytes:
+    from agent.hpke import serialize_public_key
+
+    return serialize_public_key(new_key().public_key())
+
+
+def test_service_checks_the_tree_shape() -> None:
+    world, committer, _ = _three()
+    commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    short = UpdatePath(commit.content.path.leaf_key, commit.content.path.nodes[:-1])
+    bad = _resign(committer, replace(commit, content=replace(commit.content, path=short)))
+    with pytest.raises(ProtocolError) as exc:
+        world.service.apply(bad)
+    assert exc.value.check == "mls.path.length"
+    node = commit.content.path.nodes[0]
+    extra = UpdatePathNode(node.encryption_key, node.encrypted_path_secret * 2)
+    more = UpdatePath(commit.content.path.leaf_key, (extra, *commit.content.path.nodes[1:]))
+    bad = _resign(committer, replace(commit, content=replace(commit.content, path=more)))
+    with pytest.raises(ProtocolError) as exc:
+        world.service.apply(bad)
+    assert exc.value.check == "mls.path.ciphertexts"
+
+
+def test_invalid_proposals_are_refused() -> None:
+    _world, committer, receiver = _three()
+    g = committer.g
+    with pytest.raises(ProtocolError) as exc:
+        g.remove(committer.signature_key, [g.own_leaf])
+    assert exc.value.check == "mls.remove.self"
+    with pytest.raises(ProtocolError) as exc:
+        g.remove(committer.signature_key, [40])
+    assert exc.value.check == "mls.remove.blank"
+    with pytest.raises(ProtocolError) as exc:
+        g.add(committer.signature_key, [receiver.key_package()])
+    assert exc.value.check == "mls.add.duplicate"
+    kp = Member.new().key_package()
+    with pytest.raises(ProtocolError) as exc:
+        g.add(committer.signature_key, [replace(kp, device_id=b"someone-else")])
+    assert exc.value.check == "mls.key-package.signature"
+
+
+def test_commits_for_another_group_and_from_non_members_are_refused() -> None:
+    _world, committer, receiver = _three()
+    commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    _expect(
+        receiver,
+        replace(commit, content=replace(commit.content, group_id=b"other")),
+        "mls.group-id",
+    )
+    _expect(receiver, replace(commit, content=replace(commit.content, sender=9)), "mls.sender")
+
+
+def test_own_commit_is_not_processed_twice() -> None:
+    _world, committer, _ = _three()
+    result = committer.g.update(committer.signature_key, FakeCountingKey())
+    with pytest.raises(ProtocolError) as exc:
+        committer.g.process(result.commit)
+    assert exc.value.check == "mls.own-commit"
+
+
+# -- the TPM budget --------------------------------------------------------------------------
+
+
+def test_processing_any_commit_costs_at_most_one_leaf_exchange() -> None:
+    world = World()
+    world.add(world.members_any(), 15)
+    members = list(world.members.values())
+    world.remove(members[3], members[9])
+    world.add(members[0], 5)
+    for m in list(world.members.values())[:6]:
+        world.update(m)
+    # World.deliver asserts <= 1 per member and commit; here also that the leaf is really used
+    # when the path secret is sealed to it, and that creating commits never touches it
+    committer = members[0]
+    committer.leaf_key.exchanges = 0
+    result = committer.g.update(committer.signature_key, FakeCountingKey())
+    assert committer.leaf_key.exchanges == 0
+    verified = world.service.verify(result.commit)
+    outcomes = set()
+    for m in world.members.values():
+        if m is committer:
+            continue
+        own = 2 * m.g.own_leaf
+        k = next(k for k, (_, child) in enumerate(verified.path) if tm.is_in_subtree(own, child))
+        sealed_to_leaf = own in verified.resolutions[k]
+        m.leaf_key.exchanges = 0
+        m.g.process(result.commit)
+        assert m.leaf_key.exchanges == int(sealed_to_leaf)
+        outcomes.add(sealed_to_leaf)
+    assert outcomes == {True, False}
+
+
+# -- persistence and hygiene -----------------------------------------------------------------
+
+
+def test_state_round_trip_through_cbor() -> None:
+    world, committer, receiver = _three()
+    state = codec.encode(receiver.g.to_state())
+    restored = Group.from_state(
+        codec.decode(state, 1 << 20, "state"), lambda ref: receiver.leaf_key
+    )
+    assert restored.epoch_authenticator == receiver.g.epoch_authenticator
+    assert restored.to_state() == receiver.g.to_state()
+    result = committer.g.update(committer.signature_key, FakeCountingKey())
+    assert restored.process(result.commit).data_key() == result.group.data_key()
+    with pytest.raises(StateError):
+        Group.from_state(codec.decode(state, 1 << 20, "state"), lambda ref: FakeCountingKey())
+    broken = receiver.g.to_state()
+    broken["nodes"] = {1: os.urandom(32)}
+    with pytest.raises(StateError):
+        Group.from_state(broken, lambda ref: receiver.leaf_key)
+    service = PublicGroup.from_state(
+        codec.decode(codec.encode(world.service.to_state()), 1 << 20, "s")
+    )
+    assert service.apply(result.commit).tree_hash() == result.group.tree_hash()
+
+
+def test_reprs_show_no_secrets() -> None:
+    world, _committer, receiver = _three()
+    g = receiver.g
+    text = repr(g) + repr(g._secrets) + repr(world.service)
+    for secret in [
+        g.epoch_authenticator,
+        g.data_key(),
+        g._secrets.init_secret,
+        g._secrets.exporter_secret,
+        *(k.private_numbers().private_value.to_bytes(32, "big") for k in g._node_keys.values()),
+    ]:
+        assert secret.hex() not in text
+        assert repr(secret) not in text
+    assert "epoch=" in repr(g)
+
+
+def test_welcome_for_someone_else_is_refused() -> None:
+    _world, committer, _ = _three()
+    joiner, stranger = Member.new(), Member.new()
+    result = committer.g.add(committer.signature_key, [joiner.key_package()])
+    assert result.welcome is not None
+    with pytest.raises(ProtocolError) as exc:
+        Group.join(result.welcome, stranger.key_package(), stranger.leaf_key)
+    assert exc.value.check == "mls.welcome.recipient"
+    tampered = replace(
+        result.welcome, encrypted_group_info=result.welcome.encrypted_group_info[:-1] + b"\0"
+    )
+    with pytest.raises(ProtocolError) as exc:
+        Group.join(tampered, joiner.key_package(), joiner.leaf_key)
+    assert exc.value.check == "mls.welcome.decrypt"
