@@ -341,3 +341,22 @@ def test_shared_subscription_splits_messages(make_client: ClientFactory) -> None
     got_second = [m.payload for m in _drain(second, 0.2)]
     assert sorted(got_first + got_second) == sorted(sent)  # each exactly once
     assert got_first and got_second  # both instances got work
+
+
+def test_unacknowledged_message_is_redelivered_with_manual_ack(make_client: ClientFactory) -> None:
+    device = make_client("dev-a", manual_ack=True)
+    device.subscribe("kf/v1/dev/dev-a/cmd")
+    make_client(SERVICE).publish("kf/v1/dev/dev-a/cmd", b"must not be lost")
+    first = device.get(timeout=5)
+    assert first is not None
+    device.close()  # "crashed" before processing: no PUBACK was sent
+
+    again = make_client("dev-a", manual_ack=True)
+    redelivered = again.get(timeout=5)
+    assert redelivered is not None and redelivered.payload == b"must not be lost"
+    assert redelivered.duplicate
+    again.ack(redelivered)
+    again.close()
+
+    third = make_client("dev-a", manual_ack=True)
+    assert third.get(timeout=0.5) is None
