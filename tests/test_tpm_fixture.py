@@ -9,9 +9,11 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from tpm2_pytss import ESAPI
 
 import tests.fixtures.swtpm as swtpm_fixtures
-from agent.tpm import KeyKind, TPMStore
+from agent.tpm import TPMStore
+from agent.tpm.templates import srk_template
 from tests.fixtures.swtpm import ManufacturerCA, Swtpm, SwtpmFactory
 
 pytestmark = pytest.mark.tpm
@@ -67,9 +69,10 @@ def test_leaked_handle_is_reported(manufacturer_ca: ManufacturerCA, tmp_path: Pa
     factory = SwtpmFactory(tmp_path / "tpms", manufacturer_ca)
     try:
         tpm = factory.start()
-        store = TPMStore(tpm.tcti)
-        store.create_and_load(KeyKind.LEAF)  # never closed: a leak
-        store.close()
+        # raw ESAPI, not TPMStore (which flushes its keys on close): a primary never flushed
+        esys = ESAPI(tpm.tcti)
+        esys.create_primary(None, srk_template())
+        esys.close()
     finally:
         leaks = factory.close()
     assert len(leaks) == 1

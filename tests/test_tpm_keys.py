@@ -75,3 +75,15 @@ def test_wrong_tcti_is_a_clear_error(swtpm: Swtpm) -> None:
         TPMStore(dead)
     with pytest.raises(TPMError, match="nosuchtcti"):
         TPMStore("nosuchtcti:foo")
+
+
+def test_closing_the_store_flushes_its_keys(swtpm: Swtpm) -> None:
+    store = TPMStore(swtpm.tcti)
+    keys = [store.create_and_load(kind) for kind in KeyKind]
+    keys.append(store.create_and_load(KeyKind.LEAF))  # four keys: one is swapped out
+    assert not all(k.loaded for k in keys)
+    store.close()
+    assert all(k.closed for k in keys)
+    assert swtpm.transient_handles() == []
+    with pytest.raises(TPMError, match="already closed"):
+        keys[0].sign(b"x", ec.ECDSA(hashes.SHA256()))

@@ -216,6 +216,7 @@ class TPMStore:
     def __init__(self, tcti: str) -> None:
         self.tcti = tcti
         self.commands_issued = 0
+        self._keys: list[TPMKey] = []  # every open key, resident or swapped out
         self._resident: list[TPMKey] = []  # least recently used first
         self._pinned: list[TPMKey] = []
         try:
@@ -237,9 +238,15 @@ class TPMStore:
         return f"TPMStore(tcti={self.tcti!r}, commands_issued={self.commands_issued})"
 
     def close(self) -> None:
-        esys, self._esys = self._esys, None
-        if esys is not None:
-            esys.close()
+        """Flush every key still open, then drop the connection."""
+        try:
+            for key in list(self._keys):
+                with contextlib.suppress(TPMError):
+                    key.close()
+        finally:
+            esys, self._esys = self._esys, None
+            if esys is not None:
+                esys.close()
 
     def __enter__(self) -> TPMStore:
         return self
@@ -284,6 +291,8 @@ class TPMStore:
     def _forget(self, key: TPMKey) -> None:
         if key in self._resident:
             self._resident.remove(key)
+        if key._closed and key in self._keys:
+            self._keys.remove(key)
 
     @contextlib.contextmanager
     def _using(self, *keys: TPMKey) -> Iterator[list[ESYS_TR]]:
@@ -366,6 +375,7 @@ class TPMStore:
         except BaseException:
             self._flush(handle)
             raise
+        self._keys.append(key)
         self._resident.append(key)
         return key
 
