@@ -1,0 +1,199 @@
+"""The fleet service's TOML configuration: a good file loads, every kind of mistake is named with
+its key, value and expectation, and all mistakes come back together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from provisioning.config import InvalidConfig, ServiceConfig, load_config
+
+pytestmark = pytest.mark.pure
+
+FILES = {
+    "pki/broker-ca.pem": 0o644,
+    "pki/service.pem": 0o644,
+    "pki/service.key": 0o600,
+    "pki/device-ca.pem": 0o644,
+    "pki/device-ca.key": 0o600,
+    "pki/operator-ca.pem": 0o644,
+    "pki/manufacturer-cas.pem": 0o644,
+    "policy/golden.toml": 0o644,
+}
+
+SECTIONS = {
+    "database": '[database]\nurl = "sqlite:///fleet.db"\n',
+    "broker": (
+        '[broker]\nhost = "127.0.0.1"\nport = 18883\nca = "pki/broker-ca.pem"\n'
+        'client_cert = "pki/service.pem"\nclient_key = "pki/service.key"\n'
+    ),
+    "device_ca": '[device_ca]\ncert = "pki/device-ca.pem"\nkey = "pki/device-ca.key"\n',
+    "operator_ca": '[operator_ca]\ncert = "pki/operator-ca.pem"\n',
+    "attestation": (
+        '[attestation]\nmanufacturer_cas = "pki/manufacturer-cas.pem"\n'
+        'golden_measurements = "policy/golden.toml"\ninterval_seconds = 600\n'
+    ),
+    "groups": "[groups]\ncommit_log_retention_epochs = 16\nack_timeout_seconds = 20\n",
+    "http": '[http]\nlisten = "127.0.0.1:8443"\n',
+}
+GOOD = "\n".join(SECTIONS.values())
+
+
+def without(*names: str) -> str:
+    return "\n".join(text for name, text in SECTIONS.items() if name not in names)
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    for name, mode in FILES.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"contents of {name}\n")
+        path.chmod(mode)
+    return tmp_path
+
+
+def write(config_dir: Path, text: str) -> Path:
+    path = config_dir / "keyfleet.toml"
+    path.write_text(text)
+    return path
+
+
+def problems_of(path: Path) -> dict[str, tuple[str, str]]:
+    with pytest.raises(InvalidConfig) as caught:
+        load_config(path)
+    assert isinstance(caught.value, ConfigError)
+    for problem in caught.value.problems:
+        assert str(problem) in str(caught.value)  # the message carries every problem
+    return {p.key: (p.value, p.expected) for p in caught.value.problems}
+
+
+def test_good_file_loads_into_a_frozen_dataclass(config_dir: Path) -> None:
+    config = load_config(write(config_dir, GOOD))
+    assert isinstance(config, ServiceConfig)
+    assert config.database_url == f"sqlite:///{config_dir / 'fleet.db'}"
+    assert config.broker.host == "127.0.0.1" and config.broker.port == 18883
+    assert config.broker.client_key == config_dir / "pki/service.key"
+    assert config.device_ca.key == config_dir / "pki/device-ca.key"
+    assert config.operator_ca_cert == config_dir / "pki/operator-ca.pem"
+    assert config.attestation.golden_measurements == config_dir / "policy/golden.toml"
+    assert config.attestation.interval_seconds == 600
+    assert (config.groups.commit_log_retention_epochs, config.groups.ack_timeout_seconds) == (
+        16,
+        20,
+    )
+    assert config.http is not None and (config.http.host, config.http.port) == ("127.0.0.1", 8443)
+    with pytest.raises(AttributeError):
+        config.broker.port = 1  # type: ignore[misc]
+
+
+def test_defaults_for_optional_tables_and_keys(config_dir: Path) -> None:
+    text = without("database", "groups", "http").replace("port = 18883\n", "")
+    text = text.replace("interval_seconds = 600\n", "")
+    config = load_config(write(config_dir, text))
+    assert config.database_url == f"sqlite:///{config_dir / 'keyfleet.db'}"
+    assert config.broker.port == 8883
+    assert config.attestation.interval_seconds == 3600
+    assert (config.groups.commit_log_retention_epochs, config.groups.ack_timeout_seconds) == (
+        64,
+        30,
+    )
+    assert config.http is None
+
+
+def test_unknown_keys_and_tables_are_errors(config_dir: Path) -> None:
+    text = GOOD.replace('host = "127.0.0.1"', 'host = "127.0.0.1"\nhots = "typo"') + (
+        "\n[metrics]\nport = 9100\n"
+    )
+    found = problems_of(write(config_dir, text))
+    assert set(found) == {"broker.hots", "[metrics]"}
+    assert found["broker.hots"][0] == "'typo'"
+    assert (
+        found["broker.hots"][1] == "one of the known keys: host, port, ca, client_cert, client_key"
+    )
+    assert found["[metrics]"][1].startswith("one of the known tables: database, broker")
+
+
+def test_wrong_types_and_ranges(config_dir: Path) -> None:
+    text = (
+        GOOD.replace("port = 18883", 'port = "18883"')
+        .replace("interval_seconds = 600", "interval_seconds = true")
+        .replace("ack_timeout_seconds = 20", "ack_timeout_seconds = 0")
+        .replace("commit_log_retention_epochs = 16", "commit_log_retention_epochs = 2.5")
+        .replace('listen = "127.0.0.1:8443"', 'listen = "127.0.0.1:99999"')
+        .replace('host = "127.0.0.1"', "host = 42")
+    )
+    found = problems_of(write(config_dir, text))
+    assert found == {
+        "broker.port": ("'18883'", "an integer from 1 to 65535"),
+        "broker.host": ("42", "a non-empty string"),
+        "attestation.interval_seconds": ("True", "an integer from 10 to 604800 seconds"),
+        "groups.ack_timeout_seconds": ("0", "an integer from 1 to 86400 seconds"),
+        "groups.commit_log_retention_epochs": ("2.5", "an integer from 1 to 1000000 epochs"),
+        "http.listen": (
+            "'127.0.0.1:99999'",
+            "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443",
+        ),
+    }
+
+
+def test_missing_required_keys_and_tables(config_dir: Path) -> None:
+    text = without("attestation", "operator_ca").replace('ca = "pki/broker-ca.pem"\n', "")
+    text = text.replace('listen = "127.0.0.1:8443"', "")
+    found = problems_of(write(config_dir, text))
+    assert found["broker.ca"] == ("<missing>", "this key to be set")
+    assert found["http.listen"] == ("<missing>", "this key to be set")  # [http] given, so needed
+    assert found["[attestation]"] == (
+        "<missing>",
+        "a [attestation] table with manufacturer_cas, golden_measurements, interval_seconds",
+    )
+    assert found["[operator_ca]"] == ("<missing>", "a [operator_ca] table with cert")
+    assert len(found) == 4
+
+
+def test_missing_unreadable_and_wrong_files(config_dir: Path) -> None:
+    (config_dir / "pki/operator-ca.pem").unlink()
+    (config_dir / "pki/device-ca.key").chmod(0o644)
+    (config_dir / "policy/golden.toml").unlink()
+    (config_dir / "policy/golden.toml").mkdir()
+    text = GOOD.replace('url = "sqlite:///fleet.db"', 'url = "sqlite:///no/such/dir/fleet.db"')
+    found = problems_of(write(config_dir, text))
+    assert found["operator_ca.cert"][1].startswith("an existing file (")
+    assert "No such file or directory" in found["operator_ca.cert"][1]
+    assert found["device_ca.key"] == (
+        "'pki/device-ca.key'",
+        f"a private key file readable only by its owner ({config_dir / 'pki/device-ca.key'} "
+        "has mode 0644; chmod 600 it)",
+    )
+    assert found["attestation.golden_measurements"][1].startswith("a regular file")
+    assert found["database.url"][1].startswith("a SQLite file in an existing directory")
+    assert len(found) == 4  # the good keys are not reported
+
+
+def test_database_url_is_checked_and_its_password_never_shown(config_dir: Path) -> None:
+    text = GOOD.replace(
+        'url = "sqlite:///fleet.db"', 'url = "mysql://keyfleet:hunter2@db/keyfleet"'
+    )
+    with pytest.raises(InvalidConfig) as caught:
+        load_config(write(config_dir, text))
+    assert "hunter2" not in str(caught.value)
+    assert "database.url = 'mysql://keyfleet:***@db/keyfleet'" in str(caught.value)
+    pg = GOOD.replace('url = "sqlite:///fleet.db"', 'url = "postgresql://kf:hunter2@db/kf"')
+    config = load_config(write(config_dir, pg))
+    assert config.database_url == "postgresql://kf:hunter2@db/kf"
+    assert "hunter2" not in repr(config)
+    assert config.database_url_redacted == "postgresql://kf:***@db/kf"
+    memory = GOOD.replace('url = "sqlite:///fleet.db"', 'url = "sqlite://"')
+    assert "in-memory" in problems_of(write(config_dir, memory))["database.url"][1]
+
+
+def test_file_level_errors(config_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the configuration file"):
+        load_config(config_dir / "absent.toml")
+    with pytest.raises(ConfigError, match=r"not valid TOML: .*line 2"):
+        load_config(write(config_dir, "[broker]\nhost = \n"))
+    (config_dir / "bin.toml").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(config_dir / "bin.toml")
