@@ -360,3 +360,19 @@ def test_unacknowledged_message_is_redelivered_with_manual_ack(make_client: Clie
 
     third = make_client("dev-a", manual_ack=True)
     assert third.get(timeout=0.5) is None
+
+
+def test_session_takeover_with_another_certificate_reads_nothing(
+    make_client: ClientFactory,
+) -> None:
+    victim = make_client("dev-b")
+    victim.subscribe("kf/v1/dev/dev-b/cmd")
+    victim.close()
+    service = make_client(SERVICE)
+    service.publish("kf/v1/dev/dev-b/cmd", b"queued for b")
+    # dev-a's certificate, dev-b's client id: the broker hands over dev-b's session ...
+    impostor = make_client("dev-a", client_id="dev-b")
+    assert impostor.session_present is True
+    service.publish("kf/v1/dev/dev-b/cmd", b"live for b")
+    # ... but checks delivery against the user name (CN) of the new connection.
+    assert impostor.get(timeout=1.0) is None
