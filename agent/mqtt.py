@@ -225,6 +225,8 @@ class MqttClient:
 
     def start(self) -> None:
         """Start the I/O thread, which connects and keeps reconnecting until ``close()``."""
+        if self._stopping.is_set():
+            raise TransportError("this MQTT client was closed; make a new one")
         if self._thread is not None:
             return
         self._thread = threading.Thread(
@@ -318,13 +320,24 @@ class MqttClient:
 
     def subscribe(self, topic_filter: str, *, qos: int = 1, timeout: float | None = None) -> int:
         """Subscribe and wait for the SUBACK; returns the granted QoS. The filter is remembered
-        and re-subscribed if the broker comes back without our session. Mosquitto grants
-        subscriptions the ACL forbids and then withholds the messages, so a granted QoS is no
-        proof of read access."""
+        and re-subscribed after every reconnect. While disconnected, this waits (within the
+        timeout) for the next connection, which subscribes it. Mosquitto grants subscriptions
+        the ACL forbids and then withholds the messages, so a granted QoS is no proof of read
+        access."""
         with self._lock:
             self._subscriptions[topic_filter] = qos
         since = time.monotonic_ns()
         rc, mid = self._client.subscribe(topic_filter, qos=qos)
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            try:
+                # The filter is in the table, so the next CONNACK re-subscribes it, and
+                # "connected" is reported only after that SUBACK.
+                self.wait_connected(timeout)
+            except TransportError:
+                with self._lock:
+                    self._subscriptions.pop(topic_filter, None)
+                raise
+            return qos
         if rc != _MQTT_ERR_SUCCESS or mid is None:
             with self._lock:
                 self._subscriptions.pop(topic_filter, None)

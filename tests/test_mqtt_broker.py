@@ -376,3 +376,29 @@ def test_session_takeover_with_another_certificate_reads_nothing(
     service.publish("kf/v1/dev/dev-b/cmd", b"live for b")
     # ... but checks delivery against the user name (CN) of the new connection.
     assert impostor.get(timeout=1.0) is None
+
+
+def test_subscribe_while_disconnected_waits_for_the_connection(
+    mosquitto: MosquittoBroker, make_client: ClientFactory
+) -> None:
+    mosquitto.stop()
+    device = make_client("dev-a", connect=False)
+    device.start()
+    starter = threading.Timer(0.3, mosquitto.start)
+    starter.start()
+    try:
+        assert device.subscribe("kf/v1/dev/dev-a/cmd", timeout=10) == 1
+    finally:
+        starter.join()
+    assert device.connected
+    make_client(SERVICE).publish("kf/v1/dev/dev-a/cmd", b"hello")
+    got = device.get(timeout=5)
+    assert got is not None and got.payload == b"hello"
+
+
+def test_closed_client_cannot_be_restarted(make_client: ClientFactory) -> None:
+    device = make_client("dev-a")
+    device.close()
+    assert not device.connected
+    with pytest.raises(TransportError, match="closed"):
+        device.connect(timeout=1)
