@@ -548,3 +548,22 @@ def test_welcome_for_someone_else_is_refused() -> None:
     with pytest.raises(ProtocolError) as exc:
         Group.join(tampered, joiner.key_package(), joiner.leaf_key)
     assert exc.value.check == "mls.welcome.decrypt"
+
+
+def test_service_picks_the_nearest_committer_and_matches_welcomes() -> None:
+    world = World()
+    world.add(world.members_any(), 7)
+    service = world.service
+    assert service.committer_for_remove(5) == 4
+    assert service.committer_for_remove(0) == 1
+    committer = world.by_leaf(4)
+    small = committer.g.remove(committer.signature_key, [5]).commit
+    far = world.by_leaf(0).g.remove(world.by_leaf(0).signature_key, [5]).commit
+    assert len(small.encode()) < len(far.encode())
+    joiner = Member.new()
+    result = committer.g.add(committer.signature_key, [joiner.key_package()])
+    assert result.welcome is not None
+    service.check_welcome(result.commit, result.welcome)
+    with pytest.raises(ProtocolError) as exc:
+        service.check_welcome(small, result.welcome)
+    assert exc.value.check == "mls.welcome.recipients"
