@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from agent.localapi.cli import register_api_command, run_api_command
 from agent.selftest import SelftestReport, run_builtin_selftests, run_vector_files
 
 
@@ -32,6 +33,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     selftest.add_argument("--json", action="store_true", help="print the report as JSON")
     selftest.add_argument("-v", "--verbose", action="store_true", help="name every failed check")
+    register_api_command(commands)
     return parser
 
 
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "selftest":
         return _selftest(args)
+    if args.command == "api":
+        return run_api_command(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses unknown ones
 
 

@@ -54,6 +54,7 @@ from agent.dataseal import GROUP_NAME
 from agent.errors import StateError
 from agent.lifecycle import AES_GCM_RANDOM_NONCE_LIMIT, RotationPolicy
 from agent.localapi.access import ANY, GROUP_SCOPED, OPERATIONS, AccessPolicy, AccessRule
+from agent.localapi.protocol import DEFAULT_API_SOCKET
 from agent.tpm.blob import KeyBlob
 
 log = logging.getLogger("keyagent.config")
@@ -63,7 +64,6 @@ CONFIG_ENV = "KEYAGENT_CONFIG"
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 DEFAULT_PCRS = (0, 2, 4, 7)
 DEFAULT_STATE_DIR = Path("/var/lib/keyagent")
-DEFAULT_API_SOCKET = Path("/run/keyagent/api.sock")
 TCTI_NAMES = ("device", "swtpm", "mssim", "tabrmd")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_SECONDS = 10 * 365 * 24 * 3600
