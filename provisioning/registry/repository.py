@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.errors import ProtocolError
+from agent.lifecycle import ALLOWED_TRANSITIONS, KeyState
 from provisioning.registry.engine import RetryableConflict
 from provisioning.registry.schema import (
     ID_LENGTH,
@@ -35,7 +36,6 @@ from provisioning.registry.schema import (
     DeviceState,
     Group,
     GroupMember,
-    KeyState,
     KeyTransition,
     Operator,
     PendingChange,
@@ -59,21 +59,9 @@ DEVICE_TRANSITIONS: Mapping[DeviceState, frozenset[DeviceState]] = {
     DeviceState.DESTROYED: frozenset(),
 }
 
-# NIST SP 800-57 Part 1 Rev. 5, section 7, as the agent applies it (agent/lifecycle.py): the
-# service accepts exactly the transitions a well-behaved agent can make, and nothing leaves
-# destroyed.
-KEY_TRANSITIONS: Mapping[KeyState, frozenset[KeyState]] = {
-    KeyState.PRE_ACTIVATION: frozenset({KeyState.ACTIVE, KeyState.COMPROMISED, KeyState.DESTROYED}),
-    KeyState.ACTIVE: frozenset(
-        {KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED, KeyState.DESTROYED}
-    ),
-    KeyState.SUSPENDED: frozenset(
-        {KeyState.ACTIVE, KeyState.DEACTIVATED, KeyState.COMPROMISED, KeyState.DESTROYED}
-    ),
-    KeyState.DEACTIVATED: frozenset({KeyState.COMPROMISED, KeyState.DESTROYED}),
-    KeyState.COMPROMISED: frozenset({KeyState.DESTROYED}),
-    KeyState.DESTROYED: frozenset(),
-}
+# NIST SP 800-57 Part 1 Rev. 5, section 7, exactly as the agent applies it: the service accepts
+# the transitions a well-behaved agent can make, and nothing leaves destroyed.
+KEY_TRANSITIONS: Mapping[KeyState, frozenset[KeyState]] = ALLOWED_TRANSITIONS
 
 # Devices that may be given a leaf in a group.
 _GROUP_ELIGIBLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE})

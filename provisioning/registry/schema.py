@@ -35,6 +35,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# The NIST SP 800-57 key states are the agent's (it makes the transitions; the service records
+# them), so both sides share one enumeration.
+from agent.lifecycle import KeyState
+
 # Stable constraint names: PostgreSQL reports them in errors and migrations refer to them.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -60,17 +64,6 @@ class DeviceState(enum.StrEnum):
     ACTIVE = "active"
     QUARANTINED = "quarantined"
     REVOKED = "revoked"
-    DESTROYED = "destroyed"
-
-
-class KeyState(enum.StrEnum):
-    """NIST SP 800-57 Part 1 Rev. 5, section 7: the states of a cryptographic key."""
-
-    PRE_ACTIVATION = "pre-activation"
-    ACTIVE = "active"
-    SUSPENDED = "suspended"
-    DEACTIVATED = "deactivated"
-    COMPROMISED = "compromised"
     DESTROYED = "destroyed"
 
 
