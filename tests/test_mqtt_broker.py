@@ -402,3 +402,25 @@ def test_closed_client_cannot_be_restarted(make_client: ClientFactory) -> None:
     assert not device.connected
     with pytest.raises(TransportError, match="closed"):
         device.connect(timeout=1)
+
+
+def test_broker_trusts_extra_client_cas(mosquitto_factory: Callable[..., MosquittoBroker]) -> None:
+    now = datetime.now(UTC)
+    device_ca = pki.create_ca("fleet device CA", now=now, valid_for=timedelta(days=1))
+    broker = mosquitto_factory(extra_ca_certs=[device_ca.certificate])
+    files = broker.pki.client("dev-0001", role="device", ca=device_ca)
+    client = MqttClient(
+        host=broker.host,
+        port=broker.port,
+        ca_file=files.ca_file,
+        cert_file=files.cert_file,
+        key_file=files.key_file,
+        client_id="dev-0001",
+        timeout=5,
+    )
+    try:
+        client.connect()
+        client.subscribe("kf/v1/dev/dev-0001/cmd")
+        client.publish("kf/v1/dev/dev-0001/report", b"enrolled")
+    finally:
+        client.close()
