@@ -36,7 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import TransportError
+from agent.errors import ConfigError, TransportError
 
 log = logging.getLogger("keyfleet.mqtt")
 
@@ -197,9 +197,19 @@ class MqttClient:
             manual_ack=manual_ack,
             reconnect_on_failure=False,  # our I/O thread owns reconnects (backoff with jitter)
         )
-        client.tls_set(
-            ca_certs=os.fspath(ca_file), certfile=os.fspath(cert_file), keyfile=os.fspath(key_file)
-        )
+        try:
+            client.tls_set(
+                ca_certs=os.fspath(ca_file),
+                certfile=os.fspath(cert_file),
+                keyfile=os.fspath(key_file),
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            # Name the files, never their content: one of them is a private key.
+            raise ConfigError(
+                f"MQTT TLS files unusable (ca_file={os.fspath(ca_file)}, "
+                f"cert_file={os.fspath(cert_file)}, key_file={os.fspath(key_file)}): "
+                f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc.args[0]}"
+            ) from None
         client.max_inflight_messages_set(max_inflight)
         client.max_queued_messages_set(max_queued)
         client.connect_timeout = min(timeout, 5.0)

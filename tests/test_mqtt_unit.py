@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from agent.errors import TransportError
-from agent.mqtt import Backoff, MqttRefused, ReceivedMessage, _Completions
+from agent.errors import ConfigError, TransportError
+from agent.mqtt import Backoff, MqttClient, MqttRefused, ReceivedMessage, _Completions
 
 pytestmark = pytest.mark.pure
 
@@ -104,3 +105,30 @@ def test_refusal_names_the_reason_code() -> None:
     assert isinstance(exc, TransportError)
     assert exc.reason_code == 0x87
     assert "0x87" in str(exc) and "Not authorized" in str(exc)
+
+
+def test_unusable_tls_files_are_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "key.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n")
+    with pytest.raises(ConfigError) as exc:
+        MqttClient(
+            host="127.0.0.1",
+            port=1,
+            ca_file=tmp_path / "missing-ca.pem",
+            cert_file=tmp_path / "cert.pem",
+            key_file=tmp_path / "key.pem",
+            client_id="dev-1",
+        )
+    assert "missing-ca.pem" in str(exc.value)
+    assert "c2VjcmV0" not in str(exc.value)
+
+
+def test_empty_client_id_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="client_id"):
+        MqttClient(
+            host="127.0.0.1",
+            port=1,
+            ca_file=tmp_path / "ca.pem",
+            cert_file=tmp_path / "c.pem",
+            key_file=tmp_path / "k.pem",
+            client_id="",
+        )
