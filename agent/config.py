@@ -21,7 +21,7 @@ import logging
 import os
 import pwd
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -164,7 +164,7 @@ def _tcti_problem(value: str) -> str | None:
     return None
 
 
-def _pem_block_problem(allowed: tuple[bytes, ...]) -> Any:
+def _pem_block_problem(allowed: tuple[bytes, ...]) -> Callable[[bytes], str | None]:
     def problem(data: bytes) -> str | None:
         head = data.lstrip()[:64]
         if not any(head.startswith(b"-----BEGIN " + label + b"-----") for label in allowed):
