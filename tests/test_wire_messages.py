@@ -19,7 +19,12 @@ from agent.wire.messages.enrollment import (
     EnrollResponse,
     EnrollResult,
 )
-from agent.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
+from agent.wire.messages.group import (
+    CommitMessage,
+    GroupCreated,
+    KeyPackageMessage,
+    WelcomeMessage,
+)
 from agent.wire.messages.key_state import KeyStateReport
 from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from agent.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
@@ -28,6 +33,7 @@ from agent.wire.messages.service import (
     AttestRequest,
     CommitAction,
     CommitRequest,
+    KeyPackageRequest,
     ReportRequest,
     WelcomeDelivery,
 )
@@ -119,6 +125,10 @@ SAMPLES: list[Body] = [
         pending=("dev-3",),
         epoch=6,
     ),
+    KeyPackageMessage(key_package=b"kp", command_id=CMD),
+    GroupCreated(group_id="g1", public_group=b"public-group", command_id=CMD),
+    CommitRequest(command_id=CMD, group_id="g1", epoch=0, action=CommitAction.CREATE),
+    KeyPackageRequest(command_id=CMD),
 ]
 
 

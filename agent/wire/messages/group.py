@@ -31,9 +31,32 @@ class KeyPackageMessage(Body):
     TYPE: ClassVar[str] = "group.key_package"
 
     key_package: bytes
+    command_id: bytes | None = None
 
     def __post_init__(self) -> None:
         check_bytes(self.key_package, "key_package", min_len=1)
+        if self.command_id is not None:
+            check_bytes(
+                self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX
+            )
+
+
+@dataclass(frozen=True)
+class GroupCreated(Body):
+    """Founder -> service: the group exists at epoch 0 with the sender as its only member;
+    ``public_group`` is the public view (agent.mls.public.PublicGroup state) the delivery
+    service keeps to check every later commit."""
+
+    TYPE: ClassVar[str] = "group.created"
+
+    group_id: str
+    public_group: bytes
+    command_id: bytes
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_bytes(self.public_group, "public_group", min_len=1)
+        check_bytes(self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,21 @@ from agent.wire.messages.enrollment import (
     EnrollResponse,
     EnrollResult,
 )
-from agent.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
+from agent.wire.messages.group import (
+    CommitMessage,
+    GroupCreated,
+    KeyPackageMessage,
+    WelcomeMessage,
+)
 from agent.wire.messages.key_state import KeyStateReport
 from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from agent.wire.messages.result import OperatorResult
-from agent.wire.messages.service import CommitRequest, ReportRequest, WelcomeDelivery
+from agent.wire.messages.service import (
+    CommitRequest,
+    KeyPackageRequest,
+    ReportRequest,
+    WelcomeDelivery,
+)
 
 BODY_CLASSES: tuple[type[Body], ...] = (
     EnrollRequest,
@@ -32,9 +42,11 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     KeyPackageMessage,
     CommitMessage,
     WelcomeMessage,
+    GroupCreated,
     Ack,
     CommitRequest,
     ReportRequest,
+    KeyPackageRequest,
     WelcomeDelivery,
     Rekey,
     Revoke,

@@ -26,6 +26,7 @@ AttestRequest = AttestChallenge
 
 
 class CommitAction(StrEnum):
+    CREATE = "create"
     ADD = "add"
     REMOVE = "remove"
     UPDATE = "update"
@@ -38,7 +39,9 @@ def check_command_id(value: object) -> None:
 @dataclass(frozen=True)
 class CommitRequest(Body):
     """Make a commit in ``epoch`` of ``group_id``: add ``member`` (with its ``key_package``),
-    remove ``member``, or update the receiver's own leaf (no member)."""
+    remove ``member``, or update the receiver's own leaf (no member). ``create`` (epoch 0, no
+    member) asks the receiver to found the group as its first member and answer with
+    ``group.created``: only a member device can create a group, the service holds no secret."""
 
     TYPE: ClassVar[str] = "svc.commit_request"
     ENUMS: ClassVar = {"action": CommitAction}
@@ -55,9 +58,11 @@ class CommitRequest(Body):
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
         check_enum(self.action, "action", CommitAction)
-        if self.action is CommitAction.UPDATE:
+        if self.action in (CommitAction.UPDATE, CommitAction.CREATE):
             if self.member is not None or self.key_package is not None:
-                raise ProtocolError("body.malformed", "an update names no member")
+                raise ProtocolError("body.malformed", f"{self.action} names no member")
+            if self.action is CommitAction.CREATE and self.epoch != 0:
+                raise ProtocolError("body.malformed", "a group is created at epoch 0")
             return
         if self.member is None:
             raise ProtocolError("body.malformed", f"{self.action} needs a member")
@@ -78,6 +83,19 @@ class ReportRequest(Body):
     """Send a ``keys.report`` now."""
 
     TYPE: ClassVar[str] = "svc.report_request"
+
+    command_id: bytes
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+
+
+@dataclass(frozen=True)
+class KeyPackageRequest(Body):
+    """Send a fresh ``group.key_package`` (a new TPM leaf key) so that a committer can add the
+    receiver to a group."""
+
+    TYPE: ClassVar[str] = "svc.key_package_request"
 
     command_id: bytes
 
