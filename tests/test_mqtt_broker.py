@@ -204,6 +204,8 @@ def test_group_commits_reach_members_and_operators_are_confined(
     service.publish("kf/v1/grp/g1/commit", b"commit")
     got = member.get(timeout=5)
     assert got is not None and got.topic == "kf/v1/grp/g1/commit"
+    with pytest.raises(MqttRefused):  # only the service orders and publishes commits
+        member.publish("kf/v1/grp/g1/commit", b"unordered commit")
 
     operator = make_client("op-alice")
     operator.subscribe("kf/v1/ops/op-alice/result")
