@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.keyfleet-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup deps test lint typecheck pytest demo bench clean
+.PHONY: setup deps test lint typecheck units pytest demo bench clean
 
 setup: deps $(STAMP)
 
@@ -26,10 +26,13 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+units: setup
+	scripts/check-units.sh
+
 pytest: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+test: lint typecheck units pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

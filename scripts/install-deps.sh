@@ -3,7 +3,8 @@
 # Runs apt-get directly as root, through sudo otherwise; says clearly when it can do neither.
 set -euo pipefail
 
-packages=(swtpm swtpm-tools libtss2-dev mosquitto socat pkg-config gcc python3-dev python3-venv)
+# systemd only for systemd-analyze (the unit checks); nothing here starts it.
+packages=(swtpm swtpm-tools libtss2-dev mosquitto socat pkg-config gcc python3-dev python3-venv systemd)
 
 missing=()
 for pkg in "${packages[@]}"; do
