@@ -23,6 +23,7 @@ from agent.wire.messages.group import (
     CommitMessage,
     GroupCreated,
     KeyPackageMessage,
+    UpdateRequest,
     WelcomeMessage,
 )
 from agent.wire.messages.key_state import KeyStateReport
@@ -129,6 +130,7 @@ SAMPLES: list[Body] = [
     GroupCreated(group_id="g1", public_group=b"public-group", command_id=CMD),
     CommitRequest(command_id=CMD, group_id="g1", epoch=0, action=CommitAction.CREATE),
     KeyPackageRequest(command_id=CMD),
+    UpdateRequest(group_id="g1", epoch=4, reason="max-epoch-age"),
 ]
 
 
@@ -282,6 +284,7 @@ def test_group_epoch_only_for_group_messages() -> None:
         "Ack",
         "CommitRequest",
         "WelcomeDelivery",
+        "UpdateRequest",
     }
     commit = replace(SAMPLES[10])
     assert commit.group_epoch() == ("g1", 4)

@@ -17,10 +17,13 @@ from agent.wire.messages.base import (
     COMMAND_ID_MIN,
     Body,
     check_bytes,
+    check_choice,
     check_epoch,
     check_id,
     check_ids,
 )
+
+UPDATE_REASONS = frozenset({"max-epoch-age", "max-messages-per-epoch"})
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,28 @@ class WelcomeMessage(Body):
         check_epoch(self.epoch)
         check_bytes(self.welcome, "welcome", min_len=1)
         check_ids(self.new_members, "new_members", min_len=1)
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class UpdateRequest(Body):
+    """Member -> service: this member's current epoch of ``group_id`` reached its rotation limit
+    (``reason``: ``max-epoch-age`` or ``max-messages-per-epoch``, agent.lifecycle.RotationReason);
+    please send it a ``svc.commit_request`` with action ``update`` (a self-update with a new TPM
+    leaf key). Asking rather than committing keeps the service the only orderer of commits."""
+
+    TYPE: ClassVar[str] = "group.update_request"
+
+    group_id: str
+    epoch: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_choice(self.reason, "reason", UPDATE_REASONS)
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)

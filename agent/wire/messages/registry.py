@@ -19,6 +19,7 @@ from agent.wire.messages.group import (
     CommitMessage,
     GroupCreated,
     KeyPackageMessage,
+    UpdateRequest,
     WelcomeMessage,
 )
 from agent.wire.messages.key_state import KeyStateReport
@@ -54,6 +55,7 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     GroupAdd,
     AttestDevice,
     OperatorResult,
+    UpdateRequest,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
