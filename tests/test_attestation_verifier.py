@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,6 +30,13 @@ from provisioning.attestation import (
     NonceBook,
 )
 from provisioning.policy import GoldenPolicy, policy_from_components
+from provisioning.registry import (
+    AttestationResult,
+    Registry,
+    create_schema,
+    make_engine,
+    session_factory,
+)
 from tests.fixtures.swtpm import Swtpm, SwtpmFactory
 
 pytestmark = pytest.mark.tpm
@@ -255,3 +263,27 @@ def test_selection_and_log_refusals(swtpm: Swtpm) -> None:
         twice = device.answer(verifier.challenge(DEVICE, NOW), log=doubled.encode())
         refused = refusal(verifier, device, twice)
         assert (refused.check, refused.component) == ("attest.eventlog.duplicate", "kernel")
+
+
+def test_verdict_is_recorded_in_the_registry(swtpm: Swtpm, tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    create_schema(engine)
+    verifier = AttestationVerifier(golden())
+    with booted(swtpm, tampered(default_components("1.0"), "rootfs")) as device:
+        evidence = device.answer(verifier.challenge(DEVICE, NOW))
+        verdict = verifier.evaluate(DEVICE, evidence, device.ak_public, NOW + 3)
+    try:
+        with session_factory(engine).begin() as session:
+            registry = Registry(session)
+            registry.register_device(
+                DEVICE, ek_cert_fingerprint="ab" * 32, devid_cert_pem="PEM", now=NOW
+            )
+            result = AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED
+            record = registry.record_attestation(
+                DEVICE, result, reason=verdict.summary, now=NOW + 3
+            )
+    finally:
+        engine.dispose()
+    assert record.attestation_result is AttestationResult.UNTRUSTED
+    assert record.attestation_reason is not None
+    assert record.attestation_reason.startswith("[attest.policy.digest] rootfs: digest ")
