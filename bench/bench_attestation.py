@@ -30,10 +30,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from firmware_sim.boot import default_components, measured_boot
 
 from agent.eventlog import decode_event_log, replay
 from agent.tpm import KeyKind, TPMStore
+from firmware_sim.boot import default_components, measured_boot
 from provisioning.attestation import AttestationVerifier, Evidence, NonceBook
 from provisioning.policy import policy_from_components
 

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.eventlog import EventLog, decode_event_log
+from agent.tpm import KeyKind, TPMKey, TPMStore
+from agent.wire.messages.attestation import AttestReport
 from firmware_sim.boot import (
     FirmwareComponent,
     default_components,
@@ -18,10 +22,6 @@ from firmware_sim.boot import (
     measured_boot,
     tampered,
 )
-
-from agent.eventlog import EventLog, decode_event_log
-from agent.tpm import KeyKind, TPMKey, TPMStore
-from agent.wire.messages.attestation import AttestReport
 from provisioning.attestation import (
     AttestationRefused,
     AttestationVerifier,

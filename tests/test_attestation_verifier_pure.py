@@ -8,9 +8,9 @@ import itertools
 from pathlib import Path
 
 import pytest
-from firmware_sim.boot import FirmwareComponent, default_components, demo_image
 
 from agent.errors import ConfigError, ProtocolError
+from firmware_sim.boot import FirmwareComponent, default_components, demo_image
 from provisioning.attestation import MAX_OUTSTANDING_PER_DEVICE, NonceBook
 from provisioning.policy import (
     GoldenPolicy,

@@ -9,6 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
+
+from agent.errors import ConfigError, StateError
+from agent.eventlog import EventType, decode_event_log, replay
+from agent.tpm import TPMStore
 from firmware_sim.boot import (
     BOOT_ORDER,
     PCR_MAP,
@@ -18,10 +22,6 @@ from firmware_sim.boot import (
     measured_boot,
     tampered,
 )
-
-from agent.errors import ConfigError, StateError
-from agent.eventlog import EventType, decode_event_log, replay
-from agent.tpm import TPMStore
 from tests.fixtures.swtpm import Swtpm, SwtpmFactory
 
 pytestmark = pytest.mark.tpm

@@ -58,9 +58,9 @@ class AttestChallenge(Body):
 
 @dataclass(frozen=True)
 class AttestReport(Body):
-    """Device -> service: the quote (marshalled TPMS_ATTEST) and its signature (marshalled
-    TPMT_SIGNATURE) by the AK over the challenge's nonce, the PCR selection quoted, the
-    measured-boot event log, and the states of all keys."""
+    """Device -> service: the quote (marshalled TPMS_ATTEST) and its ECDSA signature (DER, as
+    ``TPMStore.quote`` returns it) by the AK over the challenge's nonce, the PCR selection
+    quoted, the measured-boot event log, and the states of all keys."""
 
     TYPE: ClassVar[str] = "attest.report"
 
