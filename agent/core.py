@@ -1,0 +1,916 @@
+"""The device agent's protocol core: sans-I/O, one object per device.
+
+``AgentCore`` turns what arrives over MQTT (bytes, a topic, the time) into what must be
+published, and keeps every piece of agent state that must survive a restart: the group states
+(``agent.mls.group.Group`` per group), commits this device made that the service has not ordered
+yet, key packages it handed out, the replay guard, its own outgoing sequence number, the key
+ledger, and the per-epoch data keys apps use. It does no I/O: the TPM enters only through a
+``KeyProvider`` (DevID key for signing, leaf keys by public key), the clock as ``now`` and the
+randomness as ``rng``; persisting and publishing are the caller's job (agent/daemon.py).
+
+The contract with the caller is one rule: **when an ``Outcome`` says ``changed``, persist
+``to_state()`` before publishing ``publishes`` and before acknowledging the MQTT message.** Then a
+crash at any point is harmless: the broker redelivers the unacknowledged message; if the state
+had been saved it is a ``replay.duplicate`` and the core answers with the very same envelopes it
+made the first time (kept in a small reply cache), otherwise it is processed again. Every
+outgoing envelope spends a sequence number, so it too is persisted before it leaves.
+
+Inbound rules (docs/agent.md, "Running"): every message is verified against the one service key
+(sender ``keyfleet-service``), addressed to this device or a group it holds, then checked by the
+replay guard; a refusal is counted by check id and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent import dataseal
+from agent.errors import ProtocolError, StateError
+from agent.hpke import Rng, serialize_public_key
+from agent.lifecycle import (
+    AES_GCM_RANDOM_NONCE_LIMIT,
+    KeyKind,
+    KeyLedger,
+    KeyRecord,
+    KeyState,
+    KeyStateError,
+    RotationPolicy,
+    rotation_due,
+)
+from agent.mls import codec
+from agent.mls.group import Group
+from agent.mls.messages import Commit, KeyPackage, Welcome
+from agent.secret import Secret
+from agent.wire import cose
+from agent.wire.envelope import (
+    DEFAULT_MAX_AGE,
+    Signer,
+    VerifiedMessage,
+    encode_message,
+    open_message,
+)
+from agent.wire.messages.ack import Ack
+from agent.wire.messages.base import ID_PATTERN, Body
+from agent.wire.messages.group import (
+    CommitMessage,
+    GroupCreated,
+    KeyPackageMessage,
+    UpdateRequest,
+    WelcomeMessage,
+)
+from agent.wire.messages.key_state import MAX_KEYS, KeyStateReport
+from agent.wire.messages.service import (
+    CommitAction,
+    CommitRequest,
+    KeyPackageRequest,
+    ReportRequest,
+    WelcomeDelivery,
+)
+from agent.wire.rejections import Rejections, is_benign
+from agent.wire.replay import ReplayGuard
+
+log = logging.getLogger("keyagent.core")
+
+SERVICE_ID: Final = "keyfleet-service"
+TOPIC_ROOT: Final = "kf/v1"
+STATE_VERSION: Final = 1
+DATA_KEY_SIZE: Final = dataseal.KEY_SIZE
+MAX_PENDING_COMMITS: Final = 4
+"""Commits this device made for one epoch and still waits on (a re-sent commit request makes
+another one; whichever the service relays is adopted)."""
+MAX_KEY_PACKAGES: Final = 8
+"""Key packages handed out and not used yet; the oldest is forgotten (and its leaf destroyed)."""
+REPLY_CACHE: Final = 64
+"""Inbound message ids whose answers are kept, to re-send them byte for byte on redelivery."""
+UPDATE_REQUEST_RETRY: Final = 3600
+"""Seconds before asking the service for a self-update again if it did not answer."""
+CATCHUP_REPORT_INTERVAL: Final = 10
+"""At most one keys.report per this many seconds to ask the service for missed commits."""
+
+
+# -- what the core needs from the device ----------------------------------------------------------
+
+
+class KeyProvider(Protocol):
+    """The device's keys, as the core sees them. On a device every key lives in the TPM
+    (agent/daemon.py); in pure tests they are software keys."""
+
+    @property
+    def devid(self) -> ec.EllipticCurvePrivateKey:
+        """The DevID key: signs every envelope and the commits and key packages."""
+        ...
+
+    def new_leaf_key(self) -> ec.EllipticCurvePrivateKey:
+        """A fresh leaf key (ECDH), already stored durably (its blob on disk) when returned, so
+        that state referring to it can be saved right after."""
+        ...
+
+    def load_leaf(self, public: bytes) -> ec.EllipticCurvePrivateKey:
+        """The leaf key whose SEC1 uncompressed public key is ``public``. Raises ``StateError``
+        if it is not available."""
+        ...
+
+
+# -- what the core asks the caller to do --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish ``payload`` (a signed envelope) on ``topic``, QoS 1."""
+
+    topic: str
+    payload: bytes = field(repr=False)
+    type: str
+
+
+@dataclass
+class Outcome:
+    """The result of one input. ``changed``: persist ``AgentCore.to_state()`` first, then
+    publish ``publishes`` in order, then acknowledge the input."""
+
+    publishes: list[Publish] = field(default_factory=list)
+    changed: bool = False
+    refused: ProtocolError | None = None
+    handled: str | None = None
+    epochs_changed: bool = False
+
+
+# -- per-group state ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A commit this device made and sent to the service; adopted when the service relays it."""
+
+    commit: bytes
+    group: Group
+    command_id: bytes | None
+
+
+@dataclass
+class _GroupEntry:
+    group: Group
+    started: int
+    messages: int = 0
+    pending: list[_Pending] = field(default_factory=list)
+    update_requested: tuple[int, int] | None = None  # (epoch, time asked)
+
+
+def leaf_name(public: bytes) -> str:
+    """The ledger name of a leaf key: derived from its public key, never secret."""
+    return "leaf/" + hashlib.sha256(public).hexdigest()[:16]
+
+
+def _group_name(entry: _GroupEntry) -> str:
+    return entry.group.group_id.decode()
+
+
+class AgentCore:
+    """One device's protocol state machine (see the module docstring)."""
+
+    def __init__(
+        self,
+        device_id: str,
+        service_key: ec.EllipticCurvePublicKey,
+        keys: KeyProvider,
+        *,
+        now: int,
+        policy_for: Callable[[str], RotationPolicy] = lambda group: RotationPolicy(),
+        rng: Rng = os.urandom,
+        max_age: int = DEFAULT_MAX_AGE,
+        service_id: str = SERVICE_ID,
+    ) -> None:
+        if ID_PATTERN.fullmatch(device_id) is None:
+            raise ValueError("device id must be a valid id")
+        self.device_id = device_id
+        self.service_id = service_id
+        self._service = Signer(service_id, service_key)
+        self._service_kid = cose.key_id(service_key)
+        self._keys = keys
+        self._policy_for = policy_for
+        self._rng = rng
+        self.max_age = max_age
+        self._now = now
+        self._groups: dict[str, _GroupEntry] = {}
+        self._data_keys: dict[str, dict[int, Secret]] = {}
+        self._key_packages: OrderedDict[bytes, bytes] = OrderedDict()  # leaf public -> kp
+        self._replies: OrderedDict[bytes, tuple[Publish, ...]] = OrderedDict()
+        self._guard = ReplayGuard()
+        self._seq = 1
+        self.ledger = KeyLedger(lambda: self._now)
+        self.rejections = Rejections()
+        self.last_report: int | None = None
+        self.last_acks: dict[str, tuple[int, int]] = {}  # group -> (epoch, time)
+        self._dirty = False
+
+    def __repr__(self) -> str:
+        return f"AgentCore({self.device_id!r}, groups={sorted(self._groups)}, seq={self._seq})"
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def report_topic(self) -> str:
+        return f"{TOPIC_ROOT}/dev/{self.device_id}/report"
+
+    @property
+    def command_topic(self) -> str:
+        return f"{TOPIC_ROOT}/dev/{self.device_id}/cmd"
+
+    @property
+    def next_seq(self) -> int:
+        return self._seq
+
+    def groups(self) -> dict[str, Group]:
+        return {name: entry.group for name, entry in self._groups.items()}
+
+    def epoch(self, group: str) -> int | None:
+        entry = self._groups.get(group)
+        return None if entry is None else entry.group.epoch
+
+    def pending_commits(self, group: str) -> int:
+        entry = self._groups.get(group)
+        return 0 if entry is None else len(entry.pending)
+
+    def leaf_refs(self) -> set[bytes]:
+        """Public keys of every leaf key the state still refers to; any other leaf blob on disk
+        is garbage and may be destroyed once this state is persisted."""
+        refs = set(self._key_packages)
+        for entry in self._groups.values():
+            refs.add(_leaf_public(entry.group))
+            refs.update(_leaf_public(p.group) for p in entry.pending)
+        return refs
+
+    @property
+    def dirty(self) -> bool:
+        """Something changed outside ``handle``/``tick`` (an app's encryption counted) that
+        should be persisted at the next convenient moment."""
+        return self._dirty
+
+    def mark_clean(self) -> None:
+        self._dirty = False
+
+    def set_time(self, now: int) -> None:
+        """The time the ledger stamps on transitions made by the caller (e.g. app secrets)."""
+        self._now = now
+
+    # -- inbound messages -------------------------------------------------------------------
+
+    def handle(self, payload: bytes, topic: str, now: int) -> Outcome:
+        """Process one MQTT message (``payload`` received on ``topic``) at time ``now``."""
+        self._now = now
+        group_topic = _group_of_topic(topic)
+        if group_topic is not None and group_topic not in self._groups:
+            # Devices read every group's commit topic (one ACL pattern); others' groups are
+            # not ours to judge: drop before spending a signature check.
+            return Outcome(handled="ignored")
+        try:
+            message = open_message(
+                payload, self._resolve, now=now, recipients=self._recipients(), max_age=self.max_age
+            )
+        except ProtocolError as exc:
+            return self._refuse(exc)
+        try:
+            guard = self._replay_check(message)
+        except ProtocolError as exc:
+            return self._on_replay(message, exc)
+        try:
+            outcome = self._dispatch(message)
+        except ProtocolError as exc:
+            outcome = self._refuse(exc, message)
+            self._maybe_catch_up(message, exc, outcome)
+            return outcome
+        guard.accept(message)
+        self._guard = guard
+        group_epoch = message.body.group_epoch()
+        if group_epoch is not None and group_epoch[0] not in self._groups:
+            guard.forget_group(group_epoch[0])  # left (removed): a re-add starts afresh
+        for name, entry in self._groups.items():
+            if (self._guard.epoch(name) or 0) < entry.group.epoch:
+                self._guard.advance_epoch(name, entry.group.epoch)
+        self._replies[message.message_id] = tuple(outcome.publishes)
+        while len(self._replies) > REPLY_CACHE:
+            self._replies.popitem(last=False)
+        self._retire_leaves()
+        outcome.changed = True
+        outcome.handled = message.type
+        return outcome
+
+    def _resolve(self, kid: bytes) -> Signer:
+        if kid != self._service_kid:
+            raise ProtocolError("cose.kid-unknown", "only the fleet service's key is trusted")
+        return self._service
+
+    def _recipients(self) -> set[str]:
+        return {self.device_id, *self._groups}
+
+    def _replay_check(self, message: VerifiedMessage) -> ReplayGuard:
+        """Check ``message`` against the guard; returns the guard to ``accept`` it into. A
+        welcome that re-adds this device to a group it still holds at an older epoch (it missed
+        its removal, or was too far behind) is judged as for an unknown group."""
+        guard = self._guard
+        body = message.body
+        if isinstance(body, WelcomeDelivery):
+            entry = self._groups.get(body.group_id)
+            if entry is not None and body.epoch > entry.group.epoch:
+                guard = ReplayGuard.from_cbor_map(guard.to_cbor_map())
+                guard.forget_group(body.group_id)
+        guard.check(message)
+        return guard
+
+    def _on_replay(self, message: VerifiedMessage, exc: ProtocolError) -> Outcome:
+        """Redeliveries and already-applied group messages: answer again, idempotently."""
+        if exc.check == "replay.duplicate":
+            self.rejections.record(exc)
+            cached = self._replies.get(message.message_id, ())
+            log.debug("redelivered %s: re-sending %d answers", message.type, len(cached))
+            return Outcome(publishes=list(cached), refused=exc, handled=message.type)
+        body = message.body
+        if exc.check == "replay.epoch-old" and isinstance(body, CommitMessage | WelcomeDelivery):
+            entry = self._groups.get(body.group_id)
+            if entry is not None:
+                # Already applied (a catch-up replay, or a redelivery whose id was evicted
+                # from the reply cache): say where we are, so the service's view converges.
+                self.rejections.record(exc)
+                command_id = body.command_id if isinstance(body, CommitMessage) else None
+                outcome = Outcome(refused=exc, handled=message.type, changed=True)
+                outcome.publishes.append(self._ack(entry, command_id))
+                return outcome
+        outcome = self._refuse(exc, message)
+        self._maybe_catch_up(message, exc, outcome)
+        return outcome
+
+    def _refuse(self, exc: ProtocolError, message: VerifiedMessage | None = None) -> Outcome:
+        self.rejections.record(exc)
+        what = message.type if message is not None else "message"
+        if is_benign(exc):
+            log.debug("dropped %s: [%s] %s", what, exc.check, exc.reason)
+        else:
+            log.warning("refused %s: [%s] %s", what, exc.check, exc.reason)
+        return Outcome(refused=exc, handled=None if message is None else message.type)
+
+    def _maybe_catch_up(
+        self, message: VerifiedMessage, exc: ProtocolError, outcome: Outcome
+    ) -> None:
+        """A group message from beyond our next epoch means we missed a commit: a keys.report
+        (which carries our epochs) makes the service replay its commit log to us."""
+        if exc.check not in ("replay.epoch-future", "mls.epoch-future"):
+            return
+        if self.last_report is not None and self._now - self.last_report < CATCHUP_REPORT_INTERVAL:
+            return
+        outcome.publishes.append(self._report())
+        outcome.changed = True
+
+    def _dispatch(self, message: VerifiedMessage) -> Outcome:
+        body = message.body
+        if isinstance(body, CommitMessage):
+            return self._on_commit(body)
+        if isinstance(body, CommitRequest):
+            return self._on_commit_request(body)
+        if isinstance(body, WelcomeDelivery):
+            return self._on_welcome(body)
+        if isinstance(body, KeyPackageRequest):
+            return self._on_key_package_request(body)
+        if isinstance(body, ReportRequest):
+            return Outcome(publishes=[self._report()])
+        raise ProtocolError("agent.type", f"a device does not take {message.type} messages")
+
+    # -- handlers: each checks everything first and changes state only at its end -----------
+
+    def _on_commit(self, body: CommitMessage) -> Outcome:
+        entry = self._groups.get(body.group_id)
+        if entry is None:
+            raise ProtocolError("agent.group-unknown", "not a member of this group")
+        group = entry.group
+        if body.epoch != group.epoch:
+            check = "mls.epoch-stale" if body.epoch < group.epoch else "mls.epoch-future"
+            raise ProtocolError(check, f"commit for epoch {body.epoch}, we are in {group.epoch}")
+        ours = next((p for p in entry.pending if p.commit == body.commit), None)
+        if ours is not None:
+            return self._enter_epoch(entry, ours.group, body.command_id)
+        commit = Commit.decode(body.commit)
+        if commit.content.group_id != group.group_id:
+            raise ProtocolError("mls.group-id", "the commit is for another group")
+        try:
+            following = group.process(commit)
+        except ProtocolError as exc:
+            if exc.check != "mls.removed":
+                raise
+            return self._removed(entry)
+        return self._enter_epoch(entry, following, body.command_id)
+
+    def _removed(self, entry: _GroupEntry) -> Outcome:
+        name = _group_name(entry)
+        log.warning("removed from group %s at epoch %d", name, entry.group.epoch)
+        del self._groups[name]
+        self._guard.forget_group(name)
+        self.last_acks.pop(name, None)
+        try:
+            current = self.ledger.current_epoch(name)
+            self.ledger.transition(current.name, KeyState.DEACTIVATED)
+        except KeyStateError:
+            pass
+        return Outcome(publishes=[self._report()], epochs_changed=True)
+
+    def _enter_epoch(
+        self, entry: _GroupEntry, following: Group, command_id: bytes | None
+    ) -> Outcome:
+        name = _group_name(entry)
+        self._install(name, following)
+        new_entry = self._groups[name]
+        return Outcome(publishes=[self._ack(new_entry, command_id)], epochs_changed=True)
+
+    def _install(self, name: str, group: Group) -> None:
+        """Make ``group`` the current epoch of ``name``: ledger, data key, fresh counters."""
+        self.ledger.start_epoch(name, group.epoch)
+        self._data_keys.setdefault(name, {})[group.epoch] = Secret(group.data_key(DATA_KEY_SIZE))
+        self._groups[name] = _GroupEntry(group=group, started=self._now)
+
+    def _on_commit_request(self, body: CommitRequest) -> Outcome:
+        if body.action is CommitAction.CREATE:
+            return self._create(body)
+        entry = self._groups.get(body.group_id)
+        if entry is None:
+            raise ProtocolError("agent.group-unknown", "not a member of this group")
+        group = entry.group
+        if body.epoch != group.epoch:
+            check = "mls.epoch-stale" if body.epoch < group.epoch else "mls.epoch-future"
+            raise ProtocolError(check, f"request for epoch {body.epoch}, we are in {group.epoch}")
+        if len(entry.pending) >= MAX_PENDING_COMMITS:
+            raise ProtocolError("agent.pending-full", "too many commits await the service")
+        devid = self._keys.devid
+        welcome_for: tuple[str, ...] = ()
+        if body.action is CommitAction.ADD:
+            assert body.key_package is not None and body.member is not None
+            key_package = KeyPackage.decode(body.key_package)
+            if key_package.device_id != body.member.encode():
+                raise ProtocolError(
+                    "agent.key-package.member", "the key package names another device"
+                )
+            result = group.add(devid, [key_package], rng=self._rng)
+            welcome_for = (body.member,)
+        elif body.action is CommitAction.REMOVE:
+            assert body.member is not None
+            if body.member == self.device_id:
+                raise ProtocolError("mls.remove.self", "a member cannot commit its own removal")
+            leaf = group.tree.find_device(body.member.encode())
+            if leaf is None:
+                raise ProtocolError("agent.member-unknown", "that device is not in the group")
+            result = group.remove(devid, [leaf], rng=self._rng)
+        else:
+            result = group.update(devid, self._keys.new_leaf_key(), rng=self._rng)
+        commit_bytes = result.commit.encode()
+        publishes = [
+            self._send(
+                CommitMessage(
+                    group_id=body.group_id,
+                    epoch=group.epoch,
+                    commit=commit_bytes,
+                    command_id=body.command_id,
+                )
+            )
+        ]
+        if result.welcome is not None:
+            publishes.append(
+                self._send(
+                    WelcomeMessage(
+                        group_id=body.group_id,
+                        epoch=result.group.epoch,
+                        welcome=result.welcome.encode(),
+                        new_members=welcome_for,
+                    )
+                )
+            )
+        entry.pending.append(_Pending(commit_bytes, result.group, body.command_id))
+        return Outcome(publishes=publishes)
+
+    def _create(self, body: CommitRequest) -> Outcome:
+        existing = self._groups.get(body.group_id)
+        if existing is not None:
+            group = existing.group
+            if group.epoch == 0 and group.tree.member_count() == 1:
+                # A re-sent create whose answer may have been lost: say it again.
+                return Outcome(publishes=[self._created(body.group_id, group, body.command_id)])
+            raise ProtocolError("agent.group-exists", "this device already holds the group")
+        leaf = self._keys.new_leaf_key()
+        own = KeyPackage.create(self.device_id.encode(), self._keys.devid, leaf.public_key())
+        group = Group.create(body.group_id.encode(), own, leaf, rng=self._rng)
+        self._install(body.group_id, group)
+        return Outcome(
+            publishes=[self._created(body.group_id, group, body.command_id)],
+            epochs_changed=True,
+        )
+
+    def _created(self, name: str, group: Group, command_id: bytes) -> Publish:
+        public = codec.encode(group.public_group().to_state())
+        return self._send(GroupCreated(group_id=name, public_group=public, command_id=command_id))
+
+    def _on_welcome(self, body: WelcomeDelivery) -> Outcome:
+        existing = self._groups.get(body.group_id)
+        if existing is not None and body.epoch <= existing.group.epoch:
+            # Joined already (a re-sent welcome): acknowledge where we are.
+            return Outcome(publishes=[self._ack(existing, None)])
+        welcome = Welcome.decode(body.welcome)
+        refs = {s.key_package_ref for s in welcome.secrets}
+        match: tuple[bytes, KeyPackage] | None = None
+        for public, encoded in self._key_packages.items():
+            key_package = KeyPackage.decode(encoded)
+            if key_package.ref() in refs:
+                match = (public, key_package)
+                break
+        if match is None:
+            raise ProtocolError(
+                "mls.welcome.recipient", "the welcome is for none of our key packages"
+            )
+        public, key_package = match
+        group = Group.join(welcome, key_package, self._keys.load_leaf(public))
+        if group.group_id != body.group_id.encode() or group.epoch != body.epoch:
+            raise ProtocolError(
+                "agent.welcome.mismatch", "the welcome's group or epoch differs from its envelope"
+            )
+        if existing is not None:
+            log.warning("re-added to group %s at epoch %d", body.group_id, group.epoch)
+        del self._key_packages[public]
+        self._install_join(body.group_id, group)
+        return Outcome(
+            publishes=[self._ack(self._groups[body.group_id], None)], epochs_changed=True
+        )
+
+    def _install_join(self, name: str, group: Group) -> None:
+        try:
+            self._install(name, group)
+        except KeyStateError:
+            # A group re-created under an old name: its old epoch records are history now.
+            for record in list(self.ledger):
+                if record.kind is KeyKind.EPOCH and record.group == name:
+                    if record.state is not KeyState.DESTROYED:
+                        self.ledger.transition(record.name, KeyState.DESTROYED)
+                    self._wipe_data_key(name, record.epoch)
+            self.ledger.forget_destroyed(self._now + 1)
+            self._install(name, group)
+
+    def _on_key_package_request(self, body: KeyPackageRequest) -> Outcome:
+        leaf = self._keys.new_leaf_key()
+        public = serialize_public_key(leaf.public_key())
+        key_package = KeyPackage.create(
+            self.device_id.encode(), self._keys.devid, leaf.public_key()
+        )
+        self._key_packages[public] = key_package.encode()
+        while len(self._key_packages) > MAX_KEY_PACKAGES:
+            self._key_packages.popitem(last=False)
+        message = KeyPackageMessage(key_package=key_package.encode(), command_id=body.command_id)
+        return Outcome(publishes=[self._send(message)])
+
+    # -- outbound ---------------------------------------------------------------------------
+
+    def _send(self, body: Body) -> Publish:
+        """Sign ``body`` in an envelope for the service with the next sequence number."""
+        payload = encode_message(
+            body,
+            key=self._keys.devid,
+            sender=self.device_id,
+            to=self.service_id,
+            seq=self._seq,
+            time=self._now,
+        )
+        self._seq += 1
+        return Publish(self.report_topic, payload, body.TYPE)
+
+    def _ack(self, entry: _GroupEntry, command_id: bytes | None) -> Publish:
+        name = _group_name(entry)
+        group = entry.group
+        self.last_acks[name] = (group.epoch, self._now)
+        return self._send(
+            Ack(
+                group_id=name,
+                epoch=group.epoch,
+                epoch_authenticator=group.epoch_authenticator,
+                command_id=command_id,
+            )
+        )
+
+    def _report(self) -> Publish:
+        # Destroyed keys that an earlier report already showed need not be sent again.
+        if self.last_report is not None:
+            self.ledger.forget_destroyed(self.last_report)
+        records = sorted(self.ledger, key=lambda r: r.name)[:MAX_KEYS]
+        self.last_report = self._now
+        return self._send(KeyStateReport(keys=tuple(records)))
+
+    def report(self, now: int) -> Outcome:
+        """A keys.report now (the daemon sends one at start and after every reconnect, so the
+        service learns the device's epochs and replays what it missed)."""
+        self._now = now
+        return Outcome(publishes=[self._report()], changed=True, handled="report")
+
+    # -- time-driven work -------------------------------------------------------------------
+
+    def tick(self, now: int) -> Outcome:
+        """Destroy data keys past their grace period; ask for a self-update where an epoch
+        reached its rotation limit."""
+        self._now = now
+        outcome = Outcome(handled="tick")
+        for record in list(self.ledger):
+            if record.kind is not KeyKind.EPOCH or record.group is None:
+                continue
+            grace = self._policy_for(record.group).grace_period
+            if record in self.ledger.due_for_destruction(grace, now):
+                self._wipe_data_key(record.group, record.epoch)
+                self.ledger.transition(record.name, KeyState.DESTROYED)
+                log.info("destroyed data key %s after its grace period", record.name)
+                outcome.changed = True
+        for name, entry in self._groups.items():
+            reason = rotation_due(self._policy_for(name), entry.started, entry.messages, now)
+            if reason is None or entry.pending:
+                continue
+            asked = entry.update_requested
+            if (
+                asked is not None
+                and asked[0] == entry.group.epoch
+                and now - asked[1] < UPDATE_REQUEST_RETRY
+            ):
+                continue
+            entry.update_requested = (entry.group.epoch, now)
+            log.info(
+                "group %s epoch %d: %s reached, asking for an update",
+                name,
+                entry.group.epoch,
+                reason,
+            )
+            outcome.publishes.append(
+                self._send(
+                    UpdateRequest(group_id=name, epoch=entry.group.epoch, reason=reason.value)
+                )
+            )
+            outcome.changed = True
+        if self._dirty:
+            outcome.changed = True
+        return outcome
+
+    def _wipe_data_key(self, group: str, epoch: int | None) -> None:
+        keys = self._data_keys.get(group)
+        if keys is None or epoch is None:
+            return
+        secret = keys.pop(epoch, None)
+        if secret is not None:
+            secret.wipe()
+        if not keys:
+            del self._data_keys[group]
+
+    def _retire_leaves(self) -> None:
+        """Leaf keys the state no longer refers to are destroyed (ledger); the daemon shreds
+        their blobs once this state is persisted."""
+        live = {leaf_name(ref) for ref in self.leaf_refs()}
+        for record in list(self.ledger):
+            if record.kind is not KeyKind.LEAF:
+                continue
+            if record.name in live and record.state is KeyState.DESTROYED:
+                continue
+            if record.name not in live and record.state is not KeyState.DESTROYED:
+                self.ledger.transition(record.name, KeyState.DESTROYED)
+        for name in live - {r.name for r in self.ledger}:
+            self.ledger.add(name, KeyKind.LEAF, active=True)
+
+    # -- data keys for apps (the local API) ---------------------------------------------------
+
+    def encrypt(self, group: str, plaintext: bytes, now: int) -> bytes:
+        """Seal for ``group`` under its current epoch key and count the message."""
+        self._now = now
+        entry = self._groups.get(group)
+        if entry is None:
+            raise ProtocolError("data.epoch-unknown", f"this device holds no group {group!r}")
+        epoch = entry.group.epoch
+        if entry.messages >= AES_GCM_RANDOM_NONCE_LIMIT:
+            raise ProtocolError(
+                "data.epoch-unusable", "this epoch's key reached the AES-GCM message limit"
+            )
+        self.ledger.check_decrypt(group, epoch, self._policy_for(group).grace_period, now)
+        key = self._data_keys.get(group, {}).get(epoch)
+        if key is None:
+            raise ProtocolError("data.epoch-unknown", f"no data key for {group!r} epoch {epoch}")
+        blob = dataseal.seal(group, epoch, key, plaintext, rng=self._rng)
+        entry.messages += 1
+        self._dirty = True
+        return blob
+
+    def decrypt(self, group: str, blob: bytes, now: int) -> bytes:
+        """Open data sealed for ``group`` in its current epoch or one still in its grace period."""
+        self._now = now
+        grace = self._policy_for(group).grace_period
+
+        def lookup(name: str, epoch: int) -> Secret:
+            self.ledger.check_decrypt(name, epoch, grace, now)
+            key = self._data_keys.get(name, {}).get(epoch)
+            if key is None:
+                raise ProtocolError("data.epoch-expired", f"{name!r} epoch {epoch} was destroyed")
+            return key
+
+        return dataseal.open_sealed(blob, lookup, expected_group=group)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything needed to resume exactly here. Holds secrets (epoch secrets, node keys,
+        data keys): write it only into the encrypted state file."""
+        groups: dict[str, Any] = {}
+        for name, entry in self._groups.items():
+            groups[name] = {
+                "group": entry.group.to_state(),
+                "started": entry.started,
+                "messages": entry.messages,
+                "pending": [
+                    {"commit": p.commit, "group": p.group.to_state(), "command_id": p.command_id}
+                    for p in entry.pending
+                ],
+                "update_requested": (
+                    None if entry.update_requested is None else list(entry.update_requested)
+                ),
+            }
+        return {
+            "v": STATE_VERSION,
+            "device": self.device_id,
+            "seq": self._seq,
+            "groups": groups,
+            "data_keys": {
+                name: {epoch: key.reveal() for epoch, key in keys.items()}
+                for name, keys in self._data_keys.items()
+            },
+            "key_packages": [[public, kp] for public, kp in self._key_packages.items()],
+            "replies": [
+                [mid, [[p.topic, p.payload, p.type] for p in publishes]]
+                for mid, publishes in self._replies.items()
+            ],
+            "replay": self._guard.to_cbor_map(),
+            "ledger": self.ledger.to_cbor(),
+            "last_report": self.last_report,
+            "last_acks": {name: list(value) for name, value in self.last_acks.items()},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load ``to_state()`` output into this (fresh) core. Leaf keys are resolved through the
+        key provider. Anything inconsistent raises ``StateError`` and leaves nothing half-set."""
+        try:
+            restored = _Restored.parse(state, self)
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, ProtocolError) as exc:
+            raise StateError(f"agent state is malformed: {type(exc).__name__}: {exc}") from None
+        self._seq = restored.seq
+        self._groups = restored.groups
+        self._data_keys = restored.data_keys
+        self._key_packages = restored.key_packages
+        self._replies = restored.replies
+        self._guard = restored.guard
+        self.ledger = restored.ledger
+        self.last_report = restored.last_report
+        self.last_acks = restored.last_acks
+
+    # -- status (no secrets) ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able summary: groups, epochs, members, keys and their states, last reports."""
+        groups = []
+        for name, entry in sorted(self._groups.items()):
+            group = entry.group
+            groups.append(
+                {
+                    "group": name,
+                    "epoch": group.epoch,
+                    "members": sorted(device.decode() for _, device in group.members()),
+                    "own_leaf": group.own_leaf,
+                    "epoch_started": entry.started,
+                    "messages_this_epoch": entry.messages,
+                    "pending_commits": len(entry.pending),
+                    "update_requested": entry.update_requested is not None
+                    and entry.update_requested[0] == group.epoch,
+                    "last_ack": _ack_json(self.last_acks.get(name)),
+                }
+            )
+        return {
+            "device_id": self.device_id,
+            "next_seq": self._seq,
+            "groups": groups,
+            "keys": [_record_json(r) for r in sorted(self.ledger, key=lambda r: r.name)],
+            "key_packages_outstanding": len(self._key_packages),
+            "last_report": self.last_report,
+            "rejections": self.rejections.snapshot(),
+        }
+
+
+def _ack_json(value: tuple[int, int] | None) -> dict[str, int] | None:
+    return None if value is None else {"epoch": value[0], "time": value[1]}
+
+
+def _record_json(record: KeyRecord) -> dict[str, Any]:
+    return dict(record.to_cbor_map())
+
+
+def _leaf_public(group: Group) -> bytes:
+    leaf = group.tree.leaf(group.own_leaf)
+    assert leaf is not None  # a Group is only ever built for a member leaf
+    return leaf.encryption_key
+
+
+def _group_of_topic(topic: str) -> str | None:
+    parts = topic.split("/")
+    if len(parts) == 5 and parts[:3] == ["kf", "v1", "grp"] and parts[4] == "commit":
+        return parts[3]
+    return None
+
+
+@dataclass
+class _Restored:
+    seq: int
+    groups: dict[str, _GroupEntry]
+    data_keys: dict[str, dict[int, Secret]]
+    key_packages: OrderedDict[bytes, bytes]
+    replies: OrderedDict[bytes, tuple[Publish, ...]]
+    guard: ReplayGuard
+    ledger: KeyLedger
+    last_report: int | None
+    last_acks: dict[str, tuple[int, int]]
+
+    @classmethod
+    def parse(cls, state: dict[str, Any], core: AgentCore) -> _Restored:
+        if state.get("v") != STATE_VERSION:
+            raise StateError(f"agent state version {state.get('v')!r} is not supported")
+        if state["device"] != core.device_id:
+            raise StateError("the state file belongs to another device id")
+        seq = _uint(state["seq"], "seq")
+        load_leaf = core._keys.load_leaf
+        groups: dict[str, _GroupEntry] = {}
+        for name, raw in state["groups"].items():
+            group = Group.from_state(raw["group"], load_leaf)
+            if group.group_id != name.encode():
+                raise StateError(f"group state {name!r} holds another group")
+            pending = [
+                _Pending(
+                    commit=_bytes(p["commit"], "pending commit"),
+                    group=Group.from_state(p["group"], load_leaf),
+                    command_id=p["command_id"],
+                )
+                for p in raw["pending"]
+            ]
+            asked = raw["update_requested"]
+            groups[name] = _GroupEntry(
+                group=group,
+                started=_uint(raw["started"], "started"),
+                messages=_uint(raw["messages"], "messages"),
+                pending=pending,
+                update_requested=None if asked is None else (int(asked[0]), int(asked[1])),
+            )
+        data_keys = {
+            name: {
+                _uint(epoch, "epoch"): Secret(_bytes(key, "data key", DATA_KEY_SIZE))
+                for epoch, key in keys.items()
+            }
+            for name, keys in state["data_keys"].items()
+        }
+        key_packages: OrderedDict[bytes, bytes] = OrderedDict(
+            (_bytes(public, "key package leaf"), _bytes(kp, "key package"))
+            for public, kp in state["key_packages"]
+        )
+        replies: OrderedDict[bytes, tuple[Publish, ...]] = OrderedDict(
+            (
+                _bytes(mid, "reply id"),
+                tuple(Publish(str(t), _bytes(p, "reply"), str(k)) for t, p, k in publishes),
+            )
+            for mid, publishes in state["replies"]
+        )
+        guard = ReplayGuard.from_cbor_map(state["replay"])
+        ledger = KeyLedger.from_cbor(state["ledger"], lambda: core._now)
+        last_report = state["last_report"]
+        last_acks = {
+            name: (_uint(v[0], "ack epoch"), _uint(v[1], "ack time"))
+            for name, v in state["last_acks"].items()
+        }
+        return cls(
+            seq=seq,
+            groups=groups,
+            data_keys=data_keys,
+            key_packages=key_packages,
+            replies=replies,
+            guard=guard,
+            ledger=ledger,
+            last_report=None if last_report is None else _uint(last_report, "last_report"),
+            last_acks=last_acks,
+        )
+
+
+def _uint(value: object, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise StateError(f"agent state: {what} is not an unsigned integer")
+    return value
+
+
+def _bytes(value: object, what: str, size: int | None = None) -> bytes:
+    if type(value) is not bytes or (size is not None and len(value) != size):
+        raise StateError(f"agent state: {what} is malformed")
+    return value

@@ -1,0 +1,534 @@
+"""The agent's protocol core with software keys: a test driver plays the fleet service (it signs
+with its own software key through agent.wire, orders commits with agent.mls.public.PublicGroup)
+and drives several device cores through create, key package, add, welcome, update and remove;
+refusals by check id without state change; redelivery; commits that lose the race; restore;
+rotation requests; grace-period destruction of old data keys."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.core import SERVICE_ID, AgentCore, Outcome, Publish, leaf_name
+from agent.errors import ProtocolError, StateError
+from agent.hpke import serialize_public_key
+from agent.lifecycle import KeyKind, KeyState, RotationPolicy
+from agent.mls import codec
+from agent.mls.messages import Commit
+from agent.mls.public import PublicGroup
+from agent.wire import cose
+from agent.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
+from agent.wire.messages.ack import Ack
+from agent.wire.messages.base import Body
+from agent.wire.messages.group import (
+    CommitMessage,
+    GroupCreated,
+    KeyPackageMessage,
+    UpdateRequest,
+    WelcomeMessage,
+)
+from agent.wire.messages.key_state import KeyStateReport
+from agent.wire.messages.service import (
+    CommitAction,
+    CommitRequest,
+    KeyPackageRequest,
+    ReportRequest,
+    WelcomeDelivery,
+)
+
+pytestmark = pytest.mark.pure
+
+T0 = 1_700_000_000
+G = "g1"
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@dataclass
+class FakeSoftwareKeys:
+    """KeyProvider with software keys (the daemon's is TPM-backed)."""
+
+    devid: ec.EllipticCurvePrivateKey = field(default_factory=new_key)
+    leaves: dict[bytes, ec.EllipticCurvePrivateKey] = field(default_factory=dict)
+
+    def new_leaf_key(self) -> ec.EllipticCurvePrivateKey:
+        key = new_key()
+        self.leaves[serialize_public_key(key.public_key())] = key
+        return key
+
+    def load_leaf(self, public: bytes) -> ec.EllipticCurvePrivateKey:
+        try:
+            return self.leaves[public]
+        except KeyError:
+            raise StateError("no such leaf") from None
+
+
+class FakeService:
+    """Plays the fleet service: signs commands, orders commits (first valid per epoch wins) with
+    the public view, relays them on the group topic, forwards welcomes, reads device reports."""
+
+    def __init__(self) -> None:
+        self.key = new_key()
+        self.seq = itertools.count(1)
+        self.now = T0
+        self.devices: dict[str, AgentCore] = {}
+        self.public: dict[str, PublicGroup] = {}
+
+    def core(self, device_id: str, **kwargs: Any) -> AgentCore:
+        core = AgentCore(
+            device_id, self.key.public_key(), FakeSoftwareKeys(), now=self.now, **kwargs
+        )
+        self.devices[device_id] = core
+        return core
+
+    def sign(
+        self, body: Body, to: str, *, seq: int | None = None, time: int | None = None
+    ) -> bytes:
+        return encode_message(
+            body,
+            key=self.key,
+            sender=SERVICE_ID,
+            to=to,
+            seq=next(self.seq) if seq is None else seq,
+            time=self.now if time is None else time,
+        )
+
+    def command(self, device: str, body: Body) -> tuple[bytes, str]:
+        return self.sign(body, device), f"kf/v1/dev/{device}/cmd"
+
+    def deliver(self, device: str, body: Body) -> Outcome:
+        payload, topic = self.command(device, body)
+        return self.devices[device].handle(payload, topic, self.now)
+
+    def open(self, device: str, publish: Publish) -> VerifiedMessage:
+        core = self.devices[device]
+        assert publish.topic == f"kf/v1/dev/{device}/report"
+        devid = core._keys.devid  # the registry's DevID public key
+        return open_message(
+            publish.payload,
+            lambda kid: Signer(device, devid.public_key()),
+            now=self.now,
+            recipients={SERVICE_ID},
+        )
+
+    def bodies(self, device: str, outcome: Outcome) -> list[Body]:
+        return [self.open(device, p).body for p in outcome.publishes]
+
+    # -- flows --------------------------------------------------------------------------------
+
+    def create(self, device: str) -> None:
+        out = self.deliver(device, CommitRequest(cmd(), G, 0, CommitAction.CREATE))
+        (created,) = self.bodies(device, out)
+        assert isinstance(created, GroupCreated) and created.group_id == G
+        self.public[G] = PublicGroup.from_state(codec.decode(created.public_group, 1 << 20, "pg"))
+
+    def key_package(self, device: str) -> bytes:
+        out = self.deliver(device, KeyPackageRequest(cmd()))
+        (message,) = self.bodies(device, out)
+        assert isinstance(message, KeyPackageMessage)
+        return message.key_package
+
+    def request_commit(self, committer: str, action: CommitAction, **kw: Any) -> list[Body]:
+        epoch = self.public[G].epoch
+        out = self.deliver(committer, CommitRequest(cmd(), G, epoch, action, **kw))
+        assert out.changed and out.refused is None
+        return self.bodies(committer, out)
+
+    def order(self, commit: CommitMessage) -> bytes:
+        """Check in public, advance the public view, and sign the relay for the group topic."""
+        self.public[G] = self.public[G].apply(Commit.decode(commit.commit))
+        return self.sign(CommitMessage(G, commit.epoch, commit.commit, commit.command_id), G)
+
+    def fan_out(self, relay: bytes, members: list[str]) -> dict[str, Outcome]:
+        return {
+            m: self.devices[m].handle(relay, f"kf/v1/grp/{G}/commit", self.now) for m in members
+        }
+
+
+def cmd() -> bytes:
+    return os.urandom(16)
+
+
+def acks(service: FakeService, outcomes: dict[str, Outcome]) -> dict[str, Ack]:
+    out = {}
+    for device, outcome in outcomes.items():
+        assert outcome.refused is None, outcome.refused
+        assert outcome.changed
+        (body,) = service.bodies(device, outcome)
+        assert isinstance(body, Ack)
+        out[device] = body
+    return out
+
+
+def state_bytes(core: AgentCore) -> bytes:
+    return cbor2.dumps(core.to_state(), canonical=True)
+
+
+def group_of_two() -> tuple[FakeService, AgentCore, AgentCore]:
+    service = FakeService()
+    a, b = service.core("dev-a"), service.core("dev-b")
+    service.create("dev-a")
+    kp = service.key_package("dev-b")
+    commit, welcome = service.request_commit(
+        "dev-a", CommitAction.ADD, member="dev-b", key_package=kp
+    )
+    assert isinstance(commit, CommitMessage) and isinstance(welcome, WelcomeMessage)
+    relay = service.order(commit)
+    acks(service, service.fan_out(relay, ["dev-a"]))
+    joined = service.deliver("dev-b", WelcomeDelivery(G, welcome.epoch, welcome.welcome))
+    acks(service, {"dev-b": joined})
+    return service, a, b
+
+
+# -- the whole flow ---------------------------------------------------------------------------
+
+
+def test_create_add_join_update_remove_between_cores() -> None:
+    service = FakeService()
+    a, b, c = service.core("dev-a"), service.core("dev-b"), service.core("dev-c")
+
+    service.create("dev-a")
+    assert a.epoch(G) == 0 and service.public[G].epoch == 0
+
+    kp = service.key_package("dev-b")
+    commit, welcome = service.request_commit(
+        "dev-a", CommitAction.ADD, member="dev-b", key_package=kp
+    )
+    assert isinstance(commit, CommitMessage) and commit.epoch == 0
+    assert isinstance(welcome, WelcomeMessage)
+    assert welcome.epoch == 1 and welcome.new_members == ("dev-b",)
+    assert commit.command_id is not None
+    # the committer waits for the service's order before it moves
+    assert a.epoch(G) == 0 and a.pending_commits(G) == 1
+
+    relay = service.order(commit)
+    ack_a = acks(service, service.fan_out(relay, ["dev-a"]))["dev-a"]
+    assert ack_a.epoch == 1 and ack_a.command_id == commit.command_id
+    assert a.epoch(G) == 1 and a.pending_commits(G) == 0
+
+    out = service.deliver("dev-b", WelcomeDelivery(G, 1, welcome.welcome))
+    ack_b = acks(service, {"dev-b": out})["dev-b"]
+    assert ack_b.epoch == 1
+    assert ack_a.epoch_authenticator == ack_b.epoch_authenticator
+    assert a.groups()[G].epoch_authenticator == ack_a.epoch_authenticator
+
+    # the data key agrees: what one member's app seals, the other's opens
+    blob = a.encrypt(G, b"reading 42", service.now)
+    assert b.decrypt(G, blob, service.now) == b"reading 42"
+
+    # self-update by B with a new leaf key
+    old_leaf = b.leaf_refs()
+    (commit,) = service.request_commit("dev-b", CommitAction.UPDATE)
+    assert isinstance(commit, CommitMessage)
+    relay = service.order(commit)
+    got = acks(service, service.fan_out(relay, ["dev-a", "dev-b"]))
+    assert got["dev-a"].epoch == got["dev-b"].epoch == 2
+    assert got["dev-a"].epoch_authenticator == got["dev-b"].epoch_authenticator
+    assert b.leaf_refs().isdisjoint(old_leaf)  # the old leaf is retired
+    (old_ref,) = old_leaf
+    assert b.ledger.get(leaf_name(old_ref)).state is KeyState.DESTROYED
+
+    # add C, then remove it again (committed by A)
+    kp = service.key_package("dev-c")
+    commit, welcome = service.request_commit(
+        "dev-a", CommitAction.ADD, member="dev-c", key_package=kp
+    )
+    assert isinstance(commit, CommitMessage) and isinstance(welcome, WelcomeMessage)
+    relay = service.order(commit)
+    acks(service, service.fan_out(relay, ["dev-a", "dev-b"]))
+    acks(service, {"dev-c": service.deliver("dev-c", WelcomeDelivery(G, 3, welcome.welcome))})
+    assert a.status()["groups"][0]["members"] == ["dev-a", "dev-b", "dev-c"]
+
+    (commit,) = service.request_commit("dev-a", CommitAction.REMOVE, member="dev-c")
+    assert isinstance(commit, CommitMessage)
+    relay = service.order(commit)
+    got = acks(service, service.fan_out(relay, ["dev-a", "dev-b"]))
+    assert got["dev-a"].epoch == got["dev-b"].epoch == 4
+    assert got["dev-a"].epoch_authenticator == got["dev-b"].epoch_authenticator
+    removed = c.handle(relay, f"kf/v1/grp/{G}/commit", service.now)
+    assert removed.refused is None and removed.changed
+    (report,) = service.bodies("dev-c", removed)
+    assert isinstance(report, KeyStateReport)
+    assert c.groups() == {}
+    # C's epoch 3 key is deactivated (only decrypts in the grace period), never active again
+    assert c.ledger.get(f"epoch/{G}/3").state is KeyState.DEACTIVATED
+    blob = a.encrypt(G, b"after removal", service.now)
+    with pytest.raises(ProtocolError) as err:
+        c.decrypt(G, blob, service.now)
+    assert err.value.check == "data.epoch-unknown"
+
+
+def test_report_request_lists_keys_without_secrets() -> None:
+    service, _, _ = group_of_two()
+    out = service.deliver("dev-a", ReportRequest(cmd()))
+    (report,) = service.bodies("dev-a", out)
+    assert isinstance(report, KeyStateReport)
+    names = {r.name for r in report.keys}
+    assert f"epoch/{G}/1" in names and f"epoch/{G}/0" in names
+    states = {r.name: r.state for r in report.keys}
+    assert states[f"epoch/{G}/1"] is KeyState.ACTIVE
+    assert states[f"epoch/{G}/0"] is KeyState.DEACTIVATED
+    assert any(r.kind is KeyKind.LEAF and r.state is KeyState.ACTIVE for r in report.keys)
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def refused_without_change(core: AgentCore, payload: bytes, topic: str, now: int) -> str:
+    before = state_bytes(core)
+    seq = core.next_seq
+    out = core.handle(payload, topic, now)
+    assert out.refused is not None
+    assert not out.changed and out.publishes == []
+    assert state_bytes(core) == before and core.next_seq == seq
+    return out.refused.check
+
+
+def test_forged_stale_future_misaddressed_and_reused_commands_are_refused() -> None:
+    service, a, _ = group_of_two()
+    topic = "kf/v1/dev/dev-a/cmd"
+    body = CommitRequest(cmd(), G, 1, CommitAction.UPDATE)
+
+    impostor = new_key()
+    forged = encode_message(body, key=impostor, sender=SERVICE_ID, to="dev-a", seq=900, time=T0)
+    assert refused_without_change(a, forged, topic, T0) == "cose.kid-unknown"
+
+    good = bytearray(service.sign(body, "dev-a", seq=901))
+    good[-5] ^= 0x01  # inside the signature
+    assert refused_without_change(a, bytes(good), topic, T0) == "cose.signature"
+
+    stale = service.sign(body, "dev-a", seq=902, time=T0 - a.max_age - 1)
+    assert refused_without_change(a, stale, topic, T0) == "envelope.stale"
+    future = service.sign(body, "dev-a", seq=903, time=T0 + 3600)
+    assert refused_without_change(a, future, topic, T0) == "envelope.future"
+    other = service.sign(body, "dev-b", seq=904)
+    assert refused_without_change(a, other, topic, T0) == "envelope.recipient"
+
+    # a device's own report signed as the service's is not trusted either
+    mine = encode_message(body, key=a._keys.devid, sender=SERVICE_ID, to="dev-a", seq=905, time=T0)
+    assert refused_without_change(a, mine, topic, T0) == "cose.kid-unknown"
+
+    accepted = service.sign(ReportRequest(cmd()), "dev-a", seq=950)
+    assert a.handle(accepted, topic, T0).refused is None
+    reused = service.sign(ReportRequest(cmd()), "dev-a", seq=950)
+    assert refused_without_change(a, reused, topic, T0) == "replay.seq-reused"
+    too_old = service.sign(ReportRequest(cmd()), "dev-a", seq=950 - 32)
+    assert refused_without_change(a, too_old, topic, T0) == "replay.seq-old"
+    assert a.rejections.suspicious == 8
+
+
+def test_wrong_epoch_and_impossible_requests_are_refused() -> None:
+    service, a, _ = group_of_two()
+    topic = "kf/v1/dev/dev-a/cmd"
+    for body, check in [
+        (CommitRequest(cmd(), G, 3, CommitAction.UPDATE), "replay.epoch-future"),
+        (CommitRequest(cmd(), G, 2, CommitAction.UPDATE), "mls.epoch-future"),
+        (CommitRequest(cmd(), G, 0, CommitAction.UPDATE), "replay.epoch-old"),
+        (CommitRequest(cmd(), "g2", 4, CommitAction.UPDATE), "agent.group-unknown"),
+        (CommitRequest(cmd(), G, 1, CommitAction.REMOVE, member="dev-a"), "mls.remove.self"),
+        (CommitRequest(cmd(), G, 1, CommitAction.REMOVE, member="dev-z"), "agent.member-unknown"),
+        (CommitRequest(cmd(), G, 0, CommitAction.CREATE), "replay.epoch-old"),
+        (WelcomeDelivery(G, 0, b"\xa0"), "replay.epoch-old"),
+    ]:
+        payload = service.sign(body, "dev-a")
+        before = state_bytes(a)
+        out = a.handle(payload, topic, T0)
+        assert out.refused is not None and out.refused.check == check, (body, out.refused)
+        if check in ("replay.epoch-future", "mls.epoch-future"):
+            # a sign of a missed commit: one keys.report asks the service to catch us up
+            assert [p.type for p in out.publishes] in (["keys.report"], [])
+        elif body.TYPE == "svc.welcome":
+            # an old welcome for a group we are in: re-acknowledge where we are
+            assert [p.type for p in out.publishes] == ["group.ack"]
+        else:
+            assert out.publishes == [] and not out.changed and state_bytes(a) == before
+    assert a.epoch(G) == 1
+
+
+def test_key_package_for_another_member_is_refused() -> None:
+    service, a, _ = group_of_two()
+    service.core("dev-c")
+    kp = service.key_package("dev-c")
+    payload, topic = service.command(
+        "dev-a", CommitRequest(cmd(), G, 1, CommitAction.ADD, member="dev-d", key_package=kp)
+    )
+    assert refused_without_change(a, payload, topic, T0) == "agent.key-package.member"
+
+
+def test_forged_commit_on_the_group_topic_changes_nothing() -> None:
+    service, a, _ = group_of_two()
+    (commit,) = service.request_commit("dev-b", CommitAction.UPDATE)
+    assert isinstance(commit, CommitMessage)
+    parsed = Commit.decode(commit.commit)
+    tag = bytes([parsed.confirmation_tag[0] ^ 0x40]) + parsed.confirmation_tag[1:]
+    bad = Commit(parsed.content, parsed.signature, tag).encode()
+    service.public[G].apply(Commit.decode(bad))  # only members can tell
+    relay = service.sign(CommitMessage(G, 1, bad), G)
+    assert refused_without_change(a, relay, f"kf/v1/grp/{G}/commit", T0) == "mls.confirmation-tag"
+    # messages for groups we are not in are dropped unread
+    out = a.handle(relay, "kf/v1/grp/other/commit", T0)
+    assert out.handled == "ignored" and not out.changed and out.refused is None
+
+
+# -- redelivery and races ---------------------------------------------------------------------
+
+
+def test_redelivered_messages_are_answered_again_byte_for_byte() -> None:
+    service, a, b = group_of_two()
+    request = service.sign(CommitRequest(cmd(), G, 1, CommitAction.UPDATE), "dev-b")
+    first = b.handle(request, "kf/v1/dev/dev-b/cmd", T0)
+    assert first.changed and [p.type for p in first.publishes] == ["group.commit"]
+    before = state_bytes(b)
+    again = b.handle(request, "kf/v1/dev/dev-b/cmd", T0 + 1)
+    assert again.refused is not None and again.refused.check == "replay.duplicate"
+    assert not again.changed and again.publishes == first.publishes
+    assert state_bytes(b) == before and b.pending_commits(G) == 1
+
+    (commit,) = service.bodies("dev-b", first)
+    assert isinstance(commit, CommitMessage)
+    relay = service.order(commit)
+    applied = a.handle(relay, f"kf/v1/grp/{G}/commit", T0)
+    redelivered = a.handle(relay, f"kf/v1/grp/{G}/commit", T0)
+    assert redelivered.publishes == applied.publishes and not redelivered.changed
+    assert a.rejections.count("replay.duplicate") == 1 and a.rejections.suspicious == 0
+
+    # the service replays an applied commit (catch-up) in a new envelope: ack where we are
+    replay = service.sign(CommitMessage(G, 1, commit.commit), G)
+    out = a.handle(replay, f"kf/v1/grp/{G}/commit", T0)
+    assert out.refused is not None and out.refused.check == "replay.epoch-old"
+    (ack,) = service.bodies("dev-a", out)
+    assert isinstance(ack, Ack) and ack.epoch == 2 == a.epoch(G)
+
+
+def test_a_pending_commit_is_dropped_when_another_wins_the_epoch() -> None:
+    service, a, b = group_of_two()
+    (commit_a,) = service.request_commit("dev-a", CommitAction.UPDATE)
+    (commit_b,) = service.request_commit("dev-b", CommitAction.UPDATE)
+    assert isinstance(commit_a, CommitMessage) and isinstance(commit_b, CommitMessage)
+    assert a.pending_commits(G) == 1 and b.pending_commits(G) == 1
+    a_leaves_pending = a.leaf_refs()
+    assert len(a_leaves_pending) == 2  # current leaf + the update's new one
+
+    relay = service.order(commit_b)  # B's commit wins epoch 1
+    with pytest.raises(ProtocolError) as err:
+        service.public[G].apply(Commit.decode(commit_a.commit))
+    assert err.value.check == "mls.epoch-stale"  # A's commit loses at the service
+
+    got = acks(service, service.fan_out(relay, ["dev-a", "dev-b"]))
+    assert got["dev-a"].epoch_authenticator == got["dev-b"].epoch_authenticator
+    assert a.pending_commits(G) == 0 and b.pending_commits(G) == 0
+    assert len(a.leaf_refs()) == 1  # the losing update's leaf is retired
+    blob = b.encrypt(G, b"x", T0)
+    assert a.decrypt(G, blob, T0) == b"x"
+
+
+def test_create_is_idempotent_for_a_resent_request() -> None:
+    service = FakeService()
+    a = service.core("dev-a")
+    service.create("dev-a")
+    again = service.deliver("dev-a", CommitRequest(cmd(), G, 0, CommitAction.CREATE))
+    (created,) = service.bodies("dev-a", again)
+    assert isinstance(created, GroupCreated)
+    assert PublicGroup.from_state(
+        codec.decode(created.public_group, 1 << 20, "pg")
+    ).tree_hash() == (service.public[G].tree_hash())
+    assert a.epoch(G) == 0
+
+
+# -- persistence ------------------------------------------------------------------------------
+
+
+def test_restore_resumes_exactly() -> None:
+    service, a, _ = group_of_two()
+    (commit,) = service.request_commit("dev-a", CommitAction.UPDATE)  # pending across restart
+    assert isinstance(commit, CommitMessage)
+    saved = cbor2.loads(cbor2.dumps(a.to_state(), canonical=True))
+    resumed = AgentCore("dev-a", service.key.public_key(), a._keys, now=T0)
+    resumed.restore(saved)
+    service.devices["dev-a"] = resumed
+    assert resumed.epoch(G) == 1 and resumed.pending_commits(G) == 1
+    assert resumed.next_seq == a.next_seq
+    assert state_bytes(resumed) == state_bytes(a)
+
+    relay = service.order(commit)
+    got = acks(service, service.fan_out(relay, ["dev-a", "dev-b"]))
+    assert got["dev-a"].epoch_authenticator == got["dev-b"].epoch_authenticator
+    # the envelope continues the sequence
+    out = service.deliver("dev-a", ReportRequest(cmd()))
+    assert service.open("dev-a", out.publishes[0]).seq == resumed.next_seq - 1
+
+
+def test_restore_refuses_another_devices_state_and_missing_leaves() -> None:
+    service, a, _ = group_of_two()
+    saved = a.to_state()
+    other = AgentCore("dev-x", service.key.public_key(), a._keys, now=T0)
+    with pytest.raises(StateError):
+        other.restore(saved)
+    no_leaves = AgentCore("dev-a", service.key.public_key(), FakeSoftwareKeys(), now=T0)
+    with pytest.raises(StateError):
+        no_leaves.restore(saved)
+    assert no_leaves.groups() == {}
+
+
+# -- rotation and grace period ----------------------------------------------------------------
+
+
+def test_rotation_asks_once_per_epoch_and_grace_period_destroys_old_keys() -> None:
+    policy = RotationPolicy(max_epoch_age=1000, max_messages_per_epoch=3, grace_period=50)
+    service = FakeService()
+    a = service.core("dev-a", policy_for=lambda group: policy)
+    service.create("dev-a")
+    assert a.tick(T0 + 10).publishes == []
+    for _ in range(3):
+        a.encrypt(G, b"m", T0 + 10)
+    assert a.dirty
+    out = a.tick(T0 + 11)
+    (request,) = service.bodies("dev-a", out)
+    assert isinstance(request, UpdateRequest)
+    assert (request.group_id, request.epoch, request.reason) == (G, 0, "max-messages-per-epoch")
+    assert a.tick(T0 + 12).publishes == []  # asked already
+
+    old_blob = a.encrypt(G, b"old", T0 + 12)
+    (commit,) = service.request_commit("dev-a", CommitAction.UPDATE)
+    assert isinstance(commit, CommitMessage)
+    service.now = T0 + 20
+    acks(service, service.fan_out(service.order(commit), ["dev-a"]))
+    assert a.epoch(G) == 1
+    assert a.decrypt(G, old_blob, T0 + 60) == b"old"  # within 50 s of deactivation at T0+20
+    a.mark_clean()  # the daemon persisted the message count
+    assert a.tick(T0 + 69).changed is False
+    out = a.tick(T0 + 70)
+    assert out.changed
+    assert a.ledger.get(f"epoch/{G}/0").state is KeyState.DESTROYED
+    with pytest.raises(ProtocolError) as err:
+        a.decrypt(G, old_blob, T0 + 70)
+    assert err.value.check == "data.epoch-expired"
+    assert 0 not in a.to_state()["data_keys"][G]
+
+    service.now = T0 + 20 + 1000
+    out = a.tick(service.now)
+    (request,) = service.bodies("dev-a", out)
+    assert isinstance(request, UpdateRequest) and request.reason == "max-epoch-age"
+
+
+def test_status_has_no_secrets_and_names_groups_and_keys() -> None:
+    service, a, _ = group_of_two()
+    status = a.status()
+    assert status["device_id"] == "dev-a"
+    (group,) = status["groups"]
+    assert group["group"] == G and group["epoch"] == 1 and group["members"] == ["dev-a", "dev-b"]
+    assert group["last_ack"]["epoch"] == 1
+    text = repr(status).encode()
+    secrets = a.to_state()["groups"][G]["group"]["secrets"]
+    for value in secrets.values():
+        if value != a.groups()[G].epoch_authenticator:
+            assert value.hex() not in repr(status) and value not in text
+    assert cose.key_id(service.key.public_key()).hex() not in repr(status)
