@@ -1,0 +1,1569 @@
+"""The delivery service, sans I/O: MQTT messages in, MQTT publishes out, the registry in between.
+
+``DeliveryService.handle(topic, payload, now)`` takes one message the service received (a device
+report on ``kf/v1/dev/{id}/report`` or an operator command on ``kf/v1/ops/{op}/cmd``) and returns
+the ``Publish`` actions to perform; ``tick(now)`` drives timeouts and retries. Nothing here opens
+a socket or reads a clock: the MQTT adapter (``provisioning.service.mqtt``) does that.
+
+What the service does (docs/service.md, "Running"; /work/notes/FLOWS.md is the contract):
+
+- **Authorizes** operator commands: COSE signature by a registered operator key whose
+  certificate still chains to the operator CA, role (viewer < operator < admin), replay (per
+  sender ReplayGuard kept in the database) and command-id reuse. Every accepted or refused
+  command is one audit entry.
+- **Orders** group changes: each group has a FIFO queue of jobs (create, add, remove, update);
+  only the head is in flight, so at most one commit request per group is outstanding. A second
+  operator request for a busy group is queued behind the first, and its ``accepted`` result says
+  so. The database's UNIQUE(group, epoch) is the final guard: the first valid commit per epoch
+  wins, any other is refused with ``ds.commit.epoch_taken``.
+- **Checks in public** what it can (``agent.mls.public.PublicGroup``): committer signature, epoch,
+  tree shape, that the committer is the envelope's signer, that add/remove match the job in
+  flight, that key packages carry the added device's registered DevID key, that a Welcome has one
+  entry per add. It never holds a private group key: it cannot.
+- **Relays** accepted commits on ``grp/{G}/commit`` and welcomes to ``dev/{new}/cmd``, records
+  acks, and reports progress to the operator until every member acked the same epoch
+  authenticator or the operation makes no progress for ``ack_timeout`` seconds (``timeout``,
+  naming the stragglers).
+- **Catch-up**: on any verified report from a device that is behind in a group, it replays the
+  missing commits from the commit log on the device's command topic; if retention already
+  dropped them, it removes and re-adds the device (fresh key package, fresh welcome).
+
+"Online" (who may be asked to commit): a member proven to be at the group's current epoch (it
+acked it, it made the commit that started it, or it founded the group at epoch 0), not revoked,
+not being removed; among those, devices heard from within ``online_window`` seconds come first
+(most recent first). If the chosen committer does not answer within ``commit_request_timeout``
+seconds, the request goes to the next candidate.
+
+In-flight jobs live in memory (one instance); on start the service re-queues the removals the
+registry still has pending (revocations must finish). Commit ordering, acks, replay state and the
+audit chain are in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Final, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.errors import ProtocolError
+from agent.hpke import Rng, serialize_public_key
+from agent.mls import codec
+from agent.mls.messages import Commit, KeyPackage, Welcome
+from agent.mls.public import PublicGroup
+from agent.wire.cose import key_id
+from agent.wire.envelope import (
+    KeyResolver,
+    Signer,
+    VerifiedMessage,
+    encode_message,
+    open_message,
+)
+from agent.wire.messages.ack import Ack as AckBody
+from agent.wire.messages.attestation import AttestReport
+from agent.wire.messages.base import Body
+from agent.wire.messages.group import (
+    CommitMessage,
+    GroupCreated,
+    KeyPackageMessage,
+    WelcomeMessage,
+)
+from agent.wire.messages.key_state import KeyStateReport as KeyStateBody
+from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.wire.messages.result import OperatorResult, ResultStatus
+from agent.wire.messages.service import (
+    CommitAction,
+    CommitRequest,
+    KeyPackageRequest,
+    WelcomeDelivery,
+)
+from agent.wire.rejections import Rejections, is_benign
+from provisioning import audit, pki
+from provisioning.registry import (
+    DeviceRecord,
+    DeviceState,
+    KeyStateReport,
+    Outcome,
+    PendingChange,
+    Registry,
+    Role,
+    cert_fingerprint,
+    run_in_transaction,
+)
+from provisioning.registry.schema import Ack as AckRow
+from provisioning.registry.schema import CommitLogEntry
+from provisioning.service import store
+
+log = logging.getLogger("keyfleet.service")
+
+T = TypeVar("T")
+
+SERVICE_ID: Final = "keyfleet-service"
+TOPIC_ROOT: Final = "kf/v1"
+REPORT_SUBSCRIPTION: Final = "$share/keyfleet/kf/v1/dev/+/report"
+OPS_SUBSCRIPTION: Final = "$share/keyfleet/kf/v1/ops/+/cmd"
+MAX_PUBLIC_GROUP: Final = 1 << 20
+COMMAND_ID_SIZE: Final = 16
+
+# Who may send what. A role includes the ones below it (Role.allows).
+REQUIRED_ROLE: Final[dict[str, Role]] = {
+    Rekey.TYPE: Role.OPERATOR,
+    GroupCreate.TYPE: Role.OPERATOR,
+    GroupAdd.TYPE: Role.OPERATOR,
+    AttestDevice.TYPE: Role.OPERATOR,
+    Revoke.TYPE: Role.ADMIN,
+}
+_GROUP_ELIGIBLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE})
+_REFUSED_DEVICE_STATES = frozenset({DeviceState.REVOKED, DeviceState.DESTROYED})
+
+
+def device_cmd_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/dev/{device_id}/cmd"
+
+
+def device_report_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/dev/{device_id}/report"
+
+
+def group_commit_topic(group_id: str) -> str:
+    return f"{TOPIC_ROOT}/grp/{group_id}/commit"
+
+
+def operator_cmd_topic(operator: str) -> str:
+    return f"{TOPIC_ROOT}/ops/{operator}/cmd"
+
+
+def operator_result_topic(operator: str) -> str:
+    return f"{TOPIC_ROOT}/ops/{operator}/result"
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish ``payload`` (a service-signed envelope) on ``topic``, QoS 1."""
+
+    topic: str
+    payload: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Timing and retention knobs (from the configuration's [groups] and [service] tables)."""
+
+    ack_timeout: int = 30
+    commit_request_timeout: int = 10
+    online_window: int = 300
+    retention_epochs: int = 64
+    operator_max_age: int = 300
+    device_max_age: int = 86_400
+    catchup_grace: int = 5
+    catchup_repeat: int = 30
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    KEY_PACKAGE = "key-package"  # waiting for the new member's key package
+    WAITING = "waiting"  # no member is known to be at the current epoch yet
+    REQUESTED = "requested"  # commit request sent to ``committer``
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(eq=False)
+class Job:
+    """One group change in a group's queue. ``request_id`` is the command id of the service's
+    requests for it (key package request, commit request)."""
+
+    action: CommitAction
+    group_id: str
+    member: str | None
+    request_id: bytes = field(repr=False)
+    operation: Operation | None = None
+    persistent: bool = False  # survives its operation's timeout (revocations, re-adds)
+    candidates: tuple[str, ...] = ()  # create: the founders to try, in order
+    state: JobState = JobState.QUEUED
+    key_package: bytes | None = field(default=None, repr=False)
+    committer: str | None = None
+    tried: list[str] = field(default_factory=list)
+    request_epoch: int = 0
+    deadline: int = 0
+    detail: str = ""
+
+    def describe(self) -> str:
+        what = self.action.value + (f" {self.member}" if self.member else "")
+        return f"{what} in {self.group_id}"
+
+
+@dataclass(eq=False)
+class Operation:
+    """An operator command in flight: its jobs and what it last told the operator."""
+
+    command_id: bytes = field(repr=False)
+    operator: str
+    type: str
+    target: str
+    groups: set[str]
+    jobs: list[Job]
+    last_progress: int
+    finished: bool = False
+    last_sent: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True)
+class _HeldCommit:
+    """A valid commit that adds members, held until its Welcome arrives (both are accepted
+    together, so no member is ever added without a welcome to give it)."""
+
+    sender: str
+    body: CommitMessage
+    received: int
+
+
+@dataclass(frozen=True)
+class _CheckedCommit:
+    """A commit that passed every check short of acceptance, with what it changes."""
+
+    commit: Commit
+    public: PublicGroup
+    adds: list[str]
+    removes: list[str]
+    job: Job | None
+
+
+Post = Callable[[], None]
+
+
+class DeliveryService:
+    """See the module docstring. Not thread-safe: one adapter thread calls it."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        signing_key: ec.EllipticCurvePrivateKey,
+        operator_ca: x509.Certificate,
+        settings: ServiceSettings | None = None,
+        rng: Rng = os.urandom,
+    ) -> None:
+        self._sessions = sessions
+        self._key = signing_key
+        self._operator_ca = operator_ca
+        self.settings = settings if settings is not None else ServiceSettings()
+        self._rng = rng
+        self.rejections = Rejections()
+        self._seq = 0
+        self._out: list[Publish] = []
+        self._queues: dict[str, deque[Job]] = {}
+        self._kp_jobs: dict[bytes, Job] = {}
+        self._operations: dict[bytes, Operation] = {}
+        self._held: dict[tuple[str, int], _HeldCommit] = {}
+        self._held_welcomes: dict[tuple[str, int, str], WelcomeMessage] = {}
+        self._last_heard: dict[str, int] = {}
+        self._catchup_sent: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._readding: set[tuple[str, str]] = set()
+        self._started = False
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, now: int) -> list[Publish]:
+        """Process one received message; return what to publish. Never raises for a bad
+        message: refusals are counted, logged (no secrets) and audited."""
+        self._ensure_started(now)
+        parts = topic.split("/")
+        if len(parts) == 5 and parts[:2] == ["kf", "v1"]:
+            kind, ident, leaf = parts[2], parts[3], parts[4]
+            if kind == "dev" and leaf == "report":
+                self._on_device(ident, payload, now)
+            elif kind == "ops" and leaf == "cmd":
+                self._on_operator(ident, payload, now)
+            else:
+                log.warning("ignored a message on %s: not a service topic", topic)
+        else:
+            log.warning("ignored a message on %s: not a service topic", topic)
+        return self._flush()
+
+    def tick(self, now: int) -> list[Publish]:
+        """Timeouts and retries: commit requests nobody answered go to the next candidate, key
+        package requests are repeated, operations without progress end in ``timeout``."""
+        self._ensure_started(now)
+        for group_id in list(self._queues):
+            job = self._head(group_id)
+            if job is None:
+                continue
+            if job.state is JobState.REQUESTED and now >= job.deadline:
+                log.info(
+                    "no commit from %s for %s within %ss; asking another member",
+                    job.committer,
+                    job.describe(),
+                    self.settings.commit_request_timeout,
+                )
+                if job.committer is not None and job.committer not in job.tried:
+                    job.tried.append(job.committer)
+                job.state = JobState.WAITING
+                self._start(job, now)
+            elif job.state is JobState.KEY_PACKAGE and now >= job.deadline:
+                self._request_key_package(job, now)
+            elif job.state in (JobState.WAITING, JobState.QUEUED):
+                self._start(job, now)
+        for key, held in list(self._held.items()):
+            if now - held.received > self.settings.commit_request_timeout:
+                del self._held[key]
+        for operation in list(self._operations.values()):
+            if (
+                not operation.finished
+                and now - operation.last_progress >= self.settings.ack_timeout
+            ):
+                self._time_out(operation, now)
+        return self._flush()
+
+    def queue_length(self, group_id: str) -> int:
+        queue = self._queues.get(group_id)
+        return 0 if queue is None else len(queue)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _flush(self) -> list[Publish]:
+        out, self._out = self._out, []
+        return out
+
+    def _tx(self, work: Callable[[Session], T]) -> T:
+        return run_in_transaction(self._sessions, work)
+
+    def _read(self, work: Callable[[Session], T]) -> T:
+        with self._sessions() as session:
+            return work(session)
+
+    def _envelope(self, body: Body, *, to: str, now: int) -> bytes:
+        # Sequence numbers must keep increasing across restarts without a write per message:
+        # milliseconds of the clock, or one more than the last, whichever is larger.
+        self._seq = max(self._seq + 1, now * 1000)
+        return encode_message(
+            body, key=self._key, sender=SERVICE_ID, to=to, seq=self._seq, time=now
+        )
+
+    def _send(self, topic: str, body: Body, *, to: str, now: int) -> None:
+        self._out.append(Publish(topic, self._envelope(body, to=to, now=now)))
+
+    def _new_id(self) -> bytes:
+        return self._rng(COMMAND_ID_SIZE)
+
+    def _ensure_started(self, now: int) -> None:
+        """Re-queue removals the registry still has pending (a revocation interrupted by a
+        restart must still take the device out of its groups)."""
+        if self._started:
+            return
+        self._started = True
+
+        def pending_removals(session: Session) -> list[tuple[str, str]]:
+            registry = Registry(session)
+            found = []
+            for group in registry.groups():
+                for member in registry.members(group.group_id):
+                    if member.pending is PendingChange.REMOVE and member.leaf_index is not None:
+                        found.append((group.group_id, member.device_id))
+            return found
+
+        for group_id, device_id in self._read(pending_removals):
+            log.info("resuming the removal of %s from %s", device_id, group_id)
+            self._enqueue(
+                Job(CommitAction.REMOVE, group_id, device_id, self._new_id(), persistent=True), now
+            )
+
+    def _refuse(
+        self,
+        err: ProtocolError,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        now: int,
+        details: dict[str, str | int | None] | None = None,
+        audit_benign: bool = False,
+    ) -> None:
+        self.rejections.record(err)
+        if is_benign(err) and not audit_benign:
+            log.debug("dropped a redelivery from %s (%s)", actor, err.check)
+            return
+        log.warning(
+            "refused %s from %s on %s: [%s] %s", action, actor, target, err.check, err.reason
+        )
+        audit.record(
+            self._sessions,
+            now=now,
+            actor=actor,
+            action=action,
+            target=target,
+            outcome=Outcome.REFUSED,
+            reason=f"[{err.check}] {err.reason}",
+            details=details or {},
+        )
+
+    def _open(
+        self,
+        payload: bytes,
+        resolver_for: Callable[[Session], KeyResolver],
+        *,
+        now: int,
+        max_age: int,
+    ) -> VerifiedMessage:
+        def work(session: Session) -> VerifiedMessage:
+            message = open_message(
+                payload,
+                resolver_for(session),
+                now=now,
+                recipients=(SERVICE_ID,),
+                max_age=max_age,
+            )
+            store.load_guard(session, message.sender).check(message)
+            return message
+
+        return self._read(work)
+
+    def _accept_and(
+        self, message: VerifiedMessage, now: int, handler: Callable[[Session], Post | None]
+    ) -> Post | None:
+        """Run ``handler`` in one transaction with the sender's replay guard: the message is
+        recorded as seen only if its effects commit."""
+
+        def work(session: Session) -> Post | None:
+            guard = store.load_guard(session, message.sender)
+            guard.accept(message)
+            group_epoch = message.body.group_epoch()
+            if group_epoch is not None:
+                # The registry judges epochs (commit log, acks), with the group's real state;
+                # the guard's per-sender epoch tracking would refuse a catch-up ack that jumps.
+                guard.forget_group(group_epoch[0])
+            post = handler(session)
+            store.save_guard(session, message.sender, guard, now=now)
+            return post
+
+        return self._tx(work)
+
+    # -- devices -------------------------------------------------------------------------------
+
+    def _device_resolver(self, device_id: str) -> Callable[[Session], KeyResolver]:
+        def make(session: Session) -> KeyResolver:
+            def resolve(kid: bytes) -> Signer:
+                try:
+                    device = Registry(session).device(device_id)
+                except ProtocolError:
+                    raise LookupError(device_id) from None
+                public_key = _devid_public_key(device)
+                if key_id(public_key) != kid:
+                    raise LookupError(device_id)
+                if device.state in _REFUSED_DEVICE_STATES:
+                    raise ProtocolError(
+                        "ds.device.revoked", f"device {device_id!r} is {device.state.value}"
+                    )
+                return Signer(device_id, public_key)
+
+            return resolve
+
+        return make
+
+    def _on_device(self, device_id: str, payload: bytes, now: int) -> None:
+        actor = f"device:{device_id}"
+        try:
+            message = self._open(
+                payload,
+                self._device_resolver(device_id),
+                now=now,
+                max_age=self.settings.device_max_age,
+            )
+        except ProtocolError as err:
+            self._refuse(err, actor=actor, action="device.message", target=device_id, now=now)
+            return
+        self._last_heard[device_id] = now
+        body = message.body
+        try:
+            post = self._accept_and(message, now, lambda s: self._dispatch_device(s, message, now))
+        except ProtocolError as err:
+            target = getattr(body, "group_id", device_id)
+            details: dict[str, str | int | None] = {"type": message.type}
+            epoch = getattr(body, "epoch", None)
+            if isinstance(epoch, int):
+                details["epoch"] = epoch
+            self._refuse(
+                err, actor=actor, action=message.type, target=str(target), now=now, details=details
+            )
+            return
+        if post is not None:
+            post()
+        self._catch_up(device_id, now)
+
+    def _dispatch_device(self, session: Session, message: VerifiedMessage, now: int) -> Post | None:
+        body = message.body
+        sender = message.sender
+        if isinstance(body, KeyStateBody):
+            return self._on_key_states(session, sender, body, message, now)
+        if isinstance(body, KeyPackageMessage):
+            return self._on_key_package(session, sender, body, now)
+        if isinstance(body, GroupCreated):
+            return self._on_group_created(session, sender, body, now)
+        if isinstance(body, CommitMessage):
+            return self._on_commit(session, sender, body, now)
+        if isinstance(body, WelcomeMessage):
+            return self._on_welcome(session, sender, body, now)
+        if isinstance(body, AckBody):
+            return self._on_ack(session, sender, body, now)
+        if isinstance(body, AttestReport):
+            # The attestation verifier is its own component; the delivery service only notes
+            # that the device is alive.
+            log.info("attestation report from %s: not verified by the delivery service", sender)
+            return None
+        raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
+
+    def _on_key_states(
+        self,
+        session: Session,
+        sender: str,
+        body: KeyStateBody,
+        message: VerifiedMessage,
+        now: int,
+    ) -> Post | None:
+        items = [
+            KeyStateReport(key_name=record.name, state=state, at=at)
+            for record in body.keys
+            for state, at in record.transitions
+        ]
+        Registry(session).record_report(sender, message.message_id, items, now=now)
+        return None
+
+    def _on_key_package(
+        self, session: Session, sender: str, body: KeyPackageMessage, now: int
+    ) -> Post:
+        job = self._kp_jobs.get(body.command_id) if body.command_id is not None else None
+        if job is None or job.member != sender or job.state is not JobState.KEY_PACKAGE:
+            raise ProtocolError(
+                "ds.key_package.unexpected", "no key package was requested with this command id"
+            )
+        key_package = KeyPackage.decode(body.key_package)
+        key_package.verify()
+        device = Registry(session).device(sender)
+        if key_package.device_id != sender.encode() or key_package.signature_key != (
+            serialize_public_key(_devid_public_key(device))
+        ):
+            raise ProtocolError(
+                "ds.key_package.identity",
+                "the key package is not bound to the sender's DevID key and device id",
+            )
+
+        def post() -> None:
+            job.key_package = body.key_package
+            self._kp_jobs.pop(job.request_id, None)
+            job.state = JobState.WAITING
+            self._touch(job, now)
+            if job is self._head(job.group_id):
+                self._start(job, now)
+
+        return post
+
+    def _on_group_created(
+        self, session: Session, sender: str, body: GroupCreated, now: int
+    ) -> Post:
+        job = self._head(body.group_id)
+        if (
+            job is None
+            or job.action is not CommitAction.CREATE
+            or job.state is not JobState.REQUESTED
+            or job.committer != sender
+            or job.request_id != body.command_id
+        ):
+            raise ProtocolError(
+                "ds.create.unexpected", f"{sender} was not asked to create {body.group_id}"
+            )
+        public = PublicGroup.from_state(
+            codec.decode(body.public_group, MAX_PUBLIC_GROUP, "public_group")
+        )
+        registry = Registry(session)
+        devid = serialize_public_key(_devid_public_key(registry.device(sender)))
+        members = list(public.tree.members())
+        if (
+            public.group_id != body.group_id.encode()
+            or public.epoch != 0
+            or len(members) != 1
+            or members[0][0] != 0
+            or members[0][1].device_id != sender.encode()
+            or members[0][1].signature_key != devid
+        ):
+            raise ProtocolError(
+                "ds.create.public_group",
+                "the public group is not epoch 0 of this group with the sender alone at leaf 0",
+            )
+        registry.create_group(
+            body.group_id,
+            creator=sender,
+            public_tree=codec.encode(public.to_state()),
+            group_context=public.state.group_context(),
+            now=now,
+        )
+        audit.append(
+            session,
+            now=now,
+            actor=f"device:{sender}",
+            action="group.created",
+            target=body.group_id,
+            outcome=Outcome.ACCEPTED,
+            details=_job_details(job, epoch=0),
+        )
+
+        def post() -> None:
+            log.info("group %s created by %s at epoch 0", body.group_id, sender)
+            self._finish_job(job, now)
+
+        return post
+
+    def _load_public(self, session: Session, group_id: str) -> tuple[PublicGroup, int]:
+        group = Registry(session).group(group_id)
+        public = PublicGroup.from_state(
+            codec.decode(group.public_tree, MAX_PUBLIC_GROUP, "public_tree")
+        )
+        return public, group.epoch
+
+    def _check_commit(self, session: Session, sender: str, body: CommitMessage) -> _CheckedCommit:
+        """Every check before acceptance; returns the commit, the group's public view, the
+        device ids it adds and removes, and the job it fulfils."""
+        public, epoch = self._load_public(session, body.group_id)
+        commit = Commit.decode(body.commit)
+        if commit.content.epoch != body.epoch:
+            raise ProtocolError("ds.commit.epoch_mismatch", "envelope and commit epochs differ")
+        if body.epoch < epoch:
+            raise ProtocolError(
+                "ds.commit.epoch_taken",
+                f"group {body.group_id!r}: epoch {body.epoch} already has an accepted commit; "
+                f"the group is at epoch {epoch}",
+            )
+        public.verify(commit)
+        registry = Registry(session)
+        leaf = public.tree.leaf(commit.content.sender)
+        devid = serialize_public_key(_devid_public_key(registry.device(sender)))
+        if leaf is None or leaf.device_id != sender.encode() or leaf.signature_key != devid:
+            raise ProtocolError(
+                "ds.commit.sender", "the commit's committer leaf is not the signing device"
+            )
+        adds = [kp.device_id.decode() for kp in commit.content.adds]
+        removes = []
+        for index in commit.content.removes:
+            removed_leaf = public.tree.leaf(index)
+            assert removed_leaf is not None  # verify() refused blank removes
+            removes.append(removed_leaf.device_id.decode())
+        for kp in commit.content.adds:
+            added = registry.device(kp.device_id.decode())
+            if kp.signature_key != serialize_public_key(_devid_public_key(added)):
+                raise ProtocolError(
+                    "ds.commit.key_package", "an added key package is not the device's DevID key"
+                )
+        job = self._head(body.group_id)
+        if adds or removes:
+            authorized = (
+                job is not None
+                and job.state is JobState.REQUESTED
+                and (
+                    (
+                        job.action is CommitAction.ADD
+                        and not removes
+                        and len(commit.content.adds) == 1
+                        and commit.content.adds[0].encode() == job.key_package
+                    )
+                    or (job.action is CommitAction.REMOVE and not adds and removes == [job.member])
+                )
+            )
+            if not authorized:
+                raise ProtocolError(
+                    "ds.commit.unauthorized",
+                    "the commit adds or removes members nobody asked to add or remove",
+                )
+            return _CheckedCommit(commit, public, adds, removes, job)
+        matched = job if job is not None and job.action is CommitAction.UPDATE else None
+        return _CheckedCommit(commit, public, adds, removes, matched)
+
+    def _on_commit(self, session: Session, sender: str, body: CommitMessage, now: int) -> Post:
+        checked = self._check_commit(session, sender, body)
+        if checked.adds:
+            welcome = self._held_welcomes.get((body.group_id, body.epoch, sender))
+            if welcome is None:
+                held = _HeldCommit(sender, body, now)
+
+                def hold() -> None:
+                    log.info(
+                        "commit for %s epoch %s from %s holds until its welcome arrives",
+                        body.group_id,
+                        body.epoch,
+                        sender,
+                    )
+                    self._held[(body.group_id, body.epoch)] = held
+
+                return hold
+            return self._accept_commit(session, sender, body, checked, welcome=welcome, now=now)
+        return self._accept_commit(session, sender, body, checked, welcome=None, now=now)
+
+    def _on_welcome(self, session: Session, sender: str, body: WelcomeMessage, now: int) -> Post:
+        commit_epoch = body.epoch - 1 if body.epoch > 0 else -1
+        held = self._held.get((body.group_id, commit_epoch))
+        if held is None or held.sender != sender:
+            # The welcome came first (or the commit is still on its way): keep it briefly.
+            key = (body.group_id, commit_epoch, sender)
+
+            def keep() -> None:
+                self._held_welcomes[key] = body
+
+            return keep
+        checked = self._check_commit(session, sender, held.body)
+        return self._accept_commit(session, sender, held.body, checked, welcome=body, now=now)
+
+    def _accept_commit(
+        self,
+        session: Session,
+        sender: str,
+        body: CommitMessage,
+        checked: _CheckedCommit,
+        *,
+        welcome: WelcomeMessage | None,
+        now: int,
+    ) -> Post:
+        commit, public, adds, removes, job = (
+            checked.commit,
+            checked.public,
+            checked.adds,
+            checked.removes,
+            checked.job,
+        )
+        if welcome is not None:
+            if welcome.epoch != body.epoch + 1 or sorted(welcome.new_members) != sorted(adds):
+                raise ProtocolError(
+                    "ds.welcome.members", "the welcome does not match the commit's adds and epoch"
+                )
+            public.check_welcome(commit, Welcome.decode(welcome.welcome))
+        verified = public.verify(commit)
+        following = PublicGroup(verified.next_state())
+        added = {
+            kp.device_id.decode(): leaf
+            for kp, leaf in zip(commit.content.adds, verified.added, strict=True)
+        }
+        registry = Registry(session)
+        registry.append_commit(
+            body.group_id,
+            epoch=body.epoch,
+            committer=sender,
+            commit=body.commit,
+            welcome=None if welcome is None else welcome.welcome,
+            public_tree=codec.encode(following.to_state()),
+            group_context=following.state.group_context(),
+            added=added,
+            removed=removes,
+            now=now,
+        )
+        below = body.epoch + 1 - self.settings.retention_epochs
+        if below > 0:
+            registry.prune_commit_log(body.group_id, below)
+        details: dict[str, str | int | None] = {
+            "epoch": body.epoch,
+            "new_epoch": body.epoch + 1,
+            "adds": ",".join(adds),
+            "removes": ",".join(removes),
+            "command_id": None if body.command_id is None else body.command_id.hex(),
+        }
+        audit.append(
+            session,
+            now=now,
+            actor=f"device:{sender}",
+            action="group.commit",
+            target=body.group_id,
+            outcome=Outcome.ACCEPTED,
+            details=details,
+        )
+
+        def post() -> None:
+            group_id, epoch = body.group_id, body.epoch
+            log.info(
+                "accepted the commit of %s for %s epoch %s -> %s (adds %s, removes %s)",
+                sender,
+                group_id,
+                epoch,
+                epoch + 1,
+                adds or "-",
+                removes or "-",
+            )
+            self._held.pop((group_id, epoch), None)
+            self._held_welcomes.pop((group_id, epoch, sender), None)
+            relay = CommitMessage(group_id, epoch, body.commit, body.command_id)
+            self._send(group_commit_topic(group_id), relay, to=group_id, now=now)
+            if welcome is not None:
+                for device_id in adds:
+                    self._send(
+                        device_cmd_topic(device_id),
+                        WelcomeDelivery(group_id, epoch + 1, welcome.welcome),
+                        to=device_id,
+                        now=now,
+                    )
+            head = self._head(group_id)
+            if job is not None and job is head:
+                self._finish_job(job, now)
+            elif head is not None and head.state is JobState.REQUESTED:
+                # Another member's self-update won the epoch the request was made for: ask
+                # again at the new epoch.
+                head.state = JobState.WAITING
+                head.tried.clear()
+                self._start(head, now)
+            self._group_changed(group_id, now)
+
+        return post
+
+    def _on_ack(self, session: Session, sender: str, body: AckBody, now: int) -> Post:
+        Registry(session).record_ack(
+            body.group_id,
+            epoch=body.epoch,
+            device_id=sender,
+            epoch_authenticator=body.epoch_authenticator,
+            now=now,
+        )
+
+        def post() -> None:
+            log.debug("ack from %s for %s epoch %s", sender, body.group_id, body.epoch)
+            self._group_changed(body.group_id, now)
+
+        return post
+
+    # -- catch-up ----------------------------------------------------------------------------
+
+    def _known_epoch(self, session: Session, group_id: str, device_id: str, joined: int) -> int:
+        acked = session.scalar(
+            select(func.max(AckRow.epoch)).where(
+                AckRow.group_id == group_id, AckRow.device_id == device_id
+            )
+        )
+        committed = session.scalar(
+            select(func.max(CommitLogEntry.epoch)).where(
+                CommitLogEntry.group_id == group_id, CommitLogEntry.committer == device_id
+            )
+        )
+        known = joined
+        if acked is not None:
+            known = max(known, int(acked))
+        if committed is not None:
+            known = max(known, int(committed) + 1)
+        return known
+
+    def _catch_up(self, device_id: str, now: int) -> None:
+        """Replay the commits a member missed on its command topic; if retention dropped them,
+        re-add it with a fresh welcome (docs/service.md, "Catch-up")."""
+
+        def plan(session: Session) -> tuple[list[tuple[str, list[CommitMessage], int]], list[str]]:
+            registry = Registry(session)
+            replays: list[tuple[str, list[CommitMessage], int]] = []
+            readd: list[str] = []
+            for member in registry.groups_of(device_id):
+                if member.leaf_index is None or member.pending is PendingChange.REMOVE:
+                    continue
+                group = registry.group(member.group_id)
+                known = self._known_epoch(
+                    session, group.group_id, device_id, member.joined_epoch or 0
+                )
+                if known >= group.epoch:
+                    continue
+                if self._catchup_sent.get((group.group_id, device_id), (-1, -1, -1))[:2] == (
+                    known,
+                    group.epoch,
+                ) and now - self._catchup_sent[(group.group_id, device_id)][2] < (
+                    self.settings.catchup_repeat
+                ):
+                    continue
+                try:
+                    commits = registry.commits_from(group.group_id, known)
+                except ProtocolError as err:
+                    if err.check == "ds.catchup.pruned":
+                        readd.append(group.group_id)
+                    continue
+                if len(commits) == 1 and now - commits[0].accepted_at < self.settings.catchup_grace:
+                    continue  # the relay on grp/G/commit is still on its way
+                replays.append(
+                    (
+                        group.group_id,
+                        [CommitMessage(c.group_id, c.epoch, c.commit) for c in commits],
+                        group.epoch,
+                    )
+                )
+            return replays, readd
+
+        replays, readd = self._read(plan)
+        for group_id, commits, current in replays:
+            log.info(
+                "catch-up: %s is behind in %s; replaying %d commit(s) up to epoch %s",
+                device_id,
+                group_id,
+                len(commits),
+                current,
+            )
+            for message in commits:
+                self._send(device_cmd_topic(device_id), message, to=device_id, now=now)
+            self._catchup_sent[(group_id, device_id)] = (commits[0].epoch, current, now)
+        for group_id in readd:
+            self._readd(group_id, device_id, now)
+
+    def _readd(self, group_id: str, device_id: str, now: int) -> None:
+        if (group_id, device_id) in self._readding:
+            return
+
+        def work(session: Session) -> bool:
+            registry = Registry(session)
+            others = [
+                m
+                for m in registry.members(group_id)
+                if m.leaf_index is not None and m.device_id != device_id
+            ]
+            if not others:
+                return False
+            registry.request_remove(group_id, device_id, now=now)
+            audit.append(
+                session,
+                now=now,
+                actor="service",
+                action="group.readd",
+                target=group_id,
+                outcome=Outcome.ACCEPTED,
+                reason="the member is behind the commit log's retention: fresh welcome",
+                details={"device": device_id},
+            )
+            return True
+
+        if not self._tx(work):
+            return
+        log.info(
+            "catch-up: %s is beyond retention in %s; removing and re-adding it", device_id, group_id
+        )
+        self._readding.add((group_id, device_id))
+        self._enqueue(
+            Job(CommitAction.REMOVE, group_id, device_id, self._new_id(), persistent=True), now
+        )
+        self._enqueue(
+            Job(CommitAction.ADD, group_id, device_id, self._new_id(), persistent=True), now
+        )
+
+    # -- operators -----------------------------------------------------------------------------
+
+    def _operator_resolver(
+        self, operator: str, found: dict[str, Role], now: int
+    ) -> Callable[[Session], KeyResolver]:
+        def make(session: Session) -> KeyResolver:
+            def resolve(kid: bytes) -> Signer:
+                row = session.get(store.OperatorKey, operator)
+                if row is None or row.kid != kid.hex():
+                    raise LookupError(operator)
+                cert = pki.cert_from_pem(row.cert_pem.encode())
+                record = Registry(session).operator(operator)
+                if record.cert_fingerprint != cert_fingerprint(cert):
+                    raise ProtocolError(
+                        "op.certificate", f"operator {operator!r} has another certificate now"
+                    )
+                # Re-checked on every command: an expired certificate stops working at once.
+                pki.verify_certificate(
+                    cert, self._operator_ca, now=datetime.fromtimestamp(now, UTC), purpose="client"
+                )
+                found["role"] = record.role
+                public_key = cert.public_key()
+                assert isinstance(public_key, ec.EllipticCurvePublicKey)  # pki checked P-256
+                return Signer(operator, public_key)
+
+            return resolve
+
+        return make
+
+    def _on_operator(self, operator: str, payload: bytes, now: int) -> None:
+        actor = f"operator:{operator}"
+        found: dict[str, Role] = {}
+        make = self._operator_resolver(operator, found, now)
+        try:
+            message = self._open(payload, make, now=now, max_age=self.settings.operator_max_age)
+        except ProtocolError as err:
+            self._refuse(
+                err,
+                actor=actor,
+                action="operator.command",
+                target=operator,
+                now=now,
+                audit_benign=True,
+            )
+            return
+        body = message.body
+        command_id: bytes | None = getattr(body, "command_id", None)
+        target = _target_of(body)
+        details: dict[str, str | int | None] = {
+            "command_id": None if command_id is None else command_id.hex()
+        }
+        try:
+            required = REQUIRED_ROLE.get(message.type)
+            if required is None or command_id is None:
+                raise ProtocolError("op.type", f"{message.type} is not an operator command")
+            role = found["role"]
+            if not role.allows(required):
+                raise ProtocolError(
+                    "op.role", f"{message.type} needs role {required.value}; {operator} is {role}"
+                )
+            post = self._accept_and(
+                message, now, lambda s: self._dispatch_operator(s, message, command_id, now)
+            )
+        except ProtocolError as err:
+            self._refuse(
+                err, actor=actor, action=message.type, target=target, now=now, details=details
+            )
+            if command_id is not None and err.check not in (
+                "replay.duplicate",
+                "op.command_id.reused",
+            ):
+                self._send(
+                    operator_result_topic(operator),
+                    OperatorResult(
+                        command_id, ResultStatus.REJECTED, f"[{err.check}] {err.reason}", (), ()
+                    ),
+                    to=operator,
+                    now=now,
+                )
+            return
+        if post is not None:
+            post()
+
+    def _dispatch_operator(
+        self, session: Session, message: VerifiedMessage, command_id: bytes, now: int
+    ) -> Post:
+        operator = message.sender
+        body = message.body
+        if store.command_seen(session, command_id):
+            raise ProtocolError("op.command_id.reused", "this command id was already used")
+        registry = Registry(session)
+        jobs: list[Job] = []
+        groups: set[str] = set()
+        if isinstance(body, Rekey):
+            registry.group(body.group_id)
+            jobs.append(Job(CommitAction.UPDATE, body.group_id, None, self._new_id()))
+            groups.add(body.group_id)
+        elif isinstance(body, GroupCreate):
+            if self._pending_create(body.group_id):
+                raise ProtocolError(
+                    "registry.group.exists", f"group {body.group_id!r} is being created"
+                )
+            if body.group_id in {g.group_id for g in registry.groups()}:
+                raise ProtocolError(
+                    "registry.group.exists", f"group {body.group_id!r} already exists"
+                )
+            for device_id in body.members:
+                _check_eligible(registry, device_id, body.group_id)
+            jobs.append(
+                Job(
+                    CommitAction.CREATE,
+                    body.group_id,
+                    None,
+                    self._new_id(),
+                    candidates=body.members,
+                )
+            )
+            jobs.extend(
+                Job(CommitAction.ADD, body.group_id, device_id, self._new_id())
+                for device_id in body.members[1:]
+            )
+            groups.add(body.group_id)
+        elif isinstance(body, GroupAdd):
+            _check_eligible(registry, body.device_id, body.group_id)
+            if not self._pending_create(body.group_id):
+                registry.group(body.group_id)
+                current = {m.device_id: m for m in registry.members(body.group_id)}
+                existing = current.get(body.device_id)
+                if existing is not None and existing.leaf_index is not None:
+                    raise ProtocolError(
+                        "ds.group.member",
+                        f"device {body.device_id!r} is already a member of {body.group_id!r}",
+                    )
+                registry.request_add(body.group_id, body.device_id, now=now)
+            jobs.append(Job(CommitAction.ADD, body.group_id, body.device_id, self._new_id()))
+            groups.add(body.group_id)
+        elif isinstance(body, Revoke):
+            registry.set_device_state(
+                body.device_id,
+                DeviceState.REVOKED,
+                reason=body.reason or f"revoked by {operator}",
+                now=now,
+            )
+            for member in registry.groups_of(body.device_id):
+                registry.request_remove(member.group_id, body.device_id, now=now)
+                if member.leaf_index is not None:
+                    jobs.append(
+                        Job(
+                            CommitAction.REMOVE,
+                            member.group_id,
+                            body.device_id,
+                            self._new_id(),
+                            persistent=True,
+                        )
+                    )
+                    groups.add(member.group_id)
+        elif isinstance(body, AttestDevice):
+            raise ProtocolError(
+                "op.unsupported", "attestation on demand is not handled by the delivery service"
+            )
+        else:  # pragma: no cover - REQUIRED_ROLE lists exactly the types above
+            raise ProtocolError("op.type", f"{message.type} is not an operator command")
+        store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
+        target = _target_of(body)
+        audit.append(
+            session,
+            now=now,
+            actor=f"operator:{operator}",
+            action=message.type,
+            target=target,
+            outcome=Outcome.ACCEPTED,
+            details={"command_id": command_id.hex(), "jobs": len(jobs)},
+        )
+
+        def post() -> None:
+            operation = Operation(
+                command_id=command_id,
+                operator=operator,
+                type=message.type,
+                target=target,
+                groups=groups,
+                jobs=jobs,
+                last_progress=now,
+            )
+            self._operations[command_id] = operation
+            ahead = sum(self.queue_length(g) for g in groups)
+            log.info(
+                "accepted %s from %s on %s (%d job(s), %d queued ahead)",
+                message.type,
+                operator,
+                target,
+                len(jobs),
+                ahead,
+            )
+            if isinstance(body, Revoke):
+                self._cancel_adds_of(body.device_id, now)
+            detail = f"{len(jobs)} group change(s)"
+            if ahead:
+                detail += f"; queued behind {ahead} earlier change(s)"
+            self._result(operation, ResultStatus.ACCEPTED, detail, now=now)
+            for job in jobs:
+                job.operation = operation
+                self._enqueue(job, now)
+            self._progress(operation, now)
+
+        return post
+
+    def _pending_create(self, group_id: str) -> bool:
+        queue = self._queues.get(group_id)
+        return queue is not None and any(j.action is CommitAction.CREATE for j in queue)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def _head(self, group_id: str) -> Job | None:
+        queue = self._queues.get(group_id)
+        return queue[0] if queue else None
+
+    def _enqueue(self, job: Job, now: int) -> None:
+        queue = self._queues.setdefault(job.group_id, deque())
+        queue.append(job)
+        if queue[0] is job:
+            self._start(job, now)
+
+    def _touch(self, job: Job, now: int) -> None:
+        if job.operation is not None:
+            job.operation.last_progress = max(job.operation.last_progress, now)
+
+    def _start(self, job: Job, now: int) -> None:
+        """Move the head job forward as far as it can go now."""
+        if job.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+            return
+        if job.action is CommitAction.ADD and job.key_package is None:
+            if job.state is not JobState.KEY_PACKAGE:
+                self._request_key_package(job, now)
+            return
+        if job.action is CommitAction.CREATE:
+            candidates = job.candidates
+            committer = candidates[len(job.tried) % len(candidates)]
+            self._request_commit(job, committer, 0, now)
+            return
+        try:
+            choice = self._read(lambda s: self._choose_committer(s, job, now))
+        except ProtocolError as err:
+            self._fail_job(job, f"[{err.check}] {err.reason}", now)
+            return
+        if choice is None:
+            job.state = JobState.WAITING
+            return
+        committer, epoch = choice
+        self._request_commit(job, committer, epoch, now)
+
+    def _request_key_package(self, job: Job, now: int) -> None:
+        assert job.member is not None
+        job.state = JobState.KEY_PACKAGE
+        job.deadline = now + self.settings.commit_request_timeout
+        self._kp_jobs[job.request_id] = job
+        self._send(
+            device_cmd_topic(job.member),
+            KeyPackageRequest(job.request_id),
+            to=job.member,
+            now=now,
+        )
+
+    def _request_commit(self, job: Job, committer: str, epoch: int, now: int) -> None:
+        job.state = JobState.REQUESTED
+        job.committer = committer
+        job.request_epoch = epoch
+        job.deadline = now + self.settings.commit_request_timeout
+        request = CommitRequest(
+            command_id=job.request_id,
+            group_id=job.group_id,
+            epoch=epoch,
+            action=job.action,
+            member=job.member if job.action in (CommitAction.ADD, CommitAction.REMOVE) else None,
+            key_package=job.key_package if job.action is CommitAction.ADD else None,
+        )
+        log.info("asked %s to commit %s at epoch %s", committer, job.describe(), epoch)
+        self._send(device_cmd_topic(committer), request, to=committer, now=now)
+
+    def _at_epoch(self, session: Session, group_id: str, epoch: int) -> set[str]:
+        """Members proven to hold the group's current epoch."""
+        acked = set(
+            session.scalars(
+                select(AckRow.device_id).where(AckRow.group_id == group_id, AckRow.epoch == epoch)
+            )
+        )
+        if epoch == 0:
+            acked.update(
+                m.device_id for m in Registry(session).members(group_id) if m.leaf_index == 0
+            )
+        else:
+            last = session.get(CommitLogEntry, (group_id, epoch - 1))
+            if last is not None:
+                acked.add(last.committer)
+        return acked
+
+    def _choose_committer(self, session: Session, job: Job, now: int) -> tuple[str, int] | None:
+        registry = Registry(session)
+        group = registry.group(job.group_id)
+        members = [m for m in registry.members(job.group_id) if m.leaf_index is not None]
+        if job.action is CommitAction.REMOVE:
+            if not any(m.device_id == job.member for m in members):
+                raise ProtocolError(
+                    "ds.job.member", f"{job.member} is no longer a member of {job.group_id}"
+                )
+            if len(members) < 2:
+                raise ProtocolError(
+                    "ds.job.last_member",
+                    f"{job.member} is the only member of {job.group_id}: nobody can remove it",
+                )
+        at_epoch = self._at_epoch(session, job.group_id, group.epoch)
+        preferred: str | None = None
+        if job.action is CommitAction.REMOVE:
+            public, _ = self._load_public(session, job.group_id)
+            target = next(m for m in members if m.device_id == job.member)
+            assert target.leaf_index is not None
+            near = public.tree.leaf(public.committer_for_remove(target.leaf_index))
+            preferred = None if near is None else near.device_id.decode()
+        candidates: list[tuple[bool, bool, int, str]] = []
+        for member in members:
+            device_id = member.device_id
+            if device_id == job.member or member.pending is PendingChange.REMOVE:
+                continue
+            if device_id not in at_epoch:
+                continue
+            device = registry.device(device_id)
+            if device.state not in _GROUP_ELIGIBLE:
+                continue
+            seen = max(self._last_heard.get(device_id, -1), device.last_seen or -1)
+            online = seen >= now - self.settings.online_window
+            candidates.append((online, device_id == preferred, seen, device_id))
+        if not candidates:
+            return None
+        candidates.sort(reverse=True)
+        untried = [c for c in candidates if c[3] not in job.tried]
+        if not untried:
+            job_tried_reset = candidates
+            return job_tried_reset[len(job.tried) % len(candidates)][3], group.epoch
+        return untried[0][3], group.epoch
+
+    def _finish_job(self, job: Job, now: int) -> None:
+        job.state = JobState.DONE
+        self._touch(job, now)
+        self._pop(job)
+        if job.member is not None and job.action is CommitAction.ADD:
+            self._readding.discard((job.group_id, job.member))
+        if job.operation is not None:
+            self._progress(job.operation, now)
+        self._start_next(job.group_id, now)
+
+    def _fail_job(self, job: Job, detail: str, now: int) -> None:
+        log.warning("gave up on %s: %s", job.describe(), detail)
+        job.state = JobState.FAILED
+        job.detail = detail
+        self._pop(job)
+        if job.operation is not None:
+            self._progress(job.operation, now)
+        self._start_next(job.group_id, now)
+
+    def _pop(self, job: Job) -> None:
+        queue = self._queues.get(job.group_id)
+        if queue is not None and job in queue:
+            queue.remove(job)
+            if not queue:
+                del self._queues[job.group_id]
+        self._kp_jobs.pop(job.request_id, None)
+
+    def _start_next(self, group_id: str, now: int) -> None:
+        head = self._head(group_id)
+        if head is not None and head.state in (JobState.QUEUED, JobState.WAITING):
+            self._start(head, now)
+
+    def _cancel(self, job: Job, now: int) -> None:
+        job.state = JobState.CANCELLED
+        self._pop(job)
+        if job.action is CommitAction.ADD and job.member is not None:
+            member = job.member
+
+            def withdraw(session: Session) -> None:
+                registry = Registry(session)
+                try:
+                    rows = {m.device_id: m for m in registry.members(job.group_id)}
+                except ProtocolError:
+                    return  # the group was never created
+                row = rows.get(member)
+                if row is not None and row.leaf_index is None:
+                    registry.request_remove(job.group_id, member, now=now)
+
+            self._tx(withdraw)
+        self._start_next(job.group_id, now)
+
+    def _cancel_adds_of(self, device_id: str, now: int) -> None:
+        for queue in list(self._queues.values()):
+            for job in list(queue):
+                if job.action is CommitAction.ADD and job.member == device_id:
+                    self._cancel(job, now)
+
+    def _group_changed(self, group_id: str, now: int) -> None:
+        for operation in list(self._operations.values()):
+            if not operation.finished and group_id in operation.groups:
+                self._progress(operation, now)
+        self._start_next(group_id, now)
+
+    # -- operator results ----------------------------------------------------------------------
+
+    def _result(
+        self,
+        operation: Operation,
+        status: ResultStatus,
+        detail: str,
+        *,
+        acked: Sequence[str] = (),
+        pending: Sequence[str] = (),
+        epoch: int | None = None,
+        now: int,
+    ) -> None:
+        self._send(
+            operator_result_topic(operation.operator),
+            OperatorResult(
+                operation.command_id, status, detail[:1000], tuple(acked), tuple(pending), epoch
+            ),
+            to=operation.operator,
+            now=now,
+        )
+
+    def _ack_view(self, operation: Operation) -> tuple[list[str], list[str], int | None, bool]:
+        """(acked, pending, epoch, forked) over the operation's groups at their current epochs."""
+
+        def work(session: Session) -> tuple[list[str], list[str], int | None, bool]:
+            registry = Registry(session)
+            acked: set[str] = set()
+            pending: set[str] = set()
+            epoch: int | None = None
+            forked = False
+            for group_id in sorted(operation.groups):
+                try:
+                    status = registry.ack_status(group_id)
+                except ProtocolError:
+                    continue
+                epoch = status.epoch
+                if status.epoch == 0:
+                    acked.update(status.members)  # the founder alone: nothing to agree on
+                    continue
+                for devices in status.by_authenticator.values():
+                    acked.update(devices)
+                pending.update(status.stragglers)
+                forked = forked or len(status.by_authenticator) > 1
+            return sorted(acked), sorted(pending), epoch, forked
+
+        return self._read(work)
+
+    def _progress(self, operation: Operation, now: int) -> None:
+        if operation.finished:
+            return
+        failed = [j for j in operation.jobs if j.state is JobState.FAILED]
+        if failed:
+            self._finish(
+                operation,
+                ResultStatus.FAILED,
+                "; ".join(f"{j.describe()}: {j.detail}" for j in failed),
+                now,
+            )
+            return
+        open_jobs = [j for j in operation.jobs if j.state is not JobState.DONE]
+        if open_jobs:
+            job = open_jobs[0]
+            if job.state is JobState.KEY_PACKAGE:
+                stage = f"waiting for the key package of {job.member}"
+            elif job.state is JobState.REQUESTED:
+                stage = f"commit requested from {job.committer}"
+            elif job.state is JobState.WAITING:
+                stage = "waiting for a member at the current epoch"
+            else:
+                stage = "queued"
+            done = len(operation.jobs) - len(open_jobs)
+            detail = f"{done}/{len(operation.jobs)} committed; {job.describe()}: {stage}"
+            key: tuple[object, ...] = ("jobs", detail)
+            if key != operation.last_sent:
+                operation.last_sent = key
+                self._result(operation, ResultStatus.IN_PROGRESS, detail, now=now)
+            return
+        acked, pending, epoch, forked = self._ack_view(operation)
+        if not pending and not forked:
+            self._finish(
+                operation,
+                ResultStatus.DONE,
+                f"every member agrees on epoch {epoch}",
+                now,
+                acked=acked,
+                epoch=epoch,
+            )
+            return
+        if not pending and forked:
+            self._finish(
+                operation,
+                ResultStatus.FAILED,
+                f"members acked epoch {epoch} with different epoch authenticators (fork)",
+                now,
+                acked=acked,
+                epoch=epoch,
+            )
+            return
+        key = ("acks", tuple(acked), tuple(pending), epoch)
+        if key != operation.last_sent:
+            if operation.last_sent and operation.last_sent[0] == "acks":
+                operation.last_progress = max(operation.last_progress, now)
+            operation.last_sent = key
+            self._result(
+                operation,
+                ResultStatus.IN_PROGRESS,
+                f"{len(acked)}/{len(acked) + len(pending)} acked epoch {epoch}",
+                acked=acked,
+                pending=pending,
+                epoch=epoch,
+                now=now,
+            )
+
+    def _finish(
+        self,
+        operation: Operation,
+        status: ResultStatus,
+        detail: str,
+        now: int,
+        *,
+        acked: Sequence[str] = (),
+        pending: Sequence[str] = (),
+        epoch: int | None = None,
+    ) -> None:
+        operation.finished = True
+        self._operations.pop(operation.command_id, None)
+        log.info(
+            "%s from %s on %s: %s (%s)",
+            operation.type,
+            operation.operator,
+            operation.target,
+            status.value,
+            detail,
+        )
+        self._result(operation, status, detail, acked=acked, pending=pending, epoch=epoch, now=now)
+        audit.record(
+            self._sessions,
+            now=now,
+            actor="service",
+            action=f"{operation.type}.result",
+            target=operation.target,
+            outcome=Outcome.ACCEPTED,
+            reason=f"{status.value}: {detail}"[:1000],
+            details={
+                "command_id": operation.command_id.hex(),
+                "operator": operation.operator,
+                "pending": ",".join(pending),
+            },
+        )
+
+    def _time_out(self, operation: Operation, now: int) -> None:
+        open_jobs = [j for j in operation.jobs if j.state is not JobState.DONE]
+        if open_jobs:
+            job = open_jobs[0]
+            if job.state is JobState.KEY_PACKAGE and job.member is not None:
+                pending = [job.member]
+            elif job.state is JobState.REQUESTED:
+                pending = sorted({*job.tried, *([job.committer] if job.committer else [])})
+            else:
+                pending = []
+            detail = f"no progress for {self.settings.ack_timeout}s: {job.describe()} not committed"
+            acked: list[str] = []
+            epoch = None
+        else:
+            acked, pending, epoch, _ = self._ack_view(operation)
+            detail = (
+                f"no ack from {', '.join(pending) or 'nobody'} within {self.settings.ack_timeout}s"
+            )
+        self._finish(
+            operation, ResultStatus.TIMEOUT, detail, now, acked=acked, pending=pending, epoch=epoch
+        )
+        for job in open_jobs:
+            if not job.persistent:
+                self._cancel(job, now)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _devid_public_key(device: DeviceRecord) -> ec.EllipticCurvePublicKey:
+    cert = pki.cert_from_pem(device.devid_cert_pem.encode())
+    public_key = cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise ProtocolError("pki.key_type", f"device {device.device_id!r} has no ECC DevID key")
+    return public_key
+
+
+def _check_eligible(registry: Registry, device_id: str, group_id: str) -> None:
+    device = registry.device(device_id)
+    if device.state not in _GROUP_ELIGIBLE:
+        raise ProtocolError(
+            "registry.member.device_state",
+            f"device {device_id!r} is {device.state.value} and cannot join group {group_id!r}",
+        )
+
+
+def _target_of(body: Body) -> str:
+    for name in ("group_id", "device_id"):
+        value = getattr(body, name, None)
+        if isinstance(value, str):
+            return value
+    return body.TYPE
+
+
+def _job_details(job: Job, *, epoch: int) -> dict[str, str | int | None]:
+    return {
+        "epoch": epoch,
+        "request_id": job.request_id.hex(),
+        "command_id": None if job.operation is None else job.operation.command_id.hex(),
+    }
+
+
+def describe_publishes(publishes: Iterable[Publish]) -> list[str]:
+    """Topics only (for logs and tests): payloads are never logged."""
+    return [p.topic for p in publishes]

@@ -1,0 +1,467 @@
+"""The sans-I/O delivery service against a real SQLite file and real software MLS members.
+
+Every device message here is a signed envelope from a member built on agent.mls.group.Group with
+software DevID/leaf keys (tests/service_members.py); operators sign with keys certified by a
+real operator CA. The network is a loop in the test: service publishes are routed to the
+members by topic, members' reports go back to ``DeliveryService.handle``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.errors import ProtocolError
+from agent.mls.group import Group
+from agent.wire.cose import key_id
+from agent.wire.envelope import Signer, open_message
+from agent.wire.messages.key_state import KeyStateReport
+from agent.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
+from agent.wire.messages.result import OperatorResult, ResultStatus
+from provisioning import audit, pki
+from provisioning.registry import (
+    DeviceState,
+    Registry,
+    Role,
+    create_schema,
+    make_engine,
+    session_factory,
+)
+from provisioning.service import store
+from provisioning.service.core import (
+    SERVICE_ID,
+    DeliveryService,
+    Publish,
+    ServiceSettings,
+)
+from provisioning.service.operators import register_operator
+from tests.service_members import (
+    Outgoing,
+    SoftDevice,
+    SoftOperator,
+    device_ca,
+    group_add,
+    group_create,
+    rekey,
+    revoke,
+    utc,
+)
+
+pytestmark = pytest.mark.pure
+
+T0 = 1_700_000_000
+
+
+@dataclass
+class Fleet:
+    db_path: Path
+    sessions: sessionmaker[Session]
+    service: DeliveryService
+    devices: dict[str, SoftDevice]
+    operators: dict[str, SoftOperator]
+    now: int = T0
+    results: dict[bytes, list[OperatorResult]] = field(default_factory=dict)
+    offline: set[str] = field(default_factory=set)
+    inbox: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)
+
+    # -- the network --------------------------------------------------------------------------
+
+    def _service_signer(self, kid: bytes) -> Signer:
+        public = self.service._key.public_key()
+        assert kid == key_id(public)
+        return Signer(SERVICE_ID, public)
+
+    def deliver(self, publishes: list[Publish]) -> list[Outgoing]:
+        replies: list[Outgoing] = []
+        for p in publishes:
+            parts = p.topic.split("/")
+            if parts[2] == "ops":
+                message = open_message(
+                    p.payload, self._service_signer, now=self.now, recipients={parts[3]}
+                )
+                assert isinstance(message.body, OperatorResult)
+                self.results.setdefault(message.body.command_id, []).append(message.body)
+                continue
+            targets = [parts[3]] if parts[2] == "dev" else list(self.devices)
+            for name in targets:
+                if name in self.offline:
+                    self.inbox.setdefault(name, []).append((p.topic, p.payload))
+                else:
+                    replies.extend(self.devices[name].receive(p.topic, p.payload, self.now))
+        return replies
+
+    def send(self, *outgoing: Outgoing) -> None:
+        """Hand messages to the service and route everything until the network is quiet."""
+        queue = list(outgoing)
+        while queue:
+            topic, payload = queue.pop(0)
+            queue.extend(self.deliver(self.service.handle(topic, payload, self.now)))
+
+    def tick(self, seconds: int) -> None:
+        self.now += seconds
+        for topic, payload in self.deliver(self.service.tick(self.now)):
+            self.send((topic, payload))
+
+    def come_online(self, name: str, *, lost_session: bool = False) -> None:
+        self.offline.discard(name)
+        queued = self.inbox.pop(name, [])
+        if lost_session:
+            queued = []
+        for topic, payload in queued:
+            self.send(*self.devices[name].receive(topic, payload, self.now))
+
+    # -- operators ----------------------------------------------------------------------------
+
+    def command(self, operator: str, body: Rekey | Revoke | GroupCreate | GroupAdd) -> bytes:
+        self.send(self.operators[operator].command(body, self.now))
+        return body.command_id
+
+    def final(self, command_id: bytes) -> OperatorResult:
+        results = self.results[command_id]
+        assert results[-1].status not in (ResultStatus.ACCEPTED, ResultStatus.IN_PROGRESS), [
+            (r.status, r.detail) for r in results
+        ]
+        return results[-1]
+
+    # -- views --------------------------------------------------------------------------------
+
+    def epoch(self, group_id: str) -> int:
+        with self.sessions() as s:
+            return Registry(s).group(group_id).epoch
+
+    def members(self, group_id: str) -> list[str]:
+        with self.sessions() as s:
+            return [m.device_id for m in Registry(s).members(group_id) if m.leaf_index is not None]
+
+    def audit_entries(self) -> list[audit.AuditRecord]:
+        with self.sessions() as s:
+            return audit.entries(s)
+
+
+def make_fleet(
+    tmp_path: Path, names: tuple[str, ...] = ("dev-1", "dev-2", "dev-3"), **settings: int
+) -> Iterator[Fleet]:
+    now_dt = utc(T0)
+    db_path = tmp_path / "fleet.db"
+    engine = make_engine(f"sqlite:///{db_path}")
+    create_schema(engine)
+    store.create_service_schema(engine)
+    sessions = session_factory(engine)
+    service_key = pki.generate_key()
+    operator_ca = pki.create_ca("op CA", now=now_dt, valid_for=timedelta(days=2))
+    devices_ca = device_ca(now_dt)
+    counter = iter(range(1, 1 << 30))
+    service = DeliveryService(
+        sessions,
+        signing_key=service_key,
+        operator_ca=operator_ca.certificate,
+        settings=ServiceSettings(**settings),
+        rng=lambda n: next(counter).to_bytes(n, "big"),
+    )
+    devices = {}
+    for name in names:
+        device = SoftDevice.create(name, devices_ca, service_key.public_key(), now_dt)
+        device.register(sessions, T0)
+        devices[name] = device
+    operators = {}
+    for name, role in (("op-admin", "admin"), ("op-alice", "operator"), ("op-viewer", "viewer")):
+        operator = SoftOperator.create(name, role, operator_ca, now_dt)
+        register_operator(
+            sessions,
+            operator.cert,
+            operator_ca=operator_ca.certificate,
+            role=None,
+            actor="local:test",
+            now=T0,
+        )
+        operators[name] = operator
+    yield Fleet(db_path, sessions, service, devices, operators)
+    engine.dispose()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    yield from make_fleet(tmp_path)
+
+
+def agreed(fleet: Fleet, group_id: str) -> set[bytes]:
+    """The epoch authenticators of every member that holds the group (one = no fork)."""
+    return {
+        d.groups[group_id].epoch_authenticator
+        for d in fleet.devices.values()
+        if group_id in d.groups
+    }
+
+
+def create_g1(fleet: Fleet, *members: str) -> None:
+    cid = fleet.command("op-alice", group_create("g1", *(members or tuple(fleet.devices))))
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+
+
+# -- flows ------------------------------------------------------------------------------------
+
+
+def test_create_add_rekey_revoke(fleet: Fleet) -> None:
+    create_g1(fleet, "dev-1", "dev-2")
+    assert fleet.epoch("g1") == 1
+    assert fleet.members("g1") == ["dev-1", "dev-2"]
+    assert len(agreed(fleet, "g1")) == 1
+
+    cid = fleet.command("op-alice", group_add("g1", "dev-3"))
+    done = fleet.final(cid)
+    assert done.status is ResultStatus.DONE and done.epoch == 2
+    assert sorted(done.acked) == ["dev-1", "dev-2", "dev-3"] and done.pending == ()
+    keys = {d.groups["g1"].data_key() for d in fleet.devices.values()}
+    assert len(keys) == 1
+
+    statuses = []
+    cid = fleet.command("op-alice", rekey("g1"))
+    statuses = [r.status for r in fleet.results[cid]]
+    assert statuses[0] is ResultStatus.ACCEPTED and statuses[-1] is ResultStatus.DONE
+    assert fleet.epoch("g1") == 3 and len(agreed(fleet, "g1")) == 1
+    old_key = fleet.devices["dev-3"].groups["g1"].data_key()
+
+    cid = fleet.command("op-admin", revoke("dev-3"))
+    assert fleet.final(cid).status is ResultStatus.DONE
+    assert fleet.members("g1") == ["dev-1", "dev-2"]
+    with fleet.sessions() as s:
+        assert Registry(s).device("dev-3").state is DeviceState.REVOKED
+    assert fleet.epoch("g1") == 4
+    assert {d.groups["g1"].data_key() for n, d in fleet.devices.items() if n != "dev-3"} != {
+        old_key
+    }
+    assert len({fleet.devices[n].groups["g1"].epoch_authenticator for n in ("dev-1", "dev-2")}) == 1
+
+    # From now on the revoked device is refused, and each refusal is audited.
+    before = fleet.service.rejections.count("ds.device.revoked")
+    fleet.send(fleet.devices["dev-3"].report(KeyStateReport(()), fleet.now))
+    assert fleet.service.rejections.count("ds.device.revoked") == before + 1
+    last = fleet.audit_entries()[-1]
+    assert last.actor == "device:dev-3" and last.outcome.value == "refused"
+    assert "ds.device.revoked" in last.reason
+
+
+def test_commit_requests_go_to_an_online_member_and_are_retried(fleet: Fleet) -> None:
+    create_g1(fleet)
+    epoch = fleet.epoch("g1")
+    # Two members never answer commit requests; after the commit request timeout the service
+    # asks the next candidate, until dev-3 commits.
+    fleet.devices["dev-1"].ignore_commit_requests = True
+    fleet.devices["dev-2"].ignore_commit_requests = True
+    cid = fleet.command("op-alice", rekey("g1"))
+    for _ in range(3):
+        if fleet.epoch("g1") == epoch:
+            fleet.tick(11)
+    assert fleet.epoch("g1") == epoch + 1
+    with fleet.sessions() as s:
+        committer = s.execute(
+            text("SELECT committer FROM commit_log WHERE group_id='g1' AND epoch=:e"), {"e": epoch}
+        ).scalar()
+    assert committer == "dev-3"
+    assert fleet.final(cid).status is ResultStatus.DONE
+
+
+def test_two_rekeys_at_once_never_fork(fleet: Fleet) -> None:
+    create_g1(fleet)
+    start = fleet.epoch("g1")
+    first, second = rekey("g1"), rekey("g1")
+    # Both commands reach the service before any member answers.
+    operator = fleet.operators["op-alice"]
+    out1 = fleet.service.handle(*operator.command(first, fleet.now), fleet.now)
+    out2 = fleet.service.handle(*operator.command(second, fleet.now), fleet.now)
+    accepted = [r for r in fleet.deliver(out2) if r] + fleet.deliver(out1)
+    second_accept = fleet.results[second.command_id][0]
+    assert second_accept.status is ResultStatus.ACCEPTED
+    assert "queued behind 1" in second_accept.detail
+    fleet.send(*accepted)
+    assert fleet.final(first.command_id).status is ResultStatus.DONE
+    assert fleet.final(second.command_id).status is ResultStatus.DONE
+    assert fleet.epoch("g1") == start + 2
+    assert len(agreed(fleet, "g1")) == 1
+    with fleet.sessions() as s:
+        rows = s.execute(
+            text("SELECT epoch, COUNT(*) FROM commit_log WHERE group_id='g1' GROUP BY epoch")
+        ).all()
+    assert all(count == 1 for _, count in rows)
+
+
+def test_racing_committers_first_valid_commit_wins(fleet: Fleet) -> None:
+    create_g1(fleet)
+    epoch = fleet.epoch("g1")
+    a, b = fleet.devices["dev-1"], fleet.devices["dev-2"]
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    # Both members self-update in the same epoch, unasked, at the same moment.
+    out_a = a.commit_result(
+        "g1",
+        a.groups["g1"].update(a.devid, ec.generate_private_key(ec.SECP256R1())),
+        None,
+        fleet.now,
+    )
+    out_b = b.commit_result(
+        "g1",
+        b.groups["g1"].update(b.devid, ec.generate_private_key(ec.SECP256R1())),
+        None,
+        fleet.now,
+    )
+    fleet.send(*out_a)
+    before = fleet.service.rejections.count("ds.commit.epoch_taken")
+    fleet.send(*out_b)
+    assert fleet.service.rejections.count("ds.commit.epoch_taken") == before + 1
+    assert fleet.epoch("g1") == epoch + 1
+    refusal = fleet.audit_entries()[-1]
+    assert refusal.actor == "device:dev-2" and "ds.commit.epoch_taken" in refusal.reason
+    # The loser dropped nothing yet; the winner's relay moved everyone to the same epoch.
+    assert len(agreed(fleet, "g1")) == 1
+    assert all(d.groups["g1"].epoch == epoch + 1 for d in fleet.devices.values())
+
+
+# -- operator refusals ------------------------------------------------------------------------
+
+
+def snapshot(fleet: Fleet) -> tuple[object, ...]:
+    with fleet.sessions() as s:
+        groups = s.execute(text("SELECT group_id, epoch, public_tree FROM groups")).all()
+        commits = s.execute(text("SELECT COUNT(*) FROM commit_log")).scalar()
+        states = s.execute(text("SELECT device_id, state FROM devices")).all()
+    return (tuple(groups), commits, tuple(states))
+
+
+def test_forged_replayed_stale_and_wrong_role_commands_change_nothing(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    create_g1(fleet)
+    alice = fleet.operators["op-alice"]
+    state = snapshot(fleet)
+    audit_before = len(fleet.audit_entries())
+
+    def refused(topic_payload: Outgoing, check: str) -> None:
+        count = fleet.service.rejections.count(check)
+        publishes = fleet.service.handle(*topic_payload, fleet.now)
+        assert fleet.service.rejections.count(check) == count + 1, check
+        # Nothing reaches a device: at most a "rejected" result to the operator.
+        assert all(p.topic.startswith("kf/v1/ops/") for p in publishes)
+        last = fleet.audit_entries()[-1]
+        assert last.outcome.value == "refused" and check in last.reason
+
+    # Forged: a key the service does not know signs as op-alice.
+    mallory = SoftOperator("op-alice", pki.generate_key(), alice.cert)
+    refused(mallory.command(rekey("g1"), fleet.now), "cose.kid-unknown")
+    # Wrong role: a viewer asks for a rekey; an operator asks for a revoke.
+    refused(fleet.operators["op-viewer"].command(rekey("g1"), fleet.now), "op.role")
+    refused(alice.command(revoke("dev-2"), fleet.now), "op.role")
+    # Stale: signed ten minutes ago.
+    refused(alice.command(rekey("g1"), fleet.now - 600), "envelope.stale")
+    # Replayed: a command captured and sent again (after it was refused for the role, so the
+    # replay guard holds its seq) -- and an accepted one replayed later.
+    viewer_cmd = fleet.operators["op-viewer"].command(rekey("g1"), fleet.now)
+    fleet.service.handle(*viewer_cmd, fleet.now)
+    good = rekey("g1")
+    accepted = alice.command(good, fleet.now)
+    fleet.send(accepted)
+    assert fleet.final(good.command_id).status is ResultStatus.DONE
+    state = snapshot(fleet)
+    refused(accepted, "replay.duplicate")
+    # Same command id, freshly signed with a new seq.
+    refused(alice.command(good, fleet.now), "op.command_id.reused")
+    # A new command under a seq that already carried another one.
+    refused(alice.command(rekey("g1"), fleet.now, seq=1), "replay.seq-reused")
+    assert snapshot(fleet) == state
+    assert len(fleet.audit_entries()) > audit_before
+    with fleet.sessions() as s:
+        assert audit.verify_chain(s).ok
+
+
+def test_unregistered_operator_certificate_from_another_ca_is_refused(fleet: Fleet) -> None:
+    other_ca = pki.create_ca("other", now=utc(T0), valid_for=timedelta(days=1))
+    stranger = SoftOperator.create("op-eve", "admin", other_ca, utc(T0))
+    with pytest.raises(ProtocolError) as refused:
+        register_operator(
+            fleet.sessions,
+            stranger.cert,
+            operator_ca=fleet.service._operator_ca,
+            role=Role.ADMIN,
+            actor="local:test",
+            now=T0,
+        )
+    assert refused.value.check == "pki.issuer"
+    assert fleet.audit_entries()[-1].outcome.value == "refused"
+
+
+# -- timeouts, catch-up, re-welcome -----------------------------------------------------------
+
+
+def test_silent_member_times_out_named(fleet: Fleet) -> None:
+    create_g1(fleet)
+    fleet.devices["dev-3"].silent = True
+    cid = fleet.command("op-alice", rekey("g1"))
+    for _ in range(4):
+        fleet.tick(10)
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.TIMEOUT
+    assert result.pending == ("dev-3",)
+    assert sorted(result.acked) == ["dev-1", "dev-2"]
+    assert "dev-3" in result.detail
+
+
+def test_offline_member_catches_up_from_the_commit_log(fleet: Fleet) -> None:
+    create_g1(fleet)
+    fleet.offline.add("dev-3")
+    for _ in range(2):
+        cid = fleet.command("op-alice", rekey("g1"))
+        fleet.tick(40)
+        assert fleet.final(cid).status is ResultStatus.TIMEOUT
+    assert fleet.devices["dev-3"].groups["g1"].epoch == fleet.epoch("g1") - 2
+    # The broker lost dev-3's session: nothing queued reaches it. Its next report triggers the
+    # replay of the two commits it missed, on its own command topic.
+    fleet.come_online("dev-3", lost_session=True)
+    fleet.send(fleet.devices["dev-3"].report(KeyStateReport(()), fleet.now))
+    assert fleet.devices["dev-3"].groups["g1"].epoch == fleet.epoch("g1")
+    assert len(agreed(fleet, "g1")) == 1
+    with fleet.sessions() as s:
+        assert Registry(s).ack_status("g1").agreed
+
+
+def test_member_beyond_retention_is_re_added_with_a_fresh_welcome(tmp_path: Path) -> None:
+    fleet = next(make_fleet(tmp_path, retention_epochs=1))
+    create_g1(fleet)
+    fleet.offline.add("dev-3")
+    for _ in range(2):
+        cid = fleet.command("op-alice", rekey("g1"))
+        fleet.tick(40)
+        assert fleet.final(cid).status is ResultStatus.TIMEOUT
+    stale = fleet.devices["dev-3"].groups["g1"]
+    fleet.come_online("dev-3", lost_session=True)
+    fleet.send(fleet.devices["dev-3"].report(KeyStateReport(()), fleet.now))
+    rejoined = fleet.devices["dev-3"].groups["g1"]
+    assert rejoined is not stale and rejoined.epoch == fleet.epoch("g1")
+    assert fleet.members("g1") == sorted(fleet.devices)
+    assert len(agreed(fleet, "g1")) == 1
+    actions = [e.action for e in fleet.audit_entries()]
+    assert "group.readd" in actions
+
+
+# -- what the service keeps ------------------------------------------------------------------
+
+
+def test_database_holds_no_group_secret(fleet: Fleet) -> None:
+    create_g1(fleet)
+    fleet.command("op-alice", rekey("g1"))
+    fleet.command("op-admin", revoke("dev-3"))
+    secrets = [s for d in fleet.devices.values() for s in d.secrets()]
+    assert len(secrets) > 20
+    blob = b"".join(
+        p.read_bytes() for p in fleet.db_path.parent.iterdir() if p.name.startswith("fleet.db")
+    )
+    assert len(blob) > 10_000
+    for secret in secrets:
+        assert secret not in blob
+        assert secret.hex().encode() not in blob
+    _ = Group  # the members' state type, for readers of this test
