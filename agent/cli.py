@@ -7,6 +7,9 @@ import json
 import sys
 from collections.abc import Sequence
 
+from agent.daemon import read_status
+from agent.daemon import run as run_daemon
+from agent.errors import KeyfleetError
 from agent.localapi.cli import register_api_command, run_api_command
 from agent.selftest import SelftestReport, run_builtin_selftests, run_vector_files
 
@@ -34,7 +37,46 @@ def _build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--json", action="store_true", help="print the report as JSON")
     selftest.add_argument("-v", "--verbose", action="store_true", help="name every failed check")
     register_api_command(commands)
+    run = commands.add_parser("run", help="run the device daemon (systemd Type=notify)")
+    run.add_argument("--config", metavar="FILE", help="agent.toml (default: $KEYAGENT_CONFIG)")
+    run.add_argument(
+        "--allow-insecure-software-keys",
+        action="store_true",
+        help="with [simulation] insecure_software_keys: accept a software DevID key (never on "
+        "a real device)",
+    )
+    status = commands.add_parser("status", help="keys, their states, groups, epochs, reports")
+    status.add_argument("--config", metavar="FILE", help="agent.toml (default: $KEYAGENT_CONFIG)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     return parser
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        status = read_status(args.config)
+    except KeyfleetError as exc:
+        print(f"keyagent status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(
+        f"device {status['device_id']}  (pid {status.get('pid')}, updated {status.get('updated')})"
+    )
+    if status.get("sealed_elsewhere"):
+        print("  WARNING: earlier state was sealed to other measurements; re-add needed")
+    print(f"  mqtt connected: {status.get('mqtt_connected')}  last report: {status['last_report']}")
+    for group in status["groups"]:
+        ack = group["last_ack"] or {}
+        print(
+            f"  group {group['group']}: epoch {group['epoch']}, {len(group['members'])} members, "
+            f"pending commits {group['pending_commits']}, last ack {ack.get('epoch')}"
+        )
+    for key in status["keys"]:
+        where = f" {key['group']}@{key['epoch']}" if "group" in key else ""
+        since = key["transitions"][-1][1]
+        print(f"  key {key['name']:<40} {key['kind']:<8} {key['state']:<15} since {since}{where}")
+    return 0
 
 
 def _print_report(report: SelftestReport, as_json: bool, verbose: bool) -> None:
@@ -68,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _selftest(args)
     if args.command == "api":
         return run_api_command(args)
+    if args.command == "run":
+        return run_daemon(args.config, allow_insecure=args.allow_insecure_software_keys)
+    if args.command == "status":
+        return _status(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses unknown ones
 
 

@@ -1,0 +1,487 @@
+"""``keyagent run``: the device daemon. Adapters around ``agent.core.AgentCore``: the TPM (DevID,
+leaf keys, the sealed state key), the encrypted state file, MQTT, the local API and sd_notify.
+
+Threads: paho's I/O thread (inside ``MqttClient``, queue mode: it only enqueues), the local API
+server's selector thread, and this module's worker (the main thread), which owns the core. The
+core and the TPM connection are shared with the local API through one lock.
+
+Crash safety, in the order the worker does things for every inbound message:
+``core.handle`` -> save the state file (atomic) -> publish the answers (QoS 1) -> PUBACK the
+inbound message (``manual_ack``). A kill at any point leaves either the old state (the message
+is redelivered and processed again) or the new one (the redelivery is a ``replay.duplicate`` and
+the same answers go out again, byte for byte). Leaf key blobs are written before the state that
+refers to them and shredded only after a state that no longer does was saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from agent.config import AgentConfig, load_config
+from agent.core import AgentCore, Outcome
+from agent.errors import ConfigError, KeyfleetError, StateError, TPMError, TransportError
+from agent.fsio import atomic_write, shred
+from agent.hpke import serialize_public_key
+from agent.keybackend import TpmKeyBackend, policy_failed
+from agent.lifecycle import KeyKind, KeyState
+from agent.localapi.server import LocalApiServer
+from agent.mqtt import MqttClient, ReceivedMessage
+from agent.sdnotify import Notifier
+from agent.secret import Secret
+from agent.selftest import run_builtin_selftests
+from agent.statefile import StateFile
+from agent.tpm.blob import KeyBlob
+from agent.tpm.store import TPMKey, TPMStore
+from agent.tpm.templates import KeyKind as TpmKeyKind
+from agent.wire.envelope import DEFAULT_MAX_AGE
+
+log = logging.getLogger("keyagent.daemon")
+
+STATE_FILE: Final = "agent.state"
+STATE_KEY_BLOB: Final = "state-key.pem"
+STATUS_FILE: Final = "status.json"
+LEAF_DIR: Final = "leaves"
+APP_SEAL_DIR: Final = "app-seal"
+TICK_SECONDS: Final = 1.0
+PUBLISH_TIMEOUT: Final = 5.0
+_POLL: Final = 0.2
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def leaf_file(public: bytes) -> str:
+    return hashlib.sha256(public).hexdigest()[:32] + ".pem"
+
+
+class TpmKeys:
+    """``agent.core.KeyProvider`` over the TPM: the DevID key, and leaf keys whose blobs live in
+    ``<state dir>/leaves/`` named by a hash of their public key."""
+
+    def __init__(self, store: TPMStore, devid: ec.EllipticCurvePrivateKey, leaf_dir: Path) -> None:
+        self._store = store
+        self._devid = devid
+        self._dir = leaf_dir
+        self._loaded: dict[bytes, TPMKey] = {}
+        leaf_dir.mkdir(mode=0o700, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"TpmKeys({len(self._loaded)} leaves loaded)"
+
+    @property
+    def devid(self) -> ec.EllipticCurvePrivateKey:
+        return self._devid
+
+    def new_leaf_key(self) -> ec.EllipticCurvePrivateKey:
+        blob = self._store.create_key(TpmKeyKind.LEAF)
+        key = self._store.load_key(blob)
+        public = serialize_public_key(key.public_key())
+        blob.save(self._dir / leaf_file(public))  # durable before any state refers to it
+        self._loaded[public] = key
+        return key
+
+    def load_leaf(self, public: bytes) -> ec.EllipticCurvePrivateKey:
+        key = self._loaded.get(public)
+        if key is not None:
+            return key
+        path = self._dir / leaf_file(public)
+        if not path.exists():
+            raise StateError(f"leaf key blob {path.name} is missing")
+        try:
+            key = self._store.load_key(KeyBlob.load(path))
+        except TPMError as exc:
+            raise StateError(f"leaf key blob {path.name} does not load: {exc}") from None
+        if serialize_public_key(key.public_key()) != public:
+            key.close()
+            raise StateError(f"leaf key blob {path.name} holds another key")
+        self._loaded[public] = key
+        return key
+
+    def collect(self, live: set[bytes]) -> int:
+        """Destroy every leaf not in ``live``: flush it from the TPM, shred its blob. Call only
+        after a state without those leaves was saved."""
+        keep = {leaf_file(public) for public in live}
+        for public in [p for p in self._loaded if p not in live]:
+            with contextlib.suppress(TPMError):
+                self._loaded.pop(public).close()
+        gone = 0
+        for path in self._dir.glob("*.pem"):
+            if path.name not in keep:
+                shred(path)
+                gone += 1
+        return gone
+
+
+def load_devid(
+    store: TPMStore, config: AgentConfig, allow_insecure: bool
+) -> ec.EllipticCurvePrivateKey:
+    assert config.identity is not None
+    data = config.identity.devid_key.read_bytes()
+    if data.lstrip().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----"):
+        return store.load_key(KeyBlob.from_pem(data))
+    if not (config.simulation.insecure_software_keys and allow_insecure):
+        raise ConfigError(
+            "identity.devid_key is a software key: refused (simulation.insecure_software_keys "
+            "and --allow-insecure-software-keys are both needed)"
+        )
+    log.warning("INSECURE: the DevID key is a SOFTWARE key (simulation); never on a real device")
+    key = load_pem_private_key(data, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError("identity.devid_key: the software key is not an EC key")
+    return key
+
+
+# -- the state key and file ----------------------------------------------------------------------
+
+
+class StateKeyResult:
+    """The opened state file and whether earlier state was sealed to other measurements."""
+
+    def __init__(self, state_file: StateFile, sealed_elsewhere: bool, created: bool) -> None:
+        self.state_file = state_file
+        self.sealed_elsewhere = sealed_elsewhere
+        self.created = created
+
+
+def open_state(store: TPMStore, state_dir: Path, pcrs: tuple[int, ...]) -> StateKeyResult:
+    """Unseal the state key (one TPM unseal), or make and seal one on first start.
+
+    If the key cannot be unsealed because the PCRs changed, the agent does not guess
+    (DESIGN.md): the old key blob and state file are kept aside (``*.sealed-elsewhere.<time>``,
+    still encrypted: useful if the measurements come back), and it starts afresh, reporting it.
+    """
+    blob_path = state_dir / STATE_KEY_BLOB
+    state_path = state_dir / STATE_FILE
+    sealed_elsewhere = False
+    if blob_path.exists():
+        try:
+            key = store.unseal(KeyBlob.load(blob_path))
+            return StateKeyResult(StateFile(state_path, key), False, False)
+        except TPMError as exc:
+            if not policy_failed(exc):
+                raise
+            sealed_elsewhere = True
+            stamp = int(time.time())
+            log.error(
+                "the state key is sealed to other measurements (PCRs %s changed): the agent's "
+                "state cannot be opened; starting with empty group state, the groups must re-add "
+                "this device (old state kept as *.sealed-elsewhere.%d)",
+                list(pcrs),
+                stamp,
+            )
+            for path in (blob_path, state_path):
+                if path.exists():
+                    path.rename(path.with_name(f"{path.name}.sealed-elsewhere.{stamp}"))
+    elif state_path.exists():
+        raise StateError(
+            f"{state_path} exists but its sealed key {blob_path.name} does not: refusing to "
+            "overwrite state that might still be recovered"
+        )
+    secret = Secret(os.urandom(32))
+    store.seal(secret, pcrs).save(blob_path)
+    return StateKeyResult(StateFile(state_path, secret), sealed_elsewhere, True)
+
+
+# -- the daemon ----------------------------------------------------------------------------------
+
+
+class Daemon:
+    """One running agent. ``run()`` blocks until ``stop()`` (SIGTERM) and returns an exit code."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        notifier: Notifier | None = None,
+        allow_insecure: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not config.provisioned:
+            raise ConfigError("keyagent run needs a provisioned configuration")
+        assert config.identity is not None and config.fleet is not None
+        assert config.broker is not None
+        self.config = config
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.allow_insecure = allow_insecure
+        self._clock = clock
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self.state_dir = config.state.dir
+        self.core: AgentCore | None = None
+        self._state: StateKeyResult | None = None
+        self._keys: TpmKeys | None = None
+        self._mqtt: MqttClient | None = None
+        self._api: LocalApiServer | None = None
+        self._store: TPMStore | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def now(self) -> int:
+        return int(self._clock())
+
+    # -- startup ------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        config = self.config
+        assert config.identity is not None and config.fleet is not None
+        assert config.broker is not None
+        if config.simulation.insecure_software_keys:
+            log.warning("INSECURE: simulation.insecure_software_keys = true in %s", config.source)
+        report = run_builtin_selftests()
+        if not report.ok:
+            raise KeyfleetError(f"self-test failed ({report.failed} checks): refusing to start")
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._store = store = TPMStore(config.tpm.tcti)
+        devid = load_devid(store, config, self.allow_insecure)
+        self._state = open_state(store, self.state_dir, config.tpm.pcrs)
+        self._keys = TpmKeys(store, devid, self.state_dir / LEAF_DIR)
+        core = AgentCore(
+            config.identity.device_id,
+            config.fleet.service_key,
+            self._keys,
+            now=self.now(),
+            policy_for=config.rotation.for_group,
+            max_age=max(DEFAULT_MAX_AGE, config.broker.session_expiry),
+        )
+        state_file = self._state.state_file
+        if state_file.exists():
+            core.restore(state_file.load())
+            log.info(
+                "state resumed: generation %d, groups %s, next seq %d",
+                state_file.generation,
+                {name: group.epoch for name, group in core.groups().items()},
+                core.next_seq,
+            )
+        self.core = core
+        self._note_own_keys()
+        self._persist()
+        self._api = LocalApiServer(
+            config.api.socket,
+            config.api.policy,
+            TpmKeyBackend(
+                core,
+                self._lock,
+                signer=devid,
+                sealer=store,
+                seal_dir=self.state_dir / APP_SEAL_DIR,
+                pcrs=config.tpm.pcrs,
+                on_change=self._persist,
+                clock=self._clock,
+            ),
+            socket_group=config.api.socket_group,
+        )
+        self._api.start()
+        self._mqtt = MqttClient(
+            host=config.broker.host,
+            port=config.broker.port,
+            ca_file=config.broker.ca.path,
+            cert_file=config.identity.tls_cert.path,
+            key_file=config.identity.tls_key,
+            client_id=config.identity.device_id,
+            clean_start=False,
+            session_expiry=config.broker.session_expiry,
+            keepalive=config.broker.keepalive,
+            manual_ack=True,
+            timeout=PUBLISH_TIMEOUT,
+        )
+        self._mqtt.start()
+
+    def _note_own_keys(self) -> None:
+        """The DevID and the state key are in the ledger too (reports show them)."""
+        core = self.core
+        assert core is not None and self._state is not None
+        core.set_time(self.now())
+        if "devid" not in core.ledger:
+            core.ledger.add("devid", KeyKind.DEVID, active=True)
+        if self._state.created:
+            for record in list(core.ledger):
+                if record.kind is KeyKind.STATE and record.state is not KeyState.DESTROYED:
+                    core.ledger.transition(record.name, KeyState.DESTROYED)
+            note = (
+                "the previous state was sealed to other measurements; "
+                "groups must re-add this device"
+                if self._state.sealed_elsewhere
+                else None
+            )
+            count = sum(1 for r in core.ledger if r.kind is KeyKind.STATE)
+            core.ledger.add(f"state/{count + 1}", KeyKind.STATE, active=True, note=note)
+
+    # -- the worker loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self._start()
+        except KeyfleetError as exc:
+            log.error("keyagent cannot start: %s", exc)
+            self._shutdown()
+            return 1
+        assert self._mqtt is not None and self.core is not None
+        self.notifier.ready(self._status_line())
+        log.info("keyagent %s ready", self.core.device_id)
+        period = self.notifier.ping_period()
+        next_ping = time.monotonic()
+        next_tick = time.monotonic() + TICK_SECONDS
+        subscribed = False
+        reported_for: int | None = None
+        try:
+            while not self._stop.is_set():
+                if period is not None and time.monotonic() >= next_ping:
+                    self.notifier.watchdog()
+                    next_ping = time.monotonic() + period
+                mqtt = self._mqtt
+                if mqtt.connected:
+                    if not subscribed:
+                        subscribed = self._subscribe()
+                    if subscribed and reported_for != mqtt.reconnects:
+                        # after every (re)connect: tell the service our epochs (catch-up)
+                        with self._lock:
+                            outcome = self.core.report(self.now())
+                        if self._apply(outcome):
+                            reported_for = mqtt.reconnects
+                wait = (
+                    _POLL if period is None else min(_POLL, max(0.0, next_ping - time.monotonic()))
+                )
+                message = mqtt.get(timeout=wait)
+                if message is not None:
+                    self._on_message(message)
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK_SECONDS
+                    with self._lock:
+                        outcome = self.core.tick(self.now())
+                    self._apply(outcome)
+        except KeyfleetError as exc:
+            log.error("keyagent stopping on an error it cannot handle: %s", exc)
+            self._shutdown()
+            return 1
+        self._shutdown()
+        return 0
+
+    def _subscribe(self) -> bool:
+        assert self._mqtt is not None and self.core is not None
+        try:
+            self._mqtt.subscribe(self.core.command_topic, timeout=PUBLISH_TIMEOUT)
+            self._mqtt.subscribe("kf/v1/grp/+/commit", timeout=PUBLISH_TIMEOUT)
+        except TransportError as exc:
+            log.warning("subscribe failed, will retry: %s", exc)
+            return False
+        return True
+
+    def _on_message(self, message: ReceivedMessage) -> None:
+        assert self.core is not None and self._mqtt is not None
+        with self._lock:
+            outcome = self.core.handle(message.payload, message.topic, self.now())
+        if self._apply(outcome):
+            self._mqtt.ack(message)
+        # else: not acknowledged; the broker redelivers it in the next session
+
+    def _apply(self, outcome: Outcome) -> bool:
+        """Persist (if changed), then publish. True when every publish was acknowledged."""
+        assert self._mqtt is not None
+        if outcome.changed:
+            self._persist()
+        ok = True
+        for publish in outcome.publishes:
+            try:
+                self._mqtt.publish(publish.topic, publish.payload, timeout=PUBLISH_TIMEOUT)
+            except TransportError as exc:
+                # paho keeps it and resends after the reconnect; the inbound message stays
+                # unacknowledged so the whole exchange is redone if we die before that.
+                log.warning("publish of %s not confirmed: %s", publish.type, exc)
+                ok = False
+        if outcome.epochs_changed:
+            self.notifier.status(self._status_line())
+        return ok
+
+    def _persist(self) -> None:
+        with self._lock:
+            core, state = self.core, self._state
+            assert core is not None and state is not None and self._keys is not None
+            state.state_file.save(core.to_state())
+            core.mark_clean()
+            self._keys.collect(core.leaf_refs())
+            self._write_status()
+
+    def _status_line(self) -> str:
+        assert self.core is not None
+        groups = self.core.groups()
+        if not groups:
+            text = "no groups"
+        else:
+            text = ", ".join(f"{name}@{g.epoch}" for name, g in sorted(groups.items()))
+        if self._state is not None and self._state.sealed_elsewhere:
+            text += "; state sealed to other measurements: re-add needed"
+        return text
+
+    def _write_status(self) -> None:
+        core, state = self.core, self._state
+        assert core is not None and state is not None
+        status: dict[str, Any] = core.status()
+        status.update(
+            {
+                "pid": os.getpid(),
+                "updated": self.now(),
+                "state_generation": state.state_file.generation,
+                "sealed_elsewhere": state.sealed_elsewhere,
+                "mqtt_connected": self._mqtt.connected if self._mqtt is not None else False,
+            }
+        )
+        atomic_write(
+            self.state_dir / STATUS_FILE,
+            json.dumps(status, indent=2, sort_keys=True).encode(),
+            mode=0o644,
+        )
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        if self._api is not None:
+            self._api.stop()
+        if self._mqtt is not None:
+            self._mqtt.close()
+        try:
+            if self.core is not None and self._state is not None and self.core.dirty:
+                self._persist()
+        finally:
+            if self._store is not None:
+                self._store.close()  # flushes every TPM object still loaded
+
+
+def run(config_path: str | None, *, allow_insecure: bool = False) -> int:
+    """``keyagent run``: load the configuration, run until SIGTERM."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(config_path, require_provisioned=True)
+        daemon = Daemon(config, allow_insecure=allow_insecure)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    signal.signal(signal.SIGTERM, lambda signum, frame: daemon.stop())
+    signal.signal(signal.SIGINT, lambda signum, frame: daemon.stop())
+    return daemon.run()
+
+
+def read_status(config_path: str | None) -> dict[str, Any]:
+    """The status the running daemon last wrote (no secrets; no TPM needed to read it)."""
+    config = load_config(config_path)
+    path = config.state.dir / STATUS_FILE
+    try:
+        data: dict[str, Any] = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise StateError(f"no status at {path}: has keyagent run ever started?") from None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"cannot read status {path}: {exc}") from None
+    return data
