@@ -1,0 +1,893 @@
+"""Factory enrollment: the fleet service's side of provisioning a device, in two steps.
+
+``start`` takes what the station read from the device (EK certificate and public area, AK and
+DevID public areas, the AK's TPM2_Certify of the DevID, the device's TLS public key) and checks:
+
+    enroll.request         the request does not have the expected shape
+    enroll.ek.cert         the EK certificate does not parse
+    enroll.ek.chain        it is not issued by a trusted manufacturer CA, or not valid now
+    enroll.ek.public       the EK public area does not decode or is not the certified key
+    enroll.ek.registered   this EK is already enrolled (re-provisioning needs a factory reset)
+    enroll.ak.attributes   the AK is not a restricted, fixedTPM, fixedParent signing key
+    tpm.*                  the certify does not verify (agent.tpm.attest.verify_certify: AK
+                           signature, nonce, the DevID's Name, fixedTPM + fixedParent)
+    enroll.devid.attributes the DevID is not a TPM-generated, unrestricted signing key
+    enroll.tls.key         the TLS public key is not ECC P-256
+    enroll.groups          a group name is malformed
+
+then runs TPM2_MakeCredential (in software) for (that EK, the AK's Name, a random 32-byte
+secret) and keeps a pending session. Only the TPM holding that EK, with an object of exactly
+that AK Name loaded, can recover the secret (TPM 2.0 Part 1 §24): so a correct secret in
+``finish`` proves that the AK - and through the certify, the DevID - live in a genuine TPM.
+
+``finish`` compares the secret in constant time, issues the DevID certificate and the MQTT TLS
+client certificate from the fleet device CA (CN = the device id, which the service allocates:
+``dev-`` + the first 16 hex digits of the EK certificate's SHA-256), and registers the device
+with its audit entry in one transaction. Nothing is registered before ``finish``; a wrong secret
+ends the session (one try), and every accept and refusal is audited. Further check ids:
+
+    enroll.session.unknown  no such session (or it was ended by a failed finish)
+    enroll.session.expired  the session outlived ``session_ttl``
+    enroll.session.station  another station started this session
+    enroll.session.limit    too many sessions pending
+    enroll.credential       the secret is not the one MakeCredential protected
+    enroll.station.unknown  the client certificate is not a registered station's
+    enroll.revoke.unknown / enroll.revoke.state  see ``revoke``
+    registry.*              the registry refused the registration
+
+The certify's qualifying data is SHA-256("keyfleet/enroll/certify/v1" 0x00 || nonce || TLS SPKI)
+(``certify_qualifying_data``): the AK's signed statement then also covers the TLS public key the
+device generated, so nobody between device and service can swap it.
+
+Why the TLS key is a software key: Python's ``ssl`` can use a TPM key only through the
+tpm2-openssl provider with tpm2-abrmd, which also slows every hash in the process (STACK.md); the
+TLS key authenticates only the transport, every message is signed by the DevID in the TPM.
+
+Pending sessions live in this process's memory: a station must send start and finish to the
+same service instance (several instances need sticky routing for /v1/enroll, or a shared session
+table: not done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.orm import Session, sessionmaker
+from tpm2_pytss.constants import TPMA_OBJECT
+
+from agent.errors import InternalError, KeyfleetError, ProtocolError
+from agent.secret import Secret
+from agent.tpm.attest import (
+    Attestation,
+    object_attributes,
+    public_key_from_area,
+    tpm_name,
+    verify_certify,
+)
+from agent.tpm.store import ek_public_key_from_area
+from provisioning import audit
+from provisioning.config import ServiceConfig
+from provisioning.makecredential import make_credential
+from provisioning.pki import (
+    CertificateAuthority,
+    cert_from_pem,
+    cert_to_pem,
+    certs_from_pem,
+    common_name,
+    issue_client_cert,
+    key_from_pem,
+)
+from provisioning.registry import DeviceState, Outcome, Registry, cert_fingerprint
+from provisioning.registry.engine import run_in_transaction
+from provisioning.registry.schema import Device
+
+Rng = Callable[[int], bytes]
+
+CERTIFY_LABEL = b"keyfleet/enroll/certify/v1\x00"
+SECRET_SIZE = 32
+MIN_NONCE = 16
+MAX_NONCE = 64
+MAX_CERT = 16 * 1024
+MAX_TPM_BLOB = 4096
+MAX_GROUPS = 64
+DEVICE_ID_PREFIX = "dev-"
+DEVICE_ID_HEX = 16
+_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SERIAL = re.compile(r"[\x21-\x7e]{1,128}")
+
+_AK_REQUIRED = (
+    TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+)
+_DEVID_REQUIRED = (
+    TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+)
+_DER = serialization.Encoding.DER
+_SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
+
+
+def certify_qualifying_data(nonce: bytes, tls_public: bytes) -> bytes:
+    """The qualifying data the AK signs in the DevID certify: binds the station's nonce and the
+    device's TLS public key (SPKI DER) to the TPM's statement."""
+    return hashlib.sha256(CERTIFY_LABEL + nonce + tls_public).digest()
+
+
+def device_id_for(ek_fingerprint: str) -> str:
+    return DEVICE_ID_PREFIX + ek_fingerprint[:DEVICE_ID_HEX]
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+def _need_bytes(value: Mapping[str, Any], name: str, *, max_len: int, min_len: int = 1) -> bytes:
+    item = value.get(name)
+    if not isinstance(item, bytes) or not min_len <= len(item) <= max_len:
+        raise ProtocolError("enroll.request", f"{name} must be {min_len}..{max_len} bytes")
+    return item
+
+
+def _exact_keys(value: object, keys: frozenset[str], what: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError("enroll.request", f"{what} is not a map")
+    if set(value) != keys:
+        missing = sorted(keys - set(value))
+        extra = sorted(str(k) for k in set(value) - keys)
+        raise ProtocolError("enroll.request", f"{what}: missing {missing}, unexpected {extra}")
+    return value
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    serial: str
+    ek_kind: str
+    ek_cert: bytes = field(repr=False)
+    ek_public: bytes = field(repr=False)
+    ak_public: bytes = field(repr=False)
+    devid_public: bytes = field(repr=False)
+    tls_public: bytes = field(repr=False)
+    certify_attest: bytes = field(repr=False)
+    certify_signature: bytes = field(repr=False)
+    certify_nonce: bytes = field(repr=False)
+    groups: tuple[str, ...] = ()
+
+    KEYS = frozenset(
+        {
+            "serial",
+            "ek_kind",
+            "ek_cert",
+            "ek_public",
+            "ak_public",
+            "devid_public",
+            "tls_public",
+            "certify_attest",
+            "certify_signature",
+            "certify_nonce",
+            "groups",
+        }
+    )
+
+    @classmethod
+    def from_map(cls, value: object) -> StartRequest:
+        m = _exact_keys(value, cls.KEYS, "enroll/start")
+        serial = m["serial"]
+        if not isinstance(serial, str) or not _SERIAL.fullmatch(serial):
+            raise ProtocolError("enroll.request", "serial must be 1..128 printable characters")
+        if m["ek_kind"] not in ("rsa", "ecc"):
+            raise ProtocolError("enroll.request", "ek_kind must be 'rsa' or 'ecc'")
+        groups = m["groups"]
+        if not isinstance(groups, list) or len(groups) > MAX_GROUPS:
+            raise ProtocolError("enroll.request", f"groups must be a list of at most {MAX_GROUPS}")
+        for group in groups:
+            if not isinstance(group, str) or not _GROUP.fullmatch(group):
+                raise ProtocolError("enroll.groups", f"group name {group!r} is malformed")
+        return cls(
+            serial=serial,
+            ek_kind=m["ek_kind"],
+            ek_cert=_need_bytes(m, "ek_cert", max_len=MAX_CERT),
+            ek_public=_need_bytes(m, "ek_public", max_len=MAX_TPM_BLOB),
+            ak_public=_need_bytes(m, "ak_public", max_len=MAX_TPM_BLOB),
+            devid_public=_need_bytes(m, "devid_public", max_len=MAX_TPM_BLOB),
+            tls_public=_need_bytes(m, "tls_public", max_len=MAX_TPM_BLOB),
+            certify_attest=_need_bytes(m, "certify_attest", max_len=MAX_TPM_BLOB),
+            certify_signature=_need_bytes(m, "certify_signature", max_len=MAX_TPM_BLOB),
+            certify_nonce=_need_bytes(m, "certify_nonce", min_len=MIN_NONCE, max_len=MAX_NONCE),
+            groups=tuple(groups),
+        )
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "serial": self.serial,
+            "ek_kind": self.ek_kind,
+            "ek_cert": self.ek_cert,
+            "ek_public": self.ek_public,
+            "ak_public": self.ak_public,
+            "devid_public": self.devid_public,
+            "tls_public": self.tls_public,
+            "certify_attest": self.certify_attest,
+            "certify_signature": self.certify_signature,
+            "certify_nonce": self.certify_nonce,
+            "groups": list(self.groups),
+        }
+
+
+@dataclass(frozen=True)
+class StartResult:
+    session: str
+    device_id: str
+    credential_blob: bytes = field(repr=False)
+    encrypted_secret: bytes = field(repr=False)
+    expires_at: int
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "device_id": self.device_id,
+            "credential_blob": self.credential_blob,
+            "encrypted_secret": self.encrypted_secret,
+            "expires_at": self.expires_at,
+        }
+
+    @classmethod
+    def from_map(cls, value: object) -> StartResult:
+        m = _exact_keys(
+            value,
+            frozenset(
+                {"session", "device_id", "credential_blob", "encrypted_secret", "expires_at"}
+            ),
+            "enroll/start result",
+        )
+        if not isinstance(m["session"], str) or not isinstance(m["device_id"], str):
+            raise ProtocolError("enroll.request", "session and device_id must be text")
+        if type(m["expires_at"]) is not int:
+            raise ProtocolError("enroll.request", "expires_at must be an integer")
+        return cls(
+            session=m["session"],
+            device_id=m["device_id"],
+            credential_blob=_need_bytes(m, "credential_blob", max_len=MAX_TPM_BLOB),
+            encrypted_secret=_need_bytes(m, "encrypted_secret", max_len=MAX_TPM_BLOB),
+            expires_at=m["expires_at"],
+        )
+
+
+@dataclass(frozen=True)
+class FinishRequest:
+    session: str
+    secret: Secret = field(repr=False)
+
+    @classmethod
+    def from_map(cls, value: object) -> FinishRequest:
+        m = _exact_keys(value, frozenset({"session", "secret"}), "enroll/finish")
+        if not isinstance(m["session"], str) or not 0 < len(m["session"]) <= 64:
+            raise ProtocolError("enroll.request", "session must be text of 1..64 characters")
+        return cls(session=m["session"], secret=Secret(_need_bytes(m, "secret", max_len=64)))
+
+    def to_map(self) -> dict[str, Any]:
+        return {"session": self.session, "secret": self.secret.reveal()}
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """What ``finish`` returns: everything the station installs on the device. No secret: the
+    device's private keys never left it."""
+
+    device_id: str
+    devid_cert: x509.Certificate
+    tls_cert: x509.Certificate
+    trust_anchors: tuple[x509.Certificate, ...]
+    broker_host: str
+    broker_port: int
+    broker_ca: tuple[x509.Certificate, ...]
+    service_cert: x509.Certificate
+    groups: tuple[str, ...]
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "devid_cert": self.devid_cert.public_bytes(_DER),
+            "tls_cert": self.tls_cert.public_bytes(_DER),
+            "trust_anchors": [c.public_bytes(_DER) for c in self.trust_anchors],
+            "broker": {
+                "host": self.broker_host,
+                "port": self.broker_port,
+                "ca": [c.public_bytes(_DER) for c in self.broker_ca],
+            },
+            "service_cert": self.service_cert.public_bytes(_DER),
+            "groups": list(self.groups),
+        }
+
+    @classmethod
+    def from_map(cls, value: object) -> DeviceIdentity:
+        keys = frozenset(
+            {
+                "device_id",
+                "devid_cert",
+                "tls_cert",
+                "trust_anchors",
+                "broker",
+                "service_cert",
+                "groups",
+            }
+        )
+        m = _exact_keys(value, keys, "enroll/finish result")
+        broker = _exact_keys(m["broker"], frozenset({"host", "port", "ca"}), "broker")
+
+        def cert(item: object) -> x509.Certificate:
+            if not isinstance(item, bytes):
+                raise ProtocolError("enroll.request", "certificate must be DER bytes")
+            try:
+                return x509.load_der_x509_certificate(item)
+            except ValueError:
+                raise ProtocolError("enroll.request", "certificate does not parse") from None
+
+        def certs(item: object) -> tuple[x509.Certificate, ...]:
+            if not isinstance(item, list):
+                raise ProtocolError("enroll.request", "certificate list expected")
+            return tuple(cert(c) for c in item)
+
+        if not isinstance(m["device_id"], str) or not isinstance(broker["host"], str):
+            raise ProtocolError("enroll.request", "device_id and broker host must be text")
+        if type(broker["port"]) is not int or not isinstance(m["groups"], list):
+            raise ProtocolError("enroll.request", "broker port / groups malformed")
+        return cls(
+            device_id=m["device_id"],
+            devid_cert=cert(m["devid_cert"]),
+            tls_cert=cert(m["tls_cert"]),
+            trust_anchors=certs(m["trust_anchors"]),
+            broker_host=broker["host"],
+            broker_port=broker["port"],
+            broker_ca=certs(broker["ca"]),
+            service_cert=cert(m["service_cert"]),
+            groups=tuple(str(g) for g in m["groups"]),
+        )
+
+
+# ---- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnrollmentSettings:
+    """What enrollment needs from the service configuration."""
+
+    manufacturer_cas: tuple[x509.Certificate, ...]
+    device_ca: CertificateAuthority
+    broker_host: str
+    broker_port: int
+    broker_ca: tuple[x509.Certificate, ...]
+    service_cert: x509.Certificate
+    trust_anchors: tuple[x509.Certificate, ...] = ()
+    session_ttl: int = 300
+    certificate_validity: timedelta = timedelta(days=3650)
+    max_sessions: int = 1024
+    undo_window: int = 3600
+
+    def anchors(self) -> tuple[x509.Certificate, ...]:
+        return self.trust_anchors or (self.device_ca.certificate,)
+
+    @classmethod
+    def from_service_config(cls, config: ServiceConfig) -> EnrollmentSettings:
+        """Device CA (cert + key), manufacturer CA bundle, broker address and CA; the service
+        certificate is the service's own client certificate (CN keyfleet-service), whose key
+        signs the service's messages; trust anchors are the device CA and the operator CA."""
+        device_ca = CertificateAuthority(
+            certificate=cert_from_pem(config.device_ca.cert.read_bytes()),
+            private_key=key_from_pem(config.device_ca.key.read_bytes()),
+        )
+        return cls(
+            manufacturer_cas=tuple(
+                certs_from_pem(config.attestation.manufacturer_cas.read_bytes())
+            ),
+            device_ca=device_ca,
+            broker_host=config.broker.host,
+            broker_port=config.broker.port,
+            broker_ca=tuple(certs_from_pem(config.broker.ca.read_bytes())),
+            service_cert=cert_from_pem(config.broker.client_cert.read_bytes()),
+            trust_anchors=(
+                device_ca.certificate,
+                cert_from_pem(config.operator_ca_cert.read_bytes()),
+            ),
+        )
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+
+def verify_ek_certificate(
+    cert: x509.Certificate, trusted: Sequence[x509.Certificate], *, now: datetime
+) -> x509.Certificate:
+    """Check that ``cert`` is issued directly by one of the ``trusted`` manufacturer CAs
+    (roots or intermediates, each a trust anchor) and that both are valid at ``now``; return
+    the issuer. EK certificates are RSA or ECC (not P-256 only), so pki.verify_certificate's
+    profile does not fit; this is the same check with the key type left open."""
+    when = now.astimezone(UTC)
+    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+        raise ProtocolError("enroll.ek.chain", "EK certificate is not valid now")
+    for ca in trusted:
+        if ca.subject != cert.issuer:
+            continue
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (InvalidSignature, ValueError, TypeError):
+            continue
+        try:
+            constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        if not constraints.ca:
+            continue
+        if not ca.not_valid_before_utc <= when <= ca.not_valid_after_utc:
+            raise ProtocolError("enroll.ek.chain", "the manufacturer CA is not valid now")
+        return ca
+    raise ProtocolError(
+        "enroll.ek.chain", "EK certificate is not issued by a trusted manufacturer CA"
+    )
+
+
+def _check_attributes(public: bytes, required: int, forbidden: int, check: str, what: str) -> None:
+    attrs = object_attributes(public)
+    if attrs & required != required or attrs & forbidden:
+        raise ProtocolError(check, f"{what} attributes 0x{attrs:08x} are not what it must have")
+
+
+@dataclass
+class _Pending:
+    station: str
+    device_id: str
+    ek_fingerprint: str
+    serial: str
+    devid_public: bytes
+    tls_public: bytes
+    groups: tuple[str, ...]
+    secret: Secret = field(repr=False)
+    expires_at: int
+    result: DeviceIdentity | None = None
+
+
+# ---- the service object ---------------------------------------------------------------------
+
+
+class Enrollment:
+    """The enrollment logic over a registry database. Thread-safe (the HTTP layer calls it from
+    a thread pool)."""
+
+    def __init__(
+        self,
+        settings: EnrollmentSettings,
+        sessions: sessionmaker[Session],
+        *,
+        rng: Rng = os.urandom,
+    ) -> None:
+        self.settings = settings
+        self._db = sessions
+        self._rng = rng
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+
+    # -- stations --
+
+    def authorize_station(self, cert: x509.Certificate, *, now: int) -> str:
+        """The station name (its client certificate's CN) if it is a registered station with
+        exactly this certificate; the TLS layer already checked the chain to the station CA."""
+        try:
+            name = common_name(cert)
+        except ProtocolError:
+            name = "?"
+        fingerprint = cert_fingerprint(cert)
+
+        def lookup(session: Session) -> bool:
+            station = Registry(session).station_by_fingerprint(fingerprint)
+            return station is not None and station.name == name
+
+        if not run_in_transaction(self._db, lookup):
+            self._audit(
+                now,
+                actor=f"station?:{name}",
+                action="enroll.station",
+                target=f"cert:{fingerprint}",
+                outcome=Outcome.REFUSED,
+                reason="not a registered station certificate",
+            )
+            raise ProtocolError(
+                "enroll.station.unknown",
+                f"client certificate CN={name!r} is not a registered factory station",
+            )
+        return name
+
+    # -- start --
+
+    def start(self, station: str, request: StartRequest, *, now: int) -> StartResult:
+        ek_fp = "unknown"
+        try:
+            ek_fp, result = self._start(station, request, now)
+        except KeyfleetError as exc:
+            self._refuse(
+                now,
+                station=station,
+                action="enroll.start",
+                target=f"ek:{ek_fp}",
+                exc=exc,
+                details={"serial": request.serial},
+            )
+            raise
+        self._audit(
+            now,
+            actor=f"station:{station}",
+            action="enroll.start",
+            target=f"ek:{ek_fp}",
+            outcome=Outcome.ACCEPTED,
+            details={"device_id": result.device_id, "serial": request.serial},
+        )
+        return result
+
+    def _start(self, station: str, req: StartRequest, now: int) -> tuple[str, StartResult]:
+        try:
+            ek_cert = x509.load_der_x509_certificate(req.ek_cert)
+        except ValueError:
+            raise ProtocolError("enroll.ek.cert", "EK certificate is not DER X.509") from None
+        ek_fp = cert_fingerprint(ek_cert)
+        try:
+            verify_ek_certificate(
+                ek_cert, self.settings.manufacturer_cas, now=datetime.fromtimestamp(now, UTC)
+            )
+        except ProtocolError as exc:
+            raise _Tagged(ek_fp, exc) from None
+        try:
+            ek_key = ek_public_key_from_area(req.ek_public)
+        except Exception:
+            raise _Tagged(
+                ek_fp, ProtocolError("enroll.ek.public", "EK public area does not decode")
+            ) from None
+        if ek_key.public_bytes(_DER, _SPKI) != ek_cert.public_key().public_bytes(_DER, _SPKI):
+            raise _Tagged(
+                ek_fp,
+                ProtocolError("enroll.ek.public", "EK public area is not the certified key"),
+            )
+        try:
+            self._check_keys(req)
+        except ProtocolError as exc:
+            raise _Tagged(ek_fp, exc) from None
+
+        def registered(session: Session) -> str | None:
+            record = Registry(session).device_by_ek(ek_fp)
+            return None if record is None else f"{record.device_id} ({record.state.value})"
+
+        holder = run_in_transaction(self._db, registered)
+        if holder is not None:
+            raise _Tagged(
+                ek_fp,
+                ProtocolError(
+                    "enroll.ek.registered",
+                    f"this TPM is already enrolled as {holder}; re-provisioning needs a factory "
+                    "reset that destroys the old identity",
+                ),
+            )
+
+        device_id = device_id_for(ek_fp)
+        secret = Secret(self._rng(SECRET_SIZE))
+        blob, encrypted = make_credential(
+            ek_key, tpm_name(req.ak_public), secret.reveal(), rng=self._rng
+        )
+        session_id = self._rng(16).hex()
+        pending = _Pending(
+            station=station,
+            device_id=device_id,
+            ek_fingerprint=ek_fp,
+            serial=req.serial,
+            devid_public=req.devid_public,
+            tls_public=req.tls_public,
+            groups=req.groups,
+            secret=secret,
+            expires_at=now + self.settings.session_ttl,
+        )
+        with self._lock:
+            self._purge(now)
+            if len(self._pending) >= self.settings.max_sessions:
+                raise _Tagged(
+                    ek_fp,
+                    ProtocolError("enroll.session.limit", "too many enrollments pending"),
+                )
+            self._pending[session_id] = pending
+        return ek_fp, StartResult(
+            session=session_id,
+            device_id=device_id,
+            credential_blob=blob,
+            encrypted_secret=encrypted,
+            expires_at=pending.expires_at,
+        )
+
+    def _check_keys(self, req: StartRequest) -> None:
+        _check_attributes(
+            req.ak_public,
+            _AK_REQUIRED,
+            TPMA_OBJECT.DECRYPT,
+            "enroll.ak.attributes",
+            "the AK must be a restricted fixedTPM fixedParent signing key; its",
+        )
+        ak_key = public_key_from_area(req.ak_public)
+        verify_certify(
+            Attestation(attest=req.certify_attest, signature=req.certify_signature),
+            ak_key,
+            certify_qualifying_data(req.certify_nonce, req.tls_public),
+            req.devid_public,
+        )
+        _check_attributes(
+            req.devid_public,
+            _DEVID_REQUIRED,
+            TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT,
+            "enroll.devid.attributes",
+            "the DevID must be a TPM-generated unrestricted signing key; its",
+        )
+        public_key_from_area(req.devid_public)
+        try:
+            tls = serialization.load_der_public_key(req.tls_public)
+        except ValueError:
+            raise ProtocolError("enroll.tls.key", "TLS public key is not DER SPKI") from None
+        if not isinstance(tls, ec.EllipticCurvePublicKey) or not isinstance(
+            tls.curve, ec.SECP256R1
+        ):
+            raise ProtocolError("enroll.tls.key", "TLS public key is not ECC P-256")
+
+    def _purge(self, now: int) -> None:
+        for session_id in [s for s, p in self._pending.items() if p.expires_at < now]:
+            self._pending.pop(session_id).secret.wipe()
+
+    # -- finish --
+
+    def finish(self, station: str, request: FinishRequest, *, now: int) -> DeviceIdentity:
+        with self._lock:
+            pending = self._pending.get(request.session)
+            if pending is not None and pending.expires_at < now:
+                del self._pending[request.session]
+                pending.secret.wipe()
+                target = f"device:{pending.device_id}"
+                error = ProtocolError("enroll.session.expired", "the enrollment session expired")
+                pending = None
+            elif pending is None:
+                target = "session:unknown"
+                error = ProtocolError(
+                    "enroll.session.unknown", "no such enrollment session (expired or ended)"
+                )
+            elif pending.station != station:
+                target = f"device:{pending.device_id}"
+                error = ProtocolError(
+                    "enroll.session.station", "the session belongs to another station"
+                )
+                pending = None
+            elif not hmac.compare_digest(pending.secret.reveal(), request.secret.reveal()):
+                # One try: a wrong answer ends the session, so the secret cannot be guessed.
+                del self._pending[request.session]
+                pending.secret.wipe()
+                target = f"device:{pending.device_id}"
+                error = ProtocolError(
+                    "enroll.credential",
+                    "the secret is not the one made for this EK and AK: the AK is not in the "
+                    "TPM that owns the EK",
+                )
+                pending = None
+            else:
+                error = None
+                target = f"device:{pending.device_id}"
+        if pending is None:
+            assert error is not None
+            self._refuse(
+                now, station=station, action="enroll.finish", target=target, exc=error, details={}
+            )
+            raise error
+        if pending.result is not None:
+            return pending.result  # a station retrying a finish whose answer it lost
+        try:
+            identity = self._register(station, pending, now)
+        except KeyfleetError as exc:
+            with self._lock:
+                self._pending.pop(request.session, None)
+            self._refuse(
+                now, station=station, action="enroll.finish", target=target, exc=exc, details={}
+            )
+            raise
+        with self._lock:
+            pending.result = identity
+        return identity
+
+    def _issue(
+        self, pending: _Pending, when: datetime
+    ) -> tuple[x509.Certificate, x509.Certificate]:
+        settings = self.settings
+        devid_cert = issue_client_cert(
+            settings.device_ca,
+            public_key_from_area(pending.devid_public),
+            identity=pending.device_id,
+            role="device",
+            now=when,
+            valid_for=settings.certificate_validity,
+            rng=self._rng,
+        )
+        tls_cert = issue_client_cert(
+            settings.device_ca,
+            serialization.load_der_public_key(pending.tls_public),
+            identity=pending.device_id,
+            role="device",
+            now=when,
+            valid_for=settings.certificate_validity,
+            rng=self._rng,
+        )
+        return devid_cert, tls_cert
+
+    def _register(self, station: str, pending: _Pending, now: int) -> DeviceIdentity:
+        settings = self.settings
+        when = datetime.fromtimestamp(now, UTC)
+        try:
+            devid_cert, tls_cert = self._issue(pending, when)
+        except ValueError as exc:
+            raise InternalError(f"the device CA cannot issue certificates now: {exc}") from None
+
+        def work(session: Session) -> None:
+            Registry(session).register_device(
+                pending.device_id,
+                ek_cert_fingerprint=pending.ek_fingerprint,
+                devid_cert_pem=cert_to_pem(devid_cert).decode(),
+                now=now,
+            )
+            audit.append(
+                session,
+                now=now,
+                actor=f"station:{station}",
+                action="enroll.finish",
+                target=f"device:{pending.device_id}",
+                outcome=Outcome.ACCEPTED,
+                details={
+                    "ek": pending.ek_fingerprint,
+                    "serial": pending.serial,
+                    "devid_cert": cert_fingerprint(devid_cert),
+                    "tls_cert": cert_fingerprint(tls_cert),
+                    "groups": list(pending.groups),
+                },
+            )
+
+        run_in_transaction(self._db, work)
+        return DeviceIdentity(
+            device_id=pending.device_id,
+            devid_cert=devid_cert,
+            tls_cert=tls_cert,
+            trust_anchors=settings.anchors(),
+            broker_host=settings.broker_host,
+            broker_port=settings.broker_port,
+            broker_ca=settings.broker_ca,
+            service_cert=settings.service_cert,
+            groups=pending.groups,
+        )
+
+    # -- undo --
+
+    def revoke(self, station: str, device_id: str, *, reason: str, now: int) -> None:
+        """Undo a registration whose install on the device failed: allowed only for a device
+        still in state ``registered`` that has never been seen online, within ``undo_window``
+        seconds of its registration. The row is deleted (not only marked revoked) so that the
+        same TPM can be enrolled again on the retry: the registry keeps one device per EK, and
+        this identity never reached the device. The audit entry keeps its certificate's
+        fingerprint, so the issued certificate stays on record as withdrawn."""
+        reason = reason[:200]
+
+        def work(session: Session) -> str:
+            row = session.get(Device, device_id)
+            if row is None:
+                raise ProtocolError("enroll.revoke.unknown", f"no device {device_id!r}")
+            if (
+                row.state is not DeviceState.REGISTERED
+                or row.last_seen is not None
+                or now - row.registered_at > self.settings.undo_window
+            ):
+                raise ProtocolError(
+                    "enroll.revoke.state",
+                    f"device {device_id!r} is {row.state.value} or was seen online or enrolled "
+                    "too long ago: only a fresh, never used registration can be undone; revoke "
+                    "it as an operator instead",
+                )
+            fingerprint = cert_fingerprint(
+                x509.load_pem_x509_certificate(row.devid_cert_pem.encode())
+            )
+            session.delete(row)
+            session.flush()
+            audit.append(
+                session,
+                now=now,
+                actor=f"station:{station}",
+                action="enroll.revoke",
+                target=f"device:{device_id}",
+                outcome=Outcome.ACCEPTED,
+                reason=reason,
+                details={"devid_cert": fingerprint, "ek": row.ek_cert_fingerprint},
+            )
+            return fingerprint
+
+        try:
+            run_in_transaction(self._db, work)
+        except KeyfleetError as exc:
+            self._refuse(
+                now,
+                station=station,
+                action="enroll.revoke",
+                target=f"device:{device_id}",
+                exc=exc,
+                details={},
+            )
+            raise
+        with self._lock:
+            for session_id, pending in list(self._pending.items()):
+                if pending.device_id == device_id:
+                    self._pending.pop(session_id).secret.wipe()
+
+    # -- audit --
+
+    def _audit(
+        self,
+        now: int,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: Outcome,
+        reason: str = "",
+        details: Mapping[str, audit.JsonValue] | None = None,
+    ) -> None:
+        audit.record(
+            self._db,
+            now=now,
+            actor=actor,
+            action=action,
+            target=target,
+            outcome=outcome,
+            reason=reason,
+            details=details,
+        )
+
+    def _refuse(
+        self,
+        now: int,
+        *,
+        station: str,
+        action: str,
+        target: str,
+        exc: KeyfleetError,
+        details: Mapping[str, audit.JsonValue],
+    ) -> None:
+        if isinstance(exc, _Tagged):
+            target = f"ek:{exc.ek_fingerprint}"
+        check = exc.check if isinstance(exc, ProtocolError) else type(exc).__name__
+        self._audit(
+            now,
+            actor=f"station:{station}",
+            action=action,
+            target=target,
+            outcome=Outcome.REFUSED,
+            reason=str(exc)[:500],
+            details={**details, "check": check},
+        )
+
+    def pending_sessions(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+
+class _Tagged(ProtocolError):
+    """A refusal that already knows which EK it concerns (for the audit target)."""
+
+    def __init__(self, ek_fingerprint: str, error: ProtocolError) -> None:
+        super().__init__(error.check, error.reason)
+        self.ek_fingerprint = ek_fingerprint

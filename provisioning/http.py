@@ -1,0 +1,306 @@
+"""The fleet service's HTTPS enrollment API for factory stations (Starlette app, uvicorn server).
+
+    POST   /v1/enroll/start       StartRequest  -> StartResult     (provisioning.enroll)
+    POST   /v1/enroll/finish      FinishRequest -> DeviceIdentity
+    DELETE /v1/enroll/{device}    undo a registration whose install failed (?reason=...)
+
+Bodies are deterministic CBOR (``application/cbor``), at most ``MAX_BODY`` bytes, counted while
+they stream in (before decoding) and decoded by the strict ``agent.wire.cbor``. Errors are CBOR
+maps ``{"check": id, "reason": text}`` with a 4xx status (5xx only for the service's own
+trouble): 400 malformed, 401 no client certificate, 403 a check failed or not a station,
+404/410 unknown/expired session, 409 already enrolled, 413 too large, 415 not CBOR.
+
+Transport: mutual TLS. uvicorn is started with ``ssl_cert_reqs=CERT_REQUIRED`` and the station CA
+as ``ssl_ca_certs``, so a client without a station certificate never completes the handshake.
+The station's identity is its certificate's CN, which must belong to a registered station with
+that exact certificate (``Enrollment.authorize_station``). uvicorn (0.54) does not put the peer
+certificate into the ASGI scope, so ``_TLSH11Protocol`` (passed as uvicorn's ``http`` protocol
+class) reads it from the TLS transport after the handshake and adds the ASGI TLS extension
+(``scope["extensions"]["tls"]["client_cert_chain"]``, PEM) to every request of that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from cryptography import x509
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from agent.errors import ConfigError, ProtocolError, StateError
+from agent.wire import cbor
+from provisioning.enroll import Enrollment, FinishRequest, StartRequest
+
+log = logging.getLogger("keyfleet.http")
+
+CBOR_TYPE = "application/cbor"
+MAX_BODY = 64 * 1024
+_STATUS = {
+    "http.content-type": 415,
+    "http.size": 413,
+    "http.route": 404,
+    "http.method": 405,
+    "enroll.station.cert": 401,
+    "enroll.station.unknown": 403,
+    "enroll.session.unknown": 404,
+    "enroll.session.expired": 410,
+    "enroll.session.station": 403,
+    "enroll.session.limit": 503,
+    "enroll.ek.registered": 409,
+    "registry.device.exists": 409,
+    "registry.device.ek_taken": 409,
+    "enroll.revoke.unknown": 404,
+    "enroll.revoke.state": 409,
+}
+_BAD_REQUEST_PREFIXES = ("cbor.", "enroll.request", "enroll.groups", "registry.device.name")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def status_for(check: str) -> int:
+    if check in _STATUS:
+        return _STATUS[check]
+    if check.startswith(_BAD_REQUEST_PREFIXES):
+        return 400
+    return 403  # a verification the request had to pass did not pass
+
+
+def _cbor_response(value: object, status: int = 200) -> Response:
+    return Response(cbor.encode(value), status_code=status, media_type=CBOR_TYPE)
+
+
+def _error(check: str, reason: str, status: int | None = None) -> Response:
+    return _cbor_response({"check": check, "reason": reason}, status or status_for(check))
+
+
+async def _read_body(request: Request) -> object:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != CBOR_TYPE:
+        raise ProtocolError("http.content-type", f"the body must be {CBOR_TYPE}")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        raise ProtocolError("http.size", f"the body must be at most {MAX_BODY} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ProtocolError("http.size", f"the body must be at most {MAX_BODY} bytes")
+    return cbor.decode(bytes(body), max_size=MAX_BODY)
+
+
+def _peer_certificate(request: Request) -> x509.Certificate:
+    extensions = request.scope.get("extensions") or {}
+    chain = (extensions.get("tls") or {}).get("client_cert_chain") or []
+    if not chain:
+        raise ProtocolError("enroll.station.cert", "no client certificate on this connection")
+    try:
+        return x509.load_pem_x509_certificate(str(chain[0]).encode())
+    except ValueError:
+        raise ProtocolError("enroll.station.cert", "client certificate does not parse") from None
+
+
+def build_app(enrollment: Enrollment, *, clock: Callable[[], float] = time.time) -> Starlette:
+    """The ASGI application. ``clock`` gives the service's time (seconds)."""
+
+    async def station_of(request: Request) -> str:
+        cert = _peer_certificate(request)
+        now = int(clock())
+        name: str = await run_in_threadpool(enrollment.authorize_station, cert, now=now)
+        return name
+
+    def endpoint(
+        work: Callable[[Request, str], Awaitable[object]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            try:
+                station = await station_of(request)
+                return _cbor_response(await work(request, station))
+            except ProtocolError as exc:
+                log.info("enroll: refused [%s] %s", exc.check, exc.reason)
+                return _error(exc.check, exc.reason)
+            except StateError as exc:
+                log.warning("enroll: database trouble: %s", exc)
+                return _error("service.unavailable", "the registry is busy; retry", 503)
+            except Exception:  # KeyfleetError (InternalError) or a bug: never a raw traceback
+                log.exception("enroll: internal error")
+                return _error("service.internal", "internal error in the service", 500)
+
+        return handle
+
+    async def start(request: Request, station: str) -> object:
+        parsed = StartRequest.from_map(await _read_body(request))
+        result = await run_in_threadpool(enrollment.start, station, parsed, now=int(clock()))
+        return result.to_map()
+
+    async def finish(request: Request, station: str) -> object:
+        parsed = FinishRequest.from_map(await _read_body(request))
+        try:
+            identity = await run_in_threadpool(enrollment.finish, station, parsed, now=int(clock()))
+        finally:
+            parsed.secret.wipe()
+        return identity.to_map()
+
+    async def revoke(request: Request, station: str) -> object:
+        device = request.path_params["device"]
+        reason = request.query_params.get("reason", "install on the device failed")
+        await run_in_threadpool(enrollment.revoke, station, device, reason=reason, now=int(clock()))
+        return {"device_id": device, "revoked": True}
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HTTPException) and exc.status_code == 405:
+            return _error("http.method", "method not allowed here")
+        return _error("http.route", "no such endpoint")
+
+    routes = [
+        Route("/v1/enroll/start", endpoint(start), methods=["POST"]),
+        Route("/v1/enroll/finish", endpoint(finish), methods=["POST"]),
+        Route("/v1/enroll/{device}", endpoint(revoke), methods=["DELETE"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+# ---- uvicorn with the client certificate in the scope ---------------------------------------
+
+
+class _TLSH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus the ASGI TLS extension carrying the client certificate.
+
+    asyncio calls ``connection_made`` only after the TLS handshake, so the peer certificate (the
+    server required one) is known here; it is attached to every request on this connection."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+        version = ssl_object.version() if ssl_object is not None else None
+        inner: Any = self.app
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope.get("type") == "http":
+                extensions = dict(scope.get("extensions") or {})
+                extensions["tls"] = {
+                    "client_cert_chain": chain,
+                    "tls_version": version,
+                    "server_cert": None,
+                }
+                scope["extensions"] = extensions
+            await inner(scope, receive, send)
+
+        self.app = app
+
+
+@dataclass
+class EnrollmentServer:
+    """A running HTTPS enrollment server (uvicorn in a thread); ``stop()`` ends it."""
+
+    host: str
+    port: int
+    _server: uvicorn.Server = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=timeout)
+
+    def __enter__(self) -> EnrollmentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def uvicorn_config(
+    app: Starlette,
+    *,
+    server_cert: Path,
+    server_key: Path,
+    station_ca: Path,
+    host: str = "127.0.0.1",
+    port: int = 8443,
+    log_level: str = "warning",
+) -> uvicorn.Config:
+    """uvicorn settings for mutual TLS with stations."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=_TLSH11Protocol,
+        ws="none",
+        lifespan="off",
+        ssl_certfile=str(server_cert),
+        ssl_keyfile=str(server_key),
+        ssl_ca_certs=str(station_ca),
+        ssl_cert_reqs=ssl.CERT_REQUIRED,
+        log_level=log_level,
+        access_log=False,
+        timeout_keep_alive=5,
+    )
+
+
+def start_enrollment_server(
+    app: Starlette,
+    *,
+    server_cert: Path,
+    server_key: Path,
+    station_ca: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout: float = 10.0,
+) -> EnrollmentServer:
+    """Serve ``app`` over HTTPS with mutual TLS in a background thread. ``port=0`` picks a free
+    port (the socket is bound here, so the port is known before uvicorn starts)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"http.listen: cannot bind {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    bound_port = int(sock.getsockname()[1])
+    config = uvicorn_config(
+        app,
+        server_cert=server_cert,
+        server_key=server_key,
+        station_ca=station_ca,
+        host=host,
+        port=bound_port,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="enroll-http", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise ConfigError(f"the enrollment server did not start on {host}:{bound_port}")
+        time.sleep(0.01)
+    return EnrollmentServer(host=host, port=bound_port, _server=server, _thread=thread)
