@@ -11,15 +11,34 @@ command could not run (usage, configuration or database error).
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import logging
+import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.errors import ConfigError, KeyfleetError
-from provisioning import audit
+from agent.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
+from provisioning import audit, pki
 from provisioning.config import load_config
+from provisioning.operator import (
+    Command,
+    OperatorClient,
+    OperatorSettings,
+    Progress,
+    list_devices,
+    list_groups,
+    print_table,
+    run_commands,
+)
 from provisioning.registry.engine import (
     create_schema,
     make_engine,
@@ -28,6 +47,10 @@ from provisioning.registry.engine import (
     session_factory,
     sqlite_path,
 )
+from provisioning.registry.schema import Role
+from provisioning.service import store
+from provisioning.service.mqtt import ServiceRunner
+from provisioning.service.operators import register_operator
 
 EXIT_OK = 0
 EXIT_BROKEN = 1
@@ -134,7 +157,180 @@ def build_parser() -> argparse.ArgumentParser:
     init = db_commands.add_parser("init", help="create the registry tables (idempotent)")
     _add_database_options(init)
     init.set_defaults(handler=_db_init)
+    _add_service_commands(commands)
     return parser
+
+
+# ---- the delivery service and the operator CLI (docs/service.md, "Running", "Operator CLI") ----
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = load_config(args.config)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        logging.getLogger("keyfleet.service").info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    ServiceRunner(config).run(stop)
+    return EXIT_OK
+
+
+def _operator_add(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    try:
+        cert = pki.cert_from_pem(Path(args.cert).read_bytes())
+        operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if pki.common_name(cert) != args.name:
+        raise ConfigError(
+            f"{args.cert} is the certificate of {pki.common_name(cert)!r}, not {args.name!r}"
+        )
+    engine = make_engine(config.database_url)
+    try:
+        create_schema(engine)
+        store.create_service_schema(engine)
+        record = register_operator(
+            session_factory(engine),
+            cert,
+            operator_ca=operator_ca,
+            role=None if args.role is None else Role(args.role),
+            actor=f"local:{getpass.getuser()}",
+            now=int(time.time()),
+        )
+    finally:
+        engine.dispose()
+    print(f"operator {record.name} registered with role {record.role.value}")
+    return EXIT_OK
+
+
+def _operator_settings(args: argparse.Namespace) -> OperatorSettings:
+    def pick(flag: str, env: str) -> str:
+        value: str | None = getattr(args, flag) or os.environ.get(env)
+        if not value:
+            raise ConfigError(f"--{flag.replace('_', '-')} (or ${env}) is required")
+        return value
+
+    host, _, port = pick("broker", "KEYFLEET_BROKER").rpartition(":")
+    if not host or not port.isdigit():
+        host, port = pick("broker", "KEYFLEET_BROKER"), "8883"
+    return OperatorSettings(
+        host=host.strip("[]"),
+        port=int(port),
+        ca=Path(pick("ca", "KEYFLEET_CA")),
+        cert=Path(pick("cert", "KEYFLEET_CERT")),
+        key=Path(pick("key", "KEYFLEET_KEY")),
+        service_cert=Path(pick("service_cert", "KEYFLEET_SERVICE_CERT")),
+    )
+
+
+def _operator_command(args: argparse.Namespace) -> int:
+    settings = _operator_settings(args)
+    with OperatorClient(settings) as client:
+        commands: list[tuple[str, Command]] = []
+        if args.command == "rekey":
+            commands.append((f"rekey {args.group}", Rekey(client.new_command_id(), args.group)))
+        elif args.command == "revoke":
+            commands.append(
+                (f"revoke {args.device}", Revoke(client.new_command_id(), args.device, args.reason))
+            )
+        elif args.group_command == "create":
+            body = GroupCreate(client.new_command_id(), args.group, tuple(args.members))
+            commands.append((f"create {args.group}", body))
+        else:
+            for device in args.devices:
+                body_add = GroupAdd(client.new_command_id(), args.group, device)
+                commands.append((f"add {device} to {args.group}", body_add))
+        progress = Progress(sys.stdout, json_lines=args.json)
+        return run_commands(client, commands, timeout=args.timeout, progress=progress)
+
+
+def _listing(args: argparse.Namespace) -> int:
+    engine = _existing_engine(_database_url(args))
+    try:
+        with session_factory(engine)() as session:
+            if args.command == "devices":
+                rows = list_devices(session)
+                columns: tuple[str, ...] = (
+                    "device_id",
+                    "state",
+                    "attestation",
+                    "last_seen",
+                    "groups",
+                )
+            else:
+                rows = list_groups(session)
+                columns = ("group_id", "epoch", "members", "stragglers", "agreed", "pending")
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(rows, sort_keys=True))
+    else:
+        print_table(rows, columns, sys.stdout)
+    return EXIT_OK
+
+
+def _add_operator_options(parser: argparse.ArgumentParser) -> None:
+    mqtt = parser.add_argument_group("connection (flags or environment)")
+    mqtt.add_argument("--broker", metavar="HOST[:PORT]", help="$KEYFLEET_BROKER; port 8883")
+    mqtt.add_argument("--ca", metavar="FILE", help="$KEYFLEET_CA: CA of the broker's certificate")
+    mqtt.add_argument("--cert", metavar="FILE", help="$KEYFLEET_CERT: operator certificate")
+    mqtt.add_argument("--key", metavar="FILE", help="$KEYFLEET_KEY: operator key (TLS and COSE)")
+    mqtt.add_argument(
+        "--service-cert", metavar="FILE", help="$KEYFLEET_SERVICE_CERT: verifies results"
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    parser.set_defaults(handler=_operator_command)
+
+
+def _add_service_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser("serve", help="run the delivery service (MQTT)")
+    serve.add_argument("--config", metavar="FILE", required=True, help="service configuration")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(handler=_serve)
+
+    operator = commands.add_parser("operator", help="operators of the fleet")
+    operator_commands = operator.add_subparsers(dest="operator_command", required=True)
+    add_op = operator_commands.add_parser("add", help="register an operator certificate")
+    add_op.add_argument("name", help="the operator id, the certificate's CN (op-...)")
+    add_op.add_argument("--cert", required=True, metavar="FILE", help="issued by the operator CA")
+    add_op.add_argument("--role", choices=("viewer", "operator", "admin"), help="= the cert's OU")
+    add_op.add_argument("--config", metavar="FILE", required=True, help="service configuration")
+    add_op.set_defaults(handler=_operator_add)
+
+    group = commands.add_parser("group", help="create groups, add members")
+    group_commands = group.add_subparsers(dest="group_command", required=True)
+    create = group_commands.add_parser("create", help="create GROUP with its members")
+    create.add_argument("group")
+    create.add_argument("--members", nargs="+", required=True, metavar="DEVICE")
+    _add_operator_options(create)
+    add = group_commands.add_parser("add", help="add devices to GROUP")
+    add.add_argument("group")
+    add.add_argument("devices", nargs="+", metavar="DEVICE")
+    _add_operator_options(add)
+
+    rekey = commands.add_parser("rekey", help="move a group to a fresh epoch")
+    rekey.add_argument("--group", required=True)
+    _add_operator_options(rekey)
+    revoke = commands.add_parser("revoke", help="revoke a device (admin)")
+    revoke.add_argument("device")
+    revoke.add_argument("--reason")
+    _add_operator_options(revoke)
+
+    for name, what in (("devices", "list devices"), ("groups", "list groups")):
+        listing = commands.add_parser(name, help=f"{what} (registry, on the service host)")
+        _add_database_options(listing)
+        listing.add_argument("--json", action="store_true")
+        listing.set_defaults(handler=_listing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,6 +106,19 @@ class GroupsConfig:
 
 
 @dataclass(frozen=True)
+class ServiceRuntimeConfig:
+    """[service]: how ``keyfleet serve`` runs. ``signing_key`` signs every service envelope
+    (devices verify it with the matching certificate, their ``fleet.service_cert``); by default
+    it is the service's MQTT client key. ``instance`` makes the MQTT client id
+    ``keyfleet-service-<instance>``."""
+
+    signing_key: Path | None = None
+    instance: str = "1"
+    commit_request_timeout_seconds: int = 10
+    online_window_seconds: int = 300
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str
     port: int
@@ -123,6 +136,7 @@ class ServiceConfig:
     attestation: AttestationConfig
     groups: GroupsConfig
     http: HttpConfig | None
+    service: ServiceRuntimeConfig = field(default_factory=ServiceRuntimeConfig)
 
     @property
     def database_url_redacted(self) -> str:
@@ -277,8 +291,14 @@ SCHEMA: Mapping[str, Mapping[str, _Key]] = {
         "ack_timeout_seconds": _Key(_integer(1, 86400, " seconds"), False, 30),
     },
     "http": {"listen": _Key(_listen)},
+    "service": {
+        "signing_key": _Key(_file(private=True), required=False),
+        "instance": _Key(_string, required=False, default="1"),
+        "commit_request_timeout_seconds": _Key(_integer(1, 3600, " seconds"), False, 10),
+        "online_window_seconds": _Key(_integer(10, 7 * 86400, " seconds"), False, 300),
+    },
 }
-OPTIONAL_SECTIONS = frozenset({"database", "groups", "http"})
+OPTIONAL_SECTIONS = frozenset({"database", "groups", "http", "service"})
 
 
 def _read_section(name: str, raw: Any, reader: _Reader, *, present: bool) -> dict[str, Any] | None:
@@ -349,6 +369,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         attestation=AttestationConfig(**section("attestation")),
         groups=GroupsConfig(**section("groups")),
         http=None if listen is None else HttpConfig(host=listen[0], port=listen[1]),
+        service=ServiceRuntimeConfig(**section("service")),
     )
 
 

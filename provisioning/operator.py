@@ -1,0 +1,349 @@
+"""The operator side of ``keyfleet``: signed commands over MQTT, results as they arrive.
+
+An operator holds a certificate from the operator CA (CN ``op-<name>``, OU = role) and its key.
+The same key does two jobs: the TLS client key for the broker (whose ACL lets ``op-alice`` write
+only ``kf/v1/ops/op-alice/cmd`` and read only ``kf/v1/ops/op-alice/result``) and the COSE signing
+key of the commands (the service checks the signature, not the broker). One file is enough
+because both uses are the operator proving the same identity; keep it mode 0600.
+
+A command goes out as one signed envelope; the service answers on the result topic with
+``op.result`` messages (``accepted``, ``in-progress`` as acks arrive, then ``done``, ``failed``,
+``rejected`` or ``timeout``), each checked against the service certificate before it is shown.
+
+Exit codes (``EXIT_*``): 0 every member agrees; 1 the service refused or the change failed;
+2 the command could not run (usage, files, broker); 3 timeout (the stragglers are named).
+
+``keyfleet devices`` and ``keyfleet groups`` read the registry directly (run them on the service
+host with ``--config`` or ``--db``): the wire protocol has no listing command yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from sqlalchemy.orm import Session
+
+from agent.errors import ConfigError, ProtocolError
+from agent.mqtt import MqttClient
+from agent.wire.cose import key_id
+from agent.wire.envelope import Signer, encode_message, open_message
+from agent.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
+from agent.wire.messages.result import OperatorResult, ResultStatus
+from provisioning import pki
+from provisioning.registry import Registry
+from provisioning.service.core import SERVICE_ID, operator_cmd_topic, operator_result_topic
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_ERROR = 2
+EXIT_TIMEOUT = 3
+
+FINAL = frozenset(
+    {ResultStatus.DONE, ResultStatus.FAILED, ResultStatus.REJECTED, ResultStatus.TIMEOUT}
+)
+Command = Rekey | Revoke | GroupCreate | GroupAdd
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Where the broker is and which files identify the operator and the service."""
+
+    host: str
+    port: int
+    ca: Path
+    cert: Path
+    key: Path
+    service_cert: Path
+
+
+@dataclass
+class OperatorIdentity:
+    name: str
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+    service_key: ec.EllipticCurvePublicKey = field(repr=False)
+
+    @classmethod
+    def load(cls, settings: OperatorSettings) -> OperatorIdentity:
+        try:
+            cert = pki.cert_from_pem(settings.cert.read_bytes())
+            key = pki.key_from_pem(settings.key.read_bytes())
+            service = _load_public(settings.service_cert.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        except ProtocolError as err:
+            raise ConfigError(f"operator files unusable: {err}") from None
+        if cert.public_key() != key.public_key():
+            raise ConfigError(f"{settings.key} is not the key of {settings.cert}")
+        return cls(pki.common_name(cert), key, service)
+
+
+def _load_public(data: bytes) -> ec.EllipticCurvePublicKey:
+    public: object
+    if b"CERTIFICATE" in data:
+        public = pki.cert_from_pem(data).public_key()
+    else:
+        public = load_pem_public_key(data)
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ProtocolError("pki.key_type", "the service key must be ECC P-256")
+    return public
+
+
+class OperatorClient:
+    """One CLI run: connect, subscribe to results, send signed commands, read results."""
+
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.identity = OperatorIdentity.load(settings)
+        self._clock = clock
+        self._rng = rng
+        self._seq = 0
+        self._client = MqttClient(
+            host=settings.host,
+            port=settings.port,
+            ca_file=settings.ca,
+            cert_file=settings.cert,
+            key_file=settings.key,
+            client_id=f"{self.identity.name}-cli-{rng(4).hex()}",
+            clean_start=True,
+            session_expiry=60,
+        )
+        self._client.connect()
+        self._client.subscribe(operator_result_topic(self.identity.name))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> OperatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new_command_id(self) -> bytes:
+        return self._rng(16)
+
+    def send(self, body: Command) -> None:
+        now = int(self._clock())
+        # Milliseconds keep seqs increasing across CLI runs without local state.
+        self._seq = max(self._seq + 1, int(self._clock() * 1000))
+        payload = encode_message(
+            body,
+            key=self.identity.key,
+            sender=self.identity.name,
+            to=SERVICE_ID,
+            seq=self._seq,
+            time=now,
+        )
+        self._client.publish(operator_cmd_topic(self.identity.name), payload)
+
+    def _resolve(self, kid: bytes) -> Signer:
+        if kid != key_id(self.identity.service_key):
+            raise LookupError("not the service key")
+        return Signer(SERVICE_ID, self.identity.service_key)
+
+    def next_result(self, timeout: float) -> OperatorResult | None:
+        """The next result that verifies as the service's, or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            message = self._client.get(timeout=left)
+            if message is None:
+                return None
+            try:
+                verified = open_message(
+                    message.payload,
+                    self._resolve,
+                    now=int(self._clock()),
+                    recipients=(self.identity.name,),
+                )
+            except ProtocolError as err:
+                print(f"keyfleet: ignored a result that did not verify: {err}", file=sys.stderr)
+                continue
+            if isinstance(verified.body, OperatorResult):
+                return verified.body
+
+
+# -- showing progress ---------------------------------------------------------------------------
+
+
+class Progress:
+    """Renders results: a bar redrawn in place on a terminal, one line per change otherwise,
+    JSON lines with ``--json``."""
+
+    def __init__(self, out: TextIO, *, json_lines: bool, tty: bool | None = None) -> None:
+        self.out = out
+        self.json = json_lines
+        self.tty = out.isatty() if tty is None else tty
+        self._drawn = False
+        self._last_line = ""
+
+    def show(self, label: str, result: OperatorResult) -> None:
+        if self.json:
+            print(json.dumps(result_json(label, result), sort_keys=True), file=self.out)
+            self.out.flush()
+            return
+        total = len(result.acked) + len(result.pending)
+        epoch = "" if result.epoch is None else f" epoch {result.epoch}"
+        if self.tty and result.status is ResultStatus.IN_PROGRESS and total:
+            width = 24
+            filled = width * len(result.acked) // total
+            bar = "#" * filled + "." * (width - filled)
+            line = f"\r{label} [{bar}] {len(result.acked)}/{total} acked{epoch}"
+            print(line.ljust(len(self._last_line)), end="", file=self.out)
+            self._last_line = line
+            self._drawn = True
+            self.out.flush()
+            return
+        if self._drawn:
+            print(file=self.out)
+            self._drawn = False
+        text = f"{label}: {result.status.value}{epoch}: {result.detail}"
+        if result.acked:
+            text += f" | acked: {' '.join(result.acked)}"
+        if result.pending:
+            text += f" | pending: {' '.join(result.pending)}"
+        if text != self._last_line:
+            print(text, file=self.out)
+            self._last_line = text
+        self.out.flush()
+
+
+def result_json(label: str, result: OperatorResult) -> dict[str, object]:
+    return {
+        "command": label,
+        "command_id": result.command_id.hex(),
+        "status": result.status.value,
+        "detail": result.detail,
+        "acked": list(result.acked),
+        "pending": list(result.pending),
+        "epoch": result.epoch,
+    }
+
+
+def exit_code(status: ResultStatus) -> int:
+    if status is ResultStatus.DONE:
+        return EXIT_OK
+    if status is ResultStatus.TIMEOUT:
+        return EXIT_TIMEOUT
+    return EXIT_FAILED
+
+
+def run_commands(
+    client: OperatorClient,
+    commands: Sequence[tuple[str, Command]],
+    *,
+    timeout: float,
+    progress: Progress,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Send every command, follow their results until each is final or ``timeout`` passes.
+    Returns the worst exit code; on timeout names the stragglers on ``err``."""
+    labels = {body.command_id: label for label, body in commands}
+    last: dict[bytes, OperatorResult] = {}
+    for _, body in commands:
+        client.send(body)
+    deadline = time.monotonic() + timeout
+    open_ids = set(labels)
+    while open_ids:
+        result = client.next_result(max(0.0, deadline - time.monotonic()))
+        if result is None:
+            break
+        if result.command_id not in labels:
+            continue
+        last[result.command_id] = result
+        progress.show(labels[result.command_id], result)
+        if result.status in FINAL:
+            open_ids.discard(result.command_id)
+    codes = []
+    for command_id, label in labels.items():
+        result = last.get(command_id)
+        if command_id in open_ids:
+            pending = result.pending if result is not None else ()
+            named = ", ".join(pending) or "the service (no final answer)"
+            print(f"keyfleet: {label}: timed out after {timeout:g}s waiting for {named}", file=err)
+            codes.append(EXIT_TIMEOUT)
+            continue
+        assert result is not None
+        if result.status is ResultStatus.TIMEOUT:
+            print(
+                f"keyfleet: {label}: timed out; stragglers: {', '.join(result.pending) or '-'}",
+                file=err,
+            )
+        elif result.status is not ResultStatus.DONE:
+            print(f"keyfleet: {label}: {result.status.value}: {result.detail}", file=err)
+        codes.append(exit_code(result.status))
+    return max(codes, default=EXIT_OK)
+
+
+# -- listings (registry, on the service host) -----------------------------------------------
+
+
+def list_devices(session: Session) -> list[dict[str, object]]:
+    registry = Registry(session)
+    rows: list[dict[str, object]] = []
+    for device in registry.devices():
+        groups = [
+            m.group_id for m in registry.groups_of(device.device_id) if m.leaf_index is not None
+        ]
+        rows.append(
+            {
+                "device_id": device.device_id,
+                "state": device.state.value,
+                "attestation": None
+                if device.attestation_result is None
+                else device.attestation_result.value,
+                "last_seen": device.last_seen,
+                "groups": groups,
+            }
+        )
+    return rows
+
+
+def list_groups(session: Session) -> list[dict[str, object]]:
+    registry = Registry(session)
+    rows: list[dict[str, object]] = []
+    for group in registry.groups():
+        status = registry.ack_status(group.group_id)
+        rows.append(
+            {
+                "group_id": group.group_id,
+                "epoch": group.epoch,
+                "members": list(status.members),
+                "stragglers": list(status.stragglers),
+                "agreed": status.agreed,
+                "pending": [
+                    f"{m.pending.value}:{m.device_id}"
+                    for m in registry.members(group.group_id)
+                    if m.pending is not None
+                ],
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, object]], columns: Sequence[str], out: TextIO) -> None:
+    def cell(value: object) -> str:
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value) or "-"
+        return "-" if value is None else str(value)
+
+    table = [[c.upper() for c in columns]] + [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out)

@@ -1,0 +1,129 @@
+"""The MQTT adapter around the delivery service: ``keyfleet serve``.
+
+One loop on one thread: take the next message from the broker (shared subscriptions
+``$share/keyfleet/kf/v1/dev/+/report`` and ``$share/keyfleet/kf/v1/ops/+/cmd``), hand it to
+``DeliveryService.handle`` with the wall clock in whole seconds, publish what it returns, and only
+then acknowledge the message (manual PUBACK): a crash in between gets the message redelivered on
+the next session, which the replay guard turns into a benign duplicate. About once a second
+``tick`` runs timeouts and retries.
+
+The service's MQTT identity is its client certificate (CN ``keyfleet-service``); its client id
+is ``keyfleet-service-<instance>`` so several instances may share the certificate. It signs its
+envelopes with ``[service] signing_key`` (default: the MQTT client key), whose certificate the
+devices hold as ``fleet.service_cert``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from agent.errors import KeyfleetError
+from agent.mqtt import MqttClient
+from agent.wire.cose import key_id
+from provisioning import pki
+from provisioning.config import ServiceConfig
+from provisioning.registry import create_schema, make_engine, session_factory
+from provisioning.service import store
+from provisioning.service.core import (
+    OPS_SUBSCRIPTION,
+    REPORT_SUBSCRIPTION,
+    DeliveryService,
+    Publish,
+    ServiceSettings,
+)
+
+log = logging.getLogger("keyfleet.service")
+
+TICK_SECONDS = 1.0
+POLL_SECONDS = 0.2
+
+
+def settings_from(config: ServiceConfig) -> ServiceSettings:
+    return ServiceSettings(
+        ack_timeout=config.groups.ack_timeout_seconds,
+        commit_request_timeout=config.service.commit_request_timeout_seconds,
+        online_window=config.service.online_window_seconds,
+        retention_epochs=config.groups.commit_log_retention_epochs,
+    )
+
+
+class ServiceRunner:
+    """``keyfleet serve``: database, service core and MQTT client, wired together."""
+
+    def __init__(self, config: ServiceConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._engine = make_engine(config.database_url)
+        create_schema(self._engine)
+        store.create_service_schema(self._engine)
+        key_path = config.service.signing_key or config.broker.client_key
+        signing_key = pki.key_from_pem(key_path.read_bytes())
+        operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())
+        self.service = DeliveryService(
+            session_factory(self._engine),
+            signing_key=signing_key,
+            operator_ca=operator_ca,
+            settings=settings_from(config),
+        )
+        self.client_id = f"keyfleet-service-{config.service.instance}"
+        self.client = MqttClient(
+            host=config.broker.host,
+            port=config.broker.port,
+            ca_file=config.broker.ca,
+            cert_file=config.broker.client_cert,
+            key_file=config.broker.client_key,
+            client_id=self.client_id,
+            manual_ack=True,
+        )
+        log.info(
+            "keyfleet serve: database %s, broker %s:%s as %s, service signing kid %s",
+            config.database_url_redacted,
+            config.broker.host,
+            config.broker.port,
+            self.client_id,
+            key_id(signing_key.public_key()).hex(),
+        )
+
+    def _publish(self, publishes: list[Publish]) -> None:
+        for item in publishes:
+            self.client.publish(item.topic, item.payload)
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set; then disconnect cleanly (the broker keeps the session
+        and queues what arrives meanwhile)."""
+        try:
+            self.client.connect()
+            self.client.subscribe(REPORT_SUBSCRIPTION)
+            self.client.subscribe(OPS_SUBSCRIPTION)
+            log.info("keyfleet serve: ready (subscribed to device reports and operator commands)")
+            last_tick = 0.0
+            while not stop.is_set():
+                message = self.client.get(timeout=POLL_SECONDS)
+                if message is not None:
+                    try:
+                        self._publish(
+                            self.service.handle(message.topic, message.payload, int(self._clock()))
+                        )
+                    except (KeyfleetError, SQLAlchemyError) as exc:
+                        # A transport or database failure while handling: the message is
+                        # acknowledged anyway (a poison message must not loop); the sender's
+                        # timeouts and the service's retries recover the flow.
+                        log.error("handling a message on %s failed: %s", message.topic, exc)
+                    self.client.ack(message)
+                if time.monotonic() - last_tick >= TICK_SECONDS:
+                    last_tick = time.monotonic()
+                    try:
+                        self._publish(self.service.tick(int(self._clock())))
+                    except (KeyfleetError, SQLAlchemyError) as exc:
+                        log.error("periodic work failed: %s", exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.client.close()
+        self._engine.dispose()
+        log.info("keyfleet serve: stopped")
