@@ -465,3 +465,35 @@ def test_database_holds_no_group_secret(fleet: Fleet) -> None:
         assert secret not in blob
         assert secret.hex().encode() not in blob
     _ = Group  # the members' state type, for readers of this test
+
+
+def test_editing_one_audit_entry_is_named_by_audit_verify(fleet: Fleet) -> None:
+    import subprocess
+    import sys
+
+    create_g1(fleet)
+    fleet.command("op-viewer", rekey("g1"))  # refused: audited too
+    entries = fleet.audit_entries()
+    refused = next(e for e in entries if e.outcome.value == "refused")
+    with fleet.sessions.begin() as s:
+        s.execute(
+            text("UPDATE audit_log SET reason = 'nothing happened' WHERE seq = :seq"),
+            {"seq": refused.seq},
+        )
+    verify = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "provisioning.cli",
+            "audit",
+            "verify",
+            "--db",
+            f"sqlite:///{fleet.db_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert verify.returncode == 1
+    assert verify.stdout.startswith(f"audit chain BROKEN at entry {refused.seq}: hash mismatch")
