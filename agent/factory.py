@@ -189,7 +189,7 @@ class FactoryDevice:
         store: TPMStore,
         state_dir: str | os.PathLike[str],
         *,
-        serial: str,
+        serial: str | None = None,
         config_path: str | os.PathLike[str] | None = None,
         pcrs: Sequence[int] = DEFAULT_PCRS,
         firmware_versions: Mapping[str, str] | None = None,
@@ -202,7 +202,7 @@ class FactoryDevice:
             config=Path(config_path).resolve() if config_path else state / "agent.toml",
         )
         self._store = store
-        self.serial = serial
+        self._serial = serial
         self._pcrs = tuple(pcrs)
         self._firmware = dict(firmware_versions or {})
         self._event_log = event_log
@@ -216,6 +216,14 @@ class FactoryDevice:
             "install": self._install,
             "lock": self._lock,
         }
+
+    @property
+    def serial(self) -> str:
+        """The hardware serial the station records; without one configured, the EK
+        certificate's serial number (stable for the TPM, printable)."""
+        if self._serial is None:
+            self._serial = f"ek-{self._store.ek_certificate('rsa').serial_number:x}"
+        return self._serial
 
     @property
     def locked(self) -> bool:
@@ -499,7 +507,7 @@ def run_factory_console(
     store: TPMStore,
     state_dir: str | os.PathLike[str],
     *,
-    serial_number: str,
+    serial_number: str | None = None,
     stop: threading.Event | None = None,
     baudrate: int = 115200,
     **device_options: Any,
@@ -540,7 +548,7 @@ class FactoryConsole:
         store: TPMStore,
         state_dir: str | os.PathLike[str],
         *,
-        serial_number: str,
+        serial_number: str | None = None,
         **device_options: Any,
     ) -> None:
         self._state_dir = state_dir
@@ -629,7 +637,7 @@ def serve_factory_on_pty(
     store: TPMStore,
     state_dir: str | os.PathLike[str],
     *,
-    serial_number: str,
+    serial_number: str | None = None,
     **device_options: Any,
 ) -> tuple[str, FactoryConsole]:
     """Serve factory mode on a new pseudo-terminal in a background thread; returns the pty's

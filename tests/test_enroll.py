@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_SIG_SCHEME
 
-from agent.errors import ProtocolError
+from agent.errors import ProtocolError, TPMError
 from agent.factory import FactoryDevice
 from agent.secret import Secret
 from agent.tpm.blob import KeyBlob
@@ -59,7 +59,9 @@ from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
 
 pytestmark = pytest.mark.tpm
 
-NOW = int(time.time())
+# An hour ahead of collection time: the test manufacturer's EK certificates are made when the
+# session's first TPM is manufactured (after collection) and are valid from then on.
+NOW = int(time.time()) + 3600
 WHEN = datetime.fromtimestamp(NOW, UTC)
 STATION = "line-1"
 
@@ -491,7 +493,7 @@ def test_credential_for_a_swapped_ak_cannot_be_activated(
     request, _ = device_start_request(device)
     started = enrollment.start(STATION, request, now=NOW)
     device.handle("create-keys", {})  # the device now holds another AK
-    with pytest.raises(Exception, match="credential was not made for this TPM"):
+    with pytest.raises(TPMError, match="credential was not made for this TPM"):
         device.handle(
             "activate-credential",
             {

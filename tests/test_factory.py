@@ -4,6 +4,9 @@ install (the agent's own loader accepts the written config) and lock; served on 
 from __future__ import annotations
 
 import os
+import select
+import threading
+import tty
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.config import load_config
 from agent.errors import ProtocolError, TPMError
-from agent.factory import FactoryDevice, serve_factory_on_pty
+from agent.factory import FactoryDevice, run_factory_console, serve_factory_on_pty
 from agent.serial_link import SerialClient
 from agent.tpm.attest import Attestation, public_key_from_area, tpm_name, verify_certify
 from agent.tpm.store import TPMStore, ek_public_key_from_area
@@ -212,3 +215,47 @@ def test_factory_console_on_a_pty(store: TPMStore, tmp_path: Path) -> None:
             assert err.value.check == "factory.lock.not-installed"
         finally:
             client.close()
+
+
+class MasterPort:
+    """The station's end of a pty whose slave the device opened: raw reads/writes on the master
+    fd with a timeout, shaped like the pyserial calls SerialClient makes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.timeout: float | None = 0.05
+
+    def read(self, size: int = 1) -> bytes:
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        return os.read(self.fd, size) if ready else b""
+
+    def write(self, data: bytes, /) -> int:
+        return os.write(self.fd, data)
+
+    def flush(self) -> None:
+        return None
+
+
+def test_run_factory_console_serves_a_serial_port_path(store: TPMStore, tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_factory_console,
+        args=(os.ttyname(slave), store, tmp_path / "state"),
+        kwargs={"stop": stop},
+        daemon=True,
+    )
+    thread.start()
+    try:
+        client = SerialClient(MasterPort(master), timeout=2.0, retries=2)
+        ident = client.call("identity")
+        # no serial configured: the EK certificate's serial number stands in
+        ek = x509.load_der_x509_certificate(ident["ek"]["rsa"]["cert"])
+        assert ident["serial"] == f"ek-{ek.serial_number:x}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        os.close(master)
+        os.close(slave)
+    assert not thread.is_alive()

@@ -327,8 +327,8 @@ def test_noise_on_the_serial_line_is_survived(fleet: Fleet, make_device: Any) ->
     assert port.injected > 0
     assert link.attempts > len(report.steps) - 2  # retries happened (2 steps are HTTP)
     assert devices_in(fleet.sessions) == [report.device_id]
-    # create-keys was never executed twice (a retried request is answered from the cache), so
-    # the keys the service certified are the ones on the device
+    # install checks that the certificates are for the keys the device holds: had a retried
+    # create-keys run twice, the certified keys would not be the device's and install would fail
     config = load_config(device.state_dir / "agent.toml", require_provisioned=True)
     assert config.identity is not None and config.identity.device_id == report.device_id
 
