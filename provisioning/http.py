@@ -44,7 +44,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from agent.errors import ConfigError, ProtocolError, StateError
 from agent.wire import cbor
-from provisioning.enroll import Enrollment, FinishRequest, StartRequest
+from provisioning.config import ServiceConfig
+from provisioning.enroll import Enrollment, EnrollmentSettings, FinishRequest, StartRequest
+from provisioning.registry.engine import make_engine, session_factory
 
 log = logging.getLogger("keyfleet.http")
 
@@ -304,3 +306,35 @@ def start_enrollment_server(
             raise ConfigError(f"the enrollment server did not start on {host}:{bound_port}")
         time.sleep(0.01)
     return EnrollmentServer(host=host, port=bound_port, _server=server, _thread=thread)
+
+
+def serve_enrollment(
+    config: ServiceConfig,
+    *,
+    server_cert: Path,
+    server_key: Path,
+    station_ca: Path,
+) -> None:
+    """Run the enrollment API in the foreground on the configuration's ``[http] listen``
+    address (what ``keyfleet serve`` calls). The service configuration has no TLS keys for
+    the HTTP endpoint yet, so they are passed in."""
+    if config.http is None:
+        raise ConfigError(f"{config.path}: [http] listen is not set; the enrollment API needs it")
+    engine = make_engine(config.database_url)
+    try:
+        enrollment = Enrollment(
+            EnrollmentSettings.from_service_config(config), session_factory(engine)
+        )
+        server = uvicorn.Server(
+            uvicorn_config(
+                build_app(enrollment),
+                server_cert=server_cert,
+                server_key=server_key,
+                station_ca=station_ca,
+                host=config.http.host,
+                port=config.http.port,
+            )
+        )
+        server.run()
+    finally:
+        engine.dispose()

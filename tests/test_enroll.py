@@ -606,3 +606,51 @@ def test_start_request_decoding_is_strict(change: dict[str, Any], check: str) ->
     _refused(check, StartRequest.from_map, {**base, **change})
     _refused("enroll.request", FinishRequest.from_map, {"session": "s"})
     assert "secret" not in repr(FinishRequest.from_map({"session": "s", "secret": b"k" * 32}))
+
+
+def test_settings_from_the_service_configuration(
+    pki: FleetPKI, manufacturer_ca: ManufacturerCA, tmp_path: Path
+) -> None:
+    from provisioning.config import load_config as load_service_config
+    from provisioning.pki import certs_to_pem
+
+    d = pki.directory
+    write_certificate(d / "device-ca.pem", pki.device_ca.certificate)
+    write_private_key(d / "device-ca.key", pki.device_ca.private_key)
+    write_certificate(d / "operator-ca.pem", pki.operator_ca.certificate)
+    write_certificate(d / "broker-ca.pem", pki.broker_ca.certificate)
+    write_certificate(d / "service.pem", pki.service_cert)
+    write_private_key(d / "service.key", generate_key())
+    (d / "mfr.pem").write_bytes(
+        certs_to_pem([manufacturer_ca.root_cert(), manufacturer_ca.issuer_cert()])
+    )
+    (d / "golden.toml").write_text("")
+    (tmp_path / "service.toml").write_text(
+        f"""
+[database]
+url = "sqlite:///{tmp_path / "fleet.db"}"
+[broker]
+host = "mqtt.example.net"
+ca = "{d / "broker-ca.pem"}"
+client_cert = "{d / "service.pem"}"
+client_key = "{d / "service.key"}"
+[device_ca]
+cert = "{d / "device-ca.pem"}"
+key = "{d / "device-ca.key"}"
+[operator_ca]
+cert = "{d / "operator-ca.pem"}"
+[attestation]
+manufacturer_cas = "{d / "mfr.pem"}"
+golden_measurements = "{d / "golden.toml"}"
+[http]
+listen = "127.0.0.1:8443"
+"""
+    )
+    settings = EnrollmentSettings.from_service_config(
+        load_service_config(tmp_path / "service.toml")
+    )
+    assert settings.broker_host == "mqtt.example.net" and settings.broker_port == 8883
+    assert settings.service_cert == pki.service_cert
+    assert settings.anchors() == (pki.device_ca.certificate, pki.operator_ca.certificate)
+    assert len(settings.manufacturer_cas) == 2
+    assert settings.device_ca.certificate == pki.device_ca.certificate
