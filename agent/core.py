@@ -394,7 +394,9 @@ class AgentCore:
             raise ProtocolError(check, f"commit for epoch {body.epoch}, we are in {group.epoch}")
         ours = next((p for p in entry.pending if p.commit == body.commit), None)
         if ours is not None:
-            return self._enter_epoch(entry, ours.group, body.command_id)
+            # the ack names the request we committed for, even if the relay does not
+            command_id = body.command_id if body.command_id is not None else ours.command_id
+            return self._enter_epoch(entry, ours.group, command_id)
         commit = Commit.decode(body.commit)
         if commit.content.group_id != group.group_id:
             raise ProtocolError("mls.group-id", "the commit is for another group")

@@ -58,6 +58,35 @@ APP_SEAL_DIR: Final = "app-seal"
 TICK_SECONDS: Final = 1.0
 PUBLISH_TIMEOUT: Final = 5.0
 _POLL: Final = 0.2
+FAULT_ENV: Final = "KEYAGENT_TEST_KILL_AT"
+
+
+class FaultPoints:
+    """Crash-safety tests kill the agent at named points of a message exchange:
+    ``KEYAGENT_TEST_KILL_AT=<point>:<message type>:<n>`` sends SIGKILL to this process the n-th
+    time a message of that type reaches the point. Points: ``before-persist`` (handled in
+    memory only), ``after-persist`` (state saved, nothing published), ``after-publish``
+    (answers published, the inbound message not acknowledged). Unset: nothing happens."""
+
+    POINTS: Final = ("before-persist", "after-persist", "after-publish")
+
+    def __init__(self, spec: str | None) -> None:
+        self._target: tuple[str, str] | None = None
+        self._left = 0
+        if spec:
+            point, kind, count = spec.split(":")
+            if point not in self.POINTS:
+                raise ConfigError(f"{FAULT_ENV}: unknown point {point!r}")
+            self._target, self._left = (point, kind), int(count)
+            log.warning("%s=%s: this agent will kill itself (tests only)", FAULT_ENV, spec)
+
+    def reached(self, point: str, kind: str | None) -> None:
+        if self._target != (point, kind):
+            return
+        self._left -= 1
+        if self._left == 0:
+            log.warning("fault injection: SIGKILL at %s of %s", point, kind)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -226,6 +255,7 @@ class Daemon:
         self._mqtt: MqttClient | None = None
         self._api: LocalApiServer | None = None
         self._store: TPMStore | None = None
+        self._faults = FaultPoints(os.environ.get(FAULT_ENV))
 
     def stop(self) -> None:
         self._stop.set()
@@ -384,7 +414,11 @@ class Daemon:
         assert self.core is not None and self._mqtt is not None
         with self._lock:
             outcome = self.core.handle(message.payload, message.topic, self.now())
+        if outcome.refused is not None and not outcome.changed:
+            with self._lock:
+                self._write_status()  # refusal counters
         if self._apply(outcome):
+            self._faults.reached("after-publish", outcome.handled)
             self._mqtt.ack(message)
         # else: not acknowledged; the broker redelivers it in the next session
 
@@ -392,7 +426,9 @@ class Daemon:
         """Persist (if changed), then publish. True when every publish was acknowledged."""
         assert self._mqtt is not None
         if outcome.changed:
+            self._faults.reached("before-persist", outcome.handled)
             self._persist()
+            self._faults.reached("after-persist", outcome.handled)
         ok = True
         for publish in outcome.publishes:
             try:

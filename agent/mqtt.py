@@ -220,6 +220,11 @@ class MqttClient:
         client.on_subscribe = self._handle_subscribe
         client.on_unsubscribe = self._handle_unsubscribe
         client.on_log = self._handle_log
+        # Without this, paho (no loop_start thread of its own) writes a publish/ack straight to
+        # the TLS socket from the caller's thread while our I/O thread reads it: concurrent use
+        # of one SSL object ("bad record mac" at the broker). With a write callback registered,
+        # paho only queues the packet and wakes our loop's select through its socket pair.
+        client.on_socket_register_write = lambda client, userdata, sock: None
         connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect_properties.SessionExpiryInterval = session_expiry
         client.connect_async(
