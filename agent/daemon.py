@@ -360,7 +360,7 @@ class Daemon:
             self._shutdown()
             return 1
         assert self._mqtt is not None and self.core is not None
-        self.notifier.ready(self._status_line())
+        self._notify(self.notifier.ready, self._status_line())
         log.info("keyagent %s ready", self.core.device_id)
         period = self.notifier.ping_period()
         next_ping = time.monotonic()
@@ -370,7 +370,7 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 if period is not None and time.monotonic() >= next_ping:
-                    self.notifier.watchdog()
+                    self._notify(self.notifier.watchdog)
                     next_ping = time.monotonic() + period
                 mqtt = self._mqtt
                 if mqtt.connected:
@@ -439,7 +439,7 @@ class Daemon:
                 log.warning("publish of %s not confirmed: %s", publish.type, exc)
                 ok = False
         if outcome.epochs_changed:
-            self.notifier.status(self._status_line())
+            self._notify(self.notifier.status, self._status_line())
         return ok
 
     def _persist(self) -> None:
@@ -450,6 +450,14 @@ class Daemon:
             core.mark_clean()
             self._keys.collect(core.leaf_refs())
             self._write_status()
+
+    @staticmethod
+    def _notify(send: Callable[..., None], *args: str) -> None:
+        """sd_notify is advice to the supervisor: a vanished socket must not stop the agent."""
+        try:
+            send(*args)
+        except OSError as exc:
+            log.debug("sd_notify failed: %s", exc)
 
     def _status_line(self) -> str:
         assert self.core is not None
@@ -482,7 +490,7 @@ class Daemon:
         )
 
     def _shutdown(self) -> None:
-        self.notifier.stopping()
+        self._notify(self.notifier.stopping)
         if self._api is not None:
             self._api.stop()
         if self._mqtt is not None:
