@@ -495,6 +495,10 @@ class DeliveryService:
             self._refuse(
                 err, actor=actor, action=message.type, target=str(target), now=now, details=details
             )
+            if not err.check.startswith("replay."):
+                # The device is alive and authentic even if this report was refused (e.g. a
+                # key-state history the registry cannot take): it must still catch up.
+                self._catch_up(device_id, now)
             return
         if post is not None:
             post()
