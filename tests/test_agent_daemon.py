@@ -582,3 +582,17 @@ def test_software_devid_key_is_refused_without_the_explicit_flag(
     assert out.returncode == 1
     assert b"software key: refused" in out.stderr
     assert b"INSECURE" in out.stderr
+
+
+def test_a_vanished_notify_socket_does_not_stop_the_agent(
+    env: tuple[AgentProcess, ServiceHarness], tmp_path: Path
+) -> None:
+    agent, harness = env
+    agent.env = {"NOTIFY_SOCKET": str(tmp_path / "gone.sock"), "WATCHDOG_USEC": "200000"}
+    agent.start()
+    harness.expect(KeyStateReport)
+    harness.command(CommitRequest(os.urandom(16), G, 0, CommitAction.CREATE))
+    harness.expect(GroupCreated)  # the STATUS= after the epoch change failed, quietly
+    time.sleep(0.3)  # several watchdog pings into nowhere
+    assert agent.process is not None and agent.process.poll() is None
+    assert agent.terminate() == 0
