@@ -44,9 +44,10 @@ from agent.wire.messages.base import Body
 from agent.wire.messages.group import CommitMessage, GroupCreated, WelcomeMessage
 from agent.wire.messages.key_state import KeyStateReport
 from agent.wire.messages.service import CommitAction, CommitRequest, ReportRequest
+from firmware_sim.swtpm import tpm_command as _tpm_command
 from provisioning import pki
 from tests.fixtures.mosquitto import MosquittoBroker
-from tests.fixtures.swtpm import Swtpm, _tpm_command
+from tests.fixtures.swtpm import Swtpm
 
 pytestmark = pytest.mark.e2e
 
