@@ -194,6 +194,8 @@ class FactoryDevice:
         pcrs: Sequence[int] = DEFAULT_PCRS,
         firmware_versions: Mapping[str, str] | None = None,
         event_log: bytes | None = None,
+        seal_pcrs: Sequence[int] | None = None,
+        api_socket: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         state = Path(state_dir).resolve()
@@ -206,6 +208,10 @@ class FactoryDevice:
         self._pcrs = tuple(pcrs)
         self._firmware = dict(firmware_versions or {})
         self._event_log = event_log
+        # what the device image knows about itself: the PCRs its boot chain measures (the agent
+        # seals its state key to them) and where its local API lives; None = the agent's default
+        self._seal_pcrs = tuple(seal_pcrs) if seal_pcrs is not None else None
+        self._api_socket = Path(api_socket).resolve() if api_socket is not None else None
         self._clock = clock
         self._ops: dict[str, Callable[[Args], Args]] = {
             "identity": self._identity,
@@ -450,7 +456,13 @@ class FactoryDevice:
             "# written by keyfleet factory provisioning",
             "[tpm]",
             f"tcti = {_toml_string(self._store.tcti)}",
+            *([f"pcrs = {list(self._seal_pcrs)}"] if self._seal_pcrs is not None else []),
             "",
+            *(
+                ["[api]", f"socket = {_toml_string(str(self._api_socket))}", ""]
+                if self._api_socket is not None
+                else []
+            ),
             "[state]",
             f"dir = {_toml_string(str(self.paths.state_dir))}",
             "",

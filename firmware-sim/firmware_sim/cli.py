@@ -1,0 +1,183 @@
+"""``firmware-sim``: the device simulator's command line.
+
+``firmware-sim device --state DIR`` runs one simulated device (``firmware_sim.device``) in the
+foreground until SIGTERM or SIGINT. Its output is made to be read by programs: ``key: value``
+lines, or with ``--json`` one JSON object per line; ``--ready-file`` gets the same object
+written atomically once the console is up (and again at every change of mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent.errors import KeyfleetError
+from agent.fsio import atomic_write
+from firmware_sim.device import SimulatedDevice, firmware_components
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name or not rest:
+            raise argparse.ArgumentTypeError(f"{what} {value!r}: expected NAME=VALUE")
+        out[name] = rest
+    return out
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firmware-sim", description="keyfleet device simulator: measured boot into swtpm."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    device = commands.add_parser(
+        "device",
+        help="run one simulated device: swtpm, measured boot, factory console on a pty",
+        description=(
+            "Boot a simulated device from its state directory (made on the first run: a new "
+            "TPM with EK certificates from the manufacturer CA) and serve its serial console on "
+            "a pty. Until provisioned the console speaks factory mode; once the station locks "
+            "it, the agent (keyagent run) starts and the console answers identity only. Runs "
+            "until SIGTERM or SIGINT."
+        ),
+    )
+    device.add_argument("--state", required=True, metavar="DIR", help="the device's directory")
+    device.add_argument(
+        "--manufacturer-ca",
+        metavar="DIR",
+        help="manufacturer CA for a new TPM (default: DIR/../manufacturer-ca, made if missing)",
+    )
+    device.add_argument("--version", default="1.0", help="firmware release to boot (1.0)")
+    device.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="boot component NAME (bootloader, boot-config, kernel, rootfs, agent) from a file",
+    )
+    device.add_argument(
+        "--component-version",
+        action="append",
+        default=[],
+        metavar="NAME=VERSION",
+        help="version label of one component, overriding --version",
+    )
+    device.add_argument(
+        "--tamper",
+        action="append",
+        default=[],
+        metavar="COMPONENT",
+        help="flip one byte of COMPONENT's image (its version label unchanged)",
+    )
+    device.add_argument("--serial", help="hardware serial number (default: from the EK cert)")
+    device.add_argument(
+        "--tpm-transport",
+        choices=("unix", "tcp"),
+        help="swtpm socket (default: unix in the state dir if the path fits, else tcp)",
+    )
+    device.add_argument(
+        "--no-agent", action="store_true", help="once provisioned, do not start keyagent run"
+    )
+    device.add_argument("--json", action="store_true", help="print JSON lines")
+    device.add_argument(
+        "--ready-file", metavar="PATH", help="write the device's JSON here once the console is up"
+    )
+    device.add_argument("-v", "--verbose", action="store_true", help="log to stderr (INFO)")
+    return parser
+
+
+class _Reporter:
+    """Prints the device's events: the ready object first, then one per change of mode."""
+
+    def __init__(self, as_json: bool, ready_file: Path | None) -> None:
+        self._json = as_json
+        self._ready_file = ready_file
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, info: Mapping[str, Any]) -> None:
+        with self._lock:
+            if self._ready_file is not None:
+                body = json.dumps({"event": event, **info}, sort_keys=True).encode()
+                atomic_write(self._ready_file, body, mode=0o644)
+            if self._json:
+                print(json.dumps({"event": event, **info}, sort_keys=True), flush=True)
+                return
+            if event == "ready":
+                print(f"console: {info['console']}", flush=True)
+                print(f"tcti: {info['tcti']}", flush=True)
+                print(f"mode: {info['mode']}", flush=True)
+                for index, value in info["pcrs"].items():
+                    print(f"pcr {index}: {value}", flush=True)
+            elif event == "provisioned":
+                print(f"provisioned: {info['device_id']}", flush=True)
+            elif event == "agent":
+                print(f"agent: pid {info['agent_pid']}", flush=True)
+
+
+def _device(args: argparse.Namespace) -> int:
+    try:
+        components = firmware_components(
+            args.version,
+            images=_pairs(args.image, "--image"),
+            versions=_pairs(args.component_version, "--component-version"),
+            tamper=args.tamper,
+        )
+    except (argparse.ArgumentTypeError, KeyfleetError) as exc:
+        print(f"firmware-sim device: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    device = SimulatedDevice(
+        args.state,
+        manufacturer_ca=args.manufacturer_ca,
+        components=components,
+        serial=args.serial,
+        transport=args.tpm_transport,
+        run_agent=not args.no_agent,
+        listener=_Reporter(args.json, Path(args.ready_file) if args.ready_file else None),
+    )
+    try:
+        device.start()
+    except KeyfleetError as exc:
+        print(f"firmware-sim device: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        while not stop.wait(timeout=0.5):
+            pass
+    finally:
+        device.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "device":
+        return _device(args)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses unknown ones
+
+
+if __name__ == "__main__":
+    sys.exit(main())
