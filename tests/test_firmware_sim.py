@@ -46,6 +46,7 @@ class DeviceProcess:
         if manufacturer_ca is not None:
             command += ["--manufacturer-ca", str(manufacturer_ca)]
         command += ["--json", *extra]
+        state_dir.parent.mkdir(parents=True, exist_ok=True)
         self.stderr_path = state_dir.parent / f"{state_dir.name}.stderr"
         self._stderr = self.stderr_path.open("ab")
         self.process = subprocess.Popen(

@@ -359,6 +359,9 @@ class SimulatedDevice:
         console.intercept = self._intercept
         self._console = console
         if self.provisioned:
+            # locked before this boot: run mode from the start, so "ready" already says so
+            with self._mode_lock:
+                self._snapshot = dict(console.device.handle("identity", {}))
             self._locked.set()
 
     # -- the console in both modes --------------------------------------------------------
@@ -405,7 +408,7 @@ class SimulatedDevice:
         console = self._console
         assert console is not None
         with self._mode_lock:
-            if self._snapshot is None:  # locked before this boot
+            if self._snapshot is None:  # pragma: no cover - both paths to the lock set it
                 self._snapshot = dict(console.device.handle("identity", {}))
             store, self._store = self._store, None
         if store is not None:
