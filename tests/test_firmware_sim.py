@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from agent.errors import ProtocolError
+from agent.errors import ProtocolError, StateError
 from agent.eventlog import decode_event_log, replay
 from agent.serial_link import Args, SerialClient
 from firmware_sim.boot import PCR_MAP, default_components
-from firmware_sim.swtpm import pid_alive
+from firmware_sim.device import SimulatedDevice
+from firmware_sim.swtpm import DEFAULT_MANUFACTURER, load_manufacturer_ca, pid_alive
 from tests.fixtures.swtpm import ManufacturerCA
 
 pytestmark = pytest.mark.tpm
@@ -247,3 +248,39 @@ def test_bad_arguments_fail_before_anything_starts(run_device: Any) -> None:
     assert device.process.wait(timeout=30) == 1
     assert "initrd" in device.stderr()
     assert not (device.state_dir / "tpm").exists()
+
+
+def test_in_process_device_with_its_own_manufacturer_over_tcp(tmp_path: Path) -> None:
+    """The Python API: no CA given, so one is made next to the device (shared by devices under
+    the same parent); the TPM on loopback TCP; the listener hears "ready"; stop() ends swtpm."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    device = SimulatedDevice(
+        tmp_path / "fleet" / "dev1",
+        transport="tcp",
+        serial="SN-7",
+        listener=lambda event, info: events.append((event, dict(info))),
+    )
+    with device:
+        assert device.tcti.startswith("swtpm:host=127.0.0.1,port=")
+        assert [e for e, _ in events] == ["ready"] and events[0][1][
+            "console"
+        ] == device.console_path
+        ident = identity(device.console_path)
+        assert ident["serial"] == "SN-7"
+        ca = load_manufacturer_ca(tmp_path / "fleet" / "manufacturer-ca")
+        assert ca.name == DEFAULT_MANUFACTURER
+        cert = x509.load_der_x509_certificate(ident["ek"]["rsa"]["cert"])
+        cert.verify_directly_issued_by(ca.issuer_cert())
+        assert device.pcrs == ident["pcrs"] == replay(device.event_log, PCRS)
+        assert device.mode == "factory" and not device.provisioned
+        swtpm_pid = device.swtpm_pid
+        # a second device under the same parent uses the same manufacturer
+        with SimulatedDevice(tmp_path / "fleet" / "dev2") as other:
+            other_cert = x509.load_der_x509_certificate(
+                identity(other.console_path)["ek"]["rsa"]["cert"]
+            )
+            other_cert.verify_directly_issued_by(ca.issuer_cert())
+            assert other_cert.serial_number != cert.serial_number
+    assert not pid_alive(swtpm_pid)
+    with pytest.raises(StateError, match="not running"):
+        _ = device.console_path
