@@ -9,7 +9,10 @@ from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_DIGEST, TPM2B_PUBLIC, TPMT_PUBLIC
 
 _FIXED = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
-_AUTH = TPMA_OBJECT.USERWITHAUTH
+# Identity keys have an empty authValue, so dictionary-attack protection guards nothing for them;
+# without NODA, every unclean TPM shutdown (power loss, a killed swtpm) counts as a failed
+# authorization, and a device that loses power a few times locks itself out (rc 0x921).
+_AUTH = TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA
 
 
 class KeyKind(enum.Enum):
@@ -28,8 +31,7 @@ def srk_template() -> TPM2B_PUBLIC:
         objectAttributes=TPMA_OBJECT.RESTRICTED
         | TPMA_OBJECT.DECRYPT
         | _FIXED
-        | _AUTH
-        | TPMA_OBJECT.NODA,
+        | _AUTH,
     )
 
 
