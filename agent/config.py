@@ -98,6 +98,15 @@ class IdentityConfig:
     devid_key: Path
     tls_cert: CertFile
     tls_key: Path
+    ak_key: Path | None = None  # the AK's TPM blob: quotes for runtime attestation
+
+
+@dataclass(frozen=True)
+class AttestationConfig:
+    """[attestation]: where the firmware's measured-boot event log is (written at each boot);
+    the agent sends it with every quote."""
+
+    event_log: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,7 @@ class AgentConfig:
     rotation: RotationConfig
     simulation: SimulationConfig
     identity: IdentityConfig | None = None
+    attestation: AttestationConfig = field(default_factory=AttestationConfig)
     fleet: FleetConfig | None = None
     broker: BrokerConfig | None = None
 
@@ -177,6 +187,14 @@ def _pem_block_problem(allowed: tuple[bytes, ...]) -> Callable[[bytes], str | No
 def _devid_key_problem(data: bytes) -> str | None:
     if _is_software_key(data):
         return None  # allowed only in simulation: checked once the whole file is known
+    try:
+        KeyBlob.from_pem(data)
+    except StateError as exc:
+        return str(exc)
+    return None
+
+
+def _tss2_blob_problem(data: bytes) -> str | None:
     try:
         KeyBlob.from_pem(data)
     except StateError as exc:
@@ -348,6 +366,13 @@ SCHEMA = Table(
                         ),
                         required=True,
                     ),
+                    "ak_key": Field(
+                        ReadableFile(
+                            "a TSS2 PRIVATE KEY PEM file (TPM-wrapped AK blob)",
+                            private=True,
+                            parse=_tss2_blob_problem,
+                        )
+                    ),
                     "tls_cert": Field(_cert(), required=True),
                     "tls_key": Field(
                         ReadableFile(
@@ -403,6 +428,7 @@ SCHEMA = Table(
         "simulation": Field(
             Table({"insecure_software_keys": Field(Bool(), default=False)}), default={}
         ),
+        "attestation": Field(Table({"event_log": Field(AbsPath())}), default={}),
     }
 )
 
@@ -518,6 +544,7 @@ def _build(s: dict[str, Any], source: Path) -> AgentConfig:
             devid_key=i["devid_key"],
             tls_cert=_cert_file(i["tls_cert"]),
             tls_key=i["tls_key"],
+            ak_key=i["ak_key"],
         )
     if s["fleet"] is not None:
         f = s["fleet"]
@@ -563,4 +590,5 @@ def _build(s: dict[str, Any], source: Path) -> AgentConfig:
         identity=identity,
         fleet=fleet,
         broker=broker,
+        attestation=AttestationConfig(event_log=s["attestation"]["event_log"]),
     )

@@ -196,6 +196,7 @@ class FactoryDevice:
         event_log: bytes | None = None,
         seal_pcrs: Sequence[int] | None = None,
         api_socket: str | os.PathLike[str] | None = None,
+        event_log_path: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         state = Path(state_dir).resolve()
@@ -212,6 +213,9 @@ class FactoryDevice:
         # seals its state key to them) and where its local API lives; None = the agent's default
         self._seal_pcrs = tuple(seal_pcrs) if seal_pcrs is not None else None
         self._api_socket = Path(api_socket).resolve() if api_socket is not None else None
+        # where the firmware writes its measured-boot event log at each boot: the agent sends it
+        # with every attestation quote
+        self._event_log_path = Path(event_log_path).resolve() if event_log_path else None
         self._clock = clock
         self._ops: dict[str, Callable[[Args], Args]] = {
             "identity": self._identity,
@@ -470,6 +474,7 @@ class FactoryDevice:
             f"device_id = {_toml_string(device_id)}",
             f"devid_cert = {_toml_string(str(ident / 'devid.pem'))}",
             f"devid_key = {_toml_string(str(self.paths.key_blob(KeyKind.DEVID)))}",
+            f"ak_key = {_toml_string(str(self.paths.key_blob(KeyKind.AK)))}",
             f"tls_cert = {_toml_string(str(ident / 'tls.pem'))}",
             f"tls_key = {_toml_string(str(self.paths.tls_key))}",
             "",
@@ -482,6 +487,11 @@ class FactoryDevice:
             f"port = {port}",
             f"ca = {_toml_string(str(ident / 'broker-ca.pem'))}",
             "",
+            *(
+                ["[attestation]", f"event_log = {_toml_string(str(self._event_log_path))}", ""]
+                if self._event_log_path is not None
+                else []
+            ),
         ]
         self.paths.config.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.paths.config, "\n".join(lines).encode(), mode=0o644)

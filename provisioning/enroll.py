@@ -455,6 +455,7 @@ class _Pending:
     devid_public: bytes
     tls_public: bytes
     groups: tuple[str, ...]
+    ak_public: bytes
     secret: Secret = field(repr=False)
     expires_at: int
     result: DeviceIdentity | None = None
@@ -593,6 +594,7 @@ class Enrollment:
             devid_public=req.devid_public,
             tls_public=req.tls_public,
             groups=req.groups,
+            ak_public=req.ak_public,
             secret=secret,
             expires_at=now + self.settings.session_ttl,
         )
@@ -743,6 +745,7 @@ class Enrollment:
                 ek_cert_fingerprint=pending.ek_fingerprint,
                 devid_cert_pem=cert_to_pem(devid_cert).decode(),
                 now=now,
+                ak_public=pending.ak_public,
             )
             audit.append(
                 session,

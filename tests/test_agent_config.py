@@ -201,7 +201,7 @@ def test_acceptance_unknown_key_is_named(tmp_path: Path) -> None:
     assert problems == ["tpm.pcr: unknown key, expected one of: tcti, pcrs"]
     assert _problems(_write(tmp_path, "[tmp]\n")) == [
         "tmp: unknown key, expected one of: tpm, state, identity, fleet, broker, api, rotation, "
-        "simulation"
+        "simulation, attestation"
     ]
 
 

@@ -355,6 +355,7 @@ class SimulatedDevice:
             event_log=self._event_log.encode(),
             seal_pcrs=measured,
             api_socket=self.state_dir / API_SOCKET,
+            event_log_path=self.event_log_path,
         )
         console.intercept = self._intercept
         self._console = console

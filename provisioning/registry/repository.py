@@ -109,6 +109,7 @@ class DeviceRecord:
     last_seen: int | None
     last_report: bytes | None = field(repr=False)
     last_report_at: int | None
+    ak_public: bytes | None = field(default=None, repr=False)  # TPM2B_PUBLIC of the AK
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ def _device_record(row: Device) -> DeviceRecord:
         last_seen=row.last_seen,
         last_report=row.last_report,
         last_report_at=row.last_report_at,
+        ak_public=row.ak_public,
     )
 
 
@@ -309,11 +311,19 @@ class Registry:
     # -- devices --
 
     def register_device(
-        self, device_id: str, *, ek_cert_fingerprint: str, devid_cert_pem: str, now: int
+        self,
+        device_id: str,
+        *,
+        ek_cert_fingerprint: str,
+        devid_cert_pem: str,
+        now: int,
+        ak_public: bytes | None = None,
     ) -> DeviceRecord:
         """Enroll a device whose EK chain, credential activation and DevID certify the factory
         flow has already checked. One EK is one device: a second enrollment of the same TPM is
-        refused (re-provisioning goes through a factory reset, a later issue)."""
+        refused (re-provisioning goes through a factory reset, a later issue). ``ak_public`` is
+        the AK's TPM2B_PUBLIC, bound to the EK by the credential activation: the attestation
+        verifier needs it."""
         _check_identifier("device", device_id)
         _check_fingerprint("device", ek_cert_fingerprint)
         if self._s.get(Device, device_id) is not None:
@@ -334,6 +344,7 @@ class Registry:
             state_reason="enrolled",
             registered_at=now,
             state_changed_at=now,
+            ak_public=ak_public,
         )
         self._s.add(row)
         try:

@@ -133,6 +133,9 @@ class Device(Base):
     last_seen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_report: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     last_report_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The AK's public area (marshalled TPM2B_PUBLIC) as enrolled: the attestation verifier checks
+    # quotes with it. NULL for devices registered without one (they cannot be attested).
+    ak_public: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     keys: Mapped[list[DeviceKey]] = relationship(
         back_populates="device", cascade="all, delete-orphan"
