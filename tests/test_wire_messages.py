@@ -26,7 +26,7 @@ from agent.wire.messages.group import (
     UpdateRequest,
     WelcomeMessage,
 )
-from agent.wire.messages.key_state import KeyStateReport
+from agent.wire.messages.key_state import DeviceDestroyed, KeyStateReport
 from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from agent.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
 from agent.wire.messages.result import OperatorResult, ResultStatus
@@ -131,6 +131,7 @@ SAMPLES: list[Body] = [
     CommitRequest(command_id=CMD, group_id="g1", epoch=0, action=CommitAction.CREATE),
     KeyPackageRequest(command_id=CMD),
     UpdateRequest(group_id="g1", epoch=4, reason="max-epoch-age"),
+    DeviceDestroyed(reason="factory reset"),
 ]
 
 

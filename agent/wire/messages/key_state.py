@@ -15,10 +15,11 @@ from typing import ClassVar, Self
 
 from agent.errors import ProtocolError
 from agent.lifecycle import ALLOWED_TRANSITIONS, KeyKind, KeyRecord, KeyState
-from agent.wire.messages.base import Body, check_tuple, fields
+from agent.wire.messages.base import Body, check_text, check_tuple, fields
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
+    "DeviceDestroyed",
     "MAX_KEYS",
     "KeyKind",
     "KeyRecord",
@@ -79,3 +80,29 @@ class KeyStateReport(Body):
     def from_cbor_map(cls, value: object) -> Self:
         kwargs = fields(value, cls.__name__, ["keys"])
         return cls(keys=records_from_cbor(kwargs["keys"], "keys"))
+
+
+DESTROYED_REASON_MAX = 200
+
+
+@dataclass(frozen=True)
+class DeviceDestroyed(Body):
+    """Device -> service: ``keyagent factory-reset`` is about to destroy every key this identity
+    has (``device.destroyed``). Signed by the DevID key it is the last thing that key signs; the
+    service then marks the device and all its keys destroyed, takes it out of its groups and
+    refuses anything signed by that key afterwards. ``reason`` is free text for the audit log."""
+
+    TYPE: ClassVar[str] = "device.destroyed"
+
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_text(self.reason, "reason", min_len=1, max_len=DESTROYED_REASON_MAX)
+
+    def to_cbor_map(self) -> dict[str, object]:
+        return {"reason": self.reason}
+
+    @classmethod
+    def from_cbor_map(cls, value: object) -> Self:
+        kwargs = fields(value, cls.__name__, ["reason"])
+        return cls(reason=kwargs["reason"])

@@ -22,7 +22,7 @@ from agent.wire.messages.group import (
     UpdateRequest,
     WelcomeMessage,
 )
-from agent.wire.messages.key_state import KeyStateReport
+from agent.wire.messages.key_state import DeviceDestroyed, KeyStateReport
 from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from agent.wire.messages.result import OperatorResult
 from agent.wire.messages.service import (
@@ -56,6 +56,7 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     AttestDevice,
     OperatorResult,
     UpdateRequest,
+    DeviceDestroyed,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
