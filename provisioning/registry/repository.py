@@ -50,14 +50,25 @@ _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 
 # Which device-state changes make sense; anything else is an operator or service mistake.
 DEVICE_TRANSITIONS: Mapping[DeviceState, frozenset[DeviceState]] = {
+    # Any identity may be destroyed: a device reports it (``keyagent factory-reset``) or an
+    # operator decides it; destroyed is final until the same TPM is re-enrolled
+    # (``Registry.reenroll_device``, a new identity under the same device id).
     DeviceState.REGISTERED: frozenset(
-        {DeviceState.ACTIVE, DeviceState.QUARANTINED, DeviceState.REVOKED}
+        {DeviceState.ACTIVE, DeviceState.QUARANTINED, DeviceState.REVOKED, DeviceState.DESTROYED}
     ),
-    DeviceState.ACTIVE: frozenset({DeviceState.QUARANTINED, DeviceState.REVOKED}),
-    DeviceState.QUARANTINED: frozenset({DeviceState.ACTIVE, DeviceState.REVOKED}),
+    DeviceState.ACTIVE: frozenset(
+        {DeviceState.QUARANTINED, DeviceState.REVOKED, DeviceState.DESTROYED}
+    ),
+    DeviceState.QUARANTINED: frozenset(
+        {DeviceState.ACTIVE, DeviceState.REVOKED, DeviceState.DESTROYED}
+    ),
     DeviceState.REVOKED: frozenset({DeviceState.DESTROYED}),
     DeviceState.DESTROYED: frozenset(),
 }
+
+# The device states from which the same TPM (EK) may enroll again: its old identity is gone
+# (destroyed) or will never be trusted again (revoked).
+REENROLLABLE = frozenset({DeviceState.DESTROYED, DeviceState.REVOKED})
 
 # NIST SP 800-57 Part 1 Rev. 5, section 7, exactly as the agent applies it: the service accepts
 # the transitions a well-behaved agent can make, and nothing leaves destroyed.
@@ -120,6 +131,7 @@ class KeyStateReport:
     key_name: str
     state: KeyState
     at: int
+    kind: str | None = None  # agent.lifecycle.KeyKind value, as the device reported it
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,7 @@ class KeyRecord:
     key_name: str
     state: KeyState
     changed_at: int
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -446,9 +459,13 @@ class Registry:
         for item, from_state in planned:
             key = keys.get(item.key_name)
             if key is None:
-                key = DeviceKey(key_name=item.key_name, state=item.state, changed_at=item.at)
+                key = DeviceKey(
+                    key_name=item.key_name, kind=item.kind, state=item.state, changed_at=item.at
+                )
                 row.keys.append(key)
                 keys[item.key_name] = key
+            elif item.kind is not None:
+                key.kind = item.kind
             key.transitions.append(
                 KeyTransition(
                     from_state=from_state, to_state=item.state, at=item.at, recorded_at=now
@@ -465,9 +482,83 @@ class Registry:
     def key_states(self, device_id: str) -> list[KeyRecord]:
         row = self._device_row(device_id)
         return [
-            KeyRecord(device_id, key.key_name, key.state, key.changed_at)
+            KeyRecord(device_id, key.key_name, key.state, key.changed_at, key.kind)
             for key in sorted(row.keys, key=lambda k: k.key_name)
         ]
+
+    def destroy_keys(self, device_id: str, *, now: int) -> list[str]:
+        """Record every key of the device that is not destroyed yet as destroyed at ``now`` (the
+        service's clock: the device announced its destruction and sends nothing after it).
+        Returns the names changed. Every SP 800-57 state may go to destroyed."""
+        row = self._device_row(device_id)
+        changed = []
+        for key in sorted(row.keys, key=lambda k: k.key_name):
+            if key.state is KeyState.DESTROYED:
+                continue
+            at = max(now, key.changed_at)
+            key.transitions.append(
+                KeyTransition(
+                    from_state=key.state, to_state=KeyState.DESTROYED, at=at, recorded_at=now
+                )
+            )
+            key.state = KeyState.DESTROYED
+            key.changed_at = at
+            changed.append(key.key_name)
+        self._s.flush()
+        return changed
+
+    def reenroll_device(
+        self, device_id: str, *, ek_cert_fingerprint: str, devid_cert_pem: str, now: int
+    ) -> DeviceRecord:
+        """Give a TPM whose old identity was destroyed or revoked a new identity under the same
+        device id (ids are derived from the EK). The row is reset: new DevID certificate, state
+        ``registered``, no attestation verdict, no key records (the old identity's history stays
+        in the audit log). Refused while the old identity still holds a leaf in a group: its
+        removal must be committed first, or the group's tree would name a key nobody holds."""
+        row = self._device_row(device_id)
+        if row.ek_cert_fingerprint != ek_cert_fingerprint:
+            raise ProtocolError(
+                "registry.device.ek_mismatch",
+                f"device {device_id!r} was enrolled with another EK certificate",
+            )
+        if row.state not in REENROLLABLE:
+            raise ProtocolError(
+                "registry.device.transition",
+                f"device {device_id!r} is {row.state}: only a destroyed or revoked identity may "
+                "be replaced by a new enrollment",
+            )
+        held = sorted(
+            self._s.scalars(
+                select(GroupMember.group_id).where(
+                    GroupMember.device_id == device_id, GroupMember.leaf_index.is_not(None)
+                )
+            )
+        )
+        if held:
+            raise ProtocolError(
+                "registry.device.in_groups",
+                f"device {device_id!r} is still being removed from {', '.join(held)}; "
+                "re-enroll once its removal is committed",
+            )
+        self._s.execute(
+            delete(GroupMember)
+            .where(GroupMember.device_id == device_id)
+            .execution_options(synchronize_session=False)
+        )
+        row.keys.clear()
+        row.devid_cert_pem = devid_cert_pem
+        row.state = DeviceState.REGISTERED
+        row.state_reason = "re-enrolled"
+        row.state_changed_at = now
+        row.registered_at = now
+        row.attestation_result = None
+        row.attestation_reason = None
+        row.attested_at = None
+        row.last_seen = None
+        row.last_report = None
+        row.last_report_at = None
+        self._s.flush()
+        return _device_record(row)
 
     def key_history(self, device_id: str, key_name: str) -> list[KeyTransitionRecord]:
         row = self._device_row(device_id)
@@ -981,6 +1072,7 @@ class Registry:
 __all__ = [
     "DEVICE_TRANSITIONS",
     "KEY_TRANSITIONS",
+    "REENROLLABLE",
     "AckStatus",
     "CommitRecord",
     "DeviceRecord",

@@ -154,6 +154,8 @@ class DeviceKey(Base):
         ForeignKey("devices.device_id", ondelete="CASCADE"), index=True
     )
     key_name: Mapped[str] = mapped_column(String(KEY_NAME_LENGTH))
+    # agent.lifecycle.KeyKind value (devid, ak, leaf, state, epoch, app-seal) as reported
+    kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
     state: Mapped[KeyState] = mapped_column(_enum_column(KeyState, "key_state"))
     changed_at: Mapped[int] = mapped_column(BigInteger)
 

@@ -1,0 +1,154 @@
+"""Registry side of the key lifecycle (issue 6): key kinds recorded from reports, a device's keys
+destroyed together, any identity destroyable, and re-enrollment of a destroyed or revoked
+identity under the same device id (SQLite file, in-process: tier pure)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.errors import ProtocolError
+from provisioning.registry import (
+    DeviceState,
+    KeyState,
+    KeyStateReport,
+    Registry,
+    create_schema,
+    make_engine,
+    session_factory,
+)
+
+pytestmark = pytest.mark.pure
+
+T0 = 1_700_000_000
+
+
+def fp(label: str) -> str:
+    return hashlib.sha256(label.encode()).hexdigest()
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    engine: Engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    create_schema(engine)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def enroll(reg: Registry, name: str) -> None:
+    reg.register_device(
+        name, ek_cert_fingerprint=fp("ek-" + name), devid_cert_pem="PEM " + name, now=T0
+    )
+
+
+HISTORY = [
+    KeyStateReport("devid", KeyState.PRE_ACTIVATION, T0, "devid"),
+    KeyStateReport("devid", KeyState.ACTIVE, T0, "devid"),
+    KeyStateReport("epoch/g1/0", KeyState.PRE_ACTIVATION, T0 + 1, "epoch"),
+    KeyStateReport("epoch/g1/0", KeyState.ACTIVE, T0 + 1, "epoch"),
+    KeyStateReport("epoch/g1/0", KeyState.DEACTIVATED, T0 + 5, "epoch"),
+    KeyStateReport("epoch/g1/1", KeyState.PRE_ACTIVATION, T0 + 5, "epoch"),
+    KeyStateReport("epoch/g1/1", KeyState.ACTIVE, T0 + 5, "epoch"),
+]
+
+
+@pytest.mark.parametrize(
+    "state", [DeviceState.REGISTERED, DeviceState.ACTIVE, DeviceState.QUARANTINED]
+)
+def test_any_live_identity_may_be_destroyed_and_destroyed_is_final(
+    sessions: sessionmaker[Session], state: DeviceState
+) -> None:
+    with sessions.begin() as s:
+        reg = Registry(s)
+        enroll(reg, "d")
+        if state is not DeviceState.REGISTERED:
+            reg.set_device_state("d", state, reason="x", now=T0 + 1)
+        rec = reg.set_device_state("d", DeviceState.DESTROYED, reason="factory reset", now=T0 + 2)
+        assert rec.state is DeviceState.DESTROYED
+        for back in (DeviceState.ACTIVE, DeviceState.REVOKED, DeviceState.REGISTERED):
+            with pytest.raises(ProtocolError) as err:
+                reg.set_device_state("d", back, reason="", now=T0 + 3)
+            assert err.value.check == "registry.device.transition"
+
+
+def test_kinds_are_kept_and_destroy_keys_destroys_every_live_key(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as s:
+        reg = Registry(s)
+        enroll(reg, "d")
+        reg.record_report("d", b"r", HISTORY, now=T0 + 6)
+        kinds = {k.key_name: k.kind for k in reg.key_states("d")}
+        assert kinds == {"devid": "devid", "epoch/g1/0": "epoch", "epoch/g1/1": "epoch"}
+        # an old report without kinds does not erase them
+        reg.record_report("d", b"r", [KeyStateReport("devid", KeyState.ACTIVE, T0)], now=T0 + 7)
+        assert {k.kind for k in reg.key_states("d")} == {"devid", "epoch"}
+        changed = reg.destroy_keys("d", now=T0 + 10)
+        assert changed == ["devid", "epoch/g1/0", "epoch/g1/1"]
+        assert {k.state for k in reg.key_states("d")} == {KeyState.DESTROYED}
+        steps = reg.key_history("d", "epoch/g1/0")
+        assert [(t.from_state, t.to_state, t.at) for t in steps][-1] == (
+            KeyState.DEACTIVATED,
+            KeyState.DESTROYED,
+            T0 + 10,
+        )
+        assert reg.destroy_keys("d", now=T0 + 11) == []  # idempotent
+        # a destroyed key never comes back, whatever a report says
+        with pytest.raises(ProtocolError) as err:
+            reg.record_report(
+                "d", b"r", [KeyStateReport("devid", KeyState.ACTIVE, T0 + 12)], now=T0 + 12
+            )
+        assert err.value.check == "registry.key.transition"
+
+
+def test_reenrollment_only_of_a_destroyed_or_revoked_identity_out_of_its_groups(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as s:
+        reg = Registry(s)
+        enroll(reg, "d")
+        enroll(reg, "e")
+        reg.record_report("d", b"r", HISTORY, now=T0 + 6)
+        reg.create_group("g1", creator="d", public_tree=b"t", group_context=b"c", now=T0)
+        with pytest.raises(ProtocolError) as live:
+            reg.reenroll_device("d", ek_cert_fingerprint=fp("ek-d"), devid_cert_pem="P2", now=T0)
+        assert live.value.check == "registry.device.transition"
+        reg.set_device_state("d", DeviceState.DESTROYED, reason="reset", now=T0 + 7)
+        with pytest.raises(ProtocolError) as held:
+            reg.reenroll_device("d", ek_cert_fingerprint=fp("ek-d"), devid_cert_pem="P2", now=T0)
+        assert held.value.check == "registry.device.in_groups"
+        assert "g1" in held.value.reason
+        with pytest.raises(ProtocolError) as other_ek:
+            reg.reenroll_device("d", ek_cert_fingerprint=fp("ek-e"), devid_cert_pem="P2", now=T0)
+        assert other_ek.value.check == "registry.device.ek_mismatch"
+    with sessions.begin() as s:
+        # the removal committed (simulated here by the membership row going away)
+        from provisioning.registry.schema import GroupMember
+
+        s.delete(s.get(GroupMember, ("g1", "d")))
+    with sessions.begin() as s:
+        reg = Registry(s)
+        rec = reg.reenroll_device(
+            "d", ek_cert_fingerprint=fp("ek-d"), devid_cert_pem="PEM new", now=T0 + 20
+        )
+        assert (rec.state, rec.devid_cert_pem, rec.state_reason) == (
+            DeviceState.REGISTERED,
+            "PEM new",
+            "re-enrolled",
+        )
+        assert reg.key_states("d") == []  # the new identity starts with no key history
+        # the new identity's fresh keys are accepted (the old "devid" record was destroyed)
+        reg.record_report("d", b"r", HISTORY[:2], now=T0 + 21)
+        assert [(k.key_name, k.state) for k in reg.key_states("d")] == [("devid", KeyState.ACTIVE)]
+        reg.set_device_state("e", DeviceState.REVOKED, reason="lost", now=T0 + 22)
+        assert (
+            reg.reenroll_device(
+                "e", ek_cert_fingerprint=fp("ek-e"), devid_cert_pem="P", now=T0 + 23
+            ).state
+            is DeviceState.REGISTERED
+        )
