@@ -34,6 +34,7 @@ from provisioning.operator import (
     OperatorClient,
     OperatorSettings,
     Progress,
+    list_device_keys,
     list_devices,
     list_groups,
     print_table,
@@ -257,9 +258,25 @@ def _listing(args: argparse.Namespace) -> int:
     engine = _existing_engine(_database_url(args))
     try:
         with session_factory(engine)() as session:
-            if args.command == "devices":
-                rows = list_devices(session)
+            if args.command == "devices" and args.keys:
+                rows = list_device_keys(session)
+                for row in rows:
+                    steps = row["transitions"]
+                    assert isinstance(steps, list)
+                    row_history = " ".join(f"{state}@{at}" for state, at in steps)
+                    if not args.json:
+                        row["transitions"] = row_history
                 columns: tuple[str, ...] = (
+                    "device_id",
+                    "key",
+                    "kind",
+                    "state",
+                    "since",
+                    "transitions",
+                )
+            elif args.command == "devices":
+                rows = list_devices(session)
+                columns = (
                     "device_id",
                     "state",
                     "attestation",
@@ -330,6 +347,12 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
         listing = commands.add_parser(name, help=f"{what} (registry, on the service host)")
         _add_database_options(listing)
         listing.add_argument("--json", action="store_true")
+        if name == "devices":
+            listing.add_argument(
+                "--keys",
+                action="store_true",
+                help="one row per device key: kind, NIST state, since, transitions",
+            )
         listing.set_defaults(handler=_listing)
 
 

@@ -315,6 +315,29 @@ def list_devices(session: Session) -> list[dict[str, object]]:
     return rows
 
 
+def list_device_keys(session: Session) -> list[dict[str, object]]:
+    """One row per device key (``keyfleet devices --keys``): its NIST SP 800-57 state since when,
+    and its whole history as the device reported it (``transitions`` = ``[[state, at], ...]``,
+    device clock; a service-recorded destruction carries the service's clock)."""
+    registry = Registry(session)
+    rows: list[dict[str, object]] = []
+    for device in registry.devices():
+        for key in registry.key_states(device.device_id):
+            history = registry.key_history(device.device_id, key.key_name)
+            rows.append(
+                {
+                    "device_id": device.device_id,
+                    "device_state": device.state.value,
+                    "key": key.key_name,
+                    "kind": key.kind,
+                    "state": key.state.value,
+                    "since": key.changed_at,
+                    "transitions": [[t.to_state.value, t.at] for t in history],
+                }
+            )
+    return rows
+
+
 def list_groups(session: Session) -> list[dict[str, object]]:
     registry = Registry(session)
     rows: list[dict[str, object]] = []

@@ -152,3 +152,42 @@ def test_reenrollment_only_of_a_destroyed_or_revoked_identity_out_of_its_groups(
             ).state
             is DeviceState.REGISTERED
         )
+
+
+def test_keyfleet_devices_keys_lists_kind_state_since_and_transitions(
+    sessions: sessionmaker[Session], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from provisioning.cli import main
+
+    with sessions.begin() as s:
+        reg = Registry(s)
+        enroll(reg, "d")
+        reg.record_report("d", b"r", HISTORY, now=T0 + 6)
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    assert main(["devices", "--keys", "--db", url, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_key = {row["key"]: row for row in rows}
+    assert by_key["epoch/g1/0"] == {
+        "device_id": "d",
+        "device_state": "registered",
+        "key": "epoch/g1/0",
+        "kind": "epoch",
+        "state": "deactivated",
+        "since": T0 + 5,
+        "transitions": [["pre-activation", T0 + 1], ["active", T0 + 1], ["deactivated", T0 + 5]],
+    }
+    assert main(["devices", "--keys", "--db", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["DEVICE_ID", "KEY", "KIND", "STATE", "SINCE", "TRANSITIONS"]
+    assert lines[2].split() == [
+        "d",
+        "epoch/g1/0",
+        "epoch",
+        "deactivated",
+        str(T0 + 5),
+        f"pre-activation@{T0 + 1}",
+        f"active@{T0 + 1}",
+        f"deactivated@{T0 + 5}",
+    ]
