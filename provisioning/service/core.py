@@ -75,8 +75,10 @@ from agent.wire.messages.group import (
     CommitMessage,
     GroupCreated,
     KeyPackageMessage,
+    UpdateRequest,
     WelcomeMessage,
 )
+from agent.wire.messages.key_state import DeviceDestroyed
 from agent.wire.messages.key_state import KeyStateReport as KeyStateBody
 from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from agent.wire.messages.result import OperatorResult, ResultStatus
@@ -190,6 +192,7 @@ class Job:
     operation: Operation | None = None
     persistent: bool = False  # survives its operation's timeout (revocations, re-adds)
     candidates: tuple[str, ...] = ()  # create: the founders to try, in order
+    prefer: str | None = None  # update: ask this member first (it asked for the rotation)
     state: JobState = JobState.QUEUED
     key_package: bytes | None = field(default=None, repr=False)
     committer: str | None = None
@@ -507,6 +510,8 @@ class DeliveryService:
     def _dispatch_device(self, session: Session, message: VerifiedMessage, now: int) -> Post | None:
         body = message.body
         sender = message.sender
+        if isinstance(body, DeviceDestroyed):
+            return self._on_device_destroyed(session, sender, body, now)
         if isinstance(body, KeyStateBody):
             return self._on_key_states(session, sender, body, message, now)
         if isinstance(body, KeyPackageMessage):
@@ -519,6 +524,8 @@ class DeliveryService:
             return self._on_welcome(session, sender, body, now)
         if isinstance(body, AckBody):
             return self._on_ack(session, sender, body, now)
+        if isinstance(body, UpdateRequest):
+            return self._on_update_request(session, sender, body, now)
         if isinstance(body, AttestReport):
             # The attestation verifier is its own component; the delivery service only notes
             # that the device is alive.
@@ -535,12 +542,113 @@ class DeliveryService:
         now: int,
     ) -> Post | None:
         items = [
-            KeyStateReport(key_name=record.name, state=state, at=at)
+            KeyStateReport(key_name=record.name, state=state, at=at, kind=record.kind.value)
             for record in body.keys
             for state, at in record.transitions
         ]
         Registry(session).record_report(sender, message.message_id, items, now=now)
         return None
+
+    def _on_update_request(
+        self, session: Session, sender: str, body: UpdateRequest, now: int
+    ) -> Post | None:
+        """A member's epoch reached its rotation limit (max epoch age or messages): queue a
+        self-update of the group, asked of that member first, so keys rotate without an
+        operator. Nothing is queued if an update is already queued or in flight (it rotates the
+        epoch too) or if the group has already moved past the epoch the member asked about."""
+        registry = Registry(session)
+        group = registry.group(body.group_id)
+        if not any(
+            m.device_id == sender and m.leaf_index is not None
+            for m in registry.members(body.group_id)
+        ):
+            raise ProtocolError(
+                "ds.group.member", f"{sender!r} is not a member of group {body.group_id!r}"
+            )
+        if body.epoch > group.epoch:
+            raise ProtocolError(
+                "ds.update.epoch_ahead",
+                f"group {body.group_id!r} is at epoch {group.epoch}, not {body.epoch}",
+            )
+        queued = self._queues.get(body.group_id, ())
+        if body.epoch < group.epoch or any(j.action is CommitAction.UPDATE for j in queued):
+            log.info(
+                "rotation request of %s for %s epoch %s: nothing to do (group at epoch %s, "
+                "%d update(s) queued)",
+                sender,
+                body.group_id,
+                body.epoch,
+                group.epoch,
+                sum(1 for j in queued if j.action is CommitAction.UPDATE),
+            )
+            return None
+        job = Job(CommitAction.UPDATE, body.group_id, None, self._new_id(), prefer=sender)
+        audit.append(
+            session,
+            now=now,
+            actor=f"device:{sender}",
+            action="group.rotate",
+            target=body.group_id,
+            outcome=Outcome.ACCEPTED,
+            reason=f"automatic rotation: {body.reason}",
+            details={"epoch": body.epoch, "reason": body.reason},
+        )
+
+        def post() -> None:
+            log.info(
+                "%s: %s epoch %s reached %s; self-update queued (automatic rotation)",
+                sender,
+                body.group_id,
+                body.epoch,
+                body.reason,
+            )
+            self._enqueue(job, now)
+
+        return post
+
+    def _on_device_destroyed(
+        self, session: Session, sender: str, body: DeviceDestroyed, now: int
+    ) -> Post:
+        """The device is destroying its identity (``keyagent factory-reset``): the device and
+        every key it reported become destroyed, it leaves its groups by commits of the other
+        members (the revocation's path), and its DevID key is refused from now on
+        (``ds.device.revoked``, the resolver's check of the device state)."""
+        registry = Registry(session)
+        registry.set_device_state(
+            sender, DeviceState.DESTROYED, reason=f"factory reset: {body.reason}"[:200], now=now
+        )
+        keys = registry.destroy_keys(sender, now=now)
+        jobs: list[Job] = []
+        for member in registry.groups_of(sender):
+            registry.request_remove(member.group_id, sender, now=now)
+            if member.leaf_index is not None:
+                job = Job(
+                    CommitAction.REMOVE, member.group_id, sender, self._new_id(), persistent=True
+                )
+                jobs.append(job)
+        audit.append(
+            session,
+            now=now,
+            actor=f"device:{sender}",
+            action=DeviceDestroyed.TYPE,
+            target=sender,
+            outcome=Outcome.ACCEPTED,
+            reason=body.reason,
+            details={"keys_destroyed": len(keys), "groups": ",".join(j.group_id for j in jobs)},
+        )
+
+        def post() -> None:
+            log.warning(
+                "device %s destroyed its identity (%d keys); removing it from %s",
+                sender,
+                len(keys),
+                [j.group_id for j in jobs] or "no group",
+            )
+            self._cancel_adds_of(sender, now)
+            for job in jobs:
+                self._enqueue(job, now)
+
+        return post
 
     def _on_key_package(
         self, session: Session, sender: str, body: KeyPackageMessage, now: int
@@ -1270,6 +1378,8 @@ class DeliveryService:
             assert target.leaf_index is not None
             near = public.tree.leaf(public.committer_for_remove(target.leaf_index))
             preferred = None if near is None else near.device_id.decode()
+        elif job.prefer is not None:
+            preferred = job.prefer
         candidates: list[tuple[bool, bool, int, str]] = []
         for member in members:
             device_id = member.device_id
