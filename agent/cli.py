@@ -11,6 +11,7 @@ from agent.daemon import read_status
 from agent.daemon import run as run_daemon
 from agent.errors import KeyfleetError
 from agent.localapi.cli import register_api_command, run_api_command
+from agent.reset import AgentRunning, factory_reset, plan_reset
 from agent.selftest import SelftestReport, run_builtin_selftests, run_vector_files
 
 
@@ -48,7 +49,73 @@ def _build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="keys, their states, groups, epochs, reports")
     status.add_argument("--config", metavar="FILE", help="agent.toml (default: $KEYAGENT_CONFIG)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    reset = commands.add_parser(
+        "factory-reset",
+        help="destroy this device's identity and every key (tells the service first)",
+        description=(
+            "Refuses while keyagent runs. Sends a DevID-signed device.destroyed to the service, "
+            "flushes TPM objects, shreds every key blob, sealed blob, state and identity file "
+            "and the factory lock (the device is back in factory mode). Exit 0: destroyed and "
+            "the service told; 1: destroyed but the service was NOT told (revoke the device); "
+            "2: refused (agent running, no confirmation, bad configuration)."
+        ),
+    )
+    reset.add_argument("--config", metavar="FILE", help="agent.toml (default: $KEYAGENT_CONFIG)")
+    reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    reset.add_argument(
+        "--clear-tpm",
+        action="store_true",
+        help="also TPM2_Clear (empty lockout auth): saved copies of key blobs stop loading; "
+        "the EKs are re-created from their templates",
+    )
+    reset.add_argument("--reason", default="factory reset", help="for the service's audit log")
+    reset.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to reach the broker (default 10)"
+    )
+    reset.add_argument(
+        "--allow-insecure-software-keys",
+        action="store_true",
+        help="with [simulation] insecure_software_keys: a software DevID key signs the message",
+    )
     return parser
+
+
+def _factory_reset(args: argparse.Namespace) -> int:
+    try:
+        if not args.yes:
+            plan = plan_reset(args.config)
+            name = plan.device_id or str(plan.state_dir)
+            if not sys.stdin.isatty():
+                print(
+                    "keyagent factory-reset: refusing without --yes (no terminal)", file=sys.stderr
+                )
+                return 2
+            answer = input(f"This destroys every key of {name}. Type {name!r} to go on: ")
+            if answer.strip() != name:
+                print("keyagent factory-reset: not confirmed; nothing destroyed", file=sys.stderr)
+                return 2
+        report = factory_reset(
+            args.config,
+            reason=args.reason,
+            clear_tpm=args.clear_tpm,
+            allow_insecure=args.allow_insecure_software_keys,
+            timeout=args.timeout,
+            on_destroyed=lambda path: print(f"destroyed {path}"),
+        )
+    except AgentRunning as exc:
+        print(f"keyagent factory-reset: {exc}", file=sys.stderr)
+        return 2
+    except KeyfleetError as exc:
+        print(f"keyagent factory-reset: {exc}", file=sys.stderr)
+        return 2
+    for note in report.tpm:
+        print(f"tpm: {note}")
+    print(f"service: {report.service_note}")
+    print(
+        f"factory reset done: {len(report.destroyed)} file(s) destroyed"
+        + ("" if report.exit_code == 0 else "; WARNING: the service was not told")
+    )
+    return report.exit_code
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -114,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_daemon(args.config, allow_insecure=args.allow_insecure_software_keys)
     if args.command == "status":
         return _status(args)
+    if args.command == "factory-reset":
+        return _factory_reset(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses unknown ones
 
 

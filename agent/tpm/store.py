@@ -636,6 +636,64 @@ class TPMStore:
             )
         return Attestation(attest=bytes(attest), signature=bytes(signature))
 
+    # --- retirement --------------------------------------------------------------------------
+
+    def persistent_handles(self) -> list[int]:
+        """Persistent object handles (0x81xxxxxx) present in the TPM."""
+        _, data = self._call("get-capability", "get_capability", TPM2_CAP.HANDLES, 0x81000000, 64)
+        return [int(h) for h in data.data.handles]
+
+    def flush_transients(self) -> int:
+        """Flush every transient object loaded in the TPM (objects a killed process left
+        behind; behind a resource manager only this connection's are visible). Returns how many
+        were flushed. Keys of this store are closed first."""
+        for key in list(self._keys):
+            with contextlib.suppress(TPMError):
+                key.close()
+        flushed = 0
+        for value in self.transient_handles():
+            # FlushContext also releases the ESYS object, so no tr_close afterwards
+            handle = self._call("flush", "tr_from_tpmpublic", value)
+            self._call("flush", "flush_context", handle)
+            flushed += 1
+        return flushed
+
+    def clear(self) -> list[str]:
+        """TPM2_Clear with the lockout hierarchy's authorization (empty, as a device that was
+        never taken ownership of has it). The storage primary seed changes, so the SRK becomes
+        another key and **every blob ever made under the old SRK stops loading on this TPM**:
+        the one way to make saved copies of key blobs useless. TPM2_Clear also evicts the
+        persistent objects of the storage and endorsement hierarchies, which includes the EKs;
+        the endorsement seed does not change, so each EK is re-created from its template (its
+        public area with the unique field as the TCG templates have it: zeros of the key size
+        for RSA, empty for swtpm's ECC P-384 EK) and persisted again at its handle: the same
+        key, so the manufacturer's EK certificate in NV (not cleared) stays valid. Returns one
+        note per EK."""
+        areas: dict[int, bytes] = {}
+        present = set(self.persistent_handles())
+        for kind, handle_value in (("rsa", EK_RSA_HANDLE), ("ecc", EK_ECC_HANDLE)):
+            if handle_value in present:
+                areas[handle_value] = self.ek_public_area(kind)  # type: ignore[arg-type]
+        self.flush_transients()
+        self._call("clear", "clear", ESYS_TR.LOCKOUT)
+        notes = []
+        for handle_value, area in areas.items():
+            notes.append(self._recreate_ek(handle_value, area))
+        return notes
+
+    def _recreate_ek(self, handle_value: int, area: bytes) -> str:
+        for template in _ek_templates(area):
+            handle, public, *_ = self._call(
+                "recreate-ek", "create_primary", None, template, ESYS_TR.ENDORSEMENT
+            )
+            try:
+                if public.marshal() == area:
+                    self._call("recreate-ek", "evict_control", ESYS_TR.OWNER, handle, handle_value)
+                    return f"EK 0x{handle_value:08x} re-created (same key) and persisted"
+            finally:
+                self._flush(handle)
+        return f"EK 0x{handle_value:08x} could not be re-created from its template: it is gone"
+
     # --- endorsement ------------------------------------------------------------------------
 
     def ek_public_area(self, kind: EKKind = "rsa") -> bytes:
@@ -729,6 +787,24 @@ class TPMStore:
                     f"credential was not made for this TPM's EK and this AK ({exc.detail})",
                 ) from None
         return Secret(bytes(cred))
+
+
+def _ek_templates(area: bytes) -> list[TPM2B_PUBLIC]:
+    """Candidate creation templates for an EK whose public area is ``area``: the same area with
+    the unique field zero-filled to the key size, or empty (TCG EK profile templates use one or
+    the other). Whichever re-creates exactly ``area`` is the template it was made from."""
+    candidates = []
+    for empty in (False, True):
+        public, _ = TPM2B_PUBLIC.unmarshal(area)
+        unique = public.publicArea.unique
+        if public.publicArea.type == TPM2_ALG.RSA:
+            unique.rsa = b"" if empty else bytes(len(bytes(unique.rsa)))
+        else:
+            size = len(bytes(unique.ecc.x))
+            unique.ecc.x = b"" if empty else bytes(size)
+            unique.ecc.y = b"" if empty else bytes(size)
+        candidates.append(public)
+    return candidates
 
 
 def _der_prefix(data: bytes) -> bytes:
