@@ -58,6 +58,7 @@ from agent.wire.envelope import (
     open_message,
 )
 from agent.wire.messages.ack import Ack
+from agent.wire.messages.attestation import AttestChallenge, AttestReport
 from agent.wire.messages.base import ID_PATTERN, Body
 from agent.wire.messages.group import (
     CommitMessage,
@@ -117,6 +118,23 @@ class KeyProvider(Protocol):
         """The leaf key whose SEC1 uncompressed public key is ``public``. Raises ``StateError``
         if it is not available."""
         ...
+
+
+@dataclass(frozen=True)
+class AttestationEvidence:
+    """What the device's TPM and firmware give for one challenge: the quote (marshalled
+    TPMS_ATTEST) over the challenge's nonce and PCRs, the AK's DER signature over it, and the
+    measured-boot event log as the firmware wrote it."""
+
+    quote: bytes
+    signature: bytes
+    event_log: bytes = field(repr=False)
+
+
+Attester = Callable[[bytes, tuple[int, ...]], AttestationEvidence]
+"""``attester(nonce, pcrs)``: quote ``pcrs`` (sha256 bank) over ``nonce`` with the AK. Raises
+``ProtocolError`` (``agent.attest.unavailable``) when it cannot; the core then refuses the
+challenge like any other message it cannot serve."""
 
 
 # -- what the core asks the caller to do --------------------------------------------------------
@@ -187,6 +205,7 @@ class AgentCore:
         rng: Rng = os.urandom,
         max_age: int = DEFAULT_MAX_AGE,
         service_id: str = SERVICE_ID,
+        attester: Attester | None = None,
     ) -> None:
         if ID_PATTERN.fullmatch(device_id) is None:
             raise ValueError("device id must be a valid id")
@@ -195,6 +214,7 @@ class AgentCore:
         self._service = Signer(service_id, service_key)
         self._service_kid = cose.key_id(service_key)
         self._keys = keys
+        self._attester = attester
         self._policy_for = policy_for
         self._rng = rng
         self.max_age = max_age
@@ -380,6 +400,8 @@ class AgentCore:
             return self._on_key_package_request(body)
         if isinstance(body, ReportRequest):
             return Outcome(publishes=[self._report()])
+        if isinstance(body, AttestChallenge):
+            return self._on_attest_challenge(body)
         raise ProtocolError("agent.type", f"a device does not take {message.type} messages")
 
     # -- handlers: each checks everything first and changes state only at its end -----------
@@ -569,6 +591,29 @@ class AgentCore:
             self._key_packages.popitem(last=False)
         message = KeyPackageMessage(key_package=key_package.encode(), command_id=body.command_id)
         return Outcome(publishes=[self._send(message)])
+
+    def _on_attest_challenge(self, body: AttestChallenge) -> Outcome:
+        """Answer with a quote over the service's nonce, the event log and the key states. The
+        answer is cached like every other (a redelivered challenge gets the same quote back,
+        which the service refuses as replayed: a fresh challenge is a fresh nonce)."""
+        if self._attester is None:
+            raise ProtocolError(
+                "agent.attest.unavailable",
+                "this agent has no AK configured (identity.ak_key): it cannot be attested",
+            )
+        evidence = self._attester(body.nonce, body.pcrs)
+        records = tuple(sorted(self.ledger, key=lambda r: r.name)[:MAX_KEYS])
+        report = AttestReport(
+            nonce=body.nonce,
+            quote=evidence.quote,
+            signature=evidence.signature,
+            pcr_bank="sha256",
+            pcrs=body.pcrs,
+            event_log=evidence.event_log,
+            keys=records,
+        )
+        log.info("attestation challenge answered (PCRs %s)", list(body.pcrs))
+        return Outcome(publishes=[self._send(report)])
 
     # -- outbound ---------------------------------------------------------------------------
 

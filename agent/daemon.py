@@ -31,8 +31,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agent.config import AgentConfig, load_config
-from agent.core import AgentCore, Outcome
-from agent.errors import ConfigError, KeyfleetError, StateError, TPMError, TransportError
+from agent.core import AgentCore, AttestationEvidence, Outcome
+from agent.errors import (
+    ConfigError,
+    KeyfleetError,
+    ProtocolError,
+    StateError,
+    TPMError,
+    TransportError,
+)
 from agent.fsio import atomic_write, shred
 from agent.hpke import serialize_public_key
 from agent.keybackend import TpmKeyBackend, policy_failed
@@ -155,11 +162,16 @@ class TpmKeys:
 
 
 def load_devid(
-    store: TPMStore, config: AgentConfig, allow_insecure: bool
+    store: TPMStore | None, config: AgentConfig, allow_insecure: bool
 ) -> ec.EllipticCurvePrivateKey:
+    """The DevID key: a TPM blob loaded into ``store``; or a software key, refused unless both
+    ``simulation.insecure_software_keys`` and ``allow_insecure`` say so (the virtual fleet,
+    firmware_sim.fleet, has no TPM and passes no store)."""
     assert config.identity is not None
     data = config.identity.devid_key.read_bytes()
     if data.lstrip().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----"):
+        if store is None:
+            raise ConfigError("identity.devid_key is a TPM key blob: it needs the device's TPM")
         return store.load_key(KeyBlob.from_pem(data))
     if not (config.simulation.insecure_software_keys and allow_insecure):
         raise ConfigError(
@@ -286,6 +298,7 @@ class Daemon:
             now=self.now(),
             policy_for=config.rotation.for_group,
             max_age=max(DEFAULT_MAX_AGE, config.broker.session_expiry),
+            attester=self._attest,
         )
         state_file = self._state.state_file
         if state_file.exists():
@@ -330,6 +343,31 @@ class Daemon:
         )
         self._mqtt.start()
 
+    def _attest(self, nonce: bytes, pcrs: tuple[int, ...]) -> AttestationEvidence:
+        """A quote by the AK (loaded for this quote only, flushed after) and the event log the
+        firmware wrote at this boot. Any failure is the agent's ``agent.attest.unavailable``
+        refusal: the service sees no report and its challenge times out, naming the device."""
+        config = self.config
+        assert config.identity is not None and self._store is not None
+        ak_path, log_path = config.identity.ak_key, config.attestation.event_log
+        if ak_path is None or log_path is None:
+            raise ProtocolError(
+                "agent.attest.unavailable",
+                "attestation needs identity.ak_key and [attestation] event_log in the config",
+            )
+        try:
+            event_log = log_path.read_bytes()
+        except OSError as exc:
+            raise ProtocolError(
+                "agent.attest.unavailable", f"event log {log_path}: {exc.strerror}"
+            ) from None
+        try:
+            with self._store.load_key(KeyBlob.load(ak_path)) as ak:
+                quote = self._store.quote(ak, nonce, pcrs)
+        except (TPMError, StateError, OSError) as exc:
+            raise ProtocolError("agent.attest.unavailable", f"quote failed: {exc}") from None
+        return AttestationEvidence(quote.attest, quote.signature, event_log)
+
     def _note_own_keys(self) -> None:
         """The DevID and the state key are in the ledger too (reports show them)."""
         core = self.core
@@ -337,6 +375,9 @@ class Daemon:
         core.set_time(self.now())
         if "devid" not in core.ledger:
             core.ledger.add("devid", KeyKind.DEVID, active=True)
+        assert self.config.identity is not None
+        if self.config.identity.ak_key is not None and "ak" not in core.ledger:
+            core.ledger.add("ak", KeyKind.AK, active=True)
         if self._state.created:
             for record in list(core.ledger):
                 if record.kind is KeyKind.STATE and record.state is not KeyState.DESTROYED:

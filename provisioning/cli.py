@@ -20,13 +20,15 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from agent.errors import ConfigError, KeyfleetError
-from agent.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
+from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from provisioning import audit, pki
 from provisioning.config import load_config
 from provisioning.operator import (
@@ -40,15 +42,17 @@ from provisioning.operator import (
     print_table,
     run_commands,
 )
+from provisioning.registry import Registry, cert_fingerprint
 from provisioning.registry.engine import (
     create_schema,
     make_engine,
     missing_tables,
     redact_url,
+    run_in_transaction,
     session_factory,
     sqlite_path,
 )
-from provisioning.registry.schema import Role
+from provisioning.registry.schema import Outcome, Role
 from provisioning.service import store
 from provisioning.service.mqtt import ServiceRunner
 from provisioning.service.operators import register_operator
@@ -213,6 +217,47 @@ def _operator_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _station_add(args: argparse.Namespace) -> int:
+    """Register a factory station: its certificate must be issued by ``[http] station_ca``
+    (the TLS layer checks that too) and its CN must be the station name."""
+    config = load_config(args.config)
+    if config.http is None:
+        raise ConfigError(f"{config.path}: no [http] table: the enrollment API is not configured")
+    try:
+        cert = pki.cert_from_pem(Path(args.cert).read_bytes())
+        station_ca = pki.cert_from_pem(config.http.station_ca.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if pki.common_name(cert) != args.name:
+        raise ConfigError(
+            f"{args.cert} is the certificate of {pki.common_name(cert)!r}, not {args.name!r}"
+        )
+    now = int(time.time())
+    pki.verify_certificate(cert, station_ca, now=datetime.fromtimestamp(now, UTC), purpose="client")
+    engine = make_engine(config.database_url)
+    fingerprint = cert_fingerprint(cert)
+
+    def work(session: Session) -> None:
+        Registry(session).add_station(args.name, cert_fingerprint=fingerprint, now=now)
+        audit.append(
+            session,
+            now=now,
+            actor=f"local:{getpass.getuser()}",
+            action="station.add",
+            target=f"station:{args.name}",
+            outcome=Outcome.ACCEPTED,
+            details={"cert": fingerprint},
+        )
+
+    try:
+        create_schema(engine)
+        run_in_transaction(session_factory(engine), work)
+    finally:
+        engine.dispose()
+    print(f"station {args.name} registered (certificate {fingerprint[:16]}…)")
+    return EXIT_OK
+
+
 def _operator_settings(args: argparse.Namespace) -> OperatorSettings:
     def pick(flag: str, env: str) -> str:
         value: str | None = getattr(args, flag) or os.environ.get(env)
@@ -239,6 +284,10 @@ def _operator_command(args: argparse.Namespace) -> int:
         commands: list[tuple[str, Command]] = []
         if args.command == "rekey":
             commands.append((f"rekey {args.group}", Rekey(client.new_command_id(), args.group)))
+        elif args.command == "attest":
+            commands.append(
+                (f"attest {args.device}", AttestDevice(client.new_command_id(), args.device))
+            )
         elif args.command == "revoke":
             commands.append(
                 (f"revoke {args.device}", Revoke(client.new_command_id(), args.device, args.reason))
@@ -282,6 +331,7 @@ def _listing(args: argparse.Namespace) -> int:
                     "attestation",
                     "last_seen",
                     "groups",
+                    "attestation_reason",
                 )
             else:
                 rows = list_groups(session)
@@ -338,6 +388,22 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     rekey = commands.add_parser("rekey", help="move a group to a fresh epoch")
     rekey.add_argument("--group", required=True)
     _add_operator_options(rekey)
+    attest = commands.add_parser(
+        "attest", help="attest a device now: exit 0 trusted, 1 untrusted or refused"
+    )
+    attest.add_argument("device")
+    _add_operator_options(attest)
+
+    station = commands.add_parser("station", help="factory stations (enrollment API)")
+    station_commands = station.add_subparsers(dest="station_command", required=True)
+    add_station = station_commands.add_parser("add", help="register a station certificate")
+    add_station.add_argument("name", help="the station name, the certificate's CN")
+    add_station.add_argument(
+        "--cert", required=True, metavar="FILE", help="issued by [http] station_ca"
+    )
+    add_station.add_argument("--config", metavar="FILE", required=True, help="configuration")
+    add_station.set_defaults(handler=_station_add)
+
     revoke = commands.add_parser("revoke", help="revoke a device (admin)")
     revoke.add_argument("device")
     revoke.add_argument("--reason")

@@ -29,6 +29,7 @@ Example (``docs/service.md`` describes every key):
     manufacturer_cas = "pki/manufacturer-cas.pem"
     golden_measurements = "policy/golden.toml"
     interval_seconds = 3600
+    quarantine = true
 
     [groups]
     commit_log_retention_epochs = 64
@@ -36,6 +37,9 @@ Example (``docs/service.md`` describes every key):
 
     [http]
     listen = "127.0.0.1:8443"
+    tls_cert = "pki/enroll-server.pem"
+    tls_key = "pki/enroll-server.key"
+    station_ca = "pki/station-ca.pem"
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ class AttestationConfig:
     manufacturer_cas: Path
     golden_measurements: Path
     interval_seconds: int
+    quarantine: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,14 @@ class ServiceRuntimeConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
+    """[http]: the enrollment API for factory stations, served by ``keyfleet serve`` (mutual
+    TLS: ``tls_cert``/``tls_key`` are the server's, ``station_ca`` issues station certificates)."""
+
     host: str
     port: int
+    tls_cert: Path
+    tls_key: Path
+    station_ca: Path
 
 
 @dataclass(frozen=True)
@@ -257,6 +268,13 @@ def _database_url(key: str, value: Any, reader: _Reader) -> str | None:
     return value
 
 
+def _boolean(key: str, value: Any, reader: _Reader) -> bool | None:
+    if not isinstance(value, bool):
+        reader.problem(key, _show(value), "true or false")
+        return None
+    return value
+
+
 def _listen(key: str, value: Any, reader: _Reader) -> tuple[str, int] | None:
     expected = "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443"
     if not isinstance(value, str):
@@ -285,12 +303,18 @@ SCHEMA: Mapping[str, Mapping[str, _Key]] = {
         "manufacturer_cas": _Key(_file()),
         "golden_measurements": _Key(_file()),
         "interval_seconds": _Key(_integer(10, 7 * 86400, " seconds"), False, 3600),
+        "quarantine": _Key(_boolean, False, False),
     },
     "groups": {
         "commit_log_retention_epochs": _Key(_integer(1, 1_000_000, " epochs"), False, 64),
         "ack_timeout_seconds": _Key(_integer(1, 86400, " seconds"), False, 30),
     },
-    "http": {"listen": _Key(_listen)},
+    "http": {
+        "listen": _Key(_listen),
+        "tls_cert": _Key(_file()),
+        "tls_key": _Key(_file(private=True)),
+        "station_ca": _Key(_file()),
+    },
     "service": {
         "signing_key": _Key(_file(private=True), required=False),
         "instance": _Key(_string, required=False, default="1"),
@@ -359,7 +383,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
             raise InternalError(f"config table [{name}] vanished after validation")
         return values
 
-    listen = section("http")["listen"] if "http" in data else None
+    http = section("http") if "http" in data else None
     return ServiceConfig(
         path=path,
         database_url=section("database")["url"],
@@ -368,7 +392,15 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         operator_ca_cert=section("operator_ca")["cert"],
         attestation=AttestationConfig(**section("attestation")),
         groups=GroupsConfig(**section("groups")),
-        http=None if listen is None else HttpConfig(host=listen[0], port=listen[1]),
+        http=None
+        if http is None
+        else HttpConfig(
+            host=http["listen"][0],
+            port=http["listen"][1],
+            tls_cert=http["tls_cert"],
+            tls_key=http["tls_key"],
+            station_ca=http["station_ca"],
+        ),
         service=ServiceRuntimeConfig(**section("service")),
     )
 

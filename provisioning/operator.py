@@ -36,7 +36,7 @@ from agent.errors import ConfigError, ProtocolError
 from agent.mqtt import MqttClient
 from agent.wire.cose import key_id
 from agent.wire.envelope import Signer, encode_message, open_message
-from agent.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
+from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from agent.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import pki
 from provisioning.registry import Registry
@@ -50,7 +50,7 @@ EXIT_TIMEOUT = 3
 FINAL = frozenset(
     {ResultStatus.DONE, ResultStatus.FAILED, ResultStatus.REJECTED, ResultStatus.TIMEOUT}
 )
-Command = Rekey | Revoke | GroupCreate | GroupAdd
+Command = Rekey | Revoke | GroupCreate | GroupAdd | AttestDevice
 
 
 @dataclass(frozen=True)
@@ -308,6 +308,8 @@ def list_devices(session: Session) -> list[dict[str, object]]:
                 "attestation": None
                 if device.attestation_result is None
                 else device.attestation_result.value,
+                "attested_at": device.attested_at,
+                "attestation_reason": device.attestation_reason,
                 "last_seen": device.last_seen,
                 "groups": groups,
             }

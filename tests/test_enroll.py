@@ -644,6 +644,9 @@ manufacturer_cas = "{d / "mfr.pem"}"
 golden_measurements = "{d / "golden.toml"}"
 [http]
 listen = "127.0.0.1:8443"
+tls_cert = "{d / "service.pem"}"
+tls_key = "{d / "service.key"}"
+station_ca = "{d / "operator-ca.pem"}"
 """
     )
     settings = EnrollmentSettings.from_service_config(

@@ -21,6 +21,9 @@ FILES = {
     "pki/operator-ca.pem": 0o644,
     "pki/manufacturer-cas.pem": 0o644,
     "policy/golden.toml": 0o644,
+    "pki/enroll.pem": 0o644,
+    "pki/enroll.key": 0o600,
+    "pki/station-ca.pem": 0o644,
 }
 
 SECTIONS = {
@@ -36,7 +39,10 @@ SECTIONS = {
         'golden_measurements = "policy/golden.toml"\ninterval_seconds = 600\n'
     ),
     "groups": "[groups]\ncommit_log_retention_epochs = 16\nack_timeout_seconds = 20\n",
-    "http": '[http]\nlisten = "127.0.0.1:8443"\n',
+    "http": (
+        '[http]\nlisten = "127.0.0.1:8443"\ntls_cert = "pki/enroll.pem"\n'
+        'tls_key = "pki/enroll.key"\nstation_ca = "pki/station-ca.pem"\n'
+    ),
 }
 GOOD = "\n".join(SECTIONS.values())
 
@@ -147,7 +153,8 @@ def test_missing_required_keys_and_tables(config_dir: Path) -> None:
     assert found["http.listen"] == ("<missing>", "this key to be set")  # [http] given, so needed
     assert found["[attestation]"] == (
         "<missing>",
-        "a [attestation] table with manufacturer_cas, golden_measurements, interval_seconds",
+        "a [attestation] table with manufacturer_cas, golden_measurements, interval_seconds, "
+        "quarantine",
     )
     assert found["[operator_ca]"] == ("<missing>", "a [operator_ca] table with cert")
     assert len(found) == 4

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt import MqttClient
+from firmware_sim.boot import default_components
 from provisioning import pki
+from provisioning.policy import policy_from_components, write_policy
 from provisioning.registry import create_schema, make_engine, session_factory
 from provisioning.service.core import device_cmd_topic
 from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
@@ -121,7 +123,7 @@ def deployment(
     write_pem(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
     write_pem(files / "operator-ca.pem", pki.cert_to_pem(operator_ca.certificate))
     write_pem(files / "manufacturers.pem", pki.cert_to_pem(device_ca.certificate))
-    (files / "golden.toml").write_text("# not used by the delivery service\n")
+    write_policy(policy_from_components(default_components("1.0")), files / "golden.toml")
     db = tmp_path / "fleet.db"
     config = tmp_path / "keyfleet.toml"
     config.write_text(

@@ -34,6 +34,17 @@ not being removed; among those, devices heard from within ``online_window`` seco
 (most recent first). If the chosen committer does not answer within ``commit_request_timeout``
 seconds, the request goes to the next candidate.
 
+- **Attests** devices (with ``AttestationSettings``): challenges (``attest.challenge``, a fresh
+  nonce over the golden policy's PCRs) on a schedule from ``tick`` and on an operator's
+  ``op.attest``; an ``attest.report`` is checked by ``provisioning.attestation.verify_evidence``
+  against the AK registered at enrollment and the policy, and the verdict (with the failing
+  check and component) is recorded, audited and told to the operator who asked. Open nonces are
+  in the database (``store.issue_challenge``/``consume_challenge``). With ``quarantine`` on, an
+  untrusted device is quarantined and removed from all its groups by commits of other members
+  (the revocation's removal path); its later reports are refused (``ds.device.quarantined``)
+  except attestation reports, and a later trusted verdict makes it ``active`` again without
+  re-adding it anywhere (an operator runs ``keyfleet group add``).
+
 In-flight jobs live in memory (one instance); on start the service re-queues the removals the
 registry still has pending (revocations must finish). Commit ordering, acks, replay state and the
 audit chain are in the database.
@@ -60,6 +71,7 @@ from agent.hpke import Rng, serialize_public_key
 from agent.mls import codec
 from agent.mls.messages import Commit, KeyPackage, Welcome
 from agent.mls.public import PublicGroup
+from agent.tpm.attest import public_key_from_area
 from agent.wire.cose import key_id
 from agent.wire.envelope import (
     KeyResolver,
@@ -69,7 +81,7 @@ from agent.wire.envelope import (
     open_message,
 )
 from agent.wire.messages.ack import Ack as AckBody
-from agent.wire.messages.attestation import AttestReport
+from agent.wire.messages.attestation import AttestChallenge, AttestReport
 from agent.wire.messages.base import Body
 from agent.wire.messages.group import (
     CommitMessage,
@@ -90,7 +102,15 @@ from agent.wire.messages.service import (
 )
 from agent.wire.rejections import Rejections, is_benign
 from provisioning import audit, pki
+from provisioning.attestation import (
+    AttestationRefused,
+    AttestationVerdict,
+    Evidence,
+    verify_evidence,
+)
+from provisioning.policy import GoldenPolicy
 from provisioning.registry import (
+    AttestationResult,
     DeviceRecord,
     DeviceState,
     KeyStateReport,
@@ -126,6 +146,9 @@ REQUIRED_ROLE: Final[dict[str, Role]] = {
 }
 _GROUP_ELIGIBLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE})
 _REFUSED_DEVICE_STATES = frozenset({DeviceState.REVOKED, DeviceState.DESTROYED})
+_ATTESTABLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE, DeviceState.QUARANTINED})
+ATTEST_SCAN_SECONDS: Final = 5
+NONCE_SIZE: Final = 32
 
 
 def device_cmd_topic(device_id: str) -> str:
@@ -168,6 +191,19 @@ class ServiceSettings:
     device_max_age: int = 86_400
     catchup_grace: int = 5
     catchup_repeat: int = 30
+
+
+@dataclass(frozen=True)
+class AttestationSettings:
+    """Runtime attestation (the configuration's [attestation] table): the golden policy, how
+    often each device is challenged, whether an untrusted device is quarantined, how long a
+    challenge stays answerable and how many may be open per device."""
+
+    policy: GoldenPolicy
+    interval: int = 3600
+    quarantine: bool = False
+    nonce_ttl: int = 300
+    max_open: int = 4
 
 
 class JobState(StrEnum):
@@ -221,6 +257,17 @@ class Operation:
     last_sent: tuple[object, ...] = ()
 
 
+@dataclass(eq=False)
+class _AttestOperation:
+    """An operator's ``op.attest`` waiting for the device's report."""
+
+    command_id: bytes = field(repr=False)
+    operator: str
+    device_id: str
+    nonce: bytes = field(repr=False)
+    deadline: int
+
+
 @dataclass(frozen=True)
 class _HeldCommit:
     """A valid commit that adds members, held until its Welcome arrives (both are accepted
@@ -255,9 +302,11 @@ class DeliveryService:
         signing_key: ec.EllipticCurvePrivateKey,
         operator_ca: x509.Certificate,
         settings: ServiceSettings | None = None,
+        attestation: AttestationSettings | None = None,
         rng: Rng = os.urandom,
     ) -> None:
         self._sessions = sessions
+        self.attestation = attestation
         self._key = signing_key
         self._operator_ca = operator_ca
         self.settings = settings if settings is not None else ServiceSettings()
@@ -274,6 +323,10 @@ class DeliveryService:
         self._catchup_sent: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._readding: set[tuple[str, str]] = set()
         self._started = False
+        self._started_at = 0
+        self._attest_ops: dict[bytes, _AttestOperation] = {}
+        self._challenged: dict[str, int] = {}
+        self._next_attest_scan = 0
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -326,6 +379,7 @@ class DeliveryService:
                 and now - operation.last_progress >= self.settings.ack_timeout
             ):
                 self._time_out(operation, now)
+        self._attest_tick(now)
         return self._flush()
 
     def queue_length(self, group_id: str) -> int:
@@ -365,6 +419,7 @@ class DeliveryService:
         if self._started:
             return
         self._started = True
+        self._started_at = now
 
         def pending_removals(session: Session) -> list[tuple[str, str]]:
             registry = Registry(session)
@@ -512,6 +567,15 @@ class DeliveryService:
         sender = message.sender
         if isinstance(body, DeviceDestroyed):
             return self._on_device_destroyed(session, sender, body, now)
+        if isinstance(body, AttestReport):
+            return self._on_attest_report(session, sender, body, message, now)
+        if Registry(session).device(sender).state is DeviceState.QUARANTINED:
+            # Like a revoked device's, except attestation reports: a device whose firmware was
+            # fixed can prove it and become active again (it is not re-added automatically).
+            raise ProtocolError(
+                "ds.device.quarantined",
+                f"device {sender!r} is quarantined: only attestation reports are taken",
+            )
         if isinstance(body, KeyStateBody):
             return self._on_key_states(session, sender, body, message, now)
         if isinstance(body, KeyPackageMessage):
@@ -526,11 +590,6 @@ class DeliveryService:
             return self._on_ack(session, sender, body, now)
         if isinstance(body, UpdateRequest):
             return self._on_update_request(session, sender, body, now)
-        if isinstance(body, AttestReport):
-            # The attestation verifier is its own component; the delivery service only notes
-            # that the device is alive.
-            log.info("attestation report from %s: not verified by the delivery service", sender)
-            return None
         raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
 
     def _on_key_states(
@@ -1203,23 +1262,9 @@ class DeliveryService:
                 reason=body.reason or f"revoked by {operator}",
                 now=now,
             )
-            for member in registry.groups_of(body.device_id):
-                registry.request_remove(member.group_id, body.device_id, now=now)
-                if member.leaf_index is not None:
-                    jobs.append(
-                        Job(
-                            CommitAction.REMOVE,
-                            member.group_id,
-                            body.device_id,
-                            self._new_id(),
-                            persistent=True,
-                        )
-                    )
-                    groups.add(member.group_id)
+            jobs, groups = self._plan_removal(registry, body.device_id, now)
         elif isinstance(body, AttestDevice):
-            raise ProtocolError(
-                "op.unsupported", "attestation on demand is not handled by the delivery service"
-            )
+            return self._dispatch_attest(session, operator, body, command_id, now)
         else:  # pragma: no cover - REQUIRED_ROLE lists exactly the types above
             raise ProtocolError("op.type", f"{message.type} is not an operator command")
         store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
@@ -1267,9 +1312,329 @@ class DeliveryService:
 
         return post
 
+    def _plan_removal(
+        self, registry: Registry, device_id: str, now: int
+    ) -> tuple[list[Job], set[str]]:
+        """Mark ``device_id`` pending removal in every group it is in (pending adds are
+        withdrawn) and make one persistent remove job per group where it holds a leaf: the
+        revocation's and the quarantine's path out of the groups. The caller enqueues the jobs
+        after its transaction committed (and cancels queued adds of the device)."""
+        jobs: list[Job] = []
+        groups: set[str] = set()
+        for member in registry.groups_of(device_id):
+            registry.request_remove(member.group_id, device_id, now=now)
+            if member.leaf_index is not None:
+                jobs.append(
+                    Job(
+                        CommitAction.REMOVE,
+                        member.group_id,
+                        device_id,
+                        self._new_id(),
+                        persistent=True,
+                    )
+                )
+                groups.add(member.group_id)
+        return jobs, groups
+
     def _pending_create(self, group_id: str) -> bool:
         queue = self._queues.get(group_id)
         return queue is not None and any(j.action is CommitAction.CREATE for j in queue)
+
+    # -- attestation ---------------------------------------------------------------------------
+
+    def _issue_challenge(self, session: Session, device_id: str, now: int) -> AttestChallenge:
+        settings = self.attestation
+        assert settings is not None
+        challenge = store.issue_challenge(
+            session,
+            device_id,
+            self._rng(NONCE_SIZE),
+            settings.policy.pcrs,
+            now=now,
+            ttl=settings.nonce_ttl,
+            max_open=settings.max_open,
+        )
+        return AttestChallenge(challenge.nonce, challenge.pcrs)
+
+    def challenge(self, device_id: str, now: int) -> list[Publish]:
+        """Challenge ``device_id`` now (what the schedule and ``op.attest`` do); returns the
+        publish. Raises ``ProtocolError`` if the device cannot be attested."""
+        self._ensure_started(now)
+        self._challenge(device_id, now)
+        return self._flush()
+
+    def _challenge(self, device_id: str, now: int) -> None:
+        def work(session: Session) -> AttestChallenge:
+            self._check_attestable(Registry(session), device_id)
+            return self._issue_challenge(session, device_id, now)
+
+        body = self._tx(work)
+        self._challenged[device_id] = now
+        self._send(device_cmd_topic(device_id), body, to=device_id, now=now)
+
+    def _check_attestable(self, registry: Registry, device_id: str) -> DeviceRecord:
+        if self.attestation is None:
+            raise ProtocolError("op.unsupported", "attestation is not configured")
+        device = registry.device(device_id)
+        if device.state not in _ATTESTABLE:
+            raise ProtocolError(
+                "attest.device.state", f"device {device_id!r} is {device.state.value}"
+            )
+        if device.ak_public is None:
+            raise ProtocolError(
+                "attest.device.ak", f"device {device_id!r} has no AK registered: not attestable"
+            )
+        return device
+
+    def _dispatch_attest(
+        self, session: Session, operator: str, body: AttestDevice, command_id: bytes, now: int
+    ) -> Post:
+        registry = Registry(session)
+        self._check_attestable(registry, body.device_id)
+        challenge = self._issue_challenge(session, body.device_id, now)
+        store.record_command(session, command_id, operator=operator, type_=body.TYPE, now=now)
+        audit.append(
+            session,
+            now=now,
+            actor=f"operator:{operator}",
+            action=body.TYPE,
+            target=body.device_id,
+            outcome=Outcome.ACCEPTED,
+            details={"command_id": command_id.hex()},
+        )
+
+        def post() -> None:
+            deadline = now + self.settings.ack_timeout
+            self._attest_ops[challenge.nonce] = _AttestOperation(
+                command_id, operator, body.device_id, challenge.nonce, deadline
+            )
+            self._challenged[body.device_id] = now
+            log.info("attestation of %s requested by %s: challenge sent", body.device_id, operator)
+            self._send(
+                operator_result_topic(operator),
+                OperatorResult(
+                    command_id,
+                    ResultStatus.ACCEPTED,
+                    f"challenge sent to {body.device_id}",
+                    (),
+                    (body.device_id,),
+                ),
+                to=operator,
+                now=now,
+            )
+            self._send(device_cmd_topic(body.device_id), challenge, to=body.device_id, now=now)
+
+        return post
+
+    def _on_attest_report(
+        self,
+        session: Session,
+        sender: str,
+        body: AttestReport,
+        message: VerifiedMessage,
+        now: int,
+    ) -> Post:
+        """Verify a report against the challenge it answers; record, audit, maybe quarantine.
+        A report that answers no open challenge of this device (unknown, replayed, expired
+        nonce) is refused and changes nothing; any other failure is an untrusted verdict."""
+        settings = self.attestation
+        if settings is None:
+            raise ProtocolError("op.unsupported", "attestation is not configured")
+        registry = Registry(session)
+        device = registry.device(sender)
+        challenge = store.consume_challenge(session, sender, body.nonce, now=now)
+        if device.ak_public is None:
+            raise ProtocolError("attest.device.ak", f"device {sender!r} has no AK registered")
+        try:
+            verdict = verify_evidence(
+                Evidence.from_report(body),
+                ak_public=public_key_from_area(device.ak_public),
+                challenge=challenge,
+                policy=settings.policy,
+            )
+        except AttestationRefused as refused:
+            verdict = refused.verdict
+        registry.record_attestation(
+            sender,
+            AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED,
+            reason=verdict.summary,
+            now=now,
+        )
+        items = [
+            KeyStateReport(key_name=record.name, state=state, at=at)
+            for record in body.keys
+            for state, at in record.transitions
+        ]
+        keys_note: str | None = None
+        try:
+            registry.record_report(sender, message.message_id, items, now=now)
+        except ProtocolError as err:
+            # record_report checks everything before changing anything: the verdict stands
+            keys_note = f"[{err.check}] {err.reason}"
+        audit.append(
+            session,
+            now=now,
+            actor=f"device:{sender}",
+            action="attest.verdict",
+            target=sender,
+            outcome=Outcome.ACCEPTED,
+            reason=verdict.summary[:1000],
+            details={
+                "result": "trusted" if verdict.trusted else "untrusted",
+                "check": verdict.check,
+                "component": verdict.failing_component,
+                "keys": keys_note,
+            },
+        )
+        jobs: list[Job] = []
+        groups: set[str] = set()
+        change = ""
+        if not verdict.trusted and settings.quarantine and device.state in _GROUP_ELIGIBLE:
+            registry.set_device_state(
+                sender,
+                DeviceState.QUARANTINED,
+                reason=f"attestation: {verdict.summary}"[:1000],
+                now=now,
+            )
+            jobs, groups = self._plan_removal(registry, sender, now)
+            audit.append(
+                session,
+                now=now,
+                actor="service",
+                action="device.quarantine",
+                target=sender,
+                outcome=Outcome.ACCEPTED,
+                reason=verdict.summary[:1000],
+                details={
+                    "groups": ",".join(sorted(groups)),
+                    "component": verdict.failing_component,
+                },
+            )
+            change = "quarantined" + (
+                f"; removal from {', '.join(sorted(groups))} queued" if groups else ""
+            )
+        elif verdict.trusted and device.state in (DeviceState.REGISTERED, DeviceState.QUARANTINED):
+            registry.set_device_state(
+                sender, DeviceState.ACTIVE, reason="attestation: trusted", now=now
+            )
+            audit.append(
+                session,
+                now=now,
+                actor="service",
+                action="device.activate",
+                target=sender,
+                outcome=Outcome.ACCEPTED,
+                reason=f"was {device.state.value}; attestation trusted",
+                details={},
+            )
+            change = "active" + (
+                " (not re-added to any group: `keyfleet group add`)"
+                if device.state is DeviceState.QUARANTINED
+                else ""
+            )
+
+        def post() -> None:
+            log.info(
+                "attestation of %s: %s %s%s",
+                sender,
+                "trusted" if verdict.trusted else "UNTRUSTED",
+                verdict.summary,
+                f" -> {change}" if change else "",
+            )
+            if jobs:
+                self._cancel_adds_of(sender, now)
+                for job in jobs:
+                    self._enqueue(job, now)
+            operation = self._attest_ops.pop(challenge.nonce, None)
+            if operation is not None:
+                self._attest_result(operation, verdict, change, now)
+
+        return post
+
+    def _attest_result(
+        self, operation: _AttestOperation, verdict: AttestationVerdict, change: str, now: int
+    ) -> None:
+        word = "trusted" if verdict.trusted else "untrusted"
+        detail = f"{operation.device_id} {word}: {verdict.summary}"
+        if change:
+            detail += f"; {change}"
+        status = ResultStatus.DONE if verdict.trusted else ResultStatus.FAILED
+        self._attest_finish(operation, status, detail, now, acked=(operation.device_id,))
+
+    def _attest_finish(
+        self,
+        operation: _AttestOperation,
+        status: ResultStatus,
+        detail: str,
+        now: int,
+        *,
+        acked: Sequence[str] = (),
+        pending: Sequence[str] = (),
+    ) -> None:
+        self._send(
+            operator_result_topic(operation.operator),
+            OperatorResult(
+                operation.command_id, status, detail[:1000], tuple(acked), tuple(pending)
+            ),
+            to=operation.operator,
+            now=now,
+        )
+        audit.record(
+            self._sessions,
+            now=now,
+            actor="service",
+            action=f"{AttestDevice.TYPE}.result",
+            target=operation.device_id,
+            outcome=Outcome.ACCEPTED,
+            reason=f"{status.value}: {detail}"[:1000],
+            details={"command_id": operation.command_id.hex(), "operator": operation.operator},
+        )
+
+    def _attest_tick(self, now: int) -> None:
+        """Operator attestations that got no report in time end in ``timeout``; every
+        ``ATTEST_SCAN_SECONDS`` the schedule challenges the devices that are due."""
+        for nonce, operation in list(self._attest_ops.items()):
+            if now >= operation.deadline:
+                del self._attest_ops[nonce]
+                self._attest_finish(
+                    operation,
+                    ResultStatus.TIMEOUT,
+                    f"no attestation report from {operation.device_id} within "
+                    f"{self.settings.ack_timeout}s",
+                    now,
+                    pending=(operation.device_id,),
+                )
+        if self.attestation is None or now < self._next_attest_scan:
+            return
+        self._next_attest_scan = now + ATTEST_SCAN_SECONDS
+        interval = self.attestation.interval
+
+        def due(session: Session) -> list[str]:
+            store.forget_challenges(session, now=now)
+            found = []
+            for device in Registry(session).devices():
+                if device.state not in _ATTESTABLE or device.ak_public is None:
+                    continue
+                heard = max(self._last_heard.get(device.device_id, -1), device.last_seen or -1)
+                if heard < now - self.settings.online_window:
+                    continue  # offline: the challenge would expire in its session queue
+                # A device never attested is due at once; otherwise one interval after its
+                # last verdict or challenge (or after this service started).
+                last = self._challenged.get(device.device_id)
+                if device.attested_at is not None:
+                    last = max(last or 0, device.attested_at, self._started_at)
+                if last is not None and now - last < interval:
+                    continue
+                found.append(device.device_id)
+            return found
+
+        for device_id in self._tx(due):
+            try:
+                self._challenge(device_id, now)
+            except ProtocolError as err:
+                log.warning("could not challenge %s: [%s] %s", device_id, err.check, err.reason)
+            else:
+                log.info("scheduled attestation: challenged %s", device_id)
 
     # -- jobs ----------------------------------------------------------------------------------
 

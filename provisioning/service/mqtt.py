@@ -11,6 +11,11 @@ The service's MQTT identity is its client certificate (CN ``keyfleet-service``);
 is ``keyfleet-service-<instance>`` so several instances may share the certificate. It signs its
 envelopes with ``[service] signing_key`` (default: the MQTT client key), whose certificate the
 devices hold as ``fleet.service_cert``.
+
+With ``[http]`` configured the same process serves the enrollment API for factory stations
+(``provisioning.http``: uvicorn in a thread, mutual TLS) on the same database; ``run`` stops it
+with the MQTT loop. The golden-measurements policy (``[attestation] golden_measurements``) is
+loaded at start: a bad policy file is a configuration error, not a surprise at the first report.
 """
 
 from __future__ import annotations
@@ -27,11 +32,15 @@ from agent.mqtt import MqttClient
 from agent.wire.cose import key_id
 from provisioning import pki
 from provisioning.config import ServiceConfig
+from provisioning.enroll import Enrollment, EnrollmentSettings
+from provisioning.http import EnrollmentServer, build_app, start_enrollment_server
+from provisioning.policy import load_policy
 from provisioning.registry import create_schema, make_engine, session_factory
 from provisioning.service import store
 from provisioning.service.core import (
     OPS_SUBSCRIPTION,
     REPORT_SUBSCRIPTION,
+    AttestationSettings,
     DeliveryService,
     Publish,
     ServiceSettings,
@@ -52,11 +61,23 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
     )
 
 
+def attestation_from(config: ServiceConfig) -> AttestationSettings:
+    return AttestationSettings(
+        policy=load_policy(config.attestation.golden_measurements),
+        interval=config.attestation.interval_seconds,
+        quarantine=config.attestation.quarantine,
+    )
+
+
 class ServiceRunner:
-    """``keyfleet serve``: database, service core and MQTT client, wired together."""
+    """``keyfleet serve``: database, service core and MQTT client, wired together; the
+    enrollment API too when ``[http]`` is configured."""
 
     def __init__(self, config: ServiceConfig, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
+        self.config = config
+        self.http: EnrollmentServer | None = None
+        attestation = attestation_from(config)
         self._engine = make_engine(config.database_url)
         create_schema(self._engine)
         store.create_service_schema(self._engine)
@@ -68,6 +89,7 @@ class ServiceRunner:
             signing_key=signing_key,
             operator_ca=operator_ca,
             settings=settings_from(config),
+            attestation=attestation,
         )
         self.client_id = f"keyfleet-service-{config.service.instance}"
         self.client = MqttClient(
@@ -96,6 +118,7 @@ class ServiceRunner:
         """Serve until ``stop`` is set; then disconnect cleanly (the broker keeps the session
         and queues what arrives meanwhile)."""
         try:
+            self._start_http()
             self.client.connect()
             self.client.subscribe(REPORT_SUBSCRIPTION)
             self.client.subscribe(OPS_SUBSCRIPTION)
@@ -123,7 +146,27 @@ class ServiceRunner:
         finally:
             self.close()
 
+    def _start_http(self) -> None:
+        http = self.config.http
+        if http is None:
+            return
+        enrollment = Enrollment(
+            EnrollmentSettings.from_service_config(self.config), session_factory(self._engine)
+        )
+        self.http = start_enrollment_server(
+            build_app(enrollment, clock=self._clock),
+            server_cert=http.tls_cert,
+            server_key=http.tls_key,
+            station_ca=http.station_ca,
+            host=http.host,
+            port=http.port,
+        )
+        log.info("keyfleet serve: enrollment API on %s (mutual TLS)", self.http.url)
+
     def close(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         self.client.close()
         self._engine.dispose()
         log.info("keyfleet serve: stopped")
