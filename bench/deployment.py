@@ -1,0 +1,266 @@
+"""A local keyfleet installation for the benchmarks: PKI, Mosquitto (mutual TLS, the product
+ACL), ``keyfleet serve`` as a subprocess, one admin operator, and a fleet configuration for
+``firmware_sim.fleet``. Everything lives in one temporary directory; processes are stopped by
+their PIDs.
+
+The same parts and the same steps as tests/test_service_mqtt.py (docs/service.md "A
+deployment"), outside pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from firmware_sim.boot import default_components
+from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
+from provisioning import pki
+from provisioning.operator import OperatorSettings
+from provisioning.policy import policy_from_components, write_policy
+
+OPERATOR = "op-bench"
+SERVE_START_TIMEOUT = 30.0
+
+
+@dataclass
+class Deployment:
+    workdir: Path
+    broker: Mosquitto
+    service: subprocess.Popen[bytes]
+    service_config: Path
+    service_log: Path
+    fleet_config: Path
+    db_url: str
+    operator: OperatorSettings
+
+    def service_rss_kb(self) -> int:
+        return _rss_kb(self.service.pid)
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    path.write_bytes(data)
+    if private:
+        os.chmod(path, 0o600)
+    return path
+
+
+@contextlib.contextmanager
+def deployment(
+    workdir: Path,
+    *,
+    ack_timeout: int = 120,
+    commit_request_timeout: int = 10,
+    tcp_nodelay: bool = False,
+    profile: Path | None = None,
+) -> Iterator[Deployment]:
+    """Start broker and service in ``workdir``; stop both on exit."""
+    now = datetime.now(UTC)
+    valid = timedelta(days=2)
+    files = workdir / "pki"
+    files.mkdir(parents=True)
+    broker_ca = pki.create_ca("bench broker CA", now=now, valid_for=valid)
+    device_ca = pki.create_ca("bench device CA", now=now, valid_for=valid)
+    operator_ca = pki.create_ca("bench operator CA", now=now, valid_for=valid)
+    server_key = pki.generate_key()
+    server_cert = pki.issue_server_cert(
+        broker_ca,
+        server_key.public_key(),
+        common_name="mosquitto",
+        dns_names=["localhost"],
+        ip_addresses=["127.0.0.1"],
+        now=now,
+        valid_for=valid,
+    )
+    service_key = pki.generate_key()
+    service_cert = pki.issue_client_cert(
+        broker_ca,
+        service_key.public_key(),
+        identity=SERVICE_IDENTITY,
+        role="service",
+        now=now,
+        valid_for=valid,
+    )
+    op_key = pki.generate_key()
+    op_cert = pki.issue_client_cert(
+        operator_ca, op_key.public_key(), identity=OPERATOR, role="admin", now=now, valid_for=valid
+    )
+    _write(files / "broker-ca.pem", pki.cert_to_pem(broker_ca.certificate))
+    _write(files / "server.pem", pki.cert_to_pem(server_cert))
+    _write(files / "server.key", pki.key_to_pem(server_key), private=True)
+    _write(files / "service.pem", pki.cert_to_pem(service_cert))
+    _write(files / "service.key", pki.key_to_pem(service_key), private=True)
+    _write(files / "device-ca.pem", pki.cert_to_pem(device_ca.certificate))
+    _write(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
+    _write(files / "operator-ca.pem", pki.cert_to_pem(operator_ca.certificate))
+    _write(files / "manufacturers.pem", pki.cert_to_pem(device_ca.certificate))
+    _write(files / "op.pem", pki.cert_to_pem(op_cert))
+    _write(files / "op.key", pki.key_to_pem(op_key), private=True)
+    write_policy(policy_from_components(default_components("1.0")), files / "golden.toml")
+
+    broker = Mosquitto(
+        workdir / "mosquitto",
+        server_cert=files / "server.pem",
+        server_key=files / "server.key",
+        ca_file=files / "broker-ca.pem",
+        client_ca_certs=(
+            broker_ca.certificate,
+            device_ca.certificate,
+            operator_ca.certificate,
+        ),
+        log_types=("error", "warning"),
+        probe=(files / "service.pem", files / "service.key"),
+    )
+    db = workdir / "fleet.db"
+    db_url = f"sqlite:///{db}"
+    config = workdir / "keyfleet.toml"
+    config.write_text(
+        f"""
+[database]
+url = "{db_url}"
+
+[broker]
+host = "{broker.host}"
+port = {broker.port}
+ca = "pki/broker-ca.pem"
+client_cert = "pki/service.pem"
+client_key = "pki/service.key"
+
+[device_ca]
+cert = "pki/device-ca.pem"
+key = "pki/device-ca.key"
+
+[operator_ca]
+cert = "pki/operator-ca.pem"
+
+[attestation]
+manufacturer_cas = "pki/manufacturers.pem"
+golden_measurements = "pki/golden.toml"
+
+[groups]
+ack_timeout_seconds = {ack_timeout}
+commit_log_retention_epochs = 64
+
+[service]
+instance = "bench"
+commit_request_timeout_seconds = {commit_request_timeout}
+"""
+    )
+    fleet_config = workdir / "fleet.toml"
+    fleet_config.write_text(
+        f"""
+[fleet]
+dir = "fleet"
+id_prefix = "dev-sim-"
+service_cert = "pki/service.pem"
+
+[broker]
+host = "{broker.host}"
+port = {broker.port}
+ca = "pki/broker-ca.pem"
+
+[device_ca]
+cert = "pki/device-ca.pem"
+key = "pki/device-ca.key"
+
+[registry]
+url = "{db_url}"
+
+[simulation]
+insecure_software_keys = true
+"""
+    )
+    if tcp_nodelay:
+        with open(broker.config_file, "a") as conf:
+            conf.write("set_tcp_nodelay true\n")
+    broker.start()
+    service: subprocess.Popen[bytes] | None = None
+    log = workdir / "serve.log"
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "provisioning.cli", "db", "init", "--config", str(config)],
+            cwd=workdir,
+            check=True,
+            capture_output=True,
+        )
+        added = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "provisioning.cli",
+                "operator",
+                "add",
+                OPERATOR,
+                "--cert",
+                "pki/op.pem",
+                "--config",
+                str(config),
+            ],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if added.returncode != 0:
+            raise RuntimeError(f"keyfleet operator add failed: {added.stderr}")
+        with open(log, "wb") as sink:
+            service = subprocess.Popen(
+                [
+                    sys.executable,
+                    *(["-m", "cProfile", "-o", str(profile)] if profile is not None else []),
+                    "-m",
+                    "provisioning.cli",
+                    "serve",
+                    "--config",
+                    str(config),
+                ],
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=sink,
+            )
+        deadline = time.monotonic() + SERVE_START_TIMEOUT
+        while b"ready" not in log.read_bytes():
+            if service.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"keyfleet serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        yield Deployment(
+            workdir=workdir,
+            broker=broker,
+            service=service,
+            service_config=config,
+            service_log=log,
+            fleet_config=fleet_config,
+            db_url=db_url,
+            operator=OperatorSettings(
+                host=broker.host,
+                port=broker.port,
+                ca=files / "broker-ca.pem",
+                cert=files / "op.pem",
+                key=files / "op.key",
+                service_cert=files / "service.pem",
+            ),
+        )
+    finally:
+        if service is not None and service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+            try:
+                service.wait(15)
+            except subprocess.TimeoutExpired:
+                service.kill()
+                service.wait(5)
+        broker.stop()
