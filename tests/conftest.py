@@ -8,7 +8,7 @@ import os
 import pytest
 from hypothesis import settings
 
-pytest_plugins = ["tests.fixtures.swtpm", "tests.fixtures.mosquitto"]
+pytest_plugins = ["tests.fixtures.swtpm", "tests.fixtures.mosquitto", "tests.fixtures.fleet"]
 
 TIERS = ("pure", "tpm", "broker", "e2e")
 

@@ -55,8 +55,10 @@ from typing import Any, TypeVar
 from cryptography import x509
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.config import load_config as load_agent_config
 from agent.errors import KeyfleetError, StateError
 from agent.localapi.client import LocalApiClient
+from agent.mqtt import MqttClient
 from agent.secret import Secret
 from agent.serial_link import SerialClient
 from agent.statefile import StateFile
@@ -65,6 +67,7 @@ from agent.tpm.store import TPMStore
 from firmware_sim.boot import default_components
 from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
 from firmware_sim.swtpm import ensure_manufacturer_ca, pid_alive, provision, tpm_command
+from provisioning import audit as audit_log
 from provisioning import pki
 from provisioning.config import load_config
 from provisioning.enroll import Enrollment, EnrollmentSettings
@@ -107,7 +110,7 @@ class LabError(StateError):
         self.problem = problem
 
 
-def _tail(path: Path, chars: int = LOG_TAIL) -> str:
+def tail_of(path: Path, chars: int = LOG_TAIL) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
     except OSError:
@@ -133,13 +136,13 @@ def _wait(
             return value
         if alive is not None and not alive():
             raise LabError(
-                component, f"exited while waiting for {what}", _tail(log_path) if log_path else ""
+                component, f"exited while waiting for {what}", tail_of(log_path) if log_path else ""
             )
         if time.monotonic() >= deadline:
             raise LabError(
                 component,
                 f"no {what} within {timeout:g} s",
-                _tail(log_path) if log_path else "",
+                tail_of(log_path) if log_path else "",
             )
         time.sleep(interval)
 
@@ -385,8 +388,8 @@ class LabDevice:
 
     def log_tail(self) -> str:
         return (
-            f"{_tail(self.log_path, LOG_TAIL // 2)}\n----- agent.log -----\n"
-            f"{_tail(self.agent_log, LOG_TAIL)}"
+            f"{tail_of(self.log_path, LOG_TAIL // 2)}\n----- agent.log -----\n"
+            f"{tail_of(self.agent_log, LOG_TAIL)}"
         )
 
 
@@ -930,6 +933,32 @@ online_window_seconds = {self.online_window}
             raise LabError(device.name, "has no agent")
         _stop_pid(pid, sig=signal.SIGKILL if kill else signal.SIGTERM)
 
+    def drop_session(self, device: LabDevice) -> None:
+        """Make the broker forget the device's persistent session and the commands queued in it
+        (what an expired session or a broker that lost its persistence looks like): connect once
+        with the device's own TLS identity and client id, clean start, session expiry 0. The
+        agent must not be connected (``stop_agent`` first); anything it missed must then come
+        from the service's catch-up."""
+        if device.agent_running:
+            raise LabError(device.name, "stop its agent before dropping its session")
+        assert self.broker is not None
+        config = load_agent_config(device.agent_config, require_provisioned=True)
+        assert config.identity is not None and config.broker is not None
+        client = MqttClient(
+            host=self.broker.host,
+            port=self.broker.port,
+            ca_file=config.broker.ca.path,
+            cert_file=config.identity.tls_cert.path,
+            key_file=config.identity.tls_key,
+            client_id=config.identity.device_id,
+            clean_start=True,
+            session_expiry=0,
+        )
+        try:
+            client.connect(timeout=self.start_timeout)
+        finally:
+            client.close()
+
     def pause_agent(self, device: LabDevice) -> None:
         """SIGSTOP the agent: it neither reads nor answers (the broker still sees it connected
         until its keepalive expires)."""
@@ -1105,6 +1134,18 @@ online_window_seconds = {self.online_window}
 
     def ack_status(self, group: str) -> AckStatus:
         return self.registry(lambda r: r.ack_status(group))
+
+    def audit(self, from_seq: int = 1) -> list[audit_log.AuditRecord]:
+        """The service's audit log entries from ``from_seq`` on."""
+        if self._sessions is None:
+            raise LabError("lab", "no database yet")
+        with self._sessions() as session:
+            return audit_log.entries(session, from_seq=from_seq)
+
+    def audit_head(self) -> int:
+        """The sequence number of the last audit entry (0 if none)."""
+        entries = self.audit()
+        return entries[-1].seq if entries else 0
 
     def session(self) -> Session:
         """A plain session on the service database (audit queries); close it after use."""
