@@ -95,6 +95,27 @@ def _build_parser() -> argparse.ArgumentParser:
         "--ready-file", metavar="PATH", help="write the device's JSON here once the console is up"
     )
     device.add_argument("-v", "--verbose", action="store_true", help="log to stderr (INFO)")
+    fleet = commands.add_parser(
+        "fleet",
+        help="run N virtual devices in one process (software keys: simulation only, INSECURE)",
+        description=(
+            "Run N virtual devices (firmware_sim.fleet): each an agent protocol core with its own "
+            "DevID certificate and MQTT connection, against the real broker and service. Keys "
+            "are SOFTWARE keys: refused unless the configuration says [simulation] "
+            "insecure_software_keys = true and --allow-insecure-software-keys is given. New "
+            "devices are registered directly in the registry (no factory enrollment). Runs "
+            "until SIGTERM or SIGINT."
+        ),
+    )
+    fleet.add_argument("--config", required=True, metavar="FILE", help="fleet configuration")
+    fleet.add_argument("--devices", required=True, type=int, metavar="N", help="how many")
+    fleet.add_argument(
+        "--allow-insecure-software-keys",
+        action="store_true",
+        help="accept software keys (simulation only; never on real devices)",
+    )
+    fleet.add_argument("--json", action="store_true", help="print JSON lines")
+    fleet.add_argument("-v", "--verbose", action="store_true", help="log to stderr (INFO)")
     return parser
 
 
@@ -167,6 +188,40 @@ def _device(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fleet(args: argparse.Namespace) -> int:
+    from firmware_sim.fleet import VirtualFleet, load_fleet_config  # noqa: PLC0415 - heavy
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        config = load_fleet_config(args.config)
+        fleet = VirtualFleet.from_config(
+            config, args.devices, allow_insecure=args.allow_insecure_software_keys
+        )
+        fleet.start()
+    except KeyfleetError as exc:
+        print(f"firmware-sim fleet: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        status = fleet.status()
+        info = {"event": "ready", "devices": status.devices, "ready": status.ready}
+        if args.json:
+            print(json.dumps(info, sort_keys=True), flush=True)
+        else:
+            print(f"fleet: {status.ready}/{status.devices} virtual devices ready", flush=True)
+        while not stop.wait(timeout=0.5):
+            pass
+    finally:
+        fleet.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(
@@ -176,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "device":
         return _device(args)
+    if args.command == "fleet":
+        return _fleet(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses unknown ones
 
 
