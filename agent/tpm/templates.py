@@ -28,10 +28,7 @@ def srk_template() -> TPM2B_PUBLIC:
     AES-128-CFB. Deterministic from the owner seed, so re-creating it gives the same key."""
     return TPM2B_PUBLIC.parse(
         "ecc256:aes128cfb",
-        objectAttributes=TPMA_OBJECT.RESTRICTED
-        | TPMA_OBJECT.DECRYPT
-        | _FIXED
-        | _AUTH,
+        objectAttributes=TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | _FIXED | _AUTH,
     )
 
 
