@@ -95,6 +95,7 @@ class ResetPlan:
     identity_files: list[Path]
     config: AgentConfig | None = field(default=None, repr=False)
     factory_written: bool = False
+    unloadable: str | None = None  # why the configuration no longer loads (raw TOML used)
 
     @property
     def device_id(self) -> str | None:
@@ -110,11 +111,12 @@ class ResetReport:
     tpm: list[str] = field(default_factory=list)
     service_told: bool = False
     service_note: str = ""
+    needs_service: bool = True  # False only for a device that was never provisioned
 
     @property
     def exit_code(self) -> int:
         """0 destroyed and (if provisioned) the service told; 1 destroyed, service not told."""
-        return 0 if self.service_told or self.device_id is None else 1
+        return 0 if self.service_told or not self.needs_service else 1
 
 
 def plan_reset(config_path: str | Path | None) -> ResetPlan:
@@ -130,7 +132,9 @@ def plan_reset(config_path: str | Path | None) -> ResetPlan:
         except (OSError, tomllib.TOMLDecodeError):
             raise exc from None
         log.warning("the configuration does not load (%s); resetting from its raw TOML", exc)
-        return _plan_from_raw(path, raw)
+        plan = _plan_from_raw(path, raw)
+        plan.unloadable = str(exc).splitlines()[0]
+        return plan
     identity = config.identity
     files: list[Path] = []
     if identity is not None:
@@ -343,7 +347,13 @@ def factory_reset(
         raise AgentRunning(f"keyagent is running ({busy}): stop it first (systemctl stop keyagent)")
     report = ResetReport(device_id=plan.device_id)
     with _tpm(plan.tcti, report.tpm) as store:
-        if plan.device_id is None:
+        if plan.unloadable is not None:
+            # an interrupted reset (identity files gone) or a broken file: we cannot sign
+            report.service_note = (
+                f"the service was NOT told: the configuration no longer loads ({plan.unloadable})"
+            )
+        elif plan.device_id is None:
+            report.needs_service = False
             report.service_note = "not provisioned: no service to tell"
         elif store is None:
             report.service_note = "the service was NOT told: the TPM (DevID key) is unusable"
