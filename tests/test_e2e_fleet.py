@@ -128,7 +128,22 @@ def test_group_rekey_every_member_acks_one_authenticator_and_data_crosses(
 
 def test_two_rekeys_at_once_one_commit_per_epoch_no_fork(lab: Lab) -> None:
     epoch = current_epoch(lab)
-    runs = [lab.keyfleet_start("rekey", "--group", G, "--json", operator="op-ops") for _ in "ab"]
+    # Hold every agent (SIGSTOP) so that neither rekey can finish before the other arrives:
+    # both requests are then in the service at the same time, whatever the CLI start-up costs.
+    head = lab.audit_head()
+    for device in lab.devices:
+        lab.pause_agent(device)
+    try:
+        runs = [
+            lab.keyfleet_start("rekey", "--group", G, "--json", operator="op-ops") for _ in "ab"
+        ]
+        deadline = time.monotonic() + 30
+        while len([e for e in lab.audit(head + 1) if e.action == "op.rekey"]) < 2:
+            assert time.monotonic() < deadline, "the service did not receive both rekeys"
+            time.sleep(0.05)
+    finally:
+        for device in lab.devices:
+            lab.resume_agent(device)
     results = [run.wait(180) for run in runs]
     finals = [r.final for r in results]
     assert all(f is not None for f in finals), [str(r) for r in results]
@@ -142,6 +157,9 @@ def test_two_rekeys_at_once_one_commit_per_epoch_no_fork(lab: Lab) -> None:
     for final in refused:
         assert "in progress" in final["detail"] or "queued" in final["detail"], final
     assert len({f["epoch"] for f in done}) == len(done)  # distinct epochs
+    if len(done) == 2:  # the second was queued behind the first, and said so
+        accepted = [r.results[0]["detail"] for r in results]
+        assert any("queued behind 1" in detail for detail in accepted), accepted
     assert current_epoch(lab) == epoch + len(done)
     # one commit per epoch in the log, the whole history without a gap
     commits = lab.registry(lambda r: r.commits_from(G, epoch))
