@@ -10,9 +10,10 @@
 2. **Mosquitto** (``firmware_sim.broker``): mutual TLS, the product ACL of docs/mqtt.md, client
    certificates from the TLS CA, the device CA and the operator CA, on a free loopback port.
 3. **The service**: ``service.toml`` (``provisioning.config`` keys) with the golden-measurements
-   policy of the simulator's firmware, ``keyfleet db init``, ``keyfleet operator add`` for each
-   operator, ``keyfleet serve`` as a subprocess (ready when it logs ``keyfleet serve: ready``),
-   and the HTTPS enrollment API (``provisioning.http``) with the station registered.
+   policy of the simulator's firmware and ``[http]`` for the enrollment API, ``keyfleet db
+   init``, ``keyfleet operator add`` for each operator, ``keyfleet station add`` for the station,
+   then ``keyfleet serve`` as a subprocess (delivery service and HTTPS enrollment API; ready when
+   it logs ``keyfleet serve: ready``).
 4. **Devices**: N ``firmware-sim device`` subprocesses (each its own swtpm and measured boot),
    provisioned over their pty by the station (``provisioning.station.Station``), given the
    device's app access rules, rebooted into run mode, and waited for until their agent
@@ -65,18 +66,15 @@ from agent.statefile import StateFile
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore
 from firmware_sim.boot import default_components
-from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
+from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto, free_port
 from firmware_sim.swtpm import ensure_manufacturer_ca, pid_alive, provision, tpm_command
 from provisioning import audit as audit_log
 from provisioning import pki
 from provisioning.config import load_config
-from provisioning.enroll import Enrollment, EnrollmentSettings
-from provisioning.http import EnrollmentServer, build_app, start_enrollment_server
 from provisioning.policy import policy_from_components, write_policy
 from provisioning.registry import (
     AckStatus,
     Registry,
-    cert_fingerprint,
     make_engine,
     run_in_transaction,
     session_factory,
@@ -512,7 +510,7 @@ class Lab:
         self.service_log = self.logs / "service.log"
         self.cli_log = self.logs / "keyfleet-cli.log"
         self.service_process: subprocess.Popen[bytes] | None = None
-        self.enrollment: EnrollmentServer | None = None
+        self.enrollment_port = free_port()
         self.devices: list[LabDevice] = []
         self._engine: Any = None
         self._sessions: sessionmaker[Session] | None = None
@@ -562,8 +560,6 @@ class Lab:
             self._write_service_config()
             self._service_setup()
             self.start_service()
-        with self._step("enrollment"):
-            self._start_enrollment()
         with self._step("devices"):
             self._start_devices()
         self.timings["total"] = round(time.monotonic() - self._started_at, 3)
@@ -624,6 +620,12 @@ golden_measurements = "{golden}"
 commit_log_retention_epochs = {self.retention_epochs}
 ack_timeout_seconds = {self.ack_timeout}
 
+[http]
+listen = "127.0.0.1:{self.enrollment_port}"
+tls_cert = "{pki_.enrollment_server.cert}"
+tls_key = "{pki_.enrollment_server.key}"
+station_ca = "{pki_.station_ca}"
+
 [service]
 instance = "lab"
 commit_request_timeout_seconds = {self.commit_request_timeout}
@@ -651,20 +653,19 @@ online_window_seconds = {self.online_window}
                 raise LabError(
                     "keyfleet operator add", f"{name}: exit {result.returncode}", result.stderr
                 )
+        result = self.keyfleet(
+            "station",
+            "add",
+            STATION,
+            "--cert",
+            str(self.pki.station.cert),
+            "--config",
+            str(self.service_config),
+        )
+        if result.returncode != 0:
+            raise LabError("keyfleet station add", f"exit {result.returncode}", result.stderr)
         self._engine = make_engine(f"sqlite:///{self.database}")
         self._sessions = session_factory(self._engine)
-
-        def add_station(session: Session) -> None:
-            assert self.pki is not None
-            registry = Registry(session)
-            if STATION not in [s.name for s in registry.stations()]:
-                registry.add_station(
-                    STATION,
-                    cert_fingerprint=cert_fingerprint(self.pki.station_cert),
-                    now=int(time.time()),
-                )
-
-        run_in_transaction(self._sessions, add_station)
 
     def start_service(self) -> None:
         """``keyfleet serve`` as a subprocess; returns once it says it is ready."""
@@ -718,28 +719,10 @@ online_window_seconds = {self.online_window}
         _reap(process)
         return process.poll()
 
-    def _start_enrollment(self) -> None:
-        """The HTTPS enrollment API, in this process (``keyfleet serve`` does not run it yet),
-        built from the service configuration exactly as ``serve_enrollment`` builds it."""
-        assert self.pki is not None and self._sessions is not None
-        config = load_config(self.service_config)
-        enrollment = Enrollment(EnrollmentSettings.from_service_config(config), self._sessions)
-        try:
-            self.enrollment = start_enrollment_server(
-                build_app(enrollment),
-                server_cert=self.pki.enrollment_server.cert,
-                server_key=self.pki.enrollment_server.key,
-                station_ca=self.pki.station_ca,
-                startup_timeout=self.start_timeout,
-            )
-        except KeyfleetError as exc:
-            raise LabError("enrollment API", f"did not start: {exc}") from None
-
     @property
     def enrollment_url(self) -> str:
-        if self.enrollment is None:
-            raise LabError("enrollment API", "not running")
-        return self.enrollment.url
+        """The enrollment API that ``keyfleet serve`` runs (``[http]``)."""
+        return f"https://127.0.0.1:{self.enrollment_port}"
 
     # -- devices ------------------------------------------------------------------------------
 
@@ -1170,8 +1153,8 @@ online_window_seconds = {self.online_window}
         return alive
 
     def stop(self, *, raise_on_leftovers: bool = True) -> list[str]:
-        """Step 7: devices, enrollment API, service, broker, each by PID, in that order; then
-        every process the lab knew is checked. Leftovers are killed and reported (``LabError``
+        """Step 7: devices, service (with its enrollment API), broker, each by PID, in that
+        order; then every process the lab knew is checked. Leftovers are killed and reported (``LabError``
         unless ``raise_on_leftovers`` is false). Idempotent."""
         if self._stopped:
             return []
@@ -1184,10 +1167,6 @@ online_window_seconds = {self.online_window}
             thread.start()
         for thread in threads:
             thread.join(STOP_TIMEOUT * 3)
-        if self.enrollment is not None:
-            with contextlib.suppress(Exception):
-                self.enrollment.stop()
-            self.enrollment = None
         self.stop_service()
         if self.broker is not None:
             self.broker.stop()
@@ -1227,7 +1206,7 @@ online_window_seconds = {self.online_window}
                 "pid": None if self.service_process is None else self.service_process.pid,
                 "log": str(self.service_log),
             },
-            "enrollment": None if self.enrollment is None else self.enrollment.url,
+            "enrollment": self.enrollment_url,
             "operators": dict(OPERATORS),
             "devices": [
                 {
