@@ -1154,8 +1154,8 @@ online_window_seconds = {self.online_window}
 
     def stop(self, *, raise_on_leftovers: bool = True) -> list[str]:
         """Step 7: devices, service (with its enrollment API), broker, each by PID, in that
-        order; then every process the lab knew is checked. Leftovers are killed and reported (``LabError``
-        unless ``raise_on_leftovers`` is false). Idempotent."""
+        order; then every process the lab knew is checked. Leftovers are killed and reported
+        (``LabError`` unless ``raise_on_leftovers`` is false). Idempotent."""
         if self._stopped:
             return []
         self._stopped = True
