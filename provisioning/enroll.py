@@ -7,7 +7,9 @@ DevID public areas, the AK's TPM2_Certify of the DevID, the device's TLS public 
     enroll.ek.cert         the EK certificate does not parse
     enroll.ek.chain        it is not issued by a trusted manufacturer CA, or not valid now
     enroll.ek.public       the EK public area does not decode or is not the certified key
-    enroll.ek.registered   this EK is already enrolled (re-provisioning needs a factory reset)
+    enroll.ek.registered   this EK is already enrolled with a live identity (re-provisioning
+                           needs a factory reset: an EK whose identity is destroyed or revoked
+                           enrolls again under the same device id, see ``Registry.reenroll_device``)
     enroll.ak.attributes   the AK is not a restricted, fixedTPM, fixedParent signing key
     tpm.*                  the certify does not verify (agent.tpm.attest.verify_certify: AK
                            signature, nonce, the DevID's Name, fixedTPM + fixedParent)
@@ -91,7 +93,9 @@ from provisioning.pki import (
 )
 from provisioning.registry import DeviceState, Outcome, Registry, cert_fingerprint
 from provisioning.registry.engine import run_in_transaction
+from provisioning.registry.repository import REENROLLABLE
 from provisioning.registry.schema import Device
+from provisioning.service.store import forget_sender
 
 Rng = Callable[[int], bytes]
 
@@ -567,7 +571,9 @@ class Enrollment:
 
         def registered(session: Session) -> str | None:
             record = Registry(session).device_by_ek(ek_fp)
-            return None if record is None else f"{record.device_id} ({record.state.value})"
+            if record is None or record.state in REENROLLABLE:
+                return None  # a destroyed or revoked identity is replaced at finish
+            return f"{record.device_id} ({record.state.value})"
 
         holder = run_in_transaction(self._db, registered)
         if holder is not None:
@@ -740,13 +746,28 @@ class Enrollment:
             raise InternalError(f"the device CA cannot issue certificates now: {exc}") from None
 
         def work(session: Session) -> None:
-            Registry(session).register_device(
-                pending.device_id,
-                ek_cert_fingerprint=pending.ek_fingerprint,
-                devid_cert_pem=cert_to_pem(devid_cert).decode(),
-                now=now,
-                ak_public=pending.ak_public,
-            )
+            registry = Registry(session)
+            previous = registry.device_by_ek(pending.ek_fingerprint)
+            if previous is None:
+                registry.register_device(
+                    pending.device_id,
+                    ek_cert_fingerprint=pending.ek_fingerprint,
+                    devid_cert_pem=cert_to_pem(devid_cert).decode(),
+                    now=now,
+                    ak_public=pending.ak_public,
+                )
+            else:
+                # Re-provisioning after a factory reset (or of a revoked device): the same TPM
+                # gets a new identity under the same device id; the old one's history stays in
+                # the audit log. Its replay state goes: the new agent counts from seq 1.
+                registry.reenroll_device(
+                    previous.device_id,
+                    ek_cert_fingerprint=pending.ek_fingerprint,
+                    devid_cert_pem=cert_to_pem(devid_cert).decode(),
+                    now=now,
+                    ak_public=pending.ak_public,
+                )
+                forget_sender(session, previous.device_id)
             audit.append(
                 session,
                 now=now,
@@ -756,6 +777,7 @@ class Enrollment:
                 outcome=Outcome.ACCEPTED,
                 details={
                     "ek": pending.ek_fingerprint,
+                    "replaces": None if previous is None else previous.state.value,
                     "serial": pending.serial,
                     "devid_cert": cert_fingerprint(devid_cert),
                     "tls_cert": cert_fingerprint(tls_cert),

@@ -508,7 +508,13 @@ class Registry:
         return changed
 
     def reenroll_device(
-        self, device_id: str, *, ek_cert_fingerprint: str, devid_cert_pem: str, now: int
+        self,
+        device_id: str,
+        *,
+        ek_cert_fingerprint: str,
+        devid_cert_pem: str,
+        now: int,
+        ak_public: bytes | None = None,
     ) -> DeviceRecord:
         """Give a TPM whose old identity was destroyed or revoked a new identity under the same
         device id (ids are derived from the EK). The row is reset: new DevID certificate, state
@@ -547,6 +553,7 @@ class Registry:
         )
         row.keys.clear()
         row.devid_cert_pem = devid_cert_pem
+        row.ak_public = ak_public
         row.state = DeviceState.REGISTERED
         row.state_reason = "re-enrolled"
         row.state_changed_at = now

@@ -28,7 +28,17 @@ Nothing secret is stored here: certificates, public-key ids, sequence numbers an
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Engine, LargeBinary, MetaData, String, Text, delete, select
+from sqlalchemy import (
+    BigInteger,
+    Engine,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    delete,
+    inspect,
+    select,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from agent.errors import ProtocolError, StateError
@@ -128,6 +138,15 @@ def save_guard(session: Session, sender: str, guard: ReplayGuard, *, now: int) -
     else:
         row.state = data
         row.updated_at = now
+    session.flush()
+
+
+def forget_sender(session: Session, sender: str) -> None:
+    """Drop a sender's replay state: a re-enrolled device's new agent counts from seq 1 again.
+    A database without the service's tables (enrollment before the first ``serve``) has none."""
+    if not inspect(session.connection()).has_table(ReplayState.__tablename__):
+        return
+    session.execute(delete(ReplayState).where(ReplayState.sender == sender))
     session.flush()
 
 
