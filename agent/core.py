@@ -248,6 +248,12 @@ class AgentCore:
     def next_seq(self) -> int:
         return self._seq
 
+    def skip_sequence_to(self, seq: int) -> None:
+        """Send no sequence number below ``seq``. A state started afresh (first start, or the
+        old state sealed to other measurements) must not reuse the numbers the service already
+        saw from this device: it would refuse every later message as ``replay.seq-reused``."""
+        self._seq = max(self._seq, seq)
+
     def groups(self) -> dict[str, Group]:
         return {name: entry.group for name, entry in self._groups.items()}
 

@@ -309,6 +309,10 @@ class Daemon:
                 {name: group.epoch for name, group in core.groups().items()},
                 core.next_seq,
             )
+        else:
+            # Fresh state: continue above any seq an earlier state of this device may have
+            # sent (milliseconds of the clock, as the service does), never from 1 again.
+            core.skip_sequence_to(self.now() * 1000)
         self.core = core
         self._note_own_keys()
         self._persist()
