@@ -679,6 +679,8 @@ class DeliveryService:
         keys = registry.destroy_keys(sender, now=now)
         jobs: list[Job] = []
         for member in registry.groups_of(sender):
+            if member.pending is PendingChange.REMOVE:
+                continue  # already being removed (quarantine): its job is queued
             registry.request_remove(member.group_id, sender, now=now)
             if member.leaf_index is not None:
                 job = Job(
