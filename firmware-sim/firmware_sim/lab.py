@@ -639,31 +639,22 @@ online_window_seconds = {self.online_window}
         result = self.keyfleet("db", "init", "--config", str(self.service_config))
         if result.returncode != 0:
             raise LabError("keyfleet db init", f"exit {result.returncode}", result.stderr)
-        for name, identity in self.pki.operators.items():
-            result = self.keyfleet(
-                "operator",
-                "add",
-                name,
-                "--cert",
-                str(identity.cert),
-                "--config",
-                str(self.service_config),
+        # Registrations run side by side (each CLI run is mostly Python start-up); the audit
+        # chain's head lock and the writers' retries order their database writes.
+        config = str(self.service_config)
+        runs = {
+            f"keyfleet operator add {name}": self.keyfleet_start(
+                "operator", "add", name, "--cert", str(identity.cert), "--config", config
             )
-            if result.returncode != 0:
-                raise LabError(
-                    "keyfleet operator add", f"{name}: exit {result.returncode}", result.stderr
-                )
-        result = self.keyfleet(
-            "station",
-            "add",
-            STATION,
-            "--cert",
-            str(self.pki.station.cert),
-            "--config",
-            str(self.service_config),
+            for name, identity in self.pki.operators.items()
+        }
+        runs[f"keyfleet station add {STATION}"] = self.keyfleet_start(
+            "station", "add", STATION, "--cert", str(self.pki.station.cert), "--config", config
         )
-        if result.returncode != 0:
-            raise LabError("keyfleet station add", f"exit {result.returncode}", result.stderr)
+        for label, run in runs.items():
+            done = run.wait(self.start_timeout)
+            if done.returncode != 0:
+                raise LabError(label, f"exit {done.returncode}", done.stderr)
         self._engine = make_engine(f"sqlite:///{self.database}")
         self._sessions = session_factory(self._engine)
 
