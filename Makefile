@@ -34,5 +34,9 @@ pytest: setup
 
 test: lint typecheck units pytest
 
+bench: setup
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench.run_all
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,250 @@
+"""``make bench``: run every benchmark, print each figure beside its target, write
+docs/bench/results.json (a list of {"name", "value", "unit", "target", "met"}), each
+benchmark's full output under docs/bench/raw/, and the PNG plots.
+
+Each benchmark is its own process (``python -m bench.<name>``, JSON on stdout) so that one
+cannot disturb another's timing or memory, and a failing one is reported without losing the
+others. Benchmarks are never tests: nothing here asserts a target; a miss is a figure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "bench"
+RAW = OUT / "raw"
+BENCHES = (
+    "bench_commit",
+    "bench_tpm_commit",
+    "bench_attestation",
+    "bench_enroll",
+    "bench_agent",
+    "bench_rekey",
+)
+AT_LEAST = {"attestation_verify_per_core", "commit_vs_baseline_ratio_n1024"}
+COMMIT_N = 1024
+COMMIT_BYTES_TARGET = 2500
+COMMIT_RATIO_TARGET = 40.0
+REKEY_TARGET_S = 3.0
+FIELDS = ("name", "value", "unit", "target", "met")
+
+
+def run_bench(name: str) -> Any:
+    print(f"== {name}", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    print(f"== {name}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} exited with {done.returncode}")
+    return json.loads(done.stdout)
+
+
+def commit_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """bench_commit prints one row per (N, operation); the figures the issue names."""
+    near = next(
+        r
+        for r in rows
+        if r["n"] == COMMIT_N
+        and r["op"] == "remove"
+        and r["committer_choice"].startswith("nearest")
+    )
+    update = next(r for r in rows if r["n"] == COMMIT_N and r["op"] == "update")
+    return [
+        {
+            "name": f"commit_bytes_remove_n{COMMIT_N}",
+            "value": near["commit_bytes"],
+            "unit": "bytes",
+            "target": COMMIT_BYTES_TARGET,
+            "met": near["commit_bytes"] <= COMMIT_BYTES_TARGET,
+        },
+        {
+            "name": f"commit_vs_baseline_ratio_n{COMMIT_N}",
+            "value": near["ratio"],
+            "unit": "x smaller than the pairwise-wrap baseline",
+            "target": COMMIT_RATIO_TARGET,
+            "met": near["ratio"] >= COMMIT_RATIO_TARGET,
+        },
+        {
+            "name": f"commit_create_ms_remove_n{COMMIT_N}",
+            "value": near["create_ms"],
+            "unit": "ms",
+            "target": None,
+            "met": None,
+        },
+        {
+            "name": f"commit_process_ms_remove_n{COMMIT_N}",
+            "value": near["process_ms"],
+            "unit": "ms",
+            "target": None,
+            "met": None,
+        },
+        {
+            "name": f"commit_bytes_update_n{COMMIT_N}",
+            "value": update["commit_bytes"],
+            "unit": "bytes",
+            "target": None,
+            "met": None,
+        },
+    ]
+
+
+def show(record: dict[str, Any]) -> str:
+    target = record["target"]
+    if target is None:
+        goal, verdict = "", ""
+    else:
+        sign = ">=" if record["name"] in AT_LEAST else "<="
+        goal = f"   target {sign} {target}"
+        verdict = "   MET" if record["met"] else "   MISSED"
+    return f"{record['name']:<46} {record['value']} {record['unit']}{goal}{verdict}"
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+
+def plot_commit(rows: list[dict[str, Any]]) -> None:
+    import matplotlib  # noqa: PLC0415 - the bench extra; only make bench needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    def series(op: str, who: str, key: str) -> tuple[list[int], list[float]]:
+        picked = [r for r in rows if r["op"] == op and r["committer_choice"].startswith(who)]
+        return [r["n"] for r in picked], [r[key] for r in picked]
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ns, size = series("remove", "nearest", "commit_bytes")
+    ax.plot(ns, size, "o-", label="TreeKEM remove (service's committer)")
+    ns2, size2 = series("remove", "random", "commit_bytes")
+    ax.plot(ns2, size2, "s--", label="TreeKEM remove (random committer)")
+    ns3, size3 = series("update", "random", "commit_bytes")
+    ax.plot(ns3, size3, "^-", label="TreeKEM self-update")
+    nb, base = series("remove", "nearest", "baseline_bytes")
+    ax.plot(nb, base, "k:", marker="x", label="baseline: group key wrapped to each member")
+    ax.plot(
+        [COMMIT_N],
+        [COMMIT_BYTES_TARGET],
+        marker="*",
+        color="red",
+        markersize=14,
+        linestyle="none",
+        label=f"target: remove at N={COMMIT_N} <= {COMMIT_BYTES_TARGET} B",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("group size N (members)")
+    ax.set_ylabel("commit size (bytes, CBOR)")
+    ax.set_title("Commit bytes vs group size, against the pairwise-wrap baseline")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(OUT / "commit_bytes.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for op, who, key, style, label in (
+        ("remove", "nearest", "create_ms", "o-", "create: remove (service's committer)"),
+        ("remove", "nearest", "process_ms", "o--", "process: remove (nearest receiver)"),
+        ("update", "random", "create_ms", "^-", "create: self-update"),
+        ("update", "random", "process_ms", "^--", "process: self-update (nearest receiver)"),
+        ("remove", "nearest", "baseline_create_ms", "k:", "baseline: wrap the key N-1 times"),
+    ):
+        ns, values = series(op, who, key)
+        pairs = [(n, v) for n, v in zip(ns, values, strict=True) if v is not None]
+        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("group size N (members)")
+    ax.set_ylabel("time (ms, one core, software keys)")
+    ax.set_title("Commit create / process time vs group size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(OUT / "commit_time.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_rekey(records: list[dict[str, Any]]) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    runs = sorted((r["run"] for r in records if "run" in r), key=lambda run: run["n"])
+    if not runs:
+        return
+    ns = [run["n"] for run in runs]
+    median = [run["median_s"] for run in runs]
+    low = [run["median_s"] - run["min_s"] for run in runs]
+    high = [run["max_s"] - run["median_s"] for run in runs]
+    devices = [run["median_last_device_ack_s"] for run in runs]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.errorbar(
+        ns, median, yerr=[low, high], fmt="o-", capsize=4, label="command -> every ack (service)"
+    )
+    ax.plot(ns, devices, "s--", label="command -> last device sent its ack")
+    ax.axhline(REKEY_TARGET_S, color="red", linestyle=":", label=f"target {REKEY_TARGET_S} s")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("virtual devices in the group (N)")
+    ax.set_ylabel("rekey latency (s, median; bars: min..max)")
+    ax.set_title("Fleet rekey latency vs N (Mosquitto + keyfleet serve, 2 cores)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(OUT / "rekey_latency.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    only = sys.argv[1:] or list(BENCHES)
+    RAW.mkdir(parents=True, exist_ok=True)
+    results_path = OUT / "results.json"
+    previous: dict[str, dict[str, Any]] = {}
+    if only != list(BENCHES) and results_path.exists():
+        previous = {r["name"]: r for r in json.loads(results_path.read_text())}
+    records: list[dict[str, Any]] = []
+    failed = []
+    for name in only:
+        try:
+            output = run_bench(name)
+        except (RuntimeError, json.JSONDecodeError) as exc:
+            print(f"== {name} FAILED: {exc}", file=sys.stderr)
+            failed.append(name)
+            continue
+        (RAW / f"{name}.json").write_text(json.dumps(output, indent=1) + "\n")
+        if name == "bench_commit":
+            plot_commit(output)
+            records.extend(commit_records(output))
+        else:
+            if name == "bench_rekey":
+                plot_rekey(output)
+            records.extend(output)
+    merged = {**previous, **{r["name"]: r for r in records}}
+    results = [{k: r[k] for k in FIELDS} for r in merged.values()]
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    print("\nfigure                                         value   target   verdict")
+    for record in results:
+        print(show(record))
+    print(f"\nwrote {results_path.relative_to(ROOT)} and the plots in {OUT.relative_to(ROOT)}")
+    if failed:
+        print(f"FAILED benchmarks: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
