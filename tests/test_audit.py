@@ -249,6 +249,7 @@ def test_state_change_and_its_audit_entry_commit_together(
         Registry(s).register_device(
             "pi-1", ek_cert_fingerprint="ab" * 32, devid_cert_pem="PEM", now=T0
         )
+        Registry(s).set_device_state("pi-1", DeviceState.REVOKED, reason="lost", now=T0)
         audit.append(
             s,
             now=T0,
@@ -269,9 +270,10 @@ def test_state_change_and_its_audit_entry_commit_together(
             target="pi-1",
             outcome=Outcome.ACCEPTED,
         )
-        Registry(s).set_device_state("pi-1", DeviceState.DESTROYED, reason="", now=T0 + 1)
+        # a revoked identity never becomes active again: the registry refuses after the append
+        Registry(s).set_device_state("pi-1", DeviceState.ACTIVE, reason="", now=T0 + 1)
 
-    with pytest.raises(Exception, match="cannot go from registered to destroyed"):
+    with pytest.raises(Exception, match="cannot go from revoked to active"):
         run_in_transaction(sessions, refused_after_audit)
     with sessions() as s:
         assert [r.action for r in audit.entries(s)] == ["device.register"]  # rolled back together
