@@ -38,5 +38,8 @@ bench: setup
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.run_all
 
+demo: setup
+	$(PY) -m firmware_sim.demo $(DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

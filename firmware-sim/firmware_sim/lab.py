@@ -486,6 +486,7 @@ class Lab:
         commit_request_timeout: int = 5,
         retention_epochs: int = 64,
         online_window: int = 300,
+        quarantine: bool = False,
         device_env: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
         log_level: str = "info",
@@ -498,6 +499,7 @@ class Lab:
         self.commit_request_timeout = commit_request_timeout
         self.retention_epochs = retention_epochs
         self.online_window = online_window
+        self.quarantine = quarantine
         self.device_env = dict(device_env or {})
         self.start_timeout = start_timeout
         self.log_level = log_level
@@ -615,6 +617,7 @@ cert = "{pki_.operator_ca}"
 [attestation]
 manufacturer_cas = "{pki_.manufacturer_cas}"
 golden_measurements = "{golden}"
+quarantine = {"true" if self.quarantine else "false"}
 
 [groups]
 commit_log_retention_epochs = {self.retention_epochs}
@@ -745,7 +748,12 @@ online_window_seconds = {self.online_window}
         )
 
     def _spawn(
-        self, device: LabDevice, *, run_agent: bool = True, env: Mapping[str, str] | None = None
+        self,
+        device: LabDevice,
+        *,
+        run_agent: bool = True,
+        env: Mapping[str, str] | None = None,
+        tamper: Sequence[str] = (),
     ) -> None:
         if device.running:
             raise LabError(device.name, "already running")
@@ -768,6 +776,8 @@ online_window_seconds = {self.online_window}
         ]
         if not run_agent:
             command.append("--no-agent")
+        for component in tamper:
+            command += ["--tamper", component]
         environment = {**os.environ, **self.device_env, **(env or {})}
         with device.log_path.open("ab") as sink:
             sink.write(f"---- lab: boot {device.boots} of {device.name} ----\n".encode())
@@ -888,13 +898,19 @@ online_window_seconds = {self.online_window}
                 _stop_pid(pid)
 
     def reboot(
-        self, device: LabDevice, *, env: Mapping[str, str] | None = None, wait: bool = True
+        self,
+        device: LabDevice,
+        *,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+        tamper: Sequence[str] = (),
     ) -> None:
         """Power cycle: stop the device and boot it again (fresh swtpm process, same TPM state,
         measured boot, agent started). ``env`` is added to this boot's environment (e.g. the
-        agent's ``KEYAGENT_TEST_KILL_AT`` fault points)."""
+        agent's ``KEYAGENT_TEST_KILL_AT`` fault points); ``tamper`` names firmware components
+        to boot modified (firmware-sim ``--tamper``)."""
         self.stop_device(device)
-        self._spawn(device, env=env)
+        self._spawn(device, env=env, tamper=tamper)
         if wait:
             self.wait_agent(device)
 
