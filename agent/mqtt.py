@@ -232,10 +232,6 @@ class MqttClient:
         # of one SSL object ("bad record mac" at the broker). With a write callback registered,
         # paho only queues the packet and wakes our loop's select through its socket pair.
         client.on_socket_register_write = lambda client, userdata, sock: None
-        # Nagle's algorithm would hold a small write (a PUBLISH) until the broker acknowledges
-        # the previous one (often a PUBACK the broker answers with nothing, so its delayed ACK
-        # adds ~40 ms to every exchange); MQTT packets are whole messages, send them at once.
-        client.on_socket_open = lambda client, userdata, sock: _no_delay(sock)
         connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect_properties.SessionExpiryInterval = session_expiry
         client.connect_async(
@@ -476,6 +472,10 @@ class MqttClient:
         properties: Properties | None,
     ) -> None:
         self._awaiting_connack = False
+        # Nagle's algorithm would hold a small write (a PUBLISH) until the broker acknowledges
+        # the previous one (often a PUBACK the broker answers with nothing, so its delayed ACK
+        # adds ~40 ms to every exchange); MQTT packets are whole messages, send them at once.
+        _no_delay(client.socket())
         if reason.is_failure:
             self._note_error(f"broker refused the connection: {reason} (0x{reason.value:02x})")
             return
