@@ -10,7 +10,8 @@ A schema is a tree of ``Check`` objects. ``Table`` maps key names to ``Field``s 
 it is required, a default) and names unknown keys. A check returns the converted value, or
 ``INVALID`` after recording a problem; the caller builds its own typed objects from the result.
 Values are printed (truncated) because a configuration holds names, numbers and paths, never
-secrets; file contents are never printed, only whether a file could be read and parsed.
+secrets; file contents are never printed, only whether a file could be read and parsed. A value
+that may carry a secret (a database URL with a password) is shown through ``Parse(shown=...)``.
 """
 
 from __future__ import annotations
@@ -80,22 +81,45 @@ def show(value: object) -> str:
     return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
 
 
+class Problem(str):
+    """One problem line, which also keeps its parts (the dotted key, the value as shown, what was
+    expected) for callers and tests that look at one part. A ``str`` so that lists of problems
+    print, join and compare as the lines they are."""
+
+    key: str
+    value: str
+    expected: str
+
+    def __new__(cls, key: str, value: str, expected: str, line: str) -> Problem:
+        problem = super().__new__(cls, line)
+        problem.key, problem.value, problem.expected = key, value, expected
+        return problem
+
+
 class Problems:
     """Collects problem lines while a document is checked."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def bad(self, key: str, value: object, expected: str) -> _Invalid:
-        self.lines.append(f"{key}: got {show(value)} ({toml_type(value)}), expected {expected}")
+    def bad(self, key: str, value: object, expected: str, *, shown: str | None = None) -> _Invalid:
+        """``shown`` replaces the rendering of a value that must not be printed as it is."""
+        got = f"{show(value) if shown is None else shown} ({toml_type(value)})"
+        self.lines.append(Problem(key, got, expected, f"{key}: got {got}, expected {expected}"))
         return INVALID
 
     def missing(self, key: str, expected: str) -> _Invalid:
-        self.lines.append(f"{key}: missing, expected {expected}")
+        self.lines.append(Problem(key, "missing", expected, f"{key}: missing, expected {expected}"))
+        return INVALID
+
+    def unknown(self, key: str, value: object, known: str) -> _Invalid:
+        got = f"{show(value)} ({toml_type(value)})"
+        expected = f"one of: {known}"
+        self.lines.append(Problem(key, got, expected, f"{key}: unknown key, expected {expected}"))
         return INVALID
 
     def note(self, key: str, text: str) -> _Invalid:
-        self.lines.append(f"{key}: {text}")
+        self.lines.append(Problem(key, "", text, f"{key}: {text}"))
         return INVALID
 
 
@@ -160,22 +184,47 @@ class OneOf(Check):
         return value
 
 
-class Predicate(Check):
-    """Wrap a base check with an extra condition: ``test(value) -> None`` or a reason string."""
+class Parse(Check):
+    """Convert a value that passed ``base`` with ``parse``, which raises ``ValueError`` (its
+    message, if any, is the reason) for a value it refuses. ``shown`` renders the value in
+    problems when it may carry a secret."""
 
-    def __init__(self, base: Check, test: Callable[[Any], str | None], expected: str) -> None:
+    def __init__(
+        self,
+        base: Check,
+        parse: Callable[[Any], object],
+        expected: str,
+        *,
+        shown: Callable[[Any], str] | None = None,
+    ) -> None:
         self.base = base
-        self.test = test
+        self.parse = parse
         self.expected = expected
+        self.shown = shown
 
     def check(self, key: str, value: object, problems: Problems) -> object:
         got = self.base.check(key, value, problems)
         if got is INVALID:
             return INVALID
-        reason = self.test(got)
-        if reason is not None:
-            return problems.bad(key, value, f"{self.expected} ({reason})")
-        return got
+        try:
+            return self.parse(got)
+        except ValueError as exc:
+            reason = f" ({exc})" if str(exc) else ""
+            shown = None if self.shown is None else self.shown(value)
+            return problems.bad(key, value, f"{self.expected}{reason}", shown=shown)
+
+
+class Predicate(Parse):
+    """Wrap a base check with an extra condition: ``test(value) -> None`` or a reason string."""
+
+    def __init__(self, base: Check, test: Callable[[Any], str | None], expected: str) -> None:
+        def accept(value: Any) -> Any:
+            reason = test(value)
+            if reason is not None:
+                raise ValueError(reason)
+            return value
+
+        super().__init__(base, accept, expected)
 
 
 class List(Check):
@@ -222,7 +271,7 @@ class Table(Check):
         ok = True
         for name in value:
             if name not in self.fields:
-                problems.note(f"{prefix}{name}", f"unknown key, expected one of: {known}")
+                problems.unknown(f"{prefix}{name}", value[name], known)
                 ok = False
         for name, spec in self.fields.items():
             if name not in value:
@@ -305,7 +354,9 @@ class AbsPath(Check):
 
 class ReadableFile(Check):
     """A readable regular file, optionally private (no group/other permission bits) and with
-    content checked by ``parse(bytes) -> reason | None``. The content is never shown."""
+    content checked by ``parse(bytes) -> reason | None``. The content is never shown. A relative
+    path is refused, or resolved against ``base`` when one is given (e.g. the directory of the
+    configuration file, so that a file and its certificates can move together)."""
 
     def __init__(
         self,
@@ -313,17 +364,21 @@ class ReadableFile(Check):
         *,
         private: bool = False,
         parse: Callable[[bytes], str | None] | None = None,
+        base: Path | None = None,
     ) -> None:
         self.expected = expected
         self.private = private
         self.parse = parse
+        self.base = base
 
     def check(self, key: str, value: object, problems: Problems) -> object:
         if not isinstance(value, str) or not value or "\0" in value:
             return problems.bad(key, value, self.expected)
         path = Path(value)
         if not path.is_absolute():
-            return problems.bad(key, value, f"{self.expected} given as an absolute path")
+            if self.base is None:
+                return problems.bad(key, value, f"{self.expected} given as an absolute path")
+            path = self.base / path
         reason = _file_problem(path, private=self.private)
         if reason is None and self.parse is not None:
             try:
@@ -333,6 +388,8 @@ class ReadableFile(Check):
             else:
                 reason = self.parse(data)
         if reason is not None:
+            if path != Path(value):  # a relative path: say where it was looked for
+                reason = f"{reason}: {path}"
             return problems.bad(key, value, f"{self.expected} ({reason})")
         return path
 

@@ -153,7 +153,7 @@ def test_verify_through_the_service_config(tmp_path: Path) -> None:
     (tmp_path / "svc.key").chmod(0o644)
     bad = keyfleet("audit", "verify", "--config", str(config), cwd=elsewhere)
     assert bad.returncode == 2
-    assert "broker.client_key = 'svc.key': expected a private key file" in bad.stderr
+    assert 'broker.client_key: got "svc.key" (string), expected a private key file' in bad.stderr
 
 
 def test_verify_refuses_to_invent_a_database(tmp_path: Path) -> None:
