@@ -497,3 +497,28 @@ def test_editing_one_audit_entry_is_named_by_audit_verify(fleet: Fleet) -> None:
     )
     assert verify.returncode == 1
     assert verify.stdout.startswith(f"audit chain BROKEN at entry {refused.seq}: hash mismatch")
+
+
+def test_ack_progress_is_throttled_and_a_held_back_view_goes_out_on_tick(tmp_path: Path) -> None:
+    """Above 40 members an in-progress ack result goes out per 5% of the members, not per ack
+    (all acks here arrive within one second of the injected clock); the final result names every
+    member, and the view the throttle held back is sent by the next tick of a later second."""
+    names = tuple(f"dev-{i:02}" for i in range(42))
+    for fleet in make_fleet(tmp_path, names):
+        create_g1(fleet)
+        fleet.devices["dev-00"].silent = True
+        cid = fleet.command("op-alice", rekey("g1"))
+        progress = [
+            r for r in fleet.results[cid] if r.status is ResultStatus.IN_PROGRESS and r.epoch
+        ]
+        counts = [len(r.acked) for r in progress]
+        assert counts and counts == sorted(set(counts)), counts
+        assert len(progress) <= 42 // 2 + 2 < 41, counts
+        assert counts[-1] < 41  # the last ack (41st) falls inside a 5% step: held back
+        fleet.tick(1)
+        latest = fleet.results[cid][-1]
+        assert latest.status is ResultStatus.IN_PROGRESS
+        assert len(latest.acked) == 41 and latest.pending == ("dev-00",)
+        fleet.tick(40)
+        result = fleet.final(cid)
+        assert result.status is ResultStatus.TIMEOUT and result.pending == ("dev-00",)

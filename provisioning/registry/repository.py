@@ -934,7 +934,10 @@ class Registry:
                 Ack.group_id == group_id, Ack.epoch == group.epoch
             )
         ).all()
-        acked = {device: auth for device, auth in acks if device in set(members)}
+        # One set for the whole call: membership per ack row must be O(1), or a rekey's
+        # ack_status after every ack is O(N^2) (docs/bench/README.md).
+        member_set = set(members)
+        acked = {device: auth for device, auth in acks if device in member_set}
         by_auth: dict[bytes, list[str]] = {}
         for device, auth in sorted(acked.items()):
             by_auth.setdefault(auth, []).append(device)
@@ -945,6 +948,31 @@ class Registry:
             stragglers=tuple(m for m in members if m not in acked),
             by_authenticator={auth: tuple(devs) for auth, devs in by_auth.items()},
         )
+
+    def ack_counts(self, group_id: str) -> tuple[int, int, int]:
+        """(epoch, members, acked members) for the group's current epoch, counted by the
+        database: what ``ack_status`` would list, without loading a row per member. The
+        service's per-ack progress check uses it (docs/bench/README.md)."""
+        group = self._group_row(group_id)
+        members = self._s.scalar(
+            select(func.count()).where(
+                GroupMember.group_id == group_id, GroupMember.leaf_index.is_not(None)
+            )
+        )
+        acked = self._s.scalar(
+            select(func.count())
+            .select_from(Ack)
+            .join(
+                GroupMember,
+                (GroupMember.group_id == Ack.group_id) & (GroupMember.device_id == Ack.device_id),
+            )
+            .where(
+                Ack.group_id == group_id,
+                Ack.epoch == group.epoch,
+                GroupMember.leaf_index.is_not(None),
+            )
+        )
+        return group.epoch, int(members or 0), int(acked or 0)
 
     def pending_acks(self, group_id: str) -> list[str]:
         """The stragglers: current members that have not acked the current epoch."""

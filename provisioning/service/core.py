@@ -255,6 +255,13 @@ class Operation:
     last_progress: int
     finished: bool = False
     last_sent: tuple[object, ...] = ()
+    # Ack progress throttle (see ``_ack_progress_due``): when and at which step the last
+    # in-progress ack result went out, and whether a newer ack view is still unsent.
+    acks_sent_at: int | None = None
+    acks_step: tuple[int | None, int, int] | None = None
+    acks_counts: tuple[int | None, int, int] | None = None
+    acks_seen: tuple[int | None, int, int] | None = None
+    acks_deferred: bool = False
 
 
 @dataclass(eq=False)
@@ -379,6 +386,8 @@ class DeliveryService:
                 and now - operation.last_progress >= self.settings.ack_timeout
             ):
                 self._time_out(operation, now)
+            elif not operation.finished and operation.acks_deferred:
+                self._progress(operation, now)  # an ack view the throttle held back
         self._attest_tick(now)
         return self._flush()
 
@@ -1910,6 +1919,8 @@ class DeliveryService:
                 operation.last_sent = key
                 self._result(operation, ResultStatus.IN_PROGRESS, detail, now=now)
             return
+        if self._ack_counts_unchanged_or_held(operation, now):
+            return
         acked, pending, epoch, forked = self._ack_view(operation)
         if not pending and not forked:
             self._finish(
@@ -1935,7 +1946,16 @@ class DeliveryService:
         if key != operation.last_sent:
             if operation.last_sent and operation.last_sent[0] == "acks":
                 operation.last_progress = max(operation.last_progress, now)
+            total = len(acked) + len(pending)
+            if not self._ack_progress_due(operation, epoch, total, len(acked), now):
+                operation.acks_deferred = True
+                return
             operation.last_sent = key
+            operation.acks_sent_at = now
+            operation.acks_step = self._ack_step(epoch, total, len(acked))
+            operation.acks_counts = (epoch, total, len(acked))
+            operation.acks_seen = operation.acks_counts
+            operation.acks_deferred = False
             self._result(
                 operation,
                 ResultStatus.IN_PROGRESS,
@@ -1945,6 +1965,51 @@ class DeliveryService:
                 epoch=epoch,
                 now=now,
             )
+
+    def _ack_counts_unchanged_or_held(self, operation: Operation, now: int) -> bool:
+        """The per-ack fast path: for one group already reporting acks, count acks in the
+        database instead of listing them. True when nothing changed since the last result, or
+        when something did and the throttle holds it back (the operation still counts as
+        making progress). False means: build the full view (it may be final, or due)."""
+        if len(operation.groups) != 1 or operation.last_sent[:1] != ("acks",):
+            return False
+        (group_id,) = operation.groups
+        try:
+            epoch, total, acked = self._read(lambda s: Registry(s).ack_counts(group_id))
+        except ProtocolError:
+            return False
+        if epoch == 0 or acked >= total:
+            return False
+        counts = (epoch, total, acked)
+        if counts == operation.acks_counts:
+            operation.acks_deferred = False
+            return True
+        if counts != operation.acks_seen:
+            operation.acks_seen = counts
+            operation.last_progress = max(operation.last_progress, now)
+        if self._ack_progress_due(operation, epoch, total, acked, now):
+            return False
+        operation.acks_deferred = True
+        return True
+
+    @staticmethod
+    def _ack_step(epoch: int | None, total: int, acked: int) -> tuple[int | None, int, int]:
+        return (epoch, total, acked // max(1, total // 20))
+
+    def _ack_progress_due(
+        self, operation: Operation, epoch: int | None, total: int, acked: int, now: int
+    ) -> bool:
+        """Whether an in-progress ack result goes out now. Each one carries the full acked and
+        pending lists, so one per ack is O(N^2) bytes per rekey and, signed and published one at
+        a time, was most of the service's time at N = 1000 (docs/bench/README.md). ``now`` is
+        whole seconds, so the throttle is by count: the first view, every 5% of the members
+        (every ack below 40 members), any change of epoch or member count, and otherwise at
+        most one per second; ``tick`` sends a held-back view. The final result is never held."""
+        return (
+            operation.acks_sent_at is None
+            or self._ack_step(epoch, total, acked) != operation.acks_step
+            or now > operation.acks_sent_at
+        )
 
     def _finish(
         self,
