@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -244,72 +245,13 @@ def _check_fingerprint(kind: str, value: str) -> None:
         )
 
 
-def _device_record(row: Device) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=row.device_id,
-        ek_cert_fingerprint=row.ek_cert_fingerprint,
-        devid_cert_pem=row.devid_cert_pem,
-        state=row.state,
-        state_reason=row.state_reason,
-        registered_at=row.registered_at,
-        state_changed_at=row.state_changed_at,
-        attestation_result=row.attestation_result,
-        attestation_reason=row.attestation_reason,
-        attested_at=row.attested_at,
-        last_seen=row.last_seen,
-        last_report=row.last_report,
-        last_report_at=row.last_report_at,
-        ak_public=row.ak_public,
-    )
+R = TypeVar("R")
 
 
-def _group_record(row: Group) -> GroupRecord:
-    return GroupRecord(
-        group_id=row.group_id,
-        epoch=row.epoch,
-        public_tree=row.public_tree,
-        group_context=row.group_context,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-    )
-
-
-def _member_record(row: GroupMember) -> MemberRecord:
-    return MemberRecord(
-        group_id=row.group_id,
-        device_id=row.device_id,
-        leaf_index=row.leaf_index,
-        pending=row.pending,
-        joined_epoch=row.joined_epoch,
-        requested_at=row.requested_at,
-    )
-
-
-def _commit_record(row: CommitLogEntry) -> CommitRecord:
-    return CommitRecord(
-        group_id=row.group_id,
-        epoch=row.epoch,
-        committer=row.committer,
-        commit=row.commit,
-        welcome=row.welcome,
-        accepted_at=row.accepted_at,
-    )
-
-
-def _operator_record(row: Operator) -> OperatorRecord:
-    return OperatorRecord(
-        name=row.name,
-        cert_fingerprint=row.cert_fingerprint,
-        role=row.role,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-    )
-
-
-def _station_record(row: Station) -> StationRecord:
-    return StationRecord(
-        name=row.name, cert_fingerprint=row.cert_fingerprint, created_at=row.created_at
-    )
+def _record(cls: type[R], row: object) -> R:
+    """The frozen, session-free record of a row: each record field is the row's column of the
+    same name (records are what the registry hands out; rows never leave a session)."""
+    return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})  # type: ignore[arg-type]
 
 
 # ---- the repository --------------------------------------------------------------------------
@@ -365,7 +307,7 @@ class Registry:
         except IntegrityError:
             # Another instance enrolled the same id or EK between our check and our insert.
             raise RetryableConflict(f"device {device_id!r} was enrolled concurrently") from None
-        return _device_record(row)
+        return _record(DeviceRecord, row)
 
     def _device_row(self, device_id: str) -> Device:
         row = self._s.get(Device, device_id)
@@ -374,19 +316,19 @@ class Registry:
         return row
 
     def device(self, device_id: str) -> DeviceRecord:
-        return _device_record(self._device_row(device_id))
+        return _record(DeviceRecord, self._device_row(device_id))
 
     def device_by_ek(self, ek_cert_fingerprint: str) -> DeviceRecord | None:
         row = self._s.scalar(
             select(Device).where(Device.ek_cert_fingerprint == ek_cert_fingerprint)
         )
-        return None if row is None else _device_record(row)
+        return None if row is None else _record(DeviceRecord, row)
 
     def devices(self, *, state: DeviceState | None = None) -> list[DeviceRecord]:
         query = select(Device).order_by(Device.device_id)
         if state is not None:
             query = query.where(Device.state == state)
-        return [_device_record(row) for row in self._s.scalars(query)]
+        return [_record(DeviceRecord, row) for row in self._s.scalars(query)]
 
     def set_device_state(
         self, device_id: str, state: DeviceState, *, reason: str, now: int
@@ -404,7 +346,7 @@ class Registry:
             row.state_reason = reason
             row.state_changed_at = now
             self._s.flush()
-        return _device_record(row)
+        return _record(DeviceRecord, row)
 
     def record_attestation(
         self, device_id: str, result: AttestationResult, *, reason: str, now: int
@@ -417,7 +359,7 @@ class Registry:
         row.attested_at = now
         row.last_seen = now
         self._s.flush()
-        return _device_record(row)
+        return _record(DeviceRecord, row)
 
     def record_report(
         self,
@@ -477,7 +419,7 @@ class Registry:
         row.last_report_at = now
         row.last_seen = now
         self._s.flush()
-        return _device_record(row)
+        return _record(DeviceRecord, row)
 
     def key_states(self, device_id: str) -> list[KeyRecord]:
         row = self._device_row(device_id)
@@ -565,7 +507,7 @@ class Registry:
         row.last_report = None
         row.last_report_at = None
         self._s.flush()
-        return _device_record(row)
+        return _record(DeviceRecord, row)
 
     def key_history(self, device_id: str, key_name: str) -> list[KeyTransitionRecord]:
         row = self._device_row(device_id)
@@ -622,7 +564,7 @@ class Registry:
             self._s.flush()
         except IntegrityError:
             raise RetryableConflict(f"group {group_id!r} was created concurrently") from None
-        return _group_record(group)
+        return _record(GroupRecord, group)
 
     def _group_row(self, group_id: str) -> Group:
         row = self._s.get(Group, group_id)
@@ -631,10 +573,12 @@ class Registry:
         return row
 
     def group(self, group_id: str) -> GroupRecord:
-        return _group_record(self._group_row(group_id))
+        return _record(GroupRecord, self._group_row(group_id))
 
     def groups(self) -> list[GroupRecord]:
-        return [_group_record(g) for g in self._s.scalars(select(Group).order_by(Group.group_id))]
+        return [
+            _record(GroupRecord, g) for g in self._s.scalars(select(Group).order_by(Group.group_id))
+        ]
 
     def members(self, group_id: str) -> list[MemberRecord]:
         self._group_row(group_id)
@@ -645,7 +589,7 @@ class Registry:
                 GroupMember.leaf_index.is_(None), GroupMember.leaf_index, GroupMember.device_id
             )
         )
-        return [_member_record(row) for row in rows]
+        return [_record(MemberRecord, row) for row in rows]
 
     def groups_of(self, device_id: str) -> list[MemberRecord]:
         self._device_row(device_id)
@@ -654,7 +598,7 @@ class Registry:
             .where(GroupMember.device_id == device_id)
             .order_by(GroupMember.group_id)
         )
-        return [_member_record(row) for row in rows]
+        return [_record(MemberRecord, row) for row in rows]
 
     def request_add(self, group_id: str, device_id: str, *, now: int) -> MemberRecord:
         """Ask for ``device_id`` to be added to the group: it stays pending (no leaf) until a
@@ -668,7 +612,7 @@ class Registry:
                     "registry.member.pending_remove",
                     f"device {device_id!r} is being removed from group {group_id!r}",
                 )
-            return _member_record(existing)
+            return _record(MemberRecord, existing)
         if device.state not in _GROUP_ELIGIBLE:
             raise ProtocolError(
                 "registry.member.device_state",
@@ -684,7 +628,7 @@ class Registry:
         )
         self._s.add(row)
         self._s.flush()
-        return _member_record(row)
+        return _record(MemberRecord, row)
 
     def request_remove(self, group_id: str, device_id: str, *, now: int) -> MemberRecord | None:
         """Ask for a member's removal (pending until a commit removes it). A pending add that no
@@ -702,7 +646,7 @@ class Registry:
         row.pending = PendingChange.REMOVE
         row.requested_at = now
         self._s.flush()
-        return _member_record(row)
+        return _record(MemberRecord, row)
 
     def append_commit(
         self,
@@ -820,7 +764,7 @@ class Registry:
                 "ds.commit.leaf",
                 f"commit for group {group_id!r} epoch {epoch} puts two members on one leaf",
             ) from None
-        return _commit_record(entry)
+        return _record(CommitRecord, entry)
 
     def commits_from(self, group_id: str, epoch: int) -> list[CommitRecord]:
         """The commits a member at ``epoch`` needs to catch up to the current epoch, in order.
@@ -845,7 +789,7 @@ class Registry:
                 f"group {group_id!r}: commits from epoch {epoch} are no longer kept; "
                 "the member needs a fresh welcome",
             )
-        return [_commit_record(row) for row in rows]
+        return [_record(CommitRecord, row) for row in rows]
 
     def prune_commit_log(self, group_id: str, below_epoch: int) -> int:
         """Retention: drop commits (and acks) of epochs below ``below_epoch``; returns how many
@@ -1000,7 +944,7 @@ class Registry:
             self._s.flush()
         except IntegrityError:
             raise RetryableConflict(f"operator {name!r} was added concurrently") from None
-        return _operator_record(row)
+        return _record(OperatorRecord, row)
 
     def _operator_row(self, name: str) -> Operator:
         row = self._s.get(Operator, name)
@@ -1009,15 +953,16 @@ class Registry:
         return row
 
     def operator(self, name: str) -> OperatorRecord:
-        return _operator_record(self._operator_row(name))
+        return _record(OperatorRecord, self._operator_row(name))
 
     def operator_by_fingerprint(self, cert_fingerprint: str) -> OperatorRecord | None:
         row = self._s.scalar(select(Operator).where(Operator.cert_fingerprint == cert_fingerprint))
-        return None if row is None else _operator_record(row)
+        return None if row is None else _record(OperatorRecord, row)
 
     def operators(self) -> list[OperatorRecord]:
         return [
-            _operator_record(r) for r in self._s.scalars(select(Operator).order_by(Operator.name))
+            _record(OperatorRecord, r)
+            for r in self._s.scalars(select(Operator).order_by(Operator.name))
         ]
 
     def set_operator_role(self, name: str, role: Role, *, now: int) -> OperatorRecord:
@@ -1028,7 +973,7 @@ class Registry:
             row.role = role
             row.updated_at = now
             self._s.flush()
-        return _operator_record(row)
+        return _record(OperatorRecord, row)
 
     def set_operator_certificate(
         self, name: str, cert_fingerprint: str, *, now: int
@@ -1045,7 +990,7 @@ class Registry:
         row.cert_fingerprint = cert_fingerprint
         row.updated_at = now
         self._s.flush()
-        return _operator_record(row)
+        return _record(OperatorRecord, row)
 
     def remove_operator(self, name: str) -> None:
         row = self._operator_row(name)
@@ -1081,20 +1026,23 @@ class Registry:
             self._s.flush()
         except IntegrityError:
             raise RetryableConflict(f"station {name!r} was added concurrently") from None
-        return _station_record(row)
+        return _record(StationRecord, row)
 
     def station(self, name: str) -> StationRecord:
         row = self._s.get(Station, name)
         if row is None:
             raise ProtocolError("registry.station.unknown", f"no station {name!r}")
-        return _station_record(row)
+        return _record(StationRecord, row)
 
     def station_by_fingerprint(self, cert_fingerprint: str) -> StationRecord | None:
         row = self._s.scalar(select(Station).where(Station.cert_fingerprint == cert_fingerprint))
-        return None if row is None else _station_record(row)
+        return None if row is None else _record(StationRecord, row)
 
     def stations(self) -> list[StationRecord]:
-        return [_station_record(r) for r in self._s.scalars(select(Station).order_by(Station.name))]
+        return [
+            _record(StationRecord, r)
+            for r in self._s.scalars(select(Station).order_by(Station.name))
+        ]
 
     def remove_station(self, name: str) -> None:
         row = self._s.get(Station, name)
