@@ -20,6 +20,7 @@ import copy
 import os
 import stat
 import tomllib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,13 +124,13 @@ class Problems:
         return INVALID
 
 
-class Check:
+class Check(ABC):
     """Base of all checks: ``check(key, value, problems)`` returns the value or ``INVALID``."""
 
     expected: str = "a value"
 
-    def check(self, key: str, value: object, problems: Problems) -> object:
-        raise NotImplementedError
+    @abstractmethod
+    def check(self, key: str, value: object, problems: Problems) -> object: ...
 
 
 @dataclass(frozen=True)
