@@ -5,10 +5,8 @@ certificates answering commit requests and acking over the real broker."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,29 +17,26 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt import MqttClient
-from firmware_sim.boot import default_components
 from provisioning import pki
-from provisioning.policy import policy_from_components, write_policy
 from provisioning.registry import create_schema, make_engine, session_factory
 from provisioning.service.core import device_cmd_topic
 from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.service_deployment import (
+    add_operator,
+    keyfleet,
+    operator_args,
+    service_config,
+    start_serve,
+    write_operator,
+    write_pem,
+    write_service_pki,
+)
 from tests.service_members import SoftDevice
 
 pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("dev-a", "dev-b", "dev-c")
-
-
-def keyfleet(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "provisioning.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 class MemberThread:
@@ -99,13 +94,6 @@ class Deployment:
         return keyfleet(*args, *self.operator_args, cwd=self.workdir, timeout=timeout)
 
 
-def write_pem(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
-    return path
-
-
 @pytest.fixture
 def deployment(
     tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: object
@@ -119,44 +107,18 @@ def deployment(
     files = tmp_path / "pki"
     files.mkdir()
     service_files = broker_pki.client("keyfleet-service", role="service")
-    write_pem(files / "device-ca.pem", pki.cert_to_pem(device_ca.certificate))
-    write_pem(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
-    write_pem(files / "operator-ca.pem", pki.cert_to_pem(operator_ca.certificate))
-    write_pem(files / "manufacturers.pem", pki.cert_to_pem(device_ca.certificate))
-    write_policy(policy_from_components(default_components("1.0")), files / "golden.toml")
+    write_service_pki(files, device_ca, operator_ca)
     db = tmp_path / "fleet.db"
     config = tmp_path / "keyfleet.toml"
     config.write_text(
-        f"""
-[database]
-url = "sqlite:///{db}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-ca = "{broker.ca_file}"
-client_cert = "{service_files.cert_file}"
-client_key = "{service_files.key_file}"
-
-[device_ca]
-cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
-
-[operator_ca]
-cert = "pki/operator-ca.pem"
-
-[attestation]
-manufacturer_cas = "pki/manufacturers.pem"
-golden_measurements = "pki/golden.toml"
-
-[groups]
-ack_timeout_seconds = 6
-commit_log_retention_epochs = 16
-
-[service]
-instance = "test"
-commit_request_timeout_seconds = 3
-"""
+        service_config(
+            db_url=f"sqlite:///{db}",
+            broker=broker,
+            client=service_files,
+            instance="test",
+            groups="ack_timeout_seconds = 6\ncommit_log_retention_epochs = 16\n",
+            service="commit_request_timeout_seconds = 3\n",
+        )
     )
     engine = make_engine(f"sqlite:///{db}")
     create_schema(engine)
@@ -171,59 +133,21 @@ commit_request_timeout_seconds = 3
         members[name] = MemberThread(device, broker, key_file, cert_file)
     engine.dispose()
 
-    op_key = pki.generate_key()
-    op_cert = pki.issue_client_cert(
-        operator_ca,
-        op_key.public_key(),
-        identity="op-alice",
-        role="admin",
-        now=now,
-        valid_for=timedelta(days=1),
-    )
-    write_pem(files / "op-alice.pem", pki.cert_to_pem(op_cert))
-    write_pem(files / "op-alice.key", pki.key_to_pem(op_key), private=True)
-    added = keyfleet(
-        "operator",
-        "add",
-        "op-alice",
-        "--cert",
-        "pki/op-alice.pem",
-        "--config",
-        str(config),
-        cwd=tmp_path,
-    )
-    assert added.returncode == 0, added.stderr
+    write_operator(files, operator_ca, "op-alice", role="admin", now=now, stem="op-alice")
+    added = add_operator("op-alice", "pki/op-alice.pem", config=config, cwd=tmp_path)
     assert added.stdout.strip() == "operator op-alice registered with role admin"
 
     log = tmp_path / "serve.log"
-    with open(log, "wb") as sink:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", "serve", "--config", str(config)],
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    deadline = time.monotonic() + 20
-    while b"ready" not in log.read_bytes():
-        assert service.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    service = start_serve(config, cwd=tmp_path, log=log, timeout=20)
     for member in members.values():
         member.start()
-    operator_args = [
-        "--broker",
-        f"{broker.host}:{broker.port}",
-        "--ca",
-        str(broker.ca_file),
-        "--cert",
-        "pki/op-alice.pem",
-        "--key",
-        "pki/op-alice.key",
-        "--service-cert",
-        str(service_files.cert_file),
-    ]
-    deployment = Deployment(tmp_path, config, db, log, service, members, operator_args)
+    cli_args = operator_args(
+        broker,
+        cert="pki/op-alice.pem",
+        key="pki/op-alice.key",
+        service_cert=service_files.cert_file,
+    )
+    deployment = Deployment(tmp_path, config, db, log, service, members, cli_args)
     try:
         yield deployment
     finally:
