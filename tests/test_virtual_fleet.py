@@ -6,11 +6,9 @@ a subprocess: it refuses without the insecure flag, and runs and says INSECURE w
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,28 +17,24 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from firmware_sim.boot import default_components
 from firmware_sim.fleet import VirtualFleet, load_fleet_config
 from provisioning import pki
-from provisioning.policy import policy_from_components, write_policy
 from provisioning.registry import make_engine, session_factory
 from provisioning.registry.schema import Ack, Device
 from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.service_deployment import (
+    add_operator,
+    keyfleet,
+    operator_args,
+    service_config,
+    start_serve,
+    write_operator,
+    write_service_pki,
+)
 
 pytestmark = pytest.mark.e2e
 
 DEVICES = 20
-
-
-def keyfleet(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "provisioning.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @dataclass
@@ -57,13 +51,6 @@ class Installation:
         return keyfleet(*args, *self.operator_args, cwd=self.workdir, timeout=timeout)
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
-    return path
-
-
 @pytest.fixture
 def installation(
     tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: object
@@ -78,53 +65,18 @@ def installation(
     files = tmp_path / "pki"
     files.mkdir()
     service = broker_pki.client("keyfleet-service", role="service")
-    _write(files / "device-ca.pem", pki.cert_to_pem(device_ca.certificate))
-    _write(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
-    _write(files / "operator-ca.pem", pki.cert_to_pem(operator_ca.certificate))
-    _write(files / "manufacturers.pem", pki.cert_to_pem(device_ca.certificate))
-    write_policy(policy_from_components(default_components("1.0")), files / "golden.toml")
-    op_key = pki.generate_key()
-    op_cert = pki.issue_client_cert(
-        operator_ca,
-        op_key.public_key(),
-        identity="op-fleet",
-        role="admin",
-        now=now,
-        valid_for=timedelta(days=1),
-    )
-    _write(files / "op.pem", pki.cert_to_pem(op_cert))
-    _write(files / "op.key", pki.key_to_pem(op_key), private=True)
+    write_service_pki(files, device_ca, operator_ca)
+    write_operator(files, operator_ca, "op-fleet", role="admin", now=now, stem="op")
     db = tmp_path / "fleet.db"
     config = tmp_path / "keyfleet.toml"
     config.write_text(
-        f"""
-[database]
-url = "sqlite:///{db}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-ca = "{broker.ca_file}"
-client_cert = "{service.cert_file}"
-client_key = "{service.key_file}"
-
-[device_ca]
-cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
-
-[operator_ca]
-cert = "pki/operator-ca.pem"
-
-[attestation]
-manufacturer_cas = "pki/manufacturers.pem"
-golden_measurements = "pki/golden.toml"
-
-[groups]
-ack_timeout_seconds = 30
-
-[service]
-instance = "fleet-test"
-"""
+        service_config(
+            db_url=f"sqlite:///{db}",
+            broker=broker,
+            client=service,
+            instance="fleet-test",
+            groups="ack_timeout_seconds = 30\n",
+        )
     )
     fleet_config = tmp_path / "fleet.toml"
     fleet_config.write_text(
@@ -150,40 +102,16 @@ url = "sqlite:///fleet.db"
 insecure_software_keys = true
 """
     )
-    initialized = keyfleet("db", "init", "--config", str(config), cwd=tmp_path)
+    initialized = keyfleet("db", "init", "--config", str(config), cwd=tmp_path, timeout=120)
     assert initialized.returncode == 0, initialized.stderr
-    added = keyfleet(
-        "operator", "add", "op-fleet", "--cert", "pki/op.pem", "--config", str(config), cwd=tmp_path
-    )
-    assert added.returncode == 0, added.stderr
+    add_operator("op-fleet", "pki/op.pem", config=config, cwd=tmp_path)
     log = tmp_path / "serve.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", "serve", "--config", str(config)],
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    deadline = time.monotonic() + 30
-    while b"ready" not in log.read_bytes():
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    operator_args = [
-        "--broker",
-        f"{broker.host}:{broker.port}",
-        "--ca",
-        str(broker.ca_file),
-        "--cert",
-        "pki/op.pem",
-        "--key",
-        "pki/op.key",
-        "--service-cert",
-        str(service.cert_file),
-    ]
+    process = start_serve(config, cwd=tmp_path, log=log, timeout=30)
+    cli_args = operator_args(
+        broker, cert="pki/op.pem", key="pki/op.key", service_cert=service.cert_file
+    )
     try:
-        yield Installation(tmp_path, config, fleet_config, db, log, process, operator_args)
+        yield Installation(tmp_path, config, fleet_config, db, log, process, cli_args)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -240,7 +168,12 @@ def test_twenty_virtual_devices_are_grouped_and_rekeyed_through_the_operator_cli
     assert {auth for _, auth in acks} == authenticators
     assert set(ids) <= registered
     verify = keyfleet(
-        "audit", "verify", "--config", str(installation.config), cwd=installation.workdir
+        "audit",
+        "verify",
+        "--config",
+        str(installation.config),
+        cwd=installation.workdir,
+        timeout=120,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
