@@ -39,9 +39,7 @@ from agent.statefile import StateFile
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore
 from agent.tpm.templates import KeyKind
-from firmware_sim.boot import default_components
 from provisioning import audit, pki
-from provisioning.policy import policy_from_components, write_policy
 from provisioning.registry import (
     DeviceState,
     KeyState,
@@ -53,6 +51,14 @@ from provisioning.registry import (
 )
 from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
 from tests.fixtures.swtpm import Swtpm, SwtpmFactory
+from tests.service_deployment import (
+    add_operator,
+    operator_args,
+    service_config,
+    start_serve,
+    write_operator,
+    write_service_pki,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -172,13 +178,6 @@ class Lab:
         return rows
 
 
-def write_pem(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
-    return path
-
-
 def make_device(
     name: str,
     *,
@@ -289,43 +288,18 @@ def lab(
     files = tmp_path / "pki"
     files.mkdir()
     service_files = broker_pki.client("keyfleet-service", role="service")
-    write_pem(files / "device-ca.pem", pki.cert_to_pem(device_ca.certificate))
-    write_pem(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
-    write_pem(files / "operator-ca.pem", pki.cert_to_pem(operator_ca.certificate))
-    write_pem(files / "manufacturers.pem", pki.cert_to_pem(device_ca.certificate))
-    write_policy(policy_from_components(default_components("1.0")), files / "golden.toml")
+    write_service_pki(files, device_ca, operator_ca)
     db = tmp_path / "fleet.db"
     config = tmp_path / "keyfleet.toml"
     config.write_text(
-        f"""
-[database]
-url = "sqlite:///{db}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-ca = "{broker.ca_file}"
-client_cert = "{service_files.cert_file}"
-client_key = "{service_files.key_file}"
-
-[device_ca]
-cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
-
-[operator_ca]
-cert = "pki/operator-ca.pem"
-
-[attestation]
-manufacturer_cas = "pki/manufacturers.pem"
-golden_measurements = "pki/golden.toml"
-
-[groups]
-ack_timeout_seconds = 20
-
-[service]
-instance = "lifecycle"
-commit_request_timeout_seconds = 5
-"""
+        service_config(
+            db_url=f"sqlite:///{db}",
+            broker=broker,
+            client=service_files,
+            instance="lifecycle",
+            groups="ack_timeout_seconds = 20\n",
+            service="commit_request_timeout_seconds = 5\n",
+        )
     )
     engine = make_engine(f"sqlite:///{db}")
     create_schema(engine)
@@ -345,34 +319,15 @@ commit_request_timeout_seconds = 5
         for name in ("dev-a", "dev-b")
     }
     engine.dispose()
-    op_key = pki.generate_key()
-    op_cert = pki.issue_client_cert(
-        operator_ca, op_key.public_key(), identity="op-alice", role="admin", now=now,
-        valid_for=timedelta(days=1),
-    )  # fmt: skip
-    write_pem(files / "op-alice.pem", pki.cert_to_pem(op_cert))
-    write_pem(files / "op-alice.key", pki.key_to_pem(op_key), private=True)
-    added = run(
-        "provisioning.cli", "operator", "add", "op-alice", "--cert", "pki/op-alice.pem",
-        "--config", str(config), cwd=tmp_path,
-    )  # fmt: skip
-    assert added.returncode == 0, added.stderr
+    write_operator(files, operator_ca, "op-alice", role="admin", now=now, stem="op-alice")
+    add_operator("op-alice", "pki/op-alice.pem", config=config, cwd=tmp_path)
     service_log = tmp_path / "serve.log"
-    with open(service_log, "wb") as sink:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", "serve", "--config", str(config)],
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    wait_for("keyfleet serve", lambda: b"ready" in service_log.read_bytes(), 30)
-    operator_args = [
-        "--broker", f"{broker.host}:{broker.port}", "--ca", str(broker.ca_file),
-        "--cert", "pki/op-alice.pem", "--key", "pki/op-alice.key",
-        "--service-cert", str(service_files.cert_file),
-    ]  # fmt: skip
-    lab = Lab(tmp_path, config, db, service_log, service, devices, operator_args)
+    service = start_serve(config, cwd=tmp_path, log=service_log, timeout=30)
+    cli_args = operator_args(
+        broker, cert="pki/op-alice.pem", key="pki/op-alice.key",
+        service_cert=service_files.cert_file,
+    )  # fmt: skip
+    lab = Lab(tmp_path, config, db, service_log, service, devices, cli_args)
     try:
         for device in devices.values():
             device.start()
