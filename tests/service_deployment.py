@@ -12,8 +12,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+
+from cryptography import x509
 
 from firmware_sim.boot import default_components
 from provisioning import pki
@@ -41,14 +44,19 @@ def write_pem(path: Path, data: bytes, private: bool = False) -> Path:
 
 
 def write_service_pki(
-    files: Path, device_ca: pki.CertificateAuthority, operator_ca: pki.CertificateAuthority
+    files: Path,
+    device_ca: pki.CertificateAuthority,
+    operator_ca: pki.CertificateAuthority,
+    manufacturer_cas: Sequence[x509.Certificate] = (),
 ) -> None:
-    """The CA files and golden policy the config below names; the device CA doubles as the
-    manufacturer CA because these tests' devices have software DevIDs, not EK chains."""
+    """The CA files and golden policy the config below names. Without ``manufacturer_cas`` the
+    device CA doubles as the manufacturer CA, for devices with software DevIDs, not EK chains."""
     write_pem(files / "device-ca.pem", pki.cert_to_pem(device_ca.certificate))
     write_pem(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
     write_pem(files / "operator-ca.pem", pki.cert_to_pem(operator_ca.certificate))
-    write_pem(files / "manufacturers.pem", pki.cert_to_pem(device_ca.certificate))
+    write_pem(
+        files / "manufacturers.pem", pki.certs_to_pem(manufacturer_cas or [device_ca.certificate])
+    )
     write_golden_policy(files / "golden.toml")
 
 

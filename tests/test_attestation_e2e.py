@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,29 +29,24 @@ import pytest
 
 from agent.daemon import read_status
 from agent.errors import StateError
-from firmware_sim.boot import default_components
 from firmware_sim.swtpm import pid_alive
-from provisioning import pki
-from provisioning.policy import policy_from_components, write_policy
 from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker, free_port
 from tests.fixtures.swtpm import ManufacturerCA
+from tests.service_deployment import (
+    add_operator,
+    keyfleet,
+    operator_args,
+    service_config,
+    start_serve,
+    write_operator,
+    write_service_pki,
+)
 from tests.test_enroll import STATION, make_pki
 from tests.test_firmware_sim import DeviceProcess
 
 pytestmark = pytest.mark.e2e
 
 T = TypeVar("T")
-
-
-def keyfleet(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "provisioning.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def eventually(probe: Callable[[], T | None], what: str, timeout: float = 40.0) -> T:
@@ -106,77 +101,35 @@ def service(
         extra_ca_certs=(fleet_pki.device_ca.certificate, fleet_pki.operator_ca.certificate)
     )
     service_files = broker_pki.client("keyfleet-service", role="service")
-    pki.write_certificate(d / "device-ca.pem", fleet_pki.device_ca.certificate)
-    pki.write_private_key(d / "device-ca.key", fleet_pki.device_ca.private_key)
-    pki.write_certificate(d / "operator-ca.pem", fleet_pki.operator_ca.certificate)
-    (d / "manufacturers.pem").write_bytes(
-        pki.certs_to_pem([manufacturer_ca.root_cert(), manufacturer_ca.issuer_cert()])
+    write_service_pki(
+        d,
+        fleet_pki.device_ca,
+        fleet_pki.operator_ca,
+        manufacturer_cas=[manufacturer_ca.root_cert(), manufacturer_ca.issuer_cert()],
     )
-    write_policy(policy_from_components(default_components("1.0")), d / "golden.toml")
     port = free_port()
     config = tmp_path / "keyfleet.toml"
     config.write_text(
-        f"""
-[database]
-url = "sqlite:///{tmp_path / "fleet.db"}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-ca = "{broker.ca_file}"
-client_cert = "{service_files.cert_file}"
-client_key = "{service_files.key_file}"
-
-[device_ca]
-cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
-
-[operator_ca]
-cert = "pki/operator-ca.pem"
-
-[attestation]
-manufacturer_cas = "pki/manufacturers.pem"
-golden_measurements = "pki/golden.toml"
-interval_seconds = 3600
-quarantine = true
-
-[groups]
-ack_timeout_seconds = 30
-
-[service]
-instance = "e2e"
-commit_request_timeout_seconds = 5
-
+        service_config(
+            db_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+            broker=broker,
+            client=service_files,
+            instance="e2e",
+            attestation="interval_seconds = 3600\nquarantine = true\n",
+            groups="ack_timeout_seconds = 30\n",
+            service="commit_request_timeout_seconds = 5\n",
+            extra=f"""
 [http]
 listen = "127.0.0.1:{port}"
 tls_cert = "pki/server.pem"
 tls_key = "pki/server.key"
 station_ca = "pki/station-ca.pem"
-"""
+""",
+        )
     )
     now = datetime.now(UTC)
-    op_key = pki.generate_key()
-    op_cert = pki.issue_client_cert(
-        fleet_pki.operator_ca,
-        op_key.public_key(),
-        identity="op-alice",
-        role="operator",
-        now=now,
-        valid_for=timedelta(days=1),
-    )
-    pki.write_certificate(d / "op-alice.pem", op_cert)
-    pki.write_private_key(d / "op-alice.key", op_key)
-    added = keyfleet(
-        "operator",
-        "add",
-        "op-alice",
-        "--cert",
-        "pki/op-alice.pem",
-        "--config",
-        str(config),
-        cwd=tmp_path,
-    )
-    assert added.returncode == 0, added.stderr
+    write_operator(d, fleet_pki.operator_ca, "op-alice", role="operator", now=now, stem="op-alice")
+    add_operator("op-alice", "pki/op-alice.pem", config=config, cwd=tmp_path)
     station = keyfleet(
         "station",
         "add",
@@ -191,13 +144,7 @@ station_ca = "pki/station-ca.pem"
     assert station.stdout.startswith(f"station {STATION} registered")
 
     log = tmp_path / "serve.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", "serve", "--config", str(config)],
-            cwd=tmp_path,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_serve(config, cwd=tmp_path, log=log, timeout=30, ready=b"keyfleet serve: ready")
     running = Service(
         workdir=tmp_path,
         config=config,
@@ -211,20 +158,16 @@ station_ca = "pki/station-ca.pem"
             "--ca", str(d / "server-ca.pem"),
         ],
         operator=[
-            "--broker", f"{broker.host}:{broker.port}",
-            "--ca", str(broker.ca_file),
-            "--cert", str(d / "op-alice.pem"),
-            "--key", str(d / "op-alice.key"),
-            "--service-cert", str(service_files.cert_file),
+            *operator_args(
+                broker,
+                cert=str(d / "op-alice.pem"),
+                key=str(d / "op-alice.key"),
+                service_cert=service_files.cert_file,
+            ),
             "--timeout", "60",
         ],
     )  # fmt: skip
     try:
-        eventually(
-            lambda: True if "keyfleet serve: ready" in running.log_text() else None,
-            f"keyfleet serve ready: {running.log_text()}",
-            timeout=30,
-        )
         assert "enrollment API on https://127.0.0.1" in running.log_text()
         yield running
     finally:
