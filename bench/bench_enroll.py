@@ -27,6 +27,8 @@ from typing import Any
 from agent.factory import serve_factory_on_pty
 from agent.serial_link import SerialClient
 from agent.tpm.store import TPMStore
+from bench.deployment import client_identity
+from firmware_sim.broker import SERVICE_IDENTITY
 from firmware_sim.swtpm import Swtpm, make_manufacturer_ca, provision
 from provisioning import pki
 from provisioning.enroll import Enrollment, EnrollmentSettings
@@ -57,22 +59,11 @@ def main() -> None:
         station_ca = pki.create_ca("bench station CA", now=now, valid_for=valid)
         tls_ca = pki.create_ca("bench enrollment TLS CA", now=now, valid_for=valid)
         broker_ca = pki.create_ca("bench broker CA", now=now, valid_for=valid)
-        service_cert = pki.issue_client_cert(
-            broker_ca,
-            pki.generate_key().public_key(),
-            identity="keyfleet-service",
-            role="service",
-            now=now,
-            valid_for=valid,
+        _, service_cert = client_identity(
+            broker_ca, SERVICE_IDENTITY, "service", now=now, valid=valid
         )
-        station_key = pki.generate_key()
-        station_cert = pki.issue_client_cert(
-            station_ca,
-            station_key.public_key(),
-            identity=STATION,
-            role="station",
-            now=now,
-            valid_for=valid,
+        station_key, station_cert = client_identity(
+            station_ca, STATION, "station", now=now, valid=valid
         )
         server_key = pki.generate_key()
         server_cert = pki.issue_server_cert(

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from firmware_sim.boot import default_components
 from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
 from provisioning import pki
@@ -50,6 +53,17 @@ def _rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def client_identity(
+    ca: pki.CertificateAuthority, identity: str, role: str, *, now: datetime, valid: timedelta
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh key and its client certificate (identity and role in the subject) from ``ca``."""
+    key = pki.generate_key()
+    cert = pki.issue_client_cert(
+        ca, key.public_key(), identity=identity, role=role, now=now, valid_for=valid
+    )
+    return key, cert
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
@@ -86,19 +100,10 @@ def deployment(
         now=now,
         valid_for=valid,
     )
-    service_key = pki.generate_key()
-    service_cert = pki.issue_client_cert(
-        broker_ca,
-        service_key.public_key(),
-        identity=SERVICE_IDENTITY,
-        role="service",
-        now=now,
-        valid_for=valid,
+    service_key, service_cert = client_identity(
+        broker_ca, SERVICE_IDENTITY, "service", now=now, valid=valid
     )
-    op_key = pki.generate_key()
-    op_cert = pki.issue_client_cert(
-        operator_ca, op_key.public_key(), identity=OPERATOR, role="admin", now=now, valid_for=valid
-    )
+    op_key, op_cert = client_identity(operator_ca, OPERATOR, "admin", now=now, valid=valid)
     _write(files / "broker-ca.pem", pki.cert_to_pem(broker_ca.certificate))
     _write(files / "server.pem", pki.cert_to_pem(server_cert))
     _write(files / "server.key", pki.key_to_pem(server_key), private=True)
