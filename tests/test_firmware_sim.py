@@ -98,9 +98,16 @@ class DeviceProcess:
             self._close()
 
     def kill(self) -> None:
+        """Teardown: SIGTERM first, so the simulator stops its agent and swtpm by PID (a SIGKILL
+        would orphan them); SIGKILL only if it does not exit in time."""
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
         self._close()
 
     def _close(self) -> None:
