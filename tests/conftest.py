@@ -3,7 +3,11 @@ every test carries exactly one tier marker (pure, tpm, broker, e2e) so tiers can
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -24,3 +28,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tiers = [m.name for m in item.iter_markers() if m.name in TIERS]
         if not tiers:
             raise pytest.UsageError(f"{item.nodeid} has no tier marker (one of {', '.join(TIERS)})")
+
+
+def _processes_under(directory: str) -> dict[int, str]:
+    """Live processes (other than this one) whose command line names ``directory``."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if directory in cmdline:
+            found[int(entry.name)] = cmdline.strip()
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every swtpm, broker, service and agent a test started must be stopped by the end of the
+    run: a process still running from the run's temporary directory is a leak. It is reported,
+    stopped (so the machine stays clean) and fails the run."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    basetemp = str(factory.getbasetemp())
+    deadline = time.monotonic() + 5  # let processes that are shutting down finish
+    leaked = _processes_under(basetemp)
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leaked = _processes_under(basetemp)
+    if not leaked:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for pid, cmdline in leaked.items():
+        if reporter is not None:
+            reporter.write_line(f"LEAKED PROCESS {pid}: {cmdline[:300]}", red=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
