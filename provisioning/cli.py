@@ -130,7 +130,10 @@ def _db_init(args: argparse.Namespace) -> int:
     url = _database_url(args)
     engine = make_engine(url)
     try:
+        # every table the service uses, so that registrations run side by side afterwards never
+        # race to create one (create_all's check-then-create is not atomic across processes)
         create_schema(engine)
+        store.create_service_schema(engine)
     finally:
         engine.dispose()
     print(f"database ready: {redact_url(url)}")

@@ -654,8 +654,9 @@ online_window_seconds = {self.online_window}
         runs[f"keyfleet station add {STATION}"] = self.keyfleet_start(
             "station", "add", STATION, "--cert", str(self.pki.station.cert), "--config", config
         )
-        for label, run in runs.items():
-            done = run.wait(self.start_timeout)
+        # wait for every run before judging any, so a failure leaves no CLI process behind
+        results = {label: run.wait(self.start_timeout) for label, run in runs.items()}
+        for label, done in results.items():
             if done.returncode != 0:
                 raise LabError(label, f"exit {done.returncode}", done.stderr)
         self._engine = make_engine(f"sqlite:///{self.database}")
