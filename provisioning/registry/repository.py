@@ -302,12 +302,17 @@ class Registry:
             ak_public=ak_public,
         )
         self._s.add(row)
+        # another instance may enroll the same id or EK between our check and our insert
+        self._flush_or_retry(f"device {device_id!r} was enrolled concurrently")
+        return _record(DeviceRecord, row)
+
+    def _flush_or_retry(self, conflict: str) -> None:
+        """Flush; a unique constraint that fires means another writer got there between our
+        check and our insert: the whole unit of work is retried (``run_in_transaction``)."""
         try:
             self._s.flush()
         except IntegrityError:
-            # Another instance enrolled the same id or EK between our check and our insert.
-            raise RetryableConflict(f"device {device_id!r} was enrolled concurrently") from None
-        return _record(DeviceRecord, row)
+            raise RetryableConflict(conflict) from None
 
     def _device_row(self, device_id: str) -> Device:
         row = self._s.get(Device, device_id)
@@ -560,10 +565,7 @@ class Registry:
                 requested_at=now,
             )
         )
-        try:
-            self._s.flush()
-        except IntegrityError:
-            raise RetryableConflict(f"group {group_id!r} was created concurrently") from None
+        self._flush_or_retry(f"group {group_id!r} was created concurrently")
         return _record(GroupRecord, group)
 
     def _group_row(self, group_id: str) -> Group:
@@ -857,10 +859,7 @@ class Registry:
             )
         )
         self._device_row(device_id).last_seen = now
-        try:
-            self._s.flush()
-        except IntegrityError:
-            raise RetryableConflict(f"ack from {device_id!r} recorded concurrently") from None
+        self._flush_or_retry(f"ack from {device_id!r} recorded concurrently")
 
     def ack_status(self, group_id: str) -> AckStatus:
         """Acks for the group's current epoch, against its current members (pending removals
@@ -940,10 +939,7 @@ class Registry:
             name=name, cert_fingerprint=cert_fingerprint, role=role, created_at=now, updated_at=now
         )
         self._s.add(row)
-        try:
-            self._s.flush()
-        except IntegrityError:
-            raise RetryableConflict(f"operator {name!r} was added concurrently") from None
+        self._flush_or_retry(f"operator {name!r} was added concurrently")
         return _record(OperatorRecord, row)
 
     def _operator_row(self, name: str) -> Operator:
@@ -1022,10 +1018,7 @@ class Registry:
             )
         row = Station(name=name, cert_fingerprint=cert_fingerprint, created_at=now)
         self._s.add(row)
-        try:
-            self._s.flush()
-        except IntegrityError:
-            raise RetryableConflict(f"station {name!r} was added concurrently") from None
+        self._flush_or_retry(f"station {name!r} was added concurrently")
         return _record(StationRecord, row)
 
     def station(self, name: str) -> StationRecord:
