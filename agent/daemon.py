@@ -125,7 +125,11 @@ class TpmKeys:
         blob = self._store.create_key(TpmKeyKind.LEAF)
         key = self._store.load_key(blob)
         public = serialize_public_key(key.public_key())
-        blob.save(self._dir / leaf_file(public))  # durable before any state refers to it
+        try:
+            blob.save(self._dir / leaf_file(public))  # durable before any state refers to it
+        except StateError:
+            key.close()  # not kept: flush it now rather than leave it loaded in the TPM
+            raise
         self._loaded[public] = key
         return key
 
@@ -268,6 +272,11 @@ class Daemon:
         self._api: LocalApiServer | None = None
         self._store: TPMStore | None = None
         self._faults = FaultPoints(os.environ.get(FAULT_ENV))
+        # After a failed state write (disk full): outcomes handled in memory but not saved, so
+        # not published, and a message whose handling could not store a key; see _resume.
+        self._held: list[tuple[Outcome, ReceivedMessage | None]] = []
+        self._retry: ReceivedMessage | None = None
+        self._blocked_since: float | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -418,6 +427,13 @@ class Daemon:
                     self._notify(self.notifier.watchdog)
                     next_ping = time.monotonic() + period
                 mqtt = self._mqtt
+                if self._blocked:
+                    # the state cannot be saved: nothing new is taken in until it can
+                    time.sleep(_POLL)
+                    if time.monotonic() >= next_tick:
+                        next_tick = time.monotonic() + TICK_SECONDS
+                        self._resume()
+                    continue
                 if mqtt.connected:
                     if not subscribed:
                         subscribed = self._subscribe()
@@ -457,23 +473,79 @@ class Daemon:
 
     def _on_message(self, message: ReceivedMessage) -> None:
         assert self.core is not None and self._mqtt is not None
-        with self._lock:
-            outcome = self.core.handle(message.payload, message.topic, self.now())
-        if outcome.refused is not None and not outcome.changed:
+        try:
             with self._lock:
+                outcome = self.core.handle(message.payload, message.topic, self.now())
+        except StateError as exc:
+            # A key could not be stored (e.g. a new leaf blob on a full disk). The core's
+            # handlers change nothing before their last step, so the message is handled afresh
+            # once storage works again.
+            self._storage_failed(exc)
+            self._retry = message
+            return
+        if outcome.refused is not None and not outcome.changed:
+            with self._lock, contextlib.suppress(StateError):
                 self._write_status()  # refusal counters
-        if self._apply(outcome):
+        if self._apply(outcome, message):
             self._faults.reached("after-publish", outcome.handled)
             self._mqtt.ack(message)
         # else: not acknowledged; the broker redelivers it in the next session
 
-    def _apply(self, outcome: Outcome) -> bool:
-        """Persist (if changed), then publish. True when every publish was acknowledged."""
+    @property
+    def _blocked(self) -> bool:
+        return bool(self._held) or self._retry is not None
+
+    def _storage_failed(self, exc: StateError) -> None:
+        if self._blocked_since is None:
+            self._blocked_since = time.monotonic()
+            log.error(
+                "the agent's state could not be saved: %s. Nothing is published or acknowledged "
+                "until it can be (the last saved state stays as it was); retrying every %g s",
+                exc,
+                TICK_SECONDS,
+            )
+
+    def _resume(self) -> None:
+        """After a failed state write: save again; if that works, publish what was held back
+        (in order) and acknowledge its messages, then handle the message that had to wait."""
         assert self._mqtt is not None
+        if self._held:
+            try:
+                self._persist()
+            except StateError as exc:
+                log.debug("state still cannot be saved: %s", exc)
+                return
+            held, self._held = self._held, []
+            for outcome, message in held:
+                if self._publish_all(outcome) and message is not None:
+                    self._mqtt.ack(message)
+        if self._retry is not None:
+            message, self._retry = self._retry, None
+            self._on_message(message)
+        if not self._blocked and self._blocked_since is not None:
+            log.warning(
+                "the agent's state is saved again after %.0f s: resuming",
+                time.monotonic() - self._blocked_since,
+            )
+            self._blocked_since = None
+
+    def _apply(self, outcome: Outcome, message: ReceivedMessage | None = None) -> bool:
+        """Persist (if changed), then publish. True when every publish was acknowledged. If the
+        state cannot be saved, nothing is published: the outcome is held (with ``message``, to
+        acknowledge after) until ``_resume`` saves it."""
         if outcome.changed:
             self._faults.reached("before-persist", outcome.handled)
-            self._persist()
+            try:
+                self._persist()
+            except StateError as exc:
+                self._storage_failed(exc)
+                self._held.append((outcome, message))
+                return False
             self._faults.reached("after-persist", outcome.handled)
+        return self._publish_all(outcome)
+
+    def _publish_all(self, outcome: Outcome) -> bool:
+        assert self._mqtt is not None
         ok = True
         for publish in outcome.publishes:
             try:
@@ -543,6 +615,8 @@ class Daemon:
         try:
             if self.core is not None and self._state is not None and self.core.dirty:
                 self._persist()
+        except StateError as exc:
+            log.error("state not saved at shutdown (the last saved state stays): %s", exc)
         finally:
             if self._store is not None:
                 self._store.close()  # flushes every TPM object still loaded
