@@ -252,7 +252,7 @@ class _Principal(Check):
                 if self.kind == "user":
                     return pwd.getpwnam(value).pw_uid
                 return grp.getgrnam(value).gr_gid
-            except KeyError:
+            except (KeyError, ValueError):  # ValueError: a NUL in the name
                 return problems.bad(key, value, f"an existing {self.kind} (no such {self.kind})")
         return problems.bad(key, value, self.expected)
 

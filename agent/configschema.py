@@ -438,6 +438,12 @@ def read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         # tomllib's messages give the position, not the offending text.
         raise ConfigProblems(source, [f"{source}: not valid TOML: {exc}"]) from None
+    except RecursionError:
+        # tomllib parses nested arrays/inline tables recursively: a few hundred levels exhaust
+        # the interpreter's stack (found by tests/reliability/test_fuzz_local.py).
+        raise ConfigProblems(
+            source, [f"{source}: not valid TOML: arrays or tables nested too deeply"]
+        ) from None
 
 
 @dataclass
