@@ -41,6 +41,12 @@ Example (``docs/service.md`` describes every key):
     tls_cert = "pki/enroll-server.pem"
     tls_key = "pki/enroll-server.key"
     station_ca = "pki/station-ca.pem"
+
+    [dashboard]
+    listen = "127.0.0.1:8444"
+    tls_cert = "pki/dashboard-server.pem"
+    tls_key = "pki/dashboard-server.key"
+    page_size = 50
 """
 
 from __future__ import annotations
@@ -77,7 +83,9 @@ DATABASE_URL_EXPECTED = (
     "postgresql+psycopg://host/keyfleet"
 )
 LISTEN_EXPECTED = "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443"
-OPTIONAL_SECTIONS = frozenset({"database", "groups", "http", "service"})
+OPTIONAL_SECTIONS = frozenset({"database", "groups", "http", "service", "dashboard"})
+# Optional tables whose absence means "not served" rather than "defaults".
+ABSENT_MEANS_OFF = frozenset({"http", "dashboard"})
 
 
 class InvalidConfig(ConfigProblems):
@@ -145,6 +153,20 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """[dashboard]: the read-only operator dashboard (docs/dashboard.md), served by ``keyfleet
+    serve`` on its own HTTPS listener whose TLS layer trusts only the operator CA
+    (``[operator_ca] cert``); ``tls_cert``/``tls_key`` are the server's. ``page_size`` bounds
+    the rows of every table page."""
+
+    host: str
+    port: int
+    tls_cert: Path
+    tls_key: Path
+    page_size: int = 50
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     path: Path
     # The URL may carry a PostgreSQL password: kept out of repr; ``database_url_redacted`` is for
@@ -157,6 +179,7 @@ class ServiceConfig:
     groups: GroupsConfig
     http: HttpConfig | None
     service: ServiceRuntimeConfig = field(default_factory=ServiceRuntimeConfig)
+    dashboard: DashboardConfig | None = None
 
     @property
     def database_url_redacted(self) -> str:
@@ -251,6 +274,12 @@ def _schema(base: Path) -> Table:
             "tls_key": Field(file(private=True), required=True),
             "station_ca": Field(file(), required=True),
         },
+        "dashboard": {
+            "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED), required=True),
+            "tls_cert": Field(file(), required=True),
+            "tls_key": Field(file(private=True), required=True),
+            "page_size": Field(Int(10, 500, "rows"), default=50),
+        },
         "service": {
             "signing_key": Field(file(private=True)),
             "instance": Field(name, default="1"),
@@ -262,10 +291,11 @@ def _schema(base: Path) -> Table:
     for section, fields in sections.items():
         table = Table(fields, f"a table with {', '.join(fields)}")
         # An absent optional table means its defaults (its required keys apply only when the
-        # table is given, e.g. [http] listen); an absent [http] means no enrollment API.
+        # table is given, e.g. [http] listen); an absent [http] means no enrollment API, an
+        # absent [dashboard] no dashboard.
         if section not in OPTIONAL_SECTIONS:
             tables[section] = Field(table, required=True)
-        elif section == "http":
+        elif section in ABSENT_MEANS_OFF:
             tables[section] = Field(table)
         else:
             tables[section] = Field(table, default={})
@@ -281,6 +311,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         raise InternalError("validated configuration is not a table")
     sections: dict[str, Any] = result.value
     http = sections["http"]
+    dashboard = sections["dashboard"]
     return ServiceConfig(
         path=path,
         database_url=sections["database"]["url"],
@@ -299,6 +330,15 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
             station_ca=http["station_ca"],
         ),
         service=ServiceRuntimeConfig(**sections["service"]),
+        dashboard=None
+        if dashboard is None
+        else DashboardConfig(
+            host=dashboard["listen"][0],
+            port=dashboard["listen"][1],
+            tls_cert=dashboard["tls_cert"],
+            tls_key=dashboard["tls_key"],
+            page_size=dashboard["page_size"],
+        ),
     )
 
 

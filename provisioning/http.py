@@ -236,7 +236,7 @@ class EnrollmentServer:
 
 
 def uvicorn_config(
-    app: Starlette,
+    app: ASGIApp,
     *,
     server_cert: Path,
     server_key: Path,
@@ -244,8 +244,11 @@ def uvicorn_config(
     host: str = "127.0.0.1",
     port: int = 8443,
     log_level: str = "warning",
+    graceful_timeout: float | None = None,
 ) -> uvicorn.Config:
-    """uvicorn settings for mutual TLS with stations."""
+    """uvicorn settings for mutual TLS with the clients ``station_ca`` issues (stations; the
+    dashboard passes the operator CA). ``graceful_timeout`` bounds how long a stop waits for open
+    responses (the dashboard's event streams never end by themselves)."""
     return uvicorn.Config(
         app,
         host=host,
@@ -260,6 +263,7 @@ def uvicorn_config(
         log_level=log_level,
         access_log=False,
         timeout_keep_alive=5,
+        timeout_graceful_shutdown=None if graceful_timeout is None else int(graceful_timeout),
     )
 
 
@@ -275,6 +279,32 @@ def start_enrollment_server(
 ) -> EnrollmentServer:
     """Serve ``app`` over HTTPS with mutual TLS in a background thread. ``port=0`` picks a free
     port (the socket is bound here, so the port is known before uvicorn starts)."""
+    return start_mtls_server(
+        app,
+        server_cert=server_cert,
+        server_key=server_key,
+        client_ca=station_ca,
+        host=host,
+        port=port,
+        startup_timeout=startup_timeout,
+    )
+
+
+def start_mtls_server(
+    app: ASGIApp,
+    *,
+    server_cert: Path,
+    server_key: Path,
+    client_ca: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout: float = 10.0,
+    what: str = "enrollment",
+    graceful_timeout: float | None = None,
+) -> EnrollmentServer:
+    """``app`` over HTTPS in a background thread; the TLS handshake requires a client
+    certificate issued by ``client_ca`` (and nothing else). ``what`` names the server in
+    errors and its thread."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -282,20 +312,22 @@ def start_enrollment_server(
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"http.listen: cannot bind {host}:{port}: {exc.strerror}") from None
+        key = "http.listen" if what == "enrollment" else f"{what}.listen"
+        raise ConfigError(f"{key}: cannot bind {host}:{port}: {exc.strerror}") from None
     sock.listen(128)
     bound_port = int(sock.getsockname()[1])
     config = uvicorn_config(
         app,
         server_cert=server_cert,
         server_key=server_key,
-        station_ca=station_ca,
+        station_ca=client_ca,
         host=host,
         port=bound_port,
+        graceful_timeout=graceful_timeout,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="enroll-http", daemon=True
+        target=server.run, kwargs={"sockets": [sock]}, name=f"{what}-http", daemon=True
     )
     thread.start()
     deadline = time.monotonic() + startup_timeout
@@ -303,7 +335,7 @@ def start_enrollment_server(
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
             sock.close()
-            raise ConfigError(f"the enrollment server did not start on {host}:{bound_port}")
+            raise ConfigError(f"the {what} server did not start on {host}:{bound_port}")
         time.sleep(0.01)
     return EnrollmentServer(host=host, port=bound_port, _server=server, _thread=thread)
 

@@ -1,0 +1,410 @@
+"""The dashboard over real HTTPS (uvicorn on a loopback port, mutual TLS against the operator
+CA) on a real SQLite registry: who gets a page and who does not, that every page shows what the
+registry holds, that tables are paged, that values are HTML-escaped, the security headers, and
+the live ack stream."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from sqlalchemy.orm import Session, sessionmaker
+
+from bench.bench_dashboard import (
+    UNTRUSTED_REASON,
+    Client,
+    DashboardPKI,
+    device_id,
+    make_pki,
+    populate,
+    register_operator,
+)
+from firmware_sim.broker import free_port
+from provisioning import pki
+from provisioning.config import load_config
+from provisioning.dashboard import CSP, DashboardServer, DashboardSettings, queries, start_dashboard
+from provisioning.registry import (
+    DeviceState,
+    Registry,
+    Role,
+    create_schema,
+    make_engine,
+    run_in_transaction,
+    session_factory,
+)
+from provisioning.service import store
+from tests.service_deployment import write_golden_policy
+
+pytestmark = pytest.mark.e2e
+
+DEVICES = 1200
+PAGE = 50
+PAGES = ("/", "/devices", f"/devices/{device_id(7)}", "/groups", "/groups/grp-000", "/audit")
+
+
+@dataclass
+class Dashboard:
+    keys: DashboardPKI
+    sessions: sessionmaker[Session]
+    server: DashboardServer
+    now: int
+
+    def client(self, name: str | None = "op-view") -> Client:
+        if name is None:
+            return Client(self.server.port, self.keys.server_ca, None, None)
+        cert, key = self.keys.directory / f"{name}.pem", self.keys.directory / f"{name}.key"
+        return Client(self.server.port, self.keys.server_ca, cert, key)
+
+    def get(
+        self, path: str, name: str = "op-view", method: str = "GET"
+    ) -> tuple[int, dict[str, str], str]:
+        client = self.client(name)
+        try:
+            return client.get(path, method)
+        finally:
+            client.close()
+
+
+def _config(directory: Path, keys: DashboardPKI, db: Path) -> Path:
+    """A real service configuration with [dashboard]: start_dashboard reads what serve reads."""
+    for name in ("device-ca", "broker-client"):
+        key = pki.generate_key()
+        pki.write_private_key(directory / f"{name}.key", key)
+        (directory / f"{name}.pem").write_bytes(pki.cert_to_pem(keys.server.certificate))
+    write_golden_policy(directory / "golden.toml")
+    path = directory / "service.toml"
+    path.write_text(
+        f"""
+[database]
+url = "sqlite:///{db}"
+[broker]
+host = "127.0.0.1"
+ca = "{keys.server_ca}"
+client_cert = "broker-client.pem"
+client_key = "broker-client.key"
+[device_ca]
+cert = "device-ca.pem"
+key = "device-ca.key"
+[operator_ca]
+cert = "{keys.operator_ca_path}"
+[attestation]
+manufacturer_cas = "{keys.server_ca}"
+golden_measurements = "golden.toml"
+[dashboard]
+listen = "127.0.0.1:{free_port()}"
+tls_cert = "{keys.server.cert}"
+tls_key = "{keys.server.key}"
+page_size = {PAGE}
+"""
+    )
+    return path
+
+
+def _copy_identity(keys: DashboardPKI, name: str, role: str) -> x509.Certificate:
+    identity = keys.operator(name, role)
+    (keys.directory / f"{name}.pem").write_bytes(identity.cert.read_bytes())
+    (keys.directory / f"{name}.key").write_bytes(identity.key.read_bytes())
+    (keys.directory / f"{name}.key").chmod(0o600)
+    return identity.certificate
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
+    directory = tmp_path_factory.mktemp("dashboard")
+    keys = make_pki(directory / "pki")
+    db = directory / "fleet.db"
+    engine = make_engine(f"sqlite:///{db}")
+    create_schema(engine)
+    store.create_service_schema(engine)
+    sessions = session_factory(engine)
+    now = int(time.time())
+    populate(sessions, devices=DEVICES, groups=3, group_size=120, now=now)
+    for name, role in (("op-view", Role.VIEWER), ("op-admin", Role.ADMIN)):
+        cert = _copy_identity(keys, name, role.value)
+        register_operator(sessions, name, cert, role, now=now)
+    _copy_identity(keys, "op-unknown", "viewer")  # from the operator CA, never registered
+    # a registered name presenting another certificate than the registered one
+    reissued = keys.operator("op-view", "viewer")
+    (keys.directory / "op-view-reissued.pem").write_bytes(reissued.cert.read_bytes())
+    (keys.directory / "op-view-reissued.key").write_bytes(reissued.key.read_bytes())
+    (keys.directory / "op-view-reissued.key").chmod(0o600)
+    config = load_config(_config(directory, keys, db))
+    server = start_dashboard(config, settings=DashboardSettings(page_size=PAGE, poll_seconds=0.1))
+    try:
+        yield Dashboard(keys, sessions, server, now)
+    finally:
+        server.stop()
+        engine.dispose()
+
+
+# ---- who gets a page ---------------------------------------------------------------------------
+
+
+def test_no_client_certificate_is_refused_in_the_handshake(dashboard: Dashboard) -> None:
+    client = dashboard.client(None)
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        client.get("/")
+    client.close()
+
+
+def test_a_station_certificate_is_refused_in_the_handshake(
+    dashboard: Dashboard, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    station_ca = pki.create_ca("station CA", now=now, valid_for=timedelta(days=1))
+    key = pki.generate_key()
+    cert = pki.issue_client_cert(
+        station_ca, key.public_key(), identity="op-view", role="station", now=now,
+        valid_for=timedelta(days=1),
+    )  # fmt: skip
+    pki.write_certificate(tmp_path / "station.pem", cert)
+    pki.write_private_key(tmp_path / "station.key", key)
+    client = Client(
+        dashboard.server.port, dashboard.keys.server_ca, tmp_path / "station.pem",
+        tmp_path / "station.key",
+    )  # fmt: skip
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        client.get("/")
+    client.close()
+
+
+@pytest.mark.parametrize("name", ["op-unknown", "op-view-reissued"])
+@pytest.mark.parametrize("path", ["/", "/devices", "/audit", "/static/dashboard.css"])
+def test_an_unregistered_operator_certificate_gets_no_page(
+    dashboard: Dashboard, name: str, path: str
+) -> None:
+    status, headers, body = dashboard.get(path, name)
+    assert status == 403
+    assert "registered operator" in body
+    assert device_id(7) not in body and "<table" not in body
+    assert headers["content-security-policy"] == CSP
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize("name", ["op-view", "op-admin"])
+def test_nothing_but_reads(dashboard: Dashboard, method: str, name: str) -> None:
+    for path in ("/", f"/devices/{device_id(7)}", "/groups/grp-000", "/nowhere"):
+        status, headers, body = dashboard.get(path, name, method)
+        assert status == 405, (method, path)
+        assert headers["allow"] == "GET, HEAD"
+        assert "read-only" in body
+
+
+def test_viewer_reads_every_page_with_the_security_headers(dashboard: Dashboard) -> None:
+    for path in (*PAGES, "/static/dashboard.css", "/static/dashboard.js"):
+        status, headers, body = dashboard.get(path)
+        assert status == 200, (path, body[:300])
+        assert headers["content-security-policy"] == CSP
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["cache-control"] == "no-store"
+        if path.startswith("/static"):
+            continue
+        assert 'id="viewer">op-view' in body
+        # every asset and link the page names is the dashboard's own
+        for url in re.findall(r'(?:src|href|action)="([^"]*)"', body):
+            assert url.startswith(("/", "?", "#")) and not url.startswith("//"), url
+    assert "http:" not in CSP and "https:" not in CSP and "unsafe" not in CSP
+
+
+def test_unknown_ids_are_404(dashboard: Dashboard) -> None:
+    assert dashboard.get("/devices/dev-nope")[0] == 404
+    assert dashboard.get("/groups/nope")[0] == 404
+    assert dashboard.get("/groups/nope/events")[0] == 404
+    assert dashboard.get("/etc/passwd")[0] == 404
+
+
+# ---- content against the registry --------------------------------------------------------------
+
+
+def _cells(body: str, table_id: str) -> list[str]:
+    table = body.split(f'id="{table_id}"', 1)[1].split("</table>", 1)[0]
+    return re.findall(r"<tr[^>]*data-(?:device|group|seq)=\"([^\"]+)\"", table)
+
+
+def test_overview_counts_are_the_registry_counts(dashboard: Dashboard) -> None:
+    _, _, body = dashboard.get("/")
+
+    def count(state: DeviceState) -> int:
+        def work(session: Session) -> int:
+            return len(Registry(session).devices(state=state))
+
+        return run_in_transaction(dashboard.sessions, work)
+
+    assert f'id="total-devices">{DEVICES}<' in body
+    for state in DeviceState:
+        assert f'data-state="{state.value}">{count(state)}<' in body
+    untrusted = sum(1 for i in range(DEVICES) if i % 50 == 0 and i % 31)
+    assert f'data-attestation="untrusted">{untrusted}<' in body
+    assert f'id="untrusted-devices">{untrusted}<' in body
+
+
+def test_device_list_is_paged_and_filtered(dashboard: Dashboard) -> None:
+    _, _, first = dashboard.get("/devices")
+    rows = _cells(first, "devices")
+    assert rows == [device_id(i) for i in range(PAGE)]
+    assert f"page 1 of {-(-DEVICES // PAGE)}" in first
+    pages = -(-DEVICES // PAGE)
+    _, _, last = dashboard.get(f"/devices?page={pages}")
+    assert _cells(last, "devices") == [device_id(i) for i in range((pages - 1) * PAGE, DEVICES)]
+    _, _, revoked = dashboard.get("/devices?state=revoked")
+    expected = [device_id(i) for i in range(DEVICES) if i % 97 == 0 and i % 31]
+    assert _cells(revoked, "devices") == expected[:PAGE]
+    _, _, search = dashboard.get("/devices?q=dev-0011")
+    assert _cells(search, "devices") == [device_id(i) for i in range(110, 120)]
+    # a nonsense filter value is ignored, not passed to SQL
+    status, _, body = dashboard.get("/devices?state=%27%3B+drop+table+devices")
+    assert status == 200 and len(_cells(body, "devices")) == PAGE
+
+
+def test_every_table_is_bounded_by_the_page_size(dashboard: Dashboard) -> None:
+    for path, table in (
+        ("/devices", "devices"),
+        ("/devices?page=3", "devices"),
+        ("/groups/grp-000", "members-table"),
+        ("/audit", "audit"),
+        ("/audit?q=kernel", "audit"),
+    ):
+        _, _, body = dashboard.get(path)
+        rows = _cells(body, table)
+        assert 0 < len(rows) <= PAGE, (path, len(rows))
+    with dashboard.sessions() as session:
+        page = queries.device_list(session, page=1, per_page=PAGE)
+        assert page.total == DEVICES and len(page.rows) == PAGE
+
+
+def test_device_page_shows_certificate_keys_attestation_and_groups(dashboard: Dashboard) -> None:
+    dev = device_id(100)  # every 50th is untrusted and quarantined
+    _, _, body = dashboard.get(f"/devices/{dev}")
+
+    def work(session: Session) -> tuple[object, list[object], list[object]]:
+        registry = Registry(session)
+        return registry.device(dev), registry.key_states(dev), registry.groups_of(dev)
+
+    record, keys, groups = run_in_transaction(dashboard.sessions, work)
+    assert 'class="badge s-quarantined"' in body
+    assert "kernel" in body.split('id="attestations"', 1)[1]
+    assert 'class="component">kernel<' in body
+    assert UNTRUSTED_REASON.split(":", 1)[0] in body
+    for key in keys:
+        assert f'data-key="{key.key_name}"' in body  # type: ignore[attr-defined]
+    assert "active → deactivated" in body  # epoch/g/0's transition
+    for member in groups:
+        assert f'data-group="{member.group_id}"' in body  # type: ignore[attr-defined]
+    fingerprint = queries.certificate_info(record.devid_cert_pem)  # type: ignore[attr-defined]
+    assert fingerprint is not None and fingerprint.fingerprint_sha256 in body
+    assert "PRIVATE KEY" not in body
+
+
+def test_group_pages_show_epoch_acks_and_last_rekey(dashboard: Dashboard) -> None:
+    _, _, listing = dashboard.get("/groups")
+    assert _cells(listing, "groups") == ["grp-000", "grp-001", "grp-002"]
+    _, _, body = dashboard.get("/groups/grp-000")
+    status = run_in_transaction(dashboard.sessions, lambda s: Registry(s).ack_status("grp-000"))
+    assert f'id="epoch">{status.epoch}<' in body
+    assert f'id="members">{len(status.members)}<' in body
+    assert f'id="pending">{len(status.stragglers)}<' in body
+    assert f'id="acked">{len(status.members) - len(status.stragglers)}<' in body
+    assert "op-ops" in body.split('id="last-rekey"', 1)[1]
+    rows = _cells(body, "members-table")
+    assert rows == sorted(status.members)[:PAGE]
+
+
+def test_audit_log_search_paging_and_chain_status(dashboard: Dashboard) -> None:
+    _, _, body = dashboard.get("/audit")
+    with dashboard.sessions() as session:
+        head, _ = queries.audit_head(session)
+    seqs = [int(s) for s in _cells(body, "audit")]
+    assert seqs == list(range(head, head - PAGE, -1))
+    assert "Hash chain verified" in body and f"{head} entries" in body
+    older = re.search(r'href="(/audit\?before=\d+)"', body)
+    assert older is not None
+    _, _, page2 = dashboard.get(older.group(1).replace("&amp;", "&"))
+    assert [int(s) for s in _cells(page2, "audit")] == list(range(head - PAGE, head - 2 * PAGE, -1))
+    _, _, found = dashboard.get("/audit?q=op.rekey")
+    assert len(_cells(found, "audit")) == 3 and "3 matching entries" in found
+
+
+def test_values_are_html_escaped(dashboard: Dashboard) -> None:
+    dev = device_id(3)
+    evil = '<script>alert("x")</script><img src=x onerror=1>'
+
+    def work(session: Session) -> None:
+        Registry(session).set_device_state(
+            dev, DeviceState.QUARANTINED, reason=evil, now=dashboard.now
+        )
+
+    run_in_transaction(dashboard.sessions, work)
+    _, _, body = dashboard.get(f"/devices/{dev}")
+    assert evil not in body
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=1&gt;" in body
+    _, _, audit = dashboard.get("/audit?q=%3Cscript%3E")
+    assert "<script>" not in audit.replace('<script src="/static/dashboard.js" defer></script>', "")
+
+
+# ---- live acks ----------------------------------------------------------------------------------
+
+
+def _events(response: http.client.HTTPResponse, deadline: float) -> Iterator[dict[str, object]]:
+    event: str | None = None
+    while time.monotonic() < deadline:
+        line = response.fp.readline().decode()
+        if not line:
+            return
+        line = line.rstrip("\n")
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: ") and event == "progress":
+            yield json.loads(line[6:])
+
+
+def test_the_event_stream_carries_acks_as_they_are_recorded(dashboard: Dashboard) -> None:
+    group = "grp-002"
+    status = run_in_transaction(dashboard.sessions, lambda s: Registry(s).ack_status(group))
+    waiting = list(status.stragglers)
+    assert len(waiting) >= 3
+    keys = dashboard.keys
+    context = ssl.create_default_context(cafile=str(keys.server_ca))
+    context.load_cert_chain(
+        str(keys.directory / "op-view.pem"), str(keys.directory / "op-view.key")
+    )
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", dashboard.server.port, context=context, timeout=30
+    )
+    try:
+        conn.request("GET", f"/groups/{group}/events")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("content-type", "").startswith("text/event-stream")
+        stream = _events(response, time.monotonic() + 30)
+        first = next(stream)
+        assert first["reset"] is True and first["epoch"] == status.epoch
+        assert first["pending"] == len(waiting)
+        sent_before = {a["device"] for a in first["acks"]}  # type: ignore[union-attr]
+        assert sent_before.isdisjoint(waiting)
+        for k, dev in enumerate(waiting[:3]):
+
+            def ack(session: Session, dev: str = dev) -> None:
+                Registry(session).record_ack(
+                    group, epoch=status.epoch, device_id=dev, epoch_authenticator=b"a2",
+                    now=dashboard.now + 1,
+                )  # fmt: skip
+
+            run_in_transaction(dashboard.sessions, ack)
+            update = next(stream)
+            assert update["reset"] is False
+            assert [a["device"] for a in update["acks"]] == [dev]  # type: ignore[index]
+            assert update["pending"] == len(waiting) - k - 1
+            commit_at = update["commit_at"]
+            assert isinstance(commit_at, int)
+            assert update["acks"][0]["latency"] == dashboard.now + 1 - commit_at  # type: ignore[index]
+    finally:
+        conn.close()
