@@ -365,6 +365,7 @@ class AgentCore:
                 # Already applied (a catch-up replay, or a redelivery whose id was evicted
                 # from the reply cache): say where we are, so the service's view converges.
                 self.rejections.record(exc)
+                log.info("answered %s with our epoch: [%s] %s", message.type, exc.check, exc.reason)
                 command_id = body.command_id if isinstance(body, CommitMessage) else None
                 outcome = Outcome(refused=exc, handled=message.type, changed=True)
                 outcome.publishes.append(self._ack(entry, command_id))
