@@ -83,9 +83,9 @@ DATABASE_URL_EXPECTED = (
     "postgresql+psycopg://host/keyfleet"
 )
 LISTEN_EXPECTED = "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443"
-OPTIONAL_SECTIONS = frozenset({"database", "groups", "http", "service", "dashboard"})
+OPTIONAL_SECTIONS = frozenset({"database", "groups", "http", "service", "dashboard", "metrics"})
 # Optional tables whose absence means "not served" rather than "defaults".
-ABSENT_MEANS_OFF = frozenset({"http", "dashboard"})
+ABSENT_MEANS_OFF = frozenset({"http", "dashboard", "metrics"})
 
 
 class InvalidConfig(ConfigProblems):
@@ -167,6 +167,15 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: where ``keyfleet serve`` serves its Prometheus metrics (plain HTTP
+    ``GET /metrics``; docs/scale-out.md). Absent: no metrics listener."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     path: Path
     # The URL may carry a PostgreSQL password: kept out of repr; ``database_url_redacted`` is for
@@ -179,6 +188,7 @@ class ServiceConfig:
     groups: GroupsConfig
     http: HttpConfig | None
     service: ServiceRuntimeConfig = field(default_factory=ServiceRuntimeConfig)
+    metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
 
     @property
@@ -280,6 +290,9 @@ def _schema(base: Path) -> Table:
             "tls_key": Field(file(private=True), required=True),
             "page_size": Field(Int(10, 500, "rows"), default=50),
         },
+        "metrics": {
+            "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED), required=True),
+        },
         "service": {
             "signing_key": Field(file(private=True)),
             "instance": Field(name, default="1"),
@@ -311,6 +324,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         raise InternalError("validated configuration is not a table")
     sections: dict[str, Any] = result.value
     http = sections["http"]
+    metrics = sections["metrics"]
     dashboard = sections["dashboard"]
     return ServiceConfig(
         path=path,
@@ -330,6 +344,9 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
             station_ca=http["station_ca"],
         ),
         service=ServiceRuntimeConfig(**sections["service"]),
+        metrics=None
+        if metrics is None
+        else MetricsConfig(host=metrics["listen"][0], port=metrics["listen"][1]),
         dashboard=None
         if dashboard is None
         else DashboardConfig(

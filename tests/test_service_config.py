@@ -111,15 +111,15 @@ def test_defaults_for_optional_tables_and_keys(config_dir: Path) -> None:
 
 def test_unknown_keys_and_tables_are_errors(config_dir: Path) -> None:
     text = GOOD.replace('host = "127.0.0.1"', 'host = "127.0.0.1"\nhots = "typo"') + (
-        "\n[metrics]\nport = 9100\n"
+        "\n[telemetry]\nport = 9100\n"
     )
     found = problems_of(write(config_dir, text))
-    assert set(found) == {"broker.hots", "metrics"}
+    assert set(found) == {"broker.hots", "telemetry"}
     assert found["broker.hots"] == (
         '"typo" (string)',
         "one of: host, port, ca, client_cert, client_key",
     )
-    assert found["metrics"][1].startswith("one of: database, broker")
+    assert found["telemetry"][1].startswith("one of: database, broker")
 
 
 def test_wrong_types_and_ranges(config_dir: Path) -> None:

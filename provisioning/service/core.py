@@ -52,18 +52,21 @@ audit chain are in the database.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from typing import Final, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.errors import ProtocolError
@@ -108,6 +111,7 @@ from provisioning.attestation import (
     Evidence,
     verify_evidence,
 )
+from provisioning.metrics import ServiceMetrics
 from provisioning.policy import GoldenPolicy
 from provisioning.registry import (
     AttestationResult,
@@ -121,8 +125,9 @@ from provisioning.registry import (
     cert_fingerprint,
     run_in_transaction,
 )
+from provisioning.registry.engine import RetryableConflict
 from provisioning.registry.schema import Ack as AckRow
-from provisioning.registry.schema import CommitLogEntry
+from provisioning.registry.schema import CommitLogEntry, Device
 from provisioning.service import store
 
 log = logging.getLogger("keyfleet.service")
@@ -148,6 +153,10 @@ _GROUP_ELIGIBLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE})
 _REFUSED_DEVICE_STATES = frozenset({DeviceState.REVOKED, DeviceState.DESTROYED})
 _ATTESTABLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE, DeviceState.QUARANTINED})
 ATTEST_SCAN_SECONDS: Final = 5
+PRUNE_SECONDS: Final = 60
+# How long a claimed periodic task stays with its instance: longer than one run takes, short
+# enough that a killed instance's task is taken over within a few ticks.
+TASK_LEASE_SECONDS: Final = 30
 NONCE_SIZE: Final = 32
 
 
@@ -216,16 +225,20 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"
 
 
+_TERMINAL = frozenset({"done", "failed", "cancelled"})
+
+
 @dataclass(eq=False)
 class Job:
-    """One group change in a group's queue. ``request_id`` is the command id of the service's
-    requests for it (key package request, commit request)."""
+    """One group change in a group's queue (a row of ``service_jobs``; this is a snapshot of it,
+    written back with a compare-and-set on ``version``). ``request_id`` is the command id of the
+    service's requests for it (key package request, commit request)."""
 
     action: CommitAction
     group_id: str
     member: str | None
     request_id: bytes = field(repr=False)
-    operation: Operation | None = None
+    command_id: bytes | None = field(default=None, repr=False)  # its operation, if any
     persistent: bool = False  # survives its operation's timeout (revocations, re-adds)
     candidates: tuple[str, ...] = ()  # create: the founders to try, in order
     prefer: str | None = None  # update: ask this member first (it asked for the rotation)
@@ -236,15 +249,24 @@ class Job:
     request_epoch: int = 0
     deadline: int = 0
     detail: str = ""
+    id: int = 0
+    version: int = 0
+    claimed_by: str | None = None
+    lease_until: int = 0  # the deadline as read: the claimer's lease (``deadline`` may move)
 
     def describe(self) -> str:
         what = self.action.value + (f" {self.member}" if self.member else "")
         return f"{what} in {self.group_id}"
 
+    @property
+    def open(self) -> bool:
+        return self.state.value not in _TERMINAL
+
 
 @dataclass(eq=False)
 class Operation:
-    """An operator command in flight: its jobs and what it last told the operator."""
+    """An operator command in flight (a row of ``service_operations``): its jobs and what it
+    last told the operator. Any instance may load it and report progress."""
 
     command_id: bytes = field(repr=False)
     operator: str
@@ -254,7 +276,7 @@ class Operation:
     jobs: list[Job]
     last_progress: int
     finished: bool = False
-    last_sent: tuple[object, ...] = ()
+    last_sent: str = ""  # "kind:digest" of what the operator was last told
     # Ack progress throttle (see ``_ack_progress_due``): when and at which step the last
     # in-progress ack result went out, and whether a newer ack view is still unsent.
     acks_sent_at: int | None = None
@@ -273,16 +295,6 @@ class _AttestOperation:
     device_id: str
     nonce: bytes = field(repr=False)
     deadline: int
-
-
-@dataclass(frozen=True)
-class _HeldCommit:
-    """A valid commit that adds members, held until its Welcome arrives (both are accepted
-    together, so no member is ever added without a welcome to give it)."""
-
-    sender: str
-    body: CommitMessage
-    received: int
 
 
 @dataclass(frozen=True)
@@ -311,6 +323,8 @@ class DeliveryService:
         settings: ServiceSettings | None = None,
         attestation: AttestationSettings | None = None,
         rng: Rng = os.urandom,
+        instance: str = "1",
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self._sessions = sessions
         self.attestation = attestation
@@ -318,22 +332,18 @@ class DeliveryService:
         self._operator_ca = operator_ca
         self.settings = settings if settings is not None else ServiceSettings()
         self._rng = rng
+        self.instance = instance
+        self.metrics = metrics if metrics is not None else ServiceMetrics()
         self.rejections = Rejections()
-        self._seq = 0
-        self._out: list[Publish] = []
-        self._queues: dict[str, deque[Job]] = {}
-        self._kp_jobs: dict[bytes, Job] = {}
-        self._operations: dict[bytes, Operation] = {}
-        self._held: dict[tuple[str, int], _HeldCommit] = {}
-        self._held_welcomes: dict[tuple[str, int, str], WelcomeMessage] = {}
+        self._out: list[tuple[str, Body, str, int]] = []
+        # Pure caches (losing them, or one instance not seeing another's, is harmless):
+        # - when a device was last heard from: ``devices.last_seen`` in the database is the
+        #   shared truth (written with every accepted report), this only saves a read;
+        # - which commit range was last replayed to a member for catch-up: another instance
+        #   may replay the same range once more, and a member drops commits it already has.
         self._last_heard: dict[str, int] = {}
         self._catchup_sent: dict[tuple[str, str], tuple[int, int, int]] = {}
-        self._readding: set[tuple[str, str]] = set()
         self._started = False
-        self._started_at = 0
-        self._attest_ops: dict[bytes, _AttestOperation] = {}
-        self._challenged: dict[str, int] = {}
-        self._next_attest_scan = 0
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -356,9 +366,11 @@ class DeliveryService:
 
     def tick(self, now: int) -> list[Publish]:
         """Timeouts and retries: commit requests nobody answered go to the next candidate, key
-        package requests are repeated, operations without progress end in ``timeout``."""
+        package requests are repeated, operations without progress end in ``timeout``. Every
+        instance ticks; each step is a compare-and-set on a shared row, so each happens once
+        (and a dead instance's jobs are taken over when their deadline, its lease, passes)."""
         self._ensure_started(now)
-        for group_id in list(self._queues):
+        for group_id in self._read(_groups_with_open_jobs):
             job = self._head(group_id)
             if job is None:
                 continue
@@ -377,29 +389,41 @@ class DeliveryService:
                 self._request_key_package(job, now)
             elif job.state in (JobState.WAITING, JobState.QUEUED):
                 self._start(job, now)
-        for key, held in list(self._held.items()):
-            if now - held.received > self.settings.commit_request_timeout:
-                del self._held[key]
-        for operation in list(self._operations.values()):
-            if (
-                not operation.finished
-                and now - operation.last_progress >= self.settings.ack_timeout
-            ):
+        for operation in self._load_operations(None):
+            if now - operation.last_progress >= self.settings.ack_timeout:
                 self._time_out(operation, now)
-            elif not operation.finished and operation.acks_deferred:
+            elif operation.acks_deferred:
                 self._progress(operation, now)  # an ack view the throttle held back
         self._attest_tick(now)
+        self._prune_tick(now)
         return self._flush()
 
     def queue_length(self, group_id: str) -> int:
-        queue = self._queues.get(group_id)
-        return 0 if queue is None else len(queue)
+        """Open jobs of ``group_id`` (queued or in flight), fleet-wide."""
+        return len(self._read(lambda s: _open_job_rows(s, group_id)))
 
     # -- plumbing ----------------------------------------------------------------------------
 
     def _flush(self) -> list[Publish]:
+        """Sign what is queued: sequence numbers are reserved from the shared counter in one
+        write, so that several instances signing as one sender stay inside every device's
+        replay window (docs/scale-out.md)."""
         out, self._out = self._out, []
-        return out
+        if not out:
+            return []
+        now = max(item[3] for item in out)
+        # Milliseconds of the clock as a floor: a counter row created on an existing fleet still
+        # starts above the seqs devices saw from the single-instance service.
+        first = self._tx(lambda s: store.reserve_seqs(s, len(out), floor=now * 1000))
+        return [
+            Publish(
+                topic,
+                encode_message(
+                    body, key=self._key, sender=SERVICE_ID, to=to, seq=first + i, time=at
+                ),
+            )
+            for i, (topic, body, to, at) in enumerate(out)
+        ]
 
     def _tx(self, work: Callable[[Session], T]) -> T:
         return run_in_transaction(self._sessions, work)
@@ -408,34 +432,36 @@ class DeliveryService:
         with self._sessions() as session:
             return work(session)
 
-    def _envelope(self, body: Body, *, to: str, now: int) -> bytes:
-        # Sequence numbers must keep increasing across restarts without a write per message:
-        # milliseconds of the clock, or one more than the last, whichever is larger.
-        self._seq = max(self._seq + 1, now * 1000)
-        return encode_message(
-            body, key=self._key, sender=SERVICE_ID, to=to, seq=self._seq, time=now
-        )
-
     def _send(self, topic: str, body: Body, *, to: str, now: int) -> None:
-        self._out.append(Publish(topic, self._envelope(body, to=to, now=now)))
+        self._out.append((topic, body, to, now))
 
     def _new_id(self) -> bytes:
         return self._rng(COMMAND_ID_SIZE)
 
     def _ensure_started(self, now: int) -> None:
-        """Re-queue removals the registry still has pending (a revocation interrupted by a
-        restart must still take the device out of its groups)."""
+        """Queue a removal job for every removal the registry has pending without one (a
+        revocation recorded by a service version that kept its jobs in memory must still take
+        the device out of its groups). Jobs themselves are in the database: nothing else to
+        resume."""
         if self._started:
             return
         self._started = True
-        self._started_at = now
 
         def pending_removals(session: Session) -> list[tuple[str, str]]:
             registry = Registry(session)
             found = []
             for group in registry.groups():
+                jobs = {
+                    row.member
+                    for row in _open_job_rows(session, group.group_id)
+                    if row.action == CommitAction.REMOVE.value
+                }
                 for member in registry.members(group.group_id):
-                    if member.pending is PendingChange.REMOVE and member.leaf_index is not None:
+                    if (
+                        member.pending is PendingChange.REMOVE
+                        and member.leaf_index is not None
+                        and member.device_id not in jobs
+                    ):
                         found.append((group.group_id, member.device_id))
             return found
 
@@ -457,6 +483,9 @@ class DeliveryService:
         audit_benign: bool = False,
     ) -> None:
         self.rejections.record(err)
+        self.metrics.rejections.inc(err.check)
+        if action == CommitMessage.TYPE:
+            self.metrics.commits.inc("refused")
         if is_benign(err) and not audit_benign:
             log.debug("dropped a redelivery from %s (%s)", actor, err.check)
             return
@@ -496,7 +525,12 @@ class DeliveryService:
         return self._read(work)
 
     def _accept_and(
-        self, message: VerifiedMessage, now: int, handler: Callable[[Session], Post | None]
+        self,
+        message: VerifiedMessage,
+        now: int,
+        handler: Callable[[Session], Post | None],
+        *,
+        device: bool = False,
     ) -> Post | None:
         """Run ``handler`` in one transaction with the sender's replay guard: the message is
         recorded as seen only if its effects commit."""
@@ -511,6 +545,16 @@ class DeliveryService:
                 guard.forget_group(group_epoch[0])
             post = handler(session)
             store.save_guard(session, message.sender, guard, now=now)
+            if device:
+                # "Heard from" must be shared: another instance picks committers and the
+                # attestation schedule by it. Same transaction as the replay state: no extra
+                # commit per report.
+                session.execute(
+                    update(Device)
+                    .where(Device.device_id == message.sender)
+                    .values(last_seen=now)
+                    .execution_options(synchronize_session=False)
+                )
             return post
 
         return self._tx(work)
@@ -552,7 +596,9 @@ class DeliveryService:
         self._last_heard[device_id] = now
         body = message.body
         try:
-            post = self._accept_and(message, now, lambda s: self._dispatch_device(s, message, now))
+            post = self._accept_and(
+                message, now, lambda s: self._dispatch_device(s, message, now), device=True
+            )
         except ProtocolError as err:
             target = getattr(body, "group_id", device_id)
             details: dict[str, str | int | None] = {"type": message.type}
@@ -567,6 +613,7 @@ class DeliveryService:
                 # key-state history the registry cannot take): it must still catch up.
                 self._catch_up(device_id, now)
             return
+        self.metrics.reports.inc(message.type)
         if post is not None:
             post()
         self._catch_up(device_id, now)
@@ -638,7 +685,7 @@ class DeliveryService:
                 "ds.update.epoch_ahead",
                 f"group {body.group_id!r} is at epoch {group.epoch}, not {body.epoch}",
             )
-        queued = self._queues.get(body.group_id, ())
+        queued = [_job_from_row(r) for r in _open_job_rows(session, body.group_id)]
         if body.epoch < group.epoch or any(j.action is CommitAction.UPDATE for j in queued):
             log.info(
                 "rotation request of %s for %s epoch %s: nothing to do (group at epoch %s, "
@@ -651,6 +698,7 @@ class DeliveryService:
             )
             return None
         job = Job(CommitAction.UPDATE, body.group_id, None, self._new_id(), prefer=sender)
+        _insert_job(session, job, now)
         audit.append(
             session,
             now=now,
@@ -670,7 +718,7 @@ class DeliveryService:
                 body.epoch,
                 body.reason,
             )
-            self._enqueue(job, now)
+            self._start_next(job.group_id, now)
 
         return post
 
@@ -695,6 +743,7 @@ class DeliveryService:
                 job = Job(
                     CommitAction.REMOVE, member.group_id, sender, self._new_id(), persistent=True
                 )
+                _insert_job(session, job, now)
                 jobs.append(job)
         audit.append(
             session,
@@ -716,14 +765,21 @@ class DeliveryService:
             )
             self._cancel_adds_of(sender, now)
             for job in jobs:
-                self._enqueue(job, now)
+                self._start_next(job.group_id, now)
 
         return post
 
     def _on_key_package(
         self, session: Session, sender: str, body: KeyPackageMessage, now: int
     ) -> Post:
-        job = self._kp_jobs.get(body.command_id) if body.command_id is not None else None
+        row = (
+            session.scalar(
+                select(store.JobRow).where(store.JobRow.request_id == body.command_id.hex())
+            )
+            if body.command_id is not None
+            else None
+        )
+        job = None if row is None else _job_from_row(row)
         if job is None or job.member != sender or job.state is not JobState.KEY_PACKAGE:
             raise ProtocolError(
                 "ds.key_package.unexpected", "no key package was requested with this command id"
@@ -738,21 +794,24 @@ class DeliveryService:
                 "ds.key_package.identity",
                 "the key package is not bound to the sender's DevID key and device id",
             )
+        job.key_package = body.key_package
+        job.state = JobState.WAITING
+        if not _save_job(session, job, self.instance):
+            # Another instance took this key package (a redelivery raced it): nothing to do.
+            raise ProtocolError(
+                "ds.key_package.unexpected", "the requested key package was already taken"
+            )
 
         def post() -> None:
-            job.key_package = body.key_package
-            self._kp_jobs.pop(job.request_id, None)
-            job.state = JobState.WAITING
             self._touch(job, now)
-            if job is self._head(job.group_id):
-                self._start(job, now)
+            self._start_next(job.group_id, now)
 
         return post
 
     def _on_group_created(
         self, session: Session, sender: str, body: GroupCreated, now: int
     ) -> Post:
-        job = self._head(body.group_id)
+        job = self._head(body.group_id, session)
         if (
             job is None
             or job.action is not CommitAction.CREATE
@@ -797,10 +856,11 @@ class DeliveryService:
             outcome=Outcome.ACCEPTED,
             details=_job_details(job, epoch=0),
         )
+        _end_job(session, job, JobState.DONE)
 
         def post() -> None:
             log.info("group %s created by %s at epoch 0", body.group_id, sender)
-            self._finish_job(job, now)
+            self._job_ended(job, now)
 
         return post
 
@@ -844,7 +904,7 @@ class DeliveryService:
                 raise ProtocolError(
                     "ds.commit.key_package", "an added key package is not the device's DevID key"
                 )
-        job = self._head(body.group_id)
+        job = self._head(body.group_id, session)
         if adds or removes:
             authorized = (
                 job is not None
@@ -871,9 +931,20 @@ class DeliveryService:
     def _on_commit(self, session: Session, sender: str, body: CommitMessage, now: int) -> Post:
         checked = self._check_commit(session, sender, body)
         if checked.adds:
-            welcome = self._held_welcomes.get((body.group_id, body.epoch, sender))
+            welcome = _take_held_welcome(session, body.group_id, body.epoch, sender)
             if welcome is None:
-                held = _HeldCommit(sender, body, now)
+                # Held in the database: its welcome may reach another instance.
+                session.merge(
+                    store.HeldMessage(
+                        group_id=body.group_id,
+                        epoch=body.epoch,
+                        sender=sender,
+                        kind="commit",
+                        data=body.commit,
+                        extra="" if body.command_id is None else body.command_id.hex(),
+                        received_at=now,
+                    )
+                )
 
                 def hold() -> None:
                     log.info(
@@ -882,7 +953,8 @@ class DeliveryService:
                         body.epoch,
                         sender,
                     )
-                    self._held[(body.group_id, body.epoch)] = held
+                    # The welcome may have been held by another instance meanwhile.
+                    self._accept_held(body.group_id, body.epoch, sender, now)
 
                 return hold
             return self._accept_commit(session, sender, body, checked, welcome=welcome, now=now)
@@ -890,17 +962,58 @@ class DeliveryService:
 
     def _on_welcome(self, session: Session, sender: str, body: WelcomeMessage, now: int) -> Post:
         commit_epoch = body.epoch - 1 if body.epoch > 0 else -1
-        held = self._held.get((body.group_id, commit_epoch))
-        if held is None or held.sender != sender:
-            # The welcome came first (or the commit is still on its way): keep it briefly.
-            key = (body.group_id, commit_epoch, sender)
+        held = _take_held_commit(session, body.group_id, commit_epoch, sender)
+        if held is None:
+            # The welcome came first (or the commit is at another instance): keep it briefly.
+            session.merge(
+                store.HeldMessage(
+                    group_id=body.group_id,
+                    epoch=commit_epoch,
+                    sender=sender,
+                    kind="welcome",
+                    data=body.welcome,
+                    extra=",".join(body.new_members),
+                    received_at=now,
+                )
+            )
 
             def keep() -> None:
-                self._held_welcomes[key] = body
+                self._accept_held(body.group_id, commit_epoch, sender, now)
 
             return keep
-        checked = self._check_commit(session, sender, held.body)
-        return self._accept_commit(session, sender, held.body, checked, welcome=body, now=now)
+        checked = self._check_commit(session, sender, held)
+        return self._accept_commit(session, sender, held, checked, welcome=body, now=now)
+
+    def _accept_held(self, group_id: str, epoch: int, sender: str, now: int) -> None:
+        """Both halves held (they reached two instances at once): whoever takes both rows
+        accepts the commit; anyone else finds nothing."""
+
+        def work(session: Session) -> Post | None:
+            commit = _take_held_commit(session, group_id, epoch, sender)
+            if commit is None:
+                return None
+            welcome = _take_held_welcome(session, group_id, epoch, sender)
+            if welcome is None:
+                raise _NothingHeld  # roll back: the commit stays held
+            checked = self._check_commit(session, sender, commit)
+            return self._accept_commit(session, sender, commit, checked, welcome=welcome, now=now)
+
+        try:
+            post = self._tx(work)
+        except _NothingHeld:
+            return
+        except ProtocolError as err:
+            self._refuse(
+                err,
+                actor=f"device:{sender}",
+                action=CommitMessage.TYPE,
+                target=group_id,
+                now=now,
+                details={"epoch": epoch},
+            )
+            return
+        if post is not None:
+            post()
 
     def _accept_commit(
         self,
@@ -963,9 +1076,20 @@ class DeliveryService:
             outcome=Outcome.ACCEPTED,
             details=details,
         )
+        session.execute(
+            delete(store.HeldMessage).where(
+                store.HeldMessage.group_id == body.group_id,
+                store.HeldMessage.epoch == body.epoch,
+            )
+        )
+        # The job ends in the commit's own transaction: no instance can see the epoch moved
+        # and the job still in flight.
+        finished = job if job is not None and _end_job(session, job, JobState.DONE) else None
+        head = None if finished is not None else self._head(body.group_id, session)
 
         def post() -> None:
             group_id, epoch = body.group_id, body.epoch
+            self.metrics.commits.inc("accepted")
             log.info(
                 "accepted the commit of %s for %s epoch %s -> %s (adds %s, removes %s)",
                 sender,
@@ -975,8 +1099,6 @@ class DeliveryService:
                 adds or "-",
                 removes or "-",
             )
-            self._held.pop((group_id, epoch), None)
-            self._held_welcomes.pop((group_id, epoch, sender), None)
             relay = CommitMessage(group_id, epoch, body.commit, body.command_id)
             self._send(group_commit_topic(group_id), relay, to=group_id, now=now)
             if welcome is not None:
@@ -987,9 +1109,8 @@ class DeliveryService:
                         to=device_id,
                         now=now,
                     )
-            head = self._head(group_id)
-            if job is not None and job is head:
-                self._finish_job(job, now)
+            if finished is not None:
+                self._job_ended(finished, now)
             elif head is not None and head.state is JobState.REQUESTED:
                 # Another member's self-update won the epoch the request was made for: ask
                 # again at the new epoch.
@@ -1008,9 +1129,12 @@ class DeliveryService:
             epoch_authenticator=body.epoch_authenticator,
             now=now,
         )
+        started = session.get(CommitLogEntry, (body.group_id, body.epoch - 1))
 
         def post() -> None:
             log.debug("ack from %s for %s epoch %s", sender, body.group_id, body.epoch)
+            if started is not None:
+                self.metrics.ack_latency.observe(max(0, now - started.accepted_at))
             self._group_changed(body.group_id, now)
 
         return post
@@ -1092,10 +1216,12 @@ class DeliveryService:
             self._readd(group_id, device_id, now)
 
     def _readd(self, group_id: str, device_id: str, now: int) -> None:
-        if (group_id, device_id) in self._readding:
-            return
-
         def work(session: Session) -> bool:
+            if any(
+                row.action == CommitAction.ADD.value and row.member == device_id
+                for row in _open_job_rows(session, group_id)
+            ):
+                return False  # a re-add (or an operator's add) is already under way
             registry = Registry(session)
             others = [
                 m
@@ -1115,6 +1241,10 @@ class DeliveryService:
                 reason="the member is behind the commit log's retention: fresh welcome",
                 details={"device": device_id},
             )
+            for action in (CommitAction.REMOVE, CommitAction.ADD):
+                _insert_job(
+                    session, Job(action, group_id, device_id, self._new_id(), persistent=True), now
+                )
             return True
 
         if not self._tx(work):
@@ -1122,13 +1252,7 @@ class DeliveryService:
         log.info(
             "catch-up: %s is beyond retention in %s; removing and re-adding it", device_id, group_id
         )
-        self._readding.add((group_id, device_id))
-        self._enqueue(
-            Job(CommitAction.REMOVE, group_id, device_id, self._new_id(), persistent=True), now
-        )
-        self._enqueue(
-            Job(CommitAction.ADD, group_id, device_id, self._new_id(), persistent=True), now
-        )
+        self._start_next(group_id, now)
 
     # -- operators -----------------------------------------------------------------------------
 
@@ -1210,6 +1334,7 @@ class DeliveryService:
                     now=now,
                 )
             return
+        self.metrics.commands.inc(message.type)
         if post is not None:
             post()
 
@@ -1228,7 +1353,7 @@ class DeliveryService:
             jobs.append(Job(CommitAction.UPDATE, body.group_id, None, self._new_id()))
             groups.add(body.group_id)
         elif isinstance(body, GroupCreate):
-            if self._pending_create(body.group_id):
+            if _pending_create(session, body.group_id):
                 raise ProtocolError(
                     "registry.group.exists", f"group {body.group_id!r} is being created"
                 )
@@ -1254,7 +1379,7 @@ class DeliveryService:
             groups.add(body.group_id)
         elif isinstance(body, GroupAdd):
             _check_eligible(registry, body.device_id, body.group_id)
-            if not self._pending_create(body.group_id):
+            if not _pending_create(session, body.group_id):
                 registry.group(body.group_id)
                 current = {m.device_id: m for m in registry.members(body.group_id)}
                 existing = current.get(body.device_id)
@@ -1273,7 +1398,7 @@ class DeliveryService:
                 reason=body.reason or f"revoked by {operator}",
                 now=now,
             )
-            jobs, groups = self._plan_removal(registry, body.device_id, now)
+            jobs, groups = self._plan_removal(session, body.device_id, now)
         elif isinstance(body, AttestDevice):
             return self._dispatch_attest(session, operator, body, command_id, now)
         else:  # pragma: no cover - REQUIRED_ROLE lists exactly the types above
@@ -1289,19 +1414,44 @@ class DeliveryService:
             outcome=Outcome.ACCEPTED,
             details={"command_id": command_id.hex(), "jobs": len(jobs)},
         )
-
-        def post() -> None:
-            operation = Operation(
-                command_id=command_id,
+        ahead = sum(len(_open_job_rows(session, g)) for g in groups)
+        operation = Operation(
+            command_id=command_id,
+            operator=operator,
+            type=message.type,
+            target=target,
+            groups=groups,
+            jobs=jobs,
+            last_progress=now,
+        )
+        # The operation and its jobs commit with the command: an instance that dies right
+        # after leaves them for the others (nothing lives only in this process).
+        session.add(
+            store.OperationRow(
+                command_id=command_id.hex(),
                 operator=operator,
                 type=message.type,
                 target=target,
-                groups=groups,
-                jobs=jobs,
+                groups="," + ",".join(sorted(groups)) + ",",
                 last_progress=now,
+                created_at=now,
             )
-            self._operations[command_id] = operation
-            ahead = sum(self.queue_length(g) for g in groups)
+        )
+        session.flush()
+        for job in jobs:
+            if job.id == 0:
+                job.command_id = command_id
+                _insert_job(session, job, now)
+            else:  # a removal _plan_removal already inserted
+                job.command_id = command_id
+                session.execute(
+                    update(store.JobRow)
+                    .where(store.JobRow.id == job.id)
+                    .values(command_id=command_id.hex())
+                    .execution_options(synchronize_session=False)
+                )
+
+        def post() -> None:
             log.info(
                 "accepted %s from %s on %s (%d job(s), %d queued ahead)",
                 message.type,
@@ -1316,40 +1466,39 @@ class DeliveryService:
             if ahead:
                 detail += f"; queued behind {ahead} earlier change(s)"
             self._result(operation, ResultStatus.ACCEPTED, detail, now=now)
-            for job in jobs:
-                job.operation = operation
-                self._enqueue(job, now)
-            self._progress(operation, now)
+            for group_id in sorted(groups):
+                self._start_next(group_id, now)
+            fresh = self._load_operation(command_id)
+            if fresh is not None:
+                self._progress(fresh, now)
 
         return post
 
     def _plan_removal(
-        self, registry: Registry, device_id: str, now: int
+        self, session: Session, device_id: str, now: int
     ) -> tuple[list[Job], set[str]]:
         """Mark ``device_id`` pending removal in every group it is in (pending adds are
         withdrawn) and make one persistent remove job per group where it holds a leaf: the
-        revocation's and the quarantine's path out of the groups. The caller enqueues the jobs
-        after its transaction committed (and cancels queued adds of the device)."""
+        revocation's and the quarantine's path out of the groups. The jobs are inserted in the
+        caller's transaction; after it committed, the caller starts them (and cancels queued adds
+        of the device)."""
+        registry = Registry(session)
         jobs: list[Job] = []
         groups: set[str] = set()
         for member in registry.groups_of(device_id):
             registry.request_remove(member.group_id, device_id, now=now)
             if member.leaf_index is not None:
-                jobs.append(
-                    Job(
-                        CommitAction.REMOVE,
-                        member.group_id,
-                        device_id,
-                        self._new_id(),
-                        persistent=True,
-                    )
+                job = Job(
+                    CommitAction.REMOVE,
+                    member.group_id,
+                    device_id,
+                    self._new_id(),
+                    persistent=True,
                 )
+                _insert_job(session, job, now)
+                jobs.append(job)
                 groups.add(member.group_id)
         return jobs, groups
-
-    def _pending_create(self, group_id: str) -> bool:
-        queue = self._queues.get(group_id)
-        return queue is not None and any(j.action is CommitAction.CREATE for j in queue)
 
     # -- attestation ---------------------------------------------------------------------------
 
@@ -1374,14 +1523,30 @@ class DeliveryService:
         self._challenge(device_id, now)
         return self._flush()
 
-    def _challenge(self, device_id: str, now: int) -> None:
-        def work(session: Session) -> AttestChallenge:
+    def _challenge(self, device_id: str, now: int, *, scheduled: bool = False) -> bool:
+        """Challenge ``device_id``; with ``scheduled`` only if no instance challenged it within
+        the interval (the schedule row is the claim). False: it was not due after all."""
+
+        def work(session: Session) -> AttestChallenge | None:
             self._check_attestable(Registry(session), device_id)
+            assert self.attestation is not None
+            if not store.claim_challenge_slot(
+                session,
+                device_id,
+                now=now,
+                interval=self.attestation.interval,
+                force=not scheduled,
+            ):
+                return None
             return self._issue_challenge(session, device_id, now)
 
         body = self._tx(work)
-        self._challenged[device_id] = now
+        if body is None:
+            self.metrics.claims_lost.inc("challenge")
+            return False
+        self.metrics.challenges.inc("schedule" if scheduled else "operator")
         self._send(device_cmd_topic(device_id), body, to=device_id, now=now)
+        return True
 
     def _check_attestable(self, registry: Registry, device_id: str) -> DeviceRecord:
         if self.attestation is None:
@@ -1403,6 +1568,19 @@ class DeliveryService:
         registry = Registry(session)
         self._check_attestable(registry, body.device_id)
         challenge = self._issue_challenge(session, body.device_id, now)
+        assert self.attestation is not None
+        store.claim_challenge_slot(
+            session, body.device_id, now=now, interval=self.attestation.interval, force=True
+        )
+        session.add(
+            store.AttestOperationRow(
+                nonce=challenge.nonce.hex(),
+                command_id=command_id.hex(),
+                operator=operator,
+                device_id=body.device_id,
+                deadline=now + self.settings.ack_timeout,
+            )
+        )
         store.record_command(session, command_id, operator=operator, type_=body.TYPE, now=now)
         audit.append(
             session,
@@ -1415,11 +1593,7 @@ class DeliveryService:
         )
 
         def post() -> None:
-            deadline = now + self.settings.ack_timeout
-            self._attest_ops[challenge.nonce] = _AttestOperation(
-                command_id, operator, body.device_id, challenge.nonce, deadline
-            )
-            self._challenged[body.device_id] = now
+            self.metrics.challenges.inc("operator")
             log.info("attestation of %s requested by %s: challenge sent", body.device_id, operator)
             self._send(
                 operator_result_topic(operator),
@@ -1454,6 +1628,7 @@ class DeliveryService:
         registry = Registry(session)
         device = registry.device(sender)
         challenge = store.consume_challenge(session, sender, body.nonce, now=now)
+        waiting = _take_attest_operation(session, body.nonce)
         if device.ak_public is None:
             raise ProtocolError("attest.device.ak", f"device {sender!r} has no AK registered")
         try:
@@ -1507,7 +1682,7 @@ class DeliveryService:
                 reason=f"attestation: {verdict.summary}"[:1000],
                 now=now,
             )
-            jobs, groups = self._plan_removal(registry, sender, now)
+            jobs, groups = self._plan_removal(session, sender, now)
             audit.append(
                 session,
                 now=now,
@@ -1552,13 +1727,13 @@ class DeliveryService:
                 verdict.summary,
                 f" -> {change}" if change else "",
             )
+            self.metrics.attestations.inc("trusted" if verdict.trusted else "untrusted")
             if jobs:
                 self._cancel_adds_of(sender, now)
-                for job in jobs:
-                    self._enqueue(job, now)
-            operation = self._attest_ops.pop(challenge.nonce, None)
-            if operation is not None:
-                self._attest_result(operation, verdict, change, now)
+                for group_id in sorted(groups):
+                    self._start_next(group_id, now)
+            if waiting is not None:
+                self._attest_result(waiting, verdict, change, now)
 
         return post
 
@@ -1602,26 +1777,37 @@ class DeliveryService:
         )
 
     def _attest_tick(self, now: int) -> None:
-        """Operator attestations that got no report in time end in ``timeout``; every
-        ``ATTEST_SCAN_SECONDS`` the schedule challenges the devices that are due."""
-        for nonce, operation in list(self._attest_ops.items()):
-            if now >= operation.deadline:
-                del self._attest_ops[nonce]
-                self._attest_finish(
-                    operation,
-                    ResultStatus.TIMEOUT,
-                    f"no attestation report from {operation.device_id} within "
-                    f"{self.settings.ack_timeout}s",
-                    now,
-                    pending=(operation.device_id,),
+        """Operator attestations that got no report in time end in ``timeout`` (the instance
+        that deletes the waiting row reports it); every ``ATTEST_SCAN_SECONDS`` one instance,
+        the one that claims the ``attest.scan`` task, challenges the devices that are due."""
+        expired = self._read(
+            lambda s: list(
+                s.scalars(
+                    select(store.AttestOperationRow.nonce).where(
+                        store.AttestOperationRow.deadline <= now
+                    )
                 )
-        if self.attestation is None or now < self._next_attest_scan:
+            )
+        )
+        for nonce in expired:
+            operation = self._tx(partial(_take_attest_operation, nonce=bytes.fromhex(nonce)))
+            if operation is None:
+                continue  # the report or another instance's tick came first
+            self._attest_finish(
+                operation,
+                ResultStatus.TIMEOUT,
+                f"no attestation report from {operation.device_id} within "
+                f"{self.settings.ack_timeout}s",
+                now,
+                pending=(operation.device_id,),
+            )
+        if self.attestation is None or not self._claim_task("attest.scan", now):
             return
-        self._next_attest_scan = now + ATTEST_SCAN_SECONDS
         interval = self.attestation.interval
 
         def due(session: Session) -> list[str]:
             store.forget_challenges(session, now=now)
+            challenged = store.last_challenged(session)
             found = []
             for device in Registry(session).devices():
                 if device.state not in _ATTESTABLE or device.ak_public is None:
@@ -1630,42 +1816,120 @@ class DeliveryService:
                 if heard < now - self.settings.online_window:
                     continue  # offline: the challenge would expire in its session queue
                 # A device never attested is due at once; otherwise one interval after its
-                # last verdict or challenge (or after this service started).
-                last = self._challenged.get(device.device_id)
+                # last verdict or challenge (by any instance: the schedule table).
+                last = challenged.get(device.device_id)
                 if device.attested_at is not None:
-                    last = max(last or 0, device.attested_at, self._started_at)
+                    last = max(last or 0, device.attested_at)
                 if last is not None and now - last < interval:
                     continue
                 found.append(device.device_id)
             return found
 
-        for device_id in self._tx(due):
-            try:
-                self._challenge(device_id, now)
-            except ProtocolError as err:
-                log.warning("could not challenge %s: [%s] %s", device_id, err.check, err.reason)
-            else:
-                log.info("scheduled attestation: challenged %s", device_id)
+        try:
+            for device_id in self._tx(due):
+                try:
+                    challenged = self._challenge(device_id, now, scheduled=True)
+                except ProtocolError as err:
+                    log.warning("could not challenge %s: [%s] %s", device_id, err.check, err.reason)
+                else:
+                    if challenged:
+                        log.info("scheduled attestation: challenged %s", device_id)
+        finally:
+            self._finish_task("attest.scan", now + ATTEST_SCAN_SECONDS)
+
+    def _claim_task(self, name: str, now: int) -> bool:
+        claimed = self._tx(
+            lambda s: store.claim_task(
+                s, name, instance=self.instance, now=now, lease=TASK_LEASE_SECONDS
+            )
+        )
+        if claimed:
+            self.metrics.tasks.inc(name)
+        return claimed
+
+    def _finish_task(self, name: str, next_due: int) -> None:
+        self._tx(lambda s: store.finish_task(s, name, instance=self.instance, next_due=next_due))
+
+    def _prune_tick(self, now: int) -> None:
+        """Once a minute fleet-wide: held halves nobody completed, ended jobs of ended
+        operations, operations finished a day ago."""
+        if not self._claim_task("service.prune", now):
+            return
+
+        def work(session: Session) -> None:
+            session.execute(
+                delete(store.HeldMessage).where(
+                    store.HeldMessage.received_at < now - self.settings.commit_request_timeout
+                )
+            )
+            finished = select(store.OperationRow.command_id).where(
+                store.OperationRow.finished_at.is_not(None)
+            )
+            session.execute(
+                delete(store.JobRow).where(
+                    store.JobRow.state.in_(sorted(_TERMINAL)),
+                    (store.JobRow.command_id.is_(None)) | store.JobRow.command_id.in_(finished),
+                )
+            )
+            session.execute(
+                delete(store.OperationRow).where(store.OperationRow.finished_at < now - 86_400)
+            )
+
+        try:
+            self._tx(work)
+        finally:
+            self._finish_task("service.prune", now + PRUNE_SECONDS)
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def _head(self, group_id: str) -> Job | None:
-        queue = self._queues.get(group_id)
-        return queue[0] if queue else None
+    def _head(self, group_id: str, session: Session | None = None) -> Job | None:
+        """The group's job in flight (the slot holder), else its oldest queued job."""
+        if session is None:
+            return self._read(lambda s: _head_job(s, group_id))
+        return _head_job(session, group_id)
 
     def _enqueue(self, job: Job, now: int) -> None:
-        queue = self._queues.setdefault(job.group_id, deque())
-        queue.append(job)
-        if queue[0] is job:
-            self._start(job, now)
+        self._tx(lambda s: _insert_job(s, job, now))
+        self._start_next(job.group_id, now)
 
     def _touch(self, job: Job, now: int) -> None:
-        if job.operation is not None:
-            job.operation.last_progress = max(job.operation.last_progress, now)
+        if job.command_id is None:
+            return
+        key = job.command_id.hex()
+        self._tx(
+            lambda s: s.execute(
+                update(store.OperationRow)
+                .where(store.OperationRow.command_id == key, store.OperationRow.last_progress < now)
+                .values(last_progress=now)
+                .execution_options(synchronize_session=False)
+            )
+        )
+
+    def _claim(self, job: Job, now: int) -> bool:
+        """Write the job's new state if nobody changed it since we read it, taking the group's
+        slot for it: the compare-and-set that keeps one commit request per group in flight
+        fleet-wide. False: another instance moved it first (it sends, we don't)."""
+        previous = job.claimed_by
+        lease_expired = job.lease_until != 0 and now >= job.lease_until
+
+        def work(session: Session) -> bool:
+            if not _take_slot(session, job):
+                return False
+            return _save_job(session, job, self.instance)
+
+        won = self._tx(work)
+        if not won:
+            self.metrics.claims_lost.inc("job")
+            return False
+        taken_over = previous not in (None, self.instance) and lease_expired
+        self.metrics.jobs.inc("taken_over" if taken_over else "claimed")
+        if taken_over:
+            log.info("took over %s from instance %s (its lease expired)", job.describe(), previous)
+        return True
 
     def _start(self, job: Job, now: int) -> None:
         """Move the head job forward as far as it can go now."""
-        if job.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+        if not job.open:
             return
         if job.action is CommitAction.ADD and job.key_package is None:
             if job.state is not JobState.KEY_PACKAGE:
@@ -1682,7 +1946,9 @@ class DeliveryService:
             self._fail_job(job, f"[{err.check}] {err.reason}", now)
             return
         if choice is None:
-            job.state = JobState.WAITING
+            if job.state is not JobState.WAITING:
+                job.state = JobState.WAITING
+                self._claim(job, now)
             return
         committer, epoch = choice
         self._request_commit(job, committer, epoch, now)
@@ -1691,7 +1957,8 @@ class DeliveryService:
         assert job.member is not None
         job.state = JobState.KEY_PACKAGE
         job.deadline = now + self.settings.commit_request_timeout
-        self._kp_jobs[job.request_id] = job
+        if not self._claim(job, now):
+            return
         self._send(
             device_cmd_topic(job.member),
             KeyPackageRequest(job.request_id),
@@ -1704,6 +1971,8 @@ class DeliveryService:
         job.committer = committer
         job.request_epoch = epoch
         job.deadline = now + self.settings.commit_request_timeout
+        if not self._claim(job, now):
+            return
         request = CommitRequest(
             command_id=job.request_id,
             group_id=job.group_id,
@@ -1778,32 +2047,25 @@ class DeliveryService:
             return job_tried_reset[len(job.tried) % len(candidates)][3], group.epoch
         return untried[0][3], group.epoch
 
-    def _finish_job(self, job: Job, now: int) -> None:
-        job.state = JobState.DONE
+    def _job_ended(self, job: Job, now: int) -> None:
+        """After the transaction that ended ``job`` committed: progress, next job."""
         self._touch(job, now)
-        self._pop(job)
-        if job.member is not None and job.action is CommitAction.ADD:
-            self._readding.discard((job.group_id, job.member))
-        if job.operation is not None:
-            self._progress(job.operation, now)
+        if job.command_id is not None:
+            operation = self._load_operation(job.command_id)
+            if operation is not None:
+                self._progress(operation, now)
         self._start_next(job.group_id, now)
 
     def _fail_job(self, job: Job, detail: str, now: int) -> None:
-        log.warning("gave up on %s: %s", job.describe(), detail)
-        job.state = JobState.FAILED
         job.detail = detail
-        self._pop(job)
-        if job.operation is not None:
-            self._progress(job.operation, now)
+        if not self._tx(lambda s: _end_job(s, job, JobState.FAILED)):
+            return
+        log.warning("gave up on %s: %s", job.describe(), detail)
+        if job.command_id is not None:
+            operation = self._load_operation(job.command_id)
+            if operation is not None:
+                self._progress(operation, now)
         self._start_next(job.group_id, now)
-
-    def _pop(self, job: Job) -> None:
-        queue = self._queues.get(job.group_id)
-        if queue is not None and job in queue:
-            queue.remove(job)
-            if not queue:
-                del self._queues[job.group_id]
-        self._kp_jobs.pop(job.request_id, None)
 
     def _start_next(self, group_id: str, now: int) -> None:
         head = self._head(group_id)
@@ -1811,35 +2073,98 @@ class DeliveryService:
             self._start(head, now)
 
     def _cancel(self, job: Job, now: int) -> None:
-        job.state = JobState.CANCELLED
-        self._pop(job)
-        if job.action is CommitAction.ADD and job.member is not None:
-            member = job.member
-
-            def withdraw(session: Session) -> None:
+        def work(session: Session) -> bool:
+            if not _end_job(session, job, JobState.CANCELLED):
+                return False
+            if job.action is CommitAction.ADD and job.member is not None:
                 registry = Registry(session)
                 try:
                     rows = {m.device_id: m for m in registry.members(job.group_id)}
                 except ProtocolError:
-                    return  # the group was never created
-                row = rows.get(member)
+                    return True  # the group was never created
+                row = rows.get(job.member)
                 if row is not None and row.leaf_index is None:
-                    registry.request_remove(job.group_id, member, now=now)
+                    registry.request_remove(job.group_id, job.member, now=now)
+            return True
 
-            self._tx(withdraw)
-        self._start_next(job.group_id, now)
+        if self._tx(work):
+            self._start_next(job.group_id, now)
 
     def _cancel_adds_of(self, device_id: str, now: int) -> None:
-        for queue in list(self._queues.values()):
-            for job in list(queue):
-                if job.action is CommitAction.ADD and job.member == device_id:
-                    self._cancel(job, now)
+        rows = self._read(
+            lambda s: [
+                _job_from_row(r)
+                for r in s.scalars(
+                    select(store.JobRow).where(
+                        store.JobRow.member == device_id,
+                        store.JobRow.action == CommitAction.ADD.value,
+                        store.JobRow.state.not_in(sorted(_TERMINAL)),
+                    )
+                )
+            ]
+        )
+        for job in rows:
+            self._cancel(job, now)
 
     def _group_changed(self, group_id: str, now: int) -> None:
-        for operation in list(self._operations.values()):
-            if not operation.finished and group_id in operation.groups:
-                self._progress(operation, now)
+        for operation in self._load_operations(group_id):
+            self._progress(operation, now)
         self._start_next(group_id, now)
+
+    def _load_operation(self, command_id: bytes) -> Operation | None:
+        def work(session: Session) -> Operation | None:
+            row = session.get(store.OperationRow, command_id.hex())
+            return None if row is None else _operation_from_row(session, row)
+
+        operation = self._read(work)
+        return None if operation is None or operation.finished else operation
+
+    def _load_operations(self, group_id: str | None) -> list[Operation]:
+        """Unfinished operations (touching ``group_id``, if given), with their jobs."""
+
+        def work(session: Session) -> list[Operation]:
+            query = select(store.OperationRow).where(store.OperationRow.finished_at.is_(None))
+            if group_id is not None:
+                query = query.where(store.OperationRow.groups.contains(f",{group_id},"))
+            return [_operation_from_row(session, row) for row in session.scalars(query)]
+
+        return self._read(work)
+
+    def _save_progress(self, operation: Operation) -> None:
+        """The operation's reporting state (what it last told the operator, the ack throttle).
+        Last writer wins: two instances reporting at once at worst repeat a progress line."""
+        values = {
+            "last_sent": operation.last_sent,
+            "throttle": json.dumps(
+                [
+                    operation.acks_sent_at,
+                    operation.acks_step,
+                    operation.acks_counts,
+                    operation.acks_seen,
+                    operation.acks_deferred,
+                ]
+            ),
+        }
+        key = operation.command_id.hex()
+
+        def work(session: Session) -> None:
+            session.execute(
+                update(store.OperationRow)
+                .where(store.OperationRow.command_id == key)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            session.execute(
+                update(store.OperationRow)
+                .where(
+                    store.OperationRow.command_id == key,
+                    store.OperationRow.last_progress < operation.last_progress,
+                )
+                .values(last_progress=operation.last_progress)
+                .execution_options(synchronize_session=False)
+            )
+
+        self._tx(work)
 
     # -- operator results ----------------------------------------------------------------------
 
@@ -1892,6 +2217,12 @@ class DeliveryService:
     def _progress(self, operation: Operation, now: int) -> None:
         if operation.finished:
             return
+        before = _progress_state(operation)
+        self._progress_step(operation, now)
+        if not operation.finished and _progress_state(operation) != before:
+            self._save_progress(operation)
+
+    def _progress_step(self, operation: Operation, now: int) -> None:
         failed = [j for j in operation.jobs if j.state is JobState.FAILED]
         if failed:
             self._finish(
@@ -1914,7 +2245,7 @@ class DeliveryService:
                 stage = "queued"
             done = len(operation.jobs) - len(open_jobs)
             detail = f"{done}/{len(operation.jobs)} committed; {job.describe()}: {stage}"
-            key: tuple[object, ...] = ("jobs", detail)
+            key = _sent_key("jobs", detail)
             if key != operation.last_sent:
                 operation.last_sent = key
                 self._result(operation, ResultStatus.IN_PROGRESS, detail, now=now)
@@ -1942,9 +2273,9 @@ class DeliveryService:
                 epoch=epoch,
             )
             return
-        key = ("acks", tuple(acked), tuple(pending), epoch)
+        key = _sent_key("acks", acked, pending, epoch)
         if key != operation.last_sent:
-            if operation.last_sent and operation.last_sent[0] == "acks":
+            if operation.last_sent.startswith("acks:"):
                 operation.last_progress = max(operation.last_progress, now)
             total = len(acked) + len(pending)
             if not self._ack_progress_due(operation, epoch, total, len(acked), now):
@@ -1971,7 +2302,7 @@ class DeliveryService:
         database instead of listing them. True when nothing changed since the last result, or
         when something did and the throttle holds it back (the operation still counts as
         making progress). False means: build the full view (it may be final, or due)."""
-        if len(operation.groups) != 1 or operation.last_sent[:1] != ("acks",):
+        if len(operation.groups) != 1 or not operation.last_sent.startswith("acks:"):
             return False
         (group_id,) = operation.groups
         try:
@@ -2021,9 +2352,44 @@ class DeliveryService:
         acked: Sequence[str] = (),
         pending: Sequence[str] = (),
         epoch: int | None = None,
-    ) -> None:
+    ) -> bool:
+        """End the operation, once fleet-wide: the instance whose conditional UPDATE sets
+        ``finished_at`` audits the outcome (same transaction) and tells the operator. False:
+        another instance ended it first."""
+        key = operation.command_id.hex()
+
+        def work(session: Session) -> bool:
+            result = session.execute(
+                update(store.OperationRow)
+                .where(
+                    store.OperationRow.command_id == key, store.OperationRow.finished_at.is_(None)
+                )
+                .values(finished_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if store._rowcount(result) != 1:
+                return False
+            audit.append(
+                session,
+                now=now,
+                actor="service",
+                action=f"{operation.type}.result",
+                target=operation.target,
+                outcome=Outcome.ACCEPTED,
+                reason=f"{status.value}: {detail}"[:1000],
+                details={
+                    "command_id": key,
+                    "operator": operation.operator,
+                    "pending": ",".join(pending),
+                },
+            )
+            return True
+
         operation.finished = True
-        self._operations.pop(operation.command_id, None)
+        if not self._tx(work):
+            self.metrics.claims_lost.inc("result")
+            return False
+        self.metrics.results.inc(status.value)
         log.info(
             "%s from %s on %s: %s (%s)",
             operation.type,
@@ -2033,23 +2399,10 @@ class DeliveryService:
             detail,
         )
         self._result(operation, status, detail, acked=acked, pending=pending, epoch=epoch, now=now)
-        audit.record(
-            self._sessions,
-            now=now,
-            actor="service",
-            action=f"{operation.type}.result",
-            target=operation.target,
-            outcome=Outcome.ACCEPTED,
-            reason=f"{status.value}: {detail}"[:1000],
-            details={
-                "command_id": operation.command_id.hex(),
-                "operator": operation.operator,
-                "pending": ",".join(pending),
-            },
-        )
+        return True
 
     def _time_out(self, operation: Operation, now: int) -> None:
-        open_jobs = [j for j in operation.jobs if j.state is not JobState.DONE]
+        open_jobs = [j for j in operation.jobs if j.open]
         if open_jobs:
             job = open_jobs[0]
             if job.state is JobState.KEY_PACKAGE and job.member is not None:
@@ -2066,12 +2419,280 @@ class DeliveryService:
             detail = (
                 f"no ack from {', '.join(pending) or 'nobody'} within {self.settings.ack_timeout}s"
             )
-        self._finish(
+        if not self._finish(
             operation, ResultStatus.TIMEOUT, detail, now, acked=acked, pending=pending, epoch=epoch
-        )
+        ):
+            return
         for job in open_jobs:
             if not job.persistent:
                 self._cancel(job, now)
+
+
+# -- shared job state (service_jobs, service_group_slots, ...) ------------------------------------
+
+
+class _NothingHeld(Exception):
+    """Rolls back an attempt to accept a held commit whose welcome is not there."""
+
+
+def _job_from_row(row: store.JobRow) -> Job:
+    return Job(
+        action=CommitAction(row.action),
+        group_id=row.group_id,
+        member=row.member,
+        request_id=bytes.fromhex(row.request_id),
+        command_id=None if row.command_id is None else bytes.fromhex(row.command_id),
+        persistent=bool(row.persistent),
+        candidates=tuple(c for c in row.candidates.split(",") if c),
+        prefer=row.prefer,
+        state=JobState(row.state),
+        key_package=row.key_package,
+        committer=row.committer,
+        tried=[t for t in row.tried.split(",") if t],
+        request_epoch=row.request_epoch,
+        deadline=row.deadline,
+        detail=row.detail,
+        id=row.id,
+        version=row.version,
+        claimed_by=row.claimed_by,
+        lease_until=row.deadline,
+    )
+
+
+def _job_values(job: Job) -> dict[str, object]:
+    return {
+        "state": job.state.value,
+        "key_package": job.key_package,
+        "committer": job.committer,
+        "tried": ",".join(job.tried),
+        "request_epoch": job.request_epoch,
+        "deadline": job.deadline,
+        "detail": job.detail[:1000],
+    }
+
+
+def _insert_job(session: Session, job: Job, now: int) -> None:
+    row = store.JobRow(
+        request_id=job.request_id.hex(),
+        group_id=job.group_id,
+        action=job.action.value,
+        member=job.member,
+        command_id=None if job.command_id is None else job.command_id.hex(),
+        persistent=job.persistent,
+        candidates=",".join(job.candidates),
+        prefer=job.prefer,
+        claimed_by=None,
+        version=0,
+        created_at=now,
+        **_job_values(job),
+    )
+    session.add(row)
+    session.flush()
+    job.id = row.id
+
+
+def _save_job(session: Session, job: Job, instance: str) -> bool:
+    """Compare-and-set: write ``job`` if its row still has the version it was read at."""
+    result = session.execute(
+        update(store.JobRow)
+        .where(
+            store.JobRow.id == job.id,
+            store.JobRow.version == job.version,
+            store.JobRow.state.not_in(sorted(_TERMINAL)),
+        )
+        .values(version=job.version + 1, claimed_by=instance, **_job_values(job))
+        .execution_options(synchronize_session=False)
+    )
+    if store._rowcount(result) != 1:
+        return False
+    job.version += 1
+    job.claimed_by = instance
+    return True
+
+
+def _end_job(session: Session, job: Job, state: JobState) -> bool:
+    """Move an open job to a terminal state and free its group's slot; False if it had ended
+    already (another instance ended it)."""
+    result = session.execute(
+        update(store.JobRow)
+        .where(store.JobRow.id == job.id, store.JobRow.state.not_in(sorted(_TERMINAL)))
+        .values(state=state.value, detail=job.detail[:1000], version=store.JobRow.version + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if store._rowcount(result) != 1:
+        return False
+    session.execute(
+        update(store.GroupSlot)
+        .where(store.GroupSlot.group_id == job.group_id, store.GroupSlot.job_id == job.id)
+        .values(job_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    job.state = state
+    return True
+
+
+def _take_slot(session: Session, job: Job) -> bool:
+    """Hold the group's one in-flight slot for ``job`` (it may hold it already)."""
+    result = session.execute(
+        update(store.GroupSlot)
+        .where(
+            store.GroupSlot.group_id == job.group_id,
+            (store.GroupSlot.job_id.is_(None)) | (store.GroupSlot.job_id == job.id),
+        )
+        .values(job_id=job.id)
+        .execution_options(synchronize_session=False)
+    )
+    if store._rowcount(result) == 1:
+        return True
+    if session.get(store.GroupSlot, job.group_id) is not None:
+        return False  # another job of the group is in flight
+    session.add(store.GroupSlot(group_id=job.group_id, job_id=job.id))
+    try:
+        session.flush()
+    except IntegrityError:
+        raise RetryableConflict(f"the slot of {job.group_id!r} was created concurrently") from None
+    return True
+
+
+def _open_job_rows(session: Session, group_id: str) -> list[store.JobRow]:
+    return list(
+        session.scalars(
+            select(store.JobRow)
+            .where(store.JobRow.group_id == group_id, store.JobRow.state.not_in(sorted(_TERMINAL)))
+            .order_by(store.JobRow.id)
+        )
+    )
+
+
+def _groups_with_open_jobs(session: Session) -> list[str]:
+    return list(
+        session.scalars(
+            select(store.JobRow.group_id)
+            .where(store.JobRow.state.not_in(sorted(_TERMINAL)))
+            .distinct()
+            .order_by(store.JobRow.group_id)
+        )
+    )
+
+
+def _head_job(session: Session, group_id: str) -> Job | None:
+    holder = session.scalar(
+        select(store.GroupSlot.job_id).where(store.GroupSlot.group_id == group_id)
+    )
+    rows = _open_job_rows(session, group_id)
+    for row in rows:
+        if row.id == holder:
+            return _job_from_row(row)
+    return _job_from_row(rows[0]) if rows else None
+
+
+def _pending_create(session: Session, group_id: str) -> bool:
+    return any(row.action == CommitAction.CREATE.value for row in _open_job_rows(session, group_id))
+
+
+def _take_held(
+    session: Session, group_id: str, epoch: int, sender: str, kind: str
+) -> store.HeldMessage | None:
+    key = (group_id, epoch, sender, kind)
+    row = session.get(store.HeldMessage, key)
+    if row is None:
+        return None
+    result = session.execute(
+        delete(store.HeldMessage).where(
+            store.HeldMessage.group_id == group_id,
+            store.HeldMessage.epoch == epoch,
+            store.HeldMessage.sender == sender,
+            store.HeldMessage.kind == kind,
+        )
+    )
+    return row if store._rowcount(result) == 1 else None
+
+
+def _take_held_commit(
+    session: Session, group_id: str, epoch: int, sender: str
+) -> CommitMessage | None:
+    row = _take_held(session, group_id, epoch, sender, "commit")
+    if row is None:
+        return None
+    command_id = bytes.fromhex(row.extra) if row.extra else None
+    return CommitMessage(group_id, epoch, row.data, command_id)
+
+
+def _take_held_welcome(
+    session: Session, group_id: str, epoch: int, sender: str
+) -> WelcomeMessage | None:
+    row = _take_held(session, group_id, epoch, sender, "welcome")
+    if row is None:
+        return None
+    members = tuple(m for m in row.extra.split(",") if m)
+    return WelcomeMessage(group_id, epoch + 1, row.data, members)
+
+
+def _take_attest_operation(session: Session, nonce: bytes) -> _AttestOperation | None:
+    row = session.get(store.AttestOperationRow, nonce.hex())
+    if row is None:
+        return None
+    result = session.execute(
+        delete(store.AttestOperationRow).where(store.AttestOperationRow.nonce == nonce.hex())
+    )
+    if store._rowcount(result) != 1:
+        return None
+    return _AttestOperation(
+        bytes.fromhex(row.command_id), row.operator, row.device_id, nonce, row.deadline
+    )
+
+
+def _tuple3(value: object) -> tuple[int | None, int, int] | None:
+    if not isinstance(value, list) or len(value) != 3:
+        return None
+    first, total, acked = value
+    return (first if isinstance(first, int) else None, int(total), int(acked))
+
+
+def _operation_from_row(session: Session, row: store.OperationRow) -> Operation:
+    jobs = [
+        _job_from_row(j)
+        for j in session.scalars(
+            select(store.JobRow)
+            .where(store.JobRow.command_id == row.command_id)
+            .order_by(store.JobRow.id)
+        )
+    ]
+    throttle = json.loads(row.throttle) if row.throttle else [None, None, None, None, False]
+    sent_at, step, counts, seen, deferred = throttle
+    return Operation(
+        command_id=bytes.fromhex(row.command_id),
+        operator=row.operator,
+        type=row.type,
+        target=row.target,
+        groups={g for g in row.groups.split(",") if g},
+        jobs=jobs,
+        last_progress=row.last_progress,
+        finished=row.finished_at is not None,
+        last_sent=row.last_sent,
+        acks_sent_at=sent_at if isinstance(sent_at, int) else None,
+        acks_step=_tuple3(step),
+        acks_counts=_tuple3(counts),
+        acks_seen=_tuple3(seen),
+        acks_deferred=bool(deferred),
+    )
+
+
+def _sent_key(kind: str, *parts: object) -> str:
+    digest = hashlib.sha256(json.dumps(parts, default=list).encode()).hexdigest()[:32]
+    return f"{kind}:{digest}"
+
+
+def _progress_state(operation: Operation) -> tuple[object, ...]:
+    return (
+        operation.last_sent,
+        operation.last_progress,
+        operation.acks_sent_at,
+        operation.acks_step,
+        operation.acks_counts,
+        operation.acks_seen,
+        operation.acks_deferred,
+    )
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -2106,7 +2727,7 @@ def _job_details(job: Job, *, epoch: int) -> dict[str, str | int | None]:
     return {
         "epoch": epoch,
         "request_id": job.request_id.hex(),
-        "command_id": None if job.operation is None else job.operation.command_id.hex(),
+        "command_id": None if job.command_id is None else job.command_id.hex(),
     }
 
 

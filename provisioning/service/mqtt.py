@@ -8,7 +8,11 @@ the next session, which the replay guard turns into a benign duplicate. About on
 ``tick`` runs timeouts and retries.
 
 The service's MQTT identity is its client certificate (CN ``keyfleet-service``); its client id
-is ``keyfleet-service-<instance>`` so several instances may share the certificate. It signs its
+is ``keyfleet-service-<instance>`` so several instances may share the certificate. Any number of
+instances may run against one database and one broker (docs/scale-out.md): the shared
+subscriptions split the messages between them, and every piece of work in flight is a row in the
+database that any instance can continue. Each instance serves its own Prometheus metrics on
+``[metrics] listen`` when configured. It signs its
 envelopes with ``[service] signing_key`` (default: the MQTT client key), whose certificate the
 devices hold as ``fleet.service_cert``.
 
@@ -34,6 +38,7 @@ from provisioning import pki
 from provisioning.config import ServiceConfig
 from provisioning.enroll import Enrollment, EnrollmentSettings
 from provisioning.http import EnrollmentServer, build_app, start_enrollment_server
+from provisioning.metrics import MetricsServer, ServiceMetrics
 from provisioning.policy import load_policy
 from provisioning.registry import create_schema, make_engine, session_factory
 from provisioning.service import store
@@ -77,6 +82,8 @@ class ServiceRunner:
         self._clock = clock
         self.config = config
         self.http: EnrollmentServer | None = None
+        self.metrics = ServiceMetrics()
+        self.metrics_server: MetricsServer | None = None
         attestation = attestation_from(config)
         self._engine = make_engine(config.database_url)
         create_schema(self._engine)
@@ -90,6 +97,8 @@ class ServiceRunner:
             operator_ca=operator_ca,
             settings=settings_from(config),
             attestation=attestation,
+            instance=config.service.instance,
+            metrics=self.metrics,
         )
         self.client_id = f"keyfleet-service-{config.service.instance}"
         self.client = MqttClient(
@@ -119,6 +128,7 @@ class ServiceRunner:
         and queues what arrives meanwhile)."""
         try:
             self._start_http()
+            self._start_metrics()
             self.client.connect()
             self.client.subscribe(REPORT_SUBSCRIPTION)
             self.client.subscribe(OPS_SUBSCRIPTION)
@@ -163,7 +173,22 @@ class ServiceRunner:
         )
         log.info("keyfleet serve: enrollment API on %s (mutual TLS)", self.http.url)
 
+    def _start_metrics(self) -> None:
+        listen = self.config.metrics
+        if listen is None:
+            return
+        self.metrics_server = MetricsServer(
+            self.metrics, listen.host, listen.port, instance=self.config.service.instance
+        )
+        self.metrics_server.start()
+        log.info(
+            "keyfleet serve: metrics on http://%s:%s/metrics", listen.host, self.metrics_server.port
+        )
+
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self.http is not None:
             self.http.stop()
             self.http = None

@@ -30,21 +30,28 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Engine,
+    Integer,
     LargeBinary,
     MetaData,
     String,
     Text,
+    case,
     delete,
     inspect,
+    or_,
     select,
+    update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from agent.errors import ProtocolError, StateError
 from agent.wire import cbor
 from agent.wire.replay import ReplayGuard
 from provisioning.attestation import Challenge
+from provisioning.registry.engine import RetryableConflict
 from provisioning.registry.schema import ID_LENGTH, NAMING_CONVENTION
 
 REPLAY_WINDOW = 32
@@ -247,3 +254,223 @@ def forget_challenges(session: Session, *, now: int) -> None:
     """Drop challenges past their expiry (answered or not): nothing can answer them any more,
     and a replay of one is then refused as ``attest.nonce.unknown``."""
     session.execute(delete(AttestChallengeRow).where(AttestChallengeRow.expires_at <= now))
+
+
+# -- shared work state (several instances, docs/scale-out.md) -------------------------------------
+#
+# Everything below is what used to live in one process's memory and must be shared by every
+# ``keyfleet serve`` instance behind the shared subscription: any instance may receive the next
+# report or command of a flow another one started. Rules they agree on are rows and conditional
+# UPDATEs (whoever changes the row wins, the others see rowcount 0 and step back), never a
+# leader and never an in-process lock.
+
+
+class JobRow(ServiceBase):
+    """One group change (create, add, remove, update) of a group's FIFO queue. ``version`` makes
+    every change a compare-and-set; ``deadline`` is the lease of the instance that last moved it
+    (``claimed_by``): when it passes with nothing answered, any instance takes the job over."""
+
+    __tablename__ = "service_jobs"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)  # hex
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    member: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    command_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    persistent: Mapped[bool] = mapped_column(Boolean, default=False)
+    candidates: Mapped[str] = mapped_column(Text, default="")  # comma-separated device ids
+    prefer: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    key_package: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # public
+    committer: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    tried: Mapped[str] = mapped_column(Text, default="")
+    request_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    deadline: Mapped[int] = mapped_column(BigInteger, default=0)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    claimed_by: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class GroupSlot(ServiceBase):
+    """The per-group "one outstanding change" claim: ``job_id`` is the job in flight. A job is
+    started only by the instance whose conditional UPDATE takes the empty slot, so two instances
+    can never have two commit requests out for one group."""
+
+    __tablename__ = "service_group_slots"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class OperationRow(ServiceBase):
+    """An operator command in flight, whoever accepted it: any instance that sees its last ack
+    sends the operator the result. ``finished_at`` is set by exactly one instance (conditional
+    UPDATE), which then sends the final result and audits it."""
+
+    __tablename__ = "service_operations"
+
+    command_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
+    operator: Mapped[str] = mapped_column(String(ID_LENGTH))
+    type: Mapped[str] = mapped_column(String(ID_LENGTH))
+    target: Mapped[str] = mapped_column(String(ID_LENGTH))
+    groups: Mapped[str] = mapped_column(Text)  # ",g1,g2," (LIKE-searchable)
+    last_progress: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    last_sent: Mapped[str] = mapped_column(Text, default="")
+    throttle: Mapped[str] = mapped_column(Text, default="")  # the ack throttle, as JSON
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class HeldMessage(ServiceBase):
+    """A commit that adds members waiting for its Welcome, or a Welcome that came first. The two
+    may reach different instances; whichever instance deletes the held half (rowcount 1) owns the
+    acceptance."""
+
+    __tablename__ = "service_held"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # the commit's epoch
+    sender: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # commit | welcome
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # commit or welcome bytes (public, sealed)
+    extra: Mapped[str] = mapped_column(Text, default="")  # command id hex | new members
+    received_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AttestOperationRow(ServiceBase):
+    """An operator's ``op.attest`` waiting for the device's report (keyed by the nonce)."""
+
+    __tablename__ = "service_attest_ops"
+
+    nonce: Mapped[str] = mapped_column(String(128), primary_key=True)
+    command_id: Mapped[str] = mapped_column(String(64))
+    operator: Mapped[str] = mapped_column(String(ID_LENGTH))
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    deadline: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class AttestScheduleRow(ServiceBase):
+    """When each device was last challenged by the schedule or an operator: the claim that makes
+    a scheduled challenge once per interval fleet-wide."""
+
+    __tablename__ = "service_attest_schedule"
+
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    challenged_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class TaskLease(ServiceBase):
+    """Periodic fleet-wide work (attestation scan, pruning): due at ``due_at``; an instance runs
+    it after claiming it until ``claimed_until``. A dead instance's claim simply expires."""
+
+    __tablename__ = "service_tasks"
+
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    due_at: Mapped[int] = mapped_column(BigInteger)
+    claimed_by: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    claimed_until: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SequenceRow(ServiceBase):
+    """The service's envelope sequence number, shared: all instances sign as one sender, and a
+    device's replay window (32) would refuse two instances' interleaved private counters."""
+
+    __tablename__ = "service_sequence"
+
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+def reserve_seqs(session: Session, count: int, *, floor: int) -> int:
+    """Reserve ``count`` consecutive sequence numbers above max(last, ``floor``); returns the
+    first. The UPDATE takes the row's write lock, so reservations never overlap."""
+    if count <= 0:
+        raise ValueError("count must be positive")
+    table = SequenceRow.__table__
+    result = session.execute(
+        update(SequenceRow)
+        .where(SequenceRow.name == "envelope")
+        .values(value=case((table.c.value > floor, table.c.value), else_=floor) + count)
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(result) == 0:
+        session.add(SequenceRow(name="envelope", value=floor + count))
+        _flush_or_retry(session, "the sequence row was created concurrently")
+        return floor + 1
+    value = session.scalar(select(SequenceRow.value).where(SequenceRow.name == "envelope"))
+    assert value is not None
+    return int(value) - count + 1
+
+
+def _flush_or_retry(session: Session, conflict: str) -> None:
+    # Another instance inserted the same key between our UPDATE and INSERT: run the whole unit
+    # again (run_in_transaction), which then finds the row and takes the UPDATE path.
+    try:
+        session.flush()
+    except IntegrityError:
+        raise RetryableConflict(conflict) from None
+
+
+def _rowcount(result: object) -> int:
+    count = getattr(result, "rowcount", 0)
+    return int(count) if isinstance(count, int) else 0
+
+
+def claim_task(session: Session, name: str, *, instance: str, now: int, lease: int) -> bool:
+    """Claim periodic task ``name`` if it is due and nobody holds an unexpired claim. The caller
+    runs the task and then calls ``finish_task`` with the next due time."""
+    result = session.execute(
+        update(TaskLease)
+        .where(
+            TaskLease.name == name,
+            TaskLease.due_at <= now,
+            or_(TaskLease.claimed_until <= now, TaskLease.claimed_by == instance),
+        )
+        .values(claimed_by=instance, claimed_until=now + lease)
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(result) == 1:
+        return True
+    if session.get(TaskLease, name) is not None:
+        return False
+    session.add(TaskLease(name=name, due_at=now, claimed_by=instance, claimed_until=now + lease))
+    _flush_or_retry(session, f"task {name!r} was created concurrently")
+    return True
+
+
+def finish_task(session: Session, name: str, *, instance: str, next_due: int) -> None:
+    session.execute(
+        update(TaskLease)
+        .where(TaskLease.name == name, TaskLease.claimed_by == instance)
+        .values(due_at=next_due, claimed_until=0)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def claim_challenge_slot(
+    session: Session, device_id: str, *, now: int, interval: int, force: bool = False
+) -> bool:
+    """Record that ``device_id`` is challenged now, if it was not within ``interval`` (or
+    ``force``: an operator's request). False: another instance challenged it this period."""
+    condition = AttestScheduleRow.device_id == device_id
+    if not force:
+        condition = condition & (AttestScheduleRow.challenged_at <= now - interval)
+    result = session.execute(
+        update(AttestScheduleRow)
+        .where(condition)
+        .values(challenged_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(result) == 1:
+        return True
+    if session.get(AttestScheduleRow, device_id) is not None:
+        return False
+    session.add(AttestScheduleRow(device_id=device_id, challenged_at=now))
+    _flush_or_retry(session, f"the schedule row of {device_id!r} was created concurrently")
+    return True
+
+
+def last_challenged(session: Session) -> dict[str, int]:
+    return {row.device_id: row.challenged_at for row in session.scalars(select(AttestScheduleRow))}
