@@ -31,6 +31,7 @@ from agent.errors import ConfigError, KeyfleetError
 from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from provisioning import audit, pki
 from provisioning.config import load_config
+from provisioning.dashboard import start_dashboard
 from provisioning.operator import (
     Command,
     OperatorClient,
@@ -187,7 +188,23 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    ServiceRunner(config).run(stop)
+    runner = ServiceRunner(config)
+    dashboard = None
+    if config.dashboard is not None:
+        try:
+            dashboard = start_dashboard(config)
+        except BaseException:
+            runner.close()
+            raise
+        logging.getLogger("keyfleet.service").info(
+            "keyfleet serve: dashboard on %s (mutual TLS, registered operators only)",
+            dashboard.url,
+        )
+    try:
+        runner.run(stop)
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
     return EXIT_OK
 
 

@@ -408,6 +408,13 @@ def build_dashboard_app(
         with sessions() as session:
             return queries.ack_progress(session, group_id, since=since)
 
+    def read_details(
+        group_id: str,
+    ) -> tuple[queries.RekeyInfo | None, queries.CommitRow | None]:
+        # read only when an event is sent: the audit lookup is the stream's costliest query
+        with sessions() as session:
+            return queries.last_rekey(session, group_id), queries.current_commit(session, group_id)
+
     async def group_events(request: Request) -> Response:
         group_id = request.path_params["group_id"]
         first = await run_in_threadpool(read_progress, group_id, None)
@@ -423,7 +430,9 @@ def build_dashboard_app(
         """Server-sent events: ``progress`` with every ack not sent yet (all of them, with
         ``reset``, when the epoch changed). The database is polled, not an in-process signal:
         the ack may have been recorded by another service instance."""
-        yield f"retry: 2000\n\n{_event(first, first.acks, reset=True, now=int(clock()))}"
+        details = await run_in_threadpool(read_details, group_id)
+        first_event = _event(first, first.acks, details, reset=True, now=int(clock()))
+        yield f"retry: 2000\n\n{first_event}"
         epoch, sent = first.epoch, {device for device, _ in first.acks}
         counts = (first.members, first.acked)
         since = max((at for _, at in first.acks), default=None)
@@ -449,7 +458,8 @@ def build_dashboard_app(
                     since = None
                 if new:
                     since = max([at for _, at in new] + ([] if since is None else [since]))
-                yield _event(progress, new, reset=reset, now=int(clock()))
+                details = await run_in_threadpool(read_details, group_id)
+                yield _event(progress, new, details, reset=reset, now=int(clock()))
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > settings.keepalive_seconds:
                 yield ": keepalive\n\n"
@@ -474,9 +484,17 @@ def build_dashboard_app(
 
 
 def _event(
-    progress: queries.AckProgress, acks: list[tuple[str, int]], *, reset: bool, now: int
+    progress: queries.AckProgress,
+    acks: list[tuple[str, int]],
+    details: tuple[queries.RekeyInfo | None, queries.CommitRow | None],
+    *,
+    reset: bool,
+    now: int,
 ) -> str:
+    """One ``progress`` event: counts, the acks not sent yet, the last rekey and the commit
+    that made the current epoch (all public values; the page fills them in as text)."""
     commit_at = progress.commit_at
+    rekey, commit = details
     data = {
         "group": progress.group_id,
         "epoch": progress.epoch,
@@ -486,6 +504,28 @@ def _event(
         "commit_at": commit_at,
         "now": now,
         "reset": reset,
+        "rekey": None
+        if rekey is None
+        else {
+            "operator": rekey.operator,
+            "started": _fmt_time(rekey.started_at),
+            "result": rekey.result or "in progress",
+            "duration": _fmt_duration(rekey.duration),
+        },
+        "commit": None
+        if commit is None
+        else {
+            "epoch": commit.epoch,
+            "committer": commit.committer,
+            "accepted": _fmt_time(commit.accepted_at),
+            "acks": commit.acks,
+            "last_ack_after": None
+            if commit.last_ack_at is None
+            else _fmt_duration(commit.last_ack_at - commit.accepted_at),
+            "all_acked_in": None
+            if commit.last_ack_at is None or progress.acked < progress.members
+            else _fmt_duration(commit.last_ack_at - commit.accepted_at),
+        },
         "acks": [
             {
                 "device": device,

@@ -42,10 +42,11 @@ T = TypeVar("T")
 
 NEVER = "never"  # attestation filter value: devices never attested
 OUT_OF_SERVICE = (DeviceState.QUARANTINED, DeviceState.REVOKED, DeviceState.DESTROYED)
+# exclusive buckets: (label, seen at most this many seconds ago and more than the previous)
 LAST_SEEN_BUCKETS: tuple[tuple[str, int], ...] = (
-    ("within 5 minutes", 300),
-    ("within an hour", 3600),
-    ("within a day", 86400),
+    ("under 5 min", 300),
+    ("5 min to 1 h", 3600),
+    ("1 h to 1 day", 86400),
 )
 TIMELINE_BUCKETS = 24
 ATTESTATION_HISTORY = 20
@@ -155,16 +156,22 @@ def fleet_summary(session: Session, *, now: int) -> FleetSummary:
         by_attestation[key[1]] = by_attestation.get(key[1], 0) + int(count)
     total = sum(by_state.values())
     last_seen: list[tuple[str, int]] = []
+    within = 0  # seen within the previous bucket's window
     for label, window in LAST_SEEN_BUCKETS:
-        seen = session.scalar(
-            select(func.count()).select_from(Device).where(Device.last_seen >= now - window)
+        seen = int(
+            session.scalar(
+                select(func.count()).select_from(Device).where(Device.last_seen >= now - window)
+            )
+            or 0
         )
-        last_seen.append((label, int(seen or 0)))
-    never_seen = session.scalar(
-        select(func.count()).select_from(Device).where(Device.last_seen.is_(None))
+        last_seen.append((label, seen - within))
+        within = seen
+    never_seen = int(
+        session.scalar(select(func.count()).select_from(Device).where(Device.last_seen.is_(None)))
+        or 0
     )
-    last_seen.append(("longer ago", total - last_seen[-1][1] - int(never_seen or 0)))
-    last_seen.append(("never", int(never_seen or 0)))
+    last_seen.append(("over a day", total - within - never_seen))
+    last_seen.append(("never", never_seen))
     timeline, bucket = _timeline(session, now=now)
     attention = [
         AttentionRow(row.device_id, str(row.state), row.attestation_reason, row.attested_at)
@@ -870,6 +877,35 @@ def group_list_row(session: Session, group_id: str, epoch: int) -> GroupRow:
         pending_changes=members[1],
         commit_at=_commit_times(session, [group_id]).get(group_id),
         last_ack_at=last,
+    )
+
+
+def current_commit(session: Session, group_id: str) -> CommitRow | None:
+    """The accepted commit that made the group's current epoch, with its acks so far."""
+    row = session.execute(
+        select(CommitLogEntry.epoch, CommitLogEntry.committer, CommitLogEntry.accepted_at)
+        .join(
+            Group,
+            and_(
+                Group.group_id == CommitLogEntry.group_id,
+                CommitLogEntry.epoch == Group.epoch - 1,
+            ),
+        )
+        .where(CommitLogEntry.group_id == group_id)
+    ).first()
+    if row is None:
+        return None
+    acks, last = session.execute(
+        select(func.count(), func.max(Ack.received_at)).where(
+            Ack.group_id == group_id, Ack.epoch == row.epoch + 1
+        )
+    ).one()
+    return CommitRow(
+        epoch=row.epoch,
+        committer=row.committer,
+        accepted_at=row.accepted_at,
+        acks=int(acks),
+        last_ack_at=None if last is None else int(last),
     )
 
 

@@ -90,6 +90,46 @@
     }
   }
 
+  function details(data) {
+    if (data.rekey) {
+      setText("rekey-by", data.rekey.operator + " at " + data.rekey.started);
+      setText("rekey-result", data.rekey.result);
+      setText("rekey-duration", data.rekey.duration);
+    }
+    const c = data.commit;
+    if (!c) { return; }
+    setText("epoch-since", c.accepted);
+    setText("ack-duration", c.all_acked_in === null ? "—" : c.all_acked_in);
+    const body = document.querySelector("#commits tbody");
+    if (!body) { return; }
+    let row = body.querySelector('tr[data-epoch="' + c.epoch + '"]');
+    if (!row) {
+      const none = body.querySelector("tr.none");
+      if (none) { body.removeChild(none); }
+      row = document.createElement("tr");
+      row.setAttribute("data-epoch", String(c.epoch));
+      const cells = [c.epoch + " → " + (c.epoch + 1), null, c.accepted, "", ""];
+      cells.forEach(function (text, i) {
+        const td = document.createElement("td");
+        if (i === 0) { td.className = "num"; }
+        if (i === 3) { td.className = "num acks"; }
+        if (i === 4) { td.className = "after"; }
+        if (text === null) {
+          const a = document.createElement("a");
+          a.href = "/devices/" + encodeURIComponent(c.committer);
+          a.textContent = c.committer;
+          td.appendChild(a);
+        } else {
+          td.textContent = text;
+        }
+        row.appendChild(td);
+      });
+      body.insertBefore(row, body.firstChild);
+    }
+    row.querySelector("td.acks").textContent = String(c.acks);
+    row.querySelector("td.after").textContent = c.last_ack_after === null ? "—" : c.last_ack_after;
+  }
+
   function onProgress(event) {
     const data = JSON.parse(event.data);
     if (data.reset || data.epoch !== epoch) {
@@ -117,6 +157,7 @@
       item.setAttribute("data-device", ack.device);
       feed.insertBefore(item, feed.firstChild);
     });
+    details(data);
     draw();
     setStatus("live", "acked");
   }
