@@ -10,9 +10,11 @@ CBOR is deterministic (RFC 8949 section 4.2) and ``details`` is the canonical JS
 stored (sorted keys, no spaces, UTF-8, integers only), so anyone can recompute a hash from the row
 with any CBOR library. The first entry links to 32 zero bytes.
 
-Concurrency: an append first updates the single ``audit_head`` row, which queues appenders on
-the row lock (PostgreSQL) or the write lock (SQLite), so they do not race in the common case. The
-guarantee itself is the database's: UNIQUE seq and UNIQUE prev_hash. Two writers that somehow
+Concurrency: an append first locks the single ``audit_head`` row (``SELECT ... FOR UPDATE`` on
+PostgreSQL; on SQLite, which has no row locks, a no-op UPDATE that takes the database's write
+lock), so appenders queue there and each reads the head its predecessor committed: at READ
+COMMITTED every statement after the lock sees the newest committed entry. The guarantee itself
+is the database's: UNIQUE seq and UNIQUE prev_hash. Two writers that somehow
 read the same head both try to insert the same ``seq``; one gets an integrity error, which
 becomes ``AuditConflict``, and its whole unit of work runs again on the new head
 (``run_in_transaction``). The chain never forks, on SQLite or with several service instances on
@@ -39,7 +41,7 @@ from sqlalchemy import String, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from provisioning.registry.engine import RetryableConflict, run_in_transaction
+from provisioning.registry.engine import RetryableConflict, run_in_transaction, savepoint
 from provisioning.registry.schema import HASH_LENGTH, AuditEntry, AuditHead, Outcome
 
 FORMAT_VERSION = 1
@@ -226,34 +228,48 @@ def append(
         prev_hash=prev_hash,
         entry_hash=compute_hash(prev_hash, preimage),
     )
-    session.add(row)
-    head_row.seq = seq
-    head_row.entry_hash = row.entry_hash
     try:
-        session.flush()
+        with savepoint(session):
+            session.add(row)
+            head_row.seq = seq
+            head_row.entry_hash = row.entry_hash
+            session.flush()
     except IntegrityError:
         raise AuditConflict(f"audit entry {seq} was appended concurrently") from None
     return _record(row)
 
 
 def _lock_head(session: Session) -> AuditHead:
-    # A no-op UPDATE is still a write: it takes the lock that makes other appenders wait here,
-    # before they read the head, rather than fail later at the unique constraint.
-    locked = session.execute(
-        update(AuditHead)
-        .where(AuditHead.id == 1)
-        .values(seq=AuditHead.seq)
-        .execution_options(synchronize_session=False)
-    )
-    if locked.rowcount == 0:  # type: ignore[attr-defined]
-        session.add(AuditHead(id=1, seq=0, entry_hash=GENESIS_PREV_HASH))
-        try:
+    """The head row, locked until the caller's transaction ends: other appenders wait here,
+    before they read the head, rather than fail later at the unique constraint."""
+    head_row: AuditHead | None
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite ignores FOR UPDATE; a no-op UPDATE is still a write and takes the write lock.
+        session.execute(
+            update(AuditHead)
+            .where(AuditHead.id == 1)
+            .values(seq=AuditHead.seq)
+            .execution_options(synchronize_session=False)
+        )
+        head_row = session.get(AuditHead, 1, populate_existing=True)
+    else:
+        head_row = session.scalars(
+            select(AuditHead)
+            .where(AuditHead.id == 1)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).first()
+    if head_row is not None:
+        return head_row
+    # The first append ever: two writers may both get here; the loser's insert fails on the
+    # primary key (in a savepoint, so PostgreSQL's transaction stays usable) and it retries.
+    head_row = AuditHead(id=1, seq=0, entry_hash=GENESIS_PREV_HASH)
+    try:
+        with savepoint(session):
+            session.add(head_row)
             session.flush()
-        except IntegrityError:
-            raise AuditConflict("the audit head row was created concurrently") from None
-    head_row = session.get(AuditHead, 1, populate_existing=True)
-    if head_row is None:  # pragma: no cover - inserted or updated just above
-        raise AuditConflict("the audit head row vanished")
+    except IntegrityError:
+        raise AuditConflict("the audit head row was created concurrently") from None
     return head_row
 
 

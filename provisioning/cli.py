@@ -1,8 +1,9 @@
 """``keyfleet``: the fleet service's command line.
 
-For now only what works without the broker: ``keyfleet db init`` creates the registry schema and
-``keyfleet audit verify`` checks the audit chain. The database comes from ``--config FILE`` (the
-service configuration) or ``--db URL`` (an auditor's copy needs no broker certificates).
+For now only what works without the broker: ``keyfleet db init`` / ``db upgrade`` bring the
+database to the newest schema revision (docs/database.md) and ``keyfleet audit verify`` checks the
+audit chain. The database comes from ``--config FILE`` (the service configuration) or ``--db
+URL`` (an auditor's copy needs no broker certificates).
 
 Exit status: 0 success; 1 the audit chain is broken (the first bad entry is printed); 2 the
 command could not run (usage, configuration or database error).
@@ -43,9 +44,8 @@ from provisioning.operator import (
     print_table,
     run_commands,
 )
-from provisioning.registry import Registry, cert_fingerprint
+from provisioning.registry import Registry, cert_fingerprint, migrations
 from provisioning.registry.engine import (
-    create_schema,
     make_engine,
     missing_tables,
     redact_url,
@@ -54,7 +54,6 @@ from provisioning.registry.engine import (
     sqlite_path,
 )
 from provisioning.registry.schema import Outcome, Role
-from provisioning.service import store
 from provisioning.service.mqtt import ServiceRunner
 from provisioning.service.operators import register_operator
 
@@ -127,18 +126,55 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return EXIT_BROKEN
 
 
+def _database_hint(args: argparse.Namespace) -> str:
+    """How the user named the database, for messages that tell them what to run next."""
+    return f"--config {args.config}" if args.config is not None else "--db URL"
+
+
 def _db_init(args: argparse.Namespace) -> int:
     url = _database_url(args)
     engine = make_engine(url)
     try:
-        # every table the service uses, so that registrations run side by side afterwards never
-        # race to create one (create_all's check-then-create is not atomic across processes)
-        create_schema(engine)
-        store.create_service_schema(engine)
+        # every table the service uses, at the newest revision, under the migration lock: runs
+        # side by side (several instances, operators) queue and the later ones find it done
+        migrations.upgrade(engine)
     finally:
         engine.dispose()
     print(f"database ready: {redact_url(url)}")
     return EXIT_OK
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    url = _database_url(args)
+    engine = make_engine(url)
+    try:
+        before, after = migrations.upgrade(engine, args.revision, create=False)
+    finally:
+        engine.dispose()
+    if before == after:
+        print(f"schema revision {after}, nothing to do: {redact_url(url)}")
+    else:
+        print(f"schema revision {before or 'none (adopted)'} -> {after}: {redact_url(url)}")
+    return EXIT_OK
+
+
+def _db_status(args: argparse.Namespace) -> int:
+    url = _database_url(args)
+    engine = make_engine(url)
+    try:
+        status = migrations.schema_status(engine)
+    finally:
+        engine.dispose()
+    print(f"{redact_url(url)}: {status.state} (revision {status.revision}, head {status.head})")
+    return EXIT_OK if status.state == "current" else EXIT_BROKEN
+
+
+def _ready_schema(engine: Engine, config: str) -> None:
+    """For registrations: an empty database gets the schema (as ``db init`` would); any other
+    must already be at the newest revision (upgrading is the administrator's decision)."""
+    if migrations.schema_status(engine).state == "empty":
+        migrations.upgrade(engine)
+    migrations.require_current(engine, how=f"--config {config}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,9 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     db_parser = commands.add_parser("db", help="the registry database")
     db_commands = db_parser.add_subparsers(dest="db_command", required=True)
-    init = db_commands.add_parser("init", help="create the registry tables (idempotent)")
+    init = db_commands.add_parser(
+        "init", help="create the schema or bring it to the newest revision (idempotent)"
+    )
     _add_database_options(init)
     init.set_defaults(handler=_db_init)
+    upgrade = db_commands.add_parser(
+        "upgrade",
+        help="apply new schema revisions; adopts a database made before revisions existed",
+    )
+    _add_database_options(upgrade)
+    upgrade.add_argument("--revision", default="head", help="target revision (default: head)")
+    upgrade.set_defaults(handler=_db_upgrade)
+    status = db_commands.add_parser(
+        "status", help="the database's schema revision: exit 0 at the newest, 1 otherwise"
+    )
+    _add_database_options(status)
+    status.set_defaults(handler=_db_status)
     _add_service_commands(commands)
     return parser
 
@@ -180,6 +230,12 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = load_config(args.config)
+    engine = make_engine(config.database_url)
+    try:
+        # several instances must never run different schemas: upgrading is an explicit step
+        migrations.require_current(engine, how=f"--config {args.config}")
+    finally:
+        engine.dispose()
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -221,8 +277,7 @@ def _operator_add(args: argparse.Namespace) -> int:
         )
     engine = make_engine(config.database_url)
     try:
-        create_schema(engine)
-        store.create_service_schema(engine)
+        _ready_schema(engine, args.config)
         record = register_operator(
             session_factory(engine),
             cert,
@@ -270,7 +325,7 @@ def _station_add(args: argparse.Namespace) -> int:
         )
 
     try:
-        create_schema(engine)
+        _ready_schema(engine, args.config)
         run_in_transaction(session_factory(engine), work)
     finally:
         engine.dispose()

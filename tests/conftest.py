@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-pytest_plugins = ["tests.fixtures.swtpm", "tests.fixtures.mosquitto", "tests.fixtures.fleet"]
+pytest_plugins = [
+    "tests.fixtures.swtpm",
+    "tests.fixtures.mosquitto",
+    "tests.fixtures.fleet",
+    "tests.fixtures.postgres",
+]
 
 TIERS = ("pure", "tpm", "broker", "e2e")
 

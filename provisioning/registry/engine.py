@@ -1,25 +1,32 @@
 """Engines, schema creation and transactions with retry for the fleet registry.
 
-One database URL selects the backend: a SQLite file by default, PostgreSQL for several service
-instances. The code never relies on transaction isolation for ordering; every rule that racing
-writers must obey is a constraint (see schema.py), and a writer that loses a race either gets a
-clear refusal (a commit for a taken epoch) or retries its whole unit of work (an audit entry for a
-taken chain head). On SQLite this matches what the Python driver does anyway: statements read the
-latest committed data until the first write opens the transaction, as PostgreSQL's default READ
-COMMITTED does statement by statement.
+One database URL selects the backend: a SQLite file by default, PostgreSQL (driver psycopg 3)
+for several service instances. The code never relies on transaction isolation for ordering; every
+rule that racing writers must obey is a constraint (see schema.py) or a row lock (the audit
+chain's head), and a writer that loses a race either gets a clear refusal (a commit for a taken
+epoch) or retries its whole unit of work (an audit entry for a taken chain head, a deadlock the
+server broke). On SQLite this matches what the Python driver does anyway: statements read the
+latest committed data until the first write opens the transaction, as PostgreSQL's READ
+COMMITTED (set explicitly on every PostgreSQL engine) does statement by statement.
+
+Schema creation goes through the Alembic migrations (provisioning/registry/migrations/):
+``create_schema`` brings a database to the newest revision, so every database keyfleet creates
+carries its revision and ``keyfleet serve`` can refuse one that is behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.errors import ConfigError, StateError
@@ -30,6 +37,13 @@ T = TypeVar("T")
 # How long a SQLite writer waits for another writer's lock before failing; commits and audit
 # appends hold it for milliseconds, so a long wait means something is stuck.
 SQLITE_BUSY_TIMEOUT_S = 30.0
+
+# The only PostgreSQL driver keyfleet is tested with (psycopg 3); ``postgresql://`` means it.
+POSTGRESQL_DRIVER = "postgresql+psycopg"
+
+# SQLSTATEs after which PostgreSQL has rolled the transaction back and running the same unit of
+# work again is the documented remedy: serialization_failure, deadlock_detected.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
 
 
 def redact_url(url: str | URL) -> str:
@@ -52,21 +66,9 @@ def sqlite_path(url: str | URL) -> Path | None:
     return Path(parsed.database)
 
 
-def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Foreign keys are off by default in SQLite; WAL lets readers (audit verify, listings) run
-    # while one writer commits.
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-    finally:
-        cursor.close()
-
-
-def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
-    """An engine for ``url``. SQLite gets foreign keys, WAL and a busy timeout on every
-    connection; the file's directory must exist (the database file itself is created)."""
+def normalize_url(url: str | URL) -> URL:
+    """The URL keyfleet connects with: ``postgresql://`` becomes ``postgresql+psycopg://``;
+    another PostgreSQL driver or another backend is a ``ConfigError`` (no secret in it)."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -74,6 +76,56 @@ def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
             "database.url: could not parse the value as a database URL; "
             "expected e.g. sqlite:////var/lib/keyfleet/fleet.db or postgresql+psycopg://host/db"
         ) from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        if parsed.drivername not in ("postgresql", POSTGRESQL_DRIVER):
+            raise ConfigError(
+                f"database.url: {redact_url(parsed)!r}: driver {parsed.get_driver_name()!r} is "
+                "not supported; expected postgresql:// or postgresql+psycopg:// (psycopg 3)"
+            )
+        return parsed.set(drivername=POSTGRESQL_DRIVER)
+    if backend != "sqlite":
+        raise ConfigError(
+            f"database.url: {redact_url(parsed)!r}: {backend} is not supported; "
+            "expected a sqlite:// or postgresql:// URL"
+        )
+    return parsed
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Foreign keys are off by default in SQLite; WAL lets readers (audit verify, listings) run
+    # while one writer commits.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            _switch_to_wal(cursor)
+        cursor.execute("PRAGMA synchronous=FULL")
+    finally:
+        cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    # Switching needs the database to itself, and SQLite answers "database is locked" at once
+    # (without its busy handler) while another connection holds it: first connections to a new
+    # file at the same moment (instances or CLI runs starting together) wait and try again.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def make_engine(url: str | URL, *, echo: bool = False, **options: Any) -> Engine:
+    """An engine for ``url``. SQLite gets foreign keys, WAL and a busy timeout on every
+    connection; the file's directory must exist (the database file itself is created).
+    PostgreSQL goes through psycopg 3 at READ COMMITTED with connections checked before use.
+    ``options`` go to ``create_engine`` (e.g. ``poolclass``)."""
+    parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(parsed)
         if path is not None and not path.parent.is_dir():
@@ -81,19 +133,31 @@ def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
                 f"database.url: {redact_url(parsed)!r}: directory {path.parent} does not exist; "
                 "expected an existing directory for the SQLite file"
             )
-        engine = create_engine(parsed, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        engine = create_engine(
+            parsed, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **options
+        )
         event.listen(engine, "connect", _on_sqlite_connect)
         return engine
-    return create_engine(parsed, echo=echo, pool_pre_ping=True)
+    return create_engine(
+        parsed,
+        echo=echo,
+        pool_pre_ping=True,
+        isolation_level="READ COMMITTED",
+        connect_args={"application_name": "keyfleet"},
+        **options,
+    )
 
 
 def create_schema(engine: Engine) -> None:
-    """Create every keyfleet table that does not exist yet (idempotent)."""
-    Base.metadata.create_all(engine)
+    """Bring the database to the newest schema revision (every registry and service table),
+    creating it if it is empty (idempotent; see ``provisioning.registry.migrations``)."""
+    from provisioning.registry import migrations  # noqa: PLC0415 - migrations import this module
+
+    migrations.upgrade(engine)
 
 
 def missing_tables(engine: Engine) -> list[str]:
-    """Tables of the keyfleet schema absent from the database (empty when it is ready)."""
+    """Tables of the keyfleet registry absent from the database (empty when it is ready)."""
     present = set(inspect(engine).get_table_names())
     return sorted(name for name in Base.metadata.tables if name not in present)
 
@@ -104,22 +168,49 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+@contextlib.contextmanager
+def savepoint(session: Session) -> Iterator[None]:
+    """A statement group whose failure (e.g. a unique constraint) undoes only itself.
+
+    On PostgreSQL any error aborts the whole transaction unless it happened inside a SAVEPOINT,
+    so the group runs in one (``begin_nested``). On SQLite a failed statement undoes only itself
+    anyway, and Python's sqlite3 module mishandles SAVEPOINT outside an explicit transaction (a
+    RELEASE can commit everything), so no savepoint is used there. Open the savepoint *before*
+    adding the rows it should guard: ``begin_nested`` flushes what is already pending.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        yield
+        return
+    with session.begin_nested():
+        yield
+
+
 class RetryableConflict(StateError):
     """A concurrent writer took what this unit of work needed (e.g. the audit chain head);
     running the whole unit again on fresh data is correct and will succeed."""
 
 
+def is_transient(exc: BaseException) -> bool:
+    """A database error after which the server rolled back and a retry is the remedy
+    (PostgreSQL serialization failure or deadlock)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate in TRANSIENT_SQLSTATES
+
+
 def run_in_transaction(
     sessions: sessionmaker[Session], work: Callable[[Session], T], *, attempts: int = 8
 ) -> T:
-    """Run ``work`` in one transaction and commit it; if it raises ``RetryableConflict`` roll back
-    and run it again from the start, up to ``attempts`` times. Any other error rolls back and
-    propagates: a refusal (e.g. a commit for a taken epoch) is not retried.
+    """Run ``work`` in one transaction and commit it; if it raises ``RetryableConflict`` (or
+    PostgreSQL broke a deadlock or a serialization conflict against it) roll back and run it
+    again from the start, up to ``attempts`` times. Any other error rolls back and propagates:
+    a refusal (e.g. a commit for a taken epoch) is not retried.
 
     The whole unit is retried, not just the failed statement, because after an integrity error
     the transaction is unusable on PostgreSQL and the unit's earlier reads may be stale.
     """
-    last: RetryableConflict | None = None
+    last: BaseException | None = None
     for attempt in range(attempts):
         if attempt:
             # Jitter so that writers that collided do not collide again in lockstep; this is
@@ -131,4 +222,15 @@ def run_in_transaction(
                     return work(session)
             except RetryableConflict as exc:
                 last = exc
-    raise StateError(f"gave up after {attempts} attempts: {last}")
+            except DBAPIError as exc:
+                if not is_transient(exc):
+                    raise
+                last = exc
+    raise StateError(f"gave up after {attempts} attempts: {_describe(last)}")
+
+
+def _describe(exc: BaseException | None) -> str:
+    if isinstance(exc, DBAPIError):
+        # the driver's first line names the conflict; the statement and its parameters stay out
+        return f"{type(exc.orig).__name__}: {str(exc.orig).splitlines()[0] if exc.orig else ''}"
+    return str(exc)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from agent.errors import ProtocolError
 from agent.lifecycle import ALLOWED_TRANSITIONS, KeyState
-from provisioning.registry.engine import RetryableConflict
+from provisioning.registry.engine import RetryableConflict, savepoint
 from provisioning.registry.schema import (
     ID_LENGTH,
     KEY_NAME_LENGTH,
@@ -301,16 +301,19 @@ class Registry:
             state_changed_at=now,
             ak_public=ak_public,
         )
-        self._s.add(row)
         # another instance may enroll the same id or EK between our check and our insert
-        self._flush_or_retry(f"device {device_id!r} was enrolled concurrently")
+        self._insert_or_retry(f"device {device_id!r} was enrolled concurrently", row)
         return _record(DeviceRecord, row)
 
-    def _flush_or_retry(self, conflict: str) -> None:
-        """Flush; a unique constraint that fires means another writer got there between our
-        check and our insert: the whole unit of work is retried (``run_in_transaction``)."""
+    def _insert_or_retry(self, conflict: str, *rows: object) -> None:
+        """Insert ``rows`` now; a unique constraint that fires means another writer got there
+        between our check and our insert: the whole unit of work is retried
+        (``run_in_transaction``). The insert runs in a savepoint, so on PostgreSQL the violation
+        undoes only it and the transaction is not left aborted."""
         try:
-            self._s.flush()
+            with savepoint(self._s):
+                self._s.add_all(rows)
+                self._s.flush()
         except IntegrityError:
             raise RetryableConflict(conflict) from None
 
@@ -554,18 +557,15 @@ class Registry:
             created_at=now,
             updated_at=now,
         )
-        self._s.add(group)
-        self._s.add(
-            GroupMember(
-                group_id=group_id,
-                device_id=creator,
-                leaf_index=0,
-                pending=None,
-                joined_epoch=0,
-                requested_at=now,
-            )
+        creator_row = GroupMember(
+            group_id=group_id,
+            device_id=creator,
+            leaf_index=0,
+            pending=None,
+            joined_epoch=0,
+            requested_at=now,
         )
-        self._flush_or_retry(f"group {group_id!r} was created concurrently")
+        self._insert_or_retry(f"group {group_id!r} was created concurrently", group, creator_row)
         return _record(GroupRecord, group)
 
     def _group_row(self, group_id: str) -> Group:
@@ -726,9 +726,10 @@ class Registry:
             welcome=welcome,
             accepted_at=now,
         )
-        self._s.add(entry)
         try:
-            self._s.flush()
+            with savepoint(self._s):
+                self._s.add(entry)
+                self._s.flush()
         except IntegrityError:
             raise EpochConflict(group_id, epoch, None) from None
         moved = self._s.execute(
@@ -751,16 +752,17 @@ class Registry:
         for device_id in removed:
             self._s.delete(current[device_id])
         self._s.flush()
-        for device_id, leaf in added.items():
-            row = current.get(device_id)
-            if row is None:
-                row = GroupMember(group_id=group_id, device_id=device_id, requested_at=now)
-                self._s.add(row)
-            row.leaf_index = leaf
-            row.pending = None
-            row.joined_epoch = epoch + 1
         try:
-            self._s.flush()
+            with savepoint(self._s):
+                for device_id, leaf in added.items():
+                    row = current.get(device_id)
+                    if row is None:
+                        row = GroupMember(group_id=group_id, device_id=device_id, requested_at=now)
+                        self._s.add(row)
+                    row.leaf_index = leaf
+                    row.pending = None
+                    row.joined_epoch = epoch + 1
+                self._s.flush()
         except IntegrityError:
             raise ProtocolError(
                 "ds.commit.leaf",
@@ -849,17 +851,17 @@ class Registry:
                     "with a different epoch authenticator",
                 )
             return
-        self._s.add(
+        self._device_row(device_id).last_seen = now
+        self._insert_or_retry(
+            f"ack from {device_id!r} recorded concurrently",
             Ack(
                 group_id=group_id,
                 epoch=epoch,
                 device_id=device_id,
                 epoch_authenticator=epoch_authenticator,
                 received_at=now,
-            )
+            ),
         )
-        self._device_row(device_id).last_seen = now
-        self._flush_or_retry(f"ack from {device_id!r} recorded concurrently")
 
     def ack_status(self, group_id: str) -> AckStatus:
         """Acks for the group's current epoch, against its current members (pending removals
@@ -938,8 +940,7 @@ class Registry:
         row = Operator(
             name=name, cert_fingerprint=cert_fingerprint, role=role, created_at=now, updated_at=now
         )
-        self._s.add(row)
-        self._flush_or_retry(f"operator {name!r} was added concurrently")
+        self._insert_or_retry(f"operator {name!r} was added concurrently", row)
         return _record(OperatorRecord, row)
 
     def _operator_row(self, name: str) -> Operator:
@@ -1017,8 +1018,7 @@ class Registry:
                 f"certificate {cert_fingerprint} already belongs to another station",
             )
         row = Station(name=name, cert_fingerprint=cert_fingerprint, created_at=now)
-        self._s.add(row)
-        self._flush_or_retry(f"station {name!r} was added concurrently")
+        self._insert_or_retry(f"station {name!r} was added concurrently", row)
         return _record(StationRecord, row)
 
     def station(self, name: str) -> StationRecord:
