@@ -5,6 +5,9 @@ set -euo pipefail
 
 # systemd only for systemd-analyze (the unit checks); nothing here starts it.
 packages=(swtpm swtpm-tools libtss2-dev mosquitto socat pkg-config gcc python3-dev python3-venv systemd)
+# postgresql: the tests start their own server from its binaries (tests/fixtures/postgres.py) to
+# run the registry, migrations and the e2e tests on PostgreSQL as well as SQLite.
+packages+=(postgresql)
 
 missing=()
 for pkg in "${packages[@]}"; do
