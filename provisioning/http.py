@@ -9,6 +9,8 @@ they stream in (before decoding) and decoded by the strict ``agent.wire.cbor``. 
 maps ``{"check": id, "reason": text}`` with a 4xx status (5xx only for the service's own
 trouble): 400 malformed, 401 no client certificate, 403 a check failed or not a station,
 404/410 unknown/expired session, 409 already enrolled, 413 too large, 415 not CBOR.
+Every refusal is counted by check id in ``app.state.rejections`` (``agent.wire.rejections``, as
+the MQTT side counts) and passed to ``on_refusal`` (``keyfleet serve``: its metrics).
 
 Transport: mutual TLS. uvicorn is started with ``ssl_cert_reqs=CERT_REQUIRED`` and the station CA
 as ``ssl_ca_certs``, so a client without a station certificate never completes the handshake.
@@ -44,6 +46,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from agent.errors import ConfigError, ProtocolError, StateError
 from agent.wire import cbor
+from agent.wire.rejections import Rejections
 from provisioning.config import ServiceConfig
 from provisioning.enroll import Enrollment, EnrollmentSettings, FinishRequest, StartRequest
 from provisioning.registry.engine import make_engine, session_factory
@@ -119,8 +122,23 @@ def _peer_certificate(request: Request) -> x509.Certificate:
         raise ProtocolError("enroll.station.cert", "client certificate does not parse") from None
 
 
-def build_app(enrollment: Enrollment, *, clock: Callable[[], float] = time.time) -> Starlette:
-    """The ASGI application. ``clock`` gives the service's time (seconds)."""
+def build_app(
+    enrollment: Enrollment,
+    *,
+    clock: Callable[[], float] = time.time,
+    rejections: Rejections | None = None,
+    on_refusal: Callable[[str], None] | None = None,
+) -> Starlette:
+    """The ASGI application. ``clock`` gives the service's time (seconds). Refusals (4xx with a
+    check id) are counted in ``rejections`` (a new one if not given; ``app.state.rejections``)
+    and reported by check id to ``on_refusal``."""
+    counted = Rejections() if rejections is None else rejections
+
+    def refused(exc: ProtocolError) -> Response:
+        counted.record(exc)
+        if on_refusal is not None:
+            on_refusal(exc.check)
+        return _error(exc.check, exc.reason)
 
     async def station_of(request: Request) -> str:
         cert = _peer_certificate(request)
@@ -137,7 +155,7 @@ def build_app(enrollment: Enrollment, *, clock: Callable[[], float] = time.time)
                 return _cbor_response(await work(request, station))
             except ProtocolError as exc:
                 log.info("enroll: refused [%s] %s", exc.check, exc.reason)
-                return _error(exc.check, exc.reason)
+                return refused(exc)
             except StateError as exc:
                 log.warning("enroll: database trouble: %s", exc)
                 return _error("service.unavailable", "the registry is busy; retry", 503)
@@ -168,15 +186,17 @@ def build_app(enrollment: Enrollment, *, clock: Callable[[], float] = time.time)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException) and exc.status_code == 405:
-            return _error("http.method", "method not allowed here")
-        return _error("http.route", "no such endpoint")
+            return refused(ProtocolError("http.method", "method not allowed here"))
+        return refused(ProtocolError("http.route", "no such endpoint"))
 
     routes = [
         Route("/v1/enroll/start", endpoint(start), methods=["POST"]),
         Route("/v1/enroll/finish", endpoint(finish), methods=["POST"]),
         Route("/v1/enroll/{device}", endpoint(revoke), methods=["DELETE"]),
     ]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app.state.rejections = counted
+    return app
 
 
 # ---- uvicorn with the client certificate in the scope ---------------------------------------
