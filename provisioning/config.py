@@ -132,12 +132,15 @@ class ServiceRuntimeConfig:
     """[service]: how ``keyfleet serve`` runs. ``signing_key`` signs every service envelope
     (devices verify it with the matching certificate, their ``fleet.service_cert``); by default
     it is the service's MQTT client key. ``instance`` makes the MQTT client id
-    ``keyfleet-service-<instance>``."""
+    ``keyfleet-service-<instance>``. ``session_expiry_seconds``: how long the broker keeps the
+    instance's session (and queues its share of the messages) while it is away; several
+    instances want 0, so that a dead one's share goes to the live ones (docs/scale-out.md)."""
 
     signing_key: Path | None = None
     instance: str = "1"
     commit_request_timeout_seconds: int = 10
     online_window_seconds: int = 300
+    session_expiry_seconds: int = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,7 @@ def _schema(base: Path) -> Table:
             "instance": Field(name, default="1"),
             "commit_request_timeout_seconds": Field(seconds(1, 3600), default=10),
             "online_window_seconds": Field(seconds(10, 7 * 86400), default=300),
+            "session_expiry_seconds": Field(seconds(0, 30 * 86400), default=7 * 86400),
         },
     }
     tables: dict[str, Field] = {}

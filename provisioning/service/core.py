@@ -392,11 +392,65 @@ class DeliveryService:
         for operation in self._load_operations(None):
             if now - operation.last_progress >= self.settings.ack_timeout:
                 self._time_out(operation, now)
-            elif operation.acks_deferred:
-                self._progress(operation, now)  # an ack view the throttle held back
+            else:
+                if operation.acks_deferred:
+                    self._progress(operation, now)  # an ack view the throttle held back
+                if now - operation.last_progress >= self.settings.commit_request_timeout:
+                    self._nudge(operation, now)
         self._attest_tick(now)
         self._prune_tick(now)
         return self._flush()
+
+    def _nudge(self, operation: Operation, now: int) -> None:
+        """Acks stopped coming: send the epoch's commit again to each straggler (``to`` = the
+        device, on its command topic). A member that already applied it answers with its ack
+        again (the agent's reply to an already-applied commit), one that missed it applies it.
+        Recovers acks lost with an instance that died holding them (docs/scale-out.md). Once
+        per ``commit_request_timeout`` per operation fleet-wide (conditional UPDATE)."""
+        if any(job.open for job in operation.jobs):
+            return
+        key = operation.command_id.hex()
+        interval = self.settings.commit_request_timeout
+
+        def work(session: Session) -> list[tuple[str, CommitMessage]]:
+            claimed = session.execute(
+                update(store.OperationRow)
+                .where(
+                    store.OperationRow.command_id == key,
+                    store.OperationRow.finished_at.is_(None),
+                    (store.OperationRow.nudged_at.is_(None))
+                    | (store.OperationRow.nudged_at <= now - interval),
+                )
+                .values(nudged_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if store._rowcount(claimed) != 1:
+                return []
+            registry = Registry(session)
+            sends: list[tuple[str, CommitMessage]] = []
+            for group_id in sorted(operation.groups):
+                try:
+                    status = registry.ack_status(group_id)
+                except ProtocolError:
+                    continue
+                last = session.get(CommitLogEntry, (group_id, status.epoch - 1))
+                if last is None:
+                    continue
+                relay = CommitMessage(group_id, last.epoch, last.commit)
+                sends.extend((device_id, relay) for device_id in status.stragglers)
+            return sends
+
+        sends = self._tx(work)
+        if sends:
+            log.info(
+                "%s on %s: no ack for %ss; sending the commit again to %d straggler(s)",
+                operation.type,
+                operation.target,
+                interval,
+                len(sends),
+            )
+        for device_id, relay in sends:
+            self._send(device_cmd_topic(device_id), relay, to=device_id, now=now)
 
     def queue_length(self, group_id: str) -> int:
         """Open jobs of ``group_id`` (queued or in flight), fleet-wide."""
@@ -1435,6 +1489,7 @@ class DeliveryService:
                 groups="," + ",".join(sorted(groups)) + ",",
                 last_progress=now,
                 created_at=now,
+                accepted_by=self.instance,
             )
         )
         session.flush()

@@ -109,6 +109,7 @@ class ServiceRunner:
             key_file=config.broker.client_key,
             client_id=self.client_id,
             manual_ack=True,
+            session_expiry=config.service.session_expiry_seconds,
         )
         log.info(
             "keyfleet serve: database %s, broker %s:%s as %s, service signing kid %s",
@@ -164,7 +165,7 @@ class ServiceRunner:
             EnrollmentSettings.from_service_config(self.config), session_factory(self._engine)
         )
         self.http = start_enrollment_server(
-            build_app(enrollment, clock=self._clock),
+            build_app(enrollment, clock=self._clock, on_refusal=self._count_http_refusal),
             server_cert=http.tls_cert,
             server_key=http.tls_key,
             station_ca=http.station_ca,
@@ -172,6 +173,9 @@ class ServiceRunner:
             port=http.port,
         )
         log.info("keyfleet serve: enrollment API on %s (mutual TLS)", self.http.url)
+
+    def _count_http_refusal(self, check: str) -> None:
+        self.metrics.rejections.inc(check)
 
     def _start_metrics(self) -> None:
         listen = self.config.metrics

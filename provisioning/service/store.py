@@ -318,6 +318,8 @@ class OperationRow(ServiceBase):
     groups: Mapped[str] = mapped_column(Text)  # ",g1,g2," (LIKE-searchable)
     last_progress: Mapped[int] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    accepted_by: Mapped[str] = mapped_column(String(ID_LENGTH), default="")  # instance
+    nudged_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_sent: Mapped[str] = mapped_column(Text, default="")
     throttle: Mapped[str] = mapped_column(Text, default="")  # the ack throttle, as JSON
     created_at: Mapped[int] = mapped_column(BigInteger)
