@@ -480,6 +480,7 @@ class _Link:
     failures: int = 0
     retry_at: float = 0.0
     last_error: str = ""
+    offline: bool = False  # held off the network by set_offline: no reconnect
 
 
 class VirtualDevice:
@@ -836,6 +837,24 @@ class VirtualFleet:
         with contextlib.suppress(BlockingIOError):
             self._wake_w.send(b"\0")
 
+    def set_offline(self, device_id: str, offline: bool) -> None:
+        """Take a device off the network (it disconnects and does not reconnect; its session
+        expires at once, so what it misses meanwhile is lost to it) or let it come back (it
+        reconnects within a second, reports its epochs and is caught up by the service): a
+        device losing its network or power, for load and fault tests."""
+        link = next(k for k in self._links if k.device.device_id == device_id)
+
+        def change() -> None:
+            link.offline = offline
+            if offline and link.sock is not None:
+                with contextlib.suppress(Exception):
+                    link.client.disconnect()
+                    link.client.loop_write()
+            elif not offline:
+                link.retry_at = 0.0
+
+        self.call_soon(change)
+
     def _run(self) -> None:
         self._loop_ident = threading.get_ident()
         next_misc = time.monotonic() + MISC_SECONDS
@@ -885,7 +904,12 @@ class VirtualFleet:
                 link.client.loop_misc()
                 if link.client.want_write():
                     link.client.loop_write()
-            elif now >= link.retry_at and not self._stop.is_set() and self._connect(link):
+            elif (
+                not link.offline
+                and now >= link.retry_at
+                and not self._stop.is_set()
+                and self._connect(link)
+            ):
                 self._attach(link)
 
     def _tick(self) -> None:

@@ -1,0 +1,288 @@
+"""Issue 8, load: a group of 200 virtual devices under 20 consecutive rekeys while 5% of the
+devices drop off the network and come back at random points.
+
+Real parts: Mosquitto with mutual TLS and the product ACL, ``keyfleet serve`` on SQLite, the
+operator's signed ``op.rekey`` commands (``provisioning.operator.OperatorClient``). The devices
+are the virtual fleet (``firmware_sim.fleet``): 200 agent protocol cores with SOFTWARE keys, each
+with its own DevID certificate and MQTT connection (200 swtpm and keyagent processes do not fit
+on a 2-core machine). The group is built directly (``VirtualFleet.seed_group``, the simulation
+bypass the benchmarks use: 199 adds would be O(N^2) member work); every rekey after that goes
+through the real service.
+
+Seeded (``RELIABILITY_SEED``): ten devices (5%) each drop off (``VirtualFleet.set_offline``:
+disconnected, session gone, so what they miss is lost to them) at a random rekey and a random
+moment within it, and come back at a later random one. The service keeps 6 epochs of commit log:
+a device away for fewer epochs is caught up from the log (catch-up), one away longer is removed
+and re-added with a fresh welcome (re-welcome). Each rekey is sent once the previous one is
+committed and every online device holds it. At the end every device must hold the group's final
+epoch with one epoch authenticator, the service's acks must say the same, and the commit log must
+be contiguous with one commit per epoch. Counted: catch-ups, re-welcomes, rekey times, total.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from firmware_sim.fleet import VirtualFleet, load_fleet_config, open_registry
+from provisioning import audit, pki
+from provisioning.operator import FINAL, OperatorClient, OperatorSettings
+from provisioning.registry import Registry, run_in_transaction
+from provisioning.registry.schema import Device
+from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.reliability.conftest import SEED_ENV, Summary, reliability_seed, send_rekey
+from tests.service_deployment import (
+    add_operator,
+    keyfleet,
+    service_config,
+    start_serve,
+    write_operator,
+    write_service_pki,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
+
+DEVICES = 200
+REKEYS = 20
+DROPPING = DEVICES // 20  # 5%
+RETENTION = 6
+ACK_TIMEOUT = 10
+G = "load"
+
+
+@dataclass
+class Installation:
+    workdir: Path
+    config: Path
+    fleet_config: Path
+    db_url: str
+    log: Path
+    operator: OperatorSettings
+
+
+@pytest.fixture
+def installation(
+    tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: object
+) -> Iterator[Installation]:
+    """Broker, service and operator as docs/service.md "A deployment" says, through the shared
+    steps in tests/service_deployment.py; a fleet configuration for the virtual devices."""
+    now = datetime.now(UTC)
+    device_ca = pki.create_ca("load test device CA", now=now, valid_for=timedelta(days=2))
+    operator_ca = pki.create_ca("load test operator CA", now=now, valid_for=timedelta(days=2))
+    broker: MosquittoBroker = mosquitto_factory(  # type: ignore[operator]
+        log_types=("error", "warning"),
+        extra_ca_certs=(device_ca.certificate, operator_ca.certificate),
+    )
+    files = tmp_path / "pki"
+    files.mkdir()
+    service = broker_pki.client("keyfleet-service", role="service")
+    write_service_pki(files, device_ca, operator_ca)
+    write_operator(files, operator_ca, "op-load", role="operator", now=now, stem="op")
+    db = tmp_path / "fleet.db"
+    config = tmp_path / "keyfleet.toml"
+    config.write_text(
+        service_config(
+            db_url=f"sqlite:///{db}",
+            broker=broker,
+            client=service,
+            instance="load-test",
+            groups=(
+                f"ack_timeout_seconds = {ACK_TIMEOUT}\ncommit_log_retention_epochs = {RETENTION}\n"
+            ),
+            service="commit_request_timeout_seconds = 3\n",
+        )
+    )
+    fleet_config = tmp_path / "fleet.toml"
+    fleet_config.write_text(
+        f"""
+[fleet]
+dir = "virtual"
+id_prefix = "dev-l"
+service_cert = "{service.cert_file}"
+
+[broker]
+host = "{broker.host}"
+port = {broker.port}
+ca = "{broker.ca_file}"
+
+[device_ca]
+cert = "pki/device-ca.pem"
+key = "pki/device-ca.key"
+
+[registry]
+url = "sqlite:///fleet.db"
+
+[simulation]
+insecure_software_keys = true
+"""
+    )
+    initialized = keyfleet("db", "init", "--config", str(config), cwd=tmp_path, timeout=120)
+    assert initialized.returncode == 0, initialized.stderr
+    add_operator("op-load", "pki/op.pem", config=config, cwd=tmp_path)
+    log = tmp_path / "serve.log"
+    process = start_serve(config, cwd=tmp_path, log=log, timeout=60)
+    operator = OperatorSettings(
+        host=broker.host,
+        port=broker.port,
+        ca=broker.ca_file,
+        cert=files / "op.pem",
+        key=files / "op.key",
+        service_cert=service.cert_file,
+    )
+    try:
+        yield Installation(tmp_path, config, fleet_config, f"sqlite:///{db}", log, operator)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        print(log.read_text(errors="replace")[-5_000:])
+
+
+def test_200_devices_20_rekeys_with_5_percent_dropping_off(
+    installation: Installation, summary: Summary
+) -> None:
+    seed = reliability_seed()
+    rng = random.Random(seed)
+    print(f"\nload: {DEVICES} devices, {REKEYS} rekeys, {SEED_ENV}={seed}")
+    engine, sessions = open_registry(installation.db_url)
+
+    def registry(work: Callable[[Registry], Any]) -> Any:
+        return run_in_transaction(sessions, lambda session: work(Registry(session)))
+
+    started = time.monotonic()
+    fleet = VirtualFleet.from_config(
+        load_fleet_config(installation.fleet_config), DEVICES, allow_insecure=True
+    )
+    fleet.seed_group(G, sessions, now=int(time.time()))
+    fleet.start(timeout=300)
+    setup_seconds = time.monotonic() - started
+    ids = [d.device_id for d in fleet.devices]
+    # every device's start-up report processed, so the first rekey does not queue behind them
+    deadline = time.monotonic() + 180
+    while True:
+        with sessions() as session:
+            reported = session.scalar(
+                select(func.count()).select_from(Device).where(Device.last_report_at.is_not(None))
+            )
+        if reported is not None and reported >= DEVICES:
+            break
+        assert time.monotonic() < deadline, f"service processed {reported}/{DEVICES} reports"
+        time.sleep(0.2)
+
+    # who drops off, at which rekey and moment, and when it comes back
+    plan: dict[str, tuple[int, float, int, float]] = {}
+    for device_id in rng.sample(ids, DROPPING):
+        leave = rng.randrange(0, REKEYS - 1)
+        back = rng.randrange(leave + 1, REKEYS + 1)
+        plan[device_id] = (leave, rng.uniform(0.0, 0.5), back, rng.uniform(0.0, 0.5))
+    away: set[str] = set()
+    events: Counter[str] = Counter()
+    rekey_seconds: list[float] = []
+    results: Counter[str] = Counter()
+    commands: list[bytes] = []
+    first_epoch = registry(lambda r: r.group(G).epoch)
+    rekeys_started = time.monotonic()
+    try:
+        with OperatorClient(installation.operator) as client:
+            for index in range(REKEYS + 1):
+                epoch = registry(lambda r: r.group(G).epoch)
+                if index < REKEYS:
+                    sent = time.monotonic()
+                    commands.append(send_rekey(client, G))
+                # drops and returns at random moments while this rekey runs
+                moments = sorted(
+                    [(p[1], d, True) for d, p in plan.items() if p[0] == index]
+                    + [(p[3], d, False) for d, p in plan.items() if p[2] == index]
+                )
+                for at, device_id, leaving in moments:
+                    time.sleep(max(0.0, at - (time.monotonic() - sent)))
+                    fleet.set_offline(device_id, leaving)
+                    (away.add if leaving else away.discard)(device_id)
+                    events["dropped off" if leaving else "came back"] += 1
+                if index == REKEYS:
+                    break
+                # the next rekey once this one is committed and every online device holds it
+                deadline = time.monotonic() + 120
+                while True:
+                    now_epoch = registry(lambda r: r.group(G).epoch)
+                    epochs = fleet.epochs(G)
+                    online = [d for d in ids if d not in away]
+                    if now_epoch > epoch and all((epochs[d] or -1) >= now_epoch for d in online):
+                        break
+                    assert time.monotonic() < deadline, (index, now_epoch, epoch)
+                    time.sleep(0.02)
+                rekey_seconds.append(time.monotonic() - sent)
+            assert not away
+            # every device back: all end in the final epoch, with one authenticator
+            deadline = time.monotonic() + 240
+            while True:
+                status = registry(lambda r: r.ack_status(G))
+                epochs = fleet.epochs(G)
+                if status.agreed and all(epochs[d] == status.epoch for d in ids):
+                    break
+                assert time.monotonic() < deadline, (status.stragglers, status.epoch)
+                time.sleep(0.2)
+            total_seconds = time.monotonic() - rekeys_started
+            final = status.epoch
+            # the operator's results: every rekey ended (done, or timeout naming who was away)
+            end = time.monotonic() + ACK_TIMEOUT + 30
+            pending = set(commands)
+            while pending and time.monotonic() < end:
+                result = client.next_result(1.0)
+                if result is not None and result.command_id in pending and result.status in FINAL:
+                    pending.discard(result.command_id)
+                    results[result.status.value] += 1
+            assert not pending, f"{len(pending)} rekeys got no final result"
+        views = fleet.authenticators(G)
+        assert len({v for v in views.values()}) == 1, "the fleet does not agree"
+        assert all(v is not None and v[0] == final for v in views.values())
+        assert fleet.status().errors == 0
+    finally:
+        fleet.stop()
+    with sessions() as session:
+        entries = audit.entries(session)
+    readds = [e for e in entries if e.action == "group.readd"]
+    oldest = registry(lambda r: r.oldest_retained_epoch(G))
+    log_epochs = registry(lambda r: [c.epoch for c in r.commits_from(G, oldest)])
+    assert log_epochs == list(range(oldest, final)), log_epochs
+    service_log = installation.log.read_text(errors="replace")
+    catchups = service_log.count(f"is behind in {G}; replaying")
+    engine.dispose()
+    assert events["dropped off"] == DROPPING == events["came back"]
+    assert final >= first_epoch + REKEYS + 2 * len(readds)
+    rekey_seconds.sort()
+    summary.record(
+        "load_200_devices",
+        {
+            "seed": seed,
+            "devices": DEVICES,
+            "rekeys": REKEYS,
+            "devices_dropping_off_and_back": DROPPING,
+            "commit_log_retention_epochs": RETENTION,
+            "epochs": [first_epoch, final],
+            "catch_ups_replayed_from_the_log": catchups,
+            "re_welcomes_after_retention": len(readds),
+            "devices_at_final_epoch": DEVICES,
+            "setup_seconds_identities_seed_connect": round(setup_seconds, 1),
+            "rekey_seconds_median": round(rekey_seconds[len(rekey_seconds) // 2], 2),
+            "rekey_seconds_max": round(rekey_seconds[-1], 2),
+            "total_seconds_first_rekey_to_all_agreed": round(total_seconds, 1),
+            "operator_results": dict(results),
+            "lost_devices": 0,
+        },
+    )
