@@ -39,8 +39,11 @@ from agent.wire.messages.operator import Rekey, Revoke
 from firmware_sim.lab import Lab, LabDevice
 from provisioning import pki
 from provisioning.service.core import SERVICE_ID, operator_cmd_topic, operator_result_topic
+from tests.fixtures.postgres import dump_rows
 
 pytestmark = pytest.mark.e2e
+# the whole module once on a SQLite file and once on PostgreSQL (tests/fixtures/postgres.py)
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 LAB_OPTIONS = {"devices": 4, "ack_timeout": 20, "commit_request_timeout": 3}
 G = "g1"
@@ -352,12 +355,17 @@ def test_service_database_and_logs_hold_none_of_the_agents_secrets(lab: Lab) -> 
         lab.reboot(device)
     assert len(secrets) >= 4 * 5, len(secrets)
 
-    service_dir = lab.database.parent
-    stored = [p for p in service_dir.iterdir() if p.name.startswith(lab.database.name)]
-    assert any(p.name.endswith("-wal") for p in stored) or stored
+    if lab.database_url.startswith("sqlite"):
+        service_dir = lab.database.parent
+        stored = {p.name: p.read_bytes() for p in service_dir.iterdir()}
+        stored = {n: data for n, data in stored.items() if n.startswith(lab.database.name)}
+        assert stored
+    else:  # every value of every table the service wrote
+        stored = {"postgresql rows": dump_rows(lab.database_url)}
+        assert b"accepted" in stored["postgresql rows"]
     assert lab.broker is not None
     haystacks = {
-        **{p.name: p.read_bytes() for p in stored},
+        **stored,
         "service.log": lab.service_log.read_bytes(),
         "mosquitto.log": lab.broker.log_path.read_bytes(),
         "keyfleet-cli.log": lab.cli_log.read_bytes(),

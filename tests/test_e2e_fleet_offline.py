@@ -21,6 +21,8 @@ import pytest
 from firmware_sim.lab import Lab, LabDevice
 
 pytestmark = pytest.mark.e2e
+# the whole module once on a SQLite file and once on PostgreSQL (tests/fixtures/postgres.py)
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 RETENTION = 3
 LAB_OPTIONS = {

@@ -76,6 +76,7 @@ from provisioning.registry import (
     AckStatus,
     Registry,
     make_engine,
+    redact_url,
     run_in_transaction,
     session_factory,
 )
@@ -474,7 +475,9 @@ class Lab:
     Options: ``devices`` (how many), ``ack_timeout`` / ``commit_request_timeout`` /
     ``retention_epochs`` / ``online_window`` (the service's ``[groups]`` and ``[service]``
     settings), ``device_env`` (extra environment for the device processes and so their agents),
-    ``start_timeout`` (per component), ``log_level`` (of ``keyfleet serve``).
+    ``start_timeout`` (per component), ``log_level`` (of ``keyfleet serve``), ``database_url``
+    (the service's database, e.g. an empty PostgreSQL database; default a SQLite file in
+    ``workdir/service``).
     """
 
     def __init__(
@@ -490,6 +493,7 @@ class Lab:
         device_env: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
         log_level: str = "info",
+        database_url: str | None = None,
     ) -> None:
         if devices < 0:
             raise LabError("lab", f"devices must be >= 0, got {devices}")
@@ -509,6 +513,8 @@ class Lab:
         self.broker: Mosquitto | None = None
         self.service_config = self.workdir / "service" / "service.toml"
         self.database = self.workdir / "service" / "fleet.db"
+        # kept out of reprs and status output: a PostgreSQL URL may carry a password
+        self.database_url = database_url or f"sqlite:///{self.database}"
         self.service_log = self.logs / "service.log"
         self.cli_log = self.logs / "keyfleet-cli.log"
         self.service_process: subprocess.Popen[bytes] | None = None
@@ -598,7 +604,7 @@ class Lab:
         text = f"""\
 # keyfleet service configuration written by the local lab (firmware_sim.lab)
 [database]
-url = "sqlite:///{self.database}"
+url = "{self.database_url}"
 
 [broker]
 host = "{self.broker.host}"
@@ -659,7 +665,7 @@ online_window_seconds = {self.online_window}
         for label, done in results.items():
             if done.returncode != 0:
                 raise LabError(label, f"exit {done.returncode}", done.stderr)
-        self._engine = make_engine(f"sqlite:///{self.database}")
+        self._engine = make_engine(self.database_url)
         self._sessions = session_factory(self._engine)
 
     def start_service(self) -> None:
@@ -1210,7 +1216,11 @@ online_window_seconds = {self.online_window}
             },
             "service": {
                 "config": str(self.service_config),
-                "database": str(self.database),
+                "database": (
+                    redact_url(self.database_url)
+                    if self.database_url != f"sqlite:///{self.database}"
+                    else str(self.database)
+                ),
                 "pid": None if self.service_process is None else self.service_process.pid,
                 "log": str(self.service_log),
             },
