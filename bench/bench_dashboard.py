@@ -51,6 +51,7 @@ DEVICES = 10_000
 GROUPS = 40
 BIG_GROUP = 1_000
 ROUNDS = 20
+TARGET_MS = 500  # a page a person waits for; the "stays responsive"
 UNTRUSTED_REASON = (
     "[attest.policy.digest] kernel: digest 3f9a… not in policy (approved versions: 1.0)"
 )
@@ -377,21 +378,37 @@ def main() -> None:
             client.close()
             server.stop()
             engine.dispose()
-    json.dump(
+    context = {
+        "devices": counts["devices"],
+        "audit_entries": counts["audit"] + GROUPS,
+        "groups": counts["groups"] + 1,
+        "page_size": settings.page_size,
+        "rounds": ROUNDS,
+        "fill_seconds": round(fill_seconds, 1),
+    }
+    records: list[dict[str, Any]] = [
         {
-            "devices": counts["devices"],
-            "audit_entries": counts["audit"] + GROUPS,
-            "groups": counts["groups"] + 1,
-            "page_size": settings.page_size,
-            "rounds": ROUNDS,
-            "fill_seconds": round(fill_seconds, 1),
-            "audit_first_render_with_chain_verification_ms": round(audit_cold * 1000, 1),
-            "pages": results,
-            "target_ms": 500,
-        },
-        sys.stdout,
-        indent=2,
+            "name": f"dashboard_{row['page']}_ms_10k",
+            "value": row["median_ms"],
+            "unit": f"ms (median of {ROUNDS}, {DEVICES:,} devices)",
+            "target": TARGET_MS,
+            "met": row["median_ms"] <= TARGET_MS,
+            **row,
+            **context,
+        }
+        for row in results
+    ]
+    records.append(
+        {
+            "name": "dashboard_audit_first_render_ms_10k",
+            "value": round(audit_cold * 1000, 1),
+            "unit": f"ms (whole-chain verification of {context['audit_entries']:,} entries)",
+            "target": None,
+            "met": None,
+            **context,
+        }
     )
+    json.dump(records, sys.stdout, indent=1)
     print()
 
 

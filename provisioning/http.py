@@ -210,6 +210,11 @@ class _TLSH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # A response goes out as several small TLS records (head, body): with Nagle on, each
+        # response after the first waits for the client's delayed ACK, about 40 ms.
+        raw = transport.get_extra_info("socket")
+        if raw is not None and raw.family in (socket.AF_INET, socket.AF_INET6):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []

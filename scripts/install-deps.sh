@@ -4,7 +4,10 @@
 set -euo pipefail
 
 # systemd only for systemd-analyze (the unit checks); nothing here starts it.
-packages=(swtpm swtpm-tools libtss2-dev mosquitto socat pkg-config gcc python3-dev python3-venv systemd)
+# chromium, chromium-driver and libnss3-tools (certutil, pk12util) only for the dashboard's
+# browser tests: Selenium drives Debian's Chromium with an operator certificate in an NSS database.
+packages=(swtpm swtpm-tools libtss2-dev mosquitto socat pkg-config gcc python3-dev python3-venv systemd
+    chromium chromium-driver libnss3-tools)
 # postgresql: the tests start their own server from its binaries (tests/fixtures/postgres.py) to
 # run the registry, migrations and the e2e tests on PostgreSQL as well as SQLite.
 packages+=(postgresql)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.bench_dashboard import (
@@ -29,11 +30,12 @@ from bench.bench_dashboard import (
     register_operator,
 )
 from firmware_sim.broker import free_port
-from provisioning import pki
+from provisioning import audit, pki
 from provisioning.config import load_config
 from provisioning.dashboard import CSP, DashboardServer, DashboardSettings, queries, start_dashboard
 from provisioning.registry import (
     DeviceState,
+    Outcome,
     Registry,
     Role,
     create_schema,
@@ -408,3 +410,22 @@ def test_the_event_stream_carries_acks_as_they_are_recorded(dashboard: Dashboard
             assert update["acks"][0]["latency"] == dashboard.now + 1 - commit_at  # type: ignore[index]
     finally:
         conn.close()
+
+
+# ---- last: breaks the module's audit chain on purpose --------------------------------------------
+
+
+def test_a_tampered_audit_entry_shows_as_a_broken_chain(dashboard: Dashboard) -> None:
+    with dashboard.sessions() as session, session.begin():
+        session.execute(text("UPDATE audit_log SET reason = 'rewritten' WHERE seq = 5"))
+
+    def append(session: Session) -> None:  # a new head: the cached verification is stale
+        audit.append(
+            session, now=dashboard.now, actor="service", action="test.entry", target="t",
+            outcome=Outcome.ACCEPTED,
+        )  # fmt: skip
+
+    run_in_transaction(dashboard.sessions, append)
+    _, _, body = dashboard.get("/audit")
+    assert "Hash chain BROKEN at entry 5: hash mismatch" in body
+    assert "Hash chain verified" not in body
