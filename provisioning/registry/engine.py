@@ -232,5 +232,6 @@ def run_in_transaction(
 def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, DBAPIError):
         # the driver's first line names the conflict; the statement and its parameters stay out
-        return f"{type(exc.orig).__name__}: {str(exc.orig).splitlines()[0] if exc.orig else ''}"
+        first_line = (str(exc.orig).splitlines() or [""])[0]
+        return f"{type(exc.orig).__name__}: {first_line}"
     return str(exc)
