@@ -323,8 +323,11 @@ def _raw_rows(session: Session, batch: int) -> Iterator[tuple[Any, ...]]:
         AuditEntry.prev_hash,
         AuditEntry.entry_hash,
     ).order_by(AuditEntry.seq)
-    for row in session.execute(query.execution_options(yield_per=batch)):
-        yield tuple(row)
+    # closed when the walk stops early too (a bad entry): on PostgreSQL yield_per is a server-side
+    # cursor, which must not be left to the garbage collector
+    with session.execute(query.execution_options(yield_per=batch)) as result:
+        for row in result:
+            yield tuple(row)
 
 
 def verify_chain(

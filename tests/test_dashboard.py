@@ -47,6 +47,8 @@ from provisioning.service import store
 from tests.service_deployment import write_golden_policy
 
 pytestmark = pytest.mark.e2e
+# the registry on a SQLite file and on PostgreSQL (tests/fixtures/postgres.py)
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 DEVICES = 1200
 PAGE = 50
@@ -76,7 +78,7 @@ class Dashboard:
             client.close()
 
 
-def _config(directory: Path, keys: DashboardPKI, db: Path) -> Path:
+def _config(directory: Path, keys: DashboardPKI, db_url: str) -> Path:
     """A real service configuration with [dashboard]: start_dashboard reads what serve reads."""
     for name in ("device-ca", "broker-client"):
         key = pki.generate_key()
@@ -87,7 +89,7 @@ def _config(directory: Path, keys: DashboardPKI, db: Path) -> Path:
     path.write_text(
         f"""
 [database]
-url = "sqlite:///{db}"
+url = "{db_url}"
 [broker]
 host = "127.0.0.1"
 ca = "{keys.server_ca}"
@@ -120,11 +122,13 @@ def _copy_identity(keys: DashboardPKI, name: str, role: str) -> x509.Certificate
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
+def dashboard(
+    tmp_path_factory: pytest.TempPathFactory, module_database_url: str | None
+) -> Iterator[Dashboard]:
     directory = tmp_path_factory.mktemp("dashboard")
     keys = make_pki(directory / "pki")
-    db = directory / "fleet.db"
-    engine = make_engine(f"sqlite:///{db}")
+    db_url = module_database_url or f"sqlite:///{directory / 'fleet.db'}"
+    engine = make_engine(db_url)
     create_schema(engine)
     store.create_service_schema(engine)
     sessions = session_factory(engine)
@@ -139,7 +143,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     (keys.directory / "op-view-reissued.pem").write_bytes(reissued.cert.read_bytes())
     (keys.directory / "op-view-reissued.key").write_bytes(reissued.key.read_bytes())
     (keys.directory / "op-view-reissued.key").chmod(0o600)
-    config = load_config(_config(directory, keys, db))
+    config = load_config(_config(directory, keys, db_url))
     server = start_dashboard(config, settings=DashboardSettings(page_size=PAGE, poll_seconds=0.1))
     try:
         yield Dashboard(keys, sessions, server, now)
