@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -40,8 +41,11 @@ from tests.service_deployment import (
 )
 
 pytestmark = pytest.mark.e2e
+# tests/fixtures/postgres.py: every test runs on a SQLite file and on a fresh PostgreSQL database
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 DEVICES = 12
+CONCURRENT = 6
 INSTANCES = ("a", "b")
 
 
@@ -65,11 +69,13 @@ class Cluster:
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return keyfleet(*args, *self.operator_args, cwd=self.workdir, timeout=timeout)
 
-    def cli_async(self, *args: str) -> subprocess.Popen[str]:
-        import sys
-
+    def cli_async(self, *args: str, operator: int | None = None) -> subprocess.Popen[str]:
+        connection = list(self.operator_args)
+        if operator is not None:
+            connection[connection.index("pki/op.pem")] = f"pki/op-s{operator}.pem"
+            connection[connection.index("pki/op.key")] = f"pki/op-s{operator}.key"
         return subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", *args, *self.operator_args],
+            [sys.executable, "-m", "provisioning.cli", *args, *connection],
             cwd=self.workdir,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -112,15 +118,11 @@ class Cluster:
         assert len({v[1] for v in views.values()}) == 1, views
 
 
-@pytest.fixture(params=["sqlite"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'fleet.db'}"
-
-
 @pytest.fixture
 def cluster(
-    tmp_path: Path, db_url: str, broker_pki: BrokerPKI, mosquitto_factory: object
+    tmp_path: Path, database_url: str, broker_pki: BrokerPKI, mosquitto_factory: object
 ) -> Iterator[Cluster]:
+    db_url = database_url
     now = datetime.now(UTC)
     device_ca = pki.create_ca("scale-out device CA", now=now, valid_for=timedelta(days=2))
     operator_ca = pki.create_ca("scale-out operator CA", now=now, valid_for=timedelta(days=2))
@@ -133,6 +135,10 @@ def cluster(
     service = broker_pki.client("keyfleet-service", role="service")
     write_service_pki(files, device_ca, operator_ca)
     write_operator(files, operator_ca, "op-scale", role="admin", now=now, stem="op")
+    # One operator per concurrent CLI: an operator's envelope seqs come from its clock, and six
+    # processes of one operator started together would trip its replay window (replay.seq-old).
+    for i in range(CONCURRENT):
+        write_operator(files, operator_ca, f"op-s{i}", role="operator", now=now, stem=f"op-s{i}")
     configs: dict[str, Path] = {}
     ports: dict[str, int] = {}
     for name in INSTANCES:
@@ -177,6 +183,8 @@ insecure_software_keys = true
     initialized = keyfleet("db", "init", "--config", str(first), cwd=tmp_path, timeout=120)
     assert initialized.returncode == 0, initialized.stderr
     add_operator("op-scale", "pki/op.pem", config=first, cwd=tmp_path)
+    for i in range(CONCURRENT):
+        add_operator(f"op-s{i}", f"pki/op-s{i}.pem", config=first, cwd=tmp_path)
     logs = {name: tmp_path / f"serve-{name}.log" for name in INSTANCES}
     services: dict[str, subprocess.Popen[bytes]] = {}
     fleet: VirtualFleet | None = None
@@ -213,12 +221,18 @@ def ids(cluster: Cluster, first: int, count: int) -> list[str]:
 
 def test_concurrent_rekeys_of_several_groups_keep_one_chain_each(cluster: Cluster) -> None:
     groups = {f"g{i}": ids(cluster, 4 * i, 4) for i in range(3)}
-    creates = [cluster.cli_async("group", "create", g, "--members", *m) for g, m in groups.items()]
+    creates = [
+        cluster.cli_async("group", "create", g, "--members", *m, operator=i)
+        for i, (g, m) in enumerate(groups.items())
+    ]
     for process in creates:
         out, err = process.communicate(timeout=240)
         assert process.returncode == 0, out + err
     # two rekeys per group, all six at once
-    rekeys = [cluster.cli_async("rekey", "--group", g) for g in groups for _ in range(2)]
+    rekeys = [
+        cluster.cli_async("rekey", "--group", g, operator=i)
+        for i, g in enumerate([*groups, *groups])
+    ]
     for process in rekeys:
         out, err = process.communicate(timeout=240)
         assert process.returncode == 0, out + err
