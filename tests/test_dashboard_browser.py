@@ -409,6 +409,49 @@ def test_a_rekey_arrives_live_on_the_group_page(site: Site, browser: Browser) ->
     browser.size(*DESKTOP)
 
 
+def test_a_late_ack_arrives_after_the_others(site: Site, browser: Browser) -> None:
+    """One member's agent is paused (SIGSTOP) through a rekey: the page shows the others acked
+    and that member pending; once it runs again its ack arrives, still without a reload."""
+    lab = site.lab
+    status = lab.ack_status(G)
+    members = sorted(status.members)
+    late = next(d for d in lab.devices if d.id == members[-1])
+    browser.open(f"/groups/{G}")
+    browser.wait("return document.getElementById('live-status').textContent === 'live'", 30)
+    browser.js("window.kfMarker = 'same page';")
+    new_epoch = status.epoch + 1
+    lab.pause_agent(late)
+    try:
+        running = lab.keyfleet_start("rekey", "--group", G, "--json", operator="op-ops")
+        browser.wait(
+            f"return document.getElementById('epoch').textContent === '{new_epoch}' && "
+            f"document.querySelectorAll('#members-table tr.acked').length === "
+            f"{len(members) - 1}",
+            90,
+        )
+        assert browser.text("#pending") == "1"
+        row = browser.js(
+            f"return document.getElementById('member-{late.id}').querySelector('td.ack')"
+            ".textContent"
+        )
+        assert row == "pending"
+        browser.shot("dashboard-group-rekey-waiting.png")
+    finally:
+        lab.resume_agent(late)
+    browser.wait(
+        f"return document.querySelectorAll('#members-table tr.acked').length === {len(members)}",
+        90,
+    )
+    assert browser.text("#pending") == "0"
+    assert browser.js("return window.kfMarker") == "same page"
+    feed = browser.js(
+        "return [...document.querySelectorAll('#ack-feed li')].map(li => li.dataset.device)"
+    )
+    assert feed[0] == late.id  # the newest entry is on top
+    done = running.wait(120)
+    assert done.returncode == 0 and done.final is not None, str(done)
+
+
 def test_groups_and_audit_pages_in_the_browser(site: Site, browser: Browser) -> None:
     lab = site.lab
     browser.open("/groups")
