@@ -45,6 +45,8 @@ from tests.test_enroll import STATION, make_pki
 from tests.test_firmware_sim import DeviceProcess
 
 pytestmark = pytest.mark.e2e
+# the service on a SQLite file and on PostgreSQL (tests/fixtures/postgres.py)
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 T = TypeVar("T")
 
@@ -94,6 +96,7 @@ def service(
     broker_pki: BrokerPKI,
     mosquitto_factory: Any,
     manufacturer_ca: ManufacturerCA,
+    database_url: str,
 ) -> Iterator[Service]:
     fleet_pki = make_pki(tmp_path / "pki")
     d = fleet_pki.directory
@@ -111,7 +114,7 @@ def service(
     config = tmp_path / "keyfleet.toml"
     config.write_text(
         service_config(
-            db_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+            db_url=database_url,
             broker=broker,
             client=service_files,
             instance="e2e",

@@ -193,9 +193,10 @@ def make_settings(
 
 
 def make_registry(
-    db_file: Path, pki: FleetPKI, *stations: x509.Certificate
+    db_file: Path | str, pki: FleetPKI, *stations: x509.Certificate
 ) -> sessionmaker[Session]:
-    engine = make_engine(f"sqlite:///{db_file}")
+    """A registry with the fleet's station; ``db_file`` is a SQLite file or a database URL."""
+    engine = make_engine(db_file if isinstance(db_file, str) else f"sqlite:///{db_file}")
     create_schema(engine)
     sessions = session_factory(engine)
 

@@ -22,6 +22,8 @@ from tests.fixtures.swtpm import ManufacturerCA
 from tests.test_enroll import FleetPKI, audit_trail, make_pki, make_registry, make_settings
 
 pytestmark = pytest.mark.e2e
+# the registry on a SQLite file and on PostgreSQL (tests/fixtures/postgres.py)
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 
 @dataclass
@@ -32,9 +34,11 @@ class Service:
 
 
 @pytest.fixture
-def service(tmp_path: Path, manufacturer_ca: ManufacturerCA) -> Iterator[Service]:
+def service(
+    tmp_path: Path, manufacturer_ca: ManufacturerCA, database_url: str
+) -> Iterator[Service]:
     pki = make_pki(tmp_path / "pki")
-    sessions = make_registry(tmp_path / "fleet.db", pki)
+    sessions = make_registry(database_url, pki)
     app = build_app(Enrollment(make_settings(pki, manufacturer_ca), sessions))
     server = start_enrollment_server(
         app,
@@ -46,6 +50,7 @@ def service(tmp_path: Path, manufacturer_ca: ManufacturerCA) -> Iterator[Service
         yield Service(pki, sessions, server)
     finally:
         server.stop()
+        sessions.kw["bind"].dispose()  # a PostgreSQL connection left open warns when collected
 
 
 def _context(service: Service, cert: Path | None, key: Path | None) -> ssl.SSLContext:

@@ -43,6 +43,8 @@ from tests.test_enroll import (
 )
 
 pytestmark = pytest.mark.e2e
+# the registry on a SQLite file and on PostgreSQL (tests/fixtures/postgres.py)
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 ENROLLMENT_TARGET_S = 1.5
 FAST_TIMEOUTS = {
@@ -89,9 +91,9 @@ class Device:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, manufacturer_ca: ManufacturerCA) -> Iterator[Fleet]:
+def fleet(tmp_path: Path, manufacturer_ca: ManufacturerCA, database_url: str) -> Iterator[Fleet]:
     pki = make_pki(tmp_path / "pki")
-    sessions = make_registry(tmp_path / "fleet.db", pki)
+    sessions = make_registry(database_url, pki)
     server = start_enrollment_server(
         build_app(Enrollment(make_settings(pki, manufacturer_ca), sessions)),
         server_cert=pki.server_cert_path,
@@ -102,6 +104,7 @@ def fleet(tmp_path: Path, manufacturer_ca: ManufacturerCA) -> Iterator[Fleet]:
         yield Fleet(pki, sessions, server)
     finally:
         server.stop()
+        sessions.kw["bind"].dispose()  # a PostgreSQL connection left open warns when collected
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from provisioning import pki
 from provisioning.registry import create_schema, make_engine, session_factory
 from provisioning.service.core import device_cmd_topic
 from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.fixtures.postgres import dump_rows
 from tests.service_deployment import (
     add_operator,
     keyfleet,
@@ -34,6 +35,8 @@ from tests.service_deployment import (
 from tests.service_members import SoftDevice
 
 pytestmark = pytest.mark.broker
+# the service on a SQLite file and on PostgreSQL (tests/fixtures/postgres.py)
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("dev-a", "dev-b", "dev-c")
@@ -89,6 +92,7 @@ class Deployment:
     service: subprocess.Popen[bytes]
     members: dict[str, MemberThread]
     operator_args: list[str]
+    database_url: str
 
     def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         return keyfleet(*args, *self.operator_args, cwd=self.workdir, timeout=timeout)
@@ -96,7 +100,7 @@ class Deployment:
 
 @pytest.fixture
 def deployment(
-    tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: object
+    tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: object, database_url: str
 ) -> Iterator[Deployment]:
     now = datetime.now(UTC)
     device_ca = pki.create_ca("test device CA", now=now, valid_for=timedelta(days=2))
@@ -112,7 +116,7 @@ def deployment(
     config = tmp_path / "keyfleet.toml"
     config.write_text(
         service_config(
-            db_url=f"sqlite:///{db}",
+            db_url=database_url,
             broker=broker,
             client=service_files,
             instance="test",
@@ -120,7 +124,7 @@ def deployment(
             service="commit_request_timeout_seconds = 3\n",
         )
     )
-    engine = make_engine(f"sqlite:///{db}")
+    engine = make_engine(database_url)
     create_schema(engine)
     sessions = session_factory(engine)
     service_key = pki.key_from_pem(service_files.key_file.read_bytes())
@@ -147,7 +151,7 @@ def deployment(
         key="pki/op-alice.key",
         service_cert=service_files.cert_file,
     )
-    deployment = Deployment(tmp_path, config, db, log, service, members, cli_args)
+    deployment = Deployment(tmp_path, config, db, log, service, members, cli_args, database_url)
     try:
         yield deployment
     finally:
@@ -199,9 +203,13 @@ def test_rekey_over_mqtt_shows_acks_and_times_out_naming_a_silent_member(
     # The service's database and its log hold none of the members' group secrets.
     secrets = [s for m in deployment.members.values() for s in m.device.secrets()]
     assert len(secrets) > 20
-    stored = b"".join(
-        p.read_bytes() for p in deployment.db.parent.iterdir() if p.name.startswith("fleet.db")
-    )
+    if deployment.database_url.startswith("sqlite"):
+        stored = b"".join(
+            p.read_bytes() for p in deployment.db.parent.iterdir() if p.name.startswith("fleet.db")
+        )
+    else:  # every value of every table the service wrote
+        stored = dump_rows(deployment.database_url)
+    assert b"accepted" in stored
     service_log = deployment.log.read_bytes()
     assert b"accepted the commit" in service_log
     for secret in secrets:
