@@ -81,8 +81,10 @@ def deployment(
     commit_request_timeout: int = 10,
     tcp_nodelay: bool = False,
     profile: Path | None = None,
+    db_url: str | None = None,
 ) -> Iterator[Deployment]:
-    """Start broker and service in ``workdir``; stop both on exit."""
+    """Start broker and service in ``workdir``; stop both on exit. ``db_url``: another
+    database than the SQLite file in ``workdir`` (e.g. PostgreSQL, bench_scaleout)."""
     now = datetime.now(UTC)
     valid = timedelta(days=2)
     files = workdir / "pki"
@@ -130,8 +132,8 @@ def deployment(
         log_types=("error", "warning"),
         probe=(files / "service.pem", files / "service.key"),
     )
-    db = workdir / "fleet.db"
-    db_url = f"sqlite:///{db}"
+    if db_url is None:
+        db_url = f"sqlite:///{workdir / 'fleet.db'}"
     config = workdir / "keyfleet.toml"
     config.write_text(
         f"""

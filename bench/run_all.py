@@ -27,6 +27,7 @@ BENCHES = (
     "bench_agent",
     "bench_rekey",
     "bench_dashboard",
+    "bench_scaleout",
 )
 AT_LEAST = {"attestation_verify_per_core", "commit_vs_baseline_ratio_n1024"}
 COMMIT_N = 1024

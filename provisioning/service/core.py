@@ -12,7 +12,8 @@ What the service does (docs/service.md, "Running"; /work/notes/FLOWS.md is the c
   sender ReplayGuard kept in the database) and command-id reuse. Every accepted or refused
   command is one audit entry.
 - **Orders** group changes: each group has a FIFO queue of jobs (create, add, remove, update);
-  only the head is in flight, so at most one commit request per group is outstanding. A second
+  only the head is in flight (it holds the group's slot in the database), so at most one commit
+  request per group is outstanding fleet-wide. A second
   operator request for a busy group is queued behind the first, and its ``accepted`` result says
   so. The database's UNIQUE(group, epoch) is the final guard: the first valid commit per epoch
   wins, any other is refused with ``ds.commit.epoch_taken``.
@@ -45,9 +46,12 @@ seconds, the request goes to the next candidate.
   except attestation reports, and a later trusted verdict makes it ``active`` again without
   re-adding it anywhere (an operator runs ``keyfleet group add``).
 
-In-flight jobs live in memory (one instance); on start the service re-queues the removals the
-registry still has pending (revocations must finish). Commit ordering, acks, replay state and the
-audit chain are in the database.
+Several instances (docs/scale-out.md): everything in flight is in the database (jobs, the
+per-group in-flight slot, operations, held commits and welcomes, attestation waits and schedule,
+task leases, the envelope sequence counter; ``provisioning.service.store``), and every step that
+two instances could both take is a conditional write that only one wins. So any instance handles
+any message the shared subscription gives it, a job's deadline is the lease of the instance that
+last moved it, and nothing needs a leader. Only harmless caches stay in memory.
 """
 
 from __future__ import annotations
@@ -312,7 +316,8 @@ Post = Callable[[], None]
 
 
 class DeliveryService:
-    """See the module docstring. Not thread-safe: one adapter thread calls it."""
+    """See the module docstring. Not thread-safe: one adapter thread calls it; other instances
+    (other processes) share only the database."""
 
     def __init__(
         self,
