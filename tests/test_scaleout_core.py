@@ -225,3 +225,30 @@ def test_scheduled_attestation_challenges_each_device_once_per_interval(fleet: F
         for name in ("a", "b"):
             again += challenges(both.instances[name].tick(fleet.now))
     assert sorted(again) == sorted(fleet.devices), again
+
+
+def test_metrics_exposition_format() -> None:
+    metrics = ServiceMetrics()
+    metrics.reports.inc("group.ack")
+    metrics.reports.inc("group.ack")
+    metrics.rejections.inc('odd"check\\id')
+    metrics.ack_latency.observe(0.7)
+    metrics.ack_latency.observe(45)
+    text = metrics.exposition(instance="a")
+    lines = text.splitlines()
+    assert "# TYPE keyfleet_reports_handled_total counter" in lines
+    assert 'keyfleet_reports_handled_total{type="group.ack"} 2' in lines
+    assert 'keyfleet_rejections_total{check="odd\\"check\\\\id"} 1' in lines
+    assert 'keyfleet_instance_info{instance_id="a"} 1' in lines
+    # cumulative buckets, +Inf equals the count, sum of the observations
+    assert 'keyfleet_ack_latency_seconds_bucket{le="0.5"} 0' in lines
+    assert 'keyfleet_ack_latency_seconds_bucket{le="1"} 1' in lines
+    assert 'keyfleet_ack_latency_seconds_bucket{le="60"} 2' in lines
+    assert 'keyfleet_ack_latency_seconds_bucket{le="+Inf"} 2' in lines
+    assert "keyfleet_ack_latency_seconds_sum 45.7" in lines
+    assert "keyfleet_ack_latency_seconds_count 2" in lines
+    assert text.endswith("\n")
+    with pytest.raises(ValueError):
+        metrics.reports.inc()  # the label is required
+    with pytest.raises(ValueError):
+        metrics.reports.inc("x", amount=-1)
