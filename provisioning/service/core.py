@@ -1898,6 +1898,13 @@ class DeliveryService:
             self._finish_task("attest.scan", now + ATTEST_SCAN_SECONDS)
 
     def _claim_task(self, name: str, now: int) -> bool:
+        # A read first: most ticks find the task not due, and a claim attempt would take the
+        # database's write lock (all of SQLite) for nothing.
+        row = self._read(lambda s: s.get(store.TaskLease, name))
+        if row is not None and (
+            row.due_at > now or (row.claimed_until > now and row.claimed_by != self.instance)
+        ):
+            return False
         claimed = self._tx(
             lambda s: store.claim_task(
                 s, name, instance=self.instance, now=now, lease=TASK_LEASE_SECONDS
@@ -2744,13 +2751,16 @@ def _sent_key(kind: str, *parts: object) -> str:
 
 
 def _progress_state(operation: Operation) -> tuple[object, ...]:
+    """What is worth a write when it changes: what the operator was told and the throttle's
+    send state; ``last_progress`` only moves in whole seconds (at most a write a second). The
+    per-ack ``acks_seen`` is left out on purpose: another instance that reads an older one just
+    counts the difference as progress, which it is."""
     return (
         operation.last_sent,
         operation.last_progress,
         operation.acks_sent_at,
         operation.acks_step,
         operation.acks_counts,
-        operation.acks_seen,
         operation.acks_deferred,
     )
 
