@@ -222,6 +222,9 @@ class AgentCore:
         self._groups: dict[str, _GroupEntry] = {}
         self._data_keys: dict[str, dict[int, Secret]] = {}
         self._key_packages: OrderedDict[bytes, bytes] = OrderedDict()  # leaf public -> kp
+        # request command id -> leaf public: a re-sent request is answered with the same key
+        # package (see _on_key_package_request)
+        self._key_package_requests: OrderedDict[bytes, bytes] = OrderedDict()
         self._replies: OrderedDict[bytes, tuple[Publish, ...]] = OrderedDict()
         self._guard = ReplayGuard()
         self._seq = 1
@@ -588,6 +591,16 @@ class AgentCore:
             self._install(name, group)
 
     def _on_key_package_request(self, body: KeyPackageRequest) -> Outcome:
+        known = self._key_package_requests.get(body.command_id)
+        if known is not None and known in self._key_packages:
+            # The service asks again under the same command id when our answer is late (its
+            # retry timer): answer with the same key package. A fresh one per retry would
+            # push the oldest out of the eight kept, and that is the one the service takes
+            # first, so its welcome would find no key package here to open it with.
+            again = KeyPackageMessage(
+                key_package=self._key_packages[known], command_id=body.command_id
+            )
+            return Outcome(publishes=[self._send(again)])
         leaf = self._keys.new_leaf_key()
         public = serialize_public_key(leaf.public_key())
         key_package = KeyPackage.create(
@@ -596,6 +609,9 @@ class AgentCore:
         self._key_packages[public] = key_package.encode()
         while len(self._key_packages) > MAX_KEY_PACKAGES:
             self._key_packages.popitem(last=False)
+        self._key_package_requests[body.command_id] = public
+        while len(self._key_package_requests) > MAX_KEY_PACKAGES:
+            self._key_package_requests.popitem(last=False)
         message = KeyPackageMessage(key_package=key_package.encode(), command_id=body.command_id)
         return Outcome(publishes=[self._send(message)])
 
@@ -797,6 +813,9 @@ class AgentCore:
                 for name, keys in self._data_keys.items()
             },
             "key_packages": [[public, kp] for public, kp in self._key_packages.items()],
+            "key_package_requests": [
+                [command_id, public] for command_id, public in self._key_package_requests.items()
+            ],
             "replies": [
                 [mid, [[p.topic, p.payload, p.type] for p in publishes]]
                 for mid, publishes in self._replies.items()
@@ -820,6 +839,7 @@ class AgentCore:
         self._groups = restored.groups
         self._data_keys = restored.data_keys
         self._key_packages = restored.key_packages
+        self._key_package_requests = restored.key_package_requests
         self._replies = restored.replies
         self._guard = restored.guard
         self.ledger = restored.ledger
@@ -885,6 +905,7 @@ class _Restored:
     groups: dict[str, _GroupEntry]
     data_keys: dict[str, dict[int, Secret]]
     key_packages: OrderedDict[bytes, bytes]
+    key_package_requests: OrderedDict[bytes, bytes]
     replies: OrderedDict[bytes, tuple[Publish, ...]]
     guard: ReplayGuard
     ledger: KeyLedger
@@ -931,6 +952,11 @@ class _Restored:
             (_bytes(public, "key package leaf"), _bytes(kp, "key package"))
             for public, kp in state["key_packages"]
         )
+        # absent in state files written before it existed
+        key_package_requests: OrderedDict[bytes, bytes] = OrderedDict(
+            (_bytes(command_id, "key package request"), _bytes(public, "key package leaf"))
+            for command_id, public in state.get("key_package_requests", [])
+        )
         replies: OrderedDict[bytes, tuple[Publish, ...]] = OrderedDict(
             (
                 _bytes(mid, "reply id"),
@@ -950,6 +976,7 @@ class _Restored:
             groups=groups,
             data_keys=data_keys,
             key_packages=key_packages,
+            key_package_requests=key_package_requests,
             replies=replies,
             guard=guard,
             ledger=ledger,
