@@ -29,12 +29,16 @@ def encodings(secret: bytes) -> dict[str, bytes]:
 def find(
     secrets: Mapping[str, bytes], haystacks: Mapping[str, bytes]
 ) -> list[tuple[str, str, str]]:
-    """Every (secret name, encoding, haystack name) where a secret was found."""
+    """Every (secret name, encoding, haystack name) where a secret was found. Text wrapped over
+    lines (PEM, hex dumps) is searched with its line breaks removed as well."""
+    unwrapped = {
+        place: data.replace(b"\r", b"").replace(b"\n", b"") for place, data in haystacks.items()
+    }
     found = []
     for secret_name, secret in secrets.items():
         for encoding, needle in encodings(secret).items():
             for place, data in haystacks.items():
-                if needle in data:
+                if needle in data or needle in unwrapped[place]:
                     found.append((secret_name, encoding, place))
     return found
 
@@ -55,6 +59,7 @@ def positive_control(secret: bytes) -> None:
                 "HEX": data.hex().upper().encode() + b";",
                 "b64": b"v=" + base64.b64encode(data),
                 "b64url": base64.urlsafe_b64encode(data).rstrip(b"="),
+                "pem": base64.encodebytes(b"\x01" * before + data),
             }
             places = {place for *_, place in find({"s": secret}, hay)}
             assert places == set(hay), (before, after, places)
