@@ -48,6 +48,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.long]
 LAB_OPTIONS = {"devices": 3, "ack_timeout": 20, "commit_request_timeout": 3}
 G = "gh"
 WAIT = 20.0
+OLD_COMMIT_CHECK = "replay.seq-old"
+"""What stops an old commit, at the member that took it as at those that never did: the service's
+sequence numbers have moved on by more than the replay window since (the guard keeps message ids
+of the last 32 seqs only, and looks at seqs before epochs)."""
 MEMBER_CHECKS = {
     "ds.commit.epoch_taken": "stale-epoch commit (the epoch the group left), member's DevID",
     "ds.commit.epoch_mismatch": "future-epoch commit envelope around an older MLS commit",
@@ -230,6 +234,30 @@ def test_replayed_flipped_forged_and_stale_messages_are_refused_counted_and_harm
                 "got_through": 0,
             }
         )
+
+    # the group's first commit (epoch 0) replayed: the founder took it, the others joined later
+    # by welcome and never took it; a stale replay is refused at all of them
+    first_message, first = min(attacker.commits(), key=lambda mc: mc[1].epoch)
+    assert first.epoch == 0
+    expected = {d.id: OLD_COMMIT_CHECK for d in lab.devices}
+    before = {d.id: rejections(d).get(expected[d.id], 0) for d in lab.devices}
+    attacker.publish(topic, first_message.payload)
+    for device in lab.devices:
+        wait_for(
+            f"{device.name} to count {expected[device.id]} (old commit)",
+            lambda d=device: rejections(d).get(expected[d.id], 0) == before[d.id] + 1,  # type: ignore[misc]
+        )
+    table.append(
+        {
+            "attack": "the group's first commit (epoch 0) replayed, to members in epoch "
+            f"{epoch}; {len(lab.devices) - 1} of them never took it",
+            "where": "agents",
+            "inputs": len(lab.devices),
+            "refused": len(lab.devices),
+            "check": OLD_COMMIT_CHECK,
+            "got_through": 0,
+        }
+    )
 
     # -- the broker-level attacker, at the service -------------------------------------------
     head = lab.audit_head()
