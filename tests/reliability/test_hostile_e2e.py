@@ -15,6 +15,11 @@ Threats modelled (devices cannot publish on ``grp/+/commit`` at all, test_acl_br
   (both legitimately its) to send the service a validly signed ``group.commit`` for an epoch
   the group left (stale) and one far ahead (future).
 
+Stale- and future-epoch messages validly signed by the service itself cannot be made by either
+attacker (only the service key signs what agents take); the agents' epoch checks on such
+messages are exercised in test_hostile_messages.py with the service's key. Here a stale replay
+at the agents is the group's first commit, re-sent after the service's sequence numbers moved on.
+
 Every message is refused with the expected check id, counted (each agent's status-file
 ``rejections`` counters; the service's audit log, actor named), and changes nothing (epoch and
 epoch authenticator of the group); afterwards a rekey is done by every member and data crosses.

@@ -41,7 +41,12 @@ from tests.reliability.secret_search import find, positive_control
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
-LAB_OPTIONS = {"devices": 3, "ack_timeout": 20, "commit_request_timeout": 3}
+LAB_OPTIONS = {
+    "devices": 3,
+    "ack_timeout": 20,
+    "commit_request_timeout": 3,
+    "log_level": "debug",  # the service at its most talkative (agents log at info)
+}
 G = "gs"
 SOFTWARE_KEY = b"-----BEGIN PRIVATE KEY-----"
 TPM_BLOB = b"-----BEGIN TSS2 PRIVATE KEY-----"
@@ -178,7 +183,10 @@ def test_no_known_secret_in_any_log_error_or_file_of_a_whole_run(lab: Lab, summa
     assert any(TPM_BLOB in data for data in haystacks.values())
     assert b"accepted the commit" in haystacks["logs/service.log"]
     assert any(name.endswith("agent.state") for name in haystacks)
-    assert any(name.startswith("broker/") for name in haystacks)
+    for log in ("logs/service.log", "logs/keyfleet-cli.log", "broker/mosquitto.log"):
+        assert haystacks.get(log), f"{log} is missing or empty"
+    for device in (d0, d1, d2):
+        assert haystacks.get(str(device.agent_log.relative_to(lab.workdir))), device.name
 
     for secret in list(seen.secrets.values())[:5]:
         positive_control(secret)
