@@ -11,6 +11,7 @@ attestation challenges each device once per interval fleet-wide.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from sqlalchemy import select, update
 
 from agent.wire.envelope import open_message
 from agent.wire.messages.attestation import AttestChallenge
+from agent.wire.messages.key_state import KeyStateReport
 from agent.wire.messages.result import ResultStatus
 from firmware_sim.boot import default_components
 from provisioning import audit
@@ -225,6 +227,38 @@ def test_scheduled_attestation_challenges_each_device_once_per_interval(fleet: F
         for name in ("a", "b"):
             again += challenges(both.instances[name].tick(fleet.now))
     assert sorted(again) == sorted(fleet.devices), again
+
+
+def test_one_sender_s_reports_at_two_instances_at_once_keep_its_replay_window(
+    fleet: Fleet,
+) -> None:
+    """Both instances take one device's reports at the same time (threads, one SQLite file): the
+    replay row is locked before it is read, so no instance saves a window that lacks the other's
+    sequence numbers; afterwards every one of them is refused as a replay."""
+    both = TwoInstances(fleet, seed=0)
+    device = fleet.devices["dev-1"]
+    reports = [device.report(KeyStateReport(()), fleet.now) for _ in range(40)]
+
+    def run(name: str, items: list[Outgoing]) -> None:
+        for topic, payload in items:
+            both.instances[name].handle(topic, payload, fleet.now)
+
+    threads = [
+        threading.Thread(target=run, args=("a", reports[0::2])),
+        threading.Thread(target=run, args=("b", reports[1::2])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    handled = sum(m.reports.value("keys.report") for m in both.metrics.values())
+    assert handled == 40
+    with fleet.sessions() as s:
+        assert store.load_guard(s, "dev-1").highest_seq("dev-1") == 40
+    for topic, payload in reports[-32:]:
+        both.instances["a"].handle(topic, payload, fleet.now)
+    assert sum(m.reports.value("keys.report") for m in both.metrics.values()) == 40
+    assert both.metrics["a"].rejections.value("replay.duplicate") == 32
 
 
 def test_metrics_exposition_format() -> None:

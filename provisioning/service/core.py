@@ -595,6 +595,9 @@ class DeliveryService:
         recorded as seen only if its effects commit."""
 
         def work(session: Session) -> Post | None:
+            # Locked, then read: the check in _open ran on a window another instance may have
+            # moved since; accept() checks again under the lock.
+            store.lock_guard(session, message.sender)
             guard = store.load_guard(session, message.sender)
             guard.accept(message)
             group_epoch = message.body.group_epoch()

@@ -137,14 +137,31 @@ def load_guard(session: Session, sender: str) -> ReplayGuard:
         ) from None
 
 
+def lock_guard(session: Session, sender: str) -> None:
+    """Take the sender's replay row for this transaction before reading it: the row lock on
+    PostgreSQL, the database's write lock on SQLite. Two instances handling two messages of one
+    sender at once would otherwise both read the same window and the second save would drop the
+    first's sequence number (a replay of it would then pass). Serializes one sender's messages
+    across instances; different senders do not wait for each other on PostgreSQL."""
+    session.execute(
+        update(ReplayState)
+        .where(ReplayState.sender == sender)
+        .values(updated_at=ReplayState.updated_at)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def save_guard(session: Session, sender: str, guard: ReplayGuard, *, now: int) -> None:
     data = cbor.encode(guard.to_cbor_map())
     row = session.get(ReplayState, sender)
     if row is None:
         session.add(ReplayState(sender=sender, state=data, updated_at=now))
-    else:
-        row.state = data
-        row.updated_at = now
+        # two instances taking a new sender's first two messages: one insert wins, the other
+        # unit runs again and finds the row (and the other message's seq in it)
+        _flush_or_retry(session, f"the replay state of {sender!r} was created concurrently")
+        return
+    row.state = data
+    row.updated_at = now
     session.flush()
 
 
