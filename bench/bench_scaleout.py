@@ -191,6 +191,19 @@ def run_rekey(workdir: Path, db_url: str | None) -> dict[str, Any]:
     return {"one": one, "two": two}
 
 
+@contextmanager
+def _workdir() -> Iterator[Path]:
+    """A temporary directory, or a kept one under $BENCH_KEEP_DIR (to read the logs after)."""
+    keep = os.environ.get("BENCH_KEEP_DIR")
+    if keep:
+        path = Path(tempfile.mkdtemp(dir=keep))
+        print(f"workdir kept: {path}", file=sys.stderr)
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
 def main() -> None:
     """``python -m bench.bench_scaleout [REPORT_DEVICES [REKEY_N]]`` (smaller for a quick look)."""
     global REPORT_DEVICES, REKEY_N  # noqa: PLW0603 - command-line override of the sizes
@@ -205,14 +218,14 @@ def main() -> None:
     postgres.start()
     try:
         for backend in ("sqlite", "postgresql"):
-            with tempfile.TemporaryDirectory() as tmp:
+            with _workdir() as tmp:
                 url = postgres.create_database() if backend == "postgresql" else None
                 print(f"== {backend}: reports", file=sys.stderr)
-                reports = run_reports(Path(tmp), url)
-            with tempfile.TemporaryDirectory() as tmp:
+                reports = run_reports(tmp, url)
+            with _workdir() as tmp:
                 url = postgres.create_database() if backend == "postgresql" else None
                 print(f"== {backend}: rekey n={REKEY_N}", file=sys.stderr)
-                rekey = run_rekey(Path(tmp), url)
+                rekey = run_rekey(tmp, url)
             results[backend] = {"reports": reports, "rekey": rekey}
     finally:
         postgres.stop()

@@ -31,6 +31,7 @@ from provisioning.service import store
 from provisioning.service.core import (
     AttestationSettings,
     DeliveryService,
+    JobState,
     Publish,
 )
 from tests.service_members import Outgoing, group_create, rekey
@@ -166,6 +167,30 @@ def test_a_dead_instance_s_commit_request_is_taken_over_after_its_lease(fleet: F
     assert fleet.final(body.command_id).status is ResultStatus.DONE
     assert fleet.final(body.command_id).epoch == epoch + 1
     assert both.chain("g1") == list(range(epoch + 1))
+
+
+def test_a_stale_claim_after_the_job_ended_leaves_the_group_free(fleet: Fleet) -> None:
+    """Instance a holds an old copy of a job that instance b has meanwhile requested, seen
+    committed and ended; a's late claim must change nothing (it once took the freed slot for
+    the ended job, and the group's next change waited forever)."""
+    both = TwoInstances(fleet, seed=0)
+    admin = fleet.operators["op-admin"]
+    created = group_create("g1", "dev-1", "dev-2", "dev-3")
+    both.send(admin.command(created, fleet.now))
+    first = rekey("g1")
+    out = both.instances["b"].handle(*admin.command(first, fleet.now), fleet.now)
+    stale = both.instances["a"]._head("g1")
+    assert stale is not None and stale.state.value == "requested"
+    for topic, payload in fleet.deliver(out):
+        both.send((topic, payload))
+    assert fleet.final(first.command_id).status is ResultStatus.DONE
+    stale.state = JobState.WAITING  # what a's tick does with a job whose deadline passed
+    both.instances["a"]._start(stale, fleet.now)
+    with fleet.sessions() as s:
+        assert s.get(store.GroupSlot, "g1").job_id is None  # type: ignore[union-attr]
+    second = rekey("g1")
+    both.send(admin.command(second, fleet.now))
+    assert fleet.final(second.command_id).status is ResultStatus.DONE
 
 
 def test_a_commit_and_its_welcome_at_different_instances_are_accepted_once(

@@ -1983,11 +1983,16 @@ class DeliveryService:
         lease_expired = job.lease_until != 0 and now >= job.lease_until
 
         def work(session: Session) -> bool:
+            if not _save_job(session, job, self.instance):
+                return False  # nothing written
             if not _take_slot(session, job):
-                return False
-            return _save_job(session, job, self.instance)
+                raise _SlotTaken  # roll the job's write back with the transaction
+            return True
 
-        won = self._tx(work)
+        try:
+            won = self._tx(work)
+        except _SlotTaken:
+            won = False
         if not won:
             self.metrics.claims_lost.inc("job")
             return False
@@ -2505,6 +2510,10 @@ class _NothingHeld(Exception):
     """Rolls back an attempt to accept a held commit whose welcome is not there."""
 
 
+class _SlotTaken(Exception):
+    """Rolls back a job's claim when another job of its group holds the in-flight slot."""
+
+
 def _job_from_row(row: store.JobRow) -> Job:
     return Job(
         action=CommitAction(row.action),
@@ -2603,11 +2612,16 @@ def _end_job(session: Session, job: Job, state: JobState) -> bool:
 
 def _take_slot(session: Session, job: Job) -> bool:
     """Hold the group's one in-flight slot for ``job`` (it may hold it already)."""
+    open_jobs = select(store.JobRow.id).where(store.JobRow.state.not_in(sorted(_TERMINAL)))
     result = session.execute(
         update(store.GroupSlot)
         .where(
             store.GroupSlot.group_id == job.group_id,
-            (store.GroupSlot.job_id.is_(None)) | (store.GroupSlot.job_id == job.id),
+            (store.GroupSlot.job_id.is_(None))
+            | (store.GroupSlot.job_id == job.id)
+            # a holder that ended without freeing the slot (it cannot, by construction; this
+            # keeps a group from being stuck forever if it ever did)
+            | store.GroupSlot.job_id.not_in(open_jobs),
         )
         .values(job_id=job.id)
         .execution_options(synchronize_session=False)
