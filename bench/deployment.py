@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from firmware_sim.boot import default_components
 from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
+from firmware_sim.fleet import fleet_config_text
 from provisioning import pki
 from provisioning.operator import OperatorSettings
 from provisioning.policy import policy_from_components, write_policy
@@ -169,27 +170,15 @@ commit_request_timeout_seconds = {commit_request_timeout}
     )
     fleet_config = workdir / "fleet.toml"
     fleet_config.write_text(
-        f"""
-[fleet]
-dir = "fleet"
-id_prefix = "dev-sim-"
-service_cert = "pki/service.pem"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-ca = "pki/broker-ca.pem"
-
-[device_ca]
-cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
-
-[registry]
-url = "{db_url}"
-
-[simulation]
-insecure_software_keys = true
-"""
+        fleet_config_text(
+            id_prefix="dev-sim-",
+            service_cert="pki/service.pem",
+            broker_host=broker.host,
+            broker_port=broker.port,
+            broker_ca="pki/broker-ca.pem",
+            registry_url=db_url,
+            directory="fleet",
+        )
     )
     if tcp_nodelay:
         with open(broker.config_file, "a") as conf:

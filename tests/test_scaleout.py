@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from firmware_sim.fleet import VirtualFleet, load_fleet_config
+from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
 from provisioning import pki
 from provisioning.registry import make_engine, session_factory
 from provisioning.registry.schema import CommitLogEntry, Group
@@ -157,27 +157,14 @@ def cluster(
         )
     fleet_config = tmp_path / "fleet.toml"
     fleet_config.write_text(
-        f"""
-[fleet]
-dir = "virtual"
-id_prefix = "dev-s"
-service_cert = "{service.cert_file}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-ca = "{broker.ca_file}"
-
-[device_ca]
-cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
-
-[registry]
-url = "{db_url}"
-
-[simulation]
-insecure_software_keys = true
-"""
+        fleet_config_text(
+            id_prefix="dev-s",
+            service_cert=service.cert_file,
+            broker_host=broker.host,
+            broker_port=broker.port,
+            broker_ca=broker.ca_file,
+            registry_url=db_url,
+        )
     )
     first = configs[INSTANCES[0]]
     initialized = keyfleet("db", "init", "--config", str(first), cwd=tmp_path, timeout=120)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from firmware_sim.fleet import VirtualFleet, load_fleet_config
+from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
 from provisioning import pki
 from provisioning.registry import make_engine, session_factory
 from provisioning.registry.schema import Ack, Device
@@ -80,27 +80,14 @@ def installation(
     )
     fleet_config = tmp_path / "fleet.toml"
     fleet_config.write_text(
-        f"""
-[fleet]
-dir = "virtual"
-id_prefix = "dev-v"
-service_cert = "{service.cert_file}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-ca = "{broker.ca_file}"
-
-[device_ca]
-cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
-
-[registry]
-url = "sqlite:///fleet.db"
-
-[simulation]
-insecure_software_keys = true
-"""
+        fleet_config_text(
+            id_prefix="dev-v",
+            service_cert=service.cert_file,
+            broker_host=broker.host,
+            broker_port=broker.port,
+            broker_ca=broker.ca_file,
+            registry_url="sqlite:///fleet.db",
+        )
     )
     initialized = keyfleet("db", "init", "--config", str(config), cwd=tmp_path, timeout=120)
     assert initialized.returncode == 0, initialized.stderr

@@ -272,6 +272,43 @@ def load_fleet_config(path: str | os.PathLike[str]) -> FleetConfig:
     )
 
 
+def fleet_config_text(
+    *,
+    id_prefix: str,
+    service_cert: str | os.PathLike[str],
+    broker_host: str,
+    broker_port: int,
+    broker_ca: str | os.PathLike[str],
+    registry_url: str,
+    directory: str = "virtual",
+    device_ca_cert: str = "pki/device-ca.pem",
+    device_ca_key: str = "pki/device-ca.key",
+) -> str:
+    """The text of a fleet configuration that runs with software keys (the flag the CLI also
+    wants is the caller's business): what tests, benchmarks and docs/firmware-sim.md write.
+    Relative paths are taken from the file's directory by :func:`load_fleet_config`."""
+    return f"""[fleet]
+dir = "{directory}"
+id_prefix = "{id_prefix}"
+service_cert = "{service_cert}"
+
+[broker]
+host = "{broker_host}"
+port = {broker_port}
+ca = "{broker_ca}"
+
+[device_ca]
+cert = "{device_ca_cert}"
+key = "{device_ca_key}"
+
+[registry]
+url = "{registry_url}"
+
+[simulation]
+insecure_software_keys = true
+"""
+
+
 # -- identities ---------------------------------------------------------------------------------
 
 
