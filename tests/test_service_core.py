@@ -14,13 +14,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.errors import ProtocolError
 from agent.mls.group import Group
 from agent.wire.cose import key_id
 from agent.wire.envelope import Signer, open_message
+from agent.wire.messages.ack import Ack as AckBody
 from agent.wire.messages.key_state import KeyStateReport
 from agent.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
 from agent.wire.messages.result import OperatorResult, ResultStatus
@@ -33,6 +34,7 @@ from provisioning.registry import (
     make_engine,
     session_factory,
 )
+from provisioning.registry.schema import Ack as AckRow
 from provisioning.service import store
 from provisioning.service.core import (
     SERVICE_ID,
@@ -522,3 +524,51 @@ def test_ack_progress_is_throttled_and_a_held_back_view_goes_out_on_tick(tmp_pat
         fleet.tick(40)
         result = fleet.final(cid)
         assert result.status is ResultStatus.TIMEOUT and result.pending == ("dev-00",)
+
+
+def test_acks_received_together_are_one_batch_and_each_is_judged_alone(tmp_path: Path) -> None:
+    """The MQTT adapter hands the core what arrived together (``handle_many``). A rekey's acks
+    taken as one batch that also holds a duplicate of one of them, an ack from a device outside
+    the group and a member's ack for an epoch the group never reached: the good acks count, each
+    bad one is refused by its own check, and a refused ack's sequence number is not recorded
+    (its effects roll back alone)."""
+    names = ("dev-1", "dev-2", "dev-3", "dev-4", "dev-5")
+    for fleet in make_fleet(tmp_path, names):
+        create_g1(fleet, "dev-1", "dev-2", "dev-3", "dev-4")
+        epoch = fleet.epoch("g1")
+        with fleet.sessions() as s:
+            before = {n: store.load_guard(s, n).highest_seq(n) for n in names}
+        body = rekey("g1")
+        batch = [fleet.operators["op-alice"].command(body, fleet.now)]
+        acks: list[Outgoing] = []
+        while batch:
+            if all(topic.endswith("/report") for topic, _ in batch) and len(batch) == 4:
+                acks = list(batch)
+                ahead = fleet.devices["dev-2"].report(
+                    AckBody("g1", epoch + 5, bytes(32)), fleet.now
+                )
+                assert "dev-2" in (topic.split("/")[3] for topic, _ in acks)
+                outsider = fleet.devices["dev-5"].report(
+                    AckBody("g1", epoch + 1, bytes(32)), fleet.now
+                )
+                batch = [*acks, acks[0], ahead, outsider]
+            batch = fleet.deliver(fleet.service.handle_many(batch, fleet.now))
+        assert len(acks) == 4, "the four members' acks did not arrive together"
+        result = fleet.final(body.command_id)
+        assert result.status is ResultStatus.DONE, result.detail
+        assert result.epoch == epoch + 1 and len(set(agreed(fleet, "g1"))) == 1
+        rejections = fleet.service.rejections
+        assert rejections.count("replay.duplicate") == 1
+        assert rejections.count("ds.ack.epoch_ahead") == 1
+        assert rejections.count("ds.ack.not_member") == 1
+        assert fleet.service.metrics.reports.value("group.ack") >= 4
+        with fleet.sessions() as s:
+            after = {n: store.load_guard(s, n).highest_seq(n) for n in names}
+            acked = {
+                row.device_id for row in s.scalars(select(AckRow).where(AckRow.epoch == epoch + 1))
+            }
+        assert acked == {"dev-1", "dev-2", "dev-3", "dev-4"}
+        assert after["dev-5"] == before["dev-5"]  # the outsider's refused ack left no trace
+        # dev-2's ack for the new epoch was taken; its later ack for epoch + 5 (the device's
+        # last seq) was not
+        assert after["dev-2"] == fleet.devices["dev-2"].seq - 1

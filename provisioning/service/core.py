@@ -56,11 +56,13 @@ last moved it, and nothing needs a leader. Only harmless caches stay in memory.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -70,10 +72,10 @@ from typing import Final, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.errors import ProtocolError
+from agent.errors import KeyfleetError, ProtocolError
 from agent.hpke import Rng, serialize_public_key
 from agent.mls import codec
 from agent.mls.messages import Commit, KeyPackage, Welcome
@@ -108,6 +110,7 @@ from agent.wire.messages.service import (
     WelcomeDelivery,
 )
 from agent.wire.rejections import Rejections, is_benign
+from agent.wire.replay import ReplayGuard
 from provisioning import audit, pki
 from provisioning.attestation import (
     AttestationRefused,
@@ -121,6 +124,7 @@ from provisioning.registry import (
     AttestationResult,
     DeviceRecord,
     DeviceState,
+    GroupRecord,
     KeyStateReport,
     Outcome,
     PendingChange,
@@ -131,7 +135,7 @@ from provisioning.registry import (
 )
 from provisioning.registry.engine import RetryableConflict
 from provisioning.registry.schema import Ack as AckRow
-from provisioning.registry.schema import CommitLogEntry, Device
+from provisioning.registry.schema import CommitLogEntry, Device, GroupMember
 from provisioning.service import store
 
 log = logging.getLogger("keyfleet.service")
@@ -154,6 +158,9 @@ REQUIRED_ROLE: Final[dict[str, Role]] = {
     Revoke.TYPE: Role.ADMIN,
 }
 _GROUP_ELIGIBLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE})
+# (group, commits to replay, the group's current epoch) per group a device is behind in
+_Replays = list[tuple[str, list[CommitMessage], int]]
+
 _REFUSED_DEVICE_STATES = frozenset({DeviceState.REVOKED, DeviceState.DESTROYED})
 _ATTESTABLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE, DeviceState.QUARANTINED})
 ATTEST_SCAN_SECONDS: Final = 5
@@ -355,19 +362,52 @@ class DeliveryService:
     def handle(self, topic: str, payload: bytes, now: int) -> list[Publish]:
         """Process one received message; return what to publish. Never raises for a bad
         message: refusals are counted, logged (no secrets) and audited."""
+        return self.handle_many([(topic, payload)], now)
+
+    def handle_many(self, messages: Sequence[tuple[str, bytes]], now: int) -> list[Publish]:
+        """Process messages received together, in their order; return what to publish for all
+        of them (signed with one reservation from the shared sequence counter). Device acks
+        that follow each other are taken in one transaction (``_on_acks``): at a fleet rekey
+        they are nearly all the traffic, and one transaction, one progress check and one
+        catch-up query per batch instead of per ack is what keeps the service up with the
+        fleet (docs/bench/README.md). Never raises for a bad message; a transport or database
+        failure while handling one is logged and the others are still handled (the senders'
+        timeouts and the service's retries recover that one's flow)."""
         self._ensure_started(now)
-        parts = topic.split("/")
-        if len(parts) == 5 and parts[:2] == ["kf", "v1"]:
-            kind, ident, leaf = parts[2], parts[3], parts[4]
-            if kind == "dev" and leaf == "report":
-                self._on_device(ident, payload, now)
-            elif kind == "ops" and leaf == "cmd":
-                self._on_operator(ident, payload, now)
+        acks: list[VerifiedMessage] = []
+        for topic, payload in messages:
+            parts = topic.split("/")
+            if len(parts) == 5 and parts[:2] == ["kf", "v1"]:
+                kind, ident, leaf = parts[2], parts[3], parts[4]
+                if kind == "dev" and leaf == "report":
+                    message = self._guarded(
+                        topic, partial(self._open_device, ident, payload, now), None
+                    )
+                    if message is None:
+                        continue
+                    if isinstance(message.body, AckBody):
+                        acks.append(message)
+                        continue
+                    self._guarded("acks", partial(self._on_acks, acks, now), None)
+                    self._guarded(topic, partial(self._on_device_message, message, now), None)
+                    continue
+                self._guarded("acks", partial(self._on_acks, acks, now), None)
+                if kind == "ops" and leaf == "cmd":
+                    self._guarded(topic, partial(self._on_operator, ident, payload, now), None)
+                else:
+                    log.warning("ignored a message on %s: not a service topic", topic)
             else:
                 log.warning("ignored a message on %s: not a service topic", topic)
-        else:
-            log.warning("ignored a message on %s: not a service topic", topic)
+        self._guarded("acks", partial(self._on_acks, acks, now), None)
         return self._flush()
+
+    @staticmethod
+    def _guarded(what: str, work: Callable[[], T], failed: T) -> T:
+        try:
+            return work()
+        except (KeyfleetError, SQLAlchemyError) as exc:
+            log.error("handling a message on %s failed: %s", what, exc)
+            return failed
 
     def tick(self, now: int) -> list[Publish]:
         """Timeouts and retries: commit requests nobody answered go to the next candidate, key
@@ -643,8 +683,8 @@ class DeliveryService:
 
         return make
 
-    def _on_device(self, device_id: str, payload: bytes, now: int) -> None:
-        actor = f"device:{device_id}"
+    def _open_device(self, device_id: str, payload: bytes, now: int) -> VerifiedMessage | None:
+        """Verify a device report (signature, key, age, replay pre-check); None: refused."""
         try:
             message = self._open(
                 payload,
@@ -653,9 +693,15 @@ class DeliveryService:
                 max_age=self.settings.device_max_age,
             )
         except ProtocolError as err:
+            actor = f"device:{device_id}"
             self._refuse(err, actor=actor, action="device.message", target=device_id, now=now)
-            return
+            return None
         self._last_heard[device_id] = now
+        return message
+
+    def _on_device_message(self, message: VerifiedMessage, now: int) -> None:
+        device_id = message.sender
+        actor = f"device:{device_id}"
         body = message.body
         try:
             post = self._accept_and(
@@ -1201,6 +1247,116 @@ class DeliveryService:
 
         return post
 
+    def _on_acks(self, acks: list[VerifiedMessage], now: int) -> None:
+        """Take the acks received together (``acks`` is emptied) in one transaction: the same
+        checks and writes per ack as ``_accept_and`` + ``_on_ack``, then one progress check per
+        group and one catch-up pass for the senders.
+
+        Every sender's replay row is locked first, in sorted order, so two instances locking
+        overlapping sets cannot deadlock; each ack is then checked against its sender's window
+        under that lock. An ack refused here (replay, not a member, epoch ahead, changed
+        authenticator, quarantined sender) is refused alone: all of those checks run before the
+        ack writes anything, and its replay window is updated on a copy that is kept only when
+        the ack is taken, so the others' effects commit and its own do not, as if it had been
+        handled on its own. If the transaction itself fails, each ack is tried on its own."""
+        if not acks:
+            return
+        batch = list(acks)
+        acks.clear()
+        taken: list[tuple[VerifiedMessage, int | None]] = []
+        refused: list[tuple[VerifiedMessage, ProtocolError]] = []
+
+        def work(session: Session) -> None:
+            taken.clear()
+            refused.clear()
+            senders = sorted({m.sender for m in batch})
+            for sender in senders:
+                store.lock_guard(session, sender)
+            registry = Registry(session)
+            guards: dict[str, ReplayGuard] = {}
+            for message in batch:
+                sender = message.sender
+                body = message.body
+                assert isinstance(body, AckBody)
+                guard = guards.get(sender)
+                if guard is None:
+                    guard = store.load_guard(session, sender)
+                trial = copy.deepcopy(guard)
+                try:
+                    trial.accept(message)
+                    # the registry judges epochs (see _accept_and)
+                    trial.forget_group(body.group_id)
+                    if registry.device(sender).state is DeviceState.QUARANTINED:
+                        raise ProtocolError(
+                            "ds.device.quarantined",
+                            f"device {sender!r} is quarantined: only attestation reports are taken",
+                        )
+                    registry.record_ack(
+                        body.group_id,
+                        epoch=body.epoch,
+                        device_id=sender,
+                        epoch_authenticator=body.epoch_authenticator,
+                        now=now,
+                    )
+                except ProtocolError as err:
+                    refused.append((message, err))
+                    continue
+                guards[sender] = trial
+                started = session.get(CommitLogEntry, (body.group_id, body.epoch - 1))
+                taken.append((message, None if started is None else started.accepted_at))
+            for sender in sorted(guards):
+                store.save_guard(session, sender, guards[sender], now=now)
+            if guards:
+                session.execute(
+                    update(Device)
+                    .where(Device.device_id.in_(sorted(guards)))
+                    .values(last_seen=now)
+                    .execution_options(synchronize_session=False)
+                )
+
+        try:
+            self._tx(work)
+        except (KeyfleetError, SQLAlchemyError) as exc:
+            if len(batch) == 1:
+                raise
+            log.warning("a batch of %d acks failed (%s); taking them one by one", len(batch), exc)
+            for message in batch:
+                try:
+                    self._on_device_message(message, now)
+                except (KeyfleetError, SQLAlchemyError) as one:
+                    log.error("handling an ack from %s failed: %s", message.sender, one)
+            return
+        behind: list[str] = []
+        for message, err in refused:
+            body = message.body
+            assert isinstance(body, AckBody)
+            self._refuse(
+                err,
+                actor=f"device:{message.sender}",
+                action=message.type,
+                target=body.group_id,
+                now=now,
+                details={"type": message.type, "epoch": body.epoch},
+            )
+            if not err.check.startswith("replay."):
+                behind.append(message.sender)  # alive and authentic: it must still catch up
+        groups: list[str] = []
+        current: set[tuple[str, str, int]] = set()
+        for message, accepted_at in taken:
+            body = message.body
+            assert isinstance(body, AckBody)
+            self.metrics.reports.inc(message.type)
+            log.debug("ack from %s for %s epoch %s", message.sender, body.group_id, body.epoch)
+            if accepted_at is not None:
+                self.metrics.ack_latency.observe(max(0, now - accepted_at))
+            if body.group_id not in groups:
+                groups.append(body.group_id)
+            current.add((body.group_id, message.sender, body.epoch))
+            behind.append(message.sender)
+        for group_id in groups:
+            self._group_changed(group_id, now)
+        self._catch_up_many(list(dict.fromkeys(behind)), now, acked=current)
+
     # -- catch-up ----------------------------------------------------------------------------
 
     def _known_epoch(self, session: Session, group_id: str, device_id: str, joined: int) -> int:
@@ -1224,45 +1380,106 @@ class DeliveryService:
     def _catch_up(self, device_id: str, now: int) -> None:
         """Replay the commits a member missed on its command topic; if retention dropped them,
         re-add it with a fresh welcome (docs/service.md, "Catch-up")."""
+        self._catch_up_many([device_id], now)
 
-        def plan(session: Session) -> tuple[list[tuple[str, list[CommitMessage], int]], list[str]]:
+    def _catch_up_many(
+        self,
+        device_ids: Sequence[str],
+        now: int,
+        *,
+        acked: AbstractSet[tuple[str, str, int]] = frozenset(),
+    ) -> None:
+        """``_catch_up`` for several devices, in one read session. ``acked`` holds (group,
+        device, epoch) of acks just committed: a device whose ack is for its group's current
+        epoch is known to be there, and its epoch queries are skipped."""
+        if not device_ids:
+            return
+
+        def plan(session: Session) -> list[tuple[str, _Replays, list[str]]]:
             registry = Registry(session)
-            replays: list[tuple[str, list[CommitMessage], int]] = []
-            readd: list[str] = []
-            for member in registry.groups_of(device_id):
-                if member.leaf_index is None or member.pending is PendingChange.REMOVE:
-                    continue
-                group = registry.group(member.group_id)
-                known = self._known_epoch(
-                    session, group.group_id, device_id, member.joined_epoch or 0
+            memberships: dict[str, list[GroupMember]] = {}
+            for row in session.scalars(
+                select(GroupMember)
+                .where(GroupMember.device_id.in_(sorted(set(device_ids))))
+                .order_by(GroupMember.device_id, GroupMember.group_id)
+            ):
+                memberships.setdefault(row.device_id, []).append(row)
+            groups: dict[str, GroupRecord] = {}
+            plans = []
+            for device_id in device_ids:
+                replays, readd = self._plan_catch_up(
+                    session,
+                    registry,
+                    device_id,
+                    memberships=memberships.get(device_id, []),
+                    groups=groups,
+                    acked=acked,
+                    now=now,
                 )
-                if known >= group.epoch:
-                    continue
-                if self._catchup_sent.get((group.group_id, device_id), (-1, -1, -1))[:2] == (
-                    known,
-                    group.epoch,
-                ) and now - self._catchup_sent[(group.group_id, device_id)][2] < (
-                    self.settings.catchup_repeat
-                ):
-                    continue
-                try:
-                    commits = registry.commits_from(group.group_id, known)
-                except ProtocolError as err:
-                    if err.check == "ds.catchup.pruned":
-                        readd.append(group.group_id)
-                    continue
-                if len(commits) == 1 and now - commits[0].accepted_at < self.settings.catchup_grace:
-                    continue  # the relay on grp/G/commit is still on its way
-                replays.append(
-                    (
-                        group.group_id,
-                        [CommitMessage(c.group_id, c.epoch, c.commit) for c in commits],
-                        group.epoch,
-                    )
-                )
-            return replays, readd
+                if replays or readd:
+                    plans.append((device_id, replays, readd))
+            return plans
 
-        replays, readd = self._read(plan)
+        for device_id, replays, readd in self._read(plan):
+            self._send_catch_up(device_id, replays, readd, now)
+
+    def _plan_catch_up(
+        self,
+        session: Session,
+        registry: Registry,
+        device_id: str,
+        *,
+        memberships: Sequence[GroupMember],
+        groups: dict[str, GroupRecord],
+        acked: AbstractSet[tuple[str, str, int]],
+        now: int,
+    ) -> tuple[_Replays, list[str]]:
+        """What to send ``device_id`` so it catches up: (group, commits, current epoch) to
+        replay, and the groups whose needed commits retention dropped (re-add)."""
+        replays: _Replays = []
+        readd: list[str] = []
+        for member in memberships:
+            if member.leaf_index is None or member.pending is PendingChange.REMOVE:
+                continue
+            group = groups.get(member.group_id)
+            if group is None:
+                group = groups[member.group_id] = registry.group(member.group_id)
+            if (group.group_id, device_id, group.epoch) in acked:
+                continue
+            known = self._known_epoch(session, group.group_id, device_id, member.joined_epoch or 0)
+            if known >= group.epoch:
+                continue
+            if self._catchup_sent.get((group.group_id, device_id), (-1, -1, -1))[:2] == (
+                known,
+                group.epoch,
+            ) and now - self._catchup_sent[(group.group_id, device_id)][2] < (
+                self.settings.catchup_repeat
+            ):
+                continue
+            try:
+                commits = registry.commits_from(group.group_id, known)
+            except ProtocolError as err:
+                if err.check == "ds.catchup.pruned":
+                    readd.append(group.group_id)
+                continue
+            if len(commits) == 1 and now - commits[0].accepted_at < self.settings.catchup_grace:
+                continue  # the relay on grp/G/commit is still on its way
+            replays.append(
+                (
+                    group.group_id,
+                    [CommitMessage(c.group_id, c.epoch, c.commit) for c in commits],
+                    group.epoch,
+                )
+            )
+        return replays, readd
+
+    def _send_catch_up(
+        self,
+        device_id: str,
+        replays: _Replays,
+        readd: list[str],
+        now: int,
+    ) -> None:
         for group_id, commits, current in replays:
             log.info(
                 "catch-up: %s is behind in %s; replaying %d commit(s) up to epoch %s",

@@ -1,10 +1,11 @@
 """The MQTT adapter around the delivery service: ``keyfleet serve``.
 
 One loop on one thread: take the next message from the broker (shared subscriptions
-``$share/keyfleet/kf/v1/dev/+/report`` and ``$share/keyfleet/kf/v1/ops/+/cmd``), hand it to
-``DeliveryService.handle`` with the wall clock in whole seconds, publish what it returns, and only
-then acknowledge the message (manual PUBACK): a crash in between gets the message redelivered on
-the next session, which the replay guard turns into a benign duplicate. About once a second
+``$share/keyfleet/kf/v1/dev/+/report`` and ``$share/keyfleet/kf/v1/ops/+/cmd``) together with
+whatever else is already queued (up to ``MAX_BATCH``), hand them to
+``DeliveryService.handle_many`` with the wall clock in whole seconds, publish what it returns, and
+only then acknowledge the messages (manual PUBACK): a crash in between gets them redelivered on
+the next session, which the replay guard turns into benign duplicates. About once a second
 ``tick`` runs timeouts and retries.
 
 The service's MQTT identity is its client certificate (CN ``keyfleet-service``); its client id
@@ -55,6 +56,9 @@ log = logging.getLogger("keyfleet.service")
 
 TICK_SECONDS = 1.0
 POLL_SECONDS = 0.2
+# At most this many queued messages are handed to the core at once (handle_many): enough to take
+# a rekey's acks in a few transactions, few enough that a tick is not held back for long.
+MAX_BATCH = 200
 
 
 def settings_from(config: ServiceConfig) -> ServiceSettings:
@@ -121,8 +125,9 @@ class ServiceRunner:
         )
 
     def _publish(self, publishes: list[Publish]) -> None:
-        for item in publishes:
-            self.client.publish(item.topic, item.payload)
+        """All of them, then one wait for their PUBACKs (the client keeps their order on its
+        one connection): a round trip per batch instead of per message."""
+        self.client.publish_all([(item.topic, item.payload) for item in publishes])
 
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set; then disconnect cleanly (the broker keeps the session
@@ -138,16 +143,25 @@ class ServiceRunner:
             while not stop.is_set():
                 message = self.client.get(timeout=POLL_SECONDS)
                 if message is not None:
+                    batch = [message]
+                    while len(batch) < MAX_BATCH:
+                        more = self.client.get(timeout=0)
+                        if more is None:
+                            break
+                        batch.append(more)
                     try:
                         self._publish(
-                            self.service.handle(message.topic, message.payload, int(self._clock()))
+                            self.service.handle_many(
+                                [(m.topic, m.payload) for m in batch], int(self._clock())
+                            )
                         )
                     except (KeyfleetError, SQLAlchemyError) as exc:
-                        # A transport or database failure while handling: the message is
-                        # acknowledged anyway (a poison message must not loop); the sender's
+                        # A transport or database failure while handling: the messages are
+                        # acknowledged anyway (a poison message must not loop); the senders'
                         # timeouts and the service's retries recover the flow.
-                        log.error("handling a message on %s failed: %s", message.topic, exc)
-                    self.client.ack(message)
+                        log.error("handling %d message(s) failed: %s", len(batch), exc)
+                    for received in batch:
+                        self.client.ack(received)
                 if time.monotonic() - last_tick >= TICK_SECONDS:
                     last_tick = time.monotonic()
                     try:
