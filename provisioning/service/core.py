@@ -375,29 +375,47 @@ class DeliveryService:
         timeouts and the service's retries recover that one's flow)."""
         self._ensure_started(now)
         acks: list[VerifiedMessage] = []
-        for topic, payload in messages:
-            parts = topic.split("/")
-            if len(parts) == 5 and parts[:2] == ["kf", "v1"]:
-                kind, ident, leaf = parts[2], parts[3], parts[4]
-                if kind == "dev" and leaf == "report":
+        senders = [_report_sender(topic) for topic, _ in messages]
+        # One read session verifies the device reports up to the next message that is handled
+        # on its own, with the senders' device and replay rows loaded in one query each: a
+        # sender's device state is then as of that load (a few hundred ms at most), as if its
+        # message had been verified that much earlier; the replay check that counts runs again
+        # under the row lock (``_on_acks``, ``_accept_and``).
+        reader: Session | None = None
+        held: list[object] = []
+        try:
+            for index, (topic, payload) in enumerate(messages):
+                device_id = senders[index]
+                message: VerifiedMessage | None = None
+                if device_id is not None:
+                    if reader is None:
+                        reader = self._sessions()
+                        held = _load_senders(reader, {d for d in senders[index:] if d})
                     message = self._guarded(
-                        topic, partial(self._open_device, ident, payload, now), None
+                        topic, partial(self._open_device, device_id, payload, now, reader), None
                     )
                     if message is None:
                         continue
                     if isinstance(message.body, AckBody):
                         acks.append(message)
                         continue
-                    self._guarded("acks", partial(self._on_acks, acks, now), None)
-                    self._guarded(topic, partial(self._on_device_message, message, now), None)
-                    continue
+                if reader is not None:
+                    reader.close()
+                    reader, held = None, []
                 self._guarded("acks", partial(self._on_acks, acks, now), None)
-                if kind == "ops" and leaf == "cmd":
-                    self._guarded(topic, partial(self._on_operator, ident, payload, now), None)
+                parts = topic.split("/")
+                if message is not None:
+                    self._guarded(topic, partial(self._on_device_message, message, now), None)
+                elif (
+                    len(parts) == 5 and parts[:2] == ["kf", "v1"] and parts[2:5:2] == ["ops", "cmd"]
+                ):
+                    self._guarded(topic, partial(self._on_operator, parts[3], payload, now), None)
                 else:
                     log.warning("ignored a message on %s: not a service topic", topic)
-            else:
-                log.warning("ignored a message on %s: not a service topic", topic)
+        finally:
+            if reader is not None:
+                reader.close()
+        del held
         self._guarded("acks", partial(self._on_acks, acks, now), None)
         return self._flush()
 
@@ -609,6 +627,7 @@ class DeliveryService:
         *,
         now: int,
         max_age: int,
+        session: Session | None = None,
     ) -> VerifiedMessage:
         def work(session: Session) -> VerifiedMessage:
             message = open_message(
@@ -621,7 +640,7 @@ class DeliveryService:
             store.load_guard(session, message.sender).check(message)
             return message
 
-        return self._read(work)
+        return self._read(work) if session is None else work(session)
 
     def _accept_and(
         self,
@@ -683,7 +702,9 @@ class DeliveryService:
 
         return make
 
-    def _open_device(self, device_id: str, payload: bytes, now: int) -> VerifiedMessage | None:
+    def _open_device(
+        self, device_id: str, payload: bytes, now: int, session: Session | None = None
+    ) -> VerifiedMessage | None:
         """Verify a device report (signature, key, age, replay pre-check); None: refused."""
         try:
             message = self._open(
@@ -691,6 +712,7 @@ class DeliveryService:
                 self._device_resolver(device_id),
                 now=now,
                 max_age=self.settings.device_max_age,
+                session=session,
             )
         except ProtocolError as err:
             actor = f"device:{device_id}"
@@ -1252,13 +1274,14 @@ class DeliveryService:
         checks and writes per ack as ``_accept_and`` + ``_on_ack``, then one progress check per
         group and one catch-up pass for the senders.
 
-        Every sender's replay row is locked first, in sorted order, so two instances locking
-        overlapping sets cannot deadlock; each ack is then checked against its sender's window
-        under that lock. An ack refused here (replay, not a member, epoch ahead, changed
-        authenticator, quarantined sender) is refused alone: all of those checks run before the
-        ack writes anything, and its replay window is updated on a copy that is kept only when
-        the ack is taken, so the others' effects commit and its own do not, as if it had been
-        handled on its own. If the transaction itself fails, each ack is tried on its own."""
+        Every sender's replay row is locked first, in sorted order (``store.lock_guards``), so
+        two instances locking overlapping sets cannot deadlock; each ack is then checked against
+        its sender's window under that lock. An ack refused here (replay, not a member, epoch
+        ahead, changed authenticator, quarantined sender) is refused alone: all of those checks
+        run before the ack writes anything, and its replay window is updated on a copy that is
+        kept only when the ack is taken, so the others' effects commit and its own do not, as if
+        it had been handled on its own. If the transaction itself fails, each ack is tried on
+        its own."""
         if not acks:
             return
         batch = list(acks)
@@ -1270,8 +1293,16 @@ class DeliveryService:
             taken.clear()
             refused.clear()
             senders = sorted({m.sender for m in batch})
-            for sender in senders:
-                store.lock_guard(session, sender)
+            # Loaded once for the batch (the session's identity map then answers the per-ack
+            # reads without a query); ``held`` keeps them there.
+            held: list[object] = [*store.lock_guards(session, senders)]
+            held += session.scalars(select(Device).where(Device.device_id.in_(senders)))
+            for group_id in sorted({m.body.group_id for m in batch if isinstance(m.body, AckBody)}):
+                held += session.scalars(
+                    select(GroupMember).where(
+                        GroupMember.group_id == group_id, GroupMember.device_id.in_(senders)
+                    )
+                )
             registry = Registry(session)
             guards: dict[str, ReplayGuard] = {}
             for message in batch:
@@ -2729,6 +2760,23 @@ class _NothingHeld(Exception):
 
 class _SlotTaken(Exception):
     """Rolls back a job's claim when another job of its group holds the in-flight slot."""
+
+
+def _report_sender(topic: str) -> str | None:
+    """The device of a ``kf/v1/dev/<device>/report`` topic, else None."""
+    parts = topic.split("/")
+    if len(parts) == 5 and parts[:3] == ["kf", "v1", "dev"] and parts[4] == "report":
+        return parts[3]
+    return None
+
+
+def _load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
+    """Load the devices' rows and replay rows into ``session`` in two queries; the caller keeps
+    the returned list while it reads them (the identity map holds them only weakly)."""
+    ordered = sorted(devices)
+    held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(ordered))))
+    held += session.scalars(select(store.ReplayState).where(store.ReplayState.sender.in_(ordered)))
+    return held
 
 
 def _job_from_row(row: store.JobRow) -> Job:

@@ -28,6 +28,8 @@ Nothing secret is stored here: certificates, public-key ids, sequence numbers an
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -149,6 +151,28 @@ def lock_guard(session: Session, sender: str) -> None:
         .values(updated_at=ReplayState.updated_at)
         .execution_options(synchronize_session=False)
     )
+
+
+def lock_guards(session: Session, senders: Iterable[str]) -> list[ReplayState]:
+    """``lock_guard`` for several senders in one statement, in sorted sender order (two
+    instances locking overlapping sets of senders take them in the same order, so neither waits
+    for the other in a cycle), and their rows loaded: ``load_guard`` and ``save_guard`` then read
+    them from the session without a query. Keep the returned list while using them (the session
+    holds loaded rows only weakly). Senders without a row yet get none (created at save)."""
+    ordered = sorted(set(senders))
+    if not ordered:
+        return []
+    rows = select(ReplayState).where(ReplayState.sender.in_(ordered)).order_by(ReplayState.sender)
+    if session.get_bind().dialect.name == "sqlite":
+        # SELECT takes no lock on SQLite; a write takes the database's write lock.
+        session.execute(
+            update(ReplayState)
+            .where(ReplayState.sender.in_(ordered))
+            .values(updated_at=ReplayState.updated_at)
+            .execution_options(synchronize_session=False)
+        )
+        return list(session.scalars(rows))
+    return list(session.scalars(rows.with_for_update()))
 
 
 def save_guard(session: Session, sender: str, guard: ReplayGuard, *, now: int) -> None:
