@@ -382,7 +382,7 @@ class DeliveryService:
         # message had been verified that much earlier; the replay check that counts runs again
         # under the row lock (``_on_acks``, ``_accept_and``).
         reader: Session | None = None
-        held: list[object] = []
+        held: list[object] | None = None
         try:
             for index, (topic, payload) in enumerate(messages):
                 device_id = senders[index]
@@ -390,7 +390,10 @@ class DeliveryService:
                 if device_id is not None:
                     if reader is None:
                         reader = self._sessions()
-                        held = _load_senders(reader, {d for d in senders[index:] if d})
+                        if held is None:
+                            # once per call: again after each message handled on its own would
+                            # be quadratic in a batch of reports that are not acks
+                            held = _load_senders(reader, {d for d in senders[index:] if d})
                     message = self._guarded(
                         topic, partial(self._open_device, device_id, payload, now, reader), None
                     )
@@ -401,7 +404,7 @@ class DeliveryService:
                         continue
                 if reader is not None:
                     reader.close()
-                    reader, held = None, []
+                    reader = None
                 self._guarded("acks", partial(self._on_acks, acks, now), None)
                 parts = topic.split("/")
                 if message is not None:
