@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -21,7 +22,7 @@ from cryptography import x509
 from firmware_sim.boot import default_components
 from provisioning import pki
 from provisioning.policy import policy_from_components, write_policy
-from tests.fixtures.mosquitto import ClientFiles, MosquittoBroker
+from tests.fixtures.mosquitto import BrokerPKI, ClientFiles, MosquittoBroker
 
 
 def keyfleet(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -58,6 +59,38 @@ def write_service_pki(
         files / "manufacturers.pem", pki.certs_to_pem(manufacturer_cas or [device_ca.certificate])
     )
     write_golden_policy(files / "golden.toml")
+
+
+@dataclass(frozen=True)
+class DeploymentPKI:
+    """What the virtual-fleet installations share: the CAs, a broker that trusts them, the
+    service's broker identity and the CA files (``files``) the service configuration names."""
+
+    now: datetime
+    device_ca: pki.CertificateAuthority
+    operator_ca: pki.CertificateAuthority
+    broker: MosquittoBroker
+    service: ClientFiles
+    files: Path
+
+
+def deployment_pki(
+    tmp_path: Path, label: str, broker_pki: BrokerPKI, mosquitto_factory: object
+) -> DeploymentPKI:
+    """Device and operator CAs named after ``label``, a fresh Mosquitto trusting both, and the
+    service's files under ``tmp_path/pki``."""
+    now = datetime.now(UTC)
+    device_ca = pki.create_ca(f"{label} device CA", now=now, valid_for=timedelta(days=2))
+    operator_ca = pki.create_ca(f"{label} operator CA", now=now, valid_for=timedelta(days=2))
+    broker: MosquittoBroker = mosquitto_factory(  # type: ignore[operator]
+        log_types=("error", "warning"),
+        extra_ca_certs=(device_ca.certificate, operator_ca.certificate),
+    )
+    files = tmp_path / "pki"
+    files.mkdir()
+    service = broker_pki.client("keyfleet-service", role="service")
+    write_service_pki(files, device_ca, operator_ca)
+    return DeploymentPKI(now, device_ca, operator_ca, broker, service, files)
 
 
 def write_golden_policy(path: Path) -> None:

@@ -11,25 +11,23 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
-from provisioning import pki
 from provisioning.registry import make_engine, session_factory
 from provisioning.registry.schema import Ack, Device
-from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.fixtures.mosquitto import BrokerPKI
 from tests.service_deployment import (
     add_operator,
+    deployment_pki,
     keyfleet,
     operator_args,
     service_config,
     start_serve,
     write_operator,
-    write_service_pki,
 )
 
 pytestmark = pytest.mark.e2e
@@ -55,17 +53,9 @@ class Installation:
 def installation(
     tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: object
 ) -> Iterator[Installation]:
-    now = datetime.now(UTC)
-    device_ca = pki.create_ca("fleet test device CA", now=now, valid_for=timedelta(days=2))
-    operator_ca = pki.create_ca("fleet test operator CA", now=now, valid_for=timedelta(days=2))
-    broker: MosquittoBroker = mosquitto_factory(  # type: ignore[operator]
-        log_types=("error", "warning"),
-        extra_ca_certs=(device_ca.certificate, operator_ca.certificate),
-    )
-    files = tmp_path / "pki"
-    files.mkdir()
-    service = broker_pki.client("keyfleet-service", role="service")
-    write_service_pki(files, device_ca, operator_ca)
+    deployment = deployment_pki(tmp_path, "fleet test", broker_pki, mosquitto_factory)
+    now, operator_ca, broker = deployment.now, deployment.operator_ca, deployment.broker
+    files, service = deployment.files, deployment.service
     write_operator(files, operator_ca, "op-fleet", role="admin", now=now, stem="op")
     db = tmp_path / "fleet.db"
     config = tmp_path / "keyfleet.toml"

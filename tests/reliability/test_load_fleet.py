@@ -28,7 +28,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,19 @@ import pytest
 from sqlalchemy import func, select
 
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config, open_registry
-from provisioning import audit, pki
+from provisioning import audit
 from provisioning.operator import FINAL, OperatorClient, OperatorSettings
 from provisioning.registry import Registry, run_in_transaction
 from provisioning.registry.schema import Device
-from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.fixtures.mosquitto import BrokerPKI
 from tests.reliability.conftest import SEED_ENV, Summary, reliability_seed, send_rekey
 from tests.service_deployment import (
     add_operator,
+    deployment_pki,
     keyfleet,
     service_config,
     start_serve,
     write_operator,
-    write_service_pki,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
@@ -77,17 +76,9 @@ def installation(
 ) -> Iterator[Installation]:
     """Broker, service and operator as docs/service.md "A deployment" says, through the shared
     steps in tests/service_deployment.py; a fleet configuration for the virtual devices."""
-    now = datetime.now(UTC)
-    device_ca = pki.create_ca("load test device CA", now=now, valid_for=timedelta(days=2))
-    operator_ca = pki.create_ca("load test operator CA", now=now, valid_for=timedelta(days=2))
-    broker: MosquittoBroker = mosquitto_factory(  # type: ignore[operator]
-        log_types=("error", "warning"),
-        extra_ca_certs=(device_ca.certificate, operator_ca.certificate),
-    )
-    files = tmp_path / "pki"
-    files.mkdir()
-    service = broker_pki.client("keyfleet-service", role="service")
-    write_service_pki(files, device_ca, operator_ca)
+    deployment = deployment_pki(tmp_path, "load test", broker_pki, mosquitto_factory)
+    now, operator_ca, broker = deployment.now, deployment.operator_ca, deployment.broker
+    files, service = deployment.files, deployment.service
     write_operator(files, operator_ca, "op-load", role="operator", now=now, stem="op")
     db = tmp_path / "fleet.db"
     config = tmp_path / "keyfleet.toml"
