@@ -156,7 +156,8 @@ def compute_hash(prev_hash: bytes, preimage: bytes) -> bytes:
     return hashlib.sha256(prev_hash + preimage).digest()
 
 
-def _record(row: AuditEntry) -> AuditRecord:
+def record_of(row: AuditEntry) -> AuditRecord:
+    """The plain record of a stored entry (also what the dashboard shows)."""
     return AuditRecord(
         seq=row.seq,
         time=row.time,
@@ -236,7 +237,7 @@ def append(
             session.flush()
     except IntegrityError:
         raise AuditConflict(f"audit entry {seq} was appended concurrently") from None
-    return _record(row)
+    return record_of(row)
 
 
 def _lock_head(session: Session) -> AuditHead:
@@ -305,7 +306,7 @@ def entries(session: Session, *, from_seq: int = 1, limit: int | None = None) ->
     query = select(AuditEntry).where(AuditEntry.seq >= from_seq).order_by(AuditEntry.seq)
     if limit is not None:
         query = query.limit(limit)
-    return [_record(row) for row in session.scalars(query)]
+    return [record_of(row) for row in session.scalars(query)]
 
 
 def _raw_rows(session: Session, batch: int) -> Iterator[tuple[Any, ...]]:

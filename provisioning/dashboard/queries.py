@@ -22,7 +22,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from agent.lifecycle import ALLOWED_TRANSITIONS, KeyState
-from provisioning.audit import AuditRecord
+from provisioning.audit import AuditRecord, record_of
 from provisioning.registry.schema import (
     Ack,
     AuditEntry,
@@ -585,22 +585,7 @@ def _audit_rows(session: Session, where: object, *, limit: int) -> list[AuditRec
     rows = session.scalars(
         select(AuditEntry).where(where).order_by(AuditEntry.seq.desc()).limit(limit)  # type: ignore[arg-type]
     )
-    return [_audit_record(row) for row in rows]
-
-
-def _audit_record(row: AuditEntry) -> AuditRecord:
-    return AuditRecord(
-        seq=row.seq,
-        time=row.time,
-        actor=row.actor,
-        action=row.action,
-        target=row.target,
-        outcome=row.outcome,
-        reason=row.reason,
-        details=row.details,
-        prev_hash=row.prev_hash,
-        entry_hash=row.entry_hash,
-    )
+    return [record_of(row) for row in rows]
 
 
 # ---- groups ------------------------------------------------------------------------------------
@@ -1036,7 +1021,7 @@ def audit_list(
             page_where.append(AuditEntry.seq < before)
         order = AuditEntry.seq.desc()
     rows = [
-        _audit_record(row)
+        record_of(row)
         for row in session.scalars(
             select(AuditEntry).where(*page_where).order_by(order).limit(per_page)
         )
