@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from firmware_sim.lab import Lab
+from firmware_sim.lab import Lab, LabDevice
 from provisioning.operator import OperatorClient
 from tests.reliability.conftest import (
     AgentSupervisor,
@@ -95,6 +95,41 @@ def wait_log(path: Path, offset: int, text: str, timeout: float) -> str:
             return tail
         assert time.monotonic() < deadline, f"no {text!r} in the log:\n{tail[-3000:]}"
         time.sleep(0.05)
+
+
+def last_seen(lab: Lab, device: LabDevice) -> int:
+    return lab.registry(lambda r: r.device(device.id).last_seen or -1)
+
+
+def attested(lab: Lab, device: LabDevice) -> bool:
+    return lab.registry(lambda r: r.device(device.id).attested_at is not None)
+
+
+def restart_heard_last(
+    lab: Lab, supervisor: AgentSupervisor, device: LabDevice, rival: LabDevice
+) -> None:
+    """Restart ``device``'s agent so that the service asks it (not ``rival``) for the next
+    commit. The service asks the member it heard from last, with whole seconds as the clock
+    and ties broken by device id: the restart's keys.report must land in a later second than
+    anything ``rival`` sent (the first scheduled attestation can answer in the same second), or
+    the choice is a coin toss (it once failed CI that way). So: restart until it does."""
+    deadline = time.monotonic() + 30  # the service's first (scheduled) attestation of both
+    while not (attested(lab, device) and attested(lab, rival)):
+        assert time.monotonic() < deadline, "the service did not attest both devices"
+        time.sleep(0.05)
+    for _ in range(5):
+        rival_seen = last_seen(lab, rival)
+        lab.stop_agent(device)
+        while time.time() < rival_seen + 1:
+            time.sleep(0.05)
+        supervisor.start(device)
+        deadline = time.monotonic() + 10
+        while last_seen(lab, device) < rival_seen + 1:
+            assert time.monotonic() < deadline, f"no keys.report from {device.id} after a restart"
+            time.sleep(0.05)
+        if last_seen(lab, device) > last_seen(lab, rival):
+            return
+    raise AssertionError(f"the service did not hear {device.id} after {rival.id} in 5 restarts")
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +191,7 @@ def test_disk_full_while_writing_agent_state(
         # -- round 1: space comes back while the agent runs --------------------------------
         # The other member restarted is the one the service heard last: it commits, and the
         # victim has to save the relayed commit's new epoch in its state file.
-        lab.stop_agent(other)
-        supervisor.start(other)
+        restart_heard_last(lab, supervisor, other, victim)
         offset = victim.agent_log.stat().st_size
         counts["round1_filled_bytes"] = fill(small_disk)
         digest = state_digest(small_disk)
@@ -195,8 +229,7 @@ def test_disk_full_while_writing_agent_state(
         # -- round 2: killed while the disk is full ------------------------------------------
         # Now the victim restarted is the member heard last: asked to commit, it has to store
         # a new leaf key blob first.
-        lab.stop_agent(victim)
-        supervisor.start(victim)
+        restart_heard_last(lab, supervisor, victim, other)
         offset = victim.agent_log.stat().st_size
         counts["round2_filled_bytes"] = fill(small_disk)
         digest = state_digest(small_disk)
