@@ -237,6 +237,10 @@ class CommitLogEntry(Base):
     commit: Mapped[bytes] = mapped_column(LargeBinary)
     welcome: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     accepted_at: Mapped[int] = mapped_column(BigInteger)
+    # The same instant in milliseconds since the Unix epoch (revision 0003): a lab rekey takes
+    # well under a second, which whole seconds show as 0. NULL for commits accepted before 0003;
+    # readers fall back to accepted_at * 1000.
+    accepted_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Ack(Base):
@@ -255,6 +259,9 @@ class Ack(Base):
     )
     epoch_authenticator: Mapped[bytes] = mapped_column(LargeBinary)
     received_at: Mapped[int] = mapped_column(BigInteger)
+    # received_at in milliseconds (revision 0003), for ack latency (received_at_ms minus the
+    # commit's accepted_at_ms); NULL for acks received before 0003 (readers use seconds * 1000).
+    received_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Operator(Base):
