@@ -13,7 +13,8 @@ database and is refused or retries; it can never fork a group or the audit chain
 What is deliberately absent: any private group material. Groups hold the public ratchet tree and
 the public group context; commits and welcomes are stored as the opaque bytes members sent (their
 secrets are HPKE-encrypted to members' leaf keys). No epoch secret, path secret or private key has
-a column here, so a stolen database decrypts nothing.
+a column here, so a stolen database decrypts nothing. Pending enrollments keep only a SHA-256
+digest of their one-time credential-activation secret, which checks an answer but cannot make one.
 """
 
 from __future__ import annotations
@@ -282,6 +283,37 @@ class Station(Base):
     name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     cert_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH), unique=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class EnrollSession(Base):
+    """A factory enrollment between ``start`` and its expiry (provisioning/enroll.py), shared by
+    every service instance: a station may send ``finish`` to another instance than ``start``.
+
+    The credential-activation secret itself is never stored, only ``secret_digest`` (SHA-256 of
+    32 random bytes, see ``enroll.secret_digest``): enough to check the device's answer, useless
+    for making one. Everything else is public (the device's public areas, the certificates
+    issued). ``finished_at`` is set by the one ``finish`` whose conditional UPDATE (``WHERE
+    finished_at IS NULL``) changes the row, in the transaction that registers the device; the
+    issued certificates stay here until the session expires so that a retried ``finish`` (the
+    station lost the answer) returns the same identity on any instance."""
+
+    __tablename__ = "enroll_sessions"
+
+    session_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)  # hex
+    station: Mapped[str] = mapped_column(String(ID_LENGTH))
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    ek_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH))
+    serial: Mapped[str] = mapped_column(String(128))
+    ak_public: Mapped[bytes] = mapped_column(LargeBinary)
+    devid_public: Mapped[bytes] = mapped_column(LargeBinary)
+    tls_public: Mapped[bytes] = mapped_column(LargeBinary)
+    groups: Mapped[str] = mapped_column(Text)  # JSON list of group names
+    secret_digest: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    devid_cert_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    tls_cert_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class AuditEntry(Base):
