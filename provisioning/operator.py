@@ -138,8 +138,10 @@ class OperatorClient:
 
     def send(self, body: Command) -> None:
         now = int(self._clock())
-        # Milliseconds keep seqs increasing across CLI runs without local state.
-        self._seq = max(self._seq + 1, int(self._clock() * 1000))
+        # Microseconds keep seqs increasing across CLI runs without local state, and two CLI
+        # processes of one operator started together practically never draw the same one (the
+        # service would refuse the second as replay.seq-reused; milliseconds collided).
+        self._seq = max(self._seq + 1, int(self._clock() * 1_000_000))
         payload = encode_message(
             body,
             key=self.identity.key,

@@ -393,7 +393,7 @@ def test_guard_state_round_trips_and_is_strict() -> None:
         with pytest.raises(StateError):
             ReplayGuard.from_cbor_map(bad)
 
-    broken(lambda s: s.update(v=2))
+    broken(lambda s: s.update(v=3))
     broken(lambda s: s.update(window=0))
     broken(lambda s: s.update(extra=1))
     broken(lambda s: s["senders"]["dev-1"].update(highest=-1))

@@ -631,6 +631,7 @@ class DeliveryService:
         now: int,
         max_age: int,
         session: Session | None = None,
+        replay_window: int = store.REPLAY_WINDOW,
     ) -> VerifiedMessage:
         def work(session: Session) -> VerifiedMessage:
             message = open_message(
@@ -640,7 +641,7 @@ class DeliveryService:
                 recipients=(SERVICE_ID,),
                 max_age=max_age,
             )
-            store.load_guard(session, message.sender).check(message)
+            store.load_guard(session, message.sender, window=replay_window).check(message)
             return message
 
         return self._read(work) if session is None else work(session)
@@ -652,6 +653,7 @@ class DeliveryService:
         handler: Callable[[Session], Post | None],
         *,
         device: bool = False,
+        replay_window: int = store.REPLAY_WINDOW,
     ) -> Post | None:
         """Run ``handler`` in one transaction with the sender's replay guard: the message is
         recorded as seen only if its effects commit."""
@@ -660,7 +662,7 @@ class DeliveryService:
             # Locked, then read: the check in _open ran on a window another instance may have
             # moved since; accept() checks again under the lock.
             store.lock_guard(session, message.sender)
-            guard = store.load_guard(session, message.sender)
+            guard = store.load_guard(session, message.sender, window=replay_window)
             guard.accept(message)
             group_epoch = message.body.group_epoch()
             if group_epoch is not None:
@@ -1600,8 +1602,16 @@ class DeliveryService:
         actor = f"operator:{operator}"
         found: dict[str, Role] = {}
         make = self._operator_resolver(operator, found, now)
+        # operator seqs are clock readings: a window as wide as the commands' freshness
+        window = store.operator_replay_window(self.settings.operator_max_age)
         try:
-            message = self._open(payload, make, now=now, max_age=self.settings.operator_max_age)
+            message = self._open(
+                payload,
+                make,
+                now=now,
+                max_age=self.settings.operator_max_age,
+                replay_window=window,
+            )
         except ProtocolError as err:
             self._refuse(
                 err,
@@ -1628,7 +1638,10 @@ class DeliveryService:
                     "op.role", f"{message.type} needs role {required.value}; {operator} is {role}"
                 )
             post = self._accept_and(
-                message, now, lambda s: self._dispatch_operator(s, message, command_id, now)
+                message,
+                now,
+                lambda s: self._dispatch_operator(s, message, command_id, now),
+                replay_window=window,
             )
         except ProtocolError as err:
             self._refuse(

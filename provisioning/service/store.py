@@ -14,7 +14,9 @@ Why each exists:
   against the operator CA on every command (expiry).
 - ``service_replay``: one ``agent.wire.replay.ReplayGuard`` per sender, CBOR-encoded, read and
   written in the same transaction as the message's effects, so several instances sharing the
-  database would share it too (no per-process replay window to slip a replay through).
+  database would share it too (no per-process replay window to slip a replay through). Devices
+  count their seqs (window ``REPLAY_WINDOW``); operators' seqs are clock readings and their
+  window spans the envelope's freshness (``operator_replay_window``).
 - ``service_commands``: every operator ``command_id`` ever accepted; a second command reusing
   one is refused (``op.command_id.reused``) even if it is freshly signed.
 - ``service_attest_challenges``: the attestation nonces the service issued (the nonce book of
@@ -51,7 +53,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from agent.errors import ProtocolError, StateError
 from agent.wire import cbor
-from agent.wire.replay import ReplayGuard
+from agent.wire.envelope import DEFAULT_MAX_FUTURE
+from agent.wire.replay import DEFAULT_CAPACITY, ReplayGuard
 from provisioning.attestation import Challenge
 from provisioning.registry.engine import RetryableConflict
 from provisioning.registry.schema import ID_LENGTH, NAMING_CONVENTION
@@ -127,16 +130,34 @@ def operator_by_kid(session: Session, kid: bytes) -> tuple[str, str] | None:
 # -- replay state ---------------------------------------------------------------------------------
 
 
-def load_guard(session: Session, sender: str) -> ReplayGuard:
+def operator_replay_window(max_age: int, max_future: int = DEFAULT_MAX_FUTURE) -> int:
+    """The replay window of an operator, in seq values. An operator's seqs are its CLI's clock
+    in microseconds (provisioning/operator.py), one process per command, so one operator's
+    concurrent CLIs (scripts, ``xargs -P``, instances taking them from a shared subscription)
+    deliver them out of order. The window spans every seq of a command the envelope still finds
+    fresh (``time`` at most ``max_age`` s old, ``max_future`` s ahead, plus the second ``time``
+    truncates): ``replay.seq-old`` then refuses only what ``envelope.stale`` would, or what the
+    guard's capacity (``replay.DEFAULT_CAPACITY`` seqs) no longer remembers."""
+    return max(1, (max_age + max_future + 1) * 1_000_000)
+
+
+def load_guard(session: Session, sender: str, *, window: int = REPLAY_WINDOW) -> ReplayGuard:
+    """The sender's guard with ``window`` (``REPLAY_WINDOW`` for counting senders,
+    ``operator_replay_window`` for operators) and the default capacity for it. A stored guard
+    with other bounds (an operator's, stored before operators had their own window; a changed
+    ``operator_max_age``) is resized, never re-opening a seq it refused as old."""
     row = session.get(ReplayState, sender)
     if row is None:
-        return ReplayGuard(REPLAY_WINDOW)
+        return ReplayGuard(window)
     try:
-        return ReplayGuard.from_cbor_map(cbor.decode(row.state))
+        guard = ReplayGuard.from_cbor_map(cbor.decode(row.state))
     except Exception as exc:  # a corrupt row must not crash the service; it is a StateError
         raise StateError(
             f"replay state of {sender!r} is unreadable: {type(exc).__name__}"
         ) from None
+    if (guard.window, guard.capacity) != (window, min(window, DEFAULT_CAPACITY)):
+        return guard.resized(window)
+    return guard
 
 
 def lock_guard(session: Session, sender: str) -> None:
