@@ -45,18 +45,36 @@ Why the TLS key is a software key: Python's ``ssl`` can use a TPM key only throu
 tpm2-openssl provider with tpm2-abrmd, which also slows every hash in the process (STACK.md); the
 TLS key authenticates only the transport, every message is signed by the DevID in the TPM.
 
-Pending sessions live in this process's memory: a station must send start and finish to the
-same service instance (several instances need sticky routing for /v1/enroll, or a shared session
-table: not done).
+Pending sessions live in the registry database (``EnrollSession``, table ``enroll_sessions``),
+not in a process: any number of ``keyfleet serve`` instances share them, and a station may send
+``start`` to one and ``finish`` to another. What the table holds and why it is safe:
+
+- Never the secret: only ``secret_digest(secret)`` (see there why a plain SHA-256 suffices).
+  ``finish`` digests the station's answer and compares the digests with
+  ``hmac.compare_digest``. The secret exists in the service only during ``start``.
+- One try across instances: a wrong answer deletes the row in the transaction that checked it,
+  so no instance can be asked again for that session.
+- One registration: the ``finish`` that registers the device first sets ``finished_at`` with a
+  conditional UPDATE (``WHERE finished_at IS NULL``) in the same transaction as the
+  registration and its audit entry. A concurrent ``finish`` of the same session on another
+  instance blocks on that row (row lock on PostgreSQL, write lock on SQLite) and then changes
+  nothing: it reads the winner's certificates and returns the same identity. Its own freshly
+  signed certificates are dropped unseen (never stored, returned or registered).
+- Retried finish: the certificates issued (public) stay in the row until the session expires,
+  so a station that lost the answer gets the same identity from any instance.
+- Expiry and the session limit are rows too: expired rows are deleted by every ``start`` and
+  ``finish`` (no instance is in charge of it), and ``start`` counts the rows under a lock that
+  serializes starts fleet-wide (SQLite's write lock; a transaction-scoped advisory lock on
+  PostgreSQL), so ``max_sessions`` holds for the fleet, not per instance.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -66,6 +84,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from tpm2_pytss.constants import TPMA_OBJECT
 
@@ -94,12 +113,16 @@ from provisioning.pki import (
 from provisioning.registry import DeviceState, Outcome, Registry, cert_fingerprint
 from provisioning.registry.engine import run_in_transaction
 from provisioning.registry.repository import REENROLLABLE
-from provisioning.registry.schema import Device
+from provisioning.registry.schema import Device, EnrollSession
 from provisioning.service.store import forget_sender
 
 Rng = Callable[[int], bytes]
 
 CERTIFY_LABEL = b"keyfleet/enroll/certify/v1\x00"
+SECRET_DIGEST_LABEL = b"keyfleet/enroll/secret/v1\x00"
+# pg_advisory_xact_lock key serializing session starts fleet-wide: "kfenroll" as a signed 64-bit
+# integer (any fixed value other than the migrations' would do).
+SESSION_LOCK_KEY = int.from_bytes(b"kfenroll", "big", signed=True)
 SECRET_SIZE = 32
 MIN_NONCE = 16
 MAX_NONCE = 64
@@ -136,6 +159,19 @@ def certify_qualifying_data(nonce: bytes, tls_public: bytes) -> bytes:
 
 def device_id_for(ek_fingerprint: str) -> str:
     return DEVICE_ID_PREFIX + ek_fingerprint[:DEVICE_ID_HEX]
+
+
+def secret_digest(secret: bytes) -> bytes:
+    """What the database keeps of a session's credential-activation secret, and what a station's
+    answer is digested to before the constant-time comparison: SHA-256(label || secret).
+
+    Why a plain hash and not an HMAC or a password hash: the secret is 32 bytes from the
+    service's CSPRNG, used once, so there is nothing to guess and no dictionary to precompute; a
+    preimage costs 2^256 either way. An HMAC key would have to be shared by every instance and
+    kept out of the database, one more secret to distribute, and would add nothing against a
+    reader of the database, who can check an answer but never make one (only the TPM that owns
+    the EK can). The label keeps this digest apart from any other SHA-256 keyfleet computes."""
+    return hashlib.sha256(SECRET_DIGEST_LABEL + secret).digest()
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -450,8 +486,12 @@ def _check_attributes(public: bytes, required: int, forbidden: int, check: str, 
         raise ProtocolError(check, f"{what} attributes 0x{attrs:08x} are not what it must have")
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Pending:
+    """A session row as ``finish`` needs it, read in the checking transaction (no secret: the
+    row has only its digest, which has served once the answer matched)."""
+
+    session_id: str
     station: str
     device_id: str
     ek_fingerprint: str
@@ -460,9 +500,35 @@ class _Pending:
     tls_public: bytes
     groups: tuple[str, ...]
     ak_public: bytes
-    secret: Secret = field(repr=False)
-    expires_at: int
-    result: DeviceIdentity | None = None
+
+    @classmethod
+    def of(cls, row: EnrollSession) -> _Pending:
+        return cls(
+            session_id=row.session_id,
+            station=row.station,
+            device_id=row.device_id,
+            ek_fingerprint=row.ek_fingerprint,
+            serial=row.serial,
+            devid_public=row.devid_public,
+            tls_public=row.tls_public,
+            groups=_groups_of(row),
+            ak_public=row.ak_public,
+        )
+
+
+def _groups_of(row: EnrollSession) -> tuple[str, ...]:
+    return tuple(str(g) for g in json.loads(row.groups))
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the checking transaction of ``finish`` decided: a refusal (with its audit target),
+    the identity of a session already finished, or a session to register."""
+
+    target: str
+    error: ProtocolError | None = None
+    identity: DeviceIdentity | None = None
+    pending: _Pending | None = None
 
 
 # ---- the service object ---------------------------------------------------------------------
@@ -470,7 +536,8 @@ class _Pending:
 
 class Enrollment:
     """The enrollment logic over a registry database. Thread-safe (the HTTP layer calls it from
-    a thread pool)."""
+    a thread pool) and stateless: sessions are rows, so several objects over one database (one
+    per service instance) act as one."""
 
     def __init__(
         self,
@@ -482,8 +549,6 @@ class Enrollment:
         self.settings = settings
         self._db = sessions
         self._rng = rng
-        self._pending: dict[str, _Pending] = {}
-        self._lock = threading.Lock()
 
     # -- stations --
 
@@ -588,36 +653,49 @@ class Enrollment:
 
         device_id = device_id_for(ek_fp)
         secret = Secret(self._rng(SECRET_SIZE))
-        blob, encrypted = make_credential(
-            ek_key, tpm_name(req.ak_public), secret.reveal(), rng=self._rng
-        )
+        try:
+            blob, encrypted = make_credential(
+                ek_key, tpm_name(req.ak_public), secret.reveal(), rng=self._rng
+            )
+            digest = secret_digest(secret.reveal())
+        finally:
+            secret.wipe()  # from here on only its digest exists, in the session row
         session_id = self._rng(16).hex()
-        pending = _Pending(
+        expires_at = now + self.settings.session_ttl
+        values: dict[str, Any] = dict(
+            session_id=session_id,
             station=station,
             device_id=device_id,
             ek_fingerprint=ek_fp,
             serial=req.serial,
+            ak_public=req.ak_public,
             devid_public=req.devid_public,
             tls_public=req.tls_public,
-            groups=req.groups,
-            ak_public=req.ak_public,
-            secret=secret,
-            expires_at=now + self.settings.session_ttl,
+            groups=json.dumps(list(req.groups)),
+            secret_digest=digest,
+            created_at=now,
+            expires_at=expires_at,
         )
-        with self._lock:
-            self._purge(now)
-            if len(self._pending) >= self.settings.max_sessions:
-                raise _Tagged(
-                    ek_fp,
-                    ProtocolError("enroll.session.limit", "too many enrollments pending"),
-                )
-            self._pending[session_id] = pending
+
+        def store(session: Session) -> bool:
+            _lock_session_starts(session)
+            _purge(session, now)
+            count = session.scalar(select(func.count()).select_from(EnrollSession)) or 0
+            if count >= self.settings.max_sessions:
+                return False  # returned, not raised: the purge above still commits
+            session.add(EnrollSession(**values))
+            return True
+
+        if not run_in_transaction(self._db, store):
+            raise _Tagged(
+                ek_fp, ProtocolError("enroll.session.limit", "too many enrollments pending")
+            )
         return ek_fp, StartResult(
             session=session_id,
             device_id=device_id,
             credential_blob=blob,
             encrypted_secret=encrypted,
-            expires_at=pending.expires_at,
+            expires_at=expires_at,
         )
 
     def _check_keys(self, req: StartRequest) -> None:
@@ -652,66 +730,136 @@ class Enrollment:
         ):
             raise ProtocolError("enroll.tls.key", "TLS public key is not ECC P-256")
 
-    def _purge(self, now: int) -> None:
-        for session_id in [s for s, p in self._pending.items() if p.expires_at < now]:
-            self._pending.pop(session_id).secret.wipe()
-
     # -- finish --
 
     def finish(self, station: str, request: FinishRequest, *, now: int) -> DeviceIdentity:
-        with self._lock:
-            pending = self._pending.get(request.session)
-            if pending is not None and pending.expires_at < now:
-                del self._pending[request.session]
-                pending.secret.wipe()
-                target = f"device:{pending.device_id}"
-                error = ProtocolError("enroll.session.expired", "the enrollment session expired")
-                pending = None
-            elif pending is None:
-                target = "session:unknown"
-                error = ProtocolError(
+        answer = secret_digest(request.secret.reveal())
+        checked = run_in_transaction(
+            self._db, lambda s: self._check_session(s, station, request.session, answer, now)
+        )
+        if checked.error is not None:
+            self._refuse(
+                now,
+                station=station,
+                action="enroll.finish",
+                target=checked.target,
+                exc=checked.error,
+                details={},
+            )
+            raise checked.error
+        if checked.identity is not None:
+            return checked.identity  # a station retrying a finish whose answer it lost
+        assert checked.pending is not None
+        try:
+            identity = self._register(station, checked.pending, now)
+        except KeyfleetError as exc:
+            run_in_transaction(
+                self._db,
+                lambda s: s.execute(
+                    delete(EnrollSession).where(EnrollSession.session_id == request.session)
+                ),
+            )
+            self._refuse(
+                now,
+                station=station,
+                action="enroll.finish",
+                target=checked.target,
+                exc=exc,
+                details={},
+            )
+            raise
+        if identity is None:
+            # Another finish of this session, on this or another instance, ended it between
+            # our check and our claim: it failed (deleted the row) or it was a wrong answer.
+            error = ProtocolError(
+                "enroll.session.unknown", "no such enrollment session (expired or ended)"
+            )
+            self._refuse(
+                now,
+                station=station,
+                action="enroll.finish",
+                target=checked.target,
+                exc=error,
+                details={},
+            )
+            raise error
+        return identity
+
+    def _check_session(
+        self, session: Session, station: str, session_id: str, answer: bytes, now: int
+    ) -> _Checked:
+        """Decide on a finish in one transaction whose deletions commit with the verdict (an
+        expired session, a session a wrong answer ended); refusals are returned, not raised, so
+        that those deletions are not rolled back. Expired sessions of others are purged too."""
+        row = session.get(EnrollSession, session_id)
+        if row is None:
+            checked = _Checked(
+                "session:unknown",
+                ProtocolError(
                     "enroll.session.unknown", "no such enrollment session (expired or ended)"
-                )
-            elif pending.station != station:
-                target = f"device:{pending.device_id}"
-                error = ProtocolError(
-                    "enroll.session.station", "the session belongs to another station"
-                )
-                pending = None
-            elif not hmac.compare_digest(pending.secret.reveal(), request.secret.reveal()):
-                # One try: a wrong answer ends the session, so the secret cannot be guessed.
-                del self._pending[request.session]
-                pending.secret.wipe()
-                target = f"device:{pending.device_id}"
-                error = ProtocolError(
+                ),
+            )
+        elif row.expires_at < now:
+            session.delete(row)
+            checked = _Checked(
+                f"device:{row.device_id}",
+                ProtocolError("enroll.session.expired", "the enrollment session expired"),
+            )
+        elif row.station != station:
+            checked = _Checked(
+                f"device:{row.device_id}",
+                ProtocolError("enroll.session.station", "the session belongs to another station"),
+            )
+        elif not hmac.compare_digest(row.secret_digest, answer):
+            # One try: a wrong answer ends the session, so the secret cannot be guessed, and
+            # the row is gone for every instance once this transaction commits.
+            session.delete(row)
+            checked = _Checked(
+                f"device:{row.device_id}",
+                ProtocolError(
                     "enroll.credential",
                     "the secret is not the one made for this EK and AK: the AK is not in the "
                     "TPM that owns the EK",
-                )
-                pending = None
-            else:
-                error = None
-                target = f"device:{pending.device_id}"
-        if pending is None:
-            assert error is not None
-            self._refuse(
-                now, station=station, action="enroll.finish", target=target, exc=error, details={}
+                ),
             )
-            raise error
-        if pending.result is not None:
-            return pending.result  # a station retrying a finish whose answer it lost
-        try:
-            identity = self._register(station, pending, now)
-        except KeyfleetError as exc:
-            with self._lock:
-                self._pending.pop(request.session, None)
-            self._refuse(
-                now, station=station, action="enroll.finish", target=target, exc=exc, details={}
-            )
-            raise
-        with self._lock:
-            pending.result = identity
-        return identity
+        elif row.finished_at is not None:
+            checked = _Checked(f"device:{row.device_id}", identity=self._finished_identity(row))
+        else:
+            checked = _Checked(f"device:{row.device_id}", pending=_Pending.of(row))
+        session.flush()
+        _purge(session, now)
+        return checked
+
+    def _finished_identity(self, row: EnrollSession) -> DeviceIdentity:
+        """The identity a finished session issued, from its row (what a retried finish gets)."""
+        if row.devid_cert_pem is None or row.tls_cert_pem is None:
+            raise InternalError(f"enrollment session of {row.device_id} finished without certs")
+        return self._identity(
+            row.device_id,
+            cert_from_pem(row.devid_cert_pem.encode()),
+            cert_from_pem(row.tls_cert_pem.encode()),
+            _groups_of(row),
+        )
+
+    def _identity(
+        self,
+        device_id: str,
+        devid_cert: x509.Certificate,
+        tls_cert: x509.Certificate,
+        groups: tuple[str, ...],
+    ) -> DeviceIdentity:
+        settings = self.settings
+        return DeviceIdentity(
+            device_id=device_id,
+            devid_cert=devid_cert,
+            tls_cert=tls_cert,
+            trust_anchors=settings.anchors(),
+            broker_host=settings.broker_host,
+            broker_port=settings.broker_port,
+            broker_ca=settings.broker_ca,
+            service_cert=settings.service_cert,
+            groups=groups,
+        )
 
     def _issue(
         self, pending: _Pending, when: datetime
@@ -737,22 +885,42 @@ class Enrollment:
         )
         return devid_cert, tls_cert
 
-    def _register(self, station: str, pending: _Pending, now: int) -> DeviceIdentity:
-        settings = self.settings
+    def _register(self, station: str, pending: _Pending, now: int) -> DeviceIdentity | None:
+        """Claim the session and register its device in one transaction: the identity issued,
+        or the identity another finish of the same session registered first (same answer), or
+        None if the session is gone."""
         when = datetime.fromtimestamp(now, UTC)
         try:
             devid_cert, tls_cert = self._issue(pending, when)
         except ValueError as exc:
             raise InternalError(f"the device CA cannot issue certificates now: {exc}") from None
+        devid_pem = cert_to_pem(devid_cert).decode()
+        tls_pem = cert_to_pem(tls_cert).decode()
 
-        def work(session: Session) -> None:
+        def work(session: Session) -> DeviceIdentity | None:
+            # The claim: only one finish changes the row (the others wait for its lock, then
+            # find finished_at set). It commits or rolls back with the registration below.
+            claimed = session.execute(
+                update(EnrollSession)
+                .where(
+                    EnrollSession.session_id == pending.session_id,
+                    EnrollSession.finished_at.is_(None),
+                )
+                .values(finished_at=now, devid_cert_pem=devid_pem, tls_cert_pem=tls_pem)
+                .execution_options(synchronize_session=False)
+            )
+            if _rowcount(claimed) != 1:
+                row = session.get(EnrollSession, pending.session_id)
+                if row is None or row.finished_at is None:
+                    return None
+                return self._finished_identity(row)
             registry = Registry(session)
             previous = registry.device_by_ek(pending.ek_fingerprint)
             if previous is None:
                 registry.register_device(
                     pending.device_id,
                     ek_cert_fingerprint=pending.ek_fingerprint,
-                    devid_cert_pem=cert_to_pem(devid_cert).decode(),
+                    devid_cert_pem=devid_pem,
                     now=now,
                     ak_public=pending.ak_public,
                 )
@@ -763,7 +931,7 @@ class Enrollment:
                 registry.reenroll_device(
                     previous.device_id,
                     ek_cert_fingerprint=pending.ek_fingerprint,
-                    devid_cert_pem=cert_to_pem(devid_cert).decode(),
+                    devid_cert_pem=devid_pem,
                     now=now,
                     ak_public=pending.ak_public,
                 )
@@ -784,19 +952,9 @@ class Enrollment:
                     "groups": list(pending.groups),
                 },
             )
+            return self._identity(pending.device_id, devid_cert, tls_cert, pending.groups)
 
-        run_in_transaction(self._db, work)
-        return DeviceIdentity(
-            device_id=pending.device_id,
-            devid_cert=devid_cert,
-            tls_cert=tls_cert,
-            trust_anchors=settings.anchors(),
-            broker_host=settings.broker_host,
-            broker_port=settings.broker_port,
-            broker_ca=settings.broker_ca,
-            service_cert=settings.service_cert,
-            groups=pending.groups,
-        )
+        return run_in_transaction(self._db, work)
 
     # -- undo --
 
@@ -839,6 +997,9 @@ class Enrollment:
                 reason=reason,
                 details={"devid_cert": fingerprint, "ek": row.ek_cert_fingerprint},
             )
+            # its pending or finished sessions go too: a retried finish must not hand out the
+            # identity just withdrawn
+            session.execute(delete(EnrollSession).where(EnrollSession.device_id == device_id))
             return fingerprint
 
         try:
@@ -853,10 +1014,6 @@ class Enrollment:
                 details={},
             )
             raise
-        with self._lock:
-            for session_id, pending in list(self._pending.items()):
-                if pending.device_id == device_id:
-                    self._pending.pop(session_id).secret.wipe()
 
     # -- audit --
 
@@ -906,8 +1063,38 @@ class Enrollment:
         )
 
     def pending_sessions(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        """Session rows in the database (every instance's), finished ones included until they
+        expire and are purged."""
+        return len(self.pending_session_ids())
+
+    def pending_session_ids(self) -> frozenset[str]:
+        return run_in_transaction(
+            self._db, lambda s: frozenset(s.scalars(select(EnrollSession.session_id)))
+        )
+
+
+def _purge(session: Session, now: int) -> None:
+    """Delete expired sessions (every start and finish does, on whichever instance)."""
+    session.execute(
+        delete(EnrollSession)
+        .where(EnrollSession.expires_at < now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _lock_session_starts(session: Session) -> None:
+    """Serialize session starts fleet-wide for the rest of the transaction, so that counting the
+    rows and adding one cannot interleave with another instance's (``max_sessions`` is a fleet
+    limit). PostgreSQL: a transaction-scoped advisory lock, released at commit or rollback.
+    SQLite: nothing to do, the purge DELETE that follows takes the database's write lock even
+    when it deletes nothing."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SESSION_LOCK_KEY})
+
+
+def _rowcount(result: object) -> int:
+    count = getattr(result, "rowcount", 0)
+    return int(count) if isinstance(count, int) else 0
 
 
 class _Tagged(ProtocolError):

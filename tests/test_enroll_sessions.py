@@ -1,0 +1,381 @@
+"""Enrollment sessions shared through the registry database (provisioning.enroll, table
+``enroll_sessions``): two ``Enrollment`` objects over one database stand for two ``keyfleet
+serve`` instances, each with its own engine and connection pool, as separate processes would.
+On a SQLite file and on a real PostgreSQL (tests/fixtures/postgres.py), with a real swtpm device
+answering the credential challenge through factory mode.
+
+What must hold across instances: a session started on one is finished on the other; a retried
+finish returns the same identity on either; two finishes of one session at the same moment on
+two instances register exactly one device and both get that device's identity; one wrong answer
+on any instance ends the session everywhere; expiry, purging and ``max_sessions`` are the
+fleet's, not an instance's; the database holds the secret's digest and never the secret.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from agent.errors import ProtocolError
+from agent.factory import FactoryDevice
+from agent.secret import Secret
+from agent.tpm.store import TPMStore
+from provisioning.enroll import (
+    DeviceIdentity,
+    Enrollment,
+    FinishRequest,
+    StartResult,
+    _Pending,
+    secret_digest,
+)
+from provisioning.registry import Registry, make_engine, run_in_transaction, session_factory
+from provisioning.registry.schema import EnrollSession
+from tests.fixtures.postgres import dump_rows
+from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
+from tests.test_enroll import (
+    NOW,
+    STATION,
+    FleetPKI,
+    audit_trail,
+    device_start_request,
+    devices_in,
+    make_pki,
+    make_registry,
+    make_settings,
+)
+
+pytestmark = pytest.mark.tpm
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+
+ROUNDS = 4
+JOIN_TIMEOUT = 120.0
+
+
+class Fleet:
+    """One registry database and ``Enrollment`` objects over it, one engine each."""
+
+    def __init__(self, url: str, pki: FleetPKI, manufacturer: ManufacturerCA) -> None:
+        self.url = url
+        self.pki = pki
+        self.manufacturer = manufacturer
+        self.sessions = make_registry(url, pki)
+        self.engines: list[Engine] = []
+
+    def instance(self, cls: type[Enrollment] = Enrollment, **overrides: Any) -> Enrollment:
+        engine = make_engine(self.url)
+        self.engines.append(engine)
+        return cls(make_settings(self.pki, self.manufacturer, **overrides), session_factory(engine))
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.dispose()
+        bind = self.sessions.kw["bind"]
+        assert isinstance(bind, Engine)
+        bind.dispose()
+
+    def stored_bytes(self) -> bytes:
+        """Everything the database holds: the SQLite file and its WAL as they are on disk, or
+        every value of every PostgreSQL table."""
+        if self.url.startswith("sqlite:///"):
+            path = Path(self.url.removeprefix("sqlite:///"))
+            files = [path, path.with_name(path.name + "-wal")]
+            return b"".join(f.read_bytes() for f in files if f.exists())
+        return dump_rows(self.url)
+
+
+@pytest.fixture
+def fleet(database_url: str, tmp_path: Path, manufacturer_ca: ManufacturerCA) -> Iterator[Fleet]:
+    fleet = Fleet(database_url, make_pki(tmp_path / "pki"), manufacturer_ca)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@pytest.fixture
+def device(swtpm_factory: SwtpmFactory, tmp_path: Path) -> Iterator[FactoryDevice]:
+    tpm = swtpm_factory.start()
+    with TPMStore(tpm.tcti) as store:
+        yield FactoryDevice(store, tmp_path / "device", serial="SN-S1")
+
+
+def activate(device: FactoryDevice, started: StartResult) -> Secret:
+    answer = device.handle(
+        "activate-credential",
+        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
+    )
+    return Secret(answer["secret"])
+
+
+def refused(check: str, call: Any, *args: Any, **kwargs: Any) -> None:
+    with pytest.raises(ProtocolError) as err:
+        call(*args, **kwargs)
+    assert err.value.check == check, err.value
+
+
+def session_row(fleet: Fleet, session_id: str) -> EnrollSession | None:
+    return run_in_transaction(
+        fleet.sessions,
+        lambda s: s.scalar(select(EnrollSession).where(EnrollSession.session_id == session_id)),
+    )
+
+
+def same_identity(a: DeviceIdentity, b: DeviceIdentity) -> bool:
+    return a.to_map() == b.to_map()
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+def test_started_on_one_instance_finished_on_the_other(fleet: Fleet, device: FactoryDevice) -> None:
+    one, two = fleet.instance(), fleet.instance()
+    request, _ = device_start_request(device, groups=("sensors",))
+    started = one.start(STATION, request, now=NOW)
+    assert two.pending_session_ids() == one.pending_session_ids() == {started.session}
+    secret = activate(device, started)
+
+    identity = two.finish(STATION, FinishRequest(started.session, secret), now=NOW + 1)
+    assert identity.device_id == started.device_id and identity.groups == ("sensors",)
+    assert devices_in(fleet.sessions) == [started.device_id]
+    device.handle("install", identity.to_map())  # the device accepts what instance 2 issued
+
+    # the station lost the answer and retries on either instance: the same identity, nothing new
+    for instance in (one, two, one):
+        again = instance.finish(STATION, FinishRequest(started.session, secret), now=NOW + 2)
+        assert same_identity(again, identity)
+    assert devices_in(fleet.sessions) == [started.device_id]
+    assert [(a, o) for a, o, _ in audit_trail(fleet.sessions)] == [
+        ("enroll.start", "accepted"),
+        ("enroll.finish", "accepted"),
+    ]
+
+    # undoing it on instance 1 ends the finished session everywhere: no retry hands it out again
+    one.revoke(STATION, identity.device_id, reason="install failed", now=NOW + 3)
+    refused(
+        "enroll.session.unknown",
+        two.finish,
+        STATION,
+        FinishRequest(started.session, secret),
+        now=NOW + 4,
+    )
+    assert one.pending_sessions() == two.pending_sessions() == 0
+
+
+class RacingEnrollment(Enrollment):
+    """A real ``Enrollment`` that waits, after checking the session and issuing the
+    certificates, until every racer has got that far: both finishes have seen the session
+    unfinished and hold certificates of their own before either tries to claim it, so which one
+    registers is decided by the database alone, on every round, not by thread timing."""
+
+    gate: threading.Barrier
+    issued: list[x509.Certificate]
+
+    def _issue(
+        self, pending: _Pending, when: datetime
+    ) -> tuple[x509.Certificate, x509.Certificate]:
+        devid_cert, tls_cert = super()._issue(pending, when)
+        self.issued.append(devid_cert)
+        self.gate.wait(timeout=JOIN_TIMEOUT)
+        return devid_cert, tls_cert
+
+
+def test_concurrent_finishes_on_two_instances_register_one_device(
+    fleet: Fleet, device: FactoryDevice
+) -> None:
+    racers = [fleet.instance(RacingEnrollment), fleet.instance(RacingEnrollment)]
+    starter = fleet.instance()
+    for n in range(ROUNDS):
+        now = NOW + 10 * n
+        gate = threading.Barrier(len(racers))
+        for racer in racers:
+            assert isinstance(racer, RacingEnrollment)
+            racer.gate, racer.issued = gate, []
+        request, _ = device_start_request(device)
+        started = starter.start(STATION, request, now=now)
+        secret = activate(device, started)
+        results = finish_together(racers, started.session, secret, now=now + 1)
+        assert len(results) == 2, results
+        first, second = results
+        assert isinstance(first, DeviceIdentity), (n, first)
+        assert isinstance(second, DeviceIdentity), (n, second)
+        # both racers issued a certificate of their own; the station gets the registered one
+        # from either, the other was never stored or returned
+        issued = [c for r in racers if isinstance(r, RacingEnrollment) for c in r.issued]
+        assert len(issued) == 2 and issued[0] != issued[1], n
+        assert same_identity(first, second) and first.devid_cert in issued, n
+        assert devices_in(fleet.sessions) == [started.device_id]
+        registered = run_in_transaction(fleet.sessions, _devid_pem(started.device_id))
+        assert x509.load_pem_x509_certificate(registered.encode()) == first.devid_cert
+        # one accepted finish per round so far, none refused (the audit log is append-only)
+        finishes = [(o, t) for a, o, t in audit_trail(fleet.sessions) if a == "enroll.finish"]
+        assert finishes[n:] == [("accepted", f"device:{started.device_id}")], finishes
+        # undo for the next round (same TPM, fresh keys)
+        starter.revoke(STATION, started.device_id, reason="next round", now=now + 2)
+        assert devices_in(fleet.sessions) == []
+
+
+def _devid_pem(device_id: str) -> Callable[[Session], str]:
+    return lambda session: Registry(session).device(device_id).devid_cert_pem
+
+
+def finish_together(
+    racers: list[Enrollment], session_id: str, secret: Secret, *, now: int
+) -> list[DeviceIdentity | BaseException]:
+    """Every racer finishes the session in its own thread; what each returned or raised."""
+    results: list[DeviceIdentity | BaseException] = []
+    lock = threading.Lock()
+
+    def finish(racer: Enrollment) -> None:
+        try:
+            result: DeviceIdentity | BaseException = racer.finish(
+                STATION, FinishRequest(session_id, secret), now=now
+            )
+        except BaseException as exc:  # reported by the caller, whatever it is
+            result = exc
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=finish, args=(r,)) for r in racers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_TIMEOUT)
+        assert not thread.is_alive(), "a finish is stuck"
+    return results
+
+
+def test_one_wrong_answer_ends_the_session_on_every_instance(
+    fleet: Fleet, device: FactoryDevice
+) -> None:
+    one, two = fleet.instance(), fleet.instance()
+    request, _ = device_start_request(device)
+    started = one.start(STATION, request, now=NOW)
+    secret = activate(device, started)
+    # another station's finish on instance 2 does not end the session (nor spend its one try)
+    refused(
+        "enroll.session.station",
+        two.finish,
+        "line-2",
+        FinishRequest(started.session, Secret(os.urandom(32))),
+        now=NOW + 1,
+    )
+    assert session_row(fleet, started.session) is not None
+    refused(
+        "enroll.credential",
+        two.finish,
+        STATION,
+        FinishRequest(started.session, Secret(os.urandom(32))),
+        now=NOW + 1,
+    )
+    assert session_row(fleet, started.session) is None
+    # the right answer on instance 1 comes too late
+    refused(
+        "enroll.session.unknown",
+        one.finish,
+        STATION,
+        FinishRequest(started.session, secret),
+        now=NOW + 2,
+    )
+    assert devices_in(fleet.sessions) == []
+    refusals = [(a, t) for a, o, t in audit_trail(fleet.sessions) if o == "refused"]
+    assert refusals == [
+        ("enroll.finish", f"device:{started.device_id}"),
+        ("enroll.finish", f"device:{started.device_id}"),
+        ("enroll.finish", "session:unknown"),
+    ]
+
+
+def test_expiry_purge_and_session_limit_are_fleet_wide(fleet: Fleet, device: FactoryDevice) -> None:
+    one = fleet.instance(session_ttl=10, max_sessions=2)
+    two = fleet.instance(session_ttl=10, max_sessions=2)
+    request, _ = device_start_request(device)
+    first = one.start(STATION, request, now=NOW)
+    secret = activate(device, first)
+    second = two.start(STATION, request, now=NOW + 1)
+    # two sessions pending in the fleet: a third is refused on either instance
+    refused("enroll.session.limit", one.start, STATION, request, now=NOW + 2)
+    refused("enroll.session.limit", two.start, STATION, request, now=NOW + 2)
+    # expired on instance 2 although started on instance 1
+    refused(
+        "enroll.session.expired",
+        two.finish,
+        STATION,
+        FinishRequest(first.session, secret),
+        now=NOW + 11,
+    )
+    assert one.pending_session_ids() == {second.session}
+    # a start on instance 1 purges what expired meanwhile (the second session) and fits
+    third = one.start(STATION, request, now=NOW + 12)
+    assert two.pending_session_ids() == {third.session}
+    assert devices_in(fleet.sessions) == []
+
+
+def test_the_database_holds_the_secret_digest_never_the_secret(
+    fleet: Fleet, device: FactoryDevice
+) -> None:
+    one, two = fleet.instance(), fleet.instance()
+    request, _ = device_start_request(device)
+    started = one.start(STATION, request, now=NOW)
+    secret = activate(device, started)
+    digest = secret_digest(secret.reveal())
+    row = session_row(fleet, started.session)
+    assert row is not None and row.secret_digest == digest
+    assert row.finished_at is None and row.devid_cert_pem is None
+    stored = fleet.stored_bytes()
+    assert digest in stored  # the search below looks where the session really is
+    for form in (secret.reveal(), secret.reveal().hex().encode()):
+        assert form not in stored
+
+    identity = two.finish(STATION, FinishRequest(started.session, secret), now=NOW + 1)
+    row = session_row(fleet, started.session)
+    assert row is not None and row.finished_at == NOW + 1
+    assert row.devid_cert_pem is not None
+    assert x509.load_pem_x509_certificate(row.devid_cert_pem.encode()) == identity.devid_cert
+    stored = fleet.stored_bytes()
+    for form in (secret.reveal(), secret.reveal().hex().encode()):
+        assert form not in stored
+
+
+def test_concurrent_starts_on_two_instances_respect_the_fleet_limit(
+    fleet: Fleet, device: FactoryDevice
+) -> None:
+    """``max_sessions`` is counted under a lock that serializes starts fleet-wide: eight starts
+    at once on two instances with room for three open exactly three sessions."""
+    limit, attempts = 3, 8
+    instances = [fleet.instance(max_sessions=limit) for _ in range(2)]
+    request, _ = device_start_request(device)
+    gate = threading.Barrier(attempts)
+    results: list[StartResult | BaseException] = []
+    lock = threading.Lock()
+
+    def start(instance: Enrollment) -> None:
+        gate.wait(timeout=JOIN_TIMEOUT)
+        try:
+            result: StartResult | BaseException = instance.start(STATION, request, now=NOW)
+        except BaseException as exc:  # counted below, whatever it is
+            result = exc
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=start, args=(instances[i % 2],)) for i in range(attempts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN_TIMEOUT)
+        assert not thread.is_alive(), "a start is stuck"
+    opened = {r.session for r in results if isinstance(r, StartResult)}
+    refusals = [r for r in results if not isinstance(r, StartResult)]
+    assert len(opened) == limit, results
+    assert all(
+        isinstance(r, ProtocolError) and r.check == "enroll.session.limit" for r in refusals
+    ), refusals
+    assert instances[0].pending_session_ids() == opened
