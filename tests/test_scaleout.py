@@ -43,7 +43,6 @@ pytestmark = pytest.mark.e2e
 DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 DEVICES = 12
-CONCURRENT = 6
 INSTANCES = ("a", "b")
 
 
@@ -67,13 +66,9 @@ class Cluster:
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return keyfleet(*args, *self.operator_args, cwd=self.workdir, timeout=timeout)
 
-    def cli_async(self, *args: str, operator: int | None = None) -> subprocess.Popen[str]:
-        connection = list(self.operator_args)
-        if operator is not None:
-            connection[connection.index("pki/op.pem")] = f"pki/op-s{operator}.pem"
-            connection[connection.index("pki/op.key")] = f"pki/op-s{operator}.key"
+    def cli_async(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", *args, *connection],
+            [sys.executable, "-m", "provisioning.cli", *args, *self.operator_args],
             cwd=self.workdir,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -124,11 +119,9 @@ def cluster(
     deployment = deployment_pki(tmp_path, "scale-out", broker_pki, mosquitto_factory)
     now, operator_ca, broker = deployment.now, deployment.operator_ca, deployment.broker
     files, service = deployment.files, deployment.service
+    # One operator for every concurrent CLI: its commands arrive out of order, inside the
+    # operator replay window (tests/test_replay_operator_e2e.py).
     write_operator(files, operator_ca, "op-scale", role="admin", now=now, stem="op")
-    # One operator per concurrent CLI: an operator's envelope seqs come from its clock, and six
-    # processes of one operator started together would trip its replay window (replay.seq-old).
-    for i in range(CONCURRENT):
-        write_operator(files, operator_ca, f"op-s{i}", role="operator", now=now, stem=f"op-s{i}")
     configs: dict[str, Path] = {}
     ports: dict[str, int] = {}
     for name in INSTANCES:
@@ -160,8 +153,6 @@ def cluster(
     initialized = keyfleet("db", "init", "--config", str(first), cwd=tmp_path, timeout=120)
     assert initialized.returncode == 0, initialized.stderr
     add_operator("op-scale", "pki/op.pem", config=first, cwd=tmp_path)
-    for i in range(CONCURRENT):
-        add_operator(f"op-s{i}", f"pki/op-s{i}.pem", config=first, cwd=tmp_path)
     logs = {name: tmp_path / f"serve-{name}.log" for name in INSTANCES}
     services: dict[str, subprocess.Popen[bytes]] = {}
     fleet: VirtualFleet | None = None
@@ -198,18 +189,12 @@ def ids(cluster: Cluster, first: int, count: int) -> list[str]:
 
 def test_concurrent_rekeys_of_several_groups_keep_one_chain_each(cluster: Cluster) -> None:
     groups = {f"g{i}": ids(cluster, 4 * i, 4) for i in range(3)}
-    creates = [
-        cluster.cli_async("group", "create", g, "--members", *m, operator=i)
-        for i, (g, m) in enumerate(groups.items())
-    ]
+    creates = [cluster.cli_async("group", "create", g, "--members", *m) for g, m in groups.items()]
     for process in creates:
         out, err = process.communicate(timeout=240)
         assert process.returncode == 0, out + err
-    # two rekeys per group, all six at once
-    rekeys = [
-        cluster.cli_async("rekey", "--group", g, operator=i)
-        for i, g in enumerate([*groups, *groups])
-    ]
+    # two rekeys per group, all six at once, all from one operator
+    rekeys = [cluster.cli_async("rekey", "--group", g) for g in [*groups, *groups]]
     for process in rekeys:
         out, err = process.communicate(timeout=240)
         assert process.returncode == 0, out + err
