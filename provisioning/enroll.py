@@ -672,7 +672,7 @@ class Enrollment:
             devid_public=req.devid_public,
             tls_public=req.tls_public,
             groups=json.dumps(list(req.groups)),
-            secret_digest=digest,
+            credential_digest=digest,
             created_at=now,
             expires_at=expires_at,
         )
@@ -810,7 +810,7 @@ class Enrollment:
                 f"device:{row.device_id}",
                 ProtocolError("enroll.session.station", "the session belongs to another station"),
             )
-        elif not hmac.compare_digest(row.secret_digest, answer):
+        elif not hmac.compare_digest(row.credential_digest, answer):
             # One try: a wrong answer ends the session, so the secret cannot be guessed, and
             # the row is gone for every instance once this transaction commits.
             session.delete(row)

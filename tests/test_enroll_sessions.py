@@ -328,7 +328,7 @@ def test_the_database_holds_the_secret_digest_never_the_secret(
     secret = activate(device, started)
     digest = secret_digest(secret.reveal())
     row = session_row(fleet, started.session)
-    assert row is not None and row.secret_digest == digest
+    assert row is not None and row.credential_digest == digest
     assert row.finished_at is None and row.devid_cert_pem is None
     stored = fleet.stored_bytes()
     assert digest in stored  # the search below looks where the session really is

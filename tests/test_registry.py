@@ -110,6 +110,7 @@ def test_sqlite_file_has_every_table_wal_and_foreign_keys(engine: Engine, tmp_pa
         "stations",
         "audit_log",
         "audit_head",
+        "enroll_sessions",
     }
     assert set(Base.metadata.tables) == expected
 

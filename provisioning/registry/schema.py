@@ -289,13 +289,13 @@ class EnrollSession(Base):
     """A factory enrollment between ``start`` and its expiry (provisioning/enroll.py), shared by
     every service instance: a station may send ``finish`` to another instance than ``start``.
 
-    The credential-activation secret itself is never stored, only ``secret_digest`` (SHA-256 of
-    32 random bytes, see ``enroll.secret_digest``): enough to check the device's answer, useless
-    for making one. Everything else is public (the device's public areas, the certificates
-    issued). ``finished_at`` is set by the one ``finish`` whose conditional UPDATE (``WHERE
-    finished_at IS NULL``) changes the row, in the transaction that registers the device; the
-    issued certificates stay here until the session expires so that a retried ``finish`` (the
-    station lost the answer) returns the same identity on any instance."""
+    The credential-activation secret itself is never stored, only ``credential_digest``
+    (SHA-256 of 32 random bytes, see ``enroll.secret_digest``): enough to check the device's
+    answer, useless for making one. Everything else is public (the device's public areas, the
+    certificates issued). ``finished_at`` is set by the one ``finish`` whose conditional UPDATE
+    (``WHERE finished_at IS NULL``) changes the row, in the transaction that registers the
+    device; the issued certificates stay here until the session expires so that a retried
+    ``finish`` (the station lost the answer) returns the same identity on any instance."""
 
     __tablename__ = "enroll_sessions"
 
@@ -308,7 +308,7 @@ class EnrollSession(Base):
     devid_public: Mapped[bytes] = mapped_column(LargeBinary)
     tls_public: Mapped[bytes] = mapped_column(LargeBinary)
     groups: Mapped[str] = mapped_column(Text)  # JSON list of group names
-    secret_digest: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))
+    credential_digest: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

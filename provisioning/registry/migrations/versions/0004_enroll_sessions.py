@@ -38,7 +38,7 @@ def upgrade() -> None:
         sa.Column("devid_public", sa.LargeBinary(), nullable=False),
         sa.Column("tls_public", sa.LargeBinary(), nullable=False),
         sa.Column("groups", sa.Text(), nullable=False),
-        sa.Column("secret_digest", sa.LargeBinary(length=32), nullable=False),
+        sa.Column("credential_digest", sa.LargeBinary(length=32), nullable=False),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.Column("expires_at", sa.BigInteger(), nullable=False),
         sa.Column("finished_at", sa.BigInteger(), nullable=True),
