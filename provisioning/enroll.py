@@ -769,8 +769,8 @@ class Enrollment:
             )
             raise
         if identity is None:
-            # Another finish of this session, on this or another instance, ended it between
-            # our check and our claim: it failed (deleted the row) or it was a wrong answer.
+            # The session ended between our check and our claim, on this or another instance:
+            # a wrong answer, a failed registration, expiry (purged) or an undo removed its row.
             error = ProtocolError(
                 "enroll.session.unknown", "no such enrollment session (expired or ended)"
             )

@@ -379,3 +379,49 @@ def test_concurrent_starts_on_two_instances_respect_the_fleet_limit(
         isinstance(r, ProtocolError) and r.check == "enroll.session.limit" for r in refusals
     ), refusals
     assert instances[0].pending_session_ids() == opened
+
+
+def test_a_session_ended_between_check_and_claim_registers_nothing(
+    fleet: Fleet, device: FactoryDevice
+) -> None:
+    """Instance 1 has checked the right answer and issued certificates; before it claims the
+    session, a wrong answer on instance 2 ends it. Instance 1's claim then finds no row: it
+    refuses (``enroll.session.unknown``) and registers nothing."""
+    slow = fleet.instance(RacingEnrollment)
+    other = fleet.instance()
+    assert isinstance(slow, RacingEnrollment)
+    slow.gate, slow.issued = threading.Barrier(2), []
+    request, _ = device_start_request(device)
+    started = other.start(STATION, request, now=NOW)
+    secret = activate(device, started)
+    results = []
+
+    def finish_slowly() -> None:
+        try:
+            results.append(slow.finish(STATION, FinishRequest(started.session, secret), now=NOW))
+        except ProtocolError as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=finish_slowly)
+    thread.start()
+    # a wrong answer while instance 1 waits at the gate with its certificates issued...
+    while not slow.issued:
+        assert thread.is_alive(), results
+        thread.join(0.01)
+    refused(
+        "enroll.credential",
+        other.finish,
+        STATION,
+        FinishRequest(started.session, Secret(os.urandom(32))),
+        now=NOW,
+    )
+    slow.gate.wait(timeout=JOIN_TIMEOUT)  # ...then instance 1 goes on to claim
+    thread.join(JOIN_TIMEOUT)
+    assert not thread.is_alive()
+    [result] = results
+    assert isinstance(result, ProtocolError) and result.check == "enroll.session.unknown"
+    assert devices_in(fleet.sessions) == []
+    assert [o for a, o, _ in audit_trail(fleet.sessions) if a == "enroll.finish"] == [
+        "refused",
+        "refused",
+    ]
