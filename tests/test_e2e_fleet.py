@@ -293,7 +293,7 @@ def test_forged_replayed_stale_and_wrong_role_commands_are_refused_audited_and_c
         key=forger,
         sender="op-ops",
         to=SERVICE_ID,
-        seq=int(time.time() * 1000) + 10_000,
+        seq=int(time.time() * 1_000_000) + 10_000,
         time=int(time.time()),
     )
     operator_client.publish(operator_cmd_topic("op-ops"), forged)
@@ -306,7 +306,7 @@ def test_forged_replayed_stale_and_wrong_role_commands_are_refused_audited_and_c
         key=op_key,
         sender="op-ops",
         to=SERVICE_ID,
-        seq=int(time.time() * 1000) + 20_000,
+        seq=int(time.time() * 1_000_000) + 20_000,
         time=int(time.time()) - 600,
     )
     operator_client.publish(operator_cmd_topic("op-ops"), stale)
@@ -321,7 +321,7 @@ def test_forged_replayed_stale_and_wrong_role_commands_are_refused_audited_and_c
             key=op_key,
             sender="op-ops",
             to=SERVICE_ID,
-            seq=int(time.time() * 1000) + 30_000,
+            seq=int(time.time() * 1_000_000) + 30_000,
             time=int(time.time()),
         ),
     )
