@@ -173,6 +173,41 @@ def test_no_seq_is_ever_accepted_twice_and_nothing_is_lost_within_capacity(
         assert snapshot(again) == snapshot(guard)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    first=OPS,
+    bounds=st.lists(
+        st.tuples(st.integers(min_value=1, max_value=70), st.integers(min_value=1, max_value=12)),
+        min_size=1,
+        max_size=3,
+    ),
+    then=OPS,
+)
+def test_resizing_between_messages_never_lets_a_seq_in_twice(
+    first: list[tuple[int, int]], bounds: list[tuple[int, int]], then: list[tuple[int, int]]
+) -> None:
+    """The service resizes stored guards (window 32 to an operator's, a changed max_age):
+    whatever the bounds before and after, no seq is taken twice."""
+    guard = ReplayGuard(*bounds[0])
+    accepted: set[int] = set()
+    for step, ops in enumerate([first, then]):
+        if step:
+            for window, capacity in bounds[1:] or bounds:
+                lowest = guard.lowest_seq("op-a")
+                guard = guard.resized(window, capacity)
+                assert (guard.window, guard.capacity) == (window, capacity)
+                after = guard.lowest_seq("op-a")
+                # what was refused as old stays refused as old
+                assert (lowest, after) == (None, None) or (
+                    lowest is not None and after is not None and after >= lowest
+                )
+        for seq, variant in ops:
+            if refusal(guard, message(seq, variant)) is None:
+                assert seq not in accepted, seq
+                accepted.add(seq)
+            assert guard.remembered("op-a") <= guard.capacity
+
+
 def test_capacity_evicts_the_lowest_and_raises_the_floor_above_it() -> None:
     guard = ReplayGuard(window=1000, capacity=4)
     for seq in (10, 20, 30, 40):
