@@ -90,6 +90,15 @@ another one; whichever the service relays is adopted)."""
 MAX_KEY_PACKAGES: Final = 8
 """Key packages handed out and not used yet; the oldest is forgotten (and its leaf destroyed)."""
 REPLY_CACHE: Final = 64
+# The device's replay guard for the service's messages. The service's seqs come from one counter
+# shared by its instances that also follows the millisecond clock (max(last, now_ms) + 1), so two
+# messages drawn 40 ms apart by two instances are 40 apart, and if the later one arrives first a
+# window of 32 seq values refused the other (recovered only by the service's timeouts). Exactness
+# does not depend on the window (ReplayGuard keeps a floor below which every seq is refused) and
+# the envelope's age check already bounds how late a message may come; so the window is wide
+# (2^32 seqs: days of the counter) and the capacity, what the state file holds, stays 32.
+SERVICE_REPLAY_WINDOW: Final = 1 << 32
+SERVICE_REPLAY_CAPACITY: Final = 32
 """Inbound message ids whose answers are kept, to re-send them byte for byte on redelivery."""
 UPDATE_REQUEST_RETRY: Final = 3600
 """Seconds before asking the service for a self-update again if it did not answer."""
@@ -226,7 +235,7 @@ class AgentCore:
         # package (see _on_key_package_request)
         self._key_package_requests: OrderedDict[bytes, bytes] = OrderedDict()
         self._replies: OrderedDict[bytes, tuple[Publish, ...]] = OrderedDict()
-        self._guard = ReplayGuard()
+        self._guard = ReplayGuard(SERVICE_REPLAY_WINDOW, SERVICE_REPLAY_CAPACITY)
         self._seq = 1
         self.ledger = KeyLedger(lambda: self._now)
         self.rejections = Rejections()
@@ -965,6 +974,10 @@ class _Restored:
             for mid, publishes in state["replies"]
         )
         guard = ReplayGuard.from_cbor_map(state["replay"])
+        if (guard.window, guard.capacity) != (SERVICE_REPLAY_WINDOW, SERVICE_REPLAY_CAPACITY):
+            # a state file written with other bounds (window 32 before this version): widened
+            # without re-opening any seq the old bounds refused
+            guard = guard.resized(SERVICE_REPLAY_WINDOW, SERVICE_REPLAY_CAPACITY)
         ledger = KeyLedger.from_cbor(state["ledger"], lambda: core._now)
         last_report = state["last_report"]
         last_acks = {

@@ -41,6 +41,7 @@ from agent.wire.messages.service import (
     ReportRequest,
     WelcomeDelivery,
 )
+from agent.wire.replay import ReplayGuard
 
 pytestmark = pytest.mark.pure
 
@@ -320,9 +321,24 @@ def test_forged_stale_future_misaddressed_and_reused_commands_are_refused() -> N
     assert a.handle(accepted, topic, T0).refused is None
     reused = service.sign(ReportRequest(cmd()), "dev-a", seq=950)
     assert refused_without_change(a, reused, topic, T0) == "replay.seq-reused"
-    too_old = service.sign(ReportRequest(cmd()), "dev-a", seq=950 - 32)
-    assert refused_without_change(a, too_old, topic, T0) == "replay.seq-old"
-    assert a.rejections.suspicious == 8
+    # Reordered by more than 32 seq values (two service instances draw seqs from a counter that
+    # follows the millisecond clock): still taken, as long as it is unseen and above the floor.
+    late = service.sign(ReportRequest(cmd()), "dev-a", seq=950 - 40)
+    assert a.handle(late, topic, T0).refused is None
+    again = a.handle(late, topic, T0)  # a redelivery: answered again from the reply cache
+    assert again.refused is not None and again.refused.check == "replay.duplicate"
+    # The guard remembers 32 of the service's seqs; beyond them the floor rises, so a forgotten
+    # seq (910) and an unseen one below it (909) are refused as old, never taken (again).
+    for seq in range(951, 951 + 32):
+        assert (
+            a.handle(service.sign(ReportRequest(cmd()), "dev-a", seq=seq), topic, T0).refused
+            is None
+        )
+    assert a._guard.remembered(SERVICE_ID) == 32
+    for seq in (910, 909):
+        too_old = service.sign(ReportRequest(cmd()), "dev-a", seq=seq)
+        assert refused_without_change(a, too_old, topic, T0) == "replay.seq-old"
+    assert a.rejections.suspicious == 9
 
 
 def test_wrong_epoch_and_impossible_requests_are_refused() -> None:
@@ -464,6 +480,27 @@ def test_restore_resumes_exactly() -> None:
     # the envelope continues the sequence
     out = service.deliver("dev-a", ReportRequest(cmd()))
     assert service.open("dev-a", out.publishes[0]).seq == resumed.next_seq - 1
+
+
+def test_state_written_with_the_old_window_of_32_is_widened_without_reopening_a_seq() -> None:
+    service, a, _ = group_of_two()
+    topic = "kf/v1/dev/dev-a/cmd"
+    for seq in (5000, 5040):
+        assert (
+            a.handle(service.sign(ReportRequest(cmd()), "dev-a", seq=seq), topic, T0).refused
+            is None
+        )
+    saved = cbor2.loads(cbor2.dumps(a.to_state(), canonical=True))
+    old = ReplayGuard.from_cbor_map(saved["replay"]).resized(32)  # as an older agent saved it
+    saved["replay"] = old.to_cbor_map()
+    assert old.lowest_seq(SERVICE_ID) == 5040 - 31
+    resumed = AgentCore("dev-a", service.key.public_key(), a._keys, now=T0)
+    resumed.restore(saved)
+    assert (resumed._guard.window, resumed._guard.capacity) == (1 << 32, 32)
+    # 5000 was forgotten by the old window: it stays refused; above the old floor, unseen: taken
+    for seq, check in ((5000, "replay.seq-old"), (5008, "replay.seq-old"), (5009, None)):
+        out = resumed.handle(service.sign(ReportRequest(cmd()), "dev-a", seq=seq), topic, T0)
+        assert (None if out.refused is None else out.refused.check) == check, seq
 
 
 def test_restore_refuses_another_devices_state_and_missing_leaves() -> None:

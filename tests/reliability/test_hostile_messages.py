@@ -162,19 +162,26 @@ def test_agent_refuses_forged_replayed_reordered_and_wrong_epoch_messages(
     stale = service.sign(CommitMessage(G, 1, commit_b.commit), G, seq=900)
     refused_at_agent(a, stale, commits, now, "replay.epoch-old", caplog, state_may_change=True)
     assert a.epoch(G) == 3
-    # a command reusing an accepted seq with other content, and one far below the window
+    # a command reusing an accepted seq with other content, and one below the floor (the
+    # agent remembers 32 of the service's seqs: once 32 later ones are taken, older are refused)
     accepted = service.sign(ReportRequest(cmd()), "dev-a", seq=1000)
     assert a.handle(accepted, command, now).refused is None
     reused = service.sign(ReportRequest(cmd()), "dev-a", seq=1000)
     refused_at_agent(a, reused, command, now, "replay.seq-reused", caplog)
-    old = service.sign(ReportRequest(cmd()), "dev-a", seq=900)
-    refused_at_agent(a, old, command, now, "replay.seq-old", caplog)
+    for seq in range(1100, 1132):
+        assert (
+            a.handle(service.sign(ReportRequest(cmd()), "dev-a", seq=seq), command, now).refused
+            is None
+        )
+    for seq in (1000, 900):  # accepted then forgotten; never seen
+        old = service.sign(ReportRequest(cmd()), "dev-a", seq=seq)
+        refused_at_agent(a, old, command, now, "replay.seq-old", caplog)
     # stale and future envelope times
     late = service.sign(ReportRequest(cmd()), "dev-a", seq=1001, time=now - a.max_age - 1)
     refused_at_agent(a, late, command, now, "envelope.stale", caplog)
     early = service.sign(ReportRequest(cmd()), "dev-a", seq=1002, time=now + 3600)
     refused_at_agent(a, early, command, now, "envelope.future", caplog)
-    assert a.rejections.suspicious >= 13
+    assert a.rejections.suspicious >= 14
 
 
 # ---- the service ----------------------------------------------------------------------------
