@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.bench_dashboard import (
@@ -43,6 +43,8 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
+from provisioning.registry.schema import Ack as AckRow
+from provisioning.registry.schema import CommitLogEntry
 from provisioning.service import store
 from tests.service_deployment import write_golden_policy
 
@@ -322,6 +324,31 @@ def test_group_pages_show_epoch_acks_and_last_rekey(dashboard: Dashboard) -> Non
     assert "op-ops" in body.split('id="last-rekey"', 1)[1]
     rows = _cells(body, "members-table")
     assert rows == sorted(status.members)[:PAGE]
+    # latency per member in ms: populate() recorded seconds only (as rows from before schema
+    # revision 0003), so each is its whole seconds * 1000, printed as the page prints spans
+    with dashboard.sessions() as session:
+        accepted = session.scalar(
+            select(CommitLogEntry.accepted_at).where(
+                CommitLogEntry.group_id == "grp-000", CommitLogEntry.epoch == status.epoch - 1
+            )
+        )
+        acked = dict(
+            session.execute(
+                select(AckRow.device_id, AckRow.received_at).where(
+                    AckRow.group_id == "grp-000", AckRow.epoch == status.epoch
+                )
+            ).all()
+        )
+    assert accepted is not None and len(acked) >= 2
+    shown = dict(
+        re.findall(r'<tr id="member-([^"]+)".*?<td class="num latency"([^>]*)>', body, re.S)
+    )
+    expected = {
+        device: f' data-ms="{(acked[device] - accepted) * 1000}"' if device in acked else ""
+        for device in rows
+    }
+    assert shown == expected
+    assert {v for v in expected.values() if v} != {' data-ms="0"'}  # not all zero
 
 
 def test_audit_log_search_paging_and_chain_status(dashboard: Dashboard) -> None:
@@ -397,11 +424,13 @@ def test_the_event_stream_carries_acks_as_they_are_recorded(dashboard: Dashboard
         sent_before = {a["device"] for a in first["acks"]}  # type: ignore[union-attr]
         assert sent_before.isdisjoint(waiting)
         for k, dev in enumerate(waiting[:3]):
+            # within one second, as a lab's acks are: only milliseconds tell them apart
+            at_ms = (dashboard.now + 1) * 1000 + 120 + 45 * k
 
-            def ack(session: Session, dev: str = dev) -> None:
+            def ack(session: Session, dev: str = dev, at_ms: int = at_ms) -> None:
                 Registry(session).record_ack(
                     group, epoch=status.epoch, device_id=dev, epoch_authenticator=b"a2",
-                    now=dashboard.now + 1,
+                    now=dashboard.now + 1, now_ms=at_ms,
                 )  # fmt: skip
 
             run_in_transaction(dashboard.sessions, ack)
@@ -409,9 +438,12 @@ def test_the_event_stream_carries_acks_as_they_are_recorded(dashboard: Dashboard
             assert update["reset"] is False
             assert [a["device"] for a in update["acks"]] == [dev]  # type: ignore[index]
             assert update["pending"] == len(waiting) - k - 1
-            commit_at = update["commit_at"]
-            assert isinstance(commit_at, int)
-            assert update["acks"][0]["latency"] == dashboard.now + 1 - commit_at  # type: ignore[index]
+            commit_ms = update["commit_at_ms"]
+            # populate() recorded the commit in seconds only: it counts from its second
+            assert commit_ms == first["commit_at_ms"] == 1000 * update["commit_at"]  # type: ignore[operator]
+            assert isinstance(commit_ms, int)
+            sent = update["acks"][0]  # type: ignore[index]
+            assert (sent["at_ms"], sent["latency_ms"]) == (at_ms, at_ms - commit_ms)
     finally:
         conn.close()
 

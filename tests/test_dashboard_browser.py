@@ -43,6 +43,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from firmware_sim.broker import free_port
 from firmware_sim.lab import Lab
 from provisioning import pki
+from provisioning.dashboard import queries
+from provisioning.dashboard.app import _fmt_ms
 from provisioning.registry import DeviceState
 
 pytestmark = pytest.mark.e2e
@@ -400,6 +402,24 @@ def test_a_rekey_arrives_live_on_the_group_page(site: Site, browser: Browser) ->
     assert browser.text("#rekey-by").startswith("op-ops at ")
     top = browser.js("return document.querySelector('#commits tbody tr').dataset.epoch")
     assert top == str(status.epoch)
+    # ack latency and the rekey's duration in milliseconds (schema revision 0003), as the
+    # stream filled them in: every member's ack came after the commit and the whole rekey,
+    # from the operator's command to its result, took longer than any one ack's latency
+    latencies = browser.js(
+        "return Object.fromEntries([...document.querySelectorAll('#members-table tr')]"
+        ".filter(tr => tr.dataset.device).map(tr => [tr.dataset.device,"
+        " tr.querySelector('td.latency').dataset.ms]))"
+    )
+    duration = int(browser.js("return document.getElementById('rekey-duration').dataset.ms"))
+    assert sorted(latencies) == members
+    assert all(0 < int(ms) < duration for ms in latencies.values()), (latencies, duration)
+    # the same values as the service recorded them
+    with lab.session() as session:
+        detail = queries.group_detail(session, G, member_page=1, per_page=100)
+        rekey = queries.last_rekey(session, G)
+    assert detail is not None and rekey is not None and rekey.duration_ms == duration
+    assert {m.device_id: str(m.latency_ms) for m in detail.members.rows} == latencies
+    assert browser.text("#rekey-duration") == _fmt_ms(duration)
     assert browser.js("return window.kfMarker") == "same page"
     browser.shot("dashboard-group-live.png")
     browser.size(*PHONE)

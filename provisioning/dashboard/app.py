@@ -254,6 +254,21 @@ def _fmt_duration(value: int | None) -> str:
     return f"{value // 60} min {value % 60} s"
 
 
+def _fmt_ms(value: int | None) -> str:
+    """A span measured in milliseconds as people read it: "38 ms", "1.2 s", "2 min 5 s"."""
+    if value is None:
+        return "—"
+    # integer rounding, half up, as static/dashboard.js does it (the live updates must print
+    # what a reload would)
+    sign, size = ("-" if value < 0 else ""), abs(value)
+    if size < 1000:
+        return f"{sign}{size} ms"
+    if size < 60_000:
+        tenths = (size + 50) // 100
+        return f"{sign}{tenths // 10}.{tenths % 10} s"
+    return sign + _fmt_duration(size // 1000)
+
+
 def make_environment() -> Environment:
     env = Environment(
         loader=PackageLoader("provisioning.dashboard", "templates"),
@@ -263,6 +278,7 @@ def make_environment() -> Environment:
     )
     env.filters["ts"] = _fmt_time
     env.filters["duration"] = _fmt_duration
+    env.filters["ms"] = _fmt_ms
     env.filters["q"] = lambda value: quote(str(value), safe="")
     env.globals["device_states"] = [s.value for s in DeviceState]
     env.globals["attestation_results"] = [r.value for r in AttestationResult] + [queries.NEVER]
@@ -433,9 +449,9 @@ def build_dashboard_app(
         details = await run_in_threadpool(read_details, group_id)
         first_event = _event(first, first.acks, details, reset=True, now=int(clock()))
         yield f"retry: 2000\n\n{first_event}"
-        epoch, sent = first.epoch, {device for device, _ in first.acks}
+        epoch, sent = first.epoch, {device for device, _, _ in first.acks}
         counts = (first.members, first.acked)
-        since = max((at for _, at in first.acks), default=None)
+        since = max((at for _, at, _ in first.acks), default=None)
         deadline = time.monotonic() + settings.stream_seconds
         quiet_since = time.monotonic()
         while not stopping.is_set() and time.monotonic() < deadline:
@@ -450,14 +466,14 @@ def build_dashboard_app(
                 if progress is None:
                     return
                 epoch, sent = progress.epoch, set()
-            new = [(d, at) for d, at in progress.acks if d not in sent]
+            new = [(d, at, ms) for d, at, ms in progress.acks if d not in sent]
             if reset or new or (progress.members, progress.acked) != counts:
-                sent.update(d for d, _ in new)
+                sent.update(d for d, _, _ in new)
                 counts = (progress.members, progress.acked)
                 if reset:
                     since = None
                 if new:
-                    since = max([at for _, at in new] + ([] if since is None else [since]))
+                    since = max([at for _, at, _ in new] + ([] if since is None else [since]))
                 details = await run_in_threadpool(read_details, group_id)
                 yield _event(progress, new, details, reset=reset, now=int(clock()))
                 quiet_since = time.monotonic()
@@ -485,15 +501,16 @@ def build_dashboard_app(
 
 def _event(
     progress: queries.AckProgress,
-    acks: list[tuple[str, int]],
+    acks: list[tuple[str, int, int]],
     details: tuple[queries.RekeyInfo | None, queries.CommitRow | None],
     *,
     reset: bool,
     now: int,
 ) -> str:
     """One ``progress`` event: counts, the acks not sent yet, the last rekey and the commit
-    that made the current epoch (all public values; the page fills them in as text)."""
-    commit_at = progress.commit_at
+    that made the current epoch (all public values; the page fills them in as text). Spans
+    are milliseconds (``latency_ms``, ``duration_ms``) with their text next to them."""
+    commit_ms = progress.commit_at_ms
     rekey, commit = details
     data = {
         "group": progress.group_id,
@@ -501,7 +518,8 @@ def _event(
         "members": progress.members,
         "acked": progress.acked,
         "pending": progress.members - progress.acked,
-        "commit_at": commit_at,
+        "commit_at": progress.commit_at,
+        "commit_at_ms": commit_ms,
         "now": now,
         "reset": reset,
         "rekey": None
@@ -510,7 +528,8 @@ def _event(
             "operator": rekey.operator,
             "started": _fmt_time(rekey.started_at),
             "result": rekey.result or "in progress",
-            "duration": _fmt_duration(rekey.duration),
+            "duration_ms": rekey.duration_ms,
+            "duration": _fmt_ms(rekey.duration_ms),
         },
         "commit": None
         if commit is None
@@ -520,20 +539,21 @@ def _event(
             "accepted": _fmt_time(commit.accepted_at),
             "acks": commit.acks,
             "last_ack_after": None
-            if commit.last_ack_at is None
-            else _fmt_duration(commit.last_ack_at - commit.accepted_at),
+            if commit.last_ack_after_ms is None
+            else _fmt_ms(commit.last_ack_after_ms),
             "all_acked_in": None
-            if commit.last_ack_at is None or progress.acked < progress.members
-            else _fmt_duration(commit.last_ack_at - commit.accepted_at),
+            if commit.last_ack_after_ms is None or progress.acked < progress.members
+            else _fmt_ms(commit.last_ack_after_ms),
         },
         "acks": [
             {
                 "device": device,
                 "at": at,
+                "at_ms": at_ms,
                 "time": _fmt_time(at),
-                "latency": None if commit_at is None else at - commit_at,
+                "latency_ms": None if commit_ms is None else at_ms - commit_ms,
             }
-            for device, at in acks
+            for device, at, at_ms in acks
         ],
     }
     return f"event: progress\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -11,6 +11,7 @@ the registry; see docs/service.md) and the raw ``last_report`` bytes are never s
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -51,6 +52,12 @@ LAST_SEEN_BUCKETS: tuple[tuple[str, int], ...] = (
 TIMELINE_BUCKETS = 24
 ATTESTATION_HISTORY = 20
 REKEY_HISTORY = 10
+
+# Ack and commit times in milliseconds (revision 0003). Rows recorded before it have only
+# seconds: they count as the start of their second, so their latencies stay whole seconds as
+# they were, never made up.
+ACK_MS = func.coalesce(Ack.received_at_ms, Ack.received_at * 1000)
+COMMIT_MS = func.coalesce(CommitLogEntry.accepted_at_ms, CommitLogEntry.accepted_at * 1000)
 
 
 @dataclass(frozen=True)
@@ -594,16 +601,19 @@ def _audit_rows(session: Session, where: object, *, limit: int) -> list[AuditRec
 @dataclass(frozen=True)
 class RekeyInfo:
     """The last operator rekey of a group, from the audit log: when it was accepted, by whom,
-    when its result came and what it said."""
+    when its result came and what it said. The ``*_ms`` times are the ``at_ms`` the service
+    records in both entries' details (``started_at * 1000`` etc. for entries without it)."""
 
     started_at: int
     operator: str
     finished_at: int | None
     result: str | None
+    started_at_ms: int
+    finished_at_ms: int | None
 
     @property
-    def duration(self) -> int | None:
-        return None if self.finished_at is None else self.finished_at - self.started_at
+    def duration_ms(self) -> int | None:
+        return None if self.finished_at_ms is None else self.finished_at_ms - self.started_at_ms
 
 
 @dataclass(frozen=True)
@@ -615,16 +625,19 @@ class GroupRow:
     pending_changes: int
     commit_at: int | None  # when the commit that made the current epoch was accepted
     last_ack_at: int | None
+    commit_at_ms: int | None = None
+    last_ack_at_ms: int | None = None
 
     @property
     def pending(self) -> int:
         return self.members - self.acked
 
     @property
-    def ack_duration(self) -> int | None:
-        if self.commit_at is None or self.last_ack_at is None or self.pending:
+    def ack_duration_ms(self) -> int | None:
+        """From the commit to the last member's ack, once every member acked."""
+        if self.commit_at_ms is None or self.last_ack_at_ms is None or self.pending:
             return None
-        return self.last_ack_at - self.commit_at
+        return self.last_ack_at_ms - self.commit_at_ms
 
 
 def _member_counts(session: Session, group_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -643,11 +656,14 @@ def _member_counts(session: Session, group_ids: Sequence[str]) -> dict[str, tupl
     return counts
 
 
-def _current_acks(session: Session, group_ids: Sequence[str]) -> dict[str, tuple[int, int | None]]:
-    """(acks by current members for the current epoch, time of the last one) per group."""
-    result: dict[str, tuple[int, int | None]] = {}
-    for group_id, count, last in session.execute(
-        select(Ack.group_id, func.count(), func.max(Ack.received_at))
+def _current_acks(
+    session: Session, group_ids: Sequence[str]
+) -> dict[str, tuple[int, int | None, int | None]]:
+    """(acks by current members for the current epoch, time of the last one in seconds and in
+    ms) per group."""
+    result: dict[str, tuple[int, int | None, int | None]] = {}
+    for group_id, count, last, last_ms in session.execute(
+        select(Ack.group_id, func.count(), func.max(Ack.received_at), func.max(ACK_MS))
         .join(Group, and_(Group.group_id == Ack.group_id, Group.epoch == Ack.epoch))
         .join(
             GroupMember,
@@ -660,16 +676,21 @@ def _current_acks(session: Session, group_ids: Sequence[str]) -> dict[str, tuple
         .where(Ack.group_id.in_(group_ids))
         .group_by(Ack.group_id)
     ):
-        result[group_id] = (int(count), None if last is None else int(last))
+        result[group_id] = (
+            int(count),
+            None if last is None else int(last),
+            None if last_ms is None else int(last_ms),
+        )
     return result
 
 
-def _commit_times(session: Session, group_ids: Sequence[str]) -> dict[str, int]:
-    """When the commit that made each group's current epoch was accepted (if retained)."""
+def _commit_times(session: Session, group_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """When the commit that made each group's current epoch was accepted (if retained), in
+    seconds and in ms."""
     return {
-        group_id: int(at)
-        for group_id, at in session.execute(
-            select(CommitLogEntry.group_id, CommitLogEntry.accepted_at)
+        group_id: (int(at), int(at_ms))
+        for group_id, at, at_ms in session.execute(
+            select(CommitLogEntry.group_id, CommitLogEntry.accepted_at, COMMIT_MS)
             .join(
                 Group,
                 and_(
@@ -699,21 +720,32 @@ def group_list(
     acks = _current_acks(session, ids)
     commits = _commit_times(session, ids)
     return Page(
-        [
-            GroupRow(
-                group_id=g.group_id,
-                epoch=g.epoch,
-                members=members[g.group_id][0],
-                acked=acks.get(g.group_id, (0, None))[0],
-                pending_changes=members[g.group_id][1],
-                commit_at=commits.get(g.group_id),
-                last_ack_at=acks.get(g.group_id, (0, None))[1],
-            )
-            for g in groups
-        ],
+        [_group_row(g.group_id, g.epoch, members[g.group_id], acks, commits) for g in groups],
         page=max(page, 1),
         per_page=per_page,
         total=total,
+    )
+
+
+def _group_row(
+    group_id: str,
+    epoch: int,
+    members: tuple[int, int],
+    acks: dict[str, tuple[int, int | None, int | None]],
+    commits: dict[str, tuple[int, int]],
+) -> GroupRow:
+    acked, last, last_ms = acks.get(group_id, (0, None, None))
+    commit_at, commit_ms = commits.get(group_id, (None, None))
+    return GroupRow(
+        group_id=group_id,
+        epoch=epoch,
+        members=members[0],
+        acked=acked,
+        pending_changes=members[1],
+        commit_at=commit_at,
+        last_ack_at=last,
+        commit_at_ms=commit_ms,
+        last_ack_at_ms=last_ms,
     )
 
 
@@ -725,7 +757,7 @@ class MemberRow:
     pending: str | None
     joined_epoch: int | None
     acked_at: int | None
-    latency: int | None  # seconds from the commit to this member's ack
+    latency_ms: int | None  # from the commit to this member's ack
 
 
 @dataclass(frozen=True)
@@ -735,6 +767,12 @@ class CommitRow:
     accepted_at: int
     acks: int  # acks for epoch + 1
     last_ack_at: int | None
+    accepted_at_ms: int = 0
+    last_ack_at_ms: int | None = None
+
+    @property
+    def last_ack_after_ms(self) -> int | None:
+        return None if self.last_ack_at_ms is None else self.last_ack_at_ms - self.accepted_at_ms
 
 
 @dataclass(frozen=True)
@@ -759,7 +797,7 @@ def group_detail(
     if group is None:
         return None
     summary = group_list_row(session, group.group_id, group.epoch)
-    commit_at = summary.commit_at
+    commit_ms = summary.commit_at_ms
     total = int(
         session.scalar(
             select(func.count()).select_from(GroupMember).where(GroupMember.group_id == group_id)
@@ -774,6 +812,7 @@ def group_detail(
             GroupMember.pending,
             GroupMember.joined_epoch,
             Ack.received_at,
+            ACK_MS.label("acked_ms"),
         )
         .join(Device, Device.device_id == GroupMember.device_id)
         .outerjoin(
@@ -798,9 +837,9 @@ def group_detail(
                 pending=None if r.pending is None else str(r.pending),
                 joined_epoch=r.joined_epoch,
                 acked_at=r.received_at,
-                latency=None
-                if r.received_at is None or commit_at is None
-                else r.received_at - commit_at,
+                latency_ms=None
+                if r.acked_ms is None or commit_ms is None
+                else int(r.acked_ms) - commit_ms,
             )
             for r in rows
         ],
@@ -817,29 +856,38 @@ def group_detail(
         or 0
     )
     commit_rows = session.execute(
-        select(CommitLogEntry.epoch, CommitLogEntry.committer, CommitLogEntry.accepted_at)
+        select(
+            CommitLogEntry.epoch,
+            CommitLogEntry.committer,
+            CommitLogEntry.accepted_at,
+            COMMIT_MS.label("accepted_ms"),
+        )
         .where(CommitLogEntry.group_id == group_id)
         .order_by(CommitLogEntry.epoch.desc())
         .limit(REKEY_HISTORY)
     ).all()
     ack_stats = {
-        int(epoch): (int(n), None if last is None else int(last))
-        for epoch, n, last in session.execute(
-            select(Ack.epoch, func.count(), func.max(Ack.received_at))
+        int(epoch): (int(n), _int(last), _int(last_ms))
+        for epoch, n, last, last_ms in session.execute(
+            select(Ack.epoch, func.count(), func.max(Ack.received_at), func.max(ACK_MS))
             .where(Ack.group_id == group_id, Ack.epoch.in_([c.epoch + 1 for c in commit_rows]))
             .group_by(Ack.epoch)
         )
     }
-    commits = [
-        CommitRow(
-            epoch=c.epoch,
-            committer=c.committer,
-            accepted_at=c.accepted_at,
-            acks=ack_stats.get(c.epoch + 1, (0, None))[0],
-            last_ack_at=ack_stats.get(c.epoch + 1, (0, None))[1],
+    commits = []
+    for c in commit_rows:
+        n, last, last_ms = ack_stats.get(c.epoch + 1, (0, None, None))
+        commits.append(
+            CommitRow(
+                epoch=c.epoch,
+                committer=c.committer,
+                accepted_at=c.accepted_at,
+                acks=n,
+                last_ack_at=last,
+                accepted_at_ms=int(c.accepted_ms),
+                last_ack_at_ms=last_ms,
+            )
         )
-        for c in commit_rows
-    ]
     return GroupDetail(
         summary=summary,
         created_at=group.created_at,
@@ -852,23 +900,28 @@ def group_detail(
 
 
 def group_list_row(session: Session, group_id: str, epoch: int) -> GroupRow:
-    members = _member_counts(session, [group_id])[group_id]
-    acked, last = _current_acks(session, [group_id]).get(group_id, (0, None))
-    return GroupRow(
-        group_id=group_id,
-        epoch=epoch,
-        members=members[0],
-        acked=acked,
-        pending_changes=members[1],
-        commit_at=_commit_times(session, [group_id]).get(group_id),
-        last_ack_at=last,
+    return _group_row(
+        group_id,
+        epoch,
+        _member_counts(session, [group_id])[group_id],
+        _current_acks(session, [group_id]),
+        _commit_times(session, [group_id]),
     )
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def current_commit(session: Session, group_id: str) -> CommitRow | None:
     """The accepted commit that made the group's current epoch, with its acks so far."""
     row = session.execute(
-        select(CommitLogEntry.epoch, CommitLogEntry.committer, CommitLogEntry.accepted_at)
+        select(
+            CommitLogEntry.epoch,
+            CommitLogEntry.committer,
+            CommitLogEntry.accepted_at,
+            COMMIT_MS.label("accepted_ms"),
+        )
         .join(
             Group,
             and_(
@@ -880,8 +933,8 @@ def current_commit(session: Session, group_id: str) -> CommitRow | None:
     ).first()
     if row is None:
         return None
-    acks, last = session.execute(
-        select(func.count(), func.max(Ack.received_at)).where(
+    acks, last, last_ms = session.execute(
+        select(func.count(), func.max(Ack.received_at), func.max(ACK_MS)).where(
             Ack.group_id == group_id, Ack.epoch == row.epoch + 1
         )
     ).one()
@@ -890,13 +943,15 @@ def current_commit(session: Session, group_id: str) -> CommitRow | None:
         committer=row.committer,
         accepted_at=row.accepted_at,
         acks=int(acks),
-        last_ack_at=None if last is None else int(last),
+        last_ack_at=_int(last),
+        accepted_at_ms=int(row.accepted_ms),
+        last_ack_at_ms=_int(last_ms),
     )
 
 
 def last_rekey(session: Session, group_id: str) -> RekeyInfo | None:
     started = session.execute(
-        select(AuditEntry.seq, AuditEntry.time, AuditEntry.actor)
+        select(AuditEntry.seq, AuditEntry.time, AuditEntry.actor, AuditEntry.details)
         .where(
             AuditEntry.action == "op.rekey",
             AuditEntry.target == group_id,
@@ -908,7 +963,7 @@ def last_rekey(session: Session, group_id: str) -> RekeyInfo | None:
     if started is None:
         return None
     finished = session.execute(
-        select(AuditEntry.time, AuditEntry.reason)
+        select(AuditEntry.time, AuditEntry.reason, AuditEntry.details)
         .where(
             AuditEntry.action == "op.rekey.result",
             AuditEntry.target == group_id,
@@ -922,7 +977,21 @@ def last_rekey(session: Session, group_id: str) -> RekeyInfo | None:
         operator=started.actor.removeprefix("operator:"),
         finished_at=None if finished is None else finished.time,
         result=None if finished is None else finished.reason,
+        started_at_ms=_entry_ms(started.time, started.details),
+        finished_at_ms=None if finished is None else _entry_ms(finished.time, finished.details),
     )
+
+
+def _entry_ms(time: int, details: str) -> int:
+    """An audit entry's time in ms: its ``at_ms`` detail (the service records one in operator
+    commands and their results) if it lies within the entry's second, else ``time * 1000``."""
+    try:
+        at_ms = json.loads(details).get("at_ms")
+    except (ValueError, AttributeError):
+        at_ms = None
+    if isinstance(at_ms, int) and not isinstance(at_ms, bool) and at_ms // 1000 == time:
+        return at_ms
+    return time * 1000
 
 
 # ---- live ack progress -------------------------------------------------------------------------
@@ -931,14 +1000,16 @@ def last_rekey(session: Session, group_id: str) -> RekeyInfo | None:
 @dataclass(frozen=True)
 class AckProgress:
     """The current epoch's acks of a group, for the live view: ``acks`` are (device, received
-    time) of current members, oldest first, restricted to those at or after ``since``."""
+    time in seconds, in ms) of current members, oldest first, restricted to those at or after
+    second ``since``."""
 
     group_id: str
     epoch: int
     members: int
     acked: int
     commit_at: int | None
-    acks: list[tuple[str, int]] = field(default_factory=list)
+    commit_at_ms: int | None = None
+    acks: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 def ack_progress(
@@ -951,7 +1022,7 @@ def ack_progress(
         return None
     row = group_list_row(session, group.group_id, group.epoch)
     query = (
-        select(Ack.device_id, Ack.received_at)
+        select(Ack.device_id, Ack.received_at, ACK_MS)
         .join(
             GroupMember,
             and_(
@@ -961,7 +1032,7 @@ def ack_progress(
             ),
         )
         .where(Ack.group_id == group_id, Ack.epoch == group.epoch)
-        .order_by(Ack.received_at, Ack.device_id)
+        .order_by(ACK_MS, Ack.device_id)
     )
     if since is not None:
         query = query.where(Ack.received_at >= since)
@@ -971,7 +1042,8 @@ def ack_progress(
         members=row.members,
         acked=row.acked,
         commit_at=row.commit_at,
-        acks=[(device, int(at)) for device, at in session.execute(query)],
+        commit_at_ms=row.commit_at_ms,
+        acks=[(device, int(at), int(at_ms)) for device, at, at_ms in session.execute(query)],
     )
 
 

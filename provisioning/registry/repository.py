@@ -23,7 +23,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from agent.errors import ProtocolError
+from agent.errors import InternalError, ProtocolError
 from agent.lifecycle import ALLOWED_TRANSITIONS, KeyState
 from provisioning.registry.engine import RetryableConflict, savepoint
 from provisioning.registry.schema import (
@@ -181,6 +181,7 @@ class CommitRecord:
     commit: bytes = field(repr=False)
     welcome: bytes | None = field(repr=False)
     accepted_at: int
+    accepted_at_ms: int | None = None  # None: accepted before revision 0003
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,16 @@ def _check_fingerprint(kind: str, value: str) -> None:
 
 
 R = TypeVar("R")
+
+
+def _milliseconds(now: int, now_ms: int | None) -> int:
+    """The time to record in a ``*_ms`` column: ``now_ms`` when the caller has it (it must be
+    within second ``now``, which is what the seconds column gets), else ``now * 1000``."""
+    if now_ms is None:
+        return now * 1000
+    if now_ms // 1000 != now:
+        raise InternalError(f"now_ms {now_ms} is not within second {now}")
+    return now_ms
 
 
 def _record(cls: type[R], row: object) -> R:
@@ -663,6 +674,7 @@ class Registry:
         added: Mapping[str, int] | None = None,
         removed: Collection[str] = (),
         now: int,
+        now_ms: int | None = None,
     ) -> CommitRecord:
         """Accept the commit ``committer`` made in ``epoch`` and move the group to ``epoch + 1``
         with the new public tree and context; ``added`` (device -> leaf index) and ``removed``
@@ -670,8 +682,10 @@ class Registry:
 
         Exactly one commit per epoch: the (group_id, epoch) key of the commit log and a
         conditional epoch update decide between racing instances, so a loser gets
-        ``EpochConflict`` however the race interleaves.
+        ``EpochConflict`` however the race interleaves. ``now_ms``: the same instant in
+        milliseconds, if the caller's clock has them (else ``now * 1000`` is recorded).
         """
+        accepted_ms = _milliseconds(now, now_ms)
         added = dict(added or {})
         group = self._group_row(group_id)
         if epoch < group.epoch:
@@ -725,6 +739,7 @@ class Registry:
             commit=commit,
             welcome=welcome,
             accepted_at=now,
+            accepted_at_ms=accepted_ms,
         )
         try:
             with savepoint(self._s):
@@ -827,9 +842,12 @@ class Registry:
         device_id: str,
         epoch_authenticator: bytes,
         now: int,
+        now_ms: int | None = None,
     ) -> None:
         """Record that a member reached ``epoch``. Repeating the same ack is a no-op; an ack
-        that changes a recorded authenticator, or names an epoch no commit produced, is refused."""
+        that changes a recorded authenticator, or names an epoch no commit produced, is refused.
+        ``now_ms`` as in ``append_commit``: ack latency is measured in milliseconds."""
+        received_ms = _milliseconds(now, now_ms)
         group = self._group_row(group_id)
         member = self._s.get(GroupMember, (group_id, device_id))
         if member is None or member.leaf_index is None:
@@ -860,6 +878,7 @@ class Registry:
                 device_id=device_id,
                 epoch_authenticator=epoch_authenticator,
                 received_at=now,
+                received_at_ms=received_ms,
             ),
         )
 

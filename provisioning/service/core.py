@@ -61,8 +61,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -75,7 +76,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.errors import KeyfleetError, ProtocolError
+from agent.errors import InternalError, KeyfleetError, ProtocolError
 from agent.hpke import Rng, serialize_public_key
 from agent.mls import codec
 from agent.mls.messages import Commit, KeyPackage, Welcome
@@ -356,15 +357,23 @@ class DeliveryService:
         self._last_heard: dict[str, int] = {}
         self._catchup_sent: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._started = False
+        # The caller's clock reading in milliseconds for the call in progress (``now_ms`` of
+        # handle/handle_many/tick), like ``_out`` only valid during one call: see ``_ms``.
+        self._call_ms: int | None = None
 
     # -- public API ----------------------------------------------------------------------------
 
-    def handle(self, topic: str, payload: bytes, now: int) -> list[Publish]:
+    def handle(
+        self, topic: str, payload: bytes, now: int, *, now_ms: int | None = None
+    ) -> list[Publish]:
         """Process one received message; return what to publish. Never raises for a bad
-        message: refusals are counted, logged (no secrets) and audited."""
-        return self.handle_many([(topic, payload)], now)
+        message: refusals are counted, logged (no secrets) and audited. ``now_ms``: the same
+        clock reading in milliseconds (``now == now_ms // 1000``), if the caller has one."""
+        return self.handle_many([(topic, payload)], now, now_ms=now_ms)
 
-    def handle_many(self, messages: Sequence[tuple[str, bytes]], now: int) -> list[Publish]:
+    def handle_many(
+        self, messages: Sequence[tuple[str, bytes]], now: int, *, now_ms: int | None = None
+    ) -> list[Publish]:
         """Process messages received together, in their order; return what to publish for all
         of them (signed with one reservation from the shared sequence counter). Device acks
         that follow each other are taken in one transaction (``_on_acks``): at a fleet rekey
@@ -373,6 +382,10 @@ class DeliveryService:
         fleet (docs/bench/README.md). Never raises for a bad message; a transport or database
         failure while handling one is logged and the others are still handled (the senders'
         timeouts and the service's retries recover that one's flow)."""
+        with self._clock_reading(now, now_ms):
+            return self._handle_many(messages, now)
+
+    def _handle_many(self, messages: Sequence[tuple[str, bytes]], now: int) -> list[Publish]:
         self._ensure_started(now)
         acks: list[VerifiedMessage] = []
         senders = [_report_sender(topic) for topic, _ in messages]
@@ -430,11 +443,36 @@ class DeliveryService:
             log.error("handling a message on %s failed: %s", what, exc)
             return failed
 
-    def tick(self, now: int) -> list[Publish]:
+    def tick(self, now: int, *, now_ms: int | None = None) -> list[Publish]:
         """Timeouts and retries: commit requests nobody answered go to the next candidate, key
         package requests are repeated, operations without progress end in ``timeout``. Every
         instance ticks; each step is a compare-and-set on a shared row, so each happens once
         (and a dead instance's jobs are taken over when their deadline, its lease, passes)."""
+        with self._clock_reading(now, now_ms):
+            return self._tick(now)
+
+    @contextmanager
+    def _clock_reading(self, now: int, now_ms: int | None) -> Iterator[None]:
+        """Keep the caller's millisecond reading for the call (``_ms``). Everything else in the
+        core goes on taking whole seconds: only the times the dashboard measures sub-second
+        spans with (acks, accepted commits, the start and result of an operator command) are
+        recorded in milliseconds, so only those read it."""
+        if now_ms is not None and now_ms // 1000 != now:
+            raise InternalError(f"now_ms {now_ms} is not within second {now}")
+        self._call_ms = now_ms
+        try:
+            yield
+        finally:
+            self._call_ms = None
+
+    def _ms(self, now: int) -> int:
+        """``now`` in milliseconds: the call's own reading when the caller gave one for this
+        second, otherwise the second itself (``now * 1000``: callers with a seconds clock, such
+        as the tests' fake clocks, keep their precision)."""
+        ms = self._call_ms
+        return ms if ms is not None and ms // 1000 == now else now * 1000
+
+    def _tick(self, now: int) -> list[Publish]:
         self._ensure_started(now)
         for group_id in self._read(_groups_with_open_jobs):
             job = self._head(group_id)
@@ -1191,6 +1229,7 @@ class DeliveryService:
             added=added,
             removed=removes,
             now=now,
+            now_ms=self._ms(now),
         )
         below = body.epoch + 1 - self.settings.retention_epochs
         if below > 0:
@@ -1263,13 +1302,15 @@ class DeliveryService:
             device_id=sender,
             epoch_authenticator=body.epoch_authenticator,
             now=now,
+            now_ms=self._ms(now),
         )
         started = session.get(CommitLogEntry, (body.group_id, body.epoch - 1))
+        accepted_ms = None if started is None else _commit_ms(started)
 
         def post() -> None:
             log.debug("ack from %s for %s epoch %s", sender, body.group_id, body.epoch)
-            if started is not None:
-                self.metrics.ack_latency.observe(max(0, now - started.accepted_at))
+            if accepted_ms is not None:
+                self.metrics.ack_latency.observe(max(0, self._ms(now) - accepted_ms) / 1000)
             self._group_changed(body.group_id, now)
 
         return post
@@ -1333,13 +1374,14 @@ class DeliveryService:
                         device_id=sender,
                         epoch_authenticator=body.epoch_authenticator,
                         now=now,
+                        now_ms=self._ms(now),
                     )
                 except ProtocolError as err:
                     refused.append((message, err))
                     continue
                 guards[sender] = trial
                 started = session.get(CommitLogEntry, (body.group_id, body.epoch - 1))
-                taken.append((message, None if started is None else started.accepted_at))
+                taken.append((message, None if started is None else _commit_ms(started)))
             for sender in sorted(guards):
                 store.save_guard(session, sender, guards[sender], now=now)
             if guards:
@@ -1378,13 +1420,13 @@ class DeliveryService:
                 behind.append(message.sender)  # alive and authentic: it must still catch up
         groups: list[str] = []
         current: set[tuple[str, str, int]] = set()
-        for message, accepted_at in taken:
+        for message, accepted_ms in taken:
             body = message.body
             assert isinstance(body, AckBody)
             self.metrics.reports.inc(message.type)
             log.debug("ack from %s for %s epoch %s", message.sender, body.group_id, body.epoch)
-            if accepted_at is not None:
-                self.metrics.ack_latency.observe(max(0, now - accepted_at))
+            if accepted_ms is not None:
+                self.metrics.ack_latency.observe(max(0, self._ms(now) - accepted_ms) / 1000)
             if body.group_id not in groups:
                 groups.append(body.group_id)
             current.add((body.group_id, message.sender, body.epoch))
@@ -1738,7 +1780,9 @@ class DeliveryService:
             action=message.type,
             target=target,
             outcome=Outcome.ACCEPTED,
-            details={"command_id": command_id.hex(), "jobs": len(jobs)},
+            # at_ms: when it was accepted, in ms (the entry's time is whole seconds); the
+            # dashboard times a rekey from it to the result's at_ms
+            details={"command_id": command_id.hex(), "jobs": len(jobs), "at_ms": self._ms(now)},
         )
         ahead = sum(len(_open_job_rows(session, g)) for g in groups)
         operation = Operation(
@@ -2720,6 +2764,7 @@ class DeliveryService:
                     "command_id": key,
                     "operator": operation.operator,
                     "pending": ",".join(pending),
+                    "at_ms": self._ms(now),
                 },
             )
             return True
@@ -2776,6 +2821,13 @@ class _NothingHeld(Exception):
 
 class _SlotTaken(Exception):
     """Rolls back a job's claim when another job of its group holds the in-flight slot."""
+
+
+def _commit_ms(entry: CommitLogEntry) -> int:
+    """When a commit was accepted, in ms (seconds * 1000 for one accepted before revision
+    0003 recorded milliseconds)."""
+    ms = entry.accepted_at_ms
+    return entry.accepted_at * 1000 if ms is None else ms
 
 
 def _report_sender(topic: str) -> str | None:

@@ -3,7 +3,8 @@
 One loop on one thread: take the next message from the broker (shared subscriptions
 ``$share/keyfleet/kf/v1/dev/+/report`` and ``$share/keyfleet/kf/v1/ops/+/cmd``) together with
 whatever else is already queued (up to ``MAX_BATCH``), hand them to
-``DeliveryService.handle_many`` with the wall clock in whole seconds, publish what it returns, and
+``DeliveryService.handle_many`` with one wall-clock reading (whole seconds, and the same reading in
+milliseconds for the times the dashboard measures), publish what it returns, and
 only then acknowledge the messages (manual PUBACK): a crash in between gets them redelivered on
 the next session, which the replay guard turns into benign duplicates. About once a second
 ``tick`` runs timeouts and retries.
@@ -149,10 +150,15 @@ class ServiceRunner:
                         if more is None:
                             break
                         batch.append(more)
+                    # one clock reading in ms, its second as ``now``: acks and commits are
+                    # timed in ms (dashboard ack latency), everything else in seconds
+                    now_ms = int(self._clock() * 1000)
                     try:
                         self._publish(
                             self.service.handle_many(
-                                [(m.topic, m.payload) for m in batch], int(self._clock())
+                                [(m.topic, m.payload) for m in batch],
+                                now_ms // 1000,
+                                now_ms=now_ms,
                             )
                         )
                     except (KeyfleetError, SQLAlchemyError) as exc:
@@ -165,7 +171,8 @@ class ServiceRunner:
                 if time.monotonic() - last_tick >= TICK_SECONDS:
                     last_tick = time.monotonic()
                     try:
-                        self._publish(self.service.tick(int(self._clock())))
+                        now_ms = int(self._clock() * 1000)
+                        self._publish(self.service.tick(now_ms // 1000, now_ms=now_ms))
                     except (KeyfleetError, SQLAlchemyError) as exc:
                         log.error("periodic work failed: %s", exc)
         finally:

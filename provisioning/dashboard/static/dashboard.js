@@ -9,7 +9,7 @@
   const chart = document.getElementById("ack-chart");
   const feed = document.getElementById("ack-feed");
   const status = document.getElementById("live-status");
-  let acks = [];   // {device, at, time, latency}
+  let acks = [];   // {device, at, at_ms, time, latency_ms}
   let members = 0;
   let epoch = null;
 
@@ -24,8 +24,24 @@
   }
 
   function duration(seconds) {
-    if (seconds === null || seconds === undefined) { return "—"; }
     return seconds < 120 ? seconds + " s" : Math.floor(seconds / 60) + " min " + (seconds % 60) + " s";
+  }
+
+  // a span in milliseconds as the server prints it (app._fmt_ms): "38 ms", "1.2 s", "2 min 5 s"
+  function fmtMs(ms) {
+    if (ms === null || ms === undefined) { return "—"; }
+    const sign = ms < 0 ? "-" : "", size = Math.abs(ms);
+    if (size < 1000) { return sign + size + " ms"; }
+    if (size < 60000) {
+      const tenths = Math.floor((size + 50) / 100);
+      return sign + Math.floor(tenths / 10) + "." + (tenths % 10) + " s";
+    }
+    return sign + duration(Math.floor(size / 1000));
+  }
+
+  function setMs(node, ms) {
+    node.textContent = fmtMs(ms);
+    if (ms === null || ms === undefined) { node.removeAttribute("data-ms"); } else { node.setAttribute("data-ms", String(ms)); }
   }
 
   function memberRow(device) {
@@ -36,7 +52,7 @@
     document.querySelectorAll("#members-table tbody tr[data-device]").forEach(function (row) {
       row.className = "waiting";
       row.querySelector("td.ack").textContent = "pending";
-      row.querySelector("td.latency").textContent = "—";
+      setMs(row.querySelector("td.latency"), null);
     });
     document.querySelectorAll(".epoch-label").forEach(function (el) { el.textContent = String(newEpoch); });
     while (feed.firstChild) { feed.removeChild(feed.firstChild); }
@@ -57,9 +73,10 @@
   function draw() {
     while (chart.firstChild) { chart.removeChild(chart.firstChild); }
     const W = 400, H = 200, left = 36, right = 10, top = 10, bottom = 30;
-    const latencies = acks.map(function (a) { return a.latency; })
+    const latencies = acks.map(function (a) { return a.latency_ms; })
       .filter(function (v) { return v !== null; }).sort(function (a, b) { return a - b; });
-    const xmax = Math.max(1, latencies.length ? latencies[latencies.length - 1] : 1);
+    // milliseconds: up to the latest ack (1 s wide while there is none)
+    const xmax = latencies.length ? Math.max(1, latencies[latencies.length - 1]) : 1000;
     const ymax = Math.max(1, members, acks.length);
     const x = function (v) { return left + (v / xmax) * (W - left - right); };
     const y = function (v) { return H - bottom - (v / ymax) * (H - top - bottom); };
@@ -68,8 +85,10 @@
     chart.appendChild(el("line", {x1: left, y1: y(members), x2: W - right, y2: y(members), "class": "grid-line"}));
     chart.appendChild(el("text", {x: left - 4, y: y(members) + 4, "class": "tick end"}, members));
     chart.appendChild(el("text", {x: left - 4, y: H - bottom + 4, "class": "tick end"}, 0));
-    chart.appendChild(el("text", {x: left, y: H - 8, "class": "tick"}, "0 s"));
-    chart.appendChild(el("text", {x: W - right, y: H - 8, "class": "tick end"}, xmax + " s after the commit"));
+    chart.appendChild(el("text", {x: left, y: H - 8, "class": "tick"}, "0 ms"));
+    chart.appendChild(el("line", {x1: x(xmax / 2), y1: H - bottom, x2: x(xmax / 2), y2: H - bottom + 4, "class": "axis"}));
+    chart.appendChild(el("text", {x: x(xmax / 2), y: H - 8, "class": "tick middle"}, fmtMs(Math.round(xmax / 2))));
+    chart.appendChild(el("text", {x: W - right, y: H - 8, "class": "tick end"}, fmtMs(xmax) + " after the commit"));
     let points = [x(0) + "," + y(0)];
     latencies.forEach(function (v, i) {
       points.push(x(v) + "," + y(i));
@@ -83,8 +102,8 @@
     const stats = document.getElementById("latency-stats");
     if (latencies.length) {
       stats.textContent = latencies.length + " of " + members + " acked · median " +
-        duration(percentile(latencies, 0.5)) + " · p95 " + duration(percentile(latencies, 0.95)) +
-        " · max " + duration(latencies[latencies.length - 1]);
+        fmtMs(percentile(latencies, 0.5)) + " · p95 " + fmtMs(percentile(latencies, 0.95)) +
+        " · max " + fmtMs(latencies[latencies.length - 1]);
     } else {
       stats.textContent = "no ack for epoch " + epoch + " yet (0 of " + members + ")";
     }
@@ -94,7 +113,7 @@
     if (data.rekey) {
       setText("rekey-by", data.rekey.operator + " at " + data.rekey.started);
       setText("rekey-result", data.rekey.result);
-      setText("rekey-duration", data.rekey.duration);
+      setMs(document.getElementById("rekey-duration"), data.rekey.duration_ms);
     }
     const c = data.commit;
     if (!c) { return; }
@@ -149,11 +168,11 @@
       if (row) {
         row.className = "acked fresh";
         row.querySelector("td.ack").textContent = ack.time;
-        row.querySelector("td.latency").textContent = duration(ack.latency);
+        setMs(row.querySelector("td.latency"), ack.latency_ms);
       }
       const item = document.createElement("li");
       item.textContent = ack.device + " acked epoch " + data.epoch + " at " + ack.time +
-        (ack.latency === null ? "" : " (" + duration(ack.latency) + " after the commit)");
+        (ack.latency_ms === null ? "" : " (" + fmtMs(ack.latency_ms) + " after the commit)");
       item.setAttribute("data-device", ack.device);
       feed.insertBefore(item, feed.firstChild);
     });
