@@ -473,6 +473,12 @@ class MqttClient:
             if self._client.loop(timeout=_LOOP_SLICE) != _MQTT_ERR_SUCCESS:
                 break
         self._connected.clear()
+        # paho's loop() opens a loopback socket pair to wake itself and only its __del__ closes
+        # it (paho 2.x has no public call for it); a stopped client must not hold descriptors
+        # until some later garbage collection, which reports them as unclosed sockets.
+        reset = getattr(self._client, "_reset_sockets", None)
+        if reset is not None:
+            reset(sockpair_only=True)
 
     def _note_error(self, text: str) -> None:
         with self._lock:

@@ -27,7 +27,6 @@ epoch authenticator of the group); afterwards a rekey is done by every member an
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -139,7 +138,7 @@ class Attacker:
         self.client.publish(topic, payload)
 
     def close(self) -> None:
-        close_client(self.client)
+        self.client.close()
 
 
 @pytest.fixture
@@ -419,13 +418,4 @@ def publish_as_member(lab: Lab, member: LabDevice, payloads: list[bytes]) -> Non
         for payload in payloads:
             client.publish(f"kf/v1/dev/{member.id}/report", payload)
     finally:
-        close_client(client)
-
-
-def close_client(client: MqttClient) -> None:
-    """Close and collect now: paho keeps a loopback socket pair (to wake its loop) until the
-    client object is collected, and a collection left to interpreter exit may finalize the
-    sockets before the client (an "unclosed socket" warning, an error under pytest)."""
-    client.close()
-    del client
-    gc.collect()
+        client.close()

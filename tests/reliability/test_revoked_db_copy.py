@@ -66,7 +66,6 @@ from agent.wire.envelope import RawMessage, decode_message
 from firmware_sim.lab import Lab, LabDevice
 from provisioning.registry import Registry, make_engine
 from tests.reliability.secret_search import find, name_all, positive_control
-from tests.reliability.test_hostile_e2e import close_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
@@ -112,7 +111,7 @@ class Tap:
 def tap(lab: Lab) -> Iterator[Tap]:
     made = Tap(lab)
     yield made
-    close_client(made.client)
+    made.client.close()
 
 
 def op(lab: Lab, *args: str, operator: str = "op-ops") -> dict[str, Any]:
