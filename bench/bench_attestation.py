@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.eventlog import decode_event_log, replay
 from agent.tpm import KeyKind, TPMStore
 from firmware_sim.boot import default_components, measured_boot
+from firmware_sim.ports import free_port
 from provisioning.attestation import AttestationVerifier, Evidence, NonceBook
 from provisioning.policy import policy_from_components
 
@@ -43,20 +44,6 @@ ROUNDS = 40  # every quote verified ROUNDS times: 10,240 verifications
 PASSES = 5  # the median pass is reported (shared machines are noisy)
 
 
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free pair of loopback ports")
-
-
 @contextmanager
 def swtpm() -> Iterator[str]:
     """A bare swtpm (no EK needed here) in a temporary state directory; stopped by its PID."""
@@ -64,7 +51,7 @@ def swtpm() -> Iterator[str]:
     if binary is None:
         raise SystemExit("swtpm is not installed (Debian package swtpm)")
     with tempfile.TemporaryDirectory() as state:
-        port = _free_port_pair()
+        port = free_port(2)
         process = subprocess.Popen(
             [
                 binary,

@@ -29,7 +29,7 @@ from bench.bench_dashboard import (
     populate,
     register_operator,
 )
-from firmware_sim.broker import free_port
+from firmware_sim.ports import free_port
 from provisioning import audit, pki
 from provisioning.config import load_config
 from provisioning.dashboard import CSP, DashboardServer, DashboardSettings, queries, start_dashboard

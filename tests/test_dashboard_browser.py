@@ -40,8 +40,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from firmware_sim.broker import free_port
 from firmware_sim.lab import Lab
+from firmware_sim.ports import free_port
 from provisioning import pki
 from provisioning.dashboard import queries
 from provisioning.dashboard.app import _fmt_ms

@@ -11,7 +11,6 @@ is available, on PostgreSQL.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
+from firmware_sim.ports import free_port
 from provisioning.registry import make_engine, session_factory
 from provisioning.registry.schema import CommitLogEntry, Group
 from provisioning.service import store
@@ -44,12 +44,6 @@ DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 DEVICES = 12
 INSTANCES = ("a", "b")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

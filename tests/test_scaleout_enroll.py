@@ -24,7 +24,7 @@ import pytest
 from agent.errors import ProtocolError
 from agent.factory import FactoryDevice
 from agent.tpm.store import TPMStore
-from firmware_sim.broker import free_port
+from firmware_sim.ports import free_port
 from provisioning import audit
 from provisioning.enroll import DeviceIdentity, StartResult
 from provisioning.registry import Registry, make_engine, run_in_transaction, session_factory

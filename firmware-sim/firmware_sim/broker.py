@@ -27,6 +27,7 @@ from pathlib import Path
 from cryptography import x509
 
 from agent.errors import ConfigError, StateError
+from firmware_sim.ports import free_port
 from provisioning import pki
 
 SERVICE_IDENTITY = "keyfleet-service"
@@ -53,14 +54,6 @@ DEFAULT_LOG_TYPES = ("all",)
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the broker binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def mosquitto_binary() -> str:

@@ -66,7 +66,8 @@ from agent.statefile import StateFile
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore
 from firmware_sim.boot import default_components
-from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto, free_port
+from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
+from firmware_sim.ports import free_port
 from firmware_sim.swtpm import ensure_manufacturer_ca, pid_alive, provision, tpm_command
 from provisioning import audit as audit_log
 from provisioning import pki

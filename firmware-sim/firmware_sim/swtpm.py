@@ -31,6 +31,7 @@ from typing import Literal
 from cryptography import x509
 
 from agent.errors import ConfigError, StateError
+from firmware_sim.ports import free_port
 
 TEMPLATE_DIR = Path(__file__).parent / "manufacturer"
 STATE_FILE = "tpm2-00.permall"
@@ -192,19 +193,7 @@ def provision(state_dir: Path, ca: ManufacturerCA, *, binary: str | None = None)
 def free_port_pair() -> int:
     """A port P such that P and P+1 were free a moment ago (swtpm's TCTI wants the control
     channel on P+1). Racy by nature; ``Swtpm.start`` retries if swtpm cannot bind."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise StateError("no free pair of loopback ports")
+    return free_port(2)
 
 
 def _connect(address: int | Path, timeout: float) -> socket.socket:
