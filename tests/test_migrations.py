@@ -277,3 +277,18 @@ def test_db_commands_never_print_the_password(tmp_path: Path, postgres_url: str)
     assert "password authentication failed" in runs[3].stderr
     for run in runs:
         assert password not in run.stdout + run.stderr
+
+
+def test_the_developer_command_runs_as_documented() -> None:
+    """docs/database.md has developers run ``python -m provisioning.registry.migrations``; it
+    needs the package's ``__main__`` (a ``__name__ == "__main__"`` block in ``__init__`` is
+    never reached by ``-m``)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "provisioning.registry.migrations", "heads"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == migrations.head_revision()

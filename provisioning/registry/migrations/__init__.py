@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -412,6 +411,3 @@ __all__ = [
     "target_metadata",
     "upgrade",
 ]
-
-if __name__ == "__main__":
-    sys.exit(main())
