@@ -531,6 +531,10 @@ class _Checked:
     pending: _Pending | None = None
 
 
+def _unknown_session() -> ProtocolError:
+    return ProtocolError("enroll.session.unknown", "no such enrollment session (expired or ended)")
+
+
 # ---- the service object ---------------------------------------------------------------------
 
 
@@ -737,16 +741,20 @@ class Enrollment:
         checked = run_in_transaction(
             self._db, lambda s: self._check_session(s, station, request.session, answer, now)
         )
-        if checked.error is not None:
+
+        def refused(exc: KeyfleetError) -> KeyfleetError:
             self._refuse(
                 now,
                 station=station,
                 action="enroll.finish",
                 target=checked.target,
-                exc=checked.error,
+                exc=exc,
                 details={},
             )
-            raise checked.error
+            return exc
+
+        if checked.error is not None:
+            raise refused(checked.error)
         if checked.identity is not None:
             return checked.identity  # a station retrying a finish whose answer it lost
         assert checked.pending is not None
@@ -759,30 +767,12 @@ class Enrollment:
                     delete(EnrollSession).where(EnrollSession.session_id == request.session)
                 ),
             )
-            self._refuse(
-                now,
-                station=station,
-                action="enroll.finish",
-                target=checked.target,
-                exc=exc,
-                details={},
-            )
+            refused(exc)
             raise
         if identity is None:
             # The session ended between our check and our claim, on this or another instance:
             # a wrong answer, a failed registration, expiry (purged) or an undo removed its row.
-            error = ProtocolError(
-                "enroll.session.unknown", "no such enrollment session (expired or ended)"
-            )
-            self._refuse(
-                now,
-                station=station,
-                action="enroll.finish",
-                target=checked.target,
-                exc=error,
-                details={},
-            )
-            raise error
+            raise refused(_unknown_session())
         return identity
 
     def _check_session(
@@ -795,9 +785,7 @@ class Enrollment:
         if row is None:
             checked = _Checked(
                 "session:unknown",
-                ProtocolError(
-                    "enroll.session.unknown", "no such enrollment session (expired or ended)"
-                ),
+                _unknown_session(),
             )
         elif row.expires_at < now:
             session.delete(row)
