@@ -1,6 +1,7 @@
 """keyagent: the device side of keyfleet, and the wire protocol the whole fleet speaks.
 
-The protocol core (``agent.wire``, ``agent.hpke``, ``agent.mls``) is sans-I/O: it takes bytes, a
+The protocol core (``agent.protocol.wire``, ``agent.protocol.hpke``, ``agent.protocol.mls``) is
+sans-I/O: it takes bytes, a
 clock and a random source and returns bytes or actions. The TPM, MQTT, serial link and files are
 thin adapters around it.
 """

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from agent.daemon import read_status
 from agent.daemon import run as run_daemon
-from agent.errors import KeyfleetError
 from agent.localapi.cli import register_api_command, run_api_command
+from agent.protocol.errors import KeyfleetError
 from agent.reset import AgentRunning, factory_reset, plan_reset
 from agent.selftest import SelftestReport, run_builtin_selftests, run_vector_files
 

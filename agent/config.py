@@ -50,11 +50,11 @@ from agent.configschema import (
     pem_certificates_problem,
     read_toml,
 )
-from agent.dataseal import GROUP_NAME
-from agent.errors import StateError
-from agent.lifecycle import AES_GCM_RANDOM_NONCE_LIMIT, RotationPolicy
 from agent.localapi.access import ANY, GROUP_SCOPED, OPERATIONS, AccessPolicy, AccessRule
 from agent.localapi.protocol import DEFAULT_API_SOCKET
+from agent.protocol.dataseal import GROUP_NAME
+from agent.protocol.errors import StateError
+from agent.protocol.lifecycle import AES_GCM_RANDOM_NONCE_LIMIT, RotationPolicy
 from agent.tpm.blob import KeyBlob
 
 log = logging.getLogger("keyagent.config")

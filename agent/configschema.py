@@ -28,7 +28,7 @@ from typing import Any, Final
 
 from cryptography import x509
 
-from agent.errors import ConfigError
+from agent.protocol.errors import ConfigError
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _MAX_SHOWN = 240  # long enough for real paths, short enough for a log line

@@ -2,7 +2,8 @@
 
 ``AgentCore`` turns what arrives over MQTT (bytes, a topic, the time) into what must be
 published, and keeps every piece of agent state that must survive a restart: the group states
-(``agent.mls.group.Group`` per group), commits this device made that the service has not ordered
+(``agent.protocol.mls.group.Group`` per group), commits this device made that the service has not
+ordered
 yet, key packages it handed out, the replay guard, its own outgoing sequence number, the key
 ledger, and the per-epoch data keys apps use. It does no I/O: the TPM enters only through a
 ``KeyProvider`` (DevID key for signing, leaf keys by public key), the clock as ``now`` and the
@@ -32,10 +33,10 @@ from typing import Any, Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import dataseal
-from agent.errors import ProtocolError, StateError
-from agent.hpke import Rng, serialize_public_key
-from agent.lifecycle import (
+from agent.protocol import dataseal
+from agent.protocol.errors import ProtocolError, StateError
+from agent.protocol.hpke import Rng, serialize_public_key
+from agent.protocol.lifecycle import (
     AES_GCM_RANDOM_NONCE_LIMIT,
     KeyKind,
     KeyLedger,
@@ -45,43 +46,47 @@ from agent.lifecycle import (
     RotationPolicy,
     rotation_due,
 )
-from agent.mls import codec
-from agent.mls.group import Group
-from agent.mls.messages import Commit, KeyPackage, Welcome
-from agent.secret import Secret
-from agent.wire import cose
-from agent.wire.envelope import (
+from agent.protocol.mls import codec
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.secret import Secret
+from agent.protocol.topics import (
+    SERVICE_ID,
+    device_cmd_topic,
+    device_report_topic,
+    group_of_commit_topic,
+)
+from agent.protocol.wire import cose
+from agent.protocol.wire.envelope import (
     DEFAULT_MAX_AGE,
     Signer,
     VerifiedMessage,
     encode_message,
     open_message,
 )
-from agent.wire.messages.ack import Ack
-from agent.wire.messages.attestation import AttestChallenge, AttestReport
-from agent.wire.messages.base import ID_PATTERN, Body
-from agent.wire.messages.group import (
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
+from agent.protocol.wire.messages.base import ID_PATTERN, Body
+from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
     KeyPackageMessage,
     UpdateRequest,
     WelcomeMessage,
 )
-from agent.wire.messages.key_state import MAX_KEYS, KeyStateReport
-from agent.wire.messages.service import (
+from agent.protocol.wire.messages.key_state import MAX_KEYS, KeyStateReport
+from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
     KeyPackageRequest,
     ReportRequest,
     WelcomeDelivery,
 )
-from agent.wire.rejections import Rejections, is_benign
-from agent.wire.replay import ReplayGuard
+from agent.protocol.wire.rejections import Rejections, is_benign
+from agent.protocol.wire.replay import ReplayGuard
 
 log = logging.getLogger("keyagent.core")
 
-SERVICE_ID: Final = "keyfleet-service"
-TOPIC_ROOT: Final = "kf/v1"
 STATE_VERSION: Final = 1
 DATA_KEY_SIZE: Final = dataseal.KEY_SIZE
 MAX_PENDING_COMMITS: Final = 4
@@ -250,11 +255,11 @@ class AgentCore:
 
     @property
     def report_topic(self) -> str:
-        return f"{TOPIC_ROOT}/dev/{self.device_id}/report"
+        return device_report_topic(self.device_id)
 
     @property
     def command_topic(self) -> str:
-        return f"{TOPIC_ROOT}/dev/{self.device_id}/cmd"
+        return device_cmd_topic(self.device_id)
 
     @property
     def next_seq(self) -> int:
@@ -304,7 +309,7 @@ class AgentCore:
     def handle(self, payload: bytes, topic: str, now: int) -> Outcome:
         """Process one MQTT message (``payload`` received on ``topic``) at time ``now``."""
         self._now = now
-        group_topic = _group_of_topic(topic)
+        group_topic = group_of_commit_topic(topic)
         if group_topic is not None and group_topic not in self._groups:
             # Devices read every group's commit topic (one ACL pattern); others' groups are
             # not ours to judge: drop before spending a signature check.
@@ -899,13 +904,6 @@ def _leaf_public(group: Group) -> bytes:
     leaf = group.tree.leaf(group.own_leaf)
     assert leaf is not None  # a Group is only ever built for a member leaf
     return leaf.encryption_key
-
-
-def _group_of_topic(topic: str) -> str | None:
-    parts = topic.split("/")
-    if len(parts) == 5 and parts[:3] == ["kf", "v1", "grp"] and parts[4] == "commit":
-        return parts[3]
-    return None
 
 
 @dataclass

@@ -32,7 +32,11 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agent.config import AgentConfig, load_config
 from agent.core import AgentCore, AttestationEvidence, Outcome
-from agent.errors import (
+from agent.fsio import atomic_write, shred
+from agent.keybackend import TpmKeyBackend, policy_failed
+from agent.localapi.server import LocalApiServer
+from agent.mqtt import MqttClient, ReceivedMessage
+from agent.protocol.errors import (
     ConfigError,
     KeyfleetError,
     ProtocolError,
@@ -40,20 +44,17 @@ from agent.errors import (
     TPMError,
     TransportError,
 )
-from agent.fsio import atomic_write, shred
-from agent.hpke import serialize_public_key
-from agent.keybackend import TpmKeyBackend, policy_failed
-from agent.lifecycle import KeyKind, KeyState
-from agent.localapi.server import LocalApiServer
-from agent.mqtt import MqttClient, ReceivedMessage
+from agent.protocol.hpke import serialize_public_key
+from agent.protocol.lifecycle import KeyKind, KeyState
+from agent.protocol.secret import Secret
+from agent.protocol.topics import ALL_GROUP_COMMITS
+from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.sdnotify import Notifier
-from agent.secret import Secret
 from agent.selftest import run_builtin_selftests
 from agent.statefile import StateFile
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMKey, TPMStore
 from agent.tpm.templates import KeyKind as TpmKeyKind
-from agent.wire.envelope import DEFAULT_MAX_AGE
 
 log = logging.getLogger("keyagent.daemon")
 
@@ -465,7 +466,7 @@ class Daemon:
         assert self._mqtt is not None and self.core is not None
         try:
             self._mqtt.subscribe(self.core.command_topic, timeout=PUBLISH_TIMEOUT)
-            self._mqtt.subscribe("kf/v1/grp/+/commit", timeout=PUBLISH_TIMEOUT)
+            self._mqtt.subscribe(ALL_GROUP_COMMITS, timeout=PUBLISH_TIMEOUT)
         except TransportError as exc:
             log.warning("subscribe failed, will retry: %s", exc)
             return False

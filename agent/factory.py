@@ -65,10 +65,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.config import load_config
-from agent.errors import ProtocolError, StateError, TPMError
 from agent.fsio import atomic_write, shred
+from agent.protocol.attest import public_key_from_area
+from agent.protocol.errors import ProtocolError, StateError, TPMError
 from agent.serial_link import Args, DeviceLink, Handler
-from agent.tpm.attest import public_key_from_area
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import EKKind, TPMStore
 from agent.tpm.templates import KeyKind

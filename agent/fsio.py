@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from agent.errors import StateError
+from agent.protocol.errors import StateError
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:

@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.core import AgentCore
-from agent.errors import ProtocolError, TPMError
 from agent.fsio import shred
-from agent.lifecycle import KeyKind, KeyRecord, KeyState
-from agent.secret import Secret
+from agent.protocol.errors import ProtocolError, TPMError
+from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
+from agent.protocol.secret import Secret
 from agent.tpm.blob import KeyBlob
 
 _RC_POLICY_FAIL = 0x09D

@@ -38,7 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import ConfigError, TransportError
+from agent.protocol.errors import ConfigError, TransportError
 
 log = logging.getLogger("keyfleet.mqtt")
 

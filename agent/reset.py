@@ -54,7 +54,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.config import AgentConfig, load_config
 from agent.config import config_path as default_config_path
-from agent.core import SERVICE_ID, TOPIC_ROOT
 from agent.daemon import (
     APP_SEAL_DIR,
     LEAF_DIR,
@@ -63,13 +62,14 @@ from agent.daemon import (
     STATUS_FILE,
     load_devid,
 )
-from agent.errors import ConfigError, KeyfleetError, StateError, TPMError
 from agent.fsio import shred
 from agent.localapi.protocol import DEFAULT_API_SOCKET
 from agent.mqtt import MqttClient
+from agent.protocol.errors import ConfigError, KeyfleetError, StateError, TPMError
+from agent.protocol.topics import SERVICE_ID, device_report_topic
+from agent.protocol.wire.envelope import encode_message
+from agent.protocol.wire.messages.key_state import DESTROYED_REASON_MAX, DeviceDestroyed
 from agent.tpm.store import TPMKey, TPMStore
-from agent.wire.envelope import encode_message
-from agent.wire.messages.key_state import DESTROYED_REASON_MAX, DeviceDestroyed
 
 log = logging.getLogger("keyagent.reset")
 
@@ -266,7 +266,7 @@ def tell_service(
     )
     try:
         client.connect(timeout)
-        client.publish(f"{TOPIC_ROOT}/dev/{device_id}/report", payload, timeout=timeout)
+        client.publish(device_report_topic(device_id), payload, timeout=timeout)
     finally:
         client.close()
 

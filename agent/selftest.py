@@ -29,10 +29,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import hpke
-from agent.errors import KeyfleetError
-from agent.mls import crypto, key_schedule
-from agent.mls.tls import Reader
+from agent.protocol import hpke
+from agent.protocol.errors import KeyfleetError
+from agent.protocol.mls import crypto, key_schedule
+from agent.protocol.mls.tls import Reader
 
 FORMAT_RFC9180 = "rfc9180"
 FORMAT_TREE_MATH = "mls-tree-math"
@@ -281,9 +281,9 @@ def _node_or_none(function: Callable[[int, int], int | None], x: int, n: int) ->
 
 def _run_tree_math(entries: list[dict[str, Any]], tally: _Tally) -> None:
     try:
-        from agent.mls import tree_math  # noqa: PLC0415  (written alongside; absent = failure)
+        from agent.protocol.mls import tree_math  # noqa: PLC0415  (written alongside; absent = failure)
     except ImportError as exc:
-        tally.failures.append(f"tree math: agent.mls.tree_math unavailable ({exc})")
+        tally.failures.append(f"tree math: agent.protocol.mls.tree_math unavailable ({exc})")
         return
 
     for e in entries:

@@ -11,7 +11,7 @@ has and starts afresh at the next 0x00. The leading delimiter ends whatever garb
 frame. The CRC-32 (zlib's, IEEE 802.3) catches corrupted bodies; the size limit applies before
 anything is decoded, so a stream without delimiters costs a bounded buffer.
 
-The payload is deterministic CBOR decoded by ``agent.wire.cbor`` (strict: one encoding per
+The payload is deterministic CBOR decoded by ``agent.protocol.wire.cbor`` (strict: one encoding per
 value, no tags or floats)::
 
     request  = {"v": 1, "id": uint, "op": tstr, "args": {* tstr => any}}
@@ -35,7 +35,7 @@ Refusals and counters use these check ids:
     serial.frame.crc     the CRC-32 does not match (or the body is shorter than a CRC)
     serial.message       the payload is valid CBOR but not a request/response of this protocol
     serial.timeout       no response after every retry (a ``TransportError``)
-    cbor.*               the payload is not strict deterministic CBOR (agent.wire.cbor)
+    cbor.*               the payload is not strict deterministic CBOR (agent.protocol.wire.cbor)
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from typing import Any, Protocol
 
 import serial
 
-from agent.errors import KeyfleetError, ProtocolError, TransportError
-from agent.wire import cbor
+from agent.protocol.errors import KeyfleetError, ProtocolError, TransportError
+from agent.protocol.wire import cbor
 
 log = logging.getLogger("keyfleet.serial")
 

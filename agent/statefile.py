@@ -24,9 +24,9 @@ import cbor2
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent.errors import StateError
 from agent.fsio import atomic_write
-from agent.secret import Secret
+from agent.protocol.errors import StateError
+from agent.protocol.secret import Secret
 
 MAGIC = b"KFST"
 VERSION = 1

@@ -32,9 +32,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from agent.protocol.wire.messages.operator import GroupCreate, Rekey
+from agent.protocol.wire.messages.result import ResultStatus
 from agent.tpm import KeyKind, TPMStore
-from agent.wire.messages.operator import GroupCreate, Rekey
-from agent.wire.messages.result import ResultStatus
 from bench.bench_rekey import _await_final
 from bench.deployment import Deployment, deployment
 from firmware_sim.fleet import VirtualFleet, load_fleet_config, open_registry

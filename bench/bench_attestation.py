@@ -7,7 +7,8 @@ default components into it, and its AK quotes the policy's PCRs over a few hundr
 nonces. Then the verifier runs the whole service-side path for each report, many times over:
 NonceBook.issue (its rng hands out the quote's nonce, so the challenge is a real open one),
 NonceBook.consume (single use, expiry), event log decode, unquoted/duplicate checks, replay,
-``agent.tpm.attest.verify_quote`` (ECDSA P-256 verification by pyca, TPMS_ATTEST parsing, nonce,
+``agent.protocol.attest.verify_quote`` (ECDSA P-256 verification by pyca, TPMS_ATTEST parsing,
+nonce,
 selection, PCR digest) and the golden policy. Nothing is cached between iterations.
 
 Breakdown records time the AK signature check alone and the event log decode + replay alone.
@@ -31,7 +32,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.eventlog import decode_event_log, replay
+from agent.protocol.eventlog import decode_event_log, replay
 from agent.tpm import KeyKind, TPMStore
 from firmware_sim.boot import default_components, measured_boot
 from firmware_sim.ports import free_port

@@ -33,16 +33,16 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import hpke
-from agent.hpke import serialize_public_key
-from agent.mls import codec
-from agent.mls import tree_math as tm
-from agent.mls.crypto import derive_key_pair, hash_
-from agent.mls.group import Group
-from agent.mls.key_schedule import epoch_from_joiner
-from agent.mls.messages import Commit
-from agent.mls.public import PublicGroup, PublicState
-from agent.mls.tree import LeafNode, ParentNode, RatchetTree
+from agent.protocol import hpke
+from agent.protocol.hpke import serialize_public_key
+from agent.protocol.mls import codec
+from agent.protocol.mls import tree_math as tm
+from agent.protocol.mls.crypto import derive_key_pair, hash_
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.key_schedule import epoch_from_joiner
+from agent.protocol.mls.messages import Commit
+from agent.protocol.mls.public import PublicGroup, PublicState
+from agent.protocol.mls.tree import LeafNode, ParentNode, RatchetTree
 
 SIZES = [2**k for k in range(1, 13)]
 

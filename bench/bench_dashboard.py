@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.lifecycle import KeyState
+from agent.protocol.lifecycle import KeyState
 from provisioning import audit, pki
 from provisioning.dashboard import DashboardSettings, build_dashboard_app
 from provisioning.http import start_mtls_server

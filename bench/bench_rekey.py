@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.wire.messages.operator import GroupCreate, Rekey
-from agent.wire.messages.result import ResultStatus
+from agent.protocol.wire.messages.operator import GroupCreate, Rekey
+from agent.protocol.wire.messages.result import ResultStatus
 from bench.deployment import Deployment, deployment
 from firmware_sim.fleet import VirtualFleet, load_fleet_config, open_registry
 from provisioning.operator import OperatorClient

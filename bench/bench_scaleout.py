@@ -39,8 +39,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from agent.wire.messages.operator import Rekey
-from agent.wire.messages.result import ResultStatus
+from agent.protocol.wire.messages.operator import Rekey
+from agent.protocol.wire.messages.result import ResultStatus
 from bench.bench_rekey import _await_final, _wait_reports
 from bench.deployment import Deployment, deployment
 from firmware_sim.fleet import VirtualFleet, load_fleet_config, open_registry

@@ -30,18 +30,19 @@ from typing import Any
 
 from agent.core import AgentCore
 from agent.daemon import TpmKeys
-from agent.mls.group import Group
-from agent.mls.messages import Commit, KeyPackage
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.messages import Commit, KeyPackage
+from agent.protocol.topics import SERVICE_ID
+from agent.protocol.wire.envelope import Signer, encode_message, open_message
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.group import CommitMessage
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from agent.tpm import KeyKind, TPMStore
-from agent.wire.envelope import Signer, encode_message, open_message
-from agent.wire.messages.base import Body
-from agent.wire.messages.group import CommitMessage
-from agent.wire.messages.service import CommitAction, CommitRequest
 from firmware_sim.swtpm import Swtpm
 from provisioning import pki
 
 MEMBERS = 8
-SERVICE = "keyfleet-service"
+SERVICE = SERVICE_ID
 TARGET = 1
 
 

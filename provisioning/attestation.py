@@ -3,7 +3,7 @@
 A device answers the service's challenge (a fresh nonce and a PCR selection) with a TPM quote
 signed by its AK and its measured-boot event log. The quote vouches for the PCR values; the log
 says how they came about; the golden policy says which measurements are approved. The verifier
-ties the three together. It is pure: no TPM command (``agent.tpm.attest`` checks the quote), no
+ties the three together. It is pure: no TPM command (``agent.protocol.attest`` checks the quote), no
 I/O, the clock passed in. Outstanding nonces live in a ``NonceBook``.
 
 Checks, in order; the first failure decides (ids are stable, docs/attestation.md and
@@ -13,10 +13,10 @@ docs/checks.md):
     attest.nonce.replayed    the nonce was already used by an earlier report
     attest.nonce.expired     the nonce is older than the book's lifetime
     attest.pcrs              the report quotes another PCR selection than the challenge asked
-    eventlog.*               the event log does not decode (agent.eventlog)
+    eventlog.*               the event log does not decode (agent.protocol.eventlog)
     attest.eventlog.unquoted an event extends a PCR outside the quoted selection
     attest.eventlog.duplicate a component is measured twice
-    tpm.attest.*, tpm.quote.pcr-select   the quote itself (agent.tpm.attest.verify_quote):
+    tpm.attest.*, tpm.quote.pcr-select   the quote itself (agent.protocol.attest.verify_quote):
                              parse, magic, type, AK signature, nonce in extraData, selection
     attest.eventlog.replay   the log's replay does not give the quoted PCR digest: the log is
                              forged, truncated or from another boot
@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import ProtocolError
-from agent.eventlog import EventLog, MeasurementEvent, decode_event_log, replay
-from agent.tpm.attest import Attestation, verify_quote
-from agent.wire.messages.attestation import AttestReport
+from agent.protocol.attest import Attestation, verify_quote
+from agent.protocol.errors import ProtocolError
+from agent.protocol.eventlog import EventLog, MeasurementEvent, decode_event_log, replay
+from agent.protocol.wire.messages.attestation import AttestReport
 from provisioning.policy import GoldenPolicy
 
 DEFAULT_NONCE_TTL = 300

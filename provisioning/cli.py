@@ -28,8 +28,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from agent.errors import ConfigError, KeyfleetError
-from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.errors import ConfigError, KeyfleetError
+from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from provisioning import audit, pki
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard

@@ -74,7 +74,7 @@ from agent.configschema import (
     read_toml,
     validate,
 )
-from agent.errors import InternalError
+from agent.protocol.errors import InternalError
 from provisioning.registry.engine import redact_url
 
 DEFAULT_DATABASE_URL = "sqlite:///keyfleet.db"

@@ -11,7 +11,7 @@ DevID public areas, the AK's TPM2_Certify of the DevID, the device's TLS public 
                            needs a factory reset: an EK whose identity is destroyed or revoked
                            enrolls again under the same device id, see ``Registry.reenroll_device``)
     enroll.ak.attributes   the AK is not a restricted, fixedTPM, fixedParent signing key
-    tpm.*                  the certify does not verify (agent.tpm.attest.verify_certify: AK
+    tpm.*                  the certify does not verify (agent.protocol.attest.verify_certify: AK
                            signature, nonce, the DevID's Name, fixedTPM + fixedParent)
     enroll.devid.attributes the DevID is not a TPM-generated, unrestricted signing key
     enroll.tls.key         the TLS public key is not ECC P-256
@@ -88,16 +88,16 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from tpm2_pytss.constants import TPMA_OBJECT
 
-from agent.errors import InternalError, KeyfleetError, ProtocolError
-from agent.secret import Secret
-from agent.tpm.attest import (
+from agent.protocol.attest import (
     Attestation,
+    ek_public_key_from_area,
     object_attributes,
     public_key_from_area,
     tpm_name,
     verify_certify,
 )
-from agent.tpm.store import ek_public_key_from_area
+from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError
+from agent.protocol.secret import Secret
 from provisioning import audit
 from provisioning.config import ServiceConfig
 from provisioning.makecredential import make_credential

@@ -5,11 +5,13 @@
     DELETE /v1/enroll/{device}    undo a registration whose install failed (?reason=...)
 
 Bodies are deterministic CBOR (``application/cbor``), at most ``MAX_BODY`` bytes, counted while
-they stream in (before decoding) and decoded by the strict ``agent.wire.cbor``. Errors are CBOR
+they stream in (before decoding) and decoded by the strict ``agent.protocol.wire.cbor``. Errors are
+CBOR
 maps ``{"check": id, "reason": text}`` with a 4xx status (5xx only for the service's own
 trouble): 400 malformed, 401 no client certificate, 403 a check failed or not a station,
 404/410 unknown/expired session, 409 already enrolled, 413 too large, 415 not CBOR.
-Every refusal is counted by check id in ``app.state.rejections`` (``agent.wire.rejections``, as
+Every refusal is counted by check id in ``app.state.rejections``
+(``agent.protocol.wire.rejections``, as
 the MQTT side counts) and passed to ``on_refusal`` (``keyfleet serve``: its metrics).
 
 Transport: mutual TLS. uvicorn is started with ``ssl_cert_reqs=CERT_REQUIRED`` and the station CA
@@ -44,9 +46,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from agent.errors import ConfigError, ProtocolError, StateError
-from agent.wire import cbor
-from agent.wire.rejections import Rejections
+from agent.protocol.errors import ConfigError, ProtocolError, StateError
+from agent.protocol.wire import cbor
+from agent.protocol.wire.rejections import Rejections
 from provisioning.config import ServiceConfig
 from provisioning.enroll import Enrollment, EnrollmentSettings, FinishRequest, StartRequest
 from provisioning.registry.engine import make_engine, session_factory

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from agent.errors import CryptoError
+from agent.protocol.errors import CryptoError
 
 Rng = Callable[[int], bytes]
 
@@ -145,7 +145,8 @@ def make_credential(
     """Returns (credential_blob, encrypted_secret): marshalled TPM2B_ID_OBJECT and
     TPM2B_ENCRYPTED_SECRET, the two inputs of TPM2_ActivateCredential.
 
-    ``ak_name`` is the AK's TPM Name (nameAlg || digest, see agent.tpm.attest.tpm_name) computed
+    ``ak_name`` is the AK's TPM Name (nameAlg || digest, see agent.protocol.attest.tpm_name)
+    computed
     by the verifier from the AK public area it was given, never taken from the device's word."""
     if not 0 < len(credential) <= MAX_CREDENTIAL_SIZE:
         raise CryptoError(

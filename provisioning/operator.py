@@ -32,15 +32,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from sqlalchemy.orm import Session
 
-from agent.errors import ConfigError, ProtocolError
 from agent.mqtt import MqttClient
-from agent.wire.cose import key_id
-from agent.wire.envelope import Signer, encode_message, open_message
-from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
-from agent.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.topics import SERVICE_ID, operator_cmd_topic, operator_result_topic
+from agent.protocol.wire.cose import key_id
+from agent.protocol.wire.envelope import Signer, encode_message, open_message
+from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import pki
 from provisioning.registry import Registry
-from provisioning.service.core import SERVICE_ID, operator_cmd_topic, operator_result_topic
 
 EXIT_OK = 0
 EXIT_FAILED = 1

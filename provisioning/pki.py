@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import ProtocolError
 from agent.fsio import atomic_write
+from agent.protocol.errors import ProtocolError
 
 Purpose = Literal["server", "client", "any"]
 Rng = Callable[[int], bytes]

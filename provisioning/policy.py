@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from agent.errors import ConfigError, ProtocolError
-from agent.eventlog import DIGEST_SIZE, PCR_COUNT, check_component_name, check_version
 from agent.fsio import atomic_write
+from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.eventlog import DIGEST_SIZE, PCR_COUNT, check_component_name, check_version
 
 POLICY_FORMAT = 1
 MAX_POLICY_SIZE = 1024 * 1024

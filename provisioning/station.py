@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.errors import ConfigError, KeyfleetError, ProtocolError, TransportError
-from agent.secret import Secret
+from agent.protocol.errors import ConfigError, KeyfleetError, ProtocolError, TransportError
+from agent.protocol.secret import Secret
+from agent.protocol.wire import cbor
 from agent.serial_link import SerialClient
-from agent.wire import cbor
 from provisioning.enroll import (
     DeviceIdentity,
     FinishRequest,

@@ -1,4 +1,5 @@
-"""Software fleet members for the delivery-service tests: real MLS groups (agent.mls.group.Group)
+"""Software fleet members for the delivery-service tests: real MLS groups
+(agent.protocol.mls.group.Group)
 with software DevID and leaf keys, speaking the real wire protocol (signed envelopes) the way
 FLOWS.md says a keyagent does. Used by tests/test_service_core.py (driven in-process) and
 tests/test_service_mqtt.py (driven over a real Mosquitto).
@@ -17,22 +18,23 @@ from datetime import UTC, datetime, timedelta
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.errors import ProtocolError
-from agent.mls import codec
-from agent.mls.group import CommitResult, Group
-from agent.mls.messages import Commit, KeyPackage, Welcome
-from agent.wire.cose import key_id
-from agent.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
-from agent.wire.messages.ack import Ack
-from agent.wire.messages.base import Body
-from agent.wire.messages.group import (
+from agent.protocol.errors import ProtocolError
+from agent.protocol.mls import codec
+from agent.protocol.mls.group import CommitResult, Group
+from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.topics import SERVICE_ID, device_report_topic, operator_cmd_topic
+from agent.protocol.wire.cose import key_id
+from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
     KeyPackageMessage,
     WelcomeMessage,
 )
-from agent.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
-from agent.wire.messages.service import (
+from agent.protocol.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
     KeyPackageRequest,
@@ -40,7 +42,6 @@ from agent.wire.messages.service import (
 )
 from provisioning import pki
 from provisioning.registry import Registry, run_in_transaction
-from provisioning.service.core import SERVICE_ID, device_report_topic, operator_cmd_topic
 
 Outgoing = tuple[str, bytes]
 

@@ -30,9 +30,9 @@ from agent.config import (
     parse_config,
 )
 from agent.configschema import ConfigProblems
-from agent.errors import ConfigError
-from agent.lifecycle import RotationPolicy
 from agent.localapi.access import PeerCredentials
+from agent.protocol.errors import ConfigError
+from agent.protocol.lifecycle import RotationPolicy
 from agent.tpm.blob import KeyBlob
 
 pytestmark = pytest.mark.pure

@@ -1,5 +1,6 @@
 """The agent's protocol core with software keys: a test driver plays the fleet service (it signs
-with its own software key through agent.wire, orders commits with agent.mls.public.PublicGroup)
+with its own software key through agent.protocol.wire, orders commits with
+agent.protocol.mls.public.PublicGroup)
 and drives several device cores through create, key package, add, welcome, update and remove;
 refusals by check id without state change; redelivery; commits that lose the race; restore;
 rotation requests; grace-period destruction of old data keys."""
@@ -16,32 +17,32 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.core import SERVICE_ID, AgentCore, Outcome, Publish, leaf_name
-from agent.errors import ProtocolError, StateError
-from agent.hpke import serialize_public_key
-from agent.lifecycle import KeyKind, KeyState, RotationPolicy
-from agent.mls import codec
-from agent.mls.messages import Commit
-from agent.mls.public import PublicGroup
-from agent.wire import cose
-from agent.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
-from agent.wire.messages.ack import Ack
-from agent.wire.messages.base import Body
-from agent.wire.messages.group import (
+from agent.protocol.errors import ProtocolError, StateError
+from agent.protocol.hpke import serialize_public_key
+from agent.protocol.lifecycle import KeyKind, KeyState, RotationPolicy
+from agent.protocol.mls import codec
+from agent.protocol.mls.messages import Commit
+from agent.protocol.mls.public import PublicGroup
+from agent.protocol.wire import cose
+from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
     KeyPackageMessage,
     UpdateRequest,
     WelcomeMessage,
 )
-from agent.wire.messages.key_state import KeyStateReport
-from agent.wire.messages.service import (
+from agent.protocol.wire.messages.key_state import KeyStateReport
+from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
     KeyPackageRequest,
     ReportRequest,
     WelcomeDelivery,
 )
-from agent.wire.replay import ReplayGuard
+from agent.protocol.wire.replay import ReplayGuard
 
 pytestmark = pytest.mark.pure
 

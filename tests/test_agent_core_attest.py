@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from agent.core import AttestationEvidence
-from agent.lifecycle import KeyKind
-from agent.wire.envelope import Signer, open_message
-from agent.wire.messages.attestation import AttestChallenge, AttestReport
+from agent.protocol.lifecycle import KeyKind
+from agent.protocol.wire.envelope import Signer, open_message
+from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
 from tests.test_agent_core import T0, FakeService
 
 pytestmark = pytest.mark.pure

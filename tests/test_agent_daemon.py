@@ -30,20 +30,20 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.core import SERVICE_ID
-from agent.dataseal import open_sealed
 from agent.localapi.client import LocalApiClient
 from agent.localapi.protocol import app_signing_input
-from agent.mls.group import Group
-from agent.mls.messages import Commit, KeyPackage, Welcome
 from agent.mqtt import MqttClient
+from agent.protocol.dataseal import open_sealed
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.group import CommitMessage, GroupCreated, WelcomeMessage
+from agent.protocol.wire.messages.key_state import KeyStateReport
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest, ReportRequest
 from agent.tpm.store import TPMStore
 from agent.tpm.templates import KeyKind
-from agent.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
-from agent.wire.messages.ack import Ack
-from agent.wire.messages.base import Body
-from agent.wire.messages.group import CommitMessage, GroupCreated, WelcomeMessage
-from agent.wire.messages.key_state import KeyStateReport
-from agent.wire.messages.service import CommitAction, CommitRequest, ReportRequest
 from firmware_sim.swtpm import tpm_command as _tpm_command
 from provisioning import pki
 from tests.fixtures.mosquitto import MosquittoBroker

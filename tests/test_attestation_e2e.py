@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import pytest
 
 from agent.daemon import read_status
-from agent.errors import StateError
+from agent.protocol.errors import StateError
 from firmware_sim.swtpm import pid_alive
 from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker, free_port
 from tests.fixtures.swtpm import ManufacturerCA

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from agent.eventlog import EventLog
+from agent.protocol.eventlog import EventLog
+from agent.protocol.wire.envelope import VerifiedMessage
+from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
+from agent.protocol.wire.messages.key_state import KeyStateReport
+from agent.protocol.wire.messages.operator import AttestDevice
+from agent.protocol.wire.messages.result import ResultStatus
 from agent.tpm import KeyKind, TPMStore
 from agent.tpm.blob import KeyBlob
-from agent.wire.envelope import VerifiedMessage
-from agent.wire.messages.attestation import AttestChallenge, AttestReport
-from agent.wire.messages.key_state import KeyStateReport
-from agent.wire.messages.operator import AttestDevice
-from agent.wire.messages.result import ResultStatus
 from firmware_sim.boot import FirmwareComponent, default_components, measured_boot, tampered
 from provisioning.operator import list_devices
 from provisioning.policy import policy_from_components

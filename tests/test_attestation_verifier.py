@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.eventlog import EventLog, decode_event_log
+from agent.protocol.eventlog import EventLog, decode_event_log
+from agent.protocol.wire.messages.attestation import AttestReport
 from agent.tpm import KeyKind, TPMKey, TPMStore
-from agent.wire.messages.attestation import AttestReport
 from firmware_sim.boot import (
     FirmwareComponent,
     default_components,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError, ProtocolError
+from agent.protocol.errors import ConfigError, ProtocolError
 from firmware_sim.boot import FirmwareComponent, default_components, demo_image
 from provisioning.attestation import MAX_OUTSTANDING_PER_DEVICE, NonceBook
 from provisioning.policy import (

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from agent.errors import InternalError
-from agent.wire.messages.result import ResultStatus
+from agent.protocol.errors import InternalError
+from agent.protocol.wire.messages.result import ResultStatus
 from provisioning.dashboard import queries
 from provisioning.dashboard.app import _fmt_ms
 from provisioning.registry import Registry, run_in_transaction

@@ -30,15 +30,15 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.dataseal import open_sealed
-from agent.errors import ProtocolError
 from agent.mqtt import MqttClient, ReceivedMessage
-from agent.secret import Secret
-from agent.wire.envelope import encode_message
-from agent.wire.messages.operator import Rekey, Revoke
+from agent.protocol.dataseal import open_sealed
+from agent.protocol.errors import ProtocolError
+from agent.protocol.secret import Secret
+from agent.protocol.topics import SERVICE_ID, operator_cmd_topic, operator_result_topic
+from agent.protocol.wire.envelope import encode_message
+from agent.protocol.wire.messages.operator import Rekey, Revoke
 from firmware_sim.lab import Lab, LabDevice
 from provisioning import pki
-from provisioning.service.core import SERVICE_ID, operator_cmd_topic, operator_result_topic
 from tests.fixtures.postgres import dump_rows
 
 pytestmark = pytest.mark.e2e

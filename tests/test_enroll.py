@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_SIG_SCHEME
 
-from agent.errors import ProtocolError, TPMError
 from agent.factory import FactoryDevice
-from agent.secret import Secret
+from agent.protocol.errors import ProtocolError, TPMError
+from agent.protocol.secret import Secret
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore
 from agent.tpm.templates import KeyKind

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.errors import ProtocolError
-from agent.wire import cbor
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire import cbor
 from provisioning.enroll import Enrollment
 from provisioning.http import MAX_BODY, EnrollmentServer, build_app, start_enrollment_server
 from provisioning.station import FleetClient

@@ -25,9 +25,9 @@ from cryptography import x509
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from agent.errors import ProtocolError
 from agent.factory import FactoryDevice
-from agent.secret import Secret
+from agent.protocol.errors import ProtocolError
+from agent.protocol.secret import Secret
 from agent.tpm.store import TPMStore
 from provisioning.enroll import (
     DeviceIdentity,

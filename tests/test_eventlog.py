@@ -1,4 +1,5 @@
-"""The measured-boot event log format (agent.eventlog): the documented byte layout, round trips,
+"""The measured-boot event log format (agent.protocol.eventlog): the documented byte layout, round
+trips,
 the TPM extend rule in replay, and every refusal by check id."""
 
 from __future__ import annotations
@@ -7,8 +8,8 @@ import hashlib
 
 import pytest
 
-from agent.errors import ProtocolError
-from agent.eventlog import (
+from agent.protocol.errors import ProtocolError
+from agent.protocol.eventlog import (
     MAX_EVENT_LOG_SIZE,
     MAX_EVENTS,
     EventLog,
@@ -19,7 +20,7 @@ from agent.eventlog import (
     extend,
     replay,
 )
-from agent.wire import cbor
+from agent.protocol.wire import cbor
 
 pytestmark = pytest.mark.pure
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ProtocolError
-from agent.eventlog import EventLog, EventType, MeasurementEvent, decode_event_log
-from agent.wire import cbor
+from agent.protocol.errors import ProtocolError
+from agent.protocol.eventlog import EventLog, EventType, MeasurementEvent, decode_event_log
+from agent.protocol.wire import cbor
 
 pytestmark = pytest.mark.pure
 

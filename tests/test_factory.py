@@ -17,11 +17,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.config import load_config
-from agent.errors import ProtocolError, TPMError
 from agent.factory import FactoryDevice, run_factory_console, serve_factory_on_pty
+from agent.protocol.attest import (
+    Attestation,
+    ek_public_key_from_area,
+    public_key_from_area,
+    tpm_name,
+    verify_certify,
+)
+from agent.protocol.errors import ProtocolError, TPMError
 from agent.serial_link import SerialClient
-from agent.tpm.attest import Attestation, public_key_from_area, tpm_name, verify_certify
-from agent.tpm.store import TPMStore, ek_public_key_from_area
+from agent.tpm.store import TPMStore
 from provisioning.makecredential import make_credential
 from provisioning.pki import create_ca, generate_key, issue_client_cert
 from tests.fixtures.swtpm import Swtpm

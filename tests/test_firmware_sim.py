@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from agent.errors import ProtocolError, StateError
-from agent.eventlog import decode_event_log, replay
+from agent.protocol.errors import ProtocolError, StateError
+from agent.protocol.eventlog import decode_event_log, replay
 from agent.serial_link import Args, SerialClient
 from firmware_sim.boot import PCR_MAP, default_components
 from firmware_sim.device import SimulatedDevice

@@ -16,7 +16,7 @@ import pytest
 
 from agent.config import load_config
 from agent.daemon import read_status
-from agent.errors import ProtocolError, StateError
+from agent.protocol.errors import ProtocolError, StateError
 from agent.serial_link import SerialClient
 from firmware_sim.boot import PCR_MAP
 from firmware_sim.swtpm import pid_alive

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
+from agent.protocol.errors import ConfigError
 from firmware_sim.boot import BOOT_ORDER, default_components, demo_image
 from firmware_sim.cli import main
 from firmware_sim.device import firmware_components

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import StateError
 from agent.fsio import atomic_write, shred
+from agent.protocol.errors import StateError
 
 pytestmark = pytest.mark.pure
 

@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import hpke as pyca_hpke
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import hpke
-from agent.errors import CryptoError
+from agent.protocol import hpke
+from agent.protocol.errors import CryptoError
 
 pytestmark = pytest.mark.pure
 

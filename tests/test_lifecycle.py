@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.lifecycle import (
+from agent.protocol.lifecycle import (
     AES_GCM_RANDOM_NONCE_LIMIT,
     ALLOWED_TRANSITIONS,
     EpochUse,

@@ -33,8 +33,8 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent.errors import ProtocolError, TPMError
 from agent.localapi.client import LocalApiClient
+from agent.protocol.errors import ProtocolError, TPMError
 from agent.statefile import StateFile
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore

@@ -1,6 +1,6 @@
 """The local key API over a real Unix socket: server thread, client library, access rules by
 peer credentials, malformed input. The backend is FakeKeyBackend (in-memory data keys through
-agent.dataseal and agent.lifecycle); the TPM-backed backend is the daemon's."""
+agent.protocol.dataseal and agent.protocol.lifecycle); the TPM-backed backend is the daemon's."""
 
 from __future__ import annotations
 
@@ -20,16 +20,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import dataseal
 from agent.config import load_config
-from agent.errors import ProtocolError, StateError, TransportError
-from agent.lifecycle import KeyKind, KeyLedger, KeyRecord, KeyState, epoch_key_name
 from agent.localapi.access import AccessDenied, AccessPolicy, AccessRule, PeerCredentials
 from agent.localapi.client import LocalApiClient
 from agent.localapi.protocol import LENGTH, MAX_MESSAGE, Request, app_signing_input
 from agent.localapi.server import LocalApiServer
-from agent.secret import Secret
-from agent.wire import cbor
+from agent.protocol import dataseal
+from agent.protocol.errors import ProtocolError, StateError, TransportError
+from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyRecord, KeyState, epoch_key_name
+from agent.protocol.secret import Secret
+from agent.protocol.wire import cbor
 
 pytestmark = pytest.mark.pure
 

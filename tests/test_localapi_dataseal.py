@@ -1,4 +1,4 @@
-"""The app data format (agent/dataseal.py) behind the local API's encrypt/decrypt."""
+"""The app data format (agent/protocol/dataseal.py) behind the local API's encrypt/decrypt."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.dataseal import DataHeader, open_sealed, parse_header, seal
-from agent.errors import CryptoError, ProtocolError
-from agent.secret import Secret
+from agent.protocol.dataseal import DataHeader, open_sealed, parse_header, seal
+from agent.protocol.errors import CryptoError, ProtocolError
+from agent.protocol.secret import Secret
 
 pytestmark = pytest.mark.pure
 

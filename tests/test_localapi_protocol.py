@@ -7,7 +7,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ProtocolError
 from agent.localapi.protocol import (
     LENGTH,
     MAX_SEAL_SECRET,
@@ -18,7 +17,8 @@ from agent.localapi.protocol import (
     encode_ok,
     encode_request,
 )
-from agent.wire import cbor
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire import cbor
 
 pytestmark = pytest.mark.pure
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError, StateError
-from agent.eventlog import EventType, decode_event_log, replay
+from agent.protocol.errors import ConfigError, StateError
+from agent.protocol.eventlog import EventType, decode_event_log, replay
 from agent.tpm import TPMStore
 from firmware_sim.boot import (
     BOOT_ORDER,

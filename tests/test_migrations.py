@@ -21,7 +21,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
-from agent.errors import ConfigError
+from agent.protocol.errors import ConfigError
 from provisioning.registry import migrations
 from provisioning.registry.engine import make_engine
 from provisioning.registry.migrations import BASE_REVISION, VERSION_TABLE

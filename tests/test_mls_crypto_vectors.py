@@ -1,4 +1,4 @@
-"""RFC 9420 crypto-basics vector for cipher suite 2 through agent.mls.crypto
+"""RFC 9420 crypto-basics vector for cipher suite 2 through agent.protocol.mls.crypto
 (tests/vectors/README.md has the provenance), plus round trips and refusals."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import hpke
-from agent.errors import CryptoError, ProtocolError
-from agent.mls import crypto, tls
+from agent.protocol import hpke
+from agent.protocol.errors import CryptoError, ProtocolError
+from agent.protocol.mls import crypto, tls
 
 pytestmark = pytest.mark.pure
 

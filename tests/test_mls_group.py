@@ -16,14 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import CryptoError, ProtocolError, StateError
-from agent.mls import codec
-from agent.mls import tree_math as tm
-from agent.mls.crypto import decrypt_with_label
-from agent.mls.group import Group
-from agent.mls.messages import Commit, KeyPackage, UpdatePath, UpdatePathNode, Welcome
-from agent.mls.public import UPDATE_PATH_LABEL, PublicGroup
-from agent.mls.tree import ParentNode
+from agent.protocol.errors import CryptoError, ProtocolError, StateError
+from agent.protocol.mls import codec
+from agent.protocol.mls import tree_math as tm
+from agent.protocol.mls.crypto import decrypt_with_label
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.messages import Commit, KeyPackage, UpdatePath, UpdatePathNode, Welcome
+from agent.protocol.mls.public import UPDATE_PATH_LABEL, PublicGroup
+from agent.protocol.mls.tree import ParentNode
 
 pytestmark = pytest.mark.pure
 
@@ -353,8 +353,8 @@ def test_tampered_ciphertext_is_refused() -> None:
 
 
 def _resign(committer: Member, commit: Commit) -> Commit:
-    from agent.mls.crypto import sign_with_label
-    from agent.mls.public import COMMIT_LABEL, commit_tbs
+    from agent.protocol.mls.crypto import sign_with_label
+    from agent.protocol.mls.public import COMMIT_LABEL, commit_tbs
 
     signature = sign_with_label(
         committer.signature_key,
@@ -374,7 +374,7 @@ def test_wrong_confirmation_tag_is_refused_and_the_service_cannot_tell() -> None
 
 def test_path_keys_not_matching_the_secret_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     world, committer, receiver = _three()
-    from agent.mls import group as group_module
+    from agent.protocol.mls import group as group_module
 
     honest = group_module._path_node_keys
 
@@ -402,7 +402,7 @@ def test_a_changed_public_key_changes_the_context_so_nothing_decrypts() -> None:
 
 
 def _point() -> bytes:
-    from agent.hpke import serialize_public_key
+    from agent.protocol.hpke import serialize_public_key
 
     return serialize_public_key(new_key().public_key())
 

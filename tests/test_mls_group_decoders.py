@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ProtocolError
-from agent.mls import codec
-from agent.mls.group import Group
-from agent.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.errors import ProtocolError
+from agent.protocol.mls import codec
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
 
 pytestmark = pytest.mark.pure
 

@@ -1,4 +1,4 @@
-"""RFC 9420 key-schedule vector for cipher suite 2 through agent.mls.key_schedule
+"""RFC 9420 key-schedule vector for cipher suite 2 through agent.protocol.mls.key_schedule
 (tests/vectors/README.md has the provenance): every epoch of the shipped chain."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from agent import hpke
-from agent.mls import crypto
-from agent.mls.key_schedule import (
+from agent.protocol import hpke
+from agent.protocol.mls import crypto
+from agent.protocol.mls.key_schedule import (
     EpochSecrets,
     derive_epoch,
     epoch_from_joiner,

@@ -8,9 +8,9 @@ from contextlib import ExitStack
 
 import pytest
 
-from agent.errors import ProtocolError
-from agent.mls.group import Group
-from agent.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.errors import ProtocolError
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
 from agent.tpm import KeyKind, TPMKey, TPMStore
 from tests.fixtures.swtpm import SwtpmFactory
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.mls import tree_math as tm
+from agent.protocol.mls import tree_math as tm
 
 pytestmark = pytest.mark.pure
 

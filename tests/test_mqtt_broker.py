@@ -14,8 +14,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.errors import TransportError
 from agent.mqtt import Backoff, MqttClient, MqttRefused, ReceivedMessage
+from agent.protocol.errors import TransportError
 from provisioning import pki
 from tests.fixtures.mosquitto import SERVICE_IDENTITY, MosquittoBroker
 

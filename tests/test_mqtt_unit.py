@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError, TransportError
 from agent.mqtt import Backoff, MqttClient, MqttRefused, ReceivedMessage, _Completions
+from agent.protocol.errors import ConfigError, TransportError
 
 pytestmark = pytest.mark.pure
 

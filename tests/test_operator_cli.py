@@ -11,8 +11,8 @@ from collections import deque
 
 import pytest
 
-from agent.wire.messages.operator import Rekey
-from agent.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.operator import Rekey
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning.operator import (
     EXIT_FAILED,
     EXIT_OK,

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import ProtocolError
+from agent.protocol.errors import ProtocolError
 from provisioning import pki
 
 pytestmark = pytest.mark.pure

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from agent.errors import ProtocolError
+from agent.protocol.errors import ProtocolError
 from provisioning import audit
 from provisioning.registry import (
     EpochConflict,

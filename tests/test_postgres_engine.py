@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from agent.errors import ConfigError
+from agent.protocol.errors import ConfigError
 from provisioning import audit
 from provisioning.registry import (
     EpochConflict,

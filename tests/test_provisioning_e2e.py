@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.config import load_config
-from agent.errors import ProtocolError
 from agent.factory import FactoryConsole, serve_factory_on_pty
+from agent.protocol.errors import ProtocolError
 from agent.serial_link import Args, Handler, SerialClient
 from agent.tpm.store import TPMStore
 from provisioning.enroll import Enrollment, StartRequest, certify_qualifying_data

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.factory import FactoryDevice
-from agent.lifecycle import KeyState
-from agent.secret import Secret
+from agent.protocol.lifecycle import KeyState
+from agent.protocol.secret import Secret
+from agent.protocol.wire.replay import ReplayGuard
 from agent.tpm.store import TPMStore
-from agent.wire.replay import ReplayGuard
 from provisioning import audit
 from provisioning.enroll import DeviceIdentity, Enrollment, FinishRequest
 from provisioning.registry import DeviceState, KeyStateReport, Registry, run_in_transaction

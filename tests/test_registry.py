@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateTable
 
-from agent.errors import ConfigError, ProtocolError
+from agent.protocol.errors import ConfigError, ProtocolError
 from provisioning.registry import (
     AttestationResult,
     DeviceState,

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.errors import ProtocolError
+from agent.protocol.errors import ProtocolError
 from provisioning.registry import (
     DeviceState,
     KeyState,

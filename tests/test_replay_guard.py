@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ProtocolError, StateError
-from agent.wire import cbor, cose
-from agent.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
-from agent.wire.messages.operator import Rekey
-from agent.wire.messages.result import ResultStatus
-from agent.wire.replay import (
+from agent.protocol.errors import ProtocolError, StateError
+from agent.protocol.wire import cbor, cose
+from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
+from agent.protocol.wire.messages.operator import Rekey
+from agent.protocol.wire.messages.result import ResultStatus
+from agent.protocol.wire.replay import (
     DEFAULT_CAPACITY,
     DEFAULT_WINDOW,
     MAX_CAPACITY,

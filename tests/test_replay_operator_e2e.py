@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.wire.messages.operator import Rekey
-from agent.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.operator import Rekey
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
 from provisioning import audit
 from provisioning.operator import FINAL, OperatorClient, OperatorSettings

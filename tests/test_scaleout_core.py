@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from agent.wire.envelope import open_message
-from agent.wire.messages.attestation import AttestChallenge
-from agent.wire.messages.key_state import KeyStateReport
-from agent.wire.messages.result import ResultStatus
-from agent.wire.replay import DEFAULT_WINDOW
+from agent.protocol.wire.envelope import open_message
+from agent.protocol.wire.messages.attestation import AttestChallenge
+from agent.protocol.wire.messages.key_state import KeyStateReport
+from agent.protocol.wire.messages.result import ResultStatus
+from agent.protocol.wire.replay import DEFAULT_WINDOW
 from firmware_sim.boot import default_components
 from provisioning import audit
 from provisioning.metrics import ServiceMetrics

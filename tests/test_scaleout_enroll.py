@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ProtocolError
 from agent.factory import FactoryDevice
+from agent.protocol.errors import ProtocolError
 from agent.tpm.store import TPMStore
 from firmware_sim.ports import free_port
 from provisioning import audit

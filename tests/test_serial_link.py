@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ProtocolError, TransportError
+from agent.protocol.errors import ProtocolError, TransportError
+from agent.protocol.wire import cbor
 from agent.serial_link import (
     MAX_PAYLOAD,
     Deframer,
@@ -27,7 +28,6 @@ from agent.serial_link import (
     encode_response,
     max_encoded_size,
 )
-from agent.wire import cbor
 
 pytestmark = pytest.mark.pure
 

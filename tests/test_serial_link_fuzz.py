@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ProtocolError
+from agent.protocol.errors import ProtocolError
 from agent.serial_link import (
     Deframer,
     cobs_decode,

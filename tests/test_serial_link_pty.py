@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.errors import TransportError
+from agent.protocol.errors import TransportError
 from agent.serial_link import DeviceLink, SerialClient, encode_frame
 
 pytestmark = pytest.mark.pure

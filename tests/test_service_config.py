@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
+from agent.protocol.errors import ConfigError
 from provisioning.config import InvalidConfig, ServiceConfig, load_config
 
 pytestmark = pytest.mark.pure

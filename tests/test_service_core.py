@@ -1,6 +1,7 @@
 """The sans-I/O delivery service against a real SQLite file and real software MLS members.
 
-Every device message here is a signed envelope from a member built on agent.mls.group.Group with
+Every device message here is a signed envelope from a member built on
+agent.protocol.mls.group.Group with
 software DevID/leaf keys (tests/service_members.py); operators sign with keys certified by a
 real operator CA. The network is a loop in the test: service publishes are routed to the
 members by topic, members' reports go back to ``DeliveryService.handle``.
@@ -17,14 +18,15 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.errors import ProtocolError
-from agent.mls.group import Group
-from agent.wire.cose import key_id
-from agent.wire.envelope import Signer, open_message
-from agent.wire.messages.ack import Ack as AckBody
-from agent.wire.messages.key_state import KeyStateReport
-from agent.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
-from agent.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.errors import ProtocolError
+from agent.protocol.mls.group import Group
+from agent.protocol.topics import SERVICE_ID
+from agent.protocol.wire.cose import key_id
+from agent.protocol.wire.envelope import Signer, open_message
+from agent.protocol.wire.messages.ack import Ack as AckBody
+from agent.protocol.wire.messages.key_state import KeyStateReport
+from agent.protocol.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import audit, pki
 from provisioning.registry import (
     DeviceState,
@@ -37,7 +39,6 @@ from provisioning.registry import (
 from provisioning.registry.schema import Ack as AckRow
 from provisioning.service import store
 from provisioning.service.core import (
-    SERVICE_ID,
     DeliveryService,
     Publish,
     ServiceSettings,

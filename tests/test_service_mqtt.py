@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt import MqttClient
+from agent.protocol.topics import device_cmd_topic
 from provisioning import pki
 from provisioning.registry import create_schema, make_engine, session_factory
-from provisioning.service.core import device_cmd_topic
 from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
 from tests.fixtures.postgres import dump_rows
 from tests.service_deployment import (

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import StateError
-from agent.secret import Secret
+from agent.protocol.errors import StateError
+from agent.protocol.secret import Secret
 from agent.statefile import StateFile
 
 pytestmark = pytest.mark.pure

@@ -1,5 +1,5 @@
 """Quotes, TPM2_Certify and EK material from a real swtpm, verified by the pure helpers in
-agent.tpm.attest (which issue no TPM command)."""
+agent.protocol.attest (which issue no TPM command)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import os
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from agent.errors import CryptoError, ProtocolError
+from agent.protocol.attest import parse_attest, tpm_name, verify_certify, verify_quote
+from agent.protocol.errors import CryptoError, ProtocolError
 from agent.tpm import Attestation, KeyKind, TPMStore
-from agent.tpm.attest import parse_attest, tpm_name, verify_certify, verify_quote
 from tests.fixtures.swtpm import ManufacturerCA, Swtpm
 
 pytestmark = pytest.mark.tpm

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import StateError
+from agent.protocol.errors import StateError
 from agent.tpm.blob import OID_LOADABLE_KEY, KeyBlob, PolicyCommand
 
 pytestmark = pytest.mark.pure

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import StateError, TPMError
+from agent.protocol.errors import StateError, TPMError
 from agent.tpm import KeyBlob, KeyKind, TPMStore
 from tests.fixtures.swtpm import Swtpm, SwtpmFactory
 

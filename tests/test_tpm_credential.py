@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from agent.errors import CryptoError, TPMError
+from agent.protocol.errors import CryptoError, TPMError
 from agent.tpm import KeyKind, TPMStore
 from agent.tpm.store import EKKind
 from provisioning.makecredential import kdfa, make_credential

@@ -10,8 +10,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import hpke
-from agent.errors import TPMError
+from agent.protocol import hpke
+from agent.protocol.errors import TPMError
 from agent.tpm import KeyKind, TPMStore
 from tests.fixtures.swtpm import Swtpm
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import TPMError
-from agent.secret import Secret
+from agent.protocol.errors import TPMError
+from agent.protocol.secret import Secret
 from agent.tpm import KeyBlob, TPMStore
 from tests.fixtures.swtpm import Swtpm
 

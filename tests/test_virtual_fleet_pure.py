@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import select
 
 from agent.configschema import ConfigProblems
-from agent.errors import ConfigError
-from agent.wire.envelope import Signer, encode_message, open_message
-from agent.wire.messages.base import Body
-from agent.wire.messages.group import CommitMessage
-from agent.wire.messages.service import CommitAction, CommitRequest
+from agent.protocol.errors import ConfigError
+from agent.protocol.wire.envelope import Signer, encode_message, open_message
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.group import CommitMessage
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from firmware_sim.fleet import (
     VirtualFleet,
     load_devices,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.errors import ProtocolError
-from agent.wire import cbor
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire import cbor
 
 pytestmark = pytest.mark.pure
 

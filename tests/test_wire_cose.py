@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from agent.errors import CryptoError, ProtocolError
-from agent.wire import cbor, cose
+from agent.protocol.errors import CryptoError, ProtocolError
+from agent.protocol.wire import cbor, cose
 
 pytestmark = pytest.mark.pure
 

@@ -9,9 +9,9 @@ import copy
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import ProtocolError, StateError
-from agent.wire import cbor, cose, envelope
-from agent.wire.envelope import (
+from agent.protocol.errors import ProtocolError, StateError
+from agent.protocol.wire import cbor, cose, envelope
+from agent.protocol.wire.envelope import (
     DecodedMessage,
     RawMessage,
     Signer,
@@ -21,12 +21,12 @@ from agent.wire.envelope import (
     open_message,
     verify_message,
 )
-from agent.wire.messages.ack import Ack
-from agent.wire.messages.base import Body
-from agent.wire.messages.group import CommitMessage, WelcomeMessage
-from agent.wire.messages.operator import Rekey
-from agent.wire.rejections import BENIGN_CHECKS, Rejections, is_benign
-from agent.wire.replay import ReplayGuard
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
+from agent.protocol.wire.messages.operator import Rekey
+from agent.protocol.wire.rejections import BENIGN_CHECKS, Rejections, is_benign
+from agent.protocol.wire.replay import ReplayGuard
 from tests.test_wire_messages import CMD, SAMPLES
 
 pytestmark = pytest.mark.pure

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ProtocolError
-from agent.wire import cbor, cose
-from agent.wire.envelope import Signer, open_message
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire import cbor, cose
+from agent.protocol.wire.envelope import Signer, open_message
 from tests.test_wire_messages import CMD, SAMPLES
 
 pytestmark = pytest.mark.pure

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import ProtocolError
-from agent.wire import cbor
-from agent.wire.messages.base import Body
-from agent.wire.messages.registry import BODY_CLASSES
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire import cbor
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.registry import BODY_CLASSES
 from tests.test_wire_fuzz import FUZZ, mutate, random_value
 from tests.test_wire_messages import SAMPLES
 

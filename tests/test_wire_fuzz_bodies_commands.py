@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.wire.messages.base import Body
+from agent.protocol.wire.messages.base import Body
 from tests.test_wire_fuzz_bodies import SECOND_HALF, fuzz_body
 
 pytestmark = pytest.mark.pure

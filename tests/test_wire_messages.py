@@ -7,30 +7,24 @@ from dataclasses import replace
 
 import pytest
 
-from agent.errors import ProtocolError
-from agent.lifecycle import KeyKind, KeyRecord, KeyState
-from agent.wire import cbor
-from agent.wire.messages.ack import Ack
-from agent.wire.messages.attestation import AttestChallenge, AttestReport
-from agent.wire.messages.base import Body
-from agent.wire.messages.enrollment import (
-    EnrollChallenge,
-    EnrollRequest,
-    EnrollResponse,
-    EnrollResult,
-)
-from agent.wire.messages.group import (
+from agent.protocol.errors import ProtocolError
+from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
+from agent.protocol.wire import cbor
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
     KeyPackageMessage,
     UpdateRequest,
     WelcomeMessage,
 )
-from agent.wire.messages.key_state import DeviceDestroyed, KeyStateReport
-from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
-from agent.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
-from agent.wire.messages.result import OperatorResult, ResultStatus
-from agent.wire.messages.service import (
+from agent.protocol.wire.messages.key_state import DeviceDestroyed, KeyStateReport
+from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.service import (
     AttestRequest,
     CommitAction,
     CommitRequest,
@@ -62,25 +56,6 @@ LEAF = KeyRecord(
 )
 
 SAMPLES: list[Body] = [
-    EnrollRequest(
-        serial="SN-0001",
-        ek_cert=b"\x30\x82ek",
-        ak_public=b"ak-public",
-        devid_public=b"devid-public",
-        certify_info=b"\xff\x54\x43\x47attest",
-        certify_signature=b"sig",
-    ),
-    EnrollChallenge(credential_blob=b"blob", encrypted_secret=b"secret-wrapped"),
-    EnrollResponse(proof=bytes(32)),
-    EnrollResult(
-        accepted=True,
-        device_id="dev-1",
-        devid_cert=b"\x30cert",
-        trust_anchors=(b"\x30ca",),
-        broker="127.0.0.1:8883",
-        groups=("g1", "g2"),
-    ),
-    EnrollResult(accepted=False, reason="EK certificate chain does not verify"),
     AttestChallenge(nonce=NONCE, pcrs=(0, 1, 2, 3, 7)),
     AttestReport(
         nonce=NONCE,
@@ -231,10 +206,6 @@ def test_body_is_not_a_map() -> None:
             ),
             "body.malformed",
         ),
-        (lambda: EnrollResult(accepted=True), "body.malformed"),
-        (lambda: EnrollResult(accepted=False), "body.malformed"),
-        (lambda: EnrollResult(accepted=False, reason="no", device_id="d"), "body.malformed"),
-        (lambda: EnrollResponse(proof=bytes(8)), "body.bounds"),
         (lambda: KeyStateReport(keys=(DEVID, DEVID)), "body.bounds"),
     ],
 )
@@ -269,12 +240,6 @@ def test_key_report_refuses_integer_keys_in_a_record() -> None:
     with pytest.raises(ProtocolError) as err:
         KeyStateReport.from_cbor_map({"keys": [record]})
     assert err.value.check == "body.type"
-
-
-def test_secret_bearing_field_is_not_in_repr() -> None:
-    proof = bytes(range(40, 72))
-    assert proof.hex() not in repr(EnrollResponse(proof=proof))
-    assert repr(proof) not in repr(EnrollResponse(proof=proof))
 
 
 def test_group_epoch_only_for_group_messages() -> None:

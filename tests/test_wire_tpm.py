@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from agent.protocol.wire import cose
+from agent.protocol.wire.envelope import Signer, encode_message, open_message
+from agent.protocol.wire.messages.operator import Rekey
 from agent.tpm import KeyKind, TPMStore
-from agent.wire import cose
-from agent.wire.envelope import Signer, encode_message, open_message
-from agent.wire.messages.operator import Rekey
 from tests.fixtures.swtpm import Swtpm
 
 pytestmark = pytest.mark.tpm

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.errors import ProtocolError
+from agent.protocol.errors import ProtocolError
 
 OPERATIONS = ("encrypt", "decrypt", "sign", "seal", "unseal", "list-keys")
 GROUP_SCOPED = frozenset({"encrypt", "decrypt"})

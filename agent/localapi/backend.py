@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from agent.lifecycle import KeyRecord
+from agent.protocol.lifecycle import KeyRecord
 
 
 class KeyBackend(Protocol):
     def encrypt(self, group: str, plaintext: bytes) -> bytes:
-        """Seal ``plaintext`` under the group's current epoch data key (agent.dataseal.seal) and
+        """Seal ``plaintext`` under the group's current epoch data key
+        (agent.protocol.dataseal.seal) and
         count the message against the epoch's rotation budget."""
         ...
 

@@ -21,9 +21,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO, TextIO
 
-from agent.errors import ProtocolError, TransportError
 from agent.localapi.client import LocalApiClient
 from agent.localapi.protocol import MAX_MESSAGE, default_socket_path
+from agent.protocol.errors import ProtocolError, TransportError
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 3

@@ -13,7 +13,6 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ProtocolError, TransportError
 from agent.localapi.protocol import (
     LENGTH,
     MAX_MESSAGE,
@@ -22,6 +21,7 @@ from agent.localapi.protocol import (
     default_socket_path,
     encode_request,
 )
+from agent.protocol.errors import ProtocolError, TransportError
 
 
 class LocalApiClient:

@@ -1,14 +1,16 @@
 """The local API's wire format: length-prefixed CBOR maps over a Unix stream socket.
 
 A message is a 4-byte big-endian length followed by that many bytes of one CBOR map in the
-deterministic encoding (``agent.wire.cbor``, the same strict decoder as the fleet protocol: size
+deterministic encoding (``agent.protocol.wire.cbor``, the same strict decoder as the fleet
+protocol: size
 limit before decoding, no tags, no floats, no indefinite lengths, exact consumption). Several
 requests may follow each other on one connection; each gets exactly one response, in order.
 
 Request: ``{"v": 1, "op": OP, ...fields}``; the fields allowed are fixed per operation and an
 unknown field is an error (a client that misspells one must hear about it)::
 
-    encrypt    group: text, data: bytes (plaintext)       -> bytes (sealed data, agent.dataseal)
+    encrypt    group: text, data: bytes (plaintext)       -> bytes (sealed data,
+    agent.protocol.dataseal)
     decrypt    group: text, data: bytes (sealed data)     -> bytes (plaintext)
     sign       data: bytes                                -> bytes (DER ECDSA P-256 / SHA-256)
     seal       name: text, secret: bytes (<= 128)         -> null
@@ -32,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agent.dataseal import MAX_PLAINTEXT, check_group_name
-from agent.errors import ProtocolError
 from agent.localapi.access import OPERATIONS, AccessDenied
-from agent.wire import cbor
+from agent.protocol.dataseal import MAX_PLAINTEXT, check_group_name
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire import cbor
 
 PROTOCOL_VERSION = 1
 DEFAULT_API_SOCKET = Path("/run/keyagent/api.sock")

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from agent.errors import InternalError, KeyfleetError, ProtocolError, TransportError
-from agent.lifecycle import KeyKind
 from agent.localapi.access import GROUP_SCOPED, AccessDenied, AccessPolicy, PeerCredentials
 from agent.localapi.backend import KeyBackend
 from agent.localapi.protocol import (
@@ -43,6 +41,8 @@ from agent.localapi.protocol import (
     encode_error,
     encode_ok,
 )
+from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError, TransportError
+from agent.protocol.lifecycle import KeyKind
 
 log = logging.getLogger("keyagent.localapi")
 

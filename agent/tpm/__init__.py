@@ -1,7 +1,7 @@
 """The agent's TPM: key store (``store``, issues TPM commands), key blobs (``blob``), templates
 (``templates``) and attestation verification (``attest``, issues none)."""
 
-from agent.tpm.attest import Attestation, CertifyInfo, QuoteInfo
+from agent.protocol.attest import Attestation, CertifyInfo, QuoteInfo
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMKey, TPMStore
 from agent.tpm.templates import KeyKind

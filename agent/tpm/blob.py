@@ -28,8 +28,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import StateError
 from agent.fsio import atomic_write
+from agent.protocol.errors import StateError
 
 OID_LOADABLE_KEY = "2.23.133.10.1.3"
 OID_SEALED_DATA = "2.23.133.10.1.5"

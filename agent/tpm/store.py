@@ -24,7 +24,6 @@ from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
     TPM2_CAP,
-    TPM2_ECC,
     TPM2_RH,
     TPM2_SE,
     TPM2_ST,
@@ -52,9 +51,9 @@ from tpm2_pytss.types import (
     TPMU_SIG_SCHEME,
 )
 
-from agent.errors import TPMError
-from agent.secret import Secret
-from agent.tpm.attest import Attestation, pcr_digest, tpm_name
+from agent.protocol.attest import Attestation, ek_public_key_from_area, pcr_digest, tpm_name
+from agent.protocol.errors import TPMError
+from agent.protocol.secret import Secret
 from agent.tpm.blob import PARENT_OWNER, TPM2_CC_POLICY_PCR, KeyBlob, pcr_policy
 from agent.tpm.templates import KeyKind, key_template, kind_of, sealed_template, srk_template
 
@@ -817,24 +816,3 @@ def _der_prefix(data: bytes) -> bytes:
     count = first & 0x7F
     length = int.from_bytes(data[2 : 2 + count], "big")
     return data[: 2 + count + length]
-
-
-def ek_public_key_from_area(public: bytes) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-    """The pyca public key of an EK's TPM2B_PUBLIC (RSA or ECC P-256/P-384). No TPM command."""
-    parsed, _ = TPM2B_PUBLIC.unmarshal(public)
-    area: Any = parsed.publicArea
-    if area.type == TPM2_ALG.RSA:
-        exponent = int(area.parameters.rsaDetail.exponent) or 65537
-        modulus = int.from_bytes(bytes(area.unique.rsa), "big")
-        return rsa.RSAPublicNumbers(exponent, modulus).public_key()
-    if area.type == TPM2_ALG.ECC:
-        curves: dict[int, ec.EllipticCurve] = {
-            int(TPM2_ECC.NIST_P256): ec.SECP256R1(),
-            int(TPM2_ECC.NIST_P384): ec.SECP384R1(),
-        }
-        curve = curves.get(int(area.parameters.eccDetail.curveID))
-        if curve is None:
-            raise TPMError("read-ek", None, "EK is on an unsupported curve")
-        point = b"\x04" + bytes(area.unique.ecc.x) + bytes(area.unique.ecc.y)
-        return ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
-    raise TPMError("read-ek", None, "EK is neither RSA nor ECC")

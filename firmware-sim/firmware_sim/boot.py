@@ -1,5 +1,5 @@
 """Measured boot of a simulated device: hash each firmware component, extend it into its PCR in
-boot order, and write down what was extended (the event log, ``agent.eventlog``).
+boot order, and write down what was extended (the event log, ``agent.protocol.eventlog``).
 
 A real device does this in its boot ROM, bootloader and kernel, each stage measuring the next
 before running it. Here one function plays all stages against a TPM (swtpm), with the component
@@ -26,15 +26,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from agent.errors import ConfigError, ProtocolError, StateError
-from agent.eventlog import (
+from agent.fsio import atomic_write
+from agent.protocol.errors import ConfigError, ProtocolError, StateError
+from agent.protocol.eventlog import (
     EventLog,
     EventType,
     MeasurementEvent,
     check_component_name,
     check_version,
 )
-from agent.fsio import atomic_write
 from agent.tpm.store import TPMStore
 
 PCR_MAP: Mapping[str, int] = {

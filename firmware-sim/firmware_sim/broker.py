@@ -26,11 +26,12 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent.errors import ConfigError, StateError
+from agent.protocol.errors import ConfigError, StateError
+from agent.protocol.topics import SERVICE_ID, TOPIC_ROOT
 from firmware_sim.ports import free_port
 from provisioning import pki
 
-SERVICE_IDENTITY = "keyfleet-service"
+SERVICE_IDENTITY = SERVICE_ID
 
 # The product ACL of docs/mqtt.md. The certificate CN is the broker user name
 # (use_identity_as_username) and is used verbatim as the topic level: device "dev-0001" owns
@@ -38,16 +39,16 @@ SERVICE_IDENTITY = "keyfleet-service"
 ACL = f"""\
 # keyfleet broker ACL (see docs/mqtt.md)
 user {SERVICE_IDENTITY}
-topic readwrite kf/v1/#
+topic readwrite {TOPIC_ROOT}/#
 
 # Patterns apply to every authenticated client; %u is the certificate CN.
 # Devices (CN = device id, "dev-..."):
-pattern write kf/v1/dev/%u/report
-pattern read kf/v1/dev/%u/cmd
-pattern read kf/v1/grp/+/commit
+pattern write {TOPIC_ROOT}/dev/%u/report
+pattern read {TOPIC_ROOT}/dev/%u/cmd
+pattern read {TOPIC_ROOT}/grp/+/commit
 # Operators (CN = "op-..."):
-pattern write kf/v1/ops/%u/cmd
-pattern read kf/v1/ops/%u/result
+pattern write {TOPIC_ROOT}/ops/%u/cmd
+pattern read {TOPIC_ROOT}/ops/%u/result
 """
 
 DEFAULT_LOG_TYPES = ("all",)

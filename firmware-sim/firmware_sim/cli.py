@@ -19,8 +19,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent.errors import KeyfleetError
 from agent.fsio import atomic_write
+from agent.protocol.errors import KeyfleetError
 from firmware_sim.device import SimulatedDevice, firmware_components
 
 EXIT_OK = 0

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.errors import KeyfleetError
+from agent.protocol.errors import KeyfleetError
 from firmware_sim.lab import Lab, LabDevice
 
 GROUP = "demo"

@@ -23,7 +23,8 @@ State directory::
     device.json        what the simulator remembers: manufacturer CA, serial (no secrets)
     device.lock        held (flock) while a simulator runs this device: one at a time
     tpm/               swtpm state (tpm2-00.permall), swtpm.sock(.ctrl), swtpm.pid, swtpm.log
-    eventlog.cbor      the measured boot's event log (agent.eventlog format), rewritten each boot
+    eventlog.cbor      the measured boot's event log (agent.protocol.eventlog format), rewritten
+    each boot
     agent.log          the agent daemon's output in run mode
     api.sock           the agent's local API socket
     keys/ identity/ agent.toml factory.lock   written by factory mode (agent.factory)
@@ -46,10 +47,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError, ProtocolError, StateError
-from agent.eventlog import EventLog
 from agent.factory import LOCK_FILE, FactoryConsole, serve_factory_on_pty
 from agent.fsio import atomic_write
+from agent.protocol.errors import ConfigError, ProtocolError, StateError
+from agent.protocol.eventlog import EventLog
 from agent.serial_link import Args, Handler
 from agent.tpm.store import TPMStore
 from firmware_sim.boot import FirmwareComponent, default_components, measured_boot, tampered

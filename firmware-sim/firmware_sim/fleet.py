@@ -81,19 +81,20 @@ from agent.configschema import (
 )
 from agent.core import AgentCore, Publish
 from agent.daemon import load_devid
-from agent.errors import ConfigError, KeyfleetError, StateError
 from agent.fsio import atomic_write
-from agent.hpke import serialize_public_key
-from agent.lifecycle import KeyKind
-from agent.mls import codec
-from agent.mls import tree_math as tm
-from agent.mls.crypto import derive_key_pair
-from agent.mls.group import Group
-from agent.mls.key_schedule import epoch_from_joiner
-from agent.mls.public import PublicState
-from agent.mls.tree import LeafNode, Node, ParentNode, RatchetTree
-from agent.wire.envelope import DEFAULT_MAX_AGE
-from agent.wire.messages.ack import Ack
+from agent.protocol.errors import ConfigError, KeyfleetError, StateError
+from agent.protocol.hpke import serialize_public_key
+from agent.protocol.lifecycle import KeyKind
+from agent.protocol.mls import codec
+from agent.protocol.mls import tree_math as tm
+from agent.protocol.mls.crypto import derive_key_pair
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.key_schedule import epoch_from_joiner
+from agent.protocol.mls.public import PublicState
+from agent.protocol.mls.tree import LeafNode, Node, ParentNode, RatchetTree
+from agent.protocol.topics import ALL_GROUP_COMMITS
+from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
+from agent.protocol.wire.messages.ack import Ack
 from provisioning import audit, pki
 from provisioning.registry import (
     Outcome,
@@ -786,7 +787,7 @@ class VirtualFleet:
         link.connected = True
         link.failures = 0
         device = link.device
-        client.subscribe([(device.core.command_topic, 1), ("kf/v1/grp/+/commit", 1)])
+        client.subscribe([(device.core.command_topic, 1), (ALL_GROUP_COMMITS, 1)])
 
     def _on_subscribe(
         self,

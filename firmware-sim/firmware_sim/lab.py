@@ -57,10 +57,10 @@ from cryptography import x509
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.config import load_config as load_agent_config
-from agent.errors import KeyfleetError, StateError
 from agent.localapi.client import LocalApiClient
 from agent.mqtt import MqttClient
-from agent.secret import Secret
+from agent.protocol.errors import KeyfleetError, StateError
+from agent.protocol.secret import Secret
 from agent.serial_link import SerialClient
 from agent.statefile import StateFile
 from agent.tpm.blob import KeyBlob

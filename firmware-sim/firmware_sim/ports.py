@@ -20,7 +20,7 @@ import random
 import socket
 from pathlib import Path
 
-from agent.errors import StateError
+from agent.protocol.errors import StateError
 
 HOST = "127.0.0.1"
 _RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")

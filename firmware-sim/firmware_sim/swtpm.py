@@ -30,7 +30,7 @@ from typing import Literal
 
 from cryptography import x509
 
-from agent.errors import ConfigError, StateError
+from agent.protocol.errors import ConfigError, StateError
 from firmware_sim.ports import free_port
 
 TEMPLATE_DIR = Path(__file__).parent / "manufacturer"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from agent.errors import ConfigError
+from agent.protocol.errors import ConfigError
 from provisioning import pki
 from provisioning.config import ServiceConfig
 from provisioning.dashboard.app import (

@@ -45,7 +45,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from agent.errors import ProtocolError
+from agent.protocol.errors import ProtocolError
 from provisioning import audit, pki
 from provisioning.dashboard import queries
 from provisioning.dashboard.queries import Viewer

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from agent.lifecycle import ALLOWED_TRANSITIONS, KeyState
+from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyState
 from provisioning.audit import AuditRecord, record_of
 from provisioning.registry.schema import (
     Ack,

@@ -1,7 +1,7 @@
 """The fleet service's registry: schema (schema.py), engines and transactions (engine.py) and the
 repository API the service calls (repository.py). Independent of MQTT."""
 
-from agent.lifecycle import KeyState
+from agent.protocol.lifecycle import KeyState
 from provisioning.registry.engine import (
     RetryableConflict,
     create_schema,

@@ -29,7 +29,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.errors import ConfigError, StateError
+from agent.protocol.errors import ConfigError, StateError
 from provisioning.registry.schema import Base
 
 T = TypeVar("T")

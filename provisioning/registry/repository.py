@@ -6,7 +6,8 @@ Every method that changes something takes ``now`` (integer seconds): the clock i
 everywhere in keyfleet. Results are frozen dataclasses, not ORM objects, so they stay valid after
 the session is gone and no caller can change the database by mutating a result.
 
-Refusals raise ``agent.errors.ProtocolError`` with a stable check id (listed in docs/service.md):
+Refusals raise ``agent.protocol.errors.ProtocolError`` with a stable check id (listed in
+docs/service.md):
 the service reports them to the device or operator and writes them to the audit log as refused.
 """
 
@@ -23,8 +24,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from agent.errors import InternalError, ProtocolError
-from agent.lifecycle import ALLOWED_TRANSITIONS, KeyState
+from agent.protocol.errors import InternalError, ProtocolError
+from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyState
 from provisioning.registry.engine import RetryableConflict, savepoint
 from provisioning.registry.schema import (
     ID_LENGTH,
@@ -132,7 +133,7 @@ class KeyStateReport:
     key_name: str
     state: KeyState
     at: int
-    kind: str | None = None  # agent.lifecycle.KeyKind value, as the device reported it
+    kind: str | None = None  # agent.protocol.lifecycle.KeyKind value, as the device reported it
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # The NIST SP 800-57 key states are the agent's (it makes the transitions; the service records
 # them), so both sides share one enumeration.
-from agent.lifecycle import KeyState
+from agent.protocol.lifecycle import KeyState
 
 # Stable constraint names: PostgreSQL reports them in errors and migrations refer to them.
 NAMING_CONVENTION = {
@@ -155,7 +155,7 @@ class DeviceKey(Base):
         ForeignKey("devices.device_id", ondelete="CASCADE"), index=True
     )
     key_name: Mapped[str] = mapped_column(String(KEY_NAME_LENGTH))
-    # agent.lifecycle.KeyKind value (devid, ak, leaf, state, epoch, app-seal) as reported
+    # agent.protocol.lifecycle.KeyKind value (devid, ak, leaf, state, epoch, app-seal) as reported
     kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
     state: Mapped[KeyState] = mapped_column(_enum_column(KeyState, "key_state"))
     changed_at: Mapped[int] = mapped_column(BigInteger)

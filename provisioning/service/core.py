@@ -17,7 +17,8 @@ What the service does (docs/service.md, "Running"; /work/notes/FLOWS.md is the c
   operator request for a busy group is queued behind the first, and its ``accepted`` result says
   so. The database's UNIQUE(group, epoch) is the final guard: the first valid commit per epoch
   wins, any other is refused with ``ds.commit.epoch_taken``.
-- **Checks in public** what it can (``agent.mls.public.PublicGroup``): committer signature, epoch,
+- **Checks in public** what it can (``agent.protocol.mls.public.PublicGroup``): committer
+signature, epoch,
   tree shape, that the committer is the envelope's signer, that add/remove match the job in
   flight, that key packages carry the added device's registered DevID key, that a Welcome has one
   entry per add. It never holds a private group key: it cannot.
@@ -76,42 +77,49 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.errors import InternalError, KeyfleetError, ProtocolError
-from agent.hpke import Rng, serialize_public_key
-from agent.mls import codec
-from agent.mls.messages import Commit, KeyPackage, Welcome
-from agent.mls.public import PublicGroup
-from agent.tpm.attest import public_key_from_area
-from agent.wire.cose import key_id
-from agent.wire.envelope import (
+from agent.protocol.attest import public_key_from_area
+from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError
+from agent.protocol.hpke import Rng, serialize_public_key
+from agent.protocol.mls import codec
+from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.mls.public import PublicGroup
+from agent.protocol.topics import (
+    SERVICE_ID,
+    device_cmd_topic,
+    group_commit_topic,
+    operator_result_topic,
+    report_sender,
+)
+from agent.protocol.wire.cose import key_id
+from agent.protocol.wire.envelope import (
     KeyResolver,
     Signer,
     VerifiedMessage,
     encode_message,
     open_message,
 )
-from agent.wire.messages.ack import Ack as AckBody
-from agent.wire.messages.attestation import AttestChallenge, AttestReport
-from agent.wire.messages.base import Body
-from agent.wire.messages.group import (
+from agent.protocol.wire.messages.ack import Ack as AckBody
+from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
     KeyPackageMessage,
     UpdateRequest,
     WelcomeMessage,
 )
-from agent.wire.messages.key_state import DeviceDestroyed
-from agent.wire.messages.key_state import KeyStateReport as KeyStateBody
-from agent.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
-from agent.wire.messages.result import OperatorResult, ResultStatus
-from agent.wire.messages.service import (
+from agent.protocol.wire.messages.key_state import DeviceDestroyed
+from agent.protocol.wire.messages.key_state import KeyStateReport as KeyStateBody
+from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
     KeyPackageRequest,
     WelcomeDelivery,
 )
-from agent.wire.rejections import Rejections, is_benign
-from agent.wire.replay import ReplayGuard
+from agent.protocol.wire.rejections import Rejections, is_benign
+from agent.protocol.wire.replay import ReplayGuard
 from provisioning import audit, pki
 from provisioning.attestation import (
     AttestationRefused,
@@ -143,10 +151,6 @@ log = logging.getLogger("keyfleet.service")
 
 T = TypeVar("T")
 
-SERVICE_ID: Final = "keyfleet-service"
-TOPIC_ROOT: Final = "kf/v1"
-REPORT_SUBSCRIPTION: Final = "$share/keyfleet/kf/v1/dev/+/report"
-OPS_SUBSCRIPTION: Final = "$share/keyfleet/kf/v1/ops/+/cmd"
 MAX_PUBLIC_GROUP: Final = 1 << 20
 COMMAND_ID_SIZE: Final = 16
 
@@ -170,26 +174,6 @@ PRUNE_SECONDS: Final = 60
 # enough that a killed instance's task is taken over within a few ticks.
 TASK_LEASE_SECONDS: Final = 30
 NONCE_SIZE: Final = 32
-
-
-def device_cmd_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/dev/{device_id}/cmd"
-
-
-def device_report_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/dev/{device_id}/report"
-
-
-def group_commit_topic(group_id: str) -> str:
-    return f"{TOPIC_ROOT}/grp/{group_id}/commit"
-
-
-def operator_cmd_topic(operator: str) -> str:
-    return f"{TOPIC_ROOT}/ops/{operator}/cmd"
-
-
-def operator_result_topic(operator: str) -> str:
-    return f"{TOPIC_ROOT}/ops/{operator}/result"
 
 
 @dataclass(frozen=True)
@@ -388,7 +372,7 @@ class DeliveryService:
     def _handle_many(self, messages: Sequence[tuple[str, bytes]], now: int) -> list[Publish]:
         self._ensure_started(now)
         acks: list[VerifiedMessage] = []
-        senders = [_report_sender(topic) for topic, _ in messages]
+        senders = [report_sender(topic) for topic, _ in messages]
         # One read session verifies the device reports up to the next message that is handled
         # on its own, with the senders' device and replay rows loaded in one query each: a
         # sender's device state is then as of that load (a few hundred ms at most), as if its
@@ -2828,14 +2812,6 @@ def _commit_ms(entry: CommitLogEntry) -> int:
     0003 recorded milliseconds)."""
     ms = entry.accepted_at_ms
     return entry.accepted_at * 1000 if ms is None else ms
-
-
-def _report_sender(topic: str) -> str | None:
-    """The device of a ``kf/v1/dev/<device>/report`` topic, else None."""
-    parts = topic.split("/")
-    if len(parts) == 5 and parts[:3] == ["kf", "v1", "dev"] and parts[4] == "report":
-        return parts[3]
-    return None
 
 
 def _load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:

@@ -33,9 +33,10 @@ from collections.abc import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.errors import KeyfleetError
 from agent.mqtt import MqttClient
-from agent.wire.cose import key_id
+from agent.protocol.errors import KeyfleetError
+from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION
+from agent.protocol.wire.cose import key_id
 from provisioning import pki
 from provisioning.config import ServiceConfig
 from provisioning.enroll import Enrollment, EnrollmentSettings
@@ -45,8 +46,6 @@ from provisioning.policy import load_policy
 from provisioning.registry import create_schema, make_engine, session_factory
 from provisioning.service import store
 from provisioning.service.core import (
-    OPS_SUBSCRIPTION,
-    REPORT_SUBSCRIPTION,
     AttestationSettings,
     DeliveryService,
     Publish,

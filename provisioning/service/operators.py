@@ -15,8 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.errors import ProtocolError
-from agent.wire.cose import key_id
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire.cose import key_id
 from provisioning import audit, pki
 from provisioning.registry import (
     OperatorRecord,

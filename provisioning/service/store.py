@@ -12,7 +12,8 @@ Why each exists:
   operator command carries only a ``kid`` (SHA-256 of the SubjectPublicKeyInfo). The service
   needs the certificate itself to map a kid to a public key and to re-check the certificate
   against the operator CA on every command (expiry).
-- ``service_replay``: one ``agent.wire.replay.ReplayGuard`` per sender, CBOR-encoded, read and
+- ``service_replay``: one ``agent.protocol.wire.replay.ReplayGuard`` per sender, CBOR-encoded, read
+and
   written in the same transaction as the message's effects, so several instances sharing the
   database would share it too (no per-process replay window to slip a replay through). Devices
   count their seqs (window ``REPLAY_WINDOW``); operators' seqs are clock readings and their
@@ -51,10 +52,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from agent.errors import ProtocolError, StateError
-from agent.wire import cbor
-from agent.wire.envelope import DEFAULT_MAX_FUTURE
-from agent.wire.replay import DEFAULT_CAPACITY, ReplayGuard
+from agent.protocol.errors import ProtocolError, StateError
+from agent.protocol.wire import cbor
+from agent.protocol.wire.envelope import DEFAULT_MAX_FUTURE
+from agent.protocol.wire.replay import DEFAULT_CAPACITY, ReplayGuard
 from provisioning.attestation import Challenge
 from provisioning.registry.engine import RetryableConflict
 from provisioning.registry.schema import ID_LENGTH, NAMING_CONVENTION

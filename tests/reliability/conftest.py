@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from agent.mqtt import MqttClient, ReceivedMessage
-from agent.wire.messages.operator import Rekey
-from agent.wire.messages.result import OperatorResult
+from agent.protocol.wire.messages.operator import Rekey
+from agent.protocol.wire.messages.result import OperatorResult
 from firmware_sim.lab import Lab, LabDevice
 from firmware_sim.swtpm import pid_alive
 from provisioning.operator import FINAL, OperatorClient, OperatorSettings

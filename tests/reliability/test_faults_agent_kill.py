@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 from agent.mqtt import ReceivedMessage
-from agent.wire.messages.result import ResultStatus
+from agent.protocol.wire.messages.result import ResultStatus
 from firmware_sim.lab import Lab, LabDevice
 from provisioning.operator import OperatorClient
 from tests.reliability.conftest import (

@@ -16,9 +16,9 @@ import os
 import pytest
 
 from agent.core import MAX_KEY_PACKAGES, AgentCore
-from agent.wire.messages.ack import Ack
-from agent.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
-from agent.wire.messages.service import CommitAction, KeyPackageRequest, WelcomeDelivery
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
+from agent.protocol.wire.messages.service import CommitAction, KeyPackageRequest, WelcomeDelivery
 from tests.test_agent_core import FakeService, FakeSoftwareKeys, G, acks
 
 pytestmark = pytest.mark.pure

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from agent.wire.messages.result import ResultStatus
+from agent.protocol.wire.messages.result import ResultStatus
 from firmware_sim.lab import Lab, LabDevice
 from firmware_sim.swtpm import pid_alive
 from provisioning.operator import OperatorClient

@@ -48,9 +48,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 
 from agent.factory import FactoryDevice
-from agent.secret import Secret
+from agent.protocol.secret import Secret
+from agent.protocol.wire import cbor
 from agent.tpm.store import TPMStore
-from agent.wire import cbor
 from provisioning.enroll import Enrollment, FinishRequest, StartResult
 from provisioning.http import MAX_BODY, build_app, start_enrollment_server, status_for
 from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory

@@ -34,12 +34,12 @@ from cryptography.x509.oid import NameOID
 
 from agent.config import load_config as load_agent_config
 from agent.core import AgentCore
-from agent.errors import ConfigError, ProtocolError
 from agent.keybackend import TpmKeyBackend
 from agent.localapi.access import AccessPolicy, AccessRule, PeerCredentials
 from agent.localapi.protocol import LENGTH, Request, decode_response, encode_request
 from agent.localapi.server import LocalApiServer
-from agent.secret import Secret
+from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.secret import Secret
 from agent.tpm.blob import KeyBlob
 from provisioning.config import load_config as load_service_config
 from tests.reliability.test_fuzz_messages import INPUTS, Tally, malform

@@ -35,10 +35,10 @@ import pytest
 from sqlalchemy import inspect, text
 
 from agent.core import AgentCore
-from agent.wire import cbor, cose
-from agent.wire.envelope import RawMessage, decode_message
-from agent.wire.messages.registry import REGISTRY
-from agent.wire.rejections import BENIGN_CHECKS
+from agent.protocol.wire import cbor, cose
+from agent.protocol.wire.envelope import RawMessage, decode_message
+from agent.protocol.wire.messages.registry import REGISTRY
+from agent.protocol.wire.rejections import BENIGN_CHECKS
 from tests.test_wire_fuzz import mutate, random_value
 
 pytestmark = [pytest.mark.pure, pytest.mark.long]
@@ -188,9 +188,9 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
     """dev-a in group g1 with dev-b (epoch 1), answering attestation challenges; the seeds are
     every kind of message a device takes, some already accepted (their replays are refused),
     the rest fresh."""
-    from agent.wire.messages.attestation import AttestChallenge
-    from agent.wire.messages.group import CommitMessage, WelcomeMessage
-    from agent.wire.messages.service import (
+    from agent.protocol.wire.messages.attestation import AttestChallenge
+    from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
+    from agent.protocol.wire.messages.service import (
         CommitAction,
         CommitRequest,
         KeyPackageRequest,
@@ -216,9 +216,9 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
 
     service.create = lambda device: None  # type: ignore[method-assign]
     created = deliver("dev-a", CommitRequest(cmd(), G, 0, CommitAction.CREATE))
-    from agent.mls import codec
-    from agent.mls.public import PublicGroup
-    from agent.wire.messages.group import GroupCreated
+    from agent.protocol.mls import codec
+    from agent.protocol.mls.public import PublicGroup
+    from agent.protocol.wire.messages.group import GroupCreated
 
     (body,) = service.bodies("dev-a", created)
     assert isinstance(body, GroupCreated)
@@ -260,7 +260,7 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
         service.now,
     )
     c_core = service.devices["dev-c"]
-    from agent.mls.messages import KeyPackage
+    from agent.protocol.mls.messages import KeyPackage
 
     result = c_core.groups()["g3"].add(c_core._keys.devid, [KeyPackage.decode(kp_a)])
     assert result.welcome is not None

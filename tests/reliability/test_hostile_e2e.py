@@ -38,14 +38,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.config import load_config
 from agent.daemon import load_devid
 from agent.mqtt import MqttClient, ReceivedMessage
+from agent.protocol.topics import SERVICE_ID, operator_cmd_topic
+from agent.protocol.wire.envelope import RawMessage, decode_message, encode_message
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.group import CommitMessage
+from agent.protocol.wire.messages.operator import Rekey
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from agent.tpm.store import TPMStore
-from agent.wire.envelope import RawMessage, decode_message, encode_message
-from agent.wire.messages.ack import Ack
-from agent.wire.messages.group import CommitMessage
-from agent.wire.messages.operator import Rekey
-from agent.wire.messages.service import CommitAction, CommitRequest
 from firmware_sim.lab import Lab, LabDevice
-from provisioning.service.core import SERVICE_ID, operator_cmd_topic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 

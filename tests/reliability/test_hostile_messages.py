@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from agent.core import AgentCore
-from agent.wire import cbor, cose
-from agent.wire.messages.ack import Ack
-from agent.wire.messages.group import CommitMessage
-from agent.wire.messages.key_state import KeyStateReport
-from agent.wire.messages.service import CommitAction, CommitRequest, ReportRequest
+from agent.protocol.wire import cbor, cose
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.group import CommitMessage
+from agent.protocol.wire.messages.key_state import KeyStateReport
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest, ReportRequest
 from tests.reliability.test_fuzz_messages import _recorded_fleet, agent_state, service_view
 
 pytestmark = pytest.mark.pure
@@ -103,7 +103,7 @@ def test_agent_refuses_forged_replayed_reordered_and_wrong_epoch_messages(
     # forged: an unknown signer; another member's (real, registered) key; the service's kid
     # over an attacker's signature; one flipped bit in the signature, in the payload
     attacker = ec.generate_private_key(ec.SECP256R1())
-    from agent.wire.envelope import encode_message
+    from agent.protocol.wire.envelope import encode_message
 
     unknown = encode_message(
         body, key=attacker, sender="keyfleet-service", to="dev-a", seq=501, time=now
@@ -215,7 +215,7 @@ def refused_at_service(fleet: Any, topic: str, payload: bytes, check: str) -> No
 
 
 def test_service_refuses_forged_replayed_reordered_and_wrong_epoch_messages(fleet: Any) -> None:
-    from provisioning.service.core import device_report_topic
+    from agent.protocol.topics import device_report_topic
 
     d1, d2 = fleet.devices["dev-1"], fleet.devices["dev-2"]
     topic = device_report_topic("dev-1")
@@ -231,8 +231,8 @@ def test_service_refuses_forged_replayed_reordered_and_wrong_epoch_messages(flee
     attacker = ec.generate_private_key(ec.SECP256R1())
     # forged: unknown key; another registered device's key (dev-2 signs as dev-1); dev-1's kid
     # over an attacker's signature; a flipped bit
-    from agent.wire.envelope import encode_message
-    from provisioning.service.core import SERVICE_ID
+    from agent.protocol.topics import SERVICE_ID
+    from agent.protocol.wire.envelope import encode_message
 
     unknown = encode_message(
         KeyStateReport(()), key=attacker, sender="dev-1", to=SERVICE_ID, seq=d1.seq + 5, time=now

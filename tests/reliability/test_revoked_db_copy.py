@@ -52,17 +52,17 @@ from sqlalchemy.orm import Session
 
 from agent.config import load_config
 from agent.daemon import LEAF_DIR, TpmKeys, load_devid
-from agent.errors import CryptoError, ProtocolError
-from agent.hpke import serialize_public_key
-from agent.mls.crypto import NH, decrypt_with_label, mac
-from agent.mls.group import WELCOME_LABEL, Group
-from agent.mls.key_schedule import EpochSecrets, derive_epoch
-from agent.mls.messages import Commit, KeyPackage, Welcome
-from agent.mls.public import UPDATE_PATH_LABEL, PublicState, verify_commit
 from agent.mqtt import MqttClient, ReceivedMessage
+from agent.protocol.errors import CryptoError, ProtocolError
+from agent.protocol.hpke import serialize_public_key
+from agent.protocol.mls.crypto import NH, decrypt_with_label, mac
+from agent.protocol.mls.group import WELCOME_LABEL, Group
+from agent.protocol.mls.key_schedule import EpochSecrets, derive_epoch
+from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.mls.public import UPDATE_PATH_LABEL, PublicState, verify_commit
+from agent.protocol.wire.envelope import RawMessage, decode_message
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore
-from agent.wire.envelope import RawMessage, decode_message
 from firmware_sim.lab import Lab, LabDevice
 from provisioning.registry import Registry, make_engine
 from tests.reliability.secret_search import find, name_all, positive_control

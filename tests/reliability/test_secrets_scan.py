@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ProtocolError
-from agent.secret import Secret
+from agent.protocol.errors import ProtocolError
+from agent.protocol.secret import Secret
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore
 from firmware_sim.lab import CliResult, Lab, LabDevice

@@ -41,7 +41,7 @@ from sqlalchemy import Connection, Engine, MetaData, create_engine, inspect
 from sqlalchemy.engine.reflection import Inspector
 from sqlalchemy.pool import NullPool, StaticPool
 
-from agent.errors import ConfigError, InternalError, StateError
+from agent.protocol.errors import ConfigError, InternalError, StateError
 from provisioning.registry.engine import make_engine, redact_url, sqlite_path
 from provisioning.registry.schema import NAMING_CONVENTION, Base
 

@@ -1,0 +1,372 @@
+"""The handshake messages of keyfleet's MLS subset, framed as CBOR maps (docs/treekem.md):
+KeyPackage, Commit (with its UpdatePath) and Welcome (with GroupSecrets and GroupInfo inside).
+
+Each type has ``to_obj``/``from_obj`` (the CBOR data model) and ``encode``/``decode`` (bytes).
+``decode`` is strict: size limit before decoding, deterministic CBOR only, exact key sets, exact
+lengths, bounded counts and points on P-256; anything else raises ``ProtocolError`` with a
+``mls.decode*`` check id. Signatures and semantics are checked later, by
+``agent.protocol.mls.public``
+and ``agent.protocol.mls.group``, which are the only ways into a group's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.protocol.errors import CryptoError, ProtocolError
+from agent.protocol.hpke import serialize_public_key
+from agent.protocol.mls import codec
+from agent.protocol.mls.crypto import (
+    KEY_PACKAGE_REF_LABEL,
+    NH,
+    ref_hash,
+    sign_with_label,
+    verify_with_label,
+)
+from agent.protocol.mls.tree import LeafNode, RatchetTree
+
+MAX_KEY_PACKAGE_BYTES = 1024
+MAX_COMMIT_BYTES = 8 << 20
+MAX_WELCOME_BYTES = 32 << 20
+MAX_ADDS = 1024
+HPKE_CT_LEN = NH + 16  # a path secret or joiner secret sealed with AES-128-GCM
+MAX_CT = 1024  # sealed GroupSecrets are a few dozen bytes
+
+
+def _hpke_ct(value: object, what: str) -> tuple[bytes, bytes]:
+    pair = codec.as_list(value, what, 2, lambda v, w: v, min_len=2)
+    return codec.as_point(pair[0], f"{what}.kem_output"), codec.as_bytes(
+        pair[1], f"{what}.ciphertext", 16, MAX_CT
+    )
+
+
+# -- KeyPackage -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPackage:
+    """A device's offer to be added to a group: its identity, its signature (DevID) public key
+    and its leaf HPKE public key, signed by the DevID key. The leaf key doubles as the MLS
+    init_key (the Welcome is sealed to it): both live in the TPM and neither is ever exported."""
+
+    device_id: bytes
+    signature_key: bytes
+    leaf_key: bytes
+    signature: bytes
+
+    def _tbs(self) -> bytes:
+        return codec.encode({"id": self.device_id, "sig": self.signature_key, "enc": self.leaf_key})
+
+    @classmethod
+    def create(
+        cls,
+        device_id: bytes,
+        signature_key: ec.EllipticCurvePrivateKey,
+        leaf_key: ec.EllipticCurvePublicKey,
+    ) -> KeyPackage:
+        """Sign a KeyPackage with the device's signature key (only ``sign``/``public_key`` are
+        called on it: it may live in a TPM)."""
+        unsigned = cls(
+            device_id,
+            serialize_public_key(signature_key.public_key()),
+            serialize_public_key(leaf_key),
+            b"",
+        )
+        signature = sign_with_label(signature_key, b"KeyPackageTBS", unsigned._tbs())
+        return cls(unsigned.device_id, unsigned.signature_key, unsigned.leaf_key, signature)
+
+    def verify(self) -> None:
+        """Raises ``ProtocolError("mls.key-package.signature")`` unless self-signed correctly."""
+        try:
+            verify_with_label(
+                codec.public_key(self.signature_key), b"KeyPackageTBS", self._tbs(), self.signature
+            )
+        except CryptoError:
+            raise ProtocolError(
+                "mls.key-package.signature", "KeyPackage signature does not verify"
+            ) from None
+
+    def ref(self) -> bytes:
+        """KeyPackageRef = RefHash("MLS 1.0 KeyPackage Reference", encoded KeyPackage)."""
+        return ref_hash(KEY_PACKAGE_REF_LABEL, self.encode())
+
+    def leaf_node(self) -> LeafNode:
+        return LeafNode(self.device_id, self.signature_key, self.leaf_key)
+
+    def to_obj(self) -> dict[str, object]:
+        return {
+            "id": self.device_id,
+            "sig": self.signature_key,
+            "enc": self.leaf_key,
+            "signature": self.signature,
+        }
+
+    @classmethod
+    def from_obj(cls, value: object, what: str = "key_package") -> KeyPackage:
+        m = codec.as_map(value, what, {"id", "sig", "enc", "signature"})
+        return cls(
+            device_id=codec.as_bytes(m["id"], f"{what}.id", 1, codec.MAX_DEVICE_ID),
+            signature_key=codec.as_point(m["sig"], f"{what}.sig"),
+            leaf_key=codec.as_point(m["enc"], f"{what}.enc"),
+            signature=codec.as_bytes(m["signature"], f"{what}.signature", 8, codec.MAX_SIGNATURE),
+        )
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, data: bytes) -> KeyPackage:
+        return cls.from_obj(codec.decode(data, MAX_KEY_PACKAGE_BYTES, "key_package"))
+
+
+# -- Commit -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdatePathNode:
+    """A new parent public key and its path secret sealed to each node of the resolution of
+    the matching copath child, in resolution order: (kem_output, ciphertext) pairs."""
+
+    encryption_key: bytes
+    encrypted_path_secret: tuple[tuple[bytes, bytes], ...]
+
+    def to_obj(self) -> dict[str, object]:
+        return {
+            "enc": self.encryption_key,
+            "secrets": [list(p) for p in self.encrypted_path_secret],
+        }
+
+    @classmethod
+    def from_obj(cls, value: object, what: str) -> UpdatePathNode:
+        m = codec.as_map(value, what, {"enc", "secrets"})
+        secrets = codec.as_list(m["secrets"], f"{what}.secrets", codec.MAX_LEAVES, _hpke_ct)
+        return cls(codec.as_point(m["enc"], f"{what}.enc"), tuple(secrets))
+
+
+@dataclass(frozen=True)
+class UpdatePath:
+    """The committer's new leaf key (only when it replaced it) and one node per element of its
+    filtered direct path, leaf to root."""
+
+    leaf_key: bytes | None
+    nodes: tuple[UpdatePathNode, ...]
+
+    def to_obj(self) -> dict[str, object]:
+        return {"leaf": self.leaf_key, "nodes": [n.to_obj() for n in self.nodes]}
+
+    @classmethod
+    def from_obj(cls, value: object, what: str) -> UpdatePath:
+        m = codec.as_map(value, what, {"leaf", "nodes"})
+        leaf = None if m["leaf"] is None else codec.as_point(m["leaf"], f"{what}.leaf")
+        nodes = codec.as_list(m["nodes"], f"{what}.nodes", codec.MAX_DEPTH, UpdatePathNode.from_obj)
+        return cls(leaf, tuple(nodes))
+
+
+@dataclass(frozen=True)
+class CommitContent:
+    """What the committer signs: group, the epoch the commit applies to, its own leaf index,
+    the members it removes (leaf indices), the KeyPackages it adds, and its UpdatePath."""
+
+    group_id: bytes
+    epoch: int
+    sender: int
+    removes: tuple[int, ...]
+    adds: tuple[KeyPackage, ...]
+    path: UpdatePath
+
+    def to_obj(self) -> dict[str, object]:
+        return {
+            "group": self.group_id,
+            "epoch": self.epoch,
+            "sender": self.sender,
+            "removes": list(self.removes),
+            "adds": [kp.to_obj() for kp in self.adds],
+            "path": self.path.to_obj(),
+        }
+
+    @classmethod
+    def from_obj(cls, value: object, what: str = "content") -> CommitContent:
+        m = codec.as_map(value, what, {"group", "epoch", "sender", "removes", "adds", "path"})
+        leaf_index = codec.MAX_LEAVES - 1
+        return cls(
+            group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
+            epoch=codec.as_uint(m["epoch"], f"{what}.epoch", (1 << 64) - 1),
+            sender=codec.as_uint(m["sender"], f"{what}.sender", leaf_index),
+            removes=tuple(
+                codec.as_list(
+                    m["removes"],
+                    f"{what}.removes",
+                    codec.MAX_LEAVES,
+                    lambda v, w: codec.as_uint(v, w, leaf_index),
+                )
+            ),
+            adds=tuple(codec.as_list(m["adds"], f"{what}.adds", MAX_ADDS, KeyPackage.from_obj)),
+            path=UpdatePath.from_obj(m["path"], f"{what}.path"),
+        )
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A signed commit with its confirmation tag (MAC under the new epoch's confirmation key
+    over the new confirmed transcript hash: only members can check it)."""
+
+    content: CommitContent
+    signature: bytes
+    confirmation_tag: bytes
+
+    def to_obj(self) -> dict[str, object]:
+        return {
+            "content": self.content.to_obj(),
+            "signature": self.signature,
+            "tag": self.confirmation_tag,
+        }
+
+    @classmethod
+    def from_obj(cls, value: object, what: str = "commit") -> Commit:
+        m = codec.as_map(value, what, {"content", "signature", "tag"})
+        return cls(
+            content=CommitContent.from_obj(m["content"], f"{what}.content"),
+            signature=codec.as_bytes(m["signature"], f"{what}.signature", 8, codec.MAX_SIGNATURE),
+            confirmation_tag=codec.as_bytes(m["tag"], f"{what}.tag", NH, NH),
+        )
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Commit:
+        return cls.from_obj(codec.decode(data, MAX_COMMIT_BYTES, "commit"))
+
+
+# -- Welcome ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupSecrets:
+    """Sealed to one joiner: the new epoch's joiner_secret, and the path secret of the lowest
+    node of the committer's filtered direct path above the joiner."""
+
+    joiner_secret: bytes = field(repr=False)
+    path_secret: bytes = field(repr=False)
+
+    def encode(self) -> bytes:
+        return codec.encode({"joiner": self.joiner_secret, "path": self.path_secret})
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupSecrets:
+        m = codec.as_map(
+            codec.decode(data, MAX_CT, "group_secrets"),
+            "group_secrets",
+            {
+                "joiner",
+                "path",
+            },
+        )
+        return cls(
+            codec.as_bytes(m["joiner"], "group_secrets.joiner", NH, NH),
+            codec.as_bytes(m["path"], "group_secrets.path", NH, NH),
+        )
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """What a joiner needs, signed by the committer: the public tree, the epoch, the confirmed
+    transcript hash and the confirmation tag (which the joiner checks with the confirmation key
+    it derives, so a GroupInfo cannot be paired with the wrong secrets)."""
+
+    group_id: bytes
+    epoch: int
+    tree: RatchetTree
+    confirmed_transcript_hash: bytes
+    confirmation_tag: bytes
+    signer: int
+    signature: bytes
+
+    def tbs(self) -> bytes:
+        obj = self.to_obj()
+        del obj["signature"]
+        return codec.encode(obj)
+
+    def to_obj(self) -> dict[str, object]:
+        return {
+            "group": self.group_id,
+            "epoch": self.epoch,
+            "tree": self.tree.to_obj(),
+            "cth": self.confirmed_transcript_hash,
+            "tag": self.confirmation_tag,
+            "signer": self.signer,
+            "signature": self.signature,
+        }
+
+    @classmethod
+    def from_obj(cls, value: object, what: str = "group_info") -> GroupInfo:
+        m = codec.as_map(
+            value, what, {"group", "epoch", "tree", "cth", "tag", "signer", "signature"}
+        )
+        return cls(
+            group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
+            epoch=codec.as_uint(m["epoch"], f"{what}.epoch", (1 << 64) - 1),
+            tree=RatchetTree.from_obj(m["tree"], f"{what}.tree"),
+            confirmed_transcript_hash=codec.as_bytes(m["cth"], f"{what}.cth", NH, NH),
+            confirmation_tag=codec.as_bytes(m["tag"], f"{what}.tag", NH, NH),
+            signer=codec.as_uint(m["signer"], f"{what}.signer", codec.MAX_LEAVES - 1),
+            signature=codec.as_bytes(m["signature"], f"{what}.signature", 8, codec.MAX_SIGNATURE),
+        )
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, data: bytes) -> GroupInfo:
+        return cls.from_obj(codec.decode(data, MAX_WELCOME_BYTES, "group_info"))
+
+
+@dataclass(frozen=True)
+class EncryptedGroupSecrets:
+    """GroupSecrets sealed (EncryptWithLabel "Welcome") to the leaf key of the KeyPackage whose
+    reference is ``key_package_ref``."""
+
+    key_package_ref: bytes
+    kem_output: bytes
+    ciphertext: bytes
+
+    def to_obj(self) -> dict[str, object]:
+        return {"kp": self.key_package_ref, "kem": self.kem_output, "ct": self.ciphertext}
+
+    @classmethod
+    def from_obj(cls, value: object, what: str) -> EncryptedGroupSecrets:
+        m = codec.as_map(value, what, {"kp", "kem", "ct"})
+        return cls(
+            codec.as_bytes(m["kp"], f"{what}.kp", NH, NH),
+            codec.as_point(m["kem"], f"{what}.kem"),
+            codec.as_bytes(m["ct"], f"{what}.ct", 16, MAX_CT),
+        )
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """One per commit that adds members: per joiner its sealed GroupSecrets, and the GroupInfo
+    encrypted under the welcome key derived from the joiner secret (RFC 9420 §12.4.3.1)."""
+
+    secrets: tuple[EncryptedGroupSecrets, ...]
+    encrypted_group_info: bytes
+
+    def to_obj(self) -> dict[str, object]:
+        return {"secrets": [s.to_obj() for s in self.secrets], "info": self.encrypted_group_info}
+
+    @classmethod
+    def from_obj(cls, value: object, what: str = "welcome") -> Welcome:
+        m = codec.as_map(value, what, {"secrets", "info"})
+        secrets = codec.as_list(
+            m["secrets"], f"{what}.secrets", MAX_ADDS, EncryptedGroupSecrets.from_obj, min_len=1
+        )
+        return cls(tuple(secrets), codec.as_bytes(m["info"], f"{what}.info", 16, MAX_WELCOME_BYTES))
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Welcome:
+        return cls.from_obj(codec.decode(data, MAX_WELCOME_BYTES, "welcome"))

@@ -1,0 +1,334 @@
+"""What anyone holding only a group's public state can check and do: the delivery service's view.
+
+``verify_commit`` runs every public check of a commit and returns a ``VerifiedCommit`` holding
+the next epoch's public tree and transcript hashes; members (``agent.protocol.mls.group``) run it
+first
+and only then touch private keys, and the delivery service's ``PublicGroup`` advances with it.
+
+Checks, in order (each refusal is ``ProtocolError`` with this id, and changes nothing):
+``mls.group-id``, ``mls.epoch-stale`` / ``mls.epoch-future``, ``mls.sender`` (the committer
+is a member), ``mls.commit.signature`` (by the committer's signature key, over the content and
+the current GroupContext), ``mls.remove.*`` / ``mls.add.*`` / ``mls.key-package.signature``
+(proposals valid), ``mls.path.length`` (one UpdatePath node per node of the committer's filtered
+direct path), ``mls.path.ciphertexts`` (one ciphertext per node of each copath resolution),
+``mls.path.duplicate-key``. Key encodings were checked by the decoder.
+
+What it cannot check: the confirmation tag (a MAC under the new epoch's confirmation key) and
+that the ciphertexts decrypt to path secrets matching the new public keys: both need secrets.
+Nothing here can derive any epoch secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.protocol.errors import CryptoError, ProtocolError
+from agent.protocol.mls import codec
+from agent.protocol.mls import tree_math as tm
+from agent.protocol.mls.crypto import NH, hash_, verify_with_label
+from agent.protocol.mls.key_schedule import group_context_bytes
+from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Welcome
+from agent.protocol.mls.tree import RatchetTree
+
+COMMIT_LABEL = b"CommitTBS"
+UPDATE_PATH_LABEL = b"UpdatePathNode"
+
+
+@dataclass(frozen=True)
+class PublicState:
+    """One epoch's public state: what the delivery service stores per group."""
+
+    group_id: bytes
+    epoch: int
+    tree: RatchetTree
+    confirmed_transcript_hash: bytes
+    interim_transcript_hash: bytes
+
+    def group_context(self) -> bytes:
+        return group_context_bytes(
+            self.group_id, self.epoch, self.tree.tree_hash(), self.confirmed_transcript_hash
+        )
+
+    def to_obj(self) -> dict[str, object]:
+        return {
+            "group": self.group_id,
+            "epoch": self.epoch,
+            "tree": self.tree.to_obj(),
+            "cth": self.confirmed_transcript_hash,
+            "ith": self.interim_transcript_hash,
+        }
+
+    @classmethod
+    def from_obj(cls, value: object, what: str = "public_state") -> PublicState:
+        m = codec.as_map(value, what, {"group", "epoch", "tree", "cth", "ith"})
+        return cls(
+            group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
+            epoch=codec.as_uint(m["epoch"], f"{what}.epoch", (1 << 64) - 1),
+            tree=RatchetTree.from_obj(m["tree"], f"{what}.tree"),
+            confirmed_transcript_hash=codec.as_bytes(m["cth"], f"{what}.cth", 0, NH),
+            interim_transcript_hash=codec.as_bytes(m["ith"], f"{what}.ith", NH, NH),
+        )
+
+
+def commit_tbs(content: CommitContent, group_context: bytes) -> bytes:
+    """What SignWithLabel("CommitTBS") covers: the content and the GroupContext of the epoch the
+    commit applies to (so a signature cannot be replayed into another group or epoch)."""
+    return codec.encode(content.to_obj()) + group_context
+
+
+def confirmed_transcript_hash(
+    interim_transcript_hash: bytes, content: CommitContent, signature: bytes
+) -> bytes:
+    """H(interim_transcript_hash[n-1] || cbor({"content": ..., "signature": ...}))."""
+    return hash_(
+        interim_transcript_hash
+        + codec.encode({"content": content.to_obj(), "signature": signature})
+    )
+
+
+def interim_transcript_hash(confirmed: bytes, confirmation_tag: bytes) -> bytes:
+    """H(confirmed_transcript_hash[n] || confirmation_tag)."""
+    return hash_(confirmed + confirmation_tag)
+
+
+def apply_proposals(
+    state: PublicState, sender: int, removes: Sequence[int], adds: Sequence[KeyPackage]
+) -> tuple[RatchetTree, tuple[int, ...]]:
+    """A copy of the tree with the removes, then the adds, applied (RFC 9420 §12.3 order), and
+    the leaf indices the joiners got. Refuses an invalid proposal."""
+    tree = state.tree.copy()
+    seen: set[int] = set()
+    for leaf_index in removes:
+        if leaf_index == sender:
+            raise ProtocolError("mls.remove.self", "a committer cannot remove itself")
+        if leaf_index in seen:
+            raise ProtocolError("mls.remove.duplicate", f"leaf {leaf_index} removed twice")
+        if tree.leaf(leaf_index) is None:
+            raise ProtocolError("mls.remove.blank", f"leaf {leaf_index} is not a member")
+        seen.add(leaf_index)
+        tree._remove_leaf(leaf_index)
+    if removes:
+        tree._truncate()
+    added: list[int] = []
+    keys = {leaf.encryption_key for _, leaf in tree.members()}
+    for kp in adds:
+        kp.verify()
+        if tree.find_device(kp.device_id) is not None:
+            raise ProtocolError("mls.add.duplicate", "the device is already a member")
+        if kp.leaf_key in keys:
+            raise ProtocolError("mls.add.duplicate-key", "the leaf key is already in the tree")
+        if tree.member_count() >= codec.MAX_LEAVES:
+            raise ProtocolError("mls.add.full", f"a group has at most {codec.MAX_LEAVES} members")
+        keys.add(kp.leaf_key)
+        added.append(tree._add_leaf(kp.leaf_node()))
+    return tree, tuple(added)
+
+
+def copath_resolutions(
+    tree: RatchetTree, path: Sequence[tuple[int, int]], added: Sequence[int]
+) -> tuple[tuple[int, ...], ...]:
+    """For each (node, copath child) of the filtered direct path: the nodes its path secret is
+    sealed to, i.e. the copath child's resolution without this commit's joiners."""
+    exclude = frozenset(added)
+    return tuple(tuple(tree.resolution(child, exclude)) for _, child in path)
+
+
+def apply_path(
+    state: PublicState,
+    tree: RatchetTree,
+    sender: int,
+    *,
+    leaf_key: bytes | None,
+    path: Sequence[tuple[int, int]],
+    node_keys: Sequence[bytes],
+) -> bytes:
+    """Put the committer's new keys into ``tree`` (a copy from ``apply_proposals``) and return
+    the provisional GroupContext the path secrets are sealed under: next epoch, new tree hash,
+    previous confirmed transcript hash (RFC 9420 §12.4.2)."""
+    if len(node_keys) != len(path):
+        raise ProtocolError(
+            "mls.path.length",
+            f"UpdatePath has {len(node_keys)} nodes, filtered direct path has {len(path)}",
+        )
+    in_use = {leaf.encryption_key for i, leaf in tree.members() if i != sender}
+    for x in range(1, 2 * tree.n_leaves - 1, 2):
+        parent = tree.parent_node(x)
+        if parent is not None and not any(x == p for p, _ in path):
+            in_use.add(parent.encryption_key)
+    fresh = [*node_keys, *([leaf_key] if leaf_key is not None else [])]
+    if len(set(fresh)) != len(fresh) or in_use.intersection(fresh):
+        raise ProtocolError("mls.path.duplicate-key", "the UpdatePath reuses a public key")
+    if leaf_key is not None:
+        tree._replace_leaf_key(sender, leaf_key)
+    tree._apply_path(sender, zip((x for x, _ in path), node_keys, strict=True))
+    return group_context_bytes(
+        state.group_id, state.epoch + 1, tree.tree_hash(), state.confirmed_transcript_hash
+    )
+
+
+@dataclass(frozen=True)
+class VerifiedCommit:
+    """A commit that passed every public check, with the public state it leads to. Members
+    still have to decrypt their path secret and check the confirmation tag."""
+
+    commit: Commit
+    tree: RatchetTree
+    added: tuple[int, ...]
+    path: tuple[tuple[int, int], ...]
+    resolutions: tuple[tuple[int, ...], ...]
+    provisional_context: bytes
+    confirmed_transcript_hash: bytes
+    interim_transcript_hash: bytes
+
+    @property
+    def sender(self) -> int:
+        return self.commit.content.sender
+
+    @property
+    def epoch(self) -> int:
+        """The epoch this commit starts."""
+        return self.commit.content.epoch + 1
+
+    def next_state(self) -> PublicState:
+        return PublicState(
+            self.commit.content.group_id,
+            self.epoch,
+            self.tree,
+            self.confirmed_transcript_hash,
+            self.interim_transcript_hash,
+        )
+
+
+def verify_commit(state: PublicState, commit: Commit) -> VerifiedCommit:
+    """Every check of a commit that needs no secret (module docstring); raises, never returns
+    a half-checked result, and never changes ``state``."""
+    content = commit.content
+    if content.group_id != state.group_id:
+        raise ProtocolError("mls.group-id", "the commit is for another group")
+    if content.epoch < state.epoch:
+        raise ProtocolError(
+            "mls.epoch-stale", f"commit for epoch {content.epoch}, group is at {state.epoch}"
+        )
+    if content.epoch > state.epoch:
+        raise ProtocolError(
+            "mls.epoch-future", f"commit for epoch {content.epoch}, group is at {state.epoch}"
+        )
+    committer = state.tree.leaf(content.sender)
+    if committer is None:
+        raise ProtocolError("mls.sender", f"leaf {content.sender} is not a member")
+    try:
+        verify_with_label(
+            codec.public_key(committer.signature_key),
+            COMMIT_LABEL,
+            commit_tbs(content, state.group_context()),
+            commit.signature,
+        )
+    except CryptoError:
+        raise ProtocolError(
+            "mls.commit.signature", "the commit is not signed by its committer"
+        ) from None
+    tree, added = apply_proposals(state, content.sender, content.removes, content.adds)
+    path = tuple(tree.filtered_direct_path(content.sender))
+    resolutions = copath_resolutions(tree, path, added)
+    nodes = content.path.nodes
+    provisional = apply_path(
+        state,
+        tree,
+        content.sender,
+        leaf_key=content.path.leaf_key,
+        path=path,
+        node_keys=[n.encryption_key for n in nodes],
+    )
+    for (x, _), node, resolution in zip(path, nodes, resolutions, strict=True):
+        if len(node.encrypted_path_secret) != len(resolution):
+            raise ProtocolError(
+                "mls.path.ciphertexts",
+                f"node {x}: {len(node.encrypted_path_secret)} ciphertexts for a resolution "
+                f"of {len(resolution)}",
+            )
+    confirmed = confirmed_transcript_hash(state.interim_transcript_hash, content, commit.signature)
+    return VerifiedCommit(
+        commit=commit,
+        tree=tree,
+        added=added,
+        path=path,
+        resolutions=resolutions,
+        provisional_context=provisional,
+        confirmed_transcript_hash=confirmed,
+        interim_transcript_hash=interim_transcript_hash(confirmed, commit.confirmation_tag),
+    )
+
+
+class PublicGroup:
+    """The delivery service's copy of a group: public tree, epoch, transcript hashes. It orders
+    commits (``apply`` accepts only the current epoch's) and checks what can be checked in
+    public; it holds no private key and cannot derive any epoch secret."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: PublicState) -> None:
+        self._state = state
+
+    @property
+    def state(self) -> PublicState:
+        return self._state
+
+    @property
+    def group_id(self) -> bytes:
+        return self._state.group_id
+
+    @property
+    def epoch(self) -> int:
+        return self._state.epoch
+
+    @property
+    def tree(self) -> RatchetTree:
+        return self._state.tree
+
+    def tree_hash(self) -> bytes:
+        return self._state.tree.tree_hash()
+
+    def verify(self, commit: Commit) -> VerifiedCommit:
+        return verify_commit(self._state, commit)
+
+    def apply(self, commit: Commit) -> PublicGroup:
+        """The group after ``commit``; raises (and this object stays as it was) if refused."""
+        return PublicGroup(verify_commit(self._state, commit).next_state())
+
+    def committer_for_remove(self, leaf_index: int) -> int:
+        """The member the service should ask to commit the removal of ``leaf_index``: the one
+        nearest to it in the tree, so the blanked path of the removed leaf is mostly re-keyed by
+        the committer's own path and the commit stays small (≈ log2 N ciphertexts)."""
+        target = tm.leaf_to_node(leaf_index)
+        best: tuple[int, int] | None = None
+        for i, _ in self.tree.members():
+            if i == leaf_index:
+                continue
+            height = tm.level(tm.common_ancestor(tm.leaf_to_node(i), target))
+            if best is None or height < best[0]:
+                best = (height, i)
+        if best is None:
+            raise ProtocolError("mls.remove.self", "no other member could commit the removal")
+        return best[1]
+
+    def check_welcome(self, commit: Commit, welcome: Welcome) -> None:
+        """A Welcome must carry exactly one sealed GroupSecrets per KeyPackage the commit added
+        (the service cannot open them, only match references)."""
+        expected = sorted(kp.ref() for kp in commit.content.adds)
+        got = sorted(s.key_package_ref for s in welcome.secrets)
+        if expected != got:
+            raise ProtocolError("mls.welcome.recipients", "Welcome does not match the adds")
+
+    def to_state(self) -> dict[str, object]:
+        return self._state.to_obj()
+
+    @classmethod
+    def from_state(cls, state: object) -> PublicGroup:
+        return cls(PublicState.from_obj(state))
+
+    def __repr__(self) -> str:
+        return (
+            f"PublicGroup(group_id={self.group_id.hex()}, epoch={self.epoch}, "
+            f"members={self.tree.member_count()})"
+        )

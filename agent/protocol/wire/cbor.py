@@ -1,0 +1,193 @@
+"""Deterministic CBOR (RFC 8949 §4.2.1) and a strict decoder for the wire protocol.
+
+The wire data model is deliberately small: unsigned and negative integers (64-bit CBOR range),
+byte strings, text strings, arrays, maps keyed by integers or text, ``true``/``false``/``null``.
+No floats, no tags, no indefinite lengths, no undefined or other simple values.
+
+Encoding: map keys are sorted bytewise by their encoded form ("core deterministic encoding",
+RFC 8949 §4.2.1). cbor2 6.x's ``canonical=True`` sorts keys length-first (the RFC 7049 §3.9 rule,
+RFC 8949 §4.2.3), which differs when one map mixes negative and positive integer keys or integer
+and text keys; so we sort ourselves and let cbor2 encode with ``canonical=False`` (it keeps dict
+order, and always writes integers and lengths in their shortest form).
+
+Decoding runs in three steps, each able to refuse:
+
+1. the size limit, before anything reads the bytes;
+2. a structural scan of the item heads (no allocation, no recursion) that enforces the data model,
+   the nesting limit, exact consumption of the input, and that every announced length fits in the
+   bytes that are actually there (so a head claiming 2**64 bytes costs nothing);
+3. cbor2 builds the Python value, and the value is re-encoded: anything that is not byte-for-byte
+   the deterministic encoding (non-shortest integers or lengths, unsorted or duplicate keys) is
+   refused, so every accepted message has exactly one encoding and its digest identifies it.
+
+Every refusal is a :class:`agent.protocol.errors.ProtocolError` with a ``cbor.*`` check id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import cbor2
+
+from agent.protocol.errors import ProtocolError
+
+DEFAULT_MAX_SIZE = 256 * 1024
+"""Default size limit for one decoded item (bytes)."""
+
+MAX_DEPTH = 16
+"""Deepest nesting of arrays/maps accepted (the top-level container counts as 1)."""
+
+_UINT_MAX = (1 << 64) - 1
+_NINT_MIN = -(1 << 64)
+
+_MAJOR_UINT, _MAJOR_NINT, _MAJOR_BYTES, _MAJOR_TEXT = 0, 1, 2, 3
+_MAJOR_ARRAY, _MAJOR_MAP, _MAJOR_TAG, _MAJOR_SIMPLE = 4, 5, 6, 7
+_SIMPLE_FALSE, _SIMPLE_TRUE, _SIMPLE_NULL = 20, 21, 22
+_AI_INDEFINITE = 31
+
+
+def encode(value: object) -> bytes:
+    """Deterministic CBOR of ``value`` (RFC 8949 §4.2.1).
+
+    Accepts exactly the wire data model: ``int`` (64-bit CBOR range), ``bytes``, ``str``,
+    ``bool``, ``None``, ``list``/``tuple``, and ``Mapping`` with ``int`` or ``str`` keys. Anything
+    else raises ``ProtocolError("cbor.type")`` rather than being silently converted (a float or a
+    datetime in a message is a bug in the caller, and cbor2 would happily encode it with a tag).
+    """
+    prepared = _prepare(value, 0)
+    try:
+        return bytes(cbor2.dumps(prepared))
+    except Exception as exc:  # cbor2 refusing an already-checked value would be a surprise
+        raise ProtocolError(
+            "cbor.encode", f"cbor2 refused the value: {type(exc).__name__}"
+        ) from None
+
+
+def _prepare(value: object, depth: int) -> object:
+    """Check ``value`` against the data model and return it with maps in deterministic order."""
+    if value is None or type(value) is bool:
+        return value
+    if type(value) is int:
+        if not _NINT_MIN <= value <= _UINT_MAX:
+            raise ProtocolError("cbor.type", "integer outside the 64-bit CBOR range")
+        return value
+    if type(value) is bytes:
+        return value
+    if type(value) is str:
+        return value
+    if isinstance(value, list | tuple):
+        if depth >= MAX_DEPTH:
+            raise ProtocolError("cbor.depth", f"nesting deeper than {MAX_DEPTH}")
+        return [_prepare(item, depth + 1) for item in value]
+    if isinstance(value, Mapping):
+        if depth >= MAX_DEPTH:
+            raise ProtocolError("cbor.depth", f"nesting deeper than {MAX_DEPTH}")
+        entries: list[tuple[bytes, object, object]] = []
+        for key, item in value.items():
+            if type(key) not in (int, str):
+                raise ProtocolError("cbor.key-type", "map keys must be integers or text")
+            entries.append((_encode_key(key), key, _prepare(item, depth + 1)))
+        entries.sort(key=lambda entry: entry[0])
+        return {key: item for _, key, item in entries}
+    raise ProtocolError("cbor.type", f"{type(value).__name__} is not in the wire data model")
+
+
+def _encode_key(key: object) -> bytes:
+    if type(key) is int and not _NINT_MIN <= key <= _UINT_MAX:
+        raise ProtocolError("cbor.type", "integer key outside the 64-bit CBOR range")
+    return bytes(cbor2.dumps(key))
+
+
+def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = MAX_DEPTH) -> object:
+    """Strictly decode one deterministic CBOR item that fills ``data`` exactly.
+
+    Returns ``int``, ``bytes``, ``str``, ``bool``, ``None``, ``list`` or ``dict`` (nested).
+    """
+    if type(data) is not bytes:
+        raise ProtocolError("cbor.type", "input must be bytes")
+    if len(data) > max_size:
+        raise ProtocolError("cbor.size", f"{len(data)} bytes exceed the limit of {max_size}")
+    scan(data, max_depth=max_depth)
+    try:
+        value = cbor2.loads(
+            data,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            str_errors="strict",
+            max_depth=max_depth + 2,
+        )
+    except Exception as exc:
+        # After the scan only semantic problems remain (duplicate keys); any exception type
+        # cbor2 raises on hostile input becomes one check id.
+        raise ProtocolError("cbor.malformed", f"cbor2: {type(exc).__name__}") from None
+    if encode(value) != data:
+        raise ProtocolError("cbor.noncanonical", "not the deterministic encoding of its value")
+    return value
+
+
+def scan(data: bytes, *, max_depth: int = MAX_DEPTH) -> None:
+    """Walk the item heads of ``data`` without building values; raise on anything outside the
+    wire data model. Public so that tests can prove it runs before cbor2 does."""
+    end = len(data)
+    pos = 0
+    # One entry per open container: [items still expected, 1 if it is a map else 0].
+    stack: list[list[int]] = []
+    while True:
+        if pos >= end:
+            raise ProtocolError("cbor.truncated", "input ends inside an item")
+        is_key = bool(stack) and stack[-1][1] == 1 and stack[-1][0] % 2 == 0
+        initial = data[pos]
+        pos += 1
+        major, info = initial >> 5, initial & 0x1F
+        if major == _MAJOR_SIMPLE:
+            if info not in (_SIMPLE_FALSE, _SIMPLE_TRUE, _SIMPLE_NULL):
+                kind = "indefinite-length break" if info == _AI_INDEFINITE else "float/simple value"
+                raise ProtocolError("cbor.type", f"{kind} is not in the wire data model")
+            argument = 0
+        elif info < 24:
+            argument = info
+        elif info <= 27:
+            width = 1 << (info - 24)
+            if pos + width > end:
+                raise ProtocolError("cbor.truncated", "input ends inside an item head")
+            argument = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+        elif info == _AI_INDEFINITE:
+            raise ProtocolError("cbor.indefinite", "indefinite lengths are not accepted")
+        else:
+            raise ProtocolError("cbor.malformed", f"reserved additional information {info}")
+
+        if is_key and major not in (_MAJOR_UINT, _MAJOR_NINT, _MAJOR_TEXT):
+            raise ProtocolError("cbor.key-type", "map keys must be integers or text")
+        if major == _MAJOR_TAG:
+            raise ProtocolError("cbor.tag", f"tag {argument} is not accepted")
+        if major in (_MAJOR_BYTES, _MAJOR_TEXT):
+            if argument > end - pos:
+                raise ProtocolError("cbor.truncated", "string longer than the remaining input")
+            if major == _MAJOR_TEXT:
+                try:
+                    data[pos : pos + argument].decode("utf-8", "strict")
+                except UnicodeDecodeError:
+                    raise ProtocolError("cbor.utf8", "text string is not valid UTF-8") from None
+            pos += argument
+        elif major in (_MAJOR_ARRAY, _MAJOR_MAP):
+            count = argument * 2 if major == _MAJOR_MAP else argument
+            # Every item takes at least one byte: a count beyond the remaining bytes is a lie,
+            # refused here so that no decoder pre-allocates for it.
+            if count > end - pos:
+                raise ProtocolError("cbor.truncated", "container announces more items than bytes")
+            if len(stack) >= max_depth:
+                raise ProtocolError("cbor.depth", f"nesting deeper than {max_depth}")
+            if count:
+                stack.append([count, 1 if major == _MAJOR_MAP else 0])
+                continue
+        # One complete item: close every container it completes.
+        while stack:
+            stack[-1][0] -= 1
+            if stack[-1][0]:
+                break
+            stack.pop()
+        if not stack:
+            break
+    if pos != end:
+        raise ProtocolError("cbor.trailing", f"{end - pos} bytes after the item")

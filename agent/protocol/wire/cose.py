@@ -1,0 +1,152 @@
+"""COSE_Sign1 (RFC 9052 §4.2-4.4) with one profile: ES256, kid in the protected header.
+
+Profile (see docs/wire.md):
+
+* the message is tag 18 around ``[protected: bstr, unprotected: {}, payload: bstr, signature]``;
+* the protected header is exactly ``{1: -7, 4: kid}`` (alg ES256, kid), deterministically encoded;
+  the unprotected header is an empty map; the payload is embedded (never detached);
+* ``kid`` is :func:`key_id` of the signer's public key. It sits in the *protected* header so the
+  signature covers it: the receiver binds kid to a sender, and that binding must not rest on a
+  field an attacker can rewrite in transit (RFC 9052 §3.1 leaves the choice to the profile);
+* the signature is ES256 as COSE wants it: raw ``r || s``, 32 bytes each (RFC 9053 §2.1), not the
+  DER that pyca (and a TPM) produce.
+
+Signing only calls ``key.sign(data, ec.ECDSA(hashes.SHA256()))``, so a TPM-resident key exposed
+as a pyca ``EllipticCurvePrivateKey`` signs exactly like a software key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from agent.protocol.errors import CryptoError, ProtocolError
+from agent.protocol.wire import cbor
+
+ALG_ES256 = -7
+HEADER_ALG = 1
+HEADER_KID = 4
+COSE_SIGN1_TAG = 18
+KID_SIZE = 32
+SIGNATURE_SIZE = 64
+
+# Tag 18 in its only deterministic form: one head byte, major type 6, value 18.
+_TAG18 = bytes([0xC0 | COSE_SIGN1_TAG])
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_COORD = 32
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> bytes:
+    """The key id of a public key: SHA-256 of its SubjectPublicKeyInfo DER, all 32 bytes.
+
+    Not truncated: a shorter id would be safe (the signature, not the kid, authenticates), but
+    the full digest costs 16 bytes per message and spares every registry a collision check.
+    """
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()
+
+
+@dataclass(frozen=True)
+class Sign1:
+    """A parsed, NOT verified COSE_Sign1. ``protected`` is the header bstr exactly as received
+    (the signature covers those bytes, not a re-encoding)."""
+
+    protected: bytes
+    kid: bytes
+    payload: bytes
+    signature: bytes
+
+    def to_be_signed(self, external_aad: bytes = b"") -> bytes:
+        return sig_structure(self.protected, self.payload, external_aad)
+
+
+def protected_header(kid: bytes) -> bytes:
+    """The serialized protected header of our profile."""
+    return cbor.encode({HEADER_ALG: ALG_ES256, HEADER_KID: kid})
+
+
+def sig_structure(protected: bytes, payload: bytes, external_aad: bytes = b"") -> bytes:
+    """RFC 9052 §4.4 Sig_structure for COSE_Sign1."""
+    return cbor.encode(["Signature1", protected, external_aad, payload])
+
+
+def sign1(payload: bytes, key: ec.EllipticCurvePrivateKey, *, external_aad: bytes = b"") -> bytes:
+    """Sign ``payload`` and return the tagged COSE_Sign1 bytes."""
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise ProtocolError("cose.alg", f"ES256 needs a P-256 key, not {key.curve.name}")
+    protected = protected_header(key_id(key.public_key()))
+    der = key.sign(sig_structure(protected, payload, external_aad), ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    signature = r.to_bytes(_COORD, "big") + s.to_bytes(_COORD, "big")
+    return _TAG18 + cbor.encode([protected, {}, payload, signature])
+
+
+def decode_sign1(data: bytes, *, max_size: int = cbor.DEFAULT_MAX_SIZE) -> Sign1:
+    """Parse tagged COSE_Sign1 bytes of our profile. Does not verify anything cryptographic."""
+    if type(data) is not bytes:
+        raise ProtocolError("cose.malformed", "input must be bytes")
+    if len(data) > max_size:
+        raise ProtocolError("cbor.size", f"{len(data)} bytes exceed the limit of {max_size}")
+    if not data.startswith(_TAG18):
+        raise ProtocolError("cose.malformed", "not a tag-18 COSE_Sign1")
+    # The general decoder refuses all tags; the one tag we allow is peeled off here.
+    outer = cbor.decode(data[1:], max_size=max_size)
+    if not isinstance(outer, list) or len(outer) != 4:
+        raise ProtocolError("cose.malformed", "COSE_Sign1 must be an array of four items")
+    protected, unprotected, payload, signature = outer
+    if not isinstance(protected, bytes) or not isinstance(payload, bytes):
+        raise ProtocolError("cose.malformed", "protected header and payload must be byte strings")
+    if not isinstance(signature, bytes):
+        raise ProtocolError("cose.malformed", "signature must be a byte string")
+    if unprotected != {}:
+        raise ProtocolError("cose.header", "the unprotected header must be empty")
+    header = cbor.decode(protected, max_size=max_size)
+    if not isinstance(header, dict):
+        raise ProtocolError("cose.header", "protected header must be a map")
+    if set(header) != {HEADER_ALG, HEADER_KID}:
+        raise ProtocolError("cose.header", "protected header must hold exactly alg and kid")
+    if header[HEADER_ALG] != ALG_ES256 or type(header[HEADER_ALG]) is not int:
+        raise ProtocolError("cose.alg", "only ES256 (-7) is accepted")
+    kid = header[HEADER_KID]
+    if not isinstance(kid, bytes) or len(kid) != KID_SIZE:
+        raise ProtocolError("cose.header", f"kid must be {KID_SIZE} bytes")
+    if len(signature) != SIGNATURE_SIZE:
+        raise CryptoError("cose.signature", f"ES256 signature must be {SIGNATURE_SIZE} bytes")
+    return Sign1(protected=protected, kid=kid, payload=payload, signature=signature)
+
+
+def verify_sign1(
+    message: Sign1, public_key: ec.EllipticCurvePublicKey, *, external_aad: bytes = b""
+) -> None:
+    """Raise unless ``message`` carries a valid ES256 signature by ``public_key`` whose key id is
+    the message's kid."""
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        raise ProtocolError("cose.alg", "ES256 needs a P-256 public key")
+    if key_id(public_key) != message.kid:
+        raise CryptoError("cose.kid-mismatch", "the key resolved does not have the message's kid")
+    if len(message.signature) != SIGNATURE_SIZE:
+        raise CryptoError("cose.signature", f"ES256 signature must be {SIGNATURE_SIZE} bytes")
+    r = int.from_bytes(message.signature[:_COORD], "big")
+    s = int.from_bytes(message.signature[_COORD:], "big")
+    if not (0 < r < _P256_ORDER and 0 < s < _P256_ORDER):
+        raise CryptoError("cose.signature", "signature values out of range")
+    try:
+        public_key.verify(
+            encode_dss_signature(r, s),
+            message.to_be_signed(external_aad),
+            ec.ECDSA(hashes.SHA256()),
+        )
+    except InvalidSignature:
+        raise CryptoError("cose.signature", "ES256 signature does not verify") from None

@@ -1,0 +1,133 @@
+"""Group handshake messages: key package, commit, welcome.
+
+The MLS-layer structures (agent/protocol/mls/) travel as opaque bytes, encoded by that layer; only
+the
+group id and the epoch are in the clear, so that the delivery service can order commits (one per
+epoch, the first valid wins) and receivers can refuse rolled-back epochs without decrypting.
+``epoch`` is always the epoch the sender was in when it made the message: a commit made in epoch
+``e`` moves the group to ``e + 1``; a welcome's epoch is the epoch the joiner enters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from agent.protocol.wire.messages.base import (
+    COMMAND_ID_MAX,
+    COMMAND_ID_MIN,
+    Body,
+    check_bytes,
+    check_choice,
+    check_epoch,
+    check_id,
+    check_ids,
+)
+
+UPDATE_REASONS = frozenset({"max-epoch-age", "max-messages-per-epoch"})
+
+
+@dataclass(frozen=True)
+class KeyPackageMessage(Body):
+    """Device -> service: a key package (leaf public key in the TPM, signed by the device) that
+    lets a committer add the device to a group."""
+
+    TYPE: ClassVar[str] = "group.key_package"
+
+    key_package: bytes
+    command_id: bytes | None = None
+
+    def __post_init__(self) -> None:
+        check_bytes(self.key_package, "key_package", min_len=1)
+        if self.command_id is not None:
+            check_bytes(
+                self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX
+            )
+
+
+@dataclass(frozen=True)
+class GroupCreated(Body):
+    """Founder -> service: the group exists at epoch 0 with the sender as its only member;
+    ``public_group`` is the public view (agent.protocol.mls.public.PublicGroup state) the delivery
+    service keeps to check every later commit."""
+
+    TYPE: ClassVar[str] = "group.created"
+
+    group_id: str
+    public_group: bytes
+    command_id: bytes
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_bytes(self.public_group, "public_group", min_len=1)
+        check_bytes(self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX)
+
+
+@dataclass(frozen=True)
+class CommitMessage(Body):
+    """Committer -> service -> members (``grp/{group}/commit``): a commit made in ``epoch``.
+    ``command_id`` names the service's commit request it answers, when there was one."""
+
+    TYPE: ClassVar[str] = "group.commit"
+
+    group_id: str
+    epoch: int
+    commit: bytes
+    command_id: bytes | None = None
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_bytes(self.commit, "commit", min_len=1)
+        if self.command_id is not None:
+            check_bytes(
+                self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX
+            )
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class WelcomeMessage(Body):
+    """Committer -> service: the welcome for the devices its commit added, entering ``epoch``.
+    The service forwards it to each new member as ``svc.welcome``."""
+
+    TYPE: ClassVar[str] = "group.welcome"
+
+    group_id: str
+    epoch: int
+    welcome: bytes
+    new_members: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_bytes(self.welcome, "welcome", min_len=1)
+        check_ids(self.new_members, "new_members", min_len=1)
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class UpdateRequest(Body):
+    """Member -> service: this member's current epoch of ``group_id`` reached its rotation limit
+    (``reason``: ``max-epoch-age`` or ``max-messages-per-epoch``,
+    agent.protocol.lifecycle.RotationReason);
+    please send it a ``svc.commit_request`` with action ``update`` (a self-update with a new TPM
+    leaf key). Asking rather than committing keeps the service the only orderer of commits."""
+
+    TYPE: ClassVar[str] = "group.update_request"
+
+    group_id: str
+    epoch: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_choice(self.reason, "reason", UPDATE_REASONS)
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)

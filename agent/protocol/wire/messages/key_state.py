@@ -1,0 +1,109 @@
+"""Key state reports: every key the agent holds, its NIST SP 800-57 state and its history.
+
+The record format, the states and the allowed transitions belong to :mod:`agent.protocol.lifecycle`
+(the
+ledger the agent keeps); this module carries its records on the wire, so that there is one
+definition of a key's life, not two. ``KeyRecord.from_cbor_map`` there refuses unknown fields,
+unknown states, histories that do not start in pre-activation, illegal SP 800-57 steps, time
+going backwards and a state that disagrees with the history (check id ``key.record``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Self
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyKind, KeyRecord, KeyState
+from agent.protocol.wire.messages.base import Body, check_text, check_tuple, fields
+
+__all__ = [
+    "ALLOWED_TRANSITIONS",
+    "DeviceDestroyed",
+    "MAX_KEYS",
+    "KeyKind",
+    "KeyRecord",
+    "KeyState",
+    "KeyStateReport",
+    "check_records",
+    "records_from_cbor",
+    "records_to_cbor",
+]
+
+MAX_KEYS = 1024
+
+
+def check_records(value: object, name: str) -> None:
+    check_tuple(value, name, max_len=MAX_KEYS)
+    assert isinstance(value, tuple)
+    for item in value:
+        if not isinstance(item, KeyRecord):
+            raise ProtocolError("body.type", f"{name} must hold lifecycle KeyRecords")
+    if len({record.name for record in value}) != len(value):
+        raise ProtocolError("body.bounds", f"{name}: two records with one name")
+
+
+def records_from_cbor(value: object, name: str) -> tuple[KeyRecord, ...]:
+    if not isinstance(value, list):
+        raise ProtocolError("body.type", f"{name} must be an array")
+    if len(value) > MAX_KEYS:
+        raise ProtocolError("body.bounds", f"{name} holds more than {MAX_KEYS} records")
+    records = []
+    for item in value:
+        # The wire allows integer map keys; a key record has text keys only. Refuse others here
+        # so the lifecycle parser only ever sees the shape it was written for.
+        if not isinstance(item, Mapping) or not all(type(key) is str for key in item):
+            raise ProtocolError("body.type", f"{name}[] must be a map with text keys")
+        records.append(KeyRecord.from_cbor_map(dict(item)))
+    return tuple(records)
+
+
+def records_to_cbor(records: tuple[KeyRecord, ...]) -> list[dict[str, object]]:
+    return [dict(record.to_cbor_map()) for record in records]
+
+
+@dataclass(frozen=True)
+class KeyStateReport(Body):
+    """Device -> service: the states of all the device's keys (``keys.report``)."""
+
+    TYPE: ClassVar[str] = "keys.report"
+
+    keys: tuple[KeyRecord, ...]
+
+    def __post_init__(self) -> None:
+        check_records(self.keys, "keys")
+
+    def to_cbor_map(self) -> dict[str, object]:
+        return {"keys": records_to_cbor(self.keys)}
+
+    @classmethod
+    def from_cbor_map(cls, value: object) -> Self:
+        kwargs = fields(value, cls.__name__, ["keys"])
+        return cls(keys=records_from_cbor(kwargs["keys"], "keys"))
+
+
+DESTROYED_REASON_MAX = 200
+
+
+@dataclass(frozen=True)
+class DeviceDestroyed(Body):
+    """Device -> service: ``keyagent factory-reset`` is about to destroy every key this identity
+    has (``device.destroyed``). Signed by the DevID key it is the last thing that key signs; the
+    service then marks the device and all its keys destroyed, takes it out of its groups and
+    refuses anything signed by that key afterwards. ``reason`` is free text for the audit log."""
+
+    TYPE: ClassVar[str] = "device.destroyed"
+
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_text(self.reason, "reason", min_len=1, max_len=DESTROYED_REASON_MAX)
+
+    def to_cbor_map(self) -> dict[str, object]:
+        return {"reason": self.reason}
+
+    @classmethod
+    def from_cbor_map(cls, value: object) -> Self:
+        kwargs = fields(value, cls.__name__, ["reason"])
+        return cls(reason=kwargs["reason"])

@@ -1,0 +1,122 @@
+"""Service -> device commands (``dev/{device}/cmd``).
+
+The service's "attest-request" is :class:`agent.protocol.wire.messages.attestation.AttestChallenge`
+(``attest.challenge``), re-exported here as ``AttestRequest``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire.messages.attestation import AttestChallenge
+from agent.protocol.wire.messages.base import (
+    COMMAND_ID_MAX,
+    COMMAND_ID_MIN,
+    Body,
+    check_bytes,
+    check_enum,
+    check_epoch,
+    check_id,
+)
+
+AttestRequest = AttestChallenge
+
+
+class CommitAction(StrEnum):
+    CREATE = "create"
+    ADD = "add"
+    REMOVE = "remove"
+    UPDATE = "update"
+
+
+def check_command_id(value: object) -> None:
+    check_bytes(value, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX)
+
+
+@dataclass(frozen=True)
+class CommitRequest(Body):
+    """Make a commit in ``epoch`` of ``group_id``: add ``member`` (with its ``key_package``),
+    remove ``member``, or update the receiver's own leaf (no member). ``create`` (epoch 0, no
+    member) asks the receiver to found the group as its first member and answer with
+    ``group.created``: only a member device can create a group, the service holds no secret."""
+
+    TYPE: ClassVar[str] = "svc.commit_request"
+    ENUMS: ClassVar = {"action": CommitAction}
+
+    command_id: bytes
+    group_id: str
+    epoch: int
+    action: CommitAction
+    member: str | None = None
+    key_package: bytes | None = None
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_enum(self.action, "action", CommitAction)
+        if self.action in (CommitAction.UPDATE, CommitAction.CREATE):
+            if self.member is not None or self.key_package is not None:
+                raise ProtocolError("body.malformed", f"{self.action} names no member")
+            if self.action is CommitAction.CREATE and self.epoch != 0:
+                raise ProtocolError("body.malformed", "a group is created at epoch 0")
+            return
+        if self.member is None:
+            raise ProtocolError("body.malformed", f"{self.action} needs a member")
+        check_id(self.member, "member")
+        if self.action is CommitAction.ADD:
+            if self.key_package is None:
+                raise ProtocolError("body.malformed", "add needs the member's key package")
+            check_bytes(self.key_package, "key_package", min_len=1)
+        elif self.key_package is not None:
+            raise ProtocolError("body.malformed", "remove carries no key package")
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class ReportRequest(Body):
+    """Send a ``keys.report`` now."""
+
+    TYPE: ClassVar[str] = "svc.report_request"
+
+    command_id: bytes
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+
+
+@dataclass(frozen=True)
+class KeyPackageRequest(Body):
+    """Send a fresh ``group.key_package`` (a new TPM leaf key) so that a committer can add the
+    receiver to a group."""
+
+    TYPE: ClassVar[str] = "svc.key_package_request"
+
+    command_id: bytes
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+
+
+@dataclass(frozen=True)
+class WelcomeDelivery(Body):
+    """The welcome a committer made for the receiver: join ``group_id`` at ``epoch``."""
+
+    TYPE: ClassVar[str] = "svc.welcome"
+
+    group_id: str
+    epoch: int
+    welcome: bytes
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_bytes(self.welcome, "welcome", min_len=1)
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)

@@ -1,1 +1,0 @@
-"""Message bodies, one module per family; :mod:`agent.wire.messages.registry` maps types to them."""
