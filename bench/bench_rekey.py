@@ -63,7 +63,7 @@ def _wait_reports(dep: Deployment, fleet: VirtualFleet, timeout: float) -> None:
     rekey does not queue behind a thousand reports)."""
     from sqlalchemy import func, select  # noqa: PLC0415
 
-    from provisioning.registry.schema import Device  # noqa: PLC0415
+    from provisioning.db.schema import Device  # noqa: PLC0415
 
     engine, sessions = open_registry(dep.db_url)
     try:

@@ -41,8 +41,8 @@ from sqlalchemy import String, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from provisioning.registry.engine import RetryableConflict, run_in_transaction, savepoint
-from provisioning.registry.schema import HASH_LENGTH, AuditEntry, AuditHead, Outcome
+from provisioning.db.engine import RetryableConflict, run_in_transaction, savepoint
+from provisioning.db.schema import HASH_LENGTH, AuditEntry, AuditHead, Outcome
 
 FORMAT_VERSION = 1
 GENESIS_PREV_HASH = bytes(HASH_LENGTH)

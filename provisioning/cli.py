@@ -33,6 +33,16 @@ from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupC
 from provisioning import audit, pki
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard
+from provisioning.db import migrations
+from provisioning.db.engine import (
+    make_engine,
+    missing_tables,
+    redact_url,
+    run_in_transaction,
+    session_factory,
+    sqlite_path,
+)
+from provisioning.db.schema import Outcome, Role
 from provisioning.operator import (
     Command,
     OperatorClient,
@@ -44,16 +54,7 @@ from provisioning.operator import (
     print_table,
     run_commands,
 )
-from provisioning.registry import Registry, cert_fingerprint, migrations
-from provisioning.registry.engine import (
-    make_engine,
-    missing_tables,
-    redact_url,
-    run_in_transaction,
-    session_factory,
-    sqlite_path,
-)
-from provisioning.registry.schema import Outcome, Role
+from provisioning.registry import Registry, cert_fingerprint
 from provisioning.service.mqtt import ServiceRunner
 from provisioning.service.operators import register_operator
 

@@ -75,7 +75,7 @@ from agent.configschema import (
     validate,
 )
 from agent.protocol.errors import InternalError
-from provisioning.registry.engine import redact_url
+from provisioning.db.engine import redact_url
 
 DEFAULT_DATABASE_URL = "sqlite:///keyfleet.db"
 DATABASE_URL_EXPECTED = (

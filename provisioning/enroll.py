@@ -100,6 +100,8 @@ from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError
 from agent.protocol.secret import Secret
 from provisioning import audit
 from provisioning.config import ServiceConfig
+from provisioning.db.engine import rowcount, run_in_transaction
+from provisioning.db.schema import Device, EnrollSession
 from provisioning.makecredential import make_credential
 from provisioning.pki import (
     CertificateAuthority,
@@ -111,10 +113,7 @@ from provisioning.pki import (
     key_from_pem,
 )
 from provisioning.registry import DeviceState, Outcome, Registry, cert_fingerprint
-from provisioning.registry.engine import run_in_transaction
 from provisioning.registry.repository import REENROLLABLE
-from provisioning.registry.schema import Device, EnrollSession
-from provisioning.service.store import forget_sender
 
 Rng = Callable[[int], bytes]
 
@@ -897,7 +896,7 @@ class Enrollment:
                 .values(finished_at=now, devid_cert_pem=devid_pem, tls_cert_pem=tls_pem)
                 .execution_options(synchronize_session=False)
             )
-            if _rowcount(claimed) != 1:
+            if rowcount(claimed) != 1:
                 row = session.get(EnrollSession, pending.session_id)
                 if row is None or row.finished_at is None:
                     return None
@@ -915,7 +914,7 @@ class Enrollment:
             else:
                 # Re-provisioning after a factory reset (or of a revoked device): the same TPM
                 # gets a new identity under the same device id; the old one's history stays in
-                # the audit log. Its replay state goes: the new agent counts from seq 1.
+                # the audit log; its replay state goes with it (the new agent counts from seq 1).
                 registry.reenroll_device(
                     previous.device_id,
                     ek_cert_fingerprint=pending.ek_fingerprint,
@@ -923,7 +922,6 @@ class Enrollment:
                     now=now,
                     ak_public=pending.ak_public,
                 )
-                forget_sender(session, previous.device_id)
             audit.append(
                 session,
                 now=now,
@@ -1078,11 +1076,6 @@ def _lock_session_starts(session: Session) -> None:
     when it deletes nothing."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SESSION_LOCK_KEY})
-
-
-def _rowcount(result: object) -> int:
-    count = getattr(result, "rowcount", 0)
-    return int(count) if isinstance(count, int) else 0
 
 
 class _Tagged(ProtocolError):

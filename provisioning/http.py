@@ -50,8 +50,8 @@ from agent.protocol.errors import ConfigError, ProtocolError, StateError
 from agent.protocol.wire import cbor
 from agent.protocol.wire.rejections import Rejections
 from provisioning.config import ServiceConfig
+from provisioning.db.engine import make_engine, session_factory
 from provisioning.enroll import Enrollment, EnrollmentSettings, FinishRequest, StartRequest
-from provisioning.registry.engine import make_engine, session_factory
 
 log = logging.getLogger("keyfleet.http")
 

@@ -24,10 +24,10 @@ from agent.protocol.wire.messages.result import ResultStatus
 from agent.tpm import KeyKind, TPMStore
 from agent.tpm.blob import KeyBlob
 from firmware_sim.boot import FirmwareComponent, default_components, measured_boot, tampered
+from provisioning.db.schema import Device
 from provisioning.operator import list_devices
 from provisioning.policy import policy_from_components
 from provisioning.registry import AttestationResult, DeviceState, Registry
-from provisioning.registry.schema import Device
 from provisioning.service.core import AttestationSettings, DeliveryService
 from tests.fixtures.swtpm import Swtpm, SwtpmFactory
 from tests.service_members import Outgoing, SoftDevice

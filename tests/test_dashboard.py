@@ -33,6 +33,9 @@ from firmware_sim.ports import free_port
 from provisioning import audit, pki
 from provisioning.config import load_config
 from provisioning.dashboard import CSP, DashboardServer, DashboardSettings, queries, start_dashboard
+from provisioning.db.runtime import create_service_schema
+from provisioning.db.schema import Ack as AckRow
+from provisioning.db.schema import CommitLogEntry
 from provisioning.registry import (
     DeviceState,
     Outcome,
@@ -43,9 +46,6 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
-from provisioning.registry.schema import Ack as AckRow
-from provisioning.registry.schema import CommitLogEntry
-from provisioning.service import store
 from tests.service_deployment import write_golden_policy
 
 pytestmark = pytest.mark.e2e
@@ -132,7 +132,7 @@ def dashboard(
     db_url = module_database_url or f"sqlite:///{directory / 'fleet.db'}"
     engine = make_engine(db_url)
     create_schema(engine)
-    store.create_service_schema(engine)
+    create_service_schema(engine)
     sessions = session_factory(engine)
     now = int(time.time())
     populate(sessions, devices=DEVICES, groups=3, group_size=120, now=now)

@@ -18,8 +18,8 @@ from agent.protocol.errors import InternalError
 from agent.protocol.wire.messages.result import ResultStatus
 from provisioning.dashboard import queries
 from provisioning.dashboard.app import _fmt_ms
+from provisioning.db.schema import Ack, CommitLogEntry
 from provisioning.registry import Registry, run_in_transaction
-from provisioning.registry.schema import Ack, CommitLogEntry
 from provisioning.service.core import Publish
 from tests.service_members import Outgoing, group_create, rekey
 from tests.test_service_core import T0, Fleet, make_fleet

@@ -29,6 +29,7 @@ from agent.factory import FactoryDevice
 from agent.protocol.errors import ProtocolError
 from agent.protocol.secret import Secret
 from agent.tpm.store import TPMStore
+from provisioning.db.schema import EnrollSession
 from provisioning.enroll import (
     DeviceIdentity,
     Enrollment,
@@ -38,7 +39,6 @@ from provisioning.enroll import (
     secret_digest,
 )
 from provisioning.registry import Registry, make_engine, run_in_transaction, session_factory
-from provisioning.registry.schema import EnrollSession
 from tests.fixtures.postgres import dump_rows
 from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
 from tests.test_enroll import (

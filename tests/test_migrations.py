@@ -22,9 +22,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
 from agent.protocol.errors import ConfigError
-from provisioning.registry import migrations
-from provisioning.registry.engine import make_engine
-from provisioning.registry.migrations import BASE_REVISION, VERSION_TABLE
+from provisioning.db import migrations
+from provisioning.db.engine import make_engine
+from provisioning.db.migrations import BASE_REVISION, VERSION_TABLE
 
 pytestmark = pytest.mark.pure
 
@@ -280,11 +280,11 @@ def test_db_commands_never_print_the_password(tmp_path: Path, postgres_url: str)
 
 
 def test_the_developer_command_runs_as_documented() -> None:
-    """docs/database.md has developers run ``python -m provisioning.registry.migrations``; it
+    """docs/database.md has developers run ``python -m provisioning.db.migrations``; it
     needs the package's ``__main__`` (a ``__name__ == "__main__"`` block in ``__init__`` is
     never reached by ``-m``)."""
     done = subprocess.run(
-        [sys.executable, "-m", "provisioning.registry.migrations", "heads"],
+        [sys.executable, "-m", "provisioning.db.migrations", "heads"],
         capture_output=True,
         text=True,
         timeout=60,

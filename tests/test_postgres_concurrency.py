@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError
 from provisioning import audit
+from provisioning.db.schema import CommitLogEntry
 from provisioning.registry import (
     EpochConflict,
     Outcome,
@@ -31,7 +32,6 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
-from provisioning.registry.schema import CommitLogEntry
 
 pytestmark = pytest.mark.pure
 

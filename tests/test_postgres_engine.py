@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ConfigError
 from provisioning import audit
+from provisioning.db.engine import is_transient, normalize_url, redact_url
 from provisioning.registry import (
     EpochConflict,
     Outcome,
@@ -22,7 +23,6 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
-from provisioning.registry.engine import is_transient, normalize_url, redact_url
 
 pytestmark = pytest.mark.pure
 

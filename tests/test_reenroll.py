@@ -19,9 +19,10 @@ from agent.protocol.secret import Secret
 from agent.protocol.wire.replay import ReplayGuard
 from agent.tpm.store import TPMStore
 from provisioning import audit
+from provisioning.db.engine import make_engine
+from provisioning.db.runtime import ReplayState, create_service_schema
 from provisioning.enroll import DeviceIdentity, Enrollment, FinishRequest
 from provisioning.registry import DeviceState, KeyStateReport, Registry, run_in_transaction
-from provisioning.registry.engine import make_engine
 from provisioning.service import store
 from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
 from tests.test_enroll import (
@@ -92,7 +93,7 @@ def test_a_destroyed_or_revoked_identity_may_be_replaced_by_a_new_enrollment(
         store.save_guard(session, device_id, guard, now=NOW + 2)
 
     engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
-    store.create_service_schema(engine)
+    create_service_schema(engine)
     engine.dispose()
     run_in_transaction(sessions, live_history)
     # a live identity: the TPM cannot enroll again
@@ -113,7 +114,7 @@ def test_a_destroyed_or_revoked_identity_may_be_replaced_by_a_new_enrollment(
         assert record.state is DeviceState.REGISTERED and record.state_reason == "re-enrolled"
         assert record.devid_cert_pem.encode() == second.devid_cert.public_bytes(Encoding.PEM)
         assert registry.key_states(device_id) == []
-        assert session.get(store.ReplayState, device_id) is None
+        assert session.get(ReplayState, device_id) is None
         finish = [e for e in audit.entries(session) if e.action == "enroll.finish"]
         assert len(finish) == 2
         assert '"replaces":"' + old_state.value + '"' in finish[-1].details

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateTable
 
 from agent.protocol.errors import ConfigError, ProtocolError
+from provisioning.db.schema import Base, CommitLogEntry
 from provisioning.registry import (
     AttestationResult,
     DeviceState,
@@ -32,7 +33,6 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
-from provisioning.registry.schema import Base, CommitLogEntry
 
 pytestmark = pytest.mark.pure
 

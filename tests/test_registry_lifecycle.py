@@ -128,7 +128,7 @@ def test_reenrollment_only_of_a_destroyed_or_revoked_identity_out_of_its_groups(
         assert other_ek.value.check == "registry.device.ek_mismatch"
     with sessions.begin() as s:
         # the removal committed (simulated here by the membership row going away)
-        from provisioning.registry.schema import GroupMember
+        from provisioning.db.schema import GroupMember
 
         s.delete(s.get(GroupMember, ("g1", "d")))
     with sessions.begin() as s:

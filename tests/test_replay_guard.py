@@ -29,6 +29,7 @@ from agent.protocol.wire.replay import (
     STATE_VERSION,
     ReplayGuard,
 )
+from provisioning.db.runtime import ReplayState
 from provisioning.service import store
 from tests.service_members import rekey
 from tests.test_service_core import Fleet, create_g1, make_fleet
@@ -426,7 +427,7 @@ def test_an_operator_guard_stored_by_the_previous_version_is_widened_exactly(
     alice = fleet.operators["op-alice"]
     top = fleet.now * 1000  # the previous CLI: milliseconds
     with fleet.sessions.begin() as s:
-        row = s.get(store.ReplayState, "op-alice")
+        row = s.get(ReplayState, "op-alice")
         assert row is not None
         state = version_1_state()
         state["senders"] = {"op-alice": {"highest": top, "recent": [[top, bytes(32)]]}}
@@ -441,7 +442,7 @@ def test_an_operator_guard_stored_by_the_previous_version_is_widened_exactly(
     assert fleet.final(inside.command_id).status is ResultStatus.DONE
     assert fleet.final(newer.command_id).status is ResultStatus.DONE
     with fleet.sessions() as s:
-        row = s.get(store.ReplayState, "op-alice")
+        row = s.get(ReplayState, "op-alice")
         assert row is not None
         stored = cbor.decode(row.state)
     assert isinstance(stored, dict)

@@ -29,9 +29,9 @@ from agent.protocol.wire.messages.operator import Rekey
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
 from provisioning import audit
+from provisioning.db.schema import Group
 from provisioning.operator import FINAL, OperatorClient, OperatorSettings
 from provisioning.registry import make_engine, session_factory
-from provisioning.registry.schema import Group
 from provisioning.service import store
 from tests.fixtures.mosquitto import BrokerPKI
 from tests.service_deployment import (

@@ -24,9 +24,9 @@ from sqlalchemy import select
 
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
 from firmware_sim.ports import free_port
+from provisioning.db.runtime import OperationRow
+from provisioning.db.schema import CommitLogEntry, Group
 from provisioning.registry import make_engine, session_factory
-from provisioning.registry.schema import CommitLogEntry, Group
-from provisioning.service import store
 from tests.fixtures.mosquitto import BrokerPKI
 from tests.service_deployment import (
     add_operator,
@@ -236,9 +236,7 @@ def test_an_instance_killed_mid_rekey_leaves_the_rekey_to_the_other(cluster: Clu
             assert time.monotonic() < deadline, "the rekey never reached the database"
             with session_factory(engine)() as s:
                 victim = s.scalar(
-                    select(store.OperationRow.accepted_by).where(
-                        store.OperationRow.type == "op.rekey"
-                    )
+                    select(OperationRow.accepted_by).where(OperationRow.type == "op.rekey")
                 )
             if victim is None:
                 time.sleep(0.005)

@@ -25,9 +25,10 @@ from agent.protocol.wire.messages.result import ResultStatus
 from agent.protocol.wire.replay import DEFAULT_WINDOW
 from firmware_sim.boot import default_components
 from provisioning import audit
+from provisioning.db.runtime import GroupSlot, HeldMessage, JobRow
+from provisioning.db.schema import CommitLogEntry, Device
 from provisioning.metrics import ServiceMetrics
 from provisioning.policy import policy_from_components
-from provisioning.registry.schema import CommitLogEntry, Device
 from provisioning.service import store
 from provisioning.service.core import (
     AttestationSettings,
@@ -131,12 +132,7 @@ def test_flows_split_across_two_instances_keep_one_chain_per_group(fleet: Fleet)
     with fleet.sessions() as s:
         assert audit.verify_chain(s).ok
         # nothing left in flight
-        assert (
-            s.scalars(
-                select(store.GroupSlot.job_id).where(store.GroupSlot.job_id.is_not(None))
-            ).all()
-            == []
-        )
+        assert s.scalars(select(GroupSlot.job_id).where(GroupSlot.job_id.is_not(None))).all() == []
 
 
 def test_a_dead_instance_s_commit_request_is_taken_over_after_its_lease(fleet: Fleet) -> None:
@@ -155,7 +151,7 @@ def test_a_dead_instance_s_commit_request_is_taken_over_after_its_lease(fleet: F
     assert any("/cmd" in p.topic for p in lost)
     both.alive.discard("a")
     with fleet.sessions() as s:
-        job = s.scalar(select(store.JobRow).where(store.JobRow.command_id == body.command_id.hex()))
+        job = s.scalar(select(JobRow).where(JobRow.command_id == body.command_id.hex()))
         assert job is not None and job.claimed_by == "a" and job.state == "requested"
 
     # Before the lease expires instance b leaves the job alone; after it, b takes it over.
@@ -188,7 +184,7 @@ def test_a_stale_claim_after_the_job_ended_leaves_the_group_free(fleet: Fleet) -
     stale.state = JobState.WAITING  # what a's tick does with a job whose deadline passed
     both.instances["a"]._start(stale, fleet.now)
     with fleet.sessions() as s:
-        assert s.get(store.GroupSlot, "g1").job_id is None  # type: ignore[union-attr]
+        assert s.get(GroupSlot, "g1").job_id is None  # type: ignore[union-attr]
     second = rekey("g1")
     both.send(admin.command(second, fleet.now))
     assert fleet.final(second.command_id).status is ResultStatus.DONE
@@ -211,7 +207,7 @@ def test_a_commit_and_its_welcome_at_different_instances_are_accepted_once(
         assert result.status is ResultStatus.DONE, fleet.results[created.command_id]
         assert both.chain(group_id) == [0, 1, 2]
     with fleet.sessions() as s:
-        assert s.scalars(select(store.HeldMessage)).all() == []
+        assert s.scalars(select(HeldMessage)).all() == []
 
 
 def test_scheduled_attestation_challenges_each_device_once_per_interval(fleet: Fleet) -> None:

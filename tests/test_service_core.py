@@ -28,6 +28,8 @@ from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import audit, pki
+from provisioning.db.runtime import create_service_schema
+from provisioning.db.schema import Ack as AckRow
 from provisioning.registry import (
     DeviceState,
     Registry,
@@ -36,7 +38,6 @@ from provisioning.registry import (
     make_engine,
     session_factory,
 )
-from provisioning.registry.schema import Ack as AckRow
 from provisioning.service import store
 from provisioning.service.core import (
     DeliveryService,
@@ -154,7 +155,7 @@ def make_fleet(
     db_path = tmp_path / "fleet.db"
     engine = make_engine(f"sqlite:///{db_path}")
     create_schema(engine)
-    store.create_service_schema(engine)
+    create_service_schema(engine)
     sessions = session_factory(engine)
     service_key = pki.generate_key()
     operator_ca = pki.create_ca("op CA", now=now_dt, valid_for=timedelta(days=2))

@@ -14,8 +14,8 @@ from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
 from agent.protocol.wire.messages.group import UpdateRequest
 from agent.protocol.wire.messages.key_state import DeviceDestroyed, KeyStateReport
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest
+from provisioning.db.schema import PendingChange
 from provisioning.registry import DeviceState, Registry
-from provisioning.registry.schema import PendingChange
 from tests.test_service_core import T0, Fleet, agreed, create_g1, make_fleet
 
 pytestmark = pytest.mark.pure

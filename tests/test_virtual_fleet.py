@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import select
 
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
+from provisioning.db.schema import Ack, Device
 from provisioning.registry import make_engine, session_factory
-from provisioning.registry.schema import Ack, Device
 from tests.fixtures.mosquitto import BrokerPKI
 from tests.service_deployment import (
     add_operator,

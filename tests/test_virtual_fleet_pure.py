@@ -27,7 +27,7 @@ from firmware_sim.fleet import (
     prepare_identities,
 )
 from provisioning import pki
-from provisioning.registry.schema import AuditEntry, Device, GroupMember
+from provisioning.db.schema import AuditEntry, Device, GroupMember
 
 pytestmark = pytest.mark.pure
 

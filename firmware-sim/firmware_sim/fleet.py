@@ -96,6 +96,7 @@ from agent.protocol.topics import ALL_GROUP_COMMITS
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.protocol.wire.messages.ack import Ack
 from provisioning import audit, pki
+from provisioning.db import schema as registry_schema
 from provisioning.registry import (
     Outcome,
     Registry,
@@ -103,7 +104,6 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
-from provisioning.registry import schema as registry_schema
 
 log = logging.getLogger("firmware_sim.fleet")
 

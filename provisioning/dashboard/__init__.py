@@ -21,8 +21,8 @@ from provisioning.dashboard.app import (
     OperatorGuard,
     build_dashboard_app,
 )
+from provisioning.db.engine import make_engine, session_factory
 from provisioning.http import EnrollmentServer, start_mtls_server
-from provisioning.registry.engine import make_engine, session_factory
 
 # An event stream never ends by itself: a stop waits this long for open responses, then
 # cancels them.

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyState
 from provisioning.audit import AuditRecord, record_of
-from provisioning.registry.schema import (
+from provisioning.db.schema import (
     Ack,
     AuditEntry,
     CommitLogEntry,

@@ -2,14 +2,21 @@
 repository API the service calls (repository.py). Independent of MQTT."""
 
 from agent.protocol.lifecycle import KeyState
-from provisioning.registry.engine import (
+from provisioning.db.engine import (
     RetryableConflict,
-    create_schema,
     make_engine,
     missing_tables,
     redact_url,
     run_in_transaction,
     session_factory,
+)
+from provisioning.db.migrations import create_schema
+from provisioning.db.schema import (
+    AttestationResult,
+    DeviceState,
+    Outcome,
+    PendingChange,
+    Role,
 )
 from provisioning.registry.repository import (
     AckStatus,
@@ -26,13 +33,6 @@ from provisioning.registry.repository import (
     StationRecord,
     cert_fingerprint,
     pem_fingerprint,
-)
-from provisioning.registry.schema import (
-    AttestationResult,
-    DeviceState,
-    Outcome,
-    PendingChange,
-    Role,
 )
 
 __all__ = [

@@ -20,14 +20,15 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import InternalError, ProtocolError
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyState
-from provisioning.registry.engine import RetryableConflict, savepoint
-from provisioning.registry.schema import (
+from provisioning.db.engine import RetryableConflict, savepoint
+from provisioning.db.runtime import ReplayState
+from provisioning.db.schema import (
     ID_LENGTH,
     KEY_NAME_LENGTH,
     Ack,
@@ -481,7 +482,8 @@ class Registry:
         """Give a TPM whose old identity was destroyed or revoked a new identity under the same
         device id (ids are derived from the EK). The row is reset: new DevID certificate, state
         ``registered``, no attestation verdict, no key records (the old identity's history stays
-        in the audit log). Refused while the old identity still holds a leaf in a group: its
+        in the audit log), and its replay state is forgotten. Refused while the old identity still
+        holds a leaf in a group: its
         removal must be committed first, or the group's tree would name a key nobody holds."""
         row = self._device_row(device_id)
         if row.ek_cert_fingerprint != ek_cert_fingerprint:
@@ -526,6 +528,10 @@ class Registry:
         row.last_seen = None
         row.last_report = None
         row.last_report_at = None
+        # The new identity's agent counts its seqs from 1 again: the old one's replay state goes.
+        # A database without the service's tables (enrollment before the first ``serve``) has none.
+        if inspect(self._s.connection()).has_table(ReplayState.__tablename__):
+            self._s.execute(delete(ReplayState).where(ReplayState.sender == device_id))
         self._s.flush()
         return _record(DeviceRecord, row)
 

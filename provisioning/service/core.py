@@ -127,6 +127,19 @@ from provisioning.attestation import (
     Evidence,
     verify_evidence,
 )
+from provisioning.db.engine import RetryableConflict, rowcount
+from provisioning.db.runtime import (
+    AttestOperationRow,
+    GroupSlot,
+    HeldMessage,
+    JobRow,
+    OperationRow,
+    OperatorKey,
+    ReplayState,
+    TaskLease,
+)
+from provisioning.db.schema import Ack as AckRow
+from provisioning.db.schema import CommitLogEntry, Device, GroupMember
 from provisioning.metrics import ServiceMetrics
 from provisioning.policy import GoldenPolicy
 from provisioning.registry import (
@@ -142,9 +155,6 @@ from provisioning.registry import (
     cert_fingerprint,
     run_in_transaction,
 )
-from provisioning.registry.engine import RetryableConflict
-from provisioning.registry.schema import Ack as AckRow
-from provisioning.registry.schema import CommitLogEntry, Device, GroupMember
 from provisioning.service import store
 
 log = logging.getLogger("keyfleet.service")
@@ -502,17 +512,16 @@ class DeliveryService:
 
         def work(session: Session) -> list[tuple[str, CommitMessage]]:
             claimed = session.execute(
-                update(store.OperationRow)
+                update(OperationRow)
                 .where(
-                    store.OperationRow.command_id == key,
-                    store.OperationRow.finished_at.is_(None),
-                    (store.OperationRow.nudged_at.is_(None))
-                    | (store.OperationRow.nudged_at <= now - interval),
+                    OperationRow.command_id == key,
+                    OperationRow.finished_at.is_(None),
+                    (OperationRow.nudged_at.is_(None)) | (OperationRow.nudged_at <= now - interval),
                 )
                 .values(nudged_at=now)
                 .execution_options(synchronize_session=False)
             )
-            if store._rowcount(claimed) != 1:
+            if rowcount(claimed) != 1:
                 return []
             registry = Registry(session)
             sends: list[tuple[str, CommitMessage]] = []
@@ -930,9 +939,7 @@ class DeliveryService:
         self, session: Session, sender: str, body: KeyPackageMessage, now: int
     ) -> Post:
         row = (
-            session.scalar(
-                select(store.JobRow).where(store.JobRow.request_id == body.command_id.hex())
-            )
+            session.scalar(select(JobRow).where(JobRow.request_id == body.command_id.hex()))
             if body.command_id is not None
             else None
         )
@@ -1092,7 +1099,7 @@ class DeliveryService:
             if welcome is None:
                 # Held in the database: its welcome may reach another instance.
                 session.merge(
-                    store.HeldMessage(
+                    HeldMessage(
                         group_id=body.group_id,
                         epoch=body.epoch,
                         sender=sender,
@@ -1123,7 +1130,7 @@ class DeliveryService:
         if held is None:
             # The welcome came first (or the commit is at another instance): keep it briefly.
             session.merge(
-                store.HeldMessage(
+                HeldMessage(
                     group_id=body.group_id,
                     epoch=commit_epoch,
                     sender=sender,
@@ -1235,9 +1242,9 @@ class DeliveryService:
             details=details,
         )
         session.execute(
-            delete(store.HeldMessage).where(
-                store.HeldMessage.group_id == body.group_id,
-                store.HeldMessage.epoch == body.epoch,
+            delete(HeldMessage).where(
+                HeldMessage.group_id == body.group_id,
+                HeldMessage.epoch == body.epoch,
             )
         )
         # The job ends in the commit's own transaction: no instance can see the epoch moved
@@ -1602,7 +1609,7 @@ class DeliveryService:
     ) -> Callable[[Session], KeyResolver]:
         def make(session: Session) -> KeyResolver:
             def resolve(kid: bytes) -> Signer:
-                row = session.get(store.OperatorKey, operator)
+                row = session.get(OperatorKey, operator)
                 if row is None or row.kid != kid.hex():
                     raise LookupError(operator)
                 cert = pki.cert_from_pem(row.cert_pem.encode())
@@ -1781,7 +1788,7 @@ class DeliveryService:
         # The operation and its jobs commit with the command: an instance that dies right
         # after leaves them for the others (nothing lives only in this process).
         session.add(
-            store.OperationRow(
+            OperationRow(
                 command_id=command_id.hex(),
                 operator=operator,
                 type=message.type,
@@ -1800,8 +1807,8 @@ class DeliveryService:
             else:  # a removal _plan_removal already inserted
                 job.command_id = command_id
                 session.execute(
-                    update(store.JobRow)
-                    .where(store.JobRow.id == job.id)
+                    update(JobRow)
+                    .where(JobRow.id == job.id)
                     .values(command_id=command_id.hex())
                     .execution_options(synchronize_session=False)
                 )
@@ -1928,7 +1935,7 @@ class DeliveryService:
             session, body.device_id, now=now, interval=self.attestation.interval, force=True
         )
         session.add(
-            store.AttestOperationRow(
+            AttestOperationRow(
                 nonce=challenge.nonce.hex(),
                 command_id=command_id.hex(),
                 operator=operator,
@@ -2138,9 +2145,7 @@ class DeliveryService:
         expired = self._read(
             lambda s: list(
                 s.scalars(
-                    select(store.AttestOperationRow.nonce).where(
-                        store.AttestOperationRow.deadline <= now
-                    )
+                    select(AttestOperationRow.nonce).where(AttestOperationRow.deadline <= now)
                 )
             )
         )
@@ -2195,7 +2200,7 @@ class DeliveryService:
     def _claim_task(self, name: str, now: int) -> bool:
         # A read first: most ticks find the task not due, and a claim attempt would take the
         # database's write lock (all of SQLite) for nothing.
-        row = self._read(lambda s: s.get(store.TaskLease, name))
+        row = self._read(lambda s: s.get(TaskLease, name))
         if row is not None and (
             row.due_at > now or (row.claimed_until > now and row.claimed_by != self.instance)
         ):
@@ -2220,22 +2225,18 @@ class DeliveryService:
 
         def work(session: Session) -> None:
             session.execute(
-                delete(store.HeldMessage).where(
-                    store.HeldMessage.received_at < now - self.settings.commit_request_timeout
+                delete(HeldMessage).where(
+                    HeldMessage.received_at < now - self.settings.commit_request_timeout
                 )
             )
-            finished = select(store.OperationRow.command_id).where(
-                store.OperationRow.finished_at.is_not(None)
-            )
+            finished = select(OperationRow.command_id).where(OperationRow.finished_at.is_not(None))
             session.execute(
-                delete(store.JobRow).where(
-                    store.JobRow.state.in_(sorted(_TERMINAL)),
-                    (store.JobRow.command_id.is_(None)) | store.JobRow.command_id.in_(finished),
+                delete(JobRow).where(
+                    JobRow.state.in_(sorted(_TERMINAL)),
+                    (JobRow.command_id.is_(None)) | JobRow.command_id.in_(finished),
                 )
             )
-            session.execute(
-                delete(store.OperationRow).where(store.OperationRow.finished_at < now - 86_400)
-            )
+            session.execute(delete(OperationRow).where(OperationRow.finished_at < now - 86_400))
 
         try:
             self._tx(work)
@@ -2260,8 +2261,8 @@ class DeliveryService:
         key = job.command_id.hex()
         self._tx(
             lambda s: s.execute(
-                update(store.OperationRow)
-                .where(store.OperationRow.command_id == key, store.OperationRow.last_progress < now)
+                update(OperationRow)
+                .where(OperationRow.command_id == key, OperationRow.last_progress < now)
                 .values(last_progress=now)
                 .execution_options(synchronize_session=False)
             )
@@ -2462,10 +2463,10 @@ class DeliveryService:
             lambda s: [
                 _job_from_row(r)
                 for r in s.scalars(
-                    select(store.JobRow).where(
-                        store.JobRow.member == device_id,
-                        store.JobRow.action == CommitAction.ADD.value,
-                        store.JobRow.state.not_in(sorted(_TERMINAL)),
+                    select(JobRow).where(
+                        JobRow.member == device_id,
+                        JobRow.action == CommitAction.ADD.value,
+                        JobRow.state.not_in(sorted(_TERMINAL)),
                     )
                 )
             ]
@@ -2480,7 +2481,7 @@ class DeliveryService:
 
     def _load_operation(self, command_id: bytes) -> Operation | None:
         def work(session: Session) -> Operation | None:
-            row = session.get(store.OperationRow, command_id.hex())
+            row = session.get(OperationRow, command_id.hex())
             return None if row is None else _operation_from_row(session, row)
 
         operation = self._read(work)
@@ -2490,9 +2491,9 @@ class DeliveryService:
         """Unfinished operations (touching ``group_id``, if given), with their jobs."""
 
         def work(session: Session) -> list[Operation]:
-            query = select(store.OperationRow).where(store.OperationRow.finished_at.is_(None))
+            query = select(OperationRow).where(OperationRow.finished_at.is_(None))
             if group_id is not None:
-                query = query.where(store.OperationRow.groups.contains(f",{group_id},"))
+                query = query.where(OperationRow.groups.contains(f",{group_id},"))
             return [_operation_from_row(session, row) for row in session.scalars(query)]
 
         return self._read(work)
@@ -2516,16 +2517,16 @@ class DeliveryService:
 
         def work(session: Session) -> None:
             session.execute(
-                update(store.OperationRow)
-                .where(store.OperationRow.command_id == key)
+                update(OperationRow)
+                .where(OperationRow.command_id == key)
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
             session.execute(
-                update(store.OperationRow)
+                update(OperationRow)
                 .where(
-                    store.OperationRow.command_id == key,
-                    store.OperationRow.last_progress < operation.last_progress,
+                    OperationRow.command_id == key,
+                    OperationRow.last_progress < operation.last_progress,
                 )
                 .values(last_progress=operation.last_progress)
                 .execution_options(synchronize_session=False)
@@ -2727,14 +2728,12 @@ class DeliveryService:
 
         def work(session: Session) -> bool:
             result = session.execute(
-                update(store.OperationRow)
-                .where(
-                    store.OperationRow.command_id == key, store.OperationRow.finished_at.is_(None)
-                )
+                update(OperationRow)
+                .where(OperationRow.command_id == key, OperationRow.finished_at.is_(None))
                 .values(finished_at=now)
                 .execution_options(synchronize_session=False)
             )
-            if store._rowcount(result) != 1:
+            if rowcount(result) != 1:
                 return False
             audit.append(
                 session,
@@ -2819,11 +2818,11 @@ def _load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
     the returned list while it reads them (the identity map holds them only weakly)."""
     ordered = sorted(devices)
     held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(ordered))))
-    held += session.scalars(select(store.ReplayState).where(store.ReplayState.sender.in_(ordered)))
+    held += session.scalars(select(ReplayState).where(ReplayState.sender.in_(ordered)))
     return held
 
 
-def _job_from_row(row: store.JobRow) -> Job:
+def _job_from_row(row: JobRow) -> Job:
     return Job(
         action=CommitAction(row.action),
         group_id=row.group_id,
@@ -2860,7 +2859,7 @@ def _job_values(job: Job) -> dict[str, object]:
 
 
 def _insert_job(session: Session, job: Job, now: int) -> None:
-    row = store.JobRow(
+    row = JobRow(
         request_id=job.request_id.hex(),
         group_id=job.group_id,
         action=job.action.value,
@@ -2882,16 +2881,16 @@ def _insert_job(session: Session, job: Job, now: int) -> None:
 def _save_job(session: Session, job: Job, instance: str) -> bool:
     """Compare-and-set: write ``job`` if its row still has the version it was read at."""
     result = session.execute(
-        update(store.JobRow)
+        update(JobRow)
         .where(
-            store.JobRow.id == job.id,
-            store.JobRow.version == job.version,
-            store.JobRow.state.not_in(sorted(_TERMINAL)),
+            JobRow.id == job.id,
+            JobRow.version == job.version,
+            JobRow.state.not_in(sorted(_TERMINAL)),
         )
         .values(version=job.version + 1, claimed_by=instance, **_job_values(job))
         .execution_options(synchronize_session=False)
     )
-    if store._rowcount(result) != 1:
+    if rowcount(result) != 1:
         return False
     job.version += 1
     job.claimed_by = instance
@@ -2902,16 +2901,16 @@ def _end_job(session: Session, job: Job, state: JobState) -> bool:
     """Move an open job to a terminal state and free its group's slot; False if it had ended
     already (another instance ended it)."""
     result = session.execute(
-        update(store.JobRow)
-        .where(store.JobRow.id == job.id, store.JobRow.state.not_in(sorted(_TERMINAL)))
-        .values(state=state.value, detail=job.detail[:1000], version=store.JobRow.version + 1)
+        update(JobRow)
+        .where(JobRow.id == job.id, JobRow.state.not_in(sorted(_TERMINAL)))
+        .values(state=state.value, detail=job.detail[:1000], version=JobRow.version + 1)
         .execution_options(synchronize_session=False)
     )
-    if store._rowcount(result) != 1:
+    if rowcount(result) != 1:
         return False
     session.execute(
-        update(store.GroupSlot)
-        .where(store.GroupSlot.group_id == job.group_id, store.GroupSlot.job_id == job.id)
+        update(GroupSlot)
+        .where(GroupSlot.group_id == job.group_id, GroupSlot.job_id == job.id)
         .values(job_id=None)
         .execution_options(synchronize_session=False)
     )
@@ -2921,25 +2920,25 @@ def _end_job(session: Session, job: Job, state: JobState) -> bool:
 
 def _take_slot(session: Session, job: Job) -> bool:
     """Hold the group's one in-flight slot for ``job`` (it may hold it already)."""
-    open_jobs = select(store.JobRow.id).where(store.JobRow.state.not_in(sorted(_TERMINAL)))
+    open_jobs = select(JobRow.id).where(JobRow.state.not_in(sorted(_TERMINAL)))
     result = session.execute(
-        update(store.GroupSlot)
+        update(GroupSlot)
         .where(
-            store.GroupSlot.group_id == job.group_id,
-            (store.GroupSlot.job_id.is_(None))
-            | (store.GroupSlot.job_id == job.id)
+            GroupSlot.group_id == job.group_id,
+            (GroupSlot.job_id.is_(None))
+            | (GroupSlot.job_id == job.id)
             # a holder that ended without freeing the slot (it cannot, by construction; this
             # keeps a group from being stuck forever if it ever did)
-            | store.GroupSlot.job_id.not_in(open_jobs),
+            | GroupSlot.job_id.not_in(open_jobs),
         )
         .values(job_id=job.id)
         .execution_options(synchronize_session=False)
     )
-    if store._rowcount(result) == 1:
+    if rowcount(result) == 1:
         return True
-    if session.get(store.GroupSlot, job.group_id) is not None:
+    if session.get(GroupSlot, job.group_id) is not None:
         return False  # another job of the group is in flight
-    session.add(store.GroupSlot(group_id=job.group_id, job_id=job.id))
+    session.add(GroupSlot(group_id=job.group_id, job_id=job.id))
     try:
         session.flush()
     except IntegrityError:
@@ -2947,12 +2946,12 @@ def _take_slot(session: Session, job: Job) -> bool:
     return True
 
 
-def _open_job_rows(session: Session, group_id: str) -> list[store.JobRow]:
+def _open_job_rows(session: Session, group_id: str) -> list[JobRow]:
     return list(
         session.scalars(
-            select(store.JobRow)
-            .where(store.JobRow.group_id == group_id, store.JobRow.state.not_in(sorted(_TERMINAL)))
-            .order_by(store.JobRow.id)
+            select(JobRow)
+            .where(JobRow.group_id == group_id, JobRow.state.not_in(sorted(_TERMINAL)))
+            .order_by(JobRow.id)
         )
     )
 
@@ -2960,18 +2959,16 @@ def _open_job_rows(session: Session, group_id: str) -> list[store.JobRow]:
 def _groups_with_open_jobs(session: Session) -> list[str]:
     return list(
         session.scalars(
-            select(store.JobRow.group_id)
-            .where(store.JobRow.state.not_in(sorted(_TERMINAL)))
+            select(JobRow.group_id)
+            .where(JobRow.state.not_in(sorted(_TERMINAL)))
             .distinct()
-            .order_by(store.JobRow.group_id)
+            .order_by(JobRow.group_id)
         )
     )
 
 
 def _head_job(session: Session, group_id: str) -> Job | None:
-    holder = session.scalar(
-        select(store.GroupSlot.job_id).where(store.GroupSlot.group_id == group_id)
-    )
+    holder = session.scalar(select(GroupSlot.job_id).where(GroupSlot.group_id == group_id))
     rows = _open_job_rows(session, group_id)
     for row in rows:
         if row.id == holder:
@@ -2985,20 +2982,20 @@ def _pending_create(session: Session, group_id: str) -> bool:
 
 def _take_held(
     session: Session, group_id: str, epoch: int, sender: str, kind: str
-) -> store.HeldMessage | None:
+) -> HeldMessage | None:
     key = (group_id, epoch, sender, kind)
-    row = session.get(store.HeldMessage, key)
+    row = session.get(HeldMessage, key)
     if row is None:
         return None
     result = session.execute(
-        delete(store.HeldMessage).where(
-            store.HeldMessage.group_id == group_id,
-            store.HeldMessage.epoch == epoch,
-            store.HeldMessage.sender == sender,
-            store.HeldMessage.kind == kind,
+        delete(HeldMessage).where(
+            HeldMessage.group_id == group_id,
+            HeldMessage.epoch == epoch,
+            HeldMessage.sender == sender,
+            HeldMessage.kind == kind,
         )
     )
-    return row if store._rowcount(result) == 1 else None
+    return row if rowcount(result) == 1 else None
 
 
 def _take_held_commit(
@@ -3022,13 +3019,13 @@ def _take_held_welcome(
 
 
 def _take_attest_operation(session: Session, nonce: bytes) -> _AttestOperation | None:
-    row = session.get(store.AttestOperationRow, nonce.hex())
+    row = session.get(AttestOperationRow, nonce.hex())
     if row is None:
         return None
     result = session.execute(
-        delete(store.AttestOperationRow).where(store.AttestOperationRow.nonce == nonce.hex())
+        delete(AttestOperationRow).where(AttestOperationRow.nonce == nonce.hex())
     )
-    if store._rowcount(result) != 1:
+    if rowcount(result) != 1:
         return None
     return _AttestOperation(
         bytes.fromhex(row.command_id), row.operator, row.device_id, nonce, row.deadline
@@ -3042,13 +3039,11 @@ def _tuple3(value: object) -> tuple[int | None, int, int] | None:
     return (first if isinstance(first, int) else None, int(total), int(acked))
 
 
-def _operation_from_row(session: Session, row: store.OperationRow) -> Operation:
+def _operation_from_row(session: Session, row: OperationRow) -> Operation:
     jobs = [
         _job_from_row(j)
         for j in session.scalars(
-            select(store.JobRow)
-            .where(store.JobRow.command_id == row.command_id)
-            .order_by(store.JobRow.id)
+            select(JobRow).where(JobRow.command_id == row.command_id).order_by(JobRow.id)
         )
     ]
     throttle = json.loads(row.throttle) if row.throttle else [None, None, None, None, False]

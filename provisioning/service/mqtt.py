@@ -39,12 +39,12 @@ from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION
 from agent.protocol.wire.cose import key_id
 from provisioning import pki
 from provisioning.config import ServiceConfig
+from provisioning.db.runtime import create_service_schema
 from provisioning.enroll import Enrollment, EnrollmentSettings
 from provisioning.http import EnrollmentServer, build_app, start_enrollment_server
 from provisioning.metrics import MetricsServer, ServiceMetrics
 from provisioning.policy import load_policy
 from provisioning.registry import create_schema, make_engine, session_factory
-from provisioning.service import store
 from provisioning.service.core import (
     AttestationSettings,
     DeliveryService,
@@ -91,7 +91,7 @@ class ServiceRunner:
         attestation = attestation_from(config)
         self._engine = make_engine(config.database_url)
         create_schema(self._engine)
-        store.create_service_schema(self._engine)
+        create_service_schema(self._engine)
         key_path = config.service.signing_key or config.broker.client_key
         signing_key = pki.key_from_pem(key_path.read_bytes())
         operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())

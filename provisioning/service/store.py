@@ -1,7 +1,7 @@
 """The delivery service's own tables, beside the registry's: operator keys, replay state,
 operator command ids.
 
-A separate ``MetaData`` on purpose: the registry schema (provisioning/registry/schema.py) is the
+A separate ``MetaData`` on purpose: the registry schema (provisioning/db/schema.py) is the
 fleet's record and ``keyfleet audit verify`` checks that exactly its tables exist; these tables
 belong to the running service and are created by ``keyfleet serve`` and ``keyfleet operator add``
 (``create_service_schema``, idempotent).
@@ -34,78 +34,32 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Engine,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Text,
     case,
     delete,
-    inspect,
     or_,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.wire import cbor
 from agent.protocol.wire.envelope import DEFAULT_MAX_FUTURE
 from agent.protocol.wire.replay import DEFAULT_CAPACITY, ReplayGuard
 from provisioning.attestation import Challenge
-from provisioning.registry.engine import RetryableConflict
-from provisioning.registry.schema import ID_LENGTH, NAMING_CONVENTION
+from provisioning.db.engine import RetryableConflict, rowcount
+from provisioning.db.runtime import (
+    AttestChallengeRow,
+    AttestScheduleRow,
+    OperatorCommand,
+    OperatorKey,
+    ReplayState,
+    SequenceRow,
+    TaskLease,
+)
 
 REPLAY_WINDOW = 32
-
-
-class ServiceBase(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-class OperatorKey(ServiceBase):
-    __tablename__ = "service_operator_keys"
-
-    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    kid: Mapped[str] = mapped_column(String(64), unique=True)  # hex
-    cert_pem: Mapped[str] = mapped_column(Text)
-    added_at: Mapped[int] = mapped_column(BigInteger)
-
-
-class ReplayState(ServiceBase):
-    __tablename__ = "service_replay"
-
-    sender: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    state: Mapped[bytes] = mapped_column(LargeBinary)
-    updated_at: Mapped[int] = mapped_column(BigInteger)
-
-
-class OperatorCommand(ServiceBase):
-    __tablename__ = "service_commands"
-
-    command_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
-    operator: Mapped[str] = mapped_column(String(ID_LENGTH))
-    type: Mapped[str] = mapped_column(String(ID_LENGTH))
-    received_at: Mapped[int] = mapped_column(BigInteger)
-
-
-class AttestChallengeRow(ServiceBase):
-    __tablename__ = "service_attest_challenges"
-
-    nonce: Mapped[str] = mapped_column(String(128), primary_key=True)  # hex
-    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
-    pcrs: Mapped[str] = mapped_column(String(128))  # "0,1,4,8,9"
-    issued_at: Mapped[int] = mapped_column(BigInteger)
-    expires_at: Mapped[int] = mapped_column(BigInteger)
-    answered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-
-
-def create_service_schema(engine: Engine) -> None:
-    ServiceBase.metadata.create_all(engine)
 
 
 # -- operator keys --------------------------------------------------------------------------------
@@ -208,15 +162,6 @@ def save_guard(session: Session, sender: str, guard: ReplayGuard, *, now: int) -
         return
     row.state = data
     row.updated_at = now
-    session.flush()
-
-
-def forget_sender(session: Session, sender: str) -> None:
-    """Drop a sender's replay state: a re-enrolled device's new agent counts from seq 1 again.
-    A database without the service's tables (enrollment before the first ``serve``) has none."""
-    if not inspect(session.connection()).has_table(ReplayState.__tablename__):
-        return
-    session.execute(delete(ReplayState).where(ReplayState.sender == sender))
     session.flush()
 
 
@@ -328,126 +273,6 @@ def forget_challenges(session: Session, *, now: int) -> None:
 # leader and never an in-process lock.
 
 
-class JobRow(ServiceBase):
-    """One group change (create, add, remove, update) of a group's FIFO queue. ``version`` makes
-    every change a compare-and-set; ``deadline`` is the lease of the instance that last moved it
-    (``claimed_by``): when it passes with nothing answered, any instance takes the job over."""
-
-    __tablename__ = "service_jobs"
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(64), unique=True)  # hex
-    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
-    action: Mapped[str] = mapped_column(String(16))
-    member: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
-    command_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
-    persistent: Mapped[bool] = mapped_column(Boolean, default=False)
-    candidates: Mapped[str] = mapped_column(Text, default="")  # comma-separated device ids
-    prefer: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    key_package: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # public
-    committer: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
-    tried: Mapped[str] = mapped_column(Text, default="")
-    request_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
-    deadline: Mapped[int] = mapped_column(BigInteger, default=0)
-    detail: Mapped[str] = mapped_column(Text, default="")
-    claimed_by: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
-    version: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[int] = mapped_column(BigInteger)
-
-
-class GroupSlot(ServiceBase):
-    """The per-group "one outstanding change" claim: ``job_id`` is the job in flight. A job is
-    started only by the instance whose conditional UPDATE takes the empty slot, so two instances
-    can never have two commit requests out for one group."""
-
-    __tablename__ = "service_group_slots"
-
-    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-
-
-class OperationRow(ServiceBase):
-    """An operator command in flight, whoever accepted it: any instance that sees its last ack
-    sends the operator the result. ``finished_at`` is set by exactly one instance (conditional
-    UPDATE), which then sends the final result and audits it."""
-
-    __tablename__ = "service_operations"
-
-    command_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
-    operator: Mapped[str] = mapped_column(String(ID_LENGTH))
-    type: Mapped[str] = mapped_column(String(ID_LENGTH))
-    target: Mapped[str] = mapped_column(String(ID_LENGTH))
-    groups: Mapped[str] = mapped_column(Text)  # ",g1,g2," (LIKE-searchable)
-    last_progress: Mapped[int] = mapped_column(BigInteger)
-    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
-    accepted_by: Mapped[str] = mapped_column(String(ID_LENGTH), default="")  # instance
-    nudged_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    last_sent: Mapped[str] = mapped_column(Text, default="")
-    throttle: Mapped[str] = mapped_column(Text, default="")  # the ack throttle, as JSON
-    created_at: Mapped[int] = mapped_column(BigInteger)
-
-
-class HeldMessage(ServiceBase):
-    """A commit that adds members waiting for its Welcome, or a Welcome that came first. The two
-    may reach different instances; whichever instance deletes the held half (rowcount 1) owns the
-    acceptance."""
-
-    __tablename__ = "service_held"
-
-    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # the commit's epoch
-    sender: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # commit | welcome
-    data: Mapped[bytes] = mapped_column(LargeBinary)  # commit or welcome bytes (public, sealed)
-    extra: Mapped[str] = mapped_column(Text, default="")  # command id hex | new members
-    received_at: Mapped[int] = mapped_column(BigInteger)
-
-
-class AttestOperationRow(ServiceBase):
-    """An operator's ``op.attest`` waiting for the device's report (keyed by the nonce)."""
-
-    __tablename__ = "service_attest_ops"
-
-    nonce: Mapped[str] = mapped_column(String(128), primary_key=True)
-    command_id: Mapped[str] = mapped_column(String(64))
-    operator: Mapped[str] = mapped_column(String(ID_LENGTH))
-    device_id: Mapped[str] = mapped_column(String(ID_LENGTH))
-    deadline: Mapped[int] = mapped_column(BigInteger, index=True)
-
-
-class AttestScheduleRow(ServiceBase):
-    """When each device was last challenged by the schedule or an operator: the claim that makes
-    a scheduled challenge once per interval fleet-wide."""
-
-    __tablename__ = "service_attest_schedule"
-
-    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    challenged_at: Mapped[int] = mapped_column(BigInteger)
-
-
-class TaskLease(ServiceBase):
-    """Periodic fleet-wide work (attestation scan, pruning): due at ``due_at``; an instance runs
-    it after claiming it until ``claimed_until``. A dead instance's claim simply expires."""
-
-    __tablename__ = "service_tasks"
-
-    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    due_at: Mapped[int] = mapped_column(BigInteger)
-    claimed_by: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
-    claimed_until: Mapped[int] = mapped_column(BigInteger, default=0)
-
-
-class SequenceRow(ServiceBase):
-    """The service's envelope sequence number, shared: all instances sign as one sender, and a
-    device's replay window (32) would refuse two instances' interleaved private counters."""
-
-    __tablename__ = "service_sequence"
-
-    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    value: Mapped[int] = mapped_column(BigInteger)
-
-
 def reserve_seqs(session: Session, count: int, *, floor: int) -> int:
     """Reserve ``count`` consecutive sequence numbers above max(last, ``floor``); returns the
     first. The UPDATE takes the row's write lock, so reservations never overlap."""
@@ -460,7 +285,7 @@ def reserve_seqs(session: Session, count: int, *, floor: int) -> int:
         .values(value=case((table.c.value > floor, table.c.value), else_=floor) + count)
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) == 0:
+    if rowcount(result) == 0:
         session.add(SequenceRow(name="envelope", value=floor + count))
         _flush_or_retry(session, "the sequence row was created concurrently")
         return floor + 1
@@ -478,11 +303,6 @@ def _flush_or_retry(session: Session, conflict: str) -> None:
         raise RetryableConflict(conflict) from None
 
 
-def _rowcount(result: object) -> int:
-    count = getattr(result, "rowcount", 0)
-    return int(count) if isinstance(count, int) else 0
-
-
 def claim_task(session: Session, name: str, *, instance: str, now: int, lease: int) -> bool:
     """Claim periodic task ``name`` if it is due and nobody holds an unexpired claim. The caller
     runs the task and then calls ``finish_task`` with the next due time."""
@@ -496,7 +316,7 @@ def claim_task(session: Session, name: str, *, instance: str, now: int, lease: i
         .values(claimed_by=instance, claimed_until=now + lease)
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) == 1:
+    if rowcount(result) == 1:
         return True
     if session.get(TaskLease, name) is not None:
         return False
@@ -528,7 +348,7 @@ def claim_challenge_slot(
         .values(challenged_at=now)
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) == 1:
+    if rowcount(result) == 1:
         return True
     if session.get(AttestScheduleRow, device_id) is not None:
         return False

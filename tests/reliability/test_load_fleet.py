@@ -36,9 +36,9 @@ from sqlalchemy import func, select
 
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config, open_registry
 from provisioning import audit
+from provisioning.db.schema import Device
 from provisioning.operator import FINAL, OperatorClient, OperatorSettings
 from provisioning.registry import Registry, run_in_transaction
-from provisioning.registry.schema import Device
 from tests.fixtures.mosquitto import BrokerPKI
 from tests.reliability.conftest import SEED_ENV, Summary, reliability_seed, send_rekey
 from tests.service_deployment import (

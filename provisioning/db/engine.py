@@ -9,7 +9,7 @@ server broke). On SQLite this matches what the Python driver does anyway: statem
 latest committed data until the first write opens the transaction, as PostgreSQL's READ
 COMMITTED (set explicitly on every PostgreSQL engine) does statement by statement.
 
-Schema creation goes through the Alembic migrations (provisioning/registry/migrations/):
+Schema creation goes through the Alembic migrations (provisioning/db/migrations/):
 ``create_schema`` brings a database to the newest revision, so every database keyfleet creates
 carries its revision and ``keyfleet serve`` can refuse one that is behind.
 """
@@ -30,7 +30,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol.errors import ConfigError, StateError
-from provisioning.registry.schema import Base
+from provisioning.db.schema import Base
 
 T = TypeVar("T")
 
@@ -148,18 +148,17 @@ def make_engine(url: str | URL, *, echo: bool = False, **options: Any) -> Engine
     )
 
 
-def create_schema(engine: Engine) -> None:
-    """Bring the database to the newest schema revision (every registry and service table),
-    creating it if it is empty (idempotent; see ``provisioning.registry.migrations``)."""
-    from provisioning.registry import migrations  # noqa: PLC0415 - migrations import this module
-
-    migrations.upgrade(engine)
-
-
 def missing_tables(engine: Engine) -> list[str]:
     """Tables of the keyfleet registry absent from the database (empty when it is ready)."""
     present = set(inspect(engine).get_table_names())
     return sorted(name for name in Base.metadata.tables if name not in present)
+
+
+def rowcount(result: object) -> int:
+    """Rows a conditional UPDATE/DELETE changed: 1 means this instance won the compare-and-set,
+    0 that another one got there first (drivers that do not report it count as 0)."""
+    count = getattr(result, "rowcount", 0)
+    return int(count) if isinstance(count, int) else 0
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -1,6 +1,6 @@
 """Schema migrations (Alembic) of keyfleet's database, on SQLite and on PostgreSQL.
 
-One revision history covers every table keyfleet creates: the registry's (``registry/schema.py``)
+One revision history covers every table keyfleet creates: the registry's (``db/schema.py``)
 and the delivery service's own (``service/store.py``), so ``keyfleet db init`` and ``keyfleet db
 upgrade`` bring both to the same revision. Users never need an ``alembic.ini``: keyfleet runs
 Alembic through its API with a connection it opened and locked itself:
@@ -42,8 +42,9 @@ from sqlalchemy.engine.reflection import Inspector
 from sqlalchemy.pool import NullPool, StaticPool
 
 from agent.protocol.errors import ConfigError, InternalError, StateError
-from provisioning.registry.engine import make_engine, redact_url, sqlite_path
-from provisioning.registry.schema import NAMING_CONVENTION, Base
+from provisioning.db.engine import make_engine, redact_url, sqlite_path
+from provisioning.db.runtime import ServiceBase
+from provisioning.db.schema import NAMING_CONVENTION, Base
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 # The revision a database made by ``create_all`` before migrations existed corresponds to.
@@ -61,11 +62,8 @@ def target_metadata() -> MetaData:
     """Every keyfleet table in one ``MetaData``: the registry's and the service's. Alembic
     compares the migrated database with it (a model change without a revision fails the tests)
     and autogenerates new revisions from the difference."""
-    # Imported here: the service store imports the registry, which imports this package lazily.
-    from provisioning.service import store  # noqa: PLC0415
-
     combined = MetaData(naming_convention=NAMING_CONVENTION)
-    for metadata in (Base.metadata, store.ServiceBase.metadata):
+    for metadata in (Base.metadata, ServiceBase.metadata):
         for table in metadata.tables.values():
             table.to_metadata(combined)
     return combined
@@ -356,13 +354,19 @@ def upgrade(
     return _migrate(engine, lambda config: command.upgrade(config, revision), create=create)
 
 
+def create_schema(engine: Engine) -> None:
+    """Bring the database to the newest schema revision (every registry and service table),
+    creating it if it is empty (idempotent)."""
+    upgrade(engine)
+
+
 def downgrade(engine: Engine, revision: str) -> tuple[str | None, str | None]:
     """Undo revisions down to ``revision`` (``base``: drop every keyfleet table). For tests and
     for rolling back a failed deployment; data in dropped columns or tables is gone."""
     return _migrate(engine, lambda config: command.downgrade(config, revision), create=False)
 
 
-# ---- for developers: python -m provisioning.registry.migrations revision -m "..." -------------
+# ---- for developers: python -m provisioning.db.migrations revision -m "..." -------------
 
 
 def _new_revision(message: str, revision_id: str | None) -> None:
@@ -381,7 +385,7 @@ def _new_revision(message: str, revision_id: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m provisioning.registry.migrations",
+        prog="python -m provisioning.db.migrations",
         description="keyfleet schema revisions (for developers; users run keyfleet db ...)",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,10 +1,10 @@
 """Alembic's entry point for keyfleet's migrations. keyfleet itself runs them through
-``provisioning.registry.migrations`` (``keyfleet db init`` / ``keyfleet db upgrade``), which hands
+``provisioning.db.migrations`` (``keyfleet db init`` / ``keyfleet db upgrade``), which hands
 Alembic an open, locked connection; the ``alembic`` command line also works with
 ``-x url=DATABASE_URL`` (see docs/database.md)."""
 
 from alembic import context
 
-from provisioning.registry.migrations import run_environment
+from provisioning.db.migrations import run_environment
 
 run_environment(context)

@@ -8,7 +8,7 @@ Create Date: 2025-01-01
 Written out in full (no import of the models): a revision describes the schema of its time and
 must not change when the models do. Each table is created only if it is missing, so that a
 database made by ``create_all`` before migrations existed, once its tables are checked against
-this revision (``provisioning.registry.migrations.legacy_differences``), is adopted by running
+this revision (``provisioning.db.migrations.legacy_differences``), is adopted by running
 this revision: it creates what such a database lacks and records the revision.
 """
 

@@ -1,0 +1,182 @@
+"""The fleet service's runtime tables: what ``keyfleet serve`` instances share while they work.
+
+Operator keys and replay state, command ids, attestation challenges and waits, the job queue and
+its per-group slot, operations in flight, held commit/welcome halves, task leases and the shared
+envelope sequence counter. Every rule several instances agree on is a row and a conditional
+UPDATE (whoever changes the row wins, the others see rowcount 0 and step back), never a leader
+and never an in-process lock. The queries over them live in ``provisioning.service.store``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, Engine, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from provisioning.db.schema import ID_LENGTH, NAMING_CONVENTION
+
+
+class ServiceBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class OperatorKey(ServiceBase):
+    __tablename__ = "service_operator_keys"
+
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    kid: Mapped[str] = mapped_column(String(64), unique=True)  # hex
+    cert_pem: Mapped[str] = mapped_column(Text)
+    added_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class ReplayState(ServiceBase):
+    __tablename__ = "service_replay"
+
+    sender: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class OperatorCommand(ServiceBase):
+    __tablename__ = "service_commands"
+
+    command_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
+    operator: Mapped[str] = mapped_column(String(ID_LENGTH))
+    type: Mapped[str] = mapped_column(String(ID_LENGTH))
+    received_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AttestChallengeRow(ServiceBase):
+    __tablename__ = "service_attest_challenges"
+
+    nonce: Mapped[str] = mapped_column(String(128), primary_key=True)  # hex
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    pcrs: Mapped[str] = mapped_column(String(128))  # "0,1,4,8,9"
+    issued_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    answered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class JobRow(ServiceBase):
+    """One group change (create, add, remove, update) of a group's FIFO queue. ``version`` makes
+    every change a compare-and-set; ``deadline`` is the lease of the instance that last moved it
+    (``claimed_by``): when it passes with nothing answered, any instance takes the job over."""
+
+    __tablename__ = "service_jobs"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)  # hex
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    member: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    command_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    persistent: Mapped[bool] = mapped_column(Boolean, default=False)
+    candidates: Mapped[str] = mapped_column(Text, default="")  # comma-separated device ids
+    prefer: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    key_package: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # public
+    committer: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    tried: Mapped[str] = mapped_column(Text, default="")
+    request_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    deadline: Mapped[int] = mapped_column(BigInteger, default=0)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    claimed_by: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class GroupSlot(ServiceBase):
+    """The per-group "one outstanding change" claim: ``job_id`` is the job in flight. A job is
+    started only by the instance whose conditional UPDATE takes the empty slot, so two instances
+    can never have two commit requests out for one group."""
+
+    __tablename__ = "service_group_slots"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class OperationRow(ServiceBase):
+    """An operator command in flight, whoever accepted it: any instance that sees its last ack
+    sends the operator the result. ``finished_at`` is set by exactly one instance (conditional
+    UPDATE), which then sends the final result and audits it."""
+
+    __tablename__ = "service_operations"
+
+    command_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
+    operator: Mapped[str] = mapped_column(String(ID_LENGTH))
+    type: Mapped[str] = mapped_column(String(ID_LENGTH))
+    target: Mapped[str] = mapped_column(String(ID_LENGTH))
+    groups: Mapped[str] = mapped_column(Text)  # ",g1,g2," (LIKE-searchable)
+    last_progress: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    accepted_by: Mapped[str] = mapped_column(String(ID_LENGTH), default="")  # instance
+    nudged_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_sent: Mapped[str] = mapped_column(Text, default="")
+    throttle: Mapped[str] = mapped_column(Text, default="")  # the ack throttle, as JSON
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class HeldMessage(ServiceBase):
+    """A commit that adds members waiting for its Welcome, or a Welcome that came first. The two
+    may reach different instances; whichever instance deletes the held half (rowcount 1) owns the
+    acceptance."""
+
+    __tablename__ = "service_held"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # the commit's epoch
+    sender: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # commit | welcome
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # commit or welcome bytes (public, sealed)
+    extra: Mapped[str] = mapped_column(Text, default="")  # command id hex | new members
+    received_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AttestOperationRow(ServiceBase):
+    """An operator's ``op.attest`` waiting for the device's report (keyed by the nonce)."""
+
+    __tablename__ = "service_attest_ops"
+
+    nonce: Mapped[str] = mapped_column(String(128), primary_key=True)
+    command_id: Mapped[str] = mapped_column(String(64))
+    operator: Mapped[str] = mapped_column(String(ID_LENGTH))
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    deadline: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class AttestScheduleRow(ServiceBase):
+    """When each device was last challenged by the schedule or an operator: the claim that makes
+    a scheduled challenge once per interval fleet-wide."""
+
+    __tablename__ = "service_attest_schedule"
+
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    challenged_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class TaskLease(ServiceBase):
+    """Periodic fleet-wide work (attestation scan, pruning): due at ``due_at``; an instance runs
+    it after claiming it until ``claimed_until``. A dead instance's claim simply expires."""
+
+    __tablename__ = "service_tasks"
+
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    due_at: Mapped[int] = mapped_column(BigInteger)
+    claimed_by: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    claimed_until: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SequenceRow(ServiceBase):
+    """The service's envelope sequence number, shared: all instances sign as one sender, and a
+    device's replay window (32) would refuse two instances' interleaved private counters."""
+
+    __tablename__ = "service_sequence"
+
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+def create_service_schema(engine: Engine) -> None:
+    """Create the runtime tables directly (tests that build a bare database; ``keyfleet db
+    init`` runs the migrations instead)."""
+    ServiceBase.metadata.create_all(engine)
