@@ -304,6 +304,31 @@ class AgentCore:
         """The time the ledger stamps on transitions made by the caller (e.g. app secrets)."""
         self._now = now
 
+    def install_group(self, group: Group, now: int) -> None:
+        """Make ``group`` this device's current epoch of its group without a Welcome: for a
+        member state built outside the wire protocol (``Group.assemble``: simulations and
+        benchmarks start from a large group that way). The same bookkeeping as joining: a key
+        ledger record for the epoch, its data key, fresh counters; ``dirty`` is set so that a
+        daemon persists it.
+
+        Refused (``StateError``, nothing changed) when the group id is not a valid group name,
+        when this core holds the group already, or when the key provider does not hold the
+        group's leaf key (``load_leaf`` raises)."""
+        try:
+            name = group.group_id.decode()
+        except UnicodeDecodeError:
+            raise StateError("the group id is not a valid group name") from None
+        if ID_PATTERN.fullmatch(name) is None:
+            raise StateError("the group id is not a valid group name")
+        if name in self._groups:
+            raise StateError(f"this device holds group {name!r} already")
+        leaf_public = _leaf_public(group)
+        if serialize_public_key(self._keys.load_leaf(leaf_public).public_key()) != leaf_public:
+            raise StateError("the key provider's leaf key is not the group's")
+        self._now = now
+        self._install(name, group)
+        self._dirty = True
+
     # -- inbound messages -------------------------------------------------------------------
 
     def handle(self, payload: bytes, topic: str, now: int) -> Outcome:

@@ -35,7 +35,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +113,9 @@ def _reports_per_second(dep: Deployment, fleet: VirtualFleet) -> dict[str, Any]:
             ]
             # the last seq spent: next_seq is the one the next envelope will carry
             targets[device.device_id] = device.core.next_seq - 1
-    links = {link.device.device_id: link for link in fleet._links}
     start = time.perf_counter()
     for device_id, publishes in batches.items():
-        link = links[device_id]
-        fleet.call_soon(partial(fleet._publish, link, publishes))
+        fleet.send(device_id, publishes)
     total = sum(len(b) for b in batches.values())
     deadline = time.monotonic() + 600
     ids = list(batches)

@@ -3,7 +3,8 @@ with its own software key through agent.protocol.wire, orders commits with
 agent.protocol.mls.public.PublicGroup)
 and drives several device cores through create, key package, add, welcome, update and remove;
 refusals by check id without state change; redelivery; commits that lose the race; restore;
-rotation requests; grace-period destruction of old data keys."""
+rotation requests; grace-period destruction of old data keys; a group assembled in one step
+(``Group.assemble``) installed through ``install_group`` and followed by a real commit."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.lifecycle import KeyKind, KeyState, RotationPolicy
 from agent.protocol.mls import codec
-from agent.protocol.mls.messages import Commit
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.messages import Commit, KeyPackage
 from agent.protocol.mls.public import PublicGroup
 from agent.protocol.wire import cose
 from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
@@ -570,3 +572,39 @@ def test_status_has_no_secrets_and_names_groups_and_keys() -> None:
         if value != a.groups()[G].epoch_authenticator:
             assert value.hex() not in repr(status) and value not in text
     assert cose.key_id(service.key.public_key()).hex() not in repr(status)
+
+
+def test_an_assembled_group_installed_in_cores_follows_real_commits() -> None:
+    service = FakeService()
+    cores = [service.core(f"dev-{i}") for i in range(3)]
+    members = []
+    for core in cores:
+        keys = core._keys
+        assert isinstance(keys, FakeSoftwareKeys)
+        leaf = keys.new_leaf_key()
+        kp = KeyPackage.create(core.device_id.encode(), keys.devid, leaf.public_key())
+        members.append((kp, leaf))
+    groups = Group.assemble(G.encode(), members, epoch=1)
+    # refused, nothing changed: a leaf key the provider does not hold, a group held already
+    stranger = service.core("dev-x")
+    before = state_bytes(stranger)
+    with pytest.raises(StateError):
+        stranger.install_group(groups[0], T0)
+    assert state_bytes(stranger) == before and not stranger.dirty
+    for core, group in zip(cores, groups, strict=True):
+        core.install_group(group, T0)
+        assert core.dirty and core.epoch(G) == 1
+        assert core.ledger.current_epoch(G).epoch == 1
+    before = state_bytes(cores[0])
+    with pytest.raises(StateError, match="already"):
+        cores[0].install_group(groups[0], T0)
+    assert state_bytes(cores[0]) == before
+    service.public[G] = groups[0].public_group()
+    (commit,) = service.request_commit("dev-2", CommitAction.UPDATE)
+    assert isinstance(commit, CommitMessage)
+    relay = service.order(commit)
+    got = acks(service, service.fan_out(relay, [c.device_id for c in cores]))
+    assert {a.epoch for a in got.values()} == {2}
+    assert len({a.epoch_authenticator for a in got.values()}) == 1
+    key = cores[0].encrypt(G, b"hello", T0)
+    assert cores[1].decrypt(G, key, T0) == b"hello"

@@ -567,3 +567,83 @@ def test_service_picks_the_nearest_committer_and_matches_welcomes() -> None:
     with pytest.raises(ProtocolError) as exc:
         service.check_welcome(small, result.welcome)
     assert exc.value.check == "mls.welcome.recipients"
+
+
+def _world_of(members: list[Member]) -> World:
+    """A World around members whose groups were made some other way (``Group.assemble``)."""
+    world = World.__new__(World)
+    world.members = {m.device_id: m for m in members}
+    world.service = members[0].g.public_group()
+    world.removed = []
+    world.history = []
+    world.contexts = []
+    world.saw_unmerged = False
+    return world
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8, 11])
+def test_an_assembled_group_is_the_state_real_commits_reach(count: int) -> None:
+    # real: created, everyone else added, then every member commits once, in leaf order
+    real = World()
+    if count > 1:
+        real.add(real.members_any(), count - 1)
+    in_order = sorted(real.members.values(), key=lambda m: m.g.own_leaf)
+    for m in in_order:
+        real.update(m)
+    real.check_agreement()
+    # assembled in one step from the same devices and (final) leaf keys
+    twins = [Member(m.device_id, m.signature_key, m.leaf_key) for m in in_order]
+    groups = Group.assemble(
+        b"group-1",
+        [(Member.key_package(t), t.leaf_key) for t in twins],
+        epoch=real.service.epoch,
+    )
+    for twin, group in zip(twins, groups, strict=True):
+        twin.group = group
+    built = _world_of(twins)
+    built.check_agreement()  # one epoch authenticator, data key and exporter for every member
+    real_tree, built_tree = real.service.tree, built.service.tree
+    assert built_tree.n_leaves == real_tree.n_leaves
+    for x in range(2 * real_tree.n_leaves - 1):
+        a, b = real_tree.node(x), built_tree.node(x)
+        assert (a is None) == (b is None), f"node {x}"
+        if tm.is_leaf(x):
+            assert a == b
+        elif a is not None:
+            assert isinstance(b, ParentNode) and a.unmerged_leaves == b.unmerged_leaves == ()  # type: ignore[union-attr]
+    for m, twin in zip(in_order, twins, strict=True):
+        assert twin.g.own_leaf == m.g.own_leaf
+        assert sorted(twin.g.to_state()["nodes"]) == sorted(m.g.to_state()["nodes"])  # type: ignore[call-overload]
+        restored = Group.from_state(twin.g.to_state(), lambda ref, t=twin: t.leaf_key)
+        assert restored.epoch_authenticator == twin.g.epoch_authenticator
+    # and it goes on like a real group: update, add (a Welcome from it), remove
+    built.update(twins[-1])
+    built.check_agreement()
+    built.add(twins[0], 2)
+    built.check_agreement()
+    if count > 1:
+        built.remove(twins[1], twins[0])
+        built.check_agreement()
+    built.update(built.members_any())
+    built.check_agreement()
+
+
+def test_assemble_refuses_what_adds_refuse() -> None:
+    a, b = Member.new(), Member.new()
+    good = [(a.key_package(), a.leaf_key), (b.key_package(), b.leaf_key)]
+    assert [g.own_leaf for g in Group.assemble(b"g", good, epoch=3)] == [0, 1]
+    with pytest.raises(ProtocolError) as exc:
+        Group.assemble(b"g", [(a.key_package(), b.leaf_key)], epoch=1)
+    assert exc.value.check == "mls.leaf-key"
+    with pytest.raises(ProtocolError) as exc:
+        Group.assemble(b"g", [good[0], good[0]], epoch=1)
+    assert exc.value.check == "mls.add.duplicate"
+    forged = replace(b.key_package(), signature=a.key_package().signature)
+    with pytest.raises(ProtocolError) as exc:
+        Group.assemble(b"g", [good[0], (forged, b.leaf_key)], epoch=1)
+    assert exc.value.check == "mls.key-package.signature"
+    with pytest.raises(ProtocolError) as exc:
+        Group.assemble(b"g", [], epoch=1)
+    assert exc.value.check == "mls.add.full"
+    with pytest.raises(ValueError, match="epoch"):
+        Group.assemble(b"g", good, epoch=0)

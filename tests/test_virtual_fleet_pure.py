@@ -1,10 +1,13 @@
 """The virtual fleet without a broker: the agent's gate on software keys (refused in a normal
 configuration, refused without the explicit flag, a loud warning when allowed), the fleet
-configuration's problem report, registration, and a directly seeded group whose members all
-follow a real commit to the same epoch authenticator (sizes that are not powers of two)."""
+configuration's problem report, registration, and a directly seeded group (``Group.assemble``)
+whose registry rows carry the public state every member holds, that cannot be seeded twice, and
+whose members all follow a real commit to the same epoch authenticator (sizes that are not
+powers of two)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from datetime import UTC, datetime, timedelta
@@ -14,7 +17,9 @@ import pytest
 from sqlalchemy import select
 
 from agent.configschema import ConfigProblems
-from agent.protocol.errors import ConfigError
+from agent.protocol.errors import ConfigError, StateError
+from agent.protocol.mls import codec
+from agent.protocol.mls.public import PublicGroup
 from agent.protocol.wire.envelope import Signer, encode_message, open_message
 from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.group import CommitMessage
@@ -27,7 +32,7 @@ from firmware_sim.fleet import (
     prepare_identities,
 )
 from provisioning import pki
-from provisioning.db.schema import AuditEntry, Device, GroupMember
+from provisioning.db.schema import AuditEntry, Device, Group, GroupMember
 
 pytestmark = pytest.mark.pure
 
@@ -188,9 +193,27 @@ def test_a_seeded_group_follows_a_real_commit(
                     GroupMember.group_id == "g1"
                 )
             ).all()
+            row = session.get(Group, "g1")
+            assert row is not None
+            public_tree, group_context = row.public_tree, row.group_context
+            seeded = list(
+                session.scalars(
+                    select(AuditEntry).where(AuditEntry.action == "group.seed.simulated")
+                )
+            )
+        # seeding the same group again is refused before anything changes in the cores
+        with pytest.raises(StateError, match="already"):
+            fleet.seed_group("g1", sessions, now=now)
     finally:
         engine.dispose()
     assert sorted(leaf for _, leaf in members) == list(range(count))
+    assert {d: i for d, i in members} == {d.device_id: i for i, d in enumerate(fleet.devices)}
+    assert len(seeded) == 1 and json.loads(seeded[0].details) == {"members": count}
+    # the registry holds the very public state every member holds
+    service_view = PublicGroup.from_state(codec.decode(public_tree, 1 << 24, "public_tree"))
+    for device in fleet.devices:
+        group = device.core.groups()["g1"]
+        assert group.group_context() == group_context == service_view.state.group_context()
     first = fleet.authenticators("g1")
     assert len({v for v in first.values()}) == 1
 

@@ -75,7 +75,7 @@ from agent.protocol.mls.public import (
     interim_transcript_hash,
     verify_commit,
 )
-from agent.protocol.mls.tree import LeafNode, RatchetTree
+from agent.protocol.mls.tree import LeafNode, Node, ParentNode, RatchetTree
 
 DATA_KEY_LABEL = b"keyfleet data key"
 GROUP_INFO_LABEL = b"GroupInfoTBS"
@@ -296,6 +296,99 @@ class Group:
             interim_transcript_hash(info.confirmed_transcript_hash, info.confirmation_tag),
         )
         return cls(public, own_leaf, leaf_key, node_keys, secrets)
+
+    @classmethod
+    def assemble(
+        cls,
+        group_id: bytes,
+        members: Sequence[tuple[KeyPackage, ec.EllipticCurvePrivateKey]],
+        *,
+        epoch: int,
+        rng: Rng = os.urandom,
+    ) -> list[Group]:
+        """Every member's state of a group of ``members`` (leaf i = ``members[i]``) at
+        ``epoch``, built in one step instead of by commits: what a simulator or a benchmark needs
+        to start with a large group (real adds, each processed by every member, cost O(N^2)).
+
+        The result is the state real commits reach when the members are added and then each one
+        commits once (an UpdatePath), in leaf order, every member processing every commit:
+
+        - the tree is as wide as the next power of two; a parent holds a key exactly when it is
+          on some member's filtered direct path (members on both sides of it), with no unmerged
+          leaves; each key comes from the path secrets of the last member below it to commit
+          (the rightmost), chained up its path as ``commit`` chains them;
+        - every member holds the private keys of the non-blank parents on its direct path;
+        - the epoch secrets come from the last committer's commit secret (the previous epoch's
+          init secret is a fresh random value) through the key schedule with this epoch's
+          GroupContext, the interim transcript hash from the confirmation tag, as in a commit.
+
+        Only the history is not reproduced: the confirmed transcript hash (a hash over commits
+        that never happened) is random. Members therefore agree on every epoch secret, and the
+        next real commit, add or remove is processed as after real commits.
+
+        Each KeyPackage is verified and must match its leaf key (``mls.key-package.signature``,
+        ``mls.leaf-key``); duplicate devices or leaf keys are refused (``mls.add.duplicate``,
+        ``mls.add.duplicate-key``); ``epoch`` must be at least 1 (epoch 0 is ``create``).
+        Cost: one signature check per member and one key derivation per parent; no ECDH.
+        """
+        codec.as_bytes(group_id, "group_id", 1, codec.MAX_GROUP_ID)
+        n = len(members)
+        if not 1 <= n <= codec.MAX_LEAVES:
+            raise ProtocolError("mls.add.full", f"a group has 1 to {codec.MAX_LEAVES} members")
+        if epoch < 1:
+            raise ValueError("an assembled group starts at epoch 1 or later (0 is create)")
+        width = 1
+        while width < n:
+            width *= 2
+        nodes: list[Node] = [None] * tm.node_width(width)
+        devices: set[bytes] = set()
+        leaf_keys: set[bytes] = set()
+        for i, (key_package, leaf_key) in enumerate(members):
+            key_package.verify()
+            if serialize_public_key(leaf_key.public_key()) != key_package.leaf_key:
+                raise ProtocolError("mls.leaf-key", f"member {i}: leaf key and KeyPackage differ")
+            if key_package.device_id in devices:
+                raise ProtocolError("mls.add.duplicate", f"member {i}: the device appears twice")
+            if key_package.leaf_key in leaf_keys:
+                raise ProtocolError("mls.add.duplicate-key", f"member {i}: a leaf key twice")
+            devices.add(key_package.device_id)
+            leaf_keys.add(key_package.leaf_key)
+            nodes[tm.leaf_to_node(i)] = key_package.leaf_node()
+        # Members commit in leaf order: the key a parent ends up with is the one set by the
+        # rightmost member below it, so walk the members backwards and let each one set the
+        # part of its filtered direct path no later member has set (a prefix of it).
+        parent_keys: dict[int, ec.EllipticCurvePrivateKey] = {}
+        commit_secret = b""
+        for i in reversed(range(n)):
+            owned: list[int] = []
+            x = tm.leaf_to_node(i)
+            for p in tm.direct_path(x, width):
+                if tm.subtree_leaves(tm.sibling(x, width)).start < n:  # copath side has members
+                    if p in parent_keys:
+                        break
+                    owned.append(p)
+                x = p
+            first = rng(NH)
+            keys, path_secrets = _path_node_keys(first, len(owned))
+            parent_keys.update(zip(owned, keys, strict=True))
+            if i == n - 1:  # the last commit: its commit secret starts this epoch
+                commit_secret = derive_secret(path_secrets[-1] if path_secrets else first, b"path")
+        for p, key in parent_keys.items():
+            nodes[p] = ParentNode(serialize_public_key(key.public_key()))
+        tree = RatchetTree(nodes)
+        confirmed = rng(NH)
+        context = group_context_bytes(group_id, epoch, tree.tree_hash(), confirmed)
+        secrets = derive_epoch(rng(NH), commit_secret, context)
+        tag = mac(secrets.confirmation_key, confirmed)
+        public = PublicState(
+            group_id, epoch, tree, confirmed, interim_transcript_hash(confirmed, tag)
+        )
+        groups = []
+        for i, (_, leaf_key) in enumerate(members):
+            path = tm.direct_path(tm.leaf_to_node(i), width)
+            held = {p: parent_keys[p] for p in path if p in parent_keys}
+            groups.append(cls(public, i, leaf_key, held, secrets))
+        return groups
 
     @staticmethod
     def _check_path_keys(
