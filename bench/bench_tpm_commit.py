@@ -92,9 +92,9 @@ def main() -> None:
             groups.append(Group.join(result.welcome, kp, leaf))
             join_costs.append(stores[i].commands_issued - before)
         for core, g in zip(cores, groups, strict=True):
-            # No public call installs a group without a welcome message; the bench builds the
-            # group with the MLS API directly and hands each member its state.
-            core._install("g-tpm", g)
+            # The bench builds the group with the MLS API directly and hands each member its
+            # state (install_group loads the leaf key once; rounds count their commands apart).
+            core.install_group(g, now)
 
         mls_only: list[int] = []
         full: list[int] = []
