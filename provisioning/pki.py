@@ -233,7 +233,7 @@ def device_urn(device_id: str) -> str:
     return f"{DEVICE_URN_PREFIX}{device_id}"
 
 
-def _serial_number_attribute(serial: str) -> x509.NameAttribute:
+def _serial_number_attribute(serial: str) -> x509.NameAttribute[str]:
     # X.520 serialNumber is a PrintableString; a serial outside that alphabet (the station may
     # send any printable ASCII) goes in as UTF8String rather than being altered.
     if not serial or len(serial) > 64:
