@@ -32,6 +32,7 @@ SECTION = "## By hand, step by step"
 EXAMPLE_LAB = "/var/tmp/kf-lab"
 PORTS = ("8883", "8443")
 RUN_TIMEOUT = 420.0
+_POLLING = re.compile(r"\++ \S+ (for _ in|grep -qsF|sleep 0\.1|return 0|seq 600)")
 _SH_BLOCK = re.compile(r"^```sh\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
@@ -125,7 +126,7 @@ def test_operations_doc_followed_literally_gets_an_operator_a_station_and_two_de
     script = script.replace(f"LAB={EXAMPLE_LAB}", f"LAB={lab}")
     for old, new in ports.items():
         script = script.replace(old, new)
-    (tmp_path / "runbook.sh").write_text("set -x\n" + script)
+    (tmp_path / "runbook.sh").write_text("PS4='+ $(date +%T.%3N) '\nset -x\n" + script)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYFLEET_", "KEYAGENT_"))}
     output = tmp_path / "runbook.out"
     with output.open("wb") as sink:
@@ -147,7 +148,9 @@ def test_operations_doc_followed_literally_gets_an_operator_a_station_and_two_de
     log = output.read_text(errors="replace")
 
     def logs() -> str:
-        parts = [f"---- runbook ----\n{log[-6000:]}"]
+        # the trace without wait_for's polling lines, then the tail of every component's log
+        trace = "\n".join(line for line in log.splitlines() if not _POLLING.match(line))
+        parts = [f"---- runbook ----\n{trace[-8000:]}"]
         for path in sorted((lab / "logs").glob("*")) if (lab / "logs").is_dir() else []:
             parts.append(f"---- {path.name} ----\n{path.read_text(errors='replace')[-2500:]}")
         return "\n".join(parts)
