@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -99,6 +100,21 @@ def _check_name(name: str) -> str:
     return name
 
 
+@contextmanager
+def _all_or_nothing(paths: Sequence[Path]) -> Iterator[None]:
+    """A write that fails (permissions, full disk) removes whatever of ``paths`` it wrote:
+    ``paths`` were checked not to exist before, so nothing of the user's is removed."""
+    try:
+        yield
+    except OSError as exc:
+        for path in paths:
+            with suppress(OSError):  # never written, or not removable either
+                path.unlink()
+        raise ConfigError(
+            f"cannot write {exc.filename}: {exc.strerror} (nothing was written)"
+        ) from None
+
+
 # ---- keyfleet pki init -------------------------------------------------------------------------
 
 
@@ -119,17 +135,19 @@ def init_pki(
         ca: pki.create_ca(f"{organization} {ca.title}", now=now, valid_for=valid_for)
         for ca in FLEET_CAS
     }
-    directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for ca, authority in authorities.items():
-        cert_path, key_path = directory / f"{ca.stem}.pem", directory / f"{ca.stem}.key"
-        pki.write_private_key(key_path, authority.private_key, passphrase if ca.offline else None)
-        pki.write_certificate(cert_path, authority.certificate)
-        written += [cert_path, key_path]
-    pki.write_certificate(
-        bundle, *(authorities[ca].certificate for ca in (TLS_CA, DEVICE_CA, OPERATOR_CA))
-    )
-    written.append(bundle)
+    with _all_or_nothing(written):
+        directory.mkdir(parents=True, exist_ok=True)
+        for ca, authority in authorities.items():
+            cert_path, key_path = directory / f"{ca.stem}.pem", directory / f"{ca.stem}.key"
+            written += [key_path, cert_path]
+            key_password = passphrase if ca.offline else None
+            pki.write_private_key(key_path, authority.private_key, key_password)
+            pki.write_certificate(cert_path, authority.certificate)
+        written.append(bundle)
+        pki.write_certificate(
+            bundle, *(authorities[ca].certificate for ca in (TLS_CA, DEVICE_CA, OPERATOR_CA))
+        )
     return written
 
 
@@ -226,9 +244,10 @@ def issue(
         certificate = pki.issue_client_cert(
             ca, key.public_key(), identity=name, role=unit, now=now, valid_for=valid_for
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pki.write_private_key(key_path, key)
-    pki.write_certificate(cert_path, certificate)
+    with _all_or_nothing([key_path, cert_path]):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pki.write_private_key(key_path, key)
+        pki.write_certificate(cert_path, certificate)
     return cert_path, key_path
 
 

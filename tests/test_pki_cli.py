@@ -309,3 +309,18 @@ def test_devid_certificate_carries_serial_and_device_urn() -> None:
                 now=now,
                 valid_for=timedelta(days=1),
             )
+
+
+def test_a_write_that_fails_is_a_clear_error(
+    fleet_pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    status, _, err = run(capsys, "pki", "init", str(blocker / "pki"))
+    assert status == 2 and "cannot write" in err and "nothing was written" in err
+    status, _, err = run(
+        capsys, "pki", "issue", "station", "s1", "--dir", str(fleet_pki),
+        "--out", str(blocker / "s1"),
+    )  # fmt: skip
+    assert status == 2 and "cannot write" in err
+    assert blocker.read_text() == "not a directory"
