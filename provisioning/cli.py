@@ -54,6 +54,7 @@ from provisioning.operator import (
     print_table,
     run_commands,
 )
+from provisioning.pki_cli import add_pki_commands
 from provisioning.registry import Registry, cert_fingerprint
 from provisioning.service.mqtt import ServiceRunner
 from provisioning.service.operators import register_operator
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_database_options(status)
     status.set_defaults(handler=_db_status)
     _add_service_commands(commands)
+    add_pki_commands(commands)
     return parser
 
 

@@ -110,6 +110,7 @@ from provisioning.pki import (
     certs_from_pem,
     common_name,
     issue_client_cert,
+    issue_devid_cert,
     key_from_pem,
 )
 from provisioning.registry import DeviceState, Outcome, Registry, cert_fingerprint
@@ -131,7 +132,8 @@ MAX_GROUPS = 64
 DEVICE_ID_PREFIX = "dev-"
 DEVICE_ID_HEX = 16
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SERIAL = re.compile(r"[\x21-\x7e]{1,128}")
+# At most 64: the serial becomes the DevID certificate's subject serialNumber (X.520 bound).
+_SERIAL = re.compile(r"[\x21-\x7e]{1,64}")
 
 _AK_REQUIRED = (
     TPMA_OBJECT.RESTRICTED
@@ -228,7 +230,7 @@ class StartRequest:
         m = _exact_keys(value, cls.KEYS, "enroll/start")
         serial = m["serial"]
         if not isinstance(serial, str) or not _SERIAL.fullmatch(serial):
-            raise ProtocolError("enroll.request", "serial must be 1..128 printable characters")
+            raise ProtocolError("enroll.request", "serial must be 1..64 printable characters")
         if m["ek_kind"] not in ("rsa", "ecc"):
             raise ProtocolError("enroll.request", "ek_kind must be 'rsa' or 'ecc'")
         groups = m["groups"]
@@ -852,11 +854,11 @@ class Enrollment:
         self, pending: _Pending, when: datetime
     ) -> tuple[x509.Certificate, x509.Certificate]:
         settings = self.settings
-        devid_cert = issue_client_cert(
+        devid_cert = issue_devid_cert(
             settings.device_ca,
             public_key_from_area(pending.devid_public),
-            identity=pending.device_id,
-            role="device",
+            device_id=pending.device_id,
+            hardware_serial=pending.serial,
             now=when,
             valid_for=settings.certificate_validity,
             rng=self._rng,

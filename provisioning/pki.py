@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.fsio import atomic_write
@@ -37,6 +38,8 @@ Rng = Callable[[int], bytes]
 
 CLIENT_PURPOSE = ExtendedKeyUsageOID.CLIENT_AUTH
 SERVER_PURPOSE = ExtendedKeyUsageOID.SERVER_AUTH
+# The subjectAltName URI of a DevID certificate: this prefix and the device id.
+DEVICE_URN_PREFIX = "urn:keyfleet:device:"
 # Certificates are back-dated a little so that a device whose clock is slightly behind the
 # issuer's does not reject a certificate issued a second ago.
 BACKDATE = timedelta(minutes=5)
@@ -225,6 +228,69 @@ def issue_client_cert(
     return builder.sign(ca.private_key, hashes.SHA256())
 
 
+def device_urn(device_id: str) -> str:
+    """The URI naming a device in its DevID certificate's subjectAltName."""
+    return f"{DEVICE_URN_PREFIX}{device_id}"
+
+
+def _serial_number_attribute(serial: str) -> x509.NameAttribute[str]:
+    # X.520 serialNumber is a PrintableString; a serial outside that alphabet (the station may
+    # send any printable ASCII) goes in as UTF8String rather than being altered.
+    if not serial or len(serial) > 64:
+        raise ValueError("a hardware serial number has 1 to 64 characters")
+    printable = all(ch.isalnum() or ch in " '()+,-./:=?" for ch in serial) and serial.isascii()
+    return x509.NameAttribute(
+        NameOID.SERIAL_NUMBER,
+        serial,
+        _type=_ASN1Type.PrintableString if printable else _ASN1Type.UTF8String,
+    )
+
+
+def issue_devid_cert(
+    ca: CertificateAuthority,
+    public_key: object,
+    *,
+    device_id: str,
+    hardware_serial: str,
+    now: datetime,
+    valid_for: timedelta,
+    rng: Rng = os.urandom,
+) -> x509.Certificate:
+    """A device's DevID certificate (IEEE 802.1AR LDevID), clientAuth like any client
+    certificate, naming the device three ways: CN = ``device_id`` (the broker user name and topic
+    level), subject serialNumber = ``hardware_serial`` (the serial the station read from the
+    device, 802.1AR 8.6), and a subjectAltName URI ``urn:keyfleet:device:<device_id>``
+    (docs/provisioning.md, "What the DevID certificate says")."""
+    if any(ch in device_id for ch in "/+#\x00") or device_id.startswith("$"):
+        raise ValueError(f"device id {device_id!r} cannot be used as an MQTT topic level")
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, device_id),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "device"),
+            _serial_number_attribute(hardware_serial),
+        ]
+    )
+    builder = (
+        _leaf_builder(ca, public_key, subject, now=now, valid_for=valid_for, rng=rng)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_urn(device_id))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([CLIENT_PURPOSE]), critical=False)
+    )
+    return builder.sign(ca.private_key, hashes.SHA256())
+
+
+def hardware_serial_of(cert: x509.Certificate) -> str | None:
+    """The subject serialNumber (a DevID's hardware serial), or None when there is none."""
+    values = cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+    if not values:
+        return None
+    if len(values) != 1 or not isinstance(values[0].value, str):
+        raise ProtocolError("pki.subject", "certificate subject must have at most one serialNumber")
+    return values[0].value
+
+
 def common_name(cert: x509.Certificate) -> str:
     """The subject CN: the identity. Raises ``pki.subject`` if there is not exactly one."""
     values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -285,7 +351,11 @@ def verify_certificate(
     _check_ca(ca_cert)
     _check_validity(ca_cert, when, "CA certificate")
     if cert.issuer != ca_cert.subject:
-        raise ProtocolError("pki.issuer", "certificate issuer does not match the CA subject")
+        raise ProtocolError(
+            "pki.issuer",
+            f"certificate issued by {cert.issuer.rfc4514_string()!r}, not by the expected CA "
+            f"{ca_cert.subject.rfc4514_string()!r}",
+        )
     try:
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value

@@ -6,6 +6,7 @@ end-to-end tests."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -38,8 +39,10 @@ from provisioning.enroll import (
 )
 from provisioning.pki import (
     CertificateAuthority,
+    common_name,
     create_ca,
     generate_key,
+    hardware_serial_of,
     issue_client_cert,
     issue_server_cert,
     verify_certificate,
@@ -326,6 +329,64 @@ def test_start_and_finish_register_one_device_with_its_audit_entries(
     assert devices_in(sessions) == [identity.device_id]
 
 
+def test_devid_certificate_names_the_device_as_802_1ar_recommends(
+    enrollment: Enrollment, device: FactoryDevice, pki: FleetPKI, tmp_path: Path
+) -> None:
+    request, _ = device_start_request(device)
+    started = enrollment.start(STATION, request, now=NOW)
+    secret = device.handle(
+        "activate-credential",
+        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
+    )["secret"]
+    identity = enrollment.finish(
+        STATION, FinishRequest(started.session, Secret(secret)), now=NOW + 1
+    )
+    devid = identity.devid_cert
+    # CN = device id (broker user name), subject serialNumber = the serial the station read,
+    # subjectAltName URI = urn:keyfleet:device:<id>
+    assert common_name(devid) == identity.device_id
+    assert hardware_serial_of(devid) == request.serial == "SN-E1"
+    san = devid.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"urn:keyfleet:device:{identity.device_id}"
+    ]
+    assert hardware_serial_of(identity.tls_cert) is None  # the broker identity is unchanged
+    # the project's own chain check, OpenSSL's, and the device's install checks accept it
+    verify_certificate(devid, pki.device_ca.certificate, now=WHEN, purpose="client")
+    write_certificate(tmp_path / "devid.pem", devid)
+    write_certificate(tmp_path / "ca.pem", pki.device_ca.certificate)
+    ca_file, devid_file = str(tmp_path / "ca.pem"), str(tmp_path / "devid.pem")
+    attime = str(NOW + 2)
+    checked = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-attime",
+            attime,
+            "-purpose",
+            "sslclient",
+            "-x509_strict",
+            "-CAfile",
+            ca_file,
+            devid_file,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-noout", "-subject", "-ext", "subjectAltName"],
+        input=devid.public_bytes(serialization.Encoding.PEM).decode(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "serialNumber = SN-E1" in text, text
+    assert f"URI:urn:keyfleet:device:{identity.device_id}" in text, text
+    device.handle("install", _install(identity))
+
+
 def _install(identity: DeviceIdentity) -> dict[str, Any]:
     values = identity.to_map()
     return {k: values[k] for k in values}
@@ -583,6 +644,7 @@ def test_station_must_be_registered_with_that_certificate(
     ("change", "check"),
     [
         ({"serial": "has space"}, "enroll.request"),
+        ({"serial": "S" * 65}, "enroll.request"),  # more than X.520 allows in serialNumber
         ({"ek_kind": "dsa"}, "enroll.request"),
         ({"certify_nonce": b"short"}, "enroll.request"),
         ({"groups": ["ok", "bad/name"]}, "enroll.groups"),

@@ -1,0 +1,340 @@
+"""``keyfleet pki``: the fleet's certificate authorities and certificates from the command line.
+
+``keyfleet pki init DIR`` makes the four CAs of a fleet (docs/mqtt.md, "Certificates") in one
+directory, with the file names the example configurations use (docs/examples/):
+
+=================  =========================================================================
+``tls-ca``         issues the broker's and the enrollment API's server certificates and the
+                   service's MQTT client certificate
+``device-ca``      issues DevID and TLS certificates at enrollment; its key is read by
+                   ``keyfleet serve`` (``[device_ca] key``), so it is never encrypted
+``operator-ca``    issues operator certificates (CN ``op-…``, OU = role)
+``station-ca``     issues factory station certificates (``[http] station_ca``)
+=================  =========================================================================
+
+plus ``client-cas.pem``, the bundle the broker trusts for client certificates (TLS, device and
+operator CA). ``keyfleet pki issue KIND NAME`` makes a key and a certificate from the matching CA:
+``operator`` (role in the OU: viewer, operator or admin), ``station``, ``service`` (the service's
+MQTT client identity) and ``server`` (TLS server, with the DNS names and addresses clients dial).
+
+Private keys are written 0600 and atomically, and are never printed. With ``--passphrase-file``
+the keys of the offline CAs (TLS, operator, station) are encrypted; ``issue`` then needs the same
+file. Nothing is overwritten: an existing target file is an error and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.protocol.errors import ConfigError, ProtocolError
+from provisioning import pki
+from provisioning.service.operators import OPERATOR_PREFIX
+
+EXIT_OK = 0
+CA_DAYS = 3650
+LEAF_DAYS = 365
+ROLES = ("viewer", "operator", "admin")
+CLIENT_CA_BUNDLE = "client-cas.pem"
+# A name becomes a file name and an MQTT topic level: keep it to what is safe for both.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ENCRYPTED_PEM = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+
+
+@dataclass(frozen=True)
+class FleetCA:
+    """One of the fleet's CAs: its file stem in the PKI directory, its subject suffix, and
+    whether ``--passphrase-file`` encrypts its key."""
+
+    stem: str
+    title: str
+    offline: bool
+
+
+TLS_CA = FleetCA("tls-ca", "TLS CA", offline=True)
+DEVICE_CA = FleetCA("device-ca", "device CA", offline=False)
+OPERATOR_CA = FleetCA("operator-ca", "operator CA", offline=True)
+STATION_CA = FleetCA("station-ca", "station CA", offline=True)
+FLEET_CAS = (TLS_CA, DEVICE_CA, OPERATOR_CA, STATION_CA)
+# the CA that issues each kind of client certificate (the OU is the kind, or the operator role)
+CLIENT_KINDS = {"operator": OPERATOR_CA, "station": STATION_CA, "service": TLS_CA}
+
+
+def _read_passphrase(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the passphrase file {path}: {exc.strerror}") from None
+    lines = data.splitlines()
+    passphrase = lines[0] if lines else b""
+    if not passphrase:
+        raise ConfigError(f"the passphrase file {path} is empty")
+    return passphrase
+
+
+def _refuse_existing(paths: Sequence[Path]) -> None:
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if existing:
+        raise ConfigError(
+            f"refusing to overwrite {', '.join(existing)}: remove it first or choose another "
+            "name (nothing was written)"
+        )
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{name!r} is not a usable name: 1-64 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit"
+        )
+    return name
+
+
+@contextmanager
+def _all_or_nothing(paths: Sequence[Path]) -> Iterator[None]:
+    """A write that fails (permissions, full disk) removes whatever of ``paths`` it wrote:
+    ``paths`` were checked not to exist before, so nothing of the user's is removed."""
+    try:
+        yield
+    except OSError as exc:
+        for path in paths:
+            with suppress(OSError):  # never written, or not removable either
+                path.unlink()
+        raise ConfigError(
+            f"cannot write {exc.filename}: {exc.strerror} (nothing was written)"
+        ) from None
+
+
+# ---- keyfleet pki init -------------------------------------------------------------------------
+
+
+def init_pki(
+    directory: Path,
+    *,
+    organization: str,
+    now: datetime,
+    valid_for: timedelta,
+    passphrase: bytes | None = None,
+) -> list[Path]:
+    """Create the fleet's CAs in ``directory``; return the files written. Refuses (writing
+    nothing) if any of them exists."""
+    targets = [directory / f"{ca.stem}{ext}" for ca in FLEET_CAS for ext in (".pem", ".key")]
+    bundle = directory / CLIENT_CA_BUNDLE
+    _refuse_existing([*targets, bundle])
+    authorities = {
+        ca: pki.create_ca(f"{organization} {ca.title}", now=now, valid_for=valid_for)
+        for ca in FLEET_CAS
+    }
+    written: list[Path] = []
+    with _all_or_nothing(written):
+        directory.mkdir(parents=True, exist_ok=True)
+        for ca, authority in authorities.items():
+            cert_path, key_path = directory / f"{ca.stem}.pem", directory / f"{ca.stem}.key"
+            written += [key_path, cert_path]
+            key_password = passphrase if ca.offline else None
+            pki.write_private_key(key_path, authority.private_key, key_password)
+            pki.write_certificate(cert_path, authority.certificate)
+        written.append(bundle)
+        pki.write_certificate(
+            bundle, *(authorities[ca].certificate for ca in (TLS_CA, DEVICE_CA, OPERATOR_CA))
+        )
+    return written
+
+
+def _init(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory} exists and is not a directory")
+    written = init_pki(
+        directory,
+        organization=args.org,
+        now=datetime.now(UTC),
+        valid_for=timedelta(days=args.days),
+        passphrase=_read_passphrase(args.passphrase_file),
+    )
+    for path in written:
+        print(f"wrote {path}{' (private key, 0600)' if path.suffix == '.key' else ''}")
+    return EXIT_OK
+
+
+# ---- keyfleet pki issue ------------------------------------------------------------------------
+
+
+def load_ca(directory: Path, ca: FleetCA, passphrase: bytes | None) -> pki.CertificateAuthority:
+    """A CA of ``keyfleet pki init``'s layout, with its key; clear errors for what is missing."""
+    cert_path, key_path = directory / f"{ca.stem}.pem", directory / f"{ca.stem}.key"
+    try:
+        cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the {ca.title} at {exc.filename}: {exc.strerror} (is {directory} a "
+            "directory made by `keyfleet pki init`? see --dir)"
+        ) from None
+    if _ENCRYPTED_PEM in key_pem and passphrase is None:
+        raise ConfigError(f"{key_path} is encrypted: give --passphrase-file")
+    try:
+        key = pki.key_from_pem(key_pem, passphrase if _ENCRYPTED_PEM in key_pem else None)
+        certificate = pki.cert_from_pem(cert_pem)
+    except ProtocolError as exc:
+        raise ConfigError(f"{ca.title} in {directory}: {exc}") from None
+    if certificate.public_key() != key.public_key():
+        raise ConfigError(f"{key_path} is not the key of {cert_path}")
+    return pki.CertificateAuthority(certificate=certificate, private_key=key)
+
+
+def issue(
+    kind: str,
+    name: str,
+    *,
+    directory: Path,
+    out: Path,
+    now: datetime,
+    valid_for: timedelta,
+    role: str | None = None,
+    dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[str] = (),
+    passphrase: bytes | None = None,
+) -> tuple[Path, Path]:
+    """Issue a ``kind`` certificate for ``name``; write ``out``.pem and ``out``.key (0600)."""
+    _check_name(name)
+    cert_path, key_path = out.with_name(out.name + ".pem"), out.with_name(out.name + ".key")
+    _refuse_existing([cert_path, key_path])
+    key: ec.EllipticCurvePrivateKey = pki.generate_key()
+    certificate: x509.Certificate
+    if kind == "server":
+        if role is not None:
+            raise ConfigError("--role applies to operators only")
+        if not dns_names and not ip_addresses:
+            raise ConfigError("a server certificate needs --dns NAME or --ip ADDRESS (or both)")
+        ca = load_ca(directory, TLS_CA, passphrase)
+        try:
+            certificate = pki.issue_server_cert(
+                ca,
+                key.public_key(),
+                common_name=name,
+                dns_names=dns_names,
+                ip_addresses=ip_addresses,
+                now=now,
+                valid_for=valid_for,
+            )
+        except ValueError as exc:  # an unparsable --ip
+            raise ConfigError(f"server certificate for {name}: {exc}") from None
+    else:
+        if dns_names or ip_addresses:
+            raise ConfigError("--dns and --ip apply to server certificates only")
+        if kind == "operator":
+            if not name.startswith(OPERATOR_PREFIX):
+                raise ConfigError(f"operator names start with {OPERATOR_PREFIX!r}: {name!r}")
+            unit = role or "viewer"
+        elif role is not None:
+            raise ConfigError("--role applies to operators only")
+        else:
+            unit = kind
+        ca = load_ca(directory, CLIENT_KINDS[kind], passphrase)
+        certificate = pki.issue_client_cert(
+            ca, key.public_key(), identity=name, role=unit, now=now, valid_for=valid_for
+        )
+    with _all_or_nothing([key_path, cert_path]):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pki.write_private_key(key_path, key)
+        pki.write_certificate(cert_path, certificate)
+    return cert_path, key_path
+
+
+def _issue(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    out = Path(args.out) if args.out is not None else directory / args.name
+    cert_path, key_path = issue(
+        args.kind,
+        args.name,
+        directory=directory,
+        out=out,
+        now=datetime.now(UTC),
+        valid_for=timedelta(days=args.days),
+        role=args.role,
+        dns_names=args.dns,
+        ip_addresses=args.ip,
+        passphrase=_read_passphrase(args.passphrase_file),
+    )
+    certificate = pki.cert_from_pem(cert_path.read_bytes())
+    role = pki.role_of(certificate)
+    print(
+        f"{args.kind} {args.name}{f' (role {role})' if args.kind == 'operator' else ''}: "
+        f"certificate {cert_path}, key {key_path} (0600), issued by "
+        f"{certificate.issuer.rfc4514_string()}, valid until "
+        f"{certificate.not_valid_after_utc:%Y-%m-%d}"
+    )
+    return EXIT_OK
+
+
+# ---- the argparse tree -------------------------------------------------------------------------
+
+
+def _days(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 36500:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days from 1 to 36500")
+    return int(text)
+
+
+def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``keyfleet pki init`` and ``keyfleet pki issue`` to the ``keyfleet`` parser."""
+    parser = commands.add_parser("pki", help="the fleet's CAs and certificates")
+    pki_commands = parser.add_subparsers(dest="pki_command", required=True, metavar="COMMAND")
+    ca_key_file_help = (
+        "file whose first line encrypts (init) or decrypts (issue) the TLS, operator and station "
+        "CA keys; the device CA key stays readable by the service"
+    )
+
+    init = pki_commands.add_parser(
+        "init",
+        help="create the fleet's CAs (TLS, device, operator, station) in DIR",
+        description=(
+            "Write tls-ca, device-ca, operator-ca and station-ca (.pem certificate, .key private "
+            "key 0600) and client-cas.pem (the CAs the broker trusts for clients) into DIR. "
+            "Refuses to overwrite anything."
+        ),
+    )
+    init.add_argument("directory", metavar="DIR", help="the PKI directory (made if missing)")
+    init.add_argument("--org", default="keyfleet", help="prefix of the CA names (keyfleet)")
+    init.add_argument("--days", type=_days, default=CA_DAYS, help=f"validity ({CA_DAYS})")
+    init.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
+    init.set_defaults(handler=_init)
+
+    issue_parser = pki_commands.add_parser(
+        "issue",
+        help="make a key and certificate: operator, station, service or server",
+        description=(
+            "Make a P-256 key and a certificate for NAME from the matching CA of DIR: operator "
+            "(operator CA, OU = --role), station (station CA), service (TLS CA: the service's "
+            "MQTT client identity, CN keyfleet-service) or server (TLS CA, serverAuth, SANs from "
+            "--dns/--ip). Writes OUT.pem and OUT.key (0600); refuses to overwrite."
+        ),
+    )
+    issue_parser.add_argument("kind", choices=("operator", "station", "service", "server"))
+    issue_parser.add_argument("name", help="the identity, the certificate's CN (op-... operators)")
+    issue_parser.add_argument(
+        "--role", choices=ROLES, help="operators only: the role, written as the OU (viewer)"
+    )
+    issue_parser.add_argument("--dir", default=".", metavar="DIR", help="the PKI directory (.)")
+    issue_parser.add_argument(
+        "--out", metavar="PREFIX", help="write PREFIX.pem and PREFIX.key (default DIR/NAME)"
+    )
+    issue_parser.add_argument(
+        "--dns", action="append", default=[], metavar="NAME", help="server: a DNS name (repeat)"
+    )
+    issue_parser.add_argument(
+        "--ip", action="append", default=[], metavar="ADDRESS", help="server: an IP (repeat)"
+    )
+    issue_parser.add_argument("--days", type=_days, default=LEAF_DAYS, help=f"({LEAF_DAYS})")
+    issue_parser.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
+    issue_parser.set_defaults(handler=_issue)
