@@ -43,6 +43,7 @@ from typing import Any, TextIO
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from agent.protocol.errors import ConfigError, KeyfleetError, ProtocolError, TransportError
 from agent.protocol.secret import Secret
@@ -108,11 +109,10 @@ def _certificates(flag: str, path: Path, data: bytes) -> list[x509.Certificate]:
         ) from None
 
 
-def _public_der(key: Any) -> bytes:
-    der: bytes = key.public_bytes(
+def _public_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return der
 
 
 def check_tls_files(cert: Path, key: Path, ca: Path, *, now: datetime | None = None) -> None:
