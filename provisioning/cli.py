@@ -363,9 +363,10 @@ def _operator_command(args: argparse.Namespace) -> int:
         if args.command == "rekey":
             commands.append((f"rekey {args.group}", Rekey(client.new_command_id(), args.group)))
         elif args.command == "attest":
-            commands.append(
-                (f"attest {args.device}", AttestDevice(client.new_command_id(), args.device))
-            )
+            # Several devices in one run: the challenges go out together and the verdicts
+            # arrive as the devices answer (one process, one broker connection).
+            for device in dict.fromkeys(args.devices):
+                commands.append((f"attest {device}", AttestDevice(client.new_command_id(), device)))
         elif args.command == "revoke":
             commands.append(
                 (f"revoke {args.device}", Revoke(client.new_command_id(), args.device, args.reason))
@@ -467,9 +468,10 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     rekey.add_argument("--group", required=True)
     _add_operator_options(rekey)
     attest = commands.add_parser(
-        "attest", help="attest a device now: exit 0 trusted, 1 untrusted or refused"
+        "attest",
+        help="attest devices now: exit 0 all trusted, 1 one untrusted or refused",
     )
-    attest.add_argument("device")
+    attest.add_argument("devices", nargs="+", metavar="DEVICE")
     _add_operator_options(attest)
 
     station = commands.add_parser("station", help="factory stations (enrollment API)")

@@ -12,8 +12,16 @@ lock fails after that, the station asks the service to undo the registration
 (DELETE /v1/enroll/{device}) and says whether that worked; before finish, nothing was registered
 and the pending session simply expires.
 
+Before the station says a word to the device it checks its own side (``check_tls_files``: each
+of ``--cert``, ``--key`` and ``--ca`` exists, is readable and parses, the key belongs to the
+certificate, the certificate is within its validity) and makes one request to the service
+(``FleetClient.probe``), so a wrong file is named at once instead of after the device has created
+its keys. Connection errors say which side failed: the service unreachable, reached but its
+certificate does not verify against ``--ca``, or reached but it refused the station certificate.
+
 Exit status: 0 provisioned; 1 provisioning failed (the device or the service refused, or a link
-failed); 2 the station could not start (usage, unreadable files, no serial port).
+failed); 2 the station could not start (usage, a TLS file missing or wrong, the service
+unreachable or not trusted, no serial port).
 """
 
 from __future__ import annotations
@@ -28,8 +36,14 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from agent.protocol.errors import ConfigError, KeyfleetError, ProtocolError, TransportError
 from agent.protocol.secret import Secret
@@ -70,11 +84,82 @@ STEPS = (
 )
 
 
+# ---- the station's own files ----------------------------------------------------------------
+
+
+def _read_file(flag: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{flag} {path}: is a directory, not a file") from None
+    except PermissionError:
+        raise ConfigError(f"{flag} {path}: not readable by this user (permission denied)") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot be read: {exc.strerror}") from None
+
+
+def _certificates(flag: str, path: Path, data: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {path}: not a PEM certificate (no valid '-----BEGIN CERTIFICATE-----' block)"
+        ) from None
+
+
+def _public_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def check_tls_files(cert: Path, key: Path, ca: Path, *, now: datetime | None = None) -> None:
+    """The station's TLS files, each checked on its own so that the error names the file and
+    what is wrong with it: exists and readable, ``--cert`` a PEM certificate (chain) within its
+    validity, ``--key`` an unencrypted PEM private key whose public key is the certificate's,
+    ``--ca`` PEM certificates. Raises ``ConfigError``; reads nothing but these three files."""
+    cert_data = _read_file("--cert", cert)
+    key_data = _read_file("--key", key)
+    ca_data = _read_file("--ca", ca)
+    leaf = _certificates("--cert", cert, cert_data)[0]
+    try:
+        private = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        raise ConfigError(
+            f"--key {key}: the private key is encrypted; the station needs it unencrypted "
+            "(protect it with file permissions, mode 0600)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"--key {key}: not a PEM private key (no valid '-----BEGIN ... PRIVATE KEY-----' block)"
+        ) from None
+    if _public_der(private.public_key()) != _public_der(leaf.public_key()):
+        raise ConfigError(
+            f"--key {key} is not the key of --cert {cert} ({leaf.subject.rfc4514_string()}): "
+            "their public keys differ"
+        )
+    when = now or datetime.now(UTC)
+    if when < leaf.not_valid_before_utc:
+        raise ConfigError(
+            f"--cert {cert}: not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    if when > leaf.not_valid_after_utc:
+        raise ConfigError(
+            f"--cert {cert}: expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    _certificates("--ca", ca, ca_data)
+
+
 # ---- the fleet service client ---------------------------------------------------------------
 
 
 class FleetClient:
-    """HTTPS client of the enrollment API with the station's certificate (mutual TLS)."""
+    """HTTPS client of the enrollment API with the station's certificate (mutual TLS).
+
+    The constructor checks the three TLS files (``check_tls_files``); ``probe()`` makes one
+    request that proves the service is reachable, trusted by ``ca`` and accepts ``cert``."""
 
     def __init__(
         self,
@@ -93,6 +178,9 @@ class FleetClient:
         self.port = parsed.port or 443
         self.timeout = timeout
         self.retries = retries
+        self.cert = cert
+        self.ca = ca
+        check_tls_files(cert, key, ca)
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
             context.load_cert_chain(str(cert), str(key))
@@ -103,9 +191,15 @@ class FleetClient:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._context = context
 
-    def _request(self, method: str, path: str, body: object | None) -> Any:
-        payload = b"" if body is None else cbor.encode(body)
-        last: Exception | None = None
+    @property
+    def _where(self) -> str:
+        return f"fleet service {self.host}:{self.port}"
+
+    def _exchange(self, method: str, path: str, body: object | None) -> tuple[int, bytes]:
+        """One HTTP exchange, retried while the service cannot be reached or drops the link;
+        a certificate that does not verify against ``ca`` or a TLS alert is final."""
+        payload = None if body is None else cbor.encode(body)
+        last = ""
         for attempt in range(1 + self.retries):
             if attempt:
                 time.sleep(0.2 * 2**attempt)
@@ -113,20 +207,71 @@ class FleetClient:
                 self.host, self.port, context=self._context, timeout=self.timeout
             )
             try:
-                headers = {"Content-Type": CBOR_TYPE, "Accept": CBOR_TYPE}
-                conn.request(
-                    method, path, body=payload if body is not None else None, headers=headers
-                )
-                response = conn.getresponse()
-                data = response.read(MAX_BODY + 1)
-                status = response.status
-            except (OSError, http.client.HTTPException) as exc:
-                last = exc
-                continue
+                try:
+                    conn.connect()  # TCP, then the TLS handshake: the service's certificate
+                except ssl.SSLCertVerificationError as exc:
+                    raise TransportError(
+                        f"{self._where} reached, but its certificate does not verify against "
+                        f"--ca {self.ca}: {exc.verify_message}"
+                    ) from None
+                except (ssl.SSLEOFError, ConnectionResetError):
+                    last = self._dropped("during the TLS handshake")
+                    continue
+                except ssl.SSLError as exc:
+                    raise self._tls_failed(exc) from None
+                except OSError as exc:
+                    last = f"{self._where} unreachable: {exc.strerror or exc}"
+                    continue
+                try:
+                    headers = {"Content-Type": CBOR_TYPE, "Accept": CBOR_TYPE}
+                    conn.request(method, path, body=payload, headers=headers)
+                    response = conn.getresponse()
+                    return response.status, response.read(MAX_BODY + 1)
+                except (
+                    http.client.RemoteDisconnected,
+                    ssl.SSLEOFError,
+                    ConnectionResetError,
+                    BrokenPipeError,
+                ):
+                    # TLS 1.3: the service checks the station certificate after the station
+                    # has finished its handshake; a refusal is a closed connection (or an alert).
+                    last = self._dropped("without an answer")
+                    continue
+                except ssl.SSLError as exc:
+                    raise self._tls_failed(exc) from None
+                except (OSError, http.client.HTTPException) as exc:
+                    last = f"{self._where} reached, but the connection failed: {exc}"
+                    continue
             finally:
                 conn.close()
-            return self._decode(status, data)
-        raise TransportError(f"fleet service {self.host}:{self.port} unreachable: {last}")
+        raise TransportError(last)
+
+    def _dropped(self, when: str) -> str:
+        return (
+            f"{self._where} reached, but it closed the connection {when}: most likely it "
+            f"refused the station certificate --cert {self.cert} (is it issued by the "
+            "service's station CA?)"
+        )
+
+    def _tls_failed(self, exc: ssl.SSLError) -> TransportError:
+        reason = str(exc.reason or exc)
+        if "ALERT" in reason.upper():
+            return TransportError(
+                f"{self._where} reached, but it refused the station certificate --cert "
+                f"{self.cert} (TLS alert {reason.lower()}): is it issued by the service's "
+                "station CA?"
+            )
+        return TransportError(f"{self._where} reached, but the TLS handshake failed: {exc}")
+
+    def _request(self, method: str, path: str, body: object | None) -> Any:
+        status, data = self._exchange(method, path, body)
+        return self._decode(status, data)
+
+    def probe(self) -> None:
+        """One request that changes nothing (the API index, answered 404 ``http.route``):
+        the service is reachable, its certificate verifies against ``ca`` and it accepts the
+        station certificate. Raises ``TransportError`` naming which of these failed."""
+        self._exchange("GET", "/v1/enroll", None)
 
     @staticmethod
     def _decode(status: int, data: bytes) -> Any:
@@ -443,7 +588,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             )
 
     try:
+        # The station's own side first: nothing reaches the device while a file is wrong.
         fleet = FleetClient(args.fleet, cert=args.cert, key=args.key, ca=args.ca)
+        fleet.probe()
         device = SerialClient.open(args.port, baudrate=args.baud, retries=args.retries)
     except (ConfigError, TransportError) as exc:
         if args.json:

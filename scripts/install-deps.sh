@@ -11,6 +11,9 @@ packages=(swtpm swtpm-tools libtss2-dev mosquitto socat pkg-config gcc python3-d
 # postgresql: the tests start their own server from its binaries (tests/fixtures/postgres.py) to
 # run the registry, migrations and the e2e tests on PostgreSQL as well as SQLite.
 packages+=(postgresql)
+# tpm2-tools, openssl and tpm2-openssl: the independent checkers of docs/interop.md
+# (tpm2_checkquote, openssl verify, TPM key blobs through the tpm2 provider), run by the tests.
+packages+=(tpm2-tools openssl tpm2-openssl)
 
 missing=()
 for pkg in "${packages[@]}"; do

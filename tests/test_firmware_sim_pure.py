@@ -10,9 +10,10 @@ import pytest
 
 from agent.protocol.errors import ConfigError
 from firmware_sim.boot import BOOT_ORDER, default_components, demo_image
-from firmware_sim.cli import main
-from firmware_sim.device import firmware_components
+from firmware_sim.cli import _build_parser, _manufacturer_ca_check, main
+from firmware_sim.device import TPM_DIR, firmware_components
 from firmware_sim.swtpm import (
+    STATE_FILE,
     ensure_manufacturer_ca,
     load_manufacturer_ca,
     make_manufacturer_ca,
@@ -85,3 +86,54 @@ def test_cli_refuses_bad_firmware_arguments(
     assert main(["device", "--state", str(tmp_path / "dev"), *argv]) == 1
     assert "firmware-sim device:" in capsys.readouterr().err
     assert not (tmp_path / "dev").exists()
+
+
+def test_a_mistyped_manufacturer_ca_is_refused_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "manufactuer-ca"
+    state = tmp_path / "dev"
+    assert main(["device", "--state", str(state), "--manufacturer-ca", str(typo)]) == 1
+    assert capsys.readouterr().err == (
+        f"firmware-sim device: --manufacturer-ca {typo}: no manufacturer CA there (no "
+        "swtpm_setup.conf); give an existing CA directory, or add --create-manufacturer-ca "
+        "to make a new one\n"
+    )
+    assert not typo.exists() and not state.exists()
+
+
+def _ca_check(argv: list[str]) -> str | None:
+    return _manufacturer_ca_check(_build_parser().parse_args(["device", *argv]))
+
+
+def test_creating_a_manufacturer_ca_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "fleet" / "dev"
+    assert _ca_check(["--state", str(state)]) is None  # the default place: made, and said
+    err = capsys.readouterr().err
+    default_ca = tmp_path / "fleet" / "manufacturer-ca"
+    assert err.startswith(f"firmware-sim device: creating a new manufacturer CA in {default_ca}")
+    assert "state/swtpm-localca-rootca-cert.pem and state/issuercert.pem" in err
+    chosen = tmp_path / "new-ca"
+    assert (
+        _ca_check(
+            ["--state", str(state), "--manufacturer-ca", str(chosen), "--create-manufacturer-ca"]
+        )
+        is None
+    )
+    assert f"creating a new manufacturer CA in {chosen}" in capsys.readouterr().err
+
+
+def test_an_existing_manufacturer_ca_or_tpm_is_silent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca"
+    ca.mkdir()
+    (ca / "swtpm_setup.conf").write_text("")
+    assert _ca_check(["--state", str(tmp_path / "a"), "--manufacturer-ca", str(ca)]) is None
+    made = tmp_path / "b"
+    (made / TPM_DIR).mkdir(parents=True)
+    (made / TPM_DIR / STATE_FILE).write_bytes(b"")  # a manufactured TPM: the CA is not used
+    assert _ca_check(["--state", str(made), "--manufacturer-ca", str(tmp_path / "gone")]) is None
+    assert capsys.readouterr().err == ""

@@ -11,8 +11,9 @@ from collections import deque
 
 import pytest
 
-from agent.protocol.wire.messages.operator import Rekey
+from agent.protocol.wire.messages.operator import AttestDevice, Rekey
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from provisioning import cli
 from provisioning.operator import (
     EXIT_FAILED,
     EXIT_OK,
@@ -148,3 +149,52 @@ def test_json_lines() -> None:
         "epoch": 7,
     }
     assert rows[0]["status"] == "accepted" and rows[0]["epoch"] is None
+
+
+class ScriptedAttestClient(FakeOperatorClient):
+    """A FakeOperatorClient that answers every AttestDevice it is sent with ``done``, or
+    ``failed`` for the devices in ``untrusted``: what the service says, without a service."""
+
+    def __init__(self, untrusted: set[str]) -> None:
+        super().__init__([])
+        self.untrusted = untrusted
+        self._ids = iter(bytes([n]) * 16 for n in range(1, 100))
+
+    def close(self) -> None:
+        pass
+
+    def new_command_id(self) -> bytes:
+        return next(self._ids)
+
+    def send(self, body: Command) -> None:
+        super().send(body)
+        assert isinstance(body, AttestDevice)
+        bad = body.device_id in self.untrusted
+        status = ResultStatus.FAILED if bad else ResultStatus.DONE
+        verdict = f"{body.device_id} {'untrusted' if bad else 'trusted'}"
+        self.script.append(OperatorResult(body.command_id, status, verdict, (), (), None))
+
+
+def test_attest_several_devices_in_one_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clients: list[ScriptedAttestClient] = []
+
+    def connect(settings: object) -> ScriptedAttestClient:
+        clients.append(ScriptedAttestClient({"dev-2"}))
+        return clients[-1]
+
+    monkeypatch.setattr(cli, "OperatorClient", connect)
+    connection = ["--broker", "b:1", "--ca", "c", "--cert", "o", "--key", "k"]
+    argv = ["attest", "dev-1", "dev-2", "dev-1", "dev-3", *connection, "--service-cert", "s"]
+    code = cli.main([*argv, "--json"])
+    assert code == EXIT_FAILED  # the worst verdict wins
+    (client,) = clients  # one connection for all of them
+    sent = [body.device_id for body in client.sent if isinstance(body, AttestDevice)]
+    assert sent == ["dev-1", "dev-2", "dev-3"]  # each device once, challenged together
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {row["command"]: row["status"] for row in rows} == {
+        "attest dev-1": "done",
+        "attest dev-2": "failed",
+        "attest dev-3": "done",
+    }

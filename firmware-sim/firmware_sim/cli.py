@@ -21,7 +21,13 @@ from typing import Any
 
 from agent.fsio import atomic_write
 from agent.protocol.errors import KeyfleetError
-from firmware_sim.device import SimulatedDevice, firmware_components
+from firmware_sim.device import (
+    DEFAULT_CA_DIR_NAME,
+    TPM_DIR,
+    SimulatedDevice,
+    firmware_components,
+)
+from firmware_sim.swtpm import is_provisioned
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -57,7 +63,15 @@ def _build_parser() -> argparse.ArgumentParser:
     device.add_argument(
         "--manufacturer-ca",
         metavar="DIR",
-        help="manufacturer CA for a new TPM (default: DIR/../manufacturer-ca, made if missing)",
+        help=(
+            "an existing manufacturer CA directory for a new TPM (default: DIR/../manufacturer-ca, "
+            "made if missing, which is said on stderr)"
+        ),
+    )
+    device.add_argument(
+        "--create-manufacturer-ca",
+        action="store_true",
+        help="make a new manufacturer CA at --manufacturer-ca if there is none",
     )
     device.add_argument("--version", default="1.0", help="firmware release to boot (1.0)")
     device.add_argument(
@@ -147,6 +161,33 @@ class _Reporter:
                 print(f"agent: pid {info['agent_pid']}", flush=True)
 
 
+def _manufacturer_ca_check(args: argparse.Namespace) -> str | None:
+    """Refuse (return the message) an explicit ``--manufacturer-ca`` that is no CA directory:
+    a mistyped path would otherwise mint a new manufacturer whose EK certificates no fleet
+    trusts, and enrollment would fail far from the cause. A CA made at the default place, or
+    with ``--create-manufacturer-ca``, is announced on stderr with the files a fleet must trust."""
+    state = Path(args.state)
+    if is_provisioned(state / TPM_DIR):
+        return None  # the TPM exists: the CA is not used on this run
+    explicit = args.manufacturer_ca is not None
+    ca_dir = Path(args.manufacturer_ca) if explicit else state.parent / DEFAULT_CA_DIR_NAME
+    if (ca_dir / "swtpm_setup.conf").exists():
+        return None
+    if explicit and not args.create_manufacturer_ca:
+        return (
+            f"--manufacturer-ca {ca_dir}: no manufacturer CA there (no swtpm_setup.conf); give "
+            "an existing CA directory, or add --create-manufacturer-ca to make a new one"
+        )
+    print(
+        f"firmware-sim device: creating a new manufacturer CA in {ca_dir.resolve()}; a fleet "
+        f"must trust its state/swtpm-localca-rootca-cert.pem and state/issuercert.pem "
+        "(attestation.manufacturer_cas) to enroll this device",
+        file=sys.stderr,
+        flush=True,
+    )
+    return None
+
+
 def _device(args: argparse.Namespace) -> int:
     try:
         components = firmware_components(
@@ -157,6 +198,10 @@ def _device(args: argparse.Namespace) -> int:
         )
     except (argparse.ArgumentTypeError, KeyfleetError) as exc:
         print(f"firmware-sim device: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    refused = _manufacturer_ca_check(args)
+    if refused is not None:
+        print(f"firmware-sim device: {refused}", file=sys.stderr)
         return EXIT_FAILED
     stop = threading.Event()
 
