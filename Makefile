@@ -54,9 +54,8 @@ demo: setup
 
 # The wheel that scripts/install.sh puts into /opt/keyfleet (docs/install.md).
 dist: setup
-	rm -rf build/lib build/bdist.* dist/keyfleet-*.whl
-	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
-	@ls dist/keyfleet-*.whl
+	rm -f dist/keyfleet-*.whl
+	PYTHON=$(PY) scripts/build-wheel.sh dist
 
 # Re-make the lock files after a change to pyproject.toml's dependencies. Pins already in the lock
 # files are kept; to move to newer releases: make lock LOCK_ARGS=--upgrade
