@@ -52,10 +52,14 @@ bench: setup
 demo: setup
 	$(PY) -m firmware_sim.demo $(DEMO_ARGS)
 
-# The wheel that scripts/install.sh puts into /opt/keyfleet (docs/install.md).
+# The wheel that scripts/install.sh puts into /opt/keyfleet, and dist/keyfleet-install.tar.gz: the
+# wheel with what install.sh needs beside it, to copy to a device or service host (docs/install.md).
 dist: setup
-	rm -f dist/keyfleet-*.whl
+	rm -f dist/keyfleet-*.whl dist/keyfleet-install.tar.gz
 	PYTHON=$(PY) scripts/build-wheel.sh dist
+	tar -czf dist/keyfleet-install.tar.gz --owner=0 --group=0 dist/keyfleet-*.whl \
+		requirements.lock scripts/install.sh systemd packaging
+	@echo dist/keyfleet-install.tar.gz
 
 # Re-make the lock files after a change to pyproject.toml's dependencies. Pins already in the lock
 # files are kept; to move to newer releases: make lock LOCK_ARGS=--upgrade
