@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml requirements-dev.lock requirements-build.lock
 	$(PY) -m pip install $(PIN) requirements-build.lock
 	$(PY) -m pip install $(PIN) requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) scripts/check-locks.py
 	@touch $(STAMP)
 
 lint: setup

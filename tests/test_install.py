@@ -10,12 +10,14 @@ faster. The configuration examples it installs are checked by the configuration 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -166,3 +168,33 @@ def test_configuration_examples_have_only_site_specific_problems() -> None:
     problems = [*agent_problems.value.problems, *service_problems.value.problems]
     assert problems
     assert [p for p in problems if not any(s in p for s in site_specific)] == []
+
+
+def _check_locks() -> ModuleType:
+    path = ROOT / "scripts" / "check-locks.py"
+    spec = importlib.util.spec_from_file_location("check_locks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.pure
+def test_lock_files_pin_every_dependency_of_pyproject() -> None:
+    assert _check_locks().gaps() == []
+
+
+@pytest.mark.pure
+def test_a_dependency_added_without_make_lock_is_named(tmp_path: Path) -> None:
+    for name in ("requirements.lock", "requirements-dev.lock", "requirements-build.lock"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    text = (ROOT / "pyproject.toml").read_text()
+    text = text.replace('    "pytest>=8",\n', '    "pytest>=8",\n    "import-linter>=2",\n', 1)
+    text = text.replace('"cbor2>=5.6"', '"cbor2>=99"', 1)
+    (tmp_path / "pyproject.toml").write_text(text)
+    assert _check_locks().gaps(tmp_path) == [
+        "requirements.lock: cbor2==6.3.0 does not satisfy cbor2>=99",
+        "requirements-dev.lock: cbor2==6.3.0 does not satisfy cbor2>=99",
+        "requirements-dev.lock: import-linter is not pinned (pyproject.toml: import-linter>=2)",
+        "requirements-bench.lock: missing",
+    ]
