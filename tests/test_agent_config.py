@@ -6,8 +6,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +32,7 @@ from agent.localapi.access import PeerCredentials
 from agent.protocol.errors import ConfigError
 from agent.protocol.lifecycle import RotationPolicy
 from agent.tpm.blob import KeyBlob
+from tests.fixtures.nobody import NobodyPython
 
 pytestmark = pytest.mark.pure
 
@@ -239,7 +238,9 @@ def world_dir() -> Iterator[Path]:
         path.rmdir()
 
 
-def test_acceptance_certificate_unreadable_by_the_agent_user(world_dir: Path) -> None:
+def test_acceptance_certificate_unreadable_by_the_agent_user(
+    world_dir: Path, nobody_python: NobodyPython
+) -> None:
     """Root reads everything, so permission is checked from a process running as nobody."""
     cert = _cert(world_dir / "ca.pem")
     cert.chmod(0o600)
@@ -252,14 +253,9 @@ def test_acceptance_certificate_unreadable_by_the_agent_user(world_dir: Path) ->
         f"try:\n    load_config({str(config)!r})\n"
         "except ConfigProblems as e:\n    print('\\n'.join(e.problems))\n"
     )
-    out = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).parent.parent,
-        timeout=60,
-    ).stdout.splitlines()
+    result = nobody_python.run(code)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
     assert (
         f'broker.ca: got "{cert}" (string), expected a PEM X.509 certificate file '
         "(not readable by this process)"

@@ -50,6 +50,7 @@ from provisioning.registry import (
     session_factory,
 )
 from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.fixtures.nobody import NobodyPython
 from tests.fixtures.swtpm import Swtpm, SwtpmFactory
 from tests.service_deployment import (
     add_operator,
@@ -352,7 +353,7 @@ def create_group(lab: Lab) -> None:
     assert created.returncode == 0, created.stdout + created.stderr
 
 
-def as_nobody(socket_path: Path) -> subprocess.CompletedProcess[str]:
+def as_nobody(nobody_python: NobodyPython, socket_path: Path) -> subprocess.CompletedProcess[str]:
     code = (
         "import sys\n"
         "from agent.localapi.client import LocalApiClient\n"
@@ -364,14 +365,7 @@ def as_nobody(socket_path: Path) -> subprocess.CompletedProcess[str]:
         "    print('DENIED', e.check); sys.exit(7)\n"
         "print('ENCRYPTED')\n"
     )
-    return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    return nobody_python.run(code)
 
 
 def decrypt_on(device: Device, blob: bytes, timeout: float = 20.0) -> bytes:
@@ -387,7 +381,9 @@ def decrypt_on(device: Device, blob: bytes, timeout: float = 20.0) -> bytes:
             time.sleep(0.2)
 
 
-def test_rotation_grace_cross_device_cross_uid_and_key_listing(lab: Lab) -> None:
+def test_rotation_grace_cross_device_cross_uid_and_key_listing(
+    lab: Lab, nobody_python: NobodyPython
+) -> None:
     a, b = lab.devices["dev-a"], lab.devices["dev-b"]
     create_group(lab)
 
@@ -395,7 +391,7 @@ def test_rotation_grace_cross_device_cross_uid_and_key_listing(lab: Lab) -> None
     with LocalApiClient(a.socket) as api:
         blob = api.encrypt(G, b"reading 42")
     sealed_epoch = int.from_bytes(blob[5 + len(G) : 13 + len(G)], "big")
-    nobody = as_nobody(a.socket)
+    nobody = as_nobody(nobody_python, a.socket)
     assert nobody.returncode == 7 and nobody.stdout.strip() == "DENIED api.denied", nobody.stderr
     refusal = [line for line in a.log_text().splitlines() if "uid=65534" in line]
     assert refusal and "encrypt" in refusal[0] and G in refusal[0]

@@ -10,7 +10,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from agent.protocol.errors import ProtocolError, StateError, TransportError
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyRecord, KeyState, epoch_key_name
 from agent.protocol.secret import Secret
 from agent.protocol.wire import cbor
+from tests.fixtures.nobody import NobodyPython
 
 pytestmark = pytest.mark.pure
 
@@ -238,7 +238,9 @@ def test_group_rules_and_cross_group_blobs(
     assert "uid=0" in record.getMessage() and "'g2'" in record.getMessage()
 
 
-def _client_as_nobody(socket_path: Path, group: str) -> subprocess.CompletedProcess[str]:
+def _client_as_nobody(
+    nobody_python: NobodyPython, socket_path: Path, group: str
+) -> subprocess.CompletedProcess[str]:
     code = (
         "import sys\n"
         "from agent.localapi.client import LocalApiClient\n"
@@ -250,18 +252,14 @@ def _client_as_nobody(socket_path: Path, group: str) -> subprocess.CompletedProc
         "    print('DENIED', e.check); sys.exit(7)\n"
         "print('ENCRYPTED')\n"
     )
-    return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parent.parent,
-        timeout=60,
-        check=False,
-    )
+    return nobody_python.run(code)
 
 
 def test_acceptance_two_apps_under_different_uids(
-    sockdir: Path, backend: FakeKeyBackend, caplog: pytest.LogCaptureFixture
+    sockdir: Path,
+    backend: FakeKeyBackend,
+    caplog: pytest.LogCaptureFixture,
+    nobody_python: NobodyPython,
 ) -> None:
     """Rules come from agent.toml: uid 0 may encrypt/decrypt on g1, nobody may not. The socket
     is group nogroup, mode 0660, so nobody reaches it and the refusal comes from the rules."""
@@ -291,7 +289,7 @@ groups = ["g1"]
         with LocalApiClient(config.api.socket) as client:
             blob = client.encrypt("g1", b"from root")
             assert client.decrypt("g1", blob) == b"from root"
-        result = _client_as_nobody(config.api.socket, "g1")
+        result = _client_as_nobody(nobody_python, config.api.socket, "g1")
         assert result.returncode == 7, result.stderr
         assert result.stdout.strip() == "DENIED api.denied"
         counters = srv.counters()
@@ -305,7 +303,9 @@ groups = ["g1"]
     assert "from nobody" not in caplog.text  # payloads are never logged
 
 
-def test_nobody_allowed_by_gid_rule(sockdir: Path, backend: FakeKeyBackend) -> None:
+def test_nobody_allowed_by_gid_rule(
+    sockdir: Path, backend: FakeKeyBackend, nobody_python: NobodyPython
+) -> None:
     policy = AccessPolicy(
         [
             AccessRule(
@@ -314,7 +314,7 @@ def test_nobody_allowed_by_gid_rule(sockdir: Path, backend: FakeKeyBackend) -> N
         ]
     )
     with LocalApiServer(sockdir / "api.sock", policy, backend, socket_mode=0o666) as srv:
-        result = _client_as_nobody(srv.socket_path, "g2")
+        result = _client_as_nobody(nobody_python, srv.socket_path, "g2")
         assert result.stdout.strip() == "ENCRYPTED", result.stderr
         assert srv.counters().get("refused", 0) == 0
 
