@@ -158,6 +158,7 @@ def test_keyfleet_devices_keys_lists_kind_state_since_and_transitions(
     sessions: sessionmaker[Session], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
+    import re
 
     from provisioning.cli import main
 
@@ -181,13 +182,13 @@ def test_keyfleet_devices_keys_lists_kind_state_since_and_transitions(
     assert main(["devices", "--keys", "--db", url]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["DEVICE_ID", "KEY", "KIND", "STATE", "SINCE", "TRANSITIONS"]
-    assert lines[2].split() == [
+    # times for people in ISO-8601 UTC (T0 = 2023-11-14 22:13:20Z), raw seconds in --json
+    assert re.split(r"\s{2,}", lines[2]) == [
         "d",
         "epoch/g1/0",
         "epoch",
         "deactivated",
-        str(T0 + 5),
-        f"pre-activation@{T0 + 1}",
-        f"active@{T0 + 1}",
-        f"deactivated@{T0 + 5}",
+        "2023-11-14 22:13:25Z",
+        "pre-activation@2023-11-14T22:13:21Z active@2023-11-14T22:13:21Z "
+        "deactivated@2023-11-14T22:13:25Z",
     ]
