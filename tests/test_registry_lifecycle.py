@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,32 @@ def test_reenrollment_only_of_a_destroyed_or_revoked_identity_out_of_its_groups(
             ).state
             is DeviceState.REGISTERED
         )
+
+
+def test_a_kind_is_learned_from_a_later_report_of_known_transitions(
+    sessions: sessionmaker[Session],
+) -> None:
+    """An attestation's key list carries no kinds; the device's next keys.report, whose
+    transitions the registry already has, still fills the KIND of ``keyfleet devices --keys``."""
+    without_kinds = [replace(item, kind=None) for item in HISTORY]
+    with sessions.begin() as s:
+        reg = Registry(s)
+        enroll(reg, "d")
+        reg.record_report("d", b"attest", without_kinds, now=T0 + 6)
+        assert {k.key_name: k.kind for k in reg.key_states("d")} == {
+            "devid": None,
+            "epoch/g1/0": None,
+            "epoch/g1/1": None,
+        }
+        reg.record_report("d", b"keys", HISTORY, now=T0 + 7)
+        assert {k.key_name: k.kind for k in reg.key_states("d")} == {
+            "devid": "devid",
+            "epoch/g1/0": "epoch",
+            "epoch/g1/1": "epoch",
+        }
+        assert len(reg.key_history("d", "epoch/g1/0")) == 3  # no transition recorded twice
+        reg.record_report("d", b"attest", without_kinds, now=T0 + 8)  # no kind: kept
+        assert reg.key_states("d")[1].kind == "epoch"
 
 
 def test_keyfleet_devices_keys_lists_kind_state_since_and_transitions(
