@@ -13,12 +13,14 @@ from agent.localapi.cli import register_api_command, run_api_command
 from agent.protocol.errors import KeyfleetError
 from agent.reset import AgentRunning, factory_reset, plan_reset
 from agent.selftest import SelftestReport, run_builtin_selftests, run_vector_files
+from agent.version import add_version_option
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyagent", description="keyfleet device agent: keys born in the TPM."
     )
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     selftest = commands.add_parser(
         "selftest",

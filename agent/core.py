@@ -109,6 +109,10 @@ UPDATE_REQUEST_RETRY: Final = 3600
 """Seconds before asking the service for a self-update again if it did not answer."""
 CATCHUP_REPORT_INTERVAL: Final = 10
 """At most one keys.report per this many seconds to ask the service for missed commits."""
+KEY_CHANGE_REPORT_DELAY: Final = 2
+"""Seconds from a change of the key states (a new epoch, a data key destroyed) to the keys.report
+that tells the service (sent by ``tick``): the ack of a new epoch leaves first and never waits for
+it, and every change in that span shares one report, so a burst of epochs costs one message."""
 
 
 # -- what the core needs from the device ----------------------------------------------------------
@@ -245,6 +249,7 @@ class AgentCore:
         self.ledger = KeyLedger(lambda: self._now)
         self.rejections = Rejections()
         self.last_report: int | None = None
+        self.report_due: int | None = None  # when tick sends the keys.report of recent changes
         self.last_acks: dict[str, tuple[int, int]] = {}  # group -> (epoch, time)
         self._dirty = False
 
@@ -505,6 +510,14 @@ class AgentCore:
         self.ledger.start_epoch(name, group.epoch)
         self._data_keys.setdefault(name, {})[group.epoch] = Secret(group.data_key(DATA_KEY_SIZE))
         self._groups[name] = _GroupEntry(group=group, started=self._now)
+        self._report_soon()
+
+    def _report_soon(self) -> None:
+        """The key states changed: ``tick`` reports them once ``KEY_CHANGE_REPORT_DELAY`` has
+        passed (the service's ``keyfleet devices --keys`` would otherwise wait for the next
+        connect or attestation). A report already due stays due when it was: changes coalesce."""
+        if self.report_due is None:
+            self.report_due = self._now + KEY_CHANGE_REPORT_DELAY
 
     def _on_commit_request(self, body: CommitRequest) -> Outcome:
         if body.action is CommitAction.CREATE:
@@ -711,6 +724,7 @@ class AgentCore:
             self.ledger.forget_destroyed(self.last_report)
         records = sorted(self.ledger, key=lambda r: r.name)[:MAX_KEYS]
         self.last_report = self._now
+        self.report_due = None  # this report carries every change made so far
         return self._send(KeyStateReport(keys=tuple(records)))
 
     def report(self, now: int) -> Outcome:
@@ -723,7 +737,7 @@ class AgentCore:
 
     def tick(self, now: int) -> Outcome:
         """Destroy data keys past their grace period; ask for a self-update where an epoch
-        reached its rotation limit."""
+        reached its rotation limit; send the keys.report of recent key changes once due."""
         self._now = now
         outcome = Outcome(handled="tick")
         for record in list(self.ledger):
@@ -735,6 +749,7 @@ class AgentCore:
                 self.ledger.transition(record.name, KeyState.DESTROYED)
                 log.info("destroyed data key %s after its grace period", record.name)
                 outcome.changed = True
+                self._report_soon()
         for name, entry in self._groups.items():
             reason = rotation_due(self._policy_for(name), entry.started, entry.messages, now)
             if reason is None or entry.pending:
@@ -758,6 +773,9 @@ class AgentCore:
                     UpdateRequest(group_id=name, epoch=entry.group.epoch, reason=reason.value)
                 )
             )
+            outcome.changed = True
+        if self.report_due is not None and now >= self.report_due:
+            outcome.publishes.append(self._report())
             outcome.changed = True
         if self._dirty:
             outcome.changed = True

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import cbor2
-from sqlalchemy import String, select, type_coerce, update
+from sqlalchemy import ColumnElement, String, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from provisioning.db.engine import RetryableConflict, run_in_transaction, savepoint
 from provisioning.db.schema import HASH_LENGTH, AuditEntry, AuditHead, Outcome
@@ -307,6 +307,47 @@ def entries(session: Session, *, from_seq: int = 1, limit: int | None = None) ->
     if limit is not None:
         query = query.limit(limit)
     return [record_of(row) for row in session.scalars(query)]
+
+
+def _text_match(column: InstrumentedAttribute[str], pattern: str) -> ColumnElement[bool]:
+    # a trailing * asks for a prefix; LIKE's own wildcards in the prefix are escaped
+    if pattern.endswith("*"):
+        return column.startswith(pattern[:-1], autoescape=True)
+    return column == pattern
+
+
+def find_entries(
+    session: Session,
+    *,
+    since: int | None = None,
+    until: int | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    target: str | None = None,
+    outcome: Outcome | None = None,
+    limit: int | None = None,
+) -> list[AuditRecord]:
+    """The entries that match every filter given, oldest first: ``since <= time <= until``;
+    ``actor``, ``action`` and ``target`` equal the value, or start with it when it ends in
+    ``*``; ``limit`` keeps the newest matches. Reads only; the chain is ``verify_chain``'s job."""
+    query = select(AuditEntry)
+    if since is not None:
+        query = query.where(AuditEntry.time >= since)
+    if until is not None:
+        query = query.where(AuditEntry.time <= until)
+    for column, pattern in (
+        (AuditEntry.actor, actor),
+        (AuditEntry.action, action),
+        (AuditEntry.target, target),
+    ):
+        if pattern is not None:
+            query = query.where(_text_match(column, pattern))
+    if outcome is not None:
+        query = query.where(AuditEntry.outcome == outcome)
+    if limit is None:
+        return [record_of(row) for row in session.scalars(query.order_by(AuditEntry.seq))]
+    newest = session.scalars(query.order_by(AuditEntry.seq.desc()).limit(limit))
+    return [record_of(row) for row in reversed(list(newest))]
 
 
 def _raw_rows(session: Session, batch: int) -> Iterator[tuple[Any, ...]]:

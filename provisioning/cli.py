@@ -1,12 +1,16 @@
 """``keyfleet``: the fleet service's command line.
 
-For now only what works without the broker: ``keyfleet db init`` / ``db upgrade`` bring the
-database to the newest schema revision (docs/database.md) and ``keyfleet audit verify`` checks the
-audit chain. The database comes from ``--config FILE`` (the service configuration) or ``--db
-URL`` (an auditor's copy needs no broker certificates).
+``keyfleet serve`` runs the delivery service; ``db init`` / ``db upgrade`` / ``db status`` manage
+the schema (docs/database.md); ``audit verify`` checks the audit chain and ``audit show`` prints
+entries; ``devices``, ``groups``, ``operator list`` and ``station list`` read the registry
+(``provisioning.listings``); ``operator add`` and ``station add`` register certificates; the
+operator commands (``group``, ``rekey``, ``attest``, ``revoke``) go over MQTT
+(``provisioning.operator``). The database comes from ``--config FILE`` (the service
+configuration) or ``--db URL`` (an auditor's copy needs no broker certificates).
 
 Exit status: 0 success; 1 the audit chain is broken (the first bad entry is printed); 2 the
-command could not run (usage, configuration or database error).
+command could not run (usage, configuration or database error); 141 (128 + SIGPIPE) the reader
+of the output went away (``keyfleet audit show | head``), quietly as Unix tools do.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ConfigError, KeyfleetError
 from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.version import add_version_option
 from provisioning import audit, pki
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard
@@ -43,15 +48,25 @@ from provisioning.db.engine import (
     sqlite_path,
 )
 from provisioning.db.schema import Outcome, Role
+from provisioning.listings import (
+    AuditFilter,
+    Row,
+    human_time,
+    list_audit,
+    list_device_keys,
+    list_devices,
+    list_groups,
+    list_operators,
+    list_stations,
+    parse_time,
+    print_table,
+    short_fingerprint,
+)
 from provisioning.operator import (
     Command,
     OperatorClient,
     OperatorSettings,
     Progress,
-    list_device_keys,
-    list_devices,
-    list_groups,
-    print_table,
     run_commands,
 )
 from provisioning.pki_cli import add_pki_commands
@@ -62,6 +77,7 @@ from provisioning.service.operators import register_operator
 EXIT_OK = 0
 EXIT_BROKEN = 1
 EXIT_ERROR = 2
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
 
 
 def _database_url(args: argparse.Namespace) -> str:
@@ -183,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyfleet", description="keyfleet fleet service: registry and audit log tools"
     )
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     audit_parser = commands.add_parser("audit", help="the hash-chained audit log")
@@ -198,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a head printed by an earlier verify, kept elsewhere: also detects a cut-off end",
     )
     verify.set_defaults(handler=_audit_verify)
+    _add_audit_show(audit_commands)
 
     db_parser = commands.add_parser("db", help="the registry database")
     db_commands = db_parser.add_subparsers(dest="db_command", required=True)
@@ -382,46 +400,163 @@ def _operator_command(args: argparse.Namespace) -> int:
         return run_commands(client, commands, timeout=args.timeout, progress=progress)
 
 
-def _listing(args: argparse.Namespace) -> int:
+def _read(args: argparse.Namespace, query: Callable[[Session], list[Row]]) -> list[Row]:
     engine = _existing_engine(_database_url(args))
     try:
         with session_factory(engine)() as session:
-            if args.command == "devices" and args.keys:
-                rows = list_device_keys(session)
-                for row in rows:
-                    steps = row["transitions"]
-                    assert isinstance(steps, list)
-                    row_history = " ".join(f"{state}@{at}" for state, at in steps)
-                    if not args.json:
-                        row["transitions"] = row_history
-                columns: tuple[str, ...] = (
-                    "device_id",
-                    "key",
-                    "kind",
-                    "state",
-                    "since",
-                    "transitions",
-                )
-            elif args.command == "devices":
-                rows = list_devices(session)
-                columns = (
-                    "device_id",
-                    "state",
-                    "attestation",
-                    "last_seen",
-                    "groups",
-                    "attestation_reason",
-                )
-            else:
-                rows = list_groups(session)
-                columns = ("group_id", "epoch", "members", "stragglers", "agreed", "pending")
+            return query(session)
     finally:
         engine.dispose()
+
+
+def _print_rows(
+    args: argparse.Namespace,
+    rows: list[Row],
+    columns: Sequence[str],
+    *,
+    times: Sequence[str] = (),
+    human: Callable[[Row], Row] | None = None,
+) -> int:
+    """``--json``: the rows as they are (times in Unix seconds); otherwise a table for people,
+    each row first passed through ``human``."""
     if args.json:
         print(json.dumps(rows, sort_keys=True))
     else:
-        print_table(rows, columns, sys.stdout)
+        shown = rows if human is None else [human(dict(row)) for row in rows]
+        print_table(shown, columns, sys.stdout, times=times)
     return EXIT_OK
+
+
+def _human_transitions(row: Row) -> Row:
+    steps = row["transitions"]
+    assert isinstance(steps, list)
+    # joined by spaces, so each time is written without one
+    row["transitions"] = " ".join(f"{state}@{human_time(at, sep='T')}" for state, at in steps)
+    return row
+
+
+def _human_fingerprint(row: Row) -> Row:
+    row["cert_fingerprint"] = short_fingerprint(str(row["cert_fingerprint"]))
+    return row
+
+
+def _devices(args: argparse.Namespace) -> int:
+    if args.keys:
+        return _print_rows(
+            args,
+            _read(args, list_device_keys),
+            ("device_id", "key", "kind", "state", "since", "transitions"),
+            times=("since",),
+            human=_human_transitions,
+        )
+    return _print_rows(
+        args,
+        _read(args, list_devices),
+        ("device_id", "state", "attestation", "last_seen", "groups", "attestation_reason"),
+        times=("last_seen",),
+    )
+
+
+def _groups(args: argparse.Namespace) -> int:
+    return _print_rows(
+        args,
+        _read(args, list_groups),
+        ("group_id", "epoch", "members", "stragglers", "agreed", "pending"),
+    )
+
+
+def _operator_list(args: argparse.Namespace) -> int:
+    return _print_rows(
+        args,
+        _read(args, list_operators),
+        ("name", "role", "cert_fingerprint", "created_at", "updated_at"),
+        times=("created_at", "updated_at"),
+        human=_human_fingerprint,
+    )
+
+
+def _station_list(args: argparse.Namespace) -> int:
+    return _print_rows(
+        args,
+        _read(args, list_stations),
+        ("name", "cert_fingerprint", "created_at"),
+        times=("created_at",),
+        human=_human_fingerprint,
+    )
+
+
+def _human_details(row: Row) -> Row:
+    details = row["details"]
+    row["details"] = json.dumps(details, sort_keys=True, separators=(",", ":")) if details else None
+    return row
+
+
+def _audit_show(args: argparse.Namespace) -> int:
+    if args.since is not None and args.until is not None and args.since > args.until:
+        raise ConfigError("--since is later than --until: no entry can match")
+    where = AuditFilter(
+        since=args.since,
+        until=args.until,
+        actor=args.actor,
+        action=args.action,
+        target=args.target,
+        outcome=None if args.outcome is None else Outcome(args.outcome),
+        limit=args.limit,
+    )
+    return _print_rows(
+        args,
+        _read(args, lambda session: list_audit(session, where)),
+        ("seq", "time", "actor", "action", "target", "outcome", "reason", "details"),
+        times=("time",),
+        human=_human_details,
+    )
+
+
+def _time_option(text: str) -> int:
+    try:
+        return parse_time(text, now=int(time.time()))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _add_audit_show(audit_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    show = audit_commands.add_parser(
+        "show",
+        help="print entries, oldest first (filters combine)",
+        description=(
+            "Print audit entries, oldest first; the filters combine. --actor, --action and "
+            "--target match exactly, or as a prefix when they end in '*' (--action 'group.*'). "
+            "TIME is Unix seconds, a span back from now (30m, 2h, 7d) or an ISO-8601 date/time "
+            "in UTC unless it names a zone (2026-12-06, 2026-12-06T08:10:05Z)."
+        ),
+    )
+    _add_database_options(show)
+    show.add_argument("--since", metavar="TIME", type=_time_option, help="entries at or after")
+    show.add_argument("--until", metavar="TIME", type=_time_option, help="entries at or before")
+    show.add_argument("--actor", help="who: operator:NAME, device:ID, service, local:USER")
+    show.add_argument("--action", help="what, e.g. group.rekey or 'device.*'")
+    show.add_argument("--target", help="on what: a device, group, operator:NAME...")
+    show.add_argument("--outcome", choices=[o.value for o in Outcome])
+    show.add_argument("--limit", metavar="N", type=_positive, help="only the newest N matches")
+    show.add_argument(
+        "--json", action="store_true", help="a JSON array: times in Unix seconds, hashes in hex"
+    )
+    show.set_defaults(handler=_audit_show)
+
+
+def _add_listing(
+    parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    _add_database_options(parser)
+    parser.add_argument("--json", action="store_true", help="a JSON array (times in Unix seconds)")
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 def _add_operator_options(parser: argparse.ArgumentParser) -> None:
@@ -452,6 +587,10 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     add_op.add_argument("--role", choices=("viewer", "operator", "admin"), help="= the cert's OU")
     add_op.add_argument("--config", metavar="FILE", required=True, help="service configuration")
     add_op.set_defaults(handler=_operator_add)
+    _add_listing(
+        operator_commands.add_parser("list", help="registered operators (registry)"),
+        _operator_list,
+    )
 
     group = commands.add_parser("group", help="create groups, add members")
     group_commands = group.add_subparsers(dest="group_command", required=True)
@@ -483,26 +622,39 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     )
     add_station.add_argument("--config", metavar="FILE", required=True, help="configuration")
     add_station.set_defaults(handler=_station_add)
+    _add_listing(
+        station_commands.add_parser("list", help="registered stations (registry)"), _station_list
+    )
 
     revoke = commands.add_parser("revoke", help="revoke a device (admin)")
     revoke.add_argument("device")
     revoke.add_argument("--reason")
     _add_operator_options(revoke)
 
-    for name, what in (("devices", "list devices"), ("groups", "list groups")):
-        listing = commands.add_parser(name, help=f"{what} (registry, on the service host)")
-        _add_database_options(listing)
-        listing.add_argument("--json", action="store_true")
-        if name == "devices":
-            listing.add_argument(
-                "--keys",
-                action="store_true",
-                help="one row per device key: kind, NIST state, since, transitions",
-            )
-        listing.set_defaults(handler=_listing)
+    devices = _add_listing(
+        commands.add_parser("devices", help="list devices (registry, on the service host)"),
+        _devices,
+    )
+    devices.add_argument(
+        "--keys",
+        action="store_true",
+        help="one row per device key: kind, NIST state, since, transitions",
+    )
+    _add_listing(
+        commands.add_parser("groups", help="list groups (registry, on the service host)"), _groups
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # here, where a closed pipe is still caught
+    except BrokenPipeError:
+        return _output_closed()
+    return status
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status: int = args.handler(args)
@@ -514,6 +666,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keyfleet: database error: {type(exc).__name__}: {exc.args[0]}", file=sys.stderr)
         return EXIT_ERROR
     return status
+
+
+def _output_closed() -> int:
+    """The reader of our output went away (``keyfleet audit show | head -1``): stop quietly, as
+    Unix tools do. What is still buffered goes nowhere: stdout becomes /dev/null, so the flush
+    at interpreter exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass  # stdout is no file (a test's capture): nothing will flush into the pipe
+    return EXIT_PIPE_CLOSED
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ A command goes out as one signed envelope; the service answers on the result top
 Exit codes (``EXIT_*``): 0 every member agrees; 1 the service refused or the change failed;
 2 the command could not run (usage, files, broker); 3 timeout (the stragglers are named).
 
-``keyfleet devices`` and ``keyfleet groups`` read the registry directly (run them on the service
-host with ``--config`` or ``--db``): the wire protocol has no listing command yet.
+The listings (``keyfleet devices``, ``groups``, ``operator list``, ``audit show``...) read the
+database directly and live in ``provisioning.listings``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from typing import TextIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from sqlalchemy.orm import Session
 
 from agent.mqtt import MqttClient
 from agent.protocol.errors import ConfigError, ProtocolError
@@ -40,7 +39,6 @@ from agent.protocol.wire.envelope import Signer, encode_message, open_message
 from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import pki
-from provisioning.registry import Registry
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -291,86 +289,3 @@ def run_commands(
             print(f"keyfleet: {label}: {result.status.value}: {result.detail}", file=err)
         codes.append(exit_code(result.status))
     return max(codes, default=EXIT_OK)
-
-
-# -- listings (registry, on the service host) -----------------------------------------------
-
-
-def list_devices(session: Session) -> list[dict[str, object]]:
-    registry = Registry(session)
-    rows: list[dict[str, object]] = []
-    for device in registry.devices():
-        groups = [
-            m.group_id for m in registry.groups_of(device.device_id) if m.leaf_index is not None
-        ]
-        rows.append(
-            {
-                "device_id": device.device_id,
-                "state": device.state.value,
-                "attestation": None
-                if device.attestation_result is None
-                else device.attestation_result.value,
-                "attested_at": device.attested_at,
-                "attestation_reason": device.attestation_reason,
-                "last_seen": device.last_seen,
-                "groups": groups,
-            }
-        )
-    return rows
-
-
-def list_device_keys(session: Session) -> list[dict[str, object]]:
-    """One row per device key (``keyfleet devices --keys``): its NIST SP 800-57 state since when,
-    and its whole history as the device reported it (``transitions`` = ``[[state, at], ...]``,
-    device clock; a service-recorded destruction carries the service's clock)."""
-    registry = Registry(session)
-    rows: list[dict[str, object]] = []
-    for device in registry.devices():
-        for key in registry.key_states(device.device_id):
-            history = registry.key_history(device.device_id, key.key_name)
-            rows.append(
-                {
-                    "device_id": device.device_id,
-                    "device_state": device.state.value,
-                    "key": key.key_name,
-                    "kind": key.kind,
-                    "state": key.state.value,
-                    "since": key.changed_at,
-                    "transitions": [[t.to_state.value, t.at] for t in history],
-                }
-            )
-    return rows
-
-
-def list_groups(session: Session) -> list[dict[str, object]]:
-    registry = Registry(session)
-    rows: list[dict[str, object]] = []
-    for group in registry.groups():
-        status = registry.ack_status(group.group_id)
-        rows.append(
-            {
-                "group_id": group.group_id,
-                "epoch": group.epoch,
-                "members": list(status.members),
-                "stragglers": list(status.stragglers),
-                "agreed": status.agreed,
-                "pending": [
-                    f"{m.pending.value}:{m.device_id}"
-                    for m in registry.members(group.group_id)
-                    if m.pending is not None
-                ],
-            }
-        )
-    return rows
-
-
-def print_table(rows: list[dict[str, object]], columns: Sequence[str], out: TextIO) -> None:
-    def cell(value: object) -> str:
-        if isinstance(value, list):
-            return ",".join(str(v) for v in value) or "-"
-        return "-" if value is None else str(value)
-
-    table = [[c.upper() for c in columns]] + [[cell(r[c]) for c in columns] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out)

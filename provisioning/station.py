@@ -49,6 +49,7 @@ from agent.protocol.errors import ConfigError, KeyfleetError, ProtocolError, Tra
 from agent.protocol.secret import Secret
 from agent.protocol.wire import cbor
 from agent.serial_link import SerialClient
+from agent.version import add_version_option
 from provisioning.enroll import (
     DeviceIdentity,
     FinishRequest,
@@ -562,6 +563,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="keyprovision",
         description="Provision a device in factory mode over its serial port.",
     )
+    add_version_option(parser)
     parser.add_argument("--port", required=True, help="serial port of the device (/dev/ttyUSB0)")
     parser.add_argument("--fleet", required=True, help="enrollment API, https://HOST:PORT")
     parser.add_argument("--cert", required=True, type=Path, help="station certificate (PEM)")

@@ -17,7 +17,7 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.core import SERVICE_ID, AgentCore, Outcome, Publish, leaf_name
+from agent.core import KEY_CHANGE_REPORT_DELAY, SERVICE_ID, AgentCore, Outcome, Publish, leaf_name
 from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.lifecycle import KeyKind, KeyState, RotationPolicy
@@ -526,6 +526,8 @@ def test_rotation_asks_once_per_epoch_and_grace_period_destroys_old_keys() -> No
     service = FakeService()
     a = service.core("dev-a", policy_for=lambda group: policy)
     service.create("dev-a")
+    (report,) = service.bodies("dev-a", a.tick(T0 + 10))  # the new group's keys, reported
+    assert isinstance(report, KeyStateReport)
     assert a.tick(T0 + 10).publishes == []
     for _ in range(3):
         a.encrypt(G, b"m", T0 + 10)
@@ -543,11 +545,18 @@ def test_rotation_asks_once_per_epoch_and_grace_period_destroys_old_keys() -> No
     acks(service, service.fan_out(service.order(commit), ["dev-a"]))
     assert a.epoch(G) == 1
     assert a.decrypt(G, old_blob, T0 + 60) == b"old"  # within 50 s of deactivation at T0+20
+    (report,) = service.bodies("dev-a", a.tick(T0 + 60))  # the new epoch's keys
+    assert isinstance(report, KeyStateReport)
     a.mark_clean()  # the daemon persisted the message count
     assert a.tick(T0 + 69).changed is False
     out = a.tick(T0 + 70)
     assert out.changed
     assert a.ledger.get(f"epoch/{G}/0").state is KeyState.DESTROYED
+    # the destruction is reported too, once its short delay has passed
+    assert a.tick(T0 + 71).publishes == []
+    (report,) = service.bodies("dev-a", a.tick(T0 + 72))
+    assert isinstance(report, KeyStateReport)
+    assert {r.name: r.state for r in report.keys}[f"epoch/{G}/0"] is KeyState.DESTROYED
     with pytest.raises(ProtocolError) as err:
         a.decrypt(G, old_blob, T0 + 70)
     assert err.value.check == "data.epoch-expired"
@@ -557,6 +566,57 @@ def test_rotation_asks_once_per_epoch_and_grace_period_destroys_old_keys() -> No
     out = a.tick(service.now)
     (request,) = service.bodies("dev-a", out)
     assert isinstance(request, UpdateRequest) and request.reason == "max-epoch-age"
+
+
+# -- key-state reports after epoch changes ------------------------------------------------------
+
+
+def rekey(service: FakeService, committer: str, members: list[str]) -> dict[str, Outcome]:
+    (commit,) = service.request_commit(committer, CommitAction.UPDATE)
+    assert isinstance(commit, CommitMessage)
+    return service.fan_out(service.order(commit), members)
+
+
+def test_two_epoch_changes_in_quick_succession_give_one_report_after_the_acks() -> None:
+    service, a, b = group_of_two()
+    for core in (a, b):  # the create and the join are reported first
+        core.tick(T0 + KEY_CHANGE_REPORT_DELAY)
+    start = T0 + 100
+    ack_seqs: dict[str, list[int]] = {"dev-a": [], "dev-b": []}
+    for step in range(2):  # two rekeys one second apart
+        service.now = start + step
+        for device, outcome in rekey(service, "dev-b", ["dev-a", "dev-b"]).items():
+            # the ack goes out at once, alone: the report never holds it back
+            (ack,) = [service.open(device, p) for p in outcome.publishes]
+            assert isinstance(ack.body, Ack)
+            ack_seqs[device].append(ack.seq)
+            assert service.devices[device].tick(service.now).publishes == []
+    assert a.epoch(G) == b.epoch(G) == 3
+    for device, core in (("dev-a", a), ("dev-b", b)):
+        service.now = start + KEY_CHANGE_REPORT_DELAY
+        out = core.tick(service.now)
+        assert out.changed  # the report spends a sequence number: persisted before it is sent
+        (message,) = [service.open(device, p) for p in out.publishes]
+        assert isinstance(message.body, KeyStateReport)
+        # sent after both acks, and carrying both epoch changes
+        assert message.seq > max(ack_seqs[device])
+        states = {r.name: r.state for r in message.body.keys}
+        assert states[f"epoch/{G}/3"] is KeyState.ACTIVE
+        assert states[f"epoch/{G}/2"] is KeyState.DEACTIVATED
+        assert core.tick(service.now + 1).publishes == []  # nothing more to say
+        assert core.tick(service.now + 60).publishes == []
+
+
+def test_a_report_sent_meanwhile_cancels_the_delayed_one() -> None:
+    service, a, _ = group_of_two()
+    a.tick(T0 + KEY_CHANGE_REPORT_DELAY)
+    service.now = T0 + 100
+    rekey(service, "dev-a", ["dev-a", "dev-b"])
+    assert a.report_due == service.now + KEY_CHANGE_REPORT_DELAY
+    (report,) = service.bodies("dev-a", a.report(service.now + 1))  # e.g. after a reconnect
+    assert isinstance(report, KeyStateReport)
+    assert a.report_due is None
+    assert a.tick(service.now + KEY_CHANGE_REPORT_DELAY).publishes == []
 
 
 def test_status_has_no_secrets_and_names_groups_and_keys() -> None:

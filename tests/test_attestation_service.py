@@ -25,7 +25,7 @@ from agent.tpm import KeyKind, TPMStore
 from agent.tpm.blob import KeyBlob
 from firmware_sim.boot import FirmwareComponent, default_components, measured_boot, tampered
 from provisioning.db.schema import Device
-from provisioning.operator import list_devices
+from provisioning.listings import list_devices
 from provisioning.policy import policy_from_components
 from provisioning.registry import AttestationResult, DeviceState, Registry
 from provisioning.service.core import AttestationSettings, DeliveryService

@@ -9,6 +9,7 @@ other's state, which is what they check:
 
 1. group ``g1`` with all four devices, rekeyed: every member acks one authenticator, data
    crosses between all of them;
+   ``keyfleet devices --keys`` shows a rekey's new epoch keys within seconds, KIND filled;
 2. two rekeys at once: ``g1`` moves epochs without forking;
 3. forged, replayed, stale and wrong-role operator commands: refused, audited, ``g1`` unchanged;
 4. the service's database and logs hold none of the agents' secrets (agents stopped one at a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -124,6 +126,52 @@ def test_group_rekey_every_member_acks_one_authenticator_and_data_crosses(
     # data encrypted with one member's key decrypts at every other member
     for source in lab.devices:
         cross_decrypt(lab, source, [d for d in lab.devices if d is not source])
+
+
+def device_keys_table(lab: Lab) -> list[dict[str, str]]:
+    """``keyfleet devices --keys`` as people read it: columns apart by two spaces or more."""
+    listed = lab.keyfleet("devices", "--keys", "--config", str(lab.service_config))
+    assert listed.returncode == 0, str(listed)
+    header, *lines = listed.stdout.splitlines()
+    names = re.split(r"\s{2,}", header)
+    return [dict(zip(names, re.split(r"\s{2,}", line), strict=True)) for line in lines]
+
+
+def test_devices_keys_shows_the_new_epoch_within_seconds_with_its_kind(lab: Lab) -> None:
+    """The agents report their key states shortly after each epoch change (not only at connect
+    and attestation, hourly): the listing follows a rekey within seconds, KIND filled."""
+    audit_seq = lab.audit_head()
+    epoch = int(rekey(lab)["epoch"])
+    acked = time.monotonic()
+    current = f"epoch/{G}/{epoch}"
+
+    def rows_when_listed() -> list[dict[str, str]] | None:
+        rows = device_keys_table(lab)
+        active = {r["DEVICE_ID"] for r in rows if r["KEY"] == current and r["STATE"] == "active"}
+        return rows if active == set(lab.device_ids) else None
+
+    rows = None
+    while rows is None:
+        rows = rows_when_listed()
+        assert rows is not None or time.monotonic() - acked < 15, device_keys_table(lab)
+        if rows is None:
+            time.sleep(0.3)
+    MEASURED["keys_listed_after_ack_seconds"] = round(time.monotonic() - acked, 2)
+    by_device: dict[str, dict[str, dict[str, str]]] = {}
+    for row in rows:
+        by_device.setdefault(row["DEVICE_ID"], {})[row["KEY"]] = row
+    for device_id, keys in by_device.items():
+        assert keys[f"epoch/{G}/{epoch - 1}"]["STATE"] == "deactivated", device_id
+        leaves = [k for name, k in keys.items() if name.startswith("leaf/")]
+        assert any(k["STATE"] == "active" for k in leaves), device_id
+        for name, key in keys.items():
+            kind = name.split("/")[0] if name.startswith(("epoch/", "leaf/")) else None
+            if kind is not None:
+                assert key["KIND"] == kind, (device_id, key)
+            assert key["KIND"] != "-", (device_id, key)
+            assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", key["SINCE"]), key
+    # what the listing shows came from the agents' keys.report, not from an attestation
+    assert [e.action for e in lab.audit(audit_seq + 1) if e.action.startswith("attest")] == []
 
 
 # ---- 2. two rekeys at once ---------------------------------------------------------------------

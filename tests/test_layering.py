@@ -22,8 +22,15 @@ pytestmark = pytest.mark.pure
 ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 # The device side's I/O modules that the fleet side may use: transports and file helpers that
-# both sides need (MQTT client, serial link client, atomic writes, configuration schema checks).
-SHARED_ADAPTERS = {"agent.mqtt", "agent.serial_link", "agent.fsio", "agent.configschema"}
+# both sides need (MQTT client, serial link client, atomic writes, configuration schema checks,
+# the installed version for --version).
+SHARED_ADAPTERS = {
+    "agent.mqtt",
+    "agent.serial_link",
+    "agent.fsio",
+    "agent.configschema",
+    "agent.version",
+}
 
 
 def contracts() -> dict[str, dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -154,10 +155,37 @@ def test_reenrollment_only_of_a_destroyed_or_revoked_identity_out_of_its_groups(
         )
 
 
+def test_a_kind_is_learned_from_a_later_report_of_known_transitions(
+    sessions: sessionmaker[Session],
+) -> None:
+    """An attestation's key list carries no kinds; the device's next keys.report, whose
+    transitions the registry already has, still fills the KIND of ``keyfleet devices --keys``."""
+    without_kinds = [replace(item, kind=None) for item in HISTORY]
+    with sessions.begin() as s:
+        reg = Registry(s)
+        enroll(reg, "d")
+        reg.record_report("d", b"attest", without_kinds, now=T0 + 6)
+        assert {k.key_name: k.kind for k in reg.key_states("d")} == {
+            "devid": None,
+            "epoch/g1/0": None,
+            "epoch/g1/1": None,
+        }
+        reg.record_report("d", b"keys", HISTORY, now=T0 + 7)
+        assert {k.key_name: k.kind for k in reg.key_states("d")} == {
+            "devid": "devid",
+            "epoch/g1/0": "epoch",
+            "epoch/g1/1": "epoch",
+        }
+        assert len(reg.key_history("d", "epoch/g1/0")) == 3  # no transition recorded twice
+        reg.record_report("d", b"attest", without_kinds, now=T0 + 8)  # no kind: kept
+        assert reg.key_states("d")[1].kind == "epoch"
+
+
 def test_keyfleet_devices_keys_lists_kind_state_since_and_transitions(
     sessions: sessionmaker[Session], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
+    import re
 
     from provisioning.cli import main
 
@@ -181,13 +209,13 @@ def test_keyfleet_devices_keys_lists_kind_state_since_and_transitions(
     assert main(["devices", "--keys", "--db", url]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["DEVICE_ID", "KEY", "KIND", "STATE", "SINCE", "TRANSITIONS"]
-    assert lines[2].split() == [
+    # times for people in ISO-8601 UTC (T0 = 2023-11-14 22:13:20Z), raw seconds in --json
+    assert re.split(r"\s{2,}", lines[2]) == [
         "d",
         "epoch/g1/0",
         "epoch",
         "deactivated",
-        str(T0 + 5),
-        f"pre-activation@{T0 + 1}",
-        f"active@{T0 + 1}",
-        f"deactivated@{T0 + 5}",
+        "2023-11-14 22:13:25Z",
+        "pre-activation@2023-11-14T22:13:21Z active@2023-11-14T22:13:21Z "
+        "deactivated@2023-11-14T22:13:25Z",
     ]

@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.fsio import atomic_write
 from agent.protocol.errors import KeyfleetError
+from agent.version import add_version_option
 from firmware_sim.device import (
     DEFAULT_CA_DIR_NAME,
     TPM_DIR,
@@ -47,6 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="firmware-sim", description="keyfleet device simulator: measured boot into swtpm."
     )
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     device = commands.add_parser(
         "device",

@@ -401,8 +401,11 @@ class Registry:
         simulated: dict[str, tuple[KeyState, int]] = {
             name: (key.state, key.changed_at) for name, key in keys.items()
         }
+        kinds: dict[str, str] = {}
         for item in key_states:
             _check_key_name(item.key_name)
+            if item.kind is not None:
+                kinds[item.key_name] = item.kind
             known = keys.get(item.key_name)
             if known is not None and any(
                 t.to_state == item.state and t.at == item.at for t in known.transitions
@@ -427,8 +430,6 @@ class Registry:
                 )
                 row.keys.append(key)
                 keys[item.key_name] = key
-            elif item.kind is not None:
-                key.kind = item.kind
             key.transitions.append(
                 KeyTransition(
                     from_state=from_state, to_state=item.state, at=item.at, recorded_at=now
@@ -436,6 +437,12 @@ class Registry:
             )
             key.state = item.state
             key.changed_at = item.at
+        # A kind is learned even from a report whose transitions were all known already: a key
+        # first recorded from a report without kinds (an attestation's) gets it from the next.
+        for name, kind in kinds.items():
+            known_key = keys.get(name)
+            if known_key is not None and known_key.kind != kind:
+                known_key.kind = kind
         row.last_report = report
         row.last_report_at = now
         row.last_seen = now
