@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.fixtures.mosquitto",
     "tests.fixtures.fleet",
     "tests.fixtures.postgres",
+    "tests.fixtures.deployment",
 ]
 
 TIERS = ("pure", "tpm", "broker", "e2e")

@@ -39,6 +39,7 @@ from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.operator import Rekey, Revoke
 from firmware_sim.lab import Lab, LabDevice
 from provisioning import pki
+from tests.fixtures.fleet import service_tap
 from tests.fixtures.postgres import dump_rows
 
 pytestmark = pytest.mark.e2e
@@ -179,21 +180,9 @@ class Capture:
     operator command on the broker: what a wire tap at the broker would see."""
 
     def __init__(self, lab: Lab) -> None:
-        assert lab.pki is not None and lab.broker is not None
         self.messages: list[ReceivedMessage] = []
         self._lock = threading.Lock()
-        self.client = MqttClient(
-            host=lab.broker.host,
-            port=lab.broker.port,
-            ca_file=lab.pki.tls_ca,
-            cert_file=lab.pki.service.cert,
-            key_file=lab.pki.service.key,
-            client_id="lab-wiretap",
-            clean_start=True,
-            session_expiry=0,
-            on_message=self._on,
-        )
-        self.client.connect()
+        self.client = service_tap(lab, "lab-wiretap", on_message=self._on)
         self.client.subscribe("kf/v1/ops/+/cmd")
 
     def _on(self, message: ReceivedMessage) -> None:

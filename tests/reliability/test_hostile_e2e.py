@@ -46,6 +46,7 @@ from agent.protocol.wire.messages.operator import Rekey
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from agent.tpm.store import TPMStore
 from firmware_sim.lab import Lab, LabDevice
+from tests.fixtures.fleet import service_tap
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
@@ -110,20 +111,9 @@ class Attacker:
     client id ``attacker``), tapping ``grp/+/commit``."""
 
     def __init__(self, lab: Lab) -> None:
-        assert lab.pki is not None and lab.broker is not None
         self.seen: list[ReceivedMessage] = []
-        self.client = MqttClient(
-            host=lab.broker.host,
-            port=lab.broker.port,
-            ca_file=lab.pki.tls_ca,
-            cert_file=lab.pki.service.cert,
-            key_file=lab.pki.service.key,
-            client_id="attacker",
-            clean_start=True,
-            session_expiry=0,
-            on_message=self.seen.append,  # not a method of self: no reference cycle
-        )
-        self.client.connect()
+        # not a method of self: no reference cycle
+        self.client = service_tap(lab, "attacker", on_message=self.seen.append)
         self.client.subscribe("kf/v1/grp/+/commit")
 
     def commits(self) -> list[tuple[ReceivedMessage, CommitMessage]]:
