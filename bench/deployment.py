@@ -3,18 +3,15 @@ ACL), ``keyfleet serve`` as a subprocess, one admin operator, and a fleet config
 ``firmware_sim.fleet``. Everything lives in one temporary directory; processes are stopped by
 their PIDs.
 
-The same parts and the same steps as tests/test_service_mqtt.py (docs/service.md "A
-deployment"), outside pytest.
+The same parts and the same steps as the tests' deployments (docs/service.md "A deployment"),
+outside pytest: the service's files, its configuration, ``db init``, ``operator add``, starting
+``keyfleet serve`` and stopping it are tests/service_deployment.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,12 +20,20 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from firmware_sim.boot import default_components
 from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
 from firmware_sim.fleet import fleet_config_text
 from provisioning import pki
 from provisioning.operator import OperatorSettings
-from provisioning.policy import policy_from_components, write_policy
+from tests.fixtures.mosquitto import ClientFiles
+from tests.service_deployment import (
+    add_operator,
+    keyfleet,
+    service_config,
+    start_serve,
+    stop_processes,
+    write_pem,
+    write_service_pki,
+)
 
 OPERATOR = "op-bench"
 SERVE_START_TIMEOUT = 30.0
@@ -67,13 +72,6 @@ def client_identity(
     return key, cert
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
-    return path
-
-
 @contextlib.contextmanager
 def deployment(
     workdir: Path,
@@ -107,18 +105,14 @@ def deployment(
         broker_ca, SERVICE_IDENTITY, "service", now=now, valid=valid
     )
     op_key, op_cert = client_identity(operator_ca, OPERATOR, "admin", now=now, valid=valid)
-    _write(files / "broker-ca.pem", pki.cert_to_pem(broker_ca.certificate))
-    _write(files / "server.pem", pki.cert_to_pem(server_cert))
-    _write(files / "server.key", pki.key_to_pem(server_key), private=True)
-    _write(files / "service.pem", pki.cert_to_pem(service_cert))
-    _write(files / "service.key", pki.key_to_pem(service_key), private=True)
-    _write(files / "device-ca.pem", pki.cert_to_pem(device_ca.certificate))
-    _write(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
-    _write(files / "operator-ca.pem", pki.cert_to_pem(operator_ca.certificate))
-    _write(files / "manufacturers.pem", pki.cert_to_pem(device_ca.certificate))
-    _write(files / "op.pem", pki.cert_to_pem(op_cert))
-    _write(files / "op.key", pki.key_to_pem(op_key), private=True)
-    write_policy(policy_from_components(default_components("1.0")), files / "golden.toml")
+    write_pem(files / "broker-ca.pem", pki.cert_to_pem(broker_ca.certificate))
+    write_pem(files / "server.pem", pki.cert_to_pem(server_cert))
+    write_pem(files / "server.key", pki.key_to_pem(server_key), private=True)
+    write_pem(files / "service.pem", pki.cert_to_pem(service_cert))
+    write_pem(files / "service.key", pki.key_to_pem(service_key), private=True)
+    write_pem(files / "op.pem", pki.cert_to_pem(op_cert))
+    write_pem(files / "op.key", pki.key_to_pem(op_key), private=True)
+    write_service_pki(files, device_ca, operator_ca)
 
     broker = Mosquitto(
         workdir / "mosquitto",
@@ -137,36 +131,19 @@ def deployment(
         db_url = f"sqlite:///{workdir / 'fleet.db'}"
     config = workdir / "keyfleet.toml"
     config.write_text(
-        f"""
-[database]
-url = "{db_url}"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-ca = "pki/broker-ca.pem"
-client_cert = "pki/service.pem"
-client_key = "pki/service.key"
-
-[device_ca]
-cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
-
-[operator_ca]
-cert = "pki/operator-ca.pem"
-
-[attestation]
-manufacturer_cas = "pki/manufacturers.pem"
-golden_measurements = "pki/golden.toml"
-
-[groups]
-ack_timeout_seconds = {ack_timeout}
-commit_log_retention_epochs = 64
-
-[service]
-instance = "bench"
-commit_request_timeout_seconds = {commit_request_timeout}
-"""
+        service_config(
+            db_url=db_url,
+            broker=broker,
+            client=ClientFiles(
+                SERVICE_IDENTITY,
+                files / "broker-ca.pem",
+                files / "service.pem",
+                files / "service.key",
+            ),
+            instance="bench",
+            groups=f"ack_timeout_seconds = {ack_timeout}\ncommit_log_retention_epochs = 64\n",
+            service=f"commit_request_timeout_seconds = {commit_request_timeout}\n",
+        )
     )
     fleet_config = workdir / "fleet.toml"
     fleet_config.write_text(
@@ -187,53 +164,17 @@ commit_request_timeout_seconds = {commit_request_timeout}
     service: subprocess.Popen[bytes] | None = None
     log = workdir / "serve.log"
     try:
-        subprocess.run(
-            [sys.executable, "-m", "provisioning.cli", "db", "init", "--config", str(config)],
+        initialized = keyfleet("db", "init", "--config", str(config), cwd=workdir, timeout=120)
+        if initialized.returncode != 0:
+            raise RuntimeError(f"keyfleet db init failed: {initialized.stderr}")
+        add_operator(OPERATOR, "pki/op.pem", config=config, cwd=workdir)
+        service = start_serve(
+            config,
             cwd=workdir,
-            check=True,
-            capture_output=True,
+            log=log,
+            timeout=SERVE_START_TIMEOUT,
+            python_args=("-m", "cProfile", "-o", str(profile)) if profile is not None else (),
         )
-        added = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "provisioning.cli",
-                "operator",
-                "add",
-                OPERATOR,
-                "--cert",
-                "pki/op.pem",
-                "--config",
-                str(config),
-            ],
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if added.returncode != 0:
-            raise RuntimeError(f"keyfleet operator add failed: {added.stderr}")
-        with open(log, "wb") as sink:
-            service = subprocess.Popen(
-                [
-                    sys.executable,
-                    *(["-m", "cProfile", "-o", str(profile)] if profile is not None else []),
-                    "-m",
-                    "provisioning.cli",
-                    "serve",
-                    "--config",
-                    str(config),
-                ],
-                cwd=workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
-            )
-        deadline = time.monotonic() + SERVE_START_TIMEOUT
-        while b"ready" not in log.read_bytes():
-            if service.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"keyfleet serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
         yield Deployment(
             workdir=workdir,
             broker=broker,
@@ -252,11 +193,6 @@ commit_request_timeout_seconds = {commit_request_timeout}
             ),
         )
     finally:
-        if service is not None and service.poll() is None:
-            service.send_signal(signal.SIGTERM)
-            try:
-                service.wait(15)
-            except subprocess.TimeoutExpired:
-                service.kill()
-                service.wait(5)
+        if service is not None:
+            stop_processes([service])
         broker.stop()
