@@ -97,16 +97,17 @@ def deployment_pki(
     device_ca: pki.CertificateAuthority | None = None,
     operator_ca: pki.CertificateAuthority | None = None,
     manufacturer_cas: Sequence[x509.Certificate] = (),
+    log_types: tuple[str, ...] = ("error", "warning"),
 ) -> DeploymentPKI:
     """Device and operator CAs named after ``label`` (or the ones given), a fresh Mosquitto
-    trusting both, and the service's files under ``tmp_path/pki``."""
+    trusting both (logging ``log_types``), and the service's files under ``tmp_path/pki``."""
     now = datetime.now(UTC)
     if device_ca is None:
         device_ca = pki.create_ca(f"{label} device CA", now=now, valid_for=timedelta(days=2))
     if operator_ca is None:
         operator_ca = pki.create_ca(f"{label} operator CA", now=now, valid_for=timedelta(days=2))
     broker = mosquitto_factory(
-        log_types=("error", "warning"),
+        log_types=log_types,
         extra_ca_certs=(device_ca.certificate, operator_ca.certificate),
     )
     files = tmp_path / "pki"
@@ -328,10 +329,12 @@ def service_deployment(
     metrics: bool = False,
     http: str | None = None,
     device_prefix: str = "dev-",
+    fleet_directory: str = "virtual",
     devices: int = 0,
     fleet_timeout: float = 120,
     ready: bytes = b"ready",
     start_timeout: float = 60,
+    python_args: Sequence[str] = (),
     log_tail: int = 15_000,
     device_ca: pki.CertificateAuthority | None = None,
     operator_ca: pki.CertificateAuthority | None = None,
@@ -349,7 +352,8 @@ def service_deployment(
     the further lines of its ``[http]`` table (TLS files, station CA).
 
     On exit the fleet stops, every instance still running is stopped by its PID (SIGTERM, then
-    SIGKILL) and the tail of each instance's log is printed (pytest shows it for a failed test).
+    SIGKILL) and the last ``log_tail`` characters of each instance's log are printed (pytest shows
+    them for a failed test).
     """
     files = deployment_pki(
         workdir, label, broker_pki, mosquitto_factory,
@@ -388,6 +392,7 @@ def service_deployment(
             broker_port=broker.port,
             broker_ca=broker.ca_file,
             registry_url=url,
+            directory=fleet_directory,
         )
     )
     first = configs[instances[0]]
@@ -421,7 +426,7 @@ def service_deployment(
         for name in instances:
             deployment.services[name] = start_serve(
                 configs[name], cwd=workdir, log=deployment.logs[name], timeout=start_timeout,
-                ready=ready,
+                ready=ready, python_args=python_args,
             )  # fmt: skip
         if devices:
             deployment.fleet = deployment.virtual_fleet(devices)
@@ -432,5 +437,5 @@ def service_deployment(
             deployment.fleet.stop()
         stop_processes(deployment.services.values())
         for name, log in deployment.logs.items():
-            if log.exists():
+            if log_tail and log.exists():
                 print(f"---- serve {name} ----\n{log.read_text(errors='replace')[-log_tail:]}")
