@@ -39,7 +39,7 @@ from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.operator import Rekey, Revoke
 from firmware_sim.lab import Lab, LabDevice
 from provisioning import pki
-from tests.fixtures.fleet import service_tap
+from tests.fixtures.fleet import refusals_since, service_tap
 from tests.fixtures.postgres import dump_rows
 
 pytestmark = pytest.mark.e2e
@@ -213,14 +213,6 @@ def operator_client(lab: Lab) -> Iterator[MqttClient]:
     client.subscribe(operator_result_topic("op-ops"))
     yield client
     client.close()
-
-
-def refusals_since(lab: Lab, seq: int, actor: str) -> list[str]:
-    return [
-        f"{e.action}: {e.reason}"
-        for e in lab.audit(seq + 1)
-        if e.actor == actor and e.outcome.value == "refused"
-    ]
 
 
 def wait_refusal(lab: Lab, seq: int, actor: str, check: str) -> list[str]:

@@ -39,6 +39,7 @@ from provisioning.enroll import (
     certify_qualifying_data,
     device_id_for,
 )
+from provisioning.http import EnrollmentServer, build_app, start_enrollment_server
 from provisioning.pki import (
     CertificateAuthority,
     create_ca,
@@ -58,6 +59,7 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
+from provisioning.station import FleetClient
 from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
 
 pytestmark = pytest.mark.tpm
@@ -238,6 +240,46 @@ def device_start_request(
         groups=groups,
     )
     return request, keys
+
+
+@dataclass
+class EnrollmentService:
+    """The enrollment API over real mutual TLS (``provisioning.http``) on a registry with the
+    fleet's station, in this process."""
+
+    pki: FleetPKI
+    sessions: sessionmaker[Session]
+    server: EnrollmentServer
+
+    def client(self) -> FleetClient:
+        """The station's client of this service."""
+        return FleetClient(
+            self.server.url,
+            cert=self.pki.station_cert_path,
+            key=self.pki.station_key_path,
+            ca=self.pki.server_ca_path,
+        )
+
+
+@contextlib.contextmanager
+def enrollment_service(
+    directory: Path, database: Path | str, manufacturer_ca: ManufacturerCA
+) -> Iterator[EnrollmentService]:
+    """``make_pki(directory)``, a registry on ``database`` (a SQLite file or a URL) and the
+    enrollment server on a free port; stopped and the engine closed on exit."""
+    pki = make_pki(directory)
+    sessions = make_registry(database, pki)
+    server = start_enrollment_server(
+        build_app(Enrollment(make_settings(pki, manufacturer_ca), sessions)),
+        server_cert=pki.server_cert_path,
+        server_key=pki.server_key_path,
+        station_ca=pki.station_ca_path,
+    )
+    try:
+        yield EnrollmentService(pki, sessions, server)
+    finally:
+        server.stop()
+        sessions.kw["bind"].dispose()  # a PostgreSQL connection left open warns when collected
 
 
 def activate(device: FactoryDevice, started: StartResult) -> Secret:

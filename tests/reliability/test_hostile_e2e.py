@@ -46,7 +46,7 @@ from agent.protocol.wire.messages.operator import Rekey
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from agent.tpm.store import TPMStore
 from firmware_sim.lab import Lab, LabDevice
-from tests.fixtures.fleet import service_tap
+from tests.fixtures.fleet import refusals_since, service_tap
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
@@ -351,14 +351,6 @@ def test_replayed_flipped_forged_and_stale_messages_are_refused_counted_and_harm
     verify = lab.keyfleet("audit", "verify", "--config", str(lab.service_config))
     assert verify.returncode == 0, str(verify)
     summary.record("hostile_e2e", {"attacks": table})
-
-
-def refusals_since(lab: Lab, seq: int, actor: str) -> list[str]:
-    return [
-        f"{e.action}: {e.reason}"
-        for e in lab.audit(seq + 1)
-        if e.actor == actor and e.outcome.value == "refused"
-    ]
 
 
 def wait_refused(lab: Lab, head: int, actor: str, check: str) -> list[str]:
