@@ -117,13 +117,13 @@ tls_cert = "{base / "tls.pem"}"
 tls_key = "{base / "tls.key"}"
 
 [fleet]
-service_cert = "{files / "service.pem"}"
+service_cert = "{dep.service_files.cert_file}"
 trust_anchors = ["{files / "device-ca.pem"}"]
 
 [broker]
 host = "{dep.broker.host}"
 port = {dep.broker.port}
-ca = "{files / "broker-ca.pem"}"
+ca = "{dep.broker.ca_file}"
 
 [api]
 socket = "{base / "api.sock"}"

@@ -45,6 +45,7 @@ from bench.deployment import Deployment, deployment
 from firmware_sim.fleet import VirtualFleet, load_fleet_config, open_registry
 from provisioning.operator import OperatorClient
 from tests.fixtures.postgres import PostgresServer
+from tests.service_deployment import start_serve, stop_processes
 
 REPORT_DEVICES = 200
 REPORTS_PER_DEVICE = 10
@@ -61,29 +62,11 @@ def _instance(dep: Deployment, name: str) -> Iterator[subprocess.Popen[bytes]]:
     config = dep.workdir / f"keyfleet-{name}.toml"
     config.write_text(text)
     log = dep.workdir / f"serve-{name}.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", "serve", "--config", str(config)],
-            cwd=dep.workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
+    process = start_serve(config, cwd=dep.workdir, log=log, timeout=READY_TIMEOUT)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while b"ready" not in log.read_bytes():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"instance {name} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        stop_processes([process])
 
 
 def _highest_seqs(dep: Deployment, ids: list[str]) -> dict[str, int]:

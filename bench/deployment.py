@@ -3,44 +3,41 @@ ACL), ``keyfleet serve`` as a subprocess, one admin operator, and a fleet config
 ``firmware_sim.fleet``. Everything lives in one temporary directory; processes are stopped by
 their PIDs.
 
-The same parts and the same steps as tests/test_service_mqtt.py (docs/service.md "A
-deployment"), outside pytest.
+The tests' deployment (tests/service_deployment.py, docs/service.md "A deployment") outside
+pytest: the broker's PKI and the broker are made here instead of by the pytest fixtures.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from firmware_sim.boot import default_components
-from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
-from firmware_sim.fleet import fleet_config_text
 from provisioning import pki
 from provisioning.operator import OperatorSettings
-from provisioning.policy import policy_from_components, write_policy
+from tests.fixtures.mosquitto import BrokerPKI, ClientFiles, MosquittoBroker
+from tests.service_deployment import service_deployment
 
 OPERATOR = "op-bench"
+INSTANCE = "bench"
 SERVE_START_TIMEOUT = 30.0
 
 
 @dataclass
 class Deployment:
     workdir: Path
-    broker: Mosquitto
+    broker: MosquittoBroker
     service: subprocess.Popen[bytes]
     service_config: Path
     service_log: Path
+    service_files: ClientFiles
     fleet_config: Path
     db_url: str
     operator: OperatorSettings
@@ -67,13 +64,6 @@ def client_identity(
     return key, cert
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
-    return path
-
-
 @contextlib.contextmanager
 def deployment(
     workdir: Path,
@@ -86,177 +76,48 @@ def deployment(
 ) -> Iterator[Deployment]:
     """Start broker and service in ``workdir``; stop both on exit. ``db_url``: another
     database than the SQLite file in ``workdir`` (e.g. PostgreSQL, bench_scaleout)."""
-    now = datetime.now(UTC)
-    valid = timedelta(days=2)
-    files = workdir / "pki"
-    files.mkdir(parents=True)
-    broker_ca = pki.create_ca("bench broker CA", now=now, valid_for=valid)
-    device_ca = pki.create_ca("bench device CA", now=now, valid_for=valid)
-    operator_ca = pki.create_ca("bench operator CA", now=now, valid_for=valid)
-    server_key = pki.generate_key()
-    server_cert = pki.issue_server_cert(
-        broker_ca,
-        server_key.public_key(),
-        common_name="mosquitto",
-        dns_names=["localhost"],
-        ip_addresses=["127.0.0.1"],
-        now=now,
-        valid_for=valid,
-    )
-    service_key, service_cert = client_identity(
-        broker_ca, SERVICE_IDENTITY, "service", now=now, valid=valid
-    )
-    op_key, op_cert = client_identity(operator_ca, OPERATOR, "admin", now=now, valid=valid)
-    _write(files / "broker-ca.pem", pki.cert_to_pem(broker_ca.certificate))
-    _write(files / "server.pem", pki.cert_to_pem(server_cert))
-    _write(files / "server.key", pki.key_to_pem(server_key), private=True)
-    _write(files / "service.pem", pki.cert_to_pem(service_cert))
-    _write(files / "service.key", pki.key_to_pem(service_key), private=True)
-    _write(files / "device-ca.pem", pki.cert_to_pem(device_ca.certificate))
-    _write(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
-    _write(files / "operator-ca.pem", pki.cert_to_pem(operator_ca.certificate))
-    _write(files / "manufacturers.pem", pki.cert_to_pem(device_ca.certificate))
-    _write(files / "op.pem", pki.cert_to_pem(op_cert))
-    _write(files / "op.key", pki.key_to_pem(op_key), private=True)
-    write_policy(policy_from_components(default_components("1.0")), files / "golden.toml")
+    workdir.mkdir(parents=True)
+    broker_pki = BrokerPKI(workdir / "broker-pki")
+    brokers: list[MosquittoBroker] = []
 
-    broker = Mosquitto(
-        workdir / "mosquitto",
-        server_cert=files / "server.pem",
-        server_key=files / "server.key",
-        ca_file=files / "broker-ca.pem",
-        client_ca_certs=(
-            broker_ca.certificate,
-            device_ca.certificate,
-            operator_ca.certificate,
-        ),
-        log_types=("error", "warning"),
-        probe=(files / "service.pem", files / "service.key"),
-    )
-    if db_url is None:
-        db_url = f"sqlite:///{workdir / 'fleet.db'}"
-    config = workdir / "keyfleet.toml"
-    config.write_text(
-        f"""
-[database]
-url = "{db_url}"
+    def start_broker(**options: Any) -> MosquittoBroker:
+        broker = MosquittoBroker(workdir / "mosquitto", broker_pki, **options)
+        brokers.append(broker)
+        if tcp_nodelay:
+            with open(broker.config_file, "a") as conf:
+                conf.write("set_tcp_nodelay true\n")
+        broker.start()
+        return broker
 
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-ca = "pki/broker-ca.pem"
-client_cert = "pki/service.pem"
-client_key = "pki/service.key"
-
-[device_ca]
-cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
-
-[operator_ca]
-cert = "pki/operator-ca.pem"
-
-[attestation]
-manufacturer_cas = "pki/manufacturers.pem"
-golden_measurements = "pki/golden.toml"
-
-[groups]
-ack_timeout_seconds = {ack_timeout}
-commit_log_retention_epochs = 64
-
-[service]
-instance = "bench"
-commit_request_timeout_seconds = {commit_request_timeout}
-"""
-    )
-    fleet_config = workdir / "fleet.toml"
-    fleet_config.write_text(
-        fleet_config_text(
-            id_prefix="dev-sim-",
-            service_cert="pki/service.pem",
-            broker_host=broker.host,
-            broker_port=broker.port,
-            broker_ca="pki/broker-ca.pem",
-            registry_url=db_url,
-            directory="fleet",
-        )
-    )
-    if tcp_nodelay:
-        with open(broker.config_file, "a") as conf:
-            conf.write("set_tcp_nodelay true\n")
-    broker.start()
-    service: subprocess.Popen[bytes] | None = None
-    log = workdir / "serve.log"
     try:
-        subprocess.run(
-            [sys.executable, "-m", "provisioning.cli", "db", "init", "--config", str(config)],
-            cwd=workdir,
-            check=True,
-            capture_output=True,
-        )
-        added = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "provisioning.cli",
-                "operator",
-                "add",
-                OPERATOR,
-                "--cert",
-                "pki/op.pem",
-                "--config",
-                str(config),
-            ],
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if added.returncode != 0:
-            raise RuntimeError(f"keyfleet operator add failed: {added.stderr}")
-        with open(log, "wb") as sink:
-            service = subprocess.Popen(
-                [
-                    sys.executable,
-                    *(["-m", "cProfile", "-o", str(profile)] if profile is not None else []),
-                    "-m",
-                    "provisioning.cli",
-                    "serve",
-                    "--config",
-                    str(config),
-                ],
-                cwd=workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
-            )
-        deadline = time.monotonic() + SERVE_START_TIMEOUT
-        while b"ready" not in log.read_bytes():
-            if service.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"keyfleet serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        yield Deployment(
-            workdir=workdir,
-            broker=broker,
-            service=service,
-            service_config=config,
-            service_log=log,
-            fleet_config=fleet_config,
+        with service_deployment(
+            workdir,
+            broker_pki,
+            start_broker,
+            label="bench",
             db_url=db_url,
-            operator=OperatorSettings(
-                host=broker.host,
-                port=broker.port,
-                ca=files / "broker-ca.pem",
-                cert=files / "op.pem",
-                key=files / "op.key",
-                service_cert=files / "service.pem",
-            ),
-        )
+            instances=(INSTANCE,),
+            operator=(OPERATOR, "admin"),
+            groups=f"ack_timeout_seconds = {ack_timeout}\ncommit_log_retention_epochs = 64\n",
+            service=f"commit_request_timeout_seconds = {commit_request_timeout}\n",
+            device_prefix="dev-sim-",
+            fleet_directory="fleet",
+            start_timeout=SERVE_START_TIMEOUT,
+            python_args=("-m", "cProfile", "-o", str(profile)) if profile is not None else (),
+            log_tail=0,  # stdout is the benchmark's JSON
+        ) as site:
+            assert site.operator is not None
+            yield Deployment(
+                workdir=workdir,
+                broker=site.broker,
+                service=site.services[INSTANCE],
+                service_config=site.config,
+                service_log=site.logs[INSTANCE],
+                service_files=site.pki.service,
+                fleet_config=site.fleet_config,
+                db_url=site.db_url,
+                operator=site.operator,
+            )
     finally:
-        if service is not None and service.poll() is None:
-            service.send_signal(signal.SIGTERM)
-            try:
-                service.wait(15)
-            except subprocess.TimeoutExpired:
-                service.kill()
-                service.wait(5)
-        broker.stop()
+        for broker in brokers:
+            broker.stop()

@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.fleet",
     "tests.fixtures.postgres",
     "tests.fixtures.nobody",
+    "tests.fixtures.deployment",
 ]
 
 TIERS = ("pure", "tpm", "broker", "e2e")

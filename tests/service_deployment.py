@@ -1,28 +1,42 @@
 """The service side of the subprocess tests, written once: the files ``keyfleet serve`` reads
 (CAs, golden policy, its TOML config), ``keyfleet operator add``, starting ``keyfleet serve`` and
-waiting until it says it is ready, and the operator CLI's broker arguments.
+waiting until it says it is ready, stopping a process by its PID, and the operator CLI's broker
+arguments.
 
-Each test module still owns what differs (its broker, its devices, how it stops the service), so
-that what a test asserts stays in the test.
+``service_deployment()`` puts them together: a Mosquitto, N ``keyfleet serve`` instances on one
+database (a SQLite file or PostgreSQL), an operator or a station, optionally a started virtual
+fleet, all on free loopback ports under one temporary directory, stopped by PID on exit. The
+pytest side is ``deploy`` in tests/fixtures/deployment.py. What a test asserts stays in the test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cryptography import x509
+from sqlalchemy.orm import Session
 
 from firmware_sim.boot import default_components
+from firmware_sim.broker import Mosquitto
+from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
+from firmware_sim.ports import free_port
 from provisioning import pki
+from provisioning.operator import OperatorSettings
 from provisioning.policy import policy_from_components, write_policy
-from tests.fixtures.mosquitto import BrokerPKI, ClientFiles, MosquittoBroker
+from provisioning.registry import make_engine, run_in_transaction, session_factory
+from tests.fixtures.mosquitto import BrokerFactory, BrokerPKI, ClientFiles, MosquittoBroker
+
+T = TypeVar("T")
 
 
 def keyfleet(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -75,21 +89,31 @@ class DeploymentPKI:
 
 
 def deployment_pki(
-    tmp_path: Path, label: str, broker_pki: BrokerPKI, mosquitto_factory: object
+    tmp_path: Path,
+    label: str,
+    broker_pki: BrokerPKI,
+    mosquitto_factory: BrokerFactory,
+    *,
+    device_ca: pki.CertificateAuthority | None = None,
+    operator_ca: pki.CertificateAuthority | None = None,
+    manufacturer_cas: Sequence[x509.Certificate] = (),
+    log_types: tuple[str, ...] = ("error", "warning"),
 ) -> DeploymentPKI:
-    """Device and operator CAs named after ``label``, a fresh Mosquitto trusting both, and the
-    service's files under ``tmp_path/pki``."""
+    """Device and operator CAs named after ``label`` (or the ones given), a fresh Mosquitto
+    trusting both (logging ``log_types``), and the service's files under ``tmp_path/pki``."""
     now = datetime.now(UTC)
-    device_ca = pki.create_ca(f"{label} device CA", now=now, valid_for=timedelta(days=2))
-    operator_ca = pki.create_ca(f"{label} operator CA", now=now, valid_for=timedelta(days=2))
-    broker: MosquittoBroker = mosquitto_factory(  # type: ignore[operator]
-        log_types=("error", "warning"),
+    if device_ca is None:
+        device_ca = pki.create_ca(f"{label} device CA", now=now, valid_for=timedelta(days=2))
+    if operator_ca is None:
+        operator_ca = pki.create_ca(f"{label} operator CA", now=now, valid_for=timedelta(days=2))
+    broker = mosquitto_factory(
+        log_types=log_types,
         extra_ca_certs=(device_ca.certificate, operator_ca.certificate),
     )
     files = tmp_path / "pki"
-    files.mkdir()
+    files.mkdir(exist_ok=True)
     service = broker_pki.client("keyfleet-service", role="service")
-    write_service_pki(files, device_ca, operator_ca)
+    write_service_pki(files, device_ca, operator_ca, manufacturer_cas)
     return DeploymentPKI(now, device_ca, operator_ca, broker, service, files)
 
 
@@ -119,7 +143,7 @@ def write_operator(
 def service_config(
     *,
     db_url: str,
-    broker: MosquittoBroker,
+    broker: Mosquitto,
     client: ClientFiles,
     instance: str,
     groups: str,
@@ -167,13 +191,21 @@ def add_operator(
 
 
 def start_serve(
-    config: Path, *, cwd: Path, log: Path, timeout: float, ready: bytes = b"ready"
+    config: Path,
+    *,
+    cwd: Path,
+    log: Path,
+    timeout: float,
+    ready: bytes = b"ready",
+    python_args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """``keyfleet serve`` with its output in ``log``, returned once the log says ``ready``; killed
-    here if it exits or is not ready in time, so a failed start leaves no process behind."""
+    here if it exits or is not ready in time, so a failed start leaves no process behind.
+    ``python_args`` go to the interpreter before ``-m`` (e.g. ``-m cProfile -o FILE``)."""
+    command = [sys.executable, *python_args, "-m", "provisioning.cli", "serve"]
     with open(log, "wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "provisioning.cli", "serve", "--config", str(config)],
+            [*command, "--config", str(config)],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=sink,
@@ -193,7 +225,21 @@ def start_serve(
     return process
 
 
-def operator_args(broker: MosquittoBroker, *, cert: str, key: str, service_cert: Path) -> list[str]:
+def stop_processes(processes: Iterable[subprocess.Popen[Any]], timeout: float = 15) -> None:
+    """Stop by PID: SIGTERM to every one still running, then wait for each, SIGKILL after
+    ``timeout``. Processes that already exited are only reaped."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    for process in running:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def operator_args(broker: Mosquitto, *, cert: str, key: str, service_cert: Path) -> list[str]:
     """The operator CLI's connection arguments: the broker, its CA and the operator's identity."""
     return [
         "--broker", f"{broker.host}:{broker.port}",
@@ -202,3 +248,194 @@ def operator_args(broker: MosquittoBroker, *, cert: str, key: str, service_cert:
         "--key", key,
         "--service-cert", str(service_cert),
     ]  # fmt: skip
+
+
+# ---- a whole deployment: broker + N service instances (+ a virtual fleet) ---------------------
+
+OPERATOR_STEM = "op"  # the operator's certificate and key: pki/op.pem, pki/op.key
+
+
+@dataclass
+class Deployment:
+    """A running broker, ``keyfleet serve`` instances by name over one database, and what a
+    test needs to talk to them. ``fleet`` is the started virtual fleet (``None`` without one);
+    ``fleet_config`` is written either way, for tests that build their own fleet."""
+
+    workdir: Path
+    db_url: str
+    pki: DeploymentPKI
+    configs: dict[str, Path]
+    logs: dict[str, Path]
+    services: dict[str, subprocess.Popen[bytes]]
+    fleet_config: Path
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    http_ports: dict[str, int] = field(default_factory=dict)
+    operator: OperatorSettings | None = None
+    operator_args: list[str] = field(default_factory=list)
+    fleet: VirtualFleet | None = None
+
+    @property
+    def broker(self) -> MosquittoBroker:
+        return self.pki.broker
+
+    @property
+    def config(self) -> Path:
+        """The first instance's configuration (what ``db init`` and ``operator add`` used)."""
+        return next(iter(self.configs.values()))
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """The operator CLI as the deployment's operator."""
+        return keyfleet(*args, *self.operator_args, cwd=self.workdir, timeout=timeout)
+
+    def cli_async(self, *args: str) -> subprocess.Popen[str]:
+        """The same, without waiting: ``communicate()`` it."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "provisioning.cli", *args, *self.operator_args],
+            cwd=self.workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def read(self, work: Callable[[Session], T]) -> T:
+        """``work`` in one transaction on the deployment's database, through an engine of its
+        own (as another process would see it)."""
+        engine = make_engine(self.db_url)
+        try:
+            return run_in_transaction(session_factory(engine), work)
+        finally:
+            engine.dispose()
+
+    def virtual_fleet(self, devices: int) -> VirtualFleet:
+        """A (not yet started) virtual fleet of ``devices`` from ``fleet_config``."""
+        return VirtualFleet.from_config(
+            load_fleet_config(self.fleet_config), devices, allow_insecure=True
+        )
+
+
+@contextlib.contextmanager
+def service_deployment(
+    workdir: Path,
+    broker_pki: BrokerPKI,
+    mosquitto_factory: BrokerFactory,
+    *,
+    label: str,
+    db_url: str | None = None,
+    instances: Sequence[str] = ("a",),
+    operator: tuple[str, str] | None = None,
+    station: tuple[str, Path] | None = None,
+    groups: str = "",
+    service: str = "",
+    metrics: bool = False,
+    http: str | None = None,
+    device_prefix: str = "dev-",
+    fleet_directory: str = "virtual",
+    devices: int = 0,
+    fleet_timeout: float = 120,
+    ready: bytes = b"ready",
+    start_timeout: float = 60,
+    python_args: Sequence[str] = (),
+    log_tail: int = 15_000,
+    device_ca: pki.CertificateAuthority | None = None,
+    operator_ca: pki.CertificateAuthority | None = None,
+    manufacturer_cas: Sequence[x509.Certificate] = (),
+) -> Iterator[Deployment]:
+    """docs/service.md "A deployment" in ``workdir``: a Mosquitto trusting the fleet's CAs
+    (``deployment_pki``), one ``keyfleet.toml`` per name in ``instances`` (``groups`` and
+    ``service`` are further lines of those tables), ``db init``, ``operator add`` for
+    ``operator`` = (identity, role) and/or ``station add`` for ``station`` = (name, cert), every
+    instance started and ready, then ``devices`` virtual devices started. The database is
+    ``db_url`` or a SQLite file ``workdir/fleet.db``.
+
+    ``metrics``: each instance serves Prometheus metrics on a free port (``metrics_ports``).
+    ``http``: each instance serves the enrollment API on a free port (``http_ports``); the text is
+    the further lines of its ``[http]`` table (TLS files, station CA).
+
+    On exit the fleet stops, every instance still running is stopped by its PID (SIGTERM, then
+    SIGKILL) and the last ``log_tail`` characters of each instance's log are printed (pytest shows
+    them for a failed test).
+    """
+    files = deployment_pki(
+        workdir, label, broker_pki, mosquitto_factory,
+        device_ca=device_ca, operator_ca=operator_ca, manufacturer_cas=manufacturer_cas,
+    )  # fmt: skip
+    broker, client = files.broker, files.service
+    url = db_url if db_url is not None else f"sqlite:///{workdir / 'fleet.db'}"
+    if operator is not None:
+        write_operator(
+            files.files, files.operator_ca, operator[0],
+            role=operator[1], now=files.now, stem=OPERATOR_STEM,
+        )  # fmt: skip
+    configs: dict[str, Path] = {}
+    metrics_ports: dict[str, int] = {}
+    http_ports: dict[str, int] = {}
+    for name in instances:
+        extra = ""
+        if metrics:
+            metrics_ports[name] = free_port()
+            extra += f'\n[metrics]\nlisten = "127.0.0.1:{metrics_ports[name]}"\n'
+        if http is not None:
+            http_ports[name] = free_port()
+            extra += f'\n[http]\nlisten = "127.0.0.1:{http_ports[name]}"\n{http}'
+        configs[name] = workdir / f"keyfleet-{name}.toml"
+        text = service_config(
+            db_url=url, broker=broker, client=client, instance=name,
+            groups=groups, service=service, extra=extra,
+        )  # fmt: skip
+        configs[name].write_text(text)
+    fleet_config = workdir / "fleet.toml"
+    fleet_config.write_text(
+        fleet_config_text(
+            id_prefix=device_prefix,
+            service_cert=client.cert_file,
+            broker_host=broker.host,
+            broker_port=broker.port,
+            broker_ca=broker.ca_file,
+            registry_url=url,
+            directory=fleet_directory,
+        )
+    )
+    first = configs[instances[0]]
+    initialized = keyfleet("db", "init", "--config", str(first), cwd=workdir, timeout=120)
+    assert initialized.returncode == 0, initialized.stderr
+    deployment = Deployment(
+        workdir, url, files, configs, {name: workdir / f"serve-{name}.log" for name in instances},
+        {}, fleet_config, metrics_ports, http_ports,
+    )  # fmt: skip
+    if operator is not None:
+        add_operator(operator[0], f"pki/{OPERATOR_STEM}.pem", config=first, cwd=workdir)
+        deployment.operator = OperatorSettings(
+            host=broker.host,
+            port=broker.port,
+            ca=Path(broker.ca_file),
+            cert=files.files / f"{OPERATOR_STEM}.pem",
+            key=files.files / f"{OPERATOR_STEM}.key",
+            service_cert=Path(client.cert_file),
+        )
+        deployment.operator_args = operator_args(
+            broker, cert=f"pki/{OPERATOR_STEM}.pem", key=f"pki/{OPERATOR_STEM}.key",
+            service_cert=client.cert_file,
+        )  # fmt: skip
+    if station is not None:
+        added = keyfleet(
+            "station", "add", station[0], "--cert", str(station[1]), "--config", str(first),
+            cwd=workdir,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+    try:
+        for name in instances:
+            deployment.services[name] = start_serve(
+                configs[name], cwd=workdir, log=deployment.logs[name], timeout=start_timeout,
+                ready=ready, python_args=python_args,
+            )  # fmt: skip
+        if devices:
+            deployment.fleet = deployment.virtual_fleet(devices)
+            deployment.fleet.start(timeout=fleet_timeout)
+        yield deployment
+    finally:
+        if deployment.fleet is not None:
+            deployment.fleet.stop()
+        stop_processes(deployment.services.values())
+        for name, log in deployment.logs.items():
+            if log_tail and log.exists():
+                print(f"---- serve {name} ----\n{log.read_text(errors='replace')[-log_tail:]}")

@@ -30,16 +30,20 @@ import pytest
 from agent.daemon import read_status
 from agent.protocol.errors import StateError
 from firmware_sim.swtpm import pid_alive
-from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker, free_port
+from tests.fixtures.mosquitto import (
+    DEFAULT_LOG_TYPES,
+    BrokerPKI,
+    free_port,
+)
 from tests.fixtures.swtpm import ManufacturerCA
 from tests.service_deployment import (
     add_operator,
+    deployment_pki,
     keyfleet,
     operator_args,
     service_config,
     start_serve,
     write_operator,
-    write_service_pki,
 )
 from tests.test_enroll import STATION, make_pki
 from tests.test_firmware_sim import DeviceProcess
@@ -99,17 +103,13 @@ def service(
     database_url: str,
 ) -> Iterator[Service]:
     fleet_pki = make_pki(tmp_path / "pki")
-    d = fleet_pki.directory
-    broker: MosquittoBroker = mosquitto_factory(
-        extra_ca_certs=(fleet_pki.device_ca.certificate, fleet_pki.operator_ca.certificate)
-    )
-    service_files = broker_pki.client("keyfleet-service", role="service")
-    write_service_pki(
-        d,
-        fleet_pki.device_ca,
-        fleet_pki.operator_ca,
+    fleet = deployment_pki(
+        tmp_path, "e2e", broker_pki, mosquitto_factory,
+        device_ca=fleet_pki.device_ca, operator_ca=fleet_pki.operator_ca,
         manufacturer_cas=[manufacturer_ca.root_cert(), manufacturer_ca.issuer_cert()],
-    )
+        log_types=DEFAULT_LOG_TYPES,
+    )  # fmt: skip
+    d, broker, service_files = fleet.files, fleet.broker, fleet.service
     port = free_port()
     config = tmp_path / "keyfleet.toml"
     config.write_text(

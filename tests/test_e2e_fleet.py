@@ -41,6 +41,7 @@ from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.operator import Rekey, Revoke
 from firmware_sim.lab import Lab, LabDevice
 from provisioning import pki
+from tests.fixtures.fleet import refusals_since, service_tap
 from tests.fixtures.postgres import dump_rows
 
 pytestmark = pytest.mark.e2e
@@ -227,21 +228,9 @@ class Capture:
     operator command on the broker: what a wire tap at the broker would see."""
 
     def __init__(self, lab: Lab) -> None:
-        assert lab.pki is not None and lab.broker is not None
         self.messages: list[ReceivedMessage] = []
         self._lock = threading.Lock()
-        self.client = MqttClient(
-            host=lab.broker.host,
-            port=lab.broker.port,
-            ca_file=lab.pki.tls_ca,
-            cert_file=lab.pki.service.cert,
-            key_file=lab.pki.service.key,
-            client_id="lab-wiretap",
-            clean_start=True,
-            session_expiry=0,
-            on_message=self._on,
-        )
-        self.client.connect()
+        self.client = service_tap(lab, "lab-wiretap", on_message=self._on)
         self.client.subscribe("kf/v1/ops/+/cmd")
 
     def _on(self, message: ReceivedMessage) -> None:
@@ -272,14 +261,6 @@ def operator_client(lab: Lab) -> Iterator[MqttClient]:
     client.subscribe(operator_result_topic("op-ops"))
     yield client
     client.close()
-
-
-def refusals_since(lab: Lab, seq: int, actor: str) -> list[str]:
-    return [
-        f"{e.action}: {e.reason}"
-        for e in lab.audit(seq + 1)
-        if e.actor == actor and e.outcome.value == "refused"
-    ]
 
 
 def wait_refusal(lab: Lab, seq: int, actor: str, check: str) -> list[str]:

@@ -5,14 +5,16 @@ end-to-end tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from cryptography import x509
@@ -34,9 +36,11 @@ from provisioning.enroll import (
     EnrollmentSettings,
     FinishRequest,
     StartRequest,
+    StartResult,
     certify_qualifying_data,
     device_id_for,
 )
+from provisioning.http import EnrollmentServer, build_app, start_enrollment_server
 from provisioning.pki import (
     CertificateAuthority,
     common_name,
@@ -58,6 +62,7 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
+from provisioning.station import FleetClient
 from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
 
 pytestmark = pytest.mark.tpm
@@ -67,6 +72,7 @@ pytestmark = pytest.mark.tpm
 NOW = int(time.time()) + 3600
 WHEN = datetime.fromtimestamp(NOW, UTC)
 STATION = "line-1"
+T = TypeVar("T")
 
 
 # ---- shared helpers ---------------------------------------------------------------------------
@@ -239,6 +245,90 @@ def device_start_request(
     return request, keys
 
 
+@dataclass
+class EnrollmentService:
+    """The enrollment API over real mutual TLS (``provisioning.http``) on a registry with the
+    fleet's station, in this process."""
+
+    pki: FleetPKI
+    sessions: sessionmaker[Session]
+    server: EnrollmentServer
+
+    def client(self) -> FleetClient:
+        """The station's client of this service."""
+        return FleetClient(
+            self.server.url,
+            cert=self.pki.station_cert_path,
+            key=self.pki.station_key_path,
+            ca=self.pki.server_ca_path,
+        )
+
+
+@contextlib.contextmanager
+def enrollment_service(
+    directory: Path, database: Path | str, manufacturer_ca: ManufacturerCA
+) -> Iterator[EnrollmentService]:
+    """``make_pki(directory)``, a registry on ``database`` (a SQLite file or a URL) and the
+    enrollment server on a free port; stopped and the engine closed on exit."""
+    pki = make_pki(directory)
+    sessions = make_registry(database, pki)
+    server = start_enrollment_server(
+        build_app(Enrollment(make_settings(pki, manufacturer_ca), sessions)),
+        server_cert=pki.server_cert_path,
+        server_key=pki.server_key_path,
+        station_ca=pki.station_ca_path,
+    )
+    try:
+        yield EnrollmentService(pki, sessions, server)
+    finally:
+        server.stop()
+        sessions.kw["bind"].dispose()  # a PostgreSQL connection left open warns when collected
+
+
+def activate(device: FactoryDevice, started: StartResult) -> Secret:
+    """The station's second step: the device answers the credential challenge of ``started``."""
+    answer = device.handle(
+        "activate-credential",
+        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
+    )
+    return Secret(answer["secret"])
+
+
+@contextlib.contextmanager
+def factory_device(
+    swtpm_factory: SwtpmFactory, directory: Path, serial: str
+) -> Iterator[FactoryDevice]:
+    """A device in factory mode on a fresh swtpm, its state in ``directory``."""
+    tpm = swtpm_factory.start()
+    with TPMStore(tpm.tcti) as store:
+        yield FactoryDevice(store, directory, serial=serial)
+
+
+def at_once(calls: Sequence[Callable[[], T]], timeout: float = 120.0) -> list[T | BaseException]:
+    """Every call in its own thread, released together; what each returned or raised, in the
+    order they ended. A call still running after ``timeout`` fails the test."""
+    results: list[T | BaseException] = []
+    lock = threading.Lock()
+    gate = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], T]) -> None:
+        gate.wait(timeout=timeout)
+        try:
+            result: T | BaseException = call()
+        except BaseException as exc:  # reported by the caller, whatever it is
+            result = exc
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+        assert not thread.is_alive(), "a call is stuck"
+    return results
+
+
 def devices_in(sessions: sessionmaker[Session]) -> list[str]:
     return run_in_transaction(sessions, lambda s: [d.device_id for d in Registry(s).devices()])
 
@@ -272,9 +362,8 @@ def enrollment(
 
 @pytest.fixture
 def device(swtpm_factory: SwtpmFactory, tmp_path: Path) -> Iterator[FactoryDevice]:
-    tpm = swtpm_factory.start()
-    with TPMStore(tpm.tcti) as store:
-        yield FactoryDevice(store, tmp_path / "device", serial="SN-E1")
+    with factory_device(swtpm_factory, tmp_path / "device", "SN-E1") as device:
+        yield device
 
 
 def _refused(check: str, call: Any, *args: Any, **kwargs: Any) -> ProtocolError:
@@ -296,13 +385,8 @@ def test_start_and_finish_register_one_device_with_its_audit_entries(
     assert started.device_id == device_id_for(ek_fp) == "dev-" + ek_fp[:16]
     assert devices_in(sessions) == []  # nothing registered before finish
 
-    secret = device.handle(
-        "activate-credential",
-        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
-    )["secret"]
-    identity = enrollment.finish(
-        STATION, FinishRequest(started.session, Secret(secret)), now=NOW + 1
-    )
+    secret = activate(device, started)
+    identity = enrollment.finish(STATION, FinishRequest(started.session, secret), now=NOW + 1)
     assert identity.device_id == started.device_id
     verify_certificate(identity.devid_cert, pki.device_ca.certificate, now=WHEN, purpose="client")
     verify_certificate(identity.tls_cert, pki.device_ca.certificate, now=WHEN, purpose="client")
@@ -321,7 +405,7 @@ def test_start_and_finish_register_one_device_with_its_audit_entries(
     device.handle("install", _install(identity))
 
     # a retried finish (its answer was lost) returns the same identity, registers nothing new
-    again = enrollment.finish(STATION, FinishRequest(started.session, Secret(secret)), now=NOW + 2)
+    again = enrollment.finish(STATION, FinishRequest(started.session, secret), now=NOW + 2)
     assert again.devid_cert == identity.devid_cert
     # and the same TPM cannot enroll a second time
     request2, _ = device_start_request(device)
@@ -531,15 +615,12 @@ def test_wrong_secret_ends_the_session_and_registers_nothing(
         now=NOW + 1,
     )
     # one try only: the right secret no longer helps
-    secret = device.handle(
-        "activate-credential",
-        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
-    )["secret"]
+    secret = activate(device, started)
     _refused(
         "enroll.session.unknown",
         enrollment.finish,
         STATION,
-        FinishRequest(started.session, Secret(secret)),
+        FinishRequest(started.session, secret),
         now=NOW + 2,
     )
     assert devices_in(sessions) == []
@@ -575,22 +656,19 @@ def test_sessions_expire_and_belong_to_their_station(
     enrollment = Enrollment(make_settings(pki, manufacturer_ca, session_ttl=10), sessions)
     request, _ = device_start_request(device)
     started = enrollment.start(STATION, request, now=NOW)
-    secret = device.handle(
-        "activate-credential",
-        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
-    )["secret"]
+    secret = activate(device, started)
     _refused(
         "enroll.session.station",
         enrollment.finish,
         "line-2",
-        FinishRequest(started.session, Secret(secret)),
+        FinishRequest(started.session, secret),
         now=NOW + 1,
     )
     _refused(
         "enroll.session.expired",
         enrollment.finish,
         STATION,
-        FinishRequest(started.session, Secret(secret)),
+        FinishRequest(started.session, secret),
         now=NOW + 11,
     )
     assert devices_in(sessions) == []
@@ -603,11 +681,8 @@ def test_undo_only_for_a_fresh_registration(
     _refused("enroll.revoke.unknown", enrollment.revoke, STATION, "dev-nobody", reason="x", now=NOW)
     request, _ = device_start_request(device)
     started = enrollment.start(STATION, request, now=NOW)
-    secret = device.handle(
-        "activate-credential",
-        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
-    )["secret"]
-    identity = enrollment.finish(STATION, FinishRequest(started.session, Secret(secret)), now=NOW)
+    secret = activate(device, started)
+    identity = enrollment.finish(STATION, FinishRequest(started.session, secret), now=NOW)
     _refused(
         "enroll.revoke.state",
         enrollment.revoke,

@@ -7,53 +7,31 @@ from __future__ import annotations
 import http.client
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.wire import cbor
-from provisioning.enroll import Enrollment
-from provisioning.http import MAX_BODY, EnrollmentServer, build_app, start_enrollment_server
+from provisioning.http import MAX_BODY
 from provisioning.station import FleetClient
 from tests.fixtures.swtpm import ManufacturerCA
-from tests.test_enroll import FleetPKI, audit_trail, make_pki, make_registry, make_settings
+from tests.test_enroll import EnrollmentService, audit_trail, enrollment_service
 
 pytestmark = pytest.mark.e2e
 # the registry on a SQLite file and on PostgreSQL (tests/fixtures/postgres.py)
 DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 
-@dataclass
-class Service:
-    pki: FleetPKI
-    sessions: sessionmaker[Session]
-    server: EnrollmentServer
-
-
 @pytest.fixture
 def service(
     tmp_path: Path, manufacturer_ca: ManufacturerCA, database_url: str
-) -> Iterator[Service]:
-    pki = make_pki(tmp_path / "pki")
-    sessions = make_registry(database_url, pki)
-    app = build_app(Enrollment(make_settings(pki, manufacturer_ca), sessions))
-    server = start_enrollment_server(
-        app,
-        server_cert=pki.server_cert_path,
-        server_key=pki.server_key_path,
-        station_ca=pki.station_ca_path,
-    )
-    try:
-        yield Service(pki, sessions, server)
-    finally:
-        server.stop()
-        sessions.kw["bind"].dispose()  # a PostgreSQL connection left open warns when collected
+) -> Iterator[EnrollmentService]:
+    with enrollment_service(tmp_path / "pki", database_url, manufacturer_ca) as service:
+        yield service
 
 
-def _context(service: Service, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+def _context(service: EnrollmentService, cert: Path | None, key: Path | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(service.pki.server_ca_path))
     if cert is not None and key is not None:
         context.load_cert_chain(str(cert), str(key))
@@ -61,7 +39,7 @@ def _context(service: Service, cert: Path | None, key: Path | None) -> ssl.SSLCo
 
 
 def _raw(
-    service: Service,
+    service: EnrollmentService,
     method: str,
     path: str,
     body: bytes | None,
@@ -83,7 +61,7 @@ def _raw(
         conn.close()
 
 
-def test_client_without_certificate_cannot_even_connect(service: Service) -> None:
+def test_client_without_certificate_cannot_even_connect(service: EnrollmentService) -> None:
     conn = http.client.HTTPSConnection(
         "127.0.0.1", service.server.port, context=_context(service, None, None), timeout=10
     )
@@ -93,7 +71,9 @@ def test_client_without_certificate_cannot_even_connect(service: Service) -> Non
     conn.close()
 
 
-def test_certificate_of_an_unregistered_station_is_refused_and_audited(service: Service) -> None:
+def test_certificate_of_an_unregistered_station_is_refused_and_audited(
+    service: EnrollmentService,
+) -> None:
     cert, key, _ = service.pki.extra_station("line-7")
     status, body = _raw(service, "POST", "/v1/enroll/start", cbor.encode({}), cert=cert, key=key)
     assert status == 403
@@ -129,14 +109,14 @@ def test_certificate_of_an_unregistered_station_is_refused_and_audited(service: 
     ],
 )
 def test_errors_are_cbor_with_check_ids(
-    service: Service, case: tuple[str, str, bytes | None, str, int, str]
+    service: EnrollmentService, case: tuple[str, str, bytes | None, str, int, str]
 ) -> None:
     method, path, body, content_type, status, check = case
     got_status, got = _raw(service, method, path, body, content_type=content_type)
     assert (got_status, isinstance(got, dict) and got["check"]) == (status, check)
 
 
-def test_fleet_client_turns_error_bodies_into_protocol_errors(service: Service) -> None:
+def test_fleet_client_turns_error_bodies_into_protocol_errors(service: EnrollmentService) -> None:
     client = FleetClient(
         service.server.url,
         cert=service.pki.station_cert_path,

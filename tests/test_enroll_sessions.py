@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ from sqlalchemy.orm import Session
 from agent.factory import FactoryDevice
 from agent.protocol.errors import ProtocolError
 from agent.protocol.secret import Secret
-from agent.tpm.store import TPMStore
 from provisioning.db.schema import EnrollSession
 from provisioning.enroll import (
     DeviceIdentity,
@@ -45,9 +45,13 @@ from tests.test_enroll import (
     NOW,
     STATION,
     FleetPKI,
+    _refused,
+    activate,
+    at_once,
     audit_trail,
     device_start_request,
     devices_in,
+    factory_device,
     make_pki,
     make_registry,
     make_settings,
@@ -103,23 +107,8 @@ def fleet(database_url: str, tmp_path: Path, manufacturer_ca: ManufacturerCA) ->
 
 @pytest.fixture
 def device(swtpm_factory: SwtpmFactory, tmp_path: Path) -> Iterator[FactoryDevice]:
-    tpm = swtpm_factory.start()
-    with TPMStore(tpm.tcti) as store:
-        yield FactoryDevice(store, tmp_path / "device", serial="SN-S1")
-
-
-def activate(device: FactoryDevice, started: StartResult) -> Secret:
-    answer = device.handle(
-        "activate-credential",
-        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
-    )
-    return Secret(answer["secret"])
-
-
-def refused(check: str, call: Any, *args: Any, **kwargs: Any) -> None:
-    with pytest.raises(ProtocolError) as err:
-        call(*args, **kwargs)
-    assert err.value.check == check, err.value
+    with factory_device(swtpm_factory, tmp_path / "device", "SN-S1") as device:
+        yield device
 
 
 def session_row(fleet: Fleet, session_id: str) -> EnrollSession | None:
@@ -160,7 +149,7 @@ def test_started_on_one_instance_finished_on_the_other(fleet: Fleet, device: Fac
 
     # undoing it on instance 1 ends the finished session everywhere: no retry hands it out again
     one.revoke(STATION, identity.device_id, reason="install failed", now=NOW + 3)
-    refused(
+    _refused(
         "enroll.session.unknown",
         two.finish,
         STATION,
@@ -231,26 +220,10 @@ def finish_together(
     racers: list[Enrollment], session_id: str, secret: Secret, *, now: int
 ) -> list[DeviceIdentity | BaseException]:
     """Every racer finishes the session in its own thread; what each returned or raised."""
-    results: list[DeviceIdentity | BaseException] = []
-    lock = threading.Lock()
-
-    def finish(racer: Enrollment) -> None:
-        try:
-            result: DeviceIdentity | BaseException = racer.finish(
-                STATION, FinishRequest(session_id, secret), now=now
-            )
-        except BaseException as exc:  # reported by the caller, whatever it is
-            result = exc
-        with lock:
-            results.append(result)
-
-    threads = [threading.Thread(target=finish, args=(r,)) for r in racers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(JOIN_TIMEOUT)
-        assert not thread.is_alive(), "a finish is stuck"
-    return results
+    request = FinishRequest(session_id, secret)
+    return at_once(
+        [partial(racer.finish, STATION, request, now=now) for racer in racers], JOIN_TIMEOUT
+    )
 
 
 def test_one_wrong_answer_ends_the_session_on_every_instance(
@@ -261,7 +234,7 @@ def test_one_wrong_answer_ends_the_session_on_every_instance(
     started = one.start(STATION, request, now=NOW)
     secret = activate(device, started)
     # another station's finish on instance 2 does not end the session (nor spend its one try)
-    refused(
+    _refused(
         "enroll.session.station",
         two.finish,
         "line-2",
@@ -269,7 +242,7 @@ def test_one_wrong_answer_ends_the_session_on_every_instance(
         now=NOW + 1,
     )
     assert session_row(fleet, started.session) is not None
-    refused(
+    _refused(
         "enroll.credential",
         two.finish,
         STATION,
@@ -278,7 +251,7 @@ def test_one_wrong_answer_ends_the_session_on_every_instance(
     )
     assert session_row(fleet, started.session) is None
     # the right answer on instance 1 comes too late
-    refused(
+    _refused(
         "enroll.session.unknown",
         one.finish,
         STATION,
@@ -302,10 +275,10 @@ def test_expiry_purge_and_session_limit_are_fleet_wide(fleet: Fleet, device: Fac
     secret = activate(device, first)
     second = two.start(STATION, request, now=NOW + 1)
     # two sessions pending in the fleet: a third is refused on either instance
-    refused("enroll.session.limit", one.start, STATION, request, now=NOW + 2)
-    refused("enroll.session.limit", two.start, STATION, request, now=NOW + 2)
+    _refused("enroll.session.limit", one.start, STATION, request, now=NOW + 2)
+    _refused("enroll.session.limit", two.start, STATION, request, now=NOW + 2)
     # expired on instance 2 although started on instance 1
-    refused(
+    _refused(
         "enroll.session.expired",
         two.finish,
         STATION,
@@ -353,25 +326,8 @@ def test_concurrent_starts_on_two_instances_respect_the_fleet_limit(
     limit, attempts = 3, 8
     instances = [fleet.instance(max_sessions=limit) for _ in range(2)]
     request, _ = device_start_request(device)
-    gate = threading.Barrier(attempts)
-    results: list[StartResult | BaseException] = []
-    lock = threading.Lock()
-
-    def start(instance: Enrollment) -> None:
-        gate.wait(timeout=JOIN_TIMEOUT)
-        try:
-            result: StartResult | BaseException = instance.start(STATION, request, now=NOW)
-        except BaseException as exc:  # counted below, whatever it is
-            result = exc
-        with lock:
-            results.append(result)
-
-    threads = [threading.Thread(target=start, args=(instances[i % 2],)) for i in range(attempts)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(JOIN_TIMEOUT)
-        assert not thread.is_alive(), "a start is stuck"
+    starts = [partial(instances[i % 2].start, STATION, request, now=NOW) for i in range(attempts)]
+    results = at_once(starts, JOIN_TIMEOUT)
     opened = {r.session for r in results if isinstance(r, StartResult)}
     refusals = [r for r in results if not isinstance(r, StartResult)]
     assert len(opened) == limit, results
@@ -408,7 +364,7 @@ def test_a_session_ended_between_check_and_claim_registers_nothing(
     while not slow.issued:
         assert thread.is_alive(), results
         thread.join(0.01)
-    refused(
+    _refused(
         "enroll.credential",
         other.finish,
         STATION,

@@ -20,13 +20,11 @@ from agent.protocol.errors import ProtocolError, StateError
 from agent.serial_link import SerialClient
 from firmware_sim.boot import PCR_MAP
 from firmware_sim.swtpm import pid_alive
-from provisioning.enroll import Enrollment
-from provisioning.http import build_app, start_enrollment_server
 from provisioning.station import Station
 from tests.fixtures.swtpm import ManufacturerCA
-from tests.test_enroll import devices_in, make_pki, make_registry, make_settings
+from tests.test_enroll import EnrollmentService, devices_in, enrollment_service
 from tests.test_firmware_sim import DeviceProcess, identity
-from tests.test_provisioning_e2e import FAST_TIMEOUTS, Fleet
+from tests.test_provisioning_e2e import FAST_TIMEOUTS
 
 pytestmark = pytest.mark.e2e
 
@@ -34,19 +32,9 @@ PCRS = sorted(set(PCR_MAP.values()))
 
 
 @pytest.fixture
-def fleet_service(tmp_path: Path, manufacturer_ca: ManufacturerCA) -> Iterator[Fleet]:
-    pki = make_pki(tmp_path / "pki")
-    sessions = make_registry(tmp_path / "fleet.db", pki)
-    server = start_enrollment_server(
-        build_app(Enrollment(make_settings(pki, manufacturer_ca), sessions)),
-        server_cert=pki.server_cert_path,
-        server_key=pki.server_key_path,
-        station_ca=pki.station_ca_path,
-    )
-    try:
-        yield Fleet(pki, sessions, server)
-    finally:
-        server.stop()
+def fleet_service(tmp_path: Path, manufacturer_ca: ManufacturerCA) -> Iterator[EnrollmentService]:
+    with enrollment_service(tmp_path / "pki", tmp_path / "fleet.db", manufacturer_ca) as service:
+        yield service
 
 
 @pytest.fixture
@@ -87,7 +75,7 @@ def _agent_log(state: Path) -> str:
 
 
 def test_station_provisions_a_firmware_sim_device_then_its_console_is_locked(
-    fleet_service: Fleet,
+    fleet_service: EnrollmentService,
     devices: list[DeviceProcess],
     tmp_path: Path,
     manufacturer_ca: ManufacturerCA,
@@ -167,7 +155,7 @@ def test_station_provisions_a_firmware_sim_device_then_its_console_is_locked(
 
 
 def test_station_refuses_a_provisioned_firmware_sim_device(
-    fleet_service: Fleet,
+    fleet_service: EnrollmentService,
     devices: list[DeviceProcess],
     tmp_path: Path,
     manufacturer_ca: ManufacturerCA,

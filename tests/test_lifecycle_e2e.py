@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +49,16 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
-from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.fixtures.mosquitto import DEFAULT_LOG_TYPES, BrokerPKI, MosquittoBroker
 from tests.fixtures.nobody import NobodyPython
 from tests.fixtures.swtpm import Swtpm, SwtpmFactory
 from tests.service_deployment import (
     add_operator,
+    deployment_pki,
     operator_args,
     service_config,
     start_serve,
     write_operator,
-    write_service_pki,
 )
 
 pytestmark = pytest.mark.e2e
@@ -280,16 +280,11 @@ def lab(
     mosquitto_factory: Any,
     swtpm_factory: SwtpmFactory,
 ) -> Iterator[Lab]:
-    now = datetime.now(UTC)
-    device_ca = pki.create_ca("lifecycle device CA", now=now, valid_for=timedelta(days=2))
-    operator_ca = pki.create_ca("lifecycle operator CA", now=now, valid_for=timedelta(days=2))
-    broker: MosquittoBroker = mosquitto_factory(
-        extra_ca_certs=(device_ca.certificate, operator_ca.certificate)
+    fleet = deployment_pki(
+        tmp_path, "lifecycle", broker_pki, mosquitto_factory, log_types=DEFAULT_LOG_TYPES
     )
-    files = tmp_path / "pki"
-    files.mkdir()
-    service_files = broker_pki.client("keyfleet-service", role="service")
-    write_service_pki(files, device_ca, operator_ca)
+    now, device_ca, operator_ca = fleet.now, fleet.device_ca, fleet.operator_ca
+    broker, service_files, files = fleet.broker, fleet.service, fleet.files
     db = tmp_path / "fleet.db"
     config = tmp_path / "keyfleet.toml"
     config.write_text(

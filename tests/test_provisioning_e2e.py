@@ -20,26 +20,22 @@ from typing import Any
 import pytest
 import serial
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy.orm import Session, sessionmaker
 
 from agent.config import load_config
 from agent.factory import FactoryConsole, serve_factory_on_pty
 from agent.protocol.errors import ProtocolError
 from agent.serial_link import Args, Handler, SerialClient
 from agent.tpm.store import TPMStore
-from provisioning.enroll import Enrollment, StartRequest, certify_qualifying_data
-from provisioning.http import EnrollmentServer, build_app, start_enrollment_server
+from provisioning.enroll import StartRequest, certify_qualifying_data
 from provisioning.pki import verify_certificate
 from provisioning.registry import DeviceState, Registry, run_in_transaction
-from provisioning.station import FleetClient, ProvisionReport, Station
+from provisioning.station import ProvisionReport, Station
 from tests.fixtures.swtpm import ManufacturerCA, Swtpm, SwtpmFactory
 from tests.test_enroll import (
-    FleetPKI,
+    EnrollmentService,
     audit_trail,
     devices_in,
-    make_pki,
-    make_registry,
-    make_settings,
+    enrollment_service,
 )
 
 pytestmark = pytest.mark.e2e
@@ -55,21 +51,6 @@ FAST_TIMEOUTS = {
     "install": 2.0,
     "lock": 2.0,
 }
-
-
-@dataclass
-class Fleet:
-    pki: FleetPKI
-    sessions: sessionmaker[Session]
-    server: EnrollmentServer
-
-    def client(self) -> FleetClient:
-        return FleetClient(
-            self.server.url,
-            cert=self.pki.station_cert_path,
-            key=self.pki.station_key_path,
-            ca=self.pki.server_ca_path,
-        )
 
 
 @dataclass
@@ -91,20 +72,11 @@ class Device:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, manufacturer_ca: ManufacturerCA, database_url: str) -> Iterator[Fleet]:
-    pki = make_pki(tmp_path / "pki")
-    sessions = make_registry(database_url, pki)
-    server = start_enrollment_server(
-        build_app(Enrollment(make_settings(pki, manufacturer_ca), sessions)),
-        server_cert=pki.server_cert_path,
-        server_key=pki.server_key_path,
-        station_ca=pki.station_ca_path,
-    )
-    try:
-        yield Fleet(pki, sessions, server)
-    finally:
-        server.stop()
-        sessions.kw["bind"].dispose()  # a PostgreSQL connection left open warns when collected
+def fleet(
+    tmp_path: Path, manufacturer_ca: ManufacturerCA, database_url: str
+) -> Iterator[EnrollmentService]:
+    with enrollment_service(tmp_path / "pki", database_url, manufacturer_ca) as service:
+        yield service
 
 
 @pytest.fixture
@@ -129,12 +101,14 @@ def make_device(swtpm_factory: SwtpmFactory, tmp_path: Path) -> Iterator[Any]:
                 store.close()
 
 
-def _station(fleet: Fleet, device: Device, **kwargs: Any) -> tuple[Station, SerialClient]:
+def _station(
+    fleet: EnrollmentService, device: Device, **kwargs: Any
+) -> tuple[Station, SerialClient]:
     link = SerialClient.open(device.path, timeout=2.0, retries=kwargs.pop("retries", 2))
     return Station(link, fleet.client(), device_timeouts=FAST_TIMEOUTS, **kwargs), link
 
 
-def _provision(fleet: Fleet, device: Device, **kwargs: Any) -> ProvisionReport:
+def _provision(fleet: EnrollmentService, device: Device, **kwargs: Any) -> ProvisionReport:
     station, link = _station(fleet, device, **kwargs)
     try:
         return station.provision()
@@ -142,12 +116,12 @@ def _provision(fleet: Fleet, device: Device, **kwargs: Any) -> ProvisionReport:
         link.close()
 
 
-def _record(fleet: Fleet, device_id: str) -> Any:
+def _record(fleet: EnrollmentService, device_id: str) -> Any:
     return run_in_transaction(fleet.sessions, lambda s: Registry(s).device(device_id))
 
 
 def test_three_devices_provisioned_end_to_end(
-    fleet: Fleet, make_device: Any, capsys: pytest.CaptureFixture[str]
+    fleet: EnrollmentService, make_device: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     devices = [make_device() for _ in range(3)]
     reports = [_provision(fleet, device, groups=("sensors",)) for device in devices]
@@ -193,7 +167,7 @@ def test_three_devices_provisioned_end_to_end(
 
 
 def test_unknown_manufacturer_is_refused_nothing_registered(
-    fleet: Fleet, make_device: Any, other_manufacturer_ca: ManufacturerCA
+    fleet: EnrollmentService, make_device: Any, other_manufacturer_ca: ManufacturerCA
 ) -> None:
     device = make_device(other_manufacturer_ca)
     report = _provision(fleet, device)
@@ -205,7 +179,7 @@ def test_unknown_manufacturer_is_refused_nothing_registered(
     assert ("enroll.start", "refused") in [(a, o) for a, o, _ in audit_trail(fleet.sessions)]
 
 
-def test_swapped_ak_finish_is_refused(fleet: Fleet, make_device: Any) -> None:
+def test_swapped_ak_finish_is_refused(fleet: EnrollmentService, make_device: Any) -> None:
     """The device answers the credential with another AK: the TPM cannot recover the secret; a
     station that then guesses is refused at finish, and nothing is registered."""
     first, second = make_device(), make_device()
@@ -317,7 +291,7 @@ class NoisyPort:
         self._port.close()
 
 
-def test_noise_on_the_serial_line_is_survived(fleet: Fleet, make_device: Any) -> None:
+def test_noise_on_the_serial_line_is_survived(fleet: EnrollmentService, make_device: Any) -> None:
     device = make_device()
     port = NoisyPort(serial.serial_for_url(device.path, timeout=0.02), rate=0.08, seed=11)
     link = SerialClient(port, timeout=2.0, retries=25)
@@ -336,7 +310,9 @@ def test_noise_on_the_serial_line_is_survived(fleet: Fleet, make_device: Any) ->
     assert config.identity is not None and config.identity.device_id == report.device_id
 
 
-def test_device_reset_mid_provisioning_retries_cleanly(fleet: Fleet, make_device: Any) -> None:
+def test_device_reset_mid_provisioning_retries_cleanly(
+    fleet: EnrollmentService, make_device: Any
+) -> None:
     """Power is lost while the device answers activate-credential: the TPM restarts, the reply
     is gone; the station's retry reaches the rebooted device, which loads its AK blob again and
     answers. Provisioning completes with exactly one registration."""
@@ -364,7 +340,7 @@ def test_device_reset_mid_provisioning_retries_cleanly(fleet: Fleet, make_device
 
 
 def test_device_dead_after_finish_is_undone_then_reprovisioned(
-    fleet: Fleet, make_device: Any
+    fleet: EnrollmentService, make_device: Any
 ) -> None:
     """The device dies for good during install (every reply lost): the station undoes the
     registration it just made, so the registry holds no half-provisioned device; once the
@@ -393,7 +369,7 @@ def test_device_dead_after_finish_is_undone_then_reprovisioned(
     assert devices_in(fleet.sessions) == [retry.device_id]
 
 
-def test_keyprovision_command_line_json(fleet: Fleet, make_device: Any) -> None:
+def test_keyprovision_command_line_json(fleet: EnrollmentService, make_device: Any) -> None:
     device = make_device()
     pki = fleet.pki
     result = subprocess.run(

@@ -15,7 +15,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from agent.factory import FactoryDevice
 from agent.protocol.lifecycle import KeyState
-from agent.protocol.secret import Secret
 from agent.protocol.wire.replay import ReplayGuard
 from agent.tpm.store import TPMStore
 from provisioning import audit
@@ -29,6 +28,7 @@ from tests.test_enroll import (
     NOW,
     STATION,
     _refused,
+    activate,
     device_start_request,
     make_pki,
     make_registry,
@@ -63,11 +63,8 @@ def setup(
 def enroll_once(enrollment: Enrollment, device: FactoryDevice, now: int) -> DeviceIdentity:
     request, _ = device_start_request(device)
     started = enrollment.start(STATION, request, now=now)
-    secret = device.handle(
-        "activate-credential",
-        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
-    )["secret"]
-    return enrollment.finish(STATION, FinishRequest(started.session, Secret(secret)), now=now + 1)
+    secret = activate(device, started)
+    return enrollment.finish(STATION, FinishRequest(started.session, secret), now=now + 1)
 
 
 @pytest.mark.parametrize("old_state", [DeviceState.DESTROYED, DeviceState.REVOKED])

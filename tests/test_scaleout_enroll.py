@@ -10,105 +10,83 @@ swtpm answering the credential challenge through factory mode, the station is
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.factory import FactoryDevice
 from agent.protocol.errors import ProtocolError
-from agent.tpm.store import TPMStore
-from firmware_sim.ports import free_port
 from provisioning import audit
-from provisioning.enroll import DeviceIdentity, StartResult
-from provisioning.registry import Registry, make_engine, run_in_transaction, session_factory
+from provisioning.enroll import DeviceIdentity
+from provisioning.registry import Registry
 from provisioning.station import FleetClient
-from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.fixtures.deployment import DeployFactory
 from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
-from tests.service_deployment import keyfleet, service_config, start_serve, write_service_pki
-from tests.test_enroll import STATION, device_start_request, make_pki
+from tests.service_deployment import Deployment
+from tests.test_enroll import (
+    STATION,
+    activate,
+    at_once,
+    device_start_request,
+    factory_device,
+    make_pki,
+)
 
 pytestmark = pytest.mark.e2e
 DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 INSTANCES = ("a", "b")
 JOIN_TIMEOUT = 120.0
+# the enrollment API's TLS and the station CA, as tests/test_enroll.make_pki writes them
+HTTPS = """tls_cert = "pki/server.pem"
+tls_key = "pki/server.key"
+station_ca = "pki/station-ca.pem"
+"""
 
 
 @dataclass
 class Pair:
     """Two instances sharing one database, and a station client for each one's API."""
 
-    db_url: str
+    deployment: Deployment
     clients: dict[str, FleetClient]
-    logs: dict[str, Path]
 
     def devices(self) -> list[str]:
-        return self._read(lambda s: [d.device_id for d in Registry(s).devices()])
+        return self.deployment.read(lambda s: [d.device_id for d in Registry(s).devices()])
 
     def finishes(self) -> list[tuple[str, str]]:
         """(outcome, target) of every enroll.finish audit entry, oldest first."""
-        return self._read(
+        return self.deployment.read(
             lambda s: [
                 (e.outcome.value, e.target) for e in audit.entries(s) if e.action == "enroll.finish"
             ]
         )
 
-    def _read(self, work: Any) -> Any:
-        engine = make_engine(self.db_url)
-        try:
-            return run_in_transaction(session_factory(engine), work)
-        finally:
-            engine.dispose()
-
 
 @pytest.fixture
 def pair(
-    tmp_path: Path,
-    broker_pki: BrokerPKI,
-    mosquitto_factory: Any,
-    manufacturer_ca: ManufacturerCA,
-    database_url: str,
-) -> Iterator[Pair]:
+    tmp_path: Path, deploy: DeployFactory, manufacturer_ca: ManufacturerCA, database_url: str
+) -> Pair:
     fleet_pki = make_pki(tmp_path / "pki")
-    files = fleet_pki.directory
-    broker: MosquittoBroker = mosquitto_factory(
-        extra_ca_certs=(fleet_pki.device_ca.certificate, fleet_pki.operator_ca.certificate)
-    )
-    service_files = broker_pki.client("keyfleet-service", role="service")
-    write_service_pki(
-        files,
-        fleet_pki.device_ca,
-        fleet_pki.operator_ca,
+    deployment = deploy(
+        "enroll",
+        db_url=database_url,
+        instances=INSTANCES,
+        station=(STATION, fleet_pki.station_cert_path),
+        groups="ack_timeout_seconds = 30\n",
+        http=HTTPS,
+        ready=b"keyfleet serve: ready",
+        log_tail=8_000,
+        device_ca=fleet_pki.device_ca,
+        operator_ca=fleet_pki.operator_ca,
         manufacturer_cas=[manufacturer_ca.root_cert(), manufacturer_ca.issuer_cert()],
     )
-    configs: dict[str, Path] = {}
     clients: dict[str, FleetClient] = {}
-    for name in INSTANCES:
-        port = free_port()
-        configs[name] = tmp_path / f"keyfleet-{name}.toml"
-        configs[name].write_text(
-            service_config(
-                db_url=database_url,
-                broker=broker,
-                client=service_files,
-                instance=name,
-                groups="ack_timeout_seconds = 30\n",
-                extra=f"""
-[http]
-listen = "127.0.0.1:{port}"
-tls_cert = "pki/server.pem"
-tls_key = "pki/server.key"
-station_ca = "pki/station-ca.pem"
-""",
-            )
-        )
+    for name, port in deployment.http_ports.items():
+        assert b"enrollment API on https://127.0.0.1" in deployment.logs[name].read_bytes()
         clients[name] = FleetClient(
             f"https://127.0.0.1:{port}",
             cert=fleet_pki.station_cert_path,
@@ -116,74 +94,19 @@ station_ca = "pki/station-ca.pem"
             ca=fleet_pki.server_ca_path,
             retries=0,  # a retry here would hide which instance answered
         )
-    first = str(configs[INSTANCES[0]])
-    initialized = keyfleet("db", "init", "--config", first, cwd=tmp_path, timeout=120)
-    assert initialized.returncode == 0, initialized.stderr
-    added = keyfleet(
-        "station", "add", STATION, "--cert", str(fleet_pki.station_cert_path),
-        "--config", first, cwd=tmp_path,
-    )  # fmt: skip
-    assert added.returncode == 0, added.stderr
-    logs = {name: tmp_path / f"serve-{name}.log" for name in INSTANCES}
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for name in INSTANCES:
-            processes[name] = start_serve(
-                configs[name], cwd=tmp_path, log=logs[name], timeout=60,
-                ready=b"keyfleet serve: ready",
-            )  # fmt: skip
-            assert b"enrollment API on https://127.0.0.1" in logs[name].read_bytes()
-        yield Pair(database_url, clients, logs)
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGTERM)
-        for name, process in processes.items():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-            print(f"---- serve {name} ----\n{logs[name].read_text(errors='replace')[-8000:]}")
+    return Pair(deployment, clients)
 
 
 @pytest.fixture
 def device(swtpm_factory: SwtpmFactory, tmp_path: Path) -> Iterator[FactoryDevice]:
-    tpm = swtpm_factory.start()
-    with TPMStore(tpm.tcti) as store:
-        yield FactoryDevice(store, tmp_path / "device", serial="SN-SCALE-1")
+    with factory_device(swtpm_factory, tmp_path / "device", "SN-SCALE-1") as device:
+        yield device
 
 
-def activate(device: FactoryDevice, started: StartResult) -> bytes:
-    answer: bytes = device.handle(
-        "activate-credential",
-        {"credential_blob": started.credential_blob, "encrypted_secret": started.encrypted_secret},
-    )["secret"]
-    return answer
-
-
-def finish_on_both(pair: Pair, session: str, secret: bytes) -> list[DeviceIdentity | Exception]:
+def finish_on_both(pair: Pair, session: str, secret: bytes) -> list[DeviceIdentity | BaseException]:
     """The same finish sent to both instances at once (one thread each)."""
-    results: list[DeviceIdentity | Exception] = []
-    lock = threading.Lock()
-    gate = threading.Barrier(len(INSTANCES))
-
-    def finish(name: str) -> None:
-        gate.wait(timeout=JOIN_TIMEOUT)
-        try:
-            result: DeviceIdentity | Exception = pair.clients[name].finish(session, secret)
-        except Exception as exc:  # reported by the caller, whatever it is
-            result = exc
-        with lock:
-            results.append(result)
-
-    threads = [threading.Thread(target=finish, args=(name,)) for name in INSTANCES]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(JOIN_TIMEOUT)
-        assert not thread.is_alive(), "a finish is stuck"
-    return results
+    calls = [partial(pair.clients[name].finish, session, secret) for name in INSTANCES]
+    return at_once(calls, JOIN_TIMEOUT)
 
 
 def test_a_station_finishes_on_another_instance_than_it_started(
@@ -192,7 +115,7 @@ def test_a_station_finishes_on_another_instance_than_it_started(
     a, b = pair.clients["a"], pair.clients["b"]
     request, _ = device_start_request(device, groups=("line",))
     started = a.start(request)
-    secret = activate(device, started)
+    secret = activate(device, started).reveal()
     identity = b.finish(started.session, secret)
     assert identity.device_id == started.device_id and identity.groups == ("line",)
     device.handle("install", identity.to_map())
@@ -207,7 +130,7 @@ def test_a_station_finishes_on_another_instance_than_it_started(
     assert pair.devices() == []
     request, _ = device_start_request(device)
     started = b.start(request)
-    secret = activate(device, started)
+    secret = activate(device, started).reveal()
     results = finish_on_both(pair, started.session, secret)
     identities = [r for r in results if isinstance(r, DeviceIdentity)]
     assert len(identities) == 2, results
@@ -223,7 +146,7 @@ def test_a_wrong_answer_on_one_instance_ends_the_session_on_the_other(
     a, b = pair.clients["a"], pair.clients["b"]
     request, _ = device_start_request(device)
     started = a.start(request)
-    secret = activate(device, started)
+    secret = activate(device, started).reveal()
     wrong = bytes(x ^ 1 for x in secret)
     with pytest.raises(ProtocolError) as err:
         b.finish(started.session, wrong)

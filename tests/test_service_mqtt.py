@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,17 @@ from agent.mqtt import MqttClient
 from agent.protocol.topics import device_cmd_topic
 from provisioning import pki
 from provisioning.registry import create_schema, make_engine, session_factory
-from tests.fixtures.mosquitto import BrokerPKI, MosquittoBroker
+from tests.fixtures.mosquitto import DEFAULT_LOG_TYPES, BrokerFactory, BrokerPKI, MosquittoBroker
 from tests.fixtures.postgres import dump_rows
 from tests.service_deployment import (
     add_operator,
+    deployment_pki,
     keyfleet,
     operator_args,
     service_config,
     start_serve,
     write_operator,
     write_pem,
-    write_service_pki,
 )
 from tests.service_members import SoftDevice
 
@@ -100,18 +99,13 @@ class Deployment:
 
 @pytest.fixture
 def deployment(
-    tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: object, database_url: str
+    tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: BrokerFactory, database_url: str
 ) -> Iterator[Deployment]:
-    now = datetime.now(UTC)
-    device_ca = pki.create_ca("test device CA", now=now, valid_for=timedelta(days=2))
-    operator_ca = pki.create_ca("test operator CA", now=now, valid_for=timedelta(days=2))
-    broker: MosquittoBroker = mosquitto_factory(  # type: ignore[operator]
-        extra_ca_certs=(device_ca.certificate, operator_ca.certificate)
+    fleet = deployment_pki(
+        tmp_path, "test", broker_pki, mosquitto_factory, log_types=DEFAULT_LOG_TYPES
     )
-    files = tmp_path / "pki"
-    files.mkdir()
-    service_files = broker_pki.client("keyfleet-service", role="service")
-    write_service_pki(files, device_ca, operator_ca)
+    now, device_ca, operator_ca = fleet.now, fleet.device_ca, fleet.operator_ca
+    broker, service_files, files = fleet.broker, fleet.service, fleet.files
     db = tmp_path / "fleet.db"
     config = tmp_path / "keyfleet.toml"
     config.write_text(

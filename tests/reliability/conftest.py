@@ -26,12 +26,14 @@ from typing import Any
 
 import pytest
 
-from agent.mqtt import MqttClient, ReceivedMessage
+from agent.mqtt import ReceivedMessage
 from agent.protocol.wire.messages.operator import Rekey
 from agent.protocol.wire.messages.result import OperatorResult
 from firmware_sim.lab import Lab, LabDevice
 from firmware_sim.swtpm import pid_alive
 from provisioning.operator import FINAL, OperatorClient, OperatorSettings
+from tests.fixtures.fleet import service_tap
+from tests.service_deployment import stop_processes
 
 SEED_ENV = "RELIABILITY_SEED"
 DEFAULT_SEED = 8
@@ -155,14 +157,7 @@ class AgentSupervisor:
             time.sleep(0.02)
 
     def close(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(5)
+        stop_processes(self.processes.values())
         self.processes.clear()
 
 
@@ -266,18 +261,7 @@ class Wiretap:
     (no shared subscription): sees every relay on ``grp/G/commit`` as the members do."""
 
     def __init__(self, lab: Lab, topics: Sequence[str], client_id: str) -> None:
-        assert lab.pki is not None and lab.broker is not None
-        self.client = MqttClient(
-            host=lab.broker.host,
-            port=lab.broker.port,
-            ca_file=lab.pki.tls_ca,
-            cert_file=lab.pki.service.cert,
-            key_file=lab.pki.service.key,
-            client_id=client_id,
-            clean_start=True,
-            session_expiry=0,
-        )
-        self.client.connect()
+        self.client = service_tap(lab, client_id)
         for topic in topics:
             self.client.subscribe(topic)
 

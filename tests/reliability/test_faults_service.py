@@ -52,6 +52,7 @@ from tests.reliability.conftest import (
     send_rekey,
     wait_agreed,
 )
+from tests.service_deployment import stop_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -236,14 +237,7 @@ def test_broker_restarted_during_rekey(lab: Lab, summary: Summary) -> None:
 def tpm_restarts() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+    stop_processes(started, timeout=10)
 
 
 def restart_swtpm(device: LabDevice, started: list[subprocess.Popen[bytes]]) -> None:

@@ -46,6 +46,7 @@ from agent.protocol.wire.messages.operator import Rekey
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from agent.tpm.store import TPMStore
 from firmware_sim.lab import Lab, LabDevice
+from tests.fixtures.fleet import refusals_since, service_tap
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
@@ -110,20 +111,9 @@ class Attacker:
     client id ``attacker``), tapping ``grp/+/commit``."""
 
     def __init__(self, lab: Lab) -> None:
-        assert lab.pki is not None and lab.broker is not None
         self.seen: list[ReceivedMessage] = []
-        self.client = MqttClient(
-            host=lab.broker.host,
-            port=lab.broker.port,
-            ca_file=lab.pki.tls_ca,
-            cert_file=lab.pki.service.cert,
-            key_file=lab.pki.service.key,
-            client_id="attacker",
-            clean_start=True,
-            session_expiry=0,
-            on_message=self.seen.append,  # not a method of self: no reference cycle
-        )
-        self.client.connect()
+        # not a method of self: no reference cycle
+        self.client = service_tap(lab, "attacker", on_message=self.seen.append)
         self.client.subscribe("kf/v1/grp/+/commit")
 
     def commits(self) -> list[tuple[ReceivedMessage, CommitMessage]]:
@@ -361,14 +351,6 @@ def test_replayed_flipped_forged_and_stale_messages_are_refused_counted_and_harm
     verify = lab.keyfleet("audit", "verify", "--config", str(lab.service_config))
     assert verify.returncode == 0, str(verify)
     summary.record("hostile_e2e", {"attacks": table})
-
-
-def refusals_since(lab: Lab, seq: int, actor: str) -> list[str]:
-    return [
-        f"{e.action}: {e.reason}"
-        for e in lab.audit(seq + 1)
-        if e.actor == actor and e.outcome.value == "refused"
-    ]
 
 
 def wait_refused(lab: Lab, head: int, actor: str, check: str) -> list[str]:

@@ -22,33 +22,22 @@ be contiguous with one commit per epoch. Counted: catch-ups, re-welcomes, rekey 
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config, open_registry
+from firmware_sim.fleet import open_registry
 from provisioning import audit
 from provisioning.db.schema import Device
-from provisioning.operator import FINAL, OperatorClient, OperatorSettings
+from provisioning.operator import FINAL, OperatorClient
 from provisioning.registry import Registry, run_in_transaction
-from tests.fixtures.mosquitto import BrokerPKI
+from tests.fixtures.deployment import DeployFactory
 from tests.reliability.conftest import SEED_ENV, Summary, reliability_seed, send_rekey
-from tests.service_deployment import (
-    add_operator,
-    deployment_pki,
-    keyfleet,
-    service_config,
-    start_serve,
-    write_operator,
-)
+from tests.service_deployment import Deployment
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
@@ -60,79 +49,23 @@ ACK_TIMEOUT = 10
 G = "load"
 
 
-@dataclass
-class Installation:
-    workdir: Path
-    config: Path
-    fleet_config: Path
-    db_url: str
-    log: Path
-    operator: OperatorSettings
-
-
 @pytest.fixture
-def installation(
-    tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: object
-) -> Iterator[Installation]:
-    """Broker, service and operator as docs/service.md "A deployment" says, through the shared
-    steps in tests/service_deployment.py; a fleet configuration for the virtual devices."""
-    deployment = deployment_pki(tmp_path, "load test", broker_pki, mosquitto_factory)
-    now, operator_ca, broker = deployment.now, deployment.operator_ca, deployment.broker
-    files, service = deployment.files, deployment.service
-    write_operator(files, operator_ca, "op-load", role="operator", now=now, stem="op")
-    db = tmp_path / "fleet.db"
-    config = tmp_path / "keyfleet.toml"
-    config.write_text(
-        service_config(
-            db_url=f"sqlite:///{db}",
-            broker=broker,
-            client=service,
-            instance="load-test",
-            groups=(
-                f"ack_timeout_seconds = {ACK_TIMEOUT}\ncommit_log_retention_epochs = {RETENTION}\n"
-            ),
-            service="commit_request_timeout_seconds = 3\n",
-        )
+def installation(deploy: DeployFactory) -> Deployment:
+    """Broker, service and operator as docs/service.md "A deployment" says
+    (tests/service_deployment.py), on a SQLite file; the virtual fleet is the test's."""
+    return deploy(
+        "load test",
+        instances=("load-test",),
+        operator=("op-load", "operator"),
+        groups=f"ack_timeout_seconds = {ACK_TIMEOUT}\ncommit_log_retention_epochs = {RETENTION}\n",
+        service="commit_request_timeout_seconds = 3\n",
+        device_prefix="dev-l",
+        log_tail=5_000,
     )
-    fleet_config = tmp_path / "fleet.toml"
-    fleet_config.write_text(
-        fleet_config_text(
-            id_prefix="dev-l",
-            service_cert=service.cert_file,
-            broker_host=broker.host,
-            broker_port=broker.port,
-            broker_ca=broker.ca_file,
-            registry_url="sqlite:///fleet.db",
-        )
-    )
-    initialized = keyfleet("db", "init", "--config", str(config), cwd=tmp_path, timeout=120)
-    assert initialized.returncode == 0, initialized.stderr
-    add_operator("op-load", "pki/op.pem", config=config, cwd=tmp_path)
-    log = tmp_path / "serve.log"
-    process = start_serve(config, cwd=tmp_path, log=log, timeout=60)
-    operator = OperatorSettings(
-        host=broker.host,
-        port=broker.port,
-        ca=broker.ca_file,
-        cert=files / "op.pem",
-        key=files / "op.key",
-        service_cert=service.cert_file,
-    )
-    try:
-        yield Installation(tmp_path, config, fleet_config, f"sqlite:///{db}", log, operator)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        print(log.read_text(errors="replace")[-5_000:])
 
 
 def test_200_devices_20_rekeys_with_5_percent_dropping_off(
-    installation: Installation, summary: Summary
+    installation: Deployment, summary: Summary
 ) -> None:
     seed = reliability_seed()
     rng = random.Random(seed)
@@ -143,9 +76,7 @@ def test_200_devices_20_rekeys_with_5_percent_dropping_off(
         return run_in_transaction(sessions, lambda session: work(Registry(session)))
 
     started = time.monotonic()
-    fleet = VirtualFleet.from_config(
-        load_fleet_config(installation.fleet_config), DEVICES, allow_insecure=True
-    )
+    fleet = installation.virtual_fleet(DEVICES)
     fleet.seed_group(G, sessions, now=int(time.time()))
     fleet.start(timeout=300)
     setup_seconds = time.monotonic() - started
@@ -176,6 +107,7 @@ def test_200_devices_20_rekeys_with_5_percent_dropping_off(
     first_epoch = registry(lambda r: r.group(G).epoch)
     rekeys_started = time.monotonic()
     try:
+        assert installation.operator is not None
         with OperatorClient(installation.operator) as client:
             for index in range(REKEYS + 1):
                 epoch = registry(lambda r: r.group(G).epoch)
@@ -238,7 +170,7 @@ def test_200_devices_20_rekeys_with_5_percent_dropping_off(
     oldest = registry(lambda r: r.oldest_retained_epoch(G))
     log_epochs = registry(lambda r: [c.epoch for c in r.commits_from(G, oldest)])
     assert log_epochs == list(range(oldest, final)), log_epochs
-    service_log = installation.log.read_text(errors="replace")
+    service_log = installation.logs["load-test"].read_text(errors="replace")
     catchups = service_log.count(f"is behind in {G}; replaying")
     engine.dispose()
     assert events["dropped off"] == DROPPING == events["came back"]

@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 
 from agent.config import load_config
 from agent.daemon import LEAF_DIR, TpmKeys, load_devid
-from agent.mqtt import MqttClient, ReceivedMessage
+from agent.mqtt import ReceivedMessage
 from agent.protocol.errors import CryptoError, ProtocolError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls.crypto import NH, decrypt_with_label, mac
@@ -65,6 +65,7 @@ from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore
 from firmware_sim.lab import Lab, LabDevice
 from provisioning.registry import Registry, make_engine
+from tests.fixtures.fleet import service_tap
 from tests.reliability.secret_search import find, name_all, positive_control
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
@@ -82,20 +83,8 @@ class Tap:
     """Every message on the broker (service TLS identity, another client id)."""
 
     def __init__(self, lab: Lab) -> None:
-        assert lab.pki is not None and lab.broker is not None
         self.seen: list[ReceivedMessage] = []
-        self.client = MqttClient(
-            host=lab.broker.host,
-            port=lab.broker.port,
-            ca_file=lab.pki.tls_ca,
-            cert_file=lab.pki.service.cert,
-            key_file=lab.pki.service.key,
-            client_id="tap-all",
-            clean_start=True,
-            session_expiry=0,
-            on_message=self.seen.append,
-        )
-        self.client.connect()
+        self.client = service_tap(lab, "tap-all", on_message=self.seen.append)
         self.client.subscribe("kf/v1/#")
 
     def bodies(self, type_: str) -> list[dict[Any, Any]]:
