@@ -9,7 +9,7 @@ group of 1,000 members, the audit log (first page, a search, an old page by seq)
 the whole request as a client sees it (TLS on loopback, the queries, template rendering); the
 audit page's chain verification is cached per head, so its first render is reported apart.
 
-``populate`` is also what ``tests/test_dashboard.py`` uses to check that pages are paged.
+``populate`` is also what ``tests/e2e/test_dashboard.py`` uses to check that pages are paged.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Shared pytest setup. Real components (swtpm, Mosquitto) come from the fixture modules below;
-every test carries exactly one tier marker (pure, tpm, broker, e2e) so tiers can be selected."""
+every test carries exactly one tier marker (pure, tpm, broker, e2e) so tiers can be selected,
+and lives in the folder of its tier (tests/pure, tests/tpm, tests/broker, tests/e2e) or in
+tests/reliability."""
 
 from __future__ import annotations
 
@@ -31,10 +33,23 @@ if os.environ.get("CI") == "true":
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test has exactly one tier marker, and its module's folder shows it: tests/<tier>/
+    holds the modules whose heaviest test is of that tier (a module's lighter tests stay beside
+    its heavier ones; the order is pure < tpm < broker < e2e), tests/reliability/ the fault,
+    fuzz and hostile-input runs of any tier."""
     for item in items:
         tiers = [m.name for m in item.iter_markers() if m.name in TIERS]
-        if not tiers:
-            raise pytest.UsageError(f"{item.nodeid} has no tier marker (one of {', '.join(TIERS)})")
+        if len(tiers) != 1:
+            raise pytest.UsageError(
+                f"{item.nodeid} needs exactly one tier marker (one of {', '.join(TIERS)})"
+            )
+        folder = item.path.parent.name
+        if folder == "reliability":
+            continue
+        if folder not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: test modules live in tests/<tier>/")
+        if TIERS.index(tiers[0]) > TIERS.index(folder):
+            raise pytest.UsageError(f"{item.nodeid} is marked {tiers[0]} but lives in {folder}/")
 
 
 def _processes_under(directory: str) -> dict[int, str]:

@@ -1,8 +1,8 @@
 """Software fleet members for the delivery-service tests: real MLS groups
 (agent.protocol.mls.group.Group)
 with software DevID and leaf keys, speaking the real wire protocol (signed envelopes) the way
-FLOWS.md says a keyagent does. Used by tests/test_service_core.py (driven in-process) and
-tests/test_service_mqtt.py (driven over a real Mosquitto).
+FLOWS.md says a keyagent does. Used by tests/pure/test_service_core.py (driven in-process) and
+tests/broker/test_service_mqtt.py (driven over a real Mosquitto).
 
 Not a fake of the service: these are the *devices* the service talks to, built from the same
 protocol code as keyagent; only the keys live in software instead of a TPM.

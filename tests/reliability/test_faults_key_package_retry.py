@@ -6,7 +6,7 @@ the FIRST answer. With nine or more requests the key package the service used wa
 device, its welcome refused (``mls.welcome.recipient``) and the device never rejoined.
 
 Now a re-sent request is answered with the same key package. Pure: the agent core with software
-keys and the test's service (tests/test_agent_core.py), no I/O.
+keys and the test's service (tests/pure/test_agent_core.py), no I/O.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from agent.core import MAX_KEY_PACKAGES, AgentCore
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, KeyPackageRequest, WelcomeDelivery
-from tests.test_agent_core import FakeService, FakeSoftwareKeys, G, acks
+from tests.pure.test_agent_core import FakeService, FakeSoftwareKeys, G, acks
 
 pytestmark = pytest.mark.pure
 

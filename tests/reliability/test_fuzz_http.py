@@ -55,7 +55,7 @@ from provisioning.enroll import Enrollment, FinishRequest, StartResult
 from provisioning.http import MAX_BODY, build_app, start_enrollment_server, status_for
 from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
 from tests.reliability.test_fuzz_messages import Tally, malform
-from tests.test_enroll import (
+from tests.tpm.test_enroll import (
     NOW,
     FleetPKI,
     device_start_request,

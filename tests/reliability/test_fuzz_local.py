@@ -42,8 +42,8 @@ from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.secret import Secret
 from agent.tpm.blob import KeyBlob
 from provisioning.config import load_config as load_service_config
+from tests.pure.test_wire_fuzz import random_value
 from tests.reliability.test_fuzz_messages import INPUTS, Tally, malform
-from tests.test_wire_fuzz import random_value
 
 pytestmark = [pytest.mark.pure, pytest.mark.long]
 
@@ -71,7 +71,7 @@ class FakeSealer:
 
 
 def agent_in_a_group() -> AgentCore:
-    from tests.test_agent_core import group_of_two
+    from tests.pure.test_agent_core import group_of_two
 
     _, a, _ = group_of_two()
     return a
@@ -282,7 +282,7 @@ def agent_files(directory: Path) -> dict[str, Path]:
 def test_agent_configuration_meets_10000_malformed_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.test_agent_config import _provisioned_toml
+    from tests.pure.test_agent_config import _provisioned_toml
 
     files = agent_files(tmp_path / "pki")
     seed = _provisioned_toml(files)
@@ -298,7 +298,7 @@ def test_agent_configuration_meets_10000_malformed_files(
 def test_service_configuration_meets_10000_malformed_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.test_service_config import FILES, GOOD
+    from tests.pure.test_service_config import FILES, GOOD
 
     for name, mode in FILES.items():
         file = tmp_path / name
@@ -317,7 +317,7 @@ def test_service_configuration_meets_10000_malformed_files(
 def test_random_toml_values_in_every_key_are_refused_cleanly(tmp_path: Path) -> None:
     """Every key of the agent seed set to every value of the wire data model's random values
     (rendered as TOML where possible): a sweep, not random, so each key sees each type."""
-    from tests.test_agent_config import _provisioned_toml
+    from tests.pure.test_agent_config import _provisioned_toml
 
     files = agent_files(tmp_path / "pki")
     seed = _provisioned_toml(files)

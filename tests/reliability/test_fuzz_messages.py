@@ -4,7 +4,8 @@ device report and operator command), each meet 10,000 malformed inputs from a se
 fuzzer of real, validly signed messages.
 
 The fuzzer (``malform``; also used by the other test_fuzz_* modules): the byte-level mutations of
-tests/test_wire_fuzz.py (bit flip, several flips, truncation, insertion, a huge announced length,
+tests/pure/test_wire_fuzz.py (bit flip, several flips, truncation, insertion, a huge announced
+length,
 a byte set, random bytes), splices of two samples, oversize inputs (just over and far over the
 frame limit), deep nesting (up to 100,000 levels) and values of the wrong type. A quarter of the
 inputs are *validly signed* hostile messages (what a compromised sender could send: real bodies
@@ -39,7 +40,7 @@ from agent.protocol.wire import cbor, cose
 from agent.protocol.wire.envelope import RawMessage, decode_message
 from agent.protocol.wire.messages.registry import REGISTRY
 from agent.protocol.wire.rejections import BENIGN_CHECKS
-from tests.test_wire_fuzz import mutate, random_value
+from tests.pure.test_wire_fuzz import mutate, random_value
 
 pytestmark = [pytest.mark.pure, pytest.mark.long]
 
@@ -197,8 +198,8 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
         ReportRequest,
         WelcomeDelivery,
     )
-    from tests.test_agent_core import FakeService, G, acks, cmd
-    from tests.test_agent_core_attest import FakeAttester
+    from tests.pure.test_agent_core import FakeService, G, acks, cmd
+    from tests.pure.test_agent_core_attest import FakeAttester
 
     service = FakeService()
     seeds: list[tuple[str, bytes]] = []
@@ -346,7 +347,7 @@ def service_view(fleet: Any) -> ServiceView:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Any]:
-    from tests.test_service_core import create_g1, make_fleet
+    from tests.pure.test_service_core import create_g1, make_fleet
 
     yield from _recorded_fleet(tmp_path, make_fleet, create_g1)
 

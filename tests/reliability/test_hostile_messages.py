@@ -2,7 +2,7 @@
 a victim's key id over an attacker's signature, a flipped bit), stale-epoch and future-epoch
 messages at the agent (``AgentCore``, software keys) and at the service (``DeliveryService`` on a
 real SQLite file with software MLS members). Unit claims on the pure cores; the end-to-end
-version over real Mosquitto and real agents is tests/test_e2e_fleet.py's refused operator
+version over real Mosquitto and real agents is tests/e2e/test_e2e_fleet.py's refused operator
 commands and revoked-device checks.
 
 Every case: refused with its check id, counted (``rejections`` grows by one under that id),
@@ -83,7 +83,7 @@ def refused_at_agent(  # noqa: PLR0917
 
 @pytest.fixture
 def group() -> Iterator[tuple[Any, AgentCore, AgentCore]]:
-    from tests.test_agent_core import group_of_two
+    from tests.pure.test_agent_core import group_of_two
 
     yield group_of_two()
 
@@ -91,7 +91,7 @@ def group() -> Iterator[tuple[Any, AgentCore, AgentCore]]:
 def test_agent_refuses_forged_replayed_reordered_and_wrong_epoch_messages(
     group: tuple[Any, AgentCore, AgentCore], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tests.test_agent_core import G, acks, cmd
+    from tests.pure.test_agent_core import G, acks, cmd
 
     service, a, b = group
     now = service.now
@@ -189,7 +189,7 @@ def test_agent_refuses_forged_replayed_reordered_and_wrong_epoch_messages(
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Any]:
-    from tests.test_service_core import create_g1, make_fleet
+    from tests.pure.test_service_core import create_g1, make_fleet
 
     yield from _recorded_fleet(tmp_path, make_fleet, create_g1)
 
