@@ -296,6 +296,29 @@ def test_two_rekeys_at_once_never_fork(fleet: Fleet) -> None:
     assert all(count == 1 for _, count in rows)
 
 
+def test_a_revoke_with_nothing_else_running_is_queued_behind_nothing(fleet: Fleet) -> None:
+    create_g1(fleet)
+    cid = fleet.command("op-admin", revoke("dev-3"))
+    accepted = fleet.results[cid][0]
+    assert accepted.status is ResultStatus.ACCEPTED
+    assert accepted.detail == "1 group change(s)"
+    assert fleet.final(cid).status is ResultStatus.DONE
+
+
+def test_a_revoke_behind_a_rekey_counts_only_the_rekey(fleet: Fleet) -> None:
+    create_g1(fleet)
+    operator, admin = fleet.operators["op-alice"], fleet.operators["op-admin"]
+    first, second = rekey("g1"), revoke("dev-3")
+    out1 = fleet.service.handle(*operator.command(first, fleet.now), fleet.now)
+    out2 = fleet.service.handle(*admin.command(second, fleet.now), fleet.now)
+    replies = fleet.deliver(out1) + fleet.deliver(out2)
+    assert fleet.results[second.command_id][0].detail == (
+        "1 group change(s); queued behind 1 earlier change(s)"
+    )
+    fleet.send(*replies)
+    assert fleet.results[second.command_id][-1].status is not ResultStatus.REJECTED
+
+
 def test_racing_committers_first_valid_commit_wins(fleet: Fleet) -> None:
     create_g1(fleet)
     epoch = fleet.epoch("g1")

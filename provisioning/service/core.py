@@ -1775,7 +1775,10 @@ class DeliveryService:
             # dashboard times a rekey from it to the result's at_ms
             details={"command_id": command_id.hex(), "jobs": len(jobs), "at_ms": self._ms(now)},
         )
-        ahead = sum(len(_open_job_rows(session, g)) for g in groups)
+        # Earlier changes only: a revocation's removal jobs are already inserted
+        # (``_plan_removal``) and must not count as queued ahead of themselves.
+        own = {job.id for job in jobs if job.id}
+        ahead = sum(1 for g in groups for row in _open_job_rows(session, g) if row.id not in own)
         operation = Operation(
             command_id=command_id,
             operator=operator,
