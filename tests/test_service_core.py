@@ -77,7 +77,7 @@ class Fleet:
     # -- the network --------------------------------------------------------------------------
 
     def _service_signer(self, kid: bytes) -> Signer:
-        public = self.service._key.public_key()
+        public = self.service._env.key.public_key()
         assert kid == key_id(public)
         return Signer(SERVICE_ID, public)
 
@@ -413,7 +413,7 @@ def test_unregistered_operator_certificate_from_another_ca_is_refused(fleet: Fle
         register_operator(
             fleet.sessions,
             stranger.cert,
-            operator_ca=fleet.service._operator_ca,
+            operator_ca=fleet.service._env.operator_ca,
             role=Role.ADMIN,
             actor="local:test",
             now=T0,
