@@ -30,8 +30,6 @@ from provisioning.service import commits, operations, store
 from provisioning.service.context import Call
 from provisioning.service.model import GROUP_ELIGIBLE, Job, JobState
 
-__all__ = ["JobState"]
-
 log = logging.getLogger("keyfleet.service")
 
 
@@ -63,11 +61,9 @@ def tick_jobs(cx: Call, now: int) -> None:
             start(cx, job, now)
 
 
-def group_head(cx: Call, group_id: str, session: Session | None = None) -> Job | None:
+def group_head(cx: Call, group_id: str) -> Job | None:
     """The group's job in flight (the slot holder), else its oldest queued job."""
-    if session is None:
-        return cx.env.read(lambda s: store.head_job(s, group_id))
-    return store.head_job(session, group_id)
+    return cx.env.read(lambda s: store.head_job(s, group_id))
 
 
 def enqueue(cx: Call, job: Job, now: int) -> None:
