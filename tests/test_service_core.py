@@ -9,6 +9,7 @@ members by topic, members' reports go back to ``DeliveryService.handle``.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -661,3 +662,21 @@ def test_a_clock_reading_in_ms_must_be_within_its_second(fleet: Fleet) -> None:
         Clock.reading(10, 11_000)
     with pytest.raises(InternalError):
         fleet.service.tick(fleet.now, now_ms=fleet.now * 1000 - 1)
+
+
+def test_the_service_flows_import_no_sql() -> None:
+    """Every query is in ``provisioning.service.store``: a flow module may name a ``Session``
+    (typing) and catch ``SQLAlchemyError``, nothing else of SQLAlchemy."""
+    allowed = {("sqlalchemy.orm", "Session"), ("sqlalchemy.orm", "sessionmaker")}
+    allowed |= {("sqlalchemy.exc", "SQLAlchemyError")}
+    package = Path(devices.__file__).parent
+    flows = sorted(package.glob("*.py"))
+    assert len(flows) > 10
+    for path in flows:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("sqlalchemy") for a in node.names), path.name
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
+                names = {(node.module, a.name) for a in node.names}
+                assert names <= allowed, (path.name, names - allowed)
