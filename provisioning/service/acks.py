@@ -17,7 +17,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import KeyfleetError, ProtocolError
-from agent.protocol.wire.envelope import VerifiedMessage
 from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.replay import ReplayGuard
 from provisioning.registry import DeviceState, Registry
@@ -45,7 +44,7 @@ def on_ack(cx: Call, session: Session, sender: str, body: AckBody, now: int) -> 
     ]
 
 
-def on_acks(cx: Call, acks: list[VerifiedMessage], now: int) -> None:
+def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
     """Take the acks received together (``acks`` is emptied) in one transaction: the same
     checks and writes per ack as ``verify.accept_and`` + ``on_ack``, then one progress check per
     group and one catch-up pass for the senders.
@@ -62,8 +61,8 @@ def on_acks(cx: Call, acks: list[VerifiedMessage], now: int) -> None:
         return
     batch = list(acks)
     acks.clear()
-    taken: list[tuple[VerifiedMessage, int | None]] = []
-    refused: list[tuple[VerifiedMessage, ProtocolError]] = []
+    taken: list[tuple[verify.VerifiedReport, int | None]] = []
+    refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []
 
     def work(session: Session) -> None:
         taken.clear()
@@ -86,7 +85,7 @@ def on_acks(cx: Call, acks: list[VerifiedMessage], now: int) -> None:
                 guard = store.load_guard(session, sender)
             trial = copy.deepcopy(guard)
             try:
-                trial.accept(message)
+                trial.accept(message.message)
                 # the registry judges epochs (see verify.accept_and)
                 trial.forget_group(body.group_id)
                 if registry.device(sender).state is DeviceState.QUARANTINED:

@@ -62,7 +62,8 @@ def job_details(job: Job, *, epoch: int) -> dict[str, str | int | None]:
     }
 
 
-def on_device_message(cx: Call, message: VerifiedMessage, now: int) -> None:
+def on_device_message(cx: Call, report: verify.VerifiedReport, now: int) -> None:
+    message = report.message
     device_id = message.sender
     actor = f"device:{device_id}"
     body = message.body

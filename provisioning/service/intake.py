@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import KeyfleetError
 from agent.protocol.topics import SERVICE_ID, report_sender
-from agent.protocol.wire.envelope import VerifiedMessage, encode_message
+from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning.registry import PendingChange, Registry
@@ -53,7 +53,7 @@ def tick(cx: Call, now: int) -> None:
 def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> None:
     """Verify and handle ``messages`` in their order; what to send is in ``cx.outbox``."""
     ensure_started(cx, now)
-    acks: list[VerifiedMessage] = []
+    acks: list[verify.VerifiedReport] = []
     senders = [report_sender(topic) for topic, _ in messages]
     # One read session verifies the device reports up to the next message that is handled
     # on its own, with the senders' device and replay rows loaded in one query each: a
@@ -65,7 +65,7 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
     try:
         for index, (topic, payload) in enumerate(messages):
             device_id = senders[index]
-            message: VerifiedMessage | None = None
+            message: verify.VerifiedReport | None = None
             if device_id is not None:
                 if reader is None:
                     reader = cx.env.sessions()

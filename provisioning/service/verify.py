@@ -6,13 +6,15 @@ in one transaction with the sender's replay row locked (``accept_and``): the rep
 again under the lock and the message is recorded as seen only if its effects commit. Device
 reports are signed by the device's DevID key; a revoked or destroyed device is refused
 (``ds.device.revoked``). Every refusal is counted, logged (no secrets) and audited, except
-benign redeliveries (``refuse``).
+benign redeliveries (``refuse``). A device report that passed is a ``VerifiedReport``: the only
+type the device flows take.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,6 +24,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import SERVICE_ID
 from agent.protocol.wire.cose import key_id
 from agent.protocol.wire.envelope import KeyResolver, Signer, VerifiedMessage, open_message
+from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.group import CommitMessage
 from agent.protocol.wire.rejections import is_benign
 from provisioning import audit, pki
@@ -33,6 +36,28 @@ from provisioning.service.effects import Effects
 log = logging.getLogger("keyfleet.service")
 
 REFUSED_DEVICE_STATES: Final = frozenset({DeviceState.REVOKED, DeviceState.DESTROYED})
+
+
+@dataclass(frozen=True)
+class VerifiedReport:
+    """A device report that passed ``open_device``: signed by the registered DevID key of the
+    device its topic names (neither revoked nor destroyed), fresh enough, and not a replay as
+    of the pre-check (the check that counts runs again under the sender's row lock, in the
+    transaction of its effects). Only this type reaches the device flows."""
+
+    message: VerifiedMessage
+
+    @property
+    def sender(self) -> str:
+        return self.message.sender
+
+    @property
+    def body(self) -> Body:
+        return self.message.body
+
+    @property
+    def type(self) -> str:
+        return self.message.type
 
 
 def devid_public_key(device: DeviceRecord) -> ec.EllipticCurvePublicKey:
@@ -156,7 +181,7 @@ def device_resolver(device_id: str) -> Callable[[Session], KeyResolver]:
 
 def open_device(
     cx: Call, device_id: str, payload: bytes, now: int, session: Session | None = None
-) -> VerifiedMessage | None:
+) -> VerifiedReport | None:
     """Verify a device report (signature, key, age, replay pre-check); None: refused."""
     try:
         message = open_envelope(
@@ -172,4 +197,4 @@ def open_device(
         refuse(cx, err, actor=actor, action="device.message", target=device_id, now=now)
         return None
     cx.env.last_heard[device_id] = now
-    return message
+    return VerifiedReport(message)
