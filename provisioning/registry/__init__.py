@@ -32,6 +32,7 @@ from provisioning.registry.repository import (
     Registry,
     StationRecord,
     cert_fingerprint,
+    key_state_items,
     pem_fingerprint,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "Role",
     "StationRecord",
     "cert_fingerprint",
+    "key_state_items",
     "create_schema",
     "make_engine",
     "missing_tables",

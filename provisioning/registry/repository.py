@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import InternalError, ProtocolError
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyState
+from agent.protocol.lifecycle import KeyRecord as ReportedKey
 from provisioning.db.engine import RetryableConflict, savepoint
 from provisioning.db.runtime import ReplayState
 from provisioning.db.schema import (
@@ -144,6 +145,16 @@ class KeyRecord:
     state: KeyState
     changed_at: int
     kind: str | None = None
+
+
+def key_state_items(records: Iterable[ReportedKey]) -> list[KeyStateReport]:
+    """The registry's rows for the key records a device reported (in a ``keys.report`` or an
+    attestation answer): one per transition, with the key's kind."""
+    return [
+        KeyStateReport(key_name=record.name, state=state, at=at, kind=record.kind.value)
+        for record in records
+        for state, at in record.transitions
+    ]
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,43 @@
-"""Registering operators with the service (``keyfleet operator add``), done on the service host.
+"""Operators: registering them with the service (``keyfleet operator add``, on the service
+host), authorizing their commands, and planning the group changes a command asks for.
 
 An operator is known by its certificate from the operator CA: subject CN = the operator id
 (``op-alice``, also its MQTT user name and topic level), OU = its role (viewer, operator or
 admin). Registration checks the chain against the configured operator CA, stores the role and
 certificate fingerprint in the registry and the certificate itself in the service's key table
 (commands carry only a kid), and writes one audit entry, all in one transaction.
+
+A command is authorized by: COSE signature by a registered operator key whose certificate
+still chains to the operator CA (re-checked on every command: an expired certificate stops
+working at once), role (viewer < operator < admin, ``REQUIRED_ROLE``), replay (a per-sender
+``ReplayGuard`` in the database) and command-id reuse. Every accepted or refused command is one
+audit entry. An accepted command becomes an operation and its jobs, in the command's own
+transaction (nothing lives only in this process); its ``accepted`` result says how many earlier
+changes of its groups are queued ahead of it.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol.errors import ProtocolError
+from agent.protocol.topics import operator_result_topic
 from agent.protocol.wire.cose import key_id
+from agent.protocol.wire.envelope import KeyResolver, Signer, VerifiedMessage
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit, pki
 from provisioning.registry import (
+    DeviceState,
     OperatorRecord,
     Outcome,
     Registry,
@@ -26,9 +45,23 @@ from provisioning.registry import (
     cert_fingerprint,
     run_in_transaction,
 )
-from provisioning.service import store
+from provisioning.service import attestation, execute, store, verify
+from provisioning.service.context import Call
+from provisioning.service.effects import Accepted, CancelAddsOf, Effects, Log, Progress, StartNext
+from provisioning.service.model import GROUP_ELIGIBLE, Job, Operation
+
+log = logging.getLogger("keyfleet.service")
 
 OPERATOR_PREFIX = "op-"
+
+# Who may send what. A role includes the ones below it (Role.allows).
+REQUIRED_ROLE: Final[dict[str, Role]] = {
+    Rekey.TYPE: Role.OPERATOR,
+    GroupCreate.TYPE: Role.OPERATOR,
+    GroupAdd.TYPE: Role.OPERATOR,
+    AttestDevice.TYPE: Role.OPERATOR,
+    Revoke.TYPE: Role.ADMIN,
+}
 
 
 def register_operator(
@@ -106,3 +139,258 @@ def register_operator(
             reason=f"[{err.check}] {err.reason}",
         )
         raise
+
+
+def check_eligible(registry: Registry, device_id: str, group_id: str) -> None:
+    device = registry.device(device_id)
+    if device.state not in GROUP_ELIGIBLE:
+        raise ProtocolError(
+            "registry.member.device_state",
+            f"device {device_id!r} is {device.state.value} and cannot join group {group_id!r}",
+        )
+
+
+def target_of(body: Body) -> str:
+    for name in ("group_id", "device_id"):
+        value = getattr(body, name, None)
+        if isinstance(value, str):
+            return value
+    return body.TYPE
+
+
+def operator_resolver(
+    cx: Call, operator: str, found: dict[str, Role], now: int
+) -> Callable[[Session], KeyResolver]:
+    def make(session: Session) -> KeyResolver:
+        def resolve(kid: bytes) -> Signer:
+            row = store.operator_key(session, operator)
+            if row is None or row.kid != kid.hex():
+                raise LookupError(operator)
+            cert = pki.cert_from_pem(row.cert_pem.encode())
+            record = Registry(session).operator(operator)
+            if record.cert_fingerprint != cert_fingerprint(cert):
+                raise ProtocolError(
+                    "op.certificate", f"operator {operator!r} has another certificate now"
+                )
+            # Re-checked on every command: an expired certificate stops working at once.
+            pki.verify_certificate(
+                cert, cx.env.operator_ca, now=datetime.fromtimestamp(now, UTC), purpose="client"
+            )
+            found["role"] = record.role
+            public_key = cert.public_key()
+            assert isinstance(public_key, ec.EllipticCurvePublicKey)  # pki checked P-256
+            return Signer(operator, public_key)
+
+        return resolve
+
+    return make
+
+
+def on_operator(cx: Call, operator: str, payload: bytes, now: int) -> None:
+    actor = f"operator:{operator}"
+    found: dict[str, Role] = {}
+    make = operator_resolver(cx, operator, found, now)
+    # operator seqs are clock readings: a window as wide as the commands' freshness
+    window = store.operator_replay_window(cx.env.settings.operator_max_age)
+    try:
+        message = verify.open_envelope(
+            cx,
+            payload,
+            make,
+            now=now,
+            max_age=cx.env.settings.operator_max_age,
+            replay_window=window,
+        )
+    except ProtocolError as err:
+        verify.refuse(
+            cx,
+            err,
+            actor=actor,
+            action="operator.command",
+            target=operator,
+            now=now,
+            audit_benign=True,
+        )
+        return
+    body = message.body
+    command_id: bytes | None = getattr(body, "command_id", None)
+    target = target_of(body)
+    details: dict[str, str | int | None] = {
+        "command_id": None if command_id is None else command_id.hex()
+    }
+    try:
+        required = REQUIRED_ROLE.get(message.type)
+        if required is None or command_id is None:
+            raise ProtocolError("op.type", f"{message.type} is not an operator command")
+        role = found["role"]
+        if not role.allows(required):
+            raise ProtocolError(
+                "op.role", f"{message.type} needs role {required.value}; {operator} is {role}"
+            )
+        effects = verify.accept_and(
+            cx,
+            message,
+            now,
+            lambda s: dispatch_operator(cx, s, message, command_id, now),
+            replay_window=window,
+        )
+    except ProtocolError as err:
+        verify.refuse(
+            cx, err, actor=actor, action=message.type, target=target, now=now, details=details
+        )
+        if command_id is not None and err.check not in (
+            "replay.duplicate",
+            "op.command_id.reused",
+        ):
+            cx.send(
+                operator_result_topic(operator),
+                OperatorResult(
+                    command_id, ResultStatus.REJECTED, f"[{err.check}] {err.reason}", (), ()
+                ),
+                to=operator,
+                now=now,
+            )
+        return
+    cx.env.metrics.commands.inc(message.type)
+    execute.run(cx, effects)
+
+
+def dispatch_operator(
+    cx: Call, session: Session, message: VerifiedMessage, command_id: bytes, now: int
+) -> Effects:
+    operator = message.sender
+    body = message.body
+    if store.command_seen(session, command_id):
+        raise ProtocolError("op.command_id.reused", "this command id was already used")
+    registry = Registry(session)
+    jobs: list[Job] = []
+    groups: set[str] = set()
+    if isinstance(body, Rekey):
+        registry.group(body.group_id)
+        jobs.append(Job(CommitAction.UPDATE, body.group_id, None, cx.env.new_id()))
+        groups.add(body.group_id)
+    elif isinstance(body, GroupCreate):
+        if store.pending_create(session, body.group_id):
+            raise ProtocolError(
+                "registry.group.exists", f"group {body.group_id!r} is being created"
+            )
+        if body.group_id in {g.group_id for g in registry.groups()}:
+            raise ProtocolError("registry.group.exists", f"group {body.group_id!r} already exists")
+        for device_id in body.members:
+            check_eligible(registry, device_id, body.group_id)
+        jobs.append(
+            Job(
+                CommitAction.CREATE,
+                body.group_id,
+                None,
+                cx.env.new_id(),
+                candidates=body.members,
+            )
+        )
+        jobs.extend(
+            Job(CommitAction.ADD, body.group_id, device_id, cx.env.new_id())
+            for device_id in body.members[1:]
+        )
+        groups.add(body.group_id)
+    elif isinstance(body, GroupAdd):
+        check_eligible(registry, body.device_id, body.group_id)
+        if not store.pending_create(session, body.group_id):
+            registry.group(body.group_id)
+            current = {m.device_id: m for m in registry.members(body.group_id)}
+            existing = current.get(body.device_id)
+            if existing is not None and existing.leaf_index is not None:
+                raise ProtocolError(
+                    "ds.group.member",
+                    f"device {body.device_id!r} is already a member of {body.group_id!r}",
+                )
+            registry.request_add(body.group_id, body.device_id, now=now)
+        jobs.append(Job(CommitAction.ADD, body.group_id, body.device_id, cx.env.new_id()))
+        groups.add(body.group_id)
+    elif isinstance(body, Revoke):
+        registry.set_device_state(
+            body.device_id,
+            DeviceState.REVOKED,
+            reason=body.reason or f"revoked by {operator}",
+            now=now,
+        )
+        jobs, groups = plan_removal(cx, session, body.device_id, now)
+    elif isinstance(body, AttestDevice):
+        return attestation.dispatch_attest(cx, session, operator, body, command_id, now=now)
+    else:  # pragma: no cover - REQUIRED_ROLE lists exactly the types above
+        raise ProtocolError("op.type", f"{message.type} is not an operator command")
+    store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
+    target = target_of(body)
+    audit.append(
+        session,
+        now=now,
+        actor=f"operator:{operator}",
+        action=message.type,
+        target=target,
+        outcome=Outcome.ACCEPTED,
+        # at_ms: when it was accepted, in ms (the entry's time is whole seconds); the
+        # dashboard times a rekey from it to the result's at_ms
+        details={"command_id": command_id.hex(), "jobs": len(jobs), "at_ms": cx.clock.ms},
+    )
+    # Earlier changes only: a revocation's removal jobs are already inserted
+    # (``plan_removal``) and must not count as queued ahead of themselves.
+    own = {job.id for job in jobs if job.id}
+    ahead = sum(1 for g in groups for row in store.open_job_rows(session, g) if row.id not in own)
+    operation = Operation(
+        command_id=command_id,
+        operator=operator,
+        type=message.type,
+        target=target,
+        groups=groups,
+        jobs=jobs,
+        last_progress=now,
+    )
+    # The operation and its jobs commit with the command: an instance that dies right
+    # after leaves them for the others (nothing lives only in this process).
+    store.insert_operation(session, operation, now=now, instance=cx.env.instance)
+    for job in jobs:
+        if job.id == 0:
+            job.command_id = command_id
+            store.insert_job(session, job, now)
+        else:  # a removal plan_removal already inserted
+            store.link_job(session, job, command_id)
+    detail = f"{len(jobs)} group change(s)"
+    if ahead:
+        detail += f"; queued behind {ahead} earlier change(s)"
+    return [
+        Log(
+            logging.INFO,
+            "accepted %s from %s on %s (%d job(s), %d queued ahead)",
+            (message.type, operator, target, len(jobs), ahead),
+        ),
+        *((CancelAddsOf(body.device_id),) if isinstance(body, Revoke) else ()),
+        Accepted(operation, detail),
+        *(StartNext(group_id) for group_id in sorted(groups)),
+        Progress(command_id),
+    ]
+
+
+def plan_removal(
+    cx: Call, session: Session, device_id: str, now: int
+) -> tuple[list[Job], set[str]]:
+    """Mark ``device_id`` pending removal in every group it is in (pending adds are
+    withdrawn) and make one persistent remove job per group where it holds a leaf: the
+    revocation's and the quarantine's path out of the groups. The jobs are inserted in the
+    caller's transaction; after it committed, the caller starts them (and cancels queued adds
+    of the device)."""
+    registry = Registry(session)
+    jobs: list[Job] = []
+    groups: set[str] = set()
+    for member in registry.groups_of(device_id):
+        registry.request_remove(member.group_id, device_id, now=now)
+        if member.leaf_index is not None:
+            job = Job(
+                CommitAction.REMOVE,
+                member.group_id,
+                device_id,
+                cx.env.new_id(),
+                persistent=True,
+            )
+            store.insert_job(session, job, now)
+            jobs.append(job)
+            groups.add(member.group_id)
+    return jobs, groups

@@ -40,7 +40,7 @@ DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 INSTANCES = ("a", "b")
 JOIN_TIMEOUT = 120.0
-# the enrollment API's TLS and the station CA, as tests/test_enroll.make_pki writes them
+# the enrollment API's TLS and the station CA, as tests/tpm/test_enroll.make_pki writes them
 HTTPS = """tls_cert = "pki/server.pem"
 tls_key = "pki/server.key"
 station_ca = "pki/station-ca.pem"

@@ -9,6 +9,7 @@ members by topic, members' reports go back to ``DeliveryService.handle``.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,15 +19,17 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from agent.protocol.errors import ProtocolError
+from agent.protocol.errors import InternalError, ProtocolError
 from agent.protocol.mls.group import Group
-from agent.protocol.topics import SERVICE_ID
+from agent.protocol.topics import SERVICE_ID, device_cmd_topic, group_commit_topic
 from agent.protocol.wire.cose import key_id
 from agent.protocol.wire.envelope import Signer, open_message
 from agent.protocol.wire.messages.ack import Ack as AckBody
+from agent.protocol.wire.messages.group import CommitMessage, UpdateRequest
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit, pki
 from provisioning.db.runtime import create_service_schema
 from provisioning.db.schema import Ack as AckRow
@@ -38,12 +41,24 @@ from provisioning.registry import (
     make_engine,
     session_factory,
 )
-from provisioning.service import store
+from provisioning.service import devices, store
+from provisioning.service.commits import AcceptedCommit
+from provisioning.service.context import Call, Clock
 from provisioning.service.core import (
     DeliveryService,
     Publish,
     ServiceSettings,
 )
+from provisioning.service.effects import (
+    AskAgain,
+    Count,
+    GroupChanged,
+    JobEnded,
+    Log,
+    Send,
+    StartNext,
+)
+from provisioning.service.model import Job, JobState
 from provisioning.service.operators import register_operator
 from tests.service_members import (
     Outgoing,
@@ -77,7 +92,7 @@ class Fleet:
     # -- the network --------------------------------------------------------------------------
 
     def _service_signer(self, kid: bytes) -> Signer:
-        public = self.service._key.public_key()
+        public = self.service._env.key.public_key()
         assert kid == key_id(public)
         return Signer(SERVICE_ID, public)
 
@@ -296,6 +311,29 @@ def test_two_rekeys_at_once_never_fork(fleet: Fleet) -> None:
     assert all(count == 1 for _, count in rows)
 
 
+def test_a_revoke_with_nothing_else_running_is_queued_behind_nothing(fleet: Fleet) -> None:
+    create_g1(fleet)
+    cid = fleet.command("op-admin", revoke("dev-3"))
+    accepted = fleet.results[cid][0]
+    assert accepted.status is ResultStatus.ACCEPTED
+    assert accepted.detail == "1 group change(s)"
+    assert fleet.final(cid).status is ResultStatus.DONE
+
+
+def test_a_revoke_behind_a_rekey_counts_only_the_rekey(fleet: Fleet) -> None:
+    create_g1(fleet)
+    operator, admin = fleet.operators["op-alice"], fleet.operators["op-admin"]
+    first, second = rekey("g1"), revoke("dev-3")
+    out1 = fleet.service.handle(*operator.command(first, fleet.now), fleet.now)
+    out2 = fleet.service.handle(*admin.command(second, fleet.now), fleet.now)
+    replies = fleet.deliver(out1) + fleet.deliver(out2)
+    assert fleet.results[second.command_id][0].detail == (
+        "1 group change(s); queued behind 1 earlier change(s)"
+    )
+    fleet.send(*replies)
+    assert fleet.results[second.command_id][-1].status is not ResultStatus.REJECTED
+
+
 def test_racing_committers_first_valid_commit_wins(fleet: Fleet) -> None:
     create_g1(fleet)
     epoch = fleet.epoch("g1")
@@ -390,7 +428,7 @@ def test_unregistered_operator_certificate_from_another_ca_is_refused(fleet: Fle
         register_operator(
             fleet.sessions,
             stranger.cert,
-            operator_ca=fleet.service._operator_ca,
+            operator_ca=fleet.service._env.operator_ca,
             role=Role.ADMIN,
             actor="local:test",
             now=T0,
@@ -574,3 +612,71 @@ def test_acks_received_together_are_one_batch_and_each_is_judged_alone(tmp_path:
         # dev-2's ack for the new epoch was taken; its later ack for epoch + 5 (the device's
         # last seq) was not
         assert after["dev-2"] == fleet.devices["dev-2"].seq - 1
+
+
+# -- flows return their effects as values -------------------------------------------------------
+
+
+def test_an_accepted_commit_relays_then_welcomes_then_ends_its_job() -> None:
+    job = Job(CommitAction.ADD, "g1", "dev-3", b"\x01" * 16, state=JobState.DONE)
+    relay = CommitMessage("g1", 4, b"commit", b"\x02" * 16)
+    effects = AcceptedCommit("dev-1", relay, ["dev-3"], [], b"welcome", job, None).effects()
+    assert [type(e) for e in effects] == [Count, Log, Send, Send, JobEnded, GroupChanged]
+    assert effects[2] == Send(group_commit_topic("g1"), relay, "g1")
+    assert effects[3] == Send(
+        device_cmd_topic("dev-3"), WelcomeDelivery("g1", 5, b"welcome"), "dev-3"
+    )
+    assert effects[4] == JobEnded(job) and effects[5] == GroupChanged("g1")
+
+
+def test_a_commit_that_won_a_requested_epoch_asks_the_head_job_again() -> None:
+    relay = CommitMessage("g1", 4, b"self-update")
+    requested = Job(CommitAction.UPDATE, "g1", None, b"\x01" * 16, state=JobState.REQUESTED)
+    effects = AcceptedCommit("dev-2", relay, [], [], None, None, requested).effects()
+    assert [type(e) for e in effects] == [Count, Log, Send, AskAgain, GroupChanged]
+    queued = Job(CommitAction.UPDATE, "g1", None, b"\x01" * 16, state=JobState.QUEUED)
+    effects = AcceptedCommit("dev-2", relay, [], [], None, None, queued).effects()
+    assert [type(e) for e in effects] == [Count, Log, Send, GroupChanged]
+
+
+def test_a_rotation_request_queues_an_update_and_returns_a_start_for_after_commit(
+    fleet: Fleet,
+) -> None:
+    create_g1(fleet)
+    cx = Call(fleet.service._env, Clock.reading(fleet.now))
+    with fleet.sessions() as session:
+        request = UpdateRequest("g1", fleet.epoch("g1"), "max-messages-per-epoch")
+        effects = devices.on_update_request(cx, session, "dev-2", request, fleet.now)
+        assert [type(e) for e in effects] == [Log, StartNext]
+        assert effects[1] == StartNext("g1")
+        assert [j.prefer for j in store.open_jobs(session, "g1")] == ["dev-2"]
+        session.rollback()  # the flow wrote in the caller's transaction only
+    assert cx.outbox == []  # nothing is sent before the effects run
+    assert fleet.service.queue_length("g1") == 0
+
+
+def test_a_clock_reading_in_ms_must_be_within_its_second(fleet: Fleet) -> None:
+    assert Clock.reading(10) == Clock(10, 10_000)
+    assert Clock.reading(10, 10_250) == Clock(10, 10_250)
+    with pytest.raises(InternalError):
+        Clock.reading(10, 11_000)
+    with pytest.raises(InternalError):
+        fleet.service.tick(fleet.now, now_ms=fleet.now * 1000 - 1)
+
+
+def test_the_service_flows_import_no_sql() -> None:
+    """Every query is in ``provisioning.service.store``: a flow module may name a ``Session``
+    (typing) and catch ``SQLAlchemyError``, nothing else of SQLAlchemy."""
+    allowed = {("sqlalchemy.orm", "Session"), ("sqlalchemy.orm", "sessionmaker")}
+    allowed |= {("sqlalchemy.exc", "SQLAlchemyError")}
+    package = Path(devices.__file__).parent
+    flows = sorted(package.glob("*.py"))
+    assert len(flows) > 10
+    for path in flows:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("sqlalchemy") for a in node.names), path.name
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
+                names = {(node.module, a.name) for a in node.names}
+                assert names <= allowed, (path.name, names - allowed)

@@ -112,8 +112,8 @@ def attesting_fleet(
         old = fleet.service
         fleet.service = DeliveryService(
             fleet.sessions,
-            signing_key=old._key,
-            operator_ca=old._operator_ca,
+            signing_key=old._env.key,
+            operator_ca=old._env.operator_ca,
             settings=old.settings,
             attestation=AttestationSettings(
                 policy=policy_from_components(GOOD), interval=600, quarantine=quarantine

@@ -1,4 +1,4 @@
-"""The delivery service's own tables, beside the registry's: operator keys, replay state,
+"""The delivery service's ledger tables, beside the registry's: operator keys, replay state,
 operator command ids.
 
 A separate ``MetaData`` on purpose: the registry schema (provisioning/db/schema.py) is the

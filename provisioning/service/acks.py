@@ -1,0 +1,156 @@
+"""Acks: a member's ack of the epoch it reached, recorded with its epoch authenticator (the
+registry refuses an ack for an epoch the group has not reached and notices a fork).
+
+At a fleet rekey acks are nearly all the traffic, so acks received together are taken in one
+transaction (``on_acks``): every sender's replay row is locked in sorted order (two instances
+locking overlapping sets cannot deadlock), each ack is judged alone against its sender's window
+under the lock, and then one progress check per group and one catch-up pass for the senders
+run, instead of one per ack (docs/bench/README.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from agent.protocol.errors import KeyfleetError, ProtocolError
+from agent.protocol.wire.messages.ack import Ack as AckBody
+from agent.protocol.wire.replay import ReplayGuard
+from provisioning.registry import DeviceState, Registry
+from provisioning.service import catchup, devices, jobs, store, verify
+from provisioning.service.context import Call
+from provisioning.service.effects import AckLatency, Effects, GroupChanged, Log
+
+log = logging.getLogger("keyfleet.service")
+
+
+def on_ack(cx: Call, session: Session, sender: str, body: AckBody, now: int) -> Effects:
+    Registry(session).record_ack(
+        body.group_id,
+        epoch=body.epoch,
+        device_id=sender,
+        epoch_authenticator=body.epoch_authenticator,
+        now=now,
+        now_ms=cx.clock.ms,
+    )
+    started = store.commit_at(session, body.group_id, body.epoch - 1)
+    return [
+        Log(logging.DEBUG, "ack from %s for %s epoch %s", (sender, body.group_id, body.epoch)),
+        *(() if started is None else (AckLatency(store.commit_ms(started)),)),
+        GroupChanged(body.group_id),
+    ]
+
+
+def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
+    """Take the acks received together (``acks`` is emptied) in one transaction: the same
+    checks and writes per ack as ``verify.accept_and`` + ``on_ack``, then one progress check per
+    group and one catch-up pass for the senders.
+
+    Every sender's replay row is locked first, in sorted order (``store.lock_guards``), so
+    two instances locking overlapping sets cannot deadlock; each ack is then checked against
+    its sender's window under that lock. An ack refused here (replay, not a member, epoch
+    ahead, changed authenticator, quarantined sender) is refused alone: all of those checks
+    run before the ack writes anything, and its replay window is updated on a copy that is
+    kept only when the ack is taken, so the others' effects commit and its own do not, as if
+    it had been handled on its own. If the transaction itself fails, each ack is tried on
+    its own."""
+    if not acks:
+        return
+    batch = list(acks)
+    acks.clear()
+    taken: list[tuple[verify.VerifiedReport, int | None]] = []
+    refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []
+
+    def work(session: Session) -> None:
+        taken.clear()
+        refused.clear()
+        senders = sorted({m.sender for m in batch})
+        # Loaded once for the batch (the session's identity map then answers the per-ack
+        # reads without a query); ``held`` keeps them there.
+        held: list[object] = [*store.lock_guards(session, senders)]
+        held += store.load_ack_senders(
+            session, senders, (m.body.group_id for m in batch if isinstance(m.body, AckBody))
+        )
+        registry = Registry(session)
+        guards: dict[str, ReplayGuard] = {}
+        for message in batch:
+            sender = message.sender
+            body = message.body
+            assert isinstance(body, AckBody)
+            guard = guards.get(sender)
+            if guard is None:
+                guard = store.load_guard(session, sender)
+            trial = copy.deepcopy(guard)
+            try:
+                trial.accept(message.message)
+                # the registry judges epochs (see verify.accept_and)
+                trial.forget_group(body.group_id)
+                if registry.device(sender).state is DeviceState.QUARANTINED:
+                    raise ProtocolError(
+                        "ds.device.quarantined",
+                        f"device {sender!r} is quarantined: only attestation reports are taken",
+                    )
+                registry.record_ack(
+                    body.group_id,
+                    epoch=body.epoch,
+                    device_id=sender,
+                    epoch_authenticator=body.epoch_authenticator,
+                    now=now,
+                    now_ms=cx.clock.ms,
+                )
+            except ProtocolError as err:
+                refused.append((message, err))
+                continue
+            guards[sender] = trial
+            started = store.commit_at(session, body.group_id, body.epoch - 1)
+            taken.append((message, None if started is None else store.commit_ms(started)))
+        for sender in sorted(guards):
+            store.save_guard(session, sender, guards[sender], now=now)
+        store.mark_heard(session, guards, now=now)
+
+    try:
+        cx.env.tx(work)
+    except (KeyfleetError, SQLAlchemyError) as exc:
+        if len(batch) == 1:
+            raise
+        log.warning("a batch of %d acks failed (%s); taking them one by one", len(batch), exc)
+        for message in batch:
+            try:
+                devices.on_device_message(cx, message, now)
+            except (KeyfleetError, SQLAlchemyError) as one:
+                log.error("handling an ack from %s failed: %s", message.sender, one)
+        return
+    behind: list[str] = []
+    for message, err in refused:
+        body = message.body
+        assert isinstance(body, AckBody)
+        verify.refuse(
+            cx,
+            err,
+            actor=f"device:{message.sender}",
+            action=message.type,
+            target=body.group_id,
+            now=now,
+            details={"type": message.type, "epoch": body.epoch},
+        )
+        if not err.check.startswith("replay."):
+            behind.append(message.sender)  # alive and authentic: it must still catch up
+    groups: list[str] = []
+    current: set[tuple[str, str, int]] = set()
+    for message, accepted_ms in taken:
+        body = message.body
+        assert isinstance(body, AckBody)
+        cx.env.metrics.reports.inc(message.type)
+        log.debug("ack from %s for %s epoch %s", message.sender, body.group_id, body.epoch)
+        if accepted_ms is not None:
+            cx.env.metrics.ack_latency.observe(max(0, cx.clock.ms - accepted_ms) / 1000)
+        if body.group_id not in groups:
+            groups.append(body.group_id)
+        current.add((body.group_id, message.sender, body.epoch))
+        behind.append(message.sender)
+    for group_id in groups:
+        jobs.group_changed(cx, group_id, now)
+    catchup.catch_up_many(cx, list(dict.fromkeys(behind)), now, acked=current)

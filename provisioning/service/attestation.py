@@ -1,0 +1,334 @@
+"""Runtime attestation (with ``AttestationSettings``): challenges, verdicts, quarantine.
+
+Challenges (``attest.challenge``, a fresh nonce over the golden policy's PCRs) go out on a
+schedule (``tasks.attest_tick``) and on an operator's ``op.attest``. Open nonces are in the
+database (``store.issue_challenge``/``consume_challenge``), so any instance can take the report.
+An ``attest.report`` is checked by ``provisioning.attestation.verify_evidence`` (the pure
+verifier) against the AK registered at enrollment and the policy; a report that answers no open
+challenge of this device (unknown, replayed, expired nonce) is refused and changes nothing, any
+other failure is an untrusted verdict. The verdict (with the failing check and component) is
+recorded, audited and told to the operator who asked.
+
+With ``quarantine`` on, an untrusted device is quarantined and removed from all its groups by
+commits of other members (the revocation's removal path, ``operators.plan_removal``); its later
+reports are refused (``ds.device.quarantined``) except attestation reports, and a later trusted
+verdict makes it ``active`` again without re-adding it anywhere (an operator runs
+``keyfleet group add``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+from sqlalchemy.orm import Session
+
+from agent.protocol.attest import public_key_from_area
+from agent.protocol.errors import ProtocolError
+from agent.protocol.topics import device_cmd_topic, operator_result_topic
+from agent.protocol.wire.envelope import VerifiedMessage
+from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
+from agent.protocol.wire.messages.operator import AttestDevice
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from provisioning import audit
+from provisioning.attestation import (
+    AttestationRefused,
+    AttestationVerdict,
+    Evidence,
+    verify_evidence,
+)
+from provisioning.registry import (
+    AttestationResult,
+    DeviceRecord,
+    DeviceState,
+    Outcome,
+    Registry,
+    key_state_items,
+)
+from provisioning.service import operators, store
+from provisioning.service.context import Call
+from provisioning.service.effects import (
+    AttestVerdict,
+    CancelAddsOf,
+    Count,
+    Effects,
+    Log,
+    Send,
+    StartNext,
+)
+from provisioning.service.model import GROUP_ELIGIBLE, AttestOperation, Job
+
+log = logging.getLogger("keyfleet.service")
+
+ATTESTABLE: Final = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE, DeviceState.QUARANTINED})
+NONCE_SIZE: Final = 32
+
+
+def issue_challenge(cx: Call, session: Session, device_id: str, now: int) -> AttestChallenge:
+    settings = cx.env.attestation
+    assert settings is not None
+    challenge = store.issue_challenge(
+        session,
+        device_id,
+        cx.env.rng(NONCE_SIZE),
+        settings.policy.pcrs,
+        now=now,
+        ttl=settings.nonce_ttl,
+        max_open=settings.max_open,
+    )
+    return AttestChallenge(challenge.nonce, challenge.pcrs)
+
+
+def challenge(cx: Call, device_id: str, now: int, *, scheduled: bool = False) -> bool:
+    """Challenge ``device_id``; with ``scheduled`` only if no instance challenged it within
+    the interval (the schedule row is the claim). False: it was not due after all."""
+
+    def work(session: Session) -> AttestChallenge | None:
+        check_attestable(cx, Registry(session), device_id)
+        assert cx.env.attestation is not None
+        if not store.claim_challenge_slot(
+            session,
+            device_id,
+            now=now,
+            interval=cx.env.attestation.interval,
+            force=not scheduled,
+        ):
+            return None
+        return issue_challenge(cx, session, device_id, now)
+
+    body = cx.env.tx(work)
+    if body is None:
+        cx.env.metrics.claims_lost.inc("challenge")
+        return False
+    cx.env.metrics.challenges.inc("schedule" if scheduled else "operator")
+    cx.send(device_cmd_topic(device_id), body, to=device_id, now=now)
+    return True
+
+
+def check_attestable(cx: Call, registry: Registry, device_id: str) -> DeviceRecord:
+    if cx.env.attestation is None:
+        raise ProtocolError("op.unsupported", "attestation is not configured")
+    device = registry.device(device_id)
+    if device.state not in ATTESTABLE:
+        raise ProtocolError("attest.device.state", f"device {device_id!r} is {device.state.value}")
+    if device.ak_public is None:
+        raise ProtocolError(
+            "attest.device.ak", f"device {device_id!r} has no AK registered: not attestable"
+        )
+    return device
+
+
+def dispatch_attest(
+    cx: Call,
+    session: Session,
+    operator: str,
+    body: AttestDevice,
+    command_id: bytes,
+    *,
+    now: int,
+) -> Effects:
+    registry = Registry(session)
+    check_attestable(cx, registry, body.device_id)
+    challenge = issue_challenge(cx, session, body.device_id, now)
+    assert cx.env.attestation is not None
+    store.claim_challenge_slot(
+        session, body.device_id, now=now, interval=cx.env.attestation.interval, force=True
+    )
+    store.add_attest_operation(
+        session,
+        AttestOperation(
+            command_id, operator, body.device_id, challenge.nonce, now + cx.env.settings.ack_timeout
+        ),
+    )
+    store.record_command(session, command_id, operator=operator, type_=body.TYPE, now=now)
+    audit.append(
+        session,
+        now=now,
+        actor=f"operator:{operator}",
+        action=body.TYPE,
+        target=body.device_id,
+        outcome=Outcome.ACCEPTED,
+        details={"command_id": command_id.hex()},
+    )
+
+    return [
+        Count("challenges", "operator"),
+        Log(
+            logging.INFO,
+            "attestation of %s requested by %s: challenge sent",
+            (body.device_id, operator),
+        ),
+        Send(
+            operator_result_topic(operator),
+            OperatorResult(
+                command_id,
+                ResultStatus.ACCEPTED,
+                f"challenge sent to {body.device_id}",
+                (),
+                (body.device_id,),
+            ),
+            operator,
+        ),
+        Send(device_cmd_topic(body.device_id), challenge, body.device_id),
+    ]
+
+
+def on_attest_report(
+    cx: Call, session: Session, body: AttestReport, message: VerifiedMessage, *, now: int
+) -> Effects:
+    """Verify a report against the challenge it answers; record, audit, maybe quarantine.
+    A report that answers no open challenge of this device (unknown, replayed, expired
+    nonce) is refused and changes nothing; any other failure is an untrusted verdict."""
+    sender = message.sender
+    settings = cx.env.attestation
+    if settings is None:
+        raise ProtocolError("op.unsupported", "attestation is not configured")
+    registry = Registry(session)
+    device = registry.device(sender)
+    challenge = store.consume_challenge(session, sender, body.nonce, now=now)
+    waiting = store.take_attest_operation(session, body.nonce)
+    if device.ak_public is None:
+        raise ProtocolError("attest.device.ak", f"device {sender!r} has no AK registered")
+    try:
+        verdict = verify_evidence(
+            Evidence.from_report(body),
+            ak_public=public_key_from_area(device.ak_public),
+            challenge=challenge,
+            policy=settings.policy,
+        )
+    except AttestationRefused as refused:
+        verdict = refused.verdict
+    registry.record_attestation(
+        sender,
+        AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED,
+        reason=verdict.summary,
+        now=now,
+    )
+    items = key_state_items(body.keys)
+    keys_note: str | None = None
+    try:
+        registry.record_report(sender, message.message_id, items, now=now)
+    except ProtocolError as err:
+        # record_report checks everything before changing anything: the verdict stands
+        keys_note = f"[{err.check}] {err.reason}"
+    audit.append(
+        session,
+        now=now,
+        actor=f"device:{sender}",
+        action="attest.verdict",
+        target=sender,
+        outcome=Outcome.ACCEPTED,
+        reason=verdict.summary[:1000],
+        details={
+            "result": "trusted" if verdict.trusted else "untrusted",
+            "check": verdict.check,
+            "component": verdict.failing_component,
+            "keys": keys_note,
+        },
+    )
+    jobs: list[Job] = []
+    groups: set[str] = set()
+    change = ""
+    if not verdict.trusted and settings.quarantine and device.state in GROUP_ELIGIBLE:
+        registry.set_device_state(
+            sender,
+            DeviceState.QUARANTINED,
+            reason=f"attestation: {verdict.summary}"[:1000],
+            now=now,
+        )
+        jobs, groups = operators.plan_removal(cx, session, sender, now)
+        audit.append(
+            session,
+            now=now,
+            actor="service",
+            action="device.quarantine",
+            target=sender,
+            outcome=Outcome.ACCEPTED,
+            reason=verdict.summary[:1000],
+            details={
+                "groups": ",".join(sorted(groups)),
+                "component": verdict.failing_component,
+            },
+        )
+        change = "quarantined" + (
+            f"; removal from {', '.join(sorted(groups))} queued" if groups else ""
+        )
+    elif verdict.trusted and device.state in (DeviceState.REGISTERED, DeviceState.QUARANTINED):
+        registry.set_device_state(
+            sender, DeviceState.ACTIVE, reason="attestation: trusted", now=now
+        )
+        audit.append(
+            session,
+            now=now,
+            actor="service",
+            action="device.activate",
+            target=sender,
+            outcome=Outcome.ACCEPTED,
+            reason=f"was {device.state.value}; attestation trusted",
+            details={},
+        )
+        change = "active" + (
+            " (not re-added to any group: `keyfleet group add`)"
+            if device.state is DeviceState.QUARANTINED
+            else ""
+        )
+
+    effects: Effects = [
+        Log(
+            logging.INFO,
+            "attestation of %s: %s %s%s",
+            (
+                sender,
+                "trusted" if verdict.trusted else "UNTRUSTED",
+                verdict.summary,
+                f" -> {change}" if change else "",
+            ),
+        ),
+        Count("attestations", "trusted" if verdict.trusted else "untrusted"),
+    ]
+    if jobs:
+        effects.append(CancelAddsOf(sender))
+        effects += [StartNext(group_id) for group_id in sorted(groups)]
+    if waiting is not None:
+        effects.append(AttestVerdict(waiting, verdict, change))
+    return effects
+
+
+def attest_result(
+    cx: Call, operation: AttestOperation, verdict: AttestationVerdict, change: str, now: int
+) -> None:
+    word = "trusted" if verdict.trusted else "untrusted"
+    detail = f"{operation.device_id} {word}: {verdict.summary}"
+    if change:
+        detail += f"; {change}"
+    status = ResultStatus.DONE if verdict.trusted else ResultStatus.FAILED
+    attest_finish(cx, operation, status, detail, now, acked=(operation.device_id,))
+
+
+def attest_finish(
+    cx: Call,
+    operation: AttestOperation,
+    status: ResultStatus,
+    detail: str,
+    now: int,
+    *,
+    acked: Sequence[str] = (),
+    pending: Sequence[str] = (),
+) -> None:
+    cx.send(
+        operator_result_topic(operation.operator),
+        OperatorResult(operation.command_id, status, detail[:1000], tuple(acked), tuple(pending)),
+        to=operation.operator,
+        now=now,
+    )
+    audit.record(
+        cx.env.sessions,
+        now=now,
+        actor="service",
+        action=f"{AttestDevice.TYPE}.result",
+        target=operation.device_id,
+        outcome=Outcome.ACCEPTED,
+        reason=f"{status.value}: {detail}"[:1000],
+        details={"command_id": operation.command_id.hex(), "operator": operation.operator},
+    )

@@ -1,0 +1,321 @@
+"""Commits: the public checks of a member's commit, the pairing of a commit that adds
+members with its welcome, and acceptance.
+
+The service checks in public what it can (``agent.protocol.mls.public.PublicGroup``): committer
+signature, epoch, tree shape, that the committer is the envelope's signer, that add/remove match
+the job in flight, that key packages carry the added device's registered DevID key, that a
+Welcome has one entry per add. It never holds a private group key: it cannot. Stage types:
+``CheckedCommit`` (every check short of acceptance passed) and ``AcceptedCommit`` (recorded in
+the registry; its ``effects`` relay it).
+
+Ordering: the database's UNIQUE(group, epoch) is the final guard: the first valid commit per
+epoch wins, any other is refused with ``ds.commit.epoch_taken``. A commit that adds members is
+accepted only together with its welcome; whichever half comes first is held in the database
+(``service_held``), so the other half may reach another instance: whoever takes both held rows
+accepts the pair (``accept_held``), anyone else finds nothing. An accepted commit is relayed on
+``grp/{G}/commit`` and its welcome to each new member on ``dev/{new}/cmd``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.hpke import serialize_public_key
+from agent.protocol.mls import codec
+from agent.protocol.mls.messages import Commit, Welcome
+from agent.protocol.mls.public import PublicGroup
+from agent.protocol.topics import device_cmd_topic, group_commit_topic
+from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
+from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
+from provisioning import audit
+from provisioning.registry import Outcome, Registry
+from provisioning.service import execute, store, verify
+from provisioning.service.context import Call
+from provisioning.service.effects import (
+    AcceptHeld,
+    AskAgain,
+    Count,
+    Effects,
+    GroupChanged,
+    JobEnded,
+    Log,
+    Send,
+)
+from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
+
+log = logging.getLogger("keyfleet.service")
+
+
+class _NothingHeld(Exception):
+    """Rolls back an attempt to accept a held commit whose welcome is not there."""
+
+
+@dataclass(frozen=True)
+class CheckedCommit:
+    """A commit that passed every check short of acceptance, with what it changes."""
+
+    commit: Commit
+    public: PublicGroup
+    adds: list[str]
+    removes: list[str]
+    job: Job | None
+
+
+@dataclass(frozen=True)
+class AcceptedCommit:
+    """A commit the registry took (its transaction may still be open): what to relay, the job
+    it ended (if it fulfilled one) or else the group's head job, which may need asking again."""
+
+    sender: str
+    relay: CommitMessage
+    adds: list[str]
+    removes: list[str]
+    welcome: bytes | None
+    finished: Job | None
+    head: Job | None
+
+    def effects(self) -> Effects:
+        group_id, epoch = self.relay.group_id, self.relay.epoch
+        out: Effects = [
+            Count("commits", "accepted"),
+            Log(
+                logging.INFO,
+                "accepted the commit of %s for %s epoch %s -> %s (adds %s, removes %s)",
+                (self.sender, group_id, epoch, epoch + 1, self.adds or "-", self.removes or "-"),
+            ),
+            Send(group_commit_topic(group_id), self.relay, group_id),
+        ]
+        if self.welcome is not None:
+            out += [
+                Send(
+                    device_cmd_topic(device_id),
+                    WelcomeDelivery(group_id, epoch + 1, self.welcome),
+                    device_id,
+                )
+                for device_id in self.adds
+            ]
+        if self.finished is not None:
+            out.append(JobEnded(self.finished))
+        elif self.head is not None and self.head.state is JobState.REQUESTED:
+            # Another member's self-update won the epoch the request was made for: ask
+            # again at the new epoch.
+            out.append(AskAgain(self.head))
+        out.append(GroupChanged(group_id))
+        return out
+
+
+def load_public(session: Session, group_id: str) -> tuple[PublicGroup, int]:
+    group = Registry(session).group(group_id)
+    public = PublicGroup.from_state(
+        codec.decode(group.public_tree, MAX_PUBLIC_GROUP, "public_tree")
+    )
+    return public, group.epoch
+
+
+def check_commit(session: Session, sender: str, body: CommitMessage) -> CheckedCommit:
+    """Every check before acceptance; returns the commit, the group's public view, the
+    device ids it adds and removes, and the job it fulfils."""
+    public, epoch = load_public(session, body.group_id)
+    commit = Commit.decode(body.commit)
+    if commit.content.epoch != body.epoch:
+        raise ProtocolError("ds.commit.epoch_mismatch", "envelope and commit epochs differ")
+    if body.epoch < epoch:
+        raise ProtocolError(
+            "ds.commit.epoch_taken",
+            f"group {body.group_id!r}: epoch {body.epoch} already has an accepted commit; "
+            f"the group is at epoch {epoch}",
+        )
+    public.verify(commit)
+    registry = Registry(session)
+    leaf = public.tree.leaf(commit.content.sender)
+    devid = serialize_public_key(verify.devid_public_key(registry.device(sender)))
+    if leaf is None or leaf.device_id != sender.encode() or leaf.signature_key != devid:
+        raise ProtocolError(
+            "ds.commit.sender", "the commit's committer leaf is not the signing device"
+        )
+    adds = [kp.device_id.decode() for kp in commit.content.adds]
+    removes = []
+    for index in commit.content.removes:
+        removed_leaf = public.tree.leaf(index)
+        assert removed_leaf is not None  # verify() refused blank removes
+        removes.append(removed_leaf.device_id.decode())
+    for kp in commit.content.adds:
+        added = registry.device(kp.device_id.decode())
+        if kp.signature_key != serialize_public_key(verify.devid_public_key(added)):
+            raise ProtocolError(
+                "ds.commit.key_package", "an added key package is not the device's DevID key"
+            )
+    job = store.head_job(session, body.group_id)
+    if adds or removes:
+        authorized = (
+            job is not None
+            and job.state is JobState.REQUESTED
+            and (
+                (
+                    job.action is CommitAction.ADD
+                    and not removes
+                    and len(commit.content.adds) == 1
+                    and commit.content.adds[0].encode() == job.key_package
+                )
+                or (job.action is CommitAction.REMOVE and not adds and removes == [job.member])
+            )
+        )
+        if not authorized:
+            raise ProtocolError(
+                "ds.commit.unauthorized",
+                "the commit adds or removes members nobody asked to add or remove",
+            )
+        return CheckedCommit(commit, public, adds, removes, job)
+    matched = job if job is not None and job.action is CommitAction.UPDATE else None
+    return CheckedCommit(commit, public, adds, removes, matched)
+
+
+def on_commit(cx: Call, session: Session, sender: str, body: CommitMessage, now: int) -> Effects:
+    checked = check_commit(session, sender, body)
+    if checked.adds:
+        welcome = store.take_held_welcome(session, body.group_id, body.epoch, sender)
+        if welcome is None:
+            # Held in the database: its welcome may reach another instance.
+            store.hold_commit(session, sender, body, now=now)
+            return [
+                Log(
+                    logging.INFO,
+                    "commit for %s epoch %s from %s holds until its welcome arrives",
+                    (body.group_id, body.epoch, sender),
+                ),
+                # The welcome may have been held by another instance meanwhile.
+                AcceptHeld(body.group_id, body.epoch, sender),
+            ]
+        return accept_commit(cx, session, sender, body, checked, welcome=welcome, now=now).effects()
+    return accept_commit(cx, session, sender, body, checked, welcome=None, now=now).effects()
+
+
+def on_welcome(cx: Call, session: Session, sender: str, body: WelcomeMessage, now: int) -> Effects:
+    commit_epoch = body.epoch - 1 if body.epoch > 0 else -1
+    held = store.take_held_commit(session, body.group_id, commit_epoch, sender)
+    if held is None:
+        # The welcome came first (or the commit is at another instance): keep it briefly.
+        store.hold_welcome(session, sender, body, commit_epoch=commit_epoch, now=now)
+        return [AcceptHeld(body.group_id, commit_epoch, sender)]
+    checked = check_commit(session, sender, held)
+    return accept_commit(cx, session, sender, held, checked, welcome=body, now=now).effects()
+
+
+def accept_held(cx: Call, group_id: str, epoch: int, sender: str, now: int) -> None:
+    """Both halves held (they reached two instances at once): whoever takes both rows
+    accepts the commit; anyone else finds nothing."""
+
+    def work(session: Session) -> Effects:
+        commit = store.take_held_commit(session, group_id, epoch, sender)
+        if commit is None:
+            return []
+        welcome = store.take_held_welcome(session, group_id, epoch, sender)
+        if welcome is None:
+            raise _NothingHeld  # roll back: the commit stays held
+        checked = check_commit(session, sender, commit)
+        return accept_commit(
+            cx, session, sender, commit, checked, welcome=welcome, now=now
+        ).effects()
+
+    try:
+        effects = cx.env.tx(work)
+    except _NothingHeld:
+        return
+    except ProtocolError as err:
+        verify.refuse(
+            cx,
+            err,
+            actor=f"device:{sender}",
+            action=CommitMessage.TYPE,
+            target=group_id,
+            now=now,
+            details={"epoch": epoch},
+        )
+        return
+    execute.run(cx, effects)
+
+
+def accept_commit(
+    cx: Call,
+    session: Session,
+    sender: str,
+    body: CommitMessage,
+    checked: CheckedCommit,
+    *,
+    welcome: WelcomeMessage | None,
+    now: int,
+) -> AcceptedCommit:
+    """Accept ``checked``: the registry moves the group to the next epoch (the database's
+    UNIQUE(group, epoch) refuses a second commit for the epoch), the commit log keeps it, the
+    job it fulfils ends in the same transaction."""
+    commit, public, adds, removes, job = (
+        checked.commit,
+        checked.public,
+        checked.adds,
+        checked.removes,
+        checked.job,
+    )
+    if welcome is not None:
+        if welcome.epoch != body.epoch + 1 or sorted(welcome.new_members) != sorted(adds):
+            raise ProtocolError(
+                "ds.welcome.members", "the welcome does not match the commit's adds and epoch"
+            )
+        public.check_welcome(commit, Welcome.decode(welcome.welcome))
+    verified = public.verify(commit)
+    following = PublicGroup(verified.next_state())
+    added = {
+        kp.device_id.decode(): leaf
+        for kp, leaf in zip(commit.content.adds, verified.added, strict=True)
+    }
+    registry = Registry(session)
+    registry.append_commit(
+        body.group_id,
+        epoch=body.epoch,
+        committer=sender,
+        commit=body.commit,
+        welcome=None if welcome is None else welcome.welcome,
+        public_tree=codec.encode(following.to_state()),
+        group_context=following.state.group_context(),
+        added=added,
+        removed=removes,
+        now=now,
+        now_ms=cx.clock.ms,
+    )
+    below = body.epoch + 1 - cx.env.settings.retention_epochs
+    if below > 0:
+        registry.prune_commit_log(body.group_id, below)
+    details: dict[str, str | int | None] = {
+        "epoch": body.epoch,
+        "new_epoch": body.epoch + 1,
+        "adds": ",".join(adds),
+        "removes": ",".join(removes),
+        "command_id": None if body.command_id is None else body.command_id.hex(),
+    }
+    audit.append(
+        session,
+        now=now,
+        actor=f"device:{sender}",
+        action="group.commit",
+        target=body.group_id,
+        outcome=Outcome.ACCEPTED,
+        details=details,
+    )
+    store.drop_held(session, body.group_id, body.epoch)
+    # The job ends in the commit's own transaction: no instance can see the epoch moved
+    # and the job still in flight.
+    finished = job if job is not None and store.end_job(session, job, JobState.DONE) else None
+    head = None if finished is not None else store.head_job(session, body.group_id)
+
+    return AcceptedCommit(
+        sender,
+        CommitMessage(body.group_id, body.epoch, body.commit, body.command_id),
+        adds,
+        removes,
+        None if welcome is None else welcome.welcome,
+        finished,
+        head,
+    )

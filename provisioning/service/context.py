@@ -1,0 +1,107 @@
+"""What every flow of the delivery service is given: the service's long-lived dependencies
+(``Env``) and, for one ``handle``/``tick`` call, the clock reading and the outgoing messages
+gathered so far (``Call``). Nothing per call lives on the service object.
+
+``Env`` holds only harmless caches besides its dependencies (losing them, or one instance not
+seeing another's, changes nothing that matters):
+
+- ``last_heard``: when a device was last heard from. ``devices.last_seen`` in the database is
+  the shared truth (written with every accepted report); this only saves a read.
+- ``catchup_sent``: which commit range was last replayed to a member for catch-up. Another
+  instance may replay the same range once more, and a member drops commits it already has.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.protocol.errors import InternalError
+from agent.protocol.hpke import Rng
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.rejections import Rejections
+from provisioning.metrics import ServiceMetrics
+from provisioning.registry import run_in_transaction
+from provisioning.service.model import AttestationSettings, ServiceSettings
+
+T = TypeVar("T")
+
+COMMAND_ID_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Clock:
+    """One reading of the caller's clock: whole seconds, and the same reading in milliseconds
+    (``seconds * 1000`` when the caller has only seconds, such as the tests' fake clocks).
+    Everything in the service takes whole seconds; only the times the dashboard measures
+    sub-second spans with (acks, accepted commits, the start and result of an operator
+    command) are recorded in milliseconds."""
+
+    seconds: int
+    ms: int
+
+    @classmethod
+    def reading(cls, now: int, now_ms: int | None = None) -> Clock:
+        if now_ms is None:
+            return cls(now, now * 1000)
+        if now_ms // 1000 != now:
+            raise InternalError(f"now_ms {now_ms} is not within second {now}")
+        return cls(now, now_ms)
+
+
+@dataclass
+class Env:
+    """The service's dependencies and caches, shared by every call (see the module docstring)."""
+
+    sessions: sessionmaker[Session]
+    key: ec.EllipticCurvePrivateKey
+    operator_ca: x509.Certificate
+    settings: ServiceSettings
+    attestation: AttestationSettings | None
+    metrics: ServiceMetrics
+    instance: str
+    rng: Rng = os.urandom
+    rejections: Rejections = field(default_factory=Rejections)
+    last_heard: dict[str, int] = field(default_factory=dict)
+    catchup_sent: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)
+    started: bool = False  # pending removals resumed (``intake.ensure_started``)
+
+    def tx(self, work: Callable[[Session], T]) -> T:
+        """``work`` in one transaction (retried on a serialization conflict)."""
+        return run_in_transaction(self.sessions, work)
+
+    def read(self, work: Callable[[Session], T]) -> T:
+        with self.sessions() as session:
+            return work(session)
+
+    def new_id(self) -> bytes:
+        return self.rng(COMMAND_ID_SIZE)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A service message to sign and publish: ``body`` to ``to`` on ``topic``, dated ``at``."""
+
+    topic: str
+    body: Body
+    to: str
+    at: int
+
+
+@dataclass
+class Call:
+    """One ``handle_many``/``tick``/``challenge`` call: the environment, the clock reading, and
+    the messages to sign when the call ends (all at once: one sequence-counter reservation)."""
+
+    env: Env
+    clock: Clock
+    outbox: list[Outgoing] = field(default_factory=list)
+
+    def send(self, topic: str, body: Body, *, to: str, now: int) -> None:
+        self.outbox.append(Outgoing(topic, body, to, now))

@@ -1,0 +1,313 @@
+"""Device reports: the dispatch of a verified device report to its flow, and the flows for
+key-state reports, rotation (update) requests, a device destroying its identity, key packages
+the service asked for, and a group's creation by its founder.
+
+Each flow runs in the transaction that also records the report in the sender's replay state
+(``verify.accept_and``) and returns its effects as data (``provisioning.service.effects``),
+executed after that transaction commits. After every verified report (refused or not, unless
+it was a replay) the sender is caught up (``catchup``).
+
+A quarantined device's reports are refused (``ds.device.quarantined``) except attestation
+reports: a device whose firmware was fixed can prove it and become active again. A device that
+destroys its identity (``keyagent factory-reset``) leaves its groups by commits of the other
+members (the revocation's path), and its DevID key is refused from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.hpke import serialize_public_key
+from agent.protocol.mls import codec
+from agent.protocol.mls.messages import KeyPackage
+from agent.protocol.mls.public import PublicGroup
+from agent.protocol.wire.envelope import VerifiedMessage
+from agent.protocol.wire.messages.ack import Ack as AckBody
+from agent.protocol.wire.messages.attestation import AttestReport
+from agent.protocol.wire.messages.group import (
+    CommitMessage,
+    GroupCreated,
+    KeyPackageMessage,
+    UpdateRequest,
+    WelcomeMessage,
+)
+from agent.protocol.wire.messages.key_state import DeviceDestroyed
+from agent.protocol.wire.messages.key_state import KeyStateReport as KeyStateBody
+from agent.protocol.wire.messages.service import CommitAction
+from provisioning import audit
+from provisioning.registry import DeviceState, Outcome, PendingChange, Registry, key_state_items
+from provisioning.service import acks, attestation, catchup, commits, execute, store, verify
+from provisioning.service.context import Call
+from provisioning.service.effects import (
+    CancelAddsOf,
+    Effects,
+    JobEnded,
+    Log,
+    StartNext,
+    Touch,
+)
+from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
+
+log = logging.getLogger("keyfleet.service")
+
+
+def job_details(job: Job, *, epoch: int) -> dict[str, str | int | None]:
+    return {
+        "epoch": epoch,
+        "request_id": job.request_id.hex(),
+        "command_id": None if job.command_id is None else job.command_id.hex(),
+    }
+
+
+def on_device_message(cx: Call, report: verify.VerifiedReport, now: int) -> None:
+    message = report.message
+    device_id = message.sender
+    actor = f"device:{device_id}"
+    body = message.body
+    try:
+        effects = verify.accept_and(
+            cx, message, now, lambda s: dispatch_device(cx, s, message, now), device=True
+        )
+    except ProtocolError as err:
+        target = getattr(body, "group_id", device_id)
+        details: dict[str, str | int | None] = {"type": message.type}
+        epoch = getattr(body, "epoch", None)
+        if isinstance(epoch, int):
+            details["epoch"] = epoch
+        verify.refuse(
+            cx, err, actor=actor, action=message.type, target=str(target), now=now, details=details
+        )
+        if not err.check.startswith("replay."):
+            # The device is alive and authentic even if this report was refused (e.g. a
+            # key-state history the registry cannot take): it must still catch up.
+            catchup.catch_up(cx, device_id, now)
+        return
+    cx.env.metrics.reports.inc(message.type)
+    execute.run(cx, effects)
+    catchup.catch_up(cx, device_id, now)
+
+
+def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: int) -> Effects:
+    body = message.body
+    sender = message.sender
+    if isinstance(body, DeviceDestroyed):
+        return on_device_destroyed(cx, session, sender, body, now)
+    if isinstance(body, AttestReport):
+        return attestation.on_attest_report(cx, session, body, message, now=now)
+    if Registry(session).device(sender).state is DeviceState.QUARANTINED:
+        # Like a revoked device's, except attestation reports: a device whose firmware was
+        # fixed can prove it and become active again (it is not re-added automatically).
+        raise ProtocolError(
+            "ds.device.quarantined",
+            f"device {sender!r} is quarantined: only attestation reports are taken",
+        )
+    if isinstance(body, KeyStateBody):
+        return on_key_states(session, sender, body, message, now=now)
+    if isinstance(body, KeyPackageMessage):
+        return on_key_package(cx, session, sender, body, now)
+    if isinstance(body, GroupCreated):
+        return on_group_created(cx, session, sender, body, now)
+    if isinstance(body, CommitMessage):
+        return commits.on_commit(cx, session, sender, body, now)
+    if isinstance(body, WelcomeMessage):
+        return commits.on_welcome(cx, session, sender, body, now)
+    if isinstance(body, AckBody):
+        return acks.on_ack(cx, session, sender, body, now)
+    if isinstance(body, UpdateRequest):
+        return on_update_request(cx, session, sender, body, now)
+    raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
+
+
+def on_key_states(
+    session: Session, sender: str, body: KeyStateBody, message: VerifiedMessage, *, now: int
+) -> Effects:
+    Registry(session).record_report(sender, message.message_id, key_state_items(body.keys), now=now)
+    return []
+
+
+def on_update_request(
+    cx: Call, session: Session, sender: str, body: UpdateRequest, now: int
+) -> Effects:
+    """A member's epoch reached its rotation limit (max epoch age or messages): queue a
+    self-update of the group, asked of that member first, so keys rotate without an
+    operator. Nothing is queued if an update is already queued or in flight (it rotates the
+    epoch too) or if the group has already moved past the epoch the member asked about."""
+    registry = Registry(session)
+    group = registry.group(body.group_id)
+    if not any(
+        m.device_id == sender and m.leaf_index is not None for m in registry.members(body.group_id)
+    ):
+        raise ProtocolError(
+            "ds.group.member", f"{sender!r} is not a member of group {body.group_id!r}"
+        )
+    if body.epoch > group.epoch:
+        raise ProtocolError(
+            "ds.update.epoch_ahead",
+            f"group {body.group_id!r} is at epoch {group.epoch}, not {body.epoch}",
+        )
+    queued = store.open_jobs(session, body.group_id)
+    if body.epoch < group.epoch or any(j.action is CommitAction.UPDATE for j in queued):
+        log.info(
+            "rotation request of %s for %s epoch %s: nothing to do (group at epoch %s, "
+            "%d update(s) queued)",
+            sender,
+            body.group_id,
+            body.epoch,
+            group.epoch,
+            sum(1 for j in queued if j.action is CommitAction.UPDATE),
+        )
+        return []
+    job = Job(CommitAction.UPDATE, body.group_id, None, cx.env.new_id(), prefer=sender)
+    store.insert_job(session, job, now)
+    audit.append(
+        session,
+        now=now,
+        actor=f"device:{sender}",
+        action="group.rotate",
+        target=body.group_id,
+        outcome=Outcome.ACCEPTED,
+        reason=f"automatic rotation: {body.reason}",
+        details={"epoch": body.epoch, "reason": body.reason},
+    )
+
+    return [
+        Log(
+            logging.INFO,
+            "%s: %s epoch %s reached %s; self-update queued (automatic rotation)",
+            (sender, body.group_id, body.epoch, body.reason),
+        ),
+        StartNext(job.group_id),
+    ]
+
+
+def on_device_destroyed(
+    cx: Call, session: Session, sender: str, body: DeviceDestroyed, now: int
+) -> Effects:
+    """The device is destroying its identity (``keyagent factory-reset``): the device and
+    every key it reported become destroyed, it leaves its groups by commits of the other
+    members (the revocation's path), and its DevID key is refused from now on
+    (``ds.device.revoked``, the resolver's check of the device state)."""
+    registry = Registry(session)
+    registry.set_device_state(
+        sender, DeviceState.DESTROYED, reason=f"factory reset: {body.reason}"[:200], now=now
+    )
+    keys = registry.destroy_keys(sender, now=now)
+    removals: list[Job] = []
+    for member in registry.groups_of(sender):
+        if member.pending is PendingChange.REMOVE:
+            continue  # already being removed (quarantine): its job is queued
+        registry.request_remove(member.group_id, sender, now=now)
+        if member.leaf_index is not None:
+            job = Job(
+                CommitAction.REMOVE, member.group_id, sender, cx.env.new_id(), persistent=True
+            )
+            store.insert_job(session, job, now)
+            removals.append(job)
+    audit.append(
+        session,
+        now=now,
+        actor=f"device:{sender}",
+        action=DeviceDestroyed.TYPE,
+        target=sender,
+        outcome=Outcome.ACCEPTED,
+        reason=body.reason,
+        details={"keys_destroyed": len(keys), "groups": ",".join(j.group_id for j in removals)},
+    )
+
+    return [
+        Log(
+            logging.WARNING,
+            "device %s destroyed its identity (%d keys); removing it from %s",
+            (sender, len(keys), [j.group_id for j in removals] or "no group"),
+        ),
+        CancelAddsOf(sender),
+        *(StartNext(job.group_id) for job in removals),
+    ]
+
+
+def on_key_package(
+    cx: Call, session: Session, sender: str, body: KeyPackageMessage, now: int
+) -> Effects:
+    job = store.job_by_request(session, body.command_id) if body.command_id is not None else None
+    if job is None or job.member != sender or job.state is not JobState.KEY_PACKAGE:
+        raise ProtocolError(
+            "ds.key_package.unexpected", "no key package was requested with this command id"
+        )
+    key_package = KeyPackage.decode(body.key_package)
+    key_package.verify()
+    device = Registry(session).device(sender)
+    if key_package.device_id != sender.encode() or key_package.signature_key != (
+        serialize_public_key(verify.devid_public_key(device))
+    ):
+        raise ProtocolError(
+            "ds.key_package.identity",
+            "the key package is not bound to the sender's DevID key and device id",
+        )
+    job.key_package = body.key_package
+    job.state = JobState.WAITING
+    if not store.save_job(session, job, cx.env.instance):
+        # Another instance took this key package (a redelivery raced it): nothing to do.
+        raise ProtocolError(
+            "ds.key_package.unexpected", "the requested key package was already taken"
+        )
+
+    return [Touch(job), StartNext(job.group_id)]
+
+
+def on_group_created(
+    cx: Call, session: Session, sender: str, body: GroupCreated, now: int
+) -> Effects:
+    job = store.head_job(session, body.group_id)
+    if (
+        job is None
+        or job.action is not CommitAction.CREATE
+        or job.state is not JobState.REQUESTED
+        or job.committer != sender
+        or job.request_id != body.command_id
+    ):
+        raise ProtocolError(
+            "ds.create.unexpected", f"{sender} was not asked to create {body.group_id}"
+        )
+    public = PublicGroup.from_state(
+        codec.decode(body.public_group, MAX_PUBLIC_GROUP, "public_group")
+    )
+    registry = Registry(session)
+    devid = serialize_public_key(verify.devid_public_key(registry.device(sender)))
+    members = list(public.tree.members())
+    if (
+        public.group_id != body.group_id.encode()
+        or public.epoch != 0
+        or len(members) != 1
+        or members[0][0] != 0
+        or members[0][1].device_id != sender.encode()
+        or members[0][1].signature_key != devid
+    ):
+        raise ProtocolError(
+            "ds.create.public_group",
+            "the public group is not epoch 0 of this group with the sender alone at leaf 0",
+        )
+    registry.create_group(
+        body.group_id,
+        creator=sender,
+        public_tree=codec.encode(public.to_state()),
+        group_context=public.state.group_context(),
+        now=now,
+    )
+    audit.append(
+        session,
+        now=now,
+        actor=f"device:{sender}",
+        action="group.created",
+        target=body.group_id,
+        outcome=Outcome.ACCEPTED,
+        details=job_details(job, epoch=0),
+    )
+    store.end_job(session, job, JobState.DONE)
+
+    return [
+        Log(logging.INFO, "group %s created by %s at epoch 0", (body.group_id, sender)),
+        JobEnded(job),
+    ]

@@ -1,0 +1,283 @@
+"""Jobs: each group's FIFO queue of changes (create, add, remove, update) and the choice of the
+member asked to commit the head one.
+
+Only the head job is in flight: it holds the group's slot in the database (``store.take_slot``),
+so at most one commit request per group is outstanding fleet-wide. Every move of a job is a
+compare-and-set on its version together with the slot (``claim``): when two instances try the
+same move, one writes and sends, the other sees it lost and does nothing. A job's deadline is
+the lease of the instance that last moved it; after it passes, any instance's tick moves the job
+on (docs/scale-out.md).
+
+"Online" (who may be asked to commit): a member proven to be at the group's current epoch (it
+acked it, it made the commit that started it, or it founded the group at epoch 0), not revoked,
+not being removed; among those, devices heard from within ``online_window`` seconds come first
+(most recent first), and the member the change concerns (the removal's nearest leaf, the member
+that asked for a rotation) before the others. If the chosen committer does not answer within
+``commit_request_timeout`` seconds, the request goes to the next candidate (``tick_jobs``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.topics import device_cmd_topic
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest, KeyPackageRequest
+from provisioning.registry import PendingChange, Registry
+from provisioning.service import commits, operations, store
+from provisioning.service.context import Call
+from provisioning.service.model import GROUP_ELIGIBLE, Job, JobState
+
+log = logging.getLogger("keyfleet.service")
+
+
+class _SlotTaken(Exception):
+    """Rolls back a job's claim when another job of its group holds the in-flight slot."""
+
+
+def tick_jobs(cx: Call, now: int) -> None:
+    """Commit requests nobody answered go to the next candidate, key package requests are
+    repeated, queued and waiting head jobs are started."""
+    for group_id in cx.env.read(store.groups_with_open_jobs):
+        job = group_head(cx, group_id)
+        if job is None:
+            continue
+        if job.state is JobState.REQUESTED and now >= job.deadline:
+            log.info(
+                "no commit from %s for %s within %ss; asking another member",
+                job.committer,
+                job.describe(),
+                cx.env.settings.commit_request_timeout,
+            )
+            if job.committer is not None and job.committer not in job.tried:
+                job.tried.append(job.committer)
+            job.state = JobState.WAITING
+            start(cx, job, now)
+        elif job.state is JobState.KEY_PACKAGE and now >= job.deadline:
+            request_key_package(cx, job, now)
+        elif job.state in (JobState.WAITING, JobState.QUEUED):
+            start(cx, job, now)
+
+
+def group_head(cx: Call, group_id: str) -> Job | None:
+    """The group's job in flight (the slot holder), else its oldest queued job."""
+    return cx.env.read(lambda s: store.head_job(s, group_id))
+
+
+def enqueue(cx: Call, job: Job, now: int) -> None:
+    cx.env.tx(lambda s: store.insert_job(s, job, now))
+    start_next(cx, job.group_id, now)
+
+
+def touch(cx: Call, job: Job, now: int) -> None:
+    if job.command_id is None:
+        return
+    command_id = job.command_id
+    cx.env.tx(lambda s: store.touch_operation(s, command_id, now))
+
+
+def claim(cx: Call, job: Job, now: int) -> bool:
+    """Write the job's new state if nobody changed it since we read it, taking the group's
+    slot for it: the compare-and-set that keeps one commit request per group in flight
+    fleet-wide. False: another instance moved it first (it sends, we don't)."""
+    previous = job.claimed_by
+    lease_expired = job.lease_until != 0 and now >= job.lease_until
+
+    def work(session: Session) -> bool:
+        if not store.save_job(session, job, cx.env.instance):
+            return False  # nothing written
+        if not store.take_slot(session, job):
+            raise _SlotTaken  # roll the job's write back with the transaction
+        return True
+
+    try:
+        won = cx.env.tx(work)
+    except _SlotTaken:
+        won = False
+    if not won:
+        cx.env.metrics.claims_lost.inc("job")
+        return False
+    taken_over = previous not in (None, cx.env.instance) and lease_expired
+    cx.env.metrics.jobs.inc("taken_over" if taken_over else "claimed")
+    if taken_over:
+        log.info("took over %s from instance %s (its lease expired)", job.describe(), previous)
+    return True
+
+
+def start(cx: Call, job: Job, now: int) -> None:
+    """Move the head job forward as far as it can go now."""
+    if not job.open:
+        return
+    if job.action is CommitAction.ADD and job.key_package is None:
+        if job.state is not JobState.KEY_PACKAGE:
+            request_key_package(cx, job, now)
+        return
+    if job.action is CommitAction.CREATE:
+        candidates = job.candidates
+        committer = candidates[len(job.tried) % len(candidates)]
+        request_commit(cx, job, committer, 0, now)
+        return
+    try:
+        choice = cx.env.read(lambda s: choose_committer(cx, s, job, now))
+    except ProtocolError as err:
+        fail_job(cx, job, f"[{err.check}] {err.reason}", now)
+        return
+    if choice is None:
+        if job.state is not JobState.WAITING:
+            job.state = JobState.WAITING
+            claim(cx, job, now)
+        return
+    committer, epoch = choice
+    request_commit(cx, job, committer, epoch, now)
+
+
+def request_key_package(cx: Call, job: Job, now: int) -> None:
+    assert job.member is not None
+    job.state = JobState.KEY_PACKAGE
+    job.deadline = now + cx.env.settings.commit_request_timeout
+    if not claim(cx, job, now):
+        return
+    cx.send(
+        device_cmd_topic(job.member),
+        KeyPackageRequest(job.request_id),
+        to=job.member,
+        now=now,
+    )
+
+
+def request_commit(cx: Call, job: Job, committer: str, epoch: int, now: int) -> None:
+    job.state = JobState.REQUESTED
+    job.committer = committer
+    job.request_epoch = epoch
+    job.deadline = now + cx.env.settings.commit_request_timeout
+    if not claim(cx, job, now):
+        return
+    request = CommitRequest(
+        command_id=job.request_id,
+        group_id=job.group_id,
+        epoch=epoch,
+        action=job.action,
+        member=job.member if job.action in (CommitAction.ADD, CommitAction.REMOVE) else None,
+        key_package=job.key_package if job.action is CommitAction.ADD else None,
+    )
+    log.info("asked %s to commit %s at epoch %s", committer, job.describe(), epoch)
+    cx.send(device_cmd_topic(committer), request, to=committer, now=now)
+
+
+def proven_at_epoch(session: Session, group_id: str, epoch: int) -> set[str]:
+    """Members proven to hold the group's current epoch."""
+    acked = store.acked_at(session, group_id, epoch)
+    if epoch == 0:
+        acked.update(m.device_id for m in Registry(session).members(group_id) if m.leaf_index == 0)
+    else:
+        last = store.commit_at(session, group_id, epoch - 1)
+        if last is not None:
+            acked.add(last.committer)
+    return acked
+
+
+def choose_committer(cx: Call, session: Session, job: Job, now: int) -> tuple[str, int] | None:
+    registry = Registry(session)
+    group = registry.group(job.group_id)
+    members = [m for m in registry.members(job.group_id) if m.leaf_index is not None]
+    if job.action is CommitAction.REMOVE:
+        if not any(m.device_id == job.member for m in members):
+            raise ProtocolError(
+                "ds.job.member", f"{job.member} is no longer a member of {job.group_id}"
+            )
+        if len(members) < 2:
+            raise ProtocolError(
+                "ds.job.last_member",
+                f"{job.member} is the only member of {job.group_id}: nobody can remove it",
+            )
+    at_epoch = proven_at_epoch(session, job.group_id, group.epoch)
+    preferred: str | None = None
+    if job.action is CommitAction.REMOVE:
+        public, _ = commits.load_public(session, job.group_id)
+        target = next(m for m in members if m.device_id == job.member)
+        assert target.leaf_index is not None
+        near = public.tree.leaf(public.committer_for_remove(target.leaf_index))
+        preferred = None if near is None else near.device_id.decode()
+    elif job.prefer is not None:
+        preferred = job.prefer
+    candidates: list[tuple[bool, bool, int, str]] = []
+    for member in members:
+        device_id = member.device_id
+        if device_id == job.member or member.pending is PendingChange.REMOVE:
+            continue
+        if device_id not in at_epoch:
+            continue
+        device = registry.device(device_id)
+        if device.state not in GROUP_ELIGIBLE:
+            continue
+        seen = max(cx.env.last_heard.get(device_id, -1), device.last_seen or -1)
+        online = seen >= now - cx.env.settings.online_window
+        candidates.append((online, device_id == preferred, seen, device_id))
+    if not candidates:
+        return None
+    candidates.sort(reverse=True)
+    untried = [c for c in candidates if c[3] not in job.tried]
+    if not untried:
+        job_tried_reset = candidates
+        return job_tried_reset[len(job.tried) % len(candidates)][3], group.epoch
+    return untried[0][3], group.epoch
+
+
+def job_ended(cx: Call, job: Job, now: int) -> None:
+    """After the transaction that ended ``job`` committed: progress, next job."""
+    touch(cx, job, now)
+    if job.command_id is not None:
+        operation = operations.load_operation(cx, job.command_id)
+        if operation is not None:
+            operations.progress(cx, operation, now)
+    start_next(cx, job.group_id, now)
+
+
+def fail_job(cx: Call, job: Job, detail: str, now: int) -> None:
+    job.detail = detail
+    if not cx.env.tx(lambda s: store.end_job(s, job, JobState.FAILED)):
+        return
+    log.warning("gave up on %s: %s", job.describe(), detail)
+    if job.command_id is not None:
+        operation = operations.load_operation(cx, job.command_id)
+        if operation is not None:
+            operations.progress(cx, operation, now)
+    start_next(cx, job.group_id, now)
+
+
+def start_next(cx: Call, group_id: str, now: int) -> None:
+    head = group_head(cx, group_id)
+    if head is not None and head.state in (JobState.QUEUED, JobState.WAITING):
+        start(cx, head, now)
+
+
+def cancel(cx: Call, job: Job, now: int) -> None:
+    def work(session: Session) -> bool:
+        if not store.end_job(session, job, JobState.CANCELLED):
+            return False
+        if job.action is CommitAction.ADD and job.member is not None:
+            registry = Registry(session)
+            try:
+                rows = {m.device_id: m for m in registry.members(job.group_id)}
+            except ProtocolError:
+                return True  # the group was never created
+            row = rows.get(job.member)
+            if row is not None and row.leaf_index is None:
+                registry.request_remove(job.group_id, job.member, now=now)
+        return True
+
+    if cx.env.tx(work):
+        start_next(cx, job.group_id, now)
+
+
+def cancel_adds_of(cx: Call, device_id: str, now: int) -> None:
+    for job in cx.env.read(lambda s: store.open_adds_of(s, device_id)):
+        cancel(cx, job, now)
+
+
+def group_changed(cx: Call, group_id: str, now: int) -> None:
+    for operation in operations.load_operations(cx, group_id):
+        operations.progress(cx, operation, now)
+    start_next(cx, group_id, now)

@@ -1,0 +1,142 @@
+"""The delivery service's values: its settings, the publishes it returns, and the snapshots of
+its shared rows (a group's jobs, an operator's operation, an ``op.attest`` waiting for its
+report). Plain data: the rows themselves are in ``provisioning.db.runtime`` and only
+``provisioning.service.store`` reads and writes them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Final
+
+from agent.protocol.wire.messages.service import CommitAction
+from provisioning.policy import GoldenPolicy
+from provisioning.registry import DeviceState
+
+# Largest public group state (ratchet tree) the service decodes.
+MAX_PUBLIC_GROUP: Final = 1 << 20
+# Devices that may be members of a group (be added, be asked to commit).
+GROUP_ELIGIBLE: Final = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE})
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish ``payload`` (a service-signed envelope) on ``topic``, QoS 1."""
+
+    topic: str
+    payload: bytes = field(repr=False)
+
+
+def describe_publishes(publishes: Iterable[Publish]) -> list[str]:
+    """Topics only (for logs and tests): payloads are never logged."""
+    return [p.topic for p in publishes]
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Timing and retention knobs (from the configuration's [groups] and [service] tables)."""
+
+    ack_timeout: int = 30
+    commit_request_timeout: int = 10
+    online_window: int = 300
+    retention_epochs: int = 64
+    operator_max_age: int = 300
+    device_max_age: int = 86_400
+    catchup_grace: int = 5
+    catchup_repeat: int = 30
+
+
+@dataclass(frozen=True)
+class AttestationSettings:
+    """Runtime attestation (the configuration's [attestation] table): the golden policy, how
+    often each device is challenged, whether an untrusted device is quarantined, how long a
+    challenge stays answerable and how many may be open per device."""
+
+    policy: GoldenPolicy
+    interval: int = 3600
+    quarantine: bool = False
+    nonce_ttl: int = 300
+    max_open: int = 4
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    KEY_PACKAGE = "key-package"  # waiting for the new member's key package
+    WAITING = "waiting"  # no member is known to be at the current epoch yet
+    REQUESTED = "requested"  # commit request sent to ``committer``
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL: Final = frozenset({"done", "failed", "cancelled"})
+
+
+@dataclass(eq=False)
+class Job:
+    """One group change in a group's queue (a row of ``service_jobs``; this is a snapshot of it,
+    written back with a compare-and-set on ``version``). ``request_id`` is the command id of the
+    service's requests for it (key package request, commit request)."""
+
+    action: CommitAction
+    group_id: str
+    member: str | None
+    request_id: bytes = field(repr=False)
+    command_id: bytes | None = field(default=None, repr=False)  # its operation, if any
+    persistent: bool = False  # survives its operation's timeout (revocations, re-adds)
+    candidates: tuple[str, ...] = ()  # create: the founders to try, in order
+    prefer: str | None = None  # update: ask this member first (it asked for the rotation)
+    state: JobState = JobState.QUEUED
+    key_package: bytes | None = field(default=None, repr=False)
+    committer: str | None = None
+    tried: list[str] = field(default_factory=list)
+    request_epoch: int = 0
+    deadline: int = 0
+    detail: str = ""
+    id: int = 0
+    version: int = 0
+    claimed_by: str | None = None
+    lease_until: int = 0  # the deadline as read: the claimer's lease (``deadline`` may move)
+
+    def describe(self) -> str:
+        what = self.action.value + (f" {self.member}" if self.member else "")
+        return f"{what} in {self.group_id}"
+
+    @property
+    def open(self) -> bool:
+        return self.state.value not in TERMINAL
+
+
+@dataclass(eq=False)
+class Operation:
+    """An operator command in flight (a row of ``service_operations``): its jobs and what it
+    last told the operator. Any instance may load it and report progress."""
+
+    command_id: bytes = field(repr=False)
+    operator: str
+    type: str
+    target: str
+    groups: set[str]
+    jobs: list[Job]
+    last_progress: int
+    finished: bool = False
+    last_sent: str = ""  # "kind:digest" of what the operator was last told
+    # Ack progress throttle (see ``operations.ack_progress_due``): when and at which step the
+    # last in-progress ack result went out, and whether a newer ack view is still unsent.
+    acks_sent_at: int | None = None
+    acks_step: tuple[int | None, int, int] | None = None
+    acks_counts: tuple[int | None, int, int] | None = None
+    acks_seen: tuple[int | None, int, int] | None = None
+    acks_deferred: bool = False
+
+
+@dataclass(eq=False)
+class AttestOperation:
+    """An operator's ``op.attest`` waiting for the device's report."""
+
+    command_id: bytes = field(repr=False)
+    operator: str
+    device_id: str
+    nonce: bytes = field(repr=False)
+    deadline: int

@@ -1,0 +1,115 @@
+"""The service's reads and writes of registry tables that ``provisioning.registry`` has no
+repository method for: when a device was last heard from, who is proven at an epoch, the
+commit log's timing, bulk loads that let one session answer a batch of reports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from provisioning.db.runtime import OperatorKey, ReplayState, TaskLease
+from provisioning.db.schema import Ack as AckRow
+from provisioning.db.schema import CommitLogEntry, Device, GroupMember
+
+
+def mark_heard(session: Session, devices: Iterable[str], *, now: int) -> None:
+    """``devices.last_seen``: the shared "heard from", written with every accepted report
+    (another instance picks committers and the attestation schedule by it)."""
+    ids = sorted(set(devices))
+    if not ids:
+        return
+    session.execute(
+        update(Device)
+        .where(Device.device_id.in_(ids) if len(ids) > 1 else Device.device_id == ids[0])
+        .values(last_seen=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
+    """Load the devices' rows and replay rows into ``session`` in two queries; the caller keeps
+    the returned list while it reads them (the identity map holds them only weakly)."""
+    ordered = sorted(devices)
+    held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(ordered))))
+    held += session.scalars(select(ReplayState).where(ReplayState.sender.in_(ordered)))
+    return held
+
+
+def load_ack_senders(
+    session: Session, senders: Sequence[str], groups: Iterable[str]
+) -> list[object]:
+    """The senders' device rows and their membership rows in ``groups`` (one query each), for
+    the session's identity map; the caller keeps the returned list while it reads them."""
+    held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(senders))))
+    for group_id in sorted(set(groups)):
+        held += session.scalars(
+            select(GroupMember).where(
+                GroupMember.group_id == group_id, GroupMember.device_id.in_(senders)
+            )
+        )
+    return held
+
+
+def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[GroupMember]]:
+    """Each device's membership rows, by group id."""
+    found: dict[str, list[GroupMember]] = {}
+    for row in session.scalars(
+        select(GroupMember)
+        .where(GroupMember.device_id.in_(sorted(set(devices))))
+        .order_by(GroupMember.device_id, GroupMember.group_id)
+    ):
+        found.setdefault(row.device_id, []).append(row)
+    return found
+
+
+def commit_at(session: Session, group_id: str, epoch: int) -> CommitLogEntry | None:
+    """The accepted commit that moved ``group_id`` from ``epoch`` to ``epoch + 1``, if kept."""
+    return session.get(CommitLogEntry, (group_id, epoch))
+
+
+def commit_ms(entry: CommitLogEntry) -> int:
+    """When a commit was accepted, in ms (seconds * 1000 for one accepted before revision
+    0003 recorded milliseconds)."""
+    ms = entry.accepted_at_ms
+    return entry.accepted_at * 1000 if ms is None else ms
+
+
+def known_epoch(session: Session, group_id: str, device_id: str, joined: int) -> int:
+    """The newest epoch ``device_id`` is proven to hold: its acks, the commits it made, the
+    epoch it joined at."""
+    acked = session.scalar(
+        select(func.max(AckRow.epoch)).where(
+            AckRow.group_id == group_id, AckRow.device_id == device_id
+        )
+    )
+    committed = session.scalar(
+        select(func.max(CommitLogEntry.epoch)).where(
+            CommitLogEntry.group_id == group_id, CommitLogEntry.committer == device_id
+        )
+    )
+    known = joined
+    if acked is not None:
+        known = max(known, int(acked))
+    if committed is not None:
+        known = max(known, int(committed) + 1)
+    return known
+
+
+def acked_at(session: Session, group_id: str, epoch: int) -> set[str]:
+    """Devices that acked ``epoch`` of ``group_id``."""
+    return set(
+        session.scalars(
+            select(AckRow.device_id).where(AckRow.group_id == group_id, AckRow.epoch == epoch)
+        )
+    )
+
+
+def operator_key(session: Session, operator: str) -> OperatorKey | None:
+    return session.get(OperatorKey, operator)
+
+
+def task_lease(session: Session, name: str) -> TaskLease | None:
+    return session.get(TaskLease, name)

@@ -1,0 +1,128 @@
+"""Periodic work every instance's ``tick`` offers, done by one instance at a time: the
+attestation schedule (every ``ATTEST_SCAN_SECONDS``: challenge the online devices whose last
+verdict or challenge is an ``interval`` old; operator attestations without a report end in
+``timeout``) and pruning (once a minute fleet-wide: held halves nobody completed, ended jobs of
+ended operations, operations finished a day ago).
+
+Each task is claimed with a lease in the database (``store.claim_task``): the instance that
+claims it runs it and sets when it is due next; a killed instance's task is taken over within a
+few ticks, once its lease (``TASK_LEASE_SECONDS``) expired.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Final
+
+from sqlalchemy.orm import Session
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire.messages.result import ResultStatus
+from provisioning.registry import Registry
+from provisioning.service import attestation, store
+from provisioning.service.context import Call
+
+log = logging.getLogger("keyfleet.service")
+
+ATTEST_SCAN_SECONDS: Final = 5
+PRUNE_SECONDS: Final = 60
+# How long a claimed periodic task stays with its instance: longer than one run takes, short
+# enough that a killed instance's task is taken over within a few ticks.
+TASK_LEASE_SECONDS: Final = 30
+
+
+def attest_tick(cx: Call, now: int) -> None:
+    """Operator attestations that got no report in time end in ``timeout`` (the instance
+    that deletes the waiting row reports it); every ``ATTEST_SCAN_SECONDS`` one instance,
+    the one that claims the ``attest.scan`` task, challenges the devices that are due."""
+    expired = cx.env.read(lambda s: store.expired_attest_nonces(s, now=now))
+    for nonce in expired:
+        operation = cx.env.tx(partial(store.take_attest_operation, nonce=nonce))
+        if operation is None:
+            continue  # the report or another instance's tick came first
+        attestation.attest_finish(
+            cx,
+            operation,
+            ResultStatus.TIMEOUT,
+            f"no attestation report from {operation.device_id} within "
+            f"{cx.env.settings.ack_timeout}s",
+            now,
+            pending=(operation.device_id,),
+        )
+    if cx.env.attestation is None or not claim_task(cx, "attest.scan", now):
+        return
+    interval = cx.env.attestation.interval
+
+    def due(session: Session) -> list[str]:
+        store.forget_challenges(session, now=now)
+        challenged = store.last_challenged(session)
+        found = []
+        for device in Registry(session).devices():
+            if device.state not in attestation.ATTESTABLE or device.ak_public is None:
+                continue
+            heard = max(cx.env.last_heard.get(device.device_id, -1), device.last_seen or -1)
+            if heard < now - cx.env.settings.online_window:
+                continue  # offline: the challenge would expire in its session queue
+            # A device never attested is due at once; otherwise one interval after its
+            # last verdict or challenge (by any instance: the schedule table).
+            last = challenged.get(device.device_id)
+            if device.attested_at is not None:
+                last = max(last or 0, device.attested_at)
+            if last is not None and now - last < interval:
+                continue
+            found.append(device.device_id)
+        return found
+
+    try:
+        for device_id in cx.env.tx(due):
+            try:
+                challenged = attestation.challenge(cx, device_id, now, scheduled=True)
+            except ProtocolError as err:
+                log.warning("could not challenge %s: [%s] %s", device_id, err.check, err.reason)
+            else:
+                if challenged:
+                    log.info("scheduled attestation: challenged %s", device_id)
+    finally:
+        finish_task(cx, "attest.scan", now + ATTEST_SCAN_SECONDS)
+
+
+def claim_task(cx: Call, name: str, now: int) -> bool:
+    # A read first: most ticks find the task not due, and a claim attempt would take the
+    # database's write lock (all of SQLite) for nothing.
+    row = cx.env.read(lambda s: store.task_lease(s, name))
+    if row is not None and (
+        row.due_at > now or (row.claimed_until > now and row.claimed_by != cx.env.instance)
+    ):
+        return False
+    claimed = cx.env.tx(
+        lambda s: store.claim_task(
+            s, name, instance=cx.env.instance, now=now, lease=TASK_LEASE_SECONDS
+        )
+    )
+    if claimed:
+        cx.env.metrics.tasks.inc(name)
+    return claimed
+
+
+def finish_task(cx: Call, name: str, next_due: int) -> None:
+    cx.env.tx(lambda s: store.finish_task(s, name, instance=cx.env.instance, next_due=next_due))
+
+
+def prune_tick(cx: Call, now: int) -> None:
+    """Once a minute fleet-wide: held halves nobody completed, ended jobs of ended
+    operations, operations finished a day ago."""
+    if not claim_task(cx, "service.prune", now):
+        return
+
+    def work(session: Session) -> None:
+        store.prune(
+            session,
+            held_before=now - cx.env.settings.commit_request_timeout,
+            operations_before=now - 86_400,
+        )
+
+    try:
+        cx.env.tx(work)
+    finally:
+        finish_task(cx, "service.prune", now + PRUNE_SECONDS)
