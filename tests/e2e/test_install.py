@@ -189,12 +189,12 @@ def test_a_dependency_added_without_make_lock_is_named(tmp_path: Path) -> None:
     for name in ("requirements.lock", "requirements-dev.lock", "requirements-build.lock"):
         shutil.copy(ROOT / name, tmp_path / name)
     text = (ROOT / "pyproject.toml").read_text()
-    text = text.replace('    "pytest>=8",\n', '    "pytest>=8",\n    "import-linter>=2",\n', 1)
+    text = text.replace('    "pytest>=8",\n', '    "pytest>=8",\n    "no-such-checker>=2",\n', 1)
     text = text.replace('"cbor2>=5.6"', '"cbor2>=99"', 1)
     (tmp_path / "pyproject.toml").write_text(text)
     assert _check_locks().gaps(tmp_path) == [
         "requirements.lock: cbor2==6.3.0 does not satisfy cbor2>=99",
         "requirements-dev.lock: cbor2==6.3.0 does not satisfy cbor2>=99",
-        "requirements-dev.lock: import-linter is not pinned (pyproject.toml: import-linter>=2)",
+        "requirements-dev.lock: no-such-checker is not pinned (pyproject.toml: no-such-checker>=2)",
         "requirements-bench.lock: missing",
     ]
