@@ -571,8 +571,9 @@ class Enrollment:
             return station is not None and station.name == name
 
         if not run_in_transaction(self._db, lookup):
-            self._audit(
-                now,
+            audit.record(
+                self._db,
+                now=now,
                 actor=f"station?:{name}",
                 action="enroll.station",
                 target=f"cert:{fingerprint}",
@@ -601,8 +602,9 @@ class Enrollment:
                 details={"serial": request.serial},
             )
             raise
-        self._audit(
-            now,
+        audit.record(
+            self._db,
+            now=now,
             actor=f"station:{station}",
             action="enroll.start",
             target=f"ek:{ek_fp}",
@@ -1005,28 +1007,6 @@ class Enrollment:
 
     # -- audit --
 
-    def _audit(
-        self,
-        now: int,
-        *,
-        actor: str,
-        action: str,
-        target: str,
-        outcome: Outcome,
-        reason: str = "",
-        details: Mapping[str, audit.JsonValue] | None = None,
-    ) -> None:
-        audit.record(
-            self._db,
-            now=now,
-            actor=actor,
-            action=action,
-            target=target,
-            outcome=outcome,
-            reason=reason,
-            details=details,
-        )
-
     def _refuse(
         self,
         now: int,
@@ -1040,8 +1020,9 @@ class Enrollment:
         if isinstance(exc, _Tagged):
             target = f"ek:{exc.ek_fingerprint}"
         check = exc.check if isinstance(exc, ProtocolError) else type(exc).__name__
-        self._audit(
-            now,
+        audit.record(
+            self._db,
+            now=now,
             actor=f"station:{station}",
             action=action,
             target=target,
