@@ -98,6 +98,7 @@ from agent.protocol.attest import (
 )
 from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError
 from agent.protocol.secret import Secret
+from agent.serial_link import INSTALL_ARGS
 from provisioning import audit
 from provisioning.config import ServiceConfig
 from provisioning.db.engine import rowcount, run_in_transaction
@@ -356,18 +357,7 @@ class DeviceIdentity:
 
     @classmethod
     def from_map(cls, value: object) -> DeviceIdentity:
-        keys = frozenset(
-            {
-                "device_id",
-                "devid_cert",
-                "tls_cert",
-                "trust_anchors",
-                "broker",
-                "service_cert",
-                "groups",
-            }
-        )
-        m = _exact_keys(value, keys, "enroll/finish result")
+        m = _exact_keys(value, frozenset(INSTALL_ARGS), "enroll/finish result")
         broker = _exact_keys(m["broker"], frozenset({"host", "port", "ca"}), "broker")
 
         def cert(item: object) -> x509.Certificate:
