@@ -68,6 +68,13 @@ _MADE_CURRENT_EPOCH = and_(
     Group.group_id == CommitLogEntry.group_id, CommitLogEntry.epoch == Group.epoch - 1
 )
 """Join condition: the commit is the one that made the group's current epoch."""
+_COMMIT_COLUMNS = (
+    CommitLogEntry.epoch,
+    CommitLogEntry.committer,
+    CommitLogEntry.accepted_at,
+    COMMIT_MS.label("accepted_ms"),
+)
+"""What a ``CommitRow`` takes from the commit log."""
 
 
 @dataclass(frozen=True)
@@ -853,12 +860,7 @@ def group_detail(
         or 0
     )
     commit_rows = session.execute(
-        select(
-            CommitLogEntry.epoch,
-            CommitLogEntry.committer,
-            CommitLogEntry.accepted_at,
-            COMMIT_MS.label("accepted_ms"),
-        )
+        select(*_COMMIT_COLUMNS)
         .where(CommitLogEntry.group_id == group_id)
         .order_by(CommitLogEntry.epoch.desc())
         .limit(REKEY_HISTORY)
@@ -913,12 +915,7 @@ def _int(value: Any) -> int | None:
 def current_commit(session: Session, group_id: str) -> CommitRow | None:
     """The accepted commit that made the group's current epoch, with its acks so far."""
     row = session.execute(
-        select(
-            CommitLogEntry.epoch,
-            CommitLogEntry.committer,
-            CommitLogEntry.accepted_at,
-            COMMIT_MS.label("accepted_ms"),
-        )
+        select(*_COMMIT_COLUMNS)
         .join(Group, _MADE_CURRENT_EPOCH)
         .where(CommitLogEntry.group_id == group_id)
     ).first()
