@@ -460,14 +460,21 @@ class AgentCore:
 
     # -- handlers: each checks everything first and changes state only at its end -----------
 
-    def _on_commit(self, body: CommitMessage) -> Outcome:
-        entry = self._groups.get(body.group_id)
+    def _entry_at(self, group_id: str, epoch: int, what: str) -> _GroupEntry:
+        """The group ``group_id`` if we are in it at ``epoch``; ``what`` names the message in
+        the error otherwise."""
+        entry = self._groups.get(group_id)
         if entry is None:
             raise ProtocolError("agent.group-unknown", "not a member of this group")
+        current = entry.group.epoch
+        if epoch != current:
+            check = "mls.epoch-stale" if epoch < current else "mls.epoch-future"
+            raise ProtocolError(check, f"{what} for epoch {epoch}, we are in {current}")
+        return entry
+
+    def _on_commit(self, body: CommitMessage) -> Outcome:
+        entry = self._entry_at(body.group_id, body.epoch, "commit")
         group = entry.group
-        if body.epoch != group.epoch:
-            check = "mls.epoch-stale" if body.epoch < group.epoch else "mls.epoch-future"
-            raise ProtocolError(check, f"commit for epoch {body.epoch}, we are in {group.epoch}")
         ours = next((p for p in entry.pending if p.commit == body.commit), None)
         if ours is not None:
             # the ack names the request we committed for, even if the relay does not
@@ -522,13 +529,8 @@ class AgentCore:
     def _on_commit_request(self, body: CommitRequest) -> Outcome:
         if body.action is CommitAction.CREATE:
             return self._create(body)
-        entry = self._groups.get(body.group_id)
-        if entry is None:
-            raise ProtocolError("agent.group-unknown", "not a member of this group")
+        entry = self._entry_at(body.group_id, body.epoch, "request")
         group = entry.group
-        if body.epoch != group.epoch:
-            check = "mls.epoch-stale" if body.epoch < group.epoch else "mls.epoch-future"
-            raise ProtocolError(check, f"request for epoch {body.epoch}, we are in {group.epoch}")
         if len(entry.pending) >= MAX_PENDING_COMMITS:
             raise ProtocolError("agent.pending-full", "too many commits await the service")
         devid = self._keys.devid

@@ -68,7 +68,7 @@ from agent.config import load_config
 from agent.fsio import atomic_write, shred
 from agent.protocol.attest import public_key_from_area
 from agent.protocol.errors import ProtocolError, StateError, TPMError
-from agent.serial_link import Args, DeviceLink, Handler
+from agent.serial_link import INSTALL_ARGS, Args, DeviceLink, Handler
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import EKKind, TPMStore
 from agent.tpm.templates import KeyKind
@@ -381,18 +381,7 @@ class FactoryDevice:
     # -- install and lock --
 
     def _install(self, args: Args) -> Args:
-        _only(
-            args,
-            (
-                "device_id",
-                "devid_cert",
-                "tls_cert",
-                "trust_anchors",
-                "broker",
-                "service_cert",
-                "groups",
-            ),
-        )
+        _only(args, INSTALL_ARGS)
         device_id = _text_arg(args, "device_id", _DEVICE_ID)
         devid_cert = _certificate(args.get("devid_cert"), "devid_cert")
         tls_cert = _certificate(args.get("tls_cert"), "tls_cert")

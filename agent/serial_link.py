@@ -71,6 +71,17 @@ MAX_REQUEST_ID = (1 << 63) - 1
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 3
 REPLY_CACHE_SIZE = 8
+INSTALL_ARGS = (
+    "device_id",
+    "devid_cert",
+    "tls_cert",
+    "trust_anchors",
+    "broker",
+    "service_cert",
+    "groups",
+)
+"""The arguments of the factory ``install`` request: exactly the device identity the service
+returns from enroll/finish, which the station passes on unchanged."""
 
 Args = dict[str, Any]
 

@@ -58,6 +58,20 @@ def _await_final(client: OperatorClient, command_id: bytes, timeout: float) -> t
             return result, time.perf_counter()
 
 
+def _timed_rekey(client: OperatorClient) -> tuple[float, float, float]:
+    """Send one rekey of the bench group and wait for its final result (``RuntimeError`` unless
+    done): when it was sent on ``time.perf_counter`` and on ``time.monotonic``, and when its
+    result came on ``time.perf_counter``."""
+    body = Rekey(client.new_command_id(), GROUP)
+    start_mono = time.monotonic()
+    start = time.perf_counter()
+    client.send(body)
+    result, end = _await_final(client, body.command_id, timeout=600)
+    if result.status is not ResultStatus.DONE:
+        raise RuntimeError(f"rekey: {result.status}: {result.detail}")
+    return start, start_mono, end
+
+
 def _wait_reports(dep: Deployment, fleet: VirtualFleet, timeout: float) -> None:
     """Until the service has processed every device's start-up keys.report (so that the timed
     rekey does not queue behind a thousand reports)."""
@@ -119,13 +133,7 @@ def run_size(n: int, workdir: Path) -> dict[str, Any]:
                     print(f"n={n}: group by adds in {setup['group_by_adds_s']} s", file=sys.stderr)
                 rounds = []
                 for _ in range(ROUNDS[n]):
-                    body = Rekey(client.new_command_id(), GROUP)
-                    start_mono = time.monotonic()
-                    start = time.perf_counter()
-                    client.send(body)
-                    result, end = _await_final(client, body.command_id, timeout=600)
-                    if result.status is not ResultStatus.DONE:
-                        raise RuntimeError(f"rekey: {result.status}: {result.detail}")
+                    start, start_mono, end = _timed_rekey(client)
                     epoch += 1
                     last_ack = fleet.wait_epoch(GROUP, epoch, timeout=60)
                     rounds.append(

@@ -38,9 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.wire.messages.operator import Rekey
-from agent.protocol.wire.messages.result import ResultStatus
-from bench.bench_rekey import _await_final, _wait_reports
+from bench.bench_rekey import _timed_rekey, _wait_reports
 from bench.deployment import Deployment, deployment
 from firmware_sim.fleet import VirtualFleet, load_fleet_config, open_registry
 from provisioning.operator import OperatorClient
@@ -138,12 +136,7 @@ def _rekeys(dep: Deployment, fleet: VirtualFleet, epoch: int) -> tuple[list[floa
     latencies = []
     with OperatorClient(dep.operator) as client:
         for _ in range(ROUNDS):
-            body = Rekey(client.new_command_id(), GROUP)
-            start = time.perf_counter()
-            client.send(body)
-            result, end = _await_final(client, body.command_id, timeout=600)
-            if result.status is not ResultStatus.DONE:
-                raise RuntimeError(f"rekey: {result.status}: {result.detail}")
+            start, _, end = _timed_rekey(client)
             epoch += 1
             fleet.wait_epoch(GROUP, epoch, timeout=120)
             latencies.append(round(end - start, 3))

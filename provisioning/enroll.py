@@ -98,6 +98,7 @@ from agent.protocol.attest import (
 )
 from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError
 from agent.protocol.secret import Secret
+from agent.serial_link import INSTALL_ARGS
 from provisioning import audit
 from provisioning.config import ServiceConfig
 from provisioning.db.engine import rowcount, run_in_transaction
@@ -356,18 +357,7 @@ class DeviceIdentity:
 
     @classmethod
     def from_map(cls, value: object) -> DeviceIdentity:
-        keys = frozenset(
-            {
-                "device_id",
-                "devid_cert",
-                "tls_cert",
-                "trust_anchors",
-                "broker",
-                "service_cert",
-                "groups",
-            }
-        )
-        m = _exact_keys(value, keys, "enroll/finish result")
+        m = _exact_keys(value, frozenset(INSTALL_ARGS), "enroll/finish result")
         broker = _exact_keys(m["broker"], frozenset({"host", "port", "ca"}), "broker")
 
         def cert(item: object) -> x509.Certificate:
@@ -571,8 +561,9 @@ class Enrollment:
             return station is not None and station.name == name
 
         if not run_in_transaction(self._db, lookup):
-            self._audit(
-                now,
+            audit.record(
+                self._db,
+                now=now,
                 actor=f"station?:{name}",
                 action="enroll.station",
                 target=f"cert:{fingerprint}",
@@ -601,8 +592,9 @@ class Enrollment:
                 details={"serial": request.serial},
             )
             raise
-        self._audit(
-            now,
+        audit.record(
+            self._db,
+            now=now,
             actor=f"station:{station}",
             action="enroll.start",
             target=f"ek:{ek_fp}",
@@ -1005,28 +997,6 @@ class Enrollment:
 
     # -- audit --
 
-    def _audit(
-        self,
-        now: int,
-        *,
-        actor: str,
-        action: str,
-        target: str,
-        outcome: Outcome,
-        reason: str = "",
-        details: Mapping[str, audit.JsonValue] | None = None,
-    ) -> None:
-        audit.record(
-            self._db,
-            now=now,
-            actor=actor,
-            action=action,
-            target=target,
-            outcome=outcome,
-            reason=reason,
-            details=details,
-        )
-
     def _refuse(
         self,
         now: int,
@@ -1040,8 +1010,9 @@ class Enrollment:
         if isinstance(exc, _Tagged):
             target = f"ek:{exc.ek_fingerprint}"
         check = exc.check if isinstance(exc, ProtocolError) else type(exc).__name__
-        self._audit(
-            now,
+        audit.record(
+            self._db,
+            now=now,
             actor=f"station:{station}",
             action=action,
             target=target,

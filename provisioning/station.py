@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from agent.protocol.errors import ConfigError, KeyfleetError, ProtocolError, TransportError
 from agent.protocol.secret import Secret
 from agent.protocol.wire import cbor
-from agent.serial_link import SerialClient
+from agent.serial_link import INSTALL_ARGS, SerialClient
 from agent.version import add_version_option
 from provisioning.enroll import (
     DeviceIdentity,
@@ -544,15 +544,7 @@ class Station:
 
 def _install_args(identity: DeviceIdentity) -> dict[str, Any]:
     values = identity.to_map()
-    return {
-        "device_id": values["device_id"],
-        "devid_cert": values["devid_cert"],
-        "tls_cert": values["tls_cert"],
-        "trust_anchors": values["trust_anchors"],
-        "broker": values["broker"],
-        "service_cert": values["service_cert"],
-        "groups": values["groups"],
-    }
+    return {name: values[name] for name in INSTALL_ARGS}
 
 
 # ---- command line ---------------------------------------------------------------------------

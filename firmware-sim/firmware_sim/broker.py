@@ -12,7 +12,6 @@ drop to user ``mosquitto``, which cannot read a 0600 key of ours nor write our p
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import os
 import shutil
@@ -29,6 +28,7 @@ from cryptography import x509
 from agent.protocol.errors import ConfigError, StateError
 from agent.protocol.topics import SERVICE_ID, TOPIC_ROOT
 from firmware_sim.ports import free_port
+from firmware_sim.processes import stop_child
 from provisioning import pki
 
 SERVICE_IDENTITY = SERVICE_ID
@@ -206,15 +206,7 @@ class Mosquitto:
         process = self._process
         if process is None:
             return
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, sig)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=STOP_TIMEOUT)
+        stop_child(process, STOP_TIMEOUT, sig)
         self._process = None
 
     def stop(self) -> None:

@@ -37,7 +37,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -54,6 +53,7 @@ from agent.protocol.eventlog import EventLog
 from agent.serial_link import Args, Handler
 from agent.tpm.store import TPMStore
 from firmware_sim.boot import FirmwareComponent, default_components, measured_boot, tampered
+from firmware_sim.processes import stop_child
 from firmware_sim.swtpm import (
     MAX_SOCKET_PATH,
     SOCKET_NAME,
@@ -124,19 +124,6 @@ def start_agent(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
             env=env,
             start_new_session=True,  # a Ctrl-C at the simulator's terminal goes to us, not it
         )
-
-
-def _stop_child(process: subprocess.Popen[bytes], timeout: float) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout)
 
 
 class SimulatedDevice:
@@ -456,7 +443,7 @@ class SimulatedDevice:
         with self._mode_lock:
             agent, self._agent = self._agent, None
         if agent is not None:
-            _stop_child(agent, AGENT_STOP_TIMEOUT)
+            stop_child(agent, AGENT_STOP_TIMEOUT)
         console, self._console = self._console, None
         if console is not None:
             console.stop()

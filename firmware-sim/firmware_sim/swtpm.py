@@ -16,10 +16,8 @@ the process is stopped by its PID: SIGTERM, wait, SIGKILL.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -32,6 +30,7 @@ from cryptography import x509
 
 from agent.protocol.errors import ConfigError, StateError
 from firmware_sim.ports import free_port
+from firmware_sim.processes import stop_child
 
 TEMPLATE_DIR = Path(__file__).parent / "manufacturer"
 STATE_FILE = "tpm2-00.permall"
@@ -382,16 +381,8 @@ class Swtpm:
         """Stop this instance by its PID: SIGTERM, wait, then SIGKILL (idempotent)."""
         process, self.process = self.process, None
         try:
-            if process is None or process.poll() is not None:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=STOP_TIMEOUT)
+            if process is not None:
+                stop_child(process, STOP_TIMEOUT)
         finally:
             if self.pid_file is not None:
                 with contextlib.suppress(FileNotFoundError):

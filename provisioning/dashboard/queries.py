@@ -58,6 +58,23 @@ REKEY_HISTORY = 10
 # they were, never made up.
 ACK_MS = func.coalesce(Ack.received_at_ms, Ack.received_at * 1000)
 COMMIT_MS = func.coalesce(CommitLogEntry.accepted_at_ms, CommitLogEntry.accepted_at * 1000)
+_BY_CURRENT_MEMBER = and_(
+    GroupMember.group_id == Ack.group_id,
+    GroupMember.device_id == Ack.device_id,
+    GroupMember.leaf_index.is_not(None),
+)
+"""Join condition: the ack's sender is a current member of the group (not one being added)."""
+_MADE_CURRENT_EPOCH = and_(
+    Group.group_id == CommitLogEntry.group_id, CommitLogEntry.epoch == Group.epoch - 1
+)
+"""Join condition: the commit is the one that made the group's current epoch."""
+_COMMIT_COLUMNS = (
+    CommitLogEntry.epoch,
+    CommitLogEntry.committer,
+    CommitLogEntry.accepted_at,
+    COMMIT_MS.label("accepted_ms"),
+)
+"""What a ``CommitRow`` takes from the commit log."""
 
 
 @dataclass(frozen=True)
@@ -665,14 +682,7 @@ def _current_acks(
     for group_id, count, last, last_ms in session.execute(
         select(Ack.group_id, func.count(), func.max(Ack.received_at), func.max(ACK_MS))
         .join(Group, and_(Group.group_id == Ack.group_id, Group.epoch == Ack.epoch))
-        .join(
-            GroupMember,
-            and_(
-                GroupMember.group_id == Ack.group_id,
-                GroupMember.device_id == Ack.device_id,
-                GroupMember.leaf_index.is_not(None),
-            ),
-        )
+        .join(GroupMember, _BY_CURRENT_MEMBER)
         .where(Ack.group_id.in_(group_ids))
         .group_by(Ack.group_id)
     ):
@@ -691,13 +701,7 @@ def _commit_times(session: Session, group_ids: Sequence[str]) -> dict[str, tuple
         group_id: (int(at), int(at_ms))
         for group_id, at, at_ms in session.execute(
             select(CommitLogEntry.group_id, CommitLogEntry.accepted_at, COMMIT_MS)
-            .join(
-                Group,
-                and_(
-                    Group.group_id == CommitLogEntry.group_id,
-                    CommitLogEntry.epoch == Group.epoch - 1,
-                ),
-            )
+            .join(Group, _MADE_CURRENT_EPOCH)
             .where(CommitLogEntry.group_id.in_(group_ids))
         )
     }
@@ -856,12 +860,7 @@ def group_detail(
         or 0
     )
     commit_rows = session.execute(
-        select(
-            CommitLogEntry.epoch,
-            CommitLogEntry.committer,
-            CommitLogEntry.accepted_at,
-            COMMIT_MS.label("accepted_ms"),
-        )
+        select(*_COMMIT_COLUMNS)
         .where(CommitLogEntry.group_id == group_id)
         .order_by(CommitLogEntry.epoch.desc())
         .limit(REKEY_HISTORY)
@@ -916,19 +915,8 @@ def _int(value: Any) -> int | None:
 def current_commit(session: Session, group_id: str) -> CommitRow | None:
     """The accepted commit that made the group's current epoch, with its acks so far."""
     row = session.execute(
-        select(
-            CommitLogEntry.epoch,
-            CommitLogEntry.committer,
-            CommitLogEntry.accepted_at,
-            COMMIT_MS.label("accepted_ms"),
-        )
-        .join(
-            Group,
-            and_(
-                Group.group_id == CommitLogEntry.group_id,
-                CommitLogEntry.epoch == Group.epoch - 1,
-            ),
-        )
+        select(*_COMMIT_COLUMNS)
+        .join(Group, _MADE_CURRENT_EPOCH)
         .where(CommitLogEntry.group_id == group_id)
     ).first()
     if row is None:
@@ -1023,14 +1011,7 @@ def ack_progress(
     row = group_list_row(session, group.group_id, group.epoch)
     query = (
         select(Ack.device_id, Ack.received_at, ACK_MS)
-        .join(
-            GroupMember,
-            and_(
-                GroupMember.group_id == Ack.group_id,
-                GroupMember.device_id == Ack.device_id,
-                GroupMember.leaf_index.is_not(None),
-            ),
-        )
+        .join(GroupMember, _BY_CURRENT_MEMBER)
         .where(Ack.group_id == group_id, Ack.epoch == group.epoch)
         .order_by(ACK_MS, Ack.device_id)
     )

@@ -260,6 +260,7 @@ def _check_fingerprint(kind: str, value: str) -> None:
 
 
 R = TypeVar("R")
+M = TypeVar("M", Device, Group, Operator, Station)
 
 
 def _milliseconds(now: int, now_ms: int | None) -> int:
@@ -341,11 +342,16 @@ class Registry:
         except IntegrityError:
             raise RetryableConflict(conflict) from None
 
-    def _device_row(self, device_id: str) -> Device:
-        row = self._s.get(Device, device_id)
+    def _row(self, model: type[M], kind: str, key: str) -> M:
+        """The row of ``model`` under primary key ``key``; a ``registry.<kind>.unknown`` error
+        when there is none."""
+        row = self._s.get(model, key)
         if row is None:
-            raise ProtocolError("registry.device.unknown", f"no device {device_id!r}")
+            raise ProtocolError(f"registry.{kind}.unknown", f"no {kind} {key!r}")
         return row
+
+    def _device_row(self, device_id: str) -> Device:
+        return self._row(Device, "device", device_id)
 
     def device(self, device_id: str) -> DeviceRecord:
         return _record(DeviceRecord, self._device_row(device_id))
@@ -605,10 +611,7 @@ class Registry:
         return _record(GroupRecord, group)
 
     def _group_row(self, group_id: str) -> Group:
-        row = self._s.get(Group, group_id)
-        if row is None:
-            raise ProtocolError("registry.group.unknown", f"no group {group_id!r}")
-        return row
+        return self._row(Group, "group", group_id)
 
     def group(self, group_id: str) -> GroupRecord:
         return _record(GroupRecord, self._group_row(group_id))
@@ -988,10 +991,7 @@ class Registry:
         return _record(OperatorRecord, row)
 
     def _operator_row(self, name: str) -> Operator:
-        row = self._s.get(Operator, name)
-        if row is None:
-            raise ProtocolError("registry.operator.unknown", f"no operator {name!r}")
-        return row
+        return self._row(Operator, "operator", name)
 
     def operator(self, name: str) -> OperatorRecord:
         return _record(OperatorRecord, self._operator_row(name))
@@ -1066,10 +1066,7 @@ class Registry:
         return _record(StationRecord, row)
 
     def station(self, name: str) -> StationRecord:
-        row = self._s.get(Station, name)
-        if row is None:
-            raise ProtocolError("registry.station.unknown", f"no station {name!r}")
-        return _record(StationRecord, row)
+        return _record(StationRecord, self._row(Station, "station", name))
 
     def station_by_fingerprint(self, cert_fingerprint: str) -> StationRecord | None:
         row = self._s.scalar(select(Station).where(Station.cert_fingerprint == cert_fingerprint))
@@ -1082,9 +1079,7 @@ class Registry:
         ]
 
     def remove_station(self, name: str) -> None:
-        row = self._s.get(Station, name)
-        if row is None:
-            raise ProtocolError("registry.station.unknown", f"no station {name!r}")
+        row = self._row(Station, "station", name)
         self._s.delete(row)
         self._s.flush()
 

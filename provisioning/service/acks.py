@@ -27,8 +27,8 @@ from provisioning.service.effects import AckLatency, Effects, GroupChanged, Log
 log = logging.getLogger("keyfleet.service")
 
 
-def on_ack(cx: Call, session: Session, sender: str, body: AckBody, now: int) -> Effects:
-    Registry(session).record_ack(
+def _record(cx: Call, registry: Registry, sender: str, body: AckBody, now: int) -> None:
+    registry.record_ack(
         body.group_id,
         epoch=body.epoch,
         device_id=sender,
@@ -36,6 +36,10 @@ def on_ack(cx: Call, session: Session, sender: str, body: AckBody, now: int) -> 
         now=now,
         now_ms=cx.clock.ms,
     )
+
+
+def on_ack(cx: Call, session: Session, sender: str, body: AckBody, now: int) -> Effects:
+    _record(cx, Registry(session), sender, body, now)
     started = store.commit_at(session, body.group_id, body.epoch - 1)
     return [
         Log(logging.DEBUG, "ack from %s for %s epoch %s", (sender, body.group_id, body.epoch)),
@@ -93,14 +97,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                         "ds.device.quarantined",
                         f"device {sender!r} is quarantined: only attestation reports are taken",
                     )
-                registry.record_ack(
-                    body.group_id,
-                    epoch=body.epoch,
-                    device_id=sender,
-                    epoch_authenticator=body.epoch_authenticator,
-                    now=now,
-                    now_ms=cx.clock.ms,
-                )
+                _record(cx, registry, sender, body, now)
             except ProtocolError as err:
                 refused.append((message, err))
                 continue

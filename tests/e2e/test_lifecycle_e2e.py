@@ -348,21 +348,6 @@ def create_group(lab: Lab) -> None:
     assert created.returncode == 0, created.stdout + created.stderr
 
 
-def as_nobody(nobody_python: NobodyPython, socket_path: Path) -> subprocess.CompletedProcess[str]:
-    code = (
-        "import sys\n"
-        "from agent.localapi.client import LocalApiClient\n"
-        "from agent.localapi.access import AccessDenied\n"
-        f"c = LocalApiClient({str(socket_path)!r})\n"
-        "try:\n"
-        f"    c.encrypt({G!r}, b'from nobody')\n"
-        "except AccessDenied as e:\n"
-        "    print('DENIED', e.check); sys.exit(7)\n"
-        "print('ENCRYPTED')\n"
-    )
-    return nobody_python.run(code)
-
-
 def decrypt_on(device: Device, blob: bytes, timeout: float = 20.0) -> bytes:
     """Decrypt through the device's API, waiting while it is still catching up to the epoch."""
     deadline = time.monotonic() + timeout
@@ -386,7 +371,7 @@ def test_rotation_grace_cross_device_cross_uid_and_key_listing(
     with LocalApiClient(a.socket) as api:
         blob = api.encrypt(G, b"reading 42")
     sealed_epoch = int.from_bytes(blob[5 + len(G) : 13 + len(G)], "big")
-    nobody = as_nobody(nobody_python, a.socket)
+    nobody = nobody_python.encrypt(a.socket, G)
     assert nobody.returncode == 7 and nobody.stdout.strip() == "DENIED api.denied", nobody.stderr
     refusal = [line for line in a.log_text().splitlines() if "uid=65534" in line]
     assert refusal and "encrypt" in refusal[0] and G in refusal[0]

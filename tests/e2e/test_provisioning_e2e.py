@@ -372,55 +372,37 @@ def test_device_dead_after_finish_is_undone_then_reprovisioned(
 def test_keyprovision_command_line_json(fleet: EnrollmentService, make_device: Any) -> None:
     device = make_device()
     pki = fleet.pki
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "provisioning.station",
-            "--port",
-            device.path,
-            "--fleet",
-            fleet.server.url,
-            "--cert",
-            str(pki.station_cert_path),
-            "--key",
-            str(pki.station_key_path),
-            "--ca",
-            str(pki.server_ca_path),
-            "--group",
-            "sensors",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+
+    def keyprovision(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "provisioning.station",
+                "--port",
+                device.path,
+                "--fleet",
+                fleet.server.url,
+                "--cert",
+                str(pki.station_cert_path),
+                "--key",
+                str(pki.station_key_path),
+                "--ca",
+                str(pki.server_ca_path),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    result = keyprovision("--group", "sensors", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     output = json.loads(result.stdout)
     assert output["ok"] is True and output["device_id"] in devices_in(fleet.sessions)
     assert [s["step"] for s in output["steps"]][-1] == "lock"
     # a second run on the locked device fails with exit status 1 and says why
-    human = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "provisioning.station",
-            "--port",
-            device.path,
-            "--fleet",
-            fleet.server.url,
-            "--cert",
-            str(pki.station_cert_path),
-            "--key",
-            str(pki.station_key_path),
-            "--ca",
-            str(pki.server_ca_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    human = keyprovision()
     assert human.returncode == 1
     assert "factory.locked" in human.stdout and "nothing was registered" in human.stdout

@@ -57,18 +57,20 @@ def _cert(path: Path, curve: ec.EllipticCurve | None = None) -> Path:
     return path
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
+def agent_files(directory: Path) -> dict[str, Path]:
+    """The certificate and key files an agent configuration names, made in ``directory``
+    (self-signed throwaway certificates; the DevID key is a dummy TPM blob)."""
+    directory.mkdir(parents=True, exist_ok=True)
     files = {
-        "devid_cert": _cert(tmp_path / "devid.pem"),
-        "tls_cert": _cert(tmp_path / "tls.pem"),
-        "service_cert": _cert(tmp_path / "service.pem"),
-        "anchor": _cert(tmp_path / "device-ca.pem"),
-        "ca": _cert(tmp_path / "broker-ca.pem"),
+        "devid_cert": _cert(directory / "devid.pem"),
+        "tls_cert": _cert(directory / "tls.pem"),
+        "service_cert": _cert(directory / "service.pem"),
+        "anchor": _cert(directory / "device-ca.pem"),
+        "ca": _cert(directory / "broker-ca.pem"),
     }
-    devid_key = tmp_path / "devid.tss2.pem"
+    devid_key = directory / "devid.tss2.pem"
     devid_key.write_bytes(KeyBlob(public=b"\x00\x04abcd", private=b"\x00\x04wxyz").to_pem())
-    tls_key = tmp_path / "tls.key"
+    tls_key = directory / "tls.key"
     tls_key.write_bytes(
         ec.generate_private_key(ec.SECP256R1()).private_bytes(
             serialization.Encoding.PEM,
@@ -81,6 +83,11 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     files["devid_key"] = devid_key
     files["tls_key"] = tls_key
     return files
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    return agent_files(tmp_path)
 
 
 def _provisioned_toml(pki: dict[str, Path], **extra: str) -> str:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import cbor2
 import pytest
@@ -21,7 +19,6 @@ from provisioning.registry import (
     DeviceState,
     Outcome,
     Registry,
-    create_schema,
     make_engine,
     run_in_transaction,
     session_factory,
@@ -30,19 +27,6 @@ from provisioning.registry import (
 pytestmark = pytest.mark.pure
 
 T0 = 1_700_000_000
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
-    create_schema(eng)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return session_factory(engine)
 
 
 def fill(sessions: sessionmaker[Session], n: int) -> list[audit.AuditRecord]:

@@ -3,8 +3,6 @@ file (tier pure: SQLite is an in-process library)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -13,21 +11,11 @@ from sqlalchemy import text
 
 from provisioning import audit
 from provisioning.registry import Outcome, make_engine, session_factory
+from tests.service_deployment import keyfleet
 
 pytestmark = pytest.mark.pure
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def keyfleet(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "provisioning.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def init_db(tmp_path: Path) -> str:

@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -238,23 +237,6 @@ def test_group_rules_and_cross_group_blobs(
     assert "uid=0" in record.getMessage() and "'g2'" in record.getMessage()
 
 
-def _client_as_nobody(
-    nobody_python: NobodyPython, socket_path: Path, group: str
-) -> subprocess.CompletedProcess[str]:
-    code = (
-        "import sys\n"
-        "from agent.localapi.client import LocalApiClient\n"
-        "from agent.localapi.access import AccessDenied\n"
-        f"c = LocalApiClient({str(socket_path)!r})\n"
-        "try:\n"
-        f"    c.encrypt({group!r}, b'from nobody')\n"
-        "except AccessDenied as e:\n"
-        "    print('DENIED', e.check); sys.exit(7)\n"
-        "print('ENCRYPTED')\n"
-    )
-    return nobody_python.run(code)
-
-
 def test_acceptance_two_apps_under_different_uids(
     sockdir: Path,
     backend: FakeKeyBackend,
@@ -289,7 +271,7 @@ groups = ["g1"]
         with LocalApiClient(config.api.socket) as client:
             blob = client.encrypt("g1", b"from root")
             assert client.decrypt("g1", blob) == b"from root"
-        result = _client_as_nobody(nobody_python, config.api.socket, "g1")
+        result = nobody_python.encrypt(config.api.socket, "g1")
         assert result.returncode == 7, result.stderr
         assert result.stdout.strip() == "DENIED api.denied"
         counters = srv.counters()
@@ -314,7 +296,7 @@ def test_nobody_allowed_by_gid_rule(
         ]
     )
     with LocalApiServer(sockdir / "api.sock", policy, backend, socket_mode=0o666) as srv:
-        result = _client_as_nobody(nobody_python, srv.socket_path, "g2")
+        result = nobody_python.encrypt(srv.socket_path, "g2")
         assert result.stdout.strip() == "ENCRYPTED", result.stderr
         assert srv.counters().get("refused", 0) == 0
 

@@ -25,6 +25,7 @@ from agent.protocol.errors import ConfigError
 from provisioning.db import migrations
 from provisioning.db.engine import make_engine
 from provisioning.db.migrations import BASE_REVISION, VERSION_TABLE
+from tests.service_deployment import keyfleet
 
 pytestmark = pytest.mark.pure
 
@@ -207,17 +208,6 @@ def test_concurrent_upgrades_queue_on_the_lock(database_url: str) -> None:
 
 
 # ---- the command line ---------------------------------------------------------------------------
-
-
-def keyfleet(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "provisioning.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def write_config(tmp_path: Path, url: str) -> Path:

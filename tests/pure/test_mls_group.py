@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -24,6 +24,7 @@ from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, KeyPackage, UpdatePath, UpdatePathNode, Welcome
 from agent.protocol.mls.public import UPDATE_PATH_LABEL, PublicGroup
 from agent.protocol.mls.tree import ParentNode
+from tests.pure.test_wire_cose import FakeResidentKey
 
 pytestmark = pytest.mark.pure
 
@@ -34,37 +35,21 @@ def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-class FakeCountingKey(ec.EllipticCurvePrivateKey):
+class FakeCountingKey(FakeResidentKey):
     """Stands in for a TPM leaf key: only ``exchange`` and ``public_key`` work, and ``exchange``
     calls are counted (each would be one ECDH_ZGen on a device)."""
 
+    misuse = "a TPM leaf key cannot be used for this"
+
     def __init__(self, inner: ec.EllipticCurvePrivateKey | None = None) -> None:
-        self._inner = inner or new_key()
+        super().__init__(inner or new_key())
         self.exchanges = 0
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         self.exchanges += 1
         return self._inner.exchange(algorithm, peer_public_key)
 
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._inner.public_key()
-
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return self._inner.curve
-
-    @property
-    def key_size(self) -> int:
-        return self._inner.key_size
-
-    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
-        raise AssertionError("a TPM leaf key cannot be used for this")
-
-    sign = _refuse  # type: ignore[assignment]
-    private_numbers = _refuse  # type: ignore[assignment]
-    private_bytes = _refuse  # type: ignore[assignment]
-    __copy__ = _refuse  # type: ignore[assignment]
-    __deepcopy__ = _refuse  # type: ignore[assignment]
+    sign = FakeResidentKey._refuse
 
 
 @dataclass

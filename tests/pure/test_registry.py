@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from provisioning.registry import (
     PendingChange,
     Registry,
     Role,
-    create_schema,
     make_engine,
     missing_tables,
     pem_fingerprint,
@@ -41,19 +39,6 @@ T0 = 1_700_000_000
 
 def fp(label: str) -> str:
     return hashlib.sha256(label.encode()).hexdigest()
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
-    create_schema(eng)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return session_factory(engine)
 
 
 def enroll(reg: Registry, *names: str) -> None:

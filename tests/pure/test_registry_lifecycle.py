@@ -4,13 +4,10 @@ identity under the same device id (SQLite file, in-process: tier pure)."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol.errors import ProtocolError
@@ -19,33 +16,10 @@ from provisioning.registry import (
     KeyState,
     KeyStateReport,
     Registry,
-    create_schema,
-    make_engine,
-    session_factory,
 )
+from tests.pure.test_registry import T0, enroll, fp
 
 pytestmark = pytest.mark.pure
-
-T0 = 1_700_000_000
-
-
-def fp(label: str) -> str:
-    return hashlib.sha256(label.encode()).hexdigest()
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine: Engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
-    create_schema(engine)
-    yield session_factory(engine)
-    engine.dispose()
-
-
-def enroll(reg: Registry, name: str) -> None:
-    reg.register_device(
-        name, ek_cert_fingerprint=fp("ek-" + name), devid_cert_pem="PEM " + name, now=T0
-    )
-
 
 HISTORY = [
     KeyStateReport("devid", KeyState.PRE_ACTIVATION, T0, "devid"),

@@ -32,6 +32,7 @@ from agent.protocol.wire.replay import (
 from provisioning.db.runtime import ReplayState
 from provisioning.service import store
 from tests.pure.test_service_core import Fleet, create_g1, make_fleet
+from tests.pure.test_wire_envelope import state_refused
 from tests.service_members import rekey
 
 pytestmark = pytest.mark.pure
@@ -283,11 +284,7 @@ def test_state_is_strict() -> None:
     state = busy_guard().to_cbor_map()
 
     def broken(mutate: object) -> None:
-        bad = copy.deepcopy(state)
-        assert callable(mutate)
-        mutate(bad)
-        with pytest.raises(StateError):
-            ReplayGuard.from_cbor_map(bad)
+        state_refused(state, mutate)
 
     op_a = ("senders", "op-a")
 

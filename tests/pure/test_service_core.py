@@ -453,13 +453,18 @@ def test_silent_member_times_out_named(fleet: Fleet) -> None:
     assert "dev-3" in result.detail
 
 
-def test_offline_member_catches_up_from_the_commit_log(fleet: Fleet) -> None:
-    create_g1(fleet)
-    fleet.offline.add("dev-3")
+def miss_two_rekeys(fleet: Fleet, device: str) -> None:
+    """Take ``device`` offline and rekey g1 twice without it: both rekeys time out on it."""
+    fleet.offline.add(device)
     for _ in range(2):
         cid = fleet.command("op-alice", rekey("g1"))
         fleet.tick(40)
         assert fleet.final(cid).status is ResultStatus.TIMEOUT
+
+
+def test_offline_member_catches_up_from_the_commit_log(fleet: Fleet) -> None:
+    create_g1(fleet)
+    miss_two_rekeys(fleet, "dev-3")
     assert fleet.devices["dev-3"].groups["g1"].epoch == fleet.epoch("g1") - 2
     # The broker lost dev-3's session: nothing queued reaches it. Its next report triggers the
     # replay of the two commits it missed, on its own command topic.
@@ -474,11 +479,7 @@ def test_offline_member_catches_up_from_the_commit_log(fleet: Fleet) -> None:
 def test_member_beyond_retention_is_re_added_with_a_fresh_welcome(tmp_path: Path) -> None:
     fleet = next(make_fleet(tmp_path, retention_epochs=1))
     create_g1(fleet)
-    fleet.offline.add("dev-3")
-    for _ in range(2):
-        cid = fleet.command("op-alice", rekey("g1"))
-        fleet.tick(40)
-        assert fleet.final(cid).status is ResultStatus.TIMEOUT
+    miss_two_rekeys(fleet, "dev-3")
     stale = fleet.devices["dev-3"].groups["g1"]
     fleet.come_online("dev-3", lost_session=True)
     fleet.send(fleet.devices["dev-3"].report(KeyStateReport(()), fleet.now))

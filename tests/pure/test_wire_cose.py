@@ -21,20 +21,14 @@ OTHER = ec.derive_private_key(0x7654321, ec.SECP256R1())
 PAYLOAD = cbor.encode({"type": "x", "n": 1})
 
 
-class FakeTpmKey(ec.EllipticCurvePrivateKey):
-    """Behaves like a TPM-resident key: it can sign and give its public key, nothing else."""
+class FakeResidentKey(ec.EllipticCurvePrivateKey):
+    """Stands in for a key that lives in a TPM: its public key and curve can be read, its
+    private value never leaves (a subclass allows the one operation it is for)."""
+
+    misuse = "a TPM-resident key cannot be used for this"
 
     def __init__(self, inner: ec.EllipticCurvePrivateKey) -> None:
         self._inner = inner
-        self.sign_calls = 0
-
-    def sign(
-        self,
-        data: Any,
-        signature_algorithm: ec.EllipticCurveSignatureAlgorithm,
-    ) -> bytes:
-        self.sign_calls += 1
-        return self._inner.sign(data, signature_algorithm)
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._inner.public_key()
@@ -45,16 +39,35 @@ class FakeTpmKey(ec.EllipticCurvePrivateKey):
 
     @property
     def key_size(self) -> int:
-        return 256
+        return self._inner.key_size
 
     def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
-        raise AssertionError("COSE signing must only call sign()")
+        raise AssertionError(self.misuse)
 
-    exchange = _refuse  # type: ignore[assignment]
-    private_numbers = _refuse  # type: ignore[assignment]
-    private_bytes = _refuse  # type: ignore[assignment]
-    __copy__ = _refuse  # type: ignore[assignment]
-    __deepcopy__ = _refuse  # type: ignore[assignment]
+    private_numbers = _refuse
+    private_bytes = _refuse
+    __copy__ = _refuse
+    __deepcopy__ = _refuse
+
+
+class FakeTpmKey(FakeResidentKey):
+    """Behaves like a TPM-resident key: it can sign and give its public key, nothing else."""
+
+    misuse = "COSE signing must only call sign()"
+
+    def __init__(self, inner: ec.EllipticCurvePrivateKey) -> None:
+        super().__init__(inner)
+        self.sign_calls = 0
+
+    def sign(
+        self,
+        data: Any,
+        signature_algorithm: ec.EllipticCurveSignatureAlgorithm,
+    ) -> bytes:
+        self.sign_calls += 1
+        return self._inner.sign(data, signature_algorithm)
+
+    exchange = FakeResidentKey._refuse
 
 
 def parse(data: bytes) -> cose.Sign1:

@@ -375,6 +375,15 @@ def test_epoch_checks_apply_to_every_group_message() -> None:
     guard.accept(open_(seal(Rekey(command_id=CMD, group_id="g1"), seq=3)))  # no epoch
 
 
+def state_refused(state: dict[str, object], mutate: object) -> None:
+    """``ReplayGuard.from_cbor_map`` refuses a copy of ``state`` changed by ``mutate``."""
+    bad = copy.deepcopy(state)
+    assert callable(mutate)
+    mutate(bad)
+    with pytest.raises(StateError):
+        ReplayGuard.from_cbor_map(bad)
+
+
 def test_guard_state_round_trips_and_is_strict() -> None:
     guard = ReplayGuard(window=8)
     for seq in (1, 3, 2, 9):
@@ -387,11 +396,7 @@ def test_guard_state_round_trips_and_is_strict() -> None:
     refused_by_guard(again, commit(1, 1), "replay.seq-old")
 
     def broken(mutate: object) -> None:
-        bad = copy.deepcopy(state)
-        assert callable(mutate)
-        mutate(bad)
-        with pytest.raises(StateError):
-            ReplayGuard.from_cbor_map(bad)
+        state_refused(state, mutate)
 
     broken(lambda s: s.update(v=3))
     broken(lambda s: s.update(window=0))

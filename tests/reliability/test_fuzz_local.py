@@ -17,7 +17,6 @@ else; the configuration and the files it names are unchanged.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import random
 import threading
@@ -27,10 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agent.config import load_config as load_agent_config
 from agent.core import AgentCore
@@ -42,6 +37,7 @@ from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.secret import Secret
 from agent.tpm.blob import KeyBlob
 from provisioning.config import load_config as load_service_config
+from tests.pure.test_agent_config import agent_files
 from tests.pure.test_wire_fuzz import random_value
 from tests.reliability.test_fuzz_messages import INPUTS, Tally, malform
 
@@ -236,47 +232,6 @@ def fuzz_config(
     path.write_text(seed)
     assert tree_digest(files) == before  # loading wrote nothing
     return tally, first_problem
-
-
-def _cert(path: Path) -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, path.stem)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def agent_files(directory: Path) -> dict[str, Path]:
-    directory.mkdir()
-    files = {
-        name: _cert(directory / f"{name}.pem")
-        for name in ("devid_cert", "tls_cert", "service_cert", "anchor", "ca")
-    }
-    devid_key = directory / "devid.tss2.pem"
-    devid_key.write_bytes(KeyBlob(public=b"\x00\x04abcd", private=b"\x00\x04wxyz").to_pem())
-    tls_key = directory / "tls.key"
-    tls_key.write_bytes(
-        ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    for key in (devid_key, tls_key):
-        key.chmod(0o600)
-    files["devid_key"] = devid_key
-    files["tls_key"] = tls_key
-    return files
 
 
 def test_agent_configuration_meets_10000_malformed_files(
