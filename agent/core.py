@@ -1,10 +1,9 @@
 """The device agent's protocol core: sans-I/O, one object per device.
 
-``AgentCore`` turns what arrives over MQTT (bytes, a topic, the time) into what must be
-published, and keeps every piece of agent state that must survive a restart: the group states
+``AgentCore`` turns what arrives over MQTT (bytes, a topic, the time) into what must be published,
+and keeps every piece of agent state that must survive a restart: the group states
 (``agent.protocol.mls.group.Group`` per group), commits this device made that the service has not
-ordered
-yet, key packages it handed out, the replay guard, its own outgoing sequence number, the key
+ordered yet, key packages it handed out, the replay guard, its own outgoing sequence number, the key
 ledger, and the per-epoch data keys apps use. It does no I/O: the TPM enters only through a
 ``KeyProvider`` (DevID key for signing, leaf keys by public key), the clock as ``now`` and the
 randomness as ``rng``; persisting and publishing are the caller's job (agent/daemon.py).
@@ -19,6 +18,12 @@ outgoing envelope spends a sequence number, so it too is persisted before it lea
 Inbound rules (docs/agent.md, "Running"): every message is verified against the one service key
 (sender ``keyfleet-service``), addressed to this device or a group it holds, then checked by the
 replay guard; a refusal is counted by check id and changes nothing.
+
+Why one module of this size: it is the device's single state machine; every inbound message and
+every persisted field meet here, and its consistency rule (persist before publishing) is only
+checkable when the whole of it is in one place. The parts that are not state transitions live
+apart: the wire format and MLS in ``agent.protocol``, persistence in ``agent.statefile``, the
+key ledger in ``agent.protocol.lifecycle``, the TPM in ``agent.tpm``.
 """
 
 from __future__ import annotations

@@ -2,14 +2,13 @@
 
 Not a test: prints a JSON list of records to stdout (progress to stderr).
 
-The quotes are real: a bare swtpm is started once, firmware_sim's measured boot extends the
-default components into it, and its AK quotes the policy's PCRs over a few hundred distinct
-nonces. Then the verifier runs the whole service-side path for each report, many times over:
-NonceBook.issue (its rng hands out the quote's nonce, so the challenge is a real open one),
-NonceBook.consume (single use, expiry), event log decode, unquoted/duplicate checks, replay,
-``agent.protocol.attest.verify_quote`` (ECDSA P-256 verification by pyca, TPMS_ATTEST parsing,
-nonce,
-selection, PCR digest) and the golden policy. Nothing is cached between iterations.
+The quotes are real: a bare swtpm is started once, firmware_sim's measured boot extends the default
+components into it, and its AK quotes the policy's PCRs over a few hundred distinct nonces. Then the
+verifier runs the whole service-side path for each report, many times over: NonceBook.issue (its rng
+hands out the quote's nonce, so the challenge is a real open one), NonceBook.consume (single use,
+expiry), event log decode, unquoted/duplicate checks, replay, ``agent.protocol.attest.verify_quote``
+(ECDSA P-256 verification by pyca, TPMS_ATTEST parsing, nonce, selection, PCR digest) and the golden
+policy. Nothing is cached between iterations.
 
 Breakdown records time the AK signature check alone and the event log decode + replay alone.
 """

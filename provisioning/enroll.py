@@ -66,6 +66,11 @@ not in a process: any number of ``keyfleet serve`` instances share them, and a s
   ``finish`` (no instance is in charge of it), and ``start`` counts the rows under a lock that
   serializes starts fleet-wide (SQLite's write lock; a transaction-scoped advisory lock on
   PostgreSQL), so ``max_sessions`` holds for the fleet, not per instance.
+
+Why one module of this size: the two steps share one pending-session record, one set of checks
+(each with its check id, listed above) and one audited refusal path; both run in one transaction
+with the registration they lead to. Credential activation (``provisioning.makecredential``), the
+certificates (``provisioning.pki``) and the HTTPS transport (``provisioning.http``) live apart.
 """
 
 from __future__ import annotations

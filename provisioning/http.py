@@ -4,15 +4,13 @@
     POST   /v1/enroll/finish      FinishRequest -> DeviceIdentity
     DELETE /v1/enroll/{device}    undo a registration whose install failed (?reason=...)
 
-Bodies are deterministic CBOR (``application/cbor``), at most ``MAX_BODY`` bytes, counted while
-they stream in (before decoding) and decoded by the strict ``agent.protocol.wire.cbor``. Errors are
-CBOR
-maps ``{"check": id, "reason": text}`` with a 4xx status (5xx only for the service's own
-trouble): 400 malformed, 401 no client certificate, 403 a check failed or not a station,
-404/410 unknown/expired session, 409 already enrolled, 413 too large, 415 not CBOR.
-Every refusal is counted by check id in ``app.state.rejections``
-(``agent.protocol.wire.rejections``, as
-the MQTT side counts) and passed to ``on_refusal`` (``keyfleet serve``: its metrics).
+Bodies are deterministic CBOR (``application/cbor``), at most ``MAX_BODY`` bytes, counted while they
+stream in (before decoding) and decoded by the strict ``agent.protocol.wire.cbor``. Errors are CBOR
+maps ``{"check": id, "reason": text}`` with a 4xx status (5xx only for the service's own trouble):
+400 malformed, 401 no client certificate, 403 a check failed or not a station, 404/410
+unknown/expired session, 409 already enrolled, 413 too large, 415 not CBOR. Every refusal is counted
+by check id in ``app.state.rejections`` (``agent.protocol.wire.rejections``, as the MQTT side
+counts) and passed to ``on_refusal`` (``keyfleet serve``: its metrics).
 
 Transport: mutual TLS. uvicorn is started with ``ssl_cert_reqs=CERT_REQUIRED`` and the station CA
 as ``ssl_ca_certs``, so a client without a station certificate never completes the handshake.

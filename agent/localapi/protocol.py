@@ -1,16 +1,14 @@
 """The local API's wire format: length-prefixed CBOR maps over a Unix stream socket.
 
 A message is a 4-byte big-endian length followed by that many bytes of one CBOR map in the
-deterministic encoding (``agent.protocol.wire.cbor``, the same strict decoder as the fleet
-protocol: size
-limit before decoding, no tags, no floats, no indefinite lengths, exact consumption). Several
+deterministic encoding (``agent.protocol.wire.cbor``, the same strict decoder as the fleet protocol:
+size limit before decoding, no tags, no floats, no indefinite lengths, exact consumption). Several
 requests may follow each other on one connection; each gets exactly one response, in order.
 
 Request: ``{"v": 1, "op": OP, ...fields}``; the fields allowed are fixed per operation and an
 unknown field is an error (a client that misspells one must hear about it)::
 
-    encrypt    group: text, data: bytes (plaintext)       -> bytes (sealed data,
-    agent.protocol.dataseal)
+    encrypt    group: text, data: bytes (plaintext)       -> bytes (agent.protocol.dataseal)
     decrypt    group: text, data: bytes (sealed data)     -> bytes (plaintext)
     sign       data: bytes                                -> bytes (DER ECDSA P-256 / SHA-256)
     seal       name: text, secret: bytes (<= 128)         -> null

@@ -23,8 +23,7 @@ State directory::
     device.json        what the simulator remembers: manufacturer CA, serial (no secrets)
     device.lock        held (flock) while a simulator runs this device: one at a time
     tpm/               swtpm state (tpm2-00.permall), swtpm.sock(.ctrl), swtpm.pid, swtpm.log
-    eventlog.cbor      the measured boot's event log (agent.protocol.eventlog format), rewritten
-    each boot
+    eventlog.cbor      the measured boot's event log (agent.protocol.eventlog), rewritten each boot
     agent.log          the agent daemon's output in run mode
     api.sock           the agent's local API socket
     keys/ identity/ agent.toml factory.lock   written by factory mode (agent.factory)

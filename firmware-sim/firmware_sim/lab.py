@@ -31,6 +31,11 @@ naming it with the tail of its log. ``timings`` and ``summary()`` say what took 
 The lab is for one machine and for trying things out (tests, ``make demo``): its CA keys are
 files in ``workdir``, the devices' TPMs are swtpm, and the agents' local API lets the user who
 runs the lab encrypt and decrypt in every group.
+
+Why one module of this size: it is one procedure, the seven steps above in order, each of which
+needs the files and processes of the ones before it; split by step, every part would take the
+whole lab's state as an argument. The PKI, broker, swtpm, device and station it drives each live
+in their own module; what is here is the ordering, waiting and clean-up between them.
 """
 
 from __future__ import annotations

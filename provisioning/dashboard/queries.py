@@ -6,6 +6,10 @@ are LIMIT/OFFSET (devices, groups, members, keys) or keyset on the primary key (
 which only grows), and summaries are GROUP BY counts done by the database, never a Python loop
 over every row. Nothing here reads a column that could hold secret material (there is none in
 the registry; see docs/service.md) and the raw ``last_report`` bytes are never selected.
+
+Why one module of this size: one read-only query per dashboard view (overview, devices, device,
+groups, group, audit), each paged or aggregated, and the record types they return; they share
+the same joins and paging helpers and nothing else of the service uses them.
 """
 
 from __future__ import annotations

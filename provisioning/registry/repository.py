@@ -7,8 +7,13 @@ everywhere in keyfleet. Results are frozen dataclasses, not ORM objects, so they
 the session is gone and no caller can change the database by mutating a result.
 
 Refusals raise ``agent.protocol.errors.ProtocolError`` with a stable check id (listed in
-docs/service.md):
-the service reports them to the device or operator and writes them to the audit log as refused.
+docs/service.md): the service reports them to the device or operator and writes them to the audit
+log as refused.
+
+Why one module of this size: ``Registry`` is the single class through which every writer changes
+devices, groups, members, keys, operators and stations, so that the rules between them (a device
+in a group must be eligible, a revoked device leaves its groups, a key's SP 800-57 transitions)
+are checked in one place against one session; the record types it returns sit beside it.
 """
 
 from __future__ import annotations

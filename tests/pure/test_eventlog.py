@@ -1,6 +1,5 @@
 """The measured-boot event log format (agent.protocol.eventlog): the documented byte layout, round
-trips,
-the TPM extend rule in replay, and every refusal by check id."""
+trips, the TPM extend rule in replay, and every refusal by check id."""
 
 from __future__ import annotations
 

@@ -5,9 +5,8 @@ fuzzer of real, validly signed messages.
 
 The fuzzer (``malform``; also used by the other test_fuzz_* modules): the byte-level mutations of
 tests/pure/test_wire_fuzz.py (bit flip, several flips, truncation, insertion, a huge announced
-length,
-a byte set, random bytes), splices of two samples, oversize inputs (just over and far over the
-frame limit), deep nesting (up to 100,000 levels) and values of the wrong type. A quarter of the
+length, a byte set, random bytes), splices of two samples, oversize inputs (just over and far over
+the frame limit), deep nesting (up to 100,000 levels) and values of the wrong type. A quarter of the
 inputs are *validly signed* hostile messages (what a compromised sender could send: real bodies
 whose opaque MLS blobs, ids and epochs are mutated, re-signed with the sender's real key); they
 reach the body parsers, the MLS decoders and the state machines.

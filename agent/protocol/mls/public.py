@@ -1,8 +1,7 @@
 """What anyone holding only a group's public state can check and do: the delivery service's view.
 
-``verify_commit`` runs every public check of a commit and returns a ``VerifiedCommit`` holding
-the next epoch's public tree and transcript hashes; members (``agent.protocol.mls.group``) run it
-first
+``verify_commit`` runs every public check of a commit and returns a ``VerifiedCommit`` holding the
+next epoch's public tree and transcript hashes; members (``agent.protocol.mls.group``) run it first
 and only then touch private keys, and the delivery service's ``PublicGroup`` advances with it.
 
 Checks, in order (each refusal is ``ProtocolError`` with this id, and changes nothing):

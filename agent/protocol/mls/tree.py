@@ -1,10 +1,9 @@
 """The public ratchet tree (RFC 9420 §4, §7): leaves are devices, parents carry HPKE public keys.
 
 Only public data lives here; private keys belong to ``agent.protocol.mls.group.Group``. A
-``RatchetTree``
-that has been handed out is never changed: code that builds the next epoch's tree calls
-``copy()`` and edits the copy (the ``_``-prefixed editing methods are for that code only), so a
-refused commit can never leave a half-applied tree behind.
+``RatchetTree`` that has been handed out is never changed: code that builds the next epoch's tree
+calls ``copy()`` and edits the copy (the ``_``-prefixed editing methods are for that code only), so
+a refused commit can never leave a half-applied tree behind.
 
 Tree hash (keyfleet's, over CBOR instead of the RFC's TLS structs; see docs/treekem.md)::
 

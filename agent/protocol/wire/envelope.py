@@ -19,8 +19,7 @@ B's sequence check alone would not catch it). It names the addressee: a device, 
 operator, or a group (for group handshake messages fanned out on ``grp/{group}/commit``).
 
 Replay and epoch checks are separate (:mod:`agent.protocol.wire.replay`), because they need state
-that
-only the receiver persists.
+that only the receiver persists.
 """
 
 from __future__ import annotations

@@ -12,11 +12,10 @@ Why each exists:
   operator command carries only a ``kid`` (SHA-256 of the SubjectPublicKeyInfo). The service
   needs the certificate itself to map a kid to a public key and to re-check the certificate
   against the operator CA on every command (expiry).
-- ``service_replay``: one ``agent.protocol.wire.replay.ReplayGuard`` per sender, CBOR-encoded, read
-and
-  written in the same transaction as the message's effects, so several instances sharing the
-  database would share it too (no per-process replay window to slip a replay through). Devices
-  count their seqs (window ``REPLAY_WINDOW``); operators' seqs are clock readings and their
+- ``service_replay``: one ``agent.protocol.wire.replay.ReplayGuard`` per sender, CBOR-encoded,
+  read and written in the same transaction as the message's effects, so several instances sharing
+  the database would share it too (no per-process replay window to slip a replay through).
+  Devices count their seqs (window ``REPLAY_WINDOW``); operators' seqs are clock readings and their
   window spans the envelope's freshness (``operator_replay_window``).
 - ``service_commands``: every operator ``command_id`` ever accepted; a second command reusing
   one is refused (``op.command_id.reused``) even if it is freshly signed.

@@ -1,8 +1,7 @@
 """Group handshake messages: key package, commit, welcome.
 
 The MLS-layer structures (agent/protocol/mls/) travel as opaque bytes, encoded by that layer; only
-the
-group id and the epoch are in the clear, so that the delivery service can order commits (one per
+the group id and the epoch are in the clear, so that the delivery service can order commits (one per
 epoch, the first valid wins) and receivers can refuse rolled-back epochs without decrypting.
 ``epoch`` is always the epoch the sender was in when it made the message: a commit made in epoch
 ``e`` moves the group to ``e + 1``; a welcome's epoch is the epoch the joiner enters.

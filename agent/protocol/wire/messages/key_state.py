@@ -1,11 +1,10 @@
 """Key state reports: every key the agent holds, its NIST SP 800-57 state and its history.
 
 The record format, the states and the allowed transitions belong to :mod:`agent.protocol.lifecycle`
-(the
-ledger the agent keeps); this module carries its records on the wire, so that there is one
+(the ledger the agent keeps); this module carries its records on the wire, so that there is one
 definition of a key's life, not two. ``KeyRecord.from_cbor_map`` there refuses unknown fields,
-unknown states, histories that do not start in pre-activation, illegal SP 800-57 steps, time
-going backwards and a state that disagrees with the history (check id ``key.record``).
+unknown states, histories that do not start in pre-activation, illegal SP 800-57 steps, time going
+backwards and a state that disagrees with the history (check id ``key.record``).
 """
 
 from __future__ import annotations
