@@ -76,7 +76,7 @@ def deployment(
 ) -> Iterator[Deployment]:
     """Start broker and service in ``workdir``; stop both on exit. ``db_url``: another
     database than the SQLite file in ``workdir`` (e.g. PostgreSQL, bench_scaleout)."""
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     broker_pki = BrokerPKI(workdir / "broker-pki")
     brokers: list[MosquittoBroker] = []
 
