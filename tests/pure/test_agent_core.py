@@ -17,7 +17,15 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.core import KEY_CHANGE_REPORT_DELAY, SERVICE_ID, AgentCore, Outcome, Publish, leaf_name
+from agent.core import (
+    KEY_CHANGE_REPORT_DELAY,
+    KEY_CHANGE_REPORT_SPREAD,
+    SERVICE_ID,
+    AgentCore,
+    Outcome,
+    Publish,
+    leaf_name,
+)
 from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.lifecycle import KeyKind, KeyState, RotationPolicy
@@ -87,6 +95,8 @@ class FakeService:
         self.public: dict[str, PublicGroup] = {}
 
     def core(self, device_id: str, **kwargs: Any) -> AgentCore:
+        # exact report times in these tests: no per-device spread unless a test asks for one
+        kwargs.setdefault("key_report_spread", 0)
         core = AgentCore(
             device_id, self.key.public_key(), FakeSoftwareKeys(), now=self.now, **kwargs
         )
@@ -668,3 +678,20 @@ def test_an_assembled_group_installed_in_cores_follows_real_commits() -> None:
     assert len({a.epoch_authenticator for a in got.values()}) == 1
     key = cores[0].encrypt(G, b"hello", T0)
     assert cores[1].decrypt(G, key, T0) == b"hello"
+
+
+def test_key_state_reports_of_a_fleet_are_spread_by_device() -> None:
+    """A rekey changes every member's keys at once: each device reports after its own fixed
+    delay within [KEY_CHANGE_REPORT_DELAY, + KEY_CHANGE_REPORT_SPREAD], not all in one second."""
+    service = FakeService()
+    delays = []
+    for i in range(200):
+        core = service.core(f"dev-{i}", key_report_spread=KEY_CHANGE_REPORT_SPREAD)
+        again = AgentCore(f"dev-{i}", service.key.public_key(), FakeSoftwareKeys(), now=service.now)
+        assert again._key_report_delay == core._key_report_delay  # fixed per device id
+        delays.append(core._key_report_delay)
+    low, high = KEY_CHANGE_REPORT_DELAY, KEY_CHANGE_REPORT_DELAY + KEY_CHANGE_REPORT_SPREAD
+    assert all(low <= d <= high for d in delays)
+    # spread over the window: no second holds more than a tenth of the fleet
+    assert max(delays.count(d) for d in set(delays)) <= 20
+    assert len(set(delays)) >= KEY_CHANGE_REPORT_SPREAD // 2
