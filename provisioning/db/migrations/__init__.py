@@ -1,7 +1,7 @@
 """Schema migrations (Alembic) of keyfleet's database, on SQLite and on PostgreSQL.
 
 One revision history covers every table keyfleet creates: the registry's (``db/schema.py``)
-and the delivery service's own (``service/store.py``), so ``keyfleet db init`` and ``keyfleet db
+and the delivery service's own (``db/runtime.py``), so ``keyfleet db init`` and ``keyfleet db
 upgrade`` bring both to the same revision. Users never need an ``alembic.ini``: keyfleet runs
 Alembic through its API with a connection it opened and locked itself:
 
