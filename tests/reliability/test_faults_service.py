@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from agent.mqtt import Backoff
 from agent.protocol.wire.messages.result import ResultStatus
 from firmware_sim.lab import Lab, LabDevice
 from firmware_sim.swtpm import pid_alive
@@ -190,7 +191,10 @@ def test_service_killed_during_rekey(lab: Lab, summary: Summary) -> None:
 # ---- Mosquitto restarted --------------------------------------------------------------------
 
 
-def all_connected(lab: Lab, timeout: float = 60.0) -> None:
+def all_connected(lab: Lab, timeout: float = Backoff.maximum + 60.0) -> None:
+    """Every agent is connected again. The bound is the agents' longest reconnect backoff plus a
+    minute: a broker that takes several seconds to come back (a loaded machine) pushes their
+    exponential backoff (0.5, 1, 2, ... s) past a minute in total before the next try."""
     deadline = time.monotonic() + timeout
     while not all((d.status() or {}).get("mqtt_connected") for d in lab.devices):
         assert time.monotonic() < deadline, "agents did not reconnect to the broker"
