@@ -114,6 +114,10 @@ class FleetConfig:
     service_cert: Path
     service_key: ec.EllipticCurvePublicKey = field(compare=False, repr=False)
     trust_anchors: tuple[CertFile, ...] = ()
+    # The operator CA(s): membership changes must carry approvals by operators chained to them.
+    operator_anchors: tuple[CertFile, ...] = ()
+    # Approvals a membership change needs until the operators sign a quorum policy.
+    min_approvals: int = 2
 
 
 @dataclass(frozen=True)
@@ -400,6 +404,11 @@ SCHEMA = Table(
                     "trust_anchors": Field(
                         List(_cert("a PEM X.509 certificate file"), min_items=1), required=True
                     ),
+                    "operator_anchors": Field(
+                        List(_cert("a PEM X.509 certificate file of the operator CA")),
+                        default=[],
+                    ),
+                    "min_approvals": Field(Int(1, 16, "operators"), default=2),
                 }
             )
         ),
@@ -552,6 +561,8 @@ def _build(s: dict[str, Any], source: Path) -> AgentConfig:
             service_cert=f["service_cert"],
             service_key=_load_service_key(f["service_cert"].read_bytes()),
             trust_anchors=tuple(_cert_file(p) for p in f["trust_anchors"]),
+            operator_anchors=tuple(_cert_file(p) for p in f["operator_anchors"]),
+            min_approvals=f["min_approvals"],
         )
     if s["broker"] is not None:
         b = s["broker"]

@@ -13,8 +13,10 @@ Requests, in the order the station (``keyprovision``) sends them:
 - ``certify`` {qualifying_data}: TPM2_Certify of the DevID by the AK (attest, DER signature).
 - ``activate-credential`` {credential_blob, encrypted_secret, ek}: the secret, which goes back
   only as the proof the service asked for.
-- ``install`` {device_id, devid_cert, tls_cert, trust_anchors, broker, service_cert, groups}:
-  files written, then the agent config, validated with the agent's own loader.
+- ``install`` {device_id, devid_cert, tls_cert, trust_anchors (device CA), operator_anchors
+  (operator CA: membership changes need approvals chained to it), min_approvals, broker,
+  service_cert, groups}: files written, then the agent config, validated with the agent's own
+  loader.
 - ``lock``: the factory port is locked (only after a valid install).
 
 Once locked (``factory.lock`` in the state dir), every request but ``identity`` is refused with
@@ -386,6 +388,10 @@ class FactoryDevice:
         devid_cert = _certificate(args.get("devid_cert"), "devid_cert")
         tls_cert = _certificate(args.get("tls_cert"), "tls_cert")
         anchors = _certificates(args.get("trust_anchors"), "trust_anchors")
+        operator_anchors = _certificates(args.get("operator_anchors"), "operator_anchors")
+        min_approvals = args.get("min_approvals")
+        if type(min_approvals) is not int or not 1 <= min_approvals <= 16:
+            raise ProtocolError("factory.args", "min_approvals must be 1..16")
         service_cert = _certificate(args.get("service_cert"), "service_cert")
         broker = args.get("broker")
         if not isinstance(broker, dict) or set(broker) != {"host", "port", "ca"}:
@@ -434,16 +440,17 @@ class FactoryDevice:
             "devid.pem": _pem(devid_cert),
             "tls.pem": _pem(tls_cert),
             "trust-anchors.pem": _pem(*anchors),
+            "operator-anchors.pem": _pem(*operator_anchors),
             "broker-ca.pem": _pem(*broker_ca),
             "service.pem": _pem(service_cert),
             "groups.json": json.dumps({"groups": groups}).encode(),
         }
         for name, data in files.items():
             atomic_write(ident / name, data, mode=0o644)
-        self._write_config(device_id, host, port)
+        self._write_config(device_id, host, port, min_approvals)
         return {"config": str(self.paths.config), "device_id": device_id}
 
-    def _write_config(self, device_id: str, host: str, port: int) -> None:
+    def _write_config(self, device_id: str, host: str, port: int, min_approvals: int) -> None:
         ident = self.paths.identity
         lines = [
             "# written by keyfleet factory provisioning",
@@ -470,6 +477,8 @@ class FactoryDevice:
             "[fleet]",
             f"service_cert = {_toml_string(str(ident / 'service.pem'))}",
             f"trust_anchors = [{_toml_string(str(ident / 'trust-anchors.pem'))}]",
+            f"operator_anchors = [{_toml_string(str(ident / 'operator-anchors.pem'))}]",
+            f"min_approvals = {min_approvals}",
             "",
             "[broker]",
             f"host = {_toml_string(host)}",

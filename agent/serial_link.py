@@ -76,6 +76,8 @@ INSTALL_ARGS = (
     "devid_cert",
     "tls_cert",
     "trust_anchors",
+    "operator_anchors",
+    "min_approvals",
     "broker",
     "service_cert",
     "groups",

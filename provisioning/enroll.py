@@ -339,6 +339,8 @@ class DeviceIdentity:
     devid_cert: x509.Certificate
     tls_cert: x509.Certificate
     trust_anchors: tuple[x509.Certificate, ...]
+    operator_anchors: tuple[x509.Certificate, ...]
+    min_approvals: int
     broker_host: str
     broker_port: int
     broker_ca: tuple[x509.Certificate, ...]
@@ -351,6 +353,8 @@ class DeviceIdentity:
             "devid_cert": self.devid_cert.public_bytes(_DER),
             "tls_cert": self.tls_cert.public_bytes(_DER),
             "trust_anchors": [c.public_bytes(_DER) for c in self.trust_anchors],
+            "operator_anchors": [c.public_bytes(_DER) for c in self.operator_anchors],
+            "min_approvals": self.min_approvals,
             "broker": {
                 "host": self.broker_host,
                 "port": self.broker_port,
@@ -382,11 +386,15 @@ class DeviceIdentity:
             raise ProtocolError("enroll.request", "device_id and broker host must be text")
         if type(broker["port"]) is not int or not isinstance(m["groups"], list):
             raise ProtocolError("enroll.request", "broker port / groups malformed")
+        if type(m["min_approvals"]) is not int:
+            raise ProtocolError("enroll.request", "min_approvals must be an integer")
         return cls(
             device_id=m["device_id"],
             devid_cert=cert(m["devid_cert"]),
             tls_cert=cert(m["tls_cert"]),
             trust_anchors=certs(m["trust_anchors"]),
+            operator_anchors=certs(m["operator_anchors"]),
+            min_approvals=m["min_approvals"],
             broker_host=broker["host"],
             broker_port=broker["port"],
             broker_ca=certs(broker["ca"]),
@@ -409,6 +417,8 @@ class EnrollmentSettings:
     broker_ca: tuple[x509.Certificate, ...]
     service_cert: x509.Certificate
     trust_anchors: tuple[x509.Certificate, ...] = ()
+    operator_anchors: tuple[x509.Certificate, ...] = ()
+    min_approvals: int = 2
     session_ttl: int = 300
     certificate_validity: timedelta = timedelta(days=3650)
     max_sessions: int = 1024
@@ -421,7 +431,8 @@ class EnrollmentSettings:
     def from_service_config(cls, config: ServiceConfig) -> EnrollmentSettings:
         """Device CA (cert + key), manufacturer CA bundle, broker address and CA; the service
         certificate is the service's own client certificate (CN keyfleet-service), whose key
-        signs the service's messages; trust anchors are the device CA and the operator CA."""
+        signs the service's messages; the device's trust anchors are the device CA (for members'
+        credentials) and, apart, the operator CA (for the approvals of membership changes)."""
         device_ca = CertificateAuthority(
             certificate=cert_from_pem(config.device_ca.cert.read_bytes()),
             private_key=key_from_pem(config.device_ca.key.read_bytes()),
@@ -435,10 +446,8 @@ class EnrollmentSettings:
             broker_port=config.broker.port,
             broker_ca=tuple(certs_from_pem(config.broker.ca.read_bytes())),
             service_cert=cert_from_pem(config.broker.client_cert.read_bytes()),
-            trust_anchors=(
-                device_ca.certificate,
-                cert_from_pem(config.operator_ca_cert.read_bytes()),
-            ),
+            trust_anchors=(device_ca.certificate,),
+            operator_anchors=(cert_from_pem(config.operator_ca_cert.read_bytes()),),
         )
 
 
@@ -840,6 +849,8 @@ class Enrollment:
             devid_cert=devid_cert,
             tls_cert=tls_cert,
             trust_anchors=settings.anchors(),
+            operator_anchors=settings.operator_anchors,
+            min_approvals=settings.min_approvals,
             broker_host=settings.broker_host,
             broker_port=settings.broker_port,
             broker_ca=settings.broker_ca,

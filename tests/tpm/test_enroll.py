@@ -196,7 +196,8 @@ def make_settings(
         broker_port=8883,
         broker_ca=(pki.broker_ca.certificate,),
         service_cert=pki.service_cert,
-        trust_anchors=(pki.device_ca.certificate, pki.operator_ca.certificate),
+        trust_anchors=(pki.device_ca.certificate,),
+        operator_anchors=(pki.operator_ca.certificate,),
     )
     return replace(settings, **overrides)
 
@@ -792,6 +793,7 @@ station_ca = "{d / "operator-ca.pem"}"
     )
     assert settings.broker_host == "mqtt.example.net" and settings.broker_port == 8883
     assert settings.service_cert == pki.service_cert
-    assert settings.anchors() == (pki.device_ca.certificate, pki.operator_ca.certificate)
+    assert settings.anchors() == (pki.device_ca.certificate,)
+    assert settings.operator_anchors == (pki.operator_ca.certificate,)
     assert len(settings.manufacturer_cas) == 2
     assert settings.device_ca.certificate == pki.device_ca.certificate

@@ -68,6 +68,7 @@ def _install_args(device: FactoryDevice, keys: dict[str, Any], device_id: str) -
         valid_for=timedelta(days=10),
     )
     broker_ca = create_ca("broker-ca", now=NOW, valid_for=timedelta(days=30))
+    operator_ca = create_ca("operator-ca", now=NOW, valid_for=timedelta(days=30))
     service = issue_client_cert(
         ca,
         generate_key().public_key(),
@@ -80,6 +81,8 @@ def _install_args(device: FactoryDevice, keys: dict[str, Any], device_id: str) -
         "devid_cert": devid_cert.public_bytes(DER),
         "tls_cert": tls_cert.public_bytes(DER),
         "trust_anchors": [ca.certificate.public_bytes(DER)],
+        "operator_anchors": [operator_ca.certificate.public_bytes(DER)],
+        "min_approvals": 2,
         "broker": {
             "host": "127.0.0.1",
             "port": 8883,
