@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
-from agent.protocol.errors import ProtocolError
+from agent.protocol.errors import CryptoError, ProtocolError
 from agent.protocol.mls import codec
 from agent.protocol.wire.messages.base import ID_PATTERN
 
@@ -260,28 +260,13 @@ class Request:
         for i, item in enumerate(_list(obj["members"], "request.members", MAX_MEMBERS)):
             if not isinstance(item, Mapping) or set(item) != {"id", "key"}:
                 raise _fail(f"request.members[{i}]", "expected a map {id, key}")
-            members.append(Member(_ident(item["id"], "member.id"), item["key"]))
-        group = obj["group"]
-        policy = obj["policy"]
-        if group is not None:
-            group = _ident(group, "request.group")
-        if policy is not None:
-            policy = _bytes(policy, "request.policy", 1, MAX_POLICY)
-        return cls(
-            id=_bytes(obj["id"], "request.id", REQUEST_ID_SIZE, REQUEST_ID_SIZE),
-            op=_op(obj["op"], "request.op"),
-            group=group,
-            members=tuple(members),
-            policy=policy,
-            nbf=_uint(obj["nbf"], "request.nbf", MAX_TIME),
-            exp=_uint(obj["exp"], "request.exp", MAX_TIME),
-            by=_ident(obj["by"], "request.by"),
-        )
+            members.append(Member(item["id"], item["key"]))
+        # the constructor checks every field's type and bounds
+        return cls(members=tuple(members), **{k: obj[k] for k in _REQUEST_FIELDS})  # type: ignore[arg-type]
 
 
-_REQUEST_KEYS = frozenset(
-    {"v", "suite", "id", "op", "group", "members", "policy", "nbf", "exp", "by"}
-)
+_REQUEST_FIELDS = ("id", "op", "group", "policy", "nbf", "exp", "by")
+_REQUEST_KEYS = frozenset({"v", "suite", "members", *_REQUEST_FIELDS})
 
 
 # -- Approval and Authorization -----------------------------------------------------------------
@@ -312,10 +297,7 @@ class Approval:
     @classmethod
     def from_obj(cls, value: object, what: str = "approval") -> Approval:
         obj = _versioned_map(value, what, frozenset({"v", "cert", "sig"}), suite=False)
-        return cls(
-            cert=_bytes(obj["cert"], f"{what}.cert", 1, MAX_CERT),
-            sig=_bytes(obj["sig"], f"{what}.sig", 1, MAX_SIGNATURE),
-        )
+        return cls(cert=obj["cert"], sig=obj["sig"])  # type: ignore[arg-type]
 
     @classmethod
     def decode(cls, data: bytes) -> Approval:
@@ -356,7 +338,7 @@ class Authorization:
         )
         items = _list(obj["approvals"], "authorization.approvals", MAX_APPROVALS)
         return cls(
-            request=_bytes(obj["req"], "authorization.req", 1, MAX_REQUEST),
+            request=obj["req"],  # type: ignore[arg-type]
             approvals=tuple(
                 Approval.from_obj(a, f"authorization.approvals[{i}]") for i, a in enumerate(items)
             ),
@@ -432,8 +414,11 @@ class QuorumPolicy:
             for name, ops in self.groups.items()
         }
         object.__setattr__(self, "groups", MappingProxyType(groups))
-        object.__setattr__(self, "auto_remove", _scopes(list(self.auto_remove), "auto.remove"))
-        object.__setattr__(self, "auto_readd", _scopes(list(self.auto_readd), "auto.readd"))
+        for name in ("auto_remove", "auto_readd"):
+            scopes = getattr(self, name)
+            if not isinstance(scopes, frozenset | set):
+                raise _fail(f"policy.{name}", "expected a set of group names")
+            object.__setattr__(self, name, _scopes(list(scopes), f"policy.{name}"))
 
     @classmethod
     def initial(
@@ -492,12 +477,12 @@ class QuorumPolicy:
         if not isinstance(auto, Mapping) or set(auto) != {"remove", "readd"}:
             raise _fail("policy.auto", "expected a map {remove, readd}")
         groups = obj["groups"]
-        if not isinstance(groups, Mapping):
-            raise _fail("policy.groups", "expected a map")
+        if not isinstance(groups, Mapping) or not all(type(k) is str for k in groups):
+            raise _fail("policy.groups", "expected a map keyed by group names")
         return cls(
             serial=_uint(obj["serial"], "policy.serial", MAX_SERIAL),
             default=_quorums(obj["default"], "policy.default"),
-            groups={str(k): _quorums(v, f"policy.groups[{k!r}]") for k, v in groups.items()},
+            groups={k: _quorums(v, f"policy.groups[{k!r}]") for k, v in groups.items()},
             auto_remove=_scopes(auto["remove"], "policy.auto.remove"),
             auto_readd=_scopes(auto["readd"], "policy.auto.readd"),
         )
@@ -626,7 +611,7 @@ class AuthzVerifier:
             counted = f"{len(approved)} distinct operator(s) of {needed} needed"
             if refused:
                 first = refused[0]
-                raise ProtocolError(
+                raise type(first)(
                     first.check, f"{counted}; an approval was refused: {first.reason}"
                 )
             raise ProtocolError("authz.quorum", f"{counted} ({len(parsed.approvals)} approvals)")
@@ -675,7 +660,7 @@ class AuthzVerifier:
         try:
             operator.public_key.verify(approval.sig, message, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
-            raise ProtocolError(
+            raise CryptoError(
                 "authz.signature", f"{operator.operator_id}'s approval does not verify"
             ) from None
         return operator

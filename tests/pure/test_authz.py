@@ -8,6 +8,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from cryptography import x509
@@ -134,6 +135,15 @@ def _refused(check: str, call: Callable[[], object]) -> ProtocolError:
 
 POLICY2 = QuorumPolicy.initial(2)
 NOW = T0 + HOUR
+
+
+def _flip_fixture() -> tuple[AuthzVerifier, bytes]:
+    ca = pki.create_ca("keyfleet operator CA", now=ISSUED, valid_for=timedelta(days=3650))
+    a, b = _operator(ca, "op-alice", "operator"), _operator(ca, "op-bob", "operator")
+    return AuthzVerifier([ca.certificate]), _authz(_request(), a, b)
+
+
+_FLIP_VERIFIER, _FLIP_SUBJECT = _flip_fixture()
 
 
 # -- quorum --------------------------------------------------------------------------------------
@@ -345,9 +355,7 @@ def test_wrong_op_or_group_is_out_of_scope(
     for op, group in (("group.add", "lab"), ("group.remove", "prod"), ("group.add", None)):
         _refused(
             "authz.scope",
-            lambda op=op, group=group: verifier.verify(
-                data, policy=POLICY2, now=NOW, op=op, group=group
-            ),
+            partial(verifier.verify, data, policy=POLICY2, now=NOW, op=op, group=group),
         )
 
 
@@ -413,9 +421,10 @@ def test_oversize_and_garbage_are_refused_before_anything_else(
 
 def test_unknown_versions_and_suites(ops: dict[str, Operator]) -> None:
     request = Request.decode(_request())
-    for change in ({"v": 2}, {"suite": 3}, {"v": 2, "extra": 1}):
+    changes: list[dict[str, object]] = [{"v": 2}, {"suite": 3}, {"v": 2, "extra": 1}]
+    for change in changes:
         data = codec.encode({**request.to_obj(), **change})
-        _refused("authz.version", lambda data=data: Request.decode(data))
+        _refused("authz.version", partial(Request.decode, data))
     approval = ops["alice"].approve(_request()).to_obj()
     _refused("authz.version", lambda: Approval.decode(codec.encode({**approval, "v": 0})))
     _refused(
@@ -428,7 +437,7 @@ def test_unknown_versions_and_suites(ops: dict[str, Operator]) -> None:
 
 def test_request_fields_are_checked() -> None:
     base = Request.decode(_request())
-    bad = [
+    bad: list[dict[str, object]] = [
         {"id": b"short"},
         {"op": "Group.Add"},
         {"group": "a/b"},
@@ -441,7 +450,7 @@ def test_request_fields_are_checked() -> None:
     ]
     for change in bad:
         data = codec.encode({**base.to_obj(), **change})
-        _refused("authz.decode", lambda data=data: Request.decode(data))
+        _refused("authz.decode", partial(Request.decode, data))
     _refused("authz.decode", lambda: _request(op="group.add", group=None))
     _refused("authz.decode", lambda: _request(op="policy", group=None, members=()))
 
@@ -529,7 +538,7 @@ def test_policy_encoding_round_trips_and_refuses_bad_values() -> None:
     assert QuorumPolicy.decode(policy.encode()) == policy
     assert QuorumPolicy.decode(policy.encode()).encode() == policy.encode()
     obj = policy.to_obj()
-    for change in (
+    changes: list[dict[str, object]] = [
         {"default": {"group.add": 2}},  # no "*"
         {"default": {"*": 0}},
         {"default": {"*": authz.MAX_K + 1}},
@@ -537,9 +546,10 @@ def test_policy_encoding_round_trips_and_refuses_bad_values() -> None:
         {"auto": {"remove": ["lab", "lab"], "readd": []}},
         {"auto": {"remove": []}},
         {"serial": -1},
-    ):
+    ]
+    for change in changes:
         data = codec.encode({**obj, **change})
-        _refused("authz.decode", lambda data=data: QuorumPolicy.decode(data))
+        _refused("authz.decode", partial(QuorumPolicy.decode, data))
     assert QuorumPolicy.initial(1).required("anything.else", "g") == 1
 
 
@@ -568,10 +578,20 @@ def test_members_match_for_adds(verifier: AuthzVerifier, ops: dict[str, Operator
         ([("dev-0001", DEV1), ("dev-0002", DEV2)], ["dev-0009"]),  # and a removal
         ([("dev-0001", DEV1), ("dev-0001", DEV1), ("dev-0002", DEV2)], []),
     ):
-        _refused("authz.members", lambda a=adds, r=removes: members_match(verified, a, r))
+        _refused("authz.members", partial(members_match, verified, adds, removes))
     _refused("authz.members", lambda: members_match(verified, [("dev-0001", b"\x04")], []))
     created = _verified(verifier, ops, "group.create", "prod", members)
     members_match(created, [("dev-0001", DEV1), ("dev-0002", DEV2)], [])
+
+
+@settings(max_examples=150, deadline=None)
+@given(position=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=7))
+def test_any_flipped_bit_refuses_the_authorization(position: int, bit: int) -> None:
+    data = bytearray(_FLIP_SUBJECT)
+    data[position % len(data)] ^= 1 << bit
+    with pytest.raises(ProtocolError) as caught:
+        _FLIP_VERIFIER.verify(bytes(data), policy=POLICY2, now=NOW, op="group.add", group="prod")
+    assert caught.value.check.startswith("authz."), caught.value
 
 
 def test_members_match_for_removes_and_revokes(
