@@ -79,6 +79,8 @@ OP_DEVICE_REVOKE = "device.revoke"
 OP_POLICY = "policy"
 MEMBERSHIP_OPS = frozenset({OP_GROUP_CREATE, OP_GROUP_ADD, OP_GROUP_REMOVE, OP_DEVICE_REVOKE})
 DEVICE_OPS = MEMBERSHIP_OPS | {OP_POLICY}
+OPERATOR_PREFIX = "op-"
+"""Operator ids (certificate CNs) start with this, as ``keyfleet pki issue operator`` enforces."""
 ANY = "*"
 """In a policy: any operation not named (in ``default``/``groups``) or any group (in ``auto``)."""
 
@@ -719,8 +721,12 @@ class AuthzVerifier:
         ):
             raise ProtocolError("authz.chain", "operator keys are P-256")
         operator_id = _single_attribute(cert, NameOID.COMMON_NAME)
-        if operator_id is None or not ID_PATTERN.fullmatch(operator_id):
-            raise ProtocolError("authz.chain", "the certificate names no operator id (one CN)")
+        if (
+            operator_id is None
+            or not ID_PATTERN.fullmatch(operator_id)
+            or not operator_id.startswith(OPERATOR_PREFIX)
+        ):
+            raise ProtocolError("authz.chain", "the certificate names no operator id (one CN op-…)")
         role = _single_attribute(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
         if role is None or role not in ROLE_RANK:
             raise ProtocolError("authz.role", f"{operator_id} has no operator role (OU)")

@@ -211,7 +211,19 @@ def test_a_certificate_from_another_ca_is_refused(
     )
 
 
-def test_a_device_certificate_of_the_device_ca_is_no_operator(
+def test_a_certificate_that_names_no_operator_is_refused(
+    verifier: AuthzVerifier, ca: pki.CertificateAuthority, ops: dict[str, Operator]
+) -> None:
+    request = _request()
+    for name, role in (("keyfleet-service", "admin"), ("op-sam", "service")):
+        stranger = _operator(ca, name, role)
+        check = "authz.chain" if role == "admin" else "authz.role"
+        _refused(
+            check, partial(verifier.verify_approval, request, stranger.approve(request), now=NOW)
+        )
+
+
+def test_another_operator_ca_refuses_ours(
     ops: dict[str, Operator], other_ca: pki.CertificateAuthority
 ) -> None:
     # a verifier for another CA refuses all of ours: the anchors decide, not the names
