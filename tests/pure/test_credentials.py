@@ -12,6 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.protocol.credentials import (
     AK_NAME_OID,
@@ -370,3 +372,39 @@ def test_undecodable_proofs_are_refused() -> None:
     ]
     for data in bad:
         assert check_of(verify_tpm_residency, data, leaf_point, ak.name) == "tpm.proof.decode"
+
+
+# -- strict decoders: any input is accepted or refused with a check id, never anything else ----
+
+FUZZ_AK = SimulatedAK.generate()
+FUZZ_LEAF = ec.generate_private_key(ec.SECP256R1())
+FUZZ_POINT = point(FUZZ_LEAF)
+FUZZ_FIELDS = proof_fields(FUZZ_AK.prove_leaf(FUZZ_LEAF.public_key()))
+FUZZ_CA = pki.create_ca("fuzz CA", now=T0, valid_for=DAY)
+FUZZ_VERIFIER = CredentialVerifier([FUZZ_CA.certificate])
+
+
+@given(st.binary(max_size=600))
+def test_random_bytes_are_refused_as_proofs_and_certificates(data: bytes) -> None:
+    with pytest.raises(ProtocolError) as proof:
+        verify_tpm_residency(data, FUZZ_POINT, FUZZ_AK.name)
+    assert proof.value.check == "tpm.proof.decode"
+    with pytest.raises(ProtocolError) as cert:
+        FUZZ_VERIFIER.verify(data, NOW)
+    assert cert.value.check == "cred.decode"
+
+
+@given(
+    st.sampled_from(["ak", "pub", "attest", "sig"]),
+    st.integers(min_value=0, max_value=1000),
+    st.integers(min_value=1, max_value=255),
+)
+def test_any_changed_byte_of_a_proof_is_refused(field_name: str, index: int, xor: int) -> None:
+    original = FUZZ_FIELDS[field_name]
+    assert isinstance(original, bytes)
+    changed = bytearray(original)
+    changed[index % len(changed)] ^= xor
+    forged = cbor.encode({**FUZZ_FIELDS, field_name: bytes(changed)})
+    with pytest.raises(ProtocolError) as refused:
+        verify_tpm_residency(forged, FUZZ_POINT, FUZZ_AK.name)
+    assert refused.value.check.startswith(("tpm.proof.", "tpm.attest."))
