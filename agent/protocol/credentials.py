@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from cryptography.x509.verification import (
     Criticality,
     ExtensionPolicy,
+    Policy,
     PolicyBuilder,
     Store,
     VerificationError,
@@ -165,13 +166,21 @@ def device_id_from_subjects(subjects: Sequence[x509.GeneralName] | None) -> str:
     return device_id
 
 
+def _devid_key_usage(_policy: Policy, _cert: x509.Certificate, usage: x509.KeyUsage) -> None:
+    if not usage.digital_signature or usage.key_cert_sign:
+        raise ValueError("a DevID key usage is digitalSignature and never keyCertSign")
+
+
 def _ee_policy() -> ExtensionPolicy:
-    # The web-PKI end-entity profile (clientAuth EKU checked by the client verifier, keyUsage,
-    # basicConstraints not a CA) with one change: the subjectAltName may be absent for path
-    # validation, so that a certificate without the device URN is refused as such
-    # (``cred.device-id``) rather than as an anonymous path failure.
-    return ExtensionPolicy.webpki_defaults_ee().may_be_present(
-        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+    # The web-PKI end-entity profile (clientAuth EKU, checked by the client verifier; not a CA)
+    # with two changes: keyUsage must be present with digitalSignature (a DevID key signs
+    # leaves and key packages), and the subjectAltName may be absent for path validation, so that
+    # a certificate without the device URN is refused as such (``cred.device-id``) rather than
+    # as an anonymous path failure.
+    return (
+        ExtensionPolicy.webpki_defaults_ee()
+        .require_present(x509.KeyUsage, Criticality.AGNOSTIC, _devid_key_usage)
+        .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
     )
 
 

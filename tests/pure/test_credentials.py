@@ -81,8 +81,10 @@ def hand_made(
     sans: list[x509.GeneralName] | None,
     eku: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
     extra: x509.ExtensionType | None = None,
+    signs: bool | None = True,
 ) -> bytes:
-    """An end-entity certificate built here, for shapes provisioning.pki refuses to make."""
+    """An end-entity certificate built here, for shapes provisioning.pki refuses to make.
+    ``signs``: keyUsage digitalSignature (True), keyAgreement only (False), none at all (None)."""
     assert isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey))
     issuer_ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     builder = (
@@ -101,6 +103,19 @@ def hand_made(
             critical=False,
         )
     )
+    if signs is not None:
+        usage = x509.KeyUsage(
+            digital_signature=signs,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=not signs,
+            key_cert_sign=False,
+            crl_sign=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        builder = builder.add_extension(usage, critical=True)
     if sans is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     if extra is not None:
@@ -237,10 +252,15 @@ def test_wrong_key_type_is_refused(ca: pki.CertificateAuthority) -> None:
         assert check_of(verifier.verify, der, NOW) == "cred.key"
 
 
-def test_not_a_client_certificate_is_refused(ca: pki.CertificateAuthority) -> None:
+def test_not_a_client_signing_certificate_is_refused(ca: pki.CertificateAuthority) -> None:
+    verifier = CredentialVerifier([ca.certificate])
     key = pki.generate_key().public_key()
-    der = hand_made(ca, key, sans=[urn("dev-1")], eku=ExtendedKeyUsageOID.SERVER_AUTH)
-    assert check_of(CredentialVerifier([ca.certificate]).verify, der, NOW) == "cred.chain"
+    assert verifier.verify(hand_made(ca, key, sans=[urn("dev-1")]), NOW).device_id == "dev-1"
+    server = hand_made(ca, key, sans=[urn("dev-1")], eku=ExtendedKeyUsageOID.SERVER_AUTH)
+    no_usage = hand_made(ca, key, sans=[urn("dev-1")], signs=None)
+    agreement_only = hand_made(ca, key, sans=[urn("dev-1")], signs=False)
+    for der in (server, no_usage, agreement_only):
+        assert check_of(verifier.verify, der, NOW) == "cred.chain"
 
 
 def test_undecodable_certificate_or_ak_extension_is_refused(
