@@ -214,6 +214,8 @@ class CredentialVerifier:
     def verify(self, cert_der: bytes, now: int) -> VerifiedDevice:
         """The device a DevID certificate names, once its path validates at ``now`` (unix
         seconds). Raises ``ProtocolError`` (``cred.*``)."""
+        if type(cert_der) is not bytes or not 0 < len(cert_der) <= MAX_CERT_SIZE:
+            raise ProtocolError("cred.decode", "a DevID certificate is 1 to 16 KiB of DER")
         memo = self._memo.get(cert_der)
         if memo is not None and memo.not_before <= now <= memo.not_after:
             self._memo.move_to_end(cert_der)
@@ -227,8 +229,6 @@ class CredentialVerifier:
         return entry.device
 
     def _verify_uncached(self, cert_der: bytes, now: int) -> _Memo:
-        if type(cert_der) is not bytes or not 0 < len(cert_der) <= MAX_CERT_SIZE:
-            raise ProtocolError("cred.decode", "a DevID certificate is 1 to 16 KiB of DER")
         try:
             cert = x509.load_der_x509_certificate(cert_der)
         except ValueError:

@@ -268,7 +268,7 @@ def test_undecodable_certificate_or_ak_extension_is_refused(
 ) -> None:
     verifier = CredentialVerifier([ca.certificate])
     _, der = devid(ca)
-    for bad in (b"", b"\x30\x03abc", der[:-1], b"\x00" * (16 * 1024 + 1)):
+    for bad in (b"", b"\x30\x03abc", der[:-1], b"\x00" * (16 * 1024 + 1), bytearray(der)):
         assert check_of(verifier.verify, bad, NOW) == "cred.decode"
     key = pki.generate_key().public_key()
     not_octets = x509.UnrecognizedExtension(AK_NAME_OID, b"\x05\x00")
