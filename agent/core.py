@@ -149,6 +149,13 @@ class KeyProvider(Protocol):
         if it is not available."""
         ...
 
+    def prove_leaf(self, public_point: bytes) -> bytes | None:
+        """Proof that the leaf key ``public_point`` (SEC1 uncompressed) lives in this device's
+        TPM: a TPM2_Certify of it by the enrolled AK over SHA-256 of the point, as the CBOR
+        structure ``agent.protocol.credentials.verify_tpm_residency`` checks. None when the
+        keys are not in a TPM (software keys in pure tests) or the device has no AK."""
+        ...
+
 
 @dataclass(frozen=True)
 class AttestationEvidence:

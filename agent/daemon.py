@@ -36,6 +36,7 @@ from agent.fsio import atomic_write, shred
 from agent.keybackend import TpmKeyBackend, policy_failed
 from agent.localapi.server import LocalApiServer
 from agent.mqtt import MqttClient, ReceivedMessage
+from agent.protocol.credentials import leaf_qualifying_data, tpm_proof_from_certify
 from agent.protocol.errors import (
     ConfigError,
     KeyfleetError,
@@ -106,12 +107,20 @@ def leaf_file(public: bytes) -> str:
 
 class TpmKeys:
     """``agent.core.KeyProvider`` over the TPM: the DevID key, and leaf keys whose blobs live in
-    ``<state dir>/leaves/`` named by a hash of their public key."""
+    ``<state dir>/leaves/`` named by a hash of their public key. ``ak_blob``: the enrolled AK's
+    blob (``identity.ak_key``), which certifies leaf keys for ``prove_leaf``."""
 
-    def __init__(self, store: TPMStore, devid: ec.EllipticCurvePrivateKey, leaf_dir: Path) -> None:
+    def __init__(
+        self,
+        store: TPMStore,
+        devid: ec.EllipticCurvePrivateKey,
+        leaf_dir: Path,
+        ak_blob: Path | None = None,
+    ) -> None:
         self._store = store
         self._devid = devid
         self._dir = leaf_dir
+        self._ak_blob = ak_blob
         self._loaded: dict[bytes, TPMKey] = {}
         leaf_dir.mkdir(mode=0o700, exist_ok=True)
 
@@ -135,6 +144,9 @@ class TpmKeys:
         return key
 
     def load_leaf(self, public: bytes) -> ec.EllipticCurvePrivateKey:
+        return self._leaf(public)
+
+    def _leaf(self, public: bytes) -> TPMKey:
         key = self._loaded.get(public)
         if key is not None:
             return key
@@ -150,6 +162,17 @@ class TpmKeys:
             raise StateError(f"leaf key blob {path.name} holds another key")
         self._loaded[public] = key
         return key
+
+    def prove_leaf(self, public_point: bytes) -> bytes | None:
+        """TPM2_Certify of the leaf key by the AK, qualified by SHA-256 of its point, as a
+        residency proof (``agent.protocol.credentials``). The AK is loaded for the one command
+        and flushed. None when the configuration names no AK."""
+        if self._ak_blob is None:
+            return None
+        leaf = self._leaf(public_point)
+        with self._store.load_key(KeyBlob.load(self._ak_blob)) as ak:
+            attestation = self._store.certify(ak, leaf, leaf_qualifying_data(public_point))
+            return tpm_proof_from_certify(ak.public_area, leaf.public_area, attestation)
 
     def collect(self, live: set[bytes]) -> int:
         """Destroy every leaf not in ``live``: flush it from the TPM, shred its blob. Call only
@@ -300,7 +323,9 @@ class Daemon:
         self._store = store = TPMStore(config.tpm.tcti)
         devid = load_devid(store, config, self.allow_insecure)
         self._state = open_state(store, self.state_dir, config.tpm.pcrs)
-        self._keys = TpmKeys(store, devid, self.state_dir / LEAF_DIR)
+        self._keys = TpmKeys(
+            store, devid, self.state_dir / LEAF_DIR, ak_blob=config.identity.ak_key
+        )
         core = AgentCore(
             config.identity.device_id,
             config.fleet.service_key,

@@ -869,6 +869,7 @@ class Enrollment:
             hardware_serial=pending.serial,
             now=when,
             valid_for=settings.certificate_validity,
+            ak_name=tpm_name(pending.ak_public),
             rng=self._rng,
         )
         tls_cert = issue_client_cert(

@@ -31,6 +31,7 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.fsio import atomic_write
+from agent.protocol.credentials import DEVICE_URN_PREFIX, ak_name_extension
 from agent.protocol.errors import ProtocolError
 
 Purpose = Literal["server", "client", "any"]
@@ -39,7 +40,6 @@ Rng = Callable[[int], bytes]
 CLIENT_PURPOSE = ExtendedKeyUsageOID.CLIENT_AUTH
 SERVER_PURPOSE = ExtendedKeyUsageOID.SERVER_AUTH
 # The subjectAltName URI of a DevID certificate: this prefix and the device id.
-DEVICE_URN_PREFIX = "urn:keyfleet:device:"
 # Certificates are back-dated a little so that a device whose clock is slightly behind the
 # issuer's does not reject a certificate issued a second ago.
 BACKDATE = timedelta(minutes=5)
@@ -254,13 +254,17 @@ def issue_devid_cert(
     hardware_serial: str,
     now: datetime,
     valid_for: timedelta,
+    ak_name: bytes | None = None,
     rng: Rng = os.urandom,
 ) -> x509.Certificate:
     """A device's DevID certificate (IEEE 802.1AR LDevID), clientAuth like any client
     certificate, naming the device three ways: CN = ``device_id`` (the broker user name and topic
     level), subject serialNumber = ``hardware_serial`` (the serial the station read from the
     device, 802.1AR 8.6), and a subjectAltName URI ``urn:keyfleet:device:<device_id>``
-    (docs/provisioning.md, "What the DevID certificate says")."""
+    (docs/provisioning.md, "What the DevID certificate says"). ``ak_name``: the TPM Name of the
+    device's enrolled AK, carried in the non-critical keyfleet AK-name extension
+    (``agent.protocol.credentials.AK_NAME_OID``) so that group members can check a TPM2_Certify
+    of a leaf key by that AK (``verify_tpm_residency``)."""
     if any(ch in device_id for ch in "/+#\x00") or device_id.startswith("$"):
         raise ValueError(f"device id {device_id!r} cannot be used as an MQTT topic level")
     subject = x509.Name(
@@ -278,6 +282,8 @@ def issue_devid_cert(
         )
         .add_extension(x509.ExtendedKeyUsage([CLIENT_PURPOSE]), critical=False)
     )
+    if ak_name is not None:
+        builder = builder.add_extension(ak_name_extension(ak_name), critical=False)
     return builder.sign(ca.private_key, hashes.SHA256())
 
 

@@ -82,6 +82,9 @@ class FakeSoftwareKeys:
         except KeyError:
             raise StateError("no such leaf") from None
 
+    def prove_leaf(self, public_point: bytes) -> bytes | None:
+        return None  # software keys: no TPM to prove residency with
+
 
 class FakeService:
     """Plays the fleet service: signs commands, orders commits (first valid per epoch wins) with

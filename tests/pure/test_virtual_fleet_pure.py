@@ -14,10 +14,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
 from agent.configschema import ConfigProblems
-from agent.protocol.errors import ConfigError, StateError
+from agent.protocol.credentials import CredentialVerifier, verify_tpm_residency
+from agent.protocol.errors import ConfigError, ProtocolError, StateError
+from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls import codec
 from agent.protocol.mls.public import PublicGroup
 from agent.protocol.wire.envelope import Signer, encode_message, open_message
@@ -134,6 +137,36 @@ def test_the_explicit_flag_is_needed_and_allowing_it_is_loud(
     assert sum(r.name == "keyagent.config" for r in insecure) == 1
     assert "3x 'INSECURE: the DevID key is a SOFTWARE key'" in insecure[-1].getMessage()
     assert "leaves" in repr(devices[0].keys) and "PRIVATE" not in repr(devices[0].keys)
+
+
+def test_virtual_devices_have_devid_credentials_and_simulated_leaf_proofs(
+    setup: tuple[Path, pki.CertificateAuthority, object],
+) -> None:
+    """The virtual devices' certificates pass the members' credential check and their (simulated)
+    leaf proofs pass the residency check, bound to each device's own software AK."""
+    directory, ca, _ = setup
+    config = load_fleet_config(_fleet_toml(directory, insecure=True))
+    devices = load_devices(prepare_identities(config, 2), allow_insecure=True)
+    verifier = CredentialVerifier([ca.certificate])
+    now = int(datetime.now(UTC).timestamp())
+    names = []
+    for device in devices:
+        assert device.config.identity is not None
+        cert = device.config.identity.devid_cert.certificates[0]
+        assert (directory / "virtual" / device.device_id / "ak.key").stat().st_mode & 0o077 == 0
+        verified = verifier.verify(cert.public_bytes(serialization.Encoding.DER), now)
+        assert verified.device_id == device.device_id
+        assert verified.signature_key == serialize_public_key(device.keys.devid.public_key())
+        assert verified.ak_name is not None
+        names.append(verified.ak_name)
+        leaf_point = serialize_public_key(device.keys.new_leaf_key().public_key())
+        proof = device.keys.prove_leaf(leaf_point)
+        assert proof is not None
+        verify_tpm_residency(proof, leaf_point, verified.ak_name)
+    assert names[0] != names[1]
+    with pytest.raises(ProtocolError) as other_ak:
+        verify_tpm_residency(proof, leaf_point, names[0])
+    assert other_ak.value.check == "tpm.proof.ak"
 
 
 def test_registration_is_direct_audited_and_idempotent(setup: tuple[Path, object, object]) -> None:

@@ -24,6 +24,8 @@ from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_SIG_SCHEME
 
 from agent.factory import FactoryDevice
+from agent.protocol.attest import tpm_name
+from agent.protocol.credentials import CredentialVerifier
 from agent.protocol.errors import ProtocolError, TPMError
 from agent.protocol.secret import Secret
 from agent.tpm.blob import KeyBlob
@@ -436,6 +438,12 @@ def test_devid_certificate_names_the_device_as_802_1ar_recommends(
         f"urn:keyfleet:device:{identity.device_id}"
     ]
     assert hardware_serial_of(identity.tls_cert) is None  # the broker identity is unchanged
+    # group members' credential check accepts it and reads the enrolled AK's TPM Name from it
+    member_view = CredentialVerifier([pki.device_ca.certificate]).verify(
+        devid.public_bytes(serialization.Encoding.DER), NOW + 2
+    )
+    assert member_view.device_id == identity.device_id
+    assert member_view.ak_name == tpm_name(request.ak_public)
     # the project's own chain check, OpenSSL's, and the device's install checks accept it
     verify_certificate(devid, pki.device_ca.certificate, now=WHEN, purpose="client")
     write_certificate(tmp_path / "devid.pem", devid)

@@ -8,7 +8,9 @@ the broker's ACL confines it exactly as it confines a real device), and it speak
 protocol to the real ``keyfleet serve``.
 
 What is simulated, and why it is INSECURE: there is no TPM. The DevID key, the leaf keys and the
-group's private state are software keys in this process's memory (``SimulatedSoftwareKeys``).
+group's private state are software keys in this process's memory (``SimulatedSoftwareKeys``),
+and the "AK" that proves leaf keys TPM-resident is a software key too (``SimulatedAK``: its
+certify is built by hand, so the proof has the real structure and proves nothing).
 That is what makes a thousand devices fit on one machine (one swtpm and one keyagent per device
 would not), and it is exactly what a real device must never do. So the agent's own gate decides:
 each device's configuration must say ``[simulation] insecure_software_keys = true`` (otherwise
@@ -38,6 +40,8 @@ Modules, one concern each:
 - ``identities``: per-device DevID key, certificate and agent configuration on disk;
 - ``registry``: the registry rows the bypasses write, and ``open_registry``;
 - ``keys``: ``SimulatedSoftwareKeys``, a virtual device's key provider;
+- ``credentials``: ``SimulatedAK``, a virtual device's software "AK" and the TPM-residency
+  proofs it fakes for leaf keys (SIMULATED: the TPMS_ATTEST is built by hand);
 - ``device``: ``VirtualDevice`` (one agent core) and ``load_devices``;
 - ``groups``: the one-step group of every device;
 - ``mqtt``: ``VirtualFleet``, the MQTT multiplexer driving every device from one thread.
@@ -53,6 +57,7 @@ from firmware_sim.fleet.config import (
     fleet_config_text,
     load_fleet_config,
 )
+from firmware_sim.fleet.credentials import SimulatedAK
 from firmware_sim.fleet.device import VirtualDevice, load_devices
 from firmware_sim.fleet.groups import seed_group
 from firmware_sim.fleet.identities import CERT_VALIDITY, DEVICE_ROLE, prepare_identities
@@ -71,6 +76,7 @@ __all__ = [
     "FLEET_SCHEMA",
     "FleetConfig",
     "FleetStatus",
+    "SimulatedAK",
     "SimulatedSoftwareKeys",
     "VirtualDevice",
     "VirtualFleet",

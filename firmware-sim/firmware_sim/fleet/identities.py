@@ -1,7 +1,10 @@
 """The virtual devices' identities on disk: per device under ``fleet.dir`` a software DevID key,
-a DevID certificate from the fleet device CA (CN = device id, OU ``device``; also its MQTT
-client certificate) and an agent configuration file the agent's own loader reads. New devices
-are registered directly in the registry (``firmware_sim.fleet.registry``)."""
+a software "AK" (SIMULATED: ``firmware_sim.fleet.credentials``), a DevID certificate from the
+fleet device CA shaped like an enrolled device's (``provisioning.pki.issue_devid_cert``: CN =
+device id, OU ``device``, SAN ``urn:keyfleet:device:<id>``, the AK-name extension naming the
+software AK; also its MQTT client certificate) and an agent configuration file the agent's own
+loader reads. New devices are registered directly in the registry
+(``firmware_sim.fleet.registry``)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Final
 from agent.fsio import atomic_write
 from agent.protocol.errors import ConfigError
 from firmware_sim.fleet.config import FleetConfig
+from firmware_sim.fleet.credentials import SIMULATED_AK_FILE, SimulatedAK
 from firmware_sim.fleet.registry import register_devices
 from provisioning import pki
 
@@ -58,9 +62,10 @@ def prepare_identities(
     config: FleetConfig, count: int, *, now: datetime | None = None
 ) -> list[Path]:
     """Make (or reuse) ``count`` virtual devices under ``config.dir``: a software DevID key, a
-    DevID certificate from the device CA (CN = device id, OU ``device``: also its MQTT client
-    certificate) and an agent configuration each; register the new ones in the registry.
-    Returns the agent configuration paths, in device order.
+    software "AK", a DevID certificate from the device CA (``issue_devid_cert`` with the AK's
+    name; hardware serial ``sim-<index>``; also the MQTT client certificate) and an agent
+    configuration each; register the new ones in the registry. Returns the agent configuration
+    paths, in device order. A device made before it had an AK gets a new identity.
 
     SIMULATION BYPASS: the registry rows are written directly (no factory enrollment); one audit
     entry per call records it."""
@@ -79,18 +84,22 @@ def prepare_identities(
         directory = config.dir / device_id
         cert_path = directory / "devid.pem"
         key_path = directory / "devid.key"
-        if not (cert_path.exists() and key_path.exists()):
+        ak_path = directory / SIMULATED_AK_FILE
+        if not (cert_path.exists() and key_path.exists() and ak_path.exists()):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             key = pki.generate_key()
-            cert = pki.issue_client_cert(
+            ak = SimulatedAK.generate()
+            cert = pki.issue_devid_cert(
                 ca,
                 key.public_key(),
-                identity=device_id,
-                role=DEVICE_ROLE,
+                device_id=device_id,
+                hardware_serial=f"sim-{index}",
                 now=issued_at,
                 valid_for=CERT_VALIDITY,
+                ak_name=ak.name,
             )
             pki.write_private_key(key_path, key)
+            ak.save(ak_path)
             pki.write_certificate(cert_path, cert)
         config_path = directory / "agent.toml"
         atomic_write(config_path, _agent_toml(config, device_id, directory).encode(), mode=0o644)

@@ -1,7 +1,8 @@
 """The virtual devices' keys: ``SimulatedSoftwareKeys``, the ``agent.core.KeyProvider`` of a
 virtual device. Its DevID key and every leaf key are software keys in this process's memory:
 INSECURE, simulation only (a real device keeps both in its TPM). It is only built through the
-agent's own gate on software keys (``agent.daemon.load_devid``)."""
+agent's own gate on software keys (``agent.daemon.load_devid``). Its TPM-residency proofs come
+from a software "AK" (``firmware_sim.fleet.credentials``, simulated the same way)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from agent.config import AgentConfig
 from agent.daemon import load_devid
 from agent.protocol.errors import StateError
 from agent.protocol.hpke import serialize_public_key
+from firmware_sim.fleet.credentials import SIMULATED_AK_FILE, SimulatedAK
 
 
 class SimulatedSoftwareKeys:
@@ -19,16 +21,21 @@ class SimulatedSoftwareKeys:
     the way a TPM protects a device's keys. Built through ``from_config``, which applies the
     agent's own gate (``agent.daemon.load_devid``)."""
 
-    def __init__(self, devid: ec.EllipticCurvePrivateKey) -> None:
+    def __init__(self, devid: ec.EllipticCurvePrivateKey, ak: SimulatedAK | None = None) -> None:
         self._devid = devid
+        self._ak = ak
         self._leaves: dict[bytes, ec.EllipticCurvePrivateKey] = {}
 
     @classmethod
     def from_config(cls, config: AgentConfig, *, allow_insecure: bool) -> SimulatedSoftwareKeys:
         """The device's DevID key as its agent configuration names it. Refused (``ConfigError``)
         unless the configuration says ``simulation.insecure_software_keys = true`` and the caller
-        passes ``allow_insecure`` (the explicit command-line flag)."""
-        return cls(load_devid(None, config, allow_insecure))
+        passes ``allow_insecure`` (the explicit command-line flag). The software "AK" is the
+        ``ak.key`` beside the DevID key, if the device has one (``prepare_identities`` makes it)."""
+        devid = load_devid(None, config, allow_insecure)
+        assert config.identity is not None  # load_devid refuses a configuration without one
+        ak_path = config.identity.devid_key.parent / SIMULATED_AK_FILE
+        return cls(devid, SimulatedAK.load(ak_path) if ak_path.exists() else None)
 
     def __repr__(self) -> str:
         return f"SimulatedSoftwareKeys({len(self._leaves)} leaves)"
@@ -47,6 +54,13 @@ class SimulatedSoftwareKeys:
         if key is None:
             raise StateError("this virtual device does not hold that leaf key")
         return key
+
+    def prove_leaf(self, public_point: bytes) -> bytes | None:
+        """The leaf key's residency proof by the software "AK" (SIMULATED, see
+        ``firmware_sim.fleet.credentials``); None for a device without one."""
+        if self._ak is None:
+            return None
+        return self._ak.prove_leaf(self.load_leaf(public_point).public_key())
 
     def retain(self, live: set[bytes]) -> None:
         """Forget every leaf key the core no longer refers to (the TPM version shreds blobs)."""
