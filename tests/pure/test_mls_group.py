@@ -23,7 +23,9 @@ from agent.protocol.mls.crypto import decrypt_with_label
 from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, KeyPackage, UpdatePath, UpdatePathNode, Welcome
 from agent.protocol.mls.public import UPDATE_PATH_LABEL, PublicGroup
-from agent.protocol.mls.tree import ParentNode
+from agent.protocol.mls.parenthash import verify_tree
+from agent.protocol.mls.tree import LeafNode, ParentNode
+from tests.device_certs import devid_cert_der
 from tests.pure.test_wire_cose import FakeResidentKey
 
 pytestmark = pytest.mark.pure
@@ -61,6 +63,7 @@ class Member:
     leaf_key: FakeCountingKey = field(default_factory=FakeCountingKey)
     group: Group | None = None
     _kp: KeyPackage | None = None
+    _cred: bytes | None = None
 
     @classmethod
     def new(cls) -> Member:
@@ -70,9 +73,17 @@ class Member:
         # one per device (ECDSA is randomized: a second one would have another reference)
         if self._kp is None:
             self._kp = KeyPackage.create(
-                self.device_id, self.signature_key, self.leaf_key.public_key()
+                self.device_id,
+                self.signature_key,
+                self.leaf_key.public_key(),
+                self.credential(),
             )
         return self._kp
+
+    def credential(self) -> bytes:
+        if self._cred is None:
+            self._cred = devid_cert_der(self.device_id, self.signature_key)
+        return self._cred
 
     @property
     def g(self) -> Group:
@@ -322,7 +333,7 @@ def _tamper_ciphertexts(commit: Commit) -> Commit:
         )
         for n in commit.content.path.nodes
     )
-    path = UpdatePath(commit.content.path.leaf_key, nodes)
+    path = replace(commit.content.path, nodes=nodes)
     return replace(commit, content=replace(commit.content, path=path))
 
 
@@ -361,7 +372,7 @@ def test_path_keys_not_matching_the_secret_are_refused(monkeypatch: pytest.Monke
     world, committer, receiver = _three()
     from agent.protocol.mls import group as group_module
 
-    honest = group_module._path_node_keys
+    honest = group_module.path_node_keys
 
     def lying(path_secret: bytes, count: int) -> Any:
         _, secrets = honest(path_secret, count)
@@ -369,21 +380,24 @@ def test_path_keys_not_matching_the_secret_are_refused(monkeypatch: pytest.Monke
         return keys, secrets
 
     # a malicious committer: advertises keys that its (correctly sealed) path secrets do not give
-    monkeypatch.setattr(group_module, "_path_node_keys", lying)
+    monkeypatch.setattr(group_module, "path_node_keys", lying)
     commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
     monkeypatch.undo()
     _expect(receiver, commit, "mls.path.mismatch")
     world.service.apply(commit)  # invisible in public
 
 
-def test_a_changed_public_key_changes_the_context_so_nothing_decrypts() -> None:
-    _world, committer, receiver = _three()
+def test_a_changed_public_key_breaks_the_parent_hash_chain() -> None:
+    world, committer, receiver = _three()
     commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
     nodes = list(commit.content.path.nodes)
     nodes[-1] = UpdatePathNode(_point(), nodes[-1].encrypted_path_secret)
-    path = UpdatePath(commit.content.path.leaf_key, tuple(nodes))
+    path = replace(commit.content.path, nodes=tuple(nodes))
     bad = _resign(committer, replace(commit, content=replace(commit.content, path=path)))
-    _expect(receiver, bad, "mls.path.decrypt")
+    _expect(receiver, bad, "mls.parent-hash")  # the leaf's parent hash no longer matches
+    with pytest.raises(ProtocolError) as exc:
+        world.service.apply(bad)
+    assert exc.value.check == "mls.parent-hash"
 
 
 def _point() -> bytes:
@@ -395,14 +409,14 @@ def _point() -> bytes:
 def test_service_checks_the_tree_shape() -> None:
     world, committer, _ = _three()
     commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
-    short = UpdatePath(commit.content.path.leaf_key, commit.content.path.nodes[:-1])
+    short = replace(commit.content.path, nodes=commit.content.path.nodes[:-1])
     bad = _resign(committer, replace(commit, content=replace(commit.content, path=short)))
     with pytest.raises(ProtocolError) as exc:
         world.service.apply(bad)
     assert exc.value.check == "mls.path.length"
     node = commit.content.path.nodes[0]
     extra = UpdatePathNode(node.encryption_key, node.encrypted_path_secret * 2)
-    more = UpdatePath(commit.content.path.leaf_key, (extra, *commit.content.path.nodes[1:]))
+    more = replace(commit.content.path, nodes=(extra, *commit.content.path.nodes[1:]))
     bad = _resign(committer, replace(commit, content=replace(commit.content, path=more)))
     with pytest.raises(ProtocolError) as exc:
         world.service.apply(bad)
@@ -423,8 +437,11 @@ def test_invalid_proposals_are_refused() -> None:
     assert exc.value.check == "mls.add.duplicate"
     kp = Member.new().key_package()
     with pytest.raises(ProtocolError) as exc:
-        g.add(committer.signature_key, [replace(kp, device_id=b"someone-else")])
+        g.add(committer.signature_key, [replace(kp, tpm_proof=b"another proof")])
     assert exc.value.check == "mls.key-package.signature"
+    with pytest.raises(ProtocolError) as exc:
+        g.add(committer.signature_key, [replace(kp, leaf=replace(kp.leaf, device_id=b"other"))])
+    assert exc.value.check == "mls.leaf.signature"
 
 
 def test_commits_for_another_group_and_from_non_members_are_refused() -> None:
@@ -577,10 +594,12 @@ def test_an_assembled_group_is_the_state_real_commits_reach(count: int) -> None:
         real.update(m)
     real.check_agreement()
     # assembled in one step from the same devices and (final) leaf keys
-    twins = [Member(m.device_id, m.signature_key, m.leaf_key) for m in in_order]
+    twins = [
+        Member(m.device_id, m.signature_key, m.leaf_key, _cred=m.credential()) for m in in_order
+    ]
     groups = Group.assemble(
         b"group-1",
-        [(Member.key_package(t), t.leaf_key) for t in twins],
+        [(Member.key_package(t), t.leaf_key, t.signature_key) for t in twins],
         epoch=real.service.epoch,
     )
     for twin, group in zip(twins, groups, strict=True):
@@ -593,9 +612,18 @@ def test_an_assembled_group_is_the_state_real_commits_reach(count: int) -> None:
         a, b = real_tree.node(x), built_tree.node(x)
         assert (a is None) == (b is None), f"node {x}"
         if tm.is_leaf(x):
-            assert a == b
+            if a is None:
+                continue
+            assert isinstance(a, LeafNode) and isinstance(b, LeafNode)
+            # the same member, as its commit left it (signatures and parent hashes differ)
+            same = ("device_id", "signature_key", "encryption_key", "credential", "source")
+            assert [getattr(a, f) for f in same] == [getattr(b, f) for f in same]
         elif a is not None:
             assert isinstance(b, ParentNode) and a.unmerged_leaves == b.unmerged_leaves == ()  # type: ignore[union-attr]
+    verify_tree(built_tree)
+    verify_tree(real_tree)
+    for i, leaf in built_tree.members():
+        leaf.verify(b"group-1", i)
     for m, twin in zip(in_order, twins, strict=True):
         assert twin.g.own_leaf == m.g.own_leaf
         assert sorted(twin.g.to_state()["nodes"]) == sorted(m.g.to_state()["nodes"])  # type: ignore[call-overload]
@@ -615,17 +643,23 @@ def test_an_assembled_group_is_the_state_real_commits_reach(count: int) -> None:
 
 def test_assemble_refuses_what_adds_refuse() -> None:
     a, b = Member.new(), Member.new()
-    good = [(a.key_package(), a.leaf_key), (b.key_package(), b.leaf_key)]
+    good = [
+        (a.key_package(), a.leaf_key, a.signature_key),
+        (b.key_package(), b.leaf_key, b.signature_key),
+    ]
     assert [g.own_leaf for g in Group.assemble(b"g", good, epoch=3)] == [0, 1]
     with pytest.raises(ProtocolError) as exc:
-        Group.assemble(b"g", [(a.key_package(), b.leaf_key)], epoch=1)
+        Group.assemble(b"g", [(a.key_package(), b.leaf_key, a.signature_key)], epoch=1)
     assert exc.value.check == "mls.leaf-key"
+    with pytest.raises(ProtocolError) as exc:
+        Group.assemble(b"g", [(a.key_package(), a.leaf_key, b.signature_key)], epoch=1)
+    assert exc.value.check == "mls.signature-key"
     with pytest.raises(ProtocolError) as exc:
         Group.assemble(b"g", [good[0], good[0]], epoch=1)
     assert exc.value.check == "mls.add.duplicate"
     forged = replace(b.key_package(), signature=a.key_package().signature)
     with pytest.raises(ProtocolError) as exc:
-        Group.assemble(b"g", [good[0], (forged, b.leaf_key)], epoch=1)
+        Group.assemble(b"g", [good[0], (forged, b.leaf_key, b.signature_key)], epoch=1)
     assert exc.value.check == "mls.key-package.signature"
     with pytest.raises(ProtocolError) as exc:
         Group.assemble(b"g", [], epoch=1)
