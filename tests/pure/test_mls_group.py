@@ -5,8 +5,10 @@ one leaf-key exchange per processed commit, state round trips."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,10 +23,17 @@ from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
 from agent.protocol.mls.crypto import decrypt_with_label
 from agent.protocol.mls.group import Group
-from agent.protocol.mls.messages import Commit, KeyPackage, UpdatePath, UpdatePathNode, Welcome
+from agent.protocol.mls.messages import (
+    Commit,
+    CommitContent,
+    GroupInfo,
+    KeyPackage,
+    UpdatePathNode,
+    Welcome,
+)
 from agent.protocol.mls.public import UPDATE_PATH_LABEL, PublicGroup
 from agent.protocol.mls.parenthash import verify_tree
-from agent.protocol.mls.tree import LeafNode, ParentNode
+from agent.protocol.mls.tree import LeafNode, ParentNode, RatchetTree
 from tests.device_certs import devid_cert_der
 from tests.pure.test_wire_cose import FakeResidentKey
 
@@ -115,6 +124,7 @@ class World:
         self.history.append(commit)
         self.contexts.append(verified.provisional_context)
         tree = verified.tree
+        verify_tree(tree)
         self.saw_unmerged |= any(
             isinstance(tree.node(x), ParentNode) and tree.parent_node(x).unmerged_leaves  # type: ignore[union-attr]
             for x in range(1, 2 * tree.n_leaves - 1, 2)
@@ -666,3 +676,272 @@ def test_assemble_refuses_what_adds_refuse() -> None:
     assert exc.value.check == "mls.add.full"
     with pytest.raises(ValueError, match="epoch"):
         Group.assemble(b"g", good, epoch=0)
+
+
+# -- credentials, leaf signatures and parent hashes ------------------------------------------
+
+
+def test_every_tree_along_the_way_is_parent_hash_valid_with_signed_leaves() -> None:
+    world = World()
+    group_id = world.service.group_id
+    trees = [world.service.tree]
+    world.add(world.members_any(), 6)
+    trees.append(world.service.tree)
+    members = sorted(world.members.values(), key=lambda m: m.g.own_leaf)
+    world.remove(members[2], members[5])
+    trees.append(world.service.tree)
+    world.update(members[3])
+    trees.append(world.service.tree)
+    world.add(members[0], 3)  # leaves land under parents that keep them as unmerged
+    trees.append(world.service.tree)
+    everyone = {**world.members, **{m.device_id: m for m in world.removed}}
+    for tree in trees:
+        verify_tree(tree)
+        for i, leaf in tree.members():
+            leaf.verify(group_id, i)
+            assert leaf.credential == everyone[leaf.device_id].credential()
+    committer_leaf = world.service.tree.leaf(members[0].g.own_leaf)
+    assert committer_leaf is not None and committer_leaf.source == 3
+
+
+def _welcome_with(
+    monkeypatch: pytest.MonkeyPatch, tamper: Callable[[RatchetTree], RatchetTree]
+) -> tuple[Member, Welcome]:
+    """A Welcome from a real member whose GroupInfo tree went through ``tamper`` before the
+    member signed it: what a committer-turned-attacker (or a forged signer) could send."""
+    from agent.protocol.mls import group as group_module
+
+    world = World()
+    world.add(world.members_any(), 4)
+    committer = world.by_leaf(1)
+    joiner = Member.new()
+    real_info = group_module.GroupInfo
+
+    def info(**kwargs: Any) -> GroupInfo:
+        return real_info(**{**kwargs, "tree": tamper(kwargs["tree"])})
+
+    monkeypatch.setattr(group_module, "GroupInfo", info)
+    result = committer.g.add(committer.signature_key, [joiner.key_package()])
+    monkeypatch.undo()
+    assert result.welcome is not None
+    return joiner, result.welcome
+
+
+def _join_refused(joiner: Member, welcome: Welcome, check: str, **hooks: Any) -> None:
+    with pytest.raises(ProtocolError) as exc:
+        Group.join(welcome, joiner.key_package(), joiner.leaf_key, **hooks)
+    assert exc.value.check == check
+
+
+def _first_parent(tree: RatchetTree) -> int:
+    return next(x for x in range(1, 2 * tree.n_leaves - 1, 2) if tree.node(x) is not None)
+
+
+def test_a_welcome_with_a_made_up_parent_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def swap_parent_key(tree: RatchetTree) -> RatchetTree:
+        bad = tree.copy()
+        x = _first_parent(bad)
+        node = bad.parent_node(x)
+        assert node is not None
+        bad._set(x, replace(node, encryption_key=_point()))
+        return bad
+
+    joiner, welcome = _welcome_with(monkeypatch, swap_parent_key)
+    _join_refused(joiner, welcome, "mls.parent-hash")
+
+
+def test_a_welcome_with_a_forged_leaf_signature_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def flip_leaf_signature(tree: RatchetTree) -> RatchetTree:
+        bad = tree.copy()
+        leaf = bad.leaf(0)
+        assert leaf is not None
+        sig = leaf.signature
+        bad._set(0, replace(leaf, signature=sig[:-1] + bytes([sig[-1] ^ 1])))
+        return bad
+
+    joiner, welcome = _welcome_with(monkeypatch, flip_leaf_signature)
+    _join_refused(joiner, welcome, "mls.leaf.signature")
+
+
+def test_a_welcome_with_a_swapped_credential_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    other = Member.new()
+
+    def swap_credential(tree: RatchetTree) -> RatchetTree:
+        bad = tree.copy()
+        leaf = bad.leaf(0)
+        assert leaf is not None
+        bad._set(0, replace(leaf, credential=other.credential()))
+        return bad
+
+    joiner, welcome = _welcome_with(monkeypatch, swap_credential)
+    _join_refused(joiner, welcome, "mls.leaf.signature")  # the leaf signature covers it
+
+    # re-signed by the leaf's own key (the member lies about its certificate): MLS cannot tell,
+    # the caller's LeafCheck can
+    def resign_with_other_credential(tree: RatchetTree) -> RatchetTree:
+        bad = tree.copy()
+        leaf = bad.leaf(2)
+        assert leaf is not None
+        owner = next(m for m in members if m.device_id == leaf.device_id)
+        forged = LeafNode.signed(
+            owner.signature_key,
+            device_id=leaf.device_id,
+            encryption_key=leaf.encryption_key,
+            credential=other.credential(),
+            source=leaf.source,
+            parent_hash=leaf.parent_hash,
+            group_id=b"group-1",
+            leaf_index=2,
+        )
+        bad._set(4, forged)
+        return bad
+
+    members: list[Member] = []
+    joiner, welcome = _welcome_with(monkeypatch, lambda t: t)
+    Group.join(welcome, joiner.key_package(), joiner.leaf_key, leaf_check=fake_leaf_check)
+
+    world = World()
+    world.add(world.members_any(), 4)
+    members.extend(world.members.values())
+    committer = world.by_leaf(1)
+    joiner = Member.new()
+    from agent.protocol.mls import group as group_module
+
+    real_info = group_module.GroupInfo
+    monkeypatch.setattr(
+        group_module,
+        "GroupInfo",
+        lambda **kw: real_info(**{**kw, "tree": resign_with_other_credential(kw["tree"])}),
+    )
+    result = committer.g.add(committer.signature_key, [joiner.key_package()])
+    monkeypatch.undo()
+    assert result.welcome is not None
+    _join_refused(joiner, result.welcome, "cred.key", leaf_check=fake_leaf_check)
+
+
+def fake_leaf_check(leaf: LeafNode) -> None:
+    """A test fake of the agent's credential check (the real one chains to the device CA): the
+    certificate's key is the leaf's signature key and its SAN names the leaf's device."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_der_x509_certificate(leaf.credential)
+    point = cert.public_key().public_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    if point != leaf.signature_key:
+        raise ProtocolError("cred.key", "the certificate is not for the leaf's signature key")
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    if f"urn:keyfleet:device:{leaf.device_id.decode()}" not in san.get_values_for_type(
+        x509.UniformResourceIdentifier
+    ):
+        raise ProtocolError("cred.device-id", "the certificate names another device")
+
+
+def test_commits_with_a_forged_leaf_or_a_foreign_credential_are_refused() -> None:
+    world, committer, receiver = _three()
+    commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    sig = commit.content.path.leaf_signature
+    path = replace(commit.content.path, leaf_signature=sig[:-1] + bytes([sig[-1] ^ 1]))
+    bad = _resign(committer, replace(commit, content=replace(commit.content, path=path)))
+    _expect(receiver, bad, "mls.leaf.signature")
+    with pytest.raises(ProtocolError) as exc:
+        world.service.apply(bad)
+    assert exc.value.check == "mls.leaf.signature"
+    # an add whose KeyPackage carries someone else's certificate: the leaf signature breaks...
+    joiner, other = Member.new(), Member.new()
+    kp = joiner.key_package()
+    swapped = replace(kp, leaf=replace(kp.leaf, credential=other.credential()))
+    with pytest.raises(ProtocolError) as exc:
+        committer.g.add(committer.signature_key, [swapped])
+    assert exc.value.check == "mls.leaf.signature"
+    # ...and a KeyPackage honestly signed over a foreign certificate is the LeafCheck's to refuse
+    lying = KeyPackage.create(
+        joiner.device_id, joiner.signature_key, joiner.leaf_key.public_key(), other.credential()
+    )
+    with pytest.raises(ProtocolError) as exc:
+        committer.g.add(committer.signature_key, [lying], leaf_check=fake_leaf_check)
+    assert exc.value.check == "cred.key"
+    add = committer.g.add(committer.signature_key, [lying]).commit
+    _expect_with(receiver, add, "cred.key", leaf_check=fake_leaf_check)
+    # with honest credentials the same check passes everywhere
+    result = committer.g.add(
+        committer.signature_key, [joiner.key_package()], leaf_check=fake_leaf_check
+    )
+    receiver.g.process(result.commit, leaf_check=fake_leaf_check)
+    assert result.welcome is not None
+    Group.join(result.welcome, joiner.key_package(), joiner.leaf_key, leaf_check=fake_leaf_check)
+
+
+def _expect_with(receiver: Member, commit: Commit, check: str, **hooks: Any) -> None:
+    before = receiver.g.to_state()
+    with pytest.raises(ProtocolError) as exc:
+        receiver.g.process(commit, **hooks)
+    assert exc.value.check == check
+    assert receiver.g.to_state() == before
+
+
+def test_admissions_are_recorded_carried_and_checked() -> None:
+    creator = Member.new()
+    group = Group.create(
+        b"g-adm", creator.key_package(), creator.leaf_key, authz=b"create authorization"
+    )
+    assert group.admission(0) == b"create authorization"
+    joiners = [Member.new(), Member.new()]
+    result = group.add(
+        creator.signature_key, [j.key_package() for j in joiners], authz=b"add authorization"
+    )
+    assert result.commit.content.authz == b"add authorization"
+    assert result.welcome is not None
+    seen: list[tuple[bytes, bytes | None, bool]] = []
+
+    def record(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
+        seen.append((leaf.device_id, authz, is_own))
+
+    joined = Group.join(
+        result.welcome, joiners[0].key_package(), joiners[0].leaf_key, admission_check=record
+    )
+    assert sorted(seen) == sorted(
+        [
+            (creator.device_id, b"create authorization", False),
+            (joiners[0].device_id, b"add authorization", True),
+            (joiners[1].device_id, b"add authorization", False),
+        ]
+    )
+    assert set(joined.admissions()) == {b"create authorization", b"add authorization"}
+    # the admission hash is in the tree hash: nobody can swap it unnoticed
+    assert joined.tree.admission(1) == hashlib.sha256(b"add authorization").digest()
+
+    def refuse(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
+        if is_own:
+            raise ProtocolError("authz.expired", "too late")
+
+    with pytest.raises(ProtocolError) as exc:
+        Group.join(
+            result.welcome, joiners[1].key_package(), joiners[1].leaf_key, admission_check=refuse
+        )
+    assert exc.value.check == "authz.expired"
+
+    # a commit check sees the content before anything is applied, on both sides
+    def no_removes(content: CommitContent, tree: RatchetTree) -> None:
+        if content.removes:
+            raise ProtocolError("authz.members", "no authorization for this remove")
+
+    with pytest.raises(ProtocolError) as exc:
+        joined.remove(joiners[0].signature_key, [0], commit_check=no_removes)
+    assert exc.value.check == "authz.members"
+    remove = joined.remove(joiners[0].signature_key, [0]).commit
+    other = Group.join(result.welcome, joiners[1].key_package(), joiners[1].leaf_key)
+    before = other.to_state()
+    with pytest.raises(ProtocolError) as exc:
+        other.process(remove, commit_check=no_removes)
+    assert exc.value.check == "authz.members"
+    assert other.to_state() == before
+    # an Authorization no longer named by any leaf is dropped from the state
+    after = other.process(remove)
+    assert after.admission(0) is None
+    assert after.admissions() == (b"add authorization",)
+    restored = Group.from_state(after.to_state(), lambda ref: joiners[1].leaf_key)
+    assert restored.admission(after.own_leaf) == b"add authorization"

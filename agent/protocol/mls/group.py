@@ -267,6 +267,8 @@ class Group:
 
     def admission(self, leaf_index: int) -> bytes | None:
         """The Authorization that admitted the member at ``leaf_index`` (None: none recorded)."""
+        if self.tree.leaf(leaf_index) is None:
+            return None
         return self._admissions.get(self.tree.admission(leaf_index))
 
     def admissions(self) -> tuple[bytes, ...]:
