@@ -31,8 +31,8 @@ from agent.protocol.mls.messages import (
     UpdatePathNode,
     Welcome,
 )
-from agent.protocol.mls.public import UPDATE_PATH_LABEL, PublicGroup
 from agent.protocol.mls.parenthash import verify_tree
+from agent.protocol.mls.public import UPDATE_PATH_LABEL, PublicGroup
 from agent.protocol.mls.tree import LeafNode, ParentNode, RatchetTree
 from tests.device_certs import devid_cert_der
 from tests.pure.test_wire_cose import FakeResidentKey
