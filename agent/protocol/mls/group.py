@@ -70,20 +70,22 @@ from agent.protocol.mls.messages import (
     UpdatePathNode,
     Welcome,
 )
-from agent.protocol.mls.parenthash import verify_tree
 from agent.protocol.mls.public import (
     COMMIT_LABEL,
     UPDATE_PATH_LABEL,
+    AdmissionCheck,
     CommitCheck,
     LeafCheck,
     PublicGroup,
     PublicState,
     VerifiedCommit,
+    accept_any_admission,
     accept_any_commit,
     accept_any_leaf,
     admission_hash,
     apply_path,
     apply_proposals,
+    check_welcome_tree,
     commit_tbs,
     confirmed_transcript_hash,
     copath_resolutions,
@@ -91,7 +93,7 @@ from agent.protocol.mls.public import (
     interim_transcript_hash,
     verify_commit,
 )
-from agent.protocol.mls.tree import NO_ADMISSION, LeafNode, RatchetTree
+from agent.protocol.mls.tree import LeafNode, RatchetTree
 
 DATA_KEY_LABEL = b"keyfleet data key"
 GROUP_INFO_LABEL = b"GroupInfoTBS"
@@ -99,14 +101,6 @@ WELCOME_LABEL = b"Welcome"
 STATE_VERSION = 2
 
 ResolveLeafKey = Callable[[bytes], ec.EllipticCurvePrivateKey]
-AdmissionCheck = Callable[[LeafNode, bytes | None, bool], None]
-"""Run by a joiner on every leaf of the Welcome's tree with the Authorization its admission hash
-names (None: the tree records no Authorization for it) and whether the leaf is the joiner's own;
-raises ``ProtocolError`` to refuse the Welcome."""
-
-
-def accept_any_admission(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
-    """The default ``AdmissionCheck``: accepts every admission (module docstring)."""
 
 
 def _referenced(tree: RatchetTree, admissions: dict[bytes, bytes]) -> dict[bytes, bytes]:
@@ -124,29 +118,6 @@ def _welcome_secret(joiner_secret: bytes) -> bytes:
 
 def admissions_of(authorizations: Sequence[bytes | None]) -> dict[bytes, bytes]:
     return {admission_hash(a): a for a in authorizations if a is not None}
-
-
-def _check_welcome_tree(
-    group_id: bytes,
-    tree: RatchetTree,
-    *,
-    own_leaf: int,
-    admissions: dict[bytes, bytes],
-    leaf_check: LeafCheck,
-    admission_check: AdmissionCheck,
-) -> None:
-    """A joiner's checks of every leaf and parent of a Welcome's tree (``Group.join``)."""
-    for i, leaf in tree.members():
-        leaf.verify(group_id, i)
-        leaf_check(leaf)
-        recorded = tree.admission(i)
-        authz = admissions.get(recorded)
-        if authz is None and recorded != NO_ADMISSION:
-            raise ProtocolError(
-                "mls.welcome.admission", f"leaf {i}: its Authorization is not in the GroupInfo"
-            )
-        admission_check(leaf, authz, i == own_leaf)
-    verify_tree(tree)
 
 
 def _scalar(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -361,7 +332,7 @@ class Group:
         except CryptoError:
             raise ProtocolError("mls.welcome.signature", "GroupInfo signature invalid") from None
         admissions = admissions_of(info.admissions)
-        _check_welcome_tree(
+        check_welcome_tree(
             info.group_id,
             tree,
             own_leaf=own_leaf,

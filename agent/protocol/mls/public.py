@@ -38,7 +38,7 @@ from agent.protocol.mls import tree_math as tm
 from agent.protocol.mls.crypto import NH, hash_, verify_with_label
 from agent.protocol.mls.key_schedule import group_context_bytes
 from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, UpdatePath, Welcome
-from agent.protocol.mls.parenthash import check_commit_leaf, set_path_parent_hashes
+from agent.protocol.mls.parenthash import check_commit_leaf, set_path_parent_hashes, verify_tree
 from agent.protocol.mls.tree import NO_ADMISSION, SOURCE_COMMIT, LeafNode, RatchetTree
 
 COMMIT_LABEL = b"CommitTBS"
@@ -63,6 +63,42 @@ def accept_any_commit(content: CommitContent, tree: RatchetTree) -> None:
 def admission_hash(authz: bytes | None) -> bytes:
     """What a tree records for leaves admitted by ``authz``: its SHA-256, or 32 zero bytes."""
     return NO_ADMISSION if authz is None else hash_(authz)
+
+
+AdmissionCheck = Callable[[LeafNode, bytes | None, bool], None]
+"""Run by a joiner on every leaf of the Welcome's tree with the Authorization its admission hash
+names (None: the tree records no Authorization for it) and whether the leaf is the joiner's own;
+raises ``ProtocolError`` to refuse the Welcome."""
+
+
+def accept_any_admission(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
+    """The default ``AdmissionCheck``: accepts every admission (module docstring)."""
+
+
+def check_welcome_tree(
+    group_id: bytes,
+    tree: RatchetTree,
+    *,
+    own_leaf: int,
+    admissions: dict[bytes, bytes],
+    leaf_check: LeafCheck,
+    admission_check: AdmissionCheck,
+) -> None:
+    """A joiner's checks of every leaf and parent of a Welcome's tree (``Group.join``), none
+    of which needs a secret: each leaf's signature, ``leaf_check``, its admission (the
+    Authorization its hash names must be among ``admissions``, by hash; then
+    ``admission_check``), and the parent-hash validity of every parent node."""
+    for i, leaf in tree.members():
+        leaf.verify(group_id, i)
+        leaf_check(leaf)
+        recorded = tree.admission(i)
+        authz = admissions.get(recorded)
+        if authz is None and recorded != NO_ADMISSION:
+            raise ProtocolError(
+                "mls.welcome.admission", f"leaf {i}: its Authorization is not in the GroupInfo"
+            )
+        admission_check(leaf, authz, i == own_leaf)
+    verify_tree(tree)
 
 
 @dataclass(frozen=True)
