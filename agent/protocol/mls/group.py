@@ -18,8 +18,9 @@ start at the first node of the filtered direct path.
 Policy comes in through hooks (``agent.protocol.mls.public``): ``LeafCheck`` on every leaf that
 enters a tree, ``CommitCheck`` on every commit made or processed, ``AdmissionCheck`` on every
 leaf of a Welcome's tree with the Authorization that admitted it. MLS itself always checks leaf
-signatures and parent hashes. The hooks' keyword defaults accept everything, for the pure MLS
-tests and tools that build groups of their own; the agent passes its real checks everywhere.
+signatures and parent hashes. The hooks' keyword defaults accept everything (no-ops), for the
+pure MLS tests and tools that build groups of their own: a caller that admits devices (the
+agent) must pass its real checks to every call.
 The group keeps the Authorizations its tree's admission hashes refer to, so that a Welcome it
 makes can carry them.
 """

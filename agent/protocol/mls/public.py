@@ -18,9 +18,9 @@ resolution). Key encodings were checked by the decoder.
 
 The hooks keep MLS free of policy: ``LeafCheck`` decides whether a leaf's credential may be in
 the group (it binds certificate, signature key and device id), ``CommitCheck`` whether a commit's
-change is authorized. Their defaults here accept everything; they exist so that the pure MLS
-tests and the delivery service (which checks in public only) need not pass any. The agent always
-passes its real checks.
+change is authorized. Their defaults here accept everything (no-ops); they exist so that the
+pure MLS tests, benchmarks and the delivery service (which checks in public only) need not pass
+any. A caller that admits devices (the agent) must pass its real checks to every call.
 
 What it cannot check: the confirmation tag (a MAC under the new epoch's confirmation key) and
 that the ciphertexts decrypt to path secrets matching the new public keys: both need secrets.
