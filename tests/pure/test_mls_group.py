@@ -945,3 +945,20 @@ def test_admissions_are_recorded_carried_and_checked() -> None:
     assert after.admissions() == (b"add authorization",)
     restored = Group.from_state(after.to_state(), lambda ref: joiners[1].leaf_key)
     assert restored.admission(after.own_leaf) == b"add authorization"
+
+
+def test_a_welcome_without_the_authorization_a_leaf_names_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent.protocol.mls import group as group_module
+
+    creator, joiner = Member.new(), Member.new()
+    group = Group.create(b"g-adm", creator.key_package(), creator.leaf_key, authz=b"create")
+    real_info = group_module.GroupInfo
+    monkeypatch.setattr(
+        group_module, "GroupInfo", lambda **kw: real_info(**{**kw, "admissions": ()})
+    )
+    result = group.add(creator.signature_key, [joiner.key_package()], authz=b"add")
+    monkeypatch.undo()
+    assert result.welcome is not None
+    _join_refused(joiner, result.welcome, "mls.welcome.admission")
