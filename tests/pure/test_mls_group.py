@@ -962,3 +962,43 @@ def test_a_welcome_without_the_authorization_a_leaf_names_is_refused(
     monkeypatch.undo()
     assert result.welcome is not None
     _join_refused(joiner, result.welcome, "mls.welcome.admission")
+
+
+def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None:
+    """The size budget end to end in one process: a Welcome for the 1,024th member of a group
+    whose every leaf carries a DevID certificate, sealed as the service forwards it
+    (``svc.welcome``), opens under the message limits and is joined."""
+    from agent.protocol.wire.envelope import Signer, encode_message, open_message
+    from agent.protocol.wire.messages.service import WelcomeDelivery
+
+    members = [Member.new() for _ in range(1023)]
+    groups = Group.assemble(
+        b"big",
+        [(m.key_package(), m.leaf_key, m.signature_key) for m in members],
+        epoch=1,
+        authz=os.urandom(2048),
+    )
+    joiner = Member.new()
+    result = groups[5].add(members[5].signature_key, [joiner.key_package()], authz=os.urandom(2048))
+    assert result.welcome is not None
+    welcome = result.welcome.encode()
+    assert 900_000 < len(welcome) < 1_200_000  # about 1 KB per member, most of it the certificate
+    service_key = new_key()
+    data = encode_message(
+        WelcomeDelivery("big", 2, welcome),
+        key=service_key,
+        sender="service",
+        to="dev-joiner",
+        seq=1,
+        time=1_700_000_000,
+    )
+    opened = open_message(
+        data,
+        lambda kid: Signer("service", service_key.public_key()),
+        now=1_700_000_000,
+        recipients={"dev-joiner"},
+    )
+    assert isinstance(opened.body, WelcomeDelivery)
+    joined = Group.join(Welcome.decode(opened.body.welcome), joiner.key_package(), joiner.leaf_key)
+    assert joined.epoch_authenticator == result.group.epoch_authenticator
+    assert joined.tree.member_count() == 1024
