@@ -237,6 +237,7 @@ class AgentCore:
         service_key: ec.EllipticCurvePublicKey,
         keys: KeyProvider,
         *,
+        credential: bytes,
         now: int,
         policy_for: Callable[[str], RotationPolicy] = lambda group: RotationPolicy(),
         rng: Rng = os.urandom,
@@ -256,6 +257,7 @@ class AgentCore:
         self._service = Signer(service_id, service_key)
         self._service_kid = cose.key_id(service_key)
         self._keys = keys
+        self._credential = credential  # the DevID certificate (DER): every leaf of ours carries it
         self._attester = attester
         self._policy_for = policy_for
         self._rng = rng
@@ -613,7 +615,9 @@ class AgentCore:
                 return Outcome(publishes=[self._created(body.group_id, group, body.command_id)])
             raise ProtocolError("agent.group-exists", "this device already holds the group")
         leaf = self._keys.new_leaf_key()
-        own = KeyPackage.create(self.device_id.encode(), self._keys.devid, leaf.public_key())
+        own = KeyPackage.create(
+            self.device_id.encode(), self._keys.devid, leaf.public_key(), self._credential
+        )
         group = Group.create(body.group_id.encode(), own, leaf, rng=self._rng)
         self._install(body.group_id, group)
         return Outcome(
@@ -683,7 +687,7 @@ class AgentCore:
         leaf = self._keys.new_leaf_key()
         public = serialize_public_key(leaf.public_key())
         key_package = KeyPackage.create(
-            self.device_id.encode(), self._keys.devid, leaf.public_key()
+            self.device_id.encode(), self._keys.devid, leaf.public_key(), self._credential
         )
         self._key_packages[public] = key_package.encode()
         while len(self._key_packages) > MAX_KEY_PACKAGES:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
 from agent.config import AgentConfig, load_config
 from agent.core import AgentCore, AttestationEvidence, Outcome
@@ -330,6 +330,7 @@ class Daemon:
             config.identity.device_id,
             config.fleet.service_key,
             self._keys,
+            credential=config.identity.devid_cert.certificates[0].public_bytes(Encoding.DER),
             now=self.now(),
             policy_for=config.rotation.for_group,
             max_age=max(DEFAULT_MAX_AGE, config.broker.session_expiry),

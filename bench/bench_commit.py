@@ -2,21 +2,26 @@
 
 Not a test: prints a JSON list of records to stdout (progress to stderr).
 
-How the groups are built: not by N sequential adds (that is O(N^2) work), but directly as the
-state a full group reaches: a complete tree of N leaves (each with its own signature key and leaf
-key) whose every parent node holds a key pair derived from a per-node seed, no blanks, no
-unmerged leaves; then the ``Group`` objects of the members we need (the committer and one
-receiver) are constructed with the parent keys of their direct paths and one shared set of epoch
-secrets. That is exactly what every member holds after an UpdatePath has touched every node.
+How the groups are built: not by N sequential adds (that is O(N^2) work), but with
+``Group.assemble``: the state a full group reaches once every member has committed (a complete
+tree of N leaves, each a signed commit leaf carrying its member's DevID certificate, about 500
+bytes, from a test device CA; every parent node keyed, parent-hash valid; no blanks, no unmerged
+leaves), all members admitted by one creation Authorization (a stand-in of 2 KiB: the tree
+records its hash, the Welcome carries it once).
 
 Measured per N:
 - ``remove`` with the committer the delivery service would pick (``committer_for_remove``: the
   removed leaf's nearest member, so the blanked path is re-keyed by the committer's own path),
 - ``remove`` with a random committer (the blanked path below the common ancestor widens the
   copath resolutions: more ciphertexts),
-- ``update`` (self-update with a new leaf key) by a random member;
+- ``update`` (self-update with a new leaf key) by a random member,
+- ``add`` of one new device (with its certificate) by a random member, with an Authorization
+  of 2 KiB: also the Welcome's size and the joiner's time to check it (every leaf signature,
+  every parent hash) and join;
 each: CBOR-encoded commit size, creation time, and processing time of the receiver that has the
-most to do (the member nearest to the committer: it derives the most path keys).
+most to do (the member nearest to the committer: it derives the most path keys). Credential
+validation (X.509 path building, the caller's ``LeafCheck``) is not in these times: it is memoized
+per certificate on devices and measured with the credentials.
 Baseline: a new 32-byte group key HPKE-sealed to each of the N-1 other members separately
 (enc 65 + ct 48 bytes each), CBOR-framed as a list of [enc, ct] pairs plus an ECDSA signature.
 """
@@ -34,51 +39,42 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol import hpke
-from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
-from agent.protocol.mls.crypto import derive_key_pair, hash_
 from agent.protocol.mls.group import Group
-from agent.protocol.mls.key_schedule import epoch_from_joiner
-from agent.protocol.mls.messages import Commit
-from agent.protocol.mls.public import PublicGroup, PublicState
-from agent.protocol.mls.tree import LeafNode, ParentNode, RatchetTree
+from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.mls.public import PublicGroup
+from tests.device_certs import devid_cert_der
 
 SIZES = [2**k for k in range(1, 13)]
+AUTHORIZATION_BYTES = 2048  # a request and two operator approvals with their certificates
+
+
+def _device(i: int) -> tuple[KeyPackage, ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey]:
+    signature_key = ec.generate_private_key(ec.SECP256R1())
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    name = f"device-{i:05d}"
+    kp = KeyPackage.create(
+        name.encode(), signature_key, leaf_key.public_key(), devid_cert_der(name, signature_key)
+    )
+    return kp, leaf_key, signature_key
 
 
 class FullGroup:
-    """A full group of ``n`` members, built directly (module docstring)."""
+    """A full group of ``n`` members, built with ``Group.assemble`` (module docstring)."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int) -> None:
         self.n = n
-        self.signature_keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(n)]
-        self.leaf_keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(n)]
-        self.parent_keys = {
-            x: derive_key_pair(hash_(seed.to_bytes(8, "big") + x.to_bytes(4, "big")))
-            for x in range(1, 2 * n - 1, 2)
-        }
-        nodes: list[LeafNode | ParentNode | None] = []
-        for x in range(2 * n - 1):
-            if tm.is_leaf(x):
-                i = x // 2
-                nodes.append(
-                    LeafNode(
-                        f"device-{i:05d}".encode(),
-                        serialize_public_key(self.signature_keys[i].public_key()),
-                        serialize_public_key(self.leaf_keys[i].public_key()),
-                    )
-                )
-            else:
-                nodes.append(ParentNode(serialize_public_key(self.parent_keys[x].public_key())))
-        tree = RatchetTree(nodes)
-        self.public = PublicState(b"bench-group", 1, tree, os.urandom(32), os.urandom(32))
-        self.secrets = epoch_from_joiner(os.urandom(32), self.public.group_context())
+        members = [_device(i) for i in range(n)]
+        self.signature_keys = [s for _, _, s in members]
+        self.leaf_keys = [leaf for _, leaf, _ in members]
+        self.groups = Group.assemble(
+            b"bench-group", members, epoch=1, authz=os.urandom(AUTHORIZATION_BYTES)
+        )
+        self.public = self.groups[0].public_state
 
     def member(self, leaf: int) -> Group:
-        path = tm.direct_path(tm.leaf_to_node(leaf), self.n)
-        keys = {x: self.parent_keys[x] for x in path}
-        return Group(self.public, leaf, self.leaf_keys[leaf], keys, self.secrets)
+        return self.groups[leaf]
 
 
 def _nearest(n: int, leaf: int, exclude: set[int]) -> int:
@@ -90,9 +86,12 @@ def _nearest(n: int, leaf: int, exclude: set[int]) -> int:
 def _measure(full: FullGroup, op: str, committer: int, target: int | None) -> dict[str, Any]:
     group = full.member(committer)
     sig = full.signature_keys[committer]
+    joiner = _device(full.n) if op == "add" else None
     start = time.perf_counter()
     if op == "update":
         result = group.update(sig, ec.generate_private_key(ec.SECP256R1()))
+    elif joiner is not None:
+        result = group.add(sig, [joiner[0]], authz=os.urandom(AUTHORIZATION_BYTES))
     else:
         assert target is not None
         result = group.remove(sig, [target])
@@ -110,6 +109,15 @@ def _measure(full: FullGroup, op: str, committer: int, target: int | None) -> di
     PublicGroup(full.public).apply(Commit.decode(encoded))
     service_ms = (time.perf_counter() - start) * 1000
     ciphertexts = sum(len(n.encrypted_path_secret) for n in result.commit.content.path.nodes)
+    welcome: dict[str, Any] = {"welcome_bytes": None, "join_ms": None}
+    if joiner is not None:
+        assert result.welcome is not None
+        welcome_bytes = result.welcome.encode()
+        start = time.perf_counter()
+        joined = Group.join(Welcome.decode(welcome_bytes), joiner[0], joiner[1])
+        welcome["join_ms"] = round((time.perf_counter() - start) * 1000, 2)
+        welcome["welcome_bytes"] = len(welcome_bytes)
+        assert joined.epoch_authenticator == result.group.epoch_authenticator
     return {
         "op": op,
         "committer": committer,
@@ -120,6 +128,7 @@ def _measure(full: FullGroup, op: str, committer: int, target: int | None) -> di
         "create_ms": round(create_ms, 2),
         "process_ms": process_ms,
         "service_verify_ms": round(service_ms, 2),
+        **welcome,
     }
 
 
@@ -147,18 +156,20 @@ def main() -> None:
     records: list[dict[str, Any]] = []
     for n in SIZES:
         t0 = time.perf_counter()
-        full = FullGroup(n, seed=n)
+        full = FullGroup(n)
         full.public.tree.tree_hash()  # members keep subtree hashes cached between commits
         build_s = time.perf_counter() - t0
         target = rnd.randrange(n)
         near = PublicGroup(full.public).committer_for_remove(target)
         far = rnd.choice([i for i in range(n) if i != target])
         updater = rnd.randrange(n)
+        adder = rnd.randrange(n)
         baseline = _baseline(full, near)
         runs = [
             ("remove", "nearest member (service's choice)", near, target),
             ("remove", "random member", far, target),
             ("update", "random member", updater, None),
+            ("add", "random member", adder, None),
         ]
         for op, who, committer, removed in runs:
             if n == 2 and op == "remove" and who == "random member":

@@ -40,6 +40,7 @@ from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from agent.tpm import KeyKind, TPMStore
 from firmware_sim.swtpm import Swtpm
 from provisioning import pki
+from tests.device_certs import devid_cert_der
 
 MEMBERS = 8
 SERVICE = SERVICE_ID
@@ -59,6 +60,7 @@ def main() -> None:
         cores: list[AgentCore] = []
         stores: list[TPMStore] = []
         keyprov: list[TpmKeys] = []
+        credentials: list[bytes] = []
         print(f"starting {MEMBERS} swtpm instances ...", file=sys.stderr)
         for i in range(MEMBERS):
             state = base / f"tpm{i}"
@@ -69,19 +71,28 @@ def main() -> None:
             store = stack.enter_context(TPMStore(tpm.tcti))
             devid = store.create_and_load(KeyKind.DEVID)
             keys = TpmKeys(store, devid, base / f"leaves{i}")
-            core = AgentCore(f"dev-tpm-{i}", service_key.public_key(), keys, now=now)
+            credentials.append(devid_cert_der(f"dev-tpm-{i}", devid))
+            core = AgentCore(
+                f"dev-tpm-{i}",
+                service_key.public_key(),
+                keys,
+                credential=credentials[-1],
+                now=now,
+            )
             cores.append(core)
             stores.append(store)
             keyprov.append(keys)
 
         # the group: member 0 creates it and adds everyone else in one commit
         leaf0 = keyprov[0].new_leaf_key()
-        own = KeyPackage.create(b"dev-tpm-0", keyprov[0].devid, leaf0.public_key())
+        own = KeyPackage.create(b"dev-tpm-0", keyprov[0].devid, leaf0.public_key(), credentials[0])
         group = Group.create(b"g-tpm", own, leaf0)
         joiners = []
         for i in range(1, MEMBERS):
             leaf = keyprov[i].new_leaf_key()
-            kp = KeyPackage.create(f"dev-tpm-{i}".encode(), keyprov[i].devid, leaf.public_key())
+            kp = KeyPackage.create(
+                f"dev-tpm-{i}".encode(), keyprov[i].devid, leaf.public_key(), credentials[i]
+            )
             joiners.append((kp, leaf))
         result = group.add(keyprov[0].devid, [kp for kp, _ in joiners])
         assert result.welcome is not None

@@ -42,6 +42,7 @@ from agent.protocol.wire.messages.service import (
 )
 from provisioning import pki
 from provisioning.registry import Registry, run_in_transaction
+from tests.device_certs import devid_cert_der
 
 Outgoing = tuple[str, bytes]
 
@@ -143,7 +144,12 @@ class SoftDevice:
         body = message.body
         if isinstance(body, KeyPackageRequest):
             leaf = ec.generate_private_key(ec.SECP256R1())
-            kp = KeyPackage.create(self.device_id.encode(), self.devid, leaf.public_key())
+            kp = KeyPackage.create(
+                self.device_id.encode(),
+                self.devid,
+                leaf.public_key(),
+                devid_cert_der(self.device_id, self.devid),
+            )
             self.key_packages[kp.ref()] = (kp, leaf)
             return [self.report(KeyPackageMessage(kp.encode(), body.command_id), now)]
         if isinstance(body, CommitRequest):
@@ -165,7 +171,12 @@ class SoftDevice:
         gid = request.group_id
         if request.action is CommitAction.CREATE:
             leaf = ec.generate_private_key(ec.SECP256R1())
-            kp = KeyPackage.create(self.device_id.encode(), self.devid, leaf.public_key())
+            kp = KeyPackage.create(
+                self.device_id.encode(),
+                self.devid,
+                leaf.public_key(),
+                devid_cert_der(self.device_id, self.devid),
+            )
             group = Group.create(gid.encode(), kp, leaf)
             self.groups[gid] = group
             public = codec.encode(group.public_group().to_state())

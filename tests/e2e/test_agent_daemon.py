@@ -46,6 +46,7 @@ from agent.tpm.store import TPMStore
 from agent.tpm.templates import KeyKind
 from firmware_sim.swtpm import tpm_command as _tpm_command
 from provisioning import pki
+from tests.device_certs import devid_cert_der
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.swtpm import Swtpm
 
@@ -246,7 +247,12 @@ class SoftwareMember:
     group: Group | None = None
 
     def key_package(self) -> KeyPackage:
-        return KeyPackage.create(self.device_id, self.signature_key, self.leaf_key.public_key())
+        return KeyPackage.create(
+            self.device_id,
+            self.signature_key,
+            self.leaf_key.public_key(),
+            devid_cert_der(self.device_id, self.signature_key),
+        )
 
     def secrets(self) -> list[bytes]:
         """Every secret of this member's epoch that the agent also holds (or derives)."""

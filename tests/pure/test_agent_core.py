@@ -53,6 +53,7 @@ from agent.protocol.wire.messages.service import (
     WelcomeDelivery,
 )
 from agent.protocol.wire.replay import ReplayGuard
+from tests.device_certs import devid_cert_der
 
 pytestmark = pytest.mark.pure
 
@@ -100,8 +101,14 @@ class FakeService:
     def core(self, device_id: str, **kwargs: Any) -> AgentCore:
         # exact report times in these tests: no per-device spread unless a test asks for one
         kwargs.setdefault("key_report_spread", 0)
+        keys = FakeSoftwareKeys()
         core = AgentCore(
-            device_id, self.key.public_key(), FakeSoftwareKeys(), now=self.now, **kwargs
+            device_id,
+            self.key.public_key(),
+            keys,
+            credential=devid_cert_der(device_id, keys.devid),
+            now=self.now,
+            **kwargs,
         )
         self.devices[device_id] = core
         return core
@@ -483,7 +490,9 @@ def test_restore_resumes_exactly() -> None:
     (commit,) = service.request_commit("dev-a", CommitAction.UPDATE)  # pending across restart
     assert isinstance(commit, CommitMessage)
     saved = cbor2.loads(cbor2.dumps(a.to_state(), canonical=True))
-    resumed = AgentCore("dev-a", service.key.public_key(), a._keys, now=T0)
+    resumed = AgentCore(
+        "dev-a", service.key.public_key(), a._keys, credential=a._credential, now=T0
+    )
     resumed.restore(saved)
     service.devices["dev-a"] = resumed
     assert resumed.epoch(G) == 1 and resumed.pending_commits(G) == 1
@@ -510,7 +519,9 @@ def test_state_written_with_the_old_window_of_32_is_widened_without_reopening_a_
     old = ReplayGuard.from_cbor_map(saved["replay"]).resized(32)  # as an older agent saved it
     saved["replay"] = old.to_cbor_map()
     assert old.lowest_seq(SERVICE_ID) == 5040 - 31
-    resumed = AgentCore("dev-a", service.key.public_key(), a._keys, now=T0)
+    resumed = AgentCore(
+        "dev-a", service.key.public_key(), a._keys, credential=a._credential, now=T0
+    )
     resumed.restore(saved)
     assert (resumed._guard.window, resumed._guard.capacity) == (1 << 32, 32)
     # 5000 was forgotten by the old window: it stays refused; above the old floor, unseen: taken
@@ -522,10 +533,12 @@ def test_state_written_with_the_old_window_of_32_is_widened_without_reopening_a_
 def test_restore_refuses_another_devices_state_and_missing_leaves() -> None:
     service, a, _ = group_of_two()
     saved = a.to_state()
-    other = AgentCore("dev-x", service.key.public_key(), a._keys, now=T0)
+    other = AgentCore("dev-x", service.key.public_key(), a._keys, credential=a._credential, now=T0)
     with pytest.raises(StateError):
         other.restore(saved)
-    no_leaves = AgentCore("dev-a", service.key.public_key(), FakeSoftwareKeys(), now=T0)
+    no_leaves = AgentCore(
+        "dev-a", service.key.public_key(), FakeSoftwareKeys(), credential=a._credential, now=T0
+    )
     with pytest.raises(StateError):
         no_leaves.restore(saved)
     assert no_leaves.groups() == {}
@@ -655,8 +668,10 @@ def test_an_assembled_group_installed_in_cores_follows_real_commits() -> None:
         keys = core._keys
         assert isinstance(keys, FakeSoftwareKeys)
         leaf = keys.new_leaf_key()
-        kp = KeyPackage.create(core.device_id.encode(), keys.devid, leaf.public_key())
-        members.append((kp, leaf))
+        kp = KeyPackage.create(
+            core.device_id.encode(), keys.devid, leaf.public_key(), core._credential
+        )
+        members.append((kp, leaf, keys.devid))
     groups = Group.assemble(G.encode(), members, epoch=1)
     # refused, nothing changed: a leaf key the provider does not hold, a group held already
     stranger = service.core("dev-x")
@@ -690,7 +705,13 @@ def test_key_state_reports_of_a_fleet_are_spread_by_device() -> None:
     delays = []
     for i in range(200):
         core = service.core(f"dev-{i}", key_report_spread=KEY_CHANGE_REPORT_SPREAD)
-        again = AgentCore(f"dev-{i}", service.key.public_key(), FakeSoftwareKeys(), now=service.now)
+        again = AgentCore(
+            f"dev-{i}",
+            service.key.public_key(),
+            FakeSoftwareKeys(),
+            credential=core._credential,
+            now=service.now,
+        )
         assert again._key_report_delay == core._key_report_delay  # fixed per device id
         delays.append(core._key_report_delay)
     low, high = KEY_CHANGE_REPORT_DELAY, KEY_CHANGE_REPORT_DELAY + KEY_CHANGE_REPORT_SPREAD

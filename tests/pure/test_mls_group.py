@@ -5,8 +5,10 @@ one leaf-key exchange per processed commit, state round trips."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,9 +23,18 @@ from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
 from agent.protocol.mls.crypto import decrypt_with_label
 from agent.protocol.mls.group import Group
-from agent.protocol.mls.messages import Commit, KeyPackage, UpdatePath, UpdatePathNode, Welcome
+from agent.protocol.mls.messages import (
+    Commit,
+    CommitContent,
+    GroupInfo,
+    KeyPackage,
+    UpdatePathNode,
+    Welcome,
+)
+from agent.protocol.mls.parenthash import verify_tree
 from agent.protocol.mls.public import UPDATE_PATH_LABEL, PublicGroup
-from agent.protocol.mls.tree import ParentNode
+from agent.protocol.mls.tree import LeafNode, ParentNode, RatchetTree
+from tests.device_certs import devid_cert_der
 from tests.pure.test_wire_cose import FakeResidentKey
 
 pytestmark = pytest.mark.pure
@@ -61,6 +72,7 @@ class Member:
     leaf_key: FakeCountingKey = field(default_factory=FakeCountingKey)
     group: Group | None = None
     _kp: KeyPackage | None = None
+    _cred: bytes | None = None
 
     @classmethod
     def new(cls) -> Member:
@@ -70,9 +82,17 @@ class Member:
         # one per device (ECDSA is randomized: a second one would have another reference)
         if self._kp is None:
             self._kp = KeyPackage.create(
-                self.device_id, self.signature_key, self.leaf_key.public_key()
+                self.device_id,
+                self.signature_key,
+                self.leaf_key.public_key(),
+                self.credential(),
             )
         return self._kp
+
+    def credential(self) -> bytes:
+        if self._cred is None:
+            self._cred = devid_cert_der(self.device_id, self.signature_key)
+        return self._cred
 
     @property
     def g(self) -> Group:
@@ -104,6 +124,7 @@ class World:
         self.history.append(commit)
         self.contexts.append(verified.provisional_context)
         tree = verified.tree
+        verify_tree(tree)
         self.saw_unmerged |= any(
             isinstance(tree.node(x), ParentNode) and tree.parent_node(x).unmerged_leaves  # type: ignore[union-attr]
             for x in range(1, 2 * tree.n_leaves - 1, 2)
@@ -322,7 +343,7 @@ def _tamper_ciphertexts(commit: Commit) -> Commit:
         )
         for n in commit.content.path.nodes
     )
-    path = UpdatePath(commit.content.path.leaf_key, nodes)
+    path = replace(commit.content.path, nodes=nodes)
     return replace(commit, content=replace(commit.content, path=path))
 
 
@@ -361,7 +382,7 @@ def test_path_keys_not_matching_the_secret_are_refused(monkeypatch: pytest.Monke
     world, committer, receiver = _three()
     from agent.protocol.mls import group as group_module
 
-    honest = group_module._path_node_keys
+    honest = group_module.path_node_keys
 
     def lying(path_secret: bytes, count: int) -> Any:
         _, secrets = honest(path_secret, count)
@@ -369,21 +390,24 @@ def test_path_keys_not_matching_the_secret_are_refused(monkeypatch: pytest.Monke
         return keys, secrets
 
     # a malicious committer: advertises keys that its (correctly sealed) path secrets do not give
-    monkeypatch.setattr(group_module, "_path_node_keys", lying)
+    monkeypatch.setattr(group_module, "path_node_keys", lying)
     commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
     monkeypatch.undo()
     _expect(receiver, commit, "mls.path.mismatch")
     world.service.apply(commit)  # invisible in public
 
 
-def test_a_changed_public_key_changes_the_context_so_nothing_decrypts() -> None:
-    _world, committer, receiver = _three()
+def test_a_changed_public_key_breaks_the_parent_hash_chain() -> None:
+    world, committer, receiver = _three()
     commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
     nodes = list(commit.content.path.nodes)
     nodes[-1] = UpdatePathNode(_point(), nodes[-1].encrypted_path_secret)
-    path = UpdatePath(commit.content.path.leaf_key, tuple(nodes))
+    path = replace(commit.content.path, nodes=tuple(nodes))
     bad = _resign(committer, replace(commit, content=replace(commit.content, path=path)))
-    _expect(receiver, bad, "mls.path.decrypt")
+    _expect(receiver, bad, "mls.parent-hash")  # the leaf's parent hash no longer matches
+    with pytest.raises(ProtocolError) as exc:
+        world.service.apply(bad)
+    assert exc.value.check == "mls.parent-hash"
 
 
 def _point() -> bytes:
@@ -395,14 +419,14 @@ def _point() -> bytes:
 def test_service_checks_the_tree_shape() -> None:
     world, committer, _ = _three()
     commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
-    short = UpdatePath(commit.content.path.leaf_key, commit.content.path.nodes[:-1])
+    short = replace(commit.content.path, nodes=commit.content.path.nodes[:-1])
     bad = _resign(committer, replace(commit, content=replace(commit.content, path=short)))
     with pytest.raises(ProtocolError) as exc:
         world.service.apply(bad)
     assert exc.value.check == "mls.path.length"
     node = commit.content.path.nodes[0]
     extra = UpdatePathNode(node.encryption_key, node.encrypted_path_secret * 2)
-    more = UpdatePath(commit.content.path.leaf_key, (extra, *commit.content.path.nodes[1:]))
+    more = replace(commit.content.path, nodes=(extra, *commit.content.path.nodes[1:]))
     bad = _resign(committer, replace(commit, content=replace(commit.content, path=more)))
     with pytest.raises(ProtocolError) as exc:
         world.service.apply(bad)
@@ -423,8 +447,11 @@ def test_invalid_proposals_are_refused() -> None:
     assert exc.value.check == "mls.add.duplicate"
     kp = Member.new().key_package()
     with pytest.raises(ProtocolError) as exc:
-        g.add(committer.signature_key, [replace(kp, device_id=b"someone-else")])
+        g.add(committer.signature_key, [replace(kp, tpm_proof=b"another proof")])
     assert exc.value.check == "mls.key-package.signature"
+    with pytest.raises(ProtocolError) as exc:
+        g.add(committer.signature_key, [replace(kp, leaf=replace(kp.leaf, device_id=b"other"))])
+    assert exc.value.check == "mls.leaf.signature"
 
 
 def test_commits_for_another_group_and_from_non_members_are_refused() -> None:
@@ -577,10 +604,12 @@ def test_an_assembled_group_is_the_state_real_commits_reach(count: int) -> None:
         real.update(m)
     real.check_agreement()
     # assembled in one step from the same devices and (final) leaf keys
-    twins = [Member(m.device_id, m.signature_key, m.leaf_key) for m in in_order]
+    twins = [
+        Member(m.device_id, m.signature_key, m.leaf_key, _cred=m.credential()) for m in in_order
+    ]
     groups = Group.assemble(
         b"group-1",
-        [(Member.key_package(t), t.leaf_key) for t in twins],
+        [(Member.key_package(t), t.leaf_key, t.signature_key) for t in twins],
         epoch=real.service.epoch,
     )
     for twin, group in zip(twins, groups, strict=True):
@@ -593,9 +622,18 @@ def test_an_assembled_group_is_the_state_real_commits_reach(count: int) -> None:
         a, b = real_tree.node(x), built_tree.node(x)
         assert (a is None) == (b is None), f"node {x}"
         if tm.is_leaf(x):
-            assert a == b
+            if a is None:
+                continue
+            assert isinstance(a, LeafNode) and isinstance(b, LeafNode)
+            # the same member, as its commit left it (signatures and parent hashes differ)
+            same = ("device_id", "signature_key", "encryption_key", "credential", "source")
+            assert [getattr(a, f) for f in same] == [getattr(b, f) for f in same]
         elif a is not None:
             assert isinstance(b, ParentNode) and a.unmerged_leaves == b.unmerged_leaves == ()  # type: ignore[union-attr]
+    verify_tree(built_tree)
+    verify_tree(real_tree)
+    for i, leaf in built_tree.members():
+        leaf.verify(b"group-1", i)
     for m, twin in zip(in_order, twins, strict=True):
         assert twin.g.own_leaf == m.g.own_leaf
         assert sorted(twin.g.to_state()["nodes"]) == sorted(m.g.to_state()["nodes"])  # type: ignore[call-overload]
@@ -615,20 +653,352 @@ def test_an_assembled_group_is_the_state_real_commits_reach(count: int) -> None:
 
 def test_assemble_refuses_what_adds_refuse() -> None:
     a, b = Member.new(), Member.new()
-    good = [(a.key_package(), a.leaf_key), (b.key_package(), b.leaf_key)]
+    good = [
+        (a.key_package(), a.leaf_key, a.signature_key),
+        (b.key_package(), b.leaf_key, b.signature_key),
+    ]
     assert [g.own_leaf for g in Group.assemble(b"g", good, epoch=3)] == [0, 1]
     with pytest.raises(ProtocolError) as exc:
-        Group.assemble(b"g", [(a.key_package(), b.leaf_key)], epoch=1)
+        Group.assemble(b"g", [(a.key_package(), b.leaf_key, a.signature_key)], epoch=1)
     assert exc.value.check == "mls.leaf-key"
+    with pytest.raises(ProtocolError) as exc:
+        Group.assemble(b"g", [(a.key_package(), a.leaf_key, b.signature_key)], epoch=1)
+    assert exc.value.check == "mls.signature-key"
     with pytest.raises(ProtocolError) as exc:
         Group.assemble(b"g", [good[0], good[0]], epoch=1)
     assert exc.value.check == "mls.add.duplicate"
     forged = replace(b.key_package(), signature=a.key_package().signature)
     with pytest.raises(ProtocolError) as exc:
-        Group.assemble(b"g", [good[0], (forged, b.leaf_key)], epoch=1)
+        Group.assemble(b"g", [good[0], (forged, b.leaf_key, b.signature_key)], epoch=1)
     assert exc.value.check == "mls.key-package.signature"
     with pytest.raises(ProtocolError) as exc:
         Group.assemble(b"g", [], epoch=1)
     assert exc.value.check == "mls.add.full"
     with pytest.raises(ValueError, match="epoch"):
         Group.assemble(b"g", good, epoch=0)
+
+
+# -- credentials, leaf signatures and parent hashes ------------------------------------------
+
+
+def test_every_tree_along_the_way_is_parent_hash_valid_with_signed_leaves() -> None:
+    world = World()
+    group_id = world.service.group_id
+    trees = [world.service.tree]
+    world.add(world.members_any(), 6)
+    trees.append(world.service.tree)
+    members = sorted(world.members.values(), key=lambda m: m.g.own_leaf)
+    world.remove(members[2], members[5])
+    trees.append(world.service.tree)
+    world.update(members[3])
+    trees.append(world.service.tree)
+    world.add(members[0], 3)  # leaves land under parents that keep them as unmerged
+    trees.append(world.service.tree)
+    everyone = {**world.members, **{m.device_id: m for m in world.removed}}
+    for tree in trees:
+        verify_tree(tree)
+        for i, leaf in tree.members():
+            leaf.verify(group_id, i)
+            assert leaf.credential == everyone[leaf.device_id].credential()
+    committer_leaf = world.service.tree.leaf(members[0].g.own_leaf)
+    assert committer_leaf is not None and committer_leaf.source == 3
+
+
+def _welcome_with(
+    monkeypatch: pytest.MonkeyPatch, tamper: Callable[[RatchetTree], RatchetTree]
+) -> tuple[Member, Welcome]:
+    """A Welcome from a real member whose GroupInfo tree went through ``tamper`` before the
+    member signed it: what a committer-turned-attacker (or a forged signer) could send."""
+    from agent.protocol.mls import group as group_module
+
+    world = World()
+    world.add(world.members_any(), 4)
+    committer = world.by_leaf(1)
+    joiner = Member.new()
+    real_info = group_module.GroupInfo
+
+    def info(**kwargs: Any) -> GroupInfo:
+        return real_info(**{**kwargs, "tree": tamper(kwargs["tree"])})
+
+    monkeypatch.setattr(group_module, "GroupInfo", info)
+    result = committer.g.add(committer.signature_key, [joiner.key_package()])
+    monkeypatch.undo()
+    assert result.welcome is not None
+    return joiner, result.welcome
+
+
+def _join_refused(joiner: Member, welcome: Welcome, check: str, **hooks: Any) -> None:
+    with pytest.raises(ProtocolError) as exc:
+        Group.join(welcome, joiner.key_package(), joiner.leaf_key, **hooks)
+    assert exc.value.check == check
+
+
+def _first_parent(tree: RatchetTree) -> int:
+    return next(x for x in range(1, 2 * tree.n_leaves - 1, 2) if tree.node(x) is not None)
+
+
+def test_a_welcome_with_a_made_up_parent_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def swap_parent_key(tree: RatchetTree) -> RatchetTree:
+        bad = tree.copy()
+        x = _first_parent(bad)
+        node = bad.parent_node(x)
+        assert node is not None
+        bad._set(x, replace(node, encryption_key=_point()))
+        return bad
+
+    joiner, welcome = _welcome_with(monkeypatch, swap_parent_key)
+    _join_refused(joiner, welcome, "mls.parent-hash")
+
+
+def test_a_welcome_with_a_forged_leaf_signature_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def flip_leaf_signature(tree: RatchetTree) -> RatchetTree:
+        bad = tree.copy()
+        leaf = bad.leaf(0)
+        assert leaf is not None
+        sig = leaf.signature
+        bad._set(0, replace(leaf, signature=sig[:-1] + bytes([sig[-1] ^ 1])))
+        return bad
+
+    joiner, welcome = _welcome_with(monkeypatch, flip_leaf_signature)
+    _join_refused(joiner, welcome, "mls.leaf.signature")
+
+
+def test_a_welcome_with_a_swapped_credential_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    other = Member.new()
+
+    def swap_credential(tree: RatchetTree) -> RatchetTree:
+        bad = tree.copy()
+        leaf = bad.leaf(0)
+        assert leaf is not None
+        bad._set(0, replace(leaf, credential=other.credential()))
+        return bad
+
+    joiner, welcome = _welcome_with(monkeypatch, swap_credential)
+    _join_refused(joiner, welcome, "mls.leaf.signature")  # the leaf signature covers it
+
+    # re-signed by the leaf's own key (the member lies about its certificate): MLS cannot tell,
+    # the caller's LeafCheck can
+    def resign_with_other_credential(tree: RatchetTree) -> RatchetTree:
+        bad = tree.copy()
+        leaf = bad.leaf(2)
+        assert leaf is not None
+        owner = next(m for m in members if m.device_id == leaf.device_id)
+        forged = LeafNode.signed(
+            owner.signature_key,
+            device_id=leaf.device_id,
+            encryption_key=leaf.encryption_key,
+            credential=other.credential(),
+            source=leaf.source,
+            parent_hash=leaf.parent_hash,
+            group_id=b"group-1",
+            leaf_index=2,
+        )
+        bad._set(4, forged)
+        return bad
+
+    members: list[Member] = []
+    joiner, welcome = _welcome_with(monkeypatch, lambda t: t)
+    Group.join(welcome, joiner.key_package(), joiner.leaf_key, leaf_check=fake_leaf_check)
+
+    world = World()
+    world.add(world.members_any(), 4)
+    members.extend(world.members.values())
+    committer = world.by_leaf(1)
+    joiner = Member.new()
+    from agent.protocol.mls import group as group_module
+
+    real_info = group_module.GroupInfo
+    monkeypatch.setattr(
+        group_module,
+        "GroupInfo",
+        lambda **kw: real_info(**{**kw, "tree": resign_with_other_credential(kw["tree"])}),
+    )
+    result = committer.g.add(committer.signature_key, [joiner.key_package()])
+    monkeypatch.undo()
+    assert result.welcome is not None
+    _join_refused(joiner, result.welcome, "cred.key", leaf_check=fake_leaf_check)
+
+
+def fake_leaf_check(leaf: LeafNode) -> None:
+    """A test fake of the agent's credential check (the real one chains to the device CA): the
+    certificate's key is the leaf's signature key and its SAN names the leaf's device."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_der_x509_certificate(leaf.credential)
+    point = cert.public_key().public_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    if point != leaf.signature_key:
+        raise ProtocolError("cred.key", "the certificate is not for the leaf's signature key")
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    if f"urn:keyfleet:device:{leaf.device_id.decode()}" not in san.get_values_for_type(
+        x509.UniformResourceIdentifier
+    ):
+        raise ProtocolError("cred.device-id", "the certificate names another device")
+
+
+def test_commits_with_a_forged_leaf_or_a_foreign_credential_are_refused() -> None:
+    world, committer, receiver = _three()
+    commit = committer.g.update(committer.signature_key, FakeCountingKey()).commit
+    sig = commit.content.path.leaf_signature
+    path = replace(commit.content.path, leaf_signature=sig[:-1] + bytes([sig[-1] ^ 1]))
+    bad = _resign(committer, replace(commit, content=replace(commit.content, path=path)))
+    _expect(receiver, bad, "mls.leaf.signature")
+    with pytest.raises(ProtocolError) as exc:
+        world.service.apply(bad)
+    assert exc.value.check == "mls.leaf.signature"
+    # an add whose KeyPackage carries someone else's certificate: the leaf signature breaks...
+    joiner, other = Member.new(), Member.new()
+    kp = joiner.key_package()
+    swapped = replace(kp, leaf=replace(kp.leaf, credential=other.credential()))
+    with pytest.raises(ProtocolError) as exc:
+        committer.g.add(committer.signature_key, [swapped])
+    assert exc.value.check == "mls.leaf.signature"
+    # ...and a KeyPackage honestly signed over a foreign certificate is the LeafCheck's to refuse
+    lying = KeyPackage.create(
+        joiner.device_id, joiner.signature_key, joiner.leaf_key.public_key(), other.credential()
+    )
+    with pytest.raises(ProtocolError) as exc:
+        committer.g.add(committer.signature_key, [lying], leaf_check=fake_leaf_check)
+    assert exc.value.check == "cred.key"
+    add = committer.g.add(committer.signature_key, [lying]).commit
+    _expect_with(receiver, add, "cred.key", leaf_check=fake_leaf_check)
+    # with honest credentials the same check passes everywhere
+    result = committer.g.add(
+        committer.signature_key, [joiner.key_package()], leaf_check=fake_leaf_check
+    )
+    receiver.g.process(result.commit, leaf_check=fake_leaf_check)
+    assert result.welcome is not None
+    Group.join(result.welcome, joiner.key_package(), joiner.leaf_key, leaf_check=fake_leaf_check)
+
+
+def _expect_with(receiver: Member, commit: Commit, check: str, **hooks: Any) -> None:
+    before = receiver.g.to_state()
+    with pytest.raises(ProtocolError) as exc:
+        receiver.g.process(commit, **hooks)
+    assert exc.value.check == check
+    assert receiver.g.to_state() == before
+
+
+def test_admissions_are_recorded_carried_and_checked() -> None:
+    creator = Member.new()
+    group = Group.create(
+        b"g-adm", creator.key_package(), creator.leaf_key, authz=b"create authorization"
+    )
+    assert group.admission(0) == b"create authorization"
+    joiners = [Member.new(), Member.new()]
+    result = group.add(
+        creator.signature_key, [j.key_package() for j in joiners], authz=b"add authorization"
+    )
+    assert result.commit.content.authz == b"add authorization"
+    assert result.welcome is not None
+    seen: list[tuple[bytes, bytes | None, bool]] = []
+
+    def record(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
+        seen.append((leaf.device_id, authz, is_own))
+
+    joined = Group.join(
+        result.welcome, joiners[0].key_package(), joiners[0].leaf_key, admission_check=record
+    )
+    assert sorted(seen) == sorted(
+        [
+            (creator.device_id, b"create authorization", False),
+            (joiners[0].device_id, b"add authorization", True),
+            (joiners[1].device_id, b"add authorization", False),
+        ]
+    )
+    assert set(joined.admissions()) == {b"create authorization", b"add authorization"}
+    # the admission hash is in the tree hash: nobody can swap it unnoticed
+    assert joined.tree.admission(1) == hashlib.sha256(b"add authorization").digest()
+
+    def refuse(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
+        if is_own:
+            raise ProtocolError("authz.expired", "too late")
+
+    with pytest.raises(ProtocolError) as exc:
+        Group.join(
+            result.welcome, joiners[1].key_package(), joiners[1].leaf_key, admission_check=refuse
+        )
+    assert exc.value.check == "authz.expired"
+
+    # a commit check sees the content before anything is applied, on both sides
+    def no_removes(content: CommitContent, tree: RatchetTree) -> None:
+        if content.removes:
+            raise ProtocolError("authz.members", "no authorization for this remove")
+
+    with pytest.raises(ProtocolError) as exc:
+        joined.remove(joiners[0].signature_key, [0], commit_check=no_removes)
+    assert exc.value.check == "authz.members"
+    remove = joined.remove(joiners[0].signature_key, [0]).commit
+    other = Group.join(result.welcome, joiners[1].key_package(), joiners[1].leaf_key)
+    before = other.to_state()
+    with pytest.raises(ProtocolError) as exc:
+        other.process(remove, commit_check=no_removes)
+    assert exc.value.check == "authz.members"
+    assert other.to_state() == before
+    # an Authorization no longer named by any leaf is dropped from the state
+    after = other.process(remove)
+    assert after.admission(0) is None
+    assert after.admissions() == (b"add authorization",)
+    restored = Group.from_state(after.to_state(), lambda ref: joiners[1].leaf_key)
+    assert restored.admission(after.own_leaf) == b"add authorization"
+
+
+def test_a_welcome_without_the_authorization_a_leaf_names_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent.protocol.mls import group as group_module
+
+    creator, joiner = Member.new(), Member.new()
+    group = Group.create(b"g-adm", creator.key_package(), creator.leaf_key, authz=b"create")
+    real_info = group_module.GroupInfo
+    monkeypatch.setattr(
+        group_module, "GroupInfo", lambda **kw: real_info(**{**kw, "admissions": ()})
+    )
+    result = group.add(creator.signature_key, [joiner.key_package()], authz=b"add")
+    monkeypatch.undo()
+    assert result.welcome is not None
+    _join_refused(joiner, result.welcome, "mls.welcome.admission")
+
+
+def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None:
+    """The size budget end to end in one process: a Welcome for the 1,024th member of a group
+    whose every leaf carries a DevID certificate, sealed as the service forwards it
+    (``svc.welcome``), opens under the message limits and is joined."""
+    from agent.protocol.wire.envelope import Signer, encode_message, open_message
+    from agent.protocol.wire.messages.service import WelcomeDelivery
+
+    members = [Member.new() for _ in range(1023)]
+    groups = Group.assemble(
+        b"big",
+        [(m.key_package(), m.leaf_key, m.signature_key) for m in members],
+        epoch=1,
+        authz=os.urandom(2048),
+    )
+    joiner = Member.new()
+    result = groups[5].add(members[5].signature_key, [joiner.key_package()], authz=os.urandom(2048))
+    assert result.welcome is not None
+    welcome = result.welcome.encode()
+    assert 900_000 < len(welcome) < 1_200_000  # about 1 KB per member, most of it the certificate
+    service_key = new_key()
+    data = encode_message(
+        WelcomeDelivery("big", 2, welcome),
+        key=service_key,
+        sender="service",
+        to="dev-joiner",
+        seq=1,
+        time=1_700_000_000,
+    )
+    opened = open_message(
+        data,
+        lambda kid: Signer("service", service_key.public_key()),
+        now=1_700_000_000,
+        recipients={"dev-joiner"},
+    )
+    assert isinstance(opened.body, WelcomeDelivery)
+    joined = Group.join(Welcome.decode(opened.body.welcome), joiner.key_package(), joiner.leaf_key)
+    assert joined.epoch_authenticator == result.group.epoch_authenticator
+    assert joined.tree.member_count() == 1024

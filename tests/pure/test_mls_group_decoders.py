@@ -20,6 +20,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
 from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from tests.device_certs import devid_cert_der
 
 pytestmark = pytest.mark.pure
 
@@ -34,9 +35,18 @@ def _key() -> ec.EllipticCurvePrivateKey:
 def _valid_messages() -> list[bytes]:
     sigs = [_key() for _ in range(4)]
     leaves = [_key() for _ in range(4)]
-    kps = [KeyPackage.create(f"d{i}".encode(), sigs[i], leaves[i].public_key()) for i in range(4)]
-    group = Group.create(b"g", kps[0], leaves[0])
-    added = group.add(sigs[0], kps[1:3])
+    kps = [
+        KeyPackage.create(
+            f"d{i}".encode(),
+            sigs[i],
+            leaves[i].public_key(),
+            devid_cert_der(f"d{i}", sigs[i]),
+            tpm_proof=b"proof" if i == 3 else None,
+        )
+        for i in range(4)
+    ]
+    group = Group.create(b"g", kps[0], leaves[0], authz=b"creation authorization")
+    added = group.add(sigs[0], kps[1:3], authz=b"add authorization")
     assert added.welcome is not None
     removed = added.group.remove(sigs[0], [1])
     return [kps[3].encode(), added.commit.encode(), added.welcome.encode(), removed.commit.encode()]

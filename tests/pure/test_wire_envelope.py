@@ -191,8 +191,23 @@ def test_oversize_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) ->
     data = seal(SAMPLES[0])
     refused(data, "wire.oversize", max_size=len(data) - 1)
     with pytest.raises(ProtocolError) as err:
-        RawMessage.from_bytes(b"\x00" * (envelope.DEFAULT_MAX_MESSAGE_SIZE + 1))
+        RawMessage.from_bytes(b"\x00" * (envelope.LARGEST_MESSAGE_SIZE + 1))
     assert err.value.check == "wire.oversize"
+
+
+def test_only_welcomes_may_pass_the_default_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = b"\x01" * (envelope.DEFAULT_MAX_MESSAGE_SIZE + 1)
+    welcome = WelcomeMessage("grp-1", 3, big * 4, ("dev-2",))  # a Welcome of 1 MiB
+    assert open_(seal(welcome)).body == welcome
+    commit = CommitMessage("grp-1", 3, big)
+    data = seal(commit)
+
+    def must_not_run(*args: object, **kwargs: object) -> object:
+        raise AssertionError("parsed the body of an oversize message")
+
+    monkeypatch.setattr(CommitMessage, "from_cbor_map", must_not_run)
+    refused(data, "wire.oversize")
+    assert envelope.LARGEST_MESSAGE_SIZE == WelcomeMessage.MAX_MESSAGE_SIZE == 4 << 20
 
 
 def forge_payload(payload: object, key: ec.EllipticCurvePrivateKey = DEV1) -> bytes:

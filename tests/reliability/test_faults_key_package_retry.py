@@ -19,6 +19,7 @@ from agent.core import MAX_KEY_PACKAGES, AgentCore
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, KeyPackageRequest, WelcomeDelivery
+from tests.device_certs import devid_cert_der
 from tests.pure.test_agent_core import FakeService, FakeSoftwareKeys, G, acks
 
 pytestmark = pytest.mark.pure
@@ -54,11 +55,16 @@ def test_retried_key_package_request_gets_the_same_key_package_and_the_welcome_o
 def test_the_request_to_key_package_link_survives_a_restart() -> None:
     service = FakeService()
     keys = FakeSoftwareKeys()
-    device = AgentCore("dev-b", service.key.public_key(), keys, now=service.now)
+    credential = devid_cert_der("dev-b", keys.devid)
+    device = AgentCore(
+        "dev-b", service.key.public_key(), keys, credential=credential, now=service.now
+    )
     service.devices["dev-b"] = device
     command_id = os.urandom(16)
     first = service.bodies("dev-b", service.deliver("dev-b", KeyPackageRequest(command_id)))
-    restarted = AgentCore("dev-b", service.key.public_key(), keys, now=service.now)
+    restarted = AgentCore(
+        "dev-b", service.key.public_key(), keys, credential=credential, now=service.now
+    )
     restarted.restore(device.to_state())
     service.devices["dev-b"] = restarted
     again = service.bodies("dev-b", service.deliver("dev-b", KeyPackageRequest(command_id)))

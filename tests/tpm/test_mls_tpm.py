@@ -12,6 +12,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
 from agent.tpm import KeyKind, TPMKey, TPMStore
+from tests.device_certs import devid_cert_der
 from tests.fixtures.swtpm import SwtpmFactory
 
 pytestmark = pytest.mark.tpm
@@ -23,7 +24,12 @@ class TpmMember:
         self.store = store
         self.devid: TPMKey = store.create_and_load(KeyKind.DEVID)
         self.leaf: TPMKey = store.create_and_load(KeyKind.LEAF)
-        self.key_package = KeyPackage.create(self.device_id, self.devid, self.leaf.public_key())
+        self.key_package = KeyPackage.create(
+            self.device_id,
+            self.devid,
+            self.leaf.public_key(),
+            devid_cert_der(self.device_id, self.devid),
+        )
         self.group: Group | None = None
 
     @property

@@ -108,3 +108,10 @@ def public_key(raw: bytes) -> ec.EllipticCurvePublicKey:
     """Parse (and cache) a P-256 public key: trees are re-read at every commit, and parsing a
     point costs more than everything else a receiver does per node."""
     return deserialize_public_key(raw)
+
+
+def expect_exact(value: object, expected: int, what: str, check: str) -> None:
+    """A format version or cipher suite field: exactly the integer ``expected`` (``True`` is
+    not 1), else ``ProtocolError(check)``."""
+    if type(value) is not int or value != expected:
+        raise ProtocolError(check, f"{what}: {value!r} unsupported (expected {expected})")

@@ -14,6 +14,15 @@ was sealed to the leaf itself, otherwise with a software parent-node key. The si
 keyfleet deviation from RFC 9420 (docs/treekem.md): the leaf key is never derived from a path
 secret (it is born in the TPM); a self-update brings a new leaf key object, and the path secrets
 start at the first node of the filtered direct path.
+
+Policy comes in through hooks (``agent.protocol.mls.public``): ``LeafCheck`` on every leaf that
+enters a tree, ``CommitCheck`` on every commit made or processed, ``AdmissionCheck`` on every
+leaf of a Welcome's tree with the Authorization that admitted it. MLS itself always checks leaf
+signatures and parent hashes. The hooks' keyword defaults accept everything (no-ops), for the
+pure MLS tests and tools that build groups of their own: a caller that admits devices (the
+agent) must pass its real checks to every call.
+The group keeps the Authorizations its tree's admission hashes refer to, so that a Welcome it
+makes can carry them.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from agent.protocol.mls.key_schedule import (
     welcome_key_nonce,
 )
 from agent.protocol.mls.messages import (
+    MAX_AUTHORIZATION,
     Commit,
     CommitContent,
     EncryptedGroupSecrets,
@@ -64,25 +74,40 @@ from agent.protocol.mls.messages import (
 from agent.protocol.mls.public import (
     COMMIT_LABEL,
     UPDATE_PATH_LABEL,
+    AdmissionCheck,
+    CommitCheck,
+    LeafCheck,
     PublicGroup,
     PublicState,
     VerifiedCommit,
+    accept_any_admission,
+    accept_any_commit,
+    accept_any_leaf,
+    admission_hash,
     apply_path,
     apply_proposals,
+    check_welcome_tree,
     commit_tbs,
     confirmed_transcript_hash,
     copath_resolutions,
+    finish_path,
     interim_transcript_hash,
     verify_commit,
 )
-from agent.protocol.mls.tree import LeafNode, Node, ParentNode, RatchetTree
+from agent.protocol.mls.tree import LeafNode, RatchetTree
 
 DATA_KEY_LABEL = b"keyfleet data key"
 GROUP_INFO_LABEL = b"GroupInfoTBS"
 WELCOME_LABEL = b"Welcome"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 ResolveLeafKey = Callable[[bytes], ec.EllipticCurvePrivateKey]
+
+
+def _referenced(tree: RatchetTree, admissions: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The Authorizations (by hash) that some leaf of ``tree`` records."""
+    used = {tree.admission(i) for i, _ in tree.members()}
+    return {h: a for h, a in admissions.items() if h in used}
 
 
 def _welcome_secret(joiner_secret: bytes) -> bytes:
@@ -92,11 +117,15 @@ def _welcome_secret(joiner_secret: bytes) -> bytes:
     return derive_secret(extract(joiner_secret, bytes(NH)), b"welcome")
 
 
+def admissions_of(authorizations: Sequence[bytes | None]) -> dict[bytes, bytes]:
+    return {admission_hash(a): a for a in authorizations if a is not None}
+
+
 def _scalar(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_numbers().private_value.to_bytes(32, "big")
 
 
-def _path_node_keys(
+def path_node_keys(
     path_secret: bytes, count: int
 ) -> tuple[list[ec.EllipticCurvePrivateKey], list[bytes]]:
     """Parent keys for ``count`` consecutive filtered-direct-path nodes starting with
@@ -128,6 +157,7 @@ class Group:
     """One member's state for one epoch (immutable; see the module docstring)."""
 
     __slots__ = (
+        "_admissions",
         "_leaf_key",
         "_leaf_public",
         "_node_keys",
@@ -143,7 +173,10 @@ class Group:
         leaf_key: ec.EllipticCurvePrivateKey,
         node_keys: dict[int, ec.EllipticCurvePrivateKey],
         secrets: EpochSecrets,
+        *,
+        admissions: dict[bytes, bytes] | None = None,
     ) -> None:
+        """``admissions``: the Authorizations the tree's admission hashes refer to, by hash."""
         leaf = public.tree.leaf(own_leaf)
         if leaf is None:
             raise StateError(f"leaf {own_leaf} is blank: not a member")
@@ -153,6 +186,7 @@ class Group:
         self._leaf_public = leaf.encryption_key
         self._node_keys = node_keys
         self._secrets = secrets
+        self._admissions = _referenced(public.tree, admissions or {})
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -203,6 +237,16 @@ class Group:
         """(leaf index, device id) of every member."""
         return [(i, leaf.device_id) for i, leaf in self.tree.members()]
 
+    def admission(self, leaf_index: int) -> bytes | None:
+        """The Authorization that admitted the member at ``leaf_index`` (None: none recorded)."""
+        if self.tree.leaf(leaf_index) is None:
+            return None
+        return self._admissions.get(self.tree.admission(leaf_index))
+
+    def admissions(self) -> tuple[bytes, ...]:
+        """Every distinct Authorization the tree records, in hash order."""
+        return tuple(a for _, a in sorted(self._admissions.items()))
+
     def __repr__(self) -> str:
         return (
             f"Group(group_id={self.group_id.hex()}, epoch={self.epoch}, "
@@ -218,24 +262,39 @@ class Group:
         own: KeyPackage,
         leaf_key: ec.EllipticCurvePrivateKey,
         rng: Rng = os.urandom,
+        *,
+        authz: bytes | None = None,
+        leaf_check: LeafCheck = accept_any_leaf,
     ) -> Group:
-        """A one-member group at epoch 0, from the creator's own KeyPackage (its leaf)."""
+        """A one-member group at epoch 0, from the creator's own KeyPackage (its leaf), admitted
+        by ``authz`` (the group's creation Authorization, recorded as the leaf's admission)."""
         own.verify()
+        leaf_check(own.leaf)
         if serialize_public_key(leaf_key.public_key()) != own.leaf_key:
             raise ProtocolError("mls.leaf-key", "the leaf key does not match the KeyPackage")
         codec.as_bytes(group_id, "group_id", 1, codec.MAX_GROUP_ID)
-        tree = RatchetTree([own.leaf_node()])
+        tree = RatchetTree([own.leaf_node()], {0: admission_hash(authz)})
         context = group_context_bytes(group_id, 0, tree.tree_hash(), b"")
         secrets = derive_epoch(rng(NH), bytes(NH), context)
         tag = mac(secrets.confirmation_key, b"")
         public = PublicState(group_id, 0, tree, b"", interim_transcript_hash(b"", tag))
-        return cls(public, 0, leaf_key, {}, secrets)
+        return cls(public, 0, leaf_key, {}, secrets, admissions=admissions_of([authz]))
 
     @classmethod
-    def join(cls, welcome: Welcome, own: KeyPackage, leaf_key: ec.EllipticCurvePrivateKey) -> Group:
+    def join(
+        cls,
+        welcome: Welcome,
+        own: KeyPackage,
+        leaf_key: ec.EllipticCurvePrivateKey,
+        *,
+        leaf_check: LeafCheck = accept_any_leaf,
+        admission_check: AdmissionCheck = accept_any_admission,
+    ) -> Group:
         """Join from a Welcome sealed to ``own``'s leaf key (one ``exchange()`` on it). Checks
-        the GroupInfo signature, its tree, the confirmation tag, and the path secret against the
-        tree's public keys."""
+        the GroupInfo signature, every leaf of its tree (leaf signature, ``leaf_check``, the
+        admission: ``mls.welcome.admission`` if the GroupInfo lacks the Authorization a leaf's
+        hash names, then ``admission_check``), every parent hash (``mls.parent-hash``), the
+        confirmation tag, and the path secret against the tree's public keys."""
         ref = own.ref()
         entry = next((s for s in welcome.secrets if s.key_package_ref == ref), None)
         if entry is None:
@@ -273,6 +332,15 @@ class Group:
             )
         except CryptoError:
             raise ProtocolError("mls.welcome.signature", "GroupInfo signature invalid") from None
+        admissions = admissions_of(info.admissions)
+        check_welcome_tree(
+            info.group_id,
+            tree,
+            own_leaf=own_leaf,
+            admissions=admissions,
+            leaf_check=leaf_check,
+            admission_check=admission_check,
+        )
         context = group_context_bytes(
             info.group_id, info.epoch, tree.tree_hash(), info.confirmed_transcript_hash
         )
@@ -295,100 +363,26 @@ class Group:
             info.confirmed_transcript_hash,
             interim_transcript_hash(info.confirmed_transcript_hash, info.confirmation_tag),
         )
-        return cls(public, own_leaf, leaf_key, node_keys, secrets)
+        return cls(public, own_leaf, leaf_key, node_keys, secrets, admissions=admissions)
 
     @classmethod
     def assemble(
         cls,
         group_id: bytes,
-        members: Sequence[tuple[KeyPackage, ec.EllipticCurvePrivateKey]],
+        members: Sequence[
+            tuple[KeyPackage, ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey]
+        ],
         *,
         epoch: int,
         rng: Rng = os.urandom,
+        authz: bytes | None = None,
+        leaf_check: LeafCheck = accept_any_leaf,
     ) -> list[Group]:
-        """Every member's state of a group of ``members`` (leaf i = ``members[i]``) at
-        ``epoch``, built in one step instead of by commits: what a simulator or a benchmark needs
-        to start with a large group (real adds, each processed by every member, cost O(N^2)).
+        """Every member's state of a group of ``members`` at ``epoch``, built in one step
+        instead of by commits: see ``agent.protocol.mls.assemble.assemble``."""
+        from agent.protocol.mls.assemble import assemble  # noqa: PLC0415 - it builds Groups
 
-        The result is the state real commits reach when the members are added and then each one
-        commits once (an UpdatePath), in leaf order, every member processing every commit:
-
-        - the tree is as wide as the next power of two; a parent holds a key exactly when it is
-          on some member's filtered direct path (members on both sides of it), with no unmerged
-          leaves; each key comes from the path secrets of the last member below it to commit
-          (the rightmost), chained up its path as ``commit`` chains them;
-        - every member holds the private keys of the non-blank parents on its direct path;
-        - the epoch secrets come from the last committer's commit secret (the previous epoch's
-          init secret is a fresh random value) through the key schedule with this epoch's
-          GroupContext, the interim transcript hash from the confirmation tag, as in a commit.
-
-        Only the history is not reproduced: the confirmed transcript hash (a hash over commits
-        that never happened) is random. Members therefore agree on every epoch secret, and the
-        next real commit, add or remove is processed as after real commits.
-
-        Each KeyPackage is verified and must match its leaf key (``mls.key-package.signature``,
-        ``mls.leaf-key``); duplicate devices or leaf keys are refused (``mls.add.duplicate``,
-        ``mls.add.duplicate-key``); ``epoch`` must be at least 1 (epoch 0 is ``create``).
-        Cost: one signature check per member and one key derivation per parent; no ECDH.
-        """
-        codec.as_bytes(group_id, "group_id", 1, codec.MAX_GROUP_ID)
-        n = len(members)
-        if not 1 <= n <= codec.MAX_LEAVES:
-            raise ProtocolError("mls.add.full", f"a group has 1 to {codec.MAX_LEAVES} members")
-        if epoch < 1:
-            raise ValueError("an assembled group starts at epoch 1 or later (0 is create)")
-        width = 1
-        while width < n:
-            width *= 2
-        nodes: list[Node] = [None] * tm.node_width(width)
-        devices: set[bytes] = set()
-        leaf_keys: set[bytes] = set()
-        for i, (key_package, leaf_key) in enumerate(members):
-            key_package.verify()
-            if serialize_public_key(leaf_key.public_key()) != key_package.leaf_key:
-                raise ProtocolError("mls.leaf-key", f"member {i}: leaf key and KeyPackage differ")
-            if key_package.device_id in devices:
-                raise ProtocolError("mls.add.duplicate", f"member {i}: the device appears twice")
-            if key_package.leaf_key in leaf_keys:
-                raise ProtocolError("mls.add.duplicate-key", f"member {i}: a leaf key twice")
-            devices.add(key_package.device_id)
-            leaf_keys.add(key_package.leaf_key)
-            nodes[tm.leaf_to_node(i)] = key_package.leaf_node()
-        # Members commit in leaf order: the key a parent ends up with is the one set by the
-        # rightmost member below it, so walk the members backwards and let each one set the
-        # part of its filtered direct path no later member has set (a prefix of it).
-        parent_keys: dict[int, ec.EllipticCurvePrivateKey] = {}
-        commit_secret = b""
-        for i in reversed(range(n)):
-            owned: list[int] = []
-            x = tm.leaf_to_node(i)
-            for p in tm.direct_path(x, width):
-                if tm.subtree_leaves(tm.sibling(x, width)).start < n:  # copath side has members
-                    if p in parent_keys:
-                        break
-                    owned.append(p)
-                x = p
-            first = rng(NH)
-            keys, path_secrets = _path_node_keys(first, len(owned))
-            parent_keys.update(zip(owned, keys, strict=True))
-            if i == n - 1:  # the last commit: its commit secret starts this epoch
-                commit_secret = derive_secret(path_secrets[-1] if path_secrets else first, b"path")
-        for p, key in parent_keys.items():
-            nodes[p] = ParentNode(serialize_public_key(key.public_key()))
-        tree = RatchetTree(nodes)
-        confirmed = rng(NH)
-        context = group_context_bytes(group_id, epoch, tree.tree_hash(), confirmed)
-        secrets = derive_epoch(rng(NH), commit_secret, context)
-        tag = mac(secrets.confirmation_key, confirmed)
-        public = PublicState(
-            group_id, epoch, tree, confirmed, interim_transcript_hash(confirmed, tag)
-        )
-        groups = []
-        for i, (_, leaf_key) in enumerate(members):
-            path = tm.direct_path(tm.leaf_to_node(i), width)
-            held = {p: parent_keys[p] for p in path if p in parent_keys}
-            groups.append(cls(public, i, leaf_key, held, secrets))
-        return groups
+        return assemble(group_id, members, epoch=epoch, rng=rng, authz=authz, leaf_check=leaf_check)
 
     @staticmethod
     def _check_path_keys(
@@ -396,7 +390,7 @@ class Group:
     ) -> tuple[dict[int, ec.EllipticCurvePrivateKey], bytes]:
         """Derive the keys of ``nodes`` from ``path_secret`` and check each against the public
         key in ``tree``. Returns the keys and the commit secret."""
-        keys, secrets = _path_node_keys(path_secret, len(nodes))
+        keys, secrets = path_node_keys(path_secret, len(nodes))
         out: dict[int, ec.EllipticCurvePrivateKey] = {}
         for x, key in zip(nodes, keys, strict=True):
             node = tree.parent_node(x)
@@ -416,26 +410,45 @@ class Group:
         removes: Sequence[int] = (),
         new_leaf_key: ec.EllipticCurvePrivateKey | None = None,
         rng: Rng = os.urandom,
+        authz: bytes | None = None,
+        leaf_check: LeafCheck = accept_any_leaf,
+        commit_check: CommitCheck = accept_any_commit,
     ) -> CommitResult:
         """A commit adding ``adds``, removing the members at leaf indices ``removes``, and
         re-keying this member's whole filtered direct path (every commit carries an
-        UpdatePath). ``new_leaf_key``, if given, replaces this member's leaf key."""
+        UpdatePath). ``new_leaf_key``, if given, replaces this member's leaf key. ``authz`` is
+        the Authorization for the change (carried in the commit; added leaves record its hash);
+        ``leaf_check`` runs on every added leaf and ``commit_check`` on the content before it is
+        signed, as receivers will run them."""
         state = self._public
         me = self._own_leaf
-        tree, added = apply_proposals(state, me, removes, adds)
+        tree, added = apply_proposals(state, me, removes, adds, authz=authz, leaf_check=leaf_check)
         path = tuple(tree.filtered_direct_path(me))
         nodes = [x for x, _ in path]
         first = rng(NH)
-        keys, path_secrets = _path_node_keys(first, len(path))
+        keys, path_secrets = path_node_keys(first, len(path))
         commit_secret = derive_secret(path_secrets[-1] if path_secrets else first, b"path")
         node_publics = [serialize_public_key(k.public_key()) for k in keys]
         leaf_public = (
             serialize_public_key(new_leaf_key.public_key()) if new_leaf_key is not None else None
         )
         resolutions = copath_resolutions(tree, path, added)
-        provisional = apply_path(
-            state, tree, me, leaf_key=leaf_public, path=path, node_keys=node_publics
+        leaf_parent_hash = apply_path(
+            tree, me, leaf_key=leaf_public, path=path, node_keys=node_publics
         )
+        old_leaf = tree.leaf(me)
+        assert old_leaf is not None
+        if serialize_public_key(signature_key.public_key()) != old_leaf.signature_key:
+            raise ProtocolError("mls.signature-key", "not this member's signature key")
+        new_leaf = old_leaf.resigned(
+            signature_key,
+            encryption_key=leaf_public or old_leaf.encryption_key,
+            parent_hash=leaf_parent_hash,
+            group_id=state.group_id,
+            leaf_index=me,
+        )
+        leaf_check(new_leaf)
+        provisional = finish_path(state, tree, me, new_leaf)
         path_nodes = []
         for node_public, secret, resolution in zip(
             node_publics, path_secrets, resolutions, strict=True
@@ -460,8 +473,10 @@ class Group:
             sender=me,
             removes=tuple(removes),
             adds=tuple(adds),
-            path=UpdatePath(leaf_public, tuple(path_nodes)),
+            path=UpdatePath(leaf_public, leaf_parent_hash, new_leaf.signature, tuple(path_nodes)),
+            authz=authz,
         )
+        commit_check(content, state.tree)
         signature = sign_with_label(
             signature_key, COMMIT_LABEL, commit_tbs(content, state.group_context())
         )
@@ -480,7 +495,8 @@ class Group:
         leaf_key = new_leaf_key if new_leaf_key is not None else self._leaf_key
         node_keys = self._kept_node_keys(tree)
         node_keys.update(zip(nodes, keys, strict=True))
-        group = Group(public, me, leaf_key, node_keys, secrets)
+        admissions = {**self._admissions, **admissions_of([authz])}
+        group = Group(public, me, leaf_key, node_keys, secrets, admissions=admissions)
         welcome = None
         if adds:
             welcome = self._welcome(
@@ -500,26 +516,57 @@ class Group:
         signature_key: ec.EllipticCurvePrivateKey,
         key_packages: Sequence[KeyPackage],
         rng: Rng = os.urandom,
+        *,
+        authz: bytes | None = None,
+        leaf_check: LeafCheck = accept_any_leaf,
+        commit_check: CommitCheck = accept_any_commit,
     ) -> CommitResult:
-        return self.commit(signature_key, adds=key_packages, rng=rng)
+        return self.commit(
+            signature_key,
+            adds=key_packages,
+            rng=rng,
+            authz=authz,
+            leaf_check=leaf_check,
+            commit_check=commit_check,
+        )
 
     def remove(
         self,
         signature_key: ec.EllipticCurvePrivateKey,
         leaf_indices: Sequence[int],
         rng: Rng = os.urandom,
+        *,
+        authz: bytes | None = None,
+        leaf_check: LeafCheck = accept_any_leaf,
+        commit_check: CommitCheck = accept_any_commit,
     ) -> CommitResult:
-        return self.commit(signature_key, removes=leaf_indices, rng=rng)
+        return self.commit(
+            signature_key,
+            removes=leaf_indices,
+            rng=rng,
+            authz=authz,
+            leaf_check=leaf_check,
+            commit_check=commit_check,
+        )
 
     def update(
         self,
         signature_key: ec.EllipticCurvePrivateKey,
         new_leaf_key: ec.EllipticCurvePrivateKey,
         rng: Rng = os.urandom,
+        *,
+        leaf_check: LeafCheck = accept_any_leaf,
+        commit_check: CommitCheck = accept_any_commit,
     ) -> CommitResult:
         """Self-update: a new leaf key (from the TPM) and a fresh path: post-compromise
         security for everything this member knew."""
-        return self.commit(signature_key, new_leaf_key=new_leaf_key, rng=rng)
+        return self.commit(
+            signature_key,
+            new_leaf_key=new_leaf_key,
+            rng=rng,
+            leaf_check=leaf_check,
+            commit_check=commit_check,
+        )
 
     @staticmethod
     def _welcome(
@@ -542,6 +589,7 @@ class Group:
             confirmation_tag=tag,
             signer=group._own_leaf,
             signature=b"",
+            admissions=group.admissions(),
         )
         signature = sign_with_label(signature_key, GROUP_INFO_LABEL, unsigned.tbs())
         info = replace(unsigned, signature=signature)
@@ -574,12 +622,21 @@ class Group:
 
     # -- processing ---------------------------------------------------------------------------
 
-    def process(self, commit: Commit) -> Group:
+    def process(
+        self,
+        commit: Commit,
+        *,
+        leaf_check: LeafCheck = accept_any_leaf,
+        commit_check: CommitCheck = accept_any_commit,
+    ) -> Group:
         """The next epoch after another member's ``commit``. Raises ``ProtocolError`` (and this
-        object is unchanged) for any public check (``agent.protocol.mls.public``), and for:
-        ``mls.own-commit`` (adopt ``CommitResult.group`` instead), ``mls.removed`` (the commit
-        removes us), ``mls.path.decrypt``, ``mls.path.mismatch``, ``mls.confirmation-tag``."""
-        verified = verify_commit(self._public, commit)
+        object is unchanged) for any public check (``agent.protocol.mls.public``, including the
+        hooks), and for: ``mls.own-commit`` (adopt ``CommitResult.group`` instead),
+        ``mls.removed`` (the commit removes us), ``mls.path.decrypt``, ``mls.path.mismatch``,
+        ``mls.confirmation-tag``."""
+        verified = verify_commit(
+            self._public, commit, leaf_check=leaf_check, commit_check=commit_check
+        )
         return self._process_verified(verified)
 
     def _process_verified(self, verified: VerifiedCommit) -> Group:
@@ -616,7 +673,8 @@ class Group:
             raise ProtocolError("mls.confirmation-tag", "the confirmation tag does not match")
         node_keys = self._kept_node_keys(verified.tree)
         node_keys.update(derived)
-        return Group(public, me, self._leaf_key, node_keys, secrets)
+        admissions = {**self._admissions, **admissions_of([verified.commit.content.authz])}
+        return Group(public, me, self._leaf_key, node_keys, secrets, admissions=admissions)
 
     def _decryption_key(self, resolution: Sequence[int]) -> tuple[ec.EllipticCurvePrivateKey, int]:
         """The one key of ours the path secret was sealed to, and its position: our leaf if it
@@ -644,6 +702,7 @@ class Group:
             "leaf_ref": self._leaf_public,
             "nodes": {x: _scalar(k) for x, k in sorted(self._node_keys.items())},
             "secrets": {f.name: getattr(self._secrets, f.name) for f in fields(EpochSecrets)},
+            "admissions": list(self.admissions()),
         }
 
     @classmethod
@@ -652,7 +711,9 @@ class Group:
         key object (a TPM key on devices). Raises ``StateError`` if anything is inconsistent."""
         try:
             m = codec.as_map(
-                state, "group_state", {"v", "public", "leaf", "leaf_ref", "nodes", "secrets"}
+                state,
+                "group_state",
+                {"v", "public", "leaf", "leaf_ref", "nodes", "secrets", "admissions"},
             )
             if m["v"] != STATE_VERSION:
                 raise StateError(f"group state version {m['v']!r} unknown")
@@ -680,6 +741,12 @@ class Group:
                     for name, value in secrets_in.items()
                 }
             )
+            admissions = codec.as_list(
+                m["admissions"],
+                "group_state.admissions",
+                codec.MAX_LEAVES,
+                lambda v, w: codec.as_bytes(v, w, 1, MAX_AUTHORIZATION),
+            )
         except (ProtocolError, ValueError) as exc:
             raise StateError(f"group state unreadable: {exc}") from None
         leaf = public.tree.leaf(own_leaf)
@@ -688,11 +755,16 @@ class Group:
         leaf_key = resolve_leaf_key(leaf_ref)
         if serialize_public_key(leaf_key.public_key()) != leaf_ref:
             raise StateError("the resolved leaf key is not the one in the tree")
-        return cls(public, own_leaf, leaf_key, node_keys, secrets)
+        return cls(
+            public, own_leaf, leaf_key, node_keys, secrets, admissions=admissions_of(admissions)
+        )
 
 
 __all__ = [
     "DATA_KEY_LABEL",
+    "AdmissionCheck",
+    "CommitCheck",
+    "LeafCheck",
     "CommitResult",
     "Group",
     "KeyPackage",

@@ -25,9 +25,15 @@ from agent.protocol.mls.crypto import (
     sign_with_label,
     verify_with_label,
 )
-from agent.protocol.mls.tree import LeafNode, RatchetTree
+from agent.protocol.mls.tree import SOURCE_KEY_PACKAGE, LeafNode, RatchetTree
 
-MAX_KEY_PACKAGE_BYTES = 1024
+KEY_PACKAGE_VERSION = 1
+CIPHER_SUITE = 2  # MLS_128_DHKEMP256_AES128GCM_SHA256_P256
+MAX_TPM_PROOF = 4096
+MAX_AUTHORIZATION = 64 * 1024
+"""Largest Authorization a commit or GroupInfo carries (a request plus k approvals, each with
+its operator certificate)."""
+MAX_KEY_PACKAGE_BYTES = 16 * 1024
 MAX_COMMIT_BYTES = 8 << 20
 MAX_WELCOME_BYTES = 32 << 20
 MAX_ADDS = 1024
@@ -47,17 +53,37 @@ def _hpke_ct(value: object, what: str) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class KeyPackage:
-    """A device's offer to be added to a group: its identity, its signature (DevID) public key
-    and its leaf HPKE public key, signed by the DevID key. The leaf key doubles as the MLS
-    init_key (the Welcome is sealed to it): both live in the TPM and neither is ever exported."""
+    """A device's offer to be added to a group (format version 1, cipher suite 2): its leaf
+    (device id, DevID public key, leaf HPKE public key, DevID certificate; signed by the DevID
+    key), an optional proof that the leaf key lives in the device's TPM (opaque here: the
+    caller's ``LeafCheck``/add check verifies it), and the DevID signature over all of it. The
+    leaf key doubles as the MLS init_key (the Welcome is sealed to it): both live in the TPM and
+    neither is ever exported."""
 
-    device_id: bytes
-    signature_key: bytes
-    leaf_key: bytes
+    leaf: LeafNode
+    tpm_proof: bytes | None
     signature: bytes
 
+    @property
+    def device_id(self) -> bytes:
+        return self.leaf.device_id
+
+    @property
+    def signature_key(self) -> bytes:
+        return self.leaf.signature_key
+
+    @property
+    def leaf_key(self) -> bytes:
+        return self.leaf.encryption_key
+
+    @property
+    def credential(self) -> bytes:
+        return self.leaf.credential
+
     def _tbs(self) -> bytes:
-        return codec.encode({"id": self.device_id, "sig": self.signature_key, "enc": self.leaf_key})
+        obj = self.to_obj()
+        del obj["signature"]
+        return codec.encode(obj)
 
     @classmethod
     def create(
@@ -65,20 +91,33 @@ class KeyPackage:
         device_id: bytes,
         signature_key: ec.EllipticCurvePrivateKey,
         leaf_key: ec.EllipticCurvePublicKey,
+        credential: bytes,
+        *,
+        tpm_proof: bytes | None = None,
     ) -> KeyPackage:
         """Sign a KeyPackage with the device's signature key (only ``sign``/``public_key`` are
-        called on it: it may live in a TPM)."""
-        unsigned = cls(
-            device_id,
-            serialize_public_key(signature_key.public_key()),
-            serialize_public_key(leaf_key),
-            b"",
+        called on it: it may live in a TPM). ``credential`` is the DevID certificate (DER) of
+        ``signature_key``; ``tpm_proof`` the TPM residency proof of ``leaf_key``, if any."""
+        leaf = LeafNode.signed(
+            signature_key,
+            device_id=device_id,
+            encryption_key=serialize_public_key(leaf_key),
+            credential=credential,
+            source=SOURCE_KEY_PACKAGE,
         )
-        signature = sign_with_label(signature_key, b"KeyPackageTBS", unsigned._tbs())
-        return cls(unsigned.device_id, unsigned.signature_key, unsigned.leaf_key, signature)
+        unsigned = cls(leaf, tpm_proof, b"")
+        return cls(
+            leaf, tpm_proof, sign_with_label(signature_key, b"KeyPackageTBS", unsigned._tbs())
+        )
 
     def verify(self) -> None:
-        """Raises ``ProtocolError("mls.key-package.signature")`` unless self-signed correctly."""
+        """The leaf is a KeyPackage leaf (``mls.leaf.source``) and its signature verifies
+        (``mls.leaf.signature``); the KeyPackage signature verifies under the leaf's signature
+        key (``mls.key-package.signature``). Who that key belongs to is for the caller's
+        ``LeafCheck``."""
+        if self.leaf.source != SOURCE_KEY_PACKAGE:
+            raise ProtocolError("mls.leaf.source", "a KeyPackage leaf must have source 1")
+        self.leaf.verify(b"", 0)
         try:
             verify_with_label(
                 codec.public_key(self.signature_key), b"KeyPackageTBS", self._tbs(), self.signature
@@ -93,23 +132,28 @@ class KeyPackage:
         return ref_hash(KEY_PACKAGE_REF_LABEL, self.encode())
 
     def leaf_node(self) -> LeafNode:
-        return LeafNode(self.device_id, self.signature_key, self.leaf_key)
+        return self.leaf
 
     def to_obj(self) -> dict[str, object]:
         return {
-            "id": self.device_id,
-            "sig": self.signature_key,
-            "enc": self.leaf_key,
+            "v": KEY_PACKAGE_VERSION,
+            "suite": CIPHER_SUITE,
+            "leaf": self.leaf.to_obj(),
+            "tpm": self.tpm_proof,
             "signature": self.signature,
         }
 
     @classmethod
     def from_obj(cls, value: object, what: str = "key_package") -> KeyPackage:
-        m = codec.as_map(value, what, {"id", "sig", "enc", "signature"})
+        m = codec.as_map(value, what, {"v", "suite", "leaf", "tpm", "signature"})
+        codec.expect_exact(m["v"], KEY_PACKAGE_VERSION, f"{what}.v", "mls.version")
+        codec.expect_exact(m["suite"], CIPHER_SUITE, f"{what}.suite", "mls.suite")
+        tpm = (
+            None if m["tpm"] is None else codec.as_bytes(m["tpm"], f"{what}.tpm", 1, MAX_TPM_PROOF)
+        )
         return cls(
-            device_id=codec.as_bytes(m["id"], f"{what}.id", 1, codec.MAX_DEVICE_ID),
-            signature_key=codec.as_point(m["sig"], f"{what}.sig"),
-            leaf_key=codec.as_point(m["enc"], f"{what}.enc"),
+            leaf=LeafNode.from_obj(m["leaf"], f"{what}.leaf"),
+            tpm_proof=tpm,
             signature=codec.as_bytes(m["signature"], f"{what}.signature", 8, codec.MAX_SIGNATURE),
         )
 
@@ -147,27 +191,45 @@ class UpdatePathNode:
 
 @dataclass(frozen=True)
 class UpdatePath:
-    """The committer's new leaf key (only when it replaced it) and one node per element of its
-    filtered direct path, leaf to root."""
+    """The committer's new leaf key (only when it replaced it), its leaf's new parent hash and
+    leaf signature, and one node per element of its filtered direct path, leaf to root.
+
+    The rest of the committer's new leaf (device id, signature key, credential) is the one in
+    the tree already, so a commit carries no certificate: receivers rebuild the leaf (source 3)
+    and check its signature and parent hash."""
 
     leaf_key: bytes | None
+    parent_hash: bytes
+    leaf_signature: bytes
     nodes: tuple[UpdatePathNode, ...]
 
     def to_obj(self) -> dict[str, object]:
-        return {"leaf": self.leaf_key, "nodes": [n.to_obj() for n in self.nodes]}
+        return {
+            "leaf": self.leaf_key,
+            "ph": self.parent_hash,
+            "lsig": self.leaf_signature,
+            "nodes": [n.to_obj() for n in self.nodes],
+        }
 
     @classmethod
     def from_obj(cls, value: object, what: str) -> UpdatePath:
-        m = codec.as_map(value, what, {"leaf", "nodes"})
+        m = codec.as_map(value, what, {"leaf", "ph", "lsig", "nodes"})
         leaf = None if m["leaf"] is None else codec.as_point(m["leaf"], f"{what}.leaf")
         nodes = codec.as_list(m["nodes"], f"{what}.nodes", codec.MAX_DEPTH, UpdatePathNode.from_obj)
-        return cls(leaf, tuple(nodes))
+        return cls(
+            leaf,
+            codec.as_bytes(m["ph"], f"{what}.ph", 0, NH),
+            codec.as_bytes(m["lsig"], f"{what}.lsig", 8, codec.MAX_SIGNATURE),
+            tuple(nodes),
+        )
 
 
 @dataclass(frozen=True)
 class CommitContent:
     """What the committer signs: group, the epoch the commit applies to, its own leaf index,
-    the members it removes (leaf indices), the KeyPackages it adds, and its UpdatePath."""
+    the members it removes (leaf indices), the KeyPackages it adds, its UpdatePath, and the
+    Authorization for the change (opaque to MLS, checked by the caller's ``CommitCheck``; each
+    added leaf records SHA-256 of it as its admission)."""
 
     group_id: bytes
     epoch: int
@@ -175,6 +237,7 @@ class CommitContent:
     removes: tuple[int, ...]
     adds: tuple[KeyPackage, ...]
     path: UpdatePath
+    authz: bytes | None = None
 
     def to_obj(self) -> dict[str, object]:
         return {
@@ -184,11 +247,14 @@ class CommitContent:
             "removes": list(self.removes),
             "adds": [kp.to_obj() for kp in self.adds],
             "path": self.path.to_obj(),
+            "authz": self.authz,
         }
 
     @classmethod
     def from_obj(cls, value: object, what: str = "content") -> CommitContent:
-        m = codec.as_map(value, what, {"group", "epoch", "sender", "removes", "adds", "path"})
+        m = codec.as_map(
+            value, what, {"group", "epoch", "sender", "removes", "adds", "path", "authz"}
+        )
         leaf_index = codec.MAX_LEAVES - 1
         return cls(
             group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
@@ -204,6 +270,9 @@ class CommitContent:
             ),
             adds=tuple(codec.as_list(m["adds"], f"{what}.adds", MAX_ADDS, KeyPackage.from_obj)),
             path=UpdatePath.from_obj(m["path"], f"{what}.path"),
+            authz=None
+            if m["authz"] is None
+            else codec.as_bytes(m["authz"], f"{what}.authz", 1, MAX_AUTHORIZATION),
         )
 
 
@@ -274,7 +343,8 @@ class GroupSecrets:
 class GroupInfo:
     """What a joiner needs, signed by the committer: the public tree, the epoch, the confirmed
     transcript hash and the confirmation tag (which the joiner checks with the confirmation key
-    it derives, so a GroupInfo cannot be paired with the wrong secrets)."""
+    it derives, so a GroupInfo cannot be paired with the wrong secrets), and each distinct
+    Authorization whose hash the tree records as a leaf's admission, once."""
 
     group_id: bytes
     epoch: int
@@ -283,6 +353,7 @@ class GroupInfo:
     confirmation_tag: bytes
     signer: int
     signature: bytes
+    admissions: tuple[bytes, ...] = ()
 
     def tbs(self) -> bytes:
         obj = self.to_obj()
@@ -298,13 +369,24 @@ class GroupInfo:
             "tag": self.confirmation_tag,
             "signer": self.signer,
             "signature": self.signature,
+            "admissions": list(self.admissions),
         }
 
     @classmethod
     def from_obj(cls, value: object, what: str = "group_info") -> GroupInfo:
         m = codec.as_map(
-            value, what, {"group", "epoch", "tree", "cth", "tag", "signer", "signature"}
+            value,
+            what,
+            {"group", "epoch", "tree", "cth", "tag", "signer", "signature", "admissions"},
         )
+        admissions = codec.as_list(
+            m["admissions"],
+            f"{what}.admissions",
+            codec.MAX_LEAVES,
+            lambda v, w: codec.as_bytes(v, w, 1, MAX_AUTHORIZATION),
+        )
+        if len(set(admissions)) != len(admissions):
+            raise codec.fail(f"{what}.admissions", "an Authorization appears twice")
         return cls(
             group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
             epoch=codec.as_uint(m["epoch"], f"{what}.epoch", (1 << 64) - 1),
@@ -313,6 +395,7 @@ class GroupInfo:
             confirmation_tag=codec.as_bytes(m["tag"], f"{what}.tag", NH, NH),
             signer=codec.as_uint(m["signer"], f"{what}.signer", codec.MAX_LEAVES - 1),
             signature=codec.as_bytes(m["signature"], f"{what}.signature", 8, codec.MAX_SIGNATURE),
+            admissions=tuple(admissions),
         )
 
     def encode(self) -> bytes:

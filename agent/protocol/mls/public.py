@@ -7,10 +7,20 @@ and only then touch private keys, and the delivery service's ``PublicGroup`` adv
 Checks, in order (each refusal is ``ProtocolError`` with this id, and changes nothing):
 ``mls.group-id``, ``mls.epoch-stale`` / ``mls.epoch-future``, ``mls.sender`` (the committer
 is a member), ``mls.commit.signature`` (by the committer's signature key, over the content and
-the current GroupContext), ``mls.remove.*`` / ``mls.add.*`` / ``mls.key-package.signature``
-(proposals valid), ``mls.path.length`` (one UpdatePath node per node of the committer's filtered
-direct path), ``mls.path.ciphertexts`` (one ciphertext per node of each copath resolution),
-``mls.path.duplicate-key``. Key encodings were checked by the decoder.
+the current GroupContext), the caller's ``CommitCheck`` (the agent's authorization check),
+``mls.remove.*`` / ``mls.add.*`` / ``mls.leaf.source`` / ``mls.leaf.signature`` /
+``mls.key-package.signature`` and the caller's ``LeafCheck`` on each added leaf (proposals
+valid), ``mls.path.length`` (one UpdatePath node per node of the committer's filtered direct
+path), ``mls.path.duplicate-key``, ``mls.parent-hash`` (the committer's new leaf carries the
+parent hash its path computes to), ``mls.leaf.signature`` and the ``LeafCheck`` on the
+committer's new leaf, ``mls.path.ciphertexts`` (one ciphertext per node of each copath
+resolution). Key encodings were checked by the decoder.
+
+The hooks keep MLS free of policy: ``LeafCheck`` decides whether a leaf's credential may be in
+the group (it binds certificate, signature key and device id), ``CommitCheck`` whether a commit's
+change is authorized. Their defaults here accept everything (no-ops); they exist so that the
+pure MLS tests, benchmarks and the delivery service (which checks in public only) need not pass
+any. A caller that admits devices (the agent) must pass its real checks to every call.
 
 What it cannot check: the confirmation tag (a MAC under the new epoch's confirmation key) and
 that the ciphertexts decrypt to path secrets matching the new public keys: both need secrets.
@@ -19,7 +29,7 @@ Nothing here can derive any epoch secret.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.protocol.errors import CryptoError, ProtocolError
@@ -27,11 +37,68 @@ from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
 from agent.protocol.mls.crypto import NH, hash_, verify_with_label
 from agent.protocol.mls.key_schedule import group_context_bytes
-from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Welcome
-from agent.protocol.mls.tree import RatchetTree
+from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, UpdatePath, Welcome
+from agent.protocol.mls.parenthash import check_commit_leaf, set_path_parent_hashes, verify_tree
+from agent.protocol.mls.tree import NO_ADMISSION, SOURCE_COMMIT, LeafNode, RatchetTree
 
 COMMIT_LABEL = b"CommitTBS"
 UPDATE_PATH_LABEL = b"UpdatePathNode"
+
+LeafCheck = Callable[[LeafNode], None]
+"""Run on every leaf that enters a tree (adds, a committer's new leaf, every leaf of a Welcome's
+tree) after MLS has verified its leaf signature; raises ``ProtocolError`` to refuse it."""
+CommitCheck = Callable[[CommitContent, RatchetTree], None]
+"""Run on a commit's signed content and the tree it applies to, before anything is applied (and
+by a committer before it signs); raises ``ProtocolError`` to refuse the commit."""
+
+
+def accept_any_leaf(leaf: LeafNode) -> None:
+    """The default ``LeafCheck``: accepts every credential (module docstring)."""
+
+
+def accept_any_commit(content: CommitContent, tree: RatchetTree) -> None:
+    """The default ``CommitCheck``: accepts every change (module docstring)."""
+
+
+def admission_hash(authz: bytes | None) -> bytes:
+    """What a tree records for leaves admitted by ``authz``: its SHA-256, or 32 zero bytes."""
+    return NO_ADMISSION if authz is None else hash_(authz)
+
+
+AdmissionCheck = Callable[[LeafNode, bytes | None, bool], None]
+"""Run by a joiner on every leaf of the Welcome's tree with the Authorization its admission hash
+names (None: the tree records no Authorization for it) and whether the leaf is the joiner's own;
+raises ``ProtocolError`` to refuse the Welcome."""
+
+
+def accept_any_admission(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
+    """The default ``AdmissionCheck``: accepts every admission (module docstring)."""
+
+
+def check_welcome_tree(
+    group_id: bytes,
+    tree: RatchetTree,
+    *,
+    own_leaf: int,
+    admissions: dict[bytes, bytes],
+    leaf_check: LeafCheck,
+    admission_check: AdmissionCheck,
+) -> None:
+    """A joiner's checks of every leaf and parent of a Welcome's tree (``Group.join``), none
+    of which needs a secret: each leaf's signature, ``leaf_check``, its admission (the
+    Authorization its hash names must be among ``admissions``, by hash; then
+    ``admission_check``), and the parent-hash validity of every parent node."""
+    for i, leaf in tree.members():
+        leaf.verify(group_id, i)
+        leaf_check(leaf)
+        recorded = tree.admission(i)
+        authz = admissions.get(recorded)
+        if authz is None and recorded != NO_ADMISSION:
+            raise ProtocolError(
+                "mls.welcome.admission", f"leaf {i}: its Authorization is not in the GroupInfo"
+            )
+        admission_check(leaf, authz, i == own_leaf)
+    verify_tree(tree)
 
 
 @dataclass(frozen=True)
@@ -92,10 +159,17 @@ def interim_transcript_hash(confirmed: bytes, confirmation_tag: bytes) -> bytes:
 
 
 def apply_proposals(
-    state: PublicState, sender: int, removes: Sequence[int], adds: Sequence[KeyPackage]
+    state: PublicState,
+    sender: int,
+    removes: Sequence[int],
+    adds: Sequence[KeyPackage],
+    *,
+    authz: bytes | None = None,
+    leaf_check: LeafCheck = accept_any_leaf,
 ) -> tuple[RatchetTree, tuple[int, ...]]:
     """A copy of the tree with the removes, then the adds, applied (RFC 9420 §12.3 order), and
-    the leaf indices the joiners got. Refuses an invalid proposal."""
+    the leaf indices the joiners got; each added leaf records ``admission_hash(authz)``. Refuses
+    an invalid proposal or a leaf ``leaf_check`` refuses."""
     tree = state.tree.copy()
     seen: set[int] = set()
     for leaf_index in removes:
@@ -111,8 +185,10 @@ def apply_proposals(
         tree._truncate()
     added: list[int] = []
     keys = {leaf.encryption_key for _, leaf in tree.members()}
+    admission = admission_hash(authz)
     for kp in adds:
         kp.verify()
+        leaf_check(kp.leaf)
         if tree.find_device(kp.device_id) is not None:
             raise ProtocolError("mls.add.duplicate", "the device is already a member")
         if kp.leaf_key in keys:
@@ -120,7 +196,7 @@ def apply_proposals(
         if tree.member_count() >= codec.MAX_LEAVES:
             raise ProtocolError("mls.add.full", f"a group has at most {codec.MAX_LEAVES} members")
         keys.add(kp.leaf_key)
-        added.append(tree._add_leaf(kp.leaf_node()))
+        added.append(tree._add_leaf(kp.leaf_node(), admission))
     return tree, tuple(added)
 
 
@@ -134,7 +210,6 @@ def copath_resolutions(
 
 
 def apply_path(
-    state: PublicState,
     tree: RatchetTree,
     sender: int,
     *,
@@ -142,9 +217,9 @@ def apply_path(
     path: Sequence[tuple[int, int]],
     node_keys: Sequence[bytes],
 ) -> bytes:
-    """Put the committer's new keys into ``tree`` (a copy from ``apply_proposals``) and return
-    the provisional GroupContext the path secrets are sealed under: next epoch, new tree hash,
-    previous confirmed transcript hash (RFC 9420 §12.4.2)."""
+    """Put the committer's new parent keys into ``tree`` (a copy from ``apply_proposals``) with
+    their parent hashes, and return the parent hash the committer's new leaf must carry (the
+    leaf itself is set by ``finish_path``)."""
     if len(node_keys) != len(path):
         raise ProtocolError(
             "mls.path.length",
@@ -158,11 +233,30 @@ def apply_path(
     fresh = [*node_keys, *([leaf_key] if leaf_key is not None else [])]
     if len(set(fresh)) != len(fresh) or in_use.intersection(fresh):
         raise ProtocolError("mls.path.duplicate-key", "the UpdatePath reuses a public key")
-    if leaf_key is not None:
-        tree._replace_leaf_key(sender, leaf_key)
     tree._apply_path(sender, zip((x for x, _ in path), node_keys, strict=True))
+    return set_path_parent_hashes(tree, path)
+
+
+def finish_path(state: PublicState, tree: RatchetTree, sender: int, leaf: LeafNode) -> bytes:
+    """Set the committer's new leaf and return the provisional GroupContext the path secrets
+    are sealed under: next epoch, new tree hash, previous confirmed transcript hash (RFC 9420
+    §12.4.2)."""
+    tree._replace_leaf(sender, leaf)
     return group_context_bytes(
         state.group_id, state.epoch + 1, tree.tree_hash(), state.confirmed_transcript_hash
+    )
+
+
+def committer_leaf(old: LeafNode, path: UpdatePath) -> LeafNode:
+    """The committer's new leaf as a receiver rebuilds it from its old leaf and the UpdatePath."""
+    return LeafNode(
+        device_id=old.device_id,
+        signature_key=old.signature_key,
+        encryption_key=old.encryption_key if path.leaf_key is None else path.leaf_key,
+        credential=old.credential,
+        source=SOURCE_COMMIT,
+        parent_hash=path.parent_hash,
+        signature=path.leaf_signature,
     )
 
 
@@ -199,7 +293,13 @@ class VerifiedCommit:
         )
 
 
-def verify_commit(state: PublicState, commit: Commit) -> VerifiedCommit:
+def verify_commit(
+    state: PublicState,
+    commit: Commit,
+    *,
+    leaf_check: LeafCheck = accept_any_leaf,
+    commit_check: CommitCheck = accept_any_commit,
+) -> VerifiedCommit:
     """Every check of a commit that needs no secret (module docstring); raises, never returns
     a half-checked result, and never changes ``state``."""
     content = commit.content
@@ -227,18 +327,30 @@ def verify_commit(state: PublicState, commit: Commit) -> VerifiedCommit:
         raise ProtocolError(
             "mls.commit.signature", "the commit is not signed by its committer"
         ) from None
-    tree, added = apply_proposals(state, content.sender, content.removes, content.adds)
+    commit_check(content, state.tree)
+    tree, added = apply_proposals(
+        state,
+        content.sender,
+        content.removes,
+        content.adds,
+        authz=content.authz,
+        leaf_check=leaf_check,
+    )
     path = tuple(tree.filtered_direct_path(content.sender))
     resolutions = copath_resolutions(tree, path, added)
     nodes = content.path.nodes
-    provisional = apply_path(
-        state,
+    leaf_parent_hash = apply_path(
         tree,
         content.sender,
         leaf_key=content.path.leaf_key,
         path=path,
         node_keys=[n.encryption_key for n in nodes],
     )
+    new_leaf = committer_leaf(committer, content.path)
+    check_commit_leaf(new_leaf, leaf_parent_hash)
+    new_leaf.verify(content.group_id, content.sender)
+    leaf_check(new_leaf)
+    provisional = finish_path(state, tree, content.sender, new_leaf)
     for (x, _), node, resolution in zip(path, nodes, resolutions, strict=True):
         if len(node.encrypted_path_secret) != len(resolution):
             raise ProtocolError(
@@ -288,12 +400,28 @@ class PublicGroup:
     def tree_hash(self) -> bytes:
         return self._state.tree.tree_hash()
 
-    def verify(self, commit: Commit) -> VerifiedCommit:
-        return verify_commit(self._state, commit)
+    def verify(
+        self,
+        commit: Commit,
+        *,
+        leaf_check: LeafCheck = accept_any_leaf,
+        commit_check: CommitCheck = accept_any_commit,
+    ) -> VerifiedCommit:
+        return verify_commit(self._state, commit, leaf_check=leaf_check, commit_check=commit_check)
 
-    def apply(self, commit: Commit) -> PublicGroup:
+    def apply(
+        self,
+        commit: Commit,
+        *,
+        leaf_check: LeafCheck = accept_any_leaf,
+        commit_check: CommitCheck = accept_any_commit,
+    ) -> PublicGroup:
         """The group after ``commit``; raises (and this object stays as it was) if refused."""
-        return PublicGroup(verify_commit(self._state, commit).next_state())
+        return PublicGroup(
+            verify_commit(
+                self._state, commit, leaf_check=leaf_check, commit_check=commit_check
+            ).next_state()
+        )
 
     def committer_for_remove(self, leaf_index: int) -> int:
         """The member the service should ask to commit the removal of ``leaf_index``: the one

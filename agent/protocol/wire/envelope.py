@@ -37,7 +37,11 @@ from agent.protocol.wire.messages.base import ID_PATTERN, UINT64_MAX, Body
 from agent.protocol.wire.messages.registry import REGISTRY, body_class
 
 VERSION: Final = 1
-DEFAULT_MAX_MESSAGE_SIZE: Final = cbor.DEFAULT_MAX_SIZE
+DEFAULT_MAX_MESSAGE_SIZE: Final = Body.MAX_MESSAGE_SIZE
+LARGEST_MESSAGE_SIZE: Final = max(cls.MAX_MESSAGE_SIZE for cls in REGISTRY.values())
+"""The frame limit before anything is decoded: the largest any message type allows (Welcomes);
+each type's own limit (``Body.MAX_MESSAGE_SIZE``, 256 KiB for all others) is applied as soon as
+the envelope names the type, before the body is parsed or the signature checked."""
 DEFAULT_MAX_AGE: Final = 300
 DEFAULT_MAX_FUTURE: Final = 60
 ENVELOPE_FIELDS: Final = frozenset({"type", "version", "sender", "to", "seq", "time", "body"})
@@ -63,7 +67,7 @@ class RawMessage:
     data: bytes = field(repr=False)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> RawMessage:
+    def from_bytes(cls, data: bytes, *, max_size: int = LARGEST_MESSAGE_SIZE) -> RawMessage:
         if type(data) is not bytes:
             raise ProtocolError("wire.type", "a message is bytes")
         if len(data) > max_size:
@@ -163,7 +167,12 @@ def decode_message(raw: RawMessage) -> DecodedMessage:
     message_type = envelope["type"]
     if type(message_type) is not str:
         raise ProtocolError("envelope.malformed", "type must be text")
-    body_class(message_type)  # envelope.type for unknown types, before anything else is used
+    # envelope.type for unknown types, before anything else is used
+    type_limit = body_class(message_type).MAX_MESSAGE_SIZE
+    if len(raw.data) > type_limit:
+        raise ProtocolError(
+            "wire.oversize", f"{len(raw.data)} bytes exceed {type_limit} for {message_type}"
+        )
     version = envelope["version"]
     if type(version) is not int:
         raise ProtocolError("envelope.malformed", "version must be an integer")
@@ -246,7 +255,7 @@ def open_message(
     *,
     now: int,
     recipients: Collection[str],
-    max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    max_size: int = LARGEST_MESSAGE_SIZE,
     max_age: int = DEFAULT_MAX_AGE,
     max_future: int = DEFAULT_MAX_FUTURE,
 ) -> VerifiedMessage:

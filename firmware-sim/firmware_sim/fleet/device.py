@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from agent.config import AgentConfig, load_config
 from agent.core import AgentCore, Publish
 from agent.protocol.errors import KeyfleetError
@@ -36,10 +38,12 @@ class VirtualDevice:
         self.config = config
         self.device_id = config.identity.device_id
         self.keys = keys
+        self.credential = config.identity.devid_cert.certificates[0].public_bytes(Encoding.DER)
         self.core = AgentCore(
             self.device_id,
             config.fleet.service_key,
             keys,
+            credential=self.credential,
             now=now,
             policy_for=config.rotation.for_group,
             max_age=max(DEFAULT_MAX_AGE, config.broker.session_expiry),

@@ -40,9 +40,9 @@ def seed_group(
     for device in devices:
         leaf = device.keys.new_leaf_key()
         key_package = KeyPackage.create(
-            device.device_id.encode(), device.keys.devid, leaf.public_key()
+            device.device_id.encode(), device.keys.devid, leaf.public_key(), device.credential
         )
-        members.append((key_package, leaf))
+        members.append((key_package, leaf, device.keys.devid))
     groups = Group.assemble(group_id.encode(), members, epoch=SEED_EPOCH)
     for device, group in zip(devices, groups, strict=True):
         device.core.install_group(group, now)

@@ -28,6 +28,10 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 no leading ``$``), at most 64 characters."""
 
 UINT64_MAX = (1 << 64) - 1
+DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024
+MAX_WELCOME_MESSAGE_SIZE = 4 << 20
+"""Welcomes carry the whole tree with every member's DevID certificate (about 1 MB at 1,024
+members with 500-byte certificates): the one message type allowed past 256 KiB."""
 MAX_LIST = 4096
 MAX_OPAQUE = 1 << 20
 MAX_TEXT = 1024
@@ -104,6 +108,8 @@ class Body(Record):
     """Base of every message body. Subclasses are frozen dataclasses with a ``TYPE`` string."""
 
     TYPE: ClassVar[str]
+    MAX_MESSAGE_SIZE: ClassVar[int] = DEFAULT_MAX_MESSAGE_SIZE
+    """The largest signed message (COSE_Sign1 bytes) of this type a receiver decodes."""
 
     def group_epoch(self) -> tuple[str, int] | None:
         """``(group id, epoch)`` when the message belongs to a group epoch (for rollback checks),

@@ -15,6 +15,7 @@ from typing import ClassVar
 from agent.protocol.wire.messages.base import (
     COMMAND_ID_MAX,
     COMMAND_ID_MIN,
+    MAX_WELCOME_MESSAGE_SIZE,
     Body,
     check_bytes,
     check_choice,
@@ -93,6 +94,7 @@ class WelcomeMessage(Body):
     The service forwards it to each new member as ``svc.welcome``."""
 
     TYPE: ClassVar[str] = "group.welcome"
+    MAX_MESSAGE_SIZE: ClassVar[int] = MAX_WELCOME_MESSAGE_SIZE
 
     group_id: str
     epoch: int
@@ -102,7 +104,7 @@ class WelcomeMessage(Body):
     def __post_init__(self) -> None:
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
-        check_bytes(self.welcome, "welcome", min_len=1)
+        check_bytes(self.welcome, "welcome", min_len=1, max_len=MAX_WELCOME_MESSAGE_SIZE)
         check_ids(self.new_members, "new_members", min_len=1)
 
     def group_epoch(self) -> tuple[str, int]:

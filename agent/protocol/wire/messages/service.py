@@ -15,6 +15,7 @@ from agent.protocol.wire.messages.attestation import AttestChallenge
 from agent.protocol.wire.messages.base import (
     COMMAND_ID_MAX,
     COMMAND_ID_MIN,
+    MAX_WELCOME_MESSAGE_SIZE,
     Body,
     check_bytes,
     check_enum,
@@ -108,6 +109,7 @@ class WelcomeDelivery(Body):
     """The welcome a committer made for the receiver: join ``group_id`` at ``epoch``."""
 
     TYPE: ClassVar[str] = "svc.welcome"
+    MAX_MESSAGE_SIZE: ClassVar[int] = MAX_WELCOME_MESSAGE_SIZE
 
     group_id: str
     epoch: int
@@ -116,7 +118,7 @@ class WelcomeDelivery(Body):
     def __post_init__(self) -> None:
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
-        check_bytes(self.welcome, "welcome", min_len=1)
+        check_bytes(self.welcome, "welcome", min_len=1, max_len=MAX_WELCOME_MESSAGE_SIZE)
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)
