@@ -4,7 +4,8 @@ Operator keys and replay state, command ids, attestation challenges and waits, t
 its per-group slot, operations in flight, held commit/welcome halves, task leases and the shared
 envelope sequence counter, dual-control requests and the adopted quorum policies. Every rule
 several instances agree on is a row and a conditional UPDATE (whoever changes the row wins, the
-others see rowcount 0 and step back), never a leader and never an in-process lock. The queries over them live in ``provisioning.service.store``.
+others see rowcount 0 and step back), never a leader and never an in-process lock. The queries
+over them live in ``provisioning.service.store``.
 """
 
 from __future__ import annotations

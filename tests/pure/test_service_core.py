@@ -180,7 +180,9 @@ def make_fleet(
         sessions,
         signing_key=service_key,
         operator_ca=operator_ca.certificate,
-        settings=ServiceSettings(**settings),
+        # One operator may decide alone unless a test asks for dual control: the direct
+        # commands these tests send carry no Authorization (tests/pure/test_service_requests.py).
+        settings=ServiceSettings(**{"min_approvals": 1, **settings}),
         rng=lambda n: next(counter).to_bytes(n, "big"),
     )
     devices = {}
