@@ -415,8 +415,10 @@ def start_change(
     """Record an accepted change (a direct command, or a request whose approvals met the
     quorum: ``authz`` is then its Authorization, kept on the operation for the members) as an
     operation with its jobs, audited, in the caller's transaction; return what to do after
-    it committed. Jobs with an id were inserted by the planner (``plan_removal``)."""
-    store.record_command(session, command_id, operator=operator, type_=type_, now=now)
+    it committed. Jobs with an id were inserted by the planner (``plan_removal``). The
+    command id of an approval is recorded already (``dispatch_operator``)."""
+    if request_id is None:
+        store.record_command(session, command_id, operator=operator, type_=type_, now=now)
     details: dict[str, str | int | None] = {
         "command_id": command_id.hex(),
         "jobs": len(jobs),
