@@ -22,7 +22,7 @@ new quorum policy) runs (docs/operations.md, "Dual control").
 Every step is one audit entry (``request.propose``, ``request.approve``, ``request.execute``,
 ``request.refuse``, ``request.expire``, ``quorum.policy``); refusals are audited by the
 caller (``verify.refuse``) with their check id: ``quorum.unknown``, ``quorum.expired``,
-``quorum.state``, ``quorum.approver``, ``quorum.duplicate``, ``quorum.role``, ``authz.*``.
+``quorum.state``, ``quorum.approver``, ``quorum.duplicate``, ``op.role``, ``authz.*``.
 
 The policy in force is the newest adopted one, re-verified from the initial policy
 (``QuorumPolicy.initial(min_approvals)``) along the chain of adopted policies each time it is
@@ -110,7 +110,7 @@ def dispatch(
 
 def require_role(session: Session, operator: str, op: str) -> None:
     if op in ADMIN_OPS and not Registry(session).operator(operator).role.allows(Role.ADMIN):
-        raise ProtocolError("quorum.role", f"{op} is proposed and approved by admins only")
+        raise ProtocolError("op.role", f"{op} is proposed and approved by admins only")
 
 
 def info(cx: Call, session: Session, stored: StoredRequest, now: int) -> RequestInfo:
