@@ -114,7 +114,7 @@ def test_a_proposal_the_service_could_not_carry_out_is_refused(fleet: Fleet) -> 
     assert "ds.group.member" in refusal(fleet, body.command_id)
     body = Propose(command_id(), "device.revoke", ("dev-2",))
     fleet.send(fleet.operators["op-alice"].command(body, fleet.now))
-    assert "quorum.role" in refusal(fleet, body.command_id)  # revocations are for admins
+    assert "op.role" in refusal(fleet, body.command_id)  # revocations are for admins
 
 
 # -- approve ------------------------------------------------------------------------------------
@@ -340,4 +340,4 @@ def test_the_policy_needs_admins(fleet: Fleet) -> None:
     policy = authz.QuorumPolicy(serial=1, default={"*": 1})
     body = Propose(command_id(), "policy", (), None, policy.encode())
     fleet.send(fleet.operators["op-alice"].command(body, fleet.now))
-    assert "quorum.role" in refusal(fleet, body.command_id)
+    assert "op.role" in refusal(fleet, body.command_id)
