@@ -300,7 +300,7 @@ def _schema(base: Path) -> Table:
         },
         "quorum": {
             "min_approvals": Field(Int(1, 16, "operators"), default=2),
-            "request_ttl_seconds": Field(seconds(60, 30 * 86400), default=86400),
+            "request_ttl_seconds": Field(seconds(10, 30 * 86400), default=86400),
         },
         "http": {
             "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED), required=True),
