@@ -8,15 +8,18 @@ signs them. The service runs with ``min_approvals = 2`` unless a test says other
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from agent.protocol import authz
 from agent.protocol.wire.messages.operator import Approve, ListRequests, Propose
 from agent.protocol.wire.messages.result import RequestInfo, RequestState, ResultStatus
 from agent.protocol.wire.messages.service import CommitRequest, WelcomeDelivery
+from provisioning.dashboard.app import build_dashboard_app
 from provisioning.registry import DeviceState, Registry
 from provisioning.service import store
 from provisioning.service.operators import register_operator
@@ -341,3 +344,55 @@ def test_the_policy_needs_admins(fleet: Fleet) -> None:
     body = Propose(command_id(), "policy", (), None, policy.encode())
     fleet.send(fleet.operators["op-alice"].command(body, fleet.now))
     assert "op.role" in refusal(fleet, body.command_id)
+
+
+# -- the dashboard ------------------------------------------------------------------------------
+
+
+def dashboard_overview(fleet: Fleet, viewer: str) -> str:
+    """GET / of the dashboard app, called as the HTTPS server calls it (the operator's client
+    certificate in the ASGI TLS extension); no socket: tests/e2e/test_dashboard.py serves it."""
+    assert fleet.operator_ca is not None
+    app = build_dashboard_app(
+        fleet.sessions, operator_ca=fleet.operator_ca.certificate, clock=lambda: fleet.now
+    )
+    pem = fleet.operators[viewer].cert.public_bytes(serialization.Encoding.PEM).decode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "https",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"dashboard")],
+        "server": ("127.0.0.1", 8444),
+        "client": ("127.0.0.1", 50000),
+        "extensions": {"tls": {"client_cert_chain": [pem]}},
+    }
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert sent[0]["status"] == 200, sent
+    return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()  # type: ignore[misc]
+
+
+def test_the_dashboard_lists_pending_requests_read_only(fleet: Fleet) -> None:
+    assert 'id="no-pending-requests"' in dashboard_overview(fleet, "op-viewer")
+    info = propose(fleet, "op-alice", "group.create", "dev-1", "dev-2", group="g1")
+    approve(fleet, "op-alice", info.request)
+    request_id = authz.Request.decode(info.request).id.hex()
+    page = dashboard_overview(fleet, "op-viewer")
+    row = page[page.index(f'data-request="{request_id}"') :].split("</tr>")[0]
+    assert "group.create" in row and "dev-1" in row and "dev-2" in row
+    assert '<td class="approvers">op-alice</td>' in row
+    approve(fleet, "op-admin", info.request)
+    assert request_id not in dashboard_overview(fleet, "op-viewer")
