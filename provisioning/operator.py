@@ -150,6 +150,10 @@ class OperatorClient:
     def new_command_id(self) -> bytes:
         return self._rng(16)
 
+    def now(self) -> int:
+        """The operator's clock, unix seconds."""
+        return int(self._clock())
+
     def send(self, body: Command) -> None:
         now = int(self._clock())
         # Microseconds keep seqs increasing across CLI runs without local state, and two CLI

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import tomllib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -128,16 +127,14 @@ class RequestSession:
         self,
         client: OperatorClient,
         *,
-        out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
         json_lines: bool = False,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
-        self.out = out
-        self.err = err
+        self.out = out if out is not None else sys.stdout
+        self.err = err if err is not None else sys.stderr
         self.json = json_lines
-        self.clock = clock
 
     def _reply(self, body: Propose | Approve | ListRequests, label: str) -> RequestsResult | None:
         reply = self.client.exchange(body, EXCHANGE_TIMEOUT)
@@ -158,7 +155,7 @@ class RequestSession:
             return None
         (info,) = reply.requests
         request = authz.Request.decode(info.request)
-        check_proposed(request, body, self.client.identity.name, int(self.clock()))
+        check_proposed(request, body, self.client.identity.name, self.client.now())
         return request
 
     def fetch(self, request_id: bytes, label: str) -> RequestInfo | None:
@@ -197,7 +194,9 @@ class RequestSession:
                 self.note(label, info, f"adopted: {info.detail}")
                 return EXIT_OK
             progress = Progress(self.out, json_lines=self.json)
-            return follow(self.client, {command_id: label}, timeout=timeout, progress=progress)
+            return follow(
+                self.client, {command_id: label}, timeout=timeout, progress=progress, err=self.err
+            )
         if info.state is RequestState.PENDING:
             missing = info.required - len(info.approvers)
             self.note(
@@ -284,9 +283,9 @@ def run_propose(client: OperatorClient, args: argparse.Namespace) -> int:
     return session.outcome(info, command_id, label, timeout=args.timeout, direct=False)
 
 
-def confirm(question: str, stream: TextIO = sys.stdin, out: TextIO = sys.stderr) -> bool:
-    print(f"{question} [y/N] ", end="", file=out, flush=True)
-    answer = stream.readline()
+def confirm(question: str) -> bool:
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -380,7 +379,7 @@ def run_direct(
             codes.append(session.outcome(info, command_id, label, timeout=timeout, direct=True))
     if started:
         progress = Progress(session.out, json_lines=json_lines)
-        codes.append(follow(client, started, timeout=timeout, progress=progress))
+        codes.append(follow(client, started, timeout=timeout, progress=progress, err=session.err))
     return max(codes, default=EXIT_OK)
 
 

@@ -90,6 +90,7 @@ class Fleet:
     operator_ca: pki.CertificateAuthority | None = None
     record: bool = False  # keep what the service sent to devices in ``to_devices``
     to_devices: list[tuple[str, Body]] = field(default_factory=list)
+    to_operators: list[tuple[str, Body]] = field(default_factory=list)  # every result, in order
     offline: set[str] = field(default_factory=set)
     inbox: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)
 
@@ -108,6 +109,7 @@ class Fleet:
                 message = open_message(
                     p.payload, self._service_signer, now=self.now, recipients={parts[3]}
                 )
+                self.to_operators.append((parts[3], message.body))
                 if isinstance(message.body, RequestsResult):
                     self.request_results.setdefault(message.body.command_id, []).append(
                         message.body
