@@ -402,13 +402,7 @@ def _direct_proposals(
     args: argparse.Namespace, client: OperatorClient
 ) -> list[tuple[str, Propose]]:
     if args.command == "revoke":
-        if args.reason:
-            print(
-                "keyfleet: revoke: the reason is recorded as the request's approvers, not "
-                "the text given",
-                file=sys.stderr,
-            )
-        body = Propose(client.new_command_id(), "device.revoke", (args.device,))
+        body = Propose(client.new_command_id(), "device.revoke", (args.device,), reason=args.reason)
         return [(f"revoke {args.device}", body)]
     if args.group_command == "create":
         members = tuple(dict.fromkeys(args.members))

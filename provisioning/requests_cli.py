@@ -260,7 +260,7 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
         )
     if kind == "revoke":
         return f"propose revoke {args.device}", Propose(
-            command_id, authz.OP_DEVICE_REVOKE, (args.device,)
+            command_id, authz.OP_DEVICE_REVOKE, (args.device,), reason=args.reason
         )
     policy = load_policy_file(Path(args.file))
     return f"propose policy serial {policy.serial}", Propose(
@@ -406,6 +406,7 @@ def add_request_commands(
     remove.add_argument("device")
     revoke = kinds.add_parser("revoke", help="revoke DEVICE (admins)")
     revoke.add_argument("device")
+    revoke.add_argument("--reason", help="recorded with the revocation")
     policy = kinds.add_parser("policy", help="a new quorum policy from a TOML FILE (admins)")
     policy.add_argument("file", metavar="FILE")
     for parser in (create, add, remove, revoke, policy):

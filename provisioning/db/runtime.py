@@ -198,6 +198,7 @@ class QuorumRequestRow(ServiceBase):
     approvers: Mapped[str] = mapped_column(Text, default="")  # comma-separated operator ids
     state: Mapped[str] = mapped_column(String(16), index=True)
     proposer: Mapped[str] = mapped_column(String(ID_LENGTH))
+    reason: Mapped[str] = mapped_column(Text, default="")  # a revocation's reason text
     command_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # hex
     detail: Mapped[str] = mapped_column(Text, default="")
     version: Mapped[int] = mapped_column(Integer, default=0)

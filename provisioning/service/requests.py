@@ -219,6 +219,7 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
         proposer=operator,
         created_at=now,
         expires_at=request.exp,
+        reason=body.reason or "",
     )
     store.insert_request(session, stored, now=now)
     audit.append(
@@ -406,7 +407,9 @@ def plan(
     if stored.op == authz.OP_GROUP_REMOVE:
         assert group is not None
         return operators.plan_group_remove(cx, session, group, members[0], now)
-    reason = f"revoked under request {stored.request_id.hex()} by {', '.join(stored.approvers)}"
+    reason = f"request {stored.request_id.hex()} approved by {', '.join(stored.approvers)}"
+    if stored.reason:
+        reason = f"{stored.reason} ({reason})"
     return operators.plan_revoke(cx, session, members[0], reason=reason, operator=operator, now=now)
 
 

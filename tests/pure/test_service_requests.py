@@ -47,8 +47,9 @@ def propose(
     *members: str,
     group: str | None = None,
     policy: bytes | None = None,
+    reason: str | None = None,
 ) -> RequestInfo:
-    body = Propose(command_id(), op, tuple(members), group, policy)
+    body = Propose(command_id(), op, tuple(members), group, policy, reason)
     fleet.send(fleet.operators[operator].command(body, fleet.now))
     answers = fleet.request_results.get(body.command_id)
     assert answers, [r.detail for r in fleet.results.get(body.command_id, [])]
@@ -184,7 +185,7 @@ def test_group_remove_and_revoke_by_quorum(fleet: Fleet) -> None:
         assert Registry(s).device("dev-3").state is not DeviceState.REVOKED
 
     second_admin = add_operator(fleet, "op-bob", "admin")
-    info = propose(fleet, "op-admin", "device.revoke", "dev-2")
+    info = propose(fleet, "op-admin", "device.revoke", "dev-2", reason="lost in transit")
     approve(fleet, "op-admin", info.request)
     _, refused = approve(fleet, "op-alice", info.request)
     assert refused is None  # a revocation needs admins
@@ -193,7 +194,12 @@ def test_group_remove_and_revoke_by_quorum(fleet: Fleet) -> None:
     assert fleet.final(cid).status is ResultStatus.DONE
     assert fleet.members("g1") == ["dev-1"]
     with fleet.sessions() as s:
-        assert Registry(s).device("dev-2").state is DeviceState.REVOKED
+        revoked = Registry(s).device("dev-2")
+    assert revoked.state is DeviceState.REVOKED
+    request_id = authz.Request.decode(info.request).id.hex()
+    assert revoked.state_reason == (
+        f"lost in transit (request {request_id} approved by op-admin, op-bob)"
+    )
 
 
 def test_the_same_operator_twice_is_refused_and_counts_once(fleet: Fleet) -> None:

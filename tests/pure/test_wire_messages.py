@@ -136,6 +136,7 @@ SAMPLES: list[Body] = [
     Propose(command_id=CMD, op="group.add", members=("dev-4",), group_id="g1"),
     Propose(command_id=CMD, op="group.create", members=("dev-1", "dev-2"), group_id="g9"),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",)),
+    Propose(command_id=CMD, op="device.revoke", members=("dev-3",), reason="lost"),
     Propose(command_id=CMD, op="policy", members=(), policy=b"policy"),
     Approve(command_id=CMD, request_id=bytes(16), approval=b"approval"),
     ListRequests(command_id=CMD),

@@ -42,6 +42,7 @@ class StoredRequest:
     command_id: bytes | None = field(default=None, repr=False)
     detail: str = ""
     version: int = 0
+    reason: str = ""
 
 
 def _from_row(row: QuorumRequestRow) -> StoredRequest:
@@ -63,6 +64,7 @@ def _from_row(row: QuorumRequestRow) -> StoredRequest:
         command_id=None if row.command_id is None else bytes.fromhex(row.command_id),
         detail=row.detail,
         version=row.version,
+        reason=row.reason,
     )
 
 
@@ -78,6 +80,7 @@ def insert_request(session: Session, stored: StoredRequest, *, now: int) -> None
             approvers=",".join(stored.approvers),
             state=stored.state.value,
             proposer=stored.proposer,
+            reason=stored.reason,
             command_id=None,
             detail=stored.detail,
             version=0,

@@ -120,7 +120,8 @@ class AttestDevice(Body):
 class Propose(Body):
     """Ask the service for a Request of ``op``: ``group.create`` (``group_id``, ``members`` the
     founders, first first), ``group.add`` / ``group.remove`` (``group_id``, one member),
-    ``device.revoke`` (one member, no group) or ``policy`` (``policy``: the new QuorumPolicy's
+    ``device.revoke`` (one member, no group; ``reason`` the text recorded with the revocation)
+    or ``policy`` (``policy``: the new QuorumPolicy's
     bytes, nothing else). The answer is the Request, unsigned; the proposer approves it with
     ``op.approve`` after checking it (the Request's bytes are the service's, with its random id,
     times and the members' key hashes, so no approval can travel with the proposal)."""
@@ -132,10 +133,15 @@ class Propose(Body):
     members: tuple[str, ...]
     group_id: str | None = None
     policy: bytes | None = None
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_choice(self.op, "op", PROPOSABLE_OPS)
+        if self.reason is not None:
+            check_text(self.reason, "reason", min_len=1)
+            if self.op != "device.revoke":
+                raise ProtocolError("body.malformed", "only a revocation carries a reason")
         check_ids(self.members, "members")
         if self.group_id is not None:
             check_id(self.group_id, "group_id")

@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("approvers", sa.Text(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("proposer", sa.String(length=64), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("command_id", sa.String(length=64), nullable=True),
         sa.Column("detail", sa.Text(), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
