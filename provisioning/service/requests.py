@@ -70,6 +70,8 @@ OPERATION_TYPES = {
 # Ops whose proposal and approval the service gives to admins only (a revocation was an admin
 # command before dual control; a policy change is an admin's per the authorization format).
 ADMIN_OPS = frozenset({authz.OP_DEVICE_REVOKE, authz.OP_POLICY})
+# What one ``op.list_requests`` answer holds at most (a service message is at most 256 KiB).
+LIST_BYTES = 160 * 1024
 
 
 # -- the policy in force ------------------------------------------------------------------------
@@ -113,20 +115,16 @@ def require_role(session: Session, operator: str, op: str) -> None:
         raise ProtocolError("op.role", f"{op} is proposed and approved by admins only")
 
 
-def info(cx: Call, session: Session, stored: StoredRequest, now: int) -> RequestInfo:
+def info(stored: StoredRequest, policy: authz.QuorumPolicy, now: int) -> RequestInfo:
     state = stored.state
     detail = stored.detail
     if state is RequestState.PENDING and now > stored.expires_at:
         state, detail = RequestState.EXPIRED, f"expired at {stored.expires_at}"
-    try:
-        required = current_policy(cx, session).required(stored.op, stored.group_id)
-    except ProtocolError:
-        required = 1  # an unreadable stored policy is reported where it is read for a change
     return RequestInfo(
         request=stored.request,
         state=state,
         approvers=tuple(stored.approvers),
-        required=required,
+        required=policy.required(stored.op, stored.group_id),
         detail=detail,
     )
 
@@ -140,7 +138,8 @@ def answer(
     *,
     now: int,
 ) -> Send:
-    result = RequestsResult(command_id, tuple(info(cx, session, s, now) for s in items))
+    policy = current_policy(cx, session)
+    result = RequestsResult(command_id, tuple(info(s, policy, now) for s in items))
     return Send(operator_result_topic(operator), result, operator)
 
 
@@ -249,6 +248,7 @@ def on_approve(cx: Call, session: Session, operator: str, body: Approve, now: in
     stored = store.load_request(session, body.request_id)
     if stored is None:
         raise ProtocolError("quorum.unknown", f"no request {body.request_id.hex()}")
+    check_stored(stored)
     if stored.state is RequestState.EXPIRED or (
         stored.state is RequestState.PENDING and now > stored.expires_at
     ):
@@ -299,6 +299,22 @@ def on_approve(cx: Call, session: Session, operator: str, body: Approve, now: in
         answer(cx, session, operator, body.command_id, [stored], now=now),
         *effects,
     ]
+
+
+def check_stored(stored: StoredRequest) -> None:
+    """The row's columns (which the change is planned from) say what its Request bytes (which
+    the operators sign) say: a database writer cannot point approvals at another change."""
+    request = authz.Request.decode(stored.request)
+    if (
+        request.id != stored.request_id
+        or request.op != stored.op
+        or request.group != stored.group_id
+        or tuple(m.device_id for m in request.members) != stored.members
+        or request.exp != stored.expires_at
+    ):
+        raise ProtocolError(
+            "quorum.stored", f"request {stored.request_id.hex()}: its row disagrees with its bytes"
+        )
 
 
 def authorization(stored: StoredRequest) -> bytes:
@@ -423,7 +439,16 @@ def on_list(cx: Call, session: Session, operator: str, body: ListRequests, now: 
             raise ProtocolError("quorum.unknown", f"no request {body.request_id.hex()}")
         items = [stored]
     else:
-        items = [s for s in store.open_requests(session) if now <= s.expires_at][-MAX_REQUESTS:]
+        # The newest open requests, as many as fit one answer (a group.create request names
+        # every founder with its key hash: a large one is tens of kilobytes).
+        items = []
+        size = 0
+        for stored in reversed([s for s in store.open_requests(session) if now <= s.expires_at]):
+            size += len(stored.request) + 256
+            if len(items) == MAX_REQUESTS or (items and size > LIST_BYTES):
+                break
+            items.append(stored)
+        items.reverse()
     return [answer(cx, session, operator, body.command_id, items, now=now)]
 
 

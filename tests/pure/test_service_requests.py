@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import update
 
 from agent.protocol import authz
 from agent.protocol.wire.messages.operator import Approve, ListRequests, Propose
 from agent.protocol.wire.messages.result import RequestInfo, RequestState, ResultStatus
 from agent.protocol.wire.messages.service import CommitRequest, WelcomeDelivery
 from provisioning.dashboard.app import build_dashboard_app
+from provisioning.db.runtime import QuorumRequestRow
 from provisioning.registry import DeviceState, Registry
 from provisioning.service import store
 from provisioning.service.operators import register_operator
@@ -402,3 +404,19 @@ def test_the_dashboard_lists_pending_requests_read_only(fleet: Fleet) -> None:
     assert '<td class="approvers">op-alice</td>' in row
     approve(fleet, "op-admin", info.request)
     assert request_id not in dashboard_overview(fleet, "op-viewer")
+
+
+def test_a_request_row_edited_in_the_database_is_not_carried_out(fleet: Fleet) -> None:
+    create_by_quorum(fleet, "g1", "dev-1", "dev-2")
+    info = propose(fleet, "op-alice", "group.add", "dev-3", group="g1")
+    approve(fleet, "op-alice", info.request)
+    request_id = authz.Request.decode(info.request).id
+    with fleet.sessions.begin() as s:  # a database writer swaps the member
+        s.execute(
+            update(QuorumRequestRow)
+            .where(QuorumRequestRow.request_id == request_id.hex())
+            .values(members="dev-4")
+        )
+    cid, answer = approve(fleet, "op-admin", info.request)
+    assert answer is None and "quorum.stored" in refusal(fleet, cid)
+    assert fleet.members("g1") == ["dev-1", "dev-2"] and fleet.service.queue_length("g1") == 0
