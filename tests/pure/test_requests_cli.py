@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -189,3 +190,26 @@ def test_a_policy_file(tmp_path: Path) -> None:
     path.write_text('serial = 3\nextra = 1\n[default]\n"*" = 1\n')
     with pytest.raises(ConfigError, match="unknown keys"):
         requests_cli.load_policy_file(path)
+
+
+def test_requests_lists_what_waits_for_people_and_as_json(dual: Fleet) -> None:
+    code, out = direct(dual, "op-alice", "group.add", "dev-3", group="g9")
+    assert code == EXIT_FAILED  # no group g9: refused at the proposal, nothing pending
+    code, out = direct(dual, "op-alice", "group.create", "dev-1", "dev-2", group="g1")
+    assert code == EXIT_PENDING
+    request_id = out.rsplit("keyfleet approve ", 1)[1].split()[0]
+    for as_json in (False, True):
+        client = LoopClient(dual, "op-viewer")
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown):
+            code = requests_cli.run_requests(client, argparse.Namespace(json=as_json))
+        assert code == EXIT_OK
+        if as_json:
+            (row,) = json.loads(shown.getvalue())
+            assert row["request_id"] == request_id and row["members"] == ["dev-1", "dev-2"]
+            assert row["approvers"] == ["op-alice"] and row["required"] == 2
+            assert row["state"] == "pending" and len(row["member_keys"][0]) == 64
+        else:
+            (line,) = shown.getvalue().splitlines()
+            assert line.startswith(f"{request_id}  group.create  g1 dev-1 dev-2")
+            assert "by op-alice" in line and "1/2 approvals (op-alice)" in line
