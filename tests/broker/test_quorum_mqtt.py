@@ -1,6 +1,7 @@
 """Dual control end to end over a real Mosquitto (mutual TLS, the product ACL): ``keyfleet serve``
 as a subprocess with ``[quorum] min_approvals = 2``, two operators running the CLI as
-subprocesses, software MLS members on the broker with their own DevID certificates.
+subprocesses, software MLS members on the broker with their own DevID certificates; the database
+is a SQLite file and a real PostgreSQL.
 
 Shown: one operator alone leaves a change pending (the direct command exits 4 naming the
 request); the second operator's ``keyfleet approve`` runs it; ``keyfleet requests`` lists what is
@@ -35,6 +36,8 @@ from tests.service_deployment import (
 from tests.service_members import SoftDevice
 
 pytestmark = pytest.mark.broker
+# the service on a SQLite file and on PostgreSQL (tests/fixtures/postgres.py)
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 DEVICES = ("dev-a", "dev-b", "dev-c")
 OPERATORS = ("op-alice", "op-bob")
@@ -87,14 +90,13 @@ class _Run:
 
 @pytest.fixture
 def deployment(
-    tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: BrokerFactory
+    tmp_path: Path, broker_pki: BrokerPKI, mosquitto_factory: BrokerFactory, database_url: str
 ) -> Iterator[QuorumDeployment]:
     fleet = deployment_pki(
         tmp_path, "quorum", broker_pki, mosquitto_factory, log_types=DEFAULT_LOG_TYPES
     )
     now, device_ca, operator_ca = fleet.now, fleet.device_ca, fleet.operator_ca
     broker, service_files, files = fleet.broker, fleet.service, fleet.files
-    database_url = f"sqlite:///{tmp_path / 'fleet.db'}"
     config = tmp_path / "keyfleet.toml"
     config.write_text(
         service_config(
