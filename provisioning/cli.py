@@ -5,8 +5,10 @@ the schema (docs/database.md); ``audit verify`` checks the audit chain and ``aud
 entries; ``devices``, ``groups``, ``operator list`` and ``station list`` read the registry
 (``provisioning.listings``); ``operator add`` and ``station add`` register certificates; the
 operator commands (``group``, ``rekey``, ``attest``, ``revoke``) go over MQTT
-(``provisioning.operator``). The database comes from ``--config FILE`` (the service
-configuration) or ``--db URL`` (an auditor's copy needs no broker certificates).
+(``provisioning.operator``); the membership changes among them, and ``propose``, ``approve``
+and ``requests``, go through dual control (``provisioning.requests_cli``). The database comes
+from ``--config FILE`` (the service configuration) or ``--db URL`` (an auditor's copy needs no
+broker certificates).
 
 Exit status: 0 success; 1 the audit chain is broken (the first bad entry is printed); 2 the
 command could not run (usage, configuration or database error); 141 (128 + SIGPIPE) the reader
@@ -33,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ConfigError, KeyfleetError
-from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.wire.messages.operator import AttestDevice, Propose, Rekey
 from agent.version import add_version_option
 from provisioning import audit, pki
 from provisioning.config import load_config
@@ -71,6 +73,7 @@ from provisioning.operator import (
 )
 from provisioning.pki_cli import add_pki_commands
 from provisioning.registry import Registry, cert_fingerprint
+from provisioning.requests_cli import add_request_commands, run_direct, run_request_command
 from provisioning.service.mqtt import ServiceRunner
 from provisioning.service.operators import register_operator
 
@@ -385,19 +388,38 @@ def _operator_command(args: argparse.Namespace) -> int:
             # arrive as the devices answer (one process, one broker connection).
             for device in dict.fromkeys(args.devices):
                 commands.append((f"attest {device}", AttestDevice(client.new_command_id(), device)))
-        elif args.command == "revoke":
-            commands.append(
-                (f"revoke {args.device}", Revoke(client.new_command_id(), args.device, args.reason))
-            )
-        elif args.group_command == "create":
-            body = GroupCreate(client.new_command_id(), args.group, tuple(args.members))
-            commands.append((f"create {args.group}", body))
         else:
-            for device in args.devices:
-                body_add = GroupAdd(client.new_command_id(), args.group, device)
-                commands.append((f"add {device} to {args.group}", body_add))
+            # Membership changes go through dual control: a request and this operator's
+            # approval; the change starts where the quorum policy asks for one operator.
+            return run_direct(
+                client, _direct_proposals(args, client), timeout=args.timeout, json_lines=args.json
+            )
         progress = Progress(sys.stdout, json_lines=args.json)
         return run_commands(client, commands, timeout=args.timeout, progress=progress)
+
+
+def _direct_proposals(
+    args: argparse.Namespace, client: OperatorClient
+) -> list[tuple[str, Propose]]:
+    if args.command == "revoke":
+        body = Propose(client.new_command_id(), "device.revoke", (args.device,), reason=args.reason)
+        return [(f"revoke {args.device}", body)]
+    if args.group_command == "create":
+        members = tuple(dict.fromkeys(args.members))
+        body = Propose(client.new_command_id(), "group.create", members, args.group)
+        return [(f"create {args.group}", body)]
+    return [
+        (
+            f"add {device} to {args.group}",
+            Propose(client.new_command_id(), "group.add", (device,), args.group),
+        )
+        for device in dict.fromkeys(args.devices)
+    ]
+
+
+def _request_command(args: argparse.Namespace) -> int:
+    with OperatorClient(_operator_settings(args)) as client:
+        return run_request_command(client, args)
 
 
 def _read(args: argparse.Namespace, query: Callable[[Session], list[Row]]) -> list[Row]:
@@ -630,6 +652,7 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     revoke.add_argument("device")
     revoke.add_argument("--reason")
     _add_operator_options(revoke)
+    add_request_commands(commands, _add_operator_options, _request_command)
 
     devices = _add_listing(
         commands.add_parser("devices", help="list devices (registry, on the service host)"),

@@ -36,6 +36,10 @@ Example (``docs/service.md`` describes every key):
     commit_log_retention_epochs = 64
     ack_timeout_seconds = 30
 
+    [quorum]
+    min_approvals = 2
+    request_ttl_seconds = 86400
+
     [http]
     listen = "127.0.0.1:8443"
     tls_cert = "pki/enroll-server.pem"
@@ -83,7 +87,9 @@ DATABASE_URL_EXPECTED = (
     "postgresql+psycopg://host/keyfleet"
 )
 LISTEN_EXPECTED = "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443"
-OPTIONAL_SECTIONS = frozenset({"database", "groups", "http", "service", "dashboard", "metrics"})
+OPTIONAL_SECTIONS = frozenset(
+    {"database", "groups", "quorum", "http", "service", "dashboard", "metrics"}
+)
 # Optional tables whose absence means "not served" rather than "defaults".
 ABSENT_MEANS_OFF = frozenset({"http", "dashboard", "metrics"})
 
@@ -125,6 +131,16 @@ class AttestationConfig:
 class GroupsConfig:
     commit_log_retention_epochs: int
     ack_timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class QuorumConfig:
+    """[quorum]: dual control. ``min_approvals``: k of the initial quorum policy (every op needs
+    k distinct operators until a signed policy is adopted); ``request_ttl_seconds``: how long a
+    proposed request can be approved."""
+
+    min_approvals: int = 2
+    request_ttl_seconds: int = 86400
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,7 @@ class ServiceConfig:
     groups: GroupsConfig
     http: HttpConfig | None
     service: ServiceRuntimeConfig = field(default_factory=ServiceRuntimeConfig)
+    quorum: QuorumConfig = field(default_factory=QuorumConfig)
     metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
 
@@ -281,6 +298,10 @@ def _schema(base: Path) -> Table:
             "commit_log_retention_epochs": Field(Int(1, 1_000_000, "epochs"), default=64),
             "ack_timeout_seconds": Field(seconds(1, 86400), default=30),
         },
+        "quorum": {
+            "min_approvals": Field(Int(1, 16, "operators"), default=2),
+            "request_ttl_seconds": Field(seconds(10, 30 * 86400), default=86400),
+        },
         "http": {
             "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED), required=True),
             "tls_cert": Field(file(), required=True),
@@ -338,6 +359,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         operator_ca_cert=sections["operator_ca"]["cert"],
         attestation=AttestationConfig(**sections["attestation"]),
         groups=GroupsConfig(**sections["groups"]),
+        quorum=QuorumConfig(**sections["quorum"]),
         http=None
         if http is None
         else HttpConfig(

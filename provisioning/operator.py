@@ -10,8 +10,10 @@ A command goes out as one signed envelope; the service answers on the result top
 ``op.result`` messages (``accepted``, ``in-progress`` as acks arrive, then ``done``, ``failed``,
 ``rejected`` or ``timeout``), each checked against the service certificate before it is shown.
 
-Exit codes (``EXIT_*``): 0 every member agrees; 1 the service refused or the change failed;
-2 the command could not run (usage, files, broker); 3 timeout (the stragglers are named).
+Exit codes (``EXIT_*``): 0 every member agrees (``propose``/``approve``: the approval was
+recorded); 1 the service refused or the change failed; 2 the command could not run (usage,
+files, broker); 3 timeout (the stragglers are named); 4 a direct command is waiting for other
+operators' approvals (dual control, ``provisioning.requests_cli``).
 
 The listings (``keyfleet devices``, ``groups``, ``operator list``, ``audit show``...) read the
 database directly and live in ``provisioning.listings``.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -36,19 +39,30 @@ from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.topics import SERVICE_ID, operator_cmd_topic, operator_result_topic
 from agent.protocol.wire.cose import key_id
 from agent.protocol.wire.envelope import Signer, encode_message, open_message
-from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
-from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.operator import (
+    Approve,
+    AttestDevice,
+    GroupAdd,
+    GroupCreate,
+    ListRequests,
+    Propose,
+    Rekey,
+    Revoke,
+)
+from agent.protocol.wire.messages.result import OperatorResult, RequestsResult, ResultStatus
 from provisioning import pki
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_ERROR = 2
 EXIT_TIMEOUT = 3
+EXIT_PENDING = 4
 
 FINAL = frozenset(
     {ResultStatus.DONE, ResultStatus.FAILED, ResultStatus.REJECTED, ResultStatus.TIMEOUT}
 )
-Command = Rekey | Revoke | GroupCreate | GroupAdd | AttestDevice
+Command = Rekey | Revoke | GroupCreate | GroupAdd | AttestDevice | Propose | Approve | ListRequests
+Reply = OperatorResult | RequestsResult
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class OperatorIdentity:
     name: str
     key: ec.EllipticCurvePrivateKey = field(repr=False)
     service_key: ec.EllipticCurvePublicKey = field(repr=False)
+    cert: x509.Certificate | None = None  # signs approvals (dual control)
 
     @classmethod
     def load(cls, settings: OperatorSettings) -> OperatorIdentity:
@@ -81,7 +96,7 @@ class OperatorIdentity:
             raise ConfigError(f"operator files unusable: {err}") from None
         if cert.public_key() != key.public_key():
             raise ConfigError(f"{settings.key} is not the key of {settings.cert}")
-        return cls(pki.common_name(cert), key, service)
+        return cls(pki.common_name(cert), key, service, cert)
 
 
 def _load_public(data: bytes) -> ec.EllipticCurvePublicKey:
@@ -109,6 +124,7 @@ class OperatorClient:
         self._clock = clock
         self._rng = rng
         self._seq = 0
+        self._backlog: list[Reply] = []  # replies read while waiting for another one
         self._client = MqttClient(
             host=settings.host,
             port=settings.port,
@@ -134,6 +150,10 @@ class OperatorClient:
     def new_command_id(self) -> bytes:
         return self._rng(16)
 
+    def now(self) -> int:
+        """The operator's clock, unix seconds."""
+        return int(self._clock())
+
     def send(self, body: Command) -> None:
         now = int(self._clock())
         # Microseconds keep seqs increasing across CLI runs without local state, and two CLI
@@ -155,8 +175,10 @@ class OperatorClient:
             raise LookupError("not the service key")
         return Signer(SERVICE_ID, self.identity.service_key)
 
-    def next_result(self, timeout: float) -> OperatorResult | None:
+    def next_result(self, timeout: float) -> Reply | None:
         """The next result that verifies as the service's, or None after ``timeout``."""
+        if self._backlog:
+            return self._backlog.pop(0)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -175,8 +197,27 @@ class OperatorClient:
             except ProtocolError as err:
                 print(f"keyfleet: ignored a result that did not verify: {err}", file=sys.stderr)
                 continue
-            if isinstance(verified.body, OperatorResult):
+            if isinstance(verified.body, OperatorResult | RequestsResult):
                 return verified.body
+
+    def exchange(self, body: Command, timeout: float) -> Reply | None:
+        """Send ``body`` and wait for its answer: its ``op.requests`` reply or a final
+        ``op.result`` (a refusal). Other results read meanwhile are kept for later reads."""
+        self.send(body)
+        deadline = time.monotonic() + timeout
+        kept: list[Reply] = []
+        try:
+            while True:
+                reply = self.next_result(max(0.0, deadline - time.monotonic()))
+                if reply is None:
+                    return None
+                if reply.command_id == body.command_id and (
+                    isinstance(reply, RequestsResult) or reply.status in FINAL
+                ):
+                    return reply
+                kept.append(reply)
+        finally:
+            self._backlog[:0] = kept
 
 
 # -- showing progress ---------------------------------------------------------------------------
@@ -254,17 +295,30 @@ def run_commands(
 ) -> int:
     """Send every command, follow their results until each is final or ``timeout`` passes.
     Returns the worst exit code; on timeout names the stragglers on ``err``."""
-    labels = {body.command_id: label for label, body in commands}
-    last: dict[bytes, OperatorResult] = {}
     for _, body in commands:
         client.send(body)
+    labels = {body.command_id: label for label, body in commands}
+    return follow(client, labels, timeout=timeout, progress=progress, err=err)
+
+
+def follow(
+    client: OperatorClient,
+    labels: dict[bytes, str],
+    *,
+    timeout: float,
+    progress: Progress,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Follow the results of the commands ``labels`` names (sent already) until each is final
+    or ``timeout`` passes; the worst exit code, the stragglers named on ``err``."""
+    last: dict[bytes, OperatorResult] = {}
     deadline = time.monotonic() + timeout
     open_ids = set(labels)
     while open_ids:
         result = client.next_result(max(0.0, deadline - time.monotonic()))
         if result is None:
             break
-        if result.command_id not in labels:
+        if not isinstance(result, OperatorResult) or result.command_id not in labels:
             continue
         last[result.command_id] = result
         progress.show(labels[result.command_id], result)

@@ -150,9 +150,12 @@ def service_config(
     service: str = "",
     attestation: str = "",
     extra: str = "",
+    quorum: str = "min_approvals = 1",
 ) -> str:
-    """``keyfleet.toml`` with the CA files under ``pki/``; ``groups``, ``service`` and
-    ``attestation`` are further lines of those tables, ``extra`` further tables."""
+    """``keyfleet.toml`` with the CA files under ``pki/``; ``groups``, ``service``,
+    ``attestation`` and ``quorum`` are further lines of those tables, ``extra`` further tables.
+    One operator decides alone by default (the tests' direct commands); dual-control tests ask
+    for more with ``quorum``."""
     return f"""
 [database]
 url = "{db_url}"
@@ -177,6 +180,8 @@ golden_measurements = "pki/golden.toml"
 {attestation}
 [groups]
 {groups}
+[quorum]
+{quorum}
 [service]
 instance = "{instance}"
 {service}{extra}"""
@@ -326,6 +331,7 @@ def service_deployment(
     station: tuple[str, Path] | None = None,
     groups: str = "",
     service: str = "",
+    quorum: str = "min_approvals = 1",
     metrics: bool = False,
     http: str | None = None,
     device_prefix: str = "dev-",
@@ -380,7 +386,7 @@ def service_deployment(
         configs[name] = workdir / f"keyfleet-{name}.toml"
         text = service_config(
             db_url=url, broker=broker, client=client, instance=name,
-            groups=groups, service=service, extra=extra,
+            groups=groups, service=service, extra=extra, quorum=quorum,
         )  # fmt: skip
         configs[name].write_text(text)
     fleet_config = workdir / "fleet.toml"

@@ -480,10 +480,12 @@ class Lab:
 
     Options: ``devices`` (how many), ``ack_timeout`` / ``commit_request_timeout`` /
     ``retention_epochs`` / ``online_window`` (the service's ``[groups]`` and ``[service]``
-    settings), ``device_env`` (extra environment for the device processes and so their agents),
-    ``start_timeout`` (per component), ``log_level`` (of ``keyfleet serve``), ``database_url``
-    (the service's database, e.g. an empty PostgreSQL database; default a SQLite file in
-    ``workdir/service``).
+    settings), ``min_approvals`` (the service's ``[quorum]``: how many operators approve a
+    membership change; 1 lets the lab's direct commands run at once) and ``request_ttl`` (how
+    long such a request stays approvable, seconds), ``device_env`` (extra environment for the
+    device processes and so their agents), ``start_timeout`` (per component), ``log_level`` (of
+    ``keyfleet serve``), ``database_url`` (the service's database, e.g. an empty PostgreSQL
+    database; default a SQLite file in ``workdir/service``).
     """
 
     def __init__(
@@ -496,6 +498,8 @@ class Lab:
         retention_epochs: int = 64,
         online_window: int = 300,
         quarantine: bool = False,
+        min_approvals: int = 1,
+        request_ttl: int = 86400,
         device_env: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
         log_level: str = "info",
@@ -510,6 +514,8 @@ class Lab:
         self.retention_epochs = retention_epochs
         self.online_window = online_window
         self.quarantine = quarantine
+        self.min_approvals = min_approvals
+        self.request_ttl = request_ttl
         self.device_env = dict(device_env or {})
         self.start_timeout = start_timeout
         self.log_level = log_level
@@ -634,6 +640,10 @@ quarantine = {"true" if self.quarantine else "false"}
 [groups]
 commit_log_retention_epochs = {self.retention_epochs}
 ack_timeout_seconds = {self.ack_timeout}
+
+[quorum]
+min_approvals = {self.min_approvals}
+request_ttl_seconds = {self.request_ttl}
 
 [http]
 listen = "127.0.0.1:{self.enrollment_port}"

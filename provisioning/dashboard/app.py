@@ -47,7 +47,7 @@ from starlette.staticfiles import StaticFiles
 
 from agent.protocol.errors import ProtocolError
 from provisioning import audit, pki
-from provisioning.dashboard import queries
+from provisioning.dashboard import pending, queries
 from provisioning.dashboard.queries import Viewer
 from provisioning.http import ASGIApp, Receive, Scope, Send
 from provisioning.registry import AttestationResult, DeviceState, cert_fingerprint
@@ -343,7 +343,8 @@ def build_dashboard_app(
     async def overview(request: Request) -> Response:
         now = int(clock())
         summary = await run_in_threadpool(read, lambda s: queries.fleet_summary(s, now=now))
-        return await render(request, "overview.html", summary=summary)
+        waiting = await run_in_threadpool(read, lambda s: pending.pending_requests(s, now=now))
+        return await render(request, "overview.html", summary=summary, pending=waiting)
 
     async def devices(request: Request) -> Response:
         state = _text_param(request, "state", frozenset(s.value for s in DeviceState))

@@ -2,9 +2,10 @@
 
 Operator keys and replay state, command ids, attestation challenges and waits, the job queue and
 its per-group slot, operations in flight, held commit/welcome halves, task leases and the shared
-envelope sequence counter. Every rule several instances agree on is a row and a conditional
-UPDATE (whoever changes the row wins, the others see rowcount 0 and step back), never a leader
-and never an in-process lock. The queries over them live in ``provisioning.service.store``.
+envelope sequence counter, dual-control requests and the adopted quorum policies. Every rule
+several instances agree on is a row and a conditional UPDATE (whoever changes the row wins, the
+others see rowcount 0 and step back), never a leader and never an in-process lock. The queries
+over them live in ``provisioning.service.store``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class OperationRow(ServiceBase):
     nudged_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_sent: Mapped[str] = mapped_column(Text, default="")
     throttle: Mapped[str] = mapped_column(Text, default="")  # the ack throttle, as JSON
+    # The operators' Authorization (agent.protocol.authz) the change runs under, if it came
+    # through dual control: commit requests and welcomes of its jobs carry it to the members.
+    authz: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
 
 
@@ -174,6 +178,45 @@ class SequenceRow(ServiceBase):
 
     name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger)
+
+
+class QuorumRequestRow(ServiceBase):
+    """A dual-control request (``keyfleet propose``): the Request the service built (public),
+    the operators' approvals so far and where it stands. ``state``: pending, approved (quorum
+    met, its change being started), executed (the change started, ``command_id`` names its
+    operation), expired, refused (``detail`` says why). Every move is a conditional UPDATE on
+    ``version``, so two instances taking two approvals at once cannot lose one."""
+
+    __tablename__ = "service_quorum_requests"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
+    op: Mapped[str] = mapped_column(String(ID_LENGTH))
+    group_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    members: Mapped[str] = mapped_column(Text, default="")  # comma-separated device ids
+    request: Mapped[bytes] = mapped_column(LargeBinary)  # the Request's CBOR bytes
+    approvals: Mapped[bytes] = mapped_column(LargeBinary)  # CBOR array of Approval bytes
+    approvers: Mapped[str] = mapped_column(Text, default="")  # comma-separated operator ids
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    proposer: Mapped[str] = mapped_column(String(ID_LENGTH))
+    reason: Mapped[str] = mapped_column(Text, default="")  # a revocation's reason text
+    command_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # hex
+    detail: Mapped[str] = mapped_column(Text, default="")
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class QuorumPolicyRow(ServiceBase):
+    """The signed quorum policies the service adopted, one row per serial: ``authz`` is the
+    Authorization (op "policy") that approved it. The highest serial is in force; without any
+    row the service uses ``QuorumPolicy.initial(k)`` with k from ``[quorum] min_approvals``."""
+
+    __tablename__ = "service_quorum_policies"
+
+    serial: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    authz: Mapped[bytes] = mapped_column(LargeBinary)
+    adopted_at: Mapped[int] = mapped_column(BigInteger)
 
 
 def create_service_schema(engine: Engine) -> None:

@@ -77,6 +77,7 @@ class AcceptedCommit:
     welcome: bytes | None
     finished: Job | None
     head: Job | None
+    authz: bytes | None = None  # the Authorization admitting the added members, if any
 
     def effects(self) -> Effects:
         group_id, epoch = self.relay.group_id, self.relay.epoch
@@ -93,7 +94,7 @@ class AcceptedCommit:
             out += [
                 Send(
                     device_cmd_topic(device_id),
-                    WelcomeDelivery(group_id, epoch + 1, self.welcome),
+                    WelcomeDelivery(group_id, epoch + 1, self.welcome, self.authz),
                     device_id,
                 )
                 for device_id in self.adds
@@ -309,6 +310,11 @@ def accept_commit(
     # and the job still in flight.
     finished = job if job is not None and store.end_job(session, job, JobState.DONE) else None
     head = None if finished is not None else store.head_job(session, body.group_id)
+    authz = (
+        store.operation_authz(session, job.command_id)
+        if welcome is not None and job is not None and job.command_id is not None
+        else None
+    )
 
     return AcceptedCommit(
         sender,
@@ -318,4 +324,5 @@ def accept_commit(
         None if welcome is None else welcome.welcome,
         finished,
         head,
+        authz,
     )

@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.protocol.authz import AuthzVerifier
 from agent.protocol.errors import InternalError
 from agent.protocol.hpke import Rng
 from agent.protocol.wire.messages.base import Body
@@ -71,6 +72,9 @@ class Env:
     last_heard: dict[str, int] = field(default_factory=dict)
     catchup_sent: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)
     started: bool = False  # pending removals resumed (``intake.ensure_started``)
+    # Operator approvals are checked with it (``requests.verifier``); it caches validated
+    # operator certificates.
+    authz_verifier: AuthzVerifier | None = None
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""

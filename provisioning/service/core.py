@@ -18,6 +18,7 @@ outbox (``context``), returning what should happen after its transaction commits
 - ``acks``: acks, one at a time and in batches;
 - ``catchup``: replaying missed commits, re-adding a member beyond retention;
 - ``operators``: registration, command authorization, planning of group changes;
+- ``requests``: dual control (proposals, approvals, the quorum policy, expiry);
 - ``jobs``: each group's queue of changes and the choice of committer;
 - ``operations``: operator commands in flight, progress, results, timeouts;
 - ``attestation``: challenges, verdicts, quarantine;

@@ -154,6 +154,12 @@ def request_commit(cx: Call, job: Job, committer: str, epoch: int, now: int) -> 
     job.deadline = now + cx.env.settings.commit_request_timeout
     if not claim(cx, job, now):
         return
+    command_id = job.command_id
+    # The operators' Authorization of the change, if it came through dual control: the
+    # committer verifies it and puts it into its commit.
+    authz = (
+        None if command_id is None else cx.env.read(lambda s: store.operation_authz(s, command_id))
+    )
     request = CommitRequest(
         command_id=job.request_id,
         group_id=job.group_id,
@@ -161,6 +167,7 @@ def request_commit(cx: Call, job: Job, committer: str, epoch: int, now: int) -> 
         action=job.action,
         member=job.member if job.action in (CommitAction.ADD, CommitAction.REMOVE) else None,
         key_package=job.key_package if job.action is CommitAction.ADD else None,
+        authz=authz,
     )
     log.info("asked %s to commit %s at epoch %s", committer, job.describe(), epoch)
     cx.send(device_cmd_topic(committer), request, to=committer, now=now)

@@ -35,7 +35,9 @@ def describe_publishes(publishes: Iterable[Publish]) -> list[str]:
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    """Timing and retention knobs (from the configuration's [groups] and [service] tables)."""
+    """Timing and retention knobs (from the configuration's [groups], [service] and [quorum]
+    tables). ``min_approvals``: k of the initial quorum policy (until a signed one is adopted);
+    ``request_ttl``: how long a dual-control request stays approvable."""
 
     ack_timeout: int = 30
     commit_request_timeout: int = 10
@@ -45,6 +47,8 @@ class ServiceSettings:
     device_max_age: int = 86_400
     catchup_grace: int = 5
     catchup_repeat: int = 30
+    min_approvals: int = 2
+    request_ttl: int = 86_400
 
 
 @dataclass(frozen=True)

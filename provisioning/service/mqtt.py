@@ -67,6 +67,8 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         commit_request_timeout=config.service.commit_request_timeout_seconds,
         online_window=config.service.online_window_seconds,
         retention_epochs=config.groups.commit_log_retention_epochs,
+        min_approvals=config.quorum.min_approvals,
+        request_ttl=config.quorum.request_ttl_seconds,
     )
 
 

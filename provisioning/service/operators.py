@@ -19,7 +19,7 @@ changes of its groups are queued ahead of it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -32,7 +32,16 @@ from agent.protocol.topics import operator_result_topic
 from agent.protocol.wire.cose import key_id
 from agent.protocol.wire.envelope import KeyResolver, Signer, VerifiedMessage
 from agent.protocol.wire.messages.base import Body
-from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.wire.messages.operator import (
+    Approve,
+    AttestDevice,
+    GroupAdd,
+    GroupCreate,
+    ListRequests,
+    Propose,
+    Rekey,
+    Revoke,
+)
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit, pki
@@ -45,7 +54,7 @@ from provisioning.registry import (
     cert_fingerprint,
     run_in_transaction,
 )
-from provisioning.service import attestation, execute, store, verify
+from provisioning.service import attestation, execute, requests, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Accepted, CancelAddsOf, Effects, Log, Progress, StartNext
 from provisioning.service.model import GROUP_ELIGIBLE, Job, Operation
@@ -61,6 +70,17 @@ REQUIRED_ROLE: Final[dict[str, Role]] = {
     GroupAdd.TYPE: Role.OPERATOR,
     AttestDevice.TYPE: Role.OPERATOR,
     Revoke.TYPE: Role.ADMIN,
+    # Dual control: who may propose or approve which op is checked per request (requests.py).
+    Propose.TYPE: Role.OPERATOR,
+    Approve.TYPE: Role.OPERATOR,
+    ListRequests.TYPE: Role.VIEWER,
+}
+
+# The request op a direct membership command stands for (agent.protocol.authz op names).
+DIRECT_OPS: Final[dict[str, str]] = {
+    GroupCreate.TYPE: "group.create",
+    GroupAdd.TYPE: "group.add",
+    Revoke.TYPE: "device.revoke",
 }
 
 
@@ -151,10 +171,12 @@ def check_eligible(registry: Registry, device_id: str, group_id: str) -> None:
 
 
 def target_of(body: Body) -> str:
-    for name in ("group_id", "device_id"):
+    for name in ("group_id", "device_id", "request_id"):
         value = getattr(body, name, None)
         if isinstance(value, str):
             return value
+        if isinstance(value, bytes):
+            return value.hex()
     return body.TYPE
 
 
@@ -262,74 +284,158 @@ def dispatch_operator(
     body = message.body
     if store.command_seen(session, command_id):
         raise ProtocolError("op.command_id.reused", "this command id was already used")
-    registry = Registry(session)
-    jobs: list[Job] = []
-    groups: set[str] = set()
-    if isinstance(body, Rekey):
-        registry.group(body.group_id)
-        jobs.append(Job(CommitAction.UPDATE, body.group_id, None, cx.env.new_id()))
-        groups.add(body.group_id)
-    elif isinstance(body, GroupCreate):
-        if store.pending_create(session, body.group_id):
-            raise ProtocolError(
-                "registry.group.exists", f"group {body.group_id!r} is being created"
-            )
-        if body.group_id in {g.group_id for g in registry.groups()}:
-            raise ProtocolError("registry.group.exists", f"group {body.group_id!r} already exists")
-        for device_id in body.members:
-            check_eligible(registry, device_id, body.group_id)
-        jobs.append(
-            Job(
-                CommitAction.CREATE,
-                body.group_id,
-                None,
-                cx.env.new_id(),
-                candidates=body.members,
-            )
-        )
-        jobs.extend(
-            Job(CommitAction.ADD, body.group_id, device_id, cx.env.new_id())
-            for device_id in body.members[1:]
-        )
-        groups.add(body.group_id)
-    elif isinstance(body, GroupAdd):
-        check_eligible(registry, body.device_id, body.group_id)
-        if not store.pending_create(session, body.group_id):
-            registry.group(body.group_id)
-            current = {m.device_id: m for m in registry.members(body.group_id)}
-            existing = current.get(body.device_id)
-            if existing is not None and existing.leaf_index is not None:
-                raise ProtocolError(
-                    "ds.group.member",
-                    f"device {body.device_id!r} is already a member of {body.group_id!r}",
-                )
-            registry.request_add(body.group_id, body.device_id, now=now)
-        jobs.append(Job(CommitAction.ADD, body.group_id, body.device_id, cx.env.new_id()))
-        groups.add(body.group_id)
-    elif isinstance(body, Revoke):
-        registry.set_device_state(
-            body.device_id,
-            DeviceState.REVOKED,
-            reason=body.reason or f"revoked by {operator}",
-            now=now,
-        )
-        jobs, groups = plan_removal(cx, session, body.device_id, now)
-    elif isinstance(body, AttestDevice):
+    if isinstance(body, Propose | Approve | ListRequests):
+        store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
+        return requests.dispatch(cx, session, message, command_id, now)
+    if isinstance(body, AttestDevice):
         return attestation.dispatch_attest(cx, session, operator, body, command_id, now=now)
-    else:  # pragma: no cover - REQUIRED_ROLE lists exactly the types above
-        raise ProtocolError("op.type", f"{message.type} is not an operator command")
-    store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
-    target = target_of(body)
+    if isinstance(body, Rekey):
+        Registry(session).group(body.group_id)
+        jobs = [Job(CommitAction.UPDATE, body.group_id, None, cx.env.new_id())]
+        groups = {body.group_id}
+    else:
+        # A membership change without an Authorization: only where the quorum policy lets one
+        # operator decide alone (the CLI's direct commands go through requests anyway).
+        op, group = DIRECT_OPS[message.type], getattr(body, "group_id", None)
+        needed = requests.current_policy(cx, session).required(op, group)
+        if needed > 1:
+            raise ProtocolError(
+                "quorum.required",
+                f"{op} needs {needed} operators' approval: use keyfleet propose",
+            )
+        if isinstance(body, GroupCreate):
+            jobs, groups = plan_create(cx, session, body.group_id, body.members)
+        elif isinstance(body, GroupAdd):
+            jobs, groups = plan_add(cx, session, body.group_id, body.device_id, now)
+        elif isinstance(body, Revoke):
+            jobs, groups = plan_revoke(
+                cx, session, body.device_id, reason=body.reason, operator=operator, now=now
+            )
+        else:  # pragma: no cover - REQUIRED_ROLE lists exactly the types above
+            raise ProtocolError("op.type", f"{message.type} is not an operator command")
+    return start_change(
+        cx,
+        session,
+        operator=operator,
+        type_=message.type,
+        target=target_of(body),
+        jobs=jobs,
+        groups=groups,
+        command_id=command_id,
+        now=now,
+        revoked=body.device_id if isinstance(body, Revoke) else None,
+    )
+
+
+def plan_create(
+    cx: Call, session: Session, group_id: str, members: Sequence[str]
+) -> tuple[list[Job], set[str]]:
+    """The jobs that create ``group_id``: the first founder that answers creates it, the
+    others are added one by one. Raises if the group exists or a member may not join."""
+    registry = Registry(session)
+    if store.pending_create(session, group_id):
+        raise ProtocolError("registry.group.exists", f"group {group_id!r} is being created")
+    if group_id in {g.group_id for g in registry.groups()}:
+        raise ProtocolError("registry.group.exists", f"group {group_id!r} already exists")
+    for device_id in members:
+        check_eligible(registry, device_id, group_id)
+    jobs = [Job(CommitAction.CREATE, group_id, None, cx.env.new_id(), candidates=tuple(members))]
+    jobs.extend(Job(CommitAction.ADD, group_id, d, cx.env.new_id()) for d in members[1:])
+    return jobs, {group_id}
+
+
+def check_add(session: Session, group_id: str, device_id: str) -> None:
+    """Raises unless ``device_id`` may be added to ``group_id`` (existing or being created)."""
+    registry = Registry(session)
+    check_eligible(registry, device_id, group_id)
+    if not store.pending_create(session, group_id):
+        registry.group(group_id)
+        existing = {m.device_id: m for m in registry.members(group_id)}.get(device_id)
+        if existing is not None and existing.leaf_index is not None:
+            raise ProtocolError(
+                "ds.group.member", f"device {device_id!r} is already a member of {group_id!r}"
+            )
+
+
+def plan_add(
+    cx: Call, session: Session, group_id: str, device_id: str, now: int
+) -> tuple[list[Job], set[str]]:
+    check_add(session, group_id, device_id)
+    if not store.pending_create(session, group_id):
+        Registry(session).request_add(group_id, device_id, now=now)
+    return [Job(CommitAction.ADD, group_id, device_id, cx.env.new_id())], {group_id}
+
+
+def check_remove(session: Session, group_id: str, device_id: str) -> None:
+    """Raises unless ``device_id`` holds a leaf of ``group_id`` that can be removed."""
+    registry = Registry(session)
+    registry.group(group_id)
+    member = {m.device_id: m for m in registry.members(group_id)}.get(device_id)
+    if member is None or member.leaf_index is None:
+        raise ProtocolError(
+            "ds.group.not_member", f"device {device_id!r} is not a member of {group_id!r}"
+        )
+
+
+def plan_group_remove(
+    cx: Call, session: Session, group_id: str, device_id: str, now: int
+) -> tuple[list[Job], set[str]]:
+    """Remove ``device_id`` from ``group_id`` only (it stays in the fleet and its other
+    groups): a persistent remove job, like a revocation's in that group."""
+    check_remove(session, group_id, device_id)
+    Registry(session).request_remove(group_id, device_id, now=now)
+    job = Job(CommitAction.REMOVE, group_id, device_id, cx.env.new_id(), persistent=True)
+    return [job], {group_id}
+
+
+def plan_revoke(
+    cx: Call, session: Session, device_id: str, *, reason: str | None, operator: str, now: int
+) -> tuple[list[Job], set[str]]:
+    Registry(session).set_device_state(
+        device_id, DeviceState.REVOKED, reason=reason or f"revoked by {operator}", now=now
+    )
+    return plan_removal(cx, session, device_id, now)
+
+
+def start_change(
+    cx: Call,
+    session: Session,
+    *,
+    operator: str,
+    type_: str,
+    target: str,
+    jobs: list[Job],
+    groups: set[str],
+    command_id: bytes,
+    now: int,
+    revoked: str | None = None,
+    authz: bytes | None = None,
+    request_id: bytes | None = None,
+) -> Effects:
+    """Record an accepted change (a direct command, or a request whose approvals met the
+    quorum: ``authz`` is then its Authorization, kept on the operation for the members) as an
+    operation with its jobs, audited, in the caller's transaction; return what to do after
+    it committed. Jobs with an id were inserted by the planner (``plan_removal``). The
+    command id of an approval is recorded already (``dispatch_operator``)."""
+    if request_id is None:
+        store.record_command(session, command_id, operator=operator, type_=type_, now=now)
+    details: dict[str, str | int | None] = {
+        "command_id": command_id.hex(),
+        "jobs": len(jobs),
+        # at_ms: when it was accepted, in ms (the entry's time is whole seconds); the
+        # dashboard times a rekey from it to the result's at_ms
+        "at_ms": cx.clock.ms,
+    }
+    if request_id is not None:
+        details["request_id"] = request_id.hex()
     audit.append(
         session,
         now=now,
         actor=f"operator:{operator}",
-        action=message.type,
+        action=type_,
         target=target,
         outcome=Outcome.ACCEPTED,
-        # at_ms: when it was accepted, in ms (the entry's time is whole seconds); the
-        # dashboard times a rekey from it to the result's at_ms
-        details={"command_id": command_id.hex(), "jobs": len(jobs), "at_ms": cx.clock.ms},
+        details=details,
     )
     # Earlier changes only: a revocation's removal jobs are already inserted
     # (``plan_removal``) and must not count as queued ahead of themselves.
@@ -338,7 +444,7 @@ def dispatch_operator(
     operation = Operation(
         command_id=command_id,
         operator=operator,
-        type=message.type,
+        type=type_,
         target=target,
         groups=groups,
         jobs=jobs,
@@ -347,6 +453,8 @@ def dispatch_operator(
     # The operation and its jobs commit with the command: an instance that dies right
     # after leaves them for the others (nothing lives only in this process).
     store.insert_operation(session, operation, now=now, instance=cx.env.instance)
+    if authz is not None:
+        store.set_operation_authz(session, command_id, authz)
     for job in jobs:
         if job.id == 0:
             job.command_id = command_id
@@ -360,9 +468,9 @@ def dispatch_operator(
         Log(
             logging.INFO,
             "accepted %s from %s on %s (%d job(s), %d queued ahead)",
-            (message.type, operator, target, len(jobs), ahead),
+            (type_, operator, target, len(jobs), ahead),
         ),
-        *((CancelAddsOf(body.device_id),) if isinstance(body, Revoke) else ()),
+        *((CancelAddsOf(revoked),) if revoked is not None else ()),
         Accepted(operation, detail),
         *(StartNext(group_id) for group_id in sorted(groups)),
         Progress(command_id),

@@ -120,7 +120,8 @@ def test_commands_arriving_in_decreasing_seq_order_are_all_taken(deployment: Dep
         seqs.append(seq)
         # Each command's seq is about 2 s = 2,000,000 below the first one's, which stays the
         # highest: the window of 32 refused every one of these as replay.seq-old.
-        assert remembered == 2 + i  # the group create's seq and each rekey's
+        # the group create's two (its proposal and its approval: dual control) and each rekey's
+        assert remembered == 3 + i
     assert seqs[0] > highest and len(set(seqs)) == 1
     assert epoch(deployment, "g1") == before + 6
     assert seq_refusals(deployment) == []
@@ -143,5 +144,6 @@ def test_six_cli_processes_of_one_operator_at_once_are_all_taken(deployment: Dep
     for group_id in groups:
         assert epoch(deployment, group_id) == created[group_id] + 2  # both rekeys
     _, remembered = operator_seqs(deployment)
-    assert remembered == 9  # every command's seq, none forgotten
+    # every command's seq, none forgotten: each create is a proposal and its approval
+    assert remembered == 3 * 2 + 6
     assert seq_refusals(deployment) == []

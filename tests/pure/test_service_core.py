@@ -25,10 +25,10 @@ from agent.protocol.topics import SERVICE_ID, device_cmd_topic, group_commit_top
 from agent.protocol.wire.cose import key_id
 from agent.protocol.wire.envelope import Signer, open_message
 from agent.protocol.wire.messages.ack import Ack as AckBody
+from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.group import CommitMessage, UpdateRequest
 from agent.protocol.wire.messages.key_state import KeyStateReport
-from agent.protocol.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
-from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.result import OperatorResult, RequestsResult, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit, pki
 from provisioning.db.runtime import create_service_schema
@@ -86,6 +86,11 @@ class Fleet:
     operators: dict[str, SoftOperator]
     now: int = T0
     results: dict[bytes, list[OperatorResult]] = field(default_factory=dict)
+    request_results: dict[bytes, list[RequestsResult]] = field(default_factory=dict)
+    operator_ca: pki.CertificateAuthority | None = None
+    record: bool = False  # keep what the service sent to devices in ``to_devices``
+    to_devices: list[tuple[str, Body]] = field(default_factory=list)
+    to_operators: list[tuple[str, Body]] = field(default_factory=list)  # every result, in order
     offline: set[str] = field(default_factory=set)
     inbox: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)
 
@@ -104,9 +109,20 @@ class Fleet:
                 message = open_message(
                     p.payload, self._service_signer, now=self.now, recipients={parts[3]}
                 )
+                self.to_operators.append((parts[3], message.body))
+                if isinstance(message.body, RequestsResult):
+                    self.request_results.setdefault(message.body.command_id, []).append(
+                        message.body
+                    )
+                    continue
                 assert isinstance(message.body, OperatorResult)
                 self.results.setdefault(message.body.command_id, []).append(message.body)
                 continue
+            if parts[2] == "dev" and self.record:
+                sent = open_message(
+                    p.payload, self._service_signer, now=self.now, recipients={parts[3]}
+                )
+                self.to_devices.append((parts[3], sent.body))
             targets = [parts[3]] if parts[2] == "dev" else list(self.devices)
             for name in targets:
                 if name in self.offline:
@@ -137,7 +153,7 @@ class Fleet:
 
     # -- operators ----------------------------------------------------------------------------
 
-    def command(self, operator: str, body: Rekey | Revoke | GroupCreate | GroupAdd) -> bytes:
+    def command(self, operator: str, body: Body) -> bytes:
         self.send(self.operators[operator].command(body, self.now))
         return body.command_id
 
@@ -180,7 +196,9 @@ def make_fleet(
         sessions,
         signing_key=service_key,
         operator_ca=operator_ca.certificate,
-        settings=ServiceSettings(**settings),
+        # One operator may decide alone unless a test asks for dual control: the direct
+        # commands these tests send carry no Authorization (tests/pure/test_service_requests.py).
+        settings=ServiceSettings(**{"min_approvals": 1, **settings}),
         rng=lambda n: next(counter).to_bytes(n, "big"),
     )
     devices = {}
@@ -200,7 +218,7 @@ def make_fleet(
             now=T0,
         )
         operators[name] = operator
-    yield Fleet(db_path, sessions, service, devices, operators)
+    yield Fleet(db_path, sessions, service, devices, operators, operator_ca=operator_ca)
     engine.dispose()
 
 

@@ -21,10 +21,26 @@ from agent.protocol.wire.messages.group import (
     WelcomeMessage,
 )
 from agent.protocol.wire.messages.key_state import DeviceDestroyed, KeyStateReport
-from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
+from agent.protocol.wire.messages.operator import (
+    Approve,
+    AttestDevice,
+    GroupAdd,
+    GroupCreate,
+    ListRequests,
+    Propose,
+    Rekey,
+    Revoke,
+)
 from agent.protocol.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
-from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.result import (
+    OperatorResult,
+    RequestInfo,
+    RequestsResult,
+    RequestState,
+    ResultStatus,
+)
 from agent.protocol.wire.messages.service import (
+    MAX_AUTHZ,
     AttestRequest,
     CommitAction,
     CommitRequest,
@@ -107,6 +123,37 @@ SAMPLES: list[Body] = [
     KeyPackageRequest(command_id=CMD),
     UpdateRequest(group_id="g1", epoch=4, reason="max-epoch-age"),
     DeviceDestroyed(reason="factory reset"),
+    CommitRequest(
+        command_id=CMD,
+        group_id="g1",
+        epoch=4,
+        action=CommitAction.ADD,
+        member="dev-2",
+        key_package=b"kp",
+        authz=b"authz",
+    ),
+    WelcomeDelivery(group_id="g1", epoch=5, welcome=b"welcome", authz=b"authz"),
+    Propose(command_id=CMD, op="group.add", members=("dev-4",), group_id="g1"),
+    Propose(command_id=CMD, op="group.create", members=("dev-1", "dev-2"), group_id="g9"),
+    Propose(command_id=CMD, op="device.revoke", members=("dev-3",)),
+    Propose(command_id=CMD, op="device.revoke", members=("dev-3",), reason="lost"),
+    Propose(command_id=CMD, op="policy", members=(), policy=b"policy"),
+    Approve(command_id=CMD, request_id=bytes(16), approval=b"approval"),
+    ListRequests(command_id=CMD),
+    ListRequests(command_id=CMD, request_id=bytes(16)),
+    RequestsResult(
+        command_id=CMD,
+        requests=(
+            RequestInfo(
+                request=b"request",
+                state=RequestState.PENDING,
+                approvers=("op-alice",),
+                required=2,
+                detail="",
+            ),
+        ),
+    ),
+    RequestsResult(command_id=CMD, requests=()),
 ]
 
 
@@ -207,6 +254,52 @@ def test_body_is_not_a_map() -> None:
             "body.malformed",
         ),
         (lambda: KeyStateReport(keys=(DEVID, DEVID)), "body.bounds"),
+        (lambda: Propose(command_id=CMD, op="group.rekey", members=()), "body.bounds"),
+        (lambda: Propose(command_id=CMD, op="group.add", members=("d",)), "body.malformed"),
+        (
+            lambda: Propose(command_id=CMD, op="group.add", members=("d", "e"), group_id="g"),
+            "body.malformed",
+        ),
+        (
+            lambda: Propose(command_id=CMD, op="group.create", members=(), group_id="g"),
+            "body.malformed",
+        ),
+        (
+            lambda: Propose(command_id=CMD, op="device.revoke", members=("d",), group_id="g"),
+            "body.malformed",
+        ),
+        (
+            lambda: Propose(command_id=CMD, op="policy", members=("d",), policy=b"p"),
+            "body.malformed",
+        ),
+        (lambda: Propose(command_id=CMD, op="policy", members=()), "body.malformed"),
+        (
+            lambda: Propose(
+                command_id=CMD, op="group.add", members=("d",), group_id="g", policy=b"p"
+            ),
+            "body.malformed",
+        ),
+        (lambda: Approve(command_id=CMD, request_id=bytes(15), approval=b"a"), "body.bounds"),
+        (lambda: Approve(command_id=CMD, request_id=bytes(16), approval=b""), "body.bounds"),
+        (lambda: ListRequests(command_id=CMD, request_id=bytes(17)), "body.bounds"),
+        (
+            lambda: RequestInfo(
+                request=b"r", state=RequestState.PENDING, approvers=(), required=0, detail=""
+            ),
+            "body.bounds",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD, group_id="g", epoch=1, action=CommitAction.UPDATE, authz=b""
+            ),
+            "body.bounds",
+        ),
+        (
+            lambda: WelcomeDelivery(
+                group_id="g", epoch=1, welcome=b"w", authz=bytes(MAX_AUTHZ + 1)
+            ),
+            "body.bounds",
+        ),
     ],
 )
 def test_bounds_and_consistency(make: object, check: str) -> None:

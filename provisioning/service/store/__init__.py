@@ -4,6 +4,8 @@
   and schedule, the envelope sequence counter, periodic task leases;
 - ``inflight``: jobs, each group's in-flight slot, operations, held commit/welcome halves,
   ``op.attest`` commands waiting for their report;
+- ``quorum``: dual-control requests and the adopted quorum policies, the Authorization an
+  operation runs under;
 - ``fleet``: the service's reads and writes of registry tables (``last_seen``, acks at an
   epoch, the commit log's timing) that ``provisioning.registry`` has no method for.
 
@@ -79,11 +81,27 @@ from provisioning.service.store.ledger import (
     reserve_seqs,
     save_guard,
 )
+from provisioning.service.store.quorum import (
+    StoredRequest,
+    adopt_policy,
+    adopted_policies,
+    expired_requests,
+    insert_request,
+    load_request,
+    open_requests,
+    operation_authz,
+    recent_requests,
+    save_request,
+    set_operation_authz,
+)
 
 __all__ = [
     "REPLAY_WINDOW",
+    "StoredRequest",
     "acked_at",
     "add_attest_operation",
+    "adopt_policy",
+    "adopted_policies",
     "claim_challenge_slot",
     "claim_nudge",
     "claim_task",
@@ -94,6 +112,7 @@ __all__ = [
     "drop_held",
     "end_job",
     "expired_attest_nonces",
+    "expired_requests",
     "finish_operation",
     "finish_task",
     "forget_challenges",
@@ -103,6 +122,7 @@ __all__ = [
     "hold_welcome",
     "insert_job",
     "insert_operation",
+    "insert_request",
     "issue_challenge",
     "job_by_request",
     "job_from_row",
@@ -113,6 +133,7 @@ __all__ = [
     "load_guard",
     "load_operation",
     "load_operations",
+    "load_request",
     "load_senders",
     "lock_guard",
     "lock_guards",
@@ -122,17 +143,22 @@ __all__ = [
     "open_challenges",
     "open_job_rows",
     "open_jobs",
+    "open_requests",
+    "operation_authz",
     "operator_by_kid",
     "operator_key",
     "operator_replay_window",
     "pending_create",
     "prune",
     "put_operator_key",
+    "recent_requests",
     "record_command",
     "reserve_seqs",
     "save_guard",
     "save_job",
     "save_progress",
+    "save_request",
+    "set_operation_authz",
     "take_attest_operation",
     "take_held_commit",
     "take_held_welcome",

@@ -235,7 +235,17 @@ def prune(session: Session, *, held_before: int, operations_before: int) -> None
             (JobRow.command_id.is_(None)) | JobRow.command_id.in_(finished),
         )
     )
-    session.execute(delete(OperationRow).where(OperationRow.finished_at < operations_before))
+    # An operation whose job is still open (a persistent removal outliving its operation's
+    # timeout) stays: its commit requests carry the operation's Authorization.
+    still_open = select(JobRow.command_id).where(
+        JobRow.state.not_in(sorted(TERMINAL)), JobRow.command_id.is_not(None)
+    )
+    session.execute(
+        delete(OperationRow).where(
+            OperationRow.finished_at < operations_before,
+            OperationRow.command_id.not_in(still_open),
+        )
+    )
 
 
 # -- operations -------------------------------------------------------------------------------

@@ -3,6 +3,12 @@
 The operator is the envelope's ``sender``, bound to the operator's key by the signature; bodies
 do not repeat it (a second copy could only disagree). ``command_id`` is chosen by the operator
 (random, 8..32 bytes) and names the command in results and in the audit log.
+
+Dual control (docs/operations.md, "Dual control"): ``op.propose`` asks the service to build a
+Request (``agent.protocol.authz``) for a membership change or a new quorum policy; the service
+fills in the members' DevID key hashes from the registry and answers with the Request unsigned
+(``op.requests``), so the proposer signs only bytes it decoded and showed. ``op.approve``
+carries one operator's Approval of a request; ``op.list_requests`` asks for the open requests.
 """
 
 from __future__ import annotations
@@ -10,8 +16,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from agent.protocol.wire.messages.base import Body, check_id, check_ids, check_text
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire.messages.base import (
+    Body,
+    check_bytes,
+    check_choice,
+    check_id,
+    check_ids,
+    check_text,
+)
 from agent.protocol.wire.messages.service import check_command_id
+
+REQUEST_ID_SIZE = 16
+# An Approval is one operator certificate and one signature: a few hundred bytes.
+MAX_APPROVAL = 16 * 1024
+MAX_POLICY = 64 * 1024
+# What a request may ask for (agent.protocol.authz op names); the members each op names.
+PROPOSABLE_OPS = frozenset({"group.create", "group.add", "group.remove", "device.revoke", "policy"})
+
+
+def check_request_id(value: object) -> None:
+    check_bytes(value, "request_id", min_len=REQUEST_ID_SIZE, max_len=REQUEST_ID_SIZE)
 
 
 @dataclass(frozen=True)
@@ -89,3 +114,81 @@ class AttestDevice(Body):
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_id(self.device_id, "device_id")
+
+
+@dataclass(frozen=True)
+class Propose(Body):
+    """Ask the service for a Request of ``op``: ``group.create`` (``group_id``, ``members`` the
+    founders, first first), ``group.add`` / ``group.remove`` (``group_id``, one member),
+    ``device.revoke`` (one member, no group; ``reason`` the text recorded with the revocation)
+    or ``policy`` (``policy``: the new QuorumPolicy's
+    bytes, nothing else). The answer is the Request, unsigned; the proposer approves it with
+    ``op.approve`` after checking it (the Request's bytes are the service's, with its random id,
+    times and the members' key hashes, so no approval can travel with the proposal)."""
+
+    TYPE: ClassVar[str] = "op.propose"
+
+    command_id: bytes
+    op: str
+    members: tuple[str, ...]
+    group_id: str | None = None
+    policy: bytes | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_choice(self.op, "op", PROPOSABLE_OPS)
+        if self.reason is not None:
+            check_text(self.reason, "reason", min_len=1)
+            if self.op != "device.revoke":
+                raise ProtocolError("body.malformed", "only a revocation carries a reason")
+        check_ids(self.members, "members")
+        if self.group_id is not None:
+            check_id(self.group_id, "group_id")
+        if self.policy is not None:
+            check_bytes(self.policy, "policy", min_len=1, max_len=MAX_POLICY)
+        if self.op == "policy":
+            if self.policy is None or self.members or self.group_id is not None:
+                raise ProtocolError("body.malformed", "a policy request carries only the policy")
+            return
+        if self.policy is not None:
+            raise ProtocolError("body.malformed", f"{self.op} carries no policy")
+        if (self.group_id is None) != (self.op == "device.revoke"):
+            raise ProtocolError("body.malformed", f"{self.op}: group_id is wrong for the op")
+        if self.op == "group.create":
+            if not self.members:
+                raise ProtocolError("body.malformed", "group.create needs its members")
+        elif len(self.members) != 1:
+            raise ProtocolError("body.malformed", f"{self.op} names exactly one member")
+
+
+@dataclass(frozen=True)
+class Approve(Body):
+    """The sender's ``approval`` (Approval bytes, ``agent.protocol.authz``) of request
+    ``request_id``."""
+
+    TYPE: ClassVar[str] = "op.approve"
+
+    command_id: bytes
+    request_id: bytes
+    approval: bytes
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_request_id(self.request_id)
+        check_bytes(self.approval, "approval", min_len=1, max_len=MAX_APPROVAL)
+
+
+@dataclass(frozen=True)
+class ListRequests(Body):
+    """The open requests (pending ones), or only ``request_id`` in whatever state it is."""
+
+    TYPE: ClassVar[str] = "op.list_requests"
+
+    command_id: bytes
+    request_id: bytes | None = None
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        if self.request_id is not None:
+            check_request_id(self.request_id)

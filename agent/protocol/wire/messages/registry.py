@@ -17,8 +17,17 @@ from agent.protocol.wire.messages.group import (
     WelcomeMessage,
 )
 from agent.protocol.wire.messages.key_state import DeviceDestroyed, KeyStateReport
-from agent.protocol.wire.messages.operator import AttestDevice, GroupAdd, GroupCreate, Rekey, Revoke
-from agent.protocol.wire.messages.result import OperatorResult
+from agent.protocol.wire.messages.operator import (
+    Approve,
+    AttestDevice,
+    GroupAdd,
+    GroupCreate,
+    ListRequests,
+    Propose,
+    Rekey,
+    Revoke,
+)
+from agent.protocol.wire.messages.result import OperatorResult, RequestsResult
 from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
@@ -47,6 +56,10 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     OperatorResult,
     UpdateRequest,
     DeviceDestroyed,
+    Propose,
+    Approve,
+    ListRequests,
+    RequestsResult,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})

@@ -3,6 +3,12 @@
 A command may produce several results: ``accepted``, then ``in-progress`` as acks arrive, then
 one final ``done``, ``failed``, ``rejected`` or ``timeout`` (``pending`` then names the
 stragglers).
+
+Dual-control commands (``op.propose``, ``op.approve``, ``op.list_requests``) are answered with
+``op.requests``: the requests concerned, each with its Request bytes, state and approvers (a
+refusal is an ``op.result`` ``rejected`` as for every command). When an approval completes the
+quorum, the change it starts is reported under the approval's command id with ``op.result``
+messages as a direct command is.
 """
 
 from __future__ import annotations
@@ -11,8 +17,19 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
 
-from agent.protocol.wire.messages.base import Body, check_enum, check_epoch, check_ids, check_text
-from agent.protocol.wire.messages.service import check_command_id
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire.messages.base import (
+    Body,
+    Record,
+    check_bytes,
+    check_enum,
+    check_epoch,
+    check_ids,
+    check_text,
+    check_tuple,
+    check_uint,
+)
+from agent.protocol.wire.messages.service import MAX_AUTHZ, check_command_id
 
 
 class ResultStatus(StrEnum):
@@ -44,3 +61,53 @@ class OperatorResult(Body):
         check_ids(self.pending, "pending")
         if self.epoch is not None:
             check_epoch(self.epoch)
+
+
+class RequestState(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    EXECUTED = "executed"
+    EXPIRED = "expired"
+    REFUSED = "refused"
+
+
+MAX_REQUESTS = 256
+
+
+@dataclass(frozen=True)
+class RequestInfo(Record):
+    """One dual-control request: ``request`` its Request bytes (``agent.protocol.authz``; the
+    operator decodes and shows them before signing), its ``state``, the operators who approved
+    it so far, how many approvals the quorum policy needs (``required``) and why it ended
+    (``detail``, empty while pending)."""
+
+    ENUMS: ClassVar = {"state": RequestState}
+
+    request: bytes
+    state: RequestState
+    approvers: tuple[str, ...]
+    required: int
+    detail: str
+
+    def __post_init__(self) -> None:
+        check_bytes(self.request, "request", min_len=1, max_len=MAX_AUTHZ)
+        check_enum(self.state, "state", RequestState)
+        check_ids(self.approvers, "approvers")
+        check_uint(self.required, "required", minimum=1, maximum=255)
+        check_text(self.detail, "detail")
+
+
+@dataclass(frozen=True)
+class RequestsResult(Body):
+    TYPE: ClassVar[str] = "op.requests"
+    NESTED: ClassVar = {"requests": RequestInfo}
+
+    command_id: bytes
+    requests: tuple[RequestInfo, ...]
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_tuple(self.requests, "requests", max_len=MAX_REQUESTS)
+        for item in self.requests:
+            if not isinstance(item, RequestInfo):
+                raise ProtocolError("body.type", "requests[] must be request records")

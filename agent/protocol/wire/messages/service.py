@@ -25,6 +25,10 @@ from agent.protocol.wire.messages.base import (
 
 AttestRequest = AttestChallenge
 
+# An operators' Authorization (agent.protocol.authz): a Request (up to a group's worth of member
+# entries) and its approvals. Bounded before anything else of it is looked at.
+MAX_AUTHZ = 512 * 1024
+
 
 class CommitAction(StrEnum):
     CREATE = "create"
@@ -42,7 +46,9 @@ class CommitRequest(Body):
     """Make a commit in ``epoch`` of ``group_id``: add ``member`` (with its ``key_package``),
     remove ``member``, or update the receiver's own leaf (no member). ``create`` (epoch 0, no
     member) asks the receiver to found the group as its first member and answer with
-    ``group.created``: only a member device can create a group, the service holds no secret."""
+    ``group.created``: only a member device can create a group, the service holds no secret.
+    ``authz``: the operators' Authorization of the change (create, add, remove), when it came
+    through dual control; the committer checks it itself and puts it into the commit."""
 
     TYPE: ClassVar[str] = "svc.commit_request"
     ENUMS: ClassVar = {"action": CommitAction}
@@ -53,12 +59,15 @@ class CommitRequest(Body):
     action: CommitAction
     member: str | None = None
     key_package: bytes | None = None
+    authz: bytes | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
         check_enum(self.action, "action", CommitAction)
+        if self.authz is not None:
+            check_bytes(self.authz, "authz", min_len=1, max_len=MAX_AUTHZ)
         if self.action in (CommitAction.UPDATE, CommitAction.CREATE):
             if self.member is not None or self.key_package is not None:
                 raise ProtocolError("body.malformed", f"{self.action} names no member")
@@ -106,7 +115,9 @@ class KeyPackageRequest(Body):
 
 @dataclass(frozen=True)
 class WelcomeDelivery(Body):
-    """The welcome a committer made for the receiver: join ``group_id`` at ``epoch``."""
+    """The welcome a committer made for the receiver: join ``group_id`` at ``epoch``.
+    ``authz``: the operators' Authorization that admits the receiver, when the add came through
+    dual control (the joiner checks its own admission against it)."""
 
     TYPE: ClassVar[str] = "svc.welcome"
     MAX_MESSAGE_SIZE: ClassVar[int] = MAX_WELCOME_MESSAGE_SIZE
@@ -114,11 +125,14 @@ class WelcomeDelivery(Body):
     group_id: str
     epoch: int
     welcome: bytes
+    authz: bytes | None = None
 
     def __post_init__(self) -> None:
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
         check_bytes(self.welcome, "welcome", min_len=1, max_len=MAX_WELCOME_MESSAGE_SIZE)
+        if self.authz is not None:
+            check_bytes(self.authz, "authz", min_len=1, max_len=MAX_AUTHZ)
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)

@@ -1,0 +1,432 @@
+"""Dual control on the operator's side: ``keyfleet propose``, ``keyfleet approve``,
+``keyfleet requests``, and the direct membership commands (``group create``, ``group add``,
+``revoke``) as a proposal and its first approval in one go (docs/operations.md, "Dual control").
+
+An operator signs only bytes its own tool decoded and showed. ``propose`` asks the service to
+build the Request (the service adds the members' DevID key hashes from its registry), checks
+that the answer is the change it asked for (op, group, members, proposer, a window that is
+open), prints it and sends the first approval. ``approve ID`` fetches the request, prints it
+decoded, asks (unless ``--yes``) and sends the approval. The approval that completes the quorum
+starts the change; its progress is then shown as a direct command's is. The direct commands do
+the same without a prompt; where the quorum policy needs more than one operator they print the
+request id and exit 4 (``EXIT_PENDING``).
+
+Approvals are made with ``agent.protocol.authz.sign_approval``: the operator's key (the same file
+as its TLS and command key) over the label and SHA-256 of the exact request bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from agent.protocol import authz
+from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.wire.messages.operator import Approve, ListRequests, Propose
+from agent.protocol.wire.messages.result import (
+    OperatorResult,
+    RequestInfo,
+    RequestsResult,
+    RequestState,
+)
+from provisioning.operator import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PENDING,
+    EXIT_TIMEOUT,
+    OperatorClient,
+    Progress,
+    follow,
+)
+
+# How long one request/answer exchange with the service may take.
+EXCHANGE_TIMEOUT = 30.0
+
+
+def describe(request: authz.Request) -> list[str]:
+    """The request as a person reads it before signing."""
+    when = datetime.fromtimestamp(request.exp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lines = [
+        f"request {request.id.hex()}",
+        f"  op:       {request.op}",
+    ]
+    if request.group is not None:
+        lines.append(f"  group:    {request.group}")
+    for member in request.members:
+        lines.append(f"  member:   {member.device_id} (DevID key SHA-256 {member.key.hex()})")
+    if request.policy is not None:
+        policy = authz.QuorumPolicy.decode(request.policy)
+        lines.append(f"  policy:   {json.dumps(policy_json(policy), sort_keys=True)}")
+    lines += [f"  proposer: {request.by}", f"  expires:  {when}"]
+    return lines
+
+
+def policy_json(policy: authz.QuorumPolicy) -> dict[str, object]:
+    return {
+        "serial": policy.serial,
+        "default": dict(policy.default),
+        "groups": {g: dict(ops) for g, ops in policy.groups.items()},
+        "auto": {"remove": sorted(policy.auto_remove), "readd": sorted(policy.auto_readd)},
+    }
+
+
+def load_policy_file(path: Path) -> authz.QuorumPolicy:
+    """A quorum policy from a TOML file: ``serial``, ``[default]`` (op or "*" = k),
+    ``[groups.NAME]`` tables, ``[auto] remove = [...]``, ``readd = [...]``."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    unknown = set(data) - {"serial", "default", "groups", "auto"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+    auto = data.get("auto", {})
+    if not isinstance(auto, dict) or set(auto) - {"remove", "readd"}:
+        raise ConfigError(f"{path}: [auto] holds remove and readd lists only")
+    try:
+        return authz.QuorumPolicy(
+            serial=data.get("serial"),  # type: ignore[arg-type]  # checked by the constructor
+            default=data.get("default", {}),
+            groups=data.get("groups", {}),
+            auto_remove=frozenset(auto.get("remove", ())),
+            auto_readd=frozenset(auto.get("readd", ())),
+        )
+    except (ProtocolError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a quorum policy: {exc}") from None
+
+
+def check_proposed(request: authz.Request, asked: Propose, operator: str, now: int) -> None:
+    """The service's Request is the change ``asked`` for, proposed by us, and open now."""
+    members = tuple(m.device_id for m in request.members)
+    if (
+        request.op != asked.op
+        or request.group != asked.group_id
+        or members != asked.members
+        or request.policy != asked.policy
+        or request.by != operator
+        or not request.nbf <= now + 60  # a little clock skew
+        or request.exp < now
+    ):
+        raise ProtocolError(
+            "quorum.mismatch", "the service's request is not the change proposed; not signed"
+        )
+
+
+class RequestSession:
+    """Proposals and approvals over one operator client."""
+
+    def __init__(
+        self,
+        client: OperatorClient,
+        *,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        json_lines: bool = False,
+    ) -> None:
+        self.client = client
+        self.out = out if out is not None else sys.stdout
+        self.err = err if err is not None else sys.stderr
+        self.json = json_lines
+
+    def _reply(self, body: Propose | Approve | ListRequests, label: str) -> RequestsResult | None:
+        reply = self.client.exchange(body, EXCHANGE_TIMEOUT)
+        if reply is None:
+            print(f"keyfleet: {label}: no answer from the service", file=self.err)
+            return None
+        if isinstance(reply, OperatorResult):
+            Progress(self.out, json_lines=self.json).show(label, reply)
+            if not self.json:
+                print(f"keyfleet: {label}: {reply.status.value}: {reply.detail}", file=self.err)
+            return None
+        return reply
+
+    def propose(self, body: Propose, label: str) -> authz.Request | None:
+        """Ask for the Request of ``body``; check it is the change asked for."""
+        reply = self._reply(body, label)
+        if reply is None:
+            return None
+        (info,) = reply.requests
+        request = authz.Request.decode(info.request)
+        check_proposed(request, body, self.client.identity.name, self.client.now())
+        return request
+
+    def fetch(self, request_id: bytes, label: str) -> RequestInfo | None:
+        body = ListRequests(self.client.new_command_id(), request_id)
+        reply = self._reply(body, label)
+        if reply is None:
+            return None
+        (info,) = reply.requests
+        if authz.Request.decode(info.request).id != request_id:
+            raise ProtocolError("quorum.mismatch", "the service answered with another request")
+        return info
+
+    def approve(self, request: bytes, label: str) -> tuple[RequestInfo, bytes] | None:
+        """Sign and send the approval of ``request``; the service's answer and the command id
+        under which a change it starts is reported."""
+        identity = self.client.identity
+        if identity.cert is None:  # pragma: no cover - OperatorIdentity.load sets it
+            raise ConfigError("the operator certificate is needed to approve")
+        approval = authz.sign_approval(request, identity.key, identity.cert)
+        body = Approve(
+            self.client.new_command_id(), authz.Request.decode(request).id, approval.encode()
+        )
+        reply = self._reply(body, label)
+        if reply is None:
+            return None
+        (info,) = reply.requests
+        return info, body.command_id
+
+    def outcome(
+        self, info: RequestInfo, command_id: bytes, label: str, *, timeout: float, direct: bool
+    ) -> int:
+        """What an approval led to: the change followed to its end, still pending, refused."""
+        request = authz.Request.decode(info.request)
+        if info.state is RequestState.EXECUTED:
+            if request.op == authz.OP_POLICY:
+                self.note(label, info, f"adopted: {info.detail}")
+                return EXIT_OK
+            progress = Progress(self.out, json_lines=self.json)
+            return follow(
+                self.client, {command_id: label}, timeout=timeout, progress=progress, err=self.err
+            )
+        if info.state is RequestState.PENDING:
+            missing = info.required - len(info.approvers)
+            self.note(
+                label,
+                info,
+                f"approved by {', '.join(info.approvers)} ({len(info.approvers)} of "
+                f"{info.required}); needs {missing} more: keyfleet approve {request.id.hex()}",
+            )
+            return EXIT_PENDING if direct else EXIT_OK
+        self.note(label, info, f"{info.state.value}: {info.detail}")
+        return EXIT_FAILED
+
+    def note(self, label: str, info: RequestInfo, text: str) -> None:
+        request = authz.Request.decode(info.request)
+        if self.json:
+            line = {"command": label, "request": request_json(info), "detail": text}
+            print(json.dumps(line, sort_keys=True), file=self.out)
+        else:
+            print(f"{label}: request {request.id.hex()}: {text}", file=self.out)
+        self.out.flush()
+
+
+def request_json(info: RequestInfo) -> dict[str, object]:
+    request = authz.Request.decode(info.request)
+    return {
+        "request_id": request.id.hex(),
+        "op": request.op,
+        "group": request.group,
+        "members": [m.device_id for m in request.members],
+        "member_keys": [m.key.hex() for m in request.members],
+        "policy": None
+        if request.policy is None
+        else policy_json(authz.QuorumPolicy.decode(request.policy)),
+        "proposer": request.by,
+        "not_before": request.nbf,
+        "expires": request.exp,
+        "state": info.state.value,
+        "approvers": list(info.approvers),
+        "required": info.required,
+        "detail": info.detail,
+    }
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
+    kind = args.propose_command
+    if kind == "group-create":
+        members = tuple(dict.fromkeys(args.member))
+        return f"propose create {args.group}", Propose(
+            command_id, authz.OP_GROUP_CREATE, members, args.group
+        )
+    if kind == "group-add":
+        return f"propose add {args.device} to {args.group}", Propose(
+            command_id, authz.OP_GROUP_ADD, (args.device,), args.group
+        )
+    if kind == "group-remove":
+        return f"propose remove {args.device} from {args.group}", Propose(
+            command_id, authz.OP_GROUP_REMOVE, (args.device,), args.group
+        )
+    if kind == "revoke":
+        return f"propose revoke {args.device}", Propose(
+            command_id, authz.OP_DEVICE_REVOKE, (args.device,), reason=args.reason
+        )
+    policy = load_policy_file(Path(args.file))
+    return f"propose policy serial {policy.serial}", Propose(
+        command_id, authz.OP_POLICY, (), None, policy.encode()
+    )
+
+
+def run_propose(client: OperatorClient, args: argparse.Namespace) -> int:
+    session = RequestSession(client, json_lines=args.json)
+    label, body = proposal(args, client.new_command_id())
+    request = session.propose(body, label)
+    if request is None:
+        return EXIT_FAILED
+    if not args.json:
+        print("\n".join(describe(request)), file=session.out)
+    approved = session.approve(request.encode(), label)
+    if approved is None:
+        return EXIT_FAILED
+    info, command_id = approved
+    return session.outcome(info, command_id, label, timeout=args.timeout, direct=False)
+
+
+def confirm(question: str) -> bool:
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def run_approve(client: OperatorClient, args: argparse.Namespace) -> int:
+    try:
+        request_id = bytes.fromhex(args.request_id)
+    except ValueError:
+        raise ConfigError(f"{args.request_id!r} is not a request id (32 hex digits)") from None
+    if len(request_id) != authz.REQUEST_ID_SIZE:
+        raise ConfigError(f"{args.request_id!r} is not a request id (32 hex digits)")
+    session = RequestSession(client, json_lines=args.json)
+    label = f"approve {args.request_id}"
+    info = session.fetch(request_id, label)
+    if info is None:
+        return EXIT_FAILED
+    request = authz.Request.decode(info.request)
+    approvers = f": {', '.join(info.approvers)}" if info.approvers else ""
+    lines = [
+        *describe(request),
+        f"  state:    {info.state.value} ({len(info.approvers)} of {info.required} approvals"
+        f"{approvers})",
+    ]
+    print("\n".join(lines), file=sys.stderr if args.json else session.out)
+    if info.state is not RequestState.PENDING:
+        print(f"keyfleet: {label}: the request is {info.state.value}", file=session.err)
+        return EXIT_FAILED
+    if not args.yes and not confirm("Approve this request?"):
+        print(f"keyfleet: {label}: not approved", file=session.err)
+        return EXIT_FAILED
+    approved = session.approve(info.request, label)
+    if approved is None:
+        return EXIT_FAILED
+    info, command_id = approved
+    return session.outcome(info, command_id, label, timeout=args.timeout, direct=False)
+
+
+def run_requests(client: OperatorClient, args: argparse.Namespace) -> int:
+    body = ListRequests(client.new_command_id())
+    reply = client.exchange(body, EXCHANGE_TIMEOUT)
+    if reply is None:
+        print("keyfleet: requests: no answer from the service", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if isinstance(reply, OperatorResult):
+        print(f"keyfleet: requests: {reply.status.value}: {reply.detail}", file=sys.stderr)
+        return EXIT_FAILED
+    rows = [request_json(info) for info in reply.requests]
+    if args.json:
+        print(json.dumps(rows, sort_keys=True))
+        return EXIT_OK
+    if not rows:
+        print("no pending requests")
+        return EXIT_OK
+    for row in rows:
+        expires = datetime.fromtimestamp(int(str(row["expires"])), UTC).strftime(
+            "%Y-%m-%d %H:%M UTC"
+        )
+        approvers = [str(a) for a in row["approvers"]]  # type: ignore[attr-defined]
+        members = [str(m) for m in row["members"]]  # type: ignore[attr-defined]
+        target = " ".join(([str(row["group"])] if row["group"] else []) + members)
+        print(
+            f"{row['request_id']}  {row['op']:<13} {target:<30} by {row['proposer']:<12} "
+            f"{len(approvers)}/{row['required']} approvals"
+            + (f" ({', '.join(approvers)})" if approvers else "")
+            + f"  expires {expires}"
+        )
+    return EXIT_OK
+
+
+def run_direct(
+    client: OperatorClient,
+    proposals: Sequence[tuple[str, Propose]],
+    *,
+    timeout: float,
+    json_lines: bool,
+) -> int:
+    """``group create``/``group add``/``revoke``: propose and approve each change; follow the
+    ones the approval started (all together); the others wait for more approvals."""
+    session = RequestSession(client, json_lines=json_lines)
+    codes: list[int] = []
+    started: dict[bytes, str] = {}
+    for label, body in proposals:
+        request = session.propose(body, label)
+        approved = None if request is None else session.approve(request.encode(), label)
+        if approved is None:
+            codes.append(EXIT_FAILED)
+            continue
+        info, command_id = approved
+        if info.state is RequestState.EXECUTED:
+            started[command_id] = label
+        else:
+            codes.append(session.outcome(info, command_id, label, timeout=timeout, direct=True))
+    if started:
+        progress = Progress(session.out, json_lines=json_lines)
+        codes.append(follow(client, started, timeout=timeout, progress=progress, err=session.err))
+    return max(codes, default=EXIT_OK)
+
+
+def add_request_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    add_operator_options: Callable[[argparse.ArgumentParser], None],
+    handler: Callable[[argparse.Namespace], int],
+) -> None:
+    """``propose``, ``approve`` and ``requests``; ``handler`` runs them with a client."""
+    propose = commands.add_parser(
+        "propose", help="propose a membership change or a quorum policy (dual control)"
+    )
+    kinds = propose.add_subparsers(dest="propose_command", required=True)
+    create = kinds.add_parser("group-create", help="create GROUP with its members")
+    create.add_argument("group")
+    create.add_argument(
+        "--member", action="extend", nargs="+", required=True, metavar="DEVICE", help="founders"
+    )
+    add = kinds.add_parser("group-add", help="add DEVICE to GROUP")
+    add.add_argument("group")
+    add.add_argument("device")
+    remove = kinds.add_parser("group-remove", help="remove DEVICE from GROUP")
+    remove.add_argument("group")
+    remove.add_argument("device")
+    revoke = kinds.add_parser("revoke", help="revoke DEVICE (admins)")
+    revoke.add_argument("device")
+    revoke.add_argument("--reason", help="recorded with the revocation")
+    policy = kinds.add_parser("policy", help="a new quorum policy from a TOML FILE (admins)")
+    policy.add_argument("file", metavar="FILE")
+    for parser in (create, add, remove, revoke, policy):
+        add_operator_options(parser)
+        parser.set_defaults(handler=handler, request_command="propose")
+
+    approve = commands.add_parser("approve", help="show a request and approve it")
+    approve.add_argument("request_id", metavar="ID")
+    approve.add_argument("--yes", action="store_true", help="approve without asking")
+    add_operator_options(approve)
+    approve.set_defaults(handler=handler, request_command="approve")
+
+    listing = commands.add_parser("requests", help="list the pending requests")
+    add_operator_options(listing)
+    listing.set_defaults(handler=handler, request_command="requests")
+
+
+def run_request_command(client: OperatorClient, args: argparse.Namespace) -> int:
+    if args.request_command == "propose":
+        return run_propose(client, args)
+    if args.request_command == "approve":
+        return run_approve(client, args)
+    return run_requests(client, args)

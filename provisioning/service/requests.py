@@ -1,0 +1,480 @@
+"""Dual control: requests that k distinct operators approve before a membership change (or a
+new quorum policy) runs (docs/operations.md, "Dual control").
+
+- ``op.propose``: the service builds the Request (``agent.protocol.authz``): a random id, the
+  op, the group, each member's device id with the SHA-256 of its DevID public key taken from the
+  registry (the DevID certificate enrollment issued), the window ``now .. now + request_ttl``
+  and the proposer. It stores it pending and answers with its bytes, unsigned: the proposer's
+  tool decodes and shows them and sends the first approval like any other approver. (The
+  approval cannot travel with the proposal: what is signed is the service's bytes.)
+- ``op.approve``: one operator's Approval of a pending request. The service checks it as the
+  devices will (operator certificate chains to the operator CA, role, signature over the exact
+  request bytes; ``AuthzVerifier.verify_approval``), that the sender approves in its own name,
+  that the request has not expired and that this operator has not approved it already. When the
+  approvals reach the quorum policy's k for the op and group, the service verifies the whole
+  Authorization itself and starts the change as the direct command would
+  (``operators.start_change``), under the approver's command id, with the Authorization kept on
+  the operation: every commit request and welcome of the change carries it to the members,
+  who verify it again. A "policy" request is adopted instead (``store.adopt_policy``).
+- ``op.list_requests``: the open requests, or one request in whatever state it is.
+- ``expire_tick``: pending requests past their window become ``expired``.
+
+Every step is one audit entry (``request.propose``, ``request.approve``, ``request.execute``,
+``request.refuse``, ``request.expire``, ``quorum.policy``); refusals are audited by the
+caller (``verify.refuse``) with their check id: ``quorum.unknown``, ``quorum.expired``,
+``quorum.state``, ``quorum.approver``, ``quorum.duplicate``, ``op.role``, ``authz.*``.
+
+The policy in force is the newest adopted one, re-verified from the initial policy
+(``QuorumPolicy.initial(min_approvals)``) along the chain of adopted policies each time it is
+read: a policy row written into the database by anyone but a quorum of operators is refused
+(``authz.*``), not obeyed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.orm import Session
+
+from agent.protocol import authz
+from agent.protocol.errors import ProtocolError
+from agent.protocol.topics import operator_result_topic
+from agent.protocol.wire.envelope import VerifiedMessage
+from agent.protocol.wire.messages.operator import Approve, ListRequests, Propose
+from agent.protocol.wire.messages.result import (
+    MAX_REQUESTS,
+    RequestInfo,
+    RequestsResult,
+    RequestState,
+)
+from provisioning import audit
+from provisioning.registry import DeviceState, Outcome, Registry, Role
+from provisioning.service import operators, store
+from provisioning.service.context import Call
+from provisioning.service.effects import Effects, Log, Send
+from provisioning.service.model import Job
+from provisioning.service.store.quorum import StoredRequest
+
+log = logging.getLogger("keyfleet.service")
+
+# The operation type (as a direct command's) each request op starts.
+OPERATION_TYPES = {
+    authz.OP_GROUP_CREATE: "op.group_create",
+    authz.OP_GROUP_ADD: "op.group_add",
+    authz.OP_GROUP_REMOVE: "op.group_remove",
+    authz.OP_DEVICE_REVOKE: "op.revoke",
+}
+# Ops whose proposal and approval the service gives to admins only (a revocation was an admin
+# command before dual control; a policy change is an admin's per the authorization format).
+ADMIN_OPS = frozenset({authz.OP_DEVICE_REVOKE, authz.OP_POLICY})
+# What one ``op.list_requests`` answer holds at most (a service message is at most 256 KiB).
+LIST_BYTES = 160 * 1024
+
+
+# -- the policy in force ------------------------------------------------------------------------
+
+
+def verifier(cx: Call) -> authz.AuthzVerifier:
+    """The service's verifier against the operator CA it trusts (kept: it caches validated
+    operator certificates)."""
+    if cx.env.authz_verifier is None:
+        cx.env.authz_verifier = authz.AuthzVerifier([cx.env.operator_ca])
+    return cx.env.authz_verifier
+
+
+def current_policy(cx: Call, session: Session) -> authz.QuorumPolicy:
+    """The initial policy, moved along every adopted policy in serial order, each verified
+    under the one before it (historically: its window need not be now)."""
+    policy = authz.QuorumPolicy.initial(cx.env.settings.min_approvals)
+    for _serial, stored in store.adopted_policies(session):
+        policy = verifier(cx).verify_policy_update(stored, current=policy, now=None)
+    return policy
+
+
+# -- dispatch -----------------------------------------------------------------------------------
+
+
+def dispatch(
+    cx: Call, session: Session, message: VerifiedMessage, command_id: bytes, now: int
+) -> Effects:
+    body = message.body
+    if isinstance(body, Propose):
+        return on_propose(cx, session, message.sender, body, now)
+    if isinstance(body, Approve):
+        return on_approve(cx, session, message.sender, body, now)
+    if isinstance(body, ListRequests):
+        return on_list(cx, session, message.sender, body, now)
+    raise ProtocolError("op.type", f"{message.type} is not a request command")  # pragma: no cover
+
+
+def require_role(session: Session, operator: str, op: str) -> None:
+    if op in ADMIN_OPS and not Registry(session).operator(operator).role.allows(Role.ADMIN):
+        raise ProtocolError("op.role", f"{op} is proposed and approved by admins only")
+
+
+def info(stored: StoredRequest, policy: authz.QuorumPolicy, now: int) -> RequestInfo:
+    state = stored.state
+    detail = stored.detail
+    if state is RequestState.PENDING and now > stored.expires_at:
+        state, detail = RequestState.EXPIRED, f"expired at {stored.expires_at}"
+    return RequestInfo(
+        request=stored.request,
+        state=state,
+        approvers=tuple(stored.approvers),
+        required=policy.required(stored.op, stored.group_id),
+        detail=detail,
+    )
+
+
+def answer(
+    cx: Call,
+    session: Session,
+    operator: str,
+    command_id: bytes,
+    items: list[StoredRequest],
+    *,
+    now: int,
+) -> Send:
+    policy = current_policy(cx, session)
+    result = RequestsResult(command_id, tuple(info(s, policy, now) for s in items))
+    return Send(operator_result_topic(operator), result, operator)
+
+
+# -- propose ------------------------------------------------------------------------------------
+
+
+def devid_point(registry: Registry, device_id: str) -> bytes:
+    """The 65-byte DevID public point of ``device_id``, from the certificate enrollment issued."""
+    cert = x509.load_pem_x509_certificate(registry.device(device_id).devid_cert_pem.encode())
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ProtocolError("quorum.member", f"{device_id}: the DevID key is not an EC key")
+    return public.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+
+
+def check_request(
+    cx: Call, session: Session, op: str, group: str | None, members: tuple[str, ...]
+) -> None:
+    """Raises unless the change can be made now (the same checks the direct command makes)."""
+    registry = Registry(session)
+    if op == authz.OP_GROUP_CREATE:
+        assert group is not None
+        if store.pending_create(session, group):
+            raise ProtocolError("registry.group.exists", f"group {group!r} is being created")
+        if group in {g.group_id for g in registry.groups()}:
+            raise ProtocolError("registry.group.exists", f"group {group!r} already exists")
+        for device_id in members:
+            operators.check_eligible(registry, device_id, group)
+    elif op == authz.OP_GROUP_ADD:
+        assert group is not None
+        operators.check_add(session, group, members[0])
+    elif op == authz.OP_GROUP_REMOVE:
+        assert group is not None
+        operators.check_remove(session, group, members[0])
+    elif op == authz.OP_DEVICE_REVOKE and registry.device(members[0]).state is DeviceState.REVOKED:
+        raise ProtocolError("registry.device.revoked", f"{members[0]} is revoked already")
+
+
+def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: int) -> Effects:
+    require_role(session, operator, body.op)
+    registry = Registry(session)
+    if body.op == authz.OP_POLICY:
+        assert body.policy is not None
+        proposed = authz.QuorumPolicy.decode(body.policy)
+        current = current_policy(cx, session)
+        if proposed.serial <= current.serial:
+            raise ProtocolError(
+                "authz.policy.serial",
+                f"serial {proposed.serial} does not follow the current serial {current.serial}",
+            )
+        members: tuple[authz.Member, ...] = ()
+    else:
+        check_request(cx, session, body.op, body.group_id, body.members)
+        members = tuple(authz.Member.of(d, devid_point(registry, d)) for d in body.members)
+    request = authz.Request(
+        id=cx.env.rng(authz.REQUEST_ID_SIZE),
+        op=body.op,
+        group=body.group_id,
+        members=members,
+        policy=body.policy,
+        nbf=now,
+        exp=now + cx.env.settings.request_ttl,
+        by=operator,
+    )
+    stored = StoredRequest(
+        request_id=request.id,
+        op=request.op,
+        group_id=request.group,
+        members=body.members,
+        request=request.encode(),
+        approvals=[],
+        approvers=[],
+        state=RequestState.PENDING,
+        proposer=operator,
+        created_at=now,
+        expires_at=request.exp,
+        reason=body.reason or "",
+    )
+    store.insert_request(session, stored, now=now)
+    audit.append(
+        session,
+        now=now,
+        actor=f"operator:{operator}",
+        action="request.propose",
+        target=request.id.hex(),
+        outcome=Outcome.ACCEPTED,
+        details={
+            "op": request.op,
+            "group": request.group,
+            "members": ",".join(body.members),
+            "expires_at": request.exp,
+        },
+    )
+    return [
+        Log(logging.INFO, "%s proposed %s request %s", (operator, request.op, request.id.hex())),
+        answer(cx, session, operator, body.command_id, [stored], now=now),
+    ]
+
+
+# -- approve ------------------------------------------------------------------------------------
+
+
+def on_approve(cx: Call, session: Session, operator: str, body: Approve, now: int) -> Effects:
+    stored = store.load_request(session, body.request_id)
+    if stored is None:
+        raise ProtocolError("quorum.unknown", f"no request {body.request_id.hex()}")
+    check_stored(stored)
+    if stored.state is RequestState.EXPIRED or (
+        stored.state is RequestState.PENDING and now > stored.expires_at
+    ):
+        raise ProtocolError(
+            "quorum.expired", f"request {body.request_id.hex()} expired at {stored.expires_at}"
+        )
+    if stored.state is not RequestState.PENDING:
+        raise ProtocolError(
+            "quorum.state", f"request {body.request_id.hex()} is {stored.state.value}"
+        )
+    require_role(session, operator, stored.op)
+    approval = authz.Approval.decode(body.approval)
+    approver = verifier(cx).verify_approval(stored.request, approval, now=now)
+    if approver.operator_id != operator:
+        raise ProtocolError(
+            "quorum.approver",
+            f"{operator} sent an approval by {approver.operator_id}: each operator sends its own",
+        )
+    if operator in stored.approvers:
+        raise ProtocolError(
+            "quorum.duplicate", f"{operator} approved request {stored.request_id.hex()} already"
+        )
+    stored.approvals.append(body.approval)
+    stored.approvers.append(operator)
+    policy = current_policy(cx, session)
+    needed = policy.required(stored.op, stored.group_id)
+    audit.append(
+        session,
+        now=now,
+        actor=f"operator:{operator}",
+        action="request.approve",
+        target=stored.request_id.hex(),
+        outcome=Outcome.ACCEPTED,
+        details={"op": stored.op, "approvals": len(stored.approvers), "required": needed},
+    )
+    effects: Effects = []
+    if len(stored.approvers) >= needed:
+        effects = execute_request(
+            cx, session, stored, operator, body.command_id, policy=policy, now=now
+        )
+    store.save_request(session, stored, now=now)
+    return [
+        Log(
+            logging.INFO,
+            "%s approved request %s (%d of %d)",
+            (operator, stored.request_id.hex(), len(stored.approvers), needed),
+        ),
+        answer(cx, session, operator, body.command_id, [stored], now=now),
+        *effects,
+    ]
+
+
+def check_stored(stored: StoredRequest) -> None:
+    """The row's columns (which the change is planned from) say what its Request bytes (which
+    the operators sign) say: a database writer cannot point approvals at another change."""
+    request = authz.Request.decode(stored.request)
+    if (
+        request.id != stored.request_id
+        or request.op != stored.op
+        or request.group != stored.group_id
+        or tuple(m.device_id for m in request.members) != stored.members
+        or request.exp != stored.expires_at
+    ):
+        raise ProtocolError(
+            "quorum.stored", f"request {stored.request_id.hex()}: its row disagrees with its bytes"
+        )
+
+
+def authorization(stored: StoredRequest) -> bytes:
+    approvals = tuple(authz.Approval.decode(a) for a in stored.approvals)
+    return authz.Authorization(request=stored.request, approvals=approvals).encode()
+
+
+def execute_request(
+    cx: Call,
+    session: Session,
+    stored: StoredRequest,
+    operator: str,
+    command_id: bytes,
+    *,
+    policy: authz.QuorumPolicy,
+    now: int,
+) -> Effects:
+    """The approvals met the quorum: verify the Authorization as a device would, then adopt
+    the policy or start the change. A change that can no longer be made (the device was
+    revoked meanwhile, the group is gone) ends the request ``refused``, its approvals kept."""
+    authorization_bytes = authorization(stored)
+    stored.state = RequestState.APPROVED
+    if stored.op == authz.OP_POLICY:
+        adopted = verifier(cx).verify_policy_update(authorization_bytes, current=policy, now=now)
+        store.adopt_policy(session, adopted.serial, authorization_bytes, now=now)
+        stored.state = RequestState.EXECUTED
+        stored.detail = f"policy serial {adopted.serial} in force"
+        audit.append(
+            session,
+            now=now,
+            actor=f"operator:{operator}",
+            action="quorum.policy",
+            target=str(adopted.serial),
+            outcome=Outcome.ACCEPTED,
+            details={
+                "request_id": stored.request_id.hex(),
+                "approvers": ",".join(stored.approvers),
+            },
+        )
+        return [Log(logging.INFO, "quorum policy serial %d adopted", (adopted.serial,))]
+    verified = verifier(cx).verify(
+        authorization_bytes, policy=policy, now=now, op=stored.op, group=stored.group_id
+    )
+    try:
+        check_request(cx, session, stored.op, stored.group_id, stored.members)
+        registry = Registry(session)
+        for member in verified.request.members:
+            if authz.member_key(devid_point(registry, member.device_id)) != member.key:
+                raise ProtocolError(
+                    "quorum.member", f"{member.device_id} has another DevID key than approved"
+                )
+    except ProtocolError as err:
+        stored.state = RequestState.REFUSED
+        stored.detail = f"[{err.check}] {err.reason}"
+        audit.append(
+            session,
+            now=now,
+            actor="service",
+            action="request.refuse",
+            target=stored.request_id.hex(),
+            outcome=Outcome.REFUSED,
+            reason=stored.detail,
+        )
+        return [
+            Log(logging.WARNING, "request %s refused: %s", (stored.request_id.hex(), stored.detail))
+        ]
+    jobs, groups = plan(cx, session, stored, operator, now)
+    stored.state = RequestState.EXECUTED
+    stored.command_id = command_id
+    stored.detail = f"approved by {', '.join(stored.approvers)}; change started"
+    audit.append(
+        session,
+        now=now,
+        actor=f"operator:{operator}",
+        action="request.execute",
+        target=stored.request_id.hex(),
+        outcome=Outcome.ACCEPTED,
+        details={"command_id": command_id.hex(), "approvers": ",".join(stored.approvers)},
+    )
+    return operators.start_change(
+        cx,
+        session,
+        operator=operator,
+        type_=OPERATION_TYPES[stored.op],
+        target=stored.group_id if stored.group_id is not None else stored.members[0],
+        jobs=jobs,
+        groups=groups,
+        command_id=command_id,
+        now=now,
+        revoked=stored.members[0] if stored.op == authz.OP_DEVICE_REVOKE else None,
+        authz=authorization_bytes,
+        request_id=stored.request_id,
+    )
+
+
+def plan(
+    cx: Call, session: Session, stored: StoredRequest, operator: str, now: int
+) -> tuple[list[Job], set[str]]:
+    group, members = stored.group_id, stored.members
+    if stored.op == authz.OP_GROUP_CREATE:
+        assert group is not None
+        return operators.plan_create(cx, session, group, members)
+    if stored.op == authz.OP_GROUP_ADD:
+        assert group is not None
+        return operators.plan_add(cx, session, group, members[0], now)
+    if stored.op == authz.OP_GROUP_REMOVE:
+        assert group is not None
+        return operators.plan_group_remove(cx, session, group, members[0], now)
+    reason = f"request {stored.request_id.hex()} approved by {', '.join(stored.approvers)}"
+    if stored.reason:
+        reason = f"{stored.reason} ({reason})"
+    return operators.plan_revoke(cx, session, members[0], reason=reason, operator=operator, now=now)
+
+
+# -- list and expire ----------------------------------------------------------------------------
+
+
+def on_list(cx: Call, session: Session, operator: str, body: ListRequests, now: int) -> Effects:
+    if body.request_id is not None:
+        stored = store.load_request(session, body.request_id)
+        if stored is None:
+            raise ProtocolError("quorum.unknown", f"no request {body.request_id.hex()}")
+        items = [stored]
+    else:
+        # The newest open requests, as many as fit one answer (a group.create request names
+        # every founder with its key hash: a large one is tens of kilobytes).
+        items = []
+        size = 0
+        for stored in reversed([s for s in store.open_requests(session) if now <= s.expires_at]):
+            size += len(stored.request) + 256
+            if len(items) == MAX_REQUESTS or (items and size > LIST_BYTES):
+                break
+            items.append(stored)
+        items.reverse()
+    return [answer(cx, session, operator, body.command_id, items, now=now)]
+
+
+def expire_tick(cx: Call, now: int) -> None:
+    """Pending requests past their window end ``expired`` (one audit entry each)."""
+
+    def work(session: Session) -> int:
+        expired = store.expired_requests(session, now)
+        for stored in expired:
+            stored.state = RequestState.EXPIRED
+            stored.detail = (
+                f"expired at {stored.expires_at} with {len(stored.approvers)} approval(s)"
+            )
+            store.save_request(session, stored, now=now)
+            audit.append(
+                session,
+                now=now,
+                actor="service",
+                action="request.expire",
+                target=stored.request_id.hex(),
+                outcome=Outcome.ACCEPTED,
+                details={"op": stored.op, "approvals": len(stored.approvers)},
+            )
+        return len(expired)
+
+    if cx.env.read(lambda s: bool(store.expired_requests(s, now))):
+        count = cx.env.tx(work)
+        if count:
+            log.info("%d request(s) expired", count)
