@@ -55,6 +55,7 @@ from agent.localapi.protocol import DEFAULT_API_SOCKET
 from agent.protocol.dataseal import GROUP_NAME
 from agent.protocol.errors import StateError
 from agent.protocol.lifecycle import AES_GCM_RANDOM_NONCE_LIMIT, RotationPolicy
+from agent.protocol.membership import Membership
 from agent.tpm.blob import KeyBlob
 
 log = logging.getLogger("keyagent.config")
@@ -118,6 +119,15 @@ class FleetConfig:
     operator_anchors: tuple[CertFile, ...] = ()
     # Approvals a membership change needs until the operators sign a quorum policy.
     min_approvals: int = 2
+
+    def membership(self) -> Membership:
+        """The device's membership trust: members' credentials chain to ``trust_anchors`` (the
+        device CA), approvals to ``operator_anchors``; KeyPackages must prove TPM residency."""
+        return Membership(
+            device_cas=tuple(c for f in self.trust_anchors for c in f.certificates),
+            operator_cas=tuple(c for f in self.operator_anchors for c in f.certificates),
+            min_approvals=self.min_approvals,
+        )
 
 
 @dataclass(frozen=True)

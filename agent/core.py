@@ -34,7 +34,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -51,9 +51,12 @@ from agent.protocol.lifecycle import (
     RotationPolicy,
     rotation_due,
 )
+from agent.protocol.membership import Membership, MembershipState
 from agent.protocol.mls import codec
 from agent.protocol.mls.group import Group
-from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Welcome
+from agent.protocol.mls.public import CommitCheck, LeafCheck
+from agent.protocol.mls.tree import LeafNode, RatchetTree
 from agent.protocol.secret import Secret
 from agent.protocol.topics import (
     SERVICE_ID,
@@ -219,6 +222,13 @@ class _GroupEntry:
     update_requested: tuple[int, int] | None = None  # (epoch, time asked)
 
 
+class _Hooks(NamedTuple):
+    """The membership checks MLS runs for one group (``AgentCore._checks``)."""
+
+    leaf_check: LeafCheck
+    commit_check: CommitCheck
+
+
 def leaf_name(public: bytes) -> str:
     """The ledger name of a leaf key: derived from its public key, never secret."""
     return "leaf/" + hashlib.sha256(public).hexdigest()[:16]
@@ -238,6 +248,7 @@ class AgentCore:
         keys: KeyProvider,
         *,
         credential: bytes,
+        membership: Membership,
         now: int,
         policy_for: Callable[[str], RotationPolicy] = lambda group: RotationPolicy(),
         rng: Rng = os.urandom,
@@ -258,6 +269,8 @@ class AgentCore:
         self._service_kid = cose.key_id(service_key)
         self._keys = keys
         self._credential = credential  # the DevID certificate (DER): every leaf of ours carries it
+        # who may enter or leave our groups: device CA, operator CA, quorum policy, used admissions
+        self.membership = membership
         self._attester = attester
         self._policy_for = policy_for
         self._rng = rng
@@ -510,7 +523,10 @@ class AgentCore:
         if commit.content.group_id != group.group_id:
             raise ProtocolError("mls.group-id", "the commit is for another group")
         try:
-            following = group.process(commit)
+            checks = self._checks(body.group_id, fresh=False)
+            following = group.process(
+                commit, leaf_check=checks.leaf_check, commit_check=checks.commit_check
+            )
         except ProtocolError as exc:
             if exc.check != "mls.removed":
                 raise
@@ -562,6 +578,9 @@ class AgentCore:
             raise ProtocolError("agent.pending-full", "too many commits await the service")
         devid = self._keys.devid
         welcome_for: tuple[str, ...] = ()
+        self.membership.adopt_policies(body.policies)
+        authz = None if body.authz is None else self.membership.envelope(body.authz)
+        checks = self._checks(body.group_id, fresh=True)
         if body.action is CommitAction.ADD:
             assert body.key_package is not None and body.member is not None
             key_package = KeyPackage.decode(body.key_package)
@@ -569,7 +588,14 @@ class AgentCore:
                 raise ProtocolError(
                     "agent.key-package.member", "the key package names another device"
                 )
-            result = group.add(devid, [key_package], rng=self._rng)
+            result = group.add(
+                devid,
+                [key_package],
+                rng=self._rng,
+                authz=authz,
+                leaf_check=checks.leaf_check,
+                commit_check=checks.commit_check,
+            )
             welcome_for = (body.member,)
         elif body.action is CommitAction.REMOVE:
             assert body.member is not None
@@ -578,9 +604,22 @@ class AgentCore:
             leaf = group.tree.find_device(body.member.encode())
             if leaf is None:
                 raise ProtocolError("agent.member-unknown", "that device is not in the group")
-            result = group.remove(devid, [leaf], rng=self._rng)
+            result = group.remove(
+                devid,
+                [leaf],
+                rng=self._rng,
+                authz=authz,
+                leaf_check=checks.leaf_check,
+                commit_check=checks.commit_check,
+            )
         else:
-            result = group.update(devid, self._keys.new_leaf_key(), rng=self._rng)
+            result = group.update(
+                devid,
+                self._keys.new_leaf_key(),
+                rng=self._rng,
+                leaf_check=checks.leaf_check,
+                commit_check=checks.commit_check,
+            )
         commit_bytes = result.commit.encode()
         publishes = [
             self._send(
@@ -614,16 +653,55 @@ class AgentCore:
                 # A re-sent create whose answer may have been lost: say it again.
                 return Outcome(publishes=[self._created(body.group_id, group, body.command_id)])
             raise ProtocolError("agent.group-exists", "this device already holds the group")
+        self.membership.adopt_policies(body.policies)
+        if body.authz is None:
+            raise ProtocolError(
+                "authz.missing", "a group is created only with the operators' authorization"
+            )
+        authz = self.membership.envelope(body.authz)
         leaf = self._keys.new_leaf_key()
-        own = KeyPackage.create(
-            self.device_id.encode(), self._keys.devid, leaf.public_key(), self._credential
+        own = self._key_package(leaf)
+        self.membership.check_admission(body.group_id, own.leaf, authz, True, self._now)
+        group = Group.create(
+            body.group_id.encode(),
+            own,
+            leaf,
+            rng=self._rng,
+            authz=authz,
+            leaf_check=self._checks(body.group_id, fresh=True).leaf_check,
         )
-        group = Group.create(body.group_id.encode(), own, leaf, rng=self._rng)
+        self.membership.consume(authz, self._now)
         self._install(body.group_id, group)
         return Outcome(
             publishes=[self._created(body.group_id, group, body.command_id)],
             epochs_changed=True,
         )
+
+    def _key_package(self, leaf: ec.EllipticCurvePrivateKey) -> KeyPackage:
+        """Our KeyPackage for ``leaf``: DevID credential and the TPM's proof that the leaf key
+        lives in it (the AK's certify)."""
+        point = serialize_public_key(leaf.public_key())
+        return KeyPackage.create(
+            self.device_id.encode(),
+            self._keys.devid,
+            leaf.public_key(),
+            self._credential,
+            tpm_proof=self._keys.prove_leaf(point),
+        )
+
+    def _checks(self, group: str, *, fresh: bool) -> _Hooks:
+        """The membership hooks MLS runs for ``group`` (agent.protocol.membership): every new
+        leaf's credential, and every commit's membership change against its authorization
+        (``fresh``: we are the committer, so the request must be valid now)."""
+        membership, now = self.membership, self._now
+
+        def leaf_check(leaf: LeafNode) -> None:
+            membership.check_leaf(leaf, now)
+
+        def commit_check(content: CommitContent, tree: RatchetTree) -> None:
+            membership.check_commit(group, content, tree, now, fresh=fresh)
+
+        return _Hooks(leaf_check, commit_check)
 
     def _created(self, name: str, group: Group, command_id: bytes) -> Publish:
         public = codec.encode(group.public_group().to_state())
@@ -647,11 +725,23 @@ class AgentCore:
                 "mls.welcome.recipient", "the welcome is for none of our key packages"
             )
         public, key_package = match
-        group = Group.join(welcome, key_package, self._keys.load_leaf(public))
+        membership, now, name = self.membership, self._now, body.group_id
+
+        def admission_check(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
+            membership.check_admission(name, leaf, authz, is_own, now)
+
+        group = Group.join(
+            welcome,
+            key_package,
+            self._keys.load_leaf(public),
+            leaf_check=self._checks(name, fresh=False).leaf_check,
+            admission_check=admission_check,
+        )
         if group.group_id != body.group_id.encode() or group.epoch != body.epoch:
             raise ProtocolError(
                 "agent.welcome.mismatch", "the welcome's group or epoch differs from its envelope"
             )
+        self.membership.consume(group.admission(group.own_leaf), self._now)
         if existing is not None:
             log.warning("re-added to group %s at epoch %d", body.group_id, group.epoch)
         del self._key_packages[public]
@@ -686,9 +776,7 @@ class AgentCore:
             return Outcome(publishes=[self._send(again)])
         leaf = self._keys.new_leaf_key()
         public = serialize_public_key(leaf.public_key())
-        key_package = KeyPackage.create(
-            self.device_id.encode(), self._keys.devid, leaf.public_key(), self._credential
-        )
+        key_package = self._key_package(leaf)
         self._key_packages[public] = key_package.encode()
         while len(self._key_packages) > MAX_KEY_PACKAGES:
             self._key_packages.popitem(last=False)
@@ -912,6 +1000,7 @@ class AgentCore:
             "ledger": self.ledger.to_cbor(),
             "last_report": self.last_report,
             "last_acks": {name: list(value) for name, value in self.last_acks.items()},
+            "membership": self.membership.to_state(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -933,6 +1022,7 @@ class AgentCore:
         self.ledger = restored.ledger
         self.last_report = restored.last_report
         self.last_acks = restored.last_acks
+        self.membership.restore(restored.membership)
 
     # -- status (no secrets) ------------------------------------------------------------------
 
@@ -992,6 +1082,7 @@ class _Restored:
     ledger: KeyLedger
     last_report: int | None
     last_acks: dict[str, tuple[int, int]]
+    membership: MembershipState
 
     @classmethod
     def parse(cls, state: dict[str, Any], core: AgentCore) -> _Restored:
@@ -1067,6 +1158,8 @@ class _Restored:
             ledger=ledger,
             last_report=None if last_report is None else _uint(last_report, "last_report"),
             last_acks=last_acks,
+            # a copy of the trust state: checked here, applied by restore() with the rest
+            membership=core.membership.parse_state(state["membership"]),
         )
 
 

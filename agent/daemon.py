@@ -316,6 +316,12 @@ class Daemon:
         assert config.broker is not None
         if config.simulation.insecure_software_keys:
             log.warning("INSECURE: simulation.insecure_software_keys = true in %s", config.source)
+        if not config.fleet.operator_anchors:
+            log.warning(
+                "no operator CA in [fleet] operator_anchors of %s: this device refuses every "
+                "group membership change (create, add, remove) until one is configured",
+                config.source,
+            )
         report = run_builtin_selftests()
         if not report.ok:
             raise KeyfleetError(f"self-test failed ({report.failed} checks): refusing to start")
@@ -331,6 +337,7 @@ class Daemon:
             config.fleet.service_key,
             self._keys,
             credential=config.identity.devid_cert.certificates[0].public_bytes(Encoding.DER),
+            membership=config.fleet.membership(),
             now=self.now(),
             policy_for=config.rotation.for_group,
             max_age=max(DEFAULT_MAX_AGE, config.broker.session_expiry),

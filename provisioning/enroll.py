@@ -448,6 +448,7 @@ class EnrollmentSettings:
             service_cert=cert_from_pem(config.broker.client_cert.read_bytes()),
             trust_anchors=(device_ca.certificate,),
             operator_anchors=(cert_from_pem(config.operator_ca_cert.read_bytes()),),
+            min_approvals=config.quorum.min_approvals,
         )
 
 

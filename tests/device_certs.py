@@ -12,24 +12,34 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning.pki import CertificateAuthority, create_ca, issue_devid_cert
 
-VALID_FOR = timedelta(days=3650)
+# valid from 2020 for 20 years: tests run cores at fixed times (T0 = 2023) and at the wall clock
+VALID_FROM = datetime(2020, 1, 1, tzinfo=UTC)
+VALID_FOR = timedelta(days=20 * 365)
 
 
 @functools.cache
 def device_ca() -> CertificateAuthority:
-    return create_ca("keyfleet test device CA", now=datetime.now(UTC), valid_for=VALID_FOR)
+    return create_ca("keyfleet test device CA", now=VALID_FROM, valid_for=VALID_FOR)
 
 
-def devid_cert_der(device_id: bytes | str, key: ec.EllipticCurvePrivateKey) -> bytes:
-    """A DER DevID certificate from ``device_ca()`` for ``device_id`` and ``key``'s public
-    key (only ``public_key()`` is called: ``key`` may be a TPM key)."""
+def devid_cert_der(
+    device_id: bytes | str,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    ak_name: bytes | None = None,
+    ca: CertificateAuthority | None = None,
+) -> bytes:
+    """A DER DevID certificate from ``ca`` (default ``device_ca()``) for ``device_id`` and
+    ``key``'s public key (only ``public_key()`` is called: ``key`` may be a TPM key), naming the
+    AK ``ak_name`` if given."""
     name = device_id.decode() if isinstance(device_id, bytes) else device_id
     cert = issue_devid_cert(
-        device_ca(),
+        device_ca() if ca is None else ca,
         key.public_key(),
         device_id=name,
         hardware_serial=f"SN-{name}",
-        now=datetime.now(UTC),
+        now=VALID_FROM,
         valid_for=VALID_FOR,
+        ak_name=ak_name,
     )
     return cert.public_bytes(serialization.Encoding.DER)

@@ -155,11 +155,16 @@ def request_commit(cx: Call, job: Job, committer: str, epoch: int, now: int) -> 
     if not claim(cx, job, now):
         return
     command_id = job.command_id
-    # The operators' Authorization of the change, if it came through dual control: the
-    # committer verifies it and puts it into its commit.
+    # The operators' Authorization of the change (dual control): the committer verifies it and
+    # puts it into its commit, with the chain of adopted quorum policies it is judged under. A
+    # change the service starts on its own (quarantine, a re-add beyond retention) names the
+    # newest policy: devices take it only where that policy allows automatic changes.
     authz = (
         None if command_id is None else cx.env.read(lambda s: store.operation_authz(s, command_id))
     )
+    policies = tuple(a for _, a in cx.env.read(store.adopted_policies))
+    if authz is None and policies and job.action in (CommitAction.ADD, CommitAction.REMOVE):
+        authz = policies[-1]
     request = CommitRequest(
         command_id=job.request_id,
         group_id=job.group_id,
@@ -168,6 +173,7 @@ def request_commit(cx: Call, job: Job, committer: str, epoch: int, now: int) -> 
         member=job.member if job.action in (CommitAction.ADD, CommitAction.REMOVE) else None,
         key_package=job.key_package if job.action is CommitAction.ADD else None,
         authz=authz,
+        policies=policies,
     )
     log.info("asked %s to commit %s at epoch %s", committer, job.describe(), epoch)
     cx.send(device_cmd_topic(committer), request, to=committer, now=now)

@@ -54,6 +54,7 @@ from agent.protocol.wire.messages.service import (
 )
 from agent.protocol.wire.replay import ReplayGuard
 from tests.device_certs import devid_cert_der
+from tests.operator_certs import authorize, membership
 
 pytestmark = pytest.mark.pure
 
@@ -97,11 +98,15 @@ class FakeService:
         self.now = T0
         self.devices: dict[str, AgentCore] = {}
         self.public: dict[str, PublicGroup] = {}
+        self.approvers: tuple[str, ...] = ("op-alice",)  # who approves the changes it drives
 
-    def core(self, device_id: str, **kwargs: Any) -> AgentCore:
+    def core(
+        self, device_id: str, keys: FakeSoftwareKeys | None = None, **kwargs: Any
+    ) -> AgentCore:
         # exact report times in these tests: no per-device spread unless a test asks for one
         kwargs.setdefault("key_report_spread", 0)
-        keys = FakeSoftwareKeys()
+        kwargs.setdefault("membership", membership())
+        keys = FakeSoftwareKeys() if keys is None else keys
         core = AgentCore(
             device_id,
             self.key.public_key(),
@@ -148,8 +153,15 @@ class FakeService:
 
     # -- flows --------------------------------------------------------------------------------
 
+    def authorize(self, op: str, members: list[tuple[str, bytes]]) -> bytes:
+        """The operators' Authorization of a change (one approval: the devices here trust the
+        test operator CA with ``min_approvals`` 1)."""
+        return authorize(op, G, members, approvers=self.approvers, now=self.now)
+
     def create(self, device: str) -> None:
-        out = self.deliver(device, CommitRequest(cmd(), G, 0, CommitAction.CREATE))
+        devid = self.devices[device]._keys.devid.public_key()
+        authz = self.authorize("group.create", [(device, serialize_public_key(devid))])
+        out = self.deliver(device, CommitRequest(cmd(), G, 0, CommitAction.CREATE, authz=authz))
         (created,) = self.bodies(device, out)
         assert isinstance(created, GroupCreated) and created.group_id == G
         self.public[G] = PublicGroup.from_state(codec.decode(created.public_group, 1 << 20, "pg"))
@@ -162,6 +174,14 @@ class FakeService:
 
     def request_commit(self, committer: str, action: CommitAction, **kw: Any) -> list[Body]:
         epoch = self.public[G].epoch
+        if "authz" not in kw and action is CommitAction.ADD:
+            kp = KeyPackage.decode(kw["key_package"])
+            kw["authz"] = self.authorize("group.add", [(kw["member"], kp.signature_key)])
+        elif "authz" not in kw and action is CommitAction.REMOVE:
+            tree = self.public[G].tree
+            leaf = tree.leaf(tree.find_device(kw["member"].encode()))  # type: ignore[arg-type]
+            assert leaf is not None
+            kw["authz"] = self.authorize("group.remove", [(kw["member"], leaf.signature_key)])
         out = self.deliver(committer, CommitRequest(cmd(), G, epoch, action, **kw))
         assert out.changed and out.refused is None
         return self.bodies(committer, out)
@@ -491,7 +511,12 @@ def test_restore_resumes_exactly() -> None:
     assert isinstance(commit, CommitMessage)
     saved = cbor2.loads(cbor2.dumps(a.to_state(), canonical=True))
     resumed = AgentCore(
-        "dev-a", service.key.public_key(), a._keys, credential=a._credential, now=T0
+        "dev-a",
+        service.key.public_key(),
+        a._keys,
+        credential=a._credential,
+        membership=membership(),
+        now=T0,
     )
     resumed.restore(saved)
     service.devices["dev-a"] = resumed
@@ -520,7 +545,12 @@ def test_state_written_with_the_old_window_of_32_is_widened_without_reopening_a_
     saved["replay"] = old.to_cbor_map()
     assert old.lowest_seq(SERVICE_ID) == 5040 - 31
     resumed = AgentCore(
-        "dev-a", service.key.public_key(), a._keys, credential=a._credential, now=T0
+        "dev-a",
+        service.key.public_key(),
+        a._keys,
+        credential=a._credential,
+        membership=membership(),
+        now=T0,
     )
     resumed.restore(saved)
     assert (resumed._guard.window, resumed._guard.capacity) == (1 << 32, 32)
@@ -533,11 +563,23 @@ def test_state_written_with_the_old_window_of_32_is_widened_without_reopening_a_
 def test_restore_refuses_another_devices_state_and_missing_leaves() -> None:
     service, a, _ = group_of_two()
     saved = a.to_state()
-    other = AgentCore("dev-x", service.key.public_key(), a._keys, credential=a._credential, now=T0)
+    other = AgentCore(
+        "dev-x",
+        service.key.public_key(),
+        a._keys,
+        credential=a._credential,
+        membership=membership(),
+        now=T0,
+    )
     with pytest.raises(StateError):
         other.restore(saved)
     no_leaves = AgentCore(
-        "dev-a", service.key.public_key(), FakeSoftwareKeys(), credential=a._credential, now=T0
+        "dev-a",
+        service.key.public_key(),
+        FakeSoftwareKeys(),
+        credential=a._credential,
+        membership=membership(),
+        now=T0,
     )
     with pytest.raises(StateError):
         no_leaves.restore(saved)
@@ -710,6 +752,7 @@ def test_key_state_reports_of_a_fleet_are_spread_by_device() -> None:
             service.key.public_key(),
             FakeSoftwareKeys(),
             credential=core._credential,
+            membership=membership(),
             now=service.now,
         )
         assert again._key_report_delay == core._key_report_delay  # fixed per device id

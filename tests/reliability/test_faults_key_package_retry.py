@@ -20,6 +20,7 @@ from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, KeyPackageRequest, WelcomeDelivery
 from tests.device_certs import devid_cert_der
+from tests.operator_certs import membership
 from tests.pure.test_agent_core import FakeService, FakeSoftwareKeys, G, acks
 
 pytestmark = pytest.mark.pure
@@ -57,13 +58,23 @@ def test_the_request_to_key_package_link_survives_a_restart() -> None:
     keys = FakeSoftwareKeys()
     credential = devid_cert_der("dev-b", keys.devid)
     device = AgentCore(
-        "dev-b", service.key.public_key(), keys, credential=credential, now=service.now
+        "dev-b",
+        service.key.public_key(),
+        keys,
+        credential=credential,
+        membership=membership(),
+        now=service.now,
     )
     service.devices["dev-b"] = device
     command_id = os.urandom(16)
     first = service.bodies("dev-b", service.deliver("dev-b", KeyPackageRequest(command_id)))
     restarted = AgentCore(
-        "dev-b", service.key.public_key(), keys, credential=credential, now=service.now
+        "dev-b",
+        service.key.public_key(),
+        keys,
+        credential=credential,
+        membership=membership(),
+        now=service.now,
     )
     restarted.restore(device.to_state())
     service.devices["dev-b"] = restarted

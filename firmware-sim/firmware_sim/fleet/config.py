@@ -50,6 +50,10 @@ class FleetConfig:
     registry_url: str = field(repr=False)
     insecure_software_keys: bool = False
     keepalive: int = 60
+    # the operator CA the devices trust for approvals of membership changes, and the approvals
+    # a change needs before the operators sign a quorum policy (the service's [quorum])
+    operator_ca_cert: Path | None = None
+    min_approvals: int = 2
 
     def device_id(self, index: int) -> str:
         return f"{self.id_prefix}{index:05d}"
@@ -123,6 +127,17 @@ FLEET_SCHEMA: Final = Table(
             ),
             required=True,
         ),
+        "operator_ca": Field(
+            Table(
+                {
+                    "cert": Field(
+                        ReadableFile("a PEM CA certificate", parse=pem_certificates_problem),
+                        required=True,
+                    ),
+                    "min_approvals": Field(Int(1, 16, "operators"), default=2),
+                }
+            ),
+        ),
         "registry": Field(
             Table({"url": Field(Str("a database URL (sqlite:///FILE)"), required=True)}),
             required=True,
@@ -139,6 +154,7 @@ _PATH_KEYS: Final = (
     ("broker", "ca"),
     ("device_ca", "cert"),
     ("device_ca", "key"),
+    ("operator_ca", "cert"),
 )
 
 
@@ -175,6 +191,10 @@ def load_fleet_config(path: str | os.PathLike[str]) -> FleetConfig:
         registry_url=checked["registry"]["url"],
         insecure_software_keys=checked["simulation"]["insecure_software_keys"],
         keepalive=broker["keepalive"],
+        operator_ca_cert=None if checked["operator_ca"] is None else checked["operator_ca"]["cert"],
+        min_approvals=2
+        if checked["operator_ca"] is None
+        else checked["operator_ca"]["min_approvals"],
     )
 
 
@@ -189,10 +209,17 @@ def fleet_config_text(
     directory: str = "virtual",
     device_ca_cert: str = "pki/device-ca.pem",
     device_ca_key: str = "pki/device-ca.key",
+    operator_ca_cert: str | None = "pki/operator-ca.pem",
+    min_approvals: int = 1,
 ) -> str:
     """The text of a fleet configuration that runs with software keys (the flag the CLI also
     wants is the caller's business): what tests, benchmarks and docs/firmware-sim.md write.
     Relative paths are taken from the file's directory by :func:`load_fleet_config`."""
+    operator = (
+        ""
+        if operator_ca_cert is None
+        else f'[operator_ca]\ncert = "{operator_ca_cert}"\nmin_approvals = {min_approvals}\n\n'
+    )
     return f"""[fleet]
 dir = "{directory}"
 id_prefix = "{id_prefix}"
@@ -207,7 +234,7 @@ ca = "{broker_ca}"
 cert = "{device_ca_cert}"
 key = "{device_ca_key}"
 
-[registry]
+{operator}[registry]
 url = "{registry_url}"
 
 [simulation]

@@ -44,6 +44,7 @@ class VirtualDevice:
             config.fleet.service_key,
             keys,
             credential=self.credential,
+            membership=config.fleet.membership(),
             now=now,
             policy_for=config.rotation.for_group,
             max_age=max(DEFAULT_MAX_AGE, config.broker.session_expiry),

@@ -28,6 +28,12 @@ def _agent_toml(config: FleetConfig, device_id: str, directory: Path) -> str:
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     insecure = "true" if config.insecure_software_keys else "false"
+    operator = (
+        ""
+        if config.operator_ca_cert is None
+        else f"operator_anchors = [{q(config.operator_ca_cert)}]\n"
+        f"min_approvals = {config.min_approvals}\n"
+    )
     return f"""# Agent configuration of virtual device {device_id} (written by firmware-sim fleet).
 [state]
 dir = {q(directory / "state")}
@@ -42,7 +48,7 @@ tls_key = {q(directory / "devid.key")}
 [fleet]
 service_cert = {q(config.service_cert)}
 trust_anchors = [{q(config.device_ca_cert)}]
-
+{operator}
 [broker]
 host = {q(config.broker_host)}
 port = {config.broker_port}

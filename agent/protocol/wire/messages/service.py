@@ -21,6 +21,7 @@ from agent.protocol.wire.messages.base import (
     check_enum,
     check_epoch,
     check_id,
+    check_tuple,
 )
 
 AttestRequest = AttestChallenge
@@ -28,6 +29,9 @@ AttestRequest = AttestChallenge
 # An operators' Authorization (agent.protocol.authz): a Request (up to a group's worth of member
 # entries) and its approvals. Bounded before anything else of it is looked at.
 MAX_AUTHZ = 512 * 1024
+# The chain of signed quorum policies (each an Authorization of a policy document).
+MAX_POLICIES = 16
+MAX_POLICY_AUTHZ = 96 * 1024
 
 
 class CommitAction(StrEnum):
@@ -48,7 +52,10 @@ class CommitRequest(Body):
     member) asks the receiver to found the group as its first member and answer with
     ``group.created``: only a member device can create a group, the service holds no secret.
     ``authz``: the operators' Authorization of the change (create, add, remove), when it came
-    through dual control; the committer checks it itself and puts it into the commit."""
+    through dual control; the committer checks it itself and puts it into the commit.
+    ``policies``: the signed quorum policies the operators adopted, oldest first (each approved
+    under the one before it); the committer verifies the chain and judges the change under the
+    newest, and passes the chain on in the commit so every member judges it the same way."""
 
     TYPE: ClassVar[str] = "svc.commit_request"
     ENUMS: ClassVar = {"action": CommitAction}
@@ -60,6 +67,7 @@ class CommitRequest(Body):
     member: str | None = None
     key_package: bytes | None = None
     authz: bytes | None = None
+    policies: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
@@ -68,6 +76,9 @@ class CommitRequest(Body):
         check_enum(self.action, "action", CommitAction)
         if self.authz is not None:
             check_bytes(self.authz, "authz", min_len=1, max_len=MAX_AUTHZ)
+        check_tuple(self.policies, "policies", max_len=MAX_POLICIES)
+        for policy in self.policies:
+            check_bytes(policy, "policies[]", min_len=1, max_len=MAX_POLICY_AUTHZ)
         if self.action in (CommitAction.UPDATE, CommitAction.CREATE):
             if self.member is not None or self.key_package is not None:
                 raise ProtocolError("body.malformed", f"{self.action} names no member")
