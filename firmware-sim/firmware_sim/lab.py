@@ -482,7 +482,9 @@ class Lab:
     ``retention_epochs`` / ``online_window`` (the service's ``[groups]`` and ``[service]``
     settings), ``min_approvals`` (the service's ``[quorum]``: how many operators approve a
     membership change; 1 lets the lab's direct commands run at once) and ``request_ttl`` (how
-    long such a request stays approvable, seconds), ``device_env`` (extra environment for the
+    long such a request stays approvable, seconds), ``automatic_changes`` (the admin signs a
+    quorum policy at start that lets the service remove quarantined members and re-add members
+    behind the commit log on its own: ``adopt_policy``), ``device_env`` (extra environment for the
     device processes and so their agents), ``start_timeout`` (per component), ``log_level`` (of
     ``keyfleet serve``), ``database_url`` (the service's database, e.g. an empty PostgreSQL
     database; default a SQLite file in ``workdir/service``).
@@ -500,6 +502,7 @@ class Lab:
         quarantine: bool = False,
         min_approvals: int = 1,
         request_ttl: int = 86400,
+        automatic_changes: bool = True,
         device_env: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
         log_level: str = "info",
@@ -516,6 +519,7 @@ class Lab:
         self.quarantine = quarantine
         self.min_approvals = min_approvals
         self.request_ttl = request_ttl
+        self.automatic_changes = automatic_changes
         self.device_env = dict(device_env or {})
         self.start_timeout = start_timeout
         self.log_level = log_level
@@ -580,6 +584,8 @@ class Lab:
             self._write_service_config()
             self._service_setup()
             self.start_service()
+            if self.automatic_changes:
+                self.adopt_policy(auto=True)
         with self._step("devices"):
             self._start_devices()
         self.timings["total"] = round(time.monotonic() - self._started_at, 3)
@@ -1116,6 +1122,21 @@ online_window_seconds = {self.online_window}
     ) -> CliResult:
         """Run ``keyfleet ARGS`` (as ``operator`` if given) and wait for it."""
         return self.keyfleet_start(*args, operator=operator).wait(timeout)
+
+    def adopt_policy(self, *, auto: bool, serial: int = 1, operator: str = "op-admin") -> None:
+        """The admin proposes (and, with ``min_approvals`` 1, approves) a quorum policy: every
+        operation needs ``min_approvals`` operators; with ``auto`` the service may remove
+        quarantined members and re-add members behind the commit log in every group on its
+        own (devices check it: docs/authorization.md)."""
+        scopes = '["*"]' if auto else "[]"
+        path = self.workdir / "service" / f"policy-{serial}.toml"
+        path.write_text(
+            f'serial = {serial}\n\n[default]\n"*" = {self.min_approvals}\n\n'
+            f"[auto]\nremove = {scopes}\nreadd = {scopes}\n"
+        )
+        result = self.keyfleet("propose", "policy", str(path), operator=operator)
+        if result.returncode != 0:
+            raise LabError("keyfleet propose policy", f"exit {result.returncode}", result.stderr)
 
     def op(self, *args: str, operator: str = "op-ops", timeout: float = 180.0) -> CliResult:
         """An operator command with ``--json`` results, e.g. ``lab.op("rekey", "--group", "g")``."""
