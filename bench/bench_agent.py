@@ -32,10 +32,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.wire.messages.operator import GroupCreate, Rekey
+from agent.protocol.wire.messages.operator import Rekey
 from agent.protocol.wire.messages.result import ResultStatus
 from agent.tpm import KeyKind, TPMStore
-from bench.bench_rekey import _await_final
+from bench.bench_rekey import _await_final, create_group
 from bench.deployment import Deployment, deployment
 from firmware_sim.fleet import VirtualFleet, load_fleet_config, open_registry
 from firmware_sim.swtpm import Swtpm
@@ -232,9 +232,7 @@ def main() -> None:
             fleet.start()
             with OperatorClient(dep.operator) as client:
                 members = (DEVICE, *(d.device_id for d in fleet.devices))
-                body = GroupCreate(client.new_command_id(), "g-agent", members)
-                client.send(body)
-                result, _ = _await_final(client, body.command_id, timeout=300)
+                result, _ = create_group(client, "g-agent", members, timeout=300)
                 if result.status is not ResultStatus.DONE:
                     raise RuntimeError(f"group create: {result.status}: {result.detail}")
                 rss_group = _rss_kb(agent.pid)

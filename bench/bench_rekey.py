@@ -24,6 +24,7 @@ Group setup:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import statistics
@@ -33,11 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.wire.messages.operator import GroupCreate, Rekey
+from agent.protocol import authz
+from agent.protocol.wire.messages.operator import Propose, Rekey
 from agent.protocol.wire.messages.result import ResultStatus
 from bench.deployment import Deployment, deployment
 from firmware_sim.fleet import VirtualFleet, load_fleet_config, open_registry
 from provisioning.operator import OperatorClient
+from provisioning.requests_cli import RequestSession
 
 SIZES = (10, 100, 1000)
 ROUNDS = {10: 5, 100: 5, 1000: 3}
@@ -56,6 +59,23 @@ def _await_final(client: OperatorClient, command_id: bytes, timeout: float) -> t
             raise RuntimeError(f"no final result within {timeout:g}s")
         if result.command_id == command_id and result.status in FINAL:
             return result, time.perf_counter()
+
+
+def create_group(
+    client: OperatorClient, group: str, members: tuple[str, ...], timeout: float
+) -> tuple[Any, bytes]:
+    """Found ``group`` with ``members`` the way ``keyfleet group create`` does: propose, approve
+    (the bench deployments' quorum is one operator), and the final result of the change the
+    approval started, with its command id; devices take no membership change without it."""
+    session = RequestSession(client, out=io.StringIO(), err=sys.stderr, json_lines=True)
+    body = Propose(client.new_command_id(), authz.OP_GROUP_CREATE, members, group)
+    request = session.propose(body, f"group create {group}")
+    approved = None if request is None else session.approve(request.encode(), "approve")
+    if approved is None:
+        raise RuntimeError(f"group create {group}: not approved (see above)")
+    _, command_id = approved
+    result, _ = _await_final(client, command_id, timeout=timeout)
+    return result, command_id
 
 
 def _timed_rekey(client: OperatorClient) -> tuple[float, float, float]:
@@ -121,10 +141,9 @@ def run_size(n: int, workdir: Path) -> dict[str, Any]:
                 epoch = 1
                 if n in BUILD_BY_ADDS:
                     ids = tuple(d.device_id for d in fleet.devices)
-                    body = GroupCreate(client.new_command_id(), GROUP, ids)
                     t = time.perf_counter()
-                    client.send(body)
-                    result, end = _await_final(client, body.command_id, timeout=1800)
+                    result, _ = create_group(client, GROUP, ids, timeout=1800)
+                    end = time.perf_counter()
                     if result.status is not ResultStatus.DONE:
                         raise RuntimeError(f"group create: {result.status}: {result.detail}")
                     setup["group_by_adds_s"] = round(end - t, 2)
