@@ -82,7 +82,7 @@ from agent.protocol.wire.messages.group import (
     UpdateRequest,
     WelcomeMessage,
 )
-from agent.protocol.wire.messages.key_state import MAX_KEYS, KeyStateReport
+from agent.protocol.wire.messages.key_state import MAX_KEYS, MAX_REFUSED, KeyStateReport
 from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
@@ -227,6 +227,21 @@ class _Hooks(NamedTuple):
 
     leaf_check: LeafCheck
     commit_check: CommitCheck
+
+
+TRUST_CHECKS: Final = (
+    "authz.",
+    "cred.",
+    "tpm.proof.",
+    "mls.leaf.",
+    "mls.parent-hash",
+    "mls.welcome.",
+)
+"""Refusals a device reports to the fleet: what only a rogue service, operator or member sends."""
+
+
+def _trust_check(check: str) -> bool:
+    return check.startswith(TRUST_CHECKS)
 
 
 def leaf_name(public: bytes) -> str:
@@ -394,7 +409,8 @@ class AgentCore:
         except ProtocolError as exc:
             return self._on_replay(message, exc)
         try:
-            outcome = self._dispatch(message)
+            with self.membership.transaction():  # a refusal leaves the trust state as it was
+                outcome = self._dispatch(message)
         except ProtocolError as exc:
             outcome = self._refuse(exc, message)
             self._maybe_catch_up(message, exc, outcome)
@@ -467,6 +483,11 @@ class AgentCore:
             log.debug("dropped %s: [%s] %s", what, exc.check, exc.reason)
         else:
             log.warning("refused %s: [%s] %s", what, exc.check, exc.reason)
+        if _trust_check(exc.check):
+            # the fleet learns what was tried (keys.report "refused") within seconds: such
+            # refusals are rare, so the per-device spread of key-change reports is not needed
+            due = self._now + KEY_CHANGE_REPORT_DELAY
+            self.report_due = due if self.report_due is None else min(self.report_due, due)
         return Outcome(refused=exc, handled=None if message is None else message.type)
 
     def _maybe_catch_up(
@@ -844,7 +865,10 @@ class AgentCore:
         records = sorted(self.ledger, key=lambda r: r.name)[:MAX_KEYS]
         self.last_report = self._now
         self.report_due = None  # this report carries every change made so far
-        return self._send(KeyStateReport(keys=tuple(records)))
+        refused = sorted(
+            (check, n) for check, n in self.rejections.snapshot().items() if _trust_check(check)
+        )[:MAX_REFUSED]
+        return self._send(KeyStateReport(keys=tuple(records), refused=tuple(refused)))
 
     def report(self, now: int) -> Outcome:
         """A keys.report now (the daemon sends one at start and after every reconnect, so the

@@ -29,7 +29,8 @@ policy, and a member that missed a policy catches up from the chain.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -127,9 +128,8 @@ class Membership:
         # request id -> expiry of admissions this device joined with: never twice
         self.consumed: OrderedDict[bytes, int] = OrderedDict()
         # (group, device id) -> DevID key hash of members removed under the standing policy:
-        # the only identities it may re-add. Noted when the removal is checked; should MLS then
-        # refuse that commit, the note only allows re-adding a device that is still a member,
-        # which an add refuses anyway (mls.add.duplicate).
+        # the only identities it may re-add (noted when the removal is checked, inside the
+        # caller's ``transaction``).
         self.readdable: OrderedDict[tuple[str, str], bytes] = OrderedDict()
 
     @property
@@ -187,6 +187,23 @@ class Membership:
             )
         )
         return MembershipState(policy, policies, pairs, readdable)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Changes made inside (a policy followed, an admission spent, an identity noted as
+        re-addable) are undone if it raises: a refused message changes nothing."""
+        saved = (
+            self.policy,
+            self.policies,
+            OrderedDict(self.consumed),
+            OrderedDict(self.readdable),
+        )
+        try:
+            yield
+        except BaseException:
+            self.policy, self.policies = saved[0], saved[1]
+            self.consumed, self.readdable = saved[2], saved[3]
+            raise
 
     def restore(self, state: MembershipState) -> None:
         self.policy, self.policies = state.policy, state.policies

@@ -71,6 +71,8 @@ class Env:
     rejections: Rejections = field(default_factory=Rejections)
     last_heard: dict[str, int] = field(default_factory=dict)
     catchup_sent: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)
+    # device -> the refusal counts its last keys.report carried (audited when they change)
+    refusals_seen: dict[str, dict[str, int]] = field(default_factory=dict)
     started: bool = False  # pending removals resumed (``intake.ensure_started``)
     # Operator approvals are checked with it (``requests.verifier``); it caches validated
     # operator certificates.

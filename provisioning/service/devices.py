@@ -105,7 +105,7 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
             f"device {sender!r} is quarantined: only attestation reports are taken",
         )
     if isinstance(body, KeyStateBody):
-        return on_key_states(session, sender, body, message, now=now)
+        return on_key_states(cx, session, sender, body, message, now=now)
     if isinstance(body, KeyPackageMessage):
         return on_key_package(cx, session, sender, body, now)
     if isinstance(body, GroupCreated):
@@ -122,9 +122,30 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
 
 
 def on_key_states(
-    session: Session, sender: str, body: KeyStateBody, message: VerifiedMessage, *, now: int
+    cx: Call,
+    session: Session,
+    sender: str,
+    body: KeyStateBody,
+    message: VerifiedMessage,
+    *,
+    now: int,
 ) -> Effects:
     Registry(session).record_report(sender, message.message_id, key_state_items(body.keys), now=now)
+    refused = dict(body.refused)
+    if refused and cx.env.refusals_seen.get(sender) != refused:
+        # the device refused membership changes, credentials or Welcomes (what a rogue service,
+        # operator or member tried): one audit entry each time its counts change
+        audit.append(
+            session,
+            now=now,
+            actor=f"device:{sender}",
+            action="device.refused",
+            target=sender,
+            outcome=Outcome.REFUSED,
+            reason=", ".join(f"{check} x{n}" for check, n in sorted(refused.items())),
+            details=dict(sorted(refused.items())),
+        )
+        cx.env.refusals_seen[sender] = refused
     return []
 
 

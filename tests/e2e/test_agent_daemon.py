@@ -34,6 +34,7 @@ from agent.localapi.client import LocalApiClient
 from agent.localapi.protocol import app_signing_input
 from agent.mqtt import MqttClient
 from agent.protocol.dataseal import open_sealed
+from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
 from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
@@ -44,11 +45,13 @@ from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest, ReportRequest
 from agent.tpm.store import TPMStore
 from agent.tpm.templates import KeyKind
+from firmware_sim.fleet.credentials import SimulatedAK
 from firmware_sim.swtpm import tpm_command as _tpm_command
 from provisioning import pki
-from tests.device_certs import devid_cert_der
+from tests.device_certs import device_ca, devid_cert_der
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.swtpm import Swtpm
+from tests.operator_certs import authorize, operator_ca
 
 pytestmark = pytest.mark.e2e
 
@@ -83,10 +86,17 @@ def write_agent(
             devid_public = key.public_key()
     blob.save(tmp / "devid.key")
     now = datetime.now(UTC)
-    device_ca = pki.create_ca("test device CA", now=now, valid_for=timedelta(days=1))
-    pki.write_certificate(tmp / "device-ca.pem", device_ca.certificate)
-    cert = pki.issue_client_cert(
-        device_ca, devid_public, identity=DEVICE, role="device", now=now, valid_for=timedelta(1)
+    # the tests' device and operator CAs (tests/device_certs.py, tests/operator_certs.py): the
+    # software member's DevID certificate and the operators' approvals chain to them
+    pki.write_certificate(tmp / "device-ca.pem", device_ca().certificate)
+    pki.write_certificate(tmp / "operator-ca.pem", operator_ca().certificate)
+    cert = pki.issue_devid_cert(
+        device_ca(),
+        devid_public,
+        device_id=DEVICE,
+        hardware_serial="SN-0001",
+        now=now,
+        valid_for=timedelta(days=1),
     )
     pki.write_certificate(tmp / "devid.pem", cert)
     service_key = new_key()
@@ -114,6 +124,8 @@ tls_key = "{tls.key_file}"
 [fleet]
 service_cert = "{tmp / "service.pem"}"
 trust_anchors = ["{tmp / "device-ca.pem"}"]
+operator_anchors = ["{tmp / "operator-ca.pem"}"]
+min_approvals = 1
 
 [broker]
 host = "{broker.host}"
@@ -244,6 +256,9 @@ class SoftwareMember:
     device_id: bytes = b"dev-soft"
     signature_key: ec.EllipticCurvePrivateKey = field(default_factory=new_key)
     leaf_key: ec.EllipticCurvePrivateKey = field(default_factory=new_key)
+    # its "TPM": a software AK its certificate names (firmware_sim's simulation), so the agent's
+    # residency check of its KeyPackage passes as it would for a real device
+    ak: SimulatedAK = field(default_factory=SimulatedAK.generate)
     group: Group | None = None
 
     def key_package(self) -> KeyPackage:
@@ -251,8 +266,12 @@ class SoftwareMember:
             self.device_id,
             self.signature_key,
             self.leaf_key.public_key(),
-            devid_cert_der(self.device_id, self.signature_key),
+            devid_cert_der(self.device_id, self.signature_key, ak_name=self.ak.name),
+            tpm_proof=self.ak.prove_leaf(self.leaf_key.public_key()),
         )
+
+    def point(self) -> bytes:
+        return serialize_public_key(self.signature_key.public_key())
 
     def secrets(self) -> list[bytes]:
         """Every secret of this member's epoch that the agent also holds (or derives)."""
@@ -278,16 +297,35 @@ def env(
         print(agent.log_text())
 
 
+def create_request(files: AgentFiles) -> CommitRequest:
+    """The service's request to found ``G``, with one operator's approval naming the device
+    (``min_approvals`` 1 in the agent's configuration)."""
+    point = serialize_public_key(files.devid_public)
+    return CommitRequest(
+        os.urandom(16),
+        G,
+        0,
+        CommitAction.CREATE,
+        authz=authorize("group.create", G, [(DEVICE, point)]),
+    )
+
+
 def form_group(agent: AgentProcess, harness: ServiceHarness) -> SoftwareMember:
     """create -> add the software member -> both in epoch 1 with one epoch authenticator."""
-    harness.command(CommitRequest(os.urandom(16), G, 0, CommitAction.CREATE))
+    harness.command(create_request(harness.files))
     created = harness.expect(GroupCreated).body
     assert isinstance(created, GroupCreated) and created.group_id == G
     member = SoftwareMember()
     kp = member.key_package()
     harness.command(
         CommitRequest(
-            os.urandom(16), G, 0, CommitAction.ADD, member="dev-soft", key_package=kp.encode()
+            os.urandom(16),
+            G,
+            0,
+            CommitAction.ADD,
+            member="dev-soft",
+            key_package=kp.encode(),
+            authz=authorize("group.add", G, [("dev-soft", member.point())]),
         )
     )
     commit = harness.expect(CommitMessage).body
@@ -523,7 +561,7 @@ def test_sd_notify_ready_status_watchdog_and_stopping(
         pings: list[float] = []
         others: list[str] = []
         harness.expect(KeyStateReport)
-        harness.command(CommitRequest(os.urandom(16), G, 0, CommitAction.CREATE))
+        harness.command(create_request(harness.files))
         harness.expect(GroupCreated)
         supervisor.settimeout(1)
         end = time.monotonic() + 1.6
@@ -598,7 +636,7 @@ def test_a_vanished_notify_socket_does_not_stop_the_agent(
     agent.env = {"NOTIFY_SOCKET": str(tmp_path / "gone.sock"), "WATCHDOG_USEC": "200000"}
     agent.start()
     harness.expect(KeyStateReport)
-    harness.command(CommitRequest(os.urandom(16), G, 0, CommitAction.CREATE))
+    harness.command(create_request(harness.files))
     harness.expect(GroupCreated)  # the STATUS= after the epoch change failed, quietly
     time.sleep(0.3)  # several watchdog pings into nowhere
     assert agent.process is not None and agent.process.poll() is None

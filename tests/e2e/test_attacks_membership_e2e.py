@@ -173,6 +173,24 @@ def refused(device: LabDevice, check: str, timeout: float = 20) -> None:
     raise AssertionError(f"{device.id} did not refuse with {check}: {device.log_tail()[-2000:]}")
 
 
+def audited_refusals(lab: Lab, device: LabDevice, timeout: float = 30) -> dict[str, object]:
+    """The refusal counts the service audited from ``device``'s latest keys.report."""
+    deadline = time.monotonic() + timeout
+    latest: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        entries = [
+            e
+            for e in lab.audit()
+            if e.action == "device.refused" and e.actor == f"device:{device.id}"
+        ]
+        if entries:
+            latest = entries[-1].details_dict()
+            if len(latest) >= 3:
+                return latest
+        time.sleep(0.5)
+    return latest
+
+
 def members_of(lab: Lab) -> list[str]:
     row = next(row for row in lab.groups() if row["group_id"] == G)
     return sorted(row["members"])
@@ -207,6 +225,9 @@ def test_rogue_service_adds_without_a_quorum_and_a_key_package_outside_a_tpm(
     refused(d0, "tpm.proof.missing")
     time.sleep(2)
     assert epochs(lab) == before and members_of(lab) == listed
+    # the fleet learns what d0 refused: its keys.report carries the counts, the service audits
+    reported = audited_refusals(lab, d0)
+    assert {"authz.missing", "authz.quorum", "tpm.proof.missing"} <= set(reported), reported
 
 
 def test_rogue_welcomes_into_a_fake_group_are_refused_and_open_nothing(

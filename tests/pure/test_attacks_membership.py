@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.core import AgentCore
+from agent.core import AgentCore, Outcome
 from agent.protocol import authz as az
 from agent.protocol.dataseal import open_sealed
 from agent.protocol.errors import ProtocolError
@@ -24,6 +24,7 @@ from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import KeyPackage
 from agent.protocol.secret import Secret
 from agent.protocol.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
+from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
@@ -42,6 +43,7 @@ from tests.pure.test_agent_core import (
     cmd,
     new_key,
     refused_without_change,
+    state_bytes,
 )
 
 pytestmark = pytest.mark.pure
@@ -145,6 +147,13 @@ def test_phantom_member_through_the_service_key_is_refused_by_the_committer() ->
     forged = az.Authorization(request, tuple(rogue)).encode()
     assert ask_add(service, "dev-a", kp, forged) == "authz.chain"
     assert a.epoch(G) == b.epoch(G) == service.public[G].epoch
+    # the device tells the fleet what it refused, with its next keys.report, within seconds
+    assert a.report_due is not None and a.report_due <= service.now + 2
+    (report,) = service.bodies("dev-a", a.report(service.now))
+    assert isinstance(report, KeyStateReport)
+    refused = dict(report.refused)
+    assert refused["authz.missing"] == 1 and refused["authz.quorum"] == 2
+    assert refused["authz.members"] == 1 and refused["authz.chain"] == 1
     names = {m.decode() for m in (leaf.device_id for _, leaf in a.groups()[G].tree.members())}
     assert names == {"dev-a", "dev-b"}
 
@@ -316,3 +325,97 @@ def test_one_operator_cannot_revoke_where_the_policy_needs_two() -> None:
     )
     (commit,) = service.request_commit("dev-a", CommitAction.REMOVE, member="dev-c", authz=both)
     assert isinstance(commit, CommitMessage)
+
+
+def standing(auto: bool, *, serial: int = 1) -> bytes:
+    """A quorum policy signed by the admin (the initial policy needs one approval here) that
+    allows, or not, the service's automatic removals and re-adds in every group."""
+    scopes = frozenset({"*"}) if auto else frozenset()
+    policy = az.QuorumPolicy(serial, {"*": 1}, auto_remove=scopes, auto_readd=scopes)
+    return authorize("policy", None, [], approvers=("op-root",), now=T0, policy=policy)
+
+
+def automatic(service: FakeService, committer: str, body: CommitRequest) -> Outcome:
+    """Deliver an automatic change (no operators' request) to ``committer``; a refusal changes
+    nothing."""
+    core = service.devices[committer]
+    payload, topic = service.command(committer, body)
+    before = state_bytes(core)
+    out = core.handle(payload, topic, service.now)
+    if out.refused is not None:
+        assert state_bytes(core) == before and out.publishes == []
+    return out
+
+
+def test_automatic_removals_and_re_adds_only_where_the_signed_policy_allows_them() -> None:
+    service = FakeService()
+    _, b, c = members(service, "dev-a", "dev-b", "dev-c")
+    epoch = service.public[G].epoch
+
+    def change(action: CommitAction, policy: bytes, **kw: object) -> CommitRequest:
+        return CommitRequest(
+            cmd(),
+            G,
+            epoch,
+            action,
+            authz=policy,
+            policies=(policy,),
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def refusal(out: Outcome) -> str | None:
+        return None if out.refused is None else out.refused.check
+
+    # a policy without automatic changes: the quarantine removal is refused
+    closed = standing(False)
+    assert (
+        refusal(automatic(service, "dev-a", change(CommitAction.REMOVE, closed, member="dev-c")))
+        == "authz.scope"
+    )
+    # a policy signed by an operator (policies need admins)
+    forged = authorize(
+        "policy",
+        None,
+        [],
+        now=T0,
+        policy=az.QuorumPolicy(1, {"*": 1}, auto_remove=frozenset({"*"})),
+    )
+    assert (
+        refusal(automatic(service, "dev-a", change(CommitAction.REMOVE, forged, member="dev-c")))
+        == "authz.role"
+    )
+    # a policy that allows them: dev-a commits the removal, dev-b follows it
+    opened = standing(True)
+    out = automatic(service, "dev-a", change(CommitAction.REMOVE, opened, member="dev-c"))
+    assert out.refused is None
+    (commit,) = service.bodies("dev-a", out)
+    assert isinstance(commit, CommitMessage)
+    relay = service.order(commit)
+    acks(service, service.fan_out(relay, ["dev-a", "dev-b"]))
+    assert c.handle(relay, f"kf/v1/grp/{G}/commit", service.now).refused is None
+    assert c.groups() == {}
+    epoch = service.public[G].epoch
+    # a re-add under the policy: never a new identity ...
+    kp = phantom(device_id="dev-c")
+    out = automatic(
+        service,
+        "dev-a",
+        change(CommitAction.ADD, opened, member="dev-c", key_package=kp.encode()),
+    )
+    assert refusal(out) == "authz.members"
+    # ... only the identity it removed
+    kp = KeyPackage.decode(service.key_package("dev-c"))
+    out = automatic(
+        service,
+        "dev-a",
+        change(CommitAction.ADD, opened, member="dev-c", key_package=kp.encode()),
+    )
+    assert out.refused is None
+    commit, welcome = service.bodies("dev-a", out)
+    assert isinstance(commit, CommitMessage) and isinstance(welcome, WelcomeMessage)
+    relay = service.order(commit)
+    acks(service, service.fan_out(relay, ["dev-a", "dev-b"]))
+    joined = service.deliver("dev-c", WelcomeDelivery(G, welcome.epoch, welcome.welcome))
+    acks(service, {"dev-c": joined})
+    blob = c.encrypt(G, b"back", service.now)
+    assert b.decrypt(G, blob, service.now) == b"back"

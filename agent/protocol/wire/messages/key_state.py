@@ -9,6 +9,7 @@ backwards and a state that disagrees with the history (check id ``key.record``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Self
@@ -31,6 +32,9 @@ __all__ = [
 ]
 
 MAX_KEYS = 1024
+MAX_REFUSED = 32
+MAX_COUNT = (1 << 32) - 1
+CHECK_ID = re.compile(r"[a-z][a-z0-9-]*(\.[a-z0-9-]+){0,4}")
 
 
 def check_records(value: object, name: str) -> None:
@@ -64,22 +68,48 @@ def records_to_cbor(records: tuple[KeyRecord, ...]) -> list[dict[str, object]]:
 
 @dataclass(frozen=True)
 class KeyStateReport(Body):
-    """Device -> service: the states of all the device's keys (``keys.report``)."""
+    """Device -> service: the states of all the device's keys (``keys.report``), and
+    ``refused``: how often the device refused a membership change, a credential or a Welcome
+    since it started, by check id (``authz.*``, ``cred.*``, ``tpm.proof.*``, ...): what a rogue
+    service, operator or member tried (the service audits changes of it)."""
 
     TYPE: ClassVar[str] = "keys.report"
 
     keys: tuple[KeyRecord, ...]
+    refused: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         check_records(self.keys, "keys")
+        check_tuple(self.refused, "refused", max_len=MAX_REFUSED)
+        for item in self.refused:
+            if (
+                type(item) is not tuple
+                or len(item) != 2
+                or type(item[0]) is not str
+                or CHECK_ID.fullmatch(item[0]) is None
+                or type(item[1]) is not int
+                or not 0 < item[1] <= MAX_COUNT
+            ):
+                raise ProtocolError("body.bounds", "refused: (check id, count) pairs")
+        if len({check for check, _ in self.refused}) != len(self.refused):
+            raise ProtocolError("body.bounds", "refused: a check id twice")
 
     def to_cbor_map(self) -> dict[str, object]:
-        return {"keys": records_to_cbor(self.keys)}
+        out: dict[str, object] = {"keys": records_to_cbor(self.keys)}
+        if self.refused:
+            out["refused"] = dict(self.refused)
+        return out
 
     @classmethod
     def from_cbor_map(cls, value: object) -> Self:
-        kwargs = fields(value, cls.__name__, ["keys"])
-        return cls(keys=records_from_cbor(kwargs["keys"], "keys"))
+        kwargs = fields(value, cls.__name__, ["keys"], ["refused"])
+        refused = kwargs.get("refused", {})
+        if not isinstance(refused, Mapping):
+            raise ProtocolError("body.type", "refused must be a map")
+        return cls(
+            keys=records_from_cbor(kwargs["keys"], "keys"),
+            refused=tuple(sorted(refused.items(), key=lambda kv: str(kv[0]))),
+        )
 
 
 DESTROYED_REASON_MAX = 200
