@@ -255,6 +255,21 @@ def operator_args(broker: Mosquitto, *, cert: str, key: str, service_cert: Path)
     ]  # fmt: skip
 
 
+def adopt_standing_policy(
+    workdir: Path, admin_args: list[str], *, min_approvals: int = 1, serial: int = 1
+) -> None:
+    """An admin proposes (and, with ``min_approvals`` 1, approves) a quorum policy that lets the
+    service remove quarantined members and re-add members behind the commit log in every group
+    on its own: devices take those automatic changes only under such a signed policy."""
+    path = workdir / f"policy-{serial}.toml"
+    path.write_text(
+        f'serial = {serial}\n\n[default]\n"*" = {min_approvals}\n\n'
+        '[auto]\nremove = ["*"]\nreadd = ["*"]\n'
+    )
+    done = keyfleet("propose", "policy", str(path), *admin_args, cwd=workdir, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 # ---- a whole deployment: broker + N service instances (+ a virtual fleet) ---------------------
 
 OPERATOR_STEM = "op"  # the operator's certificate and key: pki/op.pem, pki/op.key

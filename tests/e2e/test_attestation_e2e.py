@@ -38,6 +38,7 @@ from tests.fixtures.mosquitto import (
 from tests.fixtures.swtpm import ManufacturerCA
 from tests.service_deployment import (
     add_operator,
+    adopt_standing_policy,
     deployment_pki,
     keyfleet,
     operator_args,
@@ -133,6 +134,8 @@ station_ca = "pki/station-ca.pem"
     now = datetime.now(UTC)
     write_operator(d, fleet_pki.operator_ca, "op-alice", role="operator", now=now, stem="op-alice")
     add_operator("op-alice", "pki/op-alice.pem", config=config, cwd=tmp_path)
+    write_operator(d, fleet_pki.operator_ca, "op-root", role="admin", now=now, stem="op-root")
+    add_operator("op-root", "pki/op-root.pem", config=config, cwd=tmp_path)
     station = keyfleet(
         "station",
         "add",
@@ -172,6 +175,14 @@ station_ca = "pki/station-ca.pem"
     )  # fmt: skip
     try:
         assert "enrollment API on https://127.0.0.1" in running.log_text()
+        # quarantine removes an untrusted member on the service's own: under a signed policy
+        admin = operator_args(
+            broker,
+            cert=str(d / "op-root.pem"),
+            key=str(d / "op-root.key"),
+            service_cert=service_files.cert_file,
+        )
+        adopt_standing_policy(tmp_path, admin)
         yield running
     finally:
         if process.poll() is None:
