@@ -77,7 +77,6 @@ class AcceptedCommit:
     welcome: bytes | None
     finished: Job | None
     head: Job | None
-    authz: bytes | None = None  # the Authorization admitting the added members, if any
 
     def effects(self) -> Effects:
         group_id, epoch = self.relay.group_id, self.relay.epoch
@@ -94,7 +93,7 @@ class AcceptedCommit:
             out += [
                 Send(
                     device_cmd_topic(device_id),
-                    WelcomeDelivery(group_id, epoch + 1, self.welcome, self.authz),
+                    WelcomeDelivery(group_id, epoch + 1, self.welcome),
                     device_id,
                 )
                 for device_id in self.adds
@@ -310,12 +309,6 @@ def accept_commit(
     # and the job still in flight.
     finished = job if job is not None and store.end_job(session, job, JobState.DONE) else None
     head = None if finished is not None else store.head_job(session, body.group_id)
-    authz = (
-        store.operation_authz(session, job.command_id)
-        if welcome is not None and job is not None and job.command_id is not None
-        else None
-    )
-
     return AcceptedCommit(
         sender,
         CommitMessage(body.group_id, body.epoch, body.commit, body.command_id),
@@ -324,5 +317,4 @@ def accept_commit(
         None if welcome is None else welcome.welcome,
         finished,
         head,
-        authz,
     )

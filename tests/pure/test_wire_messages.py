@@ -40,7 +40,6 @@ from agent.protocol.wire.messages.result import (
     ResultStatus,
 )
 from agent.protocol.wire.messages.service import (
-    MAX_AUTHZ,
     AttestRequest,
     CommitAction,
     CommitRequest,
@@ -132,7 +131,7 @@ SAMPLES: list[Body] = [
         key_package=b"kp",
         authz=b"authz",
     ),
-    WelcomeDelivery(group_id="g1", epoch=5, welcome=b"welcome", authz=b"authz"),
+    WelcomeDelivery(group_id="g1", epoch=5, welcome=b"welcome"),
     Propose(command_id=CMD, op="group.add", members=("dev-4",), group_id="g1"),
     Propose(command_id=CMD, op="group.create", members=("dev-1", "dev-2"), group_id="g9"),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",)),
@@ -291,12 +290,6 @@ def test_body_is_not_a_map() -> None:
         (
             lambda: CommitRequest(
                 command_id=CMD, group_id="g", epoch=1, action=CommitAction.UPDATE, authz=b""
-            ),
-            "body.bounds",
-        ),
-        (
-            lambda: WelcomeDelivery(
-                group_id="g", epoch=1, welcome=b"w", authz=bytes(MAX_AUTHZ + 1)
             ),
             "body.bounds",
         ),

@@ -126,9 +126,9 @@ class KeyPackageRequest(Body):
 
 @dataclass(frozen=True)
 class WelcomeDelivery(Body):
-    """The welcome a committer made for the receiver: join ``group_id`` at ``epoch``.
-    ``authz``: the operators' Authorization that admits the receiver, when the add came through
-    dual control (the joiner checks its own admission against it)."""
+    """The welcome a committer made for the receiver: join ``group_id`` at ``epoch``. Its
+    GroupInfo carries the operators' Authorization of every member's admission, the receiver's
+    own included (docs/authorization.md)."""
 
     TYPE: ClassVar[str] = "svc.welcome"
     MAX_MESSAGE_SIZE: ClassVar[int] = MAX_WELCOME_MESSAGE_SIZE
@@ -136,14 +136,11 @@ class WelcomeDelivery(Body):
     group_id: str
     epoch: int
     welcome: bytes
-    authz: bytes | None = None
 
     def __post_init__(self) -> None:
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
         check_bytes(self.welcome, "welcome", min_len=1, max_len=MAX_WELCOME_MESSAGE_SIZE)
-        if self.authz is not None:
-            check_bytes(self.authz, "authz", min_len=1, max_len=MAX_AUTHZ)
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)
