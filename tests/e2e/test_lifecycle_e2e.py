@@ -34,6 +34,7 @@ import cbor2
 import pytest
 
 from agent.localapi.client import LocalApiClient
+from agent.protocol.attest import tpm_name
 from agent.protocol.errors import ProtocolError, TPMError
 from agent.statefile import StateFile
 from agent.tpm.blob import KeyBlob
@@ -54,6 +55,7 @@ from tests.fixtures.nobody import NobodyPython
 from tests.fixtures.swtpm import Swtpm, SwtpmFactory
 from tests.service_deployment import (
     add_operator,
+    adopt_standing_policy,
     deployment_pki,
     operator_args,
     service_config,
@@ -187,6 +189,7 @@ def make_device(
     broker: MosquittoBroker,
     broker_pki: BrokerPKI,
     device_ca: pki.CertificateAuthority,
+    operator_ca: pki.CertificateAuthority,
     service_cert: Path,
     sessions: Any,
     now: datetime,
@@ -199,13 +202,24 @@ def make_device(
         blob = store.create_key(KeyKind.DEVID)
         with store.load_key(blob) as key:
             devid_public = key.public_key()
+        # its AK: the DevID certificate names it, and it certifies the leaf keys the device's
+        # KeyPackages offer (members check that they live in this TPM)
+        ak_blob = store.create_key(KeyKind.AK)
     devid_blob = home / "devid.key"
     blob.save(devid_blob)
-    cert = pki.issue_client_cert(
-        device_ca, devid_public, identity=name, role="device", now=now, valid_for=timedelta(1)
+    ak_blob.save(home / "ak.key")
+    cert = pki.issue_devid_cert(
+        device_ca,
+        devid_public,
+        device_id=name,
+        hardware_serial=f"SN-{name}",
+        now=now,
+        valid_for=timedelta(1),
+        ak_name=tpm_name(ak_blob.public),
     )
     pki.write_certificate(home / "devid.pem", cert)
     pki.write_certificate(home / "device-ca.pem", device_ca.certificate)
+    pki.write_certificate(home / "operator-ca.pem", operator_ca.certificate)
     tls = broker_pki.client(name, role="device", ca=device_ca)
 
     def register(session: Any) -> None:
@@ -235,12 +249,15 @@ dir = "{home / "state"}"
 device_id = "{name}"
 devid_cert = "{home / "devid.pem"}"
 devid_key = "{devid_blob}"
+ak_key = "{home / "ak.key"}"
 tls_cert = "{tls.cert_file}"
 tls_key = "{tls.key_file}"
 
 [fleet]
 service_cert = "{service_cert}"
 trust_anchors = ["{home / "device-ca.pem"}"]
+operator_anchors = ["{home / "operator-ca.pem"}"]
+min_approvals = 1
 
 [broker]
 host = "{broker.host}"
@@ -308,6 +325,7 @@ def lab(
             broker=broker,
             broker_pki=broker_pki,
             device_ca=device_ca,
+            operator_ca=operator_ca,
             service_cert=service_files.cert_file,
             sessions=sessions,
             now=now,
@@ -324,6 +342,8 @@ def lab(
         service_cert=service_files.cert_file,
     )  # fmt: skip
     lab = Lab(tmp_path, config, db, service_log, service, devices, cli_args)
+    # a factory-reset device is removed by the service on its own: under a signed policy
+    adopt_standing_policy(tmp_path, cli_args)
     try:
         for device in devices.values():
             device.start()
