@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from cryptography import x509
 from sqlalchemy.orm import Session
 
+from agent.protocol import authz
 from firmware_sim.boot import default_components
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
@@ -302,6 +303,14 @@ class Deployment:
     def config(self) -> Path:
         """The first instance's configuration (what ``db init`` and ``operator add`` used)."""
         return next(iter(self.configs.values()))
+
+    def approve(self, request: bytes) -> bytes:
+        """An Authorization of ``request`` by the deployment's operator alone (the test
+        deployments' quorum is one operator), e.g. for ``VirtualFleet.seed_group``."""
+        assert self.operator is not None, "a deployment without an operator approves nothing"
+        key = pki.key_from_pem(self.operator.key.read_bytes())
+        cert = pki.cert_from_pem(self.operator.cert.read_bytes())
+        return authz.Authorization(request, (authz.sign_approval(request, key, cert),)).encode()
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         """The operator CLI as the deployment's operator."""

@@ -484,7 +484,8 @@ class Lab:
     membership change; 1 lets the lab's direct commands run at once) and ``request_ttl`` (how
     long such a request stays approvable, seconds), ``automatic_changes`` (the admin signs a
     quorum policy at start that lets the service remove quarantined members and re-add members
-    behind the commit log on its own: ``adopt_policy``), ``device_env`` (extra environment for the
+    behind the commit log on its own: ``adopt_policy``; by default where ``min_approvals`` is
+    1), ``device_env`` (extra environment for the
     device processes and so their agents), ``start_timeout`` (per component), ``log_level`` (of
     ``keyfleet serve``), ``database_url`` (the service's database, e.g. an empty PostgreSQL
     database; default a SQLite file in ``workdir/service``).
@@ -502,7 +503,7 @@ class Lab:
         quarantine: bool = False,
         min_approvals: int = 1,
         request_ttl: int = 86400,
-        automatic_changes: bool = True,
+        automatic_changes: bool | None = None,
         device_env: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
         log_level: str = "info",
@@ -519,7 +520,10 @@ class Lab:
         self.quarantine = quarantine
         self.min_approvals = min_approvals
         self.request_ttl = request_ttl
-        self.automatic_changes = automatic_changes
+        # by default only where one admin may sign the policy alone (min_approvals 1)
+        self.automatic_changes = (
+            min_approvals == 1 if automatic_changes is None else automatic_changes
+        )
         self.device_env = dict(device_env or {})
         self.start_timeout = start_timeout
         self.log_level = log_level

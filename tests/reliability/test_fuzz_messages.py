@@ -188,6 +188,7 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
     """dev-a in group g1 with dev-b (epoch 1), answering attestation challenges; the seeds are
     every kind of message a device takes, some already accepted (their replays are refused),
     the rest fresh."""
+    from agent.protocol.hpke import serialize_public_key
     from agent.protocol.wire.messages.attestation import AttestChallenge
     from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
     from agent.protocol.wire.messages.service import (
@@ -197,6 +198,7 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
         ReportRequest,
         WelcomeDelivery,
     )
+    from tests.operator_certs import authorize
     from tests.pure.test_agent_core import FakeService, G, acks, cmd
     from tests.pure.test_agent_core_attest import FakeAttester
 
@@ -215,7 +217,17 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
         return service.devices[device].handle(payload, topic, service.now)
 
     service.create = lambda device: None  # type: ignore[method-assign]
-    created = deliver("dev-a", CommitRequest(cmd(), G, 0, CommitAction.CREATE))
+
+    def point(device: str) -> bytes:
+        return serialize_public_key(service.devices[device]._keys.devid.public_key())
+
+    def approved(op: str, group: str | None, *devices: str) -> bytes:
+        return authorize(op, group, [(d, point(d)) for d in devices], now=service.now)
+
+    created = deliver(
+        "dev-a",
+        CommitRequest(cmd(), G, 0, CommitAction.CREATE, authz=approved("group.create", G, "dev-a")),
+    )
     from agent.protocol.mls import codec
     from agent.protocol.mls.public import PublicGroup
     from agent.protocol.wire.messages.group import GroupCreated
@@ -224,7 +236,8 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
     assert isinstance(body, GroupCreated)
     service.public[G] = PublicGroup.from_state(codec.decode(body.public_group, 1 << 20, "pg"))
     kp_b = service.key_package("dev-b")
-    out = deliver("dev-a", CommitRequest(cmd(), G, 0, CommitAction.ADD, "dev-b", kp_b))
+    add_b = approved("group.add", G, "dev-b")
+    out = deliver("dev-a", CommitRequest(cmd(), G, 0, CommitAction.ADD, "dev-b", kp_b, add_b))
     commit, welcome = service.bodies("dev-a", out)
     assert isinstance(commit, CommitMessage) and isinstance(welcome, WelcomeMessage)
     relay = service.order(commit)
@@ -240,9 +253,15 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
     kp_c = service.key_package("dev-c")
     for body in (
         CommitRequest(cmd(), G, 1, CommitAction.UPDATE),
-        CommitRequest(cmd(), G, 1, CommitAction.REMOVE, "dev-b"),
-        CommitRequest(cmd(), G, 1, CommitAction.ADD, "dev-c", kp_c),
-        CommitRequest(cmd(), "g2", 0, CommitAction.CREATE),
+        CommitRequest(
+            cmd(), G, 1, CommitAction.REMOVE, "dev-b", authz=approved("group.remove", G, "dev-b")
+        ),
+        CommitRequest(
+            cmd(), G, 1, CommitAction.ADD, "dev-c", kp_c, approved("group.add", G, "dev-c")
+        ),
+        CommitRequest(
+            cmd(), "g2", 0, CommitAction.CREATE, authz=approved("group.create", "g2", "dev-a")
+        ),
         ReportRequest(cmd()),
         KeyPackageRequest(cmd()),
         AttestChallenge(nonce=bytes(32), pcrs=(0, 7)),
@@ -256,7 +275,12 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
     seeds.append((group_topic, service.sign(b_commit, G)))
     kp_a = next(iter(a._key_packages.values()))
     service.devices["dev-c"].handle(
-        *service.command("dev-c", CommitRequest(cmd(), "g3", 0, CommitAction.CREATE)),
+        *service.command(
+            "dev-c",
+            CommitRequest(
+                cmd(), "g3", 0, CommitAction.CREATE, authz=approved("group.create", "g3", "dev-c")
+            ),
+        ),
         service.now,
     )
     c_core = service.devices["dev-c"]

@@ -31,13 +31,14 @@ import pytest
 from sqlalchemy import func, select
 
 from firmware_sim.fleet import open_registry
+from firmware_sim.fleet.groups import founding_request
 from provisioning import audit
 from provisioning.db.schema import Device
 from provisioning.operator import FINAL, OperatorClient
 from provisioning.registry import Registry, run_in_transaction
 from tests.fixtures.deployment import DeployFactory
 from tests.reliability.conftest import SEED_ENV, Summary, reliability_seed, send_rekey
-from tests.service_deployment import Deployment
+from tests.service_deployment import Deployment, adopt_standing_policy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
@@ -56,7 +57,7 @@ def installation(deploy: DeployFactory) -> Deployment:
     return deploy(
         "load test",
         instances=("load-test",),
-        operator=("op-load", "operator"),
+        operator=("op-load", "admin"),
         groups=f"ack_timeout_seconds = {ACK_TIMEOUT}\ncommit_log_retention_epochs = {RETENTION}\n",
         service="commit_request_timeout_seconds = 3\n",
         device_prefix="dev-l",
@@ -77,7 +78,11 @@ def test_200_devices_20_rekeys_with_5_percent_dropping_off(
 
     started = time.monotonic()
     fleet = installation.virtual_fleet(DEVICES)
-    fleet.seed_group(G, sessions, now=int(time.time()))
+    # the group founded with the operator's approval; devices that fall behind the commit log
+    # are re-added by the service on its own, under a standing policy the admin signed
+    founding = founding_request(fleet.devices, G, now=int(time.time()))
+    fleet.seed_group(G, sessions, now=int(time.time()), authz=installation.approve(founding))
+    adopt_standing_policy(installation.workdir, installation.operator_args)
     fleet.start(timeout=300)
     setup_seconds = time.monotonic() - started
     ids = [d.device_id for d in fleet.devices]

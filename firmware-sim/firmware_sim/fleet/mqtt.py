@@ -488,7 +488,14 @@ class VirtualFleet:
 
     # -- simulation shortcut: a full group built directly --------------------------------------
 
-    def seed_group(self, group_id: str, sessions: sessionmaker[Session], *, now: int) -> None:
+    def seed_group(
+        self,
+        group_id: str,
+        sessions: sessionmaker[Session],
+        *,
+        now: int,
+        authz: bytes | None = None,
+    ) -> None:
         """SIMULATION BYPASS (benchmarks): make every fleet device a member of a new group
         ``group_id`` at epoch 1, built in one step rather than by N-1 adds, and record it in the
         registry (group row with the public tree, members, one ack per member so that every
@@ -496,7 +503,7 @@ class VirtualFleet:
         (``firmware_sim.fleet.groups``). Call before ``start``."""
         if self._thread is not None:
             raise StateError("seed groups before the fleet starts")
-        groups.seed_group(self.devices, group_id, sessions, now=now)
+        groups.seed_group(self.devices, group_id, sessions, now=now, authz=authz)
 
 
 def _pending(sock: socket.socket) -> int:
