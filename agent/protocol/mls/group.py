@@ -175,8 +175,11 @@ class Group:
         secrets: EpochSecrets,
         *,
         admissions: dict[bytes, bytes] | None = None,
+        prune: bool = True,
     ) -> None:
-        """``admissions``: the Authorizations the tree's admission hashes refer to, by hash."""
+        """``admissions``: the Authorizations the tree's admission hashes refer to, by hash;
+        those no leaf names are dropped (an O(N) scan of the leaves, so ``prune=False`` where
+        no leaf left the tree: a commit without removes only adds references)."""
         leaf = public.tree.leaf(own_leaf)
         if leaf is None:
             raise StateError(f"leaf {own_leaf} is blank: not a member")
@@ -186,7 +189,9 @@ class Group:
         self._leaf_public = leaf.encryption_key
         self._node_keys = node_keys
         self._secrets = secrets
-        self._admissions = _referenced(public.tree, admissions or {})
+        self._admissions = (
+            _referenced(public.tree, admissions or {}) if prune else dict(admissions or {})
+        )
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -496,7 +501,9 @@ class Group:
         node_keys = self._kept_node_keys(tree)
         node_keys.update(zip(nodes, keys, strict=True))
         admissions = {**self._admissions, **admissions_of([authz])}
-        group = Group(public, me, leaf_key, node_keys, secrets, admissions=admissions)
+        group = Group(
+            public, me, leaf_key, node_keys, secrets, admissions=admissions, prune=bool(removes)
+        )
         welcome = None
         if adds:
             welcome = self._welcome(
@@ -674,7 +681,15 @@ class Group:
         node_keys = self._kept_node_keys(verified.tree)
         node_keys.update(derived)
         admissions = {**self._admissions, **admissions_of([verified.commit.content.authz])}
-        return Group(public, me, self._leaf_key, node_keys, secrets, admissions=admissions)
+        return Group(
+            public,
+            me,
+            self._leaf_key,
+            node_keys,
+            secrets,
+            admissions=admissions,
+            prune=bool(verified.commit.content.removes),
+        )
 
     def _decryption_key(self, resolution: Sequence[int]) -> tuple[ec.EllipticCurvePrivateKey, int]:
         """The one key of ours the path secret was sealed to, and its position: our leaf if it

@@ -226,9 +226,10 @@ def apply_path(
             f"UpdatePath has {len(node_keys)} nodes, filtered direct path has {len(path)}",
         )
     in_use = {leaf.encryption_key for i, leaf in tree.members() if i != sender}
+    on_path = {x for x, _ in path}
     for x in range(1, 2 * tree.n_leaves - 1, 2):
         parent = tree.parent_node(x)
-        if parent is not None and not any(x == p for p, _ in path):
+        if parent is not None and x not in on_path:
             in_use.add(parent.encryption_key)
     fresh = [*node_keys, *([leaf_key] if leaf_key is not None else [])]
     if len(set(fresh)) != len(fresh) or in_use.intersection(fresh):
