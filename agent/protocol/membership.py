@@ -41,10 +41,9 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
 from agent.protocol.mls.messages import CommitContent, KeyPackage
 from agent.protocol.mls.tree import LeafNode, RatchetTree
+from agent.protocol.wire.messages.service import MAX_POLICIES, MAX_POLICY_AUTHZ
 
 ENVELOPE_VERSION = 1
-MAX_POLICIES = 16
-MAX_POLICY_AUTHZ = 96 * 1024
 MAX_ENVELOPE = az.MAX_AUTHORIZATION + MAX_POLICIES * MAX_POLICY_AUTHZ + 256
 MAX_CONSUMED = 4096
 
