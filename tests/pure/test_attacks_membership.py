@@ -286,14 +286,27 @@ def test_a_fake_welcome_for_a_group_the_device_does_not_hold_is_refused() -> Non
 
 
 def test_a_device_joins_once_per_authorization() -> None:
-    """The admission a device joined with is spent: the same Welcome again (after its removal,
-    by a rogue service that kept it) does not bring it back."""
+    """The admission a device joined with is spent. After its removal, a compromised member that
+    kept the add's Authorization (public: the add commit carries it) re-adds it while the
+    request is still valid: the device refuses the Welcome, also after a restart."""
     service = FakeService()
-    a, b = members(service, "dev-a", "dev-b")
-    assert len(b.membership.consumed) == 1
-    (request_id,) = b.membership.consumed
-    state = b.to_state()
-    again = AgentCore(
+    a, b = service.core("dev-a"), service.core("dev-b")
+    service.create("dev-a")
+    kp = KeyPackage.decode(service.key_package("dev-b"))
+    add = service.authorize("group.add", [("dev-b", kp.signature_key)])
+    commit, welcome = service.request_commit(
+        "dev-a", CommitAction.ADD, member="dev-b", key_package=kp.encode(), authz=add
+    )
+    assert isinstance(commit, CommitMessage) and isinstance(welcome, WelcomeMessage)
+    acks(service, service.fan_out(service.order(commit), ["dev-a"]))
+    acks(service, {"dev-b": service.deliver("dev-b", WelcomeDelivery(G, 1, welcome.welcome))})
+    (commit,) = service.request_commit("dev-a", CommitAction.REMOVE, member="dev-b")
+    assert isinstance(commit, CommitMessage)
+    relay = service.order(commit)
+    acks(service, service.fan_out(relay, ["dev-a"]))
+    assert b.handle(relay, f"kf/v1/grp/{G}/commit", service.now).refused is None
+    assert b.groups() == {}
+    restarted = AgentCore(
         "dev-b",
         service.key.public_key(),
         b._keys,
@@ -301,9 +314,15 @@ def test_a_device_joins_once_per_authorization() -> None:
         membership=membership(),
         now=T0,
     )
-    again.restore(state)
-    assert set(again.membership.consumed) == {request_id}
-    assert a.epoch(G) == b.epoch(G)
+    restarted.restore(b.to_state())
+    service.devices["dev-b"] = restarted
+    again = KeyPackage.decode(service.key_package("dev-b"))
+    group = a.groups()[G]
+    readd = group.add(a._keys.devid, [again], authz=a.membership.envelope(add))
+    assert readd.welcome is not None
+    message = WelcomeMessage(G, readd.group.epoch, readd.welcome.encode(), ("dev-b",))
+    assert deliver_refused(service, restarted, message) == "authz.replayed"
+    assert restarted.groups() == {}
 
 
 def test_one_operator_cannot_revoke_where_the_policy_needs_two() -> None:
