@@ -8,6 +8,10 @@ signature by one operator whose certificate chains to the operator CA the device
 names the group. Devices check all of it themselves (docs/authorization.md), so the fleet
 service, which only relays these bytes, cannot invent or alter one.
 
+Why one module of this size (~830 lines): the formats, their strict decoders and the verifier
+that judges them are one trust boundary; splitting the decoders from the checks that rely on
+their guarantees would make each half unreviewable alone.
+
 Formats (deterministic CBOR maps, every one with ``"v": 1``; the request also names the cipher
 suite, MLS suite 2: P-256, SHA-256):
 
@@ -679,6 +683,10 @@ class AuthzVerifier:
                 raise ProtocolError(
                     "authz.chain", "an approval's certificate does not parse"
                 ) from None
+            if not _signature_bits_canonical(der):
+                # the parser accepts unused bits in the signature BIT STRING: the same
+                # certificate under other bytes, which no issuer writes
+                raise ProtocolError("authz.chain", "an approval's certificate is not canonical DER")
             not_before = _unix(cert.not_valid_before_utc)
             not_after = _unix(cert.not_valid_after_utc)
         if now is not None:
@@ -737,6 +745,32 @@ class AuthzVerifier:
             chain_from=max(_unix(c.not_valid_before_utc) for c in chain),
             chain_until=min(_unix(c.not_valid_after_utc) for c in chain),
         )
+
+
+def _tlv(der: bytes, at: int) -> tuple[int, int, int]:
+    """(tag, start of content, end) of the DER element at ``at``."""
+    tag, length = der[at], der[at + 1]
+    at += 2
+    if length & 0x80:
+        size = length & 0x7F
+        length = int.from_bytes(der[at : at + size], "big")
+        at += size
+    return tag, at, at + length
+
+
+def _signature_bits_canonical(der: bytes) -> bool:
+    """The certificate is one SEQUENCE {tbs, algorithm, BIT STRING} filling ``der`` whose
+    signature BIT STRING declares no unused bits."""
+    try:
+        tag, start, end = _tlv(der, 0)
+        if tag != 0x30 or end != len(der):
+            return False
+        _, _, after_tbs = _tlv(der, start)
+        _, _, after_algorithm = _tlv(der, after_tbs)
+        tag, bits, stop = _tlv(der, after_algorithm)
+    except IndexError:
+        return False
+    return tag == 0x03 and stop == end and bits < stop and der[bits] == 0
 
 
 def _check_now(now: object) -> None:
