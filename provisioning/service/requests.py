@@ -15,7 +15,8 @@ new quorum policy) runs (docs/operations.md, "Dual control").
   Authorization itself and starts the change as the direct command would
   (``operators.start_change``), under the approver's command id, with the Authorization kept on
   the operation: every commit request of the change carries it to the committer, whose commit
-  carries it to every member (and its Welcome to the joiners), who verify it again. A "policy" request is adopted instead (``store.adopt_policy``).
+  carries it to every member (and its Welcome to the joiners), who verify it again. A
+  "policy" request is adopted instead (``store.adopt_policy``).
 - ``op.list_requests``: the open requests, or one request in whatever state it is.
 - ``expire_tick``: pending requests past their window become ``expired``.
 
