@@ -154,7 +154,7 @@ def _certificate(data: object, name: str) -> x509.Certificate:
         raise ProtocolError("factory.args", f"{name} must be a DER certificate")
     try:
         return x509.load_der_x509_certificate(data)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # a version field outside 1..3 raises the latter
         raise ProtocolError("factory.args", f"{name} is not a DER X.509 certificate") from None
 
 

@@ -374,7 +374,10 @@ class DeviceIdentity:
                 raise ProtocolError("enroll.request", "certificate must be DER bytes")
             try:
                 return x509.load_der_x509_certificate(item)
-            except ValueError:
+            except (
+                ValueError,
+                x509.InvalidVersion,
+            ):  # a version field outside 1..3 raises the latter
                 raise ProtocolError("enroll.request", "certificate does not parse") from None
 
         def certs(item: object) -> tuple[x509.Certificate, ...]:
@@ -621,7 +624,7 @@ class Enrollment:
     def _start(self, station: str, req: StartRequest, now: int) -> tuple[str, StartResult]:
         try:
             ek_cert = x509.load_der_x509_certificate(req.ek_cert)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):  # a version field outside 1..3 raises the latter
             raise ProtocolError("enroll.ek.cert", "EK certificate is not DER X.509") from None
         ek_fp = cert_fingerprint(ek_cert)
         try:

@@ -679,7 +679,10 @@ class AuthzVerifier:
         else:
             try:
                 cert = x509.load_der_x509_certificate(der)
-            except ValueError:
+            except (
+                ValueError,
+                x509.InvalidVersion,
+            ):  # a version field outside 1..3 raises the latter
                 raise ProtocolError(
                     "authz.chain", "an approval's certificate does not parse"
                 ) from None

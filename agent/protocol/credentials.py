@@ -231,7 +231,7 @@ class CredentialVerifier:
     def _verify_uncached(self, cert_der: bytes, now: int) -> _Memo:
         try:
             cert = x509.load_der_x509_certificate(cert_der)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):  # a version field outside 1..3 raises the latter
             raise ProtocolError("cred.decode", "the DevID certificate does not decode") from None
         verifier = (
             PolicyBuilder()

@@ -721,7 +721,7 @@ class TPMStore:
                 data += bytes(part)
         try:
             return x509.load_der_x509_certificate(_der_prefix(data))
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):  # a version field outside 1..3 raises the latter
             raise TPMError("read-ek-cert", None, f"NV 0x{index:08x} holds no certificate") from None
 
     @contextlib.contextmanager
