@@ -23,7 +23,8 @@ Why one module of this size: it is the device's single state machine; every inbo
 every persisted field meet here, and its consistency rule (persist before publishing) is only
 checkable when the whole of it is in one place. The parts that are not state transitions live
 apart: the wire format and MLS in ``agent.protocol``, persistence in ``agent.statefile``, the
-key ledger in ``agent.protocol.lifecycle``, the TPM in ``agent.tpm``.
+key ledger in ``agent.protocol.lifecycle``, who may join or leave a group (credentials, TPM
+proofs, operator approvals) in ``agent.protocol.membership``, the TPM in ``agent.tpm``.
 """
 
 from __future__ import annotations

@@ -118,6 +118,25 @@ class FakeService:
         self.devices[device_id] = core
         return core
 
+    def restarted(
+        self,
+        like: AgentCore,
+        *,
+        device_id: str | None = None,
+        keys: FakeSoftwareKeys | None = None,
+        now: int = T0,
+    ) -> AgentCore:
+        """A fresh core with ``like``'s keys and credential, as the daemon builds one at start
+        before it restores the state file (not registered: the caller decides)."""
+        return AgentCore(
+            like.device_id if device_id is None else device_id,
+            self.key.public_key(),
+            like._keys if keys is None else keys,
+            credential=like._credential,
+            membership=membership(),
+            now=now,
+        )
+
     def sign(
         self, body: Body, to: str, *, seq: int | None = None, time: int | None = None
     ) -> bytes:
@@ -510,14 +529,7 @@ def test_restore_resumes_exactly() -> None:
     (commit,) = service.request_commit("dev-a", CommitAction.UPDATE)  # pending across restart
     assert isinstance(commit, CommitMessage)
     saved = cbor2.loads(cbor2.dumps(a.to_state(), canonical=True))
-    resumed = AgentCore(
-        "dev-a",
-        service.key.public_key(),
-        a._keys,
-        credential=a._credential,
-        membership=membership(),
-        now=T0,
-    )
+    resumed = service.restarted(a)
     resumed.restore(saved)
     service.devices["dev-a"] = resumed
     assert resumed.epoch(G) == 1 and resumed.pending_commits(G) == 1
@@ -544,14 +556,7 @@ def test_state_written_with_the_old_window_of_32_is_widened_without_reopening_a_
     old = ReplayGuard.from_cbor_map(saved["replay"]).resized(32)  # as an older agent saved it
     saved["replay"] = old.to_cbor_map()
     assert old.lowest_seq(SERVICE_ID) == 5040 - 31
-    resumed = AgentCore(
-        "dev-a",
-        service.key.public_key(),
-        a._keys,
-        credential=a._credential,
-        membership=membership(),
-        now=T0,
-    )
+    resumed = service.restarted(a)
     resumed.restore(saved)
     assert (resumed._guard.window, resumed._guard.capacity) == (1 << 32, 32)
     # 5000 was forgotten by the old window: it stays refused; above the old floor, unseen: taken
@@ -563,24 +568,10 @@ def test_state_written_with_the_old_window_of_32_is_widened_without_reopening_a_
 def test_restore_refuses_another_devices_state_and_missing_leaves() -> None:
     service, a, _ = group_of_two()
     saved = a.to_state()
-    other = AgentCore(
-        "dev-x",
-        service.key.public_key(),
-        a._keys,
-        credential=a._credential,
-        membership=membership(),
-        now=T0,
-    )
+    other = service.restarted(a, device_id="dev-x")
     with pytest.raises(StateError):
         other.restore(saved)
-    no_leaves = AgentCore(
-        "dev-a",
-        service.key.public_key(),
-        FakeSoftwareKeys(),
-        credential=a._credential,
-        membership=membership(),
-        now=T0,
-    )
+    no_leaves = service.restarted(a, keys=FakeSoftwareKeys())
     with pytest.raises(StateError):
         no_leaves.restore(saved)
     assert no_leaves.groups() == {}
@@ -747,14 +738,7 @@ def test_key_state_reports_of_a_fleet_are_spread_by_device() -> None:
     delays = []
     for i in range(200):
         core = service.core(f"dev-{i}", key_report_spread=KEY_CHANGE_REPORT_SPREAD)
-        again = AgentCore(
-            f"dev-{i}",
-            service.key.public_key(),
-            FakeSoftwareKeys(),
-            credential=core._credential,
-            membership=membership(),
-            now=service.now,
-        )
+        again = service.restarted(core, keys=FakeSoftwareKeys(), now=service.now)
         assert again._key_report_delay == core._key_report_delay  # fixed per device id
         delays.append(core._key_report_delay)
     low, high = KEY_CHANGE_REPORT_DELAY, KEY_CHANGE_REPORT_DELAY + KEY_CHANGE_REPORT_SPREAD

@@ -306,14 +306,7 @@ def test_a_device_joins_once_per_authorization() -> None:
     acks(service, service.fan_out(relay, ["dev-a"]))
     assert b.handle(relay, f"kf/v1/grp/{G}/commit", service.now).refused is None
     assert b.groups() == {}
-    restarted = AgentCore(
-        "dev-b",
-        service.key.public_key(),
-        b._keys,
-        credential=b._credential,
-        membership=membership(),
-        now=T0,
-    )
+    restarted = service.restarted(b)
     restarted.restore(b.to_state())
     service.devices["dev-b"] = restarted
     again = KeyPackage.decode(service.key_package("dev-b"))
