@@ -14,6 +14,9 @@ packages+=(postgresql)
 # tpm2-tools, openssl and tpm2-openssl: the independent checkers of docs/interop.md
 # (tpm2_checkquote, openssl verify, TPM key blobs through the tpm2 provider), run by the tests.
 packages+=(tpm2-tools openssl tpm2-openssl)
+# softhsm2: the PKCS#11 token (/usr/lib/softhsm/libsofthsm2.so) that holds the fleet's keys in the
+# tests and the demo (provisioning/custody.py); production uses the HSM's own PKCS#11 library.
+packages+=(softhsm2)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -21,6 +21,7 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.nobody",
     "tests.fixtures.deployment",
+    "tests.fixtures.softhsm",
 ]
 
 TIERS = ("pure", "tpm", "broker", "e2e")
