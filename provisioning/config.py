@@ -21,7 +21,7 @@ Example (``docs/service.md`` describes every key):
 
     [device_ca]
     cert = "pki/device-ca.pem"
-    key = "pki/device-ca.key"
+    key = "pkcs11:token=keyfleet;object=device-ca?pin-source=file:token.pin"
 
     [operator_ca]
     cert = "pki/operator-ca.pem"
@@ -51,6 +51,10 @@ Example (``docs/service.md`` describes every key):
     tls_cert = "pki/dashboard-server.pem"
     tls_key = "pki/dashboard-server.key"
     page_size = 50
+
+    [service]
+    signing_key = "pkcs11:token=keyfleet;object=service-signing?pin-source=file:token.pin"
+    signing_cert = "pki/service-signing.pem"
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ from agent.configschema import (
     validate,
 )
 from agent.protocol.errors import InternalError
+from provisioning.custody import FileKeyRef, KeyRef, KeyReference, same_key
 from provisioning.db.engine import redact_url
 
 DEFAULT_DATABASE_URL = "sqlite:///keyfleet.db"
@@ -115,8 +120,11 @@ class BrokerConfig:
 
 @dataclass(frozen=True)
 class DeviceCAConfig:
+    """[device_ca]: ``key`` is a key reference (``provisioning.custody``): a ``pkcs11:`` URI of a
+    key in a token, or a PEM file (warned about when loaded)."""
+
     cert: Path
-    key: Path
+    key: KeyRef
 
 
 @dataclass(frozen=True)
@@ -145,14 +153,17 @@ class QuorumConfig:
 
 @dataclass(frozen=True)
 class ServiceRuntimeConfig:
-    """[service]: how ``keyfleet serve`` runs. ``signing_key`` signs every service envelope
-    (devices verify it with the matching certificate, their ``fleet.service_cert``); by default
-    it is the service's MQTT client key. ``instance`` makes the MQTT client id
+    """[service]: how ``keyfleet serve`` runs. ``signing_key`` (a key reference: ``pkcs11:`` URI
+    or file) signs every service envelope; ``signing_cert`` is its certificate, which devices get
+    at enrollment as ``fleet.service_cert`` and operators pass as ``--service-cert``. Both are
+    needed to serve, and the signing key must not be a TLS key of the service
+    (``signing_problems``). ``instance`` makes the MQTT client id
     ``keyfleet-service-<instance>``. ``session_expiry_seconds``: how long the broker keeps the
     instance's session (and queues its share of the messages) while it is away; several
     instances want 0, so that a dead one's share goes to the live ones (docs/scale-out.md)."""
 
-    signing_key: Path | None = None
+    signing_key: KeyRef | None = None
+    signing_cert: Path | None = None
     instance: str = "1"
     commit_request_timeout_seconds: int = 10
     online_window_seconds: int = 300
@@ -214,6 +225,40 @@ class ServiceConfig:
     @property
     def database_url_redacted(self) -> str:
         return redact_url(self.database_url)
+
+    def signing_problems(self) -> list[str]:
+        """Why this configuration cannot sign the service's messages, if it cannot: no
+        ``[service] signing_key``/``signing_cert`` (``token.signing_key.absent``), or the
+        signing key is one of the service's TLS keys (``token.signing_key.tls``): a key that
+        every TLS handshake uses, on disk for the TLS stack, must not also be the key whose
+        signature devices obey."""
+        problems: list[str] = []
+        signing = self.service.signing_key
+        if signing is None or self.service.signing_cert is None:
+            problems.append(
+                "[token.signing_key.absent] [service] signing_key and signing_cert are needed: "
+                "the service signs its messages with a key of its own, apart from its TLS key "
+                "(docs/operations.md, keys in a token)"
+            )
+        if signing is not None:
+            tls = {"[broker] client_key": self.broker.client_key}
+            if self.http is not None:
+                tls["[http] tls_key"] = self.http.tls_key
+            if self.dashboard is not None:
+                tls["[dashboard] tls_key"] = self.dashboard.tls_key
+            for name, path in tls.items():
+                if same_key(signing, FileKeyRef(path)):
+                    problems.append(
+                        f"[token.signing_key.tls] [service] signing_key is the {name}: the "
+                        "signing key must be a key of its own"
+                    )
+        return problems
+
+    def require_signing(self) -> None:
+        """Raise ``InvalidConfig`` with ``signing_problems`` (``keyfleet serve`` calls it)."""
+        problems = self.signing_problems()
+        if problems:
+            raise InvalidConfig(self.path, problems)
 
 
 # ---- the schema of the file --------------------------------------------------------------------
@@ -285,7 +330,7 @@ def _schema(base: Path) -> Table:
         },
         "device_ca": {
             "cert": Field(file(), required=True),
-            "key": Field(file(private=True), required=True),
+            "key": Field(KeyReference(base=base), required=True),
         },
         "operator_ca": {"cert": Field(file(), required=True)},
         "attestation": {
@@ -318,7 +363,8 @@ def _schema(base: Path) -> Table:
             "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED), required=True),
         },
         "service": {
-            "signing_key": Field(file(private=True)),
+            "signing_key": Field(KeyReference(base=base)),
+            "signing_cert": Field(file()),
             "instance": Field(name, default="1"),
             "commit_request_timeout_seconds": Field(seconds(1, 3600), default=10),
             "online_window_seconds": Field(seconds(10, 7 * 86400), default=300),

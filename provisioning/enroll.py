@@ -106,6 +106,7 @@ from agent.protocol.secret import Secret
 from agent.serial_link import INSTALL_ARGS
 from provisioning import audit
 from provisioning.config import ServiceConfig
+from provisioning.custody import load_private_key
 from provisioning.db.engine import rowcount, run_in_transaction
 from provisioning.db.schema import Device, EnrollSession
 from provisioning.makecredential import make_credential
@@ -117,7 +118,6 @@ from provisioning.pki import (
     common_name,
     issue_client_cert,
     issue_devid_cert,
-    key_from_pem,
 )
 from provisioning.registry import DeviceState, Outcome, Registry, cert_fingerprint
 from provisioning.registry.repository import REENROLLABLE
@@ -432,13 +432,16 @@ class EnrollmentSettings:
 
     @classmethod
     def from_service_config(cls, config: ServiceConfig) -> EnrollmentSettings:
-        """Device CA (cert + key), manufacturer CA bundle, broker address and CA; the service
-        certificate is the service's own client certificate (CN keyfleet-service), whose key
-        signs the service's messages; the device's trust anchors are the device CA (for members'
-        credentials) and, apart, the operator CA (for the approvals of membership changes)."""
+        """Device CA (cert + key, the key through ``provisioning.custody``: token or file),
+        manufacturer CA bundle, broker address and CA; the service certificate is
+        ``[service] signing_cert``, whose key signs the service's messages; the device's trust
+        anchors are the device CA (for members' credentials) and, apart, the operator CA (for
+        the approvals of membership changes)."""
+        config.require_signing()
+        assert config.service.signing_cert is not None
         device_ca = CertificateAuthority(
             certificate=cert_from_pem(config.device_ca.cert.read_bytes()),
-            private_key=key_from_pem(config.device_ca.key.read_bytes()),
+            private_key=load_private_key(config.device_ca.key, role="device CA"),
         )
         return cls(
             manufacturer_cas=tuple(
@@ -448,7 +451,7 @@ class EnrollmentSettings:
             broker_host=config.broker.host,
             broker_port=config.broker.port,
             broker_ca=tuple(certs_from_pem(config.broker.ca.read_bytes())),
-            service_cert=cert_from_pem(config.broker.client_cert.read_bytes()),
+            service_cert=cert_from_pem(config.service.signing_cert.read_bytes()),
             trust_anchors=(device_ca.certificate,),
             operator_anchors=(cert_from_pem(config.operator_ca_cert.read_bytes()),),
             min_approvals=config.quorum.min_approvals,

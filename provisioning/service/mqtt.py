@@ -15,7 +15,8 @@ instances may run against one database and one broker (docs/scale-out.md): the s
 subscriptions split the messages between them, and every piece of work in flight is a row in the
 database that any instance can continue. Each instance serves its own Prometheus metrics on
 ``[metrics] listen`` when configured. It signs its
-envelopes with ``[service] signing_key`` (default: the MQTT client key), whose certificate the
+envelopes with ``[service] signing_key`` (a key of its own, never its TLS key; in a PKCS#11
+token unless a file is explicitly configured), whose certificate ``[service] signing_cert`` the
 devices hold as ``fleet.service_cert``.
 
 With ``[http]`` configured the same process serves the enrollment API for factory stations
@@ -31,14 +32,15 @@ import threading
 import time
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.mqtt import MqttClient
 from agent.protocol.errors import KeyfleetError
 from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION
 from agent.protocol.wire.cose import key_id
-from provisioning import pki
-from provisioning.config import ServiceConfig
+from provisioning import custody, pki
+from provisioning.config import InvalidConfig, ServiceConfig
 from provisioning.db.runtime import create_service_schema
 from provisioning.enroll import Enrollment, EnrollmentSettings
 from provisioning.http import EnrollmentServer, build_app, start_enrollment_server
@@ -80,6 +82,24 @@ def attestation_from(config: ServiceConfig) -> AttestationSettings:
     )
 
 
+def load_signing_key(config: ServiceConfig) -> ec.EllipticCurvePrivateKey:
+    """``[service] signing_key``, checked against ``[service] signing_cert``
+    (``token.signing_cert.mismatch``: devices would refuse every message)."""
+    config.require_signing()
+    assert config.service.signing_key is not None and config.service.signing_cert is not None
+    key = custody.load_private_key(config.service.signing_key, role="service signing")
+    cert = pki.cert_from_pem(config.service.signing_cert.read_bytes())
+    if cert.public_key() != key.public_key():
+        raise InvalidConfig(
+            config.path,
+            [
+                "[token.signing_cert.mismatch] [service] signing_cert does not certify the "
+                "public key of [service] signing_key"
+            ],
+        )
+    return key
+
+
 class ServiceRunner:
     """``keyfleet serve``: database, service core and MQTT client, wired together; the
     enrollment API too when ``[http]`` is configured."""
@@ -90,12 +110,13 @@ class ServiceRunner:
         self.http: EnrollmentServer | None = None
         self.metrics = ServiceMetrics()
         self.metrics_server: MetricsServer | None = None
+        config.require_signing()
         attestation = attestation_from(config)
         self._engine = make_engine(config.database_url)
         create_schema(self._engine)
         create_service_schema(self._engine)
-        key_path = config.service.signing_key or config.broker.client_key
-        signing_key = pki.key_from_pem(key_path.read_bytes())
+        assert config.service.signing_key is not None  # require_signing above
+        signing_key = load_signing_key(config)
         operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())
         self.service = DeliveryService(
             session_factory(self._engine),
@@ -118,12 +139,13 @@ class ServiceRunner:
             session_expiry=config.service.session_expiry_seconds,
         )
         log.info(
-            "keyfleet serve: database %s, broker %s:%s as %s, service signing kid %s",
+            "keyfleet serve: database %s, broker %s:%s as %s, service signing kid %s (%s)",
             config.database_url_redacted,
             config.broker.host,
             config.broker.port,
             self.client_id,
             key_id(signing_key.public_key()).hex(),
+            custody.describe(config.service.signing_key),
         )
 
     def _publish(self, publishes: list[Publish]) -> None:

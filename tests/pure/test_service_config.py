@@ -9,6 +9,7 @@ import pytest
 
 from agent.protocol.errors import ConfigError
 from provisioning.config import InvalidConfig, ServiceConfig, load_config
+from provisioning.custody import FileKeyRef, TokenKeyRef
 
 pytestmark = pytest.mark.pure
 
@@ -82,7 +83,7 @@ def test_good_file_loads_into_a_frozen_dataclass(config_dir: Path) -> None:
     assert config.database_url == f"sqlite:///{config_dir / 'fleet.db'}"
     assert config.broker.host == "127.0.0.1" and config.broker.port == 18883
     assert config.broker.client_key == config_dir / "pki/service.key"
-    assert config.device_ca.key == config_dir / "pki/device-ca.key"
+    assert config.device_ca.key == FileKeyRef(config_dir / "pki/device-ca.key")
     assert config.operator_ca_cert == config_dir / "pki/operator-ca.pem"
     assert config.attestation.golden_measurements == config_dir / "policy/golden.toml"
     assert config.attestation.interval_seconds == 600
@@ -222,3 +223,48 @@ def test_a_blank_name_is_refused(config_dir: Path) -> None:
     assert problems_of(write(config_dir, text)) == {
         "broker.host": ('"   " (string)', "a non-empty string (not only spaces)")
     }
+
+
+# ---- key references and the service's own signing key ------------------------------------------
+
+TOKEN_URI = "pkcs11:token=keyfleet;object=device-ca?pin-source=file:pki/token.pin"
+
+
+def test_a_key_may_be_a_token_reference(config_dir: Path) -> None:
+    text = GOOD.replace('key = "pki/device-ca.key"', f'key = "{TOKEN_URI}"')
+    config = load_config(write(config_dir, text))
+    key = config.device_ca.key
+    assert isinstance(key, TokenKeyRef)
+    assert (key.token, key.label) == ("keyfleet", "device-ca")
+    assert key.pin is not None and key.pin.where == str(config_dir / "pki/token.pin")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "pkcs11:token=keyfleet;object=device-ca",  # no PIN source
+        "pkcs11:token=keyfleet;object=device-ca?pin-value=123456",  # a PIN in clear
+        "pkcs11:object=device-ca?pin-source=env:PIN",  # no token
+    ],
+)
+def test_a_bad_token_reference_is_a_config_problem(config_dir: Path, value: str) -> None:
+    text = GOOD.replace('key = "pki/device-ca.key"', f'key = "{value}"')
+    with pytest.raises(InvalidConfig) as caught:
+        load_config(write(config_dir, text))
+    assert "device_ca.key" in str(caught.value)
+    assert "123456" not in str(caught.value)
+
+
+def test_serving_needs_a_signing_key_of_its_own(config_dir: Path) -> None:
+    """token.signing_key.absent / token.signing_key.tls: the service refuses to sign with nothing
+    or with its MQTT or HTTPS TLS key."""
+    config = load_config(write(config_dir, GOOD))
+    with pytest.raises(InvalidConfig, match=r"token\.signing_key\.absent"):
+        config.require_signing()
+    for tls_key in ("pki/service.key", "pki/enroll.key"):
+        text = GOOD + f'\n[service]\nsigning_key = "{tls_key}"\nsigning_cert = "pki/service.pem"\n'
+        config = load_config(write(config_dir, text))
+        with pytest.raises(InvalidConfig, match=r"token\.signing_key\.tls"):
+            config.require_signing()
+    text = GOOD + f'\n[service]\nsigning_key = "{TOKEN_URI}"\nsigning_cert = "pki/service.pem"\n'
+    assert load_config(write(config_dir, text)).signing_problems() == []
