@@ -18,12 +18,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session
 
 from agent.protocol import authz
@@ -31,7 +32,9 @@ from firmware_sim.boot import default_components
 from firmware_sim.broker import Mosquitto
 from firmware_sim.fleet import VirtualFleet, fleet_config_text, load_fleet_config
 from firmware_sim.ports import free_port
-from provisioning import pki
+from firmware_sim.softhsm import SoftToken
+from provisioning import custody, pki
+from provisioning.custody import TokenPrivateKey
 from provisioning.operator import OperatorSettings
 from provisioning.policy import policy_from_components, write_policy
 from provisioning.registry import make_engine, run_in_transaction, session_factory
@@ -59,16 +62,36 @@ def write_pem(path: Path, data: bytes, private: bool = False) -> Path:
     return path
 
 
+SIGNING_IDENTITY = "keyfleet-service-signing"
+SIGNING_KEY_LABEL = "service-signing"
+DEVICE_CA_KEY_LABEL = "device-ca"
+
+
 def write_service_pki(
     files: Path,
     device_ca: pki.CertificateAuthority,
     operator_ca: pki.CertificateAuthority,
     manufacturer_cas: Sequence[x509.Certificate] = (),
+    *,
+    signing_issuer: pki.CertificateAuthority | None = None,
+    signing_key: ec.EllipticCurvePrivateKey | None = None,
 ) -> None:
     """The CA files and golden policy the config below names. Without ``manufacturer_cas`` the
-    device CA doubles as the manufacturer CA, for devices with software DevIDs, not EK chains."""
+    device CA doubles as the manufacturer CA, for devices with software DevIDs, not EK chains.
+    The service's signing certificate (``service-signing.pem``, from ``signing_issuer`` or the
+    device CA) certifies ``signing_key``, or a new key written as ``service-signing.key``; a
+    device CA key in a token is not written."""
     write_pem(files / "device-ca.pem", pki.cert_to_pem(device_ca.certificate))
-    write_pem(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
+    if not isinstance(device_ca.private_key, TokenPrivateKey):
+        write_pem(files / "device-ca.key", pki.key_to_pem(device_ca.private_key), private=True)
+    if signing_key is None:
+        signing_key = pki.generate_key()
+        pki.write_private_key(files / "service-signing.key", signing_key)
+    signing_cert = pki.issue_client_cert(
+        signing_issuer or device_ca, signing_key.public_key(), identity=SIGNING_IDENTITY,
+        role="service", now=datetime.now(UTC), valid_for=timedelta(days=2),
+    )  # fmt: skip
+    pki.write_certificate(files / "service-signing.pem", signing_cert)
     write_pem(files / "operator-ca.pem", pki.cert_to_pem(operator_ca.certificate))
     write_pem(
         files / "manufacturers.pem", pki.certs_to_pem(manufacturer_cas or [device_ca.certificate])
@@ -87,6 +110,19 @@ class DeploymentPKI:
     broker: MosquittoBroker
     service: ClientFiles
     files: Path
+    # the [service] signing_key and [device_ca] key references the configuration names
+    signing_key_ref: str = "pki/service-signing.key"
+    device_ca_key_ref: str = "pki/device-ca.key"
+
+    @property
+    def signing_cert(self) -> Path:
+        """The service's signing certificate: what devices and operators verify it with."""
+        return self.files / "service-signing.pem"
+
+    def signing_public_key(self) -> ec.EllipticCurvePublicKey:
+        public = pki.cert_from_pem(self.signing_cert.read_bytes()).public_key()
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        return public
 
 
 def deployment_pki(
@@ -99,10 +135,28 @@ def deployment_pki(
     operator_ca: pki.CertificateAuthority | None = None,
     manufacturer_cas: Sequence[x509.Certificate] = (),
     log_types: tuple[str, ...] = ("error", "warning"),
+    token: SoftToken | None = None,
 ) -> DeploymentPKI:
     """Device and operator CAs named after ``label`` (or the ones given), a fresh Mosquitto
-    trusting both (logging ``log_types``), and the service's files under ``tmp_path/pki``."""
+    trusting both (logging ``log_types``), and the service's files under ``tmp_path/pki``. With
+    ``token`` the service signing key and the device CA key are made in that PKCS#11 token and
+    the configuration names them by ``pkcs11:`` URI (no private key file of the service)."""
     now = datetime.now(UTC)
+    signing_key: ec.EllipticCurvePrivateKey | None = None
+    refs: dict[str, str] = {}
+    if token is not None:
+        assert device_ca is None, "a token deployment makes its own device CA in the token"
+        keys = {}
+        for label_ in (SIGNING_KEY_LABEL, DEVICE_CA_KEY_LABEL):
+            refs[label_] = token.uri(label_)
+            ref = custody.parse_token_uri(refs[label_])
+            custody.generate_token_key(ref)
+            keys[label_] = custody.load_private_key(ref)
+        signing_key = keys[SIGNING_KEY_LABEL]
+        device_ca = pki.create_ca(
+            f"{label} device CA", now=now, valid_for=timedelta(days=2),
+            key=keys[DEVICE_CA_KEY_LABEL],
+        )  # fmt: skip
     if device_ca is None:
         device_ca = pki.create_ca(f"{label} device CA", now=now, valid_for=timedelta(days=2))
     if operator_ca is None:
@@ -114,8 +168,18 @@ def deployment_pki(
     files = tmp_path / "pki"
     files.mkdir(exist_ok=True)
     service = broker_pki.client("keyfleet-service", role="service")
-    write_service_pki(files, device_ca, operator_ca, manufacturer_cas)
-    return DeploymentPKI(now, device_ca, operator_ca, broker, service, files)
+    write_service_pki(
+        files, device_ca, operator_ca, manufacturer_cas,
+        signing_issuer=broker_pki.ca, signing_key=signing_key,
+    )  # fmt: skip
+    deployment = DeploymentPKI(now, device_ca, operator_ca, broker, service, files)
+    if token is not None:
+        deployment = replace(
+            deployment,
+            signing_key_ref=refs[SIGNING_KEY_LABEL],
+            device_ca_key_ref=refs[DEVICE_CA_KEY_LABEL],
+        )
+    return deployment
 
 
 def write_golden_policy(path: Path) -> None:
@@ -152,11 +216,14 @@ def service_config(
     attestation: str = "",
     extra: str = "",
     quorum: str = "min_approvals = 1",
+    signing_key: str = "pki/service-signing.key",
+    device_ca_key: str = "pki/device-ca.key",
 ) -> str:
     """``keyfleet.toml`` with the CA files under ``pki/``; ``groups``, ``service``,
     ``attestation`` and ``quorum`` are further lines of those tables, ``extra`` further tables.
     One operator decides alone by default (the tests' direct commands); dual-control tests ask
-    for more with ``quorum``."""
+    for more with ``quorum``. ``signing_key`` and ``device_ca_key`` are key references (a file
+    under ``pki/`` by default, or a ``pkcs11:`` URI: ``DeploymentPKI.signing_key_ref``)."""
     return f"""
 [database]
 url = "{db_url}"
@@ -170,7 +237,7 @@ client_key = "{client.key_file}"
 
 [device_ca]
 cert = "pki/device-ca.pem"
-key = "pki/device-ca.key"
+key = "{device_ca_key}"
 
 [operator_ca]
 cert = "pki/operator-ca.pem"
@@ -185,6 +252,8 @@ golden_measurements = "pki/golden.toml"
 {quorum}
 [service]
 instance = "{instance}"
+signing_key = "{signing_key}"
+signing_cert = "pki/service-signing.pem"
 {service}{extra}"""
 
 
@@ -369,6 +438,7 @@ def service_deployment(
     device_ca: pki.CertificateAuthority | None = None,
     operator_ca: pki.CertificateAuthority | None = None,
     manufacturer_cas: Sequence[x509.Certificate] = (),
+    token: SoftToken | None = None,
 ) -> Iterator[Deployment]:
     """docs/service.md "A deployment" in ``workdir``: a Mosquitto trusting the fleet's CAs
     (``deployment_pki``), one ``keyfleet.toml`` per name in ``instances`` (``groups`` and
@@ -388,6 +458,7 @@ def service_deployment(
     files = deployment_pki(
         workdir, label, broker_pki, mosquitto_factory,
         device_ca=device_ca, operator_ca=operator_ca, manufacturer_cas=manufacturer_cas,
+        token=token,
     )  # fmt: skip
     broker, client = files.broker, files.service
     url = db_url if db_url is not None else f"sqlite:///{workdir / 'fleet.db'}"
@@ -411,13 +482,14 @@ def service_deployment(
         text = service_config(
             db_url=url, broker=broker, client=client, instance=name,
             groups=groups, service=service, extra=extra, quorum=quorum,
+            signing_key=files.signing_key_ref, device_ca_key=files.device_ca_key_ref,
         )  # fmt: skip
         configs[name].write_text(text)
     fleet_config = workdir / "fleet.toml"
     fleet_config.write_text(
         fleet_config_text(
             id_prefix=device_prefix,
-            service_cert=client.cert_file,
+            service_cert=files.signing_cert,
             broker_host=broker.host,
             broker_port=broker.port,
             broker_ca=broker.ca_file,
@@ -440,11 +512,11 @@ def service_deployment(
             ca=Path(broker.ca_file),
             cert=files.files / f"{OPERATOR_STEM}.pem",
             key=files.files / f"{OPERATOR_STEM}.key",
-            service_cert=Path(client.cert_file),
+            service_cert=files.signing_cert,
         )
         deployment.operator_args = operator_args(
             broker, cert=f"pki/{OPERATOR_STEM}.pem", key=f"pki/{OPERATOR_STEM}.key",
-            service_cert=client.cert_file,
+            service_cert=files.signing_cert,
         )  # fmt: skip
     if station is not None:
         added = keyfleet(

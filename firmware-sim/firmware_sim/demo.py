@@ -113,13 +113,17 @@ def run_demo(workdir: Path, narrator: Narrator) -> dict[str, Any]:
     summary: dict[str, Any] = {"devices": {}, "group": GROUP}
     started = time.monotonic()
     narrator.say("keyfleet demo: a fleet of 5 simulated devices, each with its own TPM (swtpm)")
-    lab = Lab(workdir, devices=DEVICES, quarantine=True, ack_timeout=30)
+    lab = Lab(workdir, devices=DEVICES, quarantine=True, ack_timeout=30, token=True)
     with narrator.step("broker, fleet service, devices: boot, measured boot, provisioning") as rec:
         lab.start()
         assert lab.broker is not None
         narrator.say(f"      Mosquitto (mutual TLS, ACL) on {lab.broker.host}:{lab.broker.port}")
         narrator.say(
             f"      keyfleet serve: SQLite {lab.database}, enrollment {lab.enrollment_url}"
+        )
+        narrator.say(
+            "      service signing key and device CA key in a PKCS#11 token (SoftHSM2), "
+            "apart from the TLS key"
         )
         for device in lab.devices:
             report = device.provision_report

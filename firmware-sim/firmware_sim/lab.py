@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.config import load_config as load_agent_config
@@ -73,10 +74,12 @@ from agent.tpm.store import TPMStore
 from firmware_sim.boot import default_components
 from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
 from firmware_sim.ports import free_port
+from firmware_sim.softhsm import CONF_ENV, SoftToken
 from firmware_sim.swtpm import ensure_manufacturer_ca, pid_alive, provision, tpm_command
 from provisioning import audit as audit_log
-from provisioning import pki
+from provisioning import custody, pki
 from provisioning.config import load_config
+from provisioning.custody import refresh_modules
 from provisioning.policy import policy_from_components, write_policy
 from provisioning.registry import (
     AckStatus,
@@ -197,7 +200,8 @@ class LabPKI:
     directory: Path
     tls_ca: Path
     device_ca: Path
-    device_ca_key: Path
+    # the device CA's key file; None when the key is in the token (``device_ca_key_ref``)
+    device_ca_key: Path | None
     operator_ca: Path
     station_ca: Path
     manufacturer_cas: Path
@@ -207,6 +211,11 @@ class LabPKI:
     station: Identity
     operators: Mapping[str, Identity]
     station_cert: x509.Certificate = field(repr=False)
+    # the service's signing certificate and its key's reference (a file, or a pkcs11: URI)
+    signing_cert: Path | None = None
+    signing_key_ref: str = ""
+    device_ca_key_ref: str = ""
+    token: SoftToken | None = None
 
 
 def _write_identity(
@@ -218,13 +227,30 @@ def _write_identity(
     return identity
 
 
-def make_lab_pki(directory: Path, manufacturer_dir: Path) -> LabPKI:
-    """Step 1: the installation's CAs and certificates."""
+def make_lab_pki(directory: Path, manufacturer_dir: Path, token_dir: Path | None = None) -> LabPKI:
+    """Step 1: the installation's CAs and certificates. With ``token_dir`` the device CA key and
+    the service's signing key are made in a SoftHSM2 token there (``firmware_sim.softhsm``) and
+    never exist as files; otherwise they are PEM files (which the service warns about)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
     valid = CERT_VALIDITY
     tls_ca = pki.create_ca("keyfleet lab TLS CA", now=now, valid_for=valid)
-    device_ca = pki.create_ca("keyfleet lab device CA", now=now, valid_for=valid)
+    token: SoftToken | None = None
+    refs: dict[str, str] = {}
+    keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+    if token_dir is not None:
+        token = SoftToken.create(token_dir, label="keyfleet-lab")
+        # this process signs the device CA's certificate with the token key: it must see the
+        # token too (SoftHSM2 reads SOFTHSM2_CONF when the library initialises)
+        os.environ[CONF_ENV] = str(token.conf)
+        refresh_modules()
+        for label in ("device-ca", "service-signing"):
+            refs[label] = token.uri(label)
+            custody.generate_token_key(custody.parse_token_uri(refs[label]))
+            keys[label] = custody.load_private_key(refs[label])
+    device_ca = pki.create_ca(
+        "keyfleet lab device CA", now=now, valid_for=valid, key=keys.get("device-ca")
+    )
     operator_ca = pki.create_ca("keyfleet lab operator CA", now=now, valid_for=valid)
     station_ca = pki.create_ca("keyfleet lab station CA", now=now, valid_for=valid)
     paths = {
@@ -240,8 +266,26 @@ def make_lab_pki(directory: Path, manufacturer_dir: Path) -> LabPKI:
         ("station_ca", station_ca),
     ):
         pki.write_certificate(paths[name], ca.certificate)
-    device_ca_key = directory / "device-ca.key"
-    pki.write_private_key(device_ca_key, device_ca.private_key)
+    device_ca_key: Path | None = None
+    if token is None:
+        device_ca_key = directory / "device-ca.key"
+        pki.write_private_key(device_ca_key, device_ca.private_key)
+        refs["device-ca"] = str(device_ca_key)
+        keys["service-signing"] = pki.generate_key()
+        refs["service-signing"] = str(directory / "service-signing.key")
+        pki.write_private_key(refs["service-signing"], keys["service-signing"])
+    signing_cert = directory / "service-signing.pem"
+    pki.write_certificate(
+        signing_cert,
+        pki.issue_client_cert(
+            tls_ca,
+            keys["service-signing"].public_key(),
+            identity="keyfleet-service-signing",
+            role="service",
+            now=now,
+            valid_for=valid,
+        ),
+    )
 
     def server(name: str) -> Identity:
         key = pki.generate_key()
@@ -298,6 +342,10 @@ def make_lab_pki(directory: Path, manufacturer_dir: Path) -> LabPKI:
         station=station,
         operators=operators,
         station_cert=station_cert,
+        signing_cert=signing_cert,
+        signing_key_ref=refs["service-signing"],
+        device_ca_key_ref=refs["device-ca"],
+        token=token,
     )
 
 
@@ -508,6 +556,7 @@ class Lab:
         start_timeout: float = 60.0,
         log_level: str = "info",
         database_url: str | None = None,
+        token: bool = False,
     ) -> None:
         if devices < 0:
             raise LabError("lab", f"devices must be >= 0, got {devices}")
@@ -525,6 +574,7 @@ class Lab:
             min_approvals == 1 if automatic_changes is None else automatic_changes
         )
         self.device_env = dict(device_env or {})
+        self.token = token
         self.start_timeout = start_timeout
         self.log_level = log_level
         self.logs = self.workdir / "logs"
@@ -581,7 +631,11 @@ class Lab:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         with self._step("pki"):
-            self.pki = make_lab_pki(self.workdir / "pki", self.workdir / "manufacturer-ca")
+            self.pki = make_lab_pki(
+                self.workdir / "pki",
+                self.workdir / "manufacturer-ca",
+                self.workdir / "token" if self.token else None,
+            )
         with self._step("broker"):
             self._start_broker()
         with self._step("service"):
@@ -637,7 +691,7 @@ client_key = "{pki_.service.key}"
 
 [device_ca]
 cert = "{pki_.device_ca}"
-key = "{pki_.device_ca_key}"
+key = "{pki_.device_ca_key_ref}"
 
 [operator_ca]
 cert = "{pki_.operator_ca}"
@@ -663,6 +717,8 @@ station_ca = "{pki_.station_ca}"
 
 [service]
 instance = "lab"
+signing_key = "{pki_.signing_key_ref}"
+signing_cert = "{pki_.signing_cert}"
 commit_request_timeout_seconds = {self.commit_request_timeout}
 online_window_seconds = {self.online_window}
 """
@@ -716,6 +772,7 @@ online_window_seconds = {self.online_window}
                 stdout=sink,
                 stderr=sink,
                 start_new_session=True,
+                env=self._token_env(dict(os.environ)),
             )
         self._track(self.service_process.pid, "keyfleet serve", "provisioning.cli")
         process = self.service_process
@@ -1101,8 +1158,14 @@ online_window_seconds = {self.online_window}
             "KEYFLEET_CA": str(self.pki.tls_ca),
             "KEYFLEET_CERT": str(identity.cert),
             "KEYFLEET_KEY": str(identity.key),
-            "KEYFLEET_SERVICE_CERT": str(self.pki.service.cert),
+            "KEYFLEET_SERVICE_CERT": str(self.pki.signing_cert),
         }
+
+    def _token_env(self, env: dict[str, str]) -> dict[str, str]:
+        """``env`` plus what reaches the lab's token (its SoftHSM2 configuration), if any."""
+        if self.pki is not None and self.pki.token is not None:
+            env[CONF_ENV] = str(self.pki.token.conf)
+        return env
 
     def keyfleet_start(self, *args: str, operator: str | None = None) -> RunningCli:
         """Start ``keyfleet ARGS`` (as ``operator`` if given) without waiting."""
@@ -1117,7 +1180,7 @@ online_window_seconds = {self.online_window}
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env=self._token_env(env),
         )
         return RunningCli(args, process, self.cli_log)
 

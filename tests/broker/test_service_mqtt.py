@@ -121,10 +121,10 @@ def deployment(
     engine = make_engine(database_url)
     create_schema(engine)
     sessions = session_factory(engine)
-    service_key = pki.key_from_pem(service_files.key_file.read_bytes())
+    service_public = fleet.signing_public_key()
     members: dict[str, MemberThread] = {}
     for name in DEVICES:
-        device = SoftDevice.create(name, device_ca, service_key.public_key(), now)
+        device = SoftDevice.create(name, device_ca, service_public, now)
         device.register(sessions, int(time.time()))
         key_file = write_pem(files / f"{name}.key", pki.key_to_pem(device.devid), private=True)
         cert_file = write_pem(files / f"{name}.pem", device.cert_pem.encode())
@@ -143,7 +143,7 @@ def deployment(
         broker,
         cert="pki/op-alice.pem",
         key="pki/op-alice.key",
-        service_cert=service_files.cert_file,
+        service_cert=fleet.signing_cert,
     )
     deployment = Deployment(tmp_path, config, db, log, service, members, cli_args, database_url)
     try:

@@ -39,7 +39,7 @@ from agent.protocol.wire.messages.service import (
     WelcomeDelivery,
 )
 from firmware_sim.lab import Lab, LabDevice
-from provisioning import pki
+from provisioning import custody, pki
 from tests.fixtures.fleet import service_tap
 
 pytestmark = pytest.mark.e2e
@@ -55,10 +55,10 @@ class Rogue:
     def __init__(self, lab: Lab) -> None:
         assert lab.pki is not None
         self.lab = lab
-        self.key = pki.key_from_pem(lab.pki.service.key.read_bytes())
+        self.key = custody.load_private_key(lab.pki.signing_key_ref)
         self.device_ca = pki.CertificateAuthority(
             pki.cert_from_pem(lab.pki.device_ca.read_bytes()),
-            pki.key_from_pem(lab.pki.device_ca_key.read_bytes()),
+            custody.load_private_key(lab.pki.device_ca_key_ref),
         )
         self.seq = int(time.time() * 1000) + 10_000_000  # above the service's clock-based seqs
         self.client: MqttClient = service_tap(lab, "rogue-service")

@@ -168,7 +168,7 @@ station_ca = "pki/station-ca.pem"
                 broker,
                 cert=str(d / "op-alice.pem"),
                 key=str(d / "op-alice.key"),
-                service_cert=service_files.cert_file,
+                service_cert=fleet.signing_cert,
             ),
             "--timeout", "60",
         ],
@@ -180,7 +180,7 @@ station_ca = "pki/station-ca.pem"
             broker,
             cert=str(d / "op-root.pem"),
             key=str(d / "op-root.key"),
-            service_cert=service_files.cert_file,
+            service_cert=fleet.signing_cert,
         )
         adopt_standing_policy(tmp_path, admin)
         yield running

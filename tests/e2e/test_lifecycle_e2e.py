@@ -326,7 +326,7 @@ def lab(
             broker_pki=broker_pki,
             device_ca=device_ca,
             operator_ca=operator_ca,
-            service_cert=service_files.cert_file,
+            service_cert=fleet.signing_cert,
             sessions=sessions,
             now=now,
         )
@@ -339,7 +339,7 @@ def lab(
     service = start_serve(config, cwd=tmp_path, log=service_log, timeout=30)
     cli_args = operator_args(
         broker, cert="pki/op-alice.pem", key="pki/op-alice.key",
-        service_cert=service_files.cert_file,
+        service_cert=fleet.signing_cert,
     )  # fmt: skip
     lab = Lab(tmp_path, config, db, service_log, service, devices, cli_args)
     # a factory-reset device is removed by the service on its own: under a signed policy

@@ -155,7 +155,9 @@ def test_no_known_secret_in_any_log_error_or_file_of_a_whole_run(lab: Lab, summa
         tls_keys[path] = device
         seen.secret(f"{device.name}.tls-key", scalar(path))
     seen.secret("service.key", scalar(lab.pki.service.key))
+    assert lab.pki.device_ca_key is not None  # this lab keeps its keys in files
     seen.secret("device-ca.key", scalar(lab.pki.device_ca_key))
+    seen.secret("service-signing.key", scalar(Path(lab.pki.signing_key_ref)))
     for name, identity in lab.pki.operators.items():
         seen.secret(f"{name}.key", scalar(identity.key))
 

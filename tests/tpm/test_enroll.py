@@ -768,6 +768,8 @@ def test_settings_from_the_service_configuration(
     write_certificate(d / "broker-ca.pem", pki.broker_ca.certificate)
     write_certificate(d / "service.pem", pki.service_cert)
     write_private_key(d / "service.key", generate_key())
+    write_certificate(d / "service-signing.pem", pki.service_cert)
+    write_private_key(d / "service-signing.key", generate_key())
     (d / "mfr.pem").write_bytes(
         certs_to_pem([manufacturer_ca.root_cert(), manufacturer_ca.issuer_cert()])
     )
@@ -794,6 +796,9 @@ listen = "127.0.0.1:8443"
 tls_cert = "{d / "service.pem"}"
 tls_key = "{d / "service.key"}"
 station_ca = "{d / "operator-ca.pem"}"
+[service]
+signing_key = "{d / "service-signing.key"}"
+signing_cert = "{d / "service-signing.pem"}"
 """
     )
     settings = EnrollmentSettings.from_service_config(
