@@ -174,6 +174,7 @@ class MqttClient:
         manual_ack: bool = False,
         max_inflight: int = 20,
         max_queued: int = 10_000,
+        key_password: str | None = None,
     ) -> None:
         if not client_id:
             raise ValueError("client_id must not be empty: persistent sessions are keyed by it")
@@ -209,6 +210,8 @@ class MqttClient:
                 ca_certs=os.fspath(ca_file),
                 certfile=os.fspath(cert_file),
                 keyfile=os.fspath(key_file),
+                # an encrypted key file (an operator's): decrypted in memory by the TLS stack
+                keyfile_password=key_password,
             )
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             # Name the files, never their content: one of them is a private key.

@@ -372,9 +372,16 @@ def _operator_settings(args: argparse.Namespace) -> OperatorSettings:
         port=int(port),
         ca=Path(pick("ca", "KEYFLEET_CA")),
         cert=Path(pick("cert", "KEYFLEET_CERT")),
-        key=Path(pick("key", "KEYFLEET_KEY")),
+        key=pick("key", "KEYFLEET_KEY"),
         service_cert=Path(pick("service_cert", "KEYFLEET_SERVICE_CERT")),
+        tls_cert=_optional_path(args.tls_cert or os.environ.get("KEYFLEET_TLS_CERT")),
+        tls_key=_optional_path(args.tls_key or os.environ.get("KEYFLEET_TLS_KEY")),
+        passphrase_file=_optional_path(args.passphrase_file),
     )
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _operator_command(args: argparse.Namespace) -> int:
@@ -586,7 +593,19 @@ def _add_operator_options(parser: argparse.ArgumentParser) -> None:
     mqtt.add_argument("--broker", metavar="HOST[:PORT]", help="$KEYFLEET_BROKER; port 8883")
     mqtt.add_argument("--ca", metavar="FILE", help="$KEYFLEET_CA: CA of the broker's certificate")
     mqtt.add_argument("--cert", metavar="FILE", help="$KEYFLEET_CERT: operator certificate")
-    mqtt.add_argument("--key", metavar="FILE", help="$KEYFLEET_KEY: operator key (TLS and COSE)")
+    mqtt.add_argument(
+        "--key",
+        metavar="FILE|URI",
+        help="$KEYFLEET_KEY: operator key, a PEM file (passphrase-encrypted, or plain: warned "
+        "about; TLS and COSE) or a pkcs11: URI (COSE; then --tls-cert/--tls-key)",
+    )
+    mqtt.add_argument("--tls-cert", metavar="FILE", help="$KEYFLEET_TLS_CERT: with a token key")
+    mqtt.add_argument("--tls-key", metavar="FILE", help="$KEYFLEET_TLS_KEY: with a token key")
+    mqtt.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="first line decrypts an encrypted --key (else $KEYFLEET_KEY_PASSPHRASE or a prompt)",
+    )
     mqtt.add_argument(
         "--service-cert", metavar="FILE", help="$KEYFLEET_SERVICE_CERT: verifies results"
     )

@@ -21,6 +21,7 @@ database directly and live in ``provisioning.listings``.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sys
@@ -50,7 +51,7 @@ from agent.protocol.wire.messages.operator import (
     Revoke,
 )
 from agent.protocol.wire.messages.result import OperatorResult, RequestsResult, ResultStatus
-from provisioning import pki
+from provisioning import custody, pki
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -67,14 +68,94 @@ Reply = OperatorResult | RequestsResult
 
 @dataclass(frozen=True)
 class OperatorSettings:
-    """Where the broker is and which files identify the operator and the service."""
+    """Where the broker is and which files identify the operator and the service. ``key`` is a
+    key reference (``provisioning.custody``): a PEM file, passphrase-encrypted or (warned about)
+    plain, or a ``pkcs11:`` URI of a key in a token. A token key cannot serve TLS: then
+    ``tls_cert``/``tls_key`` are the operator's TLS identity (same name, from the operator CA),
+    while ``cert`` certifies the token key that signs commands and approvals.
+    ``passphrase_file``: where an encrypted key's passphrase is (else
+    ``$KEYFLEET_KEY_PASSPHRASE``, else a prompt on a terminal)."""
 
     host: str
     port: int
     ca: Path
     cert: Path
-    key: Path
+    key: Path | str
     service_cert: Path
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    passphrase_file: Path | None = None
+
+
+PASSPHRASE_ENV = "KEYFLEET_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
+_ENCRYPTED_PEM = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+
+
+def key_passphrase(settings: OperatorSettings, key_path: Path) -> bytes:
+    """The passphrase of an encrypted operator key: from ``passphrase_file``, the environment,
+    or a prompt (never echoed, never logged)."""
+    if settings.passphrase_file is not None:
+        try:
+            lines = settings.passphrase_file.read_bytes().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        if not lines or not lines[0]:
+            raise ConfigError(f"the passphrase file {settings.passphrase_file} is empty")
+        return lines[0]
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value:
+        return value.encode()
+    if sys.stdin.isatty():
+        return getpass.getpass(f"passphrase of {key_path}: ").encode()
+    raise ConfigError(
+        f"{key_path} is encrypted: give --passphrase-file, ${PASSPHRASE_ENV}, or run on a terminal"
+    )
+
+
+@dataclass(frozen=True)
+class LoadedKey:
+    """An operator's signing key, how it is held (one line for stderr), and what TLS uses."""
+
+    key: ec.EllipticCurvePrivateKey
+    held: str
+    tls_cert: Path
+    tls_key: Path
+    tls_password: str | None = field(default=None, repr=False)
+
+
+def load_operator_key(settings: OperatorSettings) -> LoadedKey:
+    """The operator's key as ``settings.key`` names it; says how it is held (``held``)."""
+    ref = custody.parse_key_ref(os.fspath(settings.key))
+    if isinstance(ref, custody.TokenKeyRef):
+        if settings.tls_cert is None or settings.tls_key is None:
+            raise ConfigError(
+                "a token operator key signs commands but cannot serve TLS: give --tls-cert and "
+                "--tls-key (a TLS certificate of the same operator name from the operator CA)"
+            )
+        key = custody.load_private_key(ref)
+        return LoadedKey(
+            key, f"operator key in a PKCS#11 token ({custody.describe(ref)})",
+            settings.tls_cert, settings.tls_key,
+        )  # fmt: skip
+    path = ref.path
+    data = path.read_bytes()
+    tls_cert = settings.tls_cert or settings.cert
+    tls_key = settings.tls_key or path
+    if _ENCRYPTED_PEM in data:
+        passphrase = key_passphrase(settings, path)
+        key = pki.key_from_pem(data, passphrase)
+        try:
+            password = passphrase.decode() if tls_key == path else None
+        except UnicodeDecodeError:
+            raise ConfigError("the key's passphrase is not UTF-8 text") from None
+        held = f"operator key in a passphrase-encrypted file ({path})"
+        return LoadedKey(key, held, tls_cert, tls_key, password)
+    key = pki.key_from_pem(data)
+    held = (
+        f"WARNING: operator key in an unencrypted file ({path}): whoever copies it acts as you; "
+        "encrypt it (keyfleet pki encrypt-key) or keep it in a token"
+    )
+    return LoadedKey(key, held, tls_cert, tls_key)
 
 
 @dataclass
@@ -84,19 +165,23 @@ class OperatorIdentity:
     service_key: ec.EllipticCurvePublicKey = field(repr=False)
     cert: x509.Certificate | None = None  # signs approvals (dual control)
 
+    loaded: LoadedKey | None = field(default=None, repr=False)
+
     @classmethod
     def load(cls, settings: OperatorSettings) -> OperatorIdentity:
+        """The operator's identity; prints on stderr, in one line, how its key is held."""
         try:
             cert = pki.cert_from_pem(settings.cert.read_bytes())
-            key = pki.key_from_pem(settings.key.read_bytes())
+            loaded = load_operator_key(settings)
             service = _load_public(settings.service_cert.read_bytes())
         except OSError as exc:
             raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
         except ProtocolError as err:
             raise ConfigError(f"operator files unusable: {err}") from None
-        if cert.public_key() != key.public_key():
+        if cert.public_key() != loaded.key.public_key():
             raise ConfigError(f"{settings.key} is not the key of {settings.cert}")
-        return cls(pki.common_name(cert), key, service, cert)
+        print(f"keyfleet: {loaded.held}", file=sys.stderr)
+        return cls(pki.common_name(cert), loaded.key, service, cert, loaded)
 
 
 def _load_public(data: bytes) -> ec.EllipticCurvePublicKey:
@@ -121,6 +206,8 @@ class OperatorClient:
         rng: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.identity = OperatorIdentity.load(settings)
+        loaded = self.identity.loaded
+        assert loaded is not None
         self._clock = clock
         self._rng = rng
         self._seq = 0
@@ -129,8 +216,9 @@ class OperatorClient:
             host=settings.host,
             port=settings.port,
             ca_file=settings.ca,
-            cert_file=settings.cert,
-            key_file=settings.key,
+            cert_file=loaded.tls_cert,
+            key_file=loaded.tls_key,
+            key_password=loaded.tls_password,
             client_id=f"{self.identity.name}-cli-{rng(4).hex()}",
             clean_start=True,
             session_expiry=60,

@@ -13,7 +13,17 @@ directory, with the file names the example configurations use (docs/examples/):
 =================  =========================================================================
 
 plus ``client-cas.pem``, the bundle the broker trusts for client certificates (TLS, device and
-operator CA). ``keyfleet pki issue KIND NAME`` makes a key and a certificate from the matching CA:
+operator CA), and ``service-signing.pem``/``.key``: the key that signs the service's messages
+(``[service] signing_key``/``signing_cert``), apart from every TLS key.
+
+With ``--token pkcs11:token=LABEL?pin-source=...`` the device CA, operator CA and service signing
+keys are made inside that PKCS#11 token (labels ``device-ca``, ``operator-ca``,
+``service-signing``; not extractable) instead of files, and ``init`` prints the references to
+put in the configuration; ``issue --ca-key REF`` then issues with the token key.
+``keyfleet pki token-key URI`` makes one more key in a token; ``keyfleet pki encrypt-key FILE``
+encrypts a plain key file (an operator's) with a passphrase.
+
+``keyfleet pki issue KIND NAME`` makes a key and a certificate from the matching CA:
 ``operator`` (role in the OU: viewer, operator or admin), ``station``, ``service`` (the service's
 MQTT client identity) and ``server`` (TLS server, with the DNS names and addresses clients dial).
 
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -36,7 +47,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol.errors import ConfigError, ProtocolError
-from provisioning import pki
+from agent.protocol.wire.cose import key_id
+from provisioning import custody, pki
 from provisioning.service.operators import OPERATOR_PREFIX
 
 EXIT_OK = 0
@@ -60,6 +72,9 @@ class FleetCA:
 
 
 TLS_CA = FleetCA("tls-ca", "TLS CA", offline=True)
+SIGNING_STEM = "service-signing"
+# the keys ``init --token`` makes in the token, by label
+TOKEN_LABELS = {"device-ca": "device CA", "operator-ca": "operator CA", SIGNING_STEM: "signing"}
 DEVICE_CA = FleetCA("device-ca", "device CA", offline=False)
 OPERATOR_CA = FleetCA("operator-ca", "operator CA", offline=True)
 STATION_CA = FleetCA("station-ca", "station CA", offline=True)
@@ -125,30 +140,62 @@ def init_pki(
     now: datetime,
     valid_for: timedelta,
     passphrase: bytes | None = None,
+    token: str | None = None,
 ) -> list[Path]:
-    """Create the fleet's CAs in ``directory``; return the files written. Refuses (writing
-    nothing) if any of them exists."""
-    targets = [directory / f"{ca.stem}{ext}" for ca in FLEET_CAS for ext in (".pem", ".key")]
+    """Create the fleet's CAs and the service's signing key in ``directory``; return the files
+    written. Refuses (writing nothing) if any of them exists. With ``token`` the device CA,
+    operator CA and signing keys are made in that token instead of files."""
+    stems = [ca.stem for ca in FLEET_CAS] + [SIGNING_STEM]
+    targets = [directory / f"{stem}{ext}" for stem in stems for ext in (".pem", ".key")]
     bundle = directory / CLIENT_CA_BUNDLE
     _refuse_existing([*targets, bundle])
+    keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+    if token is not None:
+        for label in TOKEN_LABELS:
+            ref = token_ref(token, label)
+            custody.generate_token_key(ref)
+            keys[label] = custody.load_private_key(ref)
     authorities = {
-        ca: pki.create_ca(f"{organization} {ca.title}", now=now, valid_for=valid_for)
+        ca: pki.create_ca(
+            f"{organization} {ca.title}", now=now, valid_for=valid_for, key=keys.get(ca.stem)
+        )
         for ca in FLEET_CAS
     }
+    signing_key = keys.get(SIGNING_STEM) or pki.generate_key()
+    signing_cert = pki.issue_client_cert(
+        authorities[TLS_CA], signing_key.public_key(), identity="keyfleet-service-signing",
+        role="service", now=now, valid_for=valid_for,
+    )  # fmt: skip
     written: list[Path] = []
     with _all_or_nothing(written):
         directory.mkdir(parents=True, exist_ok=True)
         for ca, authority in authorities.items():
             cert_path, key_path = directory / f"{ca.stem}.pem", directory / f"{ca.stem}.key"
-            written += [key_path, cert_path]
-            key_password = passphrase if ca.offline else None
-            pki.write_private_key(key_path, authority.private_key, key_password)
+            if ca.stem not in keys:
+                written.append(key_path)
+                key_password = passphrase if ca.offline else None
+                pki.write_private_key(key_path, authority.private_key, key_password)
+            written.append(cert_path)
             pki.write_certificate(cert_path, authority.certificate)
+        if SIGNING_STEM not in keys:
+            written.append(directory / f"{SIGNING_STEM}.key")
+            pki.write_private_key(directory / f"{SIGNING_STEM}.key", signing_key)
+        written.append(directory / f"{SIGNING_STEM}.pem")
+        pki.write_certificate(directory / f"{SIGNING_STEM}.pem", signing_cert)
         written.append(bundle)
         pki.write_certificate(
             bundle, *(authorities[ca].certificate for ca in (TLS_CA, DEVICE_CA, OPERATOR_CA))
         )
     return written
+
+
+def token_ref(token: str, label: str) -> custody.TokenKeyRef:
+    """The reference of key ``label`` in the token that ``token`` (a ``pkcs11:`` URI with
+    ``token=`` and a ``pin-source``, without ``object=``) names."""
+    path, sep, query = token.partition("?")
+    if ";object=" in path or (path.endswith(":") is False and "object=" in path.split(":", 1)[1]):
+        raise ConfigError("--token names the token only (token=...), not a key (object=...)")
+    return custody.parse_token_uri(f"{path};object={label}{sep}{query}")
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -161,18 +208,35 @@ def _init(args: argparse.Namespace) -> int:
         now=datetime.now(UTC),
         valid_for=timedelta(days=args.days),
         passphrase=_read_passphrase(args.passphrase_file),
+        token=args.token,
     )
     for path in written:
         print(f"wrote {path}{' (private key, 0600)' if path.suffix == '.key' else ''}")
+    if args.token is not None:
+        for label in TOKEN_LABELS:
+            ref = token_ref(args.token, label)
+            print(f"made {label} in the token: {custody.describe(ref)}; reference {ref.uri}")
     return EXIT_OK
 
 
 # ---- keyfleet pki issue ------------------------------------------------------------------------
 
 
-def load_ca(directory: Path, ca: FleetCA, passphrase: bytes | None) -> pki.CertificateAuthority:
-    """A CA of ``keyfleet pki init``'s layout, with its key; clear errors for what is missing."""
+def load_ca(
+    directory: Path, ca: FleetCA, passphrase: bytes | None, ca_key: str | None = None
+) -> pki.CertificateAuthority:
+    """A CA of ``keyfleet pki init``'s layout, with its key (or the key ``ca_key`` names, e.g. a
+    ``pkcs11:`` URI); clear errors for what is missing."""
     cert_path, key_path = directory / f"{ca.stem}.pem", directory / f"{ca.stem}.key"
+    if ca_key is not None:
+        try:
+            certificate = pki.cert_from_pem(cert_path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        key = custody.load_private_key(custody.parse_key_ref(ca_key), role=ca.title)
+        if certificate.public_key() != key.public_key():
+            raise ConfigError(f"{ca_key} is not the key of {cert_path}")
+        return pki.CertificateAuthority(certificate=certificate, private_key=key)
     try:
         cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
     except OSError as exc:
@@ -204,8 +268,10 @@ def issue(
     dns_names: Sequence[str] = (),
     ip_addresses: Sequence[str] = (),
     passphrase: bytes | None = None,
+    ca_key: str | None = None,
 ) -> tuple[Path, Path]:
-    """Issue a ``kind`` certificate for ``name``; write ``out``.pem and ``out``.key (0600)."""
+    """Issue a ``kind`` certificate for ``name``; write ``out``.pem and ``out``.key (0600).
+    ``ca_key``: the issuing CA's key reference when it is not the file of ``directory``."""
     _check_name(name)
     cert_path, key_path = out.with_name(out.name + ".pem"), out.with_name(out.name + ".key")
     _refuse_existing([cert_path, key_path])
@@ -216,7 +282,7 @@ def issue(
             raise ConfigError("--role applies to operators only")
         if not dns_names and not ip_addresses:
             raise ConfigError("a server certificate needs --dns NAME or --ip ADDRESS (or both)")
-        ca = load_ca(directory, TLS_CA, passphrase)
+        ca = load_ca(directory, TLS_CA, passphrase, ca_key)
         try:
             certificate = pki.issue_server_cert(
                 ca,
@@ -240,7 +306,7 @@ def issue(
             raise ConfigError("--role applies to operators only")
         else:
             unit = kind
-        ca = load_ca(directory, CLIENT_KINDS[kind], passphrase)
+        ca = load_ca(directory, CLIENT_KINDS[kind], passphrase, ca_key)
         certificate = pki.issue_client_cert(
             ca, key.public_key(), identity=name, role=unit, now=now, valid_for=valid_for
         )
@@ -265,6 +331,7 @@ def _issue(args: argparse.Namespace) -> int:
         dns_names=args.dns,
         ip_addresses=args.ip,
         passphrase=_read_passphrase(args.passphrase_file),
+        ca_key=args.ca_key,
     )
     certificate = pki.cert_from_pem(cert_path.read_bytes())
     role = pki.role_of(certificate)
@@ -274,6 +341,41 @@ def _issue(args: argparse.Namespace) -> int:
         f"{certificate.issuer.rfc4514_string()}, valid until "
         f"{certificate.not_valid_after_utc:%Y-%m-%d}"
     )
+    return EXIT_OK
+
+
+# ---- keys: in a token, or encrypted -------------------------------------------------------------
+
+
+def _token_key(args: argparse.Namespace) -> int:
+    ref = custody.parse_token_uri(args.uri)
+    if ref.label is None:
+        raise ConfigError("the new key needs a label: object=LABEL in the URI")
+    public = custody.generate_token_key(ref)
+    print(
+        f"made a P-256 key (sensitive, not extractable) in {custody.describe(ref)}; "
+        f"kid {key_id(public).hex()}"
+    )
+    sys.stdout.write(pki.public_key_to_pem(public).decode())
+    return EXIT_OK
+
+
+def _encrypt_key(args: argparse.Namespace) -> int:
+    path = Path(args.key)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if _ENCRYPTED_PEM in data:
+        raise ConfigError(f"{path} is encrypted already (nothing was changed)")
+    passphrase = _read_passphrase(args.passphrase_file)
+    assert passphrase is not None  # the flag is required
+    try:
+        key = pki.key_from_pem(data)
+    except ProtocolError as exc:
+        raise ConfigError(f"{path}: {exc} (nothing was changed)") from None
+    pki.write_private_key(path, key, passphrase)
+    print(f"{path}: encrypted with the passphrase of {args.passphrase_file} (0600)")
     return EXIT_OK
 
 
@@ -308,7 +410,32 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     init.add_argument("--org", default="keyfleet", help="prefix of the CA names (keyfleet)")
     init.add_argument("--days", type=_days, default=CA_DAYS, help=f"validity ({CA_DAYS})")
     init.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
+    init.add_argument(
+        "--token",
+        metavar="URI",
+        help="make the device CA, operator CA and service signing keys in this PKCS#11 token "
+        "(pkcs11:token=LABEL?pin-source=file:PATH) instead of files",
+    )
     init.set_defaults(handler=_init)
+
+    token_key = pki_commands.add_parser(
+        "token-key",
+        help="make a P-256 key inside a PKCS#11 token",
+        description="Make a P-256 key pair in the token the URI names (object=LABEL), sensitive "
+        "and not extractable; print its public key. Refuses an existing label.",
+    )
+    token_key.add_argument("uri", metavar="URI", help="pkcs11:token=T;object=L?pin-source=...")
+    token_key.set_defaults(handler=_token_key)
+
+    encrypt = pki_commands.add_parser(
+        "encrypt-key",
+        help="encrypt a plain private key file with a passphrase",
+        description="Rewrite KEY (a plain PEM private key, e.g. an operator's) encrypted with "
+        "the first line of --passphrase-file; the operator CLI then asks for the passphrase.",
+    )
+    encrypt.add_argument("key", metavar="KEY")
+    encrypt.add_argument("--passphrase-file", metavar="FILE", required=True)
+    encrypt.set_defaults(handler=_encrypt_key)
 
     issue_parser = pki_commands.add_parser(
         "issue",
@@ -337,4 +464,9 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     issue_parser.add_argument("--days", type=_days, default=LEAF_DAYS, help=f"({LEAF_DAYS})")
     issue_parser.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
+    issue_parser.add_argument(
+        "--ca-key",
+        metavar="REF",
+        help="the issuing CA's key when it is not DIR's file: a pkcs11: URI or a file",
+    )
     issue_parser.set_defaults(handler=_issue)

@@ -377,7 +377,7 @@ class Deployment:
         """An Authorization of ``request`` by the deployment's operator alone (the test
         deployments' quorum is one operator), e.g. for ``VirtualFleet.seed_group``."""
         assert self.operator is not None, "a deployment without an operator approves nothing"
-        key = pki.key_from_pem(self.operator.key.read_bytes())
+        key = custody.load_private_key(self.operator.key, role="operator")
         cert = pki.cert_from_pem(self.operator.cert.read_bytes())
         return authz.Authorization(request, (authz.sign_approval(request, key, cert),)).encode()
 

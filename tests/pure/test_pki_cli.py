@@ -63,8 +63,14 @@ def test_init_writes_four_cas_and_the_broker_bundle(
     assert "PRIVATE KEY" not in out + err
     names = sorted(p.name for p in directory.iterdir())
     assert names == sorted(
-        [f"{stem}{ext}" for stem in CA_FILES for ext in (".pem", ".key")] + ["client-cas.pem"]
+        [f"{stem}{ext}" for stem in (*CA_FILES, "service-signing") for ext in (".pem", ".key")]
+        + ["client-cas.pem"]
     )
+    # the service's signing key: its own, certified by the TLS CA, apart from every CA key
+    signing = pki.cert_from_pem((directory / "service-signing.pem").read_bytes())
+    signing_key = pki.key_from_pem((directory / "service-signing.key").read_bytes())
+    assert signing.public_key() == signing_key.public_key()
+    assert mode(directory / "service-signing.key") == 0o600
     now = datetime.now(UTC)
     subjects = {}
     for stem in CA_FILES:
