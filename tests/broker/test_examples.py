@@ -33,6 +33,7 @@ from firmware_sim.broker import ACL, mosquitto_binary
 from firmware_sim.ports import free_port
 from provisioning.cli import main
 from provisioning.config import load_config
+from provisioning.custody import FileKeyRef
 from provisioning.policy import policy_from_components, write_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,7 +107,11 @@ def test_service_toml_loads_with_the_pki_commands_files(lab: Path) -> None:
     assert config.broker.port == 8883
     assert config.broker.ca.resolve() == pki_dir / "tls-ca.pem"
     assert config.broker.client_cert.resolve() == pki_dir / "keyfleet-service.pem"
-    assert config.device_ca.key.resolve() == pki_dir / "device-ca.key"
+    assert isinstance(config.device_ca.key, FileKeyRef)
+    assert config.device_ca.key.path.resolve() == pki_dir / "device-ca.key"
+    assert isinstance(config.service.signing_key, FileKeyRef)
+    assert config.service.signing_key.path.resolve() == pki_dir / "service-signing.key"
+    assert config.signing_problems() == []
     assert config.operator_ca_cert.resolve() == pki_dir / "operator-ca.pem"
     assert config.http is not None
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8443)
