@@ -254,6 +254,7 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = load_config(args.config)
+    config.require_signing()  # before anything else: a signing key of its own, or no start
     engine = make_engine(config.database_url)
     try:
         # several instances must never run different schemas: upgrading is an explicit step

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.errors import ConfigError
+from provisioning.cli import main
 from provisioning.config import InvalidConfig, ServiceConfig, load_config
 from provisioning.custody import FileKeyRef, TokenKeyRef
 
@@ -268,3 +269,17 @@ def test_serving_needs_a_signing_key_of_its_own(config_dir: Path) -> None:
             config.require_signing()
     text = GOOD + f'\n[service]\nsigning_key = "{TOKEN_URI}"\nsigning_cert = "pki/service.pem"\n'
     assert load_config(write(config_dir, text)).signing_problems() == []
+
+
+def test_serve_refuses_to_start_without_a_signing_key_of_its_own(
+    config_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for extra in (
+        "",
+        '\n[service]\nsigning_key = "pki/service.key"\nsigning_cert = "pki/service.pem"\n',
+    ):
+        path = write(config_dir, GOOD + extra)
+        assert main(["serve", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "token.signing_key" in err and "[service] signing_key" in err
+        assert not (config_dir / "fleet.db").exists()  # refused before touching the database
