@@ -283,3 +283,27 @@ def test_serve_refuses_to_start_without_a_signing_key_of_its_own(
         err = capsys.readouterr().err
         assert "token.signing_key" in err and "[service] signing_key" in err
         assert not (config_dir / "fleet.db").exists()  # refused before touching the database
+
+
+def test_a_signing_certificate_of_another_key_is_refused(config_dir: Path) -> None:
+    """token.signing_cert.mismatch: devices would refuse every message the service signs."""
+    from datetime import UTC, datetime, timedelta
+
+    from provisioning import pki
+    from provisioning.service.mqtt import load_signing_key
+
+    ca = pki.create_ca("test CA", now=datetime.now(UTC), valid_for=timedelta(days=1))
+    key, other = pki.generate_key(), pki.generate_key()
+    pki.write_private_key(config_dir / "pki/signing.key", key)
+    for name, public in (("right", key.public_key()), ("wrong", other.public_key())):
+        cert = pki.issue_client_cert(
+            ca, public, identity="keyfleet-service-signing", role="service",
+            now=datetime.now(UTC), valid_for=timedelta(days=1),
+        )  # fmt: skip
+        pki.write_certificate(config_dir / f"pki/{name}.pem", cert)
+    service = '\n[service]\nsigning_key = "pki/signing.key"\nsigning_cert = "pki/{}.pem"\n'
+    good = load_config(write(config_dir, GOOD + service.format("right")))
+    assert load_signing_key(good).public_key() == key.public_key()
+    bad = load_config(write(config_dir, GOOD + service.format("wrong")))
+    with pytest.raises(InvalidConfig, match=r"token\.signing_cert\.mismatch"):
+        load_signing_key(bad)
