@@ -469,7 +469,7 @@ def load_private_key(
     """The P-256 private key ``ref`` names: a ``TokenPrivateKey`` for a ``pkcs11:`` URI, or a
     PEM file's key (encrypted with ``password`` if given), with a ``custody.file`` warning naming
     ``role`` (e.g. "service signing"): a file key is only as safe as the file."""
-    if isinstance(ref, str | os.PathLike) and not isinstance(ref, FileKeyRef | TokenKeyRef):
+    if not isinstance(ref, FileKeyRef | TokenKeyRef):
         ref = parse_key_ref(os.fspath(ref))
     if isinstance(ref, TokenKeyRef):
         return load_token_key(ref)
@@ -479,7 +479,11 @@ def load_private_key(
         role,
         ref.path,
     )
-    return pki.key_from_pem(ref.path.read_bytes(), password)
+    try:
+        data = ref.path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {role} key {ref.path}: {exc.strerror}") from None
+    return pki.key_from_pem(data, password)
 
 
 def describe(ref: KeyRef) -> str:
