@@ -536,7 +536,8 @@ class Lab:
     1), ``device_env`` (extra environment for the
     device processes and so their agents), ``start_timeout`` (per component), ``log_level`` (of
     ``keyfleet serve``), ``database_url`` (the service's database, e.g. an empty PostgreSQL
-    database; default a SQLite file in ``workdir/service``).
+    database; default a SQLite file in ``workdir/service``), ``token`` (the service's signing and
+    device CA keys in a SoftHSM2 token in ``workdir/token``, not in files; the demo sets it).
     """
 
     def __init__(
