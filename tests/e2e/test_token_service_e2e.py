@@ -1,9 +1,10 @@
 """The service with its keys in a real PKCS#11 token (SoftHSM2): ``keyfleet serve`` signs with a
 token key and its enrollment API issues DevID certificates with a token device CA key, a swtpm
 device enrolls through a station, an operator's command gets an answer signed in the token; then
-the acceptance check of the token part: the service's state directory and its SQLite database hold
-no private key of the fleet (the only private keys on disk are the TLS keys that the TLS stack
-reads, and the operator's and station's own keys, which are not the service's).
+the acceptance check of the token part: the service's state directory and its database (the
+SQLite file with its log, or every value of every PostgreSQL table) hold no private key of the
+fleet (the only private keys on disk are the TLS keys that the TLS stack reads, and the
+operator's and station's own keys, which are not the service's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from provisioning import pki
 from provisioning.enroll import DeviceIdentity
 from provisioning.station import FleetClient
 from tests.fixtures.deployment import DeployFactory
+from tests.fixtures.postgres import dump_rows
 from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
 from tests.tpm.test_enroll import (
     STATION,
@@ -34,6 +36,7 @@ from tests.tpm.test_enroll import (
 )
 
 pytestmark = pytest.mark.e2e
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 HTTPS = """tls_cert = "pki/server.pem"
 tls_key = "pki/server.key"
@@ -74,16 +77,18 @@ def device(swtpm_factory: SwtpmFactory, tmp_path: Path) -> Iterator[FactoryDevic
         yield device
 
 
-def test_service_keys_in_a_token_and_none_on_disk(
+def test_service_keys_in_a_token_and_none_on_disk(  # noqa: PLR0917 - pytest fixtures
     tmp_path: Path,
     deploy: DeployFactory,
     manufacturer_ca: ManufacturerCA,
     softhsm_token: SoftToken,
     device: FactoryDevice,
+    database_url: str,
 ) -> None:
     fleet_pki = make_pki(tmp_path / "pki")
     deployment = deploy(
         "token",
+        db_url=database_url,
         operator=("op-admin", "admin"),
         station=(STATION, fleet_pki.station_cert_path),
         http=HTTPS,
@@ -151,9 +156,14 @@ def test_service_keys_in_a_token_and_none_on_disk(
             assert not found, f"{path}: {found}"
             continue
         assert not found, f"private key material in {path.relative_to(tmp_path)}: {found}"
-    database = tmp_path / "fleet.db"
-    assert database.is_file() and database.stat().st_size > 0
-    assert key_material(database.read_bytes()) == []
+    # the database: the SQLite file as it is on disk, or every value of every PostgreSQL table
+    if database_url.startswith("sqlite"):
+        # with its write-ahead log, where the latest rows are until a checkpoint
+        stored = b"".join(p.read_bytes() for p in sorted(tmp_path.glob("fleet.db*")))
+    else:
+        stored = dump_rows(database_url)
+    assert identity.device_id.encode() in stored  # the scan sees the enrolled device's rows
+    assert key_material(stored) == []
     assert scanned > 20  # the scan saw the deployment (configs, logs, database, certificates)
 
     # the scan is not blind: the same scan finds a fleet key written as a file
