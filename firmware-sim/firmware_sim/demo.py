@@ -115,7 +115,12 @@ def run_demo(workdir: Path, narrator: Narrator) -> dict[str, Any]:
     narrator.say("keyfleet demo: a fleet of 5 simulated devices, each with its own TPM (swtpm)")
     lab = Lab(workdir, devices=DEVICES, quarantine=True, ack_timeout=30, token=True)
     with narrator.step("broker, fleet service, devices: boot, measured boot, provisioning") as rec:
-        lab.start()
+        try:
+            lab.start()
+        except BaseException:
+            # what started (broker, service, devices) stops here too, not only after the steps
+            lab.stop(raise_on_leftovers=False)
+            raise
         assert lab.broker is not None
         narrator.say(f"      Mosquitto (mutual TLS, ACL) on {lab.broker.host}:{lab.broker.port}")
         narrator.say(
