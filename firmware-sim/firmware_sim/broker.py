@@ -46,6 +46,7 @@ topic readwrite {TOPIC_ROOT}/#
 pattern write {TOPIC_ROOT}/dev/%u/report
 pattern read {TOPIC_ROOT}/dev/%u/cmd
 pattern read {TOPIC_ROOT}/grp/+/commit
+pattern read {TOPIC_ROOT}/feed/revocations
 # Operators (CN = "op-..."):
 pattern write {TOPIC_ROOT}/ops/%u/cmd
 pattern read {TOPIC_ROOT}/ops/%u/result

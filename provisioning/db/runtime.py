@@ -2,8 +2,9 @@
 
 Operator keys and replay state, command ids, attestation challenges and waits, the job queue and
 its per-group slot, operations in flight, held commit/welcome halves, task leases and the shared
-envelope sequence counter, dual-control requests and the adopted quorum policies. Every rule
-several instances agree on is a row and a conditional UPDATE (whoever changes the row wins, the
+envelope sequence counter, dual-control requests and the adopted quorum policies, the
+revocation feed and how far each device follows it. Every rule several instances agree on is a
+row and a conditional UPDATE (whoever changes the row wins, the
 others see rowcount 0 and step back), never a leader and never an in-process lock. The queries
 over them live in ``provisioning.service.store``.
 """
@@ -217,6 +218,29 @@ class QuorumPolicyRow(ServiceBase):
     serial: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     authz: Mapped[bytes] = mapped_column(LargeBinary)
     adopted_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class RevocationFeedRow(ServiceBase):
+    """The revocation feed (``agent.protocol.feed``): one row per entry, numbered from 1 with no
+    gap; ``entry`` is its CBOR bytes (the revoke's Authorization and the hash of the entry
+    before), ``hash`` its hash, the newest of which the signed head names."""
+
+    __tablename__ = "service_revocation_feed"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    entry: Mapped[bytes] = mapped_column(LargeBinary)
+    hash: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class RevocationFeedSeen(ServiceBase):
+    """How far each device's kept feed is, from its last ``keys.report`` (who lags)."""
+
+    __tablename__ = "service_revocation_feed_seen"
+
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    reported_at: Mapped[int] = mapped_column(BigInteger)
 
 
 def create_service_schema(engine: Engine) -> None:

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.protocol.hpke import Rng
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
-from provisioning.service import attestation, intake, store
+from provisioning.service import attestation, execute, feed, intake, store
 from provisioning.service.context import Call, Clock, Env
 from provisioning.service.model import (
     AttestationSettings,
@@ -152,6 +152,12 @@ class DeliveryService:
         cx = Call(self._env, Clock.reading(now))
         intake.ensure_started(cx, now)
         attestation.challenge(cx, device_id, now)
+        return intake.sign(cx)
+
+    def feed_head(self, now: int) -> list[Publish]:
+        """The revocation feed's signed head to publish retained (``feed``), none if empty."""
+        cx = Call(self._env, Clock.reading(now))
+        execute.run(cx, self._env.read(lambda s: feed.publish_head(cx, s, now=now)))
         return intake.sign(cx)
 
     def queue_length(self, group_id: str) -> int:

@@ -39,7 +39,7 @@ from agent.protocol.wire.messages.key_state import KeyStateReport as KeyStateBod
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit
 from provisioning.registry import DeviceState, Outcome, PendingChange, Registry, key_state_items
-from provisioning.service import acks, attestation, catchup, commits, execute, store, verify
+from provisioning.service import acks, attestation, catchup, commits, execute, feed, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     CancelAddsOf,
@@ -146,7 +146,7 @@ def on_key_states(
             details=dict(sorted(refused.items())),
         )
         cx.env.refusals_seen[sender] = refused
-    return []
+    return feed.on_report(cx, session, sender, body.feed, now=now)
 
 
 def on_update_request(

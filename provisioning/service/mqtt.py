@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agent.mqtt import MqttClient
 from agent.protocol.errors import KeyfleetError
-from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION
+from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.cose import key_id
 from provisioning import pki
 from provisioning.config import ServiceConfig
@@ -128,8 +128,18 @@ class ServiceRunner:
 
     def _publish(self, publishes: list[Publish]) -> None:
         """All of them, then one wait for their PUBACKs (the client keeps their order on its
-        one connection): a round trip per batch instead of per message."""
-        self.client.publish_all([(item.topic, item.payload) for item in publishes])
+        one connection): a round trip per batch instead of per message. The revocation feed's
+        head is published retained (every device, now or later connected, reads the newest)."""
+        self.client.publish_all(
+            [
+                (item.topic, item.payload)
+                for item in publishes
+                if item.topic != REVOCATION_FEED_TOPIC
+            ]
+        )
+        for item in publishes:
+            if item.topic == REVOCATION_FEED_TOPIC:
+                self.client.publish(item.topic, item.payload, retain=True)
 
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set; then disconnect cleanly (the broker keeps the session
@@ -140,6 +150,8 @@ class ServiceRunner:
             self.client.connect()
             self.client.subscribe(REPORT_SUBSCRIPTION)
             self.client.subscribe(OPS_SUBSCRIPTION)
+            # the retained feed head again (a broker that lost it, or a restored database)
+            self._publish(self.service.feed_head(int(self._clock())))
             log.info("keyfleet serve: ready (subscribed to device reports and operator commands)")
             last_tick = 0.0
             while not stop.is_set():

@@ -53,7 +53,7 @@ from agent.protocol.wire.messages.result import (
 )
 from provisioning import audit
 from provisioning.registry import DeviceState, Outcome, Registry, Role
-from provisioning.service import operators, store
+from provisioning.service import feed, operators, store
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log, Send
 from provisioning.service.model import Job
@@ -395,7 +395,13 @@ def execute_request(
         outcome=Outcome.ACCEPTED,
         details={"command_id": command_id.hex(), "approvers": ",".join(stored.approvers)},
     )
-    return operators.start_change(
+    # a revocation also becomes an entry of the feed devices keep (provisioning.service.feed)
+    revoked_feed = (
+        feed.on_revoked(cx, session, authorization_bytes, now=now)
+        if stored.op == authz.OP_DEVICE_REVOKE
+        else []
+    )
+    return revoked_feed + operators.start_change(
         cx,
         session,
         operator=operator,

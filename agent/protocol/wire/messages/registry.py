@@ -9,6 +9,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
 from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
@@ -60,6 +61,7 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     Approve,
     ListRequests,
     RequestsResult,
+    RevocationFeed,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
