@@ -13,6 +13,7 @@ from agent.protocol.wire import cbor
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
 from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
@@ -153,6 +154,9 @@ SAMPLES: list[Body] = [
         ),
     ),
     RequestsResult(command_id=CMD, requests=()),
+    RevocationFeed(seq=3, head=bytes(range(32)), time=1_700_000_000, entries=(b"e2", b"e3")),
+    RevocationFeed(seq=3, head=bytes(32), time=1_700_000_000),
+    KeyStateReport(keys=(), feed=7),
 ]
 
 
