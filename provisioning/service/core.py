@@ -157,7 +157,7 @@ class DeliveryService:
     def feed_head(self, now: int) -> list[Publish]:
         """The revocation feed's signed head to publish retained (``feed``), none if empty."""
         cx = Call(self._env, Clock.reading(now))
-        execute.run(cx, self._env.read(lambda s: feed.publish_head(cx, s, now=now)))
+        execute.run(cx, self._env.read(lambda s: feed.publish_head(s, now=now)))
         return intake.sign(cx)
 
     def queue_length(self, group_id: str) -> int:

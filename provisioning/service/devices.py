@@ -146,7 +146,7 @@ def on_key_states(
             details=dict(sorted(refused.items())),
         )
         cx.env.refusals_seen[sender] = refused
-    return feed.on_report(cx, session, sender, body.feed, now=now)
+    return feed.on_report(session, sender, body.feed, now=now)
 
 
 def on_update_request(

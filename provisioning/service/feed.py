@@ -18,15 +18,13 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from agent.protocol.feed import GENESIS, MAX_PAGE, FeedEntry, entry_hash, page
 from agent.protocol.topics import FEED_RECIPIENT, REVOCATION_FEED_TOPIC, device_cmd_topic
 from agent.protocol.wire.messages.feed import RevocationFeed
-from provisioning.db.runtime import RevocationFeedRow, RevocationFeedSeen
-from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log, Send
+from provisioning.service.store import revocations as rows
 
 log = logging.getLogger("keyfleet.service")
 
@@ -40,18 +38,15 @@ CATCHUP_PAGES: Final = 4
 
 def newest(session: Session) -> tuple[int, bytes]:
     """(seq, hash) of the newest entry; (0, GENESIS) for an empty feed."""
-    row = session.scalars(
-        select(RevocationFeedRow).order_by(RevocationFeedRow.seq.desc()).limit(1)
-    ).first()
-    return (0, GENESIS) if row is None else (row.seq, row.hash)
+    found = rows.newest(session)
+    return (0, GENESIS) if found is None else found
 
 
 def append(session: Session, authz: bytes, *, now: int) -> int:
     """Append the Authorization of an executed revocation; returns its number."""
     seq, head = newest(session)
     entry = FeedEntry.after(seq, head, time=now, authz=authz).encode()
-    session.add(RevocationFeedRow(seq=seq + 1, entry=entry, hash=entry_hash(entry), created_at=now))
-    session.flush()
+    rows.add_entry(session, seq + 1, entry, entry_hash(entry), now=now)
     return seq + 1
 
 
@@ -60,20 +55,13 @@ def _page(
 ) -> RevocationFeed:
     """Entries of ``first..last`` that fit one message: the oldest ones (a catch-up page) or,
     ``newest_first``, the newest ones (the retained head)."""
-    order = RevocationFeedRow.seq.desc() if newest_first else RevocationFeedRow.seq
-    rows = session.scalars(
-        select(RevocationFeedRow)
-        .where(RevocationFeedRow.seq >= first, RevocationFeedRow.seq <= last)
-        .order_by(order)
-        .limit(MAX_PAGE)
-    )
     picked: list[bytes] = []
     size = 0
-    for row in rows:
-        size += len(row.entry)
+    for entry in rows.entries(session, first, last, limit=MAX_PAGE, newest_first=newest_first):
+        size += len(entry)
         if picked and size > PAGE_BYTES:
             break
-        picked.append(row.entry)
+        picked.append(entry)
     if newest_first:
         picked.reverse()
     return page(picked, time=now)
@@ -87,32 +75,28 @@ def head(session: Session, *, now: int) -> RevocationFeed | None:
     return _page(session, max(1, seq - HEAD_ENTRIES + 1), seq, now=now, newest_first=True)
 
 
-def publish_head(cx: Call, session: Session, *, now: int) -> Effects:
+def publish_head(session: Session, *, now: int) -> Effects:
     body = head(session, now=now)
     if body is None:
         return []
     return [Send(REVOCATION_FEED_TOPIC, body, FEED_RECIPIENT)]
 
 
-def on_revoked(cx: Call, session: Session, authz: bytes, *, now: int) -> Effects:
+def on_revoked(session: Session, authz: bytes, *, now: int) -> Effects:
     """A revocation was executed under ``authz``: append it and publish the new head."""
     seq = append(session, authz, now=now)
     return [
         Log(logging.INFO, "revocation feed entry %d appended", (seq,)),
-        *publish_head(cx, session, now=now),
+        *publish_head(session, now=now),
     ]
 
 
-def on_report(cx: Call, session: Session, device_id: str, seq: int | None, *, now: int) -> Effects:
+def on_report(session: Session, device_id: str, seq: int | None, *, now: int) -> Effects:
     """A device's keys.report says how far its kept feed is (None: an agent without a feed):
     record it; send the entries it lacks."""
     if seq is None:
         return []
-    seen = session.get(RevocationFeedSeen, device_id)
-    if seen is None:
-        session.add(RevocationFeedSeen(device_id=device_id, seq=seq, reported_at=now))
-    elif seen.seq != seq:
-        seen.seq, seen.reported_at = seq, now
+    rows.record_seen(session, device_id, seq, now=now)
     ours, _ = newest(session)
     if seq > ours:
         return [
@@ -135,13 +119,4 @@ def on_report(cx: Call, session: Session, device_id: str, seq: int | None, *, no
 def lagging(session: Session) -> list[tuple[str, int]]:
     """(device, its feed seq) of every device behind the newest entry, most behind first."""
     ours, _ = newest(session)
-    rows = session.execute(
-        select(RevocationFeedSeen.device_id, RevocationFeedSeen.seq)
-        .where(RevocationFeedSeen.seq < ours)
-        .order_by(RevocationFeedSeen.seq, RevocationFeedSeen.device_id)
-    )
-    return [(device, seq) for device, seq in rows]
-
-
-def size(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(RevocationFeedRow)) or 0)
+    return rows.behind(session, ours)

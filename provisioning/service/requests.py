@@ -397,7 +397,7 @@ def execute_request(
     )
     # a revocation also becomes an entry of the feed devices keep (provisioning.service.feed)
     revoked_feed = (
-        feed.on_revoked(cx, session, authorization_bytes, now=now)
+        feed.on_revoked(session, authorization_bytes, now=now)
         if stored.op == authz.OP_DEVICE_REVOKE
         else []
     )

@@ -6,6 +6,8 @@
   ``op.attest`` commands waiting for their report;
 - ``quorum``: dual-control requests and the adopted quorum policies, the Authorization an
   operation runs under;
+- ``revocations``: the revocation feed's entries and how far each device follows it (imported
+  as a module by ``provisioning.service.feed``);
 - ``fleet``: the service's reads and writes of registry tables (``last_seen``, acks at an
   epoch, the commit log's timing) that ``provisioning.registry`` has no method for.
 
