@@ -474,7 +474,15 @@ def _devices(args: argparse.Namespace) -> int:
     return _print_rows(
         args,
         _read(args, list_devices),
-        ("device_id", "state", "attestation", "last_seen", "groups", "attestation_reason"),
+        (
+            "device_id",
+            "state",
+            "attestation",
+            "last_seen",
+            "groups",
+            "feed_behind",
+            "attestation_reason",
+        ),
         times=("last_seen",),
     )
 

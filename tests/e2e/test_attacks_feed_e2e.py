@@ -111,6 +111,8 @@ def test_peers_learn_a_revocation_and_refuse_replayed_and_forged_heads(fleet_lab
                 break
         time.sleep(0.5)
     assert seen is not None and seen.seq == 2
+    (row,) = [r for r in lab.fleet_devices() if r["device_id"] == d0.id]
+    assert (row["feed"], row["feed_behind"]) == (2, 0)  # keyfleet devices shows who lags
 
     # broker tap: the older head again, retained, as the broker would keep it
     before = (d0.status() or {})["revocation_feed"]
