@@ -54,6 +54,7 @@ __all__ = [
     "advance",
     "entry_hash",
     "open_head",
+    "page",
 ]
 
 ENTRY_VERSION: Final = 1
