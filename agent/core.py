@@ -542,18 +542,17 @@ class AgentCore:
         outside the replay guard (its numbering refuses an older head); a head further ahead
         than the entries it carries makes us ask for the rest (a keys.report with our feed)."""
         try:
-            message = revocation_feed.open_head(
+            head = revocation_feed.open_head(
                 payload, self._resolve, now=self._now, recipient=FEED_RECIPIENT
             )
-            assert isinstance(message.body, RevocationFeed)
             with self.membership.transaction():
-                outcome = self._on_feed(message.body)
+                outcome = self._on_feed(head)
         except ProtocolError as exc:
             outcome = self._refuse(exc)
             if exc.check == "revocation.gap":
                 self._ask_catch_up(outcome)
             return outcome
-        outcome.handled = message.type
+        outcome.handled = RevocationFeed.TYPE
         return outcome
 
     def _on_feed(self, body: RevocationFeed) -> Outcome:

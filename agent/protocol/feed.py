@@ -39,7 +39,6 @@ from agent.protocol.mls import codec
 from agent.protocol.wire.envelope import (
     DEFAULT_MAX_FUTURE,
     KeyResolver,
-    VerifiedMessage,
     open_message,
 )
 from agent.protocol.wire.messages.feed import HASH_SIZE, MAX_ENTRY, MAX_PAGE, RevocationFeed
@@ -240,9 +239,7 @@ def _revoked_by(entry: FeedEntry, check: AuthzCheck) -> Iterable[tuple[str, byte
     return [(m.device_id, m.key) for m in verified.request.members]
 
 
-def open_head(
-    payload: bytes, resolver: KeyResolver, *, now: int, recipient: str
-) -> VerifiedMessage:
+def open_head(payload: bytes, resolver: KeyResolver, *, now: int, recipient: str) -> RevocationFeed:
     """Open a ``revocation.feed`` message taken from the retained feed topic.
 
     The replay guard and the envelope's age bound do not apply (a retained head may be months
@@ -267,7 +264,7 @@ def open_head(
         raise _malformed(f"feed head: [{exc.check}] {exc.reason}") from None
     if not isinstance(message.body, RevocationFeed):
         raise _malformed(f"a {message.type} message on the feed topic")
-    return message
+    return message.body
 
 
 def page(entries: list[bytes], *, time: int) -> RevocationFeed:
