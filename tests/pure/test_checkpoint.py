@@ -1,0 +1,369 @@
+"""Signed audit checkpoints (provisioning/checkpoint.py): the format, the signature under the
+pinned key, the extension check with hostile inputs (bit flips, another key, a count that goes
+back, entries that do not hash to the head), checkpoint files, and the service's side
+(provisioning/service/checkpoints.py) on a real SQLite file."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.protocol.errors import ConfigError
+from agent.protocol.wire import cbor, cose
+from agent.protocol.wire.messages.operator import AuditSync
+from provisioning import audit, pki
+from provisioning.checkpoint import (
+    CHECKPOINT_AAD,
+    ChainExtension,
+    Checkpoint,
+    CheckpointError,
+    VerifiedCheckpoint,
+    check_extends,
+    file_line,
+    parse_file,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+from provisioning.metrics import ServiceMetrics
+from provisioning.registry import Outcome
+from provisioning.service import checkpoints, store
+from provisioning.service.context import Call, Clock, Env
+from provisioning.service.model import ServiceSettings
+from tests.audit_tamper import delete_and_recompute
+
+pytestmark = pytest.mark.pure
+
+T0 = 1_700_000_000
+KEY = pki.generate_key()
+OTHER = pki.generate_key()
+
+
+def fill(sessions: sessionmaker[Session], first: int, last: int) -> None:
+    for i in range(first, last + 1):
+        audit.record(
+            sessions,
+            now=T0 + i,
+            actor="operator:op-alice",
+            action="group.add",
+            target=f"g-{i}",
+            outcome=Outcome.ACCEPTED,
+            details={"n": i},
+        )
+
+
+def links(sessions: sessionmaker[Session], after: int = 0) -> list[tuple[int, bytes]]:
+    with sessions() as session:
+        return [
+            (link.seq, link.preimage)
+            for link in checkpoints.links(session, after=after, upto=10**9)
+        ]
+
+
+def signed_head(sessions: sessionmaker[Session]) -> VerifiedCheckpoint:
+    """The real key's checkpoint of the log's current head."""
+    with sessions() as session:
+        count, head = audit.head(session)
+    return verified(Checkpoint(count, head, T0, "a"))
+
+
+def verified(item: Checkpoint) -> VerifiedCheckpoint:
+    return verify_checkpoint(sign_checkpoint(item, KEY), KEY.public_key())
+
+
+# ---- format and signature ----------------------------------------------------------------------
+
+
+def test_round_trip_and_deterministic_body() -> None:
+    item = Checkpoint(7, bytes(range(32)), T0, "svc-1")
+    raw = sign_checkpoint(item, KEY)
+    verified = verify_checkpoint(raw, KEY.public_key())
+    assert verified.checkpoint == item and verified.signed == raw
+    assert cbor.decode(item.payload()) == {
+        "type": "kf.audit.checkpoint",
+        "v": 1,
+        "count": 7,
+        "head": bytes(range(32)),
+        "time": T0,
+        "instance": "svc-1",
+    }
+    assert item.payload() == Checkpoint(7, bytes(range(32)), T0, "svc-1").payload()
+
+
+def test_signed_by_another_key_is_refused() -> None:
+    raw = sign_checkpoint(Checkpoint(3, bytes(32 * [1]), T0, "a"), OTHER)
+    with pytest.raises(CheckpointError) as caught:
+        verify_checkpoint(raw, KEY.public_key())
+    assert caught.value.check == "audit.checkpoint.key"
+
+
+def test_another_key_claiming_the_pinned_kid_is_refused() -> None:
+    """The kid is only a hint: a forger who copies the pinned key's kid still fails."""
+    payload = Checkpoint(3, bytes(32 * [1]), T0, "a").payload()
+    forged = sign_checkpoint(Checkpoint(3, bytes(32 * [1]), T0, "a"), OTHER)
+    message = cose.decode_sign1(forged)
+    protected = cose.protected_header(cose.key_id(KEY.public_key()))
+    raw = bytes([0xD2]) + cbor.encode([protected, {}, payload, message.signature])
+    with pytest.raises(CheckpointError) as caught:
+        verify_checkpoint(raw, KEY.public_key())
+    assert caught.value.check == "audit.checkpoint.signature"
+
+
+def test_other_signed_objects_are_not_checkpoints() -> None:
+    """The type tag and the AAD: the same payload signed as an envelope is (no AAD) refused, and
+    a checkpoint-AAD signature over a body of another type is refused too."""
+    item = Checkpoint(3, bytes(32 * [1]), T0, "a")
+    no_aad = cose.sign1(item.payload(), KEY)
+    with pytest.raises(CheckpointError) as caught:
+        verify_checkpoint(no_aad, KEY.public_key())
+    assert caught.value.check == "audit.checkpoint.signature"
+    body = AuditSync(bytes(16), 0).to_cbor_map()
+    other = cose.sign1(
+        cbor.encode({"type": "op.audit_sync", **body}), KEY, external_aad=CHECKPOINT_AAD
+    )
+    with pytest.raises(CheckpointError) as caught:
+        verify_checkpoint(other, KEY.public_key())
+    assert caught.value.check == "audit.checkpoint.malformed"
+
+
+def test_every_bit_flip_is_refused() -> None:
+    raw = sign_checkpoint(Checkpoint(12, bytes(range(32)), T0, "a"), KEY)
+    for index in range(len(raw)):
+        for bit in range(8):
+            flipped = bytearray(raw)
+            flipped[index] ^= 1 << bit
+            with pytest.raises(CheckpointError):
+                verify_checkpoint(bytes(flipped), KEY.public_key())
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"count": -1},
+        {"count": "3"},
+        {"head": b"short"},
+        {"time": -5},
+        {"instance": "a/b"},
+        {"count": 0, "head": bytes(32 * [9])},
+    ],
+)
+def test_bad_fields_are_malformed(fields: dict[str, object]) -> None:
+    values: dict[str, object] = {"count": 3, "head": bytes(32 * [1]), "time": T0, "instance": "a"}
+    values.update(fields)
+    with pytest.raises(CheckpointError) as caught:
+        Checkpoint(**values)  # type: ignore[arg-type]
+    assert caught.value.check == "audit.checkpoint.malformed"
+    payload = cbor.encode({"type": "kf.audit.checkpoint", "v": 1, **values})
+    raw = cose.sign1(payload, KEY, external_aad=CHECKPOINT_AAD)
+    with pytest.raises(CheckpointError) as caught:
+        verify_checkpoint(raw, KEY.public_key())
+    assert caught.value.check == "audit.checkpoint.malformed"
+
+
+def test_extra_or_missing_fields_are_malformed() -> None:
+    good = cbor.decode(Checkpoint(3, bytes(32 * [1]), T0, "a").payload())
+    assert isinstance(good, dict)
+    for changed in ({**good, "extra": 1}, {k: v for k, v in good.items() if k != "time"}):
+        raw = cose.sign1(cbor.encode(changed), KEY, external_aad=CHECKPOINT_AAD)
+        with pytest.raises(CheckpointError) as caught:
+            verify_checkpoint(raw, KEY.public_key())
+        assert caught.value.check == "audit.checkpoint.malformed"
+
+
+# ---- extension ---------------------------------------------------------------------------------
+
+
+def test_an_honest_log_extends_in_pages(sessions: sessionmaker[Session]) -> None:
+    fill(sessions, 1, 5)
+    first = signed_head(sessions)
+    check_extends(None, first, links(sessions))
+    fill(sessions, 6, 20)
+    second = signed_head(sessions)
+    all_links = links(sessions, after=5)
+    extension = ChainExtension(first, second)
+    for start in range(0, len(all_links), 4):
+        extension.feed(all_links[start : start + 4])
+    extension.finish()
+    check_extends(second, second, [])
+
+
+def test_count_going_back_is_a_rollback(sessions: sessionmaker[Session]) -> None:
+    fill(sessions, 1, 5)
+    earlier = signed_head(sessions)
+    fill(sessions, 6, 8)
+    later = signed_head(sessions)
+    with pytest.raises(CheckpointError) as caught:
+        check_extends(later, earlier, [])
+    assert caught.value.check == "audit.checkpoint.rollback"
+
+
+def test_same_count_other_head_is_a_fork() -> None:
+    a = verified(Checkpoint(4, bytes(32 * [1]), T0, "a"))
+    b = verified(Checkpoint(4, bytes(32 * [2]), T0, "a"))
+    with pytest.raises(CheckpointError) as caught:
+        check_extends(a, b, [])
+    assert caught.value.check == "audit.checkpoint.fork"
+
+
+def test_entries_that_do_not_hash_to_the_head_are_a_fork(sessions: sessionmaker[Session]) -> None:
+    fill(sessions, 1, 6)
+    target = signed_head(sessions)
+    given = links(sessions)
+    seq, preimage = given[2]
+    for index in range(len(preimage)):
+        flipped = bytearray(preimage)
+        flipped[index] ^= 0x01
+        tampered = [*given[:2], (seq, bytes(flipped)), *given[3:]]
+        with pytest.raises(CheckpointError) as caught:
+            check_extends(None, target, tampered)
+        assert caught.value.check == "audit.checkpoint.fork"
+
+
+@pytest.mark.parametrize("how", ["missing", "gap", "repeat", "beyond", "reordered"])
+def test_entries_that_are_not_the_ones_between_are_refused(
+    sessions: sessionmaker[Session], how: str
+) -> None:
+    fill(sessions, 1, 6)
+    target = signed_head(sessions)
+    given = links(sessions)
+    offered = {
+        "missing": given[:-1],
+        "gap": given[:2] + given[3:],
+        "repeat": given[:3] + given[2:],
+        "beyond": [*given, (7, b"\x80")],
+        "reordered": [given[1], given[0], *given[2:]],
+    }[how]
+    with pytest.raises(CheckpointError) as caught:
+        check_extends(None, target, offered)
+    assert caught.value.check == "audit.checkpoint.entries"
+
+
+def test_a_rewritten_log_does_not_extend_the_remembered_checkpoint(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Database writer: deletes entry 3 and recomputes the chain, then the log grows past the
+    remembered count; a checkpoint of the new log signed by the real key does not extend."""
+    fill(sessions, 1, 8)
+    remembered = signed_head(sessions)
+    with sessions.begin() as session:
+        delete_and_recompute(session, 3)
+    with sessions() as session:
+        assert audit.verify_chain(session).ok  # the chain alone looks fine
+    fill(sessions, 9, 12)
+    rewritten = signed_head(sessions)
+    assert rewritten.count > remembered.count
+    with pytest.raises(CheckpointError) as caught:
+        check_extends(remembered, rewritten, links(sessions, after=remembered.count))
+    assert caught.value.check == "audit.checkpoint.fork"
+
+
+# ---- checkpoint files --------------------------------------------------------------------------
+
+
+def test_checkpoint_file_round_trip_and_tampering() -> None:
+    items = [verified(Checkpoint(n, bytes(32 * [n]), T0 + n, "a")) for n in (1, 2, 3)]
+    text = "".join(file_line(item) for item in items)
+    assert parse_file(text, KEY.public_key()) == items
+    record = json.loads(text.splitlines()[1])
+    record["count"] = 9
+    edited = "\n".join([text.splitlines()[0], json.dumps(record)])
+    with pytest.raises(CheckpointError) as caught:
+        parse_file(edited, KEY.public_key())
+    assert caught.value.check == "audit.checkpoint.malformed" and "line 2" in caught.value.reason
+    foreign = sign_checkpoint(Checkpoint(4, bytes(32 * [4]), T0, "a"), OTHER)
+    record["signed"] = base64.b64encode(foreign).decode()
+    with pytest.raises(CheckpointError) as caught:
+        parse_file(json.dumps(record), KEY.public_key())
+    assert caught.value.check == "audit.checkpoint.key"
+    with pytest.raises(CheckpointError) as caught:
+        parse_file("not json\n", KEY.public_key())
+    assert caught.value.check == "audit.checkpoint.malformed"
+
+
+# ---- the service's side ------------------------------------------------------------------------
+
+
+def call(sessions: sessionmaker[Session], key: ec.EllipticCurvePrivateKey | None) -> Call:
+    ca = pki.create_ca(
+        "test operator CA", now=datetime.fromtimestamp(T0, UTC), valid_for=timedelta(days=1)
+    )
+    env = Env(
+        sessions=sessions,
+        key=pki.generate_key(),
+        operator_ca=ca.certificate,
+        settings=ServiceSettings(checkpoint_interval=300),
+        attestation=None,
+        metrics=ServiceMetrics(),
+        instance="svc-a",
+        checkpoint_key=key,
+    )
+    return Call(env, Clock.reading(T0))
+
+
+def test_service_checkpoints_on_schedule_only_when_the_head_moved(
+    sessions: sessionmaker[Session],
+) -> None:
+    cx = call(sessions, KEY)
+    checkpoints.checkpoint_tick(cx, T0)  # empty log: nothing to sign
+    with sessions() as session:
+        assert store.all_checkpoints(session) == []
+    fill(sessions, 1, 3)
+    checkpoints.checkpoint_tick(cx, T0 + 1)  # not due yet (the empty run set the next time)
+    checkpoints.checkpoint_tick(cx, T0 + 301)
+    fill(sessions, 4, 4)
+    checkpoints.checkpoint_tick(cx, T0 + 400)  # due only at T0 + 601
+    with sessions() as session:
+        (only,) = store.all_checkpoints(session)
+    first = verify_checkpoint(only, KEY.public_key())
+    assert (first.count, first.checkpoint.time, first.checkpoint.instance) == (3, T0 + 301, "svc-a")
+    checkpoints.checkpoint_tick(cx, T0 + 601)
+    checkpoints.checkpoint_tick(cx, T0 + 901)  # the head did not move: no new checkpoint
+    with sessions() as session:
+        stored = [verify_checkpoint(s, KEY.public_key()) for s in store.all_checkpoints(session)]
+    assert [s.count for s in stored] == [3, 4]
+    check_extends(stored[0], stored[1], links(sessions, after=3))
+
+
+def test_service_without_a_checkpoint_key_makes_none(sessions: sessionmaker[Session]) -> None:
+    fill(sessions, 1, 2)
+    cx = call(sessions, None)
+    checkpoints.checkpoint_tick(cx, T0 + 1000)
+    with sessions() as session:
+        assert checkpoints.make_checkpoint(cx, session, T0) is None
+        assert store.all_checkpoints(session) == []
+
+
+def test_links_are_bounded_by_the_answer_size(sessions: sessionmaker[Session]) -> None:
+    for i in range(1, 41):
+        audit.record(
+            sessions, now=T0 + i, actor="service", action="big", target="t",
+            outcome=Outcome.ACCEPTED, details={"blob": "x" * 8000},
+        )  # fmt: skip
+    with sessions() as session:
+        page = checkpoints.links(session, after=0, upto=40)
+    assert 1 <= len(page) < 40
+    assert sum(len(link.preimage) for link in page) <= checkpoints.PAGE_BYTES
+
+
+def test_checkpoint_key_must_not_be_the_signing_or_tls_key() -> None:
+    with pytest.raises(ConfigError, match=r"audit\.checkpoint\.key-reuse"):
+        checkpoints.require_distinct(KEY, [("the service signing key", KEY.public_key())])
+    checkpoints.require_distinct(KEY, [("the service signing key", OTHER.public_key())])
+
+
+def test_state_file_path_is_named_after_the_key(tmp_path: Path) -> None:
+    from provisioning.audit_cli import CheckpointMemory, memory_path
+
+    path = memory_path(tmp_path, KEY.public_key())
+    memory = CheckpointMemory(path, KEY.public_key())
+    assert memory.load() is None
+    item = verified(Checkpoint(2, bytes(32 * [2]), T0, "a"))
+    memory.save(item)
+    assert memory.load() == item
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert memory_path(tmp_path, OTHER.public_key()) != path
