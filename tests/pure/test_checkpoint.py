@@ -5,19 +5,23 @@ back, entries that do not hash to the head), checkpoint files, and the service's
 
 from __future__ import annotations
 
+import argparse
 import base64
+import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol.errors import ConfigError
 from agent.protocol.wire import cbor, cose
 from agent.protocol.wire.messages.operator import AuditSync
-from provisioning import audit, pki
+from provisioning import audit, cli, pki
+from provisioning.audit_cli import CheckpointMemory, memory_path, warn_if_stale
 from provisioning.checkpoint import (
     CHECKPOINT_AAD,
     ChainExtension,
@@ -35,7 +39,7 @@ from provisioning.registry import Outcome
 from provisioning.service import checkpoints, store
 from provisioning.service.context import Call, Clock, Env
 from provisioning.service.model import ServiceSettings
-from tests.audit_tamper import delete_and_recompute
+from tests.audit_tamper import delete_and_recompute, truncate
 
 pytestmark = pytest.mark.pure
 
@@ -357,8 +361,6 @@ def test_checkpoint_key_must_not_be_the_signing_or_tls_key() -> None:
 
 
 def test_state_file_path_is_named_after_the_key(tmp_path: Path) -> None:
-    from provisioning.audit_cli import CheckpointMemory, memory_path
-
     path = memory_path(tmp_path, KEY.public_key())
     memory = CheckpointMemory(path, KEY.public_key())
     assert memory.load() is None
@@ -367,3 +369,71 @@ def test_state_file_path_is_named_after_the_key(tmp_path: Path) -> None:
     assert memory.load() == item
     assert path.stat().st_mode & 0o777 == 0o600
     assert memory_path(tmp_path, OTHER.public_key()) != path
+
+
+# ---- audit verify --checkpoint and the staleness warning --------------------------------------
+
+
+def test_audit_verify_checks_the_chain_against_a_checkpoint_file(
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Database writer: cuts the last 10 entries off, then deletes an entry and recomputes; a
+    checkpoint file exported before finds both, the plain chain check neither."""
+    fill(sessions, 1, 12)
+    early = signed_head(sessions)
+    fill(sessions, 13, 25)
+    late = signed_head(sessions)
+    file = tmp_path / "checkpoints.jsonl"
+    file.write_text(file_line(early) + file_line(late))
+    pub = tmp_path / "checkpoint.pub"
+    pub.write_bytes(pki.public_key_to_pem(KEY.public_key()))
+    url = str(engine.url)
+    argv = [
+        "audit",
+        "verify",
+        "--db",
+        url,
+        "--checkpoint",
+        str(file),
+        "--checkpoint-cert",
+        str(pub),
+    ]
+    assert cli.main(argv) == 0
+    assert "2 checkpoint(s) agree" in capsys.readouterr().out
+
+    with sessions.begin() as session:
+        truncate(session, 10)
+    assert cli.main(["audit", "verify", "--db", url]) == 0
+    capsys.readouterr()
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH [audit.checkpoint.rollback]" in out and "only 15 entries" in out, out
+
+    with sessions.begin() as session:
+        delete_and_recompute(session, 4)
+    assert cli.main(["audit", "verify", "--db", url]) == 0
+    capsys.readouterr()
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH [audit.checkpoint.fork]" in out and "entry 12 of the chain" in out, out
+
+    other = tmp_path / "other.pub"
+    other.write_bytes(pki.public_key_to_pem(OTHER.public_key()))
+    assert cli.main([*argv[:-1], str(other)]) == 2
+    assert "audit.checkpoint.key" in capsys.readouterr().err
+
+
+def test_other_commands_warn_when_the_remembered_checkpoint_is_old(tmp_path: Path) -> None:
+    args = argparse.Namespace(state_dir=str(tmp_path), cert=None)
+    err = io.StringIO()
+    warn_if_stale(args, err=err)
+    assert err.getvalue() == ""  # nothing remembered: nothing to say
+    path = memory_path(tmp_path, KEY.public_key())
+    CheckpointMemory(path, KEY.public_key()).save(verified(Checkpoint(2, bytes(32 * [2]), T0, "a")))
+    warn_if_stale(args, err=err, now=path.stat().st_mtime + 3600)
+    assert err.getvalue() == ""
+    warn_if_stale(args, err=err, now=path.stat().st_mtime + 3 * 86_400)
+    assert "audit.checkpoint.stale" in err.getvalue() and "3.0 days" in err.getvalue()
