@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.protocol.errors import ConfigError
 from agent.protocol.wire import cbor, cose
 from agent.protocol.wire.messages.operator import AuditSync
+from agent.protocol.wire.messages.result import AuditCheckpointResult
 from provisioning import audit, cli, pki
-from provisioning.audit_cli import CheckpointMemory, memory_path, warn_if_stale
+from provisioning.audit_cli import CheckpointMemory, fetch, memory_path, warn_if_stale
 from provisioning.checkpoint import (
     CHECKPOINT_AAD,
     ChainExtension,
@@ -437,3 +438,63 @@ def test_other_commands_warn_when_the_remembered_checkpoint_is_old(tmp_path: Pat
     assert err.getvalue() == ""
     warn_if_stale(args, err=err, now=path.stat().st_mtime + 3 * 86_400)
     assert "audit.checkpoint.stale" in err.getvalue() and "3.0 days" in err.getvalue()
+
+
+# ---- the operator's fetch, paged (a fake client answering from a real SQLite file) -------------
+
+
+class FakeSyncClient:
+    """Fake of ``OperatorClient.exchange`` for ``op.audit_sync`` only: answers from the log in
+    ``sessions`` with pages of at most ``page`` entries; ``heads`` overrides the head signed
+    per request number (a service that signs two heads for one count)."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, page: int) -> None:
+        self.sessions = sessions
+        self.page = page
+        self.asked: list[AuditSync] = []
+        self.heads: dict[int, bytes] = {}
+
+    def new_command_id(self) -> bytes:
+        return len(self.asked).to_bytes(16, "big")
+
+    def exchange(self, body: AuditSync, timeout: float) -> AuditCheckpointResult:
+        self.asked.append(body)
+        with self.sessions() as session:
+            count, head = audit.head(session)
+            upto = count if body.count is None else body.count
+            page = checkpoints.links(session, after=body.after, upto=upto)[: self.page]
+        head = self.heads.get(len(self.asked), head)
+        signed = sign_checkpoint(Checkpoint(upto, head, T0, "a"), KEY)
+        return AuditCheckpointResult(body.command_id, signed, tuple(page))
+
+
+def test_fetch_walks_the_log_in_pages_and_refuses_two_heads_for_one_count(
+    sessions: sessionmaker[Session],
+) -> None:
+    fill(sessions, 1, 23)
+    client = FakeSyncClient(sessions, page=5)
+    first = fetch(client, KEY.public_key(), None, timeout=1)  # type: ignore[arg-type]
+    assert first.count == 23 and len(client.asked) == 5
+    assert [(b.after, b.count) for b in client.asked] == [
+        (0, None),
+        (5, 23),
+        (10, 23),
+        (15, 23),
+        (20, 23),
+    ]
+    fill(sessions, 24, 30)
+    client = FakeSyncClient(sessions, page=5)
+    second = fetch(client, KEY.public_key(), first, timeout=1)  # type: ignore[arg-type]
+    assert second.count == 30 and [b.after for b in client.asked] == [23, 28]
+
+    fill(sessions, 31, 40)
+    client = FakeSyncClient(sessions, page=5)
+    client.heads[2] = bytes(32 * [7])  # the second page comes with another head for 40
+    with pytest.raises(CheckpointError) as caught:
+        fetch(client, KEY.public_key(), second, timeout=1)  # type: ignore[arg-type]
+    assert caught.value.check == "audit.checkpoint.fork"
+
+    client = FakeSyncClient(sessions, page=0)  # a service that sends no entries
+    with pytest.raises(CheckpointError) as caught:
+        fetch(client, KEY.public_key(), second, timeout=1)  # type: ignore[arg-type]
+    assert caught.value.check == "audit.checkpoint.entries"
