@@ -3,18 +3,19 @@
 as a subprocess.
 
 The adversary is a database writer: after an operator synced a checkpoint (and a witness and an
-export copied them), it deletes one audit entry and recomputes the chain after it, or cuts the
-last 10 entries off, and in both cases also deletes the stored checkpoints so the service signs
-fresh ones of the rewritten log with its real checkpoint key. ``keyfleet audit verify`` alone
-still says OK (the chain is consistent); the operator's ``audit sync``, the witness and
-``audit verify --checkpoint`` refuse it with the check id, and the operator's remembered
-checkpoint and the witness's file are left as they were.
+export copied them, and while a witness keeps watching), it deletes one audit entry and
+recomputes the chain after it, or cuts the last 10 entries off, and in both cases also deletes
+the stored checkpoints so the service signs fresh ones of the rewritten log with its real
+checkpoint key. ``keyfleet audit verify`` alone still says OK (the chain is consistent); the
+operator's ``audit sync``, the witness and ``audit verify --checkpoint`` refuse it with the check
+id, and the operator's remembered checkpoint and the witness's file are left as they were.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -130,8 +131,22 @@ def test_deleted_entry_with_recomputed_chain_is_detected(audited: Audited) -> No
     remembered = seen_and_copied(audited)
     before = audited.remembered()
     witnessed = (audited.witness / "checkpoints.jsonl").read_bytes()
-    audited.d.read(lambda session: delete_and_recompute(session, 5))
-    audited.append(3)  # the log grows past the remembered count again
+    running = audited.d.cli_async(
+        "audit", "witness", "--to", str(audited.witness), "--every", "1",
+        "--checkpoint-cert", str(audited.pub), "--timeout", "60",
+    )  # fmt: skip
+    try:
+        time.sleep(3)
+        assert running.poll() is None  # an honest log: the witness keeps watching
+        audited.d.read(lambda session: delete_and_recompute(session, 5))
+        audited.append(3)  # the log grows past the remembered count again
+        _, alarm = running.communicate(timeout=120)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.wait(10)
+    assert running.returncode == 1, alarm
+    assert "WITNESS ALARM" in alarm and "[audit.checkpoint.fork]" in alarm, alarm
 
     status, text = audited.verify()
     assert status == 0, text  # the chain alone cannot tell
