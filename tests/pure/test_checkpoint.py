@@ -35,12 +35,15 @@ from provisioning.checkpoint import (
     sign_checkpoint,
     verify_checkpoint,
 )
+from provisioning.config import AuditConfig, load_config
 from provisioning.metrics import ServiceMetrics
 from provisioning.registry import Outcome
 from provisioning.service import checkpoints, store
 from provisioning.service.context import Call, Clock, Env
 from provisioning.service.model import ServiceSettings
+from provisioning.service.mqtt import load_checkpoint_key
 from tests.audit_tamper import delete_and_recompute, truncate
+from tests.pure.test_service_config import FILES, GOOD, write
 
 pytestmark = pytest.mark.pure
 
@@ -498,3 +501,39 @@ def test_fetch_walks_the_log_in_pages_and_refuses_two_heads_for_one_count(
     with pytest.raises(CheckpointError) as caught:
         fetch(client, KEY.public_key(), second, timeout=1)  # type: ignore[arg-type]
     assert caught.value.check == "audit.checkpoint.entries"
+
+
+# ---- [audit] in the configuration, and the key of its own -------------------------------------
+
+
+def test_audit_config_and_a_checkpoint_key_that_is_the_signing_or_tls_key(tmp_path: Path) -> None:
+    config_dir = tmp_path
+    for name, mode in FILES.items():  # test_service_config's files, certificates made real below
+        (config_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (config_dir / name).write_text(f"contents of {name}\n")
+        (config_dir / name).chmod(mode)
+    now = datetime.fromtimestamp(T0, UTC)
+    ca = pki.create_ca("broker CA", now=now, valid_for=timedelta(days=1))
+    tls_key, signing, own = pki.generate_key(), pki.generate_key(), pki.generate_key()
+    tls_cert = pki.issue_client_cert(
+        ca, tls_key.public_key(), identity="keyfleet-service", role="service", now=now,
+        valid_for=timedelta(days=1),
+    )  # fmt: skip
+    pki.write_certificate(config_dir / "pki/service.pem", tls_cert)
+    pki.write_certificate(config_dir / "pki/enroll.pem", ca.certificate)
+    (config_dir / "pki/service.key").unlink()
+    pki.write_private_key(config_dir / "pki/service.key", tls_key)
+    pki.write_private_key(config_dir / "pki/audit.key", own)
+    assert load_config(write(config_dir, GOOD)).audit == AuditConfig(None, 300)
+    assert load_checkpoint_key(load_config(write(config_dir, GOOD)), signing.public_key()) is None
+
+    audit_table = '\n[audit]\ncheckpoint_key = "{}"\ncheckpoint_interval_seconds = 60\n'
+    config = load_config(write(config_dir, GOOD + audit_table.format("pki/audit.key")))
+    assert config.audit == AuditConfig(config_dir / "pki/audit.key", 60)
+    key = load_checkpoint_key(config, signing.public_key())
+    assert key is not None and key.public_key() == own.public_key()
+    with pytest.raises(ConfigError, match=r"service signing key.*audit\.checkpoint\.key-reuse"):
+        load_checkpoint_key(config, own.public_key())
+    config = load_config(write(config_dir, GOOD + audit_table.format("pki/service.key")))
+    with pytest.raises(ConfigError, match=r"broker client_cert's key.*key-reuse"):
+        load_checkpoint_key(config, signing.public_key())
