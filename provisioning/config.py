@@ -40,6 +40,10 @@ Example (``docs/service.md`` describes every key):
     min_approvals = 2
     request_ttl_seconds = 86400
 
+    [audit]
+    checkpoint_key = "pki/audit-checkpoint.key"
+    checkpoint_interval_seconds = 300
+
     [http]
     listen = "127.0.0.1:8443"
     tls_cert = "pki/enroll-server.pem"
@@ -88,7 +92,7 @@ DATABASE_URL_EXPECTED = (
 )
 LISTEN_EXPECTED = "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443"
 OPTIONAL_SECTIONS = frozenset(
-    {"database", "groups", "quorum", "http", "service", "dashboard", "metrics"}
+    {"database", "groups", "quorum", "http", "service", "dashboard", "metrics", "audit"}
 )
 # Optional tables whose absence means "not served" rather than "defaults".
 ABSENT_MEANS_OFF = frozenset({"http", "dashboard", "metrics"})
@@ -141,6 +145,17 @@ class QuorumConfig:
 
     min_approvals: int = 2
     request_ttl_seconds: int = 86400
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """[audit]: signed checkpoints of the audit log (docs/operations.md, "Audit checkpoints").
+    ``checkpoint_key`` signs them (a key of its own: never ``[service] signing_key`` or a TLS
+    key); absent, the service makes none. ``checkpoint_interval_seconds``: how often the head is
+    checkpointed when it moved."""
+
+    checkpoint_key: Path | None = None
+    checkpoint_interval_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -208,6 +223,7 @@ class ServiceConfig:
     http: HttpConfig | None
     service: ServiceRuntimeConfig = field(default_factory=ServiceRuntimeConfig)
     quorum: QuorumConfig = field(default_factory=QuorumConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
 
@@ -317,6 +333,10 @@ def _schema(base: Path) -> Table:
         "metrics": {
             "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED), required=True),
         },
+        "audit": {
+            "checkpoint_key": Field(file(private=True)),
+            "checkpoint_interval_seconds": Field(seconds(10, 86400), default=300),
+        },
         "service": {
             "signing_key": Field(file(private=True)),
             "instance": Field(name, default="1"),
@@ -360,6 +380,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         attestation=AttestationConfig(**sections["attestation"]),
         groups=GroupsConfig(**sections["groups"]),
         quorum=QuorumConfig(**sections["quorum"]),
+        audit=AuditConfig(**sections["audit"]),
         http=None
         if http is None
         else HttpConfig(

@@ -146,7 +146,7 @@ class RequestSession:
             if not self.json:
                 print(f"keyfleet: {label}: {reply.status.value}: {reply.detail}", file=self.err)
             return None
-        return reply
+        return reply if isinstance(reply, RequestsResult) else None
 
     def propose(self, body: Propose, label: str) -> authz.Request | None:
         """Ask for the Request of ``body``; check it is the change asked for."""
@@ -330,6 +330,9 @@ def run_requests(client: OperatorClient, args: argparse.Namespace) -> int:
         return EXIT_TIMEOUT
     if isinstance(reply, OperatorResult):
         print(f"keyfleet: requests: {reply.status.value}: {reply.detail}", file=sys.stderr)
+        return EXIT_FAILED
+    if not isinstance(reply, RequestsResult):
+        print("keyfleet: requests: the service answered with another message", file=sys.stderr)
         return EXIT_FAILED
     rows = [request_json(info) for info in reply.requests]
     if args.json:

@@ -3,8 +3,8 @@
 Operator keys and replay state, command ids, attestation challenges and waits, the job queue and
 its per-group slot, operations in flight, held commit/welcome halves, task leases and the shared
 envelope sequence counter, dual-control requests and the adopted quorum policies, the
-revocation feed and how far each device follows it. Every rule several instances agree on is a
-row and a conditional UPDATE (whoever changes the row wins, the
+revocation feed and how far each device follows it, the signed audit checkpoints. Every rule
+several instances agree on is a row and a conditional UPDATE (whoever changes the row wins, the
 others see rowcount 0 and step back), never a leader and never an in-process lock. The queries
 over them live in ``provisioning.service.store``.
 """
@@ -241,6 +241,20 @@ class RevocationFeedSeen(ServiceBase):
     device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     reported_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditCheckpointRow(ServiceBase):
+    """The signed audit checkpoints the service made (``provisioning.checkpoint``), one per
+    chain length ``count``: ``signed`` is the COSE_Sign1 bytes, the other columns repeat what it
+    says for queries. A row proves nothing by itself; the operator verifies ``signed``."""
+
+    __tablename__ = "service_audit_checkpoints"
+
+    count: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    head: Mapped[bytes] = mapped_column(LargeBinary(32))
+    time: Mapped[int] = mapped_column(BigInteger)
+    instance: Mapped[str] = mapped_column(String(ID_LENGTH))
+    signed: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 def create_service_schema(engine: Engine) -> None:

@@ -77,6 +77,8 @@ class Env:
     # Operator approvals are checked with it (``requests.verifier``); it caches validated
     # operator certificates.
     authz_verifier: AuthzVerifier | None = None
+    # Signs audit checkpoints (``checkpoints``); None: the service makes none.
+    checkpoint_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""

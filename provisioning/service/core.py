@@ -22,7 +22,8 @@ outbox (``context``), returning what should happen after its transaction commits
 - ``jobs``: each group's queue of changes and the choice of committer;
 - ``operations``: operator commands in flight, progress, results, timeouts;
 - ``attestation``: challenges, verdicts, quarantine;
-- ``tasks``: periodic work one instance does at a time (attestation schedule, prune).
+- ``tasks``: periodic work one instance does at a time (attestation schedule, prune);
+- ``checkpoints``: signed audit checkpoints, made on a schedule and served to operators.
 
 Several instances (docs/scale-out.md): everything in flight is in the database (jobs, the
 per-group in-flight slot, operations, held commits and welcomes, attestation waits and schedule,
@@ -85,6 +86,7 @@ class DeliveryService:
         rng: Rng = os.urandom,
         instance: str = "1",
         metrics: ServiceMetrics | None = None,
+        checkpoint_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         self._env = Env(
             sessions=sessions,
@@ -95,6 +97,7 @@ class DeliveryService:
             metrics=metrics if metrics is not None else ServiceMetrics(),
             instance=instance,
             rng=rng,
+            checkpoint_key=checkpoint_key,
         )
 
     @property

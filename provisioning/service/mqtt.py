@@ -16,7 +16,8 @@ subscriptions split the messages between them, and every piece of work in flight
 database that any instance can continue. Each instance serves its own Prometheus metrics on
 ``[metrics] listen`` when configured. It signs its
 envelopes with ``[service] signing_key`` (default: the MQTT client key), whose certificate the
-devices hold as ``fleet.service_cert``.
+devices hold as ``fleet.service_cert``, and audit checkpoints with ``[audit] checkpoint_key``
+(``load_checkpoint_key``: a key of its own, refused if it is the signing or a TLS key).
 
 With ``[http]`` configured the same process serves the enrollment API for factory stations
 (``provisioning.http``: uvicorn in a thread, mutual TLS) on the same database; ``run`` stops it
@@ -31,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.mqtt import MqttClient
@@ -45,6 +47,7 @@ from provisioning.http import EnrollmentServer, build_app, start_enrollment_serv
 from provisioning.metrics import MetricsServer, ServiceMetrics
 from provisioning.policy import load_policy
 from provisioning.registry import create_schema, make_engine, session_factory
+from provisioning.service import checkpoints
 from provisioning.service.core import (
     AttestationSettings,
     DeliveryService,
@@ -69,7 +72,32 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         retention_epochs=config.groups.commit_log_retention_epochs,
         min_approvals=config.quorum.min_approvals,
         request_ttl=config.quorum.request_ttl_seconds,
+        checkpoint_interval=config.audit.checkpoint_interval_seconds,
     )
+
+
+def load_checkpoint_key(
+    config: ServiceConfig, signing_key: ec.EllipticCurvePublicKey
+) -> ec.EllipticCurvePrivateKey | None:
+    """``[audit] checkpoint_key`` (None when not configured), refused when it is the service's
+    signing key (``signing_key``, the public half) or the key of one of its TLS certificates.
+    The one place it is loaded."""
+    path = config.audit.checkpoint_key
+    if path is None:
+        return None
+    key = pki.key_from_pem(path.read_bytes())
+    others = [("the service signing key", signing_key)]
+    certs = [("the broker client_cert's key", config.broker.client_cert)]
+    if config.http is not None:
+        certs.append(("the [http] tls_cert's key", config.http.tls_cert))
+    if config.dashboard is not None:
+        certs.append(("the [dashboard] tls_cert's key", config.dashboard.tls_cert))
+    for name, cert_path in certs:
+        public = pki.cert_from_pem(cert_path.read_bytes()).public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            others.append((name, public))
+    checkpoints.require_distinct(key, others)
+    return key
 
 
 def attestation_from(config: ServiceConfig) -> AttestationSettings:
@@ -105,6 +133,7 @@ class ServiceRunner:
             attestation=attestation,
             instance=config.service.instance,
             metrics=self.metrics,
+            checkpoint_key=load_checkpoint_key(config, signing_key.public_key()),
         )
         self.client_id = f"keyfleet-service-{config.service.instance}"
         self.client = MqttClient(

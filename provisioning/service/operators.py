@@ -35,6 +35,7 @@ from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.operator import (
     Approve,
     AttestDevice,
+    AuditSync,
     GroupAdd,
     GroupCreate,
     ListRequests,
@@ -54,7 +55,7 @@ from provisioning.registry import (
     cert_fingerprint,
     run_in_transaction,
 )
-from provisioning.service import attestation, execute, requests, store, verify
+from provisioning.service import attestation, checkpoints, execute, requests, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Accepted, CancelAddsOf, Effects, Log, Progress, StartNext
 from provisioning.service.model import GROUP_ELIGIBLE, Job, Operation
@@ -74,6 +75,7 @@ REQUIRED_ROLE: Final[dict[str, Role]] = {
     Propose.TYPE: Role.OPERATOR,
     Approve.TYPE: Role.OPERATOR,
     ListRequests.TYPE: Role.VIEWER,
+    AuditSync.TYPE: Role.VIEWER,
 }
 
 # The request op a direct membership command stands for (agent.protocol.authz op names).
@@ -287,6 +289,9 @@ def dispatch_operator(
     if isinstance(body, Propose | Approve | ListRequests):
         store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
         return requests.dispatch(cx, session, message, command_id, now)
+    if isinstance(body, AuditSync):
+        store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
+        return checkpoints.on_sync(cx, session, operator, body, now)
     if isinstance(body, AttestDevice):
         return attestation.dispatch_attest(cx, session, operator, body, command_id, now=now)
     if isinstance(body, Rekey):

@@ -9,6 +9,10 @@ Request (``agent.protocol.authz``) for a membership change or a new quorum polic
 fills in the members' DevID key hashes from the registry and answers with the Request unsigned
 (``op.requests``), so the proposer signs only bytes it decoded and showed. ``op.approve``
 carries one operator's Approval of a request; ``op.list_requests`` asks for the open requests.
+
+Audit checkpoints (docs/operations.md, "Audit checkpoints"): ``op.audit_sync`` asks for a signed
+checkpoint of the audit log and the entries after ``after`` up to it, answered with
+``op.audit_checkpoint``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from agent.protocol.wire.messages.base import (
     check_id,
     check_ids,
     check_text,
+    check_uint,
 )
 from agent.protocol.wire.messages.service import check_command_id
 
@@ -192,3 +197,23 @@ class ListRequests(Body):
         check_command_id(self.command_id)
         if self.request_id is not None:
             check_request_id(self.request_id)
+
+
+@dataclass(frozen=True)
+class AuditSync(Body):
+    """The audit checkpoint at ``count`` (absent: the newest, made now if the log moved since the
+    last one) and the entries ``after + 1`` onwards up to it, as many as fit one answer."""
+
+    TYPE: ClassVar[str] = "op.audit_sync"
+
+    command_id: bytes
+    after: int
+    count: int | None = None
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_uint(self.after, "after")
+        if self.count is not None:
+            check_uint(self.count, "count", minimum=1)
+            if self.count < self.after:
+                raise ProtocolError("body.bounds", "count is before after")

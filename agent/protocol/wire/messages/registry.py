@@ -21,6 +21,7 @@ from agent.protocol.wire.messages.key_state import DeviceDestroyed, KeyStateRepo
 from agent.protocol.wire.messages.operator import (
     Approve,
     AttestDevice,
+    AuditSync,
     GroupAdd,
     GroupCreate,
     ListRequests,
@@ -28,7 +29,11 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     Revoke,
 )
-from agent.protocol.wire.messages.result import OperatorResult, RequestsResult
+from agent.protocol.wire.messages.result import (
+    AuditCheckpointResult,
+    OperatorResult,
+    RequestsResult,
+)
 from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
@@ -62,6 +67,8 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     ListRequests,
     RequestsResult,
     RevocationFeed,
+    AuditSync,
+    AuditCheckpointResult,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
