@@ -262,6 +262,10 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
         return f"propose revoke {args.device}", Propose(
             command_id, authz.OP_DEVICE_REVOKE, (args.device,), reason=args.reason
         )
+    if kind == "reenroll":
+        return f"propose reenroll {args.device}", Propose(
+            command_id, authz.OP_DEVICE_REENROLL, (args.device,)
+        )
     policy = load_policy_file(Path(args.file))
     return f"propose policy serial {policy.serial}", Propose(
         command_id, authz.OP_POLICY, (), None, policy.encode()
@@ -407,9 +411,13 @@ def add_request_commands(
     revoke = kinds.add_parser("revoke", help="revoke DEVICE (admins)")
     revoke.add_argument("device")
     revoke.add_argument("--reason", help="recorded with the revocation")
+    reenroll = kinds.add_parser(
+        "reenroll", help="let revoked DEVICE's TPM enroll once more (admins)"
+    )
+    reenroll.add_argument("device")
     policy = kinds.add_parser("policy", help="a new quorum policy from a TOML FILE (admins)")
     policy.add_argument("file", metavar="FILE")
-    for parser in (create, add, remove, revoke, policy):
+    for parser in (create, add, remove, revoke, reenroll, policy):
         add_operator_options(parser)
         parser.set_defaults(handler=handler, request_command="propose")
 

@@ -44,7 +44,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.protocol.hpke import Rng
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
-from provisioning.service import attestation, intake, store
+from provisioning.revocation import RevocationSettings
+from provisioning.service import attestation, intake, store, tasks
 from provisioning.service.context import Call, Clock, Env
 from provisioning.service.model import (
     AttestationSettings,
@@ -85,6 +86,7 @@ class DeliveryService:
         rng: Rng = os.urandom,
         instance: str = "1",
         metrics: ServiceMetrics | None = None,
+        revocation: RevocationSettings | None = None,
     ) -> None:
         self._env = Env(
             sessions=sessions,
@@ -95,6 +97,7 @@ class DeliveryService:
             metrics=metrics if metrics is not None else ServiceMetrics(),
             instance=instance,
             rng=rng,
+            revocation=revocation,
         )
 
     @property
@@ -153,6 +156,14 @@ class DeliveryService:
         intake.ensure_started(cx, now)
         attestation.challenge(cx, device_id, now)
         return intake.sign(cx)
+
+    def ensure_crl(self, now: int) -> None:
+        """Issue the device CA's first CRL if there is none (or the newest is past half its
+        validity) and write it to the broker's CRL file: what ``tick`` does every
+        ``tasks.CRL_CHECK_SECONDS``, now (the broker cannot start without the file)."""
+        cx = Call(self._env, Clock.reading(now))
+        self._env.crl_checked_at = 0
+        tasks.crl_tick(cx, now)
 
     def queue_length(self, group_id: str) -> int:
         """Open jobs of ``group_id`` (queued or in flight), fleet-wide."""

@@ -45,6 +45,7 @@ from provisioning.http import EnrollmentServer, build_app, start_enrollment_serv
 from provisioning.metrics import MetricsServer, ServiceMetrics
 from provisioning.policy import load_policy
 from provisioning.registry import create_schema, make_engine, session_factory
+from provisioning.revocation import RevocationSettings
 from provisioning.service.core import (
     AttestationSettings,
     DeliveryService,
@@ -80,6 +81,20 @@ def attestation_from(config: ServiceConfig) -> AttestationSettings:
     )
 
 
+def revocation_from(config: ServiceConfig) -> RevocationSettings:
+    # The device CA key is loaded here and in enrollment (EnrollmentSettings.from_service_config).
+    device_ca = pki.CertificateAuthority(
+        certificate=pki.cert_from_pem(config.device_ca.cert.read_bytes()),
+        private_key=pki.key_from_pem(config.device_ca.key.read_bytes()),
+    )
+    return RevocationSettings(
+        device_ca=device_ca,
+        crl_file=config.revocation.crl_file,
+        broker_crls=config.revocation.broker_crls,
+        crl_validity=config.revocation.crl_validity_seconds,
+    )
+
+
 class ServiceRunner:
     """``keyfleet serve``: database, service core and MQTT client, wired together; the
     enrollment API too when ``[http]`` is configured."""
@@ -97,6 +112,7 @@ class ServiceRunner:
         key_path = config.service.signing_key or config.broker.client_key
         signing_key = pki.key_from_pem(key_path.read_bytes())
         operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())
+        self.revocation = revocation_from(config)
         self.service = DeliveryService(
             session_factory(self._engine),
             signing_key=signing_key,
@@ -105,7 +121,11 @@ class ServiceRunner:
             attestation=attestation,
             instance=config.service.instance,
             metrics=self.metrics,
+            revocation=self.revocation,
         )
+        # The broker's crlfile must exist before the broker starts (and hold a current CRL):
+        # issue the first one now if there is none, and bring the file up to date.
+        self.service.ensure_crl(int(clock()))
         self.client_id = f"keyfleet-service-{config.service.instance}"
         self.client = MqttClient(
             host=config.broker.host,
