@@ -38,15 +38,17 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from agent.fsio import atomic_write
 from agent.protocol import authz
 from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.wire.messages.result import RequestState
 from provisioning import audit
+from provisioning.config import ServiceConfig
+from provisioning.db.engine import run_in_transaction
 from provisioning.db.runtime import DeviceCertRow, DeviceCrlRow
-from provisioning.pki import CertificateAuthority
+from provisioning.pki import CertificateAuthority, cert_from_pem, key_from_pem
 from provisioning.registry import Outcome, Registry
 from provisioning.service.store import quorum
 from provisioning.service.store.quorum import StoredRequest
@@ -346,3 +348,41 @@ def consume_reenroll(
         details={"op": stored.op, "device": device_id, "approvers": ",".join(stored.approvers)},
     )
     return stored.request_id.hex()
+
+
+# -- configuration and the command line ---------------------------------------------------------
+
+
+def settings_from_config(config: ServiceConfig) -> RevocationSettings:
+    """[device_ca] and [revocation]. The device CA key is loaded here and in enrollment
+    (``EnrollmentSettings.from_service_config``)."""
+    device_ca = CertificateAuthority(
+        certificate=cert_from_pem(config.device_ca.cert.read_bytes()),
+        private_key=key_from_pem(config.device_ca.key.read_bytes()),
+    )
+    return RevocationSettings(
+        device_ca=device_ca,
+        crl_file=config.revocation.crl_file,
+        broker_crls=config.revocation.broker_crls,
+        crl_validity=config.revocation.crl_validity_seconds,
+    )
+
+
+def write_current_crl(
+    settings: RevocationSettings, sessions: sessionmaker[Session], *, now: int
+) -> int:
+    """``keyfleet crl``: issue a CRL if there is none or the newest is past half its validity,
+    write the newest to ``crl_file``; returns its number. Run before the broker's first start
+    (its ``crlfile`` must exist); ``keyfleet serve`` does the same at start and every
+    ``tasks.CRL_CHECK_SECONDS``."""
+
+    def work(session: Session) -> bytes:
+        row = newest_crl(session)
+        if refresh_due(row, now):
+            return issue_crl(session, settings, now=now).public_bytes(serialization.Encoding.DER)
+        assert row is not None
+        return row.der
+
+    crl = x509.load_der_x509_crl(run_in_transaction(sessions, work))
+    write_broker_crl(settings, crl)
+    return crl_number(crl)

@@ -83,6 +83,7 @@ class Env:
     # that do not revoke).
     revocation: RevocationSettings | None = None
     crl_checked_at: int = 0  # when ``tasks.crl_tick`` last compared the CRL file and database
+    crl_write_at_ms: int | None = None  # a revocation's CRL goes to the file then (``WriteCrl``)
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""

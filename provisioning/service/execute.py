@@ -71,4 +71,6 @@ def run(cx: Call, effects: Iterable[Effect]) -> None:
             case AttestVerdict(waiting, verdict, change):
                 attestation.attest_result(cx, waiting, verdict, change, now)
             case WriteCrl():
-                tasks.write_crl(cx)
+                # Not now: the broker restarts when the file changes, and this call's answers
+                # (the operator's result) are published after the effects ran.
+                cx.env.crl_write_at_ms = cx.clock.ms + tasks.CRL_WRITE_GRACE_MS

@@ -37,7 +37,7 @@ from agent.mqtt import MqttClient
 from agent.protocol.errors import KeyfleetError
 from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION
 from agent.protocol.wire.cose import key_id
-from provisioning import pki
+from provisioning import pki, revocation
 from provisioning.config import ServiceConfig
 from provisioning.db.runtime import create_service_schema
 from provisioning.enroll import Enrollment, EnrollmentSettings
@@ -45,7 +45,6 @@ from provisioning.http import EnrollmentServer, build_app, start_enrollment_serv
 from provisioning.metrics import MetricsServer, ServiceMetrics
 from provisioning.policy import load_policy
 from provisioning.registry import create_schema, make_engine, session_factory
-from provisioning.revocation import RevocationSettings
 from provisioning.service.core import (
     AttestationSettings,
     DeliveryService,
@@ -81,20 +80,6 @@ def attestation_from(config: ServiceConfig) -> AttestationSettings:
     )
 
 
-def revocation_from(config: ServiceConfig) -> RevocationSettings:
-    # The device CA key is loaded here and in enrollment (EnrollmentSettings.from_service_config).
-    device_ca = pki.CertificateAuthority(
-        certificate=pki.cert_from_pem(config.device_ca.cert.read_bytes()),
-        private_key=pki.key_from_pem(config.device_ca.key.read_bytes()),
-    )
-    return RevocationSettings(
-        device_ca=device_ca,
-        crl_file=config.revocation.crl_file,
-        broker_crls=config.revocation.broker_crls,
-        crl_validity=config.revocation.crl_validity_seconds,
-    )
-
-
 class ServiceRunner:
     """``keyfleet serve``: database, service core and MQTT client, wired together; the
     enrollment API too when ``[http]`` is configured."""
@@ -112,7 +97,7 @@ class ServiceRunner:
         key_path = config.service.signing_key or config.broker.client_key
         signing_key = pki.key_from_pem(key_path.read_bytes())
         operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())
-        self.revocation = revocation_from(config)
+        self.revocation = revocation.settings_from_config(config)
         self.service = DeliveryService(
             session_factory(self._engine),
             signing_key=signing_key,

@@ -478,10 +478,11 @@ def start_change(
             "accepted %s from %s on %s (%d job(s), %d queued ahead)",
             (type_, operator, target, len(jobs), ahead),
         ),
-        *((CancelAddsOf(revoked), WriteCrl()) if revoked is not None else ()),
+        *((CancelAddsOf(revoked),) if revoked is not None else ()),
         Accepted(operation, detail),
         *(StartNext(group_id) for group_id in sorted(groups)),
         Progress(command_id),
+        *((WriteCrl(),) if revoked is not None else ()),
     ]
 
 

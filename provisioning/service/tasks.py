@@ -31,6 +31,10 @@ ATTEST_SCAN_SECONDS: Final = 5
 # How often an instance checks that the broker's CRL file holds the newest CRL and that the
 # newest CRL is not past half its validity.
 CRL_CHECK_SECONDS: Final = 30
+# A revocation's CRL is written this long after it was accepted (at the next tick after it):
+# the broker restarts on the file's change, and the publishes of the revoking call (the
+# operator's result) should reach it before.
+CRL_WRITE_GRACE_MS: Final = 1000
 PRUNE_SECONDS: Final = 60
 # How long a claimed periodic task stays with its instance: longer than one run takes, short
 # enough that a killed instance's task is taken over within a few ticks.
@@ -152,7 +156,12 @@ def crl_tick(cx: Call, now: int) -> None:
     or the newest is past half its validity; every instance brings its CRL file up to date
     (a revocation made by another instance, a file lost)."""
     settings = cx.env.revocation
-    if settings is None or now - cx.env.crl_checked_at < CRL_CHECK_SECONDS:
+    if settings is None:
+        return
+    if cx.env.crl_write_at_ms is not None and cx.clock.ms >= cx.env.crl_write_at_ms:
+        cx.env.crl_write_at_ms = None
+        write_crl(cx)
+    if now - cx.env.crl_checked_at < CRL_CHECK_SECONDS:
         return
     cx.env.crl_checked_at = now
     if revocation.refresh_due(cx.env.read(revocation.newest_crl), now) and claim_task(
