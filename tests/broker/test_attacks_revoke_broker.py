@@ -28,8 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from provisioning import audit, pki, revocation
-from provisioning.registry import DeviceState, Registry, create_schema, make_engine
-from provisioning.registry import session_factory
+from provisioning.registry import DeviceState, Registry, create_schema, make_engine, session_factory
 from tests.broker.test_service_mqtt import MemberThread
 from tests.fixtures.mosquitto import BrokerFactory, BrokerPKI, MosquittoBroker
 from tests.service_deployment import (
