@@ -197,6 +197,10 @@ class RequestSession:
             return follow(
                 self.client, {command_id: label}, timeout=timeout, progress=progress, err=self.err
             )
+        if info.state is RequestState.APPROVED and request.op == authz.OP_DEVICE_REENROLL:
+            # nothing runs now: the TPM may enroll once (docs/operations.md, "Revocation")
+            self.note(label, info, f"approved: {info.detail}")
+            return EXIT_OK
         if info.state is RequestState.PENDING:
             missing = info.required - len(info.approvers)
             self.note(
