@@ -38,6 +38,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.fsio import atomic_write
@@ -46,7 +47,7 @@ from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.wire.messages.result import RequestState
 from provisioning import audit
 from provisioning.config import ServiceConfig
-from provisioning.db.engine import run_in_transaction
+from provisioning.db.engine import RetryableConflict, run_in_transaction
 from provisioning.db.runtime import DeviceCertRow, DeviceCrlRow
 from provisioning.pki import CertificateAuthority, cert_from_pem, key_from_pem
 from provisioning.registry import Outcome, Registry
@@ -220,7 +221,11 @@ def issue_crl(
             der=crl.public_bytes(serialization.Encoding.DER),
         )
     )
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        # another instance issued this number first: the whole unit runs again and takes the next
+        raise RetryableConflict(f"CRL number {number} was issued concurrently") from None
     return crl
 
 
