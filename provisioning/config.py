@@ -42,7 +42,7 @@ Example (``docs/service.md`` describes every key):
 
     [revocation]
     crl_file = "/var/lib/keyfleet/broker/crl.pem"
-    broker_crls = ["pki/operator-ca.crl", "pki/broker-ca.crl"]
+    broker_crls = ["pki/operator-ca.crl", "pki/tls-ca.crl"]
 
     [http]
     listen = "127.0.0.1:8443"

@@ -252,19 +252,23 @@ def file_crl_number(path: Path) -> int | None:
 
 def write_broker_crl(settings: RevocationSettings, crl: x509.CertificateRevocationList) -> bool:
     """Write ``crl`` and the other client CAs' CRLs to ``crl_file`` atomically, unless the file
-    holds this number or a newer one already (another instance wrote it). True if written."""
+    holds a newer device CA CRL (another instance wrote it) or exactly these bytes already (an
+    unchanged file does not restart the broker). True if written."""
     path = settings.crl_file
     if path is None:
         return False
     number = crl_number(crl)
     present = file_crl_number(path)
-    if present is not None and present >= number:
+    if present is not None and present > number:
         return False
     parts = [crl.public_bytes(serialization.Encoding.PEM)]
     try:
         for extra in settings.broker_crls:
             parts.append(extra.read_bytes().rstrip(b"\n") + b"\n")
-        atomic_write(path, b"".join(parts), mode=0o644)
+        data = b"".join(parts)
+        if present == number and path.read_bytes() == data:
+            return False
+        atomic_write(path, data, mode=0o644)
     except (OSError, StateError) as exc:
         raise StateError(f"[revocation.crl.file] cannot write the CRL to {path}: {exc}") from None
     log.info("device CA CRL %d written to %s", number, path)

@@ -129,6 +129,15 @@ def test_the_broker_file_holds_the_other_cas_crls_and_never_goes_back(tmp_path: 
     assert (tmp_path / "crl.pem").stat().st_mode & 0o777 == 0o644  # the broker's user reads it
     assert not revocation.write_broker_crl(settings, older)
     assert (tmp_path / "crl.pem").read_bytes() == written
+    # the same bytes again: not rewritten (the broker restarts on every change)
+    assert not revocation.write_broker_crl(settings, newer)
+    # another CA's CRL re-issued: the file is rewritten with the same device CA CRL
+    other_crl.write_bytes(
+        revocation.build_crl(other, [], number=8, this_update=T0, next_update=T0 + 600)
+        .public_bytes(serialization.Encoding.PEM)
+    )  # fmt: skip
+    assert revocation.write_broker_crl(settings, newer)
+    assert (tmp_path / "crl.pem").read_bytes().endswith(other_crl.read_bytes())
 
 
 def test_the_service_issues_the_first_crl_at_start_and_again_at_half_its_validity(
