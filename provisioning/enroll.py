@@ -655,7 +655,7 @@ class Enrollment:
 
         def registered(session: Session) -> str | None:
             record = Registry(session).device_by_ek(ek_fp)
-            if record is not None and record.state is DeviceState.REVOKED:
+            if record is not None and revocation.identity_revoked(session, record):
                 if revocation.reenroll_approval(session, record.device_id) is None:
                     raise ProtocolError(
                         "enroll.revoked",
@@ -946,7 +946,7 @@ class Enrollment:
                 # quorum's approval, used up here): the same TPM gets a new identity under the
                 # same device id; the old one's history stays in the audit log; its replay
                 # state goes with it (the new agent counts from seq 1).
-                if previous.state is DeviceState.REVOKED:
+                if revocation.identity_revoked(session, previous):
                     revocation.consume_reenroll(
                         session,
                         previous.device_id,

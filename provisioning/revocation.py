@@ -50,7 +50,7 @@ from provisioning.config import ServiceConfig
 from provisioning.db.engine import RetryableConflict, run_in_transaction
 from provisioning.db.runtime import DeviceCertRow, DeviceCrlRow
 from provisioning.pki import CertificateAuthority, cert_from_pem, key_from_pem
-from provisioning.registry import Outcome, Registry
+from provisioning.registry import DeviceRecord, DeviceState, Outcome, Registry
 from provisioning.service.store import quorum
 from provisioning.service.store.quorum import StoredRequest
 
@@ -276,6 +276,17 @@ def write_broker_crl(settings: RevocationSettings, crl: x509.CertificateRevocati
 
 
 # -- re-enrollment ------------------------------------------------------------------------------
+
+
+def identity_revoked(session: Session, device: DeviceRecord) -> bool:
+    """Was ``device``'s current identity revoked? Its state says so, or its DevID certificate
+    is on the CRL (a revoked identity moved on to ``destroyed`` stays revoked: only the quorum
+    lets its TPM enroll again)."""
+    if device.state is DeviceState.REVOKED:
+        return True
+    serial = serial_hex(x509.load_pem_x509_certificate(device.devid_cert_pem.encode()))
+    row = session.get(DeviceCertRow, serial)
+    return row is not None and row.revoked_at is not None
 
 
 def reenroll_approval(session: Session, device_id: str) -> StoredRequest | None:

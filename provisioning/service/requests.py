@@ -177,13 +177,13 @@ def check_request(
         operators.check_remove(session, group, members[0])
     elif op == authz.OP_DEVICE_REVOKE and registry.device(members[0]).state is DeviceState.REVOKED:
         raise ProtocolError("registry.device.revoked", f"{members[0]} is revoked already")
-    elif (
-        op == authz.OP_DEVICE_REENROLL
-        and (state := registry.device(members[0]).state) is not DeviceState.REVOKED
+    elif op == authz.OP_DEVICE_REENROLL and not revocation.identity_revoked(
+        session, device := registry.device(members[0])
     ):
         raise ProtocolError(
             "revocation.reenroll.state",
-            f"{members[0]} is {state.value}: only a revoked device's TPM needs a re-enroll request",
+            f"{members[0]} is {device.state.value}: only a revoked identity's TPM needs a "
+            "re-enroll request",
         )
 
 

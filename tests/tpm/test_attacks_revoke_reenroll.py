@@ -286,3 +286,29 @@ def test_a_revoked_tpm_enrolls_again_only_with_two_approvals_and_only_once(setup
     crl = newest_crl(setup)
     assert revocation.crl_number(crl) == 2
     assert listed(crl) == serials(first) | serials(second)
+
+
+def test_a_revoked_identity_moved_on_to_destroyed_still_needs_the_quorum(setup: Setup) -> None:
+    """Adversary: the revoked device's TPM, after its identity was marked destroyed (which alone
+    would let a TPM enroll again): its DevID is on the CRL, so the quorum is still needed."""
+    first = enroll_once(setup.enrollment, setup.device, NOW)
+    device_id = first.device_id
+    setup.now = NOW + 10
+    revoke(setup, device_id)
+
+    def destroy(session: Session) -> None:
+        Registry(session).set_device_state(
+            device_id, DeviceState.DESTROYED, reason="t", now=NOW + 11
+        )
+
+    run_in_transaction(setup.sessions, destroy)
+    before = setup.device_record(device_id)
+    request, _ = device_start_request(setup.device)
+    _refused("enroll.revoked", setup.enrollment.start, STATION, request, now=NOW + 12)
+    assert setup.device_record(device_id) == before
+    # the quorum may still let it back, as for a revoked state
+    approved = setup.quorum("device.reenroll", device_id, *ADMINS)
+    assert approved.state is RequestState.APPROVED, approved.detail
+    second = enroll_once(setup.enrollment, setup.device, NOW + 20)
+    assert setup.device_record(device_id)[0] is DeviceState.REGISTERED
+    assert second.devid_cert != first.devid_cert
