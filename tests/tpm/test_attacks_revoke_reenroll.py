@@ -1,7 +1,8 @@
 """Revocation that sticks at enrollment and in the ledger: a real swtpm enrolled through factory
-mode, the sans-I/O service (``DeliveryService``) over the same SQLite registry with
+mode, the sans-I/O service (``DeliveryService``) over the same registry with
 ``min_approvals = 2``, operators with certificates from a real operator CA signing approvals as
-the CLI does (docs/operations.md, "Revocation").
+the CLI does (docs/operations.md, "Revocation"); the registry is a SQLite file and a real
+PostgreSQL.
 
 - Revoking (two admins) records the device's DevID and TLS certificates revoked, issues the
   device CA's CRL (openssl verifies it; its number grows with each revocation) and moves the
@@ -13,6 +14,7 @@ the CLI does (docs/operations.md, "Revocation").
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +55,8 @@ from tests.tpm.test_enroll import (
 from tests.tpm.test_reenroll import enroll_once
 
 pytestmark = pytest.mark.tpm
+# the registry on a SQLite file and on PostgreSQL (tests/fixtures/postgres.py)
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 ADMINS = ("op-admin", "op-root")
 
@@ -110,11 +114,14 @@ class Setup:
 
 @pytest.fixture
 def setup(
-    tmp_path: Path, manufacturer_ca: ManufacturerCA, swtpm_factory: SwtpmFactory
+    tmp_path: Path,
+    manufacturer_ca: ManufacturerCA,
+    swtpm_factory: SwtpmFactory,
+    database_url: str,
 ) -> Iterator[Setup]:
     fleet_pki = make_pki(tmp_path / "pki")
-    sessions = make_registry(tmp_path / "fleet.db", fleet_pki)
-    engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    sessions = make_registry(database_url, fleet_pki)
+    engine = make_engine(database_url)
     create_service_schema(engine)
     engine.dispose()
     service = DeliveryService(
@@ -139,7 +146,7 @@ def setup(
         )
         operators[name] = operator
     tpm = swtpm_factory.start()
-    with TPMStore(tpm.tcti) as tpm_store:
+    with TPMStore(tpm.tcti) as tpm_store, _disposed(sessions):
         yield Setup(
             tmp_path,
             fleet_pki,
@@ -149,6 +156,15 @@ def setup(
             service,
             operators,
         )
+
+
+@contextlib.contextmanager
+def _disposed(sessions: sessionmaker[Session]) -> Iterator[None]:
+    """Close the registry's connections at the end (PostgreSQL warns about open ones)."""
+    try:
+        yield
+    finally:
+        sessions.kw["bind"].dispose()
 
 
 def crl_verifies(setup: Setup, der: bytes) -> None:
