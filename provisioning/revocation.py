@@ -21,7 +21,10 @@ revoked TPM needs to enroll again (docs/operations.md, "Revocation"; docs/threat
 - Re-enrolling the EK of a revoked device needs an approved ``device.reenroll`` request
   (``keyfleet propose reenroll DEVICE``): ``reenroll_approval`` finds it at ``start`` and
   ``consume_reenroll`` re-verifies its Authorization (operator CA, quorum policy in force,
-  window) and marks it used in the transaction that registers the new identity: once.
+  window) and marks it used in the transaction that registers the new identity: once. An
+  identity counts as revoked while its state is ``revoked`` or its DevID certificate is on the
+  CRL (``identity_revoked``: a revoked identity later marked destroyed still needs the quorum).
+- ``keyfleet crl`` (``write_current_crl``) writes the broker's file before its first start.
 
 Check ids: ``enroll.revoked`` (a revoked device's EK without an approved, unused, valid
 re-enroll request), ``revocation.crl.file`` (the CRL could not be written for the broker).

@@ -1,8 +1,10 @@
 """Periodic work every instance's ``tick`` offers, done by one instance at a time: the
 attestation schedule (every ``ATTEST_SCAN_SECONDS``: challenge the online devices whose last
 verdict or challenge is an ``interval`` old; operator attestations without a report end in
-``timeout``) and pruning (once a minute fleet-wide: held halves nobody completed, ended jobs of
-ended operations, operations finished a day ago).
+``timeout``), pruning (once a minute fleet-wide: held halves nobody completed, ended jobs of
+ended operations, operations finished a day ago) and the device CA's CRL (``crl_tick``: re-issued
+at half its validity by one instance; every instance's ``[revocation] crl_file`` kept at the
+newest; a revocation's CRL written ``CRL_WRITE_GRACE_MS`` after it was accepted).
 
 Each task is claimed with a lease in the database (``store.claim_task``): the instance that
 claims it runs it and sets when it is due next; a killed instance's task is taken over within a
