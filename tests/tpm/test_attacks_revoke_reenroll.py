@@ -32,7 +32,7 @@ from agent.protocol.lifecycle import KeyState
 from agent.protocol.wire.messages.operator import Approve, Propose
 from agent.protocol.wire.messages.result import RequestState
 from agent.tpm.store import TPMStore
-from provisioning import audit, revocation
+from provisioning import audit, listings, revocation
 from provisioning.db.engine import make_engine
 from provisioning.db.runtime import create_service_schema
 from provisioning.enroll import DeviceIdentity, Enrollment
@@ -236,6 +236,18 @@ def test_revoke_issues_the_crl_and_compromises_the_keys(setup: Setup) -> None:
         "devid": KeyState.COMPROMISED,
         "g1.leaf": KeyState.DESTROYED,
     }
+    # what `keyfleet devices --keys` shows: the service-recorded step at the revocation's time
+    (devid,) = [
+        row
+        for row in run_in_transaction(setup.sessions, listings.list_device_keys)
+        if row["key"] == "devid"
+    ]
+    assert devid["device_state"] == "revoked" and devid["state"] == "compromised"
+    assert devid["transitions"] == [
+        ["pre-activation", NOW],
+        ["active", NOW],
+        ["compromised", NOW + 10],
+    ]
 
 
 def test_a_revoked_tpm_enrolls_again_only_with_two_approvals_and_only_once(setup: Setup) -> None:
