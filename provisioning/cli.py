@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import ConfigError, KeyfleetError
 from agent.protocol.wire.messages.operator import AttestDevice, Propose, Rekey
 from agent.version import add_version_option
-from provisioning import audit, audit_cli, pki
+from provisioning import audit, audit_cli, pki, revocation
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard
 from provisioning.db import migrations
@@ -342,6 +342,23 @@ def _serve(args: argparse.Namespace) -> int:
         if dashboard is not None:
             dashboard.stop()
     return EXIT_OK
+
+
+def _crl(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    settings = revocation.settings_from_config(config)
+    if settings.crl_file is None:
+        raise ConfigError(f"{args.config}: [revocation] crl_file is not set")
+    engine = make_engine(config.database_url)
+    try:
+        _ready_schema(engine, args.config)
+        number = revocation.write_current_crl(
+            settings, session_factory(engine), now=int(time.time())
+        )
+    finally:
+        engine.dispose()
+    print(f"CRL {number} of the device CA in {settings.crl_file}")
+    return 0
 
 
 def _operator_add(args: argparse.Namespace) -> int:
@@ -666,6 +683,13 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     serve.add_argument("--config", metavar="FILE", required=True, help="service configuration")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(handler=_serve)
+
+    crl = commands.add_parser(
+        "crl",
+        help="write the device CA's CRL to [revocation] crl_file (issuing one if none is current)",
+    )
+    crl.add_argument("--config", metavar="FILE", required=True, help="service configuration")
+    crl.set_defaults(handler=_crl)
 
     operator = commands.add_parser("operator", help="operators of the fleet")
     operator_commands = operator.add_subparsers(dest="operator_command", required=True)

@@ -44,6 +44,10 @@ Example (``docs/service.md`` describes every key):
     checkpoint_key = "pki/audit-checkpoint.key"
     checkpoint_interval_seconds = 300
 
+    [revocation]
+    crl_file = "/var/lib/keyfleet/broker/crl.pem"
+    broker_crls = ["pki/operator-ca.crl", "pki/tls-ca.crl"]
+
     [http]
     listen = "127.0.0.1:8443"
     tls_cert = "pki/enroll-server.pem"
@@ -60,7 +64,7 @@ Example (``docs/service.md`` describes every key):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +78,7 @@ from agent.configschema import (
     ConfigProblems,
     Field,
     Int,
+    List,
     Parse,
     Predicate,
     ReadableFile,
@@ -92,7 +97,17 @@ DATABASE_URL_EXPECTED = (
 )
 LISTEN_EXPECTED = "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443"
 OPTIONAL_SECTIONS = frozenset(
-    {"database", "groups", "quorum", "http", "service", "dashboard", "metrics", "audit"}
+    {
+        "database",
+        "groups",
+        "quorum",
+        "revocation",
+        "http",
+        "service",
+        "dashboard",
+        "metrics",
+        "audit",
+    }
 )
 # Optional tables whose absence means "not served" rather than "defaults".
 ABSENT_MEANS_OFF = frozenset({"http", "dashboard", "metrics"})
@@ -156,6 +171,19 @@ class AuditConfig:
 
     checkpoint_key: Path | None = None
     checkpoint_interval_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class RevocationConfig:
+    """[revocation]: the device CA's CRL for the broker. ``crl_file``: where the service writes
+    it (the broker's ``crlfile``; absent: no file is written, the CRL is still issued and
+    stored); ``broker_crls``: the CRLs of the broker's other client CAs (operator CA, the
+    service's own CA), appended to the file because Mosquitto refuses a client whose CA has no
+    CRL in it; ``crl_validity_seconds``: each CRL's next-update (re-issued at half of it)."""
+
+    crl_file: Path | None = None
+    broker_crls: tuple[Path, ...] = ()
+    crl_validity_seconds: int = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -224,6 +252,7 @@ class ServiceConfig:
     service: ServiceRuntimeConfig = field(default_factory=ServiceRuntimeConfig)
     quorum: QuorumConfig = field(default_factory=QuorumConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    revocation: RevocationConfig = field(default_factory=RevocationConfig)
     metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
 
@@ -262,6 +291,20 @@ def _database_url(base: Path) -> Parse:
         DATABASE_URL_EXPECTED,
         shown=lambda value: f'"{redact_url(value)}"',
     )
+
+
+def _output_file(base: Path) -> Callable[[str], Path]:
+    """A file the service writes: relative to ``base``, in an existing directory."""
+
+    def parse(value: str) -> Path:
+        path = Path(value)
+        if not path.is_absolute():
+            path = base / path
+        if not path.parent.is_dir():
+            raise ValueError(f"no directory {path.parent}")
+        return path
+
+    return parse
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -337,6 +380,11 @@ def _schema(base: Path) -> Table:
             "checkpoint_key": Field(file(private=True)),
             "checkpoint_interval_seconds": Field(seconds(10, 86400), default=300),
         },
+        "revocation": {
+            "crl_file": Field(Parse(Str("a file path"), _output_file(base), "a file path")),
+            "broker_crls": Field(List(file(), max_items=16), default=[]),
+            "crl_validity_seconds": Field(seconds(3600, 366 * 86400), default=7 * 86400),
+        },
         "service": {
             "signing_key": Field(file(private=True)),
             "instance": Field(name, default="1"),
@@ -381,6 +429,11 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         groups=GroupsConfig(**sections["groups"]),
         quorum=QuorumConfig(**sections["quorum"]),
         audit=AuditConfig(**sections["audit"]),
+        revocation=RevocationConfig(
+            crl_file=sections["revocation"].get("crl_file"),
+            broker_crls=tuple(sections["revocation"]["broker_crls"]),
+            crl_validity_seconds=sections["revocation"]["crl_validity_seconds"],
+        ),
         http=None
         if http is None
         else HttpConfig(

@@ -35,6 +35,9 @@ ends the session (one try), and every accept and refusal is audited. Further che
     enroll.credential       the secret is not the one MakeCredential protected
     enroll.station.unknown  the client certificate is not a registered station's
     enroll.revoke.unknown / enroll.revoke.state  see ``revoke``
+    enroll.revoked          the EK's identity was revoked by operators and there is no approved,
+                            unused, valid ``device.reenroll`` request for it (checked at start,
+                            verified and used up at finish: ``provisioning.revocation``)
     registry.*              the registry refused the registration
 
 The certify's qualifying data is SHA-256("keyfleet/enroll/certify/v1" 0x00 || nonce || TLS SPKI)
@@ -101,10 +104,11 @@ from agent.protocol.attest import (
     tpm_name,
     verify_certify,
 )
+from agent.protocol.authz import AuthzVerifier
 from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError
 from agent.protocol.secret import Secret
 from agent.serial_link import INSTALL_ARGS
-from provisioning import audit
+from provisioning import audit, revocation
 from provisioning.config import ServiceConfig
 from provisioning.db.engine import rowcount, run_in_transaction
 from provisioning.db.schema import Device, EnrollSession
@@ -651,11 +655,22 @@ class Enrollment:
 
         def registered(session: Session) -> str | None:
             record = Registry(session).device_by_ek(ek_fp)
+            if record is not None and revocation.identity_revoked(session, record):
+                if revocation.reenroll_approval(session, record.device_id) is None:
+                    raise ProtocolError(
+                        "enroll.revoked",
+                        f"this TPM's identity {record.device_id} is revoked: it enrolls again "
+                        "only with an approved 'keyfleet propose reenroll' request",
+                    )
+                return None  # the approval is verified and used at finish
             if record is None or record.state in REENROLLABLE:
                 return None  # a destroyed or revoked identity is replaced at finish
             return f"{record.device_id} ({record.state.value})"
 
-        holder = run_in_transaction(self._db, registered)
+        try:
+            holder = run_in_transaction(self._db, registered)
+        except ProtocolError as exc:
+            raise _Tagged(ek_fp, exc) from None
         if holder is not None:
             raise _Tagged(
                 ek_fp,
@@ -927,9 +942,20 @@ class Enrollment:
                     ak_public=pending.ak_public,
                 )
             else:
-                # Re-provisioning after a factory reset (or of a revoked device): the same TPM
-                # gets a new identity under the same device id; the old one's history stays in
-                # the audit log; its replay state goes with it (the new agent counts from seq 1).
+                # Re-provisioning after a factory reset (or of a revoked device, with the
+                # quorum's approval, used up here): the same TPM gets a new identity under the
+                # same device id; the old one's history stays in the audit log; its replay
+                # state goes with it (the new agent counts from seq 1).
+                if revocation.identity_revoked(session, previous):
+                    revocation.consume_reenroll(
+                        session,
+                        previous.device_id,
+                        devid_point=_devid_point(previous.devid_cert_pem),
+                        verifier=AuthzVerifier(self.settings.operator_anchors),
+                        min_approvals=self.settings.min_approvals,
+                        station=station,
+                        now=now,
+                    )
                 registry.reenroll_device(
                     previous.device_id,
                     ek_cert_fingerprint=pending.ek_fingerprint,
@@ -937,6 +963,12 @@ class Enrollment:
                     now=now,
                     ak_public=pending.ak_public,
                 )
+            revocation.record_issued(
+                session,
+                pending.device_id,
+                [(revocation.KIND_DEVID, devid_cert), (revocation.KIND_TLS, tls_cert)],
+                now=now,
+            )
             audit.append(
                 session,
                 now=now,
@@ -1051,6 +1083,16 @@ class Enrollment:
         return run_in_transaction(
             self._db, lambda s: frozenset(s.scalars(select(EnrollSession.session_id)))
         )
+
+
+def _devid_point(devid_cert_pem: str) -> bytes:
+    """The uncompressed EC point of a stored DevID certificate (what a re-enroll request names)."""
+    public = cert_from_pem(devid_cert_pem.encode()).public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ProtocolError("enroll.revoked", "the revoked identity's DevID key is not an EC key")
+    return public.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
 
 
 def _purge(session: Session, now: int) -> None:

@@ -16,6 +16,8 @@ plus ``client-cas.pem``, the bundle the broker trusts for client certificates (T
 operator CA). ``keyfleet pki issue KIND NAME`` makes a key and a certificate from the matching CA:
 ``operator`` (role in the OU: viewer, operator or admin), ``station``, ``service`` (the service's
 MQTT client identity) and ``server`` (TLS server, with the DNS names and addresses clients dial).
+``keyfleet pki crl tls|operator`` writes a CRL of that CA (``DIR/<ca>.crl``, numbered above the
+previous one) for the broker's ``crlfile`` (``[revocation] broker_crls``).
 
 Private keys are written 0600 and atomically, and are never printed. With ``--passphrase-file``
 the keys of the offline CAs (TLS, operator, station) are encrypted; ``issue`` then needs the same
@@ -33,15 +35,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.fsio import atomic_write
 from agent.protocol.errors import ConfigError, ProtocolError
-from provisioning import pki
+from provisioning import pki, revocation
 from provisioning.service.operators import OPERATOR_PREFIX
 
 EXIT_OK = 0
 CA_DAYS = 3650
 LEAF_DAYS = 365
+CRL_DAYS = 365
 ROLES = ("viewer", "operator", "admin")
 CLIENT_CA_BUNDLE = "client-cas.pem"
 # A name becomes a file name and an MQTT topic level: keep it to what is safe for both.
@@ -277,6 +282,28 @@ def _issue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- keyfleet pki crl --------------------------------------------------------------------------
+
+
+def _crl(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    fleet_ca = TLS_CA if args.ca == "tls" else OPERATOR_CA
+    ca = load_ca(directory, fleet_ca, _read_passphrase(args.passphrase_file))
+    path = directory / f"{fleet_ca.stem}.crl"
+    previous = revocation.file_crl_number(path) if path.exists() else None
+    now = int(datetime.now(UTC).timestamp())
+    crl = revocation.build_crl(
+        ca,
+        [],
+        number=(previous or 0) + 1,
+        this_update=now,
+        next_update=now + args.days * 86400,
+    )
+    atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    print(f"wrote {path} (CRL {revocation.crl_number(crl)} of the {fleet_ca.title})")
+    return EXIT_OK
+
+
 # ---- the argparse tree -------------------------------------------------------------------------
 
 
@@ -338,3 +365,21 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     issue_parser.add_argument("--days", type=_days, default=LEAF_DAYS, help=f"({LEAF_DAYS})")
     issue_parser.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
     issue_parser.set_defaults(handler=_issue)
+
+    crl_parser = pki_commands.add_parser(
+        "crl",
+        help="write a CRL of the TLS or operator CA for the broker's crlfile",
+        description=(
+            "Write DIR/CA.crl: a CRL of the TLS or operator CA, numbered one above the file's "
+            "previous one, listing no certificate, valid for --days. With crlfile set the broker "
+            "refuses every client whose CA has no current CRL in it: name these files in "
+            "[revocation] broker_crls and issue them again before they expire "
+            "(docs/operations.md, \"Revocation\"). The device CA's CRL is the service's "
+            "(keyfleet crl)."
+        ),
+    )
+    crl_parser.add_argument("ca", choices=("tls", "operator"))
+    crl_parser.add_argument("--dir", default=".", metavar="DIR", help="the PKI directory (.)")
+    crl_parser.add_argument("--days", type=_days, default=CRL_DAYS, help=f"({CRL_DAYS})")
+    crl_parser.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
+    crl_parser.set_defaults(handler=_crl)

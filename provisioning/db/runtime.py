@@ -257,6 +257,34 @@ class AuditCheckpointRow(ServiceBase):
     signed: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class DeviceCertRow(ServiceBase):
+    """Every certificate the device CA issued to a device (its DevID and its MQTT TLS client
+    certificate, recorded at enrollment), by serial; ``revoked_at`` set when the device was
+    revoked: the device CA's CRL lists every row that has it (``provisioning.revocation``)."""
+
+    __tablename__ = "service_device_certs"
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex, no leading zeros
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "devid" or "tls"
+    not_after: Mapped[int] = mapped_column(BigInteger)
+    issued_at: Mapped[int] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class DeviceCrlRow(ServiceBase):
+    """The device CA's CRLs, one row per CRL number (monotone: the primary key makes two
+    instances issuing at once conflict, and the loser retries with the next number)."""
+
+    __tablename__ = "service_device_crls"
+
+    number: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    this_update: Mapped[int] = mapped_column(BigInteger)
+    next_update: Mapped[int] = mapped_column(BigInteger)
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 def create_service_schema(engine: Engine) -> None:
     """Create the runtime tables directly (tests that build a bare database; ``keyfleet db
     init`` runs the migrations instead)."""

@@ -29,6 +29,7 @@ from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
 from provisioning.registry import run_in_transaction
+from provisioning.revocation import RevocationSettings
 from provisioning.service.model import AttestationSettings, ServiceSettings
 
 T = TypeVar("T")
@@ -79,6 +80,12 @@ class Env:
     authz_verifier: AuthzVerifier | None = None
     # Signs audit checkpoints (``checkpoints``); None: the service makes none.
     checkpoint_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
+    # The device CA and the broker's CRL file (``provisioning.revocation``); None: revoking
+    # records the revoked certificates and compromised keys but signs no CRL (tests of flows
+    # that do not revoke).
+    revocation: RevocationSettings | None = None
+    crl_checked_at: int = 0  # when ``tasks.crl_tick`` last compared the CRL file and database
+    crl_write_at_ms: int | None = None  # a revocation's CRL goes to the file then (``WriteCrl``)
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""

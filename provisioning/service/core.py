@@ -45,7 +45,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.protocol.hpke import Rng
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
-from provisioning.service import attestation, execute, feed, intake, store
+from provisioning.revocation import RevocationSettings
+from provisioning.service import attestation, execute, feed, intake, store, tasks
 from provisioning.service.context import Call, Clock, Env
 from provisioning.service.model import (
     AttestationSettings,
@@ -87,6 +88,7 @@ class DeliveryService:
         instance: str = "1",
         metrics: ServiceMetrics | None = None,
         checkpoint_key: ec.EllipticCurvePrivateKey | None = None,
+        revocation: RevocationSettings | None = None,
     ) -> None:
         self._env = Env(
             sessions=sessions,
@@ -98,6 +100,7 @@ class DeliveryService:
             instance=instance,
             rng=rng,
             checkpoint_key=checkpoint_key,
+            revocation=revocation,
         )
 
     @property
@@ -162,6 +165,14 @@ class DeliveryService:
         cx = Call(self._env, Clock.reading(now))
         execute.run(cx, self._env.read(lambda s: feed.publish_head(s, now=now)))
         return intake.sign(cx)
+
+    def ensure_crl(self, now: int) -> None:
+        """Issue the device CA's first CRL if there is none (or the newest is past half its
+        validity) and write it to the broker's CRL file: what ``tick`` does every
+        ``tasks.CRL_CHECK_SECONDS``, now (the broker cannot start without the file)."""
+        cx = Call(self._env, Clock.reading(now))
+        self._env.crl_checked_at = 0
+        tasks.crl_tick(cx, now)
 
     def queue_length(self, group_id: str) -> int:
         """Open jobs of ``group_id`` (queued or in flight), fleet-wide."""

@@ -60,6 +60,7 @@ def tick(cx: Call, now: int) -> None:
     tasks.attest_tick(cx, now)
     tasks.prune_tick(cx, now)
     checkpoints.checkpoint_tick(cx, now)
+    tasks.crl_tick(cx, now)
 
 
 def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> None:

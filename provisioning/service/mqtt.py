@@ -39,7 +39,7 @@ from agent.mqtt import MqttClient
 from agent.protocol.errors import KeyfleetError
 from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.cose import key_id
-from provisioning import pki
+from provisioning import pki, revocation
 from provisioning.config import ServiceConfig
 from provisioning.db.runtime import create_service_schema
 from provisioning.enroll import Enrollment, EnrollmentSettings
@@ -125,6 +125,7 @@ class ServiceRunner:
         key_path = config.service.signing_key or config.broker.client_key
         signing_key = pki.key_from_pem(key_path.read_bytes())
         operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())
+        self.revocation = revocation.settings_from_config(config)
         self.service = DeliveryService(
             session_factory(self._engine),
             signing_key=signing_key,
@@ -134,7 +135,11 @@ class ServiceRunner:
             instance=config.service.instance,
             metrics=self.metrics,
             checkpoint_key=load_checkpoint_key(config, signing_key.public_key()),
+            revocation=self.revocation,
         )
+        # The broker's crlfile must exist before the broker starts (and hold a current CRL):
+        # issue the first one now if there is none, and bring the file up to date.
+        self.service.ensure_crl(int(clock()))
         self.client_id = f"keyfleet-service-{config.service.instance}"
         self.client = MqttClient(
             host=config.broker.host,

@@ -45,7 +45,7 @@ from agent.protocol.wire.messages.operator import (
 )
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction
-from provisioning import audit, pki
+from provisioning import audit, pki, revocation
 from provisioning.registry import (
     DeviceState,
     OperatorRecord,
@@ -57,7 +57,15 @@ from provisioning.registry import (
 )
 from provisioning.service import attestation, checkpoints, execute, requests, store, verify
 from provisioning.service.context import Call
-from provisioning.service.effects import Accepted, CancelAddsOf, Effects, Log, Progress, StartNext
+from provisioning.service.effects import (
+    Accepted,
+    CancelAddsOf,
+    Effects,
+    Log,
+    Progress,
+    StartNext,
+    WriteCrl,
+)
 from provisioning.service.model import GROUP_ELIGIBLE, Job, Operation
 
 log = logging.getLogger("keyfleet.service")
@@ -396,9 +404,9 @@ def plan_group_remove(
 def plan_revoke(
     cx: Call, session: Session, device_id: str, *, reason: str | None, operator: str, now: int
 ) -> tuple[list[Job], set[str]]:
-    Registry(session).set_device_state(
-        device_id, DeviceState.REVOKED, reason=reason or f"revoked by {operator}", now=now
-    )
+    reason = reason or f"revoked by {operator}"
+    Registry(session).set_device_state(device_id, DeviceState.REVOKED, reason=reason, now=now)
+    revocation.revoke_device(session, cx.env.revocation, device_id, reason=reason, now=now)
     return plan_removal(cx, session, device_id, now)
 
 
@@ -479,6 +487,7 @@ def start_change(
         Accepted(operation, detail),
         *(StartNext(group_id) for group_id in sorted(groups)),
         Progress(command_id),
+        *((WriteCrl(),) if revoked is not None else ()),
     ]
 
 

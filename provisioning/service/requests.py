@@ -21,7 +21,8 @@ new quorum policy) runs (docs/operations.md, "Dual control").
 - ``expire_tick``: pending requests past their window become ``expired``.
 
 Every step is one audit entry (``request.propose``, ``request.approve``, ``request.execute``,
-``request.refuse``, ``request.expire``, ``quorum.policy``); refusals are audited by the
+``request.refuse``, ``request.expire``, ``quorum.policy``; a ``device.reenroll`` request stays
+``approved`` until enrollment uses it, ``request.consume``); refusals are audited by the
 caller (``verify.refuse``) with their check id: ``quorum.unknown``, ``quorum.expired``,
 ``quorum.state``, ``quorum.approver``, ``quorum.duplicate``, ``op.role``, ``authz.*``.
 
@@ -51,7 +52,7 @@ from agent.protocol.wire.messages.result import (
     RequestsResult,
     RequestState,
 )
-from provisioning import audit
+from provisioning import audit, revocation
 from provisioning.registry import DeviceState, Outcome, Registry, Role
 from provisioning.service import feed, operators, store
 from provisioning.service.context import Call
@@ -70,7 +71,7 @@ OPERATION_TYPES = {
 }
 # Ops whose proposal and approval the service gives to admins only (a revocation was an admin
 # command before dual control; a policy change is an admin's per the authorization format).
-ADMIN_OPS = frozenset({authz.OP_DEVICE_REVOKE, authz.OP_POLICY})
+ADMIN_OPS = frozenset({authz.OP_DEVICE_REVOKE, authz.OP_DEVICE_REENROLL, authz.OP_POLICY})
 # What one ``op.list_requests`` answer holds at most (a service message is at most 256 KiB).
 LIST_BYTES = 160 * 1024
 
@@ -89,10 +90,7 @@ def verifier(cx: Call) -> authz.AuthzVerifier:
 def current_policy(cx: Call, session: Session) -> authz.QuorumPolicy:
     """The initial policy, moved along every adopted policy in serial order, each verified
     under the one before it (historically: its window need not be now)."""
-    policy = authz.QuorumPolicy.initial(cx.env.settings.min_approvals)
-    for _serial, stored in store.adopted_policies(session):
-        policy = verifier(cx).verify_policy_update(stored, current=policy, now=None)
-    return policy
+    return revocation.quorum_policy(session, verifier(cx), cx.env.settings.min_approvals)
 
 
 # -- dispatch -----------------------------------------------------------------------------------
@@ -179,6 +177,14 @@ def check_request(
         operators.check_remove(session, group, members[0])
     elif op == authz.OP_DEVICE_REVOKE and registry.device(members[0]).state is DeviceState.REVOKED:
         raise ProtocolError("registry.device.revoked", f"{members[0]} is revoked already")
+    elif op == authz.OP_DEVICE_REENROLL and not revocation.identity_revoked(
+        session, device := registry.device(members[0])
+    ):
+        raise ProtocolError(
+            "revocation.reenroll.state",
+            f"{members[0]} is {device.state.value}: only a revoked identity's TPM needs a "
+            "re-enroll request",
+        )
 
 
 def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: int) -> Effects:
@@ -382,6 +388,20 @@ def execute_request(
         return [
             Log(logging.WARNING, "request %s refused: %s", (stored.request_id.hex(), stored.detail))
         ]
+    if stored.op == authz.OP_DEVICE_REENROLL:
+        # Nothing runs now: the request stays approved until enrollment of that TPM uses it
+        # (``revocation.consume_reenroll``, once, within its window).
+        stored.detail = f"approved by {', '.join(stored.approvers)}; the TPM may enroll once"
+        audit.append(
+            session,
+            now=now,
+            actor=f"operator:{operator}",
+            action="request.execute",
+            target=stored.request_id.hex(),
+            outcome=Outcome.ACCEPTED,
+            details={"op": stored.op, "approvers": ",".join(stored.approvers)},
+        )
+        return [Log(logging.INFO, "re-enroll of %s approved", (stored.members[0],))]
     jobs, groups = plan(cx, session, stored, operator, now)
     stored.state = RequestState.EXECUTED
     stored.command_id = command_id

@@ -37,7 +37,11 @@ REQUEST_ID_SIZE = 16
 MAX_APPROVAL = 16 * 1024
 MAX_POLICY = 64 * 1024
 # What a request may ask for (agent.protocol.authz op names); the members each op names.
-PROPOSABLE_OPS = frozenset({"group.create", "group.add", "group.remove", "device.revoke", "policy"})
+PROPOSABLE_OPS = frozenset(
+    {"group.create", "group.add", "group.remove", "device.revoke", "device.reenroll", "policy"}
+)
+# The ops that name one device and no group.
+DEVICE_ONLY_OPS = frozenset({"device.revoke", "device.reenroll"})
 
 
 def check_request_id(value: object) -> None:
@@ -125,11 +129,12 @@ class AttestDevice(Body):
 class Propose(Body):
     """Ask the service for a Request of ``op``: ``group.create`` (``group_id``, ``members`` the
     founders, first first), ``group.add`` / ``group.remove`` (``group_id``, one member),
-    ``device.revoke`` (one member, no group; ``reason`` the text recorded with the revocation)
-    or ``policy`` (``policy``: the new QuorumPolicy's
-    bytes, nothing else). The answer is the Request, unsigned; the proposer approves it with
-    ``op.approve`` after checking it (the Request's bytes are the service's, with its random id,
-    times and the members' key hashes, so no approval can travel with the proposal)."""
+    ``device.revoke`` (one member, no group; ``reason`` the text recorded with the revocation),
+    ``device.reenroll`` (one revoked member, no group: its TPM may enroll once more) or
+    ``policy`` (``policy``: the new QuorumPolicy's bytes, nothing else). The answer is the
+    Request, unsigned; the proposer approves it with ``op.approve`` after checking it (the
+    Request's bytes are the service's, with its random id, times and the members' key hashes,
+    so no approval can travel with the proposal)."""
 
     TYPE: ClassVar[str] = "op.propose"
 
@@ -158,7 +163,7 @@ class Propose(Body):
             return
         if self.policy is not None:
             raise ProtocolError("body.malformed", f"{self.op} carries no policy")
-        if (self.group_id is None) != (self.op == "device.revoke"):
+        if (self.group_id is None) != (self.op in DEVICE_ONLY_OPS):
             raise ProtocolError("body.malformed", f"{self.op}: group_id is wrong for the op")
         if self.op == "group.create":
             if not self.members:
