@@ -190,6 +190,8 @@ def on_attest_report(
     waiting = store.take_attest_operation(session, body.nonce)
     if device.ak_public is None:
         raise ProtocolError("attest.device.ak", f"device {sender!r} has no AK registered")
+    # The stored AK is the one the device's DevID certificate names (``cred.stored``).
+    cx.env.devices.check(device, now)
     try:
         verdict = verify_evidence(
             Evidence.from_report(body),

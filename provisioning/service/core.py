@@ -46,6 +46,7 @@ from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
 from provisioning.service import attestation, intake, store
 from provisioning.service.context import Call, Clock, Env
+from provisioning.service.credentials import StoredDevices
 from provisioning.service.model import (
     AttestationSettings,
     AttestOperation,
@@ -80,6 +81,7 @@ class DeliveryService:
         *,
         signing_key: ec.EllipticCurvePrivateKey,
         operator_ca: x509.Certificate,
+        device_ca: x509.Certificate,
         settings: ServiceSettings | None = None,
         attestation: AttestationSettings | None = None,
         rng: Rng = os.urandom,
@@ -94,6 +96,7 @@ class DeliveryService:
             attestation=attestation,
             metrics=metrics if metrics is not None else ServiceMetrics(),
             instance=instance,
+            devices=StoredDevices(device_ca),
             rng=rng,
         )
 
