@@ -31,6 +31,7 @@ Example (``docs/service.md`` describes every key):
     golden_measurements = "policy/golden.toml"
     interval_seconds = 3600
     quarantine = true
+    manufacturer_crls = "pki/manufacturer-crls.pem"
 
     [groups]
     commit_log_retention_epochs = 64
@@ -121,10 +122,14 @@ class DeviceCAConfig:
 
 @dataclass(frozen=True)
 class AttestationConfig:
+    """[attestation]. ``manufacturer_crls``: the CRLs of the manufacturer CAs the operator
+    imported (``keyfleet pki import-crl``, provisioning.ekcrls); None: none are checked."""
+
     manufacturer_cas: Path
     golden_measurements: Path
     interval_seconds: int
     quarantine: bool = False
+    manufacturer_crls: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,24 @@ def _database_url(base: Path) -> Parse:
     )
 
 
+def _file_to_write(base: Path) -> Parse:
+    """A file that a command writes (it need not exist yet) in an existing directory; relative
+    to ``base``."""
+    expected = "a file path in an existing directory"
+
+    def parse(value: str) -> Path:
+        path = Path(value)
+        if not path.is_absolute():
+            path = base / path
+        if not path.parent.is_dir():
+            raise ValueError(f"no directory {path.parent}")
+        if path.exists() and not path.is_file():
+            raise ValueError("not a regular file")
+        return path
+
+    return Parse(Str(expected), parse, expected)
+
+
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
@@ -293,6 +316,7 @@ def _schema(base: Path) -> Table:
             "golden_measurements": Field(file(), required=True),
             "interval_seconds": Field(seconds(10, 7 * 86400), default=3600),
             "quarantine": Field(Bool(), default=False),
+            "manufacturer_crls": Field(_file_to_write(base)),
         },
         "groups": {
             "commit_log_retention_epochs": Field(Int(1, 1_000_000, "epochs"), default=64),

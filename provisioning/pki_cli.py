@@ -16,6 +16,8 @@ plus ``client-cas.pem``, the bundle the broker trusts for client certificates (T
 operator CA). ``keyfleet pki issue KIND NAME`` makes a key and a certificate from the matching CA:
 ``operator`` (role in the OU: viewer, operator or admin), ``station``, ``service`` (the service's
 MQTT client identity) and ``server`` (TLS server, with the DNS names and addresses clients dial).
+``keyfleet pki import-crl CRL --config FILE`` imports a TPM manufacturer CA's CRL
+(``provisioning.ekcrls``).
 
 Private keys are written 0600 and atomically, and are never printed. With ``--passphrase-file``
 the keys of the offline CAs (TLS, operator, station) are encrypted; ``issue`` then needs the same
@@ -25,7 +27,9 @@ file. Nothing is overwritten: an existing target file is an error and nothing is
 from __future__ import annotations
 
 import argparse
+import getpass
 import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -36,7 +40,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol.errors import ConfigError, ProtocolError
-from provisioning import pki
+from provisioning import audit, pki
+from provisioning.config import ServiceConfig, load_config
+from provisioning.ekcrls import import_crl
+from provisioning.registry import Outcome, make_engine, session_factory
 from provisioning.service.operators import OPERATOR_PREFIX
 
 EXIT_OK = 0
@@ -277,6 +284,81 @@ def _issue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- keyfleet pki import-crl ---------------------------------------------------------------------
+
+
+def _import_crl(args: argparse.Namespace) -> int:
+    """Check a manufacturer CA's CRL and add it to ``[attestation] manufacturer_crls``
+    (provisioning.ekcrls); audited in the service's database."""
+    config = load_config(args.config)
+    crl_path = config.attestation.manufacturer_crls
+    if crl_path is None:
+        raise ConfigError(
+            f"{config.path}: [attestation] manufacturer_crls is not set: name the file the "
+            "imported CRLs are kept in (e.g. pki/manufacturer-crls.pem) and run this again"
+        )
+    try:
+        data = Path(args.crl).read_bytes()
+        bundle = pki.certs_from_pem(config.attestation.manufacturer_cas.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    now = int(time.time())
+    actor = f"local:{getpass.getuser()}"
+    try:
+        checked = import_crl(bundle, crl_path, data, now=datetime.fromtimestamp(now, UTC))
+    except ProtocolError as err:
+        _audit_import(
+            config,
+            actor,
+            args.crl,
+            Outcome.REFUSED,
+            reason=f"[{err.check}] {err.reason}",
+            details={},
+        )
+        raise
+    for crl in checked:
+        issuer = crl.issuer.subject.rfc4514_string()
+        _audit_import(
+            config,
+            actor,
+            issuer,
+            Outcome.ACCEPTED,
+            reason="",
+            details={"crl_number": crl.number, "revoked": len(crl.crl), "file": str(crl_path)},
+        )
+        print(
+            f"CRL of {issuer} imported into {crl_path}: number {crl.number}, "
+            f"{len(crl.crl)} revoked, next update {crl.crl.next_update_utc:%Y-%m-%d %H:%M} UTC"
+        )
+    return EXIT_OK
+
+
+def _audit_import(
+    config: ServiceConfig,
+    actor: str,
+    /,
+    target: str,
+    outcome: Outcome,
+    *,
+    reason: str,
+    details: dict[str, str | int | None],
+) -> None:
+    engine = make_engine(config.database_url)
+    try:
+        audit.record(
+            session_factory(engine),
+            now=int(time.time()),
+            actor=actor,
+            action="pki.import_crl",
+            target=target,
+            outcome=outcome,
+            reason=reason,
+            details=details,
+        )
+    finally:
+        engine.dispose()
+
+
 # ---- the argparse tree -------------------------------------------------------------------------
 
 
@@ -338,3 +420,19 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     issue_parser.add_argument("--days", type=_days, default=LEAF_DAYS, help=f"({LEAF_DAYS})")
     issue_parser.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
     issue_parser.set_defaults(handler=_issue)
+
+    import_parser = pki_commands.add_parser(
+        "import-crl",
+        help="import a TPM manufacturer CA's CRL (EK certificates it lists stop enrolling)",
+        description=(
+            "Check CRL (PEM or DER: signed by a CA of [attestation] manufacturer_cas allowed to "
+            "sign CRLs, current, complete, not older than the one already imported for that CA) "
+            "and keep it in [attestation] manufacturer_crls in place of that CA's older one. "
+            "Enrollment refuses EK certificates it lists (ek.revoked) from the next enrollment on."
+        ),
+    )
+    import_parser.add_argument("crl", metavar="CRL", help="the CRL file")
+    import_parser.add_argument(
+        "--config", metavar="FILE", required=True, help="service configuration"
+    )
+    import_parser.set_defaults(handler=_import_crl)
