@@ -11,8 +11,10 @@ cannot file another operator's certificate under a name.
 Devices. Every use of a device's stored DevID certificate or AK public area goes through
 ``StoredDevices.check``: the DevID certificate must pass path validation to the configured device
 CA (``agent.protocol.credentials.CredentialVerifier``: clientAuth end-entity, keyUsage
-digitalSignature, SAN ``urn:keyfleet:device:<id>``), name that device, and, if an AK is stored,
-carry that AK's TPM Name in its AK-name extension. A row swapped by a database writer (a
+digitalSignature, SAN ``urn:keyfleet:device:<id>``) and name that device; where the AK is used
+(attestation) the stored AK must also be the one whose TPM Name the certificate's AK-name
+extension carries. (Only there: a device enrolled before DevID certificates named the AK keeps
+talking to the service, and only its attestation is refused.) A row swapped by a database writer (a
 certificate from another CA, another device's certificate, another AK) is refused at use with
 ``cred.stored``; the refusal is counted and audited by the flow that used it. Results are
 remembered by (device, certificate, AK) for as long as the certificates are valid, so the hot path
@@ -110,6 +112,7 @@ class StoredDevices:
     def __init__(self, device_ca: x509.Certificate, *, memo_size: int = MEMO_SIZE) -> None:
         self.device_ca = device_ca
         self._verifier = CredentialVerifier([device_ca], memo_size=memo_size)
+        # (device, certificate PEM, AK when it was checked too) -> the checked result
         self._memo: OrderedDict[tuple[str, str, bytes | None], StoredDevice] = OrderedDict()
         self._memo_size = memo_size
         self.validations = 0
@@ -117,22 +120,23 @@ class StoredDevices:
     def __repr__(self) -> str:
         return f"StoredDevices({len(self._memo)} remembered)"
 
-    def check(self, device: DeviceRecord, now: int) -> StoredDevice:
-        """``device``'s DevID key, once its stored certificate and AK pass. Raises
+    def check(self, device: DeviceRecord, now: int, *, with_ak: bool = False) -> StoredDevice:
+        """``device``'s DevID key, once its stored certificate passes, and with ``with_ak`` its
+        stored AK too (where the AK is used: attestation). Raises
         ``ProtocolError("cred.stored")``."""
-        key = (device.device_id, device.devid_cert_pem, device.ak_public)
+        key = (device.device_id, device.devid_cert_pem, device.ak_public if with_ak else None)
         memo = self._memo.get(key)
         if memo is not None and memo.not_before <= now <= memo.not_after:
             self._memo.move_to_end(key)
             return memo
-        checked = self._check(device, now)
+        checked = self._check(device, now, with_ak=with_ak)
         self._memo[key] = checked
         self._memo.move_to_end(key)
         while len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)
         return checked
 
-    def _check(self, device: DeviceRecord, now: int) -> StoredDevice:
+    def _check(self, device: DeviceRecord, now: int, *, with_ak: bool) -> StoredDevice:
         self.validations += 1
         name = device.device_id
         try:
@@ -148,7 +152,7 @@ class StoredDevices:
                 "cred.stored",
                 f"the stored DevID certificate of {name!r} names {verified.device_id!r}",
             )
-        if device.ak_public is not None:
+        if with_ak and device.ak_public is not None:
             try:
                 stored_ak = tpm_name(device.ak_public)
             except ProtocolError:

@@ -206,10 +206,8 @@ def test_another_devices_certificate_swapped_in_is_refused_at_use(fleet: Fleet) 
     assert state(fleet) == before
 
 
-def test_an_ak_swapped_into_the_database_is_refused_at_use(fleet: Fleet) -> None:
-    """Adversary: a database writer stores an AK of its choosing for dev-2, so that quotes by
-    that AK would be believed. The DevID certificate names the device's AK (here: none), so
-    every use of dev-2's credentials is refused with ``cred.stored``."""
+def _ak_area(seed: int) -> bytes:
+    """A well-formed TPM2B_PUBLIC of a restricted signing key (distinct per ``seed``)."""
     attributes = (
         TPMA_OBJECT.RESTRICTED
         | TPMA_OBJECT.SIGN_ENCRYPT
@@ -218,30 +216,16 @@ def test_an_ak_swapped_into_the_database_is_refused_at_use(fleet: Fleet) -> None
         | TPMA_OBJECT.SENSITIVEDATAORIGIN
         | TPMA_OBJECT.USERWITHAUTH
     )
-    area = bytes(TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", attributes).marshal())
-    write(fleet, "UPDATE devices SET ak_public = :ak WHERE device_id = 'dev-2'", ak=area)
-    before = state(fleet)
-    fleet.now += 1
-    refused(
-        fleet,
-        fleet.devices["dev-2"].report(KeyStateReport(()), fleet.now),
-        "cred.stored",
-        "device:dev-2",
-    )
-    assert state(fleet) == before
-    assert tpm_name(area)  # a well-formed TPM2B_PUBLIC: refused for what it is, not its shape
+    area = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", attributes)
+    area.publicArea.unique.ecc.x = seed.to_bytes(32, "big")
+    return bytes(area.marshal())
 
 
-# -- the memo ------------------------------------------------------------------------------------
-
-
-def test_a_checked_credential_is_remembered_and_a_changed_row_is_checked_again() -> None:
-    ca = pki.create_ca("device CA", now=utc(T0), valid_for=timedelta(days=2))
-    device = SoftDevice.create("dev-1", ca, pki.generate_key().public_key(), utc(T0))
-    record = DeviceRecord(
-        device_id="dev-1",
+def _record(device_id: str, cert_pem: str, ak_public: bytes | None) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=device_id,
         ek_cert_fingerprint="0" * 64,
-        devid_cert_pem=device.cert_pem,
+        devid_cert_pem=cert_pem,
         state=DeviceState.ACTIVE,
         state_reason="",
         registered_at=T0,
@@ -252,7 +236,51 @@ def test_a_checked_credential_is_remembered_and_a_changed_row_is_checked_again()
         last_seen=None,
         last_report=None,
         last_report_at=None,
+        ak_public=ak_public,
     )
+
+
+def test_a_stored_ak_must_be_the_one_the_devid_certificate_names() -> None:
+    """Adversary: a database writer stores an AK of its choosing for a device, so that its
+    quotes would be believed. Where the AK is used (attestation), the stored AK must hash to the
+    AK name in the device's DevID certificate (``cred.stored``); the signature key alone (every
+    other report) does not depend on it. On a real TPM through the service:
+    tests/tpm/test_attestation_service.py::test_an_ak_swapped_into_the_database_is_refused_at_use."""
+    ca = pki.create_ca("device CA", now=utc(T0), valid_for=timedelta(days=2))
+    genuine, forged = _ak_area(1), _ak_area(2)
+    cert = pki.issue_devid_cert(
+        ca,
+        pki.generate_key().public_key(),
+        device_id="dev-1",
+        hardware_serial="SN-1",
+        now=utc(T0),
+        valid_for=timedelta(days=1),
+        ak_name=tpm_name(genuine),
+    )
+    pem = pki.cert_to_pem(cert).decode()
+    stored = StoredDevices(ca.certificate)
+    stored.check(_record("dev-1", pem, genuine), T0, with_ak=True)
+    for record in (
+        _record("dev-1", pem, forged),  # another AK
+        _record(
+            "dev-1",
+            SoftDevice.create("dev-1", ca, pki.generate_key().public_key(), utc(T0)).cert_pem,
+            genuine,
+        ),
+    ):  # ... or a certificate that names no AK
+        with pytest.raises(ProtocolError) as refusal:
+            stored.check(record, T0, with_ak=True)
+        assert refusal.value.check == "cred.stored"
+        stored.check(record, T0)  # the DevID key itself is fine
+
+
+# -- the memo ------------------------------------------------------------------------------------
+
+
+def test_a_checked_credential_is_remembered_and_a_changed_row_is_checked_again() -> None:
+    ca = pki.create_ca("device CA", now=utc(T0), valid_for=timedelta(days=2))
+    device = SoftDevice.create("dev-1", ca, pki.generate_key().public_key(), utc(T0))
+    record = _record("dev-1", device.cert_pem, None)
     stored = StoredDevices(ca.certificate)
     for offset in range(100):
         assert stored.check(record, T0 + offset).device_id == "dev-1"

@@ -296,3 +296,31 @@ def test_scheduled_attestation_and_no_quarantine_without_the_option(
         assert len(member(fleet, "dev-1").challenges) == asked + 1
         # dev-3 was never heard from: not challenged (it would answer an expired nonce)
         assert member(fleet, "dev-3").challenges == []
+
+
+def test_an_ak_swapped_into_the_database_is_refused_at_use(
+    fleet: Fleet, swtpm_factory: SwtpmFactory
+) -> None:
+    """Adversary: a database writer stores another TPM's AK for dev-2, so that quotes by that
+    AK would be believed for dev-2. The stored AK must be the one dev-2's DevID certificate
+    names: dev-2's attestation report is refused at use with ``cred.stored`` (counted,
+    audited), no verdict is recorded, the device's state is unchanged."""
+    other = swtpm_factory.start()
+    with TPMStore(other.tcti) as store, store.load_key(store.create_key(KeyKind.AK)) as ak:
+        foreign = ak.public_area
+    with fleet.sessions.begin() as session:
+        row = session.get(Device, "dev-2")
+        assert row is not None
+        row.ak_public = foreign
+    before = fleet.service.rejections.count("cred.stored")
+    body = AttestDevice(os.urandom(16), "dev-2")
+    fleet.send(fleet.operators["op-alice"].command(body, fleet.now))
+    assert member(fleet, "dev-2").reports  # the device answered its challenge
+    assert fleet.service.rejections.count("cred.stored") == before + 1
+    entries = fleet.audit_entries()
+    assert not any(e.action == "attest.verdict" and e.target == "dev-2" for e in entries)
+    refusal = entries[-1]
+    assert refusal.actor == "device:dev-2" and refusal.outcome.value == "refused"
+    assert "[cred.stored]" in (refusal.reason or "")
+    row_now = device_row(fleet, "dev-2")
+    assert row_now["attestation"] is None and row_now["state"] == "registered"
