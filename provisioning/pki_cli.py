@@ -41,7 +41,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol.errors import ConfigError, ProtocolError
 from provisioning import audit, pki
-from provisioning.config import ServiceConfig, load_config
+from provisioning.config import load_config
+from provisioning.db import migrations
 from provisioning.ekcrls import import_crl
 from provisioning.registry import Outcome, make_engine, session_factory
 from provisioning.service.operators import OPERATOR_PREFIX
@@ -289,7 +290,8 @@ def _issue(args: argparse.Namespace) -> int:
 
 def _import_crl(args: argparse.Namespace) -> int:
     """Check a manufacturer CA's CRL and add it to ``[attestation] manufacturer_crls``
-    (provisioning.ekcrls); audited in the service's database."""
+    (provisioning.ekcrls); accepted or refused, it is audited in the service's database (which
+    must be at the current schema: checked before anything is written)."""
     config = load_config(args.config)
     crl_path = config.attestation.manufacturer_crls
     if crl_path is None:
@@ -302,61 +304,45 @@ def _import_crl(args: argparse.Namespace) -> int:
         bundle = pki.certs_from_pem(config.attestation.manufacturer_cas.read_bytes())
     except OSError as exc:
         raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
-    now = int(time.time())
-    actor = f"local:{getpass.getuser()}"
-    try:
-        checked = import_crl(bundle, crl_path, data, now=datetime.fromtimestamp(now, UTC))
-    except ProtocolError as err:
-        _audit_import(
-            config,
-            actor,
-            args.crl,
-            Outcome.REFUSED,
-            reason=f"[{err.check}] {err.reason}",
-            details={},
-        )
-        raise
-    for crl in checked:
-        issuer = crl.issuer.subject.rfc4514_string()
-        _audit_import(
-            config,
-            actor,
-            issuer,
-            Outcome.ACCEPTED,
-            reason="",
-            details={"crl_number": crl.number, "revoked": len(crl.crl), "file": str(crl_path)},
-        )
-        print(
-            f"CRL of {issuer} imported into {crl_path}: number {crl.number}, "
-            f"{len(crl.crl)} revoked, next update {crl.crl.next_update_utc:%Y-%m-%d %H:%M} UTC"
-        )
-    return EXIT_OK
-
-
-def _audit_import(
-    config: ServiceConfig,
-    actor: str,
-    /,
-    target: str,
-    outcome: Outcome,
-    *,
-    reason: str,
-    details: dict[str, str | int | None],
-) -> None:
     engine = make_engine(config.database_url)
     try:
-        audit.record(
-            session_factory(engine),
-            now=int(time.time()),
-            actor=actor,
-            action="pki.import_crl",
-            target=target,
-            outcome=outcome,
-            reason=reason,
-            details=details,
-        )
+        migrations.require_current(engine, how=f"--config {args.config}")
+        sessions = session_factory(engine)
+        now = int(time.time())
+        actor = f"local:{getpass.getuser()}"
+        try:
+            checked = import_crl(bundle, crl_path, data, now=datetime.fromtimestamp(now, UTC))
+        except ProtocolError as err:
+            audit.record(
+                sessions,
+                now=now,
+                actor=actor,
+                action="pki.import_crl",
+                target=str(args.crl),
+                outcome=Outcome.REFUSED,
+                reason=f"[{err.check}] {err.reason}",
+            )
+            raise
+        for crl in checked:
+            issuer = crl.issuer.subject.rfc4514_string()
+            audit.record(
+                sessions,
+                now=now,
+                actor=actor,
+                action="pki.import_crl",
+                target=issuer,
+                outcome=Outcome.ACCEPTED,
+                details={"crl_number": crl.number, "revoked": len(crl.crl), "file": str(crl_path)},
+            )
+            next_update = crl.crl.next_update_utc
+            print(
+                f"CRL of {issuer} imported into {crl_path}: number {crl.number}, "
+                f"{len(crl.crl)} revoked, next update "
+                f"{'-' if next_update is None else f'{next_update:%Y-%m-%d %H:%M} UTC'}"
+            )
     finally:
         engine.dispose()
+    return EXIT_OK
 
 
 # ---- the argparse tree -------------------------------------------------------------------------
