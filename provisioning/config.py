@@ -31,6 +31,7 @@ Example (``docs/service.md`` describes every key):
     golden_measurements = "policy/golden.toml"
     interval_seconds = 3600
     quarantine = true
+    manufacturer_crls = "pki/manufacturer-crls.pem"
 
     [groups]
     commit_log_retention_epochs = 64
@@ -64,7 +65,7 @@ Example (``docs/service.md`` describes every key):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,10 +141,14 @@ class DeviceCAConfig:
 
 @dataclass(frozen=True)
 class AttestationConfig:
+    """[attestation]. ``manufacturer_crls``: the CRLs of the manufacturer CAs the operator
+    imported (``keyfleet pki import-crl``, provisioning.ekcrls); None: none are checked."""
+
     manufacturer_cas: Path
     golden_measurements: Path
     interval_seconds: int
     quarantine: bool = False
+    manufacturer_crls: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -293,8 +298,10 @@ def _database_url(base: Path) -> Parse:
     )
 
 
-def _output_file(base: Path) -> Callable[[str], Path]:
-    """A file the service writes: relative to ``base``, in an existing directory."""
+def _file_to_write(base: Path) -> Parse:
+    """A file that a command writes (it need not exist yet) in an existing directory; relative
+    to ``base``."""
+    expected = "a file path in an existing directory"
 
     def parse(value: str) -> Path:
         path = Path(value)
@@ -302,9 +309,11 @@ def _output_file(base: Path) -> Callable[[str], Path]:
             path = base / path
         if not path.parent.is_dir():
             raise ValueError(f"no directory {path.parent}")
+        if path.exists() and not path.is_file():
+            raise ValueError("not a regular file")
         return path
 
-    return parse
+    return Parse(Str(expected), parse, expected)
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -352,6 +361,7 @@ def _schema(base: Path) -> Table:
             "golden_measurements": Field(file(), required=True),
             "interval_seconds": Field(seconds(10, 7 * 86400), default=3600),
             "quarantine": Field(Bool(), default=False),
+            "manufacturer_crls": Field(_file_to_write(base)),
         },
         "groups": {
             "commit_log_retention_epochs": Field(Int(1, 1_000_000, "epochs"), default=64),
@@ -381,7 +391,7 @@ def _schema(base: Path) -> Table:
             "checkpoint_interval_seconds": Field(seconds(10, 86400), default=300),
         },
         "revocation": {
-            "crl_file": Field(Parse(Str("a file path"), _output_file(base), "a file path")),
+            "crl_file": Field(_file_to_write(base)),
             "broker_crls": Field(List(file(), max_items=16), default=[]),
             "crl_validity_seconds": Field(seconds(3600, 366 * 86400), default=7 * 86400),
         },

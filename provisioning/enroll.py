@@ -5,7 +5,10 @@ DevID public areas, the AK's TPM2_Certify of the DevID, the device's TLS public 
 
     enroll.request         the request does not have the expected shape
     enroll.ek.cert         the EK certificate does not parse
-    enroll.ek.chain        it is not issued by a trusted manufacturer CA, or not valid now
+    enroll.ek.chain        it has no valid path to a manufacturer root (provisioning.ekchain:
+                           intermediates, path length, validity, CA keyUsage)
+    ek.*                   the TCG EK profile (keyUsage, purpose) or revocation by an imported
+                           manufacturer CRL (ek.revoked, ek.crl.stale; provisioning.ekchain)
     enroll.ek.public       the EK public area does not decode or is not the certified key
     enroll.ek.registered   this EK is already enrolled with a live identity (re-provisioning
                            needs a factory reset: an EK whose identity is destroyed or revoked
@@ -86,10 +89,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import delete, func, select, text, update
@@ -112,6 +115,8 @@ from provisioning import audit, revocation
 from provisioning.config import ServiceConfig
 from provisioning.db.engine import rowcount, run_in_transaction
 from provisioning.db.schema import Device, EnrollSession
+from provisioning.ekchain import ManufacturerTrust
+from provisioning.ekcrls import ManufacturerTrustFile
 from provisioning.makecredential import make_credential
 from provisioning.pki import (
     CertificateAuthority,
@@ -430,6 +435,8 @@ class EnrollmentSettings:
     certificate_validity: timedelta = timedelta(days=3650)
     max_sessions: int = 1024
     undo_window: int = 3600
+    # the imported manufacturer CRLs (provisioning.ekcrls), re-read when the file changes
+    manufacturer_crls: Path | None = None
 
     def anchors(self) -> tuple[x509.Certificate, ...]:
         return self.trust_anchors or (self.device_ca.certificate,)
@@ -456,6 +463,7 @@ class EnrollmentSettings:
             trust_anchors=(device_ca.certificate,),
             operator_anchors=(cert_from_pem(config.operator_ca_cert.read_bytes()),),
             min_approvals=config.quorum.min_approvals,
+            manufacturer_crls=config.attestation.manufacturer_crls,
         )
 
 
@@ -465,32 +473,9 @@ class EnrollmentSettings:
 def verify_ek_certificate(
     cert: x509.Certificate, trusted: Sequence[x509.Certificate], *, now: datetime
 ) -> x509.Certificate:
-    """Check that ``cert`` is issued directly by one of the ``trusted`` manufacturer CAs
-    (roots or intermediates, each a trust anchor) and that both are valid at ``now``; return
-    the issuer. EK certificates are RSA or ECC (not P-256 only), so pki.verify_certificate's
-    profile does not fit; this is the same check with the key type left open."""
-    when = now.astimezone(UTC)
-    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
-        raise ProtocolError("enroll.ek.chain", "EK certificate is not valid now")
-    for ca in trusted:
-        if ca.subject != cert.issuer:
-            continue
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (InvalidSignature, ValueError, TypeError):
-            continue
-        try:
-            constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            continue
-        if not constraints.ca:
-            continue
-        if not ca.not_valid_before_utc <= when <= ca.not_valid_after_utc:
-            raise ProtocolError("enroll.ek.chain", "the manufacturer CA is not valid now")
-        return ca
-    raise ProtocolError(
-        "enroll.ek.chain", "EK certificate is not issued by a trusted manufacturer CA"
-    )
+    """Path-validate EK certificate ``cert`` to a root of the manufacturer bundle ``trusted``
+    (roots and intermediates; no CRLs) and return its issuer. See ``provisioning.ekchain``."""
+    return ManufacturerTrust(trusted).verify(cert, now=now)[1]
 
 
 def _check_attributes(public: bytes, required: int, forbidden: int, check: str, what: str) -> None:
@@ -566,6 +551,9 @@ class Enrollment:
         self.settings = settings
         self._db = sessions
         self._rng = rng
+        self._manufacturers = ManufacturerTrustFile(
+            settings.manufacturer_cas, settings.manufacturer_crls
+        )
 
     # -- stations --
 
@@ -632,9 +620,7 @@ class Enrollment:
             raise ProtocolError("enroll.ek.cert", "EK certificate is not DER X.509") from None
         ek_fp = cert_fingerprint(ek_cert)
         try:
-            verify_ek_certificate(
-                ek_cert, self.settings.manufacturer_cas, now=datetime.fromtimestamp(now, UTC)
-            )
+            self._manufacturers.current().verify(ek_cert, now=datetime.fromtimestamp(now, UTC))
         except ProtocolError as exc:
             raise _Tagged(ek_fp, exc) from None
         try:

@@ -18,6 +18,8 @@ operator CA). ``keyfleet pki issue KIND NAME`` makes a key and a certificate fro
 MQTT client identity) and ``server`` (TLS server, with the DNS names and addresses clients dial).
 ``keyfleet pki crl tls|operator`` writes a CRL of that CA (``DIR/<ca>.crl``, numbered above the
 previous one) for the broker's ``crlfile`` (``[revocation] broker_crls``).
+``keyfleet pki import-crl CRL --config FILE`` imports a TPM manufacturer CA's CRL
+(``provisioning.ekcrls``).
 
 Private keys are written 0600 and atomically, and are never printed. With ``--passphrase-file``
 the keys of the offline CAs (TLS, operator, station) are encrypted; ``issue`` then needs the same
@@ -27,7 +29,9 @@ file. Nothing is overwritten: an existing target file is an error and nothing is
 from __future__ import annotations
 
 import argparse
+import getpass
 import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -40,7 +44,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.fsio import atomic_write
 from agent.protocol.errors import ConfigError, ProtocolError
-from provisioning import pki, revocation
+from provisioning import audit, pki, revocation
+from provisioning.config import load_config
+from provisioning.db import migrations
+from provisioning.ekcrls import import_crl
+from provisioning.registry import Outcome, make_engine, session_factory
 from provisioning.service.operators import OPERATOR_PREFIX
 
 EXIT_OK = 0
@@ -304,6 +312,66 @@ def _crl(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- keyfleet pki import-crl ---------------------------------------------------------------------
+
+
+def _import_crl(args: argparse.Namespace) -> int:
+    """Check a manufacturer CA's CRL and add it to ``[attestation] manufacturer_crls``
+    (provisioning.ekcrls); accepted or refused, it is audited in the service's database (which
+    must be at the current schema: checked before anything is written)."""
+    config = load_config(args.config)
+    crl_path = config.attestation.manufacturer_crls
+    if crl_path is None:
+        raise ConfigError(
+            f"{config.path}: [attestation] manufacturer_crls is not set: name the file the "
+            "imported CRLs are kept in (e.g. pki/manufacturer-crls.pem) and run this again"
+        )
+    try:
+        data = Path(args.crl).read_bytes()
+        bundle = pki.certs_from_pem(config.attestation.manufacturer_cas.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    engine = make_engine(config.database_url)
+    try:
+        migrations.require_current(engine, how=f"--config {args.config}")
+        sessions = session_factory(engine)
+        now = int(time.time())
+        actor = f"local:{getpass.getuser()}"
+        try:
+            checked = import_crl(bundle, crl_path, data, now=datetime.fromtimestamp(now, UTC))
+        except ProtocolError as err:
+            audit.record(
+                sessions,
+                now=now,
+                actor=actor,
+                action="pki.import_crl",
+                target=str(args.crl),
+                outcome=Outcome.REFUSED,
+                reason=f"[{err.check}] {err.reason}",
+            )
+            raise
+        for crl in checked:
+            issuer = crl.issuer.subject.rfc4514_string()
+            audit.record(
+                sessions,
+                now=now,
+                actor=actor,
+                action="pki.import_crl",
+                target=issuer,
+                outcome=Outcome.ACCEPTED,
+                details={"crl_number": crl.number, "revoked": len(crl.crl), "file": str(crl_path)},
+            )
+            next_update = crl.crl.next_update_utc
+            print(
+                f"CRL of {issuer} imported into {crl_path}: number {crl.number}, "
+                f"{len(crl.crl)} revoked, next update "
+                f"{'-' if next_update is None else f'{next_update:%Y-%m-%d %H:%M} UTC'}"
+            )
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
 # ---- the argparse tree -------------------------------------------------------------------------
 
 
@@ -383,3 +451,18 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     crl_parser.add_argument("--days", type=_days, default=CRL_DAYS, help=f"({CRL_DAYS})")
     crl_parser.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
     crl_parser.set_defaults(handler=_crl)
+    import_parser = pki_commands.add_parser(
+        "import-crl",
+        help="import a TPM manufacturer CA's CRL (EK certificates it lists stop enrolling)",
+        description=(
+            "Check CRL (PEM or DER: signed by a CA of [attestation] manufacturer_cas allowed to "
+            "sign CRLs, current, complete, not older than the one already imported for that CA) "
+            "and keep it in [attestation] manufacturer_crls in place of that CA's older one. "
+            "Enrollment refuses EK certificates it lists (ek.revoked) from the next enrollment on."
+        ),
+    )
+    import_parser.add_argument("crl", metavar="CRL", help="the CRL file")
+    import_parser.add_argument(
+        "--config", metavar="FILE", required=True, help="service configuration"
+    )
+    import_parser.set_defaults(handler=_import_crl)

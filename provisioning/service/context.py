@@ -30,6 +30,7 @@ from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
 from provisioning.registry import run_in_transaction
 from provisioning.revocation import RevocationSettings
+from provisioning.service.credentials import StoredDevices
 from provisioning.service.model import AttestationSettings, ServiceSettings
 
 T = TypeVar("T")
@@ -68,6 +69,9 @@ class Env:
     attestation: AttestationSettings | None
     metrics: ServiceMetrics
     instance: str
+    # Stored DevID certificates and AKs are checked against the device CA when used
+    # (``credentials.StoredDevices``); it remembers what it checked.
+    devices: StoredDevices
     rng: Rng = os.urandom
     rejections: Rejections = field(default_factory=Rejections)
     last_heard: dict[str, int] = field(default_factory=dict)

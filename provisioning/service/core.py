@@ -48,6 +48,7 @@ from provisioning.metrics import ServiceMetrics
 from provisioning.revocation import RevocationSettings
 from provisioning.service import attestation, execute, feed, intake, store, tasks
 from provisioning.service.context import Call, Clock, Env
+from provisioning.service.credentials import StoredDevices
 from provisioning.service.model import (
     AttestationSettings,
     AttestOperation,
@@ -82,6 +83,7 @@ class DeliveryService:
         *,
         signing_key: ec.EllipticCurvePrivateKey,
         operator_ca: x509.Certificate,
+        device_ca: x509.Certificate,
         settings: ServiceSettings | None = None,
         attestation: AttestationSettings | None = None,
         rng: Rng = os.urandom,
@@ -98,6 +100,7 @@ class DeliveryService:
             attestation=attestation,
             metrics=metrics if metrics is not None else ServiceMetrics(),
             instance=instance,
+            devices=StoredDevices(device_ca),
             rng=rng,
             checkpoint_key=checkpoint_key,
             revocation=revocation,

@@ -261,7 +261,7 @@ def on_key_package(
     key_package.verify()
     device = Registry(session).device(sender)
     if key_package.device_id != sender.encode() or key_package.signature_key != (
-        serialize_public_key(verify.devid_public_key(device))
+        serialize_public_key(verify.devid_public_key(cx, device, now))
     ):
         raise ProtocolError(
             "ds.key_package.identity",
@@ -296,7 +296,7 @@ def on_group_created(
         codec.decode(body.public_group, MAX_PUBLIC_GROUP, "public_group")
     )
     registry = Registry(session)
-    devid = serialize_public_key(verify.devid_public_key(registry.device(sender)))
+    devid = serialize_public_key(verify.devid_public_key(cx, registry.device(sender), now))
     members = list(public.tree.members())
     if (
         public.group_id != body.group_id.encode()

@@ -130,6 +130,7 @@ class ServiceRunner:
             session_factory(self._engine),
             signing_key=signing_key,
             operator_ca=operator_ca,
+            device_ca=pki.cert_from_pem(config.device_ca.cert.read_bytes()),
             settings=settings_from(config),
             attestation=attestation,
             instance=config.service.instance,

@@ -8,8 +8,10 @@ certificate fingerprint in the registry and the certificate itself in the servic
 (commands carry only a kid), and writes one audit entry, all in one transaction.
 
 A command is authorized by: COSE signature by a registered operator key whose certificate
-still chains to the operator CA (re-checked on every command: an expired certificate stops
-working at once), role (viewer < operator < admin, ``REQUIRED_ROLE``), replay (a per-sender
+still chains to the operator CA and names that operator (re-checked on every command: an
+expired certificate stops working at once), role (viewer < operator < admin,
+``REQUIRED_ROLE``; the certificate's OU, which the registry row may only narrow:
+``credentials``), replay (a per-sender
 ``ReplayGuard`` in the database) and command-id reuse. Every accepted or refused command is one
 audit entry. An accepted command becomes an operation and its jobs, in the command's own
 transaction (nothing lives only in this process); its ``accepted`` result says how many earlier
@@ -55,7 +57,15 @@ from provisioning.registry import (
     cert_fingerprint,
     run_in_transaction,
 )
-from provisioning.service import attestation, checkpoints, execute, requests, store, verify
+from provisioning.service import (
+    attestation,
+    checkpoints,
+    credentials,
+    execute,
+    requests,
+    store,
+    verify,
+)
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     Accepted,
@@ -104,9 +114,9 @@ def register_operator(
     now: int,
 ) -> OperatorRecord:
     """Add (or re-certify) the operator named by ``cert``'s CN. ``role`` defaults to the
-    certificate's OU and, if given, must equal it (the role travels in the certificate the
-    broker and every tool show). Raises ``ProtocolError`` (``pki.*``, ``op.name``, ``op.role``,
-    ``registry.operator.*``); a refusal is audited too."""
+    certificate's OU and, if given, may only narrow it (the role travels in the certificate;
+    every command is held to the lower of the two). Raises ``ProtocolError`` (``pki.*``,
+    ``op.name``, ``op.role``, ``registry.operator.*``); a refusal is audited too."""
     name = pki.common_name(cert)
     try:
         pki.verify_certificate(
@@ -114,17 +124,14 @@ def register_operator(
         )
         if not name.startswith(OPERATOR_PREFIX):
             raise ProtocolError("op.name", f"operator ids start with {OPERATOR_PREFIX!r}: {name!r}")
-        ou = pki.role_of(cert)
-        try:
-            cert_role = Role(ou) if ou is not None else None
-        except ValueError:
-            raise ProtocolError("op.role", f"certificate OU {ou!r} is not a role") from None
+        # Roles come from the certificate (credentials.operator_role): one without a role
+        # grants nothing, and --role may only narrow the certificate's.
+        cert_role = credentials.certificate_role(cert)
         chosen = role if role is not None else cert_role
-        if chosen is None:
-            raise ProtocolError("op.role", "the certificate has no OU: give --role")
-        if cert_role is not None and chosen is not cert_role:
+        if not cert_role.allows(chosen):
             raise ProtocolError(
-                "op.role", f"--role {chosen.value} differs from the certificate's OU {ou!r}"
+                "op.role",
+                f"--role {chosen.value} exceeds the certificate's role {cert_role.value}",
             )
         public_key = cert.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)  # pki.key_type checked it
@@ -199,6 +206,7 @@ def operator_resolver(
             if row is None or row.kid != kid.hex():
                 raise LookupError(operator)
             cert = pki.cert_from_pem(row.cert_pem.encode())
+            credentials.check_operator_certificate(cert, operator, kid)
             record = Registry(session).operator(operator)
             if record.cert_fingerprint != cert_fingerprint(cert):
                 raise ProtocolError(
@@ -208,7 +216,8 @@ def operator_resolver(
             pki.verify_certificate(
                 cert, cx.env.operator_ca, now=datetime.fromtimestamp(now, UTC), purpose="client"
             )
-            found["role"] = record.role
+            # The role comes from the certificate; the row may only narrow it.
+            found["role"] = credentials.operator_role(cert, record.role)
             public_key = cert.public_key()
             assert isinstance(public_key, ec.EllipticCurvePublicKey)  # pki checked P-256
             return Signer(operator, public_key)

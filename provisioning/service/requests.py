@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import logging
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session
 
 from agent.protocol import authz
@@ -54,7 +52,7 @@ from agent.protocol.wire.messages.result import (
 )
 from provisioning import audit, revocation
 from provisioning.registry import DeviceState, Outcome, Registry, Role
-from provisioning.service import feed, operators, store
+from provisioning.service import credentials, feed, operators, store
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log, Send
 from provisioning.service.model import Job
@@ -110,7 +108,8 @@ def dispatch(
 
 
 def require_role(session: Session, operator: str, op: str) -> None:
-    if op in ADMIN_OPS and not Registry(session).operator(operator).role.allows(Role.ADMIN):
+    # the role from the operator's certificate, narrowed by its row (credentials.operator_role)
+    if op in ADMIN_OPS and not credentials.effective_role(session, operator).allows(Role.ADMIN):
         raise ProtocolError("op.role", f"{op} is proposed and approved by admins only")
 
 
@@ -145,12 +144,10 @@ def answer(
 # -- propose ------------------------------------------------------------------------------------
 
 
-def devid_point(registry: Registry, device_id: str) -> bytes:
-    """The 65-byte DevID public point of ``device_id``, from the certificate enrollment issued."""
-    cert = x509.load_pem_x509_certificate(registry.device(device_id).devid_cert_pem.encode())
-    public = cert.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey):
-        raise ProtocolError("quorum.member", f"{device_id}: the DevID key is not an EC key")
+def devid_point(cx: Call, registry: Registry, device_id: str, now: int) -> bytes:
+    """The 65-byte DevID public point of ``device_id``, from the certificate enrollment issued
+    (checked at use against the device CA: ``cred.stored``)."""
+    public = cx.env.devices.check(registry.device(device_id), now).devid_key
     return public.public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
@@ -202,7 +199,7 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
         members: tuple[authz.Member, ...] = ()
     else:
         check_request(cx, session, body.op, body.group_id, body.members)
-        members = tuple(authz.Member.of(d, devid_point(registry, d)) for d in body.members)
+        members = tuple(authz.Member.of(d, devid_point(cx, registry, d, now)) for d in body.members)
     request = authz.Request(
         id=cx.env.rng(authz.REQUEST_ID_SIZE),
         op=body.op,
@@ -369,7 +366,7 @@ def execute_request(
         check_request(cx, session, stored.op, stored.group_id, stored.members)
         registry = Registry(session)
         for member in verified.request.members:
-            if authz.member_key(devid_point(registry, member.device_id)) != member.key:
+            if authz.member_key(devid_point(cx, registry, member.device_id, now)) != member.key:
                 raise ProtocolError(
                     "quorum.member", f"{member.device_id} has another DevID key than approved"
                 )

@@ -40,6 +40,7 @@ from provisioning.metrics import ServiceMetrics
 from provisioning.registry import Outcome
 from provisioning.service import checkpoints, store
 from provisioning.service.context import Call, Clock, Env
+from provisioning.service.credentials import StoredDevices
 from provisioning.service.model import ServiceSettings
 from provisioning.service.mqtt import load_checkpoint_key
 from tests.audit_tamper import delete_and_recompute, truncate
@@ -304,6 +305,7 @@ def call(sessions: sessionmaker[Session], key: ec.EllipticCurvePrivateKey | None
         sessions=sessions,
         key=pki.generate_key(),
         operator_ca=ca.certificate,
+        devices=StoredDevices(ca.certificate),
         settings=ServiceSettings(checkpoint_interval=300),
         attestation=None,
         metrics=ServiceMetrics(),

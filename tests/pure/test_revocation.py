@@ -147,7 +147,11 @@ def test_the_service_issues_the_first_crl_at_start_and_again_at_half_its_validit
     ca = device_ca()
     settings = revocation.RevocationSettings(ca, tmp_path / "crl.pem", crl_validity=3600)
     service = DeliveryService(
-        sessions, signing_key=pki.generate_key(), operator_ca=ca.certificate, revocation=settings
+        sessions,
+        signing_key=pki.generate_key(),
+        operator_ca=ca.certificate,
+        device_ca=ca.certificate,
+        revocation=settings,
     )
     service.ensure_crl(T0)
     assert revocation.file_crl_number(tmp_path / "crl.pem") == 1

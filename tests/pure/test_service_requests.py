@@ -86,10 +86,12 @@ def create_by_quorum(fleet: Fleet, group: str, *members: str) -> None:
 
 
 def devid_hash(fleet: Fleet, device_id: str) -> bytes:
+    from provisioning.service.context import Call, Clock
     from provisioning.service.requests import devid_point
 
+    cx = Call(fleet.service._env, Clock.reading(fleet.now))
     with fleet.sessions() as s:
-        return authz.member_key(devid_point(Registry(s), device_id))
+        return authz.member_key(devid_point(cx, Registry(s), device_id, fleet.now))
 
 
 # -- propose ------------------------------------------------------------------------------------

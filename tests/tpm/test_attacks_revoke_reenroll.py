@@ -128,6 +128,7 @@ def setup(
         sessions,
         signing_key=fleet_pki.device_ca.private_key,
         operator_ca=fleet_pki.operator_ca.certificate,
+        device_ca=fleet_pki.device_ca.certificate,
         settings=ServiceSettings(min_approvals=2, request_ttl=600),
         revocation=revocation.RevocationSettings(fleet_pki.device_ca),
     )
