@@ -24,7 +24,8 @@ every persisted field meet here, and its consistency rule (persist before publis
 checkable when the whole of it is in one place. The parts that are not state transitions live
 apart: the wire format and MLS in ``agent.protocol``, persistence in ``agent.statefile``, the
 key ledger in ``agent.protocol.lifecycle``, who may join or leave a group (credentials, TPM
-proofs, operator approvals) in ``agent.protocol.membership``, the TPM in ``agent.tpm``.
+proofs, operator approvals) in ``agent.protocol.membership``, the revocation feed a device keeps
+in ``agent.protocol.feed``, the TPM in ``agent.tpm``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any, Final, NamedTuple, Protocol
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol import dataseal
+from agent.protocol import feed as revocation_feed
 from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.hpke import Rng, serialize_public_key
 from agent.protocol.lifecycle import (
@@ -60,6 +62,8 @@ from agent.protocol.mls.public import CommitCheck, LeafCheck
 from agent.protocol.mls.tree import LeafNode, RatchetTree
 from agent.protocol.secret import Secret
 from agent.protocol.topics import (
+    FEED_RECIPIENT,
+    REVOCATION_FEED_TOPIC,
     SERVICE_ID,
     device_cmd_topic,
     device_report_topic,
@@ -76,6 +80,7 @@ from agent.protocol.wire.envelope import (
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
 from agent.protocol.wire.messages.base import ID_PATTERN, Body
+from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
@@ -237,6 +242,10 @@ TRUST_CHECKS: Final = (
     "mls.leaf.",
     "mls.parent-hash",
     "mls.welcome.",
+    "revocation.rollback",
+    "revocation.fork",
+    "revocation.authz",
+    "revocation.signature",
 )
 """Refusals a device reports to the fleet: what only a rogue service, operator or member sends."""
 
@@ -394,6 +403,8 @@ class AgentCore:
     def handle(self, payload: bytes, topic: str, now: int) -> Outcome:
         """Process one MQTT message (``payload`` received on ``topic``) at time ``now``."""
         self._now = now
+        if topic == REVOCATION_FEED_TOPIC:
+            return self._on_feed_head(payload)
         group_topic = group_of_commit_topic(topic)
         if group_topic is not None and group_topic not in self._groups:
             # Devices read every group's commit topic (one ACL pattern); others' groups are
@@ -496,8 +507,11 @@ class AgentCore:
     ) -> None:
         """A group message from beyond our next epoch means we missed a commit: a keys.report
         (which carries our epochs) makes the service replay its commit log to us."""
-        if exc.check not in ("replay.epoch-future", "mls.epoch-future"):
+        if exc.check not in ("replay.epoch-future", "mls.epoch-future", "revocation.gap"):
             return
+        self._ask_catch_up(outcome)
+
+    def _ask_catch_up(self, outcome: Outcome) -> None:
         if self.last_report is not None and self._now - self.last_report < CATCHUP_REPORT_INTERVAL:
             return
         outcome.publishes.append(self._report())
@@ -517,9 +531,36 @@ class AgentCore:
             return Outcome(publishes=[self._report()])
         if isinstance(body, AttestChallenge):
             return self._on_attest_challenge(body)
+        if isinstance(body, RevocationFeed):
+            return self._on_feed(body)
         raise ProtocolError("agent.type", f"a device does not take {message.type} messages")
 
     # -- handlers: each checks everything first and changes state only at its end -----------
+
+    def _on_feed_head(self, payload: bytes) -> Outcome:
+        """The revocation feed's retained head (agent.protocol.feed): signed by the service,
+        outside the replay guard (its numbering refuses an older head); a head further ahead
+        than the entries it carries makes us ask for the rest (a keys.report with our feed)."""
+        try:
+            head = revocation_feed.open_head(
+                payload, self._resolve, now=self._now, recipient=FEED_RECIPIENT
+            )
+            with self.membership.transaction():
+                outcome = self._on_feed(head)
+        except ProtocolError as exc:
+            outcome = self._refuse(exc)
+            if exc.check == "revocation.gap":
+                self._ask_catch_up(outcome)
+            return outcome
+        outcome.handled = RevocationFeed.TYPE
+        return outcome
+
+    def _on_feed(self, body: RevocationFeed) -> Outcome:
+        if not self.membership.follow_feed(body):
+            return Outcome()
+        log.info("revocation feed at %d", body.seq)
+        self._report_soon()  # the service learns how far we are
+        return Outcome(changed=True)
 
     def _entry_at(self, group_id: str, epoch: int, what: str) -> _GroupEntry:
         """The group ``group_id`` if we are in it at ``epoch``; ``what`` names the message in
@@ -869,7 +910,11 @@ class AgentCore:
         refused = sorted(
             (check, n) for check, n in self.rejections.snapshot().items() if _trust_check(check)
         )[:MAX_REFUSED]
-        return self._send(KeyStateReport(keys=tuple(records), refused=tuple(refused)))
+        return self._send(
+            KeyStateReport(
+                keys=tuple(records), refused=tuple(refused), feed=self.membership.revocations.seq
+            )
+        )
 
     def report(self, now: int) -> Outcome:
         """A keys.report now (the daemon sends one at start and after every reconnect, so the
@@ -1078,6 +1123,11 @@ class AgentCore:
             "key_packages_outstanding": len(self._key_packages),
             "last_report": self.last_report,
             "rejections": self.rejections.snapshot(),
+            "revocation_feed": {
+                "seq": self.membership.revocations.seq,
+                "time": self.membership.revocations.time,
+                "revoked": len(self.membership.revocations.revoked),
+            },
         }
 
 

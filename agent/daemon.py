@@ -48,7 +48,7 @@ from agent.protocol.errors import (
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.lifecycle import KeyKind, KeyState
 from agent.protocol.secret import Secret
-from agent.protocol.topics import ALL_GROUP_COMMITS
+from agent.protocol.topics import ALL_GROUP_COMMITS, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.sdnotify import Notifier
 from agent.selftest import run_builtin_selftests
@@ -500,6 +500,8 @@ class Daemon:
         try:
             self._mqtt.subscribe(self.core.command_topic, timeout=PUBLISH_TIMEOUT)
             self._mqtt.subscribe(ALL_GROUP_COMMITS, timeout=PUBLISH_TIMEOUT)
+            # the retained revocation feed head arrives right after this
+            self._mqtt.subscribe(REVOCATION_FEED_TOPIC, timeout=PUBLISH_TIMEOUT)
         except TransportError as exc:
             log.warning("subscribe failed, will retry: %s", exc)
             return False

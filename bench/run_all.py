@@ -28,6 +28,7 @@ BENCHES = (
     "bench_rekey",
     "bench_dashboard",
     "bench_scaleout",
+    "bench_revoke_broker",
 )
 AT_LEAST = {"attestation_verify_per_core", "commit_vs_baseline_ratio_n1024"}
 COMMIT_N = 1024

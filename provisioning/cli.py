@@ -1,8 +1,11 @@
 """``keyfleet``: the fleet service's command line.
 
 ``keyfleet serve`` runs the delivery service; ``db init`` / ``db upgrade`` / ``db status`` manage
-the schema (docs/database.md); ``audit verify`` checks the audit chain and ``audit show`` prints
-entries; ``devices``, ``groups``, ``operator list`` and ``station list`` read the registry
+the schema (docs/database.md); ``audit verify`` checks the audit chain (and, with
+``--checkpoint``, that it agrees with signed checkpoints), ``audit show`` prints entries, ``audit
+checkpoint export`` writes the stored checkpoints, and ``audit sync`` / ``audit witness`` fetch
+and check them as an operator (``provisioning.audit_cli``); ``devices``, ``groups``, ``operator
+list`` and ``station list`` read the registry
 (``provisioning.listings``); ``operator add`` and ``station add`` register certificates; the
 operator commands (``group``, ``rekey``, ``attest``, ``revoke``) go over MQTT
 (``provisioning.operator``); the membership changes among them, and ``propose``, ``approve``
@@ -10,7 +13,8 @@ and ``requests``, go through dual control (``provisioning.requests_cli``). The d
 from ``--config FILE`` (the service configuration) or ``--db URL`` (an auditor's copy needs no
 broker certificates).
 
-Exit status: 0 success; 1 the audit chain is broken (the first bad entry is printed); 2 the
+Exit status: 0 success; 1 the audit chain is broken (the first bad entry is printed) or disagrees
+with a checkpoint, or a checkpoint does not extend the one seen before; 2 the
 command could not run (usage, configuration or database error); 141 (128 + SIGPIPE) the reader
 of the output went away (``keyfleet audit show | head``), quietly as Unix tools do.
 """
@@ -37,7 +41,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import ConfigError, KeyfleetError
 from agent.protocol.wire.messages.operator import AttestDevice, Propose, Rekey
 from agent.version import add_version_option
-from provisioning import audit, pki
+from provisioning import audit, audit_cli, pki, revocation
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard
 from provisioning.db import migrations
@@ -127,24 +131,59 @@ def _existing_engine(url: str) -> Engine:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
+    checkpoints = []
+    if args.checkpoint is not None:
+        key = audit_cli.pinned_key(args.checkpoint_cert)
+        checkpoints = audit_cli.read_checkpoint_file(args.checkpoint, key)
     engine = _existing_engine(_database_url(args))
     try:
         with session_factory(engine)() as session:
             result = audit.verify_chain(session, anchor=args.anchor)
+            mismatches = audit_cli.check_chain(session, result, checkpoints)
     finally:
         engine.dispose()
+    status = EXIT_OK
     if result.problem is None:
         print(f"audit chain OK: {result.entries} entries")
         print(f"head: {result.head_seq}:{result.head_hash.hex()}")
-        return EXIT_OK
-    problem = result.problem
-    print(f"audit chain BROKEN at entry {problem.seq}: {problem.kind}: {problem.reason}")
-    if result.entries:
-        print(
-            f"entries 1..{result.head_seq} verified; last good head: {result.head_seq}:"
-            f"{result.head_hash.hex()}"
-        )
-    return EXIT_BROKEN
+    else:
+        problem = result.problem
+        print(f"audit chain BROKEN at entry {problem.seq}: {problem.kind}: {problem.reason}")
+        if result.entries:
+            print(
+                f"entries 1..{result.head_seq} verified; last good head: {result.head_seq}:"
+                f"{result.head_hash.hex()}"
+            )
+        status = EXIT_BROKEN
+    for mismatch in mismatches:
+        print(f"audit checkpoint MISMATCH [{mismatch.check}]: {mismatch.reason}")
+    if mismatches:
+        return EXIT_BROKEN
+    if checkpoints:
+        print(f"{len(checkpoints)} checkpoint(s) agree with the chain")
+    return status
+
+
+def _audit_checkpoint_export(args: argparse.Namespace) -> int:
+    key = audit_cli.pinned_key(args.checkpoint_cert)
+    engine = _existing_engine(_database_url(args))
+    try:
+        with session_factory(engine)() as session:
+            text = audit_cli.export_checkpoints(session, key)
+    finally:
+        engine.dispose()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+        print(f"{len(text.splitlines())} checkpoint(s) written to {args.out}")
+    return EXIT_OK
+
+
+def _audit_operator(args: argparse.Namespace) -> int:
+    with OperatorClient(_operator_settings(args)) as client:
+        status: int = args.audit_run(client, args)
+        return status
 
 
 def _database_hint(args: argparse.Namespace) -> str:
@@ -217,8 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_anchor,
         help="a head printed by an earlier verify, kept elsewhere: also detects a cut-off end",
     )
+    verify.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="a checkpoint file (export, witness): the chain must agree with each checkpoint",
+    )
+    verify.add_argument(
+        "--checkpoint-cert",
+        metavar="FILE",
+        help="$KEYFLEET_CHECKPOINT_CERT: the key the checkpoints are signed with",
+    )
     verify.set_defaults(handler=_audit_verify)
     _add_audit_show(audit_commands)
+    audit_cli.add_checkpoint_commands(
+        audit_commands,
+        operator_options=_add_operator_options,
+        database_options=_add_database_options,
+        operator_handler=_audit_operator,
+        export_handler=_audit_checkpoint_export,
+    )
 
     db_parser = commands.add_parser("db", help="the registry database")
     db_commands = db_parser.add_subparsers(dest="db_command", required=True)
@@ -287,6 +343,23 @@ def _serve(args: argparse.Namespace) -> int:
         if dashboard is not None:
             dashboard.stop()
     return EXIT_OK
+
+
+def _crl(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    settings = revocation.settings_from_config(config)
+    if settings.crl_file is None:
+        raise ConfigError(f"{args.config}: [revocation] crl_file is not set")
+    engine = make_engine(config.database_url)
+    try:
+        _ready_schema(engine, args.config)
+        number = revocation.write_current_crl(
+            settings, session_factory(engine), now=int(time.time())
+        )
+    finally:
+        engine.dispose()
+    print(f"CRL {number} of the device CA in {settings.crl_file}")
+    return 0
 
 
 def _operator_add(args: argparse.Namespace) -> int:
@@ -387,6 +460,7 @@ def _optional_path(value: str | None) -> Path | None:
 
 def _operator_command(args: argparse.Namespace) -> int:
     settings = _operator_settings(args)
+    audit_cli.warn_if_stale(args)
     with OperatorClient(settings) as client:
         commands: list[tuple[str, Command]] = []
         if args.command == "rekey":
@@ -426,6 +500,7 @@ def _direct_proposals(
 
 
 def _request_command(args: argparse.Namespace) -> int:
+    audit_cli.warn_if_stale(args)
     with OperatorClient(_operator_settings(args)) as client:
         return run_request_command(client, args)
 
@@ -482,7 +557,15 @@ def _devices(args: argparse.Namespace) -> int:
     return _print_rows(
         args,
         _read(args, list_devices),
-        ("device_id", "state", "attestation", "last_seen", "groups", "attestation_reason"),
+        (
+            "device_id",
+            "state",
+            "attestation",
+            "last_seen",
+            "groups",
+            "feed_behind",
+            "attestation_reason",
+        ),
         times=("last_seen",),
     )
 
@@ -620,6 +703,13 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     serve.add_argument("--config", metavar="FILE", required=True, help="service configuration")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(handler=_serve)
+
+    crl = commands.add_parser(
+        "crl",
+        help="write the device CA's CRL to [revocation] crl_file (issuing one if none is current)",
+    )
+    crl.add_argument("--config", metavar="FILE", required=True, help="service configuration")
+    crl.set_defaults(handler=_crl)
 
     operator = commands.add_parser("operator", help="operators of the fleet")
     operator_commands = operator.add_subparsers(dest="operator_command", required=True)

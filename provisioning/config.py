@@ -31,6 +31,7 @@ Example (``docs/service.md`` describes every key):
     golden_measurements = "policy/golden.toml"
     interval_seconds = 3600
     quarantine = true
+    manufacturer_crls = "pki/manufacturer-crls.pem"
 
     [groups]
     commit_log_retention_epochs = 64
@@ -39,6 +40,14 @@ Example (``docs/service.md`` describes every key):
     [quorum]
     min_approvals = 2
     request_ttl_seconds = 86400
+
+    [audit]
+    checkpoint_key = "pki/audit-checkpoint.key"
+    checkpoint_interval_seconds = 300
+
+    [revocation]
+    crl_file = "/var/lib/keyfleet/broker/crl.pem"
+    broker_crls = ["pki/operator-ca.crl", "pki/tls-ca.crl"]
 
     [http]
     listen = "127.0.0.1:8443"
@@ -74,6 +83,7 @@ from agent.configschema import (
     ConfigProblems,
     Field,
     Int,
+    List,
     Parse,
     Predicate,
     ReadableFile,
@@ -93,7 +103,17 @@ DATABASE_URL_EXPECTED = (
 )
 LISTEN_EXPECTED = "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443"
 OPTIONAL_SECTIONS = frozenset(
-    {"database", "groups", "quorum", "http", "service", "dashboard", "metrics"}
+    {
+        "database",
+        "groups",
+        "quorum",
+        "revocation",
+        "http",
+        "service",
+        "dashboard",
+        "metrics",
+        "audit",
+    }
 )
 # Optional tables whose absence means "not served" rather than "defaults".
 ABSENT_MEANS_OFF = frozenset({"http", "dashboard", "metrics"})
@@ -129,10 +149,14 @@ class DeviceCAConfig:
 
 @dataclass(frozen=True)
 class AttestationConfig:
+    """[attestation]. ``manufacturer_crls``: the CRLs of the manufacturer CAs the operator
+    imported (``keyfleet pki import-crl``, provisioning.ekcrls); None: none are checked."""
+
     manufacturer_cas: Path
     golden_measurements: Path
     interval_seconds: int
     quarantine: bool = False
+    manufacturer_crls: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +173,30 @@ class QuorumConfig:
 
     min_approvals: int = 2
     request_ttl_seconds: int = 86400
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """[audit]: signed checkpoints of the audit log (docs/operations.md, "Audit checkpoints").
+    ``checkpoint_key`` signs them (a key of its own: never ``[service] signing_key`` or a TLS
+    key); absent, the service makes none. ``checkpoint_interval_seconds``: how often the head is
+    checkpointed when it moved."""
+
+    checkpoint_key: KeyRef | None = None
+    checkpoint_interval_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class RevocationConfig:
+    """[revocation]: the device CA's CRL for the broker. ``crl_file``: where the service writes
+    it (the broker's ``crlfile``; absent: no file is written, the CRL is still issued and
+    stored); ``broker_crls``: the CRLs of the broker's other client CAs (operator CA, the
+    service's own CA), appended to the file because Mosquitto refuses a client whose CA has no
+    CRL in it; ``crl_validity_seconds``: each CRL's next-update (re-issued at half of it)."""
+
+    crl_file: Path | None = None
+    broker_crls: tuple[Path, ...] = ()
+    crl_validity_seconds: int = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -219,6 +267,8 @@ class ServiceConfig:
     http: HttpConfig | None
     service: ServiceRuntimeConfig = field(default_factory=ServiceRuntimeConfig)
     quorum: QuorumConfig = field(default_factory=QuorumConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    revocation: RevocationConfig = field(default_factory=RevocationConfig)
     metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
 
@@ -293,6 +343,24 @@ def _database_url(base: Path) -> Parse:
     )
 
 
+def _file_to_write(base: Path) -> Parse:
+    """A file that a command writes (it need not exist yet) in an existing directory; relative
+    to ``base``."""
+    expected = "a file path in an existing directory"
+
+    def parse(value: str) -> Path:
+        path = Path(value)
+        if not path.is_absolute():
+            path = base / path
+        if not path.parent.is_dir():
+            raise ValueError(f"no directory {path.parent}")
+        if path.exists() and not path.is_file():
+            raise ValueError("not a regular file")
+        return path
+
+    return Parse(Str(expected), parse, expected)
+
+
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
@@ -338,6 +406,7 @@ def _schema(base: Path) -> Table:
             "golden_measurements": Field(file(), required=True),
             "interval_seconds": Field(seconds(10, 7 * 86400), default=3600),
             "quarantine": Field(Bool(), default=False),
+            "manufacturer_crls": Field(_file_to_write(base)),
         },
         "groups": {
             "commit_log_retention_epochs": Field(Int(1, 1_000_000, "epochs"), default=64),
@@ -361,6 +430,15 @@ def _schema(base: Path) -> Table:
         },
         "metrics": {
             "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED), required=True),
+        },
+        "audit": {
+            "checkpoint_key": Field(KeyReference(base=base)),
+            "checkpoint_interval_seconds": Field(seconds(10, 86400), default=300),
+        },
+        "revocation": {
+            "crl_file": Field(_file_to_write(base)),
+            "broker_crls": Field(List(file(), max_items=16), default=[]),
+            "crl_validity_seconds": Field(seconds(3600, 366 * 86400), default=7 * 86400),
         },
         "service": {
             "signing_key": Field(KeyReference(base=base)),
@@ -406,6 +484,12 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         attestation=AttestationConfig(**sections["attestation"]),
         groups=GroupsConfig(**sections["groups"]),
         quorum=QuorumConfig(**sections["quorum"]),
+        audit=AuditConfig(**sections["audit"]),
+        revocation=RevocationConfig(
+            crl_file=sections["revocation"].get("crl_file"),
+            broker_crls=tuple(sections["revocation"]["broker_crls"]),
+            crl_validity_seconds=sections["revocation"]["crl_validity_seconds"],
+        ),
         http=None
         if http is None
         else HttpConfig(

@@ -5,7 +5,10 @@ DevID public areas, the AK's TPM2_Certify of the DevID, the device's TLS public 
 
     enroll.request         the request does not have the expected shape
     enroll.ek.cert         the EK certificate does not parse
-    enroll.ek.chain        it is not issued by a trusted manufacturer CA, or not valid now
+    enroll.ek.chain        it has no valid path to a manufacturer root (provisioning.ekchain:
+                           intermediates, path length, validity, CA keyUsage)
+    ek.*                   the TCG EK profile (keyUsage, purpose) or revocation by an imported
+                           manufacturer CRL (ek.revoked, ek.crl.stale; provisioning.ekchain)
     enroll.ek.public       the EK public area does not decode or is not the certified key
     enroll.ek.registered   this EK is already enrolled with a live identity (re-provisioning
                            needs a factory reset: an EK whose identity is destroyed or revoked
@@ -35,6 +38,9 @@ ends the session (one try), and every accept and refusal is audited. Further che
     enroll.credential       the secret is not the one MakeCredential protected
     enroll.station.unknown  the client certificate is not a registered station's
     enroll.revoke.unknown / enroll.revoke.state  see ``revoke``
+    enroll.revoked          the EK's identity was revoked by operators and there is no approved,
+                            unused, valid ``device.reenroll`` request for it (checked at start,
+                            verified and used up at finish: ``provisioning.revocation``)
     registry.*              the registry refused the registration
 
 The certify's qualifying data is SHA-256("keyfleet/enroll/certify/v1" 0x00 || nonce || TLS SPKI)
@@ -83,10 +89,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import delete, func, select, text, update
@@ -101,14 +107,17 @@ from agent.protocol.attest import (
     tpm_name,
     verify_certify,
 )
+from agent.protocol.authz import AuthzVerifier
 from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError
 from agent.protocol.secret import Secret
 from agent.serial_link import INSTALL_ARGS
-from provisioning import audit
+from provisioning import audit, revocation
 from provisioning.config import ServiceConfig
 from provisioning.custody import load_private_key
 from provisioning.db.engine import rowcount, run_in_transaction
 from provisioning.db.schema import Device, EnrollSession
+from provisioning.ekchain import ManufacturerTrust
+from provisioning.ekcrls import ManufacturerTrustFile
 from provisioning.makecredential import make_credential
 from provisioning.pki import (
     CertificateAuthority,
@@ -426,6 +435,8 @@ class EnrollmentSettings:
     certificate_validity: timedelta = timedelta(days=3650)
     max_sessions: int = 1024
     undo_window: int = 3600
+    # the imported manufacturer CRLs (provisioning.ekcrls), re-read when the file changes
+    manufacturer_crls: Path | None = None
 
     def anchors(self) -> tuple[x509.Certificate, ...]:
         return self.trust_anchors or (self.device_ca.certificate,)
@@ -455,6 +466,7 @@ class EnrollmentSettings:
             trust_anchors=(device_ca.certificate,),
             operator_anchors=(cert_from_pem(config.operator_ca_cert.read_bytes()),),
             min_approvals=config.quorum.min_approvals,
+            manufacturer_crls=config.attestation.manufacturer_crls,
         )
 
 
@@ -464,32 +476,9 @@ class EnrollmentSettings:
 def verify_ek_certificate(
     cert: x509.Certificate, trusted: Sequence[x509.Certificate], *, now: datetime
 ) -> x509.Certificate:
-    """Check that ``cert`` is issued directly by one of the ``trusted`` manufacturer CAs
-    (roots or intermediates, each a trust anchor) and that both are valid at ``now``; return
-    the issuer. EK certificates are RSA or ECC (not P-256 only), so pki.verify_certificate's
-    profile does not fit; this is the same check with the key type left open."""
-    when = now.astimezone(UTC)
-    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
-        raise ProtocolError("enroll.ek.chain", "EK certificate is not valid now")
-    for ca in trusted:
-        if ca.subject != cert.issuer:
-            continue
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (InvalidSignature, ValueError, TypeError):
-            continue
-        try:
-            constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            continue
-        if not constraints.ca:
-            continue
-        if not ca.not_valid_before_utc <= when <= ca.not_valid_after_utc:
-            raise ProtocolError("enroll.ek.chain", "the manufacturer CA is not valid now")
-        return ca
-    raise ProtocolError(
-        "enroll.ek.chain", "EK certificate is not issued by a trusted manufacturer CA"
-    )
+    """Path-validate EK certificate ``cert`` to a root of the manufacturer bundle ``trusted``
+    (roots and intermediates; no CRLs) and return its issuer. See ``provisioning.ekchain``."""
+    return ManufacturerTrust(trusted).verify(cert, now=now)[1]
 
 
 def _check_attributes(public: bytes, required: int, forbidden: int, check: str, what: str) -> None:
@@ -565,6 +554,9 @@ class Enrollment:
         self.settings = settings
         self._db = sessions
         self._rng = rng
+        self._manufacturers = ManufacturerTrustFile(
+            settings.manufacturer_cas, settings.manufacturer_crls
+        )
 
     # -- stations --
 
@@ -631,9 +623,7 @@ class Enrollment:
             raise ProtocolError("enroll.ek.cert", "EK certificate is not DER X.509") from None
         ek_fp = cert_fingerprint(ek_cert)
         try:
-            verify_ek_certificate(
-                ek_cert, self.settings.manufacturer_cas, now=datetime.fromtimestamp(now, UTC)
-            )
+            self._manufacturers.current().verify(ek_cert, now=datetime.fromtimestamp(now, UTC))
         except ProtocolError as exc:
             raise _Tagged(ek_fp, exc) from None
         try:
@@ -654,11 +644,22 @@ class Enrollment:
 
         def registered(session: Session) -> str | None:
             record = Registry(session).device_by_ek(ek_fp)
+            if record is not None and revocation.identity_revoked(session, record):
+                if revocation.reenroll_approval(session, record.device_id) is None:
+                    raise ProtocolError(
+                        "enroll.revoked",
+                        f"this TPM's identity {record.device_id} is revoked: it enrolls again "
+                        "only with an approved 'keyfleet propose reenroll' request",
+                    )
+                return None  # the approval is verified and used at finish
             if record is None or record.state in REENROLLABLE:
                 return None  # a destroyed or revoked identity is replaced at finish
             return f"{record.device_id} ({record.state.value})"
 
-        holder = run_in_transaction(self._db, registered)
+        try:
+            holder = run_in_transaction(self._db, registered)
+        except ProtocolError as exc:
+            raise _Tagged(ek_fp, exc) from None
         if holder is not None:
             raise _Tagged(
                 ek_fp,
@@ -930,9 +931,20 @@ class Enrollment:
                     ak_public=pending.ak_public,
                 )
             else:
-                # Re-provisioning after a factory reset (or of a revoked device): the same TPM
-                # gets a new identity under the same device id; the old one's history stays in
-                # the audit log; its replay state goes with it (the new agent counts from seq 1).
+                # Re-provisioning after a factory reset (or of a revoked device, with the
+                # quorum's approval, used up here): the same TPM gets a new identity under the
+                # same device id; the old one's history stays in the audit log; its replay
+                # state goes with it (the new agent counts from seq 1).
+                if revocation.identity_revoked(session, previous):
+                    revocation.consume_reenroll(
+                        session,
+                        previous.device_id,
+                        devid_point=_devid_point(previous.devid_cert_pem),
+                        verifier=AuthzVerifier(self.settings.operator_anchors),
+                        min_approvals=self.settings.min_approvals,
+                        station=station,
+                        now=now,
+                    )
                 registry.reenroll_device(
                     previous.device_id,
                     ek_cert_fingerprint=pending.ek_fingerprint,
@@ -940,6 +952,12 @@ class Enrollment:
                     now=now,
                     ak_public=pending.ak_public,
                 )
+            revocation.record_issued(
+                session,
+                pending.device_id,
+                [(revocation.KIND_DEVID, devid_cert), (revocation.KIND_TLS, tls_cert)],
+                now=now,
+            )
             audit.append(
                 session,
                 now=now,
@@ -1054,6 +1072,16 @@ class Enrollment:
         return run_in_transaction(
             self._db, lambda s: frozenset(s.scalars(select(EnrollSession.session_id)))
         )
+
+
+def _devid_point(devid_cert_pem: str) -> bytes:
+    """The uncompressed EC point of a stored DevID certificate (what a re-enroll request names)."""
+    public = cert_from_pem(devid_cert_pem.encode()).public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ProtocolError("enroll.revoked", "the revoked identity's DevID key is not an EC key")
+    return public.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
 
 
 def _purge(session: Session, now: int) -> None:

@@ -67,6 +67,7 @@ _STATUS = {
     "enroll.session.station": 403,
     "enroll.session.limit": 503,
     "enroll.ek.registered": 409,
+    "enroll.revoked": 403,
     "registry.device.exists": 409,
     "registry.device.ek_taken": 409,
     "enroll.revoke.unknown": 404,

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from provisioning import audit
+from provisioning.db.runtime import RevocationFeedRow, RevocationFeedSeen
 from provisioning.db.schema import Outcome
 from provisioning.registry import Registry
 
@@ -66,7 +68,12 @@ def parse_time(text: str, *, now: int) -> int:
 
 
 def list_devices(session: Session) -> list[Row]:
+    """One row per device; ``feed`` is the number of the newest revocation feed entry its last
+    keys.report said it keeps (None before it reported one), ``feed_behind`` how many entries
+    it lacks then (docs/authorization.md, "The revocation feed")."""
     registry = Registry(session)
+    feed_seen = {row.device_id: row.seq for row in session.scalars(select(RevocationFeedSeen))}
+    feed_head = session.scalar(select(func.max(RevocationFeedRow.seq))) or 0
     rows: list[Row] = []
     for device in registry.devices():
         groups = [
@@ -83,6 +90,10 @@ def list_devices(session: Session) -> list[Row]:
                 "attestation_reason": device.attestation_reason,
                 "last_seen": device.last_seen,
                 "groups": groups,
+                "feed": feed_seen.get(device.device_id),
+                "feed_behind": None
+                if device.device_id not in feed_seen
+                else max(0, feed_head - feed_seen[device.device_id]),
             }
         )
     return rows

@@ -43,6 +43,7 @@ from agent.protocol.wire.envelope import Signer, encode_message, open_message
 from agent.protocol.wire.messages.operator import (
     Approve,
     AttestDevice,
+    AuditSync,
     GroupAdd,
     GroupCreate,
     ListRequests,
@@ -50,7 +51,12 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     Revoke,
 )
-from agent.protocol.wire.messages.result import OperatorResult, RequestsResult, ResultStatus
+from agent.protocol.wire.messages.result import (
+    AuditCheckpointResult,
+    OperatorResult,
+    RequestsResult,
+    ResultStatus,
+)
 from provisioning import custody, pki
 
 EXIT_OK = 0
@@ -62,8 +68,20 @@ EXIT_PENDING = 4
 FINAL = frozenset(
     {ResultStatus.DONE, ResultStatus.FAILED, ResultStatus.REJECTED, ResultStatus.TIMEOUT}
 )
-Command = Rekey | Revoke | GroupCreate | GroupAdd | AttestDevice | Propose | Approve | ListRequests
-Reply = OperatorResult | RequestsResult
+Command = (
+    Rekey
+    | Revoke
+    | GroupCreate
+    | GroupAdd
+    | AttestDevice
+    | Propose
+    | Approve
+    | ListRequests
+    | AuditSync
+)
+Reply = OperatorResult | RequestsResult | AuditCheckpointResult
+# Answers that are one message, not a stream of results ending in a final one.
+ANSWERS = (RequestsResult, AuditCheckpointResult)
 
 
 @dataclass(frozen=True)
@@ -173,7 +191,7 @@ class OperatorIdentity:
         try:
             cert = pki.cert_from_pem(settings.cert.read_bytes())
             loaded = load_operator_key(settings)
-            service = _load_public(settings.service_cert.read_bytes())
+            service = load_public_key(settings.service_cert.read_bytes())
         except OSError as exc:
             raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
         except ProtocolError as err:
@@ -184,14 +202,16 @@ class OperatorIdentity:
         return cls(pki.common_name(cert), loaded.key, service, cert, loaded)
 
 
-def _load_public(data: bytes) -> ec.EllipticCurvePublicKey:
+def load_public_key(data: bytes) -> ec.EllipticCurvePublicKey:
+    """A P-256 public key from a PEM certificate or PEM public key (the service's, the audit
+    checkpoint key)."""
     public: object
     if b"CERTIFICATE" in data:
         public = pki.cert_from_pem(data).public_key()
     else:
         public = load_pem_public_key(data)
     if not isinstance(public, ec.EllipticCurvePublicKey):
-        raise ProtocolError("pki.key_type", "the service key must be ECC P-256")
+        raise ProtocolError("pki.key_type", "the key must be ECC P-256")
     return public
 
 
@@ -285,12 +305,13 @@ class OperatorClient:
             except ProtocolError as err:
                 print(f"keyfleet: ignored a result that did not verify: {err}", file=sys.stderr)
                 continue
-            if isinstance(verified.body, OperatorResult | RequestsResult):
+            if isinstance(verified.body, OperatorResult | RequestsResult | AuditCheckpointResult):
                 return verified.body
 
     def exchange(self, body: Command, timeout: float) -> Reply | None:
-        """Send ``body`` and wait for its answer: its ``op.requests`` reply or a final
-        ``op.result`` (a refusal). Other results read meanwhile are kept for later reads."""
+        """Send ``body`` and wait for its answer: its ``op.requests`` or ``op.audit_checkpoint``
+        reply or a final ``op.result`` (a refusal). Other results read meanwhile are kept for
+        later reads."""
         self.send(body)
         deadline = time.monotonic() + timeout
         kept: list[Reply] = []
@@ -300,7 +321,7 @@ class OperatorClient:
                 if reply is None:
                     return None
                 if reply.command_id == body.command_id and (
-                    isinstance(reply, RequestsResult) or reply.status in FINAL
+                    isinstance(reply, ANSWERS) or reply.status in FINAL
                 ):
                     return reply
                 kept.append(reply)

@@ -26,6 +26,10 @@ encrypts a plain key file (an operator's) with a passphrase.
 ``keyfleet pki issue KIND NAME`` makes a key and a certificate from the matching CA:
 ``operator`` (role in the OU: viewer, operator or admin), ``station``, ``service`` (the service's
 MQTT client identity) and ``server`` (TLS server, with the DNS names and addresses clients dial).
+``keyfleet pki crl tls|operator`` writes a CRL of that CA (``DIR/<ca>.crl``, numbered above the
+previous one) for the broker's ``crlfile`` (``[revocation] broker_crls``).
+``keyfleet pki import-crl CRL --config FILE`` imports a TPM manufacturer CA's CRL
+(``provisioning.ekcrls``).
 
 Private keys are written 0600 and atomically, and are never printed. With ``--passphrase-file``
 the keys of the offline CAs (TLS, operator, station) are encrypted; ``issue`` then needs the same
@@ -35,8 +39,10 @@ file. Nothing is overwritten: an existing target file is an error and nothing is
 from __future__ import annotations
 
 import argparse
+import getpass
 import re
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -44,16 +50,23 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.fsio import atomic_write
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.wire.cose import key_id
-from provisioning import custody, pki
+from provisioning import audit, custody, pki, revocation
+from provisioning.config import load_config
+from provisioning.db import migrations
+from provisioning.ekcrls import import_crl
+from provisioning.registry import Outcome, make_engine, session_factory
 from provisioning.service.operators import OPERATOR_PREFIX
 
 EXIT_OK = 0
 CA_DAYS = 3650
 LEAF_DAYS = 365
+CRL_DAYS = 365
 ROLES = ("viewer", "operator", "admin")
 CLIENT_CA_BUNDLE = "client-cas.pem"
 # A name becomes a file name and an MQTT topic level: keep it to what is safe for both.
@@ -379,6 +392,88 @@ def _encrypt_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- keyfleet pki crl --------------------------------------------------------------------------
+
+
+def _crl(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    fleet_ca = TLS_CA if args.ca == "tls" else OPERATOR_CA
+    ca = load_ca(directory, fleet_ca, _read_passphrase(args.passphrase_file))
+    path = directory / f"{fleet_ca.stem}.crl"
+    previous = revocation.file_crl_number(path) if path.exists() else None
+    now = int(datetime.now(UTC).timestamp())
+    crl = revocation.build_crl(
+        ca,
+        [],
+        number=(previous or 0) + 1,
+        this_update=now,
+        next_update=now + args.days * 86400,
+    )
+    atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    print(f"wrote {path} (CRL {revocation.crl_number(crl)} of the {fleet_ca.title})")
+    return EXIT_OK
+
+
+# ---- keyfleet pki import-crl ---------------------------------------------------------------------
+
+
+def _import_crl(args: argparse.Namespace) -> int:
+    """Check a manufacturer CA's CRL and add it to ``[attestation] manufacturer_crls``
+    (provisioning.ekcrls); accepted or refused, it is audited in the service's database (which
+    must be at the current schema: checked before anything is written)."""
+    config = load_config(args.config)
+    crl_path = config.attestation.manufacturer_crls
+    if crl_path is None:
+        raise ConfigError(
+            f"{config.path}: [attestation] manufacturer_crls is not set: name the file the "
+            "imported CRLs are kept in (e.g. pki/manufacturer-crls.pem) and run this again"
+        )
+    try:
+        data = Path(args.crl).read_bytes()
+        bundle = pki.certs_from_pem(config.attestation.manufacturer_cas.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    engine = make_engine(config.database_url)
+    try:
+        migrations.require_current(engine, how=f"--config {args.config}")
+        sessions = session_factory(engine)
+        now = int(time.time())
+        actor = f"local:{getpass.getuser()}"
+        try:
+            checked = import_crl(bundle, crl_path, data, now=datetime.fromtimestamp(now, UTC))
+        except ProtocolError as err:
+            audit.record(
+                sessions,
+                now=now,
+                actor=actor,
+                action="pki.import_crl",
+                target=str(args.crl),
+                outcome=Outcome.REFUSED,
+                reason=f"[{err.check}] {err.reason}",
+            )
+            raise
+        for crl in checked:
+            issuer = crl.issuer.subject.rfc4514_string()
+            audit.record(
+                sessions,
+                now=now,
+                actor=actor,
+                action="pki.import_crl",
+                target=issuer,
+                outcome=Outcome.ACCEPTED,
+                details={"crl_number": crl.number, "revoked": len(crl.crl), "file": str(crl_path)},
+            )
+            next_update = crl.crl.next_update_utc
+            print(
+                f"CRL of {issuer} imported into {crl_path}: number {crl.number}, "
+                f"{len(crl.crl)} revoked, next update "
+                f"{'-' if next_update is None else f'{next_update:%Y-%m-%d %H:%M} UTC'}"
+            )
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
 # ---- the argparse tree -------------------------------------------------------------------------
 
 
@@ -470,3 +565,36 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="the issuing CA's key when it is not DIR's file: a pkcs11: URI or a file",
     )
     issue_parser.set_defaults(handler=_issue)
+
+    crl_parser = pki_commands.add_parser(
+        "crl",
+        help="write a CRL of the TLS or operator CA for the broker's crlfile",
+        description=(
+            "Write DIR/CA.crl: a CRL of the TLS or operator CA, numbered one above the file's "
+            "previous one, listing no certificate, valid for --days. With crlfile set the broker "
+            "refuses every client whose CA has no current CRL in it: name these files in "
+            "[revocation] broker_crls and issue them again before they expire "
+            "(docs/operations.md, \"Revocation\"). The device CA's CRL is the service's "
+            "(keyfleet crl)."
+        ),
+    )
+    crl_parser.add_argument("ca", choices=("tls", "operator"))
+    crl_parser.add_argument("--dir", default=".", metavar="DIR", help="the PKI directory (.)")
+    crl_parser.add_argument("--days", type=_days, default=CRL_DAYS, help=f"({CRL_DAYS})")
+    crl_parser.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
+    crl_parser.set_defaults(handler=_crl)
+    import_parser = pki_commands.add_parser(
+        "import-crl",
+        help="import a TPM manufacturer CA's CRL (EK certificates it lists stop enrolling)",
+        description=(
+            "Check CRL (PEM or DER: signed by a CA of [attestation] manufacturer_cas allowed to "
+            "sign CRLs, current, complete, not older than the one already imported for that CA) "
+            "and keep it in [attestation] manufacturer_crls in place of that CA's older one. "
+            "Enrollment refuses EK certificates it lists (ek.revoked) from the next enrollment on."
+        ),
+    )
+    import_parser.add_argument("crl", metavar="CRL", help="the CRL file")
+    import_parser.add_argument(
+        "--config", metavar="FILE", required=True, help="service configuration"
+    )
+    import_parser.set_defaults(handler=_import_crl)

@@ -146,7 +146,7 @@ class RequestSession:
             if not self.json:
                 print(f"keyfleet: {label}: {reply.status.value}: {reply.detail}", file=self.err)
             return None
-        return reply
+        return reply if isinstance(reply, RequestsResult) else None
 
     def propose(self, body: Propose, label: str) -> authz.Request | None:
         """Ask for the Request of ``body``; check it is the change asked for."""
@@ -197,6 +197,10 @@ class RequestSession:
             return follow(
                 self.client, {command_id: label}, timeout=timeout, progress=progress, err=self.err
             )
+        if info.state is RequestState.APPROVED and request.op == authz.OP_DEVICE_REENROLL:
+            # nothing runs now: the TPM may enroll once (docs/operations.md, "Revocation")
+            self.note(label, info, f"approved: {info.detail}")
+            return EXIT_OK
         if info.state is RequestState.PENDING:
             missing = info.required - len(info.approvers)
             self.note(
@@ -261,6 +265,10 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
     if kind == "revoke":
         return f"propose revoke {args.device}", Propose(
             command_id, authz.OP_DEVICE_REVOKE, (args.device,), reason=args.reason
+        )
+    if kind == "reenroll":
+        return f"propose reenroll {args.device}", Propose(
+            command_id, authz.OP_DEVICE_REENROLL, (args.device,)
         )
     policy = load_policy_file(Path(args.file))
     return f"propose policy serial {policy.serial}", Propose(
@@ -330,6 +338,9 @@ def run_requests(client: OperatorClient, args: argparse.Namespace) -> int:
         return EXIT_TIMEOUT
     if isinstance(reply, OperatorResult):
         print(f"keyfleet: requests: {reply.status.value}: {reply.detail}", file=sys.stderr)
+        return EXIT_FAILED
+    if not isinstance(reply, RequestsResult):
+        print("keyfleet: requests: the service answered with another message", file=sys.stderr)
         return EXIT_FAILED
     rows = [request_json(info) for info in reply.requests]
     if args.json:
@@ -407,9 +418,13 @@ def add_request_commands(
     revoke = kinds.add_parser("revoke", help="revoke DEVICE (admins)")
     revoke.add_argument("device")
     revoke.add_argument("--reason", help="recorded with the revocation")
+    reenroll = kinds.add_parser(
+        "reenroll", help="let revoked DEVICE's TPM enroll once more (admins)"
+    )
+    reenroll.add_argument("device")
     policy = kinds.add_parser("policy", help="a new quorum policy from a TOML FILE (admins)")
     policy.add_argument("file", metavar="FILE")
-    for parser in (create, add, remove, revoke, policy):
+    for parser in (create, add, remove, revoke, reenroll, policy):
         add_operator_options(parser)
         parser.set_defaults(handler=handler, request_command="propose")
 

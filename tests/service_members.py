@@ -78,11 +78,12 @@ class SoftDevice:
         now: datetime,
     ) -> SoftDevice:
         key = pki.generate_key()
-        cert = pki.issue_client_cert(
+        # the DevID certificate enrollment issues (the service checks it at use)
+        cert = pki.issue_devid_cert(
             ca,
             key.public_key(),
-            identity=device_id,
-            role="device",
+            device_id=device_id,
+            hardware_serial=f"SN-{device_id}",
             now=now,
             valid_for=timedelta(days=1),
         )

@@ -81,6 +81,9 @@ OP_GROUP_ADD = "group.add"
 OP_GROUP_REMOVE = "group.remove"
 OP_DEVICE_REVOKE = "device.revoke"
 OP_POLICY = "policy"
+# The service's own op: a revoked device's TPM (its EK) may enroll once more. It names the
+# revoked device with its old DevID key; it authorizes no commit (``authz.scope``).
+OP_DEVICE_REENROLL = "device.reenroll"
 MEMBERSHIP_OPS = frozenset({OP_GROUP_CREATE, OP_GROUP_ADD, OP_GROUP_REMOVE, OP_DEVICE_REVOKE})
 DEVICE_OPS = MEMBERSHIP_OPS | {OP_POLICY}
 OPERATOR_PREFIX = "op-"

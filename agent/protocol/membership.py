@@ -18,6 +18,10 @@ device accepts
   and its own leaf by a fresh one it has not used before, or by a same-identity re-add under the
   standing policy (``admission_check``).
 
+- **no** leaf, KeyPackage or committer whose identity (device id and DevID key) the revocation
+  feed it keeps names (``cred.revoked``; ``agent.protocol.feed``), even with a valid quorum for
+  the add: the revocation is the later, stronger fact.
+
 The quorum policy a device applies is the newest one it has verified. Policies form a chain: the
 first is approved under ``QuorumPolicy.initial(min_approvals)`` (``min_approvals`` fixed at
 enrollment), each later one under the one before it, with a higher serial. The service sends the
@@ -36,11 +40,13 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from agent.protocol import authz as az
+from agent.protocol import feed as revocation_feed
 from agent.protocol.credentials import CredentialVerifier, verify_tpm_residency
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
 from agent.protocol.mls.messages import CommitContent, KeyPackage
 from agent.protocol.mls.tree import LeafNode, RatchetTree
+from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.service import MAX_POLICIES, MAX_POLICY_AUTHZ
 
 ENVELOPE_VERSION = 1
@@ -103,6 +109,7 @@ class MembershipState:
     policies: tuple[bytes, ...]
     consumed: tuple[tuple[bytes, int], ...]
     readdable: tuple[tuple[tuple[str, str], bytes], ...]
+    revocations: revocation_feed.FeedState
 
 
 class Membership:
@@ -130,6 +137,8 @@ class Membership:
         # the only identities it may re-add (noted when the removal is checked, inside the
         # caller's ``transaction``).
         self.readdable: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        # the revocation feed as far as we verified it (revoked identities)
+        self.revocations = revocation_feed.FeedState()
 
     @property
     def approvals(self) -> az.AuthzVerifier:
@@ -140,7 +149,10 @@ class Membership:
         return self._approvals
 
     def __repr__(self) -> str:
-        return f"Membership(policy serial {self.policy.serial}, {len(self.consumed)} used)"
+        return (
+            f"Membership(policy serial {self.policy.serial}, {len(self.consumed)} used, "
+            f"feed {self.revocations.seq})"
+        )
 
     # -- state (kept in the agent's encrypted state file) ------------------------------------
 
@@ -149,11 +161,16 @@ class Membership:
             "policies": list(self.policies),
             "consumed": [[request_id, exp] for request_id, exp in self.consumed.items()],
             "readdable": [[g, d, key] for (g, d), key in self.readdable.items()],
+            "revocations": self.revocations.to_state(),
         }
 
     def parse_state(self, value: object) -> MembershipState:
-        """Check a ``to_state()`` map (the policy chain verifies again) without applying it."""
-        m = codec.as_map(value, "membership", {"policies", "consumed", "readdable"})
+        """Check a ``to_state()`` map (the policy chain verifies again) without applying it. A
+        state written before devices kept the revocation feed has no ``revocations``: it starts
+        from an empty feed (the device catches up from the service's head)."""
+        m = codec.as_map(
+            value, "membership", {"policies", "consumed", "readdable"}, {"revocations"}
+        )
         policy, policies = self._follow(self.base, (), _chain(m["policies"], "membership.policies"))
         consumed = codec.as_list(
             m["consumed"],
@@ -185,7 +202,12 @@ class Membership:
                 lambda v, w: codec.as_list(v, w, 3, lambda x, y: x),
             )
         )
-        return MembershipState(policy, policies, pairs, readdable)
+        revocations = (
+            revocation_feed.FeedState.parse_state(m["revocations"])
+            if "revocations" in m
+            else revocation_feed.FeedState()
+        )
+        return MembershipState(policy, policies, pairs, readdable, revocations)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -197,17 +219,39 @@ class Membership:
             OrderedDict(self.consumed),
             OrderedDict(self.readdable),
         )
+        revocations = self.revocations
         try:
             yield
         except BaseException:
             self.policy, self.policies = saved[0], saved[1]
             self.consumed, self.readdable = saved[2], saved[3]
+            self.revocations = revocations
             raise
 
     def restore(self, state: MembershipState) -> None:
         self.policy, self.policies = state.policy, state.policies
         self.consumed = OrderedDict(state.consumed)
         self.readdable = OrderedDict(state.readdable)
+        self.revocations = state.revocations
+
+    # -- the revocation feed --------------------------------------------------------------------
+
+    def follow_feed(self, head: RevocationFeed) -> bool:
+        """Advance the revocation feed to ``head`` (a verified ``revocation.feed`` body): each
+        new entry's Authorization is checked as a fleet-wide ``device.revoke`` under our quorum
+        policy, historically. True if the feed moved; ``revocation.*`` refusals change nothing
+        (``agent.protocol.feed.advance``)."""
+
+        def check(signed: bytes) -> az.VerifiedAuthorization:
+            return self.approvals.verify(
+                signed, policy=self.policy, now=None, op=az.OP_DEVICE_REVOKE, group=None
+            )
+
+        advanced = revocation_feed.advance(self.revocations, head, check)
+        if advanced is None:
+            return False
+        self.revocations = advanced
+        return True
 
     # -- policy ---------------------------------------------------------------------------------
 
@@ -240,6 +284,13 @@ class Membership:
     # -- leaves and key packages ----------------------------------------------------------------
 
     def check_leaf(self, leaf: LeafNode, now: int) -> None:
+        if self.revocations.is_revoked(
+            leaf.device_id.decode(errors="replace"), az.member_key(leaf.signature_key)
+        ):
+            raise ProtocolError(
+                "cred.revoked",
+                f"the revocation feed names device {leaf.device_id!r} with this DevID key",
+            )
         device = self.credentials.verify(leaf.credential, now)
         if device.device_id.encode() != leaf.device_id:
             raise ProtocolError(

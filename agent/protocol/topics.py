@@ -3,8 +3,9 @@
 Every party (agent, service, operator CLI, simulator, broker ACL template) builds its topics here,
 so a change of layout is one edit. Layout (docs/mqtt.md), under ``kf/v1/``: ``dev/{device}/cmd``
 (service -> device), ``dev/{device}/report`` (device -> service), ``grp/{group}/commit`` (ordered
-group handshake messages), ``ops/{operator}/cmd`` and ``ops/{operator}/result``. The service
-subscribes through shared subscriptions so several instances split the load.
+group handshake messages), ``ops/{operator}/cmd``, ``ops/{operator}/result`` and
+``feed/revocations`` (the revocation feed's signed head, retained; every device reads it). The
+service subscribes through shared subscriptions so several instances split the load.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ OPS_SUBSCRIPTION: Final = f"$share/{SHARE_GROUP}/{TOPIC_ROOT}/ops/+/cmd"
 ALL_GROUP_COMMITS: Final = f"{TOPIC_ROOT}/grp/+/commit"
 """What a device subscribes to besides its command topic (the ACL lets it read every group's
 commits; it keeps those of its own groups)."""
+REVOCATION_FEED_TOPIC: Final = f"{TOPIC_ROOT}/feed/revocations"
+"""The revocation feed's signed head, retained by the broker: every device subscribes to it,
+only the service publishes to it (docs/wire.md, "Revocation feed")."""
+FEED_RECIPIENT: Final = "keyfleet-devices"
+"""The ``to`` of the retained feed head: every device (a catch-up page names the device)."""
 
 
 def device_cmd_topic(device_id: str) -> str:

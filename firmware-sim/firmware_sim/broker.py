@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ topic readwrite {TOPIC_ROOT}/#
 pattern write {TOPIC_ROOT}/dev/%u/report
 pattern read {TOPIC_ROOT}/dev/%u/cmd
 pattern read {TOPIC_ROOT}/grp/+/commit
+pattern read {TOPIC_ROOT}/feed/revocations
 # Operators (CN = "op-..."):
 pattern write {TOPIC_ROOT}/ops/%u/cmd
 pattern read {TOPIC_ROOT}/ops/%u/result
@@ -54,6 +56,7 @@ pattern read {TOPIC_ROOT}/ops/%u/result
 DEFAULT_LOG_TYPES = ("all",)
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+CRL_POLL = 0.05  # how often ``watch_crl`` looks at the CRL file (seconds)
 HOST = "127.0.0.1"
 
 
@@ -80,6 +83,12 @@ class Mosquitto:
     the readiness check presents (without one it checks that the TLS handshake completes).
     ``restart()`` keeps port and persistence, so sessions and queued QoS 1 messages survive it the
     way they survive a real broker restart.
+
+    ``crl_file``: the broker's ``crlfile`` (the fleet service writes it: the device CA's CRL and
+    the other client CAs' CRLs; Mosquitto then refuses any client whose certificate is on one,
+    and any client whose CA has no CRL in the file). Mosquitto 2.0.11 reads it only at start:
+    ``watch_crl()`` restarts the broker whenever the file changes, as the product's systemd
+    path unit does (systemd/keyfleet-broker-crl.path).
     """
 
     def __init__(
@@ -95,6 +104,7 @@ class Mosquitto:
         probe: tuple[Path, Path] | None = None,
         port: int | None = None,
         binary: str | None = None,
+        crl_file: Path | None = None,
     ) -> None:
         if not client_ca_certs:
             raise ConfigError("the broker needs at least one CA for client certificates")
@@ -111,6 +121,10 @@ class Mosquitto:
         self.persistence_dir = directory / "persistence"
         self.log_path = directory / "mosquitto.log"
         self.probe = probe
+        self.crl_file = crl_file
+        self.crl_restarts = 0
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
         directory.mkdir(parents=True, exist_ok=True)
         self.persistence_dir.mkdir(parents=True, exist_ok=True)
         self.client_ca_file = directory / "client-cas.pem"
@@ -133,6 +147,7 @@ class Mosquitto:
             "use_identity_as_username true",
             "allow_anonymous false",
             f"acl_file {self.acl_file}",
+            *([f"crlfile {self.crl_file}"] if self.crl_file is not None else []),
             "persistence true",
             f"persistence_location {self.persistence_dir}/",
             "persistence_file mosquitto.db",
@@ -210,8 +225,45 @@ class Mosquitto:
         self._process = None
 
     def stop(self) -> None:
-        """SIGTERM (mosquitto saves its persistence file on the way out), SIGKILL if it hangs."""
+        """SIGTERM (mosquitto saves its persistence file on the way out), SIGKILL if it hangs.
+        Stops the CRL watcher too."""
+        self._watch_stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(STOP_TIMEOUT)
         self._signal_and_wait(signal.SIGTERM)
+
+    def watch_crl(self, interval: float = CRL_POLL) -> None:
+        """Restart the broker (same port, same persistence) each time ``crl_file`` changes."""
+        path = self.crl_file
+        if path is None:
+            raise ConfigError("the broker has no crlfile to watch")
+        if self._watcher is not None:
+            return
+        self._watch_stop.clear()
+
+        def seen() -> tuple[int, int, int] | None:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+        def run(last: tuple[int, int, int] | None) -> None:
+            while not self._watch_stop.wait(interval):
+                now = seen()
+                if now is None or now == last:
+                    continue
+                last = now
+                self._signal_and_wait(signal.SIGTERM)
+                if self._watch_stop.is_set():
+                    return
+                self.start()
+                self.crl_restarts += 1
+
+        self._watcher = threading.Thread(
+            target=run, args=(seen(),), name=f"crl-watch-{self.port}", daemon=True
+        )
+        self._watcher.start()
 
     def kill(self) -> None:
         """A crash: SIGKILL, nothing saved beyond the last autosave (1 s)."""
@@ -219,10 +271,7 @@ class Mosquitto:
 
     def restart(self, *, crash: bool = False) -> None:
         """Stop and start again on the same port with the same persistence."""
-        if crash:
-            self.kill()
-        else:
-            self.stop()
+        self._signal_and_wait(signal.SIGKILL if crash else signal.SIGTERM)
         self.start()
 
     def log_text(self) -> str:

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -51,6 +51,7 @@ from provisioning.dashboard import pending, queries
 from provisioning.dashboard.queries import Viewer
 from provisioning.http import ASGIApp, Receive, Scope, Send
 from provisioning.registry import AttestationResult, DeviceState, cert_fingerprint
+from provisioning.service.credentials import operator_role
 
 log = logging.getLogger("keyfleet.dashboard")
 
@@ -170,7 +171,13 @@ def operator_authorizer(
             viewer = queries.operator_for(session, name, cert_fingerprint(cert))
         if viewer is None:
             log.info("dashboard: refused %r: not a registered operator certificate", name)
-        return viewer
+            return None
+        try:
+            # the role shown is the certificate's, narrowed by the registry row (never wider)
+            return replace(viewer, role=operator_role(cert, viewer.role))
+        except ProtocolError as exc:
+            log.info("dashboard: refused %r: [%s] %s", name, exc.check, exc.reason)
+            return None
 
     return authorize
 

@@ -2,7 +2,8 @@
 
 Operator keys and replay state, command ids, attestation challenges and waits, the job queue and
 its per-group slot, operations in flight, held commit/welcome halves, task leases and the shared
-envelope sequence counter, dual-control requests and the adopted quorum policies. Every rule
+envelope sequence counter, dual-control requests and the adopted quorum policies, the
+revocation feed and how far each device follows it, the signed audit checkpoints. Every rule
 several instances agree on is a row and a conditional UPDATE (whoever changes the row wins, the
 others see rowcount 0 and step back), never a leader and never an in-process lock. The queries
 over them live in ``provisioning.service.store``.
@@ -217,6 +218,71 @@ class QuorumPolicyRow(ServiceBase):
     serial: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     authz: Mapped[bytes] = mapped_column(LargeBinary)
     adopted_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class RevocationFeedRow(ServiceBase):
+    """The revocation feed (``agent.protocol.feed``): one row per entry, numbered from 1 with no
+    gap; ``entry`` is its CBOR bytes (the revoke's Authorization and the hash of the entry
+    before), ``hash`` its hash, the newest of which the signed head names."""
+
+    __tablename__ = "service_revocation_feed"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    entry: Mapped[bytes] = mapped_column(LargeBinary)
+    hash: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class RevocationFeedSeen(ServiceBase):
+    """How far each device's kept feed is, from its last ``keys.report`` (who lags)."""
+
+    __tablename__ = "service_revocation_feed_seen"
+
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    reported_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditCheckpointRow(ServiceBase):
+    """The signed audit checkpoints the service made (``provisioning.checkpoint``), one per
+    chain length ``count``: ``signed`` is the COSE_Sign1 bytes, the other columns repeat what it
+    says for queries. A row proves nothing by itself; the operator verifies ``signed``."""
+
+    __tablename__ = "service_audit_checkpoints"
+
+    count: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    head: Mapped[bytes] = mapped_column(LargeBinary(32))
+    time: Mapped[int] = mapped_column(BigInteger)
+    instance: Mapped[str] = mapped_column(String(ID_LENGTH))
+    signed: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class DeviceCertRow(ServiceBase):
+    """Every certificate the device CA issued to a device (its DevID and its MQTT TLS client
+    certificate, recorded at enrollment), by serial; ``revoked_at`` set when the device was
+    revoked: the device CA's CRL lists every row that has it (``provisioning.revocation``)."""
+
+    __tablename__ = "service_device_certs"
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex, no leading zeros
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "devid" or "tls"
+    not_after: Mapped[int] = mapped_column(BigInteger)
+    issued_at: Mapped[int] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class DeviceCrlRow(ServiceBase):
+    """The device CA's CRLs, one row per CRL number (monotone: the primary key makes two
+    instances issuing at once conflict, and the loser retries with the next number)."""
+
+    __tablename__ = "service_device_crls"
+
+    number: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    this_update: Mapped[int] = mapped_column(BigInteger)
+    next_update: Mapped[int] = mapped_column(BigInteger)
+    der: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 def create_service_schema(engine: Engine) -> None:

@@ -499,6 +499,28 @@ class Registry:
         self._s.flush()
         return changed
 
+    def compromise_keys(self, device_id: str, *, now: int) -> list[str]:
+        """Record every key of the device that is neither destroyed nor compromised yet as
+        compromised at ``now`` (the device was revoked: its keys are suspected compromised, not
+        merely deactivated). Returns the names changed. Every SP 800-57 state but destroyed may
+        go to compromised."""
+        row = self._device_row(device_id)
+        changed = []
+        for key in sorted(row.keys, key=lambda k: k.key_name):
+            if key.state in (KeyState.DESTROYED, KeyState.COMPROMISED):
+                continue
+            at = max(now, key.changed_at)
+            key.transitions.append(
+                KeyTransition(
+                    from_state=key.state, to_state=KeyState.COMPROMISED, at=at, recorded_at=now
+                )
+            )
+            key.state = KeyState.COMPROMISED
+            key.changed_at = at
+            changed.append(key.key_name)
+        self._s.flush()
+        return changed
+
     def reenroll_device(
         self,
         device_id: str,

@@ -186,10 +186,12 @@ def on_attest_report(
         raise ProtocolError("op.unsupported", "attestation is not configured")
     registry = Registry(session)
     device = registry.device(sender)
-    challenge = store.consume_challenge(session, sender, body.nonce, now=now)
-    waiting = store.take_attest_operation(session, body.nonce)
     if device.ak_public is None:
         raise ProtocolError("attest.device.ak", f"device {sender!r} has no AK registered")
+    # The stored AK must be the one the device's DevID certificate names (``cred.stored``).
+    cx.env.devices.check(device, now, with_ak=True)
+    challenge = store.consume_challenge(session, sender, body.nonce, now=now)
+    waiting = store.take_attest_operation(session, body.nonce)
     try:
         verdict = verify_evidence(
             Evidence.from_report(body),

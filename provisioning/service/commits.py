@@ -116,7 +116,9 @@ def load_public(session: Session, group_id: str) -> tuple[PublicGroup, int]:
     return public, group.epoch
 
 
-def check_commit(session: Session, sender: str, body: CommitMessage) -> CheckedCommit:
+def check_commit(
+    cx: Call, session: Session, sender: str, body: CommitMessage, now: int
+) -> CheckedCommit:
     """Every check before acceptance; returns the commit, the group's public view, the
     device ids it adds and removes, and the job it fulfils."""
     public, epoch = load_public(session, body.group_id)
@@ -132,7 +134,7 @@ def check_commit(session: Session, sender: str, body: CommitMessage) -> CheckedC
     public.verify(commit)
     registry = Registry(session)
     leaf = public.tree.leaf(commit.content.sender)
-    devid = serialize_public_key(verify.devid_public_key(registry.device(sender)))
+    devid = serialize_public_key(verify.devid_public_key(cx, registry.device(sender), now))
     if leaf is None or leaf.device_id != sender.encode() or leaf.signature_key != devid:
         raise ProtocolError(
             "ds.commit.sender", "the commit's committer leaf is not the signing device"
@@ -145,7 +147,7 @@ def check_commit(session: Session, sender: str, body: CommitMessage) -> CheckedC
         removes.append(removed_leaf.device_id.decode())
     for kp in commit.content.adds:
         added = registry.device(kp.device_id.decode())
-        if kp.signature_key != serialize_public_key(verify.devid_public_key(added)):
+        if kp.signature_key != serialize_public_key(verify.devid_public_key(cx, added, now)):
             raise ProtocolError(
                 "ds.commit.key_package", "an added key package is not the device's DevID key"
             )
@@ -175,7 +177,7 @@ def check_commit(session: Session, sender: str, body: CommitMessage) -> CheckedC
 
 
 def on_commit(cx: Call, session: Session, sender: str, body: CommitMessage, now: int) -> Effects:
-    checked = check_commit(session, sender, body)
+    checked = check_commit(cx, session, sender, body, now)
     if checked.adds:
         welcome = store.take_held_welcome(session, body.group_id, body.epoch, sender)
         if welcome is None:
@@ -201,7 +203,7 @@ def on_welcome(cx: Call, session: Session, sender: str, body: WelcomeMessage, no
         # The welcome came first (or the commit is at another instance): keep it briefly.
         store.hold_welcome(session, sender, body, commit_epoch=commit_epoch, now=now)
         return [AcceptHeld(body.group_id, commit_epoch, sender)]
-    checked = check_commit(session, sender, held)
+    checked = check_commit(cx, session, sender, held, now)
     return accept_commit(cx, session, sender, held, checked, welcome=body, now=now).effects()
 
 
@@ -216,7 +218,7 @@ def accept_held(cx: Call, group_id: str, epoch: int, sender: str, now: int) -> N
         welcome = store.take_held_welcome(session, group_id, epoch, sender)
         if welcome is None:
             raise _NothingHeld  # roll back: the commit stays held
-        checked = check_commit(session, sender, commit)
+        checked = check_commit(cx, session, sender, commit, now)
         return accept_commit(
             cx, session, sender, commit, checked, welcome=welcome, now=now
         ).effects()

@@ -29,6 +29,8 @@ from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
 from provisioning.registry import run_in_transaction
+from provisioning.revocation import RevocationSettings
+from provisioning.service.credentials import StoredDevices
 from provisioning.service.model import AttestationSettings, ServiceSettings
 
 T = TypeVar("T")
@@ -67,6 +69,9 @@ class Env:
     attestation: AttestationSettings | None
     metrics: ServiceMetrics
     instance: str
+    # Stored DevID certificates and AKs are checked against the device CA when used
+    # (``credentials.StoredDevices``); it remembers what it checked.
+    devices: StoredDevices
     rng: Rng = os.urandom
     rejections: Rejections = field(default_factory=Rejections)
     last_heard: dict[str, int] = field(default_factory=dict)
@@ -77,6 +82,14 @@ class Env:
     # Operator approvals are checked with it (``requests.verifier``); it caches validated
     # operator certificates.
     authz_verifier: AuthzVerifier | None = None
+    # Signs audit checkpoints (``checkpoints``); None: the service makes none.
+    checkpoint_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
+    # The device CA and the broker's CRL file (``provisioning.revocation``); None: revoking
+    # records the revoked certificates and compromised keys but signs no CRL (tests of flows
+    # that do not revoke).
+    revocation: RevocationSettings | None = None
+    crl_checked_at: int = 0  # when ``tasks.crl_tick`` last compared the CRL file and database
+    crl_write_at_ms: int | None = None  # a revocation's CRL goes to the file then (``WriteCrl``)
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""

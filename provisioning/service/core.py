@@ -22,7 +22,8 @@ outbox (``context``), returning what should happen after its transaction commits
 - ``jobs``: each group's queue of changes and the choice of committer;
 - ``operations``: operator commands in flight, progress, results, timeouts;
 - ``attestation``: challenges, verdicts, quarantine;
-- ``tasks``: periodic work one instance does at a time (attestation schedule, prune).
+- ``tasks``: periodic work one instance does at a time (attestation schedule, prune);
+- ``checkpoints``: signed audit checkpoints, made on a schedule and served to operators.
 
 Several instances (docs/scale-out.md): everything in flight is in the database (jobs, the
 per-group in-flight slot, operations, held commits and welcomes, attestation waits and schedule,
@@ -44,8 +45,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.protocol.hpke import Rng
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
-from provisioning.service import attestation, intake, store
+from provisioning.revocation import RevocationSettings
+from provisioning.service import attestation, execute, feed, intake, store, tasks
 from provisioning.service.context import Call, Clock, Env
+from provisioning.service.credentials import StoredDevices
 from provisioning.service.model import (
     AttestationSettings,
     AttestOperation,
@@ -80,11 +83,14 @@ class DeliveryService:
         *,
         signing_key: ec.EllipticCurvePrivateKey,
         operator_ca: x509.Certificate,
+        device_ca: x509.Certificate,
         settings: ServiceSettings | None = None,
         attestation: AttestationSettings | None = None,
         rng: Rng = os.urandom,
         instance: str = "1",
         metrics: ServiceMetrics | None = None,
+        checkpoint_key: ec.EllipticCurvePrivateKey | None = None,
+        revocation: RevocationSettings | None = None,
     ) -> None:
         self._env = Env(
             sessions=sessions,
@@ -94,7 +100,10 @@ class DeliveryService:
             attestation=attestation,
             metrics=metrics if metrics is not None else ServiceMetrics(),
             instance=instance,
+            devices=StoredDevices(device_ca),
             rng=rng,
+            checkpoint_key=checkpoint_key,
+            revocation=revocation,
         )
 
     @property
@@ -153,6 +162,20 @@ class DeliveryService:
         intake.ensure_started(cx, now)
         attestation.challenge(cx, device_id, now)
         return intake.sign(cx)
+
+    def feed_head(self, now: int) -> list[Publish]:
+        """The revocation feed's signed head to publish retained (``feed``), none if empty."""
+        cx = Call(self._env, Clock.reading(now))
+        execute.run(cx, self._env.read(lambda s: feed.publish_head(s, now=now)))
+        return intake.sign(cx)
+
+    def ensure_crl(self, now: int) -> None:
+        """Issue the device CA's first CRL if there is none (or the newest is past half its
+        validity) and write it to the broker's CRL file: what ``tick`` does every
+        ``tasks.CRL_CHECK_SECONDS``, now (the broker cannot start without the file)."""
+        cx = Call(self._env, Clock.reading(now))
+        self._env.crl_checked_at = 0
+        tasks.crl_tick(cx, now)
 
     def queue_length(self, group_id: str) -> int:
         """Open jobs of ``group_id`` (queued or in flight), fleet-wide."""

@@ -39,7 +39,7 @@ from agent.protocol.wire.messages.key_state import KeyStateReport as KeyStateBod
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit
 from provisioning.registry import DeviceState, Outcome, PendingChange, Registry, key_state_items
-from provisioning.service import acks, attestation, catchup, commits, execute, store, verify
+from provisioning.service import acks, attestation, catchup, commits, execute, feed, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     CancelAddsOf,
@@ -146,7 +146,7 @@ def on_key_states(
             details=dict(sorted(refused.items())),
         )
         cx.env.refusals_seen[sender] = refused
-    return []
+    return feed.on_report(session, sender, body.feed, now=now)
 
 
 def on_update_request(
@@ -261,7 +261,7 @@ def on_key_package(
     key_package.verify()
     device = Registry(session).device(sender)
     if key_package.device_id != sender.encode() or key_package.signature_key != (
-        serialize_public_key(verify.devid_public_key(device))
+        serialize_public_key(verify.devid_public_key(cx, device, now))
     ):
         raise ProtocolError(
             "ds.key_package.identity",
@@ -296,7 +296,7 @@ def on_group_created(
         codec.decode(body.public_group, MAX_PUBLIC_GROUP, "public_group")
     )
     registry = Registry(session)
-    devid = serialize_public_key(verify.devid_public_key(registry.device(sender)))
+    devid = serialize_public_key(verify.devid_public_key(cx, registry.device(sender), now))
     members = list(public.tree.members())
     if (
         public.group_id != body.group_id.encode()

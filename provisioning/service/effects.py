@@ -122,6 +122,11 @@ class AttestVerdict:
     change: str
 
 
+@dataclass(frozen=True)
+class WriteCrl:
+    """A device was revoked: write the newest device CA CRL for the broker."""
+
+
 Effect = (
     Send
     | Log
@@ -137,5 +142,6 @@ Effect = (
     | Accepted
     | Progress
     | AttestVerdict
+    | WriteCrl
 )
 Effects = list[Effect]

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterable
 
 from agent.protocol.wire.messages.result import ResultStatus
-from provisioning.service import attestation, commits, jobs, operations
+from provisioning.service import attestation, commits, jobs, operations, tasks
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     Accepted,
@@ -26,6 +26,7 @@ from provisioning.service.effects import (
     Send,
     StartNext,
     Touch,
+    WriteCrl,
 )
 from provisioning.service.model import JobState
 
@@ -69,3 +70,7 @@ def run(cx: Call, effects: Iterable[Effect]) -> None:
                     operations.progress(cx, fresh, now)
             case AttestVerdict(waiting, verdict, change):
                 attestation.attest_result(cx, waiting, verdict, change, now)
+            case WriteCrl():
+                # Not now: the broker restarts when the file changes, and this call's answers
+                # (the operator's result) are published after the effects ran.
+                cx.env.crl_write_at_ms = cx.clock.ms + tasks.CRL_WRITE_GRACE_MS

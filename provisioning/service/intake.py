@@ -30,7 +30,16 @@ from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning.registry import PendingChange, Registry
 from provisioning.service import acks as acks_flow
-from provisioning.service import devices, operations, operators, requests, store, tasks, verify
+from provisioning.service import (
+    checkpoints,
+    devices,
+    operations,
+    operators,
+    requests,
+    store,
+    tasks,
+    verify,
+)
 from provisioning.service import jobs as jobs_flow
 from provisioning.service.context import Call
 from provisioning.service.model import Job, Publish
@@ -42,13 +51,16 @@ T = TypeVar("T")
 
 def tick(cx: Call, now: int) -> None:
     """Timeouts and retries (``jobs.tick_jobs``, ``operations.tick_operations``), expiry of
-    dual-control requests (``requests.expire_tick``) and the periodic tasks (``tasks``)."""
+    dual-control requests (``requests.expire_tick``) and the periodic tasks (``tasks``, the audit
+    checkpoints)."""
     ensure_started(cx, now)
     jobs_flow.tick_jobs(cx, now)
     operations.tick_operations(cx, now)
     requests.expire_tick(cx, now)
     tasks.attest_tick(cx, now)
     tasks.prune_tick(cx, now)
+    checkpoints.checkpoint_tick(cx, now)
+    tasks.crl_tick(cx, now)
 
 
 def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> None:

@@ -37,7 +37,8 @@ def describe_publishes(publishes: Iterable[Publish]) -> list[str]:
 class ServiceSettings:
     """Timing and retention knobs (from the configuration's [groups], [service] and [quorum]
     tables). ``min_approvals``: k of the initial quorum policy (until a signed one is adopted);
-    ``request_ttl``: how long a dual-control request stays approvable."""
+    ``request_ttl``: how long a dual-control request stays approvable; ``checkpoint_interval``:
+    how often the audit head is checkpointed when it moved ([audit])."""
 
     ack_timeout: int = 30
     commit_request_timeout: int = 10
@@ -49,6 +50,7 @@ class ServiceSettings:
     catchup_repeat: int = 30
     min_approvals: int = 2
     request_ttl: int = 86_400
+    checkpoint_interval: int = 300
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ database that any instance can continue. Each instance serves its own Prometheus
 ``[metrics] listen`` when configured. It signs its
 envelopes with ``[service] signing_key`` (a key of its own, never its TLS key; in a PKCS#11
 token unless a file is explicitly configured), whose certificate ``[service] signing_cert`` the
-devices hold as ``fleet.service_cert``.
+devices hold as ``fleet.service_cert``, and audit checkpoints with ``[audit] checkpoint_key``
+(``load_checkpoint_key``: a key of its own, refused if it is the signing or a TLS key).
 
 With ``[http]`` configured the same process serves the enrollment API for factory stations
 (``provisioning.http``: uvicorn in a thread, mutual TLS) on the same database; ``run`` stops it
@@ -37,9 +38,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agent.mqtt import MqttClient
 from agent.protocol.errors import KeyfleetError
-from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION
+from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.cose import key_id
-from provisioning import custody, pki
+from provisioning import custody, pki, revocation
 from provisioning.config import InvalidConfig, ServiceConfig
 from provisioning.db.runtime import create_service_schema
 from provisioning.enroll import Enrollment, EnrollmentSettings
@@ -47,6 +48,7 @@ from provisioning.http import EnrollmentServer, build_app, start_enrollment_serv
 from provisioning.metrics import MetricsServer, ServiceMetrics
 from provisioning.policy import load_policy
 from provisioning.registry import create_schema, make_engine, session_factory
+from provisioning.service import checkpoints
 from provisioning.service.core import (
     AttestationSettings,
     DeliveryService,
@@ -71,7 +73,32 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         retention_epochs=config.groups.commit_log_retention_epochs,
         min_approvals=config.quorum.min_approvals,
         request_ttl=config.quorum.request_ttl_seconds,
+        checkpoint_interval=config.audit.checkpoint_interval_seconds,
     )
+
+
+def load_checkpoint_key(
+    config: ServiceConfig, signing_key: ec.EllipticCurvePublicKey
+) -> ec.EllipticCurvePrivateKey | None:
+    """``[audit] checkpoint_key`` (None when not configured), refused when it is the service's
+    signing key (``signing_key``, the public half) or the key of one of its TLS certificates.
+    The one place it is loaded."""
+    ref = config.audit.checkpoint_key
+    if ref is None:
+        return None
+    key = custody.load_private_key(ref, role="audit checkpoint")
+    others = [("the service signing key", signing_key)]
+    certs = [("the broker client_cert's key", config.broker.client_cert)]
+    if config.http is not None:
+        certs.append(("the [http] tls_cert's key", config.http.tls_cert))
+    if config.dashboard is not None:
+        certs.append(("the [dashboard] tls_cert's key", config.dashboard.tls_cert))
+    for name, cert_path in certs:
+        public = pki.cert_from_pem(cert_path.read_bytes()).public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            others.append((name, public))
+    checkpoints.require_distinct(key, others)
+    return key
 
 
 def attestation_from(config: ServiceConfig) -> AttestationSettings:
@@ -118,15 +145,22 @@ class ServiceRunner:
         assert config.service.signing_key is not None  # require_signing above
         signing_key = load_signing_key(config)
         operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())
+        self.revocation = revocation.settings_from_config(config)
         self.service = DeliveryService(
             session_factory(self._engine),
             signing_key=signing_key,
             operator_ca=operator_ca,
+            device_ca=pki.cert_from_pem(config.device_ca.cert.read_bytes()),
             settings=settings_from(config),
             attestation=attestation,
             instance=config.service.instance,
             metrics=self.metrics,
+            checkpoint_key=load_checkpoint_key(config, signing_key.public_key()),
+            revocation=self.revocation,
         )
+        # The broker's crlfile must exist before the broker starts (and hold a current CRL):
+        # issue the first one now if there is none, and bring the file up to date.
+        self.service.ensure_crl(int(clock()))
         self.client_id = f"keyfleet-service-{config.service.instance}"
         self.client = MqttClient(
             host=config.broker.host,
@@ -150,8 +184,18 @@ class ServiceRunner:
 
     def _publish(self, publishes: list[Publish]) -> None:
         """All of them, then one wait for their PUBACKs (the client keeps their order on its
-        one connection): a round trip per batch instead of per message."""
-        self.client.publish_all([(item.topic, item.payload) for item in publishes])
+        one connection): a round trip per batch instead of per message. The revocation feed's
+        head is published retained (every device, now or later connected, reads the newest)."""
+        self.client.publish_all(
+            [
+                (item.topic, item.payload)
+                for item in publishes
+                if item.topic != REVOCATION_FEED_TOPIC
+            ]
+        )
+        for item in publishes:
+            if item.topic == REVOCATION_FEED_TOPIC:
+                self.client.publish(item.topic, item.payload, retain=True)
 
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set; then disconnect cleanly (the broker keeps the session
@@ -162,6 +206,8 @@ class ServiceRunner:
             self.client.connect()
             self.client.subscribe(REPORT_SUBSCRIPTION)
             self.client.subscribe(OPS_SUBSCRIPTION)
+            # the retained feed head again (a broker that lost it, or a restored database)
+            self._publish(self.service.feed_head(int(self._clock())))
             log.info("keyfleet serve: ready (subscribed to device reports and operator commands)")
             last_tick = 0.0
             while not stop.is_set():

@@ -8,8 +8,10 @@ certificate fingerprint in the registry and the certificate itself in the servic
 (commands carry only a kid), and writes one audit entry, all in one transaction.
 
 A command is authorized by: COSE signature by a registered operator key whose certificate
-still chains to the operator CA (re-checked on every command: an expired certificate stops
-working at once), role (viewer < operator < admin, ``REQUIRED_ROLE``), replay (a per-sender
+still chains to the operator CA and names that operator (re-checked on every command: an
+expired certificate stops working at once), role (viewer < operator < admin,
+``REQUIRED_ROLE``; the certificate's OU, which the registry row may only narrow:
+``credentials``), replay (a per-sender
 ``ReplayGuard`` in the database) and command-id reuse. Every accepted or refused command is one
 audit entry. An accepted command becomes an operation and its jobs, in the command's own
 transaction (nothing lives only in this process); its ``accepted`` result says how many earlier
@@ -35,6 +37,7 @@ from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.operator import (
     Approve,
     AttestDevice,
+    AuditSync,
     GroupAdd,
     GroupCreate,
     ListRequests,
@@ -44,7 +47,7 @@ from agent.protocol.wire.messages.operator import (
 )
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction
-from provisioning import audit, pki
+from provisioning import audit, pki, revocation
 from provisioning.registry import (
     DeviceState,
     OperatorRecord,
@@ -54,9 +57,25 @@ from provisioning.registry import (
     cert_fingerprint,
     run_in_transaction,
 )
-from provisioning.service import attestation, execute, requests, store, verify
+from provisioning.service import (
+    attestation,
+    checkpoints,
+    credentials,
+    execute,
+    requests,
+    store,
+    verify,
+)
 from provisioning.service.context import Call
-from provisioning.service.effects import Accepted, CancelAddsOf, Effects, Log, Progress, StartNext
+from provisioning.service.effects import (
+    Accepted,
+    CancelAddsOf,
+    Effects,
+    Log,
+    Progress,
+    StartNext,
+    WriteCrl,
+)
 from provisioning.service.model import GROUP_ELIGIBLE, Job, Operation
 
 log = logging.getLogger("keyfleet.service")
@@ -74,6 +93,7 @@ REQUIRED_ROLE: Final[dict[str, Role]] = {
     Propose.TYPE: Role.OPERATOR,
     Approve.TYPE: Role.OPERATOR,
     ListRequests.TYPE: Role.VIEWER,
+    AuditSync.TYPE: Role.VIEWER,
 }
 
 # The request op a direct membership command stands for (agent.protocol.authz op names).
@@ -94,9 +114,9 @@ def register_operator(
     now: int,
 ) -> OperatorRecord:
     """Add (or re-certify) the operator named by ``cert``'s CN. ``role`` defaults to the
-    certificate's OU and, if given, must equal it (the role travels in the certificate the
-    broker and every tool show). Raises ``ProtocolError`` (``pki.*``, ``op.name``, ``op.role``,
-    ``registry.operator.*``); a refusal is audited too."""
+    certificate's OU and, if given, may only narrow it (the role travels in the certificate;
+    every command is held to the lower of the two). Raises ``ProtocolError`` (``pki.*``,
+    ``op.name``, ``op.role``, ``registry.operator.*``); a refusal is audited too."""
     name = pki.common_name(cert)
     try:
         pki.verify_certificate(
@@ -104,17 +124,14 @@ def register_operator(
         )
         if not name.startswith(OPERATOR_PREFIX):
             raise ProtocolError("op.name", f"operator ids start with {OPERATOR_PREFIX!r}: {name!r}")
-        ou = pki.role_of(cert)
-        try:
-            cert_role = Role(ou) if ou is not None else None
-        except ValueError:
-            raise ProtocolError("op.role", f"certificate OU {ou!r} is not a role") from None
+        # Roles come from the certificate (credentials.operator_role): one without a role
+        # grants nothing, and --role may only narrow the certificate's.
+        cert_role = credentials.certificate_role(cert)
         chosen = role if role is not None else cert_role
-        if chosen is None:
-            raise ProtocolError("op.role", "the certificate has no OU: give --role")
-        if cert_role is not None and chosen is not cert_role:
+        if not cert_role.allows(chosen):
             raise ProtocolError(
-                "op.role", f"--role {chosen.value} differs from the certificate's OU {ou!r}"
+                "op.role",
+                f"--role {chosen.value} exceeds the certificate's role {cert_role.value}",
             )
         public_key = cert.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)  # pki.key_type checked it
@@ -189,6 +206,7 @@ def operator_resolver(
             if row is None or row.kid != kid.hex():
                 raise LookupError(operator)
             cert = pki.cert_from_pem(row.cert_pem.encode())
+            credentials.check_operator_certificate(cert, operator, kid)
             record = Registry(session).operator(operator)
             if record.cert_fingerprint != cert_fingerprint(cert):
                 raise ProtocolError(
@@ -198,7 +216,8 @@ def operator_resolver(
             pki.verify_certificate(
                 cert, cx.env.operator_ca, now=datetime.fromtimestamp(now, UTC), purpose="client"
             )
-            found["role"] = record.role
+            # The role comes from the certificate; the row may only narrow it.
+            found["role"] = credentials.operator_role(cert, record.role)
             public_key = cert.public_key()
             assert isinstance(public_key, ec.EllipticCurvePublicKey)  # pki checked P-256
             return Signer(operator, public_key)
@@ -287,6 +306,9 @@ def dispatch_operator(
     if isinstance(body, Propose | Approve | ListRequests):
         store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
         return requests.dispatch(cx, session, message, command_id, now)
+    if isinstance(body, AuditSync):
+        store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
+        return checkpoints.on_sync(cx, session, operator, body, now)
     if isinstance(body, AttestDevice):
         return attestation.dispatch_attest(cx, session, operator, body, command_id, now=now)
     if isinstance(body, Rekey):
@@ -391,9 +413,9 @@ def plan_group_remove(
 def plan_revoke(
     cx: Call, session: Session, device_id: str, *, reason: str | None, operator: str, now: int
 ) -> tuple[list[Job], set[str]]:
-    Registry(session).set_device_state(
-        device_id, DeviceState.REVOKED, reason=reason or f"revoked by {operator}", now=now
-    )
+    reason = reason or f"revoked by {operator}"
+    Registry(session).set_device_state(device_id, DeviceState.REVOKED, reason=reason, now=now)
+    revocation.revoke_device(session, cx.env.revocation, device_id, reason=reason, now=now)
     return plan_removal(cx, session, device_id, now)
 
 
@@ -474,6 +496,7 @@ def start_change(
         Accepted(operation, detail),
         *(StartNext(group_id) for group_id in sorted(groups)),
         Progress(command_id),
+        *((WriteCrl(),) if revoked is not None else ()),
     ]
 
 

@@ -21,7 +21,8 @@ new quorum policy) runs (docs/operations.md, "Dual control").
 - ``expire_tick``: pending requests past their window become ``expired``.
 
 Every step is one audit entry (``request.propose``, ``request.approve``, ``request.execute``,
-``request.refuse``, ``request.expire``, ``quorum.policy``); refusals are audited by the
+``request.refuse``, ``request.expire``, ``quorum.policy``; a ``device.reenroll`` request stays
+``approved`` until enrollment uses it, ``request.consume``); refusals are audited by the
 caller (``verify.refuse``) with their check id: ``quorum.unknown``, ``quorum.expired``,
 ``quorum.state``, ``quorum.approver``, ``quorum.duplicate``, ``op.role``, ``authz.*``.
 
@@ -35,9 +36,7 @@ from __future__ import annotations
 
 import logging
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session
 
 from agent.protocol import authz
@@ -51,9 +50,9 @@ from agent.protocol.wire.messages.result import (
     RequestsResult,
     RequestState,
 )
-from provisioning import audit
+from provisioning import audit, revocation
 from provisioning.registry import DeviceState, Outcome, Registry, Role
-from provisioning.service import operators, store
+from provisioning.service import credentials, feed, operators, store
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log, Send
 from provisioning.service.model import Job
@@ -70,7 +69,7 @@ OPERATION_TYPES = {
 }
 # Ops whose proposal and approval the service gives to admins only (a revocation was an admin
 # command before dual control; a policy change is an admin's per the authorization format).
-ADMIN_OPS = frozenset({authz.OP_DEVICE_REVOKE, authz.OP_POLICY})
+ADMIN_OPS = frozenset({authz.OP_DEVICE_REVOKE, authz.OP_DEVICE_REENROLL, authz.OP_POLICY})
 # What one ``op.list_requests`` answer holds at most (a service message is at most 256 KiB).
 LIST_BYTES = 160 * 1024
 
@@ -89,10 +88,7 @@ def verifier(cx: Call) -> authz.AuthzVerifier:
 def current_policy(cx: Call, session: Session) -> authz.QuorumPolicy:
     """The initial policy, moved along every adopted policy in serial order, each verified
     under the one before it (historically: its window need not be now)."""
-    policy = authz.QuorumPolicy.initial(cx.env.settings.min_approvals)
-    for _serial, stored in store.adopted_policies(session):
-        policy = verifier(cx).verify_policy_update(stored, current=policy, now=None)
-    return policy
+    return revocation.quorum_policy(session, verifier(cx), cx.env.settings.min_approvals)
 
 
 # -- dispatch -----------------------------------------------------------------------------------
@@ -112,7 +108,8 @@ def dispatch(
 
 
 def require_role(session: Session, operator: str, op: str) -> None:
-    if op in ADMIN_OPS and not Registry(session).operator(operator).role.allows(Role.ADMIN):
+    # the role from the operator's certificate, narrowed by its row (credentials.operator_role)
+    if op in ADMIN_OPS and not credentials.effective_role(session, operator).allows(Role.ADMIN):
         raise ProtocolError("op.role", f"{op} is proposed and approved by admins only")
 
 
@@ -147,12 +144,10 @@ def answer(
 # -- propose ------------------------------------------------------------------------------------
 
 
-def devid_point(registry: Registry, device_id: str) -> bytes:
-    """The 65-byte DevID public point of ``device_id``, from the certificate enrollment issued."""
-    cert = x509.load_pem_x509_certificate(registry.device(device_id).devid_cert_pem.encode())
-    public = cert.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey):
-        raise ProtocolError("quorum.member", f"{device_id}: the DevID key is not an EC key")
+def devid_point(cx: Call, registry: Registry, device_id: str, now: int) -> bytes:
+    """The 65-byte DevID public point of ``device_id``, from the certificate enrollment issued
+    (checked at use against the device CA: ``cred.stored``)."""
+    public = cx.env.devices.check(registry.device(device_id), now).devid_key
     return public.public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
@@ -179,6 +174,14 @@ def check_request(
         operators.check_remove(session, group, members[0])
     elif op == authz.OP_DEVICE_REVOKE and registry.device(members[0]).state is DeviceState.REVOKED:
         raise ProtocolError("registry.device.revoked", f"{members[0]} is revoked already")
+    elif op == authz.OP_DEVICE_REENROLL and not revocation.identity_revoked(
+        session, device := registry.device(members[0])
+    ):
+        raise ProtocolError(
+            "revocation.reenroll.state",
+            f"{members[0]} is {device.state.value}: only a revoked identity's TPM needs a "
+            "re-enroll request",
+        )
 
 
 def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: int) -> Effects:
@@ -196,7 +199,7 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
         members: tuple[authz.Member, ...] = ()
     else:
         check_request(cx, session, body.op, body.group_id, body.members)
-        members = tuple(authz.Member.of(d, devid_point(registry, d)) for d in body.members)
+        members = tuple(authz.Member.of(d, devid_point(cx, registry, d, now)) for d in body.members)
     request = authz.Request(
         id=cx.env.rng(authz.REQUEST_ID_SIZE),
         op=body.op,
@@ -363,7 +366,7 @@ def execute_request(
         check_request(cx, session, stored.op, stored.group_id, stored.members)
         registry = Registry(session)
         for member in verified.request.members:
-            if authz.member_key(devid_point(registry, member.device_id)) != member.key:
+            if authz.member_key(devid_point(cx, registry, member.device_id, now)) != member.key:
                 raise ProtocolError(
                     "quorum.member", f"{member.device_id} has another DevID key than approved"
                 )
@@ -382,6 +385,20 @@ def execute_request(
         return [
             Log(logging.WARNING, "request %s refused: %s", (stored.request_id.hex(), stored.detail))
         ]
+    if stored.op == authz.OP_DEVICE_REENROLL:
+        # Nothing runs now: the request stays approved until enrollment of that TPM uses it
+        # (``revocation.consume_reenroll``, once, within its window).
+        stored.detail = f"approved by {', '.join(stored.approvers)}; the TPM may enroll once"
+        audit.append(
+            session,
+            now=now,
+            actor=f"operator:{operator}",
+            action="request.execute",
+            target=stored.request_id.hex(),
+            outcome=Outcome.ACCEPTED,
+            details={"op": stored.op, "approvers": ",".join(stored.approvers)},
+        )
+        return [Log(logging.INFO, "re-enroll of %s approved", (stored.members[0],))]
     jobs, groups = plan(cx, session, stored, operator, now)
     stored.state = RequestState.EXECUTED
     stored.command_id = command_id
@@ -395,7 +412,13 @@ def execute_request(
         outcome=Outcome.ACCEPTED,
         details={"command_id": command_id.hex(), "approvers": ",".join(stored.approvers)},
     )
-    return operators.start_change(
+    # a revocation also becomes an entry of the feed devices keep (provisioning.service.feed)
+    revoked_feed = (
+        feed.on_revoked(session, authorization_bytes, now=now)
+        if stored.op == authz.OP_DEVICE_REVOKE
+        else []
+    )
+    return revoked_feed + operators.start_change(
         cx,
         session,
         operator=operator,

@@ -1,8 +1,10 @@
 """Periodic work every instance's ``tick`` offers, done by one instance at a time: the
 attestation schedule (every ``ATTEST_SCAN_SECONDS``: challenge the online devices whose last
 verdict or challenge is an ``interval`` old; operator attestations without a report end in
-``timeout``) and pruning (once a minute fleet-wide: held halves nobody completed, ended jobs of
-ended operations, operations finished a day ago).
+``timeout``), pruning (once a minute fleet-wide: held halves nobody completed, ended jobs of
+ended operations, operations finished a day ago) and the device CA's CRL (``crl_tick``: re-issued
+at half its validity by one instance; every instance's ``[revocation] crl_file`` kept at the
+newest; a revocation's CRL written ``CRL_WRITE_GRACE_MS`` after it was accepted).
 
 Each task is claimed with a lease in the database (``store.claim_task``): the instance that
 claims it runs it and sets when it is due next; a killed instance's task is taken over within a
@@ -15,10 +17,12 @@ import logging
 from functools import partial
 from typing import Final
 
+from cryptography import x509
 from sqlalchemy.orm import Session
 
-from agent.protocol.errors import ProtocolError
+from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.wire.messages.result import ResultStatus
+from provisioning import revocation
 from provisioning.registry import Registry
 from provisioning.service import attestation, store
 from provisioning.service.context import Call
@@ -26,6 +30,13 @@ from provisioning.service.context import Call
 log = logging.getLogger("keyfleet.service")
 
 ATTEST_SCAN_SECONDS: Final = 5
+# How often an instance checks that the broker's CRL file holds the newest CRL and that the
+# newest CRL is not past half its validity.
+CRL_CHECK_SECONDS: Final = 30
+# A revocation's CRL is written this long after it was accepted (at the next tick after it):
+# the broker restarts on the file's change, and the publishes of the revoking call (the
+# operator's result) should reach it before.
+CRL_WRITE_GRACE_MS: Final = 1000
 PRUNE_SECONDS: Final = 60
 # How long a claimed periodic task stays with its instance: longer than one run takes, short
 # enough that a killed instance's task is taken over within a few ticks.
@@ -126,3 +137,45 @@ def prune_tick(cx: Call, now: int) -> None:
         cx.env.tx(work)
     finally:
         finish_task(cx, "service.prune", now + PRUNE_SECONDS)
+
+
+def write_crl(cx: Call) -> None:
+    """Write the newest stored CRL to this instance's ``crl_file`` (if it holds an older one)."""
+    settings = cx.env.revocation
+    if settings is None or settings.crl_file is None:
+        return
+    row = cx.env.read(revocation.newest_crl)
+    if row is None:
+        return
+    try:
+        revocation.write_broker_crl(settings, x509.load_der_x509_crl(row.der))
+    except StateError as exc:  # retried by the next crl_tick
+        log.error("revocation.crl.file: %s", exc)
+
+
+def crl_tick(cx: Call, now: int) -> None:
+    """Every ``CRL_CHECK_SECONDS``: one instance re-issues the device CA's CRL when none exists
+    or the newest is past half its validity; every instance brings its CRL file up to date
+    (a revocation made by another instance, a file lost)."""
+    settings = cx.env.revocation
+    if settings is None:
+        return
+    if cx.env.crl_write_at_ms is not None and cx.clock.ms >= cx.env.crl_write_at_ms:
+        cx.env.crl_write_at_ms = None
+        write_crl(cx)
+    if now - cx.env.crl_checked_at < CRL_CHECK_SECONDS:
+        return
+    cx.env.crl_checked_at = now
+    if revocation.refresh_due(cx.env.read(revocation.newest_crl), now) and claim_task(
+        cx, "revocation.crl", now
+    ):
+        try:
+
+            def issue(session: Session) -> None:
+                if revocation.refresh_due(revocation.newest_crl(session), now):
+                    revocation.issue_crl(session, settings, now=now)
+
+            cx.env.tx(issue)
+        finally:
+            finish_task(cx, "revocation.crl", now + CRL_CHECK_SECONDS)
+    write_crl(cx)

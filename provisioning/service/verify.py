@@ -27,7 +27,7 @@ from agent.protocol.wire.envelope import KeyResolver, Signer, VerifiedMessage, o
 from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.group import CommitMessage
 from agent.protocol.wire.rejections import is_benign
-from provisioning import audit, pki
+from provisioning import audit
 from provisioning.registry import DeviceRecord, DeviceState, Outcome, Registry
 from provisioning.service import store
 from provisioning.service.context import Call
@@ -60,12 +60,11 @@ class VerifiedReport:
         return self.message.type
 
 
-def devid_public_key(device: DeviceRecord) -> ec.EllipticCurvePublicKey:
-    cert = pki.cert_from_pem(device.devid_cert_pem.encode())
-    public_key = cert.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        raise ProtocolError("pki.key_type", f"device {device.device_id!r} has no ECC DevID key")
-    return public_key
+def devid_public_key(cx: Call, device: DeviceRecord, now: int) -> ec.EllipticCurvePublicKey:
+    """``device``'s DevID key from its stored certificate, checked at use against the device CA
+    (and its stored AK against the certificate): ``cred.stored`` otherwise
+    (``credentials.StoredDevices``)."""
+    return cx.env.devices.check(device, now).devid_key
 
 
 def refuse(
@@ -158,20 +157,20 @@ def accept_and(
     return cx.env.tx(work)
 
 
-def device_resolver(device_id: str) -> Callable[[Session], KeyResolver]:
+def device_resolver(cx: Call, device_id: str, now: int) -> Callable[[Session], KeyResolver]:
     def make(session: Session) -> KeyResolver:
         def resolve(kid: bytes) -> Signer:
             try:
                 device = Registry(session).device(device_id)
             except ProtocolError:
                 raise LookupError(device_id) from None
-            public_key = devid_public_key(device)
-            if key_id(public_key) != kid:
-                raise LookupError(device_id)
             if device.state in REFUSED_DEVICE_STATES:
                 raise ProtocolError(
                     "ds.device.revoked", f"device {device_id!r} is {device.state.value}"
                 )
+            public_key = devid_public_key(cx, device, now)
+            if key_id(public_key) != kid:
+                raise LookupError(device_id)
             return Signer(device_id, public_key)
 
         return resolve
@@ -187,7 +186,7 @@ def open_device(
         message = open_envelope(
             cx,
             payload,
-            device_resolver(device_id),
+            device_resolver(cx, device_id, now),
             now=now,
             max_age=cx.env.settings.device_max_age,
             session=session,

@@ -330,3 +330,22 @@ def test_a_write_that_fails_is_a_clear_error(
     )  # fmt: skip
     assert status == 2 and "cannot write" in err
     assert blocker.read_text() == "not a directory"
+
+
+def test_crl_of_the_operator_ca_verifies_and_is_numbered_above_the_previous(
+    fleet_pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for number in (1, 2):
+        status, out, err = run(capsys, "pki", "crl", "operator", "--dir", str(fleet_pki))
+        assert status == 0, err
+        assert f"CRL {number} of the operator CA" in out
+    path = fleet_pki / "operator-ca.crl"
+    assert mode(path) == 0o644
+    crl = x509.load_pem_x509_crl(path.read_bytes())
+    assert list(crl) == []
+    checked = subprocess.run(
+        ["openssl", "crl", "-in", str(path), "-CAfile", str(fleet_pki / "operator-ca.pem"),
+         "-verify", "-noout"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0 and "verify OK" in checked.stdout + checked.stderr

@@ -213,3 +213,10 @@ def test_requests_lists_what_waits_for_people_and_as_json(dual: Fleet) -> None:
             (line,) = shown.getvalue().splitlines()
             assert line.startswith(f"{request_id}  group.create  g1 dev-1 dev-2")
             assert "by op-alice" in line and "1/2 approvals (op-alice)" in line
+
+
+def test_propose_reenroll_names_the_revoked_device_and_no_group() -> None:
+    args = argparse.Namespace(propose_command="reenroll", device="dev-1")
+    label, body = requests_cli.proposal(args, bytes(16))
+    assert label == "propose reenroll dev-1"
+    assert (body.op, body.members, body.group_id) == ("device.reenroll", ("dev-1",), None)

@@ -57,6 +57,7 @@ class TwoInstances:
                 fleet.sessions,
                 signing_key=first._env.key,
                 operator_ca=first._env.operator_ca,
+                device_ca=first._env.devices.device_ca,
                 settings=first.settings,
                 attestation=attestation,
                 rng=(lambda n: next(counter).to_bytes(n, "big")) if name == "b" else first._env.rng,

@@ -164,7 +164,8 @@ def test_missing_required_keys_and_tables(config_dir: Path) -> None:
     )
     assert found["attestation"] == (
         "missing",
-        "a table with manufacturer_cas, golden_measurements, interval_seconds, quarantine",
+        "a table with manufacturer_cas, golden_measurements, interval_seconds, quarantine, "
+        "manufacturer_crls",
     )
     assert found["operator_ca"] == ("missing", "a table with cert")
     assert len(found) == 4

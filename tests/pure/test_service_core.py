@@ -88,6 +88,7 @@ class Fleet:
     results: dict[bytes, list[OperatorResult]] = field(default_factory=dict)
     request_results: dict[bytes, list[RequestsResult]] = field(default_factory=dict)
     operator_ca: pki.CertificateAuthority | None = None
+    device_ca: pki.CertificateAuthority | None = None
     record: bool = False  # keep what the service sent to devices in ``to_devices``
     to_devices: list[tuple[str, Body]] = field(default_factory=list)
     to_operators: list[tuple[str, Body]] = field(default_factory=list)  # every result, in order
@@ -180,11 +181,16 @@ class Fleet:
 
 
 def make_fleet(
-    tmp_path: Path, names: tuple[str, ...] = ("dev-1", "dev-2", "dev-3"), **settings: int
+    tmp_path: Path,
+    names: tuple[str, ...] = ("dev-1", "dev-2", "dev-3"),
+    *,
+    url: str | None = None,
+    **settings: int,
 ) -> Iterator[Fleet]:
+    """A fleet on a SQLite file in ``tmp_path``, or on the database at ``url`` (PostgreSQL)."""
     now_dt = utc(T0)
     db_path = tmp_path / "fleet.db"
-    engine = make_engine(f"sqlite:///{db_path}")
+    engine = make_engine(url if url is not None else f"sqlite:///{db_path}")
     create_schema(engine)
     create_service_schema(engine)
     sessions = session_factory(engine)
@@ -196,6 +202,7 @@ def make_fleet(
         sessions,
         signing_key=service_key,
         operator_ca=operator_ca.certificate,
+        device_ca=devices_ca.certificate,
         # One operator may decide alone unless a test asks for dual control: the direct
         # commands these tests send carry no Authorization (tests/pure/test_service_requests.py).
         settings=ServiceSettings(**{"min_approvals": 1, **settings}),
@@ -218,7 +225,15 @@ def make_fleet(
             now=T0,
         )
         operators[name] = operator
-    yield Fleet(db_path, sessions, service, devices, operators, operator_ca=operator_ca)
+    yield Fleet(
+        db_path,
+        sessions,
+        service,
+        devices,
+        operators,
+        operator_ca=operator_ca,
+        device_ca=devices_ca,
+    )
     engine.dispose()
 
 

@@ -86,10 +86,12 @@ def create_by_quorum(fleet: Fleet, group: str, *members: str) -> None:
 
 
 def devid_hash(fleet: Fleet, device_id: str) -> bytes:
+    from provisioning.service.context import Call, Clock
     from provisioning.service.requests import devid_point
 
+    cx = Call(fleet.service._env, Clock.reading(fleet.now))
     with fleet.sessions() as s:
-        return authz.member_key(devid_point(Registry(s), device_id))
+        return authz.member_key(devid_point(cx, Registry(s), device_id, fleet.now))
 
 
 # -- propose ------------------------------------------------------------------------------------
@@ -421,3 +423,12 @@ def test_a_request_row_edited_in_the_database_is_not_carried_out(fleet: Fleet) -
     cid, answer = approve(fleet, "op-admin", info.request)
     assert answer is None and "quorum.stored" in refusal(fleet, cid)
     assert fleet.members("g1") == ["dev-1", "dev-2"] and fleet.service.queue_length("g1") == 0
+
+
+def test_a_reenroll_request_names_a_revoked_device_only(fleet: Fleet) -> None:
+    body = Propose(command_id(), "device.reenroll", ("dev-1",))
+    fleet.send(fleet.operators["op-admin"].command(body, fleet.now))
+    assert "revocation.reenroll.state" in refusal(fleet, body.command_id)
+    body = Propose(command_id(), "device.reenroll", ("dev-1",))
+    fleet.send(fleet.operators["op-alice"].command(body, fleet.now))
+    assert "op.role" in refusal(fleet, body.command_id)  # admins only

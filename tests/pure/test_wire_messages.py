@@ -13,6 +13,7 @@ from agent.protocol.wire import cbor
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
 from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
@@ -24,6 +25,7 @@ from agent.protocol.wire.messages.key_state import DeviceDestroyed, KeyStateRepo
 from agent.protocol.wire.messages.operator import (
     Approve,
     AttestDevice,
+    AuditSync,
     GroupAdd,
     GroupCreate,
     ListRequests,
@@ -33,6 +35,8 @@ from agent.protocol.wire.messages.operator import (
 )
 from agent.protocol.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
 from agent.protocol.wire.messages.result import (
+    AuditCheckpointResult,
+    AuditLink,
     OperatorResult,
     RequestInfo,
     RequestsResult,
@@ -153,6 +157,16 @@ SAMPLES: list[Body] = [
         ),
     ),
     RequestsResult(command_id=CMD, requests=()),
+    RevocationFeed(seq=3, head=bytes(range(32)), time=1_700_000_000, entries=(b"e2", b"e3")),
+    RevocationFeed(seq=3, head=bytes(32), time=1_700_000_000),
+    KeyStateReport(keys=(), feed=7),
+    AuditSync(command_id=CMD, after=0),
+    AuditSync(command_id=CMD, after=10, count=12),
+    AuditCheckpointResult(
+        command_id=CMD,
+        checkpoint=b"\xd2signed",
+        entries=(AuditLink(seq=11, preimage=b"\x89"), AuditLink(seq=12, preimage=b"\x89")),
+    ),
 ]
 
 
@@ -281,6 +295,10 @@ def test_body_is_not_a_map() -> None:
         (lambda: Approve(command_id=CMD, request_id=bytes(15), approval=b"a"), "body.bounds"),
         (lambda: Approve(command_id=CMD, request_id=bytes(16), approval=b""), "body.bounds"),
         (lambda: ListRequests(command_id=CMD, request_id=bytes(17)), "body.bounds"),
+        (lambda: AuditSync(command_id=CMD, after=5, count=4), "body.bounds"),
+        (lambda: AuditSync(command_id=CMD, after=0, count=0), "body.bounds"),
+        (lambda: AuditLink(seq=0, preimage=b"p"), "body.bounds"),
+        (lambda: AuditCheckpointResult(command_id=CMD, checkpoint=b"", entries=()), "body.bounds"),
         (
             lambda: RequestInfo(
                 request=b"r", state=RequestState.PENDING, approvers=(), required=0, detail=""

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy.orm import Session
 
+from agent.protocol.attest import tpm_name
 from agent.protocol.eventlog import EventLog
 from agent.protocol.wire.envelope import VerifiedMessage
 from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
@@ -26,12 +27,13 @@ from agent.tpm.blob import KeyBlob
 from firmware_sim.boot import FirmwareComponent, default_components, measured_boot, tampered
 from provisioning.db.schema import Device
 from provisioning.listings import list_devices
+from provisioning.pki import cert_to_pem, issue_devid_cert
 from provisioning.policy import policy_from_components
 from provisioning.registry import AttestationResult, DeviceState, Registry
 from provisioning.service.core import AttestationSettings, DeliveryService
 from tests.fixtures.swtpm import Swtpm, SwtpmFactory
 from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet
-from tests.service_members import Outgoing, SoftDevice
+from tests.service_members import Outgoing, SoftDevice, utc
 
 pytestmark = pytest.mark.tpm
 
@@ -84,23 +86,33 @@ GOOD = default_components("1.0")
 
 def _make_attesting(fleet: Fleet, swtpm_factory: SwtpmFactory) -> None:
     """Give every member a TPM, an AK registered in the registry, and a good boot."""
+    assert fleet.device_ca is not None
     for name, device in list(fleet.devices.items()):
-        member = AttestingDevice(
-            device.device_id, device.devid, device.cert_pem, device.service_key
-        )
-        member.swtpm = swtpm_factory.start()
-        with TPMStore(member.swtpm.tcti) as store:
-            member.ak_blob = store.create_key(KeyKind.AK)
-            with store.load_key(member.ak_blob) as ak:
+        swtpm = swtpm_factory.start()
+        with TPMStore(swtpm.tcti) as store:
+            ak_blob = store.create_key(KeyKind.AK)
+            with store.load_key(ak_blob) as ak:
                 ak_public = ak.public_area
-
-        def register(session: Session, device_id: str = name, area: bytes = ak_public) -> None:
-            row = session.get(Device, device_id)
-            assert row is not None
-            row.ak_public = area  # what enrollment stores (Registry.register_device(ak_public=))
+        # as enrollment issues it: the DevID certificate names the AK (the service checks it)
+        cert = issue_devid_cert(
+            fleet.device_ca,
+            device.devid.public_key(),
+            device_id=name,
+            hardware_serial=f"SN-{name}",
+            now=utc(fleet.now),
+            valid_for=timedelta(days=1),
+            ak_name=tpm_name(ak_public),
+        )
+        cert_pem = cert_to_pem(cert).decode()
+        member = AttestingDevice(device.device_id, device.devid, cert_pem, device.service_key)
+        member.swtpm, member.ak_blob = swtpm, ak_blob
 
         with fleet.sessions.begin() as session:
-            register(session)
+            row = session.get(Device, name)
+            assert row is not None
+            # what enrollment stores (Registry.register_device(ak_public=, devid_cert_pem=))
+            row.ak_public = ak_public
+            row.devid_cert_pem = cert_pem
         member.boot(GOOD)
         fleet.devices[name] = member
 
@@ -114,6 +126,7 @@ def attesting_fleet(
             fleet.sessions,
             signing_key=old._env.key,
             operator_ca=old._env.operator_ca,
+            device_ca=old._env.devices.device_ca,
             settings=old.settings,
             attestation=AttestationSettings(
                 policy=policy_from_components(GOOD), interval=600, quarantine=quarantine
@@ -283,3 +296,31 @@ def test_scheduled_attestation_and_no_quarantine_without_the_option(
         assert len(member(fleet, "dev-1").challenges) == asked + 1
         # dev-3 was never heard from: not challenged (it would answer an expired nonce)
         assert member(fleet, "dev-3").challenges == []
+
+
+def test_an_ak_swapped_into_the_database_is_refused_at_use(
+    fleet: Fleet, swtpm_factory: SwtpmFactory
+) -> None:
+    """Adversary: a database writer stores another TPM's AK for dev-2, so that quotes by that
+    AK would be believed for dev-2. The stored AK must be the one dev-2's DevID certificate
+    names: dev-2's attestation report is refused at use with ``cred.stored`` (counted,
+    audited), no verdict is recorded, the device's state is unchanged."""
+    other = swtpm_factory.start()
+    with TPMStore(other.tcti) as store, store.load_key(store.create_key(KeyKind.AK)) as ak:
+        foreign = ak.public_area
+    with fleet.sessions.begin() as session:
+        row = session.get(Device, "dev-2")
+        assert row is not None
+        row.ak_public = foreign
+    before = fleet.service.rejections.count("cred.stored")
+    body = AttestDevice(os.urandom(16), "dev-2")
+    fleet.send(fleet.operators["op-alice"].command(body, fleet.now))
+    assert member(fleet, "dev-2").reports  # the device answered its challenge
+    assert fleet.service.rejections.count("cred.stored") == before + 1
+    entries = fleet.audit_entries()
+    assert not any(e.action == "attest.verdict" and e.target == "dev-2" for e in entries)
+    refusal = entries[-1]
+    assert refusal.actor == "device:dev-2" and refusal.outcome.value == "refused"
+    assert "[cred.stored]" in (refusal.reason or "")
+    row_now = device_row(fleet, "dev-2")
+    assert row_now["attestation"] is None and row_now["state"] == "registered"

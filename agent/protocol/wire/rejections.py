@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from agent.protocol.errors import ProtocolError
 
-BENIGN_CHECKS = frozenset({"replay.duplicate"})
-"""Refusals that are expected in normal operation (MQTT QoS 1 redelivers after a reconnect)."""
+BENIGN_CHECKS = frozenset({"replay.duplicate", "revocation.gap"})
+"""Refusals that are expected in normal operation (MQTT QoS 1 redelivers after a reconnect; a
+revocation feed head that is ahead of a device by more than it carries: the device asks for the
+entries it lacks)."""
 
 
 class Rejections:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from agent.core import Publish
 from agent.protocol.errors import ConfigError, StateError
-from agent.protocol.topics import ALL_GROUP_COMMITS
+from agent.protocol.topics import ALL_GROUP_COMMITS, REVOCATION_FEED_TOPIC
 from firmware_sim.fleet import groups
 from firmware_sim.fleet.config import FleetConfig
 from firmware_sim.fleet.device import VirtualDevice, load_devices
@@ -226,7 +226,13 @@ class VirtualFleet:
         link.connected = True
         link.failures = 0
         device = link.device
-        client.subscribe([(device.core.command_topic, 1), (ALL_GROUP_COMMITS, 1)])
+        client.subscribe(
+            [
+                (device.core.command_topic, 1),
+                (ALL_GROUP_COMMITS, 1),
+                (REVOCATION_FEED_TOPIC, 1),
+            ]
+        )
 
     def _on_subscribe(
         self,

@@ -6,6 +6,9 @@
   ``op.attest`` commands waiting for their report;
 - ``quorum``: dual-control requests and the adopted quorum policies, the Authorization an
   operation runs under;
+- ``revocations``: the revocation feed's entries and how far each device follows it (imported
+  as a module by ``provisioning.service.feed``);
+- ``checkpoints``: the signed audit checkpoints;
 - ``fleet``: the service's reads and writes of registry tables (``last_seen``, acks at an
   epoch, the commit log's timing) that ``provisioning.registry`` has no method for.
 
@@ -17,6 +20,14 @@ numbers, message ids, public MLS messages.
 
 from __future__ import annotations
 
+from provisioning.service.store.checkpoints import (
+    all_checkpoints,
+    checkpoint_at,
+    checkpoint_row,
+    newest_checkpoint,
+    newest_checkpoint_count,
+    store_checkpoint,
+)
 from provisioning.service.store.fleet import (
     acked_at,
     commit_at,
@@ -96,6 +107,12 @@ from provisioning.service.store.quorum import (
 )
 
 __all__ = [
+    "all_checkpoints",
+    "checkpoint_at",
+    "checkpoint_row",
+    "newest_checkpoint",
+    "newest_checkpoint_count",
+    "store_checkpoint",
     "REPLAY_WINDOW",
     "StoredRequest",
     "acked_at",

@@ -16,7 +16,7 @@ from typing import ClassVar, Self
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyKind, KeyRecord, KeyState
-from agent.protocol.wire.messages.base import Body, check_text, check_tuple, fields
+from agent.protocol.wire.messages.base import Body, check_text, check_tuple, check_uint, fields
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -34,6 +34,7 @@ __all__ = [
 MAX_KEYS = 1024
 MAX_REFUSED = 32
 MAX_COUNT = (1 << 32) - 1
+MAX_FEED_SEQ = (1 << 63) - 1
 CHECK_ID = re.compile(r"[a-z][a-z0-9-]*(\.[a-z0-9-]+){0,4}")
 
 
@@ -71,15 +72,20 @@ class KeyStateReport(Body):
     """Device -> service: the states of all the device's keys (``keys.report``), and
     ``refused``: how often the device refused a membership change, a credential or a Welcome
     since it started, by check id (``authz.*``, ``cred.*``, ``tpm.proof.*``, ...): what a rogue
-    service, operator or member tried (the service audits changes of it)."""
+    service, operator or member tried (the service audits changes of it); ``feed``: the number
+    of the newest revocation feed entry the device verified and keeps (absent from agents that
+    keep no feed), so the service sends what it lacks and shows who lags."""
 
     TYPE: ClassVar[str] = "keys.report"
 
     keys: tuple[KeyRecord, ...]
     refused: tuple[tuple[str, int], ...] = ()
+    feed: int | None = None
 
     def __post_init__(self) -> None:
         check_records(self.keys, "keys")
+        if self.feed is not None:
+            check_uint(self.feed, "feed", maximum=MAX_FEED_SEQ)
         check_tuple(self.refused, "refused", max_len=MAX_REFUSED)
         for item in self.refused:
             if (
@@ -98,17 +104,20 @@ class KeyStateReport(Body):
         out: dict[str, object] = {"keys": records_to_cbor(self.keys)}
         if self.refused:
             out["refused"] = dict(self.refused)
+        if self.feed is not None:
+            out["feed"] = self.feed
         return out
 
     @classmethod
     def from_cbor_map(cls, value: object) -> Self:
-        kwargs = fields(value, cls.__name__, ["keys"], ["refused"])
+        kwargs = fields(value, cls.__name__, ["keys"], ["refused", "feed"])
         refused = kwargs.get("refused", {})
         if not isinstance(refused, Mapping):
             raise ProtocolError("body.type", "refused must be a map")
         return cls(
             keys=records_from_cbor(kwargs["keys"], "keys"),
             refused=tuple(sorted(refused.items(), key=lambda kv: str(kv[0]))),
+            feed=kwargs.get("feed"),
         )
 
 

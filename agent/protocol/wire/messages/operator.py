@@ -9,6 +9,10 @@ Request (``agent.protocol.authz``) for a membership change or a new quorum polic
 fills in the members' DevID key hashes from the registry and answers with the Request unsigned
 (``op.requests``), so the proposer signs only bytes it decoded and showed. ``op.approve``
 carries one operator's Approval of a request; ``op.list_requests`` asks for the open requests.
+
+Audit checkpoints (docs/operations.md, "Audit checkpoints"): ``op.audit_sync`` asks for a signed
+checkpoint of the audit log and the entries after ``after`` up to it, answered with
+``op.audit_checkpoint``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from agent.protocol.wire.messages.base import (
     check_id,
     check_ids,
     check_text,
+    check_uint,
 )
 from agent.protocol.wire.messages.service import check_command_id
 
@@ -32,7 +37,11 @@ REQUEST_ID_SIZE = 16
 MAX_APPROVAL = 16 * 1024
 MAX_POLICY = 64 * 1024
 # What a request may ask for (agent.protocol.authz op names); the members each op names.
-PROPOSABLE_OPS = frozenset({"group.create", "group.add", "group.remove", "device.revoke", "policy"})
+PROPOSABLE_OPS = frozenset(
+    {"group.create", "group.add", "group.remove", "device.revoke", "device.reenroll", "policy"}
+)
+# The ops that name one device and no group.
+DEVICE_ONLY_OPS = frozenset({"device.revoke", "device.reenroll"})
 
 
 def check_request_id(value: object) -> None:
@@ -120,11 +129,12 @@ class AttestDevice(Body):
 class Propose(Body):
     """Ask the service for a Request of ``op``: ``group.create`` (``group_id``, ``members`` the
     founders, first first), ``group.add`` / ``group.remove`` (``group_id``, one member),
-    ``device.revoke`` (one member, no group; ``reason`` the text recorded with the revocation)
-    or ``policy`` (``policy``: the new QuorumPolicy's
-    bytes, nothing else). The answer is the Request, unsigned; the proposer approves it with
-    ``op.approve`` after checking it (the Request's bytes are the service's, with its random id,
-    times and the members' key hashes, so no approval can travel with the proposal)."""
+    ``device.revoke`` (one member, no group; ``reason`` the text recorded with the revocation),
+    ``device.reenroll`` (one revoked member, no group: its TPM may enroll once more) or
+    ``policy`` (``policy``: the new QuorumPolicy's bytes, nothing else). The answer is the
+    Request, unsigned; the proposer approves it with ``op.approve`` after checking it (the
+    Request's bytes are the service's, with its random id, times and the members' key hashes,
+    so no approval can travel with the proposal)."""
 
     TYPE: ClassVar[str] = "op.propose"
 
@@ -153,7 +163,7 @@ class Propose(Body):
             return
         if self.policy is not None:
             raise ProtocolError("body.malformed", f"{self.op} carries no policy")
-        if (self.group_id is None) != (self.op == "device.revoke"):
+        if (self.group_id is None) != (self.op in DEVICE_ONLY_OPS):
             raise ProtocolError("body.malformed", f"{self.op}: group_id is wrong for the op")
         if self.op == "group.create":
             if not self.members:
@@ -192,3 +202,23 @@ class ListRequests(Body):
         check_command_id(self.command_id)
         if self.request_id is not None:
             check_request_id(self.request_id)
+
+
+@dataclass(frozen=True)
+class AuditSync(Body):
+    """The audit checkpoint at ``count`` (absent: the newest, made now if the log moved since the
+    last one) and the entries ``after + 1`` onwards up to it, as many as fit one answer."""
+
+    TYPE: ClassVar[str] = "op.audit_sync"
+
+    command_id: bytes
+    after: int
+    count: int | None = None
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_uint(self.after, "after")
+        if self.count is not None:
+            check_uint(self.count, "count", minimum=1)
+            if self.count < self.after:
+                raise ProtocolError("body.bounds", "count is before after")

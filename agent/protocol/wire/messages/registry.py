@@ -9,6 +9,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
 from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
     CommitMessage,
     GroupCreated,
@@ -20,6 +21,7 @@ from agent.protocol.wire.messages.key_state import DeviceDestroyed, KeyStateRepo
 from agent.protocol.wire.messages.operator import (
     Approve,
     AttestDevice,
+    AuditSync,
     GroupAdd,
     GroupCreate,
     ListRequests,
@@ -27,7 +29,11 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     Revoke,
 )
-from agent.protocol.wire.messages.result import OperatorResult, RequestsResult
+from agent.protocol.wire.messages.result import (
+    AuditCheckpointResult,
+    OperatorResult,
+    RequestsResult,
+)
 from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
@@ -60,6 +66,9 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     Approve,
     ListRequests,
     RequestsResult,
+    RevocationFeed,
+    AuditSync,
+    AuditCheckpointResult,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})

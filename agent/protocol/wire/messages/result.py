@@ -9,6 +9,11 @@ Dual-control commands (``op.propose``, ``op.approve``, ``op.list_requests``) are
 refusal is an ``op.result`` ``rejected`` as for every command). When an approval completes the
 quorum, the change it starts is reported under the approval's command id with ``op.result``
 messages as a direct command is.
+
+``op.audit_sync`` is answered with ``op.audit_checkpoint``: the signed checkpoint bytes
+(``provisioning.checkpoint``; the operator verifies them with the pinned checkpoint key) and a
+page of audit entries, each as its sequence number and hash preimage, so the operator rehashes
+them from its remembered head instead of trusting any stored hash.
 """
 
 from __future__ import annotations
@@ -111,3 +116,39 @@ class RequestsResult(Body):
         for item in self.requests:
             if not isinstance(item, RequestInfo):
                 raise ProtocolError("body.type", "requests[] must be request records")
+
+
+MAX_AUDIT_LINKS = 4096
+MAX_PREIMAGE = 64 * 1024
+MAX_SIGNED_CHECKPOINT = 1024
+
+
+@dataclass(frozen=True)
+class AuditLink(Record):
+    """One audit entry: ``seq`` and the CBOR preimage its hash covers after the previous hash
+    (``provisioning.audit.entry_preimage``)."""
+
+    seq: int
+    preimage: bytes
+
+    def __post_init__(self) -> None:
+        check_uint(self.seq, "seq", minimum=1)
+        check_bytes(self.preimage, "preimage", min_len=1, max_len=MAX_PREIMAGE)
+
+
+@dataclass(frozen=True)
+class AuditCheckpointResult(Body):
+    TYPE: ClassVar[str] = "op.audit_checkpoint"
+    NESTED: ClassVar = {"entries": AuditLink}
+
+    command_id: bytes
+    checkpoint: bytes
+    entries: tuple[AuditLink, ...]
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_bytes(self.checkpoint, "checkpoint", min_len=1, max_len=MAX_SIGNED_CHECKPOINT)
+        check_tuple(self.entries, "entries", max_len=MAX_AUDIT_LINKS)
+        for item in self.entries:
+            if not isinstance(item, AuditLink):
+                raise ProtocolError("body.type", "entries[] must be audit links")

@@ -1,0 +1,178 @@
+"""Authority from certificates, not rows: what the service believes about an operator or a device
+comes from a certificate its CA signed, checked when it is used. A database row only caches
+it (and, for an operator's role, may narrow it).
+
+Operators. The effective role of a command is the lower of the operator certificate's OU and
+the registry row's role (``operator_role``): a row that says admin under a viewer's certificate
+grants nothing more (``op.role``). The certificate under an operator's name must name that
+operator (CN) and hold the key the command's kid names (``op.certificate``), so a database writer
+cannot file another operator's certificate under a name.
+
+Devices. Every use of a device's stored DevID certificate or AK public area goes through
+``StoredDevices.check``: the DevID certificate must pass path validation to the configured device
+CA (``agent.protocol.credentials.CredentialVerifier``: clientAuth end-entity, keyUsage
+digitalSignature, SAN ``urn:keyfleet:device:<id>``) and name that device; where the AK is used
+(attestation) the stored AK must also be the one whose TPM Name the certificate's AK-name
+extension carries. (Only there: a device enrolled before DevID certificates named the AK keeps
+talking to the service, and only its attestation is refused.) A row swapped by a database writer (a
+certificate from another CA, another device's certificate, another AK) is refused at use with
+``cred.stored``; the refusal is counted and audited by the flow that used it. Results are
+remembered by (device, certificate, AK) for as long as the certificates are valid, so the hot path
+(every device report) validates a certificate once, not per message.
+
+Check ids: ``op.role``, ``op.certificate``, ``cred.stored`` (docs/checks.md).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy.orm import Session
+
+from agent.protocol.attest import tpm_name
+from agent.protocol.credentials import CredentialVerifier
+from agent.protocol.errors import ProtocolError
+from agent.protocol.wire.cose import key_id
+from provisioning import pki
+from provisioning.registry import DeviceRecord, Registry, Role
+from provisioning.service import store
+
+MEMO_SIZE: Final = 4096
+
+# -- operators ----------------------------------------------------------------------------------
+
+
+def certificate_role(cert: x509.Certificate) -> Role:
+    """The role an operator certificate grants: its OU. Raises ``op.role`` when it has none or
+    one that is not a role (such a certificate grants nothing)."""
+    ou = pki.role_of(cert)
+    if ou is None:
+        raise ProtocolError("op.role", "the operator certificate carries no role (OU)")
+    try:
+        return Role(ou)
+    except ValueError:
+        raise ProtocolError("op.role", f"certificate OU {ou!r} is not a role") from None
+
+
+def operator_role(cert: x509.Certificate, row_role: Role) -> Role:
+    """The effective role: the lower of the certificate's and the registry row's."""
+    cert_role = certificate_role(cert)
+    return row_role if cert_role.allows(row_role) else cert_role
+
+
+def check_operator_certificate(cert: x509.Certificate, operator: str, kid: bytes) -> None:
+    """The certificate filed under ``operator`` names that operator and holds the key ``kid``
+    names. Raises ``op.certificate``."""
+    if pki.common_name(cert) != operator:
+        raise ProtocolError(
+            "op.certificate",
+            f"the certificate stored for {operator!r} is {pki.common_name(cert)!r}'s",
+        )
+    public_key = cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or key_id(public_key) != kid:
+        raise ProtocolError(
+            "op.certificate", f"the certificate stored for {operator!r} does not hold its key"
+        )
+
+
+def effective_role(session: Session, operator: str) -> Role:
+    """The effective role of a registered operator, from its stored certificate and its row
+    (for checks made after the command's envelope was verified, e.g. per request op)."""
+    row = store.operator_key(session, operator)
+    if row is None:
+        raise ProtocolError("op.certificate", f"operator {operator!r} has no certificate")
+    cert = pki.cert_from_pem(row.cert_pem.encode())
+    return operator_role(cert, Registry(session).operator(operator).role)
+
+
+# -- devices ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredDevice:
+    """A device's stored credentials, checked: its DevID public key (the key that signs its
+    reports, key packages and leaves) and the validity window of the checked chain."""
+
+    device_id: str
+    devid_key: ec.EllipticCurvePublicKey
+    not_before: int
+    not_after: int
+
+
+class StoredDevices:
+    """Checks stored DevID certificates and AK public areas against the device CA at use; see
+    the module docstring. Remembers up to ``memo_size`` results (LRU); a remembered result is
+    still checked against ``now``."""
+
+    def __init__(self, device_ca: x509.Certificate, *, memo_size: int = MEMO_SIZE) -> None:
+        self.device_ca = device_ca
+        self._verifier = CredentialVerifier([device_ca], memo_size=memo_size)
+        # (device, certificate PEM, AK when it was checked too) -> the checked result
+        self._memo: OrderedDict[tuple[str, str, bytes | None], StoredDevice] = OrderedDict()
+        self._memo_size = memo_size
+        self.validations = 0
+
+    def __repr__(self) -> str:
+        return f"StoredDevices({len(self._memo)} remembered)"
+
+    def check(self, device: DeviceRecord, now: int, *, with_ak: bool = False) -> StoredDevice:
+        """``device``'s DevID key, once its stored certificate passes, and with ``with_ak`` its
+        stored AK too (where the AK is used: attestation). Raises
+        ``ProtocolError("cred.stored")``."""
+        key = (device.device_id, device.devid_cert_pem, device.ak_public if with_ak else None)
+        memo = self._memo.get(key)
+        if memo is not None and memo.not_before <= now <= memo.not_after:
+            self._memo.move_to_end(key)
+            return memo
+        checked = self._check(device, now, with_ak=with_ak)
+        self._memo[key] = checked
+        self._memo.move_to_end(key)
+        while len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
+        return checked
+
+    def _check(self, device: DeviceRecord, now: int, *, with_ak: bool) -> StoredDevice:
+        self.validations += 1
+        name = device.device_id
+        try:
+            cert = pki.cert_from_pem(device.devid_cert_pem.encode())
+            verified = self._verifier.verify(cert.public_bytes(Encoding.DER), now)
+        except ProtocolError as err:
+            raise ProtocolError(
+                "cred.stored",
+                f"the stored DevID certificate of {name!r}: [{err.check}] {err.reason}",
+            ) from None
+        if verified.device_id != name:
+            raise ProtocolError(
+                "cred.stored",
+                f"the stored DevID certificate of {name!r} names {verified.device_id!r}",
+            )
+        if with_ak and device.ak_public is not None:
+            try:
+                stored_ak = tpm_name(device.ak_public)
+            except ProtocolError:
+                raise ProtocolError(
+                    "cred.stored", f"the stored AK of {name!r} does not decode"
+                ) from None
+            if verified.ak_name is None or verified.ak_name != stored_ak:
+                raise ProtocolError(
+                    "cred.stored",
+                    f"the stored AK of {name!r} is not the AK its DevID certificate names",
+                )
+        public_key = cert.public_key()
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)  # the verifier checked P-256
+        return StoredDevice(
+            device_id=name,
+            devid_key=public_key,
+            not_before=int(
+                max(cert.not_valid_before_utc, self.device_ca.not_valid_before_utc).timestamp()
+            ),
+            not_after=int(
+                min(cert.not_valid_after_utc, self.device_ca.not_valid_after_utc).timestamp()
+            ),
+        )
