@@ -161,7 +161,7 @@ def deployment(
             ),
         )
     )
-    service_key = pki.key_from_pem(service_files.key_file.read_bytes())
+    service_key = pki.key_from_pem((files / "service-signing.key").read_bytes())
     members: dict[str, MemberThread] = {}
     device_files: dict[str, tuple[Path, Path]] = {}
     for name in DEVICES:
@@ -175,7 +175,10 @@ def deployment(
     write_operator(files, operator_ca, "op-root", role="admin", now=now, stem="op-root")
     add_operator("op-root", "pki/op-root.pem", config=config, cwd=tmp_path)
     admin = operator_args(
-        broker, cert="pki/op-root.pem", key="pki/op-root.key", service_cert=service_files.cert_file
+        broker,
+        cert="pki/op-root.pem",
+        key="pki/op-root.key",
+        service_cert=files / "service-signing.pem",
     )
     log = tmp_path / "serve.log"
     service = start_serve(config, cwd=tmp_path, log=log, timeout=30)
