@@ -24,11 +24,12 @@ if [ -n "$out" ]; then
     exit 1
 fi
 
-# The template differs from keyfleet.service only in the lines that name the instance.
+# The template differs from keyfleet.service only in the lines that name the instance (comments
+# aside: the template's header says what it is).
 template_diff=$(diff <(grep -v '^#' systemd/keyfleet@.service \
         | sed -e 's/, instance %i (/ (/' -e 's#service-%i\.toml#service.toml#g' \
               -e 's#^StateDirectory=keyfleet/%i$#StateDirectory=keyfleet#') \
-    systemd/keyfleet.service || true)
+    <(grep -v '^#' systemd/keyfleet.service) || true)
 if [ -n "$template_diff" ]; then
     echo "keyfleet@.service differs from keyfleet.service beyond the instance's names:" >&2
     echo "$template_diff" >&2

@@ -74,7 +74,9 @@ for role in "${roles[@]}"; do
             install -d -m 0750 "$etc/keyagent"
             install -m 0644 "$here/packaging/agent.toml.example" "$etc/keyagent/agent.toml.example" ;;
         service)
-            units+=(keyfleet.service keyfleet@.service)
+            # the CRL units belong on the broker's host: installed, enabled there by hand
+            # (docs/operations.md, "Revocation")
+            units+=(keyfleet.service keyfleet@.service keyfleet-broker-crl.path keyfleet-broker-crl.service)
             install -d -m 0750 "$etc/keyfleet"
             install -m 0644 "$here/packaging/service.toml.example" "$etc/keyfleet/service.toml.example" ;;
     esac

@@ -106,10 +106,14 @@ def test_installed_units_verify_against_the_root(installed: Path) -> None:
     units = installed / "etc" / "systemd" / "system"
     assert sorted(p.name for p in units.iterdir()) == [
         "keyagent.service",
+        "keyfleet-broker-crl.path",
+        "keyfleet-broker-crl.service",
         "keyfleet.service",
         "keyfleet@.service",
     ]
     for unit in units.iterdir():
+        if unit.name.startswith("keyfleet-broker-crl"):
+            continue  # restarts the broker (systemctl), runs no keyfleet program
         assert "/opt/keyfleet/bin/" in unit.read_text()
     assert (installed / "etc" / "sysusers.d" / "keyfleet.conf").is_file()
     assert (installed / "etc" / "tmpfiles.d" / "keyfleet.conf").is_file()
@@ -117,7 +121,18 @@ def test_installed_units_verify_against_the_root(installed: Path) -> None:
     system_units = installed / "usr" / "lib" / "systemd" / "system"
     if not system_units.exists():
         shutil.copytree("/usr/lib/systemd/system", system_units, symlinks=True)
-    names = ["keyagent.service", "keyfleet.service", "keyfleet@a.service"]
+    # ... and systemctl, which keyfleet-broker-crl.service runs to restart the broker
+    systemctl = installed / "usr" / "bin" / "systemctl"
+    if not systemctl.exists():
+        systemctl.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2("/usr/bin/systemctl", systemctl)
+    names = [
+        "keyagent.service",
+        "keyfleet.service",
+        "keyfleet@a.service",
+        "keyfleet-broker-crl.path",
+        "keyfleet-broker-crl.service",
+    ]
     verify = subprocess.run(
         ["systemd-analyze", "verify", f"--root={installed}", *names],
         capture_output=True,
