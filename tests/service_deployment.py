@@ -65,6 +65,8 @@ def write_pem(path: Path, data: bytes, private: bool = False) -> Path:
 SIGNING_IDENTITY = "keyfleet-service-signing"
 SIGNING_KEY_LABEL = "service-signing"
 DEVICE_CA_KEY_LABEL = "device-ca"
+CHECKPOINT_KEY_LABEL = "audit-checkpoint"
+CHECKPOINT_INTERVAL = 10  # [audit] checkpoint_interval_seconds of a deployment that signs them
 
 
 def write_service_pki(
@@ -113,6 +115,10 @@ class DeploymentPKI:
     # the [service] signing_key and [device_ca] key references the configuration names
     signing_key_ref: str = "pki/service-signing.key"
     device_ca_key_ref: str = "pki/device-ca.key"
+    # [audit] checkpoint_key (None: the service signs no checkpoints) and the PEM file of its
+    # public key, what an operator pins (``audit sync --checkpoint-cert``)
+    checkpoint_key_ref: str | None = None
+    checkpoint_pub: Path | None = None
 
     @property
     def signing_cert(self) -> Path:
@@ -136,14 +142,19 @@ def deployment_pki(
     manufacturer_cas: Sequence[x509.Certificate] = (),
     log_types: tuple[str, ...] = ("error", "warning"),
     token: SoftToken | None = None,
+    audit_checkpoint: bool = False,
 ) -> DeploymentPKI:
     """Device and operator CAs named after ``label`` (or the ones given), a fresh Mosquitto
     trusting both (logging ``log_types``), and the service's files under ``tmp_path/pki``. With
     ``token`` the service signing key and the device CA key are made in that PKCS#11 token and
-    the configuration names them by ``pkcs11:`` URI (no private key file of the service)."""
+    the configuration names them by ``pkcs11:`` URI (no private key file of the service);
+    ``audit_checkpoint`` (token only) makes the audit checkpoint key there too, its public key
+    written as ``audit-checkpoint.pub``."""
+    assert token is not None or not audit_checkpoint, "the checkpoint key is made in a token"
     now = datetime.now(UTC)
     signing_key: ec.EllipticCurvePrivateKey | None = None
     refs: dict[str, str] = {}
+    checkpoint_public: ec.EllipticCurvePublicKey | None = None
     if token is not None:
         assert device_ca is None, "a token deployment makes its own device CA in the token"
         keys = {}
@@ -152,6 +163,11 @@ def deployment_pki(
             ref = custody.parse_token_uri(refs[label_])
             custody.generate_token_key(ref)
             keys[label_] = custody.load_private_key(ref)
+        if audit_checkpoint:
+            refs[CHECKPOINT_KEY_LABEL] = token.uri(CHECKPOINT_KEY_LABEL)
+            checkpoint_public = custody.generate_token_key(
+                custody.parse_token_uri(refs[CHECKPOINT_KEY_LABEL])
+            )
         signing_key = keys[SIGNING_KEY_LABEL]
         device_ca = pki.create_ca(
             f"{label} device CA", now=now, valid_for=timedelta(days=2),
@@ -178,6 +194,11 @@ def deployment_pki(
             deployment,
             signing_key_ref=refs[SIGNING_KEY_LABEL],
             device_ca_key_ref=refs[DEVICE_CA_KEY_LABEL],
+        )
+    if checkpoint_public is not None:
+        pub = write_pem(files / "audit-checkpoint.pub", pki.public_key_to_pem(checkpoint_public))
+        deployment = replace(
+            deployment, checkpoint_key_ref=refs[CHECKPOINT_KEY_LABEL], checkpoint_pub=pub
         )
     return deployment
 
@@ -218,12 +239,20 @@ def service_config(
     quorum: str = "min_approvals = 1",
     signing_key: str = "pki/service-signing.key",
     device_ca_key: str = "pki/device-ca.key",
+    checkpoint_key: str | None = None,
 ) -> str:
     """``keyfleet.toml`` with the CA files under ``pki/``; ``groups``, ``service``,
     ``attestation`` and ``quorum`` are further lines of those tables, ``extra`` further tables.
     One operator decides alone by default (the tests' direct commands); dual-control tests ask
     for more with ``quorum``. ``signing_key`` and ``device_ca_key`` are key references (a file
-    under ``pki/`` by default, or a ``pkcs11:`` URI: ``DeploymentPKI.signing_key_ref``)."""
+    under ``pki/`` by default, or a ``pkcs11:`` URI: ``DeploymentPKI.signing_key_ref``);
+    ``checkpoint_key`` one too, then an ``[audit]`` table signs checkpoints every
+    ``CHECKPOINT_INTERVAL`` seconds."""
+    if checkpoint_key is not None:
+        extra += (
+            f'\n[audit]\ncheckpoint_key = "{checkpoint_key}"\n'
+            f"checkpoint_interval_seconds = {CHECKPOINT_INTERVAL}\n"
+        )
     return f"""
 [database]
 url = "{db_url}"
@@ -439,6 +468,7 @@ def service_deployment(
     operator_ca: pki.CertificateAuthority | None = None,
     manufacturer_cas: Sequence[x509.Certificate] = (),
     token: SoftToken | None = None,
+    audit_checkpoint: bool = False,
 ) -> Iterator[Deployment]:
     """docs/service.md "A deployment" in ``workdir``: a Mosquitto trusting the fleet's CAs
     (``deployment_pki``), one ``keyfleet.toml`` per name in ``instances`` (``groups`` and
@@ -454,11 +484,14 @@ def service_deployment(
     On exit the fleet stops, every instance still running is stopped by its PID (SIGTERM, then
     SIGKILL) and the last ``log_tail`` characters of each instance's log are printed (pytest shows
     them for a failed test).
+
+    ``token``: the service's keys in that PKCS#11 token (``deployment_pki``); with
+    ``audit_checkpoint`` its audit checkpoint key too, configured as ``[audit] checkpoint_key``.
     """
     files = deployment_pki(
         workdir, label, broker_pki, mosquitto_factory,
         device_ca=device_ca, operator_ca=operator_ca, manufacturer_cas=manufacturer_cas,
-        token=token,
+        token=token, audit_checkpoint=audit_checkpoint,
     )  # fmt: skip
     broker, client = files.broker, files.service
     url = db_url if db_url is not None else f"sqlite:///{workdir / 'fleet.db'}"
@@ -483,6 +516,7 @@ def service_deployment(
             db_url=url, broker=broker, client=client, instance=name,
             groups=groups, service=service, extra=extra, quorum=quorum,
             signing_key=files.signing_key_ref, device_ca_key=files.device_ca_key_ref,
+            checkpoint_key=files.checkpoint_key_ref,
         )  # fmt: skip
         configs[name].write_text(text)
     fleet_config = workdir / "fleet.toml"

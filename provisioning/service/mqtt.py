@@ -146,6 +146,7 @@ class ServiceRunner:
         signing_key = load_signing_key(config)
         operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())
         self.revocation = revocation.settings_from_config(config)
+        checkpoint_key = load_checkpoint_key(config, signing_key.public_key())
         self.service = DeliveryService(
             session_factory(self._engine),
             signing_key=signing_key,
@@ -155,7 +156,7 @@ class ServiceRunner:
             attestation=attestation,
             instance=config.service.instance,
             metrics=self.metrics,
-            checkpoint_key=load_checkpoint_key(config, signing_key.public_key()),
+            checkpoint_key=checkpoint_key,
             revocation=self.revocation,
         )
         # The broker's crlfile must exist before the broker starts (and hold a current CRL):
@@ -181,6 +182,13 @@ class ServiceRunner:
             key_id(signing_key.public_key()).hex(),
             custody.describe(config.service.signing_key),
         )
+        if checkpoint_key is not None and config.audit.checkpoint_key is not None:
+            log.info(
+                "keyfleet serve: audit checkpoint kid %s (%s), every %d s",
+                key_id(checkpoint_key.public_key()).hex(),
+                custody.describe(config.audit.checkpoint_key),
+                config.audit.checkpoint_interval_seconds,
+            )
 
     def _publish(self, publishes: list[Publish]) -> None:
         """All of them, then one wait for their PUBACKs (the client keeps their order on its

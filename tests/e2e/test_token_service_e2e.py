@@ -1,15 +1,17 @@
 """The service with its keys in a real PKCS#11 token (SoftHSM2): ``keyfleet serve`` signs with a
 token key and its enrollment API issues DevID certificates with a token device CA key, a swtpm
-device enrolls through a station, an operator's command gets an answer signed in the token; then
-the acceptance check of the token part: the service's state directory and its database (the
-SQLite file with its log, or every value of every PostgreSQL table) hold no private key of the
-fleet (the only private keys on disk are the TLS keys that the TLS stack reads, and the
-operator's and station's own keys, which are not the service's).
+device enrolls through a station, an operator's command gets an answer signed in the token, and
+an operator's ``audit sync`` checks an audit checkpoint signed by the token's checkpoint key
+against its pinned public key; then the acceptance check of the token part: the service's state
+directory and its database (the SQLite file with its log, or every value of every PostgreSQL
+table) hold no private key of the fleet (the only private keys on disk are the TLS keys that
+the TLS stack reads, and the operator's and station's own keys, which are not the service's).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +22,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.factory import FactoryDevice
+from agent.protocol.wire.cose import key_id
 from firmware_sim.softhsm import SoftToken
 from provisioning import pki
+from provisioning.checkpoint import verify_checkpoint
 from provisioning.enroll import DeviceIdentity
 from provisioning.station import FleetClient
 from tests.fixtures.deployment import DeployFactory
@@ -96,9 +100,20 @@ def test_service_keys_in_a_token_and_none_on_disk(  # noqa: PLR0917 - pytest fix
         operator_ca=fleet_pki.operator_ca,
         manufacturer_cas=[manufacturer_ca.root_cert(), manufacturer_ca.issuer_cert()],
         token=softhsm_token,
+        audit_checkpoint=True,
     )
+    assert deployment.pki.checkpoint_pub is not None
+    checkpoint_public = serialization.load_pem_public_key(
+        deployment.pki.checkpoint_pub.read_bytes()
+    )
+    assert isinstance(checkpoint_public, ec.EllipticCurvePublicKey)
     log = deployment.logs["a"].read_text()
     assert "service signing kid" in log and f"token '{softhsm_token.label}'" in log
+    # the audit checkpoint key: named by its token location, not a file
+    (checkpoint_line,) = [line for line in log.splitlines() if "audit checkpoint kid" in line]
+    assert key_id(checkpoint_public).hex() in checkpoint_line, checkpoint_line
+    assert f"token '{softhsm_token.label}'" in checkpoint_line, checkpoint_line
+    assert "key 'audit-checkpoint'" in checkpoint_line, checkpoint_line
     assert "custody.file" not in log  # no fleet key of this service is a file
     device_ca_cert = deployment.pki.device_ca.certificate
     signing_cert = pki.cert_from_pem(deployment.pki.signing_cert.read_bytes())
@@ -125,10 +140,22 @@ def test_service_keys_in_a_token_and_none_on_disk(  # noqa: PLR0917 - pytest fix
     listed = deployment.cli("requests")
     assert listed.returncode == 0, listed.stdout + listed.stderr
 
+    # an operator syncs the audit log: the checkpoint, signed in the token, verifies under the
+    # pinned checkpoint public key (and the whole log from the start rehashes to its head)
+    synced = deployment.cli(
+        "audit", "sync", "--checkpoint-cert", str(deployment.pki.checkpoint_pub),
+        "--state-dir", str(tmp_path / "operator-state"), "--json", "--timeout", "60",
+    )  # fmt: skip
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    record = json.loads(synced.stdout)
+    checkpoint = verify_checkpoint(base64.b64decode(record["signed"]), checkpoint_public)
+    assert checkpoint.checkpoint.count == record["count"] > 0
+
     # ---- the acceptance scan: no fleet private key in the service's directory or database ----
     fleet_public = {
         "device CA": device_ca_cert.public_key(),
         "service signing": signing_cert.public_key(),
+        "audit checkpoint": checkpoint_public,
     }
     # the private keys that may be files: the service's TLS keys (read by the TLS stack) and
     # the keys of other parties the test keeps in the same directory
