@@ -182,6 +182,7 @@ class ServiceRunner:
             key_id(signing_key.public_key()).hex(),
             custody.describe(config.service.signing_key),
         )
+        log.info("keyfleet serve: device CA key (%s)", custody.describe(config.device_ca.key))
         if checkpoint_key is not None and config.audit.checkpoint_key is not None:
             log.info(
                 "keyfleet serve: audit checkpoint kid %s (%s), every %d s",
