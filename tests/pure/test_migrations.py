@@ -213,9 +213,18 @@ def test_concurrent_upgrades_queue_on_the_lock(database_url: str) -> None:
 def write_config(tmp_path: Path, url: str) -> Path:
     """A service configuration whose files exist (their content is never read before the
     schema check)."""
-    for name in ("ca.pem", "svc.pem", "dev-ca.pem", "op-ca.pem", "mfr.pem", "golden.toml"):
+    files = (
+        "ca.pem",
+        "svc.pem",
+        "signing.pem",
+        "dev-ca.pem",
+        "op-ca.pem",
+        "mfr.pem",
+        "golden.toml",
+    )
+    for name in files:
         (tmp_path / name).write_text("x\n")
-    for name in ("svc.key", "dev-ca.key"):
+    for name in ("svc.key", "signing.key", "dev-ca.key"):
         (tmp_path / name).write_text("x\n")
         (tmp_path / name).chmod(0o600)
     config = tmp_path / "keyfleet.toml"
@@ -226,6 +235,7 @@ def write_config(tmp_path: Path, url: str) -> Path:
         '[device_ca]\ncert = "dev-ca.pem"\nkey = "dev-ca.key"\n'
         '[operator_ca]\ncert = "op-ca.pem"\n'
         '[attestation]\nmanufacturer_cas = "mfr.pem"\ngolden_measurements = "golden.toml"\n'
+        '[service]\nsigning_key = "signing.key"\nsigning_cert = "signing.pem"\n'
     )
     return config
 
