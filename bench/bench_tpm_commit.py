@@ -30,6 +30,7 @@ from typing import Any
 
 from agent.core import AgentCore
 from agent.daemon import TpmKeys
+from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, KeyPackage
 from agent.protocol.topics import SERVICE_ID
@@ -41,6 +42,7 @@ from agent.tpm import KeyKind, TPMStore
 from firmware_sim.swtpm import Swtpm
 from provisioning import pki
 from tests.device_certs import devid_cert_der
+from tests.operator_certs import authorize, membership
 
 MEMBERS = 8
 SERVICE = SERVICE_ID
@@ -77,6 +79,9 @@ def main() -> None:
                 service_key.public_key(),
                 keys,
                 credential=credentials[-1],
+                # the devices trust the test operator and device CAs; the group is built with
+                # the MLS API below, so no KeyPackage is checked for a TPM proof here
+                membership=membership(),
                 now=now,
             )
             cores.append(core)
@@ -152,10 +157,14 @@ def main() -> None:
             round_(i, CommitRequest(os.urandom(16), "g-tpm", epoch, CommitAction.UPDATE))
         epoch = cores[0].epoch("g-tpm")
         assert epoch is not None
+        removed = f"dev-tpm-{MEMBERS - 1}"
+        point = serialize_public_key(keyprov[MEMBERS - 1].devid.public_key())
+        # every member checks the operators' Authorization of the removal (docs/authorization.md)
+        authz = authorize("group.remove", "g-tpm", [(removed, point)], now=now)
         round_(
             0,
             CommitRequest(
-                os.urandom(16), "g-tpm", epoch, CommitAction.REMOVE, member=f"dev-tpm-{MEMBERS - 1}"
+                os.urandom(16), "g-tpm", epoch, CommitAction.REMOVE, member=removed, authz=authz
             ),
         )
         live = [c for c in cores if "g-tpm" in c.groups()]
