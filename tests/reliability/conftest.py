@@ -176,13 +176,15 @@ def supervisor(fleet_lab: Lab) -> Iterator[AgentSupervisor]:
 def operator_settings(lab: Lab, operator: str = "op-ops") -> OperatorSettings:
     assert lab.pki is not None and lab.broker is not None
     identity = lab.pki.operators[operator]
+    assert lab.pki.signing_cert is not None
     return OperatorSettings(
         host=lab.broker.host,
         port=lab.broker.port,
         ca=lab.pki.tls_ca,
         cert=identity.cert,
         key=identity.key,
-        service_cert=lab.pki.service.cert,
+        # the service signs with a key of its own, never its TLS key
+        service_cert=lab.pki.signing_cert,
     )
 
 
