@@ -76,7 +76,9 @@ not in a process: any number of ``keyfleet serve`` instances share them, and a s
 Why one module of this size: the two steps share one pending-session record, one set of checks
 (each with its check id, listed above) and one audited refusal path; both run in one transaction
 with the registration they lead to. Credential activation (``provisioning.makecredential``), the
-certificates (``provisioning.pki``) and the HTTPS transport (``provisioning.http``) live apart.
+certificates (``provisioning.pki``), EK chains and manufacturer CRLs (``provisioning.ekchain``,
+``provisioning.ekcrls``), the revoked-device and re-enroll rules (``provisioning.revocation``) and
+the HTTPS transport (``provisioning.http``) live apart.
 """
 
 from __future__ import annotations
