@@ -57,6 +57,7 @@ def peek(blob: bytes) -> tuple[int, int | None]:
         raise StateError(f"state file has version {version}, expected {VERSION}")
     return version, _HEADER.unpack_from(blob)[3]
 
+
 MAGIC = b"KFST"
 VERSION = 2
 LEGACY_VERSION = 1
@@ -87,8 +88,7 @@ class StateFile:
 
     def __repr__(self) -> str:
         return (
-            f"StateFile({str(self.path)!r}, counter={self.counter}, "
-            f"generation={self.generation})"
+            f"StateFile({str(self.path)!r}, counter={self.counter}, generation={self.generation})"
         )
 
     def exists(self) -> bool:

@@ -212,7 +212,7 @@ class StateKeeper:
             self._unseal_current(value, had_state=state is not None)
             return
         legacy_blob = cur_blob.exists() and cur_blob in blobs and blobs[cur_blob] is None
-        if legacy_blob and states.get(cur_state, None) is None:
+        if legacy_blob and states.get(cur_state) is None:
             self._migrate(value)
             return
         older = [p for p in (cur_blob, cur_state, next_blob, next_state) if p.exists()]

@@ -90,9 +90,7 @@ class NVCounter:
 
     def _handle(self) -> ESYS_TR:
         try:
-            handle: ESYS_TR = self.store._raw_call(
-                "nv-counter", "tr_from_tpmpublic", self.index
-            )
+            handle: ESYS_TR = self.store._raw_call("nv-counter", "tr_from_tpmpublic", self.index)
         except TPMError as exc:
             raise TPMError(
                 "nv-counter", exc.rc, f"NV index {self.index:#x} is not defined: {exc.detail}"
@@ -194,7 +192,9 @@ def bound_counter(blob: KeyBlob) -> int:
     return _parse_policy(blob)[2]
 
 
-def _policy_digest(store: TPMStore, selection: TPML_PCR_SELECTION, nv: ESYS_TR, value: int) -> bytes:
+def _policy_digest(
+    store: TPMStore, selection: TPML_PCR_SELECTION, nv: ESYS_TR, value: int
+) -> bytes:
     session = store._call(
         "start-trial-session",
         "start_auth_session",
@@ -206,16 +206,12 @@ def _policy_digest(store: TPMStore, selection: TPML_PCR_SELECTION, nv: ESYS_TR, 
     )
     with store._transient(session):
         store._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
-        store._call(
-            "policy-nv", "policy_nv", nv, nv, session, _nv_operand(value), TPM2_EO.EQ, 0
-        )
+        store._call("policy-nv", "policy_nv", nv, nv, session, _nv_operand(value), TPM2_EO.EQ, 0)
         digest = store._call("policy-digest", "policy_get_digest", session)
     return bytes(digest)
 
 
-def seal_bound(
-    counter: NVCounter, secret: Secret, pcrs: Sequence[int], value: int
-) -> KeyBlob:
+def seal_bound(counter: NVCounter, secret: Secret, pcrs: Sequence[int], value: int) -> KeyBlob:
     """Seal ``secret`` so that it unseals only while the PCRs hold their current values and the
     counter equals ``value`` (which may be the next value: a rotation seals before it commits)."""
     store = counter.store

@@ -13,7 +13,9 @@ import shutil
 import signal
 from pathlib import Path
 
+import cbor2
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.protocol.secret import Secret
 from agent.statefile import StateFile, StateRollback
@@ -141,10 +143,6 @@ def test_version1_state_is_migrated_once(swtpm: Swtpm, tmp_path: Path) -> None:
         raw = bytearray((state_dir / STATE_FILE).read_bytes())
         # a version 1 file: the header without the counter field
         v1 = bytes(raw[:4]) + b"\x01" + bytes(raw[5:13]) + bytes(raw[21:])
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    import cbor2
-
     header = v1[:25]
     body = AESGCM(key.reveal()).encrypt(header[-12:], cbor2.dumps({"groups": ["g"]}), header)
     (state_dir / STATE_FILE).write_bytes(header + body)
