@@ -106,7 +106,7 @@ class StateFile:
         if len(blob) > MAX_STATE_BYTES:
             raise StateError(f"state file {self.path} is {len(blob)} bytes, over the limit")
         layout = _LEGACY_HEADER if legacy else _HEADER
-        if len(blob) < layout.size + 16:
+        if len(blob) < _PREFIX.size:
             raise StateError(f"state file {self.path} is truncated ({len(blob)} bytes)")
         magic, version, generation = _PREFIX.unpack_from(blob)
         if magic != MAGIC:
@@ -114,6 +114,8 @@ class StateFile:
         expected = LEGACY_VERSION if legacy else VERSION
         if version != expected:
             raise StateError(f"state file {self.path} has version {version}, expected {expected}")
+        if len(blob) < layout.size + 16:
+            raise StateError(f"state file {self.path} is truncated ({len(blob)} bytes)")
         if legacy:
             nonce = _LEGACY_HEADER.unpack_from(blob)[3]
         else:

@@ -98,6 +98,13 @@ class RotationBudget:
         self.refill(now)
         self.tokens = max(0.0, self.tokens - 1.0)
 
+    def admit(self, now: int) -> bool:
+        """Take a token for a rotation now, if there is one."""
+        if not self.available(now):
+            return False
+        self.spend(now)
+        return True
+
     def lifetime_bound(self, days: int = LIFETIME_DAYS) -> int:
         return int(self.burst + self.per_day * days)
 
@@ -350,9 +357,8 @@ class StateKeeper:
         if self._destroyed is None:
             self._destroyed = destroyed
         if destroyed != self._destroyed:
-            if self.budget.available(now):
+            if self.budget.admit(now):
                 self._destroyed = destroyed
-                self.budget.spend(now)
                 self.rotate(state)
                 self._pending = False
                 return True
