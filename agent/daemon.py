@@ -454,7 +454,7 @@ class Daemon:
                     with self._lock:
                         outcome = self.core.tick(self.now())
                     self._apply(outcome)
-                    if self._state is not None and self._state.pending:
+                    if self._state is not None and self._state.rotation_due():
                         with self._lock, contextlib.suppress(StateError):
                             self._persist()  # a destruction waiting for a rotation token
         except KeyfleetError as exc:

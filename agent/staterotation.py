@@ -189,6 +189,11 @@ class StateKeeper:
 
     _pending = False
 
+    def rotation_due(self) -> bool:
+        """A destruction is waiting for a rotation and a token is there now (the daemon's tick
+        asks; it saves only then, not at every tick)."""
+        return self._pending and self.budget.available(self._now())
+
     def _now(self) -> int:
         return int(self._clock())
 
@@ -358,8 +363,13 @@ class StateKeeper:
             self._destroyed = destroyed
         if destroyed != self._destroyed:
             if self.budget.admit(now):
-                self._destroyed = destroyed
-                self.rotate(state)
+                previous, self._destroyed = self._destroyed, destroyed
+                try:
+                    self.rotate(state)
+                except StateError:
+                    self._destroyed = previous  # not committed: rotate at the next save
+                    self._pending = True
+                    raise
                 self._pending = False
                 return True
             self._pending = True
@@ -378,14 +388,23 @@ class StateKeeper:
         following.save(self._with_meta(state, self._destroyed))
         self._fault("written")
         self.counter.increment()
-        self._fault("incremented")
-        os.replace(self.dir / NEXT_KEY_BLOB, self.dir / STATE_KEY_BLOB)
-        _fsync_dir(self.dir)
-        self._fault("switched-key")
-        os.replace(self.dir / NEXT_STATE_FILE, self.dir / STATE_FILE)
-        _fsync_dir(self.dir)
-        self._fault("switched")
+        # committed: from here on every save is under the new key and counter, even if a
+        # rename below fails (the start finds the files by their counter, not their names)
         self.state_file = StateFile(self.dir / STATE_FILE, key, counter=value + 1)
         self.state_file.generation = following.generation
         self.rotations += 1
+        self._fault("incremented")
+        try:
+            os.replace(self.dir / NEXT_KEY_BLOB, self.dir / STATE_KEY_BLOB)
+            _fsync_dir(self.dir)
+            self._fault("switched-key")
+            os.replace(self.dir / NEXT_STATE_FILE, self.dir / STATE_FILE)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            log.warning(
+                "state key rotated, but renaming its files failed (the next start "
+                "completes it): %s",
+                exc,
+            )
+        self._fault("switched")
         log.info("state key rotated: state counter %d", value + 1)

@@ -219,3 +219,31 @@ def test_kill9_at_every_step_of_a_rotation_leaves_exactly_one_state(
             assert keeper.state_file.counter == NVCounter(store).read(), context
             assert store.transient_handles() == [], context
     assert set(seen) == {*STEPS, "None"}, seen
+
+
+def test_a_destruction_without_a_token_is_rotated_once_one_is_there(
+    swtpm: Swtpm, tmp_path: Path
+) -> None:
+    """NV endurance: with the bucket empty, a destroying save only marks the rotation as due;
+    it happens at the first save after a token came back (an hour at the default rate)."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    now = [1_000_000.0]
+    with TPMStore(swtpm.tcti) as store:
+        keeper = _open(store, state_dir, clock=lambda: now[0])
+        keeper.save({"n": 0}, destroyed=0)
+        keeper.budget.tokens, keeper.budget.updated = 0.0, int(now[0])
+        value = NVCounter(store).read()
+        assert keeper.save({"n": 1}, destroyed=1) is False
+        assert keeper.pending and not keeper.rotation_due()
+        assert NVCounter(store).read() == value
+        now[0] += 3600
+        assert keeper.rotation_due()
+        assert keeper.save({"n": 2}, destroyed=1) is True
+        assert NVCounter(store).read() == value + 1 and not keeper.pending
+        assert keeper.save({"n": 3}, destroyed=1) is False  # nothing new destroyed
+        assert NVCounter(store).read() == value + 1
+    with TPMStore(swtpm.tcti) as store:
+        again = _open(store, state_dir)
+        assert again.load() == {"n": 3}
+        assert again.budget.tokens < 1.0  # the bucket is kept in the state across restarts
