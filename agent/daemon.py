@@ -51,7 +51,7 @@ from agent.protocol.topics import ALL_GROUP_COMMITS, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.sdnotify import Notifier
 from agent.selftest import run_builtin_selftests
-from agent.staterotation import StateKeeper
+from agent.staterotation import StateKeeper, destroyed_count, note_rotation
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMKey, TPMStore
 from agent.tpm.templates import KeyKind as TpmKeyKind
@@ -568,7 +568,10 @@ class Daemon:
         with self._lock:
             core, state = self.core, self._state
             assert core is not None and state is not None and self._keys is not None
-            destroyed = sum(1 for r in core.ledger if r.state is KeyState.DESTROYED)
+            destroyed = destroyed_count(core.ledger)
+            if state.will_rotate(destroyed):
+                core.set_time(self.now())
+                note_rotation(core.ledger, state.counter_value + 1)
             state.save(core.to_state(), destroyed)
             core.mark_clean()
             self._keys.collect(core.leaf_refs())

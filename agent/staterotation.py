@@ -48,6 +48,7 @@ from typing import Any, Final
 
 from agent.fsio import shred
 from agent.protocol.errors import StateError, TPMError
+from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
 from agent.protocol.secret import Secret
 from agent.statefile import StateFile, StateRollback, peek
 from agent.tpm.blob import TPM2_CC_POLICY_PCR, KeyBlob
@@ -107,6 +108,28 @@ class RotationBudget:
 
     def lifetime_bound(self, days: int = LIFETIME_DAYS) -> int:
         return int(self.burst + self.per_day * days)
+
+
+def destroyed_count(ledger: KeyLedger) -> int:
+    """What a rotation follows: how many keys (other than state keys) the ledger holds as
+    destroyed. A change means a save is about to drop something that must die."""
+    return sum(1 for r in ledger if r.state is KeyState.DESTROYED and r.kind is not KeyKind.STATE)
+
+
+def note_rotation(ledger: KeyLedger, counter: int) -> None:
+    """The ledger's view of a rotation: the state key records before it are destroyed, a new
+    ``state/<n>`` record says how (the counter advanced: the TPM no longer unseals them)."""
+    note = (
+        f"sealed under state counter {counter}; earlier state keys no longer unseal "
+        "(the TPM counter advanced)"
+    )
+    if any(r.note == note and r.state is not KeyState.DESTROYED for r in ledger):
+        return  # noted already (a rotation retried after a failed write)
+    for record in list(ledger):
+        if record.kind is KeyKind.STATE and record.state is not KeyState.DESTROYED:
+            ledger.transition(record.name, KeyState.DESTROYED)
+    count = sum(1 for r in ledger if r.kind is KeyKind.STATE)
+    ledger.add(f"state/{count + 1}", KeyKind.STATE, active=True, note=note)
 
 
 def unseal_state_key(store: TPMStore, blob: KeyBlob) -> Secret:
@@ -188,6 +211,21 @@ class StateKeeper:
         return self._pending
 
     _pending = False
+
+    @property
+    def counter_value(self) -> int:
+        """The counter the current state is written under."""
+        assert self.state_file is not None
+        return self.state_file.counter
+
+    def will_rotate(self, destroyed: int) -> bool:
+        """Whether ``save(state, destroyed)`` would rotate (the caller notes it in the ledger
+        before the state is written)."""
+        return (
+            self._destroyed is not None
+            and destroyed != self._destroyed
+            and self.budget.available(self._now())
+        )
 
     def rotation_due(self) -> bool:
         """A destruction is waiting for a rotation and a token is there now (the daemon's tick

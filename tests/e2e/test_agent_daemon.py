@@ -630,6 +630,10 @@ def test_state_restored_from_before_a_destruction_is_refused_as_rollback(
     harness.expect(KeyStateReport)
     with LocalApiClient(agent.files.socket) as api:
         api.seal("cloud-token", b"token-two-0123456")  # the first secret's record: destroyed
+        states = [k for k in api.list_keys() if k["kind"] == "state"]
+    active = [k for k in states if k["state"] == "active"]
+    assert len(active) == 1 and "counter advanced" in active[0]["note"]
+    assert all(k["state"] == "destroyed" for k in states if k is not active[0])
     assert agent.terminate() == 0
     status = agent.status()
     assert status["state_counter"] == counter_before + 1 and status["state_rotations"] == 1

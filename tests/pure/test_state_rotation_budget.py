@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.errors import StateError
-from agent.protocol.lifecycle import RotationPolicy
+from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState, RotationPolicy
 from agent.protocol.secret import Secret
 from agent.statefile import StateFile, StateRollback, peek
-from agent.staterotation import DAY, ENDURANCE_WRITES, LIFETIME_DAYS, RotationBudget
+from agent.staterotation import (
+    DAY,
+    ENDURANCE_WRITES,
+    LIFETIME_DAYS,
+    RotationBudget,
+    destroyed_count,
+    note_rotation,
+)
 
 pytestmark = pytest.mark.pure
 
@@ -63,6 +70,21 @@ def test_a_year_of_the_default_policy_stays_within_the_endurance_budget() -> Non
     assert 0 < increments <= yearly_bound == 8 + 24 * 365
     assert increments * LIFETIME_DAYS / 365 <= ENDURANCE_WRITES
     assert RotationBudget().lifetime_bound() <= ENDURANCE_WRITES
+
+
+def test_the_default_epoch_age_alone_rotates_at_every_destruction() -> None:
+    """Groups that only end epochs at the default max_epoch_age (30 days): every destruction
+    gets its rotation at once, about one per group a month."""
+    policy = RotationPolicy()
+    assert policy.max_epoch_age is not None
+    destructions = [
+        start + k * policy.max_epoch_age + policy.grace_period
+        for start in range(0, 8 * 3600, 3600)
+        for k in range(1, 13)
+    ]
+    destructions = [t for t in destructions if t < YEAR]
+    increments = _simulate(destructions, RotationBudget())
+    assert increments == len(destructions) == 96
 
 
 def test_a_destruction_every_minute_is_paced_not_followed() -> None:
@@ -121,3 +143,20 @@ def test_version1_is_read_only_for_migration(tmp_path: Path) -> None:
     assert legacy.load(legacy=True) == {"v": 1} and legacy.generation == 7
     with pytest.raises(StateError, match="not a keyagent state file"):
         peek(b"XXXX" + bytes(40))
+
+
+def test_ledger_says_how_the_state_key_was_destroyed() -> None:
+    ledger = KeyLedger(lambda: 100)
+    ledger.add("state/1", KeyKind.STATE, active=True)
+    ledger.add("app-seal/0/x#1", KeyKind.APP_SEAL, active=True)
+    assert destroyed_count(ledger) == 0
+    ledger.transition("app-seal/0/x#1", KeyState.DESTROYED)
+    assert destroyed_count(ledger) == 1
+    note_rotation(ledger, 7)
+    note_rotation(ledger, 7)  # a retried rotation is noted once
+    assert ledger.get("state/1").state is KeyState.DESTROYED
+    new = ledger.get("state/2")
+    assert new.state is KeyState.ACTIVE and "state counter 7" in (new.note or "")
+    assert "counter advanced" in (new.note or "")
+    assert "state/3" not in ledger
+    assert destroyed_count(ledger) == 1  # state keys do not count: no rotation loop
