@@ -51,7 +51,7 @@ from agent.protocol.topics import ALL_GROUP_COMMITS, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.sdnotify import Notifier
 from agent.selftest import run_builtin_selftests
-from agent.staterotation import StateKeeper, destroyed_count, note_rotation
+from agent.staterotation import StateKeeper, destroyed_keys, next_state_name, note_rotation
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMKey, TPMStore
 from agent.tpm.templates import KeyKind as TpmKeyKind
@@ -401,8 +401,7 @@ class Daemon:
                 if self._state.rollback is not None
                 else None
             )
-            count = sum(1 for r in core.ledger if r.kind is KeyKind.STATE)
-            core.ledger.add(f"state/{count + 1}", KeyKind.STATE, active=True, note=note)
+            core.ledger.add(next_state_name(core.ledger), KeyKind.STATE, active=True, note=note)
 
     # -- the worker loop ----------------------------------------------------------------------
 
@@ -568,7 +567,7 @@ class Daemon:
         with self._lock:
             core, state = self.core, self._state
             assert core is not None and state is not None and self._keys is not None
-            destroyed = destroyed_count(core.ledger)
+            destroyed = destroyed_keys(core.ledger)
             if state.will_rotate(destroyed):
                 core.set_time(self.now())
                 note_rotation(core.ledger, state.counter_value + 1)

@@ -110,10 +110,13 @@ class RotationBudget:
         return int(self.burst + self.per_day * days)
 
 
-def destroyed_count(ledger: KeyLedger) -> int:
-    """What a rotation follows: how many keys (other than state keys) the ledger holds as
-    destroyed. A change means a save is about to drop something that must die."""
-    return sum(1 for r in ledger if r.state is KeyState.DESTROYED and r.kind is not KeyKind.STATE)
+def destroyed_keys(ledger: KeyLedger) -> frozenset[str]:
+    """What a rotation follows: the names of the keys (other than state keys) the ledger holds
+    as destroyed. A name not seen at the last rotation means a save is about to drop something
+    that must die; names the ledger forgets (old destroyed records) mean nothing."""
+    return frozenset(
+        r.name for r in ledger if r.state is KeyState.DESTROYED and r.kind is not KeyKind.STATE
+    )
 
 
 def note_rotation(ledger: KeyLedger, counter: int) -> None:
@@ -128,8 +131,18 @@ def note_rotation(ledger: KeyLedger, counter: int) -> None:
     for record in list(ledger):
         if record.kind is KeyKind.STATE and record.state is not KeyState.DESTROYED:
             ledger.transition(record.name, KeyState.DESTROYED)
-    count = sum(1 for r in ledger if r.kind is KeyKind.STATE)
-    ledger.add(f"state/{count + 1}", KeyKind.STATE, active=True, note=note)
+    ledger.add(next_state_name(ledger), KeyKind.STATE, active=True, note=note)
+
+
+def next_state_name(ledger: KeyLedger) -> str:
+    """``state/<n>`` above every state key record the ledger has (or had: destroyed records
+    are forgotten after a while, their numbers are not reused while any later one remains)."""
+    numbers = [
+        int(r.name.split("/", 1)[1])
+        for r in ledger
+        if r.kind is KeyKind.STATE and r.name.split("/", 1)[-1].isdigit()
+    ]
+    return f"state/{max(numbers, default=0) + 1}"
 
 
 def unseal_state_key(store: TPMStore, blob: KeyBlob) -> Secret:
@@ -199,7 +212,7 @@ class StateKeeper:
         self.migrated = False
         self.rollback: str | None = None
         self.rotations = 0
-        self._destroyed: int | None = None
+        self._destroyed: frozenset[str] | None = None
         self._legacy: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
@@ -218,12 +231,12 @@ class StateKeeper:
         assert self.state_file is not None
         return self.state_file.counter
 
-    def will_rotate(self, destroyed: int) -> bool:
+    def will_rotate(self, destroyed: frozenset[str]) -> bool:
         """Whether ``save(state, destroyed)`` would rotate (the caller notes it in the ledger
         before the state is written)."""
         return (
             self._destroyed is not None
-            and destroyed != self._destroyed
+            and not destroyed <= self._destroyed
             and self.budget.available(self._now())
         )
 
@@ -381,25 +394,27 @@ class StateKeeper:
             with contextlib.suppress(TypeError, ValueError):
                 self.budget.tokens = float(meta.get("tokens", self.budget.tokens))
                 self.budget.updated = int(meta.get("updated", self.budget.updated))
-                self._destroyed = int(meta["destroyed"]) if "destroyed" in meta else None
+                names = meta.get("destroyed")
+                if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                    self._destroyed = frozenset(names)
         return state
 
-    def _with_meta(self, state: dict[str, Any], destroyed: int | None) -> dict[str, Any]:
+    def _with_meta(self, state: dict[str, Any], destroyed: frozenset[str] | None) -> dict[str, Any]:
         out = dict(state)
         meta: dict[str, Any] = {"tokens": self.budget.tokens, "updated": self.budget.updated}
         if destroyed is not None:
-            meta["destroyed"] = destroyed
+            meta["destroyed"] = sorted(destroyed)
         out[META] = meta
         return out
 
-    def save(self, state: dict[str, Any], destroyed: int) -> bool:
-        """Save; rotate instead if ``destroyed`` (how many keys the ledger holds as destroyed)
-        changed since the last rotation and the budget has a token. True if it rotated."""
+    def save(self, state: dict[str, Any], destroyed: frozenset[str]) -> bool:
+        """Save; rotate instead if ``destroyed`` (``destroyed_keys`` of the ledger) names a key
+        not destroyed at the last rotation and the budget has a token. True if it rotated."""
         assert self.state_file is not None
         now = self._now()
         if self._destroyed is None:
             self._destroyed = destroyed
-        if destroyed != self._destroyed:
+        if not destroyed <= self._destroyed:
             if self.budget.admit(now):
                 previous, self._destroyed = self._destroyed, destroyed
                 try:
@@ -411,6 +426,8 @@ class StateKeeper:
                 self._pending = False
                 return True
             self._pending = True
+        else:
+            self._destroyed = self._destroyed & destroyed  # forgotten records drop out
         self.state_file.save(self._with_meta(state, self._destroyed))
         return False
 

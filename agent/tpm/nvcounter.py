@@ -15,6 +15,9 @@ root has anyway by deleting files), never decrement it.
 A sealed blob records both policy commands in its ``policy`` field (TSS2 PEM ``TPMPolicy``):
 PolicyPCR as ``agent.tpm.blob.pcr_policy`` writes it, then PolicyNV as
 ``nvIndex (4) || operandB (TPM2B) || offset (2) || operation (2)``.
+
+This module drives the TPM through ``TPMStore``'s plumbing (its counted ``_call``, the SRK, salted
+sessions): the same package, kept apart because store.py is at its size limit.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ class MeasurementsChanged(TPMError):
 
 
 def is_missing(exc: TPMError) -> bool:
-    return exc.rc is not None and _rc_base(exc.rc) in (_RC_HANDLE, 0x18B)
+    """Whether a TPM error means "no such NV index" (TPM_RC_HANDLE, any handle number)."""
+    return exc.rc is not None and _rc_base(exc.rc) == _RC_HANDLE
 
 
 class NVCounter:
@@ -101,7 +105,7 @@ class NVCounter:
         try:
             self._handle()
         except TPMError as exc:
-            if exc.rc is None or is_missing(exc) or "not defined" in exc.detail:
+            if is_missing(exc):
                 return False
             raise
         return True

@@ -651,6 +651,13 @@ def test_state_restored_from_before_a_destruction_is_refused_as_rollback(
     assert "[state.rollback]" in agent.log_text()
     aside = [p.name for p in state_dir.iterdir() if ".rollback." in p.name]
     assert len(aside) == 2
+    text = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "status", "--config", str(agent.files.config)],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    assert "WARNING: [state.rollback]" in text and f"state counter: {counter_before + 2}" in text
 
 
 def test_software_devid_key_is_refused_without_the_explicit_flag(

@@ -20,7 +20,7 @@ from agent.staterotation import (
     ENDURANCE_WRITES,
     LIFETIME_DAYS,
     RotationBudget,
-    destroyed_count,
+    destroyed_keys,
     note_rotation,
 )
 
@@ -149,9 +149,9 @@ def test_ledger_says_how_the_state_key_was_destroyed() -> None:
     ledger = KeyLedger(lambda: 100)
     ledger.add("state/1", KeyKind.STATE, active=True)
     ledger.add("app-seal/0/x#1", KeyKind.APP_SEAL, active=True)
-    assert destroyed_count(ledger) == 0
+    assert destroyed_keys(ledger) == frozenset()
     ledger.transition("app-seal/0/x#1", KeyState.DESTROYED)
-    assert destroyed_count(ledger) == 1
+    assert destroyed_keys(ledger) == {"app-seal/0/x#1"}
     note_rotation(ledger, 7)
     note_rotation(ledger, 7)  # a retried rotation is noted once
     assert ledger.get("state/1").state is KeyState.DESTROYED
@@ -159,4 +159,5 @@ def test_ledger_says_how_the_state_key_was_destroyed() -> None:
     assert new.state is KeyState.ACTIVE and "state counter 7" in (new.note or "")
     assert "counter advanced" in (new.note or "")
     assert "state/3" not in ledger
-    assert destroyed_count(ledger) == 1  # state keys do not count: no rotation loop
+    # state keys do not count: no rotation loop
+    assert destroyed_keys(ledger) == {"app-seal/0/x#1"}

@@ -37,6 +37,11 @@ pytestmark = pytest.mark.tpm
 PCRS = (7, 16)
 
 
+def _gone(n: int) -> frozenset[str]:
+    """The ledger names of n destroyed keys (what ``destroyed_keys`` gives)."""
+    return frozenset(f"epoch/g/{i}" for i in range(n))
+
+
 def _open(store: TPMStore, state_dir: Path, **kwargs: object) -> StateKeeper:
     keeper = StateKeeper(store, state_dir, PCRS, **kwargs)  # type: ignore[arg-type]
     keeper.open()
@@ -64,10 +69,10 @@ def test_state_copied_before_a_destruction_is_refused_afterwards(
     with TPMStore(swtpm.tcti) as store:
         keeper = _open(store, state_dir)
         assert keeper.created and keeper.load() is None
-        keeper.save({"epoch-secret": b"e1", "groups": ["g"]}, destroyed=0)
+        keeper.save({"epoch-secret": b"e1", "groups": ["g"]}, destroyed=_gone(0))
         _copy(state_dir, backup)
         old_blob = KeyBlob.load(backup / STATE_KEY_BLOB)
-        assert keeper.save({"epoch-secret": b"e2", "groups": ["g"]}, destroyed=1) is True
+        assert keeper.save({"epoch-secret": b"e2", "groups": ["g"]}, destroyed=_gone(1)) is True
         assert store.transient_handles() == []
     with TPMStore(swtpm.tcti) as store:  # a restart: the new state opens
         assert _open(store, state_dir).load() == {"epoch-secret": b"e2", "groups": ["g"]}
@@ -95,9 +100,9 @@ def test_state_file_alone_put_back_beside_the_current_key_is_refused(
     state_dir.mkdir()
     with TPMStore(swtpm.tcti) as store:
         keeper = _open(store, state_dir)
-        keeper.save({"n": 1}, destroyed=0)
+        keeper.save({"n": 1}, destroyed=_gone(0))
         old = (state_dir / STATE_FILE).read_bytes()
-        keeper.save({"n": 2}, destroyed=1)
+        keeper.save({"n": 2}, destroyed=_gone(1))
     (state_dir / STATE_FILE).write_bytes(old)
     with TPMStore(swtpm.tcti) as store:
         keeper = _open(store, state_dir)
@@ -113,12 +118,12 @@ def test_reboot_with_old_measurements_does_not_bring_old_state_back(
     state_dir, backup = tmp_path / "state", tmp_path / "backup"
     state_dir.mkdir()
     with TPMStore(swtpm.tcti) as store:
-        _open(store, state_dir).save({"secret": b"old"}, destroyed=0)
+        _open(store, state_dir).save({"secret": b"old"}, destroyed=_gone(0))
         _copy(state_dir, backup)
         store.pcr_extend(16, hashlib.sha256(b"other firmware").digest())
         keeper = _open(store, state_dir)
         assert keeper.sealed_elsewhere and keeper.created and keeper.rotations == 1
-        keeper.save({"secret": b"new"}, destroyed=0)
+        keeper.save({"secret": b"new"}, destroyed=_gone(0))
         store.pcr_reset(16)  # the old measurements are back
         with pytest.raises(CounterMoved):
             unseal_bound(NVCounter(store), KeyBlob.load(backup / STATE_KEY_BLOB))
@@ -172,7 +177,7 @@ def _child_rotation(tcti: str, state_dir: Path, marker: int, kill_at: str | None
         keeper.open()
         keeper.load()
         keeper.budget.tokens = keeper.budget.burst  # every run rotates
-        keeper.save({"marker": marker}, destroyed=marker)
+        keeper.save({"marker": marker}, destroyed=frozenset({f"epoch/g/{marker}"}))
         store.close()
         code = 0
     finally:
@@ -191,7 +196,7 @@ def test_kill9_at_every_step_of_a_rotation_leaves_exactly_one_state(
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     with TPMStore(swtpm.tcti) as store:
-        _open(store, state_dir).save({"marker": 0}, destroyed=0)
+        _open(store, state_dir).save({"marker": 0}, destroyed=_gone(0))
     current = 0
     seen: dict[str, int] = {}
     for run in range(1, runs + 1):
@@ -231,17 +236,19 @@ def test_a_destruction_without_a_token_is_rotated_once_one_is_there(
     now = [1_000_000.0]
     with TPMStore(swtpm.tcti) as store:
         keeper = _open(store, state_dir, clock=lambda: now[0])
-        keeper.save({"n": 0}, destroyed=0)
+        keeper.save({"n": 0}, destroyed=_gone(0))
         keeper.budget.tokens, keeper.budget.updated = 0.0, int(now[0])
         value = NVCounter(store).read()
-        assert keeper.save({"n": 1}, destroyed=1) is False
+        assert keeper.save({"n": 1}, destroyed=_gone(1)) is False
         assert keeper.pending and not keeper.rotation_due()
         assert NVCounter(store).read() == value
         now[0] += 3600
         assert keeper.rotation_due()
-        assert keeper.save({"n": 2}, destroyed=1) is True
+        assert keeper.save({"n": 2}, destroyed=_gone(1)) is True
         assert NVCounter(store).read() == value + 1 and not keeper.pending
-        assert keeper.save({"n": 3}, destroyed=1) is False  # nothing new destroyed
+        assert keeper.save({"n": 3}, destroyed=_gone(1)) is False  # nothing new destroyed
+        # the ledger forgets old destroyed records: nothing new died, no NV write
+        assert keeper.save({"n": 3}, destroyed=frozenset()) is False
         assert NVCounter(store).read() == value + 1
     with TPMStore(swtpm.tcti) as store:
         again = _open(store, state_dir)
