@@ -134,6 +134,13 @@ def _status(args: argparse.Namespace) -> int:
     )
     if status.get("sealed_elsewhere"):
         print("  WARNING: earlier state was sealed to other measurements; re-add needed")
+    if status.get("state_rollback"):
+        print(f"  WARNING: [state.rollback] {status['state_rollback']}; re-add needed")
+    if "state_counter" in status:
+        print(
+            f"  state counter: {status['state_counter']}  "
+            f"(rotations since start: {status.get('state_rotations', 0)})"
+        )
     print(f"  mqtt connected: {status.get('mqtt_connected')}  last report: {status['last_report']}")
     for group in status["groups"]:
         ack = group["last_ack"] or {}

@@ -236,6 +236,7 @@ class _Hooks(NamedTuple):
 
 
 TRUST_CHECKS: Final = (
+    "state.rollback",  # an older state refused at start (agent.staterotation)
     "authz.",
     "cred.",
     "tpm.proof.",

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from agent.config import AgentConfig, load_config
 from agent.core import AgentCore, AttestationEvidence, Outcome
 from agent.fsio import atomic_write, shred
-from agent.keybackend import TpmKeyBackend, policy_failed
+from agent.keybackend import TpmKeyBackend
 from agent.localapi.server import LocalApiServer
 from agent.mqtt import MqttClient, ReceivedMessage
 from agent.protocol.credentials import leaf_qualifying_data, tpm_proof_from_certify
@@ -47,20 +47,17 @@ from agent.protocol.errors import (
 )
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.lifecycle import KeyKind, KeyState
-from agent.protocol.secret import Secret
 from agent.protocol.topics import ALL_GROUP_COMMITS, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.sdnotify import Notifier
 from agent.selftest import run_builtin_selftests
-from agent.statefile import StateFile
+from agent.staterotation import StateKeeper, destroyed_keys, next_state_name, note_rotation
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMKey, TPMStore
 from agent.tpm.templates import KeyKind as TpmKeyKind
 
 log = logging.getLogger("keyagent.daemon")
 
-STATE_FILE: Final = "agent.state"
-STATE_KEY_BLOB: Final = "state-key.pem"
 STATUS_FILE: Final = "status.json"
 LEAF_DIR: Final = "leaves"
 APP_SEAL_DIR: Final = "app-seal"
@@ -216,52 +213,15 @@ def load_devid(
 # -- the state key and file ----------------------------------------------------------------------
 
 
-class StateKeyResult:
-    """The opened state file and whether earlier state was sealed to other measurements."""
-
-    def __init__(self, state_file: StateFile, sealed_elsewhere: bool, created: bool) -> None:
-        self.state_file = state_file
-        self.sealed_elsewhere = sealed_elsewhere
-        self.created = created
-
-
-def open_state(store: TPMStore, state_dir: Path, pcrs: tuple[int, ...]) -> StateKeyResult:
-    """Unseal the state key (one TPM unseal), or make and seal one on first start.
-
-    If the key cannot be unsealed because the PCRs changed, the agent does not guess
-    (DESIGN.md): the old key blob and state file are kept aside (``*.sealed-elsewhere.<time>``,
-    still encrypted: useful if the measurements come back), and it starts afresh, reporting it.
-    """
-    blob_path = state_dir / STATE_KEY_BLOB
-    state_path = state_dir / STATE_FILE
-    sealed_elsewhere = False
-    if blob_path.exists():
-        try:
-            key = store.unseal(KeyBlob.load(blob_path))
-            return StateKeyResult(StateFile(state_path, key), False, False)
-        except TPMError as exc:
-            if not policy_failed(exc):
-                raise
-            sealed_elsewhere = True
-            stamp = int(time.time())
-            log.error(
-                "the state key is sealed to other measurements (PCRs %s changed): the agent's "
-                "state cannot be opened; starting with empty group state, the groups must re-add "
-                "this device (old state kept as *.sealed-elsewhere.%d)",
-                list(pcrs),
-                stamp,
-            )
-            for path in (blob_path, state_path):
-                if path.exists():
-                    path.rename(path.with_name(f"{path.name}.sealed-elsewhere.{stamp}"))
-    elif state_path.exists():
-        raise StateError(
-            f"{state_path} exists but its sealed key {blob_path.name} does not: refusing to "
-            "overwrite state that might still be recovered"
-        )
-    secret = Secret(os.urandom(32))
-    store.seal(secret, pcrs).save(blob_path)
-    return StateKeyResult(StateFile(state_path, secret), sealed_elsewhere, True)
+def open_state(store: TPMStore, state_dir: Path, pcrs: tuple[int, ...]) -> StateKeeper:
+    """Open the state (``agent.staterotation``): the key sealed under the PCRs and the TPM state
+    counter, one unseal. If the PCRs changed, the old key blob and state file are kept aside
+    (``*.sealed-elsewhere.<time>``) and the counter moves, so they stay unusable even if the old
+    measurements come back; an older state put back in place is refused (``state.rollback``).
+    In both cases the agent starts with empty group state and reports it."""
+    keeper = StateKeeper(store, state_dir, pcrs)
+    keeper.open()
+    return keeper
 
 
 # -- the daemon ----------------------------------------------------------------------------------
@@ -290,7 +250,7 @@ class Daemon:
         self._lock = threading.RLock()
         self.state_dir = config.state.dir
         self.core: AgentCore | None = None
-        self._state: StateKeyResult | None = None
+        self._state: StateKeeper | None = None
         self._keys: TpmKeys | None = None
         self._mqtt: MqttClient | None = None
         self._api: LocalApiServer | None = None
@@ -343,12 +303,13 @@ class Daemon:
             max_age=max(DEFAULT_MAX_AGE, config.broker.session_expiry),
             attester=self._attest,
         )
-        state_file = self._state.state_file
-        if state_file.exists():
-            core.restore(state_file.load())
+        saved = self._state.load()
+        if saved is not None:
+            core.restore(saved)
+            assert self._state.state_file is not None
             log.info(
                 "state resumed: generation %d, groups %s, next seq %d",
-                state_file.generation,
+                self._state.state_file.generation,
                 {name: group.epoch for name, group in core.groups().items()},
                 core.next_seq,
             )
@@ -357,6 +318,9 @@ class Daemon:
             # sent (milliseconds of the clock, as the service does), never from 1 again.
             core.skip_sequence_to(self.now() * 1000)
         self.core = core
+        if self._state.rollback is not None:
+            core.rejections.record(ProtocolError("state.rollback", self._state.rollback))
+            core.report_due = self.now()
         self._note_own_keys()
         self._persist()
         self._api = LocalApiServer(
@@ -433,10 +397,11 @@ class Daemon:
                 "the previous state was sealed to other measurements; "
                 "groups must re-add this device"
                 if self._state.sealed_elsewhere
+                else "state.rollback: an older state was refused; groups must re-add this device"
+                if self._state.rollback is not None
                 else None
             )
-            count = sum(1 for r in core.ledger if r.kind is KeyKind.STATE)
-            core.ledger.add(f"state/{count + 1}", KeyKind.STATE, active=True, note=note)
+            core.ledger.add(next_state_name(core.ledger), KeyKind.STATE, active=True, note=note)
 
     # -- the worker loop ----------------------------------------------------------------------
 
@@ -488,6 +453,9 @@ class Daemon:
                     with self._lock:
                         outcome = self.core.tick(self.now())
                     self._apply(outcome)
+                    if self._state is not None and self._state.rotation_due():
+                        with self._lock, contextlib.suppress(StateError):
+                            self._persist()  # a destruction waiting for a rotation token
         except KeyfleetError as exc:
             log.error("keyagent stopping on an error it cannot handle: %s", exc)
             self._shutdown()
@@ -599,7 +567,11 @@ class Daemon:
         with self._lock:
             core, state = self.core, self._state
             assert core is not None and state is not None and self._keys is not None
-            state.state_file.save(core.to_state())
+            destroyed = destroyed_keys(core.ledger)
+            if state.will_rotate(destroyed):
+                core.set_time(self.now())
+                note_rotation(core.ledger, state.counter_value + 1)
+            state.save(core.to_state(), destroyed)
             core.mark_clean()
             self._keys.collect(core.leaf_refs())
             self._write_status()
@@ -621,17 +593,23 @@ class Daemon:
             text = ", ".join(f"{name}@{g.epoch}" for name, g in sorted(groups.items()))
         if self._state is not None and self._state.sealed_elsewhere:
             text += "; state sealed to other measurements: re-add needed"
+        if self._state is not None and self._state.rollback is not None:
+            text += "; state.rollback: an older state was refused, re-add needed"
         return text
 
     def _write_status(self) -> None:
         core, state = self.core, self._state
-        assert core is not None and state is not None
+        assert core is not None and state is not None and state.state_file is not None
+        state_file = state.state_file
         status: dict[str, Any] = core.status()
         status.update(
             {
                 "pid": os.getpid(),
                 "updated": self.now(),
-                "state_generation": state.state_file.generation,
+                "state_generation": state_file.generation,
+                "state_counter": state_file.counter,
+                "state_rotations": state.rotations,
+                "state_rollback": state.rollback,
                 "sealed_elsewhere": state.sealed_elsewhere,
                 "mqtt_connected": self._mqtt.connected if self._mqtt is not None else False,
             }

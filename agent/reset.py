@@ -57,8 +57,6 @@ from agent.config import config_path as default_config_path
 from agent.daemon import (
     APP_SEAL_DIR,
     LEAF_DIR,
-    STATE_FILE,
-    STATE_KEY_BLOB,
     STATUS_FILE,
     load_devid,
 )
@@ -69,6 +67,7 @@ from agent.protocol.errors import ConfigError, KeyfleetError, StateError, TPMErr
 from agent.protocol.topics import SERVICE_ID, device_report_topic
 from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.key_state import DESTROYED_REASON_MAX, DeviceDestroyed
+from agent.staterotation import NEXT_KEY_BLOB, NEXT_STATE_FILE, STATE_FILE, STATE_KEY_BLOB
 from agent.tpm.store import TPMKey, TPMStore
 
 log = logging.getLogger("keyagent.reset")
@@ -283,9 +282,11 @@ def files_to_destroy(plan: ResetPlan) -> list[Path]:
         if path not in found and (path.is_file() or path.is_symlink()):
             found.append(path)
 
-    for name in (STATE_FILE, STATE_KEY_BLOB):
+    for name in (STATE_FILE, STATE_KEY_BLOB, NEXT_STATE_FILE, NEXT_KEY_BLOB):
         add(state / name)
         for aside in sorted(state.glob(f"{name}.sealed-elsewhere.*")):
+            add(aside)
+        for aside in sorted(state.glob(f"{name}.rollback.*")):
             add(aside)
     for directory in (LEAF_DIR, APP_SEAL_DIR, *FACTORY_DIRS):
         for path in sorted((state / directory).rglob("*")):

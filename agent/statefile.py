@@ -1,15 +1,19 @@
 """The agent's one state file, encrypted under a state key that only the TPM can give back.
 
 Envelope encryption: the state key (32 random bytes) is sealed to the TPM under the PCR policy
-and unsealed once at start; the file itself is AES-256-GCM under that key. Layout:
+and the state counter (``agent.tpm.nvcounter``) and unsealed once at start; the file itself is
+AES-256-GCM under that key. Layout (version 2):
 
-    magic "KFST" | version (1 byte) | generation (8 bytes, big endian) | nonce (12) | ciphertext
+    magic "KFST" | version (1) | generation (8, big endian) | counter (8) | nonce (12) | ciphertext
 
 The header is the AEAD's associated data, so a flipped header byte fails like a flipped
-ciphertext byte. ``generation`` grows by one at every save; a loader that remembers the last
-generation it saw can refuse an older file put back in place (rollback), and operators can see
-how often state was written. Writes go through ``atomic_write``: a crash leaves the old or the
-new file, never a mix.
+ciphertext byte. ``counter`` is the TPM state counter the file was written under: a file whose
+counter is not the one the loader expects (the TPM's current value) is refused as
+``state.rollback`` before anything is decrypted. ``generation`` grows by one at every save (how
+often state was written). Version 1 files (no counter, from before the state counter) are read
+only when the caller says so (``legacy=True``: the one-time migration in
+``agent.staterotation``). Writes go through ``atomic_write``: a crash leaves the old or the new
+file, never a mix.
 """
 
 from __future__ import annotations
@@ -28,9 +32,38 @@ from agent.fsio import atomic_write
 from agent.protocol.errors import StateError
 from agent.protocol.secret import Secret
 
+
+class StateRollback(StateError):
+    """A state file written under an older state counter than the TPM's: ``state.rollback``."""
+
+    check = "state.rollback"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"[state.rollback] {reason}")
+        self.reason = reason
+
+
+def peek(blob: bytes) -> tuple[int, int | None]:
+    """(version, counter) of a state file's header, without the key (None: version 1 has no
+    counter). StateError if it is not a state file."""
+    if len(blob) < _PREFIX.size:
+        raise StateError(f"state file is truncated ({len(blob)} bytes)")
+    magic, version, _generation = _PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise StateError("not a keyagent state file")
+    if version == LEGACY_VERSION:
+        return version, None
+    if version != VERSION or len(blob) < _HEADER.size:
+        raise StateError(f"state file has version {version}, expected {VERSION}")
+    return version, _HEADER.unpack_from(blob)[3]
+
+
 MAGIC = b"KFST"
-VERSION = 1
-_HEADER = struct.Struct(">4sBQ12s")
+VERSION = 2
+LEGACY_VERSION = 1
+_HEADER = struct.Struct(">4sBQQ12s")
+_LEGACY_HEADER = struct.Struct(">4sBQ12s")
+_PREFIX = struct.Struct(">4sBQ")
 MAX_STATE_BYTES = 64 * 1024 * 1024
 
 
@@ -38,7 +71,12 @@ class StateFile:
     """Load and save a CBOR-able dict, encrypted; never writes plaintext anywhere."""
 
     def __init__(
-        self, path: str | os.PathLike[str], key: Secret, rng: Callable[[int], bytes] = os.urandom
+        self,
+        path: str | os.PathLike[str],
+        key: Secret,
+        rng: Callable[[int], bytes] = os.urandom,
+        *,
+        counter: int = 0,
     ) -> None:
         if len(key) != 32:
             raise StateError(f"state key must be 32 bytes, got {len(key)}")
@@ -46,14 +84,19 @@ class StateFile:
         self._key = key
         self._rng = rng
         self.generation = 0
+        self.counter = counter
 
     def __repr__(self) -> str:
-        return f"StateFile({str(self.path)!r}, generation={self.generation})"
+        return (
+            f"StateFile({str(self.path)!r}, counter={self.counter}, generation={self.generation})"
+        )
 
     def exists(self) -> bool:
         return self.path.exists()
 
-    def load(self) -> dict[str, Any]:
+    def load(self, *, legacy: bool = False) -> dict[str, Any]:
+        """The state. ``StateRollback`` if the file was written under another counter;
+        ``legacy``: read a version 1 file (no counter) instead (migration only)."""
         try:
             blob = self.path.read_bytes()
         except FileNotFoundError:
@@ -62,16 +105,29 @@ class StateFile:
             raise StateError(f"cannot read state file {self.path}: {exc.strerror}") from None
         if len(blob) > MAX_STATE_BYTES:
             raise StateError(f"state file {self.path} is {len(blob)} bytes, over the limit")
-        if len(blob) < _HEADER.size + 16:
+        layout = _LEGACY_HEADER if legacy else _HEADER
+        if len(blob) < _PREFIX.size:
             raise StateError(f"state file {self.path} is truncated ({len(blob)} bytes)")
-        magic, version, generation, nonce = _HEADER.unpack_from(blob)
+        magic, version, generation = _PREFIX.unpack_from(blob)
         if magic != MAGIC:
             raise StateError(f"{self.path} is not a keyagent state file")
-        if version != VERSION:
-            raise StateError(f"state file {self.path} has version {version}, expected {VERSION}")
-        header = blob[: _HEADER.size]
+        expected = LEGACY_VERSION if legacy else VERSION
+        if version != expected:
+            raise StateError(f"state file {self.path} has version {version}, expected {expected}")
+        if len(blob) < layout.size + 16:
+            raise StateError(f"state file {self.path} is truncated ({len(blob)} bytes)")
+        if legacy:
+            nonce = _LEGACY_HEADER.unpack_from(blob)[3]
+        else:
+            counter, nonce = _HEADER.unpack_from(blob)[3:]
+            if counter != self.counter:
+                raise StateRollback(
+                    f"state file {self.path} was written under state counter {counter}, the "
+                    f"TPM's is {self.counter}: an older state put back in place is never loaded"
+                )
+        header = blob[: layout.size]
         try:
-            plaintext = AESGCM(self._key.reveal()).decrypt(nonce, blob[_HEADER.size :], header)
+            plaintext = AESGCM(self._key.reveal()).decrypt(nonce, blob[layout.size :], header)
         except InvalidTag:
             raise StateError(
                 f"state file {self.path} does not authenticate: corrupt, or under another key"
@@ -88,7 +144,7 @@ class StateFile:
     def save(self, state: dict[str, Any]) -> None:
         plaintext = cbor2.dumps(state, canonical=True)
         generation = self.generation + 1
-        header = _HEADER.pack(MAGIC, VERSION, generation, self._rng(12))
+        header = _HEADER.pack(MAGIC, VERSION, generation, self.counter, self._rng(12))
         nonce = header[-12:]
         ciphertext = AESGCM(self._key.reveal()).encrypt(nonce, plaintext, header)
         atomic_write(self.path, header + ciphertext)

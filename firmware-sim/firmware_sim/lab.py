@@ -68,8 +68,7 @@ from agent.mqtt import MqttClient
 from agent.protocol.errors import KeyfleetError, StateError
 from agent.protocol.secret import Secret
 from agent.serial_link import SerialClient
-from agent.statefile import StateFile
-from agent.tpm.blob import KeyBlob
+from agent.staterotation import read_state
 from agent.tpm.store import TPMStore
 from firmware_sim.boot import default_components
 from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
@@ -1095,10 +1094,9 @@ online_window_seconds = {self.online_window}
         self.flush_tpm(device)
         store = TPMStore(device.tcti)
         try:
-            key = store.unseal(KeyBlob.load(device.state_dir / "state-key.pem"))
+            return read_state(store, device.state_dir)
         finally:
             store.close()
-        return StateFile(device.state_dir / "agent.state", key).load()
 
     def agent_secrets(self, device: LabDevice) -> list[Secret]:
         """Every group secret in the agent's state: epoch secrets (not the public epoch

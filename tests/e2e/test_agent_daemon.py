@@ -609,6 +609,57 @@ def test_state_sealed_to_other_measurements_is_detected_and_reported(
     assert "sealed to other measurements" in agent.log_text()
 
 
+def test_state_restored_from_before_a_destruction_is_refused_as_rollback(
+    env: tuple[AgentProcess, ServiceHarness],
+) -> None:
+    """Issue 17, attack 2. The adversary: whoever restores an old disk image (root on the
+    device later, with the TPM). The state from before a destruction (an app secret re-sealed:
+    the old one destroyed, the state key rotated) is put back: refused as state.rollback,
+    reported (keys.report refused, status, ledger note, log), nothing of it loaded."""
+    agent, harness = env
+    agent.start()
+    harness.expect(KeyStateReport)
+    form_group(agent, harness)
+    with LocalApiClient(agent.files.socket) as api:
+        api.seal("cloud-token", b"token-one-0123456")
+    assert agent.terminate() == 0
+    state_dir = agent.files.state_dir
+    backup = {name: (state_dir / name).read_bytes() for name in ("state-key.pem", "agent.state")}
+    counter_before = agent.status()["state_counter"]
+    agent.start()
+    harness.expect(KeyStateReport)
+    with LocalApiClient(agent.files.socket) as api:
+        api.seal("cloud-token", b"token-two-0123456")  # the first secret's record: destroyed
+        states = [k for k in api.list_keys() if k["kind"] == "state"]
+    active = [k for k in states if k["state"] == "active"]
+    assert len(active) == 1 and "counter advanced" in active[0]["note"]
+    assert all(k["state"] == "destroyed" for k in states if k is not active[0])
+    assert agent.terminate() == 0
+    status = agent.status()
+    assert status["state_counter"] == counter_before + 1 and status["state_rotations"] == 1
+    for name, data in backup.items():
+        (state_dir / name).write_bytes(data)
+    agent.start()
+    report = harness.expect(KeyStateReport).body
+    assert isinstance(report, KeyStateReport)
+    assert ("state.rollback", 1) in report.refused
+    notes = [r.note for r in report.keys if r.kind.value == "state" and r.state.value == "active"]
+    assert notes == [notes[0]] and "state.rollback" in (notes[0] or "")
+    status = agent.status()
+    assert status["state_rollback"] and "older state counter" in status["state_rollback"]
+    assert status["groups"] == [] and status["state_counter"] == counter_before + 2
+    assert "[state.rollback]" in agent.log_text()
+    aside = [p.name for p in state_dir.iterdir() if ".rollback." in p.name]
+    assert len(aside) == 2
+    text = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "status", "--config", str(agent.files.config)],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    assert "WARNING: [state.rollback]" in text and f"state counter: {counter_before + 2}" in text
+
+
 def test_software_devid_key_is_refused_without_the_explicit_flag(
     tmp_path: Path, swtpm: Swtpm, mosquitto: MosquittoBroker
 ) -> None:

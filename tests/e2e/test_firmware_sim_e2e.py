@@ -153,6 +153,22 @@ def test_station_provisions_a_firmware_sim_device_then_its_console_is_locked(
     assert status["sealed_elsewhere"] is True
     assert evil.terminate() == 0
 
+    # whoever restores an old disk image: the good firmware boots again (the old measurements
+    # are back) with the state from before put back. The agent moved the TPM state counter when
+    # it started afresh under the patched kernel, so the old key no longer unseals: refused as
+    # state.rollback, nothing of it loaded.
+    agent_state_dir = load_config(str(state / "agent.toml")).state.dir
+    restored = sorted(agent_state_dir.glob("*.sealed-elsewhere.*"))
+    assert len(restored) == 2
+    for aside in restored:
+        aside.rename(aside.with_name(aside.name.split(".sealed-elsewhere.")[0]))
+    good = _start(devices, state, manufacturer_ca)
+    good_agent = good.wait_event("agent")["agent_pid"]
+    status = _wait_agent_status(state, good_agent)
+    assert not status["sealed_elsewhere"]
+    assert status["state_rollback"] and "older state counter" in status["state_rollback"]
+    assert good.terminate() == 0
+
 
 def test_station_refuses_a_provisioned_firmware_sim_device(
     fleet_service: EnrollmentService,

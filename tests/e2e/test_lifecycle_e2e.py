@@ -36,7 +36,7 @@ import pytest
 from agent.localapi.client import LocalApiClient
 from agent.protocol.attest import tpm_name
 from agent.protocol.errors import ProtocolError, TPMError
-from agent.statefile import StateFile
+from agent.staterotation import read_state
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore
 from agent.tpm.templates import KeyKind
@@ -129,13 +129,11 @@ class Device:
     def state(self) -> dict[str, Any]:
         """The decrypted state file (agent stopped): unseal the state key in the TPM."""
         with TPMStore(self.swtpm.tcti) as store:
-            key = store.unseal(KeyBlob.load(self.state_dir / "state-key.pem"))
-        return StateFile(self.state_dir / "agent.state", key).load()
+            return read_state(store, self.state_dir)
 
     def state_plaintext(self) -> bytes:
         with TPMStore(self.swtpm.tcti) as store:
-            key = store.unseal(KeyBlob.load(self.state_dir / "state-key.pem"))
-        state = StateFile(self.state_dir / "agent.state", key).load()
+            state = read_state(store, self.state_dir)
         return bytes(cbor2.dumps(state, canonical=True))
 
 

@@ -33,6 +33,7 @@ import pytest
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.secret import Secret
+from agent.staterotation import unseal_state_key
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import TPMStore
 from firmware_sim.lab import CliResult, Lab, LabDevice
@@ -84,7 +85,9 @@ class Collected:
                 self.secret(f"{device.name}.{label}.agent[{n}]", secret.reveal())
             lab.flush_tpm(device)
             with TPMStore(device.tcti) as store:
-                key: Secret = store.unseal(KeyBlob.load(device.state_dir / "state-key.pem"))
+                key: Secret = unseal_state_key(
+                    store, KeyBlob.load(device.state_dir / "state-key.pem")
+                )
             self.secret(f"{device.name}.state-key", key.reveal())
         finally:
             if reboot:

@@ -1,0 +1,465 @@
+"""The state key's life: sealed under the TPM state counter, rotated when something is destroyed,
+so that an older state file or key blob put back in place is refused (``state.rollback``) and an
+old sealed key no longer unseals (the TPM refuses it).
+
+Files in the state directory: ``state-key.pem`` (the key, sealed under PCRs + counter == n) and
+``agent.state`` (written under counter n, ``agent.statefile``). During a rotation from n to n+1
+the new pair is first written as ``state-key.next.pem`` and ``agent.state.next``.
+
+A rotation, in this order (each step is a fault point for crash tests):
+
+1. ``sealed``: a new key, sealed under counter == n+1, written to ``state-key.next.pem``;
+2. ``written``: the state, encrypted under the new key with counter n+1, to ``agent.state.next``;
+3. ``incremented``: the TPM counter goes from n to n+1. This is the commit point: one TPM
+   command, atomic; from here the old key no longer unseals, the new one does;
+4. ``switched-key`` / ``switched``: the next files are renamed over the current ones.
+
+At start the agent reads the counter v and takes the key blob and the state file that were
+written under v, whatever their names are (each file says its counter: the blob in its recorded
+policy, the state file in its header); files under a later counter are an uncommitted rotation
+and are removed, files under an earlier one are dead. So a kill -9 at any point leaves exactly
+one usable state: the old one before step 3, the new one after it.
+
+If the files under v are missing but older ones are there, someone put an older state back
+(a restored disk image, a copied file): ``state.rollback``, never loaded; they are kept aside
+(``*.rollback.<time>``, unusable) and the agent starts with empty group state, which it reports.
+
+Version 1 state (``state-key.pem`` sealed to PCRs only, a state file without counter) is
+migrated once, at the first start with this code: unsealed, read, and written again by a
+rotation under the counter; the rotation's renames replace the old files.
+
+NV write endurance: the counter is written once per rotation. Rotations are paced by
+``RotationBudget`` (a token bucket, persisted in the state): by default at most 24 a day with a
+burst of 8, so at most 8 + 24 x 3,650 = 87,608 writes in ten years, within the 100,000 writes a
+TPM's NV is commonly rated for at the low end. Start-ups that must rotate (measurements changed,
+rollback refused, migration) also spend a token and are not refused for want of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from agent.fsio import shred
+from agent.protocol.errors import StateError, TPMError
+from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
+from agent.protocol.secret import Secret
+from agent.statefile import StateFile, StateRollback, peek
+from agent.tpm.blob import TPM2_CC_POLICY_PCR, KeyBlob
+from agent.tpm.nvcounter import (
+    CounterMoved,
+    MeasurementsChanged,
+    NVCounter,
+    bound_counter,
+    seal_bound,
+    unseal_bound,
+)
+from agent.tpm.store import TPMStore
+
+log = logging.getLogger(__name__)
+
+STATE_FILE: Final = "agent.state"
+STATE_KEY_BLOB: Final = "state-key.pem"
+NEXT_STATE_FILE: Final = "agent.state.next"
+NEXT_KEY_BLOB: Final = "state-key.next.pem"
+STEPS: Final = ("sealed", "written", "incremented", "switched-key", "switched")
+META: Final = "state-counter"  # the keeper's own entry in the saved map
+
+# NV endurance: the budget this module promises to stay within over a device's life
+ENDURANCE_WRITES: Final = 100_000
+LIFETIME_DAYS: Final = 3_650
+DAY: Final = 86_400
+
+
+@dataclass
+class RotationBudget:
+    """A token bucket for counter increments: ``per_day`` tokens a day, at most ``burst``."""
+
+    per_day: float = 24.0
+    burst: float = 8.0
+    tokens: float = 8.0
+    updated: int = 0
+
+    def refill(self, now: int) -> None:
+        if now > self.updated:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.per_day / DAY)
+        self.updated = max(self.updated, now)
+
+    def available(self, now: int) -> bool:
+        self.refill(now)
+        return self.tokens >= 1.0
+
+    def spend(self, now: int) -> None:
+        self.refill(now)
+        self.tokens = max(0.0, self.tokens - 1.0)
+
+    def admit(self, now: int) -> bool:
+        """Take a token for a rotation now, if there is one."""
+        if not self.available(now):
+            return False
+        self.spend(now)
+        return True
+
+    def lifetime_bound(self, days: int = LIFETIME_DAYS) -> int:
+        return int(self.burst + self.per_day * days)
+
+
+def destroyed_keys(ledger: KeyLedger) -> frozenset[str]:
+    """What a rotation follows: the names of the keys (other than state keys) the ledger holds
+    as destroyed. A name not seen at the last rotation means a save is about to drop something
+    that must die; names the ledger forgets (old destroyed records) mean nothing."""
+    return frozenset(
+        r.name for r in ledger if r.state is KeyState.DESTROYED and r.kind is not KeyKind.STATE
+    )
+
+
+def note_rotation(ledger: KeyLedger, counter: int) -> None:
+    """The ledger's view of a rotation: the state key records before it are destroyed, a new
+    ``state/<n>`` record says how (the counter advanced: the TPM no longer unseals them)."""
+    note = (
+        f"sealed under state counter {counter}; earlier state keys no longer unseal "
+        "(the TPM counter advanced)"
+    )
+    if any(r.note == note and r.state is not KeyState.DESTROYED for r in ledger):
+        return  # noted already (a rotation retried after a failed write)
+    for record in list(ledger):
+        if record.kind is KeyKind.STATE and record.state is not KeyState.DESTROYED:
+            ledger.transition(record.name, KeyState.DESTROYED)
+    ledger.add(next_state_name(ledger), KeyKind.STATE, active=True, note=note)
+
+
+def next_state_name(ledger: KeyLedger) -> str:
+    """``state/<n>`` above every state key record the ledger has (or had: destroyed records
+    are forgotten after a while, their numbers are not reused while any later one remains)."""
+    numbers = [
+        int(r.name.split("/", 1)[1])
+        for r in ledger
+        if r.kind is KeyKind.STATE and r.name.split("/", 1)[-1].isdigit()
+    ]
+    return f"state/{max(numbers, default=0) + 1}"
+
+
+def unseal_state_key(store: TPMStore, blob: KeyBlob) -> Secret:
+    """Unseal a state key blob of either format (counter-bound, or version 1: PCRs only)."""
+    if len(blob.policy) == 1 and blob.policy[0].command_code == TPM2_CC_POLICY_PCR:
+        return store.unseal(blob)
+    return unseal_bound(NVCounter(store), blob)
+
+
+def read_state(store: TPMStore, state_dir: Path) -> dict[str, Any]:
+    """The saved state of a stopped agent (tests and the simulator's inspection)."""
+    counter = NVCounter(store)
+    key = unseal_state_key(store, KeyBlob.load(state_dir / STATE_KEY_BLOB))
+    state_file = StateFile(state_dir / STATE_FILE, key, counter=counter.read())
+    state = state_file.load()
+    state.pop(META, None)
+    return state
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _blob_counter(path: Path) -> int | None:
+    """The counter a key blob is bound to; None for a version 1 (PCR-only) or unreadable blob."""
+    try:
+        return bound_counter(KeyBlob.load(path))
+    except (StateError, TPMError):
+        return None
+
+
+def _state_counter(path: Path) -> int | None:
+    try:
+        return peek(path.read_bytes()[:64])[1]
+    except (StateError, OSError):
+        return None
+
+
+class StateKeeper:
+    """The state key and file of one agent: open at start, save, rotate."""
+
+    def __init__(
+        self,
+        store: TPMStore,
+        state_dir: Path,
+        pcrs: Sequence[int],
+        *,
+        counter: NVCounter | None = None,
+        budget: RotationBudget | None = None,
+        fault: Callable[[str], None] = lambda step: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.dir = state_dir
+        self.pcrs = tuple(pcrs)
+        self.counter = counter if counter is not None else NVCounter(store)
+        self.budget = budget if budget is not None else RotationBudget()
+        self._fault = fault
+        self._clock = clock
+        self.state_file: StateFile | None = None
+        self.created = False
+        self.sealed_elsewhere = False
+        self.migrated = False
+        self.rollback: str | None = None
+        self.rotations = 0
+        self._destroyed: frozenset[str] | None = None
+        self._legacy: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"StateKeeper({str(self.dir)!r}, {self.state_file!r})"
+
+    @property
+    def pending(self) -> bool:
+        """Something was destroyed since the last rotation (waiting for a token)."""
+        return self._pending
+
+    _pending = False
+
+    @property
+    def counter_value(self) -> int:
+        """The counter the current state is written under."""
+        assert self.state_file is not None
+        return self.state_file.counter
+
+    def will_rotate(self, destroyed: frozenset[str]) -> bool:
+        """Whether ``save(state, destroyed)`` would rotate (the caller notes it in the ledger
+        before the state is written)."""
+        return (
+            self._destroyed is not None
+            and not destroyed <= self._destroyed
+            and self.budget.available(self._now())
+        )
+
+    def rotation_due(self) -> bool:
+        """A destruction is waiting for a rotation and a token is there now (the daemon's tick
+        asks; it saves only then, not at every tick)."""
+        return self._pending and self.budget.available(self._now())
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Find the usable state (see the module text), completing or undoing an interrupted
+        rotation; migrate a version 1 state; refuse an older state; or start afresh."""
+        made = self.counter.ensure()
+        value = self.counter.read()
+        cur_blob, next_blob = self.dir / STATE_KEY_BLOB, self.dir / NEXT_KEY_BLOB
+        cur_state, next_state = self.dir / STATE_FILE, self.dir / NEXT_STATE_FILE
+        blobs = {p: _blob_counter(p) for p in (cur_blob, next_blob) if p.exists()}
+        states = {p: _state_counter(p) for p in (cur_state, next_state) if p.exists()}
+        for path, n in [*blobs.items(), *states.items()]:
+            if n is not None and n > value:
+                log.info("%s was written for a rotation that did not commit: removed", path.name)
+                shred(path)
+        blob = next((p for p, n in blobs.items() if n == value), None)
+        state = next((p for p, n in states.items() if n == value), None)
+        if blob is not None:
+            self._adopt(blob, cur_blob)
+            if state is not None:
+                self._adopt(state, cur_state)
+            for path in (next_blob, next_state):
+                if path.exists():
+                    shred(path)  # dead leftovers of a committed rotation
+            self._unseal_current(value, had_state=state is not None)
+            return
+        legacy_blob = cur_blob.exists() and cur_blob in blobs and blobs[cur_blob] is None
+        if legacy_blob and states.get(cur_state) is None:
+            self._migrate(value)
+            return
+        older = [p for p in (cur_blob, cur_state, next_blob, next_state) if p.exists()]
+        if older:
+            stamp = self._now()
+            self.rollback = (
+                f"the state on disk ({', '.join(p.name for p in older)}) was written under "
+                f"an older state counter than the TPM's ({value}): refused, never loaded"
+            )
+            log.error(
+                "[state.rollback] %s; starting with empty group state, the groups must re-add "
+                "this device (kept aside as *.rollback.%d)",
+                self.rollback,
+                stamp,
+            )
+            for path in older:
+                path.rename(path.with_name(f"{path.name}.rollback.{stamp}"))
+        self._fresh(value, rotate=not made or bool(older))
+
+    def _adopt(self, path: Path, target: Path) -> None:
+        if path != target:
+            os.replace(path, target)
+            _fsync_dir(self.dir)
+
+    def _unseal_current(self, value: int, *, had_state: bool) -> None:
+        path = self.dir / STATE_KEY_BLOB
+        try:
+            key = unseal_bound(self.counter, KeyBlob.load(path))
+        except MeasurementsChanged:
+            self._aside_sealed_elsewhere()
+            self._fresh(value, rotate=True)
+            return
+        except CounterMoved as exc:  # the blob's recorded counter was forged
+            raise StateRollback(f"{path.name}: {exc.detail}") from None
+        state_path = self.dir / STATE_FILE
+        if not had_state and state_path.exists():
+            # the key is the TPM's current one but the file beside it is not: an older state
+            # file put back next to the current key
+            self._refuse_file(state_path, value)
+        self.state_file = StateFile(state_path, key, counter=value)
+        self.created = not had_state
+
+    def _refuse_file(self, path: Path, value: int) -> None:
+        stamp = self._now()
+        self.rollback = (
+            f"{path.name} was not written under the TPM's state counter ({value}): refused, "
+            "never loaded"
+        )
+        log.error("[state.rollback] %s (kept aside as %s.rollback.%d)", self.rollback, path, stamp)
+        path.rename(path.with_name(f"{path.name}.rollback.{stamp}"))
+
+    def _aside_sealed_elsewhere(self) -> None:
+        self.sealed_elsewhere = True
+        stamp = self._now()
+        log.error(
+            "the state key is sealed to other measurements (PCRs %s changed): the agent's state "
+            "cannot be opened; starting with empty group state, the groups must re-add this "
+            "device (old state kept as *.sealed-elsewhere.%d; the state counter moves, so it "
+            "stays unusable even if the old measurements come back)",
+            list(self.pcrs),
+            stamp,
+        )
+        for name in (STATE_KEY_BLOB, STATE_FILE):
+            path = self.dir / name
+            if path.exists():
+                path.rename(path.with_name(f"{name}.sealed-elsewhere.{stamp}"))
+
+    def _fresh(self, value: int, *, rotate: bool) -> None:
+        """A new key and no state yet; under the next counter value if anything older exists
+        (then the counter moves, and every older blob is dead)."""
+        target = value + 1 if rotate else value
+        key = Secret(os.urandom(32))
+        seal_bound(self.counter, key, self.pcrs, target).save(self.dir / STATE_KEY_BLOB)
+        if rotate:
+            self.budget.spend(self._now())
+            self.counter.increment()
+            self.rotations += 1
+        self.state_file = StateFile(self.dir / STATE_FILE, key, counter=target)
+        self.created = True
+
+    def _migrate(self, value: int) -> None:
+        path = self.dir / STATE_KEY_BLOB
+        try:
+            key = self.store.unseal(KeyBlob.load(path))
+        except TPMError as exc:
+            if exc.rc is None or (0x080 | (exc.rc & 0x3F)) != 0x09D:
+                raise
+            self._aside_sealed_elsewhere()
+            self._fresh(value, rotate=True)
+            return
+        state_path = self.dir / STATE_FILE
+        legacy = StateFile(state_path, key)
+        state = legacy.load(legacy=True) if state_path.exists() else None
+        self.state_file = StateFile(state_path, key, counter=value)
+        self.state_file.generation = legacy.generation
+        if state is None:
+            self._fresh(value, rotate=True)
+            return
+        log.info("state of version 1 (no state counter): migrating it under the counter, once")
+        self.rotate(state)
+        self.migrated = True
+        self._legacy = state
+
+    # -- loading and saving ----------------------------------------------------------------------
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state (None: none yet). The keeper's own entry is taken out."""
+        if self._legacy is not None:
+            state, self._legacy = self._legacy, None
+        elif self.state_file is None or not self.state_file.exists():
+            return None
+        else:
+            state = self.state_file.load()
+        meta = state.pop(META, None)
+        if isinstance(meta, dict):
+            with contextlib.suppress(TypeError, ValueError):
+                self.budget.tokens = float(meta.get("tokens", self.budget.tokens))
+                self.budget.updated = int(meta.get("updated", self.budget.updated))
+                names = meta.get("destroyed")
+                if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                    self._destroyed = frozenset(names)
+        return state
+
+    def _with_meta(self, state: dict[str, Any], destroyed: frozenset[str] | None) -> dict[str, Any]:
+        out = dict(state)
+        meta: dict[str, Any] = {"tokens": self.budget.tokens, "updated": self.budget.updated}
+        if destroyed is not None:
+            meta["destroyed"] = sorted(destroyed)
+        out[META] = meta
+        return out
+
+    def save(self, state: dict[str, Any], destroyed: frozenset[str]) -> bool:
+        """Save; rotate instead if ``destroyed`` (``destroyed_keys`` of the ledger) names a key
+        not destroyed at the last rotation and the budget has a token. True if it rotated."""
+        assert self.state_file is not None
+        now = self._now()
+        if self._destroyed is None:
+            self._destroyed = destroyed
+        if not destroyed <= self._destroyed:
+            if self.budget.admit(now):
+                previous, self._destroyed = self._destroyed, destroyed
+                try:
+                    self.rotate(state)
+                except StateError:
+                    self._destroyed = previous  # not committed: rotate at the next save
+                    self._pending = True
+                    raise
+                self._pending = False
+                return True
+            self._pending = True
+        else:
+            self._destroyed = self._destroyed & destroyed  # forgotten records drop out
+        self.state_file.save(self._with_meta(state, self._destroyed))
+        return False
+
+    def rotate(self, state: dict[str, Any]) -> None:
+        """Move the state to a new key under the next counter value (module text, steps 1-4)."""
+        assert self.state_file is not None
+        value = self.counter.read()
+        key = Secret(os.urandom(32))
+        seal_bound(self.counter, key, self.pcrs, value + 1).save(self.dir / NEXT_KEY_BLOB)
+        self._fault("sealed")
+        following = StateFile(self.dir / NEXT_STATE_FILE, key, counter=value + 1)
+        following.generation = self.state_file.generation
+        following.save(self._with_meta(state, self._destroyed))
+        self._fault("written")
+        self.counter.increment()
+        # committed: from here on every save is under the new key and counter, even if a
+        # rename below fails (the start finds the files by their counter, not their names)
+        self.state_file = StateFile(self.dir / STATE_FILE, key, counter=value + 1)
+        self.state_file.generation = following.generation
+        self.rotations += 1
+        self._fault("incremented")
+        try:
+            os.replace(self.dir / NEXT_KEY_BLOB, self.dir / STATE_KEY_BLOB)
+            _fsync_dir(self.dir)
+            self._fault("switched-key")
+            os.replace(self.dir / NEXT_STATE_FILE, self.dir / STATE_FILE)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            log.warning(
+                "state key rotated, but renaming its files failed (the next start "
+                "completes it): %s",
+                exc,
+            )
+        self._fault("switched")
+        log.info("state key rotated: state counter %d", value + 1)
