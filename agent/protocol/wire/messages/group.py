@@ -24,7 +24,7 @@ from agent.protocol.wire.messages.base import (
     check_ids,
 )
 
-UPDATE_REASONS = frozenset({"max-epoch-age", "max-messages-per-epoch"})
+UPDATE_REASONS = frozenset({"max-epoch-age", "max-messages-per-epoch", "first-update-after-join"})
 
 
 @dataclass(frozen=True)
