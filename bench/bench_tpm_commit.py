@@ -30,6 +30,7 @@ from typing import Any
 
 from agent.core import AgentCore
 from agent.daemon import TpmKeys
+from agent.protocol.hpke import generate_key_pair
 from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, KeyPackage
 from agent.protocol.topics import SERVICE_ID
@@ -85,22 +86,33 @@ def main() -> None:
 
         # the group: member 0 creates it and adds everyone else in one commit
         leaf0 = keyprov[0].new_leaf_key()
-        own = KeyPackage.create(b"dev-tpm-0", keyprov[0].devid, leaf0.public_key(), credentials[0])
+        own = KeyPackage.create(
+            b"dev-tpm-0",
+            keyprov[0].devid,
+            leaf0.public_key(),
+            credentials[0],
+            init_key=generate_key_pair().public_key(),  # the creator's: never sealed to
+        )
         group = Group.create(b"g-tpm", own, leaf0)
         joiners = []
         for i in range(1, MEMBERS):
             leaf = keyprov[i].new_leaf_key()
+            init = keyprov[i].new_leaf_key()  # the one-time init key, in the TPM too
             kp = KeyPackage.create(
-                f"dev-tpm-{i}".encode(), keyprov[i].devid, leaf.public_key(), credentials[i]
+                f"dev-tpm-{i}".encode(),
+                keyprov[i].devid,
+                leaf.public_key(),
+                credentials[i],
+                init_key=init.public_key(),
             )
-            joiners.append((kp, leaf))
-        result = group.add(keyprov[0].devid, [kp for kp, _ in joiners])
+            joiners.append((kp, leaf, init))
+        result = group.add(keyprov[0].devid, [kp for kp, _, _ in joiners])
         assert result.welcome is not None
         groups = [result.group]
         join_costs = []
-        for i, (kp, leaf) in enumerate(joiners, start=1):
+        for i, (kp, leaf, init) in enumerate(joiners, start=1):
             before = stores[i].commands_issued
-            groups.append(Group.join(result.welcome, kp, leaf))
+            groups.append(Group.join(result.welcome, kp, leaf, init_key=init))
             join_costs.append(stores[i].commands_issued - before)
         for core, g in zip(cores, groups, strict=True):
             # The bench builds the group with the MLS API directly and hands each member its
