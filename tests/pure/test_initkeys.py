@@ -154,7 +154,7 @@ def test_the_welcome_is_sealed_to_the_init_key_not_the_leaf_key() -> None:
         assert err.value.check == "mls.init-key"
     with pytest.raises(ProtocolError) as err:
         Group.join(welcome, kp, new_key(), init_key=joiner.init)
-    assert err.value.check == "mls.init-key"
+    assert err.value.check == "mls.leaf-key"
     joined = Group.join(welcome, kp, joiner.leaf, init_key=joiner.init)
     assert joined.epoch_authenticator == group.epoch_authenticator
 

@@ -297,7 +297,8 @@ class Group:
         admission_check: AdmissionCheck = accept_any_admission,
     ) -> Group:
         """Join from a Welcome sealed to ``own``'s one-time init key (one ``exchange()`` on it;
-        ``mls.init-key`` if ``init_key`` or ``leaf_key`` is not the package's). The caller
+        ``mls.init-key`` if ``init_key`` is not the package's, ``mls.leaf-key`` if ``leaf_key``
+        is not). The caller
         destroys ``init_key`` right after, whatever the outcome. Checks
         the GroupInfo signature, every leaf of its tree (leaf signature, ``leaf_check``, the
         admission: ``mls.welcome.admission`` if the GroupInfo lacks the Authorization a leaf's
@@ -306,7 +307,7 @@ class Group:
         if serialize_public_key(init_key.public_key()) != own.init_key:
             raise ProtocolError("mls.init-key", "that is not the KeyPackage's init key")
         if serialize_public_key(leaf_key.public_key()) != own.leaf_key:
-            raise ProtocolError("mls.init-key", "that is not the KeyPackage's leaf key")
+            raise ProtocolError("mls.leaf-key", "the leaf key does not match the KeyPackage")
         ref = own.ref()
         entry = next((s for s in welcome.secrets if s.key_package_ref == ref), None)
         if entry is None:
