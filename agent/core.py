@@ -364,6 +364,12 @@ class AgentCore:
         entry = self._groups.get(group)
         return None if entry is None else entry.group.epoch
 
+    def fresh_leaf_pending(self, group: str) -> bool:
+        """Whether we still hold ``group`` with the leaf key we joined with (our first
+        self-update is still to come: agent.protocol.initkeys)."""
+        entry = self._groups.get(group)
+        return entry is not None and self._join_update_pending(entry)
+
     def pending_commits(self, group: str) -> int:
         entry = self._groups.get(group)
         return 0 if entry is None else len(entry.pending)

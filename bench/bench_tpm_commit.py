@@ -2,12 +2,13 @@
 
 Not a test: prints a JSON list of records to stdout (progress to stderr).
 
-Eight members, each with its own swtpm, DevID and leaf keys in the TPM (``agent.daemon.TpmKeys``,
-the keyagent's key provider). The group is made by one add commit (every joiner opens its
-Welcome with one ECDH in its TPM), then installed into each member's ``AgentCore``. Then every
-member in turn is asked (service-signed ``svc.commit_request``) for a self-update, and one
-removal is committed; each commit is relayed (service-signed ``group.commit``) to every other
-member's core, as keyagent run would hand it over. ``TPMStore.commands_issued`` is read before
+Eight members, each with its own swtpm, DevID, leaf and init keys in the TPM
+(``agent.daemon.TpmKeys``, the keyagent's key provider). The group is made by one add commit
+(every joiner opens its Welcome with one ECDH on its one-time init key in its TPM), then
+installed into each member's ``AgentCore``. Then every member in turn is asked (service-signed
+``svc.commit_request``) for a self-update, and one removal is committed; each commit is relayed
+(service-signed ``group.commit``) to every other member's core, as keyagent run would hand it
+over. ``TPMStore.commands_issued`` is read before
 and after:
 
 - ``Group.process`` alone (what TreeKEM costs: at most one ECDH_ZGen with the TPM leaf key,
