@@ -146,7 +146,8 @@ def lab(fleet_lab: Lab) -> Lab:
     request_id = created.final["request"]["request_id"]
     approved = fleet_lab.op("approve", request_id, "--yes", operator="op-admin", timeout=120)
     assert approved.returncode == 0, str(approved)
-    fleet_lab.wait_epoch(G, 2, fleet_lab.devices[:3], timeout=60)
+    # create, two adds, and the last joiner's first self-update (docs/treekem.md "Joining")
+    assert fleet_lab.wait_settled(G, fleet_lab.devices[:3], timeout=60) >= 2
     return fleet_lab
 
 
