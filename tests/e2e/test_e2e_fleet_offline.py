@@ -97,6 +97,7 @@ def go_offline(lab: Lab, device: LabDevice) -> None:
 def test_offline_device_catches_up_through_three_rekeys_on_reconnect(lab: Lab) -> None:
     created = lab.op("group", "create", G, "--members", *lab.device_ids, timeout=120)
     assert created.returncode == 0, str(created)
+    lab.wait_settled(G, timeout=60)  # the joiners' first self-updates (docs/treekem.md)
     start = wait_agreed(lab)
     away = lab.devices[1]
     go_offline(lab, away)

@@ -148,6 +148,7 @@ def test_a_revoked_device_and_a_database_copy_derive_no_later_epoch_key(
     x, a, b, d = lab.devices[:4]
     # A founds the group; B and X join through key packages (X publishes one)
     op(lab, "group", "create", G, "--members", a.id, b.id, x.id)
+    lab.wait_settled(G, [x, a, b], timeout=60)  # the joiners' first self-updates
     e = epoch_of(lab)
     lab.wait_epoch(G, e, [x, a, b], timeout=30)
 
