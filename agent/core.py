@@ -43,7 +43,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.protocol import dataseal
 from agent.protocol import feed as revocation_feed
 from agent.protocol.errors import ProtocolError, StateError
-from agent.protocol.hpke import Rng, serialize_public_key
+from agent.protocol.hpke import Rng, generate_key_pair, serialize_public_key
+from agent.protocol.initkeys import (
+    JOIN_UPDATE_REASON,
+    UsedInitKeys,
+    fresh_leaf_pending,
+    init_key_name,
+    key_package_lifetime,
+    needs_refresh,
+)
 from agent.protocol.lifecycle import (
     AES_GCM_RANDOM_NONCE_LIMIT,
     KeyKind,
@@ -226,6 +234,8 @@ class _GroupEntry:
     messages: int = 0
     pending: list[_Pending] = field(default_factory=list)
     update_requested: tuple[int, int] | None = None  # (epoch, time asked)
+    # the leaf key we joined with (it was in the Welcome's tree) until we committed a new one
+    joined_leaf: bytes | None = None
 
 
 class _Hooks(NamedTuple):
@@ -253,6 +263,12 @@ TRUST_CHECKS: Final = (
 
 def _trust_check(check: str) -> bool:
     return check.startswith(TRUST_CHECKS)
+
+
+INIT_KEY_NOTE: Final = (
+    "one-time init key in the TPM: opens one Welcome; destroyed by flushing it from the TPM and "
+    "shredding its blob once a state without it is saved (agent.protocol.initkeys)"
+)
 
 
 def leaf_name(public: bytes) -> str:
@@ -308,6 +324,7 @@ class AgentCore:
         # request command id -> leaf public: a re-sent request is answered with the same key
         # package (see _on_key_package_request)
         self._key_package_requests: OrderedDict[bytes, bytes] = OrderedDict()
+        self._used_init = UsedInitKeys()  # packages whose init key opened a Welcome (destroyed)
         self._replies: OrderedDict[bytes, tuple[Publish, ...]] = OrderedDict()
         self._guard = ReplayGuard(SERVICE_REPLAY_WINDOW, SERVICE_REPLAY_CAPACITY)
         self._seq = 1
@@ -348,6 +365,12 @@ class AgentCore:
         entry = self._groups.get(group)
         return None if entry is None else entry.group.epoch
 
+    def fresh_leaf_pending(self, group: str) -> bool:
+        """Whether we still hold ``group`` with the leaf key we joined with (our first
+        self-update is still to come: agent.protocol.initkeys)."""
+        entry = self._groups.get(group)
+        return entry is not None and self._join_update_pending(entry)
+
     def pending_commits(self, group: str) -> int:
         entry = self._groups.get(group)
         return 0 if entry is None else len(entry.pending)
@@ -355,11 +378,15 @@ class AgentCore:
     def leaf_refs(self) -> set[bytes]:
         """Public keys of every leaf key the state still refers to; any other leaf blob on disk
         is garbage and may be destroyed once this state is persisted."""
-        refs = set(self._key_packages)
+        refs = set(self._key_packages) | self._init_refs()
         for entry in self._groups.values():
             refs.add(_leaf_public(entry.group))
             refs.update(_leaf_public(p.group) for p in entry.pending)
         return refs
+
+    def _init_refs(self) -> set[bytes]:
+        """Public keys of the init keys of outstanding KeyPackages (one-time: see _on_welcome)."""
+        return {KeyPackage.decode(kp).init_key for kp in self._key_packages.values()}
 
     @property
     def dirty(self) -> bool:
@@ -652,9 +679,11 @@ class AgentCore:
                 raise ProtocolError(
                     "agent.key-package.member", "the key package names another device"
                 )
-            result = group.add(
+            key_package.check_lifetime(self._now)
+            result = group.commit(
                 devid,
-                [key_package],
+                adds=[key_package],
+                new_leaf_key=self._fresh_leaf_if_pending(entry),
                 rng=self._rng,
                 authz=authz,
                 leaf_check=checks.leaf_check,
@@ -668,9 +697,10 @@ class AgentCore:
             leaf = group.tree.find_device(body.member.encode())
             if leaf is None:
                 raise ProtocolError("agent.member-unknown", "that device is not in the group")
-            result = group.remove(
+            result = group.commit(
                 devid,
-                [leaf],
+                removes=[leaf],
+                new_leaf_key=self._fresh_leaf_if_pending(entry),
                 rng=self._rng,
                 authz=authz,
                 leaf_check=checks.leaf_check,
@@ -724,7 +754,9 @@ class AgentCore:
             )
         authz = self.membership.envelope(body.authz)
         leaf = self._keys.new_leaf_key()
-        own = self._key_package(leaf)
+        # our own package never travels and no Welcome is sealed to it: its init key is a
+        # throwaway software key, not a TPM key made only to be destroyed
+        own = self._key_package(leaf, generate_key_pair(self._rng), prove_init=False)
         self.membership.check_admission(body.group_id, own.leaf, authz, True, self._now)
         group = Group.create(
             body.group_id.encode(),
@@ -741,16 +773,25 @@ class AgentCore:
             epochs_changed=True,
         )
 
-    def _key_package(self, leaf: ec.EllipticCurvePrivateKey) -> KeyPackage:
-        """Our KeyPackage for ``leaf``: DevID credential and the TPM's proof that the leaf key
-        lives in it (the AK's certify)."""
-        point = serialize_public_key(leaf.public_key())
+    def _key_package(
+        self,
+        leaf: ec.EllipticCurvePrivateKey,
+        init: ec.EllipticCurvePrivateKey,
+        *,
+        prove_init: bool = True,
+    ) -> KeyPackage:
+        """Our KeyPackage for ``leaf`` and the one-time ``init`` key, valid for a week from now:
+        DevID credential and the TPM's proofs that both keys live in it (the AK's certify)."""
+        init_point = serialize_public_key(init.public_key())
         return KeyPackage.create(
             self.device_id.encode(),
             self._keys.devid,
             leaf.public_key(),
             self._credential,
-            tpm_proof=self._keys.prove_leaf(point),
+            init_key=init.public_key(),
+            lifetime=key_package_lifetime(self._now),
+            tpm_proof=self._keys.prove_leaf(serialize_public_key(leaf.public_key())),
+            init_tpm_proof=self._keys.prove_leaf(init_point) if prove_init else None,
         )
 
     def _checks(self, group: str, *, fresh: bool) -> _Hooks:
@@ -785,10 +826,16 @@ class AgentCore:
                 match = (public, key_package)
                 break
         if match is None:
+            if refs & set(self._used_init.to_list()):
+                raise ProtocolError(
+                    "mls.init-key",
+                    "the welcome is sealed to an init key that was used once and destroyed",
+                )
             raise ProtocolError(
                 "mls.welcome.recipient", "the welcome is for none of our key packages"
             )
         public, key_package = match
+        key_package.check_lifetime(self._now)
         membership, now, name = self.membership, self._now, body.group_id
 
         def admission_check(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
@@ -798,6 +845,7 @@ class AgentCore:
             welcome,
             key_package,
             self._keys.load_leaf(public),
+            init_key=self._keys.load_leaf(key_package.init_key),
             leaf_check=self._checks(name, fresh=False).leaf_check,
             admission_check=admission_check,
         )
@@ -808,11 +856,17 @@ class AgentCore:
         self.membership.consume(group.admission(group.own_leaf), self._now)
         if existing is not None:
             log.warning("re-added to group %s at epoch %d", body.group_id, group.epoch)
+        # The init key is spent: no state refers to it any more, so the daemon flushes it and
+        # shreds its blob as soon as this state is saved (_retire_leaves records it destroyed).
         del self._key_packages[public]
+        self._used_init.add(key_package.ref())
         self._install_join(body.group_id, group)
-        return Outcome(
-            publishes=[self._ack(self._groups[body.group_id], None)], epochs_changed=True
-        )
+        entry = self._groups[body.group_id]
+        # our first act in the group: the next tick asks the service for a self-update (and
+        # again while we still hold this leaf), so the leaf key the Welcome's tree names is
+        # replaced too
+        entry.joined_leaf = public
+        return Outcome(publishes=[self._ack(entry, None)], epochs_changed=True)
 
     def _install_join(self, name: str, group: Group) -> None:
         try:
@@ -839,8 +893,9 @@ class AgentCore:
             )
             return Outcome(publishes=[self._send(again)])
         leaf = self._keys.new_leaf_key()
+        init = self._keys.new_leaf_key()  # one-time: opens one Welcome, then destroyed
         public = serialize_public_key(leaf.public_key())
-        key_package = self._key_package(leaf)
+        key_package = self._key_package(leaf, init)
         self._key_packages[public] = key_package.encode()
         while len(self._key_packages) > MAX_KEY_PACKAGES:
             self._key_packages.popitem(last=False)
@@ -940,8 +995,14 @@ class AgentCore:
                 log.info("destroyed data key %s after its grace period", record.name)
                 outcome.changed = True
                 self._report_soon()
+        if self._drop_expiring_key_packages(now):
+            outcome.changed = True
         for name, entry in self._groups.items():
-            reason = rotation_due(self._policy_for(name), entry.started, entry.messages, now)
+            reason: str | None = rotation_due(
+                self._policy_for(name), entry.started, entry.messages, now
+            )
+            if self._join_update_pending(entry):
+                reason = JOIN_UPDATE_REASON
             if reason is None or entry.pending:
                 continue
             asked = entry.update_requested
@@ -960,7 +1021,7 @@ class AgentCore:
             )
             outcome.publishes.append(
                 self._send(
-                    UpdateRequest(group_id=name, epoch=entry.group.epoch, reason=reason.value)
+                    UpdateRequest(group_id=name, epoch=entry.group.epoch, reason=str(reason))
                 )
             )
             outcome.changed = True
@@ -970,6 +1031,30 @@ class AgentCore:
         if self._dirty:
             outcome.changed = True
         return outcome
+
+    def _join_update_pending(self, entry: _GroupEntry) -> bool:
+        """Whether we still hold the group with the leaf key we joined with."""
+        return fresh_leaf_pending(_leaf_public(entry.group), entry.joined_leaf)
+
+    def _fresh_leaf_if_pending(self, entry: _GroupEntry) -> ec.EllipticCurvePrivateKey | None:
+        """A new TPM leaf key when our first commit in a group is not the self-update itself:
+        whatever we commit first replaces the leaf key we joined with."""
+        return self._keys.new_leaf_key() if self._join_update_pending(entry) else None
+
+    def _drop_expiring_key_packages(self, now: int) -> bool:
+        """Drop outstanding KeyPackages near their end (agent.protocol.initkeys): their leaf and
+        init keys are destroyed with the next saved state; the service asks for fresh ones."""
+        expiring = [
+            public
+            for public, kp in self._key_packages.items()
+            if needs_refresh(KeyPackage.decode(kp).not_after, now)
+        ]
+        for public in expiring:
+            del self._key_packages[public]
+        if expiring:
+            self._retire_leaves()
+            self._report_soon()
+        return bool(expiring)
 
     def _wipe_data_key(self, group: str, epoch: int | None) -> None:
         keys = self._data_keys.get(group)
@@ -984,8 +1069,14 @@ class AgentCore:
     def _retire_leaves(self) -> None:
         """Leaf keys the state no longer refers to are destroyed (ledger); the daemon shreds
         their blobs once this state is persisted."""
-        live = {leaf_name(ref) for ref in self.leaf_refs()}
+        init_refs = self._init_refs()
+        live = {leaf_name(ref) for ref in self.leaf_refs() - init_refs}
+        live_init = {init_key_name(ref) for ref in init_refs}
         for record in list(self.ledger):
+            if record.kind is KeyKind.INIT:
+                if record.name not in live_init and record.state is not KeyState.DESTROYED:
+                    self.ledger.transition(record.name, KeyState.DESTROYED)
+                continue
             if record.kind is not KeyKind.LEAF:
                 continue
             if record.name in live and record.state is KeyState.DESTROYED:
@@ -994,6 +1085,8 @@ class AgentCore:
                 self.ledger.transition(record.name, KeyState.DESTROYED)
         for name in live - {r.name for r in self.ledger}:
             self.ledger.add(name, KeyKind.LEAF, active=True)
+        for name in live_init - {r.name for r in self.ledger}:
+            self.ledger.add(name, KeyKind.INIT, active=True, note=INIT_KEY_NOTE)
 
     # -- data keys for apps (the local API) ---------------------------------------------------
 
@@ -1049,6 +1142,7 @@ class AgentCore:
                 "update_requested": (
                     None if entry.update_requested is None else list(entry.update_requested)
                 ),
+                "joined_leaf": entry.joined_leaf,
             }
         return {
             "v": STATE_VERSION,
@@ -1063,6 +1157,7 @@ class AgentCore:
             "key_package_requests": [
                 [command_id, public] for command_id, public in self._key_package_requests.items()
             ],
+            "used_init_keys": self._used_init.to_list(),
             "replies": [
                 [mid, [[p.topic, p.payload, p.type] for p in publishes]]
                 for mid, publishes in self._replies.items()
@@ -1088,6 +1183,7 @@ class AgentCore:
         self._data_keys = restored.data_keys
         self._key_packages = restored.key_packages
         self._key_package_requests = restored.key_package_requests
+        self._used_init = restored.used_init
         self._replies = restored.replies
         self._guard = restored.guard
         self.ledger = restored.ledger
@@ -1113,6 +1209,7 @@ class AgentCore:
                     "pending_commits": len(entry.pending),
                     "update_requested": entry.update_requested is not None
                     and entry.update_requested[0] == group.epoch,
+                    "fresh_leaf_pending": self._join_update_pending(entry),
                     "last_ack": _ack_json(self.last_acks.get(name)),
                 }
             )
@@ -1153,6 +1250,7 @@ class _Restored:
     data_keys: dict[str, dict[int, Secret]]
     key_packages: OrderedDict[bytes, bytes]
     key_package_requests: OrderedDict[bytes, bytes]
+    used_init: UsedInitKeys
     replies: OrderedDict[bytes, tuple[Publish, ...]]
     guard: ReplayGuard
     ledger: KeyLedger
@@ -1188,6 +1286,8 @@ class _Restored:
                 messages=_uint(raw["messages"], "messages"),
                 pending=pending,
                 update_requested=None if asked is None else (int(asked[0]), int(asked[1])),
+                # absent in state files written before it existed
+                joined_leaf=_optional_bytes(raw.get("joined_leaf"), "joined leaf"),
             )
         data_keys = {
             name: {
@@ -1229,6 +1329,10 @@ class _Restored:
             data_keys=data_keys,
             key_packages=key_packages,
             key_package_requests=key_package_requests,
+            # absent in state files written before it existed
+            used_init=UsedInitKeys(
+                [_bytes(r, "used init key") for r in state.get("used_init_keys", [])]
+            ),
             replies=replies,
             guard=guard,
             ledger=ledger,
@@ -1237,6 +1341,10 @@ class _Restored:
             # a copy of the trust state: checked here, applied by restore() with the rest
             membership=core.membership.parse_state(state["membership"]),
         )
+
+
+def _optional_bytes(value: object, what: str) -> bytes | None:
+    return None if value is None else _bytes(value, what)
 
 
 def _uint(value: object, what: str) -> int:

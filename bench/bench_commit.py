@@ -50,12 +50,21 @@ SIZES = [2**k for k in range(1, 13)]
 AUTHORIZATION_BYTES = 2048  # a request and two operator approvals with their certificates
 
 
-def _device(i: int) -> tuple[KeyPackage, ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey]:
+def _device(
+    i: int, init_key: ec.EllipticCurvePrivateKey | None = None
+) -> tuple[KeyPackage, ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey]:
+    """A device's KeyPackage, leaf key and DevID key; ``init_key`` for a joiner (assembled
+    members get a throwaway one: no Welcome is sealed to them)."""
     signature_key = ec.generate_private_key(ec.SECP256R1())
     leaf_key = ec.generate_private_key(ec.SECP256R1())
+    init = init_key or ec.generate_private_key(ec.SECP256R1())
     name = f"device-{i:05d}"
     kp = KeyPackage.create(
-        name.encode(), signature_key, leaf_key.public_key(), devid_cert_der(name, signature_key)
+        name.encode(),
+        signature_key,
+        leaf_key.public_key(),
+        devid_cert_der(name, signature_key),
+        init_key=init.public_key(),
     )
     return kp, leaf_key, signature_key
 
@@ -86,7 +95,8 @@ def _nearest(n: int, leaf: int, exclude: set[int]) -> int:
 def _measure(full: FullGroup, op: str, committer: int, target: int | None) -> dict[str, Any]:
     group = full.member(committer)
     sig = full.signature_keys[committer]
-    joiner = _device(full.n) if op == "add" else None
+    joiner_init = ec.generate_private_key(ec.SECP256R1())
+    joiner = _device(full.n, joiner_init) if op == "add" else None
     start = time.perf_counter()
     if op == "update":
         result = group.update(sig, ec.generate_private_key(ec.SECP256R1()))
@@ -114,7 +124,9 @@ def _measure(full: FullGroup, op: str, committer: int, target: int | None) -> di
         assert result.welcome is not None
         welcome_bytes = result.welcome.encode()
         start = time.perf_counter()
-        joined = Group.join(Welcome.decode(welcome_bytes), joiner[0], joiner[1])
+        joined = Group.join(
+            Welcome.decode(welcome_bytes), joiner[0], joiner[1], init_key=joiner_init
+        )
         welcome["join_ms"] = round((time.perf_counter() - start) * 1000, 2)
         welcome["welcome_bytes"] = len(welcome_bytes)
         assert joined.epoch_authenticator == result.group.epoch_authenticator

@@ -61,9 +61,9 @@ class SoftDevice:
     service_key: ec.EllipticCurvePublicKey = field(repr=False)
     groups: dict[str, Group] = field(default_factory=dict, repr=False)
     pending: dict[tuple[str, int], CommitResult] = field(default_factory=dict, repr=False)
-    key_packages: dict[bytes, tuple[KeyPackage, ec.EllipticCurvePrivateKey]] = field(
-        default_factory=dict, repr=False
-    )
+    key_packages: dict[
+        bytes, tuple[KeyPackage, ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey]
+    ] = field(default_factory=dict, repr=False)
     seq: int = 0
     silent: bool = False  # receives, never answers (a member that is offline for commits)
     ignore_commit_requests: bool = False  # acks commits, never makes one
@@ -145,13 +145,15 @@ class SoftDevice:
         body = message.body
         if isinstance(body, KeyPackageRequest):
             leaf = ec.generate_private_key(ec.SECP256R1())
+            init = ec.generate_private_key(ec.SECP256R1())
             kp = KeyPackage.create(
                 self.device_id.encode(),
                 self.devid,
                 leaf.public_key(),
                 devid_cert_der(self.device_id, self.devid),
+                init_key=init.public_key(),
             )
-            self.key_packages[kp.ref()] = (kp, leaf)
+            self.key_packages[kp.ref()] = (kp, leaf, init)
             return [self.report(KeyPackageMessage(kp.encode(), body.command_id), now)]
         if isinstance(body, CommitRequest):
             return [] if self.ignore_commit_requests else self._commit(body, now)
@@ -162,7 +164,7 @@ class SoftDevice:
             for entry in welcome.secrets:
                 held = self.key_packages.pop(entry.key_package_ref, None)
                 if held is not None:
-                    group = Group.join(welcome, held[0], held[1])
+                    group = Group.join(welcome, held[0], held[1], init_key=held[2])
                     self.groups[body.group_id] = group
                     return [self._ack(body.group_id, now)]
             raise ProtocolError("test.welcome", "no key package of ours")
@@ -177,6 +179,7 @@ class SoftDevice:
                 self.devid,
                 leaf.public_key(),
                 devid_cert_der(self.device_id, self.devid),
+                init_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
             )
             group = Group.create(gid.encode(), kp, leaf)
             self.groups[gid] = group

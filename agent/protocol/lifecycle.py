@@ -57,6 +57,7 @@ class KeyKind(enum.StrEnum):
     STATE = "state"
     EPOCH = "epoch"
     APP_SEAL = "app-seal"
+    INIT = "init"  # a KeyPackage's one-time init key (agent.protocol.initkeys)
 
 
 _S = KeyState

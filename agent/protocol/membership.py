@@ -300,7 +300,8 @@ class Membership:
             raise ProtocolError("cred.key", "the leaf's signature key is not its certificate's")
 
     def check_key_package(self, key_package: KeyPackage, now: int) -> None:
-        """Credential and TPM residency of a KeyPackage's leaf key (before it is committed)."""
+        """Credential and TPM residency of a KeyPackage's leaf key and init key (before it is
+        committed)."""
         key_package.verify()
         self.check_leaf(key_package.leaf, now)
         if not self.require_tpm:
@@ -315,6 +316,11 @@ class Membership:
                 "tpm.proof.ak", "the device's certificate names no AK to check the proof with"
             )
         verify_tpm_residency(key_package.tpm_proof, key_package.leaf.encryption_key, device.ak_name)
+        if key_package.init_tpm_proof is None:
+            raise ProtocolError(
+                "tpm.proof.missing", "the KeyPackage does not prove that its init key is in a TPM"
+            )
+        verify_tpm_residency(key_package.init_tpm_proof, key_package.init_key, device.ak_name)
 
     # -- commits --------------------------------------------------------------------------------
 
@@ -332,6 +338,8 @@ class Membership:
         adds = [(kp.leaf.device_id.decode(), kp.leaf.signature_key) for kp in content.adds]
         for key_package in content.adds:
             self.check_key_package(key_package, now)
+            if fresh:  # we add it now; others check the commit later, when it may have expired
+                key_package.check_lifetime(now)
         if not adds and not removed:
             return  # a self-update changes no membership
         if content.authz is None:

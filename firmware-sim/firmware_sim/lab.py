@@ -434,6 +434,15 @@ class LabDevice:
                 return epoch if isinstance(epoch, int) else None
         return None
 
+    def fresh_leaf_pending(self, group: str) -> bool:
+        """Whether the agent still holds ``group`` with the leaf key it joined with (its status
+        file; its first self-update is still to come)."""
+        status = self.status() or {}
+        return any(
+            entry.get("group") == group and entry.get("fresh_leaf_pending") is True
+            for entry in status.get("groups", [])
+        )
+
     def api(self, timeout: float = 10.0) -> LocalApiClient:
         """A local API client at this device's socket (use as a context manager)."""
         return LocalApiClient(self.api_socket, timeout=timeout)
@@ -1081,6 +1090,36 @@ online_window_seconds = {self.online_window}
         except LabError:
             seen = {d.name: d.epoch(group) for d in members}
             raise LabError("agents", f"not all at epoch {epoch} of {group}: {seen}") from None
+
+    def wait_settled(
+        self, group: str, devices: Iterable[LabDevice] | None = None, timeout: float = 60.0
+    ) -> int:
+        """Wait until every device given (default: all) reports one common epoch of ``group``
+        and none still holds the leaf key it joined with (every joiner's first self-update is
+        done, docs/treekem.md "Joining"); return that epoch."""
+        members = list(devices if devices is not None else self.devices)
+
+        def done() -> int | None:
+            epochs = {d.epoch(group) for d in members}
+            if len(epochs) != 1 or any(d.fresh_leaf_pending(group) for d in members):
+                return None
+            (epoch,) = epochs
+            return epoch
+
+        try:
+            settled: int = _wait("agents", f"{group} settled", done, timeout)
+        except LabError:
+            seen = {d.name: (d.epoch(group), d.fresh_leaf_pending(group)) for d in members}
+            raise LabError("agents", f"{group} not settled (epoch, pending): {seen}") from None
+
+        def registered() -> bool | None:
+            # the service has the acks of that epoch too (the agents ack before they write status)
+            row = next((r for r in self.groups() if r["group_id"] == group), None)
+            ok = row is not None and row["epoch"] == settled and row["agreed"] is True
+            return True if ok else None
+
+        _wait("service", f"acks of {group} epoch {settled}", registered, timeout, interval=0.5)
+        return settled
 
     # -- the agent's state (forensics for the lab) ----------------------------------------------
 

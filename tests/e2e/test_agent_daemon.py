@@ -256,6 +256,7 @@ class SoftwareMember:
     device_id: bytes = b"dev-soft"
     signature_key: ec.EllipticCurvePrivateKey = field(default_factory=new_key)
     leaf_key: ec.EllipticCurvePrivateKey = field(default_factory=new_key)
+    init_key: ec.EllipticCurvePrivateKey = field(default_factory=new_key)
     # its "TPM": a software AK its certificate names (firmware_sim's simulation), so the agent's
     # residency check of its KeyPackage passes as it would for a real device
     ak: SimulatedAK = field(default_factory=SimulatedAK.generate)
@@ -267,7 +268,9 @@ class SoftwareMember:
             self.signature_key,
             self.leaf_key.public_key(),
             devid_cert_der(self.device_id, self.signature_key, ak_name=self.ak.name),
+            init_key=self.init_key.public_key(),
             tpm_proof=self.ak.prove_leaf(self.leaf_key.public_key()),
+            init_tpm_proof=self.ak.prove_leaf(self.init_key.public_key()),
         )
 
     def point(self) -> bytes:
@@ -334,7 +337,9 @@ def form_group(agent: AgentProcess, harness: ServiceHarness) -> SoftwareMember:
     harness.relay(0, commit.commit)
     ack = harness.expect(Ack, epoch=1).body
     assert isinstance(ack, Ack) and ack.command_id == commit.command_id  # the add's request
-    member.group = Group.join(Welcome.decode(welcome.welcome), kp, member.leaf_key)
+    member.group = Group.join(
+        Welcome.decode(welcome.welcome), kp, member.leaf_key, init_key=member.init_key
+    )
     assert member.group.epoch_authenticator == ack.epoch_authenticator
     return member
 

@@ -146,7 +146,8 @@ def lab(fleet_lab: Lab) -> Lab:
     request_id = created.final["request"]["request_id"]
     approved = fleet_lab.op("approve", request_id, "--yes", operator="op-admin", timeout=120)
     assert approved.returncode == 0, str(approved)
-    fleet_lab.wait_epoch(G, 2, fleet_lab.devices[:3], timeout=60)
+    # create, two adds, and the last joiner's first self-update (docs/treekem.md "Joining")
+    assert fleet_lab.wait_settled(G, fleet_lab.devices[:3], timeout=60) >= 2
     return fleet_lab
 
 
@@ -216,7 +217,13 @@ def test_rogue_service_adds_without_a_quorum_and_a_key_package_outside_a_tpm(
     # 3. a phantom device: DevID certificate minted with the device CA, leaf key in software
     devid, credential = rogue.mint("dev-phantom")
     leaf = ec.generate_private_key(ec.SECP256R1())
-    phantom = KeyPackage.create(b"dev-phantom", devid, leaf.public_key(), credential)
+    phantom = KeyPackage.create(
+        b"dev-phantom",
+        devid,
+        leaf.public_key(),
+        credential,
+        init_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
+    )
     one = rogue.one_approval(
         "group.add", [("dev-phantom", serialize_public_key(devid.public_key()))]
     )
@@ -240,7 +247,13 @@ def test_rogue_welcomes_into_a_fake_group_are_refused_and_open_nothing(
     # the rogue's own group under the real group's name, with a leaf it minted
     devid, credential = rogue.mint("dev-fake")
     leaf = ec.generate_private_key(ec.SECP256R1())
-    own = KeyPackage.create(b"dev-fake", devid, leaf.public_key(), credential)
+    own = KeyPackage.create(
+        b"dev-fake",
+        devid,
+        leaf.public_key(),
+        credential,
+        init_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
+    )
     admit = rogue.one_approval(
         "group.create", [("dev-fake", serialize_public_key(devid.public_key()))]
     )

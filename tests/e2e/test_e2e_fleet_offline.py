@@ -97,6 +97,7 @@ def go_offline(lab: Lab, device: LabDevice) -> None:
 def test_offline_device_catches_up_through_three_rekeys_on_reconnect(lab: Lab) -> None:
     created = lab.op("group", "create", G, "--members", *lab.device_ids, timeout=120)
     assert created.returncode == 0, str(created)
+    lab.wait_settled(G, timeout=60)  # the joiners' first self-updates (docs/treekem.md)
     start = wait_agreed(lab)
     away = lab.devices[1]
     go_offline(lab, away)
@@ -130,9 +131,10 @@ def test_device_offline_beyond_retention_is_removed_and_rewelcomed(lab: Lab) -> 
     oldest = lab.registry(lambda r: r.oldest_retained_epoch(G))
     assert oldest is not None and oldest > start
     lab.reboot(away)
-    # removed (one commit by another member) and re-added with a fresh welcome (one more)
-    final = wait_agreed(lab, epoch + 2, timeout=90)
-    assert final == epoch + 2
+    # removed (one commit by another member), re-added with a fresh welcome (one more), and
+    # the re-added device's first self-update (one more: docs/treekem.md "Joining")
+    final = wait_agreed(lab, epoch + 3, timeout=90)
+    assert final == epoch + 3 and not away.fresh_leaf_pending(G)
     readds = [e for e in lab.audit(head + 1) if e.action == "group.readd"]
     assert len(readds) == 1 and readds[0].actor == "service", readds
     assert readds[0].target == G and away.id in readds[0].details

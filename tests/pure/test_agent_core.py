@@ -702,7 +702,11 @@ def test_an_assembled_group_installed_in_cores_follows_real_commits() -> None:
         assert isinstance(keys, FakeSoftwareKeys)
         leaf = keys.new_leaf_key()
         kp = KeyPackage.create(
-            core.device_id.encode(), keys.devid, leaf.public_key(), core._credential
+            core.device_id.encode(),
+            keys.devid,
+            leaf.public_key(),
+            core._credential,
+            init_key=keys.new_leaf_key().public_key(),
         )
         members.append((kp, leaf, keys.devid))
     groups = Group.assemble(G.encode(), members, epoch=1)

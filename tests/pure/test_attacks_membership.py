@@ -76,11 +76,18 @@ def members(service: FakeService, *names: str, **kwargs: object) -> list[AgentCo
 def phantom(ak: SimulatedAK | None = None, device_id: str = "dev-phantom") -> KeyPackage:
     """A KeyPackage the rogue makes for a device that does not exist, with a DevID certificate it
     minted with the device CA key the service host holds."""
-    devid, leaf = new_key(), new_key()
+    devid, leaf, init = new_key(), new_key(), new_key()
     credential = devid_cert_der(device_id, devid, ak_name=None if ak is None else ak.name)
     proof = None if ak is None else ak.prove_leaf(leaf.public_key())
+    init_proof = None if ak is None else ak.prove_leaf(init.public_key())
     return KeyPackage.create(
-        device_id.encode(), devid, leaf.public_key(), credential, tpm_proof=proof
+        device_id.encode(),
+        devid,
+        leaf.public_key(),
+        credential,
+        init_key=init.public_key(),
+        tpm_proof=proof,
+        init_tpm_proof=init_proof,
     )
 
 
@@ -194,12 +201,13 @@ def test_a_key_package_whose_key_is_not_in_a_tpm_is_refused() -> None:
     assert ask_add(service, "dev-a", kp, authz) == "tpm.proof.missing"
     # a proof by an AK its certificate does not name
     kp = phantom(SimulatedAK.generate())
-    devid, leaf = new_key(), new_key()
+    devid, leaf, init = new_key(), new_key(), new_key()
     kp = KeyPackage.create(
         b"dev-phantom",
         devid,
         leaf.public_key(),
         devid_cert_der("dev-phantom", devid, ak_name=ak.name),
+        init_key=init.public_key(),
         tpm_proof=SimulatedAK.generate().prove_leaf(leaf.public_key()),
     )
     authz = authorize("group.add", G, [("dev-phantom", kp.signature_key)], now=T0)
@@ -210,6 +218,7 @@ def test_a_key_package_whose_key_is_not_in_a_tpm_is_refused() -> None:
         devid,
         new_key().public_key(),
         devid_cert_der("dev-phantom", devid, ak_name=ak.name),
+        init_key=init.public_key(),
         tpm_proof=ak.prove_leaf(leaf.public_key()),
     )
     authz = authorize("group.add", G, [("dev-phantom", kp.signature_key)], now=T0)
@@ -220,7 +229,9 @@ def test_a_key_package_whose_key_is_not_in_a_tpm_is_refused() -> None:
         devid,
         leaf.public_key(),
         devid_cert_der("dev-phantom", devid, ak_name=ak.name),
+        init_key=init.public_key(),
         tpm_proof=ak.prove_leaf(leaf.public_key()),
+        init_tpm_proof=ak.prove_leaf(init.public_key()),
     )
     authz = authorize("group.add", G, [("dev-phantom", kp.signature_key)], now=T0)
     commit, welcome = service.request_commit(
@@ -236,7 +247,13 @@ def fake_group(
     member (a certificate it minted for ``dev-a`` with its own key), updated to ``epoch``, and
     adds ``victim`` with a KeyPackage it asked the victim for, admitted by ``admit``."""
     devid, leaf = new_key(), new_key()
-    own = KeyPackage.create(b"dev-a", devid, leaf.public_key(), devid_cert_der("dev-a", devid))
+    own = KeyPackage.create(
+        b"dev-a",
+        devid,
+        leaf.public_key(),
+        devid_cert_der("dev-a", devid),
+        init_key=new_key().public_key(),
+    )
     envelope = None if admit is None else ChangeAuthorization(admit).encode()
     group = Group.create(G.encode(), own, leaf, authz=envelope)
     while group.epoch < epoch - 1:

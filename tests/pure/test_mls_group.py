@@ -70,6 +70,7 @@ class Member:
     device_id: bytes
     signature_key: ec.EllipticCurvePrivateKey = field(default_factory=new_key)
     leaf_key: FakeCountingKey = field(default_factory=FakeCountingKey)
+    init_key: FakeCountingKey = field(default_factory=FakeCountingKey)
     group: Group | None = None
     _kp: KeyPackage | None = None
     _cred: bytes | None = None
@@ -86,6 +87,7 @@ class Member:
                 self.signature_key,
                 self.leaf_key.public_key(),
                 self.credential(),
+                init_key=self.init_key.public_key(),
             )
         return self._kp
 
@@ -159,9 +161,10 @@ class World:
         welcome = Welcome.decode(result.welcome.encode())
         self.service.check_welcome(self.history[-1], welcome)
         for j in joiners:
-            j.leaf_key.exchanges = 0
-            j.group = Group.join(welcome, j.key_package(), j.leaf_key)
-            assert j.leaf_key.exchanges == 1
+            j.leaf_key.exchanges = j.init_key.exchanges = 0
+            j.group = Group.join(welcome, j.key_package(), j.leaf_key, init_key=j.init_key)
+            # joining costs exactly one ECDH, on the one-time init key, none on the leaf key
+            assert (j.init_key.exchanges, j.leaf_key.exchanges) == (1, 0)
             self.members[j.device_id] = j
 
     def members_any(self) -> Member:
@@ -552,13 +555,15 @@ def test_welcome_for_someone_else_is_refused() -> None:
     result = committer.g.add(committer.signature_key, [joiner.key_package()])
     assert result.welcome is not None
     with pytest.raises(ProtocolError) as exc:
-        Group.join(result.welcome, stranger.key_package(), stranger.leaf_key)
+        Group.join(
+            result.welcome, stranger.key_package(), stranger.leaf_key, init_key=stranger.init_key
+        )
     assert exc.value.check == "mls.welcome.recipient"
     tampered = replace(
         result.welcome, encrypted_group_info=result.welcome.encrypted_group_info[:-1] + b"\0"
     )
     with pytest.raises(ProtocolError) as exc:
-        Group.join(tampered, joiner.key_package(), joiner.leaf_key)
+        Group.join(tampered, joiner.key_package(), joiner.leaf_key, init_key=joiner.init_key)
     assert exc.value.check == "mls.welcome.decrypt"
 
 
@@ -729,7 +734,9 @@ def _welcome_with(
 
 def _join_refused(joiner: Member, welcome: Welcome, check: str, **hooks: Any) -> None:
     with pytest.raises(ProtocolError) as exc:
-        Group.join(welcome, joiner.key_package(), joiner.leaf_key, **hooks)
+        Group.join(
+            welcome, joiner.key_package(), joiner.leaf_key, init_key=joiner.init_key, **hooks
+        )
     assert exc.value.check == check
 
 
@@ -800,7 +807,13 @@ def test_a_welcome_with_a_swapped_credential_is_refused(monkeypatch: pytest.Monk
 
     members: list[Member] = []
     joiner, welcome = _welcome_with(monkeypatch, lambda t: t)
-    Group.join(welcome, joiner.key_package(), joiner.leaf_key, leaf_check=fake_leaf_check)
+    Group.join(
+        welcome,
+        joiner.key_package(),
+        joiner.leaf_key,
+        init_key=joiner.init_key,
+        leaf_check=fake_leaf_check,
+    )
 
     world = World()
     world.add(world.members_any(), 4)
@@ -859,7 +872,11 @@ def test_commits_with_a_forged_leaf_or_a_foreign_credential_are_refused() -> Non
     assert exc.value.check == "mls.leaf.signature"
     # ...and a KeyPackage honestly signed over a foreign certificate is the LeafCheck's to refuse
     lying = KeyPackage.create(
-        joiner.device_id, joiner.signature_key, joiner.leaf_key.public_key(), other.credential()
+        joiner.device_id,
+        joiner.signature_key,
+        joiner.leaf_key.public_key(),
+        other.credential(),
+        init_key=joiner.init_key.public_key(),
     )
     with pytest.raises(ProtocolError) as exc:
         committer.g.add(committer.signature_key, [lying], leaf_check=fake_leaf_check)
@@ -872,7 +889,13 @@ def test_commits_with_a_forged_leaf_or_a_foreign_credential_are_refused() -> Non
     )
     receiver.g.process(result.commit, leaf_check=fake_leaf_check)
     assert result.welcome is not None
-    Group.join(result.welcome, joiner.key_package(), joiner.leaf_key, leaf_check=fake_leaf_check)
+    Group.join(
+        result.welcome,
+        joiner.key_package(),
+        joiner.leaf_key,
+        init_key=joiner.init_key,
+        leaf_check=fake_leaf_check,
+    )
 
 
 def _expect_with(receiver: Member, commit: Commit, check: str, **hooks: Any) -> None:
@@ -901,7 +924,11 @@ def test_admissions_are_recorded_carried_and_checked() -> None:
         seen.append((leaf.device_id, authz, is_own))
 
     joined = Group.join(
-        result.welcome, joiners[0].key_package(), joiners[0].leaf_key, admission_check=record
+        result.welcome,
+        joiners[0].key_package(),
+        joiners[0].leaf_key,
+        init_key=joiners[0].init_key,
+        admission_check=record,
     )
     assert sorted(seen) == sorted(
         [
@@ -920,7 +947,11 @@ def test_admissions_are_recorded_carried_and_checked() -> None:
 
     with pytest.raises(ProtocolError) as exc:
         Group.join(
-            result.welcome, joiners[1].key_package(), joiners[1].leaf_key, admission_check=refuse
+            result.welcome,
+            joiners[1].key_package(),
+            joiners[1].leaf_key,
+            init_key=joiners[1].init_key,
+            admission_check=refuse,
         )
     assert exc.value.check == "authz.expired"
 
@@ -933,7 +964,9 @@ def test_admissions_are_recorded_carried_and_checked() -> None:
         joined.remove(joiners[0].signature_key, [0], commit_check=no_removes)
     assert exc.value.check == "authz.members"
     remove = joined.remove(joiners[0].signature_key, [0]).commit
-    other = Group.join(result.welcome, joiners[1].key_package(), joiners[1].leaf_key)
+    other = Group.join(
+        result.welcome, joiners[1].key_package(), joiners[1].leaf_key, init_key=joiners[1].init_key
+    )
     before = other.to_state()
     with pytest.raises(ProtocolError) as exc:
         other.process(remove, commit_check=no_removes)
@@ -999,6 +1032,11 @@ def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None
         recipients={"dev-joiner"},
     )
     assert isinstance(opened.body, WelcomeDelivery)
-    joined = Group.join(Welcome.decode(opened.body.welcome), joiner.key_package(), joiner.leaf_key)
+    joined = Group.join(
+        Welcome.decode(opened.body.welcome),
+        joiner.key_package(),
+        joiner.leaf_key,
+        init_key=joiner.init_key,
+    )
     assert joined.epoch_authenticator == result.group.epoch_authenticator
     assert joined.tree.member_count() == 1024

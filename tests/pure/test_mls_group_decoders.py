@@ -41,7 +41,9 @@ def _valid_messages() -> list[bytes]:
             sigs[i],
             leaves[i].public_key(),
             devid_cert_der(f"d{i}", sigs[i]),
+            init_key=_key().public_key(),
             tpm_proof=b"proof" if i == 3 else None,
+            init_tpm_proof=b"init proof" if i == 3 else None,
         )
         for i in range(4)
     ]

@@ -169,6 +169,7 @@ def campaign(lab: Lab, supervisor: AgentSupervisor, summary: Summary, name: str,
     if not any(row["group_id"] == G for row in lab.groups()):
         created = lab.op("group", "create", G, "--members", *lab.device_ids, timeout=120)
         assert created.returncode == 0, str(created)
+    lab.wait_settled(G, timeout=60)  # the joiners' first self-updates (docs/treekem.md)
     start_epoch = group_epoch(lab, G)
     wait_agreed(lab, G, start_epoch)
     state = KillCampaign(lab, supervisor, seed)

@@ -181,6 +181,7 @@ def test_disk_full_while_writing_agent_state(
     victim, other = lab.devices[1], lab.devices[0]
     created = lab.op("group", "create", G, "--members", *lab.device_ids, timeout=120)
     assert created.returncode == 0, str(created)
+    lab.wait_settled(G, timeout=60)  # the joiners' first self-updates (docs/treekem.md)
     counts: dict[str, object] = {"tmpfs_size": TMPFS_SIZE}
     with OperatorClient(operator_settings(lab)) as client:
         epoch = group_epoch(lab, G)

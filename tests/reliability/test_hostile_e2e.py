@@ -148,6 +148,7 @@ def test_replayed_flipped_forged_and_stale_messages_are_refused_counted_and_harm
     created = lab.op("group", "create", G, "--members", *lab.device_ids, timeout=120)
     assert created.returncode == 0 and created.final is not None, str(created)
     assert created.final["status"] == "done", str(created)
+    lab.wait_settled(G, timeout=60)  # the joiners' first self-updates (docs/treekem.md)
     start = epoch_of(lab)
     rekey(lab)
     wait_for("the tapped commit", lambda: any(c.epoch == start for _, c in attacker.commits()))

@@ -148,6 +148,7 @@ def test_a_revoked_device_and_a_database_copy_derive_no_later_epoch_key(
     x, a, b, d = lab.devices[:4]
     # A founds the group; B and X join through key packages (X publishes one)
     op(lab, "group", "create", G, "--members", a.id, b.id, x.id)
+    lab.wait_settled(G, [x, a, b], timeout=60)  # the joiners' first self-updates
     e = epoch_of(lab)
     lab.wait_epoch(G, e, [x, a, b], timeout=30)
 
@@ -275,12 +276,13 @@ def test_a_revoked_device_and_a_database_copy_derive_no_later_epoch_key(
         for welcome in welcomes:
             assert not x_refs & {s.key_package_ref for s in welcome.secrets}
             for kp in x_packages:
-                leaf = keys_for(leaf_keys, kp)
-                if leaf is None:
-                    attempts.note("Group.join", "leaf key gone (used and replaced)")
+                leaf = keys_for(leaf_keys, kp.leaf_node().encryption_key)
+                init = keys_for(leaf_keys, kp.init_key)
+                if leaf is None or init is None:
+                    attempts.note("Group.join", "leaf or init key gone (used and destroyed)")
                     continue
                 with pytest.raises(ProtocolError) as refused:
-                    Group.join(welcome, kp, leaf)
+                    Group.join(welcome, kp, leaf, init_key=init)
                 attempts.note("Group.join", refused.value.check)
             for entry in welcome.secrets:
                 for name, key in private_keys.items():
@@ -352,8 +354,7 @@ def tap_key_packages(tap: Tap) -> list[tuple[dict[Any, Any], str]]:
     return out
 
 
-def keys_for(leaf_keys: list[Any], kp: KeyPackage) -> Any:
-    wanted = kp.leaf_node().encryption_key
+def keys_for(leaf_keys: list[Any], wanted: bytes) -> Any:
     return next(
         (k for k in leaf_keys if serialize_public_key(k.public_key()) == wanted),
         None,

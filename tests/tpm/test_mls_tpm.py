@@ -24,11 +24,13 @@ class TpmMember:
         self.store = store
         self.devid: TPMKey = store.create_and_load(KeyKind.DEVID)
         self.leaf: TPMKey = store.create_and_load(KeyKind.LEAF)
+        self.init: TPMKey = store.create_and_load(KeyKind.LEAF)
         self.key_package = KeyPackage.create(
             self.device_id,
             self.devid,
             self.leaf.public_key(),
             devid_cert_der(self.device_id, self.devid),
+            init_key=self.init.public_key(),
         )
         self.group: Group | None = None
 
@@ -77,8 +79,10 @@ def test_tpm_members_agree_and_spend_at_most_one_command_per_commit(
     welcome = result.welcome.encode()
     for joiner in (b, c, d):
         before = joiner.counted()
-        joiner.group = Group.join(Welcome.decode(welcome), joiner.key_package, joiner.leaf)
-        assert joiner.counted() - before == 1  # one ECDH_ZGen with the TPM leaf key
+        joiner.group = Group.join(
+            Welcome.decode(welcome), joiner.key_package, joiner.leaf, init_key=joiner.init
+        )
+        assert joiner.counted() - before == 1  # one ECDH_ZGen, with the TPM init key
 
     worst = []
     # b self-updates with a fresh TPM leaf key; then c removes d; then a updates.

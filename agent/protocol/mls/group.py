@@ -292,21 +292,29 @@ class Group:
         own: KeyPackage,
         leaf_key: ec.EllipticCurvePrivateKey,
         *,
+        init_key: ec.EllipticCurvePrivateKey,
         leaf_check: LeafCheck = accept_any_leaf,
         admission_check: AdmissionCheck = accept_any_admission,
     ) -> Group:
-        """Join from a Welcome sealed to ``own``'s leaf key (one ``exchange()`` on it). Checks
+        """Join from a Welcome sealed to ``own``'s one-time init key (one ``exchange()`` on it;
+        ``mls.init-key`` if ``init_key`` is not the package's, ``mls.leaf-key`` if ``leaf_key``
+        is not). The caller
+        destroys ``init_key`` right after, whatever the outcome. Checks
         the GroupInfo signature, every leaf of its tree (leaf signature, ``leaf_check``, the
         admission: ``mls.welcome.admission`` if the GroupInfo lacks the Authorization a leaf's
         hash names, then ``admission_check``), every parent hash (``mls.parent-hash``), the
         confirmation tag, and the path secret against the tree's public keys."""
+        if serialize_public_key(init_key.public_key()) != own.init_key:
+            raise ProtocolError("mls.init-key", "that is not the KeyPackage's init key")
+        if serialize_public_key(leaf_key.public_key()) != own.leaf_key:
+            raise ProtocolError("mls.leaf-key", "the leaf key does not match the KeyPackage")
         ref = own.ref()
         entry = next((s for s in welcome.secrets if s.key_package_ref == ref), None)
         if entry is None:
             raise ProtocolError("mls.welcome.recipient", "the Welcome is not for this KeyPackage")
         try:
             sealed = decrypt_with_label(
-                leaf_key,
+                init_key,
                 WELCOME_LABEL,
                 welcome.encrypted_group_info,
                 entry.kem_output,
@@ -609,7 +617,7 @@ class Group:
             k = next(k for k, node in enumerate(nodes) if tm.is_in_subtree(x, node))
             plaintext = GroupSecrets(joiner_secret, path_secrets[k]).encode()
             kem, ct = encrypt_with_label(
-                codec.public_key(kp.leaf_key), WELCOME_LABEL, encrypted_info, plaintext, rng
+                codec.public_key(kp.init_key), WELCOME_LABEL, encrypted_info, plaintext, rng
             )
             sealed.append(EncryptedGroupSecrets(kp.ref(), kem, ct))
         return Welcome(tuple(sealed), encrypted_info)

@@ -11,7 +11,7 @@ and ``agent.protocol.mls.group``, which are the only ways into a group's state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -27,7 +27,9 @@ from agent.protocol.mls.crypto import (
 )
 from agent.protocol.mls.tree import SOURCE_KEY_PACKAGE, LeafNode, RatchetTree
 
-KEY_PACKAGE_VERSION = 1
+KEY_PACKAGE_VERSION = 2
+"""2: a one-time init key apart from the leaf key, and a lifetime (docs/wire.md)."""
+MAX_TIME = (1 << 64) - 1
 CIPHER_SUITE = 2  # MLS_128_DHKEMP256_AES128GCM_SHA256_P256
 MAX_TPM_PROOF = 4096
 MAX_AUTHORIZATION = 64 * 1024
@@ -48,20 +50,31 @@ def _hpke_ct(value: object, what: str) -> tuple[bytes, bytes]:
     )
 
 
+def _proof(value: object, what: str) -> bytes | None:
+    return None if value is None else codec.as_bytes(value, what, 1, MAX_TPM_PROOF)
+
+
 # -- KeyPackage -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class KeyPackage:
-    """A device's offer to be added to a group (format version 1, cipher suite 2): its leaf
+    """A device's offer to be added to a group (format version 2, cipher suite 2): its leaf
     (device id, DevID public key, leaf HPKE public key, DevID certificate; signed by the DevID
-    key), an optional proof that the leaf key lives in the device's TPM (opaque here: the
-    caller's ``LeafCheck``/add check verifies it), and the DevID signature over all of it. The
-    leaf key doubles as the MLS init_key (the Welcome is sealed to it): both live in the TPM and
-    neither is ever exported."""
+    key), a one-time **init key** the Welcome is sealed to (RFC 9420 §10; it must differ from the
+    leaf key), a lifetime ``[not_before, not_after]`` (Unix seconds, inclusive), optional proofs
+    that the leaf key and the init key live in the device's TPM (opaque here: the caller's add
+    check verifies them), and the DevID signature over all of it.
+
+    The init key opens exactly one Welcome and is then destroyed by its owner, so a Welcome
+    kept by anyone can no longer be opened with what stays on the device (docs/treekem.md)."""
 
     leaf: LeafNode
+    init_key: bytes
+    not_before: int
+    not_after: int
     tpm_proof: bytes | None
+    init_tpm_proof: bytes | None
     signature: bytes
 
     @property
@@ -93,11 +106,17 @@ class KeyPackage:
         leaf_key: ec.EllipticCurvePublicKey,
         credential: bytes,
         *,
+        init_key: ec.EllipticCurvePublicKey,
+        lifetime: tuple[int, int] = (0, MAX_TIME),
         tpm_proof: bytes | None = None,
+        init_tpm_proof: bytes | None = None,
     ) -> KeyPackage:
         """Sign a KeyPackage with the device's signature key (only ``sign``/``public_key`` are
         called on it: it may live in a TPM). ``credential`` is the DevID certificate (DER) of
-        ``signature_key``; ``tpm_proof`` the TPM residency proof of ``leaf_key``, if any."""
+        ``signature_key``; ``init_key`` the one-time key the Welcome will be sealed to;
+        ``lifetime`` (not_before, not_after) in Unix seconds (the default never expires: for
+        tests and for the creator's own package, which no Welcome is ever sealed to);
+        ``tpm_proof``/``init_tpm_proof`` the TPM residency proofs of the two keys, if any."""
         leaf = LeafNode.signed(
             signature_key,
             device_id=device_id,
@@ -105,16 +124,39 @@ class KeyPackage:
             credential=credential,
             source=SOURCE_KEY_PACKAGE,
         )
-        unsigned = cls(leaf, tpm_proof, b"")
-        return cls(
-            leaf, tpm_proof, sign_with_label(signature_key, b"KeyPackageTBS", unsigned._tbs())
+        unsigned = cls(
+            leaf,
+            serialize_public_key(init_key),
+            lifetime[0],
+            lifetime[1],
+            tpm_proof,
+            init_tpm_proof,
+            b"",
+        )
+        unsigned._check_shape()
+        return replace(
+            unsigned,
+            signature=sign_with_label(signature_key, b"KeyPackageTBS", unsigned._tbs()),
         )
 
+    def _check_shape(self) -> None:
+        if self.init_key == self.leaf.encryption_key:
+            raise ProtocolError(
+                "mls.init-key", "a KeyPackage's init key must differ from its leaf key"
+            )
+        if self.not_before > self.not_after:
+            raise ProtocolError(
+                "mls.key-package.lifetime", "a KeyPackage's lifetime ends before it starts"
+            )
+
     def verify(self) -> None:
-        """The leaf is a KeyPackage leaf (``mls.leaf.source``) and its signature verifies
-        (``mls.leaf.signature``); the KeyPackage signature verifies under the leaf's signature
-        key (``mls.key-package.signature``). Who that key belongs to is for the caller's
-        ``LeafCheck``."""
+        """The init key differs from the leaf key (``mls.init-key``), the lifetime is an
+        interval (``mls.key-package.lifetime``), the leaf is a KeyPackage leaf
+        (``mls.leaf.source``) and its signature verifies (``mls.leaf.signature``); the
+        KeyPackage signature verifies under the leaf's signature key
+        (``mls.key-package.signature``). Who that key belongs to is for the caller's
+        ``LeafCheck``; whether the package is still valid is ``check_lifetime``."""
+        self._check_shape()
         if self.leaf.source != SOURCE_KEY_PACKAGE:
             raise ProtocolError("mls.leaf.source", "a KeyPackage leaf must have source 1")
         self.leaf.verify(b"", 0)
@@ -127,6 +169,15 @@ class KeyPackage:
                 "mls.key-package.signature", "KeyPackage signature does not verify"
             ) from None
 
+    def check_lifetime(self, now: int) -> None:
+        """``mls.key-package.expired`` unless ``not_before <= now <= not_after``: checked by the
+        member committing the add and by the joiner opening the Welcome."""
+        if not self.not_before <= now <= self.not_after:
+            raise ProtocolError(
+                "mls.key-package.expired",
+                f"the KeyPackage is valid from {self.not_before} to {self.not_after}, not at {now}",
+            )
+
     def ref(self) -> bytes:
         """KeyPackageRef = RefHash("MLS 1.0 KeyPackage Reference", encoded KeyPackage)."""
         return ref_hash(KEY_PACKAGE_REF_LABEL, self.encode())
@@ -138,22 +189,31 @@ class KeyPackage:
         return {
             "v": KEY_PACKAGE_VERSION,
             "suite": CIPHER_SUITE,
+            "init": self.init_key,
             "leaf": self.leaf.to_obj(),
+            "life": [self.not_before, self.not_after],
             "tpm": self.tpm_proof,
+            "itpm": self.init_tpm_proof,
             "signature": self.signature,
         }
 
     @classmethod
     def from_obj(cls, value: object, what: str = "key_package") -> KeyPackage:
-        m = codec.as_map(value, what, {"v", "suite", "leaf", "tpm", "signature"})
+        m = codec.as_map(
+            value, what, {"v", "suite", "init", "leaf", "life", "tpm", "itpm", "signature"}
+        )
         codec.expect_exact(m["v"], KEY_PACKAGE_VERSION, f"{what}.v", "mls.version")
         codec.expect_exact(m["suite"], CIPHER_SUITE, f"{what}.suite", "mls.suite")
-        tpm = (
-            None if m["tpm"] is None else codec.as_bytes(m["tpm"], f"{what}.tpm", 1, MAX_TPM_PROOF)
+        life = codec.as_list(
+            m["life"], f"{what}.life", 2, lambda v, w: codec.as_uint(v, w, MAX_TIME), min_len=2
         )
         return cls(
             leaf=LeafNode.from_obj(m["leaf"], f"{what}.leaf"),
-            tpm_proof=tpm,
+            init_key=codec.as_point(m["init"], f"{what}.init"),
+            not_before=life[0],
+            not_after=life[1],
+            tpm_proof=_proof(m["tpm"], f"{what}.tpm"),
+            init_tpm_proof=_proof(m["itpm"], f"{what}.itpm"),
             signature=codec.as_bytes(m["signature"], f"{what}.signature", 8, codec.MAX_SIGNATURE),
         )
 
@@ -408,7 +468,7 @@ class GroupInfo:
 
 @dataclass(frozen=True)
 class EncryptedGroupSecrets:
-    """GroupSecrets sealed (EncryptWithLabel "Welcome") to the leaf key of the KeyPackage whose
+    """GroupSecrets sealed (EncryptWithLabel "Welcome") to the init key of the KeyPackage whose
     reference is ``key_package_ref``."""
 
     key_package_ref: bytes

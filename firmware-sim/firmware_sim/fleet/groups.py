@@ -18,7 +18,7 @@ from typing import Final
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol import authz as az
-from agent.protocol.hpke import serialize_public_key
+from agent.protocol.hpke import generate_key_pair, serialize_public_key
 from agent.protocol.membership import ChangeAuthorization
 from agent.protocol.mls import codec
 from agent.protocol.mls.group import Group
@@ -68,7 +68,11 @@ def seed_group(
     for device in devices:
         leaf = device.keys.new_leaf_key()
         key_package = KeyPackage.create(
-            device.device_id.encode(), device.keys.devid, leaf.public_key(), device.credential
+            device.device_id.encode(),
+            device.keys.devid,
+            leaf.public_key(),
+            device.credential,
+            init_key=generate_key_pair().public_key(),  # assembled: no Welcome is sealed to it
         )
         members.append((key_package, leaf, device.keys.devid))
     envelope = None if authz is None else ChangeAuthorization(authz).encode()

@@ -464,6 +464,28 @@ class VirtualFleet:
         with self.lock:
             return {d.device_id: d.core.epoch(group) for d in self.devices}
 
+    def wait_settled(self, group: str, timeout: float) -> int:
+        """Wait until every device holds ``group`` at one common epoch and none still holds the
+        leaf key it joined with (each joiner's first self-update is done); returns that epoch.
+        ``StateError`` naming the stragglers on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                epochs = {d.device_id: d.core.epoch(group) for d in self.devices}
+                pending = [d.device_id for d in self.devices if d.core.fresh_leaf_pending(group)]
+            common = set(epochs.values())
+            if len(common) == 1 and None not in common and not pending:
+                (epoch,) = common
+                assert epoch is not None
+                return epoch
+            if time.monotonic() > deadline:
+                raise StateError(
+                    f"group {group} not settled after {timeout:g}s: epochs "
+                    f"{sorted(e for e in common if e is not None)}, first update pending at "
+                    + " ".join(pending[:10])
+                )
+            time.sleep(0.01)
+
     def authenticators(self, group: str) -> dict[str, tuple[int, bytes] | None]:
         """Per device: (epoch, epoch authenticator) of ``group``, or None if it is no member.
         Epoch authenticators are public by design (they derive nothing)."""

@@ -24,7 +24,7 @@ from agent.protocol.wire.messages.base import (
     check_ids,
 )
 
-UPDATE_REASONS = frozenset({"max-epoch-age", "max-messages-per-epoch"})
+UPDATE_REASONS = frozenset({"max-epoch-age", "max-messages-per-epoch", "first-update-after-join"})
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ class WelcomeMessage(Body):
 class UpdateRequest(Body):
     """Member -> service: this member's current epoch of ``group_id`` reached its rotation limit
     (``reason``: ``max-epoch-age`` or ``max-messages-per-epoch``,
-    agent.protocol.lifecycle.RotationReason);
+    agent.protocol.lifecycle.RotationReason), or it still holds the leaf key it joined with
+    (``first-update-after-join``, agent.protocol.initkeys);
     please send it a ``svc.commit_request`` with action ``update`` (a self-update with a new TPM
     leaf key). Asking rather than committing keeps the service the only orderer of commits."""
 
