@@ -1,0 +1,136 @@
+"""A compromised member trying to wedge a group: the service refuses commits it did not ask
+for (``ds.commit.unsolicited``), rate-limits member-initiated updates where a group allows them
+(``ds.commit.rate``), and decides on a rollback only on enough witnesses
+(provisioning/service/recovery.py). Pure: SQLite file, software devices (tests/service_members.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from provisioning.service.recovery import MIN_WITNESSES, Verdict, commit_hash, decide
+from tests.pure.test_service_core import Fleet, create_g1, make_fleet, snapshot
+
+pytestmark = pytest.mark.pure
+
+MEMBERS = tuple(f"dev-{i}" for i in range(1, 9))
+BAD = b"junk-path-commit"
+
+
+def self_update(fleet: Fleet, name: str) -> list[tuple[str, bytes]]:
+    """A validly signed self-update ``name`` makes without being asked."""
+    device = fleet.devices[name]
+    commit = device.groups["g1"].update(device.devid, ec.generate_private_key(ec.SECP256R1()))
+    return device.commit_result("g1", commit, None, fleet.now)
+
+
+def test_a_compromised_members_unasked_commit_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    fleet = next(make_fleet(tmp_path))
+    create_g1(fleet)
+    before = snapshot(fleet)
+    refused = fleet.service.rejections.count("ds.commit.unsolicited")
+    fleet.send(*self_update(fleet, "dev-2"))
+    assert fleet.service.rejections.count("ds.commit.unsolicited") == refused + 1
+    assert snapshot(fleet) == before  # no epoch moved, no commit logged
+    entry = fleet.audit_entries()[-1]
+    assert entry.actor == "device:dev-2" and "ds.commit.unsolicited" in entry.reason
+
+
+def test_member_updates_allowed_are_rate_limited_per_member(tmp_path: Path) -> None:
+    fleet = next(make_fleet(tmp_path, member_updates=True, member_update_min_interval=600))
+    create_g1(fleet)
+    epoch = fleet.epoch("g1")
+    # dev-2 committed an add while the group was created: any commit renews its leaf, so the
+    # interval counts from it
+    fleet.send(*self_update(fleet, "dev-2"))
+    assert fleet.service.rejections.count("ds.commit.rate") == 1
+    fleet.now += 600
+    fleet.send(*self_update(fleet, "dev-2"))
+    assert fleet.epoch("g1") == epoch + 1
+    before = snapshot(fleet)
+    fleet.now += 60
+    fleet.send(*self_update(fleet, "dev-2"))
+    assert fleet.service.rejections.count("ds.commit.rate") == 2
+    assert snapshot(fleet) == before
+    # another member is not held back by dev-2's budget; dev-2 again after the interval
+    fleet.send(*self_update(fleet, "dev-3"))
+    assert fleet.epoch("g1") == epoch + 2
+    fleet.now += 600
+    fleet.send(*self_update(fleet, "dev-2"))
+    assert fleet.epoch("g1") == epoch + 3
+
+
+# -- the recovery decision (pure) --------------------------------------------------------------
+
+
+def verdict(reports: dict[str, bytes], acks: set[str], *, now: int = 100) -> Verdict:
+    return decide(
+        committer="dev-1",
+        members=MEMBERS,
+        reports=reports,
+        acks=acks,
+        commit=BAD,
+        accepted_at=90,
+        now=now,
+        wait=10,
+    ).verdict
+
+
+def test_a_junk_commit_nobody_can_process_is_rolled_back() -> None:
+    others = {m: commit_hash(BAD) for m in MEMBERS[1:]}
+    assert verdict(others, set(), now=91) is Verdict.ROLLBACK  # everyone answered
+    two = dict(list(others.items())[:MIN_WITNESSES])
+    assert verdict(two, set(), now=91) is Verdict.WAIT  # the rest may still ack
+    assert verdict(two, set(), now=100) is Verdict.ROLLBACK
+
+
+def test_a_single_liar_cannot_roll_back_an_honest_commit() -> None:
+    liar = {"dev-5": commit_hash(BAD)}
+    assert verdict(liar, set(), now=200) is Verdict.STANDS
+    assert verdict(liar, set(MEMBERS[1:]) - {"dev-5"}) is Verdict.STANDS
+
+
+def test_colluding_liars_are_outnumbered_by_the_members_that_processed_it() -> None:
+    liars = {m: commit_hash(BAD) for m in ("dev-5", "dev-6", "dev-7")}
+    honest = {"dev-2", "dev-3", "dev-4", "dev-8"}
+    assert verdict(liars, honest, now=91) is Verdict.STANDS
+
+
+def test_reports_by_the_committer_or_naming_another_commit_do_not_count() -> None:
+    reports = {
+        "dev-1": commit_hash(BAD),  # the committer itself
+        "dev-2": commit_hash(BAD),
+        "dev-3": commit_hash(b"another commit"),
+        "dev-99": commit_hash(BAD),  # not a member
+    }
+    decision = decide(
+        committer="dev-1",
+        members=MEMBERS,
+        reports=reports,
+        acks=set(),
+        commit=BAD,
+        accepted_at=0,
+        now=100,
+        wait=10,
+    )
+    assert decision.witnesses == ("dev-2",) and decision.verdict is Verdict.STANDS
+
+
+def test_a_repeat_offender_is_refused_unasked_every_time(tmp_path: Path) -> None:
+    """A compromised member that keeps committing unasked: every attempt is refused by
+    check id, counted and audited; the group never moves."""
+    fleet = next(make_fleet(tmp_path))
+    create_g1(fleet)
+    before = snapshot(fleet)
+    for _ in range(3):
+        fleet.now += 1
+        fleet.send(*self_update(fleet, "dev-3"))
+    assert fleet.service.rejections.count("ds.commit.unsolicited") == 3
+    assert snapshot(fleet) == before
+    refusals = [e for e in fleet.audit_entries() if "ds.commit.unsolicited" in (e.reason or "")]
+    assert len(refusals) == 3
