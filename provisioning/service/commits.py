@@ -48,6 +48,7 @@ from provisioning.service.effects import (
     Send,
 )
 from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
+from provisioning.service.store import wedge as wedge_store
 
 log = logging.getLogger("keyfleet.service")
 
@@ -280,6 +281,8 @@ def accept_commit(
         for kp, leaf in zip(commit.content.adds, verified.added, strict=True)
     }
     registry = Registry(session)
+    # what a rollback restores if members cannot process this commit (recovery, rollback)
+    wedge_store.save_previous(session, body.group_id)
     registry.append_commit(
         body.group_id,
         epoch=body.epoch,

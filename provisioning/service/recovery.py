@@ -15,13 +15,14 @@ commit it accepted (docs/threat-model.md, "An insider wedging a group").
 
 2. **Recovery decision** (pure: ``decide``). Members that cannot process an accepted commit
    report it (``group.commit_refused``: group, epoch, commit hash, check id among
-   ``REPORTABLE``) and stay at the previous epoch. A report cannot be verified publicly (only
-   the reporter's private leaf key shows that its path ciphertext is junk), so the service
-   counts witnesses: it rolls back when at least ``MIN_WITNESSES`` distinct members other than
-   the committer reported the commit's exact hash *and* reporters outnumber the members (other
-   than the committer) that acked the new epoch. The decision waits until every other member
-   answered (ack or report) or ``recovery_wait`` seconds passed since acceptance, so a fast
-   liar's report cannot overtake honest acks.
+   ``REFUSAL_CHECKS`` of agent.protocol.wire.messages.group) and stay at the previous epoch.
+   A report cannot be verified publicly (only the reporter's private leaf key shows that its
+   path ciphertext is junk), so the service counts witnesses: it rolls back when at least
+   ``MIN_WITNESSES`` distinct members other than the committer reported the commit's exact
+   hash *and* reporters outnumber the members (other than the committer) that acked the new
+   epoch. The decision waits until every other member answered (ack or report) or
+   ``recovery_wait`` seconds passed since acceptance, so a fast liar's report cannot overtake
+   honest acks.
 
    Why this threshold: one lying member can never trigger anything (a second witness is
    needed); a few colluding liars cannot roll back an honest commit that the rest of the group
@@ -43,12 +44,10 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning.service.model import Job, JobState, ServiceSettings
 
-REPORTABLE = frozenset({"mls.path.decrypt", "mls.path.mismatch", "mls.confirmation-tag"})
-"""The check ids a member reports for an accepted commit it cannot process: each means the
-commit's private part (path secrets, confirmation tag) is wrong, which no public check sees."""
-
 MIN_WITNESSES = 2
-"""Distinct members (never the committer) whose reports a rollback needs at least."""
+"""Distinct members (never the committer) whose reports a rollback needs at least (in a group
+of two, the one other member: nothing tells the two apart, and the rollback leaves the
+reporter alone in the group)."""
 
 
 def commit_hash(commit: bytes) -> bytes:
@@ -176,12 +175,13 @@ def decide(
     answered = set(witnesses) | set(ackers)
     if answered < others and now - accepted_at < wait:
         return Decision(Verdict.WAIT, witnesses, ackers, "waiting for the other members")
-    if len(witnesses) < MIN_WITNESSES:
+    needed = min(MIN_WITNESSES, len(others))
+    if len(witnesses) < needed or not witnesses:
         return Decision(
             Verdict.STANDS,
             witnesses,
             ackers,
-            f"{len(witnesses)} member(s) reported it; a rollback needs {MIN_WITNESSES}",
+            f"{len(witnesses)} member(s) reported it; a rollback needs {needed}",
         )
     if len(witnesses) <= len(ackers):
         return Decision(

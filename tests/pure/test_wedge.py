@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.protocol import dataseal
+from agent.protocol.errors import CryptoError
+from agent.protocol.mls import group as mls_group
+from agent.protocol.wire.messages.group import UpdateRequest
+from provisioning.registry import DeviceState, Registry
 from provisioning.service.recovery import MIN_WITNESSES, Verdict, commit_hash, decide
-from tests.pure.test_service_core import Fleet, create_g1, make_fleet, snapshot
+from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet, snapshot
 
 pytestmark = pytest.mark.pure
 
@@ -134,3 +139,98 @@ def test_a_repeat_offender_is_refused_unasked_every_time(tmp_path: Path) -> None
     assert snapshot(fleet) == before
     refusals = [e for e in fleet.audit_entries() if "ds.commit.unsolicited" in (e.reason or "")]
     assert len(refusals) == 3
+
+
+# -- recovery from an accepted junk commit -----------------------------------------------------
+
+
+def junk_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every UpdatePath ciphertext made from now on is junk (a compromised member's commit:
+    validly signed, public checks pass, nobody can decrypt its path secrets)."""
+    real = mls_group.encrypt_with_label
+
+    def junk(*args: object, **kwargs: object) -> tuple[bytes, bytes]:
+        kem, ct = real(*args, **kwargs)  # type: ignore[arg-type]
+        return kem, bytes(len(ct))
+
+    monkeypatch.setattr(mls_group, "encrypt_with_label", junk)
+
+
+def test_a_compromised_members_junk_commit_is_rolled_back_and_the_insider_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compromised member (dev-5) asks for a self-update (its epoch is "old") and answers the
+    service's commit request with junk path ciphertexts. Every honest member refuses it
+    (mls.path.decrypt) and reports it; the service rolls the group back, quarantines dev-5 and
+    an honest member removes it; the seven go on, dev-5 decrypts nothing sealed after."""
+    fleet = next(make_fleet(tmp_path, MEMBERS))
+    create_g1(fleet)
+    epoch = fleet.epoch("g1")
+    insider = fleet.devices["dev-5"]
+    honest = [fleet.devices[m] for m in MEMBERS if m != "dev-5"]
+    before = {d.device_id: d.groups["g1"].epoch_authenticator for d in honest}
+    with monkeypatch.context() as patch:
+        junk_path(patch)
+        fleet.send(insider.report(UpdateRequest("g1", epoch, "max-epoch-age"), fleet.now))
+    assert fleet.epoch("g1") == epoch + 1  # accepted: every public check passed
+    assert fleet.service.rejections.count("ds.commit.unsolicited") == 0
+    # every honest member refused it and stayed where it was
+    for device in honest:
+        assert device.groups["g1"].epoch == epoch
+        assert device.groups["g1"].epoch_authenticator == before[device.device_id]
+    reports = [e for e in fleet.audit_entries() if e.action == "group.commit_refused"]
+    assert len(reports) == 7 and all("mls.path.decrypt" in (e.reason or "") for e in reports)
+
+    fleet.tick(1)  # everyone answered: judged on the next tick
+    actions = [e.action for e in fleet.audit_entries()]
+    assert "group.rollback" in actions
+    rollback = next(e for e in fleet.audit_entries() if e.action == "group.rollback")
+    assert rollback.details_dict()["committer"] == "dev-5"
+    with fleet.sessions() as s:
+        assert Registry(s).device("dev-5").state is DeviceState.QUARANTINED
+        # the bad commit is gone from the commit log: catch-up can no longer replay it
+        assert all(c.committer != "dev-5" for c in Registry(s).commits_from("g1", epoch))
+    # an honest member's removal commit moved the seven on, together
+    assert "dev-5" not in fleet.members("g1")
+    assert fleet.epoch("g1") == epoch + 1
+    assert all(d.groups["g1"].epoch == epoch + 1 for d in honest)
+    assert len({d.groups["g1"].epoch_authenticator for d in honest}) == 1
+    assert len(agreed(fleet, "g1")) == 2  # the seven, and the insider's dead branch
+
+    # data keeps flowing among the honest members; the insider opens none of it
+    sealed = dataseal.seal("g1", epoch + 1, honest[0].groups["g1"].data_key(16), b"after recovery")
+    assert dataseal.open_sealed(sealed, lambda g, e: honest[5].groups["g1"].data_key(16)) == (
+        b"after recovery"
+    )
+    with pytest.raises(CryptoError) as err:
+        dataseal.open_sealed(sealed, lambda g, e: insider.groups["g1"].data_key(16))
+    assert err.value.check == "data.auth"
+
+
+def test_a_single_liar_gets_itself_re_added_and_nothing_else(tmp_path: Path) -> None:
+    """A compromised member reports an honest commit as junk: the commit stands (six members
+    acked it), the liar gets a fresh welcome, nobody is removed or quarantined."""
+    fleet = next(make_fleet(tmp_path, MEMBERS))
+    create_g1(fleet)
+    epoch = fleet.epoch("g1")
+    liar = fleet.devices["dev-4"]
+    liar_group = liar.groups["g1"]
+    fleet.send(
+        fleet.devices["dev-2"].report(UpdateRequest("g1", epoch, "max-epoch-age"), fleet.now)
+    )
+    assert fleet.epoch("g1") == epoch + 1
+    entry_hash = None
+    with fleet.sessions() as s:
+        entry_hash = commit_hash(Registry(s).commits_from("g1", epoch)[0].commit)
+    from agent.protocol.wire.messages.group import CommitRefused
+
+    liar.groups["g1"] = liar_group  # it pretends to be stuck
+    fleet.send(liar.report(CommitRefused("g1", epoch, entry_hash, "mls.path.decrypt"), fleet.now))
+    fleet.tick(11)
+    actions = [e.action for e in fleet.audit_entries()]
+    assert "group.rollback" not in actions and "group.commit_reports" in actions
+    with fleet.sessions() as s:
+        states = {m: Registry(s).device(m).state for m in MEMBERS}
+    assert DeviceState.QUARANTINED not in states.values()
+    assert sorted(fleet.members("g1")) == sorted(MEMBERS)
+    assert len(agreed(fleet, "g1")) == 1  # the liar re-joined the real epoch
