@@ -524,6 +524,7 @@ class AgentCore:
         if not isinstance(body, CommitMessage) or exc.check not in REFUSAL_CHECKS:
             return
         digest = hashlib.sha256(body.commit).digest()
+        outcome.changed = True  # the report took a seq: persist it before publishing
         outcome.publishes.append(
             self._send(CommitRefused(body.group_id, body.epoch, digest, exc.check))
         )
