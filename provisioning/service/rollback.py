@@ -33,7 +33,7 @@ from provisioning.service import catchup, jobs, operators, store
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log
 from provisioning.service.model import GROUP_ELIGIBLE, JobState
-from provisioning.service.recovery import Decision, Verdict, decide
+from provisioning.service.recovery import Decision, Verdict, commit_hash, decide
 from provisioning.service.store import wedge as wedge_store
 
 log = logging.getLogger("keyfleet.service")
@@ -58,6 +58,14 @@ def on_commit_refused(
             "ds.recovery.epoch",
             f"group {body.group_id!r} is at epoch {group.epoch}: a report about the commit of "
             f"epoch {body.epoch} is not about its newest commit",
+        )
+    entry = store.commit_at(session, body.group_id, body.epoch)
+    if entry is None or commit_hash(entry.commit) != body.commit_hash:
+        # a late report about a commit already rolled back (the epoch has a new commit since)
+        raise ProtocolError(
+            "ds.recovery.commit",
+            f"group {body.group_id!r}: the report names another commit than the one accepted "
+            f"in epoch {body.epoch}",
         )
     if not wedge_store.add_report(session, sender, body, now=now):
         return []

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.protocol import dataseal
 from agent.protocol.errors import CryptoError
 from agent.protocol.mls import group as mls_group
-from agent.protocol.wire.messages.group import UpdateRequest
+from agent.protocol.wire.messages.group import CommitRefused, UpdateRequest
 from provisioning.registry import DeviceState, Registry
 from provisioning.service.recovery import MIN_WITNESSES, Verdict, commit_hash, decide
 from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet, snapshot
@@ -197,6 +197,11 @@ def test_a_compromised_members_junk_commit_is_rolled_back_and_the_insider_remove
     assert len({d.groups["g1"].epoch_authenticator for d in honest}) == 1
     assert len(agreed(fleet, "g1")) == 2  # the seven, and the insider's dead branch
 
+    # a late report about the rolled-back commit is not counted against the removal commit
+    late = CommitRefused("g1", epoch, commit_hash(b"the rolled-back commit"), "mls.path.decrypt")
+    fleet.send(honest[1].report(late, fleet.now))
+    assert fleet.service.rejections.count("ds.recovery.commit") == 1
+
     # data keeps flowing among the honest members; the insider opens none of it
     sealed = dataseal.seal("g1", epoch + 1, honest[0].groups["g1"].data_key(16), b"after recovery")
     assert dataseal.open_sealed(sealed, lambda g, e: honest[5].groups["g1"].data_key(16)) == (
@@ -222,8 +227,6 @@ def test_a_single_liar_gets_itself_re_added_and_nothing_else(tmp_path: Path) -> 
     entry_hash = None
     with fleet.sessions() as s:
         entry_hash = commit_hash(Registry(s).commits_from("g1", epoch)[0].commit)
-    from agent.protocol.wire.messages.group import CommitRefused
-
     liar.groups["g1"] = liar_group  # it pretends to be stuck
     fleet.send(liar.report(CommitRefused("g1", epoch, entry_hash, "mls.path.decrypt"), fleet.now))
     fleet.tick(11)
