@@ -18,6 +18,7 @@ from agent.protocol.wire.messages.group import CommitRefused, UpdateRequest
 from provisioning.registry import DeviceState, Registry
 from provisioning.service.recovery import MIN_WITNESSES, Verdict, commit_hash, decide
 from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet, snapshot
+from tests.service_members import rekey
 
 pytestmark = pytest.mark.pure
 
@@ -44,6 +45,25 @@ def test_a_compromised_members_unasked_commit_is_refused_and_changes_nothing(
     assert snapshot(fleet) == before  # no epoch moved, no commit logged
     entry = fleet.audit_entries()[-1]
     assert entry.actor == "device:dev-2" and "ds.commit.unsolicited" in entry.reason
+
+
+def test_a_commit_request_to_one_member_is_not_an_invitation_to_another(tmp_path: Path) -> None:
+    """A rekey asked of one member (its request still on the way): a compromised member racing
+    in with its own update is refused; the asked member's answer is taken."""
+    fleet = next(make_fleet(tmp_path))
+    create_g1(fleet)
+    epoch = fleet.epoch("g1")
+    fleet.offline.update(fleet.devices)  # the request waits in the asked member's inbox
+    fleet.command("op-alice", rekey("g1"))
+    (asked,) = [name for name in fleet.devices if fleet.inbox.get(name)]
+    insider = next(name for name in fleet.devices if name != asked)
+    fleet.offline.clear()
+    fleet.send(*self_update(fleet, insider))
+    assert fleet.service.rejections.count("ds.commit.unsolicited") == 1
+    assert fleet.epoch("g1") == epoch
+    fleet.offline.add(asked)
+    fleet.come_online(asked)
+    assert fleet.epoch("g1") == epoch + 1
 
 
 def test_member_updates_allowed_are_rate_limited_per_member(tmp_path: Path) -> None:
