@@ -90,7 +90,9 @@ from agent.protocol.wire.messages.attestation import AttestChallenge, AttestRepo
 from agent.protocol.wire.messages.base import ID_PATTERN, Body
 from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
+    REFUSAL_CHECKS,
     CommitMessage,
+    CommitRefused,
     GroupCreated,
     KeyPackageMessage,
     UpdateRequest,
@@ -454,6 +456,7 @@ class AgentCore:
         except ProtocolError as exc:
             outcome = self._refuse(exc, message)
             self._maybe_catch_up(message, exc, outcome)
+            self._maybe_report_commit(message, exc, outcome)
             return outcome
         guard.accept(message)
         self._guard = guard
@@ -538,6 +541,21 @@ class AgentCore:
         if exc.check not in ("replay.epoch-future", "mls.epoch-future", "revocation.gap"):
             return
         self._ask_catch_up(outcome)
+
+    def _maybe_report_commit(
+        self, message: VerifiedMessage, exc: ProtocolError, outcome: Outcome
+    ) -> None:
+        """A commit we cannot process (its private part is wrong: junk path ciphertexts, a
+        wrong confirmation tag) is reported as such, so the service can roll the group back;
+        we stay at the commit's epoch (provisioning/service/recovery.py)."""
+        body = message.body
+        if not isinstance(body, CommitMessage) or exc.check not in REFUSAL_CHECKS:
+            return
+        digest = hashlib.sha256(body.commit).digest()
+        outcome.changed = True  # the report took a seq: persist it before publishing
+        outcome.publishes.append(
+            self._send(CommitRefused(body.group_id, body.epoch, digest, exc.check))
+        )
 
     def _ask_catch_up(self, outcome: Outcome) -> None:
         if self.last_report is not None and self._now - self.last_report < CATCHUP_REPORT_INTERVAL:

@@ -163,6 +163,9 @@ class AttestationConfig:
 class GroupsConfig:
     commit_log_retention_epochs: int
     ack_timeout_seconds: int
+    member_updates: bool = False
+    member_update_min_interval_seconds: int = 3600
+    recovery_wait_seconds: int = 10
 
 
 @dataclass(frozen=True)
@@ -411,6 +414,9 @@ def _schema(base: Path) -> Table:
         "groups": {
             "commit_log_retention_epochs": Field(Int(1, 1_000_000, "epochs"), default=64),
             "ack_timeout_seconds": Field(seconds(1, 86400), default=30),
+            "member_updates": Field(Bool(), default=False),
+            "member_update_min_interval_seconds": Field(seconds(1, 30 * 86400), default=3600),
+            "recovery_wait_seconds": Field(seconds(1, 3600), default=10),
         },
         "quorum": {
             "min_approvals": Field(Int(1, 16, "operators"), default=2),

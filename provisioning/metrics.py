@@ -127,7 +127,9 @@ class ServiceMetrics:
         )
         self.commits = Counter(
             "keyfleet_commits_total",
-            "Group commits: accepted, or refused (any check, incl. a taken epoch).",
+            "Group commits: accepted, refused (any check, incl. a taken epoch), rolled_back "
+            "(members reported it and the service undid it) or reported (reports judged, the "
+            "commit stood).",
             ("outcome",),
         )
         self.attestations = Counter(

@@ -28,7 +28,9 @@ from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.group import (
+    REFUSAL_CHECKS,
     CommitMessage,
+    CommitRefused,
     GroupCreated,
     KeyPackageMessage,
     WelcomeMessage,
@@ -226,7 +228,14 @@ class SoftDevice:
             ]:
                 del self.groups[gid]
                 return []
-            self.groups[gid] = group.process(commit)
+            try:
+                self.groups[gid] = group.process(commit)
+            except ProtocolError as exc:
+                if exc.check not in REFUSAL_CHECKS:
+                    raise
+                # as the agent does: report it, stay at the commit's epoch
+                digest = hashlib.sha256(body.commit).digest()
+                return [self.report(CommitRefused(gid, body.epoch, digest, exc.check), now)]
         self.pending = {k: v for k, v in self.pending.items() if k[0] != gid or k[1] > body.epoch}
         return [self._ack(gid, now)]
 

@@ -3,10 +3,11 @@
 Operator keys and replay state, command ids, attestation challenges and waits, the job queue and
 its per-group slot, operations in flight, held commit/welcome halves, task leases and the shared
 envelope sequence counter, dual-control requests and the adopted quorum policies, the
-revocation feed and how far each device follows it, the signed audit checkpoints. Every rule
-several instances agree on is a row and a conditional UPDATE (whoever changes the row wins, the
-others see rowcount 0 and step back), never a leader and never an in-process lock. The queries
-over them live in ``provisioning.service.store``.
+revocation feed and how far each device follows it, the signed audit checkpoints, members'
+reports of commits they cannot process and each group's public state before its newest commit.
+Every rule several instances agree on is a row and a conditional UPDATE (whoever changes the
+row wins, the others see rowcount 0 and step back), never a leader and never an in-process
+lock. The queries over them live in ``provisioning.service.store``.
 """
 
 from __future__ import annotations
@@ -283,6 +284,35 @@ class DeviceCrlRow(ServiceBase):
     this_update: Mapped[int] = mapped_column(BigInteger)
     next_update: Mapped[int] = mapped_column(BigInteger)
     der: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class CommitReportRow(ServiceBase):
+    """A member's report that it cannot process the commit accepted in ``epoch`` of
+    ``group_id`` (``group.commit_refused``): the commit's hash as the member saw it and the check
+    it failed. One row per member and epoch; the service decides on them
+    (``provisioning.service.recovery``) and drops them when it decided."""
+
+    __tablename__ = "service_commit_reports"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    commit_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    check_id: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class GroupPreviousRow(ServiceBase):
+    """A group's public state before its newest accepted commit (the epoch that commit was made
+    in, its public tree and GroupContext): what a rollback restores. Replaced with every accepted
+    commit; public, like the ``groups`` row it shadows."""
+
+    __tablename__ = "service_group_previous"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    public_tree: Mapped[bytes] = mapped_column(LargeBinary)
+    group_context: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 def create_service_schema(engine: Engine) -> None:

@@ -2,7 +2,9 @@
 members with its welcome, and acceptance.
 
 The service checks in public what it can (``agent.protocol.mls.public.PublicGroup``): committer
-signature, epoch, tree shape, that the committer is the envelope's signer, that add/remove match
+signature, epoch, tree shape, that the committer is the envelope's signer, that the service
+asked it for this commit (``recovery.check_solicited``: unsolicited commits are refused unless
+``[groups] member_updates`` allows them, and then rate-limited), that add/remove match
 the job in flight, that key packages carry the added device's registered DevID key, that a
 Welcome has one entry per add. It never holds a private group key: it cannot. Stage types:
 ``CheckedCommit`` (every check short of acceptance passed) and ``AcceptedCommit`` (recorded in
@@ -33,7 +35,7 @@ from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit
 from provisioning.registry import Outcome, Registry
-from provisioning.service import execute, store, verify
+from provisioning.service import execute, recovery, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     AcceptHeld,
@@ -46,6 +48,7 @@ from provisioning.service.effects import (
     Send,
 )
 from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
+from provisioning.service.store import wedge as wedge_store
 
 log = logging.getLogger("keyfleet.service")
 
@@ -151,29 +154,33 @@ def check_commit(
             raise ProtocolError(
                 "ds.commit.key_package", "an added key package is not the device's DevID key"
             )
-    job = store.head_job(session, body.group_id)
+    job = recovery.check_solicited(
+        cx.env.settings,
+        store.head_job(session, body.group_id),
+        group_id=body.group_id,
+        sender=sender,
+        epoch=body.epoch,
+        changes_members=bool(adds or removes),
+        answered=None
+        if body.command_id is None
+        else store.job_by_request(session, body.command_id),
+        last_commit_at=store.last_commit_at(session, body.group_id, sender),
+        now=now,
+    )
     if adds or removes:
+        assert job is not None  # check_solicited refused an unasked membership change
         authorized = (
-            job is not None
-            and job.state is JobState.REQUESTED
-            and (
-                (
-                    job.action is CommitAction.ADD
-                    and not removes
-                    and len(commit.content.adds) == 1
-                    and commit.content.adds[0].encode() == job.key_package
-                )
-                or (job.action is CommitAction.REMOVE and not adds and removes == [job.member])
-            )
-        )
+            job.action is CommitAction.ADD
+            and not removes
+            and len(commit.content.adds) == 1
+            and commit.content.adds[0].encode() == job.key_package
+        ) or (job.action is CommitAction.REMOVE and not adds and removes == [job.member])
         if not authorized:
             raise ProtocolError(
                 "ds.commit.unauthorized",
                 "the commit adds or removes members nobody asked to add or remove",
             )
-        return CheckedCommit(commit, public, adds, removes, job)
-    matched = job if job is not None and job.action is CommitAction.UPDATE else None
-    return CheckedCommit(commit, public, adds, removes, matched)
+    return CheckedCommit(commit, public, adds, removes, job)
 
 
 def on_commit(cx: Call, session: Session, sender: str, body: CommitMessage, now: int) -> Effects:
@@ -274,6 +281,8 @@ def accept_commit(
         for kp, leaf in zip(commit.content.adds, verified.added, strict=True)
     }
     registry = Registry(session)
+    # what a rollback restores if members cannot process this commit (recovery, rollback)
+    wedge_store.save_previous(session, body.group_id)
     registry.append_commit(
         body.group_id,
         epoch=body.epoch,

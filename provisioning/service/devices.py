@@ -29,6 +29,7 @@ from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.messages.attestation import AttestReport
 from agent.protocol.wire.messages.group import (
     CommitMessage,
+    CommitRefused,
     GroupCreated,
     KeyPackageMessage,
     UpdateRequest,
@@ -39,7 +40,17 @@ from agent.protocol.wire.messages.key_state import KeyStateReport as KeyStateBod
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit
 from provisioning.registry import DeviceState, Outcome, PendingChange, Registry, key_state_items
-from provisioning.service import acks, attestation, catchup, commits, execute, feed, store, verify
+from provisioning.service import (
+    acks,
+    attestation,
+    catchup,
+    commits,
+    execute,
+    feed,
+    rollback,
+    store,
+    verify,
+)
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     CancelAddsOf,
@@ -118,6 +129,8 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
         return acks.on_ack(cx, session, sender, body, now)
     if isinstance(body, UpdateRequest):
         return on_update_request(cx, session, sender, body, now)
+    if isinstance(body, CommitRefused):
+        return rollback.on_commit_refused(cx, session, sender, body, now)
     raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
 
 

@@ -36,6 +36,7 @@ from provisioning.service import (
     operations,
     operators,
     requests,
+    rollback,
     store,
     tasks,
     verify,
@@ -61,6 +62,7 @@ def tick(cx: Call, now: int) -> None:
     tasks.prune_tick(cx, now)
     checkpoints.checkpoint_tick(cx, now)
     tasks.crl_tick(cx, now)
+    rollback.recovery_tick(cx, now)
 
 
 def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> None:

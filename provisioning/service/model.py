@@ -36,7 +36,8 @@ def describe_publishes(publishes: Iterable[Publish]) -> list[str]:
 @dataclass(frozen=True)
 class ServiceSettings:
     """Timing and retention knobs (from the configuration's [groups], [service] and [quorum]
-    tables). ``min_approvals``: k of the initial quorum policy (until a signed one is adopted);
+    tables). ``member_updates`` etc.: docs/threat-model.md "An insider wedging a group".
+    ``min_approvals``: k of the initial quorum policy (until a signed one is adopted);
     ``request_ttl``: how long a dual-control request stays approvable; ``checkpoint_interval``:
     how often the audit head is checkpointed when it moved ([audit])."""
 
@@ -51,6 +52,12 @@ class ServiceSettings:
     min_approvals: int = 2
     request_ttl: int = 86_400
     checkpoint_interval: int = 300
+    # [groups] wedge protection (provisioning/service/recovery.py): whether a member may commit
+    # a self-update nobody asked for, how often, and how long a commit members report as
+    # unprocessable waits for acks and reports before the service decides on a rollback.
+    member_updates: bool = False
+    member_update_min_interval: int = 3600
+    recovery_wait: int = 10
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,9 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         min_approvals=config.quorum.min_approvals,
         request_ttl=config.quorum.request_ttl_seconds,
         checkpoint_interval=config.audit.checkpoint_interval_seconds,
+        member_updates=config.groups.member_updates,
+        member_update_min_interval=config.groups.member_update_min_interval_seconds,
+        recovery_wait=config.groups.recovery_wait_seconds,
     )
 
 

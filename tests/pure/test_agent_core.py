@@ -8,6 +8,7 @@ rotation requests; grace-period destruction of old data keys; a group assembled 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.group import (
     CommitMessage,
+    CommitRefused,
     GroupCreated,
     KeyPackageMessage,
     UpdateRequest,
@@ -450,7 +452,14 @@ def test_forged_commit_on_the_group_topic_changes_nothing() -> None:
     bad = Commit(parsed.content, parsed.signature, tag).encode()
     service.public[G].apply(Commit.decode(bad))  # only members can tell
     relay = service.sign(CommitMessage(G, 1, bad), G)
-    assert refused_without_change(a, relay, f"kf/v1/grp/{G}/commit", T0) == "mls.confirmation-tag"
+    # refused, the group unchanged, and reported to the service (wedge recovery)
+    before, epoch = a.groups()[G].epoch_authenticator, a.epoch(G)
+    out = a.handle(relay, f"kf/v1/grp/{G}/commit", T0)
+    assert out.refused is not None and out.refused.check == "mls.confirmation-tag"
+    assert a.groups()[G].epoch_authenticator == before and a.epoch(G) == epoch
+    (report,) = service.bodies("dev-a", out)
+    assert report == CommitRefused(G, 1, hashlib.sha256(bad).digest(), "mls.confirmation-tag")
+    assert out.changed  # the report's seq is persisted before it is sent
     # messages for groups we are not in are dropped unread
     out = a.handle(relay, "kf/v1/grp/other/commit", T0)
     assert out.handled == "ignored" and not out.changed and out.refused is None

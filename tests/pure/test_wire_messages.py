@@ -16,6 +16,7 @@ from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
     CommitMessage,
+    CommitRefused,
     GroupCreated,
     KeyPackageMessage,
     UpdateRequest,
@@ -125,6 +126,7 @@ SAMPLES: list[Body] = [
     CommitRequest(command_id=CMD, group_id="g1", epoch=0, action=CommitAction.CREATE),
     KeyPackageRequest(command_id=CMD),
     UpdateRequest(group_id="g1", epoch=4, reason="max-epoch-age"),
+    CommitRefused(group_id="g1", epoch=4, commit_hash=b"h" * 32, check="mls.path.decrypt"),
     DeviceDestroyed(reason="factory reset"),
     CommitRequest(
         command_id=CMD,
@@ -355,6 +357,7 @@ def test_group_epoch_only_for_group_messages() -> None:
         "CommitRequest",
         "WelcomeDelivery",
         "UpdateRequest",
+        "CommitRefused",
     }
     commit = replace(SAMPLES[10])
     assert commit.group_epoch() == ("g1", 4)

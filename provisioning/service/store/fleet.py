@@ -98,6 +98,16 @@ def known_epoch(session: Session, group_id: str, device_id: str, joined: int) ->
     return known
 
 
+def last_commit_at(session: Session, group_id: str, device_id: str) -> int | None:
+    """When ``device_id``'s newest kept commit in ``group_id`` was accepted."""
+    value = session.scalar(
+        select(func.max(CommitLogEntry.accepted_at)).where(
+            CommitLogEntry.group_id == group_id, CommitLogEntry.committer == device_id
+        )
+    )
+    return None if value is None else int(value)
+
+
 def acked_at(session: Session, group_id: str, epoch: int) -> set[str]:
     """Devices that acked ``epoch`` of ``group_id``."""
     return set(

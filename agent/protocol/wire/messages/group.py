@@ -25,6 +25,10 @@ from agent.protocol.wire.messages.base import (
 )
 
 UPDATE_REASONS = frozenset({"max-epoch-age", "max-messages-per-epoch", "first-update-after-join"})
+REFUSAL_CHECKS = frozenset({"mls.path.decrypt", "mls.path.mismatch", "mls.confirmation-tag"})
+"""What a member reports of an accepted commit it cannot process (``CommitRefused``): the
+commit's private part is wrong, which no public check sees."""
+COMMIT_HASH_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,32 @@ class UpdateRequest(Body):
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
         check_choice(self.reason, "reason", UPDATE_REASONS)
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class CommitRefused(Body):
+    """Member -> service: the commit the service accepted in ``epoch`` of ``group_id`` (named by
+    ``commit_hash``, SHA-256 of its bytes) fails ``check`` for this member, which stays at
+    ``epoch``. The service counts such reports (provisioning/service/recovery.py) and rolls the
+    group back when enough members cannot process the commit."""
+
+    TYPE: ClassVar[str] = "group.commit_refused"
+
+    group_id: str
+    epoch: int
+    commit_hash: bytes
+    check: str
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_bytes(
+            self.commit_hash, "commit_hash", min_len=COMMIT_HASH_SIZE, max_len=COMMIT_HASH_SIZE
+        )
+        check_choice(self.check, "check", REFUSAL_CHECKS)
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)

@@ -12,6 +12,7 @@ from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
     CommitMessage,
+    CommitRefused,
     GroupCreated,
     KeyPackageMessage,
     UpdateRequest,
@@ -61,6 +62,7 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     AttestDevice,
     OperatorResult,
     UpdateRequest,
+    CommitRefused,
     DeviceDestroyed,
     Propose,
     Approve,

@@ -1,0 +1,107 @@
+"""Wedge recovery's rows (imported as a module by ``provisioning.service.recovery``): members'
+reports of commits they cannot process, each group's public state before its newest commit,
+and the rollback of a group's newest commit."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from agent.protocol.wire.messages.group import CommitRefused
+from provisioning.db.engine import rowcount
+from provisioning.db.runtime import CommitReportRow, GroupPreviousRow
+from provisioning.db.schema import Ack as AckRow
+from provisioning.db.schema import CommitLogEntry, Group
+
+
+def save_previous(session: Session, group_id: str) -> None:
+    """Keep the group's public state as it is now (before the commit about to be accepted)."""
+    group = session.get(Group, group_id)
+    if group is None:
+        return
+    row = session.get(GroupPreviousRow, group.group_id)
+    if row is None:
+        session.add(
+            GroupPreviousRow(
+                group_id=group.group_id,
+                epoch=group.epoch,
+                public_tree=group.public_tree,
+                group_context=group.group_context,
+            )
+        )
+        return
+    row.epoch = group.epoch
+    row.public_tree = group.public_tree
+    row.group_context = group.group_context
+
+
+def add_report(session: Session, sender: str, body: CommitRefused, *, now: int) -> bool:
+    """Record ``sender``'s report; False if it already reported this epoch of the group."""
+    if session.get(CommitReportRow, (body.group_id, body.epoch, sender)) is not None:
+        return False
+    session.add(
+        CommitReportRow(
+            group_id=body.group_id,
+            epoch=body.epoch,
+            device_id=sender,
+            commit_hash=body.commit_hash,
+            check_id=body.check,
+            received_at=now,
+        )
+    )
+    return True
+
+
+def reports(session: Session, group_id: str, epoch: int) -> dict[str, bytes]:
+    """Reporter -> the commit hash it named, for ``epoch`` of ``group_id``."""
+    rows = session.scalars(
+        select(CommitReportRow).where(
+            CommitReportRow.group_id == group_id, CommitReportRow.epoch == epoch
+        )
+    )
+    return {row.device_id: row.commit_hash for row in rows}
+
+
+def reported(session: Session) -> list[tuple[str, int]]:
+    """(group, epoch) with reports waiting for a decision."""
+    rows = session.execute(select(CommitReportRow.group_id, CommitReportRow.epoch).distinct()).all()
+    return sorted((str(g), int(e)) for g, e in rows)
+
+
+def drop_reports(session: Session, group_id: str, epoch: int) -> None:
+    session.execute(
+        delete(CommitReportRow).where(
+            CommitReportRow.group_id == group_id, CommitReportRow.epoch == epoch
+        )
+    )
+
+
+def roll_back(session: Session, group_id: str, epoch: int, *, now: int) -> bool:
+    """Undo the commit accepted in ``epoch``: the group goes back to ``epoch`` with the public
+    state kept before it, the commit leaves the commit log (catch-up no longer replays it), the
+    acks of the epoch it started are dropped. False (nothing changed) unless that commit is the
+    group's newest and its previous state is kept."""
+    previous = session.get(GroupPreviousRow, group_id)
+    if previous is None or previous.epoch != epoch:
+        return False
+    result = session.execute(
+        update(Group)
+        .where(Group.group_id == group_id, Group.epoch == epoch + 1)
+        .values(
+            epoch=epoch,
+            public_tree=previous.public_tree,
+            group_context=previous.group_context,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(result) != 1:
+        return False
+    session.execute(
+        delete(CommitLogEntry).where(
+            CommitLogEntry.group_id == group_id, CommitLogEntry.epoch == epoch
+        )
+    )
+    session.execute(delete(AckRow).where(AckRow.group_id == group_id, AckRow.epoch > epoch))
+    session.delete(previous)
+    return True
