@@ -33,7 +33,7 @@ from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit
 from provisioning.registry import Outcome, Registry
-from provisioning.service import execute, store, verify
+from provisioning.service import execute, rekeypolicy, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     AcceptHeld,
@@ -173,6 +173,8 @@ def check_commit(
             )
         return CheckedCommit(commit, public, adds, removes, job)
     matched = job if job is not None and job.action is CommitAction.UPDATE else None
+    if matched is not None and rekeypolicy.is_aimed(matched) and sender not in matched.candidates:
+        matched = None  # a self-update asked of one member is fulfilled only by that member
     return CheckedCommit(commit, public, adds, removes, matched)
 
 
@@ -286,6 +288,15 @@ def accept_commit(
         removed=removes,
         now=now,
         now_ms=cx.clock.ms,
+    )
+    rekeypolicy.record_commit(
+        session,
+        body.group_id,
+        committer=sender,
+        epoch=body.epoch,
+        added=adds,
+        removed=removes,
+        now=now,
     )
     below = body.epoch + 1 - cx.env.settings.retention_epochs
     if below > 0:

@@ -38,7 +38,8 @@ class ServiceSettings:
     """Timing and retention knobs (from the configuration's [groups], [service] and [quorum]
     tables). ``min_approvals``: k of the initial quorum policy (until a signed one is adopted);
     ``request_ttl``: how long a dual-control request stays approvable; ``checkpoint_interval``:
-    how often the audit head is checkpointed when it moved ([audit])."""
+    how often the audit head is checkpointed when it moved ([audit]); ``rekey_max_age`` /
+    ``rekey_max_epochs``: the default rekey policy ([groups], ``rekeypolicy``)."""
 
     ack_timeout: int = 30
     commit_request_timeout: int = 10
@@ -51,6 +52,8 @@ class ServiceSettings:
     min_approvals: int = 2
     request_ttl: int = 86_400
     checkpoint_interval: int = 300
+    rekey_max_age: int = 7 * 86_400
+    rekey_max_epochs: int = 100
 
 
 @dataclass(frozen=True)
