@@ -240,13 +240,14 @@ def group_policy(cx: Call, session: Session, group_id: str) -> RekeyPolicy:
     return RekeyPolicy(*own)
 
 
-def leaves(session: Session, group_id: str) -> list[LeafUpdate]:
-    """Every member with a leaf, with its last self-update (from its row, else its join:
-    the epoch it joined at and, lacking a time, the group's creation)."""
+def leaves(session: Session, group_id: str, now: int) -> tuple[list[LeafUpdate], list[LeafUpdate]]:
+    """Every member with a leaf, with its last self-update; and those of them the service has
+    no row for yet (members from before the policy existed): they are counted from the epoch
+    they joined at and, for age, from ``now`` (the first check that saw them), which the
+    caller records, so an upgrade does not ask every old member at once."""
     registry = Registry(session)
-    group = registry.group(group_id)
     recorded = {r.device_id: r for r in rows.leaf_rows(session, group_id)}
-    out = []
+    out, new = [], []
     for member in registry.members(group_id):
         if member.leaf_index is None or member.pending is PendingChange.REMOVE:
             continue
@@ -255,8 +256,10 @@ def leaves(session: Session, group_id: str) -> list[LeafUpdate]:
             out.append(LeafUpdate(member.device_id, row.epoch, row.updated_at, row.asked_at))
         else:
             joined = member.joined_epoch if member.joined_epoch is not None else 0
-            out.append(LeafUpdate(member.device_id, joined, group.created_at))
-    return out
+            leaf = LeafUpdate(member.device_id, joined, now)
+            out.append(leaf)
+            new.append(leaf)
+    return out, new
 
 
 def record_commit(
@@ -332,8 +335,11 @@ def _plan_asks(cx: Call, session: Session, group_id: str, now: int) -> list[Job]
     policy = group_policy(cx, session, group_id)
     epoch = Registry(session).group(group_id).epoch
     waiting = {job.candidates[0] for job in store.open_jobs(session, group_id) if is_aimed(job)}
+    members, first_seen = leaves(session, group_id, now)
+    for leaf in first_seen:
+        rows.put_update(session, group_id, leaf.device_id, epoch=leaf.epoch, now=now)
     asked = []
-    for leaf in to_ask(policy, leaves(session, group_id), epoch=epoch, now=now):
+    for leaf in to_ask(policy, members, epoch=epoch, now=now):
         if leaf.device_id in waiting:
             continue
         job = aimed_update(cx, group_id, leaf.device_id)
@@ -402,7 +408,7 @@ def leaf_ages(
     policy = RekeyPolicy.default(settings) if own is None else RekeyPolicy(*own)
     return status(
         policy,
-        leaves(session, group_id),
+        leaves(session, group_id, now)[0],
         epoch=Registry(session).group(group_id).epoch,
         now=now,
         answer_within=settings.commit_request_timeout,

@@ -10,8 +10,9 @@ service's ``[groups]`` default) and, per member, the epoch and time of its last 
 commit it made, or its join) and when the service last asked it for one
 (``provisioning.service.rekeypolicy``). Self-contained: an upgrade adds two new tables and
 touches nothing else; a downgrade drops them. Members of groups that existed before this
-revision have no row until their next commit: the service counts them from their join epoch
-and the group's creation time (docs/operations.md, "Rekey policy").
+revision have no row until the service's first policy check sees them: it counts them from the
+epoch they joined at and, for age, from that check (so an upgrade does not ask every member of
+every group at once; docs/operations.md, "Rekey policy").
 """
 
 from __future__ import annotations
