@@ -28,6 +28,7 @@ from provisioning.service.model import MAX_PUBLIC_GROUP, ServiceSettings
 from provisioning.service.rekeypolicy import LeafUpdate, RekeyPolicy, due, parse_duration, to_ask
 from provisioning.service.store import rekey as rows
 from tests.pure.test_service_core import Fleet, create_g1, make_fleet
+from tests.service_deployment import keyfleet
 from tests.service_members import command_id
 
 
@@ -273,3 +274,25 @@ def test_full_rekey_of_eight_changes_every_leaf_key(tmp_path: Path) -> None:
         assert fleet.epoch("g1") == start + 8
         assert sorted(committers(fleet, "g1")[-8:]) == sorted(names)
         assert len({d.groups["g1"].epoch_authenticator for d in fleet.devices.values()}) == 1
+
+
+def test_group_show_lists_the_oldest_leaf_first_and_names_the_straggler(fleet: Fleet) -> None:
+    create_g1(fleet)
+    fleet.devices["dev-4"].ignore_commit_requests = True
+    for _ in range(3):
+        heard_from_last(fleet, "dev-1")
+        assert fleet.final(fleet.command("op-alice", rekey("g1"))).status is ResultStatus.DONE
+    fleet.tick(rekeypolicy.CHECK_SECONDS)
+    for _ in range(3):
+        fleet.tick(fleet.service.settings.commit_request_timeout + 1)
+    db = f"sqlite:///{fleet.db_path}"
+    shown = keyfleet("group", "show", "g1", "--db", db, "--json", cwd=fleet.db_path.parent)
+    assert shown.returncode == 0, shown.stderr
+    listed = json.loads(shown.stdout)
+    assert listed[0]["device"] == "dev-4" and listed[0]["straggler"] is True
+    assert {row["device"] for row in listed} == set(fleet.devices)
+    table = keyfleet("group", "show", "g1", "--db", db, cwd=fleet.db_path.parent)
+    assert table.returncode == 0 and "dev-4" in table.stdout.splitlines()[1], table.stdout
+    bad = keyfleet("group", "policy", "g1", "--max-age", "7 days", "--max-epochs", "1",
+                   cwd=fleet.db_path.parent)  # fmt: skip
+    assert bad.returncode == 2 and "expected e.g. 7d" in bad.stderr
