@@ -218,6 +218,8 @@ def choose_committer(cx: Call, session: Session, job: Job, now: int) -> tuple[st
             raise ProtocolError("ds.rekey.straggler", f"{wanted} did not answer")
         if wanted not in at_epoch or not any(m.device_id == wanted for m in members):
             return None
+        if registry.device(wanted).state not in GROUP_ELIGIBLE:
+            raise ProtocolError("ds.rekey.straggler", f"{wanted} may not commit (not eligible)")
         return wanted, group.epoch
     preferred: str | None = None
     if job.action is CommitAction.REMOVE:
