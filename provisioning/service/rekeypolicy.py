@@ -323,12 +323,28 @@ def rekey_tick(cx: Call, now: int) -> list[str]:
             def plan(session: Session, group_id: str = group_id) -> list[Job]:
                 return _plan_asks(cx, session, group_id, now)
 
+            def pending(session: Session, group_id: str = group_id) -> bool:
+                return _has_work(cx, session, group_id, now)
+
+            # a read first: most checks find nothing to do, and a write transaction would
+            # take the database's write lock (all of SQLite) for nothing
+            if not cx.env.read(pending):
+                continue
             for job in cx.env.tx(plan):
                 log.info("asked %s for a self-update in %s (rekey policy)", job.prefer, group_id)
                 grew.append(group_id)
     finally:
         tasks.finish_task(cx, TASK, now + CHECK_SECONDS)
     return list(dict.fromkeys(grew))
+
+
+def _has_work(cx: Call, session: Session, group_id: str, now: int) -> bool:
+    """Whether ``_plan_asks`` would write anything (a first-seen member or an ask)."""
+    members, first_seen = leaves(session, group_id, now)
+    if first_seen:
+        return True
+    epoch = Registry(session).group(group_id).epoch
+    return bool(to_ask(group_policy(cx, session, group_id), members, epoch=epoch, now=now))
 
 
 def _plan_asks(cx: Call, session: Session, group_id: str, now: int) -> list[Job]:
