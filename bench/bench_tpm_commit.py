@@ -31,8 +31,7 @@ from typing import Any
 
 from agent.core import AgentCore
 from agent.daemon import TpmKeys
-from agent.protocol.hpke import serialize_public_key
-from agent.protocol.hpke import generate_key_pair
+from agent.protocol.hpke import generate_key_pair, serialize_public_key
 from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, KeyPackage
 from agent.protocol.topics import SERVICE_ID

@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ConfigError, KeyfleetError
-from agent.protocol.wire.messages.operator import AttestDevice, Propose, Rekey
+from agent.protocol.wire.messages.operator import AttestDevice, GroupPolicy, Propose, Rekey
 from agent.version import add_version_option
 from provisioning import audit, audit_cli, pki, revocation
 from provisioning.config import load_config
@@ -78,6 +78,8 @@ from provisioning.operator import (
 from provisioning.pki_cli import add_pki_commands
 from provisioning.registry import Registry, cert_fingerprint
 from provisioning.requests_cli import add_request_commands, run_direct, run_request_command
+from provisioning.service import rekeypolicy
+from provisioning.service.model import ServiceSettings
 from provisioning.service.mqtt import ServiceRunner
 from provisioning.service.operators import register_operator
 
@@ -92,6 +94,24 @@ def _database_url(args: argparse.Namespace) -> str:
         url: str = args.db
         return url
     return load_config(args.config).database_url
+
+
+def _duration(text: str) -> int:
+    try:
+        seconds = rekeypolicy.parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if seconds > rekeypolicy.MAX_AGE_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than a year")
+    return seconds
+
+
+def _epochs(text: str) -> int:
+    if not text.isdigit() or int(text) > rekeypolicy.MAX_EPOCHS_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of epochs from 0 to {rekeypolicy.MAX_EPOCHS_LIMIT}"
+        )
+    return int(text)
 
 
 def _add_database_options(parser: argparse.ArgumentParser) -> None:
@@ -464,7 +484,12 @@ def _operator_command(args: argparse.Namespace) -> int:
     with OperatorClient(settings) as client:
         commands: list[tuple[str, Command]] = []
         if args.command == "rekey":
-            commands.append((f"rekey {args.group}", Rekey(client.new_command_id(), args.group)))
+            full = True if args.full else None
+            label = f"{'full rekey' if full else 'rekey'} {args.group}"
+            commands.append((label, Rekey(client.new_command_id(), args.group, full)))
+        elif args.command == "group" and args.group_command == "policy":
+            body = GroupPolicy(client.new_command_id(), args.group, args.max_age, args.max_epochs)
+            commands.append((f"rekey policy of {args.group}", body))
         elif args.command == "attest":
             # Several devices in one run: the challenges go out together and the verdicts
             # arrive as the devices answer (one process, one broker connection).
@@ -575,6 +600,27 @@ def _groups(args: argparse.Namespace) -> int:
         args,
         _read(args, list_groups),
         ("group_id", "epoch", "members", "stragglers", "agreed", "pending"),
+    )
+
+
+def _group_show(args: argparse.Namespace) -> int:
+    """Each member's leaf: how long and how many epochs since it last updated itself, and its
+    standing under the group's rekey policy (``provisioning.service.rekeypolicy``)."""
+    settings = ServiceSettings()
+    if args.config is not None:
+        groups = load_config(args.config).groups
+        settings = ServiceSettings(
+            rekey_max_age=groups.rekey_max_age_seconds, rekey_max_epochs=groups.rekey_max_epochs
+        )
+    now = int(time.time())
+
+    def query(session: Session) -> list[Row]:
+        return [s.to_obj() for s in rekeypolicy.leaf_ages(session, args.group, settings, now)]
+
+    return _print_rows(
+        args,
+        _read(args, query),
+        ("device", "age_seconds", "epochs", "due", "straggler", "overdue"),
     )
 
 
@@ -735,8 +781,37 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     add.add_argument("devices", nargs="+", metavar="DEVICE")
     _add_operator_options(add)
 
+    policy = group_commands.add_parser(
+        "policy", help="set GROUP's rekey policy (admin): how long a leaf key may live"
+    )
+    policy.add_argument("group")
+    policy.add_argument(
+        "--max-age",
+        type=_duration,
+        required=True,
+        metavar="DURATION",
+        help="every member updates at least this often: 7d, 12h, 30m, 45s or off",
+    )
+    policy.add_argument(
+        "--max-epochs",
+        type=_epochs,
+        required=True,
+        metavar="N",
+        help="and at most N epochs after its last update (0: no bound)",
+    )
+    _add_operator_options(policy)
+    _add_listing(
+        group_commands.add_parser(
+            "show", help="each member's leaf age under GROUP's rekey policy (registry)"
+        ),
+        _group_show,
+    ).add_argument("group")
+
     rekey = commands.add_parser("rekey", help="move a group to a fresh epoch")
     rekey.add_argument("--group", required=True)
+    rekey.add_argument(
+        "--full", action="store_true", help="every member updates its own leaf (N commits)"
+    )
     _add_operator_options(rekey)
     attest = commands.add_parser(
         "attest",

@@ -36,6 +36,8 @@ Example (``docs/service.md`` describes every key):
     [groups]
     commit_log_retention_epochs = 64
     ack_timeout_seconds = 30
+    rekey_max_age_seconds = 604800
+    rekey_max_epochs = 100
 
     [quorum]
     min_approvals = 2
@@ -161,11 +163,17 @@ class AttestationConfig:
 
 @dataclass(frozen=True)
 class GroupsConfig:
+    """[groups]. ``rekey_max_age_seconds`` / ``rekey_max_epochs``: the default rekey policy of a
+    group without its own (``keyfleet group policy``): every member updates its own leaf at least
+    this often, in time and in epochs (0: no bound; docs/operations.md, "Rekey policy")."""
+
     commit_log_retention_epochs: int
     ack_timeout_seconds: int
     member_updates: bool = False
     member_update_min_interval_seconds: int = 3600
     recovery_wait_seconds: int = 10
+    rekey_max_age_seconds: int = 7 * 86_400
+    rekey_max_epochs: int = 100
 
 
 @dataclass(frozen=True)
@@ -417,6 +425,8 @@ def _schema(base: Path) -> Table:
             "member_updates": Field(Bool(), default=False),
             "member_update_min_interval_seconds": Field(seconds(1, 30 * 86400), default=3600),
             "recovery_wait_seconds": Field(seconds(1, 3600), default=10),
+            "rekey_max_age_seconds": Field(seconds(0, 366 * 86400), default=7 * 86_400),
+            "rekey_max_epochs": Field(Int(0, 1_000_000, "epochs"), default=100),
         },
         "quorum": {
             "min_approvals": Field(Int(1, 16, "operators"), default=2),

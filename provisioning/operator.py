@@ -46,6 +46,7 @@ from agent.protocol.wire.messages.operator import (
     AuditSync,
     GroupAdd,
     GroupCreate,
+    GroupPolicy,
     ListRequests,
     Propose,
     Rekey,
@@ -70,6 +71,7 @@ FINAL = frozenset(
 )
 Command = (
     Rekey
+    | GroupPolicy
     | Revoke
     | GroupCreate
     | GroupAdd

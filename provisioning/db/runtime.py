@@ -315,6 +315,34 @@ class GroupPreviousRow(ServiceBase):
     group_context: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class RekeyPolicyRow(ServiceBase):
+    """A group's rekey policy (``keyfleet group policy``): the longest a member may go without
+    updating its own leaf, in seconds and in epochs (0: no bound); a group without a row follows
+    the service's ``[groups]`` default (``provisioning.service.rekeypolicy``)."""
+
+    __tablename__ = "service_rekey_policies"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    max_age: Mapped[int] = mapped_column(BigInteger)
+    max_epochs: Mapped[int] = mapped_column(BigInteger)
+    set_by: Mapped[str] = mapped_column(String(ID_LENGTH))
+    set_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class LeafUpdateRow(ServiceBase):
+    """A member's last self-update in a group: the epoch its leaf key took effect in (its
+    commit's epoch + 1, or the epoch it joined at) and when; ``asked_at``: when the service last
+    asked it for a self-update (NULL once it answered)."""
+
+    __tablename__ = "service_leaf_updates"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    asked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
 def create_service_schema(engine: Engine) -> None:
     """Create the runtime tables directly (tests that build a bare database; ``keyfleet db
     init`` runs the migrations instead)."""

@@ -35,7 +35,7 @@ from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit
 from provisioning.registry import Outcome, Registry
-from provisioning.service import execute, recovery, store, verify
+from provisioning.service import execute, recovery, rekeypolicy, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     AcceptHeld,
@@ -180,6 +180,8 @@ def check_commit(
                 "ds.commit.unauthorized",
                 "the commit adds or removes members nobody asked to add or remove",
             )
+    if job is not None and rekeypolicy.is_aimed(job) and sender not in job.candidates:
+        job = None  # a self-update asked of one member is fulfilled only by that member
     return CheckedCommit(commit, public, adds, removes, job)
 
 
@@ -295,6 +297,15 @@ def accept_commit(
         removed=removes,
         now=now,
         now_ms=cx.clock.ms,
+    )
+    rekeypolicy.record_commit(
+        session,
+        body.group_id,
+        committer=sender,
+        epoch=body.epoch,
+        added=adds,
+        removed=removes,
+        now=now,
     )
     below = body.epoch + 1 - cx.env.settings.retention_epochs
     if below > 0:

@@ -20,6 +20,7 @@ outbox (``context``), returning what should happen after its transaction commits
 - ``operators``: registration, command authorization, planning of group changes;
 - ``requests``: dual control (proposals, approvals, the quorum policy, expiry);
 - ``jobs``: each group's queue of changes and the choice of committer;
+- ``rekeypolicy``: every member's leaf key moves (the rekey policy, full rekeys);
 - ``operations``: operator commands in flight, progress, results, timeouts;
 - ``attestation``: challenges, verdicts, quarantine;
 - ``tasks``: periodic work one instance does at a time (attestation schedule, prune);

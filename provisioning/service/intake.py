@@ -35,6 +35,7 @@ from provisioning.service import (
     devices,
     operations,
     operators,
+    rekeypolicy,
     requests,
     rollback,
     store,
@@ -63,6 +64,8 @@ def tick(cx: Call, now: int) -> None:
     checkpoints.checkpoint_tick(cx, now)
     tasks.crl_tick(cx, now)
     rollback.recovery_tick(cx, now)
+    for group_id in rekeypolicy.rekey_tick(cx, now):
+        jobs_flow.start_next(cx, group_id, now)
 
 
 def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> None:

@@ -26,7 +26,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import device_cmd_topic
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest, KeyPackageRequest
 from provisioning.registry import PendingChange, Registry
-from provisioning.service import commits, operations, store
+from provisioning.service import commits, operations, rekeypolicy, store
 from provisioning.service.context import Call
 from provisioning.service.model import GROUP_ELIGIBLE, Job, JobState
 
@@ -127,7 +127,12 @@ def start(cx: Call, job: Job, now: int) -> None:
     if choice is None:
         if job.state is not JobState.WAITING:
             job.state = JobState.WAITING
+            if rekeypolicy.is_aimed(job):
+                # an aimed self-update waits for its member at most one request timeout
+                job.deadline = now + cx.env.settings.commit_request_timeout
             claim(cx, job, now)
+        elif rekeypolicy.is_aimed(job) and now >= job.deadline:
+            straggler(cx, job, "not at the group's epoch", now)
         return
     committer, epoch = choice
     request_commit(cx, job, committer, epoch, now)
@@ -206,6 +211,16 @@ def choose_committer(cx: Call, session: Session, job: Job, now: int) -> tuple[st
                 f"{job.member} is the only member of {job.group_id}: nobody can remove it",
             )
     at_epoch = proven_at_epoch(session, job.group_id, group.epoch)
+    if rekeypolicy.is_aimed(job):
+        # A self-update asked of one member (rekey policy, full rekey): only it can answer.
+        (wanted,) = job.candidates
+        if wanted in job.tried:
+            raise ProtocolError("ds.rekey.straggler", f"{wanted} did not answer")
+        if wanted not in at_epoch or not any(m.device_id == wanted for m in members):
+            return None
+        if registry.device(wanted).state not in GROUP_ELIGIBLE:
+            raise ProtocolError("ds.rekey.straggler", f"{wanted} may not commit (not eligible)")
+        return wanted, group.epoch
     preferred: str | None = None
     if job.action is CommitAction.REMOVE:
         public, _ = commits.load_public(session, job.group_id)
@@ -246,6 +261,13 @@ def job_ended(cx: Call, job: Job, now: int) -> None:
         if operation is not None:
             operations.progress(cx, operation, now)
     start_next(cx, job.group_id, now)
+
+
+def straggler(cx: Call, job: Job, why: str, now: int) -> None:
+    """An aimed self-update its member did not make in time: the job fails (the group's
+    queue moves on); the rekey policy asks again later and lists the member as a straggler."""
+    (wanted,) = job.candidates
+    fail_job(cx, job, f"[ds.rekey.straggler] {wanted}: {why}", now)
 
 
 def fail_job(cx: Call, job: Job, detail: str, now: int) -> None:

@@ -39,7 +39,8 @@ class ServiceSettings:
     tables). ``member_updates`` etc.: docs/threat-model.md "An insider wedging a group".
     ``min_approvals``: k of the initial quorum policy (until a signed one is adopted);
     ``request_ttl``: how long a dual-control request stays approvable; ``checkpoint_interval``:
-    how often the audit head is checkpointed when it moved ([audit])."""
+    how often the audit head is checkpointed when it moved ([audit]); ``rekey_max_age`` /
+    ``rekey_max_epochs``: the default rekey policy ([groups], ``rekeypolicy``)."""
 
     ack_timeout: int = 30
     commit_request_timeout: int = 10
@@ -58,6 +59,8 @@ class ServiceSettings:
     member_updates: bool = False
     member_update_min_interval: int = 3600
     recovery_wait: int = 10
+    rekey_max_age: int = 7 * 86_400
+    rekey_max_epochs: int = 100
 
 
 @dataclass(frozen=True)

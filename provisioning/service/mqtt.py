@@ -71,6 +71,8 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         commit_request_timeout=config.service.commit_request_timeout_seconds,
         online_window=config.service.online_window_seconds,
         retention_epochs=config.groups.commit_log_retention_epochs,
+        rekey_max_age=config.groups.rekey_max_age_seconds,
+        rekey_max_epochs=config.groups.rekey_max_epochs,
         min_approvals=config.quorum.min_approvals,
         request_ttl=config.quorum.request_ttl_seconds,
         checkpoint_interval=config.audit.checkpoint_interval_seconds,

@@ -40,6 +40,7 @@ from agent.protocol.wire.messages.operator import (
     AuditSync,
     GroupAdd,
     GroupCreate,
+    GroupPolicy,
     ListRequests,
     Propose,
     Rekey,
@@ -62,6 +63,7 @@ from provisioning.service import (
     checkpoints,
     credentials,
     execute,
+    rekeypolicy,
     requests,
     store,
     verify,
@@ -85,6 +87,8 @@ OPERATOR_PREFIX = "op-"
 # Who may send what. A role includes the ones below it (Role.allows).
 REQUIRED_ROLE: Final[dict[str, Role]] = {
     Rekey.TYPE: Role.OPERATOR,
+    # How long leaf keys may live: an admin's decision (docs/operations.md, "Rekey policy").
+    GroupPolicy.TYPE: Role.ADMIN,
     GroupCreate.TYPE: Role.OPERATOR,
     GroupAdd.TYPE: Role.OPERATOR,
     AttestDevice.TYPE: Role.OPERATOR,
@@ -311,9 +315,17 @@ def dispatch_operator(
         return checkpoints.on_sync(cx, session, operator, body, now)
     if isinstance(body, AttestDevice):
         return attestation.dispatch_attest(cx, session, operator, body, command_id, now=now)
+    if isinstance(body, GroupPolicy):
+        store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
+        return rekeypolicy.set_group_policy(
+            cx, session, body, operator=operator, command_id=command_id, now=now
+        )
     if isinstance(body, Rekey):
         Registry(session).group(body.group_id)
-        jobs = [Job(CommitAction.UPDATE, body.group_id, None, cx.env.new_id())]
+        if body.full:
+            jobs = rekeypolicy.full_rekey_jobs(cx, session, body.group_id)
+        else:
+            jobs = [Job(CommitAction.UPDATE, body.group_id, None, cx.env.new_id())]
         groups = {body.group_id}
     else:
         # A membership change without an Authorization: only where the quorum policy lets one

@@ -9,6 +9,8 @@
 - ``revocations``: the revocation feed's entries and how far each device follows it (imported
   as a module by ``provisioning.service.feed``);
 - ``checkpoints``: the signed audit checkpoints;
+- ``rekey``: each group's rekey policy and each member's last self-update (imported as a
+  module by ``provisioning.service.rekeypolicy``);
 - ``fleet``: the service's reads and writes of registry tables (``last_seen``, acks at an
   epoch, the commit log's timing) that ``provisioning.registry`` has no method for.
 

@@ -23,6 +23,7 @@ from typing import ClassVar
 from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.base import (
     Body,
+    check_bool,
     check_bytes,
     check_choice,
     check_id,
@@ -50,16 +51,44 @@ def check_request_id(value: object) -> None:
 
 @dataclass(frozen=True)
 class Rekey(Body):
-    """Move ``group_id`` to a fresh epoch (an update commit by an online member)."""
+    """Move ``group_id`` to a fresh epoch (an update commit by an online member); ``full``:
+    every member updates its own leaf, one solicited commit each."""
 
     TYPE: ClassVar[str] = "op.rekey"
 
     command_id: bytes
     group_id: str
+    full: bool | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_id(self.group_id, "group_id")
+        if self.full is not None:
+            check_bool(self.full, "full")
+
+
+# The largest rekey policy bounds (a year; a million epochs).
+MAX_REKEY_AGE = 366 * 86_400
+MAX_REKEY_EPOCHS = 1_000_000
+
+
+@dataclass(frozen=True)
+class GroupPolicy(Body):
+    """Set ``group_id``'s rekey policy: every member updates its own leaf at least every
+    ``max_age`` seconds and at most ``max_epochs`` epochs after its last update (0: no bound)."""
+
+    TYPE: ClassVar[str] = "op.group_policy"
+
+    command_id: bytes
+    group_id: str
+    max_age: int
+    max_epochs: int
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_id(self.group_id, "group_id")
+        check_uint(self.max_age, "max_age", maximum=MAX_REKEY_AGE)
+        check_uint(self.max_epochs, "max_epochs", maximum=MAX_REKEY_EPOCHS)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,431 @@
+"""Every member's key moves: the rekey policy the service enforces, and full rekeys.
+
+A member's leaf key changes only by that member's own commit (every commit carries an update
+path: the committer's leaf is replaced). In an active group a member that never commits keeps
+its leaf key, and with it the power to open every Welcome and path secret sealed to that key,
+for as long as the key exists. So the service asks:
+
+- **Policy.** Every member updates its own leaf at least every ``max_age`` seconds and at most
+  ``max_epochs`` epochs after its last update (``RekeyPolicy``; a group's own row set by
+  ``keyfleet group policy``, else the service's ``[groups]`` default; 0 turns a bound off).
+  The service records each member's last self-update (``service_leaf_updates``: the epoch its
+  leaf took effect in and when; a join counts as one) whenever it accepts a commit
+  (``record_commit``). Every ``CHECK_SECONDS`` one instance (``rekey_tick``) asks each due member
+  for a self-update commit: an update job aimed at that member only (``Job.candidates``), so the
+  commit is solicited. A member asked and silent for ``commit_request_timeout`` (or not at the
+  group's epoch within it) fails its job as a straggler (``ds.rekey.straggler``) and is asked
+  again ``ASK_REPEAT_SECONDS`` later; ``leaf_ages`` reports each member's age, whether it is
+  due, a straggler, or overdue past the grace (``grace``).
+- **Full rekey.** ``full_rekey_jobs``: one aimed update job per member, in bit-reversed leaf
+  order, so the first 2^k commits refresh every tree node at depth <= k (module docs in
+  docs/treekem.md, "Who updates when").
+
+Pure parts (``RekeyPolicy``, ``parse_duration``, ``due``, ``status``) take a clock reading and
+rows; the flows read and write through ``provisioning.service.store.rekey``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy.orm import Session
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.topics import operator_result_topic
+from agent.protocol.wire.messages.operator import GroupPolicy
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
+from agent.protocol.wire.messages.service import CommitAction
+from provisioning import audit
+from provisioning.registry import Outcome, PendingChange, Registry
+from provisioning.service import store, tasks
+from provisioning.service.context import Call
+from provisioning.service.effects import Effects, Log, Send
+from provisioning.service.model import Job, ServiceSettings
+from provisioning.service.store import rekey as rows
+
+log = logging.getLogger("keyfleet.service")
+
+# How often one instance looks for due members (a task lease, like the prune).
+CHECK_SECONDS: Final = 10
+# A member asked and silent is asked again after this long.
+ASK_REPEAT_SECONDS: Final = 300
+# The longest a policy may allow (a year) and the most epochs.
+MAX_AGE_LIMIT: Final = 366 * 86_400
+MAX_EPOCHS_LIMIT: Final = 1_000_000
+TASK: Final = "service.rekey_policy"
+
+_DURATION = re.compile(r"(\d+)([smhdw]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``text``: ``45``, ``45s``, ``30m``, ``12h``, ``7d``, ``2w``; ``0`` or
+    ``off``: no bound. ``ValueError`` (with what was expected) otherwise."""
+    value = text.strip().lower()
+    if value == "off":
+        return 0
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: expected e.g. 7d, 12h, 30m, 45s or off")
+    return int(match.group(1)) * _UNIT[match.group(2)]
+
+
+def format_duration(seconds: int) -> str:
+    if seconds == 0:
+        return "off"
+    for unit, size in (("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True)
+class RekeyPolicy:
+    """Every member updates its own leaf at least every ``max_age`` seconds and after at most
+    ``max_epochs`` epochs since its last update (0: that bound is off)."""
+
+    max_age: int
+    max_epochs: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_age <= MAX_AGE_LIMIT:
+            raise ProtocolError(
+                "ds.rekey.policy", f"max_age must be 0..{MAX_AGE_LIMIT} seconds (0: off)"
+            )
+        if not 0 <= self.max_epochs <= MAX_EPOCHS_LIMIT:
+            raise ProtocolError(
+                "ds.rekey.policy", f"max_epochs must be 0..{MAX_EPOCHS_LIMIT} (0: off)"
+            )
+
+    @classmethod
+    def default(cls, settings: ServiceSettings) -> RekeyPolicy:
+        return cls(settings.rekey_max_age, settings.rekey_max_epochs)
+
+    def looser_than(self, other: RekeyPolicy) -> bool:
+        """True if this policy lets some leaf key live longer than ``other`` does (a bound
+        raised, or turned off)."""
+
+        def looser(mine: int, theirs: int) -> bool:
+            return theirs != 0 and (mine == 0 or mine > theirs)
+
+        return looser(self.max_age, other.max_age) or looser(self.max_epochs, other.max_epochs)
+
+    def grace(self) -> int:
+        """How long past due a member may stay before it is listed as overdue: a tenth of the
+        age bound, at least an hour (a device asleep for the night is not an incident)."""
+        return max(3600, self.max_age // 10)
+
+    def describe(self) -> str:
+        epochs = "off" if self.max_epochs == 0 else str(self.max_epochs)
+        return f"max age {format_duration(self.max_age)}, max epochs {epochs}"
+
+
+@dataclass(frozen=True)
+class LeafUpdate:
+    """A member's last self-update: its leaf key took effect at ``epoch`` at ``updated_at``;
+    ``asked_at``: when the service last asked it for one and had no answer yet."""
+
+    device_id: str
+    epoch: int
+    updated_at: int
+    asked_at: int | None = None
+
+
+def due(policy: RekeyPolicy, leaf: LeafUpdate, *, epoch: int, now: int) -> str | None:
+    """Why ``leaf`` must update now (``"age"`` or ``"epochs"``), or None."""
+    if policy.max_age and now - leaf.updated_at >= policy.max_age:
+        return "age"
+    if policy.max_epochs and epoch - leaf.epoch >= policy.max_epochs:
+        return "epochs"
+    return None
+
+
+def to_ask(
+    policy: RekeyPolicy,
+    leaves: Sequence[LeafUpdate],
+    *,
+    epoch: int,
+    now: int,
+    repeat: int = ASK_REPEAT_SECONDS,
+) -> list[LeafUpdate]:
+    """The due members not asked within ``repeat`` seconds, oldest leaf first."""
+    out = [
+        leaf
+        for leaf in leaves
+        if due(policy, leaf, epoch=epoch, now=now) is not None
+        and (leaf.asked_at is None or now - leaf.asked_at >= repeat)
+    ]
+    return sorted(out, key=lambda leaf: (leaf.updated_at, leaf.epoch, leaf.device_id))
+
+
+@dataclass(frozen=True)
+class LeafStatus:
+    """What ``keyfleet group show`` and the dashboard say about one member's leaf."""
+
+    device_id: str
+    age: int  # seconds since its last self-update
+    epochs: int  # epochs since
+    due: str | None
+    straggler: bool  # asked, and silent past the commit request timeout
+    overdue: bool  # due for longer than the policy's grace
+
+    def to_obj(self) -> dict[str, object]:
+        return {
+            "device": self.device_id,
+            "age_seconds": self.age,
+            "epochs": self.epochs,
+            "due": self.due,
+            "straggler": self.straggler,
+            "overdue": self.overdue,
+        }
+
+
+def status(
+    policy: RekeyPolicy,
+    leaves: Sequence[LeafUpdate],
+    *,
+    epoch: int,
+    now: int,
+    answer_within: int,
+) -> list[LeafStatus]:
+    """Each member's leaf, oldest first."""
+    out = []
+    for leaf in leaves:
+        reason = due(policy, leaf, epoch=epoch, now=now)
+        since = _due_since(policy, leaf, epoch=epoch, now=now)
+        out.append(
+            LeafStatus(
+                device_id=leaf.device_id,
+                age=max(0, now - leaf.updated_at),
+                epochs=max(0, epoch - leaf.epoch),
+                due=reason,
+                straggler=leaf.asked_at is not None and now - leaf.asked_at > answer_within,
+                overdue=reason is not None and since is not None and now - since > policy.grace(),
+            )
+        )
+    return sorted(out, key=lambda s: (-s.age, -s.epochs, s.device_id))
+
+
+def _due_since(policy: RekeyPolicy, leaf: LeafUpdate, *, epoch: int, now: int) -> int | None:
+    """When ``leaf`` became due by age (the epoch bound has no time: counted from the ask)."""
+    if policy.max_age and now - leaf.updated_at >= policy.max_age:
+        return leaf.updated_at + policy.max_age
+    if policy.max_epochs and epoch - leaf.epoch >= policy.max_epochs:
+        return leaf.asked_at if leaf.asked_at is not None else now
+    return None
+
+
+def bit_reversed(count: int) -> list[int]:
+    """0..count-1 in bit-reversed order (0, n/2, n/4, 3n/4, ...): consecutive committers'
+    direct paths overlap as little as possible, so after 2^k of them every node at depth
+    <= k of a full tree has been re-keyed."""
+    if count <= 1:
+        return list(range(count))
+    bits = (count - 1).bit_length()
+    order = sorted(range(1 << bits), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))
+    return [i for i in order if i < count]
+
+
+# --- the service's side (I/O through store.rekey) -------------------------------------------
+
+
+def group_policy(cx: Call, session: Session, group_id: str) -> RekeyPolicy:
+    own = rows.policy(session, group_id)
+    if own is None:
+        return RekeyPolicy.default(cx.env.settings)
+    return RekeyPolicy(*own)
+
+
+def leaves(session: Session, group_id: str, now: int) -> tuple[list[LeafUpdate], list[LeafUpdate]]:
+    """Every member with a leaf, with its last self-update; and those of them the service has
+    no row for yet (members from before the policy existed): they are counted from the epoch
+    they joined at and, for age, from ``now`` (the first check that saw them), which the
+    caller records, so an upgrade does not ask every old member at once."""
+    registry = Registry(session)
+    recorded = {r.device_id: r for r in rows.leaf_rows(session, group_id)}
+    out, new = [], []
+    for member in registry.members(group_id):
+        if member.leaf_index is None or member.pending is PendingChange.REMOVE:
+            continue
+        row = recorded.get(member.device_id)
+        if row is not None:
+            out.append(LeafUpdate(member.device_id, row.epoch, row.updated_at, row.asked_at))
+        else:
+            joined = member.joined_epoch if member.joined_epoch is not None else 0
+            leaf = LeafUpdate(member.device_id, joined, now)
+            out.append(leaf)
+            new.append(leaf)
+    return out, new
+
+
+def record_commit(
+    session: Session,
+    group_id: str,
+    *,
+    committer: str,
+    epoch: int,
+    added: Sequence[str],
+    removed: Sequence[str],
+    now: int,
+) -> None:
+    """An accepted commit made at ``epoch``: its committer's leaf is new from ``epoch + 1``
+    (every commit carries an update path), an added member's leaf starts then, a removed
+    member's row goes."""
+    for device_id in (committer, *added):
+        rows.put_update(session, group_id, device_id, epoch=epoch + 1, now=now)
+    for device_id in removed:
+        rows.forget(session, group_id, device_id)
+
+
+def aimed_update(cx: Call, group_id: str, device_id: str) -> Job:
+    """An update job only ``device_id`` may fulfil (its own self-update)."""
+    return Job(
+        CommitAction.UPDATE,
+        group_id,
+        None,
+        cx.env.new_id(),
+        persistent=True,
+        candidates=(device_id,),
+        prefer=device_id,
+    )
+
+
+def full_rekey_jobs(cx: Call, session: Session, group_id: str) -> list[Job]:
+    """One aimed update job per member, in bit-reversed leaf order (``bit_reversed``)."""
+    members = [
+        m
+        for m in Registry(session).members(group_id)
+        if m.leaf_index is not None and m.pending is not PendingChange.REMOVE
+    ]
+    if not members:
+        raise ProtocolError("ds.rekey.empty", f"group {group_id!r} has no member to update")
+    members.sort(key=lambda m: m.leaf_index if m.leaf_index is not None else 0)
+    return [aimed_update(cx, group_id, members[i].device_id) for i in bit_reversed(len(members))]
+
+
+def is_aimed(job: Job) -> bool:
+    return job.action is CommitAction.UPDATE and len(job.candidates) == 1
+
+
+def rekey_tick(cx: Call, now: int) -> list[str]:
+    """Every ``CHECK_SECONDS`` fleet-wide: ask each due member for a self-update (an aimed
+    job queued in its group). Returns the groups whose queue grew (the caller starts them)."""
+    if not tasks.claim_task(cx, TASK, now):
+        return []
+    grew = []
+    try:
+        for group_id in cx.env.read(rows.group_ids):
+
+            def plan(session: Session, group_id: str = group_id) -> list[Job]:
+                return _plan_asks(cx, session, group_id, now)
+
+            def pending(session: Session, group_id: str = group_id) -> bool:
+                return _has_work(cx, session, group_id, now)
+
+            # a read first: most checks find nothing to do, and a write transaction would
+            # take the database's write lock (all of SQLite) for nothing
+            if not cx.env.read(pending):
+                continue
+            for job in cx.env.tx(plan):
+                log.info("asked %s for a self-update in %s (rekey policy)", job.prefer, group_id)
+                grew.append(group_id)
+    finally:
+        tasks.finish_task(cx, TASK, now + CHECK_SECONDS)
+    return list(dict.fromkeys(grew))
+
+
+def _has_work(cx: Call, session: Session, group_id: str, now: int) -> bool:
+    """Whether ``_plan_asks`` would write anything (a first-seen member or an ask)."""
+    members, first_seen = leaves(session, group_id, now)
+    if first_seen:
+        return True
+    epoch = Registry(session).group(group_id).epoch
+    return bool(to_ask(group_policy(cx, session, group_id), members, epoch=epoch, now=now))
+
+
+def _plan_asks(cx: Call, session: Session, group_id: str, now: int) -> list[Job]:
+    policy = group_policy(cx, session, group_id)
+    epoch = Registry(session).group(group_id).epoch
+    waiting = {job.candidates[0] for job in store.open_jobs(session, group_id) if is_aimed(job)}
+    members, first_seen = leaves(session, group_id, now)
+    for leaf in first_seen:
+        rows.put_update(session, group_id, leaf.device_id, epoch=leaf.epoch, now=now)
+    asked = []
+    for leaf in to_ask(policy, members, epoch=epoch, now=now):
+        if leaf.device_id in waiting:
+            continue
+        job = aimed_update(cx, group_id, leaf.device_id)
+        store.insert_job(session, job, now)
+        rows.mark_asked(
+            session,
+            group_id,
+            leaf.device_id,
+            epoch=leaf.epoch,
+            updated_at=leaf.updated_at,
+            now=now,
+        )
+        asked.append(job)
+    return asked
+
+
+def set_group_policy(
+    cx: Call, session: Session, body: GroupPolicy, *, operator: str, command_id: bytes, now: int
+) -> Effects:
+    """``op.group_policy``: write the group's policy, audited with the one it replaces and
+    whether it is looser; answered at once."""
+    Registry(session).group(body.group_id)  # registry.group.unknown if there is none
+    new = RekeyPolicy(body.max_age, body.max_epochs)
+    old = group_policy(cx, session, body.group_id)
+    rows.set_policy(
+        session,
+        body.group_id,
+        max_age=new.max_age,
+        max_epochs=new.max_epochs,
+        operator=operator,
+        now=now,
+    )
+    audit.append(
+        session,
+        now=now,
+        actor=f"operator:{operator}",
+        action="group.rekey_policy",
+        target=body.group_id,
+        outcome=Outcome.ACCEPTED,
+        details={
+            "command_id": command_id.hex(),
+            "max_age": new.max_age,
+            "max_epochs": new.max_epochs,
+            "was_max_age": old.max_age,
+            "was_max_epochs": old.max_epochs,
+            "looser": int(new.looser_than(old)),
+        },
+    )
+    detail = f"{body.group_id}: {new.describe()} (was {old.describe()})"
+    return [
+        Log(logging.INFO, "rekey policy of %s set by %s: %s", (body.group_id, operator, detail)),
+        Send(
+            operator_result_topic(operator),
+            OperatorResult(command_id, ResultStatus.DONE, detail, (), ()),
+            operator,
+        ),
+    ]
+
+
+def leaf_ages(
+    session: Session, group_id: str, settings: ServiceSettings, now: int
+) -> list[LeafStatus]:
+    """Each member's leaf age and standing under the group's policy, oldest first (for
+    ``keyfleet group show`` and the dashboard)."""
+    own = rows.policy(session, group_id)
+    policy = RekeyPolicy.default(settings) if own is None else RekeyPolicy(*own)
+    return status(
+        policy,
+        leaves(session, group_id, now)[0],
+        epoch=Registry(session).group(group_id).epoch,
+        now=now,
+        answer_within=settings.commit_request_timeout,
+    )

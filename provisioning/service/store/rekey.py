@@ -1,0 +1,88 @@
+"""The rekey policy's rows (``provisioning.service.rekeypolicy``): each group's own policy and
+each member's last self-update. Plain reads and upserts: two instances recording the same
+accepted commit write the same values; the ask is recorded by the one instance holding the
+rekey task's lease."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from provisioning.db.runtime import LeafUpdateRow, RekeyPolicyRow
+from provisioning.db.schema import Group
+
+
+def group_ids(session: Session) -> list[str]:
+    return list(session.scalars(select(Group.group_id).order_by(Group.group_id)))
+
+
+def policy(session: Session, group_id: str) -> tuple[int, int] | None:
+    """``(max_age, max_epochs)`` of the group's own policy, None if it follows the default."""
+    row = session.get(RekeyPolicyRow, group_id)
+    return None if row is None else (row.max_age, row.max_epochs)
+
+
+def set_policy(
+    session: Session, group_id: str, *, max_age: int, max_epochs: int, operator: str, now: int
+) -> None:
+    row = session.get(RekeyPolicyRow, group_id)
+    if row is None:
+        session.add(
+            RekeyPolicyRow(
+                group_id=group_id,
+                max_age=max_age,
+                max_epochs=max_epochs,
+                set_by=operator,
+                set_at=now,
+            )
+        )
+    else:
+        row.max_age, row.max_epochs, row.set_by, row.set_at = max_age, max_epochs, operator, now
+    session.flush()
+
+
+def leaf_rows(session: Session, group_id: str) -> list[LeafUpdateRow]:
+    return list(session.scalars(select(LeafUpdateRow).where(LeafUpdateRow.group_id == group_id)))
+
+
+def put_update(session: Session, group_id: str, device_id: str, *, epoch: int, now: int) -> None:
+    """``device_id``'s leaf is new from ``epoch``, at ``now``; any open ask is answered."""
+    row = session.get(LeafUpdateRow, (group_id, device_id))
+    if row is None:
+        session.add(
+            LeafUpdateRow(
+                group_id=group_id, device_id=device_id, epoch=epoch, updated_at=now, asked_at=None
+            )
+        )
+    elif epoch >= row.epoch:
+        row.epoch, row.updated_at, row.asked_at = epoch, now, None
+    session.flush()
+
+
+def mark_asked(
+    session: Session, group_id: str, device_id: str, *, epoch: int, updated_at: int, now: int
+) -> None:
+    """The service asked ``device_id`` (last updated at ``epoch``, ``updated_at``: written if
+    it has no row yet) for a self-update at ``now``."""
+    row = session.get(LeafUpdateRow, (group_id, device_id))
+    if row is None:
+        session.add(
+            LeafUpdateRow(
+                group_id=group_id,
+                device_id=device_id,
+                epoch=epoch,
+                updated_at=updated_at,
+                asked_at=now,
+            )
+        )
+    else:
+        row.asked_at = now
+    session.flush()
+
+
+def forget(session: Session, group_id: str, device_id: str) -> None:
+    session.execute(
+        delete(LeafUpdateRow).where(
+            LeafUpdateRow.group_id == group_id, LeafUpdateRow.device_id == device_id
+        )
+    )
