@@ -17,6 +17,7 @@ from agent.protocol.mls import group as mls_group
 from agent.protocol.wire.messages.group import CommitRefused, UpdateRequest
 from provisioning.registry import DeviceState, Registry
 from provisioning.service.recovery import MIN_WITNESSES, Verdict, commit_hash, decide
+from tests.insider import junk_encrypt
 from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet, snapshot
 from tests.service_members import rekey
 
@@ -167,13 +168,7 @@ def test_a_repeat_offender_is_refused_unasked_every_time(tmp_path: Path) -> None
 def junk_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every UpdatePath ciphertext made from now on is junk (a compromised member's commit:
     validly signed, public checks pass, nobody can decrypt its path secrets)."""
-    real = mls_group.encrypt_with_label
-
-    def junk(*args: object, **kwargs: object) -> tuple[bytes, bytes]:
-        kem, ct = real(*args, **kwargs)  # type: ignore[arg-type]
-        return kem, bytes(len(ct))
-
-    monkeypatch.setattr(mls_group, "encrypt_with_label", junk)
+    monkeypatch.setattr(mls_group, "encrypt_with_label", junk_encrypt(mls_group.encrypt_with_label))
 
 
 def test_a_compromised_members_junk_commit_is_rolled_back_and_the_insider_removed(
