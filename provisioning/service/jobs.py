@@ -226,7 +226,8 @@ def choose_committer(cx: Call, session: Session, job: Job, now: int) -> tuple[st
         public, _ = commits.load_public(session, job.group_id)
         target = next(m for m in members if m.device_id == job.member)
         assert target.leaf_index is not None
-        near = public.tree.leaf(public.committer_for_remove(target.leaf_index))
+        among = tuple(c.encode() for c in job.candidates)
+        near = public.tree.leaf(public.committer_for_remove(target.leaf_index, among))
         preferred = None if near is None else near.device_id.decode()
     elif job.prefer is not None:
         preferred = job.prefer

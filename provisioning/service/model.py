@@ -101,7 +101,10 @@ class Job:
     request_id: bytes = field(repr=False)
     command_id: bytes | None = field(default=None, repr=False)  # its operation, if any
     persistent: bool = False  # survives its operation's timeout (revocations, re-adds)
-    candidates: tuple[str, ...] = ()  # create: the founders to try, in order
+    # create: the founders to try, in order; an aimed update (rekey policy): its one member;
+    # remove: the members to ask first, the one nearest to the removed leaf first (after a
+    # rollback, the members that reported the junk commit)
+    candidates: tuple[str, ...] = ()
     prefer: str | None = None  # update: ask this member first (it asked for the rotation)
     state: JobState = JobState.QUEUED
     key_package: bytes | None = field(default=None, repr=False)

@@ -21,7 +21,7 @@ changes of its groups are queued ahead of it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -513,13 +513,19 @@ def start_change(
 
 
 def plan_removal(
-    cx: Call, session: Session, device_id: str, now: int
+    cx: Call,
+    session: Session,
+    device_id: str,
+    now: int,
+    *,
+    ask_first: Mapping[str, tuple[str, ...]] | None = None,
 ) -> tuple[list[Job], set[str]]:
     """Mark ``device_id`` pending removal in every group it is in (pending adds are
     withdrawn) and make one persistent remove job per group where it holds a leaf: the
     revocation's and the quarantine's path out of the groups. The jobs are inserted in the
     caller's transaction; after it committed, the caller starts them (and cancels queued adds
-    of the device)."""
+    of the device). ``ask_first``: per group, the members to ask for the removal first
+    (``Job.candidates``)."""
     registry = Registry(session)
     jobs: list[Job] = []
     groups: set[str] = set()
@@ -532,6 +538,7 @@ def plan_removal(
                 device_id,
                 cx.env.new_id(),
                 persistent=True,
+                candidates=(ask_first or {}).get(member.group_id, ()),
             )
             store.insert_job(session, job, now)
             jobs.append(job)

@@ -9,8 +9,11 @@ report is recorded (``on_commit_refused``). Every tick, each reported commit is 
   GroupContext kept before the commit), the commit leaves the commit log (catch-up never replays
   it again), the acks of the epoch it started are dropped; its committer is quarantined and
   removed from every group it is in through the quarantine path (persistent remove jobs that an
-  honest member commits under the standing policy); members that had acked the rolled-back epoch
-  are re-added with a fresh welcome; audited as ``group.rollback``.
+  honest member commits under the standing policy; in this group asked of a witness first, the
+  one nearest to the committer in the tree: a witness just showed it is there and holds the
+  epoch, while the committer's nearest neighbour may be the member that stayed silent); members
+  that had acked the rolled-back epoch are re-added with a fresh welcome; audited as
+  ``group.rollback``.
 - **stands**: the commit stays; the reporters (a liar, or members a partly junk commit left
   behind) are re-added with a fresh welcome; audited as ``group.commit_reports``.
 
@@ -164,7 +167,11 @@ def settle(cx: Call, group_id: str, epoch: int, now: int) -> Decision | None:
                 reason=f"its commit of {group_id} epoch {epoch} was rolled back"[:1000],
                 now=now,
             )
-            _, groups = operators.plan_removal(cx, session, entry.committer, now)
+            # asked of a witness first: it just showed it is there and holds the epoch (the
+            # committer's nearest neighbour may be the member that stayed silent)
+            _, groups = operators.plan_removal(
+                cx, session, entry.committer, now, ask_first={group_id: decision.witnesses}
+            )
         audit.append(
             session,
             now=now,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,16 +108,20 @@ def lab(fleet_lab: Lab) -> Lab:
     return fleet_lab
 
 
-@pytest.fixture(scope="module")
-def insider(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabDevice, Path]]:
-    """The insider rebooted into its compromised software; its control directory."""
-    device = lab.devices[INSIDER]
+def compromise(
+    lab: Lab, device: LabDevice, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[LabDevice, Path]:
+    """Reboot ``device`` into compromised software (tests/insider.py); its control directory."""
     hook = sitecustomize(tmp_path_factory.mktemp("insider-hook"))
     control = tmp_path_factory.mktemp("insider-control")
     lab.reboot(device, env={"PYTHONPATH": str(hook), INSIDER_ENV: str(control)})
-    epoch = group_row(lab, G)["epoch"]
-    lab.wait_epoch(G, epoch, [device], timeout=60)
-    yield device, control
+    lab.wait_epoch(G, group_row(lab, G)["epoch"], [device], timeout=60)
+    return device, control
+
+
+@pytest.fixture(scope="module")
+def insider(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> tuple[LabDevice, Path]:
+    return compromise(lab, lab.devices[INSIDER], tmp_path_factory)
 
 
 def flip(control: Path, switch: str) -> None:
@@ -251,3 +254,82 @@ def test_a_solicited_junk_commit_is_rolled_back_the_insider_removed_and_data_flo
     # nothing else changed: the other group, the honest devices' states (checked above)
     assert (group_row(lab, SIDE)["epoch"], authenticators(lab, SIDE)) == side_before
     assert all(d.epoch(SIDE) == side_before[0] for d in lab.devices[:2])
+
+
+def test_with_a_member_offline_the_recovery_waits_and_the_member_catches_up(
+    lab: Lab, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second insider strikes while an honest member is offline (its agent stopped with
+    SIGSTOP): the service cannot hear from everyone, so it decides ``recovery_wait_seconds``
+    (10 s) after the commit; the removal goes on without the offline member, which catches up
+    when it is back (it sees the junk commit, then the removal) and lands on the same epoch."""
+    device, control = compromise(lab, lab.devices[INSIDER + 1], tmp_path_factory)
+    offline = lab.devices[INSIDER + 2]
+    row = group_row(lab, G)
+    assert device.id in row["members"] and offline.id in row["members"]
+    epoch = int(row["epoch"])
+    online = [d for d in lab.devices if d.id in row["members"] and d not in (device, offline)]
+    head = lab.audit_head()
+    tap = CommitTap(lab, G)
+    lab.pause_agent(offline)
+    try:
+        flip(control, ASK_UPDATE)
+        wait_for("the junk commit", lambda: tap.count() >= 1, timeout=60)
+        junk_relayed_ms = tap.at(0)
+
+        def recovered() -> bool:
+            now = group_row(lab, G)
+            return (
+                now["epoch"] == epoch + 1
+                and device.id not in now["members"]
+                and all(d.epoch(G) == epoch + 1 for d in online)
+                and set(ack_times(lab, G, epoch + 1)) >= {d.id for d in online}
+            )
+
+        wait_for("the online members without the insider", recovered, timeout=120)
+        times = ack_times(lab, G, epoch + 1)
+        assert offline.id not in times
+    finally:
+        lab.resume_agent(offline)
+        tap.client.close()
+    entries = lab.audit(head + 1)
+    (rollback,) = [e for e in entries if e.action == "group.rollback"]
+    details = rollback.details_dict()
+    assert details["committer"] == device.id
+    assert sorted(details["witnesses"].split(",")) == sorted(d.id for d in online)
+    (junk,) = [
+        e for e in entries if e.action == "group.commit" and e.actor == f"device:{device.id}"
+    ]
+    assert rollback.time - junk.time >= 9  # it waited for the silent member (whole seconds)
+    bound_ms = max(times[d.id] for d in online) - junk_relayed_ms
+    assert 0 < bound_ms < BOUND_SECONDS * 1000
+
+    # the offline member comes back: junk first (refused, reported too late), then the removal
+    honest = [*online, offline]
+    lab.wait_epoch(G, epoch + 1, [offline], timeout=60)
+
+    def agreed() -> bool:
+        status = lab.ack_status(G)
+        return status.agreed and sorted(status.members) == sorted(d.id for d in honest)
+
+    wait_for("all six honest members acked one epoch", agreed, timeout=60)
+    caught_up_ms = ack_times(lab, G, epoch + 1)[offline.id] - junk_relayed_ms
+    measured = {
+        "members": len(row["members"]),
+        "offline": 1,
+        "junk_to_online_honest_acked_ms": bound_ms,
+        "rollback_after_junk_s": rollback.time - junk.time,
+        "offline_member_caught_up_ms": caught_up_ms,
+    }
+    with capsys.disabled():
+        print(f"\nwedge recovery with a silent member, measured: {json.dumps(measured)}")
+    states = lab.registry(lambda r: {d.id: r.device(d.id).state for d in honest})
+    assert set(states.values()) == {DeviceState.ACTIVE}, states
+    assert not [e for e in lab.audit(head + 1) if e.action == "group.readd"]
+    plaintext = b"back online"
+    with online[0].api() as api:
+        sealed = api.encrypt(G, plaintext)
+    with offline.api() as api:
+        assert api.decrypt(G, sealed) == plaintext
+    with device.api() as api, pytest.raises(ProtocolError):
+        api.decrypt(G, sealed)

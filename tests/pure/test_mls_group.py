@@ -573,6 +573,14 @@ def test_service_picks_the_nearest_committer_and_matches_welcomes() -> None:
     service = world.service
     assert service.committer_for_remove(5) == 4
     assert service.committer_for_remove(0) == 1
+    # the nearest among the given members (after a rollback: the witnesses); unknown ones are
+    # ignored, and with none of them in the tree it is the nearest of all
+    ids = {i: leaf.device_id for i, leaf in service.tree.members()}
+    assert service.committer_for_remove(5, [ids[0], ids[6], ids[7]]) == 6
+    assert service.committer_for_remove(5, [ids[0], ids[3], ids[7]]) == 7
+    assert service.committer_for_remove(5, [ids[3], ids[1]]) == 1  # a tie: leaf order
+    assert service.committer_for_remove(5, [ids[5], b"dev-elsewhere"]) == 4
+    assert service.committer_for_remove(5, ()) == 4
     committer = world.by_leaf(4)
     small = committer.g.remove(committer.signature_key, [5]).commit
     far = world.by_leaf(0).g.remove(world.by_leaf(0).signature_key, [5]).commit

@@ -15,6 +15,7 @@ from agent.protocol import dataseal
 from agent.protocol.errors import CryptoError
 from agent.protocol.mls import group as mls_group
 from agent.protocol.wire.messages.group import CommitRefused, UpdateRequest
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from provisioning.registry import DeviceState, Registry
 from provisioning.service.recovery import MIN_WITNESSES, Verdict, commit_hash, decide
 from tests.insider import junk_encrypt
@@ -252,3 +253,39 @@ def test_a_single_liar_gets_itself_re_added_and_nothing_else(tmp_path: Path) -> 
     assert DeviceState.QUARANTINED not in states.values()
     assert sorted(fleet.members("g1")) == sorted(MEMBERS)
     assert len(agreed(fleet, "g1")) == 1  # the liar re-joined the real epoch
+
+
+def test_the_removal_after_a_rollback_is_asked_of_a_witness_not_a_silent_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The insider's nearest neighbour in the tree (the member a removal is usually asked of) is
+    offline: the service decides after ``recovery_wait`` and asks a member that reported the
+    junk commit (it just showed it is there and at the right epoch), the nearest such; the
+    removal does not wait ``commit_request_timeout`` on the silent member first."""
+    fleet = next(make_fleet(tmp_path, MEMBERS, recovery_wait=10, commit_request_timeout=30))
+    create_g1(fleet)
+    epoch = fleet.epoch("g1")
+    insider = fleet.devices["dev-5"]
+    with fleet.sessions() as s:
+        leaves = {m.device_id: m.leaf_index for m in Registry(s).members("g1")}
+    assert (leaves["dev-5"], leaves["dev-6"]) == (4, 5)  # siblings in the tree
+    fleet.offline.add("dev-6")
+    fleet.record = True
+    with monkeypatch.context() as patch:
+        junk_path(patch)
+        fleet.send(insider.report(UpdateRequest("g1", epoch, "max-epoch-age"), fleet.now))
+    fleet.tick(1)
+    assert "group.rollback" not in [e.action for e in fleet.audit_entries()]  # dev-6 may ack
+    fleet.tick(10)
+    rollback = next(e for e in fleet.audit_entries() if e.action == "group.rollback")
+    assert "dev-6" not in rollback.details_dict()["witnesses"]
+    removal = [
+        (to, body)
+        for to, body in fleet.to_devices
+        if isinstance(body, CommitRequest) and body.action is CommitAction.REMOVE
+    ]
+    assert [to for to, _ in removal] == ["dev-7"]  # a witness, next nearest to leaf 4
+    assert "dev-5" not in fleet.members("g1") and fleet.epoch("g1") == epoch + 1
+    fleet.come_online("dev-6")  # the junk commit (refused, its report late), then the removal
+    assert len(agreed(fleet, "g1")) == 2  # the seven, and the insider's dead branch
+    assert fleet.devices["dev-6"].groups["g1"].epoch == epoch + 1

@@ -29,7 +29,7 @@ Nothing here can derive any epoch secret.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from agent.protocol.errors import CryptoError, ProtocolError
@@ -424,15 +424,17 @@ class PublicGroup:
             ).next_state()
         )
 
-    def committer_for_remove(self, leaf_index: int) -> int:
+    def committer_for_remove(self, leaf_index: int, among: Collection[bytes] = ()) -> int:
         """The member the service should ask to commit the removal of ``leaf_index``: the one
         nearest to it in the tree, so the blanked path of the removed leaf is mostly re-keyed by
-        the committer's own path and the commit stays small (≈ log2 N ciphertexts)."""
+        the committer's own path and the commit stays small (≈ log2 N ciphertexts). ``among``
+        (device ids): the nearest of these members, if any of them is in the tree (after a
+        rollback, the members that just reported the junk commit: they are there)."""
         target = tm.leaf_to_node(leaf_index)
         best: tuple[int, int] | None = None
-        for i, _ in self.tree.members():
-            if i == leaf_index:
-                continue
+        members = [(i, leaf) for i, leaf in self.tree.members() if i != leaf_index]
+        chosen = [(i, leaf) for i, leaf in members if leaf.device_id in among]
+        for i, _ in chosen or members:
             height = tm.level(tm.common_ancestor(tm.leaf_to_node(i), target))
             if best is None or height < best[0]:
                 best = (height, i)
