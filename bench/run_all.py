@@ -31,6 +31,7 @@ BENCHES = (
     "bench_revoke_broker",
     "bench_token",
     "bench_full_rekey",
+    "bench_wedge",
 )
 AT_LEAST = {"attestation_verify_per_core", "commit_vs_baseline_ratio_n1024"}
 COMMIT_N = 1024
