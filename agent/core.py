@@ -664,10 +664,16 @@ class AgentCore:
         return Outcome(publishes=[self._ack(new_entry, command_id)], epochs_changed=True)
 
     def _install(self, name: str, group: Group) -> None:
-        """Make ``group`` the current epoch of ``name``: ledger, data key, fresh counters."""
+        """Make ``group`` the current epoch of ``name``: ledger, data key, fresh counters. The
+        leaf key we joined with stays marked while we still hold it (another member's commit
+        does not replace our leaf: the first self-update is still due)."""
         self.ledger.start_epoch(name, group.epoch)
         self._data_keys.setdefault(name, {})[group.epoch] = Secret(group.data_key(DATA_KEY_SIZE))
-        self._groups[name] = _GroupEntry(group=group, started=self._now)
+        previous = self._groups.get(name)
+        joined = None if previous is None else previous.joined_leaf
+        if not fresh_leaf_pending(_leaf_public(group), joined):
+            joined = None
+        self._groups[name] = _GroupEntry(group=group, started=self._now, joined_leaf=joined)
         self._report_soon()
 
     def _report_soon(self) -> None:

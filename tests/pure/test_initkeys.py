@@ -239,6 +239,28 @@ def test_a_first_commit_that_is_not_the_update_still_replaces_the_joined_leaf() 
     assert b.status()["groups"][0]["fresh_leaf_pending"] is False
 
 
+def test_another_members_commit_before_the_first_update_does_not_cancel_it() -> None:
+    """A joiner that processes someone else's commit first (the next add of a group being built)
+    still holds the leaf key it joined with: it keeps asking for its self-update."""
+    service, _, b = group_of_two()
+    (kp_leaf,) = b.leaf_refs()
+    service.core("dev-c")
+    kp_c = service.key_package("dev-c")
+    commit, welcome = service.request_commit(
+        "dev-a", CommitAction.ADD, member="dev-c", key_package=kp_c
+    )
+    assert isinstance(commit, CommitMessage) and isinstance(welcome, WelcomeMessage)
+    acks(service, service.fan_out(service.order(commit), ["dev-a", "dev-b"]))
+    assert b.epoch(G) == 2 and kp_leaf in b.leaf_refs()
+    assert b.status()["groups"][0]["fresh_leaf_pending"] is True
+    asks = [x for x in service.bodies("dev-b", b.tick(service.now)) if isinstance(x, UpdateRequest)]
+    assert [(r.group_id, r.epoch, r.reason) for r in asks] == [(G, 2, JOIN_UPDATE_REASON)]
+    # and after a restart in between
+    restarted = service.restarted(b)
+    restarted.restore(b.to_state())
+    assert restarted.status()["groups"][0]["fresh_leaf_pending"] is True
+
+
 def test_expired_key_packages_are_refused_by_committer_and_joiner_and_refreshed() -> None:
     service = FakeService()
     a, b = service.core("dev-a"), service.core("dev-b")
