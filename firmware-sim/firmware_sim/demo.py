@@ -167,8 +167,13 @@ def _run_steps(lab: Lab, narrator: Narrator, summary: dict[str, Any]) -> None:
 
     with narrator.step(f"keyfleet group create {GROUP} with all {len(devices)} devices") as rec:
         _op(lab, "group", "create", GROUP, "--members", *lab.device_ids)
+        # each joiner's first act is a self-update (a fresh leaf key): wait for those too
+        lab.wait_settled(GROUP, devices, timeout=60)
         epoch = _epoch_everywhere(lab, devices)
-        narrator.say(f"      group {GROUP}: {len(devices)} members agree on epoch {epoch}")
+        narrator.say(
+            f"      group {GROUP}: {len(devices)} members agree on epoch {epoch}, every joiner "
+            "on a fresh leaf key"
+        )
         rec["epoch"] = epoch
 
     with narrator.step(f"operator rekey of {GROUP} (acks as they arrive)") as rec:
