@@ -95,9 +95,18 @@ def final_result(client: OperatorClient, command_id: bytes, timeout: float) -> O
             return result
 
 
+def settled(deployment: Deployment, group_id: str, members: list[str]) -> None:
+    """The joiners' first self-updates are done (docs/treekem.md "Joining"): the epochs counted
+    from here are the operator's rekeys only."""
+    assert deployment.fleet is not None
+    deployment.fleet.wait_settled(group_id, timeout=60, members=members)
+
+
 def test_commands_arriving_in_decreasing_seq_order_are_all_taken(deployment: Deployment) -> None:
-    created = deployment.cli("group", "create", "g1", "--members", *device_ids(deployment, 0, 3))
+    members = device_ids(deployment, 0, 3)
+    created = deployment.cli("group", "create", "g1", "--members", *members)
     assert created.returncode == 0, created.stdout + created.stderr
+    settled(deployment, "g1", members)
     before = epoch(deployment, "g1")
     settings = deployment.operator
     assert settings is not None
@@ -135,6 +144,8 @@ def test_six_cli_processes_of_one_operator_at_once_are_all_taken(deployment: Dep
     for process in creates:
         out, err = process.communicate(timeout=240)
         assert process.returncode == 0, out + err
+    for group_id, members in groups.items():
+        settled(deployment, group_id, members)
     created = {g: epoch(deployment, g) for g in groups}
     rekeys = [deployment.cli_async("rekey", "--group", g) for g in [*groups, *groups]]
     for process in rekeys:

@@ -20,7 +20,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -464,15 +464,19 @@ class VirtualFleet:
         with self.lock:
             return {d.device_id: d.core.epoch(group) for d in self.devices}
 
-    def wait_settled(self, group: str, timeout: float) -> int:
-        """Wait until every device holds ``group`` at one common epoch and none still holds the
-        leaf key it joined with (each joiner's first self-update is done); returns that epoch.
-        ``StateError`` naming the stragglers on timeout."""
+    def wait_settled(
+        self, group: str, timeout: float, members: Collection[str] | None = None
+    ) -> int:
+        """Wait until every device (or those of ``members``, device ids) holds ``group`` at one
+        common epoch and none still holds the leaf key it joined with (each joiner's first
+        self-update is done); returns that epoch. ``StateError`` naming the stragglers on
+        timeout."""
         deadline = time.monotonic() + timeout
         while True:
             with self.lock:
-                epochs = {d.device_id: d.core.epoch(group) for d in self.devices}
-                pending = [d.device_id for d in self.devices if d.core.fresh_leaf_pending(group)]
+                devices = [d for d in self.devices if members is None or d.device_id in members]
+                epochs = {d.device_id: d.core.epoch(group) for d in devices}
+                pending = [d.device_id for d in devices if d.core.fresh_leaf_pending(group)]
             common = set(epochs.values())
             if len(common) == 1 and None not in common and not pending:
                 (epoch,) = common
