@@ -46,7 +46,7 @@ def test_twenty_virtual_devices_are_grouped_and_rekeyed_through_the_operator_cli
         created = installation.cli("group", "create", "g1", "--members", *ids, timeout=240)
         assert created.returncode == 0, created.stdout + created.stderr
         # create, one add per member, and each joiner's first commit carries a new leaf key
-        # (its next add, or a self-update it asks for: the last joiner's comes after the create)
+        # (the self-update it asks for, after the create for most of them: docs/treekem.md)
         done = re.search(r"create g1: done epoch (\d+)", created.stdout)
         assert done is not None, created.stdout
         assert int(done.group(1)) >= DEVICES - 1
