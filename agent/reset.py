@@ -29,10 +29,11 @@ encrypted under its parent. For leaf and init keys that is a rotating parent, ev
 For the DevID, the AK and the sealed state key it is the SRK, which the TPM re-creates from its
 storage primary seed forever: a copy of such a blob taken before the reset (a backup, a disk
 image) still loads on this TPM. Only a new storage seed ends that: TPM2_Clear (lockout
-authorization, empty on a device nobody took ownership of). ``--clear-tpm`` does it and re-creates the EKs, which Clear
-evicts, from their templates (same keys: the endorsement seed does not change, so the EK
-certificates stay valid and the device can be enrolled again). Without it, destruction relies
-on no copy of the blobs existing; with it, no copy loads anywhere.
+authorization, empty on a device nobody took ownership of). ``--clear-tpm`` does it and
+re-creates the EKs, which Clear evicts, from their templates (same keys: the endorsement seed
+does not change, so the EK certificates stay valid and the device can be enrolled again).
+Without it, destruction of the SRK's blobs relies on no copy existing; with it, no copy of any
+blob loads anywhere.
 
 If the service cannot be told (broker unreachable, TLS files already gone): the keys are
 destroyed anyway (the point of a reset is that the keys are gone), and the command exits 1
