@@ -18,7 +18,9 @@ from agent.core import leaf_name
 from agent.daemon import TpmKeys, leaf_file
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.initkeys import init_key_name
-from agent.protocol.lifecycle import KeyState
+from agent.protocol.lifecycle import KeyKind as RecordKind
+from agent.protocol.lifecycle import KeyLedger, KeyState
+from agent.protocol.mls.messages import KeyPackage
 from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from agent.staterotation import parent_budget
@@ -27,6 +29,7 @@ from agent.tpm.blob import PARENT_OWNER
 from agent.tpm.parents import RING_BASE, ParentRing, evicted_note, pending_note
 from agent.tpm.store import ParentEvicted
 from tests.fixtures.swtpm import Swtpm
+from tests.pure.test_agent_core import FakeService, G, acks
 
 pytestmark = pytest.mark.tpm
 
@@ -115,8 +118,6 @@ def _load_copy(store: TPMStore, pem: bytes) -> None:
 def test_join_then_first_update_the_copied_init_and_joined_leaf_blobs_are_dead(
     swtpm: Swtpm, tmp_path: Path
 ) -> None:
-    from tests.pure.test_agent_core import G, FakeService, acks
-
     leaf_dir = tmp_path / "leaves"
     store = TPMStore(swtpm.tcti)
     try:
@@ -134,8 +135,6 @@ def test_join_then_first_update_the_copied_init_and_joined_leaf_blobs_are_dead(
             keys.note_destroyed(b.ledger, live)
             keys.collect(live)
             return keys.settle(b.ledger, budget, service.now)
-
-        from agent.protocol.mls.messages import KeyPackage
 
         kp = KeyPackage.decode(service.key_package("dev-b"))
         persist()
@@ -193,9 +192,6 @@ def test_an_eviction_whose_ledger_was_not_saved_is_noted_at_the_next_save(
 ) -> None:
     """kill -9 between the eviction and the second state write: the saved ledger still says
     "eviction pending"; the next settle (any later save) finds the parent gone and says so."""
-    from agent.protocol.lifecycle import KeyKind as RecordKind
-    from agent.protocol.lifecycle import KeyLedger
-
     with TPMStore(swtpm.tcti) as store:
         devid = store.create_and_load(KeyKind.DEVID)
         keys = TpmKeys(store, devid, tmp_path / "leaves")
