@@ -222,18 +222,27 @@ class TpmKeys:
                 ):
                     ledger.annotate(name, note)
 
-    def settle(self, ledger: KeyLedger, budget: RotationBudget, now: int) -> bool:
+    def settle(
+        self,
+        ledger: KeyLedger,
+        budget: RotationBudget,
+        now: int,
+        fault: Callable[[str], None] = lambda step: None,
+    ) -> bool:
         """After a state was saved and ``collect`` ran: rotate the current parent if a key under
         it was destroyed (and the budget has a token), evict every other parent no blob is under,
-        and note the evictions in the ledger. True if the ledger changed (save it again)."""
+        and note the evictions in the ledger. True if the ledger changed (save it again).
+        ``fault``: crash tests kill the process after ``rotated`` and each ``evicted``."""
         ring = self.parents
         due = ring.current() in set(pending_parents(ledger).values())
         if due and budget.available(now) and ring.rotate() is not None:
             budget.spend(now)
+            fault("rotated")
         in_use = {b.parent for b in self._blobs().values() if b is not None}
         for handle in drained(ring.present(), in_use):
             ring.evict(handle)
             log.info("rotating parent 0x%08x evicted: no key blob under it loads any more", handle)
+            fault("evicted")
         return note_evictions(ledger, ring.present())
 
     def collect(self, live: set[bytes]) -> int:
