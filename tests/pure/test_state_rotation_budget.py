@@ -31,8 +31,13 @@ from agent.tpm.parents import (
     RING_BASE,
     RING_SIZE,
     current_of,
+    destruction_note,
     drained,
+    evicted_note,
     next_parent,
+    note_evictions,
+    pending_note,
+    pending_parents,
 )
 
 pytestmark = pytest.mark.pure
@@ -312,3 +317,24 @@ def test_seeded_random_rotations_never_strand_a_live_key() -> None:
             assert len(occupied) <= MAX_PARENTS
             assert {blobs[k] for k in live} <= occupied, (seed, step)
             assert occupied == set() or current_of(occupied) in occupied
+
+
+def test_ledger_notes_say_how_a_leaf_was_destroyed_and_are_honest_while_pending() -> None:
+    ledger = KeyLedger(lambda: 50)
+    for name in ("leaf/a", "init/b", "leaf/old"):
+        ledger.add(name, KeyKind.LEAF if name.startswith("leaf") else KeyKind.INIT, active=True)
+        ledger.transition(name, KeyState.DESTROYED)
+    ledger.annotate("leaf/a", destruction_note(RING_BASE))
+    ledger.annotate("init/b", destruction_note(RING_BASE + 1))
+    ledger.annotate("leaf/old", destruction_note(0x40000001))  # made under the SRK
+    assert "eviction pending" in ledger.get("leaf/a").note  # type: ignore[operator]
+    assert "still loads" in ledger.get("leaf/old").note  # type: ignore[operator]
+    assert pending_parents(ledger) == {"leaf/a": RING_BASE, "init/b": RING_BASE + 1}
+    # the parent at RING_BASE + 1 is still there: its key stays "pending"
+    assert note_evictions(ledger, present=[RING_BASE + 1]) is True
+    assert ledger.get("leaf/a").note == evicted_note(RING_BASE)
+    assert ledger.get("leaf/a").state is KeyState.DESTROYED
+    assert ledger.get("init/b").note == pending_note(RING_BASE + 1)
+    assert note_evictions(ledger, present=[RING_BASE + 1]) is False
+    assert note_evictions(ledger, present=[]) is True
+    assert pending_parents(ledger) == {}
