@@ -452,6 +452,10 @@ class TPMStore:
         except TPMError as exc:
             if exc.rc is not None and _rc_base(exc.rc) == _RC_HANDLE:
                 raise ParentEvicted("load", exc.rc, gone) from None
+            if exc.rc is not None and _rc_base(exc.rc) in _RC_FOREIGN_BLOB:
+                raise TPMError(
+                    "load", exc.rc, f"blob is damaged or not from its parent 0x{blob.parent:08x}"
+                ) from None
             raise
 
     def _ecdh(self, key: TPMKey, peer: ec.EllipticCurvePublicKey) -> bytes:

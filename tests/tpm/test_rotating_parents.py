@@ -9,6 +9,7 @@ around every saved state (``note_destroyed``, save, ``collect``, ``settle``)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.core import leaf_name
 from agent.daemon import TpmKeys, leaf_file
+from agent.protocol.errors import TPMError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.initkeys import init_key_name
 from agent.protocol.lifecycle import KeyKind as RecordKind
@@ -106,6 +108,14 @@ def test_blobs_under_the_srk_still_load_and_the_ring_is_bounded(swtpm: Swtpm) ->
         assert made == [RING_BASE, RING_BASE + 1, RING_BASE + 2]
         assert ring.rotate() is None  # three persistent parents at most
         _ecdh_works(store, legacy)
+        # a damaged blob under a parent that is there is damaged, not "evicted"
+        good = store.create_key(KeyKind.LEAF, parent=made[2])
+        flipped = bytearray(good.private)
+        flipped[-1] ^= 1
+        with pytest.raises(TPMError, match="damaged") as damaged:
+            store.load_key(replace(good, private=bytes(flipped)))
+        assert not isinstance(damaged.value, ParentEvicted)
+        _ecdh_works(store, good)
         assert ring.evict_all() == made
         assert ParentRing(store).present() == set()
         _ecdh_works(store, legacy)
