@@ -29,6 +29,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC
 
 from agent.config import AgentConfig, load_config
@@ -212,6 +213,8 @@ class TpmKeys:
             if path.name in keep or blob is None:
                 continue
             public = _blob_point(blob)
+            if public is None:
+                continue
             note = destruction_note(blob.parent)
             for name in (leaf_name(public), init_key_name(public)):
                 if name not in ledger:
@@ -260,9 +263,13 @@ class TpmKeys:
         return gone
 
 
-def _blob_point(blob: KeyBlob) -> bytes:
-    """The uncompressed point of a key blob's public area (no TPM command)."""
-    public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
+def _blob_point(blob: KeyBlob) -> bytes | None:
+    """The uncompressed point of a key blob's public area (no TPM command); None if the public
+    area does not decode (such a blob loads nowhere and names no ledger record)."""
+    try:
+        public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
+    except (TSS2_Exception, ValueError, TypeError):
+        return None
     unique = public.publicArea.unique.ecc
     return b"\x04" + bytes(unique.x) + bytes(unique.y)
 
