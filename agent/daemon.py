@@ -59,6 +59,7 @@ from agent.staterotation import (
     StateKeeper,
     destroyed_keys,
     next_state_name,
+    note_erased,
     note_rotation,
 )
 from agent.tpm.blob import KeyBlob
@@ -659,8 +660,10 @@ class Daemon:
             live = core.leaf_refs()
             self._keys.note_destroyed(core.ledger, live)
             destroyed = destroyed_keys(core.ledger)
-            if state.will_rotate(destroyed):
+            rotates = state.will_rotate(destroyed)
+            if rotates:
                 note_rotation(core.ledger, state.counter_value + 1)
+            note_erased(core.ledger, state.counter_value + int(rotates), rotated=rotates)
             state.save(core.to_state(), destroyed)
             core.mark_clean()
             self._keys.collect(live)

@@ -148,6 +148,30 @@ def note_rotation(ledger: KeyLedger, counter: int) -> None:
     ledger.add(next_state_name(ledger), KeyKind.STATE, active=True, note=note)
 
 
+ERASED_PREFIX: Final = "erased from the state"
+
+
+def note_erased(ledger: KeyLedger, counter: int, *, rotated: bool) -> None:
+    """How an epoch secret (a data key and the epoch's secrets, kept only in the state) was
+    destroyed: erased from the state, and either the state key rotated under ``counter`` (no
+    earlier copy of the state opens any more) or the rotation still pending (a copy taken
+    before still holds it). Called before each save with whether that save rotates; a pending
+    note becomes a rotated one at the save that rotates."""
+    rotated_note = (
+        f"{ERASED_PREFIX}; state key rotated (state counter {counter}): no earlier copy of the "
+        "state opens"
+    )
+    pending_note = (
+        f"{ERASED_PREFIX}; state key rotation pending (until then a copy of the state taken "
+        "before still holds it)"
+    )
+    for record in list(ledger):
+        if record.kind is not KeyKind.EPOCH or record.state is not KeyState.DESTROYED:
+            continue
+        if record.note is None or (rotated and record.note == pending_note):
+            ledger.annotate(record.name, rotated_note if rotated else pending_note)
+
+
 def next_state_name(ledger: KeyLedger) -> str:
     """``state/<n>`` above every state key record the ledger has (or had: destroyed records
     are forgotten after a while, their numbers are not reused while any later one remains)."""

@@ -22,6 +22,7 @@ from agent.staterotation import (
     PARENT_NV_WRITES_PER_ROTATION,
     RotationBudget,
     destroyed_keys,
+    note_erased,
     note_rotation,
     parent_budget,
 )
@@ -177,6 +178,27 @@ def test_ledger_says_how_the_state_key_was_destroyed() -> None:
     assert "state/3" not in ledger
     # state keys do not count: no rotation loop
     assert destroyed_keys(ledger) == {"app-seal/0/x#1"}
+
+
+def test_ledger_says_how_an_epoch_secret_was_destroyed_pending_then_rotated() -> None:
+    ledger = KeyLedger(lambda: 100)
+    ledger.add("g1/epoch/1", KeyKind.EPOCH, group="g1", epoch=1, active=True)
+    ledger.add("g1/epoch/2", KeyKind.EPOCH, group="g1", epoch=2, active=True)
+    ledger.add("app-seal/0/x#1", KeyKind.APP_SEAL, active=True)
+    ledger.transition("g1/epoch/1", KeyState.DESTROYED)
+    ledger.transition("app-seal/0/x#1", KeyState.DESTROYED)
+    note_erased(ledger, 4, rotated=False)  # the save that drops it could not rotate (no token)
+    pending = ledger.get("g1/epoch/1").note or ""
+    assert pending.startswith("erased from the state") and "rotation pending" in pending
+    assert ledger.get("g1/epoch/2").note is None  # still active: no note
+    assert ledger.get("app-seal/0/x#1").note is None  # a TPM-sealed blob: not an epoch secret
+    note_erased(ledger, 5, rotated=True)
+    rotated = ledger.get("g1/epoch/1").note or ""
+    assert "state counter 5" in rotated and "no earlier copy of the state opens" in rotated
+    ledger.transition("g1/epoch/2", KeyState.DESTROYED)
+    note_erased(ledger, 5, rotated=False)
+    assert "rotation pending" in (ledger.get("g1/epoch/2").note or "")
+    assert ledger.get("g1/epoch/1").note == rotated  # a rotated note is never taken back
 
 
 # -- rotating parents of leaf and init keys (agent.tpm.parents) ----------------------------------
