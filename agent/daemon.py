@@ -29,9 +29,11 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from tpm2_pytss import TSS2_Exception
+from tpm2_pytss.types import TPM2B_PUBLIC
 
 from agent.config import AgentConfig, load_config
-from agent.core import AgentCore, AttestationEvidence, Outcome
+from agent.core import AgentCore, AttestationEvidence, Outcome, leaf_name
 from agent.fsio import atomic_write, shred
 from agent.keybackend import TpmKeyBackend
 from agent.localapi.server import LocalApiServer
@@ -46,14 +48,30 @@ from agent.protocol.errors import (
     TransportError,
 )
 from agent.protocol.hpke import serialize_public_key
-from agent.protocol.lifecycle import KeyKind, KeyState
+from agent.protocol.initkeys import init_key_name
+from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
 from agent.protocol.topics import ALL_GROUP_COMMITS, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.sdnotify import Notifier
 from agent.selftest import run_builtin_selftests
-from agent.staterotation import StateKeeper, destroyed_keys, next_state_name, note_rotation
+from agent.staterotation import (
+    RotationBudget,
+    StateKeeper,
+    destroyed_keys,
+    next_state_name,
+    note_erased,
+    note_rotation,
+)
 from agent.tpm.blob import KeyBlob
-from agent.tpm.store import TPMKey, TPMStore
+from agent.tpm.parents import (
+    DESTROYED_PREFIX,
+    ParentRing,
+    destruction_note,
+    drained,
+    note_evictions,
+    pending_parents,
+)
+from agent.tpm.store import ParentEvicted, TPMKey, TPMStore
 from agent.tpm.templates import KeyKind as TpmKeyKind
 
 log = logging.getLogger("keyagent.daemon")
@@ -105,7 +123,9 @@ def leaf_file(public: bytes) -> str:
 class TpmKeys:
     """``agent.core.KeyProvider`` over the TPM: the DevID key, and leaf keys whose blobs live in
     ``<state dir>/leaves/`` named by a hash of their public key. ``ak_blob``: the enrolled AK's
-    blob (``identity.ak_key``), which certifies leaf keys for ``prove_leaf``."""
+    blob (``identity.ak_key``), which certifies leaf keys for ``prove_leaf``. Leaf and init keys
+    are made under the current rotating parent (``agent.tpm.parents``), which ``settle``
+    rotates and evicts after each saved state."""
 
     def __init__(
         self,
@@ -119,6 +139,7 @@ class TpmKeys:
         self._dir = leaf_dir
         self._ak_blob = ak_blob
         self._loaded: dict[bytes, TPMKey] = {}
+        self.parents = ParentRing(store)
         leaf_dir.mkdir(mode=0o700, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -129,7 +150,7 @@ class TpmKeys:
         return self._devid
 
     def new_leaf_key(self) -> ec.EllipticCurvePrivateKey:
-        blob = self._store.create_key(TpmKeyKind.LEAF)
+        blob = self._store.create_key(TpmKeyKind.LEAF, parent=self.parents.ensure())
         key = self._store.load_key(blob)
         public = serialize_public_key(key.public_key())
         try:
@@ -152,6 +173,10 @@ class TpmKeys:
             raise StateError(f"leaf key blob {path.name} is missing")
         try:
             key = self._store.load_key(KeyBlob.load(path))
+        except ParentEvicted as exc:
+            raise StateError(
+                f"leaf key blob {path.name} does not load [{exc.check}]: {exc.detail}"
+            ) from None
         except TPMError as exc:
             raise StateError(f"leaf key blob {path.name} does not load: {exc}") from None
         if serialize_public_key(key.public_key()) != public:
@@ -171,6 +196,59 @@ class TpmKeys:
             attestation = self._store.certify(ak, leaf, leaf_qualifying_data(public_point))
             return tpm_proof_from_certify(ak.public_area, leaf.public_area, attestation)
 
+    def _blobs(self) -> dict[Path, KeyBlob | None]:
+        out: dict[Path, KeyBlob | None] = {}
+        for path in sorted(self._dir.glob("*.pem")):
+            try:
+                out[path] = KeyBlob.load(path)
+            except StateError:
+                out[path] = None  # unreadable: under no parent anyone can use
+        return out
+
+    def note_destroyed(self, ledger: KeyLedger, live: set[bytes]) -> None:
+        """Before a state without some keys is saved: the ledger records of the leaf and init
+        keys about to be collected say how they are destroyed (their parent's eviction pending,
+        or made under the SRK), so the note is saved with the state that drops them."""
+        keep = {leaf_file(public) for public in live}
+        for path, blob in self._blobs().items():
+            if path.name in keep or blob is None:
+                continue
+            public = _blob_point(blob)
+            if public is None:
+                continue
+            note = destruction_note(blob.parent)
+            for name in (leaf_name(public), init_key_name(public)):
+                if name not in ledger:
+                    continue
+                record = ledger.get(name)
+                if record.state is KeyState.DESTROYED and not (record.note or "").startswith(
+                    DESTROYED_PREFIX
+                ):
+                    ledger.annotate(name, note)
+
+    def settle(
+        self,
+        ledger: KeyLedger,
+        budget: RotationBudget,
+        now: int,
+        fault: Callable[[str], None] = lambda step: None,
+    ) -> bool:
+        """After a state was saved and ``collect`` ran: rotate the current parent if a key under
+        it was destroyed (and the budget has a token), evict every other parent no blob is under,
+        and note the evictions in the ledger. True if the ledger changed (save it again).
+        ``fault``: crash tests kill the process after ``rotated`` and each ``evicted``."""
+        ring = self.parents
+        due = ring.current() in set(pending_parents(ledger).values())
+        if due and budget.available(now) and ring.rotate() is not None:
+            budget.spend(now)
+            fault("rotated")
+        in_use = {b.parent for b in self._blobs().values() if b is not None}
+        for handle in drained(ring.present(), in_use):
+            ring.evict(handle)
+            log.info("rotating parent 0x%08x evicted: no key blob under it loads any more", handle)
+            fault("evicted")
+        return note_evictions(ledger, ring.present())
+
     def collect(self, live: set[bytes]) -> int:
         """Destroy every leaf not in ``live``: flush it from the TPM, shred its blob. Call only
         after a state without those leaves was saved."""
@@ -184,6 +262,17 @@ class TpmKeys:
                 shred(path)
                 gone += 1
         return gone
+
+
+def _blob_point(blob: KeyBlob) -> bytes | None:
+    """The uncompressed point of a key blob's public area (no TPM command); None if the public
+    area does not decode (such a blob loads nowhere and names no ledger record)."""
+    try:
+        public, _ = TPM2B_PUBLIC.unmarshal(blob.public)
+    except (TSS2_Exception, ValueError, TypeError):
+        return None
+    unique = public.publicArea.unique.ecc
+    return b"\x04" + bytes(unique.x) + bytes(unique.y)
 
 
 def load_devid(
@@ -567,13 +656,24 @@ class Daemon:
         with self._lock:
             core, state = self.core, self._state
             assert core is not None and state is not None and self._keys is not None
+            core.set_time(self.now())
+            live = core.leaf_refs()
+            self._keys.note_destroyed(core.ledger, live)
             destroyed = destroyed_keys(core.ledger)
-            if state.will_rotate(destroyed):
-                core.set_time(self.now())
+            rotates = state.will_rotate(destroyed)
+            if rotates:
                 note_rotation(core.ledger, state.counter_value + 1)
+            note_erased(core.ledger, state.counter_value + int(rotates), rotated=rotates)
             state.save(core.to_state(), destroyed)
             core.mark_clean()
-            self._keys.collect(core.leaf_refs())
+            self._keys.collect(live)
+            try:
+                evicted = self._keys.settle(core.ledger, state.parent_budget, self.now())
+            except TPMError as exc:
+                log.warning("rotating parents not settled (retried at the next save): %s", exc)
+                evicted = False
+            if evicted:
+                state.save(core.to_state(), destroyed)  # the ledger says "parent evicted"
             self._write_status()
 
     @staticmethod

@@ -12,9 +12,10 @@ finished by running it again):
    Its sequence number is the clock in milliseconds: larger than any the agent used (they count
    from 1), without needing the state file. The service then marks the device and its keys
    destroyed, removes it from its groups and refuses its key afterwards.
-3. **Flushes the TPM**: every transient object still loaded (a killed agent's) is flushed.
-   keyfleet makes no persistent objects (the SRK is re-created from its template), so there is
-   nothing to evict; persistent handles found are listed, not touched (the EKs live there).
+3. **Flushes the TPM**: every transient object still loaded (a killed agent's) is flushed, and
+   the agent's rotating parents (persistent handles 0x81004B40-0x81004B4F, ``agent.tpm.parents``)
+   are evicted: no leaf or init key blob, nor any copy of one, loads after that. Other persistent
+   handles found are listed, not touched (the EKs live there).
 4. **Shreds** (overwrite, fsync, unlink: ``agent.fsio.shred``) every key blob and state file:
    the encrypted state file, the sealed state key, the status file, leaf key blobs, app secret
    blobs, state kept aside as ``*.sealed-elsewhere.*``, the factory's key blobs and identity
@@ -23,14 +24,16 @@ finished by running it again):
    last, so the device is in factory mode again and can be re-provisioned.
 5. With ``--clear-tpm``: TPM2_Clear (``TPMStore.clear``), see below.
 
-Why shredding alone does not make a key blob useless: a TPM key blob is the private part
-encrypted under its parent, the SRK, which the TPM re-creates from its storage primary seed
-forever. A copy of a blob taken before the reset (a backup, a disk image) therefore still loads
-on this TPM. Only a new storage seed ends that: TPM2_Clear (lockout authorization, empty on a
-device nobody took ownership of). ``--clear-tpm`` does it and re-creates the EKs, which Clear
-evicts, from their templates (same keys: the endorsement seed does not change, so the EK
-certificates stay valid and the device can be enrolled again). Without it, destruction relies
-on no copy of the blobs existing; with it, no copy loads anywhere.
+Why shredding alone does not make every key blob useless: a TPM key blob is the private part
+encrypted under its parent. For leaf and init keys that is a rotating parent, evicted in step 3.
+For the DevID, the AK and the sealed state key it is the SRK, which the TPM re-creates from its
+storage primary seed forever: a copy of such a blob taken before the reset (a backup, a disk
+image) still loads on this TPM. Only a new storage seed ends that: TPM2_Clear (lockout
+authorization, empty on a device nobody took ownership of). ``--clear-tpm`` does it and
+re-creates the EKs, which Clear evicts, from their templates (same keys: the endorsement seed
+does not change, so the EK certificates stay valid and the device can be enrolled again).
+Without it, destruction of the SRK's blobs relies on no copy existing; with it, no copy of any
+blob loads anywhere.
 
 If the service cannot be told (broker unreachable, TLS files already gone): the keys are
 destroyed anyway (the point of a reset is that the keys are gone), and the command exits 1
@@ -68,6 +71,7 @@ from agent.protocol.topics import SERVICE_ID, device_report_topic
 from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.key_state import DESTROYED_REASON_MAX, DeviceDestroyed
 from agent.staterotation import NEXT_KEY_BLOB, NEXT_STATE_FILE, STATE_FILE, STATE_KEY_BLOB
+from agent.tpm.parents import ParentRing
 from agent.tpm.store import TPMKey, TPMStore
 
 log = logging.getLogger("keyagent.reset")
@@ -378,10 +382,18 @@ def factory_reset(
         if store is not None:
             flushed = store.flush_transients()
             report.tpm.append(f"flushed {flushed} transient TPM object(s)")
+            try:
+                evicted = ParentRing(store).evict_all()
+                report.tpm.append(
+                    "evicted the rotating parents of leaf and init keys: "
+                    + (", ".join(f"0x{h:08x}" for h in evicted) or "none there")
+                )
+            except TPMError as exc:
+                report.tpm.append(f"could NOT evict the rotating parents: {exc}")
             persistent = store.persistent_handles()
             report.tpm.append(
-                "no keyfleet persistent objects to evict (persistent handles present, not "
-                f"keyfleet's: {', '.join(f'0x{h:08x}' for h in persistent) or 'none'})"
+                "persistent handles left, not keyfleet's: "
+                + (", ".join(f"0x{h:08x}" for h in persistent) or "none")
             )
         for path in files_to_destroy(plan):
             shred(path)

@@ -33,6 +33,9 @@ NV write endurance: the counter is written once per rotation. Rotations are pace
 burst of 8, so at most 8 + 24 x 3,650 = 87,608 writes in ten years, within the 100,000 writes a
 TPM's NV is commonly rated for at the low end. Start-ups that must rotate (measurements changed,
 rollback refused, migration) also spend a token and are not refused for want of one.
+The rotating parents of leaf and init keys (``agent.tpm.parents``) have their own bucket
+(``parent_budget``), saved in the same entry of the state; both together stay within the
+endurance figure.
 """
 
 from __future__ import annotations
@@ -110,6 +113,17 @@ class RotationBudget:
         return int(self.burst + self.per_day * days)
 
 
+def parent_budget() -> RotationBudget:
+    """The rotating parents' budget (``agent.tpm.parents``): a rotation costs two NV writes
+    (EvictControl to persist the new parent, later to evict the old one), at most one rotation a
+    day with a burst of 2: 2 x (2 + 3,650) = 7,304 writes in ten years. With the state counter's
+    87,608 that is 94,912, still within ``ENDURANCE_WRITES``."""
+    return RotationBudget(per_day=1.0, burst=2.0, tokens=2.0)
+
+
+PARENT_NV_WRITES_PER_ROTATION: Final = 2
+
+
 def destroyed_keys(ledger: KeyLedger) -> frozenset[str]:
     """What a rotation follows: the names of the keys (other than state keys) the ledger holds
     as destroyed. A name not seen at the last rotation means a save is about to drop something
@@ -132,6 +146,30 @@ def note_rotation(ledger: KeyLedger, counter: int) -> None:
         if record.kind is KeyKind.STATE and record.state is not KeyState.DESTROYED:
             ledger.transition(record.name, KeyState.DESTROYED)
     ledger.add(next_state_name(ledger), KeyKind.STATE, active=True, note=note)
+
+
+ERASED_PREFIX: Final = "erased from the state"
+
+
+def note_erased(ledger: KeyLedger, counter: int, *, rotated: bool) -> None:
+    """How an epoch secret (a data key and the epoch's secrets, kept only in the state) was
+    destroyed: erased from the state, and either the state key rotated under ``counter`` (no
+    earlier copy of the state opens any more) or the rotation still pending (a copy taken
+    before still holds it). Called before each save with whether that save rotates; a pending
+    note becomes a rotated one at the save that rotates."""
+    rotated_note = (
+        f"{ERASED_PREFIX}; state key rotated (state counter {counter}): no earlier copy of the "
+        "state opens"
+    )
+    pending_note = (
+        f"{ERASED_PREFIX}; state key rotation pending (until then a copy of the state taken "
+        "before still holds it)"
+    )
+    for record in list(ledger):
+        if record.kind is not KeyKind.EPOCH or record.state is not KeyState.DESTROYED:
+            continue
+        if record.note is None or (rotated and record.note == pending_note):
+            ledger.annotate(record.name, rotated_note if rotated else pending_note)
 
 
 def next_state_name(ledger: KeyLedger) -> str:
@@ -204,6 +242,8 @@ class StateKeeper:
         self.pcrs = tuple(pcrs)
         self.counter = counter if counter is not None else NVCounter(store)
         self.budget = budget if budget is not None else RotationBudget()
+        # the rotating parents' NV budget (agent.tpm.parents), kept in the same saved entry
+        self.parent_budget = parent_budget()
         self._fault = fault
         self._clock = clock
         self.state_file: StateFile | None = None
@@ -391,9 +431,13 @@ class StateKeeper:
             state = self.state_file.load()
         meta = state.pop(META, None)
         if isinstance(meta, dict):
-            with contextlib.suppress(TypeError, ValueError):
+            with contextlib.suppress(TypeError, ValueError, KeyError):
                 self.budget.tokens = float(meta.get("tokens", self.budget.tokens))
                 self.budget.updated = int(meta.get("updated", self.budget.updated))
+                parents = meta.get("parents")
+                if isinstance(parents, dict):
+                    self.parent_budget.tokens = float(parents["tokens"])
+                    self.parent_budget.updated = int(parents["updated"])
                 names = meta.get("destroyed")
                 if isinstance(names, list) and all(isinstance(n, str) for n in names):
                     self._destroyed = frozenset(names)
@@ -401,7 +445,11 @@ class StateKeeper:
 
     def _with_meta(self, state: dict[str, Any], destroyed: frozenset[str] | None) -> dict[str, Any]:
         out = dict(state)
-        meta: dict[str, Any] = {"tokens": self.budget.tokens, "updated": self.budget.updated}
+        meta: dict[str, Any] = {
+            "tokens": self.budget.tokens,
+            "updated": self.budget.updated,
+            "parents": {"tokens": self.parent_budget.tokens, "updated": self.parent_budget.updated},
+        }
         if destroyed is not None:
             meta["destroyed"] = sorted(destroyed)
         out[META] = meta

@@ -307,6 +307,12 @@ class KeyLedger:
         self._records[name] = updated
         return updated
 
+    def annotate(self, name: str, note: str) -> KeyRecord:
+        """Replace a record's note (how a destroyed key was destroyed, once that is known)."""
+        updated = replace(self.get(name), note=note)
+        self._records[name] = updated
+        return updated
+
     def forget_destroyed(self, before: int) -> list[str]:
         """Drop records destroyed before ``before`` (after they were reported), so a long-lived
         device's ledger does not grow with every epoch forever. Returns the names dropped."""

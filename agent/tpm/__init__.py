@@ -1,5 +1,6 @@
 """The agent's TPM: key store (``store``, issues TPM commands), key blobs (``blob``), templates
-(``templates``) and attestation verification (``attest``, issues none)."""
+(``templates``), the state counter (``nvcounter``), the rotating parents of leaf and init keys
+(``parents``) and attestation verification (``agent.protocol.attest``, issues none)."""
 
 from agent.protocol.attest import Attestation, CertifyInfo, QuoteInfo
 from agent.tpm.blob import KeyBlob

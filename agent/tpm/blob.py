@@ -12,8 +12,14 @@ tpm2-tss-engine and openssl_tpm2_engine), with a minimal, strict DER encoder and
         commandCode   [0] EXPLICIT INTEGER,
         commandPolicy [1] EXPLICIT OCTET STRING }
 
-The optional fields [2] secret .. [5] rsaParent of the full format are refused: keyfleet never
-writes them, and a decoder that skipped them would half-understand a key. Only PolicyPCR is
+A key made under one of the agent's rotating parents (``agent.tpm.parents``) has that parent's
+persistent handle in ``parent`` and the parent's TPM Name in the format's ``description`` field
+(``[4] EXPLICIT UTF8String``), written as ``parent-name:<hex>`` so a person reading the blob
+sees it and other tools that load TSS2 keys ignore it. With the Name the agent tells "the parent
+this blob was made under was evicted, the handle now holds a newer one" from "damaged blob".
+The other optional fields ([2] secret, [3] authPolicy, [5] rsaParent) and any other
+description are refused: keyfleet never writes them, and a decoder that skipped them would
+half-understand a key. Only PolicyPCR is
 understood in ``policy`` (it is how a sealed state key records which PCRs it is bound to).
 
 Nothing here is secret in the clear (the private part is encrypted by the parent's seed), but the
@@ -44,8 +50,11 @@ _TAG_INTEGER = 0x02
 _TAG_OCTET_STRING = 0x04
 _TAG_OID = 0x06
 _TAG_SEQUENCE = 0x30
+_TAG_UTF8 = 0x0C
 _CTX0 = 0xA0
 _CTX1 = 0xA1
+_CTX4 = 0xA4
+_PARENT_NAME_PREFIX = "parent-name:"
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class KeyBlob:
     sealed: bool = False
     empty_auth: bool = True
     policy: tuple[PolicyCommand, ...] = ()
+    parent_name: bytes = b""  # the TPM Name of a persistent parent; empty for the SRK
 
     def to_der(self) -> bytes:
         oid = OID_SEALED_DATA if self.sealed else OID_LOADABLE_KEY
@@ -82,6 +92,9 @@ class KeyBlob:
                 for p in self.policy
             )
             body += _tlv(_CTX1, _tlv(_TAG_SEQUENCE, entries))
+        if self.parent_name:
+            text = (_PARENT_NAME_PREFIX + self.parent_name.hex()).encode("ascii")
+            body += _tlv(_CTX4, _tlv(_TAG_UTF8, text))
         body += _encode_int(self.parent)
         body += _tlv(_TAG_OCTET_STRING, self.public)
         body += _tlv(_TAG_OCTET_STRING, self.private)
@@ -280,6 +293,12 @@ def _decode_key(data: bytes) -> KeyBlob:
             policy.append(PolicyCommand(code, command_policy))
         if not policy:
             raise seq.fail("empty policy sequence")
+    parent_name = b""
+    if seq.peek_tag() == _CTX4:
+        wrapper = _Reader(seq.read(_CTX4), "description")
+        text = wrapper.read(_TAG_UTF8)
+        wrapper.done()
+        parent_name = _decode_parent_name(text, wrapper)
     tag = seq.peek_tag()
     if tag is not None and tag & 0xE0 == 0xA0:
         raise seq.fail(f"optional field [{tag & 0x1F}] is not supported by keyfleet")
@@ -297,4 +316,20 @@ def _decode_key(data: bytes) -> KeyBlob:
         sealed=sealed,
         empty_auth=empty_auth,
         policy=tuple(policy),
+        parent_name=parent_name,
     )
+
+
+def _decode_parent_name(text: bytes, reader: _Reader) -> bytes:
+    prefix = _PARENT_NAME_PREFIX.encode("ascii")
+    if not text.startswith(prefix):
+        raise reader.fail("only a 'parent-name:<hex>' description is understood")
+    digits = text[len(prefix) :]
+    try:
+        name = bytes.fromhex(digits.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise reader.fail("parent name is not hex") from None
+    # a TPM Name: a 2-byte hash algorithm id and a digest (SHA-256 for keyfleet's parents)
+    if len(name) != 34 or name[:2] != b"\x00\x0b" or digits != digits.lower():
+        raise reader.fail("parent name is not a lower-case SHA-256 TPM Name")
+    return name

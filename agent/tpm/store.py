@@ -5,7 +5,12 @@ All TPM traffic of the agent goes through ``TPMStore``; it counts every command 
 budgets TPM commands (a commit costs a device at most one). Every tpm2-pytss error becomes a
 ``TPMError`` with the decoded response code. Transient objects are flushed in ``finally`` blocks
 or by ``TPMKey.close()``; the SRK is re-created from its template when needed and flushed right
-after, so a bare TPM's three object slots are left to the keys in use.
+after, so a bare TPM's three object slots are left to the keys in use. Leaf and init keys live
+under a persistent rotating parent instead (``agent.tpm.parents``), which needs no slot at all.
+
+Size: a little over 800 lines, one class per TPM concern would split the command plumbing
+(counting, slot swapping, error decoding) every method shares; NV and parent logic already live
+in ``nvcounter`` and ``parents``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,14 @@ from agent.protocol.attest import Attestation, ek_public_key_from_area, pcr_dige
 from agent.protocol.errors import TPMError
 from agent.protocol.secret import Secret
 from agent.tpm.blob import PARENT_OWNER, TPM2_CC_POLICY_PCR, KeyBlob, pcr_policy
-from agent.tpm.templates import KeyKind, key_template, kind_of, sealed_template, srk_template
+from agent.tpm.templates import (
+    KeyKind,
+    ek_templates,
+    key_template,
+    kind_of,
+    sealed_template,
+    srk_template,
+)
 
 # ESYS prints every failing command to stderr; expected failures (a refused unseal) are
 # reported as TPMError instead. An operator can still override this in the environment.
@@ -73,8 +85,21 @@ _RC_POLICY_FAIL = 0x09D  # format 1, session number stripped
 # INTEGRITY, SIZE, INSUFFICIENT, KEY: TPM2_Load on a private part wrapped by another seed
 _RC_FOREIGN_BLOB = (0x09F, 0x095, 0x09A, 0x09C)
 _RC_OBJECT_MEMORY = 0x902
+_RC_HANDLE = 0x08B  # no object at a persistent handle (format 1, handle number stripped)
 
 EKKind = Literal["rsa", "ecc"]
+
+
+class ParentEvicted(TPMError):
+    """``tpm.parent-evicted``: the key blob's persistent parent is no longer in the TPM (or the
+    handle holds a newer parent): the TPM cannot load the key, ever again."""
+
+    check = "tpm.parent-evicted"
+
+
+def is_persistent(handle: int) -> bool:
+    """Whether ``handle`` is in the TPM's persistent object range (0x81000000-0x81FFFFFF)."""
+    return 0x81000000 <= handle <= 0x81FFFFFF
 
 
 def _rc_base(rc: int) -> int:
@@ -345,6 +370,13 @@ class TPMStore:
             if self._esys is not None:
                 self._esys.tr_close(handle)  # local bookkeeping only, no TPM command
 
+    def _name(self, handle: ESYS_TR) -> bytes:
+        """The TPM Name ESYS holds for ``handle`` (checked by ReadPublic when it was made; no
+        TPM command)."""
+        if self._esys is None:
+            raise TPMError("name", None, "the TPM store is closed")
+        return bytes(self._esys.tr_get_name(handle))
+
     def transient_handles(self) -> list[int]:
         """Transient object handles currently loaded (for leak checks and diagnostics)."""
         _, data = self._call("get-capability", "get_capability", TPM2_CAP.HANDLES, 0x80000000, 64)
@@ -352,15 +384,23 @@ class TPMStore:
 
     # --- keys ------------------------------------------------------------------------------
 
-    def create_key(self, kind: KeyKind) -> KeyBlob:
-        """Create a key of ``kind`` under the SRK; returns its blob (not loaded)."""
-        with self._srk() as srk:
-            private, public, *_ = self._call("create", "create", srk, None, key_template(kind))
-        return KeyBlob(public=public.marshal(), private=private.marshal(), parent=PARENT_OWNER)
+    def create_key(self, kind: KeyKind, parent: int = PARENT_OWNER) -> KeyBlob:
+        """Create a key of ``kind`` under the SRK, or under the persistent storage key at
+        ``parent`` (a rotating parent, ``agent.tpm.parents``; the blob records its Name too);
+        returns its blob (not loaded)."""
+        if parent == PARENT_OWNER:
+            with self._srk() as srk:
+                private, public, *_ = self._call("create", "create", srk, None, key_template(kind))
+            return KeyBlob(public=public.marshal(), private=private.marshal())
+        with self._persistent(parent, "create") as handle:
+            name = self._name(handle)
+            private, public, *_ = self._call("create", "create", handle, None, key_template(kind))
+        return KeyBlob(public.marshal(), private.marshal(), parent=parent, parent_name=name)
 
     def load_key(self, blob: KeyBlob) -> TPMKey:
-        """Load a key blob under this TPM's SRK. A blob made under another TPM's SRK, or damaged,
-        raises TPMError saying so."""
+        """Load a key blob under this TPM's SRK or the persistent parent it names. A blob made
+        under another TPM's SRK, or damaged, raises TPMError saying so; one whose persistent
+        parent was evicted raises ``ParentEvicted``."""
         if blob.sealed:
             raise TPMError("load", None, "blob is sealed data, not a key")
         public, private = self._parse_blob(blob)
@@ -368,7 +408,7 @@ class TPMStore:
             kind_of(public.publicArea)
         except ValueError as exc:
             raise TPMError("load", None, f"blob holds no keyfleet key: {exc}") from None
-        handle = self._load(public, private)
+        handle = self._load(blob, public, private)
         try:
             key = TPMKey(self, handle, blob)
         except BaseException:
@@ -382,9 +422,12 @@ class TPMStore:
         return self.load_key(self.create_key(kind))
 
     def _parse_blob(self, blob: KeyBlob) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
-        if blob.parent != PARENT_OWNER:
+        if blob.parent != PARENT_OWNER and not is_persistent(blob.parent):
             raise TPMError(
-                "load", None, f"blob parent 0x{blob.parent:08x} is not the owner SRK 0x40000001"
+                "load",
+                None,
+                f"blob parent 0x{blob.parent:08x} is neither the owner SRK 0x40000001 nor a "
+                "persistent storage key",
             )
         try:
             public, used_pub = TPM2B_PUBLIC.unmarshal(blob.public)
@@ -395,9 +438,25 @@ class TPMStore:
             raise TPMError("load", None, "trailing bytes in blob's TPM structures")
         return public, private
 
-    def _load(self, public: TPM2B_PUBLIC, private: TPM2B_PRIVATE) -> ESYS_TR:
-        with self._srk() as srk:
-            return self._load_under(srk, public, private)
+    def _load(self, blob: KeyBlob, public: TPM2B_PUBLIC, private: TPM2B_PRIVATE) -> ESYS_TR:
+        if blob.parent == PARENT_OWNER:
+            with self._srk() as srk:
+                return self._load_under(srk, public, private)
+        gone = f"its parent 0x{blob.parent:08x} was evicted: the key is destroyed"
+        try:
+            with self._persistent(blob.parent, "load") as parent:
+                name = self._name(parent)
+                if blob.parent_name and name != blob.parent_name:
+                    raise ParentEvicted("load", None, f"{gone} (the handle holds a newer parent)")
+                return self._load_under(parent, public, private)
+        except TPMError as exc:
+            if exc.rc is not None and _rc_base(exc.rc) == _RC_HANDLE:
+                raise ParentEvicted("load", exc.rc, gone) from None
+            if exc.rc is not None and _rc_base(exc.rc) in _RC_FOREIGN_BLOB:
+                raise TPMError(
+                    "load", exc.rc, f"blob is damaged or not from its parent 0x{blob.parent:08x}"
+                ) from None
+            raise
 
     def _ecdh(self, key: TPMKey, peer: ec.EllipticCurvePublicKey) -> bytes:
         numbers = peer.public_numbers()
@@ -681,7 +740,7 @@ class TPMStore:
         return notes
 
     def _recreate_ek(self, handle_value: int, area: bytes) -> str:
-        for template in _ek_templates(area):
+        for template in ek_templates(area):
             handle, public, *_ = self._call(
                 "recreate-ek", "create_primary", None, template, ESYS_TR.ENDORSEMENT
             )
@@ -786,24 +845,6 @@ class TPMStore:
                     f"credential was not made for this TPM's EK and this AK ({exc.detail})",
                 ) from None
         return Secret(bytes(cred))
-
-
-def _ek_templates(area: bytes) -> list[TPM2B_PUBLIC]:
-    """Candidate creation templates for an EK whose public area is ``area``: the same area with
-    the unique field zero-filled to the key size, or empty (TCG EK profile templates use one or
-    the other). Whichever re-creates exactly ``area`` is the template it was made from."""
-    candidates = []
-    for empty in (False, True):
-        public, _ = TPM2B_PUBLIC.unmarshal(area)
-        unique = public.publicArea.unique
-        if public.publicArea.type == TPM2_ALG.RSA:
-            unique.rsa = b"" if empty else bytes(len(bytes(unique.rsa)))
-        else:
-            size = len(bytes(unique.ecc.x))
-            unique.ecc.x = b"" if empty else bytes(size)
-            unique.ecc.y = b"" if empty else bytes(size)
-        candidates.append(public)
-    return candidates
 
 
 def _der_prefix(data: bytes) -> bytes:

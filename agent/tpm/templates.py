@@ -32,6 +32,18 @@ def srk_template() -> TPM2B_PUBLIC:
     )
 
 
+def parent_template(unique: bytes) -> TPM2B_PUBLIC:
+    """A rotating parent (``agent.tpm.parents``): the SRK's template with a random ``unique``
+    (32 bytes, the x coordinate field), so the primary it makes is derived from the owner seed
+    *and* that value: not stored anywhere, once the persistent key is evicted nobody can make it
+    again."""
+    if len(unique) != 32:
+        raise ValueError("a parent's unique value is 32 bytes")
+    public = srk_template()
+    public.publicArea.unique.ecc.x = unique
+    return public
+
+
 def key_template(kind: KeyKind) -> TPM2B_PUBLIC:
     if kind is KeyKind.DEVID:
         return TPM2B_PUBLIC.parse(
@@ -76,3 +88,21 @@ def kind_of(public: TPMT_PUBLIC) -> KeyKind:
     if attrs & TPMA_OBJECT.DECRYPT and not attrs & TPMA_OBJECT.RESTRICTED:
         return KeyKind.LEAF
     raise ValueError("ECC key of no keyfleet kind")
+
+
+def ek_templates(area: bytes) -> list[TPM2B_PUBLIC]:
+    """Candidate creation templates for an EK whose public area is ``area``: the same area with
+    the unique field zero-filled to the key size, or empty (TCG EK profile templates use one or
+    the other). Whichever re-creates exactly ``area`` is the template it was made from."""
+    candidates = []
+    for empty in (False, True):
+        public, _ = TPM2B_PUBLIC.unmarshal(area)
+        unique = public.publicArea.unique
+        if public.publicArea.type == TPM2_ALG.RSA:
+            unique.rsa = b"" if empty else bytes(len(bytes(unique.rsa)))
+        else:
+            size = len(bytes(unique.ecc.x))
+            unique.ecc.x = b"" if empty else bytes(size)
+            unique.ecc.y = b"" if empty else bytes(size)
+        candidates.append(public)
+    return candidates

@@ -11,8 +11,9 @@
 - ``keyfleet devices --keys`` shows the states and transitions the real agent reported;
 - ``keyagent factory-reset``: refused while the agent runs; then the service is told (device and
   keys destroyed, removed from its group by the other member's commit), every file is gone,
-  saved copies of the blobs still load on the same TPM until ``--clear-tpm``, after which they
-  do not (and the EK is unchanged).
+  saved copies of leaf blobs no longer load (their rotating parents are evicted), a saved copy
+  of the DevID blob still loads on the same TPM until ``--clear-tpm``, after which no copy does
+  (and the EK is unchanged).
 """
 
 from __future__ import annotations
@@ -532,8 +533,13 @@ def test_factory_reset_tells_the_service_and_leaves_no_loadable_key(lab: Lab) ->
     )
     assert lab.epoch() > epoch
 
-    # honest limit: a copy of a blob taken before still loads under the same SRK ...
-    assert all(blob_loads(b.swtpm.tcti, c) for c in copies)
+    # the leaf keys' rotating parents were evicted: no copy of a leaf blob loads any more
+    assert "evicted the rotating parents of leaf and init keys: 0x81004b4" in reset.stdout
+    devid_copy, leaf_copies = copies[0], copies[1:]
+    assert all(c.parent != 0x40000001 for c in leaf_copies)
+    assert not any(blob_loads(b.swtpm.tcti, c) for c in leaf_copies)
+    # honest limit: a copy of the DevID blob taken before still loads under the same SRK ...
+    assert blob_loads(b.swtpm.tcti, devid_copy)
     # ... until the owner hierarchy is cleared: then no copy loads, and the EK is the same
     cleared = run(
         "agent.cli", "factory-reset", "--yes", "--clear-tpm", "--config", str(b.config), cwd=ROOT

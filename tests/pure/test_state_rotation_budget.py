@@ -19,9 +19,26 @@ from agent.staterotation import (
     DAY,
     ENDURANCE_WRITES,
     LIFETIME_DAYS,
+    PARENT_NV_WRITES_PER_ROTATION,
     RotationBudget,
     destroyed_keys,
+    note_erased,
     note_rotation,
+    parent_budget,
+)
+from agent.tpm.parents import (
+    MAX_PARENTS,
+    MAX_SPAN,
+    RING_BASE,
+    RING_SIZE,
+    current_of,
+    destruction_note,
+    drained,
+    evicted_note,
+    next_parent,
+    note_evictions,
+    pending_note,
+    pending_parents,
 )
 
 pytestmark = pytest.mark.pure
@@ -161,3 +178,185 @@ def test_ledger_says_how_the_state_key_was_destroyed() -> None:
     assert "state/3" not in ledger
     # state keys do not count: no rotation loop
     assert destroyed_keys(ledger) == {"app-seal/0/x#1"}
+
+
+def test_ledger_says_how_an_epoch_secret_was_destroyed_pending_then_rotated() -> None:
+    ledger = KeyLedger(lambda: 100)
+    ledger.add("g1/epoch/1", KeyKind.EPOCH, group="g1", epoch=1, active=True)
+    ledger.add("g1/epoch/2", KeyKind.EPOCH, group="g1", epoch=2, active=True)
+    ledger.add("app-seal/0/x#1", KeyKind.APP_SEAL, active=True)
+    ledger.transition("g1/epoch/1", KeyState.DESTROYED)
+    ledger.transition("app-seal/0/x#1", KeyState.DESTROYED)
+    note_erased(ledger, 4, rotated=False)  # the save that drops it could not rotate (no token)
+    pending = ledger.get("g1/epoch/1").note or ""
+    assert pending.startswith("erased from the state") and "rotation pending" in pending
+    assert ledger.get("g1/epoch/2").note is None  # still active: no note
+    assert ledger.get("app-seal/0/x#1").note is None  # a TPM-sealed blob: not an epoch secret
+    note_erased(ledger, 5, rotated=True)
+    rotated = ledger.get("g1/epoch/1").note or ""
+    assert "state counter 5" in rotated and "no earlier copy of the state opens" in rotated
+    ledger.transition("g1/epoch/2", KeyState.DESTROYED)
+    note_erased(ledger, 5, rotated=False)
+    assert "rotation pending" in (ledger.get("g1/epoch/2").note or "")
+    assert ledger.get("g1/epoch/1").note == rotated  # a rotated note is never taken back
+
+
+# -- rotating parents of leaf and init keys (agent.tpm.parents) ----------------------------------
+
+
+def _simulate_parents(groups: int, rng: random.Random, days: int = 365) -> dict[str, int]:
+    """A year of leaf keys under rotating parents, by the rules TpmKeys.settle applies (the same
+    pure functions and budget): each group's leaf is replaced at least every max_age of the
+    default rekey policy (7 days; a day's jitter for when the service's ask lands), the new leaf
+    made under the current parent; a destruction under the current parent makes it due for
+    rotation; drained parents are evicted. Counts NV writes and the longest time from a
+    destruction to its parent's eviction."""
+    max_age = 7 * DAY
+    budget = parent_budget()
+    occupied: set[int] = set()
+    writes = 0
+    leaf_parent: dict[int, int] = {}  # group -> parent of its current leaf
+    pending: dict[int, list[int]] = {}  # parent -> destruction times waiting for its eviction
+    due = False
+    worst = 0
+    next_update = {g: rng.randrange(max_age) for g in range(groups)}
+    for now in range(0, days * DAY, 600):
+        for group, when in next_update.items():
+            if when > now:
+                continue
+            current = current_of(occupied)
+            if current is None:
+                current = next_parent(occupied)
+                assert current is not None
+                occupied.add(current)
+                writes += 1
+            old = leaf_parent.get(group)
+            leaf_parent[group] = current
+            if old is not None:
+                pending.setdefault(old, []).append(now)
+                due = due or old == current
+            next_update[group] = now + max_age - rng.randrange(DAY)
+        if due and budget.available(now):
+            slot = next_parent(occupied)
+            if slot is not None:
+                budget.spend(now)
+                occupied.add(slot)
+                writes += 1
+                due = False
+        for handle in drained(occupied, set(leaf_parent.values())):
+            occupied.discard(handle)
+            writes += 1
+            for destroyed_at in pending.pop(handle, []):
+                worst = max(worst, now - destroyed_at)
+        assert len(occupied) <= MAX_PARENTS
+        assert set(leaf_parent.values()) <= occupied  # no live key under an evicted parent
+    return {"writes": writes, "worst_latency": worst}
+
+
+def test_a_year_of_rotating_parents_stays_within_their_share_of_the_budget() -> None:
+    result = _simulate_parents(groups=8, rng=random.Random(17))
+    yearly = PARENT_NV_WRITES_PER_ROTATION * parent_budget().lifetime_bound(365) + 1
+    assert 0 < result["writes"] <= yearly
+    # both NV consumers together, over the device's life, within the endurance figure
+    lifetime = RotationBudget().lifetime_bound() + PARENT_NV_WRITES_PER_ROTATION * (
+        parent_budget().lifetime_bound()
+    )
+    assert lifetime == 87_608 + 7_304 <= ENDURANCE_WRITES
+    # in practice far below the budget: the ring of 3 paces rotations to how fast parents drain
+    assert result["writes"] <= 150, result
+    # a destroyed leaf's parent is gone within one rekey period (max_age, 7 days)
+    assert result["worst_latency"] <= 7 * DAY, result
+
+
+def test_one_group_rotates_every_other_weekly_update() -> None:
+    """The new leaf is made before the old one is destroyed, so under the same parent: that
+    parent rotates then and is evicted at the next update. A rotation and an eviction every two
+    weeks; a destroyed leaf's blob stops loading at most one rekey period later."""
+    result = _simulate_parents(groups=1, rng=random.Random(3))
+    assert 24 <= (result["writes"] - 1) // 2 <= 30
+    assert result["worst_latency"] <= 7 * DAY
+
+
+def test_parent_ring_current_next_and_drained() -> None:
+    assert current_of([]) is None and next_parent([]) == RING_BASE
+    assert current_of([RING_BASE]) == RING_BASE
+    assert next_parent([RING_BASE]) == RING_BASE + 1
+    ring_end = RING_BASE + RING_SIZE - 1
+    assert current_of([ring_end, RING_BASE]) == RING_BASE  # wrapped round the ring
+    assert next_parent([ring_end, RING_BASE]) == RING_BASE + 1
+    assert next_parent([RING_BASE, RING_BASE + 1, RING_BASE + 2]) is None  # MAX_PARENTS
+    # a stuck oldest parent holds the span: no rotation past MAX_SPAN
+    assert next_parent([RING_BASE, RING_BASE + MAX_SPAN - 1]) is None
+    assert next_parent([RING_BASE, RING_BASE + MAX_SPAN - 2]) == RING_BASE + MAX_SPAN - 1
+    with pytest.raises(ValueError):
+        current_of([RING_BASE, RING_BASE + 8])
+    with pytest.raises(ValueError):
+        current_of([0x81000001])
+    occupied = [RING_BASE, RING_BASE + 1, RING_BASE + 2]
+    assert drained(occupied, in_use=[RING_BASE + 1]) == [RING_BASE]
+    assert drained(occupied, in_use=[]) == [RING_BASE, RING_BASE + 1]  # never the current one
+
+
+def test_seeded_random_rotations_never_strand_a_live_key() -> None:
+    """Random creations, destructions and crashes (settle stopped half-way) over 100 seeds:
+    the ring's rules never evict a parent a blob on disk is under, never exceed MAX_PARENTS,
+    and the current parent is always found from the handles alone."""
+    for seed in range(100):
+        rng = random.Random(seed)
+        occupied: set[int] = set()
+        blobs: dict[int, int] = {}  # key id -> parent
+        live: set[int] = set()
+        due = False
+        for step in range(300):
+            op = rng.random()
+            if op < 0.4:
+                current = current_of(occupied)
+                if current is None:
+                    current = RING_BASE if not occupied else next_parent(occupied)
+                    assert current is not None
+                    occupied.add(current)
+                blobs[step] = current  # blob written first...
+                if rng.random() < 0.9:
+                    live.add(step)  # ...then a state that refers to it (or a crash before)
+            elif op < 0.7 and live:
+                key = rng.choice(sorted(live))
+                live.discard(key)  # a state without it saved
+                due = due or blobs[key] == current_of(occupied)
+                if rng.random() < 0.8:
+                    del blobs[key]  # collect (or a crash before: the next save collects)
+            else:
+                for key in [k for k in blobs if k not in live]:
+                    del blobs[key]
+                if due and rng.random() < 0.7:
+                    slot = next_parent(occupied)
+                    if slot is not None:
+                        occupied.add(slot)
+                        due = False
+                for handle in drained(occupied, set(blobs.values())):
+                    if rng.random() < 0.2:
+                        break  # killed between evictions
+                    occupied.discard(handle)
+            assert len(occupied) <= MAX_PARENTS
+            assert {blobs[k] for k in live} <= occupied, (seed, step)
+            assert occupied == set() or current_of(occupied) in occupied
+
+
+def test_ledger_notes_say_how_a_leaf_was_destroyed_and_are_honest_while_pending() -> None:
+    ledger = KeyLedger(lambda: 50)
+    for name in ("leaf/a", "init/b", "leaf/old"):
+        ledger.add(name, KeyKind.LEAF if name.startswith("leaf") else KeyKind.INIT, active=True)
+        ledger.transition(name, KeyState.DESTROYED)
+    ledger.annotate("leaf/a", destruction_note(RING_BASE))
+    ledger.annotate("init/b", destruction_note(RING_BASE + 1))
+    ledger.annotate("leaf/old", destruction_note(0x40000001))  # made under the SRK
+    assert "eviction pending" in ledger.get("leaf/a").note  # type: ignore[operator]
+    assert "still loads" in ledger.get("leaf/old").note  # type: ignore[operator]
+    assert pending_parents(ledger) == {"leaf/a": RING_BASE, "init/b": RING_BASE + 1}
+    # the parent at RING_BASE + 1 is still there: its key stays "pending"
+    assert note_evictions(ledger, present=[RING_BASE + 1]) is True
+    assert ledger.get("leaf/a").note == evicted_note(RING_BASE)
+    assert ledger.get("leaf/a").state is KeyState.DESTROYED
+    assert ledger.get("init/b").note == pending_note(RING_BASE + 1)
+    assert note_evictions(ledger, present=[RING_BASE + 1]) is False
+    assert note_evictions(ledger, present=[]) is True
+    assert pending_parents(ledger) == {}

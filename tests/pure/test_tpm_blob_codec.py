@@ -105,3 +105,45 @@ def test_round_trip_any_content(pub: bytes, priv: bytes, parent: int, sealed: bo
         sealed=sealed,
     )
     assert KeyBlob.from_pem(blob.to_pem()) == blob
+
+
+NAME = b"\x00\x0b" + bytes(range(32))
+
+
+def test_parent_name_rides_in_the_description_field(tmp_path: Path) -> None:
+    blob = sample(parent=0x81004B41, parent_name=NAME)
+    assert KeyBlob.from_pem(blob.to_pem()) == blob
+    der = blob.to_der()
+    text = b"parent-name:" + NAME.hex().encode()
+    assert bytes([0xA4, len(text) + 2, 0x0C, len(text)]) + text in der  # [4] UTF8String
+    path = tmp_path / "key.pem"
+    blob.save(path)
+    out = subprocess.run(
+        ["openssl", "asn1parse", "-in", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "UTF8STRING" in out and NAME.hex() in out and "INTEGER           :81004B41" in out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"a key for the kitchen",  # any other description
+        b"parent-name:" + NAME.hex().upper().encode(),  # not canonical
+        b"parent-name:" + NAME[:-1].hex().encode(),  # not a SHA-256 Name
+        b"parent-name:" + (b"\x00\x04" + NAME[2:22]).hex().encode(),  # SHA-1 Name
+        b"parent-name:zz",
+    ],
+)
+def test_other_descriptions_are_refused(text: bytes) -> None:
+    der = sample(parent=0x81004B41, parent_name=NAME).to_der()
+    good = b"parent-name:" + NAME.hex().encode()
+    field = bytes([0xA4, len(good) + 2, 0x0C, len(good)]) + good
+    other = bytes([0xA4, len(text) + 2, 0x0C, len(text)]) + text
+    body = der[2:].replace(field, other) if der[1] < 0x80 else None
+    if body is None:  # long-form outer length: rebuild it
+        start = 2 + (der[1] & 0x7F)
+        body = der[start:].replace(field, other)
+    length = len(body)
+    header = bytes([0x30, length]) if length < 0x80 else bytes([0x30, 0x81, length])
+    with pytest.raises(StateError, match="key blob is malformed"):
+        KeyBlob.from_der(header + body)

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from agent.reset import AgentRunning, factory_reset
-from agent.tpm.store import TPMStore
+from agent.tpm.blob import KeyBlob
+from agent.tpm.parents import RING, ParentRing
+from agent.tpm.store import ParentEvicted, TPMStore
 from agent.tpm.templates import KeyKind
 from firmware_sim.swtpm import free_port_pair
 from provisioning import pki
@@ -49,7 +51,8 @@ def provisioned(tmp: Path, swtpm: Swtpm, port: int) -> Path:
     state = tmp / "state"
     (state / "leaves").mkdir(parents=True)
     with TPMStore(swtpm.tcti) as store:
-        store.create_key(KeyKind.LEAF).save(state / "leaves" / "leaf.pem")
+        parent = ParentRing(store).ensure()  # leaf keys live under a rotating parent
+        store.create_key(KeyKind.LEAF, parent=parent).save(state / "leaves" / "leaf.pem")
         store.seal(b"\x01" * 32, (16,)).save(state / "state-key.pem")
     (state / "agent.state").write_bytes(b"KFST encrypted state stands in here")
     config = tmp / "agent.toml"
@@ -93,6 +96,7 @@ def test_unreachable_service_still_destroys_and_exits_1(tmp_path: Path, swtpm: S
         tmp_path / "state" / "agent.state",
     ]
     assert all(p.exists() for p in files)
+    leaf_copy = (tmp_path / "state" / "leaves" / "leaf.pem").read_bytes()  # a backup
     result = subprocess.run(
         [
             sys.executable,
@@ -119,6 +123,11 @@ def test_unreachable_service_still_destroys_and_exits_1(tmp_path: Path, swtpm: S
         assert f"destroyed {path}" in result.stdout
     assert config.exists()  # a hand-written configuration is not the reset's to delete
     assert not (tmp_path / "state" / "leaves").exists()
+    assert "evicted the rotating parents of leaf and init keys: 0x81004b40" in result.stdout
+    with TPMStore(swtpm.tcti) as store:  # the backup of the leaf blob is dead too
+        with pytest.raises(ParentEvicted):
+            store.load_key(KeyBlob.from_pem(leaf_copy))
+        assert not set(store.persistent_handles()) & set(RING)
     # run again: the configuration no longer loads; still nothing to sign with, still exit 1
     again = factory_reset(config, timeout=1)
     assert again.exit_code == 1 and "no longer loads" in again.service_note
