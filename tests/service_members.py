@@ -73,6 +73,8 @@ class SoftDevice:
     seq: int = 0
     silent: bool = False  # receives, never answers (a member that is offline for commits)
     ignore_commit_requests: bool = False  # acks commits, never makes one
+    ignore_proposal_requests: bool = False  # never proposes an Update for a full rekey
+    drop_updates: int = 0  # a compromised committer: commits this many fewer Updates than asked
     refusals: list[str] = field(default_factory=list)
 
     @classmethod
@@ -164,7 +166,7 @@ class SoftDevice:
         if isinstance(body, CommitRequest):
             return [] if self.ignore_commit_requests else self._commit(body, now)
         if isinstance(body, UpdateProposalRequest):
-            if self.ignore_commit_requests:
+            if self.ignore_proposal_requests:
                 return []
             group = self.groups[body.group_id]
             leaf = ec.generate_private_key(ec.SECP256R1())
@@ -206,7 +208,7 @@ class SoftDevice:
         if request.action is CommitAction.UPDATE:
             result = group.commit(
                 self.devid,
-                updates=[Update.decode(u) for u in request.updates or ()],
+                updates=[Update.decode(u) for u in request.updates or ()][self.drop_updates :],
                 new_leaf_key=ec.generate_private_key(ec.SECP256R1()),
             )
         elif request.action is CommitAction.ADD:

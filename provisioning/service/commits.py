@@ -48,7 +48,6 @@ from provisioning.service.effects import (
     Send,
 )
 from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
-from provisioning.service.store import rekey as rekey_rows
 from provisioning.service.store import wedge as wedge_store
 
 log = logging.getLogger("keyfleet.service")
@@ -341,7 +340,7 @@ def accept_commit(
     if (
         job is not None
         and fullrekey.is_batch(job)
-        and fullrekey.after_commit(session, job, list(checked.updated))
+        and fullrekey.after_commit(session, job, sender, list(checked.updated))
         and store.save_job(session, job, cx.env.instance)
     ):
         # a full rekey with proposals left: it keeps the slot, its next batch goes out next
@@ -349,7 +348,7 @@ def accept_commit(
         head: Job | None = job
     else:
         if job is not None and fullrekey.is_batch(job):
-            rekey_rows.drop_proposals(session, job.request_id)
+            fullrekey.forget(session, job)
         finished = job if job is not None and store.end_job(session, job, JobState.DONE) else None
         head = None if finished is not None else store.head_job(session, body.group_id)
     return AcceptedCommit(

@@ -181,6 +181,12 @@ def commit_next(cx: Call, job: Job, now: int) -> None:
     if choice is None:
         return  # nobody at the epoch yet: tick_jobs tries again
     committer, epoch = choice
+    job.state = JobState.REQUESTED
+    job.committer = committer
+    job.request_epoch = epoch
+    job.deadline = now + cx.env.settings.commit_request_timeout
+    if not jobs.claim(cx, job, now):
+        return  # another instance moved the job first: it asks
 
     def work(session: Session) -> list[bytes]:
         if first:
@@ -190,18 +196,13 @@ def commit_next(cx: Call, job: Job, now: int) -> None:
                     aimed = rekeypolicy.aimed_update(cx, job.group_id, device_id)
                     aimed.command_id = job.command_id
                     store.insert_job(session, aimed, now)
-        rows.drop_proposals(session, job.request_id, [committer])
-        batch = rows.proposals(session, job.request_id)[:BATCH]
+        # the committer's own proposal is not in its commit: its UpdatePath renews its leaf
+        others = [p for p in rows.proposals(session, job.request_id) if p.device_id != committer]
+        batch = others[:BATCH]
         rows.mark_requested(session, job.request_id, [p.device_id for p in batch], epoch)
         return [p.proposal for p in batch]
 
     updates = cx.env.tx(work)
-    job.state = JobState.REQUESTED
-    job.committer = committer
-    job.request_epoch = epoch
-    job.deadline = now + cx.env.settings.commit_request_timeout
-    if not jobs.claim(cx, job, now):
-        return
     request = CommitRequest(
         command_id=job.request_id,
         group_id=job.group_id,
@@ -238,10 +239,11 @@ def check_updates(session: Session, job: Job | None, commit: Commit, epoch: int)
         )
 
 
-def after_commit(session: Session, job: Job, updated: list[str]) -> bool:
-    """A commit of the job's batch was accepted: forget its proposals. True if proposals are
-    left (the job stays open, its next batch goes out at the new epoch)."""
-    rows.drop_proposals(session, job.request_id, updated)
+def after_commit(session: Session, job: Job, committer: str, updated: list[str]) -> bool:
+    """A commit of the job's batch was accepted: forget its proposals and the committer's own
+    (its commit renewed its leaf). True if proposals are left (the job stays open, its next
+    batch goes out at the new epoch)."""
+    rows.drop_proposals(session, job.request_id, [committer, *updated])
     if not rows.proposals(session, job.request_id):
         return False
     job.state = JobState.PROPOSALS
@@ -249,3 +251,8 @@ def after_commit(session: Session, job: Job, updated: list[str]) -> bool:
     job.committer = None
     job.tried.clear()
     return True
+
+
+def forget(session: Session, job: Job) -> None:
+    """The job ended without committing everything: its proposals go."""
+    rows.drop_proposals(session, job.request_id)

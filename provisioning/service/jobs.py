@@ -283,6 +283,8 @@ def fail_job(cx: Call, job: Job, detail: str, now: int) -> None:
     job.detail = detail
     if not cx.env.tx(lambda s: store.end_job(s, job, JobState.FAILED)):
         return
+    if fullrekey.is_batch(job):
+        cx.env.tx(lambda s: fullrekey.forget(s, job))
     log.warning("gave up on %s: %s", job.describe(), detail)
     if job.command_id is not None:
         operation = operations.load_operation(cx, job.command_id)

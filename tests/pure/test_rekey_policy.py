@@ -293,6 +293,7 @@ def test_full_rekey_in_batches_with_a_straggler(
     before = leaf_keys(fleet, "g1")
     start = fleet.epoch("g1")
     fleet.devices["dev-9"].ignore_commit_requests = True
+    fleet.devices["dev-9"].ignore_proposal_requests = True
     cid = fleet.command("op-alice", rekey("g1", full=True))
     for _ in range(4):
         fleet.tick(fleet.service.settings.commit_request_timeout + 1)
