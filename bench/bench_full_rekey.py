@@ -25,14 +25,6 @@ Two parts:
    N self-update commits in bit-reversed order, each made by its member and processed by the
    sampled members, so its critical path is the sum of N rounds. Network and database time are
    not in part 2: part 1 and the fleet rekey latency bench (bench_rekey) carry them.
-3. **The virtual fleet at N = 1000** (``VIRTUAL_SIZES``, as bench_rekey runs it): a real
-   Mosquitto, ``keyfleet serve`` with its SQLite registry, 1,000 agent protocol cores
-   (``firmware_sim.fleet``, software keys, one MQTT connection each, all in this process), the
-   group seeded in one step (``VirtualFleet.seed_group``). Timed: ``op.rekey --full`` from the
-   operator's command to the service's final ``done`` (every member updated and acked the
-   final epoch), and one plain rekey in the same installation. The service's timeouts are
-   widened (every member's work is serial in this one process, minutes per commit at N = 1000),
-   so this figure is an upper bound of the computation, not the latency of a real fleet.
 """
 
 from __future__ import annotations
@@ -61,7 +53,6 @@ from tests.pure.test_service_core import Fleet, create_g1, make_fleet
 from tests.service_members import command_id
 
 FLEET_SIZES = (8, 32, 100)
-VIRTUAL_SIZES = (1000,)
 MLS_SIZES = (100, 1000)
 SAMPLED = 6  # members that follow every commit besides one per batch
 OLD_WAY_ROUNDS = 100  # rounds of the old way measured; beyond, the median round is extrapolated
@@ -339,70 +330,8 @@ def mls_records() -> list[dict[str, Any]]:
     return out
 
 
-# -- part 3: the virtual fleet over the broker -------------------------------------------------
-
-
-def _virtual(n: int, workdir: Path) -> dict[str, Any]:
-    from bench.bench_rekey import GROUP, _await_final, _wait_reports  # noqa: PLC0415
-    from bench.deployment import deployment  # noqa: PLC0415
-    from firmware_sim.fleet import VirtualFleet, load_fleet_config, open_registry  # noqa: PLC0415
-    from provisioning.operator import OperatorClient  # noqa: PLC0415
-
-    # 1,000 members in one process handle every message one after the other (a commit carrying
-    # 500 Updates takes each member ~0.2 s: minutes for the fleet): the service's timeouts are
-    # widened so that it does not call members stragglers that a real fleet would not keep waiting
-    with deployment(workdir, ack_timeout=600, commit_request_timeout=300) as dep:
-        fleet = VirtualFleet.from_config(
-            load_fleet_config(dep.fleet_config), n, allow_insecure=True
-        )
-        engine, sessions = open_registry(dep.db_url)
-        fleet.seed_group(GROUP, sessions, now=int(time.time()))
-        engine.dispose()
-        fleet.start(timeout=300)
-        print(f"virtual N={n}: connected", file=sys.stderr, flush=True)
-        try:
-            _wait_reports(dep, fleet, timeout=300)
-            out: dict[str, Any] = {}
-            with OperatorClient(dep.operator) as client:
-                epoch = 1
-                for kind, full in (("plain", None), ("full", True)):
-                    body = Rekey(client.new_command_id(), GROUP, full)
-                    start = time.perf_counter()
-                    client.send(body)
-                    result, end = _await_final(client, body.command_id, timeout=1200)
-                    if result.status is not ResultStatus.DONE:
-                        raise RuntimeError(f"{kind} rekey: {result.status}: {result.detail}")
-                    new_epoch = int(result.epoch) if result.epoch is not None else epoch + 1
-                    fleet.wait_epoch(GROUP, new_epoch, timeout=120)
-                    out[kind] = {"s": round(end - start, 3), "commits": new_epoch - epoch}
-                    epoch = new_epoch
-                    print(f"virtual N={n}: {kind} {out[kind]}", file=sys.stderr, flush=True)
-            if len(set(fleet.authenticators(GROUP).values())) != 1:
-                raise RuntimeError("the fleet does not agree on the epoch authenticator")
-        finally:
-            fleet.stop()
-    return out
-
-
-def virtual_records(tmp: Path) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for n in VIRTUAL_SIZES:
-        (tmp / f"virtual{n}").mkdir()
-        run_ = _virtual(n, tmp / f"virtual{n}")
-        out += [
-            {"name": f"full_rekey_virtual_fleet_s_n{n}", "value": run_["full"]["s"],
-             "unit": "s, op.rekey --full to done (real broker and service, software keys)",
-             "target": None, "met": None,
-             "detail": f"{run_['full']['commits']} commits; one plain rekey in the same "
-                       f"installation: {run_['plain']['s']} s"},
-        ]  # fmt: skip
-    return out
-
-
 def main() -> int:
     records = mls_records()
-    with tempfile.TemporaryDirectory(prefix="kf-bench-full-rekey-virtual-") as tmp:
-        records += virtual_records(Path(tmp))
     with tempfile.TemporaryDirectory(prefix="kf-bench-full-rekey-") as tmp:
         records += run(Path(tmp))
     print(json.dumps(records, indent=1))
