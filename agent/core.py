@@ -65,7 +65,7 @@ from agent.protocol.lifecycle import (
 from agent.protocol.membership import Membership, MembershipState
 from agent.protocol.mls import codec
 from agent.protocol.mls.group import Group
-from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Welcome
+from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Update, Welcome
 from agent.protocol.mls.public import CommitCheck, LeafCheck
 from agent.protocol.mls.tree import LeafNode, RatchetTree
 from agent.protocol.secret import Secret
@@ -95,6 +95,7 @@ from agent.protocol.wire.messages.group import (
     CommitRefused,
     GroupCreated,
     KeyPackageMessage,
+    UpdateProposal,
     UpdateRequest,
     WelcomeMessage,
 )
@@ -104,6 +105,7 @@ from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
     ReportRequest,
+    UpdateProposalRequest,
     WelcomeDelivery,
 )
 from agent.protocol.wire.rejections import Rejections, is_benign
@@ -118,6 +120,12 @@ MAX_PENDING_COMMITS: Final = 4
 another one; whichever the service relays is adopted)."""
 MAX_KEY_PACKAGES: Final = 8
 """Key packages handed out and not used yet; the oldest is forgotten (and its leaf destroyed)."""
+MAX_PROPOSALS: Final = 4
+"""Update proposals (new leaf keys another member may commit) kept per group; the oldest is
+forgotten (and its leaf key destroyed)."""
+PROPOSAL_EPOCHS: Final = 4
+"""Epochs an Update proposal waits to be committed (a full rekey commits its batches in
+consecutive epochs right after asking); after that its leaf key is destroyed."""
 REPLY_CACHE: Final = 64
 # The device's replay guard for the service's messages. The service's seqs come from one counter
 # shared by its instances that also follows the millisecond clock (max(last, now_ms) + 1), so two
@@ -238,6 +246,8 @@ class _GroupEntry:
     update_requested: tuple[int, int] | None = None  # (epoch, time asked)
     # the leaf key we joined with (it was in the Welcome's tree) until we committed a new one
     joined_leaf: bytes | None = None
+    # our Update proposals not committed yet: (epoch asked at, new leaf public key, the Update)
+    proposed: list[tuple[int, bytes, bytes]] = field(default_factory=list)
 
 
 class _Hooks(NamedTuple):
@@ -384,6 +394,7 @@ class AgentCore:
         for entry in self._groups.values():
             refs.add(_leaf_public(entry.group))
             refs.update(_leaf_public(p.group) for p in entry.pending)
+            refs.update(public for _, public, _ in entry.proposed)
         return refs
 
     def _init_refs(self) -> set[bytes]:
@@ -573,6 +584,8 @@ class AgentCore:
             return self._on_welcome(body)
         if isinstance(body, KeyPackageRequest):
             return self._on_key_package_request(body)
+        if isinstance(body, UpdateProposalRequest):
+            return self._on_update_proposal_request(body)
         if isinstance(body, ReportRequest):
             return Outcome(publishes=[self._report()])
         if isinstance(body, AttestChallenge):
@@ -634,13 +647,23 @@ class AgentCore:
         try:
             checks = self._checks(body.group_id, fresh=False)
             following = group.process(
-                commit, leaf_check=checks.leaf_check, commit_check=checks.commit_check
+                commit,
+                leaf_check=checks.leaf_check,
+                commit_check=checks.commit_check,
+                proposed_leaf_keys=self._proposed_key(entry, commit),
             )
         except ProtocolError as exc:
             if exc.check != "mls.removed":
                 raise
             return self._removed(entry)
         return self._enter_epoch(entry, following, body.command_id)
+
+    def _proposed_key(self, entry: _GroupEntry, commit: Commit) -> list[ec.EllipticCurvePrivateKey]:
+        """The leaf key of our Update proposal that ``commit`` carries, if it carries one of
+        ours (only that one is loaded from the TPM)."""
+        own = entry.group.own_leaf
+        wanted = {u.encryption_key for u in commit.content.updates if u.leaf_index == own}
+        return [self._keys.load_leaf(public) for _, public, _ in entry.proposed if public in wanted]
 
     def _removed(self, entry: _GroupEntry) -> Outcome:
         name = _group_name(entry)
@@ -661,6 +684,13 @@ class AgentCore:
         name = _group_name(entry)
         self._install(name, following)
         new_entry = self._groups[name]
+        # proposals not committed wait a few epochs; a committed one is our leaf now (the
+        # leaf key it replaced is no longer referred to: destroyed with this state)
+        new_entry.proposed = [
+            p
+            for p in entry.proposed
+            if p[1] != _leaf_public(following) and following.epoch - p[0] <= PROPOSAL_EPOCHS
+        ]
         return Outcome(publishes=[self._ack(new_entry, command_id)], epochs_changed=True)
 
     def _install(self, name: str, group: Group) -> None:
@@ -727,6 +757,16 @@ class AgentCore:
                 new_leaf_key=self._fresh_leaf_if_pending(entry),
                 rng=self._rng,
                 authz=authz,
+                leaf_check=checks.leaf_check,
+                commit_check=checks.commit_check,
+            )
+        elif body.updates:
+            # a full rekey: other members' proposed leaf keys, and our own new one
+            result = group.commit(
+                devid,
+                updates=[Update.decode(u) for u in body.updates],
+                new_leaf_key=self._keys.new_leaf_key(),
+                rng=self._rng,
                 leaf_check=checks.leaf_check,
                 commit_check=checks.commit_check,
             )
@@ -927,6 +967,25 @@ class AgentCore:
         while len(self._key_package_requests) > MAX_KEY_PACKAGES:
             self._key_package_requests.popitem(last=False)
         message = KeyPackageMessage(key_package=key_package.encode(), command_id=body.command_id)
+        return Outcome(publishes=[self._send(message)])
+
+    def _on_update_proposal_request(self, body: UpdateProposalRequest) -> Outcome:
+        """A new TPM leaf key and its Update for another member to commit (a full rekey). The
+        private key stays pending (in the state, so a restart keeps it) until a commit carrying
+        it is processed, or ``PROPOSAL_EPOCHS`` passed: then it is destroyed. Asked again at the
+        same epoch (a lost answer), we answer with the same proposal."""
+        entry = self._entry_at(body.group_id, body.epoch, "update proposal request")
+        same = next((p for p in entry.proposed if p[0] == body.epoch), None)
+        if same is None:
+            leaf = self._keys.new_leaf_key()
+            update = entry.group.propose_update(self._keys.devid, leaf.public_key())
+            same = (body.epoch, update.encryption_key, update.encode())
+            entry.proposed.append(same)
+            while len(entry.proposed) > MAX_PROPOSALS:
+                entry.proposed.pop(0)
+        message = UpdateProposal(
+            command_id=body.command_id, group_id=body.group_id, epoch=body.epoch, update=same[2]
+        )
         return Outcome(publishes=[self._send(message)])
 
     def _on_attest_challenge(self, body: AttestChallenge) -> Outcome:
@@ -1167,6 +1226,7 @@ class AgentCore:
                     None if entry.update_requested is None else list(entry.update_requested)
                 ),
                 "joined_leaf": entry.joined_leaf,
+                "proposed": [list(p) for p in entry.proposed],
             }
         return {
             "v": STATE_VERSION,
@@ -1234,6 +1294,7 @@ class AgentCore:
                     "update_requested": entry.update_requested is not None
                     and entry.update_requested[0] == group.epoch,
                     "fresh_leaf_pending": self._join_update_pending(entry),
+                    "update_proposals_pending": len(entry.proposed),
                     "last_ack": _ack_json(self.last_acks.get(name)),
                 }
             )
@@ -1312,6 +1373,14 @@ class _Restored:
                 update_requested=None if asked is None else (int(asked[0]), int(asked[1])),
                 # absent in state files written before it existed
                 joined_leaf=_optional_bytes(raw.get("joined_leaf"), "joined leaf"),
+                proposed=[
+                    (
+                        _uint(p[0], "proposal epoch"),
+                        _bytes(p[1], "proposal leaf"),
+                        _bytes(p[2], "proposal"),
+                    )
+                    for p in raw.get("proposed", [])
+                ],
             )
         data_keys = {
             name: {

@@ -15,6 +15,14 @@ and after:
   docs/treekem.md),
 - the whole ``AgentCore.handle`` of the relayed commit (processing + the signed ``group.ack``:
   every envelope a device sends is signed by its DevID key in the TPM).
+
+Then a full rekey by Update proposals (``keyfleet rekey --full``, service/fullrekey.py):
+every member but member 0 answers a ``svc.update_proposal_request`` (a new TPM leaf key, the
+Update signed by its DevID key, the signed ``group.update_proposal``), member 0 commits them all
+with its own self-update, and every member handles the relayed commit (its proposed leaf key
+loaded, at most one ECDH, the ack). Per member, what a full rekey costs does not depend on N (one
+proposal, one commit received per batch), so eight swtpm members give the per-member counts of
+a fleet of any size; a join is counted above.
 """
 
 from __future__ import annotations
@@ -37,8 +45,12 @@ from agent.protocol.mls.messages import Commit, KeyPackage
 from agent.protocol.topics import SERVICE_ID
 from agent.protocol.wire.envelope import Signer, encode_message, open_message
 from agent.protocol.wire.messages.base import Body
-from agent.protocol.wire.messages.group import CommitMessage
-from agent.protocol.wire.messages.service import CommitAction, CommitRequest
+from agent.protocol.wire.messages.group import CommitMessage, UpdateProposal
+from agent.protocol.wire.messages.service import (
+    CommitAction,
+    CommitRequest,
+    UpdateProposalRequest,
+)
 from agent.tpm import KeyKind, TPMStore
 from firmware_sim.swtpm import Swtpm
 from provisioning import pki
@@ -167,6 +179,52 @@ def main() -> None:
             epoch = cores[i].epoch("g-tpm")
             assert epoch is not None
             round_(i, CommitRequest(os.urandom(16), "g-tpm", epoch, CommitAction.UPDATE))
+        # a full rekey by Update proposals
+        epoch = cores[0].epoch("g-tpm")
+        assert epoch is not None
+        request_id = os.urandom(16)
+        proposal_costs: list[int] = []
+        updates: list[bytes] = []
+        for i in range(1, MEMBERS):
+            core = cores[i]
+            before = stores[i].commands_issued
+            ask = UpdateProposalRequest(request_id, "g-tpm", epoch)
+            out = core.handle(envelope(ask, core.device_id), core.command_topic, now)
+            proposal_costs.append(stores[i].commands_issued - before)
+            devid_public = keyprov[i].devid.public_key()
+            answer = open_message(
+                out.publishes[0].payload,
+                lambda kid, d=core.device_id, k=devid_public: Signer(d, k),
+                now=now,
+                recipients=(SERVICE,),
+            )
+            assert isinstance(answer.body, UpdateProposal)
+            updates.append(answer.body.update)
+        before = stores[0].commands_issued
+        request = CommitRequest(
+            os.urandom(16), "g-tpm", epoch, CommitAction.UPDATE, updates=tuple(updates)
+        )
+        out = cores[0].handle(envelope(request, cores[0].device_id), cores[0].command_topic, now)
+        full_rekey_committer = stores[0].commands_issued - before
+        devid_public = keyprov[0].devid.public_key()
+        sent = open_message(
+            out.publishes[0].payload,
+            lambda kid: Signer(cores[0].device_id, devid_public),
+            now=now,
+            recipients=(SERVICE,),
+        )
+        assert isinstance(sent.body, CommitMessage)
+        relay = envelope(CommitMessage("g-tpm", epoch, sent.body.commit), "g-tpm")
+        full_rekey_process: list[int] = []
+        for i, core in enumerate(cores):
+            before = stores[i].commands_issued
+            answer_out = core.handle(relay, "kf/v1/grp/g-tpm/commit", now)
+            if answer_out.refused is not None:
+                raise RuntimeError(f"member {i} refused the full rekey: {answer_out.refused}")
+            if i != 0:
+                full_rekey_process.append(stores[i].commands_issued - before)
+        if len({c.groups()["g-tpm"].epoch_authenticator for c in cores}) != 1:
+            raise RuntimeError("the members do not agree after the full rekey")
         epoch = cores[0].epoch("g-tpm")
         assert epoch is not None
         removed = f"dev-tpm-{MEMBERS - 1}"
@@ -236,6 +294,23 @@ def main() -> None:
             ),
         },
     ]
+    per_member = [p + q for p, q in zip(proposal_costs, full_rekey_process, strict=True)]
+    records.append(
+        {
+            "name": "tpm_commands_per_member_full_rekey",
+            "value": max(per_member),
+            "unit": "TPM commands (max)",
+            "target": None,
+            "met": None,
+            "detail": (
+                f"{MEMBERS - 1} swtpm members: the Update proposal (new leaf key, Update and "
+                f"envelope signatures) max {max(proposal_costs)}, handling the commit that "
+                f"carries it (at most one ECDH, on the proposed key, and the ack) max "
+                f"{max(full_rekey_process)}; the committer, committing "
+                f"{len(updates)} Updates with its own self-update: {full_rekey_committer}"
+            ),
+        }
+    )
     print(json.dumps(records, indent=2))
 
 

@@ -810,7 +810,9 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     rekey = commands.add_parser("rekey", help="move a group to a fresh epoch")
     rekey.add_argument("--group", required=True)
     rekey.add_argument(
-        "--full", action="store_true", help="every member updates its own leaf (N commits)"
+        "--full",
+        action="store_true",
+        help="every member's leaf key is replaced (Update proposals, a few commits)",
     )
     _add_operator_options(rekey)
     attest = commands.add_parser(

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
 from agent.protocol.mls.group import CommitResult, Group
-from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.mls.messages import Commit, KeyPackage, Update, Welcome
 from agent.protocol.topics import SERVICE_ID, device_report_topic, operator_cmd_topic
 from agent.protocol.wire.cose import key_id
 from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
@@ -33,6 +33,7 @@ from agent.protocol.wire.messages.group import (
     CommitRefused,
     GroupCreated,
     KeyPackageMessage,
+    UpdateProposal,
     WelcomeMessage,
 )
 from agent.protocol.wire.messages.operator import GroupAdd, GroupCreate, Rekey, Revoke
@@ -40,6 +41,7 @@ from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
     KeyPackageRequest,
+    UpdateProposalRequest,
     WelcomeDelivery,
 )
 from provisioning import pki
@@ -66,9 +68,13 @@ class SoftDevice:
     key_packages: dict[
         bytes, tuple[KeyPackage, ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey]
     ] = field(default_factory=dict, repr=False)
+    # Update proposals made for a full rekey, not committed yet (their new leaf keys)
+    proposals: list[ec.EllipticCurvePrivateKey] = field(default_factory=list, repr=False)
     seq: int = 0
     silent: bool = False  # receives, never answers (a member that is offline for commits)
     ignore_commit_requests: bool = False  # acks commits, never makes one
+    ignore_proposal_requests: bool = False  # never proposes an Update for a full rekey
+    drop_updates: int = 0  # a compromised committer: commits this many fewer Updates than asked
     refusals: list[str] = field(default_factory=list)
 
     @classmethod
@@ -159,6 +165,15 @@ class SoftDevice:
             return [self.report(KeyPackageMessage(kp.encode(), body.command_id), now)]
         if isinstance(body, CommitRequest):
             return [] if self.ignore_commit_requests else self._commit(body, now)
+        if isinstance(body, UpdateProposalRequest):
+            if self.ignore_proposal_requests:
+                return []
+            group = self.groups[body.group_id]
+            leaf = ec.generate_private_key(ec.SECP256R1())
+            self.proposals.append(leaf)
+            update = group.propose_update(self.devid, leaf.public_key())
+            proposal = UpdateProposal(body.command_id, body.group_id, body.epoch, update.encode())
+            return [self.report(proposal, now)]
         if isinstance(body, CommitMessage):
             return self._process(body, now)
         if isinstance(body, WelcomeDelivery):
@@ -191,7 +206,11 @@ class SoftDevice:
         if group.epoch != request.epoch:
             raise ProtocolError("test.epoch", f"asked for epoch {request.epoch}, at {group.epoch}")
         if request.action is CommitAction.UPDATE:
-            result = group.update(self.devid, ec.generate_private_key(ec.SECP256R1()))
+            result = group.commit(
+                self.devid,
+                updates=[Update.decode(u) for u in request.updates or ()][self.drop_updates :],
+                new_leaf_key=ec.generate_private_key(ec.SECP256R1()),
+            )
         elif request.action is CommitAction.ADD:
             assert request.key_package is not None
             result = group.add(self.devid, [KeyPackage.decode(request.key_package)])
@@ -229,7 +248,7 @@ class SoftDevice:
                 del self.groups[gid]
                 return []
             try:
-                self.groups[gid] = group.process(commit)
+                self.groups[gid] = group.process(commit, proposed_leaf_keys=self.proposals)
             except ProtocolError as exc:
                 if exc.check not in REFUSAL_CHECKS:
                     raise

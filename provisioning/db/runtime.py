@@ -343,6 +343,25 @@ class LeafUpdateRow(ServiceBase):
     asked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
+class UpdateProposalRow(ServiceBase):
+    """A member's Update proposal collected for a full rekey (``provisioning.service.fullrekey``):
+    the job it answers (its request id), the epoch it was asked at, the member's leaf index and
+    the encoded Update (public: a new leaf public key and a signature).
+    ``requested_epoch``: the epoch of the commit request that carries it, NULL while none does;
+    the row goes once a commit carrying it is accepted or the job ends."""
+
+    __tablename__ = "service_update_proposals"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    leaf_index: Mapped[int] = mapped_column(BigInteger)
+    proposal: Mapped[bytes] = mapped_column(LargeBinary)
+    requested_epoch: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    received_at: Mapped[int] = mapped_column(BigInteger)
+
+
 def create_service_schema(engine: Engine) -> None:
     """Create the runtime tables directly (tests that build a bare database; ``keyfleet db
     init`` runs the migrations instead)."""

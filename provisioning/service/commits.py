@@ -35,7 +35,7 @@ from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit
 from provisioning.registry import Outcome, Registry
-from provisioning.service import execute, recovery, rekeypolicy, store, verify
+from provisioning.service import execute, fullrekey, recovery, rekeypolicy, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     AcceptHeld,
@@ -66,6 +66,7 @@ class CheckedCommit:
     adds: list[str]
     removes: list[str]
     job: Job | None
+    updated: tuple[str, ...] = ()  # members whose Updates it commits
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,13 @@ def check_commit(
             )
     if job is not None and rekeypolicy.is_aimed(job) and sender not in job.candidates:
         job = None  # a self-update asked of one member is fulfilled only by that member
-    return CheckedCommit(commit, public, adds, removes, job)
+    fullrekey.check_updates(session, job, commit, body.epoch)
+    updated = []
+    for update in commit.content.updates:
+        updated_leaf = public.tree.leaf(update.leaf_index)
+        assert updated_leaf is not None  # verify() refused Updates of blank leaves
+        updated.append(updated_leaf.device_id.decode())
+    return CheckedCommit(commit, public, adds, removes, job, tuple(updated))
 
 
 def on_commit(cx: Call, session: Session, sender: str, body: CommitMessage, now: int) -> Effects:
@@ -305,6 +312,7 @@ def accept_commit(
         epoch=body.epoch,
         added=adds,
         removed=removes,
+        updated=checked.updated,
         now=now,
     )
     below = body.epoch + 1 - cx.env.settings.retention_epochs
@@ -329,8 +337,20 @@ def accept_commit(
     store.drop_held(session, body.group_id, body.epoch)
     # The job ends in the commit's own transaction: no instance can see the epoch moved
     # and the job still in flight.
-    finished = job if job is not None and store.end_job(session, job, JobState.DONE) else None
-    head = None if finished is not None else store.head_job(session, body.group_id)
+    if (
+        job is not None
+        and fullrekey.is_batch(job)
+        and fullrekey.after_commit(session, job, sender, list(checked.updated))
+        and store.save_job(session, job, cx.env.instance)
+    ):
+        # a full rekey with proposals left: it keeps the slot, its next batch goes out next
+        finished: Job | None = None
+        head: Job | None = job
+    else:
+        if job is not None and fullrekey.is_batch(job):
+            fullrekey.forget(session, job)
+        finished = job if job is not None and store.end_job(session, job, JobState.DONE) else None
+        head = None if finished is not None else store.head_job(session, body.group_id)
     return AcceptedCommit(
         sender,
         CommitMessage(body.group_id, body.epoch, body.commit, body.command_id),

@@ -32,6 +32,7 @@ from agent.protocol.wire.messages.group import (
     CommitRefused,
     GroupCreated,
     KeyPackageMessage,
+    UpdateProposal,
     UpdateRequest,
     WelcomeMessage,
 )
@@ -47,6 +48,7 @@ from provisioning.service import (
     commits,
     execute,
     feed,
+    fullrekey,
     rollback,
     store,
     verify,
@@ -131,6 +133,8 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
         return on_update_request(cx, session, sender, body, now)
     if isinstance(body, CommitRefused):
         return rollback.on_commit_refused(cx, session, sender, body, now)
+    if isinstance(body, UpdateProposal):
+        return fullrekey.on_proposal(cx, session, sender, body, now)
     raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
 
 

@@ -26,7 +26,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import device_cmd_topic
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest, KeyPackageRequest
 from provisioning.registry import PendingChange, Registry
-from provisioning.service import commits, operations, rekeypolicy, store
+from provisioning.service import commits, fullrekey, operations, rekeypolicy, store
 from provisioning.service.context import Call
 from provisioning.service.model import GROUP_ELIGIBLE, Job, JobState
 
@@ -54,10 +54,13 @@ def tick_jobs(cx: Call, now: int) -> None:
             if job.committer is not None and job.committer not in job.tried:
                 job.tried.append(job.committer)
             job.state = JobState.WAITING
+            if fullrekey.is_batch(job):
+                # its proposals are collected: ask another member to commit them
+                job.state, job.deadline = JobState.PROPOSALS, 0
             start(cx, job, now)
         elif job.state is JobState.KEY_PACKAGE and now >= job.deadline:
             request_key_package(cx, job, now)
-        elif job.state in (JobState.WAITING, JobState.QUEUED):
+        elif job.state in (JobState.WAITING, JobState.QUEUED, JobState.PROPOSALS):
             start(cx, job, now)
 
 
@@ -109,6 +112,12 @@ def claim(cx: Call, job: Job, now: int) -> bool:
 def start(cx: Call, job: Job, now: int) -> None:
     """Move the head job forward as far as it can go now."""
     if not job.open:
+        return
+    if fullrekey.is_batch(job):
+        if job.state in (JobState.QUEUED, JobState.WAITING):
+            fullrekey.ask(cx, job, now)
+        elif job.state is JobState.PROPOSALS and fullrekey.ready(cx, job, now):
+            fullrekey.commit_next(cx, job, now)
         return
     if job.action is CommitAction.ADD and job.key_package is None:
         if job.state is not JobState.KEY_PACKAGE:
@@ -275,6 +284,8 @@ def fail_job(cx: Call, job: Job, detail: str, now: int) -> None:
     job.detail = detail
     if not cx.env.tx(lambda s: store.end_job(s, job, JobState.FAILED)):
         return
+    if fullrekey.is_batch(job):
+        cx.env.tx(lambda s: fullrekey.forget(s, job))
     log.warning("gave up on %s: %s", job.describe(), detail)
     if job.command_id is not None:
         operation = operations.load_operation(cx, job.command_id)
@@ -285,7 +296,7 @@ def fail_job(cx: Call, job: Job, detail: str, now: int) -> None:
 
 def start_next(cx: Call, group_id: str, now: int) -> None:
     head = group_head(cx, group_id)
-    if head is not None and head.state in (JobState.QUEUED, JobState.WAITING):
+    if head is not None and head.state in (JobState.QUEUED, JobState.WAITING, JobState.PROPOSALS):
         start(cx, head, now)
 
 

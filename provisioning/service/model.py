@@ -81,6 +81,7 @@ class JobState(StrEnum):
     KEY_PACKAGE = "key-package"  # waiting for the new member's key package
     WAITING = "waiting"  # no member is known to be at the current epoch yet
     REQUESTED = "requested"  # commit request sent to ``committer``
+    PROPOSALS = "proposals"  # a full rekey: collecting, or holding, members' Update proposals
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"

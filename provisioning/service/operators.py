@@ -63,6 +63,7 @@ from provisioning.service import (
     checkpoints,
     credentials,
     execute,
+    fullrekey,
     rekeypolicy,
     requests,
     store,
@@ -323,7 +324,7 @@ def dispatch_operator(
     if isinstance(body, Rekey):
         Registry(session).group(body.group_id)
         if body.full:
-            jobs = rekeypolicy.full_rekey_jobs(cx, session, body.group_id)
+            jobs = fullrekey.plan(cx, session, body.group_id)
         else:
             jobs = [Job(CommitAction.UPDATE, body.group_id, None, cx.env.new_id())]
         groups = {body.group_id}

@@ -16,9 +16,9 @@ for as long as the key exists. So the service asks:
   group's epoch within it) fails its job as a straggler (``ds.rekey.straggler``) and is asked
   again ``ASK_REPEAT_SECONDS`` later; ``leaf_ages`` reports each member's age, whether it is
   due, a straggler, or overdue past the grace (``grace``).
-- **Full rekey.** ``full_rekey_jobs``: one aimed update job per member, in bit-reversed leaf
-  order, so the first 2^k commits refresh every tree node at depth <= k (module docs in
-  docs/treekem.md, "Who updates when").
+- **Full rekey.** ``provisioning.service.fullrekey``: every member proposes an Update and one
+  member commits them in batches (a few commits, not one per member); members that do not
+  propose fall back to an aimed self-update (``aimed_update``).
 
 Pure parts (``RekeyPolicy``, ``parse_duration``, ``due``, ``status``) take a clock reading and
 rows; the flows read and write through ``provisioning.service.store.rekey``.
@@ -270,12 +270,13 @@ def record_commit(
     epoch: int,
     added: Sequence[str],
     removed: Sequence[str],
+    updated: Sequence[str] = (),
     now: int,
 ) -> None:
     """An accepted commit made at ``epoch``: its committer's leaf is new from ``epoch + 1``
-    (every commit carries an update path), an added member's leaf starts then, a removed
-    member's row goes."""
-    for device_id in (committer, *added):
+    (every commit carries an update path), so is the leaf of every member whose Update it
+    carries (a full rekey), an added member's leaf starts then, a removed member's row goes."""
+    for device_id in (committer, *updated, *added):
         rows.put_update(session, group_id, device_id, epoch=epoch + 1, now=now)
     for device_id in removed:
         rows.forget(session, group_id, device_id)
@@ -292,19 +293,6 @@ def aimed_update(cx: Call, group_id: str, device_id: str) -> Job:
         candidates=(device_id,),
         prefer=device_id,
     )
-
-
-def full_rekey_jobs(cx: Call, session: Session, group_id: str) -> list[Job]:
-    """One aimed update job per member, in bit-reversed leaf order (``bit_reversed``)."""
-    members = [
-        m
-        for m in Registry(session).members(group_id)
-        if m.leaf_index is not None and m.pending is not PendingChange.REMOVE
-    ]
-    if not members:
-        raise ProtocolError("ds.rekey.empty", f"group {group_id!r} has no member to update")
-    members.sort(key=lambda m: m.leaf_index if m.leaf_index is not None else 0)
-    return [aimed_update(cx, group_id, members[i].device_id) for i in bit_reversed(len(members))]
 
 
 def is_aimed(job: Job) -> bool:

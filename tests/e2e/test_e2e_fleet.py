@@ -10,6 +10,7 @@ other's state, which is what they check:
 1. group ``g1`` with all four devices, rekeyed: every member acks one authenticator, data
    crosses between all of them;
    ``keyfleet devices --keys`` shows a rekey's new epoch keys within seconds, KIND filled;
+   ``keyfleet rekey --full`` replaces every member's leaf key in one commit;
 2. two rekeys at once: ``g1`` moves epochs without forking;
 3. forged, replayed, stale and wrong-role operator commands: refused, audited, ``g1`` unchanged;
 4. the service's database and logs hold none of the agents' secrets (agents stopped one at a
@@ -36,12 +37,15 @@ from agent.core import KEY_CHANGE_REPORT_DELAY, KEY_CHANGE_REPORT_SPREAD
 from agent.mqtt import MqttClient, ReceivedMessage
 from agent.protocol.dataseal import open_sealed
 from agent.protocol.errors import ProtocolError
+from agent.protocol.mls import codec
+from agent.protocol.mls.public import PublicGroup
 from agent.protocol.secret import Secret
 from agent.protocol.topics import SERVICE_ID, operator_cmd_topic, operator_result_topic
 from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.operator import Rekey, Revoke
 from firmware_sim.lab import Lab, LabDevice
 from provisioning import pki
+from provisioning.service.model import MAX_PUBLIC_GROUP
 from tests.fixtures.fleet import refusals_since, service_tap
 from tests.fixtures.postgres import dump_rows
 
@@ -185,6 +189,36 @@ def test_devices_keys_shows_the_new_epoch_within_seconds_with_its_kind(lab: Lab)
             assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", key["SINCE"]), key
     # what the listing shows came from the agents' keys.report, not from an attestation
     assert [e.action for e in lab.audit(audit_seq + 1) if e.action.startswith("attest")] == []
+
+
+def leaf_keys(lab: Lab) -> dict[str, bytes]:
+    """Each member's leaf public key in the service's public tree of ``G``."""
+
+    def read(registry: Any) -> dict[str, bytes]:
+        tree = PublicGroup.from_state(
+            codec.decode(registry.group(G).public_tree, MAX_PUBLIC_GROUP, "public_tree")
+        ).tree
+        return {leaf.device_id.decode(): leaf.encryption_key for _, leaf in tree.members()}
+
+    return lab.registry(read)
+
+
+def test_full_rekey_replaces_every_leaf_key_in_one_commit(lab: Lab) -> None:
+    """``rekey --full`` on agents with their keys in swtpm: every member proposes a new TPM leaf
+    key, one member commits them all (one epoch for four members), everyone agrees, and data
+    still crosses."""
+    epoch = current_epoch(lab)
+    before = leaf_keys(lab)
+    result = lab.op("rekey", "--group", G, "--full", operator="op-ops", timeout=180)
+    assert result.returncode == 0, str(result)
+    assert result.final is not None and result.final["status"] == "done", str(result)
+    lab.wait_settled(G, timeout=60)
+    assert_agreed(lab)
+    after = leaf_keys(lab)
+    assert sorted(after) == sorted(lab.device_ids)
+    assert [d for d in after if after[d] == before[d]] == []
+    assert current_epoch(lab) == epoch + 1
+    cross_decrypt(lab, lab.devices[0], lab.devices[1:])
 
 
 # ---- 2. two rekeys at once ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.operator import GroupPolicy, Rekey
 from agent.protocol.wire.messages.result import ResultStatus
 from provisioning.registry import Registry
-from provisioning.service import rekeypolicy, store
+from provisioning.service import fullrekey, rekeypolicy, store
 from provisioning.service.model import MAX_PUBLIC_GROUP, ServiceSettings
 from provisioning.service.rekeypolicy import LeafUpdate, RekeyPolicy, due, parse_duration, to_ask
 from provisioning.service.store import rekey as rows
@@ -273,9 +273,39 @@ def test_full_rekey_of_eight_changes_every_leaf_key(tmp_path: Path) -> None:
         after = leaf_keys(fleet, "g1")
         assert set(after) == set(names)
         assert all(after[n] != before[n] for n in names)
-        assert fleet.epoch("g1") == start + 8
-        assert sorted(committers(fleet, "g1")[-8:]) == sorted(names)
+        # one proposal round and one commit carrying the other seven members' Updates
+        assert fleet.epoch("g1") == start + 1
         assert len({d.groups["g1"].epoch_authenticator for d in fleet.devices.values()}) == 1
+        # every member's self-update is recorded at the new epoch
+        with fleet.sessions() as s:
+            ages = {row.device_id: row.epoch for row in rows.leaf_rows(s, "g1")}
+        assert ages == dict.fromkeys(names, start + 1)
+
+
+def test_full_rekey_in_batches_with_a_straggler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of three: seven members' proposals need three commits at consecutive epochs; a
+    member that sends no proposal is asked for its own self-update afterwards, and one that
+    answers neither is named a straggler."""
+    monkeypatch.setattr(fullrekey, "BATCH", 3)
+    names = tuple(f"dev-{i}" for i in range(1, 10))
+    fleet = next(make_fleet(tmp_path, names, rekey_max_age=0, rekey_max_epochs=0))
+    create_g1(fleet)
+    before = leaf_keys(fleet, "g1")
+    start = fleet.epoch("g1")
+    fleet.devices["dev-9"].ignore_commit_requests = True
+    fleet.devices["dev-9"].ignore_proposal_requests = True
+    cid = fleet.command("op-alice", rekey("g1", full=True))
+    for _ in range(4):
+        fleet.tick(fleet.service.settings.commit_request_timeout + 1)
+    result = fleet.final(cid)
+    after = leaf_keys(fleet, "g1")
+    assert [n for n in names if after[n] == before[n]] == ["dev-9"]
+    # 7 proposals (8 answered, minus the committer's own) in batches of 3
+    assert fleet.epoch("g1") == start + 3
+    assert result.status is ResultStatus.FAILED
+    assert "[ds.rekey.straggler] dev-9" in result.detail
 
 
 def test_group_show_lists_the_oldest_leaf_first_and_names_the_straggler(fleet: Fleet) -> None:

@@ -19,6 +19,7 @@ from agent.protocol.wire.messages.group import (
     CommitRefused,
     GroupCreated,
     KeyPackageMessage,
+    UpdateProposal,
     UpdateRequest,
     WelcomeMessage,
 )
@@ -51,6 +52,7 @@ from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
     ReportRequest,
+    UpdateProposalRequest,
     WelcomeDelivery,
 )
 
@@ -106,6 +108,15 @@ SAMPLES: list[Body] = [
         command_id=CMD, group_id="g1", epoch=4, action=CommitAction.REMOVE, member="dev-3"
     ),
     CommitRequest(command_id=CMD, group_id="g1", epoch=4, action=CommitAction.UPDATE),
+    CommitRequest(
+        command_id=CMD,
+        group_id="g1",
+        epoch=4,
+        action=CommitAction.UPDATE,
+        updates=(b"\x83\x01" + bytes(100), b"\x83\x02" + bytes(100)),
+    ),
+    UpdateProposalRequest(command_id=CMD, group_id="g1", epoch=4),
+    UpdateProposal(command_id=CMD, group_id="g1", epoch=4, update=b"\x83\x01" + bytes(100)),
     ReportRequest(command_id=CMD),
     WelcomeDelivery(group_id="g1", epoch=5, welcome=b"welcome"),
     Rekey(command_id=CMD, group_id="g1"),
@@ -274,6 +285,48 @@ def test_body_is_not_a_map() -> None:
             ),
             "body.malformed",
         ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD,
+                group_id="g",
+                epoch=1,
+                action=CommitAction.REMOVE,
+                member="d",
+                updates=(b"u",),
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD, group_id="g", epoch=1, action=CommitAction.UPDATE, updates=()
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD,
+                group_id="g",
+                epoch=1,
+                action=CommitAction.UPDATE,
+                updates=(b"u",) * 1025,
+            ),
+            "body.bounds",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD,
+                group_id="g",
+                epoch=1,
+                action=CommitAction.UPDATE,
+                updates=(bytes(257),),
+            ),
+            "body.bounds",
+        ),
+        (lambda: UpdateProposal(command_id=CMD, group_id="g", epoch=1, update=b""), "body.bounds"),
+        (
+            lambda: UpdateProposal(command_id=CMD, group_id="g", epoch=1, update=bytes(257)),
+            "body.bounds",
+        ),
         (lambda: KeyStateReport(keys=(DEVID, DEVID)), "body.bounds"),
         (lambda: Propose(command_id=CMD, op="group.rekey", members=()), "body.bounds"),
         (lambda: Propose(command_id=CMD, op="group.add", members=("d",)), "body.malformed"),
@@ -364,6 +417,8 @@ def test_group_epoch_only_for_group_messages() -> None:
         "WelcomeDelivery",
         "UpdateRequest",
         "CommitRefused",
+        "UpdateProposalRequest",
+        "UpdateProposal",
     }
     commit = replace(SAMPLES[10])
     assert commit.group_epoch() == ("g1", 4)

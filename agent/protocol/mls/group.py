@@ -23,6 +23,14 @@ pure MLS tests and tools that build groups of their own: a caller that admits de
 agent) must pass its real checks to every call.
 The group keeps the Authorizations its tree's admission hashes refer to, so that a Welcome it
 makes can carry them.
+
+Update proposals (``propose_update``, ``commit(updates=...)``, ``process(proposed_leaf_keys=...)``)
+let one commit renew many members' leaf keys (a full rekey in a few commits instead of one per
+member; docs/treekem.md, "Who updates when").
+
+Why one module of this size (a little over 800 lines): a member's epoch is one immutable object
+whose every transition (create, join, commit, process, persist) touches the same private fields;
+the parts that need no secret live in ``agent.protocol.mls.public``.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from agent.protocol.mls.messages import (
     GroupInfo,
     GroupSecrets,
     KeyPackage,
+    Update,
     UpdatePath,
     UpdatePathNode,
     Welcome,
@@ -421,21 +430,26 @@ class Group:
         *,
         adds: Sequence[KeyPackage] = (),
         removes: Sequence[int] = (),
+        updates: Sequence[Update] = (),
         new_leaf_key: ec.EllipticCurvePrivateKey | None = None,
         rng: Rng = os.urandom,
         authz: bytes | None = None,
         leaf_check: LeafCheck = accept_any_leaf,
         commit_check: CommitCheck = accept_any_commit,
     ) -> CommitResult:
-        """A commit adding ``adds``, removing the members at leaf indices ``removes``, and
-        re-keying this member's whole filtered direct path (every commit carries an
-        UpdatePath). ``new_leaf_key``, if given, replaces this member's leaf key. ``authz`` is
+        """A commit applying other members' ``updates`` (their new leaf keys, from
+        ``propose_update``), adding ``adds``, removing the members at leaf indices ``removes``,
+        and re-keying this member's whole filtered direct path (every commit carries an
+        UpdatePath, whose path secrets then reach the updated members under their new keys
+        only). ``new_leaf_key``, if given, replaces this member's leaf key. ``authz`` is
         the Authorization for the change (carried in the commit; added leaves record its hash);
-        ``leaf_check`` runs on every added leaf and ``commit_check`` on the content before it is
-        signed, as receivers will run them."""
+        ``leaf_check`` runs on every added or updated leaf and ``commit_check`` on the content
+        before it is signed, as receivers will run them."""
         state = self._public
         me = self._own_leaf
-        tree, added = apply_proposals(state, me, removes, adds, authz=authz, leaf_check=leaf_check)
+        tree, added = apply_proposals(
+            state, me, removes, adds, authz=authz, leaf_check=leaf_check, updates=updates
+        )
         path = tuple(tree.filtered_direct_path(me))
         nodes = [x for x, _ in path]
         first = rng(NH)
@@ -488,6 +502,7 @@ class Group:
             adds=tuple(adds),
             path=UpdatePath(leaf_public, leaf_parent_hash, new_leaf.signature, tuple(path_nodes)),
             authz=authz,
+            updates=tuple(updates),
         )
         commit_check(content, state.tree)
         signature = sign_with_label(
@@ -562,6 +577,26 @@ class Group:
             authz=authz,
             leaf_check=leaf_check,
             commit_check=commit_check,
+        )
+
+    def propose_update(
+        self, signature_key: ec.EllipticCurvePrivateKey, new_leaf_key: ec.EllipticCurvePublicKey
+    ) -> Update:
+        """An Update proposal for this member's leaf: ``new_leaf_key`` (a new TPM leaf key)
+        replaces the leaf key once another member commits it. Keep the private key until the
+        commit carrying it is processed (``process(..., proposed_leaf_keys=...)``); drop it if
+        the next commits do not carry it. ``mls.signature-key`` if ``signature_key`` is not
+        this member's."""
+        old = self.tree.leaf(self._own_leaf)
+        assert old is not None
+        if serialize_public_key(signature_key.public_key()) != old.signature_key:
+            raise ProtocolError("mls.signature-key", "not this member's signature key")
+        return Update.create(
+            signature_key,
+            old,
+            new_leaf_key,
+            group_id=self.group_id,
+            leaf_index=self._own_leaf,
         )
 
     def update(
@@ -643,23 +678,49 @@ class Group:
         *,
         leaf_check: LeafCheck = accept_any_leaf,
         commit_check: CommitCheck = accept_any_commit,
+        proposed_leaf_keys: Sequence[ec.EllipticCurvePrivateKey] = (),
     ) -> Group:
-        """The next epoch after another member's ``commit``. Raises ``ProtocolError`` (and this
-        object is unchanged) for any public check (``agent.protocol.mls.public``, including the
-        hooks), and for: ``mls.own-commit`` (adopt ``CommitResult.group`` instead),
-        ``mls.removed`` (the commit removes us), ``mls.path.decrypt``, ``mls.path.mismatch``,
-        ``mls.confirmation-tag``."""
+        """The next epoch after another member's ``commit``. ``proposed_leaf_keys``: the
+        private keys of this member's Update proposals still pending; if the commit carries
+        one of them, it becomes the leaf key (one ``public_key()`` call per key to match it).
+        Raises ``ProtocolError`` (and this object is unchanged) for any public check
+        (``agent.protocol.mls.public``, including the hooks), and for: ``mls.own-commit``
+        (adopt ``CommitResult.group`` instead), ``mls.removed`` (the commit removes us),
+        ``mls.update.unknown-key`` (it commits an Update of ours whose key we do not hold),
+        ``mls.path.decrypt``, ``mls.path.mismatch``, ``mls.confirmation-tag``."""
         verified = verify_commit(
             self._public, commit, leaf_check=leaf_check, commit_check=commit_check
         )
-        return self._process_verified(verified)
+        return self._process_verified(verified, proposed_leaf_keys)
 
-    def _process_verified(self, verified: VerifiedCommit) -> Group:
+    def updated_leaf_key(
+        self, commit: Commit, proposed_leaf_keys: Sequence[ec.EllipticCurvePrivateKey]
+    ) -> ec.EllipticCurvePrivateKey | None:
+        """The key among ``proposed_leaf_keys`` that ``commit`` makes this member's leaf key
+        (it carries our Update), None if it carries none of ours; ``mls.update.unknown-key``
+        if it carries an Update for our leaf with a key we do not hold."""
+        ours = next((u for u in commit.content.updates if u.leaf_index == self._own_leaf), None)
+        if ours is None:
+            return None
+        for key in proposed_leaf_keys:
+            if serialize_public_key(key.public_key()) == ours.encryption_key:
+                return key
+        raise ProtocolError(
+            "mls.update.unknown-key", "the commit carries an Update of our leaf we did not make"
+        )
+
+    def _process_verified(
+        self,
+        verified: VerifiedCommit,
+        proposed_leaf_keys: Sequence[ec.EllipticCurvePrivateKey] = (),
+    ) -> Group:
         me = self._own_leaf
         if verified.sender == me:
             raise ProtocolError("mls.own-commit", "our own commit: use the group it returned")
         if me in verified.commit.content.removes:
             raise ProtocolError("mls.removed", "this commit removes us from the group")
+        new_leaf_key = self.updated_leaf_key(verified.commit, proposed_leaf_keys)
+        leaf_key = self._leaf_key if new_leaf_key is None else new_leaf_key
         own_node = tm.leaf_to_node(me)
         k = next(
             (k for k, (_, child) in enumerate(verified.path) if tm.is_in_subtree(own_node, child)),
@@ -667,7 +728,7 @@ class Group:
         )
         if k is None:
             raise ProtocolError("mls.path.position", "no copath node above our leaf")
-        key, j = self._decryption_key(verified.resolutions[k])
+        key, j = self._decryption_key(verified.resolutions[k], leaf_key)
         kem, ct = verified.commit.content.path.nodes[k].encrypted_path_secret[j]
         try:
             path_secret = decrypt_with_label(
@@ -692,20 +753,23 @@ class Group:
         return Group(
             public,
             me,
-            self._leaf_key,
+            leaf_key,
             node_keys,
             secrets,
             admissions=admissions,
             prune=bool(verified.commit.content.removes),
         )
 
-    def _decryption_key(self, resolution: Sequence[int]) -> tuple[ec.EllipticCurvePrivateKey, int]:
-        """The one key of ours the path secret was sealed to, and its position: our leaf if it
-        is in the resolution itself, else the parent above us whose private key we hold."""
+    def _decryption_key(
+        self, resolution: Sequence[int], leaf_key: ec.EllipticCurvePrivateKey
+    ) -> tuple[ec.EllipticCurvePrivateKey, int]:
+        """The one key of ours the path secret was sealed to, and its position: our leaf
+        (``leaf_key``: the new one if the commit carries our Update) if it is in the
+        resolution itself, else the parent above us whose private key we hold."""
         own_node = tm.leaf_to_node(self._own_leaf)
         for j, r in enumerate(resolution):
             if r == own_node:
-                return self._leaf_key, j
+                return leaf_key, j
             key = self._node_keys.get(r)
             if key is not None and tm.is_in_subtree(own_node, r):
                 return key, j

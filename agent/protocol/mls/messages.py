@@ -25,7 +25,7 @@ from agent.protocol.mls.crypto import (
     sign_with_label,
     verify_with_label,
 )
-from agent.protocol.mls.tree import SOURCE_KEY_PACKAGE, LeafNode, RatchetTree
+from agent.protocol.mls.tree import SOURCE_KEY_PACKAGE, SOURCE_UPDATE, LeafNode, RatchetTree
 
 KEY_PACKAGE_VERSION = 2
 """2: a one-time init key apart from the leaf key, and a lifetime (docs/wire.md)."""
@@ -39,6 +39,10 @@ MAX_KEY_PACKAGE_BYTES = 16 * 1024
 MAX_COMMIT_BYTES = 8 << 20
 MAX_WELCOME_BYTES = 32 << 20
 MAX_ADDS = 1024
+MAX_UPDATES = 1024
+"""Most members' updates one commit carries (each about 150 bytes on the wire: leaf index, new
+leaf key, leaf signature); the service batches fewer so a commit fits a wire message."""
+MAX_UPDATE_BYTES = 256
 HPKE_CT_LEN = NH + 16  # a path secret or joiner secret sealed with AES-128-GCM
 MAX_CT = 1024  # sealed GroupSecrets are a few dozen bytes
 
@@ -285,11 +289,81 @@ class UpdatePath:
 
 
 @dataclass(frozen=True)
+class Update:
+    """A member's Update proposal (RFC 9420 §12.1.2) in the only form keyfleet allows: a new
+    leaf HPKE key for the member at ``leaf_index``, nothing else. The member signs its whole
+    new leaf (source update, over the group id and its leaf index, like any leaf not from a
+    KeyPackage); device id, signature key and credential are those of the leaf in the tree,
+    so they cannot change and need not travel: a receiver rebuilds the leaf (``leaf``) and
+    checks the signature under the key already in the tree."""
+
+    leaf_index: int
+    encryption_key: bytes
+    signature: bytes
+
+    @classmethod
+    def create(
+        cls,
+        signature_key: ec.EllipticCurvePrivateKey,
+        old: LeafNode,
+        new_leaf_key: ec.EllipticCurvePublicKey,
+        *,
+        group_id: bytes,
+        leaf_index: int,
+    ) -> Update:
+        """The member at ``leaf_index`` (its leaf ``old``) proposes ``new_leaf_key``, signed
+        with its own ``signature_key`` (only ``sign``/``public_key`` are called on it)."""
+        leaf = LeafNode.signed(
+            signature_key,
+            device_id=old.device_id,
+            encryption_key=serialize_public_key(new_leaf_key),
+            credential=old.credential,
+            source=SOURCE_UPDATE,
+            group_id=group_id,
+            leaf_index=leaf_index,
+        )
+        return cls(leaf_index, leaf.encryption_key, leaf.signature)
+
+    def leaf(self, old: LeafNode) -> LeafNode:
+        """The new leaf, rebuilt from the member's current leaf ``old``."""
+        return LeafNode(
+            device_id=old.device_id,
+            signature_key=old.signature_key,
+            encryption_key=self.encryption_key,
+            credential=old.credential,
+            source=SOURCE_UPDATE,
+            parent_hash=b"",
+            signature=self.signature,
+        )
+
+    def to_obj(self) -> list[object]:
+        return [self.leaf_index, self.encryption_key, self.signature]
+
+    @classmethod
+    def from_obj(cls, value: object, what: str = "update") -> Update:
+        items = codec.as_list(value, what, 3, lambda v, w: v, min_len=3)
+        return cls(
+            codec.as_uint(items[0], f"{what}.leaf", codec.MAX_LEAVES - 1),
+            codec.as_point(items[1], f"{what}.enc"),
+            codec.as_bytes(items[2], f"{what}.lsig", 8, codec.MAX_SIGNATURE),
+        )
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Update:
+        return cls.from_obj(codec.decode(data, MAX_UPDATE_BYTES, "update"))
+
+
+@dataclass(frozen=True)
 class CommitContent:
     """What the committer signs: group, the epoch the commit applies to, its own leaf index,
-    the members it removes (leaf indices), the KeyPackages it adds, its UpdatePath, and the
+    the members it removes (leaf indices), the KeyPackages it adds, its UpdatePath, the
     Authorization for the change (opaque to MLS, checked by the caller's ``CommitCheck``; each
-    added leaf records SHA-256 of it as its admission)."""
+    added leaf records SHA-256 of it as its admission) and other members' Updates it commits
+    (applied first, RFC 9420 §12.3 order). The ``updates`` key is present only when there are
+    some, so a commit without any encodes as it always did."""
 
     group_id: bytes
     epoch: int
@@ -298,9 +372,10 @@ class CommitContent:
     adds: tuple[KeyPackage, ...]
     path: UpdatePath
     authz: bytes | None = None
+    updates: tuple[Update, ...] = ()
 
     def to_obj(self) -> dict[str, object]:
-        return {
+        obj: dict[str, object] = {
             "group": self.group_id,
             "epoch": self.epoch,
             "sender": self.sender,
@@ -309,13 +384,26 @@ class CommitContent:
             "path": self.path.to_obj(),
             "authz": self.authz,
         }
+        if self.updates:
+            obj["updates"] = [u.to_obj() for u in self.updates]
+        return obj
 
     @classmethod
     def from_obj(cls, value: object, what: str = "content") -> CommitContent:
         m = codec.as_map(
-            value, what, {"group", "epoch", "sender", "removes", "adds", "path", "authz"}
+            value,
+            what,
+            {"group", "epoch", "sender", "removes", "adds", "path", "authz"},
+            {"updates"},
         )
         leaf_index = codec.MAX_LEAVES - 1
+        updates: tuple[Update, ...] = ()
+        if "updates" in m:
+            updates = tuple(
+                codec.as_list(
+                    m["updates"], f"{what}.updates", MAX_UPDATES, Update.from_obj, min_len=1
+                )
+            )
         return cls(
             group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
             epoch=codec.as_uint(m["epoch"], f"{what}.epoch", (1 << 64) - 1),
@@ -333,6 +421,7 @@ class CommitContent:
             authz=None
             if m["authz"] is None
             else codec.as_bytes(m["authz"], f"{what}.authz", 1, MAX_AUTHORIZATION),
+            updates=updates,
         )
 
 

@@ -5,16 +5,17 @@ next epoch's public tree and transcript hashes; members (``agent.protocol.mls.gr
 and only then touch private keys, and the delivery service's ``PublicGroup`` advances with it.
 
 Checks, in order (each refusal is ``ProtocolError`` with this id, and changes nothing):
-``mls.group-id``, ``mls.epoch-stale`` / ``mls.epoch-future``, ``mls.sender`` (the committer
-is a member), ``mls.commit.signature`` (by the committer's signature key, over the content and
-the current GroupContext), the caller's ``CommitCheck`` (the agent's authorization check),
-``mls.remove.*`` / ``mls.add.*`` / ``mls.leaf.source`` / ``mls.leaf.signature`` /
-``mls.key-package.signature`` and the caller's ``LeafCheck`` on each added leaf (proposals
-valid), ``mls.path.length`` (one UpdatePath node per node of the committer's filtered direct
-path), ``mls.path.duplicate-key``, ``mls.parent-hash`` (the committer's new leaf carries the
-parent hash its path computes to), ``mls.leaf.signature`` and the ``LeafCheck`` on the
-committer's new leaf, ``mls.path.ciphertexts`` (one ciphertext per node of each copath
-resolution). Key encodings were checked by the decoder.
+``mls.group-id``, ``mls.epoch-stale`` / ``mls.epoch-future``, ``mls.sender`` (the committer is a
+member), ``mls.commit.signature`` (by the committer's signature key, over the content and the
+current GroupContext), the caller's ``CommitCheck`` (the agent's authorization check),
+``mls.update.*`` / ``mls.leaf.signature`` and the ``LeafCheck`` on each member's Update (applied
+first: see ``apply_proposals``), ``mls.remove.*`` / ``mls.add.*`` / ``mls.leaf.source`` /
+``mls.leaf.signature`` / ``mls.key-package.signature`` and the caller's ``LeafCheck`` on each
+added leaf (proposals valid), ``mls.path.length`` (one UpdatePath node per node of the
+committer's filtered direct path), ``mls.path.duplicate-key``, ``mls.parent-hash`` (the
+committer's new leaf carries the parent hash its path computes to), ``mls.leaf.signature`` and
+the ``LeafCheck`` on the committer's new leaf, ``mls.path.ciphertexts`` (one ciphertext per node
+of each copath resolution). Key encodings were checked by the decoder.
 
 The hooks keep MLS free of policy: ``LeafCheck`` decides whether a leaf's credential may be in
 the group (it binds certificate, signature key and device id), ``CommitCheck`` whether a commit's
@@ -37,7 +38,15 @@ from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
 from agent.protocol.mls.crypto import NH, hash_, verify_with_label
 from agent.protocol.mls.key_schedule import group_context_bytes
-from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, UpdatePath, Welcome
+from agent.protocol.mls.messages import (
+    MAX_UPDATES,
+    Commit,
+    CommitContent,
+    KeyPackage,
+    Update,
+    UpdatePath,
+    Welcome,
+)
 from agent.protocol.mls.parenthash import check_commit_leaf, set_path_parent_hashes, verify_tree
 from agent.protocol.mls.tree import NO_ADMISSION, SOURCE_COMMIT, LeafNode, RatchetTree
 
@@ -158,6 +167,62 @@ def interim_transcript_hash(confirmed: bytes, confirmation_tag: bytes) -> bytes:
     return hash_(confirmed + confirmation_tag)
 
 
+def apply_updates(
+    state: PublicState,
+    tree: RatchetTree,
+    sender: int,
+    updates: Sequence[Update],
+    removes: Sequence[int],
+    *,
+    leaf_check: LeafCheck,
+) -> None:
+    """Apply members' Updates to ``tree`` (a copy of ``state.tree``): each replaces its
+    member's leaf (rebuilt with the new key: device id, signature key and credential cannot
+    change) and blanks the member's direct path (RFC 9420 §12.1.2), so nothing above it keeps
+    a key the member's old leaf key could reach. Refuses ``mls.update.self`` (the committer
+    renews its own leaf through its UpdatePath), ``mls.update.duplicate`` (two for one leaf),
+    ``mls.update.removed`` (the commit also removes that leaf), ``mls.update.blank`` (no
+    member there), ``mls.update.duplicate-key`` (the new key is already in the tree or in
+    another Update), ``mls.leaf.signature`` (not signed by that member's own signature key),
+    and whatever ``leaf_check`` refuses."""
+    if len(updates) > MAX_UPDATES:
+        raise ProtocolError("mls.update.count", f"at most {MAX_UPDATES} updates per commit")
+    if not updates:
+        return
+    removed = set(removes)
+    seen: set[int] = set()
+    keys = {leaf.encryption_key for _, leaf in state.tree.members()}
+    keys.update(
+        parent.encryption_key
+        for x in range(1, 2 * state.tree.n_leaves - 1, 2)
+        if (parent := state.tree.parent_node(x)) is not None
+    )
+    for update in updates:
+        i = update.leaf_index
+        if i == sender:
+            raise ProtocolError(
+                "mls.update.self", "a committer renews its own leaf by its UpdatePath"
+            )
+        if i in seen:
+            raise ProtocolError("mls.update.duplicate", f"leaf {i} updated twice")
+        if i in removed:
+            raise ProtocolError("mls.update.removed", f"leaf {i} is both updated and removed")
+        old = tree.leaf(i)
+        if old is None:
+            raise ProtocolError("mls.update.blank", f"leaf {i} is not a member")
+        if update.encryption_key in keys:
+            raise ProtocolError(
+                "mls.update.duplicate-key", f"leaf {i}: the new leaf key is already in use"
+            )
+        leaf = update.leaf(old)
+        leaf.verify(state.group_id, i)
+        leaf_check(leaf)
+        seen.add(i)
+        keys.add(update.encryption_key)
+        tree._replace_leaf(i, leaf)
+        tree._blank_direct_path(i)
+
+
 def apply_proposals(
     state: PublicState,
     sender: int,
@@ -166,11 +231,14 @@ def apply_proposals(
     *,
     authz: bytes | None = None,
     leaf_check: LeafCheck = accept_any_leaf,
+    updates: Sequence[Update] = (),
 ) -> tuple[RatchetTree, tuple[int, ...]]:
-    """A copy of the tree with the removes, then the adds, applied (RFC 9420 §12.3 order), and
-    the leaf indices the joiners got; each added leaf records ``admission_hash(authz)``. Refuses
-    an invalid proposal or a leaf ``leaf_check`` refuses."""
+    """A copy of the tree with the updates (``apply_updates``), then the removes, then the
+    adds applied (RFC 9420 §12.3 order), and the leaf indices the joiners got; each added
+    leaf records ``admission_hash(authz)``. Refuses an invalid proposal or a leaf
+    ``leaf_check`` refuses."""
     tree = state.tree.copy()
+    apply_updates(state, tree, sender, updates, removes, leaf_check=leaf_check)
     seen: set[int] = set()
     for leaf_index in removes:
         if leaf_index == sender:
@@ -280,6 +348,11 @@ class VerifiedCommit:
         return self.commit.content.sender
 
     @property
+    def updated(self) -> tuple[int, ...]:
+        """The leaf indices of the members whose Updates the commit carries."""
+        return tuple(u.leaf_index for u in self.commit.content.updates)
+
+    @property
     def epoch(self) -> int:
         """The epoch this commit starts."""
         return self.commit.content.epoch + 1
@@ -336,6 +409,7 @@ def verify_commit(
         content.adds,
         authz=content.authz,
         leaf_check=leaf_check,
+        updates=content.updates,
     )
     path = tuple(tree.filtered_direct_path(content.sender))
     resolutions = copath_resolutions(tree, path, added)

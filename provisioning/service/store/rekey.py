@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from provisioning.db.runtime import LeafUpdateRow, RekeyPolicyRow
+from provisioning.db.runtime import LeafUpdateRow, RekeyPolicyRow, UpdateProposalRow
 from provisioning.db.schema import Group
 
 
@@ -86,3 +86,69 @@ def forget(session: Session, group_id: str, device_id: str) -> None:
             LeafUpdateRow.group_id == group_id, LeafUpdateRow.device_id == device_id
         )
     )
+
+
+# -- a full rekey's Update proposals (provisioning.service.fullrekey) ----------------------------
+
+
+def put_proposal(
+    session: Session,
+    request_id: bytes,
+    *,
+    group_id: str,
+    device_id: str,
+    epoch: int,
+    leaf_index: int,
+    proposal: bytes,
+    now: int,
+) -> None:
+    """Keep ``device_id``'s proposal for the job ``request_id`` (a repeated answer replaces
+    its earlier one: the device answers a repeated request with the same proposal)."""
+    row = session.get(UpdateProposalRow, (request_id.hex(), device_id))
+    if row is None:
+        session.add(
+            UpdateProposalRow(
+                request_id=request_id.hex(),
+                device_id=device_id,
+                group_id=group_id,
+                epoch=epoch,
+                leaf_index=leaf_index,
+                proposal=proposal,
+                requested_epoch=None,
+                received_at=now,
+            )
+        )
+    else:
+        row.epoch, row.leaf_index, row.proposal = epoch, leaf_index, proposal
+    session.flush()
+
+
+def proposals(session: Session, request_id: bytes) -> list[UpdateProposalRow]:
+    """The job's proposals not committed yet, by leaf index."""
+    return list(
+        session.scalars(
+            select(UpdateProposalRow)
+            .where(UpdateProposalRow.request_id == request_id.hex())
+            .order_by(UpdateProposalRow.leaf_index)
+        )
+    )
+
+
+def mark_requested(session: Session, request_id: bytes, devices: list[str], epoch: int) -> None:
+    """The commit request for ``epoch`` carries exactly these devices' proposals."""
+    for row in proposals(session, request_id):
+        row.requested_epoch = epoch if row.device_id in devices else None
+    session.flush()
+
+
+def requested(session: Session, request_id: bytes, epoch: int) -> list[bytes]:
+    """The proposals the commit request for ``epoch`` carries."""
+    return [p.proposal for p in proposals(session, request_id) if p.requested_epoch == epoch]
+
+
+def drop_proposals(session: Session, request_id: bytes, devices: list[str] | None = None) -> None:
+    """Forget the job's proposals of ``devices`` (committed, or its committer's own), or all."""
+    query = delete(UpdateProposalRow).where(UpdateProposalRow.request_id == request_id.hex())
+    if devices is not None:
+        query = query.where(UpdateProposalRow.device_id.in_(devices))
+    session.execute(query.execution_options(synchronize_session=False))

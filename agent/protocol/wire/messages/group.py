@@ -25,7 +25,9 @@ from agent.protocol.wire.messages.base import (
 )
 
 UPDATE_REASONS = frozenset({"max-epoch-age", "max-messages-per-epoch", "first-update-after-join"})
-REFUSAL_CHECKS = frozenset({"mls.path.decrypt", "mls.path.mismatch", "mls.confirmation-tag"})
+REFUSAL_CHECKS = frozenset(
+    {"mls.path.decrypt", "mls.path.mismatch", "mls.confirmation-tag", "mls.update.unknown-key"}
+)
 """What a member reports of an accepted commit it cannot process (``CommitRefused``): the
 commit's private part is wrong, which no public check sees."""
 COMMIT_HASH_SIZE = 32
@@ -134,6 +136,34 @@ class UpdateRequest(Body):
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
         check_choice(self.reason, "reason", UPDATE_REASONS)
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)
+
+
+MAX_UPDATE_BYTES = 256
+
+
+@dataclass(frozen=True)
+class UpdateProposal(Body):
+    """Member -> service, answering ``svc.update_proposal_request`` ``command_id``: this
+    member's Update for ``group_id`` at ``epoch`` (an encoded
+    ``agent.protocol.mls.messages.Update``: its leaf index, a new leaf key from its TPM, the
+    leaf signature by its DevID key). The service checks the signature against the group's
+    public tree and hands the Update to the member it asks to commit the batch."""
+
+    TYPE: ClassVar[str] = "group.update_proposal"
+
+    command_id: bytes
+    group_id: str
+    epoch: int
+    update: bytes
+
+    def __post_init__(self) -> None:
+        check_bytes(self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX)
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_bytes(self.update, "update", min_len=1, max_len=MAX_UPDATE_BYTES)
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)

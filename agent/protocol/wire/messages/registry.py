@@ -15,6 +15,7 @@ from agent.protocol.wire.messages.group import (
     CommitRefused,
     GroupCreated,
     KeyPackageMessage,
+    UpdateProposal,
     UpdateRequest,
     WelcomeMessage,
 )
@@ -40,6 +41,7 @@ from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
     ReportRequest,
+    UpdateProposalRequest,
     WelcomeDelivery,
 )
 
@@ -73,6 +75,8 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     RevocationFeed,
     AuditSync,
     AuditCheckpointResult,
+    UpdateProposalRequest,
+    UpdateProposal,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})

@@ -32,6 +32,10 @@ MAX_AUTHZ = 512 * 1024
 # The chain of signed quorum policies (each an Authorization of a policy document).
 MAX_POLICIES = 16
 MAX_POLICY_AUTHZ = 96 * 1024
+# Members' Update proposals one commit request carries (agent.protocol.mls.messages.Update:
+# about 150 bytes each); the service batches at most provisioning.service.fullrekey.BATCH.
+MAX_REQUEST_UPDATES = 1024
+MAX_UPDATE_BYTES = 256
 
 
 class CommitAction(StrEnum):
@@ -55,7 +59,10 @@ class CommitRequest(Body):
     through dual control; the committer checks it itself and puts it into the commit.
     ``policies``: the signed quorum policies the operators adopted, oldest first (each approved
     under the one before it); the committer verifies the chain and judges the change under the
-    newest, and passes the chain on in the commit so every member judges it the same way."""
+    newest, and passes the chain on in the commit so every member judges it the same way.
+    ``updates`` (action ``update`` only): other members' Update proposals
+    (``group.update_proposal``, each an encoded ``agent.protocol.mls.messages.Update``) the
+    receiver commits together with its own self-update (``keyfleet rekey --full``)."""
 
     TYPE: ClassVar[str] = "svc.commit_request"
     ENUMS: ClassVar = {"action": CommitAction}
@@ -68,12 +75,21 @@ class CommitRequest(Body):
     key_package: bytes | None = None
     authz: bytes | None = None
     policies: tuple[bytes, ...] = ()
+    updates: tuple[bytes, ...] | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
         check_enum(self.action, "action", CommitAction)
+        if self.updates is not None:
+            check_tuple(self.updates, "updates", max_len=MAX_REQUEST_UPDATES)
+            if not self.updates or self.action is not CommitAction.UPDATE:
+                raise ProtocolError(
+                    "body.malformed", "updates: only a non-empty list, only with action update"
+                )
+            for update in self.updates:
+                check_bytes(update, "updates[]", min_len=1, max_len=MAX_UPDATE_BYTES)
         if self.authz is not None:
             check_bytes(self.authz, "authz", min_len=1, max_len=MAX_AUTHZ)
         check_tuple(self.policies, "policies", max_len=MAX_POLICIES)
@@ -94,6 +110,27 @@ class CommitRequest(Body):
             check_bytes(self.key_package, "key_package", min_len=1)
         elif self.key_package is not None:
             raise ProtocolError("body.malformed", "remove carries no key package")
+
+    def group_epoch(self) -> tuple[str, int]:
+        return (self.group_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class UpdateProposalRequest(Body):
+    """Propose a new leaf key for ``group_id`` at ``epoch``: answer with a
+    ``group.update_proposal`` (a new TPM leaf key, its Update signed with the DevID key) that
+    another member will commit (``keyfleet rekey --full``)."""
+
+    TYPE: ClassVar[str] = "svc.update_proposal_request"
+
+    command_id: bytes
+    group_id: str
+    epoch: int
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)
