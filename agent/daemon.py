@@ -350,6 +350,7 @@ class Daemon:
         self._held: list[tuple[Outcome, ReceivedMessage | None]] = []
         self._retry: ReceivedMessage | None = None
         self._blocked_since: float | None = None
+        self._blocked_reasons: set[str] = set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -589,6 +590,9 @@ class Daemon:
         return bool(self._held) or self._retry is not None
 
     def _storage_failed(self, exc: StateError) -> None:
+        """Log the first failure of a blocked period, and once each later one with another
+        reason (e.g. a new leaf key blob after the state file: what the operator has to free)."""
+        reason = str(exc)
         if self._blocked_since is None:
             self._blocked_since = time.monotonic()
             log.error(
@@ -597,6 +601,9 @@ class Daemon:
                 exc,
                 TICK_SECONDS,
             )
+        elif reason not in self._blocked_reasons:
+            log.error("the agent's state still cannot be saved: %s", exc)
+        self._blocked_reasons.add(reason)
 
     def _resume(self) -> None:
         """After a failed state write: save again; if that works, publish what was held back
@@ -621,6 +628,7 @@ class Daemon:
                 time.monotonic() - self._blocked_since,
             )
             self._blocked_since = None
+            self._blocked_reasons.clear()
 
     def _apply(self, outcome: Outcome, message: ReceivedMessage | None = None) -> bool:
         """Persist (if changed), then publish. True when every publish was acknowledged. If the
