@@ -57,13 +57,12 @@ from agent.statefile import StateFile, StateRollback, peek
 from agent.tpm.blob import TPM2_CC_POLICY_PCR, KeyBlob
 from agent.tpm.nvcounter import (
     CounterMoved,
-    MeasurementsChanged,
     NVCounter,
     bound_counter,
     seal_bound,
     unseal_bound,
 )
-from agent.tpm.store import TPMStore
+from agent.tpm.store import MeasurementsChanged, TPMStore
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,12 @@ from agent.protocol.attest import pcr_digest
 from agent.protocol.errors import TPMError
 from agent.protocol.secret import Secret
 from agent.tpm.blob import PARENT_OWNER, TPM2_CC_POLICY_PCR, KeyBlob, PolicyCommand, pcr_policy
-from agent.tpm.store import MAX_SEALED_SIZE, TPMStore, _pcr_selection, _rc_base
+from agent.tpm.store import (
+    MAX_SEALED_SIZE,
+    TPMStore,
+    _pcr_selection,
+    _rc_base,
+)
 from agent.tpm.templates import sealed_template
 
 # Owner-defined NV range (0x01000000-0x013FFFFF); "KF" in the low bytes.
@@ -55,7 +60,6 @@ STATE_COUNTER_INDEX = 0x01004B46
 TPM2_CC_POLICY_NV = 0x00000149
 _RC_HANDLE = 0x08B  # TPM_RC_HANDLE: no such NV index (format 1, number stripped)
 _RC_POLICY = 0x126  # TPM_RC_POLICY: PolicyNV's comparison failed
-_RC_POLICY_FAIL = 0x09D  # TPM_RC_POLICY_FAIL: PolicyPCR's digest does not match at unseal
 _RC_NV_DEFINED = 0x14C  # TPM_RC_NV_DEFINED
 _COUNTER_ATTRIBUTES = (
     TPMA_NV.OWNERWRITE
@@ -69,10 +73,6 @@ _COUNTER_ATTRIBUTES = (
 
 class CounterMoved(TPMError):
     """The blob was sealed under another value of the state counter (PolicyNV refused it)."""
-
-
-class MeasurementsChanged(TPMError):
-    """The blob was sealed to other PCR values (PolicyPCR refused it)."""
 
 
 def is_missing(exc: TPMError) -> bool:
@@ -279,15 +279,4 @@ def unseal_bound(counter: NVCounter, blob: KeyBlob) -> Secret:
                         f"the TPM refuses: sealed under state counter {value}, which has moved",
                     ) from None
                 raise
-            try:
-                data = store._call("unseal", "unseal", obj, session1=session)
-            except TPMError as exc:
-                if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY_FAIL:
-                    raise MeasurementsChanged(
-                        "unseal",
-                        exc.rc,
-                        "policy check failed: the PCRs no longer hold the values the data "
-                        "was sealed to",
-                    ) from None
-                raise
-    return Secret(bytes(data))
+            return store._unseal_in(obj, session)

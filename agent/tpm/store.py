@@ -102,6 +102,10 @@ def is_persistent(handle: int) -> bool:
     return 0x81000000 <= handle <= 0x81FFFFFF
 
 
+class MeasurementsChanged(TPMError):
+    """The blob was sealed to other PCR values (PolicyPCR refused it)."""
+
+
 def _rc_base(rc: int) -> int:
     """A format-1 response code without its handle/parameter/session number (Part 2 §6.6)."""
     return 0x080 | (rc & 0x3F) if rc & 0x80 else rc
@@ -632,17 +636,22 @@ class TPMStore:
             ):
                 # empty pcrDigest: the TPM compares the live PCRs against the policy at unseal
                 self._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
-                try:
-                    data = self._call("unseal", "unseal", obj, session1=session)
-                except TPMError as exc:
-                    if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY_FAIL:
-                        raise TPMError(
-                            "unseal",
-                            exc.rc,
-                            "policy check failed: the PCRs no longer hold the values the data "
-                            "was sealed to",
-                        ) from None
-                    raise
+                return self._unseal_in(obj, session)
+
+    def _unseal_in(self, obj: ESYS_TR, session: ESYS_TR) -> Secret:
+        """Unseal ``obj`` in a policy session whose assertions ran; a PCR policy the live PCRs
+        no longer meet is ``MeasurementsChanged`` (also for ``agent.tpm.nvcounter``)."""
+        try:
+            data = self._call("unseal", "unseal", obj, session1=session)
+        except TPMError as exc:
+            if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY_FAIL:
+                raise MeasurementsChanged(
+                    "unseal",
+                    exc.rc,
+                    "policy check failed: the PCRs no longer hold the values the data "
+                    "was sealed to",
+                ) from None
+            raise
         return Secret(bytes(data))
 
     def _load_under(self, srk: ESYS_TR, public: TPM2B_PUBLIC, private: TPM2B_PRIVATE) -> ESYS_TR:

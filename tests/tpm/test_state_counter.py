@@ -11,12 +11,12 @@ from agent.protocol.secret import Secret
 from agent.tpm import TPMStore
 from agent.tpm.nvcounter import (
     CounterMoved,
-    MeasurementsChanged,
     NVCounter,
     bound_counter,
     seal_bound,
     unseal_bound,
 )
+from agent.tpm.store import MeasurementsChanged
 from tests.fixtures.swtpm import Swtpm
 
 pytestmark = pytest.mark.tpm
