@@ -199,20 +199,10 @@ def bound_counter(blob: KeyBlob) -> int:
 def _policy_digest(
     store: TPMStore, selection: TPML_PCR_SELECTION, nv: ESYS_TR, value: int
 ) -> bytes:
-    session = store._call(
-        "start-trial-session",
-        "start_auth_session",
-        ESYS_TR.NONE,
-        ESYS_TR.NONE,
-        TPM2_SE.TRIAL,
-        None,
-        TPM2_ALG.SHA256,
-    )
-    with store._transient(session):
+    with store._trial_session() as session:
         store._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
         store._call("policy-nv", "policy_nv", nv, nv, session, _nv_operand(value), TPM2_EO.EQ, 0)
-        digest = store._call("policy-digest", "policy_get_digest", session)
-    return bytes(digest)
+        return store._trial_digest(session)
 
 
 def seal_bound(counter: NVCounter, secret: Secret, pcrs: Sequence[int], value: int) -> KeyBlob:

@@ -563,7 +563,9 @@ class TPMStore:
             return  # ESYS already forgot it: the TPM closed it
         self._flush(session)
 
-    def _pcr_policy_digest(self, selection: TPML_PCR_SELECTION) -> bytes:
+    @contextlib.contextmanager
+    def _trial_session(self) -> Iterator[ESYS_TR]:
+        """A trial policy session (flushed after): run the assertions, then ``_trial_digest``."""
         session = self._call(
             "start-trial-session",
             "start_auth_session",
@@ -574,9 +576,15 @@ class TPMStore:
             TPM2_ALG.SHA256,
         )
         with self._transient(session):
+            yield session
+
+    def _trial_digest(self, session: ESYS_TR) -> bytes:
+        return bytes(self._call("policy-digest", "policy_get_digest", session))
+
+    def _pcr_policy_digest(self, selection: TPML_PCR_SELECTION) -> bytes:
+        with self._trial_session() as session:
             self._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
-            digest = self._call("policy-digest", "policy_get_digest", session)
-        return bytes(digest)
+            return self._trial_digest(session)
 
     def seal(self, secret: Secret | bytes, pcrs: Sequence[int] = (7,)) -> KeyBlob:
         """Seal up to 128 bytes to the current values of ``pcrs`` (sha256 bank). The data is sent
