@@ -25,7 +25,10 @@ checkable when the whole of it is in one place. The parts that are not state tra
 apart: the wire format and MLS in ``agent.protocol``, persistence in ``agent.statefile``, the
 key ledger in ``agent.protocol.lifecycle``, who may join or leave a group (credentials, TPM
 proofs, operator approvals) in ``agent.protocol.membership``, the revocation feed a device keeps
-in ``agent.protocol.feed``, the TPM in ``agent.tpm``.
+in ``agent.protocol.feed``, the TPM in ``agent.tpm``. A join's one-time init key, the first
+self-update after it and a full rekey's pending Update proposals are states of a group entry that
+the same messages move, so they are here too; their pure rules (KeyPackage lifetimes, when a
+fresh leaf is due) are in ``agent.protocol.initkeys``.
 """
 
 from __future__ import annotations
