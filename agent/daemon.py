@@ -242,8 +242,14 @@ class TpmKeys:
         if due and budget.available(now) and ring.rotate() is not None:
             budget.spend(now)
             fault("rotated")
-        in_use = {b.parent for b in self._blobs().values() if b is not None}
-        for handle in drained(ring.present(), in_use):
+        present = ring.present()
+        # only a parent other than the current one can be evicted: with none, no blob scan
+        in_use = (
+            {b.parent for b in self._blobs().values() if b is not None}
+            if len(present) > 1
+            else set()
+        )
+        for handle in drained(present, in_use):
             ring.evict(handle)
             log.info("rotating parent 0x%08x evicted: no key blob under it loads any more", handle)
             fault("evicted")
