@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import ConfigError, KeyfleetError
 from agent.protocol.wire.messages.operator import AttestDevice, GroupPolicy, Propose, Rekey
 from agent.version import add_version_option
-from provisioning import audit, audit_cli, pki, revocation
+from provisioning import audit, audit_cli, pki, releases_cli, revocation
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard
 from provisioning.db import migrations
@@ -77,6 +77,7 @@ from provisioning.operator import (
 )
 from provisioning.pki_cli import add_pki_commands
 from provisioning.registry import Registry, cert_fingerprint
+from provisioning.releases_cli import add_release_commands
 from provisioning.requests_cli import add_request_commands, run_direct, run_request_command
 from provisioning.service import rekeypolicy
 from provisioning.service.model import ServiceSettings
@@ -530,6 +531,23 @@ def _request_command(args: argparse.Namespace) -> int:
         return run_request_command(client, args)
 
 
+def _release_request(args: argparse.Namespace) -> int:
+    audit_cli.warn_if_stale(args)
+    with OperatorClient(_operator_settings(args)) as client:
+        return releases_cli.run_request(client, args)
+
+
+def _release_engine(args: argparse.Namespace) -> Engine:
+    """The database of ``keyfleet release`` on the service host, at the newest revision."""
+    engine = _existing_engine(_database_url(args))
+    try:
+        migrations.require_current(engine, how="--config/--db")
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
 def _read(args: argparse.Namespace, query: Callable[[Session], list[Row]]) -> list[Row]:
     engine = _existing_engine(_database_url(args))
     try:
@@ -840,6 +858,13 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     revoke.add_argument("--reason")
     _add_operator_options(revoke)
     add_request_commands(commands, _add_operator_options, _request_command)
+    add_release_commands(
+        commands,
+        operator_options=_add_operator_options,
+        database_options=_add_database_options,
+        operator_handler=_release_request,
+        engine_for=_release_engine,
+    )
 
     devices = _add_listing(
         commands.add_parser("devices", help="list devices (registry, on the service host)"),

@@ -44,6 +44,7 @@ from provisioning.operator import (
     Progress,
     follow,
 )
+from provisioning.releases import read_subject as release_subject
 
 # How long one request/answer exchange with the service may take.
 EXCHANGE_TIMEOUT = 30.0
@@ -63,6 +64,9 @@ def describe(request: authz.Request) -> list[str]:
     if request.policy is not None:
         policy = authz.QuorumPolicy.decode(request.policy)
         lines.append(f"  policy:   {json.dumps(policy_json(policy), sort_keys=True)}")
+    if request.subject is not None:
+        version, digest = release_subject(request.subject)
+        lines.append(f"  release:  {version} (manifest SHA-256 {digest.hex()})")
     lines += [f"  proposer: {request.by}", f"  expires:  {when}"]
     return lines
 
@@ -111,6 +115,8 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
         or request.group != asked.group_id
         or members != asked.members
         or request.policy != asked.policy
+        or (request.subject is None) != (asked.release is None)
+        or (request.subject is not None and release_subject(request.subject)[0] != asked.release)
         or request.by != operator
         or not request.nbf <= now + 60  # a little clock skew
         or request.exp < now
@@ -193,6 +199,9 @@ class RequestSession:
             if request.op == authz.OP_POLICY:
                 self.note(label, info, f"adopted: {info.detail}")
                 return EXIT_OK
+            if request.op in authz.SUBJECT_OPS:
+                self.note(label, info, f"done: {info.detail}")
+                return EXIT_OK
             progress = Progress(self.out, json_lines=self.json)
             return follow(
                 self.client, {command_id: label}, timeout=timeout, progress=progress, err=self.err
@@ -234,6 +243,7 @@ def request_json(info: RequestInfo) -> dict[str, object]:
         "policy": None
         if request.policy is None
         else policy_json(authz.QuorumPolicy.decode(request.policy)),
+        "release": None if request.subject is None else release_subject(request.subject)[0],
         "proposer": request.by,
         "not_before": request.nbf,
         "expires": request.exp,

@@ -8,7 +8,7 @@ signature by one operator whose certificate chains to the operator CA the device
 names the group. Devices check all of it themselves (docs/authorization.md), so the fleet
 service, which only relays these bytes, cannot invent or alter one.
 
-Why one module of this size (~830 lines): the formats, their strict decoders and the verifier
+Why one module of this size (~860 lines): the formats, their strict decoders and the verifier
 that judges them are one trust boundary; splitting the decoders from the checks that rely on
 their guarantees would make each half unreviewable alone.
 
@@ -17,6 +17,8 @@ suite, MLS suite 2: P-256, SHA-256):
 
 - Request ``{"v", "suite", "id": 16 bytes, "op", "group": str | null, "members": [{"id", "key":
   SHA-256 of the DevID public point}], "policy": QuorumPolicy bytes | null, "nbf", "exp", "by"}``
+  and, only for the service's release ops, ``"subject"``: the bytes naming exactly what is
+  approved (a request without one encodes as before, byte for byte)
 - Approval ``{"v", "cert": operator certificate DER, "sig": DER ECDSA-P256-SHA256 over
   APPROVAL_LABEL || SHA-256(request bytes)}``
 - Authorization ``{"v", "req": request bytes, "approvals": [Approval]}``
@@ -84,6 +86,12 @@ OP_POLICY = "policy"
 # The service's own op: a revoked device's TPM (its EK) may enroll once more. It names the
 # revoked device with its old DevID key; it authorizes no commit (``authz.scope``).
 OP_DEVICE_REENROLL = "device.reenroll"
+# The service's release ops (provisioning.service.releases): approve or revoke one firmware
+# release. Their ``subject`` binds the exact release (its version and manifest digest).
+OP_RELEASE_APPROVE = "release.approve"
+OP_RELEASE_REVOKE = "release.revoke"
+SUBJECT_OPS = frozenset({OP_RELEASE_APPROVE, OP_RELEASE_REVOKE})
+MAX_SUBJECT = 1024
 MEMBERSHIP_OPS = frozenset({OP_GROUP_CREATE, OP_GROUP_ADD, OP_GROUP_REMOVE, OP_DEVICE_REVOKE})
 DEVICE_OPS = MEMBERSHIP_OPS | {OP_POLICY}
 OPERATOR_PREFIX = "op-"
@@ -215,6 +223,7 @@ class Request:
     nbf: int
     exp: int
     by: str
+    subject: bytes | None = None
 
     def __post_init__(self) -> None:
         _bytes(self.id, "request.id", REQUEST_ID_SIZE, REQUEST_ID_SIZE)
@@ -242,9 +251,15 @@ class Request:
             raise _fail("request.group", f"op {self.op!r} names a group")
         if self.op in MEMBERSHIP_OPS and not self.members:
             raise _fail("request.members", f"op {self.op!r} names at least one member")
+        if self.op in SUBJECT_OPS:
+            _bytes(self.subject, "request.subject", 1, MAX_SUBJECT)
+            if self.group is not None or self.members:
+                raise _fail("request", f"op {self.op!r} names its subject, no group, no members")
+        elif self.subject is not None:
+            raise _fail("request.subject", f"op {self.op!r} carries no subject")
 
     def to_obj(self) -> dict[str, object]:
-        return {
+        obj: dict[str, object] = {
             "v": VERSION,
             "suite": SUITE,
             "id": self.id,
@@ -256,22 +271,33 @@ class Request:
             "exp": self.exp,
             "by": self.by,
         }
+        if self.subject is not None:
+            obj["subject"] = self.subject
+        return obj
 
     def encode(self) -> bytes:
         return codec.encode(self.to_obj())
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
-        obj = _versioned_map(
-            _decode_cbor(data, MAX_REQUEST, "request"), "request", _REQUEST_KEYS, suite=True
-        )
+        raw = _decode_cbor(data, MAX_REQUEST, "request")
+        # "subject" is present only when it has a value: one request, one encoding
+        subject = isinstance(raw, Mapping) and "subject" in raw
+        keys = _REQUEST_KEYS | {"subject"} if subject else _REQUEST_KEYS
+        obj = _versioned_map(raw, "request", keys, suite=True)
+        if subject and obj["subject"] is None:
+            raise _fail("request.subject", "expected bytes when present")
         members = []
         for i, item in enumerate(_list(obj["members"], "request.members", MAX_MEMBERS)):
             if not isinstance(item, Mapping) or set(item) != {"id", "key"}:
                 raise _fail(f"request.members[{i}]", "expected a map {id, key}")
             members.append(Member(item["id"], item["key"]))
         # the constructor checks every field's type and bounds
-        return cls(members=tuple(members), **{k: obj[k] for k in _REQUEST_FIELDS})  # type: ignore[arg-type]
+        return cls(
+            members=tuple(members),
+            subject=obj.get("subject"),  # type: ignore[arg-type]
+            **{k: obj[k] for k in _REQUEST_FIELDS},  # type: ignore[arg-type]
+        )
 
 
 _REQUEST_FIELDS = ("id", "op", "group", "policy", "nbf", "exp", "by")

@@ -4,10 +4,11 @@ Operator keys and replay state, command ids, attestation challenges and waits, t
 its per-group slot, operations in flight, held commit/welcome halves, task leases and the shared
 envelope sequence counter, dual-control requests and the adopted quorum policies, the
 revocation feed and how far each device follows it, the signed audit checkpoints, members'
-reports of commits they cannot process and each group's public state before its newest commit.
-Every rule several instances agree on is a row and a conditional UPDATE (whoever changes the
-row wins, the others see rowcount 0 and step back), never a leader and never an in-process
-lock. The queries over them live in ``provisioning.service.store``.
+reports of commits they cannot process, each group's public state before its newest commit, and
+the firmware releases with the fleet's release state. Every rule several instances agree on is
+a row and a conditional UPDATE (whoever changes the row wins, the others see rowcount 0 and step
+back), never a leader and never an in-process lock. The queries over them live in
+``provisioning.service.store``.
 """
 
 from __future__ import annotations
@@ -360,6 +361,62 @@ class UpdateProposalRow(ServiceBase):
     proposal: Mapped[bytes] = mapped_column(LargeBinary)
     requested_epoch: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     received_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class ReleaseRow(ServiceBase):
+    """A firmware release (``provisioning.service.releases``): ``manifest`` its canonical
+    manifest (JSON: version and components {name, version, pcr, sha256}), ``manifest_sha256``
+    its digest (hex), ``pcrs`` its expected PCR values (CBOR {pcr: value}, replayed from zero).
+    ``state``: proposed | approved | revoked | expired. ``approval``/``revocation``: the
+    Authorization bytes of the quorum request that approved/revoked it (``approval`` NULL and
+    ``source`` "import": imported at first start from ``[attestation] golden_measurements``),
+    with the quorum policy serial they were verified under. Readers verify them again: the row
+    alone grants nothing."""
+
+    __tablename__ = "service_releases"
+
+    version: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    manifest: Mapped[bytes] = mapped_column(LargeBinary)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    pcrs: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    source: Mapped[str] = mapped_column(String(16))
+    proposed_by: Mapped[str] = mapped_column(String(ID_LENGTH))
+    proposed_at: Mapped[int] = mapped_column(BigInteger)
+    approved_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    approved_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    approval: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    approval_serial: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    superseded_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    ended_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ended_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    revocation: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    revocation_serial: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ReleaseStateRow(ServiceBase):
+    """The fleet's release state, one row (id 1): ``seq`` grows on every change of the set of
+    approved releases (instances re-read the golden policy when it moved), ``generation`` on
+    every revocation or expiry; ``bundle`` the signed release bundle of that seq, if any."""
+
+    __tablename__ = "service_release_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    generation: Mapped[int] = mapped_column(BigInteger)
+    bundle: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class DeviceReleaseRow(ServiceBase):
+    """The release a device's latest trusted attestation matched (its quoted PCR values are the
+    release's expected ones); ``version`` NULL: it matched none of the approved releases."""
+
+    __tablename__ = "service_device_releases"
+
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    version: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    attested_at: Mapped[int] = mapped_column(BigInteger)
 
 
 def create_service_schema(engine: Engine) -> None:

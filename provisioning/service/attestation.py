@@ -46,7 +46,7 @@ from provisioning.registry import (
     Registry,
     key_state_items,
 )
-from provisioning.service import operators, store
+from provisioning.service import operators, releases, store
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     AttestVerdict,
@@ -72,7 +72,7 @@ def issue_challenge(cx: Call, session: Session, device_id: str, now: int) -> Att
         session,
         device_id,
         cx.env.rng(NONCE_SIZE),
-        settings.policy.pcrs,
+        releases.golden(cx, session).pcrs,
         now=now,
         ttl=settings.nonce_ttl,
         max_open=settings.max_open,
@@ -197,10 +197,12 @@ def on_attest_report(
             Evidence.from_report(body),
             ak_public=public_key_from_area(device.ak_public),
             challenge=challenge,
-            policy=settings.policy,
+            policy=releases.golden(cx, session),
         )
     except AttestationRefused as refused:
         verdict = refused.verdict
+    if verdict.trusted:
+        releases.record_device(cx, session, sender, verdict.pcr_values, now)
     registry.record_attestation(
         sender,
         AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED,

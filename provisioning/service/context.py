@@ -7,6 +7,8 @@ seeing another's, changes nothing that matters):
 
 - ``last_heard``: when a device was last heard from. ``devices.last_seen`` in the database is
   the shared truth (written with every accepted report); this only saves a read.
+- ``releases``: the golden policy built at one release-state seq; every use reads the seq
+  and rebuilds it when it moved.
 - ``catchup_sent``: which commit range was last replayed to a member for catch-up. Another
   instance may replay the same range once more, and a member drops commits it already has.
 """
@@ -31,7 +33,7 @@ from provisioning.metrics import ServiceMetrics
 from provisioning.registry import run_in_transaction
 from provisioning.revocation import RevocationSettings
 from provisioning.service.credentials import StoredDevices
-from provisioning.service.model import AttestationSettings, ServiceSettings
+from provisioning.service.model import AttestationSettings, ReleaseCache, ServiceSettings
 
 T = TypeVar("T")
 
@@ -90,6 +92,7 @@ class Env:
     revocation: RevocationSettings | None = None
     crl_checked_at: int = 0  # when ``tasks.crl_tick`` last compared the CRL file and database
     crl_write_at_ms: int | None = None  # a revocation's CRL goes to the file then (``WriteCrl``)
+    releases: ReleaseCache | None = None  # the golden policy at a release seq (``releases``)
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""

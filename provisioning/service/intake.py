@@ -36,6 +36,7 @@ from provisioning.service import (
     operations,
     operators,
     rekeypolicy,
+    releases,
     requests,
     rollback,
     store,
@@ -155,6 +156,7 @@ def ensure_started(cx: Call, now: int) -> None:
     if cx.env.started:
         return
     cx.env.started = True
+    releases.import_initial(cx, now)
 
     def pending_removals(session: Session) -> list[tuple[str, str]]:
         registry = Registry(session)

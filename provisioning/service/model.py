@@ -5,7 +5,7 @@ report). Plain data: the rows themselves are in ``provisioning.db.runtime`` and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
@@ -74,6 +74,17 @@ class AttestationSettings:
     quarantine: bool = False
     nonce_ttl: int = 300
     max_open: int = 4
+
+
+@dataclass(frozen=True)
+class ReleaseCache:
+    """The golden policy built from the approved releases at one release-state ``seq``
+    (``Env.releases``, ``provisioning.service.releases.golden``)."""
+
+    seq: int
+    policy: GoldenPolicy
+    # each approved release's version and expected PCR values, newest approval last
+    expected: tuple[tuple[str, Mapping[int, bytes]], ...] = ()
 
 
 class JobState(StrEnum):

@@ -52,7 +52,7 @@ from agent.protocol.wire.messages.result import (
 )
 from provisioning import audit, revocation
 from provisioning.registry import DeviceState, Outcome, Registry, Role
-from provisioning.service import credentials, feed, operators, store
+from provisioning.service import credentials, feed, operators, releases, store
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log, Send
 from provisioning.service.model import Job
@@ -69,7 +69,15 @@ OPERATION_TYPES = {
 }
 # Ops whose proposal and approval the service gives to admins only (a revocation was an admin
 # command before dual control; a policy change is an admin's per the authorization format).
-ADMIN_OPS = frozenset({authz.OP_DEVICE_REVOKE, authz.OP_DEVICE_REENROLL, authz.OP_POLICY})
+ADMIN_OPS = frozenset(
+    {
+        authz.OP_DEVICE_REVOKE,
+        authz.OP_DEVICE_REENROLL,
+        authz.OP_POLICY,
+        authz.OP_RELEASE_APPROVE,
+        authz.OP_RELEASE_REVOKE,
+    }
+)
 # What one ``op.list_requests`` answer holds at most (a service message is at most 256 KiB).
 LIST_BYTES = 160 * 1024
 
@@ -187,6 +195,7 @@ def check_request(
 def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: int) -> Effects:
     require_role(session, operator, body.op)
     registry = Registry(session)
+    subject: bytes | None = None
     if body.op == authz.OP_POLICY:
         assert body.policy is not None
         proposed = authz.QuorumPolicy.decode(body.policy)
@@ -197,6 +206,10 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
                 f"serial {proposed.serial} does not follow the current serial {current.serial}",
             )
         members: tuple[authz.Member, ...] = ()
+    elif body.op in authz.SUBJECT_OPS:
+        assert body.release is not None
+        subject = releases.request_subject(session, body.op, body.release)
+        members = ()
     else:
         check_request(cx, session, body.op, body.group_id, body.members)
         members = tuple(authz.Member.of(d, devid_point(cx, registry, d, now)) for d in body.members)
@@ -209,6 +222,7 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
         nbf=now,
         exp=now + cx.env.settings.request_ttl,
         by=operator,
+        subject=subject,
     )
     stored = StoredRequest(
         request_id=request.id,
@@ -236,6 +250,7 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
             "op": request.op,
             "group": request.group,
             "members": ",".join(body.members),
+            "release": body.release,
             "expires_at": request.exp,
         },
     )
@@ -362,6 +377,10 @@ def execute_request(
     verified = verifier(cx).verify(
         authorization_bytes, policy=policy, now=now, op=stored.op, group=stored.group_id
     )
+    if stored.op in authz.SUBJECT_OPS:
+        return execute_release(
+            cx, session, stored, verified, authorization_bytes, operator=operator, now=now
+        )
     try:
         check_request(cx, session, stored.op, stored.group_id, stored.members)
         registry = Registry(session)
@@ -432,6 +451,58 @@ def execute_request(
         authz=authorization_bytes,
         request_id=stored.request_id,
     )
+
+
+def execute_release(
+    cx: Call,
+    session: Session,
+    stored: StoredRequest,
+    verified: authz.VerifiedAuthorization,
+    authorization_bytes: bytes,
+    *,
+    operator: str,
+    now: int,
+) -> Effects:
+    """A release approval or revocation met the quorum: ``releases.execute`` records it. A
+    release no longer in the state the op needs ends the request ``refused``."""
+    try:
+        effects = releases.execute(
+            cx,
+            session,
+            verified,
+            authorization_bytes,
+            policy_serial=current_policy(cx, session).serial,
+            approvers=stored.approvers,
+            operator=operator,
+            now=now,
+        )
+    except ProtocolError as err:
+        stored.state = RequestState.REFUSED
+        stored.detail = f"[{err.check}] {err.reason}"
+        audit.append(
+            session,
+            now=now,
+            actor="service",
+            action="request.refuse",
+            target=stored.request_id.hex(),
+            outcome=Outcome.REFUSED,
+            reason=stored.detail,
+        )
+        return [
+            Log(logging.WARNING, "request %s refused: %s", (stored.request_id.hex(), stored.detail))
+        ]
+    stored.state = RequestState.EXECUTED
+    stored.detail = f"approved by {', '.join(stored.approvers)}; release state updated"
+    audit.append(
+        session,
+        now=now,
+        actor=f"operator:{operator}",
+        action="request.execute",
+        target=stored.request_id.hex(),
+        outcome=Outcome.ACCEPTED,
+        details={"op": stored.op, "approvers": ",".join(stored.approvers)},
+    )
+    return effects
 
 
 def plan(

@@ -39,8 +39,19 @@ MAX_APPROVAL = 16 * 1024
 MAX_POLICY = 64 * 1024
 # What a request may ask for (agent.protocol.authz op names); the members each op names.
 PROPOSABLE_OPS = frozenset(
-    {"group.create", "group.add", "group.remove", "device.revoke", "device.reenroll", "policy"}
+    {
+        "group.create",
+        "group.add",
+        "group.remove",
+        "device.revoke",
+        "device.reenroll",
+        "policy",
+        "release.approve",
+        "release.revoke",
+    }
 )
+# The ops that name one firmware release (``release``) and nothing else.
+RELEASE_OPS = frozenset({"release.approve", "release.revoke"})
 # The ops that name one device and no group.
 DEVICE_ONLY_OPS = frozenset({"device.revoke", "device.reenroll"})
 
@@ -160,7 +171,8 @@ class Propose(Body):
     founders, first first), ``group.add`` / ``group.remove`` (``group_id``, one member),
     ``device.revoke`` (one member, no group; ``reason`` the text recorded with the revocation),
     ``device.reenroll`` (one revoked member, no group: its TPM may enroll once more) or
-    ``policy`` (``policy``: the new QuorumPolicy's bytes, nothing else). The answer is the
+    ``policy`` (``policy``: the new QuorumPolicy's bytes, nothing else) or ``release.approve`` /
+    ``release.revoke`` (``release``: the release version, nothing else). The answer is the
     Request, unsigned; the proposer approves it with ``op.approve`` after checking it (the
     Request's bytes are the service's, with its random id, times and the members' key hashes,
     so no approval can travel with the proposal)."""
@@ -173,10 +185,18 @@ class Propose(Body):
     group_id: str | None = None
     policy: bytes | None = None
     reason: str | None = None
+    release: str | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_choice(self.op, "op", PROPOSABLE_OPS)
+        if self.op in RELEASE_OPS:
+            check_text(self.release, "release", min_len=1, max_len=64)
+            if self.members or self.group_id is not None or self.policy or self.reason:
+                raise ProtocolError("body.malformed", f"{self.op} names only the release")
+            return
+        if self.release is not None:
+            raise ProtocolError("body.malformed", f"{self.op} names no release")
         if self.reason is not None:
             check_text(self.reason, "reason", min_len=1)
             if self.op != "device.revoke":
