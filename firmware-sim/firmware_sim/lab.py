@@ -70,6 +70,7 @@ from agent.protocol.secret import Secret
 from agent.serial_link import SerialClient
 from agent.staterotation import read_state
 from agent.tpm.store import TPMStore
+from firmware_sim import release
 from firmware_sim.boot import default_components
 from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
 from firmware_sim.ports import free_port
@@ -1012,6 +1013,13 @@ online_window_seconds = {self.online_window}
         self._spawn(device, env=env, tamper=tamper)
         if wait:
             self.wait_agent(device)
+
+    def install(self, device: LabDevice, version: str, *, reboot: bool = True) -> None:
+        """Install firmware release ``version`` into ``device`` (``firmware_sim.release``) and,
+        with ``reboot``, power cycle it so that it boots and measures the new release."""
+        release.install(device.state_dir, version)
+        if reboot:
+            self.reboot(device)
 
     def stop_agent(self, device: LabDevice, *, kill: bool = False) -> None:
         """Stop only the agent (SIGTERM: it saves its state and disconnects, the broker keeps its
