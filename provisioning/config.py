@@ -47,6 +47,10 @@ Example (``docs/service.md`` describes every key):
     checkpoint_key = "pki/audit-checkpoint.key"
     checkpoint_interval_seconds = 300
 
+    [releases]
+    signing_key = "pkcs11:token=keyfleet;object=release-signing?pin-source=file:token.pin"
+    grace_days = 30
+
     [revocation]
     crl_file = "/var/lib/keyfleet/broker/crl.pem"
     broker_crls = ["pki/operator-ca.crl", "pki/tls-ca.crl"]
@@ -115,6 +119,7 @@ OPTIONAL_SECTIONS = frozenset(
         "dashboard",
         "metrics",
         "audit",
+        "releases",
     }
 )
 # Optional tables whose absence means "not served" rather than "defaults".
@@ -211,6 +216,17 @@ class RevocationConfig:
 
 
 @dataclass(frozen=True)
+class ReleasesConfig:
+    """[releases] (docs/operations.md, "Releases"). ``signing_key`` (a key reference, like
+    ``[service] signing_key``: a key of its own, whose public key devices get at enrollment)
+    signs the release bundle; absent, no bundle is published (a warning at start).
+    ``grace_days``: how long a release superseded by a newer approved one stays approved."""
+
+    signing_key: KeyRef | None = None
+    grace_days: int = 30
+
+
+@dataclass(frozen=True)
 class ServiceRuntimeConfig:
     """[service]: how ``keyfleet serve`` runs. ``signing_key`` (a key reference: ``pkcs11:`` URI
     or file) signs every service envelope; ``signing_cert`` is its certificate, which devices get
@@ -280,6 +296,7 @@ class ServiceConfig:
     quorum: QuorumConfig = field(default_factory=QuorumConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     revocation: RevocationConfig = field(default_factory=RevocationConfig)
+    releases: ReleasesConfig = field(default_factory=ReleasesConfig)
     metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
 
@@ -447,6 +464,10 @@ def _schema(base: Path) -> Table:
         "metrics": {
             "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED), required=True),
         },
+        "releases": {
+            "signing_key": Field(KeyReference(base=base)),
+            "grace_days": Field(Int(1, 3650, "days"), default=30),
+        },
         "audit": {
             "checkpoint_key": Field(KeyReference(base=base)),
             "checkpoint_interval_seconds": Field(seconds(10, 86400), default=300),
@@ -501,6 +522,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         groups=GroupsConfig(**sections["groups"]),
         quorum=QuorumConfig(**sections["quorum"]),
         audit=AuditConfig(**sections["audit"]),
+        releases=ReleasesConfig(**sections["releases"]),
         revocation=RevocationConfig(
             crl_file=sections["revocation"].get("crl_file"),
             broker_crls=tuple(sections["revocation"]["broker_crls"]),

@@ -93,6 +93,9 @@ class Env:
     crl_checked_at: int = 0  # when ``tasks.crl_tick`` last compared the CRL file and database
     crl_write_at_ms: int | None = None  # a revocation's CRL goes to the file then (``WriteCrl``)
     releases: ReleaseCache | None = None  # the golden policy at a release seq (``releases``)
+    # Signs the release bundle (``releases``, [releases] signing_key); None: none is published.
+    release_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
+    release_key_warned: bool = False
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""

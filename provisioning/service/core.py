@@ -47,7 +47,7 @@ from agent.protocol.hpke import Rng
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
 from provisioning.revocation import RevocationSettings
-from provisioning.service import attestation, execute, feed, intake, store, tasks
+from provisioning.service import attestation, execute, feed, intake, releases, store, tasks
 from provisioning.service.context import Call, Clock, Env
 from provisioning.service.credentials import StoredDevices
 from provisioning.service.model import (
@@ -92,6 +92,7 @@ class DeliveryService:
         metrics: ServiceMetrics | None = None,
         checkpoint_key: ec.EllipticCurvePrivateKey | None = None,
         revocation: RevocationSettings | None = None,
+        release_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         self._env = Env(
             sessions=sessions,
@@ -105,6 +106,7 @@ class DeliveryService:
             rng=rng,
             checkpoint_key=checkpoint_key,
             revocation=revocation,
+            release_key=release_key,
         )
 
     @property
@@ -168,6 +170,14 @@ class DeliveryService:
         """The revocation feed's signed head to publish retained (``feed``), none if empty."""
         cx = Call(self._env, Clock.reading(now))
         execute.run(cx, self._env.read(lambda s: feed.publish_head(s, now=now)))
+        return intake.sign(cx)
+
+    def release_bundle(self, now: int) -> list[Publish]:
+        """The signed release bundle to publish retained (``releases``): the stored one, or one
+        signed now if the release state has none yet; none without a release key."""
+        cx = Call(self._env, Clock.reading(now))
+        intake.ensure_started(cx, now)
+        execute.run(cx, self._env.tx(lambda s: releases.current_bundle(cx, s, now)))
         return intake.sign(cx)
 
     def ensure_crl(self, now: int) -> None:

@@ -33,6 +33,7 @@ from provisioning.service import acks as acks_flow
 from provisioning.service import (
     checkpoints,
     devices,
+    execute,
     operations,
     operators,
     rekeypolicy,
@@ -60,6 +61,7 @@ def tick(cx: Call, now: int) -> None:
     jobs_flow.tick_jobs(cx, now)
     operations.tick_operations(cx, now)
     requests.expire_tick(cx, now)
+    execute.run(cx, releases.expire_tick(cx, now))
     tasks.attest_tick(cx, now)
     tasks.prune_tick(cx, now)
     checkpoints.checkpoint_tick(cx, now)

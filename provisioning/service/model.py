@@ -61,6 +61,8 @@ class ServiceSettings:
     recovery_wait: int = 10
     rekey_max_age: int = 7 * 86_400
     rekey_max_epochs: int = 100
+    # [releases] grace_days: a release superseded by a newer approved one expires this much later
+    release_grace: int = 30 * 86_400
 
 
 @dataclass(frozen=True)

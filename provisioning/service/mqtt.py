@@ -37,8 +37,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.mqtt import MqttClient
-from agent.protocol.errors import KeyfleetError
-from agent.protocol.topics import OPS_SUBSCRIPTION, REPORT_SUBSCRIPTION, REVOCATION_FEED_TOPIC
+from agent.protocol.errors import ConfigError, KeyfleetError
+from agent.protocol.topics import (
+    OPS_SUBSCRIPTION,
+    RELEASES_TOPIC,
+    REPORT_SUBSCRIPTION,
+    REVOCATION_FEED_TOPIC,
+)
 from agent.protocol.wire.cose import key_id
 from provisioning import custody, pki, revocation
 from provisioning.config import InvalidConfig, ServiceConfig
@@ -57,6 +62,9 @@ from provisioning.service.core import (
 )
 
 log = logging.getLogger("keyfleet.service")
+
+# Published retained: every device, connected now or later, reads the newest.
+RETAINED = frozenset({REVOCATION_FEED_TOPIC, RELEASES_TOPIC})
 
 TICK_SECONDS = 1.0
 POLL_SECONDS = 0.2
@@ -79,6 +87,7 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         member_updates=config.groups.member_updates,
         member_update_min_interval=config.groups.member_update_min_interval_seconds,
         recovery_wait=config.groups.recovery_wait_seconds,
+        release_grace=config.releases.grace_days * 86_400,
     )
 
 
@@ -103,6 +112,25 @@ def load_checkpoint_key(
         if isinstance(public, ec.EllipticCurvePublicKey):
             others.append((name, public))
     checkpoints.require_distinct(key, others)
+    return key
+
+
+def load_release_key(
+    config: ServiceConfig, signing_key: ec.EllipticCurvePublicKey
+) -> ec.EllipticCurvePrivateKey | None:
+    """``[releases] signing_key`` (None when not configured: no bundle is published), refused
+    when it is the service's signing key: devices trust it for their sealed state, a key of its
+    own keeps a service-signing compromise from approving firmware."""
+    ref = config.releases.signing_key
+    if ref is None:
+        log.warning("keyfleet serve: no [releases] signing_key: no release bundle is published")
+        return None
+    key = custody.load_private_key(ref, role="release signing")
+    if key_id(key.public_key()) == key_id(signing_key):
+        raise ConfigError(
+            "[releases] signing_key is the service signing key: release policies must be "
+            'signed by a key of their own (release.key-reuse; docs/operations.md, "Releases")'
+        )
     return key
 
 
@@ -152,6 +180,7 @@ class ServiceRunner:
         operator_ca = pki.cert_from_pem(config.operator_ca_cert.read_bytes())
         self.revocation = revocation.settings_from_config(config)
         checkpoint_key = load_checkpoint_key(config, signing_key.public_key())
+        release_key = load_release_key(config, signing_key.public_key())
         self.service = DeliveryService(
             session_factory(self._engine),
             signing_key=signing_key,
@@ -163,6 +192,7 @@ class ServiceRunner:
             metrics=self.metrics,
             checkpoint_key=checkpoint_key,
             revocation=self.revocation,
+            release_key=release_key,
         )
         # The broker's crlfile must exist before the broker starts (and hold a current CRL):
         # issue the first one now if there is none, and bring the file up to date.
@@ -201,14 +231,10 @@ class ServiceRunner:
         one connection): a round trip per batch instead of per message. The revocation feed's
         head is published retained (every device, now or later connected, reads the newest)."""
         self.client.publish_all(
-            [
-                (item.topic, item.payload)
-                for item in publishes
-                if item.topic != REVOCATION_FEED_TOPIC
-            ]
+            [(item.topic, item.payload) for item in publishes if item.topic not in RETAINED]
         )
         for item in publishes:
-            if item.topic == REVOCATION_FEED_TOPIC:
+            if item.topic in RETAINED:
                 self.client.publish(item.topic, item.payload, retain=True)
 
     def run(self, stop: threading.Event) -> None:
@@ -220,8 +246,10 @@ class ServiceRunner:
             self.client.connect()
             self.client.subscribe(REPORT_SUBSCRIPTION)
             self.client.subscribe(OPS_SUBSCRIPTION)
-            # the retained feed head again (a broker that lost it, or a restored database)
+            # the retained feed head and release bundle again (a broker that lost them, or a
+            # restored database)
             self._publish(self.service.feed_head(int(self._clock())))
+            self._publish(self.service.release_bundle(int(self._clock())))
             log.info("keyfleet serve: ready (subscribed to device reports and operator commands)")
             last_tick = 0.0
             while not stop.is_set():

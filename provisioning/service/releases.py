@@ -31,12 +31,15 @@ from sqlalchemy.orm import Session
 
 from agent.protocol import authz
 from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.release import sign_bundle
+from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC
+from agent.protocol.wire.messages.release import ReleaseBundleMessage
 from provisioning import audit
 from provisioning import releases as model
 from provisioning.policy import GoldenPolicy
 from provisioning.registry import Outcome
 from provisioning.service.context import Call, Env
-from provisioning.service.effects import Effects, Log
+from provisioning.service.effects import Effects, Log, Send
 from provisioning.service.model import ReleaseCache
 from provisioning.service.store import quorum
 from provisioning.service.store import releases as rows
@@ -140,6 +143,8 @@ def execute(
         stored.ended_by, stored.ended_at = who, now
         action = "release.revoke"
     rows.save_release(session, stored)
+    if action == "release.approve":
+        supersede(session, stored.version, now)
     state = rows.advance(session, bump_generation=action == "release.revoke", now=now)
     audit.append(
         session,
@@ -155,7 +160,122 @@ def execute(
             "generation": state.generation,
         },
     )
-    return [Log(logging.INFO, "%s of release %s by %s", (action, version, who))]
+    return [
+        Log(logging.INFO, "%s of release %s by %s", (action, version, who)),
+        *publish(cx, session, now),
+    ]
+
+
+def supersede(session: Session, version: str, now: int) -> None:
+    """The releases approved before ``version`` are superseded now: their grace starts."""
+    for older in rows.releases_in(session, ReleaseState.APPROVED):
+        if older.version != version and older.superseded_at is None:
+            older.superseded_at = now
+            rows.save_release(session, older)
+
+
+def expire_tick(cx: Call, now: int) -> Effects:
+    """Superseded releases past the grace expire: one generation bump for all of them, the
+    bundle re-signed (one ``release.expire`` entry each)."""
+    cutoff = now - cx.env.settings.release_grace
+
+    def due(session: Session) -> list[StoredRelease]:
+        return [
+            r
+            for r in rows.releases_in(session, ReleaseState.APPROVED)
+            if r.superseded_at is not None and r.superseded_at <= cutoff
+        ]
+
+    def work(session: Session) -> Effects:
+        expired = due(session)
+        if not expired:
+            return []
+        for stored in expired:
+            stored.state, stored.ended_by, stored.ended_at = ReleaseState.EXPIRED, "grace", now
+            rows.save_release(session, stored)
+        state = rows.advance(session, bump_generation=True, now=now)
+        for stored in expired:
+            audit.append(
+                session,
+                now=now,
+                actor="service",
+                action="release.expire",
+                target=stored.version,
+                outcome=Outcome.ACCEPTED,
+                details={
+                    "superseded_at": stored.superseded_at,
+                    "seq": state.seq,
+                    "generation": state.generation,
+                },
+            )
+        names = ", ".join(s.version for s in expired)
+        return [Log(logging.INFO, "releases %s expired", (names,)), *publish(cx, session, now)]
+
+    return cx.env.tx(work) if cx.env.read(lambda s: bool(due(s))) else []
+
+
+# -- the signed bundle --------------------------------------------------------------------------
+
+
+def publish(cx: Call, session: Session, now: int) -> Effects:
+    """Sign the bundle of the release state as it now is (verified approved releases only),
+    store it and publish it retained; nothing without ``[releases] signing_key``."""
+    env = cx.env
+    if env.release_key is None:
+        if not env.release_key_warned:
+            env.release_key_warned = True
+            return [
+                Log(
+                    logging.WARNING,
+                    "no [releases] signing_key: the release bundle is not published",
+                    (),
+                )
+            ]
+        return []
+    state = rows.release_state(session)
+    good, refused = verified_approved(env, session)
+    effects: Effects = [
+        Log(logging.ERROR, "release refused: [%s] %s", (exc.check, exc.reason)) for exc in refused
+    ]
+    ended = [
+        r.version
+        for r in rows.all_releases(session)
+        if r.state in (ReleaseState.REVOKED, ReleaseState.EXPIRED)
+    ]
+    bundle = sign_bundle(
+        seq=state.seq,
+        generation=state.generation,
+        time=now,
+        releases=[(s.version, model.expected_pcrs(m)) for s, m in good],
+        revoked=ended,
+        key=env.release_key,
+    )
+    rows.store_bundle(session, state.seq, bundle)
+    audit.append(
+        session,
+        now=now,
+        actor="service",
+        action="release.bundle",
+        target=str(state.seq),
+        outcome=Outcome.ACCEPTED,
+        details={
+            "generation": state.generation,
+            "releases": ",".join(s.version for s, _ in good),
+            "revoked": ",".join(ended),
+        },
+    )
+    return [*effects, Send(RELEASES_TOPIC, ReleaseBundleMessage(bundle), FEED_RECIPIENT)]
+
+
+def current_bundle(cx: Call, session: Session, now: int) -> Effects:
+    """What to publish retained at start: the stored bundle, or one signed now (the release
+    state has none yet: the first start after the import, or the key was just configured)."""
+    state = rows.release_state(session)
+    if state.bundle is not None:
+        return [Send(RELEASES_TOPIC, ReleaseBundleMessage(state.bundle), FEED_RECIPIENT)]
+    if state.seq == 0:
+        return []
+    return publish(cx, session, now)
 
 
 # -- verification of stored rows ---------------------------------------------------------------

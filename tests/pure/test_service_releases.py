@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import update
 
 from agent.protocol import authz
 from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.release import ReleaseBundle, check_newer, open_bundle
+from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC
+from agent.protocol.wire.envelope import open_message
 from agent.protocol.wire.messages.operator import Propose
 from agent.protocol.wire.messages.result import RequestInfo, RequestState
 from firmware_sim.boot import default_components
 from provisioning import releases as model
-from provisioning.db.runtime import ReleaseRow
+from provisioning.db.runtime import ReleaseRow, ReleaseStateRow
 from provisioning.policy import GoldenPolicy, policy_from_components
 from provisioning.service import releases
 from provisioning.service.context import Call, Clock
@@ -36,6 +41,7 @@ from tests.service_members import command_id
 pytestmark = pytest.mark.pure
 
 GOOD = default_components("1.0")
+GRACE = 3600
 NEXT = default_components("1.1")
 
 
@@ -49,7 +55,12 @@ def manifest_of(version: str) -> model.Manifest:
     )
 
 
-def instance(fleet: Fleet, name: str) -> DeliveryService:
+RELEASE_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def instance(
+    fleet: Fleet, name: str, *, release_key: ec.EllipticCurvePrivateKey | None = RELEASE_KEY
+) -> DeliveryService:
     """Another service instance on the fleet's database (nothing shared but the database)."""
     old = fleet.service
     return DeliveryService(
@@ -57,9 +68,10 @@ def instance(fleet: Fleet, name: str) -> DeliveryService:
         signing_key=old._env.key,
         operator_ca=old._env.operator_ca,
         device_ca=old._env.devices.device_ca,
-        settings=old.settings,
+        settings=replace(old.settings, release_grace=GRACE),
         attestation=AttestationSettings(policy=policy_from_components(GOOD), interval=600),
         instance=name,
+        release_key=release_key,
     )
 
 
@@ -347,3 +359,82 @@ def test_a_digest_flipped_under_an_approval_is_detected(fleet: Fleet) -> None:
     refused_checks = refused_on_fresh_instance(fleet)
     assert [r.check for r in refused_checks] == ["release.stored", "release.stored"]
     assert dict(golden(fleet, instance(fleet, "3")).components) == {}
+
+
+# -- the signed bundle, grace and expiry -----------------------------------------------------
+
+
+def bundle(fleet: Fleet, service: DeliveryService | None = None) -> ReleaseBundle:
+    """The bundle the service publishes retained (its envelope opened as a device opens it)."""
+    (publish,) = (service or fleet.service).release_bundle(fleet.now)
+    assert publish.topic == RELEASES_TOPIC
+    message = open_message(
+        publish.payload, fleet._service_signer, now=fleet.now, recipients={FEED_RECIPIENT}
+    )
+    return open_bundle(message.body.bundle, RELEASE_KEY.public_key())  # type: ignore[attr-defined]
+
+
+def test_approval_and_revocation_publish_a_bundle_signed_for_the_generation(
+    fleet: Fleet,
+) -> None:
+    first = bundle(fleet)  # signed at start from the imported release
+    assert (first.seq, first.generation, [r.version for r in first.releases]) == (1, 0, ["1.0"])
+    add(fleet, "1.1")
+    approve_by_two(fleet, authz.OP_RELEASE_APPROVE, "1.1")
+    second = bundle(fleet)
+    assert (second.seq, second.generation) == (2, 0)
+    entry = second.version("1.1")
+    assert entry is not None and entry.pcrs == tuple(sorted({c.pcr for c in NEXT}))
+    check_newer(first, second)
+
+    approve_by_two(fleet, authz.OP_RELEASE_REVOKE, "1.0")
+    third = bundle(fleet)
+    assert (third.seq, third.generation) == (3, 1)
+    assert [r.version for r in third.releases] == ["1.1"] and third.revoked == ("1.0",)
+    # the still-approved release is signed again for the new generation (open_bundle checked
+    # every entry's signature against ref(1)); its old policy was for ref(0)
+    assert third.version("1.1") != entry
+    check_newer(second, third)
+    with pytest.raises(ProtocolError) as stale:
+        check_newer(third, second)
+    assert stale.value.check == "release.stale"
+    actions = [e.action for e in fleet.audit_entries()]
+    assert actions.count("release.bundle") == 3
+
+
+def test_a_superseded_release_expires_after_the_grace(fleet: Fleet) -> None:
+    add(fleet, "1.1")
+    approve_by_two(fleet, authz.OP_RELEASE_APPROVE, "1.1")
+    assert stored(fleet, "1.0").superseded_at == fleet.now
+    fleet.tick(GRACE - 10)
+    assert stored(fleet, "1.0").state is ReleaseState.APPROVED
+    fleet.tick(20)
+    expired = stored(fleet, "1.0")
+    assert expired.state is ReleaseState.EXPIRED and expired.ended_by == "grace"
+    assert kernel_versions(golden(fleet)) == ("1.1",)
+    latest = bundle(fleet)
+    assert latest.generation == 1 and latest.revoked == ("1.0",)
+    assert [r.version for r in latest.releases] == ["1.1"]
+    entry = next(e for e in fleet.audit_entries() if e.action == "release.expire")
+    assert entry.target == "1.0" and entry.actor == "service"
+    # another instance ticking later expires nothing twice
+    instance(fleet, "2").tick(fleet.now + 5)
+    assert [e.action for e in fleet.audit_entries()].count("release.expire") == 1
+
+
+def test_a_tampered_row_never_reaches_the_bundle(fleet: Fleet) -> None:
+    add(fleet, "1.2")
+    with fleet.sessions.begin() as session:
+        session.execute(
+            update(ReleaseRow).where(ReleaseRow.version == "1.2").values(state="approved")
+        )
+    add(fleet, "1.1")
+    approve_by_two(fleet, authz.OP_RELEASE_APPROVE, "1.1")
+    assert [r.version for r in bundle(fleet).releases] == ["1.0", "1.1"]
+
+
+def test_without_a_release_key_no_bundle_is_published(fleet: Fleet) -> None:
+    keyless = instance(fleet, "keyless", release_key=None)
+    with fleet.sessions.begin() as session:
+        session.execute(update(ReleaseStateRow).values(bundle=None))
+    assert keyless.release_bundle(fleet.now) == []
