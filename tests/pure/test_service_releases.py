@@ -2,9 +2,10 @@
 release, the golden policy read from the database by every instance, and rows a database writer
 tampered with (provisioning/releases.py, provisioning/service/releases.py).
 
-The fleet is test_service_core's (a real SQLite file, operators with certificates from a real
-operator CA; approvals signed with agent.protocol.authz as the CLI signs them), with
-``min_approvals = 2`` and attestation configured with release 1.0 as the golden measurements.
+The fleet is test_service_core's, on a real SQLite file and on a real PostgreSQL database, with
+operators holding certificates from a real operator CA (approvals signed with
+agent.protocol.authz as the CLI signs them), ``min_approvals = 2`` and attestation configured
+with release 1.0 as the golden measurements.
 """
 
 from __future__ import annotations
@@ -75,9 +76,13 @@ def instance(
     )
 
 
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+
+
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    for made in make_fleet(tmp_path, ("dev-1",), min_approvals=2, request_ttl=600):
+def fleet(tmp_path: Path, database_url: str) -> Iterator[Fleet]:
+    url = None if database_url.startswith("sqlite") else database_url
+    for made in make_fleet(tmp_path, ("dev-1",), url=url, min_approvals=2, request_ttl=600):
         made.service = instance(made, "1")
         add_operator(made, "op-bob", "admin")
         made.tick(1)  # first start: the configured golden measurements are imported
