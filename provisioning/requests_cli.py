@@ -365,7 +365,11 @@ def run_requests(client: OperatorClient, args: argparse.Namespace) -> int:
         )
         approvers = [str(a) for a in row["approvers"]]  # type: ignore[attr-defined]
         members = [str(m) for m in row["members"]]  # type: ignore[attr-defined]
-        target = " ".join(([str(row["group"])] if row["group"] else []) + members)
+        target = " ".join(
+            ([str(row["group"])] if row["group"] else [])
+            + members
+            + ([f"release {row['release']}"] if row["release"] else [])
+        )
         print(
             f"{row['request_id']}  {row['op']:<13} {target:<30} by {row['proposer']:<12} "
             f"{len(approvers)}/{row['required']} approvals"
