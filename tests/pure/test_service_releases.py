@@ -443,3 +443,23 @@ def test_without_a_release_key_no_bundle_is_published(fleet: Fleet) -> None:
     with fleet.sessions.begin() as session:
         session.execute(update(ReleaseStateRow).values(bundle=None))
     assert keyless.release_bundle(fleet.now) == []
+
+
+def test_the_cli_signs_only_the_release_it_asked_for() -> None:
+    from provisioning.requests_cli import check_proposed, describe
+
+    asked = Propose(command_id(), authz.OP_RELEASE_APPROVE, (), release="1.1")
+    digest = manifest_of("1.1").sha256
+
+    def request(version: str, op: str = authz.OP_RELEASE_APPROVE) -> authz.Request:
+        return authz.Request(
+            id=bytes(16), op=op, group=None, members=(), policy=None, nbf=100, exp=700,
+            by="op-admin", subject=model.subject(version, digest),
+        )  # fmt: skip
+
+    check_proposed(request("1.1"), asked, "op-admin", 100)
+    assert f"  release:  1.1 (manifest SHA-256 {digest.hex()})" in describe(request("1.1"))
+    for wrong in (request("1.2"), request("1.1", authz.OP_RELEASE_REVOKE)):
+        with pytest.raises(ProtocolError) as caught:
+            check_proposed(wrong, asked, "op-admin", 100)
+        assert caught.value.check == "quorum.mismatch"
