@@ -180,11 +180,10 @@ def expire_tick(cx: Call, now: int) -> Effects:
     cutoff = now - cx.env.settings.release_grace
 
     def due(session: Session) -> list[StoredRelease]:
-        return [
-            r
-            for r in rows.releases_in(session, ReleaseState.APPROVED)
-            if r.superseded_at is not None and r.superseded_at <= cutoff
-        ]
+        approved = rows.releases_in(session, ReleaseState.APPROVED)
+        if all(r.superseded_at is not None for r in approved):
+            return []  # the release that superseded them was revoked: nothing replaces them
+        return [r for r in approved if r.superseded_at is not None and r.superseded_at <= cutoff]
 
     def work(session: Session) -> Effects:
         expired = due(session)
@@ -300,9 +299,8 @@ def checked_manifest(stored: StoredRelease) -> model.Manifest:
     return manifest
 
 
-def policies_by_serial(cx: Call | Env, session: Session) -> dict[int, authz.QuorumPolicy]:
+def policies_by_serial(env: Env, session: Session) -> dict[int, authz.QuorumPolicy]:
     """Every quorum policy that was in force, by serial, each verified under the one before."""
-    env = cx.env if isinstance(cx, Call) else cx
     if env.authz_verifier is None:
         env.authz_verifier = authz.AuthzVerifier([env.operator_ca])
     policy = authz.QuorumPolicy.initial(env.settings.min_approvals)

@@ -463,3 +463,12 @@ def test_the_cli_signs_only_the_release_it_asked_for() -> None:
         with pytest.raises(ProtocolError) as caught:
             check_proposed(wrong, asked, "op-admin", 100)
         assert caught.value.check == "quorum.mismatch"
+
+
+def test_a_release_whose_successor_was_revoked_does_not_expire(fleet: Fleet) -> None:
+    add(fleet, "1.1")
+    approve_by_two(fleet, authz.OP_RELEASE_APPROVE, "1.1")
+    approve_by_two(fleet, authz.OP_RELEASE_REVOKE, "1.1")
+    fleet.tick(GRACE + 10)
+    assert stored(fleet, "1.0").state is ReleaseState.APPROVED
+    assert kernel_versions(golden(fleet)) == ("1.0",)
