@@ -30,8 +30,10 @@ No TPM command is issued here; the keeper passes the live PCRs in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +42,16 @@ from typing import Final
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.fsio import atomic_write
-from agent.protocol.release import ReleaseBundle, ReleaseEntry, match
+from agent.protocol.errors import ProtocolError
+from agent.protocol.release import ReleaseBundle, ReleaseEntry, match, open_bundle
 
 log = logging.getLogger(__name__)
 
 BOOT_FILE: Final = "release-boot.json"
+BUNDLE_FILE: Final = "release-bundle.cose"
+SEALED_BUNDLE_FILE: Final = "release-bundle.sealed.cose"
 _MAX_BOOT_FILE = 4096
+_MAX_BUNDLE_FILE = 1 << 20
 
 
 @dataclass
@@ -57,6 +63,19 @@ class HeldReleases:
     key: ec.EllipticCurvePublicKey
     newest: ReleaseBundle | None = None
     sealed: ReleaseBundle | None = None
+    # where the bundles are kept (BUNDLE_FILE, SEALED_BUNDLE_FILE: the release-signed COSE
+    # bytes as received, public data); None keeps them in memory only
+    directory: Path | None = None
+
+    @classmethod
+    def load(cls, directory: Path, key: ec.EllipticCurvePublicKey) -> HeldReleases:
+        """The bundles kept in ``directory``, each verified again with the release key; one
+        that does not open is logged and left out (the retained bundle comes again)."""
+        newest = _load_bundle(directory / BUNDLE_FILE, key)
+        sealed = _load_bundle(directory / SEALED_BUNDLE_FILE, key)
+        if newest is None and sealed is not None:
+            newest, sealed = sealed, None  # a stop between the two writes of ``adopt``
+        return cls(key, newest=newest, sealed=sealed, directory=directory)
 
     @property
     def generation(self) -> int | None:
@@ -69,23 +88,33 @@ class HeldReleases:
             return ()
         return tuple(sorted({i for entry in self.newest.releases for i in entry.pcrs}))
 
-    def adopt(self, bundle: ReleaseBundle, sealed_generation: int | None) -> None:
-        """Take ``bundle`` (already opened and checked newer) as the newest; keep the bundle of
-        ``sealed_generation`` (the state key's) if the new one is of a later generation."""
+    def adopt(self, bundle: ReleaseBundle, sealed_generation: int | None, raw: bytes = b"") -> None:
+        """Take ``bundle`` (opened from ``raw`` and checked newer) as the newest, on disk first;
+        keep the bundle of ``sealed_generation`` (the state key's) if the new one is of a later
+        generation."""
         previous = self.newest
-        if (
+        keep = (
             previous is not None
             and sealed_generation is not None
             and previous.generation == sealed_generation < bundle.generation
-        ):
+        )
+        if self.directory is not None:
+            if keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self.directory / BUNDLE_FILE, self.directory / SEALED_BUNDLE_FILE)
+            atomic_write(self.directory / BUNDLE_FILE, raw, mode=0o644)
+        if keep:
             self.sealed = previous
-        if sealed_generation is not None and bundle.generation == sealed_generation:
-            self.sealed = None
         self.newest = bundle
+        if sealed_generation is not None and bundle.generation == sealed_generation:
+            self.resealed()
 
     def resealed(self) -> None:
-        """The state key is now sealed under the newest generation."""
+        """The state key is now sealed under the newest generation: the older bundle goes."""
         self.sealed = None
+        if self.directory is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / SEALED_BUNDLE_FILE)
 
 
 class Unapproved(Exception):
@@ -136,6 +165,42 @@ def choose_entry(
         f"release {entry.version} was not approved in generation {sealed_generation}, which "
         "the state key is sealed under"
     )
+
+
+def release_status(
+    releases: HeldReleases | None,
+    *,
+    sealed_generation: int | None,
+    version: str | None,
+    held: str | None,
+) -> dict[str, object] | None:
+    """The agent status's ``release`` entry (None without a release key)."""
+    if releases is None:
+        return None
+    newest = releases.newest
+    return {
+        "bundle_seq": None if newest is None else newest.seq,
+        "generation": None if newest is None else newest.generation,
+        "sealed_generation": sealed_generation,
+        "version": version,
+        "held": held,
+    }
+
+
+def _load_bundle(path: Path, key: ec.EllipticCurvePublicKey) -> ReleaseBundle | None:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_BUNDLE_FILE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("release bundle %s does not read (left out): %s", path, exc.strerror)
+        return None
+    try:
+        return open_bundle(data, key)
+    except ProtocolError as exc:
+        log.warning("release bundle %s refused (left out): [%s] %s", path, exc.check, exc.reason)
+        return None
 
 
 def changed_pcrs(live: Mapping[int, bytes], last_boot: Mapping[int, bytes] | None) -> str:

@@ -49,11 +49,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from agent.fsio import shred
 from agent.protocol.errors import CryptoError, StateError, TPMError
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
+from agent.protocol.release import ReleaseBundle
 from agent.protocol.secret import Secret
-from agent.releasestate import HeldReleases, Unapproved, choose_entry, load_boot, save_boot
+from agent.releasestate import (
+    HeldReleases,
+    Unapproved,
+    choose_entry,
+    load_boot,
+    release_status,
+    save_boot,
+)
 from agent.statefile import StateFile, StateRollback, peek
 from agent.tpm import authorized
 from agent.tpm.blob import TPM2_CC_POLICY_PCR, KeyBlob
@@ -184,17 +194,33 @@ def next_state_name(ledger: KeyLedger) -> str:
     return f"state/{max(numbers, default=0) + 1}"
 
 
-def unseal_state_key(store: TPMStore, blob: KeyBlob) -> Secret:
-    """Unseal a state key blob of either format (counter-bound, or version 1: PCRs only)."""
+def unseal_state_key(
+    store: TPMStore, blob: KeyBlob, releases: HeldReleases | None = None
+) -> Secret:
+    """Unseal a state key blob of any format (counter-bound, version 1: PCRs only, or sealed
+    for signed releases: then with the held bundles' entry matching the live PCRs)."""
     if len(blob.policy) == 1 and blob.policy[0].command_code == TPM2_CC_POLICY_PCR:
         return store.unseal(blob)
-    return unseal_bound(NVCounter(store), blob)
+    if not authorized.is_authorized(blob):
+        return unseal_bound(NVCounter(store), blob)
+    if releases is None:
+        raise StateError("the state key is sealed for signed releases: the release key is needed")
+    generation = authorized.bound_generation(blob)
+    try:
+        entry = choose_entry(releases, generation, store.pcr_read(releases.pcrs() or (7,)))
+    except Unapproved as exc:
+        raise StateError(str(exc)) from None
+    return authorized.unseal_authorized(NVCounter(store), blob, entry, releases.key, generation)
 
 
-def read_state(store: TPMStore, state_dir: Path) -> dict[str, Any]:
-    """The saved state of a stopped agent (tests and the simulator's inspection)."""
+def read_state(
+    store: TPMStore, state_dir: Path, release_key: ec.EllipticCurvePublicKey | None = None
+) -> dict[str, Any]:
+    """The saved state of a stopped agent (tests and the simulator's inspection); with the
+    release key for a state key sealed for signed releases."""
     counter = NVCounter(store)
-    key = unseal_state_key(store, KeyBlob.load(state_dir / STATE_KEY_BLOB))
+    releases = None if release_key is None else HeldReleases.load(state_dir, release_key)
+    key = unseal_state_key(store, KeyBlob.load(state_dir / STATE_KEY_BLOB), releases)
     state_file = StateFile(state_dir / STATE_FILE, key, counter=counter.read())
     state = state_file.load()
     state.pop(META, None)
@@ -309,6 +335,23 @@ class StateKeeper:
             return False
         self._reseal = self._pending = True
         return True
+
+    def adopt_release(self, bundle: ReleaseBundle, raw: bytes) -> None:
+        """A newer release bundle (verified by the core): kept on disk; a newer generation
+        makes the next save seal the state key again (``releases_changed``)."""
+        assert self.releases is not None
+        self.releases.adopt(bundle, self.sealed_generation, raw)
+        if self.releases_changed():
+            log.info("release generation %d: the state key is sealed again", bundle.generation)
+
+    def release_status(self) -> dict[str, object] | None:
+        """The status's ``release`` entry (None without a release key)."""
+        return release_status(
+            self.releases,
+            sealed_generation=self.sealed_generation,
+            version=self.release_version,
+            held=self.held,
+        )
 
     def _seal(self, key: Secret, value: int) -> tuple[KeyBlob, int | None]:
         """Seal the state key under counter == ``value``: the authorized way under the newest
