@@ -4,7 +4,8 @@ Every party (agent, service, operator CLI, simulator, broker ACL template) build
 so a change of layout is one edit. Layout (docs/mqtt.md), under ``kf/v1/``: ``dev/{device}/cmd``
 (service -> device), ``dev/{device}/report`` (device -> service), ``grp/{group}/commit`` (ordered
 group handshake messages), ``ops/{operator}/cmd``, ``ops/{operator}/result`` and
-``feed/revocations`` (the revocation feed's signed head, retained; every device reads it). The
+``feed/revocations`` (the revocation feed's signed head, retained; every device reads it) and
+``feed/releases`` (the signed release bundle, retained; every device reads it). The
 service subscribes through shared subscriptions so several instances split the load.
 """
 
@@ -26,6 +27,9 @@ commits; it keeps those of its own groups)."""
 REVOCATION_FEED_TOPIC: Final = f"{TOPIC_ROOT}/feed/revocations"
 """The revocation feed's signed head, retained by the broker: every device subscribes to it,
 only the service publishes to it (docs/wire.md, "Revocation feed")."""
+RELEASES_TOPIC: Final = f"{TOPIC_ROOT}/feed/releases"
+"""The release bundle (signed PCR policies of the approved firmware releases), retained by the
+broker: every device subscribes to it, only the service publishes to it (docs/releases.md)."""
 FEED_RECIPIENT: Final = "keyfleet-devices"
 """The ``to`` of the retained feed head: every device (a catch-up page names the device)."""
 

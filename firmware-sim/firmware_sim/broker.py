@@ -48,6 +48,7 @@ pattern write {TOPIC_ROOT}/dev/%u/report
 pattern read {TOPIC_ROOT}/dev/%u/cmd
 pattern read {TOPIC_ROOT}/grp/+/commit
 pattern read {TOPIC_ROOT}/feed/revocations
+pattern read {TOPIC_ROOT}/feed/releases
 # Operators (CN = "op-..."):
 pattern write {TOPIC_ROOT}/ops/%u/cmd
 pattern read {TOPIC_ROOT}/ops/%u/result

@@ -22,6 +22,7 @@ from typing import Any
 from agent.fsio import atomic_write
 from agent.protocol.errors import KeyfleetError
 from agent.version import add_version_option
+from firmware_sim import release
 from firmware_sim.device import (
     DEFAULT_CA_DIR_NAME,
     TPM_DIR,
@@ -75,7 +76,10 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make a new manufacturer CA at --manufacturer-ca if there is none",
     )
-    device.add_argument("--version", default="1.0", help="firmware release to boot (1.0)")
+    device.add_argument(
+        "--version",
+        help="firmware release to boot (default: the installed one, see `install`; else 1.0)",
+    )
     device.add_argument(
         "--image",
         action="append",
@@ -111,6 +115,27 @@ def _build_parser() -> argparse.ArgumentParser:
         "--ready-file", metavar="PATH", help="write the device's JSON here once the console is up"
     )
     device.add_argument("-v", "--verbose", action="store_true", help="log to stderr (INFO)")
+    release = commands.add_parser(
+        "release",
+        help="the demo firmware's release manifests (for keyfleet release add)",
+    )
+    release_commands = release.add_subparsers(dest="release_command", required=True)
+    manifest = release_commands.add_parser(
+        "manifest",
+        help="write the manifest of a demo release: its components' PCRs and SHA-256 digests",
+    )
+    manifest.add_argument("--version", required=True, help="the release, e.g. 1.1")
+    manifest.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+    install = commands.add_parser(
+        "install",
+        help="install a release into a device: its next boot measures that release",
+        description=(
+            "Switch the device's boot slot to release VERSION (atomically). The running device "
+            "is not touched: the new release is measured at its next boot."
+        ),
+    )
+    install.add_argument("--state", required=True, metavar="DIR", help="the device's directory")
+    install.add_argument("--version", required=True, help="the release to boot next")
     fleet = commands.add_parser(
         "fleet",
         help="run N virtual devices in one process (software keys: simulation only, INSECURE)",
@@ -190,10 +215,33 @@ def _manufacturer_ca_check(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _release(args: argparse.Namespace) -> int:
+    try:
+        document = release.demo_manifest(args.version)
+    except KeyfleetError as exc:
+        print(f"firmware-sim release manifest: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.out:
+        release.write_manifest(args.out, document)
+    else:
+        print(json.dumps(document, indent=2))
+    return EXIT_OK
+
+
+def _install(args: argparse.Namespace) -> int:
+    try:
+        release.install(args.state, args.version)
+    except KeyfleetError as exc:
+        print(f"firmware-sim install: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.state}: release {args.version} installed; it boots next")
+    return EXIT_OK
+
+
 def _device(args: argparse.Namespace) -> int:
     try:
         components = firmware_components(
-            args.version,
+            args.version or release.installed_version(args.state),
             images=_pairs(args.image, "--image"),
             versions=_pairs(args.component_version, "--component-version"),
             tamper=args.tamper,
@@ -280,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _device(args)
     if args.command == "fleet":
         return _fleet(args)
+    if args.command == "release":
+        return _release(args)
+    if args.command == "install":
+        return _install(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses unknown ones
 
 

@@ -59,10 +59,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.config import load_config as load_agent_config
+from agent.fsio import atomic_write
 from agent.localapi.client import LocalApiClient
 from agent.mqtt import MqttClient
 from agent.protocol.errors import KeyfleetError, StateError
@@ -70,6 +72,7 @@ from agent.protocol.secret import Secret
 from agent.serial_link import SerialClient
 from agent.staterotation import read_state
 from agent.tpm.store import TPMStore
+from firmware_sim import release
 from firmware_sim.boot import default_components
 from firmware_sim.broker import SERVICE_IDENTITY, Mosquitto
 from firmware_sim.ports import free_port
@@ -215,6 +218,10 @@ class LabPKI:
     signing_key_ref: str = ""
     device_ca_key_ref: str = ""
     token: SoftToken | None = None
+    # the release-signing key's reference (file or pkcs11: URI) and its public key (PEM), which
+    # devices are given at enrollment (docs/releases.md)
+    release_key_ref: str = ""
+    release_public: Path | None = None
 
 
 def _write_identity(
@@ -243,7 +250,7 @@ def make_lab_pki(directory: Path, manufacturer_dir: Path, token_dir: Path | None
         # token too (SoftHSM2 reads SOFTHSM2_CONF when the library initialises)
         os.environ[CONF_ENV] = str(token.conf)
         refresh_modules()
-        for label in ("device-ca", "service-signing"):
+        for label in ("device-ca", "service-signing", "release-signing"):
             refs[label] = token.uri(label)
             custody.generate_token_key(custody.parse_token_uri(refs[label]))
             keys[label] = custody.load_private_key(refs[label])
@@ -273,6 +280,17 @@ def make_lab_pki(directory: Path, manufacturer_dir: Path, token_dir: Path | None
         keys["service-signing"] = pki.generate_key()
         refs["service-signing"] = str(directory / "service-signing.key")
         pki.write_private_key(refs["service-signing"], keys["service-signing"])
+        keys["release-signing"] = pki.generate_key()
+        refs["release-signing"] = str(directory / "release-signing.key")
+        pki.write_private_key(refs["release-signing"], keys["release-signing"])
+    release_public = directory / "release-signing.pub.pem"
+    atomic_write(
+        release_public,
+        keys["release-signing"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        mode=0o644,
+    )
     signing_cert = directory / "service-signing.pem"
     pki.write_certificate(
         signing_cert,
@@ -345,6 +363,8 @@ def make_lab_pki(directory: Path, manufacturer_dir: Path, token_dir: Path | None
         signing_key_ref=refs["service-signing"],
         device_ca_key_ref=refs["device-ca"],
         token=token,
+        release_key_ref=refs["release-signing"],
+        release_public=release_public,
     )
 
 
@@ -1012,6 +1032,13 @@ online_window_seconds = {self.online_window}
         self._spawn(device, env=env, tamper=tamper)
         if wait:
             self.wait_agent(device)
+
+    def install(self, device: LabDevice, version: str, *, reboot: bool = True) -> None:
+        """Install firmware release ``version`` into ``device`` (``firmware_sim.release``) and,
+        with ``reboot``, power cycle it so that it boots and measures the new release."""
+        release.install(device.state_dir, version)
+        if reboot:
+            self.reboot(device)
 
     def stop_agent(self, device: LabDevice, *, kill: bool = False) -> None:
         """Stop only the agent (SIGTERM: it saves its state and disconnects, the broker keeps its

@@ -37,6 +37,7 @@ from agent.protocol.wire.messages.operator import (
     Revoke,
 )
 from agent.protocol.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
+from agent.protocol.wire.messages.release import ReleaseBundleMessage
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     AuditLink,
@@ -175,6 +176,7 @@ SAMPLES: list[Body] = [
     RequestsResult(command_id=CMD, requests=()),
     RevocationFeed(seq=3, head=bytes(range(32)), time=1_700_000_000, entries=(b"e2", b"e3")),
     RevocationFeed(seq=3, head=bytes(32), time=1_700_000_000),
+    ReleaseBundleMessage(bundle=b"\xd2cose"),
     KeyStateReport(keys=(), feed=7),
     AuditSync(command_id=CMD, after=0),
     AuditSync(command_id=CMD, after=10, count=12),

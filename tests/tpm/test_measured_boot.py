@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.errors import ConfigError, StateError
-from agent.protocol.eventlog import EventType, decode_event_log, replay
+from agent.protocol.eventlog import EventType, MeasurementEvent, decode_event_log, replay
+from agent.protocol.release import expected_pcrs
 from agent.tpm import TPMStore
+from firmware_sim import release
 from firmware_sim.boot import (
     BOOT_ORDER,
     PCR_MAP,
@@ -119,3 +121,22 @@ def test_duplicate_component_refused_before_the_tpm(swtpm: Swtpm) -> None:
         with pytest.raises(ConfigError, match="measured twice: kernel"):
             measured_boot(store, [kernel, kernel])
         assert store.pcr_read([4]) == {4: bytes(32)}
+
+
+def test_release_manifest_predicts_the_pcrs_a_boot_leaves(swtpm: Swtpm) -> None:
+    """What the fleet signs for a release (agent.protocol.release.expected_pcrs of its manifest)
+    is exactly what a device booting that release holds, so its state opens after the update."""
+    document = release.demo_manifest("1.1")
+    events = [
+        MeasurementEvent(
+            c["pcr"], EventType.IMAGE, c["name"], c["version"], bytes.fromhex(c["sha256"])
+        )
+        for c in document["components"]
+    ]
+    expected = expected_pcrs(events)
+    with TPMStore(swtpm.tcti) as store:
+        measured_boot(store, default_components("1.1"))
+        assert store.pcr_read(sorted(expected)) == expected
+    assert expected != expected_pcrs(
+        MeasurementEvent(e.pcr, e.event_type, e.component, e.version, bytes(32)) for e in events
+    )

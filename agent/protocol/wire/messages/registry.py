@@ -32,6 +32,7 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     Revoke,
 )
+from agent.protocol.wire.messages.release import ReleaseBundleMessage
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     OperatorResult,
@@ -77,6 +78,7 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     AuditCheckpointResult,
     UpdateProposalRequest,
     UpdateProposal,
+    ReleaseBundleMessage,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
