@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.fsio import atomic_write
 from agent.protocol.errors import ProtocolError
-from agent.protocol.release import ReleaseBundle, ReleaseEntry, match, open_bundle
+from agent.protocol.release import MAX_BUNDLE, ReleaseBundle, ReleaseEntry, match, open_bundle
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ BOOT_FILE: Final = "release-boot.json"
 BUNDLE_FILE: Final = "release-bundle.cose"
 SEALED_BUNDLE_FILE: Final = "release-bundle.sealed.cose"
 _MAX_BOOT_FILE = 4096
-_MAX_BUNDLE_FILE = 1 << 20
 
 
 @dataclass
@@ -158,9 +157,9 @@ def choose_entry(
             f"the held older bundle is of generation {older.generation}, the state key's is "
             f"{sealed_generation}"
         )
-    for candidate in older.releases:
-        if candidate.version == entry.version and candidate.pcr_digest == entry.pcr_digest:
-            return candidate
+    candidate = older.version(entry.version)
+    if candidate is not None and candidate.pcr_digest == entry.pcr_digest:
+        return candidate
     raise Unapproved(
         f"release {entry.version} was not approved in generation {sealed_generation}, which "
         "the state key is sealed under"
@@ -190,7 +189,7 @@ def release_status(
 def _load_bundle(path: Path, key: ec.EllipticCurvePublicKey) -> ReleaseBundle | None:
     try:
         with open(path, "rb") as handle:
-            data = handle.read(_MAX_BUNDLE_FILE + 1)
+            data = handle.read(MAX_BUNDLE + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:

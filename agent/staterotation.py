@@ -52,7 +52,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.fsio import shred
-from agent.protocol.errors import CryptoError, StateError, TPMError
+from agent.protocol.errors import ProtocolError, StateError, TPMError
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
 from agent.protocol.release import ReleaseBundle
 from agent.protocol.secret import Secret
@@ -462,7 +462,12 @@ class StateKeeper:
         except Unapproved as exc:
             self._hold(exc.reason, value)
             return None
-        except (MeasurementsChanged, authorized.ReleaseStale, CryptoError) as exc:
+        except (
+            MeasurementsChanged,
+            authorized.ReleaseStale,
+            authorized.ReleaseSignatureRefused,
+            ProtocolError,
+        ) as exc:
             self._hold(str(exc), value)  # checked at receipt; refused now: still nothing moves
             return None
         self.release_version = entry.version

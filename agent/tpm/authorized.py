@@ -32,10 +32,7 @@ Like nvcounter, this module drives the TPM through ``TPMStore``'s plumbing.
 
 from __future__ import annotations
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_SE, TPM2_ST, TPMA_SESSION
 from tpm2_pytss.types import (
     TPM2B_DIGEST,
@@ -52,8 +49,10 @@ from tpm2_pytss.types import (
     TPMU_SIGNATURE,
 )
 
-from agent.protocol.errors import CryptoError, TPMError
+from agent.protocol.errors import TPMError
 from agent.protocol.release import (
+    REF_LABEL,
+    TPM_CC_POLICY_AUTHORIZE,
     ReleaseEntry,
     authorize_digest,
     key_name,
@@ -67,8 +66,6 @@ from agent.tpm.nvcounter import NVCounter, nv_policy_entry, parse_nv_entry, poli
 from agent.tpm.store import MAX_SEALED_SIZE, MeasurementsChanged, _pcr_selection, _rc_base
 from agent.tpm.templates import sealed_template
 
-TPM2_CC_POLICY_AUTHORIZE = 0x0000016A
-REF_PREFIX = b"keyfleet release policy v1\x00"
 _RC_SIGNATURE = 0x09B  # TPM_RC_SIGNATURE: the signature is not valid for the key
 # TPM_RC_VALUE of PolicyAuthorize's parameter 1: approvedPolicy is not the session digest
 _RC_APPROVED_MISMATCH = 0x084 | 0x040 | 0x100
@@ -91,7 +88,7 @@ class ReleaseStale(TPMError):
 
 def _parse(blob: KeyBlob) -> tuple[bytes, int, int, int]:
     """(release key TPMT_PUBLIC, generation, NV index, counter value) of an authorized blob."""
-    if len(blob.policy) != 2 or blob.policy[0].command_code != TPM2_CC_POLICY_AUTHORIZE:
+    if len(blob.policy) != 2 or blob.policy[0].command_code != TPM_CC_POLICY_AUTHORIZE:
         raise TPMError("unseal", None, "sealed blob is not bound to a release key")
     raw = blob.policy[0].command_policy
     area_size = int.from_bytes(raw[:2], "big")
@@ -103,17 +100,17 @@ def _parse(blob: KeyBlob) -> tuple[bytes, int, int, int]:
         len(area) != area_size
         or len(rest) < 2
         or len(ref) != ref_size
-        or len(ref) != len(REF_PREFIX) + 8
-        or not ref.startswith(REF_PREFIX)
+        or len(ref) != len(REF_LABEL) + 8
+        or not ref.startswith(REF_LABEL)
     ):
         raise TPMError("unseal", None, "sealed blob's PolicyAuthorize entry does not decode")
     index, value = parse_nv_entry(blob.policy[1])
-    return area, int.from_bytes(ref[len(REF_PREFIX) :], "big"), index, value
+    return area, int.from_bytes(ref[len(REF_LABEL) :], "big"), index, value
 
 
 def is_authorized(blob: KeyBlob) -> bool:
     """Whether ``blob`` is sealed the release-authorized way (by its recorded policy)."""
-    return bool(blob.policy) and blob.policy[0].command_code == TPM2_CC_POLICY_AUTHORIZE
+    return bool(blob.policy) and blob.policy[0].command_code == TPM_CC_POLICY_AUTHORIZE
 
 
 def bound_generation(blob: KeyBlob) -> int:
@@ -129,7 +126,7 @@ def bound_counter(blob: KeyBlob) -> int:
 def _authorize_entry(area: bytes, generation: int) -> PolicyCommand:
     ref = policy_ref(generation)
     return PolicyCommand(
-        TPM2_CC_POLICY_AUTHORIZE,
+        TPM_CC_POLICY_AUTHORIZE,
         len(area).to_bytes(2, "big") + area + len(ref).to_bytes(2, "big") + ref,
     )
 
@@ -192,26 +189,6 @@ def seal_authorized(
     )
 
 
-def verify_entry(
-    entry: ReleaseEntry, release_key: ec.EllipticCurvePublicKey, generation: int
-) -> None:
-    """The agent's own check of an entry's signature (``release.signature``), as the TPM will
-    check it: ECDSA P-256 over SHA-256(approved || ref(generation)), raw r || s."""
-    if len(entry.sig) != 64:
-        raise CryptoError("release.signature", f"release {entry.version}: signature is not 64 B")
-    der = encode_dss_signature(
-        int.from_bytes(entry.sig[:32], "big"), int.from_bytes(entry.sig[32:], "big")
-    )
-    try:
-        release_key.verify(der, entry.approved + policy_ref(generation), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise CryptoError(
-            "release.signature",
-            f"release {entry.version}: its PCR policy is not signed by the release key for "
-            f"generation {generation}",
-        ) from None
-
-
 def unseal_authorized(
     counter: NVCounter,
     blob: KeyBlob,
@@ -221,7 +198,8 @@ def unseal_authorized(
 ) -> Secret:
     """Unseal an authorized blob with ``entry`` (of a bundle of ``generation``). Checked in
     software first, then by the TPM: ``ReleaseStale`` (another generation),
-    ``CryptoError``/``ReleaseSignatureRefused`` (``release.signature``),
+    ``ProtocolError`` ``release.policy``/``release.signature`` (the agent's check),
+    ``ReleaseSignatureRefused`` (``release.signature``, the TPM's),
     ``MeasurementsChanged`` (the live PCRs are not the entry's), ``CounterMoved``."""
     if not blob.sealed:
         raise TPMError("unseal", None, "blob is a key, not sealed data")
@@ -238,7 +216,7 @@ def unseal_authorized(
             f"release {entry.version} is signed for generation {generation}, {older} one than "
             f"the state key's ({bound})",
         )
-    verify_entry(entry, release_key, generation)
+    entry.check(release_key, generation)  # release.policy, release.signature
     live = counter.store.pcr_read(entry.pcrs)
     if policy_pcr(entry.pcrs, live) != entry.approved:
         raise MeasurementsChanged(
