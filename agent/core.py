@@ -1086,9 +1086,16 @@ class AgentCore:
         refused = sorted(
             (check, n) for check, n in self.rejections.snapshot().items() if _trust_check(check)
         )[:MAX_REFUSED]
+        releases = self.releases
+        held = None if releases is None else releases.held
         return self._send(
             KeyStateReport(
-                keys=tuple(records), refused=tuple(refused), feed=self.membership.revocations.seq
+                keys=tuple(records),
+                refused=tuple(refused),
+                feed=self.membership.revocations.seq,
+                release_seq=None if held is None else held.seq,
+                release_generation=None if held is None else held.generation,
+                release_version=None if releases is None else releases.version,
             )
         )
 

@@ -130,7 +130,13 @@ def test_state_survives_an_approved_update_and_is_held_on_an_unapproved_image(
     assert agent.terminate() == 0
     boot(swtpm, "1.1")
     agent.start()
-    harness.expect(KeyStateReport)
+    report = harness.expect(KeyStateReport).body
+    assert isinstance(report, KeyStateReport)
+    assert (report.release_seq, report.release_generation, report.release_version) == (
+        2,
+        1,
+        "1.1",
+    )
     wait_for(agent, "release 1.1", lambda s: s["release"]["version"] == "1.1")
     status = agent.status()
     assert status["release"]["held"] is None

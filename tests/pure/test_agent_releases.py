@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.core import TRUST_CHECKS, AgentCore
 from agent.protocol.release import ReleaseBundle, open_bundle, sign_bundle
 from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC
-from agent.protocol.wire.envelope import encode_message
+from agent.protocol.wire.envelope import Signer, encode_message, open_message
+from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.release import ReleaseBundleMessage
 from agent.releasestate import (
     BUNDLE_FILE,
@@ -91,6 +92,15 @@ def test_a_newer_bundle_goes_to_the_daemon_and_the_same_one_again_is_no_refusal(
     assert again.refused is None and not again.changed and again.release is None
     status = core.status()["releases"]
     assert status == {"bundle_seq": 2, "generation": 1, "version": "1.0"}
+    report = core.report(T0).publishes[0]
+    body = open_message(
+        report.payload,
+        lambda kid: Signer("dev-a", core._keys.devid.public_key()),  # type: ignore[attr-defined]
+        now=T0,
+        recipients={"keyfleet-service"},
+    ).body
+    assert isinstance(body, KeyStateReport)
+    assert (body.release_seq, body.release_generation, body.release_version) == (2, 1, "1.0")
 
 
 @pytest.mark.parametrize(
