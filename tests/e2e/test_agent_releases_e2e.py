@@ -20,6 +20,7 @@ from agent.protocol.release import sign_bundle
 from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.release import ReleaseBundleMessage
+from agent.staterotation import read_state
 from agent.tpm.nvcounter import NVCounter
 from agent.tpm.store import TPMStore
 from provisioning import pki
@@ -180,3 +181,8 @@ def test_state_survives_an_approved_update_and_is_held_on_an_unapproved_image(
     agent.start()
     harness.expect(KeyStateReport)
     wait_for(agent, "group on 1.1", lambda s: [g["epoch"] for g in s["groups"]] == [1])
+    assert agent.terminate() == 0
+    # a stopped agent's state, read as the simulator does, with the release key
+    with TPMStore(swtpm.tcti) as store:
+        saved = read_state(store, state_dir, releases.key.public_key())
+    assert list(saved["groups"]) == ["g1"]
