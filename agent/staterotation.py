@@ -472,6 +472,8 @@ class StateKeeper:
             return None
         self.release_version = entry.version
         save_boot(self.dir, entry.version, {i: live[i] for i in entry.pcrs})
+        if generation == releases.generation and releases.sealed is not None:
+            releases.resealed()  # a re-seal committed just before a stop: the older bundle goes
         return key
 
     def _hold(self, reason: str, value: int) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.protocol.release import ReleaseBundle, make_entry
-from agent.releasestate import HeldReleases
-from agent.staterotation import STATE_FILE, STATE_KEY_BLOB, StateKeeper
+from agent.protocol.release import ReleaseBundle, make_entry, open_bundle, sign_bundle
+from agent.releasestate import SEALED_BUNDLE_FILE, HeldReleases
+from agent.staterotation import STATE_FILE, STATE_KEY_BLOB, STEPS, StateKeeper
 from agent.tpm import TPMStore
 from agent.tpm.authorized import (
     ReleaseStale,
@@ -189,4 +189,53 @@ def test_start_reseals_under_a_newer_generation_and_migrates_a_pcr_sealed_key(
         assert counter.read() == value + 2
         assert bound_generation(KeyBlob.load(state_dir / STATE_KEY_BLOB)) == 2
         assert (state_dir / STATE_FILE).exists()
+        assert store.transient_handles() == []
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_stop_at_any_step_of_the_reseal_leaves_one_state_that_opens(
+    swtpm: Swtpm, tmp_path: Path, step: str
+) -> None:
+    """The re-seal after a revocation is a rotation: killed at any of its steps, the next start
+    opens the state (with the kept older bundle before the commit, the newest after it) and
+    ends sealed under the newest generation, the older bundle file gone."""
+    fleet = Fleet()
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    public = fleet.key.public_key()
+    armed: list[str] = []
+
+    def fault(reached: str) -> None:
+        if reached in armed:
+            raise Crash(reached)
+
+    with TPMStore(swtpm.tcti) as store:
+        fleet.images["1.0"] = boot(store, b"image 1.0")
+        first = sign_bundle(
+            seq=1, generation=1, time=1, releases=[("1.0", fleet.images["1.0"])], key=fleet.key
+        )
+        second = sign_bundle(
+            seq=2, generation=2, time=2, releases=[("1.0", fleet.images["1.0"])], key=fleet.key
+        )
+        held = HeldReleases.load(state_dir, public)
+        held.adopt(open_bundle(first, public), None, first)
+        k = StateKeeper(store, state_dir, PCRS, releases=held, fault=fault)
+        k.open()
+        k.save(dict(STATE), frozenset())
+        held.adopt(open_bundle(second, public), k.sealed_generation, second)
+        assert (state_dir / SEALED_BUNDLE_FILE).exists()
+        assert k.releases_changed()
+        armed.append(step)
+        with pytest.raises(Crash):
+            k.save(dict(STATE), frozenset())
+
+        again = keeper(store, state_dir, HeldReleases.load(state_dir, public))
+        assert again.held is None and again.load() == STATE
+        assert again.sealed_generation == 2
+        assert bound_generation(KeyBlob.load(state_dir / STATE_KEY_BLOB)) == 2
+        assert not (state_dir / SEALED_BUNDLE_FILE).exists()
         assert store.transient_handles() == []
