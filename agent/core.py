@@ -635,6 +635,12 @@ class AgentCore:
         release this boot matched (None: none, or the state is held)."""
         self.releases = ReleaseFollower(key, held, version)
 
+    def forget_release(self, held: ReleaseBundle | None) -> None:
+        """The daemon could not keep the newest bundle: hold ``held`` again, so the bundle is
+        taken when it comes again."""
+        if self.releases is not None:
+            self.releases.held = held
+
     def _on_release_bundle(self, payload: bytes) -> Outcome:
         """The retained release bundle (agent.releasefeed): refusals are counted and reported
         like the feed's; a newer one goes to the daemon (``Outcome.release``)."""

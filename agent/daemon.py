@@ -11,6 +11,10 @@ inbound message (``manual_ack``). A kill at any point leaves either the old stat
 is redelivered and processed again) or the new one (the redelivery is a ``replay.duplicate`` and
 the same answers go out again, byte for byte). Leaf key blobs are written before the state that
 refers to them and shredded only after a state that no longer does was saved.
+
+Size: a little over 800 lines; start-up, the worker loop and the persist-before-publish rule
+share this object's state. What needs none of it lives apart (``agent.staterotation``,
+``agent.releasestate``, ``agent.keybackend``, ``agent.tpm.parents``).
 """
 
 from __future__ import annotations
@@ -319,10 +323,8 @@ def open_state(
     counter, one unseal. If the PCRs changed, the old key blob and state file are kept aside
     (``*.sealed-elsewhere.<time>``) and the counter moves, so they stay unusable even if the old
     measurements come back; an older state put back in place is refused (``state.rollback``).
-    In both cases the agent starts with empty group state and reports it. With a release key
-    (``[releases] key``) the key is sealed for the fleet's signed releases instead
-    (``agent.releasestate``): an approved update keeps the state; an unapproved image holds it
-    (``release.unapproved``) without moving anything."""
+    In both cases the agent starts with empty group state and reports it. With ``[releases]
+    key``: sealed for the signed releases instead (``agent.releasestate``)."""
     releases = None if release_key is None else HeldReleases.load(state_dir, release_key)
     keeper = StateKeeper(store, state_dir, pcrs, releases=releases)
     keeper.open()
@@ -603,7 +605,13 @@ class Daemon:
             self._retry = message
             return
         if outcome.release is not None and self._state is not None:
-            self._state.adopt_release(*outcome.release)  # on disk before the state is saved
+            try:
+                self._state.adopt_release(*outcome.release)  # on disk before the state is saved
+            except StateError as exc:
+                self.core.forget_release(self._state.newest_release())  # taken again later
+                self._storage_failed(exc)
+                self._retry = message
+                return
         if outcome.refused is not None and not outcome.changed:
             with self._lock, contextlib.suppress(StateError):
                 self._write_status()  # refusal counters

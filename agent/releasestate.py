@@ -42,7 +42,7 @@ from typing import Final
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.fsio import atomic_write
-from agent.protocol.errors import ProtocolError
+from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.release import MAX_BUNDLE, ReleaseBundle, ReleaseEntry, match, open_bundle
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,12 @@ class HeldReleases:
         )
         if self.directory is not None:
             if keep:
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.replace(self.directory / BUNDLE_FILE, self.directory / SEALED_BUNDLE_FILE)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise StateError(f"could not keep the older release bundle: {exc}") from None
             atomic_write(self.directory / BUNDLE_FILE, raw, mode=0o644)
         if keep:
             self.sealed = previous

@@ -344,6 +344,9 @@ class StateKeeper:
         if self.releases_changed():
             log.info("release generation %d: the state key is sealed again", bundle.generation)
 
+    def newest_release(self) -> ReleaseBundle | None:
+        return None if self.releases is None else self.releases.newest
+
     def release_status(self) -> dict[str, object] | None:
         """The status's ``release`` entry (None without a release key)."""
         return release_status(

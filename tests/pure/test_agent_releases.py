@@ -92,6 +92,10 @@ def test_a_newer_bundle_goes_to_the_daemon_and_the_same_one_again_is_no_refusal(
     assert again.refused is None and not again.changed and again.release is None
     status = core.status()["releases"]
     assert status == {"bundle_seq": 2, "generation": 1, "version": "1.0"}
+    # the daemon could not keep it (disk full): forgotten, so its next delivery is taken
+    core.forget_release(open_bundle(bundle(1, 1, ("1.0",)), RELEASE_KEY.public_key()))
+    retry = core.handle(retained(service, data), RELEASES_TOPIC, T0)
+    assert retry.release is not None and retry.release[1] == data
     report = core.report(T0).publishes[0]
     body = open_message(
         report.payload,
