@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol.release import ReleaseBundle, make_entry, open_bundle, sign_bundle
 from agent.releasestate import SEALED_BUNDLE_FILE, HeldReleases
-from agent.staterotation import STATE_FILE, STATE_KEY_BLOB, STEPS, StateKeeper
+from agent.staterotation import STATE_FILE, STATE_KEY_BLOB, STEPS, RotationBudget, StateKeeper
 from agent.tpm import TPMStore
 from agent.tpm.authorized import (
     ReleaseStale,
@@ -239,3 +239,29 @@ def test_a_stop_at_any_step_of_the_reseal_leaves_one_state_that_opens(
         assert bound_generation(KeyBlob.load(state_dir / STATE_KEY_BLOB)) == 2
         assert not (state_dir / SEALED_BUNDLE_FILE).exists()
         assert store.transient_handles() == []
+
+
+def test_a_reseal_waits_for_a_rotation_token(swtpm: Swtpm, tmp_path: Path) -> None:
+    """A newer generation at runtime re-seals through the rotation budget (NV endurance): with
+    no token the save does not rotate; once one is there the tick's save does."""
+    fleet = Fleet()
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    now = [10_000.0]
+    with TPMStore(swtpm.tcti) as store:
+        fleet.images["1.0"] = boot(store, b"image 1.0")
+        held = HeldReleases(fleet.key.public_key(), newest=fleet.bundle(1, ["1.0"]))
+        budget = RotationBudget(tokens=0.0, updated=int(now[0]))
+        k = StateKeeper(store, state_dir, PCRS, releases=held, budget=budget, clock=lambda: now[0])
+        k.open()
+        k.save(dict(STATE), frozenset())
+        value = NVCounter(store).read()
+        held.adopt(fleet.bundle(2, ["1.0"]), k.sealed_generation)
+        assert k.releases_changed() and not k.rotation_due()
+        assert k.save(dict(STATE), frozenset()) is False
+        assert k.sealed_generation == 1 and NVCounter(store).read() == value
+        now[0] += 3600  # a token (24 a day)
+        assert k.rotation_due() and k.will_rotate(frozenset())
+        assert k.save(dict(STATE), frozenset()) is True
+        assert k.sealed_generation == 2 and NVCounter(store).read() == value + 1
+        assert not k.rotation_due()
