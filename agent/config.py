@@ -111,6 +111,16 @@ class AttestationConfig:
 
 
 @dataclass(frozen=True)
+class ReleasesConfig:
+    """[releases]: the fleet's release-signing public key (from enrollment). With it the state
+    key is sealed for the releases the key approves (``agent.releasestate``); without it, to the
+    PCRs as before."""
+
+    key_file: Path | None = None
+    key: ec.EllipticCurvePublicKey | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     service_cert: Path
     service_key: ec.EllipticCurvePublicKey = field(compare=False, repr=False)
@@ -170,6 +180,7 @@ class AgentConfig:
     simulation: SimulationConfig
     identity: IdentityConfig | None = None
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
+    releases: ReleasesConfig = field(default_factory=ReleasesConfig)
     fleet: FleetConfig | None = None
     broker: BrokerConfig | None = None
 
@@ -226,6 +237,24 @@ def _service_key_problem(data: bytes) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def _release_key_problem(data: bytes) -> str | None:
+    try:
+        _load_release_key(data)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _load_release_key(data: bytes) -> ec.EllipticCurvePublicKey:
+    try:
+        key = load_pem_public_key(data)
+    except ValueError:
+        raise ValueError("not a PEM public key (SubjectPublicKeyInfo)") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ValueError("the release key must be ECC P-256")
+    return key
 
 
 def _load_service_key(data: bytes) -> ec.EllipticCurvePublicKey:
@@ -448,6 +477,19 @@ SCHEMA = Table(
             Table({"insecure_software_keys": Field(Bool(), default=False)}), default={}
         ),
         "attestation": Field(Table({"event_log": Field(AbsPath())}), default={}),
+        "releases": Field(
+            Table(
+                {
+                    "key": Field(
+                        ReadableFile(
+                            "a PEM public key (ECC P-256) of the fleet's release signing key",
+                            parse=_release_key_problem,
+                        )
+                    )
+                }
+            ),
+            default={},
+        ),
     }
 )
 
@@ -612,4 +654,11 @@ def _build(s: dict[str, Any], source: Path) -> AgentConfig:
         fleet=fleet,
         broker=broker,
         attestation=AttestationConfig(event_log=s["attestation"]["event_log"]),
+        releases=_releases(s["releases"]["key"]),
     )
+
+
+def _releases(path: Path | None) -> ReleasesConfig:
+    if path is None:
+        return ReleasesConfig()
+    return ReleasesConfig(key_file=path, key=_load_release_key(path.read_bytes()))

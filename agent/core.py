@@ -71,9 +71,11 @@ from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Update, Welcome
 from agent.protocol.mls.public import CommitCheck, LeafCheck
 from agent.protocol.mls.tree import LeafNode, RatchetTree
+from agent.protocol.release import ReleaseBundle
 from agent.protocol.secret import Secret
 from agent.protocol.topics import (
     FEED_RECIPIENT,
+    RELEASES_TOPIC,
     REVOCATION_FEED_TOPIC,
     SERVICE_ID,
     device_cmd_topic,
@@ -103,6 +105,7 @@ from agent.protocol.wire.messages.group import (
     WelcomeMessage,
 )
 from agent.protocol.wire.messages.key_state import MAX_KEYS, MAX_REFUSED, KeyStateReport
+from agent.protocol.wire.messages.release import ReleaseBundleMessage
 from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
@@ -113,6 +116,7 @@ from agent.protocol.wire.messages.service import (
 )
 from agent.protocol.wire.rejections import Rejections, is_benign
 from agent.protocol.wire.replay import ReplayGuard
+from agent.releasefeed import ReleaseFollower
 
 log = logging.getLogger("keyagent.core")
 
@@ -226,6 +230,9 @@ class Outcome:
     refused: ProtocolError | None = None
     handled: str | None = None
     epochs_changed: bool = False
+    # a newer release bundle and its release-signed bytes: the daemon keeps it (before it
+    # persists) and re-seals the state key if its generation is newer (agent.releasestate)
+    release: tuple[ReleaseBundle, bytes] | None = None
 
 
 # -- per-group state ----------------------------------------------------------------------------
@@ -262,6 +269,7 @@ class _Hooks(NamedTuple):
 
 TRUST_CHECKS: Final = (
     "state.rollback",  # an older state refused at start (agent.staterotation)
+    "release.",  # a release bundle refused, or an unapproved image (agent.releasestate)
     "authz.",
     "cred.",
     "tpm.proof.",
@@ -349,6 +357,7 @@ class AgentCore:
         self.report_due: int | None = None  # when tick sends the keys.report of recent changes
         self.last_acks: dict[str, tuple[int, int]] = {}  # group -> (epoch, time)
         self._dirty = False
+        self.releases: ReleaseFollower | None = None  # with a release key (follow_releases)
 
     def __repr__(self) -> str:
         return f"AgentCore({self.device_id!r}, groups={sorted(self._groups)}, seq={self._seq})"
@@ -449,6 +458,8 @@ class AgentCore:
         self._now = now
         if topic == REVOCATION_FEED_TOPIC:
             return self._on_feed_head(payload)
+        if topic == RELEASES_TOPIC:
+            return self._on_release_bundle(payload)
         group_topic = group_of_commit_topic(topic)
         if group_topic is not None and group_topic not in self._groups:
             # Devices read every group's commit topic (one ACL pattern); others' groups are
@@ -616,6 +627,35 @@ class AgentCore:
             return outcome
         outcome.handled = RevocationFeed.TYPE
         return outcome
+
+    def follow_releases(
+        self, key: ec.EllipticCurvePublicKey, held: ReleaseBundle | None, version: str | None
+    ) -> None:
+        """Take release bundles (signed by ``key``) newer than ``held``; ``version``: the
+        release this boot matched (None: none, or the state is held)."""
+        self.releases = ReleaseFollower(key, held, version)
+
+    def forget_release(self, held: ReleaseBundle | None) -> None:
+        """The daemon could not keep the newest bundle: hold ``held`` again, so the bundle is
+        taken when it comes again."""
+        if self.releases is not None:
+            self.releases.held = held
+
+    def _on_release_bundle(self, payload: bytes) -> Outcome:
+        """The retained release bundle (agent.releasefeed): refusals are counted and reported
+        like the feed's; a newer one goes to the daemon (``Outcome.release``)."""
+        if self.releases is None:
+            return Outcome(handled="ignored")  # no release key: this device does not follow
+        try:
+            received = self.releases.receive(payload, self._resolve, self._now)
+        except ProtocolError as exc:
+            return self._refuse(exc)
+        if received is None:
+            return Outcome(handled=ReleaseBundleMessage.TYPE)  # the one held, again
+        bundle = received[0]
+        log.info("release bundle %d (generation %d)", bundle.seq, bundle.generation)
+        self._report_soon()
+        return Outcome(changed=True, handled=ReleaseBundleMessage.TYPE, release=received)
 
     def _on_feed(self, body: RevocationFeed) -> Outcome:
         if not self.membership.follow_feed(body):
@@ -1052,9 +1092,16 @@ class AgentCore:
         refused = sorted(
             (check, n) for check, n in self.rejections.snapshot().items() if _trust_check(check)
         )[:MAX_REFUSED]
+        releases = self.releases
+        held = None if releases is None else releases.held
         return self._send(
             KeyStateReport(
-                keys=tuple(records), refused=tuple(refused), feed=self.membership.revocations.seq
+                keys=tuple(records),
+                refused=tuple(refused),
+                feed=self.membership.revocations.seq,
+                release_seq=None if held is None else held.seq,
+                release_generation=None if held is None else held.generation,
+                release_version=None if releases is None else releases.version,
             )
         )
 
@@ -1309,6 +1356,7 @@ class AgentCore:
             "key_packages_outstanding": len(self._key_packages),
             "last_report": self.last_report,
             "rejections": self.rejections.snapshot(),
+            "releases": None if self.releases is None else self.releases.status(),
             "revocation_feed": {
                 "seq": self.membership.revocations.seq,
                 "time": self.membership.revocations.time,

@@ -11,6 +11,10 @@ inbound message (``manual_ack``). A kill at any point leaves either the old stat
 is redelivered and processed again) or the new one (the redelivery is a ``replay.duplicate`` and
 the same answers go out again, byte for byte). Leaf key blobs are written before the state that
 refers to them and shredded only after a state that no longer does was saved.
+
+Size: a little over 800 lines; start-up, the worker loop and the persist-before-publish rule
+share this object's state. What needs none of it lives apart (``agent.staterotation``,
+``agent.releasestate``, ``agent.keybackend``, ``agent.tpm.parents``).
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ from agent.protocol.errors import (
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.initkeys import init_key_name
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
-from agent.protocol.topics import ALL_GROUP_COMMITS, REVOCATION_FEED_TOPIC
+from agent.protocol.topics import ALL_GROUP_COMMITS, RELEASES_TOPIC, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
+from agent.releasestate import HeldReleases
 from agent.sdnotify import Notifier
 from agent.selftest import run_builtin_selftests
 from agent.staterotation import (
@@ -308,13 +313,20 @@ def load_devid(
 # -- the state key and file ----------------------------------------------------------------------
 
 
-def open_state(store: TPMStore, state_dir: Path, pcrs: tuple[int, ...]) -> StateKeeper:
+def open_state(
+    store: TPMStore,
+    state_dir: Path,
+    pcrs: tuple[int, ...],
+    release_key: ec.EllipticCurvePublicKey | None = None,
+) -> StateKeeper:
     """Open the state (``agent.staterotation``): the key sealed under the PCRs and the TPM state
     counter, one unseal. If the PCRs changed, the old key blob and state file are kept aside
     (``*.sealed-elsewhere.<time>``) and the counter moves, so they stay unusable even if the old
     measurements come back; an older state put back in place is refused (``state.rollback``).
-    In both cases the agent starts with empty group state and reports it."""
-    keeper = StateKeeper(store, state_dir, pcrs)
+    In both cases the agent starts with empty group state and reports it. With ``[releases]
+    key``: sealed for the signed releases instead (``agent.releasestate``)."""
+    releases = None if release_key is None else HeldReleases.load(state_dir, release_key)
+    keeper = StateKeeper(store, state_dir, pcrs, releases=releases)
     keeper.open()
     return keeper
 
@@ -384,7 +396,7 @@ class Daemon:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._store = store = TPMStore(config.tpm.tcti)
         devid = load_devid(store, config, self.allow_insecure)
-        self._state = open_state(store, self.state_dir, config.tpm.pcrs)
+        self._state = open_state(store, self.state_dir, config.tpm.pcrs, config.releases.key)
         self._keys = TpmKeys(
             store, devid, self.state_dir / LEAF_DIR, ak_blob=config.identity.ak_key
         )
@@ -417,6 +429,13 @@ class Daemon:
         if self._state.rollback is not None:
             core.rejections.record(ProtocolError("state.rollback", self._state.rollback))
             core.report_due = self.now()
+        if self._state.held is not None:
+            core.rejections.record(ProtocolError("release.unapproved", self._state.held))
+            core.report_due = self.now()
+        if self._state.releases is not None:
+            core.follow_releases(
+                self._state.releases.key, self._state.releases.newest, self._state.release_version
+            )
         self._note_own_keys()
         self._persist()
         self._api = LocalApiServer(
@@ -566,6 +585,8 @@ class Daemon:
             self._mqtt.subscribe(ALL_GROUP_COMMITS, timeout=PUBLISH_TIMEOUT)
             # the retained revocation feed head arrives right after this
             self._mqtt.subscribe(REVOCATION_FEED_TOPIC, timeout=PUBLISH_TIMEOUT)
+            if self.config.releases.key is not None:
+                self._mqtt.subscribe(RELEASES_TOPIC, timeout=PUBLISH_TIMEOUT)
         except TransportError as exc:
             log.warning("subscribe failed, will retry: %s", exc)
             return False
@@ -583,6 +604,14 @@ class Daemon:
             self._storage_failed(exc)
             self._retry = message
             return
+        if outcome.release is not None and self._state is not None:
+            try:
+                self._state.adopt_release(*outcome.release)  # on disk before the state is saved
+            except StateError as exc:
+                self.core.forget_release(self._state.newest_release())  # taken again later
+                self._storage_failed(exc)
+                self._retry = message
+                return
         if outcome.refused is not None and not outcome.changed:
             with self._lock, contextlib.suppress(StateError):
                 self._write_status()  # refusal counters
@@ -670,6 +699,11 @@ class Daemon:
         with self._lock:
             core, state = self.core, self._state
             assert core is not None and state is not None and self._keys is not None
+            if state.held is not None:
+                # an unapproved image: nothing is saved over the held state, and no key blob
+                # of it is collected; only the status is written
+                self._write_status()
+                return
             core.set_time(self.now())
             live = core.leaf_refs()
             self._keys.note_destroyed(core.ledger, live)
@@ -709,19 +743,22 @@ class Daemon:
             text += "; state sealed to other measurements: re-add needed"
         if self._state is not None and self._state.rollback is not None:
             text += "; state.rollback: an older state was refused, re-add needed"
+        if self._state is not None and self._state.held is not None:
+            text += "; release.unapproved: state held until an approved release boots"
         return text
 
     def _write_status(self) -> None:
         core, state = self.core, self._state
-        assert core is not None and state is not None and state.state_file is not None
+        assert core is not None and state is not None
         state_file = state.state_file
         status: dict[str, Any] = core.status()
         status.update(
             {
                 "pid": os.getpid(),
                 "updated": self.now(),
-                "state_generation": state_file.generation,
-                "state_counter": state_file.counter,
+                "state_generation": None if state_file is None else state_file.generation,
+                "state_counter": None if state_file is None else state_file.counter,
+                "release": state.release_status(),
                 "state_rotations": state.rotations,
                 "state_rollback": state.rollback,
                 "sealed_elsewhere": state.sealed_elsewhere,

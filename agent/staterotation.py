@@ -49,11 +49,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from agent.fsio import shred
-from agent.protocol.errors import StateError, TPMError
+from agent.protocol.errors import ProtocolError, StateError, TPMError
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
+from agent.protocol.release import ReleaseBundle
 from agent.protocol.secret import Secret
+from agent.releasestate import (
+    HeldReleases,
+    Unapproved,
+    choose_entry,
+    load_boot,
+    release_status,
+    save_boot,
+)
 from agent.statefile import StateFile, StateRollback, peek
+from agent.tpm import authorized
 from agent.tpm.blob import TPM2_CC_POLICY_PCR, KeyBlob
 from agent.tpm.nvcounter import (
     CounterMoved,
@@ -182,17 +194,33 @@ def next_state_name(ledger: KeyLedger) -> str:
     return f"state/{max(numbers, default=0) + 1}"
 
 
-def unseal_state_key(store: TPMStore, blob: KeyBlob) -> Secret:
-    """Unseal a state key blob of either format (counter-bound, or version 1: PCRs only)."""
+def unseal_state_key(
+    store: TPMStore, blob: KeyBlob, releases: HeldReleases | None = None
+) -> Secret:
+    """Unseal a state key blob of any format (counter-bound, version 1: PCRs only, or sealed
+    for signed releases: then with the held bundles' entry matching the live PCRs)."""
     if len(blob.policy) == 1 and blob.policy[0].command_code == TPM2_CC_POLICY_PCR:
         return store.unseal(blob)
-    return unseal_bound(NVCounter(store), blob)
+    if not authorized.is_authorized(blob):
+        return unseal_bound(NVCounter(store), blob)
+    if releases is None:
+        raise StateError("the state key is sealed for signed releases: the release key is needed")
+    generation = authorized.bound_generation(blob)
+    try:
+        entry = choose_entry(releases, generation, store.pcr_read(releases.pcrs() or (7,)))
+    except Unapproved as exc:
+        raise StateError(str(exc)) from None
+    return authorized.unseal_authorized(NVCounter(store), blob, entry, releases.key, generation)
 
 
-def read_state(store: TPMStore, state_dir: Path) -> dict[str, Any]:
-    """The saved state of a stopped agent (tests and the simulator's inspection)."""
+def read_state(
+    store: TPMStore, state_dir: Path, release_key: ec.EllipticCurvePublicKey | None = None
+) -> dict[str, Any]:
+    """The saved state of a stopped agent (tests and the simulator's inspection); with the
+    release key for a state key sealed for signed releases."""
     counter = NVCounter(store)
-    key = unseal_state_key(store, KeyBlob.load(state_dir / STATE_KEY_BLOB))
+    releases = None if release_key is None else HeldReleases.load(state_dir, release_key)
+    key = unseal_state_key(store, KeyBlob.load(state_dir / STATE_KEY_BLOB), releases)
     state_file = StateFile(state_dir / STATE_FILE, key, counter=counter.read())
     state = state_file.load()
     state.pop(META, None)
@@ -210,7 +238,10 @@ def _fsync_dir(directory: Path) -> None:
 def _blob_counter(path: Path) -> int | None:
     """The counter a key blob is bound to; None for a version 1 (PCR-only) or unreadable blob."""
     try:
-        return bound_counter(KeyBlob.load(path))
+        blob = KeyBlob.load(path)
+        if authorized.is_authorized(blob):
+            return authorized.bound_counter(blob)
+        return bound_counter(blob)
     except (StateError, TPMError):
         return None
 
@@ -235,6 +266,7 @@ class StateKeeper:
         budget: RotationBudget | None = None,
         fault: Callable[[str], None] = lambda step: None,
         clock: Callable[[], float] = time.time,
+        releases: HeldReleases | None = None,
     ) -> None:
         self.store = store
         self.dir = state_dir
@@ -253,6 +285,14 @@ class StateKeeper:
         self.rotations = 0
         self._destroyed: frozenset[str] | None = None
         self._legacy: dict[str, Any] | None = None
+        # signed releases (agent.releasestate): the bundles held, the generation the key is
+        # sealed under (None: sealed the PolicyPCR way), the release that opened it, and why
+        # the state is held (an unapproved image: nothing of it is opened, moved or saved)
+        self.releases = releases
+        self.sealed_generation: int | None = None
+        self.release_version: str | None = None
+        self.held: str | None = None
+        self._reseal = False
 
     def __repr__(self) -> str:
         return f"StateKeeper({str(self.dir)!r}, {self.state_file!r})"
@@ -274,15 +314,56 @@ class StateKeeper:
         """Whether ``save(state, destroyed)`` would rotate (the caller notes it in the ledger
         before the state is written)."""
         return (
-            self._destroyed is not None
-            and not destroyed <= self._destroyed
+            self.held is None
+            and self._destroyed is not None
+            and (self._reseal or not destroyed <= self._destroyed)
             and self.budget.available(self._now())
         )
 
     def rotation_due(self) -> bool:
-        """A destruction is waiting for a rotation and a token is there now (the daemon's tick
-        asks; it saves only then, not at every tick)."""
-        return self._pending and self.budget.available(self._now())
+        """A destruction (or a re-seal for a new release generation) is waiting for a rotation
+        and a token is there now (the daemon's tick asks; it saves only then)."""
+        return self.held is None and self._pending and self.budget.available(self._now())
+
+    def releases_changed(self) -> bool:
+        """A newer release bundle was adopted (``self.releases.adopt``): True if the state key
+        must be sealed again under its generation, which the next save then does (a rotation,
+        when the budget has a token; ``rotation_due`` says when)."""
+        if self.held is not None or self.releases is None or self.releases.generation is None:
+            return False
+        if self.sealed_generation == self.releases.generation:
+            return False
+        self._reseal = self._pending = True
+        return True
+
+    def adopt_release(self, bundle: ReleaseBundle, raw: bytes) -> None:
+        """A newer release bundle (verified by the core): kept on disk; a newer generation
+        makes the next save seal the state key again (``releases_changed``)."""
+        assert self.releases is not None
+        self.releases.adopt(bundle, self.sealed_generation, raw)
+        if self.releases_changed():
+            log.info("release generation %d: the state key is sealed again", bundle.generation)
+
+    def newest_release(self) -> ReleaseBundle | None:
+        return None if self.releases is None else self.releases.newest
+
+    def release_status(self) -> dict[str, object] | None:
+        """The status's ``release`` entry (None without a release key)."""
+        return release_status(
+            self.releases,
+            sealed_generation=self.sealed_generation,
+            version=self.release_version,
+            held=self.held,
+        )
+
+    def _seal(self, key: Secret, value: int) -> tuple[KeyBlob, int | None]:
+        """Seal the state key under counter == ``value``: the authorized way under the newest
+        held bundle's generation when there is one, else to the PCRs (blob, generation)."""
+        generation = None if self.releases is None else self.releases.generation
+        if self.releases is None or generation is None:
+            return seal_bound(self.counter, key, self.pcrs, value), None
+        blob = authorized.seal_authorized(self.counter, key, value, self.releases.key, generation)
+        return blob, generation
 
     def _now(self) -> int:
         return int(self._clock())
@@ -342,7 +423,14 @@ class StateKeeper:
     def _unseal_current(self, value: int, *, had_state: bool) -> None:
         path = self.dir / STATE_KEY_BLOB
         try:
-            key = unseal_bound(self.counter, KeyBlob.load(path))
+            blob = KeyBlob.load(path)
+            if authorized.is_authorized(blob):
+                opened = self._unseal_release(blob, value)
+                if opened is None:
+                    return  # held: nothing opened, nothing moved
+                key = opened
+            else:
+                key = unseal_bound(self.counter, blob)
         except MeasurementsChanged:
             self._aside_sealed_elsewhere()
             self._fresh(value, rotate=True)
@@ -356,6 +444,76 @@ class StateKeeper:
             self._refuse_file(state_path, value)
         self.state_file = StateFile(state_path, key, counter=value)
         self.created = not had_state
+        self._reseal_if_due()
+
+    def _unseal_release(self, blob: KeyBlob, value: int) -> Secret | None:
+        """Open a key sealed for signed releases with the entry matching the live PCRs
+        (``agent.releasestate``); None if the state is held instead."""
+        generation = authorized.bound_generation(blob)
+        self.sealed_generation = generation
+        releases = self.releases
+        if releases is None:
+            self._hold(
+                "the state key is sealed for signed releases but no [releases] key is configured",
+                value,
+            )
+            return None
+        try:
+            live = self.store.pcr_read(releases.pcrs() or self.pcrs)
+            entry = choose_entry(releases, generation, live, load_boot(self.dir))
+            key = authorized.unseal_authorized(self.counter, blob, entry, releases.key, generation)
+        except Unapproved as exc:
+            self._hold(exc.reason, value)
+            return None
+        except (
+            MeasurementsChanged,
+            authorized.ReleaseStale,
+            authorized.ReleaseSignatureRefused,
+            ProtocolError,
+        ) as exc:
+            self._hold(str(exc), value)  # checked at receipt; refused now: still nothing moves
+            return None
+        self.release_version = entry.version
+        save_boot(self.dir, entry.version, {i: live[i] for i in entry.pcrs})
+        if generation == releases.generation and releases.sealed is not None:
+            releases.resealed()  # a re-seal committed just before a stop: the older bundle goes
+        return key
+
+    def _hold(self, reason: str, value: int) -> None:
+        self.held = reason
+        self.state_file = None
+        self.created = False
+        log.error(
+            "[release.unapproved] %s; the state is held as it is (files untouched, state "
+            "counter %d not moved) and opens again on an approved release; running without "
+            "group state, saving nothing over it",
+            reason,
+            value,
+        )
+
+    def _reseal_if_due(self) -> None:
+        """At start: seal the key again if a newer release generation (or a first bundle, for
+        a key sealed the PolicyPCR way) is held. A rotation; it spends a token if there is one
+        and is not refused for want of one."""
+        releases = self.releases
+        if self.state_file is None or releases is None or releases.generation is None:
+            return
+        if self.sealed_generation == releases.generation:
+            return
+        log.info(
+            "state key sealed %s: sealing it again under release generation %d",
+            "to the PCRs"
+            if self.sealed_generation is None
+            else f"under release generation {self.sealed_generation}",
+            releases.generation,
+        )
+        state = self.load()
+        if state is None:
+            self._fresh(self.state_file.counter, rotate=True)
+            return
+        self.budget.spend(self._now())
+        self.rotate(state)
+        self._legacy = state
 
     def _refuse_file(self, path: Path, value: int) -> None:
         stamp = self._now()
@@ -387,13 +545,21 @@ class StateKeeper:
         (then the counter moves, and every older blob is dead)."""
         target = value + 1 if rotate else value
         key = Secret(os.urandom(32))
-        seal_bound(self.counter, key, self.pcrs, target).save(self.dir / STATE_KEY_BLOB)
+        blob, generation = self._seal(key, target)
+        blob.save(self.dir / STATE_KEY_BLOB)
         if rotate:
             self.budget.spend(self._now())
             self.counter.increment()
             self.rotations += 1
+        self._sealed_under(generation)
         self.state_file = StateFile(self.dir / STATE_FILE, key, counter=target)
         self.created = True
+
+    def _sealed_under(self, generation: int | None) -> None:
+        self.sealed_generation = generation
+        self._reseal = False
+        if self.releases is not None and generation is not None:
+            self.releases.resealed()
 
     def _migrate(self, value: int) -> None:
         path = self.dir / STATE_KEY_BLOB
@@ -457,11 +623,14 @@ class StateKeeper:
     def save(self, state: dict[str, Any], destroyed: frozenset[str]) -> bool:
         """Save; rotate instead if ``destroyed`` (``destroyed_keys`` of the ledger) names a key
         not destroyed at the last rotation and the budget has a token. True if it rotated."""
+        if self.held is not None:
+            log.debug("state held (release.unapproved): nothing saved over it")
+            return False
         assert self.state_file is not None
         now = self._now()
         if self._destroyed is None:
             self._destroyed = destroyed
-        if not destroyed <= self._destroyed:
+        if self._reseal or not destroyed <= self._destroyed:
             if self.budget.admit(now):
                 previous, self._destroyed = self._destroyed, destroyed
                 try:
@@ -483,7 +652,8 @@ class StateKeeper:
         assert self.state_file is not None
         value = self.counter.read()
         key = Secret(os.urandom(32))
-        seal_bound(self.counter, key, self.pcrs, value + 1).save(self.dir / NEXT_KEY_BLOB)
+        blob, generation = self._seal(key, value + 1)
+        blob.save(self.dir / NEXT_KEY_BLOB)
         self._fault("sealed")
         following = StateFile(self.dir / NEXT_STATE_FILE, key, counter=value + 1)
         following.generation = self.state_file.generation
@@ -495,6 +665,7 @@ class StateKeeper:
         self.state_file = StateFile(self.dir / STATE_FILE, key, counter=value + 1)
         self.state_file.generation = following.generation
         self.rotations += 1
+        self._sealed_under(generation)
         self._fault("incremented")
         try:
             os.replace(self.dir / NEXT_KEY_BLOB, self.dir / STATE_KEY_BLOB)

@@ -185,9 +185,10 @@ def authorize_digest(approved: bytes, generation: int) -> bytes:
 
 
 def release_key_public_area(public_key: ec.EllipticCurvePublicKey) -> bytes:
-    """The marshalled TPMT_PUBLIC with which a device loads the release key (LoadExternal, NULL
-    hierarchy): an ECDSA-SHA256 P-256 verification key, no policy. Its name is ``key_name``; the
-    sealed state names the key by it, so both sides must build exactly these bytes."""
+    """The marshalled TPMT_PUBLIC with which a device loads the release key (LoadExternal in
+    the owner hierarchy: PolicyAuthorize refuses a ticket of the NULL hierarchy): an
+    ECDSA-SHA256 P-256 verification key, no policy. Its name is ``key_name``; the sealed state
+    names the key by it, so both sides must build exactly these bytes."""
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
         public_key.curve, ec.SECP256R1
     ):

@@ -19,8 +19,9 @@ sees it and other tools that load TSS2 keys ignore it. With the Name the agent t
 this blob was made under was evicted, the handle now holds a newer one" from "damaged blob".
 The other optional fields ([2] secret, [3] authPolicy, [5] rsaParent) and any other
 description are refused: keyfleet never writes them, and a decoder that skipped them would
-half-understand a key. Only PolicyPCR is
-understood in ``policy`` (it is how a sealed state key records which PCRs it is bound to).
+half-understand a key. The ``policy`` entries are kept as they are; what they mean is read by
+the code that sealed them: PolicyPCR (here), PolicyNV (``agent.tpm.nvcounter``), PolicyAuthorize
+(``agent.tpm.authorized``).
 
 Nothing here is secret in the clear (the private part is encrypted by the parent's seed), but the
 private bytes are kept out of reprs anyway. No TPM command is issued in this module.

@@ -156,7 +156,7 @@ def _nv_operand(value: int) -> TPM2B_OPERAND:
     return TPM2B_OPERAND(value.to_bytes(8, "big"))
 
 
-def _nv_policy_entry(index: int, value: int) -> PolicyCommand:
+def nv_policy_entry(index: int, value: int) -> PolicyCommand:
     operand = value.to_bytes(8, "big")
     return PolicyCommand(
         TPM2_CC_POLICY_NV,
@@ -184,10 +184,20 @@ def _parse_policy(blob: KeyBlob) -> tuple[TPML_PCR_SELECTION, int, int]:
         raise TPMError("unseal", None, "sealed blob's PCR selection does not decode") from None
     if used != len(raw) - 2 - digest_size:
         raise TPMError("unseal", None, "sealed blob's policy has trailing bytes")
-    nv = blob.policy[1].command_policy
-    if len(nv) != 4 + 2 + 8 + 4 or nv[4:6] != b"\x00\x08" or nv[14:] != b"\x00\x00\x00\x00":
+    return (selection, *parse_nv_entry(blob.policy[1]))
+
+
+def parse_nv_entry(entry: PolicyCommand) -> tuple[int, int]:
+    """(NV index, counter value) of a recorded ``PolicyNV(counter == value)`` entry."""
+    nv = entry.command_policy
+    if (
+        entry.command_code != TPM2_CC_POLICY_NV
+        or len(nv) != 4 + 2 + 8 + 4
+        or nv[4:6] != b"\x00\x08"
+        or nv[14:] != b"\x00\x00\x00\x00"
+    ):
         raise TPMError("unseal", None, "sealed blob's PolicyNV entry is not counter == value")
-    return selection, int.from_bytes(nv[:4], "big"), int.from_bytes(nv[6:14], "big")
+    return int.from_bytes(nv[:4], "big"), int.from_bytes(nv[6:14], "big")
 
 
 def bound_counter(blob: KeyBlob) -> int:
@@ -232,7 +242,7 @@ def seal_bound(counter: NVCounter, secret: Secret, pcrs: Sequence[int], value: i
         sealed=True,
         policy=(
             pcr_policy(pcr_digest(values, list(values)), selection.marshal()),
-            _nv_policy_entry(counter.index, value),
+            nv_policy_entry(counter.index, value),
         ),
     )
 
@@ -257,16 +267,19 @@ def unseal_bound(counter: NVCounter, blob: KeyBlob) -> Secret:
             ) as session,
         ):
             store._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
-            try:
-                store._call(
-                    "policy-nv", "policy_nv", nv, nv, session, _nv_operand(value), TPM2_EO.EQ, 0
-                )
-            except TPMError as exc:
-                if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY:
-                    raise CounterMoved(
-                        "unseal",
-                        exc.rc,
-                        f"the TPM refuses: sealed under state counter {value}, which has moved",
-                    ) from None
-                raise
+            policy_nv(store, nv, session, value)
             return store._unseal_in(obj, session)
+
+
+def policy_nv(store: TPMStore, nv: ESYS_TR, session: ESYS_TR, value: int) -> None:
+    """PolicyNV(counter == value) in a policy session; ``CounterMoved`` if the TPM refuses."""
+    try:
+        store._call("policy-nv", "policy_nv", nv, nv, session, _nv_operand(value), TPM2_EO.EQ, 0)
+    except TPMError as exc:
+        if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY:
+            raise CounterMoved(
+                "unseal",
+                exc.rc,
+                f"the TPM refuses: sealed under state counter {value}, which has moved",
+            ) from None
+        raise

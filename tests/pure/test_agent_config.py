@@ -207,7 +207,7 @@ def test_acceptance_unknown_key_is_named(tmp_path: Path) -> None:
     assert problems == ["tpm.pcr: unknown key, expected one of: tcti, pcrs"]
     assert _problems(_write(tmp_path, "[tmp]\n")) == [
         "tmp: unknown key, expected one of: tpm, state, identity, fleet, broker, api, rotation, "
-        "simulation, attestation"
+        "simulation, attestation, releases"
     ]
 
 
@@ -372,6 +372,33 @@ def test_service_key_must_be_p256(tmp_path: Path, pki: dict[str, Path]) -> None:
     )
     config = load_config(_write(tmp_path, _provisioned_toml(pki)))
     assert config.fleet is not None and config.fleet.service_key == public
+
+
+def test_release_key_is_optional_and_must_be_a_p256_public_key(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    config = load_config(_write(tmp_path, _provisioned_toml(pki)))
+    assert config.releases.key is None and config.releases.key_file is None
+    key_file = tmp_path / "release-key.pem"
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    key_file.write_bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    text = _provisioned_toml(pki, releases=f'key = "{key_file}"')
+    config = load_config(_write(tmp_path, text))
+    assert config.releases.key == public and config.releases.key_file == key_file
+    key_file.write_bytes(
+        ec.generate_private_key(ec.SECP384R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    (problem,) = _problems(_write(tmp_path, text))
+    assert problem.startswith("releases.key: got") and "ECC P-256" in problem
+    key_file.write_bytes(b"not a key")
+    (problem,) = _problems(_write(tmp_path, text))
+    assert problem.startswith("releases.key: got") and "PEM public key" in problem
 
 
 def test_bad_toml_and_path_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -178,6 +178,7 @@ SAMPLES: list[Body] = [
     RevocationFeed(seq=3, head=bytes(32), time=1_700_000_000),
     ReleaseBundleMessage(bundle=b"\xd2cose"),
     KeyStateReport(keys=(), feed=7),
+    KeyStateReport(keys=(), release_seq=3, release_generation=2, release_version="1.1"),
     AuditSync(command_id=CMD, after=0),
     AuditSync(command_id=CMD, after=10, count=12),
     AuditCheckpointResult(

@@ -35,7 +35,7 @@ def test_release_key_name_and_policy_authorize_match_the_tpm(swtpm: Swtpm) -> No
     ref = rel.policy_ref(7)
     with TPMStore(swtpm.tcti) as store:
         handle = store._call(
-            "load-external", "load_external", TPM2B_PUBLIC(publicArea=area), None, ESYS_TR.RH_NULL
+            "load-external", "load_external", TPM2B_PUBLIC(publicArea=area), None, ESYS_TR.RH_OWNER
         )
         with store._transient(handle):
             name = store._name(handle)

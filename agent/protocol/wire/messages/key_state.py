@@ -74,18 +74,29 @@ class KeyStateReport(Body):
     since it started, by check id (``authz.*``, ``cred.*``, ``tpm.proof.*``, ...): what a rogue
     service, operator or member tried (the service audits changes of it); ``feed``: the number
     of the newest revocation feed entry the device verified and keeps (absent from agents that
-    keep no feed), so the service sends what it lacks and shows who lags."""
+    keep no feed), so the service sends what it lacks and shows who lags; ``release_seq`` and
+    ``release_generation``: the newest release bundle the device verified and keeps, and
+    ``release_version``: the release its running image matched (absent without a release key,
+    or when no bundle or no release applies), so the service shows who runs what and who has
+    not re-sealed after a revocation (docs/releases.md)."""
 
     TYPE: ClassVar[str] = "keys.report"
 
     keys: tuple[KeyRecord, ...]
     refused: tuple[tuple[str, int], ...] = ()
     feed: int | None = None
+    release_seq: int | None = None
+    release_generation: int | None = None
+    release_version: str | None = None
 
     def __post_init__(self) -> None:
         check_records(self.keys, "keys")
-        if self.feed is not None:
-            check_uint(self.feed, "feed", maximum=MAX_FEED_SEQ)
+        for name in ("feed", "release_seq", "release_generation"):
+            value = getattr(self, name)
+            if value is not None:
+                check_uint(value, name, maximum=MAX_FEED_SEQ)
+        if self.release_version is not None:
+            check_text(self.release_version, "release_version", min_len=1, max_len=64)
         check_tuple(self.refused, "refused", max_len=MAX_REFUSED)
         for item in self.refused:
             if (
@@ -104,13 +115,15 @@ class KeyStateReport(Body):
         out: dict[str, object] = {"keys": records_to_cbor(self.keys)}
         if self.refused:
             out["refused"] = dict(self.refused)
-        if self.feed is not None:
-            out["feed"] = self.feed
+        for name in ("feed", "release_seq", "release_generation", "release_version"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     @classmethod
     def from_cbor_map(cls, value: object) -> Self:
-        kwargs = fields(value, cls.__name__, ["keys"], ["refused", "feed"])
+        optional = ["refused", "feed", "release_seq", "release_generation", "release_version"]
+        kwargs = fields(value, cls.__name__, ["keys"], optional)
         refused = kwargs.get("refused", {})
         if not isinstance(refused, Mapping):
             raise ProtocolError("body.type", "refused must be a map")
@@ -118,6 +131,9 @@ class KeyStateReport(Body):
             keys=records_from_cbor(kwargs["keys"], "keys"),
             refused=tuple(sorted(refused.items(), key=lambda kv: str(kv[0]))),
             feed=kwargs.get("feed"),
+            release_seq=kwargs.get("release_seq"),
+            release_generation=kwargs.get("release_generation"),
+            release_version=kwargs.get("release_version"),
         )
 
 
