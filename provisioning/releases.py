@@ -167,7 +167,10 @@ def encode_pcrs(values: Mapping[int, bytes]) -> bytes:
 
 
 def decode_pcrs(data: bytes) -> dict[int, bytes]:
-    decoded = codec.decode(data, 4096, "release pcrs")
+    try:
+        decoded = codec.decode(data, 4096, "release pcrs")
+    except ProtocolError:
+        decoded = None
     if not isinstance(decoded, dict) or not all(
         type(k) is int and type(v) is bytes and len(v) == DIGEST_SIZE for k, v in decoded.items()
     ):

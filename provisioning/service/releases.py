@@ -16,7 +16,7 @@
   must hash to the approved digest and replay to its stored PCR values, and its approval must
   be an Authorization of op ``release.approve`` for exactly this release meeting the quorum
   policy it was approved under; a row imported from ``[attestation] golden_measurements`` must
-  be covered by that file. A row that fails is left out and logged/audited with
+  be covered by that file. A row that fails is left out and logged with
   ``release.stored`` (a database writer cannot approve a release).
 - ``import_initial``: on a first start with no release rows, the releases of
   ``[attestation] golden_measurements`` become approved releases (``release.import``).
@@ -313,7 +313,6 @@ def policies_by_serial(env: Env, session: Session) -> dict[int, authz.QuorumPoli
 
 def verify_approved(
     env: Env,
-    session: Session,
     stored: StoredRelease,
     policies: dict[int, authz.QuorumPolicy],
 ) -> model.Manifest:
@@ -363,7 +362,7 @@ def verified_approved(
     refused: list[ProtocolError] = []
     for stored in rows.releases_in(session, ReleaseState.APPROVED):
         try:
-            good.append((stored, verify_approved(env, session, stored, policies)))
+            good.append((stored, verify_approved(env, stored, policies)))
         except ProtocolError as exc:
             refused.append(exc)
     return good, refused
