@@ -50,6 +50,7 @@ from agent.protocol.wire.messages.operator import (
     ListRequests,
     Propose,
     Rekey,
+    ReleaseAdd,
     Revoke,
 )
 from agent.protocol.wire.messages.result import (
@@ -72,6 +73,7 @@ FINAL = frozenset(
 Command = (
     Rekey
     | GroupPolicy
+    | ReleaseAdd
     | Revoke
     | GroupCreate
     | GroupAdd

@@ -1,9 +1,9 @@
 """``keyfleet release``: firmware releases on the operator's side (docs/operations.md,
 "Releases").
 
-- ``release add MANIFEST``: a proposed release from a JSON manifest, written on the service
-  host (``--config``/``--db``) and audited (``release.add``). A proposed release is trusted by
-  nothing until a quorum approves it.
+- ``release add MANIFEST``: a proposed release from a JSON manifest, validated here and sent as
+  the signed command ``op.release_add`` (the service validates it again and audits
+  ``release.add``). A proposed release is trusted by nothing until a quorum approves it.
 - ``release approve VERSION`` / ``release revoke VERSION``: a dual-control request of op
   ``release.approve``/``release.revoke`` (admins) and this operator's approval, as
   ``keyfleet propose`` makes one; the request's subject names the release version and its
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,12 +29,11 @@ from sqlalchemy.orm import Session
 from agent.fsio import atomic_write
 from agent.protocol import authz
 from agent.protocol.errors import ConfigError, ProtocolError
-from agent.protocol.wire.messages.operator import Propose
+from agent.protocol.wire.messages.operator import Propose, ReleaseAdd
 from provisioning import releases as model
 from provisioning.db.engine import session_factory
 from provisioning.listings import Row, print_table
-from provisioning.operator import EXIT_FAILED, EXIT_OK, OperatorClient
-from provisioning.registry import run_in_transaction
+from provisioning.operator import EXIT_FAILED, EXIT_OK, OperatorClient, Progress, run_commands
 from provisioning.requests_cli import RequestSession, describe
 from provisioning.service import releases as flows
 from provisioning.service.store import releases as rows
@@ -52,24 +50,14 @@ def read_manifest(path: Path) -> model.Manifest:
     return model.parse_manifest(data, str(path))
 
 
-def run_add(args: argparse.Namespace, engine_for: EngineFor) -> int:
-    manifest = read_manifest(Path(args.manifest))
-    engine = engine_for(args)
-    try:
-
-        def work(session: Session) -> None:
-            flows.add_release(
-                session, manifest, by=args.by, actor=f"local:{args.by}", now=int(time.time())
-            )
-
-        run_in_transaction(session_factory(engine), work)
-    finally:
-        engine.dispose()
-    print(
-        f"release {manifest.version} proposed (manifest SHA-256 {manifest.sha256.hex()}); "
-        f"approve it with: keyfleet release approve {manifest.version}"
-    )
-    return EXIT_OK
+def run_add(client: OperatorClient, args: argparse.Namespace) -> int:
+    """Send the manifest, validated here first (the service validates it again)."""
+    path = Path(args.manifest)
+    manifest = read_manifest(path)
+    body = ReleaseAdd(client.new_command_id(), path.read_bytes())
+    progress = Progress(sys.stdout, json_lines=args.json)
+    label = f"add release {manifest.version}"
+    return run_commands(client, [(label, body)], timeout=args.timeout, progress=progress)
 
 
 def release_rows(session: Session) -> list[Row]:
@@ -147,7 +135,10 @@ def run_export(args: argparse.Namespace, engine_for: EngineFor) -> int:
 
 
 def run_request(client: OperatorClient, args: argparse.Namespace) -> int:
-    """Propose ``release.approve``/``release.revoke`` of VERSION and send this approval."""
+    """``release add`` (``op.release_add``), or: propose ``release.approve``/``release.revoke``
+    of VERSION and send this approval."""
+    if args.release_command == "add":
+        return run_add(client, args)
     op = authz.OP_RELEASE_APPROVE if args.release_command == "approve" else authz.OP_RELEASE_REVOKE
     label = f"{args.release_command} release {args.version}"
     session = RequestSession(client, json_lines=args.json)
@@ -176,9 +167,8 @@ def add_release_commands(
     kinds = release.add_subparsers(dest="release_command", required=True)
     add = kinds.add_parser("add", help="propose a release from a JSON MANIFEST")
     add.add_argument("manifest", metavar="MANIFEST")
-    add.add_argument("--by", default="operator", help="who adds it (recorded in the audit log)")
-    database_options(add)
-    add.set_defaults(handler=lambda a: run_add(a, engine_for))
+    operator_options(add)
+    add.set_defaults(handler=operator_handler)
     listing = kinds.add_parser("list", help="releases, their state and devices")
     database_options(listing)
     listing.add_argument("--json", action="store_true", help="a JSON array (Unix seconds)")

@@ -44,6 +44,7 @@ from agent.protocol.wire.messages.operator import (
     ListRequests,
     Propose,
     Rekey,
+    ReleaseAdd,
     Revoke,
 )
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
@@ -65,6 +66,7 @@ from provisioning.service import (
     execute,
     fullrekey,
     rekeypolicy,
+    releases,
     requests,
     store,
     verify,
@@ -94,6 +96,8 @@ REQUIRED_ROLE: Final[dict[str, Role]] = {
     GroupAdd.TYPE: Role.OPERATOR,
     AttestDevice.TYPE: Role.OPERATOR,
     Revoke.TYPE: Role.ADMIN,
+    # A proposed release is trusted by nothing: approving it is an admins' quorum (requests.py).
+    ReleaseAdd.TYPE: Role.OPERATOR,
     # Dual control: who may propose or approve which op is checked per request (requests.py).
     Propose.TYPE: Role.OPERATOR,
     Approve.TYPE: Role.OPERATOR,
@@ -316,6 +320,9 @@ def dispatch_operator(
         return checkpoints.on_sync(cx, session, operator, body, now)
     if isinstance(body, AttestDevice):
         return attestation.dispatch_attest(cx, session, operator, body, command_id, now=now)
+    if isinstance(body, ReleaseAdd):
+        store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
+        return releases.on_add(session, body, operator=operator, now=now)
     if isinstance(body, GroupPolicy):
         store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
         return rekeypolicy.set_group_policy(

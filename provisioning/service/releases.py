@@ -1,8 +1,9 @@
 """Firmware releases approved under the quorum; the golden policy is the approved set
 (docs/operations.md, "Releases"; docs/attestation.md, "The golden policy").
 
-- ``add_release``: a proposed release from a validated manifest (``keyfleet release add``, on the
-  service host, audited ``release.add``). A proposed release is trusted by nothing.
+- ``on_add`` / ``add_release``: a proposed release from a validated manifest (``keyfleet
+  release add``, the signed ``op.release_add``; audited ``release.add``). A proposed release is
+  trusted by nothing.
 - ``release.approve`` / ``release.revoke``: quorum requests (``provisioning.service.requests``)
   whose Request ``subject`` binds the exact release, its version and the SHA-256 of its
   canonical manifest (``provisioning.releases.subject``). When the quorum is met the service
@@ -32,8 +33,10 @@ from sqlalchemy.orm import Session
 from agent.protocol import authz
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.release import sign_bundle
-from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC
+from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC, operator_result_topic
+from agent.protocol.wire.messages.operator import ReleaseAdd
 from agent.protocol.wire.messages.release import ReleaseBundleMessage
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import audit
 from provisioning import releases as model
 from provisioning.policy import GoldenPolicy
@@ -83,6 +86,28 @@ def add_release(
         },
     )
     return stored
+
+
+def on_add(session: Session, body: ReleaseAdd, *, operator: str, now: int) -> Effects:
+    """``op.release_add``: validate the manifest (``release.manifest``) and keep the release
+    proposed; the answer names its manifest digest, which the approvers will see."""
+    try:
+        manifest = model.parse_manifest(body.manifest, "manifest")
+    except ConfigError as exc:
+        raise ProtocolError("release.manifest", str(exc)) from None
+    add_release(session, manifest, by=operator, actor=f"operator:{operator}", now=now)
+    detail = (
+        f"release {manifest.version} proposed (manifest SHA-256 {manifest.sha256.hex()}); "
+        f"approve it with: keyfleet release approve {manifest.version}"
+    )
+    return [
+        Log(logging.INFO, "%s proposed release %s", (operator, manifest.version)),
+        Send(
+            operator_result_topic(operator),
+            OperatorResult(body.command_id, ResultStatus.DONE, detail, (), ()),
+            operator,
+        ),
+    ]
 
 
 # -- requests -----------------------------------------------------------------------------------

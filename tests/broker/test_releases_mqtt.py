@@ -4,7 +4,8 @@ a SoftHSM2 token, ``[quorum] min_approvals = 2``, two admins running the CLI as 
 the database a SQLite file.
 
 Shown: at start the service publishes, retained on ``kf/v1/feed/releases``, the bundle of the
-release it imported from the golden measurements; ``keyfleet release add`` proposes 1.1, one
+release it imported from the golden measurements; ``keyfleet release add`` (a signed command)
+proposes 1.1, one
 admin's ``keyfleet release approve`` leaves it pending, the second admin's ``keyfleet approve``
 approves it, and a device (its DevID client certificate, the product ACL) receives the new
 bundle, signed by the release key for generation 0, and a device connecting later gets it
@@ -165,10 +166,9 @@ def test_two_admins_approve_a_release_and_devices_receive_the_signed_bundle(
 
         manifest = releases.workdir / "manifest-1.1.json"
         write_manifest(manifest, demo_manifest("1.1"))
-        code, out, err = releases.cli(
-            None, "release", "add", str(manifest), "--config", str(releases.config)
-        )
-        assert code == 0, err
+        code, out, err = releases.cli("op-alice", "release", "add", str(manifest))
+        assert code == 0, f"{out}\n{err}"
+        assert "release 1.1 proposed" in out
         code, out, err = releases.cli("op-alice", "release", "approve", "1.1")
         assert code == 0, f"{out}\n{err}"
         assert "release:  1.1 (manifest SHA-256" in out and "needs 1 more" in out

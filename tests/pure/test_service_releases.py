@@ -24,8 +24,8 @@ from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.release import ReleaseBundle, check_newer, open_bundle
 from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC
 from agent.protocol.wire.envelope import open_message
-from agent.protocol.wire.messages.operator import Propose
-from agent.protocol.wire.messages.result import RequestInfo, RequestState
+from agent.protocol.wire.messages.operator import Propose, ReleaseAdd
+from agent.protocol.wire.messages.result import RequestInfo, RequestState, ResultStatus
 from firmware_sim.boot import default_components
 from provisioning import releases as model
 from provisioning.db.runtime import ReleaseRow, ReleaseStateRow
@@ -472,3 +472,27 @@ def test_a_release_whose_successor_was_revoked_does_not_expire(fleet: Fleet) -> 
     fleet.tick(GRACE + 10)
     assert stored(fleet, "1.0").state is ReleaseState.APPROVED
     assert kernel_versions(golden(fleet)) == ("1.0",)
+
+
+def test_release_add_is_a_signed_command_that_validates_the_manifest(fleet: Fleet) -> None:
+    manifest = manifest_of("1.1")
+    good = json.dumps(manifest.to_obj(), indent=2).encode()
+    cid = fleet.command("op-alice", ReleaseAdd(command_id(), good))
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert manifest.sha256.hex() in result.detail
+    added = stored(fleet, "1.1")
+    assert (added.state, added.proposed_by) == (ReleaseState.PROPOSED, "op-alice")
+    assert added.manifest == manifest.canonical  # kept in its one canonical spelling
+    entry = [e for e in fleet.audit_entries() if e.action == "release.add"][-1]
+    assert (entry.actor, entry.target) == ("operator:op-alice", "1.1")
+    # the same version again, a bad manifest, a viewer: refused, nothing stored
+    for operator, data, check in (
+        ("op-alice", good, "release.exists"),
+        ("op-alice", b'{"version": "1.2", "components": []}', "release.manifest"),
+        ("op-viewer", json.dumps(manifest_of("1.2").to_obj()).encode(), "op.role"),
+    ):
+        cid = fleet.command(operator, ReleaseAdd(command_id(), data))
+        assert check in refusal(fleet, cid), (operator, check)
+    with fleet.sessions() as session:
+        assert [r.version for r in rows.all_releases(session)] == ["1.0", "1.1"]

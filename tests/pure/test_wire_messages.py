@@ -34,6 +34,7 @@ from agent.protocol.wire.messages.operator import (
     ListRequests,
     Propose,
     Rekey,
+    ReleaseAdd,
     Revoke,
 )
 from agent.protocol.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
@@ -123,6 +124,7 @@ SAMPLES: list[Body] = [
     Rekey(command_id=CMD, group_id="g1"),
     Rekey(command_id=CMD, group_id="g1", full=True),
     GroupPolicy(command_id=CMD, group_id="g1", max_age=604_800, max_epochs=100),
+    ReleaseAdd(command_id=CMD, manifest=b'{"version": "1.1", "components": []}'),
     Revoke(command_id=CMD, device_id="dev-3", reason="lost"),
     Revoke(command_id=CMD, device_id="dev-3"),
     GroupCreate(command_id=CMD, group_id="g9", members=("dev-1", "dev-2")),

@@ -221,6 +221,26 @@ class Propose(Body):
             raise ProtocolError("body.malformed", f"{self.op} names exactly one member")
 
 
+# A release manifest (JSON, provisioning.releases) is at most this large.
+MAX_MANIFEST = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ReleaseAdd(Body):
+    """Propose a firmware release from its ``manifest`` (JSON bytes: version and components,
+    docs/operations.md "Releases"). The service validates it and keeps it proposed; only a
+    ``release.approve`` request that meets the quorum makes the fleet trust it."""
+
+    TYPE: ClassVar[str] = "op.release_add"
+
+    command_id: bytes
+    manifest: bytes
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_bytes(self.manifest, "manifest", min_len=1, max_len=MAX_MANIFEST)
+
+
 @dataclass(frozen=True)
 class Approve(Body):
     """The sender's ``approval`` (Approval bytes, ``agent.protocol.authz``) of request

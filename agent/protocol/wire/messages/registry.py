@@ -30,6 +30,7 @@ from agent.protocol.wire.messages.operator import (
     ListRequests,
     Propose,
     Rekey,
+    ReleaseAdd,
     Revoke,
 )
 from agent.protocol.wire.messages.release import ReleaseBundleMessage
@@ -73,6 +74,7 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     Approve,
     ListRequests,
     RequestsResult,
+    ReleaseAdd,
     RevocationFeed,
     AuditSync,
     AuditCheckpointResult,
