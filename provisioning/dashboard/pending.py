@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from agent.protocol import authz
 from agent.protocol.errors import ProtocolError
 from provisioning.db.runtime import QuorumRequestRow
+from provisioning.releases import read_subject
 
 MAX_SHOWN = 100
 
@@ -27,6 +28,7 @@ class PendingRequest:
     created_at: int
     expires_at: int
     readable: bool  # the stored Request bytes decode (a damaged row is shown as such)
+    release: str | None = None  # the release version a release request names
 
 
 def pending_requests(session: Session, *, now: int) -> list[PendingRequest]:
@@ -39,9 +41,12 @@ def pending_requests(session: Session, *, now: int) -> list[PendingRequest]:
     )
     shown = []
     for row in rows:
+        release = None
         try:
             request = authz.Request.decode(row.request)
             readable = request.id.hex() == row.request_id
+            if request.subject is not None:
+                release = read_subject(request.subject)[0]
         except ProtocolError:
             readable = False
         shown.append(
@@ -55,6 +60,7 @@ def pending_requests(session: Session, *, now: int) -> list[PendingRequest]:
                 created_at=row.created_at,
                 expires_at=row.expires_at,
                 readable=readable,
+                release=release,
             )
         )
     return shown

@@ -496,3 +496,15 @@ def test_release_add_is_a_signed_command_that_validates_the_manifest(fleet: Flee
         assert check in refusal(fleet, cid), (operator, check)
     with fleet.sessions() as session:
         assert [r.version for r in rows.all_releases(session)] == ["1.0", "1.1"]
+
+
+def test_the_dashboard_names_the_release_of_a_pending_request(fleet: Fleet) -> None:
+    from tests.pure.test_service_requests import dashboard_overview
+
+    add(fleet, "1.1")
+    info = propose_release(fleet, "op-admin", authz.OP_RELEASE_APPROVE, "1.1")
+    approve(fleet, "op-admin", info.request)
+    request_id = authz.Request.decode(info.request).id.hex()
+    page = dashboard_overview(fleet, "op-viewer")
+    row = page[page.index(f'data-request="{request_id}"') :].split("</tr>")[0]
+    assert "release.approve" in row and "release 1.1" in row
