@@ -101,8 +101,18 @@ def run_list(args: argparse.Namespace, engine_for: EngineFor) -> int:
         print(json.dumps(found, sort_keys=True))
         return EXIT_OK
     shown = [{**row, "devices": len(row["devices"])} for row in found]  # type: ignore[arg-type]
-    columns = ("version", "state", "source", "approved_by", "approved_at", "ended_at", "devices")
-    print_table(shown, columns, sys.stdout, times=("approved_at", "ended_at"))
+    columns = (
+        "version",
+        "state",
+        "source",
+        "approved_by",
+        "approved_at",
+        "superseded_at",
+        "ended_at",
+        "devices",
+    )
+    times = ("approved_at", "superseded_at", "ended_at")
+    print_table(shown, columns, sys.stdout, times=times)
     return EXIT_OK
 
 
