@@ -421,10 +421,11 @@ class Daemon:
                 {name: group.epoch for name, group in core.groups().items()},
                 core.next_seq,
             )
-        else:
-            # Fresh state: continue above any seq an earlier state of this device may have
-            # sent (milliseconds of the clock, as the service does), never from 1 again.
-            core.skip_sequence_to(self.now() * 1000)
+        # Continue above any seq this device may have sent from another state (milliseconds of
+        # the clock, as the service does): a fresh state must never start from 1 again, and a
+        # state opened again after a boot that ran without it (an unapproved image holds the
+        # state, docs/releases.md) must not reuse the numbers sent meanwhile.
+        core.skip_sequence_to(self.now() * 1000)
         self.core = core
         if self._state.rollback is not None:
             core.rejections.record(ProtocolError("state.rollback", self._state.rollback))
@@ -436,7 +437,9 @@ class Daemon:
             core.follow_releases(
                 self._state.releases.key, self._state.releases.newest, self._state.release_version
             )
-        self._note_own_keys()
+        if self._state.held is None:
+            # held, the ledger is not at hand: report no key records rather than new ones
+            self._note_own_keys()
         self._persist()
         self._api = LocalApiServer(
             config.api.socket,

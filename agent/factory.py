@@ -70,7 +70,7 @@ from agent.config import load_config
 from agent.fsio import atomic_write, shred
 from agent.protocol.attest import public_key_from_area
 from agent.protocol.errors import ProtocolError, StateError, TPMError
-from agent.serial_link import INSTALL_ARGS, Args, DeviceLink, Handler
+from agent.serial_link import INSTALL_ARGS, OPTIONAL_INSTALL_ARGS, Args, DeviceLink, Handler
 from agent.tpm.blob import KeyBlob
 from agent.tpm.store import EKKind, TPMStore
 from agent.tpm.templates import KeyKind
@@ -147,6 +147,22 @@ def _only(args: Args, allowed: Sequence[str]) -> None:
     extra = sorted(set(args) - set(allowed))
     if extra:
         raise ProtocolError("factory.args", f"unexpected arguments {extra}")
+
+
+def _release_key(data: object) -> ec.EllipticCurvePublicKey | None:
+    """The fleet's release-signing key from the install request (SubjectPublicKeyInfo DER of a
+    P-256 key), or None if the fleet gives none."""
+    if data is None:
+        return None
+    if not isinstance(data, bytes) or not 0 < len(data) <= MAX_CERT:
+        raise ProtocolError("factory.args", "release_key must be a DER public key")
+    try:
+        key = serialization.load_der_public_key(data)
+    except ValueError:
+        raise ProtocolError("factory.args", "release_key does not parse") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ProtocolError("factory.args", "release_key must be an EC P-256 key")
+    return key
 
 
 def _certificate(data: object, name: str) -> x509.Certificate:
@@ -383,7 +399,7 @@ class FactoryDevice:
     # -- install and lock --
 
     def _install(self, args: Args) -> Args:
-        _only(args, INSTALL_ARGS)
+        _only(args, (*INSTALL_ARGS, *OPTIONAL_INSTALL_ARGS))
         device_id = _text_arg(args, "device_id", _DEVICE_ID)
         devid_cert = _certificate(args.get("devid_cert"), "devid_cert")
         tls_cert = _certificate(args.get("tls_cert"), "tls_cert")
@@ -408,6 +424,8 @@ class FactoryDevice:
             or not all(isinstance(g, str) and _GROUP.fullmatch(g) for g in groups)
         ):
             raise ProtocolError("factory.args", "groups must be a list of group names")
+
+        release_key = _release_key(args.get("release_key"))
 
         devid_blob = self._blob(KeyKind.DEVID)
         if not _same_key(devid_cert.public_key(), public_key_from_area(devid_blob.public)):
@@ -445,12 +463,18 @@ class FactoryDevice:
             "service.pem": _pem(service_cert),
             "groups.json": json.dumps({"groups": groups}).encode(),
         }
+        if release_key is not None:
+            files["release-key.pem"] = release_key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
         for name, data in files.items():
             atomic_write(ident / name, data, mode=0o644)
-        self._write_config(device_id, host, port, min_approvals)
+        self._write_config(device_id, host, port, min_approvals, releases=release_key is not None)
         return {"config": str(self.paths.config), "device_id": device_id}
 
-    def _write_config(self, device_id: str, host: str, port: int, min_approvals: int) -> None:
+    def _write_config(
+        self, device_id: str, host: str, port: int, min_approvals: int, *, releases: bool
+    ) -> None:
         ident = self.paths.identity
         lines = [
             "# written by keyfleet factory provisioning",
@@ -485,6 +509,11 @@ class FactoryDevice:
             f"port = {port}",
             f"ca = {_toml_string(str(ident / 'broker-ca.pem'))}",
             "",
+            *(
+                ["[releases]", f"key = {_toml_string(str(ident / 'release-key.pem'))}", ""]
+                if releases
+                else []
+            ),
             *(
                 ["[attestation]", f"event_log = {_toml_string(str(self._event_log_path))}", ""]
                 if self._event_log_path is not None

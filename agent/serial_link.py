@@ -84,6 +84,9 @@ INSTALL_ARGS = (
 )
 """The arguments of the factory ``install`` request: exactly the device identity the service
 returns from enroll/finish, which the station passes on unchanged."""
+OPTIONAL_INSTALL_ARGS = ("release_key",)
+"""Install arguments a fleet may leave out: ``release_key``, the SubjectPublicKeyInfo (DER) of
+the fleet's release-signing key, given when the service has one (docs/releases.md)."""
 
 Args = dict[str, Any]
 

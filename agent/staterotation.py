@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.fsio import shred
 from agent.protocol.errors import ProtocolError, StateError, TPMError
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
-from agent.protocol.release import ReleaseBundle
+from agent.protocol.release import ReleaseBundle, match
 from agent.protocol.secret import Secret
 from agent.releasestate import (
     HeldReleases,
@@ -341,6 +341,14 @@ class StateKeeper:
         makes the next save seal the state key again (``releases_changed``)."""
         assert self.releases is not None
         self.releases.adopt(bundle, self.sealed_generation, raw)
+        if self.held is None:
+            # which release is running, as the new bundle names it (a first bundle, or a
+            # version it no longer approves: the status and keys.report say so)
+            live = self.store.pcr_read(self.releases.pcrs() or self.pcrs)
+            entry = match(bundle, live)
+            self.release_version = None if entry is None else entry.version
+            if entry is not None:
+                save_boot(self.dir, entry.version, {i: live[i] for i in entry.pcrs})
         if self.releases_changed():
             log.info("release generation %d: the state key is sealed again", bundle.generation)
 

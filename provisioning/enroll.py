@@ -112,7 +112,7 @@ from agent.protocol.attest import (
 from agent.protocol.authz import AuthzVerifier
 from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError
 from agent.protocol.secret import Secret
-from agent.serial_link import INSTALL_ARGS
+from agent.serial_link import INSTALL_ARGS, OPTIONAL_INSTALL_ARGS
 from provisioning import audit, revocation
 from provisioning.config import ServiceConfig
 from provisioning.custody import load_private_key
@@ -357,9 +357,12 @@ class DeviceIdentity:
     broker_ca: tuple[x509.Certificate, ...]
     service_cert: x509.Certificate
     groups: tuple[str, ...]
+    # the fleet's release-signing public key (SubjectPublicKeyInfo DER), if the fleet has one
+    release_key: bytes | None = None
 
     def to_map(self) -> dict[str, Any]:
-        return {
+        optional = {} if self.release_key is None else {"release_key": self.release_key}
+        return optional | {
             "device_id": self.device_id,
             "devid_cert": self.devid_cert.public_bytes(_DER),
             "tls_cert": self.tls_cert.public_bytes(_DER),
@@ -377,7 +380,9 @@ class DeviceIdentity:
 
     @classmethod
     def from_map(cls, value: object) -> DeviceIdentity:
-        m = _exact_keys(value, frozenset(INSTALL_ARGS), "enroll/finish result")
+        keys = set(value) if isinstance(value, dict) else set()
+        present = frozenset(INSTALL_ARGS) | (keys & frozenset(OPTIONAL_INSTALL_ARGS))
+        m = _exact_keys(value, present, "enroll/finish result")
         broker = _exact_keys(m["broker"], frozenset({"host", "port", "ca"}), "broker")
 
         def cert(item: object) -> x509.Certificate:
@@ -402,6 +407,9 @@ class DeviceIdentity:
             raise ProtocolError("enroll.request", "broker port / groups malformed")
         if type(m["min_approvals"]) is not int:
             raise ProtocolError("enroll.request", "min_approvals must be an integer")
+        release_key = m.get("release_key")
+        if release_key is not None and not isinstance(release_key, bytes):
+            raise ProtocolError("enroll.request", "release_key must be DER bytes")
         return cls(
             device_id=m["device_id"],
             devid_cert=cert(m["devid_cert"]),
@@ -414,6 +422,7 @@ class DeviceIdentity:
             broker_ca=certs(broker["ca"]),
             service_cert=cert(m["service_cert"]),
             groups=tuple(str(g) for g in m["groups"]),
+            release_key=release_key,
         )
 
 
@@ -439,6 +448,8 @@ class EnrollmentSettings:
     undo_window: int = 3600
     # the imported manufacturer CRLs (provisioning.ekcrls), re-read when the file changes
     manufacturer_crls: Path | None = None
+    # the release-signing public key devices get (SubjectPublicKeyInfo DER); None: no releases
+    release_key: bytes | None = None
 
     def anchors(self) -> tuple[x509.Certificate, ...]:
         return self.trust_anchors or (self.device_ca.certificate,)
@@ -469,7 +480,18 @@ class EnrollmentSettings:
             operator_anchors=(cert_from_pem(config.operator_ca_cert.read_bytes()),),
             min_approvals=config.quorum.min_approvals,
             manufacturer_crls=config.attestation.manufacturer_crls,
+            release_key=_release_public(config),
         )
+
+
+def _release_public(config: ServiceConfig) -> bytes | None:
+    """The release-signing key's public half (SubjectPublicKeyInfo DER), for the devices."""
+    if config.releases.signing_key is None:
+        return None
+    key = load_private_key(config.releases.signing_key, role="release signing")
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 # ---- checks ---------------------------------------------------------------------------------
@@ -866,6 +888,7 @@ class Enrollment:
             broker_ca=settings.broker_ca,
             service_cert=settings.service_cert,
             groups=groups,
+            release_key=settings.release_key,
         )
 
     def _issue(

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from agent.protocol.errors import ConfigError, KeyfleetError, ProtocolError, TransportError
 from agent.protocol.secret import Secret
 from agent.protocol.wire import cbor
-from agent.serial_link import INSTALL_ARGS, SerialClient
+from agent.serial_link import INSTALL_ARGS, OPTIONAL_INSTALL_ARGS, SerialClient
 from agent.version import add_version_option
 from provisioning.enroll import (
     DeviceIdentity,
@@ -544,7 +544,9 @@ class Station:
 
 def _install_args(identity: DeviceIdentity) -> dict[str, Any]:
     values = identity.to_map()
-    return {name: values[name] for name in INSTALL_ARGS}
+    return {
+        name: values[name] for name in (*INSTALL_ARGS, *OPTIONAL_INSTALL_ARGS) if name in values
+    }
 
 
 # ---- command line ---------------------------------------------------------------------------

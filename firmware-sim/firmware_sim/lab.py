@@ -565,7 +565,10 @@ class Lab:
     device processes and so their agents), ``start_timeout`` (per component), ``log_level`` (of
     ``keyfleet serve``), ``database_url`` (the service's database, e.g. an empty PostgreSQL
     database; default a SQLite file in ``workdir/service``), ``token`` (the service's signing and
-    device CA keys in a SoftHSM2 token in ``workdir/token``, not in files; the demo sets it).
+    device CA keys in a SoftHSM2 token in ``workdir/token``, not in files; the demo sets it),
+    ``releases`` (the service gets ``[releases] signing_key``: it publishes the signed release
+    bundle and enrolls devices with the release key, so their state survives approved updates;
+    docs/releases.md).
     """
 
     def __init__(
@@ -586,6 +589,7 @@ class Lab:
         log_level: str = "info",
         database_url: str | None = None,
         token: bool = False,
+        releases: bool = False,
     ) -> None:
         if devices < 0:
             raise LabError("lab", f"devices must be >= 0, got {devices}")
@@ -604,6 +608,7 @@ class Lab:
         )
         self.device_env = dict(device_env or {})
         self.token = token
+        self.releases = releases
         self.start_timeout = start_timeout
         self.log_level = log_level
         self.logs = self.workdir / "logs"
@@ -750,6 +755,13 @@ signing_key = "{pki_.signing_key_ref}"
 signing_cert = "{pki_.signing_cert}"
 commit_request_timeout_seconds = {self.commit_request_timeout}
 online_window_seconds = {self.online_window}
+"""
+        if self.releases:
+            # the release-signing key: devices get its public key at enrollment and seal their
+            # state for the releases it approves (docs/releases.md)
+            text += f"""
+[releases]
+signing_key = "{pki_.release_key_ref}"
 """
         self.service_config.write_text(text)
         load_config(self.service_config)  # the service's own loader: every problem at once
