@@ -63,7 +63,13 @@ from agent.protocol.release import (
 from agent.protocol.secret import Secret
 from agent.tpm.blob import PARENT_OWNER, KeyBlob, PolicyCommand
 from agent.tpm.nvcounter import NVCounter, nv_policy_entry, parse_nv_entry, policy_nv
-from agent.tpm.store import MAX_SEALED_SIZE, MeasurementsChanged, _pcr_selection, _rc_base
+from agent.tpm.store import (
+    MAX_SEALED_SIZE,
+    MeasurementsChanged,
+    TPMStore,
+    _pcr_selection,
+    _rc_base,
+)
 from agent.tpm.templates import sealed_template
 
 _RC_SIGNATURE = 0x09B  # TPM_RC_SIGNATURE: the signature is not valid for the key
@@ -86,9 +92,9 @@ class ReleaseStale(TPMError):
     check = "release.stale"
 
 
-def _parse(blob: KeyBlob) -> tuple[bytes, int, int, int]:
-    """(release key TPMT_PUBLIC, generation, NV index, counter value) of an authorized blob."""
-    if len(blob.policy) != 2 or blob.policy[0].command_code != TPM_CC_POLICY_AUTHORIZE:
+def _parse_authorize(blob: KeyBlob) -> tuple[bytes, int]:
+    """(release key TPMT_PUBLIC, generation) of a blob sealed for signed releases."""
+    if not blob.policy or blob.policy[0].command_code != TPM_CC_POLICY_AUTHORIZE:
         raise TPMError("unseal", None, "sealed blob is not bound to a release key")
     raw = blob.policy[0].command_policy
     area_size = int.from_bytes(raw[:2], "big")
@@ -104,8 +110,24 @@ def _parse(blob: KeyBlob) -> tuple[bytes, int, int, int]:
         or not ref.startswith(REF_LABEL)
     ):
         raise TPMError("unseal", None, "sealed blob's PolicyAuthorize entry does not decode")
+    return area, int.from_bytes(ref[len(REF_LABEL) :], "big")
+
+
+def _parse(blob: KeyBlob) -> tuple[bytes, int, int, int]:
+    """(release key TPMT_PUBLIC, generation, NV index, counter value) of an authorized blob
+    bound to the state counter."""
+    if len(blob.policy) != 2:
+        raise TPMError("unseal", None, "sealed blob is not bound to a release key and a counter")
+    area, generation = _parse_authorize(blob)
     index, value = parse_nv_entry(blob.policy[1])
-    return area, int.from_bytes(ref[len(REF_LABEL) :], "big"), index, value
+    return area, generation, index, value
+
+
+def _parse_released(blob: KeyBlob) -> tuple[bytes, int]:
+    """(release key TPMT_PUBLIC, generation) of a blob sealed with PolicyAuthorize alone."""
+    if len(blob.policy) != 1:
+        raise TPMError("unseal", None, "sealed blob is not bound to a release key alone")
+    return _parse_authorize(blob)
 
 
 def is_authorized(blob: KeyBlob) -> bool:
@@ -115,7 +137,7 @@ def is_authorized(blob: KeyBlob) -> bool:
 
 def bound_generation(blob: KeyBlob) -> int:
     """The release generation a blob is sealed under (its recorded policyRef)."""
-    return _parse(blob)[1]
+    return _parse_authorize(blob)[1]
 
 
 def bound_counter(blob: KeyBlob) -> int:
@@ -135,24 +157,21 @@ def _null_ticket() -> TPMT_TK_VERIFIED:
     return TPMT_TK_VERIFIED(tag=TPM2_ST.VERIFIED, hierarchy=TPM2_RH.NULL)
 
 
-def seal_authorized(
-    counter: NVCounter,
+def _seal(
+    store: TPMStore,
     secret: Secret,
-    value: int,
     release_key: ec.EllipticCurvePublicKey,
     generation: int,
+    bound: tuple[NVCounter, int] | None,
 ) -> KeyBlob:
-    """Seal ``secret`` so that it unseals under any PCR policy the release key signed for
-    ``generation``, while the state counter equals ``value`` (which may be the next value: a
-    rotation seals before it commits). No PCR is read: the seal does not depend on the firmware
-    running now."""
-    store = counter.store
+    """PolicyAuthorize(release key, ref(generation)), then PolicyNV(counter == value) if
+    ``bound`` names a counter and a value."""
     data = secret.reveal()
     if not 0 < len(data) <= MAX_SEALED_SIZE:
         raise TPMError("seal", None, f"sealed data must be 1..{MAX_SEALED_SIZE} bytes")
-    if generation < 0 or value < 0:
+    if generation < 0 or (bound is not None and bound[1] < 0):
         raise TPMError("seal", None, "generation and counter value must not be negative")
-    nv = counter._handle()
+    nv = None if bound is None else bound[0]._handle()
     # a trial session skips PolicyAuthorize's checks: an empty approved policy and a NULL
     # ticket give the digest the real session reaches with a signed policy
     with store._trial_session() as trial:
@@ -165,7 +184,8 @@ def seal_authorized(
             _null_ticket(),
             TPM2B_NONCE(policy_ref(generation)),
         )
-        policy_nv(store, nv, trial, value)
+        if nv is not None and bound is not None:
+            policy_nv(store, nv, trial, bound[1])
         digest = store._trial_digest(trial)
     sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=data))
     with (
@@ -177,16 +197,70 @@ def seal_authorized(
         private, public, *_ = store._call(
             "seal", "create", srk, sensitive, sealed_template(digest), session1=session
         )
+    policy = [_authorize_entry(release_key_public_area(release_key), generation)]
+    if bound is not None:
+        policy.append(nv_policy_entry(bound[0].index, bound[1]))
     return KeyBlob(
         public=public.marshal(),
         private=private.marshal(),
         parent=PARENT_OWNER,
         sealed=True,
-        policy=(
-            _authorize_entry(release_key_public_area(release_key), generation),
-            nv_policy_entry(counter.index, value),
-        ),
+        policy=tuple(policy),
     )
+
+
+def seal_authorized(
+    counter: NVCounter,
+    secret: Secret,
+    value: int,
+    release_key: ec.EllipticCurvePublicKey,
+    generation: int,
+) -> KeyBlob:
+    """Seal ``secret`` so that it unseals under any PCR policy the release key signed for
+    ``generation``, while the state counter equals ``value`` (which may be the next value: a
+    rotation seals before it commits). No PCR is read: the seal does not depend on the firmware
+    running now."""
+    return _seal(counter.store, secret, release_key, generation, (counter, value))
+
+
+def seal_released(
+    store: TPMStore,
+    secret: Secret,
+    release_key: ec.EllipticCurvePublicKey,
+    generation: int,
+) -> KeyBlob:
+    """Seal ``secret`` with PolicyAuthorize alone (no counter): it unseals under any PCR policy
+    the release key signed for ``generation``. For secrets that must outlive state rotations
+    (apps' secrets, ``agent.appseal``)."""
+    return _seal(store, secret, release_key, generation, None)
+
+
+def _check_before(
+    store: TPMStore,
+    area: bytes,
+    bound: int,
+    entry: ReleaseEntry,
+    *,
+    release_key: ec.EllipticCurvePublicKey,
+    generation: int,
+) -> None:
+    """The agent's own checks before the TPM is asked (module text)."""
+    if area != release_key_public_area(release_key):
+        raise TPMError("unseal", None, "blob is sealed for another release key")
+    if generation != bound:
+        older = "an older" if generation < bound else "a newer"
+        raise ReleaseStale(
+            "unseal",
+            None,
+            f"release {entry.version} is signed for generation {generation}, {older} one than "
+            f"the sealed blob's ({bound})",
+        )
+    entry.check(release_key, generation)  # release.policy, release.signature
+    live = store.pcr_read(entry.pcrs)
+    if policy_pcr(entry.pcrs, live) != entry.approved:
+        raise MeasurementsChanged(
+            "unseal", None, f"the live PCRs {list(entry.pcrs)} are not release {entry.version}'s"
+        )
 
 
 def unseal_authorized(
@@ -204,25 +278,26 @@ def unseal_authorized(
     if not blob.sealed:
         raise TPMError("unseal", None, "blob is a key, not sealed data")
     area, bound, index, _ = _parse(blob)
-    if area != release_key_public_area(release_key):
-        raise TPMError("unseal", None, "blob is sealed for another release key")
     if index != counter.index:
         raise TPMError("unseal", None, f"blob is bound to NV index {index:#x}, not this counter")
-    if generation != bound:
-        older = "an older" if generation < bound else "a newer"
-        raise ReleaseStale(
-            "unseal",
-            None,
-            f"release {entry.version} is signed for generation {generation}, {older} one than "
-            f"the state key's ({bound})",
-        )
-    entry.check(release_key, generation)  # release.policy, release.signature
-    live = counter.store.pcr_read(entry.pcrs)
-    if policy_pcr(entry.pcrs, live) != entry.approved:
-        raise MeasurementsChanged(
-            "unseal", None, f"the live PCRs {list(entry.pcrs)} are not release {entry.version}'s"
-        )
+    _check_before(counter.store, area, bound, entry, release_key=release_key, generation=generation)
     return tpm_unseal(counter, blob, entry, release_key, generation)
+
+
+def unseal_released(
+    store: TPMStore,
+    blob: KeyBlob,
+    entry: ReleaseEntry,
+    release_key: ec.EllipticCurvePublicKey,
+    generation: int,
+) -> Secret:
+    """Unseal a blob of ``seal_released`` with ``entry`` (of a bundle of ``generation``): the
+    same checks and refusals as ``unseal_authorized``, without the counter."""
+    if not blob.sealed:
+        raise TPMError("unseal", None, "blob is a key, not sealed data")
+    area, bound = _parse_released(blob)
+    _check_before(store, area, bound, entry, release_key=release_key, generation=generation)
+    return tpm_unseal_released(store, blob, entry, release_key, generation)
 
 
 def _signature(sig: bytes) -> TPMT_SIGNATURE:
@@ -235,10 +310,9 @@ def _signature(sig: bytes) -> TPMT_SIGNATURE:
 
 
 def _verify_in_tpm(
-    counter: NVCounter, entry: ReleaseEntry, area: bytes, generation: int
+    store: TPMStore, entry: ReleaseEntry, area: bytes, generation: int
 ) -> tuple[bytes, TPMT_TK_VERIFIED]:
     """LoadExternal (owner hierarchy, public only) + VerifySignature: (key Name, ticket)."""
-    store = counter.store
     public_area, used = TPMT_PUBLIC.unmarshal(area)
     if used != len(area):
         raise TPMError("load-external", None, "release key public area has trailing bytes")
@@ -275,10 +349,33 @@ def tpm_unseal(
 ) -> Secret:
     """The TPM part of ``unseal_authorized`` alone, without the agent's software checks (so
     tests can show the TPM's own refusals)."""
-    store = counter.store
-    nv = counter._handle()
     _, _, _, value = _parse(blob)
-    name, ticket = _verify_in_tpm(counter, entry, release_key_public_area(release_key), generation)
+    return _tpm_unseal(counter.store, blob, entry, release_key, generation, bound=(counter, value))
+
+
+def tpm_unseal_released(
+    store: TPMStore,
+    blob: KeyBlob,
+    entry: ReleaseEntry,
+    release_key: ec.EllipticCurvePublicKey,
+    generation: int,
+) -> Secret:
+    """The TPM part of ``unseal_released`` alone (no software check)."""
+    _parse_released(blob)
+    return _tpm_unseal(store, blob, entry, release_key, generation, bound=None)
+
+
+def _tpm_unseal(
+    store: TPMStore,
+    blob: KeyBlob,
+    entry: ReleaseEntry,
+    release_key: ec.EllipticCurvePublicKey,
+    generation: int,
+    *,
+    bound: tuple[NVCounter, int] | None,
+) -> Secret:
+    nv = None if bound is None else bound[0]._handle()
+    name, ticket = _verify_in_tpm(store, entry, release_key_public_area(release_key), generation)
     public, private = store._parse_blob(blob)
     with store._srk() as srk:
         obj = store._load_under(srk, public, private)
@@ -309,7 +406,8 @@ def tpm_unseal(
                         f"the TPM refuses: the live PCRs are not release {entry.version}'s",
                     ) from None
                 raise
-            policy_nv(store, nv, session, value)
+            if nv is not None and bound is not None:
+                policy_nv(store, nv, session, bound[1])
             try:
                 data = store._call("unseal", "unseal", obj, session1=session)
             except TPMError as exc:
@@ -317,8 +415,8 @@ def tpm_unseal(
                     raise ReleaseStale(
                         "unseal",
                         exc.rc,
-                        "the TPM refuses: the authorized policy is not the one the state key is "
-                        "sealed for (another release generation or release key)",
+                        "the TPM refuses: the authorized policy is not the one the blob is sealed "
+                        "for (another release generation or release key)",
                     ) from None
                 raise
     return Secret(bytes(data))
