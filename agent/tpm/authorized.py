@@ -27,6 +27,10 @@ the entry's signature (``release.signature``) and the live PCRs against the entr
 The blob's ``policy`` field records both commands: PolicyAuthorize as
 ``TPM2B(release key TPMT_PUBLIC) || TPM2B(policyRef)``, then PolicyNV as nvcounter writes it.
 
+Apps' secrets (``agent.appseal``) are sealed the same way without the PolicyNV step
+(``seal_released``/``unseal_released``): they must outlive state rotations. Their blob records
+PolicyAuthorize alone.
+
 Like nvcounter, this module drives the TPM through ``TPMStore``'s plumbing.
 """
 
