@@ -638,7 +638,7 @@ class Daemon:
             return
         try:
             backend.reseal_for_release()
-        except TPMError as exc:
+        except (TPMError, StateError, OSError) as exc:
             log.error("app secrets could not be sealed again (retried at the next start): %s", exc)
             return
         if state.sealed_generation == state.releases.generation:

@@ -27,9 +27,8 @@ the entry's signature (``release.signature``) and the live PCRs against the entr
 The blob's ``policy`` field records both commands: PolicyAuthorize as
 ``TPM2B(release key TPMT_PUBLIC) || TPM2B(policyRef)``, then PolicyNV as nvcounter writes it.
 
-Apps' secrets (``agent.appseal``) are sealed the same way without the PolicyNV step
-(``seal_released``/``unseal_released``): they must outlive state rotations. Their blob records
-PolicyAuthorize alone.
+Apps' secrets (``agent.appseal``) are sealed the same way under a counter of their own, which
+moves only when the release generation does.
 
 Like nvcounter, this module drives the TPM through ``TPMStore``'s plumbing.
 """
@@ -67,13 +66,7 @@ from agent.protocol.release import (
 from agent.protocol.secret import Secret
 from agent.tpm.blob import PARENT_OWNER, KeyBlob, PolicyCommand
 from agent.tpm.nvcounter import NVCounter, nv_policy_entry, parse_nv_entry, policy_nv
-from agent.tpm.store import (
-    MAX_SEALED_SIZE,
-    MeasurementsChanged,
-    TPMStore,
-    _pcr_selection,
-    _rc_base,
-)
+from agent.tpm.store import MAX_SEALED_SIZE, MeasurementsChanged, _pcr_selection, _rc_base
 from agent.tpm.templates import sealed_template
 
 _RC_SIGNATURE = 0x09B  # TPM_RC_SIGNATURE: the signature is not valid for the key
@@ -96,9 +89,9 @@ class ReleaseStale(TPMError):
     check = "release.stale"
 
 
-def _parse_authorize(blob: KeyBlob) -> tuple[bytes, int]:
-    """(release key TPMT_PUBLIC, generation) of a blob sealed for signed releases."""
-    if not blob.policy or blob.policy[0].command_code != TPM_CC_POLICY_AUTHORIZE:
+def _parse(blob: KeyBlob) -> tuple[bytes, int, int, int]:
+    """(release key TPMT_PUBLIC, generation, NV index, counter value) of an authorized blob."""
+    if len(blob.policy) != 2 or blob.policy[0].command_code != TPM_CC_POLICY_AUTHORIZE:
         raise TPMError("unseal", None, "sealed blob is not bound to a release key")
     raw = blob.policy[0].command_policy
     area_size = int.from_bytes(raw[:2], "big")
@@ -114,24 +107,8 @@ def _parse_authorize(blob: KeyBlob) -> tuple[bytes, int]:
         or not ref.startswith(REF_LABEL)
     ):
         raise TPMError("unseal", None, "sealed blob's PolicyAuthorize entry does not decode")
-    return area, int.from_bytes(ref[len(REF_LABEL) :], "big")
-
-
-def _parse(blob: KeyBlob) -> tuple[bytes, int, int, int]:
-    """(release key TPMT_PUBLIC, generation, NV index, counter value) of an authorized blob
-    bound to the state counter."""
-    if len(blob.policy) != 2:
-        raise TPMError("unseal", None, "sealed blob is not bound to a release key and a counter")
-    area, generation = _parse_authorize(blob)
     index, value = parse_nv_entry(blob.policy[1])
-    return area, generation, index, value
-
-
-def _parse_released(blob: KeyBlob) -> tuple[bytes, int]:
-    """(release key TPMT_PUBLIC, generation) of a blob sealed with PolicyAuthorize alone."""
-    if len(blob.policy) != 1:
-        raise TPMError("unseal", None, "sealed blob is not bound to a release key alone")
-    return _parse_authorize(blob)
+    return area, int.from_bytes(ref[len(REF_LABEL) :], "big"), index, value
 
 
 def is_authorized(blob: KeyBlob) -> bool:
@@ -141,7 +118,7 @@ def is_authorized(blob: KeyBlob) -> bool:
 
 def bound_generation(blob: KeyBlob) -> int:
     """The release generation a blob is sealed under (its recorded policyRef)."""
-    return _parse_authorize(blob)[1]
+    return _parse(blob)[1]
 
 
 def bound_counter(blob: KeyBlob) -> int:
@@ -161,21 +138,24 @@ def _null_ticket() -> TPMT_TK_VERIFIED:
     return TPMT_TK_VERIFIED(tag=TPM2_ST.VERIFIED, hierarchy=TPM2_RH.NULL)
 
 
-def _seal(
-    store: TPMStore,
+def seal_authorized(
+    counter: NVCounter,
     secret: Secret,
+    value: int,
     release_key: ec.EllipticCurvePublicKey,
     generation: int,
-    bound: tuple[NVCounter, int] | None,
 ) -> KeyBlob:
-    """PolicyAuthorize(release key, ref(generation)), then PolicyNV(counter == value) if
-    ``bound`` names a counter and a value."""
+    """Seal ``secret`` so that it unseals under any PCR policy the release key signed for
+    ``generation``, while the state counter equals ``value`` (which may be the next value: a
+    rotation seals before it commits). No PCR is read: the seal does not depend on the firmware
+    running now."""
+    store = counter.store
     data = secret.reveal()
     if not 0 < len(data) <= MAX_SEALED_SIZE:
         raise TPMError("seal", None, f"sealed data must be 1..{MAX_SEALED_SIZE} bytes")
-    if generation < 0 or (bound is not None and bound[1] < 0):
+    if generation < 0 or value < 0:
         raise TPMError("seal", None, "generation and counter value must not be negative")
-    nv = None if bound is None else bound[0]._handle()
+    nv = counter._handle()
     # a trial session skips PolicyAuthorize's checks: an empty approved policy and a NULL
     # ticket give the digest the real session reaches with a signed policy
     with store._trial_session() as trial:
@@ -188,8 +168,7 @@ def _seal(
             _null_ticket(),
             TPM2B_NONCE(policy_ref(generation)),
         )
-        if nv is not None and bound is not None:
-            policy_nv(store, nv, trial, bound[1])
+        policy_nv(store, nv, trial, value)
         digest = store._trial_digest(trial)
     sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=data))
     with (
@@ -201,70 +180,16 @@ def _seal(
         private, public, *_ = store._call(
             "seal", "create", srk, sensitive, sealed_template(digest), session1=session
         )
-    policy = [_authorize_entry(release_key_public_area(release_key), generation)]
-    if bound is not None:
-        policy.append(nv_policy_entry(bound[0].index, bound[1]))
     return KeyBlob(
         public=public.marshal(),
         private=private.marshal(),
         parent=PARENT_OWNER,
         sealed=True,
-        policy=tuple(policy),
+        policy=(
+            _authorize_entry(release_key_public_area(release_key), generation),
+            nv_policy_entry(counter.index, value),
+        ),
     )
-
-
-def seal_authorized(
-    counter: NVCounter,
-    secret: Secret,
-    value: int,
-    release_key: ec.EllipticCurvePublicKey,
-    generation: int,
-) -> KeyBlob:
-    """Seal ``secret`` so that it unseals under any PCR policy the release key signed for
-    ``generation``, while the state counter equals ``value`` (which may be the next value: a
-    rotation seals before it commits). No PCR is read: the seal does not depend on the firmware
-    running now."""
-    return _seal(counter.store, secret, release_key, generation, (counter, value))
-
-
-def seal_released(
-    store: TPMStore,
-    secret: Secret,
-    release_key: ec.EllipticCurvePublicKey,
-    generation: int,
-) -> KeyBlob:
-    """Seal ``secret`` with PolicyAuthorize alone (no counter): it unseals under any PCR policy
-    the release key signed for ``generation``. For secrets that must outlive state rotations
-    (apps' secrets, ``agent.appseal``)."""
-    return _seal(store, secret, release_key, generation, None)
-
-
-def _check_before(
-    store: TPMStore,
-    area: bytes,
-    bound: int,
-    entry: ReleaseEntry,
-    *,
-    release_key: ec.EllipticCurvePublicKey,
-    generation: int,
-) -> None:
-    """The agent's own checks before the TPM is asked (module text)."""
-    if area != release_key_public_area(release_key):
-        raise TPMError("unseal", None, "blob is sealed for another release key")
-    if generation != bound:
-        older = "an older" if generation < bound else "a newer"
-        raise ReleaseStale(
-            "unseal",
-            None,
-            f"release {entry.version} is signed for generation {generation}, {older} one than "
-            f"the sealed blob's ({bound})",
-        )
-    entry.check(release_key, generation)  # release.policy, release.signature
-    live = store.pcr_read(entry.pcrs)
-    if policy_pcr(entry.pcrs, live) != entry.approved:
-        raise MeasurementsChanged(
-            "unseal", None, f"the live PCRs {list(entry.pcrs)} are not release {entry.version}'s"
-        )
 
 
 def unseal_authorized(
@@ -282,26 +207,25 @@ def unseal_authorized(
     if not blob.sealed:
         raise TPMError("unseal", None, "blob is a key, not sealed data")
     area, bound, index, _ = _parse(blob)
+    if area != release_key_public_area(release_key):
+        raise TPMError("unseal", None, "blob is sealed for another release key")
     if index != counter.index:
         raise TPMError("unseal", None, f"blob is bound to NV index {index:#x}, not this counter")
-    _check_before(counter.store, area, bound, entry, release_key=release_key, generation=generation)
+    if generation != bound:
+        older = "an older" if generation < bound else "a newer"
+        raise ReleaseStale(
+            "unseal",
+            None,
+            f"release {entry.version} is signed for generation {generation}, {older} one than "
+            f"the sealed blob's ({bound})",
+        )
+    entry.check(release_key, generation)  # release.policy, release.signature
+    live = counter.store.pcr_read(entry.pcrs)
+    if policy_pcr(entry.pcrs, live) != entry.approved:
+        raise MeasurementsChanged(
+            "unseal", None, f"the live PCRs {list(entry.pcrs)} are not release {entry.version}'s"
+        )
     return tpm_unseal(counter, blob, entry, release_key, generation)
-
-
-def unseal_released(
-    store: TPMStore,
-    blob: KeyBlob,
-    entry: ReleaseEntry,
-    release_key: ec.EllipticCurvePublicKey,
-    generation: int,
-) -> Secret:
-    """Unseal a blob of ``seal_released`` with ``entry`` (of a bundle of ``generation``): the
-    same checks and refusals as ``unseal_authorized``, without the counter."""
-    if not blob.sealed:
-        raise TPMError("unseal", None, "blob is a key, not sealed data")
-    area, bound = _parse_released(blob)
-    _check_before(store, area, bound, entry, release_key=release_key, generation=generation)
-    return tpm_unseal_released(store, blob, entry, release_key, generation)
 
 
 def _signature(sig: bytes) -> TPMT_SIGNATURE:
@@ -314,9 +238,10 @@ def _signature(sig: bytes) -> TPMT_SIGNATURE:
 
 
 def _verify_in_tpm(
-    store: TPMStore, entry: ReleaseEntry, area: bytes, generation: int
+    counter: NVCounter, entry: ReleaseEntry, area: bytes, generation: int
 ) -> tuple[bytes, TPMT_TK_VERIFIED]:
     """LoadExternal (owner hierarchy, public only) + VerifySignature: (key Name, ticket)."""
+    store = counter.store
     public_area, used = TPMT_PUBLIC.unmarshal(area)
     if used != len(area):
         raise TPMError("load-external", None, "release key public area has trailing bytes")
@@ -353,33 +278,10 @@ def tpm_unseal(
 ) -> Secret:
     """The TPM part of ``unseal_authorized`` alone, without the agent's software checks (so
     tests can show the TPM's own refusals)."""
+    store = counter.store
+    nv = counter._handle()
     _, _, _, value = _parse(blob)
-    return _tpm_unseal(counter.store, blob, entry, release_key, generation, bound=(counter, value))
-
-
-def tpm_unseal_released(
-    store: TPMStore,
-    blob: KeyBlob,
-    entry: ReleaseEntry,
-    release_key: ec.EllipticCurvePublicKey,
-    generation: int,
-) -> Secret:
-    """The TPM part of ``unseal_released`` alone (no software check)."""
-    _parse_released(blob)
-    return _tpm_unseal(store, blob, entry, release_key, generation, bound=None)
-
-
-def _tpm_unseal(
-    store: TPMStore,
-    blob: KeyBlob,
-    entry: ReleaseEntry,
-    release_key: ec.EllipticCurvePublicKey,
-    generation: int,
-    *,
-    bound: tuple[NVCounter, int] | None,
-) -> Secret:
-    nv = None if bound is None else bound[0]._handle()
-    name, ticket = _verify_in_tpm(store, entry, release_key_public_area(release_key), generation)
+    name, ticket = _verify_in_tpm(counter, entry, release_key_public_area(release_key), generation)
     public, private = store._parse_blob(blob)
     with store._srk() as srk:
         obj = store._load_under(srk, public, private)
@@ -410,8 +312,7 @@ def _tpm_unseal(
                         f"the TPM refuses: the live PCRs are not release {entry.version}'s",
                     ) from None
                 raise
-            if nv is not None and bound is not None:
-                policy_nv(store, nv, session, bound[1])
+            policy_nv(store, nv, session, value)
             try:
                 data = store._call("unseal", "unseal", obj, session1=session)
             except TPMError as exc:

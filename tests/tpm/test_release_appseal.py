@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.appseal import STEPS, AppSeals, blob_generation, sealed_generations
+from agent.appseal import APP_COUNTER_INDEX, STEPS, AppSeals, blob_generation, sealed_generations
 from agent.core import AgentCore
 from agent.keybackend import TpmKeyBackend
 from agent.protocol.errors import ProtocolError
@@ -23,8 +23,9 @@ from agent.protocol.release import ReleaseBundle, make_entry, open_bundle, sign_
 from agent.protocol.secret import Secret
 from agent.releasestate import SEALED_BUNDLE_FILE, HeldReleases
 from agent.tpm import TPMStore
-from agent.tpm.authorized import ReleaseStale, tpm_unseal_released, unseal_released
+from agent.tpm.authorized import ReleaseStale, bound_counter, tpm_unseal, unseal_authorized
 from agent.tpm.blob import KeyBlob
+from agent.tpm.nvcounter import CounterMoved, NVCounter
 from tests.fixtures.swtpm import Swtpm
 
 pytestmark = pytest.mark.tpm
@@ -112,11 +113,15 @@ def test_an_app_secret_follows_approved_releases_and_a_revocation(
         held.others = lambda: sealed_generations(seal_dir)
         backend = backend_for(store, core, seal_dir, held, changes)
 
-        # sealed on 1.0 under generation 1: PolicyAuthorize alone, no counter, no PCR value
+        # sealed on 1.0 under generation 1 and the app counter (not the state counter), no
+        # PCR value
         backend.seal("db", b"s3cret", UID)
         path = seal_dir / str(UID) / "db.pem"
         blob = KeyBlob.load(path)
-        assert blob_generation(blob) == 1 and len(blob.policy) == 1
+        app_counter = NVCounter(store, APP_COUNTER_INDEX)
+        value = app_counter.read()
+        assert blob_generation(blob) == 1 and bound_counter(blob) == value
+        assert blob.policy[1].command_policy[:4] == APP_COUNTER_INDEX.to_bytes(4, "big")
         assert backend.unseal("db", UID) == b"s3cret"
 
         # 1.1 approved, the update: the secret opens on the new PCRs
@@ -163,29 +168,32 @@ def test_an_app_secret_follows_approved_releases_and_a_revocation(
         assert backend.unseal("db", UID) == b"s3cret"
         assert backend.reseal_for_release() == 0
 
+        assert app_counter.read() == value + 1  # the move that kills generation 1's blobs
+        assert bound_counter(KeyBlob.load(path)) == value + 1
+
         # the copy taken before the revocation: the agent refuses it (release.stale) ...
         new_blob = KeyBlob.load(path)
         old_blob.save(path)
         with pytest.raises(ProtocolError) as stale:
             backend.unseal("db", UID)
         assert stale.value.check == "release.stale"
-        # ... and the TPM refuses it with every policy of the generation in force
-        gen2_11 = held.newest.version("1.1") if held.newest is not None else None
-        assert gen2_11 is not None
-        with pytest.raises(ReleaseStale) as by_tpm:
-            tpm_unseal_released(store, old_blob, gen2_11, public, 2)
-        assert by_tpm.value.rc is not None
-        # an old generation's policy on the re-sealed blob: refused by the agent and the TPM
+        # ... and forced through, the TPM refuses it with generation 1's own policy of 1.1 and
+        # with generation 2's (PolicyNV: the app counter moved)
         gen1_11 = gen1.version("1.1")
-        assert gen1_11 is not None
+        gen2_11 = held.newest.version("1.1") if held.newest is not None else None
+        assert gen1_11 is not None and gen2_11 is not None
+        for entry, generation in ((gen1_11, 1), (gen2_11, 2)):
+            with pytest.raises(CounterMoved) as by_tpm:
+                tpm_unseal(app_counter, old_blob, entry, public, generation)
+            assert by_tpm.value.rc is not None
+        # an old generation's policy on the re-sealed blob: refused by the agent and the TPM
         with pytest.raises(ReleaseStale):
-            unseal_released(store, new_blob, gen1_11, public, 1)
-        with pytest.raises(ReleaseStale) as by_tpm:
-            tpm_unseal_released(store, new_blob, gen1_11, public, 1)
-        assert by_tpm.value.rc is not None
-        # the limit written in agent.appseal: the copy with generation 1's own (public) policy,
-        # forced past the agent, still opens on the TPM (no NV state moves with the generation)
-        assert tpm_unseal_released(store, old_blob, gen1_11, public, 1).reveal() == b"s3cret"
+            unseal_authorized(app_counter, new_blob, gen1_11, public, 1)
+        with pytest.raises(ReleaseStale) as refused_by_tpm:
+            tpm_unseal(app_counter, new_blob, gen1_11, public, 1)
+        assert refused_by_tpm.value.rc is not None
+        new_blob.save(path)
+        assert backend.unseal("db", UID) == b"s3cret"
         assert store.transient_handles() == []
 
 
@@ -221,9 +229,10 @@ class Crash(Exception):
 def test_a_stop_at_any_step_of_the_app_reseal_leaves_every_secret_openable(
     swtpm: Swtpm, tmp_path: Path, step: str
 ) -> None:
-    """Killed at any step of the re-seal after a revocation (the first of two secrets), the
-    next start finds both secrets openable (the older bundle is kept on disk while one needs
-    it, even once the state key is re-sealed) and the re-seal completes."""
+    """Killed at the first time the re-seal after a revocation reaches a step, the next start
+    finds both secrets openable (the older bundle is kept on disk while one needs it, even once
+    the state key is re-sealed; ``.next`` blobs renamed or removed by their counter value) and
+    the re-seal completes, having moved the app counter once."""
     fleet = Fleet()
     state_dir = tmp_path / "state"
     seal_dir = state_dir / "app-seal"
@@ -253,26 +262,31 @@ def test_a_stop_at_any_step_of_the_app_reseal_leaves_every_secret_openable(
             seals.seal(Secret(value)).save(path)
 
         held.adopt(open_bundle(second, public), 1, second)
+        counter = NVCounter(store, APP_COUNTER_INDEX)
+        value = counter.read()
         armed.append(step)
         done: list[Path] = []
         with pytest.raises(Crash):
             seals.reseal(done.append)
 
-        # the next start: the state key's re-seal committed meanwhile (resealed), the older
-        # bundle stays for the app secret still under generation 1
+        # the next start: the state key's re-seal committed meanwhile (resealed); the older
+        # bundle stays while an app secret's blob is under generation 1
         held = load()
         held.resealed()
         assert held.sealed is not None and (state_dir / SEALED_BUNDLE_FILE).exists()
         seals = AppSeals(store, seal_dir, PCRS, held)
-        for name, value in secrets.items():
+        seals.recover(done.append)
+        assert not list(seal_dir.rglob("*.next"))
+        for name, value_ in secrets.items():
             blob = KeyBlob.load(seal_dir / str(UID) / f"{name}.pem")
-            assert seals.unseal(blob).reveal() == value
-        assert seals.reseal(done.append) >= 1
-        assert seals.pending() == []
+            assert seals.unseal(blob).reveal() == value_
+        seals.reseal(done.append)
+        assert seals.pending() == [] and counter.read() == value + 1
+        assert sorted(p.stem for p in done) == ["a", "b"]  # each ledger record renewed once
         held.resealed()
         assert held.sealed is None and not (state_dir / SEALED_BUNDLE_FILE).exists()
-        for name, value in secrets.items():
+        for name, value_ in secrets.items():
             blob = KeyBlob.load(seal_dir / str(UID) / f"{name}.pem")
-            assert blob_generation(blob) == 2
-            assert seals.unseal(blob).reveal() == value
+            assert blob_generation(blob) == 2 and bound_counter(blob) == value + 1
+            assert seals.unseal(blob).reveal() == value_
         assert store.transient_handles() == []
