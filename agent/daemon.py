@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC
 
+from agent.appseal import sealed_generations
 from agent.config import AgentConfig, load_config
 from agent.core import AgentCore, AttestationEvidence, Outcome, leaf_name
 from agent.fsio import atomic_write, shred
@@ -324,8 +325,12 @@ def open_state(
     (``*.sealed-elsewhere.<time>``) and the counter moves, so they stay unusable even if the old
     measurements come back; an older state put back in place is refused (``state.rollback``).
     In both cases the agent starts with empty group state and reports it. With ``[releases]
-    key``: sealed for the signed releases instead (``agent.releasestate``)."""
+    key``: sealed for the signed releases instead (``agent.releasestate``); the older bundle
+    is kept while app secrets are sealed under its generation (``agent.appseal``)."""
     releases = None if release_key is None else HeldReleases.load(state_dir, release_key)
+    if releases is not None:
+        app_dir = state_dir / APP_SEAL_DIR
+        releases.others = lambda: sealed_generations(app_dir)
     keeper = StateKeeper(store, state_dir, pcrs, releases=releases)
     keeper.open()
     return keeper
@@ -361,6 +366,7 @@ class Daemon:
         self._keys: TpmKeys | None = None
         self._mqtt: MqttClient | None = None
         self._api: LocalApiServer | None = None
+        self._backend: TpmKeyBackend | None = None
         self._store: TPMStore | None = None
         self._faults = FaultPoints(os.environ.get(FAULT_ENV))
         # After a failed state write (disk full): outcomes handled in memory but not saved, so
@@ -441,19 +447,22 @@ class Daemon:
             # held, the ledger is not at hand: report no key records rather than new ones
             self._note_own_keys()
         self._persist()
+        self._backend = TpmKeyBackend(
+            core,
+            self._lock,
+            signer=devid,
+            sealer=store,
+            seal_dir=self.state_dir / APP_SEAL_DIR,
+            pcrs=config.tpm.pcrs,
+            on_change=self._persist,
+            clock=self._clock,
+            releases=self._state.releases,
+        )
+        self._reseal_apps()  # a generation that arrived before a stop, or a first bundle
         self._api = LocalApiServer(
             config.api.socket,
             config.api.policy,
-            TpmKeyBackend(
-                core,
-                self._lock,
-                signer=devid,
-                sealer=store,
-                seal_dir=self.state_dir / APP_SEAL_DIR,
-                pcrs=config.tpm.pcrs,
-                on_change=self._persist,
-                clock=self._clock,
-            ),
+            self._backend,
             socket_group=config.api.socket_group,
         )
         self._api.start()
@@ -610,6 +619,7 @@ class Daemon:
         if outcome.release is not None and self._state is not None:
             try:
                 self._state.adopt_release(*outcome.release)  # on disk before the state is saved
+                self._reseal_apps()  # before the state key's re-seal drops the older bundle
             except StateError as exc:
                 self.core.forget_release(self._state.newest_release())  # taken again later
                 self._storage_failed(exc)
@@ -622,6 +632,20 @@ class Daemon:
             self._faults.reached("after-publish", outcome.handled)
             self._mqtt.ack(message)
         # else: not acknowledged; the broker redelivers it in the next session
+
+    def _reseal_apps(self) -> None:
+        """App secrets follow the newest release generation (``agent.appseal``); once none is
+        under an older one and the state key is not either, the older bundle goes."""
+        state, backend = self._state, self._backend
+        if state is None or backend is None or state.releases is None or state.held is not None:
+            return
+        try:
+            backend.reseal_for_release()
+        except (TPMError, StateError, OSError) as exc:
+            log.error("app secrets could not be sealed again (retried at the next start): %s", exc)
+            return
+        if state.sealed_generation == state.releases.generation:
+            state.releases.resealed()
 
     @property
     def _blocked(self) -> bool:

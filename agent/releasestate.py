@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -65,6 +65,9 @@ class HeldReleases:
     # where the bundles are kept (BUNDLE_FILE, SEALED_BUNDLE_FILE: the release-signed COSE
     # bytes as received, public data); None keeps them in memory only
     directory: Path | None = None
+    # the generations other blobs are sealed under (apps' secrets, ``agent.appseal``): the
+    # older bundle stays while one of them still needs it, even after the state key's re-seal
+    others: Callable[[], Set[int]] | None = None
 
     @classmethod
     def load(cls, directory: Path, key: ec.EllipticCurvePublicKey) -> HeldReleases:
@@ -113,7 +116,12 @@ class HeldReleases:
             self.resealed()
 
     def resealed(self) -> None:
-        """The state key is now sealed under the newest generation: the older bundle goes."""
+        """The state key is now sealed under the newest generation: the older bundle goes, unless
+        an app secret is still sealed under its generation (``others``; it goes when the app
+        secrets have been sealed again and this is called once more)."""
+        older = self.sealed
+        if older is not None and self.others is not None and older.generation in self.others():
+            return
         self.sealed = None
         if self.directory is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -27,6 +27,9 @@ the entry's signature (``release.signature``) and the live PCRs against the entr
 The blob's ``policy`` field records both commands: PolicyAuthorize as
 ``TPM2B(release key TPMT_PUBLIC) || TPM2B(policyRef)``, then PolicyNV as nvcounter writes it.
 
+Apps' secrets (``agent.appseal``) are sealed the same way under a counter of their own, which
+moves only when the release generation does.
+
 Like nvcounter, this module drives the TPM through ``TPMStore``'s plumbing.
 """
 
@@ -214,7 +217,7 @@ def unseal_authorized(
             "unseal",
             None,
             f"release {entry.version} is signed for generation {generation}, {older} one than "
-            f"the state key's ({bound})",
+            f"the sealed blob's ({bound})",
         )
     entry.check(release_key, generation)  # release.policy, release.signature
     live = counter.store.pcr_read(entry.pcrs)
@@ -317,8 +320,8 @@ def tpm_unseal(
                     raise ReleaseStale(
                         "unseal",
                         exc.rc,
-                        "the TPM refuses: the authorized policy is not the one the state key is "
-                        "sealed for (another release generation or release key)",
+                        "the TPM refuses: the authorized policy is not the one the blob is sealed "
+                        "for (another release generation or release key)",
                     ) from None
                 raise
     return Secret(bytes(data))

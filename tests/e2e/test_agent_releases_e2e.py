@@ -3,11 +3,13 @@ Mosquitto (the harness of test_agent_daemon plays the service and a software gro
 release key is a software P-256 key standing for the token's). The agent takes the retained
 release bundle, seals its state for the approved releases, keeps its group through an approved
 update, holds its state on an unapproved image without moving anything, and after a revocation
-no longer opens its state on the revoked release."""
+no longer opens its state on the revoked release. An app's secret sealed through the local API
+follows the same releases (``agent.appseal``)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,11 +18,15 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.appseal import blob_generation
+from agent.localapi.client import LocalApiClient
+from agent.protocol.errors import ProtocolError
 from agent.protocol.release import sign_bundle
 from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.release import ReleaseBundleMessage
 from agent.staterotation import read_state
+from agent.tpm.blob import KeyBlob
 from agent.tpm.nvcounter import NVCounter
 from agent.tpm.store import TPMStore
 from provisioning import pki
@@ -106,8 +112,23 @@ def env(
 
 
 def state_files(state_dir: Path) -> dict[str, bytes]:
-    names = ("state-key.pem", "agent.state")
+    names = ("state-key.pem", "agent.state", APP_BLOB)
     return {n: (state_dir / n).read_bytes() for n in names}
+
+
+APP_BLOB = f"app-seal/{os.getuid()}/cloud-token.pem"
+TOKEN = b"token-0123456789"
+
+
+def app_unseal(agent: AgentProcess) -> bytes:
+    with LocalApiClient(agent.files.socket) as api:
+        return api.unseal("cloud-token")
+
+
+def app_refused(agent: AgentProcess) -> str:
+    with pytest.raises(ProtocolError) as refused:
+        app_unseal(agent)
+    return refused.value.check
 
 
 def test_state_survives_an_approved_update_and_is_held_on_an_unapproved_image(
@@ -124,6 +145,9 @@ def test_state_survives_an_approved_update_and_is_held_on_an_unapproved_image(
     # the bundle arrived: kept, and the state key sealed for generation 1
     wait_for(agent, "generation 1", lambda s: s["release"]["sealed_generation"] == 1)
     assert (state_dir / "release-bundle.cose").exists()
+    with LocalApiClient(agent.files.socket) as api:
+        api.seal("cloud-token", TOKEN)
+    assert blob_generation(KeyBlob.load(state_dir / APP_BLOB)) == 1
 
     # 1.1 approved; the device updates and reboots into it: same group, same epoch
     releases.publish(1, ("1.0", "1.1"))
@@ -142,6 +166,7 @@ def test_state_survives_an_approved_update_and_is_held_on_an_unapproved_image(
     status = agent.status()
     assert status["release"]["held"] is None
     assert [(g["group"], g["epoch"]) for g in status["groups"]] == [("g1", 1)]
+    assert app_unseal(agent) == TOKEN  # the app's data too
 
     # an unapproved image: held, nothing moved, the refusal reported
     assert agent.terminate() == 0
@@ -155,6 +180,7 @@ def test_state_survives_an_approved_update_and_is_held_on_an_unapproved_image(
     status = agent.status()
     assert status["groups"] == [] and "not an approved release" in status["release"]["held"]
     assert "[release.unapproved]" in agent.log_text()
+    assert app_refused(agent) == "release.unapproved"
     assert agent.terminate() == 0
     assert state_files(state_dir) == before and counter(swtpm) == value
 
@@ -163,11 +189,14 @@ def test_state_survives_an_approved_update_and_is_held_on_an_unapproved_image(
     agent.start()
     harness.expect(KeyStateReport)
     wait_for(agent, "group back", lambda s: [g["epoch"] for g in s["groups"]] == [1])
+    assert app_unseal(agent) == TOKEN
 
     # 1.0 revoked (generation 2): the running agent seals its state key again
     releases.publish(2, ("1.1",))
     wait_for(agent, "generation 2", lambda s: s["release"]["sealed_generation"] == 2)
     assert counter(swtpm) == value + 1
+    assert blob_generation(KeyBlob.load(state_dir / APP_BLOB)) == 2  # sealed again before it
+    assert app_unseal(agent) == TOKEN
     assert agent.terminate() == 0
 
     # booting the revoked release does not open the state any more
@@ -176,11 +205,13 @@ def test_state_survives_an_approved_update_and_is_held_on_an_unapproved_image(
     harness.expect(KeyStateReport)
     wait_for(agent, "held on 1.0", lambda s: s["release"]["held"] is not None)
     assert agent.status()["groups"] == []
+    assert app_refused(agent) == "release.unapproved"
     assert agent.terminate() == 0
     boot(swtpm, "1.1")
     agent.start()
     harness.expect(KeyStateReport)
     wait_for(agent, "group on 1.1", lambda s: [g["epoch"] for g in s["groups"]] == [1])
+    assert app_unseal(agent) == TOKEN
     assert agent.terminate() == 0
     # a stopped agent's state, read as the simulator does, with the release key
     with TPMStore(swtpm.tcti) as store:

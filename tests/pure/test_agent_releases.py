@@ -206,3 +206,23 @@ def test_bundles_are_kept_on_disk_and_read_back_verified(tmp_path: Path) -> None
     assert load_boot(tmp_path) is None
     save_boot(tmp_path, "1.0", pcrs("1.0"))
     assert load_boot(tmp_path) == pcrs("1.0")
+
+
+def test_the_older_bundle_stays_while_an_app_secret_is_sealed_under_its_generation(
+    tmp_path: Path,
+) -> None:
+    """``HeldReleases.others`` (the generations app secrets are under, ``agent.appseal``): the
+    state key's re-seal does not drop the older bundle while an app secret still needs it."""
+    key = RELEASE_KEY.public_key()
+    under: set[int] = {1}
+    held = HeldReleases.load(tmp_path, key)
+    held.others = lambda: under
+    first, second = bundle(1, 1, ("1.0",)), bundle(2, 2, ("1.0",))
+    held.adopt(opened(first), sealed_generation=None, raw=first)
+    held.adopt(opened(second), sealed_generation=1, raw=second)
+    held.resealed()  # the state key is under generation 2, an app secret still under 1
+    assert held.sealed == opened(first) and (tmp_path / SEALED_BUNDLE_FILE).exists()
+    under.clear()
+    under.add(2)  # the app secrets were sealed again
+    held.resealed()
+    assert held.sealed is None and not (tmp_path / SEALED_BUNDLE_FILE).exists()
