@@ -4,7 +4,9 @@ Mosquitto with mutual TLS, ``keyfleet serve`` on a SQLite file, five simulated d
 own swtpm and measured boot), provisioned over their serial consoles by the factory station; then
 an operator creates a group, rekeys it while acks arrive, an app on one device encrypts data the
 others decrypt through their local key APIs, one device is revoked and can no longer decrypt,
-and one device is rebooted into tampered firmware, which attestation flags and quarantine removes
+an admin approves firmware release 1.1 and one device updates to it keeping its group state (its
+state key is sealed for every release the fleet's release key signs), and one device is rebooted
+into tampered firmware: its state stays sealed, attestation flags it and quarantine removes it
 from the group. Everything the demo starts is stopped by PID at the end; leftovers are an error.
 
 The steps run on ``firmware_sim.lab.Lab``, the same library the end-to-end tests use.
@@ -24,6 +26,7 @@ from typing import Any, TextIO
 
 from agent.protocol.errors import KeyfleetError
 from firmware_sim.lab import Lab, LabDevice
+from firmware_sim.release import demo_manifest, write_manifest
 
 GROUP = "demo"
 DEVICES = 5
@@ -113,7 +116,7 @@ def run_demo(workdir: Path, narrator: Narrator) -> dict[str, Any]:
     summary: dict[str, Any] = {"devices": {}, "group": GROUP}
     started = time.monotonic()
     narrator.say("keyfleet demo: a fleet of 5 simulated devices, each with its own TPM (swtpm)")
-    lab = Lab(workdir, devices=DEVICES, quarantine=True, ack_timeout=30, token=True)
+    lab = Lab(workdir, devices=DEVICES, quarantine=True, ack_timeout=30, token=True, releases=True)
     with narrator.step("broker, fleet service, devices: boot, measured boot, provisioning") as rec:
         try:
             lab.start()
@@ -212,11 +215,21 @@ def _run_steps(lab: Lab, narrator: Narrator, summary: dict[str, Any]) -> None:
         narrator.say(f"      epoch {epoch}; {revoked.name} cannot decrypt new data: {refused}")
         summary["devices"][revoked.id]["state"] = "revoked"
 
+    updated = devices[1]
+    with narrator.step(
+        f"firmware release 1.1 approved; {updated.name} updates and keeps its group"
+    ):
+        _update(lab, narrator, updated, devices[:4], blob)
+        summary["devices"][updated.id]["release"] = "1.1"
+
     tampered = devices[3]
     with narrator.step(
         f"{tampered.name} reboots with a tampered kernel; attestation and quarantine"
     ):
         lab.reboot(tampered, tamper=("kernel",))
+        held = _release(tampered).get("held")
+        _check(bool(held), "the tampered device opened its state")
+        narrator.say(f"      {tampered.name}: state stays sealed (release.unapproved): {held}")
         result = lab.op("attest", tampered.id, timeout=120)
         final = result.final or {}
         _check(result.returncode == 1, f"attest of tampered device exited {result.returncode}")
@@ -237,6 +250,46 @@ def _run_steps(lab: Lab, narrator: Narrator, summary: dict[str, Any]) -> None:
     summary["final_epoch"] = lab.ack_status(GROUP).epoch
     summary["audit_entries"] = lab.audit_head()
     summary["timings"] = {k: round(v, 2) for k, v in lab.timings.items()}
+
+
+def _release(device: LabDevice) -> dict[str, Any]:
+    entry = (device.status() or {}).get("release")
+    return entry if isinstance(entry, dict) else {}
+
+
+def _update(
+    lab: Lab, narrator: Narrator, device: LabDevice, members: list[LabDevice], blob: bytes
+) -> None:
+    """Release 1.1 added and approved by the admin; the devices receive its signed PCR policy;
+    ``device`` installs it and reboots: same group state, old data decrypts, attested on 1.1."""
+    manifest = lab.workdir / "release-1.1.json"
+    write_manifest(manifest, demo_manifest("1.1"))
+    for args in (("add", str(manifest)), ("approve", "1.1")):
+        result = lab.keyfleet("release", *args, operator="op-admin", timeout=120)
+        _check(result.returncode == 0, f"keyfleet release {args[0]} failed:\n{result}")
+    narrator.say("      keyfleet release add + approve 1.1 (op-admin): signed release bundle out")
+
+    def sealed_for_11() -> bool:
+        entries = [_release(d) for d in members]
+        return all(
+            (e.get("bundle_seq") or 0) >= 2 and e.get("sealed_generation") == e.get("generation")
+            for e in entries
+        )
+
+    _wait(sealed_for_11, 60, "the devices did not take the bundle approving 1.1")
+    epoch = device.epoch(GROUP)
+    lab.install(device, "1.1")
+    entry = _release(device)
+    _check(entry.get("version") == "1.1" and not entry.get("held"), f"after the update: {entry}")
+    _check(device.epoch(GROUP) == epoch, "the updated device lost its group state")
+    with device.api() as api:
+        plain = api.decrypt(GROUP, blob)
+    _check(plain == MESSAGE, "the updated device decrypted something else")
+    verdicts = _attest_all(lab, [device])
+    narrator.say(
+        f"      {device.name} rebooted into 1.1: group {GROUP} still at epoch {epoch}, data "
+        f"from before the update decrypts; {verdicts[device.id]}"
+    )
 
 
 def _decrypt_refusal(device: LabDevice, blob: bytes) -> str | None:
