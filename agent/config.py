@@ -161,6 +161,31 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class InstallConfig:
+    """[releases] install_command / install_timeout: the device's update hook, what a staged
+    rollout's ``release.install`` runs (the place Mender, SWUpdate or RAUC is called; keyfleet is
+    not the update client). ``command`` is an argv, run without a shell, every ``{version}`` in
+    it replaced by the release version (checked: letters, digits, ``.``, ``_``, ``-``)."""
+
+    command: tuple[str, ...]
+    timeout: int = 600
+
+    def argv(self, version: str) -> list[str]:
+        return [part.replace(VERSION_PLACEHOLDER, version) for part in self.command]
+
+
+VERSION_PLACEHOLDER = "{version}"
+
+
+def _install_command_problem(argv: list[str]) -> str | None:
+    if VERSION_PLACEHOLDER in argv[0]:
+        return "the program (first item) must not hold {version}"
+    if not any(VERSION_PLACEHOLDER in part for part in argv[1:]):
+        return "no argument holds {version}: the hook would not know what to install"
+    return None
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     source: Path
     tpm: TpmConfig
@@ -172,6 +197,7 @@ class AgentConfig:
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
     fleet: FleetConfig | None = None
     broker: BrokerConfig | None = None
+    install: InstallConfig | None = None  # [releases] install_command: absent, no update hook
 
     @property
     def provisioned(self) -> bool:
@@ -448,6 +474,22 @@ SCHEMA = Table(
             Table({"insecure_software_keys": Field(Bool(), default=False)}), default={}
         ),
         "attestation": Field(Table({"event_log": Field(AbsPath())}), default={}),
+        "releases": Field(
+            Table(
+                {
+                    # the staged rollout's update hook (InstallConfig)
+                    "install_command": Field(
+                        Predicate(
+                            List(Str("a non-empty string"), min_items=1, max_items=64),
+                            _install_command_problem,
+                            "an argv list with a {version} placeholder",
+                        )
+                    ),
+                    "install_timeout": Field(Int(1, 24 * 3600, "seconds"), default=600),
+                }
+            ),
+            default={},
+        ),
     }
 )
 
@@ -612,4 +654,12 @@ def _build(s: dict[str, Any], source: Path) -> AgentConfig:
         fleet=fleet,
         broker=broker,
         attestation=AttestationConfig(event_log=s["attestation"]["event_log"]),
+        install=_install(s["releases"]),
     )
+
+
+def _install(raw: dict[str, Any]) -> InstallConfig | None:
+    command = raw["install_command"]
+    if command is None:
+        return None
+    return InstallConfig(command=tuple(command), timeout=raw["install_timeout"])

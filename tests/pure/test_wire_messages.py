@@ -37,7 +37,12 @@ from agent.protocol.wire.messages.operator import (
     Revoke,
 )
 from agent.protocol.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
-from agent.protocol.wire.messages.release import ReleaseBundleMessage
+from agent.protocol.wire.messages.release import (
+    InstallResult,
+    InstallState,
+    ReleaseBundleMessage,
+    ReleaseInstall,
+)
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     AuditLink,
@@ -178,6 +183,12 @@ SAMPLES: list[Body] = [
     RevocationFeed(seq=3, head=bytes(32), time=1_700_000_000),
     ReleaseBundleMessage(bundle=b"\xd2cose"),
     KeyStateReport(keys=(), feed=7),
+    ReleaseInstall(rollout="ro-1", version="1.1"),
+    KeyStateReport(keys=(), install=InstallResult("ro-1", "1.1", InstallState.DONE)),
+    KeyStateReport(
+        keys=(),
+        install=InstallResult("ro-1", "1.1", InstallState.FAILED, "release.install.failed"),
+    ),
     AuditSync(command_id=CMD, after=0),
     AuditSync(command_id=CMD, after=10, count=12),
     AuditCheckpointResult(
@@ -330,6 +341,10 @@ def test_body_is_not_a_map() -> None:
             "body.bounds",
         ),
         (lambda: KeyStateReport(keys=(DEVID, DEVID)), "body.bounds"),
+        (lambda: ReleaseInstall(rollout="ro/1", version="1.1"), "body.bounds"),
+        (lambda: ReleaseInstall(rollout="ro-1", version="1 1"), "body.bounds"),
+        (lambda: InstallResult("ro-1", "1.1", InstallState.DONE, "x.y"), "body.bounds"),
+        (lambda: InstallResult("ro-1", "1.1", InstallState.FAILED), "body.bounds"),
         (lambda: Propose(command_id=CMD, op="group.rekey", members=()), "body.bounds"),
         (lambda: Propose(command_id=CMD, op="group.add", members=("d",)), "body.malformed"),
         (

@@ -17,6 +17,7 @@ from typing import ClassVar, Self
 from agent.protocol.errors import ProtocolError
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyKind, KeyRecord, KeyState
 from agent.protocol.wire.messages.base import Body, check_text, check_tuple, check_uint, fields
+from agent.protocol.wire.messages.release import InstallResult
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -74,16 +75,21 @@ class KeyStateReport(Body):
     since it started, by check id (``authz.*``, ``cred.*``, ``tpm.proof.*``, ...): what a rogue
     service, operator or member tried (the service audits changes of it); ``feed``: the number
     of the newest revocation feed entry the device verified and keeps (absent from agents that
-    keep no feed), so the service sends what it lacks and shows who lags."""
+    keep no feed), so the service sends what it lacks and shows who lags; ``install``: the
+    outcome of the latest ``release.install`` (a staged rollout's step), repeated in every report
+    until the next one, so that a report lost to a reconnect is made up by the next."""
 
     TYPE: ClassVar[str] = "keys.report"
 
     keys: tuple[KeyRecord, ...]
     refused: tuple[tuple[str, int], ...] = ()
     feed: int | None = None
+    install: InstallResult | None = None
 
     def __post_init__(self) -> None:
         check_records(self.keys, "keys")
+        if self.install is not None and not isinstance(self.install, InstallResult):
+            raise ProtocolError("body.type", "install must be an InstallResult")
         if self.feed is not None:
             check_uint(self.feed, "feed", maximum=MAX_FEED_SEQ)
         check_tuple(self.refused, "refused", max_len=MAX_REFUSED)
@@ -106,11 +112,13 @@ class KeyStateReport(Body):
             out["refused"] = dict(self.refused)
         if self.feed is not None:
             out["feed"] = self.feed
+        if self.install is not None:
+            out["install"] = self.install.to_cbor_map()
         return out
 
     @classmethod
     def from_cbor_map(cls, value: object) -> Self:
-        kwargs = fields(value, cls.__name__, ["keys"], ["refused", "feed"])
+        kwargs = fields(value, cls.__name__, ["keys"], ["refused", "feed", "install"])
         refused = kwargs.get("refused", {})
         if not isinstance(refused, Mapping):
             raise ProtocolError("body.type", "refused must be a map")
@@ -118,6 +126,9 @@ class KeyStateReport(Body):
             keys=records_from_cbor(kwargs["keys"], "keys"),
             refused=tuple(sorted(refused.items(), key=lambda kv: str(kv[0]))),
             feed=kwargs.get("feed"),
+            install=(
+                InstallResult.from_cbor_map(kwargs["install"]) if "install" in kwargs else None
+            ),
         )
 
 

@@ -32,7 +32,7 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     Revoke,
 )
-from agent.protocol.wire.messages.release import ReleaseBundleMessage
+from agent.protocol.wire.messages.release import ReleaseBundleMessage, ReleaseInstall
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     OperatorResult,
@@ -79,6 +79,7 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     UpdateProposalRequest,
     UpdateProposal,
     ReleaseBundleMessage,
+    ReleaseInstall,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
