@@ -1050,6 +1050,7 @@ class AgentCore:
                 ),
             )
         self.installing = body
+        self.install_result = InstallResult(body.rollout, body.version, InstallState.RUNNING)
         log.info("installing release %s (rollout %s)", body.version, body.rollout)
         return Outcome(install=body)
 

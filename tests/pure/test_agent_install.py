@@ -39,7 +39,15 @@ def test_install_is_an_effect_run_once_then_reported() -> None:
     outcome = core.handle(payload, topic, T0)
     assert outcome.refused is None and outcome.changed and outcome.install == install
     assert outcome.publishes == []
-    assert core.status()["install"] == {"running": "1.1", "last": None}
+    assert core.status()["install"] == {
+        "running": "1.1",
+        "last": {"rollout": "ro-1", "version": "1.1", "state": "running"},
+    }
+    # a keys.report while the hook runs says so (the service then does not send it again)
+    [running] = core.report(T0).publishes
+    assert open_keys_report(service, "dev-1", running.payload).install == InstallResult(
+        "ro-1", "1.1", InstallState.RUNNING
+    )
     # a redelivery is a duplicate: no second install
     again = core.handle(payload, topic, T0 + 1)
     assert again.install is None and again.refused is not None

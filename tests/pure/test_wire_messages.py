@@ -42,6 +42,8 @@ from agent.protocol.wire.messages.release import (
     InstallState,
     ReleaseBundleMessage,
     ReleaseInstall,
+    RolloutAbort,
+    RolloutStart,
 )
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
@@ -184,6 +186,9 @@ SAMPLES: list[Body] = [
     ReleaseBundleMessage(bundle=b"\xd2cose"),
     KeyStateReport(keys=(), feed=7),
     ReleaseInstall(rollout="ro-1", version="1.1"),
+    RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("1", "50%", "100%")),
+    RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("5%",), rollback=True),
+    RolloutAbort(command_id=CMD, rollout="ro-1"),
     KeyStateReport(keys=(), install=InstallResult("ro-1", "1.1", InstallState.DONE)),
     KeyStateReport(
         keys=(),
@@ -345,6 +350,18 @@ def test_body_is_not_a_map() -> None:
         (lambda: ReleaseInstall(rollout="ro-1", version="1 1"), "body.bounds"),
         (lambda: InstallResult("ro-1", "1.1", InstallState.DONE, "x.y"), "body.bounds"),
         (lambda: InstallResult("ro-1", "1.1", InstallState.FAILED), "body.bounds"),
+        (
+            lambda: RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("101%",)),
+            "body.bounds",
+        ),
+        (
+            lambda: RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("0",)),
+            "body.bounds",
+        ),
+        (
+            lambda: RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=()),
+            "body.bounds",
+        ),
         (lambda: Propose(command_id=CMD, op="group.rekey", members=()), "body.bounds"),
         (lambda: Propose(command_id=CMD, op="group.add", members=("d",)), "body.malformed"),
         (

@@ -32,7 +32,12 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     Revoke,
 )
-from agent.protocol.wire.messages.release import ReleaseBundleMessage, ReleaseInstall
+from agent.protocol.wire.messages.release import (
+    ReleaseBundleMessage,
+    ReleaseInstall,
+    RolloutAbort,
+    RolloutStart,
+)
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     OperatorResult,
@@ -80,6 +85,8 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     UpdateProposal,
     ReleaseBundleMessage,
     ReleaseInstall,
+    RolloutStart,
+    RolloutAbort,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
