@@ -1041,6 +1041,9 @@ class AgentCore:
                     "this device has no update hook ([releases] install_command)",
                 ),
             )
+        if self.installing == body:
+            # sent again (the service did not hear from us): it runs already
+            return Outcome(publishes=[self._report()])
         if self.installing is not None:
             return self._install_refused(
                 body,

@@ -115,6 +115,7 @@ OPTIONAL_SECTIONS = frozenset(
         "dashboard",
         "metrics",
         "audit",
+        "rollout",
     }
 )
 # Optional tables whose absence means "not served" rather than "defaults".
@@ -174,6 +175,14 @@ class GroupsConfig:
     recovery_wait_seconds: int = 10
     rekey_max_age_seconds: int = 7 * 86_400
     rekey_max_epochs: int = 100
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """[rollout]: staged rollouts (``keyfleet rollout``). ``wave_timeout_seconds``: how long a
+    wave may take to install, attest trusted and ack before the rollout stops as ``timeout``."""
+
+    wave_timeout_seconds: int = 600
 
 
 @dataclass(frozen=True)
@@ -282,6 +291,7 @@ class ServiceConfig:
     revocation: RevocationConfig = field(default_factory=RevocationConfig)
     metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     @property
     def database_url_redacted(self) -> str:
@@ -428,6 +438,9 @@ def _schema(base: Path) -> Table:
             "rekey_max_age_seconds": Field(seconds(0, 366 * 86400), default=7 * 86_400),
             "rekey_max_epochs": Field(Int(0, 1_000_000, "epochs"), default=100),
         },
+        "rollout": {
+            "wave_timeout_seconds": Field(seconds(10, 7 * 86400), default=600),
+        },
         "quorum": {
             "min_approvals": Field(Int(1, 16, "operators"), default=2),
             "request_ttl_seconds": Field(seconds(10, 30 * 86400), default=86400),
@@ -500,6 +513,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         attestation=AttestationConfig(**sections["attestation"]),
         groups=GroupsConfig(**sections["groups"]),
         quorum=QuorumConfig(**sections["quorum"]),
+        rollout=RolloutConfig(**sections["rollout"]),
         audit=AuditConfig(**sections["audit"]),
         revocation=RevocationConfig(
             crl_file=sections["revocation"].get("crl_file"),

@@ -61,6 +61,8 @@ class ServiceSettings:
     recovery_wait: int = 10
     rekey_max_age: int = 7 * 86_400
     rekey_max_epochs: int = 100
+    # [rollout]: how long a wave of a staged rollout may take (provisioning/service/rollout.py)
+    rollout_wave_timeout: int = 600
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         member_updates=config.groups.member_updates,
         member_update_min_interval=config.groups.member_update_min_interval_seconds,
         recovery_wait=config.groups.recovery_wait_seconds,
+        rollout_wave_timeout=config.rollout.wave_timeout_seconds,
     )
 
 

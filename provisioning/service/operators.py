@@ -46,6 +46,7 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     Revoke,
 )
+from agent.protocol.wire.messages.release import RolloutAbort, RolloutStart
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit, pki, revocation
@@ -66,6 +67,7 @@ from provisioning.service import (
     fullrekey,
     rekeypolicy,
     requests,
+    rollout,
     store,
     verify,
 )
@@ -99,6 +101,9 @@ REQUIRED_ROLE: Final[dict[str, Role]] = {
     Approve.TYPE: Role.OPERATOR,
     ListRequests.TYPE: Role.VIEWER,
     AuditSync.TYPE: Role.VIEWER,
+    # Staged rollouts of an approved release (provisioning/service/rollout.py).
+    RolloutStart.TYPE: Role.OPERATOR,
+    RolloutAbort.TYPE: Role.OPERATOR,
 }
 
 # The request op a direct membership command stands for (agent.protocol.authz op names).
@@ -316,6 +321,10 @@ def dispatch_operator(
         return checkpoints.on_sync(cx, session, operator, body, now)
     if isinstance(body, AttestDevice):
         return attestation.dispatch_attest(cx, session, operator, body, command_id, now=now)
+    if isinstance(body, RolloutStart):
+        return rollout.dispatch_start(cx, session, operator, body, command_id, now=now)
+    if isinstance(body, RolloutAbort):
+        return rollout.dispatch_abort(cx, session, operator, body, command_id, now=now)
     if isinstance(body, GroupPolicy):
         store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
         return rekeypolicy.set_group_policy(

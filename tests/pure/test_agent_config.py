@@ -432,5 +432,5 @@ def test_releases_install_command_is_an_argv_with_a_version_placeholder(tmp_path
     assert config.install is not None and config.install.timeout == 600
     assert config.install.argv("1.1") == ["/usr/bin/update", "--to", "v1.1"]
     for bad in (["/usr/bin/update"], ["{version}", "x"], [], "update {version}"):
-        with pytest.raises(ConfigProblems, match="releases.install_command"):
+        with pytest.raises(ConfigProblems, match=r"releases\.install_command"):
             parse_config({**base, "releases": {"install_command": bad}}, tmp_path / "a.toml")

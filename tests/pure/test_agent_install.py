@@ -51,7 +51,14 @@ def test_install_is_an_effect_run_once_then_reported() -> None:
     # a redelivery is a duplicate: no second install
     again = core.handle(payload, topic, T0 + 1)
     assert again.install is None and again.refused is not None
-    # a second instruction while the hook runs is refused and reported
+    # the same install sent again (the service did not hear from us): no second run
+    resent = service.deliver("dev-1", install)
+    assert resent.install is None and resent.refused is None
+    [report] = resent.publishes
+    assert open_keys_report(service, "dev-1", report.payload).install == InstallResult(
+        "ro-1", "1.1", InstallState.RUNNING
+    )
+    # another instruction while the hook runs is refused and reported
     busy = service.deliver("dev-1", ReleaseInstall(rollout="ro-2", version="1.2"))
     assert busy.install is None
     [report] = busy.publishes
