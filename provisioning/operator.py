@@ -52,6 +52,7 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     Revoke,
 )
+from agent.protocol.wire.messages.release import RolloutAbort, RolloutStart
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     OperatorResult,
@@ -80,6 +81,8 @@ Command = (
     | Approve
     | ListRequests
     | AuditSync
+    | RolloutStart
+    | RolloutAbort
 )
 Reply = OperatorResult | RequestsResult | AuditCheckpointResult
 # Answers that are one message, not a stream of results ending in a final one.

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning.attestation import AttestationVerdict
+from provisioning.rollout_cli import exit_code
 from provisioning.service.rollout import attested_release, plan_waves, wave_target
 
 pytestmark = pytest.mark.pure
@@ -51,3 +53,14 @@ def test_the_release_of_a_verdict_is_the_one_version_of_all_components() -> None
     assert attested_release(mixed) is None
     untrusted = AttestationVerdict(False, "attest.policy.digest", "kernel", "kernel")
     assert attested_release(untrusted) is None
+
+
+def test_the_cli_exit_code_names_how_a_rollout_ended() -> None:
+    def final(status: ResultStatus, detail: str) -> OperatorResult:
+        return OperatorResult(bytes(16), status, detail, (), ())
+
+    assert exit_code(final(ResultStatus.DONE, "ro-1 done: 1.1 to g")) == 0
+    assert exit_code(final(ResultStatus.FAILED, "ro-1 failed: 1.1 to g; dev-1 untrusted")) == 1
+    assert exit_code(final(ResultStatus.TIMEOUT, "ro-1 timeout: wave 1 not passed")) == 3
+    assert exit_code(final(ResultStatus.FAILED, "ro-1 rolled-back: 1.1 to g; failed")) == 5
+    assert exit_code(final(ResultStatus.REJECTED, "[rollout.group.busy] ...")) == 1

@@ -7,6 +7,7 @@ on the same database file continues a rollout the old one started (what a kill -
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from agent.protocol.wire.messages.release import (
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from agent.tpm import KeyKind, TPMStore
 from firmware_sim.boot import default_components, tampered
+from provisioning import cli
 from provisioning.db.schema import Device
 from provisioning.pki import cert_to_pem, issue_devid_cert
 from provisioning.policy import policy_from_components
@@ -157,7 +159,9 @@ def status(fleet: Fleet) -> dict[str, object]:
     return row
 
 
-def test_waves_install_in_order_then_the_rollout_is_done(fleet: Fleet) -> None:
+def test_waves_install_in_order_then_the_rollout_is_done(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
     epoch = fleet.epoch("g1")
     cid = start(fleet, "1", "50%", "100%")
     accepted = fleet.results[cid][0]
@@ -181,6 +185,15 @@ def test_waves_install_in_order_then_the_rollout_is_done(fleet: Fleet) -> None:
     assert fleet.epoch("g1") == epoch
     actions = [e.action for e in fleet.audit_entries()]
     assert "op.rollout.start" in actions and "rollout.done" in actions
+
+    # keyfleet rollout status reads the same from the database
+    db = f"sqlite:///{fleet.db_path}"
+    assert cli.main(["rollout", "status", "--db", db, "--json"]) == 0
+    [listed] = json.loads(capsys.readouterr().out)
+    assert listed == json.loads(json.dumps(row))
+    assert cli.main(["rollout", "status", str(row["rollout"]), "--db", db]) == 0
+    shown = capsys.readouterr().out
+    assert "done" in shown and "dev-4" in shown and "passed" in shown
 
 
 def test_an_unapproved_image_stops_the_canary_and_rollback_returns_it(fleet: Fleet) -> None:
