@@ -396,7 +396,8 @@ class RolloutDeviceRow(ServiceBase):
     attested | passed | failed | rolling-back | rolled-back), the release it attested on before
     the install (``previous``, what a rollback returns it to), when its install was sent
     (``sent_at``) and how often (``attempts``), when it was last challenged (``asked_at``),
-    ``lost``: its agent restarted without the install (a keys.report without it), and
+    ``lost``: its agent restarted without the install (a keys.report without it),
+    ``acked_at``: when it acked the group's current epoch after its trusted verdict, and
     ``detail``: the last thing learnt (a verdict, an install failure)."""
 
     __tablename__ = "service_rollout_devices"
@@ -410,6 +411,7 @@ class RolloutDeviceRow(ServiceBase):
     attempts: Mapped[int] = mapped_column(Integer)
     asked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     lost: Mapped[bool] = mapped_column(Boolean)
+    acked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 

@@ -12,7 +12,10 @@ killed mid-rollout loses nothing; the next holder of the task continues.
 A device of the current wave goes ``checking`` (challenged: which release does it attest on,
 what a rollback returns it to) -> ``installing`` (``release.install`` sent; nothing to install
 if it already runs the release) -> ``attested`` (a trusted verdict on the release after the
-install) -> ``passed`` (and acked the group's current epoch). The wave **passes** when all its
+install) -> ``passed`` (it acked the group's current epoch after that verdict: the service relays
+the epoch's commit to it, which a member holding its group state answers with its ack, so a
+device that lost its state cannot pass on an ack from before the update). The wave **passes**
+when all its
 devices passed, and the next wave starts. It **fails** (the rollout stops, reason and device
 named) when a device attests untrusted, reports a failed install (``keys.report`` ``install``)
 or the wave does not pass within ``rollout_wave_timeout`` (``timeout``). With ``rollback`` the
@@ -39,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import device_cmd_topic, operator_result_topic
+from agent.protocol.wire.messages.group import CommitMessage
 from agent.protocol.wire.messages.release import (
     InstallResult,
     InstallState,
@@ -270,17 +274,28 @@ def on_verdict(
     if device.state == "checking":
         device.previous = release
         if release == row.version:
-            device.state = "attested"  # already runs it: nothing to install
-            return [_progress(session, row)]
+            return _attested(session, row, device)  # already runs it: nothing to install
         return _send_install(session, row, device, row.version, now)
     if release == row.version:
         if device.state != "attested":
-            device.state = "attested"
-            return [_progress(session, row)]
+            return _attested(session, row, device)
         return []
     if device.state == "installing" and device.lost:
         return _send_again(cx, session, row, device, row.version, now=now)
     return []
+
+
+def on_ack(session: Session, device_id: str, group_id: str, epoch: int, now: int) -> None:
+    """An ack of ``device_id`` (in the ack's transaction): after its trusted verdict, an ack
+    of the rollout group's current epoch proves it kept its group state through the update."""
+    found = rollouts.device_in_active(session, device_id)
+    if found is None:
+        return
+    row, device = found
+    if device.state != "attested" or row.group_id != group_id or device.acked_at is not None:
+        return
+    if epoch == Registry(session).group(group_id).epoch:
+        device.acked_at = now
 
 
 def on_install_report(
@@ -348,14 +363,14 @@ def _step(cx: Call, session: Session, *, rollout_id: str, now: int) -> Effects:
     wave = rollouts.devices(session, row.rollout_id, row.wave)
     effects: Effects = []
     try:
-        stragglers = set(Registry(session).ack_status(row.group_id).stragglers)
+        Registry(session).group(row.group_id)
     except ProtocolError:
         return _stop(
             cx, session, row, "failed", f"group {row.group_id} is gone", device_id=None, now=now
         )
     moved = False
     for device in wave:
-        if device.state == "attested" and device.device_id not in stragglers:
+        if device.state == "attested" and device.acked_at is not None:
             device.state, moved = "passed", True
         elif device.state in ("checking", "installing") and (
             device.asked_at is None or device.asked_at <= now - RECHECK_SECONDS
@@ -487,6 +502,27 @@ def _after_rollback_step(session: Session, row: RolloutRow, now: int) -> Effects
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _attested(session: Session, row: RolloutRow, device: RolloutDeviceRow) -> Effects:
+    """Trusted on the release: now it must show it kept its group state. The group's current
+    epoch's commit is relayed to it; a member at that epoch answers with its ack (the agent's
+    reply to an already-applied commit), one that lost its state cannot (``on_ack``)."""
+    device.state, device.acked_at = "attested", None
+    effects: Effects = [_progress(session, row)]
+    try:
+        epoch = Registry(session).group(row.group_id).epoch
+    except ProtocolError:
+        return effects  # the group is gone: the tick stops the rollout
+    last = store.commit_at(session, row.group_id, epoch - 1)
+    if last is None:
+        # the group's first epoch has no commit to relay: its stored ack has to do
+        if device.device_id in Registry(session).ack_status(row.group_id).stragglers:
+            return effects
+        device.acked_at = device.sent_at or row.started_at
+        return effects
+    relay = CommitMessage(row.group_id, last.epoch, last.commit)
+    return [*effects, Send(device_cmd_topic(device.device_id), relay, device.device_id)]
 
 
 def _send_install(

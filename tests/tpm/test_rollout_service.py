@@ -18,6 +18,7 @@ import pytest
 
 from agent.protocol.attest import tpm_name
 from agent.protocol.wire.envelope import VerifiedMessage
+from agent.protocol.wire.messages.group import CommitMessage
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.release import (
     InstallResult,
@@ -52,16 +53,24 @@ WAVE_TIMEOUT = 120
 class UpdatingDevice(AttestingDevice):
     """An attesting member with an update hook: ``release.install`` reboots its TPM into the
     release (or a tampered build of it), or fails, or is lost (its agent died before the hook
-    ran); its restarted agent's first keys.report carries no install result."""
+    ran); its restarted agent's first keys.report carries no install result. It keeps its group
+    state (what the PolicyAuthorize seal gives a real device) unless ``lose_state``, and answers
+    a relayed commit it already applied with its ack, as keyagent does."""
 
     release: str = "1.0"
     installs: list[ReleaseInstall] = field(default_factory=list)
     fail_install: str | None = None
     tamper_on: str | None = None
     drop_installs: int = 0
+    lose_state: bool = False  # its group state does not survive the update
 
     def _handle(self, message: VerifiedMessage, now: int) -> list[Outgoing]:
         body = message.body
+        if isinstance(body, CommitMessage):
+            group = self.groups.get(body.group_id)
+            if group is not None and body.epoch < group.epoch:
+                # as keyagent answers an already-applied commit: with its ack of where it is
+                return [self._ack(body.group_id, now)]
         if not isinstance(body, ReleaseInstall):
             return super()._handle(message, now)
         self.installs.append(body)
@@ -78,6 +87,8 @@ class UpdatingDevice(AttestingDevice):
             components = tampered(components, "kernel")
         self.boot(components)
         self.release = body.version
+        if self.lose_state:
+            self.groups.clear()
         return [self.report(KeyStateReport(()), now)]
 
 
@@ -284,3 +295,14 @@ def test_a_lost_install_is_sent_again_and_a_new_service_continues(fleet: Fleet) 
     devices = status(fleet)["devices"]
     assert isinstance(devices, list)
     assert next(d for d in devices if d["device"] == "dev-1")["attempts"] == 2
+
+
+def test_a_device_that_lost_its_group_state_does_not_pass(fleet: Fleet) -> None:
+    """Trusted on the release is not enough: without an ack of the group's epoch after the
+    verdict (its ack from before the update does not count) the wave does not pass."""
+    member(fleet, "dev-1").lose_state = True
+    cid = start(fleet, "1", "100%")
+    final = run(fleet, cid, ticks=WAVE_TIMEOUT + 5)
+    assert final.status is ResultStatus.TIMEOUT
+    assert "dev-1 attested" in final.detail
+    assert all(member(fleet, n).installs == [] for n in NAMES[1:])

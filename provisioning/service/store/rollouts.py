@@ -6,6 +6,7 @@ fails its insert whoever tries. The tick that moves a rollout runs on the one in
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -73,6 +74,7 @@ def insert_rollout(session: Session, new: NewRollout, *, now: int) -> None:
                     attempts=0,
                     asked_at=None,
                     lost=False,
+                    acked_at=None,
                     detail=None,
                 )
             )
@@ -141,6 +143,24 @@ def device_in_active(
         .limit(1)
     ).first()
     return None if found is None else (found[0], found[1])
+
+
+def attested_devices(session: Session, device_ids: Collection[str]) -> set[str]:
+    """Which of ``device_ids`` wait, in a rollout that is not over, for an ack after their
+    trusted verdict (one query for a batch of acks)."""
+    if not device_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(RolloutDeviceRow.device_id)
+            .join(RolloutRow, RolloutDeviceRow.rollout_id == RolloutRow.rollout_id)
+            .where(
+                RolloutRow.active_group.is_not(None),
+                RolloutDeviceRow.state == "attested",
+                RolloutDeviceRow.device_id.in_(sorted(device_ids)),
+            )
+        )
+    )
 
 
 def end(session: Session, row: RolloutRow, state: str, *, now: int) -> None:

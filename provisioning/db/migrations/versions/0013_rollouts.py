@@ -57,6 +57,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("asked_at", sa.BigInteger(), nullable=True),
         sa.Column("lost", sa.Boolean(), nullable=False),
+        sa.Column("acked_at", sa.BigInteger(), nullable=True),
         sa.Column("detail", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("rollout_id", "device_id", name=op.f("pk_service_rollout_devices")),
     )
