@@ -3,7 +3,8 @@ quotes): members are software MLS devices whose TPM is power-cycled and re-measu
 "install" a release (``release.install``), the way firmware-sim's update hook reboots a device.
 Waves move in order, an untrusted device or a failed install stops the rollout (``--rollback``
 returns the wave), a lost install is sent again, a stuck wave times out, and a new service object
-on the same database file continues a rollout the old one started (what a kill -9 leaves)."""
+on the same database continues a rollout the old one started (what a kill -9 leaves). On a
+SQLite file and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from tests.service_members import Outgoing, utc
 from tests.tpm.test_attestation_service import AttestingDevice
 
 pytestmark = pytest.mark.tpm
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 NAMES = ("dev-1", "dev-2", "dev-3", "dev-4")
 POLICY = policy_from_components(default_components("1.0")).approve(default_components("1.1"))
@@ -135,8 +137,11 @@ def _service(fleet: Fleet, *, instance: str = "1") -> DeliveryService:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, swtpm_factory: SwtpmFactory) -> Iterator[Fleet]:
-    for fleet in make_fleet(tmp_path, NAMES, rollout_wave_timeout=WAVE_TIMEOUT):
+def fleet(
+    tmp_path: Path, swtpm_factory: SwtpmFactory, database_backend: str, database_url: str
+) -> Iterator[Fleet]:
+    url = database_url if database_backend == "postgresql" else None
+    for fleet in make_fleet(tmp_path, NAMES, url=url, rollout_wave_timeout=WAVE_TIMEOUT):
         fleet.service = _service(fleet)
         _updating(fleet, swtpm_factory)
         create_g1(fleet)
@@ -198,7 +203,7 @@ def test_waves_install_in_order_then_the_rollout_is_done(
     assert "op.rollout.start" in actions and "rollout.done" in actions
 
     # keyfleet rollout status reads the same from the database
-    db = f"sqlite:///{fleet.db_path}"
+    db = fleet.sessions.kw["bind"].url.render_as_string(hide_password=False)
     assert cli.main(["rollout", "status", "--db", db, "--json"]) == 0
     [listed] = json.loads(capsys.readouterr().out)
     assert listed == json.loads(json.dumps(row))
