@@ -88,6 +88,10 @@ def add_rollout_commands(
     )
     add_operator_options(start)
     start.set_defaults(handler=client_handler, timeout=DEFAULT_TIMEOUT)
+    for action in start._actions:
+        if action.dest == "timeout":
+            action.help = "seconds to follow it (default 3600); the rollout goes on without us"
+
     abort = sub.add_parser("abort", help="stop a rollout where it is (no rollback)")
     abort.add_argument("rollout", metavar="ID")
     add_operator_options(abort)
