@@ -72,6 +72,33 @@ def test_the_update_hook_reboots_a_lab_device_into_the_release(tmp_path: Path) -
         assert release.installed_version(device.state_dir) == "1.1"
 
 
+def test_a_rollout_through_the_cli_with_real_agents(tmp_path: Path) -> None:
+    """``keyfleet rollout start`` against ``keyfleet serve`` and real agents, to the release the
+    devices already run: every device is challenged, trusted on it, relayed its group's commit,
+    answers with its ack and passes, wave after wave (nothing to install); ``status`` lists it;
+    a release that is not approved is refused."""
+    with Lab(tmp_path / "lab", devices=2) as lab:
+        created = lab.op("group", "create", G, "--members", *lab.device_ids, timeout=180)
+        assert created.returncode == 0, str(created)
+        lab.wait_settled(G, timeout=120)
+        boots = {d.name: (d.read_ready() or {})["boots"] for d in lab.devices}
+        result = lab.op(
+            "rollout", "start", "1.0", "--group", G, "--canary", "1", "--then", "100%",
+            operator="op-ops", timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, str(result)
+        assert result.results[0]["status"] == "accepted"
+        assert result.final is not None and result.final["status"] == "done"
+        assert sorted(result.final["acked"]) == sorted(lab.device_ids)
+        assert {d.name: (d.read_ready() or {})["boots"] for d in lab.devices} == boots
+        listed = lab.keyfleet("rollout", "status", "--config", str(lab.service_config), "--json")
+        [rollout] = listed.json()
+        assert rollout["state"] == "done" and rollout["waves"] == [1, 1]
+        assert {d["state"] for d in rollout["devices"]} == {"passed"}
+        unapproved = lab.op("rollout", "start", "9.9", "--group", G, operator="op-ops")
+        assert unapproved.returncode == 1 and "rollout.version.unapproved" in str(unapproved)
+
+
 # ---- after the merge with the signed releases and the PolicyAuthorize seal ---------------------
 
 
