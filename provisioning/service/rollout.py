@@ -54,6 +54,7 @@ from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import audit
 from provisioning.attestation import AttestationVerdict
 from provisioning.db.runtime import RolloutDeviceRow, RolloutRow
+from provisioning.policy import GoldenPolicy
 from provisioning.registry import Outcome, Registry
 from provisioning.service import attestation, store
 from provisioning.service.context import Call
@@ -114,13 +115,17 @@ def attested_release(verdict: AttestationVerdict) -> str | None:
     return versions.pop()
 
 
+def golden(cx: Call, session: Session) -> GoldenPolicy:
+    """The golden policy attestation judges by (the one place this module reads it)."""
+    settings = cx.env.attestation
+    assert settings is not None  # dispatch_start refuses a rollout without attestation
+    return settings.policy
+
+
 def approved(cx: Call, session: Session, version: str) -> bool:
     """Whether ``version`` is an approved release: every component of the golden policy
     approves an image of that version."""
-    settings = cx.env.attestation
-    if settings is None:
-        return False
-    components = settings.policy.components.values()
+    components = golden(cx, session).components.values()
     return bool(components) and all(version in c.versions for c in components)
 
 
