@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from agent.protocol.release import expected_pcrs
 from firmware_sim import release
 from firmware_sim.lab import Lab, LabDevice
 from provisioning.registry import AttestationResult, Registry
+from provisioning.service import rollout
 
 pytestmark = pytest.mark.e2e
 
@@ -97,6 +99,41 @@ def test_a_rollout_through_the_cli_with_real_agents(tmp_path: Path) -> None:
         assert {d["state"] for d in rollout["devices"]} == {"passed"}
         unapproved = lab.op("rollout", "start", "9.9", "--group", G, operator="op-ops")
         assert unapproved.returncode == 1 and "rollout.version.unapproved" in str(unapproved)
+
+
+def test_a_service_killed_mid_rollout_resumes_it(tmp_path: Path) -> None:
+    """kill -9 of ``keyfleet serve`` while the second wave waits (its device's agent is stopped):
+    the restarted service continues from the database and the operator's ``rollout start``,
+    still following, gets the final result."""
+    with Lab(tmp_path / "lab", devices=2) as lab:
+        created = lab.op("group", "create", G, "--members", *lab.device_ids, timeout=180)
+        assert created.returncode == 0, str(created)
+        lab.wait_settled(G, timeout=120)
+        second = sorted(lab.devices, key=lambda d: d.id)[1]
+        lab.pause_agent(second)
+        running = lab.keyfleet_start(
+            "rollout", "start", "1.0", "--group", G, "--canary", "1", "--then", "100%",
+            "--json", "--timeout", "300", operator="op-ops",
+        )  # fmt: skip
+
+        def wave() -> int:
+            with lab.session() as session:
+                rows = rollout.status(session)
+            return int(rows[0]["wave"]) if rows else 0
+
+        deadline = time.monotonic() + 120
+        while wave() < 2:
+            assert time.monotonic() < deadline, "the canary did not pass"
+            time.sleep(0.2)
+        lab.stop_service(kill=True)
+        lab.start_service()
+        lab.resume_agent(second)
+        result = running.wait(300)
+        assert result.returncode == 0, str(result)
+        assert result.final is not None and result.final["status"] == "done"
+        with lab.session() as session:
+            [row] = rollout.status(session)
+        assert row["state"] == "done"
 
 
 # ---- after the merge with the signed releases and the PolicyAuthorize seal ---------------------
