@@ -148,9 +148,33 @@ def _approve(lab: Lab, version: str, document: dict[str, object]) -> None:
     assert approved.returncode == 0, str(approved)
 
 
+def _sign_releases(lab: Lab) -> None:
+    """The fleet's release-signing key on both sides (docs/releases.md): the service signs the
+    release bundle with it (``[releases] signing_key`` of service.toml), every device seals its
+    state for the releases it signs (``[releases] key`` of agent.toml, its public key). Left as
+    it is where the lab already configures them."""
+    assert lab.pki is not None
+    service = lab.service_config.read_text()
+    if "\n[releases]\n" not in service:
+        lab.service_config.write_text(
+            service + f'\n[releases]\nsigning_key = "{lab.pki.release_key_ref}"\n'
+        )
+        lab.stop_service()
+        lab.start_service()
+    for device in lab.devices:
+        text = device.agent_config.read_text()
+        if "\nkey = " not in text:
+            line = f'key = "{lab.pki.release_public}"\n'
+            device.agent_config.write_text(
+                text.replace("\n[releases]\n", "\n[releases]\n" + line, 1)
+            )
+            lab.reboot(device)
+
+
 @pytest.fixture
 def six(tmp_path: Path) -> Iterator[Lab]:
     with Lab(tmp_path / "lab", devices=6, quarantine=True) as lab:
+        _sign_releases(lab)
         created = lab.op("group", "create", G, "--members", *lab.device_ids, timeout=180)
         assert created.returncode == 0, str(created)
         lab.wait_settled(G, timeout=120)
