@@ -263,9 +263,9 @@ def on_verdict(
         if device.state == "rolling-back" and release is not None and device.lost:
             return _send_again(cx, session, row, device, device.previous or row.version, now=now)
         return []
-    if device.state not in ("checking", "installing", "attested"):
+    if device.state not in ("checking", "installing", "attested", "passed"):
         return []
-    if not verdict.trusted:
+    if not verdict.trusted:  # a device of the wave that passed already counts too
         component = verdict.failing_component or "the device"
         return _stop(
             cx,
@@ -276,6 +276,8 @@ def on_verdict(
             device_id=device_id,
             now=now,
         )
+    if device.state == "passed":
+        return []
     if device.state == "checking":
         device.previous = release
         if release == row.version:
