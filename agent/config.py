@@ -171,6 +171,31 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class InstallConfig:
+    """[releases] install_command / install_timeout: the device's update hook, what a staged
+    rollout's ``release.install`` runs (the place Mender, SWUpdate or RAUC is called; keyfleet is
+    not the update client). ``command`` is an argv, run without a shell, every ``{version}`` in
+    it replaced by the release version (checked: letters, digits, ``.``, ``_``, ``-``)."""
+
+    command: tuple[str, ...]
+    timeout: int = 600
+
+    def argv(self, version: str) -> list[str]:
+        return [part.replace(VERSION_PLACEHOLDER, version) for part in self.command]
+
+
+VERSION_PLACEHOLDER = "{version}"
+
+
+def _install_command_problem(argv: list[str]) -> str | None:
+    if VERSION_PLACEHOLDER in argv[0]:
+        return "the program (first item) must not hold {version}"
+    if not any(VERSION_PLACEHOLDER in part for part in argv[1:]):
+        return "no argument holds {version}: the hook would not know what to install"
+    return None
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     source: Path
     tpm: TpmConfig
@@ -183,6 +208,7 @@ class AgentConfig:
     releases: ReleasesConfig = field(default_factory=ReleasesConfig)
     fleet: FleetConfig | None = None
     broker: BrokerConfig | None = None
+    install: InstallConfig | None = None  # [releases] install_command: absent, no update hook
 
     @property
     def provisioned(self) -> bool:
@@ -485,7 +511,16 @@ SCHEMA = Table(
                             "a PEM public key (ECC P-256) of the fleet's release signing key",
                             parse=_release_key_problem,
                         )
-                    )
+                    ),
+                    # the staged rollout's update hook (InstallConfig)
+                    "install_command": Field(
+                        Predicate(
+                            List(Str("a non-empty string"), min_items=1, max_items=64),
+                            _install_command_problem,
+                            "an argv list with a {version} placeholder",
+                        )
+                    ),
+                    "install_timeout": Field(Int(1, 24 * 3600, "seconds"), default=600),
                 }
             ),
             default={},
@@ -655,6 +690,7 @@ def _build(s: dict[str, Any], source: Path) -> AgentConfig:
         broker=broker,
         attestation=AttestationConfig(event_log=s["attestation"]["event_log"]),
         releases=_releases(s["releases"]["key"]),
+        install=_install(s["releases"]),
     )
 
 
@@ -662,3 +698,10 @@ def _releases(path: Path | None) -> ReleasesConfig:
     if path is None:
         return ReleasesConfig()
     return ReleasesConfig(key_file=path, key=_load_release_key(path.read_bytes()))
+
+
+def _install(raw: dict[str, Any]) -> InstallConfig | None:
+    command = raw["install_command"]
+    if command is None:
+        return None
+    return InstallConfig(command=tuple(command), timeout=raw["install_timeout"])

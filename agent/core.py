@@ -105,7 +105,12 @@ from agent.protocol.wire.messages.group import (
     WelcomeMessage,
 )
 from agent.protocol.wire.messages.key_state import MAX_KEYS, MAX_REFUSED, KeyStateReport
-from agent.protocol.wire.messages.release import ReleaseBundleMessage
+from agent.protocol.wire.messages.release import (
+    InstallResult,
+    InstallState,
+    ReleaseBundleMessage,
+    ReleaseInstall,
+)
 from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
@@ -233,6 +238,7 @@ class Outcome:
     # a newer release bundle and its release-signed bytes: the daemon keeps it (before it
     # persists) and re-seals the state key if its generation is newer (agent.releasestate)
     release: tuple[ReleaseBundle, bytes] | None = None
+    install: ReleaseInstall | None = None  # run the update hook (after persisting, publishing)
 
 
 # -- per-group state ----------------------------------------------------------------------------
@@ -321,6 +327,7 @@ class AgentCore:
         service_id: str = SERVICE_ID,
         attester: Attester | None = None,
         key_report_spread: int = KEY_CHANGE_REPORT_SPREAD,
+        can_install: bool = False,
     ) -> None:
         if ID_PATTERN.fullmatch(device_id) is None:
             raise ValueError("device id must be a valid id")
@@ -358,6 +365,12 @@ class AgentCore:
         self.last_acks: dict[str, tuple[int, int]] = {}  # group -> (epoch, time)
         self._dirty = False
         self.releases: ReleaseFollower | None = None  # with a release key (follow_releases)
+        # staged rollouts: whether an update hook is configured, the install it runs now and
+        # the outcome of the latest one (in every keys.report until the next; not persisted:
+        # the service judges an install by the device's next attestation, see release.install)
+        self.can_install = can_install
+        self.installing: ReleaseInstall | None = None
+        self.install_result: InstallResult | None = None
 
     def __repr__(self) -> str:
         return f"AgentCore({self.device_id!r}, groups={sorted(self._groups)}, seq={self._seq})"
@@ -606,6 +619,8 @@ class AgentCore:
             return self._on_attest_challenge(body)
         if isinstance(body, RevocationFeed):
             return self._on_feed(body)
+        if isinstance(body, ReleaseInstall):
+            return self._on_release_install(body)
         raise ProtocolError("agent.type", f"a device does not take {message.type} messages")
 
     # -- handlers: each checks everything first and changes state only at its end -----------
@@ -1054,6 +1069,72 @@ class AgentCore:
         log.info("attestation challenge answered (PCRs %s)", list(body.pcrs))
         return Outcome(publishes=[self._send(report)])
 
+    # -- staged rollout: release.install ------------------------------------------------------
+
+    def _on_release_install(self, body: ReleaseInstall) -> Outcome:
+        """Install ``body.version`` by the update hook the caller runs (``Outcome.install``,
+        after this message is saved as handled: a redelivery is a duplicate, never a second
+        install). Refused (and reported as a failed install, so the rollout stops at once):
+        no hook configured (``release.install.unavailable``), another install still running
+        (``release.install.busy``)."""
+        if not self.can_install:
+            return self._install_refused(
+                body,
+                ProtocolError(
+                    "release.install.unavailable",
+                    "this device has no update hook ([releases] install_command)",
+                ),
+            )
+        if self.installing == body:
+            # sent again (the service did not hear from us): it runs already
+            return Outcome(publishes=[self._report()])
+        if self.installing is not None:
+            return self._install_refused(
+                body,
+                ProtocolError(
+                    "release.install.busy",
+                    f"installing {self.installing.version} (rollout {self.installing.rollout})",
+                ),
+            )
+        self.installing = body
+        self.install_result = InstallResult(body.rollout, body.version, InstallState.RUNNING)
+        log.info("installing release %s (rollout %s)", body.version, body.rollout)
+        return Outcome(install=body)
+
+    def _install_refused(self, body: ReleaseInstall, exc: ProtocolError) -> Outcome:
+        self.rejections.record(exc)
+        log.warning("refused release.install of %s: [%s] %s", body.version, exc.check, exc.reason)
+        self.install_result = InstallResult(
+            body.rollout, body.version, InstallState.FAILED, exc.check
+        )
+        return Outcome(publishes=[self._report()])
+
+    def install_finished(
+        self, install: ReleaseInstall, failure: ProtocolError | None, now: int
+    ) -> Outcome:
+        """The update hook of ``install`` ended (``failure``: why it failed,
+        ``release.install.failed`` or ``release.install.timeout``); a keys.report tells the
+        service."""
+        self._now = now
+        if self.installing == install:
+            self.installing = None
+        if failure is None:
+            log.info("release %s installed: it runs after the reboot", install.version)
+            result = InstallResult(install.rollout, install.version, InstallState.DONE)
+        else:
+            self.rejections.record(failure)
+            log.warning(
+                "install of release %s failed: [%s] %s",
+                install.version,
+                failure.check,
+                failure.reason,
+            )
+            result = InstallResult(
+                install.rollout, install.version, InstallState.FAILED, failure.check
+            )
+        self.install_result = result
+        return Outcome(publishes=[self._report()], changed=True, handled="install")
+
     # -- outbound ---------------------------------------------------------------------------
 
     def _send(self, body: Body) -> Publish:
@@ -1102,6 +1183,7 @@ class AgentCore:
                 release_seq=None if held is None else held.seq,
                 release_generation=None if held is None else held.generation,
                 release_version=None if releases is None else releases.version,
+                install=self.install_result,
             )
         )
 
@@ -1361,6 +1443,10 @@ class AgentCore:
                 "seq": self.membership.revocations.seq,
                 "time": self.membership.revocations.time,
                 "revoked": len(self.membership.revocations.revoked),
+            },
+            "install": {
+                "running": None if self.installing is None else self.installing.version,
+                "last": None if self.install_result is None else self.install_result.to_cbor_map(),
             },
         }
 

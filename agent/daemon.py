@@ -24,7 +24,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +39,7 @@ from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC
 
 from agent.appseal import sealed_generations
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, InstallConfig, load_config
 from agent.core import AgentCore, AttestationEvidence, Outcome, leaf_name
 from agent.fsio import atomic_write, shred
 from agent.keybackend import TpmKeyBackend
@@ -57,6 +59,7 @@ from agent.protocol.initkeys import init_key_name
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
 from agent.protocol.topics import ALL_GROUP_COMMITS, RELEASES_TOPIC, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
+from agent.protocol.wire.messages.release import ReleaseInstall
 from agent.releasestate import HeldReleases
 from agent.sdnotify import Notifier
 from agent.selftest import run_builtin_selftests
@@ -96,9 +99,17 @@ class FaultPoints:
     ``KEYAGENT_TEST_KILL_AT=<point>:<message type>:<n>`` sends SIGKILL to this process the n-th
     time a message of that type reaches the point. Points: ``before-persist`` (handled in
     memory only), ``after-persist`` (state saved, nothing published), ``after-publish``
-    (answers published, the inbound message not acknowledged). Unset: nothing happens."""
+    (answers published, the inbound message not acknowledged), ``before-install`` (a
+    ``release.install`` saved and acknowledged, its update hook not started), ``during-install``
+    (the hook started, not finished). Unset: nothing happens."""
 
-    POINTS: Final = ("before-persist", "after-persist", "after-publish")
+    POINTS: Final = (
+        "before-persist",
+        "after-persist",
+        "after-publish",
+        "before-install",
+        "during-install",
+    )
 
     def __init__(self, spec: str | None) -> None:
         self._target: tuple[str, str] | None = None
@@ -117,6 +128,46 @@ class FaultPoints:
         if self._left == 0:
             log.warning("fault injection: SIGKILL at %s of %s", point, kind)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- the update hook (staged rollouts) -----------------------------------------------------------
+
+HOOK_OUTPUT_SHOWN: Final = 300
+
+
+def run_install_hook(
+    config: InstallConfig, version: str, *, started: Callable[[], None] = lambda: None
+) -> ProtocolError | None:
+    """Run the update hook for ``version`` (no shell, its own session so that it outlives the
+    agent, which the reboot it may start stops) and wait up to ``config.timeout``. None: it
+    exited 0; else why not (``release.install.failed``, ``release.install.timeout``)."""
+    argv = config.argv(version)
+    try:
+        hook = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return ProtocolError("release.install.failed", f"cannot run {argv[0]}: {exc.strerror}")
+    started()
+    try:
+        output, _ = hook.communicate(timeout=config.timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(hook.pid, signal.SIGKILL)
+        hook.communicate()
+        return ProtocolError(
+            "release.install.timeout", f"{argv[0]} did not finish within {config.timeout} s"
+        )
+    if hook.returncode != 0:
+        tail = output.decode("utf-8", "replace").strip()[-HOOK_OUTPUT_SHOWN:]
+        return ProtocolError(
+            "release.install.failed", f"{argv[0]} exited with {hook.returncode}: {tail}"
+        )
+    return None
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -375,6 +426,10 @@ class Daemon:
         self._retry: ReceivedMessage | None = None
         self._blocked_since: float | None = None
         self._blocked_reasons: set[str] = set()
+        # update hooks that ended (their thread puts them here; the worker loop reports them)
+        self._installs: queue.SimpleQueue[tuple[ReleaseInstall, ProtocolError | None]] = (
+            queue.SimpleQueue()
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -416,6 +471,7 @@ class Daemon:
             policy_for=config.rotation.for_group,
             max_age=max(DEFAULT_MAX_AGE, config.broker.session_expiry),
             attester=self._attest,
+            can_install=config.install is not None,
         )
         saved = self._state.load()
         if saved is not None:
@@ -575,6 +631,7 @@ class Daemon:
                 message = mqtt.get(timeout=wait)
                 if message is not None:
                     self._on_message(message)
+                self._installs_ended()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + TICK_SECONDS
                     with self._lock:
@@ -632,6 +689,35 @@ class Daemon:
             self._faults.reached("after-publish", outcome.handled)
             self._mqtt.ack(message)
         # else: not acknowledged; the broker redelivers it in the next session
+        if outcome.install is not None and not self._blocked:
+            self._start_install(outcome.install)
+
+    def _start_install(self, install: ReleaseInstall) -> None:
+        """Run the update hook in a thread (an updater may take minutes); the worker loop
+        reports its end (``_installs_ended``)."""
+        config = self.config.install
+        assert config is not None  # the core refuses release.install without a hook
+        self._faults.reached("before-install", ReleaseInstall.TYPE)
+
+        def work() -> None:
+            def started() -> None:
+                self._faults.reached("during-install", ReleaseInstall.TYPE)
+
+            failure = run_install_hook(config, install.version, started=started)
+            self._installs.put((install, failure))
+
+        threading.Thread(target=work, name="update-hook", daemon=True).start()
+
+    def _installs_ended(self) -> None:
+        assert self.core is not None
+        while True:
+            try:
+                install, failure = self._installs.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                outcome = self.core.install_finished(install, failure, self.now())
+            self._apply(outcome)
 
     def _reseal_apps(self) -> None:
         """App secrets follow the newest release generation (``agent.appseal``); once none is

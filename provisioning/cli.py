@@ -79,6 +79,7 @@ from provisioning.pki_cli import add_pki_commands
 from provisioning.registry import Registry, cert_fingerprint
 from provisioning.releases_cli import add_release_commands
 from provisioning.requests_cli import add_request_commands, run_direct, run_request_command
+from provisioning.rollout_cli import add_rollout_commands, run_rollout_command, show_status
 from provisioning.service import rekeypolicy
 from provisioning.service.model import ServiceSettings
 from provisioning.service.mqtt import ServiceRunner
@@ -548,6 +549,16 @@ def _release_engine(args: argparse.Namespace) -> Engine:
     return engine
 
 
+def _rollout_command(args: argparse.Namespace) -> int:
+    audit_cli.warn_if_stale(args)
+    with OperatorClient(_operator_settings(args)) as client:
+        return run_rollout_command(client, args)
+
+
+def _rollout_status(args: argparse.Namespace) -> int:
+    return show_status(args, _read)
+
+
 def _read(args: argparse.Namespace, query: Callable[[Session], list[Row]]) -> list[Row]:
     engine = _existing_engine(_database_url(args))
     try:
@@ -864,6 +875,9 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
         database_options=_add_database_options,
         operator_handler=_release_request,
         engine_for=_release_engine,
+    )
+    add_rollout_commands(
+        commands, _add_operator_options, _add_listing, _rollout_command, _rollout_status
     )
 
     devices = _add_listing(

@@ -120,6 +120,7 @@ OPTIONAL_SECTIONS = frozenset(
         "metrics",
         "audit",
         "releases",
+        "rollout",
     }
 )
 # Optional tables whose absence means "not served" rather than "defaults".
@@ -179,6 +180,14 @@ class GroupsConfig:
     recovery_wait_seconds: int = 10
     rekey_max_age_seconds: int = 7 * 86_400
     rekey_max_epochs: int = 100
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """[rollout]: staged rollouts (``keyfleet rollout``). ``wave_timeout_seconds``: how long a
+    wave may take to install, attest trusted and ack before the rollout stops as ``timeout``."""
+
+    wave_timeout_seconds: int = 600
 
 
 @dataclass(frozen=True)
@@ -299,6 +308,7 @@ class ServiceConfig:
     releases: ReleasesConfig = field(default_factory=ReleasesConfig)
     metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     @property
     def database_url_redacted(self) -> str:
@@ -445,6 +455,9 @@ def _schema(base: Path) -> Table:
             "rekey_max_age_seconds": Field(seconds(0, 366 * 86400), default=7 * 86_400),
             "rekey_max_epochs": Field(Int(0, 1_000_000, "epochs"), default=100),
         },
+        "rollout": {
+            "wave_timeout_seconds": Field(seconds(10, 7 * 86400), default=600),
+        },
         "quorum": {
             "min_approvals": Field(Int(1, 16, "operators"), default=2),
             "request_ttl_seconds": Field(seconds(10, 30 * 86400), default=86400),
@@ -521,6 +534,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         attestation=AttestationConfig(**sections["attestation"]),
         groups=GroupsConfig(**sections["groups"]),
         quorum=QuorumConfig(**sections["quorum"]),
+        rollout=RolloutConfig(**sections["rollout"]),
         audit=AuditConfig(**sections["audit"]),
         releases=ReleasesConfig(**sections["releases"]),
         revocation=RevocationConfig(

@@ -53,6 +53,7 @@ from agent.protocol.wire.messages.operator import (
     ReleaseAdd,
     Revoke,
 )
+from agent.protocol.wire.messages.release import RolloutAbort, RolloutStart
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     OperatorResult,
@@ -82,6 +83,8 @@ Command = (
     | Approve
     | ListRequests
     | AuditSync
+    | RolloutStart
+    | RolloutAbort
 )
 Reply = OperatorResult | RequestsResult | AuditCheckpointResult
 # Answers that are one message, not a stream of results ending in a final one.

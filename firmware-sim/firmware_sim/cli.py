@@ -1,7 +1,8 @@
 """``firmware-sim``: the device simulator's command line.
 
 ``firmware-sim device --state DIR`` runs one simulated device (``firmware_sim.device``) in the
-foreground until SIGTERM or SIGINT. Its output is made to be read by programs: ``key: value``
+foreground until SIGTERM or SIGINT; SIGHUP reboots it in place (``firmware-sim install --reboot``
+sends it: the installed release boots). Its output is made to be read by programs: ``key: value``
 lines, or with ``--json`` one JSON object per line; ``--ready-file`` gets the same object
 written atomically once the console is up (and again at every change of mode).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,6 +25,7 @@ from agent.fsio import atomic_write
 from agent.protocol.errors import KeyfleetError
 from agent.version import add_version_option
 from firmware_sim import release
+from firmware_sim.boot import FirmwareComponent
 from firmware_sim.device import (
     DEFAULT_CA_DIR_NAME,
     TPM_DIR,
@@ -136,6 +139,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--state", required=True, metavar="DIR", help="the device's directory")
     install.add_argument("--version", required=True, help="the release to boot next")
+    install.add_argument(
+        "--reboot",
+        action="store_true",
+        help=(
+            "then ask the running `firmware-sim device` of DIR to reboot (SIGHUP): it stops its "
+            "agent, power cycles its TPM and boots the new release (the update hook of a rollout)"
+        ),
+    )
     fleet = commands.add_parser(
         "fleet",
         help="run N virtual devices in one process (software keys: simulation only, INSECURE)",
@@ -234,18 +245,31 @@ def _install(args: argparse.Namespace) -> int:
     except KeyfleetError as exc:
         print(f"firmware-sim install: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{args.state}: release {args.version} installed; it boots next")
+    pid = release.running_simulator(args.state) if args.reboot else None
+    if pid is None:
+        print(f"{args.state}: release {args.version} installed; it boots next", flush=True)
+        return EXIT_OK
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"firmware-sim install: cannot ask pid {pid} to reboot: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.state}: release {args.version} installed; rebooting (pid {pid})", flush=True)
     return EXIT_OK
+
+
+def _components(args: argparse.Namespace, version: str) -> tuple[FirmwareComponent, ...]:
+    return firmware_components(
+        version,
+        images=_pairs(args.image, "--image"),
+        versions=_pairs(args.component_version, "--component-version"),
+        tamper=args.tamper,
+    )
 
 
 def _device(args: argparse.Namespace) -> int:
     try:
-        components = firmware_components(
-            args.version or release.installed_version(args.state),
-            images=_pairs(args.image, "--image"),
-            versions=_pairs(args.component_version, "--component-version"),
-            tamper=args.tamper,
-        )
+        components = _components(args, args.version or release.installed_version(args.state))
     except (argparse.ArgumentTypeError, KeyfleetError) as exc:
         print(f"firmware-sim device: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -254,11 +278,16 @@ def _device(args: argparse.Namespace) -> int:
         print(f"firmware-sim device: {refused}", file=sys.stderr)
         return EXIT_FAILED
     stop = threading.Event()
+    reboot = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        if signum == signal.SIGHUP:
+            reboot.set()
+        else:
+            stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     device = SimulatedDevice(
         args.state,
         manufacturer_ca=args.manufacturer_ca,
@@ -274,13 +303,30 @@ def _device(args: argparse.Namespace) -> int:
         print(f"firmware-sim device: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        while not stop.wait(timeout=0.5):
-            pass
+        while not stop.wait(timeout=0.2):
+            if reboot.is_set():
+                reboot.clear()
+                _reboot(args, device)
     finally:
         device.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return EXIT_OK
+
+
+def _reboot(args: argparse.Namespace, device: SimulatedDevice) -> None:
+    """SIGHUP: boot the installed release (or, if none was ever installed, the same one)."""
+    try:
+        version = (
+            release.installed_version(args.state)
+            if release.installed(args.state)
+            else args.version or release.DEFAULT_VERSION
+        )
+        components = _components(args, version)
+    except (argparse.ArgumentTypeError, KeyfleetError) as exc:
+        print(f"firmware-sim device: reboot: {exc}; rebooting the same firmware", file=sys.stderr)
+        components = None
+    device.reboot(components)
 
 
 def _fleet(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ Two modes, decided by the factory lock file (``agent.factory``):
 State directory::
 
     device.json        what the simulator remembers: manufacturer CA, serial (no secrets)
-    device.lock        held (flock) while a simulator runs this device: one at a time
+    device.lock        held (flock) while a simulator runs this device: one at a time; holds
+                       the simulator's pid (``firmware-sim install --reboot`` signals it)
     tpm/               swtpm state (tpm2-00.permall), swtpm.sock(.ctrl), swtpm.pid, swtpm.log
     eventlog.cbor      the measured boot's event log (agent.protocol.eventlog), rewritten each boot
     agent.log          the agent daemon's output in run mode
@@ -172,6 +173,7 @@ class SimulatedDevice:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._manufacturer: ManufacturerCA | None = None
+        self.boots = 0  # boots by this simulator (``reboot`` adds one)
 
     # -- properties -----------------------------------------------------------------------
 
@@ -246,6 +248,7 @@ class SimulatedDevice:
             "swtpm_pid": self.swtpm_pid,
             "agent_pid": self.agent_pid,
             "agent_config": str(self.agent_config_path),
+            "boots": self.boots,
         }
 
     # -- start ----------------------------------------------------------------------------
@@ -256,6 +259,7 @@ class SimulatedDevice:
         if self._swtpm is not None:
             raise StateError("the device is already running")
         self._stopping.clear()
+        self.boots += 1
         try:
             self._take_device_lock()
             self._load_or_create()
@@ -282,6 +286,8 @@ class SimulatedDevice:
                 f"{DEVICE_LOCK})"
             ) from None
         self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
     def _load_or_create(self) -> None:
         record_path = self.state_dir / DEVICE_FILE
@@ -458,6 +464,16 @@ class SimulatedDevice:
             os.close(fd)
         self._snapshot = None
         self._locked.clear()
+
+    def reboot(self, components: Sequence[FirmwareComponent] | None = None) -> None:
+        """Reboot in place (what an installed update asks for): stop the agent, the console
+        and swtpm (power off: PCRs reset at the next start), then boot ``components`` (default:
+        the same firmware again) with a measured boot and start the agent; ``boots`` counts it
+        and the listener hears ``ready`` (and ``provisioned``, ``agent``) again."""
+        self.stop()
+        if components is not None:
+            self.components = tuple(components)
+        self.start()
 
     def __enter__(self) -> SimulatedDevice:
         self.start()

@@ -864,6 +864,7 @@ signing_key = "{pki_.release_key_ref}"
                 self.provision(device)
         for device in self.devices:
             self._allow_apps(device)
+            self._configure_update_hook(device)
             self.reboot(device, wait=False)
         for device in self.devices:
             self.wait_agent(device)
@@ -993,6 +994,53 @@ signing_key = "{pki_.release_key_ref}"
             f'[[api.rules]]\nuid = {os.getuid()}\noperations = [{operations}]\ngroups = ["*"]\n'
         )
         device.agent_config.write_text(text)
+
+    def _configure_update_hook(self, device: LabDevice) -> None:
+        """The device image's update hook (``[releases] install_command``): ``firmware-sim
+        install --reboot`` switches its release slot and reboots it into the new release."""
+        text = device.agent_config.read_text()
+        if "install_command" in text:
+            return
+        argv = [
+            sys.executable,
+            "-m",
+            "firmware_sim.cli",
+            "install",
+            "--state",
+            str(device.state_dir),
+            "--version",
+            "{version}",
+            "--reboot",
+        ]
+        line = f"install_command = {json.dumps(argv)}\n"
+        if "\n[releases]\n" in text:  # another key of the table is there already
+            text = text.replace("\n[releases]\n", "\n[releases]\n" + line, 1)
+        else:
+            text += f"\n# lab: the update hook of staged rollouts\n[releases]\n{line}"
+        device.agent_config.write_text(text)
+
+    def wait_reboot(
+        self, device: LabDevice, after_boots: int, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Wait until ``device`` rebooted itself (an update hook's ``install --reboot``): its
+        ready file counts more than ``after_boots`` boots and its new agent is connected."""
+        timeout = timeout or self.start_timeout
+
+        def rebooted() -> dict[str, Any] | None:
+            info = device.read_ready()
+            if info is None or not isinstance(info.get("boots"), int):
+                return None
+            return info if info["boots"] > after_boots and info.get("event") == "agent" else None
+
+        _wait(
+            f"device {device.name}",
+            "reboot",
+            rebooted,
+            timeout,
+            log_path=device.log_path,
+            alive=lambda: device.running,
+        )
+        return self.wait_agent(device, timeout)
 
     def wait_agent(self, device: LabDevice, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the device's agent runs, wrote its status and is connected to the broker;

@@ -19,6 +19,7 @@ or the new release, never a mix.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from agent.fsio import atomic_write
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.eventlog import check_version
 from firmware_sim.boot import FirmwareComponent, default_components
+from firmware_sim.device import DEVICE_LOCK
 
 DEFAULT_VERSION = "1.0"
 INSTALLED_FILE = Path("firmware") / "installed"
@@ -71,6 +73,31 @@ def installed_version(state_dir: str | os.PathLike[str]) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the installed release: {exc}") from None
     return _checked(text)
+
+
+def installed(state_dir: str | os.PathLike[str]) -> bool:
+    """Whether a release was ever installed (else the device boots what it is told)."""
+    return (Path(state_dir) / INSTALLED_FILE).exists()
+
+
+def running_simulator(state_dir: str | os.PathLike[str]) -> int | None:
+    """The pid of the ``firmware-sim device`` running ``state_dir`` (it holds the device lock and
+    wrote its pid into it), or None when none runs."""
+    path = Path(state_dir) / DEVICE_LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)  # nobody holds it: no simulator runs this device
+        return None
+    finally:
+        os.close(fd)
 
 
 def install(state_dir: str | os.PathLike[str], version: str) -> None:

@@ -51,6 +51,7 @@ from provisioning.dashboard import pending, queries
 from provisioning.dashboard.queries import Viewer
 from provisioning.http import ASGIApp, Receive, Scope, Send
 from provisioning.registry import AttestationResult, DeviceState, cert_fingerprint
+from provisioning.service import rollout
 from provisioning.service.credentials import operator_role
 
 log = logging.getLogger("keyfleet.dashboard")
@@ -407,6 +408,11 @@ def build_dashboard_app(
             return await render(request, "error.html", 404, message=f"no group {group_id}")
         return await render(request, "group.html", group=detail)
 
+    async def rollouts(request: Request) -> Response:
+        rows = await run_in_threadpool(read, rollout.status)
+        # the newest first, one page of them: a fleet has few rollouts, each with its devices
+        return await render(request, "rollouts.html", rollouts=list(reversed(rows))[:per_page])
+
     async def audit_log(request: Request) -> Response:
         query = _text_param(request, "q")
         outcome = _text_param(request, "outcome", frozenset({"accepted", "refused"}))
@@ -500,6 +506,7 @@ def build_dashboard_app(
         Route("/groups", groups, methods=["GET"]),
         Route("/groups/{group_id}", group, methods=["GET"]),
         Route("/groups/{group_id}/events", group_events, methods=["GET"]),
+        Route("/rollouts", rollouts, methods=["GET"]),
         Route("/audit", audit_log, methods=["GET"]),
         Mount("/static", StaticFiles(packages=[("provisioning.dashboard", "static")])),
     ]

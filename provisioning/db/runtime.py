@@ -419,6 +419,59 @@ class DeviceReleaseRow(ServiceBase):
     attested_at: Mapped[int] = mapped_column(BigInteger)
 
 
+class RolloutRow(ServiceBase):
+    """A staged rollout (``provisioning.service.rollout``): release ``version`` to the members of
+    ``group_id`` in ``waves`` (JSON: lists of device ids, computed once at start), ``wave`` the
+    index of the current one, started at ``wave_started_at`` (NULL: not started yet). ``state``:
+    running | rolling-back | done | failed | timeout | rolled-back | aborted; ``reason`` and
+    ``device`` say why it stopped. ``active_group``: the group while the rollout is not over,
+    NULL after (unique: one rollout of a group at a time). ``command_id``/``operator``: the
+    start command, whose operator is told the progress."""
+
+    __tablename__ = "service_rollouts"
+
+    rollout_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    version: Mapped[str] = mapped_column(String(ID_LENGTH))
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    active_group: Mapped[str | None] = mapped_column(String(ID_LENGTH), unique=True, nullable=True)
+    operator: Mapped[str] = mapped_column(String(ID_LENGTH))
+    command_id: Mapped[bytes] = mapped_column(LargeBinary)
+    rollback: Mapped[bool] = mapped_column(Boolean)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    waves: Mapped[str] = mapped_column(Text)
+    wave: Mapped[int] = mapped_column(Integer)
+    wave_started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    device: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    started_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class RolloutDeviceRow(ServiceBase):
+    """One device of a rollout: its ``wave``, ``state`` (pending | checking | installing |
+    attested | passed | failed | rolling-back | rolled-back), the release it attested on before
+    the install (``previous``, what a rollback returns it to), when its install was sent
+    (``sent_at``) and how often (``attempts``), when it was last challenged (``asked_at``),
+    ``lost``: its agent restarted without the install (a keys.report without it),
+    ``acked_at``: when it acked the group's current epoch after its trusted verdict, and
+    ``detail``: the last thing learnt (a verdict, an install failure)."""
+
+    __tablename__ = "service_rollout_devices"
+
+    rollout_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, index=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    previous: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    sent_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    asked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    lost: Mapped[bool] = mapped_column(Boolean)
+    acked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
 def create_service_schema(engine: Engine) -> None:
     """Create the runtime tables directly (tests that build a bare database; ``keyfleet db
     init`` runs the migrations instead)."""

@@ -20,9 +20,10 @@ from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.replay import ReplayGuard
 from provisioning.registry import DeviceState, Registry
-from provisioning.service import catchup, devices, jobs, store, verify
+from provisioning.service import catchup, devices, jobs, rollout, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import AckLatency, Effects, GroupChanged, Log
+from provisioning.service.store import rollouts
 
 log = logging.getLogger("keyfleet.service")
 
@@ -40,6 +41,7 @@ def _record(cx: Call, registry: Registry, sender: str, body: AckBody, now: int) 
 
 def on_ack(cx: Call, session: Session, sender: str, body: AckBody, now: int) -> Effects:
     _record(cx, Registry(session), sender, body, now)
+    rollout.on_ack(session, sender, body.group_id, body.epoch, now)
     started = store.commit_at(session, body.group_id, body.epoch - 1)
     return [
         Log(logging.DEBUG, "ack from %s for %s epoch %s", (sender, body.group_id, body.epoch)),
@@ -80,6 +82,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         )
         registry = Registry(session)
         guards: dict[str, ReplayGuard] = {}
+        in_rollout = rollouts.attested_devices(session, senders)
         for message in batch:
             sender = message.sender
             body = message.body
@@ -98,6 +101,8 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                         f"device {sender!r} is quarantined: only attestation reports are taken",
                     )
                 _record(cx, registry, sender, body, now)
+                if sender in in_rollout:
+                    rollout.on_ack(session, sender, body.group_id, body.epoch, now)
             except ProtocolError as err:
                 refused.append((message, err))
                 continue

@@ -46,7 +46,7 @@ from provisioning.registry import (
     Registry,
     key_state_items,
 )
-from provisioning.service import operators, releases, store
+from provisioning.service import operators, releases, rollout, store
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     AttestVerdict,
@@ -296,7 +296,8 @@ def on_attest_report(
         effects += [StartNext(group_id) for group_id in sorted(groups)]
     if waiting is not None:
         effects.append(AttestVerdict(waiting, verdict, change))
-    return effects
+    # a staged rollout's step of this device (provisioning/service/rollout.py)
+    return effects + rollout.on_verdict(cx, session, sender, verdict, now)
 
 
 def attest_result(

@@ -50,6 +50,7 @@ from provisioning.service import (
     feed,
     fullrekey,
     rollback,
+    rollout,
     store,
     verify,
 )
@@ -163,7 +164,8 @@ def on_key_states(
             details=dict(sorted(refused.items())),
         )
         cx.env.refusals_seen[sender] = refused
-    return feed.on_report(session, sender, body.feed, now=now)
+    effects = feed.on_report(session, sender, body.feed, now=now)
+    return effects + rollout.on_install_report(cx, session, sender, body.install, now)
 
 
 def on_update_request(

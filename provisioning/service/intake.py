@@ -40,6 +40,7 @@ from provisioning.service import (
     releases,
     requests,
     rollback,
+    rollout,
     store,
     tasks,
     verify,
@@ -67,6 +68,7 @@ def tick(cx: Call, now: int) -> None:
     checkpoints.checkpoint_tick(cx, now)
     tasks.crl_tick(cx, now)
     rollback.recovery_tick(cx, now)
+    rollout.rollout_tick(cx, now)
     for group_id in rekeypolicy.rekey_tick(cx, now):
         jobs_flow.start_next(cx, group_id, now)
 

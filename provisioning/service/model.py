@@ -63,6 +63,8 @@ class ServiceSettings:
     rekey_max_epochs: int = 100
     # [releases] grace_days: a release superseded by a newer approved one expires this much later
     release_grace: int = 30 * 86_400
+    # [rollout]: how long a wave of a staged rollout may take (provisioning/service/rollout.py)
+    rollout_wave_timeout: int = 600
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         member_update_min_interval=config.groups.member_update_min_interval_seconds,
         recovery_wait=config.groups.recovery_wait_seconds,
         release_grace=config.releases.grace_days * 86_400,
+        rollout_wave_timeout=config.rollout.wave_timeout_seconds,
     )
 
 

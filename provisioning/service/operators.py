@@ -47,6 +47,7 @@ from agent.protocol.wire.messages.operator import (
     ReleaseAdd,
     Revoke,
 )
+from agent.protocol.wire.messages.release import RolloutAbort, RolloutStart
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit, pki, revocation
@@ -68,6 +69,7 @@ from provisioning.service import (
     rekeypolicy,
     releases,
     requests,
+    rollout,
     store,
     verify,
 )
@@ -103,6 +105,9 @@ REQUIRED_ROLE: Final[dict[str, Role]] = {
     Approve.TYPE: Role.OPERATOR,
     ListRequests.TYPE: Role.VIEWER,
     AuditSync.TYPE: Role.VIEWER,
+    # Staged rollouts of an approved release (provisioning/service/rollout.py).
+    RolloutStart.TYPE: Role.OPERATOR,
+    RolloutAbort.TYPE: Role.OPERATOR,
 }
 
 # The request op a direct membership command stands for (agent.protocol.authz op names).
@@ -323,6 +328,10 @@ def dispatch_operator(
     if isinstance(body, ReleaseAdd):
         store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
         return releases.on_add(session, body, operator=operator, now=now)
+    if isinstance(body, RolloutStart):
+        return rollout.dispatch_start(cx, session, operator, body, command_id, now=now)
+    if isinstance(body, RolloutAbort):
+        return rollout.dispatch_abort(cx, session, operator, body, command_id, now=now)
     if isinstance(body, GroupPolicy):
         store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
         return rekeypolicy.set_group_policy(

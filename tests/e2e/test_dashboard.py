@@ -46,6 +46,7 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
+from provisioning.service.store import rollouts
 from tests.service_deployment import write_golden_policy
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +55,15 @@ DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 DEVICES = 1200
 PAGE = 50
-PAGES = ("/", "/devices", f"/devices/{device_id(7)}", "/groups", "/groups/grp-000", "/audit")
+PAGES = (
+    "/",
+    "/devices",
+    f"/devices/{device_id(7)}",
+    "/groups",
+    "/groups/grp-000",
+    "/rollouts",
+    "/audit",
+)
 
 
 @dataclass
@@ -465,3 +474,30 @@ def test_a_tampered_audit_entry_shows_as_a_broken_chain(dashboard: Dashboard) ->
     _, _, body = dashboard.get("/audit")
     assert "Hash chain BROKEN at entry 5: hash mismatch" in body
     assert "Hash chain verified" not in body
+
+
+def test_the_rollouts_page_shows_each_rollout_and_the_running_ones_devices(
+    dashboard: Dashboard,
+) -> None:
+    _, _, empty = dashboard.get("/rollouts")
+    assert "no rollout" in empty or 'data-rollout="' in empty
+    waves = ((device_id(1),), (device_id(2), device_id(3)))
+
+    def start(session: Session) -> None:
+        rollouts.insert_rollout(
+            session,
+            rollouts.NewRollout("ro-dash", "1.1", "grp-000", "op-admin", bytes(16), True, waves),
+            now=dashboard.now,
+        )
+        [first, *_] = rollouts.devices(session, "ro-dash", 0)
+        first.state, first.previous, first.detail = "installing", "1.0", "<b>x</b>"
+
+    with dashboard.sessions.begin() as session:
+        start(session)
+    status, _, body = dashboard.get("/rollouts")
+    assert status == 200
+    assert 'data-rollout="ro-dash"' in body and "running" in body and "1 + 2" in body
+    # the running rollout's devices of the waves so far, escaped
+    table = body.split('id="rollout-ro-dash"', 1)[1].split("</table>", 1)[0]
+    assert re.findall(r'data-device="([^"]+)"', table) == [device_id(1)]
+    assert "installing" in table and "&lt;b&gt;x&lt;/b&gt;" in table and "<b>x</b>" not in table

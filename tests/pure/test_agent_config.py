@@ -446,3 +446,18 @@ def test_file_mode_of_config_is_not_required(tmp_path: Path) -> None:
     path = _write(tmp_path, "")
     os.chmod(path, 0o644)
     assert not load_config(path).provisioned
+
+
+def test_releases_install_command_is_an_argv_with_a_version_placeholder(tmp_path: Path) -> None:
+    """[releases] install_command: the staged rollout's update hook (agent.config.InstallConfig)."""
+    base = {"tpm": {"tcti": "swtpm:port=2321"}, "state": {"dir": str(tmp_path)}}
+    assert parse_config(base, tmp_path / "a.toml").install is None
+    config = parse_config(
+        {**base, "releases": {"install_command": ["/usr/bin/update", "--to", "v{version}"]}},
+        tmp_path / "a.toml",
+    )
+    assert config.install is not None and config.install.timeout == 600
+    assert config.install.argv("1.1") == ["/usr/bin/update", "--to", "v1.1"]
+    for bad in (["/usr/bin/update"], ["{version}", "x"], [], "update {version}"):
+        with pytest.raises(ConfigProblems, match=r"releases\.install_command"):
+            parse_config({**base, "releases": {"install_command": bad}}, tmp_path / "a.toml")

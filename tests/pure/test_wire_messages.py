@@ -38,7 +38,14 @@ from agent.protocol.wire.messages.operator import (
     Revoke,
 )
 from agent.protocol.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
-from agent.protocol.wire.messages.release import ReleaseBundleMessage
+from agent.protocol.wire.messages.release import (
+    InstallResult,
+    InstallState,
+    ReleaseBundleMessage,
+    ReleaseInstall,
+    RolloutAbort,
+    RolloutStart,
+)
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     AuditLink,
@@ -181,6 +188,15 @@ SAMPLES: list[Body] = [
     ReleaseBundleMessage(bundle=b"\xd2cose"),
     KeyStateReport(keys=(), feed=7),
     KeyStateReport(keys=(), release_seq=3, release_generation=2, release_version="1.1"),
+    ReleaseInstall(rollout="ro-1", version="1.1"),
+    RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("1", "50%", "100%")),
+    RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("5%",), rollback=True),
+    RolloutAbort(command_id=CMD, rollout="ro-1"),
+    KeyStateReport(keys=(), install=InstallResult("ro-1", "1.1", InstallState.DONE)),
+    KeyStateReport(
+        keys=(),
+        install=InstallResult("ro-1", "1.1", InstallState.FAILED, "release.install.failed"),
+    ),
     AuditSync(command_id=CMD, after=0),
     AuditSync(command_id=CMD, after=10, count=12),
     AuditCheckpointResult(
@@ -333,6 +349,22 @@ def test_body_is_not_a_map() -> None:
             "body.bounds",
         ),
         (lambda: KeyStateReport(keys=(DEVID, DEVID)), "body.bounds"),
+        (lambda: ReleaseInstall(rollout="ro/1", version="1.1"), "body.bounds"),
+        (lambda: ReleaseInstall(rollout="ro-1", version="1 1"), "body.bounds"),
+        (lambda: InstallResult("ro-1", "1.1", InstallState.DONE, "x.y"), "body.bounds"),
+        (lambda: InstallResult("ro-1", "1.1", InstallState.FAILED), "body.bounds"),
+        (
+            lambda: RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("101%",)),
+            "body.bounds",
+        ),
+        (
+            lambda: RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("0",)),
+            "body.bounds",
+        ),
+        (
+            lambda: RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=()),
+            "body.bounds",
+        ),
         (lambda: Propose(command_id=CMD, op="group.rekey", members=()), "body.bounds"),
         (lambda: Propose(command_id=CMD, op="group.add", members=("d",)), "body.malformed"),
         (

@@ -17,6 +17,7 @@ from typing import ClassVar, Self
 from agent.protocol.errors import ProtocolError
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyKind, KeyRecord, KeyState
 from agent.protocol.wire.messages.base import Body, check_text, check_tuple, check_uint, fields
+from agent.protocol.wire.messages.release import InstallResult
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -78,7 +79,9 @@ class KeyStateReport(Body):
     ``release_generation``: the newest release bundle the device verified and keeps, and
     ``release_version``: the release its running image matched (absent without a release key,
     or when no bundle or no release applies), so the service shows who runs what and who has
-    not re-sealed after a revocation (docs/releases.md)."""
+    not re-sealed after a revocation (docs/releases.md); ``install``: the outcome of the latest
+    ``release.install`` (a staged rollout's step), repeated in every report until the next one,
+    so that a report lost to a reconnect is made up by the next."""
 
     TYPE: ClassVar[str] = "keys.report"
 
@@ -88,6 +91,7 @@ class KeyStateReport(Body):
     release_seq: int | None = None
     release_generation: int | None = None
     release_version: str | None = None
+    install: InstallResult | None = None
 
     def __post_init__(self) -> None:
         check_records(self.keys, "keys")
@@ -97,6 +101,8 @@ class KeyStateReport(Body):
                 check_uint(value, name, maximum=MAX_FEED_SEQ)
         if self.release_version is not None:
             check_text(self.release_version, "release_version", min_len=1, max_len=64)
+        if self.install is not None and not isinstance(self.install, InstallResult):
+            raise ProtocolError("body.type", "install must be an InstallResult")
         check_tuple(self.refused, "refused", max_len=MAX_REFUSED)
         for item in self.refused:
             if (
@@ -118,11 +124,20 @@ class KeyStateReport(Body):
         for name in ("feed", "release_seq", "release_generation", "release_version"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        if self.install is not None:
+            out["install"] = self.install.to_cbor_map()
         return out
 
     @classmethod
     def from_cbor_map(cls, value: object) -> Self:
-        optional = ["refused", "feed", "release_seq", "release_generation", "release_version"]
+        optional = [
+            "refused",
+            "feed",
+            "release_seq",
+            "release_generation",
+            "release_version",
+            "install",
+        ]
         kwargs = fields(value, cls.__name__, ["keys"], optional)
         refused = kwargs.get("refused", {})
         if not isinstance(refused, Mapping):
@@ -134,6 +149,9 @@ class KeyStateReport(Body):
             release_seq=kwargs.get("release_seq"),
             release_generation=kwargs.get("release_generation"),
             release_version=kwargs.get("release_version"),
+            install=(
+                InstallResult.from_cbor_map(kwargs["install"]) if "install" in kwargs else None
+            ),
         )
 
 

@@ -33,7 +33,12 @@ from agent.protocol.wire.messages.operator import (
     ReleaseAdd,
     Revoke,
 )
-from agent.protocol.wire.messages.release import ReleaseBundleMessage
+from agent.protocol.wire.messages.release import (
+    ReleaseBundleMessage,
+    ReleaseInstall,
+    RolloutAbort,
+    RolloutStart,
+)
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     OperatorResult,
@@ -81,6 +86,9 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     UpdateProposalRequest,
     UpdateProposal,
     ReleaseBundleMessage,
+    ReleaseInstall,
+    RolloutStart,
+    RolloutAbort,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
