@@ -43,8 +43,6 @@ from tpm2_pytss.types import (
     TPM2B_NAME,
     TPM2B_NONCE,
     TPM2B_PUBLIC,
-    TPM2B_SENSITIVE_CREATE,
-    TPMS_SENSITIVE_CREATE,
     TPMS_SIGNATURE_ECC,
     TPMT_PUBLIC,
     TPMT_SIGNATURE,
@@ -67,7 +65,6 @@ from agent.protocol.secret import Secret
 from agent.tpm.blob import PARENT_OWNER, KeyBlob, PolicyCommand
 from agent.tpm.nvcounter import NVCounter, nv_policy_entry, parse_nv_entry, policy_nv
 from agent.tpm.store import MAX_SEALED_SIZE, MeasurementsChanged, _pcr_selection, _rc_base
-from agent.tpm.templates import sealed_template
 
 _RC_SIGNATURE = 0x09B  # TPM_RC_SIGNATURE: the signature is not valid for the key
 # TPM_RC_VALUE of PolicyAuthorize's parameter 1: approvedPolicy is not the session digest
@@ -170,16 +167,7 @@ def seal_authorized(
         )
         policy_nv(store, nv, trial, value)
         digest = store._trial_digest(trial)
-    sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=data))
-    with (
-        store._srk() as srk,
-        store._salted_session(
-            srk, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT | TPMA_SESSION.CONTINUESESSION
-        ) as session,
-    ):
-        private, public, *_ = store._call(
-            "seal", "create", srk, sensitive, sealed_template(digest), session1=session
-        )
+    public, private = store._create_sealed(data, digest)
     return KeyBlob(
         public=public.marshal(),
         private=private.marshal(),

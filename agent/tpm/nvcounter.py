@@ -37,10 +37,8 @@ from tpm2_pytss.types import (
     TPM2B_DIGEST,
     TPM2B_NV_PUBLIC,
     TPM2B_OPERAND,
-    TPM2B_SENSITIVE_CREATE,
     TPML_PCR_SELECTION,
     TPMS_NV_PUBLIC,
-    TPMS_SENSITIVE_CREATE,
 )
 
 from agent.protocol.attest import pcr_digest
@@ -53,7 +51,6 @@ from agent.tpm.store import (
     _pcr_selection,
     _rc_base,
 )
-from agent.tpm.templates import sealed_template
 
 # Owner-defined NV range (0x01000000-0x013FFFFF); "KF" in the low bytes.
 STATE_COUNTER_INDEX = 0x01004B46
@@ -225,16 +222,7 @@ def seal_bound(counter: NVCounter, secret: Secret, pcrs: Sequence[int], value: i
     selection = _pcr_selection(pcrs)
     values = store.pcr_read(pcrs)
     digest = _policy_digest(store, selection, counter._handle(), value)
-    sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=data))
-    with (
-        store._srk() as srk,
-        store._salted_session(
-            srk, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT | TPMA_SESSION.CONTINUESESSION
-        ) as session,
-    ):
-        private, public, *_ = store._call(
-            "seal", "create", srk, sensitive, sealed_template(digest), session1=session
-        )
+    public, private = store._create_sealed(data, digest)
     return KeyBlob(
         public=public.marshal(),
         private=private.marshal(),

@@ -586,15 +586,14 @@ class TPMStore:
             self._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
             return self._trial_digest(session)
 
-    def seal(self, secret: Secret | bytes, pcrs: Sequence[int] = (7,)) -> KeyBlob:
-        """Seal up to 128 bytes to the current values of ``pcrs`` (sha256 bank). The data is sent
-        encrypted (salted session, command parameter encryption)."""
-        data = secret.reveal() if isinstance(secret, Secret) else bytes(secret)
+    def _create_sealed(
+        self, data: bytes, policy_digest: bytes
+    ) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
+        """A sealed-data object of 1..128 bytes under the SRK with ``policy_digest`` as its
+        authPolicy, the data sent encrypted (salted session, command parameter encryption):
+        every seal of this package (PCR, state counter, signed releases) makes it here."""
         if not 0 < len(data) <= MAX_SEALED_SIZE:
             raise TPMError("seal", None, f"sealed data must be 1..{MAX_SEALED_SIZE} bytes")
-        selection = _pcr_selection(pcrs)
-        values = self.pcr_read(pcrs)
-        policy_digest = self._pcr_policy_digest(selection)
         sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=data))
         with (
             self._srk() as srk,
@@ -603,13 +602,19 @@ class TPMStore:
             ) as session,
         ):
             private, public, *_ = self._call(
-                "seal",
-                "create",
-                srk,
-                sensitive,
-                sealed_template(policy_digest),
-                session1=session,
+                "seal", "create", srk, sensitive, sealed_template(policy_digest), session1=session
             )
+        return public, private
+
+    def seal(self, secret: Secret | bytes, pcrs: Sequence[int] = (7,)) -> KeyBlob:
+        """Seal up to 128 bytes to the current values of ``pcrs`` (sha256 bank). The data is sent
+        encrypted (salted session, command parameter encryption)."""
+        data = secret.reveal() if isinstance(secret, Secret) else bytes(secret)
+        if not 0 < len(data) <= MAX_SEALED_SIZE:
+            raise TPMError("seal", None, f"sealed data must be 1..{MAX_SEALED_SIZE} bytes")
+        selection = _pcr_selection(pcrs)
+        values = self.pcr_read(pcrs)
+        public, private = self._create_sealed(data, self._pcr_policy_digest(selection))
         return KeyBlob(
             public=public.marshal(),
             private=private.marshal(),

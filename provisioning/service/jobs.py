@@ -240,6 +240,15 @@ def choose_committer(cx: Call, session: Session, job: Job, now: int) -> tuple[st
         preferred = None if near is None else near.device_id.decode()
     elif job.prefer is not None:
         preferred = job.prefer
+        if (
+            preferred not in at_epoch
+            and preferred not in job.tried
+            and any(m.device_id == preferred for m in members)
+        ):
+            # a member's own rotation request (a joiner's first update): only its own commit
+            # gives it a fresh leaf, so wait for it to reach the epoch (as an aimed update
+            # does) rather than have another member commit an update that leaves its leaf
+            return None
     candidates: list[tuple[bool, bool, int, str]] = []
     for member in members:
         device_id = member.device_id
