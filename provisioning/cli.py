@@ -9,7 +9,9 @@ list`` and ``station list`` read the registry
 (``provisioning.listings``); ``operator add`` and ``station add`` register certificates; the
 operator commands (``group``, ``rekey``, ``attest``, ``revoke``) go over MQTT
 (``provisioning.operator``); the membership changes among them, and ``propose``, ``approve``
-and ``requests``, go through dual control (``provisioning.requests_cli``). The database comes
+and ``requests``, go through dual control (``provisioning.requests_cli``); ``release`` and
+``rollout`` manage firmware releases and staged rollouts (``provisioning.releases_cli``,
+``provisioning.rollout_cli``). The database comes
 from ``--config FILE`` (the service configuration) or ``--db URL`` (an auditor's copy needs no
 broker certificates).
 
@@ -17,6 +19,10 @@ Exit status: 0 success; 1 the audit chain is broken (the first bad entry is prin
 with a checkpoint, or a checkpoint does not extend the one seen before; 2 the
 command could not run (usage, configuration or database error); 141 (128 + SIGPIPE) the reader
 of the output went away (``keyfleet audit show | head``), quietly as Unix tools do.
+
+Why one module of this size (~930 lines): it is the one argument parser of ``keyfleet`` and the
+small handlers that bind each subcommand to its module; the command families with logic of their
+own live in their ``*_cli`` modules.
 """
 
 from __future__ import annotations
