@@ -28,7 +28,10 @@ proofs, operator approvals) in ``agent.protocol.membership``, the revocation fee
 in ``agent.protocol.feed``, the TPM in ``agent.tpm``. A join's one-time init key, the first
 self-update after it and a full rekey's pending Update proposals are states of a group entry that
 the same messages move, so they are here too; their pure rules (KeyPackage lifetimes, when a
-fresh leaf is due) are in ``agent.protocol.initkeys``.
+fresh leaf is due) are in ``agent.protocol.initkeys``. The release bundle and a staged rollout's
+``release.install`` are messages like the others: the core verifies and orders them and hands the
+work to the daemon (the bundle's rules in ``agent.protocol.release`` and ``agent.releasefeed``,
+the seal in ``agent.releasestate``, the update hook in the daemon).
 """
 
 from __future__ import annotations
