@@ -42,8 +42,14 @@ typecheck: setup
 units: setup
 	scripts/check-units.sh
 
+# The whole suite runs as two concurrent pytest sessions (scripts/run-suite.sh says why); with
+# PYTEST_ARGS it is one plain pytest run.
 pytest: setup
+ifeq ($(strip $(PYTEST_ARGS)),)
+	PY=$(PY) scripts/run-suite.sh
+else
 	$(PY) -m pytest $(PYTEST_ARGS)
+endif
 
 test: lint typecheck units pytest
 

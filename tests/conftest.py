@@ -54,7 +54,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _processes_under(directory: str) -> dict[int, str]:
-    """Live processes (other than this one) whose command line names ``directory``."""
+    """Live processes (other than this one) whose command line names a path in ``directory``
+    (not a sibling whose name merely starts the same: the suite's two concurrent sessions have
+    numbered temporary directories side by side, scripts/run-suite.sh)."""
+    directory = directory.rstrip("/") + "/"
     found: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
