@@ -34,7 +34,7 @@ from provisioning import releases as model
 from provisioning.db.engine import session_factory
 from provisioning.listings import Row, print_table
 from provisioning.operator import EXIT_FAILED, EXIT_OK, OperatorClient, Progress, run_commands
-from provisioning.requests_cli import RequestSession, describe
+from provisioning.requests_cli import propose_and_approve
 from provisioning.service import releases as flows
 from provisioning.service.store import releases as rows
 from provisioning.service.store.releases import ReleaseState
@@ -151,18 +151,8 @@ def run_request(client: OperatorClient, args: argparse.Namespace) -> int:
         return run_add(client, args)
     op = authz.OP_RELEASE_APPROVE if args.release_command == "approve" else authz.OP_RELEASE_REVOKE
     label = f"{args.release_command} release {args.version}"
-    session = RequestSession(client, json_lines=args.json)
     body = Propose(client.new_command_id(), op, (), release=args.version)
-    request = session.propose(body, label)
-    if request is None:
-        return EXIT_FAILED
-    if not args.json:
-        print("\n".join(describe(request)), file=session.out)
-    approved = session.approve(request.encode(), label)
-    if approved is None:
-        return EXIT_FAILED
-    info, command_id = approved
-    return session.outcome(info, command_id, label, timeout=args.timeout, direct=False)
+    return propose_and_approve(client, body, label, json_lines=args.json, timeout=args.timeout)
 
 
 def add_release_commands(

@@ -287,18 +287,26 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
 
 
 def run_propose(client: OperatorClient, args: argparse.Namespace) -> int:
-    session = RequestSession(client, json_lines=args.json)
     label, body = proposal(args, client.new_command_id())
+    return propose_and_approve(client, body, label, json_lines=args.json, timeout=args.timeout)
+
+
+def propose_and_approve(
+    client: OperatorClient, body: Propose, label: str, *, json_lines: bool, timeout: float
+) -> int:
+    """Send a proposal, show the request the service made of it, approve it as the proposer
+    and follow it to its outcome (``keyfleet request ...``, ``release approve|revoke``)."""
+    session = RequestSession(client, json_lines=json_lines)
     request = session.propose(body, label)
     if request is None:
         return EXIT_FAILED
-    if not args.json:
+    if not json_lines:
         print("\n".join(describe(request)), file=session.out)
     approved = session.approve(request.encode(), label)
     if approved is None:
         return EXIT_FAILED
     info, command_id = approved
-    return session.outcome(info, command_id, label, timeout=args.timeout, direct=False)
+    return session.outcome(info, command_id, label, timeout=timeout, direct=False)
 
 
 def confirm(question: str) -> bool:
