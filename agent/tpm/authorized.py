@@ -36,7 +36,7 @@ Like nvcounter, this module drives the TPM through ``TPMStore``'s plumbing.
 from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_SE, TPM2_ST, TPMA_SESSION
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_ST
 from tpm2_pytss.types import (
     TPM2B_DIGEST,
     TPM2B_ECC_PARAMETER,
@@ -270,46 +270,41 @@ def tpm_unseal(
     nv = counter._handle()
     _, _, _, value = _parse(blob)
     name, ticket = _verify_in_tpm(counter, entry, release_key_public_area(release_key), generation)
-    public, private = store._parse_blob(blob)
-    with store._srk() as srk:
-        obj = store._load_under(srk, public, private)
-        with (
-            store._transient(obj),
-            store._salted_session(
-                srk, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT | TPMA_SESSION.CONTINUESESSION
-            ) as session,
-        ):
+
+    def assertions(session: ESYS_TR) -> None:
+        store._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), _pcr_selection(entry.pcrs))
+        try:
             store._call(
-                "policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), _pcr_selection(entry.pcrs)
+                "policy-authorize",
+                "policy_authorize",
+                session,
+                TPM2B_DIGEST(entry.approved),
+                TPM2B_NAME(name),
+                ticket,
+                TPM2B_NONCE(policy_ref(generation)),
             )
-            try:
-                store._call(
-                    "policy-authorize",
-                    "policy_authorize",
-                    session,
-                    TPM2B_DIGEST(entry.approved),
-                    TPM2B_NAME(name),
-                    ticket,
-                    TPM2B_NONCE(policy_ref(generation)),
-                )
-            except TPMError as exc:
-                if exc.rc == _RC_APPROVED_MISMATCH:
-                    raise MeasurementsChanged(
-                        "unseal",
-                        exc.rc,
-                        f"the TPM refuses: the live PCRs are not release {entry.version}'s",
-                    ) from None
-                raise
-            policy_nv(store, nv, session, value)
-            try:
-                data = store._call("unseal", "unseal", obj, session1=session)
-            except TPMError as exc:
-                if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY_FAIL:
-                    raise ReleaseStale(
-                        "unseal",
-                        exc.rc,
-                        "the TPM refuses: the authorized policy is not the one the blob is sealed "
-                        "for (another release generation or release key)",
-                    ) from None
-                raise
-    return Secret(bytes(data))
+        except TPMError as exc:
+            if exc.rc == _RC_APPROVED_MISMATCH:
+                raise MeasurementsChanged(
+                    "unseal",
+                    exc.rc,
+                    f"the TPM refuses: the live PCRs are not release {entry.version}'s",
+                ) from None
+            raise
+        policy_nv(store, nv, session, value)
+
+    def unseal(obj: ESYS_TR, session: ESYS_TR) -> Secret:
+        try:
+            data = store._call("unseal", "unseal", obj, session1=session)
+        except TPMError as exc:
+            if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY_FAIL:
+                raise ReleaseStale(
+                    "unseal",
+                    exc.rc,
+                    "the TPM refuses: the authorized policy is not the one the blob is sealed "
+                    "for (another release generation or release key)",
+                ) from None
+            raise
+        return Secret(bytes(data))
+
+    return store._unseal_under(blob, assertions, unseal)

@@ -29,9 +29,7 @@ from tpm2_pytss.constants import (
     TPM2_ALG,
     TPM2_EO,
     TPM2_NT,
-    TPM2_SE,
     TPMA_NV,
-    TPMA_SESSION,
 )
 from tpm2_pytss.types import (
     TPM2B_DIGEST,
@@ -245,18 +243,12 @@ def unseal_bound(counter: NVCounter, blob: KeyBlob) -> Secret:
         raise TPMError("unseal", None, f"blob is bound to NV index {index:#x}, not this counter")
     store = counter.store
     nv = counter._handle()
-    public, private = store._parse_blob(blob)
-    with store._srk() as srk:
-        obj = store._load_under(srk, public, private)
-        with (
-            store._transient(obj),
-            store._salted_session(
-                srk, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT | TPMA_SESSION.CONTINUESESSION
-            ) as session,
-        ):
-            store._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
-            policy_nv(store, nv, session, value)
-            return store._unseal_in(obj, session)
+
+    def assertions(session: ESYS_TR) -> None:
+        store._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
+        policy_nv(store, nv, session, value)
+
+    return store._unseal_under(blob, assertions)
 
 
 def policy_nv(store: TPMStore, nv: ESYS_TR, session: ESYS_TR, value: int) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 from cryptography import x509
@@ -638,6 +638,23 @@ class TPMStore:
             raise TPMError("unseal", None, "sealed blob's PCR selection does not decode") from None
         if used != len(raw) - 2 - digest_size:
             raise TPMError("unseal", None, "sealed blob's policy has trailing bytes")
+
+        def assertions(session: ESYS_TR) -> None:
+            # empty pcrDigest: the TPM compares the live PCRs against the policy at unseal
+            self._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
+
+        return self._unseal_under(blob, assertions)
+
+    def _unseal_under(
+        self,
+        blob: KeyBlob,
+        assertions: Callable[[ESYS_TR], None],
+        unseal: Callable[[ESYS_TR, ESYS_TR], Secret] | None = None,
+    ) -> Secret:
+        """Load ``blob`` under the SRK and unseal it in a policy session salted by the SRK, with
+        the response encrypted, after ``assertions`` ran the policy commands in that session.
+        ``unseal`` (default ``_unseal_in``) lets a caller name the TPM's final refusal itself.
+        The one unseal path of the PCR, state-counter and release seals."""
         public, private = self._parse_blob(blob)
         with self._srk() as srk:
             obj = self._load_under(srk, public, private)
@@ -647,9 +664,8 @@ class TPMStore:
                     srk, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT | TPMA_SESSION.CONTINUESESSION
                 ) as session,
             ):
-                # empty pcrDigest: the TPM compares the live PCRs against the policy at unseal
-                self._call("policy-pcr", "policy_pcr", session, TPM2B_DIGEST(), selection)
-                return self._unseal_in(obj, session)
+                assertions(session)
+                return (unseal or self._unseal_in)(obj, session)
 
     def _unseal_in(self, obj: ESYS_TR, session: ESYS_TR) -> Secret:
         """Unseal ``obj`` in a policy session whose assertions ran; a PCR policy the live PCRs
