@@ -341,6 +341,24 @@ def authorization(stored: StoredRequest) -> bytes:
     return authz.Authorization(request=stored.request, approvals=approvals).encode()
 
 
+def refuse(session: Session, stored: StoredRequest, err: ProtocolError, *, now: int) -> Effects:
+    """An approved request the service cannot carry out: refused with the check that failed,
+    audited (``request.refuse``)."""
+    stored.state = RequestState.REFUSED
+    stored.detail = f"[{err.check}] {err.reason}"
+    audit.append(
+        session,
+        now=now,
+        actor="service",
+        action="request.refuse",
+        target=stored.request_id.hex(),
+        outcome=Outcome.REFUSED,
+        reason=stored.detail,
+    )
+    detail = (stored.request_id.hex(), stored.detail)
+    return [Log(logging.WARNING, "request %s refused: %s", detail)]
+
+
 def execute_request(
     cx: Call,
     session: Session,
@@ -390,20 +408,7 @@ def execute_request(
                     "quorum.member", f"{member.device_id} has another DevID key than approved"
                 )
     except ProtocolError as err:
-        stored.state = RequestState.REFUSED
-        stored.detail = f"[{err.check}] {err.reason}"
-        audit.append(
-            session,
-            now=now,
-            actor="service",
-            action="request.refuse",
-            target=stored.request_id.hex(),
-            outcome=Outcome.REFUSED,
-            reason=stored.detail,
-        )
-        return [
-            Log(logging.WARNING, "request %s refused: %s", (stored.request_id.hex(), stored.detail))
-        ]
+        return refuse(session, stored, err, now=now)
     if stored.op == authz.OP_DEVICE_REENROLL:
         # Nothing runs now: the request stays approved until enrollment of that TPM uses it
         # (``revocation.consume_reenroll``, once, within its window).
@@ -477,20 +482,7 @@ def execute_release(
             now=now,
         )
     except ProtocolError as err:
-        stored.state = RequestState.REFUSED
-        stored.detail = f"[{err.check}] {err.reason}"
-        audit.append(
-            session,
-            now=now,
-            actor="service",
-            action="request.refuse",
-            target=stored.request_id.hex(),
-            outcome=Outcome.REFUSED,
-            reason=stored.detail,
-        )
-        return [
-            Log(logging.WARNING, "request %s refused: %s", (stored.request_id.hex(), stored.detail))
-        ]
+        return refuse(session, stored, err, now=now)
     stored.state = RequestState.EXECUTED
     stored.detail = f"approved by {', '.join(stored.approvers)}; release state updated"
     audit.append(
