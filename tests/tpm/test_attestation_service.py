@@ -84,8 +84,11 @@ class AttestingDevice(SoftDevice):
 GOOD = default_components("1.0")
 
 
-def _make_attesting(fleet: Fleet, swtpm_factory: SwtpmFactory) -> None:
-    """Give every member a TPM, an AK registered in the registry, and a good boot."""
+def make_attesting(
+    fleet: Fleet, swtpm_factory: SwtpmFactory, kind: type[AttestingDevice] = AttestingDevice
+) -> None:
+    """Give every member a TPM, an AK registered in the registry, and a good boot (as ``kind``,
+    an ``AttestingDevice`` or a subclass)."""
     assert fleet.device_ca is not None
     for name, device in list(fleet.devices.items()):
         swtpm = swtpm_factory.start()
@@ -104,7 +107,7 @@ def _make_attesting(fleet: Fleet, swtpm_factory: SwtpmFactory) -> None:
             ak_name=tpm_name(ak_public),
         )
         cert_pem = cert_to_pem(cert).decode()
-        member = AttestingDevice(device.device_id, device.devid, cert_pem, device.service_key)
+        member = kind(device.device_id, device.devid, cert_pem, device.service_key)
         member.swtpm, member.ak_blob = swtpm, ak_blob
 
         with fleet.sessions.begin() as session:
@@ -132,7 +135,7 @@ def attesting_fleet(
                 policy=policy_from_components(GOOD), interval=600, quarantine=quarantine
             ),
         )
-        _make_attesting(fleet, swtpm_factory)
+        make_attesting(fleet, swtpm_factory)
         yield fleet
 
 

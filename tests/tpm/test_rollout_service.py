@@ -12,12 +12,10 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from agent.protocol.attest import tpm_name
 from agent.protocol.wire.envelope import VerifiedMessage
 from agent.protocol.wire.messages.group import CommitMessage
 from agent.protocol.wire.messages.key_state import KeyStateReport
@@ -29,19 +27,16 @@ from agent.protocol.wire.messages.release import (
     RolloutStart,
 )
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
-from agent.tpm import KeyKind, TPMStore
 from firmware_sim.boot import default_components, tampered
 from provisioning import cli
-from provisioning.db.schema import Device
-from provisioning.pki import cert_to_pem, issue_devid_cert
 from provisioning.policy import policy_from_components
 from provisioning.registry import DeviceState, Registry
 from provisioning.service import rollout
 from provisioning.service.core import AttestationSettings, DeliveryService
 from tests.fixtures.swtpm import SwtpmFactory
 from tests.pure.test_service_core import Fleet, create_g1, make_fleet
-from tests.service_members import Outgoing, utc
-from tests.tpm.test_attestation_service import AttestingDevice
+from tests.service_members import Outgoing
+from tests.tpm.test_attestation_service import AttestingDevice, make_attesting
 
 pytestmark = pytest.mark.tpm
 DATABASE_BACKENDS = ("sqlite", "postgresql")
@@ -94,35 +89,6 @@ class UpdatingDevice(AttestingDevice):
         return [self.report(KeyStateReport(()), now)]
 
 
-def _updating(fleet: Fleet, swtpm_factory: SwtpmFactory) -> None:
-    assert fleet.device_ca is not None
-    for name, device in list(fleet.devices.items()):
-        swtpm = swtpm_factory.start()
-        with TPMStore(swtpm.tcti) as store:
-            ak_blob = store.create_key(KeyKind.AK)
-            with store.load_key(ak_blob) as ak:
-                ak_public = ak.public_area
-        cert = issue_devid_cert(
-            fleet.device_ca,
-            device.devid.public_key(),
-            device_id=name,
-            hardware_serial=f"SN-{name}",
-            now=utc(fleet.now),
-            valid_for=timedelta(days=1),
-            ak_name=tpm_name(ak_public),
-        )
-        cert_pem = cert_to_pem(cert).decode()
-        member = UpdatingDevice(device.device_id, device.devid, cert_pem, device.service_key)
-        member.swtpm, member.ak_blob = swtpm, ak_blob
-        with fleet.sessions.begin() as session:
-            row = session.get(Device, name)
-            assert row is not None
-            row.ak_public = ak_public
-            row.devid_cert_pem = cert_pem
-        member.boot(default_components("1.0"))
-        fleet.devices[name] = member
-
-
 def _service(fleet: Fleet, *, instance: str = "1") -> DeliveryService:
     old = fleet.service
     return DeliveryService(
@@ -143,7 +109,7 @@ def fleet(
     url = database_url if database_backend == "postgresql" else None
     for fleet in make_fleet(tmp_path, NAMES, url=url, rollout_wave_timeout=WAVE_TIMEOUT):
         fleet.service = _service(fleet)
-        _updating(fleet, swtpm_factory)
+        make_attesting(fleet, swtpm_factory, UpdatingDevice)
         create_g1(fleet)
         yield fleet
 
