@@ -584,5 +584,9 @@ def token_key_facts(ref: TokenKeyRef) -> TokenKeyFacts:
         except PKCS11Error:
             ident = ref.key_id or b""
         return TokenKeyFacts(ref.token, int(session.token.slot.slot_id), label, ident, public)
+    except PKCS11Error as exc:
+        raise CustodyError(
+            "token.not_found", f"cannot read the key: {type(exc).__name__}"
+        ) from None
     finally:
         session.close()
