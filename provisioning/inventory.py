@@ -29,6 +29,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -86,13 +87,9 @@ def algorithm_of(public: object) -> str:
     return type(public).__name__
 
 
-def public_fingerprint(public: object) -> str:
+def public_fingerprint(public: PublicKeyTypes) -> str:
     """Lowercase hex SHA-256 of the public key's DER SubjectPublicKeyInfo (the same for a key
     and for every certificate of it)."""
-    if not isinstance(
-        public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-    ):
-        raise TypeError(f"no fingerprint for {type(public).__name__}")
     der = public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -178,13 +175,25 @@ def _certificates(path: Path) -> list[x509.Certificate]:
     return pki.certs_from_pem(path.read_bytes())
 
 
+def _file_public_key(path: Path) -> PublicKeyTypes:
+    """The public half of a PEM private key file of any type (a TLS key may be RSA); an
+    encrypted file is refused rather than prompted for. The private key object is dropped at
+    once and nothing of it is kept or shown."""
+    try:
+        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        # the loader's message may quote the input: never echo it
+        raise ValueError("not an unencrypted PEM private key") from None
+    return private.public_key()
+
+
 def _key_facts(facts: KeyFacts, ref: KeyRef) -> KeyFacts:
     """``facts`` completed with where ``ref``'s key lives and its public key's fingerprint (a
     mismatch with the certificate's public key is a problem)."""
     try:
         if isinstance(ref, TokenKeyRef):
             found = custody.token_key_facts(ref)
-            public: object = found.public_key
+            public: PublicKeyTypes = found.public_key
             facts = replace(
                 facts,
                 key=f"token {found.token!r} slot {found.slot}",
@@ -194,7 +203,7 @@ def _key_facts(facts: KeyFacts, ref: KeyRef) -> KeyFacts:
                 key_id=found.key_id.hex(),
             )
         else:
-            public = pki.key_from_pem(ref.path.read_bytes()).public_key()
+            public = _file_public_key(ref.path)
             facts = replace(facts, key=f"file {ref.path}")
     except (KeyfleetError, OSError, ValueError) as exc:
         where = custody.describe(ref) if isinstance(ref, TokenKeyRef) else f"file {ref}"
