@@ -6,7 +6,8 @@ the schema (docs/database.md); ``audit verify`` checks the audit chain (and, wit
 checkpoint export`` writes the stored checkpoints, and ``audit sync`` / ``audit witness`` fetch
 and check them as an operator (``provisioning.audit_cli``); ``devices``, ``groups``, ``operator
 list`` and ``station list`` read the registry
-(``provisioning.listings``); ``operator add`` and ``station add`` register certificates; the
+(``provisioning.listings``); ``keys list`` inventories the fleet's keys and certificates
+(``provisioning.inventory``); ``operator add`` and ``station add`` register certificates; the
 operator commands (``group``, ``rekey``, ``attest``, ``revoke``) go over MQTT
 (``provisioning.operator``); the membership changes among them, and ``propose``, ``approve``
 and ``requests``, go through dual control (``provisioning.requests_cli``); ``release`` and
@@ -20,7 +21,7 @@ with a checkpoint, or a checkpoint does not extend the one seen before; 2 the
 command could not run (usage, configuration or database error); 141 (128 + SIGPIPE) the reader
 of the output went away (``keyfleet audit show | head``), quietly as Unix tools do.
 
-Why one module of this size (~930 lines): it is the one argument parser of ``keyfleet`` and the
+Why one module of this size (~990 lines): it is the one argument parser of ``keyfleet`` and the
 small handlers that bind each subcommand to its module; the command families with logic of their
 own live in their ``*_cli`` modules.
 """
@@ -47,7 +48,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import ConfigError, KeyfleetError
 from agent.protocol.wire.messages.operator import AttestDevice, GroupPolicy, Propose, Rekey
 from agent.version import add_version_option
-from provisioning import audit, audit_cli, pki, releases_cli, revocation
+from provisioning import audit, audit_cli, inventory, pki, releases_cli, revocation
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard
 from provisioning.db import migrations
@@ -679,6 +680,36 @@ def _station_list(args: argparse.Namespace) -> int:
     )
 
 
+def _human_key(row: Row) -> Row:
+    if row["fingerprint"] is not None:
+        row["fingerprint"] = short_fingerprint(str(row["fingerprint"]))
+    if row["problem"] is not None:
+        row["state"] = f"? ({row['problem']})"
+    return row
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    """Every key and certificate of the fleet (``provisioning.inventory``): the ones the
+    configuration names (token keys read through the token), then the operators', stations'
+    and devices' certificates from the registry, each scope by expiry, the nearest first."""
+    config = load_config(args.config)
+    now = int(time.time())
+    entries = inventory.fleet_facts(config)
+    engine = _existing_engine(config.database_url)
+    try:
+        with session_factory(engine)() as session:
+            entries += inventory.holder_facts(session) + inventory.device_facts(session)
+    finally:
+        engine.dispose()
+    return _print_rows(
+        args,
+        inventory.rows(entries, now),
+        ("scope", "kind", "name", "state", "not_after", "algorithm", "key", "fingerprint"),
+        times=("not_after",),
+        human=_human_key,
+    )
+
+
 def _human_details(row: Row) -> Row:
     details = row["details"]
     row["details"] = json.dumps(details, sort_keys=True, separators=(",", ":")) if details else None
@@ -898,6 +929,26 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     _add_listing(
         commands.add_parser("groups", help="list groups (registry, on the service host)"), _groups
     )
+    keys = commands.add_parser("keys", help="the fleet's keys and certificates")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    keys_list = keys_commands.add_parser(
+        "list",
+        help="every fleet key and certificate, then device certificates, by expiry",
+        description=(
+            "Every key and certificate of the fleet: where it lives (file, or token and slot), "
+            "algorithm, SHA-256 fingerprint of the public key, not-after and NIST SP 800-57 "
+            "state; then operators, stations and the devices' DevID certificates, each by "
+            "expiry, the nearest first. Keys in a token are read through the token with the "
+            "PIN source of their reference; no private key is read."
+        ),
+    )
+    keys_list.add_argument(
+        "--config", metavar="FILE", required=True, help="the service configuration (TOML)"
+    )
+    keys_list.add_argument(
+        "--json", action="store_true", help="a JSON array (times in Unix seconds)"
+    )
+    keys_list.set_defaults(handler=_keys_list)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

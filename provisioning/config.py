@@ -283,10 +283,13 @@ class DashboardConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     """[metrics]: where ``keyfleet serve`` serves its Prometheus metrics (plain HTTP
-    ``GET /metrics``; docs/scale-out.md). Absent: no metrics listener."""
+    ``GET /metrics``; docs/scale-out.md). Absent: no metrics listener.
+    ``expiry_refresh_seconds``: how often the expiry gauges' data (certificate files, the
+    devices' not-after) is re-read; a scrape only reads the cached values."""
 
     host: str
     port: int
+    expiry_refresh_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -476,6 +479,7 @@ def _schema(base: Path) -> Table:
         },
         "metrics": {
             "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED), required=True),
+            "expiry_refresh_seconds": Field(seconds(5, 86400), default=300),
         },
         "releases": {
             "signing_key": Field(KeyReference(base=base)),
@@ -554,7 +558,11 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         service=ServiceRuntimeConfig(**sections["service"]),
         metrics=None
         if metrics is None
-        else MetricsConfig(host=metrics["listen"][0], port=metrics["listen"][1]),
+        else MetricsConfig(
+            host=metrics["listen"][0],
+            port=metrics["listen"][1],
+            expiry_refresh_seconds=metrics["expiry_refresh_seconds"],
+        ),
         dashboard=None
         if dashboard is None
         else DashboardConfig(

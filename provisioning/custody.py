@@ -550,3 +550,43 @@ def generate_token_key(ref: TokenKeyRef) -> ec.EllipticCurvePublicKey:
         return public_key_of(public)
     finally:
         session.close()
+
+
+@dataclass(frozen=True)
+class TokenKeyFacts:
+    """The public facts of a key pair in a token, for the inventory (``keyfleet keys list``):
+    where it is (token label, slot, the key's label and CKA_ID), and its public key. Read from
+    the public-key object; of the private one only its presence is checked (by label/id and
+    class), none of its attributes is read."""
+
+    token: str
+    slot: int
+    label: str | None
+    key_id: bytes
+    public_key: ec.EllipticCurvePublicKey
+
+
+def token_key_facts(ref: TokenKeyRef) -> TokenKeyFacts:
+    """Log in to the token ``ref`` names (as ``load_private_key`` does: the PIN from its
+    ``pin-source``) and read the public facts of the key pair (``token.not_found`` when either
+    half is missing, ``token.key_type`` when it is not P-256)."""
+    session = open_session(ref)
+    try:
+        _find(session, ref, ObjectClass.PRIVATE_KEY)
+        public_object = _find(session, ref, ObjectClass.PUBLIC_KEY)
+        public = public_key_of(public_object)
+        try:
+            label: str | None = str(public_object[Attribute.LABEL])
+        except PKCS11Error:
+            label = ref.label
+        try:
+            ident = bytes(public_object[Attribute.ID])
+        except PKCS11Error:
+            ident = ref.key_id or b""
+        return TokenKeyFacts(ref.token, int(session.token.slot.slot_id), label, ident, public)
+    except PKCS11Error as exc:
+        raise CustodyError(
+            "token.not_found", f"cannot read the key: {type(exc).__name__}"
+        ) from None
+    finally:
+        session.close()

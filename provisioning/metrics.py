@@ -10,14 +10,17 @@ Thread-safe: the service loop updates, the HTTP thread reads.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Final
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 ACK_LATENCY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+EXPIRING_WINDOW_SECONDS: Final = 30 * 86_400
 
 
 def _escape(value: str) -> str:
@@ -107,11 +110,71 @@ class Histogram:
         yield f"{self.name}_count {count}"
 
 
+class ExpiryGauges:
+    """Seconds until the nearest expiry of the fleet's certificates (per kind) and of the devices'
+    DevID certificates, and how many device certificates end within 30 days (those already
+    past included). The data is a cache that ``set`` replaces (``keyfleet serve`` re-reads the
+    certificate files and the registry every ``[metrics] expiry_refresh_seconds``, in a thread
+    of its own): a scrape runs no query, it subtracts the scrape's clock from cached not-after
+    values (device ones kept sorted, so the count is a bisection). Nothing is rendered before
+    the first ``set``; without devices, only the count (0)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fleet: dict[str, int] = {}
+        self._devices: list[int] = []
+        self._refreshed_at: int | None = None
+
+    def set(self, fleet: Mapping[str, int], devices: Iterable[int], *, now: int) -> None:
+        """``fleet``: kind -> nearest not-after; ``devices``: every live device's not-after."""
+        ordered = sorted(devices)
+        with self._lock:
+            self._fleet, self._devices, self._refreshed_at = dict(fleet), ordered, now
+
+    def render(self, now: float) -> Iterable[str]:
+        with self._lock:
+            fleet, devices, refreshed = dict(self._fleet), self._devices, self._refreshed_at
+        if refreshed is None:
+            return
+        yield (
+            "# HELP keyfleet_fleet_cert_expiry_seconds Seconds until the nearest not-after of "
+            "the fleet's own certificates, by kind (negative once expired)."
+        )
+        yield "# TYPE keyfleet_fleet_cert_expiry_seconds gauge"
+        for kind, not_after in sorted(fleet.items()):
+            yield (
+                f"keyfleet_fleet_cert_expiry_seconds{_labels(('kind',), (kind,))} "
+                f"{_number(not_after - int(now))}"
+            )
+        yield (
+            "# HELP keyfleet_device_cert_expiry_seconds Seconds until the nearest not-after of "
+            "a DevID certificate of a device not revoked or destroyed (negative once expired)."
+        )
+        yield "# TYPE keyfleet_device_cert_expiry_seconds gauge"
+        if devices:
+            yield f"keyfleet_device_cert_expiry_seconds {_number(devices[0] - int(now))}"
+        yield (
+            "# HELP keyfleet_device_certs_expiring DevID certificates of devices not revoked or "
+            "destroyed whose not-after is within 30 days (expired ones included)."
+        )
+        yield "# TYPE keyfleet_device_certs_expiring gauge"
+        count = bisect.bisect_right(devices, int(now) + EXPIRING_WINDOW_SECONDS)
+        yield f'keyfleet_device_certs_expiring{{within="30d"}} {count}'
+        yield (
+            "# HELP keyfleet_expiry_refreshed_timestamp_seconds When the expiry gauges' data "
+            "was last read (Unix seconds)."
+        )
+        yield "# TYPE keyfleet_expiry_refreshed_timestamp_seconds gauge"
+        yield f"keyfleet_expiry_refreshed_timestamp_seconds {refreshed}"
+
+
 class ServiceMetrics:
     """Everything one service instance counts. Names follow Prometheus conventions
     (``keyfleet_`` prefix, ``_total`` for counters, base unit seconds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self.expiry = ExpiryGauges()
         self.reports = Counter(
             "keyfleet_reports_handled_total",
             "Device reports verified and handled, by message type.",
@@ -194,6 +257,7 @@ class ServiceMetrics:
             ]
         for metric in self.all():
             lines.extend(metric.render())
+        lines.extend(self.expiry.render(self._clock()))
         return "\n".join(lines) + "\n"
 
 

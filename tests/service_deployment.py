@@ -455,6 +455,7 @@ def service_deployment(
     service: str = "",
     quorum: str = "min_approvals = 1",
     metrics: bool = False,
+    expiry_refresh_seconds: int | None = None,
     http: str | None = None,
     device_prefix: str = "dev-",
     fleet_directory: str = "virtual",
@@ -477,7 +478,8 @@ def service_deployment(
     instance started and ready, then ``devices`` virtual devices started. The database is
     ``db_url`` or a SQLite file ``workdir/fleet.db``.
 
-    ``metrics``: each instance serves Prometheus metrics on a free port (``metrics_ports``).
+    ``metrics``: each instance serves Prometheus metrics on a free port (``metrics_ports``),
+    re-reading its expiry gauges every ``expiry_refresh_seconds`` if given.
     ``http``: each instance serves the enrollment API on a free port (``http_ports``); the text is
     the further lines of its ``[http]`` table (TLS files, station CA).
 
@@ -508,6 +510,8 @@ def service_deployment(
         if metrics:
             metrics_ports[name] = free_port()
             extra += f'\n[metrics]\nlisten = "127.0.0.1:{metrics_ports[name]}"\n'
+            if expiry_refresh_seconds is not None:
+                extra += f"expiry_refresh_seconds = {expiry_refresh_seconds}\n"
         if http is not None:
             http_ports[name] = free_port()
             extra += f'\n[http]\nlisten = "127.0.0.1:{http_ports[name]}"\n{http}'

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 
 from agent.protocol.errors import ConfigError
-from provisioning import pki
+from provisioning import inventory, pki
 from provisioning.config import ServiceConfig
 from provisioning.dashboard.app import (
     CSP,
@@ -86,6 +86,7 @@ def start_dashboard(
         settings=settings or DashboardSettings(page_size=dashboard.page_size),
         clock=clock,
         stop=stop,
+        fleet_keys=inventory.fleet_facts(config),
     )
     try:
         server = start_mtls_server(

@@ -28,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -46,7 +46,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from agent.protocol.errors import ProtocolError
-from provisioning import audit, pki
+from provisioning import audit, inventory, pki
 from provisioning.dashboard import pending, queries
 from provisioning.dashboard.queries import Viewer
 from provisioning.http import ASGIApp, Receive, Scope, Send
@@ -314,9 +314,12 @@ def build_dashboard_app(
     settings: DashboardSettings | None = None,
     clock: Callable[[], float] = time.time,
     stop: threading.Event | None = None,
+    fleet_keys: Sequence[inventory.KeyFacts] = (),
 ) -> OperatorGuard:
     """The dashboard as an ASGI app. ``sessions`` is only read from; ``stop`` ends open event
-    streams (set it before stopping the server)."""
+    streams (set it before stopping the server). ``fleet_keys``: the fleet's own keys and
+    certificates for ``/keys`` (``inventory.fleet_facts`` of the configuration, read once when
+    the dashboard starts: the configuration does not change under a running service)."""
     settings = settings or DashboardSettings()
     stopping = stop or threading.Event()
     env = make_environment()
@@ -413,6 +416,25 @@ def build_dashboard_app(
         # the newest first, one page of them: a fleet has few rollouts, each with its devices
         return await render(request, "rollouts.html", rollouts=list(reversed(rows))[:per_page])
 
+    async def keys(request: Request) -> Response:
+        """The inventory of ``keyfleet keys list``: the fleet's keys, then operators and
+        stations, then the nearest ``per_page`` device certificates to expire."""
+        now = int(clock())
+
+        def work(session: Session) -> tuple[list[inventory.KeyFacts], list[inventory.KeyFacts]]:
+            return inventory.holder_facts(session), inventory.device_facts(session)
+
+        holders, device_certs = await run_in_threadpool(read, work)
+        fleet_rows = inventory.rows([*fleet_keys, *holders], now)
+        device_rows = inventory.rows(device_certs, now)
+        return await render(
+            request,
+            "keys.html",
+            fleet=fleet_rows,
+            devices=device_rows[:per_page],
+            device_total=len(device_rows),
+        )
+
     async def audit_log(request: Request) -> Response:
         query = _text_param(request, "q")
         outcome = _text_param(request, "outcome", frozenset({"accepted", "refused"}))
@@ -507,6 +529,7 @@ def build_dashboard_app(
         Route("/groups/{group_id}", group, methods=["GET"]),
         Route("/groups/{group_id}/events", group_events, methods=["GET"]),
         Route("/rollouts", rollouts, methods=["GET"]),
+        Route("/keys", keys, methods=["GET"]),
         Route("/audit", audit_log, methods=["GET"]),
         Mount("/static", StaticFiles(packages=[("provisioning.dashboard", "static")])),
     ]

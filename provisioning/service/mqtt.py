@@ -45,7 +45,7 @@ from agent.protocol.topics import (
     REVOCATION_FEED_TOPIC,
 )
 from agent.protocol.wire.cose import key_id
-from provisioning import custody, pki, revocation
+from provisioning import custody, inventory, pki, revocation
 from provisioning.config import InvalidConfig, ServiceConfig
 from provisioning.db.runtime import create_service_schema
 from provisioning.enroll import Enrollment, EnrollmentSettings
@@ -169,8 +169,9 @@ class ServiceRunner:
         self._clock = clock
         self.config = config
         self.http: EnrollmentServer | None = None
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(clock=clock)
         self.metrics_server: MetricsServer | None = None
+        self._expiry_thread: threading.Thread | None = None
         config.require_signing()
         attestation = attestation_from(config)
         self._engine = make_engine(config.database_url)
@@ -253,7 +254,13 @@ class ServiceRunner:
             self._publish(self.service.release_bundle(int(self._clock())))
             log.info("keyfleet serve: ready (subscribed to device reports and operator commands)")
             last_tick = 0.0
+            last_expiry = -float("inf")
             while not stop.is_set():
+                if self.metrics_server is not None and (
+                    time.monotonic() - last_expiry >= self._expiry_refresh_seconds
+                ):
+                    last_expiry = time.monotonic()
+                    self._refresh_expiry()
                 message = self.client.get(timeout=POLL_SECONDS)
                 if message is not None:
                     batch = [message]
@@ -322,6 +329,27 @@ class ServiceRunner:
             "keyfleet serve: metrics on http://%s:%s/metrics", listen.host, self.metrics_server.port
         )
 
+    @property
+    def _expiry_refresh_seconds(self) -> float:
+        return float(self.config.metrics.expiry_refresh_seconds) if self.config.metrics else 0.0
+
+    def _refresh_expiry(self) -> None:
+        """Re-read the expiry gauges' data in a thread of its own (a big fleet's certificates
+        take a while to parse; the message loop goes on meanwhile); one refresh at a time."""
+        if self._expiry_thread is not None and self._expiry_thread.is_alive():
+            return
+
+        def work() -> None:
+            try:
+                with session_factory(self._engine)() as session:
+                    fleet, devices = inventory.expiry_data(self.config, session)
+                self.metrics.expiry.set(fleet, devices, now=int(self._clock()))
+            except (KeyfleetError, SQLAlchemyError, OSError) as exc:
+                log.error("expiry gauges not refreshed: %s", exc)
+
+        self._expiry_thread = threading.Thread(target=work, name="keyfleet-expiry", daemon=True)
+        self._expiry_thread.start()
+
     def close(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -329,6 +357,8 @@ class ServiceRunner:
         if self.http is not None:
             self.http.stop()
             self.http = None
+        if self._expiry_thread is not None:
+            self._expiry_thread.join(timeout=10)
         self.client.close()
         self._engine.dispose()
         log.info("keyfleet serve: stopped")

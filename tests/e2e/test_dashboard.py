@@ -5,6 +5,7 @@ the live ack stream."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,6 +64,7 @@ PAGES = (
     "/groups",
     "/groups/grp-000",
     "/rollouts",
+    "/keys",
     "/audit",
 )
 
@@ -289,6 +292,7 @@ def test_every_table_is_bounded_by_the_page_size(dashboard: Dashboard) -> None:
         ("/groups/grp-000", "members-table"),
         ("/audit", "audit"),
         ("/audit?q=kernel", "audit"),
+        ("/keys", "device-certs"),
     ):
         _, _, body = dashboard.get(path)
         rows = _cells(body, table)
@@ -296,6 +300,50 @@ def test_every_table_is_bounded_by_the_page_size(dashboard: Dashboard) -> None:
     with dashboard.sessions() as session:
         page = queries.device_list(session, page=1, per_page=PAGE)
         assert page.total == DEVICES and len(page.rows) == PAGE
+
+
+def test_the_keys_page_shows_the_inventory(dashboard: Dashboard) -> None:
+    """/keys: the configuration's keys and certificates with their public-key fingerprints (a
+    key that is not its certificate's shown as a problem, without a state), the operators, and
+    one page of device certificates by expiry with their SP 800-57 states."""
+    status, _, body = dashboard.get("/keys")
+    assert status == 200
+    assert '<a href="/keys" aria-current="page">Keys</a>' in body
+    fleet = body.split('id="fleet-keys"', 1)[1].split("</table>", 1)[0]
+    kinds = re.findall(r'data-kind="([^"]+)"', fleet)
+    assert {"device-ca", "operator-ca", "broker-ca", "service-tls", "dashboard-tls"} <= set(kinds)
+    assert {"operator-viewer", "operator-admin"} <= set(kinds)
+    operator_ca = dashboard.keys.operator_ca.certificate
+    spki = operator_ca.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    operator_row = fleet.split('data-kind="operator-ca"', 1)[1].split("</tr>", 1)[0]
+    assert hashlib.sha256(spki).hexdigest()[:16] in operator_row
+    assert "not held by the service" in operator_row and "k-active" in operator_row
+    # this configuration's device-ca.key is not the key of its device-ca.pem
+    device_ca_row = fleet.split('data-kind="device-ca"', 1)[1].split("</tr>", 1)[0]
+    assert "public keys differ" in device_ca_row and "k-unknown" in device_ca_row
+    rows = _cells(body, "device-certs")
+    assert len(rows) == PAGE and f"of {DEVICES}" in body
+    # every synthetic device has the same certificate: equal expiry, then by name
+    assert rows == sorted(rows)
+
+    def states(session: Session) -> dict[str, DeviceState]:
+        return {d.device_id: d.state for d in Registry(session).devices()}
+
+    known = run_in_transaction(dashboard.sessions, states)
+    table = body.split('id="device-certs"', 1)[1].split("</table>", 1)[0]
+    for row in table.split("<tr data-device=")[1:]:
+        device = row.split('"', 2)[1]
+        expected = {
+            DeviceState.REVOKED: "compromised",
+            DeviceState.DESTROYED: "destroyed",
+            DeviceState.QUARANTINED: "suspended",
+        }.get(known[device], "active")
+        assert f"k-{expected}" in row, (device, known[device])
+    # the first page holds never-attested (registered) and active devices
+    assert {known[d] for d in rows} == {DeviceState.REGISTERED, DeviceState.ACTIVE}
+    assert "PRIVATE KEY" not in body
 
 
 def test_device_page_shows_certificate_keys_attestation_and_groups(dashboard: Dashboard) -> None:

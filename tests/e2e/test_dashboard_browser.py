@@ -508,7 +508,8 @@ def test_groups_and_audit_pages_in_the_browser(site: Site, browser: Browser) -> 
 
 def _all_pages(site: Site, cert: Path, key: Path) -> dict[str, str]:
     lab = site.lab
-    paths = ["/", "/devices", "/groups", f"/groups/{G}", "/audit", "/static/dashboard.js"]
+    paths = ["/", "/devices", "/groups", f"/groups/{G}", "/audit", "/keys"]
+    paths += ["/static/dashboard.js"]
     paths += [f"/devices/{d}" for d in lab.device_ids]
     pages: dict[str, str] = {}
     for path in paths:

@@ -179,3 +179,20 @@ def test_file_key_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     assert any("custody.file" in r.getMessage() and "device CA" in r.getMessage()
                for r in caplog.records)  # fmt: skip
     assert custody.describe(FileKeyRef(path)) == f"file {path}"
+
+
+def test_token_key_facts_are_the_public_facts_of_the_key(softhsm_token: SoftToken) -> None:
+    """What ``keyfleet keys list`` reads of a token key: token, slot, label, CKA_ID and the
+    public key, the one the token made; a missing key is ``token.not_found``."""
+    ref = custody.parse_token_uri(softhsm_token.uri("inventory-key"))
+    public = custody.generate_token_key(ref)
+    facts = custody.token_key_facts(ref)
+    assert facts.public_key == public
+    assert (facts.token, facts.label, facts.key_id) == (
+        softhsm_token.label, "inventory-key", b"inventory-key",
+    )  # fmt: skip
+    slots = [s.slot_id for s in custody._library(ref.module).get_slots(token_present=True)]
+    assert facts.slot in slots
+    with pytest.raises(CustodyError) as missing:
+        custody.token_key_facts(custody.parse_token_uri(softhsm_token.uri("no-such-key")))
+    assert missing.value.check == "token.not_found"
