@@ -15,7 +15,7 @@ from agent.protocol.releaseproof import ReleaseProof, subject
 from provisioning import releases as model
 from tests.operator_certs import operator
 
-APPROVED_AT = 1_700_000_000
+APPROVED_AT = 1_650_000_000
 """When the test approvals were made (T0 of the core tests is later: they are old requests)."""
 
 

@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TYPE_CHECKING, Final
 
 from agent.protocol import authz as az
@@ -58,6 +59,8 @@ __all__ = [
     "ReleaseProof",
     "check_bundle",
     "check_entry",
+    "decode_certs",
+    "encode_certs",
     "manifest_pcrs",
     "read_subject",
     "subject",
@@ -68,8 +71,11 @@ SUBJECT_LABEL: Final = "keyfleet release v1"
 """First field of a release request's subject: its bytes mean nothing in another protocol."""
 MAX_MANIFEST: Final = 64 * 1024
 """Largest manifest (``provisioning.releases`` refuses a larger one when it is added)."""
-MAX_PROOF_AUTHZ: Final = 32 * 1024
-"""Largest Authorization a bundle entry carries (a request and a few approvals: ~1.5 KB)."""
+MAX_PROOF_AUTHZ: Final = 64 * 1024
+"""Largest Authorization a bundle entry carries (a request and a few approvals: ~1.3 KB for two
+approvals, of which the certificates go to the bundle's table)."""
+MAX_CERTS: Final = 256
+"""Distinct operator certificates a bundle's table holds at most."""
 _COMPONENT_KEYS: Final = frozenset({"name", "version", "pcr", "sha256"})
 
 ApprovalCheck = Callable[[bytes], az.VerifiedAuthorization]
@@ -79,6 +85,10 @@ quorum policy; raises ``ProtocolError`` (``authz.*``) when it does not verify.""
 
 def _refused(reason: str) -> ProtocolError:
     return ProtocolError(APPROVAL, reason)
+
+
+def _malformed(reason: str) -> ProtocolError:
+    return ProtocolError("release.malformed", reason)
 
 
 def subject(version: str, manifest_sha256: bytes) -> bytes:
@@ -107,30 +117,92 @@ def read_subject(data: bytes) -> tuple[str, bytes]:
 @dataclass(frozen=True)
 class ReleaseProof:
     """What a bundle entry carries to show the operators approved it: the canonical manifest
-    and the ``release.approve`` Authorization (bytes as the service keeps them)."""
+    and the ``release.approve`` Authorization (bytes as the service keeps them: deterministic
+    CBOR, so they are the same bytes after a trip through a bundle).
+
+    In a bundle the Authorization is split (``to_obj``): its request and, for each approval,
+    the signature and the index of the operator's certificate in the bundle's ``certs`` table,
+    since the same few operators approve every release (``encode_certs``, ``from_obj``)."""
 
     manifest: bytes = field(repr=False)
     authz: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         if type(self.manifest) is not bytes or not 0 < len(self.manifest) <= MAX_MANIFEST:
-            raise ProtocolError("release.malformed", f"proof.manifest: 1..{MAX_MANIFEST} bytes")
+            raise _malformed(f"proof.manifest: 1..{MAX_MANIFEST} bytes")
         if type(self.authz) is not bytes or not 0 < len(self.authz) <= MAX_PROOF_AUTHZ:
-            raise ProtocolError("release.malformed", f"proof.authz: 1..{MAX_PROOF_AUTHZ} bytes")
+            raise _malformed(f"proof.authz: 1..{MAX_PROOF_AUTHZ} bytes")
+        if self.parts().encode() != self.authz:
+            raise _malformed("proof.authz: not a deterministic Authorization")
 
-    def to_obj(self) -> dict[str, object]:
-        return {"manifest": self.manifest, "authz": self.authz}
+    def parts(self) -> az.Authorization:
+        """The Authorization, decoded (``release.malformed`` if it does not decode)."""
+        try:
+            return az.Authorization.decode(self.authz)
+        except ProtocolError as exc:
+            raise _malformed(f"proof.authz: [{exc.check}] {exc.reason}") from None
+
+    def to_obj(self, certs: Sequence[bytes]) -> dict[str, object]:
+        """``{"manifest", "req", "approvals": [[index in certs, sig], ...]}``."""
+        index = {cert: i for i, cert in enumerate(certs)}
+        parts = self.parts()
+        return {
+            "manifest": self.manifest,
+            "req": parts.request,
+            "approvals": [[index[a.cert], a.sig] for a in parts.approvals],
+        }
 
     @classmethod
-    def from_obj(cls, value: object, what: str) -> ReleaseProof:
+    def from_obj(
+        cls, value: object, what: str, certs: Sequence[bytes], used: set[int]
+    ) -> ReleaseProof:
+        """A proof of a bundle entry whose approvals name certificates of ``certs`` (the
+        indices it names are added to ``used``)."""
         try:
-            obj = codec.as_map(value, what, frozenset({"manifest", "authz"}))
+            obj = codec.as_map(value, what, frozenset({"manifest", "req", "approvals"}))
+            manifest = codec.as_bytes(obj["manifest"], f"{what}.manifest", 1, MAX_MANIFEST)
+            request = codec.as_bytes(obj["req"], f"{what}.req", 1, MAX_PROOF_AUTHZ)
+            pairs = codec.as_list(
+                obj["approvals"],
+                f"{what}.approvals",
+                az.MAX_APPROVALS,
+                lambda v, w: codec.as_list(v, w, 2, lambda x, y: x, min_len=2),
+            )
         except ProtocolError as exc:
-            raise ProtocolError("release.malformed", exc.reason) from None
-        manifest, authz = obj["manifest"], obj["authz"]
-        if type(manifest) is not bytes or type(authz) is not bytes:
-            raise ProtocolError("release.malformed", f"{what}: manifest and authz are bytes")
+            raise _malformed(exc.reason) from None
+        approvals = []
+        for i, (index, sig) in enumerate(pairs):
+            if type(index) is not int or not 0 <= index < len(certs) or type(sig) is not bytes:
+                raise _malformed(f"{what}.approvals[{i}]: expected [certificate index, sig]")
+            used.add(index)
+            try:
+                approvals.append(az.Approval(certs[index], sig))
+            except ProtocolError as exc:
+                raise _malformed(f"{what}.approvals[{i}]: {exc.reason}") from None
+        try:
+            authz = az.Authorization(request, tuple(approvals)).encode()
+        except ProtocolError as exc:
+            raise _malformed(f"{what}: {exc.reason}") from None
         return cls(manifest, authz)
+
+
+def encode_certs(proofs: Iterable[ReleaseProof | None]) -> list[bytes]:
+    """The bundle's certificate table: every approval certificate of ``proofs``, once,
+    ascending (one table per set of proofs)."""
+    return sorted({a.cert for p in proofs if p is not None for a in p.parts().approvals})
+
+
+def decode_certs(value: object, what: str) -> list[bytes]:
+    """A certificate table: ascending, no duplicates, at most ``MAX_CERTS``."""
+    try:
+        certs = codec.as_list(
+            value, what, MAX_CERTS, lambda v, w: codec.as_bytes(v, w, 1, az.MAX_CERT)
+        )
+    except ProtocolError as exc:
+        raise _malformed(exc.reason) from None
+    if any(a >= b for a, b in pairwise(certs)):
+        raise _malformed(f"{what}: certificates must be ascending and listed once")
+    return certs
 
 
 def manifest_pcrs(manifest: bytes) -> tuple[str, dict[int, bytes]]:

@@ -391,6 +391,20 @@ def test_approval_and_revocation_publish_a_bundle_signed_for_the_generation(
     entry = second.version("1.1")
     assert entry is not None and entry.pcrs == tuple(sorted({c.pcr for c in NEXT}))
     check_newer(first, second)
+    # each operator-approved release carries its manifest and Authorization, which a device
+    # trusting the fleet's operator CA and quorum policy accepts; the import carries none
+    assert entry.proof is not None and entry.proof.manifest == manifest_of("1.1").canonical
+    imported = second.version("1.0")
+    assert imported is not None and imported.proof is None
+    device = authz.AuthzVerifier([fleet.service._env.operator_ca])
+    policy = authz.QuorumPolicy.initial(2)
+    releaseproof.check_bundle(
+        second,
+        first,
+        lambda signed: device.verify(
+            signed, policy=policy, now=None, op=authz.OP_RELEASE_APPROVE, group=None
+        ),
+    )
 
     approve_by_two(fleet, authz.OP_RELEASE_REVOKE, "1.0")
     third = bundle(fleet)
