@@ -62,7 +62,13 @@ def approve(
     return az.Authorization(request, approvals).encode()
 
 
-def proof(version: str, *, approvers: Sequence[str] = ("op-alice",)) -> ReleaseProof:
-    """Release ``version``'s manifest and its approval by ``approvers``."""
-    found = manifest(version)
+def proof(
+    version: str,
+    *,
+    approvers: Sequence[str] = ("op-alice",),
+    of: model.Manifest | None = None,
+) -> ReleaseProof:
+    """Release ``version``'s manifest (``of``, or ``manifest(version)``) and its approval by
+    ``approvers``."""
+    found = manifest(version) if of is None else of
     return ReleaseProof(found.canonical, approve(version, found.sha256, approvers=approvers))

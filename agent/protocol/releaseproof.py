@@ -210,9 +210,10 @@ def manifest_pcrs(manifest: bytes) -> tuple[str, dict[int, bytes]]:
     sorted keys, no spaces, components in boot order); ``release.approval`` if it is not one."""
     try:
         document = json.loads(manifest.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, an int past the digit limit
         raise _refused("the manifest is not JSON") from None
-    if json.dumps(document, sort_keys=True, separators=(",", ":")).encode() != manifest:
+    if canonical != manifest:
         raise _refused("the manifest is not in its canonical form")
     if not isinstance(document, dict) or set(document) != {"version", "components"}:
         raise _refused("the manifest is not a map {version, components}")

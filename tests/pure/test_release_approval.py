@@ -17,6 +17,8 @@ from datetime import timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.core import AgentCore
 from agent.protocol import authz as az
@@ -267,13 +269,6 @@ def test_a_version_1_bundle_is_read_without_proofs_and_may_carry_none() -> None:
     assert refused.value.check == "release.malformed"
 
 
-def test_a_manifest_not_in_canonical_form_is_refused() -> None:
-    pretty = b'{"version": "1.1", "components": []}'
-    with pytest.raises(ProtocolError) as refused:
-        manifest_pcrs(pretty)
-    assert refused.value.check == "release.approval"
-
-
 def _resigned(data: bytes, mutate: Callable[[dict[str, object]], None]) -> bytes:
     obj = codec.decode(cose.decode_sign1(data).payload, MAX_BUNDLE, "bundle")
     assert isinstance(obj, dict)
@@ -343,3 +338,40 @@ def test_sixty_four_releases_with_their_proofs_fit() -> None:
     out = core.handle(retained(service, data), RELEASES_TOPIC, T0)
     assert out.refused is None and out.release is not None
     assert len(out.release[0].releases) == 64
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"version": "1.1", "components": []}',  # not canonical
+        b"[" * 100_000 + b"]" * 100_000,  # nested past the parser's depth
+        b'{"components":[],"version":"1.1"}',  # no components
+        b"\xff",
+        b"9" * 5000,  # past the integer digit limit
+    ],
+)
+def test_a_manifest_that_is_not_one_is_refused(data: bytes) -> None:
+    with pytest.raises(ProtocolError) as refused:
+        manifest_pcrs(data)
+    assert refused.value.check == "release.approval"
+
+
+_PAYLOAD = ReleaseBundle.encode(open_bundle(bundle(3, 2, ("1.0", "1.1")), RELEASE_KEY.public_key()))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flips=st.lists(st.tuples(st.integers(0, len(_PAYLOAD) - 1), st.integers(0, 7)), max_size=3))
+def test_the_bundle_decoder_refuses_or_reads_back_byte_for_byte(
+    flips: list[tuple[int, int]],
+) -> None:
+    """Bit flips in a version 2 payload with proofs: either ``release.malformed`` or a bundle
+    whose encoding is the same bytes (nothing half-parsed, one encoding)."""
+    data = bytearray(_PAYLOAD)
+    for at, bit in flips:
+        data[at] ^= 1 << bit
+    try:
+        decoded = ReleaseBundle.decode(bytes(data))
+    except ProtocolError as exc:
+        assert exc.check == "release.malformed", exc.check
+        return
+    assert decoded.encode() == bytes(data)
