@@ -651,7 +651,7 @@ class AgentCore:
     ) -> None:
         """Take release bundles (signed by ``key``) newer than ``held``; ``version``: the
         release this boot matched (None: none, or the state is held)."""
-        self.releases = ReleaseFollower(key, held, version)
+        self.releases = ReleaseFollower(key, self.membership.check_release_approval, held, version)
 
     def forget_release(self, held: ReleaseBundle | None) -> None:
         """The daemon could not keep the newest bundle: hold ``held`` again, so the bundle is
@@ -1078,14 +1078,24 @@ class AgentCore:
         """Install ``body.version`` by the update hook the caller runs (``Outcome.install``,
         after this message is saved as handled: a redelivery is a duplicate, never a second
         install). Refused (and reported as a failed install, so the rollout stops at once):
-        no hook configured (``release.install.unavailable``), another install still running
-        (``release.install.busy``)."""
+        no hook configured (``release.install.unavailable``), a version that is not in the
+        verified bundle held, whose entries the operators' approval was checked for
+        (``release.approval``; also without a release key: nothing to check it against), another
+        install still running (``release.install.busy``)."""
         if not self.can_install:
             return self._install_refused(
                 body,
                 ProtocolError(
                     "release.install.unavailable",
                     "this device has no update hook ([releases] install_command)",
+                ),
+            )
+        if self.releases is None or not self.releases.approved(body.version):
+            return self._install_refused(
+                body,
+                ProtocolError(
+                    "release.approval",
+                    f"release {body.version} is not in the verified release bundle held",
                 ),
             )
         if self.installing == body:

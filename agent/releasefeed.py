@@ -7,8 +7,12 @@ The service publishes the bundle retained on ``RELEASES_TOPIC`` inside a service
 checks the envelope as any service message (but without the replay guard and the age bound: a
 retained bundle may be old, its ``seq`` refuses an older one), then the bundle itself with the
 release key (``agent.protocol.release.open_bundle``: ``release.signature``, ``release.policy``,
-``release.malformed``), then that it is newer than the one held (``release.stale``). The bundle
-held already, delivered again after a reconnect, is no refusal.
+``release.malformed``), then that it is newer than the one held (``release.stale``), then that
+the operators approved every release in it (``agent.protocol.releaseproof.check_bundle``:
+``release.approval``). A bundle with one entry that fails is refused whole: the release key
+signed an entry no quorum approved, which only a rogue signer does; the held bundle stays, the
+refusal is counted and reported. The bundle held already, delivered again after a reconnect, is
+no refusal.
 """
 
 from __future__ import annotations
@@ -17,21 +21,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.release import ReleaseBundle, check_newer, open_bundle
+from agent.protocol.releaseproof import ApprovalCheck, check_bundle
 from agent.protocol.topics import FEED_RECIPIENT
 from agent.protocol.wire.envelope import DEFAULT_MAX_FUTURE, KeyResolver, open_message
 from agent.protocol.wire.messages.release import ReleaseBundleMessage
 
 
 class ReleaseFollower:
-    """The release key, the newest bundle held and the release this boot matched."""
+    """The release key, the operators' approval check, the newest bundle held and the release
+    this boot matched."""
 
     def __init__(
         self,
         key: ec.EllipticCurvePublicKey,
+        approval: ApprovalCheck,
         held: ReleaseBundle | None = None,
         version: str | None = None,
     ) -> None:
         self.key = key
+        self.approval = approval
         self.held = held
         self.version = version
 
@@ -62,8 +70,13 @@ class ReleaseFollower:
         if bundle == self.held:
             return None
         check_newer(self.held, bundle)
+        check_bundle(bundle, self.held, self.approval)
         self.held = bundle
         return bundle, body.bundle
+
+    def approved(self, version: str) -> bool:
+        """``version`` is a release of the verified bundle held (its approval checked)."""
+        return self.held is not None and self.held.version(version) is not None
 
     def status(self) -> dict[str, object]:
         held = self.held

@@ -9,9 +9,10 @@ A **manifest** names a release version and its components, each measured into on
 The components are in boot order: the release's **expected PCR values** are the replay of their
 digests from zero (``expected_pcrs``), which is what a device booted into the release shows.
 ``canonical`` is the one byte string a manifest has (sorted keys, no spaces, components in
-their order); its SHA-256 is what an approval binds (``subject``), so no database writer can
-swap a component under an approval. The golden policy attestation checks is the union of the
-approved releases' components (``golden_policy``).
+their order); its SHA-256 is what an approval binds (``agent.protocol.releaseproof.subject``:
+devices read it too), so no database writer can swap a component
+under an approval. The golden policy attestation checks is the union of the approved releases'
+components (``golden_policy``).
 
 Pure: no I/O, no clock. Refusals of a manifest are ``ConfigError`` naming every problem.
 """
@@ -37,8 +38,6 @@ from provisioning.policy import GoldenPolicy
 
 MAX_MANIFEST: Final = 64 * 1024
 MAX_COMPONENTS: Final = 64
-SUBJECT_LABEL: Final = "keyfleet release v1"
-"""First field of a release request's subject: its bytes mean nothing in another protocol."""
 _ZERO: Final = bytes(DIGEST_SIZE)
 
 
@@ -176,29 +175,6 @@ def decode_pcrs(data: bytes) -> dict[int, bytes]:
     ):
         raise ProtocolError("release.stored", "expected PCR values unreadable")
     return dict(decoded)
-
-
-def subject(version: str, manifest_sha256: bytes) -> bytes:
-    """What a ``release.approve`` / ``release.revoke`` request binds: the exact release."""
-    return codec.encode([SUBJECT_LABEL, version, manifest_sha256])
-
-
-def read_subject(data: bytes) -> tuple[str, bytes]:
-    """(version, manifest SHA-256) of a subject; ``release.subject`` if it is not one."""
-    try:
-        decoded = codec.decode(data, 1024, "release subject")
-    except ProtocolError:
-        decoded = None
-    if (
-        not isinstance(decoded, list)
-        or len(decoded) != 3
-        or decoded[0] != SUBJECT_LABEL
-        or type(decoded[1]) is not str
-        or type(decoded[2]) is not bytes
-        or len(decoded[2]) != DIGEST_SIZE
-    ):
-        raise ProtocolError("release.subject", "not a release subject")
-    return decoded[1], decoded[2]
 
 
 def golden_policy(manifests: Iterable[Manifest]) -> GoldenPolicy:

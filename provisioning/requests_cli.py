@@ -28,6 +28,7 @@ from typing import TextIO
 
 from agent.protocol import authz
 from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.releaseproof import read_subject as release_subject
 from agent.protocol.wire.messages.operator import Approve, ListRequests, Propose
 from agent.protocol.wire.messages.result import (
     OperatorResult,
@@ -44,7 +45,6 @@ from provisioning.operator import (
     Progress,
     follow,
 )
-from provisioning.releases import read_subject as release_subject
 
 # How long one request/answer exchange with the service may take.
 EXCHANGE_TIMEOUT = 30.0

@@ -76,7 +76,8 @@ MAX_SERIAL = (1 << 63) - 1
 MAX_TIME = (1 << 63) - 1
 MAX_OP = 64
 
-# Operations. Devices check the membership ops and "policy"; the service checks the others
+# Operations. Devices check the membership ops, "policy" and "release.approve" (each release of
+# the bundle carries its approval: agent.protocol.releaseproof); the service checks the others
 # ("fleet.attest", "fleet.rekey", ...) itself with the same verifier.
 OP_GROUP_CREATE = "group.create"
 OP_GROUP_ADD = "group.add"
@@ -86,8 +87,8 @@ OP_POLICY = "policy"
 # The service's own op: a revoked device's TPM (its EK) may enroll once more. It names the
 # revoked device with its old DevID key; it authorizes no commit (``authz.scope``).
 OP_DEVICE_REENROLL = "device.reenroll"
-# The service's release ops (provisioning.service.releases): approve or revoke one firmware
-# release. Their ``subject`` binds the exact release (its version and manifest digest).
+# The release ops (provisioning.service.releases): approve or revoke one firmware release.
+# Their ``subject`` binds the exact release (its version and manifest digest).
 OP_RELEASE_APPROVE = "release.approve"
 OP_RELEASE_REVOKE = "release.revoke"
 SUBJECT_OPS = frozenset({OP_RELEASE_APPROVE, OP_RELEASE_REVOKE})

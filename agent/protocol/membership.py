@@ -253,6 +253,14 @@ class Membership:
         self.revocations = advanced
         return True
 
+    def check_release_approval(self, signed: bytes) -> az.VerifiedAuthorization:
+        """A release's ``release.approve`` Authorization (``agent.protocol.releaseproof``),
+        checked like a feed entry: fleet-wide, under our quorum policy, historically (a release
+        outlives its request's window)."""
+        return self.approvals.verify(
+            signed, policy=self.policy, now=None, op=az.OP_RELEASE_APPROVE, group=None
+        )
+
     # -- policy ---------------------------------------------------------------------------------
 
     def _follow(

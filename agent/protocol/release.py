@@ -23,8 +23,20 @@ The **bundle** is what devices receive (retained on ``agent.protocol.topics.RELE
 every approved release's policy, the generation, a sequence number that grows with every change,
 and the revoked versions, as deterministic CBOR signed as a COSE_Sign1 by the release key::
 
-    {"v": 1, "seq": n, "generation": g, "time": t, "releases": [entry, ...], "revoked": [str]}
-    entry = {"version": str, "pcrs": [int, ...], "pcr_digest": 32 B, "approved": 32 B, "sig": 64 B}
+    {"v": 2, "seq": n, "generation": g, "time": t, "releases": [entry, ...], "revoked": [str],
+     "certs": [operator certificate DER, ...]}
+    entry = {"version": str, "pcrs": [int, ...], "pcr_digest": 32 B, "approved": 32 B, "sig": 64 B,
+             "proof": {"manifest": bytes, "req": bytes, "approvals": [[cert index, sig], ...]}}
+
+``proof`` (format version 2) is the operators' approval of the release: the canonical manifest,
+whose replay gives ``pcrs``/``pcr_digest``, and the ``release.approve`` Authorization whose
+subject binds the version and the manifest's SHA-256, split into its request bytes and its
+approvals, each naming its operator certificate by index in ``certs`` (ascending, each once,
+each named by some approval: the same few operators approve every release, so each certificate
+travels once). It is absent for a release the service imported from its golden measurements. A
+device checks it with ``agent.protocol.releaseproof`` (``release.approval``), since the release
+key alone is the service's. Version 1 bundles (no proofs, no ``certs``) are still read; version
+2 is written.
 
 ``pcr_digest`` is SHA-256 of the expected PCR values in ascending PCR order (TPM2_PolicyPCR's
 ``pcrDigest``). A device opens a bundle with ``open_bundle`` (signature, strict decoding, every
@@ -32,7 +44,8 @@ entry's digest and signature re-checked), refuses an older one with ``check_newe
 entry its live PCRs match with ``match``.
 
 Pure: no I/O, no clock. Refusals are ``ProtocolError`` with ``release.*`` check ids:
-``release.malformed``, ``release.signature``, ``release.policy``, ``release.stale``.
+``release.malformed``, ``release.signature``, ``release.policy``, ``release.stale`` (and
+``release.approval`` from ``agent.protocol.releaseproof``).
 """
 
 from __future__ import annotations
@@ -58,6 +71,7 @@ from agent.protocol.eventlog import (
     extend,
 )
 from agent.protocol.mls import codec
+from agent.protocol.releaseproof import ReleaseProof, decode_certs, encode_certs
 from agent.protocol.wire import cose
 
 __all__ = [
@@ -79,12 +93,16 @@ __all__ = [
     "sign_bundle",
 ]
 
-VERSION: Final = 1
+VERSION: Final = 2
+"""Format written; version 1 (entries without proofs) is still read."""
+READ_VERSIONS: Final = frozenset({1, VERSION})
 REF_LABEL: Final = b"keyfleet release policy v1\x00"
 MAX_RELEASES: Final = 64
 """Approved releases a bundle carries at most (a fleet runs a handful at once)."""
 MAX_REVOKED: Final = 1024
-MAX_BUNDLE: Final = 64 * 1024
+MAX_BUNDLE: Final = 192 * 1024
+"""64 releases with their proofs fit with room: ~76 KB with two approvals each, ~87 KB with four
+(docs/releases.md, "Size"); the carrying message's limit is 256 KiB."""
 MAX_SEQ: Final = (1 << 63) - 1
 DIGEST_SIZE: Final = 32
 SIGNATURE_SIZE: Final = 64
@@ -259,8 +277,11 @@ class ReleaseEntry:
     pcr_digest: bytes
     approved: bytes
     sig: bytes
+    proof: ReleaseProof | None = None
 
     def __post_init__(self) -> None:
+        if self.proof is not None and not isinstance(self.proof, ReleaseProof):
+            raise _malformed("proof must be a ReleaseProof")
         try:
             check_version(self.version)
         except ProtocolError as exc:
@@ -275,24 +296,53 @@ class ReleaseEntry:
         if type(self.sig) is not bytes or len(self.sig) != SIGNATURE_SIZE:
             raise _malformed(f"sig must be {SIGNATURE_SIZE} bytes (r || s)")
 
-    def to_obj(self) -> dict[str, object]:
-        return {
+    def to_obj(self, certs: Sequence[bytes] = ()) -> dict[str, object]:
+        """The entry's map; its proof's approvals name certificates of the bundle's ``certs``."""
+        obj: dict[str, object] = {
             "version": self.version,
             "pcrs": list(self.pcrs),
             "pcr_digest": self.pcr_digest,
             "approved": self.approved,
             "sig": self.sig,
         }
+        if self.proof is not None:  # present only with a value: one entry, one encoding
+            obj["proof"] = self.proof.to_obj(certs)
+        return obj
 
     @classmethod
-    def from_obj(cls, value: object, what: str) -> ReleaseEntry:
-        obj = _map(value, what, {"version", "pcrs", "pcr_digest", "approved", "sig"})
+    def from_obj(
+        cls,
+        value: object,
+        what: str,
+        *,
+        certs: Sequence[bytes] | None = None,
+        used: set[int] | None = None,
+    ) -> ReleaseEntry:
+        """``certs``: the bundle's certificate table (None: a version 1 bundle, no proofs);
+        the indices the proof names are added to ``used``."""
+        keys = {"version", "pcrs", "pcr_digest", "approved", "sig"}
+        if certs is not None and isinstance(value, dict) and "proof" in value:
+            keys.add("proof")
+        obj = _map(value, what, keys)
         pcrs = obj["pcrs"]
         if type(pcrs) is not list or len(pcrs) > PCR_COUNT:
             raise _malformed(f"{what}.pcrs: expected an array of at most {PCR_COUNT} PCRs")
         if type(obj["version"]) is not str:
             raise _malformed(f"{what}.version: expected text")
-        return cls(obj["version"], tuple(pcrs), obj["pcr_digest"], obj["approved"], obj["sig"])  # type: ignore[arg-type]
+        proof = None
+        if "proof" in obj:
+            assert certs is not None
+            proof = ReleaseProof.from_obj(
+                obj["proof"], f"{what}.proof", certs, set() if used is None else used
+            )
+        return cls(
+            obj["version"],
+            tuple(pcrs),
+            obj["pcr_digest"],  # type: ignore[arg-type]
+            obj["approved"],  # type: ignore[arg-type]
+            obj["sig"],  # type: ignore[arg-type]
+            proof,
+        )
 
     def check(self, public_key: ec.EllipticCurvePublicKey, generation: int) -> None:
         """``approved`` really is the PolicyPCR digest of ``pcrs``/``pcr_digest``
@@ -314,14 +364,19 @@ class ReleaseEntry:
 
 
 def make_entry(
-    version: str, values: Mapping[int, bytes], generation: int, key: ec.EllipticCurvePrivateKey
+    version: str,
+    values: Mapping[int, bytes],
+    generation: int,
+    key: ec.EllipticCurvePrivateKey,
+    proof: ReleaseProof | None = None,
 ) -> ReleaseEntry:
-    """Sign the PCR policy of a release whose boot leaves ``values`` (``expected_pcrs``)."""
+    """Sign the PCR policy of a release whose boot leaves ``values`` (``expected_pcrs``);
+    ``proof``: the operators' approval it carries (``agent.protocol.releaseproof``)."""
     pcrs = tuple(sorted(values))
     digest = pcr_digest(pcrs, values)
     approved = policy_pcr_from_digest(pcrs, digest)
     der = key.sign(approved + policy_ref(generation), ec.ECDSA(hashes.SHA256()))
-    return ReleaseEntry(version, pcrs, digest, approved, _raw_signature(der))
+    return ReleaseEntry(version, pcrs, digest, approved, _raw_signature(der), proof)
 
 
 @dataclass(frozen=True)
@@ -354,13 +409,15 @@ class ReleaseBundle:
             raise _malformed("a release is both approved and revoked")
 
     def to_obj(self) -> dict[str, object]:
+        certs = encode_certs(r.proof for r in self.releases)
         return {
             "v": VERSION,
             "seq": self.seq,
             "generation": self.generation,
             "time": self.time,
-            "releases": [r.to_obj() for r in self.releases],
+            "releases": [r.to_obj(certs) for r in self.releases],
             "revoked": list(self.revoked),
+            "certs": certs,
         }
 
     def encode(self) -> bytes:
@@ -372,9 +429,13 @@ class ReleaseBundle:
             value = codec.decode(data, MAX_BUNDLE, "release bundle")
         except ProtocolError as exc:
             raise _malformed(f"release bundle is not deterministic CBOR ({exc.check})") from None
-        obj = _map(value, "bundle", {"v", "seq", "generation", "time", "releases", "revoked"})
-        if type(obj["v"]) is not int or obj["v"] != VERSION:
-            raise _malformed(f"bundle version {obj['v']!r} is not {VERSION}")
+        keys = {"v", "seq", "generation", "time", "releases", "revoked"}
+        version = value.get("v") if isinstance(value, dict) else None
+        obj = _map(value, "bundle", keys | {"certs"} if version == VERSION else keys)
+        if type(obj["v"]) is not int or obj["v"] not in READ_VERSIONS:
+            raise _malformed(f"bundle version {obj['v']!r} is not one of {sorted(READ_VERSIONS)}")
+        certs = decode_certs(obj["certs"], "certs") if "certs" in obj else None
+        used: set[int] = set()
         releases = obj["releases"]
         revoked = obj["revoked"]
         if type(releases) is not list or len(releases) > MAX_RELEASES:
@@ -382,8 +443,11 @@ class ReleaseBundle:
         if type(revoked) is not list or len(revoked) > MAX_REVOKED:
             raise _malformed(f"revoked: expected an array of at most {MAX_REVOKED}")
         entries = tuple(
-            ReleaseEntry.from_obj(item, f"releases[{i}]") for i, item in enumerate(releases)
+            ReleaseEntry.from_obj(item, f"releases[{i}]", certs=certs, used=used)
+            for i, item in enumerate(releases)
         )
+        if certs is not None and len(used) != len(certs):
+            raise _malformed("certs: a certificate no approval names")
         return cls(obj["seq"], obj["generation"], obj["time"], entries, tuple(revoked))  # type: ignore[arg-type]
 
     def version(self, name: str) -> ReleaseEntry | None:
@@ -405,10 +469,13 @@ def sign_bundle(
     releases: Iterable[tuple[str, Mapping[int, bytes]]],
     revoked: Iterable[str] = (),
     key: ec.EllipticCurvePrivateKey,
+    proofs: Mapping[str, ReleaseProof] | None = None,
 ) -> bytes:
     """The COSE_Sign1 bundle of ``releases`` (version, expected PCR values), each policy signed
-    for ``generation``, the whole signed by ``key`` (the release-signing key)."""
-    entries = tuple(make_entry(v, values, generation, key) for v, values in releases)
+    for ``generation``, the whole signed by ``key`` (the release-signing key); ``proofs``: the
+    operators' approval of each release by version (a release without one carries none)."""
+    found = proofs or {}
+    entries = tuple(make_entry(v, values, generation, key, found.get(v)) for v, values in releases)
     bundle = ReleaseBundle(seq, generation, time, entries, tuple(revoked))
     return cose.sign1(bundle.encode(), key)
 

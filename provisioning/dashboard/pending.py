@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from agent.protocol import authz
 from agent.protocol.errors import ProtocolError
+from agent.protocol.releaseproof import read_subject
 from provisioning.db.runtime import QuorumRequestRow
-from provisioning.releases import read_subject
 
 MAX_SHOWN = 100
 

@@ -6,7 +6,7 @@
   trusted by nothing.
 - ``release.approve`` / ``release.revoke``: quorum requests (``provisioning.service.requests``)
   whose Request ``subject`` binds the exact release, its version and the SHA-256 of its
-  canonical manifest (``provisioning.releases.subject``). When the quorum is met the service
+  canonical manifest (``agent.protocol.releaseproof.subject``). When the quorum is met the service
   verifies the Authorization, checks the subject against the row again and keeps the
   Authorization bytes on the row (``execute``); the release state's ``seq`` advances (and, on
   revocation, its ``generation``).
@@ -30,9 +30,10 @@ from collections.abc import Mapping
 
 from sqlalchemy.orm import Session
 
-from agent.protocol import authz
+from agent.protocol import authz, releaseproof
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.release import sign_bundle
+from agent.protocol.releaseproof import ReleaseProof
 from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC, operator_result_topic
 from agent.protocol.wire.messages.operator import ReleaseAdd
 from agent.protocol.wire.messages.release import ReleaseBundleMessage
@@ -125,7 +126,7 @@ def request_subject(session: Session, op: str, version: str) -> bytes:
             "release.state", f"release {version} is {stored.state.value}, not {wanted.value}"
         )
     checked_manifest(stored)
-    return model.subject(stored.version, stored.manifest_sha256)
+    return releaseproof.subject(stored.version, stored.manifest_sha256)
 
 
 def execute(
@@ -143,7 +144,7 @@ def execute(
     keep the Authorization on it and advance the release state."""
     request = verified.request
     assert request.subject is not None
-    version, digest = model.read_subject(request.subject)
+    version, digest = releaseproof.read_subject(request.subject)
     stored = rows.load_release(session, version)
     if stored is None:
         raise ProtocolError("release.unknown", f"no release {version}")
@@ -242,8 +243,9 @@ def expire_tick(cx: Call, now: int) -> Effects:
 
 
 def publish(cx: Call, session: Session, now: int) -> Effects:
-    """Sign the bundle of the release state as it now is (verified approved releases only),
-    store it and publish it retained; nothing without ``[releases] signing_key``."""
+    """Sign the bundle of the release state as it now is (verified approved releases only, each
+    with its manifest and the operators' Authorization, which devices check: an imported release
+    has none), store it and publish it retained; nothing without ``[releases] signing_key``."""
     env = cx.env
     if env.release_key is None:
         if not env.release_key_warned:
@@ -273,6 +275,11 @@ def publish(cx: Call, session: Session, now: int) -> Effects:
         releases=[(s.version, model.expected_pcrs(m)) for s, m in good],
         revoked=ended,
         key=env.release_key,
+        proofs={
+            s.version: ReleaseProof(s.manifest, s.approval)
+            for s, _ in good
+            if s.approval is not None
+        },
     )
     rows.store_bundle(session, state.seq, bundle)
     audit.append(
@@ -368,7 +375,7 @@ def verify_approved(
             group=None,
         )
         assert verified.request.subject is not None
-        subject = model.read_subject(verified.request.subject)
+        subject = releaseproof.read_subject(verified.request.subject)
     except ProtocolError as exc:
         raise ProtocolError(
             STORED, f"release {stored.version}: its approval does not verify ({exc.check})"

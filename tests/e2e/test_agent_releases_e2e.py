@@ -30,9 +30,11 @@ from agent.tpm.blob import KeyBlob
 from agent.tpm.nvcounter import NVCounter
 from agent.tpm.store import TPMStore
 from provisioning import pki
+from provisioning import releases as model
 from tests.e2e.test_agent_daemon import AgentProcess, ServiceHarness, form_group, write_agent
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.swtpm import Swtpm
+from tests.release_proofs import proof
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +45,12 @@ def image_pcrs(image: str) -> dict[int, bytes]:
     """PCR 16 after a boot that measured ``image`` (from the reset state)."""
     digest = hashlib.sha256(image.encode()).digest()
     return {PCR: hashlib.sha256(bytes(32) + digest).digest()}
+
+
+def image_manifest(image: str) -> model.Manifest:
+    """Release ``image``: one component, the image, measured into PCR 16."""
+    digest = hashlib.sha256(image.encode()).digest()
+    return model.Manifest(image, (model.Component("image", image, PCR, digest),))
 
 
 def boot(swtpm: Swtpm, image: str) -> None:
@@ -86,6 +94,8 @@ class Releases:
             time=int(time.time()),
             releases=[(v, image_pcrs(v)) for v in versions],
             key=self.key,
+            # each approved by an operator of the CA the agent trusts (min_approvals 1)
+            proofs={v: proof(v, of=image_manifest(v)) for v in versions},
         )
         payload = self.harness.sign(ReleaseBundleMessage(bundle=bundle), FEED_RECIPIENT)
         self.harness.client.publish(RELEASES_TOPIC, payload, retain=True)

@@ -1,7 +1,8 @@
 """A staged rollout's ``release.install`` at the device (pure core with a FakeService, and the
 daemon's update-hook runner with real child processes): the core asks its caller to run the hook
-once, refuses without a hook or while one runs and reports a failed install in its keys.report;
-the runner passes the version without a shell and turns exits and timeouts into check ids."""
+once, refuses without a hook, for a release that is not in the verified bundle it holds, or while
+one runs, and reports a failed install in its keys.report; the runner passes the version without a
+shell and turns exits and timeouts into check ids."""
 
 from __future__ import annotations
 
@@ -11,14 +12,25 @@ from pathlib import Path
 import pytest
 
 from agent.config import InstallConfig
+from agent.core import AgentCore
 from agent.daemon import run_install_hook
 from agent.protocol.errors import ProtocolError
+from agent.protocol.release import open_bundle
 from agent.protocol.wire.envelope import Signer, open_message
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.release import InstallResult, InstallState, ReleaseInstall
 from tests.pure.test_agent_core import T0, FakeService
+from tests.pure.test_agent_releases import RELEASE_KEY, bundle
 
 pytestmark = pytest.mark.pure
+
+
+def installer(service: FakeService, versions: tuple[str, ...] = ("1.0", "1.1", "1.2")) -> AgentCore:
+    """A device with an update hook that holds a verified bundle approving ``versions``."""
+    core = service.core("dev-1", can_install=True)
+    held = open_bundle(bundle(1, 1, versions), RELEASE_KEY.public_key())
+    core.follow_releases(RELEASE_KEY.public_key(), held, "1.0")
+    return core
 
 
 def open_keys_report(service: FakeService, device: str, payload: bytes) -> KeyStateReport:
@@ -33,7 +45,7 @@ def open_keys_report(service: FakeService, device: str, payload: bytes) -> KeySt
 
 def test_install_is_an_effect_run_once_then_reported() -> None:
     service = FakeService()
-    core = service.core("dev-1", can_install=True)
+    core = installer(service)
     install = ReleaseInstall(rollout="ro-1", version="1.1")
     payload, topic = service.command("dev-1", install)
     outcome = core.handle(payload, topic, T0)
@@ -79,7 +91,7 @@ def test_install_is_an_effect_run_once_then_reported() -> None:
 
 def test_a_failed_hook_is_reported_with_its_check() -> None:
     service = FakeService()
-    core = service.core("dev-1", can_install=True)
+    core = installer(service)
     install = ReleaseInstall(rollout="ro-1", version="1.1")
     assert service.deliver("dev-1", install).install == install
     failed = core.install_finished(
@@ -102,6 +114,21 @@ def test_without_a_hook_the_instruction_is_refused_and_reported() -> None:
         "ro-1", "1.1", InstallState.FAILED, "release.install.unavailable"
     )
     assert core.rejections.count("release.install.unavailable") == 1
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_a_release_not_in_the_verified_bundle_is_not_installed(follows: bool) -> None:
+    """Only a release of the bundle held (each entry's approval checked when it was taken) is
+    installed; a device that follows no bundle has nothing to check an install against."""
+    service = FakeService()
+    core = installer(service, ("1.0",)) if follows else service.core("dev-1", can_install=True)
+    outcome = service.deliver("dev-1", ReleaseInstall(rollout="ro-1", version="1.1"))
+    assert outcome.install is None and core.installing is None
+    [report] = outcome.publishes
+    assert open_keys_report(service, "dev-1", report.payload).install == InstallResult(
+        "ro-1", "1.1", InstallState.FAILED, "release.approval"
+    )
+    assert core.rejections.count("release.approval") == 1
 
 
 def _hook(tmp_path: Path, body: str, timeout: int = 30) -> InstallConfig:

@@ -6,7 +6,6 @@ and changes nothing; the one held, delivered again after a reconnect, is no refu
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,11 @@ from agent.releasestate import (
     save_boot,
 )
 from tests.pure.test_agent_core import T0, FakeService, refused_without_change
+from tests.release_proofs import pcrs, proof
 
 pytestmark = pytest.mark.pure
 
 RELEASE_KEY = ec.generate_private_key(ec.SECP256R1())
-
-
-def pcrs(image: str) -> dict[int, bytes]:
-    return {4: hashlib.sha256(image.encode()).digest(), 9: hashlib.sha256(b"agent").digest()}
 
 
 def bundle(
@@ -44,12 +40,14 @@ def bundle(
     versions: tuple[str, ...],
     key: ec.EllipticCurvePrivateKey = RELEASE_KEY,
 ) -> bytes:
+    """Releases ``versions``, each with the operators' approval (``tests.release_proofs``)."""
     return sign_bundle(
         seq=seq,
         generation=generation,
         time=T0 + seq,
         releases=[(v, pcrs(v)) for v in versions],
         key=key,
+        proofs={v: proof(v) for v in versions},
     )
 
 

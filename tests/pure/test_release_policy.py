@@ -113,7 +113,7 @@ def test_entry_whose_approved_digest_lies_is_refused() -> None:
 @pytest.mark.parametrize(
     "mutate",
     [
-        {"v": 2},
+        {"v": 3},
         {"extra": 1},
         {"seq": -1},
         {"releases": [{"version": "1.0"}]},

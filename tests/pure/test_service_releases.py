@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import update
 
-from agent.protocol import authz
+from agent.protocol import authz, releaseproof
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.release import ReleaseBundle, check_newer, open_bundle
 from agent.protocol.topics import FEED_RECIPIENT, RELEASES_TOPIC
@@ -184,13 +184,13 @@ def test_a_request_subject_is_encoded_only_when_present() -> None:
     )  # fmt: skip
     assert "subject" not in plain.to_obj()
     assert authz.Request.decode(plain.encode()) == plain
-    subject = model.subject("1.1", bytes(32))
+    subject = releaseproof.subject("1.1", bytes(32))
     release = authz.Request(
         id=bytes(16), op=authz.OP_RELEASE_APPROVE, group=None, members=(), policy=None,
         nbf=1, exp=2, by="op-a", subject=subject,
     )  # fmt: skip
     assert authz.Request.decode(release.encode()).subject == subject
-    assert model.read_subject(subject) == ("1.1", bytes(32))
+    assert releaseproof.read_subject(subject) == ("1.1", bytes(32))
     with pytest.raises(ProtocolError, match="subject"):
         authz.Request(
             id=bytes(16), op=authz.OP_RELEASE_APPROVE, group=None, members=(), policy=None,
@@ -233,7 +233,7 @@ def test_two_admins_approve_a_release_and_the_other_instance_enforces_it(fleet: 
     info = propose_release(fleet, "op-admin", authz.OP_RELEASE_APPROVE, "1.1")
     request = authz.Request.decode(info.request)
     assert info.required == 2 and request.group is None and request.members == ()
-    assert request.subject == model.subject("1.1", manifest_of("1.1").sha256)
+    assert request.subject == releaseproof.subject("1.1", manifest_of("1.1").sha256)
     _, pending = approve(fleet, "op-admin", info.request)
     assert pending is not None and pending.state is RequestState.PENDING
     assert stored(fleet, "1.1").state is ReleaseState.PROPOSED
@@ -391,6 +391,20 @@ def test_approval_and_revocation_publish_a_bundle_signed_for_the_generation(
     entry = second.version("1.1")
     assert entry is not None and entry.pcrs == tuple(sorted({c.pcr for c in NEXT}))
     check_newer(first, second)
+    # each operator-approved release carries its manifest and Authorization, which a device
+    # trusting the fleet's operator CA and quorum policy accepts; the import carries none
+    assert entry.proof is not None and entry.proof.manifest == manifest_of("1.1").canonical
+    imported = second.version("1.0")
+    assert imported is not None and imported.proof is None
+    device = authz.AuthzVerifier([fleet.service._env.operator_ca])
+    policy = authz.QuorumPolicy.initial(2)
+    releaseproof.check_bundle(
+        second,
+        first,
+        lambda signed: device.verify(
+            signed, policy=policy, now=None, op=authz.OP_RELEASE_APPROVE, group=None
+        ),
+    )
 
     approve_by_two(fleet, authz.OP_RELEASE_REVOKE, "1.0")
     third = bundle(fleet)
@@ -454,7 +468,7 @@ def test_the_cli_signs_only_the_release_it_asked_for() -> None:
     def request(version: str, op: str = authz.OP_RELEASE_APPROVE) -> authz.Request:
         return authz.Request(
             id=bytes(16), op=op, group=None, members=(), policy=None, nbf=100, exp=700,
-            by="op-admin", subject=model.subject(version, digest),
+            by="op-admin", subject=releaseproof.subject(version, digest),
         )  # fmt: skip
 
     check_proposed(request("1.1"), asked, "op-admin", 100)

@@ -29,7 +29,7 @@ from agent.protocol.wire.messages.base import (
     check_tuple,
 )
 
-MAX_BUNDLE = 64 * 1024
+MAX_BUNDLE = 192 * 1024
 """``agent.protocol.release.MAX_BUNDLE`` (repeated: the wire layer does not import the
 release module)."""
 
