@@ -1,0 +1,143 @@
+"""The restore drill against real SoftHSM2 tokens: the fleet's keys made in a token with backup
+enabled, ``keyfleet backup create --shares 5 --threshold 3``, the token wiped (its directory
+removed, a fresh token of the same label initialised), then ``keyfleet backup restore`` with two
+shares (refused, the token stays empty) and with three: every key comes back non-extractable
+under its label and id, and signs for the ORIGINAL public key (the one devices and certificates
+hold). The service is not started here: the signing check against the certificates is the drill.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from firmware_sim.softhsm import SoftToken
+from provisioning import backup, custody, pki
+from provisioning.cli import main
+
+pytestmark = pytest.mark.tpm
+
+FLEET = ("device-ca", "operator-ca", "service-signing")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def token_only(token: SoftToken) -> str:
+    return f"pkcs11:token={token.label}?pin-source=file:{token.pin_file}"
+
+
+def wipe(token: SoftToken) -> SoftToken:
+    """The token lost: its objects gone, a fresh empty token of the same label in its place."""
+    custody.refresh_modules()  # sessions on the old token end here
+    shutil.rmtree(token.directory / "tokens")
+    return SoftToken.create(token.directory, label=token.label)
+
+
+def test_restore_drill(
+    softhsm_token: SoftToken, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki_dir, out_dir = tmp_path / "pki", tmp_path / "backup"
+    out_dir.mkdir()
+    token = token_only(softhsm_token)
+    status, _, err = run(capsys, "pki", "init", str(pki_dir), "--token", token, "--backup")
+    assert status == 0, err
+    status, _, err = run(
+        capsys, "pki", "token-key", softhsm_token.uri("audit-checkpoint"), "--backup"
+    )
+    assert status == 0, err
+    originals = {
+        stem: pki.cert_from_pem((pki_dir / f"{stem}.pem").read_bytes()).public_key()
+        for stem in FLEET
+    }
+    originals["audit-checkpoint"] = custody.load_private_key(
+        softhsm_token.uri("audit-checkpoint")
+    ).public_key()
+    originals["tls-ca"] = pki.cert_from_pem((pki_dir / "tls-ca.pem").read_bytes()).public_key()
+
+    status, out, err = run(
+        capsys, "backup", "create", "--token", token,
+        "--key-file", f"tls-ca={pki_dir / 'tls-ca.key'}",
+        "--shares", "5", "--threshold", "3", "--out", str(out_dir),
+    )  # fmt: skip
+    assert status == 0, err
+    backup_files = list(out_dir.glob("keyfleet-backup-*.json"))
+    shares = sorted(out_dir.glob("keyfleet-share-*.json"))
+    assert len(backup_files) == 1 and len(shares) == 5
+    for path in [*backup_files, *shares]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "PRIVATE KEY" not in out + err and softhsm_token.pin() not in out + err
+    backup_file = str(backup_files[0])
+
+    fresh = wipe(softhsm_token)
+    assert custody.token_key_labels(custody.parse_token_uri(fresh.uri("-"))) == []
+
+    # two shares: refused before the token is touched, the token stays empty
+    status, _, err = run(
+        capsys, "backup", "restore", backup_file, "--token", token_only(fresh),
+        "--share", str(shares[0]), "--share", str(shares[2]),
+    )  # fmt: skip
+    assert status != 0 and "backup.threshold" in err and "needs 3 of 5" in err
+    assert custody.token_key_labels(custody.parse_token_uri(fresh.uri("-"))) == []
+
+    status, out, err = run(
+        capsys, "backup", "restore", backup_file, "--token", token_only(fresh),
+        "--share", str(shares[0]), "--share", str(shares[2]), "--share", str(shares[4]),
+    )  # fmt: skip
+    assert status == 0, err
+    assert set(custody.token_key_labels(custody.parse_token_uri(fresh.uri("-")))) == set(originals)
+    for label, public in originals.items():
+        key = custody.load_private_key(custody.parse_token_uri(fresh.uri(label)))
+        assert isinstance(key, custody.TokenPrivateKey)
+        assert key.public_key() == public
+        message = f"signed by the restored {label}".encode()
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(
+            key.sign(message, ec.ECDSA(hashes.SHA256())), message, ec.ECDSA(hashes.SHA256())
+        )
+        key.close()
+        # restored keys are not extractable: a second backup of them is refused, naming the key
+        with pytest.raises(custody.CustodyError, match=f"{label}.*not extractable"):
+            custody.wrap_token_key(custody.parse_token_uri(fresh.uri(label)), bytes(32))
+
+    # restoring again over the restored keys is refused, naming them
+    status, _, err = run(
+        capsys, "backup", "restore", backup_file, "--token", token_only(fresh),
+        "--share", str(shares[1]), "--share", str(shares[2]), "--share", str(shares[3]),
+    )  # fmt: skip
+    assert status != 0 and "token.exists" in err and "device-ca" in err
+
+
+def test_a_key_made_without_backup_is_named_and_nothing_is_written(
+    softhsm_token: SoftToken, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = run(capsys, "pki", "token-key", softhsm_token.uri("release-signing"))
+    assert status == 0, err
+    status, _, err = run(
+        capsys, "pki", "token-key", softhsm_token.uri("audit-checkpoint"), "--backup"
+    )
+    assert status == 0, err
+    status, _, err = run(
+        capsys, "backup", "create", "--token", token_only(softhsm_token),
+        "--shares", "3", "--threshold", "2", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert status != 0
+    assert "token.export" in err and "'release-signing'" in err and "--backup" in err
+    assert not list(tmp_path.glob("keyfleet-*"))
+    # naming only the key made with backup works
+    status, _, err = run(
+        capsys, "backup", "create", "--token", token_only(softhsm_token),
+        "--label", "audit-checkpoint", "--shares", "3", "--threshold", "2", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert status == 0, err
+    (sealed_file,) = tmp_path.glob("keyfleet-backup-*.json")
+    sealed = backup.parse_backup(sealed_file.read_bytes(), sealed_file.name)
+    assert [k["label"] for k in sealed.header.keys] == ["audit-checkpoint"]
