@@ -34,7 +34,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from agent.fsio import atomic_write
-from agent.protocol.errors import ConfigError, StateError
+from agent.protocol.errors import ConfigError, KeyfleetError, StateError
 from provisioning import audit, backup, custody
 from provisioning.config import load_config
 from provisioning.pki_cli import _read_passphrase, token_ref
@@ -163,6 +163,35 @@ def _load(args: argparse.Namespace) -> backup.SealedBackup:
     return backup.parse_backup(data, args.backup)
 
 
+def _into_token(
+    entries: list[backup.KeyEntry], refs: list[custody.TokenKeyRef], wrapping: bytes
+) -> list[str]:
+    """Unwrap every entry into the token, all or nothing: labels already there refuse the whole
+    restore, and a key that fails takes the ones restored before it out again."""
+    present = set(custody.token_key_labels(refs[0]))
+    taken = [e.label for e in entries if e.label in present]
+    if taken:
+        raise custody.CustodyError(
+            "token.exists",
+            f"the token holds {', '.join(taken)} already: restore into a fresh token "
+            "(nothing was restored)",
+        )
+    done: list[custody.TokenKeyRef] = []
+    try:
+        for entry, ref in zip(entries, refs, strict=True):
+            custody.unwrap_into_token(ref, entry.wrapped, entry.public_point, wrapping)
+            done.append(ref)
+            print(
+                f"restored {entry.label} (sha256 {entry.fingerprint()}) into "
+                f"{custody.describe(ref)}"
+            )
+    except BaseException:
+        for ref in done:
+            custody.remove_token_key(ref)
+        raise
+    return [e.label for e in entries]
+
+
 def _restore(args: argparse.Namespace) -> int:
     sealed = _load(args)
     shares: dict[str, backup.Share] = {}
@@ -194,20 +223,17 @@ def _restore(args: argparse.Namespace) -> int:
                 named.uri, named.token, named.label, entry.key_id, named.pin, named.module
             )
         )
-    # every label must be free before the first key goes in
-    present = set(custody.token_key_labels(refs[0]))
-    taken = [e.label for e in entries if e.label in present]
-    if taken:
-        raise custody.CustodyError(
-            "token.exists",
-            f"the token holds {', '.join(taken)} already: restore into a fresh token "
-            "(nothing was restored)",
+    try:
+        restored = _into_token(entries, refs, wrapping)
+    except KeyfleetError as exc:
+        _audit(
+            args.config,
+            action="backup.restore",
+            target=ident,
+            outcome=Outcome.REFUSED,
+            reason=str(exc),
         )
-    restored: list[str] = []
-    for entry, ref in zip(entries, refs, strict=True):
-        custody.unwrap_into_token(ref, entry.wrapped, entry.public_point, wrapping)
-        restored.append(entry.label)
-        print(f"restored {entry.label} (sha256 {entry.fingerprint()}) into {custody.describe(ref)}")
+        raise
     _audit(
         args.config,
         action="backup.restore",

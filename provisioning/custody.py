@@ -754,3 +754,15 @@ def unwrap_into_token(
             with suppress(PKCS11Error):
                 obj.destroy()
         session.close()
+
+
+def remove_token_key(ref: TokenKeyRef) -> None:
+    """Destroy the key pair ``ref`` names (both halves, whichever exist): only to undo a restore
+    that failed half-way, so that a restore is all or nothing."""
+    session = open_session(ref, rw=True)
+    try:
+        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            with suppress(CustodyError):
+                _find(session, ref, cls).destroy()
+    finally:
+        session.close()

@@ -4,6 +4,7 @@ removed, a fresh token of the same label initialised), then ``keyfleet backup re
 shares (refused, the token stays empty) and with three: every key comes back non-extractable
 under its label and id, and signs for the ORIGINAL public key (the one devices and certificates
 hold). The service is not started here: the signing check against the certificates is the drill.
+Each step is audited in the service's database (a SQLite file) named by ``--config``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from firmware_sim.softhsm import SoftToken
-from provisioning import backup, custody, pki
+from provisioning import audit, backup, custody, pki
 from provisioning.cli import main
+from provisioning.registry import make_engine, session_factory
 
 pytestmark = pytest.mark.tpm
 
@@ -35,6 +38,25 @@ def token_only(token: SoftToken) -> str:
     return f"pkcs11:token={token.label}?pin-source=file:{token.pin_file}"
 
 
+def write_config(tmp_path: Path) -> Path:
+    """A service configuration whose only use here is its database (the audit log)."""
+    for name in ("ca.pem", "svc.pem", "dev-ca.pem", "op-ca.pem", "golden.toml", "mfr.pem"):
+        (tmp_path / name).write_text("x\n")
+    for name in ("svc.key", "dev-ca.key"):
+        (tmp_path / name).write_text("x\n")
+        (tmp_path / name).chmod(0o600)
+    config = tmp_path / "keyfleet.toml"
+    config.write_text(
+        f'[database]\nurl = "sqlite:///{tmp_path / "fleet.db"}"\n'
+        '[broker]\nhost = "localhost"\nca = "ca.pem"\nclient_cert = "svc.pem"\n'
+        'client_key = "svc.key"\n'
+        '[device_ca]\ncert = "dev-ca.pem"\nkey = "dev-ca.key"\n'
+        '[operator_ca]\ncert = "op-ca.pem"\n'
+        '[attestation]\nmanufacturer_cas = "mfr.pem"\ngolden_measurements = "golden.toml"\n'
+    )
+    return config
+
+
 def wipe(token: SoftToken) -> SoftToken:
     """The token lost: its objects gone, a fresh empty token of the same label in its place."""
     custody.refresh_modules()  # sessions on the old token end here
@@ -47,6 +69,9 @@ def test_restore_drill(
 ) -> None:
     pki_dir, out_dir = tmp_path / "pki", tmp_path / "backup"
     out_dir.mkdir()
+    (tmp_path / "service").mkdir()
+    config = str(write_config(tmp_path / "service"))
+    assert run(capsys, "db", "init", "--config", config)[0] == 0
     token = token_only(softhsm_token)
     status, _, err = run(capsys, "pki", "init", str(pki_dir), "--token", token, "--backup")
     assert status == 0, err
@@ -66,7 +91,7 @@ def test_restore_drill(
     status, out, err = run(
         capsys, "backup", "create", "--token", token,
         "--key-file", f"tls-ca={pki_dir / 'tls-ca.key'}",
-        "--shares", "5", "--threshold", "3", "--out", str(out_dir),
+        "--shares", "5", "--threshold", "3", "--out", str(out_dir), "--config", config,
     )  # fmt: skip
     assert status == 0, err
     backup_files = list(out_dir.glob("keyfleet-backup-*.json"))
@@ -83,7 +108,7 @@ def test_restore_drill(
     # two shares: refused before the token is touched, the token stays empty
     status, _, err = run(
         capsys, "backup", "restore", backup_file, "--token", token_only(fresh),
-        "--share", str(shares[0]), "--share", str(shares[2]),
+        "--share", str(shares[0]), "--share", str(shares[2]), "--config", config,
     )  # fmt: skip
     assert status != 0 and "backup.threshold" in err and "needs 3 of 5" in err
     assert custody.token_key_labels(custody.parse_token_uri(fresh.uri("-"))) == []
@@ -91,6 +116,7 @@ def test_restore_drill(
     status, out, err = run(
         capsys, "backup", "restore", backup_file, "--token", token_only(fresh),
         "--share", str(shares[0]), "--share", str(shares[2]), "--share", str(shares[4]),
+        "--config", config,
     )  # fmt: skip
     assert status == 0, err
     assert set(custody.token_key_labels(custody.parse_token_uri(fresh.uri("-")))) == set(originals)
@@ -112,8 +138,26 @@ def test_restore_drill(
     status, _, err = run(
         capsys, "backup", "restore", backup_file, "--token", token_only(fresh),
         "--share", str(shares[1]), "--share", str(shares[2]), "--share", str(shares[3]),
+        "--config", config,
     )  # fmt: skip
     assert status != 0 and "token.exists" in err and "device-ca" in err
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'service' / 'fleet.db'}")
+    try:
+        with session_factory(engine)() as session:
+            entries = [e for e in audit.entries(session) if e.action.startswith("backup.")]
+    finally:
+        engine.dispose()
+    ident = Path(backup_file).stem.removeprefix("keyfleet-backup-")
+    assert [(e.action, e.outcome.value) for e in entries] == [
+        ("backup.create", "accepted"),
+        ("backup.restore", "refused"),
+        ("backup.restore", "accepted"),
+        ("backup.restore", "refused"),
+    ]
+    assert all(e.target == ident for e in entries)
+    assert "[backup.threshold]" in entries[1].reason and "audit-checkpoint" in entries[2].details
+    assert "[token.exists]" in entries[3].reason
 
 
 def test_a_key_made_without_backup_is_named_and_nothing_is_written(
@@ -141,3 +185,34 @@ def test_a_key_made_without_backup_is_named_and_nothing_is_written(
     (sealed_file,) = tmp_path.glob("keyfleet-backup-*.json")
     sealed = backup.parse_backup(sealed_file.read_bytes(), sealed_file.name)
     assert [k["label"] for k in sealed.header.keys] == ["audit-checkpoint"]
+
+
+def test_a_restore_that_fails_half_way_leaves_the_token_empty(
+    softhsm_token: SoftToken, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a backup whose second key is recorded with another key's public point: the first key goes
+    # in, the second does not sign for its recorded key, and the first is taken out again
+    data_key = backup.DataKey.new()
+    first, second, stranger = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+
+    def point(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+
+    entries = [
+        backup.KeyEntry("device-ca", b"device-ca", point(first),
+                        backup.wrap_file_key(first, data_key.wrapping_key())),
+        backup.KeyEntry("operator-ca", b"operator-ca", point(stranger),
+                        backup.wrap_file_key(second, data_key.wrapping_key())),
+    ]  # fmt: skip
+    document, shares = backup.create_backup(
+        entries, data_key, threshold=2, count=2, now=1_800_000_000
+    )
+    (tmp_path / "b.json").write_bytes(document)
+    for share in shares:
+        (tmp_path / f"s{share.index}.json").write_bytes(share.encode())
+    status, _, err = run(
+        capsys, "backup", "restore", str(tmp_path / "b.json"), "--token", token_only(softhsm_token),
+        "--share", str(tmp_path / "s1.json"), "--share", str(tmp_path / "s2.json"),
+    )  # fmt: skip
+    assert status != 0 and "token.import" in err and "'operator-ca'" in err
+    assert custody.token_key_labels(custody.parse_token_uri(softhsm_token.uri("-"))) == []
