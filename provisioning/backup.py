@@ -264,8 +264,9 @@ def create_backup(
     if not entries:
         raise BackupError("backup.keys", "no key to back up")
     labels = [e.label for e in entries]
-    if len(set(labels)) != len(labels):
-        raise BackupError("backup.keys", "two keys have the same label")
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise BackupError("backup.keys", f"two keys are labelled {', '.join(twice)}")
     backup_id = random_bytes(BACKUP_ID_BYTES)
     values = data_key.split(threshold=threshold, count=count, random_bytes=random_bytes)
     shares = [Share(backup_id, i, threshold, count, v) for i, v in sorted(values.items())]

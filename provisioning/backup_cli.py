@@ -30,11 +30,12 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from cryptography.hazmat.primitives import serialization
 
 from agent.fsio import atomic_write
-from agent.protocol.errors import ConfigError, KeyfleetError, StateError
+from agent.protocol.errors import ConfigError, KeyfleetError, ProtocolError, StateError
 from provisioning import audit, backup, custody
 from provisioning.config import load_config
 from provisioning.pki_cli import _read_passphrase, token_ref
@@ -80,6 +81,12 @@ def _audit(
         engine.dispose()
 
 
+def _key_ref(token: str, label: str) -> custody.TokenKeyRef:
+    """The reference of key ``label`` in the token ``token`` names (any label: percent-encoded
+    into the URI, decoded again by the parser)."""
+    return token_ref(token, quote(label, safe=""))
+
+
 def _parse_key_file(text: str) -> tuple[str, Path]:
     label, sep, path = text.partition("=")
     if not sep or not label or not path:
@@ -94,13 +101,18 @@ def _collect(args: argparse.Namespace, data_key: backup.DataKey) -> list[backup.
         probe = token_ref(args.token, "-")
         labels = args.label or custody.token_key_labels(probe)
         for label in labels:
-            wrapped, ident, point = custody.wrap_token_key(token_ref(args.token, label), wrapping)
+            wrapped, ident, point = custody.wrap_token_key(_key_ref(args.token, label), wrapping)
             entries.append(backup.KeyEntry(label, ident, point, wrapped))
     elif args.label:
         raise ConfigError("--label picks keys of the --token: give --token")
     passphrase = _read_passphrase(args.passphrase_file)
     for label, path in args.key_file or []:
-        key = custody.load_private_key(custody.FileKeyRef(path), password=passphrase, role=label)
+        try:
+            key = custody.load_private_key(
+                custody.FileKeyRef(path), password=passphrase, role=label
+            )
+        except ProtocolError as exc:
+            raise ConfigError(f"--key-file {label}={path}: {exc}") from None
         point = key.public_key().public_bytes(
             serialization.Encoding.X962,
             serialization.PublicFormat.UncompressedPoint,
@@ -216,7 +228,7 @@ def _restore(args: argparse.Namespace) -> int:
     wrapping = data_key.wrapping_key()
     refs = []
     for entry in entries:
-        named = token_ref(args.token, entry.label)
+        named = _key_ref(args.token, entry.label)
         # the same CKA_ID as before: configurations may name the key by id=
         refs.append(
             custody.TokenKeyRef(

@@ -9,15 +9,18 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import stat
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provisioning import backup, shamir
+from provisioning import backup, pki, shamir
+from provisioning.cli import main
 
 pytestmark = pytest.mark.pure
 
@@ -217,3 +220,50 @@ def test_no_secret_in_reprs() -> None:
     assert shares[0].value.hex() not in repr(shares[0])
     entry = backup.KeyEntry("x", b"x", b"\x04" + b"\x01" * 64, b"\x99" * 40)
     assert "\\x99" not in repr(entry) and "9999" not in repr(entry)
+
+
+# ---- the command line, file keys only (no token) -----------------------------------------------
+
+
+def test_create_from_key_files_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = {name: ec.generate_private_key(ec.SECP256R1()) for name in ("tls-ca", "station-ca")}
+    for name, key in keys.items():
+        pki.write_private_key(tmp_path / f"{name}.key", key)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["backup", "create", "--shares", "3", "--threshold", "2", "--out", str(out)]
+    files = [f"--key-file={n}={tmp_path / f'{n}.key'}" for n in keys]
+    assert main([*args, *files]) == 0
+    printed = capsys.readouterr()
+    assert "PRIVATE KEY" not in printed.out + printed.err
+    (backup_file,) = out.glob("keyfleet-backup-*.json")
+    share_paths = sorted(out.glob("keyfleet-share-*.json"))
+    assert len(share_paths) == 3
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in [backup_file, *share_paths])
+    sealed = backup.parse_backup(backup_file.read_bytes(), "b")
+    shares = {str(p): backup.parse_share(p.read_bytes(), str(p)) for p in share_paths[1:]}
+    data_key, entries = backup.open_backup(sealed, shares)
+    for entry in entries:
+        restored = backup.unwrap_to_private_key(entry, data_key.wrapping_key())
+        assert restored.private_numbers() == keys[entry.label].private_numbers()
+
+    assert main(["backup", "show", str(backup_file)]) == 0
+    shown = capsys.readouterr().out
+    assert "2 of 3 shares" in shown and "tls-ca" in shown and "station-ca" in shown
+
+    # an RSA key file is named, and nothing is written
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "rsa.key").write_bytes(
+        rsa_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = ["backup", "create", "--shares", "3", "--threshold", "2", "--out", str(empty)]
+    assert main([*bad, f"--key-file=web={tmp_path / 'rsa.key'}"]) != 0
+    err = capsys.readouterr().err
+    assert "--key-file web=" in err and "pki.key_type" in err
+    assert not list(empty.iterdir())
