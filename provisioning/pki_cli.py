@@ -20,8 +20,10 @@ With ``--token pkcs11:token=LABEL?pin-source=...`` the device CA, operator CA an
 keys are made inside that PKCS#11 token (labels ``device-ca``, ``operator-ca``,
 ``service-signing``; not extractable) instead of files, and ``init`` prints the references to
 put in the configuration; ``issue --ca-key REF`` then issues with the token key.
-``keyfleet pki token-key URI`` makes one more key in a token; ``keyfleet pki encrypt-key FILE``
-encrypts a plain key file (an operator's) with a passphrase.
+With ``--backup`` those token keys may leave the token wrapped (never in the clear), for
+``keyfleet backup create`` (provisioning.backup_cli).
+``keyfleet pki token-key URI`` makes one more key in a token (``--backup`` likewise);
+``keyfleet pki encrypt-key FILE`` encrypts a plain key file (an operator's) with a passphrase.
 
 ``keyfleet pki issue KIND NAME`` makes a key and a certificate from the matching CA:
 ``operator`` (role in the OU: viewer, operator or admin), ``station``, ``service`` (the service's
