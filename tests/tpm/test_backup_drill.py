@@ -3,7 +3,9 @@ enabled, ``keyfleet backup create --shares 5 --threshold 3``, the token wiped (i
 removed, a fresh token of the same label initialised), then ``keyfleet backup restore`` with two
 shares (refused, the token stays empty) and with three: every key comes back non-extractable
 under its label and id, and signs for the ORIGINAL public key (the one devices and certificates
-hold). The service is not started here: the signing check against the certificates is the drill.
+hold): a service message signed with the restored signing key verifies as a device verifies it
+(COSE_Sign1 under the signing certificate), and the restored operator CA issues certificates
+that chain to the original CA certificate. The service itself is not started here.
 Each step is audited in the service's database (a SQLite file) named by ``--config``.
 """
 
@@ -18,6 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from agent.protocol.wire import cose
 from firmware_sim.softhsm import SoftToken
 from provisioning import audit, backup, custody, pki
 from provisioning.cli import main
@@ -133,6 +136,26 @@ def test_restore_drill(
         # restored keys are not extractable: a second backup of them is refused, naming the key
         with pytest.raises(custody.CustodyError, match=f"{label}.*not extractable"):
             custody.wrap_token_key(custody.parse_token_uri(fresh.uri(label)), bytes(32))
+
+    # what devices check: a service message signed with the restored signing key verifies under
+    # the signing certificate devices were given at enrollment
+    signing_cert = pki.cert_from_pem((pki_dir / "service-signing.pem").read_bytes())
+    signing_key = custody.load_private_key(custody.parse_token_uri(fresh.uri("service-signing")))
+    envelope = cose.sign1(b"after the restore", signing_key)
+    public = signing_cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    cose.verify_sign1(cose.decode_sign1(envelope), public)
+    assert isinstance(signing_key, custody.TokenPrivateKey)
+    signing_key.close()
+    # and the restored operator CA issues certificates that chain to the original CA certificate
+    status, _, err = run(
+        capsys, "pki", "issue", "operator", "op-carol", "--role", "admin",
+        "--dir", str(pki_dir), "--ca-key", fresh.uri("operator-ca"),
+    )  # fmt: skip
+    assert status == 0, err
+    pki.cert_from_pem((pki_dir / "op-carol.pem").read_bytes()).verify_directly_issued_by(
+        pki.cert_from_pem((pki_dir / "operator-ca.pem").read_bytes())
+    )
 
     # restoring again over the restored keys is refused, naming them
     status, _, err = run(
