@@ -105,6 +105,10 @@ def test_restore_drill(
     assert "PRIVATE KEY" not in out + err and softhsm_token.pin() not in out + err
     backup_file = str(backup_files[0])
 
+    ids = {
+        label: custody.token_key_facts(custody.parse_token_uri(softhsm_token.uri(label))).key_id
+        for label in (*FLEET, "audit-checkpoint")
+    }
     fresh = wipe(softhsm_token)
     assert custody.token_key_labels(custody.parse_token_uri(fresh.uri("-"))) == []
 
@@ -127,6 +131,8 @@ def test_restore_drill(
         key = custody.load_private_key(custody.parse_token_uri(fresh.uri(label)))
         assert isinstance(key, custody.TokenPrivateKey)
         assert key.public_key() == public
+        facts = custody.token_key_facts(custody.parse_token_uri(fresh.uri(label)))
+        assert facts.key_id == ids.get(label, label.encode())  # same CKA_ID (files: the label)
         message = f"signed by the restored {label}".encode()
         assert isinstance(public, ec.EllipticCurvePublicKey)
         public.verify(
