@@ -126,6 +126,10 @@ def _collect(args: argparse.Namespace, data_key: backup.DataKey) -> list[backup.
 def _create(args: argparse.Namespace) -> int:
     if args.token is None and not args.key_file:
         raise ConfigError("nothing to back up: give --token and/or --key-file LABEL=PATH")
+    if args.threshold > args.shares:
+        raise backup.BackupError(
+            "backup.shares", f"--threshold {args.threshold} is more than --shares {args.shares}"
+        )
     out = Path(args.out)
     if not out.is_dir():
         raise ConfigError(f"{out} is not a directory")

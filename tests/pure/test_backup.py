@@ -267,3 +267,7 @@ def test_create_from_key_files_and_show(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "--key-file web=" in err and "pki.key_type" in err
     assert not list(empty.iterdir())
+    too_many = ["backup", "create", "--shares", "2", "--threshold", "3", "--out", str(empty)]
+    assert main([*too_many, *files]) != 0
+    assert "[backup.shares] --threshold 3 is more than --shares 2" in capsys.readouterr().err
+    assert not list(empty.iterdir())
