@@ -22,7 +22,12 @@ Refusals carry check ids (docs/checks.md): ``token.uri`` (malformed reference), 
 (PIN source missing, unreadable, not private, or a PIN in clear), ``token.module`` (library cannot
 be loaded), ``token.not_found`` (no such token or key, or several keys match), ``token.login``
 (wrong PIN), ``token.key_type`` (not an EC P-256 key pair), ``token.export`` (private key asked
-for), ``token.sign`` (the token refused to sign).
+for, or a backup of a key made without backup), ``token.sign`` (the token refused to sign),
+``token.exists`` (a label taken), ``token.import`` (a backed-up key that does not restore).
+
+For ``keyfleet backup`` (provisioning.backup): a key made with ``backup=True`` leaves the token
+only wrapped (``wrap_token_key``, CKM_AES_KEY_WRAP_PAD under a session-only AES key) and comes
+back into a token non-extractable (``unwrap_into_token``).
 """
 
 from __future__ import annotations
