@@ -49,6 +49,7 @@ from agent.protocol.errors import ConfigError, KeyfleetError
 from agent.protocol.wire.messages.operator import AttestDevice, GroupPolicy, Propose, Rekey
 from agent.version import add_version_option
 from provisioning import audit, audit_cli, inventory, pki, releases_cli, revocation
+from provisioning.backup_cli import add_backup_commands
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard
 from provisioning.db import migrations
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_db_status)
     _add_service_commands(commands)
     add_pki_commands(commands)
+    add_backup_commands(commands)
     return parser
 
 

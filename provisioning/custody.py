@@ -22,7 +22,12 @@ Refusals carry check ids (docs/checks.md): ``token.uri`` (malformed reference), 
 (PIN source missing, unreadable, not private, or a PIN in clear), ``token.module`` (library cannot
 be loaded), ``token.not_found`` (no such token or key, or several keys match), ``token.login``
 (wrong PIN), ``token.key_type`` (not an EC P-256 key pair), ``token.export`` (private key asked
-for), ``token.sign`` (the token refused to sign).
+for, or a backup of a key made without backup), ``token.sign`` (the token refused to sign),
+``token.exists`` (a label taken), ``token.import`` (a backed-up key that does not restore).
+
+For ``keyfleet backup`` (provisioning.backup): a key made with ``backup=True`` leaves the token
+only wrapped (``wrap_token_key``, CKM_AES_KEY_WRAP_PAD under a session-only AES key) and comes
+back into a token non-extractable (``unwrap_into_token``).
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ import os
 import secrets
 import stat
 import threading
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import pkcs11
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
@@ -513,10 +520,12 @@ def same_key(a: KeyRef, b: KeyRef) -> bool:
     return False
 
 
-def generate_token_key(ref: TokenKeyRef) -> ec.EllipticCurvePublicKey:
+def generate_token_key(ref: TokenKeyRef, *, backup: bool = False) -> ec.EllipticCurvePublicKey:
     """Make a P-256 key pair inside the token, labelled (and id'd) as ``ref`` says: private half
-    CKA_SENSITIVE, not CKA_EXTRACTABLE, token-resident. Refuses when a key of that label/id
-    already exists (``token.exists``). Returns the public key."""
+    CKA_SENSITIVE, token-resident, and not CKA_EXTRACTABLE unless ``backup``: then the token
+    lets it out only wrapped under another key (``wrap_token_key``, for ``keyfleet backup``),
+    never in the clear (CKA_SENSITIVE holds). Refuses when a key of that label/id already exists
+    (``token.exists``). Returns the public key."""
     session = open_session(ref, rw=True)
     try:
         for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
@@ -539,7 +548,7 @@ def generate_token_key(ref: TokenKeyRef) -> ec.EllipticCurvePublicKey:
             id=ident,
             private_template={
                 Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
+                Attribute.EXTRACTABLE: backup,
                 Attribute.PRIVATE: True,
                 Attribute.SIGN: True,
                 Attribute.DERIVE: False,
@@ -588,5 +597,177 @@ def token_key_facts(ref: TokenKeyRef) -> TokenKeyFacts:
         raise CustodyError(
             "token.not_found", f"cannot read the key: {type(exc).__name__}"
         ) from None
+    finally:
+        session.close()
+
+
+# ---- backup: wrapped export and import (provisioning.backup) ----------------------------------
+
+
+def token_key_labels(ref: TokenKeyRef) -> list[str]:
+    """The labels of every EC private key in the token ``ref`` names (its key part is ignored),
+    sorted; a key without a label is a ``token.not_found`` (a backup could not name it)."""
+    session = open_session(ref)
+    try:
+        labels: list[str] = []
+        template = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.EC}
+        for obj in session.get_objects(template):
+            try:
+                labels.append(str(obj[Attribute.LABEL]))
+            except PKCS11Error:
+                raise CustodyError("token.not_found", "a key in the token has no label") from None
+        return sorted(labels)
+    finally:
+        session.close()
+
+
+def _session_aes_key(session: Any, value: bytes, *, wrap: bool) -> Any:
+    """A session-only AES key with ``value``, able to wrap (or unwrap) and nothing else."""
+    return session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: value,
+            Attribute.TOKEN: False,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.WRAP: wrap,
+            Attribute.UNWRAP: not wrap,
+            Attribute.ENCRYPT: False,
+            Attribute.DECRYPT: False,
+        }
+    )
+
+
+def wrap_token_key(ref: TokenKeyRef, wrapping_key: bytes) -> tuple[bytes, bytes, bytes]:
+    """The private key ``ref`` names, wrapped in the token (C_WrapKey, CKM_AES_KEY_WRAP_PAD,
+    RFC 5649) under the AES-256 ``wrapping_key``, which enters the token as a session object
+    only; with its CKA_ID and public point (65 bytes). A key made without backup (not
+    CKA_EXTRACTABLE) is a ``token.export`` naming it."""
+    session = open_session(ref)
+    try:
+        private = _find(session, ref, ObjectClass.PRIVATE_KEY)
+        public = public_key_of(_find(session, ref, ObjectClass.PUBLIC_KEY))
+        what = ref.label if ref.label is not None else (ref.key_id or b"").hex()
+        if not bool(private[Attribute.EXTRACTABLE]):
+            raise CustodyError(
+                "token.export",
+                f"key {what!r} in token {ref.token!r} was made not extractable, so it cannot be "
+                "backed up: make the fleet's keys with backup enabled (keyfleet pki init --token "
+                "... --backup, or pki token-key --backup) and re-issue what they signed",
+            )
+        ident = bytes(private[Attribute.ID])
+        wrapper = _session_aes_key(session, wrapping_key, wrap=True)
+        try:
+            wrapped = wrapper.wrap_key(private, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        except PKCS11Error as exc:
+            raise CustodyError(
+                "token.export", f"the token would not wrap {what!r}: {type(exc).__name__}"
+            ) from None
+        finally:
+            wrapper.destroy()
+        point = public.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        return bytes(wrapped), ident, point
+    finally:
+        session.close()
+
+
+def unwrap_into_token(
+    ref: TokenKeyRef, wrapped: bytes, public_point: bytes, wrapping_key: bytes
+) -> None:
+    """Import a key pair made by ``wrap_token_key`` (or wrapped the same way from a PKCS#8
+    file key) into the token ``ref`` names, under ``ref``'s label and id: the private half
+    sensitive and not extractable, the public half from ``public_point``. The unwrapped key must
+    sign for that public key, or nothing stays in the token (``token.import``). A key of that
+    label already there is ``token.exists``."""
+    public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public_point)
+    session = open_session(ref, rw=True)
+    made: list[Any] = []
+    try:
+        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            try:
+                _find(session, ref, cls)
+            except CustodyError as exc:
+                if "several" in exc.reason:
+                    raise CustodyError("token.exists", "keys of that label exist already") from None
+                continue
+            raise CustodyError("token.exists", f"a key {ref.label!r} exists already in the token")
+        ident = ref.key_id if ref.key_id is not None else (ref.label or "").encode()
+        unwrapper = _session_aes_key(session, wrapping_key, wrap=False)
+        try:
+            private = unwrapper.unwrap_key(
+                ObjectClass.PRIVATE_KEY,
+                KeyType.EC,
+                wrapped,
+                id=ident,
+                label=ref.label,
+                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                store=True,
+                template={
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.PRIVATE: True,
+                    Attribute.SIGN: True,
+                    Attribute.DERIVE: False,
+                    Attribute.DECRYPT: False,
+                    Attribute.UNWRAP: False,
+                    # public-key capabilities python-pkcs11 would add: a private key has none
+                    Attribute.ENCRYPT: pkcs11.DEFAULT,
+                    Attribute.VERIFY: pkcs11.DEFAULT,
+                    Attribute.WRAP: pkcs11.DEFAULT,
+                },
+            )
+        except PKCS11Error as exc:
+            raise CustodyError(
+                "token.import", f"the token would not unwrap {ref.label!r}: {type(exc).__name__}"
+            ) from None
+        finally:
+            unwrapper.destroy()
+        made.append(private)
+        made.append(
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                    Attribute.KEY_TYPE: KeyType.EC,
+                    Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1"),
+                    Attribute.EC_POINT: _EC_POINT_PREFIX + public_point,
+                    Attribute.TOKEN: True,
+                    Attribute.VERIFY: True,
+                    Attribute.LABEL: ref.label,
+                    Attribute.ID: ident,
+                }
+            )
+        )
+        probe = hashlib.sha256(b"keyfleet restore probe " + ident).digest()
+        raw = private.sign(probe, mechanism=Mechanism.ECDSA)
+        signature = encode_dss_signature(int.from_bytes(raw[:32]), int.from_bytes(raw[32:]))
+        try:
+            public.verify(signature, probe, ec.ECDSA(Prehashed(hashes.SHA256())))
+        except InvalidSignature:
+            raise CustodyError(
+                "token.import", f"the key unwrapped as {ref.label!r} is not its recorded key"
+            ) from None
+        made.clear()
+    except PKCS11Error as exc:
+        raise CustodyError(
+            "token.import", f"cannot import {ref.label!r}: {type(exc).__name__}"
+        ) from None
+    finally:
+        for obj in made:
+            with suppress(PKCS11Error):
+                obj.destroy()
+        session.close()
+
+
+def remove_token_key(ref: TokenKeyRef) -> None:
+    """Destroy the key pair ``ref`` names (both halves, whichever exist): only to undo a restore
+    that failed half-way, so that a restore is all or nothing."""
+    session = open_session(ref, rw=True)
+    try:
+        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            with suppress(CustodyError):
+                _find(session, ref, cls).destroy()
     finally:
         session.close()

@@ -20,8 +20,10 @@ With ``--token pkcs11:token=LABEL?pin-source=...`` the device CA, operator CA an
 keys are made inside that PKCS#11 token (labels ``device-ca``, ``operator-ca``,
 ``service-signing``; not extractable) instead of files, and ``init`` prints the references to
 put in the configuration; ``issue --ca-key REF`` then issues with the token key.
-``keyfleet pki token-key URI`` makes one more key in a token; ``keyfleet pki encrypt-key FILE``
-encrypts a plain key file (an operator's) with a passphrase.
+With ``--backup`` those token keys may leave the token wrapped (never in the clear), for
+``keyfleet backup create`` (provisioning.backup_cli).
+``keyfleet pki token-key URI`` makes one more key in a token (``--backup`` likewise);
+``keyfleet pki encrypt-key FILE`` encrypts a plain key file (an operator's) with a passphrase.
 
 ``keyfleet pki issue KIND NAME`` makes a key and a certificate from the matching CA:
 ``operator`` (role in the OU: viewer, operator or admin), ``station``, ``service`` (the service's
@@ -154,10 +156,12 @@ def init_pki(
     valid_for: timedelta,
     passphrase: bytes | None = None,
     token: str | None = None,
+    backup: bool = False,
 ) -> list[Path]:
     """Create the fleet's CAs and the service's signing key in ``directory``; return the files
     written. Refuses (writing nothing) if any of them exists. With ``token`` the device CA,
-    operator CA and signing keys are made in that token instead of files."""
+    operator CA and signing keys are made in that token instead of files (extractable only
+    wrapped, for ``keyfleet backup``, when ``backup``)."""
     stems = [ca.stem for ca in FLEET_CAS] + [SIGNING_STEM]
     targets = [directory / f"{stem}{ext}" for stem in stems for ext in (".pem", ".key")]
     bundle = directory / CLIENT_CA_BUNDLE
@@ -166,7 +170,7 @@ def init_pki(
     if token is not None:
         for label in TOKEN_LABELS:
             ref = token_ref(token, label)
-            custody.generate_token_key(ref)
+            custody.generate_token_key(ref, backup=backup)
             keys[label] = custody.load_private_key(ref)
     authorities = {
         ca: pki.create_ca(
@@ -222,6 +226,7 @@ def _init(args: argparse.Namespace) -> int:
         valid_for=timedelta(days=args.days),
         passphrase=_read_passphrase(args.passphrase_file),
         token=args.token,
+        backup=args.backup,
     )
     for path in written:
         print(f"wrote {path}{' (private key, 0600)' if path.suffix == '.key' else ''}")
@@ -364,9 +369,10 @@ def _token_key(args: argparse.Namespace) -> int:
     ref = custody.parse_token_uri(args.uri)
     if ref.label is None:
         raise ConfigError("the new key needs a label: object=LABEL in the URI")
-    public = custody.generate_token_key(ref)
+    public = custody.generate_token_key(ref, backup=args.backup)
+    how = "extractable only wrapped, for backup" if args.backup else "not extractable"
     print(
-        f"made a P-256 key (sensitive, not extractable) in {custody.describe(ref)}; "
+        f"made a P-256 key (sensitive, {how}) in {custody.describe(ref)}; "
         f"kid {key_id(public).hex()}"
     )
     sys.stdout.write(pki.public_key_to_pem(public).decode())
@@ -511,6 +517,12 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="make the device CA, operator CA and service signing keys in this PKCS#11 token "
         "(pkcs11:token=LABEL?pin-source=file:PATH) instead of files",
     )
+    init.add_argument(
+        "--backup",
+        action="store_true",
+        help="with --token: let the token keys out wrapped (never in the clear), so that "
+        "keyfleet backup create can back them up",
+    )
     init.set_defaults(handler=_init)
 
     token_key = pki_commands.add_parser(
@@ -520,6 +532,11 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "and not extractable; print its public key. Refuses an existing label.",
     )
     token_key.add_argument("uri", metavar="URI", help="pkcs11:token=T;object=L?pin-source=...")
+    token_key.add_argument(
+        "--backup",
+        action="store_true",
+        help="let the key out wrapped (never in the clear), for keyfleet backup create",
+    )
     token_key.set_defaults(handler=_token_key)
 
     encrypt = pki_commands.add_parser(
