@@ -17,8 +17,8 @@ suite, MLS suite 2: P-256, SHA-256):
 
 - Request ``{"v", "suite", "id": 16 bytes, "op", "group": str | null, "members": [{"id", "key":
   SHA-256 of the DevID public point}], "policy": QuorumPolicy bytes | null, "nbf", "exp", "by"}``
-  and, only for the service's release and operator ops, ``"subject"``: the bytes naming exactly what is
-  approved (a request without one encodes as before, byte for byte)
+  and, only for the service's release and operator ops, ``"subject"``: the bytes naming exactly
+  what is approved (a request without one encodes as before, byte for byte)
 - Approval ``{"v", "cert": operator certificate DER, "sig": DER ECDSA-P256-SHA256 over
   APPROVAL_LABEL || SHA-256(request bytes)}``
 - Authorization ``{"v", "req": request bytes, "approvals": [Approval]}``
