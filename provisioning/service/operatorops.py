@@ -48,7 +48,7 @@ from agent.protocol.wire.messages.operator import Propose
 from agent.protocol.wire.messages.result import RequestState
 from provisioning import audit, pki
 from provisioning.registry import Outcome, Registry, Role, cert_fingerprint
-from provisioning.service import credentials, releases, store
+from provisioning.service import credentials, store
 from provisioning.service.context import Call, Env
 from provisioning.service.effects import Effects, Log
 from provisioning.service.store import quorum
@@ -117,24 +117,55 @@ def describe_subject(subject: bytes) -> str:
 # -- the removed state --------------------------------------------------------------------------
 
 
-def removals(env: Env, session: Session) -> dict[str, str]:
-    """Removed certificate fingerprint -> operator id, from every ``operator.remove`` request
-    whose kept approvals verify as a quorum under a policy that was in force. A row whose
-    approvals do not verify removes nobody (logged: ``operator.stored``)."""
-    found: dict[str, str] = {}
+@dataclass(frozen=True)
+class Removal:
+    """One verified removal: the operator, the fingerprint of the certificate removed, the
+    certificate itself when the request row kept it (its hash checked against the approved
+    subject) and when it was approved."""
+
+    operator: str
+    cert_fingerprint: str
+    cert: x509.Certificate | None
+    at: int
+
+
+def verified_removals(
+    session: Session, verifier: authz.AuthzVerifier, min_approvals: int
+) -> list[Removal]:
+    """Every ``operator.remove`` request whose kept approvals verify as a quorum under a policy
+    that was in force (the initial one from ``min_approvals``, then each adopted one, each
+    verified under the one before). A row whose approvals do not verify removes nobody (logged
+    when it claims to be executed: ``operator.stored``)."""
     rows = [s for s in quorum.requests_of_op(session, authz.OP_OPERATOR_REMOVE) if s.approvals]
     if not rows:
-        return found
-    policies = releases.policies_by_serial(env, session)
-    assert env.authz_verifier is not None  # policies_by_serial made it
+        return []
+    policy = authz.QuorumPolicy.initial(min_approvals)
+    policies = [policy]
+    for _serial, stored_policy in quorum.adopted_policies(session):
+        policy = verifier.verify_policy_update(stored_policy, current=policy, now=None)
+        policies.append(policy)
+    found = []
     for stored in rows:
-        verified = _verify_removal(env.authz_verifier, stored, policies.values())
+        verified = _verify_removal(verifier, stored, policies)
         if verified is None:
             continue
         assert verified.request.subject is not None
         subject = OperatorSubject.decode(verified.request.subject)
-        found[subject.cert_sha256.hex()] = subject.operator
+        fingerprint = subject.cert_sha256.hex()
+        cert = None
+        if stored.reason:
+            kept = pki.cert_from_pem(stored.reason.encode())
+            cert = kept if cert_fingerprint(kept) == fingerprint else None
+        found.append(Removal(subject.operator, fingerprint, cert, stored.created_at))
     return found
+
+
+def removals(env: Env, session: Session) -> dict[str, str]:
+    """Removed certificate fingerprint -> operator id (``verified_removals``)."""
+    if env.authz_verifier is None:
+        env.authz_verifier = authz.AuthzVerifier([env.operator_ca])
+    found = verified_removals(session, env.authz_verifier, env.settings.min_approvals)
+    return {r.cert_fingerprint: r.operator for r in found}
 
 
 def _verify_removal(
@@ -250,7 +281,12 @@ def request_subject(
     fingerprint = _active_record(cx, session, operator)
     if body.op == authz.OP_OPERATOR_REMOVE:
         _refuse_last_admin(cx, session, operator)
-        return OperatorSubject(body.op, operator, bytes.fromhex(fingerprint)), ""
+        # the removed certificate, kept with the request: the operator CA's CRL names its serial
+        row = store.operator_key(session, operator)
+        kept = "" if row is None else row.cert_pem
+        if kept and cert_fingerprint(pki.cert_from_pem(kept.encode())) != fingerprint:
+            kept = ""
+        return OperatorSubject(body.op, operator, bytes.fromhex(fingerprint)), kept
     assert body.op == authz.OP_OPERATOR_ROLE and body.role is not None
     _check_role(cx, session, operator, Role(body.role))
     return OperatorSubject(body.op, operator, bytes.fromhex(fingerprint), body.role), ""
