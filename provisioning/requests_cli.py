@@ -255,7 +255,12 @@ def request_json(info: RequestInfo) -> dict[str, object]:
         "policy": None
         if request.policy is None
         else policy_json(authz.QuorumPolicy.decode(request.policy)),
-        "release": None if request.subject is None else release_subject(request.subject)[0],
+        "release": None
+        if request.subject is None or request.op in authz.OPERATOR_OPS
+        else release_subject(request.subject)[0],
+        "operator": operatorops.subject_json(request.subject)
+        if request.subject is not None and request.op in authz.OPERATOR_OPS
+        else None,
         "proposer": request.by,
         "not_before": request.nbf,
         "expires": request.exp,

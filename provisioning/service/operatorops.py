@@ -108,6 +108,11 @@ def subject_matches(subject: bytes, asked: Propose) -> bool:
     return asked.cert is None or found.cert_sha256 == hashlib.sha256(asked.cert).digest()
 
 
+def subject_json(subject: bytes) -> dict[str, object]:
+    found = OperatorSubject.decode(subject)
+    return {"id": found.operator, "cert_sha256": found.cert_sha256.hex(), "role": found.role}
+
+
 def describe_subject(subject: bytes) -> str:
     found = OperatorSubject.decode(subject)
     role = "" if found.role is None else f", role {found.role}"
