@@ -20,6 +20,7 @@ from agent.protocol import authz
 from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.operator import ListRequests, Propose
 from agent.protocol.wire.messages.result import RequestState
+from provisioning.dashboard.app import operator_authorizer
 from provisioning.db.runtime import QuorumRequestRow
 from provisioning.db.schema import Operator
 from provisioning.operators_cli import check_bootstrap_open, operator_rows
@@ -303,3 +304,22 @@ def test_the_local_bootstrap_closes_once_the_fleet_is_in_use(fleet: Fleet) -> No
         check_bootstrap_open(s)
     assert err.value.check == "operator.bootstrap.closed"
     assert "--operator-cert" in err.value.reason
+
+
+def test_the_dashboard_refuses_a_removed_operator_not_one_whose_removal_is_pending(
+    fleet: Fleet,
+) -> None:
+    assert fleet.operator_ca is not None
+    authorize = operator_authorizer(
+        fleet.sessions, fleet.operator_ca.certificate, lambda: fleet.now, 2
+    )
+    bob = fleet.operators["op-bob"].cert
+    assert authorize(bob) is not None
+    _cid, info = propose_operator(fleet, "op-admin", "operator.remove", "op-bob")
+    assert info is not None
+    approve(fleet, "op-admin", info.request)  # type: ignore[attr-defined]
+    assert authorize(bob) is not None  # one admin's approval removes nobody
+    _, done = approve(fleet, "op-carol", info.request)  # type: ignore[attr-defined]
+    assert done is not None and done.state is RequestState.EXECUTED
+    assert authorize(bob) is None
+    assert authorize(fleet.operators["op-carol"].cert) is not None
