@@ -25,6 +25,7 @@ from provisioning.db.runtime import QuorumRequestRow
 from provisioning.db.schema import Operator
 from provisioning.operators_cli import check_bootstrap_open, operator_rows
 from provisioning.registry import Registry, Role
+from provisioning.requests_cli import check_proposed
 from provisioning.service import store
 from provisioning.service.operatorops import OperatorSubject
 from provisioning.service.operators import register_operator
@@ -323,3 +324,34 @@ def test_the_dashboard_refuses_a_removed_operator_not_one_whose_removal_is_pendi
     assert done is not None and done.state is RequestState.EXECUTED
     assert authorize(bob) is None
     assert authorize(fleet.operators["op-carol"].cert) is not None
+
+
+def test_the_cli_signs_only_the_operator_change_it_asked_for(fleet: Fleet) -> None:
+    dave, eve = newcomer(fleet), newcomer(fleet, "op-dave", "admin")
+    asked = Propose(command_id(), "operator.add", (), operator="op-dave", cert=der(dave))
+
+    def request(subject: OperatorSubject) -> authz.Request:
+        return authz.Request(
+            id=b"\x03" * 16,
+            op=subject.op,
+            group=None,
+            members=(),
+            policy=None,
+            nbf=fleet.now,
+            exp=fleet.now + 60,
+            by="op-admin",
+            subject=subject.encode(),
+        )
+
+    digest = hashlib.sha256(der(dave)).digest()
+    check_proposed(
+        request(OperatorSubject("operator.add", "op-dave", digest)), asked, "op-admin", fleet.now
+    )
+    for wrong in (
+        OperatorSubject("operator.add", "op-dave", hashlib.sha256(der(eve)).digest()),
+        OperatorSubject("operator.add", "op-eve", digest),
+        OperatorSubject("operator.remove", "op-dave", digest),
+    ):
+        with pytest.raises(ProtocolError) as err:
+            check_proposed(request(wrong), asked, "op-admin", fleet.now)
+        assert err.value.check == "quorum.mismatch"
