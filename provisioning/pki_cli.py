@@ -400,7 +400,7 @@ def _encrypt_key(args: argparse.Namespace) -> int:
 def _crl(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     fleet_ca = TLS_CA if args.ca == "tls" else OPERATOR_CA
-    ca = load_ca(directory, fleet_ca, _read_passphrase(args.passphrase_file))
+    ca = load_ca(directory, fleet_ca, _read_passphrase(args.passphrase_file), args.ca_key)
     path = directory / f"{fleet_ca.stem}.crl"
     previous = revocation.file_crl_number(path) if path.exists() else None
     now = int(datetime.now(UTC).timestamp())
@@ -625,6 +625,11 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "--config",
         metavar="FILE",
         help="operator CA: list every operator certificate the quorum removed (service database)",
+    )
+    crl_parser.add_argument(
+        "--ca-key",
+        metavar="REF",
+        help="the CA's key when it is not DIR's file: a pkcs11: URI or a file (custody)",
     )
     crl_parser.set_defaults(handler=_crl)
     import_parser = pki_commands.add_parser(

@@ -21,8 +21,8 @@ and is reported (``operator.stored``). From the removal on, the operator's comma
 (``operator.removed``, checked on every command with its certificate's fingerprint), its
 approvals are withdrawn from pending requests (a request that falls below its quorum stays
 pending) and its certificate belongs on the operator CA's CRL (``keyfleet pki crl operator
---config``, which signs with the operator CA key through custody, lists the removed
-certificates' serials; the broker takes it through ``[revocation] broker_crls``).
+--config [--ca-key pkcs11:…]``, signed with the operator CA key where custody keeps it, lists the
+removed certificates' serials; the broker takes it through ``[revocation] broker_crls``).
 
 Audit: ``operator.add``, ``operator.remove``, ``operator.role`` (actor ``quorum``, details the
 approvers and the request id) and ``request.withdraw`` per pending request that lost an approval.
@@ -57,7 +57,6 @@ from provisioning.service.store.quorum import StoredRequest
 log = logging.getLogger("keyfleet.service")
 
 SUBJECT_LABEL = "keyfleet operator v1"
-OPERATOR_PREFIX = "op-"
 REMOVED = "operator.removed"
 STORED = "operator.stored"
 
@@ -243,8 +242,9 @@ def check_certificate(cx: Call, cert: x509.Certificate, operator: str, now: int)
     name = pki.common_name(cert)
     if name != operator:
         raise ProtocolError("op.name", f"the certificate is {name!r}'s, not {operator!r}'s")
-    if not name.startswith(OPERATOR_PREFIX):
-        raise ProtocolError("op.name", f"operator ids start with {OPERATOR_PREFIX!r}: {name!r}")
+    if not name.startswith(authz.OPERATOR_PREFIX):
+        prefix = authz.OPERATOR_PREFIX
+        raise ProtocolError("op.name", f"operator ids start with {prefix!r}: {name!r}")
     return credentials.certificate_role(cert)
 
 
