@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import ConfigError, KeyfleetError
 from agent.protocol.wire.messages.operator import AttestDevice, GroupPolicy, Propose, Rekey
 from agent.version import add_version_option
-from provisioning import audit, audit_cli, inventory, pki, releases_cli, revocation
+from provisioning import audit, audit_cli, inventory, operators_cli, pki, releases_cli, revocation
 from provisioning.backup_cli import add_backup_commands
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard
@@ -70,7 +70,6 @@ from provisioning.listings import (
     list_device_keys,
     list_devices,
     list_groups,
-    list_operators,
     list_stations,
     parse_time,
     print_table,
@@ -414,6 +413,7 @@ def _operator_add(args: argparse.Namespace) -> int:
             role=None if args.role is None else Role(args.role),
             actor=f"local:{getpass.getuser()}",
             now=int(time.time()),
+            bootstrap_check=operators_cli.check_bootstrap_open,
         )
     finally:
         engine.dispose()
@@ -541,6 +541,22 @@ def _request_command(args: argparse.Namespace) -> int:
         return run_request_command(client, args)
 
 
+def _operator_request(args: argparse.Namespace) -> int:
+    audit_cli.warn_if_stale(args)
+    with OperatorClient(_operator_settings(args)) as client:
+        return operators_cli.run_request(client, args)
+
+
+def _operator_add_or_request(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        if args.cert is None:
+            raise ConfigError("operator add --config: --cert FILE names the certificate")
+        if args.operator_cert is not None:
+            raise ConfigError("operator add --config registers --cert FILE; no --operator-cert")
+        return _operator_add(args)
+    return _operator_request(args)
+
+
 def _release_request(args: argparse.Namespace) -> int:
     audit_cli.warn_if_stale(args)
     with OperatorClient(_operator_settings(args)) as client:
@@ -665,8 +681,8 @@ def _group_show(args: argparse.Namespace) -> int:
 def _operator_list(args: argparse.Namespace) -> int:
     return _print_rows(
         args,
-        _read(args, list_operators),
-        ("name", "role", "cert_fingerprint", "created_at", "updated_at"),
+        _read(args, operators_cli.operator_rows),
+        ("name", "state", "role", "cert_fingerprint", "approved_by", "created_at", "updated_at"),
         times=("created_at", "updated_at"),
         human=_human_fingerprint,
     )
@@ -827,12 +843,38 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
 
     operator = commands.add_parser("operator", help="operators of the fleet")
     operator_commands = operator.add_subparsers(dest="operator_command", required=True)
-    add_op = operator_commands.add_parser("add", help="register an operator certificate")
+    add_op = operator_commands.add_parser(
+        "add",
+        help="request an operator's registration (admins, quorum); with --config: the local "
+        "bootstrap of a fleet's first operators",
+    )
     add_op.add_argument("name", help="the operator id, the certificate's CN (op-...)")
-    add_op.add_argument("--cert", required=True, metavar="FILE", help="issued by the operator CA")
-    add_op.add_argument("--role", choices=("viewer", "operator", "admin"), help="= the cert's OU")
-    add_op.add_argument("--config", metavar="FILE", required=True, help="service configuration")
-    add_op.set_defaults(handler=_operator_add)
+    add_op.add_argument(
+        "--operator-cert", metavar="FILE", help="the new operator's certificate (operator CA)"
+    )
+    add_op.add_argument(
+        "--role", choices=("viewer", "operator", "admin"), help="bootstrap only: = the cert's OU"
+    )
+    add_op.add_argument(
+        "--config",
+        metavar="FILE",
+        help="bootstrap on the service host: register --cert FILE locally (empty fleet only)",
+    )
+    _add_operator_options(add_op)
+    add_op.set_defaults(handler=_operator_add_or_request)
+    remove_op = operator_commands.add_parser(
+        "remove", help="request an operator's removal (admins, quorum); revokes its approvals"
+    )
+    remove_op.add_argument("name")
+    _add_operator_options(remove_op)
+    remove_op.set_defaults(handler=_operator_request)
+    role_op = operator_commands.add_parser(
+        "role", help="request an operator's role (admins, quorum), within its certificate's OU"
+    )
+    role_op.add_argument("name")
+    role_op.add_argument("role", choices=("viewer", "operator", "admin"))
+    _add_operator_options(role_op)
+    role_op.set_defaults(handler=_operator_request)
     _add_listing(
         operator_commands.add_parser("list", help="registered operators (registry)"),
         _operator_list,

@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.fsio import atomic_write
+from agent.protocol import authz
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.wire.cose import key_id
 from provisioning import audit, custody, pki, revocation
@@ -63,6 +64,7 @@ from provisioning.config import load_config
 from provisioning.db import migrations
 from provisioning.ekcrls import import_crl
 from provisioning.registry import Outcome, make_engine, session_factory
+from provisioning.service import operatorops
 from provisioning.service.operators import OPERATOR_PREFIX
 
 EXIT_OK = 0
@@ -404,20 +406,56 @@ def _encrypt_key(args: argparse.Namespace) -> int:
 def _crl(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     fleet_ca = TLS_CA if args.ca == "tls" else OPERATOR_CA
-    ca = load_ca(directory, fleet_ca, _read_passphrase(args.passphrase_file))
+    ca = load_ca(directory, fleet_ca, _read_passphrase(args.passphrase_file), args.ca_key)
     path = directory / f"{fleet_ca.stem}.crl"
     previous = revocation.file_crl_number(path) if path.exists() else None
     now = int(datetime.now(UTC).timestamp())
+    revoked: list[tuple[int, int]] = []
+    if args.config is not None:
+        if args.ca != "operator":
+            raise ConfigError("pki crl --config lists removed operators: only for the operator CA")
+        revoked = _removed_operator_serials(args.config, ca.certificate)
     crl = revocation.build_crl(
         ca,
-        [],
+        revoked,
         number=(previous or 0) + 1,
         this_update=now,
         next_update=now + args.days * 86400,
     )
     atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
-    print(f"wrote {path} (CRL {revocation.crl_number(crl)} of the {fleet_ca.title})")
+    listed = f", {len(revoked)} certificate(s) revoked" if revoked else ""
+    print(f"wrote {path} (CRL {revocation.crl_number(crl)} of the {fleet_ca.title}{listed})")
     return EXIT_OK
+
+
+def _removed_operator_serials(
+    config_path: str, operator_ca: x509.Certificate
+) -> list[tuple[int, int]]:
+    """(serial, removed at) of every operator certificate a quorum removed (removals whose kept
+    approvals verify: ``operatorops.verified_removals``), from the service's database."""
+    config = load_config(Path(config_path))
+    if pki.cert_from_pem(config.operator_ca_cert.read_bytes()) != operator_ca:
+        raise ConfigError(f"{config_path}: [operator_ca] cert is not DIR's operator CA")
+    engine = make_engine(config.database_url)
+    try:
+        migrations.require_current(engine, how=f"--config {config_path}")
+        with session_factory(engine)() as session:
+            found = operatorops.verified_removals(
+                session, authz.AuthzVerifier([operator_ca]), config.quorum.min_approvals
+            )
+    finally:
+        engine.dispose()
+    revoked = []
+    for removal in found:
+        if removal.cert is None:
+            print(
+                f"keyfleet: the removal of {removal.operator} kept no certificate: its serial "
+                "cannot be listed (its commands are refused by the service all the same)",
+                file=sys.stderr,
+            )
+            continue
+        revoked.append((removal.cert.serial_number, removal.at))
+    return revoked
 
 
 # ---- keyfleet pki import-crl ---------------------------------------------------------------------
@@ -588,8 +626,9 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="write a CRL of the TLS or operator CA for the broker's crlfile",
         description=(
             "Write DIR/CA.crl: a CRL of the TLS or operator CA, numbered one above the file's "
-            "previous one, listing no certificate, valid for --days. With crlfile set the broker "
-            "refuses every client whose CA has no current CRL in it: name these files in "
+            "previous one, listing no certificate (with --config, for the operator CA: every "
+            "operator certificate the quorum removed), valid for --days. With crlfile set the "
+            "broker refuses every client whose CA has no current CRL in it: name these files in "
             "[revocation] broker_crls and issue them again before they expire "
             "(docs/operations.md, \"Revocation\"). The device CA's CRL is the service's "
             "(keyfleet crl)."
@@ -599,6 +638,16 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     crl_parser.add_argument("--dir", default=".", metavar="DIR", help="the PKI directory (.)")
     crl_parser.add_argument("--days", type=_days, default=CRL_DAYS, help=f"({CRL_DAYS})")
     crl_parser.add_argument("--passphrase-file", metavar="FILE", help=ca_key_file_help)
+    crl_parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="operator CA: list every operator certificate the quorum removed (service database)",
+    )
+    crl_parser.add_argument(
+        "--ca-key",
+        metavar="REF",
+        help="the CA's key when it is not DIR's file: a pkcs11: URI or a file (custody)",
+    )
     crl_parser.set_defaults(handler=_crl)
     import_parser = pki_commands.add_parser(
         "import-crl",

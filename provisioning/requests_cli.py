@@ -45,6 +45,7 @@ from provisioning.operator import (
     Progress,
     follow,
 )
+from provisioning.service import operatorops
 
 # How long one request/answer exchange with the service may take.
 EXCHANGE_TIMEOUT = 30.0
@@ -64,7 +65,9 @@ def describe(request: authz.Request) -> list[str]:
     if request.policy is not None:
         policy = authz.QuorumPolicy.decode(request.policy)
         lines.append(f"  policy:   {json.dumps(policy_json(policy), sort_keys=True)}")
-    if request.subject is not None:
+    if request.subject is not None and request.op in authz.OPERATOR_OPS:
+        lines.append(operatorops.describe_subject(request.subject))
+    elif request.subject is not None:
         version, digest = release_subject(request.subject)
         lines.append(f"  release:  {version} (manifest SHA-256 {digest.hex()})")
     lines += [f"  proposer: {request.by}", f"  expires:  {when}"]
@@ -115,8 +118,17 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
         or request.group != asked.group_id
         or members != asked.members
         or request.policy != asked.policy
-        or (request.subject is None) != (asked.release is None)
-        or (request.subject is not None and release_subject(request.subject)[0] != asked.release)
+        or (request.subject is None) != (asked.release is None and asked.operator is None)
+        or (
+            request.subject is not None
+            and asked.release is not None
+            and release_subject(request.subject)[0] != asked.release
+        )
+        or (
+            request.subject is not None
+            and asked.operator is not None
+            and not operatorops.subject_matches(request.subject, asked)
+        )
         or request.by != operator
         or not request.nbf <= now + 60  # a little clock skew
         or request.exp < now
@@ -243,7 +255,12 @@ def request_json(info: RequestInfo) -> dict[str, object]:
         "policy": None
         if request.policy is None
         else policy_json(authz.QuorumPolicy.decode(request.policy)),
-        "release": None if request.subject is None else release_subject(request.subject)[0],
+        "release": None
+        if request.subject is None or request.op in authz.OPERATOR_OPS
+        else release_subject(request.subject)[0],
+        "operator": operatorops.subject_json(request.subject)
+        if request.subject is not None and request.op in authz.OPERATOR_OPS
+        else None,
         "proposer": request.by,
         "not_before": request.nbf,
         "expires": request.exp,

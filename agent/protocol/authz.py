@@ -17,8 +17,8 @@ suite, MLS suite 2: P-256, SHA-256):
 
 - Request ``{"v", "suite", "id": 16 bytes, "op", "group": str | null, "members": [{"id", "key":
   SHA-256 of the DevID public point}], "policy": QuorumPolicy bytes | null, "nbf", "exp", "by"}``
-  and, only for the service's release ops, ``"subject"``: the bytes naming exactly what is
-  approved (a request without one encodes as before, byte for byte)
+  and, only for the service's release and operator ops, ``"subject"``: the bytes naming exactly
+  what is approved (a request without one encodes as before, byte for byte)
 - Approval ``{"v", "cert": operator certificate DER, "sig": DER ECDSA-P256-SHA256 over
   APPROVAL_LABEL || SHA-256(request bytes)}``
 - Authorization ``{"v", "req": request bytes, "approvals": [Approval]}``
@@ -91,7 +91,14 @@ OP_DEVICE_REENROLL = "device.reenroll"
 # Their ``subject`` binds the exact release (its version and manifest digest).
 OP_RELEASE_APPROVE = "release.approve"
 OP_RELEASE_REVOKE = "release.revoke"
-SUBJECT_OPS = frozenset({OP_RELEASE_APPROVE, OP_RELEASE_REVOKE})
+# The service's operator management ops (provisioning.service.operatorops): register an
+# operator (subject binds its certificate), remove one (its id and certificate) or set its role
+# within the certificate's OU (its id and the role). Admins' decisions, like a policy change.
+OP_OPERATOR_ADD = "operator.add"
+OP_OPERATOR_REMOVE = "operator.remove"
+OP_OPERATOR_ROLE = "operator.role"
+OPERATOR_OPS = frozenset({OP_OPERATOR_ADD, OP_OPERATOR_REMOVE, OP_OPERATOR_ROLE})
+SUBJECT_OPS = frozenset({OP_RELEASE_APPROVE, OP_RELEASE_REVOKE}) | OPERATOR_OPS
 MAX_SUBJECT = 1024
 MEMBERSHIP_OPS = frozenset({OP_GROUP_CREATE, OP_GROUP_ADD, OP_GROUP_REMOVE, OP_DEVICE_REVOKE})
 DEVICE_OPS = MEMBERSHIP_OPS | {OP_POLICY}
@@ -686,7 +693,7 @@ class AuthzVerifier:
         self, approval: Approval, message: bytes, request: Request, now: int | None
     ) -> VerifiedOperator:
         operator = self._operator(approval.cert, request, now)
-        needed = "admin" if request.op == OP_POLICY else "operator"
+        needed = "admin" if request.op == OP_POLICY or request.op in OPERATOR_OPS else "operator"
         if ROLE_RANK[operator.role] < ROLE_RANK[needed]:
             raise ProtocolError(
                 "authz.role",

@@ -87,6 +87,7 @@ def start_dashboard(
         clock=clock,
         stop=stop,
         fleet_keys=inventory.fleet_facts(config),
+        min_approvals=config.quorum.min_approvals,
     )
     try:
         server = start_mtls_server(

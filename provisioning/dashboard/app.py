@@ -45,13 +45,14 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from agent.protocol import authz
 from agent.protocol.errors import ProtocolError
 from provisioning import audit, inventory, pki
 from provisioning.dashboard import pending, queries
 from provisioning.dashboard.queries import Viewer
 from provisioning.http import ASGIApp, Receive, Scope, Send
 from provisioning.registry import AttestationResult, DeviceState, cert_fingerprint
-from provisioning.service import rollout
+from provisioning.service import operatorops, rollout
 from provisioning.service.credentials import operator_role
 
 log = logging.getLogger("keyfleet.dashboard")
@@ -155,7 +156,10 @@ def operator_authorizer(
     sessions: sessionmaker[Session],
     operator_ca: x509.Certificate,
     clock: Callable[[], float],
+    min_approvals: int = 2,
 ) -> Callable[[x509.Certificate], Viewer | None]:
+    verifier = authz.AuthzVerifier([operator_ca])
+
     def authorize(cert: x509.Certificate) -> Viewer | None:
         try:
             name = pki.common_name(cert)
@@ -170,6 +174,14 @@ def operator_authorizer(
             return None
         with sessions() as session:
             viewer = queries.operator_for(session, name, cert_fingerprint(cert))
+            # A removed operator (docs/operations.md, "Operator management") sees nothing.
+            removed = {
+                r.cert_fingerprint
+                for r in operatorops.verified_removals(session, verifier, min_approvals)
+            }
+        if viewer is not None and cert_fingerprint(cert) in removed:
+            log.info("dashboard: refused %r: [operator.removed] removed by the quorum", name)
+            return None
         if viewer is None:
             log.info("dashboard: refused %r: not a registered operator certificate", name)
             return None
@@ -315,11 +327,14 @@ def build_dashboard_app(
     clock: Callable[[], float] = time.time,
     stop: threading.Event | None = None,
     fleet_keys: Sequence[inventory.KeyFacts] = (),
+    min_approvals: int = 2,
 ) -> OperatorGuard:
     """The dashboard as an ASGI app. ``sessions`` is only read from; ``stop`` ends open event
     streams (set it before stopping the server). ``fleet_keys``: the fleet's own keys and
     certificates for ``/keys`` (``inventory.fleet_facts`` of the configuration, read once when
-    the dashboard starts: the configuration does not change under a running service)."""
+    the dashboard starts: the configuration does not change under a running service).
+    ``min_approvals``: ``[quorum] min_approvals``, to judge operator removals as the service
+    does."""
     settings = settings or DashboardSettings()
     stopping = stop or threading.Event()
     env = make_environment()
@@ -534,7 +549,7 @@ def build_dashboard_app(
         Mount("/static", StaticFiles(packages=[("provisioning.dashboard", "static")])),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
-    return OperatorGuard(app, operator_authorizer(sessions, operator_ca, clock))
+    return OperatorGuard(app, operator_authorizer(sessions, operator_ca, clock, min_approvals))
 
 
 def _event(

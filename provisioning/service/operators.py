@@ -66,6 +66,7 @@ from provisioning.service import (
     credentials,
     execute,
     fullrekey,
+    operatorops,
     rekeypolicy,
     releases,
     requests,
@@ -126,11 +127,14 @@ def register_operator(
     role: Role | None,
     actor: str,
     now: int,
+    bootstrap_check: Callable[[Session], None] | None = None,
 ) -> OperatorRecord:
     """Add (or re-certify) the operator named by ``cert``'s CN. ``role`` defaults to the
     certificate's OU and, if given, may only narrow it (the role travels in the certificate;
-    every command is held to the lower of the two). Raises ``ProtocolError`` (``pki.*``,
-    ``op.name``, ``op.role``, ``registry.operator.*``); a refusal is audited too."""
+    every command is held to the lower of the two). ``bootstrap_check`` runs first in the same
+    transaction (the CLI's local path: ``operators_cli.check_bootstrap_open``). Raises
+    ``ProtocolError`` (``pki.*``, ``op.name``, ``op.role``, ``registry.operator.*``,
+    ``operator.bootstrap.closed``); a refusal is audited too."""
     name = pki.common_name(cert)
     try:
         pki.verify_certificate(
@@ -151,6 +155,8 @@ def register_operator(
         assert isinstance(public_key, ec.EllipticCurvePublicKey)  # pki.key_type checked it
 
         def work(session: Session) -> OperatorRecord:
+            if bootstrap_check is not None:
+                bootstrap_check(session)
             registry = Registry(session)
             fingerprint = cert_fingerprint(cert)
             if any(o.name == name for o in registry.operators()):
@@ -226,6 +232,8 @@ def operator_resolver(
                 raise ProtocolError(
                     "op.certificate", f"operator {operator!r} has another certificate now"
                 )
+            # A removal holds whatever the row says (its kept Authorization: operatorops).
+            operatorops.check_not_removed(cx.env, session, operator, record.cert_fingerprint)
             # Re-checked on every command: an expired certificate stops working at once.
             pki.verify_certificate(
                 cert, cx.env.operator_ca, now=datetime.fromtimestamp(now, UTC), purpose="client"

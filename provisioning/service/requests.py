@@ -52,7 +52,7 @@ from agent.protocol.wire.messages.result import (
 )
 from provisioning import audit, revocation
 from provisioning.registry import DeviceState, Outcome, Registry, Role
-from provisioning.service import credentials, feed, operators, releases, store
+from provisioning.service import credentials, feed, operatorops, operators, releases, store
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log, Send
 from provisioning.service.model import Job
@@ -77,6 +77,7 @@ ADMIN_OPS = frozenset(
         authz.OP_RELEASE_APPROVE,
         authz.OP_RELEASE_REVOKE,
     }
+    | authz.OPERATOR_OPS
 )
 # What one ``op.list_requests`` answer holds at most (a service message is at most 256 KiB).
 LIST_BYTES = 160 * 1024
@@ -196,7 +197,12 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
     require_role(session, operator, body.op)
     registry = Registry(session)
     subject: bytes | None = None
-    if body.op == authz.OP_POLICY:
+    kept = body.reason or ""
+    if body.op in authz.OPERATOR_OPS:
+        operator_subject, kept = operatorops.request_subject(cx, session, body, now)
+        subject = operator_subject.encode()
+        members: tuple[authz.Member, ...] = ()
+    elif body.op == authz.OP_POLICY:
         assert body.policy is not None
         proposed = authz.QuorumPolicy.decode(body.policy)
         current = current_policy(cx, session)
@@ -205,7 +211,7 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
                 "authz.policy.serial",
                 f"serial {proposed.serial} does not follow the current serial {current.serial}",
             )
-        members: tuple[authz.Member, ...] = ()
+        members = ()
     elif body.op in authz.SUBJECT_OPS:
         assert body.release is not None
         subject = releases.request_subject(session, body.op, body.release)
@@ -236,7 +242,8 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
         proposer=operator,
         created_at=now,
         expires_at=request.exp,
-        reason=body.reason or "",
+        # an operator.add request keeps the certificate its subject binds, until it executes
+        reason=kept,
     )
     store.insert_request(session, stored, now=now)
     audit.append(
@@ -251,6 +258,7 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
             "group": request.group,
             "members": ",".join(body.members),
             "release": body.release,
+            "operator": body.operator,
             "expires_at": request.exp,
         },
     )
@@ -395,6 +403,8 @@ def execute_request(
     verified = verifier(cx).verify(
         authorization_bytes, policy=policy, now=now, op=stored.op, group=stored.group_id
     )
+    if stored.op in authz.OPERATOR_OPS:
+        return execute_operator(cx, session, stored, verified, operator=operator, now=now)
     if stored.op in authz.SUBJECT_OPS:
         return execute_release(
             cx, session, stored, verified, authorization_bytes, operator=operator, now=now
@@ -485,6 +495,35 @@ def execute_release(
         return refuse(session, stored, err, now=now)
     stored.state = RequestState.EXECUTED
     stored.detail = f"approved by {', '.join(stored.approvers)}; release state updated"
+    audit.append(
+        session,
+        now=now,
+        actor=f"operator:{operator}",
+        action="request.execute",
+        target=stored.request_id.hex(),
+        outcome=Outcome.ACCEPTED,
+        details={"op": stored.op, "approvers": ",".join(stored.approvers)},
+    )
+    return effects
+
+
+def execute_operator(
+    cx: Call,
+    session: Session,
+    stored: StoredRequest,
+    verified: authz.VerifiedAuthorization,
+    *,
+    operator: str,
+    now: int,
+) -> Effects:
+    """An operator add, removal or role change met the quorum (``operatorops.execute``). One
+    that can no longer be made ends the request ``refused``."""
+    try:
+        effects = operatorops.execute(cx, session, stored, verified, now=now)
+    except ProtocolError as err:
+        return refuse(session, stored, err, now=now)
+    stored.state = RequestState.EXECUTED
+    stored.detail = f"approved by {', '.join(stored.approvers)}; {stored.op} done"
     audit.append(
         session,
         now=now,

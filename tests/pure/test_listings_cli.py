@@ -217,18 +217,22 @@ def test_operator_list(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     status, out = run(capsys, "operator", "list", "--db", url)
     assert status == 0
     assert table(out) == [
-        ["NAME", "ROLE", "CERT_FINGERPRINT", "CREATED_AT", "UPDATED_AT"],
+        ["NAME", "STATE", "ROLE", "CERT_FINGERPRINT", "APPROVED_BY", "CREATED_AT", "UPDATED_AT"],
         [
             "op-alice",
+            "active",
             "admin",
             fp("alice")[:16] + "…",
+            "bootstrap",
             "2026-12-06 07:06:14Z",
             "2026-12-06 07:06:14Z",
         ],
         [
             "op-bob",
+            "active",
             "operator",
             fp("bob")[:16] + "…",
+            "bootstrap",
             "2026-12-06 07:06:14Z",
             "2026-12-06 08:06:14Z",
         ],
@@ -237,8 +241,11 @@ def test_operator_list(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0
     assert json.loads(out)[1] == {
         "name": "op-bob",
+        "state": "active",
         "role": "operator",
         "cert_fingerprint": fp("bob"),
+        "approved_by": "bootstrap",
+        "removed_by": None,
         "created_at": T0,
         "updated_at": T0 + 3600,
     }

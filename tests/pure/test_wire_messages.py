@@ -167,6 +167,9 @@ SAMPLES: list[Body] = [
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",)),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",), reason="lost"),
     Propose(command_id=CMD, op="policy", members=(), policy=b"policy"),
+    Propose(command_id=CMD, op="operator.add", members=(), operator="op-carol", cert=b"\x30\x82"),
+    Propose(command_id=CMD, op="operator.remove", members=(), operator="op-carol"),
+    Propose(command_id=CMD, op="operator.role", members=(), operator="op-carol", role="viewer"),
     Approve(command_id=CMD, request_id=bytes(16), approval=b"approval"),
     ListRequests(command_id=CMD),
     ListRequests(command_id=CMD, request_id=bytes(16)),
@@ -366,6 +369,28 @@ def test_body_is_not_a_map() -> None:
             "body.bounds",
         ),
         (lambda: Propose(command_id=CMD, op="group.rekey", members=()), "body.bounds"),
+        (
+            lambda: Propose(command_id=CMD, op="operator.add", members=(), operator="op-c"),
+            "body.malformed",
+        ),
+        (
+            lambda: Propose(
+                command_id=CMD, op="operator.remove", members=(), operator="op-c", role="admin"
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: Propose(
+                command_id=CMD, op="operator.role", members=(), operator="op-c", role="root"
+            ),
+            "body.bounds",
+        ),
+        (
+            lambda: Propose(
+                command_id=CMD, op="group.add", members=("d",), group_id="g", operator="op-c"
+            ),
+            "body.malformed",
+        ),
         (lambda: Propose(command_id=CMD, op="group.add", members=("d",)), "body.malformed"),
         (
             lambda: Propose(command_id=CMD, op="group.add", members=("d", "e"), group_id="g"),

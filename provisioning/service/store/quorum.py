@@ -131,6 +131,17 @@ def open_requests(session: Session) -> list[StoredRequest]:
     return [_from_row(row) for row in rows]
 
 
+def requests_of_op(session: Session, op: str) -> list[StoredRequest]:
+    """Every request of ``op`` in any state, oldest first (e.g. the operator removals, whose
+    kept approvals are the authority of an operator's removed state)."""
+    rows = session.scalars(
+        select(QuorumRequestRow)
+        .where(QuorumRequestRow.op == op)
+        .order_by(QuorumRequestRow.created_at, QuorumRequestRow.request_id)
+    )
+    return [_from_row(row) for row in rows]
+
+
 def recent_requests(session: Session, *, limit: int) -> list[StoredRequest]:
     """The newest ``limit`` requests in any state, newest first (the dashboard)."""
     rows = session.scalars(

@@ -48,10 +48,17 @@ PROPOSABLE_OPS = frozenset(
         "policy",
         "release.approve",
         "release.revoke",
+        "operator.add",
+        "operator.remove",
+        "operator.role",
     }
 )
 # The ops that name one firmware release (``release``) and nothing else.
 RELEASE_OPS = frozenset({"release.approve", "release.revoke"})
+# The ops that name one operator (``operator``) and nothing but its certificate or role.
+OPERATOR_OPS = frozenset({"operator.add", "operator.remove", "operator.role"})
+# An operator certificate (DER) travelling with an ``operator.add`` proposal is at most this large.
+MAX_OPERATOR_CERT = 8 * 1024
 # The ops that name one device and no group.
 DEVICE_ONLY_OPS = frozenset({"device.revoke", "device.reenroll"})
 
@@ -186,10 +193,32 @@ class Propose(Body):
     policy: bytes | None = None
     reason: str | None = None
     release: str | None = None
+    # operator.add / operator.remove / operator.role: the operator's id; with operator.add its
+    # certificate (DER, the one the request's subject binds), with operator.role the new role.
+    operator: str | None = None
+    cert: bytes | None = None
+    role: str | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_choice(self.op, "op", PROPOSABLE_OPS)
+        if self.op in OPERATOR_OPS:
+            check_id(self.operator, "operator")
+            if self.members or self.group_id is not None or self.policy or self.reason:
+                raise ProtocolError("body.malformed", f"{self.op} names only the operator")
+            if self.release is not None:
+                raise ProtocolError("body.malformed", f"{self.op} names no release")
+            if (self.cert is not None) != (self.op == "operator.add"):
+                raise ProtocolError("body.malformed", "only operator.add carries a certificate")
+            if self.cert is not None:
+                check_bytes(self.cert, "cert", min_len=1, max_len=MAX_OPERATOR_CERT)
+            if (self.role is not None) != (self.op == "operator.role"):
+                raise ProtocolError("body.malformed", "only operator.role carries a role")
+            if self.role is not None:
+                check_choice(self.role, "role", ("viewer", "operator", "admin"))
+            return
+        if self.operator is not None or self.cert is not None or self.role is not None:
+            raise ProtocolError("body.malformed", f"{self.op} names no operator")
         if self.op in RELEASE_OPS:
             check_text(self.release, "release", min_len=1, max_len=64)
             if self.members or self.group_id is not None or self.policy or self.reason:
