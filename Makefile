@@ -42,7 +42,7 @@ typecheck: setup
 units: setup
 	scripts/check-units.sh
 
-# The whole suite runs as two concurrent pytest sessions (scripts/run-suite.sh says why); with
+# The whole suite runs as three concurrent pytest sessions (scripts/run-suite.sh says why); with
 # PYTEST_ARGS it is one plain pytest run.
 pytest: setup
 ifeq ($(strip $(PYTEST_ARGS)),)

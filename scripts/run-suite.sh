@@ -1,36 +1,47 @@
 #!/usr/bin/env bash
-# The whole test suite, as `make test` runs it: two pytest runs at the same time.
+# The whole test suite, as `make test` runs it: three pytest sessions at the same time.
 #
 # The tiers with real components (tpm, broker, e2e) spend most of their time waiting: on swtpm, the
-# broker, subprocesses starting, agents acking. The pure tier is the opposite, CPU-bound unit tests
-# and fuzzing. Run one after the other they take their sum; run side by side they take little
-# more than the longer one. The pure run is niced so that it only takes CPU the others leave idle:
-# the timing of the tests with real components stays as it is when they run alone.
-#
-# Each run is a pytest session of its own (own temporary directory, own leak check); the pure
-# run's output is printed after the other's, and the exit status is the first failure of the two.
-# Arguments are passed to both runs. `make pytest PYTEST_ARGS=...` runs one plain pytest instead.
+# broker, subprocesses starting, agents acking. Run one after the other they take their sum; run
+# side by side they take little more than the longest. So the suite is three sessions:
+#   - the end-to-end modules (tests/e2e), printed live;
+#   - the other modules with real components (tests/tpm, tests/broker, tests/reliability);
+#   - the pure tier, CPU-bound unit tests and fuzzing, niced so that it only takes CPU the other
+#     two leave idle.
+# Every session has its own temporary directory and its own leak check, and prints its 30 slowest
+# steps (to see where the suite's time goes). The two background sessions' output follows the
+# live one's; the exit status is the first failure of the three.
+# Arguments (such as -x or -q) go to all three. `make pytest PYTEST_ARGS=...` runs one plain
+# pytest instead.
 set -uo pipefail
 PY=${PY:-.venv/bin/python}
-log=$(mktemp "${TMPDIR:-/tmp}/keyfleet-pure-tier.XXXXXX")
-pure=
+logs=$(mktemp -d "${TMPDIR:-/tmp}/keyfleet-suite.XXXXXX")
+pids=()
 cleanup() {
-    if [ -n "$pure" ]; then kill "$pure" 2>/dev/null; fi
-    rm -f "$log"
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
+    rm -rf "$logs"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-nice -n 15 "$PY" -m pytest -m pure -p no:cacheprovider --durations=30 "$@" >"$log" 2>&1 &
-pure=$!
-"$PY" -m pytest -m "not pure" --durations=30 "$@"
-rest=$?
-wait "$pure"
-pure_status=$?
-pure=
-echo
-echo "=================== pure tier (ran beside the tiers above) ==================="
-cat "$log"
-if [ "$rest" -ne 0 ]; then exit "$rest"; fi
-exit "$pure_status"
+run() { "$PY" -m pytest -p no:cacheprovider --durations=30 "$@"; }
+
+nice -n 15 "$PY" -m pytest -m pure -p no:cacheprovider --durations=30 "$@" >"$logs/pure" 2>&1 &
+pids+=($!)
+run -m "not pure" tests/tpm tests/broker tests/reliability "$@" >"$logs/components" 2>&1 &
+pids+=($!)
+run -m "not pure" tests/e2e "$@"
+status=$?
+names=(pure components)
+titles=("pure tier" "tpm, broker and reliability modules")
+for i in 0 1; do
+    wait "${pids[$i]}"
+    code=$?
+    echo
+    echo "=================== ${titles[$i]} (ran beside tests/e2e) ==================="
+    cat "$logs/${names[$i]}"
+    if [ "$status" -eq 0 ]; then status=$code; fi
+done
+pids=()
+exit "$status"
