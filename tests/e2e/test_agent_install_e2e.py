@@ -3,7 +3,10 @@ test_agent_daemon plays the service): the agent runs its update hook once with t
 reports how it ended in its keys.report; a kill -9 of the agent before the hook ran or while it
 runs leaves the "device" on the old release or the new one, never half (the hook's slot switch
 is one atomic write, and the hook outlives the agent), and the restarted agent reports no install
-so the service knows to look (and sends it again)."""
+so the service knows to look (and sends it again). The agent follows a release bundle (a
+release key and the operators' approval of each release, as in test_agent_releases_e2e): it runs
+the hook only for a release the bundle it holds approves, and reports any other as a failed
+install (``release.approval``)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.release import InstallResult, InstallState, ReleaseInstall
 from firmware_sim import release
 from tests.e2e.test_agent_daemon import AgentProcess, ServiceHarness, flush_leftovers, write_agent
+from tests.e2e.test_agent_releases_e2e import PCR, Releases, boot
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.swtpm import Swtpm
 
@@ -38,20 +42,25 @@ release.install(sys.argv[1], sys.argv[2])
 def setup(
     tmp_path: Path, swtpm: Swtpm, mosquitto: MosquittoBroker
 ) -> Iterator[tuple[AgentProcess, ServiceHarness, Path]]:
-    files = write_agent(tmp_path / "device", swtpm, mosquitto)
+    files = write_agent(tmp_path / "device", swtpm, mosquitto, pcrs=(PCR,))
     slot = tmp_path / "device" / "slot"
     hook = tmp_path / "hook.py"
     hook.write_text(HOOK)
+    key_file = tmp_path / "device" / "release-key.pem"
     with files.config.open("a") as out:
         # the update hook: switch the slot after a delay (a real updater writes its inactive
         # partition first), the version as one argument, no shell
         out.write(
             "\n[releases]\n"
+            f'key = "{key_file}"\n'
             f'install_command = ["{sys.executable}", "{hook}", "{slot}", "{{version}}", "1.0"]\n'
             "install_timeout = 30\n"
         )
     agent = AgentProcess(files)
     harness = ServiceHarness(mosquitto, files)
+    # booted into 1.0; the operators approved 1.0, 1.1 and 9.9 (an image the hook cannot install)
+    boot(swtpm, "1.0")
+    Releases(harness, key_file).publish(1, ("1.0", "1.1", "9.9"))
     try:
         yield agent, harness, slot
     finally:
@@ -88,6 +97,11 @@ def test_the_hook_runs_once_and_its_end_is_reported(
     failed = install_report(harness, InstallState.FAILED)
     assert failed.rollout == "ro-2" and failed.check == "release.install.failed"
     assert release.installed_version(slot) == "1.1"  # a failed install changes nothing
+    # a release the bundle does not approve: refused before any hook runs
+    harness.command(ReleaseInstall(rollout="ro-3", version="6.6"))
+    refused = install_report(harness, InstallState.FAILED)
+    assert (refused.rollout, refused.check) == ("ro-3", "release.approval")
+    assert release.installed_version(slot) == "1.1"
 
 
 @pytest.mark.parametrize(

@@ -202,6 +202,7 @@ class Propose(Body):
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_choice(self.op, "op", PROPOSABLE_OPS)
+        check_ids(self.members, "members")  # a tuple of ids for every op, empty where none
         if self.op in OPERATOR_OPS:
             check_id(self.operator, "operator")
             if self.members or self.group_id is not None or self.policy or self.reason:
@@ -230,7 +231,6 @@ class Propose(Body):
             check_text(self.reason, "reason", min_len=1)
             if self.op != "device.revoke":
                 raise ProtocolError("body.malformed", "only a revocation carries a reason")
-        check_ids(self.members, "members")
         if self.group_id is not None:
             check_id(self.group_id, "group_id")
         if self.policy is not None:
