@@ -73,6 +73,9 @@ class SoftDevice:
     seq: int = 0
     silent: bool = False  # receives, never answers (a member that is offline for commits)
     ignore_commit_requests: bool = False  # acks commits, never makes one
+    # acks commits, makes none for an epoch below this one (a member passive for a while that
+    # answers from then on, whenever the service asks: no race with the test's own steps)
+    commits_from_epoch: int = 0
     ignore_proposal_requests: bool = False  # never proposes an Update for a full rekey
     drop_updates: int = 0  # a compromised committer: commits this many fewer Updates than asked
     refusals: list[str] = field(default_factory=list)
@@ -164,7 +167,9 @@ class SoftDevice:
             self.key_packages[kp.ref()] = (kp, leaf, init)
             return [self.report(KeyPackageMessage(kp.encode(), body.command_id), now)]
         if isinstance(body, CommitRequest):
-            return [] if self.ignore_commit_requests else self._commit(body, now)
+            if self.ignore_commit_requests or body.epoch < self.commits_from_epoch:
+                return []
+            return self._commit(body, now)
         if isinstance(body, UpdateProposalRequest):
             if self.ignore_proposal_requests:
                 return []
