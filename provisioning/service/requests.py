@@ -35,6 +35,7 @@ read: a policy row written into the database by anyone but a quorum of operators
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
@@ -404,10 +405,31 @@ def execute_request(
         authorization_bytes, policy=policy, now=now, op=stored.op, group=stored.group_id
     )
     if stored.op in authz.OPERATOR_OPS:
-        return execute_operator(cx, session, stored, verified, operator=operator, now=now)
+        return execute_service_op(
+            session,
+            stored,
+            lambda: operatorops.execute(cx, session, stored, verified, now=now),
+            detail=f"{stored.op} done",
+            operator=operator,
+            now=now,
+        )
     if stored.op in authz.SUBJECT_OPS:
-        return execute_release(
-            cx, session, stored, verified, authorization_bytes, operator=operator, now=now
+        return execute_service_op(
+            session,
+            stored,
+            lambda: releases.execute(
+                cx,
+                session,
+                verified,
+                authorization_bytes,
+                policy_serial=current_policy(cx, session).serial,
+                approvers=stored.approvers,
+                operator=operator,
+                now=now,
+            ),
+            detail="release state updated",
+            operator=operator,
+            now=now,
         )
     try:
         check_request(cx, session, stored.op, stored.group_id, stored.members)
@@ -422,28 +444,23 @@ def execute_request(
     if stored.op == authz.OP_DEVICE_REENROLL:
         # Nothing runs now: the request stays approved until enrollment of that TPM uses it
         # (``revocation.consume_reenroll``, once, within its window).
-        stored.detail = f"approved by {', '.join(stored.approvers)}; the TPM may enroll once"
-        audit.append(
+        audit_executed(
             session,
+            stored,
+            operator=operator,
+            detail="the TPM may enroll once",
             now=now,
-            actor=f"operator:{operator}",
-            action="request.execute",
-            target=stored.request_id.hex(),
-            outcome=Outcome.ACCEPTED,
-            details={"op": stored.op, "approvers": ",".join(stored.approvers)},
+            state=RequestState.APPROVED,
         )
         return [Log(logging.INFO, "re-enroll of %s approved", (stored.members[0],))]
     jobs, groups = plan(cx, session, stored, operator, now)
-    stored.state = RequestState.EXECUTED
     stored.command_id = command_id
-    stored.detail = f"approved by {', '.join(stored.approvers)}; change started"
-    audit.append(
+    audit_executed(
         session,
+        stored,
+        operator=operator,
+        detail="change started",
         now=now,
-        actor=f"operator:{operator}",
-        action="request.execute",
-        target=stored.request_id.hex(),
-        outcome=Outcome.ACCEPTED,
         details={"command_id": command_id.hex(), "approvers": ",".join(stored.approvers)},
     )
     # a revocation also becomes an entry of the feed devices keep (provisioning.service.feed)
@@ -468,33 +485,20 @@ def execute_request(
     )
 
 
-def execute_release(
-    cx: Call,
+def audit_executed(
     session: Session,
     stored: StoredRequest,
-    verified: authz.VerifiedAuthorization,
-    authorization_bytes: bytes,
     *,
     operator: str,
+    detail: str,
     now: int,
-) -> Effects:
-    """A release approval or revocation met the quorum: ``releases.execute`` records it. A
-    release no longer in the state the op needs ends the request ``refused``."""
-    try:
-        effects = releases.execute(
-            cx,
-            session,
-            verified,
-            authorization_bytes,
-            policy_serial=current_policy(cx, session).serial,
-            approvers=stored.approvers,
-            operator=operator,
-            now=now,
-        )
-    except ProtocolError as err:
-        return refuse(session, stored, err, now=now)
-    stored.state = RequestState.EXECUTED
-    stored.detail = f"approved by {', '.join(stored.approvers)}; release state updated"
+    details: dict[str, str] | None = None,
+    state: RequestState = RequestState.EXECUTED,
+) -> None:
+    """The request is carried out (``state``: executed, or still approved for a re-enroll that
+    waits for its TPM) with ``detail``, audited (``request.execute``)."""
+    stored.state = state
+    stored.detail = f"approved by {', '.join(stored.approvers)}; {detail}"
     audit.append(
         session,
         now=now,
@@ -502,37 +506,27 @@ def execute_release(
         action="request.execute",
         target=stored.request_id.hex(),
         outcome=Outcome.ACCEPTED,
-        details={"op": stored.op, "approvers": ",".join(stored.approvers)},
+        details=details or {"op": stored.op, "approvers": ",".join(stored.approvers)},
     )
-    return effects
 
 
-def execute_operator(
-    cx: Call,
+def execute_service_op(
     session: Session,
     stored: StoredRequest,
-    verified: authz.VerifiedAuthorization,
+    run: Callable[[], Effects],
     *,
+    detail: str,
     operator: str,
     now: int,
 ) -> Effects:
-    """An operator add, removal or role change met the quorum (``operatorops.execute``). One
-    that can no longer be made ends the request ``refused``."""
+    """A release or operator op met the quorum: ``run`` carries it out (``releases.execute``,
+    ``operatorops.execute``). One that can no longer be made (the release or operator is no
+    longer in the state the op needs) ends the request ``refused``."""
     try:
-        effects = operatorops.execute(cx, session, stored, verified, now=now)
+        effects = run()
     except ProtocolError as err:
         return refuse(session, stored, err, now=now)
-    stored.state = RequestState.EXECUTED
-    stored.detail = f"approved by {', '.join(stored.approvers)}; {stored.op} done"
-    audit.append(
-        session,
-        now=now,
-        actor=f"operator:{operator}",
-        action="request.execute",
-        target=stored.request_id.hex(),
-        outcome=Outcome.ACCEPTED,
-        details={"op": stored.op, "approvers": ",".join(stored.approvers)},
-    )
+    audit_executed(session, stored, operator=operator, detail=detail, now=now)
     return effects
 
 
