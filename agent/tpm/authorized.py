@@ -69,7 +69,6 @@ from agent.tpm.store import MAX_SEALED_SIZE, MeasurementsChanged, _pcr_selection
 _RC_SIGNATURE = 0x09B  # TPM_RC_SIGNATURE: the signature is not valid for the key
 # TPM_RC_VALUE of PolicyAuthorize's parameter 1: approvedPolicy is not the session digest
 _RC_APPROVED_MISMATCH = 0x084 | 0x040 | 0x100
-_RC_POLICY_FAIL = 0x09D  # TPM_RC_POLICY_FAIL: the session digest is not the authPolicy
 
 
 class ReleaseSignatureRefused(TPMError):
@@ -293,18 +292,12 @@ def tpm_unseal(
             raise
         policy_nv(store, nv, session, value)
 
-    def unseal(obj: ESYS_TR, session: ESYS_TR) -> Secret:
-        try:
-            data = store._call("unseal", "unseal", obj, session1=session)
-        except TPMError as exc:
-            if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY_FAIL:
-                raise ReleaseStale(
-                    "unseal",
-                    exc.rc,
-                    "the TPM refuses: the authorized policy is not the one the blob is sealed "
-                    "for (another release generation or release key)",
-                ) from None
-            raise
-        return Secret(bytes(data))
+    def stale(rc: int) -> TPMError:
+        return ReleaseStale(
+            "unseal",
+            rc,
+            "the TPM refuses: the authorized policy is not the one the blob is sealed "
+            "for (another release generation or release key)",
+        )
 
-    return store._unseal_under(blob, assertions, unseal)
+    return store._unseal_under(blob, assertions, stale)

@@ -236,6 +236,14 @@ class TPMKey(ec.EllipticCurvePrivateKey):
         return self
 
 
+def _measurements_changed(rc: int) -> TPMError:
+    return MeasurementsChanged(
+        "unseal",
+        rc,
+        "policy check failed: the PCRs no longer hold the values the data was sealed to",
+    )
+
+
 class TPMStore:
     """One connection to one TPM, chosen by a TCTI string from configuration:
     ``swtpm:host=127.0.0.1,port=2321`` for swtpm, ``device:/dev/tpmrm0`` for a real chip behind
@@ -649,12 +657,14 @@ class TPMStore:
         self,
         blob: KeyBlob,
         assertions: Callable[[ESYS_TR], None],
-        unseal: Callable[[ESYS_TR, ESYS_TR], Secret] | None = None,
+        policy_fail: Callable[[int], TPMError] | None = None,
     ) -> Secret:
         """Load ``blob`` under the SRK and unseal it in a policy session salted by the SRK, with
         the response encrypted, after ``assertions`` ran the policy commands in that session.
-        ``unseal`` (default ``_unseal_in``) lets a caller name the TPM's final refusal itself.
-        The one unseal path of the PCR, state-counter and release seals."""
+        The TPM's final refusal (its policy check failed) is ``policy_fail(rc)``: by default
+        ``MeasurementsChanged``, as for a PCR seal (also ``agent.tpm.nvcounter``'s); a caller
+        whose policy fails for another reason names it. The one unseal path of the PCR,
+        state-counter and release seals."""
         public, private = self._parse_blob(blob)
         with self._srk() as srk:
             obj = self._load_under(srk, public, private)
@@ -665,23 +675,13 @@ class TPMStore:
                 ) as session,
             ):
                 assertions(session)
-                return (unseal or self._unseal_in)(obj, session)
-
-    def _unseal_in(self, obj: ESYS_TR, session: ESYS_TR) -> Secret:
-        """Unseal ``obj`` in a policy session whose assertions ran; a PCR policy the live PCRs
-        no longer meet is ``MeasurementsChanged`` (also for ``agent.tpm.nvcounter``)."""
-        try:
-            data = self._call("unseal", "unseal", obj, session1=session)
-        except TPMError as exc:
-            if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY_FAIL:
-                raise MeasurementsChanged(
-                    "unseal",
-                    exc.rc,
-                    "policy check failed: the PCRs no longer hold the values the data "
-                    "was sealed to",
-                ) from None
-            raise
-        return Secret(bytes(data))
+                try:
+                    data = self._call("unseal", "unseal", obj, session1=session)
+                except TPMError as exc:
+                    if exc.rc is not None and _rc_base(exc.rc) == _RC_POLICY_FAIL:
+                        raise (policy_fail or _measurements_changed)(exc.rc) from None
+                    raise
+                return Secret(bytes(data))
 
     def _load_under(self, srk: ESYS_TR, public: TPM2B_PUBLIC, private: TPM2B_PRIVATE) -> ESYS_TR:
         try:
