@@ -520,6 +520,19 @@ def same_key(a: KeyRef, b: KeyRef) -> bool:
     return False
 
 
+def _require_free(session: Any, ref: TokenKeyRef) -> None:
+    """No key (private or public) of ``ref``'s label/id is in the token yet (``token.exists``):
+    a new or restored key never shadows one already there."""
+    for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+        try:
+            _find(session, ref, cls)
+        except CustodyError as exc:
+            if "several" in exc.reason:
+                raise CustodyError("token.exists", "keys of that label exist already") from None
+            continue
+        raise CustodyError("token.exists", f"a key {ref.label!r} exists already in the token")
+
+
 def generate_token_key(ref: TokenKeyRef, *, backup: bool = False) -> ec.EllipticCurvePublicKey:
     """Make a P-256 key pair inside the token, labelled (and id'd) as ``ref`` says: private half
     CKA_SENSITIVE, token-resident, and not CKA_EXTRACTABLE unless ``backup``: then the token
@@ -528,14 +541,7 @@ def generate_token_key(ref: TokenKeyRef, *, backup: bool = False) -> ec.Elliptic
     (``token.exists``). Returns the public key."""
     session = open_session(ref, rw=True)
     try:
-        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-            try:
-                _find(session, ref, cls)
-            except CustodyError as exc:
-                if "several" in exc.reason:
-                    raise CustodyError("token.exists", "keys of that label exist already") from None
-                continue
-            raise CustodyError("token.exists", f"a key {ref.label!r} exists already in the token")
+        _require_free(session, ref)
         params = session.create_domain_parameters(
             KeyType.EC,
             {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
@@ -686,14 +692,7 @@ def unwrap_into_token(
     session = open_session(ref, rw=True)
     made: list[Any] = []
     try:
-        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-            try:
-                _find(session, ref, cls)
-            except CustodyError as exc:
-                if "several" in exc.reason:
-                    raise CustodyError("token.exists", "keys of that label exist already") from None
-                continue
-            raise CustodyError("token.exists", f"a key {ref.label!r} exists already in the token")
+        _require_free(session, ref)
         ident = ref.key_id if ref.key_id is not None else (ref.label or "").encode()
         unwrapper = _session_aes_key(session, wrapping_key, wrap=False)
         try:
