@@ -28,10 +28,9 @@ from provisioning.registry import Registry, Role
 from provisioning.requests_cli import check_proposed
 from provisioning.service import store
 from provisioning.service.operatorops import OperatorSubject
-from provisioning.service.operators import register_operator
 from provisioning.service.store.quorum import StoredRequest
 from tests.pure.test_service_core import T0, Fleet, make_fleet
-from tests.pure.test_service_requests import approve, propose, refusal
+from tests.pure.test_service_requests import add_operator, approve, propose, refusal
 from tests.service_members import SoftOperator, command_id, utc
 
 pytestmark = pytest.mark.pure
@@ -41,23 +40,8 @@ pytestmark = pytest.mark.pure
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     for made in make_fleet(tmp_path, ("dev-1", "dev-2"), min_approvals=2, request_ttl=600):
         for name in ("op-bob", "op-carol"):
-            bootstrap(made, name, "admin")
+            add_operator(made, name, "admin")
         yield made
-
-
-def bootstrap(fleet: Fleet, name: str, role: str) -> SoftOperator:
-    assert fleet.operator_ca is not None
-    operator = SoftOperator.create(name, role, fleet.operator_ca, utc(T0))
-    register_operator(
-        fleet.sessions,
-        operator.cert,
-        operator_ca=fleet.operator_ca.certificate,
-        role=None,
-        actor="local:test",
-        now=fleet.now,
-    )
-    fleet.operators[name] = operator
-    return operator
 
 
 def der(operator: SoftOperator) -> bytes:
