@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -59,6 +61,7 @@ log = logging.getLogger("keyfleet.service")
 SUBJECT_LABEL = "keyfleet operator v1"
 REMOVED = "operator.removed"
 STORED = "operator.stored"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -133,35 +136,89 @@ class Removal:
     at: int
 
 
+class _VerifiedMemo:
+    """What one verifier (one set of operator anchors) already verified, keyed by SHA-256 of
+    exactly the bytes verified: the policy chain and each removal's Authorization under it. The
+    verdicts depend on nothing else (``now`` is None), so a row a database writer edits is new
+    bytes and is verified afresh; the state is read on every operator command, and without
+    this every command re-verified every removal's signatures."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self.policies: dict[bytes, list[authz.QuorumPolicy]] = {}
+        self.removals: dict[bytes, Removal | None] = {}
+
+    def remember(self, table: dict[bytes, _T], key: bytes, value: _T) -> _T:
+        if len(table) >= self.LIMIT:
+            table.clear()
+        table[key] = value
+        return value
+
+
+_memos: weakref.WeakKeyDictionary[authz.AuthzVerifier, _VerifiedMemo] = weakref.WeakKeyDictionary()
+
+
 def verified_removals(
     session: Session, verifier: authz.AuthzVerifier, min_approvals: int
 ) -> list[Removal]:
     """Every ``operator.remove`` request whose kept approvals verify as a quorum under a policy
     that was in force (the initial one from ``min_approvals``, then each adopted one, each
     verified under the one before). A row whose approvals do not verify removes nobody (logged
-    when it claims to be executed: ``operator.stored``)."""
+    when it claims to be executed: ``operator.stored``). Verdicts are remembered per verifier
+    and exact bytes (``_VerifiedMemo``)."""
     rows = [s for s in quorum.requests_of_op(session, authz.OP_OPERATOR_REMOVE) if s.approvals]
     if not rows:
         return []
-    policy = authz.QuorumPolicy.initial(min_approvals)
-    policies = [policy]
-    for _serial, stored_policy in quorum.adopted_policies(session):
-        policy = verifier.verify_policy_update(stored_policy, current=policy, now=None)
-        policies.append(policy)
+    memo = _memos.setdefault(verifier, _VerifiedMemo())
+    adopted = quorum.adopted_policies(session)
+    chain = hashlib.sha256(
+        codec.encode([min_approvals, [stored_policy for _serial, stored_policy in adopted]])
+    ).digest()
+    policies = memo.policies.get(chain)
+    if policies is None:
+        policy = authz.QuorumPolicy.initial(min_approvals)
+        policies = [policy]
+        for _serial, stored_policy in adopted:
+            policy = verifier.verify_policy_update(stored_policy, current=policy, now=None)
+            policies.append(policy)
+        memo.remember(memo.policies, chain, policies)
     found = []
     for stored in rows:
-        verified = _verify_removal(verifier, stored, policies)
-        if verified is None:
-            continue
-        assert verified.request.subject is not None
-        subject = OperatorSubject.decode(verified.request.subject)
-        fingerprint = subject.cert_sha256.hex()
-        cert = None
-        if stored.reason:
-            kept = pki.cert_from_pem(stored.reason.encode())
-            cert = kept if cert_fingerprint(kept) == fingerprint else None
-        found.append(Removal(subject.operator, fingerprint, cert, stored.created_at))
+        key = hashlib.sha256(
+            codec.encode(
+                [
+                    chain,
+                    stored.request,
+                    list(stored.approvals),
+                    stored.reason or "",
+                    stored.created_at,
+                ]
+            )
+        ).digest()
+        if key in memo.removals:
+            removal = memo.removals[key]
+        else:
+            removal = memo.remember(memo.removals, key, _removal(verifier, stored, policies))
+        if removal is not None:
+            found.append(removal)
     return found
+
+
+def _removal(
+    verifier: authz.AuthzVerifier, stored: StoredRequest, policies: Iterable[authz.QuorumPolicy]
+) -> Removal | None:
+    verified = _verify_removal(verifier, stored, policies)
+    if verified is None:
+        return None
+    assert verified.request.subject is not None
+    subject = OperatorSubject.decode(verified.request.subject)
+    fingerprint = subject.cert_sha256.hex()
+    cert = None
+    if stored.reason:
+        kept = pki.cert_from_pem(stored.reason.encode())
+        cert = kept if cert_fingerprint(kept) == fingerprint else None
+    return Removal(subject.operator, fingerprint, cert, stored.created_at)
 
 
 def removals(env: Env, session: Session) -> dict[str, str]:

@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 
 from agent.protocol import authz
 from agent.protocol.errors import ProtocolError
+from agent.protocol.wire import cbor as codec
 from agent.protocol.wire.messages.operator import ListRequests, Propose
 from agent.protocol.wire.messages.result import RequestState
 from provisioning.dashboard.app import operator_authorizer
@@ -236,6 +237,41 @@ def test_a_database_writer_does_not_reactivate_a_removed_operator(fleet: Fleet) 
         s.execute(update(Operator).where(Operator.name == "op-bob").values(updated_at=T0 + 5))
     assert not can_command(fleet, fleet.operators["op-bob"])
     assert "operator.removed" in last_refusal(fleet, "op-bob")
+
+
+def test_a_removal_is_verified_once_until_its_row_changes(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every operator command reads the removed state; the removal's signatures are verified
+    once, and again only when the bytes verified change (a database writer's edit)."""
+    removal = remove_bob(fleet)
+    calls: list[str] = []
+    real = authz.AuthzVerifier.verify
+
+    def counting(self: authz.AuthzVerifier, *args: object, **kwargs: object) -> object:
+        calls.append(str(kwargs.get("op")))
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(authz.AuthzVerifier, "verify", counting)
+    assert can_command(fleet, fleet.operators["op-carol"])
+    first = calls.count(authz.OP_OPERATOR_REMOVE)
+    assert first <= 1
+    for _ in range(3):
+        assert can_command(fleet, fleet.operators["op-carol"])
+        assert not can_command(fleet, fleet.operators["op-bob"])
+    assert calls.count(authz.OP_OPERATOR_REMOVE) == first
+    removal_id = authz.Request.decode(removal).id.hex()
+    with fleet.sessions.begin() as s:
+        row = s.scalars(
+            select(QuorumRequestRow).where(QuorumRequestRow.request_id == removal_id)
+        ).one()
+        kept = codec.decode(row.approvals)
+        assert isinstance(kept, list)
+        row.approvals = codec.encode(kept[:1])  # one approval left: below the quorum
+    # the edited row is verified afresh: it no longer proves a removal (a writer who deletes
+    # the row has the same power; the removal's approvals are also kept in the audit log)
+    assert can_command(fleet, fleet.operators["op-bob"])
+    assert authz.OP_OPERATOR_REMOVE in calls
 
 
 def test_a_forged_removal_removes_nobody(fleet: Fleet) -> None:
