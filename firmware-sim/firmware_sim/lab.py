@@ -233,10 +233,13 @@ def _write_identity(
     return identity
 
 
-def make_lab_pki(directory: Path, manufacturer_dir: Path, token_dir: Path | None = None) -> LabPKI:
+def make_lab_pki(
+    directory: Path, manufacturer_dir: Path, token_dir: Path | None = None, *, backup: bool = False
+) -> LabPKI:
     """Step 1: the installation's CAs and certificates. With ``token_dir`` the device CA key and
     the service's signing key are made in a SoftHSM2 token there (``firmware_sim.softhsm``) and
-    never exist as files; otherwise they are PEM files (which the service warns about)."""
+    never exist as files (``backup``: made so that ``keyfleet backup create`` can export them
+    wrapped); otherwise they are PEM files (which the service warns about)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
     valid = CERT_VALIDITY
@@ -252,7 +255,7 @@ def make_lab_pki(directory: Path, manufacturer_dir: Path, token_dir: Path | None
         refresh_modules()
         for label in ("device-ca", "service-signing", "release-signing"):
             refs[label] = token.uri(label)
-            custody.generate_token_key(custody.parse_token_uri(refs[label]))
+            custody.generate_token_key(custody.parse_token_uri(refs[label]), backup=backup)
             keys[label] = custody.load_private_key(refs[label])
     device_ca = pki.create_ca(
         "keyfleet lab device CA", now=now, valid_for=valid, key=keys.get("device-ca")
@@ -565,7 +568,8 @@ class Lab:
     device processes and so their agents), ``start_timeout`` (per component), ``log_level`` (of
     ``keyfleet serve``), ``database_url`` (the service's database, e.g. an empty PostgreSQL
     database; default a SQLite file in ``workdir/service``), ``token`` (the service's signing and
-    device CA keys in a SoftHSM2 token in ``workdir/token``, not in files; the demo sets it),
+    device CA keys in a SoftHSM2 token in ``workdir/token``, not in files; the demo sets it;
+    ``token_backup`` makes them so that ``keyfleet backup create`` can export them wrapped),
     ``releases`` (the service gets ``[releases] signing_key``: it publishes the signed release
     bundle and enrolls devices with the release key, so their state survives approved updates;
     docs/releases.md).
@@ -589,6 +593,7 @@ class Lab:
         log_level: str = "info",
         database_url: str | None = None,
         token: bool = False,
+        token_backup: bool = False,
         releases: bool = False,
     ) -> None:
         if devices < 0:
@@ -608,6 +613,7 @@ class Lab:
         )
         self.device_env = dict(device_env or {})
         self.token = token
+        self.token_backup = token_backup
         self.releases = releases
         self.start_timeout = start_timeout
         self.log_level = log_level
@@ -669,6 +675,7 @@ class Lab:
                 self.workdir / "pki",
                 self.workdir / "manufacturer-ca",
                 self.workdir / "token" if self.token else None,
+                backup=self.token_backup,
             )
         with self._step("broker"):
             self._start_broker()

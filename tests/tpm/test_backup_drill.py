@@ -5,7 +5,8 @@ shares (refused, the token stays empty) and with three: every key comes back non
 under its label and id, and signs for the ORIGINAL public key (the one devices and certificates
 hold): a service message signed with the restored signing key verifies as a device verifies it
 (COSE_Sign1 under the signing certificate), and the restored operator CA issues certificates
-that chain to the original CA certificate. The service itself is not started here.
+that chain to the original CA certificate. tests/e2e/test_restore_drill_e2e.py runs the
+service on a restored token and has enrolled devices follow a rekey under it.
 Each step is audited in the service's database (a SQLite file) named by ``--config``.
 """
 
