@@ -10,7 +10,10 @@ import hashlib
 import os
 from collections.abc import Sequence
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from agent.protocol import authz as az
+from agent.protocol.release import ReleaseBundle, make_entry, sign_bundle
 from agent.protocol.releaseproof import ReleaseProof, subject
 from provisioning import releases as model
 from tests.operator_certs import operator
@@ -72,3 +75,31 @@ def proof(
     ``approvers``."""
     found = manifest(version) if of is None else of
     return ReleaseProof(found.canonical, approve(version, found.sha256, approvers=approvers))
+
+
+class ReleaseSigner:
+    """The service side in miniature, for the TPM tests of sealed state: the release key, the
+    images (PCR values) it approves by version, and the bundles it would sign (entries without
+    operator proofs: the TPM checks only the release key's signature)."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.images: dict[str, dict[int, bytes]] = {}
+        self.seq = 0
+
+    def bundle(self, generation: int, versions: Sequence[str]) -> ReleaseBundle:
+        self.seq += 1
+        entries = tuple(make_entry(v, self.images[v], generation, self.key) for v in versions)
+        return ReleaseBundle(
+            seq=self.seq, generation=generation, time=1000 + self.seq, releases=entries
+        )
+
+    def signed(self, generation: int, versions: Sequence[str]) -> bytes:
+        self.seq += 1
+        return sign_bundle(
+            seq=self.seq,
+            generation=generation,
+            time=1000 + self.seq,
+            releases=[(v, self.images[v]) for v in versions],
+            key=self.key,
+        )

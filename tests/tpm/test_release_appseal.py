@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.appseal import APP_COUNTER_INDEX, STEPS, AppSeals, blob_generation, sealed_generations
 from agent.core import AgentCore
 from agent.keybackend import TpmKeyBackend
 from agent.protocol.errors import ProtocolError
 from agent.protocol.lifecycle import KeyState
-from agent.protocol.release import ReleaseBundle, make_entry, open_bundle, sign_bundle
+from agent.protocol.release import open_bundle
 from agent.protocol.secret import Secret
 from agent.releasestate import SEALED_BUNDLE_FILE, HeldReleases
 from agent.tpm import TPMStore
@@ -27,6 +25,7 @@ from agent.tpm.authorized import ReleaseStale, bound_counter, tpm_unseal, unseal
 from agent.tpm.blob import KeyBlob
 from agent.tpm.nvcounter import CounterMoved, NVCounter
 from tests.fixtures.swtpm import Swtpm
+from tests.release_proofs import ReleaseSigner
 
 pytestmark = pytest.mark.tpm
 
@@ -39,32 +38,6 @@ def boot(store: TPMStore, image: bytes) -> dict[int, bytes]:
     store.pcr_reset(16)
     store.pcr_extend(16, hashlib.sha256(image).digest())
     return store.pcr_read(PCRS)
-
-
-class Fleet:
-    """The service side in miniature: the release key and the bundles it would sign."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.images: dict[str, dict[int, bytes]] = {}
-        self.seq = 0
-
-    def bundle(self, generation: int, versions: Sequence[str]) -> ReleaseBundle:
-        self.seq += 1
-        entries = tuple(make_entry(v, self.images[v], generation, self.key) for v in versions)
-        return ReleaseBundle(
-            seq=self.seq, generation=generation, time=1000 + self.seq, releases=entries
-        )
-
-    def signed(self, generation: int, versions: Sequence[str]) -> bytes:
-        self.seq += 1
-        return sign_bundle(
-            seq=self.seq,
-            generation=generation,
-            time=1000 + self.seq,
-            releases=[(v, self.images[v]) for v in versions],
-            key=self.key,
-        )
 
 
 def a_core() -> AgentCore:
@@ -101,7 +74,7 @@ def ledger_states(core: AgentCore) -> dict[str, KeyState]:
 def test_an_app_secret_follows_approved_releases_and_a_revocation(
     swtpm: Swtpm, tmp_path: Path
 ) -> None:
-    fleet = Fleet()
+    fleet = ReleaseSigner()
     seal_dir = tmp_path / "app-seal"
     public = fleet.key.public_key()
     changes: list[int] = []
@@ -200,7 +173,7 @@ def test_an_app_secret_follows_approved_releases_and_a_revocation(
 def test_a_pcr_sealed_app_secret_migrates_when_a_first_bundle_is_held(
     swtpm: Swtpm, tmp_path: Path
 ) -> None:
-    fleet = Fleet()
+    fleet = ReleaseSigner()
     seal_dir = tmp_path / "app-seal"
     changes: list[int] = []
     core = a_core()
@@ -233,7 +206,7 @@ def test_a_stop_at_any_step_of_the_app_reseal_leaves_every_secret_openable(
     finds both secrets openable (the older bundle is kept on disk while one needs it, even once
     the state key is re-sealed; ``.next`` blobs renamed or removed by their counter value) and
     the re-seal completes, having moved the app counter once."""
-    fleet = Fleet()
+    fleet = ReleaseSigner()
     state_dir = tmp_path / "state"
     seal_dir = state_dir / "app-seal"
     state_dir.mkdir()

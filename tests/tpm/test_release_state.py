@@ -6,13 +6,11 @@ release key is a software P-256 key standing for the token's."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.protocol.release import ReleaseBundle, make_entry, open_bundle, sign_bundle
+from agent.protocol.release import open_bundle, sign_bundle
 from agent.releasestate import SEALED_BUNDLE_FILE, HeldReleases
 from agent.staterotation import STATE_FILE, STATE_KEY_BLOB, STEPS, RotationBudget, StateKeeper
 from agent.tpm import TPMStore
@@ -26,6 +24,7 @@ from agent.tpm.authorized import (
 from agent.tpm.blob import KeyBlob
 from agent.tpm.nvcounter import NVCounter
 from tests.fixtures.swtpm import Swtpm
+from tests.release_proofs import ReleaseSigner
 
 pytestmark = pytest.mark.tpm
 
@@ -38,22 +37,6 @@ def boot(store: TPMStore, image: bytes) -> dict[int, bytes]:
     store.pcr_reset(16)
     store.pcr_extend(16, hashlib.sha256(image).digest())
     return store.pcr_read(PCRS)
-
-
-class Fleet:
-    """The service side in miniature: the release key and the bundles it would sign."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.images: dict[str, dict[int, bytes]] = {}
-        self.seq = 0
-
-    def bundle(self, generation: int, versions: Sequence[str]) -> ReleaseBundle:
-        self.seq += 1
-        entries = tuple(make_entry(v, self.images[v], generation, self.key) for v in versions)
-        return ReleaseBundle(
-            seq=self.seq, generation=generation, time=1000 + self.seq, releases=entries
-        )
 
 
 def keeper(store: TPMStore, state_dir: Path, releases: HeldReleases) -> StateKeeper:
@@ -69,7 +52,7 @@ def files(state_dir: Path) -> dict[str, bytes]:
 def test_state_survives_approved_updates_and_holds_on_an_unapproved_image(
     swtpm: Swtpm, tmp_path: Path
 ) -> None:
-    fleet = Fleet()
+    fleet = ReleaseSigner()
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     with TPMStore(swtpm.tcti) as store:
@@ -146,7 +129,7 @@ def test_state_survives_approved_updates_and_holds_on_an_unapproved_image(
 def test_start_reseals_under_a_newer_generation_and_migrates_a_pcr_sealed_key(
     swtpm: Swtpm, tmp_path: Path
 ) -> None:
-    fleet = Fleet()
+    fleet = ReleaseSigner()
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     with TPMStore(swtpm.tcti) as store:
@@ -203,7 +186,7 @@ def test_a_stop_at_any_step_of_the_reseal_leaves_one_state_that_opens(
     """The re-seal after a revocation is a rotation: killed at any of its steps, the next start
     opens the state (with the kept older bundle before the commit, the newest after it) and
     ends sealed under the newest generation, the older bundle file gone."""
-    fleet = Fleet()
+    fleet = ReleaseSigner()
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     public = fleet.key.public_key()
@@ -244,7 +227,7 @@ def test_a_stop_at_any_step_of_the_reseal_leaves_one_state_that_opens(
 def test_a_reseal_waits_for_a_rotation_token(swtpm: Swtpm, tmp_path: Path) -> None:
     """A newer generation at runtime re-seals through the rotation budget (NV endurance): with
     no token the save does not rotate; once one is there the tick's save does."""
-    fleet = Fleet()
+    fleet = ReleaseSigner()
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     now = [10_000.0]
