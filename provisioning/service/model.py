@@ -90,6 +90,14 @@ class ReleaseCache:
     # each approved release's version and expected PCR values, newest approval last
     expected: tuple[tuple[str, Mapping[int, bytes]], ...] = ()
 
+    def match(self, pcr_values: Mapping[int, bytes]) -> str | None:
+        """The newest approved release whose expected PCR values ``pcr_values`` (of a trusted
+        quote) show, None if none does (a mix of components, or a release no longer approved)."""
+        for version, expected in reversed(self.expected):
+            if all(pcr_values.get(pcr) == value for pcr, value in expected.items()):
+                return version
+        return None
+
 
 class JobState(StrEnum):
     QUEUED = "queued"

@@ -436,12 +436,7 @@ def matched_release(cx: Call, pcr_values: Mapping[int, bytes]) -> str | None:
     """The newest approved release whose expected PCR values a trusted quote showed (after
     ``golden`` built the cache of this call), None if none (a mix of components)."""
     cached = cx.env.releases
-    if cached is None:
-        return None
-    for version, expected in reversed(cached.expected):
-        if all(pcr_values.get(pcr) == value for pcr, value in expected.items()):
-            return version
-    return None
+    return None if cached is None else cached.match(pcr_values)
 
 
 def record_device(

@@ -25,9 +25,8 @@ ends ``rolled-back`` once each attests trusted on it.
 A device whose agent restarted without finishing the install (a keys.report without it, then a
 verdict on the old release) is sent the install again, up to ``MAX_ATTEMPTS`` times.
 
-Until the releases table of issue 18 is in this service, the approved releases are those every
-component of the golden policy approves (``approved``) and a device's release is the one version
-all its measured components carry (``attested_release``).
+A device's release is the approved release whose expected PCR values its trusted quote showed
+(``releases.matched_release``, the same match ``keyfleet release list`` counts devices by).
 """
 
 from __future__ import annotations
@@ -104,15 +103,6 @@ def plan_waves(members: Sequence[str], steps: Sequence[str]) -> tuple[tuple[str,
         waves.append(tuple(ordered[done:target]))
         done = target
     return tuple(waves)
-
-
-def attested_release(verdict: AttestationVerdict) -> str | None:
-    """The release a trusted verdict shows: the one version every measured component carries
-    (None when they differ or the verdict is untrusted)."""
-    versions = set(verdict.versions.values())
-    if not verdict.trusted or len(versions) != 1:
-        return None
-    return versions.pop()
 
 
 def golden(cx: Call, session: Session) -> GoldenPolicy:
@@ -252,7 +242,7 @@ def on_verdict(
     row, device = found
     if device.wave != row.wave:
         return []
-    release = attested_release(verdict)
+    release = releases.matched_release(cx, verdict.pcr_values) if verdict.trusted else None
     device.detail = verdict.summary[:500]
     if row.state == "rolling-back":
         if device.state == "rolling-back" and release is not None and release == device.previous:

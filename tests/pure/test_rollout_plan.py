@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
-from provisioning.attestation import AttestationVerdict
+from provisioning.policy import GoldenPolicy
 from provisioning.rollout_cli import exit_code
-from provisioning.service.rollout import attested_release, plan_waves, wave_target
+from provisioning.service.model import ReleaseCache
+from provisioning.service.rollout import plan_waves, wave_target
 
 pytestmark = pytest.mark.pure
 
@@ -42,17 +43,16 @@ def test_percentages_round_up_and_every_wave_moves_at_least_one_device() -> None
     assert plan_waves(SIX, ["100"]) == (tuple(sorted(SIX)),)
 
 
-def test_the_release_of_a_verdict_is_the_one_version_of_all_components() -> None:
-    trusted = AttestationVerdict(
-        True, "attest.trusted", "ok", versions={"kernel": "1.1", "agent": "1.1"}
-    )
-    assert attested_release(trusted) == "1.1"
-    mixed = AttestationVerdict(
-        True, "attest.trusted", "ok", versions={"kernel": "1.1", "agent": "1.0"}
-    )
-    assert attested_release(mixed) is None
-    untrusted = AttestationVerdict(False, "attest.policy.digest", "kernel", "kernel")
-    assert attested_release(untrusted) is None
+def test_a_device_runs_the_newest_approved_release_its_quote_shows() -> None:
+    """Rollout and ``release list`` name a device's release by its trusted quote's PCR values
+    (``ReleaseCache.match``): the newest approved release whose expected values all match."""
+    old, new = {0: b"\x01" * 32, 4: b"\x02" * 32}, {0: b"\x01" * 32, 4: b"\x03" * 32}
+    cache = ReleaseCache(3, GoldenPolicy({}), (("1.0", old), ("1.1", new), ("1.1-again", new)))
+    assert cache.match({0: b"\x01" * 32, 4: b"\x02" * 32, 7: b"\x09" * 32}) == "1.0"
+    assert cache.match(dict(new)) == "1.1-again"  # the newest approval of the same image
+    assert cache.match({0: b"\x01" * 32, 4: b"\x04" * 32}) is None  # a mix: no release
+    assert cache.match({4: b"\x02" * 32}) is None  # a PCR the release expects is missing
+    assert ReleaseCache(0, GoldenPolicy({})).match(dict(old)) is None
 
 
 def test_the_cli_exit_code_names_how_a_rollout_ended() -> None:
