@@ -24,6 +24,7 @@ from agent.protocol.mls import codec
 from agent.protocol.wire.messages.operator import Propose
 from agent.protocol.wire.messages.result import RequestState, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest
+from provisioning.dashboard.pending import pending_requests
 from provisioning.db.runtime import RevocationFeedRow
 from provisioning.registry import DeviceState, KeyState, KeyStateReport, Registry
 from provisioning.requests_cli import check_proposed, describe, replace_proposal
@@ -96,6 +97,10 @@ def test_two_admins_replace_a_device_new_joins_its_groups_old_is_revoked(fleet: 
         swapped = Propose(command_id(), "device.replace", ("dev-4", "dev-1"))
         check_proposed(request, swapped, "op-admin", fleet.now)
     assert err.value.check == "quorum.mismatch"
+
+    with fleet.sessions() as s:  # the dashboard lists it, readable, with both identities
+        (shown,) = pending_requests(s, now=fleet.now)
+    assert shown.readable and shown.members == ("dev-1", "dev-4") and shown.release is None
 
     # One admin: nothing changes.
     before = state(fleet)
