@@ -446,7 +446,8 @@ class Membership:
         if op == az.OP_DEVICE_REPLACE:
             _check_replaced_group(verified, group)
         # a replacement admits its new identity only, never the old one it replaces
-        named = {m.device_id: m.key for m in (members[1:] if op in az.FLEET_OPS else members)}
+        admitted = members[1:] if op == az.OP_DEVICE_REPLACE else members
+        named = {m.device_id: m.key for m in admitted}
         if named.get(leaf.device_id.decode()) != az.member_key(leaf.signature_key):
             raise ProtocolError(
                 "authz.members", f"the admission does not name leaf {leaf.device_id!r}"
