@@ -15,6 +15,8 @@ Executed (``plan``), in one operation under that Authorization: the old identity
 revocation feed naming only the old identity, one removal job per group), its key ledger records
 its keys destroyed (its TPM is gone), and the new identity is added to each group after the old
 one's removal there (jobs run in order per group: a joiner's Welcome then holds no revoked leaf).
+Audited: ``device.replace`` (actor ``quorum``: the request, the new identity, the groups, the
+keys recorded destroyed) beside the revocation's entries and the operation's ``op.replace``.
 
 Refusals, with nothing changed: ``replace.same``, ``replace.old.unknown``, ``replace.old.state``
 (revoked or destroyed already), ``replace.new.unknown``, ``replace.new.state`` (not enrolled and
@@ -31,7 +33,8 @@ from sqlalchemy.orm import Session
 from agent.protocol import authz
 from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.service import CommitAction
-from provisioning.registry import DeviceRecord, DeviceState, Registry
+from provisioning import audit
+from provisioning.registry import DeviceRecord, DeviceState, Outcome, Registry
 from provisioning.service import operators
 from provisioning.service.context import Call
 from provisioning.service.model import Job
@@ -111,9 +114,24 @@ def plan(
         cx, session, old, reason=reason, operator=operator, now=now
     )
     registry = Registry(session)
-    registry.destroy_keys(old, now=now)
-    for group_id in authz.replaced_groups(request.subject):
+    destroyed = registry.destroy_keys(old, now=now)
+    moved = authz.replaced_groups(request.subject)
+    for group_id in moved:
         registry.request_add(group_id, new, now=now)
         jobs.append(Job(CommitAction.ADD, group_id, new, cx.env.new_id()))
         groups.add(group_id)
+    audit.append(
+        session,
+        now=now,
+        actor="quorum",
+        action=authz.OP_DEVICE_REPLACE,
+        target=old,
+        outcome=Outcome.ACCEPTED,
+        details={
+            "request_id": request.id.hex(),
+            "new": new,
+            "groups": ",".join(moved),
+            "keys_destroyed": ",".join(destroyed),
+        },
+    )
     return jobs, groups

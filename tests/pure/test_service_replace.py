@@ -10,6 +10,7 @@ tests/pure/test_attacks_membership.py's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,6 +169,10 @@ def test_two_admins_replace_a_device_new_joins_its_groups_old_is_revoked(fleet: 
     assert authz.Authorization.decode(entry.authz).request == info.request
     actions = [(e.action, e.target) for e in fleet.audit_entries()]
     assert ("op.replace", "dev-1") in actions
+    (replaced,) = [e for e in fleet.audit_entries() if e.action == "device.replace"]
+    details = json.loads(replaced.details)
+    assert replaced.target == "dev-1" and details["new"] == "dev-4"
+    assert details["groups"] == "g1,g2" and details["keys_destroyed"] == "devid"
     assert ("request.execute", request.id.hex()) in actions
 
 
