@@ -8,7 +8,7 @@ and check them as an operator (``provisioning.audit_cli``); ``devices``, ``group
 list`` and ``station list`` read the registry
 (``provisioning.listings``); ``keys list`` inventories the fleet's keys and certificates
 (``provisioning.inventory``); ``operator add`` and ``station add`` register certificates; the
-operator commands (``group``, ``rekey``, ``attest``, ``revoke``) go over MQTT
+operator commands (``group``, ``rekey``, ``attest``, ``revoke``, ``device replace``) go over MQTT
 (``provisioning.operator``); the membership changes among them, and ``propose``, ``approve``
 and ``requests``, go through dual control (``provisioning.requests_cli``); ``release`` and
 ``rollout`` manage firmware releases and staged rollouts (``provisioning.releases_cli``,
@@ -85,7 +85,12 @@ from provisioning.operator import (
 from provisioning.pki_cli import add_pki_commands
 from provisioning.registry import Registry, cert_fingerprint
 from provisioning.releases_cli import add_release_commands
-from provisioning.requests_cli import add_request_commands, run_direct, run_request_command
+from provisioning.requests_cli import (
+    add_request_commands,
+    replace_proposal,
+    run_direct,
+    run_request_command,
+)
 from provisioning.rollout_cli import add_rollout_commands, run_rollout_command, show_status
 from provisioning.service import rekeypolicy
 from provisioning.service.model import ServiceSettings
@@ -522,6 +527,8 @@ def _direct_proposals(
     if args.command == "revoke":
         body = Propose(client.new_command_id(), "device.revoke", (args.device,), reason=args.reason)
         return [(f"revoke {args.device}", body)]
+    if args.command == "device":  # device replace OLD NEW (RMA)
+        return [replace_proposal(client.new_command_id(), args.old, args.new, args.reason)]
     if args.group_command == "create":
         members = tuple(dict.fromkeys(args.members))
         body = Propose(client.new_command_id(), "group.create", members, args.group)
@@ -949,6 +956,16 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     revoke.add_argument("device")
     revoke.add_argument("--reason")
     _add_operator_options(revoke)
+    device = commands.add_parser("device", help="a device's replacement after a TPM failure")
+    device_commands = device.add_subparsers(dest="device_command", required=True)
+    replace = device_commands.add_parser(
+        "replace",
+        help="RMA (admin): NEW, enrolled, joins OLD's groups; OLD is revoked (dual control)",
+    )
+    replace.add_argument("old", metavar="OLD", help="the device whose TPM failed")
+    replace.add_argument("new", metavar="NEW", help="its replacement, enrolled as a new device")
+    replace.add_argument("--reason", help="recorded with OLD's revocation")
+    _add_operator_options(replace)
     add_request_commands(commands, _add_operator_options, _request_command)
     add_release_commands(
         commands,

@@ -67,6 +67,10 @@ def describe(request: authz.Request) -> list[str]:
         lines.append(f"  policy:   {json.dumps(policy_json(policy), sort_keys=True)}")
     if request.subject is not None and request.op in authz.OPERATOR_OPS:
         lines.append(operatorops.describe_subject(request.subject))
+    elif request.op == authz.OP_DEVICE_REPLACE:
+        old, new = (m.device_id for m in request.members)
+        groups = ", ".join(authz.replaced_groups(request.subject)) or "(none)"
+        lines.append(f"  replace:  {old} by {new}; {new} joins {groups}; {old} is revoked")
     elif request.subject is not None:
         version, digest = release_subject(request.subject)
         lines.append(f"  release:  {version} (manifest SHA-256 {digest.hex()})")
@@ -113,12 +117,19 @@ def load_policy_file(path: Path) -> authz.QuorumPolicy:
 def check_proposed(request: authz.Request, asked: Propose, operator: str, now: int) -> None:
     """The service's Request is the change ``asked`` for, proposed by us, and open now."""
     members = tuple(m.device_id for m in request.members)
+    # a replacement's subject is the groups the service found the old device in (shown before
+    # signing); a release's or an operator's is what was asked for
+    subject_asked = (
+        asked.release is not None
+        or asked.operator is not None
+        or asked.op == authz.OP_DEVICE_REPLACE
+    )
     if (
         request.op != asked.op
         or request.group != asked.group_id
         or members != asked.members
         or request.policy != asked.policy
-        or (request.subject is None) != (asked.release is None and asked.operator is None)
+        or (request.subject is not None) != subject_asked
         or (
             request.subject is not None
             and asked.release is not None
@@ -255,9 +266,12 @@ def request_json(info: RequestInfo) -> dict[str, object]:
         "policy": None
         if request.policy is None
         else policy_json(authz.QuorumPolicy.decode(request.policy)),
-        "release": None
-        if request.subject is None or request.op in authz.OPERATOR_OPS
-        else release_subject(request.subject)[0],
+        "release": release_subject(request.subject)[0]
+        if request.subject is not None and request.op in authz.SUBJECT_OPS - authz.OPERATOR_OPS
+        else None,
+        "groups": list(authz.replaced_groups(request.subject))
+        if request.op == authz.OP_DEVICE_REPLACE
+        else None,
         "operator": operatorops.subject_json(request.subject)
         if request.subject is not None and request.op in authz.OPERATOR_OPS
         else None,
@@ -293,6 +307,8 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
         return f"propose revoke {args.device}", Propose(
             command_id, authz.OP_DEVICE_REVOKE, (args.device,), reason=args.reason
         )
+    if kind == "replace":
+        return replace_proposal(command_id, args.old, args.new, args.reason, label="propose ")
     if kind == "reenroll":
         return f"propose reenroll {args.device}", Propose(
             command_id, authz.OP_DEVICE_REENROLL, (args.device,)
@@ -301,6 +317,17 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
     return f"propose policy serial {policy.serial}", Propose(
         command_id, authz.OP_POLICY, (), None, policy.encode()
     )
+
+
+def replace_proposal(
+    command_id: bytes, old: str, new: str, reason: str | None, *, label: str = ""
+) -> tuple[str, Propose]:
+    """``device replace OLD NEW`` / ``propose replace OLD NEW``: ``replace.same`` when they are
+    one device (the service refuses that too)."""
+    if old == new:
+        raise ProtocolError("replace.same", f"{old!r} cannot replace itself")
+    body = Propose(command_id, authz.OP_DEVICE_REPLACE, (old, new), reason=reason)
+    return f"{label}replace {old} by {new}", body
 
 
 def run_propose(client: OperatorClient, args: argparse.Namespace) -> int:
@@ -461,9 +488,15 @@ def add_request_commands(
         "reenroll", help="let revoked DEVICE's TPM enroll once more (admins)"
     )
     reenroll.add_argument("device")
+    replace = kinds.add_parser(
+        "replace", help="NEW takes OLD's place in its groups, OLD is revoked (admins; RMA)"
+    )
+    replace.add_argument("old", metavar="OLD")
+    replace.add_argument("new", metavar="NEW")
+    replace.add_argument("--reason", help="recorded with OLD's revocation")
     policy = kinds.add_parser("policy", help="a new quorum policy from a TOML FILE (admins)")
     policy.add_argument("file", metavar="FILE")
-    for parser in (create, add, remove, revoke, reenroll, policy):
+    for parser in (create, add, remove, revoke, reenroll, replace, policy):
         add_operator_options(parser)
         parser.set_defaults(handler=handler, request_command="propose")
 

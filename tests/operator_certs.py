@@ -53,9 +53,11 @@ def authorize(
     now: int | None = None,
     lifetime: int = 3600,
     policy: az.QuorumPolicy | None = None,
+    subject: bytes | None = None,
 ) -> bytes:
     """An Authorization of ``op`` on ``group`` for ``members`` ((device id, DevID point) pairs),
-    approved by ``approvers``, valid from ``now`` (the wall clock by default) for ``lifetime``."""
+    approved by ``approvers``, valid from ``now`` (the wall clock by default) for ``lifetime``
+    (``subject``: a replacement's groups, ``az.replace_subject``)."""
     start = int(datetime.now(UTC).timestamp()) if now is None else now
     request = az.Request(
         id=os.urandom(az.REQUEST_ID_SIZE),
@@ -66,6 +68,7 @@ def authorize(
         nbf=start - 60,
         exp=start + lifetime,
         by=approvers[0] if approvers else "op-alice",
+        subject=subject,
     ).encode()
     approvals = tuple(az.sign_approval(request, *operator(name)) for name in approvers)
     return az.Authorization(request, approvals).encode()

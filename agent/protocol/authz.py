@@ -83,6 +83,10 @@ OP_GROUP_CREATE = "group.create"
 OP_GROUP_ADD = "group.add"
 OP_GROUP_REMOVE = "group.remove"
 OP_DEVICE_REVOKE = "device.revoke"
+# A device replaced after a TPM failure (RMA): fleet-wide, members exactly [old, new]. It lets a
+# commit add the new identity to a group the old one is in and remove the old one; the old
+# identity is revoked (a revocation feed entry names it, not the new one).
+OP_DEVICE_REPLACE = "device.replace"
 OP_POLICY = "policy"
 # The service's own op: a revoked device's TPM (its EK) may enroll once more. It names the
 # revoked device with its old DevID key; it authorizes no commit (``authz.scope``).
@@ -100,7 +104,14 @@ OP_OPERATOR_ROLE = "operator.role"
 OPERATOR_OPS = frozenset({OP_OPERATOR_ADD, OP_OPERATOR_REMOVE, OP_OPERATOR_ROLE})
 SUBJECT_OPS = frozenset({OP_RELEASE_APPROVE, OP_RELEASE_REVOKE}) | OPERATOR_OPS
 MAX_SUBJECT = 1024
-MEMBERSHIP_OPS = frozenset({OP_GROUP_CREATE, OP_GROUP_ADD, OP_GROUP_REMOVE, OP_DEVICE_REVOKE})
+# A replacement's subject names every group of the replaced device (``replace_subject``).
+MAX_REPLACE_SUBJECT = 64 * 1024
+REPLACE_LABEL = "keyfleet replace v1"
+MEMBERSHIP_OPS = frozenset(
+    {OP_GROUP_CREATE, OP_GROUP_ADD, OP_GROUP_REMOVE, OP_DEVICE_REVOKE, OP_DEVICE_REPLACE}
+)
+FLEET_OPS = frozenset({OP_DEVICE_REVOKE, OP_DEVICE_REPLACE})
+"""Membership ops that name no group: they change every group their members are in."""
 DEVICE_OPS = MEMBERSHIP_OPS | {OP_POLICY}
 OPERATOR_PREFIX = "op-"
 """Operator ids (certificate CNs) start with this, as ``keyfleet pki issue operator`` enforces."""
@@ -187,6 +198,25 @@ def _list(value: object, what: str, max_len: int) -> list[object]:
     return value
 
 
+def replace_subject(groups: Iterable[str]) -> bytes:
+    """The subject of a ``device.replace`` request: the groups the new identity may join in the
+    old one's place (the groups the old one was in when operators approved)."""
+    return codec.encode([REPLACE_LABEL, sorted(set(groups))])
+
+
+def replaced_groups(subject: object) -> tuple[str, ...]:
+    """The groups a ``device.replace`` subject names (sorted, each once); ``authz.decode``."""
+    if type(subject) is not bytes or not 1 <= len(subject) <= MAX_REPLACE_SUBJECT:
+        raise _fail("request.subject", f"expected 1 to {MAX_REPLACE_SUBJECT} bytes")
+    decoded = _decode_cbor(subject, MAX_REPLACE_SUBJECT, "request.subject")
+    if not isinstance(decoded, list) or len(decoded) != 2 or decoded[0] != REPLACE_LABEL:
+        raise _fail("request.subject", "not a replacement's subject")
+    groups = [_ident(g, "request.subject") for g in _list(decoded[1], "request.subject", 4096)]
+    if groups != sorted(set(groups)):
+        raise _fail("request.subject", "groups must be sorted and named once")
+    return tuple(groups)
+
+
 def member_key(point: bytes) -> bytes:
     """The key hash a request names for a member: SHA-256 of its DevID public key's 65-byte
     uncompressed SEC1 point."""
@@ -259,11 +289,15 @@ class Request:
             raise _fail("request.group", f"op {self.op!r} names a group")
         if self.op in MEMBERSHIP_OPS and not self.members:
             raise _fail("request.members", f"op {self.op!r} names at least one member")
+        if self.op == OP_DEVICE_REPLACE:
+            if len(self.members) != 2 or self.group is not None:
+                raise _fail("request", f"op {self.op!r} names no group and two members: old, new")
+            replaced_groups(self.subject)
         if self.op in SUBJECT_OPS:
             _bytes(self.subject, "request.subject", 1, MAX_SUBJECT)
             if self.group is not None or self.members:
                 raise _fail("request", f"op {self.op!r} names its subject, no group, no members")
-        elif self.subject is not None:
+        elif self.subject is not None and self.op != OP_DEVICE_REPLACE:
             raise _fail("request.subject", f"op {self.op!r} carries no subject")
 
     def to_obj(self) -> dict[str, object]:
@@ -833,7 +867,10 @@ def members_match(
     ids of the leaves it removes. "group.create"/"group.add": the adds are exactly the request's
     members (ids and key hashes), nothing removed. "group.remove": the removes are exactly the
     members (by id), nothing added. "device.revoke" (fleet-wide, so one group may hold only some
-    of the revoked devices): removes only, at least one, all named. Raises ``authz.members``, or
+    of the revoked devices): removes only, at least one, all named. "device.replace" (members
+    old, new): at most the new identity added (id and key hash), at most the old one removed, at
+    least one of the two (the caller checks that the old one is in the group an add is for:
+    ``Membership.check_commit``). Raises ``authz.members``, or
     ``authz.scope`` for an op that authorizes no membership change.
     """
     request = verified.request
@@ -868,6 +905,19 @@ def members_match(
                 "authz.members",
                 f"the commit adds {sorted(added)} and removes {sorted(removed)}, "
                 f"the request revokes {sorted(named)}",
+            )
+    elif request.op == OP_DEVICE_REPLACE:
+        old, new = request.members
+        if (
+            (not added and not removed)
+            or not removed <= {old.device_id}
+            or any(d != new.device_id or k != new.key for d, k in added.items())
+        ):
+            raise ProtocolError(
+                "authz.members",
+                f"the commit adds {sorted(added)} and removes {sorted(removed)}, the request "
+                f"replaces {old.device_id!r} by {new.device_id!r}"
+                + (" (a key differs)" if set(added) == {new.device_id} else ""),
             )
     else:
         raise ProtocolError("authz.scope", f"{request.op!r} authorizes no membership change")

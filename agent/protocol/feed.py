@@ -236,7 +236,20 @@ def _revoked_by(entry: FeedEntry, check: AuthzCheck) -> Iterable[tuple[str, byte
             f"entry {entry.seq}: the revocation's authorization does not verify "
             f"([{exc.check}] {exc.reason})",
         ) from None
-    return [(m.device_id, m.key) for m in verified.request.members]
+    request = verified.request
+    # a replacement (RMA) revokes its old identity, never the new one that takes its place
+    members = request.members[:1] if request.op == az.OP_DEVICE_REPLACE else request.members
+    return [(m.device_id, m.key) for m in members]
+
+
+def entry_op(signed: bytes) -> str:
+    """The op an entry's Authorization is checked as: ``device.replace`` for a replacement's
+    entry, otherwise ``device.revoke`` (so anything else is refused as ``authz.scope``)."""
+    try:
+        op = az.Request.decode(az.Authorization.decode(signed).request).op
+    except ProtocolError:
+        return az.OP_DEVICE_REVOKE  # the check refuses it with its own reason
+    return az.OP_DEVICE_REPLACE if op == az.OP_DEVICE_REPLACE else az.OP_DEVICE_REVOKE
 
 
 def open_head(payload: bytes, resolver: KeyResolver, *, now: int, recipient: str) -> RevocationFeed:

@@ -238,14 +238,14 @@ class Membership:
 
     def follow_feed(self, head: RevocationFeed) -> bool:
         """Advance the revocation feed to ``head`` (a verified ``revocation.feed`` body): each
-        new entry's Authorization is checked as a fleet-wide ``device.revoke`` under our quorum
-        policy, historically. True if the feed moved; ``revocation.*`` refusals change nothing
+        new entry's Authorization is checked as a fleet-wide ``device.revoke`` (or the
+        ``device.replace`` that revoked a replaced device) under our quorum policy,
+        historically. True if the feed moved; ``revocation.*`` refusals change nothing
         (``agent.protocol.feed.advance``)."""
 
         def check(signed: bytes) -> az.VerifiedAuthorization:
-            return self.approvals.verify(
-                signed, policy=self.policy, now=None, op=az.OP_DEVICE_REVOKE, group=None
-            )
+            op = revocation_feed.entry_op(signed)
+            return self.approvals.verify(signed, policy=self.policy, now=None, op=op, group=None)
 
         advanced = revocation_feed.advance(self.revocations, head, check)
         if advanced is None:
@@ -366,8 +366,10 @@ class Membership:
             policy=policy,
             now=now if fresh else None,
             op=op,
-            group=None if op == az.OP_DEVICE_REVOKE else group,
+            group=None if op in az.FLEET_OPS else group,
         )
+        if op == az.OP_DEVICE_REPLACE and adds:
+            _check_replaced_group(verified, group)
         if op == az.OP_GROUP_CREATE:
             # a new group's founders come in one add each under its creation request
             named = {m.device_id: m.key for m in verified.request.members}
@@ -431,12 +433,21 @@ class Membership:
                     "authz.scope", f"the standing policy allows no re-add in {group!r}"
                 )
             return
-        if op not in (az.OP_GROUP_CREATE, az.OP_GROUP_ADD):
+        if op not in (az.OP_GROUP_CREATE, az.OP_GROUP_ADD, az.OP_DEVICE_REPLACE):
             raise ProtocolError("authz.scope", f"{op!r} admits no member")
         verified = self.approvals.verify(
-            envelope.authz, policy=policy, now=now if is_own else None, op=op, group=group
+            envelope.authz,
+            policy=policy,
+            now=now if is_own else None,
+            op=op,
+            group=None if op in az.FLEET_OPS else group,
         )
-        named = {m.device_id: m.key for m in verified.request.members}
+        members = verified.request.members
+        if op == az.OP_DEVICE_REPLACE:
+            _check_replaced_group(verified, group)
+        # a replacement admits its new identity only, never the old one it replaces
+        admitted = members[1:] if op == az.OP_DEVICE_REPLACE else members
+        named = {m.device_id: m.key for m in admitted}
         if named.get(leaf.device_id.decode()) != az.member_key(leaf.signature_key):
             raise ProtocolError(
                 "authz.members", f"the admission does not name leaf {leaf.device_id!r}"
@@ -467,3 +478,13 @@ def _text(value: object, what: str) -> str:
     if type(value) is not str or not 0 < len(value) <= 255:
         raise codec.fail(what, "expected text of 1..255 characters")
     return value
+
+
+def _check_replaced_group(verified: az.VerifiedAuthorization, group: str) -> None:
+    """A replacement adds its new identity only to the groups its subject names (those the old
+    identity was in when operators approved): ``authz.members`` otherwise."""
+    if group not in az.replaced_groups(verified.request.subject):
+        old, new = (m.device_id for m in verified.request.members)
+        raise ProtocolError(
+            "authz.members", f"the replacement of {old!r} by {new!r} does not name group {group!r}"
+        )

@@ -3,10 +3,11 @@
 ``Lab(workdir, devices=N)`` builds, step by step and timing each step:
 
 1. **PKI** (``provisioning.pki``): the fleet TLS CA (broker and enrollment server certificates),
-   the device CA, the operator CA with three operators (``op-admin`` admin, ``op-ops`` operator,
-   ``op-view`` viewer), the service certificate (CN ``keyfleet-service``, from the TLS CA so the
-   broker accepts it), the station CA with one station certificate, and a simulated TPM
-   manufacturer (``firmware_sim.swtpm.ensure_manufacturer_ca``) whose CAs the service trusts.
+   the device CA, the operator CA with four operators (``op-admin`` and ``op-admin2`` admins,
+   ``op-ops`` operator, ``op-view`` viewer), the service certificate (CN ``keyfleet-service``,
+   from the TLS CA so the broker accepts it), the station CA with one station certificate, and a
+   simulated TPM manufacturer (``firmware_sim.swtpm.ensure_manufacturer_ca``) whose CAs the
+   service trusts.
 2. **Mosquitto** (``firmware_sim.broker``): mutual TLS, the product ACL of docs/mqtt.md, client
    certificates from the TLS CA, the device CA and the operator CA, on a free loopback port.
 3. **The service**: ``service.toml`` (``provisioning.config`` keys) with the golden-measurements
@@ -97,7 +98,14 @@ log = logging.getLogger("firmware_sim.lab")
 
 T = TypeVar("T")
 
-OPERATORS: Mapping[str, str] = {"op-admin": "admin", "op-ops": "operator", "op-view": "viewer"}
+# two admins: the admins' own quorum decisions (revocations, replacements, operators) can be
+# played with dual control (``min_approvals`` 2 or a policy asking two)
+OPERATORS: Mapping[str, str] = {
+    "op-admin": "admin",
+    "op-admin2": "admin",
+    "op-ops": "operator",
+    "op-view": "viewer",
+}
 STATION = "lab-station"
 CERT_VALIDITY = timedelta(days=30)
 SERVICE_READY = b"keyfleet serve: ready"
@@ -875,6 +883,20 @@ signing_key = "{pki_.release_key_ref}"
             self.reboot(device, wait=False)
         for device in self.devices:
             self.wait_agent(device)
+
+    def add_device(self, name: str) -> LabDevice:
+        """One more device after the start (a replacement board, say): boots with a new TPM, is
+        provisioned by the station as a new device and runs its agent, like the first ones."""
+        device = self._new_device(name)
+        self.devices.append(device)
+        self._spawn(device, run_agent=False)
+        self._wait_ready(device)
+        self.provision(device)
+        self._allow_apps(device)
+        self._configure_update_hook(device)
+        self.reboot(device, wait=False)
+        self.wait_agent(device)
+        return device
 
     def _new_device(self, name: str) -> LabDevice:
         directory = self.workdir / "devices"

@@ -15,6 +15,7 @@ from agent.protocol.releaseproof import read_subject
 from provisioning.db.runtime import QuorumRequestRow
 
 MAX_SHOWN = 100
+RELEASE_OPS = frozenset({authz.OP_RELEASE_APPROVE, authz.OP_RELEASE_REVOKE})
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ def pending_requests(session: Session, *, now: int) -> list[PendingRequest]:
         try:
             request = authz.Request.decode(row.request)
             readable = request.id.hex() == row.request_id
-            if request.subject is not None:
+            # only a release op's subject names a release (an operator's or a replacement's
+            # subject is theirs: the members column says who)
+            if request.subject is not None and request.op in RELEASE_OPS:
                 release = read_subject(request.subject)[0]
         except ProtocolError:
             readable = False

@@ -53,7 +53,15 @@ from agent.protocol.wire.messages.result import (
 )
 from provisioning import audit, revocation
 from provisioning.registry import DeviceState, Outcome, Registry, Role
-from provisioning.service import credentials, feed, operatorops, operators, releases, store
+from provisioning.service import (
+    credentials,
+    feed,
+    operatorops,
+    operators,
+    releases,
+    replaceops,
+    store,
+)
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log, Send
 from provisioning.service.model import Job
@@ -67,12 +75,14 @@ OPERATION_TYPES = {
     authz.OP_GROUP_ADD: "op.group_add",
     authz.OP_GROUP_REMOVE: "op.group_remove",
     authz.OP_DEVICE_REVOKE: "op.revoke",
+    authz.OP_DEVICE_REPLACE: "op.replace",
 }
 # Ops whose proposal and approval the service gives to admins only (a revocation was an admin
 # command before dual control; a policy change is an admin's per the authorization format).
 ADMIN_OPS = frozenset(
     {
         authz.OP_DEVICE_REVOKE,
+        authz.OP_DEVICE_REPLACE,
         authz.OP_DEVICE_REENROLL,
         authz.OP_POLICY,
         authz.OP_RELEASE_APPROVE,
@@ -182,6 +192,8 @@ def check_request(
     elif op == authz.OP_GROUP_REMOVE:
         assert group is not None
         operators.check_remove(session, group, members[0])
+    elif op == authz.OP_DEVICE_REPLACE:
+        replaceops.check(session, members[0], members[1])
     elif op == authz.OP_DEVICE_REVOKE and registry.device(members[0]).state is DeviceState.REVOKED:
         raise ProtocolError("registry.device.revoked", f"{members[0]} is revoked already")
     elif op == authz.OP_DEVICE_REENROLL and not revocation.identity_revoked(
@@ -219,6 +231,8 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
         members = ()
     else:
         check_request(cx, session, body.op, body.group_id, body.members)
+        if body.op == authz.OP_DEVICE_REPLACE:
+            subject = authz.replace_subject(replaceops.check(session, *body.members))
         members = tuple(authz.Member.of(d, devid_point(cx, registry, d, now)) for d in body.members)
     request = authz.Request(
         id=cx.env.rng(authz.REQUEST_ID_SIZE),
@@ -439,6 +453,8 @@ def execute_request(
                 raise ProtocolError(
                     "quorum.member", f"{member.device_id} has another DevID key than approved"
                 )
+        if stored.op == authz.OP_DEVICE_REPLACE:
+            replaceops.check_groups(session, verified.request)
     except ProtocolError as err:
         return refuse(session, stored, err, now=now)
     if stored.op == authz.OP_DEVICE_REENROLL:
@@ -453,7 +469,7 @@ def execute_request(
             state=RequestState.APPROVED,
         )
         return [Log(logging.INFO, "re-enroll of %s approved", (stored.members[0],))]
-    jobs, groups = plan(cx, session, stored, operator, now)
+    jobs, groups = plan(cx, session, stored, verified.request, operator=operator, now=now)
     stored.command_id = command_id
     audit_executed(
         session,
@@ -466,7 +482,7 @@ def execute_request(
     # a revocation also becomes an entry of the feed devices keep (provisioning.service.feed)
     revoked_feed = (
         feed.on_revoked(session, authorization_bytes, now=now)
-        if stored.op == authz.OP_DEVICE_REVOKE
+        if stored.op in authz.FLEET_OPS
         else []
     )
     return revoked_feed + operators.start_change(
@@ -479,7 +495,7 @@ def execute_request(
         groups=groups,
         command_id=command_id,
         now=now,
-        revoked=stored.members[0] if stored.op == authz.OP_DEVICE_REVOKE else None,
+        revoked=stored.members[0] if stored.op in authz.FLEET_OPS else None,
         authz=authorization_bytes,
         request_id=stored.request_id,
     )
@@ -531,7 +547,13 @@ def execute_service_op(
 
 
 def plan(
-    cx: Call, session: Session, stored: StoredRequest, operator: str, now: int
+    cx: Call,
+    session: Session,
+    stored: StoredRequest,
+    request: authz.Request,
+    *,
+    operator: str,
+    now: int,
 ) -> tuple[list[Job], set[str]]:
     group, members = stored.group_id, stored.members
     if stored.op == authz.OP_GROUP_CREATE:
@@ -546,6 +568,9 @@ def plan(
     reason = f"request {stored.request_id.hex()} approved by {', '.join(stored.approvers)}"
     if stored.reason:
         reason = f"{stored.reason} ({reason})"
+    if stored.op == authz.OP_DEVICE_REPLACE:
+        reason = f"replaced by {members[1]}: {reason}"
+        return replaceops.plan(cx, session, request, reason=reason, operator=operator, now=now)
     return operators.plan_revoke(cx, session, members[0], reason=reason, operator=operator, now=now)
 
 

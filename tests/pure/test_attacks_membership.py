@@ -448,3 +448,50 @@ def test_automatic_removals_and_re_adds_only_where_the_signed_policy_allows_them
     acks(service, {"dev-c": joined})
     blob = c.encrypt(G, b"back", service.now)
     assert b.decrypt(G, blob, service.now) == b"back"
+
+
+def test_a_replacement_admits_only_its_new_identity_only_into_the_groups_it_names() -> None:
+    """RMA: operators approved ``device.replace`` of dev-c (its TPM failed) by dev-n in group G.
+    The rogue service reuses that Authorization for another group, a phantom, another member's
+    removal; one operator's approval is not the quorum. Then the real change: dev-c's leaf
+    removed, dev-n added, every member (and dev-n) at the same epoch with the same secret."""
+    service = FakeService()
+    a, b, c = members(service, "dev-a", "dev-b", "dev-c", membership=membership(min_approvals=2))
+    n = service.core("dev-n", membership=membership(min_approvals=2))
+    kp = KeyPackage.decode(service.key_package("dev-n"))
+    old, new = ("dev-c", point(c._keys.devid)), ("dev-n", kp.signature_key)
+
+    def replace(groups: list[str], approvers: tuple[str, ...] = ("op-alice", "op-bob")) -> bytes:
+        subject = az.replace_subject(groups)
+        return authorize(
+            "device.replace", None, [old, new], approvers=approvers, now=T0, subject=subject
+        )
+
+    good = replace([G])
+    assert ask_add(service, "dev-a", kp, replace([G], ("op-alice",))) == "authz.quorum"
+    assert ask_add(service, "dev-a", kp, replace(["other-group"])) == "authz.members"
+    assert ask_add(service, "dev-a", phantom(), good) == "authz.members"
+    body = CommitRequest(
+        cmd(), G, service.public[G].epoch, CommitAction.REMOVE, member="dev-b", authz=good
+    )
+    payload, topic = service.command("dev-a", body)
+    assert refused_without_change(a, payload, topic, service.now) == "authz.members"
+
+    (commit,) = service.request_commit("dev-a", CommitAction.REMOVE, member="dev-c", authz=good)
+    assert isinstance(commit, CommitMessage)
+    acks(service, service.fan_out(service.order(commit), ["dev-a", "dev-b"]))
+    commit, welcome = service.request_commit(
+        "dev-a", CommitAction.ADD, member="dev-n", key_package=kp.encode(), authz=good
+    )
+    assert isinstance(commit, CommitMessage) and isinstance(welcome, WelcomeMessage)
+    outcomes = service.fan_out(service.order(commit), ["dev-a", "dev-b"])
+    assert all(o.refused is None for o in outcomes.values())  # dev-b checked it historically
+    acks(service, outcomes)
+    joined = service.deliver("dev-n", WelcomeDelivery(G, welcome.epoch, welcome.welcome))
+    assert joined.refused is None
+    acks(service, {"dev-n": joined})
+    assert a.epoch(G) == b.epoch(G) == n.epoch(G) == service.public[G].epoch
+    secrets = {core.groups()[G].epoch_authenticator for core in (a, b, n)}
+    assert len(secrets) == 1
+    names = {m.decode() for m in (leaf.device_id for _, leaf in a.groups()[G].tree.members())}
+    assert names == {"dev-a", "dev-b", "dev-n"}

@@ -226,3 +226,29 @@ def test_advance_is_pure() -> None:
 
     after = advance(state, page(entries, time=T0), check)
     assert state == FeedState() and after is not None and after.seq == 2
+
+
+def test_a_replacement_entry_revokes_the_old_identity_never_the_new_one() -> None:
+    old, new = point(), point()
+
+    def replacement(approvers: tuple[str, ...]) -> bytes:
+        signed = authorize(
+            "device.replace",
+            None,
+            [("dev-old", old), ("dev-new", new)],
+            approvers=approvers,
+            now=T0,
+            subject=az.replace_subject(["g1"]),
+        )
+        return FeedEntry.after(0, GENESIS, time=T0, authz=signed).encode()
+
+    m = device()
+    assert m.follow_feed(page([replacement(QUORUM)], time=T0))
+    assert m.revocations.is_revoked("dev-old", az.member_key(old))
+    assert not m.revocations.is_revoked("dev-new", az.member_key(new))
+    # one operator's replacement is no feed entry where the policy needs two
+    assert refused(device(), page([replacement(("op-alice",))], time=T0)) == "revocation.authz"
+    # nor is a membership change of another op (an add names its new member)
+    add = authorize("group.add", "g1", [("dev-new", new)], approvers=QUORUM, now=T0)
+    entry = FeedEntry.after(0, GENESIS, time=T0, authz=add).encode()
+    assert refused(device(), page([entry], time=T0)) == "revocation.authz"

@@ -166,6 +166,7 @@ SAMPLES: list[Body] = [
     Propose(command_id=CMD, op="group.create", members=("dev-1", "dev-2"), group_id="g9"),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",)),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",), reason="lost"),
+    Propose(command_id=CMD, op="device.replace", members=("dev-3", "dev-9"), reason="rma"),
     Propose(command_id=CMD, op="policy", members=(), policy=b"policy"),
     Propose(command_id=CMD, op="operator.add", members=(), operator="op-carol", cert=b"\x30\x82"),
     Propose(command_id=CMD, op="operator.remove", members=(), operator="op-carol"),
@@ -369,6 +370,7 @@ def test_body_is_not_a_map() -> None:
             "body.bounds",
         ),
         (lambda: Propose(command_id=CMD, op="group.rekey", members=()), "body.bounds"),
+        (lambda: Propose(command_id=CMD, op="device.replace", members=("d",)), "body.malformed"),
         (
             lambda: Propose(command_id=CMD, op="operator.add", members=(), operator="op-c"),
             "body.malformed",

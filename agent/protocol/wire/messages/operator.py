@@ -44,6 +44,7 @@ PROPOSABLE_OPS = frozenset(
         "group.add",
         "group.remove",
         "device.revoke",
+        "device.replace",
         "device.reenroll",
         "policy",
         "release.approve",
@@ -60,7 +61,7 @@ OPERATOR_OPS = frozenset({"operator.add", "operator.remove", "operator.role"})
 # An operator certificate (DER) travelling with an ``operator.add`` proposal is at most this large.
 MAX_OPERATOR_CERT = 8 * 1024
 # The ops that name one device and no group.
-DEVICE_ONLY_OPS = frozenset({"device.revoke", "device.reenroll"})
+DEVICE_ONLY_OPS = frozenset({"device.revoke", "device.reenroll", "device.replace"})
 
 
 def check_request_id(value: object) -> None:
@@ -177,6 +178,8 @@ class Propose(Body):
     """Ask the service for a Request of ``op``: ``group.create`` (``group_id``, ``members`` the
     founders, first first), ``group.add`` / ``group.remove`` (``group_id``, one member),
     ``device.revoke`` (one member, no group; ``reason`` the text recorded with the revocation),
+    ``device.replace`` (two members, the old device then its replacement, no group; ``reason``
+    as for a revocation),
     ``device.reenroll`` (one revoked member, no group: its TPM may enroll once more) or
     ``policy`` (``policy``: the new QuorumPolicy's bytes, nothing else) or ``release.approve`` /
     ``release.revoke`` (``release``: the release version, nothing else). The answer is the
@@ -229,7 +232,7 @@ class Propose(Body):
             raise ProtocolError("body.malformed", f"{self.op} names no release")
         if self.reason is not None:
             check_text(self.reason, "reason", min_len=1)
-            if self.op != "device.revoke":
+            if self.op not in ("device.revoke", "device.replace"):
                 raise ProtocolError("body.malformed", "only a revocation carries a reason")
         if self.group_id is not None:
             check_id(self.group_id, "group_id")
@@ -246,6 +249,9 @@ class Propose(Body):
         if self.op == "group.create":
             if not self.members:
                 raise ProtocolError("body.malformed", "group.create needs its members")
+        elif self.op == "device.replace":
+            if len(self.members) != 2:
+                raise ProtocolError("body.malformed", "device.replace names the old, then the new")
         elif len(self.members) != 1:
             raise ProtocolError("body.malformed", f"{self.op} names exactly one member")
 
