@@ -404,7 +404,9 @@ def execute_request(
         authorization_bytes, policy=policy, now=now, op=stored.op, group=stored.group_id
     )
     if stored.op in authz.OPERATOR_OPS:
-        return execute_operator(cx, session, stored, verified, operator=operator, now=now)
+        return execute_operator(
+            cx, session, stored, verified, authorization_bytes, operator=operator, now=now
+        )
     if stored.op in authz.SUBJECT_OPS:
         return execute_release(
             cx, session, stored, verified, authorization_bytes, operator=operator, now=now
@@ -512,16 +514,21 @@ def execute_operator(
     session: Session,
     stored: StoredRequest,
     verified: authz.VerifiedAuthorization,
+    authorization_bytes: bytes,
     *,
     operator: str,
     now: int,
 ) -> Effects:
     """An operator add, removal or role change met the quorum (``operatorops.execute``). One
-    that can no longer be made ends the request ``refused``."""
+    that can no longer be made ends the request ``refused``. A removal also becomes an entry of
+    the revocation feed, so that devices stop counting the operator's approvals
+    (``provisioning.service.feed``)."""
     try:
         effects = operatorops.execute(cx, session, stored, verified, now=now)
     except ProtocolError as err:
         return refuse(session, stored, err, now=now)
+    if stored.op == authz.OP_OPERATOR_REMOVE:
+        effects = [*effects, *feed.on_revoked(session, authorization_bytes, now=now)]
     stored.state = RequestState.EXECUTED
     stored.detail = f"approved by {', '.join(stored.approvers)}; {stored.op} done"
     audit.append(
