@@ -638,6 +638,7 @@ class AuthzVerifier:
         op: str,
         group: str | None,
         removed: Mapping[bytes, int] = _NONE_REMOVED,
+        executed: bool = False,
     ) -> VerifiedAuthorization:
         """Verify that ``authz`` authorizes ``op`` on ``group`` under ``policy``.
 
@@ -650,7 +651,9 @@ class AuthzVerifier:
         removed it (a device learns it from its revocation feed): an approval made with it does
         not count (``operator.removed``) when the request is judged at or after that time, at
         ``now``, or historically at the request's ``nbf`` (an approval of a request dated
-        before the removal, already executed, stays valid).
+        before the removal, already executed, stays valid). ``executed``: a change another
+        device already made (a Welcome's own admission) is judged at ``nbf`` for removals even
+        with ``now``, which still checks its window.
 
         Approvals that fail (chain, role, signature) do not count; the same operator counts
         once. Raises if fewer than ``policy.required(op, group)`` distinct operators remain:
@@ -673,7 +676,7 @@ class AuthzVerifier:
         message = approval_message(parsed.request)
         approved: set[str] = set()
         refused: list[ProtocolError] = []
-        judged_at = request.nbf if now is None else now
+        judged_at = request.nbf if now is None or executed else now
         for approval in parsed.approvals:
             try:
                 _check_not_removed(approval, removed, judged_at)

@@ -465,6 +465,7 @@ class Membership:
             op=op,
             group=group,
             removed=self.revocations.removed_operators(),
+            executed=True,  # the committer made the add: judged at the request's time
         )
         named = {m.device_id: m.key for m in verified.request.members}
         if named.get(leaf.device_id.decode()) != az.member_key(leaf.signature_key):

@@ -124,9 +124,17 @@ def test_a_fresh_check_judges_at_now_a_historical_one_at_the_request() -> None:
     removed = {cert_hash("op-bob"): REMOVED_AT}
     policy = az.QuorumPolicy.initial(2)
 
-    def verify(now: int | None, gone: dict[bytes, int]) -> az.VerifiedAuthorization:
+    def verify(
+        now: int | None, gone: dict[bytes, int], *, executed: bool = False
+    ) -> az.VerifiedAuthorization:
         return verifier.verify(
-            before, policy=policy, now=now, op=az.OP_RELEASE_APPROVE, group=None, removed=gone
+            before,
+            policy=policy,
+            now=now,
+            op=az.OP_RELEASE_APPROVE,
+            group=None,
+            removed=gone,
+            executed=executed,
         )
 
     # committing it now, after the removal: bob no longer counts
@@ -136,6 +144,21 @@ def test_a_fresh_check_judges_at_now_a_historical_one_at_the_request() -> None:
     # fresh before the removal, or historically (it was dated before): it counts
     assert verify(REMOVED_AT - 1, removed).operators == {"op-alice", "op-bob"}
     assert verify(None, removed).operators == {"op-alice", "op-bob"}
+    # a change another device made before the removal (a Welcome's own admission): judged at
+    # the request's time, its window still checked at now
+    assert verify(REMOVED_AT + 1, removed, executed=True).operators == {"op-alice", "op-bob"}
+    later = release(("op-alice", "op-bob"), nbf=REMOVED_AT + 1)
+    with pytest.raises(ProtocolError) as info:
+        verifier.verify(
+            later,
+            policy=policy,
+            now=REMOVED_AT + 2,
+            op=az.OP_RELEASE_APPROVE,
+            group=None,
+            removed=removed,
+            executed=True,
+        )
+    assert info.value.check == "operator.removed"
     # without the feed's knowledge nothing is refused
     assert verify(REMOVED_AT + 1, {}).operators == {"op-alice", "op-bob"}
 
