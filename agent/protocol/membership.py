@@ -174,16 +174,10 @@ class Membership:
         m = codec.as_map(
             value, "membership", {"policies", "consumed", "readdable"}, {"revocations"}
         )
-        revocations = (
-            revocation_feed.FeedState.parse_state(m["revocations"])
-            if "revocations" in m
-            else revocation_feed.FeedState()
-        )
+        # the chain verifies again as it was adopted: a link adopted before the device learned
+        # of a removal stays adopted (nothing executed is undone), so no removals apply here
         policy, policies = self._follow(
-            self.base,
-            (),
-            _chain(m["policies"], "membership.policies"),
-            revocations.removed_operators(),
+            self.base, (), _chain(m["policies"], "membership.policies"), {}
         )
         consumed = codec.as_list(
             m["consumed"],
@@ -214,6 +208,11 @@ class Membership:
                 MAX_CONSUMED,
                 lambda v, w: codec.as_list(v, w, 3, lambda x, y: x),
             )
+        )
+        revocations = (
+            revocation_feed.FeedState.parse_state(m["revocations"])
+            if "revocations" in m
+            else revocation_feed.FeedState()
         )
         return MembershipState(policy, policies, pairs, readdable, revocations)
 

@@ -266,3 +266,14 @@ def test_removed_operators_survive_a_restart_and_old_states_read() -> None:
     bad = {**m.revocations.to_state(), "operators": [[b"\x00" * 31, "op-bob", 1]]}
     with pytest.raises(ProtocolError):
         FeedState.parse_state(bad)
+
+
+def test_a_policy_adopted_before_the_device_learned_of_the_removal_stays_after_a_restart() -> None:
+    m = membership(min_approvals=2)
+    raised = az.QuorumPolicy(serial=1, default={az.ANY: 2})
+    m.adopt_policies((signed(az.OP_POLICY, ADMINS, nbf=REMOVED_AT + 1, policy=raised),))
+    feed = entries((removal("op-dora", ("op-root", "op-dora")), REMOVED_AT))
+    assert m.follow_feed(page(feed, time=REMOVED_AT))
+    again = membership(min_approvals=2)
+    again.restore(again.parse_state(m.to_state()))
+    assert again.policy == raised and again.revocations == m.revocations
