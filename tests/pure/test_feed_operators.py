@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.protocol import authz as az
 from agent.protocol.errors import ProtocolError
@@ -277,3 +279,22 @@ def test_a_policy_adopted_before_the_device_learned_of_the_removal_stays_after_a
     again = membership(min_approvals=2)
     again.restore(again.parse_state(m.to_state()))
     assert again.policy == raised and again.revocations == m.revocations
+
+
+_FIELD = st.one_of(
+    st.binary(max_size=40), st.text(max_size=70), st.integers(min_value=-2, max_value=1 << 64)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(st.lists(_FIELD, max_size=4), max_size=3), _FIELD))
+def test_kept_removed_operators_decode_strictly(operators: object) -> None:
+    """A state's ``operators`` either reads back exactly or is refused (``codec`` ids): never
+    half-parsed."""
+    state = {**FeedState(seq=1, head=b"\x01" * 32, time=T0).to_state(), "operators": operators}
+    try:
+        parsed = FeedState.parse_state(state)
+    except ProtocolError:
+        return
+    assert FeedState.parse_state(parsed.to_state()) == parsed
+    assert isinstance(operators, list) and len(parsed.operators) <= len(operators)
