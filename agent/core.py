@@ -1456,6 +1456,9 @@ class AgentCore:
                 "seq": self.membership.revocations.seq,
                 "time": self.membership.revocations.time,
                 "revoked": len(self.membership.revocations.revoked),
+                "removed_operators": sorted(
+                    {name for _, name, _ in self.membership.revocations.operators}
+                ),
             },
             "install": {
                 "running": None if self.installing is None else self.installing.version,

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol import authz
 from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.operatorsubject import OperatorSubject
 from agent.protocol.wire.messages.operator import Propose
 from provisioning import pki
 from provisioning.db.runtime import OperatorCommand, QuorumRequestRow
@@ -30,7 +31,6 @@ from provisioning.listings import Row
 from provisioning.operator import OperatorClient
 from provisioning.registry import Registry
 from provisioning.requests_cli import propose_and_approve
-from provisioning.service.operatorops import OperatorSubject
 from provisioning.service.store import quorum
 
 BOOTSTRAP_CLOSED = "operator.bootstrap.closed"

@@ -1,8 +1,8 @@
 """Operators for tests that drive membership changes without a running service: one test
 operator CA per test process (``provisioning.pki``, the issuer code the fleet uses), operators
-``op-alice``, ``op-bob``, ``op-carol`` (role operator) and ``op-root`` (admin), Authorizations
-they sign (``authorize``), and a device's ``Membership`` trusting them and ``tests.device_certs``'
-device CA."""
+``op-alice``, ``op-bob``, ``op-carol`` (role operator), ``op-root`` and ``op-dora`` (admin),
+Authorizations they sign (``authorize``), and a device's ``Membership`` trusting them and
+``tests.device_certs``' device CA."""
 
 from __future__ import annotations
 
@@ -22,7 +22,13 @@ from tests.device_certs import device_ca
 # valid from 2020 for 20 years: tests run cores at fixed times (T0 = 2023) and at the wall clock
 VALID_FROM = datetime(2020, 1, 1, tzinfo=UTC)
 VALID_FOR = timedelta(days=20 * 365)
-ROLES = {"op-alice": "operator", "op-bob": "operator", "op-carol": "operator", "op-root": "admin"}
+ROLES = {
+    "op-alice": "operator",
+    "op-bob": "operator",
+    "op-carol": "operator",
+    "op-root": "admin",
+    "op-dora": "admin",
+}
 
 
 @functools.cache

@@ -8,7 +8,7 @@ signature by one operator whose certificate chains to the operator CA the device
 names the group. Devices check all of it themselves (docs/authorization.md), so the fleet
 service, which only relays these bytes, cannot invent or alter one.
 
-Why one module of this size (~860 lines): the formats, their strict decoders and the verifier
+Why one module of this size (~900 lines): the formats, their strict decoders and the verifier
 that judges them are one trust boundary; splitting the decoders from the checks that rely on
 their guarantees would make each half unreviewable alone.
 
@@ -597,6 +597,23 @@ class _CachedOperator:
     chain_until: int
 
 
+_NONE_REMOVED: Mapping[bytes, int] = MappingProxyType({})
+
+
+def _check_not_removed(approval: Approval, removed: Mapping[bytes, int], at: int) -> None:
+    """Refuse an approval made with an operator certificate the quorum removed at or before
+    ``at`` (``operator.removed``)."""
+    if not removed:
+        return
+    since = removed.get(hashlib.sha256(approval.cert).digest())
+    if since is not None and at >= since:
+        raise ProtocolError(
+            "operator.removed",
+            f"an approval by an operator certificate the quorum removed at {since} "
+            f"(judged at {at})",
+        )
+
+
 def _unix(moment: datetime) -> int:
     return int(moment.timestamp())
 
@@ -647,7 +664,15 @@ class AuthzVerifier:
     # -- whole authorizations
 
     def verify(
-        self, authz: bytes, *, policy: QuorumPolicy, now: int | None, op: str, group: str | None
+        self,
+        authz: bytes,
+        *,
+        policy: QuorumPolicy,
+        now: int | None,
+        op: str,
+        group: str | None,
+        removed: Mapping[bytes, int] = _NONE_REMOVED,
+        executed: bool = False,
     ) -> VerifiedAuthorization:
         """Verify that ``authz`` authorizes ``op`` on ``group`` under ``policy``.
 
@@ -655,6 +680,14 @@ class AuthzVerifier:
         certificate valid at ``now``. ``now=None`` is historical verification (another leaf's
         admission in a Welcome): the window is not checked, and each operator certificate must
         have been valid at some moment of the request's window (checked at the first such moment).
+
+        ``removed`` maps the SHA-256 of an operator certificate's DER to the time the quorum
+        removed it (a device learns it from its revocation feed): an approval made with it does
+        not count (``operator.removed``) when the request is judged at or after that time, at
+        ``now``, or historically at the request's ``nbf`` (an approval of a request dated
+        before the removal, already executed, stays valid). ``executed``: a change another
+        device already made (a Welcome's own admission) is judged at ``nbf`` for removals even
+        with ``now``, which still checks its window.
 
         Approvals that fail (chain, role, signature) do not count; the same operator counts
         once. Raises if fewer than ``policy.required(op, group)`` distinct operators remain:
@@ -677,8 +710,10 @@ class AuthzVerifier:
         message = approval_message(parsed.request)
         approved: set[str] = set()
         refused: list[ProtocolError] = []
+        judged_at = request.nbf if now is None or executed else now
         for approval in parsed.approvals:
             try:
+                _check_not_removed(approval, removed, judged_at)
                 operator = self._approval(approval, message, request, now)
             except ProtocolError as exc:
                 refused.append(exc)
@@ -697,11 +732,18 @@ class AuthzVerifier:
         )
 
     def verify_policy_update(
-        self, authz: bytes, *, current: QuorumPolicy, now: int | None
+        self,
+        authz: bytes,
+        *,
+        current: QuorumPolicy,
+        now: int | None,
+        removed: Mapping[bytes, int] = _NONE_REMOVED,
     ) -> QuorumPolicy:
         """The new policy an authorization with op "policy" carries, if it meets the quorum of
         the ``current`` policy for "policy" (admins only) and raises the serial."""
-        verified = self.verify(authz, policy=current, now=now, op=OP_POLICY, group=None)
+        verified = self.verify(
+            authz, policy=current, now=now, op=OP_POLICY, group=None, removed=removed
+        )
         if verified.request.policy is None:  # Request refuses this already; kept for mypy
             raise _fail("request.policy", "a policy request carries a policy")
         new = QuorumPolicy.decode(verified.request.policy)

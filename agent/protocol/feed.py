@@ -9,11 +9,21 @@ operators) nor drop or reorder one unnoticed (each entry carries the hash of the
 and the service-signed head names the newest hash; a device refuses a head that goes back or
 does not extend the chain it holds).
 
-The device keeps ``FeedState``: the highest sequence number, its hash, the head's time and the
-set of revoked identities ``(device id, DevID key hash)``. Members refuse any leaf with a revoked
-identity (``cred.revoked``, ``agent.protocol.membership``). The feed keys on the DevID key, not
-on the device id alone: a device re-admitted by the operators (a re-enrollment under the quorum)
-has a new DevID key, so it is a new identity that the old entry does not name.
+An entry may also be the Authorization of an executed ``operator.remove`` (admins' approvals,
+its ``subject`` naming the operator and the SHA-256 of the certificate removed:
+``agent.protocol.operatorsubject``). From it the device keeps the certificate's hash and the
+time of the removal: the entry's ``time`` held within the request's window (the service can
+place it no earlier than the request's ``nbf`` and no later than its ``exp``), so the service
+alone can neither remove an operator nor push a removal past its request's window. The verifier
+then no longer counts that certificate's approvals of requests judged at or after that time
+(``operator.removed``; ``AuthzVerifier.verify``'s ``removed``).
+
+The device keeps ``FeedState``: the highest sequence number, its hash, the head's time, the
+set of revoked identities ``(device id, DevID key hash)`` and the removed operator
+certificates ``(certificate SHA-256, operator id, removed at)``. Members refuse any leaf with
+a revoked identity (``cred.revoked``, ``agent.protocol.membership``). The feed keys on the
+DevID key, not on the device id alone: a device re-admitted by the operators (a re-enrollment
+under the quorum) has a new DevID key, so it is a new identity that the old entry does not name.
 
 Pure: bytes in, values out; the caller supplies the Authorization check (``AuthzCheck``).
 
@@ -28,7 +38,7 @@ Entry (deterministic CBOR map)::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Final
@@ -36,6 +46,7 @@ from typing import Final
 from agent.protocol import authz as az
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
+from agent.protocol.operatorsubject import OperatorSubject
 from agent.protocol.wire.envelope import (
     DEFAULT_MAX_FUTURE,
     KeyResolver,
@@ -46,6 +57,7 @@ from agent.protocol.wire.messages.feed import HASH_SIZE, MAX_ENTRY, MAX_PAGE, Re
 __all__ = [
     "GENESIS",
     "MAX_PAGE",
+    "MAX_REMOVED_OPERATORS",
     "MAX_REVOKED",
     "AuthzCheck",
     "FeedEntry",
@@ -61,15 +73,20 @@ GENESIS: Final = bytes(HASH_SIZE)
 """The ``prev`` of entry 1 and the head of an empty feed."""
 MAX_REVOKED: Final = 65536
 """Revoked identities a device keeps at most (a fleet revoking more starts a new device CA)."""
+MAX_REMOVED_OPERATORS: Final = 4096
+"""Removed operator certificates a device keeps at most."""
 MAX_SEQ: Final = (1 << 63) - 1
 _LABEL: Final = b"keyfleet revocation feed v1\x00"
 _SIGNATURE_CHECKS: Final = frozenset(
     {"cose.signature", "cose.kid-unknown", "cose.kid-mismatch", "envelope.sender-mismatch"}
 )
 
-AuthzCheck = Callable[[bytes], az.VerifiedAuthorization]
-"""Verify a revoke Authorization (op ``device.revoke``, fleet-wide) under the device's quorum
-policy; raises ``ProtocolError`` (``authz.*``) when it does not verify."""
+AuthzCheck = Callable[[bytes, str, Mapping[bytes, int]], az.VerifiedAuthorization]
+"""Verify an entry's Authorization as ``op`` (``device.revoke`` or ``operator.remove``,
+fleet-wide) under the device's quorum policy, not counting the operator certificates removed
+so far (certificate SHA-256 -> removed at); raises ``ProtocolError`` (``authz.*``,
+``operator.removed``) when it does not verify."""
+ENTRY_OPS: Final = frozenset({az.OP_DEVICE_REVOKE, az.OP_DEVICE_REPLACE, az.OP_OPERATOR_REMOVE})
 
 
 def _malformed(reason: str) -> ProtocolError:
@@ -142,21 +159,29 @@ class FeedState:
     head: bytes = GENESIS
     time: int = 0
     revoked: frozenset[tuple[str, bytes]] = frozenset()
+    operators: frozenset[tuple[bytes, str, int]] = frozenset()
 
     def is_revoked(self, device_id: str, key_hash: bytes) -> bool:
         return (device_id, key_hash) in self.revoked
 
+    def removed_operators(self) -> dict[bytes, int]:
+        """Certificate SHA-256 -> the time the quorum removed it (the earliest, if twice)."""
+        return _removed_map(self.operators)
+
     def to_state(self) -> dict[str, object]:
-        return {
+        state: dict[str, object] = {
             "seq": self.seq,
             "head": self.head,
             "time": self.time,
             "revoked": [[d, k] for d, k in sorted(self.revoked)],
         }
+        if self.operators:  # a state without removed operators reads as before
+            state["operators"] = [[h, o, t] for h, o, t in sorted(self.operators)]
+        return state
 
     @classmethod
     def parse_state(cls, value: object) -> FeedState:
-        m = codec.as_map(value, "revocations", {"seq", "head", "time", "revoked"})
+        m = codec.as_map(value, "revocations", {"seq", "head", "time", "revoked"}, {"operators"})
         pairs = codec.as_list(
             m["revoked"],
             "revocations.revoked",
@@ -167,11 +192,38 @@ class FeedState:
             (_device_id(p[0]), codec.as_bytes(p[1], "revocations.revoked.key", 32, 32))
             for p in pairs
         )
+        operators = frozenset(
+            (
+                codec.as_bytes(t[0], "revocations.operators.cert", HASH_SIZE, HASH_SIZE),
+                _operator_id(t[1]),
+                codec.as_uint(t[2], "revocations.operators.at", az.MAX_TIME),
+            )
+            for t in codec.as_list(
+                m.get("operators", []),
+                "revocations.operators",
+                MAX_REMOVED_OPERATORS,
+                lambda v, w: codec.as_list(v, w, 3, lambda x, y: x, min_len=3),
+            )
+        )
         seq = codec.as_uint(m["seq"], "revocations.seq", MAX_SEQ)
         head = codec.as_bytes(m["head"], "revocations.head", HASH_SIZE, HASH_SIZE)
         if (seq == 0) != (head == GENESIS):
             raise codec.fail("revocations", "head and seq disagree")
-        return cls(seq, head, codec.as_uint(m["time"], "revocations.time", az.MAX_TIME), revoked)
+        time = codec.as_uint(m["time"], "revocations.time", az.MAX_TIME)
+        return cls(seq, head, time, revoked, operators)
+
+
+def _removed_map(operators: frozenset[tuple[bytes, str, int]]) -> dict[bytes, int]:
+    removed: dict[bytes, int] = {}
+    for cert_hash, _operator, at in operators:
+        removed[cert_hash] = min(at, removed.get(cert_hash, at))
+    return removed
+
+
+def _operator_id(value: object) -> str:
+    if type(value) is not str or not 0 < len(value) <= codec.MAX_DEVICE_ID:
+        raise codec.fail("revocations.operators.id", "expected an operator id")
+    return value
 
 
 def _device_id(value: object) -> str:
@@ -220,36 +272,58 @@ def advance(state: FeedState, head: RevocationFeed, check: AuthzCheck) -> FeedSt
     if prev != head.head:
         raise ProtocolError("revocation.fork", "the entries do not hash to the signed head")
     revoked = set(state.revoked)
+    operators = set(state.operators)
     for entry, _ in new:
-        revoked.update(_revoked_by(entry, check))
+        # each entry is judged without the operators removed by the entries before it
+        verified = _verified(entry, check, _removed_map(frozenset(operators)))
+        request = verified.request
+        if request.op == az.OP_OPERATOR_REMOVE:
+            operators.add(_removed_operator(entry, request))
+            continue
+        # a replacement (RMA) revokes its old identity, never the new one that takes its place
+        members = request.members[:1] if request.op == az.OP_DEVICE_REPLACE else request.members
+        revoked.update((m.device_id, m.key) for m in members)
     if len(revoked) > MAX_REVOKED:
         raise _malformed(f"more than {MAX_REVOKED} revoked identities")
-    return FeedState(head.seq, head.head, head.time, frozenset(revoked))
+    if len(operators) > MAX_REMOVED_OPERATORS:
+        raise _malformed(f"more than {MAX_REMOVED_OPERATORS} removed operator certificates")
+    return FeedState(head.seq, head.head, head.time, frozenset(revoked), frozenset(operators))
 
 
-def _revoked_by(entry: FeedEntry, check: AuthzCheck) -> Iterable[tuple[str, bytes]]:
+def _verified(
+    entry: FeedEntry, check: AuthzCheck, removed: Mapping[bytes, int]
+) -> az.VerifiedAuthorization:
+    """The entry's Authorization verified as the op its request names (``device.revoke``,
+    ``device.replace`` or ``operator.remove``); ``revocation.authz`` otherwise."""
     try:
-        verified = check(entry.authz)
+        op = az.Request.decode(az.Authorization.decode(entry.authz).request).op
+        if op not in ENTRY_OPS:
+            raise ProtocolError("authz.scope", f"{op!r} is not a revocation")
+        return check(entry.authz, op, removed)
     except ProtocolError as exc:
         raise ProtocolError(
             "revocation.authz",
             f"entry {entry.seq}: the revocation's authorization does not verify "
             f"([{exc.check}] {exc.reason})",
         ) from None
-    request = verified.request
-    # a replacement (RMA) revokes its old identity, never the new one that takes its place
-    members = request.members[:1] if request.op == az.OP_DEVICE_REPLACE else request.members
-    return [(m.device_id, m.key) for m in members]
 
 
-def entry_op(signed: bytes) -> str:
-    """The op an entry's Authorization is checked as: ``device.replace`` for a replacement's
-    entry, otherwise ``device.revoke`` (so anything else is refused as ``authz.scope``)."""
+def _removed_operator(entry: FeedEntry, request: az.Request) -> tuple[bytes, str, int]:
+    """(certificate SHA-256, operator id, removed at) of a verified ``operator.remove``: the
+    entry's time held within the request's window (the service executed it inside it)."""
+    assert request.subject is not None  # Request requires it of operator ops
     try:
-        op = az.Request.decode(az.Authorization.decode(signed).request).op
-    except ProtocolError:
-        return az.OP_DEVICE_REVOKE  # the check refuses it with its own reason
-    return az.OP_DEVICE_REPLACE if op == az.OP_DEVICE_REPLACE else az.OP_DEVICE_REVOKE
+        subject = OperatorSubject.decode(request.subject)
+    except ProtocolError as exc:
+        raise ProtocolError(
+            "revocation.authz", f"entry {entry.seq}: [{exc.check}] {exc.reason}"
+        ) from None
+    if subject.op != az.OP_OPERATOR_REMOVE:
+        raise ProtocolError(
+            "revocation.authz", f"entry {entry.seq}: the subject names {subject.op!r}"
+        )
+    at = min(max(entry.time, request.nbf), request.exp)
+    return subject.cert_sha256, subject.operator, at
 
 
 def open_head(payload: bytes, resolver: KeyResolver, *, now: int, recipient: str) -> RevocationFeed:

@@ -20,7 +20,10 @@ device accepts
 
 - **no** leaf, KeyPackage or committer whose identity (device id and DevID key) the revocation
   feed it keeps names (``cred.revoked``; ``agent.protocol.feed``), even with a valid quorum for
-  the add: the revocation is the later, stronger fact.
+  the add: the revocation is the later, stronger fact;
+- **no** approval by an operator certificate the feed names as removed by the quorum, in any
+  Authorization it checks (changes, admissions, policies, releases, later feed entries), for a
+  request judged at or after the removal (``operator.removed``).
 
 The quorum policy a device applies is the newest one it has verified. Policies form a chain: the
 first is approved under ``QuorumPolicy.initial(min_approvals)`` (``min_approvals`` fixed at
@@ -33,7 +36,7 @@ policy, and a member that missed a policy catches up from the chain.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -171,7 +174,11 @@ class Membership:
         m = codec.as_map(
             value, "membership", {"policies", "consumed", "readdable"}, {"revocations"}
         )
-        policy, policies = self._follow(self.base, (), _chain(m["policies"], "membership.policies"))
+        # the chain verifies again as it was adopted: a link adopted before the device learned
+        # of a removal stays adopted (nothing executed is undone), so no removals apply here
+        policy, policies = self._follow(
+            self.base, (), _chain(m["policies"], "membership.policies"), {}
+        )
         consumed = codec.as_list(
             m["consumed"],
             "membership.consumed",
@@ -239,13 +246,14 @@ class Membership:
     def follow_feed(self, head: RevocationFeed) -> bool:
         """Advance the revocation feed to ``head`` (a verified ``revocation.feed`` body): each
         new entry's Authorization is checked as a fleet-wide ``device.revoke`` (or the
-        ``device.replace`` that revoked a replaced device) under our quorum policy,
-        historically. True if the feed moved; ``revocation.*`` refusals change nothing
-        (``agent.protocol.feed.advance``)."""
+        ``device.replace`` that revoked a replaced device) or ``operator.remove`` under our
+        quorum policy, historically. True if the feed moved; ``revocation.*`` refusals change
+        nothing (``agent.protocol.feed.advance``)."""
 
-        def check(signed: bytes) -> az.VerifiedAuthorization:
-            op = revocation_feed.entry_op(signed)
-            return self.approvals.verify(signed, policy=self.policy, now=None, op=op, group=None)
+        def check(signed: bytes, op: str, removed: Mapping[bytes, int]) -> az.VerifiedAuthorization:
+            return self.approvals.verify(
+                signed, policy=self.policy, now=None, op=op, group=None, removed=removed
+            )
 
         advanced = revocation_feed.advance(self.revocations, head, check)
         if advanced is None:
@@ -258,27 +266,41 @@ class Membership:
         checked like a feed entry: fleet-wide, under our quorum policy, historically (a release
         outlives its request's window)."""
         return self.approvals.verify(
-            signed, policy=self.policy, now=None, op=az.OP_RELEASE_APPROVE, group=None
+            signed,
+            policy=self.policy,
+            now=None,
+            op=az.OP_RELEASE_APPROVE,
+            group=None,
+            removed=self.revocations.removed_operators(),
         )
 
     # -- policy ---------------------------------------------------------------------------------
 
     def _follow(
-        self, policy: az.QuorumPolicy, known: tuple[bytes, ...], chain: tuple[bytes, ...]
+        self,
+        policy: az.QuorumPolicy,
+        known: tuple[bytes, ...],
+        chain: tuple[bytes, ...],
+        removed: Mapping[bytes, int],
     ) -> tuple[az.QuorumPolicy, tuple[bytes, ...]]:
         """Follow ``chain`` (oldest first) on from ``policy`` (whose chain is ``known``): links
-        already known are skipped, each new one must be approved under the one before it."""
+        already known are skipped, each new one must be approved under the one before it, by
+        operators not ``removed`` when it was made."""
         for signed in chain:
             if signed in known:
                 continue
-            policy = self.approvals.verify_policy_update(signed, current=policy, now=None)
+            policy = self.approvals.verify_policy_update(
+                signed, current=policy, now=None, removed=removed
+            )
             known = (*known, signed)
         return policy, known[-MAX_POLICIES:]
 
     def adopt_policies(self, chain: tuple[bytes, ...]) -> None:
         """Follow the service's chain of signed policies (``authz.*`` if a link does not
         verify; then nothing changes)."""
-        self.policy, self.policies = self._follow(self.policy, self.policies, chain)
+        self.policy, self.policies = self._follow(
+            self.policy, self.policies, chain, self.revocations.removed_operators()
+        )
 
     def envelope(self, authz: bytes) -> bytes:
         """A committer's ``authz`` field: the change's Authorization with our policy chain."""
@@ -286,7 +308,9 @@ class Membership:
 
     def _judged(self, envelope: ChangeAuthorization) -> az.QuorumPolicy:
         """The policy a change is judged under: ours, followed along the chain it carries."""
-        policy, _ = self._follow(self.policy, self.policies, envelope.policies)
+        policy, _ = self._follow(
+            self.policy, self.policies, envelope.policies, self.revocations.removed_operators()
+        )
         return policy
 
     # -- leaves and key packages ----------------------------------------------------------------
@@ -367,6 +391,7 @@ class Membership:
             now=now if fresh else None,
             op=op,
             group=None if op in az.FLEET_OPS else group,
+            removed=self.revocations.removed_operators(),
         )
         if op == az.OP_DEVICE_REPLACE and adds:
             _check_replaced_group(verified, group)
@@ -441,6 +466,8 @@ class Membership:
             now=now if is_own else None,
             op=op,
             group=None if op in az.FLEET_OPS else group,
+            removed=self.revocations.removed_operators(),
+            executed=True,  # the committer made the add: judged at the request's time
         )
         members = verified.request.members
         if op == az.OP_DEVICE_REPLACE:

@@ -1,9 +1,10 @@
 """The revocation feed, service side (docs/authorization.md, "The revocation feed").
 
-When operators' approvals of a ``device.revoke`` request meet the quorum, the service appends the
-request's Authorization to the feed (``on_revoked``, in the transaction that executes the
-request) and publishes the feed's head, signed like every service message and **retained** on
-``kf/v1/feed/revocations``, with the newest entries. A device whose ``keys.report`` shows an
+When operators' approvals of a ``device.revoke`` request, or admins' approvals of an
+``operator.remove`` request, meet the quorum, the service appends the request's Authorization
+to the feed (``on_revoked``, in the transaction that executes the request) and publishes the
+feed's head, signed like every service message and **retained** on ``kf/v1/feed/revocations``,
+with the newest entries. A device whose ``keys.report`` shows an
 older feed gets the entries it lacks as pages on its command topic (``on_report``); how far each
 device is, is recorded for the dashboard and operators (``lagging``).
 
@@ -83,7 +84,8 @@ def publish_head(session: Session, *, now: int) -> Effects:
 
 
 def on_revoked(session: Session, authz: bytes, *, now: int) -> Effects:
-    """A revocation was executed under ``authz``: append it and publish the new head."""
+    """A revocation (of devices or of an operator) was executed under ``authz``: append it and
+    publish the new head."""
     seq = append(session, authz, now=now)
     return [
         Log(logging.INFO, "revocation feed entry %d appended", (seq,)),

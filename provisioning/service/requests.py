@@ -419,10 +419,18 @@ def execute_request(
         authorization_bytes, policy=policy, now=now, op=stored.op, group=stored.group_id
     )
     if stored.op in authz.OPERATOR_OPS:
+
+        def run_operator_op() -> Effects:
+            effects = operatorops.execute(cx, session, stored, verified, now=now)
+            if stored.op == authz.OP_OPERATOR_REMOVE:
+                # devices stop counting the removed operator's approvals through the feed
+                effects = [*effects, *feed.on_revoked(session, authorization_bytes, now=now)]
+            return effects
+
         return execute_service_op(
             session,
             stored,
-            lambda: operatorops.execute(cx, session, stored, verified, now=now),
+            run_operator_op,
             detail=f"{stored.op} done",
             operator=operator,
             now=now,

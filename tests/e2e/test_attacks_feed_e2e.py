@@ -6,7 +6,8 @@ revoke's Authorization to the feed and publishes the head retained; every other 
 entry in its kept feed within ``FEED_BOUND`` seconds, and the service records how far each one
 is. Then a broker tap (the service's TLS identity, as a wire tap at the broker sees and sends)
 replays the older retained head, and publishes a head signed by a key of its own: each agent
-refuses it by check id and its feed stays where it was.
+refuses it by check id and its feed stays where it was. Last, an admin removes an operator: the
+agents take the removal from the feed and hold that operator as removed.
 """
 
 from __future__ import annotations
@@ -140,3 +141,25 @@ def test_peers_learn_a_revocation_and_refuse_replayed_and_forged_heads(fleet_lab
         assert (d0.status() or {})["revocation_feed"] == before
     finally:
         tap.close()
+
+
+def test_agents_learn_an_operator_removal_from_the_feed(fleet_lab: Lab) -> None:
+    """An admin removes an operator (``keyfleet operator remove``, the lab's quorum of one admin):
+    the removal's Authorization becomes the next feed entry, and the agent on swtpm verifies it
+    and holds the operator as removed (its status names it), so it no longer counts that
+    operator's approvals of later requests (docs/authorization.md, "Removed operators")."""
+    lab = fleet_lab
+    d0 = lab.devices[0]
+    before = feed_seq(d0)
+    assert before is not None
+    result = lab.op("operator", "remove", "op-ops", operator="op-admin")
+    assert result.returncode == 0, str(result)
+    took = wait_feed([d0], before + 1, timeout=FEED_BOUND)
+    print(f"{d0.id} held the removal {took:.1f} s after the command returned")
+    feed = (d0.status() or {})["revocation_feed"]
+    assert feed["removed_operators"] == ["op-ops"], feed
+    with lab.session() as session:
+        newest = session.scalars(
+            select(RevocationFeedRow).order_by(RevocationFeedRow.seq.desc()).limit(1)
+        ).one()
+        assert newest.seq == before + 1

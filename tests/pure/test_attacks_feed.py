@@ -1,8 +1,9 @@
 """The revocation feed at the device cores (pure: software keys, the FakeService of
 test_agent_core). Members that hold a revocation refuse the revoked identity even under a valid
 quorum for its add; the feed head on the retained topic is refused when it goes back, forks, is
-signed by another key or carries an entry no quorum approved. Each attack names its adversary
-and checks the check id and that nothing changed."""
+signed by another key or carries an entry no quorum approved; a removed operator's approval
+does not count once the feed names the removal. Each attack names its adversary and checks the
+check id and that nothing changed."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from tests.pure.test_agent_core import (
     refused_without_change,
     state_bytes,
 )
+from tests.pure.test_feed_operators import removal
 
 pytestmark = pytest.mark.pure
 
@@ -88,7 +90,12 @@ def test_members_learn_a_revocation_and_refuse_the_revoked_devices_key_package()
     out = a.handle(retained(service, head), REVOCATION_FEED_TOPIC, service.now)
     assert out.refused is None and out.changed and out.handled == "revocation.feed"
     assert a.membership.revocations.seq == 1
-    assert a.status()["revocation_feed"] == {"seq": 1, "time": T0, "revoked": 1}
+    assert a.status()["revocation_feed"] == {
+        "seq": 1,
+        "time": T0,
+        "revoked": 1,
+        "removed_operators": [],
+    }
     # the next keys.report tells the service how far this device's feed is
     (report,) = service.bodies("dev-a", a.report(service.now))
     assert isinstance(report, KeyStateReport) and report.feed == 1
@@ -202,3 +209,33 @@ def test_the_kept_feed_survives_a_restart_and_an_old_state_starts_empty() -> Non
     fresh = service.restarted(a)
     fresh.restore(legacy)
     assert fresh.membership.revocations.seq == 0
+
+
+def test_a_removed_operators_approval_no_longer_admits_a_member_at_the_device() -> None:
+    """Removed operator (with a service that still relays its approvals): once a member holds
+    the feed entry of the operator's removal (admins' quorum), a change that operator approved
+    after it is refused with operator.removed and nothing changes; the same change approved by
+    operators still in office is committed."""
+    service, _ = two_members_and_a_candidate()
+    a = service.devices["dev-a"]
+    removed_at = service.now
+    entry = FeedEntry.after(0, GENESIS, time=removed_at, authz=removal("op-bob", nbf=T0 - 60))
+    head = page([entry.encode()], time=removed_at)
+    assert a.handle(retained(service, head), REVOCATION_FEED_TOPIC, service.now).changed
+    assert a.status()["revocation_feed"]["removed_operators"] == ["op-bob"]  # type: ignore[index]
+    kp = service.key_package("dev-c")
+    member = [("dev-c", KeyPackage.decode(kp).signature_key)]
+
+    def add(*approvers: str) -> tuple[bytes, str]:
+        authz = authorize("group.add", G, member, approvers=approvers, now=removed_at + 60)
+        body = CommitRequest(
+            cmd(), G, a.epoch(G) or 0, CommitAction.ADD, member="dev-c", key_package=kp, authz=authz
+        )
+        return service.command("dev-a", body)
+
+    payload, topic = add("op-alice", "op-bob")
+    assert refused_without_change(a, payload, topic, service.now) == "operator.removed"
+    assert a.rejections.count("operator.removed") == 1
+    payload, topic = add("op-alice", "op-carol")
+    out = a.handle(payload, topic, service.now)
+    assert out.refused is None and out.changed

@@ -6,6 +6,7 @@ strict decoding, state that survives a restart. Real operator and device CAs
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -219,9 +220,10 @@ def test_advance_is_pure() -> None:
     entries, _ = build(2)
     state = FeedState()
 
-    def check(signed: bytes) -> az.VerifiedAuthorization:
+    def check(signed: bytes, op: str, removed: Mapping[bytes, int]) -> az.VerifiedAuthorization:
+        assert op == "device.revoke" and not removed
         return device().approvals.verify(
-            signed, policy=az.QuorumPolicy.initial(2), now=None, op="device.revoke", group=None
+            signed, policy=az.QuorumPolicy.initial(2), now=None, op=op, group=None
         )
 
     after = advance(state, page(entries, time=T0), check)

@@ -9,6 +9,7 @@ The fleet is test_service_core's (a real SQLite file, a real operator CA) with d
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from sqlalchemy import select, update
 
 from agent.protocol import authz
 from agent.protocol.errors import ProtocolError
+from agent.protocol.membership import Membership
+from agent.protocol.operatorsubject import OperatorSubject
 from agent.protocol.wire import cbor as codec
 from agent.protocol.wire.messages.operator import ListRequests, Propose
 from agent.protocol.wire.messages.result import RequestState
@@ -27,8 +30,7 @@ from provisioning.db.schema import Operator
 from provisioning.operators_cli import check_bootstrap_open, operator_rows
 from provisioning.registry import Registry, Role
 from provisioning.requests_cli import check_proposed
-from provisioning.service import store
-from provisioning.service.operatorops import OperatorSubject
+from provisioning.service import feed, store
 from provisioning.service.store.quorum import StoredRequest
 from tests.pure.test_service_core import T0, Fleet, make_fleet
 from tests.pure.test_service_requests import add_operator, approve, propose, refusal
@@ -213,6 +215,47 @@ def test_removal_refuses_the_operator_and_withdraws_its_pending_approvals(fleet:
     assert again is None and "operator.removed" in refusal(fleet, cid)
 
 
+def test_a_removal_becomes_a_feed_entry_devices_verify_and_act_on(fleet: Fleet) -> None:
+    assert fleet.operator_ca is not None and fleet.device_ca is not None
+    remove_bob(fleet)
+    with fleet.sessions() as s:
+        head = feed.head(s, now=fleet.now)
+    assert head is not None and head.seq == 1
+    device = Membership(
+        device_cas=(fleet.device_ca.certificate,),
+        operator_cas=(fleet.operator_ca.certificate,),
+        min_approvals=2,
+        require_tpm=False,
+    )
+    assert device.follow_feed(head)
+    bob = hashlib.sha256(der(fleet.operators["op-bob"])).digest()
+    assert device.revocations.removed_operators() == {bob: fleet.now}
+
+    def later_release(*approvers: str) -> bytes:
+        request = authz.Request(
+            id=os.urandom(16),
+            op=authz.OP_RELEASE_APPROVE,
+            group=None,
+            members=(),
+            policy=None,
+            nbf=fleet.now,
+            exp=fleet.now + 60,
+            by=approvers[0],
+            subject=b"release 2",
+        ).encode()
+        approvals = tuple(
+            authz.sign_approval(request, fleet.operators[a].key, fleet.operators[a].cert)
+            for a in approvers
+        )
+        return authz.Authorization(request, approvals).encode()
+
+    with pytest.raises(ProtocolError) as err:
+        device.check_release_approval(later_release("op-bob", "op-carol"))
+    assert err.value.check == "operator.removed"
+    counted = device.check_release_approval(later_release("op-admin", "op-carol"))
+    assert counted.operators == {"op-admin", "op-carol"}
+
+
 def test_the_last_active_admin_is_not_removed(fleet: Fleet) -> None:
     remove_bob(fleet)
     _cid, info = propose_operator(fleet, "op-admin", "operator.remove", "op-carol")
@@ -312,6 +355,8 @@ def test_a_forged_removal_removes_nobody(fleet: Fleet) -> None:
             now=fleet.now,
         )
     assert can_command(fleet, fleet.operators["op-carol"])
+    with fleet.sessions() as s:  # nor does it reach the devices' feed
+        assert feed.head(s, now=fleet.now) is None
 
 
 # -- the local bootstrap ------------------------------------------------------------------------
