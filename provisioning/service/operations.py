@@ -100,8 +100,8 @@ def build_result(
     (the body's own check, or ``wire.oversize``) when it cannot be built: the caller ends
     the operation ``failed`` instead (``ds.result.build``), so the operator is told why
     rather than waiting for a timeout."""
-    body = OperatorResult(
-        operation.command_id, status, detail[:1000], tuple(acked), tuple(pending), epoch
+    body = OperatorResult.of(
+        operation.command_id, status, detail[:1000], acked=acked, pending=pending, epoch=epoch
     )
     size = len(cbor.encode(body.to_cbor_map()))
     if size > OperatorResult.MAX_MESSAGE_SIZE - ENVELOPE_ROOM:
