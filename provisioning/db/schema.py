@@ -137,6 +137,10 @@ class Device(Base):
     # The AK's public area (marshalled TPM2B_PUBLIC) as enrolled: the attestation verifier checks
     # quotes with it. NULL for devices registered without one (they cannot be attested).
     ak_public: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # When the attestation schedule next looks at this device (Unix seconds; 0: at once). The
+    # scan reads only the rows due, by this index, instead of every device every tick
+    # (provisioning.service.tasks.attest_tick).
+    attest_due: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0", index=True)
 
     keys: Mapped[list[DeviceKey]] = relationship(
         back_populates="device", cascade="all, delete-orphan"
