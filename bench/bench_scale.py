@@ -1,5 +1,6 @@
 """Fleet-wide scans at scale: what one tick of the attestation schedule costs with 100,000
-registered devices (docs/bench/README.md, "Fleet scale").
+registered devices, and what the catch-up check costs in a group of 10,000 (docs/bench/
+README.md, "Fleet scale").
 
 Not a test: prints a JSON list of records to stdout (progress to stderr).
 
@@ -14,6 +15,13 @@ from, their last attestation spread evenly over the interval, so a 5-second scan
 - a steady-state tick: the same, plus challenging the devices due in it (each challenge is its
   own transaction and a signed message, work proportional to what is due, not to the fleet);
 - for comparison, one read of every device as the schedule did before the index.
+
+Catch-up: a group of ``GROUP_N`` members at epoch ``EPOCH`` with the commit log's retention
+(64 epochs) of commits and every member's acks for them (about 650,000 ack rows), seeded the
+same way. Timed over ``REPEATS`` runs of the service's catch-up (``catchup.catch_up``: the
+device's memberships, the newest epoch it is proven to hold, the commits it lacks, queued):
+for a device back after ``BEHIND`` epochs (its last ack the oldest kept), and for an up-to-date
+member, the check every report of every member runs.
 """
 
 from __future__ import annotations
@@ -29,20 +37,25 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, text, update
 
 from firmware_sim.boot import default_components
 from provisioning import pki
 from provisioning.db.runtime import create_service_schema
-from provisioning.db.schema import Device, DeviceState
+from provisioning.db.schema import Ack, CommitLogEntry, Device, DeviceState, Group, GroupMember
 from provisioning.policy import policy_from_components
 from provisioning.registry import Registry, create_schema, make_engine, session_factory
-from provisioning.service import intake, tasks
+from provisioning.service import catchup, intake, tasks
 from provisioning.service.context import Call, Clock
 from provisioning.service.core import AttestationSettings, DeliveryService, ServiceSettings
 from provisioning.service.tasks import ATTEST_SCAN_SECONDS
 
 DEVICES = 100_000
+GROUP_N = 10_000
+EPOCH = 100
+BEHIND = 64
+REPEATS = 20
+G = "g-bench"
 INTERVAL = 3600
 TICKS = 20
 T0 = 1_800_000_000
@@ -199,9 +212,150 @@ def attestation_records(directory: Path) -> list[dict[str, Any]]:
     ]
 
 
+def seed_group(url: str, *, now: int) -> None:
+    """``GROUP_N`` members of ``G`` at ``EPOCH``, the last 64 commits kept, every member's
+    acks of the kept epochs, but ``dev-000000``'s: its last ack is the oldest kept epoch."""
+    engine = make_engine(url)
+    first_kept = EPOCH - BEHIND
+    commit = bytes(range(256)) * 12  # about a commit's size in a group this large
+    with engine.begin() as connection:
+        connection.execute(
+            insert(Group),
+            [
+                {
+                    "group_id": G,
+                    "epoch": EPOCH,
+                    "public_tree": b"bench",
+                    "group_context": b"bench",
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            ],
+        )
+        connection.execute(
+            insert(GroupMember),
+            [
+                {
+                    "group_id": G,
+                    "device_id": f"dev-{i:06}",
+                    "leaf_index": i,
+                    "joined_epoch": 0,
+                    "requested_at": now,
+                }
+                for i in range(GROUP_N)
+            ],
+        )
+        connection.execute(
+            insert(CommitLogEntry),
+            [
+                {
+                    "group_id": G,
+                    "epoch": epoch,
+                    "committer": f"dev-{1 + epoch % (GROUP_N - 1):06}",
+                    "commit": commit,
+                    "accepted_at": now - 3600,
+                    "accepted_at_ms": (now - 3600) * 1000,
+                }
+                for epoch in range(first_kept, EPOCH)
+            ],
+        )
+        for epoch in range(first_kept, EPOCH + 1):
+            members = range(GROUP_N) if epoch == first_kept else range(1, GROUP_N)
+            connection.execute(
+                insert(Ack),
+                [
+                    {
+                        "group_id": G,
+                        "epoch": epoch,
+                        "device_id": f"dev-{i:06}",
+                        "epoch_authenticator": epoch.to_bytes(32, "big"),
+                        "received_at": now - 3600,
+                        "received_at_ms": (now - 3600) * 1000,
+                    }
+                    for i in members
+                ],
+            )
+    engine.dispose()
+
+
+def timed_catch_up(service: DeliveryService, device_id: str, now: int) -> tuple[list[float], int]:
+    """(ms per run, commits queued by the last run)."""
+    times, queued = [], 0
+    for _ in range(REPEATS):
+        service._env.catchup_sent.clear()  # each run plans afresh, as another instance would
+        cx = Call(service._env, Clock.reading(now))
+        begin = time.perf_counter()
+        catchup.catch_up(cx, device_id, now)
+        times.append((time.perf_counter() - begin) * 1000)
+        queued = len(cx.outbox)
+    return times, queued
+
+
+def catch_up_records(directory: Path) -> list[dict[str, Any]]:
+    with service_on(directory) as (url, service):
+        begin = time.monotonic()
+        seed_devices(url, GROUP_N, now=T0, interval=INTERVAL)
+        seed_group(url, now=T0)
+        progress(
+            f"seeded a group of {GROUP_N} at epoch {EPOCH} in {time.monotonic() - begin:.1f} s"
+        )
+        behind, queued = timed_catch_up(service, "dev-000000", T0)
+        current, none = timed_catch_up(service, f"dev-{GROUP_N - 1:06}", T0)
+        # the same without the two indexes of revision 0015, as before it
+        with service._env.sessions.begin() as s:
+            s.execute(text("DROP INDEX ix_acks_group_device_epoch"))
+            s.execute(text("DROP INDEX ix_commit_log_group_committer_epoch"))
+        unindexed, _ = timed_catch_up(service, "dev-000000", T0)
+    if queued != BEHIND or none != 0:
+        raise RuntimeError(f"catch-up queued {queued} and {none} commits, not {BEHIND} and 0")
+    progress(f"behind (ms): {[round(t, 2) for t in behind]}")
+    progress(f"up to date (ms): {[round(t, 2) for t in current]}")
+    progress(f"behind, without the indexes (ms): {[round(t, 2) for t in unindexed]}")
+    behind_ms = round(statistics.median(behind), 2)
+    current_ms = round(statistics.median(current), 2)
+    unindexed_ms = round(statistics.median(unindexed), 2)
+    return [
+        {
+            "name": f"catchup_ms_behind{BEHIND}_n{GROUP_N}",
+            "value": behind_ms,
+            "unit": f"ms (median of {REPEATS}: a member back after {BEHIND} epochs in a group of "
+            f"{GROUP_N}: its epoch found, the {BEHIND} commits read and queued; SQLite)",
+            "target": None,
+            "met": None,
+            "runs_ms": [round(t, 2) for t in behind],
+        },
+        {
+            "name": f"catchup_unindexed_ms_behind{BEHIND}_n{GROUP_N}",
+            "value": unindexed_ms,
+            "unit": f"ms (the same, same run, without the catch-up indexes: "
+            f"{round(unindexed_ms / behind_ms, 1)}x)",
+            "target": None,
+            "met": None,
+            "runs_ms": [round(t, 2) for t in unindexed],
+        },
+        {
+            "name": f"catchup_check_ms_current_n{GROUP_N}",
+            "value": current_ms,
+            "unit": f"ms (median of {REPEATS}: the same check for an up-to-date member, run on "
+            "each of its reports)",
+            "target": None,
+            "met": None,
+            "runs_ms": [round(t, 2) for t in current],
+        },
+    ]
+
+
 def main() -> None:
+    which = sys.argv[1:] or ["attestation", "catchup"]
+    records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kf-bench-scale-") as tmp:
-        print(json.dumps(attestation_records(Path(tmp)), indent=1))
+        if "attestation" in which:
+            (Path(tmp) / "attestation").mkdir()
+            records += attestation_records(Path(tmp) / "attestation")
+        if "catchup" in which:
+            (Path(tmp) / "catchup").mkdir()
+            records += catch_up_records(Path(tmp) / "catchup")
+    print(json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":

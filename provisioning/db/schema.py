@@ -233,6 +233,10 @@ class CommitLogEntry(Base):
     the first valid one wins", enforced by the database for every service instance."""
 
     __tablename__ = "commit_log"
+    # the newest commit a member made in a group (catch-up: the epoch it is proven to hold)
+    __table_args__ = (
+        Index("ix_commit_log_group_committer_epoch", "group_id", "committer", "epoch"),
+    )
 
     group_id: Mapped[str] = mapped_column(
         ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True
@@ -253,7 +257,12 @@ class Ack(Base):
     section 8.7): public, yet equal only among members that derived the same epoch secrets."""
 
     __tablename__ = "acks"
-    __table_args__ = (Index("ix_acks_group_epoch", "group_id", "epoch"),)
+    __table_args__ = (
+        Index("ix_acks_group_epoch", "group_id", "epoch"),
+        # the newest epoch a member acked (catch-up, on every report): one index seek, where
+        # the primary key (group, epoch, device) made it a scan of the group's kept acks
+        Index("ix_acks_group_device_epoch", "group_id", "device_id", "epoch"),
+    )
 
     group_id: Mapped[str] = mapped_column(
         ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True
