@@ -338,7 +338,9 @@ def finish(
             details={
                 "command_id": key,
                 "operator": operation.operator,
-                "pending": ",".join(pending),
+                # as the result names them: the first stragglers and how many there are
+                "pending": ",".join(body.stragglers),
+                "pending_count": body.pending,
                 "at_ms": cx.clock.ms,
             },
         )
