@@ -32,6 +32,7 @@ BENCHES = (
     "bench_token",
     "bench_full_rekey",
     "bench_wedge",
+    "bench_scale",
 )
 AT_LEAST = {"attestation_verify_per_core", "commit_vs_baseline_ratio_n1024"}
 COMMIT_N = 1024

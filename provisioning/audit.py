@@ -25,6 +25,10 @@ reordering is found by ``verify_chain`` and named by sequence number. What it ca
 that nobody cut entries off the end and also rewrote ``audit_head``, or rewrote a whole suffix and
 recomputed its hashes. Against that, record the head (seq and hash, printed by ``keyfleet audit
 verify``) somewhere else and pass it back as ``anchor``.
+
+``verify_from`` verifies incrementally from such a remembered head (the dashboard's check: its
+cost follows the entries appended since, not the log), and ``recheck`` re-verifies a window of
+old entries, so that repeated checks still sweep the whole log for entries edited in place.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import enum
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cbor2
@@ -60,6 +64,17 @@ class ProblemKind(enum.StrEnum):
     GAP = "gap"
     ANCHOR = "anchor mismatch"
     HEAD = "head mismatch"
+    VERIFIED = "verified entry changed"
+
+
+CHECKS: dict[ProblemKind, str] = {
+    ProblemKind.HASH_MISMATCH: "audit.chain.hash",
+    ProblemKind.BROKEN_LINK: "audit.chain.link",
+    ProblemKind.GAP: "audit.chain.gap",
+    ProblemKind.ANCHOR: "audit.chain.anchor",
+    ProblemKind.HEAD: "audit.chain.head",
+    ProblemKind.VERIFIED: "audit.chain.verified",
+}
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,11 @@ class ChainProblem:
     seq: int
     kind: ProblemKind
     reason: str
+
+    @property
+    def check(self) -> str:
+        """The check id (docs/checks.md) logs and alerts key on."""
+        return CHECKS[self.kind]
 
 
 @dataclass(frozen=True)
@@ -350,7 +370,9 @@ def find_entries(
     return [record_of(row) for row in reversed(list(newest))]
 
 
-def _raw_rows(session: Session, batch: int) -> Iterator[tuple[Any, ...]]:
+def _raw_rows(
+    session: Session, batch: int, *, after: int = 0, upto: int | None = None
+) -> Iterator[tuple[Any, ...]]:
     # Raw column values: a tampered row (an unknown outcome, a text in a number column) must be
     # reported by the verifier, not crash the ORM's type conversion.
     query = select(
@@ -365,6 +387,10 @@ def _raw_rows(session: Session, batch: int) -> Iterator[tuple[Any, ...]]:
         AuditEntry.prev_hash,
         AuditEntry.entry_hash,
     ).order_by(AuditEntry.seq)
+    if after:
+        query = query.where(AuditEntry.seq > after)
+    if upto is not None:
+        query = query.where(AuditEntry.seq <= upto)
     # closed when the walk stops early too (a bad entry): on PostgreSQL yield_per is a server-side
     # cursor, which must not be left to the garbage collector
     with session.execute(query.execution_options(yield_per=batch)) as result:
@@ -384,9 +410,92 @@ def verify_chain(
     chain must still contain that entry with that hash (``anchor mismatch`` otherwise: the log
     was cut or rewritten from there).
     """
+    return _walk(session, start=(0, GENESIS_PREV_HASH), anchor=anchor, batch=batch)
+
+
+def verify_from(
+    session: Session, verified: tuple[int, bytes], *, batch: int = 1000
+) -> VerifyResult:
+    """Verify only what was appended since an earlier good verification that ended at
+    ``verified`` (its head seq and hash): the cost follows the new entries, not the log.
+
+    The remembered entry must still be there, hash to its stored hash from its content and its
+    stored link, and that hash must be the remembered one (``verified entry changed``
+    otherwise: the log was cut back past it, or history up to it was rewritten and its hashes
+    recomputed, which changes every later hash). Then every later entry is checked as
+    ``verify_chain`` does, starting from the remembered hash, and ``audit_head`` must match the
+    end. An older entry edited in place without recomputing hashes is not read here:
+    ``recheck`` (a window of old entries at a time) and ``verify_chain`` (all of them, as
+    ``keyfleet audit verify`` runs) find it."""
+    seq, expected = verified
+    if seq == 0:
+        return verify_chain(session, batch=batch)
+    row = next(_raw_rows(session, 1, after=seq - 1, upto=seq), None)
+    stored = _stored_hash(row)
+    if row is None or stored is None or stored != expected:
+        found = "is gone" if row is None else "no longer has the hash it had"
+        problem = ChainProblem(
+            seq,
+            ProblemKind.VERIFIED,
+            f"entry {seq}, verified earlier as the head, {found}: the log was cut back or "
+            "rewritten up to it",
+        )
+        return VerifyResult(entries=0, head_seq=0, head_hash=GENESIS_PREV_HASH, problem=problem)
+    walked = _walk(session, start=(seq, expected), batch=batch)
+    return replace(walked, entries=seq + walked.entries)
+
+
+def recheck(session: Session, first: int, last: int, *, batch: int = 1000) -> VerifyResult:
+    """Check entries ``first``..``last`` again (each one's hash from its content and link,
+    each link to the stored hash of the entry before), without the rest of the log: run over
+    successive windows it finds an old entry edited in place, which ``verify_from`` does not
+    read. ``entries`` counts the entries of the window found good."""
+    before: bytes | None = GENESIS_PREV_HASH
+    if first > 1:
+        # the link to the entry before as stored (that entry's own content is checked in
+        # the window that holds it)
+        raw = session.scalar(select(AuditEntry.entry_hash).where(AuditEntry.seq == first - 1))
+        before = bytes(raw) if isinstance(raw, bytes | memoryview) else None
+    if before is None:
+        problem = ChainProblem(first - 1, ProblemKind.GAP, f"entry {first - 1} is missing")
+        return VerifyResult(entries=0, head_seq=0, head_hash=GENESIS_PREV_HASH, problem=problem)
+    return _walk(session, start=(first - 1, before), upto=last, batch=batch)
+
+
+def _stored_hash(row: tuple[Any, ...] | None) -> bytes | None:
+    """The stored hash of a raw row, if its content still hashes to it from its stored link."""
+    if row is None:
+        return None
+    seq, time, actor, action, target, outcome, reason, details, raw_prev, raw_hash = row
+    if not isinstance(raw_prev, bytes | memoryview) or not isinstance(raw_hash, bytes | memoryview):
+        return None
+    preimage = entry_preimage(
+        seq=seq,
+        time=time,
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome,
+        reason=reason,
+        details=details,
+    )
+    stored = bytes(raw_hash)
+    return stored if compute_hash(bytes(raw_prev), preimage) == stored else None
+
+
+def _walk(
+    session: Session,
+    *,
+    start: tuple[int, bytes],
+    anchor: tuple[int, bytes] | None = None,
+    upto: int | None = None,
+    batch: int,
+) -> VerifyResult:
+    """Check the entries after ``start`` (a seq and the hash the next must link to), up to
+    ``upto`` (then without the end's ``audit_head`` check) or to the end."""
     count = 0
-    expected_seq = 1
-    prev_hash = GENESIS_PREV_HASH
+    expected_seq = start[0] + 1
+    prev_hash = start[1]
     anchor_seen = False
 
     def result(problem: ChainProblem | None) -> VerifyResult:
@@ -405,7 +514,7 @@ def verify_chain(
         details,
         raw_prev,
         raw_hash,
-    ) in _raw_rows(session, batch):
+    ) in _raw_rows(session, batch, after=start[0], upto=upto):
         if not isinstance(seq, int) or seq != expected_seq:
             if isinstance(seq, int) and seq > expected_seq:
                 missing = (
@@ -469,6 +578,12 @@ def verify_chain(
         count += 1
         expected_seq = seq + 1
         prev_hash = stored
+    if upto is not None:
+        if expected_seq <= upto:
+            return result(
+                ChainProblem(expected_seq, ProblemKind.GAP, f"entry {expected_seq} is missing")
+            )
+        return result(None)
     recorded = session.execute(select(AuditHead.seq, AuditHead.entry_hash)).first()
     recorded_seq, recorded_hash = (0, GENESIS_PREV_HASH) if recorded is None else recorded
     if recorded_seq != expected_seq - 1 or bytes(recorded_hash) != prev_hash:

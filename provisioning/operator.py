@@ -355,13 +355,13 @@ class Progress:
             print(json.dumps(result_json(label, result), sort_keys=True), file=self.out)
             self.out.flush()
             return
-        total = len(result.acked) + len(result.pending)
+        total = result.acked + result.pending + result.failed
         epoch = "" if result.epoch is None else f" epoch {result.epoch}"
         if self.tty and result.status is ResultStatus.IN_PROGRESS and total:
             width = 24
-            filled = width * len(result.acked) // total
+            filled = width * result.acked // total
             bar = "#" * filled + "." * (width - filled)
-            line = f"\r{label} [{bar}] {len(result.acked)}/{total} acked{epoch}"
+            line = f"\r{label} [{bar}] {result.acked}/{total} acked{epoch}"
             print(line.ljust(len(self._last_line)), end="", file=self.out)
             self._last_line = line
             self._drawn = True
@@ -371,10 +371,12 @@ class Progress:
             print(file=self.out)
             self._drawn = False
         text = f"{label}: {result.status.value}{epoch}: {result.detail}"
-        if result.acked:
-            text += f" | acked: {' '.join(result.acked)}"
-        if result.pending:
-            text += f" | pending: {' '.join(result.pending)}"
+        if total:
+            text += f" | {result.acked} acked, {result.pending} pending"
+            if result.failed:
+                text += f", {result.failed} failed"
+        if result.stragglers:
+            text += f" | stragglers: {named_stragglers(result)}"
         if text != self._last_line:
             print(text, file=self.out)
             self._last_line = text
@@ -387,10 +389,19 @@ def result_json(label: str, result: OperatorResult) -> dict[str, object]:
         "command_id": result.command_id.hex(),
         "status": result.status.value,
         "detail": result.detail,
-        "acked": list(result.acked),
-        "pending": list(result.pending),
+        "acked": result.acked,
+        "pending": result.pending,
+        "failed": result.failed,
+        "stragglers": list(result.stragglers),
         "epoch": result.epoch,
     }
+
+
+def named_stragglers(result: OperatorResult) -> str:
+    """The stragglers a result names, and how many more it only counts."""
+    more = result.pending + result.failed - len(result.stragglers)
+    names = " ".join(result.stragglers)
+    return f"{names} (+{more} more)" if more > 0 else names
 
 
 def exit_code(status: ResultStatus) -> int:
@@ -444,7 +455,7 @@ def follow(
     for command_id, label in labels.items():
         result = last.get(command_id)
         if command_id in open_ids:
-            pending = result.pending if result is not None else ()
+            pending = result.stragglers if result is not None else ()
             named = ", ".join(pending) or "the service (no final answer)"
             print(f"keyfleet: {label}: timed out after {timeout:g}s waiting for {named}", file=err)
             codes.append(EXIT_TIMEOUT)
@@ -452,7 +463,7 @@ def follow(
         assert result is not None
         if result.status is ResultStatus.TIMEOUT:
             print(
-                f"keyfleet: {label}: timed out; stragglers: {', '.join(result.pending) or '-'}",
+                f"keyfleet: {label}: timed out; stragglers: {named_stragglers(result) or '-'}",
                 file=err,
             )
         elif result.status is not ResultStatus.DONE:

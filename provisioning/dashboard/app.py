@@ -208,18 +208,59 @@ class ChainStatus:
     checked_at: int
 
 
+RECHECK_ENTRIES = 10_000
+"""Old entries checked again per verification (about 0.15 s), in successive windows."""
+
+
 class ChainCache:
-    """``audit.verify_chain`` walks the whole log, so its result is reused while the head is the
-    same and younger than ``ttl`` seconds; one verification runs at a time."""
+    """The audit chain's status, verified incrementally: the first check walks the whole log
+    (``audit.verify_chain``); later ones remember the last good head and check only what was
+    appended since (``audit.verify_from``, which also re-hashes the remembered entry, so a
+    rewrite up to it is found), plus the next window of ``recheck`` old entries, so an old
+    entry edited in place is found within a sweep of the log (at once while the log has at
+    most ``recheck`` entries). The result is reused while the head is the same and younger
+    than ``ttl`` seconds; one verification runs at a time. ``keyfleet audit verify`` always
+    walks the whole log."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], *, ttl: float, clock: Callable[[], float]
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        ttl: float,
+        clock: Callable[[], float],
+        recheck: int = RECHECK_ENTRIES,
     ) -> None:
         self._sessions = sessions
         self._ttl = ttl
         self._clock = clock
+        self._recheck = recheck
         self._lock = threading.Lock()
         self._cached: tuple[tuple[int, bytes], float, ChainStatus] | None = None
+        self._verified: tuple[int, bytes] | None = None  # the last good head
+        self._cursor = 1  # the first old entry the next recheck window holds
+
+    def _verify(self, session: Session) -> audit.VerifyResult:
+        if self._verified is None:
+            result = audit.verify_chain(session)
+        else:
+            result = audit.verify_from(session, self._verified)
+            old = self._verified[0]
+            if result.ok and old > 0:
+                first = self._cursor if self._cursor <= old else 1
+                last = min(old, first + self._recheck - 1)
+                window = audit.recheck(session, first, last)
+                self._cursor = last + 1 if last < old else 1  # swept to the head: again
+                if not window.ok:
+                    problem = window.problem
+                    assert problem is not None
+                    result = audit.VerifyResult(
+                        entries=problem.seq - 1,
+                        head_seq=problem.seq - 1,
+                        head_hash=window.head_hash,
+                        problem=problem,
+                    )
+        self._verified = (result.head_seq, result.head_hash) if result.ok else None
+        return result
 
     def status(self) -> ChainStatus:
         with self._lock, self._sessions() as session:
@@ -228,11 +269,11 @@ class ChainCache:
                 cached_head, at, status = self._cached
                 if cached_head == head and time.monotonic() - at < self._ttl:
                     return status
-            result = audit.verify_chain(session)
+            result = self._verify(session)
             problem = None
             if result.problem is not None:
                 p = result.problem
-                problem = f"entry {p.seq}: {p.kind.value}: {p.reason}"
+                problem = f"entry {p.seq}: {p.kind.value} [{p.check}]: {p.reason}"
             status = ChainStatus(
                 ok=result.ok,
                 entries=result.entries,

@@ -137,6 +137,10 @@ class Device(Base):
     # The AK's public area (marshalled TPM2B_PUBLIC) as enrolled: the attestation verifier checks
     # quotes with it. NULL for devices registered without one (they cannot be attested).
     ak_public: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # When the attestation schedule next looks at this device (Unix seconds; 0: at once). The
+    # scan reads only the rows due, by this index, instead of every device every tick
+    # (provisioning.service.tasks.attest_tick).
+    attest_due: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0", index=True)
 
     keys: Mapped[list[DeviceKey]] = relationship(
         back_populates="device", cascade="all, delete-orphan"
@@ -229,6 +233,10 @@ class CommitLogEntry(Base):
     the first valid one wins", enforced by the database for every service instance."""
 
     __tablename__ = "commit_log"
+    # the newest commit a member made in a group (catch-up: the epoch it is proven to hold)
+    __table_args__ = (
+        Index("ix_commit_log_group_committer_epoch", "group_id", "committer", "epoch"),
+    )
 
     group_id: Mapped[str] = mapped_column(
         ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True
@@ -249,7 +257,12 @@ class Ack(Base):
     section 8.7): public, yet equal only among members that derived the same epoch secrets."""
 
     __tablename__ = "acks"
-    __table_args__ = (Index("ix_acks_group_epoch", "group_id", "epoch"),)
+    __table_args__ = (
+        Index("ix_acks_group_epoch", "group_id", "epoch"),
+        # the newest epoch a member acked (catch-up, on every report): one index seek, where
+        # the primary key (group, epoch, device) made it a scan of the group's kept acks
+        Index("ix_acks_group_device_epoch", "group_id", "device_id", "epoch"),
+    )
 
     group_id: Mapped[str] = mapped_column(
         ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True

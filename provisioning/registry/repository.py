@@ -576,6 +576,7 @@ class Registry:
         row.attestation_result = None
         row.attestation_reason = None
         row.attested_at = None
+        row.attest_due = 0  # a new identity: attested at once
         row.last_seen = None
         row.last_report = None
         row.last_report_at = None

@@ -161,12 +161,11 @@ def dispatch_attest(
         ),
         Send(
             operator_result_topic(operator),
-            OperatorResult(
+            OperatorResult.of(
                 command_id,
                 ResultStatus.ACCEPTED,
                 f"challenge sent to {body.device_id}",
-                (),
-                (body.device_id,),
+                pending=(body.device_id,),
             ),
             operator,
         ),
@@ -323,7 +322,9 @@ def attest_finish(
 ) -> None:
     cx.send(
         operator_result_topic(operation.operator),
-        OperatorResult(operation.command_id, status, detail[:1000], tuple(acked), tuple(pending)),
+        OperatorResult.of(
+            operation.command_id, status, detail[:1000], acked=acked, pending=pending
+        ),
         to=operation.operator,
         now=now,
     )

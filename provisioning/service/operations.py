@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import device_cmd_topic, operator_result_topic
+from agent.protocol.wire import cbor
 from agent.protocol.wire.messages.group import CommitMessage
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import audit
@@ -81,6 +82,41 @@ def save_progress(cx: Call, operation: Operation) -> None:
     cx.env.tx(lambda s: store.save_progress(s, operation))
 
 
+ENVELOPE_ROOM = 1024
+"""What a result's envelope (type, sender, recipient, sequence, time) and COSE signature add
+to its body, at most: a body larger than its type's frame limit minus this is not sent."""
+
+
+def build_result(
+    operation: Operation,
+    status: ResultStatus,
+    detail: str,
+    *,
+    acked: Sequence[str] = (),
+    pending: Sequence[str] = (),
+    epoch: int | None = None,
+) -> OperatorResult:
+    """The ``op.result`` body, checked against its frame limit. Raises ``ProtocolError``
+    (the body's own check, or ``wire.oversize``) when it cannot be built: the caller ends
+    the operation ``failed`` instead (``ds.result.build``), so the operator is told why
+    rather than waiting for a timeout."""
+    body = OperatorResult.of(
+        operation.command_id, status, detail[:1000], acked=acked, pending=pending, epoch=epoch
+    )
+    size = len(cbor.encode(body.to_cbor_map()))
+    if size > OperatorResult.MAX_MESSAGE_SIZE - ENVELOPE_ROOM:
+        raise ProtocolError(
+            "wire.oversize",
+            f"{status.value} result of {size} bytes exceeds {OperatorResult.MAX_MESSAGE_SIZE}",
+        )
+    return body
+
+
+def unbuildable(status: ResultStatus, err: ProtocolError) -> str:
+    """The reason an operation ends ``failed`` when its ``status`` result cannot be built."""
+    return f"[ds.result.build] the {status.value} result could not be built: {err}"
+
+
 def result(
     cx: Call,
     operation: Operation,
@@ -92,14 +128,15 @@ def result(
     epoch: int | None = None,
     now: int,
 ) -> None:
-    cx.send(
-        operator_result_topic(operation.operator),
-        OperatorResult(
-            operation.command_id, status, detail[:1000], tuple(acked), tuple(pending), epoch
-        ),
-        to=operation.operator,
-        now=now,
-    )
+    """Tell the operator about a step of the operation (not its end: ``finish``). A result
+    that cannot be built ends the operation ``failed`` with the reason, audited."""
+    try:
+        body = build_result(operation, status, detail, acked=acked, pending=pending, epoch=epoch)
+    except ProtocolError as err:
+        log.error("%s on %s: %s", operation.type, operation.target, unbuildable(status, err))
+        finish(cx, operation, ResultStatus.FAILED, unbuildable(status, err), now)
+        return
+    cx.send(operator_result_topic(operation.operator), body, to=operation.operator, now=now)
 
 
 def ack_view(cx: Call, operation: Operation) -> tuple[list[str], list[str], int | None, bool]:
@@ -280,6 +317,12 @@ def finish(
     ``finished_at`` audits the outcome (same transaction) and tells the operator. False:
     another instance ended it first."""
     key = operation.command_id.hex()
+    try:
+        body = build_result(operation, status, detail, acked=acked, pending=pending, epoch=epoch)
+    except ProtocolError as err:
+        log.error("%s on %s: %s", operation.type, operation.target, unbuildable(status, err))
+        status, detail, acked, pending = ResultStatus.FAILED, unbuildable(status, err), (), ()
+        body = build_result(operation, status, detail, epoch=epoch)
 
     def work(session: Session) -> bool:
         if not store.finish_operation(session, operation.command_id, now=now):
@@ -295,7 +338,9 @@ def finish(
             details={
                 "command_id": key,
                 "operator": operation.operator,
-                "pending": ",".join(pending),
+                # as the result names them: the first stragglers and how many there are
+                "pending": ",".join(body.stragglers),
+                "pending_count": body.pending,
                 "at_ms": cx.clock.ms,
             },
         )
@@ -314,7 +359,7 @@ def finish(
         status.value,
         detail,
     )
-    result(cx, operation, status, detail, acked=acked, pending=pending, epoch=epoch, now=now)
+    cx.send(operator_result_topic(operation.operator), body, to=operation.operator, now=now)
     return True
 
 

@@ -307,9 +307,7 @@ def on_operator(cx: Call, operator: str, payload: bytes, now: int) -> None:
         ):
             cx.send(
                 operator_result_topic(operator),
-                OperatorResult(
-                    command_id, ResultStatus.REJECTED, f"[{err.check}] {err.reason}", (), ()
-                ),
+                OperatorResult.of(command_id, ResultStatus.REJECTED, f"[{err.check}] {err.reason}"),
                 to=operator,
                 now=now,
             )

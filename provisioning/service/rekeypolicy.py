@@ -397,7 +397,7 @@ def set_group_policy(
         Log(logging.INFO, "rekey policy of %s set by %s: %s", (body.group_id, operator, detail)),
         Send(
             operator_result_topic(operator),
-            OperatorResult(command_id, ResultStatus.DONE, detail, (), ()),
+            OperatorResult.of(command_id, ResultStatus.DONE, detail),
             operator,
         ),
     ]

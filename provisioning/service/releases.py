@@ -105,7 +105,7 @@ def on_add(session: Session, body: ReleaseAdd, *, operator: str, now: int) -> Ef
         Log(logging.INFO, "%s proposed release %s", (operator, manifest.version)),
         Send(
             operator_result_topic(operator),
-            OperatorResult(body.command_id, ResultStatus.DONE, detail, (), ()),
+            OperatorResult.of(body.command_id, ResultStatus.DONE, detail),
             operator,
         ),
     ]

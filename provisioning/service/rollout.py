@@ -183,12 +183,11 @@ def dispatch_start(
         ),
         Send(
             operator_result_topic(operator),
-            OperatorResult(
+            OperatorResult.of(
                 command_id,
                 ResultStatus.ACCEPTED,
                 f"{rollout_id} running: {body.version} to {body.group_id} in waves of {sizes}",
-                (),
-                waves[0],
+                pending=waves[0],
             ),
             operator,
         ),
@@ -221,7 +220,7 @@ def dispatch_abort(
         Log(logging.WARNING, "rollout %s aborted by %s", (row.rollout_id, operator)),
         Send(
             operator_result_topic(operator),
-            OperatorResult(command_id, ResultStatus.DONE, f"{row.rollout_id} aborted", (), ()),
+            OperatorResult.of(command_id, ResultStatus.DONE, f"{row.rollout_id} aborted"),
             operator,
         ),
         _progress(session, row),
@@ -596,8 +595,8 @@ def _progress(session: Session, row: RolloutRow) -> Send:
     others pending), then the final state."""
     devices = rollouts.devices(session, row.rollout_id)
     waves = rollouts.waves_of(row)
-    passed = tuple(d.device_id for d in devices if d.state == "passed")
-    pending = tuple(d.device_id for d in devices if d.wave == row.wave and d.state != "passed")
+    passed = [d.device_id for d in devices if d.state == "passed"]
+    pending = [d.device_id for d in devices if d.wave == row.wave and d.state != "passed"]
     status = FINAL_STATUS.get(row.state, ResultStatus.IN_PROGRESS)
     detail = (
         f"{row.rollout_id} {row.state}: {row.version} to {row.group_id}, wave "
@@ -607,7 +606,7 @@ def _progress(session: Session, row: RolloutRow) -> Send:
         detail += f"; {row.reason}"
     return Send(
         operator_result_topic(row.operator),
-        OperatorResult(row.command_id, status, detail[:1000], passed, pending),
+        OperatorResult.of(row.command_id, status, detail[:1000], acked=passed, pending=pending),
         row.operator,
     )
 

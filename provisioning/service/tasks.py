@@ -1,10 +1,11 @@
-"""Periodic work every instance's ``tick`` offers, done by one instance at a time: the
-attestation schedule (every ``ATTEST_SCAN_SECONDS``: challenge the online devices whose last
-verdict or challenge is an ``interval`` old; operator attestations without a report end in
-``timeout``), pruning (once a minute fleet-wide: held halves nobody completed, ended jobs of
-ended operations, operations finished a day ago) and the device CA's CRL (``crl_tick``: re-issued
-at half its validity by one instance; every instance's ``[revocation] crl_file`` kept at the
-newest; a revocation's CRL written ``CRL_WRITE_GRACE_MS`` after it was accepted).
+"""Periodic work every instance's ``tick`` offers, done by one instance at a time: the attestation
+schedule (every ``ATTEST_SCAN_SECONDS``: challenge the online devices whose last verdict or
+challenge is an ``interval`` old, read by the ``devices.attest_due`` index, at most
+``ATTEST_SCAN_BATCH`` a scan; operator attestations without a report end in ``timeout``),
+pruning (once a minute fleet-wide: held halves nobody completed, ended jobs of ended operations,
+operations finished a day ago) and the device CA's CRL (``crl_tick``: re-issued at half its
+validity by one instance; every instance's ``[revocation] crl_file`` kept at the newest; a
+revocation's CRL written ``CRL_WRITE_GRACE_MS`` after it was accepted).
 
 Each task is claimed with a lease in the database (``store.claim_task``): the instance that
 claims it runs it and sets when it is due next; a killed instance's task is taken over within a
@@ -23,13 +24,17 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.wire.messages.result import ResultStatus
 from provisioning import revocation
-from provisioning.registry import Registry
 from provisioning.service import attestation, store
 from provisioning.service.context import Call
 
 log = logging.getLogger("keyfleet.service")
 
 ATTEST_SCAN_SECONDS: Final = 5
+# The most devices one scan looks at (the longest due first; the rest at the next scan), and
+# how long an offline device waits before the schedule looks at it again: each scan reads
+# only what is due (``devices.attest_due``), never the whole fleet.
+ATTEST_SCAN_BATCH: Final = 512
+OFFLINE_RECHECK_SECONDS: Final = 60
 # How often an instance checks that the broker's CRL file holds the newest CRL and that the
 # newest CRL is not past half its validity.
 CRL_CHECK_SECONDS: Final = 30
@@ -67,22 +72,22 @@ def attest_tick(cx: Call, now: int) -> None:
 
     def due(session: Session) -> list[str]:
         store.forget_challenges(session, now=now)
-        challenged = store.last_challenged(session)
         found = []
-        for device in Registry(session).devices():
-            if device.state not in attestation.ATTESTABLE or device.ak_public is None:
+        for device in store.attest_due(session, now=now, limit=ATTEST_SCAN_BATCH):
+            if device.state not in attestation.ATTESTABLE or not device.has_ak:
+                later = now + interval  # (a re-enrollment makes it due at once)
+            elif (
+                max(cx.env.last_heard.get(device.device_id, -1), device.last_seen or -1)
+                < now - cx.env.settings.online_window
+            ):
+                # offline: the challenge would expire in its session queue
+                later = now + min(interval, OFFLINE_RECHECK_SECONDS)
+            elif device.attested_at is not None and now - device.attested_at < interval:
+                later = device.attested_at + interval  # a verdict after its challenge
+            else:
+                found.append(device.device_id)  # challenging it sets when it is due next
                 continue
-            heard = max(cx.env.last_heard.get(device.device_id, -1), device.last_seen or -1)
-            if heard < now - cx.env.settings.online_window:
-                continue  # offline: the challenge would expire in its session queue
-            # A device never attested is due at once; otherwise one interval after its
-            # last verdict or challenge (by any instance: the schedule table).
-            last = challenged.get(device.device_id)
-            if device.attested_at is not None:
-                last = max(last or 0, device.attested_at)
-            if last is not None and now - last < interval:
-                continue
-            found.append(device.device_id)
+            store.defer_attestation(session, device.device_id, until=later)
         return found
 
     try:
@@ -91,6 +96,9 @@ def attest_tick(cx: Call, now: int) -> None:
                 challenged = attestation.challenge(cx, device_id, now, scheduled=True)
             except ProtocolError as err:
                 log.warning("could not challenge %s: [%s] %s", device_id, err.check, err.reason)
+                cx.env.tx(
+                    partial(store.defer_attestation, device_id=device_id, until=now + interval)
+                )
             else:
                 if challenged:
                     log.info("scheduled attestation: challenged %s", device_id)

@@ -197,7 +197,7 @@ def test_two_operators_approve_one_alone_cannot_an_expired_request_cannot_be_app
     assert added.returncode == 0, str(added)
     final = json.loads(added.stdout.splitlines()[-1])
     assert final["status"] == "done", final
-    assert sorted(final["acked"]) == ["dev-a", "dev-b", "dev-c"]
+    assert final["acked"] == 3 and final["pending"] == 0
     assert deployment.members_of("g1") == ["dev-a", "dev-b", "dev-c"]
     epochs = {m.device.groups["g1"].epoch_authenticator for m in deployment.members.values()}
     assert len(epochs) == 1

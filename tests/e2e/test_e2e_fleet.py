@@ -115,7 +115,7 @@ def test_group_rekey_every_member_acks_one_authenticator_and_data_crosses(
     # self-update it asks for, or whatever else it is asked to commit first: docs/treekem.md
     # "Joining"), so how many epochs the group is at once settled depends on who was asked
     assert created.final["epoch"] >= len(lab.devices) - 1
-    assert sorted(created.final["acked"]) == sorted(lab.device_ids)
+    assert created.final["acked"] == len(lab.device_ids)
     settled = lab.wait_settled(G, timeout=60)
     before = assert_agreed(lab)
 
@@ -124,7 +124,7 @@ def test_group_rekey_every_member_acks_one_authenticator_and_data_crosses(
         started = time.monotonic()
         final = rekey(lab)
         latencies.append(time.monotonic() - started)
-        assert sorted(final["acked"]) == sorted(lab.device_ids) and final["pending"] == []
+        assert final["acked"] == len(lab.device_ids) and final["pending"] == 0
     MEASURED["rekey_cli_seconds"] = [round(x, 3) for x in latencies]
     with capsys.disabled():
         print(f"\nlab start-up, {len(lab.devices)} devices (s): {lab.timings}")

@@ -82,7 +82,7 @@ def rekeys_while_away(lab: Lab, away: LabDevice, count: int) -> int:
         result = lab.op("rekey", "--group", G, timeout=120)
         assert result.returncode == 3, str(result)
         assert result.final is not None and result.final["status"] == "timeout", str(result)
-        assert result.final["pending"] == [away.id], str(result)
+        assert result.final["stragglers"] == [away.id], str(result)
         assert f"stragglers: {away.id}" in result.stderr
         epoch += 1
         assert int(group_row(lab)["epoch"]) == epoch

@@ -91,7 +91,7 @@ def test_a_rollout_through_the_cli_with_real_agents(tmp_path: Path) -> None:
         assert result.returncode == 0, str(result)
         assert result.results[0]["status"] == "accepted"
         assert result.final is not None and result.final["status"] == "done"
-        assert sorted(result.final["acked"]) == sorted(lab.device_ids)
+        assert result.final["acked"] == len(lab.device_ids)
         assert {d.name: (d.read_ready() or {})["boots"] for d in lab.devices} == boots
         listed = lab.keyfleet("rollout", "status", "--config", str(lab.service_config), "--json")
         [rollout] = listed.json()
@@ -170,7 +170,7 @@ def test_six_devices_update_in_waves_and_keep_their_group(six: Lab) -> None:
     )  # fmt: skip
     assert result.returncode == 0, str(result)
     assert result.final is not None and result.final["status"] == "done"
-    assert sorted(result.final["acked"]) == sorted(lab.device_ids)
+    assert result.final["acked"] == len(lab.device_ids)
     status = lab.keyfleet("rollout", "status", "--config", str(lab.service_config), "--json")
     [rollout] = status.json()
     assert rollout["state"] == "done" and rollout["waves"] == [1, 2, 3]

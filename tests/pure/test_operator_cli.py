@@ -36,7 +36,7 @@ def result(
     detail: str = "d",
     epoch: int | None = 7,
 ) -> OperatorResult:
-    return OperatorResult(CID, status, detail, acked, pending, epoch)
+    return OperatorResult.of(CID, status, detail, acked=acked, pending=pending, epoch=epoch)
 
 
 class FakeOperatorClient(OperatorClient):
@@ -81,8 +81,10 @@ def test_acks_arriving_then_done_exit_0() -> None:
     assert code == EXIT_OK and err == ""
     lines = out.splitlines()
     assert len(lines) == 4
-    assert lines[1] == "rekey g1: in-progress epoch 7: d | acked: dev-1 | pending: dev-2 dev-3"
-    assert lines[-1] == "rekey g1: done epoch 7: d | acked: dev-1 dev-2 dev-3"
+    assert lines[1] == (
+        "rekey g1: in-progress epoch 7: d | 1 acked, 2 pending | stragglers: dev-2 dev-3"
+    )
+    assert lines[-1] == "rekey g1: done epoch 7: d | 3 acked, 0 pending"
 
 
 def test_terminal_gets_a_bar_redrawn_in_place() -> None:
@@ -144,8 +146,10 @@ def test_json_lines() -> None:
         "command_id": CID.hex(),
         "status": "done",
         "detail": "d",
-        "acked": ["dev-1", "dev-2"],
-        "pending": [],
+        "acked": 2,
+        "pending": 0,
+        "failed": 0,
+        "stragglers": [],
         "epoch": 7,
     }
     assert rows[0]["status"] == "accepted" and rows[0]["epoch"] is None
@@ -172,7 +176,7 @@ class ScriptedAttestClient(FakeOperatorClient):
         bad = body.device_id in self.untrusted
         status = ResultStatus.FAILED if bad else ResultStatus.DONE
         verdict = f"{body.device_id} {'untrusted' if bad else 'trusted'}"
-        self.script.append(OperatorResult(body.command_id, status, verdict, (), (), None))
+        self.script.append(OperatorResult.of(body.command_id, status, verdict))
 
 
 def test_attest_several_devices_in_one_run(

@@ -57,7 +57,7 @@ def test_a_device_runs_the_newest_approved_release_its_quote_shows() -> None:
 
 def test_the_cli_exit_code_names_how_a_rollout_ended() -> None:
     def final(status: ResultStatus, detail: str) -> OperatorResult:
-        return OperatorResult(bytes(16), status, detail, (), ())
+        return OperatorResult.of(bytes(16), status, detail)
 
     assert exit_code(final(ResultStatus.DONE, "ro-1 done: 1.1 to g")) == 0
     assert exit_code(final(ResultStatus.FAILED, "ro-1 failed: 1.1 to g; dev-1 untrusted")) == 1

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
 from agent.protocol.wire import cbor
+from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.attestation import AttestChallenge, AttestReport
 from agent.protocol.wire.messages.base import Body
@@ -47,6 +49,7 @@ from agent.protocol.wire.messages.release import (
     RolloutStart,
 )
 from agent.protocol.wire.messages.result import (
+    MAX_STRAGGLERS,
     AuditCheckpointResult,
     AuditLink,
     OperatorResult,
@@ -141,8 +144,10 @@ SAMPLES: list[Body] = [
         command_id=CMD,
         status=ResultStatus.TIMEOUT,
         detail="2 of 3 members acked",
-        acked=("dev-1", "dev-2"),
-        pending=("dev-3",),
+        acked=2,
+        pending=1,
+        failed=0,
+        stragglers=("dev-3",),
         epoch=6,
     ),
     KeyPackageMessage(key_package=b"kp", command_id=CMD),
@@ -423,6 +428,16 @@ def test_body_is_not_a_map() -> None:
         (lambda: AuditSync(command_id=CMD, after=5, count=4), "body.bounds"),
         (lambda: AuditSync(command_id=CMD, after=0, count=0), "body.bounds"),
         (lambda: AuditLink(seq=0, preimage=b"p"), "body.bounds"),
+        (
+            lambda: OperatorResult(CMD, ResultStatus.DONE, "", 0, 1, 0, ("d1", "d2")),
+            "body.bounds",
+        ),
+        (
+            lambda: OperatorResult(
+                CMD, ResultStatus.DONE, "", 0, 65, 0, tuple(f"d{i}" for i in range(65))
+            ),
+            "body.bounds",
+        ),
         (lambda: AuditCheckpointResult(command_id=CMD, checkpoint=b"", entries=()), "body.bounds"),
         (
             lambda: RequestInfo(
@@ -486,3 +501,23 @@ def test_group_epoch_only_for_group_messages() -> None:
     }
     commit = replace(SAMPLES[10])
     assert commit.group_epoch() == ("g1", 4)
+
+
+def test_a_progress_result_of_a_100k_member_group_fits_its_frame() -> None:
+    """Counts plus at most 64 stragglers: the signed result of a 100,000-member rekey with
+    half the members pending is as small as a small group's, far under its frame limit."""
+    members = [f"device-{i:06}-{'x' * 40}" for i in range(100_000)]
+    body = OperatorResult.of(
+        CMD,
+        ResultStatus.IN_PROGRESS,
+        "50000/100000 acked epoch 9",
+        acked=members[:50_000],
+        pending=members[50_000:],
+        epoch=9,
+    )
+    assert (body.acked, body.pending, body.failed) == (50_000, 50_000, 0)
+    assert body.stragglers == tuple(members[50_000 : 50_000 + MAX_STRAGGLERS])
+    key = ec.generate_private_key(ec.SECP256R1())
+    frame = encode_message(body, key=key, sender="keyfleet-service", to="op-a", seq=1, time=1)
+    assert len(frame) < 8 * 1024 < OperatorResult.MAX_MESSAGE_SIZE
+    assert parse_body(body.TYPE, cbor.decode(cbor.encode(body.to_cbor_map()))) == body

@@ -341,7 +341,7 @@ def test_replayed_flipped_forged_and_stale_messages_are_refused_counted_and_harm
 
     # and the fleet still works: a rekey done by every member, data across them
     final = rekey(lab)
-    assert final["epoch"] == epoch + 1 and sorted(final["acked"]) == sorted(lab.device_ids)
+    assert final["epoch"] == epoch + 1 and final["acked"] == len(lab.device_ids)
     assert agreed_authenticator(lab) != authenticator
     plaintext = os.urandom(40)
     with lab.devices[0].api() as api:

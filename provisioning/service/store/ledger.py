@@ -31,6 +31,7 @@ Nothing secret is stored here: certificates, public-key ids, sequence numbers an
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from sqlalchemy import (
     case,
@@ -57,6 +58,7 @@ from provisioning.db.runtime import (
     SequenceRow,
     TaskLease,
 )
+from provisioning.db.schema import Device, DeviceState
 
 REPLAY_WINDOW = 32
 
@@ -337,7 +339,8 @@ def claim_challenge_slot(
     session: Session, device_id: str, *, now: int, interval: int, force: bool = False
 ) -> bool:
     """Record that ``device_id`` is challenged now, if it was not within ``interval`` (or
-    ``force``: an operator's request). False: another instance challenged it this period."""
+    ``force``: an operator's request), and when the schedule looks at it next
+    (``devices.attest_due``). False: another instance challenged it this period."""
     condition = AttestScheduleRow.device_id == device_id
     if not force:
         condition = condition & (AttestScheduleRow.challenged_at <= now - interval)
@@ -348,13 +351,52 @@ def claim_challenge_slot(
         .execution_options(synchronize_session=False)
     )
     if rowcount(result) == 1:
+        defer_attestation(session, device_id, until=now + interval)
         return True
-    if session.get(AttestScheduleRow, device_id) is not None:
+    row = session.get(AttestScheduleRow, device_id)
+    if row is not None:
+        defer_attestation(session, device_id, until=row.challenged_at + interval)
         return False
     session.add(AttestScheduleRow(device_id=device_id, challenged_at=now))
     _flush_or_retry(session, f"the schedule row of {device_id!r} was created concurrently")
+    defer_attestation(session, device_id, until=now + interval)
     return True
 
 
-def last_challenged(session: Session) -> dict[str, int]:
-    return {row.device_id: row.challenged_at for row in session.scalars(select(AttestScheduleRow))}
+def defer_attestation(session: Session, device_id: str, *, until: int) -> None:
+    """The attestation schedule looks at ``device_id`` again at ``until``."""
+    session.execute(
+        update(Device)
+        .where(Device.device_id == device_id)
+        .values(attest_due=until)
+        .execution_options(synchronize_session=False)
+    )
+
+
+@dataclass(frozen=True)
+class AttestCandidate:
+    """What the schedule needs of a device that is due: no certificates, no reports."""
+
+    device_id: str
+    state: DeviceState
+    has_ak: bool
+    attested_at: int | None
+    last_seen: int | None
+
+
+def attest_due(session: Session, *, now: int, limit: int) -> list[AttestCandidate]:
+    """The ``limit`` devices due longest, by the ``devices.attest_due`` index: a scan costs
+    what is due, not the size of the fleet."""
+    rows = session.execute(
+        select(
+            Device.device_id,
+            Device.state,
+            Device.ak_public.is_not(None),
+            Device.attested_at,
+            Device.last_seen,
+        )
+        .where(Device.attest_due <= now)
+        .order_by(Device.attest_due)
+        .limit(limit)
+    )
+    return [AttestCandidate(*row) for row in rows]

@@ -1,8 +1,8 @@
 """Service -> operator (``ops/{operator}/result``): the progress and outcome of a command.
 
 A command may produce several results: ``accepted``, then ``in-progress`` as acks arrive, then
-one final ``done``, ``failed``, ``rejected`` or ``timeout`` (``pending`` then names the
-stragglers).
+one final ``done``, ``failed``, ``rejected`` or ``timeout``. Each carries counts (acked,
+pending, failed) and names at most 64 stragglers, so its size does not grow with the group.
 
 Dual-control commands (``op.propose``, ``op.approve``, ``op.list_requests``) are answered with
 ``op.requests``: the requests concerned, each with its Request bytes, state and approvers (a
@@ -18,6 +18,7 @@ them from its remembered head instead of trusting any stored hash.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
@@ -46,26 +47,68 @@ class ResultStatus(StrEnum):
     TIMEOUT = "timeout"
 
 
+MAX_STRAGGLERS = 64
+"""The most device ids a result names: counts say how many, ``stragglers`` says who for the
+first of them, so a result does not grow with the group (a 100,000-member rekey's progress
+fits its frame as a 3-member one does)."""
+
+
 @dataclass(frozen=True)
 class OperatorResult(Body):
+    """``acked``, ``pending`` and ``failed`` count the members (or devices) in each state;
+    ``stragglers`` names at most ``MAX_STRAGGLERS`` of the pending and failed ones, sorted."""
+
     TYPE: ClassVar[str] = "op.result"
     ENUMS: ClassVar = {"status": ResultStatus}
 
     command_id: bytes
     status: ResultStatus
     detail: str
-    acked: tuple[str, ...]
-    pending: tuple[str, ...]
+    acked: int
+    pending: int
+    failed: int
+    stragglers: tuple[str, ...]
     epoch: int | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_enum(self.status, "status", ResultStatus)
         check_text(self.detail, "detail")
-        check_ids(self.acked, "acked")
-        check_ids(self.pending, "pending")
+        check_uint(self.acked, "acked")
+        check_uint(self.pending, "pending")
+        check_uint(self.failed, "failed")
+        check_tuple(self.stragglers, "stragglers", max_len=MAX_STRAGGLERS)
+        check_ids(self.stragglers, "stragglers")
+        if len(self.stragglers) > self.pending + self.failed:
+            raise ProtocolError("body.bounds", "more stragglers than pending and failed members")
         if self.epoch is not None:
             check_epoch(self.epoch)
+
+    @classmethod
+    def of(
+        cls,
+        command_id: bytes,
+        status: ResultStatus,
+        detail: str,
+        *,
+        acked: Collection[str] = (),
+        pending: Collection[str] = (),
+        failed: Collection[str] = (),
+        epoch: int | None = None,
+    ) -> OperatorResult:
+        """The result for these members: their counts, and the first ``MAX_STRAGGLERS`` of
+        the pending then the failed ones (each sorted) by name."""
+        named = list(dict.fromkeys([*sorted(pending), *sorted(failed)]))[:MAX_STRAGGLERS]
+        return cls(
+            command_id,
+            status,
+            detail,
+            len(acked),
+            len(pending),
+            len(failed),
+            tuple(named),
+            epoch,
+        )
 
 
 class RequestState(StrEnum):
