@@ -69,13 +69,19 @@ class RenewalSchedule:
         self.fraction = fraction
         self.attempts = 0
         self.next_try: int | None = None
+        self._point: tuple[tuple[bytes, ...], int] | None = None
 
     def __repr__(self) -> str:
         return f"RenewalSchedule(attempts={self.attempts}, next_try={self.next_try})"
 
     def point(self, certs: Sequence[bytes]) -> int:
-        """The renewal point of the earliest-expiring of ``certs`` (DER)."""
-        return min(renewal_point(*validity(der), self.fraction) for der in certs)
+        """The renewal point of the earliest-expiring of ``certs`` (DER); remembered for the
+        last certificates asked about (the agent asks at every tick)."""
+        key = tuple(certs)
+        if self._point is None or self._point[0] != key:
+            point = min(renewal_point(*validity(der), self.fraction) for der in certs)
+            self._point = (key, point)
+        return self._point[1]
 
     def due(self, now: int, certs: Sequence[bytes]) -> bool:
         if now < self.point(certs):
