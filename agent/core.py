@@ -341,6 +341,9 @@ def _trust_check(check: str) -> bool:
     return check.startswith(TRUST_CHECKS)
 
 
+CREDENTIAL_RENEWED_REASON: Final = "credential-renewed"
+"""Why a device asks for a self-update after its certificates were renewed (``UpdateRequest``)."""
+
 INIT_KEY_NOTE: Final = (
     "one-time init key in the TPM: opens one Welcome; destroyed by flushing it from the TPM and "
     "shredding its blob once a state without it is saved (agent.protocol.initkeys)"
@@ -856,6 +859,7 @@ class AgentCore:
                 authz=authz,
                 leaf_check=checks.leaf_check,
                 commit_check=checks.commit_check,
+                credential=self._credential,
             )
             welcome_for = (body.member,)
         elif body.action is CommitAction.REMOVE:
@@ -873,6 +877,7 @@ class AgentCore:
                 authz=authz,
                 leaf_check=checks.leaf_check,
                 commit_check=checks.commit_check,
+                credential=self._credential,
             )
         elif body.updates:
             # a full rekey: other members' proposed leaf keys, and our own new one
@@ -883,6 +888,7 @@ class AgentCore:
                 rng=self._rng,
                 leaf_check=checks.leaf_check,
                 commit_check=checks.commit_check,
+                credential=self._credential,
             )
         else:
             result = group.update(
@@ -891,6 +897,7 @@ class AgentCore:
                 rng=self._rng,
                 leaf_check=checks.leaf_check,
                 commit_check=checks.commit_check,
+                credential=self._credential,
             )
         commit_bytes = result.commit.encode()
         publishes = [
@@ -1188,6 +1195,10 @@ class AgentCore:
         )
         return Outcome(renewed=(body.devid_cert, body.tls_cert))
 
+    def _credential_stale(self, entry: _GroupEntry) -> bool:
+        leaf = entry.group.tree.leaf(entry.group.own_leaf)
+        return leaf is not None and leaf.credential != self._credential
+
     def renewal_reconnected(self) -> None:
         """Back online: a renewal that is due is asked at the next tick, without waiting for
         the backoff of the requests sent while offline."""
@@ -1370,6 +1381,10 @@ class AgentCore:
             )
             if self._join_update_pending(entry):
                 reason = JOIN_UPDATE_REASON
+            elif reason is None and self._credential_stale(entry):
+                # renewed certificates: our leaf in the tree still carries the old DevID
+                # certificate; our next commit carries the new one (before the old one expires)
+                reason = CREDENTIAL_RENEWED_REASON
             if reason is None or entry.pending:
                 continue
             asked = entry.update_requested

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.core import AgentCore, AttestationEvidence, RenewalEvidence, RenewalSetup
 from agent.protocol.errors import ProtocolError
+from agent.protocol.mls.messages import Commit
 from agent.protocol.renewal import (
     FIRST_RETRY,
     MAX_RETRY,
@@ -26,14 +27,17 @@ from agent.protocol.renewal import (
     tls_proof_message,
     verify_renewed,
 )
+from agent.protocol.wire.messages.group import CommitMessage, UpdateRequest
 from agent.protocol.wire.messages.renewal import (
     RenewAnswer,
     RenewChallenge,
     RenewIssued,
     RenewRequest,
 )
+from agent.protocol.wire.messages.service import CommitAction
 from provisioning import pki
-from tests.pure.test_agent_core import FakeService, FakeSoftwareKeys
+from tests.device_certs import device_ca as shared_device_ca
+from tests.pure.test_agent_core import FakeService, FakeSoftwareKeys, G, acks, group_of_two
 
 pytestmark = pytest.mark.pure
 
@@ -254,3 +258,30 @@ def test_without_renewal_the_core_refuses_renewal_messages() -> None:
     service.core("dev-1")
     outcome = service.deliver("dev-1", RenewChallenge(NONCE, (0,)))
     assert outcome.refused is not None and outcome.refused.check == "agent.renew.unavailable"
+
+
+def test_after_renewal_the_member_carries_its_new_credential_into_its_groups() -> None:
+    """The DevID certificate is in every group's tree (each leaf's credential) and members check
+    it when a leaf changes: after renewal the device asks for a self-update
+    (``credential-renewed``) whose commit carries the new certificate to every member, before
+    the old one expires."""
+    service, a, b = group_of_two()
+    ca, tls = shared_device_ca(), key()
+    _, tls_der = issue(ca, a._keys.devid, tls, device_id="dev-a", now=service.now)
+    renewer = FakeRenewer(tls)
+    a.renewal = RenewalSetup(tls_der, (ca.certificate,), RenewalSchedule(), renewer)
+    service.deliver("dev-a", RenewChallenge(NONCE, (0,)))
+    devid_der, tls_der = issue(ca, a._keys.devid, tls, device_id="dev-a", now=service.now)
+    taken = service.deliver("dev-a", RenewIssued(NONCE, devid_der, tls_der))
+    assert taken.renewed is not None
+
+    (asked,) = service.bodies("dev-a", a.tick(service.now))
+    assert isinstance(asked, UpdateRequest) and asked.reason == "credential-renewed"
+    (commit,) = service.request_commit("dev-a", CommitAction.UPDATE)
+    assert isinstance(commit, CommitMessage)
+    assert Commit.decode(commit.commit).content.path.credential == devid_der
+    acks(service, service.fan_out(service.order(commit), ["dev-a", "dev-b"]))
+    for core in (a, b):
+        group = core.groups()[G]
+        assert group.tree.leaf(a.groups()[G].own_leaf).credential == devid_der  # type: ignore[union-attr]
+    assert service.bodies("dev-a", a.tick(service.now + 1)) == []  # nothing stale any more
