@@ -23,6 +23,7 @@ import pwd
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,6 +42,7 @@ from agent.configschema import (
     List,
     MapOf,
     OneOf,
+    Parse,
     Predicate,
     Problems,
     ReadableFile,
@@ -56,6 +58,7 @@ from agent.protocol.dataseal import GROUP_NAME
 from agent.protocol.errors import StateError
 from agent.protocol.lifecycle import AES_GCM_RANDOM_NONCE_LIMIT, RotationPolicy
 from agent.protocol.membership import Membership
+from agent.protocol.renewal import DEFAULT_FRACTION
 from agent.tpm.blob import KeyBlob
 
 log = logging.getLogger("keyagent.config")
@@ -108,6 +111,25 @@ class AttestationConfig:
     the agent sends it with every quote."""
 
     event_log: Path | None = None
+
+
+@dataclass(frozen=True)
+class RenewalConfig:
+    """[renewal]: the agent renews its DevID and TLS certificates when ``fraction`` of their
+    lifetime has passed (``agent.protocol.renewal``); ``enabled = false`` never asks."""
+
+    enabled: bool = True
+    fraction: Fraction = DEFAULT_FRACTION
+
+
+def _fraction(value: str) -> Fraction:
+    try:
+        fraction = Fraction(value)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError("not a fraction") from None
+    if not Fraction(1, 10) <= fraction <= Fraction(19, 20):
+        raise ValueError("outside 1/10 .. 19/20")
+    return fraction
 
 
 @dataclass(frozen=True)
@@ -205,6 +227,7 @@ class AgentConfig:
     simulation: SimulationConfig
     identity: IdentityConfig | None = None
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
+    renewal: RenewalConfig = field(default_factory=RenewalConfig)
     releases: ReleasesConfig = field(default_factory=ReleasesConfig)
     fleet: FleetConfig | None = None
     broker: BrokerConfig | None = None
@@ -503,6 +526,22 @@ SCHEMA = Table(
             Table({"insecure_software_keys": Field(Bool(), default=False)}), default={}
         ),
         "attestation": Field(Table({"event_log": Field(AbsPath())}), default={}),
+        "renewal": Field(
+            Table(
+                {
+                    "enabled": Field(Bool(), default=True),
+                    "fraction": Field(
+                        Parse(
+                            Str(),
+                            _fraction,
+                            'a fraction of the certificates\' lifetime such as "2/3" or "0.75"',
+                        ),
+                        default="2/3",
+                    ),
+                }
+            ),
+            default={},
+        ),
         "releases": Field(
             Table(
                 {
@@ -689,6 +728,7 @@ def _build(s: dict[str, Any], source: Path) -> AgentConfig:
         fleet=fleet,
         broker=broker,
         attestation=AttestationConfig(event_log=s["attestation"]["event_log"]),
+        renewal=RenewalConfig(s["renewal"]["enabled"], s["renewal"]["fraction"]),
         releases=_releases(s["releases"]["key"]),
         install=_install(s["releases"]),
     )

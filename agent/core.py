@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Protocol
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol import dataseal
@@ -75,6 +76,7 @@ from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Updat
 from agent.protocol.mls.public import CommitCheck, LeafCheck
 from agent.protocol.mls.tree import LeafNode, RatchetTree
 from agent.protocol.release import ReleaseBundle
+from agent.protocol.renewal import RenewalSchedule, validity, verify_renewed
 from agent.protocol.secret import Secret
 from agent.protocol.topics import (
     FEED_RECIPIENT,
@@ -113,6 +115,12 @@ from agent.protocol.wire.messages.release import (
     InstallState,
     ReleaseBundleMessage,
     ReleaseInstall,
+)
+from agent.protocol.wire.messages.renewal import (
+    RenewAnswer,
+    RenewChallenge,
+    RenewIssued,
+    RenewRequest,
 )
 from agent.protocol.wire.messages.service import (
     CommitAction,
@@ -216,6 +224,38 @@ Attester = Callable[[bytes, tuple[int, ...]], AttestationEvidence]
 challenge like any other message it cannot serve."""
 
 
+@dataclass(frozen=True)
+class RenewalEvidence:
+    """What the device's TPM gives for one renewal challenge: the attestation evidence over the
+    nonce, a TPM2_Certify of the DevID key by the AK over the nonce (``devid_public``: the
+    key's marshalled TPM2B_PUBLIC; ``certify``/``certify_signature``: TPMS_ATTEST and the AK's
+    DER signature), and the TLS key's signature over ``agent.protocol.renewal.
+    tls_proof_message``."""
+
+    attestation: AttestationEvidence
+    devid_public: bytes
+    certify: bytes
+    certify_signature: bytes
+    tls_proof: bytes
+
+
+Renewer = Callable[[bytes, tuple[int, ...]], RenewalEvidence]
+"""``renewer(nonce, pcrs)``: the evidence of a renewal answer. Raises ``ProtocolError``
+(``agent.renew.unavailable``) when it cannot."""
+
+
+@dataclass(frozen=True)
+class RenewalSetup:
+    """Certificate renewal: the current TLS certificate (DER; the DevID one is the core's
+    ``credential``), the device CAs new certificates must chain to, when to renew, and how to
+    prove the keys."""
+
+    tls_credential: bytes = field(repr=False)
+    anchors: tuple[x509.Certificate, ...]
+    schedule: RenewalSchedule
+    renewer: Renewer
+
+
 # -- what the core asks the caller to do --------------------------------------------------------
 
 
@@ -242,6 +282,9 @@ class Outcome:
     # persists) and re-seals the state key if its generation is newer (agent.releasestate)
     release: tuple[ReleaseBundle, bytes] | None = None
     install: ReleaseInstall | None = None  # run the update hook (after persisting, publishing)
+    # renewed certificates (DevID, TLS; DER), already checked and taken by the core: the daemon
+    # writes them (atomically) and reconnects with the new TLS certificate
+    renewed: tuple[bytes, bytes] | None = None
 
 
 # -- per-group state ----------------------------------------------------------------------------
@@ -289,6 +332,7 @@ TRUST_CHECKS: Final = (
     "revocation.fork",
     "revocation.authz",
     "revocation.signature",
+    "renew.issued",
 )
 """Refusals a device reports to the fleet: what only a rogue service, operator or member sends."""
 
@@ -296,6 +340,9 @@ TRUST_CHECKS: Final = (
 def _trust_check(check: str) -> bool:
     return check.startswith(TRUST_CHECKS)
 
+
+CREDENTIAL_RENEWED_REASON: Final = "credential-renewed"
+"""Why a device asks for a self-update after its certificates were renewed (``UpdateRequest``)."""
 
 INIT_KEY_NOTE: Final = (
     "one-time init key in the TPM: opens one Welcome; destroyed by flushing it from the TPM and "
@@ -331,6 +378,7 @@ class AgentCore:
         attester: Attester | None = None,
         key_report_spread: int = KEY_CHANGE_REPORT_SPREAD,
         can_install: bool = False,
+        renewal: RenewalSetup | None = None,
     ) -> None:
         if ID_PATTERN.fullmatch(device_id) is None:
             raise ValueError("device id must be a valid id")
@@ -374,6 +422,10 @@ class AgentCore:
         self.can_install = can_install
         self.installing: ReleaseInstall | None = None
         self.install_result: InstallResult | None = None
+        # certificate renewal (agent.protocol.renewal); not persisted: after a restart the
+        # device asks again when due
+        self.renewal = renewal
+        self._renew_nonce: bytes | None = None  # the challenge we answered last
 
     def __repr__(self) -> str:
         return f"AgentCore({self.device_id!r}, groups={sorted(self._groups)}, seq={self._seq})"
@@ -624,6 +676,10 @@ class AgentCore:
             return self._on_feed(body)
         if isinstance(body, ReleaseInstall):
             return self._on_release_install(body)
+        if isinstance(body, RenewChallenge):
+            return self._on_renew_challenge(body)
+        if isinstance(body, RenewIssued):
+            return self._on_renew_issued(body)
         raise ProtocolError("agent.type", f"a device does not take {message.type} messages")
 
     # -- handlers: each checks everything first and changes state only at its end -----------
@@ -803,6 +859,7 @@ class AgentCore:
                 authz=authz,
                 leaf_check=checks.leaf_check,
                 commit_check=checks.commit_check,
+                credential=self._credential,
             )
             welcome_for = (body.member,)
         elif body.action is CommitAction.REMOVE:
@@ -820,6 +877,7 @@ class AgentCore:
                 authz=authz,
                 leaf_check=checks.leaf_check,
                 commit_check=checks.commit_check,
+                credential=self._credential,
             )
         elif body.updates:
             # a full rekey: other members' proposed leaf keys, and our own new one
@@ -830,6 +888,7 @@ class AgentCore:
                 rng=self._rng,
                 leaf_check=checks.leaf_check,
                 commit_check=checks.commit_check,
+                credential=self._credential,
             )
         else:
             result = group.update(
@@ -838,6 +897,7 @@ class AgentCore:
                 rng=self._rng,
                 leaf_check=checks.leaf_check,
                 commit_check=checks.commit_check,
+                credential=self._credential,
             )
         commit_bytes = result.commit.encode()
         publishes = [
@@ -1072,6 +1132,96 @@ class AgentCore:
         log.info("attestation challenge answered (PCRs %s)", list(body.pcrs))
         return Outcome(publishes=[self._send(report)])
 
+    # -- certificate renewal -----------------------------------------------------------------
+
+    @property
+    def credential(self) -> bytes:
+        """The DevID certificate (DER) this device uses now."""
+        return self._credential
+
+    def _certificates(self, setup: RenewalSetup) -> tuple[bytes, bytes]:
+        return self._credential, setup.tls_credential
+
+    def _on_renew_challenge(self, body: RenewChallenge) -> Outcome:
+        """Prove our keys over the service's nonce (``renew.answer``). Answered even when no
+        renewal is due: the service asks only when we asked."""
+        setup = self.renewal
+        if setup is None:
+            raise ProtocolError("agent.renew.unavailable", "certificate renewal is off")
+        evidence = setup.renewer(body.nonce, body.pcrs)
+        answer = RenewAnswer(
+            nonce=body.nonce,
+            quote=evidence.attestation.quote,
+            signature=evidence.attestation.signature,
+            pcr_bank="sha256",
+            pcrs=body.pcrs,
+            event_log=evidence.attestation.event_log,
+            devid_public=evidence.devid_public,
+            devid_certify=evidence.certify,
+            devid_certify_signature=evidence.certify_signature,
+            tls_cert=setup.tls_credential,
+            tls_proof=evidence.tls_proof,
+        )
+        self._renew_nonce = body.nonce
+        log.info("renewal challenge answered")
+        return Outcome(publishes=[self._send(answer)])
+
+    def _on_renew_issued(self, body: RenewIssued) -> Outcome:
+        """Take the renewed certificates once they check (``verify_renewed``): the daemon
+        writes them and reconnects. Refused (``renew.issued``): not for the answer we sent, or
+        not chaining to our anchors, for other keys or another device."""
+        setup = self.renewal
+        if setup is None:
+            raise ProtocolError("agent.renew.unavailable", "certificate renewal is off")
+        if self._renew_nonce is None or body.nonce != self._renew_nonce:
+            raise ProtocolError("renew.issued", "certificates for a renewal we did not answer")
+        devid, tls = self._certificates(setup)
+        verify_renewed(
+            device_id=self.device_id,
+            devid_der=body.devid_cert,
+            tls_der=body.tls_cert,
+            current_devid=devid,
+            current_tls=tls,
+            anchors=setup.anchors,
+            now=self._now,
+        )
+        self._credential = body.devid_cert
+        self.renewal = RenewalSetup(body.tls_cert, setup.anchors, setup.schedule, setup.renewer)
+        setup.schedule.renewed()
+        self._renew_nonce = None
+        log.info(
+            "certificates renewed: valid until %d",
+            min(validity(body.devid_cert)[1], validity(body.tls_cert)[1]),
+        )
+        return Outcome(renewed=(body.devid_cert, body.tls_cert))
+
+    def _credential_stale(self, entry: _GroupEntry) -> bool:
+        leaf = entry.group.tree.leaf(entry.group.own_leaf)
+        return leaf is not None and leaf.credential != self._credential
+
+    def renewal_reconnected(self) -> None:
+        """Back online: a renewal that is due is asked at the next tick, without waiting for
+        the backoff of the requests sent while offline."""
+        if self.renewal is not None:
+            self.renewal.schedule.reconnected()
+
+    def _renewal_tick(self, now: int, outcome: Outcome) -> None:
+        setup = self.renewal
+        if setup is None:
+            return
+        certs = self._certificates(setup)
+        if not setup.schedule.due(now, certs):
+            return
+        not_after = min(validity(der)[1] for der in certs)
+        retry = setup.schedule.asked(now, self._rng(4))
+        log.info(
+            "certificates due for renewal (valid until %d): asking, again at %d if unanswered",
+            not_after,
+            retry,
+        )
+        outcome.publishes.append(self._send(RenewRequest(not_after=not_after)))
+        outcome.changed = True
+
     # -- staged rollout: release.install ------------------------------------------------------
 
     def _on_release_install(self, body: ReleaseInstall) -> Outcome:
@@ -1231,6 +1381,10 @@ class AgentCore:
             )
             if self._join_update_pending(entry):
                 reason = JOIN_UPDATE_REASON
+            elif reason is None and self._credential_stale(entry):
+                # renewed certificates: our leaf in the tree still carries the old DevID
+                # certificate; our next commit carries the new one (before the old one expires)
+                reason = CREDENTIAL_RENEWED_REASON
             if reason is None or entry.pending:
                 continue
             asked = entry.update_requested
@@ -1256,6 +1410,7 @@ class AgentCore:
         if self.report_due is not None and now >= self.report_due:
             outcome.publishes.append(self._report())
             outcome.changed = True
+        self._renewal_tick(now, outcome)
         if self._dirty:
             outcome.changed = True
         return outcome

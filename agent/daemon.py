@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 from tpm2_pytss import TSS2_Exception
@@ -40,7 +41,14 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 
 from agent.appseal import sealed_generations
 from agent.config import AgentConfig, InstallConfig, load_config
-from agent.core import AgentCore, AttestationEvidence, Outcome, leaf_name
+from agent.core import (
+    AgentCore,
+    AttestationEvidence,
+    Outcome,
+    RenewalEvidence,
+    RenewalSetup,
+    leaf_name,
+)
 from agent.fsio import atomic_write, shred
 from agent.keybackend import TpmKeyBackend
 from agent.localapi.server import LocalApiServer
@@ -57,6 +65,7 @@ from agent.protocol.errors import (
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.initkeys import init_key_name
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
+from agent.protocol.renewal import RenewalSchedule, sign_tls_proof
 from agent.protocol.topics import ALL_GROUP_COMMITS, RELEASES_TOPIC, REVOCATION_FEED_TOPIC
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.protocol.wire.messages.release import ReleaseInstall
@@ -420,6 +429,7 @@ class Daemon:
         self._backend: TpmKeyBackend | None = None
         self._store: TPMStore | None = None
         self._faults = FaultPoints(os.environ.get(FAULT_ENV))
+        self._mqtt_replaced = False  # a renewal replaced the MQTT client (run loop resubscribes)
         # After a failed state write (disk full): outcomes handled in memory but not saved, so
         # not published, and a message whose handling could not store a key; see _resume.
         self._held: list[tuple[Outcome, ReceivedMessage | None]] = []
@@ -472,6 +482,7 @@ class Daemon:
             max_age=max(DEFAULT_MAX_AGE, config.broker.session_expiry),
             attester=self._attest,
             can_install=config.install is not None,
+            renewal=self._renewal_setup(),
         )
         saved = self._state.load()
         if saved is not None:
@@ -522,7 +533,14 @@ class Daemon:
             socket_group=config.api.socket_group,
         )
         self._api.start()
-        self._mqtt = MqttClient(
+        self._mqtt = self._new_mqtt()
+        self._mqtt.start()
+
+    def _new_mqtt(self) -> MqttClient:
+        """The MQTT client, with the TLS certificate file as it is now (renewal rewrites it)."""
+        config = self.config
+        assert config.identity is not None and config.broker is not None
+        return MqttClient(
             host=config.broker.host,
             port=config.broker.port,
             ca_file=config.broker.ca.path,
@@ -535,7 +553,76 @@ class Daemon:
             manual_ack=True,
             timeout=PUBLISH_TIMEOUT,
         )
+
+    # -- certificate renewal (agent.protocol.renewal) ----------------------------------------
+
+    def _renewal_setup(self) -> RenewalSetup | None:
+        """Renewal needs the AK (the TPM2_Certify of the DevID key) and ``[renewal] enabled``."""
+        config = self.config
+        assert config.identity is not None and config.fleet is not None
+        if not config.renewal.enabled or config.identity.ak_key is None:
+            if config.renewal.enabled:
+                log.warning("certificate renewal needs identity.ak_key: the agent never renews")
+            return None
+        return RenewalSetup(
+            tls_credential=config.identity.tls_cert.certificates[0].public_bytes(Encoding.DER),
+            anchors=tuple(c for f in config.fleet.trust_anchors for c in f.certificates),
+            schedule=RenewalSchedule(config.renewal.fraction),
+            renewer=self._renew_evidence,
+        )
+
+    def _renew_evidence(self, nonce: bytes, pcrs: tuple[int, ...]) -> RenewalEvidence:
+        """A quote (as for attestation), a TPM2_Certify of the DevID key by the AK over the same
+        nonce, and the TLS key's signature over it. Failures are ``agent.renew.unavailable``."""
+        config = self.config
+        assert config.identity is not None and config.identity.ak_key is not None
+        assert self._store is not None and self._keys is not None
+        devid = self._keys.devid
+        if not isinstance(devid, TPMKey):
+            raise ProtocolError(
+                "agent.renew.unavailable", "the DevID key is not in a TPM: nothing to certify"
+            )
+        evidence = self._attest(nonce, pcrs)
+        try:
+            with self._store.load_key(KeyBlob.load(config.identity.ak_key)) as ak:
+                certify = self._store.certify(ak, devid, nonce)
+            tls_key = load_pem_private_key(config.identity.tls_key.read_bytes(), password=None)
+        except (TPMError, StateError, OSError, ValueError) as exc:
+            raise ProtocolError("agent.renew.unavailable", f"renewal proof: {exc}") from None
+        if not isinstance(tls_key, ec.EllipticCurvePrivateKey):
+            raise ProtocolError("agent.renew.unavailable", "the TLS key is not an EC key")
+        return RenewalEvidence(
+            attestation=evidence,
+            devid_public=devid.public_area,
+            certify=certify.attest,
+            certify_signature=certify.signature,
+            tls_proof=sign_tls_proof(tls_key, config.identity.device_id, nonce),
+        )
+
+    def _take_renewed(self, devid_der: bytes, tls_der: bytes) -> None:
+        """Write the renewed certificates over the configured files (each atomically: a crash
+        leaves the old or the new file, both valid for the same key) and reconnect with the new
+        TLS certificate."""
+        config = self.config
+        assert config.identity is not None and self._mqtt is not None
+        for path, der in (
+            (config.identity.devid_cert.path, devid_der),
+            (config.identity.tls_cert.path, tls_der),
+        ):
+            pem = x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
+            try:
+                atomic_write(path, pem, mode=0o644)
+            except OSError as exc:
+                # the certificates are taken in memory; the files keep the old ones (still
+                # valid), so the next start renews again
+                log.error("renewed certificate not written to %s: %s", path, exc)
+                return
+        log.info("renewed certificates written; reconnecting with the new TLS certificate")
+        old = self._mqtt
+        old.close()
+        self._mqtt = self._new_mqtt()
         self._mqtt.start()
+        self._mqtt_replaced = True
 
     def _attest(self, nonce: bytes, pcrs: tuple[int, ...]) -> AttestationEvidence:
         """A quote by the AK (loaded for this quote only, flushed after) and the event log the
@@ -608,6 +695,10 @@ class Daemon:
                 if period is not None and time.monotonic() >= next_ping:
                     self._notify(self.notifier.watchdog)
                     next_ping = time.monotonic() + period
+                if self._mqtt_replaced:
+                    # a renewal reconnected with a new client: subscribe and report again
+                    self._mqtt_replaced = False
+                    subscribed, reported_for = False, None
                 mqtt = self._mqtt
                 if self._blocked:
                     # the state cannot be saved: nothing new is taken in until it can
@@ -622,6 +713,7 @@ class Daemon:
                     if subscribed and reported_for != mqtt.reconnects:
                         # after every (re)connect: tell the service our epochs (catch-up)
                         with self._lock:
+                            self.core.renewal_reconnected()
                             outcome = self.core.report(self.now())
                         if self._apply(outcome):
                             reported_for = mqtt.reconnects
@@ -691,6 +783,8 @@ class Daemon:
         # else: not acknowledged; the broker redelivers it in the next session
         if outcome.install is not None and not self._blocked:
             self._start_install(outcome.install)
+        if outcome.renewed is not None and not self._blocked:
+            self._take_renewed(*outcome.renewed)
 
     def _start_install(self, install: ReleaseInstall) -> None:
         """Run the update hook in a thread (an updater may take minutes); the worker loop

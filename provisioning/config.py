@@ -51,6 +51,9 @@ Example (``docs/service.md`` describes every key):
     signing_key = "pkcs11:token=keyfleet;object=release-signing?pin-source=file:token.pin"
     grace_days = 30
 
+    [enrollment]
+    certificate_validity_seconds = 31536000
+
     [revocation]
     crl_file = "/var/lib/keyfleet/broker/crl.pem"
     broker_crls = ["pki/operator-ca.crl", "pki/tls-ca.crl"]
@@ -114,6 +117,7 @@ OPTIONAL_SECTIONS = frozenset(
         "groups",
         "quorum",
         "revocation",
+        "enrollment",
         "http",
         "service",
         "dashboard",
@@ -209,6 +213,15 @@ class AuditConfig:
 
     checkpoint_key: KeyRef | None = None
     checkpoint_interval_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class EnrollmentConfig:
+    """[enrollment]: ``certificate_validity_seconds``, how long the DevID and TLS certificates
+    issued at enrollment and at each renewal are valid (docs/service.md; devices renew at a
+    fraction of it, docs/agent.md [renewal])."""
+
+    certificate_validity_seconds: int = 365 * 86_400
 
 
 @dataclass(frozen=True)
@@ -308,6 +321,7 @@ class ServiceConfig:
     quorum: QuorumConfig = field(default_factory=QuorumConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     revocation: RevocationConfig = field(default_factory=RevocationConfig)
+    enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     releases: ReleasesConfig = field(default_factory=ReleasesConfig)
     metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
@@ -489,6 +503,10 @@ def _schema(base: Path) -> Table:
             "checkpoint_key": Field(KeyReference(base=base)),
             "checkpoint_interval_seconds": Field(seconds(10, 86400), default=300),
         },
+        "enrollment": {
+            # at least a minute (a lab's short lifetime), at most ten years
+            "certificate_validity_seconds": Field(seconds(60, 3650 * 86400), default=365 * 86400),
+        },
         "revocation": {
             "crl_file": Field(_file_to_write(base)),
             "broker_crls": Field(List(file(), max_items=16), default=[]),
@@ -541,6 +559,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
         rollout=RolloutConfig(**sections["rollout"]),
         audit=AuditConfig(**sections["audit"]),
         releases=ReleasesConfig(**sections["releases"]),
+        enrollment=EnrollmentConfig(**sections["enrollment"]),
         revocation=RevocationConfig(
             crl_file=sections["revocation"].get("crl_file"),
             broker_crls=tuple(sections["revocation"]["broker_crls"]),

@@ -443,7 +443,7 @@ class EnrollmentSettings:
     operator_anchors: tuple[x509.Certificate, ...] = ()
     min_approvals: int = 2
     session_ttl: int = 300
-    certificate_validity: timedelta = timedelta(days=3650)
+    certificate_validity: timedelta = timedelta(days=365)
     max_sessions: int = 1024
     undo_window: int = 3600
     # the imported manufacturer CRLs (provisioning.ekcrls), re-read when the file changes
@@ -481,6 +481,7 @@ class EnrollmentSettings:
             min_approvals=config.quorum.min_approvals,
             manufacturer_crls=config.attestation.manufacturer_crls,
             release_key=_release_public(config),
+            certificate_validity=timedelta(seconds=config.enrollment.certificate_validity_seconds),
         )
 
 

@@ -156,7 +156,9 @@ def _leaf_builder(
         .issuer_name(ca.certificate.subject)
         .public_key(key)
         .serial_number(_serial(rng))
-        .not_valid_before(start - BACKDATE)
+        # Backdated for clock skew, by at most a tenth of the lifetime: devices renew at a
+        # fraction of (not-after - not-before), which a short lifetime's backdate would skew
+        .not_valid_before(start - min(BACKDATE, valid_for / 10))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(

@@ -580,7 +580,9 @@ class Lab:
     ``token_backup`` makes them so that ``keyfleet backup create`` can export them wrapped),
     ``releases`` (the service gets ``[releases] signing_key``: it publishes the signed release
     bundle and enrolls devices with the release key, so their state survives approved updates;
-    docs/releases.md).
+    docs/releases.md), ``certificate_validity`` (the service's ``[enrollment]
+    certificate_validity_seconds``: a short lifetime makes devices renew their certificates
+    within a test; docs/attestation.md, "Certificate renewal").
     """
 
     def __init__(
@@ -603,6 +605,7 @@ class Lab:
         token: bool = False,
         token_backup: bool = False,
         releases: bool = False,
+        certificate_validity: int | None = None,
     ) -> None:
         if devices < 0:
             raise LabError("lab", f"devices must be >= 0, got {devices}")
@@ -623,6 +626,7 @@ class Lab:
         self.token = token
         self.token_backup = token_backup
         self.releases = releases
+        self.certificate_validity = certificate_validity
         self.start_timeout = start_timeout
         self.log_level = log_level
         self.logs = self.workdir / "logs"
@@ -770,6 +774,11 @@ signing_key = "{pki_.signing_key_ref}"
 signing_cert = "{pki_.signing_cert}"
 commit_request_timeout_seconds = {self.commit_request_timeout}
 online_window_seconds = {self.online_window}
+"""
+        if self.certificate_validity is not None:
+            text += f"""
+[enrollment]
+certificate_validity_seconds = {self.certificate_validity}
 """
         if self.releases:
             # the release-signing key: devices get its public key at enrollment and seal their

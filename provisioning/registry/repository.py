@@ -521,6 +521,18 @@ class Registry:
         self._s.flush()
         return changed
 
+    def renew_devid_cert(self, device_id: str, devid_cert_pem: str, *, now: int) -> None:
+        """Store the DevID certificate a renewal issued (same key, same AK: only the certificate
+        changes; ``provisioning.service.renewal``). Only a registered or active device renews."""
+        row = self._device_row(device_id)
+        if row.state not in (DeviceState.REGISTERED, DeviceState.ACTIVE):
+            raise ProtocolError(
+                "registry.device.transition",
+                f"device {device_id!r} is {row.state}: its certificates are not renewed",
+            )
+        row.devid_cert_pem = devid_cert_pem
+        self._s.flush()
+
     def reenroll_device(
         self,
         device_id: str,

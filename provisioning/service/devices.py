@@ -38,6 +38,7 @@ from agent.protocol.wire.messages.group import (
 )
 from agent.protocol.wire.messages.key_state import DeviceDestroyed
 from agent.protocol.wire.messages.key_state import KeyStateReport as KeyStateBody
+from agent.protocol.wire.messages.renewal import RenewAnswer, RenewRequest
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit
 from provisioning.registry import DeviceState, Outcome, PendingChange, Registry, key_state_items
@@ -49,6 +50,7 @@ from provisioning.service import (
     execute,
     feed,
     fullrekey,
+    renewal,
     rollback,
     rollout,
     store,
@@ -136,6 +138,10 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
         return rollback.on_commit_refused(cx, session, sender, body, now)
     if isinstance(body, UpdateProposal):
         return fullrekey.on_proposal(cx, session, sender, body, now)
+    if isinstance(body, RenewRequest):
+        return renewal.on_renew_request(cx, session, sender, body, now)
+    if isinstance(body, RenewAnswer):
+        return renewal.on_renew_answer(cx, session, sender, body, now)
     raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
 
 

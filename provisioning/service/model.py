@@ -65,6 +65,9 @@ class ServiceSettings:
     release_grace: int = 30 * 86_400
     # [rollout]: how long a wave of a staged rollout may take (provisioning/service/rollout.py)
     rollout_wave_timeout: int = 600
+    # [enrollment] certificate_validity_seconds: the lifetime of DevID and TLS certificates a
+    # renewal issues (provisioning/service/renewal.py), as enrollment issues them
+    certificate_validity: int = 365 * 86_400
 
 
 @dataclass(frozen=True)

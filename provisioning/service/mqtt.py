@@ -89,6 +89,7 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         recovery_wait=config.groups.recovery_wait_seconds,
         release_grace=config.releases.grace_days * 86_400,
         rollout_wave_timeout=config.rollout.wave_timeout_seconds,
+        certificate_validity=config.enrollment.certificate_validity_seconds,
     )
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from agent.config import (
     DEFAULT_API_SOCKET,
     DEFAULT_TCTI,
     AgentConfig,
+    RenewalConfig,
     config_path,
     load_config,
     parse_config,
@@ -207,7 +209,7 @@ def test_acceptance_unknown_key_is_named(tmp_path: Path) -> None:
     assert problems == ["tpm.pcr: unknown key, expected one of: tcti, pcrs"]
     assert _problems(_write(tmp_path, "[tmp]\n")) == [
         "tmp: unknown key, expected one of: tpm, state, identity, fleet, broker, api, rotation, "
-        "simulation, attestation, releases"
+        "simulation, attestation, renewal, releases"
     ]
 
 
@@ -461,3 +463,12 @@ def test_releases_install_command_is_an_argv_with_a_version_placeholder(tmp_path
     for bad in (["/usr/bin/update"], ["{version}", "x"], [], "update {version}"):
         with pytest.raises(ConfigProblems, match=r"releases\.install_command"):
             parse_config({**base, "releases": {"install_command": bad}}, tmp_path / "a.toml")
+
+
+def test_renewal_fraction_defaults_to_two_thirds_and_is_bounded(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "")).renewal == RenewalConfig(True, Fraction(2, 3))
+    config = load_config(_write(tmp_path, '[renewal]\nfraction = "0.75"\nenabled = false\n'))
+    assert config.renewal == RenewalConfig(False, Fraction(3, 4))
+    for bad in ('"1"', '"0"', '"x"', "0.5"):
+        problems = _problems(_write(tmp_path, f"[renewal]\nfraction = {bad}\n"))
+        assert len(problems) == 1 and problems[0].startswith("renewal.fraction"), problems

@@ -1048,3 +1048,44 @@ def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None
     )
     assert joined.epoch_authenticator == result.group.epoch_authenticator
     assert joined.tree.member_count() == 1024
+
+
+def test_a_commit_carries_the_committers_renewed_credential_to_every_member() -> None:
+    """Certificate renewal (agent.protocol.renewal): the same DevID key gets a new certificate;
+    the member's next commit carries it in its UpdatePath, receivers rebuild the leaf with it
+    and run their leaf check on it; a commit with the credential unchanged carries none."""
+    world, committer, receiver = _three()
+    plain = committer.g.update(committer.signature_key, FakeCountingKey())
+    assert plain.commit.content.path.credential is None
+    assert "cred" not in plain.commit.content.path.to_obj()  # old encodings unchanged
+
+    renewed = devid_cert_der(committer.device_id, committer.signature_key)
+    assert renewed != committer.credential()  # a new serial for the same key
+    checked: list[bytes] = []
+    result = committer.g.update(
+        committer.signature_key,
+        FakeCountingKey(),
+        leaf_check=lambda leaf: checked.append(leaf.credential),
+        credential=renewed,
+    )
+    commit = Commit.decode(result.commit.encode())
+    assert commit.content.path.credential == renewed and checked == [renewed]
+    seen: list[bytes] = []
+    following = receiver.g.process(commit, leaf_check=lambda leaf: seen.append(leaf.credential))
+    assert seen == [renewed]
+    assert following.tree.leaf(committer.g.own_leaf).credential == renewed  # type: ignore[union-attr]
+    # a credential swapped in transit is refused (the commit's and the leaf's signatures
+    # cover it), before anything changed
+    other = devid_cert_der(committer.device_id, committer.signature_key)
+    forged = replace(
+        commit, content=replace(commit.content, path=replace(commit.content.path, credential=other))
+    )
+    with pytest.raises(ProtocolError) as caught:
+        world.service.verify(Commit.decode(forged.encode()))
+    assert caught.value.check == "mls.commit.signature"
+    _expect(receiver, Commit.decode(forged.encode()), "mls.commit.signature")
+    world.deliver(committer, result)
+    world.check_agreement()
+    assert {m.g.tree.leaf(committer.g.own_leaf).credential for m in world.members.values()} == {  # type: ignore[union-attr]
+        renewed
+    }

@@ -308,3 +308,15 @@ def test_a_signing_certificate_of_another_key_is_refused(config_dir: Path) -> No
     bad = load_config(write(config_dir, GOOD + service.format("wrong")))
     with pytest.raises(InvalidConfig, match=r"token\.signing_cert\.mismatch"):
         load_signing_key(bad)
+
+
+def test_enrollment_certificate_lifetime_defaults_to_a_year_and_has_a_floor(
+    config_dir: Path,
+) -> None:
+    assert load_config(write(config_dir, GOOD)).enrollment.certificate_validity_seconds == (
+        365 * 86400
+    )
+    short = GOOD + "\n[enrollment]\ncertificate_validity_seconds = 60\n"
+    assert load_config(write(config_dir, short)).enrollment.certificate_validity_seconds == 60
+    too_short = GOOD + "\n[enrollment]\ncertificate_validity_seconds = 59\n"
+    assert "enrollment.certificate_validity_seconds" in problems_of(write(config_dir, too_short))

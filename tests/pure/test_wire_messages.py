@@ -48,6 +48,12 @@ from agent.protocol.wire.messages.release import (
     RolloutAbort,
     RolloutStart,
 )
+from agent.protocol.wire.messages.renewal import (
+    RenewAnswer,
+    RenewChallenge,
+    RenewIssued,
+    RenewRequest,
+)
 from agent.protocol.wire.messages.result import (
     MAX_STRAGGLERS,
     AuditCheckpointResult,
@@ -213,6 +219,22 @@ SAMPLES: list[Body] = [
         checkpoint=b"\xd2signed",
         entries=(AuditLink(seq=11, preimage=b"\x89"), AuditLink(seq=12, preimage=b"\x89")),
     ),
+    RenewRequest(not_after=1_700_000_000),
+    RenewChallenge(nonce=NONCE, pcrs=(0, 1, 2, 3, 7)),
+    RenewAnswer(
+        nonce=NONCE,
+        quote=b"\xffTCG-quote",
+        signature=b"\x30sig",
+        pcr_bank="sha256",
+        pcrs=(0, 1, 2, 3, 7),
+        event_log=b"log",
+        devid_public=b"\x00\x58public",
+        devid_certify=b"\xffTCG-certify",
+        devid_certify_signature=b"\x30ak-sig",
+        tls_cert=b"\x30\x82tls",
+        tls_proof=b"\x30tls-sig",
+    ),
+    RenewIssued(nonce=NONCE, devid_cert=b"\x30\x82devid", tls_cert=b"\x30\x82tls"),
 ]
 
 

@@ -436,6 +436,7 @@ class Group:
         authz: bytes | None = None,
         leaf_check: LeafCheck = accept_any_leaf,
         commit_check: CommitCheck = accept_any_commit,
+        credential: bytes | None = None,
     ) -> CommitResult:
         """A commit applying other members' ``updates`` (their new leaf keys, from
         ``propose_update``), adding ``adds``, removing the members at leaf indices ``removes``,
@@ -444,7 +445,9 @@ class Group:
         only). ``new_leaf_key``, if given, replaces this member's leaf key. ``authz`` is
         the Authorization for the change (carried in the commit; added leaves record its hash);
         ``leaf_check`` runs on every added or updated leaf and ``commit_check`` on the content
-        before it is signed, as receivers will run them."""
+        before it is signed, as receivers will run them. ``credential``: this member's DevID
+        certificate now; when it is not the one in the tree (renewed: same key), the commit
+        carries it and the new leaf holds it."""
         state = self._public
         me = self._own_leaf
         tree, added = apply_proposals(
@@ -467,12 +470,14 @@ class Group:
         assert old_leaf is not None
         if serialize_public_key(signature_key.public_key()) != old_leaf.signature_key:
             raise ProtocolError("mls.signature-key", "not this member's signature key")
+        renewed = None if credential in (None, old_leaf.credential) else credential
         new_leaf = old_leaf.resigned(
             signature_key,
             encryption_key=leaf_public or old_leaf.encryption_key,
             parent_hash=leaf_parent_hash,
             group_id=state.group_id,
             leaf_index=me,
+            credential=renewed,
         )
         leaf_check(new_leaf)
         provisional = finish_path(state, tree, me, new_leaf)
@@ -500,7 +505,9 @@ class Group:
             sender=me,
             removes=tuple(removes),
             adds=tuple(adds),
-            path=UpdatePath(leaf_public, leaf_parent_hash, new_leaf.signature, tuple(path_nodes)),
+            path=UpdatePath(
+                leaf_public, leaf_parent_hash, new_leaf.signature, tuple(path_nodes), renewed
+            ),
             authz=authz,
             updates=tuple(updates),
         )
@@ -607,15 +614,17 @@ class Group:
         *,
         leaf_check: LeafCheck = accept_any_leaf,
         commit_check: CommitCheck = accept_any_commit,
+        credential: bytes | None = None,
     ) -> CommitResult:
         """Self-update: a new leaf key (from the TPM) and a fresh path: post-compromise
-        security for everything this member knew."""
+        security for everything this member knew (``credential``: as for ``commit``)."""
         return self.commit(
             signature_key,
             new_leaf_key=new_leaf_key,
             rng=rng,
             leaf_check=leaf_check,
             commit_check=commit_check,
+            credential=credential,
         )
 
     @staticmethod

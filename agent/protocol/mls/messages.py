@@ -25,7 +25,13 @@ from agent.protocol.mls.crypto import (
     sign_with_label,
     verify_with_label,
 )
-from agent.protocol.mls.tree import SOURCE_KEY_PACKAGE, SOURCE_UPDATE, LeafNode, RatchetTree
+from agent.protocol.mls.tree import (
+    MAX_CREDENTIAL,
+    SOURCE_KEY_PACKAGE,
+    SOURCE_UPDATE,
+    LeafNode,
+    RatchetTree,
+)
 
 KEY_PACKAGE_VERSION = 2
 """2: a one-time init key apart from the leaf key, and a lifetime (docs/wire.md)."""
@@ -258,33 +264,43 @@ class UpdatePath:
     """The committer's new leaf key (only when it replaced it), its leaf's new parent hash and
     leaf signature, and one node per element of its filtered direct path, leaf to root.
 
-    The rest of the committer's new leaf (device id, signature key, credential) is the one in
-    the tree already, so a commit carries no certificate: receivers rebuild the leaf (source 3)
-    and check its signature and parent hash."""
+    The rest of the committer's new leaf (device id, signature key) is the one in the tree
+    already; so is its credential, unless ``credential`` carries a renewed DevID certificate
+    (same key, same device: receivers' leaf check validates it like any new leaf's). A commit
+    otherwise carries no certificate: receivers rebuild the leaf (source 3) and check its
+    signature (which covers the credential) and parent hash."""
 
     leaf_key: bytes | None
     parent_hash: bytes
     leaf_signature: bytes
     nodes: tuple[UpdatePathNode, ...]
+    credential: bytes | None = None
 
     def to_obj(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "leaf": self.leaf_key,
             "ph": self.parent_hash,
             "lsig": self.leaf_signature,
             "nodes": [n.to_obj() for n in self.nodes],
         }
+        if self.credential is not None:
+            out["cred"] = self.credential
+        return out
 
     @classmethod
     def from_obj(cls, value: object, what: str) -> UpdatePath:
-        m = codec.as_map(value, what, {"leaf", "ph", "lsig", "nodes"})
+        m = codec.as_map(value, what, {"leaf", "ph", "lsig", "nodes"}, {"cred"})
         leaf = None if m["leaf"] is None else codec.as_point(m["leaf"], f"{what}.leaf")
         nodes = codec.as_list(m["nodes"], f"{what}.nodes", codec.MAX_DEPTH, UpdatePathNode.from_obj)
+        credential = (
+            codec.as_bytes(m["cred"], f"{what}.cred", 1, MAX_CREDENTIAL) if "cred" in m else None
+        )
         return cls(
             leaf,
             codec.as_bytes(m["ph"], f"{what}.ph", 0, NH),
             codec.as_bytes(m["lsig"], f"{what}.lsig", 8, codec.MAX_SIGNATURE),
             tuple(nodes),
+            credential,
         )
 
 

@@ -322,7 +322,7 @@ def committer_leaf(old: LeafNode, path: UpdatePath) -> LeafNode:
         device_id=old.device_id,
         signature_key=old.signature_key,
         encryption_key=old.encryption_key if path.leaf_key is None else path.leaf_key,
-        credential=old.credential,
+        credential=old.credential if path.credential is None else path.credential,
         source=SOURCE_COMMIT,
         parent_hash=path.parent_hash,
         signature=path.leaf_signature,

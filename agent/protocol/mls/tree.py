@@ -114,13 +114,15 @@ class LeafNode:
         parent_hash: bytes,
         group_id: bytes,
         leaf_index: int,
+        credential: bytes | None = None,
     ) -> LeafNode:
-        """This member's leaf as its commit sets it: new key and parent hash, source commit."""
+        """This member's leaf as its commit sets it: new key and parent hash, source commit;
+        ``credential``: a renewed DevID certificate for the same key, else the one it has."""
         return LeafNode.signed(
             key,
             device_id=self.device_id,
             encryption_key=encryption_key,
-            credential=self.credential,
+            credential=self.credential if credential is None else credential,
             source=SOURCE_COMMIT,
             parent_hash=parent_hash,
             group_id=group_id,

@@ -24,7 +24,9 @@ from agent.protocol.wire.messages.base import (
     check_ids,
 )
 
-UPDATE_REASONS = frozenset({"max-epoch-age", "max-messages-per-epoch", "first-update-after-join"})
+UPDATE_REASONS = frozenset(
+    {"max-epoch-age", "max-messages-per-epoch", "first-update-after-join", "credential-renewed"}
+)
 REFUSAL_CHECKS = frozenset(
     {"mls.path.decrypt", "mls.path.mismatch", "mls.confirmation-tag", "mls.update.unknown-key"}
 )

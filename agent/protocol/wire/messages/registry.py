@@ -39,6 +39,12 @@ from agent.protocol.wire.messages.release import (
     RolloutAbort,
     RolloutStart,
 )
+from agent.protocol.wire.messages.renewal import (
+    RenewAnswer,
+    RenewChallenge,
+    RenewIssued,
+    RenewRequest,
+)
 from agent.protocol.wire.messages.result import (
     AuditCheckpointResult,
     OperatorResult,
@@ -89,6 +95,10 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     ReleaseInstall,
     RolloutStart,
     RolloutAbort,
+    RenewRequest,
+    RenewChallenge,
+    RenewAnswer,
+    RenewIssued,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
