@@ -261,6 +261,13 @@ class Membership:
             signed, policy=self.policy, now=None, op=az.OP_RELEASE_APPROVE, group=None
         )
 
+    def check_trust_approval(self, signed: bytes) -> az.VerifiedAuthorization:
+        """A trust bundle's ``trust.rotate`` Authorization (``agent.protocol.trust``): fleet-wide,
+        under our quorum policy, historically (a device offline for weeks still catches up)."""
+        return self.approvals.verify(
+            signed, policy=self.policy, now=None, op=az.OP_TRUST_ROTATE, group=None
+        )
+
     # -- policy ---------------------------------------------------------------------------------
 
     def _follow(
