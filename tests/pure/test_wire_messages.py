@@ -190,6 +190,7 @@ SAMPLES: list[Body] = [
     RevocationFeed(seq=3, head=bytes(32), time=1_700_000_000),
     ReleaseBundleMessage(bundle=b"\xd2cose"),
     KeyStateReport(keys=(), feed=7),
+    KeyStateReport(keys=(), trust_seq=2),
     KeyStateReport(keys=(), release_seq=3, release_generation=2, release_version="1.1"),
     ReleaseInstall(rollout="ro-1", version="1.1"),
     RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("1", "50%", "100%")),
