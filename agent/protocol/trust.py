@@ -18,6 +18,10 @@ only if
   quorum policy, historically (a device may come back after the request's window closed), and
   its subject is ``subject(bundle bytes)`` (``trust.approval``).
 
+A device enrolled after a rollover got the key a later bundle made current (its enrollment
+configuration names the service's current certificate): it starts from the newest bundle whose
+current key is its enrollment key, once that bundle's approval verifies (``_anchor``).
+
 So the service host, even holding the real signing key, cannot change what a device trusts: it
 would need the private keys of a quorum of admins. An old key stays accepted until the ``until``
 the new bundle gives it (the overlap), then only the keys without an end are.
@@ -320,6 +324,27 @@ def sign_link(
     return cose.sign1(bundle.encode(), key)
 
 
+def _check_approval(
+    bundle: TrustBundle, payload: bytes, authz: bytes, approval: ApprovalCheck
+) -> None:
+    try:
+        verified = approval(authz)
+    except ProtocolError as exc:
+        raise ProtocolError(
+            "trust.approval",
+            f"trust bundle {bundle.seq}: its approval does not verify ([{exc.check}] {exc.reason})",
+        ) from None
+    request = verified.request
+    if request.op != az.OP_TRUST_ROTATE or request.subject is None:
+        raise ProtocolError(
+            "trust.approval", f"trust bundle {bundle.seq}: approved by a {request.op!r} request"
+        )
+    if read_subject(request.subject) != (bundle.seq, hashlib.sha256(payload).digest()):
+        raise ProtocolError(
+            "trust.approval", f"trust bundle {bundle.seq}: the approval is for another bundle"
+        )
+
+
 def check_link(held: TrustBundle, link: TrustLink, approval: ApprovalCheck) -> TrustBundle:
     """The bundle ``link`` carries, if a device holding ``held`` may take it (see the module
     docstring); ``trust.*`` otherwise."""
@@ -340,30 +365,30 @@ def check_link(held: TrustBundle, link: TrustLink, approval: ApprovalCheck) -> T
         raise ProtocolError(
             "trust.signer", f"trust bundle {bundle.seq}: [{exc.check}] {exc.reason}"
         ) from None
-    try:
-        verified = approval(link.authz)
-    except ProtocolError as exc:
-        raise ProtocolError(
-            "trust.approval",
-            f"trust bundle {bundle.seq}: its approval does not verify ([{exc.check}] {exc.reason})",
-        ) from None
-    request = verified.request
-    if request.op != az.OP_TRUST_ROTATE or request.subject is None:
-        raise ProtocolError(
-            "trust.approval", f"trust bundle {bundle.seq}: approved by a {request.op!r} request"
-        )
-    if read_subject(request.subject) != (bundle.seq, hashlib.sha256(sign1.payload).digest()):
-        raise ProtocolError(
-            "trust.approval", f"trust bundle {bundle.seq}: the approval is for another bundle"
-        )
+    _check_approval(bundle, sign1.payload, link.authz, approval)
     return bundle
+
+
+def _anchor(held: TrustBundle, chain: TrustChain, approval: ApprovalCheck) -> TrustBundle:
+    """Where a device still at bundle 0 stands in the chain. A device enrolled after a rollover
+    got the key a later bundle made current: the newest bundle whose current key is its
+    enrollment key is its place (its approval is checked; its signer, a key the device never
+    knew, cannot be). A device enrolled before any rollover holds bundle 0 of the chain."""
+    if held.seq != 0:
+        return held
+    for link in reversed(chain.links):
+        sign1, bundle = link.opened()
+        if bundle.seq > 0 and bundle.current.key == held.current.key:
+            _check_approval(bundle, sign1.payload, link.authz, approval)
+            return bundle
+    return held
 
 
 def advance(held: TrustBundle, chain: TrustChain, approval: ApprovalCheck) -> TrustBundle | None:
     """The newest bundle of ``chain`` reached from ``held`` link by link (None: the chain has
     nothing newer). The first refused link refuses the chain (``trust.*``); ``held`` is not
     changed by this function in any case."""
-    current = held
+    current = _anchor(held, chain, approval)
     for link in chain.links:
         _, bundle = link.opened()
         if bundle.seq <= current.seq:

@@ -233,3 +233,16 @@ def test_subject_is_read_back() -> None:
     with pytest.raises(ProtocolError) as err:
         trust.read_subject(codec.encode(["keyfleet release v1", 0, b"\0" * 32]))
     assert err.value.check == "trust.approval"
+
+
+def test_a_device_enrolled_after_a_rollover_starts_from_the_bundle_of_its_key() -> None:
+    b1, l1 = rollover(BUNDLE0, NEW.public_key(), OLD, until=T0 + 100)
+    b2, l2 = rollover(b1, NEWER.public_key(), NEW, until=T0 + 200)
+    enrolled_with_new = trust.TrustBundle.initial(NEW.public_key())
+    assert trust.advance(enrolled_with_new, trust.TrustChain((l1, l2)), check()) == b2
+    assert trust.advance(enrolled_with_new, trust.TrustChain((l1,)), check()) == b1
+    # the bundle it starts from must carry the operators' approval
+    forged = trust.TrustLink(l1.bundle, rotate_authz(b1.encode(), approvers=("op-alice",)))
+    with pytest.raises(ProtocolError) as err:
+        trust.advance(enrolled_with_new, trust.TrustChain((forged, l2)), check())
+    assert err.value.check == "trust.approval"
