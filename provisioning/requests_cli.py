@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from agent.protocol import authz
+from agent.protocol import authz, trust
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.releaseproof import read_subject as release_subject
 from agent.protocol.wire.messages.operator import Approve, ListRequests, Propose
@@ -67,10 +67,28 @@ def describe(request: authz.Request) -> list[str]:
         lines.append(f"  policy:   {json.dumps(policy_json(policy), sort_keys=True)}")
     if request.subject is not None and request.op in authz.OPERATOR_OPS:
         lines.append(operatorops.describe_subject(request.subject))
+    elif request.subject is not None and request.op == authz.OP_TRUST_ROTATE:
+        lines += describe_trust(request.subject)
     elif request.subject is not None:
         version, digest = release_subject(request.subject)
         lines.append(f"  release:  {version} (manifest SHA-256 {digest.hex()})")
     lines += [f"  proposer: {request.by}", f"  expires:  {when}"]
+    return lines
+
+
+def describe_trust(subject: bytes) -> list[str]:
+    """The trust bundle a ``trust.rotate`` request names, as an approver reads it: each key's
+    SHA-256 (of its SubjectPublicKeyInfo: what ``openssl pkey -pubin -outform DER | sha256sum``
+    prints for the certificate's key) and until when it is accepted."""
+    bundle = trust.read_subject(subject)
+    lines = [f"  trust bundle: {bundle.seq}"]
+    for key in bundle.service:
+        if key.until is None:
+            until = "no end (the service signs with it from then on)"
+        else:
+            stamp = datetime.fromtimestamp(key.until, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            until = f"until {stamp}"
+        lines.append(f"  service key: SHA-256 {key.kid.hex()}, {until}")
     return lines
 
 

@@ -6,7 +6,6 @@ that a service signs with a key of the bundle before."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Sequence
 
@@ -15,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol import authz as az
 from agent.protocol import trust
-from agent.protocol.mls import codec
 from provisioning.pki import issue_client_cert
 from tests.operator_certs import VALID_FOR, VALID_FROM, operator, operator_ca
 
@@ -91,6 +89,10 @@ def rollover(
 
 
 def other_subject(bundle: bytes) -> bytes:
-    """A well-formed subject naming another bundle of the same seq."""
-    seq = trust.TrustBundle.decode(bundle).seq
-    return codec.encode([trust.SUBJECT_LABEL, seq, hashlib.sha256(bundle + b"x").digest()])
+    """A well-formed subject naming another bundle of the same seq (its current key another)."""
+    held = trust.TrustBundle.decode(bundle)
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    keys = tuple(
+        trust.ServiceKey(trust.key_der(other)) if k.until is None else k for k in held.service
+    )
+    return trust.subject(trust.TrustBundle(held.seq, keys).encode())

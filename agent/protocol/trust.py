@@ -16,7 +16,8 @@ only if
   only ties the link to the chain; the quorum below is what allows the change);
 - its Authorization verifies as a fleet-wide ``trust.rotate`` under the device's operator CA and
   quorum policy, historically (a device may come back after the request's window closed), and
-  its subject is ``subject(bundle bytes)`` (``trust.approval``).
+  its subject is ``subject(bundle bytes)``: the bundle itself, which approvers' tools show
+  (``trust.approval``).
 
 A device enrolled after a rollover got the key a later bundle made current (its enrollment
 configuration names the service's current certificate): it starts from the newest bundle whose
@@ -41,7 +42,6 @@ Pure: no I/O, no clock (``now`` from the caller).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -225,27 +225,34 @@ class TrustBundle:
 
 
 def subject(bundle: bytes) -> bytes:
-    """What a ``trust.rotate`` request binds: the exact bundle (its seq and SHA-256)."""
-    seq = TrustBundle.decode(bundle).seq
-    return codec.encode([SUBJECT_LABEL, seq, hashlib.sha256(bundle).digest()])
+    """What a ``trust.rotate`` request binds: the exact bundle, its bytes in full, so that an
+    approver's tool shows the keys and their ends it signs for (a digest would show nothing)."""
+    TrustBundle.decode(bundle)
+    data = codec.encode([SUBJECT_LABEL, bundle])
+    if len(data) > az.MAX_SUBJECT:
+        raise _malformed(f"the bundle does not fit a request's subject ({az.MAX_SUBJECT} bytes)")
+    return data
 
 
-def read_subject(data: bytes) -> tuple[int, bytes]:
-    """(seq, bundle SHA-256) of a ``trust.rotate`` subject; ``trust.approval`` if not one."""
+def read_subject(data: bytes) -> TrustBundle:
+    """The bundle a ``trust.rotate`` subject names; ``trust.approval`` if it names none."""
     try:
-        decoded = codec.decode(data, 1024, "trust subject")
+        decoded = codec.decode(data, az.MAX_SUBJECT, "trust subject")
     except ProtocolError:
         decoded = None
     if (
         not isinstance(decoded, list)
-        or len(decoded) != 3
+        or len(decoded) != 2
         or decoded[0] != SUBJECT_LABEL
-        or type(decoded[1]) is not int
-        or type(decoded[2]) is not bytes
-        or len(decoded[2]) != 32
+        or type(decoded[1]) is not bytes
     ):
         raise ProtocolError("trust.approval", "the request's subject names no trust bundle")
-    return decoded[1], decoded[2]
+    try:
+        return TrustBundle.decode(decoded[1])
+    except ProtocolError:
+        raise ProtocolError(
+            "trust.approval", "the request's subject names no trust bundle"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -339,7 +346,7 @@ def _check_approval(
         raise ProtocolError(
             "trust.approval", f"trust bundle {bundle.seq}: approved by a {request.op!r} request"
         )
-    if read_subject(request.subject) != (bundle.seq, hashlib.sha256(payload).digest()):
+    if read_subject(request.subject).encode() != payload:
         raise ProtocolError(
             "trust.approval", f"trust bundle {bundle.seq}: the approval is for another bundle"
         )

@@ -229,10 +229,15 @@ def test_malformed_links_and_chains_are_refused() -> None:
 
 def test_subject_is_read_back() -> None:
     data = BUNDLE0.encode()
-    assert trust.read_subject(trust.subject(data))[0] == 0
-    with pytest.raises(ProtocolError) as err:
-        trust.read_subject(codec.encode(["keyfleet release v1", 0, b"\0" * 32]))
-    assert err.value.check == "trust.approval"
+    assert trust.read_subject(trust.subject(data)) == BUNDLE0
+    for other in (
+        codec.encode(["keyfleet release v1", data]),
+        codec.encode([trust.SUBJECT_LABEL, b"junk"]),
+        codec.encode([trust.SUBJECT_LABEL, 0, data]),
+    ):
+        with pytest.raises(ProtocolError) as err:
+            trust.read_subject(other)
+        assert err.value.check == "trust.approval"
 
 
 def test_a_device_enrolled_after_a_rollover_starts_from_the_bundle_of_its_key() -> None:

@@ -170,6 +170,14 @@ SAMPLES: list[Body] = [
     Propose(command_id=CMD, op="operator.add", members=(), operator="op-carol", cert=b"\x30\x82"),
     Propose(command_id=CMD, op="operator.remove", members=(), operator="op-carol"),
     Propose(command_id=CMD, op="operator.role", members=(), operator="op-carol", role="viewer"),
+    Propose(
+        command_id=CMD,
+        op="trust.rotate",
+        members=(),
+        cert=b"\x30\x82",
+        key_ref="pkcs11:token=keyfleet;object=service-signing-2",
+        overlap=86400,
+    ),
     Approve(command_id=CMD, request_id=bytes(16), approval=b"approval"),
     ListRequests(command_id=CMD),
     ListRequests(command_id=CMD, request_id=bytes(16)),
@@ -393,6 +401,28 @@ def test_body_is_not_a_map() -> None:
             "body.malformed",
         ),
         (lambda: Propose(command_id=CMD, op="group.add", members=("d",)), "body.malformed"),
+        (
+            lambda: Propose(command_id=CMD, op="trust.rotate", members=(), cert=b"c", overlap=1),
+            "body.type",
+        ),
+        (
+            lambda: Propose(
+                command_id=CMD,
+                op="trust.rotate",
+                members=(),
+                cert=b"c",
+                key_ref="k",
+                overlap=1,
+                group_id="g",
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: Propose(
+                command_id=CMD, op="device.revoke", members=("d",), key_ref="k", overlap=1
+            ),
+            "body.malformed",
+        ),
         (
             lambda: Propose(command_id=CMD, op="group.add", members=("d", "e"), group_id="g"),
             "body.malformed",
