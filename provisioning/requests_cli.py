@@ -26,6 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from agent.protocol import authz, trust
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.releaseproof import read_subject as release_subject
@@ -136,7 +139,8 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
         or request.group != asked.group_id
         or members != asked.members
         or request.policy != asked.policy
-        or (request.subject is None) != (asked.release is None and asked.operator is None)
+        or (request.subject is None)
+        != (asked.release is None and asked.operator is None and asked.key_ref is None)
         or (
             request.subject is not None
             and asked.release is not None
@@ -147,6 +151,11 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
             and asked.operator is not None
             and not operatorops.subject_matches(request.subject, asked)
         )
+        or (
+            request.subject is not None
+            and asked.op == authz.OP_TRUST_ROTATE
+            and not trust_subject_matches(request, asked)
+        )
         or request.by != operator
         or not request.nbf <= now + 60  # a little clock skew
         or request.exp < now
@@ -154,6 +163,22 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
         raise ProtocolError(
             "quorum.mismatch", "the service's request is not the change proposed; not signed"
         )
+
+
+def trust_subject_matches(request: authz.Request, asked: Propose) -> bool:
+    """A ``trust.rotate``'s bundle makes the certificate's key the one without an end and keeps
+    every other key at least ``overlap`` seconds past the request's window."""
+    assert request.subject is not None and asked.cert is not None and asked.overlap is not None
+    try:
+        bundle = trust.read_subject(request.subject)
+        cert = x509.load_der_x509_certificate(asked.cert)
+    except (ProtocolError, ValueError):
+        return False
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    ends = [k.until for k in bundle.service if k.until is not None]
+    return bundle.current.key == spki and all(e >= request.exp + asked.overlap for e in ends)
 
 
 class RequestSession:
