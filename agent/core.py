@@ -15,9 +15,10 @@ had been saved it is a ``replay.duplicate`` and the core answers with the very s
 made the first time (kept in a small reply cache), otherwise it is processed again. Every
 outgoing envelope spends a sequence number, so it too is persisted before it leaves.
 
-Inbound rules (docs/agent.md, "Running"): every message is verified against the one service key
-(sender ``keyfleet-service``), addressed to this device or a group it holds, then checked by the
-replay guard; a refusal is counted by check id and changes nothing.
+Inbound rules (docs/agent.md, "Running"): every message is verified against the service keys the
+trust bundle accepts now (bundle 0: the enrollment's one key; later ones from the retained chain,
+``agent.protocol.trust``), sender ``keyfleet-service``, addressed to this device or a group it
+holds, then checked by the replay guard; a refusal is counted by check id and changes nothing.
 
 Why one module of this size: it is the device's single state machine; every inbound message and
 every persisted field meet here, and its consistency rule (persist before publishing) is only

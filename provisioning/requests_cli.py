@@ -26,9 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from agent.protocol import authz, trust
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.releaseproof import read_subject as release_subject
@@ -48,7 +45,7 @@ from provisioning.operator import (
     Progress,
     follow,
 )
-from provisioning.service import operatorops
+from provisioning.service import operatorops, trustroll
 
 # How long one request/answer exchange with the service may take.
 EXCHANGE_TIMEOUT = 30.0
@@ -171,12 +168,9 @@ def trust_subject_matches(request: authz.Request, asked: Propose) -> bool:
     assert request.subject is not None and asked.cert is not None and asked.overlap is not None
     try:
         bundle = trust.read_subject(request.subject)
-        cert = x509.load_der_x509_certificate(asked.cert)
-    except (ProtocolError, ValueError):
+        spki = trust.key_der(trustroll.public_key_of(asked.cert))
+    except ProtocolError:
         return False
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
     ends = [k.until for k in bundle.service if k.until is not None]
     return bundle.current.key == spki and all(e >= request.exp + asked.overlap for e in ends)
 

@@ -14,29 +14,47 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.protocol import authz, trust
-from agent.protocol.errors import ConfigError
+from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.wire.messages.operator import MAX_OVERLAP, Propose
 from provisioning.operator import OperatorClient
 from provisioning.operators_cli import read_certificate_der
 from provisioning.requests_cli import propose_and_approve
+from provisioning.service import trustroll
 
 DEFAULT_OVERLAP = 7 * 86400
 
 
+def read_new_key(path: str) -> bytes:
+    """``--new-cert``: a PEM certificate (its DER), or a PEM public key (its SubjectPublicKeyInfo
+    DER: what ``keyfleet pki token-key`` prints for a key made in the token)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        return read_certificate_der(path)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise ConfigError(f"{path}: neither a PEM certificate nor a PEM public key") from None
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
-    der = read_certificate_der(args.new_cert)
+    der = read_new_key(args.new_cert)
     if not 0 <= args.overlap <= MAX_OVERLAP:
         raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
-    spki = (
-        x509.load_der_x509_certificate(der)
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
+    try:
+        spki = trust.key_der(trustroll.public_key_of(der))
+    except ProtocolError as exc:
+        raise ConfigError(f"{args.new_cert}: {exc.reason}") from None
     label = f"rotate the service signing key to {trust.ServiceKey(spki).kid.hex()[:16]}…"
     body = Propose(
         command_id,
@@ -73,7 +91,12 @@ def add_commands(
             "chain and signs with the new key from then on."
         ),
     )
-    service.add_argument("--new-cert", metavar="FILE", required=True, help="the new key's cert")
+    service.add_argument(
+        "--new-cert",
+        metavar="FILE",
+        required=True,
+        help="the new key's certificate, or its PEM public key (keyfleet pki token-key prints it)",
+    )
     service.add_argument(
         "--new-key",
         metavar="REF",

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Final
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -90,11 +91,18 @@ def _load(env: Env, ref: str) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _public(cert_der: bytes) -> ec.EllipticCurvePublicKey:
+def public_key_of(der: bytes) -> ec.EllipticCurvePublicKey:
+    """The key of a ``trust.rotate``'s ``cert``: an X.509 certificate (DER), or the key's
+    SubjectPublicKeyInfo (DER) for a token key that has no certificate (devices take a public
+    key as ``service_cert`` too); ``trust.key`` otherwise."""
+    key: object
     try:
-        key = x509.load_der_x509_certificate(cert_der).public_key()
+        key = x509.load_der_x509_certificate(der).public_key()
     except ValueError:
-        raise ProtocolError(KEY, "the new certificate does not parse as X.509") from None
+        try:
+            key = serialization.load_der_public_key(der)
+        except ValueError:
+            raise ProtocolError(KEY, "neither an X.509 certificate nor a public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ProtocolError(KEY, "the new certificate's key is not ECC P-256")
     return key
@@ -104,7 +112,7 @@ def request_subject(cx: Call, session: Session, body: Propose, exp: int) -> tupl
     """The subject of a new ``trust.rotate`` request whose window closes at ``exp``, and what
     its row keeps (the bundle's bytes and the key reference, JSON)."""
     assert body.cert is not None and body.key_ref is not None and body.overlap is not None
-    public = _public(body.cert)
+    public = public_key_of(body.cert)
     key = _load(cx.env, body.key_ref)
     new_der = trust.key_der(public)
     if trust.key_der(key.public_key()) != new_der:

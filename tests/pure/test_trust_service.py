@@ -6,6 +6,7 @@ fleet); the new key is a software key the test's key loader names."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ from agent.protocol.wire.envelope import Signer, open_message
 from agent.protocol.wire.messages.operator import Approve, Propose
 from agent.protocol.wire.messages.result import OperatorResult, RequestsResult, RequestState
 from provisioning import pki
+from provisioning.requests_cli import check_proposed
 from provisioning.service.core import DeliveryService, Publish
 from provisioning.service.model import ServiceSettings
 from tests.pure.test_service_core import T0, Fleet, make_fleet
@@ -217,3 +219,33 @@ def test_a_key_the_reference_does_not_name_one_admin_and_an_operator_are_refused
     assert key_id(made.service.signing_key) == key_id(new)
     with pytest.raises(ProtocolError):
         trust.read_subject(b"")
+
+
+def test_the_proposers_tool_signs_only_a_bundle_that_makes_its_key_current(
+    fleet: tuple[Fleet, Keys],
+) -> None:
+    """A service that answers the proposal with another bundle (another key current, or the old
+    key ending before the overlap) gets no approval from the proposer's tool."""
+    made, keys = fleet
+    cert = keys.new("file:new.key", made)
+    old = made.service.signing_key
+    publishes, body = _propose(made, "op-admin", cert, "file:new.key")
+    request = authz.Request.decode(_request(made, publishes, old))
+    check_proposed(request, body, "op-admin", made.now)  # the real answer is signed
+
+    def with_bundle(bundle: trust.TrustBundle) -> authz.Request:
+        return dataclasses.replace(request, subject=trust.subject(bundle.encode()))
+
+    real = trust.read_subject(request.subject or b"")
+    rogue = ec.generate_private_key(ec.SECP256R1()).public_key()
+    other_current = trust.TrustBundle(
+        real.seq, (real.service[0], trust.ServiceKey(trust.key_der(rogue)))
+    )
+    short_overlap = trust.TrustBundle(
+        real.seq,
+        (trust.ServiceKey(real.service[0].key, request.exp + OVERLAP - 1), real.service[1]),
+    )
+    for bundle in (other_current, short_overlap):
+        with pytest.raises(ProtocolError) as err:
+            check_proposed(with_bundle(bundle), body, "op-admin", made.now)
+        assert err.value.check == "quorum.mismatch"
