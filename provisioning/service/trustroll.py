@@ -30,15 +30,14 @@ from typing import Final
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from agent.protocol import authz, trust
 from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.operator import Propose
-from provisioning.db.runtime import TrustBundleRow
 from provisioning.service.context import Call, Env
 from provisioning.service.effects import Effects, Log, TrustRolled
+from provisioning.service.store import trustchain
 from provisioning.service.store.quorum import StoredRequest
 
 log = logging.getLogger("keyfleet.service")
@@ -50,19 +49,9 @@ KeyLoader = Callable[[str], ec.EllipticCurvePrivateKey]
 service's configuration); raises ``KeyfleetError`` when it cannot."""
 
 
-def _rows(session: Session) -> list[TrustBundleRow]:
-    return list(session.scalars(select(TrustBundleRow).order_by(TrustBundleRow.seq)))
-
-
-def newest(session: Session) -> TrustBundleRow | None:
-    return session.scalars(
-        select(TrustBundleRow).order_by(TrustBundleRow.seq.desc()).limit(1)
-    ).first()
-
-
 def held(env: Env, session: Session) -> trust.TrustBundle:
     """The newest bundle of the chain, or bundle 0: the key devices got at enrollment."""
-    row = newest(session)
+    row = trustchain.newest(session)
     if row is None:
         origin = env.key.public_key() if env.trust_origin is None else env.trust_origin
         return trust.TrustBundle.initial(origin)
@@ -71,7 +60,7 @@ def held(env: Env, session: Session) -> trust.TrustBundle:
 
 def chain(session: Session) -> bytes | None:
     """The retained chain (the newest ``MAX_LINKS`` links), None before the first rollover."""
-    rows = _rows(session)[-trust.MAX_LINKS :]
+    rows = trustchain.links(session)[-trust.MAX_LINKS :]
     if not rows:
         return None
     return trust.TrustChain(tuple(trust.TrustLink(r.link, r.authz) for r in rows)).encode()
@@ -159,12 +148,7 @@ def execute(
         )
     link = trust.TrustLink(trust.sign_link(bundle, cx.env.key), authorization)
     trust.check_link(current, link, check)  # what every device will check
-    session.add(
-        TrustBundleRow(
-            seq=bundle.seq, link=link.bundle, authz=authorization, key_ref=ref, created_at=now
-        )
-    )
-    session.flush()
+    trustchain.add(session, bundle.seq, link.bundle, authorization, ref, now=now)
     return [
         Log(logging.INFO, "trust bundle %d: the service signs with its new key", (bundle.seq,)),
         TrustRolled(),
@@ -175,7 +159,7 @@ def sync(env: Env, session: Session) -> bool:
     """Sign with the newest bundle's key if this instance does not yet (another instance ran
     the rollover, or the service restarted with ``[service] signing_key`` still naming the old
     key). True when the key changed."""
-    row = newest(session)
+    row = trustchain.newest(session)
     if row is None or row.seq == env.trust_seq:
         return False
     bundle = trust.TrustLink(row.link, row.authz).opened()[1]
