@@ -101,6 +101,7 @@ class Env:
     # and how a new key is loaded from its reference (None: this instance loads none).
     trust_origin: ec.EllipticCurvePublicKey | None = field(default=None, repr=False)
     trust_seq: int = 0
+    trust_seen: dict[str, int] = field(default_factory=dict)  # device -> bundle it reported
     load_key: Callable[[str], ec.EllipticCurvePrivateKey] | None = field(default=None, repr=False)
 
     def tx(self, work: Callable[[Session], T]) -> T:

@@ -147,6 +147,16 @@ def test_the_service_key_rolls_over_while_a_device_is_offline(installation: Depl
         )
         assert all(fleet.by_id[d].core.trust == held for d in ids)
         assert fleet.status().errors == 0
+        # the service learns it from the device's next keys.report
+        log = next(iter(installation.logs.values()))
+        _wait(
+            "the service to log the device's bundle",
+            lambda: (
+                f"{away} holds trust bundle 1 (the chain is at 1)"
+                in log.read_text(errors="replace")
+            ),
+            timeout=45,
+        )
     finally:
         fleet.stop()
 
