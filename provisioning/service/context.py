@@ -102,6 +102,9 @@ class Env:
     trust_origin: ec.EllipticCurvePublicKey | None = field(default=None, repr=False)
     trust_seq: int = 0
     trust_seen: dict[str, int] = field(default_factory=dict)  # device -> bundle it reported
+    # keys a new service signing key must not be (name, public key): the CAs', the checkpoint
+    # and release keys, the TLS keys
+    reserved_keys: tuple[tuple[str, ec.EllipticCurvePublicKey], ...] = field(default=(), repr=False)
     load_key: Callable[[str], ec.EllipticCurvePrivateKey] | None = field(default=None, repr=False)
 
     def tx(self, work: Callable[[Session], T]) -> T:

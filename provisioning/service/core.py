@@ -111,7 +111,22 @@ class DeliveryService:
         release_key: ec.EllipticCurvePrivateKey | None = None,
         load_key: trustroll.KeyLoader | None = None,
         trust_origin: ec.EllipticCurvePublicKey | None = None,
+        reserved_keys: Sequence[tuple[str, ec.EllipticCurvePublicKey]] = (),
     ) -> None:
+        reserved = [*reserved_keys]
+        for name, cert in (
+            ("the device CA's key", device_ca),
+            ("the operator CA's key", operator_ca),
+        ):
+            public = cert.public_key()
+            if isinstance(public, ec.EllipticCurvePublicKey):
+                reserved.append((name, public))
+        for name, private in (
+            ("the audit checkpoint key", checkpoint_key),
+            ("the release signing key", release_key),
+        ):
+            if private is not None:
+                reserved.append((name, private.public_key()))
         self._env = Env(
             sessions=sessions,
             key=signing_key,
@@ -127,6 +142,7 @@ class DeliveryService:
             release_key=release_key,
             trust_origin=signing_key.public_key() if trust_origin is None else trust_origin,
             load_key=load_key,
+            reserved_keys=tuple(reserved),
         )
 
     @property

@@ -175,6 +175,21 @@ def _key_loader(config: ServiceConfig) -> Callable[[str], ec.EllipticCurvePrivat
     return load
 
 
+def _tls_keys(config: ServiceConfig) -> list[tuple[str, ec.EllipticCurvePublicKey]]:
+    """The keys of the service's TLS certificates (a new signing key must not be one)."""
+    certs = [("the broker client_cert's key", config.broker.client_cert)]
+    if config.http is not None:
+        certs.append(("the [http] tls_cert's key", config.http.tls_cert))
+    if config.dashboard is not None:
+        certs.append(("the [dashboard] tls_cert's key", config.dashboard.tls_cert))
+    found = []
+    for name, path in certs:
+        public = pki.cert_from_pem(path.read_bytes()).public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            found.append((name, public))
+    return found
+
+
 class ServiceRunner:
     """``keyfleet serve``: database, service core and MQTT client, wired together; the
     enrollment API too when ``[http]`` is configured."""
@@ -210,6 +225,7 @@ class ServiceRunner:
             revocation=self.revocation,
             release_key=release_key,
             load_key=_key_loader(config),
+            reserved_keys=_tls_keys(config),
         )
         # a rollover done while this instance was down: sign with the newest bundle's key
         self.service.sync_trust()

@@ -77,6 +77,12 @@ def _load(env: Env, ref: str) -> ec.EllipticCurvePrivateKey:
         raise ProtocolError(KEY, f"the new signing key does not load: {exc}") from None
     if not isinstance(key.curve, ec.SECP256R1):
         raise ProtocolError(KEY, "a service signing key is ECC P-256")
+    mine = trust.key_der(key.public_key())
+    for name, public in env.reserved_keys:
+        if trust.key_der(public) == mine:
+            raise ProtocolError(
+                KEY, f"the new key is {name}: the service signing key must be a key of its own"
+            )
     return key
 
 

@@ -249,3 +249,30 @@ def test_the_proposers_tool_signs_only_a_bundle_that_makes_its_key_current(
         with pytest.raises(ProtocolError) as err:
             check_proposed(with_bundle(bundle), body, "op-admin", made.now)
         assert err.value.check == "quorum.mismatch"
+
+
+def test_a_new_signing_key_that_is_another_fleet_key_is_refused(
+    fleet: tuple[Fleet, Keys],
+) -> None:
+    """The service's other keys (here the device CA's, and a TLS key the runner names) never
+    become its signing key: their custody and use differ (``trust.key``)."""
+    made, keys = fleet
+    assert made.device_ca is not None
+    old = made.service.signing_key
+    keys.keys["pki/device-ca.key"] = made.device_ca.private_key  # type: ignore[assignment]
+    public = made.device_ca.certificate.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    spki = trust.key_der(public)
+    publishes, _ = _propose(made, "op-admin", spki, "pki/device-ca.key")
+    (result,) = [
+        b for b in Operators(old).read(publishes, made.now) if isinstance(b, OperatorResult)
+    ]
+    assert "trust.key" in result.detail and "the device CA's key" in result.detail
+    tls = ec.generate_private_key(ec.SECP256R1())
+    keys.keys["tls.key"] = tls
+    made.service._env.reserved_keys += (("the broker client_cert's key", tls.public_key()),)
+    publishes, _ = _propose(made, "op-admin", trust.key_der(tls.public_key()), "tls.key")
+    (result,) = [
+        b for b in Operators(old).read(publishes, made.now) if isinstance(b, OperatorResult)
+    ]
+    assert "trust.key" in result.detail and "client_cert" in result.detail
