@@ -67,6 +67,7 @@ __all__ = [
     "TrustLink",
     "advance",
     "check_link",
+    "key_der",
     "read_subject",
     "sign_link",
     "subject",
