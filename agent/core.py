@@ -15,9 +15,10 @@ had been saved it is a ``replay.duplicate`` and the core answers with the very s
 made the first time (kept in a small reply cache), otherwise it is processed again. Every
 outgoing envelope spends a sequence number, so it too is persisted before it leaves.
 
-Inbound rules (docs/agent.md, "Running"): every message is verified against the one service key
-(sender ``keyfleet-service``), addressed to this device or a group it holds, then checked by the
-replay guard; a refusal is counted by check id and changes nothing.
+Inbound rules (docs/agent.md, "Running"): every message is verified against the service keys the
+trust bundle accepts now (bundle 0: the enrollment's one key; later ones from the retained chain,
+``agent.protocol.trust``), sender ``keyfleet-service``, addressed to this device or a group it
+holds, then checked by the replay guard; a refusal is counted by check id and changes nothing.
 
 Why one module of this size: it is the device's single state machine; every inbound message and
 every persisted field meet here, and its consistency rule (persist before publishing) is only
@@ -47,7 +48,7 @@ from typing import Any, Final, NamedTuple, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.protocol import dataseal
+from agent.protocol import dataseal, trust
 from agent.protocol import feed as revocation_feed
 from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.hpke import Rng, generate_key_pair, serialize_public_key
@@ -83,11 +84,11 @@ from agent.protocol.topics import (
     RELEASES_TOPIC,
     REVOCATION_FEED_TOPIC,
     SERVICE_ID,
+    TRUST_TOPIC,
     device_cmd_topic,
     device_report_topic,
     group_of_commit_topic,
 )
-from agent.protocol.wire import cose
 from agent.protocol.wire.envelope import (
     DEFAULT_MAX_AGE,
     Signer,
@@ -333,6 +334,7 @@ TRUST_CHECKS: Final = (
     "revocation.authz",
     "revocation.signature",
     "renew.issued",
+    "trust.",  # a trust chain refused: only a rogue service or a broken chain sends one
 )
 """Refusals a device reports to the fleet: what only a rogue service, operator or member sends."""
 
@@ -388,8 +390,9 @@ class AgentCore:
             spread_seed[:4], "big"
         ) % (max(key_report_spread, 0) + 1)
         self.service_id = service_id
-        self._service = Signer(service_id, service_key)
-        self._service_kid = cose.key_id(service_key)
+        # the service signing keys we accept: bundle 0 is the one key of our enrollment; a
+        # rollover replaces it through the retained trust chain (agent.protocol.trust)
+        self.trust = trust.TrustBundle.initial(service_key)
         self._keys = keys
         self._credential = credential  # the DevID certificate (DER): every leaf of ours carries it
         # who may enter or leave our groups: device CA, operator CA, quorum policy, used admissions
@@ -528,6 +531,8 @@ class AgentCore:
             return self._on_feed_head(payload)
         if topic == RELEASES_TOPIC:
             return self._on_release_bundle(payload)
+        if topic == TRUST_TOPIC:
+            return self._on_trust_chain(payload)
         group_topic = group_of_commit_topic(topic)
         if group_topic is not None and group_topic not in self._groups:
             # Devices read every group's commit topic (one ACL pattern); others' groups are
@@ -568,9 +573,12 @@ class AgentCore:
         return outcome
 
     def _resolve(self, kid: bytes) -> Signer:
-        if kid != self._service_kid:
-            raise ProtocolError("cose.kid-unknown", "only the fleet service's key is trusted")
-        return self._service
+        key = self.trust.accepted(self._now).get(kid)
+        if key is None:
+            raise ProtocolError(
+                "cose.kid-unknown", "not a service signing key our trust bundle accepts now"
+            )
+        return Signer(self.service_id, key)
 
     def _recipients(self) -> set[str]:
         return {self.device_id, *self._groups}
@@ -730,6 +738,22 @@ class AgentCore:
         log.info("release bundle %d (generation %d)", bundle.seq, bundle.generation)
         self._report_soon()
         return Outcome(changed=True, handled=ReleaseBundleMessage.TYPE, release=received)
+
+    def _on_trust_chain(self, payload: bytes) -> Outcome:
+        """The retained chain of trust bundles (agent.protocol.trust): the links after the
+        bundle we hold, each signed by a key of the one before and approved by a quorum of
+        admins, taken in order; a refused chain changes nothing and is counted and reported."""
+        try:
+            chain = trust.TrustChain.decode(payload)
+            taken = trust.advance(self.trust, chain, self.membership.check_trust_approval)
+        except ProtocolError as exc:
+            return self._refuse(exc)
+        if taken is None:
+            return Outcome(handled="trust.chain")  # nothing newer than what we hold
+        log.info("trust bundle %d taken (was %d)", taken.seq, self.trust.seq)
+        self.trust = taken
+        self._report_soon()  # the service learns we follow the new key
+        return Outcome(changed=True, handled="trust.chain")
 
     def _on_feed(self, body: RevocationFeed) -> Outcome:
         if not self.membership.follow_feed(body):
@@ -1347,6 +1371,7 @@ class AgentCore:
                 release_generation=None if held is None else held.generation,
                 release_version=None if releases is None else releases.version,
                 install=self.install_result,
+                trust_seq=self.trust.seq or None,
             )
         )
 
@@ -1551,6 +1576,7 @@ class AgentCore:
             "last_report": self.last_report,
             "last_acks": {name: list(value) for name, value in self.last_acks.items()},
             "membership": self.membership.to_state(),
+            **({"trust": self.trust.encode()} if self.trust.seq else {}),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -1574,6 +1600,8 @@ class AgentCore:
         self.last_report = restored.last_report
         self.last_acks = restored.last_acks
         self.membership.restore(restored.membership)
+        if restored.trust is not None:
+            self.trust = restored.trust
 
     # -- status (no secrets) ------------------------------------------------------------------
 
@@ -1607,6 +1635,12 @@ class AgentCore:
             "last_report": self.last_report,
             "rejections": self.rejections.snapshot(),
             "releases": None if self.releases is None else self.releases.status(),
+            "trust": {
+                "seq": self.trust.seq,
+                "service_keys": [
+                    {"kid": k.kid.hex()[:16], "until": k.until} for k in self.trust.service
+                ],
+            },
             "revocation_feed": {
                 "seq": self.membership.revocations.seq,
                 "time": self.membership.revocations.time,
@@ -1650,6 +1684,7 @@ class _Restored:
     last_report: int | None
     last_acks: dict[str, tuple[int, int]]
     membership: MembershipState
+    trust: trust.TrustBundle | None
 
     @classmethod
     def parse(cls, state: dict[str, Any], core: AgentCore) -> _Restored:
@@ -1741,6 +1776,13 @@ class _Restored:
             last_acks=last_acks,
             # a copy of the trust state: checked here, applied by restore() with the rest
             membership=core.membership.parse_state(state["membership"]),
+            # absent until a rollover was taken (bundle 0 is the enrollment's service key); the
+            # bundle was verified link by link when it arrived
+            trust=(
+                None
+                if state.get("trust") is None
+                else trust.TrustBundle.decode(_bytes(state["trust"], "trust bundle"))
+            ),
         )
 
 

@@ -66,7 +66,12 @@ from agent.protocol.hpke import serialize_public_key
 from agent.protocol.initkeys import init_key_name
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
 from agent.protocol.renewal import RenewalSchedule, sign_tls_proof
-from agent.protocol.topics import ALL_GROUP_COMMITS, RELEASES_TOPIC, REVOCATION_FEED_TOPIC
+from agent.protocol.topics import (
+    ALL_GROUP_COMMITS,
+    RELEASES_TOPIC,
+    REVOCATION_FEED_TOPIC,
+    TRUST_TOPIC,
+)
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.protocol.wire.messages.release import ReleaseInstall
 from agent.releasestate import HeldReleases
@@ -742,6 +747,10 @@ class Daemon:
     def _subscribe(self) -> bool:
         assert self._mqtt is not None and self.core is not None
         try:
+            # the retained trust chain first: a device back from a service signing key rollover
+            # learns the new key before the commands signed with it (the service re-sends those
+            # it refused, on the keys.report that follows)
+            self._mqtt.subscribe(TRUST_TOPIC, timeout=PUBLISH_TIMEOUT)
             self._mqtt.subscribe(self.core.command_topic, timeout=PUBLISH_TIMEOUT)
             self._mqtt.subscribe(ALL_GROUP_COMMITS, timeout=PUBLISH_TIMEOUT)
             # the retained revocation feed head arrives right after this

@@ -48,7 +48,16 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import ConfigError, KeyfleetError
 from agent.protocol.wire.messages.operator import AttestDevice, GroupPolicy, Propose, Rekey
 from agent.version import add_version_option
-from provisioning import audit, audit_cli, inventory, operators_cli, pki, releases_cli, revocation
+from provisioning import (
+    audit,
+    audit_cli,
+    inventory,
+    operators_cli,
+    pki,
+    releases_cli,
+    revocation,
+    trust_cli,
+)
 from provisioning.backup_cli import add_backup_commands
 from provisioning.config import load_config
 from provisioning.dashboard import start_dashboard
@@ -564,6 +573,12 @@ def _operator_add_or_request(args: argparse.Namespace) -> int:
     return _operator_request(args)
 
 
+def _keys_rotate(args: argparse.Namespace) -> int:
+    audit_cli.warn_if_stale(args)
+    with OperatorClient(_operator_settings(args)) as client:
+        return trust_cli.run(client, args)
+
+
 def _release_request(args: argparse.Namespace) -> int:
     audit_cli.warn_if_stale(args)
     with OperatorClient(_operator_settings(args)) as client:
@@ -1010,6 +1025,7 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
         "--json", action="store_true", help="a JSON array (times in Unix seconds)"
     )
     keys_list.set_defaults(handler=_keys_list)
+    trust_cli.add_commands(keys_commands, _add_operator_options, _keys_rotate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from agent.protocol import authz
+from agent.protocol import authz, trust
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.releaseproof import read_subject as release_subject
 from agent.protocol.wire.messages.operator import Approve, ListRequests, Propose
@@ -45,7 +45,7 @@ from provisioning.operator import (
     Progress,
     follow,
 )
-from provisioning.service import operatorops
+from provisioning.service import operatorops, trustroll
 
 # How long one request/answer exchange with the service may take.
 EXCHANGE_TIMEOUT = 30.0
@@ -71,10 +71,28 @@ def describe(request: authz.Request) -> list[str]:
         old, new = (m.device_id for m in request.members)
         groups = ", ".join(authz.replaced_groups(request.subject)) or "(none)"
         lines.append(f"  replace:  {old} by {new}; {new} joins {groups}; {old} is revoked")
+    elif request.subject is not None and request.op == authz.OP_TRUST_ROTATE:
+        lines += describe_trust(request.subject)
     elif request.subject is not None:
         version, digest = release_subject(request.subject)
         lines.append(f"  release:  {version} (manifest SHA-256 {digest.hex()})")
     lines += [f"  proposer: {request.by}", f"  expires:  {when}"]
+    return lines
+
+
+def describe_trust(subject: bytes) -> list[str]:
+    """The trust bundle a ``trust.rotate`` request names, as an approver reads it: each key's
+    SHA-256 (of its SubjectPublicKeyInfo: what ``openssl pkey -pubin -outform DER | sha256sum``
+    prints for the certificate's key) and until when it is accepted."""
+    bundle = trust.read_subject(subject)
+    lines = [f"  trust bundle: {bundle.seq}"]
+    for key in bundle.service:
+        if key.until is None:
+            until = "no end (the service signs with it from then on)"
+        else:
+            stamp = datetime.fromtimestamp(key.until, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            until = f"until {stamp}"
+        lines.append(f"  service key: SHA-256 {key.kid.hex()}, {until}")
     return lines
 
 
@@ -123,6 +141,7 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
         asked.release is not None
         or asked.operator is not None
         or asked.op == authz.OP_DEVICE_REPLACE
+        or asked.key_ref is not None
     )
     if (
         request.op != asked.op
@@ -140,6 +159,11 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
             and asked.operator is not None
             and not operatorops.subject_matches(request.subject, asked)
         )
+        or (
+            request.subject is not None
+            and asked.op == authz.OP_TRUST_ROTATE
+            and not trust_subject_matches(request, asked)
+        )
         or request.by != operator
         or not request.nbf <= now + 60  # a little clock skew
         or request.exp < now
@@ -147,6 +171,19 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
         raise ProtocolError(
             "quorum.mismatch", "the service's request is not the change proposed; not signed"
         )
+
+
+def trust_subject_matches(request: authz.Request, asked: Propose) -> bool:
+    """A ``trust.rotate``'s bundle makes the certificate's key the one without an end and keeps
+    every other key at least ``overlap`` seconds past the request's window."""
+    assert request.subject is not None and asked.cert is not None and asked.overlap is not None
+    try:
+        bundle = trust.read_subject(request.subject)
+        spki = trust.key_der(trustroll.public_key_of(asked.cert))
+    except ProtocolError:
+        return False
+    ends = [k.until for k in bundle.service if k.until is not None]
+    return bundle.current.key == spki and all(e >= request.exp + asked.overlap for e in ends)
 
 
 class RequestSession:

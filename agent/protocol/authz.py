@@ -102,7 +102,11 @@ OP_OPERATOR_ADD = "operator.add"
 OP_OPERATOR_REMOVE = "operator.remove"
 OP_OPERATOR_ROLE = "operator.role"
 OPERATOR_OPS = frozenset({OP_OPERATOR_ADD, OP_OPERATOR_REMOVE, OP_OPERATOR_ROLE})
-SUBJECT_OPS = frozenset({OP_RELEASE_APPROVE, OP_RELEASE_REVOKE}) | OPERATOR_OPS
+# The service signing key's rollover (agent.protocol.trust): the subject binds the exact trust
+# bundle (its seq and the SHA-256 of its bytes); devices check it themselves, admins approve it.
+OP_TRUST_ROTATE = "trust.rotate"
+ADMIN_OPS = OPERATOR_OPS | {OP_POLICY, OP_TRUST_ROTATE}
+SUBJECT_OPS = frozenset({OP_RELEASE_APPROVE, OP_RELEASE_REVOKE, OP_TRUST_ROTATE}) | OPERATOR_OPS
 MAX_SUBJECT = 1024
 # A replacement's subject names every group of the replaced device (``replace_subject``).
 MAX_REPLACE_SUBJECT = 64 * 1024
@@ -769,7 +773,7 @@ class AuthzVerifier:
         self, approval: Approval, message: bytes, request: Request, now: int | None
     ) -> VerifiedOperator:
         operator = self._operator(approval.cert, request, now)
-        needed = "admin" if request.op == OP_POLICY or request.op in OPERATOR_OPS else "operator"
+        needed = "admin" if request.op in ADMIN_OPS else "operator"
         if ROLE_RANK[operator.role] < ROLE_RANK[needed]:
             raise ProtocolError(
                 "authz.role",

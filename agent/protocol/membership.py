@@ -274,6 +274,19 @@ class Membership:
             removed=self.revocations.removed_operators(),
         )
 
+    def check_trust_approval(self, signed: bytes) -> az.VerifiedAuthorization:
+        """A trust bundle's ``trust.rotate`` Authorization (``agent.protocol.trust``): fleet-wide,
+        under our quorum policy, historically (a device offline for weeks still catches up), by
+        operators not removed before the request's time (the revocation feed)."""
+        return self.approvals.verify(
+            signed,
+            policy=self.policy,
+            now=None,
+            op=az.OP_TRUST_ROTATE,
+            group=None,
+            removed=self.revocations.removed_operators(),
+        )
+
     # -- policy ---------------------------------------------------------------------------------
 
     def _follow(

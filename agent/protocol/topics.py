@@ -30,6 +30,11 @@ only the service publishes to it (docs/wire.md, "Revocation feed")."""
 RELEASES_TOPIC: Final = f"{TOPIC_ROOT}/feed/releases"
 """The release bundle (signed PCR policies of the approved firmware releases), retained by the
 broker: every device subscribes to it, only the service publishes to it (docs/releases.md)."""
+TRUST_TOPIC: Final = f"{TOPIC_ROOT}/feed/trust"
+"""The chain of trust bundles (service signing key rollovers), retained by the broker: every
+device subscribes to it, only the service publishes to it (docs/trust.md). Not an envelope: each
+link is signed by a key of the bundle before it, so a device that missed a rollover can still
+read it."""
 FEED_RECIPIENT: Final = "keyfleet-devices"
 """The ``to`` of the retained feed head: every device (a catch-up page names the device)."""
 

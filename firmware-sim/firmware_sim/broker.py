@@ -49,6 +49,7 @@ pattern read {TOPIC_ROOT}/dev/%u/cmd
 pattern read {TOPIC_ROOT}/grp/+/commit
 pattern read {TOPIC_ROOT}/feed/revocations
 pattern read {TOPIC_ROOT}/feed/releases
+pattern read {TOPIC_ROOT}/feed/trust
 # Operators (CN = "op-..."):
 pattern write {TOPIC_ROOT}/ops/%u/cmd
 pattern read {TOPIC_ROOT}/ops/%u/result

@@ -472,6 +472,22 @@ class RolloutDeviceRow(ServiceBase):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class TrustBundleRow(ServiceBase):
+    """The chain of trust bundles (``agent.protocol.trust``; docs/trust.md), one row per seq
+    from 1 with no gap: ``link`` the bundle signed by the key of the bundle before, ``authz`` the
+    admins' ``trust.rotate`` Authorization of it, ``key_ref`` the key reference (``pkcs11:`` URI
+    or file) of the service signing key the bundle makes current: every instance signs with the
+    newest row's key. Public data and a key's name, never key material."""
+
+    __tablename__ = "service_trust_bundles"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    link: Mapped[bytes] = mapped_column(LargeBinary)
+    authz: Mapped[bytes] = mapped_column(LargeBinary)
+    key_ref: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
 def create_service_schema(engine: Engine) -> None:
     """Create the runtime tables directly (tests that build a bare database; ``keyfleet db
     init`` runs the migrations instead)."""

@@ -96,6 +96,16 @@ class Env:
     # Signs the release bundle (``releases``, [releases] signing_key); None: none is published.
     release_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
     release_key_warned: bool = False
+    # The service signing key rollover (``trustroll``): bundle 0's key (``[service]
+    # signing_cert``: what devices got at enrollment), the bundle whose current key ``key`` is,
+    # and how a new key is loaded from its reference (None: this instance loads none).
+    trust_origin: ec.EllipticCurvePublicKey | None = field(default=None, repr=False)
+    trust_seq: int = 0
+    trust_seen: dict[str, int] = field(default_factory=dict)  # device -> bundle it reported
+    # keys a new service signing key must not be (name, public key): the CAs', the checkpoint
+    # and release keys, the TLS keys
+    reserved_keys: tuple[tuple[str, ec.EllipticCurvePublicKey], ...] = field(default=(), repr=False)
+    load_key: Callable[[str], ec.EllipticCurvePrivateKey] | None = field(default=None, repr=False)
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""
@@ -127,6 +137,7 @@ class Call:
     env: Env
     clock: Clock
     outbox: list[Outgoing] = field(default_factory=list)
+    rolled: bool = False  # a trust bundle was added: switch keys once this call's are signed
 
     def send(self, topic: str, body: Body, *, to: str, now: int) -> None:
         self.outbox.append(Outgoing(topic, body, to, now))

@@ -36,18 +36,31 @@ last moved it, and nothing needs a leader. Only harmless caches stay in memory (
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.protocol.errors import KeyfleetError
 from agent.protocol.hpke import Rng
+from agent.protocol.topics import TRUST_TOPIC
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
 from provisioning.revocation import RevocationSettings
-from provisioning.service import attestation, execute, feed, intake, releases, store, tasks
+from provisioning.service import (
+    attestation,
+    execute,
+    feed,
+    intake,
+    releases,
+    store,
+    tasks,
+    trustroll,
+)
 from provisioning.service.context import Call, Clock, Env
 from provisioning.service.credentials import StoredDevices
 from provisioning.service.model import (
@@ -74,6 +87,9 @@ __all__ = [
 ]
 
 
+log = logging.getLogger("keyfleet.service")
+
+
 class DeliveryService:
     """See the module docstring. Not thread-safe: one adapter thread calls it; other instances
     (other processes) share only the database."""
@@ -93,7 +109,24 @@ class DeliveryService:
         checkpoint_key: ec.EllipticCurvePrivateKey | None = None,
         revocation: RevocationSettings | None = None,
         release_key: ec.EllipticCurvePrivateKey | None = None,
+        load_key: trustroll.KeyLoader | None = None,
+        trust_origin: ec.EllipticCurvePublicKey | None = None,
+        reserved_keys: Sequence[tuple[str, ec.EllipticCurvePublicKey]] = (),
     ) -> None:
+        reserved = [*reserved_keys]
+        for name, cert in (
+            ("the device CA's key", device_ca),
+            ("the operator CA's key", operator_ca),
+        ):
+            public = cert.public_key()
+            if isinstance(public, ec.EllipticCurvePublicKey):
+                reserved.append((name, public))
+        for name, private in (
+            ("the audit checkpoint key", checkpoint_key),
+            ("the release signing key", release_key),
+        ):
+            if private is not None:
+                reserved.append((name, private.public_key()))
         self._env = Env(
             sessions=sessions,
             key=signing_key,
@@ -107,6 +140,9 @@ class DeliveryService:
             checkpoint_key=checkpoint_key,
             revocation=revocation,
             release_key=release_key,
+            trust_origin=signing_key.public_key() if trust_origin is None else trust_origin,
+            load_key=load_key,
+            reserved_keys=tuple(reserved),
         )
 
     @property
@@ -147,7 +183,7 @@ class DeliveryService:
         the others are still handled (``intake``)."""
         cx = Call(self._env, Clock.reading(now, now_ms))
         intake.handle_many(cx, messages, now)
-        return intake.sign(cx)
+        return self._signed(cx, now)
 
     def tick(self, now: int, *, now_ms: int | None = None) -> list[Publish]:
         """Timeouts and retries: commit requests nobody answered go to the next candidate, key
@@ -156,7 +192,39 @@ class DeliveryService:
         (and a dead instance's jobs are taken over when their deadline, its lease, passes)."""
         cx = Call(self._env, Clock.reading(now, now_ms))
         intake.tick(cx, now)
-        return intake.sign(cx)
+        return self._signed(cx, now, follow=True)
+
+    def _signed(self, cx: Call, now: int, *, follow: bool = False) -> list[Publish]:
+        """This call's messages, signed with the key it began with; then, if a trust bundle was
+        added (by this call, or with ``follow`` by another instance), the newest bundle's key
+        signs from now on and the chain, feed head and release bundle are published again
+        (``trustroll``)."""
+        publishes = intake.sign(cx)
+        if not (cx.rolled or follow):
+            return publishes
+        try:
+            moved = self._env.read(lambda s: trustroll.sync(self._env, s))
+        except (KeyfleetError, SQLAlchemyError) as exc:
+            log.error("following the trust chain failed: %s", exc)
+            return publishes
+        if moved:
+            publishes += self.trust_chain() + self.feed_head(now) + self.release_bundle(now)
+        return publishes
+
+    def sync_trust(self) -> None:
+        """At start: sign with the newest trust bundle's key (``trustroll.sync``)."""
+        self._env.read(lambda s: trustroll.sync(self._env, s))
+
+    def trust_chain(self) -> list[Publish]:
+        """The chain of trust bundles to publish retained, none before the first rollover. Not
+        an envelope: each link is signed by a key of the bundle before it."""
+        data = self._env.read(trustroll.chain)
+        return [] if data is None else [Publish(TRUST_TOPIC, data)]
+
+    @property
+    def signing_key(self) -> ec.EllipticCurvePublicKey:
+        """The public half of the key the service signs with now."""
+        return self._env.key.public_key()
 
     def challenge(self, device_id: str, now: int) -> list[Publish]:
         """Challenge ``device_id`` now (what the schedule and ``op.attest`` do); returns the

@@ -171,6 +171,17 @@ def on_key_states(
         )
         cx.env.refusals_seen[sender] = refused
     effects = feed.on_report(session, sender, body.feed, now=now)
+    held = body.trust_seq or 0
+    if cx.env.trust_seen.get(sender) != held:
+        # who follows a service signing key rollover: one line each time a device's bundle moves
+        cx.env.trust_seen[sender] = held
+        effects.append(
+            Log(
+                logging.INFO,
+                "%s holds trust bundle %d (the chain is at %d)",
+                (sender, held, cx.env.trust_seq),
+            )
+        )
     return effects + rollout.on_install_report(cx, session, sender, body.install, now)
 
 

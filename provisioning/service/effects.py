@@ -26,6 +26,12 @@ class Send:
 
 
 @dataclass(frozen=True)
+class TrustRolled:
+    """A trust bundle was added (``trustroll.execute``): once this call's messages are signed
+    with the key it began with, sign with the new one and publish the chain again."""
+
+
+@dataclass(frozen=True)
 class Log:
     level: int
     message: str
@@ -143,5 +149,6 @@ Effect = (
     | Progress
     | AttestVerdict
     | WriteCrl
+    | TrustRolled
 )
 Effects = list[Effect]

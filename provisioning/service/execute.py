@@ -26,6 +26,7 @@ from provisioning.service.effects import (
     Send,
     StartNext,
     Touch,
+    TrustRolled,
     WriteCrl,
 )
 from provisioning.service.model import JobState
@@ -70,6 +71,8 @@ def run(cx: Call, effects: Iterable[Effect]) -> None:
                     operations.progress(cx, fresh, now)
             case AttestVerdict(waiting, verdict, change):
                 attestation.attest_result(cx, waiting, verdict, change, now)
+            case TrustRolled():
+                cx.rolled = True
             case WriteCrl():
                 # Not now: the broker restarts when the file changes, and this call's answers
                 # (the operator's result) are published after the effects ran.

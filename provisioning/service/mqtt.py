@@ -43,6 +43,7 @@ from agent.protocol.topics import (
     RELEASES_TOPIC,
     REPORT_SUBSCRIPTION,
     REVOCATION_FEED_TOPIC,
+    TRUST_TOPIC,
 )
 from agent.protocol.wire.cose import key_id
 from provisioning import custody, inventory, pki, revocation
@@ -64,7 +65,7 @@ from provisioning.service.core import (
 log = logging.getLogger("keyfleet.service")
 
 # Published retained: every device, connected now or later, reads the newest.
-RETAINED = frozenset({REVOCATION_FEED_TOPIC, RELEASES_TOPIC})
+RETAINED = frozenset({REVOCATION_FEED_TOPIC, RELEASES_TOPIC, TRUST_TOPIC})
 
 TICK_SECONDS = 1.0
 POLL_SECONDS = 0.2
@@ -162,6 +163,34 @@ def load_signing_key(config: ServiceConfig) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def _key_loader(config: ServiceConfig) -> Callable[[str], ec.EllipticCurvePrivateKey]:
+    """How a ``trust.rotate`` names the new service signing key: a key reference as in the
+    configuration (a ``pkcs11:`` URI, or a file relative to the configuration's directory)."""
+    base = config.path.parent
+
+    def load(ref: str) -> ec.EllipticCurvePrivateKey:
+        return custody.load_private_key(
+            custody.parse_key_ref(ref, base=base), role="service signing"
+        )
+
+    return load
+
+
+def _tls_keys(config: ServiceConfig) -> list[tuple[str, ec.EllipticCurvePublicKey]]:
+    """The keys of the service's TLS certificates (a new signing key must not be one)."""
+    certs = [("the broker client_cert's key", config.broker.client_cert)]
+    if config.http is not None:
+        certs.append(("the [http] tls_cert's key", config.http.tls_cert))
+    if config.dashboard is not None:
+        certs.append(("the [dashboard] tls_cert's key", config.dashboard.tls_cert))
+    found = []
+    for name, path in certs:
+        public = pki.cert_from_pem(path.read_bytes()).public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            found.append((name, public))
+    return found
+
+
 class ServiceRunner:
     """``keyfleet serve``: database, service core and MQTT client, wired together; the
     enrollment API too when ``[http]`` is configured."""
@@ -196,7 +225,11 @@ class ServiceRunner:
             checkpoint_key=checkpoint_key,
             revocation=self.revocation,
             release_key=release_key,
+            load_key=_key_loader(config),
+            reserved_keys=_tls_keys(config),
         )
+        # a rollover done while this instance was down: sign with the newest bundle's key
+        self.service.sync_trust()
         # The broker's crlfile must exist before the broker starts (and hold a current CRL):
         # issue the first one now if there is none, and bring the file up to date.
         self.service.ensure_crl(int(clock()))
@@ -217,7 +250,7 @@ class ServiceRunner:
             config.broker.host,
             config.broker.port,
             self.client_id,
-            key_id(signing_key.public_key()).hex(),
+            key_id(self.service.signing_key).hex(),
             custody.describe(config.service.signing_key),
         )
         log.info("keyfleet serve: device CA key (%s)", custody.describe(config.device_ca.key))
@@ -249,8 +282,9 @@ class ServiceRunner:
             self.client.connect()
             self.client.subscribe(REPORT_SUBSCRIPTION)
             self.client.subscribe(OPS_SUBSCRIPTION)
-            # the retained feed head and release bundle again (a broker that lost them, or a
-            # restored database)
+            # the retained trust chain, feed head and release bundle again (a broker that lost
+            # them, or a restored database)
+            self._publish(self.service.trust_chain())
             self._publish(self.service.feed_head(int(self._clock())))
             self._publish(self.service.release_bundle(int(self._clock())))
             log.info("keyfleet serve: ready (subscribed to device reports and operator commands)")

@@ -61,6 +61,7 @@ from provisioning.service import (
     releases,
     replaceops,
     store,
+    trustroll,
 )
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log, Send
@@ -87,6 +88,7 @@ ADMIN_OPS = frozenset(
         authz.OP_POLICY,
         authz.OP_RELEASE_APPROVE,
         authz.OP_RELEASE_REVOKE,
+        authz.OP_TRUST_ROTATE,
     }
     | authz.OPERATOR_OPS
 )
@@ -224,6 +226,12 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
                 "authz.policy.serial",
                 f"serial {proposed.serial} does not follow the current serial {current.serial}",
             )
+        members = ()
+    elif body.op == authz.OP_TRUST_ROTATE:
+        # the new bundle names when the old key's acceptance ends: the window's end + overlap
+        subject, kept = trustroll.request_subject(
+            cx, session, body, now + cx.env.settings.request_ttl
+        )
         members = ()
     elif body.op in authz.SUBJECT_OPS:
         assert body.release is not None
@@ -418,6 +426,21 @@ def execute_request(
     verified = verifier(cx).verify(
         authorization_bytes, policy=policy, now=now, op=stored.op, group=stored.group_id
     )
+    if stored.op == authz.OP_TRUST_ROTATE:
+
+        def check(signed: bytes) -> authz.VerifiedAuthorization:
+            return verifier(cx).verify(
+                signed, policy=policy, now=None, op=authz.OP_TRUST_ROTATE, group=None
+            )
+
+        return execute_service_op(
+            session,
+            stored,
+            lambda: trustroll.execute(cx, session, stored, authorization_bytes, check, now=now),
+            detail="trust bundle published; the service signs with the new key",
+            operator=operator,
+            now=now,
+        )
     if stored.op in authz.OPERATOR_OPS:
 
         def run_operator_op() -> Effects:

@@ -182,6 +182,14 @@ SAMPLES: list[Body] = [
     Propose(command_id=CMD, op="operator.add", members=(), operator="op-carol", cert=b"\x30\x82"),
     Propose(command_id=CMD, op="operator.remove", members=(), operator="op-carol"),
     Propose(command_id=CMD, op="operator.role", members=(), operator="op-carol", role="viewer"),
+    Propose(
+        command_id=CMD,
+        op="trust.rotate",
+        members=(),
+        cert=b"\x30\x82",
+        key_ref="pkcs11:token=keyfleet;object=service-signing-2",
+        overlap=86400,
+    ),
     Approve(command_id=CMD, request_id=bytes(16), approval=b"approval"),
     ListRequests(command_id=CMD),
     ListRequests(command_id=CMD, request_id=bytes(16)),
@@ -202,6 +210,7 @@ SAMPLES: list[Body] = [
     RevocationFeed(seq=3, head=bytes(32), time=1_700_000_000),
     ReleaseBundleMessage(bundle=b"\xd2cose"),
     KeyStateReport(keys=(), feed=7),
+    KeyStateReport(keys=(), trust_seq=2),
     KeyStateReport(keys=(), release_seq=3, release_generation=2, release_version="1.1"),
     ReleaseInstall(rollout="ro-1", version="1.1"),
     RolloutStart(command_id=CMD, version="1.1", group_id="g", waves=("1", "50%", "100%")),
@@ -421,6 +430,28 @@ def test_body_is_not_a_map() -> None:
             "body.malformed",
         ),
         (lambda: Propose(command_id=CMD, op="group.add", members=("d",)), "body.malformed"),
+        (
+            lambda: Propose(command_id=CMD, op="trust.rotate", members=(), cert=b"c", overlap=1),
+            "body.type",
+        ),
+        (
+            lambda: Propose(
+                command_id=CMD,
+                op="trust.rotate",
+                members=(),
+                cert=b"c",
+                key_ref="k",
+                overlap=1,
+                group_id="g",
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: Propose(
+                command_id=CMD, op="device.revoke", members=("d",), key_ref="k", overlap=1
+            ),
+            "body.malformed",
+        ),
         (
             lambda: Propose(command_id=CMD, op="group.add", members=("d", "e"), group_id="g"),
             "body.malformed",

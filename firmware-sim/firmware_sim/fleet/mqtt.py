@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from agent.core import Publish
 from agent.protocol.errors import ConfigError, StateError
-from agent.protocol.topics import ALL_GROUP_COMMITS, REVOCATION_FEED_TOPIC
+from agent.protocol.topics import ALL_GROUP_COMMITS, REVOCATION_FEED_TOPIC, TRUST_TOPIC
 from firmware_sim.fleet import groups
 from firmware_sim.fleet.config import FleetConfig
 from firmware_sim.fleet.device import VirtualDevice, load_devices
@@ -228,6 +228,7 @@ class VirtualFleet:
         device = link.device
         client.subscribe(
             [
+                (TRUST_TOPIC, 1),  # first, as keyagent run: the service key before its commands
                 (device.core.command_topic, 1),
                 (ALL_GROUP_COMMITS, 1),
                 (REVOCATION_FEED_TOPIC, 1),

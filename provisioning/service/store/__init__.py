@@ -11,6 +11,8 @@
 - ``checkpoints``: the signed audit checkpoints;
 - ``rekey``: each group's rekey policy and each member's last self-update (imported as a
   module by ``provisioning.service.rekeypolicy``);
+- ``trustchain``: the chain of trust bundles (imported as a module by
+  ``provisioning.service.trustroll``);
 - ``fleet``: the service's reads and writes of registry tables (``last_seen``, acks at an
   epoch, the commit log's timing) that ``provisioning.registry`` has no method for.
 

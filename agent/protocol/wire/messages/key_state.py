@@ -81,7 +81,9 @@ class KeyStateReport(Body):
     or when no bundle or no release applies), so the service shows who runs what and who has
     not re-sealed after a revocation (docs/releases.md); ``install``: the outcome of the latest
     ``release.install`` (a staged rollout's step), repeated in every report until the next one,
-    so that a report lost to a reconnect is made up by the next."""
+    so that a report lost to a reconnect is made up by the next; ``trust_seq``: the trust bundle
+    the device holds (absent: bundle 0, its enrollment's service key, or an older agent), so the
+    service shows who follows a service signing key rollover (docs/trust.md)."""
 
     TYPE: ClassVar[str] = "keys.report"
 
@@ -92,10 +94,11 @@ class KeyStateReport(Body):
     release_generation: int | None = None
     release_version: str | None = None
     install: InstallResult | None = None
+    trust_seq: int | None = None
 
     def __post_init__(self) -> None:
         check_records(self.keys, "keys")
-        for name in ("feed", "release_seq", "release_generation"):
+        for name in ("feed", "release_seq", "release_generation", "trust_seq"):
             value = getattr(self, name)
             if value is not None:
                 check_uint(value, name, maximum=MAX_FEED_SEQ)
@@ -121,7 +124,7 @@ class KeyStateReport(Body):
         out: dict[str, object] = {"keys": records_to_cbor(self.keys)}
         if self.refused:
             out["refused"] = dict(self.refused)
-        for name in ("feed", "release_seq", "release_generation", "release_version"):
+        for name in ("feed", "release_seq", "release_generation", "release_version", "trust_seq"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.install is not None:
@@ -137,6 +140,7 @@ class KeyStateReport(Body):
             "release_generation",
             "release_version",
             "install",
+            "trust_seq",
         ]
         kwargs = fields(value, cls.__name__, ["keys"], optional)
         refused = kwargs.get("refused", {})
@@ -149,6 +153,7 @@ class KeyStateReport(Body):
             release_seq=kwargs.get("release_seq"),
             release_generation=kwargs.get("release_generation"),
             release_version=kwargs.get("release_version"),
+            trust_seq=kwargs.get("trust_seq"),
             install=(
                 InstallResult.from_cbor_map(kwargs["install"]) if "install" in kwargs else None
             ),

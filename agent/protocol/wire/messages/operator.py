@@ -52,8 +52,11 @@ PROPOSABLE_OPS = frozenset(
         "operator.add",
         "operator.remove",
         "operator.role",
+        "trust.rotate",
     }
 )
+# The longest overlap a trust.rotate may give the old service signing key (a year).
+MAX_OVERLAP = 366 * 86400
 # The ops that name one firmware release (``release``) and nothing else.
 RELEASE_OPS = frozenset({"release.approve", "release.revoke"})
 # The ops that name one operator (``operator``) and nothing but its certificate or role.
@@ -201,11 +204,28 @@ class Propose(Body):
     operator: str | None = None
     cert: bytes | None = None
     role: str | None = None
+    # trust.rotate (with ``cert``: the new service signing certificate, DER): the key reference
+    # the service loads the new key from (``pkcs11:`` URI or a file on the service host) and
+    # the seconds the old key stays accepted after the request's window closes
+    key_ref: str | None = None
+    overlap: int | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_choice(self.op, "op", PROPOSABLE_OPS)
         check_ids(self.members, "members")  # a tuple of ids for every op, empty where none
+        if self.op == "trust.rotate":
+            check_bytes(self.cert, "cert", min_len=1, max_len=MAX_OPERATOR_CERT)
+            check_text(self.key_ref, "key_ref", min_len=1, max_len=1024)
+            check_uint(self.overlap, "overlap", maximum=MAX_OVERLAP)
+            named = (self.group_id, self.policy, self.reason, self.release, self.operator)
+            if self.members or any(v is not None for v in named) or self.role is not None:
+                raise ProtocolError(
+                    "body.malformed", "trust.rotate names only the new certificate and key"
+                )
+            return
+        if self.key_ref is not None or self.overlap is not None:
+            raise ProtocolError("body.malformed", f"{self.op} names no service signing key")
         if self.op in OPERATOR_OPS:
             check_id(self.operator, "operator")
             if self.members or self.group_id is not None or self.policy or self.reason:

@@ -1,0 +1,405 @@
+"""The trust bundle: which service signing keys a device accepts, and how that set rolls over
+(docs/trust.md).
+
+At enrollment a device gets one service signing key (``[fleet] service_cert``); that is its
+implicit **bundle 0**. A later bundle replaces it only through a **link** of the chain the
+service publishes retained (``TRUST_TOPIC``): the bundle's canonical bytes signed (COSE_Sign1)
+by a service signing key of the bundle the device holds, and the operators' ``trust.rotate``
+Authorization whose subject names exactly those bytes. A device takes a link (``check_link``)
+only if
+
+- its bundle decodes canonically (``trust.malformed``);
+- its ``seq`` is exactly the held one's + 1 (``trust.seq``): no replay of an old bundle, no
+  skipped one; a device that was offline applies the missed links in order (``advance``);
+- it is signed by a key of the **held** bundle (``trust.signer``): any key the held bundle
+  lists, whatever its end, so a device back after the overlap still catches up (the signature
+  only ties the link to the chain; the quorum below is what allows the change);
+- its Authorization verifies as a fleet-wide ``trust.rotate`` under the device's operator CA and
+  quorum policy, historically (a device may come back after the request's window closed), and
+  its subject is ``subject(bundle bytes)``: the bundle itself, which approvers' tools show
+  (``trust.approval``).
+
+A device enrolled after a rollover got the key a later bundle made current (its enrollment
+configuration names the service's current certificate): it starts from the newest bundle whose
+current key is its enrollment key, once that bundle's approval verifies (``_anchor``).
+
+So the service host, even holding the real signing key, cannot change what a device trusts: it
+would need the private keys of a quorum of admins. An old key stays accepted until the ``until``
+the new bundle gives it (the overlap), then only the keys without an end are.
+
+**Bundle format** (deterministic CBOR): ``{"v": 1, "seq": n, "service": [{"key": P-256
+SubjectPublicKeyInfo DER, "until": unix seconds | null}, ...]}``, 1 to ``MAX_SERVICE_KEYS``
+keys, each once, exactly one of them without an end (the key the service signs with from then
+on). Version 1 carries service signing keys only: the device CA, operator CA and broker CA stay
+those of the device's configuration (their rollover is not part of this version).
+
+**Chain format**: ``{"v": 1, "links": [{"bundle": COSE_Sign1, "authz": Authorization}, ...]}``,
+oldest first, consecutive seqs. Links a device holds already are skipped; a refused link refuses
+the whole chain and the held bundle stays (nothing half-applied).
+
+Pure: no I/O, no clock (``now`` from the caller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Final
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.protocol import authz as az
+from agent.protocol.errors import ProtocolError
+from agent.protocol.mls import codec
+from agent.protocol.wire import cose
+
+__all__ = [
+    "MAX_CHAIN",
+    "MAX_LINKS",
+    "MAX_SERVICE_KEYS",
+    "SUBJECT_LABEL",
+    "ApprovalCheck",
+    "ServiceKey",
+    "TrustBundle",
+    "TrustChain",
+    "TrustLink",
+    "advance",
+    "check_link",
+    "key_der",
+    "read_subject",
+    "sign_link",
+    "subject",
+]
+
+VERSION: Final = 1
+SUBJECT_LABEL: Final = "keyfleet trust v1"
+"""First field of a ``trust.rotate`` request's subject: its bytes mean nothing elsewhere."""
+MAX_SERVICE_KEYS: Final = 4
+MAX_KEY_DER: Final = 256
+"""A P-256 SubjectPublicKeyInfo is 91 bytes."""
+MAX_BUNDLE: Final = 4 * 1024
+MAX_LINK: Final = MAX_BUNDLE + 256 + az.MAX_AUTHORIZATION
+MAX_LINKS: Final = 32
+"""Links the retained chain carries: a device offline through more rollovers than this is
+re-provisioned (at one rollover a year, decades)."""
+MAX_CHAIN: Final = 256 * 1024
+"""Largest retained chain (each link ~1.5 KB with two approvals)."""
+
+ApprovalCheck = Callable[[bytes], az.VerifiedAuthorization]
+"""Verify a ``trust.rotate`` Authorization (fleet-wide, historically) under the device's operator
+CA and quorum policy; raises ``ProtocolError`` (``authz.*``) when it does not verify."""
+
+
+def _malformed(reason: str) -> ProtocolError:
+    return ProtocolError("trust.malformed", reason)
+
+
+def _public_key(der: bytes, what: str) -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_der_public_key(der)
+    except ValueError:
+        raise _malformed(f"{what}: not a DER SubjectPublicKeyInfo") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise _malformed(f"{what}: a service signing key is ECC P-256 (ES256)")
+    canonical = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if canonical != der:
+        raise _malformed(f"{what}: not the canonical SubjectPublicKeyInfo (uncompressed point)")
+    return key
+
+
+def key_der(key: ec.EllipticCurvePublicKey) -> bytes:
+    """The bundle's form of a service signing key: its SubjectPublicKeyInfo DER."""
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@dataclass(frozen=True)
+class ServiceKey:
+    """One service signing key a bundle accepts, until ``until`` (None: no end)."""
+
+    key: bytes = field(repr=False)
+    until: int | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.key) is not bytes or not 0 < len(self.key) <= MAX_KEY_DER:
+            raise _malformed(f"service key: 1..{MAX_KEY_DER} bytes")
+        if self.until is not None and (type(self.until) is not int or self.until < 0):
+            raise _malformed("service key until: unix seconds or null")
+        _public_key(self.key, "service key")
+
+    @cached_property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return _public_key(self.key, "service key")
+
+    @cached_property
+    def kid(self) -> bytes:
+        return cose.key_id(self.public_key)
+
+    def accepted_at(self, now: int) -> bool:
+        return self.until is None or now <= self.until
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    """A version of what a device trusts to sign service messages (see the module docstring)."""
+
+    seq: int
+    service: tuple[ServiceKey, ...]
+
+    def __post_init__(self) -> None:
+        if type(self.seq) is not int or not 0 <= self.seq <= az.MAX_TIME:
+            raise _malformed("seq: an unsigned integer")
+        if type(self.service) is not tuple or not 1 <= len(self.service) <= MAX_SERVICE_KEYS:
+            raise _malformed(f"service: 1..{MAX_SERVICE_KEYS} keys")
+        if len({k.key for k in self.service}) != len(self.service):
+            raise _malformed("service: a key is listed twice")
+        if sum(k.until is None for k in self.service) != 1:
+            raise _malformed("service: exactly one key has no end (the one the service signs with)")
+
+    @classmethod
+    def initial(cls, key: ec.EllipticCurvePublicKey) -> TrustBundle:
+        """Bundle 0: the one service signing key a device got at enrollment."""
+        return cls(0, (ServiceKey(key_der(key)),))
+
+    @property
+    def current(self) -> ServiceKey:
+        """The key without an end: the one the service signs with from this bundle on."""
+        return next(k for k in self.service if k.until is None)
+
+    def accepted(self, now: int) -> dict[bytes, ec.EllipticCurvePublicKey]:
+        """kid -> key of every service signing key accepted at ``now``."""
+        return {k.kid: k.public_key for k in self.service if k.accepted_at(now)}
+
+    def signer(self, kid: bytes) -> ServiceKey | None:
+        """The listed key with ``kid``, whatever its end (a link's signer: ``check_link``)."""
+        return next((k for k in self.service if k.kid == kid), None)
+
+    def to_obj(self) -> dict[str, object]:
+        return {
+            "v": VERSION,
+            "seq": self.seq,
+            "service": [{"key": k.key, "until": k.until} for k in self.service],
+        }
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, data: bytes) -> TrustBundle:
+        """Strict: canonical bytes only (one bundle, one encoding), ``trust.malformed``."""
+        try:
+            obj = codec.as_map(
+                codec.decode(data, MAX_BUNDLE, "trust bundle"),
+                "trust bundle",
+                {"v", "seq", "service"},
+            )
+            if obj["v"] != VERSION or type(obj["v"]) is not int:
+                raise _malformed(f"trust bundle version {obj['v']!r} (this agent reads 1)")
+            seq = codec.as_uint(obj["seq"], "trust bundle.seq", az.MAX_TIME)
+            entries = codec.as_list(
+                obj["service"],
+                "trust bundle.service",
+                MAX_SERVICE_KEYS,
+                lambda v, w: codec.as_map(v, w, {"key", "until"}),
+                min_len=1,
+            )
+            keys = []
+            for i, entry in enumerate(entries):
+                until = entry["until"]
+                if until is not None:
+                    until = codec.as_uint(until, f"trust bundle.service[{i}].until", az.MAX_TIME)
+                der = codec.as_bytes(entry["key"], f"trust bundle.service[{i}].key", 1, MAX_KEY_DER)
+                keys.append(ServiceKey(der, until))
+        except ProtocolError as exc:
+            if exc.check == "trust.malformed":
+                raise
+            raise _malformed(exc.reason) from None
+        bundle = cls(seq, tuple(keys))
+        if bundle.encode() != data:
+            raise _malformed("the trust bundle is not in its canonical encoding")
+        return bundle
+
+
+def subject(bundle: bytes) -> bytes:
+    """What a ``trust.rotate`` request binds: the exact bundle, its bytes in full, so that an
+    approver's tool shows the keys and their ends it signs for (a digest would show nothing)."""
+    TrustBundle.decode(bundle)
+    data = codec.encode([SUBJECT_LABEL, bundle])
+    if len(data) > az.MAX_SUBJECT:
+        raise _malformed(f"the bundle does not fit a request's subject ({az.MAX_SUBJECT} bytes)")
+    return data
+
+
+def read_subject(data: bytes) -> TrustBundle:
+    """The bundle a ``trust.rotate`` subject names; ``trust.approval`` if it names none."""
+    try:
+        decoded = codec.decode(data, az.MAX_SUBJECT, "trust subject")
+    except ProtocolError:
+        decoded = None
+    if (
+        not isinstance(decoded, list)
+        or len(decoded) != 2
+        or decoded[0] != SUBJECT_LABEL
+        or type(decoded[1]) is not bytes
+    ):
+        raise ProtocolError("trust.approval", "the request's subject names no trust bundle")
+    try:
+        return TrustBundle.decode(decoded[1])
+    except ProtocolError:
+        raise ProtocolError(
+            "trust.approval", "the request's subject names no trust bundle"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TrustLink:
+    """One step of the chain: the signed bundle and the operators' Authorization of it."""
+
+    bundle: bytes = field(repr=False)  # COSE_Sign1 over TrustBundle.encode()
+    authz: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if type(self.bundle) is not bytes or not 0 < len(self.bundle) <= MAX_BUNDLE + 256:
+            raise _malformed("link.bundle: a COSE_Sign1 of at most a bundle's size")
+        if type(self.authz) is not bytes or not 0 < len(self.authz) <= az.MAX_AUTHORIZATION:
+            raise _malformed("link.authz: an Authorization")
+
+    def opened(self) -> tuple[cose.Sign1, TrustBundle]:
+        """The COSE_Sign1 and the bundle it carries (decoded, NOT verified)."""
+        try:
+            sign1 = cose.decode_sign1(self.bundle, max_size=MAX_BUNDLE + 256)
+        except ProtocolError as exc:
+            raise _malformed(f"link.bundle: [{exc.check}] {exc.reason}") from None
+        return sign1, TrustBundle.decode(sign1.payload)
+
+
+@dataclass(frozen=True)
+class TrustChain:
+    """The retained chain of links, oldest first."""
+
+    links: tuple[TrustLink, ...]
+
+    def __post_init__(self) -> None:
+        if type(self.links) is not tuple or not 1 <= len(self.links) <= MAX_LINKS:
+            raise _malformed(f"chain: 1..{MAX_LINKS} links")
+
+    def encode(self) -> bytes:
+        return codec.encode(
+            {
+                "v": VERSION,
+                "links": [{"bundle": k.bundle, "authz": k.authz} for k in self.links],
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> TrustChain:
+        try:
+            obj = codec.as_map(
+                codec.decode(data, MAX_CHAIN, "trust chain"), "trust chain", {"v", "links"}
+            )
+            if obj["v"] != VERSION or type(obj["v"]) is not int:
+                raise _malformed(f"trust chain version {obj['v']!r} (this agent reads 1)")
+            links = codec.as_list(
+                obj["links"],
+                "trust chain.links",
+                MAX_LINKS,
+                lambda v, w: codec.as_map(v, w, {"bundle", "authz"}),
+                min_len=1,
+            )
+            pairs = [
+                (
+                    codec.as_bytes(m["bundle"], f"link[{i}].bundle", 1, MAX_BUNDLE + 256),
+                    codec.as_bytes(m["authz"], f"link[{i}].authz", 1, az.MAX_AUTHORIZATION),
+                )
+                for i, m in enumerate(links)
+            ]
+        except ProtocolError as exc:
+            if exc.check == "trust.malformed":
+                raise
+            raise _malformed(exc.reason) from None
+        return cls(tuple(TrustLink(b, a) for b, a in pairs))
+
+
+def sign_link(
+    bundle: TrustBundle, key: ec.EllipticCurvePrivateKey
+) -> bytes:  # the service's side of a link
+    """``bundle`` signed (COSE_Sign1) by ``key``: a service signing key of the bundle before."""
+    return cose.sign1(bundle.encode(), key)
+
+
+def _check_approval(
+    bundle: TrustBundle, payload: bytes, authz: bytes, approval: ApprovalCheck
+) -> None:
+    try:
+        verified = approval(authz)
+    except ProtocolError as exc:
+        raise ProtocolError(
+            "trust.approval",
+            f"trust bundle {bundle.seq}: its approval does not verify ([{exc.check}] {exc.reason})",
+        ) from None
+    request = verified.request
+    if request.op != az.OP_TRUST_ROTATE or request.subject is None:
+        raise ProtocolError(
+            "trust.approval", f"trust bundle {bundle.seq}: approved by a {request.op!r} request"
+        )
+    if read_subject(request.subject).encode() != payload:
+        raise ProtocolError(
+            "trust.approval", f"trust bundle {bundle.seq}: the approval is for another bundle"
+        )
+
+
+def check_link(held: TrustBundle, link: TrustLink, approval: ApprovalCheck) -> TrustBundle:
+    """The bundle ``link`` carries, if a device holding ``held`` may take it (see the module
+    docstring); ``trust.*`` otherwise."""
+    sign1, bundle = link.opened()
+    if bundle.seq != held.seq + 1:
+        raise ProtocolError(
+            "trust.seq", f"trust bundle {bundle.seq} does not follow the one held ({held.seq})"
+        )
+    signer = held.signer(sign1.kid)
+    if signer is None:
+        raise ProtocolError(
+            "trust.signer",
+            f"trust bundle {bundle.seq} is signed by a key that bundle {held.seq} does not list",
+        )
+    try:
+        cose.verify_sign1(sign1, signer.public_key)
+    except ProtocolError as exc:
+        raise ProtocolError(
+            "trust.signer", f"trust bundle {bundle.seq}: [{exc.check}] {exc.reason}"
+        ) from None
+    _check_approval(bundle, sign1.payload, link.authz, approval)
+    return bundle
+
+
+def _anchor(held: TrustBundle, chain: TrustChain, approval: ApprovalCheck) -> TrustBundle:
+    """Where a device still at bundle 0 stands in the chain. A device enrolled after a rollover
+    got the key a later bundle made current: the newest bundle whose current key is its
+    enrollment key is its place (its approval is checked; its signer, a key the device never
+    knew, cannot be). A device enrolled before any rollover holds bundle 0 of the chain."""
+    if held.seq != 0:
+        return held
+    for link in reversed(chain.links):
+        sign1, bundle = link.opened()
+        if bundle.seq > 0 and bundle.current.key == held.current.key:
+            _check_approval(bundle, sign1.payload, link.authz, approval)
+            return bundle
+    return held
+
+
+def advance(held: TrustBundle, chain: TrustChain, approval: ApprovalCheck) -> TrustBundle | None:
+    """The newest bundle of ``chain`` reached from ``held`` link by link (None: the chain has
+    nothing newer). The first refused link refuses the chain (``trust.*``); ``held`` is not
+    changed by this function in any case."""
+    current = _anchor(held, chain, approval)
+    for link in chain.links:
+        _, bundle = link.opened()
+        if bundle.seq <= current.seq:
+            continue  # taken already (a device holds the chain up to its seq)
+        current = check_link(current, link, approval)
+    return None if current is held else current

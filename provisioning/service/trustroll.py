@@ -1,0 +1,183 @@
+"""The service signing key's rollover: ``trust.rotate`` requests and the chain of trust bundles
+devices follow (``agent.protocol.trust``; docs/trust.md, docs/operations.md "Rolling over the
+service signing key").
+
+- **Propose** (``keyfleet keys rotate service-signing --new-cert FILE --new-key REF --overlap
+  S``): the service loads the new key from ``REF`` (a ``pkcs11:`` URI or a file on the service
+  host: the custodian created it there; the private key never travels), checks it is the
+  certificate's key and not one the held bundle lists, and builds the next bundle: the current
+  key accepted until the request's window closes plus the overlap, the new key without an end.
+  The request's subject binds that bundle's exact bytes; the row keeps them and the key
+  reference until the quorum is met.
+- **Execute** (the admins' quorum met): the bundle must still follow the newest one
+  (``trust.seq``: another rollover ran meanwhile), the key must still load and be the bundle's,
+  and the link is checked as a device checks it (``agent.protocol.trust.check_link`` with the
+  service's verifier and policy) once signed with the current key. Then it is stored
+  (``service_trust_bundles``) and every instance signs with the new key from its next call on
+  (``sync``); the chain, the feed head and the release bundle are published again.
+
+Key references are names, not secrets; one carrying a PIN value is refused (``trust.key``):
+name a PIN source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.orm import Session
+
+from agent.protocol import authz, trust
+from agent.protocol.errors import KeyfleetError, ProtocolError
+from agent.protocol.wire.messages.operator import Propose
+from provisioning.service.context import Call, Env
+from provisioning.service.effects import Effects, Log, TrustRolled
+from provisioning.service.store import trustchain
+from provisioning.service.store.quorum import StoredRequest
+
+log = logging.getLogger("keyfleet.service")
+
+KEY: Final = "trust.key"
+
+KeyLoader = Callable[[str], ec.EllipticCurvePrivateKey]
+"""Load the private key a key reference names (``custody.load_private_key`` relative to the
+service's configuration); raises ``KeyfleetError`` when it cannot."""
+
+
+def held(env: Env, session: Session) -> trust.TrustBundle:
+    """The newest bundle of the chain, or bundle 0: the key devices got at enrollment."""
+    row = trustchain.newest(session)
+    if row is None:
+        origin = env.key.public_key() if env.trust_origin is None else env.trust_origin
+        return trust.TrustBundle.initial(origin)
+    return trust.TrustLink(row.link, row.authz).opened()[1]
+
+
+def chain(session: Session) -> bytes | None:
+    """The retained chain (the newest ``MAX_LINKS`` links), None before the first rollover."""
+    rows = trustchain.links(session)[-trust.MAX_LINKS :]
+    if not rows:
+        return None
+    return trust.TrustChain(tuple(trust.TrustLink(r.link, r.authz) for r in rows)).encode()
+
+
+def _load(env: Env, ref: str) -> ec.EllipticCurvePrivateKey:
+    if "pin-value" in ref:
+        raise ProtocolError(KEY, "the key reference carries a PIN value: name a pin-source")
+    if env.load_key is None:
+        raise ProtocolError(KEY, "this service instance loads no new signing key")
+    try:
+        key = env.load_key(ref)
+    except KeyfleetError as exc:
+        raise ProtocolError(KEY, f"the new signing key does not load: {exc}") from None
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise ProtocolError(KEY, "a service signing key is ECC P-256")
+    mine = trust.key_der(key.public_key())
+    for name, public in env.reserved_keys:
+        if trust.key_der(public) == mine:
+            raise ProtocolError(
+                KEY, f"the new key is {name}: the service signing key must be a key of its own"
+            )
+    return key
+
+
+def public_key_of(der: bytes) -> ec.EllipticCurvePublicKey:
+    """The key of a ``trust.rotate``'s ``cert``: an X.509 certificate (DER), or the key's
+    SubjectPublicKeyInfo (DER) for a token key that has no certificate (devices take a public
+    key as ``service_cert`` too); ``trust.key`` otherwise."""
+    key: object
+    try:
+        key = x509.load_der_x509_certificate(der).public_key()
+    except ValueError:
+        try:
+            key = serialization.load_der_public_key(der)
+        except ValueError:
+            raise ProtocolError(KEY, "neither an X.509 certificate nor a public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ProtocolError(KEY, "the new certificate's key is not ECC P-256")
+    return key
+
+
+def request_subject(cx: Call, session: Session, body: Propose, exp: int) -> tuple[bytes, str]:
+    """The subject of a new ``trust.rotate`` request whose window closes at ``exp``, and what
+    its row keeps (the bundle's bytes and the key reference, JSON)."""
+    assert body.cert is not None and body.key_ref is not None and body.overlap is not None
+    public = public_key_of(body.cert)
+    key = _load(cx.env, body.key_ref)
+    new_der = trust.key_der(public)
+    if trust.key_der(key.public_key()) != new_der:
+        raise ProtocolError(KEY, "the key the reference names is not the certificate's")
+    current = held(cx.env, session)
+    if current.signer(trust.ServiceKey(new_der).kid) is not None:
+        raise ProtocolError(KEY, f"the new key is a key of trust bundle {current.seq} already")
+    bundle = trust.TrustBundle(
+        current.seq + 1,
+        (trust.ServiceKey(current.current.key, exp + body.overlap), trust.ServiceKey(new_der)),
+    )
+    data = bundle.encode()
+    kept = json.dumps({"bundle": data.hex(), "key_ref": body.key_ref})
+    return trust.subject(data), kept
+
+
+def execute(
+    cx: Call,
+    session: Session,
+    stored: StoredRequest,
+    authorization: bytes,
+    check: trust.ApprovalCheck,
+    *,
+    now: int,
+) -> Effects:
+    """The admins approved ``stored``: store the signed link, switch keys (``TrustRolled``)."""
+    kept = json.loads(stored.reason)
+    data, ref = bytes.fromhex(kept["bundle"]), str(kept["key_ref"])
+    request = authz.Request.decode(stored.request)
+    if request.subject != trust.subject(data):
+        raise ProtocolError("trust.approval", "the request's bundle is not the one kept with it")
+    bundle = trust.TrustBundle.decode(data)
+    current = held(cx.env, session)
+    if bundle.seq != current.seq + 1:
+        raise ProtocolError(
+            "trust.seq", f"trust bundle {bundle.seq} no longer follows bundle {current.seq}"
+        )
+    key = _load(cx.env, ref)
+    if trust.key_der(key.public_key()) != bundle.current.key:
+        raise ProtocolError(KEY, "the key reference no longer names the approved key")
+    if trust.key_der(cx.env.key.public_key()) != current.current.key:
+        raise ProtocolError(
+            "trust.signer", "this instance does not sign with the held bundle's current key"
+        )
+    link = trust.TrustLink(trust.sign_link(bundle, cx.env.key), authorization)
+    trust.check_link(current, link, check)  # what every device will check
+    trustchain.add(session, bundle.seq, link.bundle, authorization, ref, now=now)
+    return [
+        Log(logging.INFO, "trust bundle %d: the service signs with its new key", (bundle.seq,)),
+        TrustRolled(),
+    ]
+
+
+def sync(env: Env, session: Session) -> bool:
+    """Sign with the newest bundle's key if this instance does not yet (another instance ran
+    the rollover, or the service restarted with ``[service] signing_key`` still naming the old
+    key). True when the key changed."""
+    row = trustchain.newest(session)
+    if row is None or row.seq == env.trust_seq:
+        return False
+    bundle = trust.TrustLink(row.link, row.authz).opened()[1]
+    if trust.key_der(env.key.public_key()) != bundle.current.key:
+        key = _load(env, row.key_ref)
+        if trust.key_der(key.public_key()) != bundle.current.key:
+            raise ProtocolError(KEY, f"trust bundle {row.seq}'s key reference names another key")
+        env.key = key
+        log.warning(
+            "keyfleet serve: signing with trust bundle %d's key; set [service] signing_key and "
+            "signing_cert to it (docs/operations.md, 'Rolling over the service signing key')",
+            row.seq,
+        )
+    env.trust_seq = row.seq
+    return True

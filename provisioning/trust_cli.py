@@ -1,0 +1,116 @@
+"""``keyfleet keys rotate service-signing``: the service signing key's rollover under the quorum
+(docs/operations.md, "Rolling over the service signing key"; docs/trust.md).
+
+``--new-cert FILE`` is the new key's certificate, ``--new-key REF`` where the service finds the
+key (a ``pkcs11:`` URI with a PIN source, or a file on the service host: the custodian created
+it there; the private key never leaves it), ``--overlap SECONDS`` how long after the request's
+window the old key stays accepted. The service answers with a ``trust.rotate`` request whose
+subject is the next trust bundle itself; this tool shows it, checks that its new key is the
+certificate's, approves it as the proposer and follows it; further admins approve it with
+``keyfleet approve ID``, whose listing shows the same bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from agent.protocol import authz, trust
+from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.wire.messages.operator import MAX_OVERLAP, Propose
+from provisioning.operator import OperatorClient
+from provisioning.operators_cli import read_certificate_der
+from provisioning.requests_cli import propose_and_approve
+from provisioning.service import trustroll
+
+DEFAULT_OVERLAP = 7 * 86400
+
+
+def read_new_key(path: str) -> bytes:
+    """``--new-cert``: a PEM certificate (its DER), or a PEM public key (its SubjectPublicKeyInfo
+    DER: what ``keyfleet pki token-key`` prints for a key made in the token)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        return read_certificate_der(path)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise ConfigError(f"{path}: neither a PEM certificate nor a PEM public key") from None
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
+    der = read_new_key(args.new_cert)
+    if not 0 <= args.overlap <= MAX_OVERLAP:
+        raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
+    try:
+        spki = trust.key_der(trustroll.public_key_of(der))
+    except ProtocolError as exc:
+        raise ConfigError(f"{args.new_cert}: {exc.reason}") from None
+    label = f"rotate the service signing key to {trust.ServiceKey(spki).kid.hex()[:16]}…"
+    body = Propose(
+        command_id,
+        authz.OP_TRUST_ROTATE,
+        (),
+        cert=der,
+        key_ref=args.new_key,
+        overlap=args.overlap,
+    )
+    return label, body
+
+
+def run(client: OperatorClient, args: argparse.Namespace) -> int:
+    label, body = proposal(args, client.new_command_id())
+    return propose_and_approve(client, body, label, json_lines=args.json, timeout=args.timeout)
+
+
+def add_commands(
+    keys_commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    add_operator_options: Callable[[argparse.ArgumentParser], None],
+    handler: Callable[[argparse.Namespace], int],
+) -> None:
+    rotate = keys_commands.add_parser(
+        "rotate", help="roll a fleet key over under the quorum (service-signing)"
+    )
+    which = rotate.add_subparsers(dest="rotate_command", required=True)
+    service = which.add_parser(
+        "service-signing",
+        help="request the service signing key's rollover (admins, quorum)",
+        description=(
+            "Request a trust.rotate: the next trust bundle accepts the new key, and the current "
+            "key until the request's window closes plus --overlap. Once a quorum of admins "
+            "approved it the service signs the bundle with the current key, publishes the "
+            "chain and signs with the new key from then on."
+        ),
+    )
+    service.add_argument(
+        "--new-cert",
+        metavar="FILE",
+        required=True,
+        help="the new key's certificate, or its PEM public key (keyfleet pki token-key prints it)",
+    )
+    service.add_argument(
+        "--new-key",
+        metavar="REF",
+        required=True,
+        help="where the service loads the new key: a pkcs11: URI (with pin-source) or a file "
+        "on the service host (relative to its configuration)",
+    )
+    service.add_argument(
+        "--overlap",
+        type=int,
+        default=DEFAULT_OVERLAP,
+        metavar="SECONDS",
+        help=f"the old key stays accepted this long after the request's window "
+        f"(default {DEFAULT_OVERLAP})",
+    )
+    add_operator_options(service)
+    service.set_defaults(handler=handler)
