@@ -109,7 +109,7 @@ def test_the_service_key_rolls_over_while_a_device_is_offline(installation: Depl
         rekeyed = keyfleet("rekey", "--group", "g1", *args, cwd=installation.workdir, timeout=120)
         out = rekeyed.stdout + rekeyed.stderr
         # committed and acked by the online members; the offline one is the only straggler
-        assert f"acked: {' '.join(online)} | pending: {away}" in out, out
+        assert f"{len(online)} acked, 1 pending" in out, out
         assert rekeyed.returncode == 3 and f"stragglers: {away}" in out, out
         _wait(
             "the online devices at the rekey's epoch",
