@@ -12,9 +12,10 @@ is redelivered and processed again) or the new one (the redelivery is a ``replay
 the same answers go out again, byte for byte). Leaf key blobs are written before the state that
 refers to them and shredded only after a state that no longer does was saved.
 
-Size: a little over 800 lines; start-up, the worker loop and the persist-before-publish rule
-share this object's state. What needs none of it lives apart (``agent.staterotation``,
-``agent.releasestate``, ``agent.keybackend``, ``agent.tpm.parents``).
+Size: about 1,000 lines; start-up, the worker loop, the persist-before-publish rule, the
+certificate switch after a renewal and the trust-chain subscription share this object's state.
+What needs none of it lives apart (``agent.staterotation``, ``agent.releasestate``,
+``agent.keybackend``, ``agent.tpm.parents``).
 """
 
 from __future__ import annotations
