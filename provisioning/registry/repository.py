@@ -411,11 +411,17 @@ class Registry:
         key_states: Iterable[KeyStateReport] = (),
         *,
         now: int,
+        online_since: int | None = None,
     ) -> DeviceRecord:
         """Keep the device's latest report (its verified CBOR payload) and apply its key-state
         transitions in order. Idempotent: transitions already recorded are skipped, so a device
-        may always send its whole history. An impossible transition refuses the whole report."""
+        may always send its whole history. An impossible transition refuses the whole report.
+        ``online_since``: a device not seen since then is back (or new): the attestation
+        schedule, which put it off while it was away, looks at it at its next scan (the same
+        row write as ``last_seen``)."""
         row = self._device_row(device_id)
+        if online_since is not None and (row.last_seen is None or row.last_seen < online_since):
+            row.attest_due = min(row.attest_due, now)
         keys = {key.key_name: key for key in row.keys}
         # Check the whole report before changing anything, so that a refused report leaves no
         # partial change behind even if the caller goes on to audit the refusal in this session.

@@ -154,7 +154,13 @@ def on_key_states(
     *,
     now: int,
 ) -> Effects:
-    Registry(session).record_report(sender, message.message_id, key_state_items(body.keys), now=now)
+    Registry(session).record_report(
+        sender,
+        message.message_id,
+        key_state_items(body.keys),
+        now=now,
+        online_since=now - cx.env.settings.online_window,
+    )
     refused = dict(body.refused)
     if refused and cx.env.refusals_seen.get(sender) != refused:
         # the device refused membership changes, credentials or Welcomes (what a rogue service,

@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 
 from agent.protocol.wire.envelope import open_message
 from agent.protocol.wire.messages.attestation import AttestChallenge
+from agent.protocol.wire.messages.key_state import KeyStateReport
 from firmware_sim.boot import default_components
 from provisioning.db.schema import Device, DeviceState
 from provisioning.policy import policy_from_components
@@ -111,3 +112,25 @@ def test_devices_that_cannot_be_challenged_wait_instead_of_being_read_every_scan
         s.execute(update(Device).where(Device.device_id == "dev-3").values(last_seen=t + 30))
     assert scan(fleet, t + 30) == []
     assert scan(fleet, t + tasks.OFFLINE_RECHECK_SECONDS) == ["dev-3"]
+
+
+def test_a_device_put_off_while_away_is_challenged_at_the_next_scan_once_it_reports(
+    fleet: Fleet,
+) -> None:
+    """A device the schedule put off because it was away (a fresh device not connected yet, or
+    one that was offline) is due again as soon as it reports: its keys.report after connecting
+    moves it, in the same row write as ``last_seen``, so it does not wait for the recheck."""
+    t = fleet.now
+    with fleet.sessions.begin() as s:
+        s.execute(update(Device).where(Device.device_id == "dev-3").values(last_seen=None))
+    assert "dev-3" not in scan(fleet, t)
+    assert due(fleet)["dev-3"] == t + tasks.OFFLINE_RECHECK_SECONDS
+    back = t + 2
+    fleet.now = back
+    fleet.send(fleet.devices["dev-3"].report(KeyStateReport(()), back))
+    assert due(fleet)["dev-3"] == back
+    assert scan(fleet, back + tasks.ATTEST_SCAN_SECONDS) == ["dev-3"]
+    # a device that was online already does not move: its report is not a return
+    before = due(fleet)["dev-1"]
+    fleet.send(fleet.devices["dev-1"].report(KeyStateReport(()), back + 10))
+    assert due(fleet)["dev-1"] == before
