@@ -43,6 +43,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final, NamedTuple, Protocol
 
 from cryptography import x509
@@ -867,6 +868,14 @@ class AgentCore:
         self.membership.adopt_policies(body.policies)
         authz = None if body.authz is None else self.membership.envelope(body.authz)
         checks = self._checks(body.group_id, fresh=True)
+        commit = partial(
+            group.commit,
+            devid,
+            rng=self._rng,
+            leaf_check=checks.leaf_check,
+            commit_check=checks.commit_check,
+            credential=self._credential,
+        )
         if body.action is CommitAction.ADD:
             assert body.key_package is not None and body.member is not None
             key_package = KeyPackage.decode(body.key_package)
@@ -875,15 +884,8 @@ class AgentCore:
                     "agent.key-package.member", "the key package names another device"
                 )
             key_package.check_lifetime(self._now)
-            result = group.commit(
-                devid,
-                adds=[key_package],
-                new_leaf_key=self._fresh_leaf_if_pending(entry),
-                rng=self._rng,
-                authz=authz,
-                leaf_check=checks.leaf_check,
-                commit_check=checks.commit_check,
-                credential=self._credential,
+            result = commit(
+                adds=[key_package], new_leaf_key=self._fresh_leaf_if_pending(entry), authz=authz
             )
             welcome_for = (body.member,)
         elif body.action is CommitAction.REMOVE:
@@ -893,36 +895,17 @@ class AgentCore:
             leaf = group.tree.find_device(body.member.encode())
             if leaf is None:
                 raise ProtocolError("agent.member-unknown", "that device is not in the group")
-            result = group.commit(
-                devid,
-                removes=[leaf],
-                new_leaf_key=self._fresh_leaf_if_pending(entry),
-                rng=self._rng,
-                authz=authz,
-                leaf_check=checks.leaf_check,
-                commit_check=checks.commit_check,
-                credential=self._credential,
+            result = commit(
+                removes=[leaf], new_leaf_key=self._fresh_leaf_if_pending(entry), authz=authz
             )
         elif body.updates:
             # a full rekey: other members' proposed leaf keys, and our own new one
-            result = group.commit(
-                devid,
+            result = commit(
                 updates=[Update.decode(u) for u in body.updates],
                 new_leaf_key=self._keys.new_leaf_key(),
-                rng=self._rng,
-                leaf_check=checks.leaf_check,
-                commit_check=checks.commit_check,
-                credential=self._credential,
             )
         else:
-            result = group.update(
-                devid,
-                self._keys.new_leaf_key(),
-                rng=self._rng,
-                leaf_check=checks.leaf_check,
-                commit_check=checks.commit_check,
-                credential=self._credential,
-            )
+            result = commit(new_leaf_key=self._keys.new_leaf_key())  # a self-update
         commit_bytes = result.commit.encode()
         publishes = [
             self._send(
