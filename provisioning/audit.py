@@ -503,18 +503,8 @@ def _walk(
             entries=count, head_seq=expected_seq - 1, head_hash=prev_hash, problem=problem
         )
 
-    for (
-        seq,
-        time,
-        actor,
-        action,
-        target,
-        outcome,
-        reason,
-        details,
-        raw_prev,
-        raw_hash,
-    ) in _raw_rows(session, batch, after=start[0], upto=upto):
+    for row in _raw_rows(session, batch, after=start[0], upto=upto):
+        seq, raw_prev = row[0], row[8]
         if not isinstance(seq, int) or seq != expected_seq:
             if isinstance(seq, int) and seq > expected_seq:
                 missing = (
@@ -535,19 +525,8 @@ def _walk(
                     f"found seq {seq!r} where {expected_seq} was expected",
                 )
             )
-        preimage = entry_preimage(
-            seq=seq,
-            time=time,
-            actor=actor,
-            action=action,
-            target=target,
-            outcome=outcome,
-            reason=reason,
-            details=details,
-        )
-        stored_prev = bytes(raw_prev) if isinstance(raw_prev, bytes | memoryview) else None
-        stored = bytes(raw_hash) if isinstance(raw_hash, bytes | memoryview) else None
-        if stored_prev is None or stored is None or compute_hash(stored_prev, preimage) != stored:
+        stored = _stored_hash(row)  # None: unreadable, or not its content's hash
+        if stored is None:
             return result(
                 ChainProblem(
                     seq,
@@ -556,7 +535,7 @@ def _walk(
                     "was written",
                 )
             )
-        if stored_prev != prev_hash:
+        if bytes(raw_prev) != prev_hash:
             before = f"entry {seq - 1}'s hash" if seq > 1 else "the genesis hash (32 zero bytes)"
             return result(
                 ChainProblem(
