@@ -23,6 +23,7 @@ from firmware_sim.swtpm import pid_alive
 from provisioning.station import Station
 from tests.e2e.test_provisioning_e2e import FAST_TIMEOUTS
 from tests.fixtures.swtpm import ManufacturerCA
+from tests.fixtures.wedge import wait_for
 from tests.tpm.test_enroll import EnrollmentService, devices_in, enrollment_service
 from tests.tpm.test_firmware_sim import DeviceProcess, identity
 
@@ -54,8 +55,9 @@ def _start(
 
 
 def _wait_agent_status(state: Path, pid: int, timeout: float = 30.0) -> dict[str, Any]:
-    """The status the agent with ``pid`` wrote once it was up (state key unsealed, state
-    loaded, local API listening)."""
+    """The status the agent with ``pid`` wrote once its state was loaded (state key unsealed,
+    or found sealed elsewhere). It saves its state, and so this status, before it opens its
+    local API socket."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(StateError):
@@ -103,7 +105,7 @@ def test_station_provisions_a_firmware_sim_device_then_its_console_is_locked(
     assert isinstance(agent_pid, int) and pid_alive(agent_pid), _agent_log(state)
     status = _wait_agent_status(state, agent_pid)
     assert status["device_id"] == report.device_id and not status["sealed_elsewhere"]
-    assert (state / "api.sock").is_socket()
+    wait_for("the agent's local API socket", (state / "api.sock").is_socket, timeout=10.0)
 
     # the installed agent config points at this device's TPM, seals to the measured PCRs and
     # keeps the local API in the device's directory
