@@ -42,7 +42,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -256,6 +256,9 @@ class RenewalSetup:
     anchors: tuple[x509.Certificate, ...]
     schedule: RenewalSchedule
     renewer: Renewer
+    # expired certificates renew over HTTPS (the daemon has a [renewal] url): the tick then
+    # sends no renew.request over MQTT, which the broker no longer lets through
+    over_https: bool = False
 
 
 # -- what the core asks the caller to do --------------------------------------------------------
@@ -1193,7 +1196,7 @@ class AgentCore:
             now=self._now,
         )
         self._credential = body.devid_cert
-        self.renewal = RenewalSetup(body.tls_cert, setup.anchors, setup.schedule, setup.renewer)
+        self.renewal = replace(setup, tls_credential=body.tls_cert)
         setup.schedule.renewed()
         self._renew_nonce = None
         log.info(
@@ -1246,6 +1249,8 @@ class AgentCore:
         if setup is None:
             return
         certs = self._certificates(setup)
+        if setup.over_https and self.certificates_expired(now):
+            return  # expired_renewal's
         if not setup.schedule.due(now, certs):
             return
         not_after = min(validity(der)[1] for der in certs)

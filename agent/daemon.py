@@ -582,6 +582,7 @@ class Daemon:
             anchors=tuple(c for f in config.fleet.trust_anchors for c in f.certificates),
             schedule=RenewalSchedule(config.renewal.fraction),
             renewer=self._renew_evidence,
+            over_https=config.renewal.url is not None,
         )
 
     def _renew_evidence(self, nonce: bytes, pcrs: tuple[int, ...]) -> RenewalEvidence:
@@ -770,10 +771,11 @@ class Daemon:
                 self._installs_ended()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + TICK_SECONDS
+                    # before the tick: an HTTPS renewal takes the renewal backoff's next slot
+                    self._renew_expired()
                     with self._lock:
                         outcome = self.core.tick(self.now())
                     self._apply(outcome)
-                    self._renew_expired()
                     if self._state is not None and self._state.rotation_due():
                         with self._lock, contextlib.suppress(StateError):
                             self._persist()  # a destruction waiting for a rotation token

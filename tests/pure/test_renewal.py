@@ -6,6 +6,7 @@ here the renewer is a named fake (``FakeRenewer``) and keys are software keys.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 
@@ -336,3 +337,11 @@ def test_the_core_asks_over_https_only_once_expired_and_backs_off() -> None:
     assert core.expired_renewal(next_try - 1) is None
     assert core.expired_renewal(next_try) is not None
     assert core.renewal.schedule.attempts == 2
+    # with HTTPS configured the tick sends no renew.request over MQTT for expired certificates
+    # (the broker refuses them); without, it still asks there
+    later = core.renewal.schedule.next_try
+    assert later is not None
+    assert [p.type for p in core.tick(later).publishes] == ["renew.request"]
+    core.renewal = replace(core.renewal, over_https=True)
+    assert core.renewal.schedule.next_try is not None
+    assert core.tick(core.renewal.schedule.next_try).publishes == []
