@@ -23,6 +23,12 @@ certificates are sent (``renew.issued``). A refused answer changes nothing (the 
 back): it is counted, logged and audited by the device-report path (``verify.refuse``). A revoked
 or destroyed device never gets this far (``ds.device.revoked``), nor a quarantined one
 (``ds.device.quarantined``).
+
+After expiry (``[renewal] expired = "allow"``): the same two steps over HTTPS
+(``provisioning.service.expired``) call these handlers; ``judge_expired`` is the policy
+(``renew.expired``: refused, or expired more than ``max_expired_seconds`` ago), and an answer
+taken for expired certificates checks the stored credentials as of their expiry and is audited
+``renew.expired`` instead of ``renew.issued``.
 """
 
 from __future__ import annotations
