@@ -96,16 +96,17 @@ def build_renewal_app(
     rejections: Rejections | None = None,
     on_refusal: Callable[[str], None] | None = None,
 ) -> Starlette:
-    """The ASGI application (module docstring). Refusals are counted in ``rejections``
-    (``app.state.rejections``) and reported by check id to ``on_refusal``; the service's own
-    refusals are counted by the service too."""
+    """The ASGI application (module docstring). Every refusal is counted in ``rejections``
+    (``app.state.rejections``); those of the HTTP layer (body, size, route, method) are also
+    reported by check id to ``on_refusal`` (``keyfleet serve``: its metrics), the service's
+    own refusals are counted in those metrics by the service."""
     counted = Rejections() if rejections is None else rejections
     lock = threading.Lock()
 
-    def refused(exc: ProtocolError) -> Response:
+    def refused(exc: ProtocolError, *, by_service: bool = False) -> Response:
         counted.record(exc)
-        if on_refusal is not None:
-            on_refusal(exc.check)
+        if on_refusal is not None and not by_service:
+            on_refusal(exc.check)  # the service's own refusals it counts itself
         return error_response(exc.check, exc.reason, status_for(exc.check))
 
     def run(step: str, device: str, envelope: bytes) -> bytes:
@@ -116,11 +117,14 @@ def build_renewal_app(
         async def handle(request: Request) -> Response:
             try:
                 device, envelope = parse_request(await read_body(request, MAX_BODY))
-                answer = await run_in_threadpool(run, step, device, envelope)
-                return cbor_response({"envelope": answer})
             except ProtocolError as exc:
                 log.info("renewal %s: refused [%s] %s", step, exc.check, exc.reason)
                 return refused(exc)
+            try:
+                answer = await run_in_threadpool(run, step, device, envelope)
+                return cbor_response({"envelope": answer})
+            except ProtocolError as exc:
+                return refused(exc, by_service=True)  # logged by the service
             except (StateError, SQLAlchemyError) as exc:
                 log.warning("renewal %s: database trouble: %s", step, exc)
                 return error_response("service.unavailable", "the registry is busy; retry", 503)

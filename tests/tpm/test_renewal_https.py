@@ -74,6 +74,7 @@ class Listener:
     client: RenewalClient
     ca: Path
     rejections: object
+    reported: list[str]  # what the listener reports to keyfleet serve's metrics (on_refusal)
 
 
 @pytest.fixture
@@ -124,13 +125,15 @@ def listener(fleet: Fleet, tmp_path: Path) -> Iterator[Listener]:
     pki.write_certificate(ca, tls_ca.certificate)
     pki.write_certificate(cert, server_cert)
     pki.write_private_key(key, server_key)
+    reported: list[str] = []
     app = build_renewal_app(
         fleet.service.renew_over_https,
         clock=lambda: fleet.now,
+        on_refusal=reported.append,
     )
     server = start_renewal_server(app, server_cert=cert, server_key=key)
     try:
-        yield Listener(server, RenewalClient(server.url, ca=ca), ca, app.state.rejections)
+        yield Listener(server, RenewalClient(server.url, ca=ca), ca, app.state.rejections, reported)
     finally:
         server.stop()
 
@@ -336,8 +339,20 @@ def test_malformed_oversize_forged_and_misdirected_requests_are_refused_unaudite
         403,
         "renew.https.message",
     )
-    # the listener counted every refusal; the service audited only the authenticated one
-    assert listener.rejections.snapshot()["http.size"] == 1  # type: ignore[attr-defined]
+    # the listener counted every refusal; it reported its own to the metrics (the service
+    # counts the ones it made itself, once); the service audited only the authenticated one
+    counted = listener.rejections.snapshot()  # type: ignore[attr-defined]
+    assert counted["http.size"] == 1 and counted["cose.kid-unknown"] == 3
+    assert counted["renew.https.message"] == 1
+    assert {c for c in listener.reported if not c.startswith("cbor.")} == {
+        "http.content-type",
+        "http.method",
+        "http.route",
+        "http.size",
+        "renew.https.request",
+    }
+    assert any(c.startswith("cbor.") for c in listener.reported)
+    assert fleet.service.metrics.rejections.value("renew.https.message") == 1
     new_entries = fleet.audit_entries()[len(entries) :]
     assert [(e.action, e.reason.split("]")[0] + "]") for e in new_entries] == [
         ("renew.expired", "[renew.https.message]")
