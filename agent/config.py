@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -49,6 +48,7 @@ from agent.configschema import (
     ReadableFile,
     Str,
     Table,
+    https_url,
     load_pem_certificates,
     pem_certificates_problem,
     read_toml,
@@ -126,19 +126,6 @@ class RenewalConfig:
     fraction: Fraction = DEFAULT_FRACTION
     url: str | None = None
     ca: CertFile | None = None
-
-
-def _https_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ValueError("not an https:// URL with a host")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        raise ValueError("bad port") from None
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("no query, fragment or credentials")
-    return value.rstrip("/")
 
 
 def _fraction(value: str) -> Fraction:
@@ -560,7 +547,7 @@ SCHEMA = Table(
                     "url": Field(
                         Parse(
                             Str(),
-                            _https_url,
+                            https_url,
                             "an https:// URL such as https://fleet.example.net:8445",
                         )
                     ),

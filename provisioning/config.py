@@ -62,6 +62,7 @@ Example (``docs/service.md`` describes every key):
     expired = "allow"
     max_expired_seconds = 7776000
     listen = "0.0.0.0:8445"
+    url = "https://fleet.example.net:8445"
     tls_cert = "pki/renew-server.pem"
     tls_key = "pki/renew-server.key"
 
@@ -106,6 +107,7 @@ from agent.configschema import (
     ReadableFile,
     Str,
     Table,
+    https_url,
     read_toml,
     validate,
 )
@@ -118,6 +120,7 @@ DATABASE_URL_EXPECTED = (
     "a sqlite:// or postgresql:// database URL such as sqlite:///fleet.db or "
     "postgresql+psycopg://host/keyfleet"
 )
+URL_EXPECTED = "an https:// URL such as https://fleet.example.net:8445"
 LISTEN_EXPECTED = "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443"
 OPTIONAL_SECTIONS = frozenset(
     {
@@ -245,10 +248,13 @@ class RenewalConfig:
     ago renews by the same TPM proof over the HTTPS renewal listener (``listen``, server TLS
     only with ``tls_cert``/``tls_key``: the device's expired client certificate is refused by
     the broker, so it cannot reach the service over MQTT). ``keyfleet serve`` starts the
-    listener only when the policy allows."""
+    listener only when the policy allows. ``url``: the listener as devices dial it, which
+    enrollment then gives them (their agent's ``[renewal] url``); its server certificate must
+    chain to the broker CA devices hold."""
 
     expired: str = "refuse"
     max_expired_seconds: int = DEFAULT_MAX_EXPIRED
+    url: str | None = None
     host: str | None = None
     port: int | None = None
     tls_cert: Path | None = None
@@ -546,6 +552,7 @@ def _schema(base: Path) -> Table:
             # at most ten years after expiry
             "max_expired_seconds": Field(seconds(0, 3650 * 86400), default=DEFAULT_MAX_EXPIRED),
             "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED)),
+            "url": Field(Parse(Str(URL_EXPECTED), https_url, URL_EXPECTED)),
             "tls_cert": Field(file()),
             "tls_key": Field(file(private=True)),
         },
@@ -649,6 +656,7 @@ def _renewal(section: Mapping[str, Any], path: Path) -> RenewalConfig:
     config = RenewalConfig(
         expired=section["expired"],
         max_expired_seconds=section["max_expired_seconds"],
+        url=section.get("url"),
         host=None if listen is None else listen[0],
         port=None if listen is None else listen[1],
         tls_cert=section.get("tls_cert"),

@@ -584,7 +584,7 @@ class Lab:
     certificate_validity_seconds``: a short lifetime makes devices renew their certificates
     within a test; docs/attestation.md, "Certificate renewal"), ``renew_expired`` (the service
     gets ``[renewal] expired = "allow"`` with this ``max_expired_seconds`` and its HTTPS renewal
-    listener at ``renewal_url``; ``configure_renewal`` points a device's agent at it).
+    listener at ``renewal_url``, which enrollment gives the devices' agents).
     """
 
     def __init__(
@@ -793,6 +793,7 @@ certificate_validity_seconds = {self.certificate_validity}
 expired = "allow"
 max_expired_seconds = {self.renew_expired}
 listen = "127.0.0.1:{self.renewal_port}"
+url = "{self.renewal_url}"
 tls_cert = "{pki_.enrollment_server.cert}"
 tls_key = "{pki_.enrollment_server.key}"
 """
@@ -895,13 +896,6 @@ signing_key = "{pki_.release_key_ref}"
         if self.renewal_port is None:
             raise LabError("lab", "no renewal listener: start the lab with renew_expired")
         return f"https://127.0.0.1:{self.renewal_port}"
-
-    def configure_renewal(self, device: LabDevice) -> None:
-        """Point the device's agent at the renewal listener (``[renewal] url``; its server
-        certificate chains to the broker CA the agent holds), as an operator does in the agent
-        configuration; the agent reads it at its next start."""
-        text = device.agent_config.read_text()
-        device.agent_config.write_text(f'{text}\n[renewal]\nurl = "{self.renewal_url}"\n')
 
     # -- devices ------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 an expired client certificate), ``keyfleet serve`` with ``[enrollment]
 certificate_validity_seconds = 60`` and ``[renewal] expired = "allow"`` (its HTTPS renewal
 listener, server TLS only), two ``firmware-sim device`` processes (swtpm, measured boot) whose
-``keyagent run`` has ``[renewal] url`` (docs/attestation.md, "Certificate renewal").
+``keyagent run`` got ``[renewal] url`` at enrollment (the station writes what the service
+offers; docs/attestation.md, "Certificate renewal").
 
 Both agents are down until their certificates expire. One comes back within
 ``max_expired_seconds``: the broker refuses its certificate, it renews over HTTPS by the same TPM
@@ -71,7 +72,9 @@ def test_an_expired_device_renews_over_https_and_one_expired_too_long_does_not(l
     back, late = lab.devices
     for device in (back, late):
         lab.stop_agent(device)
-        lab.configure_renewal(device)
+        # enrollment gave the agent the listener's URL (the service's [renewal] url)
+        config = load_agent_config(device.agent_config, require_provisioned=True)
+        assert config.renewal.url == lab.renewal_url
     back_end, late_end = not_after(back), not_after(late)
 
     # within the window: the broker refuses the expired certificate, HTTPS renews it

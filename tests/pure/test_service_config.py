@@ -331,17 +331,21 @@ def test_renewal_after_expiry_is_refused_by_default_and_needs_its_listener(
     allowed = GOOD + (
         '\n[renewal]\nexpired = "allow"\nmax_expired_seconds = 3600\nlisten = "0.0.0.0:8445"\n'
         'tls_cert = "pki/enroll.pem"\ntls_key = "pki/enroll.key"\n'
+        'url = "https://fleet.example.net:8445"\n'
     )
     renewal = load_config(write(config_dir, allowed)).renewal
     assert renewal.allows_expired and renewal.max_expired_seconds == 3600
     assert (renewal.host, renewal.port) == ("0.0.0.0", 8445)
     assert renewal.tls_cert == config_dir / "pki/enroll.pem"
+    assert renewal.url == "https://fleet.example.net:8445"
     # "allow" without the listener: the device could not reach the service at all
     no_listener = GOOD + '\n[renewal]\nexpired = "allow"\n'
     with pytest.raises(InvalidConfig) as caught:
         load_config(write(config_dir, no_listener))
     assert "listen, tls_cert and tls_key" in str(caught.value)
-    wrong = GOOD + '\n[renewal]\nexpired = "sometimes"\nmax_expired_seconds = -1\n'
-    assert {"renewal.expired", "renewal.max_expired_seconds"} <= set(
+    wrong = GOOD + (
+        '\n[renewal]\nexpired = "sometimes"\nmax_expired_seconds = -1\nurl = "http://x"\n'
+    )
+    assert {"renewal.expired", "renewal.max_expired_seconds", "renewal.url"} <= set(
         problems_of(write(config_dir, wrong))
     )
