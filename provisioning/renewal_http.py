@@ -60,7 +60,7 @@ Renew = Callable[[str, str, bytes, int], bytes]
 
 
 def status_for(check: str) -> int:
-    if check in ("http.content-type",):
+    if check == "http.content-type":
         return 415
     if check == "http.size":
         return 413
@@ -70,8 +70,6 @@ def status_for(check: str) -> int:
         return 405
     if check.startswith(("cbor.", "renew.https.request", "envelope.malformed", "cose.malformed")):
         return 400
-    if check == "attest.nonce.limit":
-        return 429
     return 403  # a check the request had to pass did not pass
 
 

@@ -98,7 +98,8 @@ def renew(cx: Call, step: str, device_id: str, payload: bytes, now: int) -> byte
             max_age=cx.env.settings.device_max_age,
         )
     except ProtocolError as err:
-        # not authenticated: counted and logged, not audited (see the module docstring)
+        # not authenticated (or a replay of an envelope already taken): counted and logged,
+        # not audited (see the module docstring)
         cx.env.rejections.record(err)
         cx.env.metrics.rejections.inc(err.check)
         log.warning(
