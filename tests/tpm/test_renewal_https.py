@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from sqlalchemy import select
 
 from agent.core import Outcome
 from agent.protocol.errors import ProtocolError
@@ -34,6 +35,7 @@ from agent.protocol.wire.messages.renewal import RenewAnswer, RenewChallenge, Re
 from agent.renewal_https import RenewalClient, exchange
 from firmware_sim.boot import default_components
 from provisioning import pki
+from provisioning.db.runtime import AttestChallengeRow
 from provisioning.http import EnrollmentServer
 from provisioning.policy import policy_from_components
 from provisioning.registry import DeviceState, Registry
@@ -419,3 +421,24 @@ def test_revoked_and_quarantined_devices_are_not_renewed(fleet: Fleet, listener:
     assert refusal(lambda: renew(fleet, listener)) == "ds.device.revoked"
     assert stored_devid(fleet) == before and issued_serials(fleet) == serials
     assert expired_audit(fleet, AuditOutcome.ACCEPTED) == []
+
+
+def test_open_nonces_per_device_stay_bounded(fleet: Fleet, listener: Listener) -> None:
+    """A device (or whoever signs with its DevID key) asking again and again holds at most the
+    nonce book's per-device limit of open nonces, as for attestation."""
+    device = member(fleet)
+    expire(fleet)
+    limit = fleet.service.attestation.max_open  # type: ignore[union-attr]
+    nonces = []
+    for _ in range(limit + 3):
+        fleet.now += 1
+        nonces.append(challenge_for(fleet, listener, device).nonce)
+    assert len(set(nonces)) == limit + 3
+    with fleet.sessions() as session:
+        open_rows = session.scalars(
+            select(AttestChallengeRow).where(
+                AttestChallengeRow.device_id == "dev-1",
+                AttestChallengeRow.answered_at.is_(None),
+            )
+        ).all()
+    assert len(open_rows) == limit
