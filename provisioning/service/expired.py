@@ -66,7 +66,13 @@ def _resolver(
                 raise ProtocolError(
                     "ds.device.revoked", f"device {device_id!r} is {device.state.value}"
                 )
-            cert = pki.cert_from_pem(device.devid_cert_pem.encode())
+            try:
+                cert = pki.cert_from_pem(device.devid_cert_pem.encode())
+            except ProtocolError as err:
+                raise ProtocolError(
+                    "cred.stored",
+                    f"the stored DevID certificate of {device_id!r}: [{err.check}] {err.reason}",
+                ) from None
             not_after = int(cert.not_valid_after_utc.timestamp())
             at = now
             if now > not_after:
