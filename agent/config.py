@@ -48,6 +48,7 @@ from agent.configschema import (
     ReadableFile,
     Str,
     Table,
+    https_url,
     load_pem_certificates,
     pem_certificates_problem,
     read_toml,
@@ -116,10 +117,15 @@ class AttestationConfig:
 @dataclass(frozen=True)
 class RenewalConfig:
     """[renewal]: the agent renews its DevID and TLS certificates when ``fraction`` of their
-    lifetime has passed (``agent.protocol.renewal``); ``enabled = false`` never asks."""
+    lifetime has passed (``agent.protocol.renewal``); ``enabled = false`` never asks. ``url``:
+    the fleet service's HTTPS renewal listener (``https://host:port``), used when the
+    certificates have expired (MQTT is closed to them; docs/attestation.md, "Certificate
+    renewal"); ``ca``: the CA(s) its server certificate chains to (absent: ``[broker] ca``)."""
 
     enabled: bool = True
     fraction: Fraction = DEFAULT_FRACTION
+    url: str | None = None
+    ca: CertFile | None = None
 
 
 def _fraction(value: str) -> Fraction:
@@ -538,6 +544,14 @@ SCHEMA = Table(
                         ),
                         default="2/3",
                     ),
+                    "url": Field(
+                        Parse(
+                            Str(),
+                            https_url,
+                            "an https:// URL such as https://fleet.example.net:8445",
+                        )
+                    ),
+                    "ca": Field(_cert()),
                 }
             ),
             default={},
@@ -728,7 +742,12 @@ def _build(s: dict[str, Any], source: Path) -> AgentConfig:
         fleet=fleet,
         broker=broker,
         attestation=AttestationConfig(event_log=s["attestation"]["event_log"]),
-        renewal=RenewalConfig(s["renewal"]["enabled"], s["renewal"]["fraction"]),
+        renewal=RenewalConfig(
+            s["renewal"]["enabled"],
+            s["renewal"]["fraction"],
+            url=s["renewal"].get("url"),
+            ca=None if s["renewal"].get("ca") is None else _cert_file(s["renewal"]["ca"]),
+        ),
         releases=_releases(s["releases"]["key"]),
         install=_install(s["releases"]),
     )

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from cryptography import x509
 
@@ -458,3 +459,18 @@ def validate(document: Mapping[str, Any], schema: Table) -> Validation:
     problems = Problems()
     value = schema.check("", dict(document), problems)
     return Validation(value, problems.lines)
+
+
+def https_url(value: str) -> str:
+    """An ``https://host[:port][/path]`` URL (no query, fragment or credentials), without a
+    trailing slash; ``ValueError`` otherwise."""
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError("not an https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError("bad port") from None
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("no query, fragment or credentials")
+    return value.rstrip("/")

@@ -42,7 +42,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -256,6 +256,9 @@ class RenewalSetup:
     anchors: tuple[x509.Certificate, ...]
     schedule: RenewalSchedule
     renewer: Renewer
+    # expired certificates renew over HTTPS (the daemon has a [renewal] url): the tick then
+    # sends no renew.request over MQTT, which the broker no longer lets through
+    over_https: bool = False
 
 
 # -- what the core asks the caller to do --------------------------------------------------------
@@ -1193,7 +1196,7 @@ class AgentCore:
             now=self._now,
         )
         self._credential = body.devid_cert
-        self.renewal = RenewalSetup(body.tls_cert, setup.anchors, setup.schedule, setup.renewer)
+        self.renewal = replace(setup, tls_credential=body.tls_cert)
         setup.schedule.renewed()
         self._renew_nonce = None
         log.info(
@@ -1212,11 +1215,42 @@ class AgentCore:
         if self.renewal is not None:
             self.renewal.schedule.reconnected()
 
+    def certificates_expired(self, now: int) -> bool:
+        """Whether the DevID or TLS certificate has expired by ``now`` (our clock): the broker
+        refuses such a client, so renewal goes over HTTPS (``expired_renewal``)."""
+        setup = self.renewal
+        if setup is None:
+            return False
+        return now > min(validity(der)[1] for der in self._certificates(setup))
+
+    def expired_renewal(self, now: int, *, refused: bool = False) -> Outcome | None:
+        """A ``renew.request`` for the service's HTTPS renewal listener, when the certificates
+        have expired by ``now`` or the broker ``refused`` them as expired, and the wait after
+        the last request is over (the schedule's backoff with jitter); None otherwise. The
+        caller posts it, gives the answer to ``handle`` (``renew.challenge``: it answers with
+        ``renew.answer``, which the caller posts too; ``renew.issued``: taken as over MQTT)."""
+        self._now = now
+        setup = self.renewal
+        if setup is None or not (refused or self.certificates_expired(now)):
+            return None
+        if setup.schedule.next_try is not None and now < setup.schedule.next_try:
+            return None
+        not_after = min(validity(der)[1] for der in self._certificates(setup))
+        retry = setup.schedule.asked(now, self._rng(4))
+        log.info(
+            "certificates expired (valid until %d): asking over HTTPS, again at %d if that fails",
+            not_after,
+            retry,
+        )
+        return Outcome(publishes=[self._send(RenewRequest(not_after=not_after))], changed=True)
+
     def _renewal_tick(self, now: int, outcome: Outcome) -> None:
         setup = self.renewal
         if setup is None:
             return
         certs = self._certificates(setup)
+        if setup.over_https and self.certificates_expired(now):
+            return  # expired_renewal's
         if not setup.schedule.due(now, certs):
             return
         not_after = min(validity(der)[1] for der in certs)

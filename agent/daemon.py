@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC
 
+from agent import renewal_https
 from agent.appseal import sealed_generations
 from agent.config import AgentConfig, InstallConfig, load_config
 from agent.core import (
@@ -76,6 +77,7 @@ from agent.protocol.topics import (
 from agent.protocol.wire.envelope import DEFAULT_MAX_AGE
 from agent.protocol.wire.messages.release import ReleaseInstall
 from agent.releasestate import HeldReleases
+from agent.renewal_https import RenewalClient
 from agent.sdnotify import Notifier
 from agent.selftest import run_builtin_selftests
 from agent.staterotation import (
@@ -436,6 +438,8 @@ class Daemon:
         self._store: TPMStore | None = None
         self._faults = FaultPoints(os.environ.get(FAULT_ENV))
         self._mqtt_replaced = False  # a renewal replaced the MQTT client (run loop resubscribes)
+        # [renewal] url: renewal over HTTPS once the certificates expired (_renew_expired)
+        self._renewal_client: RenewalClient | None = None
         # After a failed state write (disk full): outcomes handled in memory but not saved, so
         # not published, and a message whose handling could not store a key; see _resume.
         self._held: list[tuple[Outcome, ReceivedMessage | None]] = []
@@ -541,6 +545,9 @@ class Daemon:
         self._api.start()
         self._mqtt = self._new_mqtt()
         self._mqtt.start()
+        if config.renewal.url is not None and core.renewal is not None:
+            ca = config.renewal.ca if config.renewal.ca is not None else config.broker.ca
+            self._renewal_client = RenewalClient(config.renewal.url, ca=ca.path)
 
     def _new_mqtt(self) -> MqttClient:
         """The MQTT client, with the TLS certificate file as it is now (renewal rewrites it)."""
@@ -575,6 +582,7 @@ class Daemon:
             anchors=tuple(c for f in config.fleet.trust_anchors for c in f.certificates),
             schedule=RenewalSchedule(config.renewal.fraction),
             renewer=self._renew_evidence,
+            over_https=config.renewal.url is not None,
         )
 
     def _renew_evidence(self, nonce: bytes, pcrs: tuple[int, ...]) -> RenewalEvidence:
@@ -629,6 +637,37 @@ class Daemon:
         self._mqtt = self._new_mqtt()
         self._mqtt.start()
         self._mqtt_replaced = True
+
+    def _renew_expired(self) -> None:
+        """While MQTT is down and the certificates have expired (our clock) or the broker
+        refused them as expired: renew over HTTPS (``agent.renewal_https``) with the same
+        envelopes and TPM proofs the core makes for MQTT (``AgentCore.expired_renewal``), at
+        most as often as the renewal backoff allows; the new certificates are taken as over
+        MQTT (``_take_renewed``: checked by the core, written atomically, MQTT reconnects)."""
+        client, core, mqtt = self._renewal_client, self.core, self._mqtt
+        if client is None or core is None or mqtt is None or mqtt.connected or self._blocked:
+            return
+        refused = any(
+            "certificate expired" in error.lower() or "certificate_expired" in error.lower()
+            for error in mqtt.recent_errors
+        )
+        with self._lock:
+            outcome = core.expired_renewal(self.now(), refused=refused)
+        if outcome is None:
+            return
+
+        def handle(envelope: bytes) -> Outcome:
+            assert core is not None
+            with self._lock:
+                return core.handle(envelope, core.command_topic, self.now())
+
+        try:
+            taken = renewal_https.exchange(client, core.device_id, outcome, handle, self._persist)
+        except (ProtocolError, TransportError, StateError) as exc:
+            log.warning("renewal over HTTPS did not renew (asked again after a backoff): %s", exc)
+            return
+        if taken.renewed is not None:
+            self._take_renewed(*taken.renewed)
 
     def _attest(self, nonce: bytes, pcrs: tuple[int, ...]) -> AttestationEvidence:
         """A quote by the AK (loaded for this quote only, flushed after) and the event log the
@@ -732,6 +771,8 @@ class Daemon:
                 self._installs_ended()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + TICK_SECONDS
+                    # before the tick: an HTTPS renewal takes the renewal backoff's next slot
+                    self._renew_expired()
                     with self._lock:
                         outcome = self.core.tick(self.now())
                     self._apply(outcome)

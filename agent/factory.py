@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.config import load_config
+from agent.configschema import https_url
 from agent.fsio import atomic_write, shred
 from agent.protocol.attest import public_key_from_area
 from agent.protocol.errors import ProtocolError, StateError, TPMError
@@ -84,6 +85,7 @@ MAX_QUALIFYING_DATA = 64
 MAX_CERT = 16 * 1024
 MAX_TRUST_ANCHORS = 8
 MAX_GROUPS = 64
+MAX_URL = 256
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOST = re.compile(r"[A-Za-z0-9.:\[\]-]{1,253}")
@@ -147,6 +149,19 @@ def _only(args: Args, allowed: Sequence[str]) -> None:
     extra = sorted(set(args) - set(allowed))
     if extra:
         raise ProtocolError("factory.args", f"unexpected arguments {extra}")
+
+
+def _renewal_url(data: object) -> str | None:
+    """The service's HTTPS renewal listener from the install request (the agent's
+    ``[renewal] url``), or None if the fleet gives none."""
+    if data is None:
+        return None
+    if not isinstance(data, str) or not 0 < len(data) <= MAX_URL:
+        raise ProtocolError("factory.args", "renewal_url must be an https URL")
+    try:
+        return https_url(data)
+    except ValueError as exc:
+        raise ProtocolError("factory.args", f"renewal_url: {exc}") from None
 
 
 def _release_key(data: object) -> ec.EllipticCurvePublicKey | None:
@@ -426,6 +441,7 @@ class FactoryDevice:
             raise ProtocolError("factory.args", "groups must be a list of group names")
 
         release_key = _release_key(args.get("release_key"))
+        renewal_url = _renewal_url(args.get("renewal_url"))
 
         devid_blob = self._blob(KeyKind.DEVID)
         if not _same_key(devid_cert.public_key(), public_key_from_area(devid_blob.public)):
@@ -469,11 +485,25 @@ class FactoryDevice:
             )
         for name, data in files.items():
             atomic_write(ident / name, data, mode=0o644)
-        self._write_config(device_id, host, port, min_approvals, releases=release_key is not None)
+        self._write_config(
+            device_id,
+            host,
+            port,
+            min_approvals,
+            releases=release_key is not None,
+            renewal_url=renewal_url,
+        )
         return {"config": str(self.paths.config), "device_id": device_id}
 
     def _write_config(
-        self, device_id: str, host: str, port: int, min_approvals: int, *, releases: bool
+        self,
+        device_id: str,
+        host: str,
+        port: int,
+        min_approvals: int,
+        *,
+        releases: bool,
+        renewal_url: str | None = None,
     ) -> None:
         ident = self.paths.identity
         lines = [
@@ -517,6 +547,11 @@ class FactoryDevice:
             *(
                 ["[attestation]", f"event_log = {_toml_string(str(self._event_log_path))}", ""]
                 if self._event_log_path is not None
+                else []
+            ),
+            *(
+                ["[renewal]", f"url = {_toml_string(renewal_url)}", ""]
+                if renewal_url is not None
                 else []
             ),
         ]

@@ -287,6 +287,13 @@ class MqttClient:
             return self._session_present
 
     @property
+    def recent_errors(self) -> tuple[str, ...]:
+        """The last few connection errors (newest last), e.g. the TLS alert of a broker that
+        refused this client's certificate."""
+        with self._lock:
+            return tuple(self._recent_errors)
+
+    @property
     def reconnects(self) -> int:
         """Successful connections after the first one."""
         with self._lock:

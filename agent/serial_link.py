@@ -84,9 +84,12 @@ INSTALL_ARGS = (
 )
 """The arguments of the factory ``install`` request: exactly the device identity the service
 returns from enroll/finish, which the station passes on unchanged."""
-OPTIONAL_INSTALL_ARGS = ("release_key",)
+OPTIONAL_INSTALL_ARGS = ("release_key", "renewal_url")
 """Install arguments a fleet may leave out: ``release_key``, the SubjectPublicKeyInfo (DER) of
-the fleet's release-signing key, given when the service has one (docs/releases.md)."""
+the fleet's release-signing key, given when the service has one (docs/releases.md);
+``renewal_url``, the service's HTTPS renewal listener, given when the fleet lets expired
+certificates renew (the agent's ``[renewal] url``; docs/attestation.md, "Certificate
+renewal")."""
 
 Args = dict[str, Any]
 

@@ -58,6 +58,14 @@ Example (``docs/service.md`` describes every key):
     crl_file = "/var/lib/keyfleet/broker/crl.pem"
     broker_crls = ["pki/operator-ca.crl", "pki/tls-ca.crl"]
 
+    [renewal]
+    expired = "allow"
+    max_expired_seconds = 7776000
+    listen = "0.0.0.0:8445"
+    url = "https://fleet.example.net:8445"
+    tls_cert = "pki/renew-server.pem"
+    tls_key = "pki/renew-server.key"
+
     [http]
     listen = "127.0.0.1:8443"
     tls_cert = "pki/enroll-server.pem"
@@ -93,11 +101,13 @@ from agent.configschema import (
     Field,
     Int,
     List,
+    OneOf,
     Parse,
     Predicate,
     ReadableFile,
     Str,
     Table,
+    https_url,
     read_toml,
     validate,
 )
@@ -110,6 +120,7 @@ DATABASE_URL_EXPECTED = (
     "a sqlite:// or postgresql:// database URL such as sqlite:///fleet.db or "
     "postgresql+psycopg://host/keyfleet"
 )
+URL_EXPECTED = "an https:// URL such as https://fleet.example.net:8445"
 LISTEN_EXPECTED = "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443"
 OPTIONAL_SECTIONS = frozenset(
     {
@@ -125,6 +136,7 @@ OPTIONAL_SECTIONS = frozenset(
         "audit",
         "releases",
         "rollout",
+        "renewal",
     }
 )
 # Optional tables whose absence means "not served" rather than "defaults".
@@ -222,6 +234,35 @@ class EnrollmentConfig:
     fraction of it, docs/agent.md [renewal])."""
 
     certificate_validity_seconds: int = 365 * 86_400
+
+
+EXPIRED_POLICIES = ("refuse", "allow")
+DEFAULT_MAX_EXPIRED = 90 * 86_400
+
+
+@dataclass(frozen=True)
+class RenewalConfig:
+    """[renewal]: renewal of a certificate that has already expired (docs/attestation.md,
+    "Certificate renewal"). ``expired``: ``"refuse"`` (the default: such a device is enrolled
+    again) or ``"allow"``: a device whose certificates expired at most ``max_expired_seconds``
+    ago renews by the same TPM proof over the HTTPS renewal listener (``listen``, server TLS
+    only with ``tls_cert``/``tls_key``: the device's expired client certificate is refused by
+    the broker, so it cannot reach the service over MQTT). ``keyfleet serve`` starts the
+    listener only when the policy allows. ``url``: the listener as devices dial it, which
+    enrollment then gives them (their agent's ``[renewal] url``); its server certificate must
+    chain to the broker CA devices hold."""
+
+    expired: str = "refuse"
+    max_expired_seconds: int = DEFAULT_MAX_EXPIRED
+    url: str | None = None
+    host: str | None = None
+    port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def allows_expired(self) -> bool:
+        return self.expired == "allow"
 
 
 @dataclass(frozen=True)
@@ -326,6 +367,7 @@ class ServiceConfig:
     metrics: MetricsConfig | None = None
     dashboard: DashboardConfig | None = None
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    renewal: RenewalConfig = field(default_factory=RenewalConfig)
 
     @property
     def database_url_redacted(self) -> str:
@@ -351,6 +393,8 @@ class ServiceConfig:
                 tls["[http] tls_key"] = self.http.tls_key
             if self.dashboard is not None:
                 tls["[dashboard] tls_key"] = self.dashboard.tls_key
+            if self.renewal.tls_key is not None:
+                tls["[renewal] tls_key"] = self.renewal.tls_key
             for name, path in tls.items():
                 if same_key(signing, FileKeyRef(path)):
                     problems.append(
@@ -503,6 +547,15 @@ def _schema(base: Path) -> Table:
             "checkpoint_key": Field(KeyReference(base=base)),
             "checkpoint_interval_seconds": Field(seconds(10, 86400), default=300),
         },
+        "renewal": {
+            "expired": Field(OneOf(EXPIRED_POLICIES), default="refuse"),
+            # at most ten years after expiry
+            "max_expired_seconds": Field(seconds(0, 3650 * 86400), default=DEFAULT_MAX_EXPIRED),
+            "listen": Field(Parse(Str(LISTEN_EXPECTED), _listen, LISTEN_EXPECTED)),
+            "url": Field(Parse(Str(URL_EXPECTED), https_url, URL_EXPECTED)),
+            "tls_cert": Field(file()),
+            "tls_key": Field(file(private=True)),
+        },
         "enrollment": {
             # at least a minute (a lab's short lifetime), at most ten years
             "certificate_validity_seconds": Field(seconds(60, 3650 * 86400), default=365 * 86400),
@@ -546,6 +599,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
     sections: dict[str, Any] = result.value
     http = sections["http"]
     metrics = sections["metrics"]
+    renewal = _renewal(sections["renewal"], path)
     dashboard = sections["dashboard"]
     return ServiceConfig(
         path=path,
@@ -575,6 +629,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
             station_ca=http["station_ca"],
         ),
         service=ServiceRuntimeConfig(**sections["service"]),
+        renewal=renewal,
         metrics=None
         if metrics is None
         else MetricsConfig(
@@ -592,6 +647,30 @@ def parse_config(data: Mapping[str, Any], *, path: Path, base: Path | None = Non
             page_size=dashboard["page_size"],
         ),
     )
+
+
+def _renewal(section: Mapping[str, Any], path: Path) -> RenewalConfig:
+    """[renewal]; ``expired = "allow"`` needs the listener (``listen``, ``tls_cert``,
+    ``tls_key``): the device cannot reach the service over MQTT with an expired certificate."""
+    listen = section.get("listen")
+    config = RenewalConfig(
+        expired=section["expired"],
+        max_expired_seconds=section["max_expired_seconds"],
+        url=section.get("url"),
+        host=None if listen is None else listen[0],
+        port=None if listen is None else listen[1],
+        tls_cert=section.get("tls_cert"),
+        tls_key=section.get("tls_key"),
+    )
+    if config.allows_expired and None in (listen, config.tls_cert, config.tls_key):
+        raise InvalidConfig(
+            path,
+            [
+                'renewal: expired = "allow" needs listen, tls_cert and tls_key (the HTTPS '
+                "renewal listener a device with an expired certificate reaches)"
+            ],
+        )
+    return config
 
 
 def load_config(path: str | os.PathLike[str]) -> ServiceConfig:

@@ -365,9 +365,15 @@ class DeviceIdentity:
     groups: tuple[str, ...]
     # the fleet's release-signing public key (SubjectPublicKeyInfo DER), if the fleet has one
     release_key: bytes | None = None
+    # the service's HTTPS renewal listener, if the fleet lets expired certificates renew
+    renewal_url: str | None = None
 
     def to_map(self) -> dict[str, Any]:
-        optional = {} if self.release_key is None else {"release_key": self.release_key}
+        optional: dict[str, Any] = {}
+        if self.release_key is not None:
+            optional["release_key"] = self.release_key
+        if self.renewal_url is not None:
+            optional["renewal_url"] = self.renewal_url
         return optional | {
             "device_id": self.device_id,
             "devid_cert": self.devid_cert.public_bytes(_DER),
@@ -416,6 +422,11 @@ class DeviceIdentity:
         release_key = m.get("release_key")
         if release_key is not None and not isinstance(release_key, bytes):
             raise ProtocolError("enroll.request", "release_key must be DER bytes")
+        renewal_url = m.get("renewal_url")
+        if renewal_url is not None and (
+            not isinstance(renewal_url, str) or not renewal_url.startswith("https://")
+        ):
+            raise ProtocolError("enroll.request", "renewal_url must be an https URL")
         return cls(
             device_id=m["device_id"],
             devid_cert=cert(m["devid_cert"]),
@@ -429,6 +440,7 @@ class DeviceIdentity:
             service_cert=cert(m["service_cert"]),
             groups=tuple(str(g) for g in m["groups"]),
             release_key=release_key,
+            renewal_url=renewal_url,
         )
 
 
@@ -456,6 +468,9 @@ class EnrollmentSettings:
     manufacturer_crls: Path | None = None
     # the release-signing public key devices get (SubjectPublicKeyInfo DER); None: no releases
     release_key: bytes | None = None
+    # the HTTPS renewal listener devices get ([renewal] url, offered only when expired
+    # certificates may renew); None: none
+    renewal_url: str | None = None
 
     def anchors(self) -> tuple[x509.Certificate, ...]:
         return self.trust_anchors or (self.device_ca.certificate,)
@@ -488,6 +503,7 @@ class EnrollmentSettings:
             manufacturer_crls=config.attestation.manufacturer_crls,
             release_key=_release_public(config),
             certificate_validity=timedelta(seconds=config.enrollment.certificate_validity_seconds),
+            renewal_url=config.renewal.url if config.renewal.allows_expired else None,
         )
 
 
@@ -896,6 +912,7 @@ class Enrollment:
             service_cert=settings.service_cert,
             groups=groups,
             release_key=settings.release_key,
+            renewal_url=settings.renewal_url,
         )
 
     def _issue(

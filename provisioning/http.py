@@ -89,27 +89,28 @@ def status_for(check: str) -> int:
     return 403  # a verification the request had to pass did not pass
 
 
-def _cbor_response(value: object, status: int = 200) -> Response:
+def cbor_response(value: object, status: int = 200) -> Response:
     return Response(cbor.encode(value), status_code=status, media_type=CBOR_TYPE)
 
 
-def _error(check: str, reason: str, status: int | None = None) -> Response:
-    return _cbor_response({"check": check, "reason": reason}, status or status_for(check))
+def error_response(check: str, reason: str, status: int | None = None) -> Response:
+    return cbor_response({"check": check, "reason": reason}, status or status_for(check))
 
 
-async def _read_body(request: Request) -> object:
+async def read_body(request: Request, max_body: int = MAX_BODY) -> object:
+    """The request's CBOR body, at most ``max_body`` bytes (counted while it streams in)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != CBOR_TYPE:
         raise ProtocolError("http.content-type", f"the body must be {CBOR_TYPE}")
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        raise ProtocolError("http.size", f"the body must be at most {MAX_BODY} bytes")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+        raise ProtocolError("http.size", f"the body must be at most {max_body} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY:
-            raise ProtocolError("http.size", f"the body must be at most {MAX_BODY} bytes")
-    return cbor.decode(bytes(body), max_size=MAX_BODY)
+        if len(body) > max_body:
+            raise ProtocolError("http.size", f"the body must be at most {max_body} bytes")
+    return cbor.decode(bytes(body), max_size=max_body)
 
 
 def _peer_certificate(request: Request) -> x509.Certificate:
@@ -139,7 +140,7 @@ def build_app(
         counted.record(exc)
         if on_refusal is not None:
             on_refusal(exc.check)
-        return _error(exc.check, exc.reason)
+        return error_response(exc.check, exc.reason)
 
     async def station_of(request: Request) -> str:
         cert = _peer_certificate(request)
@@ -153,26 +154,26 @@ def build_app(
         async def handle(request: Request) -> Response:
             try:
                 station = await station_of(request)
-                return _cbor_response(await work(request, station))
+                return cbor_response(await work(request, station))
             except ProtocolError as exc:
                 log.info("enroll: refused [%s] %s", exc.check, exc.reason)
                 return refused(exc)
             except StateError as exc:
                 log.warning("enroll: database trouble: %s", exc)
-                return _error("service.unavailable", "the registry is busy; retry", 503)
+                return error_response("service.unavailable", "the registry is busy; retry", 503)
             except Exception:  # KeyfleetError (InternalError) or a bug: never a raw traceback
                 log.exception("enroll: internal error")
-                return _error("service.internal", "internal error in the service", 500)
+                return error_response("service.internal", "internal error in the service", 500)
 
         return handle
 
     async def start(request: Request, station: str) -> object:
-        parsed = StartRequest.from_map(await _read_body(request))
+        parsed = StartRequest.from_map(await read_body(request))
         result = await run_in_threadpool(enrollment.start, station, parsed, now=int(clock()))
         return result.to_map()
 
     async def finish(request: Request, station: str) -> object:
-        parsed = FinishRequest.from_map(await _read_body(request))
+        parsed = FinishRequest.from_map(await read_body(request))
         try:
             identity = await run_in_threadpool(enrollment.finish, station, parsed, now=int(clock()))
         finally:
@@ -266,15 +267,17 @@ def uvicorn_config(
     *,
     server_cert: Path,
     server_key: Path,
-    station_ca: Path,
+    station_ca: Path | None,
     host: str = "127.0.0.1",
     port: int = 8443,
     log_level: str = "warning",
     graceful_timeout: float | None = None,
 ) -> uvicorn.Config:
     """uvicorn settings for mutual TLS with the clients ``station_ca`` issues (stations; the
-    dashboard passes the operator CA). ``graceful_timeout`` bounds how long a stop waits for open
-    responses (the dashboard's event streams never end by themselves)."""
+    dashboard passes the operator CA); ``station_ca=None``: server TLS only, no client
+    certificate asked for (the renewal listener, ``provisioning.renewal_http``).
+    ``graceful_timeout`` bounds how long a stop waits for open responses (the dashboard's event
+    streams never end by themselves)."""
     return uvicorn.Config(
         app,
         host=host,
@@ -284,8 +287,8 @@ def uvicorn_config(
         lifespan="off",
         ssl_certfile=str(server_cert),
         ssl_keyfile=str(server_key),
-        ssl_ca_certs=str(station_ca),
-        ssl_cert_reqs=ssl.CERT_REQUIRED,
+        ssl_ca_certs=None if station_ca is None else str(station_ca),
+        ssl_cert_reqs=ssl.CERT_NONE if station_ca is None else ssl.CERT_REQUIRED,
         log_level=log_level,
         access_log=False,
         timeout_keep_alive=5,
@@ -321,7 +324,7 @@ def start_mtls_server(
     *,
     server_cert: Path,
     server_key: Path,
-    client_ca: Path,
+    client_ca: Path | None,
     host: str = "127.0.0.1",
     port: int = 0,
     startup_timeout: float = 10.0,
@@ -329,8 +332,8 @@ def start_mtls_server(
     graceful_timeout: float | None = None,
 ) -> EnrollmentServer:
     """``app`` over HTTPS in a background thread; the TLS handshake requires a client
-    certificate issued by ``client_ca`` (and nothing else). ``what`` names the server in
-    errors and its thread."""
+    certificate issued by ``client_ca`` (and nothing else), or none with ``client_ca=None``
+    (server TLS only). ``what`` names the server in errors and its thread."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

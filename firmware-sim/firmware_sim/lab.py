@@ -582,7 +582,9 @@ class Lab:
     bundle and enrolls devices with the release key, so their state survives approved updates;
     docs/releases.md), ``certificate_validity`` (the service's ``[enrollment]
     certificate_validity_seconds``: a short lifetime makes devices renew their certificates
-    within a test; docs/attestation.md, "Certificate renewal").
+    within a test; docs/attestation.md, "Certificate renewal"), ``renew_expired`` (the service
+    gets ``[renewal] expired = "allow"`` with this ``max_expired_seconds`` and its HTTPS renewal
+    listener at ``renewal_url``, which enrollment gives the devices' agents).
     """
 
     def __init__(
@@ -606,6 +608,7 @@ class Lab:
         token_backup: bool = False,
         releases: bool = False,
         certificate_validity: int | None = None,
+        renew_expired: int | None = None,
     ) -> None:
         if devices < 0:
             raise LabError("lab", f"devices must be >= 0, got {devices}")
@@ -627,6 +630,7 @@ class Lab:
         self.token_backup = token_backup
         self.releases = releases
         self.certificate_validity = certificate_validity
+        self.renew_expired = renew_expired
         self.start_timeout = start_timeout
         self.log_level = log_level
         self.logs = self.workdir / "logs"
@@ -641,6 +645,7 @@ class Lab:
         self.cli_log = self.logs / "keyfleet-cli.log"
         self.service_process: subprocess.Popen[bytes] | None = None
         self.enrollment_port = free_port()
+        self.renewal_port = free_port() if renew_expired is not None else None
         self.devices: list[LabDevice] = []
         self._engine: Any = None
         self._sessions: sessionmaker[Session] | None = None
@@ -780,6 +785,18 @@ online_window_seconds = {self.online_window}
 [enrollment]
 certificate_validity_seconds = {self.certificate_validity}
 """
+        if self.renew_expired is not None:
+            # the HTTPS renewal listener for devices whose certificates expired (server TLS
+            # with the enrollment API's server certificate: it names 127.0.0.1)
+            text += f"""
+[renewal]
+expired = "allow"
+max_expired_seconds = {self.renew_expired}
+listen = "127.0.0.1:{self.renewal_port}"
+url = "{self.renewal_url}"
+tls_cert = "{pki_.enrollment_server.cert}"
+tls_key = "{pki_.enrollment_server.key}"
+"""
         if self.releases:
             # the release-signing key: devices get its public key at enrollment and seal their
             # state for the releases it approves (docs/releases.md)
@@ -872,6 +889,13 @@ signing_key = "{pki_.release_key_ref}"
     def enrollment_url(self) -> str:
         """The enrollment API that ``keyfleet serve`` runs (``[http]``)."""
         return f"https://127.0.0.1:{self.enrollment_port}"
+
+    @property
+    def renewal_url(self) -> str:
+        """The HTTPS renewal listener ``keyfleet serve`` runs with ``renew_expired``."""
+        if self.renewal_port is None:
+            raise LabError("lab", "no renewal listener: start the lab with renew_expired")
+        return f"https://127.0.0.1:{self.renewal_port}"
 
     # -- devices ------------------------------------------------------------------------------
 

@@ -24,7 +24,8 @@ outbox (``context``), returning what should happen after its transaction commits
 - ``operations``: operator commands in flight, progress, results, timeouts;
 - ``attestation``: challenges, verdicts, quarantine;
 - ``tasks``: periodic work one instance does at a time (attestation schedule, prune);
-- ``checkpoints``: signed audit checkpoints, made on a schedule and served to operators.
+- ``checkpoints``: signed audit checkpoints, made on a schedule and served to operators;
+- ``renewal``, ``expired``: certificate renewal by TPM proof, over MQTT and (after expiry) HTTPS.
 
 Several instances (docs/scale-out.md): everything in flight is in the database (jobs, the
 per-group in-flight slot, operations, held commits and welcomes, attestation waits and schedule,
@@ -54,6 +55,7 @@ from provisioning.revocation import RevocationSettings
 from provisioning.service import (
     attestation,
     execute,
+    expired,
     feed,
     intake,
     releases,
@@ -233,6 +235,15 @@ class DeliveryService:
         intake.ensure_started(cx, now)
         attestation.challenge(cx, device_id, now)
         return intake.sign(cx)
+
+    def renew_over_https(self, step: str, device_id: str, payload: bytes, now: int) -> bytes:
+        """One step of a renewal over HTTPS (``expired``: ``start`` takes a ``renew.request``
+        envelope, ``finish`` a ``renew.answer``); returns the signed answer. Raises
+        ``ProtocolError`` (counted, logged, audited once authenticated). Signs with the newest
+        trust bundle's key (another instance may have rolled it)."""
+        self._env.read(lambda s: trustroll.sync(self._env, s))
+        cx = Call(self._env, Clock.reading(now))
+        return expired.renew(cx, step, device_id, payload, now)
 
     def feed_head(self, now: int) -> list[Publish]:
         """The revocation feed's signed head to publish retained (``feed``), none if empty."""

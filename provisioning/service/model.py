@@ -68,6 +68,10 @@ class ServiceSettings:
     # [enrollment] certificate_validity_seconds: the lifetime of DevID and TLS certificates a
     # renewal issues (provisioning/service/renewal.py), as enrollment issues them
     certificate_validity: int = 365 * 86_400
+    # [renewal]: whether a device whose certificates expired at most ``max_expired`` seconds ago
+    # may still renew by TPM proof (over HTTPS: provisioning/service/expired.py)
+    renew_expired: bool = False
+    max_expired: int = 90 * 86_400
 
 
 @dataclass(frozen=True)

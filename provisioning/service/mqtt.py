@@ -22,7 +22,9 @@ devices hold as ``fleet.service_cert``, and audit checkpoints with ``[audit] che
 
 With ``[http]`` configured the same process serves the enrollment API for factory stations
 (``provisioning.http``: uvicorn in a thread, mutual TLS) on the same database; ``run`` stops it
-with the MQTT loop. The golden-measurements policy (``[attestation] golden_measurements``) is
+with the MQTT loop. With ``[renewal] expired = "allow"`` it serves the HTTPS renewal listener
+too (``provisioning.renewal_http``: server TLS only, for devices whose certificates expired).
+The golden-measurements policy (``[attestation] golden_measurements``) is
 loaded at start: a bad policy file is a configuration error, not a surprise at the first report.
 """
 
@@ -32,6 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.exc import SQLAlchemyError
@@ -54,6 +57,7 @@ from provisioning.http import EnrollmentServer, build_app, start_enrollment_serv
 from provisioning.metrics import MetricsServer, ServiceMetrics
 from provisioning.policy import load_policy
 from provisioning.registry import create_schema, make_engine, session_factory
+from provisioning.renewal_http import build_renewal_app, start_renewal_server
 from provisioning.service import checkpoints
 from provisioning.service.core import (
     AttestationSettings,
@@ -91,6 +95,8 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         release_grace=config.releases.grace_days * 86_400,
         rollout_wave_timeout=config.rollout.wave_timeout_seconds,
         certificate_validity=config.enrollment.certificate_validity_seconds,
+        renew_expired=config.renewal.allows_expired,
+        max_expired=config.renewal.max_expired_seconds,
     )
 
 
@@ -110,6 +116,8 @@ def load_checkpoint_key(
         certs.append(("the [http] tls_cert's key", config.http.tls_cert))
     if config.dashboard is not None:
         certs.append(("the [dashboard] tls_cert's key", config.dashboard.tls_cert))
+    if config.renewal.tls_cert is not None:
+        certs.append(("the [renewal] tls_cert's key", config.renewal.tls_cert))
     for name, cert_path in certs:
         public = pki.cert_from_pem(cert_path.read_bytes()).public_key()
         if isinstance(public, ec.EllipticCurvePublicKey):
@@ -183,6 +191,8 @@ def _tls_keys(config: ServiceConfig) -> list[tuple[str, ec.EllipticCurvePublicKe
         certs.append(("the [http] tls_cert's key", config.http.tls_cert))
     if config.dashboard is not None:
         certs.append(("the [dashboard] tls_cert's key", config.dashboard.tls_cert))
+    if config.renewal.tls_cert is not None:
+        certs.append(("the [renewal] tls_cert's key", config.renewal.tls_cert))
     found = []
     for name, path in certs:
         public = pki.cert_from_pem(path.read_bytes()).public_key()
@@ -199,6 +209,7 @@ class ServiceRunner:
         self._clock = clock
         self.config = config
         self.http: EnrollmentServer | None = None
+        self.renewal_http: EnrollmentServer | None = None
         self.metrics = ServiceMetrics(clock=clock)
         self.metrics_server: MetricsServer | None = None
         self._expiry_thread: threading.Thread | None = None
@@ -213,20 +224,23 @@ class ServiceRunner:
         self.revocation = revocation.settings_from_config(config)
         checkpoint_key = load_checkpoint_key(config, signing_key.public_key())
         release_key = load_release_key(config, signing_key.public_key())
+        self._service_args: dict[str, Any] = {
+            "signing_key": signing_key,
+            "operator_ca": operator_ca,
+            "device_ca": pki.cert_from_pem(config.device_ca.cert.read_bytes()),
+            "settings": settings_from(config),
+            "attestation": attestation,
+            "metrics": self.metrics,
+            "revocation": self.revocation,
+            "load_key": _key_loader(config),
+            "reserved_keys": _tls_keys(config),
+        }
         self.service = DeliveryService(
             session_factory(self._engine),
-            signing_key=signing_key,
-            operator_ca=operator_ca,
-            device_ca=pki.cert_from_pem(config.device_ca.cert.read_bytes()),
-            settings=settings_from(config),
-            attestation=attestation,
             instance=config.service.instance,
-            metrics=self.metrics,
             checkpoint_key=checkpoint_key,
-            revocation=self.revocation,
             release_key=release_key,
-            load_key=_key_loader(config),
-            reserved_keys=_tls_keys(config),
+            **self._service_args,
         )
         # a rollover done while this instance was down: sign with the newest bundle's key
         self.service.sync_trust()
@@ -278,6 +292,7 @@ class ServiceRunner:
         and queues what arrives meanwhile)."""
         try:
             self._start_http()
+            self._start_renewal()
             self._start_metrics()
             self.client.connect()
             self.client.subscribe(REPORT_SUBSCRIPTION)
@@ -349,6 +364,36 @@ class ServiceRunner:
         )
         log.info("keyfleet serve: enrollment API on %s (mutual TLS)", self.http.url)
 
+    def _start_renewal(self) -> None:
+        """The HTTPS renewal listener, when ``[renewal] expired = "allow"``: a
+        ``DeliveryService`` of its own (the core is not thread-safe; the database is what the
+        two share, as between instances)."""
+        renewal = self.config.renewal
+        if not renewal.allows_expired:
+            return
+        assert renewal.host is not None and renewal.port is not None  # config checks it
+        assert renewal.tls_cert is not None and renewal.tls_key is not None
+        service = DeliveryService(
+            session_factory(self._engine),
+            instance=f"{self.config.service.instance}-renewal",
+            **self._service_args,
+        )
+        self.renewal_http = start_renewal_server(
+            build_renewal_app(
+                service.renew_over_https, clock=self._clock, on_refusal=self._count_http_refusal
+            ),
+            server_cert=renewal.tls_cert,
+            server_key=renewal.tls_key,
+            host=renewal.host,
+            port=renewal.port,
+        )
+        log.info(
+            "keyfleet serve: renewal listener on %s (server TLS; expired certificates renew "
+            "up to %d s after expiry)",
+            self.renewal_http.url,
+            renewal.max_expired_seconds,
+        )
+
     def _count_http_refusal(self, check: str) -> None:
         self.metrics.rejections.inc(check)
 
@@ -392,6 +437,9 @@ class ServiceRunner:
         if self.http is not None:
             self.http.stop()
             self.http = None
+        if self.renewal_http is not None:
+            self.renewal_http.stop()
+            self.renewal_http = None
         if self._expiry_thread is not None:
             self._expiry_thread.join(timeout=10)
         self.client.close()

@@ -23,11 +23,18 @@ certificates are sent (``renew.issued``). A refused answer changes nothing (the 
 back): it is counted, logged and audited by the device-report path (``verify.refuse``). A revoked
 or destroyed device never gets this far (``ds.device.revoked``), nor a quarantined one
 (``ds.device.quarantined``).
+
+After expiry (``[renewal] expired = "allow"``): the same two steps over HTTPS
+(``provisioning.service.expired``) call these handlers; ``judge_expired`` is the policy
+(``renew.expired``: refused, or expired more than ``max_expired_seconds`` ago), and an answer
+taken for expired certificates checks the stored credentials as of their expiry and is audited
+``renew.expired`` instead of ``renew.issued``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -55,6 +62,36 @@ from provisioning.service.effects import Effects, Log, Send
 log = logging.getLogger("keyfleet.service")
 
 RENEWABLE = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE})
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A renewal of certificates that expired at ``not_after``, ``seconds`` before now."""
+
+    not_after: int
+    seconds: int
+
+
+def judge_expired(*, not_after: int, now: int, allow: bool, max_expired: int) -> Expired | None:
+    """The ``[renewal]`` policy for certificates valid until ``not_after``: None while they are
+    valid (an ordinary renewal); an ``Expired`` when they expired and the policy allows renewal
+    (``allow``) and at most ``max_expired`` seconds have passed since. Raises ``renew.expired``
+    otherwise (the policy refuses, or too late: the device is enrolled again)."""
+    if now <= not_after:
+        return None
+    seconds = now - not_after
+    if not allow:
+        raise ProtocolError(
+            "renew.expired",
+            f'the certificates expired {seconds} s ago and [renewal] expired = "refuse"',
+        )
+    if seconds > max_expired:
+        raise ProtocolError(
+            "renew.expired",
+            f"the certificates expired {seconds} s ago, more than [renewal] "
+            f"max_expired_seconds = {max_expired}: enroll the device again",
+        )
+    return Expired(not_after, seconds)
 
 
 def _device_ca(cx: Call) -> pki.CertificateAuthority:
@@ -135,17 +172,28 @@ def _current_tls(cx: Call, session: Session, device_id: str, der: bytes) -> x509
 
 
 def on_renew_answer(
-    cx: Call, session: Session, sender: str, body: RenewAnswer, now: int
+    cx: Call,
+    session: Session,
+    sender: str,
+    body: RenewAnswer,
+    now: int,
+    *,
+    expired: Expired | None = None,
 ) -> Effects:
     """Check the answer (module docstring), then issue, store, audit and send the new
-    certificates. Every check runs before anything is written."""
+    certificates. Every check runs before anything is written. ``expired``: the device's
+    certificates have expired and the policy allows this renewal (``judge_expired``, over
+    HTTPS: ``provisioning.service.expired``); its stored credentials are then checked as of
+    their expiry, everything else as for any renewal, and the audit entry is
+    ``renew.expired``."""
     device_ca = _device_ca(cx)
     registry = Registry(session)
     _check_renewable(registry, sender)
     device = registry.device(sender)
     assert device.ak_public is not None  # _check_renewable
     # the stored AK must be the one the stored DevID certificate names (``cred.stored``)
-    cx.env.devices.check(device, now, with_ak=True)
+    checked_at = now if expired is None else expired.not_after
+    cx.env.devices.check(device, checked_at, with_ak=True)
     try:
         challenge = store.consume_challenge(session, sender, body.nonce, now=now)
     except ProtocolError as exc:
@@ -195,23 +243,35 @@ def on_renew_answer(
         now=now,
     )
     not_after = int(new_devid.not_valid_after_utc.timestamp())
+    details: dict[str, str | int | None] = {
+        "devid_cert": revocation.serial_hex(new_devid),
+        "tls_cert": revocation.serial_hex(new_tls),
+        "replaces_devid": revocation.serial_hex(current_devid),
+        "replaces_tls": revocation.serial_hex(tls_cert),
+        "not_after": not_after,
+    }
+    if expired is not None:
+        details["expired_at"] = expired.not_after
+        details["expired_seconds"] = expired.seconds
     audit.append(
         session,
         now=now,
         actor=f"device:{sender}",
-        action="renew.issued",
+        action="renew.issued" if expired is None else "renew.expired",
         target=sender,
         outcome=Outcome.ACCEPTED,
-        details={
-            "devid_cert": revocation.serial_hex(new_devid),
-            "tls_cert": revocation.serial_hex(new_tls),
-            "replaces_devid": revocation.serial_hex(current_devid),
-            "replaces_tls": revocation.serial_hex(tls_cert),
-            "not_after": not_after,
-        },
+        details=details,
     )
     return [
-        Log(logging.INFO, "certificates of %s renewed until %d", (sender, not_after)),
+        Log(
+            logging.INFO,
+            "certificates of %s renewed until %d%s",
+            (
+                sender,
+                not_after,
+                "" if expired is None else f" ({expired.seconds} s after they expired)",
+            ),
+        ),
         Send(
             device_cmd_topic(sender),
             RenewIssued(

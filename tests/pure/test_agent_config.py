@@ -472,3 +472,15 @@ def test_renewal_fraction_defaults_to_two_thirds_and_is_bounded(tmp_path: Path) 
     for bad in ('"1"', '"0"', '"x"', "0.5"):
         problems = _problems(_write(tmp_path, f"[renewal]\nfraction = {bad}\n"))
         assert len(problems) == 1 and problems[0].startswith("renewal.fraction"), problems
+
+
+def test_renewal_url_is_an_https_url_and_its_ca_a_certificate_file(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, '[renewal]\nurl = "https://fleet.example.net:8445/"\n'))
+    assert config.renewal.url == "https://fleet.example.net:8445" and config.renewal.ca is None
+    for bad in ('"http://fleet.example.net"', '"https://"', '"https://h:99999"', '"https://u@h"'):
+        problems = _problems(_write(tmp_path, f"[renewal]\nurl = {bad}\n"))
+        assert len(problems) == 1 and problems[0].startswith("renewal.url"), problems
+    not_a_cert = tmp_path / "ca.pem"
+    not_a_cert.write_text("not a certificate\n")
+    problems = _problems(_write(tmp_path, f'[renewal]\nca = "{not_a_cert}"\n'))
+    assert len(problems) == 1 and problems[0].startswith("renewal.ca"), problems

@@ -6,6 +6,7 @@ here the renewer is a named fake (``FakeRenewer``) and keys are software keys.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 
@@ -36,6 +37,7 @@ from agent.protocol.wire.messages.renewal import (
 )
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import pki
+from provisioning.service.renewal import Expired, judge_expired
 from tests.device_certs import device_ca as shared_device_ca
 from tests.pure.test_agent_core import FakeService, FakeSoftwareKeys, G, acks, group_of_two
 
@@ -285,3 +287,61 @@ def test_after_renewal_the_member_carries_its_new_credential_into_its_groups() -
         group = core.groups()[G]
         assert group.tree.leaf(a.groups()[G].own_leaf).credential == devid_der  # type: ignore[union-attr]
     assert service.bodies("dev-a", a.tick(service.now + 1)) == []  # nothing stale any more
+
+
+# -- after expiry ---------------------------------------------------------------------------------
+
+
+def test_the_expired_policy_allows_within_the_window_and_refuses_otherwise() -> None:
+    end = T0 + LIFETIME
+    window = 90 * 86400
+
+    def judge(now: int, *, allow: bool = True) -> Expired | None:
+        return judge_expired(not_after=end, now=now, allow=allow, max_expired=window)
+
+    # not expired (up to and including the not-after second): an ordinary renewal
+    assert judge(end - 1) is None and judge(end) is None
+    assert judge(end, allow=False) is None
+    # expired, allowed: how long ago, for the audit
+    assert judge(end + 1) == Expired(end, 1)
+    assert judge(end + window) == Expired(end, window)
+    # too late, or the policy refuses: renew.expired, with the reason naming which
+    with pytest.raises(ProtocolError) as late:
+        judge(end + window + 1)
+    assert late.value.check == "renew.expired" and "max_expired_seconds" in late.value.reason
+    with pytest.raises(ProtocolError) as off:
+        judge(end + 1, allow=False)
+    assert off.value.check == "renew.expired" and '"refuse"' in off.value.reason
+
+
+def test_the_core_asks_over_https_only_once_expired_and_backs_off() -> None:
+    service, core, _ca, _renewer = renewing_core()
+    assert core.renewal is not None
+    end = T0 + LIFETIME
+    assert not core.certificates_expired(end)
+    assert core.expired_renewal(end) is None  # valid: MQTT renews it
+    # the broker refused the certificate as expired (its clock is ahead of ours): asked anyway
+    refused = core.expired_renewal(end - 5, refused=True)
+    assert refused is not None and refused.changed
+    core.renewal.schedule.renewed()
+
+    assert core.certificates_expired(end + 1)
+    outcome = core.expired_renewal(end + 1)
+    assert outcome is not None and outcome.changed  # the request spent a sequence number
+    service.now = end + 1
+    (request,) = service.bodies("dev-1", outcome)
+    assert isinstance(request, RenewRequest) and request.not_after == end
+    # backing off with jitter as the MQTT requests do: not again before the wait is over
+    next_try = core.renewal.schedule.next_try
+    assert next_try is not None and end + 1 + 22 <= next_try <= end + 1 + FIRST_RETRY
+    assert core.expired_renewal(next_try - 1) is None
+    assert core.expired_renewal(next_try) is not None
+    assert core.renewal.schedule.attempts == 2
+    # with HTTPS configured the tick sends no renew.request over MQTT for expired certificates
+    # (the broker refuses them); without, it still asks there
+    later = core.renewal.schedule.next_try
+    assert later is not None
+    assert [p.type for p in core.tick(later).publishes] == ["renew.request"]
+    core.renewal = replace(core.renewal, over_https=True)
+    assert core.renewal.schedule.next_try is not None
+    assert core.tick(core.renewal.schedule.next_try).publishes == []

@@ -320,3 +320,32 @@ def test_enrollment_certificate_lifetime_defaults_to_a_year_and_has_a_floor(
     assert load_config(write(config_dir, short)).enrollment.certificate_validity_seconds == 60
     too_short = GOOD + "\n[enrollment]\ncertificate_validity_seconds = 59\n"
     assert "enrollment.certificate_validity_seconds" in problems_of(write(config_dir, too_short))
+
+
+def test_renewal_after_expiry_is_refused_by_default_and_needs_its_listener(
+    config_dir: Path,
+) -> None:
+    default = load_config(write(config_dir, GOOD)).renewal
+    assert (default.expired, default.max_expired_seconds) == ("refuse", 90 * 86400)
+    assert not default.allows_expired and default.host is None
+    allowed = GOOD + (
+        '\n[renewal]\nexpired = "allow"\nmax_expired_seconds = 3600\nlisten = "0.0.0.0:8445"\n'
+        'tls_cert = "pki/enroll.pem"\ntls_key = "pki/enroll.key"\n'
+        'url = "https://fleet.example.net:8445"\n'
+    )
+    renewal = load_config(write(config_dir, allowed)).renewal
+    assert renewal.allows_expired and renewal.max_expired_seconds == 3600
+    assert (renewal.host, renewal.port) == ("0.0.0.0", 8445)
+    assert renewal.tls_cert == config_dir / "pki/enroll.pem"
+    assert renewal.url == "https://fleet.example.net:8445"
+    # "allow" without the listener: the device could not reach the service at all
+    no_listener = GOOD + '\n[renewal]\nexpired = "allow"\n'
+    with pytest.raises(InvalidConfig) as caught:
+        load_config(write(config_dir, no_listener))
+    assert "listen, tls_cert and tls_key" in str(caught.value)
+    wrong = GOOD + (
+        '\n[renewal]\nexpired = "sometimes"\nmax_expired_seconds = -1\nurl = "http://x"\n'
+    )
+    assert {"renewal.expired", "renewal.max_expired_seconds", "renewal.url"} <= set(
+        problems_of(write(config_dir, wrong))
+    )

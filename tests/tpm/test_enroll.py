@@ -812,3 +812,39 @@ signing_cert = "{d / "service-signing.pem"}"
     assert settings.operator_anchors == (pki.operator_ca.certificate,)
     assert len(settings.manufacturer_cas) == 2
     assert settings.device_ca.certificate == pki.device_ca.certificate
+    assert settings.renewal_url is None  # renewal after expiry is off: no URL offered
+
+    # allowed: devices are given the renewal listener's URL, and it survives the wire
+    with (tmp_path / "service.toml").open("a") as file:
+        file.write(
+            f"""
+[renewal]
+expired = "allow"
+listen = "0.0.0.0:8445"
+url = "https://fleet.example.net:8445"
+tls_cert = "{d / "service.pem"}"
+tls_key = "{d / "service.key"}"
+"""
+        )
+    settings = EnrollmentSettings.from_service_config(
+        load_service_config(tmp_path / "service.toml")
+    )
+    assert settings.renewal_url == "https://fleet.example.net:8445"
+    any_cert = pki.service_cert  # the fields' contents do not matter here, only the URL's trip
+    identity = DeviceIdentity(
+        device_id="dev-1",
+        devid_cert=any_cert,
+        tls_cert=any_cert,
+        trust_anchors=(any_cert,),
+        operator_anchors=(any_cert,),
+        min_approvals=1,
+        broker_host="mqtt.example.net",
+        broker_port=8883,
+        broker_ca=(any_cert,),
+        service_cert=any_cert,
+        groups=(),
+        renewal_url=settings.renewal_url,
+    )
+    assert DeviceIdentity.from_map(identity.to_map()).renewal_url == settings.renewal_url
+    with pytest.raises(ProtocolError):
+        DeviceIdentity.from_map({**identity.to_map(), "renewal_url": "http://plain"})

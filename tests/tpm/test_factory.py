@@ -176,6 +176,22 @@ def test_install_writes_a_loadable_agent_config_then_lock_refuses_everything(
         again.handle("create-keys", {})
 
 
+def test_install_writes_the_renewal_url_the_fleet_offers(device: FactoryDevice) -> None:
+    keys = device.handle("create-keys", {})
+    args = _install_args(device, keys, "dev-00cc")
+    for bad in ("http://fleet.example.net:8445", "https://", "x" * 300, 8445):
+        with pytest.raises(ProtocolError) as err:
+            device.handle("install", {**args, "renewal_url": bad})
+        assert err.value.check == "factory.args"
+        assert not device.paths.config.exists()
+    result = device.handle("install", {**args, "renewal_url": "https://fleet.example.net:8445/"})
+    config = load_config(result["config"], require_provisioned=True)
+    assert config.renewal.url == "https://fleet.example.net:8445" and config.renewal.ca is None
+    # without one (the fleet refuses renewal after expiry), none is written
+    device.handle("install", args)
+    assert load_config(device.paths.config, require_provisioned=True).renewal.url is None
+
+
 def test_install_refuses_certificates_for_other_keys(device: FactoryDevice) -> None:
     keys = device.handle("create-keys", {})
     args = _install_args(device, keys, "dev-00bb")
