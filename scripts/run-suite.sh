@@ -35,6 +35,7 @@ pids+=($!)
 # own lab or deployment, so where it runs changes nothing else).
 moved=(
     tests/e2e/test_renewal_e2e.py
+    tests/e2e/test_renewal_expired_e2e.py
     tests/e2e/test_replace_e2e.py
     tests/e2e/test_trust_rollover_e2e.py
     tests/e2e/test_trust_agent_e2e.py
