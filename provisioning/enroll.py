@@ -570,6 +570,10 @@ def _unknown_session() -> ProtocolError:
 # ---- the service object ---------------------------------------------------------------------
 
 
+DeviceIssuer = Callable[[int], tuple[CertificateAuthority, tuple[x509.Certificate, ...]]]
+"""``issuer(now)``: the device CA to issue from and the device CAs a new device trusts."""
+
+
 class Enrollment:
     """The enrollment logic over a registry database. Thread-safe (the HTTP layer calls it from
     a thread pool) and stateless: sessions are rows, so several objects over one database (one
@@ -581,10 +585,14 @@ class Enrollment:
         sessions: sessionmaker[Session],
         *,
         rng: Rng = os.urandom,
+        issuer: DeviceIssuer | None = None,
     ) -> None:
         self.settings = settings
         self._db = sessions
         self._rng = rng
+        # the service's current device CA and the CAs a new device trusts (after a device CA
+        # rollover: the trust bundle's); None: the configured ones
+        self._issuer = issuer
         self._manufacturers = ManufacturerTrustFile(
             settings.manufacturer_cas, settings.manufacturer_crls
         )
@@ -875,6 +883,11 @@ class Enrollment:
             _groups_of(row),
         )
 
+    def _device_ca(self, now: int) -> tuple[CertificateAuthority, tuple[x509.Certificate, ...]]:
+        if self._issuer is None:
+            return self.settings.device_ca, self.settings.anchors()
+        return self._issuer(now)
+
     def _identity(
         self,
         device_id: str,
@@ -883,11 +896,12 @@ class Enrollment:
         groups: tuple[str, ...],
     ) -> DeviceIdentity:
         settings = self.settings
+        now = int(max(devid_cert.not_valid_before_utc, tls_cert.not_valid_before_utc).timestamp())
         return DeviceIdentity(
             device_id=device_id,
             devid_cert=devid_cert,
             tls_cert=tls_cert,
-            trust_anchors=settings.anchors(),
+            trust_anchors=self._device_ca(now)[1],
             operator_anchors=settings.operator_anchors,
             min_approvals=settings.min_approvals,
             broker_host=settings.broker_host,
@@ -902,8 +916,9 @@ class Enrollment:
         self, pending: _Pending, when: datetime
     ) -> tuple[x509.Certificate, x509.Certificate]:
         settings = self.settings
+        device_ca = self._device_ca(int(when.timestamp()))[0]
         devid_cert = issue_devid_cert(
-            settings.device_ca,
+            device_ca,
             public_key_from_area(pending.devid_public),
             device_id=pending.device_id,
             hardware_serial=pending.serial,
@@ -913,7 +928,7 @@ class Enrollment:
             rng=self._rng,
         )
         tls_cert = issue_client_cert(
-            settings.device_ca,
+            device_ca,
             serialization.load_der_public_key(pending.tls_public),
             identity=pending.device_id,
             role="device",

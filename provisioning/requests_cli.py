@@ -29,7 +29,7 @@ from typing import TextIO
 from agent.protocol import authz, trust
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.releaseproof import read_subject as release_subject
-from agent.protocol.wire.messages.operator import Approve, ListRequests, Propose
+from agent.protocol.wire.messages.operator import ROTATE_DEVICE_CA, Approve, ListRequests, Propose
 from agent.protocol.wire.messages.result import (
     OperatorResult,
     RequestInfo,
@@ -93,6 +93,14 @@ def describe_trust(subject: bytes) -> list[str]:
             stamp = datetime.fromtimestamp(key.until, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
             until = f"until {stamp}"
         lines.append(f"  service key: SHA-256 {key.kid.hex()}, {until}")
+    for ca in bundle.device_ca or ():
+        if ca.until is None:
+            until = "no end (the service issues device certificates from it)"
+        else:
+            stamp = datetime.fromtimestamp(ca.until, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            until = f"until {stamp}"
+        name = ca.certificate.subject.rfc4514_string()
+        lines.append(f"  device CA: {name}, certificate SHA-256 {ca.fingerprint.hex()}, {until}")
     return lines
 
 
@@ -177,6 +185,8 @@ def trust_subject_matches(request: authz.Request, asked: Propose) -> bool:
     """A ``trust.rotate``'s bundle makes the certificate's key the one without an end and keeps
     every other key at least ``overlap`` seconds past the request's window."""
     assert request.subject is not None and asked.cert is not None and asked.overlap is not None
+    if asked.rotate == ROTATE_DEVICE_CA:
+        return _device_ca_matches(request, asked)
     try:
         bundle = trust.read_subject(request.subject)
         spki = trust.key_der(trustroll.public_key_of(asked.cert))
@@ -184,6 +194,21 @@ def trust_subject_matches(request: authz.Request, asked: Propose) -> bool:
         return False
     ends = [k.until for k in bundle.service if k.until is not None]
     return bundle.current.key == spki and all(e >= request.exp + asked.overlap for e in ends)
+
+
+def _device_ca_matches(request: authz.Request, asked: Propose) -> bool:
+    """A device CA rollover's bundle makes the asked CA the one without an end, keeps every
+    other CA at least ``overlap`` seconds past the request's window, and its service keys are
+    those of a bundle whose seq it follows (unchanged; the service checks the rest)."""
+    assert request.subject is not None and asked.cert is not None and asked.overlap is not None
+    try:
+        bundle = trust.read_subject(request.subject)
+    except ProtocolError:
+        return False
+    if bundle.current_ca is None or bundle.current_ca.cert != asked.cert:
+        return False
+    ends = [c.until for c in bundle.device_ca or () if c.until is not None]
+    return all(e >= request.exp + asked.overlap for e in ends)
 
 
 class RequestSession:

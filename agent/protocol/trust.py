@@ -30,8 +30,12 @@ the new bundle gives it (the overlap), then only the keys without an end are.
 **Bundle format** (deterministic CBOR): ``{"v": 1, "seq": n, "service": [{"key": P-256
 SubjectPublicKeyInfo DER, "until": unix seconds | null}, ...]}``, 1 to ``MAX_SERVICE_KEYS``
 keys, each once, exactly one of them without an end (the key the service signs with from then
-on). Version 1 carries service signing keys only: the device CA, operator CA and broker CA stay
-those of the device's configuration (their rollover is not part of this version).
+on). Version 2 adds ``"device_ca": [{"cert": X.509 CA certificate DER, "until": ...}, ...]``, 1
+to ``MAX_DEVICE_CAS`` certificates, each once, exactly one without an end (the CA the service
+issues device certificates from): members' DevID certificates (``cred.chain``) and renewed
+certificates must chain to a device CA it accepts at ``now`` (``device_cas``). A version 1
+bundle (no section) leaves the device CAs of the device's configuration (``[fleet]
+trust_anchors``) in force. The operator CA and the broker CA stay those of the configuration.
 
 **Chain format**: ``{"v": 1, "links": [{"bundle": COSE_Sign1, "authz": Authorization}, ...]}``,
 oldest first, consecutive seqs. Links a device holds already are skipped; a refused link refuses
@@ -42,11 +46,13 @@ Pure: no I/O, no clock (``now`` from the caller).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Final
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -57,10 +63,12 @@ from agent.protocol.wire import cose
 
 __all__ = [
     "MAX_CHAIN",
+    "MAX_DEVICE_CAS",
     "MAX_LINKS",
     "MAX_SERVICE_KEYS",
     "SUBJECT_LABEL",
     "ApprovalCheck",
+    "DeviceCA",
     "ServiceKey",
     "TrustBundle",
     "TrustChain",
@@ -74,12 +82,18 @@ __all__ = [
 ]
 
 VERSION: Final = 1
+"""The chain's version, and a bundle's without a device CA section."""
+VERSION_DEVICE_CA: Final = 2
+"""A bundle with a device CA section (``TrustBundle.device_ca``)."""
 SUBJECT_LABEL: Final = "keyfleet trust v1"
 """First field of a ``trust.rotate`` request's subject: its bytes mean nothing elsewhere."""
 MAX_SERVICE_KEYS: Final = 4
 MAX_KEY_DER: Final = 256
 """A P-256 SubjectPublicKeyInfo is 91 bytes."""
-MAX_BUNDLE: Final = 4 * 1024
+MAX_DEVICE_CAS: Final = 4
+MAX_CA_DER: Final = 1024
+"""A device CA certificate (a P-256 CA certificate is about 500 bytes)."""
+MAX_BUNDLE: Final = 6 * 1024
 MAX_LINK: Final = MAX_BUNDLE + 256 + az.MAX_AUTHORIZATION
 MAX_LINKS: Final = 32
 """Links the retained chain carries: a device offline through more rollovers than this is
@@ -145,11 +159,54 @@ class ServiceKey:
 
 
 @dataclass(frozen=True)
+class DeviceCA:
+    """One device CA a bundle accepts (members' and renewed certificates chain to it), until
+    ``until`` (None: no end; the CA the service issues from)."""
+
+    cert: bytes = field(repr=False)
+    until: int | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.cert) is not bytes or not 0 < len(self.cert) <= MAX_CA_DER:
+            raise _malformed(f"device CA: 1..{MAX_CA_DER} bytes")
+        if self.until is not None and (type(self.until) is not int or self.until < 0):
+            raise _malformed("device CA until: unix seconds or null")
+        _ca_certificate(self.cert)
+
+    @cached_property
+    def certificate(self) -> x509.Certificate:
+        return _ca_certificate(self.cert)
+
+    @cached_property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the certificate's DER (``openssl x509 -fingerprint -sha256``)."""
+        return hashlib.sha256(self.cert).digest()
+
+    def accepted_at(self, now: int) -> bool:
+        return self.until is None or now <= self.until
+
+
+def _ca_certificate(der: bytes) -> x509.Certificate:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (ValueError, x509.ExtensionNotFound, x509.InvalidVersion):
+        raise _malformed("device CA: not a DER X.509 CA certificate") from None
+    if not constraints.ca:
+        raise _malformed("device CA: the certificate is not a CA's")
+    if cert.public_bytes(serialization.Encoding.DER) != der:
+        raise _malformed("device CA: not the certificate's DER")
+    return cert
+
+
+@dataclass(frozen=True)
 class TrustBundle:
     """A version of what a device trusts to sign service messages (see the module docstring)."""
 
     seq: int
     service: tuple[ServiceKey, ...]
+    # None: a version 1 bundle, the device CAs of the device's configuration stay in force
+    device_ca: tuple[DeviceCA, ...] | None = None
 
     def __post_init__(self) -> None:
         if type(self.seq) is not int or not 0 <= self.seq <= az.MAX_TIME:
@@ -160,6 +217,14 @@ class TrustBundle:
             raise _malformed("service: a key is listed twice")
         if sum(k.until is None for k in self.service) != 1:
             raise _malformed("service: exactly one key has no end (the one the service signs with)")
+        cas = self.device_ca
+        if cas is not None:
+            if type(cas) is not tuple or not 1 <= len(cas) <= MAX_DEVICE_CAS:
+                raise _malformed(f"device_ca: 1..{MAX_DEVICE_CAS} certificates")
+            if len({c.cert for c in cas}) != len(cas):
+                raise _malformed("device_ca: a certificate is listed twice")
+            if sum(c.until is None for c in cas) != 1:
+                raise _malformed("device_ca: exactly one CA has no end (the one the service uses)")
 
     @classmethod
     def initial(cls, key: ec.EllipticCurvePublicKey) -> TrustBundle:
@@ -179,12 +244,33 @@ class TrustBundle:
         """The listed key with ``kid``, whatever its end (a link's signer: ``check_link``)."""
         return next((k for k in self.service if k.kid == kid), None)
 
+    @property
+    def current_ca(self) -> DeviceCA | None:
+        """The device CA without an end (the service issues from it); None in version 1."""
+        if self.device_ca is None:
+            return None
+        return next(c for c in self.device_ca if c.until is None)
+
+    def device_cas(self, now: int) -> tuple[x509.Certificate, ...] | None:
+        """The device CAs accepted at ``now``; None: the bundle leaves the configuration's."""
+        if self.device_ca is None:
+            return None
+        return tuple(c.certificate for c in self.device_ca if c.accepted_at(now))
+
+    def device_ca_ends(self) -> dict[bytes, int]:
+        """Certificate DER -> end of every device CA accepted until a time (the verifier's
+        ``ends``: a path to it fails after that time)."""
+        return {c.cert: c.until for c in self.device_ca or () if c.until is not None}
+
     def to_obj(self) -> dict[str, object]:
-        return {
-            "v": VERSION,
+        obj: dict[str, object] = {
+            "v": VERSION if self.device_ca is None else VERSION_DEVICE_CA,
             "seq": self.seq,
             "service": [{"key": k.key, "until": k.until} for k in self.service],
         }
+        if self.device_ca is not None:
+            obj["device_ca"] = [{"cert": c.cert, "until": c.until} for c in self.device_ca]
+        return obj
 
     def encode(self) -> bytes:
         return codec.encode(self.to_obj())
@@ -197,9 +283,13 @@ class TrustBundle:
                 codec.decode(data, MAX_BUNDLE, "trust bundle"),
                 "trust bundle",
                 {"v", "seq", "service"},
+                {"device_ca"},
             )
-            if obj["v"] != VERSION or type(obj["v"]) is not int:
-                raise _malformed(f"trust bundle version {obj['v']!r} (this agent reads 1)")
+            version = obj["v"]
+            if type(version) is not int or version not in (VERSION, VERSION_DEVICE_CA):
+                raise _malformed(f"trust bundle version {version!r} (this agent reads 1 and 2)")
+            if ("device_ca" in obj) != (version == VERSION_DEVICE_CA):
+                raise _malformed("a version 2 trust bundle, and only it, has a device_ca section")
             seq = codec.as_uint(obj["seq"], "trust bundle.seq", az.MAX_TIME)
             entries = codec.as_list(
                 obj["service"],
@@ -215,14 +305,33 @@ class TrustBundle:
                     until = codec.as_uint(until, f"trust bundle.service[{i}].until", az.MAX_TIME)
                 der = codec.as_bytes(entry["key"], f"trust bundle.service[{i}].key", 1, MAX_KEY_DER)
                 keys.append(ServiceKey(der, until))
+            cas = None if version == VERSION else _decode_cas(obj["device_ca"])
         except ProtocolError as exc:
             if exc.check == "trust.malformed":
                 raise
             raise _malformed(exc.reason) from None
-        bundle = cls(seq, tuple(keys))
+        bundle = cls(seq, tuple(keys), cas)
         if bundle.encode() != data:
             raise _malformed("the trust bundle is not in its canonical encoding")
         return bundle
+
+
+def _decode_cas(value: object) -> tuple[DeviceCA, ...]:
+    entries = codec.as_list(
+        value,
+        "trust bundle.device_ca",
+        MAX_DEVICE_CAS,
+        lambda v, w: codec.as_map(v, w, {"cert", "until"}),
+        min_len=1,
+    )
+    cas = []
+    for i, entry in enumerate(entries):
+        until = entry["until"]
+        if until is not None:
+            until = codec.as_uint(until, f"trust bundle.device_ca[{i}].until", az.MAX_TIME)
+        der = codec.as_bytes(entry["cert"], f"trust bundle.device_ca[{i}].cert", 1, MAX_CA_DER)
+        cas.append(DeviceCA(der, until))
+    return tuple(cas)
 
 
 def subject(bundle: bytes) -> bytes:
@@ -230,15 +339,17 @@ def subject(bundle: bytes) -> bytes:
     approver's tool shows the keys and their ends it signs for (a digest would show nothing)."""
     TrustBundle.decode(bundle)
     data = codec.encode([SUBJECT_LABEL, bundle])
-    if len(data) > az.MAX_SUBJECT:
-        raise _malformed(f"the bundle does not fit a request's subject ({az.MAX_SUBJECT} bytes)")
+    if len(data) > az.MAX_TRUST_SUBJECT:
+        raise _malformed(
+            f"the bundle does not fit a request's subject ({az.MAX_TRUST_SUBJECT} bytes)"
+        )
     return data
 
 
 def read_subject(data: bytes) -> TrustBundle:
     """The bundle a ``trust.rotate`` subject names; ``trust.approval`` if it names none."""
     try:
-        decoded = codec.decode(data, az.MAX_SUBJECT, "trust subject")
+        decoded = codec.decode(data, az.MAX_TRUST_SUBJECT, "trust subject")
     except ProtocolError:
         decoded = None
     if (

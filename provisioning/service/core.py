@@ -50,6 +50,7 @@ from agent.protocol.hpke import Rng
 from agent.protocol.topics import TRUST_TOPIC
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
+from provisioning.pki import CertificateAuthority
 from provisioning.revocation import RevocationSettings
 from provisioning.service import (
     attestation,
@@ -143,6 +144,7 @@ class DeliveryService:
             trust_origin=signing_key.public_key() if trust_origin is None else trust_origin,
             load_key=load_key,
             reserved_keys=tuple(reserved),
+            device_ca_origin=device_ca,
         )
 
     @property
@@ -214,6 +216,18 @@ class DeliveryService:
     def sync_trust(self) -> None:
         """At start: sign with the newest trust bundle's key (``trustroll.sync``)."""
         self._env.read(lambda s: trustroll.sync(self._env, s))
+
+    def device_issuer(self, now: int) -> tuple[CertificateAuthority, tuple[x509.Certificate, ...]]:
+        """The device CA this instance issues from now and the device CAs a new device trusts
+        (the current trust bundle's accepted at ``now``): for the enrollment server."""
+        settings = self._env.revocation
+        if settings is None:
+            raise KeyfleetError("this service instance holds no device CA key")
+        bundle = self._env.read(lambda s: trustroll.held(self._env, s))
+        accepted = bundle.device_cas(now)
+        return settings.device_ca, (
+            settings.device_ca.certificate,
+        ) if accepted is None else accepted
 
     def trust_chain(self) -> list[Publish]:
         """The chain of trust bundles to publish retained, none before the first rollover. Not

@@ -337,7 +337,9 @@ class ServiceRunner:
         if http is None:
             return
         enrollment = Enrollment(
-            EnrollmentSettings.from_service_config(self.config), session_factory(self._engine)
+            EnrollmentSettings.from_service_config(self.config),
+            session_factory(self._engine),
+            issuer=self.service.device_issuer,  # after a device CA rollover: the new CA
         )
         self.http = start_enrollment_server(
             build_app(enrollment, clock=self._clock, on_refusal=self._count_http_refusal),
