@@ -21,7 +21,8 @@ only if
 
 A device enrolled after a rollover got the key a later bundle made current (its enrollment
 configuration names the service's current certificate): it starts from the newest bundle whose
-current key is its enrollment key, once that bundle's approval verifies (``_anchor``).
+current key is its enrollment key, once that bundle's approval verifies and it is signed by its
+enrollment key or by a key it lists with an end (``_anchor``).
 
 So the service host, even holding the real signing key, cannot change what a device trusts: it
 would need the private keys of a quorum of admins. An old key stays accepted until the ``until``
@@ -498,9 +499,29 @@ def _anchor(held: TrustBundle, chain: TrustChain, approval: ApprovalCheck) -> Tr
     for link in reversed(chain.links):
         sign1, bundle = link.opened()
         if bundle.seq > 0 and bundle.current.key == held.current.key:
+            _check_anchor_signer(held, bundle, sign1)
             _check_approval(bundle, sign1.payload, link.authz, approval)
             return bundle
     return held
+
+
+def _check_anchor_signer(held: TrustBundle, bundle: TrustBundle, sign1: cose.Sign1) -> None:
+    """The signer of the bundle a device at bundle 0 starts from: its own enrollment key (a
+    device CA rollover that kept the service key), or the key the bundle replaced, which the
+    service lists with an end in the bundle that made the enrollment key current. Any other
+    signer is refused (``trust.signer``)."""
+    signer = held.signer(sign1.kid) or bundle.signer(sign1.kid)
+    if signer is None or (signer.until is None and signer.key != held.current.key):
+        raise ProtocolError(
+            "trust.signer",
+            f"trust bundle {bundle.seq} is signed by a key neither it nor bundle 0 lists",
+        )
+    try:
+        cose.verify_sign1(sign1, signer.public_key)
+    except ProtocolError as exc:
+        raise ProtocolError(
+            "trust.signer", f"trust bundle {bundle.seq}: [{exc.check}] {exc.reason}"
+        ) from None
 
 
 def advance(held: TrustBundle, chain: TrustChain, approval: ApprovalCheck) -> TrustBundle | None:
