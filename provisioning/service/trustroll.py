@@ -280,26 +280,45 @@ def sync(env: Env, session: Session) -> bool:
 
 
 def _use_device_cas(env: Env, bundle: trust.TrustBundle, ref: str | None) -> None:
-    """Issue from ``bundle``'s current device CA (its key loaded from ``ref``) and accept stored
-    credentials of every CA it lists, each until its end."""
-    new = current_ca(env, bundle)
-    settings = env.revocation
-    if settings is not None and settings.device_ca.certificate != new.certificate:
-        if ref is None:
-            raise ProtocolError(KEY, f"trust bundle {bundle.seq}: no key reference for its CA")
-        key = _load(env, ref)
-        if trust.key_der(key.public_key()) != trust.key_der(new.certificate.public_key()):  # type: ignore[arg-type]
-            raise ProtocolError(
-                KEY, f"trust bundle {bundle.seq}'s CA key reference names another key"
-            )
-        env.revocation = dataclasses.replace(
-            settings, device_ca=CertificateAuthority(certificate=new.certificate, private_key=key)
-        )
-        log.warning(
-            "keyfleet serve: issuing from trust bundle %d's device CA; set [device_ca] cert and "
-            "key to it (docs/operations.md, 'Rolling over the device CA')",
-            bundle.seq,
-        )
+    """Issue from ``bundle``'s current device CA (its key loaded from ``ref``), accept stored
+    credentials of every CA it lists, each until its end, and keep signing the broker's CRL of
+    every older CA it lists whose key this instance holds."""
     assert bundle.device_ca is not None
+    new = current_ca(env, bundle)
+    older = {c.cert for c in bundle.device_ca if c.until is not None}
+    settings = env.revocation
+    if settings is not None:
+        held_cas = [*settings.previous]
+        if settings.device_ca.certificate != new.certificate:
+            if ref is None:
+                raise ProtocolError(KEY, f"trust bundle {bundle.seq}: no key reference for its CA")
+            key = _load(env, ref)
+            if trust.key_der(key.public_key()) != trust.key_der(new.certificate.public_key()):  # type: ignore[arg-type]
+                raise ProtocolError(
+                    KEY, f"trust bundle {bundle.seq}'s CA key reference names another key"
+                )
+            held_cas.insert(0, settings.device_ca)
+            settings = dataclasses.replace(
+                settings,
+                device_ca=CertificateAuthority(certificate=new.certificate, private_key=key),
+            )
+            log.warning(
+                "keyfleet serve: issuing from trust bundle %d's device CA; keep [device_ca] naming "
+                "the old CA until its end, then set it to the new one (docs/operations.md, "
+                "'Rolling over the device CA')",
+                bundle.seq,
+            )
+        previous = tuple(
+            ca for ca in held_cas if ca.certificate.public_bytes(Encoding.DER) in older
+        )
+        if settings.crl_file is not None and len(previous) < len(older):
+            log.warning(
+                "keyfleet serve: trust bundle %d still accepts %d older device CA(s) whose key "
+                "this instance does not hold: the broker's CRL file lacks their CRL",
+                bundle.seq,
+                len(older) - len(previous),
+            )
+        env.revocation = dataclasses.replace(settings, previous=previous)
+        env.crl_checked_at = 0  # the next tick issues the new CA's CRL (``tasks.crl_tick``)
     others = [c.certificate for c in bundle.device_ca if c.until is not None]
     env.devices = StoredDevices(new.certificate, others=others, ends=bundle.device_ca_ends())

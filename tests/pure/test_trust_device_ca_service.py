@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -22,7 +23,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import TRUST_TOPIC
 from agent.protocol.wire.messages.operator import ROTATE_DEVICE_CA, Propose
 from agent.protocol.wire.messages.result import OperatorResult, RequestsResult, RequestState
-from provisioning import pki
+from provisioning import pki, revocation
 from provisioning.registry import Registry
 from provisioning.requests_cli import check_proposed, describe_trust
 from provisioning.revocation import RevocationSettings
@@ -110,6 +111,7 @@ def test_two_admins_roll_the_device_ca_over_and_the_service_issues_from_the_new_
     _setup(made)
     assert made.device_ca is not None and made.operator_ca is not None
     key = made.service.signing_key
+    made.service.tick(made.now)  # CRL 1, of the old CA
     new_ca = _new_ca(keys)
     request = _request(made, _propose_ca(made, _der(new_ca), REF), key)
     exp = authz.Request.decode(request).exp
@@ -140,6 +142,16 @@ def test_two_admins_roll_the_device_ca_over_and_the_service_issues_from_the_new_
     assert issuer.certificate == new_ca.certificate
     assert anchors == (made.device_ca.certificate, new_ca.certificate)
     assert made.service.device_issuer(exp + VALIDITY + 1)[1] == (new_ca.certificate,)
+    # the broker's CRL: the next CRL check issues the new CA's; the old CA's copy keeps being signed
+    settings = made.service._env.revocation
+    assert settings is not None and settings.previous == (made.device_ca,)
+    made.service.tick(made.now + 31)  # the CRL task's lease from CRL 1 has passed
+    row = made.service._env.read(revocation.newest_crl)
+    assert row is not None and row.number == 2
+    crl = x509.load_der_x509_crl(row.der)
+    assert crl.is_signature_valid(new_ca.private_key.public_key())
+    (old_copy,) = revocation.previous_crls(settings, crl)
+    assert old_copy.is_signature_valid(made.device_ca.private_key.public_key())
     # stored credentials of both CAs pass until the old CA's end
     old_record, new_record = _with_cert(made, "dev-1", new_ca)
     devices = made.service._env.devices
