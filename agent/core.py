@@ -1638,6 +1638,11 @@ class AgentCore:
                 "service_keys": [
                     {"kid": k.kid.hex()[:16], "until": k.until} for k in self.trust.service
                 ],
+                # empty: the device CA of the configuration ([fleet] trust_anchors)
+                "device_cas": [
+                    {"sha256": c.fingerprint.hex()[:16], "until": c.until}
+                    for c in self.trust.device_ca or ()
+                ],
             },
             "revocation_feed": {
                 "seq": self.membership.revocations.seq,

@@ -176,6 +176,9 @@ def _device_ca_subject(cx: Call, session: Session, body: Propose, exp: int) -> t
         raise ProtocolError(KEY, f"the new CA is a device CA of trust bundle {current.seq} already")
     if trust.key_der(old.certificate.public_key()) == new_spki:  # type: ignore[arg-type]
         raise ProtocolError(KEY, "the new device CA has the current device CA's key")
+    if any(c.certificate.subject == new.certificate.subject for c in current.device_ca or (old,)):
+        # OpenSSL (the broker) looks a certificate's issuer and CRL up by name
+        raise ProtocolError(KEY, "the new device CA has the name of a current device CA")
     # every certificate the old CA issues (until the change runs, by ``exp``) expires by then
     until = exp + max(body.overlap, cx.env.settings.certificate_validity)
     bundle = trust.TrustBundle(

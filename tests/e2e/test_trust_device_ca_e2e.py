@@ -13,7 +13,6 @@ old device's next renewal gets new-CA certificates, it reconnects with them and 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -72,14 +71,13 @@ def _issued_by(device: LabDevice, ca: x509.Certificate) -> bool:
 
 
 def _new_ca(lab: Lab) -> tuple[x509.Certificate, Path, Path]:
-    """The custodian's new device CA: its key a file on the service host, next to the
-    configuration (the reference is relative to it)."""
-    directory = lab.service_config.parent
-    now = datetime.now(UTC) - timedelta(minutes=5)
-    ca = pki.create_ca("keyfleet lab device CA 2", now=now, valid_for=timedelta(days=30))
-    pki.write_private_key(directory / "device-ca-2.key", ca.private_key)
-    pki.write_certificate(directory / "device-ca-2.pem", ca.certificate)
-    return ca.certificate, directory / "device-ca-2.key", directory / "device-ca-2.pem"
+    """The custodian's new device CA (``keyfleet pki device-ca``): its key a file on the service
+    host, next to the configuration (the reference is relative to it)."""
+    out = lab.service_config.parent / "device-ca-2"
+    made = lab.keyfleet("pki", "device-ca", str(out), "--org", "lab", "--days", "30")
+    assert made.returncode == 0, str(made)
+    cert_file, key_file = out.with_name("device-ca-2.pem"), out.with_name("device-ca-2.key")
+    return pki.cert_from_pem(cert_file.read_bytes()), key_file, cert_file
 
 
 def _rekey_acked_by_all(lab: Lab) -> None:
@@ -111,7 +109,8 @@ def test_the_device_ca_rolls_over_old_devices_keep_working_until_they_renew(lab:
     )  # fmt: skip
     out = rotated.stdout + rotated.stderr
     assert rotated.returncode == 0, out
-    assert "device CA: CN=keyfleet lab device CA 2" in out and "trust bundle: 1" in out, out
+    assert f"device CA: {new_ca.subject.rfc4514_string()}" in out, out
+    assert "trust bundle: 1" in out, out
     for device in lab.devices:
         _wait(f"{device.name} to take bundle 1", lambda d=device: _trust_seq(d) == 1, 60)
     # until they renew the devices hold old-CA certificates, and keep working

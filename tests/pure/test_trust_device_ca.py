@@ -135,6 +135,7 @@ def test_the_device_takes_the_new_ca_and_drops_the_old_one_after_its_end() -> No
     bundle, link = ca_rollover(device.trust, service.key)
     out = device.handle(trust.TrustChain((link,)).encode(), TRUST_TOPIC, T0)
     assert out.changed and out.refused is None and device.trust == bundle
+    assert [c["until"] for c in device.status()["trust"]["device_cas"]] == [UNTIL, None]
     # the overlap: members of both CAs
     assert _chain_check(device, old_member, UNTIL) is None
     assert _chain_check(device, new_member, UNTIL) is None

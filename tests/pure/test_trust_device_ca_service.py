@@ -196,6 +196,11 @@ def test_a_ca_the_reference_does_not_hold_a_current_ca_or_a_leaf_are_refused(
     new_ca = _new_ca(keys)
     other = _new_ca(keys, "file:other.key")
     keys.keys["pki/device-ca.key"] = made.device_ca.private_key
+    same_name = pki.create_ca(
+        made.device_ca.certificate.subject.rfc4514_string().removeprefix("CN="),
+        now=utc(T0), valid_for=timedelta(days=1),
+    )  # fmt: skip
+    keys.keys["file:same.key"] = same_name.private_key
     leaf = pki.issue_client_cert(
         new_ca, ec.generate_private_key(ec.SECP256R1()).public_key(), identity="x",
         role="device", now=utc(T0), valid_for=timedelta(days=1),
@@ -204,6 +209,7 @@ def test_a_ca_the_reference_does_not_hold_a_current_ca_or_a_leaf_are_refused(
         (_der(new_ca), "file:other.key", "not the new CA certificate's"),
         (_der(made.device_ca), "pki/device-ca.key", "the device CA's key"),
         (leaf.public_bytes(serialization.Encoding.DER), REF, "not a CA's"),
+        (_der(same_name), "file:same.key", "the name of a current device CA"),
     ):
         (result,) = [
             b
