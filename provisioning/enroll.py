@@ -586,6 +586,7 @@ class Enrollment:
         *,
         rng: Rng = os.urandom,
         issuer: DeviceIssuer | None = None,
+        broker_cas: Callable[[int], tuple[x509.Certificate, ...]] | None = None,
     ) -> None:
         self.settings = settings
         self._db = sessions
@@ -593,6 +594,7 @@ class Enrollment:
         # the service's current device CA and the CAs a new device trusts (after a device CA
         # rollover: the trust bundle's); None: the configured ones
         self._issuer = issuer
+        self._broker_cas = broker_cas  # the CAs of the broker's certificate a new device trusts
         self._manufacturers = ManufacturerTrustFile(
             settings.manufacturer_cas, settings.manufacturer_crls
         )
@@ -906,7 +908,7 @@ class Enrollment:
             min_approvals=settings.min_approvals,
             broker_host=settings.broker_host,
             broker_port=settings.broker_port,
-            broker_ca=settings.broker_ca,
+            broker_ca=settings.broker_ca if self._broker_cas is None else self._broker_cas(now),
             service_cert=settings.service_cert,
             groups=groups,
             release_key=settings.release_key,

@@ -26,7 +26,12 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.protocol import authz, trust
 from agent.protocol.errors import ConfigError, ProtocolError
-from agent.protocol.wire.messages.operator import MAX_OVERLAP, ROTATE_DEVICE_CA, Propose
+from agent.protocol.wire.messages.operator import (
+    MAX_OVERLAP,
+    ROTATE_BROKER_CA,
+    ROTATE_DEVICE_CA,
+    Propose,
+)
 from provisioning.operator import OperatorClient
 from provisioning.operators_cli import read_certificate_der
 from provisioning.requests_cli import propose_and_approve
@@ -78,9 +83,32 @@ def ca_proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propo
     return label, body
 
 
+def broker_proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
+    """``keys rotate broker-ca``: the new broker CA's certificate; no key (the broker's PKI
+    keeps it)."""
+    der = read_certificate_der(args.new_ca)
+    if not 0 <= args.overlap <= MAX_OVERLAP:
+        raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
+    try:
+        ca = trust.DeviceCA(der)
+    except ProtocolError as exc:
+        raise ConfigError(f"{args.new_ca}: {exc.reason}") from None
+    label = (
+        f"rotate the broker CA to {ca.certificate.subject.rfc4514_string()} "
+        f"(SHA-256 {ca.fingerprint.hex()[:16]}…)"
+    )
+    body = Propose(
+        command_id, authz.OP_TRUST_ROTATE, (), cert=der, overlap=args.overlap,
+        rotate=ROTATE_BROKER_CA,
+    )  # fmt: skip
+    return label, body
+
+
 def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
     if args.rotate_command == "device-ca":
         return ca_proposal(args, command_id)
+    if args.rotate_command == "broker-ca":
+        return broker_proposal(args, command_id)
     der = read_new_key(args.new_cert)
     if not 0 <= args.overlap <= MAX_OVERLAP:
         raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
@@ -111,7 +139,8 @@ def add_commands(
     handler: Callable[[argparse.Namespace], int],
 ) -> None:
     rotate = keys_commands.add_parser(
-        "rotate", help="roll a fleet key over under the quorum (service-signing, device-ca)"
+        "rotate",
+        help="roll a fleet key over under the quorum (service-signing, device-ca, broker-ca)",
     )
     which = rotate.add_subparsers(dest="rotate_command", required=True)
     service = which.add_parser(
@@ -179,3 +208,27 @@ def add_commands(
     )
     add_operator_options(device_ca)
     device_ca.set_defaults(handler=handler)
+    broker = which.add_parser(
+        "broker-ca",
+        help="request the broker CA's rollover (admins, quorum)",
+        description=(
+            "Request a trust.rotate: the next trust bundle makes the new CA the one the broker's "
+            "TLS certificate is to chain to, and keeps the current one until the request's "
+            "window closes plus --overlap. Devices that take it accept both for the broker and "
+            "reconnect; then move the broker to a certificate of the new CA within the overlap "
+            "(docs/operations.md, 'Rolling over the broker CA')."
+        ),
+    )
+    broker.add_argument(
+        "--new-ca", metavar="FILE", required=True, help="the new broker CA's certificate (PEM)"
+    )
+    broker.add_argument(
+        "--overlap",
+        type=int,
+        default=DEFAULT_OVERLAP,
+        metavar="SECONDS",
+        help=f"the old broker CA stays accepted this long after the request's window "
+        f"(default {DEFAULT_OVERLAP})",
+    )
+    add_operator_options(broker)
+    broker.set_defaults(handler=handler)

@@ -36,7 +36,11 @@ to ``MAX_DEVICE_CAS`` certificates, each once, exactly one without an end (the C
 issues device certificates from): members' DevID certificates (``cred.chain``) and renewed
 certificates must chain to a device CA it accepts at ``now`` (``device_cas``). A version 1
 bundle (no section) leaves the device CAs of the device's configuration (``[fleet]
-trust_anchors``) in force. The operator CA and the broker CA stay those of the configuration.
+trust_anchors``) in force. Version 2 may also carry ``"broker_ca"`` (same form): the CAs the
+agent accepts for the broker's TLS certificate at ``now`` (``broker_cas``; the agent writes them
+to a file its MQTT client loads at its next connect); without it ``[broker] ca`` stays in force.
+A version 2 bundle has at least one of the two sections. The operator CA stays that of the
+configuration.
 
 **Chain format**: ``{"v": 1, "links": [{"bundle": COSE_Sign1, "authz": Authorization}, ...]}``,
 oldest first, consecutive seqs. Links a device holds already are skipped; a refused link refuses
@@ -161,8 +165,9 @@ class ServiceKey:
 
 @dataclass(frozen=True)
 class DeviceCA:
-    """One device CA a bundle accepts (members' and renewed certificates chain to it), until
-    ``until`` (None: no end; the CA the service issues from)."""
+    """One CA certificate a bundle accepts, until ``until`` (None: no end): a device CA
+    (members' and renewed certificates chain to it; without an end, the CA the service issues
+    from) or a broker CA (the MQTT TLS server certificate chains to it)."""
 
     cert: bytes = field(repr=False)
     until: int | None = None
@@ -206,8 +211,10 @@ class TrustBundle:
 
     seq: int
     service: tuple[ServiceKey, ...]
-    # None: a version 1 bundle, the device CAs of the device's configuration stay in force
+    # None: the device CAs of the device's configuration stay in force (always in version 1)
     device_ca: tuple[DeviceCA, ...] | None = None
+    # None: the broker CA of the device's configuration stays in force (always in version 1)
+    broker_ca: tuple[DeviceCA, ...] | None = None
 
     def __post_init__(self) -> None:
         if type(self.seq) is not int or not 0 <= self.seq <= az.MAX_TIME:
@@ -218,14 +225,15 @@ class TrustBundle:
             raise _malformed("service: a key is listed twice")
         if sum(k.until is None for k in self.service) != 1:
             raise _malformed("service: exactly one key has no end (the one the service signs with)")
-        cas = self.device_ca
-        if cas is not None:
+        for section, cas in (("device_ca", self.device_ca), ("broker_ca", self.broker_ca)):
+            if cas is None:
+                continue
             if type(cas) is not tuple or not 1 <= len(cas) <= MAX_DEVICE_CAS:
-                raise _malformed(f"device_ca: 1..{MAX_DEVICE_CAS} certificates")
+                raise _malformed(f"{section}: 1..{MAX_DEVICE_CAS} certificates")
             if len({c.cert for c in cas}) != len(cas):
-                raise _malformed("device_ca: a certificate is listed twice")
+                raise _malformed(f"{section}: a certificate is listed twice")
             if sum(c.until is None for c in cas) != 1:
-                raise _malformed("device_ca: exactly one CA has no end (the one the service uses)")
+                raise _malformed(f"{section}: exactly one CA has no end (the current one)")
 
     @classmethod
     def initial(cls, key: ec.EllipticCurvePublicKey) -> TrustBundle:
@@ -263,14 +271,23 @@ class TrustBundle:
         ``ends``: a path to it fails after that time)."""
         return {c.cert: c.until for c in self.device_ca or () if c.until is not None}
 
+    def broker_cas(self, now: int) -> tuple[x509.Certificate, ...] | None:
+        """The broker CAs accepted at ``now`` (the MQTT TLS server's issuers); None: the bundle
+        leaves the configuration's (``[broker] ca``)."""
+        if self.broker_ca is None:
+            return None
+        return tuple(c.certificate for c in self.broker_ca if c.accepted_at(now))
+
     def to_obj(self) -> dict[str, object]:
+        v2 = self.device_ca is not None or self.broker_ca is not None
         obj: dict[str, object] = {
-            "v": VERSION if self.device_ca is None else VERSION_DEVICE_CA,
+            "v": VERSION_DEVICE_CA if v2 else VERSION,
             "seq": self.seq,
             "service": [{"key": k.key, "until": k.until} for k in self.service],
         }
-        if self.device_ca is not None:
-            obj["device_ca"] = [{"cert": c.cert, "until": c.until} for c in self.device_ca]
+        for section, cas in (("device_ca", self.device_ca), ("broker_ca", self.broker_ca)):
+            if cas is not None:
+                obj[section] = [{"cert": c.cert, "until": c.until} for c in cas]
         return obj
 
     def encode(self) -> bytes:
@@ -284,13 +301,16 @@ class TrustBundle:
                 codec.decode(data, MAX_BUNDLE, "trust bundle"),
                 "trust bundle",
                 {"v", "seq", "service"},
-                {"device_ca"},
+                {"device_ca", "broker_ca"},
             )
             version = obj["v"]
             if type(version) is not int or version not in (VERSION, VERSION_DEVICE_CA):
                 raise _malformed(f"trust bundle version {version!r} (this agent reads 1 and 2)")
-            if ("device_ca" in obj) != (version == VERSION_DEVICE_CA):
-                raise _malformed("a version 2 trust bundle, and only it, has a device_ca section")
+            sections = "device_ca" in obj or "broker_ca" in obj
+            if sections != (version == VERSION_DEVICE_CA):
+                raise _malformed(
+                    "a version 2 trust bundle, and only it, has a device_ca or broker_ca section"
+                )
             seq = codec.as_uint(obj["seq"], "trust bundle.seq", az.MAX_TIME)
             entries = codec.as_list(
                 obj["service"],
@@ -306,21 +326,22 @@ class TrustBundle:
                     until = codec.as_uint(until, f"trust bundle.service[{i}].until", az.MAX_TIME)
                 der = codec.as_bytes(entry["key"], f"trust bundle.service[{i}].key", 1, MAX_KEY_DER)
                 keys.append(ServiceKey(der, until))
-            cas = None if version == VERSION else _decode_cas(obj["device_ca"])
+            cas = None if "device_ca" not in obj else _decode_cas(obj["device_ca"], "device_ca")
+            brokers = None if "broker_ca" not in obj else _decode_cas(obj["broker_ca"], "broker_ca")
         except ProtocolError as exc:
             if exc.check == "trust.malformed":
                 raise
             raise _malformed(exc.reason) from None
-        bundle = cls(seq, tuple(keys), cas)
+        bundle = cls(seq, tuple(keys), cas, brokers)
         if bundle.encode() != data:
             raise _malformed("the trust bundle is not in its canonical encoding")
         return bundle
 
 
-def _decode_cas(value: object) -> tuple[DeviceCA, ...]:
+def _decode_cas(value: object, section: str) -> tuple[DeviceCA, ...]:
     entries = codec.as_list(
         value,
-        "trust bundle.device_ca",
+        f"trust bundle.{section}",
         MAX_DEVICE_CAS,
         lambda v, w: codec.as_map(v, w, {"cert", "until"}),
         min_len=1,
@@ -329,8 +350,8 @@ def _decode_cas(value: object) -> tuple[DeviceCA, ...]:
     for i, entry in enumerate(entries):
         until = entry["until"]
         if until is not None:
-            until = codec.as_uint(until, f"trust bundle.device_ca[{i}].until", az.MAX_TIME)
-        der = codec.as_bytes(entry["cert"], f"trust bundle.device_ca[{i}].cert", 1, MAX_CA_DER)
+            until = codec.as_uint(until, f"trust bundle.{section}[{i}].until", az.MAX_TIME)
+        der = codec.as_bytes(entry["cert"], f"trust bundle.{section}[{i}].cert", 1, MAX_CA_DER)
         cas.append(DeviceCA(der, until))
     return tuple(cas)
 

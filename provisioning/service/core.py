@@ -112,6 +112,7 @@ class DeliveryService:
         release_key: ec.EllipticCurvePrivateKey | None = None,
         load_key: trustroll.KeyLoader | None = None,
         trust_origin: ec.EllipticCurvePublicKey | None = None,
+        broker_ca: Sequence[x509.Certificate] = (),
         reserved_keys: Sequence[tuple[str, ec.EllipticCurvePublicKey]] = (),
     ) -> None:
         reserved = [*reserved_keys]
@@ -145,6 +146,7 @@ class DeliveryService:
             load_key=load_key,
             reserved_keys=tuple(reserved),
             device_ca_origin=device_ca,
+            broker_ca_origin=tuple(broker_ca),
         )
 
     @property
@@ -228,6 +230,13 @@ class DeliveryService:
         return settings.device_ca, (
             settings.device_ca.certificate,
         ) if accepted is None else accepted
+
+    def broker_cas(self, now: int) -> tuple[x509.Certificate, ...]:
+        """The broker CAs a device enrolled now gets: the current trust bundle's accepted at
+        ``now``, or ([broker] ca) those of the configuration."""
+        bundle = self._env.read(lambda s: trustroll.held(self._env, s))
+        accepted = bundle.broker_cas(now)
+        return self._env.broker_ca_origin if accepted is None else accepted
 
     def trust_chain(self) -> list[Publish]:
         """The chain of trust bundles to publish retained, none before the first rollover. Not

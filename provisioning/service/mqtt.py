@@ -227,6 +227,7 @@ class ServiceRunner:
             release_key=release_key,
             load_key=_key_loader(config),
             reserved_keys=_tls_keys(config),
+            broker_ca=pki.certs_from_pem(config.broker.ca.read_bytes()),
         )
         # a rollover done while this instance was down: sign with the newest bundle's key
         self.service.sync_trust()
@@ -340,6 +341,7 @@ class ServiceRunner:
             EnrollmentSettings.from_service_config(self.config),
             session_factory(self._engine),
             issuer=self.service.device_issuer,  # after a device CA rollover: the new CA
+            broker_cas=self.service.broker_cas,  # after a broker CA rollover: the bundle's
         )
         self.http = start_enrollment_server(
             build_app(enrollment, clock=self._clock, on_refusal=self._count_http_refusal),

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol import authz, trust
 from agent.protocol.errors import KeyfleetError, ProtocolError
-from agent.protocol.wire.messages.operator import ROTATE_DEVICE_CA, Propose
+from agent.protocol.wire.messages.operator import ROTATE_BROKER_CA, ROTATE_DEVICE_CA, Propose
 from provisioning.db.runtime import TrustBundleRow
 from provisioning.pki import CertificateAuthority
 from provisioning.service.context import Call, Env
@@ -119,6 +119,8 @@ def public_key_of(der: bytes) -> ec.EllipticCurvePublicKey:
 def request_subject(cx: Call, session: Session, body: Propose, exp: int) -> tuple[bytes, str]:
     """The subject of a new ``trust.rotate`` request whose window closes at ``exp``, and what
     its row keeps (the bundle's bytes and the key reference, JSON)."""
+    if body.rotate == ROTATE_BROKER_CA:
+        return _broker_ca_subject(cx, session, body, exp)
     assert body.cert is not None and body.key_ref is not None and body.overlap is not None
     if body.rotate == ROTATE_DEVICE_CA:
         return _device_ca_subject(cx, session, body, exp)
@@ -134,6 +136,7 @@ def request_subject(cx: Call, session: Session, body: Propose, exp: int) -> tupl
         current.seq + 1,
         (trust.ServiceKey(current.current.key, exp + body.overlap), trust.ServiceKey(new_der)),
         current.device_ca,
+        current.broker_ca,
     )
     data = bundle.encode()
     kept = json.dumps({"bundle": data.hex(), "key_ref": body.key_ref})
@@ -185,9 +188,37 @@ def _device_ca_subject(cx: Call, session: Session, body: Propose, exp: int) -> t
         current.seq + 1,
         current.service,
         (trust.DeviceCA(old.cert, until), trust.DeviceCA(new.cert)),
+        current.broker_ca,
     )
     data = bundle.encode()
     kept = json.dumps({"bundle": data.hex(), "key_ref": body.key_ref})
+    return trust.subject(data), kept
+
+
+def _broker_ca_subject(cx: Call, session: Session, body: Propose, exp: int) -> tuple[bytes, str]:
+    """The next bundle with the new broker CA current and the current one(s) accepted until the
+    window's end plus the overlap (the time to move the broker to a certificate of the new CA).
+    No key: the broker CA's key stays with the broker's PKI."""
+    assert body.cert is not None and body.overlap is not None
+    try:
+        new = trust.DeviceCA(body.cert)
+    except ProtocolError as exc:
+        raise ProtocolError(KEY, exc.reason) from None
+    current = held(cx.env, session)
+    if current.broker_ca is not None:
+        olds = [c for c in current.broker_ca if c.until is None]
+    else:
+        olds = [trust.DeviceCA(c.public_bytes(Encoding.DER)) for c in cx.env.broker_ca_origin]
+    if not olds:
+        raise ProtocolError(KEY, "this service instance does not know the broker CA devices hold")
+    if any(c.cert == new.cert for c in (*olds, *(current.broker_ca or ()))):
+        raise ProtocolError(KEY, f"the new CA is a broker CA of trust bundle {current.seq} already")
+    cas = (*(trust.DeviceCA(c.cert, exp + body.overlap) for c in olds), new)
+    if len(cas) > trust.MAX_DEVICE_CAS:
+        raise ProtocolError(KEY, f"more than {trust.MAX_DEVICE_CAS} broker CAs")
+    bundle = trust.TrustBundle(current.seq + 1, current.service, current.device_ca, cas)
+    data = bundle.encode()
+    kept = json.dumps({"bundle": data.hex(), "key_ref": ""})
     return trust.subject(data), kept
 
 
@@ -221,9 +252,13 @@ def execute(
         raise ProtocolError(
             "trust.seq", f"trust bundle {bundle.seq} no longer follows bundle {current.seq}"
         )
-    key = _load(cx.env, ref)
-    if trust.key_der(key.public_key()) != _rolled_key(cx.env, current, bundle):
-        raise ProtocolError(KEY, "the key reference no longer names the approved key")
+    broker_only = bundle.current == current.current and current_ca(cx.env, bundle) == current_ca(
+        cx.env, current
+    )
+    if not broker_only:
+        key = _load(cx.env, ref)
+        if trust.key_der(key.public_key()) != _rolled_key(cx.env, current, bundle):
+            raise ProtocolError(KEY, "the key reference no longer names the approved key")
     if trust.key_der(cx.env.key.public_key()) != current.current.key:
         raise ProtocolError(
             "trust.signer", "this instance does not sign with the held bundle's current key"
@@ -231,9 +266,12 @@ def execute(
     link = trust.TrustLink(trust.sign_link(bundle, cx.env.key), authorization)
     trust.check_link(current, link, check)  # what every device will check
     trustchain.add(session, bundle.seq, link.bundle, authorization, ref, now=now)
-    what = (
-        "signs with its new key" if bundle.current != current.current else "uses its new device CA"
-    )
+    if bundle.current != current.current:
+        what = "signs with its new key"
+    elif broker_only:
+        what = "hands devices the new broker CA"
+    else:
+        what = "uses its new device CA"
     return [
         Log(logging.INFO, "trust bundle %d: the service %s", (bundle.seq, what)),
         TrustRolled(),

@@ -233,3 +233,29 @@ def test_the_verifier_ends_an_anchor_at_its_until() -> None:
     with pytest.raises(ProtocolError) as err:
         verifier.verify(member, UNTIL + 1)  # remembered, and still refused
     assert err.value.check == "cred.chain"
+
+
+def test_a_broker_ca_section_round_trips_and_the_device_accepts_both_until_the_end() -> None:
+    service = FakeService()
+    device = service.core("dev-a", membership=membership())
+    assert device.trust.broker_cas(T0) is None  # bundle 0: [broker] ca
+    old_broker = create_ca("broker CA 1", now=VALID_FROM, valid_for=VALID_FOR)
+    new_broker = create_ca("broker CA 2", now=VALID_FROM, valid_for=VALID_FOR)
+    bundle = trust.TrustBundle(
+        1,
+        device.trust.service,
+        None,
+        (trust.DeviceCA(_der(old_broker), UNTIL), trust.DeviceCA(_der(new_broker))),
+    )
+    assert bundle.to_obj()["v"] == 2 and "device_ca" not in bundle.to_obj()
+    assert trust.TrustBundle.decode(bundle.encode()) == bundle
+    link = trust.TrustLink(trust.sign_link(bundle, service.key), rotate_authz(bundle.encode()))
+    out = device.handle(trust.TrustChain((link,)).encode(), TRUST_TOPIC, T0)
+    assert out.refused is None and device.trust == bundle
+    assert device.trust.broker_cas(UNTIL) == (old_broker.certificate, new_broker.certificate)
+    assert device.trust.broker_cas(UNTIL + 1) == (new_broker.certificate,)
+    # the device CA stays the configured one
+    assert _chain_check(device, _devid("dev-b", device_ca()), T0) is None
+    with pytest.raises(ProtocolError) as err:
+        trust.TrustBundle(1, device.trust.service, None, (trust.DeviceCA(_der(new_broker), 5),))
+    assert err.value.check == "trust.malformed"

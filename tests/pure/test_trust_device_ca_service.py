@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.protocol import authz, trust
 from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import TRUST_TOPIC
-from agent.protocol.wire.messages.operator import ROTATE_DEVICE_CA, Propose
+from agent.protocol.wire.messages.operator import ROTATE_BROKER_CA, ROTATE_DEVICE_CA, Propose
 from agent.protocol.wire.messages.result import OperatorResult, RequestsResult, RequestState
 from provisioning import pki, revocation
 from provisioning.registry import Registry
@@ -252,3 +252,46 @@ def test_the_proposers_tool_signs_only_a_bundle_that_makes_its_ca_current(
         with pytest.raises(ProtocolError) as err:
             check_proposed(forged, body, "op-admin", made.now)
         assert err.value.check == "quorum.mismatch"
+
+
+def test_two_admins_roll_the_broker_ca_over_without_any_key(fleet: tuple[Fleet, Keys]) -> None:
+    """The broker CA: no key on the service host (the broker's PKI keeps it); the bundle keeps
+    the service keys and the device CA section and lists the configured broker CA until the
+    window's end plus the overlap; devices take it; a later device CA rollover keeps it."""
+    made, keys = fleet
+    _setup(made)
+    key = made.service.signing_key
+    configured = pki.create_ca("lab TLS CA", now=utc(T0), valid_for=timedelta(days=30))
+    made.service._env.broker_ca_origin = (configured.certificate,)
+    new_broker = pki.create_ca("lab TLS CA 2", now=utc(T0), valid_for=timedelta(days=30))
+    body = Propose(
+        command_id(), authz.OP_TRUST_ROTATE, (), cert=_der(new_broker), overlap=OVERLAP,
+        rotate=ROTATE_BROKER_CA,
+    )  # fmt: skip
+    request = _request(made, _send(made, "op-admin", body), key)
+    decoded = authz.Request.decode(request)
+    check_proposed(decoded, body, "op-admin", made.now)
+    bundle = trust.read_subject(decoded.subject or b"")
+    assert bundle.device_ca is None and bundle.service == trust.TrustBundle.initial(key).service
+    assert bundle.broker_ca == (
+        trust.DeviceCA(_der(configured), decoded.exp + OVERLAP),
+        trust.DeviceCA(_der(new_broker)),
+    )
+    assert made.service.broker_cas(made.now) == (configured.certificate,)
+    _approve(made, "op-admin", request)
+    publishes = _approve(made, "op-bob", request)
+    (chain,) = [p.payload for p in publishes if p.topic == TRUST_TOPIC]
+    taken = trust.advance(
+        trust.TrustBundle.initial(key),
+        trust.TrustChain.decode(chain),
+        _device_view(made).check_trust_approval,
+    )
+    assert taken == bundle
+    # new devices get both broker CAs; the service key and the device CA did not change
+    assert made.service.broker_cas(made.now) == (configured.certificate, new_broker.certificate)
+    assert made.service.signing_key == key
+    # the next device CA rollover carries the broker CA section on
+    new_ca = _new_ca(keys)
+    request = _request(made, _propose_ca(made, _der(new_ca), REF), key)
+    following = trust.read_subject(authz.Request.decode(request).subject or b"")
+    assert following.seq == 2 and following.broker_ca == bundle.broker_ca
