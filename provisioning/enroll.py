@@ -878,11 +878,13 @@ class Enrollment:
         """The identity a finished session issued, from its row (what a retried finish gets)."""
         if row.devid_cert_pem is None or row.tls_cert_pem is None:
             raise InternalError(f"enrollment session of {row.device_id} finished without certs")
+        assert row.finished_at is not None  # the caller's check
         return self._identity(
             row.device_id,
             cert_from_pem(row.devid_cert_pem.encode()),
             cert_from_pem(row.tls_cert_pem.encode()),
             _groups_of(row),
+            row.finished_at,
         )
 
     def _device_ca(self, now: int) -> tuple[CertificateAuthority, tuple[x509.Certificate, ...]]:
@@ -896,9 +898,10 @@ class Enrollment:
         devid_cert: x509.Certificate,
         tls_cert: x509.Certificate,
         groups: tuple[str, ...],
+        now: int,
     ) -> DeviceIdentity:
+        """What the device gets; its trust anchors and broker CAs as of ``now`` (the finish)."""
         settings = self.settings
-        now = int(max(devid_cert.not_valid_before_utc, tls_cert.not_valid_before_utc).timestamp())
         return DeviceIdentity(
             device_id=device_id,
             devid_cert=devid_cert,
@@ -1023,7 +1026,7 @@ class Enrollment:
                     "groups": list(pending.groups),
                 },
             )
-            return self._identity(pending.device_id, devid_cert, tls_cert, pending.groups)
+            return self._identity(pending.device_id, devid_cert, tls_cert, pending.groups, now)
 
         return run_in_transaction(self._db, work)
 
