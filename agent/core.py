@@ -1643,6 +1643,11 @@ class AgentCore:
                     {"sha256": c.fingerprint.hex()[:16], "until": c.until}
                     for c in self.trust.device_ca or ()
                 ],
+                # empty: the broker CA of the configuration ([broker] ca)
+                "broker_cas": [
+                    {"sha256": c.fingerprint.hex()[:16], "until": c.until}
+                    for c in self.trust.broker_ca or ()
+                ],
             },
             "revocation_feed": {
                 "seq": self.membership.revocations.seq,

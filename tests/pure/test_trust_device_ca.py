@@ -254,6 +254,7 @@ def test_a_broker_ca_section_round_trips_and_the_device_accepts_both_until_the_e
     assert out.refused is None and device.trust == bundle
     assert device.trust.broker_cas(UNTIL) == (old_broker.certificate, new_broker.certificate)
     assert device.trust.broker_cas(UNTIL + 1) == (new_broker.certificate,)
+    assert [c["until"] for c in device.status()["trust"]["broker_cas"]] == [UNTIL, None]
     # the device CA stays the configured one
     assert _chain_check(device, _devid("dev-b", device_ca()), T0) is None
     with pytest.raises(ProtocolError) as err:
