@@ -91,7 +91,11 @@ def _load(env: Env, ref: str) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key.curve, ec.SECP256R1):
         raise ProtocolError(KEY, "a service signing key is ECC P-256")
     mine = trust.key_der(key.public_key())
-    for name, public in env.reserved_keys:
+    # the device CAs the bundle lists now too (after a device CA rollover, the new one's key)
+    cas = [("a device CA's key", c.public_key()) for c in env.devices.cas]
+    for name, public in (*env.reserved_keys, *cas):
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            continue
         if trust.key_der(public) == mine:
             raise ProtocolError(
                 KEY, f"the new key is {name}: the service signing key must be a key of its own"

@@ -162,6 +162,20 @@ def test_two_admins_roll_the_device_ca_over_and_the_service_issues_from_the_new_
     assert err.value.check == "cred.stored"
     devices.check(new_record, T0 + 3600)
 
+    # the new CA's key never becomes the service signing key
+    publishes = _send(
+        made,
+        "op-admin",
+        Propose(
+            command_id(), authz.OP_TRUST_ROTATE, (), cert=_der(new_ca), key_ref=REF,
+            overlap=OVERLAP,
+        ),
+    )  # fmt: skip
+    (result,) = [
+        b for b in Operators(key).read(publishes, made.now) if isinstance(b, OperatorResult)
+    ]
+    assert "trust.key" in result.detail and "a device CA's key" in result.detail
+
     # a device enrolled with the service key takes the chain
     taken = trust.advance(
         trust.TrustBundle.initial(key),
