@@ -16,6 +16,7 @@ from agent.core import AgentCore
 from agent.protocol import trust
 from agent.protocol.credentials import CredentialVerifier
 from agent.protocol.errors import ProtocolError
+from agent.protocol.mls.messages import KeyPackage
 from agent.protocol.topics import TRUST_TOPIC
 from provisioning.pki import CertificateAuthority, create_ca
 from tests.device_certs import VALID_FOR, VALID_FROM, device_ca, devid_cert_der
@@ -260,3 +261,34 @@ def test_a_broker_ca_section_round_trips_and_the_device_accepts_both_until_the_e
     with pytest.raises(ProtocolError) as err:
         trust.TrustBundle(1, device.trust.service, None, (trust.DeviceCA(_der(new_broker), 5),))
     assert err.value.check == "trust.malformed"
+
+
+def _key_package(name: str, ca: CertificateAuthority) -> KeyPackage:
+    devid, leaf, init = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    credential = devid_cert_der(name, devid, ca=ca)
+    return KeyPackage.create(
+        name.encode(), devid, leaf.public_key(), credential, init_key=init.public_key()
+    )
+
+
+def test_a_member_of_a_ca_past_its_end_is_not_added_and_one_of_the_new_ca_is() -> None:
+    """What a device checks before a leaf enters its group (``Membership.check_key_package``,
+    ``check_leaf``): under the held bundle, a KeyPackage of the new CA passes; one of the old CA
+    passes during the overlap and is refused with ``cred.chain`` after the old CA's end."""
+    service = FakeService()
+    device = service.core("dev-a", membership=membership())
+    old_member, new_member = _key_package("dev-b", device_ca()), _key_package("dev-c", NEW_CA)
+    with pytest.raises(ProtocolError) as err:
+        device.membership.check_key_package(new_member, T0)  # bundle 0: the configured CA only
+    assert err.value.check == "cred.chain"
+    _, link = ca_rollover(device.trust, service.key)
+    device.handle(trust.TrustChain((link,)).encode(), TRUST_TOPIC, T0)
+    device.membership.check_key_package(new_member, T0)
+    device.membership.check_key_package(old_member, UNTIL)
+    device.membership.check_leaf(old_member.leaf, UNTIL)
+    with pytest.raises(ProtocolError) as err:
+        device.membership.check_key_package(old_member, UNTIL + 1)
+    assert err.value.check == "cred.chain"
+    with pytest.raises(ProtocolError) as err:
+        device.membership.check_leaf(old_member.leaf, UNTIL + 1)
+    assert err.value.check == "cred.chain"
