@@ -755,9 +755,24 @@ class AgentCore:
         if taken is None:
             return Outcome(handled="trust.chain")  # nothing newer than what we hold
         log.info("trust bundle %d taken (was %d)", taken.seq, self.trust.seq)
-        self.trust = taken
+        self._take_trust(taken)
         self._report_soon()  # the service learns we follow the new key
         return Outcome(changed=True, handled="trust.chain")
+
+    def _take_trust(self, bundle: trust.TrustBundle) -> None:
+        """Hold ``bundle``: its service keys sign what we accept, and members' credentials
+        chain to its device CAs (a version 1 bundle: those of our configuration)."""
+        self.trust = bundle
+        cas = None if bundle.device_ca is None else tuple(c.certificate for c in bundle.device_ca)
+        self.membership.use_device_cas(cas, bundle.device_ca_ends())
+
+    def _device_anchors(
+        self, configured: tuple[x509.Certificate, ...]
+    ) -> tuple[x509.Certificate, ...]:
+        """The device CAs renewed certificates must chain to: those the held bundle accepts
+        now, or ``configured`` (bundle 0, or a version 1 bundle)."""
+        accepted = self.trust.device_cas(self._now)
+        return configured if accepted is None else accepted
 
     def _on_feed(self, body: RevocationFeed) -> Outcome:
         if not self.membership.follow_feed(body):
@@ -1192,7 +1207,7 @@ class AgentCore:
             tls_der=body.tls_cert,
             current_devid=devid,
             current_tls=tls,
-            anchors=setup.anchors,
+            anchors=self._device_anchors(setup.anchors),
             now=self._now,
         )
         self._credential = body.devid_cert
@@ -1618,7 +1633,7 @@ class AgentCore:
         self.last_acks = restored.last_acks
         self.membership.restore(restored.membership)
         if restored.trust is not None:
-            self.trust = restored.trust
+            self._take_trust(restored.trust)
 
     # -- status (no secrets) ------------------------------------------------------------------
 
@@ -1656,6 +1671,16 @@ class AgentCore:
                 "seq": self.trust.seq,
                 "service_keys": [
                     {"kid": k.kid.hex()[:16], "until": k.until} for k in self.trust.service
+                ],
+                # empty: the device CA of the configuration ([fleet] trust_anchors)
+                "device_cas": [
+                    {"sha256": c.fingerprint.hex()[:16], "until": c.until}
+                    for c in self.trust.device_ca or ()
+                ],
+                # empty: the broker CA of the configuration ([broker] ca)
+                "broker_cas": [
+                    {"sha256": c.fingerprint.hex()[:16], "until": c.until}
+                    for c in self.trust.broker_ca or ()
                 ],
             },
             "revocation_feed": {

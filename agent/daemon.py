@@ -103,6 +103,8 @@ from agent.tpm.templates import KeyKind as TpmKeyKind
 log = logging.getLogger("keyagent.daemon")
 
 STATUS_FILE: Final = "status.json"
+BROKER_CA_FILE: Final = "broker-cas.pem"
+"""After a broker CA rollover: the broker CAs the held trust bundle accepts (docs/trust.md)."""
 LEAF_DIR: Final = "leaves"
 APP_SEAL_DIR: Final = "app-seal"
 TICK_SECONDS: Final = 1.0
@@ -440,6 +442,7 @@ class Daemon:
         self._mqtt_replaced = False  # a renewal replaced the MQTT client (run loop resubscribes)
         # [renewal] url: renewal over HTTPS once the certificates expired (_renew_expired)
         self._renewal_client: RenewalClient | None = None
+        self._mqtt_cas: bytes | None = None  # the broker CAs (PEM) the client was made with
         # After a failed state write (disk full): outcomes handled in memory but not saved, so
         # not published, and a message whose handling could not store a key; see _resume.
         self._held: list[tuple[Outcome, ReceivedMessage | None]] = []
@@ -549,14 +552,52 @@ class Daemon:
             ca = config.renewal.ca if config.renewal.ca is not None else config.broker.ca
             self._renewal_client = RenewalClient(config.renewal.url, ca=ca.path)
 
+    def _broker_cas(self) -> bytes | None:
+        """The broker CAs (PEM) the held trust bundle accepts now; None: ``[broker] ca``."""
+        assert self.core is not None
+        cas = self.core.trust.broker_cas(self.now())
+        return None if cas is None else b"".join(c.public_bytes(Encoding.PEM) for c in cas)
+
+    def _broker_ca_file(self) -> Path:
+        """The CA file the MQTT client checks the broker's certificate with: ``[broker] ca``,
+        or after a broker CA rollover the bundle's broker CAs, written atomically to the state
+        directory. If that file cannot be written the configured one is used (and logged)."""
+        config = self.config
+        assert config.broker is not None
+        cas = self._broker_cas()
+        self._mqtt_cas = cas
+        if cas is None:
+            return config.broker.ca.path
+        path = self.state_dir / BROKER_CA_FILE
+        try:
+            if not path.exists() or path.read_bytes() != cas:
+                atomic_write(path, cas, mode=0o644)
+        except (OSError, StateError) as exc:
+            log.error("broker CAs of the trust bundle not written to %s: %s", path, exc)
+            self._mqtt_cas = None
+            return config.broker.ca.path
+        return path
+
+    def _follow_broker_cas(self) -> None:
+        """A trust bundle changed the broker CAs: reconnect with a client that checks the
+        broker with them (the TLS context is made once per client)."""
+        if self._mqtt is None or self._broker_cas() == self._mqtt_cas:
+            return
+        log.info("the trust bundle changed the broker CAs: reconnecting with them")
+        self._mqtt.close()
+        self._mqtt = self._new_mqtt()
+        self._mqtt.start()
+        self._mqtt_replaced = True
+
     def _new_mqtt(self) -> MqttClient:
-        """The MQTT client, with the TLS certificate file as it is now (renewal rewrites it)."""
+        """The MQTT client, with the TLS certificate file as it is now (renewal rewrites it)
+        and the broker CAs as the held trust bundle accepts them now."""
         config = self.config
         assert config.identity is not None and config.broker is not None
         return MqttClient(
             host=config.broker.host,
             port=config.broker.port,
-            ca_file=config.broker.ca.path,
+            ca_file=self._broker_ca_file(),
             cert_file=config.identity.tls_cert.path,
             key_file=config.identity.tls_key,
             client_id=config.identity.device_id,
@@ -836,6 +877,8 @@ class Daemon:
             self._start_install(outcome.install)
         if outcome.renewed is not None and not self._blocked:
             self._take_renewed(*outcome.renewed)
+        if outcome.handled == "trust.chain" and outcome.changed and not self._blocked:
+            self._follow_broker_cas()
 
     def _start_install(self, install: ReleaseInstall) -> None:
         """Run the update hook in a thread (an updater may take minutes); the worker loop

@@ -586,6 +586,10 @@ def _unknown_session() -> ProtocolError:
 # ---- the service object ---------------------------------------------------------------------
 
 
+DeviceIssuer = Callable[[int], tuple[CertificateAuthority, tuple[x509.Certificate, ...]]]
+"""``issuer(now)``: the device CA to issue from and the device CAs a new device trusts."""
+
+
 class Enrollment:
     """The enrollment logic over a registry database. Thread-safe (the HTTP layer calls it from
     a thread pool) and stateless: sessions are rows, so several objects over one database (one
@@ -597,10 +601,16 @@ class Enrollment:
         sessions: sessionmaker[Session],
         *,
         rng: Rng = os.urandom,
+        issuer: DeviceIssuer | None = None,
+        broker_cas: Callable[[int], tuple[x509.Certificate, ...]] | None = None,
     ) -> None:
         self.settings = settings
         self._db = sessions
         self._rng = rng
+        # the service's current device CA and the CAs a new device trusts (after a device CA
+        # rollover: the trust bundle's); None: the configured ones
+        self._issuer = issuer
+        self._broker_cas = broker_cas  # the CAs of the broker's certificate a new device trusts
         self._manufacturers = ManufacturerTrustFile(
             settings.manufacturer_cas, settings.manufacturer_crls
         )
@@ -884,12 +894,19 @@ class Enrollment:
         """The identity a finished session issued, from its row (what a retried finish gets)."""
         if row.devid_cert_pem is None or row.tls_cert_pem is None:
             raise InternalError(f"enrollment session of {row.device_id} finished without certs")
+        assert row.finished_at is not None  # the caller's check
         return self._identity(
             row.device_id,
             cert_from_pem(row.devid_cert_pem.encode()),
             cert_from_pem(row.tls_cert_pem.encode()),
             _groups_of(row),
+            row.finished_at,
         )
+
+    def _device_ca(self, now: int) -> tuple[CertificateAuthority, tuple[x509.Certificate, ...]]:
+        if self._issuer is None:
+            return self.settings.device_ca, self.settings.anchors()
+        return self._issuer(now)
 
     def _identity(
         self,
@@ -897,18 +914,20 @@ class Enrollment:
         devid_cert: x509.Certificate,
         tls_cert: x509.Certificate,
         groups: tuple[str, ...],
+        now: int,
     ) -> DeviceIdentity:
+        """What the device gets; its trust anchors and broker CAs as of ``now`` (the finish)."""
         settings = self.settings
         return DeviceIdentity(
             device_id=device_id,
             devid_cert=devid_cert,
             tls_cert=tls_cert,
-            trust_anchors=settings.anchors(),
+            trust_anchors=self._device_ca(now)[1],
             operator_anchors=settings.operator_anchors,
             min_approvals=settings.min_approvals,
             broker_host=settings.broker_host,
             broker_port=settings.broker_port,
-            broker_ca=settings.broker_ca,
+            broker_ca=settings.broker_ca if self._broker_cas is None else self._broker_cas(now),
             service_cert=settings.service_cert,
             groups=groups,
             release_key=settings.release_key,
@@ -919,8 +938,9 @@ class Enrollment:
         self, pending: _Pending, when: datetime
     ) -> tuple[x509.Certificate, x509.Certificate]:
         settings = self.settings
+        device_ca = self._device_ca(int(when.timestamp()))[0]
         devid_cert = issue_devid_cert(
-            settings.device_ca,
+            device_ca,
             public_key_from_area(pending.devid_public),
             device_id=pending.device_id,
             hardware_serial=pending.serial,
@@ -930,7 +950,7 @@ class Enrollment:
             rng=self._rng,
         )
         tls_cert = issue_client_cert(
-            settings.device_ca,
+            device_ca,
             serialization.load_der_public_key(pending.tls_public),
             identity=pending.device_id,
             role="device",
@@ -1023,7 +1043,7 @@ class Enrollment:
                     "groups": list(pending.groups),
                 },
             )
-            return self._identity(pending.device_id, devid_cert, tls_cert, pending.groups)
+            return self._identity(pending.device_id, devid_cert, tls_cert, pending.groups, now)
 
         return run_in_transaction(self._db, work)
 

@@ -364,6 +364,35 @@ def _issue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- keyfleet pki device-ca: the next device CA, for a rollover --------------------------------
+
+
+def _device_ca(args: argparse.Namespace) -> int:
+    """A new device CA for ``keyfleet keys rotate device-ca``: its certificate ``OUT.pem`` and,
+    unless ``--key`` names a key made in the token (``pki token-key``), its key ``OUT.key``."""
+    out = Path(args.out)
+    cert_path, key_path = out.with_name(out.name + ".pem"), out.with_name(out.name + ".key")
+    _refuse_existing([cert_path] if args.key else [cert_path, key_path])
+    key = None if args.key is None else custody.load_private_key(args.key, role="device CA")
+    now = datetime.now(UTC)
+    # a name of its own: the broker finds a certificate's CRL by its issuer's name
+    authority = pki.create_ca(
+        f"{args.org} {DEVICE_CA.title} {now:%Y-%m-%d}", now=now,
+        valid_for=timedelta(days=args.days), key=key,
+    )  # fmt: skip
+    written: list[Path] = []
+    with _all_or_nothing(written):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if key is None:
+            written.append(key_path)
+            pki.write_private_key(key_path, authority.private_key)
+            print(f"wrote {key_path} (private key, 0600)")
+        written.append(cert_path)
+        pki.write_certificate(cert_path, authority.certificate)
+        print(f"wrote {cert_path}")
+    return EXIT_OK
+
+
 # ---- keys: in a token, or encrypted -------------------------------------------------------------
 
 
@@ -576,6 +605,21 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="let the key out wrapped (never in the clear), for keyfleet backup create",
     )
     token_key.set_defaults(handler=_token_key)
+
+    device_ca = pki_commands.add_parser(
+        "device-ca",
+        help="create the next device CA, for keyfleet keys rotate device-ca",
+        description="Write OUT.pem, a new self-signed device CA certificate, and OUT.key, its "
+        "key (0600), or with --key use a key made in the token (keyfleet pki token-key). "
+        "Refuses to overwrite anything.",
+    )
+    device_ca.add_argument("out", metavar="OUT", help="path without suffix, e.g. pki/device-ca-2")
+    device_ca.add_argument("--org", default="keyfleet", help="prefix of the CA name (keyfleet)")
+    device_ca.add_argument("--days", type=_days, default=3650, help="validity (3650)")
+    device_ca.add_argument(
+        "--key", metavar="URI", help="the CA key in a token: pkcs11:token=T;object=L?pin-source=..."
+    )
+    device_ca.set_defaults(handler=_device_ca)
 
     encrypt = pki_commands.add_parser(
         "encrypt-key",

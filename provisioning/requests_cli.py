@@ -29,7 +29,13 @@ from typing import TextIO
 from agent.protocol import authz, trust
 from agent.protocol.errors import ConfigError, ProtocolError
 from agent.protocol.releaseproof import read_subject as release_subject
-from agent.protocol.wire.messages.operator import Approve, ListRequests, Propose
+from agent.protocol.wire.messages.operator import (
+    ROTATE_BROKER_CA,
+    ROTATE_DEVICE_CA,
+    Approve,
+    ListRequests,
+    Propose,
+)
 from agent.protocol.wire.messages.result import (
     OperatorResult,
     RequestInfo,
@@ -93,6 +99,18 @@ def describe_trust(subject: bytes) -> list[str]:
             stamp = datetime.fromtimestamp(key.until, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
             until = f"until {stamp}"
         lines.append(f"  service key: SHA-256 {key.kid.hex()}, {until}")
+    for what, cas, current in (
+        ("device CA", bundle.device_ca, "the service issues device certificates from it"),
+        ("broker CA", bundle.broker_ca, "the broker's certificate is to chain to it"),
+    ):
+        for ca in cas or ():
+            if ca.until is None:
+                until = f"no end ({current})"
+            else:
+                stamp = datetime.fromtimestamp(ca.until, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                until = f"until {stamp}"
+            name = ca.certificate.subject.rfc4514_string()
+            lines.append(f"  {what}: {name}, certificate SHA-256 {ca.fingerprint.hex()}, {until}")
     return lines
 
 
@@ -140,8 +158,7 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
     subject_asked = (
         asked.release is not None
         or asked.operator is not None
-        or asked.op == authz.OP_DEVICE_REPLACE
-        or asked.key_ref is not None
+        or asked.op in {authz.OP_DEVICE_REPLACE, authz.OP_TRUST_ROTATE}
     )
     if (
         request.op != asked.op
@@ -177,6 +194,8 @@ def trust_subject_matches(request: authz.Request, asked: Propose) -> bool:
     """A ``trust.rotate``'s bundle makes the certificate's key the one without an end and keeps
     every other key at least ``overlap`` seconds past the request's window."""
     assert request.subject is not None and asked.cert is not None and asked.overlap is not None
+    if asked.rotate in (ROTATE_DEVICE_CA, ROTATE_BROKER_CA):
+        return _ca_matches(request, asked)
     try:
         bundle = trust.read_subject(request.subject)
         spki = trust.key_der(trustroll.public_key_of(asked.cert))
@@ -184,6 +203,23 @@ def trust_subject_matches(request: authz.Request, asked: Propose) -> bool:
         return False
     ends = [k.until for k in bundle.service if k.until is not None]
     return bundle.current.key == spki and all(e >= request.exp + asked.overlap for e in ends)
+
+
+def _ca_matches(request: authz.Request, asked: Propose) -> bool:
+    """A device or broker CA rollover's bundle makes the asked CA the one of its section
+    without an end, and keeps every other CA of it at least ``overlap`` seconds past the
+    request's window (the service checks the rest)."""
+    assert request.subject is not None and asked.cert is not None and asked.overlap is not None
+    try:
+        bundle = trust.read_subject(request.subject)
+    except ProtocolError:
+        return False
+    cas = bundle.device_ca if asked.rotate == ROTATE_DEVICE_CA else bundle.broker_ca
+    current = [c for c in cas or () if c.until is None]
+    if [c.cert for c in current] != [asked.cert]:
+        return False
+    ends = [c.until for c in cas or () if c.until is not None]
+    return all(e >= request.exp + asked.overlap for e in ends)
 
 
 class RequestSession:

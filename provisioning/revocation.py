@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -75,6 +75,10 @@ class RevocationSettings:
     crl_file: Path | None = None
     broker_crls: tuple[Path, ...] = ()
     crl_validity: int = DEFAULT_CRL_VALIDITY
+    # After a device CA rollover (provisioning.service.trustroll): the older device CAs the
+    # trust bundle still accepts. Their devices reach the broker until they renew, so the
+    # broker's file carries a CRL of each too, signed with its key, listing the same serials.
+    previous: tuple[CertificateAuthority, ...] = field(default=(), repr=False)
 
 
 def serial_hex(cert: x509.Certificate) -> str:
@@ -233,11 +237,22 @@ def issue_crl(
     return crl
 
 
-def refresh_due(row: DeviceCrlRow | None, now: int) -> bool:
-    """No CRL yet, or the newest is past half its validity."""
+def refresh_due(
+    row: DeviceCrlRow | None, now: int, settings: RevocationSettings | None = None
+) -> bool:
+    """No CRL yet, the newest is past half its validity, or (``settings`` given) an older
+    device CA signed it: the device CA rolled over (``RevocationSettings.previous``)."""
     if row is None:
         return True
+    if settings is not None and settings.previous:
+        crl = x509.load_der_x509_crl(row.der)
+        if any(_signed_by(crl, ca) for ca in settings.previous):
+            return True
     return now >= row.this_update + (row.next_update - row.this_update) // 2
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: CertificateAuthority) -> bool:
+    return crl.is_signature_valid(ca.private_key.public_key())
 
 
 def crl_number(crl: x509.CertificateRevocationList) -> int:
@@ -265,18 +280,48 @@ def write_broker_crl(settings: RevocationSettings, crl: x509.CertificateRevocati
     present = file_crl_number(path)
     if present is not None and present > number:
         return False
-    parts = [crl.public_bytes(serialization.Encoding.PEM)]
+    head = crl.public_bytes(serialization.Encoding.PEM)
+    older = [c.public_bytes(serialization.Encoding.PEM) for c in previous_crls(settings, crl)]
     try:
-        for extra in settings.broker_crls:
-            parts.append(extra.read_bytes().rstrip(b"\n") + b"\n")
-        data = b"".join(parts)
-        if present == number and path.read_bytes() == data:
+        tail = b"".join(e.read_bytes().rstrip(b"\n") + b"\n" for e in settings.broker_crls)
+        # the older CAs' CRLs are signed anew each time (ECDSA): same number, same entries
+        if present == number and _unchanged(path.read_bytes(), head, len(older), tail):
             return False
-        atomic_write(path, data, mode=0o644)
+        atomic_write(path, head + b"".join(older) + tail, mode=0o644)
     except (OSError, StateError) as exc:
         raise StateError(f"[revocation.crl.file] cannot write the CRL to {path}: {exc}") from None
     log.info("device CA CRL %d written to %s", number, path)
     return True
+
+
+def previous_crls(
+    settings: RevocationSettings, crl: x509.CertificateRevocationList
+) -> list[x509.CertificateRevocationList]:
+    """``crl`` (the current device CA's) again from each older device CA the service still
+    accepts (``settings.previous``): the same number, times and revoked serials."""
+    entries = [(r.serial_number, int(r.revocation_date_utc.timestamp())) for r in crl]
+    signers = [c for c in settings.previous if not _signed_by(crl, c)]
+    this_update = int(crl.last_update_utc.timestamp())
+    next_update = crl.next_update_utc
+    assert next_update is not None  # every CRL the service issues has one
+    return [
+        build_crl(
+            ca,
+            entries,
+            number=crl_number(crl),
+            this_update=this_update,
+            next_update=int(next_update.timestamp()),
+        )
+        for ca in signers  # not the one that signed ``crl`` (before the switch's new CRL)
+    ]
+
+
+def _unchanged(data: bytes, head: bytes, older: int, tail: bytes) -> bool:
+    """``data`` is ``head``, then ``older`` CRLs, then ``tail``."""
+    if not (data.startswith(head) and data.endswith(tail)):
+        return False
+    middle = data[len(head) : len(data) - len(tail)]
+    return middle.count(b"-----BEGIN X509 CRL-----") == older
 
 
 # -- re-enrollment ------------------------------------------------------------------------------

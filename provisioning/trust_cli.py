@@ -1,5 +1,6 @@
-"""``keyfleet keys rotate service-signing``: the service signing key's rollover under the quorum
-(docs/operations.md, "Rolling over the service signing key"; docs/trust.md).
+"""``keyfleet keys rotate service-signing`` and ``device-ca``: the service signing key's and the
+device CA's rollover under the quorum (docs/operations.md, "Rolling over the service signing
+key", "Rolling over the device CA"; docs/trust.md).
 
 ``--new-cert FILE`` is the new key's certificate, ``--new-key REF`` where the service finds the
 key (a ``pkcs11:`` URI with a PIN source, or a file on the service host: the custodian created
@@ -8,6 +9,11 @@ window the old key stays accepted. The service answers with a ``trust.rotate`` r
 subject is the next trust bundle itself; this tool shows it, checks that its new key is the
 certificate's, approves it as the proposer and follows it; further admins approve it with
 ``keyfleet approve ID``, whose listing shows the same bundle.
+
+``device-ca --new-ca FILE --new-key REF`` does the same for the device CA: ``--new-ca`` is the
+new CA's certificate, ``--new-key`` its key on the service host. The broker must accept client
+certificates of the new CA before the rollover runs (its ``cafile``): this tool cannot check
+that, the runbook's first step does it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.protocol import authz, trust
 from agent.protocol.errors import ConfigError, ProtocolError
-from agent.protocol.wire.messages.operator import MAX_OVERLAP, Propose
+from agent.protocol.wire.messages.operator import (
+    MAX_OVERLAP,
+    ROTATE_BROKER_CA,
+    ROTATE_DEVICE_CA,
+    Propose,
+)
 from provisioning.operator import OperatorClient
 from provisioning.operators_cli import read_certificate_der
 from provisioning.requests_cli import propose_and_approve
@@ -47,7 +58,57 @@ def read_new_key(path: str) -> bytes:
     )
 
 
+def ca_proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
+    """``keys rotate device-ca``: the new CA certificate and its key reference."""
+    der = read_certificate_der(args.new_ca)
+    if not 0 <= args.overlap <= MAX_OVERLAP:
+        raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
+    try:
+        ca = trustroll.device_ca_of(der)
+    except ProtocolError as exc:
+        raise ConfigError(f"{args.new_ca}: {exc.reason}") from None
+    label = (
+        f"rotate the device CA to {ca.certificate.subject.rfc4514_string()} "
+        f"(SHA-256 {ca.fingerprint.hex()[:16]}…)"
+    )
+    body = Propose(
+        command_id,
+        authz.OP_TRUST_ROTATE,
+        (),
+        cert=der,
+        key_ref=args.new_key,
+        overlap=args.overlap,
+        rotate=ROTATE_DEVICE_CA,
+    )
+    return label, body
+
+
+def broker_proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
+    """``keys rotate broker-ca``: the new broker CA's certificate; no key (the broker's PKI
+    keeps it)."""
+    der = read_certificate_der(args.new_ca)
+    if not 0 <= args.overlap <= MAX_OVERLAP:
+        raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
+    try:
+        ca = trust.DeviceCA(der)
+    except ProtocolError as exc:
+        raise ConfigError(f"{args.new_ca}: {exc.reason}") from None
+    label = (
+        f"rotate the broker CA to {ca.certificate.subject.rfc4514_string()} "
+        f"(SHA-256 {ca.fingerprint.hex()[:16]}…)"
+    )
+    body = Propose(
+        command_id, authz.OP_TRUST_ROTATE, (), cert=der, overlap=args.overlap,
+        rotate=ROTATE_BROKER_CA,
+    )  # fmt: skip
+    return label, body
+
+
 def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
+    if args.rotate_command == "device-ca":
+        return ca_proposal(args, command_id)
+    if args.rotate_command == "broker-ca":
+        return broker_proposal(args, command_id)
     der = read_new_key(args.new_cert)
     if not 0 <= args.overlap <= MAX_OVERLAP:
         raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
@@ -78,7 +139,8 @@ def add_commands(
     handler: Callable[[argparse.Namespace], int],
 ) -> None:
     rotate = keys_commands.add_parser(
-        "rotate", help="roll a fleet key over under the quorum (service-signing)"
+        "rotate",
+        help="roll a fleet key over under the quorum (service-signing, device-ca, broker-ca)",
     )
     which = rotate.add_subparsers(dest="rotate_command", required=True)
     service = which.add_parser(
@@ -114,3 +176,59 @@ def add_commands(
     )
     add_operator_options(service)
     service.set_defaults(handler=handler)
+    device_ca = which.add_parser(
+        "device-ca",
+        help="request the device CA's rollover (admins, quorum)",
+        description=(
+            "Request a trust.rotate: the next trust bundle makes the new CA the one the service "
+            "issues device certificates from, and keeps the current CA accepted until the "
+            "request's window closes plus the longer of the certificate validity and --overlap "
+            "(every certificate it issued expires by then). First add the new CA to the "
+            "broker's cafile and restart the broker (docs/operations.md, 'Rolling over the "
+            "device CA'): this command cannot check it."
+        ),
+    )
+    device_ca.add_argument(
+        "--new-ca", metavar="FILE", required=True, help="the new device CA's certificate (PEM)"
+    )
+    device_ca.add_argument(
+        "--new-key",
+        metavar="REF",
+        required=True,
+        help="where the service loads the new CA's key: a pkcs11: URI (with pin-source) or a "
+        "file on the service host (relative to its configuration)",
+    )
+    device_ca.add_argument(
+        "--overlap",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="keep the old CA accepted at least this long after the request's window (default "
+        "0: the certificate validity decides)",
+    )
+    add_operator_options(device_ca)
+    device_ca.set_defaults(handler=handler)
+    broker = which.add_parser(
+        "broker-ca",
+        help="request the broker CA's rollover (admins, quorum)",
+        description=(
+            "Request a trust.rotate: the next trust bundle makes the new CA the one the broker's "
+            "TLS certificate is to chain to, and keeps the current one until the request's "
+            "window closes plus --overlap. Devices that take it accept both for the broker and "
+            "reconnect; then move the broker to a certificate of the new CA within the overlap "
+            "(docs/operations.md, 'Rolling over the broker CA')."
+        ),
+    )
+    broker.add_argument(
+        "--new-ca", metavar="FILE", required=True, help="the new broker CA's certificate (PEM)"
+    )
+    broker.add_argument(
+        "--overlap",
+        type=int,
+        default=DEFAULT_OVERLAP,
+        metavar="SECONDS",
+        help=f"the old broker CA stays accepted this long after the request's window "
+        f"(default {DEFAULT_OVERLAP})",
+    )
+    add_operator_options(broker)
+    broker.set_defaults(handler=handler)

@@ -102,12 +102,15 @@ OP_OPERATOR_ADD = "operator.add"
 OP_OPERATOR_REMOVE = "operator.remove"
 OP_OPERATOR_ROLE = "operator.role"
 OPERATOR_OPS = frozenset({OP_OPERATOR_ADD, OP_OPERATOR_REMOVE, OP_OPERATOR_ROLE})
-# The service signing key's rollover (agent.protocol.trust): the subject binds the exact trust
-# bundle (its seq and the SHA-256 of its bytes); devices check it themselves, admins approve it.
+# A trust bundle's rollover (agent.protocol.trust: service signing key, device CA): the subject
+# is the exact trust bundle; devices check it themselves, admins approve it.
 OP_TRUST_ROTATE = "trust.rotate"
 ADMIN_OPS = OPERATOR_OPS | {OP_POLICY, OP_TRUST_ROTATE}
 SUBJECT_OPS = frozenset({OP_RELEASE_APPROVE, OP_RELEASE_REVOKE, OP_TRUST_ROTATE}) | OPERATOR_OPS
 MAX_SUBJECT = 1024
+# A ``trust.rotate``'s subject is the whole trust bundle: with device CA certificates (version
+# 2, agent.protocol.trust) it outgrows MAX_SUBJECT.
+MAX_TRUST_SUBJECT = 8 * 1024
 # A replacement's subject names every group of the replaced device (``replace_subject``).
 MAX_REPLACE_SUBJECT = 64 * 1024
 REPLACE_LABEL = "keyfleet replace v1"
@@ -298,7 +301,8 @@ class Request:
                 raise _fail("request", f"op {self.op!r} names no group and two members: old, new")
             replaced_groups(self.subject)
         if self.op in SUBJECT_OPS:
-            _bytes(self.subject, "request.subject", 1, MAX_SUBJECT)
+            limit = MAX_TRUST_SUBJECT if self.op == OP_TRUST_ROTATE else MAX_SUBJECT
+            _bytes(self.subject, "request.subject", 1, limit)
             if self.group is not None or self.members:
                 raise _fail("request", f"op {self.op!r} names its subject, no group, no members")
         elif self.subject is not None and self.op != OP_DEVICE_REPLACE:

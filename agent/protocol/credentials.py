@@ -187,7 +187,9 @@ def _ee_policy() -> ExtensionPolicy:
 class CredentialVerifier:
     """Validates DevID certificates against the device CA(s) ``anchors`` (trust anchors, as the
     device got them at enrollment). ``intermediates``: CA certificates between an anchor and the
-    devices' issuing CA, if the device CA is not itself an anchor.
+    devices' issuing CA, if the device CA is not itself an anchor. ``ends``: anchor DER -> the
+    last second (unix) a path to that anchor is accepted (a device CA that a trust bundle keeps
+    only until a time, ``agent.protocol.trust``); later such a path fails with ``cred.chain``.
 
     ``verify`` remembers up to ``memo_size`` certificates it accepted (LRU, keyed by the DER), so
     a tree of N leaves costs N path validations once; a remembered certificate is still checked
@@ -198,11 +200,13 @@ class CredentialVerifier:
         anchors: Sequence[x509.Certificate],
         *,
         intermediates: Sequence[x509.Certificate] = (),
+        ends: Mapping[bytes, int] | None = None,
         memo_size: int = MEMO_SIZE,
     ) -> None:
         if not anchors:
             raise ValueError("a credential verifier needs at least one trust anchor")
         self._store = Store(list(anchors))
+        self._ends = dict(ends or {})
         self._intermediates = list(intermediates)
         self._memo: OrderedDict[bytes, _Memo] = OrderedDict()
         self._memo_size = memo_size
@@ -247,6 +251,11 @@ class CredentialVerifier:
             verified = verifier.verify(cert, self._intermediates)
         except VerificationError as exc:
             raise ProtocolError("cred.chain", f"DevID certificate path: {exc}") from None
+        end = self._ends.get(verified.chain[-1].public_bytes(serialization.Encoding.DER))
+        if end is not None and now > end:
+            raise ProtocolError(
+                "cred.chain", f"DevID certificate path: its device CA is accepted only until {end}"
+            )
         device_id = device_id_from_subjects(verified.subjects)
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
@@ -260,7 +269,10 @@ class CredentialVerifier:
         return _Memo(
             device=device,
             not_before=max(int(c.not_valid_before_utc.timestamp()) for c in verified.chain),
-            not_after=min(int(c.not_valid_after_utc.timestamp()) for c in verified.chain),
+            not_after=min(
+                [int(c.not_valid_after_utc.timestamp()) for c in verified.chain]
+                + ([] if end is None else [end])
+            ),
         )
 
 

@@ -127,6 +127,7 @@ class Membership:
         min_approvals: int,
         require_tpm: bool = True,
     ) -> None:
+        self.base_device_cas = tuple(device_cas)  # the configuration's (trust bundle 0)
         self.credentials = CredentialVerifier(device_cas)
         # no operator CA configured: every membership change is refused (authz.chain)
         self._approvals = az.AuthzVerifier(operator_cas) if operator_cas else None
@@ -142,6 +143,16 @@ class Membership:
         self.readdable: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         # the revocation feed as far as we verified it (revoked identities)
         self.revocations = revocation_feed.FeedState()
+
+    def use_device_cas(
+        self, device_cas: Sequence[x509.Certificate] | None, ends: Mapping[bytes, int]
+    ) -> None:
+        """Check members' credentials against the device CAs a trust bundle lists (``ends``:
+        certificate DER -> until when a CA is accepted); None: the configuration's."""
+        if device_cas is None:
+            self.credentials = CredentialVerifier(self.base_device_cas)
+        else:
+            self.credentials = CredentialVerifier(device_cas, ends=ends)
 
     @property
     def approvals(self) -> az.AuthzVerifier:

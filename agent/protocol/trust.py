@@ -21,7 +21,8 @@ only if
 
 A device enrolled after a rollover got the key a later bundle made current (its enrollment
 configuration names the service's current certificate): it starts from the newest bundle whose
-current key is its enrollment key, once that bundle's approval verifies (``_anchor``).
+current key is its enrollment key, once that bundle's approval verifies and it is signed by its
+enrollment key or by a key it lists with an end (``_anchor``).
 
 So the service host, even holding the real signing key, cannot change what a device trusts: it
 would need the private keys of a quorum of admins. An old key stays accepted until the ``until``
@@ -30,8 +31,16 @@ the new bundle gives it (the overlap), then only the keys without an end are.
 **Bundle format** (deterministic CBOR): ``{"v": 1, "seq": n, "service": [{"key": P-256
 SubjectPublicKeyInfo DER, "until": unix seconds | null}, ...]}``, 1 to ``MAX_SERVICE_KEYS``
 keys, each once, exactly one of them without an end (the key the service signs with from then
-on). Version 1 carries service signing keys only: the device CA, operator CA and broker CA stay
-those of the device's configuration (their rollover is not part of this version).
+on). Version 2 adds ``"device_ca": [{"cert": X.509 CA certificate DER, "until": ...}, ...]``, 1
+to ``MAX_DEVICE_CAS`` certificates, each once, exactly one without an end (the CA the service
+issues device certificates from): members' DevID certificates (``cred.chain``) and renewed
+certificates must chain to a device CA it accepts at ``now`` (``device_cas``). A version 1
+bundle (no section) leaves the device CAs of the device's configuration (``[fleet]
+trust_anchors``) in force. Version 2 may also carry ``"broker_ca"`` (same form): the CAs the
+agent accepts for the broker's TLS certificate at ``now`` (``broker_cas``; the agent writes them
+to a file its MQTT client loads at its next connect); without it ``[broker] ca`` stays in force.
+A version 2 bundle has at least one of the two sections. The operator CA stays that of the
+configuration.
 
 **Chain format**: ``{"v": 1, "links": [{"bundle": COSE_Sign1, "authz": Authorization}, ...]}``,
 oldest first, consecutive seqs. Links a device holds already are skipped; a refused link refuses
@@ -42,11 +51,13 @@ Pure: no I/O, no clock (``now`` from the caller).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Final
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -57,10 +68,12 @@ from agent.protocol.wire import cose
 
 __all__ = [
     "MAX_CHAIN",
+    "MAX_DEVICE_CAS",
     "MAX_LINKS",
     "MAX_SERVICE_KEYS",
     "SUBJECT_LABEL",
     "ApprovalCheck",
+    "DeviceCA",
     "ServiceKey",
     "TrustBundle",
     "TrustChain",
@@ -74,12 +87,18 @@ __all__ = [
 ]
 
 VERSION: Final = 1
+"""The chain's version, and a bundle's without a device CA section."""
+VERSION_DEVICE_CA: Final = 2
+"""A bundle with a device CA section (``TrustBundle.device_ca``)."""
 SUBJECT_LABEL: Final = "keyfleet trust v1"
 """First field of a ``trust.rotate`` request's subject: its bytes mean nothing elsewhere."""
 MAX_SERVICE_KEYS: Final = 4
 MAX_KEY_DER: Final = 256
 """A P-256 SubjectPublicKeyInfo is 91 bytes."""
-MAX_BUNDLE: Final = 4 * 1024
+MAX_DEVICE_CAS: Final = 4
+MAX_CA_DER: Final = 1024
+"""A device CA certificate (a P-256 CA certificate is about 500 bytes)."""
+MAX_BUNDLE: Final = 6 * 1024
 MAX_LINK: Final = MAX_BUNDLE + 256 + az.MAX_AUTHORIZATION
 MAX_LINKS: Final = 32
 """Links the retained chain carries: a device offline through more rollovers than this is
@@ -145,11 +164,57 @@ class ServiceKey:
 
 
 @dataclass(frozen=True)
+class DeviceCA:
+    """One CA certificate a bundle accepts, until ``until`` (None: no end): a device CA
+    (members' and renewed certificates chain to it; without an end, the CA the service issues
+    from) or a broker CA (the MQTT TLS server certificate chains to it)."""
+
+    cert: bytes = field(repr=False)
+    until: int | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.cert) is not bytes or not 0 < len(self.cert) <= MAX_CA_DER:
+            raise _malformed(f"device CA: 1..{MAX_CA_DER} bytes")
+        if self.until is not None and (type(self.until) is not int or self.until < 0):
+            raise _malformed("device CA until: unix seconds or null")
+        _ca_certificate(self.cert)
+
+    @cached_property
+    def certificate(self) -> x509.Certificate:
+        return _ca_certificate(self.cert)
+
+    @cached_property
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the certificate's DER (``openssl x509 -fingerprint -sha256``)."""
+        return hashlib.sha256(self.cert).digest()
+
+    def accepted_at(self, now: int) -> bool:
+        return self.until is None or now <= self.until
+
+
+def _ca_certificate(der: bytes) -> x509.Certificate:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (ValueError, x509.ExtensionNotFound, x509.InvalidVersion):
+        raise _malformed("device CA: not a DER X.509 CA certificate") from None
+    if not constraints.ca:
+        raise _malformed("device CA: the certificate is not a CA's")
+    if cert.public_bytes(serialization.Encoding.DER) != der:
+        raise _malformed("device CA: not the certificate's DER")
+    return cert
+
+
+@dataclass(frozen=True)
 class TrustBundle:
     """A version of what a device trusts to sign service messages (see the module docstring)."""
 
     seq: int
     service: tuple[ServiceKey, ...]
+    # None: the device CAs of the device's configuration stay in force (always in version 1)
+    device_ca: tuple[DeviceCA, ...] | None = None
+    # None: the broker CA of the device's configuration stays in force (always in version 1)
+    broker_ca: tuple[DeviceCA, ...] | None = None
 
     def __post_init__(self) -> None:
         if type(self.seq) is not int or not 0 <= self.seq <= az.MAX_TIME:
@@ -160,6 +225,15 @@ class TrustBundle:
             raise _malformed("service: a key is listed twice")
         if sum(k.until is None for k in self.service) != 1:
             raise _malformed("service: exactly one key has no end (the one the service signs with)")
+        for section, cas in (("device_ca", self.device_ca), ("broker_ca", self.broker_ca)):
+            if cas is None:
+                continue
+            if type(cas) is not tuple or not 1 <= len(cas) <= MAX_DEVICE_CAS:
+                raise _malformed(f"{section}: 1..{MAX_DEVICE_CAS} certificates")
+            if len({c.cert for c in cas}) != len(cas):
+                raise _malformed(f"{section}: a certificate is listed twice")
+            if sum(c.until is None for c in cas) != 1:
+                raise _malformed(f"{section}: exactly one CA has no end (the current one)")
 
     @classmethod
     def initial(cls, key: ec.EllipticCurvePublicKey) -> TrustBundle:
@@ -179,12 +253,42 @@ class TrustBundle:
         """The listed key with ``kid``, whatever its end (a link's signer: ``check_link``)."""
         return next((k for k in self.service if k.kid == kid), None)
 
+    @property
+    def current_ca(self) -> DeviceCA | None:
+        """The device CA without an end (the service issues from it); None in version 1."""
+        if self.device_ca is None:
+            return None
+        return next(c for c in self.device_ca if c.until is None)
+
+    def device_cas(self, now: int) -> tuple[x509.Certificate, ...] | None:
+        """The device CAs accepted at ``now``; None: the bundle leaves the configuration's."""
+        if self.device_ca is None:
+            return None
+        return tuple(c.certificate for c in self.device_ca if c.accepted_at(now))
+
+    def device_ca_ends(self) -> dict[bytes, int]:
+        """Certificate DER -> end of every device CA accepted until a time (the verifier's
+        ``ends``: a path to it fails after that time)."""
+        return {c.cert: c.until for c in self.device_ca or () if c.until is not None}
+
+    def broker_cas(self, now: int) -> tuple[x509.Certificate, ...] | None:
+        """The broker CAs accepted at ``now`` (the MQTT TLS server's issuers); None: the bundle
+        leaves the configuration's (``[broker] ca``)."""
+        if self.broker_ca is None:
+            return None
+        return tuple(c.certificate for c in self.broker_ca if c.accepted_at(now))
+
     def to_obj(self) -> dict[str, object]:
-        return {
-            "v": VERSION,
+        v2 = self.device_ca is not None or self.broker_ca is not None
+        obj: dict[str, object] = {
+            "v": VERSION_DEVICE_CA if v2 else VERSION,
             "seq": self.seq,
             "service": [{"key": k.key, "until": k.until} for k in self.service],
         }
+        for section, cas in (("device_ca", self.device_ca), ("broker_ca", self.broker_ca)):
+            if cas is not None:
+                obj[section] = [{"cert": c.cert, "until": c.until} for c in cas]
+        return obj
 
     def encode(self) -> bytes:
         return codec.encode(self.to_obj())
@@ -197,9 +301,16 @@ class TrustBundle:
                 codec.decode(data, MAX_BUNDLE, "trust bundle"),
                 "trust bundle",
                 {"v", "seq", "service"},
+                {"device_ca", "broker_ca"},
             )
-            if obj["v"] != VERSION or type(obj["v"]) is not int:
-                raise _malformed(f"trust bundle version {obj['v']!r} (this agent reads 1)")
+            version = obj["v"]
+            if type(version) is not int or version not in (VERSION, VERSION_DEVICE_CA):
+                raise _malformed(f"trust bundle version {version!r} (this agent reads 1 and 2)")
+            sections = "device_ca" in obj or "broker_ca" in obj
+            if sections != (version == VERSION_DEVICE_CA):
+                raise _malformed(
+                    "a version 2 trust bundle, and only it, has a device_ca or broker_ca section"
+                )
             seq = codec.as_uint(obj["seq"], "trust bundle.seq", az.MAX_TIME)
             entries = codec.as_list(
                 obj["service"],
@@ -215,14 +326,34 @@ class TrustBundle:
                     until = codec.as_uint(until, f"trust bundle.service[{i}].until", az.MAX_TIME)
                 der = codec.as_bytes(entry["key"], f"trust bundle.service[{i}].key", 1, MAX_KEY_DER)
                 keys.append(ServiceKey(der, until))
+            cas = None if "device_ca" not in obj else _decode_cas(obj["device_ca"], "device_ca")
+            brokers = None if "broker_ca" not in obj else _decode_cas(obj["broker_ca"], "broker_ca")
         except ProtocolError as exc:
             if exc.check == "trust.malformed":
                 raise
             raise _malformed(exc.reason) from None
-        bundle = cls(seq, tuple(keys))
+        bundle = cls(seq, tuple(keys), cas, brokers)
         if bundle.encode() != data:
             raise _malformed("the trust bundle is not in its canonical encoding")
         return bundle
+
+
+def _decode_cas(value: object, section: str) -> tuple[DeviceCA, ...]:
+    entries = codec.as_list(
+        value,
+        f"trust bundle.{section}",
+        MAX_DEVICE_CAS,
+        lambda v, w: codec.as_map(v, w, {"cert", "until"}),
+        min_len=1,
+    )
+    cas = []
+    for i, entry in enumerate(entries):
+        until = entry["until"]
+        if until is not None:
+            until = codec.as_uint(until, f"trust bundle.{section}[{i}].until", az.MAX_TIME)
+        der = codec.as_bytes(entry["cert"], f"trust bundle.{section}[{i}].cert", 1, MAX_CA_DER)
+        cas.append(DeviceCA(der, until))
+    return tuple(cas)
 
 
 def subject(bundle: bytes) -> bytes:
@@ -230,15 +361,17 @@ def subject(bundle: bytes) -> bytes:
     approver's tool shows the keys and their ends it signs for (a digest would show nothing)."""
     TrustBundle.decode(bundle)
     data = codec.encode([SUBJECT_LABEL, bundle])
-    if len(data) > az.MAX_SUBJECT:
-        raise _malformed(f"the bundle does not fit a request's subject ({az.MAX_SUBJECT} bytes)")
+    if len(data) > az.MAX_TRUST_SUBJECT:
+        raise _malformed(
+            f"the bundle does not fit a request's subject ({az.MAX_TRUST_SUBJECT} bytes)"
+        )
     return data
 
 
 def read_subject(data: bytes) -> TrustBundle:
     """The bundle a ``trust.rotate`` subject names; ``trust.approval`` if it names none."""
     try:
-        decoded = codec.decode(data, az.MAX_SUBJECT, "trust subject")
+        decoded = codec.decode(data, az.MAX_TRUST_SUBJECT, "trust subject")
     except ProtocolError:
         decoded = None
     if (
@@ -387,9 +520,29 @@ def _anchor(held: TrustBundle, chain: TrustChain, approval: ApprovalCheck) -> Tr
     for link in reversed(chain.links):
         sign1, bundle = link.opened()
         if bundle.seq > 0 and bundle.current.key == held.current.key:
+            _check_anchor_signer(held, bundle, sign1)
             _check_approval(bundle, sign1.payload, link.authz, approval)
             return bundle
     return held
+
+
+def _check_anchor_signer(held: TrustBundle, bundle: TrustBundle, sign1: cose.Sign1) -> None:
+    """The signer of the bundle a device at bundle 0 starts from: its own enrollment key (a
+    device CA rollover that kept the service key), or the key the bundle replaced, which the
+    service lists with an end in the bundle that made the enrollment key current. Any other
+    signer is refused (``trust.signer``)."""
+    signer = held.signer(sign1.kid) or bundle.signer(sign1.kid)
+    if signer is None or (signer.until is None and signer.key != held.current.key):
+        raise ProtocolError(
+            "trust.signer",
+            f"trust bundle {bundle.seq} is signed by a key neither it nor bundle 0 lists",
+        )
+    try:
+        cose.verify_sign1(sign1, signer.public_key)
+    except ProtocolError as exc:
+        raise ProtocolError(
+            "trust.signer", f"trust bundle {bundle.seq}: [{exc.check}] {exc.reason}"
+        ) from None
 
 
 def advance(held: TrustBundle, chain: TrustChain, approval: ApprovalCheck) -> TrustBundle | None:

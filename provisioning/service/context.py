@@ -106,6 +106,11 @@ class Env:
     # and release keys, the TLS keys
     reserved_keys: tuple[tuple[str, ec.EllipticCurvePublicKey], ...] = field(default=(), repr=False)
     load_key: Callable[[str], ec.EllipticCurvePrivateKey] | None = field(default=None, repr=False)
+    # The device CA rollover (``trustroll``): the configured device CA ([device_ca] cert, what
+    # devices enrolled before any rollover got); later ones come with the chain.
+    device_ca_origin: x509.Certificate | None = field(default=None, repr=False)
+    # The broker CA rollover: the broker CA(s) devices got at enrollment ([broker] ca)
+    broker_ca_origin: tuple[x509.Certificate, ...] = field(default=(), repr=False)
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""

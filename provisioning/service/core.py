@@ -51,6 +51,7 @@ from agent.protocol.hpke import Rng
 from agent.protocol.topics import TRUST_TOPIC
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
+from provisioning.pki import CertificateAuthority
 from provisioning.revocation import RevocationSettings
 from provisioning.service import (
     attestation,
@@ -113,6 +114,7 @@ class DeliveryService:
         release_key: ec.EllipticCurvePrivateKey | None = None,
         load_key: trustroll.KeyLoader | None = None,
         trust_origin: ec.EllipticCurvePublicKey | None = None,
+        broker_ca: Sequence[x509.Certificate] = (),
         reserved_keys: Sequence[tuple[str, ec.EllipticCurvePublicKey]] = (),
     ) -> None:
         reserved = [*reserved_keys]
@@ -145,6 +147,8 @@ class DeliveryService:
             trust_origin=signing_key.public_key() if trust_origin is None else trust_origin,
             load_key=load_key,
             reserved_keys=tuple(reserved),
+            device_ca_origin=device_ca,
+            broker_ca_origin=tuple(broker_ca),
         )
 
     @property
@@ -216,6 +220,25 @@ class DeliveryService:
     def sync_trust(self) -> None:
         """At start: sign with the newest trust bundle's key (``trustroll.sync``)."""
         self._env.read(lambda s: trustroll.sync(self._env, s))
+
+    def device_issuer(self, now: int) -> tuple[CertificateAuthority, tuple[x509.Certificate, ...]]:
+        """The device CA this instance issues from now and the device CAs a new device trusts
+        (the current trust bundle's accepted at ``now``): for the enrollment server."""
+        settings = self._env.revocation
+        if settings is None:
+            raise KeyfleetError("this service instance holds no device CA key")
+        bundle = self._env.read(lambda s: trustroll.held(self._env, s))
+        accepted = bundle.device_cas(now)
+        return settings.device_ca, (
+            settings.device_ca.certificate,
+        ) if accepted is None else accepted
+
+    def broker_cas(self, now: int) -> tuple[x509.Certificate, ...]:
+        """The broker CAs a device enrolled now gets: the current trust bundle's accepted at
+        ``now``, or ([broker] ca) those of the configuration."""
+        bundle = self._env.read(lambda s: trustroll.held(self._env, s))
+        accepted = bundle.broker_cas(now)
+        return self._env.broker_ca_origin if accepted is None else accepted
 
     def trust_chain(self) -> list[Publish]:
         """The chain of trust bundles to publish retained, none before the first rollover. Not

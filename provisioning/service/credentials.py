@@ -26,6 +26,7 @@ Check ids: ``op.role``, ``op.certificate``, ``cred.stored`` (docs/checks.md).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -109,9 +110,20 @@ class StoredDevices:
     the module docstring. Remembers up to ``memo_size`` results (LRU); a remembered result is
     still checked against ``now``."""
 
-    def __init__(self, device_ca: x509.Certificate, *, memo_size: int = MEMO_SIZE) -> None:
+    def __init__(
+        self,
+        device_ca: x509.Certificate,
+        *,
+        others: Sequence[x509.Certificate] = (),
+        ends: Mapping[bytes, int] | None = None,
+        memo_size: int = MEMO_SIZE,
+    ) -> None:
+        # ``device_ca`` the CA the service issues from; ``others`` the device CAs a trust bundle
+        # still accepts (``ends``: certificate DER -> until when; agent.protocol.trust)
         self.device_ca = device_ca
-        self._verifier = CredentialVerifier([device_ca], memo_size=memo_size)
+        self.cas = (device_ca, *others)
+        self._ends = dict(ends or {})
+        self._verifier = CredentialVerifier(self.cas, ends=ends, memo_size=memo_size)
         # (device, certificate PEM, AK when it was checked too) -> the checked result
         self._memo: OrderedDict[tuple[str, str, bytes | None], StoredDevice] = OrderedDict()
         self._memo_size = memo_size
@@ -166,13 +178,18 @@ class StoredDevices:
                 )
         public_key = cert.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)  # the verifier checked P-256
+        issuers = [c for c in self.cas if c.subject == cert.issuer] or list(self.cas)
+        # a remembered result lasts while the certificate, its CA and the CA's acceptance do
+        ends = [self._ends.get(c.public_bytes(Encoding.DER)) for c in issuers]
+        starts = [cert.not_valid_before_utc, *(c.not_valid_before_utc for c in issuers)]
+        stops = [cert.not_valid_after_utc, *(c.not_valid_after_utc for c in issuers)]
+        verified_window = (
+            int(max(starts).timestamp()),
+            min([int(min(stops).timestamp()), *(e for e in ends if e is not None)]),
+        )
         return StoredDevice(
             device_id=name,
             devid_key=public_key,
-            not_before=int(
-                max(cert.not_valid_before_utc, self.device_ca.not_valid_before_utc).timestamp()
-            ),
-            not_after=int(
-                min(cert.not_valid_after_utc, self.device_ca.not_valid_after_utc).timestamp()
-            ),
+            not_before=verified_window[0],
+            not_after=verified_window[1],
         )

@@ -234,6 +234,7 @@ class ServiceRunner:
             "revocation": self.revocation,
             "load_key": _key_loader(config),
             "reserved_keys": _tls_keys(config),
+            "broker_ca": pki.certs_from_pem(config.broker.ca.read_bytes()),
         }
         self.service = DeliveryService(
             session_factory(self._engine),
@@ -352,7 +353,10 @@ class ServiceRunner:
         if http is None:
             return
         enrollment = Enrollment(
-            EnrollmentSettings.from_service_config(self.config), session_factory(self._engine)
+            EnrollmentSettings.from_service_config(self.config),
+            session_factory(self._engine),
+            issuer=self.service.device_issuer,  # after a device CA rollover: the new CA
+            broker_cas=self.service.broker_cas,  # after a broker CA rollover: the bundle's
         )
         self.http = start_enrollment_server(
             build_app(enrollment, clock=self._clock, on_refusal=self._count_http_refusal),

@@ -16,7 +16,8 @@ signature over it. The service takes the answer only if:
 - the certified DevID key and the TLS key are the keys of the device's current certificates
   (``renew.key``): a renewal re-certifies the same TPM key and the same TLS key, never new ones.
 
-Then new certificates are issued by the device CA for ``certificate_validity``, the DevID
+Then new certificates are issued by the device CA (after a device CA rollover the new one,
+``trustroll``) for ``certificate_validity``, the DevID
 certificate is stored in the registry (``keyfleet keys list`` and the inventory see the new
 not-after), both serials are recorded for revocation, the renewal is audited and the
 certificates are sent (``renew.issued``). A refused answer changes nothing (the transaction rolls
@@ -164,11 +165,14 @@ def _current_tls(cx: Call, session: Session, device_id: str, der: bytes) -> x509
         raise ProtocolError(
             "renew.key", "the TLS certificate is not a current TLS certificate of this device"
         )
-    try:
-        cert.verify_directly_issued_by(_device_ca(cx).certificate)
-    except (ValueError, TypeError, InvalidSignature):
-        raise ProtocolError("renew.key", "the TLS certificate is not the device CA's") from None
-    return cert
+    # a device CA the trust bundle accepts: after a device CA rollover, the old one's too
+    for ca in cx.env.devices.cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return cert
+    raise ProtocolError("renew.key", "the TLS certificate is not a device CA's")
 
 
 def on_renew_answer(

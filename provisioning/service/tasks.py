@@ -162,8 +162,9 @@ def write_crl(cx: Call) -> None:
 
 
 def crl_tick(cx: Call, now: int) -> None:
-    """Every ``CRL_CHECK_SECONDS``: one instance re-issues the device CA's CRL when none exists
-    or the newest is past half its validity; every instance brings its CRL file up to date
+    """Every ``CRL_CHECK_SECONDS``: one instance re-issues the device CA's CRL when none exists,
+    the newest is past half its validity or an older device CA signed it (after a device CA
+    rollover, ``trustroll``); every instance brings its CRL file up to date
     (a revocation made by another instance, a file lost)."""
     settings = cx.env.revocation
     if settings is None:
@@ -174,13 +175,13 @@ def crl_tick(cx: Call, now: int) -> None:
     if now - cx.env.crl_checked_at < CRL_CHECK_SECONDS:
         return
     cx.env.crl_checked_at = now
-    if revocation.refresh_due(cx.env.read(revocation.newest_crl), now) and claim_task(
+    if revocation.refresh_due(cx.env.read(revocation.newest_crl), now, settings) and claim_task(
         cx, "revocation.crl", now
     ):
         try:
 
             def issue(session: Session) -> None:
-                if revocation.refresh_due(revocation.newest_crl(session), now):
+                if revocation.refresh_due(revocation.newest_crl(session), now, settings):
                     revocation.issue_crl(session, settings, now=now)
 
             cx.env.tx(issue)

@@ -349,3 +349,21 @@ def test_crl_of_the_operator_ca_verifies_and_is_numbered_above_the_previous(
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert checked.returncode == 0 and "verify OK" in checked.stdout + checked.stderr
+
+
+def test_device_ca_writes_the_next_device_ca_with_a_name_of_its_own(
+    fleet_pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(capsys, "pki", "device-ca", str(fleet_pki / "device-ca-2"))
+    assert status == 0, err
+    cert_path, key_path = fleet_pki / "device-ca-2.pem", fleet_pki / "device-ca-2.key"
+    assert mode(key_path) == 0o600 and "BEGIN" not in out
+    new = pki.cert_from_pem(cert_path.read_bytes())
+    old = pki.cert_from_pem((fleet_pki / "device-ca.pem").read_bytes())
+    assert new.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert new.subject != old.subject  # the broker finds a CRL by its issuer's name
+    assert pki.key_from_pem(key_path.read_bytes()).public_key() == new.public_key()
+    before = snapshot(fleet_pki)
+    status, _, err = run(capsys, "pki", "device-ca", str(fleet_pki / "device-ca-2"))
+    assert status != 0 and "refusing to overwrite" in err
+    assert snapshot(fleet_pki) == before

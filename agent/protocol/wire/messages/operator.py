@@ -57,6 +57,10 @@ PROPOSABLE_OPS = frozenset(
 )
 # The longest overlap a trust.rotate may give the old service signing key (a year).
 MAX_OVERLAP = 366 * 86400
+ROTATE_DEVICE_CA = "device-ca"
+ROTATE_BROKER_CA = "broker-ca"
+ROTATE_TARGETS = frozenset({ROTATE_DEVICE_CA, ROTATE_BROKER_CA})
+"""What a ``trust.rotate`` may roll over besides the service signing key (``Propose.rotate``)."""
 # The ops that name one firmware release (``release``) and nothing else.
 RELEASE_OPS = frozenset({"release.approve", "release.revoke"})
 # The ops that name one operator (``operator``) and nothing but its certificate or role.
@@ -209,6 +213,10 @@ class Propose(Body):
     # the seconds the old key stays accepted after the request's window closes
     key_ref: str | None = None
     overlap: int | None = None
+    # trust.rotate: what rolls over; None the service signing key, ``device-ca`` the device CA
+    # (``cert`` its CA certificate, ``key_ref`` the CA's key), ``broker-ca`` the CA of the
+    # broker's TLS certificate (``cert`` its certificate, no ``key_ref``)
+    rotate: str | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
@@ -216,15 +224,22 @@ class Propose(Body):
         check_ids(self.members, "members")  # a tuple of ids for every op, empty where none
         if self.op == "trust.rotate":
             check_bytes(self.cert, "cert", min_len=1, max_len=MAX_OPERATOR_CERT)
-            check_text(self.key_ref, "key_ref", min_len=1, max_len=1024)
             check_uint(self.overlap, "overlap", maximum=MAX_OVERLAP)
+            if self.rotate is not None:
+                check_choice(self.rotate, "rotate", ROTATE_TARGETS)
+            if self.rotate == ROTATE_BROKER_CA:
+                # the broker CA's key stays with the broker's PKI: the service never uses it
+                if self.key_ref is not None:
+                    raise ProtocolError("body.malformed", "a broker CA rollover names no key")
+            else:
+                check_text(self.key_ref, "key_ref", min_len=1, max_len=1024)
             named = (self.group_id, self.policy, self.reason, self.release, self.operator)
             if self.members or any(v is not None for v in named) or self.role is not None:
                 raise ProtocolError(
                     "body.malformed", "trust.rotate names only the new certificate and key"
                 )
             return
-        if self.key_ref is not None or self.overlap is not None:
+        if self.key_ref is not None or self.overlap is not None or self.rotate is not None:
             raise ProtocolError("body.malformed", f"{self.op} names no service signing key")
         if self.op in OPERATOR_OPS:
             check_id(self.operator, "operator")
