@@ -39,6 +39,7 @@ moved=(
     tests/e2e/test_replace_e2e.py
     tests/e2e/test_trust_rollover_e2e.py
     tests/e2e/test_trust_agent_e2e.py
+    tests/e2e/test_trust_device_ca_e2e.py
     tests/e2e/test_restore_drill_e2e.py
 )
 ignored=()
