@@ -204,6 +204,9 @@ class Group(Base):
     group_context: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
+    # Random, new with every write of the public state (create, commit, rollback): a service
+    # instance's in-memory copy of the group is current iff it was made for this token.
+    state_token: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class GroupMember(Base):

@@ -12,6 +12,7 @@ from provisioning.db.engine import rowcount
 from provisioning.db.runtime import CommitReportRow, GroupPreviousRow
 from provisioning.db.schema import Ack as AckRow
 from provisioning.db.schema import CommitLogEntry, Group
+from provisioning.registry import new_state_token
 
 
 def save_previous(session: Session, group_id: str) -> None:
@@ -92,6 +93,7 @@ def roll_back(session: Session, group_id: str, epoch: int, *, now: int) -> bool:
             public_tree=previous.public_tree,
             group_context=previous.group_context,
             updated_at=now,
+            state_token=new_state_token(),
         )
         .execution_options(synchronize_session=False)
     )

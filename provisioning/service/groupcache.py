@@ -1,0 +1,69 @@
+"""Each instance's in-memory copies of active groups' public state (``Env.groups``).
+
+Decoding a group's stored public tree and hashing it is O(N) work; a commit needs only O(log N)
+once the decoded tree (with its cached node hashes and key indexes) is at hand. The cache maps a
+group id to the ``PublicGroup`` decoded or accepted by this instance together with the group
+row's ``state_token`` at that state. A copy is used only while the row, read in the transaction
+that uses it, still carries that token (every write of the public state, by any instance,
+writes a fresh random token), so an instance whose copy is stale (another instance accepted a
+commit or rolled one back) decodes the row again. A copy made in a transaction that then rolls
+back carries a token no row ever has: it is never used. ``PublicGroup`` and its tree are
+immutable (a commit builds the next epoch's tree as a copy-on-write copy), so a copy can be
+shared by concurrent calls.
+
+Bounded two ways, least recently used first out: at most ``max_groups`` groups and
+``max_leaves`` leaves in all (a 100,000-member tree holds about 100 MB in memory).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from agent.protocol.mls.public import PublicGroup
+
+MAX_GROUPS = 64
+MAX_LEAVES = 400_000
+
+
+class GroupCache:
+    """group id -> (state token, public group), least recently used first out."""
+
+    def __init__(self, max_groups: int = MAX_GROUPS, max_leaves: int = MAX_LEAVES) -> None:
+        self.max_groups = max_groups
+        self.max_leaves = max_leaves
+        self._entries: OrderedDict[str, tuple[bytes, PublicGroup]] = OrderedDict()
+        self._leaves = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, group_id: str, token: bytes | None) -> PublicGroup | None:
+        """The copy of ``group_id`` made for ``token`` (the row's current token), or None."""
+        with self._lock:
+            entry = self._entries.get(group_id)
+            if token is None or entry is None or entry[0] != token:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(group_id)
+            self.hits += 1
+            return entry[1]
+
+    def put(self, group_id: str, token: bytes | None, public: PublicGroup) -> None:
+        """Keep ``public`` as the state the row with ``token`` holds (None: keep nothing)."""
+        with self._lock:
+            self._drop(group_id)
+            if token is None or public.tree.n_leaves > self.max_leaves:
+                return
+            self._entries[group_id] = (token, public)
+            self._leaves += public.tree.n_leaves
+            while len(self._entries) > self.max_groups or self._leaves > self.max_leaves:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, group_id: str) -> None:
+        entry = self._entries.pop(group_id, None)
+        if entry is not None:
+            self._leaves -= entry[1].tree.n_leaves
+
+    def __len__(self) -> int:
+        return len(self._entries)
