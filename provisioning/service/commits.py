@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.hpke import serialize_public_key
-from agent.protocol.mls import codec
 from agent.protocol.mls.messages import Commit, Welcome
 from agent.protocol.mls.public import PublicGroup, VerifiedCommit
 from agent.protocol.topics import device_cmd_topic, group_commit_topic
@@ -48,7 +47,8 @@ from provisioning.service.effects import (
     Send,
 )
 from provisioning.service.groupcache import GroupCache
-from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
+from provisioning.service.model import Job, JobState
+from provisioning.service.store import trees
 from provisioning.service.store import wedge as wedge_store
 
 log = logging.getLogger("keyfleet.service")
@@ -124,9 +124,7 @@ def load_public(
         hit = cache.get(group_id, group.state_token)
         if hit is not None:
             return hit, group.epoch
-    public = PublicGroup.from_state(
-        codec.decode(group.public_tree, MAX_PUBLIC_GROUP, "public_tree")
-    )
+    public = trees.load(session, group_id, group.public_tree)
     if cache is not None:
         cache.put(group_id, group.state_token, public)
     return public, group.epoch
@@ -304,15 +302,19 @@ def accept_commit(
     }
     registry = Registry(session)
     token = new_state_token()
+    # the tree rows this commit rewrites (O(log N)), and what they hold now
+    rows = trees.changes(session, body.group_id, public, following)
     # what a rollback restores if members cannot process this commit (recovery, rollback)
-    wedge_store.save_previous(session, body.group_id)
+    wedge_store.save_previous(
+        session, body.group_id, trees.previous_rows(session, body.group_id, public, rows)
+    )
     registry.append_commit(
         body.group_id,
         epoch=body.epoch,
         committer=sender,
         commit=body.commit,
         welcome=None if welcome is None else welcome.welcome,
-        public_tree=codec.encode(following.to_state()),
+        public_tree=trees.head(following.state),
         group_context=following.state.group_context(),
         added=added,
         removed=removes,
@@ -320,6 +322,7 @@ def accept_commit(
         now_ms=cx.clock.ms,
         state_token=token,
     )
+    trees.write(session, body.group_id, rows)
     # The next commit starts from this copy if the row still has this token then (a rollback
     # of this transaction leaves a token no row has: the copy is never used).
     cx.env.groups.put(body.group_id, token, following)

@@ -492,6 +492,41 @@ class RatchetTree:
             for x, n in enumerate(self._flat())
         ]
 
+    def node_obj(self, x: int) -> object:
+        """Node x as ``to_obj`` encodes it (None: blank)."""
+        if tm.is_leaf(x):
+            return self._leaf_obj(x)
+        node = self.parent_node(x)
+        return None if node is None else node.to_obj()
+
+    def changed_since(self, base: RatchetTree) -> list[int]:
+        """The nodes whose encoding (``node_obj``) may differ between ``base`` and this tree:
+        the differing nodes of the chunks the two do not share, and every node of ``base``
+        past this tree's width that is not blank. For a tree that is a copy of ``base``
+        edited by a commit, O(log N) nodes of O(log N) chunks."""
+        if base._shift != self._shift:
+            return list(range(max(self._width, base._width)))
+        size = 1 << self._shift
+        out: list[int] = []
+        for ci in range(max(len(self._nodes), len(base._nodes))):
+            mine = self._nodes[ci] if ci < len(self._nodes) else None
+            theirs = base._nodes[ci] if ci < len(base._nodes) else None
+            if mine is theirs and self._adm[ci] is base._adm[ci]:
+                continue
+            for off in range(size):
+                x = (ci << self._shift) + off
+                a = mine[off] if mine is not None and x < self._width else None
+                b = theirs[off] if theirs is not None and x < base._width else None
+                if a is b and not isinstance(a, LeafNode):
+                    continue
+                if (a is not b and a != b) or (
+                    isinstance(a, LeafNode)
+                    and theirs is not None
+                    and self._adm[ci][off] != base._adm[ci][off]
+                ):
+                    out.append(x)
+        return out
+
     @classmethod
     def from_obj(cls, value: object, what: str = "tree") -> RatchetTree:
         """Strict: array length a full tree's width, leaves at even and parents at odd indices,
