@@ -53,6 +53,18 @@ def _point() -> bytes:
     return serialize_public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
 
 
+def _reference_resolution(tree: RatchetTree, x: int) -> list[int]:
+    """RFC 9420 §4.1.1 resolution, walking every node (no cache)."""
+    node = tree.node(x)
+    if node is None:
+        if tm.is_leaf(x):
+            return []
+        return _reference_resolution(tree, tm.left(x)) + _reference_resolution(tree, tm.right(x))
+    if isinstance(node, LeafNode):
+        return [x]
+    return [x] + [2 * u for u in node.unmerged_leaves]
+
+
 def _leaf(i: int) -> LeafNode:
     return LeafNode(f"d{i}".encode(), _point(), _point(), b"c", SOURCE_KEY_PACKAGE, b"", b"s" * 8)
 
@@ -74,6 +86,17 @@ def _check(tree: RatchetTree) -> None:
     assert tree.member_count() == len(members)
     for i, leaf in members:
         assert tree.find_device(leaf.device_id) == i
+    width = 2 * tree.n_leaves - 1
+    for x in range(width):
+        assert tree.resolution(x) == _reference_resolution(tree, x)
+    for i, _ in members:
+        expected = []
+        y = 2 * i
+        for p in tm.direct_path(y, tree.n_leaves):
+            if _reference_resolution(tree, tm.sibling(y, tree.n_leaves)):
+                expected.append((p, tm.sibling(y, tree.n_leaves)))
+            y = p
+        assert tree.filtered_direct_path(i) == expected
 
 
 EDITS = st.lists(

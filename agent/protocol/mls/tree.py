@@ -262,8 +262,10 @@ class RatchetTree:
 
     __slots__ = (
         "_adm",
+        "_cache_owned",
         "_counts",
         "_devices",
+        "_fill",
         "_hashes",
         "_keys",
         "_members",
@@ -287,8 +289,10 @@ class RatchetTree:
         flat += [None] * (count * size - len(flat))
         self._nodes: list[list[Node]] = [flat[i : i + size] for i in range(0, len(flat), size)]
         self._hashes: list[list[bytes | None]] = [[None] * size for _ in range(count)]
+        self._fill: list[list[bool | None]] = [[None] * size for _ in range(count)]
         self._adm: list[list[bytes | None]] = [[None] * size for _ in range(count)]
         self._owned: set[int] = set(range(count))
+        self._cache_owned: set[int] = set(range(count))
         self._counts = [0] * count
         self._members = 0
         self._keys = _Index()
@@ -373,7 +377,7 @@ class RatchetTree:
         adds, they get their path secret in the Welcome."""
         node = self.node(x)
         if node is None:
-            if tm.is_leaf(x):
+            if not self._filled(x):
                 return []
             return self.resolution(tm.left(x), exclude) + self.resolution(tm.right(x), exclude)
         if isinstance(node, LeafNode):
@@ -387,13 +391,30 @@ class RatchetTree:
         out: list[tuple[int, int]] = []
         for node in tm.direct_path(x, self.n_leaves):
             child = tm.sibling(x, self.n_leaves)
-            if self.resolution(child):
+            if self._filled(child):  # its resolution is not empty
                 out.append((node, child))
             x = node
         return out
 
     def tree_hash(self) -> bytes:
         return self._hash(self.root)
+
+    def _filled(self, x: int) -> bool:
+        """Whether the subtree of x has a non-blank node, cached per node like the hashes (so
+        a resolution skips blank subtrees instead of walking them)."""
+        chunk = self._fill[x >> self._shift]
+        off = x & ((1 << self._shift) - 1)
+        cached = chunk[off]
+        if cached is not None:
+            return cached
+        if self.node(x) is not None:
+            value = True
+        elif tm.is_leaf(x):
+            value = False
+        else:
+            value = self._filled(tm.left(x)) or self._filled(tm.right(x))
+        chunk[off] = value  # safe in a shared chunk, as for ``_hash``
+        return value
 
     def _hash(self, x: int) -> bytes:
         chunk = self._hashes[x >> self._shift]
@@ -456,9 +477,12 @@ class RatchetTree:
         clone._width = self._width
         clone._nodes = list(self._nodes)
         clone._hashes = list(self._hashes)
+        clone._fill = list(self._fill)
         clone._adm = list(self._adm)
         clone._owned = set()
         self._owned = set()
+        clone._cache_owned = set()
+        self._cache_owned = set()
         clone._counts = list(self._counts)
         clone._members = self._members
         clone._keys = self._keys.copy()
@@ -554,12 +578,19 @@ class RatchetTree:
     # -- editing (only on a fresh copy; see the module docstring) -----------------------------
 
     def _own(self, ci: int) -> None:
-        """Make chunk ``ci`` this tree's own before writing it (copy-on-write)."""
+        """Make node chunk ``ci`` this tree's own before writing it (copy-on-write)."""
         if ci not in self._owned:
             self._nodes[ci] = list(self._nodes[ci])
-            self._hashes[ci] = list(self._hashes[ci])
             self._adm[ci] = list(self._adm[ci])
             self._owned.add(ci)
+
+    def _own_cache(self, ci: int) -> None:
+        """The same for the cached hashes and fills of chunk ``ci`` (apart: invalidating a
+        path copies no node chunk, so ``changed_since`` looks only where nodes were written)."""
+        if ci not in self._cache_owned:
+            self._hashes[ci] = list(self._hashes[ci])
+            self._fill[ci] = list(self._fill[ci])
+            self._cache_owned.add(ci)
 
     def _index(self, x: int, node: LeafNode | ParentNode) -> None:
         self._keys.add(node.encryption_key, x)
@@ -578,8 +609,9 @@ class RatchetTree:
     def _invalidate(self, x: int) -> None:
         mask = (1 << self._shift) - 1
         for y in [x, *tm.direct_path(x, self.n_leaves)]:
-            self._own(y >> self._shift)
+            self._own_cache(y >> self._shift)
             self._hashes[y >> self._shift][y & mask] = None
+            self._fill[y >> self._shift][y & mask] = None
 
     def _set(self, x: int, node: Node, admission: bytes | None = None) -> None:
         old = self.node(x)
@@ -633,18 +665,23 @@ class RatchetTree:
             if node is not None:
                 self._unindex(x, node)
         count = -(-width // size)
-        del self._nodes[count:], self._hashes[count:], self._adm[count:], self._counts[count:]
+        del self._nodes[count:], self._hashes[count:], self._fill[count:]
+        del self._adm[count:], self._counts[count:]
         self._owned = {ci for ci in self._owned if ci < count}
+        self._cache_owned = {ci for ci in self._cache_owned if ci < count}
         if width < self._width and width & (size - 1):
             ci = count - 1
             self._own(ci)
+            self._own_cache(ci)
             cut = width & (size - 1)
-            for chunk in (self._nodes[ci], self._hashes[ci], self._adm[ci]):
+            for chunk in (self._nodes[ci], self._hashes[ci], self._fill[ci], self._adm[ci]):
                 chunk[cut:] = [None] * (size - cut)
         while len(self._nodes) < count:
             self._owned.add(len(self._nodes))
+            self._cache_owned.add(len(self._nodes))
             self._nodes.append([None] * size)
             self._hashes.append([None] * size)
+            self._fill.append([None] * size)
             self._adm.append([None] * size)
             self._counts.append(0)
         self._width = width
