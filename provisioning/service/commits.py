@@ -34,7 +34,15 @@ from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit
 from provisioning.registry import Outcome, Registry, new_state_token
-from provisioning.service import execute, fullrekey, recovery, rekeypolicy, store, verify
+from provisioning.service import (
+    execute,
+    fullrekey,
+    groupcache,
+    recovery,
+    rekeypolicy,
+    store,
+    verify,
+)
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     AcceptHeld,
@@ -118,12 +126,27 @@ def load_public(
     session: Session, group_id: str, cache: GroupCache | None = None
 ) -> tuple[PublicGroup, int]:
     """The group's public state as its row holds it, and its epoch: from ``cache`` if it holds
-    the copy made for the row's state token (``groupcache``), else decoded (and kept there)."""
-    group = Registry(session).group(group_id)
+    the copy made for the row's state token, or a copy a few commits behind that replaying
+    them brings to the row's state (``groupcache``); else decoded (and kept there)."""
+    registry = Registry(session)
+    group = registry.group(group_id)
     if cache is not None:
         hit = cache.get(group_id, group.state_token)
         if hit is not None:
             return hit, group.epoch
+        behind = cache.peek(group_id)
+        if behind is not None and 0 < group.epoch - behind.epoch <= groupcache.MAX_REPLAY:
+            try:
+                log = [c.commit for c in registry.commits_from(group_id, behind.epoch)]
+            except ProtocolError:  # pruned: decode the row
+                log = []
+            caught_up = log and groupcache.replay(
+                behind, log, head=group.public_tree, group_context=group.group_context
+            )
+            if caught_up:
+                cache.replayed()
+                cache.put(group_id, group.state_token, caught_up)
+                return caught_up, group.epoch
     public = trees.load(session, group_id, group.public_tree)
     if cache is not None:
         cache.put(group_id, group.state_token, public)

@@ -11,6 +11,13 @@ back carries a token no row ever has: it is never used. ``PublicGroup`` and its 
 immutable (a commit builds the next epoch's tree as a copy-on-write copy), so a copy can be
 shared by concurrent calls.
 
+A copy that is behind (another instance accepted the group's newest commits) is brought up to the
+row by replaying those commits from the commit log (``replay``: each verified as when it was
+accepted, O(log N) each) rather than decoding the whole tree again, and used only if the state it
+reaches is the row's: the same head (epoch, width, both transcript hashes) and GroupContext
+(which holds the tree hash). Otherwise (the copy is ahead of the row, a rollback took its epoch
+back, the commits are no longer kept) the row is decoded.
+
 Bounded two ways, least recently used first out: at most ``max_groups`` groups and
 ``max_leaves`` leaves in all (a 100,000-member tree holds about 100 MB in memory).
 """
@@ -19,11 +26,17 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
+from agent.protocol.errors import ProtocolError
+from agent.protocol.mls.messages import Commit
 from agent.protocol.mls.public import PublicGroup
+from provisioning.service.store import trees
 
 MAX_GROUPS = 64
 MAX_LEAVES = 400_000
+MAX_REPLAY = 64
+"""Most commits replayed to bring a copy up to its row (beyond: decode the row)."""
 
 
 class GroupCache:
@@ -37,6 +50,7 @@ class GroupCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.replays = 0
 
     def get(self, group_id: str, token: bytes | None) -> PublicGroup | None:
         """The copy of ``group_id`` made for ``token`` (the row's current token), or None."""
@@ -48,6 +62,16 @@ class GroupCache:
             self._entries.move_to_end(group_id)
             self.hits += 1
             return entry[1]
+
+    def peek(self, group_id: str) -> PublicGroup | None:
+        """The copy of ``group_id`` whatever its token (to bring up to date: ``replay``)."""
+        with self._lock:
+            entry = self._entries.get(group_id)
+            return None if entry is None else entry[1]
+
+    def replayed(self) -> None:
+        with self._lock:
+            self.replays += 1
 
     def put(self, group_id: str, token: bytes | None, public: PublicGroup) -> None:
         """Keep ``public`` as the state the row with ``token`` holds (None: keep nothing)."""
@@ -67,3 +91,22 @@ class GroupCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def replay(
+    copy: PublicGroup, commits: Sequence[bytes], *, head: bytes, group_context: bytes
+) -> PublicGroup | None:
+    """``copy`` with ``commits`` (the commit log's, from ``copy``'s epoch on, encoded) applied
+    as the service accepted them, if that is the state the row holds (``head`` and
+    ``group_context`` are the row's); None otherwise (the caller decodes the row)."""
+    if len(commits) > MAX_REPLAY:
+        return None
+    public = copy
+    try:
+        for data in commits:
+            public = public.apply(Commit.decode(data))
+    except ProtocolError:
+        return None
+    if trees.head(public.state) != head or public.state.group_context() != group_context:
+        return None
+    return public

@@ -4,12 +4,15 @@ leaves), least recently used first out."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from agent.protocol.mls.group import Group
 from agent.protocol.mls.public import PublicGroup
-from provisioning.service.groupcache import GroupCache
-from tests.pure.test_mls_group import Member
+from provisioning.service.groupcache import GroupCache, replay
+from provisioning.service.store import trees
+from tests.pure.test_mls_group import Member, World
 
 pytestmark = pytest.mark.pure
 
@@ -44,3 +47,22 @@ def test_bounded_by_groups_and_leaves_least_recently_used_first() -> None:
     small.put("a", b"t", a)
     small.put("b", b"t", b)  # two one-leaf groups exceed one leaf: a goes
     assert small.get("a", b"t") is None and small.get("b", b"t") is b
+
+
+def test_a_copy_behind_is_replayed_only_to_the_row_s_exact_state() -> None:
+    world = World()
+    world.add(world.members_any(), 3)
+    before = world.service
+    committer = sorted(world.members.values(), key=lambda m: m.g.own_leaf)[1]
+    world.update(committer)
+    after = world.service
+    commit = world.history[-1].encode()
+    head, context = trees.head(after.state), after.state.group_context()
+    caught_up = replay(before, [commit], head=head, group_context=context)
+    assert caught_up is not None and caught_up.to_state() == after.to_state()
+    # not the row's state: another head (e.g. the same commit with another confirmation
+    # tag, which changes only the interim transcript hash), another context, a refused commit
+    other = trees.head(replace(after.state, interim_transcript_hash=bytes(32)))
+    assert replay(before, [commit], head=other, group_context=context) is None
+    assert replay(before, [commit], head=head, group_context=b"x") is None
+    assert replay(after, [commit], head=head, group_context=context) is None  # stale epoch
