@@ -326,11 +326,9 @@ def accept_commit(
     registry = Registry(session)
     token = new_state_token()
     # the tree rows this commit rewrites (O(log N)), and what they hold now
-    rows = trees.changes(session, body.group_id, public, following)
+    rows, before = trees.plan(session, body.group_id, public, following)
     # what a rollback restores if members cannot process this commit (recovery, rollback)
-    wedge_store.save_previous(
-        session, body.group_id, trees.previous_rows(session, body.group_id, public, rows)
-    )
+    wedge_store.save_previous(session, body.group_id, before)
     registry.append_commit(
         body.group_id,
         epoch=body.epoch,

@@ -132,7 +132,7 @@ def test_a_commit_rewrites_log_n_rows_of_a_group_past_the_old_ceiling(engine: En
     _same(_load(sessions), public)
     following = _commit(public, 1234)
     with sessions.begin() as s:
-        rows = trees.changes(s, G, public, following)
+        rows, _ = trees.plan(s, G, public, following)
         # the committer's leaf and the 13 parents of its path, nothing else
         assert sorted(rows) == sorted([2 * 1234, *tm.direct_path(2 * 1234, 8192)])
         assert sum(len(d or b"") for d in rows.values()) < 4096
@@ -161,8 +161,8 @@ def test_a_rollback_restores_the_rows_the_newest_commit_rewrote(engine: Engine) 
     state = public.state
     following = _commit(PublicGroup(replace(state, tree=removed)), 3)
     with sessions.begin() as s:
-        rows = trees.changes(s, G, public, following)
-        wedge.save_previous(s, G, trees.previous_rows(s, G, public, rows))
+        rows, before = trees.plan(s, G, public, following)
+        wedge.save_previous(s, G, before)
         trees.write(s, G, rows)
         s.execute(
             update(Group)
@@ -233,9 +233,9 @@ def test_a_whole_state_row_is_read_and_the_next_commit_writes_every_node(engine:
     _same(_load(sessions), public)
     following = _commit(public, 2)
     with sessions.begin() as s:
-        rows = trees.changes(s, G, public, following)
-        assert sorted(rows) == trees.all_nodes(following.tree)
-        assert set(trees.previous_rows(s, G, public, rows).values()) == {None}
+        rows, before = trees.plan(s, G, public, following)
+        assert sorted(rows) == sorted(before) == trees.all_nodes(following.tree)
+        assert set(before.values()) == {None}
         trees.write(s, G, rows)
         s.execute(
             update(Group).where(Group.group_id == G).values(public_tree=trees.head(following.state))

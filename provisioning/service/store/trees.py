@@ -3,8 +3,8 @@
 The ``groups`` row's ``public_tree`` holds the head, CBOR ``{"group": id, "epoch": e, "width":
 node count, "cth": confirmed transcript hash, "ith": interim transcript hash}``, and each
 non-blank node of the ratchet tree is a row of ``group_tree_nodes`` (its CBOR as in the tree's
-encoding, ``RatchetTree.node_obj``). A commit rewrites the nodes it changed
-(``RatchetTree.changed_since``: its path, the leaves it adds, removes or updates, the parents
+encoding, ``RatchetTree.node_obj``). A commit rewrites the nodes it changed (``plan``, by
+``RatchetTree.changed_since``: its path, the leaves it adds, removes or updates, the parents
 whose unmerged lists it extends) and the head; the tree is decoded, strictly as ever
 (``RatchetTree.from_obj``), only when an instance has no current copy in memory
 (``provisioning.service.groupcache``).
@@ -122,20 +122,15 @@ def write(session: Session, group_id: str, rows: Mapping[int, bytes | None]) -> 
         session.execute(insert(GroupTreeNode), kept)
 
 
-def changes(session: Session, group_id: str, before: PublicGroup, after: PublicGroup) -> NodeRows:
+def plan(
+    session: Session, group_id: str, before: PublicGroup, after: PublicGroup
+) -> tuple[NodeRows, NodeRows]:
     """The node rows that move the stored tree from ``before`` (the state the row holds) to
-    ``after``: the nodes that differ (O(log N) for a commit), or every node if the row held
-    the whole state."""
+    ``after`` (the nodes that differ, O(log N) for a commit; every node if the row held the
+    whole state), and what those rows hold now (what a rollback puts back; none at all if the
+    row held the whole state)."""
     if has_nodes(session, group_id):
-        return rows_of(after.tree, after.tree.changed_since(before.tree))
-    return rows_of(after.tree, all_nodes(after.tree))
-
-
-def previous_rows(
-    session: Session, group_id: str, before: PublicGroup, nodes: Iterable[int]
-) -> NodeRows:
-    """What ``group_tree_nodes`` holds now at ``nodes`` (from ``before``, the state it holds:
-    no rows at all if the row holds the whole state)."""
-    if has_nodes(session, group_id):
-        return rows_of(before.tree, nodes)
-    return dict.fromkeys(nodes)
+        nodes = after.tree.changed_since(before.tree)
+        return rows_of(after.tree, nodes), rows_of(before.tree, nodes)
+    nodes = all_nodes(after.tree)
+    return rows_of(after.tree, nodes), dict.fromkeys(nodes)
