@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.protocol.errors import ProtocolError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
@@ -241,3 +242,40 @@ def test_a_whole_state_row_is_read_and_the_next_commit_writes_every_node(engine:
             update(Group).where(Group.group_id == G).values(public_tree=trees.head(following.state))
         )
     _same(_load(sessions), following)
+
+
+def test_tampered_node_rows_are_refused_when_the_group_is_read(engine: Engine) -> None:
+    """The stored tree is decoded as strictly as a tree off the wire: a row past the width, a
+    row for a blank node, a leaf in a parent's place or a key that is not a point is refused
+    (``mls.decode``), and the service decodes nothing from it."""
+    migrations.upgrade(engine)
+    sessions = session_factory(engine)
+    public = _public(6)
+    _store(sessions, public)
+    leaf_row = codec.encode(public.tree.node_obj(0))
+    bad_point = public.tree.node_obj(1)
+    assert isinstance(bad_point, dict)
+    for node, data in (
+        (15, leaf_row),  # past the width (8 leaves: 15 nodes)
+        (14, codec.encode(None)),  # a row for a blank node
+        (3, leaf_row),  # a leaf where a parent belongs
+        (1, codec.encode({**bad_point, "enc": b"\x04" + bytes(64)})),
+    ):
+        with sessions.begin() as s:
+            s.execute(
+                text("DELETE FROM group_tree_nodes WHERE group_id = :g AND node = :n"),
+                {"g": G, "n": node},
+            )
+            s.add(GroupTreeNode(group_id=G, node=node, data=data))
+        with pytest.raises(ProtocolError) as exc:
+            _load(sessions)
+        assert exc.value.check.startswith("mls.decode"), (node, exc.value.check)
+        with sessions.begin() as s:  # put the honest row back
+            s.execute(
+                text("DELETE FROM group_tree_nodes WHERE group_id = :g AND node = :n"),
+                {"g": G, "n": node},
+            )
+            original = public.tree.node_obj(node) if node < 15 else None
+            if original is not None:
+                s.add(GroupTreeNode(group_id=G, node=node, data=codec.encode(original)))
+    _same(_load(sessions), public)
