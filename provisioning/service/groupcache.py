@@ -19,7 +19,8 @@ reaches is the row's: the same head (epoch, width, both transcript hashes) and G
 back, the commits are no longer kept) the row is decoded.
 
 Bounded two ways, least recently used first out: at most ``max_groups`` groups and
-``max_leaves`` leaves in all (a 100,000-member tree holds about 100 MB in memory).
+``max_leaves`` leaves in all (a copy's memory grows with its tree: every leaf holds its DevID
+certificate).
 """
 
 from __future__ import annotations
