@@ -316,6 +316,17 @@ class GroupPreviousRow(ServiceBase):
     group_context: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class GroupPreviousNodeRow(ServiceBase):
+    """What ``group_tree_nodes`` held, before the group's newest accepted commit, at each node
+    that commit rewrote (``data`` NULL: no row, a blank node). A rollback puts these back."""
+
+    __tablename__ = "service_group_previous_nodes"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    node: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    data: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
 class RekeyPolicyRow(ServiceBase):
     """A group's rekey policy (``keyfleet group policy``): the longest a member may go without
     updating its own leaf, in seconds and in epochs (0: no bound); a group without a row follows

@@ -192,8 +192,11 @@ class KeyTransition(Base):
 
 
 class Group(Base):
-    """A group's public state at its current epoch: the ratchet tree without any private key and
-    the GroupContext, both as the bytes the accepted commit produced."""
+    """A group's public state at its current epoch: ``public_tree`` is its head (group id,
+    epoch, tree width, transcript hashes; CBOR, ``provisioning.service.store.trees``), the
+    ratchet tree's nodes are rows of ``group_tree_nodes``, and the GroupContext is the bytes
+    the accepted commit produced. (Before revision 0018, and as written by tools seeding a
+    group, ``public_tree`` may hold the whole public state, tree included.)"""
 
     __tablename__ = "groups"
     __table_args__ = (CheckConstraint("epoch >= 0", name="epoch_not_negative"),)
@@ -204,6 +207,24 @@ class Group(Base):
     group_context: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
+    # Random, new with every write of the public state (create, commit, rollback): a service
+    # instance's in-memory copy of the group is current iff it was made for this token.
+    state_token: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class GroupTreeNode(Base):
+    """One non-blank node of a group's public ratchet tree at its current epoch: ``node`` is its
+    index in the tree's node array (RFC 9420 Appendix C), ``data`` its CBOR as in the tree's
+    encoding (a leaf with its admission hash, or a parent). A commit rewrites only the nodes it
+    changes, O(log N) rows."""
+
+    __tablename__ = "group_tree_nodes"
+
+    group_id: Mapped[str] = mapped_column(
+        ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True
+    )
+    node: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class GroupMember(Base):

@@ -33,10 +33,12 @@ from provisioning.registry.repository import (
     StationRecord,
     cert_fingerprint,
     key_state_items,
+    new_state_token,
     pem_fingerprint,
 )
 
 __all__ = [
+    "new_state_token",
     "AckStatus",
     "AttestationResult",
     "CommitRecord",

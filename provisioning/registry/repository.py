@@ -19,6 +19,7 @@ are checked in one place against one session; the record types it returns sit be
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
@@ -179,6 +180,7 @@ class GroupRecord:
     group_context: bytes = field(repr=False)
     created_at: int
     updated_at: int
+    state_token: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,11 @@ def _milliseconds(now: int, now_ms: int | None) -> int:
     if now_ms // 1000 != now:
         raise InternalError(f"now_ms {now_ms} is not within second {now}")
     return now_ms
+
+
+def new_state_token() -> bytes:
+    """A fresh ``Group.state_token``."""
+    return secrets.token_bytes(16)
 
 
 def _record(cls: type[R], row: object) -> R:
@@ -625,6 +632,7 @@ class Registry:
         public_tree: bytes,
         group_context: bytes,
         now: int,
+        state_token: bytes | None = None,
     ) -> GroupRecord:
         """Record a group a member device created (RFC 9420: the creator is alone at leaf 0 in
         epoch 0); everyone else joins through accepted commits."""
@@ -644,6 +652,7 @@ class Registry:
             group_context=group_context,
             created_at=now,
             updated_at=now,
+            state_token=state_token or new_state_token(),
         )
         creator_row = GroupMember(
             group_id=group_id,
@@ -749,6 +758,7 @@ class Registry:
         removed: Collection[str] = (),
         now: int,
         now_ms: int | None = None,
+        state_token: bytes | None = None,
     ) -> CommitRecord:
         """Accept the commit ``committer`` made in ``epoch`` and move the group to ``epoch + 1``
         with the new public tree and context; ``added`` (device -> leaf index) and ``removed``
@@ -758,6 +768,8 @@ class Registry:
         conditional epoch update decide between racing instances, so a loser gets
         ``EpochConflict`` however the race interleaves. ``now_ms``: the same instant in
         milliseconds, if the caller's clock has them (else ``now * 1000`` is recorded).
+        ``state_token``: the group's new state token (``Group.state_token``; default random).
+        Reads the member rows of the committer and of the devices added and removed only.
         """
         accepted_ms = _milliseconds(now, now_ms)
         added = dict(added or {})
@@ -776,9 +788,14 @@ class Registry:
                 "ds.commit.committer",
                 f"device {committer!r} is not a member of group {group_id!r} and cannot commit",
             )
+        changed = [*removed, *added]
         current = {
             m.device_id: m
-            for m in self._s.scalars(select(GroupMember).where(GroupMember.group_id == group_id))
+            for m in self._s.scalars(
+                select(GroupMember).where(
+                    GroupMember.group_id == group_id, GroupMember.device_id.in_(changed)
+                )
+            )
         }
         for device_id in removed:
             gone = current.get(device_id)
@@ -829,6 +846,7 @@ class Registry:
                 public_tree=public_tree,
                 group_context=group_context,
                 updated_at=now,
+                state_token=state_token or new_state_token(),
             )
             .execution_options(synchronize_session=False)
         )

@@ -27,15 +27,22 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.hpke import serialize_public_key
-from agent.protocol.mls import codec
 from agent.protocol.mls.messages import Commit, Welcome
-from agent.protocol.mls.public import PublicGroup
+from agent.protocol.mls.public import PublicGroup, VerifiedCommit
 from agent.protocol.topics import device_cmd_topic, group_commit_topic
 from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit
-from provisioning.registry import Outcome, Registry
-from provisioning.service import execute, fullrekey, recovery, rekeypolicy, store, verify
+from provisioning.registry import Outcome, Registry, new_state_token
+from provisioning.service import (
+    execute,
+    fullrekey,
+    groupcache,
+    recovery,
+    rekeypolicy,
+    store,
+    verify,
+)
 from provisioning.service.context import Call
 from provisioning.service.effects import (
     AcceptHeld,
@@ -47,7 +54,9 @@ from provisioning.service.effects import (
     Log,
     Send,
 )
-from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
+from provisioning.service.groupcache import GroupCache
+from provisioning.service.model import Job, JobState
+from provisioning.service.store import trees
 from provisioning.service.store import wedge as wedge_store
 
 log = logging.getLogger("keyfleet.service")
@@ -67,6 +76,7 @@ class CheckedCommit:
     removes: list[str]
     job: Job | None
     updated: tuple[str, ...] = ()  # members whose Updates it commits
+    verified: VerifiedCommit | None = None  # what ``public.verify`` returned: the next state
 
 
 @dataclass(frozen=True)
@@ -112,11 +122,34 @@ class AcceptedCommit:
         return out
 
 
-def load_public(session: Session, group_id: str) -> tuple[PublicGroup, int]:
-    group = Registry(session).group(group_id)
-    public = PublicGroup.from_state(
-        codec.decode(group.public_tree, MAX_PUBLIC_GROUP, "public_tree")
-    )
+def load_public(
+    session: Session, group_id: str, cache: GroupCache | None = None
+) -> tuple[PublicGroup, int]:
+    """The group's public state as its row holds it, and its epoch: from ``cache`` if it holds
+    the copy made for the row's state token, or a copy a few commits behind that replaying
+    them brings to the row's state (``groupcache``); else decoded (and kept there)."""
+    registry = Registry(session)
+    group = registry.group(group_id)
+    if cache is not None:
+        hit = cache.get(group_id, group.state_token)
+        if hit is not None:
+            return hit, group.epoch
+        behind = cache.peek(group_id)
+        if behind is not None and 0 < group.epoch - behind.epoch <= groupcache.MAX_REPLAY:
+            try:
+                log = [c.commit for c in registry.commits_from(group_id, behind.epoch)]
+            except ProtocolError:  # pruned: decode the row
+                log = []
+            caught_up = log and groupcache.replay(
+                behind, log, head=group.public_tree, group_context=group.group_context
+            )
+            if caught_up:
+                cache.replayed()
+                cache.put(group_id, group.state_token, caught_up)
+                return caught_up, group.epoch
+    public = trees.load(session, group_id, group.public_tree)
+    if cache is not None:
+        cache.put(group_id, group.state_token, public)
     return public, group.epoch
 
 
@@ -125,7 +158,7 @@ def check_commit(
 ) -> CheckedCommit:
     """Every check before acceptance; returns the commit, the group's public view, the
     device ids it adds and removes, and the job it fulfils."""
-    public, epoch = load_public(session, body.group_id)
+    public, epoch = load_public(session, body.group_id, cx.env.groups)
     commit = Commit.decode(body.commit)
     if commit.content.epoch != body.epoch:
         raise ProtocolError("ds.commit.epoch_mismatch", "envelope and commit epochs differ")
@@ -135,7 +168,7 @@ def check_commit(
             f"group {body.group_id!r}: epoch {body.epoch} already has an accepted commit; "
             f"the group is at epoch {epoch}",
         )
-    public.verify(commit)
+    verified = public.verify(commit)
     registry = Registry(session)
     leaf = public.tree.leaf(commit.content.sender)
     devid = serialize_public_key(verify.devid_public_key(cx, registry.device(sender), now))
@@ -189,7 +222,7 @@ def check_commit(
         updated_leaf = public.tree.leaf(update.leaf_index)
         assert updated_leaf is not None  # verify() refused Updates of blank leaves
         updated.append(updated_leaf.device_id.decode())
-    return CheckedCommit(commit, public, adds, removes, job, tuple(updated))
+    return CheckedCommit(commit, public, adds, removes, job, tuple(updated), verified)
 
 
 def on_commit(cx: Call, session: Session, sender: str, body: CommitMessage, now: int) -> Effects:
@@ -283,28 +316,37 @@ def accept_commit(
                 "ds.welcome.members", "the welcome does not match the commit's adds and epoch"
             )
         public.check_welcome(commit, Welcome.decode(welcome.welcome))
-    verified = public.verify(commit)
+    # verified once, by check_commit, in this transaction against this state
+    verified = checked.verified if checked.verified is not None else public.verify(commit)
     following = PublicGroup(verified.next_state())
     added = {
         kp.device_id.decode(): leaf
         for kp, leaf in zip(commit.content.adds, verified.added, strict=True)
     }
     registry = Registry(session)
+    token = new_state_token()
+    # the tree rows this commit rewrites (O(log N)), and what they hold now
+    rows, before = trees.plan(session, body.group_id, public, following)
     # what a rollback restores if members cannot process this commit (recovery, rollback)
-    wedge_store.save_previous(session, body.group_id)
+    wedge_store.save_previous(session, body.group_id, before)
     registry.append_commit(
         body.group_id,
         epoch=body.epoch,
         committer=sender,
         commit=body.commit,
         welcome=None if welcome is None else welcome.welcome,
-        public_tree=codec.encode(following.to_state()),
+        public_tree=trees.head(following.state),
         group_context=following.state.group_context(),
         added=added,
         removed=removes,
         now=now,
         now_ms=cx.clock.ms,
+        state_token=token,
     )
+    trees.write(session, body.group_id, rows)
+    # The next commit starts from this copy if the row still has this token then (a rollback
+    # of this transaction leaves a token no row has: the copy is never used).
+    cx.env.groups.put(body.group_id, token, following)
     rekeypolicy.record_commit(
         session,
         body.group_id,

@@ -9,6 +9,8 @@ seeing another's, changes nothing that matters):
   the shared truth (written with every accepted report); this only saves a read.
 - ``releases``: the golden policy built at one release-state seq; every use reads the seq
   and rebuilds it when it moved.
+- ``groups``: decoded public groups, each used only while the group row still carries the
+  state token it was made for (``groupcache``); otherwise the row is decoded again.
 - ``catchup_sent``: which commit range was last replayed to a member for catch-up. Another
   instance may replay the same range once more, and a member drops commits it already has.
 """
@@ -33,6 +35,7 @@ from provisioning.metrics import ServiceMetrics
 from provisioning.registry import run_in_transaction
 from provisioning.revocation import RevocationSettings
 from provisioning.service.credentials import StoredDevices
+from provisioning.service.groupcache import GroupCache
 from provisioning.service.model import AttestationSettings, ReleaseCache, ServiceSettings
 
 T = TypeVar("T")
@@ -93,6 +96,8 @@ class Env:
     crl_checked_at: int = 0  # when ``tasks.crl_tick`` last compared the CRL file and database
     crl_write_at_ms: int | None = None  # a revocation's CRL goes to the file then (``WriteCrl``)
     releases: ReleaseCache | None = None  # the golden policy at a release seq (``releases``)
+    # decoded public groups, each used only while its row has the same state token (``groupcache``)
+    groups: GroupCache = field(default_factory=GroupCache)
     # Signs the release bundle (``releases``, [releases] signing_key); None: none is published.
     release_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
     release_key_warned: bool = False

@@ -66,6 +66,7 @@ from provisioning.service.effects import (
     Touch,
 )
 from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
+from provisioning.service.store import trees
 
 log = logging.getLogger("keyfleet.service")
 
@@ -355,10 +356,11 @@ def on_group_created(
     registry.create_group(
         body.group_id,
         creator=sender,
-        public_tree=codec.encode(public.to_state()),
+        public_tree=trees.head(public.state),
         group_context=public.state.group_context(),
         now=now,
     )
+    trees.write(session, body.group_id, trees.rows_of(public.tree, trees.all_nodes(public.tree)))
     audit.append(
         session,
         now=now,

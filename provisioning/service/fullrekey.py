@@ -136,7 +136,7 @@ def on_proposal(cx: Call, session: Session, sender: str, body: UpdateProposal, n
         raise ProtocolError(
             "ds.rekey.proposal", f"{sender!r}: no Update proposal of {body.group_id!r} asked"
         )
-    public, _ = commits.load_public(session, body.group_id)
+    public, _ = commits.load_public(session, body.group_id, cx.env.groups)
     update = Update.decode(body.update)
     old = public.tree.leaf(update.leaf_index)
     if old is None or old.device_id != sender.encode():

@@ -232,7 +232,7 @@ def choose_committer(cx: Call, session: Session, job: Job, now: int) -> tuple[st
         return wanted, group.epoch
     preferred: str | None = None
     if job.action is CommitAction.REMOVE:
-        public, _ = commits.load_public(session, job.group_id)
+        public, _ = commits.load_public(session, job.group_id, cx.env.groups)
         target = next(m for m in members if m.device_id == job.member)
         assert target.leaf_index is not None
         among = tuple(c.encode() for c in job.candidates)

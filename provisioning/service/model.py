@@ -14,7 +14,8 @@ from agent.protocol.wire.messages.service import CommitAction
 from provisioning.policy import GoldenPolicy
 from provisioning.registry import DeviceState
 
-# Largest public group state (ratchet tree) the service decodes.
+# Largest public group state a device sends with the group it created (epoch 0, one member);
+# stored groups have no such bound (their trees are stored node by node, ``store.trees``).
 MAX_PUBLIC_GROUP: Final = 1 << 20
 # Devices that may be members of a group (be added, be asked to commit).
 GROUP_ELIGIBLE: Final = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE})

@@ -37,15 +37,13 @@ from agent.core import KEY_CHANGE_REPORT_DELAY, KEY_CHANGE_REPORT_SPREAD
 from agent.mqtt import MqttClient, ReceivedMessage
 from agent.protocol.dataseal import open_sealed
 from agent.protocol.errors import ProtocolError
-from agent.protocol.mls import codec
-from agent.protocol.mls.public import PublicGroup
 from agent.protocol.secret import Secret
 from agent.protocol.topics import SERVICE_ID, operator_cmd_topic, operator_result_topic
 from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.operator import Rekey, Revoke
 from firmware_sim.lab import Lab, LabDevice
 from provisioning import pki
-from provisioning.service.model import MAX_PUBLIC_GROUP
+from provisioning.service.commits import load_public
 from tests.fixtures.fleet import refusals_since, service_tap
 from tests.fixtures.postgres import dump_rows
 
@@ -194,13 +192,9 @@ def test_devices_keys_shows_the_new_epoch_within_seconds_with_its_kind(lab: Lab)
 def leaf_keys(lab: Lab) -> dict[str, bytes]:
     """Each member's leaf public key in the service's public tree of ``G``."""
 
-    def read(registry: Any) -> dict[str, bytes]:
-        tree = PublicGroup.from_state(
-            codec.decode(registry.group(G).public_tree, MAX_PUBLIC_GROUP, "public_tree")
-        ).tree
-        return {leaf.device_id.decode(): leaf.encryption_key for _, leaf in tree.members()}
-
-    return lab.registry(read)
+    with lab.session() as session:
+        tree = load_public(session, G)[0].tree
+    return {leaf.device_id.decode(): leaf.encryption_key for _, leaf in tree.members()}
 
 
 def test_full_rekey_replaces_every_leaf_key_in_one_commit(lab: Lab) -> None:

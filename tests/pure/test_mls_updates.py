@@ -254,7 +254,7 @@ def test_commits_without_updates_encode_as_before_and_the_decoder_is_strict() ->
         [update.to_obj()] * (MAX_UPDATES + 1),
         [[1, update.encryption_key]],
         [[1, b"\x04" + bytes(64), update.signature]],
-        [[1 << 16, update.encryption_key, update.signature]],
+        [[codec.MAX_LEAVES, update.encryption_key, update.signature]],
     ):
         content["updates"] = bad
         data = codec.encode({**obj, "content": content})

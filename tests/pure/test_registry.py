@@ -89,6 +89,7 @@ def test_sqlite_file_has_every_table_wal_and_foreign_keys(engine: Engine, tmp_pa
         "key_transitions",
         "groups",
         "group_members",
+        "group_tree_nodes",
         "commit_log",
         "acks",
         "operators",

@@ -17,14 +17,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from agent.protocol.mls import codec
-from agent.protocol.mls.public import PublicGroup
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.operator import GroupPolicy, Rekey
 from agent.protocol.wire.messages.result import ResultStatus
-from provisioning.registry import Registry
 from provisioning.service import fullrekey, rekeypolicy, store
-from provisioning.service.model import MAX_PUBLIC_GROUP, ServiceSettings
+from provisioning.service.commits import load_public
+from provisioning.service.model import ServiceSettings
 from provisioning.service.rekeypolicy import LeafUpdate, RekeyPolicy, due, parse_duration, to_ask
 from provisioning.service.store import rekey as rows
 from tests.pure.test_service_core import Fleet, create_g1, make_fleet
@@ -138,10 +136,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def leaf_keys(fleet: Fleet, group_id: str) -> dict[str, bytes]:
     """Each member's leaf encryption key in the service's public tree."""
     with fleet.sessions() as s:
-        group = Registry(s).group(group_id)
-        public = PublicGroup.from_state(
-            codec.decode(group.public_tree, MAX_PUBLIC_GROUP, "public_tree")
-        )
+        public, _ = load_public(s, group_id)
     out = {}
     for index in range(public.tree.n_leaves):
         leaf = public.tree.leaf(index)

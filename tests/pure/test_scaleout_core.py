@@ -29,6 +29,7 @@ from provisioning.db.runtime import GroupSlot, HeldMessage, JobRow
 from provisioning.db.schema import CommitLogEntry, Device
 from provisioning.metrics import ServiceMetrics
 from provisioning.policy import policy_from_components
+from provisioning.registry import Registry
 from provisioning.service import jobs, store
 from provisioning.service.context import Call, Clock
 from provisioning.service.core import (
@@ -316,3 +317,44 @@ def test_metrics_exposition_format() -> None:
         metrics.reports.inc()  # the label is required
     with pytest.raises(ValueError):
         metrics.reports.inc("x", amount=-1)
+
+
+def test_an_instance_whose_copy_of_a_group_is_stale_decodes_the_row_again(fleet: Fleet) -> None:
+    """Each instance keeps the public groups it decoded or accepted in memory (``Env.groups``);
+    after the other instance accepts a commit the row's state token changed, and the first
+    instance's next commit for the group starts from the row's state (its copy brought up to
+    it by replaying the commit from the log), not from its stale copy."""
+    both = TwoInstances(fleet, seed=1)
+    admin = fleet.operators["op-admin"]
+    caches = {name: service._env.groups for name, service in both.instances.items()}
+
+    def rekey_at(name: str) -> None:
+        both.alive = {name}
+        body = rekey("g1")
+        both.send(admin.command(body, fleet.now))
+        for _ in range(3):
+            both.tick(1)
+        assert fleet.final(body.command_id).status is ResultStatus.DONE
+
+    both.alive = {"a"}
+    create = group_create("g1", "dev-1", "dev-2", "dev-3")
+    both.send(admin.command(create, fleet.now))
+    both.tick(1)
+    assert fleet.final(create.command_id).status is ResultStatus.DONE
+    rekey_at("a")
+    with fleet.sessions() as s:
+        token = Registry(s).group("g1").state_token
+    stale = caches["a"].get("g1", token)
+    assert stale is not None and stale.epoch == fleet.epoch("g1")  # a's copy is current
+    rekey_at("b")  # b decodes the row (its cache is empty), accepts, writes a new token
+    assert caches["a"].get("g1", token) is stale  # a still holds its copy for the old token
+    misses, replays = caches["a"].misses, caches["a"].replays
+    rekey_at("a")  # a's copy is one commit behind the row: a replays b's commit from the log
+    assert caches["a"].misses > misses and caches["a"].replays > replays
+    assert both.chain("g1") == list(range(fleet.epoch("g1")))
+    holders = [d for d in fleet.devices.values() if "g1" in d.groups]
+    assert len({d.groups["g1"].epoch_authenticator for d in holders}) == 1
+    with fleet.sessions() as s:
+        group = Registry(s).group("g1")
+    current = caches["a"].get("g1", group.state_token)
+    assert current is not None and current.state.group_context() == group.group_context

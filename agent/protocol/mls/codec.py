@@ -22,10 +22,11 @@ from agent.protocol.wire import cbor as wire_cbor
 
 T = TypeVar("T")
 
-MAX_LEAVES = 1 << 16
-"""Largest group keyfleet decodes: 65,536 members (a tree of depth 16)."""
+MAX_LEAVES = 1 << 17
+"""Largest group keyfleet decodes: 131,072 members (a tree of depth 17; fleets of 100,000 in
+one group)."""
 
-MAX_DEPTH = 17
+MAX_DEPTH = 18
 """Longest direct path (tree depth) plus one."""
 
 MAX_DEVICE_ID = 255

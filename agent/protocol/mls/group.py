@@ -115,6 +115,8 @@ ResolveLeafKey = Callable[[bytes], ec.EllipticCurvePrivateKey]
 
 def _referenced(tree: RatchetTree, admissions: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """The Authorizations (by hash) that some leaf of ``tree`` records."""
+    if not admissions:
+        return {}
     used = {tree.admission(i) for i, _ in tree.members()}
     return {h: a for h, a in admissions.items() if h in used}
 

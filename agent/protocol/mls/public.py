@@ -191,12 +191,7 @@ def apply_updates(
         return
     removed = set(removes)
     seen: set[int] = set()
-    keys = {leaf.encryption_key for _, leaf in state.tree.members()}
-    keys.update(
-        parent.encryption_key
-        for x in range(1, 2 * state.tree.n_leaves - 1, 2)
-        if (parent := state.tree.parent_node(x)) is not None
-    )
+    fresh: set[bytes] = set()  # the new keys of the Updates so far (the tree's: its index)
     for update in updates:
         i = update.leaf_index
         if i == sender:
@@ -210,7 +205,8 @@ def apply_updates(
         old = tree.leaf(i)
         if old is None:
             raise ProtocolError("mls.update.blank", f"leaf {i} is not a member")
-        if update.encryption_key in keys:
+        key = update.encryption_key
+        if key in fresh or state.tree.key_positions(key):
             raise ProtocolError(
                 "mls.update.duplicate-key", f"leaf {i}: the new leaf key is already in use"
             )
@@ -218,7 +214,7 @@ def apply_updates(
         leaf.verify(state.group_id, i)
         leaf_check(leaf)
         seen.add(i)
-        keys.add(update.encryption_key)
+        fresh.add(key)
         tree._replace_leaf(i, leaf)
         tree._blank_direct_path(i)
 
@@ -252,18 +248,16 @@ def apply_proposals(
     if removes:
         tree._truncate()
     added: list[int] = []
-    keys = {leaf.encryption_key for _, leaf in tree.members()}
     admission = admission_hash(authz)
     for kp in adds:
         kp.verify()
         leaf_check(kp.leaf)
         if tree.find_device(kp.device_id) is not None:
             raise ProtocolError("mls.add.duplicate", "the device is already a member")
-        if kp.leaf_key in keys:
+        if any(tm.is_leaf(x) for x in tree.key_positions(kp.leaf_key)):
             raise ProtocolError("mls.add.duplicate-key", "the leaf key is already in the tree")
         if tree.member_count() >= codec.MAX_LEAVES:
             raise ProtocolError("mls.add.full", f"a group has at most {codec.MAX_LEAVES} members")
-        keys.add(kp.leaf_key)
         added.append(tree._add_leaf(kp.leaf_node(), admission))
     return tree, tuple(added)
 
@@ -293,14 +287,13 @@ def apply_path(
             "mls.path.length",
             f"UpdatePath has {len(node_keys)} nodes, filtered direct path has {len(path)}",
         )
-    in_use = {leaf.encryption_key for i, leaf in tree.members() if i != sender}
-    on_path = {x for x, _ in path}
-    for x in range(1, 2 * tree.n_leaves - 1, 2):
-        parent = tree.parent_node(x)
-        if parent is not None and x not in on_path:
-            in_use.add(parent.encryption_key)
+    # in use: every leaf key but the committer's, every parent key but those the path
+    # replaces (the tree's key index, so no scan of the tree)
+    replaced = {tm.leaf_to_node(sender), *(x for x, _ in path)}
     fresh = [*node_keys, *([leaf_key] if leaf_key is not None else [])]
-    if len(set(fresh)) != len(fresh) or in_use.intersection(fresh):
+    if len(set(fresh)) != len(fresh) or any(
+        x not in replaced for key in fresh for x in tree.key_positions(key)
+    ):
         raise ProtocolError("mls.path.duplicate-key", "the UpdatePath reuses a public key")
     tree._apply_path(sender, zip((x for x, _ in path), node_keys, strict=True))
     return set_path_parent_hashes(tree, path)

@@ -15,7 +15,10 @@ with ``leaf_map`` the signed LeafNode (``LeafNode.to_obj``), ``admission`` the 3
 the Authorization that let the leaf in (32 zero bytes: none), and ``parent_map = {"enc":
 encryption key, "ph": parent hash, "unmerged": [leaf indices, ascending]}``. Subtree hashes are
 cached per node and invalidated along the path of every edit, so a commit rehashes O(log N) nodes
-rather than the whole tree.
+rather than the whole tree. Nodes live in copy-on-write chunks (``copy()`` shares them; an edit
+copies the few it writes) and the tree keeps indexes of its encryption keys and device ids and
+per-chunk member counts, so copying a tree for the next epoch, the duplicate-key and duplicate-
+device checks and the member count cost no scan of the tree.
 """
 
 from __future__ import annotations
@@ -204,80 +207,177 @@ class ParentNode:
 
 Node = LeafNode | ParentNode | None
 
+CHUNK_SHIFT = 8
+"""Nodes are stored in chunks of ``2**CHUNK_SHIFT``; ``copy()`` shares every chunk and an edit
+copies only the chunks it writes (copy-on-write), so a commit copies O(log N) chunks, not the
+tree. Read when a tree is built (tests set it small to cross chunk boundaries)."""
+_SHARDS = 1024
+"""Shards of the key and device indexes (copy-on-write per shard, like the node chunks)."""
+
+
+class _Index:
+    """bytes -> node positions holding it: the tree's encryption keys (a duplicate-key check
+    without scanning the tree) and device ids. Copy-on-write per shard."""
+
+    __slots__ = ("_owned", "_shards")
+
+    def __init__(self) -> None:
+        self._shards: list[dict[bytes, tuple[int, ...]]] = [{} for _ in range(_SHARDS)]
+        self._owned: set[int] = set(range(_SHARDS))
+
+    def copy(self) -> _Index:
+        clone = _Index.__new__(_Index)
+        clone._shards = list(self._shards)
+        clone._owned = set()
+        self._owned = set()
+        return clone
+
+    def get(self, key: bytes) -> tuple[int, ...]:
+        return self._shards[hash(key) % _SHARDS].get(key, ())
+
+    def _shard(self, key: bytes) -> dict[bytes, tuple[int, ...]]:
+        i = hash(key) % _SHARDS
+        if i not in self._owned:
+            self._shards[i] = dict(self._shards[i])
+            self._owned.add(i)
+        return self._shards[i]
+
+    def add(self, key: bytes, position: int) -> None:
+        shard = self._shard(key)
+        shard[key] = (*shard.get(key, ()), position)
+
+    def discard(self, key: bytes, position: int) -> None:
+        shard = self._shard(key)
+        rest = tuple(p for p in shard.get(key, ()) if p != position)
+        if rest:
+            shard[key] = rest
+        else:
+            shard.pop(key, None)
+
 
 class RatchetTree:
-    """A complete left-balanced tree (``n_leaves`` is a power of two) stored as a node array."""
+    """A complete left-balanced tree (``n_leaves`` is a power of two): a node array stored in
+    copy-on-write chunks, with per-node tree hashes, per-chunk member counts and indexes of
+    encryption keys and device ids kept up to date by every edit (module docstring)."""
 
-    __slots__ = ("_adm", "_hashes", "_nodes")
+    __slots__ = (
+        "_adm",
+        "_cache_owned",
+        "_counts",
+        "_devices",
+        "_fill",
+        "_hashes",
+        "_keys",
+        "_members",
+        "_nodes",
+        "_owned",
+        "_shift",
+        "_width",
+    )
 
     def __init__(
         self, nodes: Sequence[Node], admissions: Mapping[int, bytes] | None = None
     ) -> None:
         """``admissions``: leaf index -> admission hash; a member without one gets
         ``NO_ADMISSION``."""
-        self._nodes: list[Node] = list(nodes)
-        self._hashes: dict[int, bytes] = {}
-        self._check_shape()
+        flat: list[Node] = list(nodes)
+        _check_shape(flat)
+        self._shift = CHUNK_SHIFT
+        size = 1 << self._shift
+        self._width = len(flat)
+        count = -(-len(flat) // size)
+        flat += [None] * (count * size - len(flat))
+        self._nodes: list[list[Node]] = [flat[i : i + size] for i in range(0, len(flat), size)]
+        self._hashes: list[list[bytes | None]] = [[None] * size for _ in range(count)]
+        self._fill: list[list[bool | None]] = [[None] * size for _ in range(count)]
+        self._adm: list[list[bytes | None]] = [[None] * size for _ in range(count)]
+        self._owned: set[int] = set(range(count))
+        self._cache_owned: set[int] = set(range(count))
+        self._counts = [0] * count
+        self._members = 0
+        self._keys = _Index()
+        self._devices = _Index()
         given = dict(admissions or {})
-        self._adm: dict[int, bytes] = {
-            i: given.pop(i, NO_ADMISSION) for i, _ in list(self.members())
-        }
-        if given or any(len(a) != NH for a in self._adm.values()):
+        for x in range(self._width):
+            node = flat[x]
+            if node is not None:
+                self._index(x, node)
+                if tm.is_leaf(x):
+                    self._adm[x >> self._shift][x & (size - 1)] = given.pop(
+                        tm.node_to_leaf(x), NO_ADMISSION
+                    )
+        if given or any(len(a) != NH for _, a in self._admissions()):
             raise ValueError("admission hashes must be 32 bytes, one per member")
 
     # -- reading -----------------------------------------------------------------------------
 
     @property
     def n_leaves(self) -> int:
-        return (len(self._nodes) + 1) // 2
+        return (self._width + 1) // 2
 
     @property
     def root(self) -> int:
         return tm.root(self.n_leaves)
 
     def node(self, x: int) -> Node:
-        return self._nodes[x]
+        if not 0 <= x < self._width:
+            raise IndexError(f"node {x} is outside the tree")
+        return self._nodes[x >> self._shift][x & ((1 << self._shift) - 1)]
 
     def leaf(self, leaf_index: int) -> LeafNode | None:
         if not 0 <= leaf_index < self.n_leaves:
             return None
-        node = self._nodes[tm.leaf_to_node(leaf_index)]
+        node = self.node(tm.leaf_to_node(leaf_index))
         assert node is None or isinstance(node, LeafNode)
         return node
 
     def admission(self, leaf_index: int) -> bytes:
         """The admission hash recorded for the member at ``leaf_index``."""
-        return self._adm[leaf_index]
+        x = tm.leaf_to_node(leaf_index)
+        value = None
+        if 0 <= x < self._width:
+            value = self._adm[x >> self._shift][x & ((1 << self._shift) - 1)]
+        if value is None:
+            raise KeyError(leaf_index)
+        return value
 
     def parent_node(self, x: int) -> ParentNode | None:
-        node = self._nodes[x]
+        node = self.node(x)
         assert node is None or isinstance(node, ParentNode)
         return node
 
     def members(self) -> Iterator[tuple[int, LeafNode]]:
         """(leaf index, leaf) of every non-blank leaf, in leaf order."""
-        for i in range(self.n_leaves):
-            node = self._nodes[2 * i]
-            if isinstance(node, LeafNode):
-                yield i, node
+        size = 1 << self._shift
+        for ci, count in enumerate(self._counts):
+            if not count:
+                continue
+            chunk = self._nodes[ci]
+            base = ci << self._shift
+            for off in range(0, min(size, self._width - base), 2):
+                node = chunk[off]
+                if isinstance(node, LeafNode):
+                    yield (base + off) // 2, node
 
     def member_count(self) -> int:
-        return sum(1 for _ in self.members())
+        return self._members
 
     def find_device(self, device_id: bytes) -> int | None:
         """The leaf index of ``device_id``, or None if it is not a member."""
-        for i, leaf in self.members():
-            if leaf.device_id == device_id:
-                return i
-        return None
+        found = self._devices.get(device_id)
+        return found[0] if found else None
+
+    def key_positions(self, encryption_key: bytes) -> tuple[int, ...]:
+        """The nodes (leaves and parents) whose encryption key is ``encryption_key``."""
+        return self._keys.get(encryption_key)
 
     def resolution(self, x: int, exclude: frozenset[int] = frozenset()) -> list[int]:
         """RFC 9420 §4.1.1: the smallest set of non-blank nodes covering the subtree of x. Leaves
         (by leaf index) in ``exclude`` are left out: a commit does not encrypt to the members it
         adds, they get their path secret in the Welcome."""
-        node = self._nodes[x]
+        node = self.node(x)
         if node is None:
-            if tm.is_leaf(x):
+            if not self._filled(x):
                 return []
             return self.resolution(tm.left(x), exclude) + self.resolution(tm.right(x), exclude)
         if isinstance(node, LeafNode):
@@ -291,7 +391,7 @@ class RatchetTree:
         out: list[tuple[int, int]] = []
         for node in tm.direct_path(x, self.n_leaves):
             child = tm.sibling(x, self.n_leaves)
-            if self.resolution(child):
+            if self._filled(child):  # its resolution is not empty
                 out.append((node, child))
             x = node
         return out
@@ -299,11 +399,30 @@ class RatchetTree:
     def tree_hash(self) -> bytes:
         return self._hash(self.root)
 
-    def _hash(self, x: int) -> bytes:
-        cached = self._hashes.get(x)
+    def _filled(self, x: int) -> bool:
+        """Whether the subtree of x has a non-blank node, cached per node like the hashes (so
+        a resolution skips blank subtrees instead of walking them)."""
+        chunk = self._fill[x >> self._shift]
+        off = x & ((1 << self._shift) - 1)
+        cached = chunk[off]
         if cached is not None:
             return cached
-        node = self._nodes[x]
+        if self.node(x) is not None:
+            value = True
+        elif tm.is_leaf(x):
+            value = False
+        else:
+            value = self._filled(tm.left(x)) or self._filled(tm.right(x))
+        chunk[off] = value  # safe in a shared chunk, as for ``_hash``
+        return value
+
+    def _hash(self, x: int) -> bytes:
+        chunk = self._hashes[x >> self._shift]
+        off = x & ((1 << self._shift) - 1)
+        cached = chunk[off]
+        if cached is not None:
+            return cached
+        node = self.node(x)
         if tm.is_leaf(x):
             assert node is None or isinstance(node, LeafNode)
             value = hash_(codec.encode([0, tm.node_to_leaf(x), self._leaf_obj(x)]))
@@ -313,23 +432,26 @@ class RatchetTree:
             value = hash_(
                 codec.encode([1, parent_obj, self._hash(tm.left(x)), self._hash(tm.right(x))])
             )
-        self._hashes[x] = value
+        # Safe in a chunk shared with other trees: an edit below x invalidates x's entry, and
+        # invalidating copies the chunk first, so every tree sharing it has x's subtree as here.
+        chunk[off] = value
         return value
 
     def _leaf_obj(self, x: int) -> dict[str, object] | None:
-        node = self._nodes[x]
+        node = self.node(x)
         if node is None:
             return None
         assert isinstance(node, LeafNode)
-        return {"leaf": node.to_obj(), "adm": self._adm[tm.node_to_leaf(x)]}
+        return {"leaf": node.to_obj(), "adm": self.admission(tm.node_to_leaf(x))}
 
     def original_hash(self, x: int, unmerged: frozenset[int]) -> bytes:
         """The tree hash of the subtree of ``x`` as it was before the leaves in ``unmerged``
         were added (RFC 9420 §7.9.2 "original sibling tree hash"): those leaves blank and gone
         from every unmerged list."""
-        if not unmerged.intersection(tm.subtree_leaves(x)):
+        below = tm.subtree_leaves(x)
+        if not any(u in below for u in unmerged):
             return self._hash(x)
-        node = self._nodes[x]
+        node = self.node(x)
         if tm.is_leaf(x):
             return hash_(codec.encode([0, tm.node_to_leaf(x), None]))
         assert node is None or isinstance(node, ParentNode)
@@ -349,17 +471,36 @@ class RatchetTree:
         )
 
     def copy(self) -> RatchetTree:
+        """A tree equal to this one sharing its chunks: O(N / chunk size), not O(N)."""
         clone = RatchetTree.__new__(RatchetTree)
+        clone._shift = self._shift
+        clone._width = self._width
         clone._nodes = list(self._nodes)
-        clone._hashes = dict(self._hashes)
-        clone._adm = dict(self._adm)
+        clone._hashes = list(self._hashes)
+        clone._fill = list(self._fill)
+        clone._adm = list(self._adm)
+        clone._owned = set()
+        self._owned = set()
+        clone._cache_owned = set()
+        self._cache_owned = set()
+        clone._counts = list(self._counts)
+        clone._members = self._members
+        clone._keys = self._keys.copy()
+        clone._devices = self._devices.copy()
         return clone
+
+    def _flat(self) -> list[Node]:
+        return [n for chunk in self._nodes for n in chunk][: self._width]
+
+    def _admissions(self) -> Iterator[tuple[int, bytes]]:
+        for i, _ in self.members():
+            yield i, self.admission(i)
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, RatchetTree)
-            and self._nodes == other._nodes
-            and self._adm == other._adm
+            and self._flat() == other._flat()
+            and dict(self._admissions()) == dict(other._admissions())
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -372,8 +513,43 @@ class RatchetTree:
     def to_obj(self) -> list[object]:
         return [
             self._leaf_obj(x) if tm.is_leaf(x) else None if n is None else n.to_obj()
-            for x, n in enumerate(self._nodes)
+            for x, n in enumerate(self._flat())
         ]
+
+    def node_obj(self, x: int) -> object:
+        """Node x as ``to_obj`` encodes it (None: blank)."""
+        if tm.is_leaf(x):
+            return self._leaf_obj(x)
+        node = self.parent_node(x)
+        return None if node is None else node.to_obj()
+
+    def changed_since(self, base: RatchetTree) -> list[int]:
+        """The nodes whose encoding (``node_obj``) may differ between ``base`` and this tree:
+        the differing nodes of the chunks the two do not share, and every node of ``base``
+        past this tree's width that is not blank. For a tree that is a copy of ``base``
+        edited by a commit, O(log N) nodes of O(log N) chunks."""
+        if base._shift != self._shift:
+            return list(range(max(self._width, base._width)))
+        size = 1 << self._shift
+        out: list[int] = []
+        for ci in range(max(len(self._nodes), len(base._nodes))):
+            mine = self._nodes[ci] if ci < len(self._nodes) else None
+            theirs = base._nodes[ci] if ci < len(base._nodes) else None
+            if mine is theirs and self._adm[ci] is base._adm[ci]:
+                continue
+            for off in range(size):
+                x = (ci << self._shift) + off
+                a = mine[off] if mine is not None and x < self._width else None
+                b = theirs[off] if theirs is not None and x < base._width else None
+                if a is b and not isinstance(a, LeafNode):
+                    continue
+                if (a is not b and a != b) or (
+                    isinstance(a, LeafNode)
+                    and theirs is not None
+                    and self._adm[ci][off] != base._adm[ci][off]
+                ):
+                    out.append(x)
+        return out
 
     @classmethod
     def from_obj(cls, value: object, what: str = "tree") -> RatchetTree:
@@ -399,48 +575,59 @@ class RatchetTree:
         except ValueError as exc:
             raise ProtocolError("mls.decode.tree", f"{what}: {exc}") from None
 
-    def _check_shape(self) -> None:
-        width = len(self._nodes)
-        n = (width + 1) // 2
-        if width < 1 or tm.node_width(n) != width or n & (n - 1):
-            raise ValueError(f"{width} nodes is not the width of a complete tree")
-        if n > codec.MAX_LEAVES:
-            raise ValueError(f"more than {codec.MAX_LEAVES} leaves")
-        seen_ids: set[bytes] = set()
-        for x, node in enumerate(self._nodes):
-            if node is None:
-                continue
-            if tm.is_leaf(x) != isinstance(node, LeafNode):
-                raise ValueError(f"node {x} has the wrong kind")
-            if isinstance(node, LeafNode):
-                if node.device_id in seen_ids:
-                    raise ValueError("a device id appears twice")
-                seen_ids.add(node.device_id)
-            else:
-                u = node.unmerged_leaves
-                if list(u) != sorted(set(u)):
-                    raise ValueError(f"node {x}: unmerged leaves not strictly ascending")
-                for leaf_index in u:
-                    if leaf_index not in tm.subtree_leaves(x) or self.leaf(leaf_index) is None:
-                        raise ValueError(f"node {x}: unmerged leaf {leaf_index} invalid")
-        if not seen_ids:
-            raise ValueError("a tree without members")
-        if n > 1 and not any(self.leaf(i) is not None for i in range(n // 2, n)):
-            raise ValueError("the right half is blank: the tree should have been truncated")
-
     # -- editing (only on a fresh copy; see the module docstring) -----------------------------
 
+    def _own(self, ci: int) -> None:
+        """Make node chunk ``ci`` this tree's own before writing it (copy-on-write)."""
+        if ci not in self._owned:
+            self._nodes[ci] = list(self._nodes[ci])
+            self._adm[ci] = list(self._adm[ci])
+            self._owned.add(ci)
+
+    def _own_cache(self, ci: int) -> None:
+        """The same for the cached hashes and fills of chunk ``ci`` (apart: invalidating a
+        path copies no node chunk, so ``changed_since`` looks only where nodes were written)."""
+        if ci not in self._cache_owned:
+            self._hashes[ci] = list(self._hashes[ci])
+            self._fill[ci] = list(self._fill[ci])
+            self._cache_owned.add(ci)
+
+    def _index(self, x: int, node: LeafNode | ParentNode) -> None:
+        self._keys.add(node.encryption_key, x)
+        if isinstance(node, LeafNode):
+            self._devices.add(node.device_id, tm.node_to_leaf(x))
+            self._counts[x >> self._shift] += 1
+            self._members += 1
+
+    def _unindex(self, x: int, node: LeafNode | ParentNode) -> None:
+        self._keys.discard(node.encryption_key, x)
+        if isinstance(node, LeafNode):
+            self._devices.discard(node.device_id, tm.node_to_leaf(x))
+            self._counts[x >> self._shift] -= 1
+            self._members -= 1
+
+    def _invalidate(self, x: int) -> None:
+        mask = (1 << self._shift) - 1
+        for y in [x, *tm.direct_path(x, self.n_leaves)]:
+            self._own_cache(y >> self._shift)
+            self._hashes[y >> self._shift][y & mask] = None
+            self._fill[y >> self._shift][y & mask] = None
+
     def _set(self, x: int, node: Node, admission: bytes | None = None) -> None:
-        self._nodes[x] = node
+        old = self.node(x)
+        ci, off = x >> self._shift, x & ((1 << self._shift) - 1)
+        self._own(ci)
+        if old is not None:
+            self._unindex(x, old)
+        self._nodes[ci][off] = node
+        if node is not None:
+            self._index(x, node)
         if tm.is_leaf(x):
             if node is None:
-                self._adm.pop(tm.node_to_leaf(x), None)
+                self._adm[ci][off] = None
             elif admission is not None:
-                self._adm[tm.node_to_leaf(x)] = admission
-        self._hashes.pop(x, None)
-        if x != self.root:
-            for p in tm.direct_path(x, self.n_leaves):
-                self._hashes.pop(p, None)
+                self._adm[ci][off] = admission
+        self._invalidate(x)
 
     def _blank_direct_path(self, leaf_index: int) -> None:
         for p in tm.direct_path(tm.leaf_to_node(leaf_index), self.n_leaves):
@@ -451,24 +638,79 @@ class RatchetTree:
         self._set(tm.leaf_to_node(leaf_index), None)
         self._blank_direct_path(leaf_index)
 
+    def _any_member(self, start: int, stop: int) -> bool:
+        """Whether a leaf at a node in [start, stop) is a member (by the chunk counts, scanning
+        only the partial chunks at either end)."""
+        size = 1 << self._shift
+        x = start
+        while x < stop:
+            ci = x >> self._shift
+            end = (ci + 1) << self._shift
+            if x == ci << self._shift and end <= stop:
+                if self._counts[ci]:
+                    return True
+            else:
+                chunk = self._nodes[ci]
+                for y in range(x + (x & 1), min(end, stop), 2):
+                    if chunk[y & (size - 1)] is not None:
+                        return True
+            x = end
+        return False
+
+    def _resize(self, width: int) -> None:
+        """Grow (blank nodes on the right) or shrink (dropping the nodes past ``width``)."""
+        size = 1 << self._shift
+        for x in range(width, self._width):
+            node = self.node(x)
+            if node is not None:
+                self._unindex(x, node)
+        count = -(-width // size)
+        del self._nodes[count:], self._hashes[count:], self._fill[count:]
+        del self._adm[count:], self._counts[count:]
+        self._owned = {ci for ci in self._owned if ci < count}
+        self._cache_owned = {ci for ci in self._cache_owned if ci < count}
+        if width < self._width and width & (size - 1):
+            ci = count - 1
+            self._own(ci)
+            self._own_cache(ci)
+            cut = width & (size - 1)
+            for chunk in (self._nodes[ci], self._hashes[ci], self._fill[ci], self._adm[ci]):
+                chunk[cut:] = [None] * (size - cut)
+        while len(self._nodes) < count:
+            self._owned.add(len(self._nodes))
+            self._cache_owned.add(len(self._nodes))
+            self._nodes.append([None] * size)
+            self._hashes.append([None] * size)
+            self._fill.append([None] * size)
+            self._adm.append([None] * size)
+            self._counts.append(0)
+        self._width = width
+
     def _truncate(self) -> None:
         """Halve the tree while its right half holds no member (RFC 9420 §7.8)."""
-        while self.n_leaves > 1 and not any(
-            self._nodes[2 * i] is not None for i in range(self.n_leaves // 2, self.n_leaves)
-        ):
-            half = self.n_leaves // 2
-            del self._nodes[tm.node_width(half) :]
-            self._hashes = {x: h for x, h in self._hashes.items() if x < len(self._nodes)}
-            self._hashes.pop(self.root, None)
+        while self.n_leaves > 1 and not self._any_member(self.n_leaves, self._width):
+            self._resize(tm.node_width(self.n_leaves // 2))
+            self._invalidate(self.root)
+
+    def _first_blank_leaf(self) -> int | None:
+        size = 1 << self._shift
+        for ci, count in enumerate(self._counts):
+            base = ci << self._shift
+            if count < (min(size, self._width - base) + 1) // 2:
+                chunk = self._nodes[ci]
+                for off in range(0, min(size, self._width - base), 2):
+                    if chunk[off] is None:
+                        return (base + off) // 2
+        return None
 
     def _add_leaf(self, leaf: LeafNode, admission: bytes) -> int:
         """Put ``leaf`` (admitted by the Authorization hashing to ``admission``) in the leftmost
         blank leaf, doubling the tree if it is full, and record it as unmerged in every non-blank
         parent above it (RFC 9420 §7.7)."""
-        index = next((i for i in range(self.n_leaves) if self.leaf(i) is None), None)
+        index = self._first_blank_leaf()
         if index is None:
             index = self.n_leaves
-            self._nodes.extend([None] * len(self._nodes) + [None])
+            self._resize(2 * self._width + 1)
         self._set(tm.leaf_to_node(index), leaf, admission)
         for p in tm.direct_path(tm.leaf_to_node(index), self.n_leaves):
             parent = self.parent_node(p)
@@ -489,3 +731,33 @@ class RatchetTree:
         self._blank_direct_path(leaf_index)
         for x, key in path:
             self._set(x, ParentNode(key))
+
+
+def _check_shape(nodes: list[Node]) -> None:
+    width = len(nodes)
+    n = (width + 1) // 2
+    if width < 1 or tm.node_width(n) != width or n & (n - 1):
+        raise ValueError(f"{width} nodes is not the width of a complete tree")
+    if n > codec.MAX_LEAVES:
+        raise ValueError(f"more than {codec.MAX_LEAVES} leaves")
+    seen_ids: set[bytes] = set()
+    for x, node in enumerate(nodes):
+        if node is None:
+            continue
+        if tm.is_leaf(x) != isinstance(node, LeafNode):
+            raise ValueError(f"node {x} has the wrong kind")
+        if isinstance(node, LeafNode):
+            if node.device_id in seen_ids:
+                raise ValueError("a device id appears twice")
+            seen_ids.add(node.device_id)
+        else:
+            u = node.unmerged_leaves
+            if list(u) != sorted(set(u)):
+                raise ValueError(f"node {x}: unmerged leaves not strictly ascending")
+            for leaf_index in u:
+                if leaf_index not in tm.subtree_leaves(x) or nodes[2 * leaf_index] is None:
+                    raise ValueError(f"node {x}: unmerged leaf {leaf_index} invalid")
+    if not seen_ids:
+        raise ValueError("a tree without members")
+    if n > 1 and all(nodes[2 * i] is None for i in range(n // 2, n)):
+        raise ValueError("the right half is blank: the tree should have been truncated")

@@ -4,21 +4,33 @@ and the rollback of a group's newest commit."""
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select, update
+from collections.abc import Mapping
+
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from agent.protocol.wire.messages.group import CommitRefused
 from provisioning.db.engine import rowcount
-from provisioning.db.runtime import CommitReportRow, GroupPreviousRow
+from provisioning.db.runtime import CommitReportRow, GroupPreviousNodeRow, GroupPreviousRow
 from provisioning.db.schema import Ack as AckRow
 from provisioning.db.schema import CommitLogEntry, Group
+from provisioning.registry import new_state_token
+from provisioning.service.store import trees
 
 
-def save_previous(session: Session, group_id: str) -> None:
-    """Keep the group's public state as it is now (before the commit about to be accepted)."""
+def save_previous(session: Session, group_id: str, nodes: Mapping[int, bytes | None]) -> None:
+    """Keep the group's public state as it is now (before the commit about to be accepted):
+    its head and ``nodes``, what its tree rows hold now at the nodes the commit rewrites
+    (``store.trees``)."""
     group = session.get(Group, group_id)
     if group is None:
         return
+    session.execute(delete(GroupPreviousNodeRow).where(GroupPreviousNodeRow.group_id == group_id))
+    if nodes:
+        session.execute(
+            insert(GroupPreviousNodeRow),
+            [{"group_id": group_id, "node": x, "data": d} for x, d in nodes.items()],
+        )
     row = session.get(GroupPreviousRow, group.group_id)
     if row is None:
         session.add(
@@ -92,6 +104,7 @@ def roll_back(session: Session, group_id: str, epoch: int, *, now: int) -> bool:
             public_tree=previous.public_tree,
             group_context=previous.group_context,
             updated_at=now,
+            state_token=new_state_token(),
         )
         .execution_options(synchronize_session=False)
     )
@@ -103,5 +116,12 @@ def roll_back(session: Session, group_id: str, epoch: int, *, now: int) -> bool:
         )
     )
     session.execute(delete(AckRow).where(AckRow.group_id == group_id, AckRow.epoch > epoch))
+    nodes = session.execute(
+        select(GroupPreviousNodeRow.node, GroupPreviousNodeRow.data).where(
+            GroupPreviousNodeRow.group_id == group_id
+        )
+    )
+    trees.write(session, group_id, {x: d for x, d in nodes})
+    session.execute(delete(GroupPreviousNodeRow).where(GroupPreviousNodeRow.group_id == group_id))
     session.delete(previous)
     return True

@@ -1,0 +1,113 @@
+"""Each instance's in-memory copies of active groups' public state (``Env.groups``).
+
+Decoding a group's stored public tree and hashing it is O(N) work; a commit needs only O(log N)
+once the decoded tree (with its cached node hashes and key indexes) is at hand. The cache maps a
+group id to the ``PublicGroup`` decoded or accepted by this instance together with the group
+row's ``state_token`` at that state. A copy is used only while the row, read in the transaction
+that uses it, still carries that token (every write of the public state, by any instance,
+writes a fresh random token), so an instance whose copy is stale (another instance accepted a
+commit or rolled one back) decodes the row again. A copy made in a transaction that then rolls
+back carries a token no row ever has: it is never used. ``PublicGroup`` and its tree are
+immutable (a commit builds the next epoch's tree as a copy-on-write copy), so a copy can be
+shared by concurrent calls.
+
+A copy that is behind (another instance accepted the group's newest commits) is brought up to the
+row by replaying those commits from the commit log (``replay``: each verified as when it was
+accepted, O(log N) each) rather than decoding the whole tree again, and used only if the state it
+reaches is the row's: the same head (epoch, width, both transcript hashes) and GroupContext
+(which holds the tree hash). Otherwise (the copy is ahead of the row, a rollback took its epoch
+back, the commits are no longer kept) the row is decoded.
+
+Bounded two ways, least recently used first out: at most ``max_groups`` groups and
+``max_leaves`` leaves in all (a copy's memory grows with its tree: every leaf holds its DevID
+certificate).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.mls.messages import Commit
+from agent.protocol.mls.public import PublicGroup
+from provisioning.service.store import trees
+
+MAX_GROUPS = 64
+MAX_LEAVES = 400_000
+MAX_REPLAY = 64
+"""Most commits replayed to bring a copy up to its row (beyond: decode the row)."""
+
+
+class GroupCache:
+    """group id -> (state token, public group), least recently used first out."""
+
+    def __init__(self, max_groups: int = MAX_GROUPS, max_leaves: int = MAX_LEAVES) -> None:
+        self.max_groups = max_groups
+        self.max_leaves = max_leaves
+        self._entries: OrderedDict[str, tuple[bytes, PublicGroup]] = OrderedDict()
+        self._leaves = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.replays = 0
+
+    def get(self, group_id: str, token: bytes | None) -> PublicGroup | None:
+        """The copy of ``group_id`` made for ``token`` (the row's current token), or None."""
+        with self._lock:
+            entry = self._entries.get(group_id)
+            if token is None or entry is None or entry[0] != token:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(group_id)
+            self.hits += 1
+            return entry[1]
+
+    def peek(self, group_id: str) -> PublicGroup | None:
+        """The copy of ``group_id`` whatever its token (to bring up to date: ``replay``)."""
+        with self._lock:
+            entry = self._entries.get(group_id)
+            return None if entry is None else entry[1]
+
+    def replayed(self) -> None:
+        with self._lock:
+            self.replays += 1
+
+    def put(self, group_id: str, token: bytes | None, public: PublicGroup) -> None:
+        """Keep ``public`` as the state the row with ``token`` holds (None: keep nothing)."""
+        with self._lock:
+            self._drop(group_id)
+            if token is None or public.tree.n_leaves > self.max_leaves:
+                return
+            self._entries[group_id] = (token, public)
+            self._leaves += public.tree.n_leaves
+            while len(self._entries) > self.max_groups or self._leaves > self.max_leaves:
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, group_id: str) -> None:
+        entry = self._entries.pop(group_id, None)
+        if entry is not None:
+            self._leaves -= entry[1].tree.n_leaves
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def replay(
+    copy: PublicGroup, commits: Sequence[bytes], *, head: bytes, group_context: bytes
+) -> PublicGroup | None:
+    """``copy`` with ``commits`` (the commit log's, from ``copy``'s epoch on, encoded) applied
+    as the service accepted them, if that is the state the row holds (``head`` and
+    ``group_context`` are the row's); None otherwise (the caller decodes the row)."""
+    if len(commits) > MAX_REPLAY:
+        return None
+    public = copy
+    try:
+        for data in commits:
+            public = public.apply(Commit.decode(data))
+    except ProtocolError:
+        return None
+    if trees.head(public.state) != head or public.state.group_context() != group_context:
+        return None
+    return public

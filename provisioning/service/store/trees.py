@@ -1,0 +1,136 @@
+"""Groups' public state in the database, stored so that a commit writes O(log N) rows.
+
+The ``groups`` row's ``public_tree`` holds the head, CBOR ``{"group": id, "epoch": e, "width":
+node count, "cth": confirmed transcript hash, "ith": interim transcript hash}``, and each
+non-blank node of the ratchet tree is a row of ``group_tree_nodes`` (its CBOR as in the tree's
+encoding, ``RatchetTree.node_obj``). A commit rewrites the nodes it changed (``plan``, by
+``RatchetTree.changed_since``: its path, the leaves it adds, removes or updates, the parents
+whose unmerged lists it extends) and the head; the tree is decoded, strictly as ever
+(``RatchetTree.from_obj``), only when an instance has no current copy in memory
+(``provisioning.service.groupcache``).
+
+A row that holds the whole public state (written before revision 0018, or by a tool seeding a
+group) is read as it is; the first commit after writes every node and the head.
+
+What a rollback restores (``store.wedge``): the head before the newest commit and, in
+``service_group_previous_nodes``, what ``group_tree_nodes`` held at each node the commit wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from agent.protocol.errors import InternalError
+from agent.protocol.mls import codec
+from agent.protocol.mls.crypto import NH
+from agent.protocol.mls.public import PublicGroup, PublicState
+from agent.protocol.mls.tree import RatchetTree
+from provisioning.db.schema import GroupTreeNode
+
+MAX_HEAD = 1 << 10
+"""A head is about 130 bytes."""
+MAX_NODE = 1 << 14
+"""A leaf with the largest credential (4 KiB) and its keys and signatures is about 4.5 KiB."""
+MAX_WHOLE_STATE = 1 << 30
+"""A row holding the whole public state (read only, see the module docstring)."""
+
+NodeRows = dict[int, bytes | None]
+"""node -> its row's data, None: no row (a blank node)."""
+
+
+def head(state: PublicState) -> bytes:
+    return codec.encode(
+        {
+            "group": state.group_id,
+            "epoch": state.epoch,
+            "width": 2 * state.tree.n_leaves - 1,
+            "cth": state.confirmed_transcript_hash,
+            "ith": state.interim_transcript_hash,
+        }
+    )
+
+
+def _node_data(tree: RatchetTree, x: int) -> bytes | None:
+    if x >= 2 * tree.n_leaves - 1:
+        return None
+    obj = tree.node_obj(x)
+    return None if obj is None else codec.encode(obj)
+
+
+def rows_of(tree: RatchetTree, nodes: Iterable[int]) -> NodeRows:
+    return {x: _node_data(tree, x) for x in nodes}
+
+
+def all_nodes(tree: RatchetTree) -> list[int]:
+    return list(range(2 * tree.n_leaves - 1))
+
+
+def load(session: Session, group_id: str, public_tree: bytes) -> PublicGroup:
+    """The group's public state from its head (``public_tree``, the ``groups`` row's) and its
+    node rows, decoded strictly."""
+    value = codec.decode(public_tree, MAX_WHOLE_STATE, "public_tree")
+    if isinstance(value, dict) and "tree" in value:
+        if has_nodes(session, group_id):
+            raise InternalError(f"group {group_id!r}: a whole-state row beside node rows")
+        return PublicGroup.from_state(value)
+    if len(public_tree) > MAX_HEAD:
+        raise codec.fail("public_tree", "head too large")
+    m = codec.as_map(value, "public_tree", {"group", "epoch", "width", "cth", "ith"})
+    width = codec.as_uint(m["width"], "public_tree.width", 2 * codec.MAX_LEAVES - 1)
+    items: list[object] = [None] * width
+    rows = session.execute(
+        select(GroupTreeNode.node, GroupTreeNode.data)
+        .where(GroupTreeNode.group_id == group_id)
+        .order_by(GroupTreeNode.node)
+    )
+    for x, data in rows:
+        if not 0 <= x < width:
+            raise codec.fail("public_tree", f"node {x} outside a tree of width {width}")
+        item = codec.decode(data, MAX_NODE, f"tree[{x}]")
+        if item is None:
+            raise codec.fail("public_tree", f"node {x}: a row for a blank node")
+        items[x] = item
+    codec.as_bytes(m["ith"], "public_tree.ith", NH, NH)
+    return PublicGroup.from_state(
+        {"group": m["group"], "epoch": m["epoch"], "tree": items, "cth": m["cth"], "ith": m["ith"]}
+    )
+
+
+def has_nodes(session: Session, group_id: str) -> bool:
+    return (
+        session.execute(
+            select(GroupTreeNode.node).where(GroupTreeNode.group_id == group_id).limit(1)
+        ).first()
+        is not None
+    )
+
+
+def write(session: Session, group_id: str, rows: Mapping[int, bytes | None]) -> None:
+    """Set ``group_tree_nodes`` at each node of ``rows`` (None: no row)."""
+    if not rows:
+        return
+    session.execute(
+        delete(GroupTreeNode)
+        .where(GroupTreeNode.group_id == group_id, GroupTreeNode.node.in_(list(rows)))
+        .execution_options(synchronize_session=False)
+    )
+    kept = [{"group_id": group_id, "node": x, "data": d} for x, d in rows.items() if d is not None]
+    if kept:
+        session.execute(insert(GroupTreeNode), kept)
+
+
+def plan(
+    session: Session, group_id: str, before: PublicGroup, after: PublicGroup
+) -> tuple[NodeRows, NodeRows]:
+    """The node rows that move the stored tree from ``before`` (the state the row holds) to
+    ``after`` (the nodes that differ, O(log N) for a commit; every node if the row held the
+    whole state), and what those rows hold now (what a rollback puts back; none at all if the
+    row held the whole state)."""
+    if has_nodes(session, group_id):
+        nodes = after.tree.changed_since(before.tree)
+        return rows_of(after.tree, nodes), rows_of(before.tree, nodes)
+    nodes = all_nodes(after.tree)
+    return rows_of(after.tree, nodes), dict.fromkeys(nodes)
