@@ -96,6 +96,7 @@ from provisioning.registry import Registry, cert_fingerprint
 from provisioning.releases_cli import add_release_commands
 from provisioning.requests_cli import (
     add_request_commands,
+    read_members,
     replace_proposal,
     run_direct,
     run_request_command,
@@ -539,7 +540,7 @@ def _direct_proposals(
     if args.command == "device":  # device replace OLD NEW (RMA)
         return [replace_proposal(client.new_command_id(), args.old, args.new, args.reason)]
     if args.group_command == "create":
-        members = tuple(dict.fromkeys(args.members))
+        members = read_members(args.members)
         body = Propose(client.new_command_id(), "group.create", members, args.group)
         return [(f"create {args.group}", body)]
     return [
@@ -906,7 +907,14 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     group_commands = group.add_subparsers(dest="group_command", required=True)
     create = group_commands.add_parser("create", help="create GROUP with its members")
     create.add_argument("group")
-    create.add_argument("--members", nargs="+", required=True, metavar="DEVICE")
+    create.add_argument(
+        "--members",
+        nargs="+",
+        required=True,
+        metavar="DEVICE|FILE",
+        help="the founders: device ids, or files with one device id a line (# comments); "
+        "all of them join in as few commits as the message size allows",
+    )
     _add_operator_options(create)
     add = group_commands.add_parser("add", help="add devices to GROUP")
     add.add_argument("group")

@@ -84,6 +84,16 @@ def plan(cx: Call, session: Session, group_id: str) -> list[Job]:
     ]
 
 
+def first_updates(cx: Call, group_id: str, founders: tuple[str, ...]) -> Job:
+    """The full-rekey job that ends a group's creation: every joiner's first update (its
+    KeyPackage's leaf key replaced, docs/treekem.md "Joining") as Update proposals, committed
+    in ceil((N - 1) / BATCH) commits, instead of one self-update commit per joiner that each
+    member processes (O(N^2)). ``ask`` asks those of ``founders`` that hold a leaf by then."""
+    return Job(
+        CommitAction.UPDATE, group_id, None, cx.env.new_id(), persistent=True, candidates=founders
+    )
+
+
 # -- 1. proposals ------------------------------------------------------------------------------
 
 

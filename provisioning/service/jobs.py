@@ -26,7 +26,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import device_cmd_topic
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest, KeyPackageRequest
 from provisioning.registry import PendingChange, Registry
-from provisioning.service import commits, fullrekey, operations, rekeypolicy, store
+from provisioning.service import bulkadd, commits, fullrekey, operations, rekeypolicy, store
 from provisioning.service.context import Call
 from provisioning.service.model import GROUP_ELIGIBLE, Job, JobState
 
@@ -119,7 +119,12 @@ def start(cx: Call, job: Job, now: int) -> None:
         elif job.state is JobState.PROPOSALS and fullrekey.ready(cx, job, now):
             fullrekey.commit_next(cx, job, now)
         return
-    if job.action is CommitAction.ADD and job.key_package is None:
+    if bulkadd.is_multi(job):
+        if bulkadd.missing(job):
+            if job.state is not JobState.KEY_PACKAGE:
+                request_key_package(cx, job, now)
+            return
+    elif job.action is CommitAction.ADD and job.key_package is None:
         if job.state is not JobState.KEY_PACKAGE:
             request_key_package(cx, job, now)
         return
@@ -148,17 +153,20 @@ def start(cx: Call, job: Job, now: int) -> None:
 
 
 def request_key_package(cx: Call, job: Job, now: int) -> None:
-    assert job.member is not None
+    """Ask the joiner (a multi-add: each joiner whose key package is not in yet) for one."""
+    wanted = bulkadd.missing(job) if bulkadd.is_multi(job) else [job.member]
     job.state = JobState.KEY_PACKAGE
     job.deadline = now + cx.env.settings.commit_request_timeout
     if not claim(cx, job, now):
         return
-    cx.send(
-        device_cmd_topic(job.member),
-        KeyPackageRequest(job.request_id),
-        to=job.member,
-        now=now,
-    )
+    for device_id in wanted:
+        assert device_id is not None
+        cx.send(
+            device_cmd_topic(device_id),
+            KeyPackageRequest(job.request_id),
+            to=device_id,
+            now=now,
+        )
 
 
 def request_commit(cx: Call, job: Job, committer: str, epoch: int, now: int) -> None:
@@ -179,15 +187,23 @@ def request_commit(cx: Call, job: Job, committer: str, epoch: int, now: int) -> 
     policies = tuple(a for _, a in cx.env.read(store.adopted_policies))
     if authz is None and policies and job.action in (CommitAction.ADD, CommitAction.REMOVE):
         authz = policies[-1]
+    multi = bulkadd.is_multi(job)
+    if multi:
+        try:
+            bulkadd.check_fits(bulkadd.key_packages(job), authz, policies)
+        except ProtocolError as err:
+            fail_job(cx, job, f"[{err.check}] {err.reason}", now)
+            return
     request = CommitRequest(
         command_id=job.request_id,
         group_id=job.group_id,
         epoch=epoch,
         action=job.action,
         member=job.member if job.action in (CommitAction.ADD, CommitAction.REMOVE) else None,
-        key_package=job.key_package if job.action is CommitAction.ADD else None,
+        key_package=job.key_package if job.action is CommitAction.ADD and not multi else None,
         authz=authz,
         policies=policies,
+        key_packages=bulkadd.key_packages(job) if multi else None,
     )
     log.info("asked %s to commit %s at epoch %s", committer, job.describe(), epoch)
     cx.send(device_cmd_topic(committer), request, to=committer, now=now)
@@ -313,15 +329,17 @@ def cancel(cx: Call, job: Job, now: int) -> None:
     def work(session: Session) -> bool:
         if not store.end_job(session, job, JobState.CANCELLED):
             return False
-        if job.action is CommitAction.ADD and job.member is not None:
+        if job.action is CommitAction.ADD:
             registry = Registry(session)
             try:
                 rows = {m.device_id: m for m in registry.members(job.group_id)}
             except ProtocolError:
                 return True  # the group was never created
-            row = rows.get(job.member)
-            if row is not None and row.leaf_index is None:
-                registry.request_remove(job.group_id, job.member, now=now)
+            joiners = bulkadd.joiners(job) if bulkadd.is_multi(job) else (job.member or "",)
+            for member in joiners:
+                row = rows.get(member)
+                if row is not None and row.leaf_index is None:
+                    registry.request_remove(job.group_id, member, now=now)
         return True
 
     if cx.env.tx(work):

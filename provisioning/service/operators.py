@@ -62,6 +62,7 @@ from provisioning.registry import (
 )
 from provisioning.service import (
     attestation,
+    bulkadd,
     checkpoints,
     credentials,
     execute,
@@ -385,10 +386,12 @@ def dispatch_operator(
 
 
 def plan_create(
-    cx: Call, session: Session, group_id: str, members: Sequence[str]
+    cx: Call, session: Session, group_id: str, members: Sequence[str], *, authz_size: int = 0
 ) -> tuple[list[Job], set[str]]:
     """The jobs that create ``group_id``: the first founder that answers creates it, the
-    others are added one by one. Raises if the group exists or a member may not join."""
+    others are added many per commit (``bulkadd``: as many as a commit carrying an
+    Authorization of ``authz_size`` bytes holds). Raises if the group exists or a member may
+    not join."""
     registry = Registry(session)
     if store.pending_create(session, group_id):
         raise ProtocolError("registry.group.exists", f"group {group_id!r} is being created")
@@ -397,7 +400,14 @@ def plan_create(
     for device_id in members:
         check_eligible(registry, device_id, group_id)
     jobs = [Job(CommitAction.CREATE, group_id, None, cx.env.new_id(), candidates=tuple(members))]
-    jobs.extend(Job(CommitAction.ADD, group_id, d, cx.env.new_id()) for d in members[1:])
+    size = bulkadd.adds_per_commit(authz_size)
+    jobs.extend(
+        bulkadd.new_job(group_id, chunk, cx.env.new_id())
+        for chunk in bulkadd.chunks(tuple(members[1:]), size)
+    )
+    if len(members) - 1 >= bulkadd.FIRST_UPDATES_BATCH_MIN:
+        # the joiners' first updates, as Update proposals in a few commits (fullrekey)
+        jobs.append(fullrekey.first_updates(cx, group_id, tuple(members)))
     return jobs, {group_id}
 
 

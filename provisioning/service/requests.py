@@ -500,7 +500,15 @@ def execute_request(
             state=RequestState.APPROVED,
         )
         return [Log(logging.INFO, "re-enroll of %s approved", (stored.members[0],))]
-    jobs, groups = plan(cx, session, stored, verified.request, operator=operator, now=now)
+    jobs, groups = plan(
+        cx,
+        session,
+        stored,
+        verified.request,
+        operator=operator,
+        now=now,
+        authz_size=len(authorization_bytes),
+    )
     stored.command_id = command_id
     audit_executed(
         session,
@@ -585,11 +593,12 @@ def plan(
     *,
     operator: str,
     now: int,
+    authz_size: int = 0,
 ) -> tuple[list[Job], set[str]]:
     group, members = stored.group_id, stored.members
     if stored.op == authz.OP_GROUP_CREATE:
         assert group is not None
-        return operators.plan_create(cx, session, group, members)
+        return operators.plan_create(cx, session, group, members, authz_size=authz_size)
     if stored.op == authz.OP_GROUP_ADD:
         assert group is not None
         return operators.plan_add(cx, session, group, members[0], now)

@@ -125,6 +125,14 @@ SAMPLES: list[Body] = [
     CommitRequest(
         command_id=CMD, group_id="g1", epoch=4, action=CommitAction.REMOVE, member="dev-3"
     ),
+    CommitRequest(
+        command_id=CMD,
+        group_id="g1",
+        epoch=4,
+        action=CommitAction.ADD,
+        key_packages=(b"kp-2", b"kp-3"),
+    ),
+    WelcomeMessage(group_id="g1", epoch=5, welcome=b"welcome", new_members=("dev-2", "dev-3")),
     CommitRequest(command_id=CMD, group_id="g1", epoch=4, action=CommitAction.UPDATE),
     CommitRequest(
         command_id=CMD,
@@ -332,6 +340,33 @@ def test_body_is_not_a_map() -> None:
         (
             lambda: CommitRequest(
                 command_id=CMD, group_id="g", epoch=1, action=CommitAction.UPDATE, member="d"
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD, group_id="g", epoch=1, action=CommitAction.ADD, key_packages=()
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD,
+                group_id="g",
+                epoch=1,
+                action=CommitAction.ADD,
+                member="d",
+                key_packages=(b"k",),
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD,
+                group_id="g",
+                epoch=1,
+                action=CommitAction.REMOVE,
+                key_packages=(b"k",),
             ),
             "body.malformed",
         ),

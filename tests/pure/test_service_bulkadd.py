@@ -1,0 +1,123 @@
+"""Group creation with many adds per commit (provisioning.service.bulkadd) through the real
+service on SQLite with software members: the founders join in as few commits as the frame bound
+allows, one Welcome per commit, their first updates as proposals in one more commit; a commit
+that adds other key packages than the job collected is refused with nothing changed; a founder
+that never sends a key package is named when the creation times out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from agent.protocol.mls.messages import Commit, KeyPackage
+from agent.protocol.wire.messages.result import ResultStatus
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest
+from provisioning.db.schema import CommitLogEntry
+from provisioning.service import bulkadd
+from tests.pure.test_service_core import Fleet, agreed, make_fleet
+from tests.service_members import Outgoing, group_create
+
+pytestmark = pytest.mark.pure
+
+NAMES = tuple(f"dev-{i:02d}" for i in range(1, 21))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    yield from make_fleet(tmp_path, NAMES)
+
+
+def commit_requests(fleet: Fleet) -> list[CommitRequest]:
+    return [b for _, b in fleet.to_devices if isinstance(b, CommitRequest)]
+
+
+def test_adds_per_commit_follows_the_frame_and_the_authorization() -> None:
+    assert bulkadd.adds_per_commit(0) == 116
+    # a 1,000-member creation: an Authorization of about 60 KB
+    assert bulkadd.adds_per_commit(60_000) == 86
+    assert bulkadd.chunks(tuple("abcde"), 2) == [("a", "b"), ("c", "d"), ("e",)]
+    with pytest.raises(Exception) as exc:
+        bulkadd.adds_per_commit(250_000)
+    assert getattr(exc.value, "check", None) == "ds.add.frame"
+
+
+def test_twenty_founders_join_in_three_commits_and_update_in_one(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 8 joiners per commit: the 19 others join in commits of 8, 8 and 3
+    monkeypatch.setattr(bulkadd, "KEY_PACKAGE_ROOM", (256 * 1024 - bulkadd.OTHER_ROOM) // 8)
+    fleet.record = True
+    cid = fleet.command("op-alice", group_create("g1", *NAMES))
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert (result.acked, result.pending, result.stragglers) == (20, 0, ())
+    assert sorted(fleet.members("g1")) == sorted(NAMES)
+    requests = commit_requests(fleet)
+    adds = [r for r in requests if r.action is CommitAction.ADD]
+    assert [len(r.key_packages or ()) for r in adds] == [8, 8, 3]
+    assert all(r.member is None and r.key_package is None for r in adds)
+    # the joiners' first updates: one commit of their proposals (fullrekey.first_updates)
+    updates = [r for r in requests if r.action is CommitAction.UPDATE]
+    assert len(updates) == 1 and len(updates[0].updates or ()) == 19
+    # create (epoch 0, no commit), three adds, one update: the group at epoch 4
+    assert fleet.epoch("g1") == 4 == result.epoch
+    assert len(agreed(fleet, "g1")) == 1
+    assert len({d.groups["g1"].data_key() for d in fleet.devices.values()}) == 1
+    # every joiner's leaf is no longer its KeyPackage's
+    for name, device in fleet.devices.items():
+        group = device.groups["g1"]
+        leaf = group.tree.leaf(group.own_leaf)
+        assert leaf is not None and leaf.source != 1, name
+
+
+def test_a_commit_adding_other_key_packages_than_collected_is_refused(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet.record = True
+    committer = fleet.devices["dev-01"]
+    honest = committer._commit
+    cheated: list[tuple[int, int]] = []
+
+    def leave_one_out(request: CommitRequest, now: int) -> list[Outgoing]:
+        """The first multi-add: a commit of only three of the four key packages."""
+        if request.key_packages is None or cheated:
+            return honest(request, now)
+        group = committer.groups["g1"]
+        fewer = group.add(committer.devid, [KeyPackage.decode(k) for k in request.key_packages[:3]])
+        cheated.append((group.epoch, len(request.key_packages)))
+        return committer.commit_result("g1", fewer, request.command_id, now)
+
+    monkeypatch.setattr(committer, "_commit", leave_one_out)
+    rejected = fleet.service.rejections.count("ds.commit.unauthorized")
+    names = NAMES[:5]
+    cid = fleet.command("op-alice", group_create("g1", *names))
+    assert cheated == [(0, 4)]
+    assert fleet.service.rejections.count("ds.commit.unauthorized") == rejected + 1
+    assert fleet.epoch("g1") == 0 and fleet.members("g1") == ["dev-01"]
+    with fleet.sessions() as s:
+        assert s.scalars(select(CommitLogEntry)).all() == []
+    # asked again after the commit request timeout, the honest commit of all four is accepted
+    fleet.tick(11)
+    assert fleet.final(cid).status is ResultStatus.DONE
+    assert sorted(fleet.members("g1")) == sorted(names)
+    with fleet.sessions() as s:
+        logged = [Commit.decode(c) for c in s.scalars(select(CommitLogEntry.commit))]
+    assert [len(c.content.adds) for c in logged] == [4]
+
+
+def test_a_founder_without_a_key_package_is_named_when_the_creation_times_out(
+    fleet: Fleet,
+) -> None:
+    silent = fleet.devices["dev-04"]
+    silent.silent = True
+    cid = fleet.command("op-alice", group_create("g1", *NAMES[:5]))
+    for _ in range(5):
+        fleet.tick(10)
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.TIMEOUT, result.detail
+    assert result.stragglers == ("dev-04",)
+    assert "add 4 members in g1 not committed" in result.detail
+    assert fleet.members("g1") == ["dev-01"]
