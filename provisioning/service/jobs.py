@@ -115,7 +115,10 @@ def start(cx: Call, job: Job, now: int) -> None:
         return
     if fullrekey.is_batch(job):
         if job.state in (JobState.QUEUED, JobState.WAITING):
-            fullrekey.ask(cx, job, now)
+            if fullrekey.members_ready(cx, job, now):
+                fullrekey.ask(cx, job, now)
+            else:
+                fullrekey.wait_for_members(cx, job, now)
         elif job.state is JobState.PROPOSALS and fullrekey.ready(cx, job, now):
             fullrekey.commit_next(cx, job, now)
         return

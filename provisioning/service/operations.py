@@ -196,6 +196,8 @@ def progress_step(cx: Call, operation: Operation, now: int) -> None:
             stage = f"waiting for the key package of {job.member}"
         elif job.state is JobState.REQUESTED:
             stage = f"commit requested from {job.committer}"
+        elif job.state is JobState.WAITING and len(job.candidates) > 1:
+            stage = "waiting for the members to reach the current epoch"
         elif job.state is JobState.WAITING:
             stage = "waiting for a member at the current epoch"
         else:
