@@ -543,13 +543,10 @@ def _direct_proposals(
         members = read_members(args.members)
         body = Propose(client.new_command_id(), "group.create", members, args.group)
         return [(f"create {args.group}", body)]
-    return [
-        (
-            f"add {device} to {args.group}",
-            Propose(client.new_command_id(), "group.add", (device,), args.group),
-        )
-        for device in dict.fromkeys(args.devices)
-    ]
+    # several devices: one request, one commit adding all of them (one Welcome)
+    devices = read_members(args.devices)
+    label = f"add {devices[0]} to {args.group}" if len(devices) == 1 else f"add {args.group}"
+    return [(label, Propose(client.new_command_id(), "group.add", devices, args.group))]
 
 
 def _request_command(args: argparse.Namespace) -> int:
@@ -916,9 +913,11 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
         "all of them join in as few commits as the message size allows",
     )
     _add_operator_options(create)
-    add = group_commands.add_parser("add", help="add devices to GROUP")
+    add = group_commands.add_parser(
+        "add", help="add devices to GROUP (several: one request, one commit)"
+    )
     add.add_argument("group")
-    add.add_argument("devices", nargs="+", metavar="DEVICE")
+    add.add_argument("devices", nargs="+", metavar="DEVICE|FILE")
     _add_operator_options(add)
 
     policy = group_commands.add_parser(

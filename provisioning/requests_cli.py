@@ -371,8 +371,9 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
             command_id, authz.OP_GROUP_CREATE, members, args.group
         )
     if kind == "group-add":
-        return f"propose add {args.device} to {args.group}", Propose(
-            command_id, authz.OP_GROUP_ADD, (args.device,), args.group
+        devices = read_members(args.device)
+        return f"propose add {' '.join(devices)} to {args.group}", Propose(
+            command_id, authz.OP_GROUP_ADD, devices, args.group
         )
     if kind == "group-remove":
         return f"propose remove {args.device} from {args.group}", Propose(
@@ -558,9 +559,11 @@ def add_request_commands(
         metavar="DEVICE|FILE",
         help="founders: device ids, or files with one device id a line",
     )
-    add = kinds.add_parser("group-add", help="add DEVICE to GROUP")
+    add = kinds.add_parser(
+        "group-add", help="add DEVICEs to GROUP (several: one commit; files: one id a line)"
+    )
     add.add_argument("group")
-    add.add_argument("device")
+    add.add_argument("device", nargs="+", metavar="DEVICE|FILE")
     remove = kinds.add_parser("group-remove", help="remove DEVICE from GROUP")
     remove.add_argument("group")
     remove.add_argument("device")

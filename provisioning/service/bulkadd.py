@@ -56,6 +56,13 @@ def adds_per_commit(authz_size: int) -> int:
     return count
 
 
+def estimated_authz_size(members: int) -> int:
+    """A generous estimate of the Authorization of a request naming ``members`` devices
+    (each about 50 to 110 bytes, with two approvals and the policy chain in ``OTHER_ROOM``),
+    for refusing at proposal time what could not be carried out."""
+    return 4096 + 110 * members
+
+
 def check_fits(
     key_packages: tuple[bytes, ...], authz: bytes | None, policies: tuple[bytes, ...]
 ) -> None:

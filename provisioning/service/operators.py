@@ -433,6 +433,32 @@ def plan_add(
     return [Job(CommitAction.ADD, group_id, device_id, cx.env.new_id())], {group_id}
 
 
+def plan_add_many(
+    cx: Call,
+    session: Session,
+    group_id: str,
+    members: Sequence[str],
+    now: int,
+    *,
+    authz_size: int = 0,
+) -> tuple[list[Job], set[str]]:
+    """Add several devices by one commit (``bulkadd``): devices add exactly the members a
+    ``group.add`` request names, so they must fit one commit (``ds.add.frame`` otherwise: use
+    several requests)."""
+    for device_id in members:
+        check_add(session, group_id, device_id)
+    if len(members) > bulkadd.adds_per_commit(authz_size):
+        raise ProtocolError(
+            "ds.add.frame",
+            f"{len(members)} devices do not fit one commit (at most "
+            f"{bulkadd.adds_per_commit(authz_size)}): split the add into several requests",
+        )
+    if not store.pending_create(session, group_id):
+        for device_id in members:
+            Registry(session).request_add(group_id, device_id, now=now)
+    return [bulkadd.new_job(group_id, tuple(members), cx.env.new_id())], {group_id}
+
+
 def check_remove(session: Session, group_id: str, device_id: str) -> None:
     """Raises unless ``device_id`` holds a leaf of ``group_id`` that can be removed."""
     registry = Registry(session)

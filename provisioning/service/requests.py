@@ -54,6 +54,7 @@ from agent.protocol.wire.messages.result import (
 from provisioning import audit, revocation
 from provisioning.registry import DeviceState, Outcome, Registry, Role
 from provisioning.service import (
+    bulkadd,
     credentials,
     feed,
     operatorops,
@@ -190,7 +191,15 @@ def check_request(
             operators.check_eligible(registry, device_id, group)
     elif op == authz.OP_GROUP_ADD:
         assert group is not None
-        operators.check_add(session, group, members[0])
+        for device_id in members:
+            operators.check_add(session, group, device_id)
+        room = bulkadd.adds_per_commit(bulkadd.estimated_authz_size(len(members)))
+        if len(members) > room:
+            # the devices take exactly the named members in one commit (docs/authorization.md)
+            raise ProtocolError(
+                "ds.add.frame",
+                f"{len(members)} devices do not fit one commit (about {room}): split the add",
+            )
     elif op == authz.OP_GROUP_REMOVE:
         assert group is not None
         operators.check_remove(session, group, members[0])
@@ -599,6 +608,9 @@ def plan(
     if stored.op == authz.OP_GROUP_CREATE:
         assert group is not None
         return operators.plan_create(cx, session, group, members, authz_size=authz_size)
+    if stored.op == authz.OP_GROUP_ADD and len(members) > 1:
+        assert group is not None
+        return operators.plan_add_many(cx, session, group, members, now, authz_size=authz_size)
     if stored.op == authz.OP_GROUP_ADD:
         assert group is not None
         return operators.plan_add(cx, session, group, members[0], now)

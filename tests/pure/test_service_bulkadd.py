@@ -13,12 +13,14 @@ import pytest
 from sqlalchemy import select
 
 from agent.protocol.mls.messages import Commit, KeyPackage
+from agent.protocol.wire.messages.operator import Propose
 from agent.protocol.wire.messages.result import ResultStatus
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from provisioning.db.schema import CommitLogEntry
 from provisioning.service import bulkadd
 from tests.pure.test_service_core import Fleet, agreed, make_fleet
-from tests.service_members import Outgoing, group_create
+from tests.pure.test_service_requests import approve, propose
+from tests.service_members import Outgoing, command_id, group_create
 
 pytestmark = pytest.mark.pure
 
@@ -121,3 +123,29 @@ def test_a_founder_without_a_key_package_is_named_when_the_creation_times_out(
     assert result.stragglers == ("dev-04",)
     assert "add 4 members in g1 not committed" in result.detail
     assert fleet.members("g1") == ["dev-01"]
+
+
+def test_a_group_add_request_of_several_devices_is_one_commit(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet.record = True
+    info = propose(fleet, "op-alice", "group.create", "dev-01", "dev-02", group="g1")
+    cid, _ = approve(fleet, "op-alice", info.request)
+    assert fleet.final(cid).status is ResultStatus.DONE
+    fleet.to_devices.clear()
+    joiners = NAMES[2:6]
+    info = propose(fleet, "op-alice", "group.add", *joiners, group="g1")
+    cid, _ = approve(fleet, "op-alice", info.request)
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert fleet.epoch("g1") == 2 == result.epoch  # one add commit for the founder, one here
+    (request,) = commit_requests(fleet)
+    assert request.authz is not None and len(request.key_packages or ()) == 4
+    assert sorted(fleet.members("g1")) == sorted(NAMES[:6])
+    assert len(agreed(fleet, "g1")) == 1
+    # more devices than one commit carries: refused when proposed, nothing asked of anyone
+    monkeypatch.setattr(bulkadd, "KEY_PACKAGE_ROOM", (256 * 1024 - bulkadd.OTHER_ROOM) // 3)
+    body = Propose(command_id(), "group.add", NAMES[6:10], "g1")
+    fleet.send(fleet.operators["op-alice"].command(body, fleet.now))
+    assert "ds.add.frame" in fleet.final(body.command_id).detail
+    assert sorted(fleet.members("g1")) == sorted(NAMES[:6]) and fleet.epoch("g1") == 2

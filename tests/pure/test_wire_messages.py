@@ -182,6 +182,7 @@ SAMPLES: list[Body] = [
     ),
     WelcomeDelivery(group_id="g1", epoch=5, welcome=b"welcome"),
     Propose(command_id=CMD, op="group.add", members=("dev-4",), group_id="g1"),
+    Propose(command_id=CMD, op="group.add", members=("dev-4", "dev-5"), group_id="g1"),
     Propose(command_id=CMD, op="group.create", members=("dev-1", "dev-2"), group_id="g9"),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",)),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",), reason="lost"),
@@ -488,7 +489,11 @@ def test_body_is_not_a_map() -> None:
             "body.malformed",
         ),
         (
-            lambda: Propose(command_id=CMD, op="group.add", members=("d", "e"), group_id="g"),
+            lambda: Propose(command_id=CMD, op="group.remove", members=("d", "e"), group_id="g"),
+            "body.malformed",
+        ),
+        (
+            lambda: Propose(command_id=CMD, op="group.add", members=(), group_id="g"),
             "body.malformed",
         ),
         (
