@@ -535,8 +535,11 @@ def _direct_proposals(
     args: argparse.Namespace, client: OperatorClient
 ) -> list[tuple[str, Propose]]:
     if args.command == "revoke":
-        body = Propose(client.new_command_id(), "device.revoke", (args.device,), reason=args.reason)
-        return [(f"revoke {args.device}", body)]
+        # several devices: one request (one feed entry), their removals from every group
+        devices = read_members(args.device)
+        label = f"revoke {devices[0]}" if len(devices) == 1 else f"revoke {len(devices)} devices"
+        body = Propose(client.new_command_id(), "device.revoke", devices, reason=args.reason)
+        return [(label, body)]
     if args.command == "device":  # device replace OLD NEW (RMA)
         return [replace_proposal(client.new_command_id(), args.old, args.new, args.reason)]
     if args.group_command == "create":
@@ -974,8 +977,10 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
         station_commands.add_parser("list", help="registered stations (registry)"), _station_list
     )
 
-    revoke = commands.add_parser("revoke", help="revoke a device (admin)")
-    revoke.add_argument("device")
+    revoke = commands.add_parser(
+        "revoke", help="revoke devices (admin; several: one request, files: one id a line)"
+    )
+    revoke.add_argument("device", nargs="+", metavar="DEVICE|FILE")
     revoke.add_argument("--reason")
     _add_operator_options(revoke)
     device = commands.add_parser("device", help="a device's replacement after a TPM failure")

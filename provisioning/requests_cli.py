@@ -380,8 +380,9 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
             command_id, authz.OP_GROUP_REMOVE, (args.device,), args.group
         )
     if kind == "revoke":
-        return f"propose revoke {args.device}", Propose(
-            command_id, authz.OP_DEVICE_REVOKE, (args.device,), reason=args.reason
+        devices = read_members(args.device)
+        return f"propose revoke {' '.join(devices)}", Propose(
+            command_id, authz.OP_DEVICE_REVOKE, devices, reason=args.reason
         )
     if kind == "replace":
         return replace_proposal(command_id, args.old, args.new, args.reason, label="propose ")
@@ -567,8 +568,8 @@ def add_request_commands(
     remove = kinds.add_parser("group-remove", help="remove DEVICE from GROUP")
     remove.add_argument("group")
     remove.add_argument("device")
-    revoke = kinds.add_parser("revoke", help="revoke DEVICE (admins)")
-    revoke.add_argument("device")
+    revoke = kinds.add_parser("revoke", help="revoke DEVICEs (admins; several: one request)")
+    revoke.add_argument("device", nargs="+", metavar="DEVICE|FILE")
     revoke.add_argument("--reason", help="recorded with the revocation")
     reenroll = kinds.add_parser(
         "reenroll", help="let revoked DEVICE's TPM enroll once more (admins)"

@@ -381,7 +381,7 @@ def dispatch_operator(
         groups=groups,
         command_id=command_id,
         now=now,
-        revoked=body.device_id if isinstance(body, Revoke) else None,
+        revoked=(body.device_id,) if isinstance(body, Revoke) else (),
     )
 
 
@@ -501,7 +501,7 @@ def start_change(
     groups: set[str],
     command_id: bytes,
     now: int,
-    revoked: str | None = None,
+    revoked: Sequence[str] = (),
     authz: bytes | None = None,
     request_id: bytes | None = None,
 ) -> Effects:
@@ -563,11 +563,11 @@ def start_change(
             "accepted %s from %s on %s (%d job(s), %d queued ahead)",
             (type_, operator, target, len(jobs), ahead),
         ),
-        *((CancelAddsOf(revoked),) if revoked is not None else ()),
+        *(CancelAddsOf(device_id) for device_id in revoked),
         Accepted(operation, detail),
         *(StartNext(group_id) for group_id in sorted(groups)),
         Progress(command_id),
-        *((WriteCrl(),) if revoked is not None else ()),
+        *((WriteCrl(),) if revoked else ()),
     ]
 
 

@@ -205,8 +205,10 @@ def check_request(
         operators.check_remove(session, group, members[0])
     elif op == authz.OP_DEVICE_REPLACE:
         replaceops.check(session, members[0], members[1])
-    elif op == authz.OP_DEVICE_REVOKE and registry.device(members[0]).state is DeviceState.REVOKED:
-        raise ProtocolError("registry.device.revoked", f"{members[0]} is revoked already")
+    elif op == authz.OP_DEVICE_REVOKE:
+        for device_id in members:
+            if registry.device(device_id).state is DeviceState.REVOKED:
+                raise ProtocolError("registry.device.revoked", f"{device_id} is revoked already")
     elif op == authz.OP_DEVICE_REENROLL and not revocation.identity_revoked(
         session, device := registry.device(members[0])
     ):
@@ -538,12 +540,22 @@ def execute_request(
         session,
         operator=operator,
         type_=OPERATION_TYPES[stored.op],
-        target=stored.group_id if stored.group_id is not None else stored.members[0],
+        target=stored.group_id
+        if stored.group_id is not None
+        else f"{len(stored.members)} devices"
+        if stored.op == authz.OP_DEVICE_REVOKE and len(stored.members) > 1
+        else stored.members[0],
         jobs=jobs,
         groups=groups,
         command_id=command_id,
         now=now,
-        revoked=stored.members[0] if stored.op in authz.FLEET_OPS else None,
+        revoked=(
+            stored.members
+            if stored.op == authz.OP_DEVICE_REVOKE
+            else stored.members[:1]
+            if stored.op in authz.FLEET_OPS
+            else ()
+        ),
         authz=authorization_bytes,
         request_id=stored.request_id,
     )
@@ -623,7 +635,16 @@ def plan(
     if stored.op == authz.OP_DEVICE_REPLACE:
         reason = f"replaced by {members[1]}: {reason}"
         return replaceops.plan(cx, session, request, reason=reason, operator=operator, now=now)
-    return operators.plan_revoke(cx, session, members[0], reason=reason, operator=operator, now=now)
+    # device.revoke: each named device (one request may revoke several; one feed entry)
+    jobs: list[Job] = []
+    groups: set[str] = set()
+    for device_id in members:
+        more, touched = operators.plan_revoke(
+            cx, session, device_id, reason=reason, operator=operator, now=now
+        )
+        jobs += more
+        groups |= touched
+    return jobs, groups
 
 
 # -- list and expire ----------------------------------------------------------------------------

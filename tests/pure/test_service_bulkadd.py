@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from agent.protocol import authz
 from agent.protocol.mls.messages import Commit, KeyPackage
 from agent.protocol.wire.messages.operator import Propose
-from agent.protocol.wire.messages.result import ResultStatus
+from agent.protocol.wire.messages.result import RequestState, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from provisioning.db.schema import CommitLogEntry
-from provisioning.service import bulkadd
+from provisioning.registry import DeviceState, Registry
+from provisioning.service import bulkadd, feed
 from tests.pure.test_service_core import Fleet, agreed, make_fleet
 from tests.pure.test_service_requests import approve, propose
 from tests.service_members import Outgoing, command_id, group_create
@@ -149,3 +151,34 @@ def test_a_group_add_request_of_several_devices_is_one_commit(
     fleet.send(fleet.operators["op-alice"].command(body, fleet.now))
     assert "ds.add.frame" in fleet.final(body.command_id).detail
     assert sorted(fleet.members("g1")) == sorted(NAMES[:6]) and fleet.epoch("g1") == 2
+
+
+def test_one_request_revokes_several_devices_with_one_feed_entry(fleet: Fleet) -> None:
+    cid = fleet.command("op-alice", group_create("g1", *NAMES[:6]))
+    assert fleet.final(cid).status is ResultStatus.DONE
+    with fleet.sessions() as s:
+        before, _ = feed.newest(s)
+    info = propose(fleet, "op-admin", "device.revoke", "dev-03", "dev-05", reason="stolen")
+    assert [m.device_id for m in authz.Request.decode(info.request).members] == [
+        "dev-03",
+        "dev-05",
+    ]
+    cid, done = approve(fleet, "op-admin", info.request)
+    assert done is not None and done.state is RequestState.EXECUTED
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert sorted(fleet.members("g1")) == ["dev-01", "dev-02", "dev-04", "dev-06"]
+    with fleet.sessions() as s:
+        registry = Registry(s)
+        assert {registry.device(d).state for d in ("dev-03", "dev-05")} == {DeviceState.REVOKED}
+        assert registry.device("dev-04").state is not DeviceState.REVOKED
+        after, _ = feed.newest(s)
+    assert after == before + 1  # one entry naming both
+    holders = [fleet.devices[n] for n in ("dev-01", "dev-02", "dev-04", "dev-06")]
+    assert len({d.groups["g1"].epoch_authenticator for d in holders}) == 1
+    # a request naming a device revoked already is refused when proposed
+    body = Propose(command_id(), "device.revoke", ("dev-04", "dev-05"))
+    fleet.send(fleet.operators["op-admin"].command(body, fleet.now))
+    assert "registry.device.revoked" in fleet.final(body.command_id).detail
+    with fleet.sessions() as s:
+        assert Registry(s).device("dev-04").state is not DeviceState.REVOKED
