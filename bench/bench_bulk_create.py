@@ -57,6 +57,7 @@ GROUP = "bulk"
 DEFAULT_RUNS = ("multi:100", "single:100", "multi:1000")
 TARGET_N = 1000
 TARGET_S = 10.0
+BATCH = 200  # messages keyfleet serve hands the service at once (bench_rekey, "ack batches")
 
 
 def _cpu_s(pid: int) -> float:
@@ -126,10 +127,10 @@ class _Timed:
 
     def __init__(self, service: Any) -> None:
         self.total = 0.0
-        self._handle, self._tick = service.handle, service.tick
-        service.handle, service.tick = self.handle, self.tick
+        self._handle, self._tick = service.handle_many, service.tick
+        service.handle_many, service.tick = self.handle_many, self.tick
 
-    def handle(self, *args: Any, **kwargs: Any) -> Any:
+    def handle_many(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
             return self._handle(*args, **kwargs)
@@ -155,6 +156,16 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
     names = tuple(f"dev-sim-{i:05d}" for i in range(1, n + 1))
     fleet = next(make_fleet(workdir, names, ack_timeout=3600))
     timed = _Timed(fleet.service)
+
+    def send(*outgoing: tuple[str, bytes]) -> None:
+        """As ``Fleet.send``, but what the members answer together reaches the service in
+        batches of up to ``BATCH`` messages, as ``keyfleet serve`` hands them over."""
+        queue = list(outgoing)
+        while queue:
+            batch, queue = queue[:BATCH], queue[BATCH:]
+            queue.extend(fleet.deliver(fleet.service.handle_many(batch, fleet.now)))
+
+    fleet.send = send  # type: ignore[method-assign]
     t0 = time.perf_counter()
 
     def change(op: str, members: tuple[str, ...]) -> Any:
