@@ -21,6 +21,7 @@ accepts the pair (``accept_held``), anyone else finds nothing. An accepted commi
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -112,11 +113,30 @@ class AcceptedCommit:
         return out
 
 
+# Decoded public groups by (group, epoch, GroupContext): the context holds the tree hash, so an
+# entry names exactly one tree; decoding a 1,000-member tree takes tens of milliseconds, and a
+# full rekey's proposals (one per member) each check against the same one.
+_PUBLIC_CACHE: OrderedDict[tuple[str, int, bytes], PublicGroup] = OrderedDict()
+PUBLIC_CACHE_SIZE = 16
+
+
 def load_public(session: Session, group_id: str) -> tuple[PublicGroup, int]:
+    """The group's public view at its current epoch (a copy nobody else holds is not needed:
+    ``PublicGroup.verify``/``apply`` never change it, they work on copies of its tree)."""
     group = Registry(session).group(group_id)
-    public = PublicGroup.from_state(
-        codec.decode(group.public_tree, MAX_PUBLIC_GROUP, "public_tree")
-    )
+    key = (group_id, group.epoch, bytes(group.group_context))
+    public = _PUBLIC_CACHE.get(key)
+    if public is None:
+        public = PublicGroup.from_state(
+            codec.decode(group.public_tree, MAX_PUBLIC_GROUP, "public_tree")
+        )
+        if public.state.group_context() != key[2] or public.epoch != group.epoch:
+            return public, group.epoch  # a row that disagrees with itself: not cached
+        _PUBLIC_CACHE[key] = public
+        while len(_PUBLIC_CACHE) > PUBLIC_CACHE_SIZE:
+            _PUBLIC_CACHE.popitem(last=False)
+    else:
+        _PUBLIC_CACHE.move_to_end(key)
     return public, group.epoch
 
 
