@@ -88,9 +88,18 @@ def first_updates(cx: Call, group_id: str, founders: tuple[str, ...]) -> Job:
     """The full-rekey job that ends a group's creation: every joiner's first update (its
     KeyPackage's leaf key replaced, docs/treekem.md "Joining") as Update proposals, committed
     in ceil((N - 1) / BATCH) commits, instead of one self-update commit per joiner that each
-    member processes (O(N^2)). ``ask`` asks those of ``founders`` that hold a leaf by then."""
+    member processes (O(N^2)). ``ask`` asks those of ``founders`` that hold a leaf by then.
+    Detached from the creation's operation: the creation is done when every founder joined and
+    agrees; this job follows like the rekey policy's updates (a joiner that sends no proposal
+    gets an aimed update, and asks for its first update itself too)."""
     return Job(
-        CommitAction.UPDATE, group_id, None, cx.env.new_id(), persistent=True, candidates=founders
+        CommitAction.UPDATE,
+        group_id,
+        None,
+        cx.env.new_id(),
+        persistent=True,
+        candidates=founders,
+        detached=True,
     )
 
 
@@ -236,7 +245,8 @@ def commit_next(cx: Call, job: Job, now: int) -> None:
         if first:
             answered = {p.device_id for p in rows.proposals(session, job.request_id)}
             for device_id in job.candidates:
-                if device_id not in answered:
+                # the committer's own UpdatePath renews its leaf: no aimed update for it
+                if device_id not in answered and device_id != committer:
                     aimed = rekeypolicy.aimed_update(cx, job.group_id, device_id)
                     aimed.command_id = job.command_id
                     store.insert_job(session, aimed, now)

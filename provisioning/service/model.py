@@ -146,6 +146,9 @@ class Job:
     version: int = 0
     claimed_by: str | None = None
     lease_until: int = 0  # the deadline as read: the claimer's lease (``deadline`` may move)
+    # planned with an operation but not part of it (not stored: the row has no command id), so
+    # the operation ends without waiting for it (a creation's first updates, ``fullrekey``)
+    detached: bool = False
 
     def describe(self) -> str:
         what = self.action.value + (f" {self.member}" if self.member else "")

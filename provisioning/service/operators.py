@@ -550,7 +550,7 @@ def start_change(
         store.set_operation_authz(session, command_id, authz)
     for job in jobs:
         if job.id == 0:
-            job.command_id = command_id
+            job.command_id = None if job.detached else command_id
             store.insert_job(session, job, now)
         else:  # a removal plan_removal already inserted
             store.link_job(session, job, command_id)
