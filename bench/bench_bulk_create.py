@@ -29,7 +29,7 @@ apart from the members' work: what N = 1,000 is measured with, since 1,000 virtu
 joining and checking every commit's key packages in one process take most of an hour.
 
 Usage: ``python -m bench.bench_bulk_create [multi:N|single:N|inproc:N|inproc-single:N ...]``
-(default ``multi:100 single:100 multi:1000``).
+(default ``multi:100 single:100 inproc:1000``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from provisioning.operator import OperatorClient
 from provisioning.requests_cli import RequestSession
 
 GROUP = "bulk"
-DEFAULT_RUNS = ("multi:100", "single:100", "multi:1000")
+DEFAULT_RUNS = ("multi:100", "single:100", "inproc:1000")
 TARGET_N = 1000
 TARGET_S = 10.0
 BATCH = 200  # messages keyfleet serve hands the service at once (bench_rekey, "ack batches")
