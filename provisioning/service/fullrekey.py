@@ -245,8 +245,7 @@ def commit_next(cx: Call, job: Job, now: int) -> None:
         if first:
             answered = {p.device_id for p in rows.proposals(session, job.request_id)}
             for device_id in job.candidates:
-                # the committer's own UpdatePath renews its leaf: no aimed update for it
-                if device_id not in answered and device_id != committer:
+                if device_id not in answered:
                     aimed = rekeypolicy.aimed_update(cx, job.group_id, device_id)
                     aimed.command_id = job.command_id
                     store.insert_job(session, aimed, now)

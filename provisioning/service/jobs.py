@@ -123,6 +123,8 @@ def start(cx: Call, job: Job, now: int) -> None:
             fullrekey.commit_next(cx, job, now)
         return
     if bulkadd.is_multi(job):
+        if job.state is JobState.QUEUED and not _drop_members(cx, job, now):
+            return  # every joiner is a member already: nothing left to add
         if bulkadd.missing(job):
             if job.state is not JobState.KEY_PACKAGE:
                 request_key_package(cx, job, now)
@@ -153,6 +155,25 @@ def start(cx: Call, job: Job, now: int) -> None:
         return
     committer, epoch = choice
     request_commit(cx, job, committer, epoch, now)
+
+
+def _drop_members(cx: Call, job: Job, now: int) -> bool:
+    """A multi-add about to start leaves out joiners that hold a leaf already (the founder
+    that created the group: any founder may, when the first does not answer). False when none
+    is left: the job ends done."""
+
+    def present(session: Session) -> set[str]:
+        members = Registry(session).members(job.group_id)
+        return {m.device_id for m in members if m.leaf_index is not None}
+
+    held = cx.env.read(present)
+    kept = tuple(d for d in bulkadd.joiners(job) if d not in held)
+    if kept:
+        job.candidates = kept
+        return True
+    if cx.env.tx(lambda s: store.end_job(s, job, JobState.DONE)):
+        job_ended(cx, job, now)
+    return False
 
 
 def request_key_package(cx: Call, job: Job, now: int) -> None:

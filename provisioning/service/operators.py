@@ -401,9 +401,11 @@ def plan_create(
         check_eligible(registry, device_id, group_id)
     jobs = [Job(CommitAction.CREATE, group_id, None, cx.env.new_id(), candidates=tuple(members))]
     size = bulkadd.adds_per_commit(authz_size)
+    # every founder: the one that creates the group (the first that answers) is left out of
+    # its chunk when that starts (jobs.start), so whoever creates it, the others all join
     jobs.extend(
         bulkadd.new_job(group_id, chunk, cx.env.new_id())
-        for chunk in bulkadd.chunks(tuple(members[1:]), size)
+        for chunk in bulkadd.chunks(tuple(members), size)
     )
     if len(members) - 1 >= bulkadd.FIRST_UPDATES_BATCH_MIN:
         # the joiners' first updates, as Update proposals in a few commits (fullrekey)

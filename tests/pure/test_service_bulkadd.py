@@ -51,7 +51,7 @@ def test_adds_per_commit_follows_the_frame_and_the_authorization() -> None:
 def test_twenty_founders_join_in_three_commits_and_update_in_one(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 8 joiners per commit: the 19 others join in commits of 8, 8 and 3
+    # 8 founders per chunk, the creator left out of the first: commits of 7, 8 and 4
     monkeypatch.setattr(bulkadd, "KEY_PACKAGE_ROOM", (256 * 1024 - bulkadd.OTHER_ROOM) // 8)
     fleet.record = True
     cid = fleet.command("op-alice", group_create("g1", *NAMES))
@@ -61,7 +61,7 @@ def test_twenty_founders_join_in_three_commits_and_update_in_one(
     assert sorted(fleet.members("g1")) == sorted(NAMES)
     requests = commit_requests(fleet)
     adds = [r for r in requests if r.action is CommitAction.ADD]
-    assert [len(r.key_packages or ()) for r in adds] == [8, 8, 3]
+    assert [len(r.key_packages or ()) for r in adds] == [7, 8, 4]
     assert all(r.member is None and r.key_package is None for r in adds)
     # the joiners' first updates: one commit of their proposals (fullrekey.first_updates)
     updates = [r for r in requests if r.action is CommitAction.UPDATE]
@@ -111,6 +111,20 @@ def test_a_commit_adding_other_key_packages_than_collected_is_refused(
     with fleet.sessions() as s:
         logged = [Commit.decode(c) for c in s.scalars(select(CommitLogEntry.commit))]
     assert [len(c.content.adds) for c in logged] == [4]
+
+
+def test_when_the_first_founder_does_not_create_the_next_does_and_all_join(fleet: Fleet) -> None:
+    first = fleet.devices["dev-01"]
+    first.ignore_commit_requests = True  # it joins, but commits nothing (nor the create)
+    cid = fleet.command("op-alice", group_create("g1", *NAMES[:5]))
+    fleet.tick(11)  # the create request goes to the next founder
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert sorted(fleet.members("g1")) == sorted(NAMES[:5])
+    with fleet.sessions() as s:
+        creator = s.scalars(select(CommitLogEntry.committer)).all()
+    assert creator == ["dev-02"]  # one commit: dev-02 added the four others, dev-01 among them
+    assert len(agreed(fleet, "g1")) == 1
 
 
 def test_a_founder_without_a_key_package_is_named_when_the_creation_times_out(
