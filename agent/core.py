@@ -894,7 +894,16 @@ class AgentCore:
             commit_check=checks.commit_check,
             credential=self._credential,
         )
-        if body.action is CommitAction.ADD:
+        if body.action is CommitAction.ADD and body.key_packages is not None:
+            # many members in one commit, one Welcome for all (docs/treekem.md)
+            key_packages = [KeyPackage.decode(kp) for kp in body.key_packages]
+            for key_package in key_packages:
+                key_package.check_lifetime(self._now)
+            result = commit(
+                adds=key_packages, new_leaf_key=self._fresh_leaf_if_pending(entry), authz=authz
+            )
+            welcome_for = tuple(kp.device_id.decode() for kp in key_packages)
+        elif body.action is CommitAction.ADD:
             assert body.key_package is not None and body.member is not None
             key_package = KeyPackage.decode(body.key_package)
             if key_package.device_id != body.member.encode():

@@ -96,6 +96,7 @@ from provisioning.registry import Registry, cert_fingerprint
 from provisioning.releases_cli import add_release_commands
 from provisioning.requests_cli import (
     add_request_commands,
+    read_members,
     replace_proposal,
     run_direct,
     run_request_command,
@@ -534,21 +535,21 @@ def _direct_proposals(
     args: argparse.Namespace, client: OperatorClient
 ) -> list[tuple[str, Propose]]:
     if args.command == "revoke":
-        body = Propose(client.new_command_id(), "device.revoke", (args.device,), reason=args.reason)
-        return [(f"revoke {args.device}", body)]
+        # several devices: one request (one feed entry), their removals from every group
+        devices = read_members(args.device)
+        label = f"revoke {devices[0]}" if len(devices) == 1 else f"revoke {len(devices)} devices"
+        body = Propose(client.new_command_id(), "device.revoke", devices, reason=args.reason)
+        return [(label, body)]
     if args.command == "device":  # device replace OLD NEW (RMA)
         return [replace_proposal(client.new_command_id(), args.old, args.new, args.reason)]
     if args.group_command == "create":
-        members = tuple(dict.fromkeys(args.members))
+        members = read_members(args.members)
         body = Propose(client.new_command_id(), "group.create", members, args.group)
         return [(f"create {args.group}", body)]
-    return [
-        (
-            f"add {device} to {args.group}",
-            Propose(client.new_command_id(), "group.add", (device,), args.group),
-        )
-        for device in dict.fromkeys(args.devices)
-    ]
+    # several devices: one request, one commit adding all of them (one Welcome)
+    devices = read_members(args.devices)
+    label = f"add {devices[0]} to {args.group}" if len(devices) == 1 else f"add {args.group}"
+    return [(label, Propose(client.new_command_id(), "group.add", devices, args.group))]
 
 
 def _request_command(args: argparse.Namespace) -> int:
@@ -906,11 +907,20 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     group_commands = group.add_subparsers(dest="group_command", required=True)
     create = group_commands.add_parser("create", help="create GROUP with its members")
     create.add_argument("group")
-    create.add_argument("--members", nargs="+", required=True, metavar="DEVICE")
+    create.add_argument(
+        "--members",
+        nargs="+",
+        required=True,
+        metavar="DEVICE|FILE",
+        help="the founders: device ids, or files with one device id a line (# comments); "
+        "all of them join in as few commits as the message size allows",
+    )
     _add_operator_options(create)
-    add = group_commands.add_parser("add", help="add devices to GROUP")
+    add = group_commands.add_parser(
+        "add", help="add devices to GROUP (several: one request, one commit)"
+    )
     add.add_argument("group")
-    add.add_argument("devices", nargs="+", metavar="DEVICE")
+    add.add_argument("devices", nargs="+", metavar="DEVICE|FILE")
     _add_operator_options(add)
 
     policy = group_commands.add_parser(
@@ -967,8 +977,10 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
         station_commands.add_parser("list", help="registered stations (registry)"), _station_list
     )
 
-    revoke = commands.add_parser("revoke", help="revoke a device (admin)")
-    revoke.add_argument("device")
+    revoke = commands.add_parser(
+        "revoke", help="revoke devices (admin; several: one request, files: one id a line)"
+    )
+    revoke.add_argument("device", nargs="+", metavar="DEVICE|FILE")
     revoke.add_argument("--reason")
     _add_operator_options(revoke)
     device = commands.add_parser("device", help="a device's replacement after a TPM failure")

@@ -18,6 +18,7 @@ as its TLS and command key) over the label and SHA-256 of the exact request byte
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tomllib
@@ -57,6 +58,41 @@ from provisioning.service import operatorops, trustroll
 EXCHANGE_TIMEOUT = 30.0
 
 
+def members_digest(device_ids: Sequence[str]) -> str:
+    """SHA-256 of the sorted device ids, one a line: what ``sort -u FILE | sha256sum`` prints
+    for a members file, so an approver can check a large request against the list it was
+    given without reading a thousand lines."""
+    text = "".join(f"{d}\n" for d in sorted(set(device_ids)))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_members(values: Sequence[str]) -> tuple[str, ...]:
+    """Device ids from ``--members``/``--member``: each value is a device id, or the path of
+    an existing file holding one device id a line (blank lines and ``#`` comments skipped).
+    Each device once, in the order given."""
+    out: list[str] = []
+    for value in values:
+        path = Path(value)
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                device_id = line.split("#", 1)[0].strip()
+                if device_id:
+                    out.append(device_id)
+        else:
+            out.append(value)
+    if not out:
+        raise ConfigError("no members: the members file is empty")
+    return tuple(dict.fromkeys(out))
+
+
+def members_line(request: authz.Request) -> str:
+    listed = members_digest([m.device_id for m in request.members])
+    return (
+        f"  members:  {len(request.members)}, sorted ids SHA-256 {listed} "
+        "(sort -u FILE | sha256sum)"
+    )
+
+
 def describe(request: authz.Request) -> list[str]:
     """The request as a person reads it before signing."""
     when = datetime.fromtimestamp(request.exp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -66,6 +102,8 @@ def describe(request: authz.Request) -> list[str]:
     ]
     if request.group is not None:
         lines.append(f"  group:    {request.group}")
+    if len(request.members) > 1:
+        lines.append(members_line(request))
     for member in request.members:
         lines.append(f"  member:   {member.device_id} (DevID key SHA-256 {member.key.hex()})")
     if request.policy is not None:
@@ -364,21 +402,23 @@ def request_json(info: RequestInfo) -> dict[str, object]:
 def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
     kind = args.propose_command
     if kind == "group-create":
-        members = tuple(dict.fromkeys(args.member))
+        members = read_members(args.member)
         return f"propose create {args.group}", Propose(
             command_id, authz.OP_GROUP_CREATE, members, args.group
         )
     if kind == "group-add":
-        return f"propose add {args.device} to {args.group}", Propose(
-            command_id, authz.OP_GROUP_ADD, (args.device,), args.group
+        devices = read_members(args.device)
+        return f"propose add {' '.join(devices)} to {args.group}", Propose(
+            command_id, authz.OP_GROUP_ADD, devices, args.group
         )
     if kind == "group-remove":
         return f"propose remove {args.device} from {args.group}", Propose(
             command_id, authz.OP_GROUP_REMOVE, (args.device,), args.group
         )
     if kind == "revoke":
-        return f"propose revoke {args.device}", Propose(
-            command_id, authz.OP_DEVICE_REVOKE, (args.device,), reason=args.reason
+        devices = read_members(args.device)
+        return f"propose revoke {' '.join(devices)}", Propose(
+            command_id, authz.OP_DEVICE_REVOKE, devices, reason=args.reason
         )
     if kind == "replace":
         return replace_proposal(command_id, args.old, args.new, args.reason, label="propose ")
@@ -518,6 +558,9 @@ def run_direct(
     started: dict[bytes, str] = {}
     for label, body in proposals:
         request = session.propose(body, label)
+        if request is not None and len(request.members) > 1 and not json_lines:
+            print(f"{label}: request {request.id.hex()}", file=session.out)
+            print(members_line(request), file=session.out)
         approved = None if request is None else session.approve(request.encode(), label)
         if approved is None:
             codes.append(EXIT_FAILED)
@@ -546,16 +589,23 @@ def add_request_commands(
     create = kinds.add_parser("group-create", help="create GROUP with its members")
     create.add_argument("group")
     create.add_argument(
-        "--member", action="extend", nargs="+", required=True, metavar="DEVICE", help="founders"
+        "--member",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="DEVICE|FILE",
+        help="founders: device ids, or files with one device id a line",
     )
-    add = kinds.add_parser("group-add", help="add DEVICE to GROUP")
+    add = kinds.add_parser(
+        "group-add", help="add DEVICEs to GROUP (several: one commit; files: one id a line)"
+    )
     add.add_argument("group")
-    add.add_argument("device")
+    add.add_argument("device", nargs="+", metavar="DEVICE|FILE")
     remove = kinds.add_parser("group-remove", help="remove DEVICE from GROUP")
     remove.add_argument("group")
     remove.add_argument("device")
-    revoke = kinds.add_parser("revoke", help="revoke DEVICE (admins)")
-    revoke.add_argument("device")
+    revoke = kinds.add_parser("revoke", help="revoke DEVICEs (admins; several: one request)")
+    revoke.add_argument("device", nargs="+", metavar="DEVICE|FILE")
     revoke.add_argument("--reason", help="recorded with the revocation")
     reenroll = kinds.add_parser(
         "reenroll", help="let revoked DEVICE's TPM enroll once more (admins)"

@@ -216,6 +216,8 @@ class SoftDevice:
                 updates=[Update.decode(u) for u in request.updates or ()][self.drop_updates :],
                 new_leaf_key=ec.generate_private_key(ec.SECP256R1()),
             )
+        elif request.action is CommitAction.ADD and request.key_packages is not None:
+            result = group.add(self.devid, [KeyPackage.decode(k) for k in request.key_packages])
         elif request.action is CommitAction.ADD:
             assert request.key_package is not None
             result = group.add(self.devid, [KeyPackage.decode(request.key_package)])

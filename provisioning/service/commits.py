@@ -35,6 +35,7 @@ from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit
 from provisioning.registry import Outcome, Registry, new_state_token
 from provisioning.service import (
+    bulkadd,
     execute,
     fullrekey,
     groupcache,
@@ -204,11 +205,22 @@ def check_commit(
     if adds or removes:
         assert job is not None  # check_solicited refused an unasked membership change
         authorized = (
-            job.action is CommitAction.ADD
-            and not removes
-            and len(commit.content.adds) == 1
-            and commit.content.adds[0].encode() == job.key_package
-        ) or (job.action is CommitAction.REMOVE and not adds and removes == [job.member])
+            (
+                bulkadd.is_multi(job)
+                and not removes
+                and not bulkadd.missing(job)
+                and sorted(kp.encode() for kp in commit.content.adds)
+                == sorted(bulkadd.key_packages(job))
+            )
+            or (
+                job.action is CommitAction.ADD
+                and job.member is not None
+                and not removes
+                and len(commit.content.adds) == 1
+                and commit.content.adds[0].encode() == job.key_package
+            )
+            or (job.action is CommitAction.REMOVE and not adds and removes == [job.member])
+        )
         if not authorized:
             raise ProtocolError(
                 "ds.commit.unauthorized",

@@ -45,6 +45,7 @@ from provisioning.registry import DeviceState, Outcome, PendingChange, Registry,
 from provisioning.service import (
     acks,
     attestation,
+    bulkadd,
     catchup,
     commits,
     execute,
@@ -296,7 +297,12 @@ def on_key_package(
     cx: Call, session: Session, sender: str, body: KeyPackageMessage, now: int
 ) -> Effects:
     job = store.job_by_request(session, body.command_id) if body.command_id is not None else None
-    if job is None or job.member != sender or job.state is not JobState.KEY_PACKAGE:
+    multi = job is not None and bulkadd.is_multi(job)
+    if (
+        job is None
+        or job.state is not JobState.KEY_PACKAGE
+        or (sender not in bulkadd.missing(job) if multi else job.member != sender)
+    ):
         raise ProtocolError(
             "ds.key_package.unexpected", "no key package was requested with this command id"
         )
@@ -310,7 +316,16 @@ def on_key_package(
             "ds.key_package.identity",
             "the key package is not bound to the sender's DevID key and device id",
         )
-    job.key_package = body.key_package
+    if multi:
+        if not bulkadd.keep(job, sender, body.key_package):
+            # more joiners to hear from: the job waits for them (asked again at its deadline)
+            if not store.save_job(session, job, cx.env.instance):
+                raise ProtocolError(
+                    "ds.key_package.unexpected", "the job moved meanwhile: send it again"
+                )
+            return [Touch(job)]
+    else:
+        job.key_package = body.key_package
     job.state = JobState.WAITING
     if not store.save_job(session, job, cx.env.instance):
         # Another instance took this key package (a redelivery raced it): nothing to do.

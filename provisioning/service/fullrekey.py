@@ -84,6 +84,59 @@ def plan(cx: Call, session: Session, group_id: str) -> list[Job]:
     ]
 
 
+def first_updates(cx: Call, group_id: str, founders: tuple[str, ...]) -> Job:
+    """The full-rekey job that ends a group's creation: every joiner's first update (its
+    KeyPackage's leaf key replaced, docs/treekem.md "Joining") as Update proposals, committed
+    in ceil((N - 1) / BATCH) commits, instead of one self-update commit per joiner that each
+    member processes (O(N^2)). ``ask`` asks those of ``founders`` that hold a leaf by then.
+    Detached from the creation's operation: the creation is done when every founder joined and
+    agrees; this job follows like the rekey policy's updates (a joiner that sends no proposal
+    gets an aimed update, and asks for its first update itself too)."""
+    return Job(
+        CommitAction.UPDATE,
+        group_id,
+        None,
+        cx.env.new_id(),
+        persistent=True,
+        candidates=founders,
+        detached=True,
+    )
+
+
+def members_ready(cx: Call, job: Job, now: int) -> bool:
+    """Whether to ask for proposals now: every member the job names that holds a leaf is
+    proven at the group's epoch (it acked it: a joiner has opened its Welcome), or the job has
+    waited half an ``ack_timeout`` for them. A member asked before it holds the epoch cannot
+    answer in time, and would then need a commit of its own."""
+    from provisioning.service import jobs  # noqa: PLC0415 - jobs routes to this module
+
+    if job.state is JobState.WAITING and job.deadline != 0 and now >= job.deadline:
+        return True
+
+    def read(session: Session) -> bool:
+        registry = Registry(session)
+        named = set(job.candidates)
+        members = [
+            m.device_id
+            for m in registry.members(job.group_id)
+            if m.leaf_index is not None and m.device_id in named
+        ]
+        at_epoch = jobs.proven_at_epoch(session, job.group_id, registry.group(job.group_id).epoch)
+        return all(m in at_epoch for m in members)
+
+    return cx.env.read(read)
+
+
+def wait_for_members(cx: Call, job: Job, now: int) -> None:
+    """Hold the job (``members_ready``): acks start it again, the tick at the latest."""
+    from provisioning.service import jobs  # noqa: PLC0415 - jobs routes to this module
+
+    if job.state is not JobState.WAITING or job.deadline == 0:
+        job.state = JobState.WAITING
+        job.deadline = now + max(1, cx.env.settings.ack_timeout // 2)
+        jobs.claim(cx, job, now)
+
+
 # -- 1. proposals ------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import device_cmd_topic
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest, KeyPackageRequest
 from provisioning.registry import PendingChange, Registry
-from provisioning.service import commits, fullrekey, operations, rekeypolicy, store
+from provisioning.service import bulkadd, commits, fullrekey, operations, rekeypolicy, store
 from provisioning.service.context import Call
 from provisioning.service.model import GROUP_ELIGIBLE, Job, JobState
 
@@ -115,11 +115,21 @@ def start(cx: Call, job: Job, now: int) -> None:
         return
     if fullrekey.is_batch(job):
         if job.state in (JobState.QUEUED, JobState.WAITING):
-            fullrekey.ask(cx, job, now)
+            if fullrekey.members_ready(cx, job, now):
+                fullrekey.ask(cx, job, now)
+            else:
+                fullrekey.wait_for_members(cx, job, now)
         elif job.state is JobState.PROPOSALS and fullrekey.ready(cx, job, now):
             fullrekey.commit_next(cx, job, now)
         return
-    if job.action is CommitAction.ADD and job.key_package is None:
+    if bulkadd.is_multi(job):
+        if job.state is JobState.QUEUED and not _drop_members(cx, job, now):
+            return  # every joiner is a member already: nothing left to add
+        if bulkadd.missing(job):
+            if job.state is not JobState.KEY_PACKAGE:
+                request_key_package(cx, job, now)
+            return
+    elif job.action is CommitAction.ADD and job.key_package is None:
         if job.state is not JobState.KEY_PACKAGE:
             request_key_package(cx, job, now)
         return
@@ -147,18 +157,40 @@ def start(cx: Call, job: Job, now: int) -> None:
     request_commit(cx, job, committer, epoch, now)
 
 
+def _drop_members(cx: Call, job: Job, now: int) -> bool:
+    """A multi-add about to start leaves out joiners that hold a leaf already (the founder
+    that created the group: any founder may, when the first does not answer). False when none
+    is left: the job ends done."""
+
+    def present(session: Session) -> set[str]:
+        members = Registry(session).members(job.group_id)
+        return {m.device_id for m in members if m.leaf_index is not None}
+
+    held = cx.env.read(present)
+    kept = tuple(d for d in bulkadd.joiners(job) if d not in held)
+    if kept:
+        job.candidates = kept
+        return True
+    if cx.env.tx(lambda s: store.end_job(s, job, JobState.DONE)):
+        job_ended(cx, job, now)
+    return False
+
+
 def request_key_package(cx: Call, job: Job, now: int) -> None:
-    assert job.member is not None
+    """Ask the joiner (a multi-add: each joiner whose key package is not in yet) for one."""
+    wanted = bulkadd.missing(job) if bulkadd.is_multi(job) else [job.member]
     job.state = JobState.KEY_PACKAGE
     job.deadline = now + cx.env.settings.commit_request_timeout
     if not claim(cx, job, now):
         return
-    cx.send(
-        device_cmd_topic(job.member),
-        KeyPackageRequest(job.request_id),
-        to=job.member,
-        now=now,
-    )
+    for device_id in wanted:
+        assert device_id is not None
+        cx.send(
+            device_cmd_topic(device_id),
+            KeyPackageRequest(job.request_id),
+            to=device_id,
+            now=now,
+        )
 
 
 def request_commit(cx: Call, job: Job, committer: str, epoch: int, now: int) -> None:
@@ -179,15 +211,23 @@ def request_commit(cx: Call, job: Job, committer: str, epoch: int, now: int) -> 
     policies = tuple(a for _, a in cx.env.read(store.adopted_policies))
     if authz is None and policies and job.action in (CommitAction.ADD, CommitAction.REMOVE):
         authz = policies[-1]
+    multi = bulkadd.is_multi(job)
+    if multi:
+        try:
+            bulkadd.check_fits(bulkadd.key_packages(job), authz, policies)
+        except ProtocolError as err:
+            fail_job(cx, job, f"[{err.check}] {err.reason}", now)
+            return
     request = CommitRequest(
         command_id=job.request_id,
         group_id=job.group_id,
         epoch=epoch,
         action=job.action,
         member=job.member if job.action in (CommitAction.ADD, CommitAction.REMOVE) else None,
-        key_package=job.key_package if job.action is CommitAction.ADD else None,
+        key_package=job.key_package if job.action is CommitAction.ADD and not multi else None,
         authz=authz,
         policies=policies,
+        key_packages=bulkadd.key_packages(job) if multi else None,
     )
     log.info("asked %s to commit %s at epoch %s", committer, job.describe(), epoch)
     cx.send(device_cmd_topic(committer), request, to=committer, now=now)
@@ -313,15 +353,17 @@ def cancel(cx: Call, job: Job, now: int) -> None:
     def work(session: Session) -> bool:
         if not store.end_job(session, job, JobState.CANCELLED):
             return False
-        if job.action is CommitAction.ADD and job.member is not None:
+        if job.action is CommitAction.ADD:
             registry = Registry(session)
             try:
                 rows = {m.device_id: m for m in registry.members(job.group_id)}
             except ProtocolError:
                 return True  # the group was never created
-            row = rows.get(job.member)
-            if row is not None and row.leaf_index is None:
-                registry.request_remove(job.group_id, job.member, now=now)
+            joiners = bulkadd.joiners(job) if bulkadd.is_multi(job) else (job.member or "",)
+            for member in joiners:
+                row = rows.get(member)
+                if row is not None and row.leaf_index is None:
+                    registry.request_remove(job.group_id, member, now=now)
         return True
 
     if cx.env.tx(work):

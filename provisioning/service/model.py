@@ -134,11 +134,13 @@ class Job:
     command_id: bytes | None = field(default=None, repr=False)  # its operation, if any
     persistent: bool = False  # survives its operation's timeout (revocations, re-adds)
     # create: the founders to try, in order; an aimed update (rekey policy): its one member;
+    # a multi-add (add without member, provisioning.service.bulkadd): its joiners;
     # remove: the members to ask first, the one nearest to the removed leaf first (after a
     # rollback, the members that reported the junk commit)
     candidates: tuple[str, ...] = ()
     prefer: str | None = None  # update: ask this member first (it asked for the rotation)
     state: JobState = JobState.QUEUED
+    # add: the member's key package; a multi-add: CBOR map device id -> key package so far
     key_package: bytes | None = field(default=None, repr=False)
     committer: str | None = None
     tried: list[str] = field(default_factory=list)
@@ -149,9 +151,14 @@ class Job:
     version: int = 0
     claimed_by: str | None = None
     lease_until: int = 0  # the deadline as read: the claimer's lease (``deadline`` may move)
+    # planned with an operation but not part of it (not stored: the row has no command id), so
+    # the operation ends without waiting for it (a creation's first updates, ``fullrekey``)
+    detached: bool = False
 
     def describe(self) -> str:
         what = self.action.value + (f" {self.member}" if self.member else "")
+        if self.action.value == "add" and self.member is None:
+            what = f"add {len(self.candidates)} members"
         return f"{what} in {self.group_id}"
 
     @property

@@ -27,7 +27,7 @@ from agent.protocol.wire.messages.group import CommitMessage
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import audit
 from provisioning.registry import Outcome, Registry
-from provisioning.service import jobs, store
+from provisioning.service import bulkadd, jobs, store
 from provisioning.service.context import Call
 from provisioning.service.model import JobState, Operation
 
@@ -189,10 +189,15 @@ def progress_step(cx: Call, operation: Operation, now: int) -> None:
     open_jobs = [j for j in operation.jobs if j.state is not JobState.DONE]
     if open_jobs:
         job = open_jobs[0]
-        if job.state is JobState.KEY_PACKAGE:
+        if job.state is JobState.KEY_PACKAGE and bulkadd.is_multi(job):
+            wanted = bulkadd.missing(job)
+            stage = f"waiting for {len(wanted)} key packages ({', '.join(wanted[:5])}...)"
+        elif job.state is JobState.KEY_PACKAGE:
             stage = f"waiting for the key package of {job.member}"
         elif job.state is JobState.REQUESTED:
             stage = f"commit requested from {job.committer}"
+        elif job.state is JobState.WAITING and len(job.candidates) > 1:
+            stage = "waiting for the members to reach the current epoch"
         elif job.state is JobState.WAITING:
             stage = "waiting for a member at the current epoch"
         else:
@@ -367,7 +372,9 @@ def time_out(cx: Call, operation: Operation, now: int) -> None:
     open_jobs = [j for j in operation.jobs if j.open]
     if open_jobs:
         job = open_jobs[0]
-        if job.state is JobState.KEY_PACKAGE and job.member is not None:
+        if job.state is JobState.KEY_PACKAGE and bulkadd.is_multi(job):
+            pending = bulkadd.missing(job)  # the joiners that sent no key package
+        elif job.state is JobState.KEY_PACKAGE and job.member is not None:
             pending = [job.member]
         elif job.state is JobState.REQUESTED:
             pending = sorted({*job.tried, *([job.committer] if job.committer else [])})

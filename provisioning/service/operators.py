@@ -62,6 +62,7 @@ from provisioning.registry import (
 )
 from provisioning.service import (
     attestation,
+    bulkadd,
     checkpoints,
     credentials,
     execute,
@@ -380,15 +381,17 @@ def dispatch_operator(
         groups=groups,
         command_id=command_id,
         now=now,
-        revoked=body.device_id if isinstance(body, Revoke) else None,
+        revoked=(body.device_id,) if isinstance(body, Revoke) else (),
     )
 
 
 def plan_create(
-    cx: Call, session: Session, group_id: str, members: Sequence[str]
+    cx: Call, session: Session, group_id: str, members: Sequence[str], *, authz_size: int = 0
 ) -> tuple[list[Job], set[str]]:
     """The jobs that create ``group_id``: the first founder that answers creates it, the
-    others are added one by one. Raises if the group exists or a member may not join."""
+    others are added many per commit (``bulkadd``: as many as a commit carrying an
+    Authorization of ``authz_size`` bytes holds). Raises if the group exists or a member may
+    not join."""
     registry = Registry(session)
     if store.pending_create(session, group_id):
         raise ProtocolError("registry.group.exists", f"group {group_id!r} is being created")
@@ -397,7 +400,16 @@ def plan_create(
     for device_id in members:
         check_eligible(registry, device_id, group_id)
     jobs = [Job(CommitAction.CREATE, group_id, None, cx.env.new_id(), candidates=tuple(members))]
-    jobs.extend(Job(CommitAction.ADD, group_id, d, cx.env.new_id()) for d in members[1:])
+    size = bulkadd.adds_per_commit(authz_size)
+    # every founder: the one that creates the group (the first that answers) is left out of
+    # its chunk when that starts (jobs.start), so whoever creates it, the others all join
+    jobs.extend(
+        bulkadd.new_job(group_id, chunk, cx.env.new_id())
+        for chunk in bulkadd.chunks(tuple(members), size)
+    )
+    if len(members) - 1 >= bulkadd.FIRST_UPDATES_BATCH_MIN:
+        # the joiners' first updates, as Update proposals in a few commits (fullrekey)
+        jobs.append(fullrekey.first_updates(cx, group_id, tuple(members)))
     return jobs, {group_id}
 
 
@@ -421,6 +433,32 @@ def plan_add(
     if not store.pending_create(session, group_id):
         Registry(session).request_add(group_id, device_id, now=now)
     return [Job(CommitAction.ADD, group_id, device_id, cx.env.new_id())], {group_id}
+
+
+def plan_add_many(
+    cx: Call,
+    session: Session,
+    group_id: str,
+    members: Sequence[str],
+    now: int,
+    *,
+    authz_size: int = 0,
+) -> tuple[list[Job], set[str]]:
+    """Add several devices by one commit (``bulkadd``): devices add exactly the members a
+    ``group.add`` request names, so they must fit one commit (``ds.add.frame`` otherwise: use
+    several requests)."""
+    for device_id in members:
+        check_add(session, group_id, device_id)
+    if len(members) > bulkadd.adds_per_commit(authz_size):
+        raise ProtocolError(
+            "ds.add.frame",
+            f"{len(members)} devices do not fit one commit (at most "
+            f"{bulkadd.adds_per_commit(authz_size)}): split the add into several requests",
+        )
+    if not store.pending_create(session, group_id):
+        for device_id in members:
+            Registry(session).request_add(group_id, device_id, now=now)
+    return [bulkadd.new_job(group_id, tuple(members), cx.env.new_id())], {group_id}
 
 
 def check_remove(session: Session, group_id: str, device_id: str) -> None:
@@ -465,7 +503,7 @@ def start_change(
     groups: set[str],
     command_id: bytes,
     now: int,
-    revoked: str | None = None,
+    revoked: Sequence[str] = (),
     authz: bytes | None = None,
     request_id: bytes | None = None,
 ) -> Effects:
@@ -514,7 +552,7 @@ def start_change(
         store.set_operation_authz(session, command_id, authz)
     for job in jobs:
         if job.id == 0:
-            job.command_id = command_id
+            job.command_id = None if job.detached else command_id
             store.insert_job(session, job, now)
         else:  # a removal plan_removal already inserted
             store.link_job(session, job, command_id)
@@ -527,11 +565,11 @@ def start_change(
             "accepted %s from %s on %s (%d job(s), %d queued ahead)",
             (type_, operator, target, len(jobs), ahead),
         ),
-        *((CancelAddsOf(revoked),) if revoked is not None else ()),
+        *(CancelAddsOf(device_id) for device_id in revoked),
         Accepted(operation, detail),
         *(StartNext(group_id) for group_id in sorted(groups)),
         Progress(command_id),
-        *((WriteCrl(),) if revoked is not None else ()),
+        *((WriteCrl(),) if revoked else ()),
     ]
 
 

@@ -54,6 +54,7 @@ from agent.protocol.wire.messages.result import (
 from provisioning import audit, revocation
 from provisioning.registry import DeviceState, Outcome, Registry, Role
 from provisioning.service import (
+    bulkadd,
     credentials,
     feed,
     operatorops,
@@ -190,14 +191,24 @@ def check_request(
             operators.check_eligible(registry, device_id, group)
     elif op == authz.OP_GROUP_ADD:
         assert group is not None
-        operators.check_add(session, group, members[0])
+        for device_id in members:
+            operators.check_add(session, group, device_id)
+        room = bulkadd.adds_per_commit(bulkadd.estimated_authz_size(len(members)))
+        if len(members) > room:
+            # the devices take exactly the named members in one commit (docs/authorization.md)
+            raise ProtocolError(
+                "ds.add.frame",
+                f"{len(members)} devices do not fit one commit (about {room}): split the add",
+            )
     elif op == authz.OP_GROUP_REMOVE:
         assert group is not None
         operators.check_remove(session, group, members[0])
     elif op == authz.OP_DEVICE_REPLACE:
         replaceops.check(session, members[0], members[1])
-    elif op == authz.OP_DEVICE_REVOKE and registry.device(members[0]).state is DeviceState.REVOKED:
-        raise ProtocolError("registry.device.revoked", f"{members[0]} is revoked already")
+    elif op == authz.OP_DEVICE_REVOKE:
+        for device_id in members:
+            if registry.device(device_id).state is DeviceState.REVOKED:
+                raise ProtocolError("registry.device.revoked", f"{device_id} is revoked already")
     elif op == authz.OP_DEVICE_REENROLL and not revocation.identity_revoked(
         session, device := registry.device(members[0])
     ):
@@ -500,7 +511,15 @@ def execute_request(
             state=RequestState.APPROVED,
         )
         return [Log(logging.INFO, "re-enroll of %s approved", (stored.members[0],))]
-    jobs, groups = plan(cx, session, stored, verified.request, operator=operator, now=now)
+    jobs, groups = plan(
+        cx,
+        session,
+        stored,
+        verified.request,
+        operator=operator,
+        now=now,
+        authz_size=len(authorization_bytes),
+    )
     stored.command_id = command_id
     audit_executed(
         session,
@@ -521,12 +540,22 @@ def execute_request(
         session,
         operator=operator,
         type_=OPERATION_TYPES[stored.op],
-        target=stored.group_id if stored.group_id is not None else stored.members[0],
+        target=stored.group_id
+        if stored.group_id is not None
+        else f"{len(stored.members)} devices"
+        if stored.op == authz.OP_DEVICE_REVOKE and len(stored.members) > 1
+        else stored.members[0],
         jobs=jobs,
         groups=groups,
         command_id=command_id,
         now=now,
-        revoked=stored.members[0] if stored.op in authz.FLEET_OPS else None,
+        revoked=(
+            stored.members
+            if stored.op == authz.OP_DEVICE_REVOKE
+            else stored.members[:1]
+            if stored.op in authz.FLEET_OPS
+            else ()
+        ),
         authz=authorization_bytes,
         request_id=stored.request_id,
     )
@@ -585,11 +614,15 @@ def plan(
     *,
     operator: str,
     now: int,
+    authz_size: int = 0,
 ) -> tuple[list[Job], set[str]]:
     group, members = stored.group_id, stored.members
     if stored.op == authz.OP_GROUP_CREATE:
         assert group is not None
-        return operators.plan_create(cx, session, group, members)
+        return operators.plan_create(cx, session, group, members, authz_size=authz_size)
+    if stored.op == authz.OP_GROUP_ADD and len(members) > 1:
+        assert group is not None
+        return operators.plan_add_many(cx, session, group, members, now, authz_size=authz_size)
     if stored.op == authz.OP_GROUP_ADD:
         assert group is not None
         return operators.plan_add(cx, session, group, members[0], now)
@@ -602,7 +635,16 @@ def plan(
     if stored.op == authz.OP_DEVICE_REPLACE:
         reason = f"replaced by {members[1]}: {reason}"
         return replaceops.plan(cx, session, request, reason=reason, operator=operator, now=now)
-    return operators.plan_revoke(cx, session, members[0], reason=reason, operator=operator, now=now)
+    # device.revoke: each named device (one request may revoke several; one feed entry)
+    jobs: list[Job] = []
+    groups: set[str] = set()
+    for device_id in members:
+        more, touched = operators.plan_revoke(
+            cx, session, device_id, reason=reason, operator=operator, now=now
+        )
+        jobs += more
+        groups |= touched
+    return jobs, groups
 
 
 # -- list and expire ----------------------------------------------------------------------------

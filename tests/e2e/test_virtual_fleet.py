@@ -1,8 +1,9 @@
 """The virtual fleet against a real Mosquitto and a real ``keyfleet serve``: 20 virtual devices
 (agent cores with software keys, each with its own DevID client certificate), a group created
-and grown through the operator CLI, a rekey: every device ends in the same epoch with the same
-epoch authenticator, and the service recorded exactly those acks. Also ``firmware-sim fleet`` as
-a subprocess: it refuses without the insecure flag, and runs and says INSECURE with it."""
+through the operator CLI from a members file (its 19 joiners in one commit), a rekey: every
+device ends in the same epoch with the same epoch authenticator, and the service recorded
+exactly those acks. Also ``firmware-sim fleet`` as a subprocess: it refuses without the
+insecure flag, and runs and says INSECURE with it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 import pytest
 from sqlalchemy import select
 
-from provisioning.db.schema import Ack, Device
+from agent.protocol.mls.messages import Commit, Welcome
+from provisioning.db.schema import Ack, CommitLogEntry, Device
 from tests.fixtures.deployment import DeployFactory
 from tests.service_deployment import Deployment, keyfleet
 
@@ -43,13 +45,17 @@ def test_twenty_virtual_devices_are_grouped_and_rekeyed_through_the_operator_cli
     assert ids[0] == "dev-v00001" and len(set(ids)) == DEVICES
     fleet.start(timeout=60)
     try:
-        created = installation.cli("group", "create", "g1", "--members", *ids, timeout=240)
+        members = installation.workdir / "g1-members.txt"
+        members.write_text("# founders of g1\n" + "".join(f"{d}\n" for d in ids) + "\n")
+        created = installation.cli("group", "create", "g1", "--members", str(members), timeout=240)
         assert created.returncode == 0, created.stdout + created.stderr
-        # create, one add per member, and each joiner's first commit carries a new leaf key
-        # (the self-update it asks for, after the create for most of them: docs/treekem.md)
+        # the approval shows the count and the digest of the sorted ids (sort -u | sha256sum)
+        assert f"members:  {DEVICES}, sorted ids SHA-256 " in created.stdout + created.stderr
+        # create, then one commit adding the 19 other founders (one Welcome for all); each
+        # joiner's first update follows (docs/treekem.md "Joining")
         done = re.search(r"create g1: done epoch (\d+)", created.stdout)
         assert done is not None, created.stdout
-        assert int(done.group(1)) >= DEVICES - 1
+        assert int(done.group(1)) >= 1
         settled = fleet.wait_settled("g1", timeout=60)
         assert settled >= int(done.group(1))
 
@@ -69,6 +75,27 @@ def test_twenty_virtual_devices_are_grouped_and_rekeyed_through_the_operator_cli
     finally:
         fleet.stop()
 
+    log = installation.read(
+        lambda s: s.execute(
+            select(CommitLogEntry.epoch, CommitLogEntry.commit, CommitLogEntry.welcome)
+            .where(CommitLogEntry.group_id == "g1")
+            .order_by(CommitLogEntry.epoch)
+        ).all()
+    )
+    adding = [(e, Commit.decode(c), w) for e, c, w in log if Commit.decode(c).content.adds]
+    assert len(adding) == 1, [e for e, _, _ in adding]
+    epoch, commit, welcome = adding[0]
+    assert epoch == 0 and welcome is not None
+    added = {kp.device_id.decode() for kp in commit.content.adds}
+    creator = installation.read(
+        lambda s: s.scalars(
+            select(CommitLogEntry.committer).where(
+                CommitLogEntry.group_id == "g1", CommitLogEntry.epoch == 0
+            )
+        ).one()
+    )
+    assert len(added) == DEVICES - 1 and added | {creator} == set(ids)
+    assert len(Welcome.decode(welcome).secrets) == DEVICES - 1
     acks = installation.read(
         lambda s: s.execute(
             select(Ack.device_id, Ack.epoch_authenticator).where(

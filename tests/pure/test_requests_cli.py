@@ -115,7 +115,10 @@ def test_a_direct_command_runs_at_once_where_one_operator_decides(single: Fleet)
     code, out = direct(single, "op-alice", "group.create", "dev-1", "dev-2", group="g1")
     assert code == EXIT_OK, out
     lines = out.splitlines()
-    assert lines[0].startswith("group.create g1: accepted")
+    assert lines[0] == "group.create g1: request 00000000000000000000000000000001"
+    assert lines[1].startswith("  members:  2, sorted ids SHA-256 ")
+    assert lines[1].split()[5] == requests_cli.members_digest(["dev-2", "dev-1"])
+    assert lines[2].startswith("group.create g1: accepted")
     assert lines[-1].startswith("group.create g1: done epoch 1")
     assert single.members("g1") == ["dev-1", "dev-2"]
 

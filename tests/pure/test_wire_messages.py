@@ -125,6 +125,14 @@ SAMPLES: list[Body] = [
     CommitRequest(
         command_id=CMD, group_id="g1", epoch=4, action=CommitAction.REMOVE, member="dev-3"
     ),
+    CommitRequest(
+        command_id=CMD,
+        group_id="g1",
+        epoch=4,
+        action=CommitAction.ADD,
+        key_packages=(b"kp-2", b"kp-3"),
+    ),
+    WelcomeMessage(group_id="g1", epoch=5, welcome=b"welcome", new_members=("dev-2", "dev-3")),
     CommitRequest(command_id=CMD, group_id="g1", epoch=4, action=CommitAction.UPDATE),
     CommitRequest(
         command_id=CMD,
@@ -174,6 +182,7 @@ SAMPLES: list[Body] = [
     ),
     WelcomeDelivery(group_id="g1", epoch=5, welcome=b"welcome"),
     Propose(command_id=CMD, op="group.add", members=("dev-4",), group_id="g1"),
+    Propose(command_id=CMD, op="group.add", members=("dev-4", "dev-5"), group_id="g1"),
     Propose(command_id=CMD, op="group.create", members=("dev-1", "dev-2"), group_id="g9"),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",)),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",), reason="lost"),
@@ -354,6 +363,33 @@ def test_body_is_not_a_map() -> None:
         ),
         (
             lambda: CommitRequest(
+                command_id=CMD, group_id="g", epoch=1, action=CommitAction.ADD, key_packages=()
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD,
+                group_id="g",
+                epoch=1,
+                action=CommitAction.ADD,
+                member="d",
+                key_packages=(b"k",),
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
+                command_id=CMD,
+                group_id="g",
+                epoch=1,
+                action=CommitAction.REMOVE,
+                key_packages=(b"k",),
+            ),
+            "body.malformed",
+        ),
+        (
+            lambda: CommitRequest(
                 command_id=CMD,
                 group_id="g",
                 epoch=1,
@@ -470,7 +506,11 @@ def test_body_is_not_a_map() -> None:
             "body.malformed",
         ),
         (
-            lambda: Propose(command_id=CMD, op="group.add", members=("d", "e"), group_id="g"),
+            lambda: Propose(command_id=CMD, op="group.remove", members=("d", "e"), group_id="g"),
+            "body.malformed",
+        ),
+        (
+            lambda: Propose(command_id=CMD, op="group.add", members=(), group_id="g"),
             "body.malformed",
         ),
         (

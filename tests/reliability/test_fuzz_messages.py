@@ -410,7 +410,8 @@ def test_delivery_service_meets_10000_malformed_messages(
     fleet: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seeds = fleet.seeds
-    assert {t.split("/")[2] for t, _ in seeds} == {"dev", "ops"} and len(seeds) > 15
+    # (a three-member creation adds both other founders in one commit: 14 messages)
+    assert {t.split("/")[2] for t, _ in seeds} == {"dev", "ops"} and len(seeds) >= 14
     signers = {name: d.devid for name, d in fleet.devices.items()}
     signers.update({name: o.key for name, o in fleet.operators.items()})
     service = fleet.service

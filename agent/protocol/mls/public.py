@@ -39,6 +39,7 @@ from agent.protocol.mls import tree_math as tm
 from agent.protocol.mls.crypto import NH, hash_, verify_with_label
 from agent.protocol.mls.key_schedule import group_context_bytes
 from agent.protocol.mls.messages import (
+    MAX_ADDS,
     MAX_UPDATES,
     Commit,
     CommitContent,
@@ -232,7 +233,11 @@ def apply_proposals(
     """A copy of the tree with the updates (``apply_updates``), then the removes, then the
     adds applied (RFC 9420 §12.3 order), and the leaf indices the joiners got; each added
     leaf records ``admission_hash(authz)``. Refuses an invalid proposal or a leaf
-    ``leaf_check`` refuses."""
+    ``leaf_check`` refuses. One commit may add up to ``MAX_ADDS`` members (RFC 9420 lets a
+    commit carry many Add proposals): one UpdatePath, one Welcome with a sealed GroupSecrets
+    per joiner; a device twice among them, or already a member, is ``mls.add.duplicate``."""
+    if len(adds) > MAX_ADDS:
+        raise ProtocolError("mls.add.count", f"at most {MAX_ADDS} adds per commit")
     tree = state.tree.copy()
     apply_updates(state, tree, sender, updates, removes, leaf_check=leaf_check)
     seen: set[int] = set()

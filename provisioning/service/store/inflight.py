@@ -65,6 +65,8 @@ def _job_values(job: Job) -> dict[str, object]:
         "request_epoch": job.request_epoch,
         "deadline": job.deadline,
         "detail": job.detail[:1000],
+        # a multi-add leaves out joiners that became members before it started (bulkadd)
+        "candidates": ",".join(job.candidates),
     }
 
 
@@ -76,7 +78,6 @@ def insert_job(session: Session, job: Job, now: int) -> None:
         member=job.member,
         command_id=None if job.command_id is None else job.command_id.hex(),
         persistent=job.persistent,
-        candidates=",".join(job.candidates),
         prefer=job.prefer,
         claimed_by=None,
         version=0,

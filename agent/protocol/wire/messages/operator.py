@@ -183,8 +183,10 @@ class AttestDevice(Body):
 @dataclass(frozen=True)
 class Propose(Body):
     """Ask the service for a Request of ``op``: ``group.create`` (``group_id``, ``members`` the
-    founders, first first), ``group.add`` / ``group.remove`` (``group_id``, one member),
-    ``device.revoke`` (one member, no group; ``reason`` the text recorded with the revocation),
+    founders, first first), ``group.add`` (``group_id``, the devices to add by one commit),
+    ``group.remove`` (``group_id``, one member),
+    ``device.revoke`` (the devices to revoke, no group; ``reason`` the text recorded with the
+    revocation),
     ``device.replace`` (two members, the old device then its replacement, no group; ``reason``
     as for a revocation),
     ``device.reenroll`` (one revoked member, no group: its TPM may enroll once more) or
@@ -281,9 +283,9 @@ class Propose(Body):
             raise ProtocolError("body.malformed", f"{self.op} carries no policy")
         if (self.group_id is None) != (self.op in DEVICE_ONLY_OPS):
             raise ProtocolError("body.malformed", f"{self.op}: group_id is wrong for the op")
-        if self.op == "group.create":
+        if self.op in ("group.create", "group.add", "device.revoke"):
             if not self.members:
-                raise ProtocolError("body.malformed", "group.create needs its members")
+                raise ProtocolError("body.malformed", f"{self.op} needs its members")
         elif self.op == "device.replace":
             if len(self.members) != 2:
                 raise ProtocolError("body.malformed", "device.replace names the old, then the new")

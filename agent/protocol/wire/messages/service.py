@@ -36,6 +36,10 @@ MAX_POLICY_AUTHZ = 96 * 1024
 # about 150 bytes each); the service batches at most provisioning.service.fullrekey.BATCH.
 MAX_REQUEST_UPDATES = 1024
 MAX_UPDATE_BYTES = 256
+# KeyPackages one multi-add commit request carries (agent.protocol.mls.messages.MAX_ADDS), each
+# at most MAX_KEY_PACKAGE_BYTES; the frame limit (256 KiB) bounds them well before that.
+MAX_REQUEST_ADDS = 1024
+MAX_KEY_PACKAGE_BYTES = 16 * 1024
 
 
 class CommitAction(StrEnum):
@@ -62,7 +66,9 @@ class CommitRequest(Body):
     newest, and passes the chain on in the commit so every member judges it the same way.
     ``updates`` (action ``update`` only): other members' Update proposals
     (``group.update_proposal``, each an encoded ``agent.protocol.mls.messages.Update``) the
-    receiver commits together with its own self-update (``keyfleet rekey --full``)."""
+    receiver commits together with its own self-update (``keyfleet rekey --full``).
+    ``key_packages`` (action ``add`` without ``member`` and ``key_package``): add all these
+    members in one commit (one Welcome for all of them), each an encoded KeyPackage."""
 
     TYPE: ClassVar[str] = "svc.commit_request"
     ENUMS: ClassVar = {"action": CommitAction}
@@ -76,12 +82,27 @@ class CommitRequest(Body):
     authz: bytes | None = None
     policies: tuple[bytes, ...] = ()
     updates: tuple[bytes, ...] | None = None
+    key_packages: tuple[bytes, ...] | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
         check_enum(self.action, "action", CommitAction)
+        if self.key_packages is not None:
+            check_tuple(self.key_packages, "key_packages", max_len=MAX_REQUEST_ADDS)
+            if (
+                not self.key_packages
+                or self.action is not CommitAction.ADD
+                or self.member is not None
+                or self.key_package is not None
+            ):
+                raise ProtocolError(
+                    "body.malformed",
+                    "key_packages: only a non-empty list, only with action add and no member",
+                )
+            for key_package in self.key_packages:
+                check_bytes(key_package, "key_packages[]", min_len=1, max_len=MAX_KEY_PACKAGE_BYTES)
         if self.updates is not None:
             check_tuple(self.updates, "updates", max_len=MAX_REQUEST_UPDATES)
             if not self.updates or self.action is not CommitAction.UPDATE:
@@ -101,6 +122,8 @@ class CommitRequest(Body):
             if self.action is CommitAction.CREATE and self.epoch != 0:
                 raise ProtocolError("body.malformed", "a group is created at epoch 0")
             return
+        if self.key_packages is not None:
+            return  # a multi-add, checked above
         if self.member is None:
             raise ProtocolError("body.malformed", f"{self.action} needs a member")
         check_id(self.member, "member")

@@ -1,0 +1,199 @@
+"""Group creation with many adds per commit (provisioning.service.bulkadd) through the real
+service on SQLite with software members: the founders join in as few commits as the frame bound
+allows, one Welcome per commit, their first updates as proposals in one more commit; a commit
+that adds other key packages than the job collected is refused with nothing changed; a founder
+that never sends a key package is named when the creation times out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from agent.protocol import authz
+from agent.protocol.mls.messages import Commit, KeyPackage
+from agent.protocol.wire.messages.operator import Propose
+from agent.protocol.wire.messages.result import RequestState, ResultStatus
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest
+from provisioning.db.schema import CommitLogEntry
+from provisioning.registry import DeviceState, Registry
+from provisioning.service import bulkadd, feed
+from tests.pure.test_service_core import Fleet, agreed, make_fleet
+from tests.pure.test_service_requests import approve, propose
+from tests.service_members import Outgoing, command_id, group_create
+
+pytestmark = pytest.mark.pure
+
+NAMES = tuple(f"dev-{i:02d}" for i in range(1, 21))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    yield from make_fleet(tmp_path, NAMES)
+
+
+def commit_requests(fleet: Fleet) -> list[CommitRequest]:
+    return [b for _, b in fleet.to_devices if isinstance(b, CommitRequest)]
+
+
+def test_adds_per_commit_follows_the_frame_and_the_authorization() -> None:
+    assert bulkadd.adds_per_commit(0) == 116
+    # a 1,000-member creation: an Authorization of about 60 KB
+    assert bulkadd.adds_per_commit(60_000) == 86
+    assert bulkadd.chunks(tuple("abcde"), 2) == [("a", "b"), ("c", "d"), ("e",)]
+    with pytest.raises(Exception) as exc:
+        bulkadd.adds_per_commit(250_000)
+    assert getattr(exc.value, "check", None) == "ds.add.frame"
+
+
+def test_twenty_founders_join_in_three_commits_and_update_in_one(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 8 founders per chunk, the creator left out of the first: commits of 7, 8 and 4
+    monkeypatch.setattr(bulkadd, "KEY_PACKAGE_ROOM", (256 * 1024 - bulkadd.OTHER_ROOM) // 8)
+    fleet.record = True
+    cid = fleet.command("op-alice", group_create("g1", *NAMES))
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert (result.acked, result.pending, result.stragglers) == (20, 0, ())
+    assert sorted(fleet.members("g1")) == sorted(NAMES)
+    requests = commit_requests(fleet)
+    adds = [r for r in requests if r.action is CommitAction.ADD]
+    assert [len(r.key_packages or ()) for r in adds] == [7, 8, 4]
+    assert all(r.member is None and r.key_package is None for r in adds)
+    # the joiners' first updates: one commit of their proposals (fullrekey.first_updates)
+    updates = [r for r in requests if r.action is CommitAction.UPDATE]
+    assert len(updates) == 1 and len(updates[0].updates or ()) == 19
+    # create (epoch 0, no commit), three adds: done at epoch 3; the first updates follow
+    # (detached from the creation) and take the group to epoch 4
+    assert result.epoch == 3 and fleet.epoch("g1") == 4
+    assert len(agreed(fleet, "g1")) == 1
+    assert len({d.groups["g1"].data_key() for d in fleet.devices.values()}) == 1
+    # every joiner's leaf is no longer its KeyPackage's
+    for name, device in fleet.devices.items():
+        group = device.groups["g1"]
+        leaf = group.tree.leaf(group.own_leaf)
+        assert leaf is not None and leaf.source != 1, name
+
+
+def test_a_commit_adding_other_key_packages_than_collected_is_refused(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet.record = True
+    committer = fleet.devices["dev-01"]
+    honest = committer._commit
+    cheated: list[tuple[int, int]] = []
+
+    def leave_one_out(request: CommitRequest, now: int) -> list[Outgoing]:
+        """The first multi-add: a commit of only three of the four key packages."""
+        if request.key_packages is None or cheated:
+            return honest(request, now)
+        group = committer.groups["g1"]
+        fewer = group.add(committer.devid, [KeyPackage.decode(k) for k in request.key_packages[:3]])
+        cheated.append((group.epoch, len(request.key_packages)))
+        return committer.commit_result("g1", fewer, request.command_id, now)
+
+    monkeypatch.setattr(committer, "_commit", leave_one_out)
+    rejected = fleet.service.rejections.count("ds.commit.unauthorized")
+    names = NAMES[:5]
+    cid = fleet.command("op-alice", group_create("g1", *names))
+    assert cheated == [(0, 4)]
+    assert fleet.service.rejections.count("ds.commit.unauthorized") == rejected + 1
+    assert fleet.epoch("g1") == 0 and fleet.members("g1") == ["dev-01"]
+    with fleet.sessions() as s:
+        assert s.scalars(select(CommitLogEntry)).all() == []
+    # asked again after the commit request timeout, the honest commit of all four is accepted
+    fleet.tick(11)
+    assert fleet.final(cid).status is ResultStatus.DONE
+    assert sorted(fleet.members("g1")) == sorted(names)
+    with fleet.sessions() as s:
+        logged = [Commit.decode(c) for c in s.scalars(select(CommitLogEntry.commit))]
+    assert [len(c.content.adds) for c in logged] == [4]
+
+
+def test_when_the_first_founder_does_not_create_the_next_does_and_all_join(fleet: Fleet) -> None:
+    first = fleet.devices["dev-01"]
+    first.ignore_commit_requests = True  # it joins, but commits nothing (nor the create)
+    cid = fleet.command("op-alice", group_create("g1", *NAMES[:5]))
+    fleet.tick(11)  # the create request goes to the next founder
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert sorted(fleet.members("g1")) == sorted(NAMES[:5])
+    with fleet.sessions() as s:
+        creator = s.scalars(select(CommitLogEntry.committer)).all()
+    assert creator == ["dev-02"]  # one commit: dev-02 added the four others, dev-01 among them
+    assert len(agreed(fleet, "g1")) == 1
+
+
+def test_a_founder_without_a_key_package_is_named_when_the_creation_times_out(
+    fleet: Fleet,
+) -> None:
+    silent = fleet.devices["dev-04"]
+    silent.silent = True
+    cid = fleet.command("op-alice", group_create("g1", *NAMES[:5]))
+    for _ in range(5):
+        fleet.tick(10)
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.TIMEOUT, result.detail
+    assert result.stragglers == ("dev-04",)
+    assert "add 4 members in g1 not committed" in result.detail
+    assert fleet.members("g1") == ["dev-01"]
+
+
+def test_a_group_add_request_of_several_devices_is_one_commit(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet.record = True
+    info = propose(fleet, "op-alice", "group.create", "dev-01", "dev-02", group="g1")
+    cid, _ = approve(fleet, "op-alice", info.request)
+    assert fleet.final(cid).status is ResultStatus.DONE
+    fleet.to_devices.clear()
+    joiners = NAMES[2:6]
+    info = propose(fleet, "op-alice", "group.add", *joiners, group="g1")
+    cid, _ = approve(fleet, "op-alice", info.request)
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert fleet.epoch("g1") == 2 == result.epoch  # one add commit for the founder, one here
+    (request,) = commit_requests(fleet)
+    assert request.authz is not None and len(request.key_packages or ()) == 4
+    assert sorted(fleet.members("g1")) == sorted(NAMES[:6])
+    assert len(agreed(fleet, "g1")) == 1
+    # more devices than one commit carries: refused when proposed, nothing asked of anyone
+    monkeypatch.setattr(bulkadd, "KEY_PACKAGE_ROOM", (256 * 1024 - bulkadd.OTHER_ROOM) // 3)
+    body = Propose(command_id(), "group.add", NAMES[6:10], "g1")
+    fleet.send(fleet.operators["op-alice"].command(body, fleet.now))
+    assert "ds.add.frame" in fleet.final(body.command_id).detail
+    assert sorted(fleet.members("g1")) == sorted(NAMES[:6]) and fleet.epoch("g1") == 2
+
+
+def test_one_request_revokes_several_devices_with_one_feed_entry(fleet: Fleet) -> None:
+    cid = fleet.command("op-alice", group_create("g1", *NAMES[:6]))
+    assert fleet.final(cid).status is ResultStatus.DONE
+    with fleet.sessions() as s:
+        before, _ = feed.newest(s)
+    info = propose(fleet, "op-admin", "device.revoke", "dev-03", "dev-05", reason="stolen")
+    assert [m.device_id for m in authz.Request.decode(info.request).members] == [
+        "dev-03",
+        "dev-05",
+    ]
+    cid, done = approve(fleet, "op-admin", info.request)
+    assert done is not None and done.state is RequestState.EXECUTED
+    result = fleet.final(cid)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert sorted(fleet.members("g1")) == ["dev-01", "dev-02", "dev-04", "dev-06"]
+    with fleet.sessions() as s:
+        registry = Registry(s)
+        assert {registry.device(d).state for d in ("dev-03", "dev-05")} == {DeviceState.REVOKED}
+        assert registry.device("dev-04").state is not DeviceState.REVOKED
+        after, _ = feed.newest(s)
+    assert after == before + 1  # one entry naming both
+    holders = [fleet.devices[n] for n in ("dev-01", "dev-02", "dev-04", "dev-06")]
+    assert len({d.groups["g1"].epoch_authenticator for d in holders}) == 1
+    # a request naming a device revoked already is refused when proposed
+    body = Propose(command_id(), "device.revoke", ("dev-04", "dev-05"))
+    fleet.send(fleet.operators["op-admin"].command(body, fleet.now))
+    assert "registry.device.revoked" in fleet.final(body.command_id).detail
+    with fleet.sessions() as s:
+        assert Registry(s).device("dev-04").state is not DeviceState.REVOKED
