@@ -77,8 +77,8 @@ Why one module of this size (~1,200 lines): the two steps share one pending-sess
 of checks (each with its check id, listed above) and one audited refusal path; both run in one
 transaction with the registration they lead to. Credential activation
 (``provisioning.makecredential``), the certificates (``provisioning.pki``), EK chains and
-manufacturer CRLs (``provisioning.ekchain``, ``provisioning.ekcrls``), the revoked-device and re-
-enroll rules (``provisioning.revocation``) and the HTTPS transport (``provisioning.http``) live
+manufacturer CRLs (``provisioning.ekchain``, ``provisioning.ekcrls``), the revoked-device and
+re-enroll rules (``provisioning.revocation``) and the HTTPS transport (``provisioning.http``) live
 apart.
 """
 
