@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -37,7 +36,6 @@ from firmware_sim.boot import default_components
 from provisioning import pki
 from provisioning.db.runtime import AttestChallengeRow
 from provisioning.http import EnrollmentServer
-from provisioning.policy import policy_from_components
 from provisioning.registry import DeviceState, Registry
 from provisioning.registry import Outcome as AuditOutcome
 from provisioning.renewal_http import (
@@ -47,19 +45,16 @@ from provisioning.renewal_http import (
     build_renewal_app,
     start_renewal_server,
 )
-from provisioning.revocation import RevocationSettings
-from provisioning.service.core import AttestationSettings, DeliveryService
 from tests.fixtures.swtpm import SwtpmFactory
-from tests.pure.test_service_core import Fleet, make_fleet
+from tests.pure.test_service_core import Fleet
 from tests.tpm.test_renewal_service import (
-    DEVICES,
     LIFETIME,
     Member,
     _answer,
     issued_serials,
-    make_member,
     member,
     refused,
+    renewal_fleet,
     stored_devid,
 )
 
@@ -81,31 +76,7 @@ class Listener:
 
 @pytest.fixture
 def fleet(tmp_path: Path, swtpm_factory: SwtpmFactory) -> Iterator[Fleet]:
-    for fleet in make_fleet(tmp_path, DEVICES):
-        old = fleet.service
-        assert fleet.device_ca is not None
-        fleet.service = DeliveryService(
-            fleet.sessions,
-            signing_key=old._env.key,
-            operator_ca=old._env.operator_ca,
-            device_ca=old._env.devices.device_ca,
-            settings=replace(
-                old.settings,
-                certificate_validity=LIFETIME,
-                renew_expired=True,
-                max_expired=WINDOW,
-            ),
-            attestation=AttestationSettings(policy=policy_from_components(GOOD), interval=600),
-            revocation=RevocationSettings(device_ca=fleet.device_ca),
-            rng=os.urandom,
-        )
-        members = {name: make_member(fleet, name, swtpm_factory.start()) for name in DEVICES}
-        fleet.devices.update(members)  # type: ignore[arg-type]
-        try:
-            yield fleet
-        finally:
-            for device in members.values():
-                device.store.close()
+    yield from renewal_fleet(tmp_path, swtpm_factory, renew_expired=True, max_expired=WINDOW)
 
 
 @pytest.fixture

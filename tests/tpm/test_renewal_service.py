@@ -220,8 +220,11 @@ def make_member(fleet: Fleet, name: str, swtpm: Swtpm) -> Member:
     return member
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, swtpm_factory: SwtpmFactory) -> Iterator[Fleet]:
+def renewal_fleet(
+    tmp_path: Path, swtpm_factory: SwtpmFactory, **settings: object
+) -> Iterator[Fleet]:
+    """A fleet whose service issues LIFETIME certificates (``settings`` replace more of the
+    service's settings) and whose devices are real agent cores on their own swtpm."""
     for fleet in make_fleet(tmp_path, DEVICES):
         old = fleet.service
         assert fleet.device_ca is not None
@@ -230,7 +233,7 @@ def fleet(tmp_path: Path, swtpm_factory: SwtpmFactory) -> Iterator[Fleet]:
             signing_key=old._env.key,
             operator_ca=old._env.operator_ca,
             device_ca=old._env.devices.device_ca,
-            settings=replace(old.settings, certificate_validity=LIFETIME),
+            settings=replace(old.settings, certificate_validity=LIFETIME, **settings),  # type: ignore[arg-type]
             attestation=AttestationSettings(policy=policy_from_components(GOOD), interval=600),
             revocation=RevocationSettings(device_ca=fleet.device_ca),
             rng=os.urandom,
@@ -240,8 +243,13 @@ def fleet(tmp_path: Path, swtpm_factory: SwtpmFactory) -> Iterator[Fleet]:
         try:
             yield fleet
         finally:
-            for member in members.values():
-                member.store.close()
+            for device in members.values():
+                device.store.close()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, swtpm_factory: SwtpmFactory) -> Iterator[Fleet]:
+    yield from renewal_fleet(tmp_path, swtpm_factory)
 
 
 def member(fleet: Fleet, name: str = "dev-1") -> Member:
