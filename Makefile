@@ -26,6 +26,7 @@ deps:
 $(STAMP): pyproject.toml requirements-dev.lock requirements-build.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIN) requirements-build.lock
+	scripts/install-tpm2-pytss.sh $(PY) requirements-dev.lock
 	$(PY) -m pip install $(PIN) requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) scripts/check-locks.py

@@ -71,8 +71,13 @@ def _write_agent(base: Path, dep: Deployment, tcti: str) -> Path:
         pki.cert_from_pem((files / "device-ca.pem").read_bytes()),
         pki.key_from_pem((files / "device-ca.key").read_bytes()),
     )
-    devid_cert = pki.issue_client_cert(
-        device_ca, devid_public, identity=DEVICE, role="device", now=now, valid_for=timedelta(1)
+    devid_cert = pki.issue_devid_cert(
+        device_ca,
+        devid_public,
+        device_id=DEVICE,
+        hardware_serial="bench-0001",
+        now=now,
+        valid_for=timedelta(1),
     )
     pki.write_certificate(base / "devid.pem", devid_cert)
     tls_key = pki.generate_key()
@@ -99,6 +104,9 @@ def _write_agent(base: Path, dep: Deployment, tcti: str) -> Path:
         )
     finally:
         engine.dispose()
+    # the fleet's own settings, as the virtual devices of the same deployment have them
+    site = load_fleet_config(dep.fleet_config)
+    assert site.operator_ca_cert is not None, "the bench deployment has an operator CA"
     config = base / "agent.toml"
     config.write_text(
         f"""
@@ -117,8 +125,10 @@ tls_cert = "{base / "tls.pem"}"
 tls_key = "{base / "tls.key"}"
 
 [fleet]
-service_cert = "{dep.service_files.cert_file}"
-trust_anchors = ["{files / "device-ca.pem"}"]
+service_cert = "{site.service_cert}"
+trust_anchors = ["{site.device_ca_cert}"]
+operator_anchors = ["{site.operator_ca_cert}"]
+min_approvals = {site.min_approvals}
 
 [broker]
 host = "{dep.broker.host}"
@@ -245,6 +255,10 @@ def main() -> None:
             rss_after = _rss_kb(agent.pid)
             status = json.loads((base / "state" / "status.json").read_text())
             epoch = next(g["epoch"] for g in status["groups"] if g["group"] == "g-agent")
+        except Exception:
+            if agent.log.exists():
+                print(f"keyagent's log:\n{agent.log.read_text()[-4000:]}", file=sys.stderr)
+            raise
         finally:
             if fleet is not None:
                 fleet.stop()

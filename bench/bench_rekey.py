@@ -73,7 +73,7 @@ def create_group(
     request = session.propose(body, f"group create {group}")
     approved = None if request is None else session.approve(request.encode(), "approve")
     if approved is None:
-        raise RuntimeError(f"group create {group}: not approved (see above)")
+        raise RuntimeError(f"group create {group}: not approved: {session.out.getvalue()}")  # type: ignore[attr-defined]
     _, command_id = approved
     result, _ = _await_final(client, command_id, timeout=timeout)
     return result, command_id

@@ -56,6 +56,7 @@ etc="${root%/}/etc"
 # The environment: created once, then updated in place (an upgrade is the same command).
 mkdir -p "$(dirname "$dest")"
 [ -x "$dest/bin/python" ] || "$python" -m venv "$dest"
+"$here/scripts/install-tpm2-pytss.sh" "$dest/bin/python" "$lock"
 "$dest/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes -r "$lock"
 "$dest/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$wheel"
 if [ "$root" != / ]; then

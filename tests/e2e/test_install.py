@@ -4,8 +4,9 @@ from that root: the environment holds exactly the locked versions, the programs 
 systemd-analyze verifies the installed units against it (their ExecStart included).
 
 scripts/install.sh fetches the locked run-time dependencies from PyPI (tpm2-pytss builds from
-source against libtss2-dev), so the first run takes a minute or two; pip's cache makes later ones
-faster. The configuration examples it installs are checked by the configuration loaders.
+source against libtss2-dev, without FAPI: scripts/install-tpm2-pytss.sh), so the first run takes a
+minute or two; the caches make later ones faster. The configuration examples it installs are
+checked by the configuration loaders.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ def test_installed_environment_holds_the_lock_and_the_programs_run(
     # the console scripts, run by the installed interpreter, import the installed packages only
     where = _run([python, "-c", "import agent, provisioning; print(agent.__file__)"], cwd=tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(env)
+    # the TPM binding is built for ESAPI only: FAPI and its libraries cost keyagent memory
+    fapi = subprocess.run(
+        [python, "-c", "import tpm2_pytss.FAPI"], capture_output=True, text=True, check=False
+    )
+    assert fapi.returncode != 0 and "NotImplementedError" in fapi.stderr, fapi.stderr
     selftest = _run([python, env / "bin" / "keyagent", "selftest"], cwd=tmp_path)
     assert "selftest ok" in selftest.stdout and ", 0 failed" in selftest.stdout
     usage = _run([python, env / "bin" / "keyfleet", "--help"], cwd=tmp_path)
