@@ -12,10 +12,11 @@ is redelivered and processed again) or the new one (the redelivery is a ``replay
 the same answers go out again, byte for byte). Leaf key blobs are written before the state that
 refers to them and shredded only after a state that no longer does was saved.
 
-Size: about 1,000 lines; start-up, the worker loop, the persist-before-publish rule, the
-certificate switch after a renewal and the trust-chain subscription share this object's state.
-What needs none of it lives apart (``agent.staterotation``, ``agent.releasestate``,
-``agent.keybackend``, ``agent.tpm.parents``).
+Size: about 1,100 lines; start-up, the worker loop, the persist-before-publish rule, the
+certificate switch after a renewal (over MQTT or, once expired, HTTPS), the broker CAs a trust
+bundle changes and the trust-chain subscription share this object's state. What needs none of
+it lives apart (``agent.staterotation``, ``agent.releasestate``, ``agent.keybackend``,
+``agent.tpm.parents``, ``agent.renewal_https``).
 """
 
 from __future__ import annotations

@@ -739,6 +739,7 @@ def _keys_list(args: argparse.Namespace) -> int:
     engine = _existing_engine(config.database_url)
     try:
         with session_factory(engine)() as session:
+            entries += inventory.trust_facts(session)
             entries += inventory.holder_facts(session) + inventory.device_facts(session)
     finally:
         engine.dispose()

@@ -51,12 +51,6 @@ Why the TLS key is a software key: Python's ``ssl`` can use a TPM key only throu
 tpm2-openssl provider with tpm2-abrmd, which also slows every hash in the process (STACK.md); the
 TLS key authenticates only the transport, every message is signed by the DevID in the TPM.
 
-Why one module of this size (~1,100 lines): it is one flow, factory enrollment, from the
-station's request formats through the checks above to the registration, and ``Enrollment``'s
-steps share its sessions, settings and refusal path; the parts that stand alone already live
-apart (``provisioning.ekchain``, ``provisioning.revocation``, ``provisioning.pki``,
-``provisioning.station`` for the station's side).
-
 Pending sessions live in the registry database (``EnrollSession``, table ``enroll_sessions``),
 not in a process: any number of ``keyfleet serve`` instances share them, and a station may send
 ``start`` to one and ``finish`` to another. What the table holds and why it is safe:
@@ -79,12 +73,13 @@ not in a process: any number of ``keyfleet serve`` instances share them, and a s
   serializes starts fleet-wide (SQLite's write lock; a transaction-scoped advisory lock on
   PostgreSQL), so ``max_sessions`` holds for the fleet, not per instance.
 
-Why one module of this size: the two steps share one pending-session record, one set of checks
-(each with its check id, listed above) and one audited refusal path; both run in one transaction
-with the registration they lead to. Credential activation (``provisioning.makecredential``), the
-certificates (``provisioning.pki``), EK chains and manufacturer CRLs (``provisioning.ekchain``,
-``provisioning.ekcrls``), the revoked-device and re-enroll rules (``provisioning.revocation``) and
-the HTTPS transport (``provisioning.http``) live apart.
+Why one module of this size (~1,200 lines): the two steps share one pending-session record, one set
+of checks (each with its check id, listed above) and one audited refusal path; both run in one
+transaction with the registration they lead to. Credential activation
+(``provisioning.makecredential``), the certificates (``provisioning.pki``), EK chains and
+manufacturer CRLs (``provisioning.ekchain``, ``provisioning.ekcrls``), the revoked-device and
+re-enroll rules (``provisioning.revocation``) and the HTTPS transport (``provisioning.http``) live
+apart.
 """
 
 from __future__ import annotations

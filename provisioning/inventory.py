@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from agent.protocol import trust
 from agent.protocol.errors import KeyfleetError
 from agent.protocol.lifecycle import KeyState
 from provisioning import custody, pki
@@ -40,6 +41,7 @@ from provisioning.config import ServiceConfig
 from provisioning.custody import FileKeyRef, KeyRef, TokenKeyRef
 from provisioning.db.schema import Device, DeviceState
 from provisioning.registry import Registry
+from provisioning.service.store import trustchain
 
 Row = dict[str, object]
 
@@ -72,6 +74,8 @@ class KeyFacts:
     key_id: str | None = None
     holder_state: str | None = None
     problem: str | None = None
+    # a trust bundle's entry: until when devices accept it (None: the current one, no end)
+    until: int | None = None
 
 
 # ---- the pure part: facts of a certificate or key, states, ordering --------------------------
@@ -125,6 +129,8 @@ def state_of(facts: KeyFacts, now: int) -> KeyState | None:
         return KeyState.PRE_ACTIVATION
     if facts.not_after is not None and now > facts.not_after:
         return KeyState.DEACTIVATED
+    if facts.until is not None and now > facts.until:
+        return KeyState.DEACTIVATED  # devices no longer accept it (docs/trust.md)
     if facts.holder_state == DeviceState.QUARANTINED.value:
         return KeyState.SUSPENDED
     return KeyState.ACTIVE
@@ -163,6 +169,7 @@ def rows(entries: Iterable[KeyFacts], now: int) -> list[Row]:
             "key_id": facts.key_id,
             "holder_state": facts.holder_state,
             "problem": facts.problem,
+            "accepted_until": facts.until,
         }
         out.append(row)
     return out
@@ -280,6 +287,39 @@ def fleet_facts(config: ServiceConfig, *, with_keys: bool = True) -> list[KeyFac
             found += _entry(kind, name, cert, key)
         elif cert is not None:
             found += _entry(kind, name, cert, None)
+    return found
+
+
+def trust_facts(session: Session) -> list[KeyFacts]:
+    """What the newest trust bundle of the chain lists (docs/trust.md): the service signing
+    keys, device CAs and broker CAs devices accept, each with its end (``until``: past it the
+    entry is deactivated). During a rollover's overlap that is the old entry and the new one,
+    which the configuration may not name yet (the service issues from the new device CA before
+    ``[device_ca]`` names it). Empty before the first rollover: then the configuration's entries
+    are what devices trust."""
+    row = trustchain.newest(session)
+    if row is None:
+        return []
+    bundle = trust.TrustLink(row.link, row.authz).opened()[1]
+    where = f"trust bundle {bundle.seq}"
+    key = "not looked at here (the configuration's entry, or the trust chain's key reference)"
+
+    def base(kind: str, until: int | None) -> KeyFacts:
+        name = where + (" (current)" if until is None else " (accepted until its end)")
+        return KeyFacts(scope="fleet", kind=kind, name=name, key=key, cert=where, until=until)
+
+    found = []
+    for entry in bundle.service:
+        public = entry.public_key
+        found.append(
+            replace(
+                base("service-signing", entry.until),
+                algorithm=algorithm_of(public),
+                fingerprint=public_fingerprint(public),
+            )
+        )
+    for kind, cas in (("device-ca", bundle.device_ca), ("broker-ca", bundle.broker_ca)):
+        found += [with_certificate(base(kind, ca.until), ca.certificate) for ca in cas or ()]
     return found
 
 

@@ -48,6 +48,7 @@ from cryptography.x509.oid import NameOID
 from agent.protocol.errors import CryptoError, ProtocolError
 from agent.protocol.mls import codec
 from agent.protocol.wire.messages.base import ID_PATTERN
+from agent.protocol.x509der import load_certificate
 
 VERSION = 1
 SUITE = 2
@@ -807,7 +808,7 @@ class AuthzVerifier:
             not_before, not_after = cached.not_before, cached.not_after
         else:
             try:
-                cert = x509.load_der_x509_certificate(der)
+                cert = load_certificate(der)
             except (
                 ValueError,
                 x509.InvalidVersion,
@@ -834,7 +835,7 @@ class AuthzVerifier:
             self._cache.move_to_end(der)
             return cached.operator
         if cert is None:
-            cert = x509.load_der_x509_certificate(der)
+            cert = load_certificate(der)
         entry = self._validate(cert, at)
         self._cache[der] = entry
         self._cache.move_to_end(der)

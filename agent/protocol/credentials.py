@@ -70,6 +70,7 @@ from agent.protocol.attest import (
 from agent.protocol.errors import CryptoError, ProtocolError
 from agent.protocol.wire import cbor
 from agent.protocol.wire.messages.base import ID_PATTERN
+from agent.protocol.x509der import load_certificate
 
 AK_NAME_OID: Final = x509.ObjectIdentifier("2.25.308915406327458383052327716211547434305")
 """The keyfleet AK-name certificate extension (non-critical). Its value is a DER OCTET STRING
@@ -234,7 +235,7 @@ class CredentialVerifier:
 
     def _verify_uncached(self, cert_der: bytes, now: int) -> _Memo:
         try:
-            cert = x509.load_der_x509_certificate(cert_der)
+            cert = load_certificate(cert_der)
         except (ValueError, x509.InvalidVersion):  # a version field outside 1..3 raises the latter
             raise ProtocolError("cred.decode", "the DevID certificate does not decode") from None
         verifier = (

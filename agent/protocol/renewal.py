@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.protocol.attest import Attestation, public_key_from_area, verify_certify
 from agent.protocol.credentials import CredentialVerifier
 from agent.protocol.errors import ProtocolError
+from agent.protocol.x509der import load_certificate
 
 DEFAULT_FRACTION: Final = Fraction(2, 3)
 FIRST_RETRY: Final = 30  # seconds before asking again when a request got no answer
@@ -52,7 +53,7 @@ def renewal_point(not_before: int, not_after: int, fraction: Fraction = DEFAULT_
 
 def validity(der: bytes) -> tuple[int, int]:
     """(not-before, not-after) of a DER certificate, in unix seconds."""
-    cert = x509.load_der_x509_certificate(der)
+    cert = load_certificate(der)
     return int(cert.not_valid_before_utc.timestamp()), int(cert.not_valid_after_utc.timestamp())
 
 
@@ -201,9 +202,9 @@ def verify_renewed(
     if verified.device_id != device_id:
         raise ProtocolError("renew.issued", "the new DevID certificate names another device")
     try:
-        old_devid = x509.load_der_x509_certificate(current_devid)
-        old_tls = x509.load_der_x509_certificate(current_tls)
-        new_tls = x509.load_der_x509_certificate(tls_der)
+        old_devid = load_certificate(current_devid)
+        old_tls = load_certificate(current_tls)
+        new_tls = load_certificate(tls_der)
     except ValueError:
         raise ProtocolError("renew.issued", "a certificate does not decode") from None
     if verified.signature_key != _point(old_devid.public_key()):

@@ -65,6 +65,7 @@ from agent.protocol import authz as az
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
 from agent.protocol.wire import cose
+from agent.protocol.x509der import load_certificate
 
 __all__ = [
     "MAX_CHAIN",
@@ -194,7 +195,7 @@ class DeviceCA:
 
 def _ca_certificate(der: bytes) -> x509.Certificate:
     try:
-        cert = x509.load_der_x509_certificate(der)
+        cert = load_certificate(der)
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except (ValueError, x509.ExtensionNotFound, x509.InvalidVersion):
         raise _malformed("device CA: not a DER X.509 CA certificate") from None

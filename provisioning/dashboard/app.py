@@ -473,12 +473,14 @@ def build_dashboard_app(
         return await render(request, "rollouts.html", rollouts=list(reversed(rows))[:per_page])
 
     async def keys(request: Request) -> Response:
-        """The inventory of ``keyfleet keys list``: the fleet's keys, then operators and
-        stations, then the nearest ``per_page`` device certificates to expire."""
+        """The inventory of ``keyfleet keys list``: the fleet's keys (with what the newest trust
+        bundle lists), then operators and stations, then the nearest ``per_page`` device
+        certificates to expire."""
         now = int(clock())
 
         def work(session: Session) -> tuple[list[inventory.KeyFacts], list[inventory.KeyFacts]]:
-            return inventory.holder_facts(session), inventory.device_facts(session)
+            holders = inventory.trust_facts(session) + inventory.holder_facts(session)
+            return holders, inventory.device_facts(session)
 
         holders, device_certs = await run_in_threadpool(read, work)
         fleet_rows = inventory.rows([*fleet_keys, *holders], now)

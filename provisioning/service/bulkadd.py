@@ -7,8 +7,12 @@ deterministic CBOR map device id -> encoded KeyPackage. The service asks every j
 package under the job's request id, asks again those that have not answered at each
 ``commit_request_timeout``, and asks one member to commit all of them in one commit
 (``svc.commit_request`` with ``key_packages``) once every joiner answered; the job ends with
-that commit (one Welcome for all joiners). Docs: docs/treekem.md "Many members in one commit",
-docs/operations.md "Creating a large group".
+that commit (one Welcome for all joiners). A chunk of a group creation does not wait longer
+than one ``commit_request_timeout`` for a silent founder: it commits the joiners it has and
+the others go on in a follow-up multi-add of the same operation (``split_off_missing``); a
+``group.add`` of several devices adds exactly the named set (devices check it), so it waits.
+Docs: docs/treekem.md "Many members in one commit", docs/operations.md "Creating a large
+group".
 
 How many joiners per commit: the commit carries every added KeyPackage and the operators'
 Authorization, and a ``group.commit`` (like the ``svc.commit_request`` before it and the relayed
@@ -123,3 +127,27 @@ def key_packages(job: Job) -> tuple[bytes, ...]:
 
 def new_job(group_id: str, members: tuple[str, ...], request_id: bytes) -> Job:
     return Job(CommitAction.ADD, group_id, None, request_id, candidates=members)
+
+
+def leave_out(job: Job, device_id: str) -> None:
+    """Drop ``device_id`` from the job's joiners and from the key packages collected."""
+    have = collected(job)
+    have.pop(device_id, None)
+    job.candidates = tuple(d for d in joiners(job) if d != device_id)
+    job.key_package = cbor.encode(have) if have else None
+
+
+def split_off_missing(job: Job, request_id: bytes) -> Job | None:
+    """A creation's chunk whose key-package wait passed its deadline: keep the joiners whose
+    key package is in (the chunk commits them now) and return a follow-up multi-add of the
+    others, of the same operation. None when nothing is in yet or nothing is missing.
+    Only for a creation: devices accept a commit adding any of the founders its
+    Authorization names, but exactly the named devices of a ``group.add``."""
+    have = collected(job)
+    late = tuple(missing(job))
+    if not have or not late:
+        return None
+    job.candidates = tuple(d for d in joiners(job) if d in have)
+    follow_up = new_job(job.group_id, late, request_id)
+    follow_up.command_id = job.command_id
+    return follow_up

@@ -19,11 +19,13 @@ that asked for a rotation) before the others. If the chosen committer does not a
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import device_cmd_topic
+from agent.protocol.wire.messages.operator import GroupCreate
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest, KeyPackageRequest
 from provisioning.registry import PendingChange, Registry
 from provisioning.service import bulkadd, commits, fullrekey, operations, rekeypolicy, store
@@ -59,7 +61,8 @@ def tick_jobs(cx: Call, now: int) -> None:
                 job.state, job.deadline = JobState.PROPOSALS, 0
             start(cx, job, now)
         elif job.state is JobState.KEY_PACKAGE and now >= job.deadline:
-            request_key_package(cx, job, now)
+            if not _split(cx, job, now):
+                request_key_package(cx, job, now)
         elif job.state in (JobState.WAITING, JobState.QUEUED, JobState.PROPOSALS):
             start(cx, job, now)
 
@@ -174,6 +177,48 @@ def _drop_members(cx: Call, job: Job, now: int) -> bool:
     if cx.env.tx(lambda s: store.end_job(s, job, JobState.DONE)):
         job_ended(cx, job, now)
     return False
+
+
+def creation_chunk(cx: Call, job: Job) -> bool:
+    """A multi-add of a group creation (any subset of its founders may be committed: devices
+    accept adds of any founder the creation's Authorization names), not of a ``group.add``
+    of several devices (devices add exactly its named set)."""
+    if not bulkadd.is_multi(job) or job.command_id is None:
+        return False
+    command_id = job.command_id
+    return cx.env.read(lambda s: store.operation_type(s, command_id)) == GroupCreate.TYPE
+
+
+def _split(cx: Call, job: Job, now: int) -> bool:
+    """A creation chunk whose key-package wait passed its deadline with some key packages in:
+    it commits those joiners now, the others go on in a follow-up multi-add of the same
+    operation, queued behind the group's other jobs (``bulkadd.split_off_missing``). False
+    when it does not apply (the caller asks the missing joiners again)."""
+    if not creation_chunk(cx, job):
+        return False
+    follow_up = bulkadd.split_off_missing(job, cx.env.new_id())
+    if follow_up is None:
+        return False
+    job.state, job.deadline = JobState.WAITING, 0
+
+    def work(session: Session) -> bool:
+        if not store.save_job(session, job, cx.env.instance):
+            return False
+        store.insert_job(session, follow_up, now)
+        return True
+
+    if not cx.env.tx(work):
+        cx.env.metrics.claims_lost.inc("job")
+        return True  # another instance moved it first
+    log.info(
+        "no key package from %s within %ss; %s goes on without them (%s)",
+        ", ".join(follow_up.candidates),
+        cx.env.settings.commit_request_timeout,
+        job.describe(),
+        follow_up.describe(),
+    )
+    start(cx, job, now)
+    return True
 
 
 def request_key_package(cx: Call, job: Job, now: int) -> None:
@@ -329,9 +374,18 @@ def straggler(cx: Call, job: Job, why: str, now: int) -> None:
     fail_job(cx, job, f"[ds.rekey.straggler] {wanted}: {why}", now)
 
 
-def fail_job(cx: Call, job: Job, detail: str, now: int) -> None:
+def fail_job(cx: Call, job: Job, detail: str, now: int, *, withdraw: bool = False) -> None:
+    """``withdraw``: an add's joiners that hold no leaf are no longer pending in the registry."""
     job.detail = detail
-    if not cx.env.tx(lambda s: store.end_job(s, job, JobState.FAILED)):
+
+    def work(session: Session) -> bool:
+        if not store.end_job(session, job, JobState.FAILED):
+            return False
+        if withdraw:
+            _withdraw_joiners(session, job, now)
+        return True
+
+    if not cx.env.tx(work):
         return
     if fullrekey.is_batch(job):
         cx.env.tx(lambda s: fullrekey.forget(s, job))
@@ -349,21 +403,27 @@ def start_next(cx: Call, group_id: str, now: int) -> None:
         start(cx, head, now)
 
 
+def _withdraw_joiners(session: Session, job: Job, now: int) -> None:
+    """An add that ended undone: its joiners that hold no leaf are no longer pending."""
+    if job.action is not CommitAction.ADD:
+        return
+    registry = Registry(session)
+    try:
+        rows = {m.device_id: m for m in registry.members(job.group_id)}
+    except ProtocolError:
+        return  # the group was never created
+    joiners = bulkadd.joiners(job) if bulkadd.is_multi(job) else (job.member or "",)
+    for member in joiners:
+        row = rows.get(member)
+        if row is not None and row.leaf_index is None:
+            registry.request_remove(job.group_id, member, now=now)
+
+
 def cancel(cx: Call, job: Job, now: int) -> None:
     def work(session: Session) -> bool:
         if not store.end_job(session, job, JobState.CANCELLED):
             return False
-        if job.action is CommitAction.ADD:
-            registry = Registry(session)
-            try:
-                rows = {m.device_id: m for m in registry.members(job.group_id)}
-            except ProtocolError:
-                return True  # the group was never created
-            joiners = bulkadd.joiners(job) if bulkadd.is_multi(job) else (job.member or "",)
-            for member in joiners:
-                row = rows.get(member)
-                if row is not None and row.leaf_index is None:
-                    registry.request_remove(job.group_id, member, now=now)
+        _withdraw_joiners(session, job, now)
         return True
 
     if cx.env.tx(work):
@@ -371,8 +431,50 @@ def cancel(cx: Call, job: Job, now: int) -> None:
 
 
 def cancel_adds_of(cx: Call, device_id: str, now: int) -> None:
+    """A revoked (or destroyed) device: its single adds are cancelled; a creation's multi-add
+    goes on without it; a ``group.add`` of several devices naming it fails (devices add
+    exactly the named set: the operators propose the add again without it)."""
     for job in cx.env.read(lambda s: store.open_adds_of(s, device_id)):
         cancel(cx, job, now)
+    for job in cx.env.read(lambda s: store.open_multi_adds_naming(s, device_id)):
+        if creation_chunk(cx, job):
+            _leave_out(cx, job, device_id, now)
+        else:
+            detail = (
+                f"[ds.add.revoked] {device_id} was revoked: a group.add adds exactly the "
+                "devices it names; propose the add again without it"
+            )
+            fail_job(cx, job, detail, now, withdraw=True)
+
+
+def _leave_out(cx: Call, job: Job, device_id: str, now: int) -> None:
+    """A creation's multi-add without ``device_id``: if the others' key packages are all in
+    (or its commit request included the device), a commit of the others is asked for."""
+    current: Job | None = job
+    for _ in range(3):  # another instance may move the job meanwhile: read it again
+        if current is None or _left_out(cx, current, device_id, now):
+            return
+        current = cx.env.read(partial(store.job_by_request, request_id=current.request_id))
+
+
+def _left_out(cx: Call, job: Job, device_id: str, now: int) -> bool:
+    """One try of ``_leave_out``: False when another instance moved the job first."""
+    if not job.open or device_id not in bulkadd.joiners(job):
+        return True
+    bulkadd.leave_out(job, device_id)
+    if not bulkadd.joiners(job):
+        if cx.env.tx(lambda s: store.end_job(s, job, JobState.DONE)):
+            job_ended(cx, job, now)
+        return True
+    if job.state is JobState.REQUESTED or (
+        job.state is JobState.KEY_PACKAGE and not bulkadd.missing(job)
+    ):
+        job.state, job.committer, job.deadline = JobState.WAITING, None, 0
+    if not cx.env.tx(lambda s: store.save_job(s, job, cx.env.instance)):
+        return False
+    log.info("%s goes on without %s (revoked)", job.describe(), device_id)
+    start_next(cx, job.group_id, now)
+    return True
 
 
 def group_changed(cx: Call, group_id: str, now: int) -> None:

@@ -372,8 +372,10 @@ def time_out(cx: Call, operation: Operation, now: int) -> None:
     open_jobs = [j for j in operation.jobs if j.open]
     if open_jobs:
         job = open_jobs[0]
-        if job.state is JobState.KEY_PACKAGE and bulkadd.is_multi(job):
-            pending = bulkadd.missing(job)  # the joiners that sent no key package
+        if job.state in (JobState.KEY_PACKAGE, JobState.QUEUED) and bulkadd.is_multi(job):
+            # the joiners that sent no key package (a creation's follow-up multi-add may
+            # still be queued behind the group's other jobs)
+            pending = bulkadd.missing(job)
         elif job.state is JobState.KEY_PACKAGE and job.member is not None:
             pending = [job.member]
         elif job.state is JobState.REQUESTED:

@@ -25,6 +25,7 @@ from agent.protocol.credentials import (
 )
 from agent.protocol.errors import CryptoError, ProtocolError
 from agent.protocol.wire import cbor
+from agent.protocol.x509der import load_certificate
 from agent.tpm.templates import KeyKind
 from firmware_sim.fleet.credentials import SimulatedAK, simulated_public_area
 from provisioning import pki
@@ -428,3 +429,25 @@ def test_any_changed_byte_of_a_proof_is_refused(field_name: str, index: int, xor
     with pytest.raises(ProtocolError) as refused:
         verify_tpm_residency(forged, FUZZ_POINT, FUZZ_AK.name)
     assert refused.value.check.startswith(("tpm.proof.", "tpm.attest."))
+
+
+def _negative_serial(der: bytes) -> bytes:
+    """``der`` with its serial number's sign bit set (the bytes after the version field)."""
+    data = bytearray(der)
+    at = data.index(bytes([0xA0, 0x03, 0x02, 0x01, 0x02])) + 5  # [0] { INTEGER 2 }: v3
+    assert data[at] == 0x02  # the serial's INTEGER
+    data[at + 2] |= 0x80
+    return bytes(data)
+
+
+def test_a_certificate_with_a_negative_serial_is_refused_as_not_parsing(
+    ca: pki.CertificateAuthority,
+) -> None:
+    """cryptography reads such a certificate with a deprecation warning only (a hostile peer's
+    flipped bit): keyfleet refuses it as not decoding, whatever the warnings filter is."""
+    _, der = devid(ca)
+    bad = _negative_serial(der)
+    with pytest.raises(ValueError, match="cryptography will refuse"):
+        load_certificate(bad)
+    assert check_of(CredentialVerifier([ca.certificate]).verify, bad, NOW) == "cred.decode"
+    assert load_certificate(der).serial_number > 0  # the untouched certificate reads as before

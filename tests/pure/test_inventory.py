@@ -16,11 +16,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent.protocol import trust
 from agent.protocol.lifecycle import KeyState
 from provisioning import pki
 from provisioning.cli import main
 from provisioning.db import migrations
-from provisioning.inventory import KeyFacts, rows, state_of, with_certificate
+from provisioning.inventory import KeyFacts, rows, state_of, trust_facts, with_certificate
 from provisioning.metrics import ExpiryGauges, ServiceMetrics
 from provisioning.registry import (
     DeviceState,
@@ -31,6 +32,7 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
+from provisioning.service.store import trustchain
 from tests.service_deployment import write_golden_policy
 
 pytestmark = pytest.mark.pure
@@ -140,7 +142,7 @@ def test_rows_by_scope_then_nearest_expiry(ca: pki.CertificateAuthority) -> None
     assert set(listed[0]) == {
         "scope", "kind", "name", "state", "key", "cert", "algorithm", "fingerprint",
         "cert_fingerprint", "subject", "not_before", "not_after", "expires_in", "token", "slot",
-        "label", "key_id", "holder_state", "problem",
+        "label", "key_id", "holder_state", "problem", "accepted_until",
     }  # fmt: skip
     json.dumps(listed)  # plain values only
 
@@ -292,3 +294,55 @@ signing_key = "release.key"
         "SCOPE", "KIND", "NAME", "STATE", "NOT_AFTER", "ALGORITHM", "KEY", "FINGERPRINT",
     ]  # fmt: skip
     assert "deactivated" in table and spki_sha256(device_ca.certificate)[:16] + "…" in table
+
+
+def test_keys_list_shows_what_the_newest_trust_bundle_lists_with_each_end(
+    tmp_path: Path, ca: pki.CertificateAuthority
+) -> None:
+    """During a rollover's overlap the service issues from a device CA the configuration may not
+    name yet: the inventory lists the newest bundle's entries, the old ones deactivated once
+    devices no longer accept them."""
+    now = datetime.now(UTC)
+    t = int(now.timestamp())
+    old_ca = pki.create_ca("dev CA 1", now=now, valid_for=timedelta(days=90))
+    new_ca = pki.create_ca("dev CA 2", now=now, valid_for=timedelta(days=900))
+    old_key, new_key = pki.generate_key(), pki.generate_key()
+    der = serialization.Encoding.DER
+    bundle = trust.TrustBundle(
+        seq=2,
+        service=(
+            trust.ServiceKey(trust.key_der(old_key.public_key()), until=t - 10),
+            trust.ServiceKey(trust.key_der(new_key.public_key())),
+        ),
+        device_ca=(
+            trust.DeviceCA(old_ca.certificate.public_bytes(der), until=t + 3600),
+            trust.DeviceCA(new_ca.certificate.public_bytes(der)),
+        ),
+    )
+    engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    migrations.upgrade(engine)
+    factory = session_factory(engine)
+    with factory() as session:
+        assert trust_facts(session) == []  # before the first rollover: the configuration's
+        trustchain.add(session, 2, trust.sign_link(bundle, old_key), b"authz", "new.key", now=t)
+        session.commit()
+        facts = trust_facts(session)
+    engine.dispose()
+    listed = {(r["kind"], r["fingerprint"]): r for r in rows(facts, t)}
+    fingerprint = spki_sha256
+    old_ca_row = listed[("device-ca", fingerprint(old_ca.certificate))]
+    new_ca_row = listed[("device-ca", fingerprint(new_ca.certificate))]
+    assert old_ca_row["state"] == "active" and old_ca_row["accepted_until"] == t + 3600
+    assert new_ca_row["state"] == "active" and new_ca_row["accepted_until"] is None
+    assert new_ca_row["name"] == "trust bundle 2 (current)"
+    assert new_ca_row["not_after"] == int(new_ca.certificate.not_valid_after_utc.timestamp())
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    old_fingerprint = hashlib.sha256(old_key.public_key().public_bytes(der, spki)).hexdigest()
+    old_service = listed[("service-signing", old_fingerprint)]
+    assert old_service["state"] == "deactivated"  # devices stopped accepting it
+    # past the old CA's end it is deactivated too
+    later = {
+        r["fingerprint"]: r for r in rows([f for f in facts if f.kind == "device-ca"], t + 7200)
+    }
+    assert later[fingerprint(old_ca.certificate)]["state"] == "deactivated"
+    assert later[fingerprint(new_ca.certificate)]["state"] == "active"

@@ -225,6 +225,27 @@ def open_adds_of(session: Session, device_id: str) -> list[Job]:
     ]
 
 
+def open_multi_adds_naming(session: Session, device_id: str) -> list[Job]:
+    """Open multi-adds (adds without a member, ``bulkadd``) whose joiners include ``device_id``."""
+    rows = session.scalars(
+        select(JobRow).where(
+            JobRow.member.is_(None),
+            JobRow.action == CommitAction.ADD.value,
+            JobRow.state.not_in(sorted(TERMINAL)),
+            JobRow.candidates.contains(device_id),
+        )
+    )
+    jobs = (job_from_row(r) for r in rows)
+    return [job for job in jobs if device_id in job.candidates]
+
+
+def operation_type(session: Session, command_id: bytes) -> str | None:
+    """The type of the operation ``command_id`` (``op.group_create``...), None if unknown."""
+    return session.scalar(
+        select(OperationRow.type).where(OperationRow.command_id == command_id.hex())
+    )
+
+
 def prune(session: Session, *, held_before: int, operations_before: int) -> None:
     """Held halves received before ``held_before``, ended jobs of ended operations (or of
     none), operations finished before ``operations_before``."""
