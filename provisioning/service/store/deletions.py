@@ -53,7 +53,9 @@ def mark_deleted(session: Session, group_id: str, *, seq: int, now: int) -> list
         .where(HeldMessage.group_id == group_id)
         .execution_options(synchronize_session=False)
     )
-    session.expire_all()  # the Group row's columns were written by UPDATE
+    row = session.get(Group, group_id)
+    if row is not None:
+        session.expire(row)  # its columns were written by the UPDATE above
     return members
 
 
