@@ -350,6 +350,9 @@ def _trust_check(check: str) -> bool:
 CREDENTIAL_RENEWED_REASON: Final = "credential-renewed"
 """Why a device asks for a self-update after its certificates were renewed (``UpdateRequest``)."""
 
+GROUP_DELETED_NOTE: Final = "group deleted by the operators (a group.delete feed entry)"
+"""The ledger note of a deleted group's epoch keys (docs/operations.md, "Deleting a group")."""
+
 INIT_KEY_NOTE: Final = (
     "one-time init key in the TPM: opens one Welcome; destroyed by flushing it from the TPM and "
     "shredding its blob once a state without it is saved (agent.protocol.initkeys)"
@@ -778,8 +781,35 @@ class AgentCore:
         if not self.membership.follow_feed(body):
             return Outcome()
         log.info("revocation feed at %d", body.seq)
-        self._report_soon()  # the service learns how far we are
-        return Outcome(changed=True)
+        # a group the operators deleted (a verified group.delete entry): every key destroyed
+        deleted = self.membership.revocations.deleted
+        live = {r.group for r in self.ledger if r.state is not KeyState.DESTROYED}
+        held = (live | set(self._groups) | set(self._data_keys)) & deleted
+        for name in sorted(g for g in held if g is not None):
+            self._delete_group(name)
+        self._report_soon()  # the service learns how far we are (and what we destroyed)
+        return Outcome(changed=True, epochs_changed=bool(held))
+
+    def _delete_group(self, name: str) -> None:
+        """The operators deleted ``name``: forget its epoch secrets, wipe its data keys, mark
+        its epoch keys and (``_retire_leaves``) our leaf key in it destroyed. Also a group we
+        were removed from whose deactivated data keys are still in their grace period."""
+        entry = self._groups.pop(name, None)
+        if entry is not None:
+            self._guard.forget_group(name)
+            self.last_acks.pop(name, None)
+        for secret in self._data_keys.pop(name, {}).values():
+            secret.wipe()
+        for record in list(self.ledger):
+            if record.group == name and record.state is not KeyState.DESTROYED:
+                self.ledger.transition(record.name, KeyState.DESTROYED)
+                self.ledger.annotate(record.name, GROUP_DELETED_NOTE)
+        self._retire_leaves()
+        log.warning("group %s deleted by the operators: its keys are destroyed", name)
+
+    def _refuse_deleted(self, group: str, check: str) -> None:
+        if self.membership.revocations.is_deleted(group):
+            raise ProtocolError(check, f"group {group!r} was deleted by the operators")
 
     def _entry_at(self, group_id: str, epoch: int, what: str) -> _GroupEntry:
         """The group ``group_id`` if we are in it at ``epoch``; ``what`` names the message in
@@ -959,6 +989,7 @@ class AgentCore:
         return Outcome(publishes=publishes)
 
     def _create(self, body: CommitRequest) -> Outcome:
+        self._refuse_deleted(body.group_id, "agent.group-deleted")
         existing = self._groups.get(body.group_id)
         if existing is not None:
             group = existing.group
@@ -1032,6 +1063,7 @@ class AgentCore:
         return self._send(GroupCreated(group_id=name, public_group=public, command_id=command_id))
 
     def _on_welcome(self, body: WelcomeDelivery) -> Outcome:
+        self._refuse_deleted(body.group_id, "agent.group-deleted")
         existing = self._groups.get(body.group_id)
         if existing is not None and body.epoch <= existing.group.epoch:
             # Joined already (a re-sent welcome): acknowledge where we are.
@@ -1542,6 +1574,7 @@ class AgentCore:
     def encrypt(self, group: str, plaintext: bytes, now: int) -> bytes:
         """Seal for ``group`` under its current epoch key and count the message."""
         self._now = now
+        self._refuse_deleted(group, "data.group-deleted")
         entry = self._groups.get(group)
         if entry is None:
             raise ProtocolError("data.epoch-unknown", f"this device holds no group {group!r}")
@@ -1562,6 +1595,7 @@ class AgentCore:
     def decrypt(self, group: str, blob: bytes, now: int) -> bytes:
         """Open data sealed for ``group`` in its current epoch or one still in its grace period."""
         self._now = now
+        self._refuse_deleted(group, "data.group-deleted")
         grace = self._policy_for(group).grace_period
 
         def lookup(name: str, epoch: int) -> Secret:

@@ -96,6 +96,7 @@ from provisioning.registry import Registry, cert_fingerprint
 from provisioning.releases_cli import add_release_commands
 from provisioning.requests_cli import (
     add_request_commands,
+    delete_proposal,
     read_members,
     replace_proposal,
     run_direct,
@@ -542,6 +543,8 @@ def _direct_proposals(
         return [(label, body)]
     if args.command == "device":  # device replace OLD NEW (RMA)
         return [replace_proposal(client.new_command_id(), args.old, args.new, args.reason)]
+    if args.group_command == "delete":
+        return [(f"delete {args.group}", delete_proposal(client.new_command_id(), args.group))]
     if args.group_command == "create":
         members = read_members(args.members)
         body = Propose(client.new_command_id(), "group.create", members, args.group)
@@ -904,7 +907,7 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
         _operator_list,
     )
 
-    group = commands.add_parser("group", help="create groups, add members")
+    group = commands.add_parser("group", help="create groups, add members, delete groups")
     group_commands = group.add_subparsers(dest="group_command", required=True)
     create = group_commands.add_parser("create", help="create GROUP with its members")
     create.add_argument("group")
@@ -923,6 +926,14 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     add.add_argument("group")
     add.add_argument("devices", nargs="+", metavar="DEVICE|FILE")
     _add_operator_options(add)
+
+    delete = group_commands.add_parser(
+        "delete",
+        help="delete GROUP (admins, quorum): every member destroys its keys; "
+        "the id is never used again",
+    )
+    delete.add_argument("group")
+    _add_operator_options(delete)
 
     policy = group_commands.add_parser(
         "policy", help="set GROUP's rekey policy (admin): how long a leaf key may live"

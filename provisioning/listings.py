@@ -126,6 +126,8 @@ def list_groups(session: Session) -> list[Row]:
     registry = Registry(session)
     rows: list[Row] = []
     for group in registry.groups():
+        if group.deleted_at is not None:
+            continue  # deleted by the operators: not an active group (its keys are destroyed)
         status = registry.ack_status(group.group_id)
         rows.append(
             {

@@ -115,6 +115,10 @@ def describe(request: authz.Request) -> list[str]:
         old, new = (m.device_id for m in request.members)
         groups = ", ".join(authz.replaced_groups(request.subject)) or "(none)"
         lines.append(f"  replace:  {old} by {new}; {new} joins {groups}; {old} is revoked")
+    elif request.op == authz.OP_GROUP_DELETE:
+        lines.append(
+            f"  delete:   every member destroys {request.group}'s keys; the id is never used again"
+        )
     elif request.subject is not None and request.op == authz.OP_TRUST_ROTATE:
         lines += describe_trust(request.subject)
     elif request.subject is not None:
@@ -415,6 +419,8 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
         return f"propose remove {args.device} from {args.group}", Propose(
             command_id, authz.OP_GROUP_REMOVE, (args.device,), args.group
         )
+    if kind == "group-delete":
+        return f"propose delete {args.group}", delete_proposal(command_id, args.group)
     if kind == "revoke":
         devices = read_members(args.device)
         return f"propose revoke {' '.join(devices)}", Propose(
@@ -430,6 +436,12 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
     return f"propose policy serial {policy.serial}", Propose(
         command_id, authz.OP_POLICY, (), None, policy.encode()
     )
+
+
+def delete_proposal(command_id: bytes, group: str) -> Propose:
+    """``group delete GROUP`` / ``propose group-delete GROUP``: every member destroys the
+    group's keys once the quorum approved; the id is never used again."""
+    return Propose(command_id, authz.OP_GROUP_DELETE, (), group)
 
 
 def replace_proposal(
@@ -604,6 +616,10 @@ def add_request_commands(
     remove = kinds.add_parser("group-remove", help="remove DEVICE from GROUP")
     remove.add_argument("group")
     remove.add_argument("device")
+    delete = kinds.add_parser(
+        "group-delete", help="delete GROUP: every member destroys its keys (admins)"
+    )
+    delete.add_argument("group")
     revoke = kinds.add_parser("revoke", help="revoke DEVICEs (admins; several: one request)")
     revoke.add_argument("device", nargs="+", metavar="DEVICE|FILE")
     revoke.add_argument("--reason", help="recorded with the revocation")
@@ -619,7 +635,7 @@ def add_request_commands(
     replace.add_argument("--reason", help="recorded with OLD's revocation")
     policy = kinds.add_parser("policy", help="a new quorum policy from a TOML FILE (admins)")
     policy.add_argument("file", metavar="FILE")
-    for parser in (create, add, remove, revoke, reenroll, replace, policy):
+    for parser in (create, add, remove, delete, revoke, reenroll, replace, policy):
         add_operator_options(parser)
         parser.set_defaults(handler=handler, request_command="propose")
 

@@ -84,6 +84,9 @@ OP_GROUP_CREATE = "group.create"
 OP_GROUP_ADD = "group.add"
 OP_GROUP_REMOVE = "group.remove"
 OP_DEVICE_REVOKE = "device.revoke"
+# Deleting a group: names the group, no members. Devices learn it from the revocation feed
+# (agent.protocol.feed) and destroy every key of the group; the group id is never used again.
+OP_GROUP_DELETE = "group.delete"
 # A device replaced after a TPM failure (RMA): fleet-wide, members exactly [old, new]. It lets a
 # commit add the new identity to a group the old one is in and remove the old one; the old
 # identity is revoked (a revocation feed entry names it, not the new one).
@@ -293,8 +296,13 @@ class Request:
             QuorumPolicy.decode(self.policy)  # nothing half-parsed: the policy must decode too
         elif self.policy is not None:
             raise _fail("request.policy", f"only op {OP_POLICY!r} carries a policy")
-        if self.op in {OP_GROUP_CREATE, OP_GROUP_ADD, OP_GROUP_REMOVE} and self.group is None:
+        if (
+            self.op in {OP_GROUP_CREATE, OP_GROUP_ADD, OP_GROUP_REMOVE, OP_GROUP_DELETE}
+            and self.group is None
+        ):
             raise _fail("request.group", f"op {self.op!r} names a group")
+        if self.op == OP_GROUP_DELETE and self.members:
+            raise _fail("request.members", f"op {self.op!r} names no members")
         if self.op in MEMBERSHIP_OPS and not self.members:
             raise _fail("request.members", f"op {self.op!r} names at least one member")
         if self.op == OP_DEVICE_REPLACE:

@@ -18,12 +18,18 @@ alone can neither remove an operator nor push a removal past its request's windo
 then no longer counts that certificate's approvals of requests judged at or after that time
 (``operator.removed``; ``AuthzVerifier.verify``'s ``removed``).
 
+An entry may also be the Authorization of an executed ``group.delete`` (naming the group, no
+members). The device keeps the group's id; if it is a member it destroys the group's epoch
+secrets, leaf key and data keys, and it refuses the group from then on (``group.deleted``): the
+id is never used again, so no later Welcome, commit request or data can bring it back.
+
 The device keeps ``FeedState``: the highest sequence number, its hash, the head's time, the
-set of revoked identities ``(device id, DevID key hash)`` and the removed operator
-certificates ``(certificate SHA-256, operator id, removed at)``. Members refuse any leaf with
-a revoked identity (``cred.revoked``, ``agent.protocol.membership``). The feed keys on the
-DevID key, not on the device id alone: a device re-admitted by the operators (a re-enrollment
-under the quorum) has a new DevID key, so it is a new identity that the old entry does not name.
+set of revoked identities ``(device id, DevID key hash)``, the removed operator certificates
+``(certificate SHA-256, operator id, removed at)`` and the deleted group ids. Members refuse
+any leaf with a revoked identity (``cred.revoked``, ``agent.protocol.membership``). The feed
+keys on the DevID key, not on the device id alone: a device re-admitted by the operators (a
+re-enrollment under the quorum) has a new DevID key, so it is a new identity that the old entry
+does not name.
 
 Pure: bytes in, values out; the caller supplies the Authorization check (``AuthzCheck``).
 
@@ -75,18 +81,23 @@ MAX_REVOKED: Final = 65536
 """Revoked identities a device keeps at most (a fleet revoking more starts a new device CA)."""
 MAX_REMOVED_OPERATORS: Final = 4096
 """Removed operator certificates a device keeps at most."""
+MAX_DELETED_GROUPS: Final = 65536
+"""Deleted group ids a device keeps at most."""
 MAX_SEQ: Final = (1 << 63) - 1
 _LABEL: Final = b"keyfleet revocation feed v1\x00"
 _SIGNATURE_CHECKS: Final = frozenset(
     {"cose.signature", "cose.kid-unknown", "cose.kid-mismatch", "envelope.sender-mismatch"}
 )
 
-AuthzCheck = Callable[[bytes, str, Mapping[bytes, int]], az.VerifiedAuthorization]
-"""Verify an entry's Authorization as ``op`` (``device.revoke`` or ``operator.remove``,
-fleet-wide) under the device's quorum policy, not counting the operator certificates removed
-so far (certificate SHA-256 -> removed at); raises ``ProtocolError`` (``authz.*``,
+AuthzCheck = Callable[[bytes, str, str | None, Mapping[bytes, int]], az.VerifiedAuthorization]
+"""Verify an entry's Authorization as ``op`` on ``group`` (``device.revoke``,
+``device.replace`` or ``operator.remove``: fleet-wide, ``None``; ``group.delete``: the group it
+names) under the device's quorum policy, not counting the operator certificates removed so far
+(certificate SHA-256 -> removed at); raises ``ProtocolError`` (``authz.*``,
 ``operator.removed``) when it does not verify."""
-ENTRY_OPS: Final = frozenset({az.OP_DEVICE_REVOKE, az.OP_DEVICE_REPLACE, az.OP_OPERATOR_REMOVE})
+ENTRY_OPS: Final = frozenset(
+    {az.OP_DEVICE_REVOKE, az.OP_DEVICE_REPLACE, az.OP_OPERATOR_REMOVE, az.OP_GROUP_DELETE}
+)
 
 
 def _malformed(reason: str) -> ProtocolError:
@@ -160,6 +171,10 @@ class FeedState:
     time: int = 0
     revoked: frozenset[tuple[str, bytes]] = frozenset()
     operators: frozenset[tuple[bytes, str, int]] = frozenset()
+    deleted: frozenset[str] = frozenset()
+
+    def is_deleted(self, group: str) -> bool:
+        return group in self.deleted
 
     def is_revoked(self, device_id: str, key_hash: bytes) -> bool:
         return (device_id, key_hash) in self.revoked
@@ -177,11 +192,15 @@ class FeedState:
         }
         if self.operators:  # a state without removed operators reads as before
             state["operators"] = [[h, o, t] for h, o, t in sorted(self.operators)]
+        if self.deleted:  # likewise without deleted groups
+            state["deleted"] = sorted(self.deleted)
         return state
 
     @classmethod
     def parse_state(cls, value: object) -> FeedState:
-        m = codec.as_map(value, "revocations", {"seq", "head", "time", "revoked"}, {"operators"})
+        m = codec.as_map(
+            value, "revocations", {"seq", "head", "time", "revoked"}, {"operators", "deleted"}
+        )
         pairs = codec.as_list(
             m["revoked"],
             "revocations.revoked",
@@ -205,12 +224,17 @@ class FeedState:
                 lambda v, w: codec.as_list(v, w, 3, lambda x, y: x, min_len=3),
             )
         )
+        deleted = frozenset(
+            codec.as_list(
+                m.get("deleted", []), "revocations.deleted", MAX_DELETED_GROUPS, _group_id
+            )
+        )
         seq = codec.as_uint(m["seq"], "revocations.seq", MAX_SEQ)
         head = codec.as_bytes(m["head"], "revocations.head", HASH_SIZE, HASH_SIZE)
         if (seq == 0) != (head == GENESIS):
             raise codec.fail("revocations", "head and seq disagree")
         time = codec.as_uint(m["time"], "revocations.time", az.MAX_TIME)
-        return cls(seq, head, time, revoked, operators)
+        return cls(seq, head, time, revoked, operators, deleted)
 
 
 def _removed_map(operators: frozenset[tuple[bytes, str, int]]) -> dict[bytes, int]:
@@ -223,6 +247,12 @@ def _removed_map(operators: frozenset[tuple[bytes, str, int]]) -> dict[bytes, in
 def _operator_id(value: object) -> str:
     if type(value) is not str or not 0 < len(value) <= codec.MAX_DEVICE_ID:
         raise codec.fail("revocations.operators.id", "expected an operator id")
+    return value
+
+
+def _group_id(value: object, what: str) -> str:
+    if type(value) is not str or not 0 < len(value) <= codec.MAX_GROUP_ID:
+        raise codec.fail(what, "expected a group id")
     return value
 
 
@@ -273,12 +303,17 @@ def advance(state: FeedState, head: RevocationFeed, check: AuthzCheck) -> FeedSt
         raise ProtocolError("revocation.fork", "the entries do not hash to the signed head")
     revoked = set(state.revoked)
     operators = set(state.operators)
+    deleted = set(state.deleted)
     for entry, _ in new:
         # each entry is judged without the operators removed by the entries before it
         verified = _verified(entry, check, _removed_map(frozenset(operators)))
         request = verified.request
         if request.op == az.OP_OPERATOR_REMOVE:
             operators.add(_removed_operator(entry, request))
+            continue
+        if request.op == az.OP_GROUP_DELETE:
+            assert request.group is not None  # Request requires it of group.delete
+            deleted.add(request.group)
             continue
         # a replacement (RMA) revokes its old identity, never the new one that takes its place
         members = request.members[:1] if request.op == az.OP_DEVICE_REPLACE else request.members
@@ -287,19 +322,30 @@ def advance(state: FeedState, head: RevocationFeed, check: AuthzCheck) -> FeedSt
         raise _malformed(f"more than {MAX_REVOKED} revoked identities")
     if len(operators) > MAX_REMOVED_OPERATORS:
         raise _malformed(f"more than {MAX_REMOVED_OPERATORS} removed operator certificates")
-    return FeedState(head.seq, head.head, head.time, frozenset(revoked), frozenset(operators))
+    if len(deleted) > MAX_DELETED_GROUPS:
+        raise _malformed(f"more than {MAX_DELETED_GROUPS} deleted groups")
+    return FeedState(
+        head.seq,
+        head.head,
+        head.time,
+        frozenset(revoked),
+        frozenset(operators),
+        frozenset(deleted),
+    )
 
 
 def _verified(
     entry: FeedEntry, check: AuthzCheck, removed: Mapping[bytes, int]
 ) -> az.VerifiedAuthorization:
     """The entry's Authorization verified as the op its request names (``device.revoke``,
-    ``device.replace`` or ``operator.remove``); ``revocation.authz`` otherwise."""
+    ``device.replace``, ``operator.remove`` or ``group.delete`` on the group it names);
+    ``revocation.authz`` otherwise."""
     try:
-        op = az.Request.decode(az.Authorization.decode(entry.authz).request).op
-        if op not in ENTRY_OPS:
-            raise ProtocolError("authz.scope", f"{op!r} is not a revocation")
-        return check(entry.authz, op, removed)
+        request = az.Request.decode(az.Authorization.decode(entry.authz).request)
+        if request.op not in ENTRY_OPS:
+            raise ProtocolError("authz.scope", f"{request.op!r} is not a revocation")
+        group = request.group if request.op == az.OP_GROUP_DELETE else None
+        return check(entry.authz, request.op, group, removed)
     except ProtocolError as exc:
         raise ProtocolError(
             "revocation.authz",

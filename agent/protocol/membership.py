@@ -257,13 +257,16 @@ class Membership:
     def follow_feed(self, head: RevocationFeed) -> bool:
         """Advance the revocation feed to ``head`` (a verified ``revocation.feed`` body): each
         new entry's Authorization is checked as a fleet-wide ``device.revoke`` (or the
-        ``device.replace`` that revoked a replaced device) or ``operator.remove`` under our
-        quorum policy, historically. True if the feed moved; ``revocation.*`` refusals change
-        nothing (``agent.protocol.feed.advance``)."""
+        ``device.replace`` that revoked a replaced device) or ``operator.remove``, or as the
+        ``group.delete`` of the group it names, under our quorum policy, historically. True if
+        the feed moved; ``revocation.*`` refusals change nothing
+        (``agent.protocol.feed.advance``)."""
 
-        def check(signed: bytes, op: str, removed: Mapping[bytes, int]) -> az.VerifiedAuthorization:
+        def check(
+            signed: bytes, op: str, group: str | None, removed: Mapping[bytes, int]
+        ) -> az.VerifiedAuthorization:
             return self.approvals.verify(
-                signed, policy=self.policy, now=None, op=op, group=None, removed=removed
+                signed, policy=self.policy, now=None, op=op, group=group, removed=removed
             )
 
         advanced = revocation_feed.advance(self.revocations, head, check)

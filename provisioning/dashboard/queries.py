@@ -714,7 +714,9 @@ def _commit_times(session: Session, group_ids: Sequence[str]) -> dict[str, tuple
 def group_list(
     session: Session, *, page: int, per_page: int, query: str | None = None
 ) -> Page[GroupRow]:
-    where = [] if not query else [Group.group_id.like(_like(query), escape="\\")]
+    where = [Group.deleted_at.is_(None)]  # a deleted group is no longer listed
+    if query:
+        where.append(Group.group_id.like(_like(query), escape="\\"))
     total = int(session.scalar(select(func.count()).select_from(Group).where(*where)) or 0)
     groups = session.execute(
         select(Group.group_id, Group.epoch)

@@ -210,6 +210,24 @@ class Group(Base):
     # Random, new with every write of the public state (create, commit, rollback): a service
     # instance's in-memory copy of the group is current iff it was made for this token.
     state_token: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Set when the operators deleted the group (a quorum's ``group.delete``, revision 0019):
+    # when, and the revocation feed entry that tells the members. A deleted group's id is never
+    # used again; its members at deletion are ``group_deleted_members``.
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    deleted_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class GroupDeletedMember(Base):
+    """A member of a group when the operators deleted it (its ``group_members`` row is gone):
+    the deletion is done at that member once its ``keys.report`` shows a revocation feed at or
+    past the group's ``deleted_seq`` (``provisioning.service.groupdelete``)."""
+
+    __tablename__ = "group_deleted_members"
+
+    group_id: Mapped[str] = mapped_column(
+        ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, index=True)
 
 
 class GroupTreeNode(Base):

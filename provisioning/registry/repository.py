@@ -181,6 +181,8 @@ class GroupRecord:
     created_at: int
     updated_at: int
     state_token: bytes | None = field(default=None, repr=False)
+    deleted_at: int | None = None
+    deleted_seq: int | None = None
 
 
 @dataclass(frozen=True)

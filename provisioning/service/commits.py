@@ -39,6 +39,7 @@ from provisioning.service import (
     execute,
     fullrekey,
     groupcache,
+    groupdelete,
     recovery,
     rekeypolicy,
     store,
@@ -159,6 +160,7 @@ def check_commit(
 ) -> CheckedCommit:
     """Every check before acceptance; returns the commit, the group's public view, the
     device ids it adds and removes, and the job it fulfils."""
+    groupdelete.check_live(session, body.group_id)
     public, epoch = load_public(session, body.group_id, cx.env.groups)
     commit = Commit.decode(body.commit)
     if commit.content.epoch != body.epoch:
@@ -258,6 +260,7 @@ def on_commit(cx: Call, session: Session, sender: str, body: CommitMessage, now:
 
 
 def on_welcome(cx: Call, session: Session, sender: str, body: WelcomeMessage, now: int) -> Effects:
+    groupdelete.check_live(session, body.group_id)
     commit_epoch = body.epoch - 1 if body.epoch > 0 else -1
     held = store.take_held_commit(session, body.group_id, commit_epoch, sender)
     if held is None:

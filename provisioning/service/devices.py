@@ -51,6 +51,7 @@ from provisioning.service import (
     execute,
     feed,
     fullrekey,
+    groupdelete,
     renewal,
     rollback,
     rollout,
@@ -179,6 +180,7 @@ def on_key_states(
         )
         cx.env.refusals_seen[sender] = refused
     effects = feed.on_report(session, sender, body.feed, now=now)
+    effects += groupdelete.on_feed_report(session, sender, body.feed)
     held = body.trust_seq or 0
     if cx.env.trust_seen.get(sender) != held:
         # who follows a service signing key rollover: one line each time a device's bundle moves
@@ -201,6 +203,7 @@ def on_update_request(
     operator. Nothing is queued if an update is already queued or in flight (it rotates the
     epoch too) or if the group has already moved past the epoch the member asked about."""
     registry = Registry(session)
+    groupdelete.check_live(session, body.group_id)
     group = registry.group(body.group_id)
     if not any(
         m.device_id == sender and m.leaf_index is not None for m in registry.members(body.group_id)
@@ -306,6 +309,7 @@ def on_key_package(
         raise ProtocolError(
             "ds.key_package.unexpected", "no key package was requested with this command id"
         )
+    groupdelete.check_live(session, job.group_id)
     key_package = KeyPackage.decode(body.key_package)
     key_package.verify()
     device = Registry(session).device(sender)

@@ -27,7 +27,7 @@ from agent.protocol.wire.messages.group import CommitMessage
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from provisioning import audit
 from provisioning.registry import Outcome, Registry
-from provisioning.service import bulkadd, jobs, store
+from provisioning.service import bulkadd, groupdelete, jobs, store
 from provisioning.service.context import Call
 from provisioning.service.model import JobState, Operation
 
@@ -142,6 +142,11 @@ def result(
 def ack_view(cx: Call, operation: Operation) -> tuple[list[str], list[str], int | None, bool]:
     """(acked, pending, epoch, forked) over the operation's groups at their current epochs."""
 
+    if operation.type == groupdelete.OPERATION_TYPE:
+        # a deletion: done where the member's feed reached the deletion's entry
+        done, waiting, _ = cx.env.read(lambda s: groupdelete.view(s, operation.target))
+        return done, waiting, None, False
+
     def work(session: Session) -> tuple[list[str], list[str], int | None, bool]:
         registry = Registry(session)
         acked: set[str] = set()
@@ -209,6 +214,9 @@ def progress_step(cx: Call, operation: Operation, now: int) -> None:
             operation.last_sent = key
             result(cx, operation, ResultStatus.IN_PROGRESS, detail, now=now)
         return
+    if operation.type == groupdelete.OPERATION_TYPE:
+        deletion_step(cx, operation, now)
+        return
     if ack_counts_unchanged_or_held(cx, operation, now):
         return
     acked, pending, epoch, forked = ack_view(cx, operation)
@@ -258,6 +266,25 @@ def progress_step(cx: Call, operation: Operation, now: int) -> None:
             epoch=epoch,
             now=now,
         )
+
+
+def deletion_step(cx: Call, operation: Operation, now: int) -> None:
+    """A group's deletion (``groupdelete``): done once every member at deletion reported a
+    revocation feed at or past the deletion's entry; until then, counts as they move."""
+    done, waiting, seq = cx.env.read(lambda s: groupdelete.view(s, operation.target))
+    if not waiting:
+        detail = f"every member ({len(done)}) destroyed the group's keys (feed entry {seq})"
+        finish(cx, operation, ResultStatus.DONE, detail, now, acked=done)
+        return
+    key = sent_key("feed", done, waiting)
+    if key == operation.last_sent:
+        return
+    if operation.last_sent.startswith("feed:"):
+        operation.last_progress = max(operation.last_progress, now)
+    operation.last_sent = key
+    total = len(done) + len(waiting)
+    detail = f"{len(done)}/{total} members destroyed the group's keys (feed entry {seq})"
+    result(cx, operation, ResultStatus.IN_PROGRESS, detail, acked=done, pending=waiting, now=now)
 
 
 def ack_counts_unchanged_or_held(cx: Call, operation: Operation, now: int) -> bool:
@@ -387,8 +414,11 @@ def time_out(cx: Call, operation: Operation, now: int) -> None:
         epoch = None
     else:
         acked, pending, epoch, _ = ack_view(cx, operation)
+        deletion = operation.type == groupdelete.OPERATION_TYPE
+        heard = "feed report past the deletion" if deletion else "ack"
         detail = (
-            f"no ack from {', '.join(pending) or 'nobody'} within {cx.env.settings.ack_timeout}s"
+            f"no {heard} from {', '.join(pending) or 'nobody'} within "
+            f"{cx.env.settings.ack_timeout}s"
         )
     if not finish(
         cx, operation, ResultStatus.TIMEOUT, detail, now, acked=acked, pending=pending, epoch=epoch

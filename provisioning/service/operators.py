@@ -67,6 +67,7 @@ from provisioning.service import (
     credentials,
     execute,
     fullrekey,
+    groupdelete,
     operatorops,
     rekeypolicy,
     releases,
@@ -345,6 +346,7 @@ def dispatch_operator(
             cx, session, body, operator=operator, command_id=command_id, now=now
         )
     if isinstance(body, Rekey):
+        groupdelete.check_live(session, body.group_id)
         Registry(session).group(body.group_id)
         if body.full:
             jobs = fullrekey.plan(cx, session, body.group_id)
@@ -393,6 +395,7 @@ def plan_create(
     Authorization of ``authz_size`` bytes holds). Raises if the group exists or a member may
     not join."""
     registry = Registry(session)
+    groupdelete.check_live(session, group_id)  # a deleted group's id is never used again
     if store.pending_create(session, group_id):
         raise ProtocolError("registry.group.exists", f"group {group_id!r} is being created")
     if group_id in {g.group_id for g in registry.groups()}:
@@ -416,6 +419,7 @@ def plan_create(
 def check_add(session: Session, group_id: str, device_id: str) -> None:
     """Raises unless ``device_id`` may be added to ``group_id`` (existing or being created)."""
     registry = Registry(session)
+    groupdelete.check_live(session, group_id)
     check_eligible(registry, device_id, group_id)
     if not store.pending_create(session, group_id):
         registry.group(group_id)
@@ -464,6 +468,7 @@ def plan_add_many(
 def check_remove(session: Session, group_id: str, device_id: str) -> None:
     """Raises unless ``device_id`` holds a leaf of ``group_id`` that can be removed."""
     registry = Registry(session)
+    groupdelete.check_live(session, group_id)
     registry.group(group_id)
     member = {m.device_id: m for m in registry.members(group_id)}.get(device_id)
     if member is None or member.leaf_index is None:

@@ -41,7 +41,7 @@ from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit
 from provisioning.registry import Outcome, PendingChange, Registry
-from provisioning.service import store, tasks
+from provisioning.service import groupdelete, store, tasks
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Log, Send
 from provisioning.service.model import Job, ServiceSettings
@@ -366,6 +366,7 @@ def set_group_policy(
     """``op.group_policy``: write the group's policy, audited with the one it replaces and
     whether it is looser; answered at once."""
     Registry(session).group(body.group_id)  # registry.group.unknown if there is none
+    groupdelete.check_live(session, body.group_id)
     new = RekeyPolicy(body.max_age, body.max_epochs)
     old = group_policy(cx, session, body.group_id)
     rows.set_policy(

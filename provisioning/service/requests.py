@@ -57,6 +57,7 @@ from provisioning.service import (
     bulkadd,
     credentials,
     feed,
+    groupdelete,
     operatorops,
     operators,
     releases,
@@ -86,6 +87,7 @@ ADMIN_OPS = frozenset(
         authz.OP_DEVICE_REVOKE,
         authz.OP_DEVICE_REPLACE,
         authz.OP_DEVICE_REENROLL,
+        authz.OP_GROUP_DELETE,
         authz.OP_POLICY,
         authz.OP_RELEASE_APPROVE,
         authz.OP_RELEASE_REVOKE,
@@ -181,8 +183,12 @@ def check_request(
 ) -> None:
     """Raises unless the change can be made now (the same checks the direct command makes)."""
     registry = Registry(session)
-    if op == authz.OP_GROUP_CREATE:
+    if op == authz.OP_GROUP_DELETE:
         assert group is not None
+        groupdelete.check(session, group)
+    elif op == authz.OP_GROUP_CREATE:
+        assert group is not None
+        groupdelete.check_live(session, group)  # a deleted group's id is never used again
         if store.pending_create(session, group):
             raise ProtocolError("registry.group.exists", f"group {group!r} is being created")
         if group in {g.group_id for g in registry.groups()}:
@@ -466,6 +472,24 @@ def execute_request(
             stored,
             run_operator_op,
             detail=f"{stored.op} done",
+            operator=operator,
+            now=now,
+        )
+    if stored.op == authz.OP_GROUP_DELETE:
+        # the feed entry, the group marked deleted, an operation following the members
+        return execute_service_op(
+            session,
+            stored,
+            lambda: groupdelete.execute(
+                cx,
+                session,
+                stored,
+                authorization_bytes,
+                operator=operator,
+                command_id=command_id,
+                now=now,
+            ),
+            detail="group deleted; its members destroy its keys",
             operator=operator,
             now=now,
         )

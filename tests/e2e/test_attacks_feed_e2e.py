@@ -6,8 +6,9 @@ revoke's Authorization to the feed and publishes the head retained; every other 
 entry in its kept feed within ``FEED_BOUND`` seconds, and the service records how far each one
 is. Then a broker tap (the service's TLS identity, as a wire tap at the broker sees and sends)
 replays the older retained head, and publishes a head signed by a key of its own: each agent
-refuses it by check id and its feed stays where it was. Last, an admin removes an operator: the
-agents take the removal from the feed and hold that operator as removed.
+refuses it by check id and its feed stays where it was. Then an admin removes an operator: the
+agents take the removal from the feed and hold that operator as removed. Last, an admin deletes
+a group: its member destroys the group's keys from the feed entry, and the id is refused after.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import pytest
 from sqlalchemy import select
 
+from agent.protocol.errors import ProtocolError
 from agent.protocol.feed import page
 from agent.protocol.topics import FEED_RECIPIENT, REVOCATION_FEED_TOPIC, SERVICE_ID
 from agent.protocol.wire.envelope import encode_message
@@ -163,3 +165,40 @@ def test_agents_learn_an_operator_removal_from_the_feed(fleet_lab: Lab) -> None:
             select(RevocationFeedRow).order_by(RevocationFeedRow.seq.desc()).limit(1)
         ).one()
         assert newest.seq == before + 1
+
+
+def test_a_deleted_group_is_destroyed_on_its_member_and_never_comes_back(fleet_lab: Lab) -> None:
+    """An admin deletes a group (``keyfleet group delete``, the lab's quorum of one admin): the
+    deletion is the next feed entry; the agent on swtpm verifies it, forgets the group and
+    reports its epoch keys destroyed, and the command ends ``done`` once its feed report reached
+    the entry. Then the group's id is refused: by the service (``ds.group.deleted``) and by the
+    agent's local API (``data.group-deleted``)."""
+    lab = fleet_lab
+    d0 = lab.devices[0]  # the others were revoked above
+    created = lab.op("group", "create", "g-del", "--members", d0.id, operator="op-admin")
+    assert created.returncode == 0, str(created)
+    with d0.api() as api:
+        api.encrypt("g-del", b"sealed before the deletion")
+    before = feed_seq(d0)
+    assert before is not None and d0.epoch("g-del") is not None
+
+    started = time.monotonic()
+    deleted = lab.op("group", "delete", "g-del", operator="op-admin")
+    took = time.monotonic() - started
+    assert deleted.returncode == 0, str(deleted)
+    assert deleted.final is not None and deleted.final["status"] == "done", str(deleted)
+    assert f"feed entry {before + 1}" in deleted.final["detail"]
+    print(f"group delete done (member's feed report in) {took:.1f} s after it started")
+    assert feed_seq(d0) == before + 1 and d0.epoch("g-del") is None
+    with d0.api() as api, pytest.raises(ProtocolError) as refused_data:
+        api.encrypt("g-del", b"after")
+    assert refused_data.value.check == "data.group-deleted"
+    # the service holds the keys the agent reported destroyed, and the group as deleted
+    keys = lab.registry(lambda r: r.key_states(d0.id))
+    epochs = [k for k in keys if k.key_name.startswith("epoch/g-del/")]
+    assert epochs and {k.state.value for k in epochs} == {"destroyed"}
+    assert lab.registry(lambda r: r.group("g-del").deleted_seq) == before + 1
+    assert "g-del" not in [g["group_id"] for g in lab.groups()]
+
+    again = lab.op("group", "create", "g-del", "--members", d0.id, operator="op-admin")
+    assert again.returncode != 0 and "ds.group.deleted" in str(again), str(again)

@@ -220,8 +220,10 @@ def test_advance_is_pure() -> None:
     entries, _ = build(2)
     state = FeedState()
 
-    def check(signed: bytes, op: str, removed: Mapping[bytes, int]) -> az.VerifiedAuthorization:
-        assert op == "device.revoke" and not removed
+    def check(
+        signed: bytes, op: str, group: str | None, removed: Mapping[bytes, int]
+    ) -> az.VerifiedAuthorization:
+        assert op == "device.revoke" and group is None and not removed
         return device().approvals.verify(
             signed, policy=az.QuorumPolicy.initial(2), now=None, op=op, group=None
         )

@@ -19,9 +19,10 @@ import pytest
 
 from agent.protocol import authz
 from agent.protocol.errors import ConfigError, ProtocolError
+from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.operator import Propose
 from agent.protocol.wire.messages.result import OperatorResult, RequestsResult
-from provisioning import requests_cli
+from provisioning import cli, requests_cli
 from provisioning.operator import (
     EXIT_FAILED,
     EXIT_OK,
@@ -223,3 +224,62 @@ def test_propose_reenroll_names_the_revoked_device_and_no_group() -> None:
     label, body = requests_cli.proposal(args, bytes(16))
     assert label == "propose reenroll dev-1"
     assert (body.op, body.members, body.group_id) == ("device.reenroll", ("dev-1",), None)
+
+
+class FeedReportingClient(LoopClient):
+    """A loop client whose fleet's members report the revocation feed at ``seq`` once the
+    service has nothing more to say (software members do not follow the feed themselves)."""
+
+    def __init__(self, fleet: Fleet, name: str, seq: int) -> None:
+        super().__init__(fleet, name)
+        self.seq = seq
+        self.reported = False
+
+    def next_result(self, timeout: float) -> Reply | None:
+        result = super().next_result(timeout)
+        if result is None and not self.reported:
+            self.reported = True
+            start = len(self.fleet.to_operators)
+            for device in self.fleet.devices.values():
+                report = KeyStateReport(keys=(), feed=self.seq)
+                self.fleet.send(device.report(report, self.fleet.now))
+            for to, reply in self.fleet.to_operators[start:]:
+                if to == self.identity.name:
+                    assert isinstance(reply, OperatorResult | RequestsResult)
+                    self.queue.append(reply)
+            result = super().next_result(timeout)
+        return result
+
+
+def test_group_delete_proposes_the_deletion_and_follows_the_members(single: Fleet) -> None:
+    code, out = direct(single, "op-admin", "group.create", "dev-1", "dev-2", group="g1")
+    assert code == EXIT_OK, out
+    client = FeedReportingClient(single, "op-admin", seq=1)
+    args = argparse.Namespace(command="group", group_command="delete", group="g1")
+    proposals = cli._direct_proposals(args, client)
+    assert [(label, body.op, body.members, body.group_id) for label, body in proposals] == [
+        ("delete g1", "group.delete", (), "g1")
+    ]
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        code = requests_cli.run_direct(client, proposals, timeout=5, json_lines=False)
+    lines = shown.getvalue().splitlines()
+    assert code == EXIT_OK, lines
+    assert lines[0].startswith("delete g1: accepted") and "feed entry 1" in lines[0]
+    assert lines[-1].startswith("delete g1: done")
+    assert "every member (2) destroyed the group's keys (feed entry 1)" in lines[-1]
+    with single.sessions() as s:
+        assert Registry(s).group("g1").deleted_seq == 1
+
+
+def test_approving_a_deletion_shows_what_it_destroys(dual: Fleet) -> None:
+    code, out = direct(dual, "op-alice", "group.create", "dev-1", "dev-2", group="g1")
+    request_id = out.rsplit("keyfleet approve ", 1)[1].split()[0]
+    assert approve_cli(dual, "op-admin", request_id)[0] == EXIT_OK
+    code, out = direct(dual, "op-admin", "group.delete", group="g1")
+    assert code == EXIT_PENDING, out
+    request_id = out.rsplit("keyfleet approve ", 1)[1].split()[0]
+    code, shown, err = approve_cli(dual, "op-admin", request_id, yes=False, answer="n\n")
+    assert code == EXIT_FAILED and "not approved" in err
+    assert "op:       group.delete" in shown and "group:    g1" in shown
+    assert "delete:   every member destroys g1's keys; the id is never used again" in shown

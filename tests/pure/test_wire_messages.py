@@ -184,6 +184,7 @@ SAMPLES: list[Body] = [
     Propose(command_id=CMD, op="group.add", members=("dev-4",), group_id="g1"),
     Propose(command_id=CMD, op="group.add", members=("dev-4", "dev-5"), group_id="g1"),
     Propose(command_id=CMD, op="group.create", members=("dev-1", "dev-2"), group_id="g9"),
+    Propose(command_id=CMD, op="group.delete", members=(), group_id="g1"),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",)),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",), reason="lost"),
     Propose(command_id=CMD, op="device.replace", members=("dev-3", "dev-9"), reason="rma"),

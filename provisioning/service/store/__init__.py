@@ -9,6 +9,8 @@
 - ``revocations``: the revocation feed's entries and how far each device follows it (imported
   as a module by ``provisioning.service.feed``);
 - ``checkpoints``: the signed audit checkpoints;
+- ``deletions``: deleted groups (when, the feed entry, their members at deletion; imported as
+  a module by ``provisioning.service.groupdelete``);
 - ``rekey``: each group's rekey policy and each member's last self-update (imported as a
   module by ``provisioning.service.rekeypolicy``);
 - ``trustchain``: the chain of trust bundles (imported as a module by

@@ -13,7 +13,12 @@ from provisioning.db.schema import Group
 
 
 def group_ids(session: Session) -> list[str]:
-    return list(session.scalars(select(Group.group_id).order_by(Group.group_id)))
+    """Every group the rekey policy applies to: not the deleted ones."""
+    return list(
+        session.scalars(
+            select(Group.group_id).where(Group.deleted_at.is_(None)).order_by(Group.group_id)
+        )
+    )
 
 
 def policy(session: Session, group_id: str) -> tuple[int, int] | None:

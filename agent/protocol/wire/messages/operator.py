@@ -43,6 +43,7 @@ PROPOSABLE_OPS = frozenset(
         "group.create",
         "group.add",
         "group.remove",
+        "group.delete",
         "device.revoke",
         "device.replace",
         "device.reenroll",
@@ -184,7 +185,8 @@ class AttestDevice(Body):
 class Propose(Body):
     """Ask the service for a Request of ``op``: ``group.create`` (``group_id``, ``members`` the
     founders, first first), ``group.add`` (``group_id``, the devices to add by one commit),
-    ``group.remove`` (``group_id``, one member),
+    ``group.remove`` (``group_id``, one member), ``group.delete`` (``group_id``, no members:
+    the group's keys are destroyed on every member, its id never used again),
     ``device.revoke`` (the devices to revoke, no group; ``reason`` the text recorded with the
     revocation),
     ``device.replace`` (two members, the old device then its replacement, no group; ``reason``
@@ -286,6 +288,9 @@ class Propose(Body):
         if self.op in ("group.create", "group.add", "device.revoke"):
             if not self.members:
                 raise ProtocolError("body.malformed", f"{self.op} needs its members")
+        elif self.op == "group.delete":
+            if self.members:
+                raise ProtocolError("body.malformed", "group.delete names no members")
         elif self.op == "device.replace":
             if len(self.members) != 2:
                 raise ProtocolError("body.malformed", "device.replace names the old, then the new")
