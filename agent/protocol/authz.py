@@ -109,7 +109,9 @@ OPERATOR_OPS = frozenset({OP_OPERATOR_ADD, OP_OPERATOR_REMOVE, OP_OPERATOR_ROLE}
 # A trust bundle's rollover (agent.protocol.trust: service signing key, device CA): the subject
 # is the exact trust bundle; devices check it themselves, admins approve it.
 OP_TRUST_ROTATE = "trust.rotate"
-ADMIN_OPS = OPERATOR_OPS | {OP_POLICY, OP_TRUST_ROTATE}
+# Deleting a group destroys its keys on every member for good: admins decide it, as the service
+# requires (provisioning.service.requests.ADMIN_OPS); devices check the role themselves.
+ADMIN_OPS = OPERATOR_OPS | {OP_POLICY, OP_TRUST_ROTATE, OP_GROUP_DELETE}
 SUBJECT_OPS = frozenset({OP_RELEASE_APPROVE, OP_RELEASE_REVOKE, OP_TRUST_ROTATE}) | OPERATOR_OPS
 MAX_SUBJECT = 1024
 # A ``trust.rotate``'s subject is the whole trust bundle: with device CA certificates (version

@@ -30,9 +30,11 @@ from tests.pure.test_attacks_feed import QUORUM, devid_point, retained, two_memb
 
 pytestmark = pytest.mark.pure
 
+ADMINS = ("op-root", "op-dora")  # a group's deletion is approved by admins
+
 
 def deletion(
-    group: str = G, approvers: tuple[str, ...] = QUORUM, op: str = "group.delete"
+    group: str = G, approvers: tuple[str, ...] = ADMINS, op: str = "group.delete"
 ) -> bytes:
     """The feed's first entry: the operators' Authorization of ``op`` on ``group``."""
     authz = authorize(op, group, [], approvers=approvers, now=T0)
@@ -114,17 +116,19 @@ def test_a_removed_member_destroys_the_keys_it_still_held_for_its_grace_period()
 
 @pytest.mark.parametrize(
     "forged",
-    ["one approval", "group.remove", "group.create"],
+    ["one approval", "operators, not admins", "group.remove", "group.create"],
 )
 def test_a_service_alone_cannot_make_devices_delete_a_group(forged: str) -> None:
     """Rogue service (it signs feed heads and holds past Authorizations, but no operator's
-    key): a feed entry that is not a quorum's group.delete of the group (one operator's
-    approval where the quorum is 2; a quorum's removal or creation in that group) is refused
-    with revocation.authz, nothing changed."""
+    key): a feed entry that is not an admin quorum's group.delete of the group (one admin's
+    approval where the quorum is 2; a quorum of operators who are not admins; a quorum's
+    removal or creation in that group) is refused with revocation.authz, nothing changed."""
     service, _ = two_members_and_a_candidate()
     a = service.devices["dev-a"]
     if forged == "one approval":
-        entry = deletion(approvers=("op-alice",))
+        entry = deletion(approvers=("op-root",))
+    elif forged == "operators, not admins":
+        entry = deletion(approvers=QUORUM)
     else:
         member = [("dev-b", devid_point(service, "dev-b"))]
         authz = authorize(forged, G, member, approvers=QUORUM, now=T0)
