@@ -147,6 +147,23 @@ class Device(Base):
     )
 
 
+TAG_LENGTH = 32  # agent.protocol.wire.messages.operator.TAG_PATTERN
+
+
+class DeviceTag(Base):
+    """One tag on one device (``keyfleet device tag``): tags select devices for a group
+    request (``group create --all-in TAG``), which then names the devices themselves. The index
+    on ``tag`` finds a tag's devices without reading every device's tags."""
+
+    __tablename__ = "device_tags"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.device_id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(TAG_LENGTH), primary_key=True, index=True)
+    added_at: Mapped[int] = mapped_column(BigInteger)
+
+
 class DeviceKey(Base):
     """The current NIST state of one named key on one device (the agent's key names: ``devid``,
     ``ak``, ``epoch/<group>/<epoch>``...); its history is in ``key_transitions``."""
