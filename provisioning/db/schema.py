@@ -359,6 +359,8 @@ class EnrollSession(Base):
     devid_public: Mapped[bytes] = mapped_column(LargeBinary)
     tls_public: Mapped[bytes] = mapped_column(LargeBinary)
     groups: Mapped[str] = mapped_column(Text)  # JSON list of group names
+    # JSON list of the device tags the station gave (revision 0020), set at finish
+    tags: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
     credential_digest: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)

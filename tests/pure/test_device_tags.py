@@ -7,6 +7,8 @@ test_service_core's fleet (software MLS members, a real operator CA)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,12 +21,16 @@ from agent.protocol import authz
 from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.operator import Propose, TagDevice
 from agent.protocol.wire.messages.result import RequestsResult, ResultStatus
+from provisioning import requests_cli
 from provisioning.cli import build_parser
 from provisioning.db.runtime import QuorumRequestRow
 from provisioning.db.schema import Device
 from provisioning.listings import list_devices
+from provisioning.operator import EXIT_PENDING
 from provisioning.registry import DeviceState, Registry, tags
 from provisioning.requests_cli import read_members
+from provisioning.station import main as keyprovision
+from tests.pure.test_requests_cli import LoopClient
 from tests.pure.test_service_core import Fleet, make_fleet
 from tests.service_members import command_id
 
@@ -267,6 +273,29 @@ def test_an_empty_tag_is_refused_clearly_and_no_request_is_stored(fleet: Fleet) 
 # -- the command line -----------------------------------------------------------------------
 
 
+def test_group_create_all_in_shows_the_devices_the_tag_stood_for(fleet: Fleet) -> None:
+    """The operator's CLI against the service: it signs the request naming the tag's devices
+    (not refused as another change than asked) after printing them; the second approver then
+    sees those devices."""
+    for device in ("dev-1", "dev-2", "dev-4"):
+        change(fleet, device, add=("plant-a",))
+    revoke(fleet, "dev-4")
+    client = LoopClient(fleet, "op-alice")
+    out = io.StringIO()
+    proposal = requests_cli.create_proposal(client.new_command_id(), "g1", None, "plant-a")
+    with contextlib.redirect_stdout(out):
+        code = requests_cli.run_direct(client, [proposal], timeout=5, json_lines=False)
+    assert code == EXIT_PENDING, out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert lines[1:3] == [
+        "  tag:      plant-a, now these devices:",
+        "  members:  2, sorted ids SHA-256 "
+        f"{requests_cli.members_digest(['dev-1', 'dev-2'])} (sort -u FILE | sha256sum)",
+    ]
+    assert lines[3:5] == ["  member:   dev-1", "  member:   dev-2"]
+    assert "approved by op-alice (1 of 2)" in out.getvalue()
+
+
 def test_the_command_line_parses_tags_and_refuses_bad_ones(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -297,3 +326,8 @@ def test_the_command_line_parses_tags_and_refuses_bad_ones(
             parser.parse_args(argv)
         assert exit_.value.code == 2
     assert "[tag.invalid]" in capsys.readouterr().err
+    # keyprovision --tag: refused before the station opens anything
+    station = ["--port", "/nonexistent", "--fleet", "https://x", "--cert", "c", "--key", "k"]
+    with pytest.raises(SystemExit) as exit_:
+        keyprovision([*station, "--ca", "a", "--tag", "plant-a", "--tag", "Line 3"])
+    assert exit_.value.code == 2 and "[tag.invalid]" in capsys.readouterr().err
