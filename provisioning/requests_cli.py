@@ -458,6 +458,8 @@ def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]
         return f"propose {label}", body
     if kind == "group-add":
         label, body = add_proposal(command_id, args.group, args.device, args.all_in)
+        if body.tag is None:  # each device named, as a proposal always showed them
+            label = f"add {' '.join(body.members)} to {args.group}"
         return f"propose {label}", body
     if kind == "group-remove":
         return f"propose remove {args.device} from {args.group}", Propose(
