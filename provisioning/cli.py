@@ -46,7 +46,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ConfigError, KeyfleetError
-from agent.protocol.wire.messages.operator import AttestDevice, GroupPolicy, Propose, Rekey
+from agent.protocol.wire.messages.operator import (
+    AttestDevice,
+    GroupPolicy,
+    Propose,
+    Rekey,
+    TagDevice,
+)
 from agent.version import add_version_option
 from provisioning import (
     audit,
@@ -95,12 +101,16 @@ from provisioning.pki_cli import add_pki_commands
 from provisioning.registry import Registry, cert_fingerprint
 from provisioning.releases_cli import add_release_commands
 from provisioning.requests_cli import (
+    add_proposal,
     add_request_commands,
+    add_tag_option,
+    create_proposal,
     delete_proposal,
     read_members,
     replace_proposal,
     run_direct,
     run_request_command,
+    tag_argument,
 )
 from provisioning.rollout_cli import add_rollout_commands, run_rollout_command, show_status
 from provisioning.service import rekeypolicy
@@ -517,6 +527,12 @@ def _operator_command(args: argparse.Namespace) -> int:
         elif args.command == "group" and args.group_command == "policy":
             body = GroupPolicy(client.new_command_id(), args.group, args.max_age, args.max_epochs)
             commands.append((f"rekey policy of {args.group}", body))
+        elif args.command == "device" and args.device_command == "tag":
+            if not args.add and not args.remove:
+                raise ConfigError("device tag: --add TAG or --remove TAG (repeat)")
+            add, remove = tuple(dict.fromkeys(args.add)), tuple(dict.fromkeys(args.remove))
+            tagging = TagDevice(client.new_command_id(), args.device, add, remove)
+            commands.append((f"tag {args.device}", tagging))
         elif args.command == "attest":
             # Several devices in one run: the challenges go out together and the verdicts
             # arrive as the devices answer (one process, one broker connection).
@@ -546,13 +562,9 @@ def _direct_proposals(
     if args.group_command == "delete":
         return [(f"delete {args.group}", delete_proposal(client.new_command_id(), args.group))]
     if args.group_command == "create":
-        members = read_members(args.members)
-        body = Propose(client.new_command_id(), "group.create", members, args.group)
-        return [(f"create {args.group}", body)]
+        return [create_proposal(client.new_command_id(), args.group, args.members, args.all_in)]
     # several devices: one request, one commit adding all of them (one Welcome)
-    devices = read_members(args.devices)
-    label = f"add {devices[0]} to {args.group}" if len(devices) == 1 else f"add {args.group}"
-    return [(label, Propose(client.new_command_id(), "group.add", devices, args.group))]
+    return [add_proposal(client.new_command_id(), args.group, args.devices, args.all_in)]
 
 
 def _request_command(args: argparse.Namespace) -> int:
@@ -654,20 +666,21 @@ def _devices(args: argparse.Namespace) -> int:
     if args.keys:
         return _print_rows(
             args,
-            _read(args, list_device_keys),
+            _read(args, lambda session: list_device_keys(session, tag=args.tag)),
             ("device_id", "key", "kind", "state", "since", "transitions"),
             times=("since",),
             human=_human_transitions,
         )
     return _print_rows(
         args,
-        _read(args, list_devices),
+        _read(args, lambda session: list_devices(session, tag=args.tag)),
         (
             "device_id",
             "state",
             "attestation",
             "last_seen",
             "groups",
+            "tags",
             "feed_behind",
             "attestation_reason",
         ),
@@ -911,20 +924,22 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     group_commands = group.add_subparsers(dest="group_command", required=True)
     create = group_commands.add_parser("create", help="create GROUP with its members")
     create.add_argument("group")
-    create.add_argument(
+    founders = create.add_mutually_exclusive_group(required=True)
+    founders.add_argument(
         "--members",
         nargs="+",
-        required=True,
         metavar="DEVICE|FILE",
         help="the founders: device ids, or files with one device id a line (# comments); "
         "all of them join in as few commits as the message size allows",
     )
+    add_tag_option(founders, "the founders: every device tagged TAG that may join, now")
     _add_operator_options(create)
     add = group_commands.add_parser(
-        "add", help="add devices to GROUP (several: one request, one commit)"
+        "add", help="add devices to GROUP (several: one request, one commit) or --all-in TAG"
     )
     add.add_argument("group")
-    add.add_argument("devices", nargs="+", metavar="DEVICE|FILE")
+    add.add_argument("devices", nargs="*", metavar="DEVICE|FILE")
+    add_tag_option(add, "the devices tagged TAG that may join and are not in GROUP, now")
     _add_operator_options(add)
 
     delete = group_commands.add_parser(
@@ -1005,6 +1020,18 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
     replace.add_argument("new", metavar="NEW", help="its replacement, enrolled as a new device")
     replace.add_argument("--reason", help="recorded with OLD's revocation")
     _add_operator_options(replace)
+    tag = device_commands.add_parser(
+        "tag",
+        help="add tags to DEVICE or take them off (selects devices for group --all-in TAG)",
+    )
+    tag.add_argument("device", metavar="DEVICE")
+    tag.add_argument(
+        "--add", action="append", default=[], type=tag_argument, metavar="TAG", help="(repeat)"
+    )
+    tag.add_argument(
+        "--remove", action="append", default=[], type=tag_argument, metavar="TAG", help="(repeat)"
+    )
+    _add_operator_options(tag)
     add_request_commands(commands, _add_operator_options, _request_command)
     add_release_commands(
         commands,
@@ -1025,6 +1052,9 @@ def _add_service_commands(commands: argparse._SubParsersAction[argparse.Argument
         "--keys",
         action="store_true",
         help="one row per device key: kind, NIST state, since, transitions",
+    )
+    devices.add_argument(
+        "--tag", type=tag_argument, metavar="TAG", help="only the devices tagged TAG"
     )
     _add_listing(
         commands.add_parser("groups", help="list groups (registry, on the service host)"), _groups

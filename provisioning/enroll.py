@@ -19,6 +19,7 @@ DevID public areas, the AK's TPM2_Certify of the DevID, the device's TLS public 
     enroll.devid.attributes the DevID is not a TPM-generated, unrestricted signing key
     enroll.tls.key         the TLS public key is not ECC P-256
     enroll.groups          a group name is malformed
+    tag.invalid            a tag is malformed (``keyprovision --tag``; more than 16 tags)
 
 then runs TPM2_MakeCredential (in software) for (that EK, the AK's Name, a random 32-byte
 secret) and keeps a pending session. Only the TPM holding that EK, with an object of exactly
@@ -113,6 +114,7 @@ from agent.protocol.attest import (
 from agent.protocol.authz import AuthzVerifier
 from agent.protocol.errors import InternalError, KeyfleetError, ProtocolError
 from agent.protocol.secret import Secret
+from agent.protocol.wire.messages.operator import MAX_TAGS, check_tag
 from agent.serial_link import INSTALL_ARGS, OPTIONAL_INSTALL_ARGS
 from provisioning import audit, revocation
 from provisioning.config import ServiceConfig
@@ -132,6 +134,7 @@ from provisioning.pki import (
     issue_devid_cert,
 )
 from provisioning.registry import DeviceState, Outcome, Registry, cert_fingerprint
+from provisioning.registry import tags as device_tags
 from provisioning.registry.repository import REENROLLABLE
 
 Rng = Callable[[int], bytes]
@@ -203,12 +206,14 @@ def _need_bytes(value: Mapping[str, Any], name: str, *, max_len: int, min_len: i
     return item
 
 
-def _exact_keys(value: object, keys: frozenset[str], what: str) -> Mapping[str, Any]:
+def _exact_keys(
+    value: object, keys: frozenset[str], what: str, optional: frozenset[str] = frozenset()
+) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise ProtocolError("enroll.request", f"{what} is not a map")
-    if set(value) != keys:
+    if set(value) - optional != keys:
         missing = sorted(keys - set(value))
-        extra = sorted(str(k) for k in set(value) - keys)
+        extra = sorted(str(k) for k in set(value) - keys - optional)
         raise ProtocolError("enroll.request", f"{what}: missing {missing}, unexpected {extra}")
     return value
 
@@ -226,7 +231,11 @@ class StartRequest:
     certify_signature: bytes = field(repr=False)
     certify_nonce: bytes = field(repr=False)
     groups: tuple[str, ...] = ()
+    # device tags given at enrollment (``keyprovision --tag``), set when the device registers;
+    # optional on the wire: absent, the request is what stations without tags send
+    tags: tuple[str, ...] = ()
 
+    OPTIONAL = frozenset({"tags"})
     KEYS = frozenset(
         {
             "serial",
@@ -245,7 +254,7 @@ class StartRequest:
 
     @classmethod
     def from_map(cls, value: object) -> StartRequest:
-        m = _exact_keys(value, cls.KEYS, "enroll/start")
+        m = _exact_keys(value, cls.KEYS, "enroll/start", cls.OPTIONAL)
         serial = m["serial"]
         if not isinstance(serial, str) or not _SERIAL.fullmatch(serial):
             raise ProtocolError("enroll.request", "serial must be 1..64 printable characters")
@@ -257,6 +266,11 @@ class StartRequest:
         for group in groups:
             if not isinstance(group, str) or not _GROUP.fullmatch(group):
                 raise ProtocolError("enroll.groups", f"group name {group!r} is malformed")
+        given = m.get("tags", [])
+        if not isinstance(given, list) or len(given) > MAX_TAGS:
+            raise ProtocolError("tag.invalid", f"tags must be a list of at most {MAX_TAGS}")
+        for tag in given:
+            check_tag(tag)
         return cls(
             serial=serial,
             ek_kind=m["ek_kind"],
@@ -269,6 +283,7 @@ class StartRequest:
             certify_signature=_need_bytes(m, "certify_signature", max_len=MAX_TPM_BLOB),
             certify_nonce=_need_bytes(m, "certify_nonce", min_len=MIN_NONCE, max_len=MAX_NONCE),
             groups=tuple(groups),
+            tags=tuple(dict.fromkeys(given)),
         )
 
     def to_map(self) -> dict[str, Any]:
@@ -284,7 +299,7 @@ class StartRequest:
             "certify_signature": self.certify_signature,
             "certify_nonce": self.certify_nonce,
             "groups": list(self.groups),
-        }
+        } | ({"tags": list(self.tags)} if self.tags else {})
 
 
 @dataclass(frozen=True)
@@ -543,6 +558,7 @@ class _Pending:
     tls_public: bytes
     groups: tuple[str, ...]
     ak_public: bytes
+    tags: tuple[str, ...]
 
     @classmethod
     def of(cls, row: EnrollSession) -> _Pending:
@@ -556,6 +572,7 @@ class _Pending:
             tls_public=row.tls_public,
             groups=_groups_of(row),
             ak_public=row.ak_public,
+            tags=tuple(str(t) for t in json.loads(row.tags)),
         )
 
 
@@ -743,6 +760,7 @@ class Enrollment:
             devid_public=req.devid_public,
             tls_public=req.tls_public,
             groups=json.dumps(list(req.groups)),
+            tags=json.dumps(list(req.tags)),
             credential_digest=digest,
             created_at=now,
             expires_at=expires_at,
@@ -1016,6 +1034,8 @@ class Enrollment:
                     now=now,
                     ak_public=pending.ak_public,
                 )
+            if pending.tags:  # kept over a re-enrollment: the same device id
+                device_tags.change_tags(session, pending.device_id, add=pending.tags, now=now)
             revocation.record_issued(
                 session,
                 pending.device_id,
@@ -1036,6 +1056,7 @@ class Enrollment:
                     "devid_cert": cert_fingerprint(devid_cert),
                     "tls_cert": cert_fingerprint(tls_cert),
                     "groups": list(pending.groups),
+                    "tags": list(pending.tags),
                 },
             )
             return self._identity(pending.device_id, devid_cert, tls_cert, pending.groups, now)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from provisioning import audit
 from provisioning.db.runtime import RevocationFeedRow, RevocationFeedSeen
 from provisioning.db.schema import Outcome
-from provisioning.registry import Registry
+from provisioning.registry import DeviceRecord, Registry, tags
 
 Row = dict[str, object]
 
@@ -67,15 +67,26 @@ def parse_time(text: str, *, now: int) -> int:
 # -- registry listings ------------------------------------------------------------------------
 
 
-def list_devices(session: Session) -> list[Row]:
-    """One row per device; ``feed`` is the number of the newest revocation feed entry its last
-    keys.report said it keeps (None before it reported one), ``feed_behind`` how many entries
-    it lacks then (docs/authorization.md, "The revocation feed")."""
+def _devices(session: Session, tag: str | None) -> list[DeviceRecord]:
+    """Every device, or those holding ``tag``, by device id."""
+    devices = Registry(session).devices()
+    if tag is None:
+        return devices
+    holding = set(tags.tagged(session, tag))
+    return [d for d in devices if d.device_id in holding]
+
+
+def list_devices(session: Session, *, tag: str | None = None) -> list[Row]:
+    """One row per device (only those tagged ``tag`` if given); ``tags`` its tags, sorted;
+    ``feed`` is the number of the newest revocation feed entry its last keys.report said it
+    keeps (None before it reported one), ``feed_behind`` how many entries it lacks then
+    (docs/authorization.md, "The revocation feed")."""
     registry = Registry(session)
     feed_seen = {row.device_id: row.seq for row in session.scalars(select(RevocationFeedSeen))}
     feed_head = session.scalar(select(func.max(RevocationFeedRow.seq))) or 0
+    held = tags.tags_of(session)
     rows: list[Row] = []
-    for device in registry.devices():
+    for device in _devices(session, tag):
         groups = [
             m.group_id for m in registry.groups_of(device.device_id) if m.leaf_index is not None
         ]
@@ -90,6 +101,7 @@ def list_devices(session: Session) -> list[Row]:
                 "attestation_reason": device.attestation_reason,
                 "last_seen": device.last_seen,
                 "groups": groups,
+                "tags": held.get(device.device_id, []),
                 "feed": feed_seen.get(device.device_id),
                 "feed_behind": None
                 if device.device_id not in feed_seen
@@ -99,13 +111,13 @@ def list_devices(session: Session) -> list[Row]:
     return rows
 
 
-def list_device_keys(session: Session) -> list[Row]:
+def list_device_keys(session: Session, *, tag: str | None = None) -> list[Row]:
     """One row per device key (``keyfleet devices --keys``): its NIST SP 800-57 state since when,
     and its whole history as the device reported it (``transitions`` = ``[[state, at], ...]``,
     device clock; a service-recorded destruction carries the service's clock)."""
     registry = Registry(session)
     rows: list[Row] = []
-    for device in registry.devices():
+    for device in _devices(session, tag):
         for key in registry.key_states(device.device_id):
             history = registry.key_history(device.device_id, key.key_name)
             rows.append(

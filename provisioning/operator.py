@@ -52,6 +52,7 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     ReleaseAdd,
     Revoke,
+    TagDevice,
 )
 from agent.protocol.wire.messages.release import RolloutAbort, RolloutStart
 from agent.protocol.wire.messages.result import (
@@ -85,6 +86,7 @@ Command = (
     | AuditSync
     | RolloutStart
     | RolloutAbort
+    | TagDevice
 )
 Reply = OperatorResult | RequestsResult | AuditCheckpointResult
 # Answers that are one message, not a stream of results ending in a final one.

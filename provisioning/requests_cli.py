@@ -36,6 +36,7 @@ from agent.protocol.wire.messages.operator import (
     Approve,
     ListRequests,
     Propose,
+    check_tag,
 )
 from agent.protocol.wire.messages.result import (
     OperatorResult,
@@ -83,6 +84,56 @@ def read_members(values: Sequence[str]) -> tuple[str, ...]:
     if not out:
         raise ConfigError("no members: the members file is empty")
     return tuple(dict.fromkeys(out))
+
+
+def create_proposal(
+    command_id: bytes, group: str, members: Sequence[str] | None, tag: str | None
+) -> tuple[str, Propose]:
+    """``group create G --members ...`` or ``--all-in TAG`` (the service names the tagged
+    devices in the request)."""
+    if tag is not None:
+        return f"create {group}", Propose(command_id, authz.OP_GROUP_CREATE, (), group, tag=tag)
+    assert members is not None
+    body = Propose(command_id, authz.OP_GROUP_CREATE, read_members(members), group)
+    return f"create {group}", body
+
+
+def add_proposal(
+    command_id: bytes, group: str, devices: Sequence[str], tag: str | None
+) -> tuple[str, Propose]:
+    """``group add G DEVICE...`` (several: one request, one commit) or ``--all-in TAG`` (the
+    tagged devices not in the group yet)."""
+    if tag is not None:
+        if devices:
+            raise ConfigError("group add: name devices or --all-in TAG, not both")
+        label = f"add tag {tag} to {group}"
+        return label, Propose(command_id, authz.OP_GROUP_ADD, (), group, tag=tag)
+    if not devices:
+        raise ConfigError("group add: name devices (or files of device ids) or --all-in TAG")
+    listed = read_members(devices)
+    label = f"add {listed[0]} to {group}" if len(listed) == 1 else f"add {group}"
+    return label, Propose(command_id, authz.OP_GROUP_ADD, listed, group)
+
+
+def tag_argument(value: str) -> str:
+    """argparse type of ``--all-in``/``--add``/``--remove``: a tag (``tag.invalid`` otherwise,
+    before anything is sent)."""
+    try:
+        check_tag(value)
+    except ProtocolError as err:
+        raise argparse.ArgumentTypeError(f"[{err.check}] {err.reason}") from None
+    return value
+
+
+def add_tag_option(
+    parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup, what: str
+) -> None:
+    parser.add_argument(
+        "--all-in",
+        type=tag_argument,
+        metavar="TAG",
+        help=f"{what}; the request names those devices (approvers approve them, not the tag)",
+    )
 
 
 def members_line(request: authz.Request) -> str:
@@ -205,7 +256,8 @@ def check_proposed(request: authz.Request, asked: Propose, operator: str, now: i
     if (
         request.op != asked.op
         or request.group != asked.group_id
-        or members != asked.members
+        # by tag: the devices the service resolved it to (shown before anyone approves)
+        or (members != asked.members if asked.tag is None else not members)
         or request.policy != asked.policy
         or (request.subject is not None) != subject_asked
         or (
@@ -406,15 +458,13 @@ def request_json(info: RequestInfo) -> dict[str, object]:
 def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
     kind = args.propose_command
     if kind == "group-create":
-        members = read_members(args.member)
-        return f"propose create {args.group}", Propose(
-            command_id, authz.OP_GROUP_CREATE, members, args.group
-        )
+        label, body = create_proposal(command_id, args.group, args.member, args.all_in)
+        return f"propose {label}", body
     if kind == "group-add":
-        devices = read_members(args.device)
-        return f"propose add {' '.join(devices)} to {args.group}", Propose(
-            command_id, authz.OP_GROUP_ADD, devices, args.group
-        )
+        label, body = add_proposal(command_id, args.group, args.device, args.all_in)
+        if body.tag is None:  # each device named, as a proposal always showed them
+            label = f"add {' '.join(body.members)} to {args.group}"
+        return f"propose {label}", body
     if kind == "group-remove":
         return f"propose remove {args.device} from {args.group}", Propose(
             command_id, authz.OP_GROUP_REMOVE, (args.device,), args.group
@@ -570,7 +620,13 @@ def run_direct(
     started: dict[bytes, str] = {}
     for label, body in proposals:
         request = session.propose(body, label)
-        if request is not None and len(request.members) > 1 and not json_lines:
+        if request is not None and not json_lines and body.tag is not None:
+            print(f"{label}: request {request.id.hex()}", file=session.out)
+            print(f"  tag:      {body.tag}, now these devices:", file=session.out)
+            print(members_line(request), file=session.out)
+            for member in request.members:
+                print(f"  member:   {member.device_id}", file=session.out)
+        elif request is not None and len(request.members) > 1 and not json_lines:
             print(f"{label}: request {request.id.hex()}", file=session.out)
             print(members_line(request), file=session.out)
         approved = None if request is None else session.approve(request.encode(), label)
@@ -600,19 +656,22 @@ def add_request_commands(
     kinds = propose.add_subparsers(dest="propose_command", required=True)
     create = kinds.add_parser("group-create", help="create GROUP with its members")
     create.add_argument("group")
-    create.add_argument(
+    founders = create.add_mutually_exclusive_group(required=True)
+    founders.add_argument(
         "--member",
         action="extend",
         nargs="+",
-        required=True,
         metavar="DEVICE|FILE",
         help="founders: device ids, or files with one device id a line",
     )
+    add_tag_option(founders, "the founders: every device tagged TAG that may join, now")
     add = kinds.add_parser(
-        "group-add", help="add DEVICEs to GROUP (several: one commit; files: one id a line)"
+        "group-add",
+        help="add DEVICEs to GROUP (several: one commit; files: one id a line) or --all-in TAG",
     )
     add.add_argument("group")
-    add.add_argument("device", nargs="+", metavar="DEVICE|FILE")
+    add.add_argument("device", nargs="*", metavar="DEVICE|FILE")
+    add_tag_option(add, "the devices tagged TAG that may join and are not in GROUP, now")
     remove = kinds.add_parser("group-remove", help="remove DEVICE from GROUP")
     remove.add_argument("group")
     remove.add_argument("device")

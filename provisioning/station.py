@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from agent.protocol.errors import ConfigError, KeyfleetError, ProtocolError, TransportError
 from agent.protocol.secret import Secret
 from agent.protocol.wire import cbor
+from agent.protocol.wire.messages.operator import check_tag
 from agent.serial_link import INSTALL_ARGS, OPTIONAL_INSTALL_ARGS, SerialClient
 from agent.version import add_version_option
 from provisioning.enroll import (
@@ -374,6 +375,7 @@ class Station:
         fleet: FleetClient,
         *,
         groups: Sequence[str] = (),
+        tags: Sequence[str] = (),
         rng: Callable[[int], bytes] = os.urandom,
         on_step: Callable[[StepResult], None] | None = None,
         device_timeouts: Mapping[str, float] = DEVICE_TIMEOUTS,
@@ -381,6 +383,7 @@ class Station:
         self.device = device
         self.fleet = fleet
         self.groups = tuple(groups)
+        self.tags = tuple(tags)
         self._rng = rng
         self._on_step = on_step
         self._timeouts = device_timeouts
@@ -468,6 +471,7 @@ class Station:
             certify_signature=certify["signature"],
             certify_nonce=nonce,
             groups=self.groups,
+            tags=self.tags,
         )
         started: StartResult = self._step(
             report,
@@ -552,6 +556,14 @@ def _install_args(identity: DeviceIdentity) -> dict[str, Any]:
 # ---- command line ---------------------------------------------------------------------------
 
 
+def _tag(value: str) -> str:
+    try:
+        check_tag(value)
+    except ProtocolError as err:
+        raise argparse.ArgumentTypeError(f"[{err.check}] {err.reason}") from None
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyprovision",
@@ -564,6 +576,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", required=True, type=Path, help="station private key (PEM)")
     parser.add_argument("--ca", required=True, type=Path, help="CA of the service's TLS cert")
     parser.add_argument("--group", action="append", default=[], help="assign a group (repeat)")
+    parser.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        type=_tag,
+        help="give the device a tag (repeat): selects it for keyfleet group create --all-in TAG",
+    )
     parser.add_argument("--baud", type=int, default=115200)
     parser.add_argument("--retries", type=int, default=3, help="serial retries per request")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -598,7 +617,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             print(f"keyprovision: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        report = Station(device, fleet, groups=args.group, on_step=show).provision()
+        report = Station(device, fleet, groups=args.group, tags=args.tag, on_step=show).provision()
     finally:
         device.close()
     if args.json:

@@ -147,6 +147,23 @@ class Device(Base):
     )
 
 
+TAG_LENGTH = 32  # agent.protocol.wire.messages.operator.TAG_PATTERN
+
+
+class DeviceTag(Base):
+    """One tag on one device (``keyfleet device tag``): tags select devices for a group
+    request (``group create --all-in TAG``), which then names the devices themselves. The index
+    on ``tag`` finds a tag's devices without reading every device's tags."""
+
+    __tablename__ = "device_tags"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.device_id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(TAG_LENGTH), primary_key=True, index=True)
+    added_at: Mapped[int] = mapped_column(BigInteger)
+
+
 class DeviceKey(Base):
     """The current NIST state of one named key on one device (the agent's key names: ``devid``,
     ``ak``, ``epoch/<group>/<epoch>``...); its history is in ``key_transitions``."""
@@ -360,6 +377,8 @@ class EnrollSession(Base):
     devid_public: Mapped[bytes] = mapped_column(LargeBinary)
     tls_public: Mapped[bytes] = mapped_column(LargeBinary)
     groups: Mapped[str] = mapped_column(Text)  # JSON list of group names
+    # JSON list of the device tags the station gave (revision 0020), set at finish
+    tags: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
     credential_digest: Mapped[bytes] = mapped_column(LargeBinary(HASH_LENGTH))
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)

@@ -46,6 +46,7 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     ReleaseAdd,
     Revoke,
+    TagDevice,
 )
 from agent.protocol.wire.messages.release import RolloutAbort, RolloutStart
 from agent.protocol.wire.messages.result import OperatorResult, ResultStatus
@@ -65,6 +66,7 @@ from provisioning.service import (
     bulkadd,
     checkpoints,
     credentials,
+    devicetags,
     execute,
     fullrekey,
     groupdelete,
@@ -100,6 +102,8 @@ REQUIRED_ROLE: Final[dict[str, Role]] = {
     GroupCreate.TYPE: Role.OPERATOR,
     GroupAdd.TYPE: Role.OPERATOR,
     AttestDevice.TYPE: Role.OPERATOR,
+    # Tags select devices for a later group request, which names them and needs the quorum.
+    TagDevice.TYPE: Role.OPERATOR,
     Revoke.TYPE: Role.ADMIN,
     # A proposed release is trusted by nothing: approving it is an admins' quorum (requests.py).
     ReleaseAdd.TYPE: Role.OPERATOR,
@@ -340,6 +344,9 @@ def dispatch_operator(
         return rollout.dispatch_start(cx, session, operator, body, command_id, now=now)
     if isinstance(body, RolloutAbort):
         return rollout.dispatch_abort(cx, session, operator, body, command_id, now=now)
+    if isinstance(body, TagDevice):
+        store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
+        return devicetags.on_tag(session, body, operator=operator, command_id=command_id, now=now)
     if isinstance(body, GroupPolicy):
         store.record_command(session, command_id, operator=operator, type_=message.type, now=now)
         return rekeypolicy.set_group_policy(

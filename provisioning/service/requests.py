@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
@@ -52,7 +53,7 @@ from agent.protocol.wire.messages.result import (
     RequestState,
 )
 from provisioning import audit, revocation
-from provisioning.registry import DeviceState, Outcome, Registry, Role
+from provisioning.registry import DeviceState, Outcome, Registry, Role, tags
 from provisioning.service import (
     bulkadd,
     credentials,
@@ -225,8 +226,19 @@ def check_request(
         )
 
 
-def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: int) -> Effects:
-    require_role(session, operator, body.op)
+def by_tag(session: Session, body: Propose) -> Propose:
+    """A group create or add by tag as the same proposal naming the devices the tag resolves to
+    now (``provisioning.registry.tags.resolve``): the Request names them, so approvers approve
+    these devices, not whatever holds the tag later. Any other proposal as it is."""
+    if body.tag is None:
+        return body
+    group = body.group_id if body.op == authz.OP_GROUP_ADD else None
+    return replace(body, members=tags.resolve(session, body.tag, group=group), tag=None)
+
+
+def on_propose(cx: Call, session: Session, operator: str, asked: Propose, now: int) -> Effects:
+    require_role(session, operator, asked.op)
+    body = by_tag(session, asked)
     registry = Registry(session)
     subject: bytes | None = None
     kept = body.reason or ""
@@ -299,6 +311,7 @@ def on_propose(cx: Call, session: Session, operator: str, body: Propose, now: in
             "members": ",".join(body.members),
             "release": body.release,
             "operator": body.operator,
+            "tag": asked.tag,
             "expires_at": request.exp,
         },
     )

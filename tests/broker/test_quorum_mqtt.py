@@ -216,3 +216,51 @@ def test_two_operators_approve_one_alone_cannot_an_expired_request_cannot_be_app
         ("request.approve", add_id, "accepted"),
         ("request.approve", add_id, "accepted"),
     ]
+
+
+def test_a_group_by_tag_names_the_tagged_devices_and_needs_the_quorum(
+    deployment: QuorumDeployment,
+) -> None:
+    """``keyfleet device tag`` (one operator, at once), ``keyfleet devices --tag``, then ``group
+    create --all-in`` and ``group add --all-in``: each a request naming the tagged devices that
+    the second operator approves after seeing them."""
+    for device in ("dev-a", "dev-b"):
+        tagged = deployment.cli("op-alice", "device", "tag", device, "--add", "plant-a")
+        assert tagged.returncode == 0 and f"{device}: tags plant-a" in tagged.stdout, str(tagged)
+    bad = deployment.cli("op-alice", "device", "tag", "dev-c", "--add", "Plant A")
+    assert bad.returncode == 2 and "[tag.invalid]" in bad.stderr, str(bad)
+    listed = keyfleet(
+        "devices", "--tag", "plant-a", "--json", "--config", str(deployment.config),
+        cwd=deployment.workdir,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [(r["device_id"], r["tags"]) for r in rows] == [
+        ("dev-a", ["plant-a"]),
+        ("dev-b", ["plant-a"]),
+    ]
+
+    created = deployment.cli("op-alice", "group", "create", "g1", "--all-in", "plant-a")
+    assert created.returncode == 4, str(created)
+    assert "  member:   dev-a\n  member:   dev-b\n" in created.stdout, str(created)
+    match = REQUEST_ID.search(created.stdout)
+    assert match is not None, str(created)
+    approved = deployment.cli("op-bob", "approve", match.group(1), "--yes")
+    assert approved.returncode == 0, str(approved)
+    assert "member:   dev-a (DevID key SHA-256" in approved.stdout
+    assert deployment.members_of("g1") == ["dev-a", "dev-b"]
+
+    # tagged later: a new request by the same tag adds only it
+    tagged = deployment.cli("op-alice", "device", "tag", "dev-c", "--add", "plant-a")
+    assert tagged.returncode == 0, str(tagged)
+    add = deployment.cli("op-alice", "group", "add", "g1", "--all-in", "plant-a")
+    assert add.returncode == 4 and "  member:   dev-c\n" in add.stdout, str(add)
+    match = REQUEST_ID.search(add.stdout)
+    assert match is not None, str(add)
+    approved = deployment.cli("op-bob", "approve", match.group(1), "--yes")
+    assert approved.returncode == 0, str(approved)
+    assert deployment.members_of("g1") == ["dev-a", "dev-b", "dev-c"]
+    # nothing left to add by that tag
+    empty = deployment.cli("op-alice", "group", "add", "g1", "--all-in", "plant-a")
+    assert empty.returncode == 1 and "[tag.empty]" in empty.stdout + empty.stderr, str(empty)
+    assert ("device.tag", "dev-c", "accepted") in deployment.audit_actions()

@@ -38,6 +38,7 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     ReleaseAdd,
     Revoke,
+    TagDevice,
 )
 from agent.protocol.wire.messages.registry import BODY_CLASSES, REGISTRY, parse_body
 from agent.protocol.wire.messages.release import (
@@ -185,6 +186,10 @@ SAMPLES: list[Body] = [
     Propose(command_id=CMD, op="group.add", members=("dev-4", "dev-5"), group_id="g1"),
     Propose(command_id=CMD, op="group.create", members=("dev-1", "dev-2"), group_id="g9"),
     Propose(command_id=CMD, op="group.delete", members=(), group_id="g1"),
+    Propose(command_id=CMD, op="group.create", members=(), group_id="g9", tag="plant-a"),
+    Propose(command_id=CMD, op="group.add", members=(), group_id="g9", tag="line.3"),
+    TagDevice(command_id=CMD, device_id="dev-1", add=("plant-a", "line.3"), remove=("old_x",)),
+    TagDevice(command_id=CMD, device_id="dev-1", add=(), remove=("plant-a",)),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",)),
     Propose(command_id=CMD, op="device.revoke", members=("dev-3",), reason="lost"),
     Propose(command_id=CMD, op="device.replace", members=("dev-3", "dev-9"), reason="rma"),
@@ -533,6 +538,23 @@ def test_body_is_not_a_map() -> None:
             ),
             "body.malformed",
         ),
+        (
+            lambda: Propose(CMD, "group.create", (), "g", tag="Plant-A"),
+            "tag.invalid",
+        ),
+        (
+            lambda: Propose(CMD, "group.create", ("d",), "g", tag="plant-a"),
+            "body.malformed",
+        ),
+        (lambda: Propose(CMD, "device.revoke", (), tag="plant-a"), "body.malformed"),
+        (lambda: Propose(CMD, "group.remove", (), "g", tag="plant-a"), "body.malformed"),
+        (lambda: TagDevice(CMD, "dev-1", (), ()), "body.malformed"),
+        (lambda: TagDevice(CMD, "dev-1", ("a",), ("a",)), "body.malformed"),
+        (lambda: TagDevice(CMD, "dev-1", ("a", "a"), ()), "body.bounds"),
+        (lambda: TagDevice(CMD, "dev-1", tuple(f"t{i}" for i in range(17)), ()), "body.bounds"),
+        (lambda: TagDevice(CMD, "dev-1", ("a" * 33,), ()), "tag.invalid"),
+        (lambda: TagDevice(CMD, "dev-1", (), ("_a",)), "tag.invalid"),
+        (lambda: TagDevice(CMD, "dev/1", ("a",), ()), "body.bounds"),
         (lambda: Approve(command_id=CMD, request_id=bytes(15), approval=b"a"), "body.bounds"),
         (lambda: Approve(command_id=CMD, request_id=bytes(16), approval=b""), "body.bounds"),
         (lambda: ListRequests(command_id=CMD, request_id=bytes(17)), "body.bounds"),

@@ -63,6 +63,7 @@ from provisioning.registry import (
     make_engine,
     run_in_transaction,
     session_factory,
+    tags,
 )
 from provisioning.station import FleetClient
 from tests.fixtures.swtpm import ManufacturerCA, SwtpmFactory
@@ -225,7 +226,11 @@ def make_registry(
 
 
 def device_start_request(
-    device: FactoryDevice, *, groups: tuple[str, ...] = (), nonce: bytes | None = None
+    device: FactoryDevice,
+    *,
+    groups: tuple[str, ...] = (),
+    nonce: bytes | None = None,
+    tags: tuple[str, ...] = (),
 ) -> tuple[StartRequest, dict[str, Any]]:
     """What a station builds from a device: identity, create-keys, certify."""
     ident = device.handle("identity", {})
@@ -246,6 +251,7 @@ def device_start_request(
         certify_signature=cert["signature"],
         certify_nonce=nonce,
         groups=groups,
+        tags=tags,
     )
     return request, keys
 
@@ -416,6 +422,22 @@ def test_start_and_finish_register_one_device_with_its_audit_entries(
     request2, _ = device_start_request(device)
     _refused("enroll.ek.registered", enrollment.start, STATION, request2, now=NOW + 3)
     assert devices_in(sessions) == [identity.device_id]
+
+
+def test_tags_given_at_enrollment_are_the_registered_device_s(
+    enrollment: Enrollment, device: FactoryDevice, sessions: sessionmaker[Session]
+) -> None:
+    """``keyprovision --tag``: the tags travel in enroll/start (optional: a station without tags
+    sends the map it always sent) and are set when finish registers the device, not before."""
+    request, _ = device_start_request(device, tags=("plant-a", "line.3"))
+    assert StartRequest.from_map(request.to_map()).tags == ("plant-a", "line.3")
+    assert "tags" not in replace(request, tags=()).to_map()
+    started = enrollment.start(STATION, request, now=NOW)
+    assert run_in_transaction(sessions, tags.tags_of) == {}
+    identity = enrollment.finish(
+        STATION, FinishRequest(started.session, activate(device, started)), now=NOW + 1
+    )
+    assert run_in_transaction(sessions, tags.tags_of) == {identity.device_id: ["line.3", "plant-a"]}
 
 
 def test_devid_certificate_names_the_device_as_802_1ar_recommends(
@@ -734,6 +756,9 @@ def test_station_must_be_registered_with_that_certificate(
         ({"ek_kind": "dsa"}, "enroll.request"),
         ({"certify_nonce": b"short"}, "enroll.request"),
         ({"groups": ["ok", "bad/name"]}, "enroll.groups"),
+        ({"tags": ["plant-a", "Plant-B"]}, "tag.invalid"),
+        ({"tags": "plant-a"}, "tag.invalid"),
+        ({"tags": [f"t{i}" for i in range(17)]}, "tag.invalid"),
         ({"ak_public": ""}, "enroll.request"),
         ({"extra": 1}, "enroll.request"),
     ],

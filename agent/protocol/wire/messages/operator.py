@@ -17,6 +17,7 @@ checkpoint of the audit log and the entries after ``after`` up to it, answered w
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -68,8 +69,40 @@ RELEASE_OPS = frozenset({"release.approve", "release.revoke"})
 OPERATOR_OPS = frozenset({"operator.add", "operator.remove", "operator.role"})
 # An operator certificate (DER) travelling with an ``operator.add`` proposal is at most this large.
 MAX_OPERATOR_CERT = 8 * 1024
+# The ops whose members a tag may stand for (``Propose.tag``).
+TAG_OPS = frozenset({"group.create", "group.add"})
 # The ops that name one device and no group.
 DEVICE_ONLY_OPS = frozenset({"device.revoke", "device.reenroll", "device.replace"})
+
+
+TAG_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
+"""A device tag (``keyfleet device tag``, ``group create --all-in``): 1 to 32 characters of
+lowercase letters, digits, ``.``, ``_`` and ``-``, starting with a letter or a digit."""
+MAX_TAGS = 16
+"""The most tags one device holds, and the most one ``op.device_tag`` adds or removes."""
+
+
+def check_tag(value: object, name: str = "tag") -> None:
+    """Raises ``tag.invalid`` unless ``value`` is a tag (``TAG_PATTERN``)."""
+    if type(value) is not str:
+        raise ProtocolError("body.type", f"{name} must be a text string")
+    if TAG_PATTERN.fullmatch(value) is None:
+        raise ProtocolError(
+            "tag.invalid",
+            f"{name} {value[:40]!r} is not a tag: 1 to 32 of a-z 0-9 . _ -, "
+            "starting with a letter or digit",
+        )
+
+
+def check_tags(value: object, name: str) -> None:
+    if not isinstance(value, tuple):
+        raise ProtocolError("body.type", f"{name} must be an array")
+    if len(value) > MAX_TAGS:
+        raise ProtocolError("body.bounds", f"{name} holds more than {MAX_TAGS} tags")
+    for item in value:
+        check_tag(item, f"{name}[]")
+    if len(set(value)) != len(value):
+        raise ProtocolError("body.bounds", f"{name} holds duplicates")
 
 
 def check_request_id(value: object) -> None:
@@ -168,6 +201,30 @@ class GroupAdd(Body):
 
 
 @dataclass(frozen=True)
+class TagDevice(Body):
+    """Add the tags ``add`` to ``device_id`` and take ``remove`` off it (either may be empty,
+    not both; no tag in both). Tags only select devices for a later group request, which names
+    the devices themselves and goes through dual control, so this is a plain operator command."""
+
+    TYPE: ClassVar[str] = "op.device_tag"
+
+    command_id: bytes
+    device_id: str
+    add: tuple[str, ...]
+    remove: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_command_id(self.command_id)
+        check_id(self.device_id, "device_id")
+        check_tags(self.add, "add")
+        check_tags(self.remove, "remove")
+        if not self.add and not self.remove:
+            raise ProtocolError("body.malformed", "a device tag command adds or removes a tag")
+        if set(self.add) & set(self.remove):
+            raise ProtocolError("body.malformed", "a tag is both added and removed")
+
+
+@dataclass(frozen=True)
 class AttestDevice(Body):
     """Attest ``device_id`` now."""
 
@@ -221,11 +278,20 @@ class Propose(Body):
     # (``cert`` its CA certificate, ``key_ref`` the CA's key), ``broker-ca`` the CA of the
     # broker's TLS certificate (``cert`` its certificate, no ``key_ref``)
     rotate: str | None = None
+    # group.create / group.add with no members: the service names the devices tagged so (those
+    # that may join; for an add, those not in the group yet) in the Request it builds
+    tag: str | None = None
 
     def __post_init__(self) -> None:
         check_command_id(self.command_id)
         check_choice(self.op, "op", PROPOSABLE_OPS)
         check_ids(self.members, "members")  # a tuple of ids for every op, empty where none
+        if self.tag is not None:
+            check_tag(self.tag)
+            if self.op not in TAG_OPS or self.members:
+                raise ProtocolError(
+                    "body.malformed", "a tag stands for the members of a group create or add"
+                )
         if self.op == "trust.rotate":
             check_bytes(self.cert, "cert", min_len=1, max_len=MAX_OPERATOR_CERT)
             check_uint(self.overlap, "overlap", maximum=MAX_OVERLAP)
@@ -286,7 +352,7 @@ class Propose(Body):
         if (self.group_id is None) != (self.op in DEVICE_ONLY_OPS):
             raise ProtocolError("body.malformed", f"{self.op}: group_id is wrong for the op")
         if self.op in ("group.create", "group.add", "device.revoke"):
-            if not self.members:
+            if not self.members and self.tag is None:
                 raise ProtocolError("body.malformed", f"{self.op} needs its members")
         elif self.op == "group.delete":
             if self.members:

@@ -32,6 +32,7 @@ from agent.protocol.wire.messages.operator import (
     Rekey,
     ReleaseAdd,
     Revoke,
+    TagDevice,
 )
 from agent.protocol.wire.messages.release import (
     ReleaseBundleMessage,
@@ -99,6 +100,7 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     RenewChallenge,
     RenewAnswer,
     RenewIssued,
+    TagDevice,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
