@@ -152,13 +152,13 @@ def open_wrapped(
         raise ProtocolError("envelope.recipient", "addressed to another device")
     body = envelope["body"]
     if not isinstance(body, dict):
-        raise ProtocolError("envelope.body", "the body is not a map")
+        raise ProtocolError("body.malformed", "the body is not a map")
     group_id, epoch, enc, ct = body["group_id"], body["epoch"], body["enc"], body["ct"]
     if not (isinstance(group_id, str) and isinstance(epoch, int)):
-        raise ProtocolError("envelope.body", "bad group or epoch")
+        raise ProtocolError("body.malformed", "bad group or epoch")
     if not (isinstance(enc, bytes) and isinstance(ct, bytes)):
-        raise ProtocolError("envelope.body", "bad enc or ct")
+        raise ProtocolError("body.malformed", "bad enc or ct")
     key = hpke.open_(enc, private_key, INFO, _aad(group_id, epoch, device_id), ct)
     if len(key) != KEY_SIZE:
-        raise ProtocolError("envelope.body", "the key is not 32 bytes")
+        raise ProtocolError("body.malformed", "the key is not 32 bytes")
     return group_id, epoch, key
