@@ -33,8 +33,16 @@ BENCHES = (
     "bench_full_rekey",
     "bench_wedge",
     "bench_scale",
+    "bench_server_wrap",
 )
-AT_LEAST = {"attestation_verify_per_core", "commit_vs_baseline_ratio_n1024"}
+AT_LEAST = {
+    "attestation_verify_per_core",
+    "commit_vs_baseline_ratio_n1024",
+    "server_wrap_published_ratio_n1k",
+    "server_wrap_published_ratio_n10k",
+    "server_wrap_delivered_ratio_n1k",
+    "server_wrap_delivered_ratio_n10k",
+}
 COMMIT_N = 1024
 COMMIT_BYTES_TARGET = 2500
 COMMIT_RATIO_TARGET = 40.0
