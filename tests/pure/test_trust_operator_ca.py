@@ -179,10 +179,21 @@ def test_the_device_verifies_approvals_under_the_bundles_operator_cas_across_the
         old_op, policy=device.membership.policy, now=None, op="group.create", group="g1"
     )
 
+    # a quorum policy approved by an admin of the new CA only: adopted, and re-verified at a
+    # restart under the operator CAs of the bundle in the state file
+    policy = az.QuorumPolicy(serial=1, default={"*": 1}, groups={})
+    request = az.Request(
+        id=os.urandom(az.REQUEST_ID_SIZE), op=az.OP_POLICY, group=None, members=(),
+        policy=policy.encode(), nbf=T0, exp=T0 + 600, by="op-newadmin",
+    ).encode()  # fmt: skip
+    signed = az.Authorization(request, (az.sign_approval(request, *NEW_ADMIN),)).encode()
+    device.membership.adopt_policies((signed,))
+    assert device.membership.policy.serial == 1
+
     # the state file carries it: a restarted device checks the same way
     again = service.restarted(device)
     again.restore(device.to_state())
-    assert again.trust == bundle
+    assert again.trust == bundle and again.membership.policy.serial == 1
     assert _approval_check(again, late_old, UNTIL + 1) == "authz.chain"
     assert _approval_check(again, late_new, UNTIL + 1) is None
 
