@@ -763,11 +763,13 @@ class AgentCore:
         return Outcome(changed=True, handled="trust.chain")
 
     def _take_trust(self, bundle: trust.TrustBundle) -> None:
-        """Hold ``bundle``: its service keys sign what we accept, and members' credentials
-        chain to its device CAs (a version 1 bundle: those of our configuration)."""
+        """Hold ``bundle``: its service keys sign what we accept, members' credentials chain to
+        its device CAs and approvals to its operator CAs (without the section: those of our
+        configuration)."""
         self.trust = bundle
         cas = None if bundle.device_ca is None else tuple(c.certificate for c in bundle.device_ca)
         self.membership.use_device_cas(cas, bundle.device_ca_ends())
+        self.membership.use_operator_cas(bundle)
 
     def _device_anchors(
         self, configured: tuple[x509.Certificate, ...]
@@ -1839,6 +1841,13 @@ class _Restored:
             # without re-opening any seq the old bounds refused
             guard = guard.resized(SERVICE_REPLAY_WINDOW, SERVICE_REPLAY_CAPACITY)
         ledger = KeyLedger.from_cbor(state["ledger"], lambda: core._now)
+        # absent until a rollover was taken (bundle 0 is the enrollment's service key); the
+        # bundle was verified link by link when it arrived
+        held = (
+            None
+            if state.get("trust") is None
+            else trust.TrustBundle.decode(_bytes(state["trust"], "trust bundle"))
+        )
         last_report = state["last_report"]
         last_acks = {
             name: (_uint(v[0], "ack epoch"), _uint(v[1], "ack time"))
@@ -1859,15 +1868,10 @@ class _Restored:
             ledger=ledger,
             last_report=None if last_report is None else _uint(last_report, "last_report"),
             last_acks=last_acks,
-            # a copy of the trust state: checked here, applied by restore() with the rest
-            membership=core.membership.parse_state(state["membership"]),
-            # absent until a rollover was taken (bundle 0 is the enrollment's service key); the
-            # bundle was verified link by link when it arrived
-            trust=(
-                None
-                if state.get("trust") is None
-                else trust.TrustBundle.decode(_bytes(state["trust"], "trust bundle"))
-            ),
+            # a copy of the trust state: checked here (under the held bundle's operator CAs),
+            # applied by restore() with the rest
+            membership=core.membership.parse_state(state["membership"], held),
+            trust=held,
         )
 
 

@@ -615,6 +615,7 @@ class Enrollment:
         rng: Rng = os.urandom,
         issuer: DeviceIssuer | None = None,
         broker_cas: Callable[[int], tuple[x509.Certificate, ...]] | None = None,
+        operator_cas: Callable[[int], tuple[x509.Certificate, ...]] | None = None,
     ) -> None:
         self.settings = settings
         self._db = sessions
@@ -623,6 +624,7 @@ class Enrollment:
         # rollover: the trust bundle's); None: the configured ones
         self._issuer = issuer
         self._broker_cas = broker_cas  # the CAs of the broker's certificate a new device trusts
+        self._operator_cas = operator_cas  # the operator CAs a new device trusts (trust bundle)
         self._manufacturers = ManufacturerTrustFile(
             settings.manufacturer_cas, settings.manufacturer_crls
         )
@@ -936,7 +938,9 @@ class Enrollment:
             devid_cert=devid_cert,
             tls_cert=tls_cert,
             trust_anchors=self._device_ca(now)[1],
-            operator_anchors=settings.operator_anchors,
+            operator_anchors=(
+                settings.operator_anchors if self._operator_cas is None else self._operator_cas(now)
+            ),
             min_approvals=settings.min_approvals,
             broker_host=settings.broker_host,
             broker_port=settings.broker_port,

@@ -292,7 +292,7 @@ def fleet_facts(config: ServiceConfig, *, with_keys: bool = True) -> list[KeyFac
 
 def trust_facts(session: Session) -> list[KeyFacts]:
     """What the newest trust bundle of the chain lists (docs/trust.md): the service signing
-    keys, device CAs and broker CAs devices accept, each with its end (``until``: past it the
+    keys, device, broker and operator CAs devices accept, each with its end (``until``: past it the
     entry is deactivated). During a rollover's overlap that is the old entry and the new one,
     which the configuration may not name yet (the service issues from the new device CA before
     ``[device_ca]`` names it). Empty before the first rollover: then the configuration's entries
@@ -318,7 +318,11 @@ def trust_facts(session: Session) -> list[KeyFacts]:
                 fingerprint=public_fingerprint(public),
             )
         )
-    for kind, cas in (("device-ca", bundle.device_ca), ("broker-ca", bundle.broker_ca)):
+    for kind, cas in (
+        ("device-ca", bundle.device_ca),
+        ("broker-ca", bundle.broker_ca),
+        ("operator-ca", bundle.operator_ca),
+    ):
         found += [with_certificate(base(kind, ca.until), ca.certificate) for ca in cas or ()]
     return found
 

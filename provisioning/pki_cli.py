@@ -30,6 +30,8 @@ With ``--backup`` those token keys may leave the token wrapped (never in the cle
 MQTT client identity) and ``server`` (TLS server, with the DNS names and addresses clients dial).
 ``keyfleet pki crl tls|operator`` writes a CRL of that CA (``DIR/<ca>.crl``, numbered above the
 previous one) for the broker's ``crlfile`` (``[revocation] broker_crls``).
+``keyfleet pki device-ca OUT`` and ``keyfleet pki operator-ca OUT`` make the next device or
+operator CA, named with the date, for ``keyfleet keys rotate device-ca|operator-ca``.
 ``keyfleet pki import-crl CRL --config FILE`` imports a TPM manufacturer CA's CRL
 (``provisioning.ekcrls``).
 
@@ -364,20 +366,22 @@ def _issue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---- keyfleet pki device-ca: the next device CA, for a rollover --------------------------------
+# ---- keyfleet pki device-ca / operator-ca: the next CA, for a rollover -------------------------
 
 
-def _device_ca(args: argparse.Namespace) -> int:
-    """A new device CA for ``keyfleet keys rotate device-ca``: its certificate ``OUT.pem`` and,
-    unless ``--key`` names a key made in the token (``pki token-key``), its key ``OUT.key``."""
+def _next_ca(args: argparse.Namespace, fleet_ca: FleetCA) -> int:
+    """A new CA for ``keyfleet keys rotate device-ca|operator-ca``: its certificate ``OUT.pem``
+    and, unless ``--key`` names a key made in the token (``pki token-key``), its key
+    ``OUT.key`` (an offline CA's encrypted with ``--passphrase-file`` if given)."""
     out = Path(args.out)
     cert_path, key_path = out.with_name(out.name + ".pem"), out.with_name(out.name + ".key")
     _refuse_existing([cert_path] if args.key else [cert_path, key_path])
-    key = None if args.key is None else custody.load_private_key(args.key, role="device CA")
+    key = None if args.key is None else custody.load_private_key(args.key, role=fleet_ca.title)
+    passphrase = _read_passphrase(getattr(args, "passphrase_file", None))
     now = datetime.now(UTC)
     # a name of its own: the broker finds a certificate's CRL by its issuer's name
     authority = pki.create_ca(
-        f"{args.org} {DEVICE_CA.title} {now:%Y-%m-%d}", now=now,
+        f"{args.org} {fleet_ca.title} {now:%Y-%m-%d}", now=now,
         valid_for=timedelta(days=args.days), key=key,
     )  # fmt: skip
     written: list[Path] = []
@@ -385,12 +389,20 @@ def _device_ca(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         if key is None:
             written.append(key_path)
-            pki.write_private_key(key_path, authority.private_key)
+            pki.write_private_key(key_path, authority.private_key, passphrase)
             print(f"wrote {key_path} (private key, 0600)")
         written.append(cert_path)
         pki.write_certificate(cert_path, authority.certificate)
         print(f"wrote {cert_path}")
     return EXIT_OK
+
+
+def _device_ca(args: argparse.Namespace) -> int:
+    return _next_ca(args, DEVICE_CA)
+
+
+def _operator_ca(args: argparse.Namespace) -> int:
+    return _next_ca(args, OPERATOR_CA)
 
 
 # ---- keys: in a token, or encrypted -------------------------------------------------------------
@@ -606,20 +618,38 @@ def add_pki_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     token_key.set_defaults(handler=_token_key)
 
-    device_ca = pki_commands.add_parser(
-        "device-ca",
-        help="create the next device CA, for keyfleet keys rotate device-ca",
-        description="Write OUT.pem, a new self-signed device CA certificate, and OUT.key, its "
-        "key (0600), or with --key use a key made in the token (keyfleet pki token-key). "
-        "Refuses to overwrite anything.",
-    )
-    device_ca.add_argument("out", metavar="OUT", help="path without suffix, e.g. pki/device-ca-2")
-    device_ca.add_argument("--org", default="keyfleet", help="prefix of the CA name (keyfleet)")
-    device_ca.add_argument("--days", type=_days, default=3650, help="validity (3650)")
-    device_ca.add_argument(
-        "--key", metavar="URI", help="the CA key in a token: pkcs11:token=T;object=L?pin-source=..."
-    )
-    device_ca.set_defaults(handler=_device_ca)
+    next_ca_help = {
+        "device-ca": (DEVICE_CA, _device_ca, "pki/device-ca-2", ""),
+        "operator-ca": (
+            OPERATOR_CA,
+            _operator_ca,
+            "pki-2/operator-ca",
+            " An offline CA: keep OUT.key off the service host (--passphrase-file encrypts it); "
+            "name OUT DIR/operator-ca so that keyfleet pki issue operator --dir DIR and "
+            "keyfleet pki crl operator --dir DIR use it.",
+        ),
+    }
+    for command, (fleet_ca, handler, example, note) in next_ca_help.items():
+        next_ca = pki_commands.add_parser(
+            command,
+            help=f"create the next {fleet_ca.title}, for keyfleet keys rotate {command}",
+            description=f"Write OUT.pem, a new self-signed {fleet_ca.title} certificate (its "
+            "name carries the date), and OUT.key, its key (0600), or with --key use a key made "
+            f"in the token (keyfleet pki token-key). Refuses to overwrite anything.{note}",
+        )
+        next_ca.add_argument("out", metavar="OUT", help=f"path without suffix, e.g. {example}")
+        next_ca.add_argument("--org", default="keyfleet", help="prefix of the CA name (keyfleet)")
+        next_ca.add_argument("--days", type=_days, default=3650, help="validity (3650)")
+        next_ca.add_argument(
+            "--key",
+            metavar="URI",
+            help="the CA key in a token: pkcs11:token=T;object=L?pin-source=...",
+        )
+        if fleet_ca.offline:
+            next_ca.add_argument(
+                "--passphrase-file", metavar="FILE", help="encrypt OUT.key with its first line"
+            )
+        next_ca.set_defaults(handler=handler)
 
     encrypt = pki_commands.add_parser(
         "encrypt-key",

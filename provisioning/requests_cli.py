@@ -33,6 +33,8 @@ from agent.protocol.releaseproof import read_subject as release_subject
 from agent.protocol.wire.messages.operator import (
     ROTATE_BROKER_CA,
     ROTATE_DEVICE_CA,
+    ROTATE_OPERATOR_CA,
+    ROTATE_TARGETS,
     Approve,
     ListRequests,
     Propose,
@@ -195,6 +197,7 @@ def describe_trust(subject: bytes) -> list[str]:
     for what, cas, current in (
         ("device CA", bundle.device_ca, "the service issues device certificates from it"),
         ("broker CA", bundle.broker_ca, "the broker's certificate is to chain to it"),
+        ("operator CA", bundle.operator_ca, "new operator certificates come from it"),
     ):
         for ca in cas or ():
             if ca.until is None:
@@ -288,7 +291,7 @@ def trust_subject_matches(request: authz.Request, asked: Propose) -> bool:
     """A ``trust.rotate``'s bundle makes the certificate's key the one without an end and keeps
     every other key at least ``overlap`` seconds past the request's window."""
     assert request.subject is not None and asked.cert is not None and asked.overlap is not None
-    if asked.rotate in (ROTATE_DEVICE_CA, ROTATE_BROKER_CA):
+    if asked.rotate in ROTATE_TARGETS:
         return _ca_matches(request, asked)
     try:
         bundle = trust.read_subject(request.subject)
@@ -300,7 +303,7 @@ def trust_subject_matches(request: authz.Request, asked: Propose) -> bool:
 
 
 def _ca_matches(request: authz.Request, asked: Propose) -> bool:
-    """A device or broker CA rollover's bundle makes the asked CA the one of its section
+    """A device, broker or operator CA rollover's bundle makes the asked CA the one of its section
     without an end, and keeps every other CA of it at least ``overlap`` seconds past the
     request's window (the service checks the rest)."""
     assert request.subject is not None and asked.cert is not None and asked.overlap is not None
@@ -308,7 +311,11 @@ def _ca_matches(request: authz.Request, asked: Propose) -> bool:
         bundle = trust.read_subject(request.subject)
     except ProtocolError:
         return False
-    cas = bundle.device_ca if asked.rotate == ROTATE_DEVICE_CA else bundle.broker_ca
+    cas = {
+        ROTATE_DEVICE_CA: bundle.device_ca,
+        ROTATE_BROKER_CA: bundle.broker_ca,
+        ROTATE_OPERATOR_CA: bundle.operator_ca,
+    }.get(asked.rotate or "")
     current = [c for c in cas or () if c.until is None]
     if [c.cert for c in current] != [asked.cert]:
         return False

@@ -1,6 +1,7 @@
-"""``keyfleet keys rotate service-signing`` and ``device-ca``: the service signing key's and the
-device CA's rollover under the quorum (docs/operations.md, "Rolling over the service signing
-key", "Rolling over the device CA"; docs/trust.md).
+"""``keyfleet keys rotate service-signing``, ``device-ca``, ``broker-ca`` and ``operator-ca``:
+the service signing key's and the CAs' rollovers under the quorum (docs/operations.md, "Rolling
+over the service signing key", "... the device CA", "... the broker CA", "... the operator
+CA"; docs/trust.md).
 
 ``--new-cert FILE`` is the new key's certificate, ``--new-key REF`` where the service finds the
 key (a ``pkcs11:`` URI with a PIN source, or a file on the service host: the custodian created
@@ -10,10 +11,12 @@ subject is the next trust bundle itself; this tool shows it, checks that its new
 certificate's, approves it as the proposer and follows it; further admins approve it with
 ``keyfleet approve ID``, whose listing shows the same bundle.
 
-``device-ca --new-ca FILE --new-key REF`` does the same for the device CA: ``--new-ca`` is the
-new CA's certificate, ``--new-key`` its key on the service host. The broker must accept client
-certificates of the new CA before the rollover runs (its ``cafile``): this tool cannot check
-that, the runbook's first step does it.
+``broker-ca --new-ca FILE`` and ``operator-ca --new-ca FILE`` roll the broker CA and the
+operator CA over likewise, with no key (the broker's PKI keeps the broker CA's, the operator CA
+is offline). ``device-ca --new-ca FILE --new-key REF`` does the same for the device CA:
+``--new-ca`` is the new CA's certificate, ``--new-key`` its key on the service host. The broker
+must accept client certificates of the new CA before the rollover runs (its ``cafile``): this
+tool cannot check that, the runbook's first step does it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from agent.protocol.wire.messages.operator import (
     MAX_OVERLAP,
     ROTATE_BROKER_CA,
     ROTATE_DEVICE_CA,
+    ROTATE_OPERATOR_CA,
     Propose,
 )
 from provisioning.operator import OperatorClient
@@ -58,17 +62,28 @@ def read_new_key(path: str) -> bytes:
     )
 
 
+CA_TARGETS = {
+    # ``keys rotate`` target: (what it names, Propose.rotate, names a key on the service host)
+    "device-ca": ("the device CA", ROTATE_DEVICE_CA, True),
+    "broker-ca": ("the broker CA", ROTATE_BROKER_CA, False),
+    "operator-ca": ("the operator CA", ROTATE_OPERATOR_CA, False),
+}
+
+
 def ca_proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
-    """``keys rotate device-ca``: the new CA certificate and its key reference."""
+    """``keys rotate device-ca|broker-ca|operator-ca``: the new CA's certificate and (device CA
+    only) its key reference; the broker's PKI keeps the broker CA's key, the operator CA is
+    offline."""
+    what, rotate, keyed = CA_TARGETS[args.rotate_command]
     der = read_certificate_der(args.new_ca)
     if not 0 <= args.overlap <= MAX_OVERLAP:
         raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
     try:
-        ca = trustroll.device_ca_of(der)
+        ca = trustroll.device_ca_of(der) if rotate != ROTATE_BROKER_CA else trust.DeviceCA(der)
     except ProtocolError as exc:
         raise ConfigError(f"{args.new_ca}: {exc.reason}") from None
     label = (
-        f"rotate the device CA to {ca.certificate.subject.rfc4514_string()} "
+        f"rotate {what} to {ca.certificate.subject.rfc4514_string()} "
         f"(SHA-256 {ca.fingerprint.hex()[:16]}…)"
     )
     body = Propose(
@@ -76,39 +91,16 @@ def ca_proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propo
         authz.OP_TRUST_ROTATE,
         (),
         cert=der,
-        key_ref=args.new_key,
+        key_ref=args.new_key if keyed else None,
         overlap=args.overlap,
-        rotate=ROTATE_DEVICE_CA,
+        rotate=rotate,
     )
-    return label, body
-
-
-def broker_proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
-    """``keys rotate broker-ca``: the new broker CA's certificate; no key (the broker's PKI
-    keeps it)."""
-    der = read_certificate_der(args.new_ca)
-    if not 0 <= args.overlap <= MAX_OVERLAP:
-        raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
-    try:
-        ca = trust.DeviceCA(der)
-    except ProtocolError as exc:
-        raise ConfigError(f"{args.new_ca}: {exc.reason}") from None
-    label = (
-        f"rotate the broker CA to {ca.certificate.subject.rfc4514_string()} "
-        f"(SHA-256 {ca.fingerprint.hex()[:16]}…)"
-    )
-    body = Propose(
-        command_id, authz.OP_TRUST_ROTATE, (), cert=der, overlap=args.overlap,
-        rotate=ROTATE_BROKER_CA,
-    )  # fmt: skip
     return label, body
 
 
 def proposal(args: argparse.Namespace, command_id: bytes) -> tuple[str, Propose]:
-    if args.rotate_command == "device-ca":
+    if args.rotate_command in CA_TARGETS:
         return ca_proposal(args, command_id)
-    if args.rotate_command == "broker-ca":
-        return broker_proposal(args, command_id)
     der = read_new_key(args.new_cert)
     if not 0 <= args.overlap <= MAX_OVERLAP:
         raise ConfigError(f"--overlap: 0..{MAX_OVERLAP} seconds")
@@ -140,7 +132,8 @@ def add_commands(
 ) -> None:
     rotate = keys_commands.add_parser(
         "rotate",
-        help="roll a fleet key over under the quorum (service-signing, device-ca, broker-ca)",
+        help="roll a fleet key over under the quorum (service-signing, device-ca, broker-ca, "
+        "operator-ca)",
     )
     which = rotate.add_subparsers(dest="rotate_command", required=True)
     service = which.add_parser(
@@ -232,3 +225,28 @@ def add_commands(
     )
     add_operator_options(broker)
     broker.set_defaults(handler=handler)
+    operator = which.add_parser(
+        "operator-ca",
+        help="request the operator CA's rollover (admins, quorum)",
+        description=(
+            "Request a trust.rotate, approved by operators of the current operator CA: the next "
+            "trust bundle makes the new CA the one operator certificates chain to, and keeps "
+            "the current one until the request's window closes plus --overlap (re-issue every "
+            "operator's certificate from the new CA within it). First add the new CA to the "
+            "broker's cafile and its CRL to [revocation] broker_crls (docs/operations.md, "
+            "'Rolling over the operator CA'): this command cannot check it."
+        ),
+    )
+    operator.add_argument(
+        "--new-ca", metavar="FILE", required=True, help="the new operator CA's certificate (PEM)"
+    )
+    operator.add_argument(
+        "--overlap",
+        type=int,
+        default=DEFAULT_OVERLAP,
+        metavar="SECONDS",
+        help=f"the old operator CA stays accepted this long after the request's window "
+        f"(default {DEFAULT_OVERLAP})",
+    )
+    add_operator_options(operator)
+    operator.set_defaults(handler=handler)

@@ -661,14 +661,23 @@ class AuthzVerifier:
     successful validation is remembered per certificate DER (an LRU of ``cache_size``) together
     with the chain's validity window, so a certificate seen in thousands of admissions is
     validated once; a time outside that window validates again (and fails).
+
+    ``ends``: anchor DER -> the last second (unix) an approval with a certificate of that CA is
+    judged valid (an operator CA a trust bundle keeps only until a time,
+    ``agent.protocol.trust``); judged later, such a certificate fails with ``authz.chain``.
     """
 
     def __init__(
-        self, operator_anchors: Sequence[x509.Certificate], *, cache_size: int = 1024
+        self,
+        operator_anchors: Sequence[x509.Certificate],
+        *,
+        cache_size: int = 1024,
+        ends: Mapping[bytes, int] | None = None,
     ) -> None:
         if not operator_anchors:
             raise ProtocolError("authz.chain", "no operator CA to validate approvals against")
         self._store = verification.Store(list(operator_anchors))
+        self._ends = dict(ends or {})
         self._ca_policy = verification.ExtensionPolicy.webpki_defaults_ca()
         self._ee_policy = (
             verification.ExtensionPolicy.webpki_defaults_ee()
@@ -858,6 +867,11 @@ class AuthzVerifier:
             chain = verifier.verify(cert, []).chain
         except verification.VerificationError as exc:
             raise ProtocolError("authz.chain", f"operator certificate: {exc}") from None
+        end = self._ends.get(chain[-1].public_bytes(serialization.Encoding.DER))
+        if end is not None and at > end:
+            raise ProtocolError(
+                "authz.chain", f"operator certificate: its operator CA is accepted only until {end}"
+            )
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
             key.curve, ec.SECP256R1
@@ -878,7 +892,9 @@ class AuthzVerifier:
             not_before=_unix(cert.not_valid_before_utc),
             not_after=_unix(cert.not_valid_after_utc),
             chain_from=max(_unix(c.not_valid_before_utc) for c in chain),
-            chain_until=min(_unix(c.not_valid_after_utc) for c in chain),
+            chain_until=min(
+                [_unix(c.not_valid_after_utc) for c in chain] + ([] if end is None else [end])
+            ),
         )
 
 

@@ -44,6 +44,7 @@ from cryptography import x509
 
 from agent.protocol import authz as az
 from agent.protocol import feed as revocation_feed
+from agent.protocol import trust
 from agent.protocol.credentials import CredentialVerifier, verify_tpm_residency
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
@@ -130,7 +131,11 @@ class Membership:
         self.base_device_cas = tuple(device_cas)  # the configuration's (trust bundle 0)
         self.credentials = CredentialVerifier(device_cas)
         # no operator CA configured: every membership change is refused (authz.chain)
-        self._approvals = az.AuthzVerifier(operator_cas) if operator_cas else None
+        self._base_approvals = az.AuthzVerifier(operator_cas) if operator_cas else None
+        self._approvals = self._base_approvals
+        # an operator CA section's encoding -> its verifier (the held bundle's, and the one
+        # before a link a device checks: ``check_trust_approval``)
+        self._section_approvals: dict[bytes, az.AuthzVerifier] = {}
         self.base = az.QuorumPolicy.initial(min_approvals)
         self.policy = self.base
         self.policies: tuple[bytes, ...] = ()  # the verified chain behind ``policy``
@@ -153,6 +158,25 @@ class Membership:
             self.credentials = CredentialVerifier(self.base_device_cas)
         else:
             self.credentials = CredentialVerifier(device_cas, ends=ends)
+
+    def use_operator_cas(self, bundle: trust.TrustBundle) -> None:
+        """Check approvals against the operator CAs ``bundle`` lists, each until its end (a
+        bundle without an operator CA section: the configuration's)."""
+        self._approvals = self._approvals_under(bundle)
+
+    def _approvals_under(self, bundle: trust.TrustBundle) -> az.AuthzVerifier | None:
+        if bundle.operator_ca is None:
+            return self._base_approvals
+        key = codec.encode([[c.cert, c.until] for c in bundle.operator_ca])
+        verifier = self._section_approvals.get(key)
+        if verifier is None:
+            verifier = az.AuthzVerifier(
+                [c.certificate for c in bundle.operator_ca], ends=bundle.operator_ca_ends()
+            )
+            if len(self._section_approvals) >= 4:
+                self._section_approvals.pop(next(iter(self._section_approvals)))
+            self._section_approvals[key] = verifier
+        return verifier
 
     @property
     def approvals(self) -> az.AuthzVerifier:
@@ -178,7 +202,7 @@ class Membership:
             "revocations": self.revocations.to_state(),
         }
 
-    def parse_state(self, value: object) -> MembershipState:
+    def parse_state(self, value: object, held: trust.TrustBundle | None = None) -> MembershipState:
         """Check a ``to_state()`` map (the policy chain verifies again) without applying it. A
         state written before devices kept the revocation feed has no ``revocations``: it starts
         from an empty feed (the device catches up from the service's head)."""
@@ -187,8 +211,13 @@ class Membership:
         )
         # the chain verifies again as it was adopted: a link adopted before the device learned
         # of a removal stays adopted (nothing executed is undone), so no removals apply here
+        # under the operator CAs of the trust bundle the state holds (``held``)
         policy, policies = self._follow(
-            self.base, (), _chain(m["policies"], "membership.policies"), {}
+            self.base,
+            (),
+            _chain(m["policies"], "membership.policies"),
+            {},
+            verifier=None if held is None else self._approvals_under(held),
         )
         consumed = codec.as_list(
             m["consumed"],
@@ -288,11 +317,19 @@ class Membership:
             removed=self.revocations.removed_operators(),
         )
 
-    def check_trust_approval(self, signed: bytes) -> az.VerifiedAuthorization:
+    def check_trust_approval(
+        self, signed: bytes, under: trust.TrustBundle | None = None
+    ) -> az.VerifiedAuthorization:
         """A trust bundle's ``trust.rotate`` Authorization (``agent.protocol.trust``): fleet-wide,
         under our quorum policy, historically (a device offline for weeks still catches up), by
-        operators not removed before the request's time (the revocation feed)."""
-        return self.approvals.verify(
+        operators not removed before the request's time (the revocation feed), of the operator
+        CAs of ``under`` (the bundle before the link; None: those in force)."""
+        approvals = self.approvals if under is None else self._approvals_under(under)
+        if approvals is None:
+            raise ProtocolError(
+                "authz.chain", "no operator CA configured: no approval can be checked"
+            )
+        return approvals.verify(
             signed,
             policy=self.policy,
             now=None,
@@ -309,6 +346,8 @@ class Membership:
         known: tuple[bytes, ...],
         chain: tuple[bytes, ...],
         removed: Mapping[bytes, int],
+        *,
+        verifier: az.AuthzVerifier | None = None,
     ) -> tuple[az.QuorumPolicy, tuple[bytes, ...]]:
         """Follow ``chain`` (oldest first) on from ``policy`` (whose chain is ``known``): links
         already known are skipped, each new one must be approved under the one before it, by
@@ -316,7 +355,7 @@ class Membership:
         for signed in chain:
             if signed in known:
                 continue
-            policy = self.approvals.verify_policy_update(
+            policy = (verifier or self.approvals).verify_policy_update(
                 signed, current=policy, now=None, removed=removed
             )
             known = (*known, signed)

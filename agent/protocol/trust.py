@@ -39,8 +39,15 @@ bundle (no section) leaves the device CAs of the device's configuration (``[flee
 trust_anchors``) in force. Version 2 may also carry ``"broker_ca"`` (same form): the CAs the
 agent accepts for the broker's TLS certificate at ``now`` (``broker_cas``; the agent writes them
 to a file its MQTT client loads at its next connect); without it ``[broker] ca`` stays in force.
-A version 2 bundle has at least one of the two sections. The operator CA stays that of the
-configuration.
+Version 2 may also carry ``"operator_ca"`` (same form): the CAs operator
+certificates chain to (``operator_cas``, ``operator_ca_ends``): an approval verifies only with an
+operator certificate of a CA the bundle lists, made while that CA was accepted (a CA with an
+``until`` refuses approvals judged after it, ``authz.chain``); without it the operator CAs of the
+configuration (``[fleet] operator_anchors``) stay in force. A version 2 bundle has at least one
+of the three sections.
+
+A link's approval is verified under the operator CAs of the bundle **before** it (the one a
+device holds when it checks the link): a bundle cannot bring the CA of its own approvers.
 
 **Chain format**: ``{"v": 1, "links": [{"bundle": COSE_Sign1, "authz": Authorization}, ...]}``,
 oldest first, consecutive seqs. Links a device holds already are skipped; a refused link refuses
@@ -72,6 +79,7 @@ __all__ = [
     "MAX_DEVICE_CAS",
     "MAX_LINKS",
     "MAX_SERVICE_KEYS",
+    "SECTIONS",
     "SUBJECT_LABEL",
     "ApprovalCheck",
     "DeviceCA",
@@ -107,9 +115,14 @@ re-provisioned (at one rollover a year, decades)."""
 MAX_CHAIN: Final = 256 * 1024
 """Largest retained chain (each link ~1.5 KB with two approvals)."""
 
-ApprovalCheck = Callable[[bytes], az.VerifiedAuthorization]
-"""Verify a ``trust.rotate`` Authorization (fleet-wide, historically) under the device's operator
-CA and quorum policy; raises ``ProtocolError`` (``authz.*``) when it does not verify."""
+ApprovalCheck = Callable[[bytes, "TrustBundle"], az.VerifiedAuthorization]
+"""Verify a ``trust.rotate`` Authorization (fleet-wide, historically) under the quorum policy and
+the operator CAs of the given bundle (the one before the link: ``TrustBundle.operator_cas``, or
+the configuration's when it has no operator CA section); raises ``ProtocolError`` (``authz.*``)
+when it does not verify."""
+
+SECTIONS: Final = ("device_ca", "broker_ca", "operator_ca")
+"""The CA sections of a version 2 bundle, in their order."""
 
 
 def _malformed(reason: str) -> ProtocolError:
@@ -216,6 +229,8 @@ class TrustBundle:
     device_ca: tuple[DeviceCA, ...] | None = None
     # None: the broker CA of the device's configuration stays in force (always in version 1)
     broker_ca: tuple[DeviceCA, ...] | None = None
+    # None: the operator CAs of the device's configuration stay in force (always in version 1)
+    operator_ca: tuple[DeviceCA, ...] | None = None
 
     def __post_init__(self) -> None:
         if type(self.seq) is not int or not 0 <= self.seq <= az.MAX_TIME:
@@ -226,7 +241,7 @@ class TrustBundle:
             raise _malformed("service: a key is listed twice")
         if sum(k.until is None for k in self.service) != 1:
             raise _malformed("service: exactly one key has no end (the one the service signs with)")
-        for section, cas in (("device_ca", self.device_ca), ("broker_ca", self.broker_ca)):
+        for section, cas in self.sections():
             if cas is None:
                 continue
             if type(cas) is not tuple or not 1 <= len(cas) <= MAX_DEVICE_CAS:
@@ -235,6 +250,14 @@ class TrustBundle:
                 raise _malformed(f"{section}: a certificate is listed twice")
             if sum(c.until is None for c in cas) != 1:
                 raise _malformed(f"{section}: exactly one CA has no end (the current one)")
+
+    def sections(self) -> tuple[tuple[str, tuple[DeviceCA, ...] | None], ...]:
+        """(name, entries) of each CA section (None: absent), in ``SECTIONS`` order."""
+        return (
+            ("device_ca", self.device_ca),
+            ("broker_ca", self.broker_ca),
+            ("operator_ca", self.operator_ca),
+        )
 
     @classmethod
     def initial(cls, key: ec.EllipticCurvePublicKey) -> TrustBundle:
@@ -279,14 +302,26 @@ class TrustBundle:
             return None
         return tuple(c.certificate for c in self.broker_ca if c.accepted_at(now))
 
+    def operator_cas(self, now: int) -> tuple[x509.Certificate, ...] | None:
+        """The operator CAs accepted at ``now`` (approvals made now chain to one of them);
+        None: the bundle leaves the configuration's (``[fleet] operator_anchors``)."""
+        if self.operator_ca is None:
+            return None
+        return tuple(c.certificate for c in self.operator_ca if c.accepted_at(now))
+
+    def operator_ca_ends(self) -> dict[bytes, int]:
+        """Certificate DER -> end of every operator CA accepted until a time (the approvals
+        verifier's ``ends``: an approval judged after it with a certificate of that CA fails)."""
+        return {c.cert: c.until for c in self.operator_ca or () if c.until is not None}
+
     def to_obj(self) -> dict[str, object]:
-        v2 = self.device_ca is not None or self.broker_ca is not None
+        v2 = any(cas is not None for _, cas in self.sections())
         obj: dict[str, object] = {
             "v": VERSION_DEVICE_CA if v2 else VERSION,
             "seq": self.seq,
             "service": [{"key": k.key, "until": k.until} for k in self.service],
         }
-        for section, cas in (("device_ca", self.device_ca), ("broker_ca", self.broker_ca)):
+        for section, cas in self.sections():
             if cas is not None:
                 obj[section] = [{"cert": c.cert, "until": c.until} for c in cas]
         return obj
@@ -302,15 +337,16 @@ class TrustBundle:
                 codec.decode(data, MAX_BUNDLE, "trust bundle"),
                 "trust bundle",
                 {"v", "seq", "service"},
-                {"device_ca", "broker_ca"},
+                set(SECTIONS),
             )
             version = obj["v"]
             if type(version) is not int or version not in (VERSION, VERSION_DEVICE_CA):
                 raise _malformed(f"trust bundle version {version!r} (this agent reads 1 and 2)")
-            sections = "device_ca" in obj or "broker_ca" in obj
+            sections = any(name in obj for name in SECTIONS)
             if sections != (version == VERSION_DEVICE_CA):
                 raise _malformed(
-                    "a version 2 trust bundle, and only it, has a device_ca or broker_ca section"
+                    "a version 2 trust bundle, and only it, has a device_ca, broker_ca or "
+                    "operator_ca section"
                 )
             seq = codec.as_uint(obj["seq"], "trust bundle.seq", az.MAX_TIME)
             entries = codec.as_list(
@@ -327,13 +363,12 @@ class TrustBundle:
                     until = codec.as_uint(until, f"trust bundle.service[{i}].until", az.MAX_TIME)
                 der = codec.as_bytes(entry["key"], f"trust bundle.service[{i}].key", 1, MAX_KEY_DER)
                 keys.append(ServiceKey(der, until))
-            cas = None if "device_ca" not in obj else _decode_cas(obj["device_ca"], "device_ca")
-            brokers = None if "broker_ca" not in obj else _decode_cas(obj["broker_ca"], "broker_ca")
+            cas = [None if name not in obj else _decode_cas(obj[name], name) for name in SECTIONS]
         except ProtocolError as exc:
             if exc.check == "trust.malformed":
                 raise
             raise _malformed(exc.reason) from None
-        bundle = cls(seq, tuple(keys), cas, brokers)
+        bundle = cls(seq, tuple(keys), *cas)
         if bundle.encode() != data:
             raise _malformed("the trust bundle is not in its canonical encoding")
         return bundle
@@ -467,10 +502,12 @@ def sign_link(
 
 
 def _check_approval(
-    bundle: TrustBundle, payload: bytes, authz: bytes, approval: ApprovalCheck
+    under: TrustBundle, bundle: TrustBundle, payload: bytes, authz: bytes, approval: ApprovalCheck
 ) -> None:
+    """``bundle``'s approval, verified under the operator CAs of ``under`` (the bundle held
+    before it): never under the CAs ``bundle`` itself brings."""
     try:
-        verified = approval(authz)
+        verified = approval(authz, under)
     except ProtocolError as exc:
         raise ProtocolError(
             "trust.approval",
@@ -507,7 +544,7 @@ def check_link(held: TrustBundle, link: TrustLink, approval: ApprovalCheck) -> T
         raise ProtocolError(
             "trust.signer", f"trust bundle {bundle.seq}: [{exc.check}] {exc.reason}"
         ) from None
-    _check_approval(bundle, sign1.payload, link.authz, approval)
+    _check_approval(held, bundle, sign1.payload, link.authz, approval)
     return bundle
 
 
@@ -522,7 +559,8 @@ def _anchor(held: TrustBundle, chain: TrustChain, approval: ApprovalCheck) -> Tr
         sign1, bundle = link.opened()
         if bundle.seq > 0 and bundle.current.key == held.current.key:
             _check_anchor_signer(held, bundle, sign1)
-            _check_approval(bundle, sign1.payload, link.authz, approval)
+            # under the operator CAs the device got at enrollment (bundle 0: its configuration)
+            _check_approval(held, bundle, sign1.payload, link.authz, approval)
             return bundle
     return held
 

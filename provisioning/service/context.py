@@ -20,18 +20,21 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol.authz import AuthzVerifier
-from agent.protocol.errors import InternalError
+from agent.protocol.errors import InternalError, ProtocolError
 from agent.protocol.hpke import Rng
 from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.rejections import Rejections
 from provisioning.metrics import ServiceMetrics
+from provisioning.pki import verify_certificate
 from provisioning.registry import run_in_transaction
 from provisioning.revocation import RevocationSettings
 from provisioning.service.credentials import StoredDevices
@@ -116,6 +119,52 @@ class Env:
     device_ca_origin: x509.Certificate | None = field(default=None, repr=False)
     # The broker CA rollover: the broker CA(s) devices got at enrollment ([broker] ca)
     broker_ca_origin: tuple[x509.Certificate, ...] = field(default=(), repr=False)
+    # The operator CA rollover (``trustroll``): the operator CAs the held trust bundle lists
+    # (empty before its first operator CA section: ``operator_ca``, the configured one), the
+    # end of each older one (certificate DER -> unix seconds) and the current one (new operator
+    # certificates are its).
+    operator_cas: tuple[x509.Certificate, ...] = field(default=(), repr=False)
+    operator_ca_ends: dict[bytes, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def operator_ca_current(self) -> x509.Certificate:
+        """The operator CA new operator certificates come from (the held bundle's without an
+        end, or the configured one)."""
+        for ca in self.operator_cas:
+            if ca.public_bytes(Encoding.DER) not in self.operator_ca_ends:
+                return ca
+        return self.operator_ca
+
+    def approvals(self) -> AuthzVerifier:
+        """The verifier of operator approvals: every operator CA the held trust bundle lists,
+        each until its end (kept: it caches validated operator certificates)."""
+        if self.authz_verifier is None:
+            self.authz_verifier = AuthzVerifier(
+                self.operator_cas or (self.operator_ca,), ends=self.operator_ca_ends
+            )
+        return self.authz_verifier
+
+    def verify_operator_certificate(
+        self, cert: x509.Certificate, now: int, *, current_only: bool = False
+    ) -> None:
+        """``cert`` is an operator certificate of an operator CA accepted at ``now`` (with
+        ``current_only``: of the current one, as a newly added operator's must be). Raises
+        ``pki.*`` (``pki.issuer``: of no CA accepted now)."""
+        cas = (
+            [self.operator_ca_current] if current_only else self.operator_cas or [self.operator_ca]
+        )
+        when = datetime.fromtimestamp(now, UTC)
+        for ca in cas:
+            end = self.operator_ca_ends.get(ca.public_bytes(Encoding.DER))
+            if cert.issuer != ca.subject or (end is not None and now > end):
+                continue
+            verify_certificate(cert, ca, now=when, purpose="client")
+            return
+        raise ProtocolError(
+            "pki.issuer",
+            f"certificate issued by {cert.issuer.rfc4514_string()!r}, not by an operator CA "
+            + ("new operator certificates come from" if current_only else "accepted now"),
+        )
 
     def tx(self, work: Callable[[Session], T]) -> T:
         """``work`` in one transaction (retried on a serialization conflict)."""

@@ -240,6 +240,13 @@ class DeliveryService:
         accepted = bundle.broker_cas(now)
         return self._env.broker_ca_origin if accepted is None else accepted
 
+    def operator_cas(self, now: int) -> tuple[x509.Certificate, ...]:
+        """The operator CAs a device enrolled now gets: the current trust bundle's accepted at
+        ``now``, or ([operator_ca] cert) the configured one."""
+        bundle = self._env.read(lambda s: trustroll.held(self._env, s))
+        accepted = bundle.operator_cas(now)
+        return (self._env.operator_ca,) if accepted is None else accepted
+
     def trust_chain(self) -> list[Publish]:
         """The chain of trust bundles to publish retained, none before the first rollover. Not
         an envelope: each link is signed by a key of the bundle before it."""

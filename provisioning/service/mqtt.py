@@ -357,6 +357,7 @@ class ServiceRunner:
             session_factory(self._engine),
             issuer=self.service.device_issuer,  # after a device CA rollover: the new CA
             broker_cas=self.service.broker_cas,  # after a broker CA rollover: the bundle's
+            operator_cas=self.service.operator_cas,  # after an operator CA rollover likewise
         )
         self.http = start_enrollment_server(
             build_app(enrollment, clock=self._clock, on_refusal=self._count_http_refusal),

@@ -35,7 +35,6 @@ import logging
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TypeVar
 
 from cryptography import x509
@@ -188,9 +187,7 @@ def _removal(
 
 def removals(env: Env, session: Session) -> dict[str, str]:
     """Removed certificate fingerprint -> operator id (``verified_removals``)."""
-    if env.authz_verifier is None:
-        env.authz_verifier = authz.AuthzVerifier([env.operator_ca])
-    found = verified_removals(session, env.authz_verifier, env.settings.min_approvals)
+    found = verified_removals(session, env.approvals(), env.settings.min_approvals)
     return {r.cert_fingerprint: r.operator for r in found}
 
 
@@ -258,9 +255,7 @@ def load_certificate(der: bytes) -> x509.Certificate:
 def check_certificate(cx: Call, cert: x509.Certificate, operator: str, now: int) -> Role:
     """The certificate chains to the operator CA, names ``operator`` and carries a role (its
     OU), which it returns. Raises ``pki.*``, ``op.name``, ``op.role``."""
-    pki.verify_certificate(
-        cert, cx.env.operator_ca, now=datetime.fromtimestamp(now, UTC), purpose="client"
-    )
+    cx.env.verify_operator_certificate(cert, now, current_only=True)
     name = pki.common_name(cert)
     if name != operator:
         raise ProtocolError("op.name", f"the certificate is {name!r}'s, not {operator!r}'s")

@@ -241,9 +241,7 @@ def operator_resolver(
             # A removal holds whatever the row says (its kept Authorization: operatorops).
             operatorops.check_not_removed(cx.env, session, operator, record.cert_fingerprint)
             # Re-checked on every command: an expired certificate stops working at once.
-            pki.verify_certificate(
-                cert, cx.env.operator_ca, now=datetime.fromtimestamp(now, UTC), purpose="client"
-            )
+            cx.env.verify_operator_certificate(cert, now)
             # The role comes from the certificate; the row may only narrow it.
             found["role"] = credentials.operator_role(cert, record.role)
             public_key = cert.public_key()

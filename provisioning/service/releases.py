@@ -333,12 +333,10 @@ def checked_manifest(stored: StoredRelease) -> model.Manifest:
 
 def policies_by_serial(env: Env, session: Session) -> dict[int, authz.QuorumPolicy]:
     """Every quorum policy that was in force, by serial, each verified under the one before."""
-    if env.authz_verifier is None:
-        env.authz_verifier = authz.AuthzVerifier([env.operator_ca])
     policy = authz.QuorumPolicy.initial(env.settings.min_approvals)
     found = {policy.serial: policy}
     for _serial, stored in quorum.adopted_policies(session):
-        policy = env.authz_verifier.verify_policy_update(stored, current=policy, now=None)
+        policy = env.approvals().verify_policy_update(stored, current=policy, now=None)
         found[policy.serial] = policy
     return found
 
@@ -365,9 +363,9 @@ def verify_approved(
         return manifest
     if stored.approval is None or stored.approval_serial not in policies:
         raise ProtocolError(STORED, f"release {stored.version} is approved without a quorum")
-    assert env.authz_verifier is not None
+    approvals = env.approvals()
     try:
-        verified = env.authz_verifier.verify(
+        verified = approvals.verify(
             stored.approval,
             policy=policies[stored.approval_serial],
             now=None,

@@ -41,7 +41,7 @@ from dataclasses import replace
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
 
-from agent.protocol import authz
+from agent.protocol import authz, trust
 from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import operator_result_topic
 from agent.protocol.wire.envelope import VerifiedMessage
@@ -106,9 +106,7 @@ LIST_BYTES = 160 * 1024
 def verifier(cx: Call) -> authz.AuthzVerifier:
     """The service's verifier against the operator CA it trusts (kept: it caches validated
     operator certificates)."""
-    if cx.env.authz_verifier is None:
-        cx.env.authz_verifier = authz.AuthzVerifier([cx.env.operator_ca])
-    return cx.env.authz_verifier
+    return cx.env.approvals()
 
 
 def current_policy(cx: Call, session: Session) -> authz.QuorumPolicy:
@@ -458,8 +456,9 @@ def execute_request(
     )
     if stored.op == authz.OP_TRUST_ROTATE:
 
-        def check(signed: bytes) -> authz.VerifiedAuthorization:
-            return verifier(cx).verify(
+        def check(signed: bytes, under: trust.TrustBundle) -> authz.VerifiedAuthorization:
+            # as a device holding ``under`` checks it: under that bundle's operator CAs
+            return trustroll.approvals_under(cx.env, under).verify(
                 signed, policy=policy, now=None, op=authz.OP_TRUST_ROTATE, group=None
             )
 

@@ -24,6 +24,15 @@ service signing key").
   (``sync``) issues enrollments and renewals from the new CA (the key loaded from the
   reference) and accepts stored credentials of every CA the bundle accepts at the time.
 
+- **The operator CA** (``keyfleet keys rotate operator-ca --new-ca FILE``) likewise, with no
+  key (the operator CA is offline; the service never signs with it): the next bundle lists the
+  current operator CA until the request's window closes plus the overlap, older ones with their
+  ends (approvals they made stay verifiable historically), and the new one without an end. Its
+  approval is made by operators of the current CA (a bundle cannot bring its approvers' CA).
+  Once it runs, every instance (``sync``) verifies operator certificates and approvals against
+  every operator CA the bundle lists, each until its end, and registers new operators from the
+  new CA only.
+
 Key references are names, not secrets; one carrying a PIN value is refused (``trust.key``):
 name a PIN source.
 """
@@ -44,7 +53,12 @@ from sqlalchemy.orm import Session
 
 from agent.protocol import authz, trust
 from agent.protocol.errors import KeyfleetError, ProtocolError
-from agent.protocol.wire.messages.operator import ROTATE_BROKER_CA, ROTATE_DEVICE_CA, Propose
+from agent.protocol.wire.messages.operator import (
+    ROTATE_BROKER_CA,
+    ROTATE_DEVICE_CA,
+    ROTATE_OPERATOR_CA,
+    Propose,
+)
 from provisioning.db.runtime import TrustBundleRow
 from provisioning.pki import CertificateAuthority
 from provisioning.service.context import Call, Env
@@ -125,6 +139,8 @@ def request_subject(cx: Call, session: Session, body: Propose, exp: int) -> tupl
     its row keeps (the bundle's bytes and the key reference, JSON)."""
     if body.rotate == ROTATE_BROKER_CA:
         return _broker_ca_subject(cx, session, body, exp)
+    if body.rotate == ROTATE_OPERATOR_CA:
+        return _operator_ca_subject(cx, session, body, exp)
     assert body.cert is not None and body.key_ref is not None and body.overlap is not None
     if body.rotate == ROTATE_DEVICE_CA:
         return _device_ca_subject(cx, session, body, exp)
@@ -226,6 +242,52 @@ def _broker_ca_subject(cx: Call, session: Session, body: Propose, exp: int) -> t
     return trust.subject(data), kept
 
 
+def _operator_ca_subject(cx: Call, session: Session, body: Propose, exp: int) -> tuple[bytes, str]:
+    """The next bundle with the new operator CA current, the current one accepted until the
+    window's end plus the overlap, and older ones with their ends (the oldest ended ones give
+    way past ``MAX_DEVICE_CAS``). No key: the operator CA is offline."""
+    assert body.cert is not None and body.overlap is not None
+    new = device_ca_of(body.cert)
+    new_spki = trust.key_der(new.certificate.public_key())  # type: ignore[arg-type]
+    if new_spki == trust.key_der(cx.env.key.public_key()):
+        raise ProtocolError(KEY, "the new operator CA's key is the service signing key")
+    current = held(cx.env, session)
+    listed = current.operator_ca or (trust.DeviceCA(cx.env.operator_ca.public_bytes(Encoding.DER)),)
+    for ca in listed:
+        if ca.cert == new.cert:
+            raise ProtocolError(
+                KEY, f"the new CA is an operator CA of trust bundle {current.seq} already"
+            )
+        if trust.key_der(ca.certificate.public_key()) == new_spki:  # type: ignore[arg-type]
+            raise ProtocolError(KEY, "the new operator CA has the key of a listed operator CA")
+        if ca.certificate.subject == new.certificate.subject:
+            # OpenSSL (the broker) looks a certificate's issuer and CRL up by name
+            raise ProtocolError(KEY, "the new operator CA has the name of a listed operator CA")
+    older = sorted((c for c in listed if c.until is not None), key=lambda c: c.until or 0)
+    olds = [
+        *older,
+        *(trust.DeviceCA(c.cert, exp + body.overlap) for c in listed if c.until is None),
+    ]
+    cas = (*olds[-(trust.MAX_DEVICE_CAS - 1) :], new)
+    bundle = trust.TrustBundle(
+        current.seq + 1, current.service, current.device_ca, current.broker_ca, cas
+    )
+    data = bundle.encode()
+    kept = json.dumps({"bundle": data.hex(), "key_ref": ""})
+    return trust.subject(data), kept
+
+
+def approvals_under(env: Env, bundle: trust.TrustBundle) -> authz.AuthzVerifier:
+    """The verifier of approvals under ``bundle``'s operator CAs (each until its end), or the
+    configured operator CA's before any operator CA section: what a device holding ``bundle``
+    checks the next link's approval with."""
+    if bundle.operator_ca is None:
+        return authz.AuthzVerifier([env.operator_ca])
+    return authz.AuthzVerifier(
+        [c.certificate for c in bundle.operator_ca], ends=bundle.operator_ca_ends()
+    )
+
+
 def _rolled_key(env: Env, held: trust.TrustBundle, bundle: trust.TrustBundle) -> bytes:
     """The public key (SubjectPublicKeyInfo DER) of the key ``bundle``'s row names: the new
     service signing key, or the new device CA's."""
@@ -256,10 +318,11 @@ def execute(
         raise ProtocolError(
             "trust.seq", f"trust bundle {bundle.seq} no longer follows bundle {current.seq}"
         )
-    broker_only = bundle.current == current.current and current_ca(cx.env, bundle) == current_ca(
+    # a broker or operator CA rollover: the service loads no key
+    keyless = bundle.current == current.current and current_ca(cx.env, bundle) == current_ca(
         cx.env, current
     )
-    if not broker_only:
+    if not keyless:
         key = _load(cx.env, ref)
         if trust.key_der(key.public_key()) != _rolled_key(cx.env, current, bundle):
             raise ProtocolError(KEY, "the key reference no longer names the approved key")
@@ -272,7 +335,9 @@ def execute(
     trustchain.add(session, bundle.seq, link.bundle, authorization, ref, now=now)
     if bundle.current != current.current:
         what = "signs with its new key"
-    elif broker_only:
+    elif keyless and bundle.operator_ca != current.operator_ca:
+        what = "accepts operators of the new operator CA"
+    elif keyless:
         what = "hands devices the new broker CA"
     else:
         what = "uses its new device CA"
@@ -320,6 +385,8 @@ def sync(env: Env, session: Session) -> bool:
         )
     if bundle.device_ca is not None:
         _use_device_cas(env, bundle, ca_ref)
+    if bundle.operator_ca is not None:
+        use_operator_cas(env, bundle)
     env.trust_seq = row.seq
     return True
 
@@ -367,3 +434,12 @@ def _use_device_cas(env: Env, bundle: trust.TrustBundle, ref: str | None) -> Non
         env.crl_checked_at = 0  # the next tick issues the new CA's CRL (``tasks.crl_tick``)
     others = [c.certificate for c in bundle.device_ca if c.until is not None]
     env.devices = StoredDevices(new.certificate, others=others, ends=bundle.device_ca_ends())
+
+
+def use_operator_cas(env: Env, bundle: trust.TrustBundle) -> None:
+    """Verify operator certificates and approvals against every operator CA ``bundle`` lists,
+    each until its end (``Env.approvals``, ``Env.verify_operator_certificate``)."""
+    assert bundle.operator_ca is not None
+    env.operator_cas = tuple(c.certificate for c in bundle.operator_ca)
+    env.operator_ca_ends = bundle.operator_ca_ends()
+    env.authz_verifier = None  # built again over the new set at its next use

@@ -318,6 +318,10 @@ def test_keys_list_shows_what_the_newest_trust_bundle_lists_with_each_end(
             trust.DeviceCA(old_ca.certificate.public_bytes(der), until=t + 3600),
             trust.DeviceCA(new_ca.certificate.public_bytes(der)),
         ),
+        operator_ca=(
+            trust.DeviceCA(old_ca.certificate.public_bytes(der), until=t + 60),
+            trust.DeviceCA(ca.certificate.public_bytes(der)),
+        ),
     )
     engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
     migrations.upgrade(engine)
@@ -346,3 +350,9 @@ def test_keys_list_shows_what_the_newest_trust_bundle_lists_with_each_end(
     }
     assert later[fingerprint(old_ca.certificate)]["state"] == "deactivated"
     assert later[fingerprint(new_ca.certificate)]["state"] == "active"
+    # the operator CAs of the bundle likewise, each with its end
+    operators = {
+        r["fingerprint"]: r for r in rows([f for f in facts if f.kind == "operator-ca"], t)
+    }
+    assert operators[fingerprint(old_ca.certificate)]["accepted_until"] == t + 60
+    assert operators[fingerprint(ca.certificate)]["name"] == "trust bundle 2 (current)"

@@ -367,3 +367,43 @@ def test_device_ca_writes_the_next_device_ca_with_a_name_of_its_own(
     status, _, err = run(capsys, "pki", "device-ca", str(fleet_pki / "device-ca-2"))
     assert status != 0 and "refusing to overwrite" in err
     assert snapshot(fleet_pki) == before
+
+
+def test_operator_ca_writes_the_next_operator_ca_that_issue_and_crl_use(
+    fleet_pki: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``pki operator-ca DIR2/operator-ca``: a new offline operator CA with a dated name of its
+    own, its key encrypted with --passphrase-file; ``pki issue operator --dir DIR2`` issues
+    from it and ``pki crl operator --dir DIR2`` writes its CRL."""
+    passphrase = tmp_path / "pass"
+    passphrase.write_text("correct horse\n")
+    out_dir = tmp_path / "pki-2"
+    status, out, err = run(
+        capsys, "pki", "operator-ca", str(out_dir / "operator-ca"),
+        "--passphrase-file", str(passphrase),
+    )  # fmt: skip
+    assert status == 0, err
+    assert "BEGIN" not in out  # no key printed
+    key_path = out_dir / "operator-ca.key"
+    assert mode(key_path) == 0o600 and b"ENCRYPTED" in key_path.read_bytes()
+    new = pki.cert_from_pem((out_dir / "operator-ca.pem").read_bytes())
+    old = pki.cert_from_pem((fleet_pki / "operator-ca.pem").read_bytes())
+    assert new.subject != old.subject and "operator CA" in new.subject.rfc4514_string()
+    status, _, err = run(
+        capsys, "pki", "issue", "operator", "op-newbie", "--role", "admin", "--dir",
+        str(out_dir), "--passphrase-file", str(passphrase),
+    )  # fmt: skip
+    assert status == 0, err
+    issued = pki.cert_from_pem((out_dir / "op-newbie.pem").read_bytes())
+    pki.verify_certificate(issued, new, now=datetime.now(UTC), purpose="client")
+    status, _, err = run(
+        capsys, "pki", "crl", "operator", "--dir", str(out_dir),
+        "--passphrase-file", str(passphrase),
+    )  # fmt: skip
+    assert status == 0, err
+    crl = x509.load_pem_x509_crl((out_dir / "operator-ca.crl").read_bytes())
+    assert crl.issuer == new.subject and crl.is_signature_valid(new.public_key())
+    before = snapshot(out_dir)
+    status, _, err = run(capsys, "pki", "operator-ca", str(out_dir / "operator-ca"))
+    assert status != 0 and "refusing to overwrite" in err
+    assert snapshot(out_dir) == before

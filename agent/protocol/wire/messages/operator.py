@@ -61,7 +61,11 @@ PROPOSABLE_OPS = frozenset(
 MAX_OVERLAP = 366 * 86400
 ROTATE_DEVICE_CA = "device-ca"
 ROTATE_BROKER_CA = "broker-ca"
-ROTATE_TARGETS = frozenset({ROTATE_DEVICE_CA, ROTATE_BROKER_CA})
+ROTATE_OPERATOR_CA = "operator-ca"
+ROTATE_TARGETS = frozenset({ROTATE_DEVICE_CA, ROTATE_BROKER_CA, ROTATE_OPERATOR_CA})
+KEYLESS_ROTATE_TARGETS = frozenset({ROTATE_BROKER_CA, ROTATE_OPERATOR_CA})
+"""Rollovers of a CA whose key the service never uses (the broker's PKI keeps the broker CA's,
+the operator CA is offline): the proposal names no key."""
 """What a ``trust.rotate`` may roll over besides the service signing key (``Propose.rotate``)."""
 # The ops that name one firmware release (``release``) and nothing else.
 RELEASE_OPS = frozenset({"release.approve", "release.revoke"})
@@ -276,7 +280,8 @@ class Propose(Body):
     overlap: int | None = None
     # trust.rotate: what rolls over; None the service signing key, ``device-ca`` the device CA
     # (``cert`` its CA certificate, ``key_ref`` the CA's key), ``broker-ca`` the CA of the
-    # broker's TLS certificate (``cert`` its certificate, no ``key_ref``)
+    # broker's TLS certificate, ``operator-ca`` the operator CA (``cert`` the new CA's
+    # certificate, no ``key_ref``)
     rotate: str | None = None
     # group.create / group.add with no members: the service names the devices tagged so (those
     # that may join; for an add, those not in the group yet) in the Request it builds
@@ -297,10 +302,11 @@ class Propose(Body):
             check_uint(self.overlap, "overlap", maximum=MAX_OVERLAP)
             if self.rotate is not None:
                 check_choice(self.rotate, "rotate", ROTATE_TARGETS)
-            if self.rotate == ROTATE_BROKER_CA:
-                # the broker CA's key stays with the broker's PKI: the service never uses it
+            if self.rotate in KEYLESS_ROTATE_TARGETS:
+                # the broker CA's key stays with the broker's PKI, the operator CA's offline:
+                # the service never uses them
                 if self.key_ref is not None:
-                    raise ProtocolError("body.malformed", "a broker CA rollover names no key")
+                    raise ProtocolError("body.malformed", f"a {self.rotate} rollover names no key")
             else:
                 check_text(self.key_ref, "key_ref", min_len=1, max_len=1024)
             named = (self.group_id, self.policy, self.reason, self.release, self.operator)
