@@ -122,8 +122,9 @@ def build(
     progress: Callable[[str], None] = lambda _: None,
 ) -> BigGroup:
     """``n`` members (``dev-000000`` ...) of ``group_id`` at epoch 1, in memory and in the
-    fleet's store; ``processing`` of them, spread over the tree, process commits with MLS
-    (and are delivered to first), the rest are ``Follower``s of the first of those."""
+    fleet's store; ``processing`` of them, spread over the tree (the last member among them),
+    process commits with MLS (and are delivered to first), the rest are ``Follower``s of the
+    first of those."""
     assert fleet.device_ca is not None
     service_key = fleet.service.signing_key
     made = []
@@ -133,7 +134,9 @@ def build(
             progress(f"  {i} members made")
     states = Group.assemble(group_id.encode(), [m[1] for m in made], epoch=SEED_EPOCH)
     step = max(1, n // max(1, processing))
-    chosen = set(range(0, n, step)[:processing])
+    # spread over the tree, and the last member: the one the service asks to commit when every
+    # member was heard from at the same time (the highest device id of the most recent)
+    chosen = {*range(0, n, step)[: processing - 1], n - 1}
     first: list[SoftDevice] = []
     rest: list[Follower] = []
     for i, ((device, _), state) in enumerate(zip(made, states, strict=True)):
@@ -230,6 +233,7 @@ class Clocks:
     service: float = 0.0
     members: float = 0.0
     service_calls: int = 0
+    calls: list[tuple[float, int]] = field(default_factory=list)  # (seconds, messages) each
     largest_result: int = 0
     messages: int = 0
 
@@ -243,8 +247,10 @@ def drive(fleet: Fleet, outgoing: list[Outgoing], clocks: Clocks, *, batch: int 
         clocks.messages += len(chunk)
         start = time.perf_counter()
         publishes = fleet.service.handle_many(chunk, fleet.now)
-        clocks.service += time.perf_counter() - start
+        spent = time.perf_counter() - start
+        clocks.service += spent
         clocks.service_calls += 1
+        clocks.calls.append((spent, len(chunk)))
         queue.extend(_deliver(fleet, publishes, clocks))
 
 
