@@ -37,6 +37,14 @@ the service's commit flow (``commits.on_commit`` in its own transaction). The fi
 stored group (``cold_ms``); the others find it in memory, and their median is the figure, with
 the same-run cost of one ECDSA P-256 verify for scale, and the tree rows and bytes each commit
 writes against the size of the whole tree.
+
+A rekey at fleet scale (``python -m bench.bench_scale rekey [N...]``, not run by default: about
+half an hour at 100,000 on a shared machine): an operator's rekey of a seeded group of N members
+(tests/big_groups.py) through the delivery service to ``done``, the service's time (choosing the
+committer, accepting the commit, the N acks) apart from the members'.
+
+One module of about 800 lines, not several: each part is the service at fleet scale, seeded the
+same way and run on its own by name, and they share the service set-up and the verify baseline.
 """
 
 from __future__ import annotations
