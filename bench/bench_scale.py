@@ -37,6 +37,14 @@ the service's commit flow (``commits.on_commit`` in its own transaction). The fi
 stored group (``cold_ms``); the others find it in memory, and their median is the figure, with
 the same-run cost of one ECDSA P-256 verify for scale, and the tree rows and bytes each commit
 writes against the size of the whole tree.
+
+A rekey at fleet scale (``python -m bench.bench_scale rekey [N...]``, not run by default: about
+half an hour at 100,000 on a shared machine): an operator's rekey of a seeded group of N members
+(tests/big_groups.py) through the delivery service to ``done``, the service's time (choosing the
+committer, accepting the commit, the N acks) apart from the members'.
+
+One module of about 800 lines, not several: each part is the service at fleet scale, seeded the
+same way and run on its own by name, and they share the service set-up and the verify baseline.
 """
 
 from __future__ import annotations
@@ -64,6 +72,8 @@ from agent.protocol.mls.group import Group as MlsGroup
 from agent.protocol.mls.messages import Commit, KeyPackage
 from agent.protocol.mls.public import PublicGroup
 from agent.protocol.wire.messages.group import CommitMessage
+from agent.protocol.wire.messages.operator import Rekey
+from agent.protocol.wire.messages.result import ResultStatus
 from firmware_sim.boot import default_components
 from provisioning import audit, pki
 from provisioning.dashboard.app import RECHECK_ENTRIES, ChainCache
@@ -87,8 +97,10 @@ from provisioning.service.context import Call, Clock
 from provisioning.service.core import AttestationSettings, DeliveryService, ServiceSettings
 from provisioning.service.store import trees
 from provisioning.service.tasks import ATTEST_SCAN_SECONDS
+from tests import big_groups
 from tests.device_certs import device_ca as test_device_ca
 from tests.device_certs import devid_cert_der
+from tests.service_members import command_id
 
 DEVICES = 100_000
 GROUP_N = 10_000
@@ -680,10 +692,107 @@ def commit_records(directory: Path, sizes: tuple[int, ...] = COMMIT_SIZES) -> li
     return out
 
 
+# -- a rekey at fleet scale --------------------------------------------------------------------
+
+REKEY_SIZES = (1_000, 10_000, 100_000)
+REKEY_PROCESSING = 8  # members that process the commit with MLS; the rest ack (big_groups)
+REKEY_GROUP = "g-rekey"
+REKEY_ONCE_FROM = 100_000  # one rekey only (the first after the start) from this size on: on the
+# shared 2-core machine one rekey of 100,000 takes most of half an hour (the acks, ~2 ms each)
+
+
+def _one_rekey(fleet: Any, n: int) -> tuple[big_groups.Clocks, float]:
+    clocks = big_groups.Clocks()
+    epoch = fleet.epoch(REKEY_GROUP)
+    start = time.perf_counter()
+    cid = big_groups.command(fleet, "op-alice", Rekey(command_id(), REKEY_GROUP), clocks)
+    wall = time.perf_counter() - start
+    final = fleet.final(cid)
+    if final.status is not ResultStatus.DONE or final.acked != n or final.epoch != epoch + 1:
+        raise RuntimeError(f"N={n}: the rekey ended {final.status}: {final.detail}")
+    return clocks, wall
+
+
+def rekey_record(directory: Path, n: int) -> dict[str, Any]:
+    """Operator rekeys of a seeded group of ``n`` (tests/big_groups.py) through the real
+    delivery service until ``done``, the members' acks handed over ``big_groups.BATCH`` at a
+    time: the time spent inside the service, apart from the members' work. The first after the
+    service's start decodes the stored group; below ``REKEY_ONCE_FROM`` members a second one,
+    the figure, finds it in memory."""
+    begin = time.monotonic()
+    for fleet in big_groups.big_fleet(directory):
+        group = big_groups.build(fleet, REKEY_GROUP, n, processing=REKEY_PROCESSING,
+                                 progress=progress)  # fmt: skip
+        built_s = time.monotonic() - begin
+        progress(f"N={n}: group built and seeded in {built_s:.0f} s")
+        first = clocks = _one_rekey(fleet, n)
+        progress(f"N={n}: first rekey: service {first[0].service:.2f} s, wall {first[1]:.1f} s")
+        if n < REKEY_ONCE_FROM:
+            fleet.now += 1
+            clocks = _one_rekey(fleet, n)
+        agreed = {d.groups[REKEY_GROUP].epoch_authenticator for d in group.processing}
+        if len(agreed) != 1 or fleet.service.rejections.total:
+            raise RuntimeError(f"N={n}: the processing members do not agree, or refusals")
+    cold = first[0]
+    return _rekey_figures(n, *clocks, cold=cold, built_s=built_s, warm=n < REKEY_ONCE_FROM)
+
+
+def _rekey_figures(
+    n: int, clocks: big_groups.Clocks, wall: float, *, cold: big_groups.Clocks, built_s: float,
+    warm: bool,
+) -> dict[str, Any]:  # fmt: skip
+    # the calls in order: the command (committer chosen, commit requested), the committer's
+    # commit (accepted, relayed), then the acks in batches
+    (start_s, _), (commit_s, _), *acks = clocks.calls
+    acks_s = sum(t for t, _ in acks)
+    acked = sum(k for _, k in acks)
+    baseline = _ecdsa_verify_ms()
+    service = clocks.service
+    progress(
+        f"N={n}: done in {wall:.1f} s, service {service:.2f} s (start {start_s * 1000:.0f} ms, "
+        f"commit {commit_s * 1000:.0f} ms, {acked} acks {acks_s:.2f} s), "
+        f"members {clocks.members:.1f} s"
+    )
+    where = "in memory" if warm else "decoded from the store (the first rekey after a start)"
+    return {
+        "name": f"rekey_service_s_{n // 1000}k",
+        "value": round(service, 2),
+        "unit": f"s inside the delivery service from the operator's rekey to done, a seeded "
+        f"group of {n} {where} (SQLite; acks handed over {big_groups.BATCH} at a time)",
+        "target": None,
+        "met": None,
+        "members": n,
+        "start_ms": round(start_s * 1000, 1),
+        "commit_ms": round(commit_s * 1000, 1),
+        "acks_s": round(acks_s, 2),
+        "acks": acked,
+        "ack_batches": len(acks),
+        "ms_per_ack": round(acks_s * 1000 / max(1, acked), 3),
+        "members_s": round(clocks.members, 1),
+        "wall_s": round(wall, 1),
+        "first_after_start_service_s": round(cold.service, 2),
+        "first_after_start_commit_ms": round(cold.calls[1][0] * 1000, 1),
+        "first_after_start_start_ms": round(cold.calls[0][0] * 1000, 1),
+        "build_s": round(built_s, 1),
+        "largest_result_bytes": max(clocks.largest_result, cold.largest_result),
+        "ecdsa_verify_ms": round(baseline, 3),
+        "per_ack_in_ecdsa_verifies": round(acks_s * 1000 / max(1, acked) / baseline, 1),
+    }
+
+
+def rekey_records(directory: Path, sizes: tuple[int, ...] = REKEY_SIZES) -> list[dict[str, Any]]:
+    out = []
+    for n in sizes:
+        (directory / str(n)).mkdir()
+        out.append(rekey_record(directory / str(n), n))
+    return out
+
+
 def main() -> None:
     # "commit" (commit acceptance up to 100,000 members) only when named: building the groups
     # takes about ten minutes
-    which = sys.argv[1:] or ["attestation", "catchup", "audit"]
+    which = [a for a in sys.argv[1:] if not a.isdigit()] or ["attestation", "catchup", "audit"]
+    sizes = tuple(int(a) for a in sys.argv[1:] if a.isdigit())
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kf-bench-scale-") as tmp:
         if "attestation" in which:
@@ -697,7 +806,10 @@ def main() -> None:
             records += audit_records(Path(tmp) / "audit")
         if "commit" in which:
             (Path(tmp) / "commit").mkdir()
-            records += commit_records(Path(tmp) / "commit")
+            records += commit_records(Path(tmp) / "commit", sizes or COMMIT_SIZES)
+        if "rekey" in which:
+            (Path(tmp) / "rekey").mkdir()
+            records += rekey_records(Path(tmp) / "rekey", sizes or REKEY_SIZES)
     print(json.dumps(records, indent=1))
 
 

@@ -1,6 +1,8 @@
 """``make bench``: run every benchmark, print each figure beside its target, write
 docs/bench/results.json (a list of {"name", "value", "unit", "target", "met"}), each
-benchmark's full output under docs/bench/raw/, and the PNG plots.
+benchmark's full output under docs/bench/raw/, and the PNG plots (commit_accept.png from the
+saved output of ``python -m bench.bench_scale commit``, raw/bench_scale_commit.json, which make
+bench does not run).
 
 Each benchmark is its own process (``python -m bench.<name>``, JSON on stdout) so that one
 cannot disturb another's timing or memory, and a failing one is reported without losing the
@@ -266,11 +268,72 @@ def plot_rekey(records: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+SCALE_COMMIT_RAW = "bench_scale_commit.json"
+"""``python -m bench.bench_scale commit``'s output, saved by hand (not in ``make bench``: building
+the groups of up to 100,000 members takes minutes)."""
+BEFORE_NODE_ROWS_MS = {1_000: 170.0, 10_000: 1_850.0, 100_000: 18_400.0}
+"""Accepting a commit when every commit decoded, hashed and re-encoded the whole tree (measured
+before the node-row store and the in-memory group): O(N)."""
+COMMIT_ACCEPT_TARGET = (100_000, 10.0)
+
+
+def plot_commit_accept(rows: list[dict[str, Any]]) -> None:
+    """Service time per commit vs N (``commit_accept.png``) against an O(log N) line: c log2 N
+    through the measured time at the smallest N."""
+    import math  # noqa: PLC0415
+
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = sorted((r for r in rows if "members" in r), key=lambda r: r["members"])
+    if not rows:
+        return
+    ns = [r["members"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    flow = [r["value"] for r in rows]
+    ax.plot(ns, flow, "o-", label="service: commit flow, median per commit (SQLite)")
+    with_commit = [r["with_db_commit_ms"] for r in rows]
+    ax.plot(ns, with_commit, "o:", label="same, with the transaction's commit (fsync)")
+    checks = [r["mls_verify_ms"] for r in rows]
+    ax.plot(ns, checks, "^-", label="of which the MLS public checks")
+    line = [ns[0] * 0.8, ns[-1] * 1.25]
+    for first, style, what in ((flow[0], "k--", "flow"), (checks[0], "k:", "checks")):
+        c = first / math.log2(ns[0])
+        ax.plot(line, [c * math.log2(n) for n in line], style, linewidth=1,
+                label=f"O(log N): c log2 N through the {what} at N = {ns[0]:,}")  # fmt: skip
+    before = sorted(BEFORE_NODE_ROWS_MS.items())
+    ax.plot([n for n, _ in before], [v for _, v in before], "s--", color="grey",
+            label="before (whole tree decoded and re-encoded per commit): O(N)")  # fmt: skip
+    n_target, ms_target = COMMIT_ACCEPT_TARGET
+    ax.plot([n_target], [ms_target], marker="*", color="red", markersize=14, linestyle="none",
+            label=f"target: <= {ms_target:g} ms at N = {n_target:,}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(ns, [f"{n:,}" for n in ns])
+    ax.set_xlabel("group size N (members)")
+    ax.set_ylim(0.5, 4e5)  # room for the legend above the lines
+    ax.set_ylabel("service time per accepted commit (ms)")
+    ax.set_title("Commit acceptance at the service vs group size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "commit_accept.png", dpi=110)
+    plt.close(fig)
+
+
 def replot() -> int:
     """Redraw the plots from the raw outputs of the last run (``--plots-only``)."""
     plot_commit(json.loads((RAW / "bench_commit.json").read_text()))
     plot_rekey(json.loads((RAW / "bench_rekey.json").read_text()))
+    plot_scale_commit()
     return 0
+
+
+def plot_scale_commit() -> None:
+    if (RAW / SCALE_COMMIT_RAW).exists():
+        plot_commit_accept(json.loads((RAW / SCALE_COMMIT_RAW).read_text()))
 
 
 def main() -> int:
@@ -298,6 +361,8 @@ def main() -> int:
         else:
             if name == "bench_rekey":
                 plot_rekey(output)
+            if name == "bench_scale":
+                plot_scale_commit()
             records.extend(output)
     merged = {**previous, **{r["name"]: r for r in records}}
     results = [{k: r[k] for k in FIELDS} for r in merged.values()]
