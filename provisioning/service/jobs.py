@@ -335,6 +335,7 @@ def choose_committer(cx: Call, session: Session, job: Job, now: int) -> tuple[st
             # does) rather than have another member commit an update that leaves its leaf
             return None
     candidates: list[tuple[bool, bool, int, str]] = []
+    held = store.load_member_devices(session, job.group_id)  # registry.device() then reads these
     for member in members:
         device_id = member.device_id
         if device_id == job.member or member.pending is PendingChange.REMOVE:
@@ -347,6 +348,7 @@ def choose_committer(cx: Call, session: Session, job: Job, now: int) -> tuple[st
         seen = max(cx.env.last_heard.get(device_id, -1), device.last_seen or -1)
         online = seen >= now - cx.env.settings.online_window
         candidates.append((online, device_id == preferred, seen, device_id))
+    del held
     if not candidates:
         return None
     candidates.sort(reverse=True)

@@ -29,6 +29,19 @@ def mark_heard(session: Session, devices: Iterable[str], *, now: int) -> None:
     )
 
 
+def load_member_devices(session: Session, group_id: str) -> list[object]:
+    """Load the device rows of ``group_id``'s members into ``session`` in one query (choosing a
+    committer reads every member's state and last contact: one query, not one a member); the
+    caller keeps the returned list while it reads them."""
+    return list(
+        session.scalars(
+            select(Device)
+            .join(GroupMember, GroupMember.device_id == Device.device_id)
+            .where(GroupMember.group_id == group_id)
+        )
+    )
+
+
 def load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
     """Load the devices' rows and replay rows into ``session`` in two queries; the caller keeps
     the returned list while it reads them (the identity map holds them only weakly)."""
