@@ -18,6 +18,9 @@ reaches is the row's: the same head (epoch, width, both transcript hashes) and G
 (which holds the tree hash). Otherwise (the copy is ahead of the row, a rollback took its epoch
 back, the commits are no longer kept) the row is decoded.
 
+``TreePageCache`` keeps a few groups' trees cut into pages for joiners
+(``provisioning.service.treepages``) the same way: used only while the row carries the token.
+
 Bounded two ways, least recently used first out: at most ``max_groups`` groups and
 ``max_leaves`` leaves in all (a copy's memory grows with its tree: every leaf holds its DevID
 certificate).
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls.messages import Commit
 from agent.protocol.mls.public import PublicGroup
+from agent.protocol.mls.treepages import TreePage as Page
 from provisioning.service.store import trees
 
 MAX_GROUPS = 64
@@ -111,3 +115,33 @@ def replay(
     if trees.head(public.state) != head or public.state.group_context() != group_context:
         return None
     return public
+
+
+MAX_PAGED_GROUPS = 4
+"""Groups whose pages one instance keeps (a 100,000-member tree is about 100 MB of pages)."""
+
+
+class TreePageCache:
+    """group id -> (state token, pages), least recently used first out."""
+
+    def __init__(self, max_groups: int = MAX_PAGED_GROUPS) -> None:
+        self.max_groups = max_groups
+        self._entries: OrderedDict[str, tuple[bytes, list[Page]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, group_id: str, token: bytes | None) -> list[Page] | None:
+        with self._lock:
+            entry = self._entries.get(group_id)
+            if token is None or entry is None or entry[0] != token:
+                return None
+            self._entries.move_to_end(group_id)
+            return entry[1]
+
+    def put(self, group_id: str, token: bytes | None, pages: list[Page]) -> None:
+        if token is None:
+            return
+        with self._lock:
+            self._entries.pop(group_id, None)
+            self._entries[group_id] = (token, pages)
+            while len(self._entries) > self.max_groups:
+                self._entries.popitem(last=False)

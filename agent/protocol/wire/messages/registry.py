@@ -15,6 +15,7 @@ from agent.protocol.wire.messages.group import (
     CommitRefused,
     GroupCreated,
     KeyPackageMessage,
+    TreeRequest,
     UpdateProposal,
     UpdateRequest,
     WelcomeMessage,
@@ -54,6 +55,7 @@ from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
     ReportRequest,
+    TreePage,
     UpdateProposalRequest,
     WelcomeDelivery,
 )
@@ -99,6 +101,8 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     RenewChallenge,
     RenewAnswer,
     RenewIssued,
+    TreeRequest,
+    TreePage,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})
