@@ -335,6 +335,7 @@ TRUST_CHECKS: Final = (
     "mls.leaf.",
     "mls.parent-hash",
     "mls.welcome.",
+    "agent.tree-page.timeout",  # a join that gave up waiting for its tree's pages
     "revocation.rollback",
     "revocation.fork",
     "revocation.authz",

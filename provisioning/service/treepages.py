@@ -5,14 +5,14 @@ service answers each with a ``svc.tree_page`` cut from the public tree it holds
 (``agent.protocol.mls.treepages.paginate``: every page at most 1 MiB of nodes).
 
 Only a member of the group (one with a leaf: its add was committed) gets pages
-(``ds.group.member``), only of the group's current epoch (``ds.tree.epoch``: the group moved
-on, so the joiner's Welcome is for an epoch the service no longer holds a tree of; the joiner's
-fetch times out and catch-up brings it in again), only pages that exist (``ds.tree.page``).
+(``ds.group.member``), only pages that exist (``ds.tree.page``), only of a tree this instance
+has: the group's current one (from its row), or one of its recent epochs whose commit added
+members, kept when this instance accepted that commit (``groupcache.TreePageCache``), so joiners
+of one chunk of a large creation still get their epoch's tree while the next chunks commit.
+Otherwise ``ds.tree.epoch``: the joiner asks again after ``agent.protocol.treefetch.RETRY``
+seconds (maybe reaching the instance that keeps the tree) until its fetch times out.
 The joiner checks everything against the signed tree hash: the service is not trusted here.
 
-A group's pages are cut once per state of its row (its state token) and kept in
-``groupcache.TreePageCache`` (a harmless cache like the group cache: a copy is used only while
-the row carries the token it was made for).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError
-from agent.protocol.mls.treepages import paginate
 from agent.protocol.topics import device_cmd_topic
 from agent.protocol.wire.messages.group import TreeRequest
 from agent.protocol.wire.messages.service import TreePage
@@ -43,16 +42,16 @@ def on_tree_request(
             "ds.group.member", f"{sender!r} is not a member of group {body.group_id!r}"
         )
     group = Registry(session).group(body.group_id)
-    if group.epoch != body.epoch:
+    tree = cx.env.tree_pages.tree(body.group_id, body.epoch)
+    if tree is None and group.epoch == body.epoch:
+        tree = load_public(session, body.group_id, cx.env.groups)[0].tree
+    if tree is None:
         raise ProtocolError(
             "ds.tree.epoch",
-            f"group {body.group_id!r} is at epoch {group.epoch}, not {body.epoch}",
+            f"no tree of group {body.group_id!r} at epoch {body.epoch} here "
+            f"(the group is at epoch {group.epoch})",
         )
-    pages = cx.env.tree_pages.get(body.group_id, group.state_token)
-    if pages is None:
-        public, _ = load_public(session, body.group_id, cx.env.groups)
-        pages = paginate(public.tree)
-        cx.env.tree_pages.put(body.group_id, group.state_token, pages)
+    pages = cx.env.tree_pages.pages(body.group_id, body.epoch, tree)
     if body.page >= len(pages):
         raise ProtocolError("ds.tree.page", f"the tree of {body.group_id!r} has {len(pages)} pages")
     page = pages[body.page]

@@ -16,13 +16,14 @@ import pytest
 
 from agent.protocol.mls import group as group_module
 from agent.protocol.mls.tree import RatchetTree
-from agent.protocol.mls.treepages import TreePage, paginate
+from agent.protocol.mls.treepages import TreeCollector, TreePage, paginate
 from agent.protocol.wire.messages.group import TreeRequest
 from agent.protocol.wire.messages.result import ResultStatus
 from agent.protocol.wire.messages.service import TreePage as TreePageMessage
-from provisioning.service import treepages
+from provisioning.service import groupcache
+from provisioning.service.groupcache import TreePageCache
 from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet
-from tests.service_members import group_add
+from tests.service_members import group_add, rekey
 
 pytestmark = pytest.mark.pure
 
@@ -34,7 +35,7 @@ def _small_pages(tree: RatchetTree) -> list[TreePage]:
 @pytest.fixture
 def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     monkeypatch.setattr(group_module, "INLINE_TREE_LEAVES", 0)
-    monkeypatch.setattr(treepages, "paginate", _small_pages)
+    monkeypatch.setattr(groupcache, "paginate", _small_pages)
     yield from make_fleet(tmp_path)
 
 
@@ -78,3 +79,34 @@ def test_tree_requests_from_strangers_for_other_epochs_or_past_the_end_are_refus
     assert (page.group_id, page.epoch, page.page) == ("g1", epoch, 1)
     # a stray page is refused by the device (no fetch awaits it), and changes nothing
     assert fleet.devices["dev-2"].refusals == ["agent.tree-page.unasked"]
+
+
+def test_a_joiner_gets_the_tree_of_its_welcomes_epoch_after_the_group_moved_on(
+    fleet: Fleet,
+) -> None:
+    """The epochs whose commits added members keep their trees at the instance that accepted
+    them (a chunk's joiners fetch while the next chunks commit); another instance, without
+    them, refuses (``ds.tree.epoch``) and the joiner's next retry may reach the first."""
+    create_g1(fleet, "dev-1", "dev-2")
+    welcome_epoch = fleet.epoch("g1")
+    signed_hash = fleet.devices["dev-2"].groups["g1"].tree_hash()
+    assert fleet.final(fleet.command("op-alice", rekey("g1"))).status is ResultStatus.DONE
+    assert fleet.epoch("g1") == welcome_epoch + 1
+    fleet.record = True
+    fleet.send(fleet.devices["dev-2"].report(TreeRequest("g1", welcome_epoch, 0), fleet.now))
+    (page,) = [b for _, b in fleet.to_devices if isinstance(b, TreePageMessage)]
+    assert (page.epoch, page.page) == (welcome_epoch, 0)
+    # the kept tree is the one the Welcome's GroupInfo signed (dev-2 joined with it)
+    collector = TreeCollector("g1", welcome_epoch, signed_hash)
+    for k in range(page.pages):
+        fleet.to_devices.clear()
+        fleet.send(fleet.devices["dev-2"].report(TreeRequest("g1", welcome_epoch, k), fleet.now))
+        (got,) = [b for _, b in fleet.to_devices if isinstance(b, TreePageMessage)]
+        collector.add("g1", welcome_epoch, TreePage(k, got.pages, got.width, got.start, got.nodes))
+    assert collector.tree().tree_hash() == signed_hash
+    fleet.service._env.tree_pages = TreePageCache()  # another instance: nothing kept
+    fleet.to_devices.clear()
+    before = fleet.service.rejections.count("ds.tree.epoch")
+    fleet.send(fleet.devices["dev-2"].report(TreeRequest("g1", welcome_epoch, 0), fleet.now))
+    assert fleet.service.rejections.count("ds.tree.epoch") == before + 1
+    assert not any(isinstance(b, TreePageMessage) for _, b in fleet.to_devices)

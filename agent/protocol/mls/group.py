@@ -28,9 +28,14 @@ Update proposals (``propose_update``, ``commit(updates=...)``, ``process(propose
 let one commit renew many members' leaf keys (a full rekey in a few commits instead of one per
 member; docs/treekem.md, "Who updates when").
 
-Why one module of this size (a little over 800 lines): a member's epoch is one immutable object
-whose every transition (create, join, commit, process, persist) touches the same private fields;
-the parts that need no secret live in ``agent.protocol.mls.public``.
+Joining is two steps (``open_welcome``, then ``join_opened`` with the tree) so that a joiner can
+fetch a large group's tree in pages between them (``agent.protocol.mls.treepages``); a Welcome
+carries its tree only up to ``INLINE_TREE_LEAVES`` leaves.
+
+Why one module of this size (about 950 lines): a member's epoch is one immutable object whose
+every transition (create, join, commit, process, persist) touches the same private fields; the
+parts that need no secret live in ``agent.protocol.mls.public``, the tree pages in
+``agent.protocol.mls.treepages``.
 """
 
 from __future__ import annotations
