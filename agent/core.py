@@ -73,7 +73,7 @@ from agent.protocol.lifecycle import (
 )
 from agent.protocol.membership import Membership, MembershipState
 from agent.protocol.mls import codec
-from agent.protocol.mls.group import Group
+from agent.protocol.mls.group import Group, OpenedWelcome
 from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Update, Welcome
 from agent.protocol.mls.public import CommitCheck, LeafCheck
 from agent.protocol.mls.tree import LeafNode, RatchetTree
@@ -90,6 +90,7 @@ from agent.protocol.topics import (
     device_report_topic,
     group_of_commit_topic,
 )
+from agent.protocol.treefetch import TreeFetches
 from agent.protocol.wire.envelope import (
     DEFAULT_MAX_AGE,
     Signer,
@@ -129,6 +130,7 @@ from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
     ReportRequest,
+    TreePage,
     UpdateProposalRequest,
     WelcomeDelivery,
 )
@@ -333,6 +335,7 @@ TRUST_CHECKS: Final = (
     "mls.leaf.",
     "mls.parent-hash",
     "mls.welcome.",
+    "agent.tree-page.timeout",  # a join that gave up waiting for its tree's pages
     "revocation.rollback",
     "revocation.fork",
     "revocation.authz",
@@ -416,6 +419,8 @@ class AgentCore:
         # package (see _on_key_package_request)
         self._key_package_requests: OrderedDict[bytes, bytes] = OrderedDict()
         self._used_init = UsedInitKeys()  # packages whose init key opened a Welcome (destroyed)
+        # joins waiting for their tree's pages (memory only: they hold GroupSecrets)
+        self._tree_fetches = TreeFetches()
         self._replies: OrderedDict[bytes, tuple[Publish, ...]] = OrderedDict()
         self._guard = ReplayGuard(SERVICE_REPLAY_WINDOW, SERVICE_REPLAY_CAPACITY)
         self._seq = 1
@@ -679,6 +684,8 @@ class AgentCore:
             return self._on_commit_request(body)
         if isinstance(body, WelcomeDelivery):
             return self._on_welcome(body)
+        if isinstance(body, TreePage):
+            return self._on_tree_page(body)
         if isinstance(body, KeyPackageRequest):
             return self._on_key_package_request(body)
         if isinstance(body, UpdateProposalRequest):
@@ -1089,32 +1096,102 @@ class AgentCore:
             )
         public, key_package = match
         key_package.check_lifetime(self._now)
-        membership, now, name = self.membership, self._now, body.group_id
-
-        def admission_check(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
-            membership.check_admission(name, leaf, authz, is_own, now)
-
-        group = Group.join(
+        opened = Group.open_welcome(
             welcome,
             key_package,
             self._keys.load_leaf(public),
             init_key=self._keys.load_leaf(key_package.init_key),
+        )
+        if opened.info.tree is None:
+            # a large group: its tree comes in pages from the service, checked against the
+            # tree hash of the signed GroupInfo before anything is accepted (treefetch)
+            if opened.info.group_id != body.group_id.encode() or opened.info.epoch != body.epoch:
+                raise ProtocolError(
+                    "agent.welcome.mismatch",
+                    "the welcome's group or epoch differs from its envelope",
+                )
+            request = self._tree_fetches.start(
+                body.group_id,
+                body.epoch,
+                opened,
+                leaf_public=public,
+                key_package=key_package,
+                now=self._now,
+            )
+            log.info("welcome to %s epoch %d: fetching its tree", body.group_id, body.epoch)
+            return Outcome(publishes=[self._send(request)], changed=True)
+        return self._join(
+            body.group_id, body.epoch, opened, public=public, key_package=key_package, tree=None
+        )
+
+    def _on_tree_page(self, body: TreePage) -> Outcome:
+        """A page of the tree a Welcome we opened references (treefetch): ask for the next
+        one, or join once all are in and their tree hash is the GroupInfo's."""
+        try:
+            fetch, tree, request = self._tree_fetches.page(body, self._now)
+        except ProtocolError as exc:
+            if exc.check == "mls.welcome.tree-hash" or exc.check.startswith("mls.decode"):
+                log.warning(
+                    "dropped the join of %s: its tree pages are not the signed tree", body.group_id
+                )
+            raise
+        if request is not None:
+            return Outcome(publishes=[self._send(request)], changed=True)
+        assert tree is not None
+        return self._join(
+            body.group_id,
+            body.epoch,
+            fetch.opened,
+            public=fetch.leaf_public,
+            key_package=fetch.key_package,
+            tree=tree,
+        )
+
+    def _join(
+        self,
+        name: str,
+        epoch: int,
+        opened: OpenedWelcome,
+        *,
+        public: bytes,
+        key_package: KeyPackage,
+        tree: RatchetTree | None,
+    ) -> Outcome:
+        """Join with an opened Welcome (and the fetched tree if its GroupInfo holds none)."""
+        if public not in self._key_packages:
+            raise ProtocolError(
+                "mls.init-key", "the key package of this welcome was used or dropped meanwhile"
+            )
+        key_package.check_lifetime(self._now)
+        membership, now = self.membership, self._now
+
+        def admission_check(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
+            membership.check_admission(name, leaf, authz, is_own, now)
+
+        group = Group.join_opened(
+            opened,
+            key_package,
+            self._keys.load_leaf(public),
+            tree=tree,
             leaf_check=self._checks(name, fresh=False).leaf_check,
             admission_check=admission_check,
         )
-        if group.group_id != body.group_id.encode() or group.epoch != body.epoch:
+        if group.group_id != name.encode() or group.epoch != epoch:
             raise ProtocolError(
                 "agent.welcome.mismatch", "the welcome's group or epoch differs from its envelope"
             )
+        existing = self._groups.get(name)
+        if existing is not None and epoch <= existing.group.epoch:
+            return Outcome(publishes=[self._ack(existing, None)])
         self.membership.consume(group.admission(group.own_leaf), self._now)
         if existing is not None:
-            log.warning("re-added to group %s at epoch %d", body.group_id, group.epoch)
+            log.warning("re-added to group %s at epoch %d", name, group.epoch)
         # The init key is spent: no state refers to it any more, so the daemon flushes it and
         # shreds its blob as soon as this state is saved (_retire_leaves records it destroyed).
         del self._key_packages[public]
         self._used_init.add(key_package.ref())
-        self._install_join(body.group_id, group)
-        entry = self._groups[body.group_id]
+        self._install_join(name, group)
+        entry = self._groups[name]
         # our first act in the group: the next tick asks the service for a self-update (and
         # again while we still hold this leaf), so the leaf key the Welcome's tree names is
         # replaced too
@@ -1507,6 +1584,7 @@ class AgentCore:
                 )
             )
             outcome.changed = True
+        self._tree_fetch_tick(now, outcome)
         if self.report_due is not None and now >= self.report_due:
             outcome.publishes.append(self._report())
             outcome.changed = True
@@ -1514,6 +1592,19 @@ class AgentCore:
         if self._dirty:
             outcome.changed = True
         return outcome
+
+    def _tree_fetch_tick(self, now: int, outcome: Outcome) -> None:
+        """Ask again for tree pages left unanswered; give up fetches that took too long (the
+        init key stays: a re-sent Welcome opens again)."""
+        again, expired = self._tree_fetches.due(now)
+        for group_id in expired:
+            self.rejections.record(
+                ProtocolError("agent.tree-page.timeout", f"no tree for {group_id!r} in time")
+            )
+            log.warning("gave up fetching the tree of %s", group_id)
+        for request in again:
+            outcome.publishes.append(self._send(request))
+            outcome.changed = True
 
     def _join_update_pending(self, entry: _GroupEntry) -> bool:
         """Whether we still hold the group with the leaf key we joined with."""

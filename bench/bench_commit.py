@@ -124,8 +124,14 @@ def _measure(full: FullGroup, op: str, committer: int, target: int | None) -> di
         assert result.welcome is not None
         welcome_bytes = result.welcome.encode()
         start = time.perf_counter()
+        # past 256 members the Welcome carries the tree's hash only: the joiner's tree is the
+        # one it would fetch in pages (docs/treekem.md, "Joining a large group")
         joined = Group.join(
-            Welcome.decode(welcome_bytes), joiner[0], joiner[1], init_key=joiner_init
+            Welcome.decode(welcome_bytes),
+            joiner[0],
+            joiner[1],
+            init_key=joiner_init,
+            tree=result.group.tree,
         )
         welcome["join_ms"] = round((time.perf_counter() - start) * 1000, 2)
         welcome["welcome_bytes"] = len(welcome_bytes)

@@ -20,9 +20,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
-from agent.protocol.mls.group import CommitResult, Group
+from agent.protocol.mls.group import CommitResult, Group, OpenedWelcome
 from agent.protocol.mls.messages import Commit, KeyPackage, Update, Welcome
+from agent.protocol.mls.tree import RatchetTree
 from agent.protocol.topics import SERVICE_ID, device_report_topic, operator_cmd_topic
+from agent.protocol.treefetch import TreeFetches
 from agent.protocol.wire.cose import key_id
 from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
 from agent.protocol.wire.messages.ack import Ack
@@ -41,6 +43,7 @@ from agent.protocol.wire.messages.service import (
     CommitAction,
     CommitRequest,
     KeyPackageRequest,
+    TreePage,
     UpdateProposalRequest,
     WelcomeDelivery,
 )
@@ -79,6 +82,9 @@ class SoftDevice:
     ignore_proposal_requests: bool = False  # never proposes an Update for a full rekey
     drop_updates: int = 0  # a compromised committer: commits this many fewer Updates than asked
     refusals: list[str] = field(default_factory=list)
+    # joins of large groups waiting for their tree's pages, and how many pages were taken
+    tree_fetches: TreeFetches = field(default_factory=TreeFetches, repr=False)
+    tree_pages: int = 0
 
     @classmethod
     def create(
@@ -184,13 +190,42 @@ class SoftDevice:
         if isinstance(body, WelcomeDelivery):
             welcome = Welcome.decode(body.welcome)
             for entry in welcome.secrets:
-                held = self.key_packages.pop(entry.key_package_ref, None)
+                held = self.key_packages.get(entry.key_package_ref)
                 if held is not None:
-                    group = Group.join(welcome, held[0], held[1], init_key=held[2])
-                    self.groups[body.group_id] = group
-                    return [self._ack(body.group_id, now)]
+                    opened = Group.open_welcome(welcome, held[0], held[1], init_key=held[2])
+                    if opened.info.tree is None:
+                        # a large group's Welcome: fetch the tree in pages (treefetch)
+                        request = self.tree_fetches.start(
+                            body.group_id,
+                            body.epoch,
+                            opened,
+                            leaf_public=held[0].leaf_key,
+                            key_package=held[0],
+                            now=now,
+                        )
+                        return [self.report(request, now)]
+                    return self._joined(body.group_id, opened, held, None, now)
             raise ProtocolError("test.welcome", "no key package of ours")
+        if isinstance(body, TreePage):
+            fetch, tree, request = self.tree_fetches.page(body, now)
+            if request is not None:
+                return [self.report(request, now)]
+            self.tree_pages += body.pages
+            held = self.key_packages[fetch.key_package.ref()]
+            return self._joined(body.group_id, fetch.opened, held, tree, now)
         return []
+
+    def _joined(
+        self,
+        gid: str,
+        opened: OpenedWelcome,
+        held: tuple[KeyPackage, ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey],
+        tree: RatchetTree | None,
+        now: int,
+    ) -> list[Outgoing]:
+        self.groups[gid] = Group.join_opened(opened, held[0], held[1], tree=tree)
+        del self.key_packages[held[0].ref()]
+        return [self._ack(gid, now)]
 
     def _commit(self, request: CommitRequest, now: int) -> list[Outgoing]:
         gid = request.group_id

@@ -22,8 +22,9 @@ left of the frame after the Authorization and ``OTHER_ROOM`` (UpdatePath, policy
 envelope). A 1,000-member creation with short device ids (an Authorization of about 55 to 60
 KB) gets 86 to 88 joiners per commit: 12 commits. Measured: the virtual fleet's key packages
 (a certificate and two simulated TPM proofs) are about 1.9 KB, so a commit of 107 joiners
-with a 300-member Authorization is 225 KB. The Welcome (4 MiB frame; about 850 bytes per
-member of the tree) is never the bound below ~4,000 members.
+with a 300-member Authorization is 225 KB. The Welcome is never the bound: it carries the tree
+(about 850 bytes per member) only up to 256 members, past that the tree's hash, and joiners
+fetch the tree in pages (docs/treekem.md, "Joining a large group").
 """
 
 from __future__ import annotations

@@ -362,6 +362,9 @@ def accept_commit(
     # The next commit starts from this copy if the row still has this token then (a rollback
     # of this transaction leaves a token no row has: the copy is never used).
     cx.env.groups.put(body.group_id, token, following)
+    if welcome is not None:
+        # its joiners may ask for this epoch's tree after the group has moved on (treepages)
+        cx.env.tree_pages.keep(body.group_id, following.epoch, following.tree)
     rekeypolicy.record_commit(
         session,
         body.group_id,

@@ -11,6 +11,8 @@ seeing another's, changes nothing that matters):
   and rebuilds it when it moved.
 - ``groups``: decoded public groups, each used only while the group row still carries the
   state token it was made for (``groupcache``); otherwise the row is decoded again.
+- ``tree_pages``: groups' trees cut into pages for joiners, kept like ``groups``
+  (``treepages``).
 - ``catchup_sent``: which commit range was last replayed to a member for catch-up. Another
   instance may replay the same range once more, and a member drops commits it already has.
 """
@@ -38,7 +40,7 @@ from provisioning.pki import verify_certificate
 from provisioning.registry import run_in_transaction
 from provisioning.revocation import RevocationSettings
 from provisioning.service.credentials import StoredDevices
-from provisioning.service.groupcache import GroupCache
+from provisioning.service.groupcache import GroupCache, TreePageCache
 from provisioning.service.model import AttestationSettings, ReleaseCache, ServiceSettings
 
 T = TypeVar("T")
@@ -101,6 +103,9 @@ class Env:
     releases: ReleaseCache | None = None  # the golden policy at a release seq (``releases``)
     # decoded public groups, each used only while its row has the same state token (``groupcache``)
     groups: GroupCache = field(default_factory=GroupCache)
+    # groups' trees cut into pages for joiners, each used only while its row has the same
+    # state token (``treepages``)
+    tree_pages: TreePageCache = field(default_factory=TreePageCache)
     # Signs the release bundle (``releases``, [releases] signing_key); None: none is published.
     release_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
     release_key_warned: bool = False

@@ -32,6 +32,7 @@ from agent.protocol.wire.messages.group import (
     CommitRefused,
     GroupCreated,
     KeyPackageMessage,
+    TreeRequest,
     UpdateProposal,
     UpdateRequest,
     WelcomeMessage,
@@ -56,6 +57,7 @@ from provisioning.service import (
     rollback,
     rollout,
     store,
+    treepages,
     verify,
 )
 from provisioning.service.context import Call
@@ -145,6 +147,8 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
         return renewal.on_renew_request(cx, session, sender, body, now)
     if isinstance(body, RenewAnswer):
         return renewal.on_renew_answer(cx, session, sender, body, now)
+    if isinstance(body, TreeRequest):
+        return treepages.on_tree_request(cx, session, sender, body, now)
     raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
 
 

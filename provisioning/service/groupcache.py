@@ -18,6 +18,9 @@ reaches is the row's: the same head (epoch, width, both transcript hashes) and G
 (which holds the tree hash). Otherwise (the copy is ahead of the row, a rollback took its epoch
 back, the commits are no longer kept) the row is decoded.
 
+``TreePageCache`` keeps groups' recent trees and a few of them cut into pages for joiners
+(``provisioning.service.treepages``).
+
 Bounded two ways, least recently used first out: at most ``max_groups`` groups and
 ``max_leaves`` leaves in all (a copy's memory grows with its tree: every leaf holds its DevID
 certificate).
@@ -32,6 +35,9 @@ from collections.abc import Sequence
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls.messages import Commit
 from agent.protocol.mls.public import PublicGroup
+from agent.protocol.mls.tree import RatchetTree
+from agent.protocol.mls.treepages import TreePage as Page
+from agent.protocol.mls.treepages import paginate
 from provisioning.service.store import trees
 
 MAX_GROUPS = 64
@@ -111,3 +117,64 @@ def replay(
     if trees.head(public.state) != head or public.state.group_context() != group_context:
         return None
     return public
+
+
+MAX_PAGED = 2
+"""Trees whose pages one instance keeps cut (a 100,000-member tree is about 100 MB of pages)."""
+MAX_KEPT_EPOCHS = 64
+"""Recent trees a group keeps for joiners (epochs whose commits added members)."""
+MAX_KEPT_GROUPS = 64
+
+
+class TreePageCache:
+    """Trees for joiners (``provisioning.service.treepages``): each group's trees of its recent
+    epochs that added members (``keep``, when this instance accepts such a commit: copies of
+    the live tree that share all but O(log N) nodes with it, so cheap to keep), and the pages
+    of the last few trees asked for, by (group, epoch, tree hash). Least recently used first
+    out; harmless to lose (a joiner asks again, maybe another instance)."""
+
+    def __init__(
+        self,
+        max_paged: int = MAX_PAGED,
+        max_epochs: int = MAX_KEPT_EPOCHS,
+        max_groups: int = MAX_KEPT_GROUPS,
+    ) -> None:
+        self.max_paged = max_paged
+        self.max_epochs = max_epochs
+        self.max_groups = max_groups
+        self._trees: OrderedDict[str, OrderedDict[int, RatchetTree]] = OrderedDict()
+        self._pages: OrderedDict[tuple[str, int, bytes], list[Page]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, group_id: str, epoch: int, tree: RatchetTree) -> None:
+        """``tree`` is the group's tree at ``epoch`` (a later commit at the same epoch, after a
+        rollback, replaces it)."""
+        with self._lock:
+            trees = self._trees.pop(group_id, OrderedDict())
+            trees.pop(epoch, None)
+            trees[epoch] = tree
+            while len(trees) > self.max_epochs:
+                trees.popitem(last=False)
+            self._trees[group_id] = trees
+            while len(self._trees) > self.max_groups:
+                self._trees.popitem(last=False)
+
+    def tree(self, group_id: str, epoch: int) -> RatchetTree | None:
+        with self._lock:
+            trees = self._trees.get(group_id)
+            return None if trees is None else trees.get(epoch)
+
+    def pages(self, group_id: str, epoch: int, tree: RatchetTree) -> list[Page]:
+        """``tree`` (the group's at ``epoch``) cut into pages, once per tree."""
+        key = (group_id, epoch, tree.tree_hash())
+        with self._lock:
+            cut = self._pages.get(key)
+            if cut is not None:
+                self._pages.move_to_end(key)
+                return cut
+        cut = paginate(tree)
+        with self._lock:
+            self._pages[key] = cut
+            while len(self._pages) > self.max_paged:
+                self._pages.popitem(last=False)
+        return cut

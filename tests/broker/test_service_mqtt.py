@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt import MqttClient
+from agent.protocol.mls import group as group_module
 from agent.protocol.topics import device_cmd_topic
 from provisioning import pki
 from provisioning.registry import create_schema, make_engine, session_factory
@@ -219,6 +220,23 @@ def test_rekey_over_mqtt_shows_acks_and_times_out_naming_a_silent_member(
 
     verify = keyfleet("audit", "verify", "--config", str(deployment.config), cwd=deployment.workdir)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_founders_join_through_tree_pages_served_over_the_broker(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Welcomes without their tree (the inline bound set to 0 for the members in this process,
+    who commit: what a group past 256 members does): each joiner asks ``keyfleet serve`` for the
+    tree (``group.tree_request`` on its report topic, ``svc.tree_page`` on its command topic,
+    through the product ACL), checks its hash against the signed GroupInfo and joins."""
+    monkeypatch.setattr(group_module, "INLINE_TREE_LEAVES", 0)
+    created = deployment.cli("group", "create", "g1", "--members", *DEVICES)
+    assert created.returncode == 0, created.stdout + created.stderr
+    assert "create g1: done epoch 1" in created.stdout
+    devices = [m.device for m in deployment.members.values()]
+    assert len({d.groups["g1"].epoch_authenticator for d in devices}) == 1
+    assert sorted(d.tree_pages for d in devices) == [0, 1, 1]  # the founder; two joiners
+    assert not any(d.refusals for d in devices), [d.refusals for d in devices]
 
 
 def test_operator_cli_refusals_and_usage(deployment: Deployment) -> None:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,14 +35,32 @@ from agent.localapi.protocol import app_signing_input
 from agent.mqtt import MqttClient
 from agent.protocol.dataseal import open_sealed
 from agent.protocol.hpke import serialize_public_key
+from agent.protocol.membership import ChangeAuthorization
+from agent.protocol.mls import codec
+from agent.protocol.mls import group as group_module
 from agent.protocol.mls.group import Group
 from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
+from agent.protocol.mls.treepages import TreePage as TreePageData
+from agent.protocol.mls.treepages import paginate
 from agent.protocol.wire.envelope import Signer, VerifiedMessage, encode_message, open_message
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.base import Body
-from agent.protocol.wire.messages.group import CommitMessage, GroupCreated, WelcomeMessage
+from agent.protocol.wire.messages.group import (
+    CommitMessage,
+    GroupCreated,
+    KeyPackageMessage,
+    TreeRequest,
+    WelcomeMessage,
+)
 from agent.protocol.wire.messages.key_state import KeyStateReport
-from agent.protocol.wire.messages.service import CommitAction, CommitRequest, ReportRequest
+from agent.protocol.wire.messages.service import (
+    CommitAction,
+    CommitRequest,
+    KeyPackageRequest,
+    ReportRequest,
+    TreePage,
+    WelcomeDelivery,
+)
 from agent.tpm.store import TPMStore
 from agent.tpm.templates import KeyKind
 from firmware_sim.fleet.credentials import SimulatedAK
@@ -699,3 +717,66 @@ def test_a_vanished_notify_socket_does_not_stop_the_agent(
     time.sleep(0.3)  # several watchdog pings into nowhere
     assert agent.process is not None and agent.process.poll() is None
     assert agent.terminate() == 0
+
+
+def test_the_agent_joins_through_tree_pages_and_refuses_an_altered_page(
+    env: tuple[AgentProcess, ServiceHarness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real agent (swtpm keys, Mosquitto) added by the software member to a group whose
+    Welcome carries no tree (the inline bound set to 0 in this process, where the member
+    commits: what a group past 256 members does): it asks for the tree page by page
+    (``group.tree_request``), refuses the tree when one page was altered
+    (``mls.welcome.tree-hash``, no ack, no group), and joins when the Welcome comes again with
+    the true pages: its ack's epoch authenticator is the member's."""
+    agent, harness = env
+    agent.start()
+    harness.expect(KeyStateReport)
+    monkeypatch.setattr(group_module, "INLINE_TREE_LEAVES", 0)
+    member = SoftwareMember()
+    member.group = Group.create(
+        G.encode(),
+        member.key_package(),
+        member.leaf_key,
+        authz=ChangeAuthorization(
+            authorize("group.create", G, [("dev-soft", member.point())])
+        ).encode(),
+    )
+    harness.command(KeyPackageRequest(os.urandom(16)))
+    offered = harness.expect(KeyPackageMessage).body
+    assert isinstance(offered, KeyPackageMessage)
+    kp = KeyPackage.decode(offered.key_package)
+    result = member.group.add(
+        member.signature_key,
+        [kp],
+        authz=ChangeAuthorization(authorize("group.add", G, [(DEVICE, kp.signature_key)])).encode(),
+    )
+    assert result.welcome is not None
+    member.group = result.group
+    welcome = result.welcome.encode()
+    pages = paginate(result.group.tree, max_bytes=1500)
+    assert len(pages) >= 2
+
+    def serve(tree_pages: list[TreePageData]) -> None:
+        harness.command(WelcomeDelivery(G, 1, welcome))
+        for page in tree_pages:
+            asked = harness.expect(TreeRequest).body
+            assert isinstance(asked, TreeRequest)
+            assert (asked.group_id, asked.epoch, asked.page) == (G, 1, page.index)
+            harness.command(
+                TreePage(G, 1, page.index, page.count, page.width, page.start, page.nodes)
+            )
+
+    items = codec.decode(pages[0].nodes, 1 << 20, "page")
+    assert isinstance(items, list) and isinstance(items[0], dict)
+    items[0] = {
+        **items[0],
+        "leaf": {**items[0]["leaf"], "enc": serialize_public_key(new_key().public_key())},
+    }
+    serve([replace(pages[0], nodes=codec.encode(items)), *pages[1:]])
+    harness.drain(3.0)
+    assert not any(isinstance(m.body, Ack) for m in harness.received)
+    assert "mls.welcome.tree-hash" in agent.log_text()
+
+    serve(pages)
+    ack = harness.expect(Ack, epoch=1).body
+    assert isinstance(ack, Ack) and ack.epoch_authenticator == member.group.epoch_authenticator

@@ -731,13 +731,19 @@ def _welcome_with(
     real_info = group_module.GroupInfo
 
     def info(**kwargs: Any) -> GroupInfo:
-        return real_info(**{**kwargs, "tree": tamper(kwargs["tree"])})
+        tree = tamper(kwargs["tree"])
+        return real_info(**{**kwargs, "tree": tree, "tree_hash": tree.tree_hash()})
 
     monkeypatch.setattr(group_module, "GroupInfo", info)
     result = committer.g.add(committer.signature_key, [joiner.key_package()])
     monkeypatch.undo()
     assert result.welcome is not None
     return joiner, result.welcome
+
+
+def _with_tree(kwargs: dict[str, Any], tree: RatchetTree) -> dict[str, Any]:
+    """GroupInfo arguments with ``tree`` and its hash in place of the real tree's."""
+    return {**kwargs, "tree": tree, "tree_hash": tree.tree_hash()}
 
 
 def _join_refused(joiner: Member, welcome: Welcome, check: str, **hooks: Any) -> None:
@@ -834,7 +840,7 @@ def test_a_welcome_with_a_swapped_credential_is_refused(monkeypatch: pytest.Monk
     monkeypatch.setattr(
         group_module,
         "GroupInfo",
-        lambda **kw: real_info(**{**kw, "tree": resign_with_other_credential(kw["tree"])}),
+        lambda **kw: real_info(**_with_tree(kw, resign_with_other_credential(kw["tree"]))),
     )
     result = committer.g.add(committer.signature_key, [joiner.key_package()])
     monkeypatch.undo()
@@ -1008,9 +1014,13 @@ def test_a_welcome_without_the_authorization_a_leaf_names_is_refused(
 def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None:
     """The size budget end to end in one process: a Welcome for the 1,024th member of a group
     whose every leaf carries a DevID certificate, sealed as the service forwards it
-    (``svc.welcome``), opens under the message limits and is joined."""
+    (``svc.welcome``), carries no tree (a few KB); the tree comes in ``svc.tree_page``s, each
+    opened under its message limit, and the joiner joins with it."""
+    from agent.protocol.mls.treepages import TreeCollector, paginate
+    from agent.protocol.mls.treepages import TreePage as Page
     from agent.protocol.wire.envelope import Signer, encode_message, open_message
-    from agent.protocol.wire.messages.service import WelcomeDelivery
+    from agent.protocol.wire.messages.base import Body
+    from agent.protocol.wire.messages.service import TreePage, WelcomeDelivery
 
     members = [Member.new() for _ in range(1023)]
     groups = Group.assemble(
@@ -1023,29 +1033,38 @@ def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None
     result = groups[5].add(members[5].signature_key, [joiner.key_package()], authz=os.urandom(2048))
     assert result.welcome is not None
     welcome = result.welcome.encode()
-    assert 900_000 < len(welcome) < 1_200_000  # about 1 KB per member, most of it the certificate
+    assert len(welcome) < 8_000  # the tree travels apart: ~1 KB per member, most of it a cert
     service_key = new_key()
-    data = encode_message(
-        WelcomeDelivery("big", 2, welcome),
-        key=service_key,
-        sender="service",
-        to="dev-joiner",
-        seq=1,
-        time=1_700_000_000,
-    )
-    opened = open_message(
-        data,
-        lambda kid: Signer("service", service_key.public_key()),
-        now=1_700_000_000,
-        recipients={"dev-joiner"},
-    )
-    assert isinstance(opened.body, WelcomeDelivery)
-    joined = Group.join(
-        Welcome.decode(opened.body.welcome),
+
+    def wire(body: Body) -> Body:
+        data = encode_message(
+            body, key=service_key, sender="service", to="dev-joiner", seq=1, time=1_700_000_000
+        )
+        return open_message(
+            data,
+            lambda kid: Signer("service", service_key.public_key()),
+            now=1_700_000_000,
+            recipients={"dev-joiner"},
+        ).body
+
+    delivered = wire(WelcomeDelivery("big", 2, welcome))
+    assert isinstance(delivered, WelcomeDelivery)
+    opened = Group.open_welcome(
+        Welcome.decode(delivered.welcome),
         joiner.key_package(),
         joiner.leaf_key,
         init_key=joiner.init_key,
     )
+    collector = TreeCollector("big", 2, opened.info.tree_hash)
+    for p in paginate(result.group.tree):
+        page = wire(TreePage("big", 2, p.index, p.count, p.width, p.start, p.nodes))
+        assert isinstance(page, TreePage)
+        collector.add(
+            page.group_id,
+            page.epoch,
+            Page(page.page, page.pages, page.width, page.start, page.nodes),
+        )
+    joined = Group.join_opened(opened, joiner.key_package(), joiner.leaf_key, tree=collector.tree())
     assert joined.epoch_authenticator == result.group.epoch_authenticator
     assert joined.tree.member_count() == 1024
 

@@ -21,6 +21,7 @@ from agent.protocol.wire.messages.group import (
     CommitRefused,
     GroupCreated,
     KeyPackageMessage,
+    TreeRequest,
     UpdateProposal,
     UpdateRequest,
     WelcomeMessage,
@@ -71,6 +72,7 @@ from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
     ReportRequest,
+    TreePage,
     UpdateProposalRequest,
     WelcomeDelivery,
 )
@@ -170,6 +172,8 @@ SAMPLES: list[Body] = [
     CommitRequest(command_id=CMD, group_id="g1", epoch=0, action=CommitAction.CREATE),
     KeyPackageRequest(command_id=CMD),
     UpdateRequest(group_id="g1", epoch=4, reason="max-epoch-age"),
+    TreeRequest(group_id="g1", epoch=5, page=2),
+    TreePage(group_id="g1", epoch=5, page=2, pages=3, width=7, start=5, nodes=b"\x82\xf6\xf6"),
     CommitRefused(group_id="g1", epoch=4, commit_hash=b"h" * 32, check="mls.path.decrypt"),
     DeviceDestroyed(reason="factory reset"),
     CommitRequest(
@@ -592,6 +596,15 @@ def test_body_is_not_a_map() -> None:
             "body.bounds",
         ),
         (lambda: AuditCheckpointResult(command_id=CMD, checkpoint=b"", entries=()), "body.bounds"),
+        (lambda: TreeRequest(group_id="g", epoch=1, page=4096), "body.bounds"),
+        (
+            lambda: TreePage(group_id="g", epoch=1, page=3, pages=3, width=7, start=0, nodes=b"x"),
+            "body.bounds",
+        ),
+        (
+            lambda: TreePage(group_id="g", epoch=1, page=0, pages=1, width=7, start=7, nodes=b"x"),
+            "body.bounds",
+        ),
         (
             lambda: RequestInfo(
                 request=b"r", state=RequestState.PENDING, approvers=(), required=0, detail=""

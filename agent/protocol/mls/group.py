@@ -28,9 +28,14 @@ Update proposals (``propose_update``, ``commit(updates=...)``, ``process(propose
 let one commit renew many members' leaf keys (a full rekey in a few commits instead of one per
 member; docs/treekem.md, "Who updates when").
 
-Why one module of this size (a little over 800 lines): a member's epoch is one immutable object
-whose every transition (create, join, commit, process, persist) touches the same private fields;
-the parts that need no secret live in ``agent.protocol.mls.public``.
+Joining is two steps (``open_welcome``, then ``join_opened`` with the tree) so that a joiner can
+fetch a large group's tree in pages between them (``agent.protocol.mls.treepages``); a Welcome
+carries its tree only up to ``INLINE_TREE_LEAVES`` leaves.
+
+Why one module of this size (about 950 lines): a member's epoch is one immutable object whose
+every transition (create, join, commit, process, persist) touches the same private fields; the
+parts that need no secret live in ``agent.protocol.mls.public``, the tree pages in
+``agent.protocol.mls.treepages``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import hmac
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from dataclasses import field as dataclass_field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -109,6 +115,7 @@ DATA_KEY_LABEL = b"keyfleet data key"
 GROUP_INFO_LABEL = b"GroupInfoTBS"
 WELCOME_LABEL = b"Welcome"
 STATE_VERSION = 2
+INLINE_TREE_LEAVES = 256
 
 ResolveLeafKey = Callable[[bytes], ec.EllipticCurvePrivateKey]
 
@@ -119,6 +126,23 @@ def _referenced(tree: RatchetTree, admissions: dict[bytes, bytes]) -> dict[bytes
         return {}
     used = {tree.admission(i) for i, _ in tree.members()}
     return {h: a for h, a in admissions.items() if h in used}
+
+
+def inline_tree(tree: RatchetTree) -> bool:
+    """Whether a Welcome's GroupInfo carries ``tree`` itself: only up to ``INLINE_TREE_LEAVES``
+    leaves (at most about 1.2 MiB with 4 KiB certificates); a larger tree is referenced by its
+    hash and fetched in pages (``agent.protocol.mls.treepages``), so a Welcome does not grow
+    with the group (docs/treekem.md, "Joining a large group")."""
+    return tree.n_leaves <= INLINE_TREE_LEAVES
+
+
+@dataclass(frozen=True)
+class OpenedWelcome:
+    """A Welcome opened with the joiner's init key: its GroupInfo (nothing checked yet but its
+    encoding) and the joiner's GroupSecrets (never in a repr)."""
+
+    info: GroupInfo
+    secrets: GroupSecrets = dataclass_field(repr=False)
 
 
 def _welcome_secret(joiner_secret: bytes) -> bytes:
@@ -304,17 +328,34 @@ class Group:
         leaf_key: ec.EllipticCurvePrivateKey,
         *,
         init_key: ec.EllipticCurvePrivateKey,
+        tree: RatchetTree | None = None,
         leaf_check: LeafCheck = accept_any_leaf,
         admission_check: AdmissionCheck = accept_any_admission,
     ) -> Group:
-        """Join from a Welcome sealed to ``own``'s one-time init key (one ``exchange()`` on it;
+        """Join from a Welcome sealed to ``own``'s one-time init key: ``open_welcome`` then
+        ``join_opened`` (``tree``: the group's tree when the GroupInfo does not carry it)."""
+        opened = cls.open_welcome(welcome, own, leaf_key, init_key=init_key)
+        return cls.join_opened(
+            opened,
+            own,
+            leaf_key,
+            tree=tree,
+            leaf_check=leaf_check,
+            admission_check=admission_check,
+        )
+
+    @staticmethod
+    def open_welcome(
+        welcome: Welcome,
+        own: KeyPackage,
+        leaf_key: ec.EllipticCurvePrivateKey,
+        *,
+        init_key: ec.EllipticCurvePrivateKey,
+    ) -> OpenedWelcome:
+        """Open a Welcome sealed to ``own``'s one-time init key (one ``exchange()`` on it;
         ``mls.init-key`` if ``init_key`` is not the package's, ``mls.leaf-key`` if ``leaf_key``
-        is not). The caller
-        destroys ``init_key`` right after, whatever the outcome. Checks
-        the GroupInfo signature, every leaf of its tree (leaf signature, ``leaf_check``, the
-        admission: ``mls.welcome.admission`` if the GroupInfo lacks the Authorization a leaf's
-        hash names, then ``admission_check``), every parent hash (``mls.parent-hash``), the
-        confirmation tag, and the path secret against the tree's public keys."""
+        is not): the GroupSecrets and the GroupInfo, nothing checked against a tree yet. The
+        caller destroys ``init_key`` once it joined or gave up, whatever the outcome."""
         if serialize_public_key(init_key.public_key()) != own.init_key:
             raise ProtocolError("mls.init-key", "that is not the KeyPackage's init key")
         if serialize_public_key(leaf_key.public_key()) != own.leaf_key:
@@ -339,11 +380,43 @@ class Group:
             info_bytes = AESGCM(key).decrypt(nonce, welcome.encrypted_group_info, b"")
         except InvalidTag:
             raise ProtocolError("mls.welcome.decrypt", "GroupInfo does not decrypt") from None
-        info = GroupInfo.decode(info_bytes)
-        tree = info.tree
+        return OpenedWelcome(GroupInfo.decode(info_bytes), secrets_in)
+
+    @classmethod
+    def join_opened(
+        cls,
+        opened: OpenedWelcome,
+        own: KeyPackage,
+        leaf_key: ec.EllipticCurvePrivateKey,
+        *,
+        tree: RatchetTree | None = None,
+        leaf_check: LeafCheck = accept_any_leaf,
+        admission_check: AdmissionCheck = accept_any_admission,
+    ) -> Group:
+        """Join with an opened Welcome and the group's tree: the GroupInfo's own if it carries
+        one, else ``tree`` (fetched from the delivery service, which is not trusted:
+        ``mls.welcome.tree-missing`` without one, ``mls.welcome.tree-hash`` unless its tree
+        hash is the signed GroupInfo's). Checks the GroupInfo signature, every leaf of the tree
+        (leaf signature, ``leaf_check``, the admission: ``mls.welcome.admission`` if the
+        GroupInfo lacks the Authorization a leaf's hash names, then ``admission_check``), every
+        parent hash (``mls.parent-hash``), the confirmation tag, and the path secret against
+        the tree's public keys."""
+        info, secrets_in = opened.info, opened.secrets
+        if info.tree is not None:
+            tree = info.tree
+        if tree is None:
+            raise ProtocolError(
+                "mls.welcome.tree-missing", "the GroupInfo holds no tree and none was fetched"
+            )
+        if not hmac.compare_digest(tree.tree_hash(), info.tree_hash):
+            raise ProtocolError(
+                "mls.welcome.tree-hash", "the tree's hash is not the one the GroupInfo signs"
+            )
         own_leaf = next((i for i, leaf in tree.members() if leaf == own.leaf_node()), None)
         if own_leaf is None:
             raise ProtocolError("mls.welcome.tree", "our leaf is not in the Welcome's tree")
+        if serialize_public_key(leaf_key.public_key()) != own.leaf_key:
+            raise ProtocolError("mls.leaf-key", "the leaf key does not match the KeyPackage")
         signer = tree.leaf(info.signer)
         if signer is None or info.signer == own_leaf:
             raise ProtocolError("mls.welcome.signer", "the GroupInfo signer is not a member")
@@ -645,7 +718,8 @@ class Group:
         unsigned = GroupInfo(
             group_id=public.group_id,
             epoch=public.epoch,
-            tree=public.tree,
+            tree=public.tree if inline_tree(public.tree) else None,
+            tree_hash=public.tree.tree_hash(),
             confirmed_transcript_hash=public.confirmed_transcript_hash,
             confirmation_tag=tag,
             signer=group._own_leaf,

@@ -506,14 +506,18 @@ class GroupSecrets:
 
 @dataclass(frozen=True)
 class GroupInfo:
-    """What a joiner needs, signed by the committer: the public tree, the epoch, the confirmed
-    transcript hash and the confirmation tag (which the joiner checks with the confirmation key
-    it derives, so a GroupInfo cannot be paired with the wrong secrets), and each distinct
-    Authorization whose hash the tree records as a leaf's admission, once."""
+    """What a joiner needs, signed by the committer: the epoch, the tree hash of the public
+    tree, the tree itself only when it is small (``tree`` None: the joiner fetches it in pages
+    from the delivery service, ``agent.protocol.mls.treepages``, and accepts it only if its hash
+    is ``tree_hash``), the confirmed transcript hash and the confirmation tag (which the joiner
+    checks with the confirmation key it derives from the GroupContext, which holds the tree
+    hash, so a GroupInfo cannot be paired with the wrong secrets or the wrong tree), and each
+    distinct Authorization whose hash the tree records as a leaf's admission, once."""
 
     group_id: bytes
     epoch: int
-    tree: RatchetTree
+    tree: RatchetTree | None
+    tree_hash: bytes
     confirmed_transcript_hash: bytes
     confirmation_tag: bytes
     signer: int
@@ -529,7 +533,8 @@ class GroupInfo:
         return {
             "group": self.group_id,
             "epoch": self.epoch,
-            "tree": self.tree.to_obj(),
+            "tree": None if self.tree is None else self.tree.to_obj(),
+            "th": self.tree_hash,
             "cth": self.confirmed_transcript_hash,
             "tag": self.confirmation_tag,
             "signer": self.signer,
@@ -542,7 +547,7 @@ class GroupInfo:
         m = codec.as_map(
             value,
             what,
-            {"group", "epoch", "tree", "cth", "tag", "signer", "signature", "admissions"},
+            {"group", "epoch", "tree", "th", "cth", "tag", "signer", "signature", "admissions"},
         )
         admissions = codec.as_list(
             m["admissions"],
@@ -555,7 +560,8 @@ class GroupInfo:
         return cls(
             group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
             epoch=codec.as_uint(m["epoch"], f"{what}.epoch", (1 << 64) - 1),
-            tree=RatchetTree.from_obj(m["tree"], f"{what}.tree"),
+            tree=None if m["tree"] is None else RatchetTree.from_obj(m["tree"], f"{what}.tree"),
+            tree_hash=codec.as_bytes(m["th"], f"{what}.th", NH, NH),
             confirmed_transcript_hash=codec.as_bytes(m["cth"], f"{what}.cth", NH, NH),
             confirmation_tag=codec.as_bytes(m["tag"], f"{what}.tag", NH, NH),
             signer=codec.as_uint(m["signer"], f"{what}.signer", codec.MAX_LEAVES - 1),

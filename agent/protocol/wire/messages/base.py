@@ -30,8 +30,14 @@ no leading ``$``), at most 64 characters."""
 UINT64_MAX = (1 << 64) - 1
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024
 MAX_WELCOME_MESSAGE_SIZE = 4 << 20
-"""Welcomes carry the whole tree with every member's DevID certificate (about 1 MB at 1,024
-members with 500-byte certificates): the one message type allowed past 256 KiB."""
+"""Welcomes of groups up to 256 members carry the whole tree (with every member's DevID
+certificate); larger ones reference it by hash and the joiner fetches it in ``svc.tree_page``s
+(at most ``MAX_TREE_PAGE_MESSAGE_SIZE``). Both may pass 256 KiB."""
+MAX_TREE_PAGE = 1 << 20
+"""Largest encoded node list of one ``svc.tree_page`` (agent.protocol.mls.treepages)."""
+MAX_TREE_PAGE_MESSAGE_SIZE = MAX_TREE_PAGE + (64 << 10)
+MAX_TREE_PAGES = 4096
+MAX_TREE_WIDTH = 2 * (1 << 17) - 1
 MAX_LIST = 4096
 MAX_OPAQUE = 1 << 20
 MAX_TEXT = 1024

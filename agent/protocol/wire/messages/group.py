@@ -15,6 +15,7 @@ from typing import ClassVar
 from agent.protocol.wire.messages.base import (
     COMMAND_ID_MAX,
     COMMAND_ID_MIN,
+    MAX_TREE_PAGES,
     MAX_WELCOME_MESSAGE_SIZE,
     Body,
     check_bytes,
@@ -22,6 +23,7 @@ from agent.protocol.wire.messages.base import (
     check_epoch,
     check_id,
     check_ids,
+    check_uint,
 )
 
 UPDATE_REASONS = frozenset(
@@ -195,3 +197,22 @@ class CommitRefused(Body):
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class TreeRequest(Body):
+    """Joiner -> service: page ``page`` of the public tree of ``group_id`` at ``epoch``, for a
+    Welcome whose GroupInfo references the tree by its hash only (docs/treekem.md, "Joining a
+    large group"). Answered with a ``svc.tree_page``, or refused (``ds.tree.*``). Not a group
+    message (the joiner does not hold the group yet): no ``group_epoch``."""
+
+    TYPE: ClassVar[str] = "group.tree_request"
+
+    group_id: str
+    epoch: int
+    page: int
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_uint(self.page, "page", maximum=MAX_TREE_PAGES - 1)

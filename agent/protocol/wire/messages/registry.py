@@ -15,6 +15,7 @@ from agent.protocol.wire.messages.group import (
     CommitRefused,
     GroupCreated,
     KeyPackageMessage,
+    TreeRequest,
     UpdateProposal,
     UpdateRequest,
     WelcomeMessage,
@@ -55,6 +56,7 @@ from agent.protocol.wire.messages.service import (
     CommitRequest,
     KeyPackageRequest,
     ReportRequest,
+    TreePage,
     UpdateProposalRequest,
     WelcomeDelivery,
 )
@@ -101,6 +103,8 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     RenewAnswer,
     RenewIssued,
     TagDevice,
+    TreeRequest,
+    TreePage,
 )
 
 REGISTRY: Mapping[str, type[Body]] = MappingProxyType({cls.TYPE: cls for cls in BODY_CLASSES})

@@ -15,6 +15,10 @@ from agent.protocol.wire.messages.attestation import AttestChallenge
 from agent.protocol.wire.messages.base import (
     COMMAND_ID_MAX,
     COMMAND_ID_MIN,
+    MAX_TREE_PAGE,
+    MAX_TREE_PAGE_MESSAGE_SIZE,
+    MAX_TREE_PAGES,
+    MAX_TREE_WIDTH,
     MAX_WELCOME_MESSAGE_SIZE,
     Body,
     check_bytes,
@@ -22,6 +26,7 @@ from agent.protocol.wire.messages.base import (
     check_epoch,
     check_id,
     check_tuple,
+    check_uint,
 )
 
 AttestRequest = AttestChallenge
@@ -204,3 +209,32 @@ class WelcomeDelivery(Body):
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)
+
+
+@dataclass(frozen=True)
+class TreePage(Body):
+    """Service -> joiner, answering a ``group.tree_request``: page ``page`` of ``pages`` of the
+    public tree of ``group_id`` at ``epoch`` (``width`` nodes): nodes ``[start, start + n)`` as
+    the encoded CBOR array ``nodes`` of their encodings (agent.protocol.mls.treepages). The
+    joiner trusts none of it: it accepts the tree only if its hash is the signed GroupInfo's.
+    Not a group message (no ``group_epoch``): the joiner does not hold the group yet."""
+
+    TYPE: ClassVar[str] = "svc.tree_page"
+    MAX_MESSAGE_SIZE: ClassVar[int] = MAX_TREE_PAGE_MESSAGE_SIZE
+
+    group_id: str
+    epoch: int
+    page: int
+    pages: int
+    width: int
+    start: int
+    nodes: bytes
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_epoch(self.epoch)
+        check_uint(self.pages, "pages", minimum=1, maximum=MAX_TREE_PAGES)
+        check_uint(self.page, "page", maximum=self.pages - 1)
+        check_uint(self.width, "width", minimum=1, maximum=MAX_TREE_WIDTH)
+        check_uint(self.start, "start", maximum=self.width - 1)
+        check_bytes(self.nodes, "nodes", min_len=1, max_len=MAX_TREE_PAGE)
