@@ -335,20 +335,19 @@ def choose_committer(cx: Call, session: Session, job: Job, now: int) -> tuple[st
             # does) rather than have another member commit an update that leaves its leaf
             return None
     candidates: list[tuple[bool, bool, int, str]] = []
-    held = store.load_member_devices(session, job.group_id)  # registry.device() then reads these
+    states = store.member_device_states(session, job.group_id)
     for member in members:
         device_id = member.device_id
         if device_id == job.member or member.pending is PendingChange.REMOVE:
             continue
         if device_id not in at_epoch:
             continue
-        device = registry.device(device_id)
-        if device.state not in GROUP_ELIGIBLE:
+        state, last_seen = states[device_id]
+        if state not in GROUP_ELIGIBLE:
             continue
-        seen = max(cx.env.last_heard.get(device_id, -1), device.last_seen or -1)
+        seen = max(cx.env.last_heard.get(device_id, -1), last_seen or -1)
         online = seen >= now - cx.env.settings.online_window
         candidates.append((online, device_id == preferred, seen, device_id))
-    del held
     if not candidates:
         return None
     candidates.sort(reverse=True)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from provisioning.db.runtime import OperatorKey, ReplayState, TaskLease
 from provisioning.db.schema import Ack as AckRow
-from provisioning.db.schema import CommitLogEntry, Device, GroupMember
+from provisioning.db.schema import CommitLogEntry, Device, DeviceState, GroupMember
 
 
 def mark_heard(session: Session, devices: Iterable[str], *, now: int) -> None:
@@ -29,17 +29,18 @@ def mark_heard(session: Session, devices: Iterable[str], *, now: int) -> None:
     )
 
 
-def load_member_devices(session: Session, group_id: str) -> list[object]:
-    """Load the device rows of ``group_id``'s members into ``session`` in one query (choosing a
-    committer reads every member's state and last contact: one query, not one a member); the
-    caller keeps the returned list while it reads them."""
-    return list(
-        session.scalars(
-            select(Device)
-            .join(GroupMember, GroupMember.device_id == Device.device_id)
-            .where(GroupMember.group_id == group_id)
-        )
+def member_device_states(
+    session: Session, group_id: str
+) -> dict[str, tuple[DeviceState, int | None]]:
+    """``device -> (state, last_seen)`` of ``group_id``'s members, in one query of those two
+    columns (choosing a committer reads them for every member: neither a query nor a whole
+    device row a member)."""
+    rows = session.execute(
+        select(Device.device_id, Device.state, Device.last_seen)
+        .join(GroupMember, GroupMember.device_id == Device.device_id)
+        .where(GroupMember.group_id == group_id)
     )
+    return {device_id: (state, last_seen) for device_id, state, last_seen in rows}
 
 
 def load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
