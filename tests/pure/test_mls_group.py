@@ -994,6 +994,39 @@ def test_admissions_are_recorded_carried_and_checked() -> None:
     assert restored.admission(after.own_leaf) == b"add authorization"
 
 
+def test_processing_a_commit_walks_no_leaf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member's processing is O(log N): neither a remove (which drops the Authorizations no
+    leaf names any more) nor a self-update lists the tree's members or scans its leaves."""
+    creator = Member.new()
+    group = Group.create(b"g-scan", creator.key_package(), creator.leaf_key, authz=b"create")
+    joiners = [Member.new(), Member.new(), Member.new()]
+    added = group.add(
+        creator.signature_key, [j.key_package() for j in joiners[:2]], authz=b"first add"
+    )
+    assert added.welcome is not None
+    member = Group.join(
+        added.welcome, joiners[0].key_package(), joiners[0].leaf_key, init_key=joiners[0].init_key
+    )
+    last = added.group.add(creator.signature_key, [joiners[2].key_package()], authz=b"second add")
+    member = member.process(last.commit)
+    group = last.group
+    assert set(member.admissions()) == {b"create", b"first add", b"second add"}
+
+    def no_scan(self: RatchetTree) -> Any:
+        raise AssertionError("a commit's processing walked every leaf")
+
+    monkeypatch.setattr(RatchetTree, "members", no_scan)
+    # the only leaf admitted by "second add" leaves: its Authorization is dropped
+    removed = group.remove(creator.signature_key, [3], authz=b"remove")
+    member = member.process(removed.commit)
+    assert set(member.admissions()) == {b"create", b"first add"}
+    assert member.tree.tree_hash() == removed.group.tree.tree_hash()
+    update = removed.group.update(creator.signature_key, ec.generate_private_key(ec.SECP256R1()))
+    member = member.process(update.commit)
+    assert set(member.admissions()) == {b"create", b"first add"}
+    assert member.epoch_authenticator == update.group.epoch_authenticator
+
+
 def test_a_welcome_without_the_authorization_a_leaf_names_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

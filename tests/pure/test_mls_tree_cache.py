@@ -69,7 +69,18 @@ def _leaf(i: int) -> LeafNode:
     return LeafNode(f"d{i}".encode(), _point(), _point(), b"c", SOURCE_KEY_PACKAGE, b"", b"s" * 8)
 
 
+ADMISSIONS = [bytes([k]) * 32 for k in range(1, 4)]
+
+
+def _check_admissions(tree: RatchetTree) -> None:
+    """The tree's count of leaves per admission hash agrees with a scan of its leaves."""
+    used = {tree.admission(i) for i, _ in tree.members()}
+    for h in ADMISSIONS:
+        assert tree.admission_in_use(h) == (h in used)
+
+
 def _check(tree: RatchetTree) -> None:
+    _check_admissions(tree)
     obj = tree.to_obj()
     expected = _reference_hash(obj, tree.root)
     assert tree.tree_hash() == expected
@@ -112,14 +123,14 @@ def test_cached_hash_equals_from_scratch_after_random_edits(
     edits: list[tuple[str, int]], shift: int
 ) -> None:
     with small_chunks(shift):
-        tree = RatchetTree([_leaf(0)])
+        tree = RatchetTree([_leaf(0)], {0: ADMISSIONS[0]})
         serial = 1
         for op, a in edits:
             before_obj, before_hash = tree.to_obj(), tree.tree_hash()
             nxt = tree.copy()
             members = [i for i, _ in nxt.members()]
             if op == "add" or len(members) == 1:
-                nxt._add_leaf(_leaf(serial), os.urandom(32))
+                nxt._add_leaf(_leaf(serial), ADMISSIONS[a % len(ADMISSIONS)])
                 serial += 1
             elif op == "remove":
                 nxt._remove_leaf(members[a % len(members)])
@@ -145,6 +156,7 @@ def test_cached_hash_equals_from_scratch_after_random_edits(
             # the tree it was copied from did not change, and its cache is still right
             assert tree.to_obj() == before_obj
             assert tree.tree_hash() == before_hash == _reference_hash(before_obj, tree.root)
+            _check_admissions(tree)
             tree = nxt
 
 

@@ -152,10 +152,5 @@ def assemble(
     for i, (_, leaf_key, _) in enumerate(members):
         path = tm.direct_path(tm.leaf_to_node(i), width)
         held = {p: parent_keys[p] for p in path if p in parent_keys}
-        # every leaf records ``authz``: nothing to prune (pruning scans the tree: O(N) per member)
-        groups.append(
-            Group(
-                public, i, leaf_key, held, secrets, admissions=admissions_of([authz]), prune=False
-            )
-        )
+        groups.append(Group(public, i, leaf_key, held, secrets, admissions=admissions_of([authz])))
     return groups

@@ -122,10 +122,7 @@ ResolveLeafKey = Callable[[bytes], ec.EllipticCurvePrivateKey]
 
 def _referenced(tree: RatchetTree, admissions: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """The Authorizations (by hash) that some leaf of ``tree`` records."""
-    if not admissions:
-        return {}
-    used = {tree.admission(i) for i, _ in tree.members()}
-    return {h: a for h, a in admissions.items() if h in used}
+    return {h: a for h, a in admissions.items() if tree.admission_in_use(h)}
 
 
 def inline_tree(tree: RatchetTree) -> bool:
@@ -210,11 +207,9 @@ class Group:
         secrets: EpochSecrets,
         *,
         admissions: dict[bytes, bytes] | None = None,
-        prune: bool = True,
     ) -> None:
         """``admissions``: the Authorizations the tree's admission hashes refer to, by hash;
-        those no leaf names are dropped (an O(N) scan of the leaves, so ``prune=False`` where
-        no leaf left the tree: a commit without removes only adds references)."""
+        those no leaf names are dropped (the tree counts the leaves of each hash: no scan)."""
         leaf = public.tree.leaf(own_leaf)
         if leaf is None:
             raise StateError(f"leaf {own_leaf} is blank: not a member")
@@ -224,9 +219,7 @@ class Group:
         self._leaf_public = leaf.encryption_key
         self._node_keys = node_keys
         self._secrets = secrets
-        self._admissions = (
-            _referenced(public.tree, admissions or {}) if prune else dict(admissions or {})
-        )
+        self._admissions = _referenced(public.tree, admissions or {})
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -606,9 +599,7 @@ class Group:
         node_keys = self._kept_node_keys(tree)
         node_keys.update(zip(nodes, keys, strict=True))
         admissions = {**self._admissions, **admissions_of([authz])}
-        group = Group(
-            public, me, leaf_key, node_keys, secrets, admissions=admissions, prune=bool(removes)
-        )
+        group = Group(public, me, leaf_key, node_keys, secrets, admissions=admissions)
         welcome = None
         if adds:
             welcome = self._welcome(
@@ -842,7 +833,6 @@ class Group:
             node_keys,
             secrets,
             admissions=admissions,
-            prune=bool(verified.commit.content.removes),
         )
 
     def _decryption_key(

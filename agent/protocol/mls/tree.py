@@ -255,6 +255,39 @@ class _Index:
             shard.pop(key, None)
 
 
+class _Counter:
+    """bytes -> how many leaves record it: the admission hashes in use (which Authorizations a
+    member's state must keep) without scanning the leaves. Copy-on-write per shard."""
+
+    __slots__ = ("_owned", "_shards")
+
+    def __init__(self) -> None:
+        self._shards: list[dict[bytes, int]] = [{} for _ in range(_SHARDS)]
+        self._owned: set[int] = set(range(_SHARDS))
+
+    def copy(self) -> _Counter:
+        clone = _Counter.__new__(_Counter)
+        clone._shards = list(self._shards)
+        clone._owned = set()
+        self._owned = set()
+        return clone
+
+    def get(self, key: bytes) -> int:
+        return self._shards[hash(key) % _SHARDS].get(key, 0)
+
+    def add(self, key: bytes, delta: int) -> None:
+        i = hash(key) % _SHARDS
+        if i not in self._owned:
+            self._shards[i] = dict(self._shards[i])
+            self._owned.add(i)
+        shard = self._shards[i]
+        count = shard.get(key, 0) + delta
+        if count > 0:
+            shard[key] = count
+        else:
+            shard.pop(key, None)
+
+
 class RatchetTree:
     """A complete left-balanced tree (``n_leaves`` is a power of two): a node array stored in
     copy-on-write chunks, with per-node tree hashes, per-chunk member counts and indexes of
@@ -262,6 +295,7 @@ class RatchetTree:
 
     __slots__ = (
         "_adm",
+        "_adm_used",
         "_cache_owned",
         "_counts",
         "_devices",
@@ -297,15 +331,16 @@ class RatchetTree:
         self._members = 0
         self._keys = _Index()
         self._devices = _Index()
+        self._adm_used = _Counter()
         given = dict(admissions or {})
         for x in range(self._width):
             node = flat[x]
             if node is not None:
                 self._index(x, node)
                 if tm.is_leaf(x):
-                    self._adm[x >> self._shift][x & (size - 1)] = given.pop(
-                        tm.node_to_leaf(x), NO_ADMISSION
-                    )
+                    admission = given.pop(tm.node_to_leaf(x), NO_ADMISSION)
+                    self._adm[x >> self._shift][x & (size - 1)] = admission
+                    self._adm_used.add(admission, 1)
         if given or any(len(a) != NH for _, a in self._admissions()):
             raise ValueError("admission hashes must be 32 bytes, one per member")
 
@@ -340,6 +375,10 @@ class RatchetTree:
         if value is None:
             raise KeyError(leaf_index)
         return value
+
+    def admission_in_use(self, admission: bytes) -> bool:
+        """Whether some member's leaf records the admission hash ``admission`` (no scan)."""
+        return self._adm_used.get(admission) > 0
 
     def parent_node(self, x: int) -> ParentNode | None:
         node = self.node(x)
@@ -487,6 +526,7 @@ class RatchetTree:
         clone._members = self._members
         clone._keys = self._keys.copy()
         clone._devices = self._devices.copy()
+        clone._adm_used = self._adm_used.copy()
         return clone
 
     def _flat(self) -> list[Node]:
@@ -623,10 +663,14 @@ class RatchetTree:
         if node is not None:
             self._index(x, node)
         if tm.is_leaf(x):
-            if node is None:
-                self._adm[ci][off] = None
-            elif admission is not None:
-                self._adm[ci][off] = admission
+            before = self._adm[ci][off]
+            after = None if node is None else before if admission is None else admission
+            if after != before:
+                self._adm[ci][off] = after
+                if before is not None:
+                    self._adm_used.add(before, -1)
+                if after is not None:
+                    self._adm_used.add(after, 1)
         self._invalidate(x)
 
     def _blank_direct_path(self, leaf_index: int) -> None:
@@ -664,6 +708,10 @@ class RatchetTree:
             node = self.node(x)
             if node is not None:
                 self._unindex(x, node)
+                if tm.is_leaf(x):
+                    admission = self._adm[x >> self._shift][x & (size - 1)]
+                    if admission is not None:
+                        self._adm_used.add(admission, -1)
         count = -(-width // size)
         del self._nodes[count:], self._hashes[count:], self._fill[count:]
         del self._adm[count:], self._counts[count:]
