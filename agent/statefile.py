@@ -64,7 +64,12 @@ LEGACY_VERSION = 1
 _HEADER = struct.Struct(">4sBQQ12s")
 _LEGACY_HEADER = struct.Struct(">4sBQ12s")
 _PREFIX = struct.Struct(">4sBQ")
-MAX_STATE_BYTES = 64 * 1024 * 1024
+# The largest state file loaded, and so the largest saved: a group's public tree takes about 1 KB
+# a member in the state (a DevID certificate of 500 bytes), so 256 MiB holds a group of the
+# largest size (131,072 members) with room to spare. A state over it is refused by ``save``
+# rather than written: a device must never leave a state on disk it cannot load at its next
+# start.
+MAX_STATE_BYTES = 256 * 1024 * 1024
 
 
 class StateFile:
@@ -142,7 +147,14 @@ class StateFile:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
+        """Encrypt and write ``state`` atomically. ``StateError`` (nothing written, the state
+        on disk still the last one saved) if it would be over ``MAX_STATE_BYTES``."""
         plaintext = cbor2.dumps(state, canonical=True)
+        if _HEADER.size + len(plaintext) + 16 > MAX_STATE_BYTES:
+            raise StateError(
+                f"state of {len(plaintext)} bytes is over the {MAX_STATE_BYTES}-byte limit of a "
+                f"state file that can be loaded: not saved ({self.path} keeps the last state)"
+            )
         generation = self.generation + 1
         header = _HEADER.pack(MAGIC, VERSION, generation, self.counter, self._rng(12))
         nonce = header[-12:]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import statefile
 from agent.protocol.errors import StateError
 from agent.protocol.secret import Secret
 from agent.statefile import StateFile
@@ -52,3 +53,19 @@ def test_wrong_key_truncated_missing(tmp_path: Path) -> None:
         StateFile(tmp_path / "absent", _key()).load()
     with pytest.raises(StateError, match="32 bytes"):
         StateFile(tmp_path / "state", Secret(b"short"))
+
+
+def test_a_state_over_the_load_limit_is_never_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state the loader would refuse is refused by save instead: the file on disk stays the
+    last state saved, which still loads."""
+    path = tmp_path / "state.bin"
+    f = StateFile(path, Secret(os.urandom(32)))
+    f.save({"groups": {"g": b"x" * 1000}})
+    before = path.read_bytes()
+    monkeypatch.setattr(statefile, "MAX_STATE_BYTES", len(before) + 100)
+    with pytest.raises(StateError, match="over the"):
+        f.save({"groups": {"g": b"x" * 2000}})
+    assert path.read_bytes() == before and f.generation == 1
+    assert f.load() == {"groups": {"g": b"x" * 1000}}
