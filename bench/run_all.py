@@ -34,6 +34,7 @@ BENCHES = (
     "bench_wedge",
     "bench_scale",
     "bench_server_wrap",
+    "bench_device_messages",
 )
 AT_LEAST = {
     "attestation_verify_per_core",
