@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
-from provisioning.db.runtime import OperatorKey, ReplayState, TaskLease
+from provisioning.db.runtime import OperatorKey, ReplayState, RevocationFeedSeen, TaskLease
 from provisioning.db.schema import Ack as AckRow
-from provisioning.db.schema import CommitLogEntry, Device, GroupMember
+from provisioning.db.schema import CommitLogEntry, Device, DeviceKey, DeviceState, GroupMember
 
 
 def mark_heard(session: Session, devices: Iterable[str], *, now: int) -> None:
@@ -51,6 +51,29 @@ def load_ack_senders(
             )
         )
     return held
+
+
+def load_report_senders(session: Session, senders: Sequence[str]) -> list[object]:
+    """The senders' device rows with their keys and key transitions, and their revocation feed
+    rows (one query each), for the session's identity map (what a batch of key-state reports
+    reads); the caller keeps the returned list while it reads them."""
+    held: list[object] = list(
+        session.scalars(
+            select(Device)
+            .where(Device.device_id.in_(senders))
+            .options(selectinload(Device.keys).selectinload(DeviceKey.transitions))
+        )
+    )
+    held += session.scalars(
+        select(RevocationFeedSeen).where(RevocationFeedSeen.device_id.in_(senders))
+    )
+    return held
+
+
+def device_state(session: Session, device_id: str) -> DeviceState | None:
+    """The device's state (from the identity map when its row is loaded), None if unknown."""
+    row = session.get(Device, device_id)
+    return None if row is None else row.state
 
 
 def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[GroupMember]]:
@@ -95,6 +118,40 @@ def known_epoch(session: Session, group_id: str, device_id: str, joined: int) ->
         known = max(known, int(acked))
     if committed is not None:
         known = max(known, int(committed) + 1)
+    return known
+
+
+def known_epochs(
+    session: Session, members: Iterable[tuple[str, str, int]]
+) -> dict[tuple[str, str], int]:
+    """``known_epoch`` of each (group, device, joined) in two queries per group (by the
+    (group, device, epoch) indexes of acks and the commit log): (group, device) -> epoch."""
+    by_group: dict[str, dict[str, int]] = {}
+    for group_id, device_id, joined in members:
+        by_group.setdefault(group_id, {})[device_id] = joined
+    known: dict[tuple[str, str], int] = {}
+    for group_id, joined_at in sorted(by_group.items()):
+        ids = sorted(joined_at)
+        for device_id, joined in joined_at.items():
+            known[(group_id, device_id)] = joined
+        acked = session.execute(
+            select(AckRow.device_id, func.max(AckRow.epoch))
+            .where(AckRow.group_id == group_id, AckRow.device_id.in_(ids))
+            .group_by(AckRow.device_id)
+        )
+        for device_id, epoch in acked:
+            if epoch is not None:
+                key = (group_id, device_id)
+                known[key] = max(known[key], int(epoch))
+        committed = session.execute(
+            select(CommitLogEntry.committer, func.max(CommitLogEntry.epoch))
+            .where(CommitLogEntry.group_id == group_id, CommitLogEntry.committer.in_(ids))
+            .group_by(CommitLogEntry.committer)
+        )
+        for device_id, epoch in committed:
+            if epoch is not None:
+                key = (group_id, device_id)
+                known[key] = max(known[key], int(epoch) + 1)
     return known
 
 
