@@ -185,6 +185,7 @@ def on_key_states(
         key_state_items(body.keys),
         now=now,
         online_since=now - cx.env.settings.online_window,
+        flush=facts is None,
     )
     refused = dict(body.refused)
     if refused and cx.env.refusals_seen.get(sender) != refused:

@@ -71,7 +71,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
             assert isinstance(body, KeyStateReport)
             guard = guards.get(sender)
             if guard is None:
-                guard = store.load_guard(session, sender)
+                guard = store.load_guard(session, sender, memo=cx.guards)
             trial = copy.deepcopy(guard)
             state = store.device_state(session, sender)
             try:
@@ -94,8 +94,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
                 raise _Abort(f"{sender}: [{err.check}]") from None
             guards[sender] = trial
             taken.append((report, effects))
-        for sender in sorted(guards):
-            store.save_guard(session, sender, guards[sender], now=now)
+        store.save_guards(session, guards, now=now)
         # ``last_seen`` ("heard from") was written by each report's registry row update
 
     try:

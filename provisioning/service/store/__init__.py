@@ -36,6 +36,7 @@ from provisioning.service.store.checkpoints import (
 )
 from provisioning.service.store.fleet import (
     acked_at,
+    acks_recorded,
     commit_at,
     commit_ms,
     device_state,
@@ -105,6 +106,7 @@ from provisioning.service.store.ledger import (
     record_command,
     reserve_seqs,
     save_guard,
+    save_guards,
 )
 from provisioning.service.store.quorum import (
     StoredRequest,
@@ -164,10 +166,12 @@ __all__ = [
     "defer_attestation",
     "link_job",
     "load_ack_senders",
+    "acks_recorded",
     "load_report_senders",
     "known_epochs",
     "device_state",
     "load_guard",
+    "save_guards",
     "load_operation",
     "load_operations",
     "load_request",

@@ -12,7 +12,14 @@ from sqlalchemy.orm import Session, selectinload
 
 from provisioning.db.runtime import OperatorKey, ReplayState, RevocationFeedSeen, TaskLease
 from provisioning.db.schema import Ack as AckRow
-from provisioning.db.schema import CommitLogEntry, Device, DeviceKey, DeviceState, GroupMember
+from provisioning.db.schema import (
+    CommitLogEntry,
+    Device,
+    DeviceKey,
+    DeviceState,
+    Group,
+    GroupMember,
+)
 
 
 def mark_heard(session: Session, devices: Iterable[str], *, now: int) -> None:
@@ -41,10 +48,13 @@ def load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
 def load_ack_senders(
     session: Session, senders: Sequence[str], groups: Iterable[str]
 ) -> list[object]:
-    """The senders' device rows and their membership rows in ``groups`` (one query each), for
-    the session's identity map; the caller keeps the returned list while it reads them."""
+    """The senders' device rows, the groups' rows and the senders' membership rows in
+    ``groups`` (one query each), for the session's identity map; the caller keeps the returned
+    list while it reads them."""
     held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(senders))))
-    for group_id in sorted(set(groups)):
+    ordered = sorted(set(groups))
+    held += session.scalars(select(Group).where(Group.group_id.in_(ordered)))
+    for group_id in ordered:
         held += session.scalars(
             select(GroupMember).where(
                 GroupMember.group_id == group_id, GroupMember.device_id.in_(senders)
@@ -86,6 +96,29 @@ def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[Grou
     ):
         found.setdefault(row.device_id, []).append(row)
     return found
+
+
+def acks_recorded(
+    session: Session, acks: Iterable[tuple[str, int, str]]
+) -> tuple[set[tuple[str, int, str]], list[object]]:
+    """Which of (group, epoch, device) have an ack recorded, and their rows for the session's
+    identity map (one query per group and epoch); keep the rows while using them."""
+    wanted: dict[tuple[str, int], set[str]] = {}
+    for group_id, epoch, device_id in acks:
+        wanted.setdefault((group_id, epoch), set()).add(device_id)
+    found: set[tuple[str, int, str]] = set()
+    held: list[object] = []
+    for (group_id, epoch), devices in sorted(wanted.items()):
+        for row in session.scalars(
+            select(AckRow).where(
+                AckRow.group_id == group_id,
+                AckRow.epoch == epoch,
+                AckRow.device_id.in_(sorted(devices)),
+            )
+        ):
+            held.append(row)
+            found.add((group_id, epoch, row.device_id))
+    return found, held
 
 
 def commit_at(session: Session, group_id: str, epoch: int) -> CommitLogEntry | None:
