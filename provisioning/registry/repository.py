@@ -972,17 +972,21 @@ class Registry:
             return
         if mark_seen:
             self._device_row(device_id).last_seen = now
-        self._insert_or_retry(
-            f"ack from {device_id!r} recorded concurrently",
-            Ack(
-                group_id=group_id,
-                epoch=epoch,
-                device_id=device_id,
-                epoch_authenticator=epoch_authenticator,
-                received_at=now,
-                received_at_ms=received_ms,
-            ),
+        row = Ack(
+            group_id=group_id,
+            epoch=epoch,
+            device_id=device_id,
+            epoch_authenticator=epoch_authenticator,
+            received_at=now,
+            received_at_ms=received_ms,
         )
+        if absent:
+            # the caller holds the sender's replay row lock, which every writer of this
+            # device's acks takes: written with the caller's next flush (a batch's acks in one
+            # statement); a conflict there fails the caller's transaction
+            self._s.add(row)
+            return
+        self._insert_or_retry(f"ack from {device_id!r} recorded concurrently", row)
 
     def ack_status(self, group_id: str) -> AckStatus:
         """Acks for the group's current epoch, against its current members (pending removals

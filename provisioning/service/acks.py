@@ -99,7 +99,11 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         registry = Registry(session)
         guards: dict[str, ReplayGuard] = {}
         in_rollout = rollouts.attested_devices(session, senders)
+        # read before any write: a read after one would flush the acks one by one
         started_at: dict[tuple[str, int], int | None] = {}
+        for commit in sorted({(b.group_id, b.epoch - 1) for b in bodies}):
+            started = store.commit_at(session, *commit)
+            started_at[commit] = None if started is None else store.commit_ms(started)
         for message in batch:
             sender = message.sender
             body = message.body
@@ -128,11 +132,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                 refused.append((message, err))
                 continue
             guards[sender] = trial
-            commit = (body.group_id, body.epoch - 1)
-            if commit not in started_at:
-                started = store.commit_at(session, *commit)
-                started_at[commit] = None if started is None else store.commit_ms(started)
-            taken.append((message, started_at[commit]))
+            taken.append((message, started_at[(body.group_id, body.epoch - 1)]))
         store.save_guards(session, guards, now=now)
         store.mark_heard(session, guards, now=now)
 
