@@ -150,7 +150,8 @@ def seed(engine: Engine, fleet: list[Device_], pems: list[str], *, now: int) -> 
                         "group_id": group_of(i),
                         "device_id": fleet[i][0],
                         "leaf_index": i % GROUP_SIZE,
-                        "joined_epoch": 1,
+                        # joined at the group's epoch: up to date, as a member that acked it
+                        "joined_epoch": EPOCH,
                         "requested_at": now,
                     }
                     for i in range(start, min(len(fleet), start + SEED_BATCH))
