@@ -37,6 +37,7 @@ BENCHES = (
     "bench_scale",
     "bench_member",
     "bench_server_wrap",
+    "bench_device_messages",
 )
 AT_LEAST = {
     "attestation_verify_per_core",

@@ -421,6 +421,7 @@ class Registry:
         *,
         now: int,
         online_since: int | None = None,
+        flush: bool = True,
     ) -> DeviceRecord:
         """Keep the device's latest report (its verified CBOR payload) and apply its key-state
         transitions in order. Idempotent: transitions already recorded are skipped, so a device
@@ -483,7 +484,8 @@ class Registry:
         row.last_report = report
         row.last_report_at = now
         row.last_seen = now
-        self._s.flush()
+        if flush:  # without: the caller flushes a batch of reports at once
+            self._s.flush()
         return _record(DeviceRecord, row)
 
     def key_states(self, device_id: str) -> list[KeyRecord]:
@@ -937,10 +939,15 @@ class Registry:
         epoch_authenticator: bytes,
         now: int,
         now_ms: int | None = None,
+        absent: bool = False,
+        mark_seen: bool = True,
     ) -> None:
         """Record that a member reached ``epoch``. Repeating the same ack is a no-op; an ack
         that changes a recorded authenticator, or names an epoch no commit produced, is refused.
-        ``now_ms`` as in ``append_commit``: ack latency is measured in milliseconds."""
+        ``now_ms`` as in ``append_commit``: ack latency is measured in milliseconds.
+        ``absent``: the caller knows, in this transaction, that no ack of this device for this
+        epoch is recorded (a batch of acks reads them at once); ``mark_seen`` False: the caller
+        writes the device's ``last_seen`` itself."""
         received_ms = _milliseconds(now, now_ms)
         group = self._group_row(group_id)
         member = self._s.get(GroupMember, (group_id, device_id))
@@ -954,7 +961,7 @@ class Registry:
                 f"device {device_id!r} acked epoch {epoch} of {group_id!r}, "
                 f"which is only at epoch {group.epoch}",
             )
-        existing = self._s.get(Ack, (group_id, epoch, device_id))
+        existing = None if absent else self._s.get(Ack, (group_id, epoch, device_id))
         if existing is not None:
             if existing.epoch_authenticator != epoch_authenticator:
                 raise ProtocolError(
@@ -963,18 +970,23 @@ class Registry:
                     "with a different epoch authenticator",
                 )
             return
-        self._device_row(device_id).last_seen = now
-        self._insert_or_retry(
-            f"ack from {device_id!r} recorded concurrently",
-            Ack(
-                group_id=group_id,
-                epoch=epoch,
-                device_id=device_id,
-                epoch_authenticator=epoch_authenticator,
-                received_at=now,
-                received_at_ms=received_ms,
-            ),
+        if mark_seen:
+            self._device_row(device_id).last_seen = now
+        row = Ack(
+            group_id=group_id,
+            epoch=epoch,
+            device_id=device_id,
+            epoch_authenticator=epoch_authenticator,
+            received_at=now,
+            received_at_ms=received_ms,
         )
+        if absent:
+            # the caller holds the sender's replay row lock, which every writer of this
+            # device's acks takes: written with the caller's next flush (a batch's acks in one
+            # statement); a conflict there fails the caller's transaction
+            self._s.add(row)
+            return
+        self._insert_or_retry(f"ack from {device_id!r} recorded concurrently", row)
 
     def ack_status(self, group_id: str) -> AckStatus:
         """Acks for the group's current epoch, against its current members (pending removals

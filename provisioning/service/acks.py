@@ -28,7 +28,16 @@ from provisioning.service.store import rollouts
 log = logging.getLogger("keyfleet.service")
 
 
-def _record(cx: Call, registry: Registry, sender: str, body: AckBody, now: int) -> None:
+def _record(
+    cx: Call,
+    registry: Registry,
+    sender: str,
+    body: AckBody,
+    now: int,
+    *,
+    absent: bool = False,
+    mark_seen: bool = True,
+) -> None:
     registry.record_ack(
         body.group_id,
         epoch=body.epoch,
@@ -36,6 +45,8 @@ def _record(cx: Call, registry: Registry, sender: str, body: AckBody, now: int) 
         epoch_authenticator=body.epoch_authenticator,
         now=now,
         now_ms=cx.clock.ms,
+        absent=absent,
+        mark_seen=mark_seen,
     )
 
 
@@ -80,16 +91,26 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         held += store.load_ack_senders(
             session, senders, (m.body.group_id for m in batch if isinstance(m.body, AckBody))
         )
+        bodies = [m.body for m in batch if isinstance(m.body, AckBody)]
+        recorded, rows = store.acks_recorded(
+            session, ((b.group_id, b.epoch, m.sender) for m, b in zip(batch, bodies, strict=True))
+        )
+        held += rows
         registry = Registry(session)
         guards: dict[str, ReplayGuard] = {}
         in_rollout = rollouts.attested_devices(session, senders)
+        # read before any write: a read after one would flush the acks one by one
+        started_at: dict[tuple[str, int], int | None] = {}
+        for commit in sorted({(b.group_id, b.epoch - 1) for b in bodies}):
+            started = store.commit_at(session, *commit)
+            started_at[commit] = None if started is None else store.commit_ms(started)
         for message in batch:
             sender = message.sender
             body = message.body
             assert isinstance(body, AckBody)
             guard = guards.get(sender)
             if guard is None:
-                guard = store.load_guard(session, sender)
+                guard = store.load_guard(session, sender, memo=cx.guards)
             trial = copy.deepcopy(guard)
             try:
                 trial.accept(message.message)
@@ -100,17 +121,19 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                         "ds.device.quarantined",
                         f"device {sender!r} is quarantined: only attestation reports are taken",
                     )
-                _record(cx, registry, sender, body, now)
+                key = (body.group_id, body.epoch, sender)
+                # last_seen: mark_heard below, for every sender taken
+                _record(cx, registry, sender, body, now, absent=key not in recorded,
+                        mark_seen=False)  # fmt: skip
+                recorded.add(key)
                 if sender in in_rollout:
                     rollout.on_ack(session, sender, body.group_id, body.epoch, now)
             except ProtocolError as err:
                 refused.append((message, err))
                 continue
             guards[sender] = trial
-            started = store.commit_at(session, body.group_id, body.epoch - 1)
-            taken.append((message, None if started is None else store.commit_ms(started)))
-        for sender in sorted(guards):
-            store.save_guard(session, sender, guards[sender], now=now)
+            taken.append((message, started_at[(body.group_id, body.epoch - 1)]))
+        store.save_guards(session, guards, now=now)
         store.mark_heard(session, guards, now=now)
 
     try:

@@ -14,7 +14,7 @@ once more, and a member drops commits it already has).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
 from sqlalchemy.orm import Session
@@ -54,11 +54,24 @@ def catch_up_many(
     epoch is known to be there, and its epoch queries are skipped."""
     if not device_ids:
         return
+    acked_pairs = {(group_id, device_id) for group_id, device_id, _ in acked}
 
     def plan(session: Session) -> list[tuple[str, Replays, list[str]]]:
         registry = Registry(session)
         memberships = store.memberships(session, device_ids)
         groups: dict[str, GroupRecord] = {}
+        proven: dict[tuple[str, str], int] | None = None
+        if len(device_ids) > 1:
+            # the epochs the devices are proven to hold, for every membership at once
+            proven = store.known_epochs(
+                session,
+                (
+                    (m.group_id, m.device_id, m.joined_epoch or 0)
+                    for rows in memberships.values()
+                    for m in rows
+                    if m.leaf_index is not None and (m.group_id, m.device_id) not in acked_pairs
+                ),
+            )
         plans = []
         for device_id in device_ids:
             replays, readd = plan_catch_up(
@@ -70,6 +83,7 @@ def catch_up_many(
                 groups=groups,
                 acked=acked,
                 now=now,
+                proven=proven,
             )
             if replays or readd:
                 plans.append((device_id, replays, readd))
@@ -89,6 +103,7 @@ def plan_catch_up(
     groups: dict[str, GroupRecord],
     acked: AbstractSet[tuple[str, str, int]],
     now: int,
+    proven: Mapping[tuple[str, str], int] | None = None,
 ) -> tuple[Replays, list[str]]:
     """What to send ``device_id`` so it catches up: (group, commits, current epoch) to
     replay, and the groups whose needed commits retention dropped (re-add)."""
@@ -102,7 +117,12 @@ def plan_catch_up(
             group = groups[member.group_id] = registry.group(member.group_id)
         if (group.group_id, device_id, group.epoch) in acked:
             continue
-        known = store.known_epoch(session, group.group_id, device_id, member.joined_epoch or 0)
+        found = None if proven is None else proven.get((group.group_id, device_id))
+        known = (
+            store.known_epoch(session, group.group_id, device_id, member.joined_epoch or 0)
+            if found is None
+            else found
+        )
         if known >= group.epoch:
             continue
         if cx.env.catchup_sent.get((group.group_id, device_id), (-1, -1, -1))[:2] == (

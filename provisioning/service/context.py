@@ -35,6 +35,7 @@ from agent.protocol.errors import InternalError, ProtocolError
 from agent.protocol.hpke import Rng
 from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.rejections import Rejections
+from agent.protocol.wire.replay import ReplayGuard
 from provisioning.metrics import ServiceMetrics
 from provisioning.pki import verify_certificate
 from provisioning.registry import run_in_transaction
@@ -202,6 +203,9 @@ class Call:
     clock: Clock
     outbox: list[Outgoing] = field(default_factory=list)
     rolled: bool = False  # a trust bundle was added: switch keys once this call's are signed
+    # replay guards decoded in this call, by sender, with the stored bytes they came from
+    # (``store.load_guard``'s memo: read-only, copied before use)
+    guards: dict[str, tuple[bytes, int, ReplayGuard]] = field(default_factory=dict)
 
     def send(self, topic: str, body: Body, *, to: str, now: int) -> None:
         self.outbox.append(Outgoing(topic, body, to, now))

@@ -16,6 +16,8 @@ members (the revocation's path), and its DevID key is refused from then on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
@@ -70,7 +72,7 @@ from provisioning.service.effects import (
     Touch,
 )
 from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
-from provisioning.service.store import trees
+from provisioning.service.store import rollouts, trees
 
 log = logging.getLogger("keyfleet.service")
 
@@ -152,6 +154,25 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
     raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
 
 
+@dataclass(frozen=True)
+class BatchFacts:
+    """What a batch of key-state reports reads once in its transaction instead of per report
+    (``reports.on_reports``): the newest feed entry, whether a group deletion is open, which
+    senders are in a rollout that is not over."""
+
+    feed_newest: int
+    deletions_open: bool
+    in_rollout: frozenset[str]
+
+    @classmethod
+    def read(cls, session: Session, senders: Collection[str]) -> BatchFacts:
+        return cls(
+            feed_newest=feed.newest(session)[0],
+            deletions_open=groupdelete.any_open(session),
+            in_rollout=frozenset(rollouts.in_active(session, senders)),
+        )
+
+
 def on_key_states(
     cx: Call,
     session: Session,
@@ -160,6 +181,7 @@ def on_key_states(
     message: VerifiedMessage,
     *,
     now: int,
+    facts: BatchFacts | None = None,
 ) -> Effects:
     Registry(session).record_report(
         sender,
@@ -167,6 +189,7 @@ def on_key_states(
         key_state_items(body.keys),
         now=now,
         online_since=now - cx.env.settings.online_window,
+        flush=facts is None,
     )
     refused = dict(body.refused)
     if refused and cx.env.refusals_seen.get(sender) != refused:
@@ -183,8 +206,14 @@ def on_key_states(
             details=dict(sorted(refused.items())),
         )
         cx.env.refusals_seen[sender] = refused
-    effects = feed.on_report(session, sender, body.feed, now=now)
-    effects += groupdelete.on_feed_report(session, sender, body.feed)
+    if facts is None:
+        effects = feed.on_report(session, sender, body.feed, now=now)
+        effects += groupdelete.on_feed_report(session, sender, body.feed)
+    else:
+        effects = feed.on_report(session, sender, body.feed, now=now, ours=facts.feed_newest)
+        effects += groupdelete.on_feed_report(
+            session, sender, body.feed, any_open=facts.deletions_open
+        )
     held = body.trust_seq or 0
     if cx.env.trust_seen.get(sender) != held:
         # who follows a service signing key rollover: one line each time a device's bundle moves
@@ -196,6 +225,8 @@ def on_key_states(
                 (sender, held, cx.env.trust_seq),
             )
         )
+    if facts is not None and sender not in facts.in_rollout:
+        return effects
     return effects + rollout.on_install_report(cx, session, sender, body.install, now)
 
 

@@ -93,13 +93,17 @@ def on_revoked(session: Session, authz: bytes, *, now: int) -> Effects:
     ]
 
 
-def on_report(session: Session, device_id: str, seq: int | None, *, now: int) -> Effects:
+def on_report(
+    session: Session, device_id: str, seq: int | None, *, now: int, ours: int | None = None
+) -> Effects:
     """A device's keys.report says how far its kept feed is (None: an agent without a feed):
-    record it; send the entries it lacks."""
+    record it; send the entries it lacks. ``ours``: the newest entry's number, if the caller
+    read it already in this transaction (a batch of reports reads it once)."""
     if seq is None:
         return []
     rows.record_seen(session, device_id, seq, now=now)
-    ours, _ = newest(session)
+    if ours is None:
+        ours, _ = newest(session)
     if seq > ours:
         return [
             Log(

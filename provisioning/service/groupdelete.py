@@ -148,10 +148,17 @@ def view(session: Session, group_id: str) -> tuple[list[str], list[str], int]:
     )
 
 
-def on_feed_report(session: Session, device_id: str, seq: int | None) -> Effects:
+def any_open(session: Session) -> bool:
+    """Whether any group deletion is in progress (``on_feed_report``'s ``any_open``)."""
+    return deletions.any_open_operation(session, OPERATION_TYPE)
+
+
+def on_feed_report(
+    session: Session, device_id: str, seq: int | None, *, any_open: bool = True
+) -> Effects:
     """A device's ``keys.report`` shows its feed at ``seq``: the deletions it completes report
-    progress."""
-    if seq is None:
+    progress. ``any_open`` False: the caller found no deletion open in this transaction."""
+    if seq is None or not any_open:
         return []
     reached = deletions.open_operations_reached(session, device_id, seq, OPERATION_TYPE)
     return [Progress(command_id) for command_id in reached]

@@ -3,10 +3,11 @@ periodic ``tick``, and the signing of everything a call sends (``sign``).
 
 A batch is taken in its order. Device reports are verified in one read session up to the next
 message that is handled on its own (the senders' device and replay rows loaded in one query
-each); acks that follow each other are collected and taken in one transaction
-(``acks.on_acks``), every other report and every operator command on its own. A transport or
-database failure while handling one message is logged and the others are still handled (the
-senders' timeouts and the service's retries recover that one's flow).
+each); acks and key-state reports that follow each other are collected and taken in one
+transaction each (``acks.on_acks``, ``reports.on_reports``), every other report and every
+operator command on its own. A transport or database failure while handling one message is
+logged and the others are still handled (the senders' timeouts and the service's retries
+recover that one's flow).
 
 Everything a call sends is signed at its end with one reservation from the shared sequence
 counter (``store.reserve_seqs``), so that several instances signing as one sender stay inside
@@ -27,6 +28,7 @@ from agent.protocol.errors import KeyfleetError
 from agent.protocol.topics import SERVICE_ID, report_sender
 from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.ack import Ack as AckBody
+from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning.registry import PendingChange, Registry
 from provisioning.service import acks as acks_flow
@@ -46,6 +48,7 @@ from provisioning.service import (
     verify,
 )
 from provisioning.service import jobs as jobs_flow
+from provisioning.service import reports as reports_flow
 from provisioning.service.context import Call
 from provisioning.service.model import Job, Publish
 
@@ -77,6 +80,7 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
     """Verify and handle ``messages`` in their order; what to send is in ``cx.outbox``."""
     ensure_started(cx, now)
     acks: list[verify.VerifiedReport] = []
+    reports: list[verify.VerifiedReport] = []
     senders = [report_sender(topic) for topic, _ in messages]
     # One read session verifies the device reports up to the next message that is handled
     # on its own, with the senders' device and replay rows loaded in one query each: a
@@ -104,10 +108,14 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
                 if isinstance(message.body, AckBody):
                     acks.append(message)
                     continue
+                if isinstance(message.body, KeyStateReport):
+                    reports.append(message)
+                    continue
             if reader is not None:
                 reader.close()
                 reader = None
             guarded("acks", partial(acks_flow.on_acks, cx, acks, now), None)
+            guarded("reports", partial(reports_flow.on_reports, cx, reports, now), None)
             parts = topic.split("/")
             if message is not None:
                 guarded(topic, partial(devices.on_device_message, cx, message, now), None)
@@ -120,6 +128,7 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
             reader.close()
     del held
     guarded("acks", partial(acks_flow.on_acks, cx, acks, now), None)
+    guarded("reports", partial(reports_flow.on_reports, cx, reports, now), None)
 
 
 def guarded(what: str, work: Callable[[], T], failed: T) -> T:

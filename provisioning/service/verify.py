@@ -116,7 +116,9 @@ def open_envelope(
             recipients=(SERVICE_ID,),
             max_age=max_age,
         )
-        store.load_guard(session, message.sender, window=replay_window).check(message)
+        store.load_guard(session, message.sender, window=replay_window, memo=cx.guards).check(
+            message
+        )
         return message
 
     return cx.env.read(work) if session is None else work(session)

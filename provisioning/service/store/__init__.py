@@ -36,11 +36,15 @@ from provisioning.service.store.checkpoints import (
 )
 from provisioning.service.store.fleet import (
     acked_at,
+    acks_recorded,
     commit_at,
     commit_ms,
+    device_state,
     known_epoch,
+    known_epochs,
     last_commit_at,
     load_ack_senders,
+    load_report_senders,
     load_senders,
     mark_heard,
     member_device_states,
@@ -103,6 +107,7 @@ from provisioning.service.store.ledger import (
     record_command,
     reserve_seqs,
     save_guard,
+    save_guards,
 )
 from provisioning.service.store.quorum import (
     StoredRequest,
@@ -162,7 +167,12 @@ __all__ = [
     "defer_attestation",
     "link_job",
     "load_ack_senders",
+    "acks_recorded",
+    "load_report_senders",
+    "known_epochs",
+    "device_state",
     "load_guard",
+    "save_guards",
     "load_operation",
     "load_operations",
     "load_request",

@@ -99,6 +99,17 @@ def open_operations_reached(
     return [bytes.fromhex(command_id) for command_id in rows]
 
 
+def any_open_operation(session: Session, operation_type: str) -> bool:
+    """Whether any ``operation_type`` operation is unfinished (one query for a batch of reports:
+    none open, and no report can complete one)."""
+    found = session.scalars(
+        select(OperationRow.command_id)
+        .where(OperationRow.type == operation_type, OperationRow.finished_at.is_(None))
+        .limit(1)
+    ).first()
+    return found is not None
+
+
 def live_group_ids(session: Session) -> list[str]:
     """Every group not deleted."""
     return list(

@@ -8,11 +8,18 @@ from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
-from provisioning.db.runtime import OperatorKey, ReplayState, TaskLease
+from provisioning.db.runtime import OperatorKey, ReplayState, RevocationFeedSeen, TaskLease
 from provisioning.db.schema import Ack as AckRow
-from provisioning.db.schema import CommitLogEntry, Device, DeviceState, GroupMember
+from provisioning.db.schema import (
+    CommitLogEntry,
+    Device,
+    DeviceKey,
+    DeviceState,
+    Group,
+    GroupMember,
+)
 
 
 def mark_heard(session: Session, devices: Iterable[str], *, now: int) -> None:
@@ -55,16 +62,42 @@ def load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
 def load_ack_senders(
     session: Session, senders: Sequence[str], groups: Iterable[str]
 ) -> list[object]:
-    """The senders' device rows and their membership rows in ``groups`` (one query each), for
-    the session's identity map; the caller keeps the returned list while it reads them."""
+    """The senders' device rows, the groups' rows and the senders' membership rows in
+    ``groups`` (one query each), for the session's identity map; the caller keeps the returned
+    list while it reads them."""
     held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(senders))))
-    for group_id in sorted(set(groups)):
+    ordered = sorted(set(groups))
+    held += session.scalars(select(Group).where(Group.group_id.in_(ordered)))
+    for group_id in ordered:
         held += session.scalars(
             select(GroupMember).where(
                 GroupMember.group_id == group_id, GroupMember.device_id.in_(senders)
             )
         )
     return held
+
+
+def load_report_senders(session: Session, senders: Sequence[str]) -> list[object]:
+    """The senders' device rows with their keys and key transitions, and their revocation feed
+    rows (one query each), for the session's identity map (what a batch of key-state reports
+    reads); the caller keeps the returned list while it reads them."""
+    held: list[object] = list(
+        session.scalars(
+            select(Device)
+            .where(Device.device_id.in_(senders))
+            .options(selectinload(Device.keys).selectinload(DeviceKey.transitions))
+        )
+    )
+    held += session.scalars(
+        select(RevocationFeedSeen).where(RevocationFeedSeen.device_id.in_(senders))
+    )
+    return held
+
+
+def device_state(session: Session, device_id: str) -> DeviceState | None:
+    """The device's state (from the identity map when its row is loaded), None if unknown."""
+    row = session.get(Device, device_id)
+    return None if row is None else row.state
 
 
 def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[GroupMember]]:
@@ -77,6 +110,29 @@ def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[Grou
     ):
         found.setdefault(row.device_id, []).append(row)
     return found
+
+
+def acks_recorded(
+    session: Session, acks: Iterable[tuple[str, int, str]]
+) -> tuple[set[tuple[str, int, str]], list[object]]:
+    """Which of (group, epoch, device) have an ack recorded, and their rows for the session's
+    identity map (one query per group and epoch); keep the rows while using them."""
+    wanted: dict[tuple[str, int], set[str]] = {}
+    for group_id, epoch, device_id in acks:
+        wanted.setdefault((group_id, epoch), set()).add(device_id)
+    found: set[tuple[str, int, str]] = set()
+    held: list[object] = []
+    for (group_id, epoch), devices in sorted(wanted.items()):
+        for row in session.scalars(
+            select(AckRow).where(
+                AckRow.group_id == group_id,
+                AckRow.epoch == epoch,
+                AckRow.device_id.in_(sorted(devices)),
+            )
+        ):
+            held.append(row)
+            found.add((group_id, epoch, row.device_id))
+    return found, held
 
 
 def commit_at(session: Session, group_id: str, epoch: int) -> CommitLogEntry | None:
@@ -109,6 +165,40 @@ def known_epoch(session: Session, group_id: str, device_id: str, joined: int) ->
         known = max(known, int(acked))
     if committed is not None:
         known = max(known, int(committed) + 1)
+    return known
+
+
+def known_epochs(
+    session: Session, members: Iterable[tuple[str, str, int]]
+) -> dict[tuple[str, str], int]:
+    """``known_epoch`` of each (group, device, joined) in two queries per group (by the
+    (group, device, epoch) indexes of acks and the commit log): (group, device) -> epoch."""
+    by_group: dict[str, dict[str, int]] = {}
+    for group_id, device_id, joined in members:
+        by_group.setdefault(group_id, {})[device_id] = joined
+    known: dict[tuple[str, str], int] = {}
+    for group_id, joined_at in sorted(by_group.items()):
+        ids = sorted(joined_at)
+        for device_id, joined in joined_at.items():
+            known[(group_id, device_id)] = joined
+        acked = session.execute(
+            select(AckRow.device_id, func.max(AckRow.epoch))
+            .where(AckRow.group_id == group_id, AckRow.device_id.in_(ids))
+            .group_by(AckRow.device_id)
+        )
+        for device_id, epoch in acked:
+            if epoch is not None:
+                key = (group_id, device_id)
+                known[key] = max(known[key], int(epoch))
+        committed = session.execute(
+            select(CommitLogEntry.committer, func.max(CommitLogEntry.epoch))
+            .where(CommitLogEntry.group_id == group_id, CommitLogEntry.committer.in_(ids))
+            .group_by(CommitLogEntry.committer)
+        )
+        for device_id, epoch in committed:
+            if epoch is not None:
+                key = (group_id, device_id)
+                known[key] = max(known[key], int(epoch) + 1)
     return known
 
 

@@ -97,14 +97,27 @@ def operator_replay_window(max_age: int, max_future: int = DEFAULT_MAX_FUTURE) -
     return max(1, (max_age + max_future + 1) * 1_000_000)
 
 
-def load_guard(session: Session, sender: str, *, window: int = REPLAY_WINDOW) -> ReplayGuard:
+GuardMemo = dict[str, tuple[bytes, int, ReplayGuard]]
+
+
+def load_guard(
+    session: Session, sender: str, *, window: int = REPLAY_WINDOW, memo: GuardMemo | None = None
+) -> ReplayGuard:
     """The sender's guard with ``window`` (``REPLAY_WINDOW`` for counting senders,
     ``operator_replay_window`` for operators) and the default capacity for it. A stored guard
     with other bounds (an operator's, stored before operators had their own window; a changed
-    ``operator_max_age``) is resized, never re-opening a seq it refused as old."""
+    ``operator_max_age``) is resized, never re-opening a seq it refused as old.
+
+    ``memo`` (one call's, e.g. ``Call.guards``): the guard decoded from the same stored bytes
+    earlier in the call is returned again instead of decoding them a second time (the strict
+    decoding is most of a read's cost); the caller must then not change it (copy it first)."""
     row = session.get(ReplayState, sender)
     if row is None:
         return ReplayGuard(window)
+    if memo is not None:
+        found = memo.get(sender)
+        if found is not None and found[0] == row.state and found[1] == window:
+            return found[2]
     try:
         guard = ReplayGuard.from_cbor_map(cbor.decode(row.state))
     except Exception as exc:  # a corrupt row must not crash the service; it is a StateError
@@ -113,6 +126,8 @@ def load_guard(session: Session, sender: str, *, window: int = REPLAY_WINDOW) ->
         ) from None
     if (guard.window, guard.capacity) != (window, min(window, DEFAULT_CAPACITY)):
         return guard.resized(window)
+    if memo is not None:
+        memo[sender] = (row.state, window, guard)
     return guard
 
 
@@ -150,6 +165,18 @@ def lock_guards(session: Session, senders: Iterable[str]) -> list[ReplayState]:
         )
         return list(session.scalars(rows))
     return list(session.scalars(rows.with_for_update()))
+
+
+def save_guards(session: Session, guards: dict[str, ReplayGuard], *, now: int) -> None:
+    """``save_guard`` for several senders (sorted), the existing rows written in one flush."""
+    for sender in sorted(guards):
+        row = session.get(ReplayState, sender)
+        if row is None:
+            save_guard(session, sender, guards[sender], now=now)
+        else:
+            row.state = cbor.encode(guards[sender].to_cbor_map())
+            row.updated_at = now
+    session.flush()
 
 
 def save_guard(session: Session, sender: str, guard: ReplayGuard, *, now: int) -> None:

@@ -145,6 +145,24 @@ def device_in_active(
     return None if found is None else (found[0], found[1])
 
 
+def in_active(session: Session, device_ids: Collection[str]) -> set[str]:
+    """Which of ``device_ids`` have a row ``device_in_active`` would find (one query for a batch
+    of reports)."""
+    if not device_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(RolloutDeviceRow.device_id)
+            .join(RolloutRow, RolloutDeviceRow.rollout_id == RolloutRow.rollout_id)
+            .where(
+                RolloutRow.active_group.is_not(None),
+                RolloutDeviceRow.device_id.in_(sorted(device_ids)),
+                RolloutDeviceRow.wave <= RolloutRow.wave,
+            )
+        )
+    )
+
+
 def attested_devices(session: Session, device_ids: Collection[str]) -> set[str]:
     """Which of ``device_ids`` wait, in a rollout that is not over, for an ack after their
     trusted verdict (one query for a batch of acks)."""

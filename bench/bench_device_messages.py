@@ -1,0 +1,382 @@
+"""Device messages at the service: what one key-state report (``keys.report``) and one group ack
+cost, as a ratio to one ECDSA P-256 verify timed in the same run, on a SQLite file and on
+PostgreSQL, with 1,000 and 10,000 registered devices; and a burst of 100,000 signed reports
+from 100,000 distinct registered devices (docs/bench/README.md, "Device messages").
+
+Not a test: prints a JSON list of records to stdout (progress to stderr).
+
+Set-up, per backend and N: N software devices, each a registered device with its real DevID
+certificate (from the test device CA), in groups of ``GROUP_SIZE`` members (group rows and
+member rows as the service stores them; no tree: neither path reads it), the real delivery
+service (``DeliveryService``) on the database. Every message is a real signed envelope
+(``encode_message`` with the device's DevID key), handed to ``DeliveryService.handle_many`` in
+batches of ``BATCH`` as ``keyfleet serve`` hands them over. Not timed: every device acks the
+group's epoch once and sends one report (its first messages: its DevID certificate checked,
+its replay row and key rows made). Timed, in this order:
+
+- ``report``: every device's next ``keys.report``, the one a device sends at each reconnect
+  (same keys, same states: what a fleet-wide reconnect sends);
+- ``ack``: every device's ack of the group's next epoch (the group moved on one epoch).
+
+Each figure is the wall time of the batches over the number of messages, with the SQL
+statements per message counted on the engine. Before each timed run the objects that exist
+(mostly the virtual fleet's keys and pre-signed messages) are frozen out of the garbage
+collector's generations (``gc.freeze``): otherwise its full collections, which walk them,
+charge the service about 0.3 ms per report for objects it would not hold. Attestation answers
+are not measured here (they need a TPM quote per device; bench_attestation times the
+verifier).
+
+The burst (``python -m bench.bench_device_messages burst``, and in the default run): 100,000
+devices on SQLite, each one report pre-signed before the clock starts, all through
+``handle_many`` in batches of ``BATCH``, in this one process (no broker).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import gc
+import io
+import json
+import logging
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import event, insert, update
+from sqlalchemy.engine import Engine
+
+from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
+from agent.protocol.topics import SERVICE_ID, device_report_topic
+from agent.protocol.wire.envelope import encode_message
+from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.key_state import KeyStateReport
+from bench.bench_scale import T0, _ecdsa_verify_ms, progress
+from provisioning import pki
+from provisioning.db.runtime import create_service_schema
+from provisioning.db.schema import Device, DeviceState, Group, GroupMember
+from provisioning.registry import create_schema, make_engine, session_factory
+from provisioning.service.core import DeliveryService, ServiceSettings
+from tests.device_certs import device_ca as test_device_ca
+from tests.device_certs import devid_cert_der
+from tests.fixtures.postgres import PostgresServer
+
+SIZES = (1_000, 10_000)
+BURST = 100_000
+BATCH = 200  # messages keyfleet serve hands the service at once
+GROUP_SIZE = 1_000
+SEED_BATCH = 10_000
+EPOCH = 2
+TARGET_SQLITE = 5.0  # verify times per message
+TARGET_POSTGRESQL = 8.0
+BURST_TARGET_S = 60.0
+
+Device_ = tuple[str, ec.EllipticCurvePrivateKey]
+
+
+def make_fleet(n: int) -> tuple[list[Device_], list[str]]:
+    """``n`` software devices and their DevID certificates (PEM)."""
+    ca = test_device_ca()
+    devices: list[Device_] = []
+    pems: list[str] = []
+    for i in range(n):
+        device_id = f"dev-{i:06}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        der = devid_cert_der(device_id, key, ca=ca)
+        pems.append(
+            x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+        )
+        devices.append((device_id, key))
+        if i and i % 20_000 == 0:
+            progress(f"  {i} devices made")
+    return devices, pems
+
+
+def group_of(i: int) -> str:
+    return f"g-{i // GROUP_SIZE:03}"
+
+
+def seed(engine: Engine, fleet: list[Device_], pems: list[str], *, now: int) -> None:
+    """Every device registered with its real DevID certificate and a member of its group."""
+    with engine.begin() as connection:
+        for start in range(0, len(fleet), SEED_BATCH):
+            connection.execute(
+                insert(Device),
+                [
+                    {
+                        "device_id": fleet[i][0],
+                        "ek_cert_fingerprint": f"{i:064x}",
+                        "devid_cert_pem": pems[i],
+                        "state": DeviceState.ACTIVE,
+                        "state_reason": "bench",
+                        "registered_at": now,
+                        "state_changed_at": now,
+                        "last_seen": now,
+                        "ak_public": b"bench-ak",
+                    }
+                    for i in range(start, min(len(fleet), start + SEED_BATCH))
+                ],
+            )
+        groups = sorted({group_of(i) for i in range(len(fleet))})
+        connection.execute(
+            insert(Group),
+            [
+                {
+                    "group_id": g,
+                    "epoch": EPOCH,
+                    "public_tree": b"bench",
+                    "group_context": b"bench",
+                    "created_at": now,
+                    "updated_at": now,
+                    "state_token": b"bench-seeded",
+                }
+                for g in groups
+            ],
+        )
+        for start in range(0, len(fleet), SEED_BATCH):
+            connection.execute(
+                insert(GroupMember),
+                [
+                    {
+                        "group_id": group_of(i),
+                        "device_id": fleet[i][0],
+                        "leaf_index": i % GROUP_SIZE,
+                        # joined at the group's epoch: up to date, as a member that acked it
+                        "joined_epoch": EPOCH,
+                        "requested_at": now,
+                    }
+                    for i in range(start, min(len(fleet), start + SEED_BATCH))
+                ],
+            )
+
+
+def report_body() -> KeyStateReport:
+    history = ((KeyState.PRE_ACTIVATION, T0 - 1000), (KeyState.ACTIVE, T0 - 999))
+    return KeyStateReport(
+        keys=(
+            KeyRecord("ak", KeyKind.AK, history),
+            KeyRecord("devid", KeyKind.DEVID, history),
+        ),
+        feed=0,
+    )
+
+
+@contextmanager
+def service_at(url: str) -> Iterator[tuple[Engine, DeliveryService, list[int]]]:
+    """The service on ``url`` (schema created) and a counter of SQL statements run."""
+    engine = make_engine(url)
+    create_schema(engine)
+    create_service_schema(engine)
+    statements = [0]
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def count(*_args: Any) -> None:
+        statements[0] += 1
+
+    now_dt = datetime.fromtimestamp(T0, UTC)
+    operator_ca = pki.create_ca("bench operator CA", now=now_dt, valid_for=timedelta(days=2))
+    counter = iter(range(1, 1 << 40))
+    service = DeliveryService(
+        session_factory(engine),
+        signing_key=pki.generate_key(),
+        operator_ca=operator_ca.certificate,
+        device_ca=test_device_ca().certificate,
+        settings=ServiceSettings(min_approvals=1),
+        rng=lambda n: next(counter).to_bytes(n, "big"),
+    )
+    try:
+        yield engine, service, statements
+    finally:
+        engine.dispose()
+
+
+class Signer:
+    """Each device's envelopes, with its own sequence numbers."""
+
+    def __init__(self, fleet: list[Device_]) -> None:
+        self.fleet = fleet
+        self.seqs = [0] * len(fleet)
+
+    def sign(self, i: int, body: Body, now: int) -> tuple[str, bytes]:
+        self.seqs[i] += 1
+        device_id, key = self.fleet[i]
+        payload = encode_message(
+            body, key=key, sender=device_id, to=SERVICE_ID, seq=self.seqs[i], time=now
+        )
+        return device_report_topic(device_id), payload
+
+
+def take(
+    service: DeliveryService, messages: list[tuple[str, bytes]], now: int
+) -> tuple[float, int]:
+    """``messages`` through ``handle_many`` in batches: (wall seconds, refusals counted).
+    What exists before (the virtual fleet's keys, the pre-signed messages: objects a real
+    service does not hold) is moved out of the garbage collector's way first (``gc.freeze``),
+    so that its collections do not charge the service for the bench's own objects."""
+    gc.collect()
+    gc.freeze()
+    refused = sum(service.rejections.snapshot().values())
+    begin = time.perf_counter()
+    for start in range(0, len(messages), BATCH):
+        service.handle_many(messages[start : start + BATCH], now)
+    spent = time.perf_counter() - begin
+    return spent, sum(service.rejections.snapshot().values()) - refused
+
+
+def profiled(work: Callable[[], Any], limit: int = 25) -> str:
+    profile = cProfile.Profile()
+    profile.enable()
+    work()
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(limit)
+    return out.getvalue()
+
+
+def run(url: str, backend: str, fleet: list[Device_], pems: list[str]) -> dict[str, Any]:
+    n = len(fleet)
+    signer = Signer(fleet)
+    with service_at(url) as (engine, service, statements):
+        seed(engine, fleet, pems, now=T0)
+        now = T0 + 10
+        warm = [signer.sign(i, Ack(group_of(i), EPOCH, b"\x01" * 32), now) for i in range(n)]
+        warm += [signer.sign(i, report_body(), now) for i in range(n)]
+        _, refused = take(service, warm, now)
+        if refused:
+            raise RuntimeError(f"{backend} N={n}: {refused} warm-up messages refused")
+        figures: dict[str, Any] = {}
+        now = T0 + 20
+        reports = [signer.sign(i, report_body(), now) for i in range(n)]
+        before = statements[0]
+        checks = service._env.devices.validations
+        spent, refused = take(service, reports, now)
+        checks = service._env.devices.validations - checks
+        figures["report"] = (spent, statements[0] - before, refused, checks)
+        with engine.begin() as connection:
+            connection.execute(update(Group).values(epoch=EPOCH + 1))
+        now = T0 + 30
+        acks = [signer.sign(i, Ack(group_of(i), EPOCH + 1, b"\x02" * 32), now) for i in range(n)]
+        before = statements[0]
+        checks = service._env.devices.validations
+        spent, refused = take(service, acks, now)
+        checks = service._env.devices.validations - checks
+        figures["ack"] = (spent, statements[0] - before, refused, checks)
+        out: dict[str, Any] = {}
+        for kind, (spent, sql, refused, checks) in figures.items():
+            if refused:
+                raise RuntimeError(f"{backend} N={n}: {refused} {kind} messages refused")
+            out[kind] = {
+                "ms": spent * 1000 / n,
+                "sql_per_message": sql / n,
+                "certificate_checks": checks,
+            }
+        if n == min(n, SIZES[0]) and backend == "sqlite":
+            now = T0 + 40
+            more = [signer.sign(i, report_body(), now) for i in range(n)]
+            out["profile"] = profiled(lambda: take(service, more, now))
+        return out
+
+
+def records(rows: list[tuple[str, int, dict[str, Any]]], verify_ms: float) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for backend, n, figures in rows:
+        target = TARGET_SQLITE if backend == "sqlite" else TARGET_POSTGRESQL
+        for kind in ("report", "ack"):
+            ms = figures[kind]["ms"]
+            ratio = ms / verify_ms
+            out.append(
+                {
+                    "name": f"device_{kind}_verify_ratio_{backend}_n{n // 1000}k",
+                    "value": round(ratio, 2),
+                    "unit": "ECDSA verifies",
+                    "target": target,
+                    "met": ratio <= target,
+                    "ms_per_message": round(ms, 3),
+                    "verify_ms": round(verify_ms, 4),
+                    "sql_per_message": round(figures[kind]["sql_per_message"], 2),
+                    "certificate_checks": figures[kind]["certificate_checks"],
+                }
+            )
+    return out
+
+
+def burst(directory: Path, n: int = BURST) -> dict[str, Any]:
+    """``n`` registered devices, one pre-signed report each, through ``handle_many``."""
+    begin = time.monotonic()
+    fleet, pems = make_fleet(n)
+    progress(f"burst: {n} devices made in {time.monotonic() - begin:.0f} s")
+    signer = Signer(fleet)
+    with service_at(f"sqlite:///{directory / 'burst.db'}") as (engine, service, statements):
+        seed(engine, fleet, pems, now=T0)
+        del pems
+        now = T0 + 10
+        reports = [signer.sign(i, report_body(), now) for i in range(n)]
+        progress("burst: reports signed")
+        spent, refused = take(service, reports, now)
+        if refused:
+            raise RuntimeError(f"burst: {refused} reports refused")
+        return {
+            "name": "device_report_burst_100k_s",
+            "value": round(spent, 1),
+            "unit": "s",
+            "target": BURST_TARGET_S,
+            "met": spent <= BURST_TARGET_S,
+            "reports": n,
+            "sql_per_report": round(statements[0] / n, 2),
+            "certificate_checks": service._env.devices.validations,
+            "how": "in-process, handle_many in batches of 200, SQLite file, first report each",
+        }
+
+
+def main() -> None:
+    logging.getLogger("keyfleet").setLevel(logging.ERROR)
+    mode = sys.argv[1] if len(sys.argv) > 1 else "all"
+    verify_ms = _ecdsa_verify_ms(2000)
+    progress(f"ECDSA P-256 verify: {verify_ms:.4f} ms")
+    out: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        if mode in ("all", "messages", "sqlite"):
+            rows: list[tuple[str, int, dict[str, Any]]] = []
+            backends = ("sqlite",) if mode == "sqlite" else ("sqlite", "postgresql")
+            postgres = None
+            if "postgresql" in backends:
+                postgres = PostgresServer()
+                postgres.start()
+            try:
+                sizes = tuple(int(a) for a in sys.argv[2:]) or SIZES
+                for n in sizes:
+                    fleet, pems = make_fleet(n)
+                    for backend in backends:
+                        if backend == "sqlite":
+                            url = f"sqlite:///{directory / f'fleet-{n}.db'}"
+                        else:
+                            assert postgres is not None
+                            url = postgres.create_database()
+                        figures = run(url, backend, fleet, pems)
+                        profile = figures.pop("profile", None)
+                        if profile is not None:
+                            progress(profile)
+                        progress(f"{backend} N={n}: {json.dumps(figures)}")
+                        rows.append((backend, n, figures))
+            finally:
+                if postgres is not None:
+                    postgres.stop()
+            out += records(rows, verify_ms)
+        if mode in ("all", "burst"):
+            out.append(burst(directory) | {"verify_ms": round(verify_ms, 4)})
+    json.dump(out, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()

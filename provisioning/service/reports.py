@@ -1,0 +1,128 @@
+"""Key-state reports received together (``keys.report``), taken in one transaction.
+
+After a fleet-wide reconnect nearly all the traffic is reports, and one transaction per report
+(its lock, its reads of the sender's rows, its COMMIT, a catch-up session of its own) cost
+many times the signature check. ``on_reports`` takes the reports of a batch the way
+``acks.on_acks`` takes acks: every sender's replay row is locked in sorted order (two instances
+locking overlapping sets cannot deadlock), the senders' device rows with their keys and
+transitions and their feed rows are loaded in one query each, each report is judged alone
+against its sender's window under the lock, then one COMMIT and one catch-up pass for the
+senders.
+
+A report refused by its replay window or because its sender is quarantined is refused alone,
+before it writes anything (its window is updated on a copy kept only when the report is
+taken). Any other refusal (a key history the registry cannot take, ...) or failure aborts the
+batch, and each report is then taken on its own (``devices.on_device_message``), so that a
+refused report never leaves a partial change behind in a shared transaction.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from agent.protocol.errors import KeyfleetError, ProtocolError
+from agent.protocol.wire.messages.key_state import KeyStateReport
+from agent.protocol.wire.replay import ReplayGuard
+from provisioning.registry import DeviceState
+from provisioning.service import catchup, devices, execute, store, verify
+from provisioning.service.context import Call
+from provisioning.service.effects import Effects
+
+log = logging.getLogger("keyfleet.service")
+
+
+class _Abort(Exception):
+    """A report of the batch was refused after its handler may have written: undo the batch."""
+
+
+def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None:
+    """Take the key-state reports received together (``reports`` is emptied) in one
+    transaction; see the module docstring."""
+    if not reports:
+        return
+    batch = list(reports)
+    reports.clear()
+    if len(batch) == 1:
+        devices.on_device_message(cx, batch[0], now)
+        return
+    taken: list[tuple[verify.VerifiedReport, Effects]] = []
+    refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []
+    # the handler's in-memory notes (audited refusal counts, trust bundles seen) must not
+    # move if the batch is undone: the reports are then handled again one by one
+    seen = (dict(cx.env.refusals_seen), dict(cx.env.trust_seen))
+
+    def work(session: Session) -> None:
+        taken.clear()
+        refused.clear()
+        senders = sorted({m.sender for m in batch})
+        # Loaded once for the batch (the session's identity map then answers the per-report
+        # reads without a query); ``held`` keeps them there.
+        held: list[object] = [*store.lock_guards(session, senders)]
+        held += store.load_report_senders(session, senders)
+        facts = devices.BatchFacts.read(session, senders)
+        guards: dict[str, ReplayGuard] = {}
+        for report in batch:
+            sender = report.sender
+            body = report.body
+            assert isinstance(body, KeyStateReport)
+            guard = guards.get(sender)
+            if guard is None:
+                guard = store.load_guard(session, sender, memo=cx.guards)
+            trial = copy.deepcopy(guard)
+            state = store.device_state(session, sender)
+            try:
+                trial.accept(report.message)
+                if state is None:
+                    raise ProtocolError("registry.device.unknown", f"no device {sender!r}")
+                if state is DeviceState.QUARANTINED:
+                    raise ProtocolError(
+                        "ds.device.quarantined",
+                        f"device {sender!r} is quarantined: only attestation reports are taken",
+                    )
+            except ProtocolError as err:
+                refused.append((report, err))
+                continue
+            try:
+                effects = devices.on_key_states(
+                    cx, session, sender, body, report.message, now=now, facts=facts
+                )
+            except ProtocolError as err:
+                raise _Abort(f"{sender}: [{err.check}]") from None
+            guards[sender] = trial
+            taken.append((report, effects))
+        store.save_guards(session, guards, now=now)
+        # ``last_seen`` ("heard from") was written by each report's registry row update
+
+    try:
+        cx.env.tx(work)
+    except (KeyfleetError, SQLAlchemyError, _Abort) as exc:
+        cx.env.refusals_seen, cx.env.trust_seen = seen
+        log.info("a batch of %d reports is taken one by one (%s)", len(batch), exc)
+        for report in batch:
+            try:
+                devices.on_device_message(cx, report, now)
+            except (KeyfleetError, SQLAlchemyError) as one:
+                log.error("handling a report from %s failed: %s", report.sender, one)
+        return
+    behind: list[str] = []
+    for report, err in refused:
+        verify.refuse(
+            cx,
+            err,
+            actor=f"device:{report.sender}",
+            action=report.type,
+            target=report.sender,
+            now=now,
+            details={"type": report.type},
+        )
+        if not err.check.startswith("replay."):
+            behind.append(report.sender)  # alive and authentic: it must still catch up
+    for report, effects in taken:
+        cx.env.metrics.reports.inc(report.type)
+        execute.run(cx, effects)
+        behind.append(report.sender)
+    catchup.catch_up_many(cx, list(dict.fromkeys(behind)), now)

@@ -1,0 +1,139 @@
+"""Key-state reports received together are taken in one transaction (``reports.on_reports``),
+and each is still judged alone: a replayed report, a quarantined sender's report and a report
+whose key history the registry refuses are refused by their own check, leave no trace, and the
+others of the batch are taken. The stored DevID certificate is checked at use even when its
+result is remembered (``credentials.StoredDevices``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
+from agent.protocol.wire.messages.key_state import KeyStateReport
+from provisioning.db.schema import Device
+from provisioning.registry import DeviceState, Registry
+from provisioning.service import store
+from provisioning.service.credentials import StoredDevices
+from tests.pure.test_service_core import T0, Fleet, make_fleet
+
+pytestmark = pytest.mark.pure
+
+NAMES = ("dev-1", "dev-2", "dev-3", "dev-4")
+
+
+def report(*, at: int = T0, state: KeyState = KeyState.ACTIVE) -> KeyStateReport:
+    history = ((KeyState.PRE_ACTIVATION, T0), (state, at))
+    return KeyStateReport((KeyRecord("devid", KeyKind.DEVID, history),), feed=0)
+
+
+def seqs(fleet: Fleet) -> dict[str, int | None]:
+    with fleet.sessions() as s:
+        return {n: store.load_guard(s, n).highest_seq(n) for n in NAMES}
+
+
+def keys(fleet: Fleet) -> dict[str, list[tuple[str, KeyState]]]:
+    with fleet.sessions() as s:
+        registry = Registry(s)
+        return {n: [(k.key_name, k.state) for k in registry.key_states(n)] for n in NAMES}
+
+
+def test_a_batch_of_reports_is_taken_and_a_replay_in_it_is_refused_alone(tmp_path: Path) -> None:
+    for fleet in make_fleet(tmp_path, NAMES):
+        batch = [fleet.devices[n].report(report(), fleet.now) for n in NAMES]
+        fleet.service.handle_many([*batch, batch[1]], fleet.now)
+        assert fleet.service.rejections.count("replay.duplicate") == 1
+        assert fleet.service.metrics.reports.value("keys.report") == len(NAMES)
+        assert all(k == [("devid", KeyState.ACTIVE)] for k in keys(fleet).values())
+        assert seqs(fleet) == {n: fleet.devices[n].seq for n in NAMES}
+        with fleet.sessions() as s:
+            assert {n: Registry(s).device(n).last_seen for n in NAMES} == dict.fromkeys(
+                NAMES, fleet.now
+            )
+
+
+def test_a_quarantined_senders_report_in_a_batch_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    for fleet in make_fleet(tmp_path, NAMES):
+        with fleet.sessions.begin() as s:
+            Registry(s).set_device_state(
+                "dev-2", DeviceState.QUARANTINED, reason="test", now=fleet.now
+            )
+        before = seqs(fleet)
+        batch = [fleet.devices[n].report(report(), fleet.now) for n in NAMES]
+        fleet.service.handle_many(batch, fleet.now)
+        assert fleet.service.rejections.count("ds.device.quarantined") == 1
+        assert keys(fleet)["dev-2"] == []
+        assert seqs(fleet)["dev-2"] == before["dev-2"]
+        assert all(keys(fleet)[n] == [("devid", KeyState.ACTIVE)] for n in NAMES if n != "dev-2")
+        entry = fleet.audit_entries()[-1]
+        assert entry.actor == "device:dev-2" and entry.outcome.value == "refused"
+
+
+def test_a_refused_key_history_in_a_batch_leaves_no_partial_change(tmp_path: Path) -> None:
+    """The registry refuses a history that goes back in time (after the batch's transaction
+    wrote the others' changes: the batch is then taken report by report); that report changes
+    nothing (its sender's window included) and the others of the batch are taken."""
+    for fleet in make_fleet(tmp_path, NAMES):
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(at=T0 + 5), fleet.now) for n in NAMES], fleet.now
+        )
+        fleet.now += 10
+        before = seqs(fleet)
+        with fleet.sessions() as s:
+            row = s.get(Device, "dev-3")
+            assert row is not None
+            last_report = row.last_report
+        bad = report(at=T0 + 1)  # active since before the stored change: back in time
+        batch = [
+            fleet.devices[n].report(bad if n == "dev-3" else report(at=T0 + 5), fleet.now)
+            for n in NAMES
+        ]
+        fleet.service.handle_many(batch, fleet.now)
+        assert fleet.service.rejections.count("registry.key.transition") == 1
+        after = seqs(fleet)
+        assert after["dev-3"] == before["dev-3"]
+        assert all(after[n] == fleet.devices[n].seq for n in NAMES if n != "dev-3")
+        with fleet.sessions() as s:
+            row = s.get(Device, "dev-3")
+            assert row is not None and row.last_report == last_report
+            assert Registry(s).device("dev-1").last_seen == fleet.now
+
+
+def test_a_swapped_certificate_row_is_refused_though_the_good_one_is_remembered(
+    tmp_path: Path,
+) -> None:
+    """The remembered result is keyed by a digest of the stored certificate: another device's
+    certificate filed under dev-1 is validated at use and refused (``cred.stored``), also once
+    the whole result was dropped from the small memo and only the compact one holds it."""
+    for fleet in make_fleet(tmp_path, NAMES):
+        fleet.service._env.devices = StoredDevices(
+            fleet.service._env.devices.device_ca, memo_size=1, compact_size=8
+        )
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(), fleet.now) for n in NAMES], fleet.now
+        )
+        validations = fleet.service._env.devices.validations
+        assert validations == len(NAMES)
+        fleet.now += 1
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(), fleet.now) for n in NAMES], fleet.now
+        )
+        # remembered (compact tier): no chain validated again
+        assert fleet.service._env.devices.validations == validations
+        with fleet.sessions.begin() as s:
+            other = s.get(Device, "dev-2")
+            assert other is not None
+            s.execute(
+                update(Device)
+                .where(Device.device_id == "dev-1")
+                .values(devid_cert_pem=other.devid_cert_pem)
+            )
+        before = seqs(fleet)["dev-1"]
+        fleet.now += 1
+        fleet.service.handle_many([fleet.devices["dev-1"].report(report(), fleet.now)], fleet.now)
+        assert fleet.service.rejections.count("cred.stored") == 1
+        assert seqs(fleet)["dev-1"] == before
