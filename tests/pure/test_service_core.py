@@ -25,7 +25,7 @@ from agent.protocol.topics import SERVICE_ID, device_cmd_topic, group_commit_top
 from agent.protocol.wire.cose import key_id
 from agent.protocol.wire.envelope import Signer, open_message
 from agent.protocol.wire.messages.ack import Ack as AckBody
-from agent.protocol.wire.messages.base import Body
+from agent.protocol.wire.messages.base import UINT64_MAX, Body
 from agent.protocol.wire.messages.group import CommitMessage, UpdateRequest
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.result import OperatorResult, RequestsResult, ResultStatus
@@ -610,7 +610,8 @@ def test_ack_progress_is_throttled_and_a_held_back_view_goes_out_on_tick(tmp_pat
 def test_acks_received_together_are_one_batch_and_each_is_judged_alone(tmp_path: Path) -> None:
     """The MQTT adapter hands the core what arrived together (``handle_many``). A rekey's acks
     taken as one batch that also holds a duplicate of one of them, an ack from a device outside
-    the group and a member's ack for an epoch the group never reached: the good acks count, each
+    the group and members' acks for epochs the group never reached (one the largest the wire
+    allows, past any database integer): the good acks count, each
     bad one is refused by its own check, and a refused ack's sequence number is not recorded
     (its effects roll back alone)."""
     names = ("dev-1", "dev-2", "dev-3", "dev-4", "dev-5")
@@ -629,10 +630,12 @@ def test_acks_received_together_are_one_batch_and_each_is_judged_alone(tmp_path:
                     AckBody("g1", epoch + 5, bytes(32)), fleet.now
                 )
                 assert "dev-2" in (topic.split("/")[3] for topic, _ in acks)
+                # the largest epoch the wire allows: beyond any database integer too
+                far = fleet.devices["dev-3"].report(AckBody("g1", UINT64_MAX, bytes(32)), fleet.now)
                 outsider = fleet.devices["dev-5"].report(
                     AckBody("g1", epoch + 1, bytes(32)), fleet.now
                 )
-                batch = [*acks, acks[0], ahead, outsider]
+                batch = [*acks, acks[0], ahead, far, outsider]
             batch = fleet.deliver(fleet.service.handle_many(batch, fleet.now))
         assert len(acks) == 4, "the four members' acks did not arrive together"
         result = fleet.final(body.command_id)
@@ -640,7 +643,7 @@ def test_acks_received_together_are_one_batch_and_each_is_judged_alone(tmp_path:
         assert result.epoch == epoch + 1 and len(set(agreed(fleet, "g1"))) == 1
         rejections = fleet.service.rejections
         assert rejections.count("replay.duplicate") == 1
-        assert rejections.count("ds.ack.epoch_ahead") == 1
+        assert rejections.count("ds.ack.epoch_ahead") == 2
         assert rejections.count("ds.ack.not_member") == 1
         assert fleet.service.metrics.reports.value("group.ack") >= 4
         with fleet.sessions() as s:

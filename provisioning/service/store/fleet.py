@@ -112,14 +112,22 @@ def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[Grou
     return found
 
 
+# The largest integer a database column holds (a signed 64-bit INTEGER / BIGINT). A message may
+# name an epoch up to 2**64 - 1 (the wire's bound); no row can have a larger one, and a query
+# binding it fails before the registry could refuse the message for it.
+SQL_INT_MAX = (1 << 63) - 1
+
+
 def acks_recorded(
     session: Session, acks: Iterable[tuple[str, int, str]]
 ) -> tuple[set[tuple[str, int, str]], list[object]]:
     """Which of (group, epoch, device) have an ack recorded, and their rows for the session's
-    identity map (one query per group and epoch); keep the rows while using them."""
+    identity map (one query per group and epoch); keep the rows while using them. An epoch no
+    column can hold has none (the registry refuses such an ack as ahead of its group)."""
     wanted: dict[tuple[str, int], set[str]] = {}
     for group_id, epoch, device_id in acks:
-        wanted.setdefault((group_id, epoch), set()).add(device_id)
+        if 0 <= epoch <= SQL_INT_MAX:
+            wanted.setdefault((group_id, epoch), set()).add(device_id)
     found: set[tuple[str, int, str]] = set()
     held: list[object] = []
     for (group_id, epoch), devices in sorted(wanted.items()):
@@ -136,7 +144,10 @@ def acks_recorded(
 
 
 def commit_at(session: Session, group_id: str, epoch: int) -> CommitLogEntry | None:
-    """The accepted commit that moved ``group_id`` from ``epoch`` to ``epoch + 1``, if kept."""
+    """The accepted commit that moved ``group_id`` from ``epoch`` to ``epoch + 1``, if kept
+    (none for an epoch no column can hold)."""
+    if not 0 <= epoch <= SQL_INT_MAX:
+        return None
     return session.get(CommitLogEntry, (group_id, epoch))
 
 
