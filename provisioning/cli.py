@@ -21,7 +21,7 @@ with a checkpoint, or a checkpoint does not extend the one seen before; 2 the
 command could not run (usage, configuration or database error); 141 (128 + SIGPIPE) the reader
 of the output went away (``keyfleet audit show | head``), quietly as Unix tools do.
 
-Why one module of this size (~990 lines): it is the one argument parser of ``keyfleet`` and the
+Why one module of this size (~1,100 lines): it is the one argument parser of ``keyfleet`` and the
 small handlers that bind each subcommand to its module; the command families with logic of their
 own live in their ``*_cli`` modules.
 """
