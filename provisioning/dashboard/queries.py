@@ -35,6 +35,7 @@ from provisioning.db.schema import (
     Device,
     DeviceKey,
     DeviceState,
+    DeviceTag,
     Group,
     GroupMember,
     KeyTransition,
@@ -42,6 +43,7 @@ from provisioning.db.schema import (
     Outcome,
     Role,
 )
+from provisioning.registry import tags
 
 T = TypeVar("T")
 
@@ -287,6 +289,7 @@ class DeviceRow:
     last_seen: int | None
     registered_at: int
     groups: int
+    tags: list[str] = field(default_factory=list)
 
 
 def device_list(
@@ -297,6 +300,7 @@ def device_list(
     state: str | None = None,
     attestation: str | None = None,
     query: str | None = None,
+    tag: str | None = None,
 ) -> Page[DeviceRow]:
     where = []
     if state:
@@ -307,6 +311,8 @@ def device_list(
         where.append(Device.attestation_result == attestation)
     if query:
         where.append(Device.device_id.like(_like(query), escape="\\"))
+    if tag:
+        where.append(Device.device_id.in_(select(DeviceTag.device_id).where(DeviceTag.tag == tag)))
     total = int(session.scalar(select(func.count()).select_from(Device).where(*where)) or 0)
     rows = session.execute(
         select(
@@ -331,6 +337,7 @@ def device_list(
             .group_by(GroupMember.device_id)
         ).all()
     )
+    held = tags.tags_of(session, ids)
     return Page(
         [
             DeviceRow(
@@ -344,6 +351,7 @@ def device_list(
                 last_seen=row.last_seen,
                 registered_at=row.registered_at,
                 groups=int(groups.get(row.device_id, 0)),
+                tags=held.get(row.device_id, []),
             )
             for row in rows
         ],
@@ -453,6 +461,7 @@ class DeviceDetail:
     key_states: dict[str, int]
     attestations: list[AttestationRow]
     groups: list[MembershipRow]
+    tags: tuple[str, ...] = ()
 
 
 def device_detail(
@@ -593,6 +602,7 @@ def device_detail(
         key_states=key_states,
         attestations=attestations,
         groups=groups,
+        tags=tags.device_tags(session, device_id),
     )
 
 
