@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyState
 from provisioning.audit import AuditRecord, record_of
+from provisioning.db.runtime import QuorumRequestRow
 from provisioning.db.schema import (
     Ack,
     AuditEntry,
@@ -44,6 +45,7 @@ from provisioning.db.schema import (
     Role,
 )
 from provisioning.registry import tags
+from provisioning.service.store import deletions
 
 T = TypeVar("T")
 
@@ -796,6 +798,26 @@ class CommitRow:
 
 
 @dataclass(frozen=True)
+class GroupDeletion:
+    """A deleted group's deletion (``keyfleet group delete``, ``provisioning.service.
+    groupdelete``): when, the revocation feed entry that carries it, who asked and approved
+    (from its ``op.group_delete`` audit entry, ``audit_seq``; None if that entry is not found),
+    and its members at the deletion: how many reported a feed at or past the entry (they
+    destroyed the group's keys), and the first ``per_page`` of those that did not yet. The
+    proposer comes from the request's row while the service keeps it."""
+
+    deleted_at: int
+    feed_seq: int | None
+    audit_seq: int | None
+    proposer: str | None
+    request_id: str | None
+    approvers: list[str]
+    members: int
+    destroyed: int
+    not_yet: list[str]
+
+
+@dataclass(frozen=True)
 class GroupDetail:
     summary: GroupRow
     created_at: int
@@ -804,15 +826,21 @@ class GroupDetail:
     members: Page[MemberRow]
     commits: list[CommitRow]
     last_rekey: RekeyInfo | None
+    deletion: GroupDeletion | None = None
 
 
 def group_detail(
     session: Session, group_id: str, *, member_page: int, per_page: int
 ) -> GroupDetail | None:
     group = session.execute(
-        select(Group.group_id, Group.epoch, Group.created_at, Group.updated_at).where(
-            Group.group_id == group_id
-        )
+        select(
+            Group.group_id,
+            Group.epoch,
+            Group.created_at,
+            Group.updated_at,
+            Group.deleted_at,
+            Group.deleted_seq,
+        ).where(Group.group_id == group_id)
     ).first()
     if group is None:
         return None
@@ -911,6 +939,43 @@ def group_detail(
         members=members,
         commits=commits,
         last_rekey=last_rekey(session, group_id),
+        deletion=None
+        if group.deleted_at is None
+        else _deletion(session, group_id, group.deleted_at, group.deleted_seq, per_page),
+    )
+
+
+def _deletion(
+    session: Session, group_id: str, deleted_at: int, feed_seq: int | None, per_page: int
+) -> GroupDeletion:
+    entries = _audit_rows(
+        session,
+        (AuditEntry.action == "op.group_delete") & (AuditEntry.target == group_id),
+        limit=1,
+    )
+    record = entries[0] if entries else None
+    details = record.details_dict() if record is not None else {}
+    everyone = deletions.members(session, group_id)
+    reached = set() if feed_seq is None else deletions.reached(session, group_id, feed_seq)
+    approvers = str(details.get("approvers") or "")
+    request_id = None if details.get("request_id") is None else str(details["request_id"])
+    proposer = (
+        None
+        if request_id is None
+        else session.scalar(
+            select(QuorumRequestRow.proposer).where(QuorumRequestRow.request_id == request_id)
+        )
+    )
+    return GroupDeletion(
+        deleted_at=deleted_at,
+        feed_seq=feed_seq,
+        audit_seq=None if record is None else record.seq,
+        proposer=proposer,
+        request_id=request_id,
+        approvers=[a for a in approvers.split(",") if a],
+        members=len(everyone),
+        destroyed=sum(1 for d in everyone if d in reached),
+        not_yet=[d for d in everyone if d not in reached][:per_page],
     )
 
 
