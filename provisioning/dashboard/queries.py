@@ -1084,8 +1084,11 @@ class AckProgress:
 def ack_progress(
     session: Session, group_id: str, *, since: int | None = None
 ) -> AckProgress | None:
+    """None for no group, or a deleted one: its event stream ends (``gone``) or is a 404."""
     group = session.execute(
-        select(Group.group_id, Group.epoch).where(Group.group_id == group_id)
+        select(Group.group_id, Group.epoch).where(
+            Group.group_id == group_id, Group.deleted_at.is_(None)
+        )
     ).first()
     if group is None:
         return None

@@ -298,6 +298,8 @@ def test_a_deleted_groups_page_says_when_and_by_whom_and_keeps_its_history(
     and how many of its members destroyed the keys; it follows no live acks any more."""
     _, live = render_group(fleet, "g1")
     assert 'id="live"' in live and 'id="deleted"' not in live
+    with fleet.sessions() as s:
+        assert queries.ack_progress(s, "g1") is not None
     commits_before = len(render_group(fleet, "g1")[0].commits)
     delete_by_quorum(fleet)
     feed_report(fleet, "dev-1", 1)
@@ -323,4 +325,6 @@ def test_a_deleted_groups_page_says_when_and_by_whom_and_keeps_its_history(
     assert 'data-device="dev-2"' in html and 'data-device="dev-1"' not in html
     assert f'href="/audit?before={entry.seq + 1}"' in html and 'href="/audit?q=g1"' in html
     assert 'id="live"' not in html and "data-events" not in html  # no ack stream to follow
+    with fleet.sessions() as s:  # and a page left open on it: its stream ends ("gone")
+        assert queries.ack_progress(s, "g1") is None
     assert len(detail.commits) == commits_before and 'id="commits"' in html  # history kept
