@@ -49,6 +49,7 @@ from agent.protocol.wire.messages.operator import Propose
 from agent.protocol.wire.messages.result import ResultStatus
 from bench.bench_rekey import _await_final, _wait_reports
 from bench.deployment import deployment
+from bench.servicetime import ServiceTime
 from firmware_sim.fleet import VirtualFleet, load_fleet_config
 from provisioning.operator import OperatorClient
 from provisioning.requests_cli import RequestSession
@@ -122,29 +123,6 @@ def run(mode: str, n: int, workdir: Path) -> dict[str, Any]:
     return record
 
 
-class _Timed:
-    """Adds up the time spent inside the in-process service's entry points."""
-
-    def __init__(self, service: Any) -> None:
-        self.total = 0.0
-        self._handle, self._tick = service.handle_many, service.tick
-        service.handle_many, service.tick = self.handle_many, self.tick
-
-    def handle_many(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self._handle(*args, **kwargs)
-        finally:
-            self.total += time.perf_counter() - start
-
-    def tick(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self._tick(*args, **kwargs)
-        finally:
-            self.total += time.perf_counter() - start
-
-
 def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
     """The same creation through the sans-I/O service in this process (bench_full_rekey part
     1: ``DeliveryService`` on a SQLite file, N software members from tests/service_members.py
@@ -155,7 +133,7 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
 
     names = tuple(f"dev-sim-{i:05d}" for i in range(1, n + 1))
     fleet = next(make_fleet(workdir, names, ack_timeout=3600))
-    timed = _Timed(fleet.service)
+    timed = ServiceTime(fleet.service, "handle_many", "tick")
     t0 = time.perf_counter()
 
     finals: list[tuple[float, float]] = []  # (wall, service) at each operation's final result

@@ -45,7 +45,7 @@ from agent.protocol.mls.messages import Commit, KeyPackage, Update
 from agent.protocol.mls.public import PublicGroup
 from agent.protocol.wire.messages.operator import Rekey
 from agent.protocol.wire.messages.result import ResultStatus
-from provisioning.service.core import DeliveryService
+from bench.servicetime import ServiceTime
 from provisioning.service.fullrekey import BATCH
 from provisioning.service.rekeypolicy import bit_reversed
 from tests.device_certs import devid_cert_der
@@ -58,32 +58,7 @@ SAMPLED = 6  # members that follow every commit besides one per batch
 OLD_WAY_ROUNDS = 100  # rounds of the old way measured; beyond, the median round is extrapolated
 
 
-class _Timed:
-    """Wraps the service's entry points to add up the time spent inside them."""
-
-    def __init__(self, service: DeliveryService) -> None:
-        self.total = 0.0
-        self._handle = service.handle
-        self._tick = service.tick
-        service.handle = self.handle  # type: ignore[method-assign]
-        service.tick = self.tick  # type: ignore[method-assign]
-
-    def handle(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self._handle(*args, **kwargs)
-        finally:
-            self.total += time.perf_counter() - start
-
-    def tick(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self._tick(*args, **kwargs)
-        finally:
-            self.total += time.perf_counter() - start
-
-
-def _run(fleet: Fleet, timed: _Timed, *, full: bool) -> dict[str, float]:
+def _run(fleet: Fleet, timed: ServiceTime, *, full: bool) -> dict[str, float]:
     epoch = fleet.epoch("g1")
     timed.total = 0.0
     start = time.perf_counter()
@@ -104,7 +79,7 @@ def run(tmp: Path) -> list[dict[str, Any]]:
         for fleet in make_fleet(tmp / str(n), names, rekey_max_age=0, rekey_max_epochs=0):
             print(f"N={n}: creating the group", file=sys.stderr, flush=True)
             create_g1(fleet)
-            timed = _Timed(fleet.service)
+            timed = ServiceTime(fleet.service, "handle", "tick")
             plain = [_run(fleet, timed, full=False) for _ in range(3)]
             full = _run(fleet, timed, full=True)
             one = statistics.median(p["wall_s"] for p in plain)

@@ -201,9 +201,10 @@ def add_commands(
     )
     add_operator_options(device_ca)
     device_ca.set_defaults(handler=handler)
-    broker = which.add_parser(
+    add_unkeyed_ca_command(
+        which,
         "broker-ca",
-        help="request the broker CA's rollover (admins, quorum)",
+        "broker CA",
         description=(
             "Request a trust.rotate: the next trust bundle makes the new CA the one the broker's "
             "TLS certificate is to chain to, and keeps the current one until the request's "
@@ -211,23 +212,13 @@ def add_commands(
             "reconnect; then move the broker to a certificate of the new CA within the overlap "
             "(docs/operations.md, 'Rolling over the broker CA')."
         ),
+        add_operator_options=add_operator_options,
+        handler=handler,
     )
-    broker.add_argument(
-        "--new-ca", metavar="FILE", required=True, help="the new broker CA's certificate (PEM)"
-    )
-    broker.add_argument(
-        "--overlap",
-        type=int,
-        default=DEFAULT_OVERLAP,
-        metavar="SECONDS",
-        help=f"the old broker CA stays accepted this long after the request's window "
-        f"(default {DEFAULT_OVERLAP})",
-    )
-    add_operator_options(broker)
-    broker.set_defaults(handler=handler)
-    operator = which.add_parser(
+    add_unkeyed_ca_command(
+        which,
         "operator-ca",
-        help="request the operator CA's rollover (admins, quorum)",
+        "operator CA",
         description=(
             "Request a trust.rotate, approved by operators of the current operator CA: the next "
             "trust bundle makes the new CA the one operator certificates chain to, and keeps "
@@ -236,17 +227,35 @@ def add_commands(
             "broker's cafile and its CRL to [revocation] broker_crls (docs/operations.md, "
             "'Rolling over the operator CA'): this command cannot check it."
         ),
+        add_operator_options=add_operator_options,
+        handler=handler,
     )
-    operator.add_argument(
-        "--new-ca", metavar="FILE", required=True, help="the new operator CA's certificate (PEM)"
+
+
+def add_unkeyed_ca_command(
+    which: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    what: str,
+    *,
+    description: str,
+    add_operator_options: Callable[[argparse.ArgumentParser], None],
+    handler: Callable[[argparse.Namespace], int],
+) -> None:
+    """``keys rotate broker-ca`` and ``operator-ca``: a CA rolled over with no key on the
+    service host (``--new-ca``, ``--overlap``); ``ca_proposal`` reads what they parse."""
+    command = which.add_parser(
+        name, help=f"request the {what}'s rollover (admins, quorum)", description=description
     )
-    operator.add_argument(
+    command.add_argument(
+        "--new-ca", metavar="FILE", required=True, help=f"the new {what}'s certificate (PEM)"
+    )
+    command.add_argument(
         "--overlap",
         type=int,
         default=DEFAULT_OVERLAP,
         metavar="SECONDS",
-        help=f"the old operator CA stays accepted this long after the request's window "
+        help=f"the old {what} stays accepted this long after the request's window "
         f"(default {DEFAULT_OVERLAP})",
     )
-    add_operator_options(operator)
-    operator.set_defaults(handler=handler)
+    add_operator_options(command)
+    command.set_defaults(handler=handler)

@@ -421,11 +421,18 @@ def build_dashboard_app(
             frozenset([*(r.value for r in AttestationResult), queries.NEVER]),
         )
         query = _text_param(request, "q")
+        tag = _text_param(request, "tag")
         page = _int_param(request, "page", 1) or 1
         result = await run_in_threadpool(
             read,
             lambda s: queries.device_list(
-                s, page=page, per_page=per_page, state=state, attestation=attestation, query=query
+                s,
+                page=page,
+                per_page=per_page,
+                state=state,
+                attestation=attestation,
+                query=query,
+                tag=tag,
             ),
         )
         return await render(
@@ -435,6 +442,7 @@ def build_dashboard_app(
             state=state,
             attestation=attestation,
             query=query or "",
+            tag=tag or "",
         )
 
     async def device(request: Request) -> Response:

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyState
 from provisioning.audit import AuditRecord, record_of
+from provisioning.db.runtime import QuorumRequestRow
 from provisioning.db.schema import (
     Ack,
     AuditEntry,
@@ -35,6 +36,7 @@ from provisioning.db.schema import (
     Device,
     DeviceKey,
     DeviceState,
+    DeviceTag,
     Group,
     GroupMember,
     KeyTransition,
@@ -42,6 +44,8 @@ from provisioning.db.schema import (
     Outcome,
     Role,
 )
+from provisioning.registry import tags
+from provisioning.service.store import deletions
 
 T = TypeVar("T")
 
@@ -287,6 +291,7 @@ class DeviceRow:
     last_seen: int | None
     registered_at: int
     groups: int
+    tags: list[str] = field(default_factory=list)
 
 
 def device_list(
@@ -297,6 +302,7 @@ def device_list(
     state: str | None = None,
     attestation: str | None = None,
     query: str | None = None,
+    tag: str | None = None,
 ) -> Page[DeviceRow]:
     where = []
     if state:
@@ -307,6 +313,8 @@ def device_list(
         where.append(Device.attestation_result == attestation)
     if query:
         where.append(Device.device_id.like(_like(query), escape="\\"))
+    if tag:
+        where.append(Device.device_id.in_(select(DeviceTag.device_id).where(DeviceTag.tag == tag)))
     total = int(session.scalar(select(func.count()).select_from(Device).where(*where)) or 0)
     rows = session.execute(
         select(
@@ -331,6 +339,7 @@ def device_list(
             .group_by(GroupMember.device_id)
         ).all()
     )
+    held = tags.tags_of(session, ids)
     return Page(
         [
             DeviceRow(
@@ -344,6 +353,7 @@ def device_list(
                 last_seen=row.last_seen,
                 registered_at=row.registered_at,
                 groups=int(groups.get(row.device_id, 0)),
+                tags=held.get(row.device_id, []),
             )
             for row in rows
         ],
@@ -453,6 +463,7 @@ class DeviceDetail:
     key_states: dict[str, int]
     attestations: list[AttestationRow]
     groups: list[MembershipRow]
+    tags: tuple[str, ...] = ()
 
 
 def device_detail(
@@ -593,6 +604,7 @@ def device_detail(
         key_states=key_states,
         attestations=attestations,
         groups=groups,
+        tags=tags.device_tags(session, device_id),
     )
 
 
@@ -786,6 +798,26 @@ class CommitRow:
 
 
 @dataclass(frozen=True)
+class GroupDeletion:
+    """A deleted group's deletion (``keyfleet group delete``, ``provisioning.service.
+    groupdelete``): when, the revocation feed entry that carries it, who asked and approved
+    (from its ``op.group_delete`` audit entry, ``audit_seq``; None if that entry is not found),
+    and its members at the deletion: how many reported a feed at or past the entry (they
+    destroyed the group's keys), and the first ``per_page`` of those that did not yet. The
+    proposer comes from the request's row while the service keeps it."""
+
+    deleted_at: int
+    feed_seq: int | None
+    audit_seq: int | None
+    proposer: str | None
+    request_id: str | None
+    approvers: list[str]
+    members: int
+    destroyed: int
+    not_yet: list[str]
+
+
+@dataclass(frozen=True)
 class GroupDetail:
     summary: GroupRow
     created_at: int
@@ -794,15 +826,21 @@ class GroupDetail:
     members: Page[MemberRow]
     commits: list[CommitRow]
     last_rekey: RekeyInfo | None
+    deletion: GroupDeletion | None = None
 
 
 def group_detail(
     session: Session, group_id: str, *, member_page: int, per_page: int
 ) -> GroupDetail | None:
     group = session.execute(
-        select(Group.group_id, Group.epoch, Group.created_at, Group.updated_at).where(
-            Group.group_id == group_id
-        )
+        select(
+            Group.group_id,
+            Group.epoch,
+            Group.created_at,
+            Group.updated_at,
+            Group.deleted_at,
+            Group.deleted_seq,
+        ).where(Group.group_id == group_id)
     ).first()
     if group is None:
         return None
@@ -901,6 +939,43 @@ def group_detail(
         members=members,
         commits=commits,
         last_rekey=last_rekey(session, group_id),
+        deletion=None
+        if group.deleted_at is None
+        else _deletion(session, group_id, group.deleted_at, group.deleted_seq, per_page),
+    )
+
+
+def _deletion(
+    session: Session, group_id: str, deleted_at: int, feed_seq: int | None, per_page: int
+) -> GroupDeletion:
+    entries = _audit_rows(
+        session,
+        (AuditEntry.action == "op.group_delete") & (AuditEntry.target == group_id),
+        limit=1,
+    )
+    record = entries[0] if entries else None
+    details = record.details_dict() if record is not None else {}
+    everyone = deletions.members(session, group_id)
+    reached = set() if feed_seq is None else deletions.reached(session, group_id, feed_seq)
+    approvers = str(details.get("approvers") or "")
+    request_id = None if details.get("request_id") is None else str(details["request_id"])
+    proposer = (
+        None
+        if request_id is None
+        else session.scalar(
+            select(QuorumRequestRow.proposer).where(QuorumRequestRow.request_id == request_id)
+        )
+    )
+    return GroupDeletion(
+        deleted_at=deleted_at,
+        feed_seq=feed_seq,
+        audit_seq=None if record is None else record.seq,
+        proposer=proposer,
+        request_id=request_id,
+        approvers=[a for a in approvers.split(",") if a],
+        members=len(everyone),
+        destroyed=sum(1 for d in everyone if d in reached),
+        not_yet=[d for d in everyone if d not in reached][:per_page],
     )
 
 
@@ -1009,8 +1084,11 @@ class AckProgress:
 def ack_progress(
     session: Session, group_id: str, *, since: int | None = None
 ) -> AckProgress | None:
+    """None for no group, or a deleted one: its event stream ends (``gone``) or is a 404."""
     group = session.execute(
-        select(Group.group_id, Group.epoch).where(Group.group_id == group_id)
+        select(Group.group_id, Group.epoch).where(
+            Group.group_id == group_id, Group.deleted_at.is_(None)
+        )
     ).first()
     if group is None:
         return None

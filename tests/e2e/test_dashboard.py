@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from cryptography import x509
@@ -37,7 +38,7 @@ from provisioning.config import load_config
 from provisioning.dashboard import CSP, DashboardServer, DashboardSettings, queries, start_dashboard
 from provisioning.db.runtime import create_service_schema
 from provisioning.db.schema import Ack as AckRow
-from provisioning.db.schema import CommitLogEntry
+from provisioning.db.schema import CommitLogEntry, DeviceTag
 from provisioning.registry import (
     DeviceState,
     Outcome,
@@ -47,6 +48,7 @@ from provisioning.registry import (
     make_engine,
     run_in_transaction,
     session_factory,
+    tags,
 )
 from provisioning.service.store import rollouts
 from tests.service_deployment import write_golden_policy
@@ -438,6 +440,45 @@ def test_values_are_html_escaped(dashboard: Dashboard) -> None:
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=1&gt;" in body
     _, _, audit = dashboard.get("/audit?q=%3Cscript%3E")
     assert "<script>" not in audit.replace('<script src="/static/dashboard.js" defer></script>', "")
+
+
+def test_device_tags_are_shown_filtered_and_escaped(dashboard: Dashboard) -> None:
+    """Tags (``keyfleet device tag``) on the device list, as a filter, and on the device page.
+    A tag row holding HTML (the registry refuses such a tag, ``tag.invalid``; a row written
+    past it, by hand or by an older version, must still print as text) is escaped."""
+    tagged, other, odd = device_id(5), device_id(8), device_id(9)
+    evil = '"><img src=x onerror=1>'
+
+    def work(session: Session) -> None:
+        tags.change_tags(session, tagged, add=["line-3", "eu"], now=dashboard.now)
+        tags.change_tags(session, other, add=["line-3"], now=dashboard.now)
+        session.add(DeviceTag(device_id=odd, tag=evil, added_at=dashboard.now))
+
+    run_in_transaction(dashboard.sessions, work)
+    _, _, listing = dashboard.get("/devices")
+    row = listing.split(f'data-device="{tagged}"', 1)[1].split("</tr>", 1)[0]
+    assert '<a class="tag" data-tag="eu" href="/devices?tag=eu">eu</a>' in row
+    assert 'href="/devices?tag=line-3">line-3</a>' in row
+    _, _, filtered = dashboard.get("/devices?tag=line-3")
+    assert _cells(filtered, "devices") == [tagged, other]
+    assert 'name="tag" value="line-3"' in filtered and "2 rows" in filtered
+    _, _, none = dashboard.get("/devices?tag=nowhere")
+    assert _cells(none, "devices") == [] and "no device matches" in none
+    _, _, page = dashboard.get(f"/devices/{tagged}")
+    shown = page.split('id="device-tags"', 1)[1].split("</div>", 1)[0]
+    assert re.findall(r'data-tag="([^"]+)"', shown) == ["eu", "line-3"]
+    _, _, untagged = dashboard.get(f"/devices/{device_id(6)}")
+    assert 'class="muted">none<' in untagged.split('id="device-tags"', 1)[1]
+    escaped = "&#34;&gt;&lt;img src=x onerror=1&gt;"
+    for body in (
+        dashboard.get("/devices")[2],
+        dashboard.get(f"/devices/{odd}")[2],
+        dashboard.get("/devices?tag=" + quote(evil))[2],
+    ):
+        assert evil not in body and "<img" not in body and escaped in body
+    _, _, by_evil = dashboard.get("/devices?tag=" + quote(evil))
+    assert _cells(by_evil, "devices") == [odd]
+    assert f'href="/devices?tag={quote(evil, safe="")}"' in by_evil
 
 
 # ---- live acks ----------------------------------------------------------------------------------

@@ -39,12 +39,14 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from sqlalchemy import delete
 
 from firmware_sim.lab import Lab
 from firmware_sim.ports import free_port
 from provisioning import pki
 from provisioning.dashboard import queries
 from provisioning.dashboard.app import _fmt_ms
+from provisioning.db.schema import DeviceTag
 from provisioning.registry import DeviceState
 
 pytestmark = pytest.mark.e2e
@@ -501,6 +503,49 @@ def test_groups_and_audit_pages_in_the_browser(site: Site, browser: Browser) -> 
     assert actions and set(actions) == {"attest.verdict"}
     browser.open("/audit")
     browser.shot("dashboard-audit.png")
+
+
+def test_device_tags_in_the_browser(site: Site, browser: Browser) -> None:
+    """Tags set by ``keyfleet device tag`` show on the device list (as links filtering it) and
+    on the device page; a tag row holding HTML (refused by the registry, ``tag.invalid``, so
+    written straight into the database here) is shown as text: Chromium builds no element
+    from it."""
+    lab = site.lab
+    first, second = lab.device_ids[0], lab.device_ids[1]
+    tagged = lab.keyfleet(
+        "device", "tag", first, "--add", "line-3", "--add", "eu", operator="op-ops"
+    )
+    assert tagged.returncode == 0 and f"{first}: tags eu, line-3" in tagged.stdout, str(tagged)
+    evil = '"><b id=evil>x</b>'
+    with lab.session() as session:
+        session.add(DeviceTag(device_id=second, tag=evil, added_at=int(time.time())))
+        session.commit()
+    browser.open("/devices")
+    cells = browser.js(
+        "return Object.fromEntries([...document.querySelectorAll('#devices tr[data-device]')]"
+        ".map(r => [r.dataset.device, [...r.querySelectorAll('td.tags a.tag')]"
+        ".map(a => a.textContent)]))"
+    )
+    assert cells[first] == ["eu", "line-3"] and cells[second] == [evil], cells
+    assert browser.js("return document.getElementById('evil')") is None
+    browser.driver.find_element(
+        By.CSS_SELECTOR, f'tr[data-device="{first}"] a[data-tag="line-3"]'
+    ).click()
+    browser.wait("return location.search === '?tag=line-3'", 30)
+    rows = browser.js(
+        "return [...document.querySelectorAll('#devices tbody tr[data-device]')]"
+        ".map(r => r.dataset.device)"
+    )
+    assert rows == [first]
+    assert browser.js("return document.querySelector('input[name=tag]').value") == "line-3"
+    browser.open(f"/devices/{second}")
+    assert browser.text("#device-tags") == evil
+    assert browser.js("return document.getElementById('evil')") is None
+    browser.open(f"/devices/{first}")
+    assert browser.text("#device-tags") == "eu line-3"
+    with lab.session() as session:
+        session.execute(delete(DeviceTag).where(DeviceTag.device_id == second))
+        session.commit()
 
 
 # ---- no secret reaches a page -------------------------------------------------------------------

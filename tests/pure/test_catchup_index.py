@@ -108,6 +108,11 @@ def test_the_newest_ack_and_commit_of_a_member_are_read_by_index(tmp_path: Path)
         assert store.known_epoch(session, "g", "dev-1", 0) == 5
         assert store.known_epoch(session, "g", "dev-2", 0) == 9
     event.remove(engine, "before_cursor_execute", capture)
+    with session_factory(engine)() as session:
+        # the batch form (store.known_epochs) gives the same answers; a later join epoch wins
+        members = [("g", "dev-1", 0), ("g", "dev-2", 0)]
+        assert store.known_epochs(session, members) == {("g", "dev-1"): 5, ("g", "dev-2"): 9}
+        assert store.known_epochs(session, [("g", "dev-1", 7)]) == {("g", "dev-1"): 7}
 
     reads = [(sql, p) for sql, p in statements if sql.lstrip().upper().startswith("SELECT")]
     assert len(reads) == 4, reads

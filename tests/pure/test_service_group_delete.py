@@ -28,8 +28,9 @@ from agent.protocol.wire.messages.result import RequestState, ResultStatus
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from provisioning import audit
 from provisioning.dashboard import queries
+from provisioning.dashboard.app import make_environment
 from provisioning.listings import list_groups
-from provisioning.registry import Registry
+from provisioning.registry import Registry, Role
 from provisioning.service import feed, groupdelete
 from tests.pure.test_service_core import Fleet, make_fleet
 from tests.pure.test_service_requests import (
@@ -264,3 +265,66 @@ def test_check_live_names_the_feed_entry(fleet: Fleet) -> None:
             groupdelete.check_live(s, "g1")
         assert err.value.check == "ds.group.deleted" and "entry 1" in err.value.reason
         groupdelete.check_live(s, "g-unknown")  # not deleted (unknown is another check)
+
+
+# -- the dashboard ------------------------------------------------------------------------------
+
+
+def render_group(fleet: Fleet, group: str) -> tuple[queries.GroupDetail, str]:
+    """The dashboard's group page as its template renders it (autoescaping on)."""
+    with fleet.sessions() as s:
+        detail = queries.group_detail(s, group, member_page=1, per_page=50)
+    assert detail is not None
+    html = (
+        make_environment()
+        .get_template("group.html")
+        .render(
+            viewer=queries.Viewer("op-view", Role.VIEWER),
+            now=fleet.now,
+            ago=str,
+            link=lambda path, **_: path,
+            path=f"/groups/{group}",
+            group=detail,
+        )
+    )
+    return detail, html
+
+
+def test_a_deleted_groups_page_says_when_and_by_whom_and_keeps_its_history(
+    fleet: Fleet,
+) -> None:
+    """The dashboard's page of a deleted group opens (its history stays readable, as in the
+    audit log) and says it was deleted: when, proposed and approved by whom, the feed entry,
+    and how many of its members destroyed the keys; it follows no live acks any more."""
+    _, live = render_group(fleet, "g1")
+    assert 'id="live"' in live and 'id="deleted"' not in live
+    with fleet.sessions() as s:
+        assert queries.ack_progress(s, "g1") is not None
+    commits_before = len(render_group(fleet, "g1")[0].commits)
+    delete_by_quorum(fleet)
+    feed_report(fleet, "dev-1", 1)
+    detail, html = render_group(fleet, "g1")
+    deletion = detail.deletion
+    assert deletion is not None
+    (entry,) = [e for e in fleet.audit_entries() if e.action == "op.group_delete"]
+    with fleet.sessions() as s:
+        request_id = (
+            s.execute(text("SELECT request_id FROM service_quorum_requests")).scalars().all()
+        )
+    assert deletion.request_id in request_id
+    assert (deletion.deleted_at, deletion.feed_seq, deletion.audit_seq) == (
+        fleet.now,
+        1,
+        entry.seq,
+    )
+    assert (deletion.proposer, deletion.approvers) == ("op-admin", ["op-admin", "op-bob"])
+    assert (deletion.members, deletion.destroyed, deletion.not_yet) == (3, 1, ["dev-2", "dev-3"])
+    assert 'id="deleted"' in html and "proposed by op-admin" in html
+    assert "approved by op-admin, op-bob" in html
+    assert 'id="deleted-destroyed">1 of 3 members' in html
+    assert 'data-device="dev-2"' in html and 'data-device="dev-1"' not in html
+    assert f'href="/audit?before={entry.seq + 1}"' in html and 'href="/audit?q=g1"' in html
+    assert 'id="live"' not in html and "data-events" not in html  # no ack stream to follow
+    with fleet.sessions() as s:  # and a page left open on it: its stream ends ("gone")
+        assert queries.ack_progress(s, "g1") is None
+    assert len(detail.commits) == commits_before and 'id="commits"' in html  # history kept

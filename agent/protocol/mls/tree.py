@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Generic, Self, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -213,34 +214,43 @@ copies only the chunks it writes (copy-on-write), so a commit copies O(log N) ch
 tree. Read when a tree is built (tests set it small to cross chunk boundaries)."""
 _SHARDS = 1024
 """Shards of the key and device indexes (copy-on-write per shard, like the node chunks)."""
+_V = TypeVar("_V")
 
 
-class _Index:
-    """bytes -> node positions holding it: the tree's encryption keys (a duplicate-key check
-    without scanning the tree) and device ids. Copy-on-write per shard."""
+class _Shards(Generic[_V]):
+    """bytes -> a value, in ``_SHARDS`` dicts shared copy-on-write per shard between a state
+    and its copies: ``copy`` is O(shards), and a write copies only the shard it touches."""
 
     __slots__ = ("_owned", "_shards")
 
     def __init__(self) -> None:
-        self._shards: list[dict[bytes, tuple[int, ...]]] = [{} for _ in range(_SHARDS)]
+        self._shards: list[dict[bytes, _V]] = [{} for _ in range(_SHARDS)]
         self._owned: set[int] = set(range(_SHARDS))
 
-    def copy(self) -> _Index:
-        clone = _Index.__new__(_Index)
+    def copy(self) -> Self:
+        clone = type(self).__new__(type(self))
         clone._shards = list(self._shards)
         clone._owned = set()
         self._owned = set()
         return clone
 
-    def get(self, key: bytes) -> tuple[int, ...]:
-        return self._shards[hash(key) % _SHARDS].get(key, ())
-
-    def _shard(self, key: bytes) -> dict[bytes, tuple[int, ...]]:
+    def _shard(self, key: bytes) -> dict[bytes, _V]:
+        """The shard holding ``key``, this state's own (copied first if shared)."""
         i = hash(key) % _SHARDS
         if i not in self._owned:
             self._shards[i] = dict(self._shards[i])
             self._owned.add(i)
         return self._shards[i]
+
+
+class _Index(_Shards[tuple[int, ...]]):
+    """bytes -> node positions holding it: the tree's encryption keys (a duplicate-key check
+    without scanning the tree) and device ids."""
+
+    __slots__ = ()
+
+    def get(self, key: bytes) -> tuple[int, ...]:
+        return self._shards[hash(key) % _SHARDS].get(key, ())
 
     def add(self, key: bytes, position: int) -> None:
         shard = self._shard(key)
@@ -255,32 +265,17 @@ class _Index:
             shard.pop(key, None)
 
 
-class _Counter:
+class _Counter(_Shards[int]):
     """bytes -> how many leaves record it: the admission hashes in use (which Authorizations a
-    member's state must keep) without scanning the leaves. Copy-on-write per shard."""
+    member's state must keep) without scanning the leaves."""
 
-    __slots__ = ("_owned", "_shards")
-
-    def __init__(self) -> None:
-        self._shards: list[dict[bytes, int]] = [{} for _ in range(_SHARDS)]
-        self._owned: set[int] = set(range(_SHARDS))
-
-    def copy(self) -> _Counter:
-        clone = _Counter.__new__(_Counter)
-        clone._shards = list(self._shards)
-        clone._owned = set()
-        self._owned = set()
-        return clone
+    __slots__ = ()
 
     def get(self, key: bytes) -> int:
         return self._shards[hash(key) % _SHARDS].get(key, 0)
 
     def add(self, key: bytes, delta: int) -> None:
-        i = hash(key) % _SHARDS
-        if i not in self._owned:
-            self._shards[i] = dict(self._shards[i])
-            self._owned.add(i)
-        shard = self._shards[i]
+        shard = self._shard(key)
         count = shard.get(key, 0) + delta
         if count > 0:
             shard[key] = count

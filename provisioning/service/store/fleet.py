@@ -197,19 +197,17 @@ def known_epochs(
             .where(AckRow.group_id == group_id, AckRow.device_id.in_(ids))
             .group_by(AckRow.device_id)
         )
-        for device_id, epoch in acked:
-            if epoch is not None:
-                key = (group_id, device_id)
-                known[key] = max(known[key], int(epoch))
         committed = session.execute(
             select(CommitLogEntry.committer, func.max(CommitLogEntry.epoch))
             .where(CommitLogEntry.group_id == group_id, CommitLogEntry.committer.in_(ids))
             .group_by(CommitLogEntry.committer)
         )
-        for device_id, epoch in committed:
-            if epoch is not None:
-                key = (group_id, device_id)
-                known[key] = max(known[key], int(epoch) + 1)
+        # an ack proves its epoch; a commit made in an epoch proves the one it made
+        for rows, made in ((acked, 0), (committed, 1)):
+            for device_id, epoch in rows:
+                if epoch is not None:
+                    key = (group_id, device_id)
+                    known[key] = max(known[key], int(epoch) + made)
     return known
 
 

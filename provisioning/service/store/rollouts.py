@@ -9,7 +9,7 @@ import json
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -148,24 +148,19 @@ def device_in_active(
 def in_active(session: Session, device_ids: Collection[str]) -> set[str]:
     """Which of ``device_ids`` have a row ``device_in_active`` would find (one query for a batch
     of reports)."""
-    if not device_ids:
-        return set()
-    return set(
-        session.scalars(
-            select(RolloutDeviceRow.device_id)
-            .join(RolloutRow, RolloutDeviceRow.rollout_id == RolloutRow.rollout_id)
-            .where(
-                RolloutRow.active_group.is_not(None),
-                RolloutDeviceRow.device_id.in_(sorted(device_ids)),
-                RolloutDeviceRow.wave <= RolloutRow.wave,
-            )
-        )
-    )
+    return _in_active_where(session, device_ids, RolloutDeviceRow.wave <= RolloutRow.wave)
 
 
 def attested_devices(session: Session, device_ids: Collection[str]) -> set[str]:
     """Which of ``device_ids`` wait, in a rollout that is not over, for an ack after their
     trusted verdict (one query for a batch of acks)."""
+    return _in_active_where(session, device_ids, RolloutDeviceRow.state == "attested")
+
+
+def _in_active_where(
+    session: Session, device_ids: Collection[str], condition: ColumnElement[bool]
+) -> set[str]:
+    """Which of ``device_ids`` have a row meeting ``condition`` in a rollout that is not over."""
     if not device_ids:
         return set()
     return set(
@@ -174,8 +169,8 @@ def attested_devices(session: Session, device_ids: Collection[str]) -> set[str]:
             .join(RolloutRow, RolloutDeviceRow.rollout_id == RolloutRow.rollout_id)
             .where(
                 RolloutRow.active_group.is_not(None),
-                RolloutDeviceRow.state == "attested",
                 RolloutDeviceRow.device_id.in_(sorted(device_ids)),
+                condition,
             )
         )
     )
