@@ -344,6 +344,8 @@ def accept_commit(
     rows, before = trees.plan(session, body.group_id, public, following)
     # what a rollback restores if members cannot process this commit (recovery, rollback)
     wedge_store.save_previous(session, body.group_id, before)
+    # and what rebuilds this epoch's tree for its joiners while the commit is kept (treepages)
+    trees.save_undo(session, body.group_id, public, before)
     registry.append_commit(
         body.group_id,
         epoch=body.epoch,
@@ -378,6 +380,7 @@ def accept_commit(
     below = body.epoch + 1 - cx.env.settings.retention_epochs
     if below > 0:
         registry.prune_commit_log(body.group_id, below)
+        trees.drop_undo(session, body.group_id, below=below)
     details: dict[str, str | int | None] = {
         "epoch": body.epoch,
         "new_epoch": body.epoch + 1,
