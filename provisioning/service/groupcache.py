@@ -145,6 +145,7 @@ class TreePageCache:
         self.max_groups = max_groups
         self._trees: OrderedDict[str, OrderedDict[int, RatchetTree]] = OrderedDict()
         self._pages: OrderedDict[tuple[str, int, bytes], list[Page]] = OrderedDict()
+        self._making: dict[tuple[str, int, bytes], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def keep(self, group_id: str, epoch: int, tree: RatchetTree) -> None:
@@ -186,20 +187,26 @@ class TreePageCache:
     def _cut(
         self, key: tuple[str, int, bytes], tree: Callable[[], RatchetTree | None]
     ) -> list[Page] | None:
+        """The pages kept under ``key``, or ``tree()`` cut and kept. Concurrent calls for one
+        key make it once: the others wait for it (a rebuild is O(N))."""
         with self._lock:
-            cut = self._pages.get(key)
-            if cut is not None:
-                self._pages.move_to_end(key)
-                return cut
-        made = tree()
-        if made is None:
-            return None
-        cut = paginate(made)
-        with self._lock:
-            self._pages[key] = cut
-            while len(self._pages) > self.max_paged:
-                self._pages.popitem(last=False)
-        return cut
+            making = self._making.setdefault(key, threading.Lock())
+        with making:
+            with self._lock:
+                cut = self._pages.get(key)
+                if cut is not None:
+                    self._pages.move_to_end(key)
+                    self._making.pop(key, None)
+                    return cut
+            made = tree()
+            cut = None if made is None else paginate(made)
+            with self._lock:
+                self._making.pop(key, None)
+                if cut is not None:
+                    self._pages[key] = cut
+                    while len(self._pages) > self.max_paged:
+                        self._pages.popitem(last=False)
+            return cut
 
 
 MAX_BUCKETS = 200_000

@@ -10,14 +10,19 @@ check id, nothing sent."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 
 from agent.protocol.mls import group as group_module
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.messages import KeyPackage
 from agent.protocol.mls.tree import RatchetTree
 from agent.protocol.mls.treepages import TreeCollector, TreePage, paginate
 from agent.protocol.wire.messages.group import TreeRequest
@@ -28,6 +33,7 @@ from provisioning.metrics import ServiceMetrics
 from provisioning.service import groupcache
 from provisioning.service.core import DeliveryService
 from provisioning.service.groupcache import RequestBuckets, TreePageCache
+from tests.device_certs import devid_cert_der
 from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet
 from tests.service_members import group_add, rekey, revoke
 
@@ -273,3 +279,39 @@ def test_request_buckets_hold_a_burst_refill_by_the_minute_and_stay_bounded() ->
     buckets.take("d2", 10_000, per_minute=60, burst=2)
     buckets.take("d3", 10_000, per_minute=60, burst=2)
     assert len(buckets._buckets) == 2 and "d1" not in buckets._buckets
+
+
+def test_concurrent_requests_for_one_rebuilt_tree_rebuild_it_once() -> None:
+    """Joiners asking one instance for the same epoch at once: one rebuild (O(N)), the others
+    wait for its pages; a rebuild that finds nothing keeps nothing."""
+    cache = TreePageCache()
+    calls: list[int] = []
+    gate = threading.Event()
+    devid, leaf, init = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    kp = KeyPackage.create(
+        b"d1", devid, leaf.public_key(), devid_cert_der(b"d1", devid), init_key=init.public_key()
+    )
+    source = Group.create(b"g1", kp, leaf).public_group().tree
+
+    def rebuild() -> RatchetTree | None:
+        calls.append(1)
+        gate.wait(5)
+        return source
+
+    results: list[object] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(cache.rebuilt_pages("g1", 3, b"ctx", rebuild))
+        )
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert len(calls) == 1 and len(results) == 4
+    assert all(r == results[0] and r is not None for r in results)
+    assert cache.rebuilt_pages("g1", 4, b"ctx", lambda: None) is None
+    assert cache.rebuilt_pages("g1", 4, b"ctx", rebuild) is not None and len(calls) == 2
