@@ -37,6 +37,7 @@ from tests.device_certs import devid_cert_der
 from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet
 from tests.service_members import group_add, rekey, revoke
 
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 DONE = ResultStatus.DONE
 
 pytestmark = pytest.mark.pure
@@ -131,10 +132,13 @@ def _fetch(
 
 
 @pytest.fixture
-def fleet4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
+def fleet4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[Fleet]:
+    """Four devices, six epochs kept, on SQLite and on PostgreSQL."""
     monkeypatch.setattr(group_module, "INLINE_TREE_LEAVES", 0)
     monkeypatch.setattr(groupcache, "paginate", _small_pages)
-    yield from make_fleet(tmp_path, ("dev-1", "dev-2", "dev-3", "dev-4"), retention_epochs=6)
+    url = None if database_url.startswith("sqlite") else database_url
+    names = ("dev-1", "dev-2", "dev-3", "dev-4")
+    yield from make_fleet(tmp_path, names, url=url, retention_epochs=6)
 
 
 def test_any_instance_serves_a_left_epochs_tree_from_the_database_until_retention_drops_it(
