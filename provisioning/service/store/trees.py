@@ -214,6 +214,9 @@ def _rebuild(session: Session, group_id: str, epoch: int, head_data: bytes) -> P
     )
     width = codec.as_uint(m["width"], "public_tree.width", 2 * codec.MAX_LEAVES - 1)
     items: list[object] = [None] * width
+    # The current rows first, the undo rows second: under READ COMMITTED a commit accepted
+    # between the two reads adds undo rows holding what the first read saw (harmless); a
+    # rollback or pruning in between leaves a tree whose GroupContext is not the kept one.
     current = session.execute(
         select(GroupTreeNode.node, GroupTreeNode.data).where(
             GroupTreeNode.group_id == group_id, GroupTreeNode.node < width
