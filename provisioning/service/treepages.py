@@ -8,7 +8,9 @@ A device gets at most ``[groups] tree_request_burst`` requests at once and then
 ``tree_requests_per_minute`` a minute at each instance (``groupcache.RequestBuckets``); past
 that, ``ds.tree.rate`` (before anything is read). Only a member of the group (one with a leaf:
 its add was committed) gets pages (``ds.group.member``), only pages that exist
-(``ds.tree.page``), only of a tree of an epoch the database still keeps:
+(``ds.tree.page``), only of the group's current epoch or the epoch the member joined at (its
+Welcome's: a member cannot have instances rebuild other epochs' trees), and only of a tree the
+database still keeps:
 
 - the group's current epoch (from its row, or this instance's copy: ``groupcache``);
 - an epoch whose commit added members, kept by the instance that accepted it
@@ -20,8 +22,9 @@ its add was committed) gets pages (``ds.group.member``), only pages that exist
   checked against the GroupContext kept for that epoch), by any instance, after any restart,
   and cut into pages once per instance.
 
-Otherwise ``ds.tree.epoch``: the epoch is ahead of the group, or retention dropped it (the
-joiner's fetch times out and the member gets back in through a fresh Welcome). The joiner
+Otherwise ``ds.tree.epoch``: the epoch is ahead of the group, is not the member's join epoch,
+or retention dropped it (the joiner's fetch times out and the member gets back in through a
+fresh Welcome). The joiner
 checks everything against the signed tree hash: the service is not trusted here.
 """
 
@@ -64,14 +67,27 @@ def on_tree_request(
             f"{sender!r} asked for tree pages faster than {settings.tree_requests_per_minute} "
             f"a minute (burst {settings.tree_request_burst})",
         )
-    if not any(
-        m.group_id == body.group_id and m.leaf_index is not None
-        for m in store.memberships(session, [sender]).get(sender, [])
-    ):
+    member = next(
+        (
+            m
+            for m in store.memberships(session, [sender]).get(sender, [])
+            if m.group_id == body.group_id and m.leaf_index is not None
+        ),
+        None,
+    )
+    if member is None:
         raise ProtocolError(
             "ds.group.member", f"{sender!r} is not a member of group {body.group_id!r}"
         )
     group = Registry(session).group(body.group_id)
+    if body.epoch not in (group.epoch, member.joined_epoch):
+        # an epoch the group has left is a joiner's, and only its own: a member cannot make an
+        # instance rebuild trees it never joined with
+        raise ProtocolError(
+            "ds.tree.epoch",
+            f"{sender!r} joined {body.group_id!r} at epoch {member.joined_epoch}, not "
+            f"{body.epoch} (the group is at epoch {group.epoch})",
+        )
     pages: list[Page] | None = None
     tree = cx.env.tree_pages.tree(body.group_id, body.epoch)
     if tree is None and group.epoch == body.epoch:

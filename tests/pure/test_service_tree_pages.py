@@ -146,8 +146,8 @@ def test_any_instance_serves_a_left_epochs_tree_from_the_database_until_retentio
 ) -> None:
     """A joiner's epoch the group has left: another instance on the same database, and the
     first one restarted (nothing in memory), rebuild its tree from the stored rows and serve
-    the tree the Welcome signed; once retention drops the epoch it is refused
-    (``ds.tree.epoch``), nothing sent."""
+    the tree the Welcome signed, to the members that joined at it; once retention drops the
+    epoch it is refused (``ds.tree.epoch``), nothing sent."""
     fleet = fleet4
     create_g1(fleet, "dev-1", "dev-2")
     welcome_epoch = fleet.epoch("g1")
@@ -185,9 +185,14 @@ def test_any_instance_serves_a_left_epochs_tree_from_the_database_until_retentio
         ).all()
     below = fleet.epoch("g1") - 6
     assert kept and min(kept) >= below and min(undo) >= below
-    # a retained epoch is still served by a fresh instance
-    (page,) = _ask(fleet, _instance(fleet, "d"), "dev-2", TreeRequest("g1", below, 0))
-    assert page.epoch == below
+    # the oldest retained epoch, dev-3's, is still served by a fresh instance
+    assert below == dev3_epoch
+    _fetch(fleet, _instance(fleet, "d"), "dev-3", dev3_epoch, dev3_hash)
+    # but only to its joiners: a member cannot have instances rebuild epochs it did not join at
+    fresh = _instance(fleet, "e")
+    assert _ask(fleet, fresh, "dev-2", TreeRequest("g1", dev3_epoch, 0)) == []
+    assert _ask(fleet, fresh, "dev-1", TreeRequest("g1", dev3_epoch, 0)) == []
+    assert fresh.rejections.count("ds.tree.epoch") == 2
 
 
 def test_a_joiner_gets_the_tree_of_its_welcomes_epoch_after_the_group_moved_on(
