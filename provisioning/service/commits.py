@@ -344,8 +344,6 @@ def accept_commit(
     rows, before = trees.plan(session, body.group_id, public, following)
     # what a rollback restores if members cannot process this commit (recovery, rollback)
     wedge_store.save_previous(session, body.group_id, before)
-    # and what rebuilds this epoch's tree for its joiners while the commit is kept (treepages)
-    trees.save_undo(session, body.group_id, public, before)
     registry.append_commit(
         body.group_id,
         epoch=body.epoch,
@@ -360,6 +358,9 @@ def accept_commit(
         now_ms=cx.clock.ms,
         state_token=token,
     )
+    # what rebuilds this epoch's tree for its joiners while the commit is kept (treepages);
+    # after the commit log's row, whose key decides a race for the epoch (EpochConflict)
+    trees.save_undo(session, body.group_id, public, before)
     trees.write(session, body.group_id, rows)
     # The next commit starts from this copy if the row still has this token then (a rollback
     # of this transaction leaves a token no row has: the copy is never used).
