@@ -187,7 +187,9 @@ class AttestationConfig:
 class GroupsConfig:
     """[groups]. ``rekey_max_age_seconds`` / ``rekey_max_epochs``: the default rekey policy of a
     group without its own (``keyfleet group policy``): every member updates its own leaf at least
-    this often, in time and in epochs (0: no bound; docs/operations.md, "Rekey policy")."""
+    this often, in time and in epochs (0: no bound; docs/operations.md, "Rekey policy").
+    ``tree_requests_per_minute`` / ``tree_request_burst``: each device's budget of tree page
+    requests at one instance (docs/service.md)."""
 
     commit_log_retention_epochs: int
     ack_timeout_seconds: int
@@ -196,6 +198,8 @@ class GroupsConfig:
     recovery_wait_seconds: int = 10
     rekey_max_age_seconds: int = 7 * 86_400
     rekey_max_epochs: int = 100
+    tree_requests_per_minute: int = 120
+    tree_request_burst: int = 256
 
 
 @dataclass(frozen=True)
@@ -515,6 +519,8 @@ def _schema(base: Path) -> Table:
             "recovery_wait_seconds": Field(seconds(1, 3600), default=10),
             "rekey_max_age_seconds": Field(seconds(0, 366 * 86400), default=7 * 86_400),
             "rekey_max_epochs": Field(Int(0, 1_000_000, "epochs"), default=100),
+            "tree_requests_per_minute": Field(Int(1, 60_000, "requests"), default=120),
+            "tree_request_burst": Field(Int(1, 100_000, "requests"), default=256),
         },
         "rollout": {
             "wave_timeout_seconds": Field(seconds(10, 7 * 86400), default=600),

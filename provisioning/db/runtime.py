@@ -4,10 +4,11 @@ Operator keys and replay state, command ids, attestation challenges and waits, t
 its per-group slot, operations in flight, held commit/welcome halves, task leases and the shared
 envelope sequence counter, dual-control requests and the adopted quorum policies, the
 revocation feed and how far each device follows it, the signed audit checkpoints, members'
-reports of commits they cannot process, each group's public state before its newest commit, and
-the firmware releases with the fleet's release state. Every rule several instances agree on is
-a row and a conditional UPDATE (whoever changes the row wins, the others see rowcount 0 and step
-back), never a leader and never an in-process lock. The queries over them live in
+reports of commits they cannot process, each group's public state before its newest commit and
+what its tree rows held at each retained epoch, and the firmware releases with the fleet's
+release state. Every rule several instances agree on is a row and a conditional UPDATE (whoever
+changes the row wins, the others see rowcount 0 and step back), never a leader and never an
+in-process lock. The queries over them live in
 ``provisioning.service.store``.
 """
 
@@ -325,6 +326,33 @@ class GroupPreviousNodeRow(ServiceBase):
     group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     node: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     data: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class GroupTreeUndoRow(ServiceBase):
+    """What ``group_tree_nodes`` held at ``epoch``, at each node the commit accepted in that
+    epoch rewrote (``data`` NULL: no row, a blank node): with the current rows, the tree of any
+    epoch whose commits are still kept (``store.trees.load_at``, for joiners' tree pages).
+    Dropped with the commit log's retention, with a rollback of that commit, with the group."""
+
+    __tablename__ = "service_group_tree_undo"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    node: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    data: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class GroupTreeEpochRow(ServiceBase):
+    """A group's head (``store.trees.head``) and GroupContext at ``epoch``, kept when the commit
+    made in that epoch was accepted: with ``GroupTreeUndoRow`` what rebuilds and checks the
+    tree of an epoch the group has left. Dropped like those rows."""
+
+    __tablename__ = "service_group_tree_epochs"
+
+    group_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    head: Mapped[bytes] = mapped_column(LargeBinary)
+    group_context: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class RekeyPolicyRow(ServiceBase):

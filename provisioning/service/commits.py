@@ -358,6 +358,9 @@ def accept_commit(
         now_ms=cx.clock.ms,
         state_token=token,
     )
+    # what rebuilds this epoch's tree for its joiners while the commit is kept (treepages);
+    # after the commit log's row, whose key decides a race for the epoch (EpochConflict)
+    trees.save_undo(session, body.group_id, public, before)
     trees.write(session, body.group_id, rows)
     # The next commit starts from this copy if the row still has this token then (a rollback
     # of this transaction leaves a token no row has: the copy is never used).
@@ -378,6 +381,7 @@ def accept_commit(
     below = body.epoch + 1 - cx.env.settings.retention_epochs
     if below > 0:
         registry.prune_commit_log(body.group_id, below)
+        trees.drop_undo(session, body.group_id, below=below)
     details: dict[str, str | int | None] = {
         "epoch": body.epoch,
         "new_epoch": body.epoch + 1,

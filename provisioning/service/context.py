@@ -12,7 +12,9 @@ seeing another's, changes nothing that matters):
 - ``groups``: decoded public groups, each used only while the group row still carries the
   state token it was made for (``groupcache``); otherwise the row is decoded again.
 - ``tree_pages``: groups' trees cut into pages for joiners, kept like ``groups``
-  (``treepages``).
+  (``treepages``); any instance can rebuild a tree the database keeps.
+- ``tree_requests``: each device's budget of tree requests at this instance (``treepages``):
+  a device's requests spread over n instances get n budgets.
 - ``catchup_sent``: which commit range was last replayed to a member for catch-up. Another
   instance may replay the same range once more, and a member drops commits it already has.
 """
@@ -41,7 +43,7 @@ from provisioning.pki import verify_certificate
 from provisioning.registry import run_in_transaction
 from provisioning.revocation import RevocationSettings
 from provisioning.service.credentials import StoredDevices
-from provisioning.service.groupcache import GroupCache, TreePageCache
+from provisioning.service.groupcache import GroupCache, RequestBuckets, TreePageCache
 from provisioning.service.model import AttestationSettings, ReleaseCache, ServiceSettings
 
 T = TypeVar("T")
@@ -107,6 +109,8 @@ class Env:
     # groups' trees cut into pages for joiners, each used only while its row has the same
     # state token (``treepages``)
     tree_pages: TreePageCache = field(default_factory=TreePageCache)
+    # each device's budget of tree requests at this instance (``treepages``)
+    tree_requests: RequestBuckets = field(default_factory=RequestBuckets)
     # Signs the release bundle (``releases``, [releases] signing_key); None: none is published.
     release_key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
     release_key_warned: bool = False

@@ -18,8 +18,8 @@ reaches is the row's: the same head (epoch, width, both transcript hashes) and G
 (which holds the tree hash). Otherwise (the copy is ahead of the row, a rollback took its epoch
 back, the commits are no longer kept) the row is decoded.
 
-``TreePageCache`` keeps groups' recent trees and a few of them cut into pages for joiners
-(``provisioning.service.treepages``).
+``TreePageCache`` keeps groups' recent trees and a few of them cut into pages for joiners, and
+``RequestBuckets`` each device's budget of tree requests (``provisioning.service.treepages``).
 
 Bounded two ways, least recently used first out: at most ``max_groups`` groups and
 ``max_leaves`` leaves in all (a copy's memory grows with its tree: every leaf holds its DevID
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls.messages import Commit
@@ -130,8 +130,9 @@ class TreePageCache:
     """Trees for joiners (``provisioning.service.treepages``): each group's trees of its recent
     epochs that added members (``keep``, when this instance accepts such a commit: copies of
     the live tree that share all but O(log N) nodes with it, so cheap to keep), and the pages
-    of the last few trees asked for, by (group, epoch, tree hash). Least recently used first
-    out; harmless to lose (a joiner asks again, maybe another instance)."""
+    of the last few trees asked for, by (group, epoch, tree hash), including trees rebuilt from
+    the database for epochs this instance keeps no tree of. Least recently used first out;
+    harmless to lose (any instance can rebuild a tree the database keeps)."""
 
     def __init__(
         self,
@@ -144,6 +145,7 @@ class TreePageCache:
         self.max_groups = max_groups
         self._trees: OrderedDict[str, OrderedDict[int, RatchetTree]] = OrderedDict()
         self._pages: OrderedDict[tuple[str, int, bytes], list[Page]] = OrderedDict()
+        self._making: dict[tuple[str, int, bytes], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def keep(self, group_id: str, epoch: int, tree: RatchetTree) -> None:
@@ -166,15 +168,71 @@ class TreePageCache:
 
     def pages(self, group_id: str, epoch: int, tree: RatchetTree) -> list[Page]:
         """``tree`` (the group's at ``epoch``) cut into pages, once per tree."""
-        key = (group_id, epoch, tree.tree_hash())
-        with self._lock:
-            cut = self._pages.get(key)
-            if cut is not None:
-                self._pages.move_to_end(key)
-                return cut
-        cut = paginate(tree)
-        with self._lock:
-            self._pages[key] = cut
-            while len(self._pages) > self.max_paged:
-                self._pages.popitem(last=False)
+        cut = self._cut((group_id, epoch, tree.tree_hash()), lambda: tree)
+        assert cut is not None
         return cut
+
+    def rebuilt_pages(
+        self,
+        group_id: str,
+        epoch: int,
+        group_context: bytes,
+        rebuild: Callable[[], RatchetTree | None],
+    ) -> list[Page] | None:
+        """The pages of the group's tree at ``epoch`` whose GroupContext (which holds its tree
+        hash) is ``group_context``: cut once from the tree ``rebuild`` gives (from the database:
+        ``store.trees.load_at``), None if it gives none."""
+        return self._cut((group_id, epoch, b"context:" + group_context), rebuild)
+
+    def _cut(
+        self, key: tuple[str, int, bytes], tree: Callable[[], RatchetTree | None]
+    ) -> list[Page] | None:
+        """The pages kept under ``key``, or ``tree()`` cut and kept. Concurrent calls for one
+        key make it once: the others wait for it (a rebuild is O(N))."""
+        with self._lock:
+            making = self._making.setdefault(key, threading.Lock())
+        with making:
+            with self._lock:
+                cut = self._pages.get(key)
+                if cut is not None:
+                    self._pages.move_to_end(key)
+                    self._making.pop(key, None)
+                    return cut
+            made = tree()
+            cut = None if made is None else paginate(made)
+            with self._lock:
+                self._making.pop(key, None)
+                if cut is not None:
+                    self._pages[key] = cut
+                    while len(self._pages) > self.max_paged:
+                        self._pages.popitem(last=False)
+            return cut
+
+
+MAX_BUCKETS = 200_000
+"""Devices whose tree-request budget one instance tracks (least recently asking first out: a
+device dropped starts again with a full bucket)."""
+
+
+class RequestBuckets:
+    """A token bucket per device (``treepages``: tree requests): ``burst`` requests at once, then
+    ``per_minute`` a minute. Per instance, in memory: a device whose requests are spread over n
+    instances gets at most n times the budget."""
+
+    def __init__(self, max_devices: int = MAX_BUCKETS) -> None:
+        self.max_devices = max_devices
+        self._buckets: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, device_id: str, now: int, *, per_minute: int, burst: int) -> bool:
+        """Spend one of ``device_id``'s tokens at ``now``; False (nothing spent) if it has none."""
+        with self._lock:
+            tokens, last = self._buckets.pop(device_id, (float(burst), now))
+            tokens = min(float(burst), tokens + max(0, now - last) * per_minute / 60)
+            allowed = tokens >= 1
+            if allowed:
+                tokens -= 1
+            self._buckets[device_id] = (tokens, max(now, last))
+            while len(self._buckets) > self.max_devices:
+                self._buckets.popitem(last=False)
+            return allowed

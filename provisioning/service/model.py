@@ -62,6 +62,10 @@ class ServiceSettings:
     recovery_wait: int = 10
     rekey_max_age: int = 7 * 86_400
     rekey_max_epochs: int = 100
+    # [groups] tree_requests_per_minute / tree_request_burst: each device's budget of
+    # ``group.tree_request``s at one instance (provisioning/service/treepages.py)
+    tree_requests_per_minute: int = 120
+    tree_request_burst: int = 256
     # [releases] grace_days: a release superseded by a newer approved one expires this much later
     release_grace: int = 30 * 86_400
     # [rollout]: how long a wave of a staged rollout may take (provisioning/service/rollout.py)

@@ -86,6 +86,8 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         retention_epochs=config.groups.commit_log_retention_epochs,
         rekey_max_age=config.groups.rekey_max_age_seconds,
         rekey_max_epochs=config.groups.rekey_max_epochs,
+        tree_requests_per_minute=config.groups.tree_requests_per_minute,
+        tree_request_burst=config.groups.tree_request_burst,
         min_approvals=config.quorum.min_approvals,
         request_ttl=config.quorum.request_ttl_seconds,
         checkpoint_interval=config.audit.checkpoint_interval_seconds,

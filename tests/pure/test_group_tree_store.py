@@ -11,6 +11,7 @@ the committer's path and leaf replaced.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import replace
@@ -176,6 +177,92 @@ def test_a_rollback_restores_the_rows_the_newest_commit_rewrote(engine: Engine) 
     _same(_load(sessions), public)
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(GroupPreviousNodeRow)) == 0
+
+
+def _accept(sessions: sessionmaker[Session], before: PublicGroup, after: PublicGroup) -> None:
+    """What the commit flow writes to the tree's rows for a commit moving ``before`` to
+    ``after`` (``commits.accept_commit``)."""
+    with sessions.begin() as s:
+        rows, previous = trees.plan(s, G, before, after)
+        trees.save_undo(s, G, before, previous)
+        trees.write(s, G, rows)
+        s.execute(
+            update(Group)
+            .where(Group.group_id == G)
+            .values(
+                epoch=after.epoch,
+                public_tree=trees.head(after.state),
+                group_context=after.state.group_context(),
+            )
+        )
+
+
+def test_every_kept_epoch_is_rebuilt_exactly_and_a_dropped_or_altered_one_is_not(
+    engine: Engine,
+) -> None:
+    """Commits that update paths, remove members and cut the tree back, then add members
+    (the tree grows again): the tree of every epoch the group left is rebuilt from the current
+    rows and the kept ones, exactly; retention drops the oldest; a database writer's altered
+    kept row makes a tree whose GroupContext is not the kept one, and it is not served."""
+    migrations.upgrade(engine)
+    sessions = session_factory(engine)
+    states = [_public(37)]
+    _store(sessions, states[0])
+    states.append(_commit(states[-1], 3))
+    removed = states[-1].tree.copy()
+    for i in range(32, 37):
+        removed._remove_leaf(i)
+    removed._truncate()
+    states.append(_commit(PublicGroup(replace(states[-1].state, tree=removed)), 5))
+    grown = states[-1].tree.copy()
+    for i in range(3):
+        grown._add_leaf(
+            LeafNode(
+                f"new-{i}".encode(),
+                _point(90 + i),
+                _point(91 + i),
+                os.urandom(500),
+                SOURCE_COMMIT,
+                os.urandom(32),
+                os.urandom(71),
+            ),
+            os.urandom(32),
+        )
+    states.append(_commit(PublicGroup(replace(states[-1].state, tree=grown)), 33))
+    states.append(_commit(states[-1], 0))
+    assert [p.tree.n_leaves for p in states] == [64, 64, 32, 64, 64]
+    for before, after in itertools.pairwise(states):
+        _accept(sessions, before, after)
+    with sessions() as s:
+        for public in states[:-1]:
+            rebuilt = trees.load_at(s, G, public.epoch)
+            assert rebuilt is not None
+            _same(rebuilt, public)
+        assert trees.load_at(s, G, states[-1].epoch) is None  # current: the row, not a rebuild
+    with sessions.begin() as s:
+        trees.drop_undo(s, G, below=states[2].epoch)
+    with sessions() as s:
+        assert [trees.load_at(s, G, p.epoch) is None for p in states[:-1]] == [
+            True,
+            True,
+            False,
+            False,
+        ]
+    # a database writer alters a kept row (the committer's leaf as it was before the newest
+    # commit: now its new leaf): the rebuilt tree is not the kept one, not served
+    with sessions.begin() as s:
+        changed = s.execute(
+            text(
+                "UPDATE service_group_tree_undo SET data = :d "
+                "WHERE group_id = :g AND epoch = :e AND node = 0"
+            ),
+            {"d": codec.encode(states[-1].tree.node_obj(0)), "g": G, "e": states[-2].epoch},
+        )
+        assert changed.rowcount == 1  # type: ignore[attr-defined]
+    with sessions() as s:
+        assert trees.load_at(s, G, states[-2].epoch) is None
+        assert trees.load_at(s, G, states[2].epoch) is None  # rebuilt through the same row
+        _same(_load(sessions), states[-1])  # the current state is untouched
 
 
 def test_revision_0018_converts_whole_state_rows_and_back(engine: Engine) -> None:

@@ -40,7 +40,8 @@ SECTIONS = {
         '[attestation]\nmanufacturer_cas = "pki/manufacturer-cas.pem"\n'
         'golden_measurements = "policy/golden.toml"\ninterval_seconds = 600\n'
     ),
-    "groups": "[groups]\ncommit_log_retention_epochs = 16\nack_timeout_seconds = 20\n",
+    "groups": "[groups]\ncommit_log_retention_epochs = 16\nack_timeout_seconds = 20\n"
+    "tree_requests_per_minute = 30\ntree_request_burst = 8\n",
     "http": (
         '[http]\nlisten = "127.0.0.1:8443"\ntls_cert = "pki/enroll.pem"\n'
         'tls_key = "pki/enroll.key"\nstation_ca = "pki/station-ca.pem"\n'
@@ -92,6 +93,7 @@ def test_good_file_loads_into_a_frozen_dataclass(config_dir: Path) -> None:
         16,
         20,
     )
+    assert (config.groups.tree_requests_per_minute, config.groups.tree_request_burst) == (30, 8)
     assert config.http is not None and (config.http.host, config.http.port) == ("127.0.0.1", 8443)
     with pytest.raises(AttributeError):
         config.broker.port = 1  # type: ignore[misc]
@@ -108,6 +110,7 @@ def test_defaults_for_optional_tables_and_keys(config_dir: Path) -> None:
         64,
         30,
     )
+    assert (config.groups.tree_requests_per_minute, config.groups.tree_request_burst) == (120, 256)
     assert config.http is None
 
 

@@ -4,26 +4,41 @@ process, on a real SQLite registry, with software members that join the way a ke
 bound is set to 0 and pages are cut small, so a three-member group joins through several pages
 (what a group past 256 members does with 1 MiB pages).
 
-Refusals: a device that is not a member, an epoch the group is not at, a page past the last:
-refused by check id, nothing sent."""
+Refusals: a device that is not a member, an epoch the group has not reached or whose commit
+retention dropped, a page past the last, a device asking faster than its budget: refused by
+check id, nothing sent."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import select
 
 from agent.protocol.mls import group as group_module
+from agent.protocol.mls.group import Group
+from agent.protocol.mls.messages import KeyPackage
 from agent.protocol.mls.tree import RatchetTree
 from agent.protocol.mls.treepages import TreeCollector, TreePage, paginate
 from agent.protocol.wire.messages.group import TreeRequest
 from agent.protocol.wire.messages.result import ResultStatus
 from agent.protocol.wire.messages.service import TreePage as TreePageMessage
+from provisioning.db.runtime import GroupTreeEpochRow, GroupTreeUndoRow
+from provisioning.metrics import ServiceMetrics
 from provisioning.service import groupcache
-from provisioning.service.groupcache import TreePageCache
+from provisioning.service.core import DeliveryService
+from provisioning.service.groupcache import RequestBuckets, TreePageCache
+from tests.device_certs import devid_cert_der
 from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet
-from tests.service_members import group_add, rekey
+from tests.service_members import group_add, rekey, revoke
+
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+DONE = ResultStatus.DONE
 
 pytestmark = pytest.mark.pure
 
@@ -65,7 +80,6 @@ def test_tree_requests_from_strangers_for_other_epochs_or_past_the_end_are_refus
     fleet.record = True
     for device, request, check in (
         ("dev-3", TreeRequest("g1", epoch, 0), "ds.group.member"),
-        ("dev-2", TreeRequest("g1", epoch - 1, 0), "ds.tree.epoch"),
         ("dev-2", TreeRequest("g1", epoch + 1, 0), "ds.tree.epoch"),
         ("dev-2", TreeRequest("g1", epoch, 4095), "ds.tree.page"),
     ):
@@ -81,12 +95,112 @@ def test_tree_requests_from_strangers_for_other_epochs_or_past_the_end_are_refus
     assert fleet.devices["dev-2"].refusals == ["agent.tree-page.unasked"]
 
 
+def _instance(fleet: Fleet, name: str) -> DeliveryService:
+    """Another service instance on the fleet's database (or the first one restarted): the same
+    key and settings, nothing in memory."""
+    first = fleet.service
+    return DeliveryService(
+        fleet.sessions,
+        signing_key=first._env.key,
+        operator_ca=first._env.operator_ca,
+        device_ca=first._env.devices.device_ca,
+        settings=first.settings,
+        instance=name,
+        metrics=ServiceMetrics(),
+    )
+
+
+def _ask(fleet: Fleet, service: DeliveryService, device: str, request: TreeRequest) -> list[Any]:
+    """``device``'s request handled by ``service``; the tree pages it sent back."""
+    fleet.to_devices.clear()
+    payload = fleet.devices[device].report(request, fleet.now)
+    fleet.deliver(service.handle(*payload, fleet.now))
+    return [b for _, b in fleet.to_devices if isinstance(b, TreePageMessage)]
+
+
+def _fetch(
+    fleet: Fleet, service: DeliveryService, device: str, epoch: int, tree_hash: bytes
+) -> RatchetTree:
+    """Every page of g1's tree at ``epoch`` from ``service``, taken as a joiner takes them: the
+    tree they hold if its hash is ``tree_hash`` (else ``mls.welcome.tree-hash``)."""
+    collector = TreeCollector("g1", epoch, tree_hash)
+    while not collector.complete:
+        (got,) = _ask(fleet, service, device, TreeRequest("g1", epoch, collector.next_page))
+        collector.add("g1", epoch, TreePage(got.page, got.pages, got.width, got.start, got.nodes))
+    assert (collector.pages or 0) >= 2
+    return collector.tree()
+
+
+@pytest.fixture
+def fleet4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str) -> Iterator[Fleet]:
+    """Four devices, six epochs kept, on SQLite and on PostgreSQL."""
+    monkeypatch.setattr(group_module, "INLINE_TREE_LEAVES", 0)
+    monkeypatch.setattr(groupcache, "paginate", _small_pages)
+    url = None if database_url.startswith("sqlite") else database_url
+    names = ("dev-1", "dev-2", "dev-3", "dev-4")
+    yield from make_fleet(tmp_path, names, url=url, retention_epochs=6)
+
+
+def test_any_instance_serves_a_left_epochs_tree_from_the_database_until_retention_drops_it(
+    fleet4: Fleet,
+) -> None:
+    """A joiner's epoch the group has left: another instance on the same database, and the
+    first one restarted (nothing in memory), rebuild its tree from the stored rows and serve
+    the tree the Welcome signed, to the members that joined at it; once retention drops the
+    epoch it is refused (``ds.tree.epoch``), nothing sent."""
+    fleet = fleet4
+    create_g1(fleet, "dev-1", "dev-2")
+    welcome_epoch = fleet.epoch("g1")
+    signed_hash = fleet.devices["dev-2"].groups["g1"].tree_hash()
+    # the group moves on: it grows, shrinks (its tree is cut back), and every leaf is updated
+    assert fleet.final(fleet.command("op-alice", group_add("g1", "dev-3"))).status is DONE
+    dev3_epoch = fleet.epoch("g1")
+    dev3_hash = fleet.devices["dev-3"].groups["g1"].tree_hash()
+    assert fleet.final(fleet.command("op-alice", group_add("g1", "dev-4"))).status is DONE
+    assert fleet.final(fleet.command("op-admin", revoke("dev-4"))).status is DONE
+    assert fleet.final(fleet.command("op-alice", rekey("g1"))).status is DONE
+    assert fleet.epoch("g1") == welcome_epoch + 4
+    fleet.record = True
+    other = _instance(fleet, "b")
+    assert _fetch(fleet, other, "dev-2", welcome_epoch, signed_hash).member_count() == 2
+    assert _fetch(fleet, other, "dev-3", dev3_epoch, dev3_hash).member_count() == 3
+    assert other._env.metrics.rejections.value("ds.tree.epoch") == 0
+    # a restart: nothing in memory anywhere; still served
+    fleet.service = _instance(fleet, "a")
+    _fetch(fleet, fleet.service, "dev-2", welcome_epoch, signed_hash)
+    # the group moves on past retention (6 epochs): the welcome epoch's commit is dropped
+    for _ in range(3):
+        assert fleet.final(fleet.command("op-alice", rekey("g1"))).status is DONE
+    assert fleet.epoch("g1") - 6 > welcome_epoch
+    for service in (fleet.service, _instance(fleet, "c")):
+        before = service.rejections.count("ds.tree.epoch")
+        assert _ask(fleet, service, "dev-2", TreeRequest("g1", welcome_epoch, 0)) == []
+        assert service.rejections.count("ds.tree.epoch") == before + 1
+    with fleet.sessions() as s:
+        kept = s.scalars(
+            select(GroupTreeEpochRow.epoch).where(GroupTreeEpochRow.group_id == "g1")
+        ).all()
+        undo = s.scalars(
+            select(GroupTreeUndoRow.epoch).where(GroupTreeUndoRow.group_id == "g1")
+        ).all()
+    below = fleet.epoch("g1") - 6
+    assert kept and min(kept) >= below and min(undo) >= below
+    # the oldest retained epoch, dev-3's, is still served by a fresh instance
+    assert below == dev3_epoch
+    _fetch(fleet, _instance(fleet, "d"), "dev-3", dev3_epoch, dev3_hash)
+    # but only to its joiners: a member cannot have instances rebuild epochs it did not join at
+    fresh = _instance(fleet, "e")
+    assert _ask(fleet, fresh, "dev-2", TreeRequest("g1", dev3_epoch, 0)) == []
+    assert _ask(fleet, fresh, "dev-1", TreeRequest("g1", dev3_epoch, 0)) == []
+    assert fresh.rejections.count("ds.tree.epoch") == 2
+
+
 def test_a_joiner_gets_the_tree_of_its_welcomes_epoch_after_the_group_moved_on(
     fleet: Fleet,
 ) -> None:
     """The epochs whose commits added members keep their trees at the instance that accepted
-    them (a chunk's joiners fetch while the next chunks commit); another instance, without
-    them, refuses (``ds.tree.epoch``) and the joiner's next retry may reach the first."""
+    them (a chunk's joiners fetch while the next chunks commit, without a rebuild); without
+    them, the same pages are rebuilt from the database."""
     create_g1(fleet, "dev-1", "dev-2")
     welcome_epoch = fleet.epoch("g1")
     signed_hash = fleet.devices["dev-2"].groups["g1"].tree_hash()
@@ -98,15 +212,115 @@ def test_a_joiner_gets_the_tree_of_its_welcomes_epoch_after_the_group_moved_on(
     assert (page.epoch, page.page) == (welcome_epoch, 0)
     # the kept tree is the one the Welcome's GroupInfo signed (dev-2 joined with it)
     collector = TreeCollector("g1", welcome_epoch, signed_hash)
+    sent: list[bytes] = []
     for k in range(page.pages):
         fleet.to_devices.clear()
         fleet.send(fleet.devices["dev-2"].report(TreeRequest("g1", welcome_epoch, k), fleet.now))
         (got,) = [b for _, b in fleet.to_devices if isinstance(b, TreePageMessage)]
         collector.add("g1", welcome_epoch, TreePage(k, got.pages, got.width, got.start, got.nodes))
+        sent.append(got.nodes)
     assert collector.tree().tree_hash() == signed_hash
-    fleet.service._env.tree_pages = TreePageCache()  # another instance: nothing kept
+    fleet.service._env.tree_pages = TreePageCache()  # nothing kept: rebuilt from the database
     fleet.to_devices.clear()
-    before = fleet.service.rejections.count("ds.tree.epoch")
-    fleet.send(fleet.devices["dev-2"].report(TreeRequest("g1", welcome_epoch, 0), fleet.now))
-    assert fleet.service.rejections.count("ds.tree.epoch") == before + 1
-    assert not any(isinstance(b, TreePageMessage) for _, b in fleet.to_devices)
+    fleet.send(fleet.devices["dev-2"].report(TreeRequest("g1", welcome_epoch, 1), fleet.now))
+    (again,) = [b for _, b in fleet.to_devices if isinstance(b, TreePageMessage)]
+    assert (again.epoch, again.page, again.nodes) == (welcome_epoch, 1, sent[1])
+
+
+def test_a_device_asking_faster_than_its_budget_is_refused_until_its_bucket_refills(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``[groups] tree_request_burst`` requests at once, then ``tree_requests_per_minute``: past
+    that ``ds.tree.rate`` (counted, logged, audited), nothing sent, nothing read; a stranger's
+    requests spend its own budget, not a member's."""
+    monkeypatch.setattr(group_module, "INLINE_TREE_LEAVES", 0)
+    monkeypatch.setattr(groupcache, "paginate", _small_pages)
+    fleets = make_fleet(tmp_path, tree_request_burst=3, tree_requests_per_minute=30)
+    fleet = next(fleets)
+    create_g1(fleet, "dev-1", "dev-2")
+    epoch = fleet.epoch("g1")
+    fleet.record = True
+    service = fleet.service
+    metrics = service._env.metrics
+    service._env.tree_requests = RequestBuckets()  # dev-2's own join spent some: start full
+    before = service.rejections.count("ds.tree.rate")
+    for k in range(3):
+        (page,) = _ask(fleet, service, "dev-2", TreeRequest("g1", epoch, k % 2))
+        assert page.page == k % 2
+    for _ in range(2):  # a stranger (refused: ds.group.member) spends its own budget
+        _ask(fleet, service, "dev-3", TreeRequest("g1", epoch, 0))
+    for _ in range(2):
+        assert _ask(fleet, service, "dev-2", TreeRequest("g1", epoch, 0)) == []
+    assert service.rejections.count("ds.tree.rate") == before + 2
+    assert metrics.rejections.value("ds.tree.rate") == before + 2
+    assert "refused group.tree_request from device:dev-2 on g1: [ds.tree.rate]" in caplog.text
+    refused = [e for e in fleet.audit_entries() if "ds.tree.rate" in (e.reason or "")]
+    assert len(refused) == before + 2 and {e.actor for e in refused} == {"device:dev-2"}
+    fleet.now += 1  # half a token at 30 a minute
+    assert _ask(fleet, service, "dev-2", TreeRequest("g1", epoch, 0)) == []
+    fleet.now += 1  # one token
+    (page,) = _ask(fleet, service, "dev-2", TreeRequest("g1", epoch, 0))
+    assert page.page == 0
+    assert _ask(fleet, service, "dev-2", TreeRequest("g1", epoch, 0)) == []
+    # another instance keeps its own budget
+    (page,) = _ask(fleet, _instance(fleet, "b"), "dev-2", TreeRequest("g1", epoch, 0))
+    assert page.page == 0
+    fleets.close()
+
+
+def test_request_buckets_hold_a_burst_refill_by_the_minute_and_stay_bounded() -> None:
+    buckets = RequestBuckets(max_devices=2)
+    assert [buckets.take("d1", 100, per_minute=60, burst=2) for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    assert buckets.take("d1", 101, per_minute=60, burst=2)
+    assert not buckets.take("d1", 101, per_minute=60, burst=2)
+    # a clock going back gives nothing
+    assert not buckets.take("d1", 50, per_minute=60, burst=2)
+    # never more than the burst, however long the wait
+    assert [buckets.take("d1", 10_000, per_minute=60, burst=2) for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    buckets.take("d2", 10_000, per_minute=60, burst=2)
+    buckets.take("d3", 10_000, per_minute=60, burst=2)
+    assert len(buckets._buckets) == 2 and "d1" not in buckets._buckets
+
+
+def test_concurrent_requests_for_one_rebuilt_tree_rebuild_it_once() -> None:
+    """Joiners asking one instance for the same epoch at once: one rebuild (O(N)), the others
+    wait for its pages; a rebuild that finds nothing keeps nothing."""
+    cache = TreePageCache()
+    calls: list[int] = []
+    gate = threading.Event()
+    devid, leaf, init = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    kp = KeyPackage.create(
+        b"d1", devid, leaf.public_key(), devid_cert_der(b"d1", devid), init_key=init.public_key()
+    )
+    source = Group.create(b"g1", kp, leaf).public_group().tree
+
+    def rebuild() -> RatchetTree | None:
+        calls.append(1)
+        gate.wait(5)
+        return source
+
+    results: list[object] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(cache.rebuilt_pages("g1", 3, b"ctx", rebuild))
+        )
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert len(calls) == 1 and len(results) == 4
+    assert all(r == results[0] and r is not None for r in results)
+    assert cache.rebuilt_pages("g1", 4, b"ctx", lambda: None) is None
+    assert cache.rebuilt_pages("g1", 4, b"ctx", rebuild) is not None and len(calls) == 2

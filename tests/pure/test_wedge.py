@@ -18,6 +18,7 @@ from agent.protocol.wire.messages.group import CommitRefused, UpdateRequest
 from agent.protocol.wire.messages.service import CommitAction, CommitRequest
 from provisioning.registry import DeviceState, Registry
 from provisioning.service.recovery import MIN_WITNESSES, Verdict, commit_hash, decide
+from provisioning.service.store import trees
 from tests.insider import junk_encrypt
 from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet, snapshot
 from tests.service_members import rekey
@@ -185,6 +186,7 @@ def test_a_compromised_members_junk_commit_is_rolled_back_and_the_insider_remove
     insider = fleet.devices["dev-5"]
     honest = [fleet.devices[m] for m in MEMBERS if m != "dev-5"]
     before = {d.device_id: d.groups["g1"].epoch_authenticator for d in honest}
+    tree_before = honest[0].groups["g1"].tree_hash()
     with monkeypatch.context() as patch:
         junk_path(patch)
         fleet.send(insider.report(UpdateRequest("g1", epoch, "max-epoch-age"), fleet.now))
@@ -212,6 +214,10 @@ def test_a_compromised_members_junk_commit_is_rolled_back_and_the_insider_remove
     assert all(d.groups["g1"].epoch == epoch + 1 for d in honest)
     assert len({d.groups["g1"].epoch_authenticator for d in honest}) == 1
     assert len(agreed(fleet, "g1")) == 2  # the seven, and the insider's dead branch
+    with fleet.sessions() as s:
+        # the rollback dropped what rebuilt the junk commit's epoch; the removal's is kept
+        kept = trees.load_at(s, "g1", epoch)
+        assert kept is not None and kept.tree.tree_hash() == tree_before
 
     # a late report about the rolled-back commit is not counted against the removal commit
     late = CommitRefused("g1", epoch, commit_hash(b"the rolled-back commit"), "mls.path.decrypt")

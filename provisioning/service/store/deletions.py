@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from provisioning.db.engine import RetryableConflict, rowcount
 from provisioning.db.runtime import HeldMessage, OperationRow, RevocationFeedSeen
 from provisioning.db.schema import Group, GroupDeletedMember, GroupMember
+from provisioning.service.store import trees
 
 
 def deleted_seq(session: Session, group_id: str) -> int | None:
@@ -21,8 +22,9 @@ def deleted_seq(session: Session, group_id: str) -> int | None:
 def mark_deleted(session: Session, group_id: str, *, seq: int, now: int) -> list[str]:
     """Mark the group deleted by feed entry ``seq`` and move its members (those holding a
     leaf) to ``group_deleted_members``; pending adds and removals are dropped with the rest of
-    its ``group_members`` rows. Returns the members. Two instances deleting at once: one
-    conditional UPDATE wins, the other transaction retries (and then finds it deleted)."""
+    its ``group_members`` rows, and the rows that rebuild its older trees (``trees.drop_undo``).
+    Returns the members. Two instances deleting at once: one conditional UPDATE wins, the
+    other transaction retries (and then finds it deleted)."""
     marked = session.execute(
         update(Group)
         .where(Group.group_id == group_id, Group.deleted_at.is_(None))
@@ -53,6 +55,7 @@ def mark_deleted(session: Session, group_id: str, *, seq: int, now: int) -> list
         .where(HeldMessage.group_id == group_id)
         .execution_options(synchronize_session=False)
     )
+    trees.drop_undo(session, group_id)  # no member is left to ask for an older tree
     row = session.get(Group, group_id)
     if row is not None:
         session.expire(row)  # its columns were written by the UPDATE above

@@ -14,6 +14,16 @@ group) is read as it is; the first commit after writes every node and the head.
 
 What a rollback restores (``store.wedge``): the head before the newest commit and, in
 ``service_group_previous_nodes``, what ``group_tree_nodes`` held at each node the commit wrote.
+
+The trees of older epochs, for joiners whose Welcome names one (``provisioning.service
+.treepages``): every accepted commit also keeps, in ``service_group_tree_undo`` under the
+epoch it was accepted in, what the rows it rewrote held before (``save_undo``: the same
+O(log N) rows as the rollback's). The tree of epoch E is the current rows with the undo rows
+of the commits of epochs E, E+1, ... laid over them, each node taking its earliest
+(``load_at``), cut to E's width (its head, kept with the undo rows in
+``service_group_tree_epochs``); it is used only if its GroupContext is the one kept for E.
+They go with the commit log's retention (``drop_undo``): an epoch can be rebuilt while the
+commit made in it is kept.
 """
 
 from __future__ import annotations
@@ -23,11 +33,12 @@ from collections.abc import Iterable, Mapping
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
-from agent.protocol.errors import InternalError
+from agent.protocol.errors import InternalError, ProtocolError
 from agent.protocol.mls import codec
 from agent.protocol.mls.crypto import NH
 from agent.protocol.mls.public import PublicGroup, PublicState
 from agent.protocol.mls.tree import RatchetTree
+from provisioning.db.runtime import GroupTreeEpochRow, GroupTreeUndoRow
 from provisioning.db.schema import GroupTreeNode
 
 MAX_HEAD = 1 << 10
@@ -134,3 +145,97 @@ def plan(
         return rows_of(after.tree, nodes), rows_of(before.tree, nodes)
     nodes = all_nodes(after.tree)
     return rows_of(after.tree, nodes), dict.fromkeys(nodes)
+
+
+def save_undo(
+    session: Session, group_id: str, before: PublicGroup, rows: Mapping[int, bytes | None]
+) -> None:
+    """Keep what rebuilds ``before`` (the state the group leaves by the commit being accepted):
+    its head and GroupContext, and ``rows`` (``plan``'s second half: what the rows the commit
+    rewrites hold now) as its epoch's undo rows (module docstring)."""
+    epoch = before.epoch
+    session.add(
+        GroupTreeEpochRow(
+            group_id=group_id,
+            epoch=epoch,
+            head=head(before.state),
+            group_context=before.state.group_context(),
+        )
+    )
+    if rows:
+        session.execute(
+            insert(GroupTreeUndoRow),
+            [{"group_id": group_id, "epoch": epoch, "node": x, "data": d} for x, d in rows.items()],
+        )
+
+
+def drop_undo(session: Session, group_id: str, *, below: int | None = None) -> None:
+    """Drop what rebuilds the group's epochs below ``below`` (retention; None: every epoch)."""
+    for table in (GroupTreeUndoRow, GroupTreeEpochRow):
+        query = delete(table).where(table.group_id == group_id)
+        if below is not None:
+            query = query.where(table.epoch < below)
+        session.execute(query.execution_options(synchronize_session=False))
+
+
+def drop_undo_of(session: Session, group_id: str, epoch: int) -> None:
+    """Drop what rebuilds ``epoch`` (the commit made in it was rolled back: it is current)."""
+    for table in (GroupTreeUndoRow, GroupTreeEpochRow):
+        session.execute(
+            delete(table)
+            .where(table.group_id == group_id, table.epoch == epoch)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def load_at(session: Session, group_id: str, epoch: int) -> PublicGroup | None:
+    """The group's public state at ``epoch``, an epoch it has left, rebuilt from the current
+    node rows and the undo rows of the commits since (module docstring; O(N)); None if what
+    rebuilds it is no longer kept (retention dropped it, or it was never kept: the epoch is
+    from before revision 0021) or the rebuilt state is not the one kept (its GroupContext,
+    which holds the tree hash, differs)."""
+    kept = session.get(GroupTreeEpochRow, (group_id, epoch))
+    if kept is None or len(kept.head) > MAX_HEAD:
+        return None
+    try:
+        public = _rebuild(session, group_id, epoch, kept.head)
+    except ProtocolError:
+        return None
+    if public.epoch != epoch or public.state.group_context() != kept.group_context:
+        return None
+    return public
+
+
+def _rebuild(session: Session, group_id: str, epoch: int, head_data: bytes) -> PublicGroup:
+    m = codec.as_map(
+        codec.decode(head_data, MAX_HEAD, "public_tree"),
+        "public_tree",
+        {"group", "epoch", "width", "cth", "ith"},
+    )
+    width = codec.as_uint(m["width"], "public_tree.width", 2 * codec.MAX_LEAVES - 1)
+    items: list[object] = [None] * width
+    # The current rows first, the undo rows second: under READ COMMITTED a commit accepted
+    # between the two reads adds undo rows holding what the first read saw (harmless); a
+    # rollback or pruning in between leaves a tree whose GroupContext is not the kept one.
+    current = session.execute(
+        select(GroupTreeNode.node, GroupTreeNode.data).where(
+            GroupTreeNode.group_id == group_id, GroupTreeNode.node < width
+        )
+    )
+    for x, data in current:
+        items[x] = codec.decode(data, MAX_NODE, f"tree[{x}]")
+    # the latest commits first: a node rewritten by several takes what the earliest saw
+    undo = session.execute(
+        select(GroupTreeUndoRow.node, GroupTreeUndoRow.data)
+        .where(
+            GroupTreeUndoRow.group_id == group_id,
+            GroupTreeUndoRow.epoch >= epoch,
+            GroupTreeUndoRow.node < width,
+        )
+        .order_by(GroupTreeUndoRow.epoch.desc())
+    )
+    for x, before in undo:
+        items[x] = None if before is None else codec.decode(before, MAX_NODE, f"tree[{x}]")
+    return PublicGroup.from_state(
+        {"group": m["group"], "epoch": m["epoch"], "tree": items, "cth": m["cth"], "ith": m["ith"]}
+    )

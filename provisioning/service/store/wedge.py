@@ -116,6 +116,7 @@ def roll_back(session: Session, group_id: str, epoch: int, *, now: int) -> bool:
         )
     )
     session.execute(delete(AckRow).where(AckRow.group_id == group_id, AckRow.epoch > epoch))
+    trees.drop_undo_of(session, group_id, epoch)
     nodes = session.execute(
         select(GroupPreviousNodeRow.node, GroupPreviousNodeRow.data).where(
             GroupPreviousNodeRow.group_id == group_id
