@@ -144,8 +144,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  mqtt connected: {status.get('mqtt_connected')}  last report: {status['last_report']}")
     for group in status["groups"]:
         ack = group["last_ack"] or {}
+        count = group.get("member_count", len(group.get("members") or ()))
         print(
-            f"  group {group['group']}: epoch {group['epoch']}, {len(group['members'])} members, "
+            f"  group {group['group']}: epoch {group['epoch']}, {count} members, "
             f"pending commits {group['pending_commits']}, last ack {ack.get('epoch')}"
         )
     for key in status["keys"]:
