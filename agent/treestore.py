@@ -48,14 +48,36 @@ class _Slot:
     snapshot_size: int
 
 
-def _public_maps(state: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], list[Any]]]:
-    """(group name, its entry, the entry's pending list) of a state map."""
+def _public_maps(state: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(group name, its entry) of each group of a state map that holds a tree (a map that does
+    not have the shape is left as it is: the core refuses it)."""
     groups = state.get("groups")
     if isinstance(groups, dict):
         for name, entry in groups.items():
-            if isinstance(entry, dict) and isinstance(name, str):
-                pending = entry.get("pending")
-                yield name, entry, pending if isinstance(pending, list) else []
+            if isinstance(name, str) and _has_tree(entry):
+                yield name, entry
+
+
+def _with_pending(
+    entry: dict[str, Any], group: object, each: Callable[[dict[str, Any]], object]
+) -> dict[str, Any]:
+    """``entry`` with its group's tree ``group`` and each pending commit's tree ``each(p)``."""
+    out = {**entry, "group": _with_tree(entry["group"], group)}
+    if isinstance(entry.get("pending"), list):
+        out["pending"] = [
+            {**p, "group": _with_tree(p["group"], each(p))} if _has_tree(p) else p
+            for p in entry["pending"]
+        ]
+    return out
+
+
+def _has_tree(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("group"), dict)
+        and isinstance(entry["group"].get("public"), dict)
+        and "tree" in entry["group"]["public"]
+    )
 
 
 def _tree_of(value: object) -> RatchetTree:
@@ -96,29 +118,25 @@ class TreeStore:
     def externalize(self, state: dict[str, Any]) -> dict[str, Any]:
         """The state map to write, its trees replaced by references (module text)."""
         groups = state.get("groups")
-        if not isinstance(groups, dict) or not groups:
+        if not isinstance(groups, dict) or not _any_tree(state):
             self._staged = {}
             return state
         if self._key is None:
             self._key = Secret(self._rng(32))
         self.dir.mkdir(mode=0o700, exist_ok=True)
         staged: dict[str, _Slot] = {}
-        out_groups: dict[str, Any] = {}
-        for name, entry, pending in _public_maps(state):
+        out_groups: dict[str, Any] = dict(groups)
+        for name, entry in _public_maps(state):
             tree = _tree_of(entry["group"]["public"]["tree"])
             slot = self._save_tree(name, tree)
             staged[name] = slot
-            out_pending = []
-            for p in pending:
+
+            def changes(p: dict[str, Any], tree: RatchetTree = tree) -> object:
                 ptree = _tree_of(p["group"]["public"]["tree"])
                 width, nodes = tj.diff(ptree, tree)
-                inline = {"w": width, "n": nodes, "th": ptree.tree_hash()}
-                out_pending.append({**p, "group": _with_tree(p["group"], inline)})
-            out_groups[name] = {
-                **entry,
-                "group": _with_tree(entry["group"], slot.ref.to_obj()),
-                "pending": out_pending,
-            }
+                return {"w": width, "n": nodes, "th": ptree.tree_hash()}
+
+            out_groups[name] = _with_pending(entry, slot.ref.to_obj(), changes)
         self._staged = staged
         return {**state, "groups": out_groups, TREE_KEY: self._key.reveal()}
 
@@ -207,8 +225,8 @@ class TreeStore:
             raise StateError("agent state: the tree key is malformed")
         key = raw_key
         slots: dict[str, _Slot] = {}
-        out_groups: dict[str, Any] = {}
-        for name, entry, pending in _public_maps(state):
+        out_groups: dict[str, Any] = dict(state.get("groups") or {})
+        for name, entry in _public_maps(state):
             ref = tj.TreeRef.from_obj(entry["group"]["public"]["tree"])
             snapshot = self._read(self._snap(ref.snapshot), "state.tree.snapshot", name)
             items = tj.open_snapshot(key, name, snapshot, ref.snapshot)
@@ -216,8 +234,10 @@ class TreeStore:
                 journal = self._read(self._journal(ref.snapshot), "state.tree.journal", name)
                 tj.replay(key, name, items, journal, ref)
             tree = tj.build(name, list(items), ref.tree_hash)
-            out_pending = []
-            for p in pending:
+
+            def pending_tree(
+                p: dict[str, Any], items: list[object] = items, name: str = name
+            ) -> object:
                 inline = p["group"]["public"]["tree"]
                 if not isinstance(inline, dict) or set(inline) != {"w", "n", "th"}:
                     raise StateError(f"agent state: group {name!r}: a pending tree is malformed")
@@ -226,14 +246,10 @@ class TreeStore:
                     tj.apply(pitems, int(inline["w"]), list(inline["n"]))
                 except (TypeError, ValueError) as exc:
                     raise StateError(f"agent state: a pending tree is malformed: {exc}") from None
-                ptree = tj.build(name, pitems, bytes(inline["th"]))
-                out_pending.append({**p, "group": _with_tree(p["group"], ptree)})
+                return tj.build(name, pitems, bytes(inline["th"]))
+
+            out_groups[name] = _with_pending(entry, tree, pending_tree)
             slots[name] = _Slot(ref, tree.copy(), len(snapshot))
-            out_groups[name] = {
-                **entry,
-                "group": _with_tree(entry["group"], tree),
-                "pending": out_pending,
-            }
         out = {k: v for k, v in state.items() if k != TREE_KEY}
         out["groups"] = out_groups
         self._key, self._slots, self._staged = Secret(key), slots, None
@@ -274,20 +290,17 @@ class TreeStore:
 def inline_trees(state: dict[str, Any]) -> dict[str, Any]:
     """A resolved state map with each tree as a node list again (``to_obj``), as an older state
     file held it (inspection and tests; O(N))."""
-    groups = {}
-    for name, entry, pending in _public_maps(state):
-        tree = entry["group"]["public"]["tree"]
-        groups[name] = {
-            **entry,
-            "group": _with_tree(entry["group"], _tree_of(tree).to_obj()),
-            "pending": [
-                {
-                    **p,
-                    "group": _with_tree(
-                        p["group"], _tree_of(p["group"]["public"]["tree"]).to_obj()
-                    ),
-                }
-                for p in pending
-            ],
-        }
-    return {**state, "groups": groups} if groups else state
+    if not _any_tree(state):
+        return state
+    groups = dict(state["groups"])
+    for name, entry in _public_maps(state):
+        groups[name] = _with_pending(
+            entry,
+            _tree_of(entry["group"]["public"]["tree"]).to_obj(),
+            lambda p: _tree_of(p["group"]["public"]["tree"]).to_obj(),
+        )
+    return {**state, "groups": groups}
+
+
+def _any_tree(state: dict[str, Any]) -> bool:
+    return any(True for _ in _public_maps(state))
