@@ -157,11 +157,16 @@ class TreeStore:
         change = tj.diff(tree, slot.base)
         if not change[1] and change[0] == 2 * slot.base.n_leaves - 1:
             return _Slot(slot.ref, tree.copy(), slot.snapshot_size)
+        if len(change[1]) > max(64, change[0] // 10):
+            # not a commit's few paths (a group of that name made again, a commit adding many
+            # members): a new snapshot, not a record of a tenth of the tree or more
+            return self._snapshot(name, tree)
         ref = slot.ref
         frame = tj.seal_record(
             self._key.reveal(), ref.snapshot, ref.records, name, change, nonce=self._rng(tj.NONCE)
         )
-        if ref.length + len(frame) > max(slot.snapshot_size // 10, self._floor):
+        limit = max(slot.snapshot_size // 10, self._floor)
+        if ref.length + len(frame) > limit or len(frame) > tj.MAX_RECORD:
             return self._snapshot(name, tree)
         self._append(self._journal(ref.snapshot), ref.length, frame)
         new = tj.TreeRef(

@@ -180,12 +180,11 @@ def seal_record(
     nonce: bytes,
 ) -> bytes:
     """One journal record's bytes (length prefix included): record ``seq`` (0 the first) of
-    the journal of ``snapshot``; ``change``: a ``diff``."""
+    the journal of ``snapshot``; ``change``: a ``diff``. One over ``MAX_RECORD`` is not
+    appended: the caller writes a snapshot instead."""
     width, nodes = change
     plaintext = cbor2.dumps({"w": width, "n": nodes}, canonical=True)
     body = nonce + _aesgcm(key).encrypt(nonce, plaintext, _record_ad(snapshot, seq, group))
-    if len(body) > MAX_RECORD:
-        raise StateError(f"a tree record of {len(body)} bytes is over the limit")
     return _LEN.pack(len(body)) + body
 
 

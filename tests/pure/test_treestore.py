@@ -415,3 +415,15 @@ def test_an_agents_state_resumes_exactly_through_the_tree_files(tmp_path: Path) 
     resumed.restore(disk.load())
     assert resumed.epoch(G) == 1 and resumed.pending_commits(G) == 1
     assert state_bytes(resumed) == state_bytes(a)
+
+
+def test_a_group_made_again_under_its_name_gets_a_new_snapshot(tmp_path: Path) -> None:
+    """A tree unrelated to the last one saved (a group of that name left and joined again):
+    a new snapshot, not a journal record of the whole tree."""
+    disk = Disk(tmp_path)
+    disk.file.save(agent_state(Chain(64).group))
+    other = Chain(64)
+    disk.file.save(agent_state(other.group))
+    assert not list((tmp_path / "tree").glob("*.journal"))
+    assert loaded_group(disk.load(), other).tree_hash() == other.group.tree_hash()
+    assert len(list((tmp_path / "tree").glob("*.snap"))) == 1
