@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import statefile
+from agent.protocol import treejournal as tj
 from agent.protocol.errors import StateError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls.group import Group
@@ -427,3 +428,28 @@ def test_a_group_made_again_under_its_name_gets_a_new_snapshot(tmp_path: Path) -
     assert not list((tmp_path / "tree").glob("*.journal"))
     assert loaded_group(disk.load(), other).tree_hash() == other.group.tree_hash()
     assert len(list((tmp_path / "tree").glob("*.snap"))) == 1
+
+
+def test_a_record_is_bound_to_its_group_place_and_snapshot() -> None:
+    """Below the running hash (which the state file authenticates): a record sealed for another
+    group, another sequence number or another snapshot does not decrypt, even in a journal
+    whose running hash were named."""
+    key, snap = os.urandom(32), tj.sha256(b"snapshot")
+    change = (3, [[0, None]])
+
+    def ref_of(frame: bytes) -> TreeRef:
+        return TreeRef(snap, 1, len(frame), tj.chain(snap, frame), bytes(32))
+
+    good = tj.seal_record(key, snap, 0, "g", change, nonce=os.urandom(12))
+    items: list[object] = [1, 2, 3]
+    tj.replay(key, "g", items, good, ref_of(good))
+    assert items == [None, 2, 3]
+    for frame in (
+        tj.seal_record(key, snap, 0, "h", change, nonce=os.urandom(12)),
+        tj.seal_record(key, snap, 1, "g", change, nonce=os.urandom(12)),
+        tj.seal_record(key, tj.sha256(b"other"), 0, "g", change, nonce=os.urandom(12)),
+    ):
+        with pytest.raises(TreeRefused) as refused:
+            tj.replay(key, "g", [1, 2, 3], frame, ref_of(frame))
+        assert refused.value.check == "state.tree.journal"
+        assert "does not authenticate" in str(refused.value)
