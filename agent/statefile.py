@@ -12,8 +12,9 @@ counter is not the one the loader expects (the TPM's current value) is refused a
 ``state.rollback`` before anything is decrypted. ``generation`` grows by one at every save (how
 often state was written). Version 1 files (no counter, from before the state counter) are read
 only when the caller says so (``legacy=True``: the one-time migration in
-``agent.staterotation``). Writes go through ``atomic_write``: a crash leaves the old or the new
-file, never a mix.
+``agent.staterotation``). With a ``TreeStore`` (the agent's), the groups' trees are saved beside
+the file (``agent.treestore``) and the file holds references to them. Writes go through
+``atomic_write``: a crash leaves the old or the new file, never a mix.
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ If the files under v are missing but older ones are there, someone put an older 
 (a restored disk image, a copied file): ``state.rollback``, never loaded; they are kept aside
 (``*.rollback.<time>``, unusable) and the agent starts with empty group state, which it reports.
 
+The groups' trees are beside the state file, in ``tree/`` (``agent.treestore``): a rotation
+rewrites only the state file, which names them; tree files no loaded or saved state names are
+removed; a tree file that is not the one named (``state.tree.*``) is refused like an older state,
+the state and ``tree/`` kept aside as ``*.rollback.<time>``.
+
 Version 1 state (``state-key.pem`` sealed to PCRs only, a state file without counter) is
 migrated once, at the first start with this code: unsealed, read, and written again by a
 rotation under the counter; the rotation's renames replace the old files.
