@@ -135,7 +135,9 @@ def _status(args: argparse.Namespace) -> int:
     if status.get("sealed_elsewhere"):
         print("  WARNING: earlier state was sealed to other measurements; re-add needed")
     if status.get("state_rollback"):
-        print(f"  WARNING: [state.rollback] {status['state_rollback']}; re-add needed")
+        reason = str(status["state_rollback"])
+        named = reason if reason.startswith("[state.") else f"[state.rollback] {reason}"
+        print(f"  WARNING: {named}; re-add needed")
     if "state_counter" in status:
         print(
             f"  state counter: {status['state_counter']}  "
@@ -144,8 +146,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  mqtt connected: {status.get('mqtt_connected')}  last report: {status['last_report']}")
     for group in status["groups"]:
         ack = group["last_ack"] or {}
+        count = group.get("member_count", len(group.get("members") or ()))
         print(
-            f"  group {group['group']}: epoch {group['epoch']}, {len(group['members'])} members, "
+            f"  group {group['group']}: epoch {group['epoch']}, {count} members, "
             f"pending commits {group['pending_commits']}, last ack {ack.get('epoch')}"
         )
     for key in status["keys"]:

@@ -1702,17 +1702,24 @@ class AgentCore:
 
     # -- persistence --------------------------------------------------------------------------
 
-    def to_state(self) -> dict[str, Any]:
+    def to_state(self, *, inline_trees: bool = True) -> dict[str, Any]:
         """Everything needed to resume exactly here. Holds secrets (epoch secrets, node keys,
-        data keys): write it only into the encrypted state file."""
+        data keys): write it only into the encrypted state file. ``inline_trees=False``: each
+        group's tree as the ``RatchetTree`` itself, O(1) (``agent.treestore`` saves what changed
+        of it), not encoded, O(N)."""
         groups: dict[str, Any] = {}
+        inline = inline_trees
         for name, entry in self._groups.items():
             groups[name] = {
-                "group": entry.group.to_state(),
+                "group": entry.group.to_state(inline_tree=inline),
                 "started": entry.started,
                 "messages": entry.messages,
                 "pending": [
-                    {"commit": p.commit, "group": p.group.to_state(), "command_id": p.command_id}
+                    {
+                        "commit": p.commit,
+                        "group": p.group.to_state(inline_tree=inline),
+                        "command_id": p.command_id,
+                    }
                     for p in entry.pending
                 ],
                 "update_requested": (
@@ -1782,7 +1789,14 @@ class AgentCore:
                 {
                     "group": name,
                     "epoch": group.epoch,
-                    "members": sorted(device.decode() for _, device in group.members()),
+                    "member_count": group.tree.member_count(),
+                    # past STATUS_MEMBERS members, their count only (the status file is written
+                    # at every save: a sorted list of 100,000 ids would be O(N log N) each time)
+                    "members": (
+                        sorted(device.decode() for _, device in group.members())
+                        if group.tree.member_count() <= STATUS_MEMBERS
+                        else None
+                    ),
                     "own_leaf": group.own_leaf,
                     "epoch_started": entry.started,
                     "messages_this_epoch": entry.messages,
@@ -1832,6 +1846,10 @@ class AgentCore:
                 "last": None if self.install_result is None else self.install_result.to_cbor_map(),
             },
         }
+
+
+STATUS_MEMBERS = 1000
+"""The largest group whose members ``status()`` lists by device id."""
 
 
 def _ack_json(value: tuple[int, int] | None) -> dict[str, int] | None:

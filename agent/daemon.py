@@ -515,7 +515,7 @@ class Daemon:
         core.skip_sequence_to(self.now() * 1000)
         self.core = core
         if self._state.rollback is not None:
-            core.rejections.record(ProtocolError("state.rollback", self._state.rollback))
+            core.rejections.record(ProtocolError(self._state.rollback_check, self._state.rollback))
             core.report_due = self.now()
         if self._state.held is not None:
             core.rejections.record(ProtocolError("release.unapproved", self._state.held))
@@ -1014,7 +1014,7 @@ class Daemon:
             if rotates:
                 note_rotation(core.ledger, state.counter_value + 1)
             note_erased(core.ledger, state.counter_value + int(rotates), rotated=rotates)
-            state.save(core.to_state(), destroyed)
+            state.save(core.to_state(inline_trees=False), destroyed)
             core.mark_clean()
             self._keys.collect(live)
             try:
@@ -1023,7 +1023,8 @@ class Daemon:
                 log.warning("rotating parents not settled (retried at the next save): %s", exc)
                 evicted = False
             if evicted:
-                state.save(core.to_state(), destroyed)  # the ledger says "parent evicted"
+                # the ledger says "parent evicted"
+                state.save(core.to_state(inline_trees=False), destroyed)
             self._write_status()
 
     @staticmethod

@@ -73,6 +73,7 @@ from agent.protocol.wire.messages.key_state import DESTROYED_REASON_MAX, DeviceD
 from agent.staterotation import NEXT_KEY_BLOB, NEXT_STATE_FILE, STATE_FILE, STATE_KEY_BLOB
 from agent.tpm.parents import ParentRing
 from agent.tpm.store import TPMKey, TPMStore
+from agent.treestore import TREE_DIR
 
 log = logging.getLogger("keyagent.reset")
 
@@ -292,8 +293,11 @@ def files_to_destroy(plan: ResetPlan) -> list[Path]:
             add(aside)
         for aside in sorted(state.glob(f"{name}.rollback.*")):
             add(aside)
-    for directory in (LEAF_DIR, APP_SEAL_DIR, *FACTORY_DIRS):
+    for directory in (LEAF_DIR, APP_SEAL_DIR, TREE_DIR, *FACTORY_DIRS):
         for path in sorted((state / directory).rglob("*")):
+            add(path)
+    for aside in sorted(state.glob(f"{TREE_DIR}.rollback.*")):
+        for path in sorted(aside.rglob("*")):
             add(path)
     for path in plan.identity_files:
         add(path)
@@ -308,7 +312,7 @@ def files_to_destroy(plan: ResetPlan) -> list[Path]:
 
 
 def _remove_empty_dirs(state: Path) -> None:
-    for directory in (LEAF_DIR, APP_SEAL_DIR, *FACTORY_DIRS):
+    for directory in (LEAF_DIR, APP_SEAL_DIR, TREE_DIR, *FACTORY_DIRS):
         root = state / directory
         if not root.is_dir():
             continue

@@ -12,8 +12,9 @@ counter is not the one the loader expects (the TPM's current value) is refused a
 ``state.rollback`` before anything is decrypted. ``generation`` grows by one at every save (how
 often state was written). Version 1 files (no counter, from before the state counter) are read
 only when the caller says so (``legacy=True``: the one-time migration in
-``agent.staterotation``). Writes go through ``atomic_write``: a crash leaves the old or the new
-file, never a mix.
+``agent.staterotation``). With a ``TreeStore`` (the agent's), the groups' trees are saved beside
+the file (``agent.treestore``) and the file holds references to them. Writes go through
+``atomic_write``: a crash leaves the old or the new file, never a mix.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from agent.fsio import atomic_write
 from agent.protocol.errors import StateError
 from agent.protocol.secret import Secret
+from agent.treestore import TreeStore
 
 
 class StateRollback(StateError):
@@ -82,6 +84,7 @@ class StateFile:
         rng: Callable[[int], bytes] = os.urandom,
         *,
         counter: int = 0,
+        trees: TreeStore | None = None,
     ) -> None:
         if len(key) != 32:
             raise StateError(f"state key must be 32 bytes, got {len(key)}")
@@ -90,6 +93,9 @@ class StateFile:
         self._rng = rng
         self.generation = 0
         self.counter = counter
+        # the groups' trees, kept beside this file (None: inline, as version 2 files first did)
+        self.trees = trees
+        self.bytes_written = 0  # this file's bytes at the last save
 
     def __repr__(self) -> str:
         return (
@@ -138,17 +144,34 @@ class StateFile:
                 f"state file {self.path} does not authenticate: corrupt, or under another key"
             ) from None
         try:
-            state = cbor2.loads(plaintext)
+            state: object = cbor2.loads(plaintext)
         except Exception:
             raise StateError(f"state file {self.path} decrypts but does not decode") from None
         if not isinstance(state, dict):
             raise StateError(f"state file {self.path} does not hold a map")
+        if self.trees is not None:
+            state = self.trees.resolve(state)
         self.generation = generation
         return state
 
     def save(self, state: dict[str, Any]) -> None:
         """Encrypt and write ``state`` atomically. ``StateError`` (nothing written, the state
-        on disk still the last one saved) if it would be over ``MAX_STATE_BYTES``."""
+        on disk still the last one saved) if it would be over ``MAX_STATE_BYTES``.
+
+        With a ``TreeStore``, the groups' trees go to their journals (or new snapshots) first,
+        and this file, which names them, is the commit point."""
+        if self.trees is not None:
+            try:
+                state = self.trees.externalize(state)
+                self._write(state)
+            except BaseException:
+                self.trees.discard()
+                raise
+            self.trees.committed()
+        else:
+            self._write(state)
+
+    def _write(self, state: dict[str, Any]) -> None:
         plaintext = cbor2.dumps(state, canonical=True)
         if _HEADER.size + len(plaintext) + 16 > MAX_STATE_BYTES:
             raise StateError(
@@ -160,4 +183,5 @@ class StateFile:
         nonce = header[-12:]
         ciphertext = AESGCM(self._key.reveal()).encrypt(nonce, plaintext, header)
         atomic_write(self.path, header + ciphertext)
+        self.bytes_written = len(header) + len(ciphertext)
         self.generation = generation

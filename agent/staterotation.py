@@ -24,6 +24,11 @@ If the files under v are missing but older ones are there, someone put an older 
 (a restored disk image, a copied file): ``state.rollback``, never loaded; they are kept aside
 (``*.rollback.<time>``, unusable) and the agent starts with empty group state, which it reports.
 
+The groups' trees are beside the state file, in ``tree/`` (``agent.treestore``): a rotation
+rewrites only the state file, which names them; tree files no loaded or saved state names are
+removed; a tree file that is not the one named (``state.tree.*``) is refused like an older state,
+the state and ``tree/`` kept aside as ``*.rollback.<time>``.
+
 Version 1 state (``state-key.pem`` sealed to PCRs only, a state file without counter) is
 migrated once, at the first start with this code: unsealed, read, and written again by a
 rotation under the counter; the rotation's renames replace the old files.
@@ -56,6 +61,7 @@ from agent.protocol.errors import ProtocolError, StateError, TPMError
 from agent.protocol.lifecycle import KeyKind, KeyLedger, KeyState
 from agent.protocol.release import ReleaseBundle, match
 from agent.protocol.secret import Secret
+from agent.protocol.treejournal import TreeRefused
 from agent.releasestate import (
     HeldReleases,
     Unapproved,
@@ -75,6 +81,7 @@ from agent.tpm.nvcounter import (
     unseal_bound,
 )
 from agent.tpm.store import MeasurementsChanged, TPMStore
+from agent.treestore import TREE_DIR, TreeStore, inline_trees
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +228,9 @@ def read_state(
     counter = NVCounter(store)
     releases = None if release_key is None else HeldReleases.load(state_dir, release_key)
     key = unseal_state_key(store, KeyBlob.load(state_dir / STATE_KEY_BLOB), releases)
-    state_file = StateFile(state_dir / STATE_FILE, key, counter=counter.read())
-    state = state_file.load()
+    trees = TreeStore(state_dir / TREE_DIR)
+    state_file = StateFile(state_dir / STATE_FILE, key, counter=counter.read(), trees=trees)
+    state = inline_trees(state_file.load())
     state.pop(META, None)
     return state
 
@@ -278,10 +286,13 @@ class StateKeeper:
         self._fault = fault
         self._clock = clock
         self.state_file: StateFile | None = None
+        # the groups' trees beside the state file (agent.treestore), the same under every key
+        self.trees = TreeStore(state_dir / TREE_DIR)
         self.created = False
         self.sealed_elsewhere = False
         self.migrated = False
         self.rollback: str | None = None
+        self.rollback_check = "state.rollback"  # or a state.tree.* id (_refuse_trees)
         self.rotations = 0
         self._destroyed: frozenset[str] | None = None
         self._legacy: dict[str, Any] | None = None
@@ -450,7 +461,7 @@ class StateKeeper:
             # the key is the TPM's current one but the file beside it is not: an older state
             # file put back next to the current key
             self._refuse_file(state_path, value)
-        self.state_file = StateFile(state_path, key, counter=value)
+        self.state_file = StateFile(state_path, key, counter=value, trees=self.trees)
         self.created = not had_state
         self._reseal_if_due()
 
@@ -532,6 +543,25 @@ class StateKeeper:
         log.error("[state.rollback] %s (kept aside as %s.rollback.%d)", self.rollback, path, stamp)
         path.rename(path.with_name(f"{path.name}.rollback.{stamp}"))
 
+    def _refuse_trees(self, exc: TreeRefused) -> None:
+        """A tree file that is not the one the state file names (``state.tree.*``): like an
+        older state put back, never loaded, kept aside (the state file as
+        ``agent.state.rollback.<time>``, the tree directory as ``tree.rollback.<time>``); the
+        agent starts with empty group state, which it reports."""
+        assert self.state_file is not None
+        stamp = self._now()
+        self.rollback = f"{exc}: the state and its trees refused, never loaded"
+        self.rollback_check = exc.check
+        log.error("%s (kept aside as *.rollback.%d)", self.rollback, stamp)
+        path = self.state_file.path
+        path.rename(path.with_name(f"{path.name}.rollback.{stamp}"))
+        if self.trees.dir.exists():
+            self.trees.dir.rename(self.trees.dir.with_name(f"{TREE_DIR}.rollback.{stamp}"))
+        _fsync_dir(self.dir)
+        self.trees = TreeStore(self.dir / TREE_DIR)
+        self.state_file.trees = self.trees
+        self.created = True
+
     def _aside_sealed_elsewhere(self) -> None:
         self.sealed_elsewhere = True
         stamp = self._now()
@@ -560,7 +590,7 @@ class StateKeeper:
             self.counter.increment()
             self.rotations += 1
         self._sealed_under(generation)
-        self.state_file = StateFile(self.dir / STATE_FILE, key, counter=target)
+        self.state_file = StateFile(self.dir / STATE_FILE, key, counter=target, trees=self.trees)
         self.created = True
 
     def _sealed_under(self, generation: int | None) -> None:
@@ -582,7 +612,7 @@ class StateKeeper:
         state_path = self.dir / STATE_FILE
         legacy = StateFile(state_path, key)
         state = legacy.load(legacy=True) if state_path.exists() else None
-        self.state_file = StateFile(state_path, key, counter=value)
+        self.state_file = StateFile(state_path, key, counter=value, trees=self.trees)
         self.state_file.generation = legacy.generation
         if state is None:
             self._fresh(value, rotate=True)
@@ -601,7 +631,15 @@ class StateKeeper:
         elif self.state_file is None or not self.state_file.exists():
             return None
         else:
-            state = self.state_file.load()
+            try:
+                state = self.state_file.load()
+            except TreeRefused as exc:
+                self._refuse_trees(exc)
+                return None
+            # the tree files this state does not name: an older snapshot and journal, or the
+            # files of a save that did not commit
+            for name in self.trees.collect():
+                log.info("tree file %s named by no state: removed", name)
         meta = state.pop(META, None)
         if isinstance(meta, dict):
             with contextlib.suppress(TypeError, ValueError, KeyError):
@@ -648,11 +686,13 @@ class StateKeeper:
                     self._pending = True
                     raise
                 self._pending = False
+                self.trees.collect()
                 return True
             self._pending = True
         else:
             self._destroyed = self._destroyed & destroyed  # forgotten records drop out
         self.state_file.save(self._with_meta(state, self._destroyed))
+        self.trees.collect()
         return False
 
     def rotate(self, state: dict[str, Any]) -> None:
@@ -663,14 +703,14 @@ class StateKeeper:
         blob, generation = self._seal(key, value + 1)
         blob.save(self.dir / NEXT_KEY_BLOB)
         self._fault("sealed")
-        following = StateFile(self.dir / NEXT_STATE_FILE, key, counter=value + 1)
+        following = StateFile(self.dir / NEXT_STATE_FILE, key, counter=value + 1, trees=self.trees)
         following.generation = self.state_file.generation
         following.save(self._with_meta(state, self._destroyed))
         self._fault("written")
         self.counter.increment()
         # committed: from here on every save is under the new key and counter, even if a
         # rename below fails (the start finds the files by their counter, not their names)
-        self.state_file = StateFile(self.dir / STATE_FILE, key, counter=value + 1)
+        self.state_file = StateFile(self.dir / STATE_FILE, key, counter=value + 1, trees=self.trees)
         self.state_file.generation = following.generation
         self.rotations += 1
         self._sealed_under(generation)

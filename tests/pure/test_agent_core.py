@@ -18,6 +18,7 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent import core as agent_core
 from agent.core import (
     KEY_CHANGE_REPORT_DELAY,
     KEY_CHANGE_REPORT_SPREAD,
@@ -311,6 +312,11 @@ def test_create_add_join_update_remove_between_cores() -> None:
     acks(service, service.fan_out(relay, ["dev-a", "dev-b"]))
     acks(service, {"dev-c": service.deliver("dev-c", WelcomeDelivery(G, 3, welcome.welcome))})
     assert a.status()["groups"][0]["members"] == ["dev-a", "dev-b", "dev-c"]
+    assert a.status()["groups"][0]["member_count"] == 3
+    with pytest.MonkeyPatch.context() as m:  # past the list's size, the count only
+        m.setattr(agent_core, "STATUS_MEMBERS", 2)
+        assert a.status()["groups"][0]["members"] is None
+        assert a.status()["groups"][0]["member_count"] == 3
 
     (commit,) = service.request_commit("dev-a", CommitAction.REMOVE, member="dev-c")
     assert isinstance(commit, CommitMessage)

@@ -852,14 +852,15 @@ class Group:
 
     # -- persistence --------------------------------------------------------------------------
 
-    def to_state(self) -> dict[str, object]:
+    def to_state(self, *, inline_tree: bool = True) -> dict[str, object]:
         """Everything needed to resume, as a CBOR-able map. It holds secrets (node private keys
         as scalars, epoch secrets): it must only ever be written inside the agent's encrypted
         state file. The leaf key is stored by reference: its public key, which the agent maps
-        back to the TPM object."""
+        back to the TPM object. ``inline_tree=False``: the tree as the ``RatchetTree`` (not
+        CBOR-able; ``agent.treestore`` saves it apart)."""
         return {
             "v": STATE_VERSION,
-            "public": self._public.to_obj(),
+            "public": self._public.to_obj(inline_tree=inline_tree),
             "leaf": self._own_leaf,
             "leaf_ref": self._leaf_public,
             "nodes": {x: _scalar(k) for x, k in sorted(self._node_keys.items())},

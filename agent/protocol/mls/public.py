@@ -126,22 +126,29 @@ class PublicState:
             self.group_id, self.epoch, self.tree.tree_hash(), self.confirmed_transcript_hash
         )
 
-    def to_obj(self) -> dict[str, object]:
+    def to_obj(self, *, inline_tree: bool = True) -> dict[str, object]:
+        """``inline_tree=False``: the tree as the ``RatchetTree`` itself, not encoded (for the
+        agent's state, whose trees are saved apart: ``agent.treestore``)."""
         return {
             "group": self.group_id,
             "epoch": self.epoch,
-            "tree": self.tree.to_obj(),
+            "tree": self.tree.to_obj() if inline_tree else self.tree,
             "cth": self.confirmed_transcript_hash,
             "ith": self.interim_transcript_hash,
         }
 
     @classmethod
     def from_obj(cls, value: object, what: str = "public_state") -> PublicState:
+        """The tree may be a ``RatchetTree`` already (the agent's state, its trees loaded
+        apart and checked: ``agent.treestore``)."""
         m = codec.as_map(value, what, {"group", "epoch", "tree", "cth", "ith"})
+        tree = m["tree"]
         return cls(
             group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
             epoch=codec.as_uint(m["epoch"], f"{what}.epoch", (1 << 64) - 1),
-            tree=RatchetTree.from_obj(m["tree"], f"{what}.tree"),
+            tree=tree
+            if isinstance(tree, RatchetTree)
+            else RatchetTree.from_obj(tree, f"{what}.tree"),
             confirmed_transcript_hash=codec.as_bytes(m["cth"], f"{what}.cth", 0, NH),
             interim_transcript_hash=codec.as_bytes(m["ith"], f"{what}.ith", NH, NH),
         )
