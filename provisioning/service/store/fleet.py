@@ -21,7 +21,7 @@ from provisioning.db.schema import (
     GroupMember,
     KeyTransition,
 )
-from provisioning.service.store import revocations
+from provisioning.service.store import ledger, revocations
 
 
 def mark_heard(session: Session, devices: Iterable[str], *, now: int) -> None:
@@ -58,6 +58,7 @@ def load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
     ordered = sorted(devices)
     held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(ordered))))
     held += session.scalars(select(ReplayState).where(ReplayState.sender.in_(ordered)))
+    ledger.note_loaded_guards(session, ordered)
     return held
 
 

@@ -113,7 +113,7 @@ def load_guard(
     ``memo`` (one call's, e.g. ``Call.guards``): the guard decoded from the same stored bytes
     earlier in the call is returned again instead of decoding them a second time (the strict
     decoding is most of a read's cost); the caller must then not change it (copy it first)."""
-    row = session.get(ReplayState, sender)
+    row = _guard_row(session, sender)
     if row is None:
         return ReplayGuard(window)
     if memo is not None:
@@ -131,6 +131,27 @@ def load_guard(
     if memo is not None:
         memo[sender] = (row.state, window, guard)
     return guard
+
+
+# ``session.info`` key: senders whose replay rows were all loaded into the session at once
+_LOADED_GUARDS = "keyfleet.replay_rows_loaded"
+
+
+def note_loaded_guards(session: Session, senders: Iterable[str]) -> None:
+    """Every replay row of ``senders`` was loaded into ``session`` by one query (a batch's
+    read session): ``load_guard`` then takes a sender without a row in the identity map as
+    having none, instead of asking the database once per new sender. The caller keeps the
+    loaded rows (the identity map holds them only weakly)."""
+    loaded: frozenset[str] = session.info.get(_LOADED_GUARDS, frozenset())
+    session.info[_LOADED_GUARDS] = loaded | frozenset(senders)
+
+
+def _guard_row(session: Session, sender: str) -> ReplayState | None:
+    if sender in session.info.get(_LOADED_GUARDS, ()):
+        key = Session.identity_key(ReplayState, (sender,))
+        found = session.identity_map.get(key)
+        return found if isinstance(found, ReplayState) else None
+    return session.get(ReplayState, sender)
 
 
 def lock_guard(session: Session, sender: str) -> None:
