@@ -30,6 +30,10 @@ connections at the broker. ``device_tls`` measures it apart: ``TLS_SAMPLES`` rea
 (their DevID certificate and key) connect, are accepted (CONNACK) and disconnect one after the
 other; the figure is the broker's CPU time (its /proc stat) per connection, and the wall time
 of one connection seen from the device.
+
+Environment: ``BURST_TLS_SAMPLES`` (default 300) devices for that measurement;
+``BURST_BROKER_CONF`` further Mosquitto configuration lines (``\\n`` between them), e.g.
+``max_inflight_messages 200`` to let the broker hand the service bigger batches.
 """
 
 from __future__ import annotations
