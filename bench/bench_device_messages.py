@@ -340,6 +340,13 @@ def burst(directory: Path, n: int = BURST) -> dict[str, Any]:
 def main() -> None:
     logging.getLogger("keyfleet").setLevel(logging.ERROR)
     mode = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if mode == "burst-broker":
+        from bench.burst_broker import burst_broker  # noqa: PLC0415 (it imports this module)
+
+        n = int(sys.argv[2]) if len(sys.argv) > 2 else BURST
+        json.dump([burst_broker(n)], sys.stdout, indent=2)
+        print()
+        return
     verify_ms = _ecdsa_verify_ms(2000)
     progress(f"ECDSA P-256 verify: {verify_ms:.4f} ms")
     out: list[dict[str, Any]] = []

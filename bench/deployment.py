@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning import pki
 from provisioning.operator import OperatorSettings
-from tests.fixtures.mosquitto import BrokerPKI, ClientFiles, MosquittoBroker
+from tests.fixtures.mosquitto import DEFAULT_ACL, BrokerPKI, ClientFiles, MosquittoBroker
 from tests.service_deployment import service_deployment
 
 OPERATOR = "op-bench"
@@ -41,6 +41,7 @@ class Deployment:
     fleet_config: Path
     db_url: str
     operator: OperatorSettings
+    metrics_port: int | None = None
 
     def service_rss_kb(self) -> int:
         return _rss_kb(self.service.pid)
@@ -73,19 +74,30 @@ def deployment(
     tcp_nodelay: bool = False,
     profile: Path | None = None,
     db_url: str | None = None,
+    device_ca: pki.CertificateAuthority | None = None,
+    acl_extra: str = "",
+    metrics: bool = False,
+    broker_conf: str = "",
 ) -> Iterator[Deployment]:
     """Start broker and service in ``workdir``; stop both on exit. ``db_url``: another
-    database than the SQLite file in ``workdir`` (e.g. PostgreSQL, bench_scaleout)."""
+    database than the SQLite file in ``workdir`` (e.g. PostgreSQL, bench_scaleout).
+    ``device_ca``: the fleet's device CA (default: a new one); ``acl_extra``: lines appended to
+    the product ACL (a bench client's rights); ``metrics``: the service serves its metrics
+    (``Deployment.metrics_port``); ``broker_conf``: lines appended to Mosquitto's
+    configuration."""
     workdir.mkdir(parents=True, exist_ok=True)
     broker_pki = BrokerPKI(workdir / "broker-pki")
     brokers: list[MosquittoBroker] = []
 
     def start_broker(**options: Any) -> MosquittoBroker:
-        broker = MosquittoBroker(workdir / "mosquitto", broker_pki, **options)
+        broker = MosquittoBroker(
+            workdir / "mosquitto", broker_pki, acl=DEFAULT_ACL + acl_extra, **options
+        )
         brokers.append(broker)
-        if tcp_nodelay:
+        if tcp_nodelay or broker_conf:
             with open(broker.config_file, "a") as conf:
-                conf.write("set_tcp_nodelay true\n")
+                conf.write("set_tcp_nodelay true\n" if tcp_nodelay else "")
+                conf.write(broker_conf)
         broker.start()
         return broker
 
@@ -105,6 +117,8 @@ def deployment(
             start_timeout=SERVE_START_TIMEOUT,
             python_args=("-m", "cProfile", "-o", str(profile)) if profile is not None else (),
             log_tail=0,  # stdout is the benchmark's JSON
+            device_ca=device_ca,
+            metrics=metrics,
         ) as site:
             assert site.operator is not None
             yield Deployment(
@@ -117,6 +131,7 @@ def deployment(
                 fleet_config=site.fleet_config,
                 db_url=site.db_url,
                 operator=site.operator,
+                metrics_port=site.metrics_ports.get(INSTANCE),
             )
     finally:
         for broker in brokers:

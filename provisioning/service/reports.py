@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.replay import ReplayGuard
+from provisioning.db.runtime import ReplayState
 from provisioning.registry import DeviceState
 from provisioning.service import catchup, devices, execute, store, verify
 from provisioning.service.context import Call
@@ -62,6 +63,9 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         # Loaded once for the batch (the session's identity map then answers the per-report
         # reads without a query); ``held`` keeps them there.
         held: list[object] = [*store.lock_guards(session, senders)]
+        # first messages (a burst after a fleet-wide reconnect): their rows in one statement
+        new = sorted(set(senders) - {row.sender for row in held if isinstance(row, ReplayState)})
+        held += store.claim_guards(session, new, now=now)
         held += store.load_report_senders(session, senders)
         facts = devices.BatchFacts.read(session, senders)
         guards: dict[str, ReplayGuard] = {}
@@ -94,6 +98,8 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
                 raise _Abort(f"{sender}: [{err.check}]") from None
             guards[sender] = trial
             taken.append((report, effects))
+        store.drop_claims(session, set(new) - set(guards))
+        store.number_new_key_rows(session)
         store.save_guards(session, guards, now=now)
         # ``last_seen`` ("heard from") was written by each report's registry row update
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
 from provisioning.db.runtime import OperatorKey, ReplayState, RevocationFeedSeen, TaskLease
@@ -19,7 +19,9 @@ from provisioning.db.schema import (
     DeviceState,
     Group,
     GroupMember,
+    KeyTransition,
 )
+from provisioning.service.store import ledger, revocations
 
 
 def mark_heard(session: Session, devices: Iterable[str], *, now: int) -> None:
@@ -56,6 +58,7 @@ def load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
     ordered = sorted(devices)
     held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(ordered))))
     held += session.scalars(select(ReplayState).where(ReplayState.sender.in_(ordered)))
+    ledger.note_loaded_guards(session, ordered)
     return held
 
 
@@ -88,10 +91,48 @@ def load_report_senders(session: Session, senders: Sequence[str]) -> list[object
             .options(selectinload(Device.keys).selectinload(DeviceKey.transitions))
         )
     )
-    held += session.scalars(
-        select(RevocationFeedSeen).where(RevocationFeedSeen.device_id.in_(senders))
+    feed_rows = list(
+        session.scalars(select(RevocationFeedSeen).where(RevocationFeedSeen.device_id.in_(senders)))
     )
-    return held
+    revocations.note_seen_rows(session, senders, feed_rows)
+    return held + feed_rows
+
+
+def number_new_key_rows(session: Session) -> None:
+    """Give the key and key-transition rows pending in ``session`` their ids before the flush,
+    so that the flush inserts each table's new rows in one statement: without them the ORM
+    inserts one row per statement to learn each id (SQLite returns generated ids row by row),
+    which made a device's first report cost a dozen statements. The ids come from where the
+    database would take them: PostgreSQL's sequence of the column (``nextval``, one query for
+    all), on SQLite the largest id plus one, read under the transaction's write lock (taken by
+    the replay rows' lock before any of this: no other writer can insert meanwhile). Rows are
+    numbered in the order they were added, as their inserts one by one would be."""
+    with session.no_autoflush:
+        _number_new_key_rows(session)
+
+
+def _number_new_key_rows(session: Session) -> None:
+    pending = list(session.new)
+    for model in (DeviceKey, KeyTransition):
+        rows = [row for row in pending if isinstance(row, model) and row.id is None]
+        if not rows:
+            continue
+        table = model.__tablename__
+        if session.get_bind().dialect.name == "sqlite":
+            first = (session.scalar(select(func.max(model.id))) or 0) + 1
+            ids = list(range(first, first + len(rows)))
+        else:
+            ids = list(
+                session.scalars(
+                    text(
+                        "SELECT nextval(pg_get_serial_sequence(:t, 'id'))"
+                        " FROM generate_series(1, :n)"
+                    ),
+                    {"t": table, "n": len(rows)},
+                )
+            )
+        for row, id_ in zip(rows, ids, strict=True):
+            row.id = id_
 
 
 def device_state(session: Session, device_id: str) -> DeviceState | None:

@@ -40,6 +40,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -111,7 +113,7 @@ def load_guard(
     ``memo`` (one call's, e.g. ``Call.guards``): the guard decoded from the same stored bytes
     earlier in the call is returned again instead of decoding them a second time (the strict
     decoding is most of a read's cost); the caller must then not change it (copy it first)."""
-    row = session.get(ReplayState, sender)
+    row = _guard_row(session, sender)
     if row is None:
         return ReplayGuard(window)
     if memo is not None:
@@ -129,6 +131,27 @@ def load_guard(
     if memo is not None:
         memo[sender] = (row.state, window, guard)
     return guard
+
+
+# ``session.info`` key: senders whose replay rows were all loaded into the session at once
+_LOADED_GUARDS = "keyfleet.replay_rows_loaded"
+
+
+def note_loaded_guards(session: Session, senders: Iterable[str]) -> None:
+    """Every replay row of ``senders`` was loaded into ``session`` by one query (a batch's
+    read session): ``load_guard`` then takes a sender without a row in the identity map as
+    having none, instead of asking the database once per new sender. The caller keeps the
+    loaded rows (the identity map holds them only weakly)."""
+    loaded: frozenset[str] = session.info.get(_LOADED_GUARDS, frozenset())
+    session.info[_LOADED_GUARDS] = loaded | frozenset(senders)
+
+
+def _guard_row(session: Session, sender: str) -> ReplayState | None:
+    if sender in session.info.get(_LOADED_GUARDS, ()):
+        key = Session.identity_key(ReplayState, (sender,))
+        found = session.identity_map.get(key)
+        return found if isinstance(found, ReplayState) else None
+    return session.get(ReplayState, sender)
 
 
 def lock_guard(session: Session, sender: str) -> None:
@@ -177,6 +200,45 @@ def save_guards(session: Session, guards: dict[str, ReplayGuard], *, now: int) -
             row.state = cbor.encode(guards[sender].to_cbor_map())
             row.updated_at = now
     session.flush()
+
+
+def claim_guards(session: Session, senders: Iterable[str], *, now: int) -> list[ReplayState]:
+    """Create the replay rows of the senders that have none yet (first messages: a burst after
+    a fleet-wide reconnect), each with an empty window, in one statement, and take and load
+    every sender's row as ``lock_guards`` does. Call it after ``lock_guards`` on the same
+    senders. ``INSERT ... ON CONFLICT DO NOTHING``: a row another instance created meanwhile
+    is left alone; on PostgreSQL the insert waits for that instance's transaction, and its
+    committed row (with its seqs) is then locked and loaded like any existing one. So the
+    senders whose row this call created and those whose row another instance created are
+    all held under their lock afterwards, with no retry of the unit. Rows of senders whose
+    message is then refused are removed again (``drop_claims``): an empty window equals no
+    row, but a refusal changes nothing."""
+    ordered = sorted(set(senders))
+    if not ordered:
+        return []
+    data = cbor.encode(ReplayGuard(REPLAY_WINDOW).to_cbor_map())
+    dialect = session.get_bind().dialect.name
+    upsert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    session.execute(
+        upsert(ReplayState)
+        .values([{"sender": s, "state": data, "updated_at": now} for s in ordered])
+        .on_conflict_do_nothing(index_elements=[ReplayState.sender])
+    )
+    return lock_guards(session, ordered)
+
+
+def drop_claims(session: Session, senders: Iterable[str]) -> None:
+    """Remove the rows ``claim_guards`` created for senders whose messages were all refused
+    (only while their window is still the empty one it wrote)."""
+    ordered = sorted(set(senders))
+    if not ordered:
+        return
+    empty = cbor.encode(ReplayGuard(REPLAY_WINDOW).to_cbor_map())
+    session.execute(
+        delete(ReplayState)
+        .where(ReplayState.sender.in_(ordered), ReplayState.state == empty)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def save_guard(session: Session, sender: str, guard: ReplayGuard, *, now: int) -> None:

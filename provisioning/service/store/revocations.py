@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -38,10 +40,34 @@ def entries(
     return list(rows)
 
 
+# ``session.info`` key: the devices whose feed rows a batch loaded, and those rows (and the
+# ones added since) by device (``note_seen_rows``)
+_BATCH_ROWS = "keyfleet.feed_seen_rows"
+
+
+def note_seen_rows(
+    session: Session, devices: Iterable[str], rows: Iterable[RevocationFeedSeen]
+) -> None:
+    """``rows`` are every feed row of ``devices`` (loaded by one query for a batch): a device
+    without one has none, and ``record_seen`` then adds it without asking the database (a
+    device's first report) and without flushing the batch's other rows first."""
+    found = {row.device_id: row for row in rows}
+    session.info[_BATCH_ROWS] = (frozenset(devices), found)
+
+
 def record_seen(session: Session, device_id: str, seq: int, *, now: int) -> None:
-    seen = session.get(RevocationFeedSeen, device_id)
+    batch: tuple[frozenset[str], dict[str, RevocationFeedSeen]] | None = session.info.get(
+        _BATCH_ROWS
+    )
+    if batch is not None and device_id in batch[0]:
+        seen = batch[1].get(device_id)
+    else:
+        seen = session.get(RevocationFeedSeen, device_id)
     if seen is None:
-        session.add(RevocationFeedSeen(device_id=device_id, seq=seq, reported_at=now))
+        seen = RevocationFeedSeen(device_id=device_id, seq=seq, reported_at=now)
+        session.add(seen)
+        if batch is not None and device_id in batch[0]:
+            batch[1][device_id] = seen
     elif seen.seq != seq:
         seen.seq, seen.reported_at = seq, now
 
