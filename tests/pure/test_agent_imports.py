@@ -2,10 +2,11 @@
 
 Every module the agent imports stays in its memory for as long as it runs. Modules that only a
 rare path needs are imported on that path: importlib.metadata (only ``--version`` reads the
-installed version) and subprocess (only the update hook of a release install runs a program).
-This checks, in a fresh interpreter, that importing the agent's entry point does not load them
-again (tests/pure/test_agent_install.py runs the update hook, tests/pure/test_listings_cli.py
-prints every command's version).
+installed version), subprocess (only the update hook of a release install runs a program), and
+zipfile (the self-test reads its vector files as plain files, not through importlib.resources).
+This checks, in a fresh interpreter, that importing the agent's entry point and running the
+self-test do not load them again (tests/pure/test_agent_install.py runs the update hook,
+tests/pure/test_listings_cli.py prints every command's version).
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ def _modules_after(statement: str) -> set[str]:
 
 
 def test_the_agent_entry_point_does_not_load_rare_path_modules() -> None:
-    loaded = _modules_after("import agent.cli")
+    # the entry point, and the power-on self-test every start runs
+    loaded = _modules_after(
+        "import agent.cli\nfrom agent.selftest import run_builtin_selftests\n"
+        "assert run_builtin_selftests().ok"
+    )
     assert "agent.daemon" in loaded  # the whole daemon is there
     assert loaded.isdisjoint(NOT_AT_START), sorted(loaded & set(NOT_AT_START))
 
