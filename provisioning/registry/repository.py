@@ -793,14 +793,18 @@ class Registry:
                 f"device {committer!r} is not a member of group {group_id!r} and cannot commit",
             )
         changed = [*removed, *added]
-        current = {
-            m.device_id: m
-            for m in self._s.scalars(
-                select(GroupMember).where(
-                    GroupMember.group_id == group_id, GroupMember.device_id.in_(changed)
+        current = (
+            {
+                m.device_id: m
+                for m in self._s.scalars(
+                    select(GroupMember).where(
+                        GroupMember.group_id == group_id, GroupMember.device_id.in_(changed)
+                    )
                 )
-            )
-        }
+            }
+            if changed
+            else {}
+        )
         for device_id in removed:
             gone = current.get(device_id)
             if gone is None or gone.leaf_index is None:

@@ -28,7 +28,7 @@ from agent.protocol.mls import codec
 from agent.protocol.mls.crypto import NH
 from agent.protocol.mls.public import PublicGroup, PublicState
 from agent.protocol.mls.tree import RatchetTree
-from provisioning.db.schema import GroupTreeNode
+from provisioning.db.schema import Group, GroupTreeNode
 
 MAX_HEAD = 1 << 10
 """A head is about 130 bytes."""
@@ -108,6 +108,15 @@ def has_nodes(session: Session, group_id: str) -> bool:
     )
 
 
+def holds_head(public_tree: bytes) -> bool:
+    """Whether a ``groups`` row's ``public_tree`` is a head (its tree in node rows: every
+    writer of a head writes the node rows with it) rather than the whole state."""
+    if len(public_tree) > MAX_HEAD:
+        return False
+    value = codec.decode(public_tree, MAX_HEAD, "public_tree")
+    return not (isinstance(value, dict) and "tree" in value)
+
+
 def write(session: Session, group_id: str, rows: Mapping[int, bytes | None]) -> None:
     """Set ``group_tree_nodes`` at each node of ``rows`` (None: no row)."""
     if not rows:
@@ -128,8 +137,9 @@ def plan(
     """The node rows that move the stored tree from ``before`` (the state the row holds) to
     ``after`` (the nodes that differ, O(log N) for a commit; every node if the row held the
     whole state), and what those rows hold now (what a rollback puts back; none at all if the
-    row held the whole state)."""
-    if has_nodes(session, group_id):
+    row held the whole state). Reads the group's row (no query if the session holds it)."""
+    group = session.get(Group, group_id)
+    if group is not None and holds_head(group.public_tree):
         nodes = after.tree.changed_since(before.tree)
         return rows_of(after.tree, nodes), rows_of(before.tree, nodes)
     nodes = all_nodes(after.tree)

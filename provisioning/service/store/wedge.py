@@ -21,7 +21,7 @@ from provisioning.service.store import trees
 def save_previous(session: Session, group_id: str, nodes: Mapping[int, bytes | None]) -> None:
     """Keep the group's public state as it is now (before the commit about to be accepted):
     its head and ``nodes``, what its tree rows hold now at the nodes the commit rewrites
-    (``store.trees``)."""
+    (``store.trees``). Core statements: the rows are written, never read back here."""
     group = session.get(Group, group_id)
     if group is None:
         return
@@ -31,20 +31,24 @@ def save_previous(session: Session, group_id: str, nodes: Mapping[int, bytes | N
             insert(GroupPreviousNodeRow),
             [{"group_id": group_id, "node": x, "data": d} for x, d in nodes.items()],
         )
-    row = session.get(GroupPreviousRow, group.group_id)
-    if row is None:
-        session.add(
-            GroupPreviousRow(
-                group_id=group.group_id,
-                epoch=group.epoch,
-                public_tree=group.public_tree,
-                group_context=group.group_context,
-            )
+    kept = session.execute(
+        update(GroupPreviousRow)
+        .where(GroupPreviousRow.group_id == group_id)
+        .values(epoch=group.epoch, public_tree=group.public_tree, group_context=group.group_context)
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(kept) == 0:
+        session.execute(
+            insert(GroupPreviousRow),
+            [
+                {
+                    "group_id": group_id,
+                    "epoch": group.epoch,
+                    "public_tree": group.public_tree,
+                    "group_context": group.group_context,
+                }
+            ],
         )
-        return
-    row.epoch = group.epoch
-    row.public_tree = group.public_tree
-    row.group_context = group.group_context
 
 
 def add_report(session: Session, sender: str, body: CommitRefused, *, now: int) -> bool:
