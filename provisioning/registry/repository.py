@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from sqlalchemy import delete, func, inspect, select, update
+from sqlalchemy import delete, func, insert, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -830,8 +830,10 @@ class Registry:
                     f"device {device_id!r} is {device.state} and cannot join group {group_id!r}",
                 )
 
-        # The commit-log row first: its primary key is the ordering rule itself.
-        entry = CommitLogEntry(
+        # The commit-log row first: its primary key is the ordering rule itself. A Core insert
+        # (the row is never read back in this transaction); what the session holds is flushed
+        # first, as an ORM insert would.
+        entry = CommitRecord(
             group_id=group_id,
             epoch=epoch,
             committer=committer,
@@ -840,10 +842,14 @@ class Registry:
             accepted_at=now,
             accepted_at_ms=accepted_ms,
         )
+        self._s.flush()
         try:
             with savepoint(self._s):
-                self._s.add(entry)
-                self._s.flush()
+                self._s.execute(
+                    insert(CommitLogEntry).values(
+                        {f.name: getattr(entry, f.name) for f in fields(CommitRecord)}
+                    )
+                )
         except IntegrityError:
             raise EpochConflict(group_id, epoch, None) from None
         moved = self._s.execute(
@@ -883,7 +889,7 @@ class Registry:
                 "ds.commit.leaf",
                 f"commit for group {group_id!r} epoch {epoch} puts two members on one leaf",
             ) from None
-        return _record(CommitRecord, entry)
+        return entry
 
     def commits_from(self, group_id: str, epoch: int) -> list[CommitRecord]:
         """The commits a member at ``epoch`` needs to catch up to the current epoch, in order.

@@ -479,10 +479,9 @@ def take_held_welcome(
 def drop_held(session: Session, group_id: str, epoch: int) -> None:
     """Every held half for an epoch that now has its accepted commit."""
     session.execute(
-        delete(HeldMessage).where(
-            HeldMessage.group_id == group_id,
-            HeldMessage.epoch == epoch,
-        )
+        delete(HeldMessage)
+        .where(HeldMessage.group_id == group_id, HeldMessage.epoch == epoch)
+        .execution_options(synchronize_session=False)
     )
 
 

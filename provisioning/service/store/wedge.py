@@ -25,7 +25,11 @@ def save_previous(session: Session, group_id: str, nodes: Mapping[int, bytes | N
     group = session.get(Group, group_id)
     if group is None:
         return
-    session.execute(delete(GroupPreviousNodeRow).where(GroupPreviousNodeRow.group_id == group_id))
+    session.execute(
+        delete(GroupPreviousNodeRow)
+        .where(GroupPreviousNodeRow.group_id == group_id)
+        .execution_options(synchronize_session=False)
+    )
     if nodes:
         session.execute(
             insert(GroupPreviousNodeRow),
@@ -126,6 +130,10 @@ def roll_back(session: Session, group_id: str, epoch: int, *, now: int) -> bool:
         )
     )
     trees.write(session, group_id, {x: d for x, d in nodes})
-    session.execute(delete(GroupPreviousNodeRow).where(GroupPreviousNodeRow.group_id == group_id))
+    session.execute(
+        delete(GroupPreviousNodeRow)
+        .where(GroupPreviousNodeRow.group_id == group_id)
+        .execution_options(synchronize_session=False)
+    )
     session.delete(previous)
     return True
