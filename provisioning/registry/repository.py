@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import InternalError, ProtocolError
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyState
 from agent.protocol.lifecycle import KeyRecord as ReportedKey
-from provisioning.db.engine import RetryableConflict, savepoint
+from provisioning.db.engine import RetryableConflict, savepoint, table_of
 from provisioning.db.runtime import ReplayState
 from provisioning.db.schema import (
     ID_LENGTH,
@@ -846,15 +846,16 @@ class Registry:
         try:
             with savepoint(self._s):
                 self._s.execute(
-                    insert(CommitLogEntry).values(
+                    insert(table_of(CommitLogEntry)).values(
                         {f.name: getattr(entry, f.name) for f in fields(CommitRecord)}
                     )
                 )
         except IntegrityError:
             raise EpochConflict(group_id, epoch, None) from None
+        groups = table_of(Group)
         moved = self._s.execute(
-            update(Group)
-            .where(Group.group_id == group_id, Group.epoch == epoch)
+            update(groups)
+            .where(groups.c.group_id == group_id, groups.c.epoch == epoch)
             .values(
                 epoch=epoch + 1,
                 public_tree=public_tree,
@@ -862,7 +863,6 @@ class Registry:
                 updated_at=now,
                 state_token=state_token or new_state_token(),
             )
-            .execution_options(synchronize_session=False)
         )
         if moved.rowcount != 1:  # type: ignore[attr-defined]
             raise EpochConflict(group_id, epoch, None)

@@ -28,6 +28,7 @@ from agent.protocol.mls import codec
 from agent.protocol.mls.crypto import NH
 from agent.protocol.mls.public import PublicGroup, PublicState
 from agent.protocol.mls.tree import RatchetTree
+from provisioning.db.engine import table_of
 from provisioning.db.schema import Group, GroupTreeNode
 
 MAX_HEAD = 1 << 10
@@ -118,17 +119,15 @@ def holds_head(public_tree: bytes) -> bool:
 
 
 def write(session: Session, group_id: str, rows: Mapping[int, bytes | None]) -> None:
-    """Set ``group_tree_nodes`` at each node of ``rows`` (None: no row)."""
+    """Set ``group_tree_nodes`` at each node of ``rows`` (None: no row). Core statements on the
+    table: the session never holds these rows."""
     if not rows:
         return
-    session.execute(
-        delete(GroupTreeNode)
-        .where(GroupTreeNode.group_id == group_id, GroupTreeNode.node.in_(list(rows)))
-        .execution_options(synchronize_session=False)
-    )
+    table = table_of(GroupTreeNode)
+    session.execute(delete(table).where(table.c.group_id == group_id, table.c.node.in_(list(rows))))
     kept = [{"group_id": group_id, "node": x, "data": d} for x, d in rows.items() if d is not None]
     if kept:
-        session.execute(insert(GroupTreeNode), kept)
+        session.execute(insert(table), kept)
 
 
 def plan(

@@ -10,7 +10,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from agent.protocol.wire.messages.group import CommitRefused
-from provisioning.db.engine import rowcount
+from provisioning.db.engine import rowcount, table_of
 from provisioning.db.runtime import CommitReportRow, GroupPreviousNodeRow, GroupPreviousRow
 from provisioning.db.schema import Ack as AckRow
 from provisioning.db.schema import CommitLogEntry, Group
@@ -21,38 +21,25 @@ from provisioning.service.store import trees
 def save_previous(session: Session, group_id: str, nodes: Mapping[int, bytes | None]) -> None:
     """Keep the group's public state as it is now (before the commit about to be accepted):
     its head and ``nodes``, what its tree rows hold now at the nodes the commit rewrites
-    (``store.trees``). Core statements: the rows are written, never read back here."""
+    (``store.trees``). Core statements on the tables: the session never holds these rows."""
     group = session.get(Group, group_id)
     if group is None:
         return
-    session.execute(
-        delete(GroupPreviousNodeRow)
-        .where(GroupPreviousNodeRow.group_id == group_id)
-        .execution_options(synchronize_session=False)
-    )
+    nodes_table, previous = table_of(GroupPreviousNodeRow), table_of(GroupPreviousRow)
+    session.execute(delete(nodes_table).where(nodes_table.c.group_id == group_id))
     if nodes:
         session.execute(
-            insert(GroupPreviousNodeRow),
+            insert(nodes_table),
             [{"group_id": group_id, "node": x, "data": d} for x, d in nodes.items()],
         )
-    kept = session.execute(
-        update(GroupPreviousRow)
-        .where(GroupPreviousRow.group_id == group_id)
-        .values(epoch=group.epoch, public_tree=group.public_tree, group_context=group.group_context)
-        .execution_options(synchronize_session=False)
-    )
+    head = {
+        "epoch": group.epoch,
+        "public_tree": group.public_tree,
+        "group_context": group.group_context,
+    }
+    kept = session.execute(update(previous).where(previous.c.group_id == group_id).values(head))
     if rowcount(kept) == 0:
-        session.execute(
-            insert(GroupPreviousRow),
-            [
-                {
-                    "group_id": group_id,
-                    "epoch": group.epoch,
-                    "public_tree": group.public_tree,
-                    "group_context": group.group_context,
-                }
-            ],
-        )
+        session.execute(insert(previous).values(group_id=group_id, **head))
 
 
 def add_report(session: Session, sender: str, body: CommitRefused, *, now: int) -> bool:
