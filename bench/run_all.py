@@ -298,6 +298,9 @@ def plot_commit_accept(rows: list[dict[str, Any]]) -> None:
     ax.plot(ns, flow, "o-", label="service: commit flow, median per commit (SQLite)")
     with_commit = [r["with_db_commit_ms"] for r in rows]
     ax.plot(ns, with_commit, "o:", label="same, with the transaction's commit (fsync)")
+    if all("cpu_ms" in r for r in rows):
+        cpu = [r["cpu_ms"] for r in rows]
+        ax.plot(ns, cpu, "D-", label="same, its CPU time (less bound to the machine's load)")
     checks = [r["mls_verify_ms"] for r in rows]
     ax.plot(ns, checks, "^-", label="of which the MLS public checks")
     line = [ns[0] * 0.8, ns[-1] * 1.25]

@@ -37,15 +37,21 @@ import enum
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import cbor2
-from sqlalchemy import ColumnElement, String, select, type_coerce, update
+from sqlalchemy import ColumnElement, String, insert, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
-from provisioning.db.engine import RetryableConflict, run_in_transaction, savepoint
+from provisioning.db.engine import (
+    RetryableConflict,
+    rowcount,
+    run_in_transaction,
+    savepoint,
+    table_of,
+)
 from provisioning.db.schema import HASH_LENGTH, AuditEntry, AuditHead, Outcome
 
 FORMAT_VERSION = 1
@@ -224,7 +230,7 @@ def append(
     if not isinstance(outcome, Outcome):
         raise TypeError(f"outcome must be an Outcome, not {outcome!r}")
     details_text = canonical_json(details or {})
-    head_row = _lock_head(session)
+    _lock_head(session)
     prev_seq, prev_hash = head(session)
     seq = prev_seq + 1
     preimage = entry_preimage(
@@ -237,7 +243,7 @@ def append(
         reason=reason,
         details=details_text,
     )
-    row = AuditEntry(
+    entry = AuditRecord(
         seq=seq,
         time=now,
         actor=actor,
@@ -249,49 +255,37 @@ def append(
         prev_hash=prev_hash,
         entry_hash=compute_hash(prev_hash, preimage),
     )
+    # Core statements on the tables (the session holds neither row): the entry and the head
+    entries, heads = table_of(AuditEntry), table_of(AuditHead)
     try:
         with savepoint(session):
-            session.add(row)
-            head_row.seq = seq
-            head_row.entry_hash = row.entry_hash
-            session.flush()
+            session.execute(insert(entries).values(asdict(entry)))
+            session.execute(
+                update(heads).where(heads.c.id == 1).values(seq=seq, entry_hash=entry.entry_hash)
+            )
     except IntegrityError:
         raise AuditConflict(f"audit entry {seq} was appended concurrently") from None
-    return record_of(row)
+    return entry
 
 
-def _lock_head(session: Session) -> AuditHead:
-    """The head row, locked until the caller's transaction ends: other appenders wait here,
+def _lock_head(session: Session) -> None:
+    """Lock the head row until the caller's transaction ends: other appenders wait here,
     before they read the head, rather than fail later at the unique constraint."""
-    head_row: AuditHead | None
+    heads = table_of(AuditHead)
     if session.get_bind().dialect.name == "sqlite":
         # SQLite ignores FOR UPDATE; a no-op UPDATE is still a write and takes the write lock.
-        session.execute(
-            update(AuditHead)
-            .where(AuditHead.id == 1)
-            .values(seq=AuditHead.seq)
-            .execution_options(synchronize_session=False)
-        )
-        head_row = session.get(AuditHead, 1, populate_existing=True)
-    else:
-        head_row = session.scalars(
-            select(AuditHead)
-            .where(AuditHead.id == 1)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).first()
-    if head_row is not None:
-        return head_row
+        locked = session.execute(update(heads).where(heads.c.id == 1).values(seq=heads.c.seq))
+        if rowcount(locked) == 1:
+            return
+    elif session.execute(select(heads.c.id).where(heads.c.id == 1).with_for_update()).first():
+        return
     # The first append ever: two writers may both get here; the loser's insert fails on the
     # primary key (in a savepoint, so PostgreSQL's transaction stays usable) and it retries.
-    head_row = AuditHead(id=1, seq=0, entry_hash=GENESIS_PREV_HASH)
     try:
         with savepoint(session):
-            session.add(head_row)
-            session.flush()
+            session.execute(insert(heads).values(id=1, seq=0, entry_hash=GENESIS_PREV_HASH))
     except IntegrityError:
         raise AuditConflict("the audit head row was created concurrently") from None
-    return head_row
 
 
 def record(

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, Table, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -159,6 +159,16 @@ def rowcount(result: object) -> int:
     0 that another one got there first (drivers that do not report it count as 0)."""
     count = getattr(result, "rowcount", 0)
     return int(count) if isinstance(count, int) else 0
+
+
+def table_of(model: type[Any]) -> Table:
+    """The Core table of a mapped class. Statements on it, run through a session, skip the ORM's
+    per-statement work (no autoflush, no synchronising the identity map, no per-row bulk
+    bookkeeping): for hot paths writing rows the session does not hold and never reads back."""
+    table = model.__table__
+    if not isinstance(table, Table):
+        raise TypeError(f"{model.__name__} is not mapped to a table")
+    return table
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

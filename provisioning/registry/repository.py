@@ -26,14 +26,14 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from sqlalchemy import delete, func, inspect, select, update
+from sqlalchemy import delete, func, insert, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import InternalError, ProtocolError
 from agent.protocol.lifecycle import ALLOWED_TRANSITIONS, KeyState
 from agent.protocol.lifecycle import KeyRecord as ReportedKey
-from provisioning.db.engine import RetryableConflict, savepoint
+from provisioning.db.engine import RetryableConflict, savepoint, table_of
 from provisioning.db.runtime import ReplayState
 from provisioning.db.schema import (
     ID_LENGTH,
@@ -793,14 +793,18 @@ class Registry:
                 f"device {committer!r} is not a member of group {group_id!r} and cannot commit",
             )
         changed = [*removed, *added]
-        current = {
-            m.device_id: m
-            for m in self._s.scalars(
-                select(GroupMember).where(
-                    GroupMember.group_id == group_id, GroupMember.device_id.in_(changed)
+        current = (
+            {
+                m.device_id: m
+                for m in self._s.scalars(
+                    select(GroupMember).where(
+                        GroupMember.group_id == group_id, GroupMember.device_id.in_(changed)
+                    )
                 )
-            )
-        }
+            }
+            if changed
+            else {}
+        )
         for device_id in removed:
             gone = current.get(device_id)
             if gone is None or gone.leaf_index is None:
@@ -826,8 +830,10 @@ class Registry:
                     f"device {device_id!r} is {device.state} and cannot join group {group_id!r}",
                 )
 
-        # The commit-log row first: its primary key is the ordering rule itself.
-        entry = CommitLogEntry(
+        # The commit-log row first: its primary key is the ordering rule itself. A Core insert
+        # (the row is never read back in this transaction); what the session holds is flushed
+        # first, as an ORM insert would.
+        entry = CommitRecord(
             group_id=group_id,
             epoch=epoch,
             committer=committer,
@@ -836,15 +842,20 @@ class Registry:
             accepted_at=now,
             accepted_at_ms=accepted_ms,
         )
+        self._s.flush()
         try:
             with savepoint(self._s):
-                self._s.add(entry)
-                self._s.flush()
+                self._s.execute(
+                    insert(table_of(CommitLogEntry)).values(
+                        {f.name: getattr(entry, f.name) for f in fields(CommitRecord)}
+                    )
+                )
         except IntegrityError:
             raise EpochConflict(group_id, epoch, None) from None
+        groups = table_of(Group)
         moved = self._s.execute(
-            update(Group)
-            .where(Group.group_id == group_id, Group.epoch == epoch)
+            update(groups)
+            .where(groups.c.group_id == group_id, groups.c.epoch == epoch)
             .values(
                 epoch=epoch + 1,
                 public_tree=public_tree,
@@ -852,7 +863,6 @@ class Registry:
                 updated_at=now,
                 state_token=state_token or new_state_token(),
             )
-            .execution_options(synchronize_session=False)
         )
         if moved.rowcount != 1:  # type: ignore[attr-defined]
             raise EpochConflict(group_id, epoch, None)
@@ -879,7 +889,7 @@ class Registry:
                 "ds.commit.leaf",
                 f"commit for group {group_id!r} epoch {epoch} puts two members on one leaf",
             ) from None
-        return _record(CommitRecord, entry)
+        return entry
 
     def commits_from(self, group_id: str, epoch: int) -> list[CommitRecord]:
         """The commits a member at ``epoch`` needs to catch up to the current epoch, in order.

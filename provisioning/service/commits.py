@@ -33,6 +33,7 @@ from agent.protocol.topics import device_cmd_topic, group_commit_topic
 from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit
+from provisioning.db.schema import Group
 from provisioning.registry import Outcome, Registry, new_state_token
 from provisioning.service import (
     bulkadd,
@@ -79,6 +80,12 @@ class CheckedCommit:
     job: Job | None
     updated: tuple[str, ...] = ()  # members whose Updates it commits
     verified: VerifiedCommit | None = None  # what ``public.verify`` returned: the next state
+    # the group's head job as the checks read it (``job`` is None when the commit fulfils
+    # none: then nothing in acceptance changes the jobs and this is still the head)
+    head: Job | None = None
+    # the group's row, held so that the session keeps it (its identity map holds rows
+    # weakly): acceptance reads it again without another query
+    row: Group | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,7 @@ def check_commit(
 ) -> CheckedCommit:
     """Every check before acceptance; returns the commit, the group's public view, the
     device ids it adds and removes, and the job it fulfils."""
+    row = session.get(Group, body.group_id)
     groupdelete.check_live(session, body.group_id)
     public, epoch = load_public(session, body.group_id, cx.env.groups)
     commit = Commit.decode(body.commit)
@@ -191,9 +199,10 @@ def check_commit(
             raise ProtocolError(
                 "ds.commit.key_package", "an added key package is not the device's DevID key"
             )
+    head = store.head_job(session, body.group_id)
     job = recovery.check_solicited(
         cx.env.settings,
-        store.head_job(session, body.group_id),
+        head,
         group_id=body.group_id,
         sender=sender,
         epoch=body.epoch,
@@ -236,7 +245,9 @@ def check_commit(
         updated_leaf = public.tree.leaf(update.leaf_index)
         assert updated_leaf is not None  # verify() refused Updates of blank leaves
         updated.append(updated_leaf.device_id.decode())
-    return CheckedCommit(commit, public, adds, removes, job, tuple(updated), verified)
+    return CheckedCommit(
+        commit, public, adds, removes, job, tuple(updated), verified, head=head, row=row
+    )
 
 
 def on_commit(cx: Call, session: Session, sender: str, body: CommitMessage, now: int) -> Effects:
@@ -414,7 +425,12 @@ def accept_commit(
         if job is not None and fullrekey.is_batch(job):
             fullrekey.forget(session, job)
         finished = job if job is not None and store.end_job(session, job, JobState.DONE) else None
-        head = None if finished is not None else store.head_job(session, body.group_id)
+        if finished is not None:
+            head = None
+        elif job is None:
+            head = checked.head  # no job changed since the checks read it
+        else:
+            head = store.head_job(session, body.group_id)
     return AcceptedCommit(
         sender,
         CommitMessage(body.group_id, body.epoch, body.commit, body.command_id),

@@ -153,6 +153,13 @@ def test_cached_hash_equals_from_scratch_after_random_edits(
                     assert node is not None
                     nxt._set(x, ParentNode(node.encryption_key, os.urandom(32)))
             _check(nxt)
+            # the nodes a commit's store rewrites (store.trees.plan): exactly those whose
+            # encoding differs, a node past a tree's width counting as blank
+            width = max(len(before_obj), len(nxt.to_obj()))
+            old_obj = before_obj + [None] * (width - len(before_obj))
+            new_obj = nxt.to_obj() + [None] * (width - len(nxt.to_obj()))
+            differ = [x for x in range(width) if old_obj[x] != new_obj[x]]
+            assert sorted(nxt.changed_since(tree)) == differ
             # the tree it was copied from did not change, and its cache is still right
             assert tree.to_obj() == before_obj
             assert tree.tree_hash() == before_hash == _reference_hash(before_obj, tree.root)

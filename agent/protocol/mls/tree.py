@@ -572,7 +572,22 @@ class RatchetTree:
             theirs = base._nodes[ci] if ci < len(base._nodes) else None
             if mine is theirs and self._adm[ci] is base._adm[ci]:
                 continue
-            for off in range(size):
+            offsets: Iterable[int] = range(size)
+            if (
+                mine is not None
+                and theirs is not None
+                and (ci + 1) << self._shift <= min(self._width, base._width)
+            ):
+                # a chunk inside both widths: only where either side holds another object can
+                # the test below find a difference (a copy shares every untouched object)
+                offsets = [
+                    off
+                    for off, (a, b, c, d) in enumerate(
+                        zip(mine, theirs, self._adm[ci], base._adm[ci], strict=True)
+                    )
+                    if a is not b or c is not d
+                ]
+            for off in offsets:
                 x = (ci << self._shift) + off
                 a = mine[off] if mine is not None and x < self._width else None
                 b = theirs[off] if theirs is not None and x < base._width else None

@@ -25,6 +25,7 @@ Every refusal is a :class:`agent.protocol.errors.ProtocolError` with a ``cbor.*`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import cbor2
@@ -95,6 +96,19 @@ def _prepare(value: object, depth: int) -> object:
 def _encode_key(key: object) -> bytes:
     if type(key) is int and not _NINT_MIN <= key <= _UINT_MAX:
         raise ProtocolError("cbor.type", "integer key outside the 64-bit CBOR range")
+    if type(key) is str and len(key) > _MEMO_KEY_LENGTH:
+        return bytes(cbor2.dumps(key))
+    return _key_bytes(key)
+
+
+_MEMO_KEY_LENGTH = 64
+"""Longest text key whose encoding is remembered: the memo stays small whatever a peer sends."""
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def _key_bytes(key: object) -> bytes:
+    """A map key's encoding: the same few keys recur in every message (a bounded memo of short
+    keys: at most 4,096 of at most 64 characters)."""
     return bytes(cbor2.dumps(key))
 
 

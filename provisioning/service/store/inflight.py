@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction
-from provisioning.db.engine import RetryableConflict, rowcount
+from provisioning.db.engine import RetryableConflict, rowcount, table_of
 from provisioning.db.runtime import (
     AttestOperationRow,
     GroupSlot,
@@ -478,12 +478,8 @@ def take_held_welcome(
 
 def drop_held(session: Session, group_id: str, epoch: int) -> None:
     """Every held half for an epoch that now has its accepted commit."""
-    session.execute(
-        delete(HeldMessage).where(
-            HeldMessage.group_id == group_id,
-            HeldMessage.epoch == epoch,
-        )
-    )
+    table = table_of(HeldMessage)
+    session.execute(delete(table).where(table.c.group_id == group_id, table.c.epoch == epoch))
 
 
 # -- op.attest waiting for its report ---------------------------------------------------------

@@ -5,9 +5,10 @@ rekey task's lease."""
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
+from provisioning.db.engine import table_of
 from provisioning.db.runtime import LeafUpdateRow, RekeyPolicyRow, UpdateProposalRow
 from provisioning.db.schema import Group
 
@@ -51,17 +52,19 @@ def leaf_rows(session: Session, group_id: str) -> list[LeafUpdateRow]:
 
 
 def put_update(session: Session, group_id: str, device_id: str, *, epoch: int, now: int) -> None:
-    """``device_id``'s leaf is new from ``epoch``, at ``now``; any open ask is answered."""
-    row = session.get(LeafUpdateRow, (group_id, device_id))
-    if row is None:
-        session.add(
-            LeafUpdateRow(
+    """``device_id``'s leaf is new from ``epoch``, at ``now``; any open ask is answered. Core
+    writes on the table (every commit makes one: the session need not hold the row)."""
+    table = table_of(LeafUpdateRow)
+    key = (table.c.group_id == group_id) & (table.c.device_id == device_id)
+    held = session.execute(select(table.c.epoch).where(key)).first()
+    if held is None:
+        session.execute(
+            insert(table).values(
                 group_id=group_id, device_id=device_id, epoch=epoch, updated_at=now, asked_at=None
             )
         )
-    elif epoch >= row.epoch:
-        row.epoch, row.updated_at, row.asked_at = epoch, now, None
-    session.flush()
+    elif epoch >= held.epoch:
+        session.execute(update(table).where(key).values(epoch=epoch, updated_at=now, asked_at=None))
 
 
 def mark_asked(

@@ -38,8 +38,9 @@ from agent.protocol.mls import codec
 from agent.protocol.mls.crypto import NH
 from agent.protocol.mls.public import PublicGroup, PublicState
 from agent.protocol.mls.tree import RatchetTree
+from provisioning.db.engine import table_of
 from provisioning.db.runtime import GroupTreeEpochRow, GroupTreeUndoRow
-from provisioning.db.schema import GroupTreeNode
+from provisioning.db.schema import Group, GroupTreeNode
 
 MAX_HEAD = 1 << 10
 """A head is about 130 bytes."""
@@ -119,18 +120,25 @@ def has_nodes(session: Session, group_id: str) -> bool:
     )
 
 
+def holds_head(public_tree: bytes) -> bool:
+    """Whether a ``groups`` row's ``public_tree`` is a head (its tree in node rows: every
+    writer of a head writes the node rows with it) rather than the whole state."""
+    if len(public_tree) > MAX_HEAD:
+        return False
+    value = codec.decode(public_tree, MAX_HEAD, "public_tree")
+    return not (isinstance(value, dict) and "tree" in value)
+
+
 def write(session: Session, group_id: str, rows: Mapping[int, bytes | None]) -> None:
-    """Set ``group_tree_nodes`` at each node of ``rows`` (None: no row)."""
+    """Set ``group_tree_nodes`` at each node of ``rows`` (None: no row). Core statements on the
+    table: the session never holds these rows."""
     if not rows:
         return
-    session.execute(
-        delete(GroupTreeNode)
-        .where(GroupTreeNode.group_id == group_id, GroupTreeNode.node.in_(list(rows)))
-        .execution_options(synchronize_session=False)
-    )
+    table = table_of(GroupTreeNode)
+    session.execute(delete(table).where(table.c.group_id == group_id, table.c.node.in_(list(rows))))
     kept = [{"group_id": group_id, "node": x, "data": d} for x, d in rows.items() if d is not None]
     if kept:
-        session.execute(insert(GroupTreeNode), kept)
+        session.execute(insert(table), kept)
 
 
 def plan(
@@ -139,8 +147,9 @@ def plan(
     """The node rows that move the stored tree from ``before`` (the state the row holds) to
     ``after`` (the nodes that differ, O(log N) for a commit; every node if the row held the
     whole state), and what those rows hold now (what a rollback puts back; none at all if the
-    row held the whole state)."""
-    if has_nodes(session, group_id):
+    row held the whole state). Reads the group's row (no query if the session holds it)."""
+    group = session.get(Group, group_id)
+    if group is not None and holds_head(group.public_tree):
         nodes = after.tree.changed_since(before.tree)
         return rows_of(after.tree, nodes), rows_of(before.tree, nodes)
     nodes = all_nodes(after.tree)

@@ -10,7 +10,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from agent.protocol.wire.messages.group import CommitRefused
-from provisioning.db.engine import rowcount
+from provisioning.db.engine import rowcount, table_of
 from provisioning.db.runtime import CommitReportRow, GroupPreviousNodeRow, GroupPreviousRow
 from provisioning.db.schema import Ack as AckRow
 from provisioning.db.schema import CommitLogEntry, Group
@@ -21,30 +21,25 @@ from provisioning.service.store import trees
 def save_previous(session: Session, group_id: str, nodes: Mapping[int, bytes | None]) -> None:
     """Keep the group's public state as it is now (before the commit about to be accepted):
     its head and ``nodes``, what its tree rows hold now at the nodes the commit rewrites
-    (``store.trees``)."""
+    (``store.trees``). Core statements on the tables: the session never holds these rows."""
     group = session.get(Group, group_id)
     if group is None:
         return
-    session.execute(delete(GroupPreviousNodeRow).where(GroupPreviousNodeRow.group_id == group_id))
+    nodes_table, previous = table_of(GroupPreviousNodeRow), table_of(GroupPreviousRow)
+    session.execute(delete(nodes_table).where(nodes_table.c.group_id == group_id))
     if nodes:
         session.execute(
-            insert(GroupPreviousNodeRow),
+            insert(nodes_table),
             [{"group_id": group_id, "node": x, "data": d} for x, d in nodes.items()],
         )
-    row = session.get(GroupPreviousRow, group.group_id)
-    if row is None:
-        session.add(
-            GroupPreviousRow(
-                group_id=group.group_id,
-                epoch=group.epoch,
-                public_tree=group.public_tree,
-                group_context=group.group_context,
-            )
-        )
-        return
-    row.epoch = group.epoch
-    row.public_tree = group.public_tree
-    row.group_context = group.group_context
+    head = {
+        "epoch": group.epoch,
+        "public_tree": group.public_tree,
+        "group_context": group.group_context,
+    }
+    kept = session.execute(update(previous).where(previous.c.group_id == group_id).values(head))
+    if rowcount(kept) == 0:
+        session.execute(insert(previous).values(group_id=group_id, **head))
 
 
 def add_report(session: Session, sender: str, body: CommitRefused, *, now: int) -> bool:
@@ -123,6 +118,10 @@ def roll_back(session: Session, group_id: str, epoch: int, *, now: int) -> bool:
         )
     )
     trees.write(session, group_id, {x: d for x, d in nodes})
-    session.execute(delete(GroupPreviousNodeRow).where(GroupPreviousNodeRow.group_id == group_id))
+    session.execute(
+        delete(GroupPreviousNodeRow)
+        .where(GroupPreviousNodeRow.group_id == group_id)
+        .execution_options(synchronize_session=False)
+    )
     session.delete(previous)
     return True
