@@ -10,7 +10,6 @@ run, instead of one per ack (docs/bench/README.md).
 
 from __future__ import annotations
 
-import copy
 import logging
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -111,7 +110,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
             guard = guards.get(sender)
             if guard is None:
                 guard = store.load_guard(session, sender, memo=cx.guards)
-            trial = copy.deepcopy(guard)
+            trial = guard.copy()
             try:
                 trial.accept(message.message)
                 # the registry judges epochs (see verify.accept_and)

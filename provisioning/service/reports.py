@@ -18,7 +18,6 @@ refused report never leaves a partial change behind in a shared transaction.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -72,7 +71,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
             guard = guards.get(sender)
             if guard is None:
                 guard = store.load_guard(session, sender, memo=cx.guards)
-            trial = copy.deepcopy(guard)
+            trial = guard.copy()
             state = store.device_state(session, sender)
             try:
                 trial.accept(report.message)

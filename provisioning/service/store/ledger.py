@@ -12,8 +12,9 @@ Why each exists:
   operator command carries only a ``kid`` (SHA-256 of the SubjectPublicKeyInfo). The service
   needs the certificate itself to map a kid to a public key and to re-check the certificate
   against the operator CA on every command (expiry).
-- ``service_replay``: one ``agent.protocol.wire.replay.ReplayGuard`` per sender, CBOR-encoded,
-  read and written in the same transaction as the message's effects, so several instances sharing
+- ``service_replay``: one ``agent.protocol.wire.replay.ReplayGuard`` per sender in its packed
+  form (``ReplayGuard.to_bytes``; rows in the CBOR form written before it are still read), read
+  and written in the same transaction as the message's effects, so several instances sharing
   the database would share it too (no per-process replay window to slip a replay through).
   Devices count their seqs (window ``REPLAY_WINDOW``); operators' seqs are clock readings and their
   window spans the envelope's freshness (``operator_replay_window``).
@@ -44,7 +45,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError, StateError
-from agent.protocol.wire import cbor
 from agent.protocol.wire.envelope import DEFAULT_MAX_FUTURE
 from agent.protocol.wire.replay import DEFAULT_CAPACITY, ReplayGuard
 from provisioning.attestation import Challenge
@@ -119,7 +119,7 @@ def load_guard(
         if found is not None and found[0] == row.state and found[1] == window:
             return found[2]
     try:
-        guard = ReplayGuard.from_cbor_map(cbor.decode(row.state))
+        guard = ReplayGuard.from_bytes(row.state)
     except Exception as exc:  # a corrupt row must not crash the service; it is a StateError
         raise StateError(
             f"replay state of {sender!r} is unreadable: {type(exc).__name__}"
@@ -174,13 +174,13 @@ def save_guards(session: Session, guards: dict[str, ReplayGuard], *, now: int) -
         if row is None:
             save_guard(session, sender, guards[sender], now=now)
         else:
-            row.state = cbor.encode(guards[sender].to_cbor_map())
+            row.state = guards[sender].to_bytes()
             row.updated_at = now
     session.flush()
 
 
 def save_guard(session: Session, sender: str, guard: ReplayGuard, *, now: int) -> None:
-    data = cbor.encode(guard.to_cbor_map())
+    data = guard.to_bytes()
     row = session.get(ReplayState, sender)
     if row is None:
         session.add(ReplayState(sender=sender, state=data, updated_at=now))
