@@ -141,11 +141,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         if len(batch) == 1:
             raise
         log.warning("a batch of %d acks failed (%s); taking them one by one", len(batch), exc)
-        for message in batch:
-            try:
-                devices.on_device_message(cx, message, now)
-            except (KeyfleetError, SQLAlchemyError) as one:
-                log.error("handling an ack from %s failed: %s", message.sender, one)
+        devices.one_by_one(cx, batch, now, what="an ack")
         return
     behind: list[str] = []
     for message, err in refused:

@@ -12,7 +12,7 @@ senders.
 A report refused by its replay window or because its sender is quarantined is refused alone,
 before it writes anything (its window is updated on a copy kept only when the report is
 taken). Any other refusal (a key history the registry cannot take, ...) or failure aborts the
-batch, and each report is then taken on its own (``devices.on_device_message``), so that a
+batch, and each report is then taken on its own (``devices.one_by_one``), so that a
 refused report never leaves a partial change behind in a shared transaction.
 """
 
@@ -101,11 +101,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
     except (KeyfleetError, SQLAlchemyError, _Abort) as exc:
         cx.env.refusals_seen, cx.env.trust_seen = seen
         log.info("a batch of %d reports is taken one by one (%s)", len(batch), exc)
-        for report in batch:
-            try:
-                devices.on_device_message(cx, report, now)
-            except (KeyfleetError, SQLAlchemyError) as one:
-                log.error("handling a report from %s failed: %s", report.sender, one)
+        devices.one_by_one(cx, batch, now, what="a report")
         return
     behind: list[str] = []
     for report, err in refused:
