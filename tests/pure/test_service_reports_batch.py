@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cbor2
 import pytest
 from sqlalchemy import select, update
 
 from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
-from agent.protocol.wire import cbor
+from agent.protocol.wire import cbor, cose
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.replay import PACKED_VERSION, ReplayGuard
 from provisioning.db.runtime import ReplayState
@@ -191,3 +192,25 @@ def test_a_corrupt_stored_window_refuses_its_senders_report_alone(tmp_path: Path
         assert after["dev-2"] == before["dev-2"] and keys(fleet)["dev-2"] == keys_before["dev-2"]
         assert all(after[n] != before[n] for n in NAMES if n != "dev-2")
         assert fleet.service.metrics.reports.value("keys.report") == 2 * len(NAMES) - 1
+
+
+def test_a_non_canonical_envelope_in_a_batch_is_refused_by_its_check(tmp_path: Path) -> None:
+    """The envelope is decoded once, and its canonical form is still enforced: a report whose
+    signed payload is not the deterministic encoding (its map's keys in another order, signed
+    by the device's own key) is refused (``cbor.noncanonical``) and changes nothing; the rest
+    of the batch is taken."""
+    for fleet in make_fleet(tmp_path, NAMES):
+        before, keys_before = seqs(fleet), keys(fleet)
+        batch = [fleet.devices[n].report(report(), fleet.now) for n in NAMES]
+        topic, data = batch[1]
+        payload = cose.decode_sign1(data).payload
+        envelope = cbor.decode(payload)
+        assert isinstance(envelope, dict)
+        shuffled = cbor2.dumps(dict(reversed(list(envelope.items()))))
+        assert shuffled != payload and cbor2.loads(shuffled) == envelope
+        batch[1] = (topic, cose.sign1(shuffled, fleet.devices["dev-2"].devid))
+        fleet.service.handle_many(batch, fleet.now)
+        assert fleet.service.rejections.count("cbor.noncanonical") == 1
+        assert seqs(fleet)["dev-2"] == before["dev-2"]
+        assert keys(fleet)["dev-2"] == keys_before["dev-2"]
+        assert fleet.service.metrics.reports.value("keys.report") == len(NAMES) - 1
