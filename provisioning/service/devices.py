@@ -196,15 +196,19 @@ def on_key_states(
     *,
     now: int,
     facts: BatchFacts | None = None,
+    recorded: bool = False,
 ) -> Effects:
-    Registry(session).record_report(
-        sender,
-        message.message_id,
-        key_state_items(body.keys),
-        now=now,
-        online_since=now - cx.env.settings.online_window,
-        flush=facts is None,
-    )
+    """``recorded``: the caller writes what ``Registry.record_report`` would (a batch's reports
+    whose transitions are all recorded already, ``reports.on_reports``)."""
+    if not recorded:
+        Registry(session).record_report(
+            sender,
+            message.message_id,
+            key_state_items(body.keys),
+            now=now,
+            online_since=now - cx.env.settings.online_window,
+            flush=facts is None,
+        )
     refused = dict(body.refused)
     if refused and cx.env.refusals_seen.get(sender) != refused:
         # the device refused membership changes, credentials or Welcomes (what a rogue service,

@@ -44,13 +44,16 @@ from provisioning.service.store.fleet import (
     known_epochs,
     last_commit_at,
     load_ack_senders,
+    load_feed_seen,
     load_report_senders,
     load_senders,
     mark_heard,
     member_device_states,
     memberships,
     operator_key,
+    reported_devices,
     task_lease,
+    write_reports,
 )
 from provisioning.service.store.inflight import (
     add_attest_operation,
@@ -124,6 +127,9 @@ from provisioning.service.store.quorum import (
 )
 
 __all__ = [
+    "load_feed_seen",
+    "reported_devices",
+    "write_reports",
     "all_checkpoints",
     "checkpoint_at",
     "checkpoint_row",
