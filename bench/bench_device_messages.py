@@ -60,10 +60,16 @@ from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.ack import Ack
 from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.key_state import KeyStateReport
-from bench.bench_scale import T0, _ecdsa_verify_ms, progress
+from bench.bench_scale import (
+    T0,
+    _ecdsa_verify_ms,
+    progress,
+    seed_device_rows,
+    seed_member_rows,
+)
 from provisioning import pki
 from provisioning.db.runtime import create_service_schema
-from provisioning.db.schema import Device, DeviceState, Group, GroupMember
+from provisioning.db.schema import Group
 from provisioning.registry import create_schema, make_engine, session_factory
 from provisioning.service.core import DeliveryService, ServiceSettings
 from tests.device_certs import device_ca as test_device_ca
@@ -74,7 +80,6 @@ SIZES = (1_000, 10_000)
 BURST = 100_000
 BATCH = 200  # messages keyfleet serve hands the service at once
 GROUP_SIZE = 1_000
-SEED_BATCH = 10_000
 EPOCH = 2
 TARGET_SQLITE = 5.0  # verify times per message
 TARGET_POSTGRESQL = 8.0
@@ -105,27 +110,20 @@ def group_of(i: int) -> str:
     return f"g-{i // GROUP_SIZE:03}"
 
 
-def seed(engine: Engine, fleet: list[Device_], pems: list[str], *, now: int) -> None:
-    """Every device registered with its real DevID certificate and a member of its group."""
+def seed(
+    engine: Engine,
+    fleet: list[Device_],
+    pems: list[str],
+    *,
+    now: int,
+    ak_public: bytes | None = None,
+) -> None:
+    """Every device registered with its real DevID certificate (and ``ak_public`` as its AK,
+    if given: the one its certificate names) and a member of its group."""
     with engine.begin() as connection:
-        for start in range(0, len(fleet), SEED_BATCH):
-            connection.execute(
-                insert(Device),
-                [
-                    {
-                        "device_id": fleet[i][0],
-                        "ek_cert_fingerprint": f"{i:064x}",
-                        "devid_cert_pem": pems[i],
-                        "state": DeviceState.ACTIVE,
-                        "state_reason": "bench",
-                        "registered_at": now,
-                        "state_changed_at": now,
-                        "last_seen": now,
-                        "ak_public": b"bench-ak",
-                    }
-                    for i in range(start, min(len(fleet), start + SEED_BATCH))
-                ],
-            )
+        each = None if ak_public is None else (lambda i: {"ak_public": ak_public})
+        devices = [(device_id, pem) for (device_id, _), pem in zip(fleet, pems, strict=True)]
+        seed_device_rows(connection, devices, now=now, each=each)
         groups = sorted({group_of(i) for i in range(len(fleet))})
         connection.execute(
             insert(Group),
@@ -142,21 +140,9 @@ def seed(engine: Engine, fleet: list[Device_], pems: list[str], *, now: int) -> 
                 for g in groups
             ],
         )
-        for start in range(0, len(fleet), SEED_BATCH):
-            connection.execute(
-                insert(GroupMember),
-                [
-                    {
-                        "group_id": group_of(i),
-                        "device_id": fleet[i][0],
-                        "leaf_index": i % GROUP_SIZE,
-                        # joined at the group's epoch: up to date, as a member that acked it
-                        "joined_epoch": EPOCH,
-                        "requested_at": now,
-                    }
-                    for i in range(start, min(len(fleet), start + SEED_BATCH))
-                ],
-            )
+        # joined at the group's epoch: up to date, as a member that acked it
+        members = [(group_of(i), fleet[i][0], i % GROUP_SIZE) for i in range(len(fleet))]
+        seed_member_rows(connection, members, epoch=EPOCH, now=now)
 
 
 def report_body() -> KeyStateReport:
