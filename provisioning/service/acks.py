@@ -86,7 +86,8 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         senders = sorted({m.sender for m in batch})
         # Loaded once for the batch (the session's identity map then answers the per-ack
         # reads without a query); ``held`` keeps them there.
-        held: list[object] = [*store.lock_guards(session, senders)]
+        stored = store.lock_guards(session, senders)
+        held: list[object] = []
         held += store.load_ack_senders(
             session, senders, (m.body.group_id for m in batch if isinstance(m.body, AckBody))
         )
@@ -109,7 +110,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
             assert isinstance(body, AckBody)
             guard = guards.get(sender)
             if guard is None:
-                guard = store.load_guard(session, sender, memo=cx.guards)
+                guard = store.load_guard(session, sender, memo=cx.guards, stored=stored)
             trial = guard.copy()
             try:
                 trial.accept(message.message)
@@ -132,7 +133,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                 continue
             guards[sender] = trial
             taken.append((message, started_at[(body.group_id, body.epoch - 1)]))
-        store.save_guards(session, guards, now=now)
+        store.save_guards(session, guards, now=now, stored=stored)
         store.mark_heard(session, guards, now=now)
 
     try:

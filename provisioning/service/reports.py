@@ -67,7 +67,8 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         senders = sorted({m.sender for m in batch})
         # Loaded once for the batch (the session's identity map then answers the per-report
         # reads without a query); ``held`` keeps them there.
-        held: list[object] = [*store.lock_guards(session, senders)]
+        stored = store.lock_guards(session, senders)
+        held: list[object] = []
         # The steady case (every transition of every report of a sender recorded already: a
         # reconnect) is judged on plain columns and written in one Core statement; the other
         # senders' rows are loaded as objects for ``Registry.record_report``.
@@ -87,7 +88,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
             assert isinstance(body, KeyStateReport)
             guard = guards.get(sender)
             if guard is None:
-                guard = store.load_guard(session, sender, memo=cx.guards)
+                guard = store.load_guard(session, sender, memo=cx.guards, stored=stored)
             trial = guard.copy()
             row = known.get(sender)
             state = None if row is None else row.state
@@ -128,7 +129,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
             guards[sender] = trial
             taken.append((report, effects))
         store.write_reports(session, [written[s] for s in sorted(written)])
-        store.save_guards(session, guards, now=now)
+        store.save_guards(session, guards, now=now, stored=stored)
         # ``last_seen`` ("heard from") was written by each report's registry row update
 
     try:

@@ -214,3 +214,34 @@ def test_a_non_canonical_envelope_in_a_batch_is_refused_by_its_check(tmp_path: P
         assert seqs(fleet)["dev-2"] == before["dev-2"]
         assert keys(fleet)["dev-2"] == keys_before["dev-2"]
         assert fleet.service.metrics.reports.value("keys.report") == len(NAMES) - 1
+
+
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+
+
+def test_steady_batches_on_each_backend(tmp_path: Path, database_url: str) -> None:
+    """On SQLite and PostgreSQL (the replay rows read as columns under ``FOR UPDATE``, written
+    in one statement): a first batch of reports, then a steady one holding a replay, then a key
+    change; each is taken, the replay refused, every window stored packed at the last seq."""
+    url = None if database_url.startswith("sqlite") else database_url
+    for fleet in make_fleet(tmp_path, NAMES, url=url):
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(at=T0 + 5), fleet.now) for n in NAMES], fleet.now
+        )
+        fleet.now += 1
+        steady = [fleet.devices[n].report(report(at=T0 + 5), fleet.now) for n in NAMES]
+        fleet.service.handle_many([*steady, steady[2]], fleet.now)
+        assert fleet.service.rejections.count("replay.duplicate") == 1
+        with fleet.sessions() as s:
+            assert all(Registry(s).device(n).last_seen == fleet.now for n in NAMES)
+        fleet.now += 1
+        history = ((KeyState.PRE_ACTIVATION, T0), (KeyState.ACTIVE, T0 + 5))
+        history += ((KeyState.SUSPENDED, T0 + 7),)
+        moved = KeyStateReport((KeyRecord("devid", KeyKind.DEVID, history),), feed=0)
+        fleet.service.handle_many(
+            [fleet.devices[n].report(moved, fleet.now) for n in NAMES], fleet.now
+        )
+        assert all(k == [("devid", KeyState.SUSPENDED)] for k in keys(fleet).values())
+        assert seqs(fleet) == {n: fleet.devices[n].seq for n in NAMES}
+        assert all(data[0] == PACKED_VERSION for data in _stored(fleet).values())
+        assert fleet.service.metrics.reports.value("keys.report") == 3 * len(NAMES)
