@@ -31,9 +31,8 @@ statements per message counted on the engine, and its ratio to one ECDSA verify 
 before and just after that run (``timed``: the machine's load moves, and a verify timed once at
 the start made the ratios of later runs flatter or worse than they were). Before each timed
 run the objects that exist (mostly the virtual fleet's keys and pre-signed messages) are frozen
-out of the garbage
-collector's generations (``gc.freeze``): otherwise its full collections, which walk them,
-charge the service about 0.3 ms per report for objects it would not hold.
+out of the garbage collector's generations (``gc.freeze``): otherwise its full collections,
+which walk them, charge the service about 0.3 ms per report for objects it would not hold.
 
 The burst (``python -m bench.bench_device_messages burst``, and in the default run): 100,000
 devices on SQLite, each one report pre-signed before the clock starts, all through
