@@ -1,7 +1,8 @@
-"""Device messages at the service: what one key-state report (``keys.report``) and one group ack
-cost, as a ratio to one ECDSA P-256 verify timed in the same run, on a SQLite file and on
-PostgreSQL, with 1,000 and 10,000 registered devices; and a burst of 100,000 signed reports
-from 100,000 distinct registered devices (docs/bench/README.md, "Device messages").
+"""Device messages at the service: what one key-state report (``keys.report``), one group ack
+and one attestation answer cost, as a ratio to one ECDSA P-256 verify timed in the same run, on
+a SQLite file and on PostgreSQL, with 1,000 and 10,000 registered devices; and a burst of
+100,000 signed reports from 100,000 distinct registered devices (docs/bench/README.md, "Device
+messages").
 
 Not a test: prints a JSON list of records to stdout (progress to stderr).
 
@@ -16,15 +17,22 @@ its replay row and key rows made). Timed, in this order:
 
 - ``report``: every device's next ``keys.report``, the one a device sends at each reconnect
   (same keys, same states: what a fleet-wide reconnect sends);
-- ``ack``: every device's ack of the group's next epoch (the group moved on one epoch).
+- ``ack``: every device's ack of the group's next epoch (the group moved on one epoch);
+- ``attest``: attestation answers (``attest.report``) of the first ``ATTESTED`` devices, each a
+  real swtpm quote over the challenge's nonce with the measured-boot event log and the device's
+  key states, answering an open challenge of its own. Two rounds: the first (each device's
+  first answer to the instance: its certificate is checked with its AK, ``first_attest_ms``),
+  then the timed one. The quotes are made before any clock starts (``make_evidence``: one AK in
+  one swtpm, which every device's certificate names; ``bench_attestation`` makes its quotes the
+  same way), the challenges are written as ``attestation.challenge`` records them.
 
 Each figure is the wall time of the batches over the number of messages, with the SQL
-statements per message counted on the engine. Before each timed run the objects that exist
-(mostly the virtual fleet's keys and pre-signed messages) are frozen out of the garbage
-collector's generations (``gc.freeze``): otherwise its full collections, which walk them,
-charge the service about 0.3 ms per report for objects it would not hold. Attestation answers
-are not measured here (they need a TPM quote per device; bench_attestation times the
-verifier).
+statements per message counted on the engine, and its ratio to one ECDSA verify timed just
+before and just after that run (``timed``: the machine's load moves, and a verify timed once at
+the start made the ratios of later runs flatter or worse than they were). Before each timed
+run the objects that exist (mostly the virtual fleet's keys and pre-signed messages) are frozen
+out of the garbage collector's generations (``gc.freeze``): otherwise its full collections,
+which walk them, charge the service about 0.3 ms per report for objects it would not hold.
 
 The burst (``python -m bench.bench_device_messages burst``, and in the default run): 100,000
 devices on SQLite, each one report pre-signed before the clock starts, all through
@@ -38,12 +46,14 @@ import gc
 import io
 import json
 import logging
+import os
 import pstats
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -51,21 +61,35 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import event, insert, update
+from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.engine import Engine
 
+from agent.protocol.attest import tpm_name
 from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
 from agent.protocol.topics import SERVICE_ID, device_report_topic
 from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.ack import Ack
+from agent.protocol.wire.messages.attestation import AttestReport
 from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.key_state import KeyStateReport
-from bench.bench_scale import T0, _ecdsa_verify_ms, progress
+from agent.tpm import KeyKind as TpmKeyKind
+from agent.tpm import TPMStore
+from bench.bench_attestation import swtpm
+from bench.bench_scale import (
+    T0,
+    _ecdsa_verify_ms,
+    progress,
+    seed_device_rows,
+    seed_member_rows,
+)
+from firmware_sim.boot import default_components, measured_boot
 from provisioning import pki
-from provisioning.db.runtime import create_service_schema
-from provisioning.db.schema import Device, DeviceState, Group, GroupMember
+from provisioning.db.runtime import AttestChallengeRow, create_service_schema
+from provisioning.db.schema import AttestationResult, Group
+from provisioning.db.schema import Device as DeviceRow
+from provisioning.policy import policy_from_components
 from provisioning.registry import create_schema, make_engine, session_factory
-from provisioning.service.core import DeliveryService, ServiceSettings
+from provisioning.service.core import AttestationSettings, DeliveryService, ServiceSettings
 from tests.device_certs import device_ca as test_device_ca
 from tests.device_certs import devid_cert_der
 from tests.fixtures.postgres import PostgresServer
@@ -74,24 +98,27 @@ SIZES = (1_000, 10_000)
 BURST = 100_000
 BATCH = 200  # messages keyfleet serve hands the service at once
 GROUP_SIZE = 1_000
-SEED_BATCH = 10_000
 EPOCH = 2
 TARGET_SQLITE = 5.0  # verify times per message
 TARGET_POSTGRESQL = 8.0
 BURST_TARGET_S = 60.0
+VERIFY_ROUNDS = 500  # verifies timed before and after each timed run
+ATTESTED = 200  # devices that answer a challenge (two rounds), at every N
+ATTEST_TTL = 3600  # the challenges stay open while the answers are made and taken
 
 Device_ = tuple[str, ec.EllipticCurvePrivateKey]
 
 
-def make_fleet(n: int) -> tuple[list[Device_], list[str]]:
-    """``n`` software devices and their DevID certificates (PEM)."""
+def make_fleet(n: int, *, ak_name: bytes | None = None) -> tuple[list[Device_], list[str]]:
+    """``n`` software devices and their DevID certificates (PEM), naming the AK ``ak_name``
+    if given (as enrollment issues them; the service checks it before it takes a quote)."""
     ca = test_device_ca()
     devices: list[Device_] = []
     pems: list[str] = []
     for i in range(n):
         device_id = f"dev-{i:06}"
         key = ec.generate_private_key(ec.SECP256R1())
-        der = devid_cert_der(device_id, key, ca=ca)
+        der = devid_cert_der(device_id, key, ca=ca, ak_name=ak_name)
         pems.append(
             x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
         )
@@ -105,27 +132,20 @@ def group_of(i: int) -> str:
     return f"g-{i // GROUP_SIZE:03}"
 
 
-def seed(engine: Engine, fleet: list[Device_], pems: list[str], *, now: int) -> None:
-    """Every device registered with its real DevID certificate and a member of its group."""
+def seed(
+    engine: Engine,
+    fleet: list[Device_],
+    pems: list[str],
+    *,
+    now: int,
+    ak_public: bytes | None = None,
+) -> None:
+    """Every device registered with its real DevID certificate (and ``ak_public`` as its AK,
+    if given: the one its certificate names) and a member of its group."""
     with engine.begin() as connection:
-        for start in range(0, len(fleet), SEED_BATCH):
-            connection.execute(
-                insert(Device),
-                [
-                    {
-                        "device_id": fleet[i][0],
-                        "ek_cert_fingerprint": f"{i:064x}",
-                        "devid_cert_pem": pems[i],
-                        "state": DeviceState.ACTIVE,
-                        "state_reason": "bench",
-                        "registered_at": now,
-                        "state_changed_at": now,
-                        "last_seen": now,
-                        "ak_public": b"bench-ak",
-                    }
-                    for i in range(start, min(len(fleet), start + SEED_BATCH))
-                ],
-            )
+        each = None if ak_public is None else (lambda i: {"ak_public": ak_public})
+        devices = [(device_id, pem) for (device_id, _), pem in zip(fleet, pems, strict=True)]
+        seed_device_rows(connection, devices, now=now, each=each)
         groups = sorted({group_of(i) for i in range(len(fleet))})
         connection.execute(
             insert(Group),
@@ -142,21 +162,77 @@ def seed(engine: Engine, fleet: list[Device_], pems: list[str], *, now: int) -> 
                 for g in groups
             ],
         )
-        for start in range(0, len(fleet), SEED_BATCH):
-            connection.execute(
-                insert(GroupMember),
-                [
-                    {
-                        "group_id": group_of(i),
-                        "device_id": fleet[i][0],
-                        "leaf_index": i % GROUP_SIZE,
-                        # joined at the group's epoch: up to date, as a member that acked it
-                        "joined_epoch": EPOCH,
-                        "requested_at": now,
-                    }
-                    for i in range(start, min(len(fleet), start + SEED_BATCH))
-                ],
-            )
+        # joined at the group's epoch: up to date, as a member that acked it
+        members = [(group_of(i), fleet[i][0], i % GROUP_SIZE) for i in range(len(fleet))]
+        seed_member_rows(connection, members, epoch=EPOCH, now=now)
+
+
+@dataclass(frozen=True)
+class TpmEvidence:
+    """Real attestation answers: one AK in a swtpm, one measured boot, and one quote per
+    nonce (``bench_attestation``'s way), made before any clock starts. Every device's
+    certificate names this one AK (a bench shortcut: one TPM for the fleet); each challenge
+    has its own nonce, so each answer is its own quote."""
+
+    ak_public: bytes
+    event_log: bytes
+    pcrs: tuple[int, ...]
+    quotes: list[tuple[bytes, bytes, bytes]]  # nonce, quote (TPMS_ATTEST), signature
+
+
+def make_evidence(count: int) -> TpmEvidence:
+    components = default_components("1.0")
+    pcrs = policy_from_components(components).pcrs
+    nonces = [i.to_bytes(8, "big") + os.urandom(24) for i in range(count)]
+    begin = time.monotonic()
+    with swtpm() as tcti, TPMStore(tcti) as store, store.create_and_load(TpmKeyKind.AK) as ak:
+        log = measured_boot(store, components).encode()
+        quotes = []
+        for nonce in nonces:
+            quote = store.quote(ak, nonce, pcrs)
+            quotes.append((nonce, quote.attest, quote.signature))
+        ak_public = ak.public_area
+    progress(f"  {count} swtpm quotes in {time.monotonic() - begin:.0f} s")
+    return TpmEvidence(ak_public, log, pcrs, quotes)
+
+
+def open_challenges(
+    engine: Engine,
+    fleet: list[Device_],
+    quotes: list[tuple[bytes, bytes, bytes]],
+    now: int,
+    evidence: TpmEvidence,
+) -> None:
+    """Device ``i``'s open challenge for ``quotes[i]``'s nonce, as ``attestation.challenge``
+    records it (not timed: what is measured is the answer)."""
+    with engine.begin() as connection:
+        connection.execute(
+            insert(AttestChallengeRow),
+            [
+                {
+                    "nonce": nonce.hex(),
+                    "device_id": device_id,
+                    "pcrs": ",".join(str(p) for p in evidence.pcrs),
+                    "issued_at": now,
+                    "expires_at": now + ATTEST_TTL,
+                    "answered_at": None,
+                }
+                for (device_id, _), (nonce, _, _) in zip(fleet, quotes, strict=False)
+            ],
+        )
+
+
+def attest_body(evidence: TpmEvidence, i: int) -> AttestReport:
+    nonce, quote, signature = evidence.quotes[i]
+    return AttestReport(
+        nonce=nonce,
+        quote=quote,
+        signature=signature,
+        pcr_bank="sha256",
+        pcrs=evidence.pcrs,
+        event_log=evidence.event_log,
+        keys=report_body().keys,
+    )
 
 
 def report_body() -> KeyStateReport:
@@ -192,6 +268,9 @@ def service_at(url: str) -> Iterator[tuple[Engine, DeliveryService, list[int]]]:
         device_ca=test_device_ca().certificate,
         settings=ServiceSettings(min_approvals=1),
         rng=lambda n: next(counter).to_bytes(n, "big"),
+        attestation=AttestationSettings(
+            policy=policy_from_components(default_components("1.0")), nonce_ttl=ATTEST_TTL
+        ),
     )
     try:
         yield engine, service, statements
@@ -232,6 +311,17 @@ def take(
     return spent, sum(service.rejections.snapshot().values()) - refused
 
 
+def timed(
+    service: DeliveryService, messages: list[tuple[str, bytes]], now: int
+) -> tuple[float, int, float]:
+    """``take``, and one ECDSA verify's time measured just before and just after it (the mean):
+    on a shared machine whose load moves, the ratio is then to a verify timed under the same
+    load as the messages."""
+    before = _ecdsa_verify_ms(VERIFY_ROUNDS)
+    spent, refused = take(service, messages, now)
+    return spent, refused, (before + _ecdsa_verify_ms(VERIFY_ROUNDS)) / 2
+
+
 def profiled(work: Callable[[], Any], limit: int = 25) -> str:
     profile = cProfile.Profile()
     profile.enable()
@@ -242,11 +332,13 @@ def profiled(work: Callable[[], Any], limit: int = 25) -> str:
     return out.getvalue()
 
 
-def run(url: str, backend: str, fleet: list[Device_], pems: list[str]) -> dict[str, Any]:
+def run(
+    url: str, backend: str, fleet: list[Device_], pems: list[str], evidence: TpmEvidence
+) -> dict[str, Any]:
     n = len(fleet)
     signer = Signer(fleet)
     with service_at(url) as (engine, service, statements):
-        seed(engine, fleet, pems, now=T0)
+        seed(engine, fleet, pems, now=T0, ak_public=evidence.ak_public)
         now = T0 + 10
         warm = [signer.sign(i, Ack(group_of(i), EPOCH, b"\x01" * 32), now) for i in range(n)]
         warm += [signer.sign(i, report_body(), now) for i in range(n)]
@@ -258,29 +350,60 @@ def run(url: str, backend: str, fleet: list[Device_], pems: list[str]) -> dict[s
         reports = [signer.sign(i, report_body(), now) for i in range(n)]
         before = statements[0]
         checks = service._env.devices.validations
-        spent, refused = take(service, reports, now)
+        spent, refused, verify = timed(service, reports, now)
         checks = service._env.devices.validations - checks
-        figures["report"] = (spent, statements[0] - before, refused, checks)
+        figures["report"] = (spent, statements[0] - before, refused, checks, n, verify)
         with engine.begin() as connection:
             connection.execute(update(Group).values(epoch=EPOCH + 1))
         now = T0 + 30
         acks = [signer.sign(i, Ack(group_of(i), EPOCH + 1, b"\x02" * 32), now) for i in range(n)]
         before = statements[0]
         checks = service._env.devices.validations
-        spent, refused = take(service, acks, now)
+        spent, refused, verify = timed(service, acks, now)
         checks = service._env.devices.validations - checks
-        figures["ack"] = (spent, statements[0] - before, refused, checks)
+        figures["ack"] = (spent, statements[0] - before, refused, checks, n, verify)
+        # two rounds of attestation answers from the first ATTESTED devices: the first (a
+        # device's first answer to this instance: its certificate is checked with its AK) and
+        # the next one, timed like the others
+        attested = min(n, ATTESTED)
+        for kind, now in (("attest_first", T0 + 40), ("attest", T0 + 45)):
+            first = 0 if kind == "attest_first" else attested
+            open_challenges(engine, fleet[:attested], evidence.quotes[first:], now - 5, evidence)
+            answers = [
+                signer.sign(i, attest_body(evidence, first + i), now) for i in range(attested)
+            ]
+            before = statements[0]
+            checks = service._env.devices.validations
+            taken = service.metrics.reports.value("attest.report")
+            spent, refused, verify = timed(service, answers, now)
+            checks = service._env.devices.validations - checks
+            if service.metrics.reports.value("attest.report") - taken != attested:
+                raise RuntimeError(f"{backend} N={n}: not every attestation answer was taken")
+            with engine.connect() as connection:
+                trusted = connection.execute(
+                    select(func.count())
+                    .select_from(DeviceRow)
+                    .where(
+                        DeviceRow.attestation_result == AttestationResult.TRUSTED,
+                        DeviceRow.attested_at == now,
+                    )
+                ).scalar_one()
+            if trusted != attested:
+                raise RuntimeError(f"{backend} N={n}: {attested - trusted} answers not trusted")
+            figures[kind] = (spent, statements[0] - before, refused, checks, attested, verify)
         out: dict[str, Any] = {}
-        for kind, (spent, sql, refused, checks) in figures.items():
+        for kind, (spent, sql, refused, checks, count, verify) in figures.items():
             if refused:
                 raise RuntimeError(f"{backend} N={n}: {refused} {kind} messages refused")
             out[kind] = {
-                "ms": spent * 1000 / n,
-                "sql_per_message": sql / n,
+                "ms": spent * 1000 / count,
+                "sql_per_message": sql / count,
                 "certificate_checks": checks,
+                "messages": count,
+                "verify_ms": verify,
             }
         if n == min(n, SIZES[0]) and backend == "sqlite":
-            now = T0 + 40
+            now = T0 + 60
             more = [signer.sign(i, report_body(), now) for i in range(n)]
             out["profile"] = profiled(lambda: take(service, more, now))
         return out
@@ -290,9 +413,10 @@ def records(rows: list[tuple[str, int, dict[str, Any]]], verify_ms: float) -> li
     out: list[dict[str, Any]] = []
     for backend, n, figures in rows:
         target = TARGET_SQLITE if backend == "sqlite" else TARGET_POSTGRESQL
-        for kind in ("report", "ack"):
+        for kind in ("report", "ack", "attest"):
             ms = figures[kind]["ms"]
-            ratio = ms / verify_ms
+            verify = figures[kind]["verify_ms"]
+            ratio = ms / verify
             out.append(
                 {
                     "name": f"device_{kind}_verify_ratio_{backend}_n{n // 1000}k",
@@ -301,9 +425,14 @@ def records(rows: list[tuple[str, int, dict[str, Any]]], verify_ms: float) -> li
                     "target": target,
                     "met": ratio <= target,
                     "ms_per_message": round(ms, 3),
-                    "verify_ms": round(verify_ms, 4),
+                    "verify_ms": round(verify, 4),
+                    "verify_ms_at_start": round(verify_ms, 4),
                     "sql_per_message": round(figures[kind]["sql_per_message"], 2),
                     "certificate_checks": figures[kind]["certificate_checks"],
+                    "messages": figures[kind]["messages"],
+                    "first_attest_ms": (
+                        round(figures["attest_first"]["ms"], 3) if kind == "attest" else None
+                    ),
                 }
             )
     return out
@@ -361,15 +490,16 @@ def main() -> None:
                 postgres.start()
             try:
                 sizes = tuple(int(a) for a in sys.argv[2:]) or SIZES
+                evidence = make_evidence(2 * min(max(sizes), ATTESTED))
                 for n in sizes:
-                    fleet, pems = make_fleet(n)
+                    fleet, pems = make_fleet(n, ak_name=tpm_name(evidence.ak_public))
                     for backend in backends:
                         if backend == "sqlite":
                             url = f"sqlite:///{directory / f'fleet-{n}.db'}"
                         else:
                             assert postgres is not None
                             url = postgres.create_database()
-                        figures = run(url, backend, fleet, pems)
+                        figures = run(url, backend, fleet, pems, evidence)
                         profile = figures.pop("profile", None)
                         if profile is not None:
                             progress(profile)

@@ -55,7 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -65,7 +65,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import Connection, func, insert, select, text, update
 
 from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
@@ -121,31 +121,77 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def seed_device_rows(
+    connection: Connection,
+    devices: Sequence[tuple[str, str]],
+    *,
+    now: int,
+    each: Callable[[int], dict[str, Any]] | None = None,
+) -> None:
+    """Register ``devices`` (id, DevID certificate PEM or a placeholder no measured path
+    parses) as active devices with an AK, registered and heard from at ``now``, in statements of
+    ``BATCH`` rows: the registered fleet every scale bench starts from. ``each(i)``: the columns
+    of device ``i`` that differ (its attestation times, its AK, ...)."""
+    for start in range(0, len(devices), BATCH):
+        rows = []
+        for i in range(start, min(len(devices), start + BATCH)):
+            device_id, pem = devices[i]
+            row: dict[str, Any] = {
+                "device_id": device_id,
+                "ek_cert_fingerprint": f"{i:064x}",
+                "devid_cert_pem": pem,
+                "state": DeviceState.ACTIVE,
+                "state_reason": "bench",
+                "registered_at": now,
+                "state_changed_at": now,
+                "last_seen": now,
+                "ak_public": b"bench-ak",
+            }
+            if each is not None:
+                row.update(each(i))
+            rows.append(row)
+        connection.execute(insert(Device), rows)
+
+
+def seed_member_rows(
+    connection: Connection, members: Sequence[tuple[str, str, int]], *, epoch: int, now: int
+) -> None:
+    """Member rows (group, device, leaf index), joined at ``epoch``, in statements of ``BATCH``
+    rows."""
+    for start in range(0, len(members), BATCH):
+        connection.execute(
+            insert(GroupMember),
+            [
+                {
+                    "group_id": group_id,
+                    "device_id": device_id,
+                    "leaf_index": leaf,
+                    "joined_epoch": epoch,
+                    "requested_at": now,
+                }
+                for group_id, device_id, leaf in members[start : start + BATCH]
+            ],
+        )
+
+
 def seed_devices(service_url: str, count: int, *, now: int, interval: int) -> None:
     """``count`` active, attestable devices heard from at ``now``, attested at evenly spread
     times of the last ``interval``, so that they fall due evenly over the next one."""
+
+    def attested(i: int) -> dict[str, Any]:
+        at = now - interval + (i * interval) // count
+        registered = now - interval
+        return {
+            "registered_at": registered,
+            "state_changed_at": registered,
+            "attested_at": at,
+            "attest_due": at + interval,
+        }
+
     engine = make_engine(service_url)
     with engine.begin() as connection:
-        for start in range(0, count, BATCH):
-            rows = []
-            for i in range(start, min(count, start + BATCH)):
-                attested = now - interval + (i * interval) // count
-                rows.append(
-                    {
-                        "device_id": f"dev-{i:06}",
-                        "ek_cert_fingerprint": f"{i:064x}",
-                        "devid_cert_pem": "bench",
-                        "state": DeviceState.ACTIVE,
-                        "state_reason": "bench",
-                        "registered_at": now - interval,
-                        "state_changed_at": now - interval,
-                        "attested_at": attested,
-                        "attest_due": attested + interval,
-                        "last_seen": now,
-                        "ak_public": b"bench-ak",
-                    }
-                )
-            connection.execute(insert(Device), rows)
+        devices = [(f"dev-{i:06}", "bench") for i in range(count)]
+        seed_device_rows(connection, devices, now=now, each=attested)
     engine.dispose()
 
 
@@ -288,19 +334,8 @@ def seed_group(url: str, *, now: int) -> None:
                 }
             ],
         )
-        connection.execute(
-            insert(GroupMember),
-            [
-                {
-                    "group_id": G,
-                    "device_id": f"dev-{i:06}",
-                    "leaf_index": i,
-                    "joined_epoch": 0,
-                    "requested_at": now,
-                }
-                for i in range(GROUP_N)
-            ],
-        )
+        members = [(G, f"dev-{i:06}", i) for i in range(GROUP_N)]
+        seed_member_rows(connection, members, epoch=0, now=now)
         connection.execute(
             insert(CommitLogEntry),
             [
@@ -514,24 +549,8 @@ def seed_commit_group(url: str, public: PublicGroup, certs: dict[int, str], *, n
     tree = public.tree
     with engine.begin() as connection:
         members = list(tree.members())
-        for start in range(0, len(members), BATCH):
-            connection.execute(
-                insert(Device),
-                [
-                    {
-                        "device_id": leaf.device_id.decode(),
-                        "ek_cert_fingerprint": f"{i:064x}",
-                        "devid_cert_pem": certs.get(i, "bench"),
-                        "state": DeviceState.ACTIVE,
-                        "state_reason": "bench",
-                        "registered_at": now,
-                        "state_changed_at": now,
-                        "last_seen": now,
-                        "ak_public": b"bench-ak",
-                    }
-                    for i, leaf in members[start : start + BATCH]
-                ],
-            )
+        devices = [(leaf.device_id.decode(), certs.get(i, "bench")) for i, leaf in members]
+        seed_device_rows(connection, devices, now=now)
         connection.execute(
             insert(Group),
             [
@@ -556,20 +575,12 @@ def seed_commit_group(url: str, public: PublicGroup, certs: dict[int, str], *, n
                     for x, d in present[start : start + BATCH]
                 ],
             )
-        for start in range(0, len(members), BATCH):
-            connection.execute(
-                insert(GroupMember),
-                [
-                    {
-                        "group_id": COMMIT_GROUP,
-                        "device_id": leaf.device_id.decode(),
-                        "leaf_index": i,
-                        "joined_epoch": public.epoch,
-                        "requested_at": now,
-                    }
-                    for i, leaf in members[start : start + BATCH]
-                ],
-            )
+        seed_member_rows(
+            connection,
+            [(COMMIT_GROUP, leaf.device_id.decode(), i) for i, leaf in members],
+            epoch=public.epoch,
+            now=now,
+        )
     engine.dispose()
 
 

@@ -10,7 +10,6 @@ run, instead of one per ack (docs/bench/README.md).
 
 from __future__ import annotations
 
-import copy
 import logging
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -87,7 +86,8 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         senders = sorted({m.sender for m in batch})
         # Loaded once for the batch (the session's identity map then answers the per-ack
         # reads without a query); ``held`` keeps them there.
-        held: list[object] = [*store.lock_guards(session, senders)]
+        stored = store.lock_guards(session, senders)
+        held: list[object] = []
         held += store.load_ack_senders(
             session, senders, (m.body.group_id for m in batch if isinstance(m.body, AckBody))
         )
@@ -110,8 +110,8 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
             assert isinstance(body, AckBody)
             guard = guards.get(sender)
             if guard is None:
-                guard = store.load_guard(session, sender, memo=cx.guards)
-            trial = copy.deepcopy(guard)
+                guard = store.load_guard(session, sender, memo=cx.guards, stored=stored)
+            trial = guard.copy()
             try:
                 trial.accept(message.message)
                 # the registry judges epochs (see verify.accept_and)
@@ -133,7 +133,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                 continue
             guards[sender] = trial
             taken.append((message, started_at[(body.group_id, body.epoch - 1)]))
-        store.save_guards(session, guards, now=now)
+        store.save_guards(session, guards, now=now, stored=stored)
         store.mark_heard(session, guards, now=now)
 
     try:
@@ -142,11 +142,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         if len(batch) == 1:
             raise
         log.warning("a batch of %d acks failed (%s); taking them one by one", len(batch), exc)
-        for message in batch:
-            try:
-                devices.on_device_message(cx, message, now)
-            except (KeyfleetError, SQLAlchemyError) as one:
-                log.error("handling an ack from %s failed: %s", message.sender, one)
+        devices.one_by_one(cx, batch, now, what="an ack")
         return
     behind: list[str] = []
     for message, err in refused:

@@ -19,9 +19,10 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from agent.protocol.errors import ProtocolError
+from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls import codec
 from agent.protocol.mls.messages import KeyPackage
@@ -113,6 +114,19 @@ def on_device_message(cx: Call, report: verify.VerifiedReport, now: int) -> None
     catchup.catch_up(cx, device_id, now)
 
 
+def one_by_one(cx: Call, batch: list[verify.VerifiedReport], now: int, *, what: str) -> None:
+    """Take each message of a batch whose shared transaction was undone on its own
+    (``on_device_message``: its own transaction, refusal and catch-up), so that a refused
+    message never leaves a partial change behind; a message whose handling fails is logged
+    (``what``: "a report", "an ack") and the next one is taken. Used by ``reports.on_reports``
+    and ``acks.on_acks``."""
+    for report in batch:
+        try:
+            on_device_message(cx, report, now)
+        except (KeyfleetError, SQLAlchemyError) as one:
+            log.error("handling %s from %s failed: %s", what, report.sender, one)
+
+
 def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: int) -> Effects:
     body = message.body
     sender = message.sender
@@ -182,15 +196,19 @@ def on_key_states(
     *,
     now: int,
     facts: BatchFacts | None = None,
+    recorded: bool = False,
 ) -> Effects:
-    Registry(session).record_report(
-        sender,
-        message.message_id,
-        key_state_items(body.keys),
-        now=now,
-        online_since=now - cx.env.settings.online_window,
-        flush=facts is None,
-    )
+    """``recorded``: the caller writes what ``Registry.record_report`` would (a batch's reports
+    whose transitions are all recorded already, ``reports.on_reports``)."""
+    if not recorded:
+        Registry(session).record_report(
+            sender,
+            message.message_id,
+            key_state_items(body.keys),
+            now=now,
+            online_since=now - cx.env.settings.online_window,
+            flush=facts is None,
+        )
     refused = dict(body.refused)
     if refused and cx.env.refusals_seen.get(sender) != refused:
         # the device refused membership changes, credentials or Welcomes (what a rogue service,

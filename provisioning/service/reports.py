@@ -12,13 +12,12 @@ senders.
 A report refused by its replay window or because its sender is quarantined is refused alone,
 before it writes anything (its window is updated on a copy kept only when the report is
 taken). Any other refusal (a key history the registry cannot take, ...) or failure aborts the
-batch, and each report is then taken on its own (``devices.on_device_message``), so that a
+batch, and each report is then taken on its own (``devices.one_by_one``), so that a
 refused report never leaves a partial change behind in a shared transaction.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -27,13 +26,19 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.replay import ReplayGuard
-from provisioning.db.runtime import ReplayState
-from provisioning.registry import DeviceState
+from provisioning.registry import DeviceState, key_state_items
+from provisioning.registry import KeyStateReport as KeyStateItem
 from provisioning.service import catchup, devices, execute, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects
 
 log = logging.getLogger("keyfleet.service")
+
+
+def _items(report: verify.VerifiedReport) -> list[KeyStateItem]:
+    body = report.body
+    assert isinstance(body, KeyStateReport)
+    return key_state_items(body.keys)
 
 
 class _Abort(Exception):
@@ -62,12 +67,23 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         senders = sorted({m.sender for m in batch})
         # Loaded once for the batch (the session's identity map then answers the per-report
         # reads without a query); ``held`` keeps them there.
-        held: list[object] = [*store.lock_guards(session, senders)]
+        stored = store.lock_guards(session, senders)
         # first messages (a burst after a fleet-wide reconnect): their rows in one statement
-        new = sorted(set(senders) - {row.sender for row in held if isinstance(row, ReplayState)})
-        held += store.claim_guards(session, new, now=now)
-        held += store.load_report_senders(session, senders)
+        new = sorted(set(senders) - set(stored))
+        stored.update(store.claim_guards(session, new, now=now))
+        held: list[object] = []
+        # The steady case (every transition of every report of a sender recorded already: a
+        # reconnect) is judged on plain columns and written in one Core statement; the other
+        # senders' rows are loaded as objects for ``Registry.record_report``.
+        known = store.reported_devices(session, senders)
+        unknown = {r.sender for r in batch if r.sender not in known}
+        unknown |= {r.sender for r in batch if not known[r.sender].knows(_items(r))}
+        steady = set(known) - unknown
+        held += store.load_report_senders(session, [s for s in senders if s not in steady])
+        held += store.load_feed_seen(session, sorted(steady))
         facts = devices.BatchFacts.read(session, senders)
+        online_since = now - cx.env.settings.online_window
+        written: dict[str, dict[str, object]] = {}
         guards: dict[str, ReplayGuard] = {}
         for report in batch:
             sender = report.sender
@@ -75,9 +91,10 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
             assert isinstance(body, KeyStateReport)
             guard = guards.get(sender)
             if guard is None:
-                guard = store.load_guard(session, sender, memo=cx.guards)
-            trial = copy.deepcopy(guard)
-            state = store.device_state(session, sender)
+                guard = store.load_guard(session, sender, memo=cx.guards, stored=stored)
+            trial = guard.copy()
+            row = known.get(sender)
+            state = None if row is None else row.state
             try:
                 trial.accept(report.message)
                 if state is None:
@@ -92,15 +109,32 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
                 continue
             try:
                 effects = devices.on_key_states(
-                    cx, session, sender, body, report.message, now=now, facts=facts
+                    cx,
+                    session,
+                    sender,
+                    body,
+                    report.message,
+                    now=now,
+                    facts=facts,
+                    recorded=sender in steady,
                 )
             except ProtocolError as err:
                 raise _Abort(f"{sender}: [{err.check}]") from None
+            if row is not None and sender in steady:
+                back = row.last_seen is None or row.last_seen < online_since
+                written[sender] = {
+                    "device": sender,
+                    "report": report.message.message_id,
+                    "report_at": now,
+                    "seen": now,
+                    "due": min(row.attest_due, now) if back else row.attest_due,
+                }
             guards[sender] = trial
             taken.append((report, effects))
         store.drop_claims(session, set(new) - set(guards))
         store.number_new_key_rows(session)
-        store.save_guards(session, guards, now=now)
+        store.write_reports(session, [written[s] for s in sorted(written)])
+        store.save_guards(session, guards, now=now, stored=stored)
         # ``last_seen`` ("heard from") was written by each report's registry row update
 
     try:
@@ -108,11 +142,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
     except (KeyfleetError, SQLAlchemyError, _Abort) as exc:
         cx.env.refusals_seen, cx.env.trust_seen = seen
         log.info("a batch of %d reports is taken one by one (%s)", len(batch), exc)
-        for report in batch:
-            try:
-                devices.on_device_message(cx, report, now)
-            except (KeyfleetError, SQLAlchemyError) as one:
-                log.error("handling a report from %s failed: %s", report.sender, one)
+        devices.one_by_one(cx, batch, now, what="a report")
         return
     behind: list[str] = []
     for report, err in refused:

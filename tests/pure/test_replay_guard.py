@@ -9,6 +9,7 @@ it refused."""
 from __future__ import annotations
 
 import copy
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from agent.protocol.wire.replay import (
     DEFAULT_CAPACITY,
     DEFAULT_WINDOW,
     MAX_CAPACITY,
+    PACKED_VERSION,
     STATE_VERSION,
     ReplayGuard,
 )
@@ -441,7 +443,99 @@ def test_an_operator_guard_stored_by_the_previous_version_is_widened_exactly(
     with fleet.sessions() as s:
         row = s.get(ReplayState, "op-alice")
         assert row is not None
-        stored = cbor.decode(row.state)
-    assert isinstance(stored, dict)
+        stored = ReplayGuard.from_bytes(row.state).to_cbor_map()
     assert stored["v"] == STATE_VERSION and stored["window"] == OPERATOR_WINDOW
-    assert stored["senders"]["op-alice"]["min"] == top - 31
+    senders = stored["senders"]
+    assert isinstance(senders, dict) and senders["op-alice"]["min"] == top - 31
+
+
+# -- the packed form the service stores ------------------------------------------------------
+
+
+def test_the_packed_form_round_trips_and_is_one_encoding() -> None:
+    guard = busy_guard()
+    data = guard.to_bytes()
+    assert data[0] == PACKED_VERSION
+    again = ReplayGuard.from_bytes(data)
+    assert again.to_bytes() == data
+    assert snapshot(again) == snapshot(guard)
+    assert (again.window, again.capacity) == (1000, 4)
+    assert len(data) < len(snapshot(guard))
+    for seq in (7, 15, 16, 29, 50, 51):  # the same refusals as the guard it came from
+        assert refusal(again.copy(), message(seq)) == refusal(guard.copy(), message(seq))
+    empty = ReplayGuard(OPERATOR_WINDOW)
+    assert snapshot(ReplayGuard.from_bytes(empty.to_bytes())) == snapshot(empty)
+
+
+def test_copy_is_independent() -> None:
+    guard = busy_guard()
+    before = snapshot(guard)
+    trial = guard.copy()
+    trial.accept(message(60))
+    trial.advance_epoch("g1", 9)
+    assert snapshot(guard) == before
+    assert trial.highest_seq("op-a") == 60 and guard.highest_seq("op-a") == 50
+
+
+def test_stored_cbor_forms_are_still_read() -> None:
+    old = ReplayGuard.from_bytes(cbor.encode(version_1_state()))
+    assert snapshot(old) == snapshot(ReplayGuard.from_cbor_map(version_1_state()))
+    guard = busy_guard()
+    assert snapshot(ReplayGuard.from_bytes(snapshot(guard))) == snapshot(guard)
+    # strict as before: a non-canonical encoding of a good state is refused by its check
+    noncanonical = b"\xb8\x05" + snapshot(guard)[1:]  # the map's length in a longer head
+    with pytest.raises(ProtocolError) as refused:
+        ReplayGuard.from_bytes(noncanonical)
+    assert refused.value.check == "cbor.noncanonical"
+
+
+def _packed(
+    window: int = 1000,
+    capacity: int = 4,
+    senders: list[tuple[bytes, int, int, list[tuple[int, bytes]]]] | None = None,
+    epochs: list[tuple[bytes, int]] | None = None,
+) -> bytes:
+    """A packed state written field by field (not by ``to_bytes``)."""
+    if senders is None:
+        senders = [(b"op-a", 50, 0, [(20, bytes(32)), (50, b"\1" * 32)])]
+    out = struct.pack(">BQH", PACKED_VERSION, window, capacity)
+    out += struct.pack(">H", len(senders))
+    for name, highest, floor, recent in senders:
+        out += bytes([len(name)]) + name + struct.pack(">QQH", highest, floor, len(recent))
+        out += b"".join(struct.pack(">Q", seq) + mid for seq, mid in recent)
+    epochs = [(b"g1", 3)] if epochs is None else epochs
+    out += struct.pack(">H", len(epochs))
+    out += b"".join(bytes([len(n)]) + n + struct.pack(">Q", e) for n, e in epochs)
+    return out
+
+
+def test_a_malformed_packed_state_is_refused() -> None:
+    good = _packed()
+    assert ReplayGuard.from_bytes(good).to_bytes() == good
+    a = b"op-a"
+    bad = [
+        *(good[:cut] for cut in range(1, len(good))),  # truncated anywhere
+        good + b"\0",  # trailing bytes
+        _packed(window=0),
+        _packed(capacity=0),
+        _packed(capacity=MAX_CAPACITY + 1),
+        _packed(senders=[(a, 50, 51, [])]),  # floor above the highest
+        _packed(senders=[(a, 50, 30, [(20, bytes(32))])]),  # remembered seq below the floor
+        _packed(senders=[(a, 50, 0, [(51, bytes(32))])]),  # above the highest
+        _packed(window=10, senders=[(a, 50, 0, [(40, bytes(32))])]),  # below the window
+        _packed(senders=[(a, 50, 0, [(50, bytes(32)), (20, bytes(32))])]),  # not ascending
+        _packed(senders=[(a, 50, 0, [(50, bytes(32)), (50, bytes(32))])]),  # repeated
+        _packed(senders=[(a, 50, 0, [(s, bytes(32)) for s in range(45, 50)])]),  # > capacity
+        _packed(senders=[(b"op-b", 5, 0, []), (a, 5, 0, [])]),  # senders not in order
+        _packed(senders=[(a, 5, 0, []), (a, 5, 0, [])]),  # a sender twice
+        _packed(senders=[(b"op/a", 5, 0, [])]),  # not an id
+        _packed(senders=[(b"", 5, 0, [])]),
+        _packed(senders=[(b"\xff", 5, 0, [])]),
+        _packed(epochs=[(b"g2", 1), (b"g1", 1)]),
+        _packed(epochs=[(b"g 1", 1)]),
+        b"",
+        bytes([PACKED_VERSION + 1]) + good[1:],
+    ]
+    for data in bad:
+        with pytest.raises((StateError, ProtocolError)):
+            ReplayGuard.from_bytes(data)

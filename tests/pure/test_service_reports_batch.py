@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cbor2
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
+from agent.protocol.wire import cbor, cose
 from agent.protocol.wire.messages.key_state import KeyStateReport
+from agent.protocol.wire.replay import PACKED_VERSION, ReplayGuard
+from provisioning.db.runtime import ReplayState
 from provisioning.db.schema import Device
 from provisioning.registry import DeviceState, Registry
 from provisioning.service import store
@@ -137,3 +141,107 @@ def test_a_swapped_certificate_row_is_refused_though_the_good_one_is_remembered(
         fleet.service.handle_many([fleet.devices["dev-1"].report(report(), fleet.now)], fleet.now)
         assert fleet.service.rejections.count("cred.stored") == 1
         assert seqs(fleet)["dev-1"] == before
+
+
+def _stored(fleet: Fleet) -> dict[str, bytes]:
+    with fleet.sessions() as s:
+        rows = s.scalars(select(ReplayState).where(ReplayState.sender.in_(NAMES)))
+        return {row.sender: row.state for row in rows}
+
+
+def test_a_window_stored_in_the_cbor_form_is_read_and_rewritten_packed(tmp_path: Path) -> None:
+    """A row written before the packed form (CBOR) is read, keeps its refusals (a replay of a
+    message it remembers is still refused) and is written in the packed form by the next
+    message taken."""
+    for fleet in make_fleet(tmp_path, NAMES):
+        first = [fleet.devices[n].report(report(), fleet.now) for n in NAMES]
+        fleet.service.handle_many(first, fleet.now)
+        with fleet.sessions.begin() as s:
+            for row in s.scalars(select(ReplayState).where(ReplayState.sender.in_(NAMES))):
+                row.state = cbor.encode(ReplayGuard.from_bytes(row.state).to_cbor_map())
+        assert all(data[0] != PACKED_VERSION for data in _stored(fleet).values())
+        fleet.service.handle_many([first[0], first[2]], fleet.now)
+        assert fleet.service.rejections.count("replay.duplicate") == 2
+        fleet.now += 1
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(), fleet.now) for n in NAMES], fleet.now
+        )
+        stored = _stored(fleet)
+        assert all(data[0] == PACKED_VERSION for data in stored.values())
+        assert seqs(fleet) == {n: fleet.devices[n].seq for n in NAMES}
+
+
+def test_a_corrupt_stored_window_refuses_its_senders_report_alone(tmp_path: Path) -> None:
+    """A stored window that does not decode (here a packed one cut short) is not taken as an
+    empty window: its sender's report is not taken and its row and keys are left as they are,
+    and the other reports of the batch are taken."""
+    for fleet in make_fleet(tmp_path, NAMES):
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(at=T0 + 5), fleet.now) for n in NAMES], fleet.now
+        )
+        with fleet.sessions.begin() as s:
+            row = s.get(ReplayState, "dev-2")
+            assert row is not None
+            row.state = row.state[:-1]
+        before, keys_before = _stored(fleet), keys(fleet)
+        fleet.now += 1
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(at=T0 + 5), fleet.now) for n in NAMES], fleet.now
+        )
+        after = _stored(fleet)
+        assert after["dev-2"] == before["dev-2"] and keys(fleet)["dev-2"] == keys_before["dev-2"]
+        assert all(after[n] != before[n] for n in NAMES if n != "dev-2")
+        assert fleet.service.metrics.reports.value("keys.report") == 2 * len(NAMES) - 1
+
+
+def test_a_non_canonical_envelope_in_a_batch_is_refused_by_its_check(tmp_path: Path) -> None:
+    """The envelope is decoded once, and its canonical form is still enforced: a report whose
+    signed payload is not the deterministic encoding (its map's keys in another order, signed
+    by the device's own key) is refused (``cbor.noncanonical``) and changes nothing; the rest
+    of the batch is taken."""
+    for fleet in make_fleet(tmp_path, NAMES):
+        before, keys_before = seqs(fleet), keys(fleet)
+        batch = [fleet.devices[n].report(report(), fleet.now) for n in NAMES]
+        topic, data = batch[1]
+        payload = cose.decode_sign1(data).payload
+        envelope = cbor.decode(payload)
+        assert isinstance(envelope, dict)
+        shuffled = cbor2.dumps(dict(reversed(list(envelope.items()))))
+        assert shuffled != payload and cbor2.loads(shuffled) == envelope
+        batch[1] = (topic, cose.sign1(shuffled, fleet.devices["dev-2"].devid))
+        fleet.service.handle_many(batch, fleet.now)
+        assert fleet.service.rejections.count("cbor.noncanonical") == 1
+        assert seqs(fleet)["dev-2"] == before["dev-2"]
+        assert keys(fleet)["dev-2"] == keys_before["dev-2"]
+        assert fleet.service.metrics.reports.value("keys.report") == len(NAMES) - 1
+
+
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+
+
+def test_steady_batches_on_each_backend(tmp_path: Path, database_url: str) -> None:
+    """On SQLite and PostgreSQL (the replay rows read as columns under ``FOR UPDATE``, written
+    in one statement): a first batch of reports, then a steady one holding a replay, then a key
+    change; each is taken, the replay refused, every window stored packed at the last seq."""
+    url = None if database_url.startswith("sqlite") else database_url
+    for fleet in make_fleet(tmp_path, NAMES, url=url):
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(at=T0 + 5), fleet.now) for n in NAMES], fleet.now
+        )
+        fleet.now += 1
+        steady = [fleet.devices[n].report(report(at=T0 + 5), fleet.now) for n in NAMES]
+        fleet.service.handle_many([*steady, steady[2]], fleet.now)
+        assert fleet.service.rejections.count("replay.duplicate") == 1
+        with fleet.sessions() as s:
+            assert all(Registry(s).device(n).last_seen == fleet.now for n in NAMES)
+        fleet.now += 1
+        history = ((KeyState.PRE_ACTIVATION, T0), (KeyState.ACTIVE, T0 + 5))
+        history += ((KeyState.SUSPENDED, T0 + 7),)
+        moved = KeyStateReport((KeyRecord("devid", KeyKind.DEVID, history),), feed=0)
+        fleet.service.handle_many(
+            [fleet.devices[n].report(moved, fleet.now) for n in NAMES], fleet.now
+        )
+        assert all(k == [("devid", KeyState.SUSPENDED)] for k in keys(fleet).values())
+        assert seqs(fleet) == {n: fleet.devices[n].seq for n in NAMES}
+        assert all(data[0] == PACKED_VERSION for data in _stored(fleet).values())
+        assert fleet.service.metrics.reports.value("keys.report") == 3 * len(NAMES)

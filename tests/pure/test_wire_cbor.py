@@ -3,7 +3,10 @@ and proof that the size limit and the structural scan run before cbor2 sees the 
 
 from __future__ import annotations
 
+import cbor2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.wire import cbor
@@ -212,3 +215,71 @@ def test_decoded_values_re_encode_identically() -> None:
     data = cbor.encode(value)
     assert cbor.decode(data) == value
     assert cbor.encode(cbor.decode(data)) == data
+
+
+# -- the scan's canonical checks agree with re-encoding -----------------------------------------
+
+_scalars = (
+    st.integers(min_value=-(1 << 64), max_value=(1 << 64) - 1)
+    | st.binary(max_size=300)
+    | st.text(max_size=30)
+    | st.booleans()
+    | st.none()
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.integers(-300, 300) | st.text(max_size=3), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+def _head(major: int, argument: int, longer: int) -> bytes:
+    """A head for ``argument``, ``longer`` forms wider than the shortest when one fits."""
+    forms = [(24, 1), (25, 2), (26, 4), (27, 8)]
+    fitting = [(info, width) for info, width in forms if argument < 1 << (8 * width)]
+    if argument < 24 and longer == 0:
+        return bytes([major << 5 | argument])
+    shortest = 0 if argument >= 24 else -1
+    info, width = fitting[min(len(fitting) - 1, shortest + longer)]
+    return bytes([major << 5 | info]) + argument.to_bytes(width, "big")
+
+
+def _loose(value: object, draw: st.DrawFn) -> bytes:
+    """An encoding of ``value`` that may use long heads and any map order."""
+
+    def head(major: int, argument: int) -> bytes:
+        return _head(major, argument, draw(st.sampled_from([0, 0, 0, 1])))
+
+    if value is None or type(value) is bool:
+        return cbor.encode(value)
+    if type(value) is int:
+        return head(0, value) if value >= 0 else head(1, -1 - value)
+    if type(value) is bytes:
+        return head(2, len(value)) + value
+    if type(value) is str:
+        raw = value.encode()
+        return head(3, len(raw)) + raw
+    if type(value) is list:
+        return head(4, len(value)) + b"".join(_loose(v, draw) for v in value)
+    assert type(value) is dict
+    items = list(value.items())
+    items = draw(st.permutations(items)) if draw(st.booleans()) else items
+    items.sort(key=lambda kv: cbor.encode(kv[0])) if draw(st.booleans()) else None
+    return head(5, len(items)) + b"".join(_loose(k, draw) + _loose(v, draw) for k, v in items)
+
+
+@given(st.data())
+@settings(max_examples=400, deadline=None)
+def test_the_scan_refuses_exactly_what_re_encoding_would(data: st.DataObject) -> None:
+    value = data.draw(_values)
+    encoded = _loose(value, data.draw)
+    again = cbor.encode(cbor2.loads(encoded))
+    if again == encoded:
+        assert cbor.encode(cbor.decode(encoded)) == encoded
+    else:
+        with pytest.raises(ProtocolError) as err:
+            cbor.decode(encoded)
+        assert err.value.check == "cbor.noncanonical"

@@ -16,9 +16,13 @@ Decoding runs in three steps, each able to refuse:
 2. a structural scan of the item heads (no allocation, no recursion) that enforces the data model,
    the nesting limit, exact consumption of the input, and that every announced length fits in the
    bytes that are actually there (so a head claiming 2**64 bytes costs nothing);
-3. cbor2 builds the Python value, and the value is re-encoded: anything that is not byte-for-byte
-   the deterministic encoding (non-shortest integers or lengths, unsorted or duplicate keys) is
-   refused, so every accepted message has exactly one encoding and its digest identifies it.
+3. cbor2 builds the Python value (refusing duplicate keys), and anything that is not byte-for-byte
+   the deterministic encoding is refused, so every accepted message has exactly one encoding and
+   its digest identifies it. The scan of step 2 notes that while it reads the heads: every
+   integer and length in its shortest form, every map's keys in strictly ascending bytewise
+   order of their encodings. Given the data model, that is exactly "re-encoding the value gives
+   the same bytes" (test_wire_cbor checks the two agree), without building the encoding again;
+   it is refused after step 3, so a structural or duplicate-key problem keeps its own check id.
 
 Every refusal is a :class:`agent.protocol.errors.ProtocolError` with a ``cbor.*`` check id.
 """
@@ -121,7 +125,7 @@ def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = MA
         raise ProtocolError("cbor.type", "input must be bytes")
     if len(data) > max_size:
         raise ProtocolError("cbor.size", f"{len(data)} bytes exceed the limit of {max_size}")
-    scan(data, max_depth=max_depth)
+    canonical = _scan(data, max_depth)
     try:
         value = cbor2.loads(
             data,
@@ -134,7 +138,7 @@ def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = MA
         # After the scan only semantic problems remain (duplicate keys); any exception type
         # cbor2 raises on hostile input becomes one check id.
         raise ProtocolError("cbor.malformed", f"cbor2: {type(exc).__name__}") from None
-    if encode(value) != data:
+    if not canonical:
         raise ProtocolError("cbor.noncanonical", "not the deterministic encoding of its value")
     return value
 
@@ -142,14 +146,27 @@ def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE, max_depth: int = MA
 def scan(data: bytes, *, max_depth: int = MAX_DEPTH) -> None:
     """Walk the item heads of ``data`` without building values; raise on anything outside the
     wire data model. Public so that tests can prove it runs before cbor2 does."""
+    _scan(data, max_depth)
+
+
+# the smallest argument each long head form may carry (shorter forms hold anything below)
+_SHORTEST = {24: 24, 25: 0x100, 26: 0x10000, 27: 0x100000000}
+
+
+def _scan(data: bytes, max_depth: int) -> bool:
+    """``scan``, returning whether ``data`` is in the deterministic encoding: every head in its
+    shortest form and every map's keys in strictly ascending bytewise order."""
     end = len(data)
     pos = 0
-    # One entry per open container: [items still expected, 1 if it is a map else 0].
+    canonical = True
+    # One entry per open container: [items still expected, 1 if it is a map else 0]; a map's
+    # entry also holds where its previous key started and ended.
     stack: list[list[int]] = []
     while True:
         if pos >= end:
             raise ProtocolError("cbor.truncated", "input ends inside an item")
         is_key = bool(stack) and stack[-1][1] == 1 and stack[-1][0] % 2 == 0
+        start = pos
         initial = data[pos]
         pos += 1
         major, info = initial >> 5, initial & 0x1F
@@ -166,6 +183,8 @@ def scan(data: bytes, *, max_depth: int = MAX_DEPTH) -> None:
                 raise ProtocolError("cbor.truncated", "input ends inside an item head")
             argument = int.from_bytes(data[pos : pos + width], "big")
             pos += width
+            if argument < _SHORTEST[info]:
+                canonical = False
         elif info == _AI_INDEFINITE:
             raise ProtocolError("cbor.indefinite", "indefinite lengths are not accepted")
         else:
@@ -193,8 +212,15 @@ def scan(data: bytes, *, max_depth: int = MAX_DEPTH) -> None:
             if len(stack) >= max_depth:
                 raise ProtocolError("cbor.depth", f"nesting deeper than {max_depth}")
             if count:
-                stack.append([count, 1 if major == _MAJOR_MAP else 0])
+                stack.append([count, 1, 0, 0] if major == _MAJOR_MAP else [count, 0])
                 continue
+        if is_key:
+            # a key is one integer or text item: it ends here. Keys must ascend strictly
+            # (an equal one is a duplicate: cbor2 refuses it as cbor.malformed).
+            top = stack[-1]
+            if top[3] and data[top[2] : top[3]] >= data[start:pos]:
+                canonical = False
+            top[2], top[3] = start, pos
         # One complete item: close every container it completes.
         while stack:
             stack[-1][0] -= 1
@@ -205,3 +231,4 @@ def scan(data: bytes, *, max_depth: int = MAX_DEPTH) -> None:
             break
     if pos != end:
         raise ProtocolError("cbor.trailing", f"{end - pos} bytes after the item")
+    return canonical

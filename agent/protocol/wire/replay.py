@@ -34,10 +34,12 @@ the old bounds refused.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from agent.protocol.errors import ProtocolError, StateError
+from agent.protocol.wire import cbor
 from agent.protocol.wire.envelope import VerifiedMessage
 from agent.protocol.wire.messages.base import ID_PATTERN, UINT64_MAX
 
@@ -48,6 +50,18 @@ MAX_CAPACITY = 4096
 MAX_WINDOW = UINT64_MAX
 _V1_MAX_WINDOW = 1024  # version 1 state: window and capacity were one bound, at most 1024
 _MESSAGE_ID_SIZE = 32
+
+PACKED_VERSION = 3
+"""The first byte of :meth:`ReplayGuard.to_bytes`. The CBOR forms (versions 1 and 2) start with a
+map head (0xA4, 0xA5), so the two never overlap."""
+_U8 = struct.Struct(">B")
+_HEAD = struct.Struct(">BQH")  # version, window, capacity
+_COUNT = struct.Struct(">H")
+_SENDER = struct.Struct(">QQH")  # highest, floor, how many recent seqs
+_SEQ = struct.Struct(">Q")
+_RECENT = struct.Struct(">Q32s")  # seq, message id
+_EPOCH = struct.Struct(">Q")
+_MAX_PACKED_SIZE = 4 * 1024 * 1024
 
 
 @dataclass
@@ -195,7 +209,109 @@ class ReplayGuard:
         guard._epochs = dict(self._epochs)
         return guard
 
+    def copy(self) -> ReplayGuard:
+        """An independent copy (what ``copy.deepcopy`` gives, without its generic walk)."""
+        guard = ReplayGuard.__new__(ReplayGuard)
+        guard.window = self.window
+        guard.capacity = self.capacity
+        guard._senders = {
+            sender: _SenderWindow(known.highest, known.min_seq, dict(known.recent))
+            for sender, known in self._senders.items()
+        }
+        guard._epochs = dict(self._epochs)
+        return guard
+
     # -- persistence ------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The packed form (version 3) the service stores: one byte ``PACKED_VERSION``; the
+        window (u64) and capacity (u16); the senders (u16 count), each its id (u8 length, ASCII)
+        with highest seq, floor (u64 each) and remembered seqs (u16 count, then ascending seq u64
+        + 32-byte message id); the groups (u16 count), each its id and epoch (u64). Senders and
+        groups in ascending order, all integers big-endian: one encoding per state.
+        :meth:`from_bytes` is its strict inverse."""
+        out = [_HEAD.pack(PACKED_VERSION, self.window, self.capacity)]
+        out.append(_COUNT.pack(len(self._senders)))
+        for sender in sorted(self._senders):
+            known = self._senders[sender]
+            name = sender.encode("ascii")
+            out.append(_U8.pack(len(name)) + name)
+            out.append(_SENDER.pack(known.highest, known.min_seq, len(known.recent)))
+            out.extend(_RECENT.pack(seq, known.recent[seq]) for seq in sorted(known.recent))
+        out.append(_COUNT.pack(len(self._epochs)))
+        for group in sorted(self._epochs):
+            name = group.encode("ascii")
+            out.append(_U8.pack(len(name)) + name + _EPOCH.pack(self._epochs[group]))
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReplayGuard:
+        """A stored guard: the packed form (:meth:`to_bytes`), or the CBOR forms stored before
+        it (versions 1 and 2, :meth:`from_cbor_map`). Anything malformed (a bound out of range,
+        a seq outside the window or out of order, ids unsorted or invalid, bytes missing or
+        left over) raises ``StateError``; a non-canonical CBOR form raises its ``cbor.*``
+        ``ProtocolError``."""
+        if type(data) is not bytes:
+            raise StateError("replay state is not bytes")
+        if len(data) > _MAX_PACKED_SIZE:
+            raise StateError("replay state is too large")
+        if not data or data[0] != PACKED_VERSION:
+            return cls.from_cbor_map(cbor.decode(data, max_size=_MAX_PACKED_SIZE))
+        try:
+            return cls._unpack(data)
+        except struct.error:
+            raise StateError("replay state is truncated") from None
+
+    @classmethod
+    def _unpack(cls, data: bytes) -> ReplayGuard:
+        _, window, capacity = _HEAD.unpack_from(data, 0)
+        if not 1 <= window <= MAX_WINDOW:
+            raise StateError("replay state window is out of range")
+        if not 1 <= capacity <= MAX_CAPACITY:
+            raise StateError("replay state capacity is out of range")
+        guard = cls(window, capacity)
+        pos = _HEAD.size
+        (count,) = _COUNT.unpack_from(data, pos)
+        pos += _COUNT.size
+        previous = ""
+        for _ in range(count):
+            sender, pos = _packed_id(data, pos)
+            if sender <= previous:
+                raise StateError("replay state senders are not in ascending order")
+            previous = sender
+            highest, min_seq, remembered = _SENDER.unpack_from(data, pos)
+            pos += _SENDER.size
+            if min_seq > highest:
+                raise StateError("replay state floor is above the highest seq")
+            if remembered > capacity:
+                raise StateError("replay state recent list is malformed")
+            known = _SenderWindow(highest=highest, min_seq=min_seq)
+            lowest = known.lowest(window)
+            last = -1
+            for _ in range(remembered):
+                seq, mid = _RECENT.unpack_from(data, pos)
+                pos += _RECENT.size
+                if not lowest <= seq <= highest:
+                    raise StateError("replay state recent seq is outside the window")
+                if seq <= last:
+                    raise StateError("replay state recent seqs are not in ascending order")
+                known.recent[seq] = mid
+                last = seq
+            guard._senders[sender] = known
+        (count,) = _COUNT.unpack_from(data, pos)
+        pos += _COUNT.size
+        previous = ""
+        for _ in range(count):
+            group, pos = _packed_id(data, pos)
+            if group <= previous:
+                raise StateError("replay state groups are not in ascending order")
+            previous = group
+            (epoch,) = _EPOCH.unpack_from(data, pos)
+            pos += _EPOCH.size
+            guard._epochs[group] = epoch
+        if pos != len(data):
+            raise StateError(f"replay state has {len(data) - pos} bytes after its end")
+        return guard
 
     def to_cbor_map(self) -> dict[str, object]:
         return {
@@ -276,6 +392,20 @@ class ReplayGuard:
             _state_uint(epoch)
             guard._epochs[group] = epoch
         return guard
+
+
+def _packed_id(data: bytes, pos: int) -> tuple[str, int]:
+    (size,) = _U8.unpack_from(data, pos)
+    pos += _U8.size
+    raw = data[pos : pos + size]
+    if len(raw) != size:
+        raise StateError("replay state is truncated")
+    try:
+        value = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise StateError("replay state holds an invalid id") from None
+    _state_id(value)
+    return value, pos + size
 
 
 def _state_id(value: object) -> None:

@@ -44,6 +44,7 @@ from provisioning.service.store.fleet import (
     known_epochs,
     last_commit_at,
     load_ack_senders,
+    load_feed_seen,
     load_report_senders,
     load_senders,
     mark_heard,
@@ -51,7 +52,9 @@ from provisioning.service.store.fleet import (
     memberships,
     number_new_key_rows,
     operator_key,
+    reported_devices,
     task_lease,
+    write_reports,
 )
 from provisioning.service.store.inflight import (
     add_attest_operation,
@@ -127,6 +130,9 @@ from provisioning.service.store.quorum import (
 )
 
 __all__ = [
+    "load_feed_seen",
+    "reported_devices",
+    "write_reports",
     "all_checkpoints",
     "checkpoint_at",
     "checkpoint_row",

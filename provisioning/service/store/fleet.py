@@ -4,10 +4,11 @@ commit log's timing, bulk loads that let one session answer a batch of reports."
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
 from provisioning.db.runtime import OperatorKey, ReplayState, RevocationFeedSeen, TaskLease
@@ -21,6 +22,7 @@ from provisioning.db.schema import (
     GroupMember,
     KeyTransition,
 )
+from provisioning.registry import KeyState, KeyStateReport
 from provisioning.service.store import ledger, revocations
 
 
@@ -84,6 +86,8 @@ def load_report_senders(session: Session, senders: Sequence[str]) -> list[object
     """The senders' device rows with their keys and key transitions, and their revocation feed
     rows (one query each), for the session's identity map (what a batch of key-state reports
     reads); the caller keeps the returned list while it reads them."""
+    if not senders:
+        return []
     held: list[object] = list(
         session.scalars(
             select(Device)
@@ -133,6 +137,87 @@ def _number_new_key_rows(session: Session) -> None:
             )
         for row, id_ in zip(rows, ids, strict=True):
             row.id = id_
+
+
+@dataclass(frozen=True)
+class ReportedDevice:
+    """What a key-state report is judged against, read as plain columns (``reported_devices``):
+    the device's state, when it was last heard from, its attestation due time, and per key its
+    kind and every recorded (state, at) transition."""
+
+    state: DeviceState
+    last_seen: int | None
+    attest_due: int
+    keys: Mapping[str, tuple[str | None, AbstractSet[tuple[KeyState, int]]]]
+
+    def knows(self, items: Iterable[KeyStateReport]) -> bool:
+        """Whether every transition of ``items`` is recorded with its kind, so that
+        ``Registry.record_report`` would change nothing but the report and heard-from columns."""
+        for item in items:
+            key = self.keys.get(item.key_name)
+            if key is None or (item.state, item.at) not in key[1]:
+                return False
+            if item.kind is not None and item.kind != key[0]:
+                return False
+        return True
+
+
+def reported_devices(session: Session, senders: Sequence[str]) -> dict[str, ReportedDevice]:
+    """``ReportedDevice`` of each known sender, in two Core queries (no ORM objects)."""
+    keys: dict[str, dict[str, tuple[str | None, set[tuple[KeyState, int]]]]] = {}
+    for device_id, name, kind, to_state, at in session.execute(
+        select(
+            DeviceKey.device_id,
+            DeviceKey.key_name,
+            DeviceKey.kind,
+            KeyTransition.to_state,
+            KeyTransition.at,
+        )
+        .join(KeyTransition, KeyTransition.device_key_id == DeviceKey.id)
+        .where(DeviceKey.device_id.in_(senders))
+    ):
+        entry = keys.setdefault(device_id, {}).setdefault(name, (kind, set()))
+        entry[1].add((to_state, int(at)))
+    return {
+        device_id: ReportedDevice(state, last_seen, int(attest_due), keys.get(device_id, {}))
+        for device_id, state, last_seen, attest_due in session.execute(
+            select(Device.device_id, Device.state, Device.last_seen, Device.attest_due).where(
+                Device.device_id.in_(senders)
+            )
+        )
+    }
+
+
+def write_reports(session: Session, reports: Sequence[Mapping[str, object]]) -> None:
+    """What ``Registry.record_report`` writes for a report whose transitions are all recorded
+    (``ReportedDevice.knows``), for several devices in one Core ``executemany``: each mapping
+    holds ``device`` and the row's new ``report``, ``report_at``, ``seen`` and ``due``
+    (``last_report``, ``last_report_at``, ``last_seen``, ``attest_due``). The devices' ORM rows
+    must not be in the session (their objects would not see the change)."""
+    if not reports:
+        return
+    session.connection().execute(
+        update(Device)
+        .where(Device.device_id == bindparam("device"))
+        .values(
+            last_report=bindparam("report"),
+            last_report_at=bindparam("report_at"),
+            last_seen=bindparam("seen"),
+            attest_due=bindparam("due"),
+        ),
+        list(reports),
+    )
+
+
+def load_feed_seen(session: Session, senders: Sequence[str]) -> list[object]:
+    """The senders' revocation feed rows (one query), for the session's identity map."""
+    if not senders:
+        return []
+    feed_rows = list(
+        session.scalars(select(RevocationFeedSeen).where(RevocationFeedSeen.device_id.in_(senders)))
+    )
+    revocations.note_seen_rows(session, senders, feed_rows)
+    return list(feed_rows)
 
 
 def device_state(session: Session, device_id: str) -> DeviceState | None:

@@ -12,8 +12,9 @@ Why each exists:
   operator command carries only a ``kid`` (SHA-256 of the SubjectPublicKeyInfo). The service
   needs the certificate itself to map a kid to a public key and to re-check the certificate
   against the operator CA on every command (expiry).
-- ``service_replay``: one ``agent.protocol.wire.replay.ReplayGuard`` per sender, CBOR-encoded,
-  read and written in the same transaction as the message's effects, so several instances sharing
+- ``service_replay``: one ``agent.protocol.wire.replay.ReplayGuard`` per sender in its packed
+  form (``ReplayGuard.to_bytes``; rows in the CBOR form written before it are still read), read
+  and written in the same transaction as the message's effects, so several instances sharing
   the database would share it too (no per-process replay window to slip a replay through).
   Devices count their seqs (window ``REPLAY_WINDOW``); operators' seqs are clock readings and their
   window spans the envelope's freshness (``operator_replay_window``).
@@ -30,10 +31,11 @@ Nothing secret is stored here: certificates, public-key ids, sequence numbers an
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import (
+    bindparam,
     case,
     delete,
     or_,
@@ -46,7 +48,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError, StateError
-from agent.protocol.wire import cbor
 from agent.protocol.wire.envelope import DEFAULT_MAX_FUTURE
 from agent.protocol.wire.replay import DEFAULT_CAPACITY, ReplayGuard
 from provisioning.attestation import Challenge
@@ -103,7 +104,12 @@ GuardMemo = dict[str, tuple[bytes, int, ReplayGuard]]
 
 
 def load_guard(
-    session: Session, sender: str, *, window: int = REPLAY_WINDOW, memo: GuardMemo | None = None
+    session: Session,
+    sender: str,
+    *,
+    window: int = REPLAY_WINDOW,
+    memo: GuardMemo | None = None,
+    stored: Mapping[str, bytes] | None = None,
 ) -> ReplayGuard:
     """The sender's guard with ``window`` (``REPLAY_WINDOW`` for counting senders,
     ``operator_replay_window`` for operators) and the default capacity for it. A stored guard
@@ -112,16 +118,21 @@ def load_guard(
 
     ``memo`` (one call's, e.g. ``Call.guards``): the guard decoded from the same stored bytes
     earlier in the call is returned again instead of decoding them a second time (the strict
-    decoding is most of a read's cost); the caller must then not change it (copy it first)."""
-    row = _guard_row(session, sender)
-    if row is None:
+    decoding is most of a read's cost); the caller must then not change it (copy it first).
+    ``stored``: the rows ``lock_guards`` read (a sender without one has no row yet)."""
+    if stored is None:
+        row = _guard_row(session, sender)
+        data = None if row is None else row.state
+    else:
+        data = stored.get(sender)
+    if data is None:
         return ReplayGuard(window)
     if memo is not None:
         found = memo.get(sender)
-        if found is not None and found[0] == row.state and found[1] == window:
+        if found is not None and found[0] == data and found[1] == window:
             return found[2]
     try:
-        guard = ReplayGuard.from_cbor_map(cbor.decode(row.state))
+        guard = ReplayGuard.from_bytes(data)
     except Exception as exc:  # a corrupt row must not crash the service; it is a StateError
         raise StateError(
             f"replay state of {sender!r} is unreadable: {type(exc).__name__}"
@@ -129,7 +140,7 @@ def load_guard(
     if (guard.window, guard.capacity) != (window, min(window, DEFAULT_CAPACITY)):
         return guard.resized(window)
     if memo is not None:
-        memo[sender] = (row.state, window, guard)
+        memo[sender] = (data, window, guard)
     return guard
 
 
@@ -168,16 +179,20 @@ def lock_guard(session: Session, sender: str) -> None:
     )
 
 
-def lock_guards(session: Session, senders: Iterable[str]) -> list[ReplayState]:
+def lock_guards(session: Session, senders: Iterable[str]) -> dict[str, bytes]:
     """``lock_guard`` for several senders in one statement, in sorted sender order (two
     instances locking overlapping sets of senders take them in the same order, so neither waits
-    for the other in a cycle), and their rows loaded: ``load_guard`` and ``save_guard`` then read
-    them from the session without a query. Keep the returned list while using them (the session
-    holds loaded rows only weakly). Senders without a row yet get none (created at save)."""
+    for the other in a cycle), and their stored states read (Core columns, no objects): pass
+    them to ``load_guard`` and ``save_guards`` as ``stored``. Senders without a row yet get
+    none (created at save)."""
     ordered = sorted(set(senders))
     if not ordered:
-        return []
-    rows = select(ReplayState).where(ReplayState.sender.in_(ordered)).order_by(ReplayState.sender)
+        return {}
+    rows = (
+        select(ReplayState.sender, ReplayState.state)
+        .where(ReplayState.sender.in_(ordered))
+        .order_by(ReplayState.sender)
+    )
     if session.get_bind().dialect.name == "sqlite":
         # SELECT takes no lock on SQLite; a write takes the database's write lock.
         session.execute(
@@ -186,23 +201,41 @@ def lock_guards(session: Session, senders: Iterable[str]) -> list[ReplayState]:
             .values(updated_at=ReplayState.updated_at)
             .execution_options(synchronize_session=False)
         )
-        return list(session.scalars(rows))
-    return list(session.scalars(rows.with_for_update()))
+        return {sender: state for sender, state in session.execute(rows)}
+    return {sender: state for sender, state in session.execute(rows.with_for_update())}
 
 
-def save_guards(session: Session, guards: dict[str, ReplayGuard], *, now: int) -> None:
-    """``save_guard`` for several senders (sorted), the existing rows written in one flush."""
+def save_guards(
+    session: Session,
+    guards: dict[str, ReplayGuard],
+    *,
+    now: int,
+    stored: Mapping[str, bytes] | None = None,
+) -> None:
+    """``save_guard`` for several senders (sorted), the existing rows written in one flush;
+    with ``stored`` (``lock_guards``'s), those rows in one Core ``executemany``."""
+    rewritten: list[dict[str, object]] = []
     for sender in sorted(guards):
+        if stored is not None and sender in stored:
+            rewritten.append({"who": sender, "data": guards[sender].to_bytes(), "at": now})
+            continue
         row = session.get(ReplayState, sender)
         if row is None:
             save_guard(session, sender, guards[sender], now=now)
         else:
-            row.state = cbor.encode(guards[sender].to_cbor_map())
+            row.state = guards[sender].to_bytes()
             row.updated_at = now
+    if rewritten:
+        session.connection().execute(
+            update(ReplayState)
+            .where(ReplayState.sender == bindparam("who"))
+            .values(state=bindparam("data"), updated_at=bindparam("at")),
+            rewritten,
+        )
     session.flush()
 
 
-def claim_guards(session: Session, senders: Iterable[str], *, now: int) -> list[ReplayState]:
+def claim_guards(session: Session, senders: Iterable[str], *, now: int) -> dict[str, bytes]:
     """Create the replay rows of the senders that have none yet (first messages: a burst after
     a fleet-wide reconnect), each with an empty window, in one statement, and take and load
     every sender's row as ``lock_guards`` does. Call it after ``lock_guards`` on the same
@@ -215,8 +248,8 @@ def claim_guards(session: Session, senders: Iterable[str], *, now: int) -> list[
     row, but a refusal changes nothing."""
     ordered = sorted(set(senders))
     if not ordered:
-        return []
-    data = cbor.encode(ReplayGuard(REPLAY_WINDOW).to_cbor_map())
+        return {}
+    data = ReplayGuard(REPLAY_WINDOW).to_bytes()
     dialect = session.get_bind().dialect.name
     upsert = sqlite_insert if dialect == "sqlite" else postgresql_insert
     session.execute(
@@ -233,7 +266,7 @@ def drop_claims(session: Session, senders: Iterable[str]) -> None:
     ordered = sorted(set(senders))
     if not ordered:
         return
-    empty = cbor.encode(ReplayGuard(REPLAY_WINDOW).to_cbor_map())
+    empty = ReplayGuard(REPLAY_WINDOW).to_bytes()
     session.execute(
         delete(ReplayState)
         .where(ReplayState.sender.in_(ordered), ReplayState.state == empty)
@@ -242,7 +275,7 @@ def drop_claims(session: Session, senders: Iterable[str]) -> None:
 
 
 def save_guard(session: Session, sender: str, guard: ReplayGuard, *, now: int) -> None:
-    data = cbor.encode(guard.to_cbor_map())
+    data = guard.to_bytes()
     row = session.get(ReplayState, sender)
     if row is None:
         session.add(ReplayState(sender=sender, state=data, updated_at=now))

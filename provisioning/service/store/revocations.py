@@ -51,8 +51,10 @@ def note_seen_rows(
     """``rows`` are every feed row of ``devices`` (loaded by one query for a batch): a device
     without one has none, and ``record_seen`` then adds it without asking the database (a
     device's first report) and without flushing the batch's other rows first."""
-    found = {row.device_id: row for row in rows}
-    session.info[_BATCH_ROWS] = (frozenset(devices), found)
+    known: frozenset[str]
+    known, found = session.info.get(_BATCH_ROWS, (frozenset(), {}))
+    found = {**found, **{row.device_id: row for row in rows}}
+    session.info[_BATCH_ROWS] = (known | frozenset(devices), found)
 
 
 def record_seen(session: Session, device_id: str, seq: int, *, now: int) -> None:
