@@ -5,11 +5,16 @@ rekey task's lease."""
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from sqlalchemy import Select, and_, case, delete, null, or_, select, update
 from sqlalchemy.orm import Session
 
-from provisioning.db.runtime import LeafUpdateRow, RekeyPolicyRow, UpdateProposalRow
-from provisioning.db.schema import Group
+from provisioning.db.runtime import (
+    LeafUpdateRow,
+    RekeyDefaultRow,
+    RekeyPolicyRow,
+    UpdateProposalRow,
+)
+from provisioning.db.schema import Group, GroupMember, PendingChange
 
 
 def group_ids(session: Session) -> list[str]:
@@ -46,29 +51,68 @@ def set_policy(
     session.flush()
 
 
+Bounds = tuple[int, int]  # (max_age, max_epochs) of a policy; 0: that bound off
+
+
+def due_values(
+    bounds: Bounds, *, epoch: int, updated_at: int, asked_at: int | None, repeat: int
+) -> tuple[int | None, int | None]:
+    """``(due_at, due_epoch)`` of a row under ``bounds``: when, and from which group epoch, the
+    rekey check must look at it again (None: not by that measure). Once asked, only the repeat
+    interval: the check looks again then, and a row it finds not due any more is written back
+    by its bounds (``due_values`` with ``asked_at`` None)."""
+    if asked_at is not None:
+        return asked_at + repeat, None
+    max_age, max_epochs = bounds
+    return (
+        updated_at + max_age if max_age else None,
+        epoch + max_epochs if max_epochs else None,
+    )
+
+
 def leaf_rows(session: Session, group_id: str) -> list[LeafUpdateRow]:
     return list(session.scalars(select(LeafUpdateRow).where(LeafUpdateRow.group_id == group_id)))
 
 
-def put_update(session: Session, group_id: str, device_id: str, *, epoch: int, now: int) -> None:
-    """``device_id``'s leaf is new from ``epoch``, at ``now``; any open ask is answered."""
+def put_update(
+    session: Session, group_id: str, device_id: str, *, epoch: int, now: int, bounds: Bounds
+) -> None:
+    """``device_id``'s leaf is new from ``epoch``, at ``now``; any open ask is answered.
+    ``bounds``: the group's policy, for the row's due columns."""
     row = session.get(LeafUpdateRow, (group_id, device_id))
     if row is None:
+        due_at, due_epoch = due_values(bounds, epoch=epoch, updated_at=now, asked_at=None, repeat=0)
         session.add(
             LeafUpdateRow(
-                group_id=group_id, device_id=device_id, epoch=epoch, updated_at=now, asked_at=None
+                group_id=group_id,
+                device_id=device_id,
+                epoch=epoch,
+                updated_at=now,
+                asked_at=None,
+                due_at=due_at,
+                due_epoch=due_epoch,
             )
         )
     elif epoch >= row.epoch:
         row.epoch, row.updated_at, row.asked_at = epoch, now, None
+        row.due_at, row.due_epoch = due_values(
+            bounds, epoch=epoch, updated_at=now, asked_at=None, repeat=0
+        )
     session.flush()
 
 
 def mark_asked(
-    session: Session, group_id: str, device_id: str, *, epoch: int, updated_at: int, now: int
+    session: Session,
+    group_id: str,
+    device_id: str,
+    *,
+    epoch: int,
+    updated_at: int,
+    now: int,
+    repeat: int,
 ) -> None:
     """The service asked ``device_id`` (last updated at ``epoch``, ``updated_at``: written if
-    it has no row yet) for a self-update at ``now``."""
+    it has no row yet) for a self-update at ``now``; the check looks again ``repeat`` later."""
     row = session.get(LeafUpdateRow, (group_id, device_id))
     if row is None:
         session.add(
@@ -78,11 +122,121 @@ def mark_asked(
                 epoch=epoch,
                 updated_at=updated_at,
                 asked_at=now,
+                due_at=now + repeat,
+                due_epoch=None,
             )
         )
     else:
-        row.asked_at = now
+        row.asked_at, row.due_at, row.due_epoch = now, now + repeat, None
     session.flush()
+
+
+def set_due(session: Session, row: LeafUpdateRow, due: tuple[int | None, int | None]) -> None:
+    row.due_at, row.due_epoch = due
+    session.flush()
+
+
+def recompute(session: Session, bounds: Bounds, *, repeat: int, group_id: str | None) -> None:
+    """Every row of ``group_id`` (None: of every group without its own policy) computed again
+    under ``bounds`` (``due_values`` in one UPDATE)."""
+    max_age, max_epochs = bounds
+    asked = LeafUpdateRow.asked_at.is_not(None)
+    query = update(LeafUpdateRow).values(
+        due_at=case(
+            (asked, LeafUpdateRow.asked_at + repeat),
+            else_=(LeafUpdateRow.updated_at + max_age) if max_age else null(),
+        ),
+        due_epoch=case((asked, null()), else_=LeafUpdateRow.epoch + max_epochs)
+        if max_epochs
+        else null(),
+    )
+    if group_id is not None:
+        query = query.where(LeafUpdateRow.group_id == group_id)
+    else:
+        query = query.where(LeafUpdateRow.group_id.not_in(select(RekeyPolicyRow.group_id)))
+    session.execute(query.execution_options(synchronize_session=False))
+
+
+def default_basis(session: Session) -> Bounds | None:
+    """The service default the rows of groups without their own policy were computed with."""
+    row = session.get(RekeyDefaultRow, 1)
+    return None if row is None else (row.max_age, row.max_epochs)
+
+
+def set_default_basis(session: Session, bounds: Bounds) -> None:
+    row = session.get(RekeyDefaultRow, 1)
+    if row is None:
+        session.add(RekeyDefaultRow(id=1, max_age=bounds[0], max_epochs=bounds[1]))
+    else:
+        row.max_age, row.max_epochs = bounds
+    session.flush()
+
+
+def own_policies(session: Session) -> dict[str, Bounds]:
+    """Every group's own policy (the groups that have one)."""
+    return {r.group_id: (r.max_age, r.max_epochs) for r in session.scalars(select(RekeyPolicyRow))}
+
+
+def _live_member_rows(
+    query: Select[LeafUpdateRow, int],
+) -> Select[LeafUpdateRow, int]:
+    return (
+        query.join(Group, Group.group_id == LeafUpdateRow.group_id)
+        .join(
+            GroupMember,
+            and_(
+                GroupMember.group_id == LeafUpdateRow.group_id,
+                GroupMember.device_id == LeafUpdateRow.device_id,
+            ),
+        )
+        .where(
+            Group.deleted_at.is_(None),
+            GroupMember.leaf_index.is_not(None),
+            or_(GroupMember.pending.is_(None), GroupMember.pending != PendingChange.REMOVE),
+        )
+    )
+
+
+def due_rows(
+    session: Session, now: int, group_id: str | None = None
+) -> list[tuple[LeafUpdateRow, int]]:
+    """The rows the rekey check must look at (``due_at <= now`` or ``due_epoch <=`` the
+    group's epoch) of members holding a leaf in live groups, each with its group's epoch: two
+    indexed reads, whatever the number of members not due."""
+    by_time = select(LeafUpdateRow, Group.epoch).where(LeafUpdateRow.due_at <= now)
+    by_epoch = select(LeafUpdateRow, Group.epoch).where(LeafUpdateRow.due_epoch <= Group.epoch)
+    if group_id is not None:
+        by_time = by_time.where(LeafUpdateRow.group_id == group_id)
+        by_epoch = by_epoch.where(LeafUpdateRow.group_id == group_id)
+    out: dict[tuple[str, str], tuple[LeafUpdateRow, int]] = {}
+    for query in (by_time, by_epoch):
+        for row, epoch in session.execute(_live_member_rows(query)):
+            out[(row.group_id, row.device_id)] = (row, epoch)
+    return list(out.values())
+
+
+def unrecorded(session: Session, limit: int) -> list[tuple[str, str, int | None]]:
+    """Up to ``limit`` members holding a leaf in live groups with no row yet (from before the
+    policy existed): ``(group, device, joined_epoch)``. One anti-join over the members."""
+    query = (
+        select(GroupMember.group_id, GroupMember.device_id, GroupMember.joined_epoch)
+        .join(Group, Group.group_id == GroupMember.group_id)
+        .outerjoin(
+            LeafUpdateRow,
+            and_(
+                LeafUpdateRow.group_id == GroupMember.group_id,
+                LeafUpdateRow.device_id == GroupMember.device_id,
+            ),
+        )
+        .where(
+            LeafUpdateRow.device_id.is_(None),
+            Group.deleted_at.is_(None),
+            GroupMember.leaf_index.is_not(None),
+            or_(GroupMember.pending.is_(None), GroupMember.pending != PendingChange.REMOVE),
+        )
+        .limit(limit)
+    )
+    return [(g, d, e) for g, d, e in session.execute(query)]
 
 
 def forget(session: Session, group_id: str, device_id: str) -> None:
