@@ -94,6 +94,7 @@ class Env:
     started: bool = False  # pending removals resumed (``intake.ensure_started``)
     # when this instance last looked for group members without a rekey row (``rekeypolicy``)
     rekey_swept_at: int | None = None
+    rekey_next_at: int = 0  # when this instance next runs the rekey check
     # Operator approvals are checked with it (``requests.verifier``); it caches validated
     # operator certificates.
     authz_verifier: AuthzVerifier | None = None

@@ -7,15 +7,19 @@ for as long as the key exists. So the service asks:
 
 - **Policy.** Every member updates its own leaf at least every ``max_age`` seconds and at most
   ``max_epochs`` epochs after its last update (``RekeyPolicy``; a group's own row set by
-  ``keyfleet group policy``, else the service's ``[groups]`` default; 0 turns a bound off).
-  The service records each member's last self-update (``service_leaf_updates``: the epoch its
-  leaf took effect in and when; a join counts as one) whenever it accepts a commit
-  (``record_commit``). Every ``CHECK_SECONDS`` one instance (``rekey_tick``) asks each due member
-  for a self-update commit: an update job aimed at that member only (``Job.candidates``), so the
-  commit is solicited. A member asked and silent for ``commit_request_timeout`` (or not at the
-  group's epoch within it) fails its job as a straggler (``ds.rekey.straggler``) and is asked
-  again ``ASK_REPEAT_SECONDS`` later; ``leaf_ages`` reports each member's age, whether it is
-  due, a straggler, or overdue past the grace (``grace``).
+  ``keyfleet group policy``, else the service's ``[groups]`` default; 0 turns a bound off). The
+  service records each member's last self-update (``service_leaf_updates``: the epoch its leaf
+  took effect in and when; a join counts as one) whenever it accepts a commit
+  (``record_commit``), with when it falls due under the group's policy (``due_at``, and
+  ``due_epoch``, which the commit that reaches it turns into ``due_at``: the check reads the
+  ``due_at`` index alone, never the members not due; a policy change, or another configured
+  default, computes them again). Every ``CHECK_SECONDS`` one instance (``rekey_tick``) asks each
+  due member for a self-update commit: an update job aimed at that member only
+  (``Job.candidates``), so the commit is solicited. A member asked and silent for
+  ``commit_request_timeout`` (or not at the group's epoch within it) fails its job as a
+  straggler (``ds.rekey.straggler``) and is asked again ``ASK_REPEAT_SECONDS`` later;
+  ``leaf_ages`` reports each member's age, whether it is due, a straggler, or overdue past the
+  grace (``grace``).
 - **Full rekey.** ``provisioning.service.fullrekey``: every member proposes an Update and one
   member commits them in batches (a few commits, not one per member); members that do not
   propose fall back to an aimed self-update (``aimed_update``).
@@ -259,7 +263,7 @@ def row_bounds(cx: Call, session: Session, group_id: str) -> rows.Bounds:
 def record_creator(cx: Call, session: Session, group_id: str, creator: str, now: int) -> None:
     """A new group's creator holds its leaf from epoch 0, now."""
     bounds = row_bounds(cx, session, group_id)
-    rows.put_update(session, group_id, creator, epoch=0, now=now, bounds=bounds)
+    rows.put_update(session, group_id, creator, epoch=0, now=now, bounds=bounds, group_epoch=0)
 
 
 def leaves(session: Session, group_id: str, now: int) -> tuple[list[LeafUpdate], list[LeafUpdate]]:
@@ -301,9 +305,18 @@ def record_commit(
     carries (a full rekey), an added member's leaf starts then, a removed member's row goes.
     ``bounds``: the group's policy (``row_bounds``), for the rows' due columns."""
     for device_id in (committer, *updated, *added):
-        rows.put_update(session, group_id, device_id, epoch=epoch + 1, now=now, bounds=bounds)
+        rows.put_update(
+            session,
+            group_id,
+            device_id,
+            epoch=epoch + 1,
+            now=now,
+            bounds=bounds,
+            group_epoch=epoch + 1,
+        )
     for device_id in removed:
         rows.forget(session, group_id, device_id)
+    rows.mark_epoch_due(session, group_id, epoch + 1, now)
 
 
 def aimed_update(cx: Call, group_id: str, device_id: str) -> Job:
@@ -327,19 +340,22 @@ def rekey_tick(cx: Call, now: int) -> list[str]:
     """Every ``CHECK_SECONDS`` fleet-wide: ask each due member for a self-update (an aimed
     job queued in its group). Returns the groups whose queue grew (the caller starts them).
 
-    It reads only what is due: the rows whose ``due_at`` has passed or whose ``due_epoch`` the
-    group has reached (two indexed reads, ``store.rekey.due_rows``), and opens a write
-    transaction only for a group with such a row. Members without a row (from before the
-    policy existed) are looked for at the first check of each instance and then every
-    ``SWEEP_SECONDS``, ``SWEEP_LIMIT`` at a time."""
-    if not tasks.claim_task(cx, TASK, now):
+    It reads only what is due: the rows whose ``due_at`` has passed (one indexed read,
+    ``store.rekey.due_rows``; a commit makes the rows its epoch brings to the epoch bound due at
+    once, ``record_commit``), and opens a write transaction only for a group with such a row.
+    Members without a row (from before the policy existed) are looked for at the first check of
+    each instance and then every ``SWEEP_SECONDS``, ``SWEEP_LIMIT`` at a time."""
+    if now < cx.env.rekey_next_at:
+        return []
+    cx.env.rekey_next_at = now + CHECK_SECONDS
+    # reads first: most checks find nothing to do, and claiming the task takes two write
+    # transactions (on SQLite the whole database's write lock)
+    if not _has_work(cx, now) or not tasks.claim_task(cx, TASK, now):
         return []
     grew = []
     try:
-        _follow_default(cx)
+        _follow_default(cx, now)
         _sweep_unrecorded(cx, now)
-        # a read first: most checks find nothing to do, and a write transaction would
-        # take the database's write lock (all of SQLite) for nothing
         due_groups = cx.env.read(lambda s: sorted({r.group_id for r, _ in rows.due_rows(s, now)}))
         for group_id in due_groups:
 
@@ -354,7 +370,24 @@ def rekey_tick(cx: Call, now: int) -> list[str]:
     return list(dict.fromkeys(grew))
 
 
-def _follow_default(cx: Call) -> None:
+def _has_work(cx: Call, now: int) -> bool:
+    """Whether the check has anything to do: the configured default is not the recorded one,
+    members without a row are to be looked for, or a row is due."""
+    if _sweep_due(cx, now):
+        return True
+    default = (cx.env.settings.rekey_max_age, cx.env.settings.rekey_max_epochs)
+
+    def read(session: Session) -> bool:
+        return rows.default_basis(session) != default or rows.any_due(session, now)
+
+    return cx.env.read(read)
+
+
+def _sweep_due(cx: Call, now: int) -> bool:
+    return cx.env.rekey_swept_at is None or now - cx.env.rekey_swept_at >= SWEEP_SECONDS
+
+
+def _follow_default(cx: Call, now: int) -> None:
     """The rows of groups without their own policy computed again when the configured default
     is not the one they were computed with (a restart with another ``[groups]`` default; the
     first check after the upgrade that added the due columns computes every group's)."""
@@ -368,8 +401,8 @@ def _follow_default(cx: Call) -> None:
             return
         if basis is None:
             for group_id, own in rows.own_policies(session).items():
-                rows.recompute(session, own, repeat=ASK_REPEAT_SECONDS, group_id=group_id)
-        rows.recompute(session, default, repeat=ASK_REPEAT_SECONDS, group_id=None)
+                rows.recompute(session, own, repeat=ASK_REPEAT_SECONDS, group_id=group_id, now=now)
+        rows.recompute(session, default, repeat=ASK_REPEAT_SECONDS, group_id=None, now=now)
         rows.set_default_basis(session, default)
 
     cx.env.tx(recompute)
@@ -380,16 +413,22 @@ def _sweep_unrecorded(cx: Call, now: int) -> None:
     """Rows for members holding a leaf without one, counted from the epoch they joined at and,
     for age, from ``now`` (the first check that saw them), so an upgrade does not ask every old
     member at once."""
-    if cx.env.rekey_swept_at is not None and now - cx.env.rekey_swept_at < SWEEP_SECONDS:
+    if not _sweep_due(cx, now):
         return
     found = cx.env.read(lambda s: rows.unrecorded(s, SWEEP_LIMIT))
     if found:
 
         def record(session: Session) -> None:
-            for group_id, device_id, joined in found:
-                bounds = row_bounds(cx, session, group_id)
-                epoch = joined if joined is not None else 0
-                rows.put_update(session, group_id, device_id, epoch=epoch, now=now, bounds=bounds)
+            for group_id, device_id, joined, group_epoch in found:
+                rows.put_update(
+                    session,
+                    group_id,
+                    device_id,
+                    epoch=joined if joined is not None else 0,
+                    now=now,
+                    bounds=row_bounds(cx, session, group_id),
+                    group_epoch=group_epoch,
+                )
 
         cx.env.tx(record)
     if len(found) < SWEEP_LIMIT:  # else the next check goes on
@@ -415,18 +454,16 @@ def _plan_asks(cx: Call, session: Session, group_id: str, now: int) -> list[Job]
         # found but not to ask: not due (a looser policy since), or asked within the repeat
         # interval; written back so that the check finds it when it is next due
         leaf = leaves[row.device_id]
-        if due(policy, leaf, epoch=epoch, now=now) is None:
-            values = rows.due_values(
-                bounds, epoch=row.epoch, updated_at=row.updated_at, asked_at=None, repeat=0
-            )
-        else:
-            values = rows.due_values(
-                bounds,
-                epoch=row.epoch,
-                updated_at=row.updated_at,
-                asked_at=row.asked_at,
-                repeat=ASK_REPEAT_SECONDS,
-            )
+        not_due = due(policy, leaf, epoch=epoch, now=now) is None
+        values = rows.due_values(
+            bounds,
+            epoch=row.epoch,
+            updated_at=row.updated_at,
+            asked_at=None if not_due else row.asked_at,
+            repeat=ASK_REPEAT_SECONDS,
+            group_epoch=epoch,
+            now=now,
+        )
         rows.set_due(session, row, values)
     asked = []
     for leaf in asking:
@@ -470,6 +507,7 @@ def set_group_policy(
         (new.max_age, new.max_epochs),
         repeat=ASK_REPEAT_SECONDS,
         group_id=body.group_id,
+        now=now,
     )
     audit.append(
         session,

@@ -5,7 +5,9 @@ rekey task's lease."""
 
 from __future__ import annotations
 
-from sqlalchemy import Select, and_, case, delete, null, or_, select, update
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, case, delete, literal, null, or_, select, update
 from sqlalchemy.orm import Session
 
 from provisioning.db.runtime import (
@@ -55,19 +57,29 @@ Bounds = tuple[int, int]  # (max_age, max_epochs) of a policy; 0: that bound off
 
 
 def due_values(
-    bounds: Bounds, *, epoch: int, updated_at: int, asked_at: int | None, repeat: int
+    bounds: Bounds,
+    *,
+    epoch: int,
+    updated_at: int,
+    asked_at: int | None,
+    repeat: int,
+    group_epoch: int,
+    now: int,
 ) -> tuple[int | None, int | None]:
-    """``(due_at, due_epoch)`` of a row under ``bounds``: when, and from which group epoch, the
-    rekey check must look at it again (None: not by that measure). Once asked, only the repeat
-    interval: the check looks again then, and a row it finds not due any more is written back
-    by its bounds (``due_values`` with ``asked_at`` None)."""
+    """``(due_at, due_epoch)`` of a row under ``bounds`` in a group at ``group_epoch``: when the
+    rekey check must look at it again (None: not by time), and from which group epoch it is
+    due by the epoch bound (None: not by epochs). A row due by epochs already is due ``now``;
+    one the group's commits make due later is made due then (``mark_epoch_due``): the check
+    reads ``due_at`` alone. Once asked, only the repeat interval counts: the check looks again
+    then, and a row it finds not due any more is written back as if never asked."""
     if asked_at is not None:
         return asked_at + repeat, None
     max_age, max_epochs = bounds
-    return (
-        updated_at + max_age if max_age else None,
-        epoch + max_epochs if max_epochs else None,
-    )
+    due_at = updated_at + max_age if max_age else None
+    due_epoch = epoch + max_epochs if max_epochs else None
+    if due_epoch is not None and due_epoch <= group_epoch:
+        due_at = now if due_at is None else min(due_at, now)
+    return due_at, due_epoch
 
 
 def leaf_rows(session: Session, group_id: str) -> list[LeafUpdateRow]:
@@ -75,13 +87,28 @@ def leaf_rows(session: Session, group_id: str) -> list[LeafUpdateRow]:
 
 
 def put_update(
-    session: Session, group_id: str, device_id: str, *, epoch: int, now: int, bounds: Bounds
+    session: Session,
+    group_id: str,
+    device_id: str,
+    *,
+    epoch: int,
+    now: int,
+    bounds: Bounds,
+    group_epoch: int,
 ) -> None:
     """``device_id``'s leaf is new from ``epoch``, at ``now``; any open ask is answered.
-    ``bounds``: the group's policy, for the row's due columns."""
+    ``bounds``: the group's policy, ``group_epoch`` its epoch, for the row's due columns."""
+    due_at, due_epoch = due_values(
+        bounds,
+        epoch=epoch,
+        updated_at=now,
+        asked_at=None,
+        repeat=0,
+        group_epoch=group_epoch,
+        now=now,
+    )
     row = session.get(LeafUpdateRow, (group_id, device_id))
     if row is None:
-        due_at, due_epoch = due_values(bounds, epoch=epoch, updated_at=now, asked_at=None, repeat=0)
         session.add(
             LeafUpdateRow(
                 group_id=group_id,
@@ -95,10 +122,23 @@ def put_update(
         )
     elif epoch >= row.epoch:
         row.epoch, row.updated_at, row.asked_at = epoch, now, None
-        row.due_at, row.due_epoch = due_values(
-            bounds, epoch=epoch, updated_at=now, asked_at=None, repeat=0
-        )
+        row.due_at, row.due_epoch = due_at, due_epoch
     session.flush()
+
+
+def mark_epoch_due(session: Session, group_id: str, group_epoch: int, now: int) -> None:
+    """The group reached ``group_epoch``: its rows due by epochs from then on are due ``now``
+    (one indexed UPDATE, index ``group_id, due_epoch``; asked rows have no ``due_epoch``)."""
+    session.execute(
+        update(LeafUpdateRow)
+        .where(
+            LeafUpdateRow.group_id == group_id,
+            LeafUpdateRow.due_epoch <= group_epoch,
+            or_(LeafUpdateRow.due_at.is_(None), LeafUpdateRow.due_at > now),
+        )
+        .values(due_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def mark_asked(
@@ -136,20 +176,27 @@ def set_due(session: Session, row: LeafUpdateRow, due: tuple[int | None, int | N
     session.flush()
 
 
-def recompute(session: Session, bounds: Bounds, *, repeat: int, group_id: str | None) -> None:
+def recompute(
+    session: Session, bounds: Bounds, *, repeat: int, group_id: str | None, now: int
+) -> None:
     """Every row of ``group_id`` (None: of every group without its own policy) computed again
     under ``bounds`` (``due_values`` in one UPDATE)."""
     max_age, max_epochs = bounds
     asked = LeafUpdateRow.asked_at.is_not(None)
+    group_epoch = (
+        select(Group.epoch).where(Group.group_id == LeafUpdateRow.group_id).scalar_subquery()
+    )
+    whens: list[tuple[ColumnElement[bool], Any]] = [(asked, LeafUpdateRow.asked_at + repeat)]
+    if max_epochs:
+        whens.append((LeafUpdateRow.epoch + max_epochs <= group_epoch, literal(now)))
     query = update(LeafUpdateRow).values(
-        due_at=case(
-            (asked, LeafUpdateRow.asked_at + repeat),
-            else_=(LeafUpdateRow.updated_at + max_age) if max_age else null(),
-        ),
+        due_at=case(*whens, else_=(LeafUpdateRow.updated_at + max_age) if max_age else null()),
         due_epoch=case((asked, null()), else_=LeafUpdateRow.epoch + max_epochs)
         if max_epochs
         else null(),
     )
+    live = select(Group.group_id).where(Group.deleted_at.is_(None))
+    query = query.where(LeafUpdateRow.group_id.in_(live))
     if group_id is not None:
         query = query.where(LeafUpdateRow.group_id == group_id)
     else:
@@ -177,11 +224,12 @@ def own_policies(session: Session) -> dict[str, Bounds]:
     return {r.group_id: (r.max_age, r.max_epochs) for r in session.scalars(select(RekeyPolicyRow))}
 
 
-def _live_member_rows(
-    query: Select[LeafUpdateRow, int],
-) -> Select[LeafUpdateRow, int]:
+def _due(now: int) -> Select[LeafUpdateRow, int]:
+    """Rows with ``due_at <= now`` (index ``due_at``) of members holding a leaf in live groups
+    (a row of a deleted group has no due columns: ``clear_due``), with the group's epoch."""
     return (
-        query.join(Group, Group.group_id == LeafUpdateRow.group_id)
+        select(LeafUpdateRow, Group.epoch)
+        .join(Group, Group.group_id == LeafUpdateRow.group_id)
         .join(
             GroupMember,
             and_(
@@ -190,6 +238,7 @@ def _live_member_rows(
             ),
         )
         .where(
+            LeafUpdateRow.due_at <= now,
             Group.deleted_at.is_(None),
             GroupMember.leaf_index.is_not(None),
             or_(GroupMember.pending.is_(None), GroupMember.pending != PendingChange.REMOVE),
@@ -197,29 +246,37 @@ def _live_member_rows(
     )
 
 
+def any_due(session: Session, now: int) -> bool:
+    return session.execute(_due(now).limit(1)).first() is not None
+
+
 def due_rows(
     session: Session, now: int, group_id: str | None = None
 ) -> list[tuple[LeafUpdateRow, int]]:
-    """The rows the rekey check must look at (``due_at <= now`` or ``due_epoch <=`` the
-    group's epoch) of members holding a leaf in live groups, each with its group's epoch: two
-    indexed reads, whatever the number of members not due."""
-    by_time = select(LeafUpdateRow, Group.epoch).where(LeafUpdateRow.due_at <= now)
-    by_epoch = select(LeafUpdateRow, Group.epoch).where(LeafUpdateRow.due_epoch <= Group.epoch)
+    """The rows the rekey check must look at, each with its group's epoch: one indexed read,
+    whatever the number of members not due."""
+    query = _due(now)
     if group_id is not None:
-        by_time = by_time.where(LeafUpdateRow.group_id == group_id)
-        by_epoch = by_epoch.where(LeafUpdateRow.group_id == group_id)
-    out: dict[tuple[str, str], tuple[LeafUpdateRow, int]] = {}
-    for query in (by_time, by_epoch):
-        for row, epoch in session.execute(_live_member_rows(query)):
-            out[(row.group_id, row.device_id)] = (row, epoch)
-    return list(out.values())
+        query = query.where(LeafUpdateRow.group_id == group_id)
+    return [(row, epoch) for row, epoch in session.execute(query)]
 
 
-def unrecorded(session: Session, limit: int) -> list[tuple[str, str, int | None]]:
+def clear_due(session: Session, group_id: str) -> None:
+    """The group is deleted: the check never looks at its rows again."""
+    session.execute(
+        update(LeafUpdateRow)
+        .where(LeafUpdateRow.group_id == group_id)
+        .values(due_at=None, due_epoch=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def unrecorded(session: Session, limit: int) -> list[tuple[str, str, int | None, int]]:
     """Up to ``limit`` members holding a leaf in live groups with no row yet (from before the
-    policy existed): ``(group, device, joined_epoch)``. One anti-join over the members."""
+    policy existed): ``(group, device, joined_epoch, group's epoch)``. One anti-join over the
+    members."""
     query = (
-        select(GroupMember.group_id, GroupMember.device_id, GroupMember.joined_epoch)
+        select(GroupMember.group_id, GroupMember.device_id, GroupMember.joined_epoch, Group.epoch)
         .join(Group, Group.group_id == GroupMember.group_id)
         .outerjoin(
             LeafUpdateRow,
@@ -236,7 +293,7 @@ def unrecorded(session: Session, limit: int) -> list[tuple[str, str, int | None]
         )
         .limit(limit)
     )
-    return [(g, d, e) for g, d, e in session.execute(query)]
+    return [(g, d, e, ge) for g, d, e, ge in session.execute(query)]
 
 
 def forget(session: Session, group_id: str, device_id: str) -> None:

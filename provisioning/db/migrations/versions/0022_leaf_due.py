@@ -9,7 +9,8 @@ Create Date: 2026-12-07
 ``updated_at`` plus the group's ``max_age``, or once asked ``asked_at`` plus the repeat
 interval); ``due_epoch``: the group epoch from which it is due by the epoch bound (its
 ``epoch`` plus ``max_epochs``); NULL where a bound is off. The check reads ``due_at <= now``
-(index ``due_at``) and ``due_epoch <= `` the group's epoch (index ``group_id, due_epoch``).
+(index ``due_at``); each accepted commit sets ``due_at`` of the rows its epoch makes due by
+the epoch bound (index ``group_id, due_epoch``).
 ``service_rekey_default``: the service default the rows of groups without their own policy were
 computed with. The default lives in the service's configuration, which a migration does not
 read, so existing rows keep NULL here and the table stays empty: the first check after the
