@@ -35,6 +35,7 @@ BENCHES = (
     "bench_full_rekey",
     "bench_wedge",
     "bench_scale",
+    "bench_rekey_tick",
     "bench_member",
     "bench_server_wrap",
     "bench_device_messages",

@@ -14,7 +14,17 @@ in-process lock. The queries over them live in
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Engine, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from provisioning.db.schema import ID_LENGTH, NAMING_CONVENTION
@@ -381,6 +391,25 @@ class LeafUpdateRow(ServiceBase):
     epoch: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
     asked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # when the rekey check next looks at the row, by the group's policy (NULL: not by time):
+    # ``updated_at + max_age``, or once asked ``asked_at`` + the repeat interval
+    due_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    # the group epoch at which it is due by the epoch bound (NULL: not by epochs, or asked)
+    due_epoch: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+    __table_args__ = (Index("ix_service_leaf_updates_group_due_epoch", "group_id", "due_epoch"),)
+
+
+class RekeyDefaultRow(ServiceBase):
+    """The service's default rekey policy the due columns of ``LeafUpdateRow`` were computed
+    with, for groups without their own (one row, ``id`` 1): the check recomputes those groups'
+    rows when the configured default differs."""
+
+    __tablename__ = "service_rekey_default"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    max_age: Mapped[int] = mapped_column(BigInteger)
+    max_epochs: Mapped[int] = mapped_column(BigInteger)
 
 
 class UpdateProposalRow(ServiceBase):

@@ -388,6 +388,7 @@ def accept_commit(
         removed=removes,
         updated=checked.updated,
         now=now,
+        bounds=rekeypolicy.row_bounds(cx, session, body.group_id),
     )
     below = body.epoch + 1 - cx.env.settings.retention_epochs
     if below > 0:

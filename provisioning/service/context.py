@@ -92,6 +92,9 @@ class Env:
     # device -> the refusal counts its last keys.report carried (audited when they change)
     refusals_seen: dict[str, dict[str, int]] = field(default_factory=dict)
     started: bool = False  # pending removals resumed (``intake.ensure_started``)
+    # when this instance last looked for group members without a rekey row (``rekeypolicy``)
+    rekey_swept_at: int | None = None
+    rekey_next_at: int = 0  # when this instance next runs the rekey check
     # Operator approvals are checked with it (``requests.verifier``); it caches validated
     # operator certificates.
     authz_verifier: AuthzVerifier | None = None

@@ -56,6 +56,7 @@ from provisioning.service import (
     feed,
     fullrekey,
     groupdelete,
+    rekeypolicy,
     renewal,
     rollback,
     rollout,
@@ -432,6 +433,7 @@ def on_group_created(
         group_context=public.state.group_context(),
         now=now,
     )
+    rekeypolicy.record_creator(cx, session, body.group_id, sender, now)
     trees.write(session, body.group_id, trees.rows_of(public.tree, trees.all_nodes(public.tree)))
     audit.append(
         session,

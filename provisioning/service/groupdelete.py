@@ -40,6 +40,7 @@ from provisioning.service.context import Call
 from provisioning.service.effects import Accepted, Effects, Log, Progress
 from provisioning.service.model import JobState, Operation
 from provisioning.service.store import deletions
+from provisioning.service.store import rekey as rekey_rows
 from provisioning.service.store.quorum import StoredRequest
 
 log = logging.getLogger("keyfleet.service")
@@ -84,6 +85,7 @@ def execute(
     check(session, group_id)
     seq = feed.append(session, authorization, now=now)
     members = deletions.mark_deleted(session, group_id, seq=seq, now=now)
+    rekey_rows.clear_due(session, group_id)  # the rekey policy asks its members no more
     failed: set[bytes] = set()
     jobs = store.open_jobs(session, group_id)
     for job in jobs:

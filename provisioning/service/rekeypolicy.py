@@ -7,15 +7,19 @@ for as long as the key exists. So the service asks:
 
 - **Policy.** Every member updates its own leaf at least every ``max_age`` seconds and at most
   ``max_epochs`` epochs after its last update (``RekeyPolicy``; a group's own row set by
-  ``keyfleet group policy``, else the service's ``[groups]`` default; 0 turns a bound off).
-  The service records each member's last self-update (``service_leaf_updates``: the epoch its
-  leaf took effect in and when; a join counts as one) whenever it accepts a commit
-  (``record_commit``). Every ``CHECK_SECONDS`` one instance (``rekey_tick``) asks each due member
-  for a self-update commit: an update job aimed at that member only (``Job.candidates``), so the
-  commit is solicited. A member asked and silent for ``commit_request_timeout`` (or not at the
-  group's epoch within it) fails its job as a straggler (``ds.rekey.straggler``) and is asked
-  again ``ASK_REPEAT_SECONDS`` later; ``leaf_ages`` reports each member's age, whether it is
-  due, a straggler, or overdue past the grace (``grace``).
+  ``keyfleet group policy``, else the service's ``[groups]`` default; 0 turns a bound off). The
+  service records each member's last self-update (``service_leaf_updates``: the epoch its leaf
+  took effect in and when; a join counts as one) whenever it accepts a commit
+  (``record_commit``), with when it falls due under the group's policy (``due_at``, and
+  ``due_epoch``, which the commit that reaches it turns into ``due_at``: the check reads the
+  ``due_at`` index alone, never the members not due; a policy change, or another configured
+  default, computes them again). Every ``CHECK_SECONDS`` one instance (``rekey_tick``) asks each
+  due member for a self-update commit: an update job aimed at that member only
+  (``Job.candidates``), so the commit is solicited. A member asked and silent for
+  ``commit_request_timeout`` (or not at the group's epoch within it) fails its job as a
+  straggler (``ds.rekey.straggler``) and is asked again ``ASK_REPEAT_SECONDS`` later;
+  ``leaf_ages`` reports each member's age, whether it is due, a straggler, or overdue past the
+  grace (``grace``).
 - **Full rekey.** ``provisioning.service.fullrekey``: every member proposes an Update and one
   member commits them in batches (a few commits, not one per member); members that do not
   propose fall back to an aimed self-update (``aimed_update``).
@@ -57,6 +61,10 @@ ASK_REPEAT_SECONDS: Final = 300
 MAX_AGE_LIMIT: Final = 366 * 86_400
 MAX_EPOCHS_LIMIT: Final = 1_000_000
 TASK: Final = "service.rekey_policy"
+# Members holding a leaf without a row are looked for at an instance's first check, then this
+# often, at most this many per check.
+SWEEP_SECONDS: Final = 3600
+SWEEP_LIMIT: Final = 1000
 
 _DURATION = re.compile(r"(\d+)([smhdw]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
@@ -240,6 +248,24 @@ def group_policy(cx: Call, session: Session, group_id: str) -> RekeyPolicy:
     return RekeyPolicy(*own)
 
 
+def row_bounds(cx: Call, session: Session, group_id: str) -> rows.Bounds:
+    """The policy a row of ``group_id`` is written under: the group's own, else the default
+    the rows were computed with (the service's, until the check has recorded one)."""
+    own = rows.policy(session, group_id)
+    if own is not None:
+        return own
+    basis = rows.default_basis(session)
+    if basis is not None:
+        return basis
+    return cx.env.settings.rekey_max_age, cx.env.settings.rekey_max_epochs
+
+
+def record_creator(cx: Call, session: Session, group_id: str, creator: str, now: int) -> None:
+    """A new group's creator holds its leaf from epoch 0, now."""
+    bounds = row_bounds(cx, session, group_id)
+    rows.put_update(session, group_id, creator, epoch=0, now=now, bounds=bounds, group_epoch=0)
+
+
 def leaves(session: Session, group_id: str, now: int) -> tuple[list[LeafUpdate], list[LeafUpdate]]:
     """Every member with a leaf, with its last self-update; and those of them the service has
     no row for yet (members from before the policy existed): they are counted from the epoch
@@ -272,14 +298,25 @@ def record_commit(
     removed: Sequence[str],
     updated: Sequence[str] = (),
     now: int,
+    bounds: rows.Bounds,
 ) -> None:
     """An accepted commit made at ``epoch``: its committer's leaf is new from ``epoch + 1``
     (every commit carries an update path), so is the leaf of every member whose Update it
-    carries (a full rekey), an added member's leaf starts then, a removed member's row goes."""
+    carries (a full rekey), an added member's leaf starts then, a removed member's row goes.
+    ``bounds``: the group's policy (``row_bounds``), for the rows' due columns."""
     for device_id in (committer, *updated, *added):
-        rows.put_update(session, group_id, device_id, epoch=epoch + 1, now=now)
+        rows.put_update(
+            session,
+            group_id,
+            device_id,
+            epoch=epoch + 1,
+            now=now,
+            bounds=bounds,
+            group_epoch=epoch + 1,
+        )
     for device_id in removed:
         rows.forget(session, group_id, device_id)
+    rows.mark_epoch_due(session, group_id, epoch + 1, now)
 
 
 def aimed_update(cx: Call, group_id: str, device_id: str) -> Job:
@@ -301,23 +338,30 @@ def is_aimed(job: Job) -> bool:
 
 def rekey_tick(cx: Call, now: int) -> list[str]:
     """Every ``CHECK_SECONDS`` fleet-wide: ask each due member for a self-update (an aimed
-    job queued in its group). Returns the groups whose queue grew (the caller starts them)."""
-    if not tasks.claim_task(cx, TASK, now):
+    job queued in its group). Returns the groups whose queue grew (the caller starts them).
+
+    It reads only what is due: the rows whose ``due_at`` has passed (one indexed read,
+    ``store.rekey.due_rows``; a commit makes the rows its epoch brings to the epoch bound due at
+    once, ``record_commit``), and opens a write transaction only for a group with such a row.
+    Members without a row (from before the policy existed) are looked for at the first check of
+    each instance and then every ``SWEEP_SECONDS``, ``SWEEP_LIMIT`` at a time."""
+    if now < cx.env.rekey_next_at:
+        return []
+    cx.env.rekey_next_at = now + CHECK_SECONDS
+    # reads first: most checks find nothing to do, and claiming the task takes two write
+    # transactions (on SQLite the whole database's write lock)
+    if not _has_work(cx, now) or not tasks.claim_task(cx, TASK, now):
         return []
     grew = []
     try:
-        for group_id in cx.env.read(rows.group_ids):
+        _follow_default(cx, now)
+        _sweep_unrecorded(cx, now)
+        due_groups = cx.env.read(lambda s: sorted({r.group_id for r, _ in rows.due_rows(s, now)}))
+        for group_id in due_groups:
 
             def plan(session: Session, group_id: str = group_id) -> list[Job]:
                 return _plan_asks(cx, session, group_id, now)
 
-            def pending(session: Session, group_id: str = group_id) -> bool:
-                return _has_work(cx, session, group_id, now)
-
-            # a read first: most checks find nothing to do, and a write transaction would
-            # take the database's write lock (all of SQLite) for nothing
-            if not cx.env.read(pending):
-                continue
             for job in cx.env.tx(plan):
                 log.info("asked %s for a self-update in %s (rekey policy)", job.prefer, group_id)
                 grew.append(group_id)
@@ -326,24 +370,103 @@ def rekey_tick(cx: Call, now: int) -> list[str]:
     return list(dict.fromkeys(grew))
 
 
-def _has_work(cx: Call, session: Session, group_id: str, now: int) -> bool:
-    """Whether ``_plan_asks`` would write anything (a first-seen member or an ask)."""
-    members, first_seen = leaves(session, group_id, now)
-    if first_seen:
+def _has_work(cx: Call, now: int) -> bool:
+    """Whether the check has anything to do: the configured default is not the recorded one,
+    members without a row are to be looked for, or a row is due."""
+    if _sweep_due(cx, now):
         return True
-    epoch = Registry(session).group(group_id).epoch
-    return bool(to_ask(group_policy(cx, session, group_id), members, epoch=epoch, now=now))
+    default = (cx.env.settings.rekey_max_age, cx.env.settings.rekey_max_epochs)
+
+    def read(session: Session) -> bool:
+        return rows.default_basis(session) != default or rows.any_due(session, now)
+
+    return cx.env.read(read)
+
+
+def _sweep_due(cx: Call, now: int) -> bool:
+    return cx.env.rekey_swept_at is None or now - cx.env.rekey_swept_at >= SWEEP_SECONDS
+
+
+def _follow_default(cx: Call, now: int) -> None:
+    """The rows of groups without their own policy computed again when the configured default
+    is not the one they were computed with (a restart with another ``[groups]`` default; the
+    first check after the upgrade that added the due columns computes every group's)."""
+    default = (cx.env.settings.rekey_max_age, cx.env.settings.rekey_max_epochs)
+    if cx.env.read(rows.default_basis) == default:
+        return
+
+    def recompute(session: Session) -> None:
+        basis = rows.default_basis(session)
+        if basis == default:
+            return
+        if basis is None:
+            for group_id, own in rows.own_policies(session).items():
+                rows.recompute(session, own, repeat=ASK_REPEAT_SECONDS, group_id=group_id, now=now)
+        rows.recompute(session, default, repeat=ASK_REPEAT_SECONDS, group_id=None, now=now)
+        rows.set_default_basis(session, default)
+
+    cx.env.tx(recompute)
+    log.info("rekey policy: default %s: due times computed again", RekeyPolicy(*default).describe())
+
+
+def _sweep_unrecorded(cx: Call, now: int) -> None:
+    """Rows for members holding a leaf without one, counted from the epoch they joined at and,
+    for age, from ``now`` (the first check that saw them), so an upgrade does not ask every old
+    member at once."""
+    if not _sweep_due(cx, now):
+        return
+    found = cx.env.read(lambda s: rows.unrecorded(s, SWEEP_LIMIT))
+    if found:
+
+        def record(session: Session) -> None:
+            for group_id, device_id, joined, group_epoch in found:
+                rows.put_update(
+                    session,
+                    group_id,
+                    device_id,
+                    epoch=joined if joined is not None else 0,
+                    now=now,
+                    bounds=row_bounds(cx, session, group_id),
+                    group_epoch=group_epoch,
+                )
+
+        cx.env.tx(record)
+    if len(found) < SWEEP_LIMIT:  # else the next check goes on
+        cx.env.rekey_swept_at = now
 
 
 def _plan_asks(cx: Call, session: Session, group_id: str, now: int) -> list[Job]:
+    found = rows.due_rows(session, now, group_id)
+    if not found:
+        return []
+    epoch = found[0][1]
     policy = group_policy(cx, session, group_id)
-    epoch = Registry(session).group(group_id).epoch
+    bounds = (policy.max_age, policy.max_epochs)
     waiting = {job.candidates[0] for job in store.open_jobs(session, group_id) if is_aimed(job)}
-    members, first_seen = leaves(session, group_id, now)
-    for leaf in first_seen:
-        rows.put_update(session, group_id, leaf.device_id, epoch=leaf.epoch, now=now)
+    leaves = {
+        r.device_id: LeafUpdate(r.device_id, r.epoch, r.updated_at, r.asked_at) for r, _ in found
+    }
+    asking = to_ask(policy, list(leaves.values()), epoch=epoch, now=now)
+    chosen = {leaf.device_id for leaf in asking}
+    for row, _ in found:
+        if row.device_id in chosen:
+            continue
+        # found but not to ask: not due (a looser policy since), or asked within the repeat
+        # interval; written back so that the check finds it when it is next due
+        leaf = leaves[row.device_id]
+        not_due = due(policy, leaf, epoch=epoch, now=now) is None
+        values = rows.due_values(
+            bounds,
+            epoch=row.epoch,
+            updated_at=row.updated_at,
+            asked_at=None if not_due else row.asked_at,
+            repeat=ASK_REPEAT_SECONDS,
+            group_epoch=epoch,
+            now=now,
+        )
+        rows.set_due(session, row, values)
     asked = []
-    for leaf in to_ask(policy, members, epoch=epoch, now=now):
+    for leaf in asking:
         if leaf.device_id in waiting:
             continue
         job = aimed_update(cx, group_id, leaf.device_id)
@@ -355,6 +478,7 @@ def _plan_asks(cx: Call, session: Session, group_id: str, now: int) -> list[Job]
             epoch=leaf.epoch,
             updated_at=leaf.updated_at,
             now=now,
+            repeat=ASK_REPEAT_SECONDS,
         )
         asked.append(job)
     return asked
@@ -375,6 +499,14 @@ def set_group_policy(
         max_age=new.max_age,
         max_epochs=new.max_epochs,
         operator=operator,
+        now=now,
+    )
+    # the group's rows are due by the new policy from now on
+    rows.recompute(
+        session,
+        (new.max_age, new.max_epochs),
+        repeat=ASK_REPEAT_SECONDS,
+        group_id=body.group_id,
         now=now,
     )
     audit.append(

@@ -32,6 +32,7 @@ from provisioning.dashboard.app import make_environment
 from provisioning.listings import list_groups
 from provisioning.registry import Registry, Role
 from provisioning.service import feed, groupdelete
+from provisioning.service.store import rekey as rekey_rows
 from tests.pure.test_service_core import Fleet, make_fleet
 from tests.pure.test_service_requests import (
     TTL,
@@ -140,6 +141,9 @@ def test_a_quorum_deletes_the_group_through_a_feed_entry_devices_verify(fleet: F
         assert group.deleted_at == fleet.now and group.deleted_seq == 1
         assert group.epoch == epoch  # nothing committed: the members learn it from the feed
         assert Registry(s).members("g1") == []
+        # the rekey policy's check never reads the group's records again (no due times)
+        records = [(r.due_at, r.due_epoch) for r in rekey_rows.leaf_rows(s, "g1")]
+        assert len(records) == 3 and set(records) == {(None, None)}
         head = feed.head(s, now=fleet.now)
     assert head is not None and head.seq == 1
     # the entry is the quorum's Authorization, and a device of this fleet takes it

@@ -5,12 +5,31 @@ rekey task's lease."""
 
 from __future__ import annotations
 
-from sqlalchemy import delete, insert, select, update
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    case,
+    delete,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from provisioning.db.engine import table_of
-from provisioning.db.runtime import LeafUpdateRow, RekeyPolicyRow, UpdateProposalRow
-from provisioning.db.schema import Group
+from provisioning.db.runtime import (
+    LeafUpdateRow,
+    RekeyDefaultRow,
+    RekeyPolicyRow,
+    UpdateProposalRow,
+)
+from provisioning.db.schema import Group, GroupMember, PendingChange
 
 
 def group_ids(session: Session) -> list[str]:
@@ -47,31 +66,104 @@ def set_policy(
     session.flush()
 
 
+Bounds = tuple[int, int]  # (max_age, max_epochs) of a policy; 0: that bound off
+
+
+def due_values(
+    bounds: Bounds,
+    *,
+    epoch: int,
+    updated_at: int,
+    asked_at: int | None,
+    repeat: int,
+    group_epoch: int,
+    now: int,
+) -> tuple[int | None, int | None]:
+    """``(due_at, due_epoch)`` of a row under ``bounds`` in a group at ``group_epoch``: when the
+    rekey check must look at it again (None: not by time), and from which group epoch it is
+    due by the epoch bound (None: not by epochs). A row due by epochs already is due ``now``;
+    one the group's commits make due later is made due then (``mark_epoch_due``): the check
+    reads ``due_at`` alone. Once asked, only the repeat interval counts: the check looks again
+    then, and a row it finds not due any more is written back as if never asked."""
+    if asked_at is not None:
+        return asked_at + repeat, None
+    max_age, max_epochs = bounds
+    due_at = updated_at + max_age if max_age else None
+    due_epoch = epoch + max_epochs if max_epochs else None
+    if due_epoch is not None and due_epoch <= group_epoch:
+        due_at = now if due_at is None else min(due_at, now)
+    return due_at, due_epoch
+
+
 def leaf_rows(session: Session, group_id: str) -> list[LeafUpdateRow]:
     return list(session.scalars(select(LeafUpdateRow).where(LeafUpdateRow.group_id == group_id)))
 
 
-def put_update(session: Session, group_id: str, device_id: str, *, epoch: int, now: int) -> None:
-    """``device_id``'s leaf is new from ``epoch``, at ``now``; any open ask is answered. Core
+def put_update(
+    session: Session,
+    group_id: str,
+    device_id: str,
+    *,
+    epoch: int,
+    now: int,
+    bounds: Bounds,
+    group_epoch: int,
+) -> None:
+    """``device_id``'s leaf is new from ``epoch``, at ``now``; any open ask is answered.
+    ``bounds``: the group's policy, ``group_epoch`` its epoch, for the row's due columns. Core
     writes on the table (every commit makes one: the session need not hold the row)."""
+    due_at, due_epoch = due_values(
+        bounds,
+        epoch=epoch,
+        updated_at=now,
+        asked_at=None,
+        repeat=0,
+        group_epoch=group_epoch,
+        now=now,
+    )
     table = table_of(LeafUpdateRow)
     key = (table.c.group_id == group_id) & (table.c.device_id == device_id)
     held = session.execute(select(table.c.epoch).where(key)).first()
+    values = {
+        "epoch": epoch,
+        "updated_at": now,
+        "asked_at": None,
+        "due_at": due_at,
+        "due_epoch": due_epoch,
+    }
     if held is None:
-        session.execute(
-            insert(table).values(
-                group_id=group_id, device_id=device_id, epoch=epoch, updated_at=now, asked_at=None
-            )
-        )
+        session.execute(insert(table).values(group_id=group_id, device_id=device_id, **values))
     elif epoch >= held.epoch:
-        session.execute(update(table).where(key).values(epoch=epoch, updated_at=now, asked_at=None))
+        session.execute(update(table).where(key).values(**values))
+
+
+def mark_epoch_due(session: Session, group_id: str, group_epoch: int, now: int) -> None:
+    """The group reached ``group_epoch``: its rows due by epochs from then on are due ``now``
+    (one indexed UPDATE, index ``group_id, due_epoch``; asked rows have no ``due_epoch``)."""
+    session.execute(
+        update(LeafUpdateRow)
+        .where(
+            LeafUpdateRow.group_id == group_id,
+            LeafUpdateRow.due_epoch <= group_epoch,
+            or_(LeafUpdateRow.due_at.is_(None), LeafUpdateRow.due_at > now),
+        )
+        .values(due_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def mark_asked(
-    session: Session, group_id: str, device_id: str, *, epoch: int, updated_at: int, now: int
+    session: Session,
+    group_id: str,
+    device_id: str,
+    *,
+    epoch: int,
+    updated_at: int,
+    now: int,
+    repeat: int,
 ) -> None:
     """The service asked ``device_id`` (last updated at ``epoch``, ``updated_at``: written if
-    it has no row yet) for a self-update at ``now``."""
+    it has no row yet) for a self-update at ``now``; the check looks again ``repeat`` later."""
     row = session.get(LeafUpdateRow, (group_id, device_id))
     if row is None:
         session.add(
@@ -81,11 +173,138 @@ def mark_asked(
                 epoch=epoch,
                 updated_at=updated_at,
                 asked_at=now,
+                due_at=now + repeat,
+                due_epoch=None,
             )
         )
     else:
-        row.asked_at = now
+        row.asked_at, row.due_at, row.due_epoch = now, now + repeat, None
     session.flush()
+
+
+def set_due(session: Session, row: LeafUpdateRow, due: tuple[int | None, int | None]) -> None:
+    row.due_at, row.due_epoch = due
+    session.flush()
+
+
+def recompute(
+    session: Session, bounds: Bounds, *, repeat: int, group_id: str | None, now: int
+) -> None:
+    """Every row of ``group_id`` (None: of every group without its own policy) computed again
+    under ``bounds`` (``due_values`` in one UPDATE)."""
+    max_age, max_epochs = bounds
+    asked = LeafUpdateRow.asked_at.is_not(None)
+    group_epoch = (
+        select(Group.epoch).where(Group.group_id == LeafUpdateRow.group_id).scalar_subquery()
+    )
+    whens: list[tuple[ColumnElement[bool], Any]] = [(asked, LeafUpdateRow.asked_at + repeat)]
+    if max_epochs:
+        whens.append((LeafUpdateRow.epoch + max_epochs <= group_epoch, literal(now)))
+    query = update(LeafUpdateRow).values(
+        due_at=case(*whens, else_=(LeafUpdateRow.updated_at + max_age) if max_age else null()),
+        due_epoch=case((asked, null()), else_=LeafUpdateRow.epoch + max_epochs)
+        if max_epochs
+        else null(),
+    )
+    live = select(Group.group_id).where(Group.deleted_at.is_(None))
+    query = query.where(LeafUpdateRow.group_id.in_(live))
+    if group_id is not None:
+        query = query.where(LeafUpdateRow.group_id == group_id)
+    else:
+        query = query.where(LeafUpdateRow.group_id.not_in(select(RekeyPolicyRow.group_id)))
+    session.execute(query.execution_options(synchronize_session=False))
+
+
+def default_basis(session: Session) -> Bounds | None:
+    """The service default the rows of groups without their own policy were computed with."""
+    row = session.get(RekeyDefaultRow, 1)
+    return None if row is None else (row.max_age, row.max_epochs)
+
+
+def set_default_basis(session: Session, bounds: Bounds) -> None:
+    row = session.get(RekeyDefaultRow, 1)
+    if row is None:
+        session.add(RekeyDefaultRow(id=1, max_age=bounds[0], max_epochs=bounds[1]))
+    else:
+        row.max_age, row.max_epochs = bounds
+    session.flush()
+
+
+def own_policies(session: Session) -> dict[str, Bounds]:
+    """Every group's own policy (the groups that have one)."""
+    return {r.group_id: (r.max_age, r.max_epochs) for r in session.scalars(select(RekeyPolicyRow))}
+
+
+def _due(now: int) -> Select[LeafUpdateRow, int]:
+    """Rows with ``due_at <= now`` (index ``due_at``) of members holding a leaf in live groups
+    (a row of a deleted group has no due columns: ``clear_due``), with the group's epoch."""
+    return (
+        select(LeafUpdateRow, Group.epoch)
+        .join(Group, Group.group_id == LeafUpdateRow.group_id)
+        .join(
+            GroupMember,
+            and_(
+                GroupMember.group_id == LeafUpdateRow.group_id,
+                GroupMember.device_id == LeafUpdateRow.device_id,
+            ),
+        )
+        .where(
+            LeafUpdateRow.due_at <= now,
+            Group.deleted_at.is_(None),
+            GroupMember.leaf_index.is_not(None),
+            or_(GroupMember.pending.is_(None), GroupMember.pending != PendingChange.REMOVE),
+        )
+    )
+
+
+def any_due(session: Session, now: int) -> bool:
+    return session.execute(_due(now).limit(1)).first() is not None
+
+
+def due_rows(
+    session: Session, now: int, group_id: str | None = None
+) -> list[tuple[LeafUpdateRow, int]]:
+    """The rows the rekey check must look at, each with its group's epoch: one indexed read,
+    whatever the number of members not due."""
+    query = _due(now)
+    if group_id is not None:
+        query = query.where(LeafUpdateRow.group_id == group_id)
+    return [(row, epoch) for row, epoch in session.execute(query)]
+
+
+def clear_due(session: Session, group_id: str) -> None:
+    """The group is deleted: the check never looks at its rows again."""
+    session.execute(
+        update(LeafUpdateRow)
+        .where(LeafUpdateRow.group_id == group_id)
+        .values(due_at=None, due_epoch=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def unrecorded(session: Session, limit: int) -> list[tuple[str, str, int | None, int]]:
+    """Up to ``limit`` members holding a leaf in live groups with no row yet (from before the
+    policy existed): ``(group, device, joined_epoch, group's epoch)``. One anti-join over the
+    members."""
+    query = (
+        select(GroupMember.group_id, GroupMember.device_id, GroupMember.joined_epoch, Group.epoch)
+        .join(Group, Group.group_id == GroupMember.group_id)
+        .outerjoin(
+            LeafUpdateRow,
+            and_(
+                LeafUpdateRow.group_id == GroupMember.group_id,
+                LeafUpdateRow.device_id == GroupMember.device_id,
+            ),
+        )
+        .where(
+            LeafUpdateRow.device_id.is_(None),
+            Group.deleted_at.is_(None),
+            GroupMember.leaf_index.is_not(None),
+            or_(GroupMember.pending.is_(None), GroupMember.pending != PendingChange.REMOVE),
+        )
+        .limit(limit)
+    )
+    return [(g, d, e, ge) for g, d, e, ge in session.execute(query)]
 
 
 def forget(session: Session, group_id: str, device_id: str) -> None:
