@@ -123,26 +123,29 @@ def run(mode: str, n: int, workdir: Path) -> dict[str, Any]:
 
 
 class _Timed:
-    """Adds up the time spent inside the in-process service's entry points."""
+    """Adds up the time spent inside the in-process service's entry points: wall time
+    (``total``) and this thread's CPU time (``cpu``, what other processes on a loaded machine
+    do not inflate)."""
 
     def __init__(self, service: Any) -> None:
         self.total = 0.0
+        self.cpu = 0.0
         self._handle, self._tick = service.handle_many, service.tick
         service.handle_many, service.tick = self.handle_many, self.tick
 
-    def handle_many(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+    def _timed(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
-            return self._handle(*args, **kwargs)
+            return call(*args, **kwargs)
         finally:
             self.total += time.perf_counter() - start
+            self.cpu += time.thread_time() - cpu
+
+    def handle_many(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed(self._handle, *args, **kwargs)
 
     def tick(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self._tick(*args, **kwargs)
-        finally:
-            self.total += time.perf_counter() - start
+        return self._timed(self._tick, *args, **kwargs)
 
 
 def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
@@ -158,7 +161,8 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
     timed = _Timed(fleet.service)
     t0 = time.perf_counter()
 
-    finals: list[tuple[float, float]] = []  # (wall, service) at each operation's final result
+    # (wall, service wall, service CPU) at each operation's final result
+    finals: list[tuple[float, float, float]] = []
 
     def send(*outgoing: tuple[str, bytes]) -> None:
         """As ``Fleet.send``, but what the members answer together reaches the service in
@@ -172,7 +176,7 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
             queue.extend(fleet.deliver(fleet.service.handle_many(batch, fleet.now)))
             new = [r for rs in fleet.results.values() for r in rs][seen:]
             if any(r.status not in (ResultStatus.ACCEPTED, ResultStatus.IN_PROGRESS) for r in new):
-                finals.append((time.perf_counter() - t0, timed.total))
+                finals.append((time.perf_counter() - t0, timed.total, timed.cpu))
 
     fleet.send = send  # type: ignore[method-assign]
 
@@ -189,7 +193,9 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
             if result.status is not ResultStatus.DONE:
                 break
             result = change(authz.OP_GROUP_ADD, (device_id,))
-    wall, service = finals[-1] if finals else (time.perf_counter() - t0, timed.total)
+    wall, service, service_cpu = (
+        finals[-1] if finals else (time.perf_counter() - t0, timed.total, timed.cpu)
+    )
     if result.status is not ResultStatus.DONE:
         raise RuntimeError(f"{mode} n={n}: {result.status}: {result.detail}")
     holders = [d.groups[GROUP].epoch_authenticator for d in fleet.devices.values()]
@@ -200,11 +206,14 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
         "n": n,
         "wall_s": round(wall, 2),
         "service_handling_s": round(service, 2),
+        "service_cpu_s": round(service_cpu, 2),
+        "load_average": round(os.getloadavg()[0], 1),
         "epoch": result.epoch,
         # and with what followed the final result before the fleet went quiet (a creation's
         # first updates, detached from it)
         "until_quiet_wall_s": round(time.perf_counter() - t0, 2),
         "until_quiet_service_s": round(timed.total, 2),
+        "until_quiet_service_cpu_s": round(timed.cpu, 2),
         "epoch_when_quiet": fleet.epoch(GROUP),
     }
     print(json.dumps(record), file=sys.stderr)

@@ -276,8 +276,7 @@ def record_commit(
     """An accepted commit made at ``epoch``: its committer's leaf is new from ``epoch + 1``
     (every commit carries an update path), so is the leaf of every member whose Update it
     carries (a full rekey), an added member's leaf starts then, a removed member's row goes."""
-    for device_id in (committer, *updated, *added):
-        rows.put_update(session, group_id, device_id, epoch=epoch + 1, now=now)
+    rows.put_updates(session, group_id, (committer, *updated, *added), epoch=epoch + 1, now=now)
     for device_id in removed:
         rows.forget(session, group_id, device_id)
 
