@@ -152,7 +152,8 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
     """The same creation through the sans-I/O service in this process (bench_full_rekey part
     1: ``DeliveryService`` on a SQLite file, N software members from tests/service_members.py
     with real MLS and signed envelopes, the network a loop): the service's handling time is
-    measured alone, apart from the members' work. No broker, no TLS, no MQTT batching."""
+    measured alone, apart from the members' work: its CPU time (the figure) and the wall time
+    inside its calls. No broker, no TLS, no MQTT batching."""
     from tests.pure.test_service_core import make_fleet  # noqa: PLC0415
     from tests.pure.test_service_requests import approve, propose  # noqa: PLC0415
 
