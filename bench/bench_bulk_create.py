@@ -127,7 +127,8 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
     """The same creation through the sans-I/O service in this process (bench_full_rekey part
     1: ``DeliveryService`` on a SQLite file, N software members from tests/service_members.py
     with real MLS and signed envelopes, the network a loop): the service's handling time is
-    measured alone, apart from the members' work. No broker, no TLS, no MQTT batching."""
+    measured alone, apart from the members' work: its CPU time (the figure) and the wall time
+    inside its calls. No broker, no TLS, no MQTT batching."""
     from tests.pure.test_service_core import make_fleet  # noqa: PLC0415
     from tests.pure.test_service_requests import approve, propose  # noqa: PLC0415
 
@@ -136,7 +137,8 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
     timed = ServiceTime(fleet.service, "handle_many", "tick")
     t0 = time.perf_counter()
 
-    finals: list[tuple[float, float]] = []  # (wall, service) at each operation's final result
+    # (wall, service wall, service CPU) at each operation's final result
+    finals: list[tuple[float, float, float]] = []
 
     def send(*outgoing: tuple[str, bytes]) -> None:
         """As ``Fleet.send``, but what the members answer together reaches the service in
@@ -150,7 +152,7 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
             queue.extend(fleet.deliver(fleet.service.handle_many(batch, fleet.now)))
             new = [r for rs in fleet.results.values() for r in rs][seen:]
             if any(r.status not in (ResultStatus.ACCEPTED, ResultStatus.IN_PROGRESS) for r in new):
-                finals.append((time.perf_counter() - t0, timed.total))
+                finals.append((time.perf_counter() - t0, timed.total, timed.cpu))
 
     fleet.send = send  # type: ignore[method-assign]
 
@@ -167,7 +169,9 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
             if result.status is not ResultStatus.DONE:
                 break
             result = change(authz.OP_GROUP_ADD, (device_id,))
-    wall, service = finals[-1] if finals else (time.perf_counter() - t0, timed.total)
+    wall, service, service_cpu = (
+        finals[-1] if finals else (time.perf_counter() - t0, timed.total, timed.cpu)
+    )
     if result.status is not ResultStatus.DONE:
         raise RuntimeError(f"{mode} n={n}: {result.status}: {result.detail}")
     holders = [d.groups[GROUP].epoch_authenticator for d in fleet.devices.values()]
@@ -178,11 +182,14 @@ def run_inproc(mode: str, n: int, workdir: Path) -> dict[str, Any]:
         "n": n,
         "wall_s": round(wall, 2),
         "service_handling_s": round(service, 2),
+        "service_cpu_s": round(service_cpu, 2),
+        "load_average": round(os.getloadavg()[0], 1),
         "epoch": result.epoch,
         # and with what followed the final result before the fleet went quiet (a creation's
         # first updates, detached from it)
         "until_quiet_wall_s": round(time.perf_counter() - t0, 2),
         "until_quiet_service_s": round(timed.total, 2),
+        "until_quiet_service_cpu_s": round(timed.cpu, 2),
         "epoch_when_quiet": fleet.epoch(GROUP),
     }
     print(json.dumps(record), file=sys.stderr)

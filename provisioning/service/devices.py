@@ -119,8 +119,8 @@ def one_by_one(cx: Call, batch: list[verify.VerifiedReport], now: int, *, what: 
     """Take each message of a batch whose shared transaction was undone on its own
     (``on_device_message``: its own transaction, refusal and catch-up), so that a refused
     message never leaves a partial change behind; a message whose handling fails is logged
-    (``what``: "a report", "an ack") and the next one is taken. Used by ``reports.on_reports``
-    and ``acks.on_acks``."""
+    (``what``: "a report", "an ack") and the next one is taken. Used by ``reports.on_reports``,
+    ``acks.on_acks`` and ``keypackages.on_key_packages``."""
     for report in batch:
         try:
             on_device_message(cx, report, now)

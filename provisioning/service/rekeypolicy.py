@@ -304,16 +304,15 @@ def record_commit(
     (every commit carries an update path), so is the leaf of every member whose Update it
     carries (a full rekey), an added member's leaf starts then, a removed member's row goes.
     ``bounds``: the group's policy (``row_bounds``), for the rows' due columns."""
-    for device_id in (committer, *updated, *added):
-        rows.put_update(
-            session,
-            group_id,
-            device_id,
-            epoch=epoch + 1,
-            now=now,
-            bounds=bounds,
-            group_epoch=epoch + 1,
-        )
+    rows.put_updates(
+        session,
+        group_id,
+        (committer, *updated, *added),
+        epoch=epoch + 1,
+        now=now,
+        bounds=bounds,
+        group_epoch=epoch + 1,
+    )
     for device_id in removed:
         rows.forget(session, group_id, device_id)
     rows.mark_epoch_due(session, group_id, epoch + 1, now)

@@ -4,24 +4,29 @@ allows, one Welcome per commit, their first updates as proposals in one more com
 that adds other key packages than the job collected is refused with nothing changed; a founder
 that never sends a key package does not hold back the others of its chunk and is named when
 the creation times out; a device revoked while a multi-add waits for it is left out of a
-creation and fails a group add of several devices, naming it."""
+creation and fails a group add of several devices, naming it; key packages that arrive
+together are taken in one transaction, each judged alone."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 
 from agent.protocol import authz
 from agent.protocol.mls.messages import Commit, KeyPackage
+from agent.protocol.wire.messages.group import KeyPackageMessage
 from agent.protocol.wire.messages.operator import Propose
 from agent.protocol.wire.messages.result import RequestState, ResultStatus
-from agent.protocol.wire.messages.service import CommitAction, CommitRequest
+from agent.protocol.wire.messages.service import CommitAction, CommitRequest, KeyPackageRequest
 from provisioning.db.schema import CommitLogEntry
 from provisioning.registry import DeviceState, Registry
-from provisioning.service import bulkadd, feed
+from provisioning.service import bulkadd, feed, intake, keypackages, store
+from tests.device_certs import devid_cert_der
 from tests.pure.test_service_core import Fleet, agreed, make_fleet
 from tests.pure.test_service_requests import approve, propose
 from tests.service_members import Outgoing, command_id, group_create
@@ -321,3 +326,67 @@ def test_one_request_revokes_several_devices_with_one_feed_entry(fleet: Fleet) -
     assert "registry.device.revoked" in fleet.final(body.command_id).detail
     with fleet.sessions() as s:
         assert Registry(s).device("dev-04").state is not DeviceState.REVOKED
+
+
+def test_key_packages_received_together_are_one_batch_and_each_is_judged_alone(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The founders' key packages arrive together (``handle_many``) and are taken in one
+    transaction (``keypackages.on_key_packages``), with a forged one first (dev-03's envelope,
+    a key package bound to dev-02's DevID key), a duplicate of dev-02's, and one from a device
+    the creation does not name: each bad one is refused by its own check and leaves no trace
+    (the outsider's replay window does not move), the good ones all count, the creation ends
+    done."""
+    batches: list[int] = []
+    taken = keypackages.on_key_packages
+
+    def recording(cx: Any, messages: list[Any], now: int) -> None:
+        if messages:
+            batches.append(len(messages))
+        taken(cx, messages, now)
+
+    monkeypatch.setattr(intake, "on_key_packages", recording)
+    fleet.record = True
+    names = NAMES[:6]
+    outsider = fleet.devices["dev-07"]
+    with fleet.sessions() as s:
+        before = store.load_guard(s, "dev-07").highest_seq("dev-07")
+    body = group_create("g1", *names)
+    batch = [fleet.operators["op-alice"].command(body, fleet.now)]
+    together: list[Outgoing] = []
+    while batch:
+        if len(batch) == 5 and all(topic.endswith("/report") for topic, _ in batch):
+            together = list(batch)
+            request = next(
+                b for _, b in fleet.to_devices if isinstance(b, KeyPackageRequest)
+            ).command_id
+            dev03, dev02 = fleet.devices["dev-03"], fleet.devices["dev-02"]
+            forged = KeyPackage.create(
+                b"dev-03",
+                dev02.devid,
+                ec.generate_private_key(ec.SECP256R1()).public_key(),
+                devid_cert_der("dev-02", dev02.devid),
+                init_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
+            )
+            stranger = outsider.report(KeyPackageMessage(forged.encode(), request), fleet.now)
+            forgery = dev03.report(KeyPackageMessage(forged.encode(), request), fleet.now)
+            duplicate = next(m for m in together if m[0].split("/")[3] == "dev-02")
+            batch = [forgery, *together, duplicate, stranger]
+        batch = fleet.deliver(fleet.service.handle_many(batch, fleet.now))
+    assert len(together) == 5, "the five joiners' key packages did not arrive together"
+    assert 8 in batches  # the forgery, the five, the duplicate and the stranger's: one batch
+    result = fleet.final(body.command_id)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert sorted(fleet.members("g1")) == sorted(names)
+    assert len(agreed(fleet, "g1")) == 1
+    rejections = fleet.service.rejections
+    assert rejections.count("ds.key_package.identity") == 1
+    assert rejections.count("replay.duplicate") == 1
+    assert rejections.count("ds.key_package.unexpected") == 1
+    with fleet.sessions() as s:
+        assert store.load_guard(s, "dev-07").highest_seq("dev-07") == before
+        logged = [Commit.decode(c) for c in s.scalars(select(CommitLogEntry.commit))]
+    added = sorted(kp.device_id.decode() for c in logged for kp in c.content.adds)
+    assert added == sorted(names[1:])
+    assert all(kp.signature_key != forged.signature_key or kp.device_id == b"dev-02"
+               for c in logged for kp in c.content.adds)  # fmt: skip

@@ -5,12 +5,14 @@ rekey task's lease."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final
 
 from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
+    bindparam,
     case,
     delete,
     insert,
@@ -30,6 +32,8 @@ from provisioning.db.runtime import (
     UpdateProposalRow,
 )
 from provisioning.db.schema import Group, GroupMember, PendingChange
+
+_IN_CHUNK: Final = 500  # ids per IN list (SQLite's bound on variables, PostgreSQL's plans)
 
 
 def group_ids(session: Session) -> list[str]:
@@ -110,8 +114,35 @@ def put_update(
     group_epoch: int,
 ) -> None:
     """``device_id``'s leaf is new from ``epoch``, at ``now``; any open ask is answered.
-    ``bounds``: the group's policy, ``group_epoch`` its epoch, for the row's due columns. Core
-    writes on the table (every commit makes one: the session need not hold the row)."""
+    ``bounds``: the group's policy, ``group_epoch`` its epoch, for the row's due columns."""
+    put_updates(
+        session,
+        group_id,
+        (device_id,),
+        epoch=epoch,
+        now=now,
+        bounds=bounds,
+        group_epoch=group_epoch,
+    )
+
+
+def put_updates(
+    session: Session,
+    group_id: str,
+    device_ids: Sequence[str],
+    *,
+    epoch: int,
+    now: int,
+    bounds: Bounds,
+    group_epoch: int,
+) -> None:
+    """``put_update`` of each of ``device_ids`` (a commit adding a hundred members writes a
+    hundred rows): their epochs read in one query per ``_IN_CHUNK``, then one Core insert of the
+    new rows and one ``executemany`` update of the others (every commit writes some: the
+    session need not hold the rows)."""
+    wanted = list(dict.fromkeys(device_ids))
+    if not wanted:
+        return
     due_at, due_epoch = due_values(
         bounds,
         epoch=epoch,
@@ -122,8 +153,15 @@ def put_update(
         now=now,
     )
     table = table_of(LeafUpdateRow)
-    key = (table.c.group_id == group_id) & (table.c.device_id == device_id)
-    held = session.execute(select(table.c.epoch).where(key)).first()
+    held: dict[str, int] = {}
+    for start in range(0, len(wanted), _IN_CHUNK):
+        part = wanted[start : start + _IN_CHUNK]
+        for device_id, held_epoch in session.execute(
+            select(table.c.device_id, table.c.epoch).where(
+                table.c.group_id == group_id, table.c.device_id.in_(part)
+            )
+        ):
+            held[device_id] = held_epoch
     values = {
         "epoch": epoch,
         "updated_at": now,
@@ -131,10 +169,17 @@ def put_update(
         "due_at": due_at,
         "due_epoch": due_epoch,
     }
-    if held is None:
-        session.execute(insert(table).values(group_id=group_id, device_id=device_id, **values))
-    elif epoch >= held.epoch:
-        session.execute(update(table).where(key).values(**values))
+    new = [{"group_id": group_id, "device_id": d, **values} for d in wanted if d not in held]
+    if new:
+        session.execute(insert(table), new)
+    moved = [{"who": d} for d in wanted if d in held and epoch >= held[d]]
+    if moved:
+        session.connection().execute(
+            update(table)
+            .where(table.c.group_id == group_id, table.c.device_id == bindparam("who"))
+            .values(**values),
+            moved,
+        )
 
 
 def mark_epoch_due(session: Session, group_id: str, group_epoch: int, now: int) -> None:

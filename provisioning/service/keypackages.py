@@ -1,0 +1,123 @@
+"""Key packages received together, taken in one transaction (``on_key_packages``).
+
+A group creation of N founders asks every joiner for a key package (``bulkadd``): N device
+messages that arrive together, most for the same multi-add job. Taken one per transaction,
+each paid its own replay-row lock and write, "heard from" write, commit, operation touch and
+catch-up pass (about 10 ms of service each at N = 1,000, docs/bench/README.md "Group creation
+by multi-add"). Here, as for acks (``acks.on_acks``): every sender's replay row is locked in
+sorted order, each key package is judged alone against its sender's window under the lock
+and handled by ``devices.on_key_package`` exactly as on its own, then the replay rows, "heard
+from", one touch per operation and one start per group follow, and one catch-up pass.
+
+A key package refused here is refused alone: ``devices.on_key_package`` writes nothing before
+its last check (the job is saved only once the key package is taken, and a lost
+compare-and-set writes nothing), and its replay window is updated on a copy kept only when it
+is taken. If the transaction itself fails, each is tried on its own
+(``devices.on_device_message``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from agent.protocol.errors import KeyfleetError, ProtocolError
+from agent.protocol.wire.messages.group import KeyPackageMessage
+from agent.protocol.wire.replay import ReplayGuard
+from provisioning.service import catchup, devices, execute, store, verify
+from provisioning.service.context import Call
+from provisioning.service.effects import Effect, StartNext, Touch
+
+log = logging.getLogger("keyfleet.service")
+
+
+def on_key_packages(cx: Call, key_packages: list[verify.VerifiedReport], now: int) -> None:
+    """Take the key packages received together (``key_packages`` is emptied): see the module
+    docstring. One alone takes the ordinary path (``devices.on_device_message``)."""
+    if not key_packages:
+        return
+    batch = list(key_packages)
+    key_packages.clear()
+    if len(batch) == 1:
+        devices.on_device_message(cx, batch[0], now)
+        return
+    taken: list[verify.VerifiedReport] = []
+    refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []
+
+    def work(session: Session) -> list[Effect]:
+        taken.clear()
+        refused.clear()
+        senders = sorted({m.sender for m in batch})
+        stored = store.lock_guards(session, senders)
+        guards: dict[str, ReplayGuard] = {}
+        effects: list[Effect] = []
+        for report in batch:
+            message = report.message
+            sender = message.sender
+            guard = guards.get(sender)
+            if guard is None:
+                guard = store.load_guard(session, sender, memo=cx.guards, stored=stored)
+            trial = guard.copy()
+            try:
+                trial.accept(message)
+                effects.extend(devices.dispatch_device(cx, session, message, now))
+            except ProtocolError as err:
+                refused.append((report, err))
+                continue
+            guards[sender] = trial
+            taken.append(report)
+        store.save_guards(session, guards, now=now, stored=stored)
+        store.mark_heard(session, guards, now=now)
+        return _once(effects)
+
+    try:
+        effects = cx.env.tx(work)
+    except (KeyfleetError, SQLAlchemyError) as exc:
+        log.warning(
+            "a batch of %d key packages failed (%s); taking them one by one", len(batch), exc
+        )
+        devices.one_by_one(cx, batch, now, what="a key package")
+        return
+    alive: list[str] = []
+    for report, err in refused:
+        body = report.body
+        assert isinstance(body, KeyPackageMessage)
+        verify.refuse(
+            cx,
+            err,
+            actor=f"device:{report.sender}",
+            action=report.message.type,
+            target=report.sender,
+            now=now,
+            details={"type": report.message.type},
+        )
+        if not err.check.startswith("replay."):
+            alive.append(report.sender)  # alive and authentic: it must still catch up
+    for report in taken:
+        cx.env.metrics.reports.inc(report.message.type)
+        alive.append(report.sender)
+    execute.run(cx, effects)
+    catchup.catch_up_many(cx, list(dict.fromkeys(alive)), now)
+
+
+def _once(effects: list[Effect]) -> list[Effect]:
+    """The batch's effects with one ``Touch`` per operation (its last: the job as last saved)
+    and one ``StartNext`` per group, in the order of their first occurrence."""
+    touches: dict[bytes | None, Touch] = {}
+    out: list[Effect] = []
+    seen: set[object] = set()
+    for effect in effects:
+        if isinstance(effect, Touch):
+            key = effect.job.command_id
+            if key not in touches:
+                out.append(effect)
+            touches[key] = effect
+            continue
+        if isinstance(effect, StartNext):
+            if effect.group_id in seen:
+                continue
+            seen.add(effect.group_id)
+        out.append(effect)
+    return [touches[e.job.command_id] if isinstance(e, Touch) else e for e in out]
