@@ -299,8 +299,13 @@ def _record(cls: type[R], row: object) -> R:
 class Registry:
     """The fleet registry inside one transaction of ``session``."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, *, hold_rows: bool = False) -> None:
+        """``hold_rows``: keep every row this registry reads for its lifetime. The session's
+        identity map holds a clean row only weakly: without a holder, the next read of the same
+        device (the next step of one handler) selects it again. Only for a handler that does
+        not change those rows with Core statements while it holds them."""
         self._s = session
+        self._held: list[object] | None = [] if hold_rows else None
 
     # -- devices --
 
@@ -362,6 +367,8 @@ class Registry:
         row = self._s.get(model, key)
         if row is None:
             raise ProtocolError(f"registry.{kind}.unknown", f"no {kind} {key!r}")
+        if self._held is not None:
+            self._held.append(row)
         return row
 
     def _device_row(self, device_id: str) -> Device:
@@ -401,16 +408,24 @@ class Registry:
         return _record(DeviceRecord, row)
 
     def record_attestation(
-        self, device_id: str, result: AttestationResult, *, reason: str, now: int
+        self,
+        device_id: str,
+        result: AttestationResult,
+        *,
+        reason: str,
+        now: int,
+        flush: bool = True,
     ) -> DeviceRecord:
         """Store the verifier's verdict. Changing the device's state because of it (quarantine)
-        is the service's decision and its own audited step."""
+        is the service's decision and its own audited step. Without ``flush`` the caller
+        flushes (with the report that came with the verdict: one row write)."""
         row = self._device_row(device_id)
         row.attestation_result = result
         row.attestation_reason = reason
         row.attested_at = now
         row.last_seen = now
-        self._s.flush()
+        if flush:
+            self._s.flush()
         return _record(DeviceRecord, row)
 
     def record_report(

@@ -183,7 +183,8 @@ def on_attest_report(
     settings = cx.env.attestation
     if settings is None:
         raise ProtocolError("op.unsupported", "attestation is not configured")
-    registry = Registry(session)
+    # the device row is read once and held for the steps below (verdict, report, state)
+    registry = Registry(session, hold_rows=True)
     device = registry.device(sender)
     if device.ak_public is None:
         raise ProtocolError("attest.device.ak", f"device {sender!r} has no AK registered")
@@ -202,19 +203,20 @@ def on_attest_report(
         verdict = refused.verdict
     if verdict.trusted:
         releases.record_device(cx, session, sender, verdict.pcr_values, now)
+    items = key_state_items(body.keys)
+    keys_note: str | None = None
+    try:
+        # not flushed yet: written with the verdict's columns (one UPDATE of the device row)
+        registry.record_report(sender, message.message_id, items, now=now, flush=False)
+    except ProtocolError as err:
+        # record_report checks everything before changing anything: the verdict stands
+        keys_note = f"[{err.check}] {err.reason}"
     registry.record_attestation(
         sender,
         AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED,
         reason=verdict.summary,
         now=now,
     )
-    items = key_state_items(body.keys)
-    keys_note: str | None = None
-    try:
-        registry.record_report(sender, message.message_id, items, now=now)
-    except ProtocolError as err:
-        # record_report checks everything before changing anything: the verdict stands
-        keys_note = f"[{err.check}] {err.reason}"
     audit.append(
         session,
         now=now,

@@ -276,16 +276,16 @@ def drop_claims(session: Session, senders: Iterable[str]) -> None:
 
 def save_guard(session: Session, sender: str, guard: ReplayGuard, *, now: int) -> None:
     data = guard.to_bytes()
-    row = session.get(ReplayState, sender)
-    if row is None:
+    # one UPDATE (the row read by load_guard may have left the identity map, which holds it
+    # only weakly: no second read of it); a sender's first row is inserted
+    written = session.execute(
+        update(ReplayState).where(ReplayState.sender == sender).values(state=data, updated_at=now)
+    )
+    if rowcount(written) == 0:
         session.add(ReplayState(sender=sender, state=data, updated_at=now))
         # two instances taking a new sender's first two messages: one insert wins, the other
         # unit runs again and finds the row (and the other message's seq in it)
         _flush_or_retry(session, f"the replay state of {sender!r} was created concurrently")
-        return
-    row.state = data
-    row.updated_at = now
-    session.flush()
 
 
 # -- operator command ids -------------------------------------------------------------------------

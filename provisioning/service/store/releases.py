@@ -205,12 +205,16 @@ def store_bundle(session: Session, seq: int, bundle: bytes) -> None:
 
 
 def record_device_release(session: Session, device_id: str, version: str | None, now: int) -> None:
-    row = session.get(DeviceReleaseRow, device_id)
-    if row is None:
+    """The device's row written in one statement when it has one (every trusted verdict after
+    its first); its first row inserted."""
+    written = session.execute(
+        update(DeviceReleaseRow)
+        .where(DeviceReleaseRow.device_id == device_id)
+        .values(version=version, attested_at=now)
+    )
+    if rowcount(written) == 0:
         session.add(DeviceReleaseRow(device_id=device_id, version=version, attested_at=now))
-    else:
-        row.version, row.attested_at = version, now
-    session.flush()
+        session.flush()
 
 
 def device_releases(session: Session) -> list[tuple[str, str | None, int]]:
