@@ -148,17 +148,16 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
     for message, err in refused:
         body = message.body
         assert isinstance(body, AckBody)
-        verify.refuse(
+        if devices.refuse_in_batch(
             cx,
             err,
-            actor=f"device:{message.sender}",
+            sender=message.sender,
             action=message.type,
             target=body.group_id,
-            now=now,
             details={"type": message.type, "epoch": body.epoch},
-        )
-        if not err.check.startswith("replay."):
-            behind.append(message.sender)  # alive and authentic: it must still catch up
+            now=now,
+        ):
+            behind.append(message.sender)
     groups: list[str] = []
     current: set[tuple[str, str, int]] = set()
     for message, accepted_ms in taken:

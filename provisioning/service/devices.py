@@ -128,6 +128,26 @@ def one_by_one(cx: Call, batch: list[verify.VerifiedReport], now: int, *, what: 
             log.error("handling %s from %s failed: %s", what, report.sender, one)
 
 
+def refuse_in_batch(
+    cx: Call,
+    err: ProtocolError,
+    *,
+    sender: str,
+    action: str,
+    target: str,
+    details: dict[str, str | int | None],
+    now: int,
+) -> bool:
+    """Refuse one message of a batch taken together (``verify.refuse``: counted, logged,
+    audited). True when its sender must still catch up: a message refused by anything but its
+    replay window came from an alive, authentic device. Used by ``reports``, ``acks`` and
+    ``keypackages`` after their batch's transaction."""
+    verify.refuse(
+        cx, err, actor=f"device:{sender}", action=action, target=target, now=now, details=details
+    )
+    return not err.check.startswith("replay.")
+
+
 def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: int) -> Effects:
     body = message.body
     sender = message.sender

@@ -84,17 +84,16 @@ def on_key_packages(cx: Call, key_packages: list[verify.VerifiedReport], now: in
     for report, err in refused:
         body = report.body
         assert isinstance(body, KeyPackageMessage)
-        verify.refuse(
+        if devices.refuse_in_batch(
             cx,
             err,
-            actor=f"device:{report.sender}",
+            sender=report.sender,
             action=report.message.type,
             target=report.sender,
-            now=now,
             details={"type": report.message.type},
-        )
-        if not err.check.startswith("replay."):
-            alive.append(report.sender)  # alive and authentic: it must still catch up
+            now=now,
+        ):
+            alive.append(report.sender)
     for report in taken:
         cx.env.metrics.reports.inc(report.message.type)
         alive.append(report.sender)

@@ -146,17 +146,16 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         return
     behind: list[str] = []
     for report, err in refused:
-        verify.refuse(
+        if devices.refuse_in_batch(
             cx,
             err,
-            actor=f"device:{report.sender}",
+            sender=report.sender,
             action=report.type,
             target=report.sender,
-            now=now,
             details={"type": report.type},
-        )
-        if not err.check.startswith("replay."):
-            behind.append(report.sender)  # alive and authentic: it must still catch up
+            now=now,
+        ):
+            behind.append(report.sender)
     for report, effects in taken:
         cx.env.metrics.reports.inc(report.type)
         execute.run(cx, effects)
