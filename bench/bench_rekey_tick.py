@@ -2,6 +2,8 @@
 100,000 devices in groups of 1,000 (docs/bench/README.md, "Fleet scale").
 
 Not a test: prints a JSON list of records to stdout (progress to stderr).
+``python -m bench.bench_rekey_tick [N]``: N devices instead of ``DEVICES`` (at least
+``FEW * GROUP_SIZE``), for a quicker run.
 
 The real delivery service (``bench_scale.service_on``, the default policy: 7 days, 100 epochs)
 on a SQLite file seeded in bulk: ``DEVICES`` devices, ``DEVICES / GROUP_SIZE`` groups at epoch
@@ -33,9 +35,9 @@ from typing import Any
 
 from sqlalchemy import insert, update
 
-from bench.bench_scale import T0, seed_devices, service_on
+from bench.bench_scale import BATCH, T0, progress, seed_devices, seed_member_rows, service_on
 from provisioning.db.runtime import LeafUpdateRow
-from provisioning.db.schema import Group, GroupMember
+from provisioning.db.schema import Group
 from provisioning.service import rekeypolicy
 from provisioning.service.context import Call, Clock
 from provisioning.service.core import DeliveryService
@@ -45,17 +47,12 @@ GROUP_SIZE = 1_000
 EPOCH = 20
 TICKS = 20
 FEW = 5
-BATCH = 10_000
 TARGET_MS = 10.0
 
 
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def seed_groups(url: str, sessions: Any, now: int) -> None:
+def seed_groups(sessions: Any, devices: int, now: int) -> None:
     engine = sessions.kw["bind"]
-    groups = DEVICES // GROUP_SIZE
+    groups = devices // GROUP_SIZE
     with engine.begin() as c:
         c.execute(
             insert(Group),
@@ -71,21 +68,12 @@ def seed_groups(url: str, sessions: Any, now: int) -> None:
                 for g in range(groups)
             ],
         )
-        for start in range(0, DEVICES, BATCH):
-            span = range(start, min(DEVICES, start + BATCH))
-            c.execute(
-                insert(GroupMember),
-                [
-                    {
-                        "group_id": f"g-{i // GROUP_SIZE:03}",
-                        "device_id": f"dev-{i:06}",
-                        "leaf_index": i % GROUP_SIZE,
-                        "joined_epoch": 0,
-                        "requested_at": now,
-                    }
-                    for i in span
-                ],
-            )
+        members = [
+            (f"g-{i // GROUP_SIZE:03}", f"dev-{i:06}", i % GROUP_SIZE) for i in range(devices)
+        ]
+        seed_member_rows(c, members, epoch=0, now=now)
+        for start in range(0, devices, BATCH):
+            span = range(start, min(devices, start + BATCH))
             c.execute(
                 insert(LeafUpdateRow),
                 [
@@ -110,13 +98,16 @@ def one_check(service: DeliveryService, now: int) -> tuple[float, int]:
     return ms, len(grew)
 
 
-def records(directory: Path) -> list[dict[str, Any]]:
+def records(directory: Path, devices: int = DEVICES) -> list[dict[str, Any]]:
+    groups = devices // GROUP_SIZE
+    assert groups >= FEW, f"at least {FEW * GROUP_SIZE} devices"
+    size = "100k" if devices == 100_000 else str(devices)
     with service_on(directory) as (url, service):
         sessions = service._env.sessions
         begin = time.monotonic()
-        seed_devices(url, DEVICES, now=T0, interval=3600)
-        seed_groups(url, sessions, T0)
-        progress(f"seeded {DEVICES} devices and members in {time.monotonic() - begin:.1f} s")
+        seed_devices(url, devices, now=T0, interval=3600)
+        seed_groups(sessions, devices, T0)
+        progress(f"seeded {devices} devices and members in {time.monotonic() - begin:.1f} s")
         now = T0
         first_ms, _ = one_check(service, now)
         progress(
@@ -146,7 +137,9 @@ def records(directory: Path) -> list[dict[str, Any]]:
         week = 7 * 86_400
         for tick in range(TICKS):
             now += rekeypolicy.CHECK_SECONDS
-            due = [f"dev-{(tick * FEW + k) * GROUP_SIZE + 7:06}" for k in range(FEW)]
+            # the j-th: group j mod groups, leaf 7 + j div groups (distinct, FEW groups per check)
+            js = [tick * FEW + k for k in range(FEW)]
+            due = [f"dev-{(j % groups) * GROUP_SIZE + 7 + j // groups:06}" for j in js]
             with sessions.begin() as s:
                 s.execute(
                     update(LeafUpdateRow)
@@ -162,7 +155,7 @@ def records(directory: Path) -> list[dict[str, Any]]:
         for _ in range(3):
             begin = time.perf_counter()
             with sessions() as s:
-                for group_id in sorted({f"g-{i // GROUP_SIZE:03}" for i in range(DEVICES)}):
+                for group_id in [f"g-{g:03}" for g in range(groups)]:
                     rekeypolicy.leaves(s, group_id, now)
                     rekeypolicy.leaves(s, group_id, now)
             before.append((time.perf_counter() - begin) * 1000)
@@ -172,9 +165,9 @@ def records(directory: Path) -> list[dict[str, Any]]:
     busy_ms = round(statistics.median(busy), 1)
     return [
         {
-            "name": "rekey_check_idle_ms_100k",
+            "name": f"rekey_check_idle_ms_{size}",
             "value": idle_ms,
-            "unit": f"ms (median of {TICKS} rekey policy checks, {DEVICES} members in groups "
+            "unit": f"ms (median of {TICKS} rekey policy checks, {devices} members in groups "
             f"of {GROUP_SIZE}, none due: two reads, the recorded default and the due rows by "
             "the due_at index; no write, the task is claimed only when something is due; "
             "SQLite)",
@@ -183,7 +176,7 @@ def records(directory: Path) -> list[dict[str, Any]]:
             "checks_ms": [round(t, 2) for t in idle],
         },
         {
-            "name": "rekey_check_few_due_ms_100k",
+            "name": f"rekey_check_few_due_ms_{size}",
             "value": busy_ms,
             "unit": f"ms (median of {TICKS} checks each asking {FEW} members due by age, "
             "in as many groups: the task claimed and finished, a transaction per group)",
@@ -192,7 +185,7 @@ def records(directory: Path) -> list[dict[str, Any]]:
             "checks_ms": [round(t, 1) for t in busy],
         },
         {
-            "name": "rekey_check_first_ms_100k",
+            "name": f"rekey_check_first_ms_{size}",
             "value": round(first_ms),
             "unit": "ms (an instance's first check after the upgrade: every row's due columns "
             "computed, members without a row looked for)",
@@ -200,7 +193,7 @@ def records(directory: Path) -> list[dict[str, Any]]:
             "met": None,
         },
         {
-            "name": "rekey_check_sweep_ms_100k",
+            "name": f"rekey_check_sweep_ms_{size}",
             "value": round(statistics.median(sweeps)),
             "unit": "ms (median of 3 checks that also look for members without a row: an "
             f"instance's first, then one every {rekeypolicy.SWEEP_SECONDS} s)",
@@ -208,7 +201,7 @@ def records(directory: Path) -> list[dict[str, Any]]:
             "met": None,
         },
         {
-            "name": "rekey_check_reads_before_ms_100k",
+            "name": f"rekey_check_reads_before_ms_{size}",
             "value": round(statistics.median(before)),
             "unit": "ms (median of 3: every group's members and leaf rows read twice, what "
             "each check read before the due columns)",
@@ -219,8 +212,9 @@ def records(directory: Path) -> list[dict[str, Any]]:
 
 
 def main() -> None:
+    devices = int(sys.argv[1]) if len(sys.argv) > 1 else DEVICES
     with tempfile.TemporaryDirectory(prefix="kf-bench-rekey-tick-") as tmp:
-        out = records(Path(tmp))
+        out = records(Path(tmp), devices)
     print(json.dumps(out, indent=1))
 
 
