@@ -187,7 +187,8 @@ class AttestationConfig:
 class GroupsConfig:
     """[groups]. ``rekey_max_age_seconds`` / ``rekey_max_epochs``: the default rekey policy of a
     group without its own (``keyfleet group policy``): every member updates its own leaf at least
-    this often, in time and in epochs (0: no bound; docs/operations.md, "Rekey policy").
+    this often, in time and in epochs (0: no bound; docs/operations.md, "Rekey policy"), the
+    same at every instance (``ds.rekey.default-mismatch``).
     ``tree_requests_per_minute`` / ``tree_request_burst``: each device's budget of tree page
     requests at one instance (docs/service.md)."""
 

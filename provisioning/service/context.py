@@ -95,6 +95,10 @@ class Env:
     # when this instance last looked for group members without a rekey row (``rekeypolicy``)
     rekey_swept_at: int | None = None
     rekey_next_at: int = 0  # when this instance next runs the rekey check
+    # the [groups] default this instance last saw recorded as its own (``rekeypolicy``): another
+    # recorded after it means another instance runs with another default
+    rekey_default_held: tuple[int, int] | None = None
+    rekey_default_warned: tuple[int, int] | None = None  # the other default last logged
     # Operator approvals are checked with it (``requests.verifier``); it caches validated
     # operator certificates.
     authz_verifier: AuthzVerifier | None = None

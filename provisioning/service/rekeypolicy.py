@@ -13,9 +13,10 @@ for as long as the key exists. So the service asks:
   (``record_commit``), with when it falls due under the group's policy (``due_at``, and
   ``due_epoch``, which the commit that reaches it turns into ``due_at``: the check reads the
   ``due_at`` index alone, never the members not due; a policy change, or another configured
-  default, computes them again). Every ``CHECK_SECONDS`` one instance (``rekey_tick``) asks each
-  due member for a self-update commit: an update job aimed at that member only
-  (``Job.candidates``), so the commit is solicited. A member asked and silent for
+  default, computes them again; instances share the recorded default, ``_follows_default``).
+  Every ``CHECK_SECONDS`` one instance (``rekey_tick``) asks each due member for a self-update
+  commit: an update job aimed at that member only (``Job.candidates``), so the commit is
+  solicited. A member asked and silent for
   ``commit_request_timeout`` (or not at the group's epoch within it) fails its job as a
   straggler (``ds.rekey.straggler``) and is asked again ``ASK_REPEAT_SECONDS`` later;
   ``leaf_ages`` reports each member's age, whether it is due, a straggler, or overdue past the
@@ -61,6 +62,8 @@ ASK_REPEAT_SECONDS: Final = 300
 MAX_AGE_LIMIT: Final = 366 * 86_400
 MAX_EPOCHS_LIMIT: Final = 1_000_000
 TASK: Final = "service.rekey_policy"
+# Another instance recorded another [groups] default (``_follows_default``).
+DEFAULT_MISMATCH: Final = "ds.rekey.default-mismatch"
 # Members holding a leaf without a row are looked for at an instance's first check, then this
 # often, at most this many per check.
 SWEEP_SECONDS: Final = 3600
@@ -370,16 +373,49 @@ def rekey_tick(cx: Call, now: int) -> list[str]:
 
 
 def _has_work(cx: Call, now: int) -> bool:
-    """Whether the check has anything to do: the configured default is not the recorded one,
-    members without a row are to be looked for, or a row is due."""
+    """Whether the check has anything to do: the configured default is to be followed
+    (``_follows_default``), members without a row are to be looked for, or a row is due."""
     if _sweep_due(cx, now):
         return True
-    default = (cx.env.settings.rekey_max_age, cx.env.settings.rekey_max_epochs)
 
     def read(session: Session) -> bool:
-        return rows.default_basis(session) != default or rows.any_due(session, now)
+        return _follows_default(cx, rows.default_basis(session)) or rows.any_due(session, now)
 
     return cx.env.read(read)
+
+
+def _configured(cx: Call) -> rows.Bounds:
+    return cx.env.settings.rekey_max_age, cx.env.settings.rekey_max_epochs
+
+
+def _follows_default(cx: Call, basis: rows.Bounds | None) -> bool:
+    """Whether the rows are to be computed again for this instance's configured default, the
+    recorded one being ``basis``. Yes when none is recorded (the first check after the upgrade)
+    or this instance has not yet recorded its own (a restart with another ``[groups]``
+    default). Not when another default was recorded after this instance's own: another
+    instance runs with another ``[groups]`` default, and following it back would make the
+    instances compute every row again by turns. The recorded one stays (``row_bounds``, what
+    the check asks by), and the mismatch is counted and logged as ``ds.rekey.default-mismatch``
+    until the instances share one configuration (docs/operations.md, "Rekey policy")."""
+    configured = _configured(cx)
+    held = cx.env.rekey_default_held
+    if basis == configured:
+        cx.env.rekey_default_held = configured
+        return False
+    if basis is None or held is None or basis == held:
+        return True
+    cx.env.metrics.rejections.inc(DEFAULT_MISMATCH)
+    if cx.env.rekey_default_warned != basis:
+        cx.env.rekey_default_warned = basis
+        log.warning(
+            "%s: another instance recorded the default rekey policy %s, this one's [groups] "
+            "default is %s: the recorded one stays; give every instance the same [groups] "
+            "configuration",
+            DEFAULT_MISMATCH,
+            RekeyPolicy(*basis).describe(),
+            RekeyPolicy(*configured).describe(),
+        )
+    return False
 
 
 def _sweep_due(cx: Call, now: int) -> bool:
@@ -390,21 +426,24 @@ def _follow_default(cx: Call, now: int) -> None:
     """The rows of groups without their own policy computed again when the configured default
     is not the one they were computed with (a restart with another ``[groups]`` default; the
     first check after the upgrade that added the due columns computes every group's)."""
-    default = (cx.env.settings.rekey_max_age, cx.env.settings.rekey_max_epochs)
-    if cx.env.read(rows.default_basis) == default:
+    default = _configured(cx)
+    if not _follows_default(cx, cx.env.read(rows.default_basis)):
         return
 
-    def recompute(session: Session) -> None:
+    def recompute(session: Session) -> bool:
         basis = rows.default_basis(session)
-        if basis == default:
-            return
+        if not _follows_default(cx, basis):  # another instance's meanwhile, or ours
+            return False
         if basis is None:
             for group_id, own in rows.own_policies(session).items():
                 rows.recompute(session, own, repeat=ASK_REPEAT_SECONDS, group_id=group_id, now=now)
         rows.recompute(session, default, repeat=ASK_REPEAT_SECONDS, group_id=None, now=now)
         rows.set_default_basis(session, default)
+        return True
 
-    cx.env.tx(recompute)
+    if not cx.env.tx(recompute):
+        return
+    cx.env.rekey_default_held = default
     log.info("rekey policy: default %s: due times computed again", RekeyPolicy(*default).describe())
 
 
@@ -439,8 +478,8 @@ def _plan_asks(cx: Call, session: Session, group_id: str, now: int) -> list[Job]
     if not found:
         return []
     epoch = found[0][1]
-    policy = group_policy(cx, session, group_id)
-    bounds = (policy.max_age, policy.max_epochs)
+    bounds = row_bounds(cx, session, group_id)
+    policy = RekeyPolicy(*bounds)
     waiting = {job.candidates[0] for job in store.open_jobs(session, group_id) if is_aimed(job)}
     leaves = {
         r.device_id: LeafUpdate(r.device_id, r.epoch, r.updated_at, r.asked_at) for r, _ in found

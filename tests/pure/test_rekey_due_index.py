@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert, update
+from sqlalchemy import event, insert, select, update
 
 from agent.protocol.wire.messages.operator import GroupPolicy
-from provisioning.db.runtime import LeafUpdateRow
+from provisioning.db.runtime import LeafUpdateRow, RekeyDefaultRow
 from provisioning.db.schema import Device, DeviceState, Group, GroupMember, PendingChange
+from provisioning.metrics import ServiceMetrics
 from provisioning.service import rekeypolicy, store
 from provisioning.service.context import Call, Clock
+from provisioning.service.core import DeliveryService
 from provisioning.service.store import rekey as rows
 from tests.pure.test_service_core import T0, Fleet, make_fleet
 from tests.service_members import command_id
@@ -106,10 +108,12 @@ def seed(fleet: Fleet) -> None:
         )
 
 
-def check(fleet: Fleet, now: int, reads: Reads | None = None) -> dict[str, set[str]]:
-    """One rekey check at ``now`` (its statements and loads counted in ``reads``): the
-    members asked, by group."""
-    cx = Call(fleet.service._env, Clock.reading(now))
+def check(
+    fleet: Fleet, now: int, reads: Reads | None = None, service: DeliveryService | None = None
+) -> dict[str, set[str]]:
+    """One rekey check at ``now`` (its statements and loads counted in ``reads``) by the
+    fleet's service, or by ``service``: the members asked, by group."""
+    cx = Call((service or fleet.service)._env, Clock.reading(now))
     before = asked(fleet)
     if reads is None:
         rekeypolicy.rekey_tick(cx, now)
@@ -233,3 +237,84 @@ def test_policy_changes_recompute_what_is_due(fleet: Fleet) -> None:
     env = fleet.service._env
     env.settings = replace(env.settings, rekey_max_epochs=2)
     assert check(fleet, NOW + 210) == {"g1": {f"n-{i:04}" for i in range(NOT_DUE)}}
+
+
+def _instance(fleet: Fleet, name: str, **groups: int) -> DeliveryService:
+    """Another service instance on the fleet's database, its ``[groups]`` default changed by
+    ``groups``."""
+    first = fleet.service
+    return DeliveryService(
+        fleet.sessions,
+        signing_key=first._env.key,
+        operator_ca=first._env.operator_ca,
+        device_ca=first._env.devices.device_ca,
+        settings=replace(first.settings, **groups),
+        instance=name,
+        metrics=ServiceMetrics(),
+    )
+
+
+def _due_state(fleet: Fleet) -> tuple[object, ...]:
+    """The recorded default and every row's due columns."""
+    with fleet.sessions() as s:
+        basis = rows.default_basis(s)
+        due = s.execute(
+            select(
+                LeafUpdateRow.group_id,
+                LeafUpdateRow.device_id,
+                LeafUpdateRow.due_at,
+                LeafUpdateRow.due_epoch,
+                LeafUpdateRow.asked_at,
+            ).order_by(LeafUpdateRow.group_id, LeafUpdateRow.device_id)
+        ).all()
+        return basis, tuple(due)
+
+
+def test_instances_with_another_default_do_not_recompute_by_turns(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two instances of one installation with different ``[groups]`` defaults: the one whose
+    first check came last records its default (as after a rolling restart with a new one);
+    the other finds a default recorded after its own, computes nothing again, counts and logs
+    ``ds.rekey.default-mismatch`` (once per default seen), and asks by the recorded one."""
+    seed(fleet)
+    a = fleet.service
+    check(fleet, NOW)  # a records its default: 7 days, 10 epochs
+    b = _instance(fleet, "b", rekey_max_epochs=2)
+    # b's first check: another default recorded, none of its own yet (a restart with a new
+    # [groups] default): every row computed again, g1's members at 48 (g1 at 50) due
+    assert check(fleet, NOW + 10, service=b) == {"g1": {f"n-{i:04}" for i in range(NOT_DUE)}}
+    assert b.metrics.rejections.value(rekeypolicy.DEFAULT_MISMATCH) == 0
+    recorded = _due_state(fleet)
+    assert recorded[0] == (7 * DAY, 2)
+
+    # a, still configured with 10 epochs: a default recorded after its own; it does not
+    # compute the rows back, twice
+    caplog.set_level("WARNING", logger="keyfleet.service")
+    reads = Reads(fleet)
+    assert check(fleet, NOW + 20, reads) == {}
+    assert reads.loaded == 0
+    assert check(fleet, NOW + 30) == {}
+    assert _due_state(fleet) == recorded
+    assert a.metrics.rejections.value(rekeypolicy.DEFAULT_MISMATCH) == 2
+    warned = [r.getMessage() for r in caplog.records if rekeypolicy.DEFAULT_MISMATCH in r.message]
+    assert len(warned) == 1, warned
+    assert "same [groups] configuration" in warned[0]
+
+    # a asks by the recorded default: two-0 of g2, 2 epochs behind once g2 is at epoch 7, is
+    # due by it (not by a's 10 epochs); its due time set as a commit to epoch 7 sets it
+    with fleet.sessions.begin() as s:
+        s.execute(update(Group).where(Group.group_id == "g2").values(epoch=7))
+        s.execute(
+            update(LeafUpdateRow)
+            .where(LeafUpdateRow.device_id == "two-0")
+            .values(due_at=NOW + 35, due_epoch=None)
+        )
+    assert check(fleet, NOW + 40) == {"g2": {"two-0"}}
+    # b, whose default is the recorded one, neither warns nor computes again
+    before = _due_state(fleet)
+    assert check(fleet, NOW + 50, service=b) == {}
+    assert b.metrics.rejections.value(rekeypolicy.DEFAULT_MISMATCH) == 0
+    assert _due_state(fleet) == before
+    with fleet.sessions() as s:
+        assert len(s.scalars(select(RekeyDefaultRow)).all()) == 1
