@@ -190,7 +190,8 @@ class GroupsConfig:
     this often, in time and in epochs (0: no bound; docs/operations.md, "Rekey policy"), the
     same at every instance (``ds.rekey.default-mismatch``).
     ``tree_requests_per_minute`` / ``tree_request_burst``: each device's budget of tree page
-    requests at one instance (docs/service.md)."""
+    requests at one instance (docs/service.md). ``tree_pages_kept``: how many trees cut into
+    pages for joiners one instance keeps (docs/service.md, "Tree pages")."""
 
     commit_log_retention_epochs: int
     ack_timeout_seconds: int
@@ -201,6 +202,7 @@ class GroupsConfig:
     rekey_max_epochs: int = 100
     tree_requests_per_minute: int = 120
     tree_request_burst: int = 256
+    tree_pages_kept: int = 2
 
 
 @dataclass(frozen=True)
@@ -522,6 +524,7 @@ def _schema(base: Path) -> Table:
             "rekey_max_epochs": Field(Int(0, 1_000_000, "epochs"), default=100),
             "tree_requests_per_minute": Field(Int(1, 60_000, "requests"), default=120),
             "tree_request_burst": Field(Int(1, 100_000, "requests"), default=256),
+            "tree_pages_kept": Field(Int(1, 16, "trees"), default=2),
         },
         "rollout": {
             "wave_timeout_seconds": Field(seconds(10, 7 * 86400), default=600),

@@ -66,6 +66,7 @@ from provisioning.service import (
 )
 from provisioning.service.context import Call, Clock, Env
 from provisioning.service.credentials import StoredDevices
+from provisioning.service.groupcache import TreePageCache
 from provisioning.service.model import (
     AttestationSettings,
     AttestOperation,
@@ -131,11 +132,12 @@ class DeliveryService:
         ):
             if private is not None:
                 reserved.append((name, private.public_key()))
+        settings = settings if settings is not None else ServiceSettings()
         self._env = Env(
             sessions=sessions,
             key=signing_key,
             operator_ca=operator_ca,
-            settings=settings if settings is not None else ServiceSettings(),
+            settings=settings,
             attestation=attestation,
             metrics=metrics if metrics is not None else ServiceMetrics(),
             instance=instance,
@@ -149,6 +151,7 @@ class DeliveryService:
             reserved_keys=tuple(reserved),
             device_ca_origin=device_ca,
             broker_ca_origin=tuple(broker_ca),
+            tree_pages=TreePageCache(max_paged=settings.tree_pages_kept),
         )
 
     @property

@@ -120,7 +120,8 @@ def replay(
 
 
 MAX_PAGED = 2
-"""Trees whose pages one instance keeps cut (a 100,000-member tree is about 100 MB of pages)."""
+"""Trees whose pages one instance keeps cut, by default (``[groups] tree_pages_kept``; a
+100,000-member tree is about 100 MB of pages)."""
 MAX_KEPT_EPOCHS = 64
 """Recent trees a group keeps for joiners (epochs whose commits added members)."""
 MAX_KEPT_GROUPS = 64
@@ -140,6 +141,8 @@ class TreePageCache:
         max_epochs: int = MAX_KEPT_EPOCHS,
         max_groups: int = MAX_KEPT_GROUPS,
     ) -> None:
+        if max_paged < 1:
+            raise ValueError("tree_pages_kept must be at least 1")
         self.max_paged = max_paged
         self.max_epochs = max_epochs
         self.max_groups = max_groups

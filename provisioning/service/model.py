@@ -66,6 +66,8 @@ class ServiceSettings:
     # ``group.tree_request``s at one instance (provisioning/service/treepages.py)
     tree_requests_per_minute: int = 120
     tree_request_burst: int = 256
+    # [groups] tree_pages_kept: trees cut into pages one instance keeps (groupcache.TreePageCache)
+    tree_pages_kept: int = 2
     # [releases] grace_days: a release superseded by a newer approved one expires this much later
     release_grace: int = 30 * 86_400
     # [rollout]: how long a wave of a staged rollout may take (provisioning/service/rollout.py)

@@ -88,6 +88,7 @@ def settings_from(config: ServiceConfig) -> ServiceSettings:
         rekey_max_epochs=config.groups.rekey_max_epochs,
         tree_requests_per_minute=config.groups.tree_requests_per_minute,
         tree_request_burst=config.groups.tree_request_burst,
+        tree_pages_kept=config.groups.tree_pages_kept,
         min_approvals=config.quorum.min_approvals,
         request_ttl=config.quorum.request_ttl_seconds,
         checkpoint_interval=config.audit.checkpoint_interval_seconds,

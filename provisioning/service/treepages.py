@@ -20,7 +20,8 @@ database still keeps:
 - any other epoch the group has left whose commit the commit log still keeps: rebuilt from the
   database (``store.trees.load_at``: the current node rows and what each later commit rewrote,
   checked against the GroupContext kept for that epoch), by any instance, after any restart,
-  and cut into pages once per instance.
+  and cut into pages once per instance while it is among the ``[groups] tree_pages_kept``
+  trees last cut there (``groupcache.TreePageCache``).
 
 Otherwise ``ds.tree.epoch``: the epoch is ahead of the group, is not the member's join epoch,
 or retention dropped it (the joiner's fetch times out and the member gets back in through a
@@ -125,6 +126,7 @@ def _rebuilt(cx: Call, session: Session, group_id: str, epoch: int) -> list[Page
         return None
 
     def rebuild() -> RatchetTree | None:
+        log.info("group %s: rebuilding the tree of epoch %d from the database", group_id, epoch)
         public = trees.load_at(session, group_id, epoch)
         if public is None:
             log.warning("group %s: the kept rows do not rebuild epoch %d", group_id, epoch)

@@ -11,6 +11,7 @@ from agent.protocol.errors import ConfigError
 from provisioning.cli import main
 from provisioning.config import InvalidConfig, ServiceConfig, load_config
 from provisioning.custody import FileKeyRef, TokenKeyRef
+from provisioning.service.mqtt import settings_from
 
 pytestmark = pytest.mark.pure
 
@@ -41,7 +42,7 @@ SECTIONS = {
         'golden_measurements = "policy/golden.toml"\ninterval_seconds = 600\n'
     ),
     "groups": "[groups]\ncommit_log_retention_epochs = 16\nack_timeout_seconds = 20\n"
-    "tree_requests_per_minute = 30\ntree_request_burst = 8\n",
+    "tree_requests_per_minute = 30\ntree_request_burst = 8\ntree_pages_kept = 4\n",
     "http": (
         '[http]\nlisten = "127.0.0.1:8443"\ntls_cert = "pki/enroll.pem"\n'
         'tls_key = "pki/enroll.key"\nstation_ca = "pki/station-ca.pem"\n'
@@ -94,6 +95,8 @@ def test_good_file_loads_into_a_frozen_dataclass(config_dir: Path) -> None:
         20,
     )
     assert (config.groups.tree_requests_per_minute, config.groups.tree_request_burst) == (30, 8)
+    assert config.groups.tree_pages_kept == 4
+    assert settings_from(config).tree_pages_kept == 4  # what the service's tree cache keeps
     assert config.http is not None and (config.http.host, config.http.port) == ("127.0.0.1", 8443)
     with pytest.raises(AttributeError):
         config.broker.port = 1  # type: ignore[misc]
@@ -111,6 +114,7 @@ def test_defaults_for_optional_tables_and_keys(config_dir: Path) -> None:
         30,
     )
     assert (config.groups.tree_requests_per_minute, config.groups.tree_request_burst) == (120, 256)
+    assert config.groups.tree_pages_kept == 2
     assert config.http is None
 
 
@@ -135,6 +139,7 @@ def test_wrong_types_and_ranges(config_dir: Path) -> None:
         .replace("commit_log_retention_epochs = 16", "commit_log_retention_epochs = 2.5")
         .replace('listen = "127.0.0.1:8443"', 'listen = "127.0.0.1:99999"')
         .replace('host = "127.0.0.1"', "host = 42")
+        .replace("tree_pages_kept = 4", "tree_pages_kept = 17")
     )
     found = problems_of(write(config_dir, text))
     assert found == {
@@ -149,6 +154,7 @@ def test_wrong_types_and_ranges(config_dir: Path) -> None:
             "2.5 (float)",
             "an integer from 1 to 1000000 (epochs)",
         ),
+        "groups.tree_pages_kept": ("17 (integer)", "an integer from 1 to 16 (trees)"),
         "http.listen": (
             '"127.0.0.1:99999" (string)',
             "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443",

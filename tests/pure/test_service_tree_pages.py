@@ -324,3 +324,40 @@ def test_concurrent_requests_for_one_rebuilt_tree_rebuild_it_once() -> None:
     assert all(r == results[0] and r is not None for r in results)
     assert cache.rebuilt_pages("g1", 4, b"ctx", lambda: None) is None
     assert cache.rebuilt_pages("g1", 4, b"ctx", rebuild) is not None and len(calls) == 2
+
+
+def test_joiners_of_more_epochs_than_the_trees_kept_make_it_cut_them_again(
+    tmp_path: Path,
+) -> None:
+    """Joiners of three epochs asking one instance by turns: with two trees kept (the default)
+    each turn cuts (or rebuilds, O(N)) a tree again; with ``[groups] tree_pages_kept = 3``
+    each is made once. Fewer than one tree kept is refused."""
+    devid, leaf, init = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    kp = KeyPackage.create(
+        b"d1", devid, leaf.public_key(), devid_cert_der(b"d1", devid), init_key=init.public_key()
+    )
+    source = Group.create(b"g1", kp, leaf).public_group().tree
+    calls: list[int] = []
+
+    def rebuild(epoch: int) -> RatchetTree:
+        calls.append(epoch)
+        return source
+
+    def by_turns(cache: TreePageCache) -> list[int]:
+        calls.clear()
+        for _ in range(3):
+            for epoch in (3, 4, 5):
+                cache.rebuilt_pages("g1", epoch, b"ctx%d" % epoch, lambda e=epoch: rebuild(e))
+        return list(calls)
+
+    assert by_turns(TreePageCache()) == [3, 4, 5] * 3
+    assert by_turns(TreePageCache(max_paged=3)) == [3, 4, 5]
+    with pytest.raises(ValueError):
+        TreePageCache(max_paged=0)
+    # the setting reaches the instance's cache
+    fleets = make_fleet(tmp_path, (), tree_pages_kept=3)
+    fleet = next(fleets)
+    try:
+        assert fleet.service._env.tree_pages.max_paged == 3
+    finally:
+        fleets.close()
