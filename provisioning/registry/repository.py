@@ -514,40 +514,32 @@ class Registry:
         """Record every key of the device that is not destroyed yet as destroyed at ``now`` (the
         service's clock: the device announced its destruction and sends nothing after it).
         Returns the names changed. Every SP 800-57 state may go to destroyed."""
-        row = self._device_row(device_id)
-        changed = []
-        for key in sorted(row.keys, key=lambda k: k.key_name):
-            if key.state is KeyState.DESTROYED:
-                continue
-            at = max(now, key.changed_at)
-            key.transitions.append(
-                KeyTransition(
-                    from_state=key.state, to_state=KeyState.DESTROYED, at=at, recorded_at=now
-                )
-            )
-            key.state = KeyState.DESTROYED
-            key.changed_at = at
-            changed.append(key.key_name)
-        self._s.flush()
-        return changed
+        return self._move_keys(device_id, KeyState.DESTROYED, now=now)
 
     def compromise_keys(self, device_id: str, *, now: int) -> list[str]:
         """Record every key of the device that is neither destroyed nor compromised yet as
         compromised at ``now`` (the device was revoked: its keys are suspected compromised, not
         merely deactivated). Returns the names changed. Every SP 800-57 state but destroyed may
         go to compromised."""
+        return self._move_keys(
+            device_id, KeyState.COMPROMISED, now=now, leave=(KeyState.DESTROYED,)
+        )
+
+    def _move_keys(
+        self, device_id: str, to: KeyState, *, now: int, leave: tuple[KeyState, ...] = ()
+    ) -> list[str]:
+        """Every key of the device neither in state ``to`` nor in ``leave`` moved to ``to`` at
+        ``now`` (or at its last change, if later), with its transition; the names changed."""
         row = self._device_row(device_id)
         changed = []
         for key in sorted(row.keys, key=lambda k: k.key_name):
-            if key.state in (KeyState.DESTROYED, KeyState.COMPROMISED):
+            if key.state is to or key.state in leave:
                 continue
             at = max(now, key.changed_at)
             key.transitions.append(
-                KeyTransition(
-                    from_state=key.state, to_state=KeyState.COMPROMISED, at=at, recorded_at=now
-                )
+                KeyTransition(from_state=key.state, to_state=to, at=at, recorded_at=now)
             )
-            key.state = KeyState.COMPROMISED
+            key.state = to
             key.changed_at = at
             changed.append(key.key_name)
         self._s.flush()

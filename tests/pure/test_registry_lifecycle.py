@@ -51,6 +51,39 @@ def test_any_live_identity_may_be_destroyed_and_destroyed_is_final(
             assert err.value.check == "registry.device.transition"
 
 
+def test_compromise_keys_marks_every_key_but_the_destroyed_ones_once(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A revoked device's keys: each live or deactivated key compromised (its transition
+    recorded at the later of now and its last change), a destroyed key left destroyed, and a
+    second call changes nothing."""
+    with sessions.begin() as s:
+        reg = Registry(s)
+        enroll(reg, "d")
+        reg.record_report(
+            "d",
+            b"r",
+            [*HISTORY, KeyStateReport("epoch/g1/0", KeyState.DESTROYED, T0 + 20, "epoch")],
+            now=T0 + 20,
+        )
+        # now = T0 + 3: epoch/g1/1 changed last at T0 + 5, so its transition is at T0 + 5
+        assert reg.compromise_keys("d", now=T0 + 3) == ["devid", "epoch/g1/1"]
+        states = {k.key_name: (k.state, k.changed_at) for k in reg.key_states("d")}
+        assert states == {
+            "devid": (KeyState.COMPROMISED, T0 + 3),
+            "epoch/g1/0": (KeyState.DESTROYED, T0 + 20),
+            "epoch/g1/1": (KeyState.COMPROMISED, T0 + 5),
+        }
+        steps = reg.key_history("d", "epoch/g1/1")
+        assert [(t.from_state, t.to_state, t.at, t.recorded_at) for t in steps][-1] == (
+            KeyState.ACTIVE,
+            KeyState.COMPROMISED,
+            T0 + 5,
+            T0 + 3,
+        )
+        assert reg.compromise_keys("d", now=T0 + 11) == []
+
+
 def test_kinds_are_kept_and_destroy_keys_destroys_every_live_key(
     sessions: sessionmaker[Session],
 ) -> None:
