@@ -349,20 +349,12 @@ class TrustBundle:
                     "operator_ca section"
                 )
             seq = codec.as_uint(obj["seq"], "trust bundle.seq", az.MAX_TIME)
-            entries = codec.as_list(
-                obj["service"],
-                "trust bundle.service",
-                MAX_SERVICE_KEYS,
-                lambda v, w: codec.as_map(v, w, {"key", "until"}),
-                min_len=1,
-            )
-            keys = []
-            for i, entry in enumerate(entries):
-                until = entry["until"]
-                if until is not None:
-                    until = codec.as_uint(until, f"trust bundle.service[{i}].until", az.MAX_TIME)
-                der = codec.as_bytes(entry["key"], f"trust bundle.service[{i}].key", 1, MAX_KEY_DER)
-                keys.append(ServiceKey(der, until))
+            keys = [
+                ServiceKey(der, until)
+                for der, until in _decode_entries(
+                    obj["service"], "service", "key", MAX_SERVICE_KEYS, MAX_KEY_DER
+                )
+            ]
             cas = [None if name not in obj else _decode_cas(obj[name], name) for name in SECTIONS]
         except ProtocolError as exc:
             if exc.check == "trust.malformed":
@@ -375,21 +367,30 @@ class TrustBundle:
 
 
 def _decode_cas(value: object, section: str) -> tuple[DeviceCA, ...]:
+    entries = _decode_entries(value, section, "cert", MAX_DEVICE_CAS, MAX_CA_DER)
+    return tuple(DeviceCA(der, until) for der, until in entries)
+
+
+def _decode_entries(
+    value: object, section: str, field: str, max_entries: int, max_der: int
+) -> list[tuple[bytes, int | None]]:
+    """A section's list of ``{field: DER, "until": unix seconds | null}`` maps, 1 to
+    ``max_entries``, each DER 1 to ``max_der`` bytes: (DER, until) pairs, in order."""
     entries = codec.as_list(
         value,
         f"trust bundle.{section}",
-        MAX_DEVICE_CAS,
-        lambda v, w: codec.as_map(v, w, {"cert", "until"}),
+        max_entries,
+        lambda v, w: codec.as_map(v, w, {field, "until"}),
         min_len=1,
     )
-    cas = []
+    out: list[tuple[bytes, int | None]] = []
     for i, entry in enumerate(entries):
         until = entry["until"]
         if until is not None:
             until = codec.as_uint(until, f"trust bundle.{section}[{i}].until", az.MAX_TIME)
-        der = codec.as_bytes(entry["cert"], f"trust bundle.{section}[{i}].cert", 1, MAX_CA_DER)
-        cas.append(DeviceCA(der, until))
-    return tuple(cas)
+        der = codec.as_bytes(entry[field], f"trust bundle.{section}[{i}].{field}", 1, max_der)
+        out.append((der, until))
+    return out
 
 
 def subject(bundle: bytes) -> bytes:

@@ -277,3 +277,35 @@ def test_a_device_enrolled_after_a_rollover_starts_from_the_bundle_of_its_key() 
     with pytest.raises(ProtocolError) as err:
         trust.advance(enrolled_with_new, trust.TrustChain((forged, l2)), check())
     assert err.value.check == "trust.approval"
+
+
+@pytest.mark.parametrize(
+    ("section", "entries", "where"),
+    [
+        ("service", [{"cert": b"k", "until": None}], "trust bundle.service"),  # a CA's field
+        ("service", [{"key": b"", "until": None}], "trust bundle.service[0].key"),
+        ("service", [{"key": b"k" * 257, "until": None}], "trust bundle.service[0].key"),
+        ("service", [{"key": b"k", "until": -1}], "trust bundle.service[0].until"),
+        ("service", [{"key": b"k", "until": "x"}], "trust bundle.service[0].until"),
+        ("service", [{"key": b"k", "until": i} for i in range(5)], "trust bundle.service"),
+        ("device_ca", [{"key": b"c", "until": None}], "trust bundle.device_ca"),
+        ("device_ca", [{"cert": b"c" * 1025, "until": None}], "trust bundle.device_ca[0].cert"),
+        ("device_ca", [{"cert": b"c", "until": b"x"}], "trust bundle.device_ca[0].until"),
+        ("device_ca", [{"cert": b"c", "until": i} for i in range(5)], "trust bundle.device_ca"),
+    ],
+)
+def test_malformed_key_and_ca_lists_are_refused_naming_the_entry(
+    section: str, entries: list[dict[str, object]], where: str
+) -> None:
+    """The service key and CA lists are decoded alike: a map with other fields, a DER empty or
+    too long, an end that is not unix seconds, too many entries: refused, naming where."""
+    key = {"key": trust.key_der(NEW.public_key()), "until": None}
+    obj: dict[str, object] = {"v": 2 if section == "device_ca" else 1, "seq": 1, "service": [key]}
+    if section == "device_ca":
+        obj["device_ca"] = entries
+    else:
+        obj["service"] = entries
+    with pytest.raises(ProtocolError) as err:
+        trust.TrustBundle.decode(codec.encode(obj))
+    assert err.value.check == "trust.malformed"
+    assert where in err.value.reason
