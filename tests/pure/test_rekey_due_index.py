@@ -18,12 +18,11 @@ from sqlalchemy import event, insert, select, update
 from agent.protocol.wire.messages.operator import GroupPolicy
 from provisioning.db.runtime import LeafUpdateRow, RekeyDefaultRow
 from provisioning.db.schema import Device, DeviceState, Group, GroupMember, PendingChange
-from provisioning.metrics import ServiceMetrics
 from provisioning.service import rekeypolicy, store
 from provisioning.service.context import Call, Clock
 from provisioning.service.core import DeliveryService
 from provisioning.service.store import rekey as rows
-from tests.pure.test_service_core import T0, Fleet, make_fleet
+from tests.pure.test_service_core import T0, Fleet, another_instance, make_fleet
 from tests.service_members import command_id
 
 pytestmark = pytest.mark.pure
@@ -239,21 +238,6 @@ def test_policy_changes_recompute_what_is_due(fleet: Fleet) -> None:
     assert check(fleet, NOW + 210) == {"g1": {f"n-{i:04}" for i in range(NOT_DUE)}}
 
 
-def _instance(fleet: Fleet, name: str, **groups: int) -> DeliveryService:
-    """Another service instance on the fleet's database, its ``[groups]`` default changed by
-    ``groups``."""
-    first = fleet.service
-    return DeliveryService(
-        fleet.sessions,
-        signing_key=first._env.key,
-        operator_ca=first._env.operator_ca,
-        device_ca=first._env.devices.device_ca,
-        settings=replace(first.settings, **groups),
-        instance=name,
-        metrics=ServiceMetrics(),
-    )
-
-
 def _due_state(fleet: Fleet) -> tuple[object, ...]:
     """The recorded default and every row's due columns."""
     with fleet.sessions() as s:
@@ -280,7 +264,7 @@ def test_instances_with_another_default_do_not_recompute_by_turns(
     seed(fleet)
     a = fleet.service
     check(fleet, NOW)  # a records its default: 7 days, 10 epochs
-    b = _instance(fleet, "b", rekey_max_epochs=2)
+    b = another_instance(fleet, "b", rekey_max_epochs=2)
     # b's first check: another default recorded, none of its own yet (a restart with a new
     # [groups] default): every row computed again, g1's members at 48 (g1 at 50) due
     assert check(fleet, NOW + 10, service=b) == {"g1": {f"n-{i:04}" for i in range(NOT_DUE)}}

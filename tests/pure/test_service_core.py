@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit, pki
 from provisioning.db.runtime import create_service_schema
 from provisioning.db.schema import Ack as AckRow
+from provisioning.metrics import ServiceMetrics
 from provisioning.registry import (
     DeviceState,
     Registry,
@@ -235,6 +236,21 @@ def make_fleet(
         device_ca=devices_ca,
     )
     engine.dispose()
+
+
+def another_instance(fleet: Fleet, name: str, **settings: int) -> DeliveryService:
+    """Another service instance on the fleet's database (or the first one restarted): the same
+    key, the same settings but ``settings``, nothing in memory."""
+    first = fleet.service
+    return DeliveryService(
+        fleet.sessions,
+        signing_key=first._env.key,
+        operator_ca=first._env.operator_ca,
+        device_ca=first._env.devices.device_ca,
+        settings=replace(first.settings, **settings),
+        instance=name,
+        metrics=ServiceMetrics(),
+    )
 
 
 @pytest.fixture

@@ -29,12 +29,11 @@ from agent.protocol.wire.messages.group import TreeRequest
 from agent.protocol.wire.messages.result import ResultStatus
 from agent.protocol.wire.messages.service import TreePage as TreePageMessage
 from provisioning.db.runtime import GroupTreeEpochRow, GroupTreeUndoRow
-from provisioning.metrics import ServiceMetrics
 from provisioning.service import groupcache
 from provisioning.service.core import DeliveryService
 from provisioning.service.groupcache import RequestBuckets, TreePageCache
 from tests.device_certs import devid_cert_der
-from tests.pure.test_service_core import Fleet, agreed, create_g1, make_fleet
+from tests.pure.test_service_core import Fleet, agreed, another_instance, create_g1, make_fleet
 from tests.service_members import group_add, rekey, revoke
 
 DATABASE_BACKENDS = ("sqlite", "postgresql")
@@ -95,21 +94,6 @@ def test_tree_requests_from_strangers_for_other_epochs_or_past_the_end_are_refus
     assert fleet.devices["dev-2"].refusals == ["agent.tree-page.unasked"]
 
 
-def _instance(fleet: Fleet, name: str) -> DeliveryService:
-    """Another service instance on the fleet's database (or the first one restarted): the same
-    key and settings, nothing in memory."""
-    first = fleet.service
-    return DeliveryService(
-        fleet.sessions,
-        signing_key=first._env.key,
-        operator_ca=first._env.operator_ca,
-        device_ca=first._env.devices.device_ca,
-        settings=first.settings,
-        instance=name,
-        metrics=ServiceMetrics(),
-    )
-
-
 def _ask(fleet: Fleet, service: DeliveryService, device: str, request: TreeRequest) -> list[Any]:
     """``device``'s request handled by ``service``; the tree pages it sent back."""
     fleet.to_devices.clear()
@@ -161,18 +145,18 @@ def test_any_instance_serves_a_left_epochs_tree_from_the_database_until_retentio
     assert fleet.final(fleet.command("op-alice", rekey("g1"))).status is DONE
     assert fleet.epoch("g1") == welcome_epoch + 4
     fleet.record = True
-    other = _instance(fleet, "b")
+    other = another_instance(fleet, "b")
     assert _fetch(fleet, other, "dev-2", welcome_epoch, signed_hash).member_count() == 2
     assert _fetch(fleet, other, "dev-3", dev3_epoch, dev3_hash).member_count() == 3
     assert other._env.metrics.rejections.value("ds.tree.epoch") == 0
     # a restart: nothing in memory anywhere; still served
-    fleet.service = _instance(fleet, "a")
+    fleet.service = another_instance(fleet, "a")
     _fetch(fleet, fleet.service, "dev-2", welcome_epoch, signed_hash)
     # the group moves on past retention (6 epochs): the welcome epoch's commit is dropped
     for _ in range(3):
         assert fleet.final(fleet.command("op-alice", rekey("g1"))).status is DONE
     assert fleet.epoch("g1") - 6 > welcome_epoch
-    for service in (fleet.service, _instance(fleet, "c")):
+    for service in (fleet.service, another_instance(fleet, "c")):
         before = service.rejections.count("ds.tree.epoch")
         assert _ask(fleet, service, "dev-2", TreeRequest("g1", welcome_epoch, 0)) == []
         assert service.rejections.count("ds.tree.epoch") == before + 1
@@ -187,9 +171,9 @@ def test_any_instance_serves_a_left_epochs_tree_from_the_database_until_retentio
     assert kept and min(kept) >= below and min(undo) >= below
     # the oldest retained epoch, dev-3's, is still served by a fresh instance
     assert below == dev3_epoch
-    _fetch(fleet, _instance(fleet, "d"), "dev-3", dev3_epoch, dev3_hash)
+    _fetch(fleet, another_instance(fleet, "d"), "dev-3", dev3_epoch, dev3_hash)
     # but only to its joiners: a member cannot have instances rebuild epochs it did not join at
-    fresh = _instance(fleet, "e")
+    fresh = another_instance(fleet, "e")
     assert _ask(fleet, fresh, "dev-2", TreeRequest("g1", dev3_epoch, 0)) == []
     assert _ask(fleet, fresh, "dev-1", TreeRequest("g1", dev3_epoch, 0)) == []
     assert fresh.rejections.count("ds.tree.epoch") == 2
@@ -263,7 +247,7 @@ def test_a_device_asking_faster_than_its_budget_is_refused_until_its_bucket_refi
     assert page.page == 0
     assert _ask(fleet, service, "dev-2", TreeRequest("g1", epoch, 0)) == []
     # another instance keeps its own budget
-    (page,) = _ask(fleet, _instance(fleet, "b"), "dev-2", TreeRequest("g1", epoch, 0))
+    (page,) = _ask(fleet, another_instance(fleet, "b"), "dev-2", TreeRequest("g1", epoch, 0))
     assert page.page == 0
     fleets.close()
 
