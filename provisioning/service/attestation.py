@@ -219,7 +219,9 @@ def on_attest_report(
     if device.ak_public is None:
         raise ProtocolError("attest.device.ak", f"device {sender!r} has no AK registered")
     # The stored AK must be the one the device's DevID certificate names (``cred.stored``).
-    cx.env.devices.check(device, now, with_ak=True)
+    stored = cx.env.devices.check(device, now, with_ak=True)
+    # the AK's key as that check decoded it from these stored bytes (remembered with it)
+    ak_key = stored.ak_key or public_key_from_area(device.ak_public)
     challenge = store.consume_challenge(session, sender, body.nonce, now=now, flush=batch is None)
     # nothing below refuses the answer: every failure from here on is an untrusted verdict
     if batch is not None:
@@ -232,7 +234,7 @@ def on_attest_report(
     try:
         verdict = verify_evidence(
             Evidence.from_report(body),
-            ak_public=public_key_from_area(device.ak_public),
+            ak_public=ak_key,
             challenge=challenge,
             policy=releases.golden(cx, session) if batch is None else batch.policy,
         )
