@@ -8,6 +8,7 @@ not grow with its answers."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,13 +20,15 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.exc import OperationalError
 
 from agent.protocol.wire.messages.attestation import AttestReport
+from agent.protocol.wire.messages.operator import AttestDevice
+from agent.protocol.wire.messages.result import ResultStatus
 from firmware_sim.boot import tampered
 from provisioning import audit
 from provisioning.db.runtime import AttestChallengeRow, ReplayState
 from provisioning.registry import AttestationResult, DeviceState, Registry
 from provisioning.service import attestbatch
 from tests.fixtures.swtpm import SwtpmFactory
-from tests.pure.test_service_core import Fleet
+from tests.pure.test_service_core import Fleet, agreed, create_g1
 from tests.service_members import Outgoing
 from tests.tpm.test_attestation_service import GOOD, AttestingDevice, attesting_fleet
 
@@ -200,7 +203,7 @@ def test_a_batchs_statements_do_not_grow_with_its_answers(fleet: Fleet) -> None:
 
 
 def test_a_batch_that_fails_in_the_database_is_taken_one_by_one(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The batch's last write fails (a database error): its transaction is undone, and each
     answer is then taken on its own, once: one verdict each, every challenge answered."""
@@ -215,10 +218,44 @@ def test_a_batch_that_fails_in_the_database_is_taken_one_by_one(
         raise OperationalError("UPDATE device_releases", {}, Exception("disk I/O error"))
 
     monkeypatch.setattr(attestbatch.release_rows, "record_device_releases", broken)
-    fleet.service.handle_many(answers, fleet.now)
+    with caplog.at_level(logging.INFO, logger="keyfleet.service"):
+        fleet.service.handle_many(answers, fleet.now)
     assert failed == [1]
+    assert [r for r in caplog.records if "one by one" in r.getMessage()]
     with fleet.sessions() as s:
         assert all(Registry(s).device(n).attested_at == fleet.now for n in NAMES)
     verdicts = [e for e in fleet.audit_entries()[audit_before:] if e.action == "attest.verdict"]
     assert sorted(e.target for e in verdicts) == list(NAMES)
     assert sum(fleet.service.rejections.snapshot().values()) == 0
+
+
+def test_an_operators_answer_and_a_quarantine_in_one_batch(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In one batch: the answer an operator's ``op.attest`` waits for (its result is sent once
+    the batch commits) and a tampered boot's answer from a group member, which is quarantined
+    and removed from its group by another member's commit, as on its own."""
+    create_g1(fleet, "dev-1", "dev-2", "dev-3")
+    epoch = fleet.epoch("g1")
+    command = AttestDevice(os.urandom(16), "dev-1")
+    asked = fleet.service.handle_many(
+        [fleet.operators["op-alice"].command(command, fleet.now)], fleet.now
+    )
+    waited = fleet.deliver(asked)  # the operator hears "accepted"; dev-1 answers
+    assert len(waited) == 1
+    member(fleet, "dev-3").boot(tampered(GOOD, "kernel"))
+    batch = [*waited, answer(fleet, "dev-3"), answer(fleet, "dev-2")]
+    with caplog.at_level(logging.INFO, logger="keyfleet.service"):
+        publishes = fleet.service.handle_many(batch, fleet.now)
+    assert not [r for r in caplog.records if "one by one" in r.getMessage()]
+    fleet.send(*fleet.deliver(publishes))
+    assert fleet.service.metrics.reports.value("attest.report") >= 3
+    assert sum(fleet.service.rejections.snapshot().values()) == 0
+    result = fleet.final(command.command_id)
+    assert result.status is ResultStatus.DONE and "dev-1 trusted" in result.detail
+    with fleet.sessions() as s:
+        states = {n: Registry(s).device(n).state for n in ("dev-1", "dev-2", "dev-3")}
+    assert states["dev-3"] is DeviceState.QUARANTINED
+    assert states["dev-1"] is states["dev-2"] is DeviceState.ACTIVE
+    assert fleet.members("g1") == ["dev-1", "dev-2"]
+    assert fleet.epoch("g1") == epoch + 1 and len(agreed(fleet, "g1")) == 1
