@@ -2,9 +2,9 @@
 (``attestbatch.on_answers``), and each is still judged alone, on SQLite and PostgreSQL: every
 answer is a real swtpm quote (tests/tpm/test_attestation_service.py's members). In one batch a
 good answer is trusted, a tampered boot's answer is an untrusted verdict (the device is
-quarantined), and a replayed envelope, a replayed nonce, a nonce never issued and an expired
-challenge are each refused by their own check id and change nothing; the batch's statements do
-not grow with its answers."""
+quarantined), and a replayed envelope, a replayed nonce, a nonce never issued, an expired
+challenge and a device without its AK are each refused by their own check id and change
+nothing; the batch's statements do not grow with its answers."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from agent.protocol.wire.messages.result import ResultStatus
 from firmware_sim.boot import tampered
 from provisioning import audit
 from provisioning.db.runtime import AttestChallengeRow, ReplayState
+from provisioning.db.schema import Device
 from provisioning.registry import AttestationResult, DeviceState, Registry
 from provisioning.service import attestbatch
 from tests.fixtures.swtpm import SwtpmFactory
@@ -121,11 +122,16 @@ def test_a_batch_of_answers_lands_the_good_ones_and_refuses_each_bad_one_alone(
             .where(AttestChallengeRow.nonce == stale_nonce.hex())
             .values(expires_at=fleet.now)
         )
-    bad = ("dev-4", "dev-5")
+    # dev-6: an honest answer, but its registered AK was taken off its row meanwhile
+    no_ak = answer(fleet, "dev-6")
+    with fleet.sessions.begin() as s:
+        s.execute(update(Device).where(Device.device_id == "dev-6").values(ak_public=None))
+    bad = ("dev-4", "dev-5", "dev-6")
     before = {n: snapshot(fleet, n) for n in NAMES}
     audit_before = len(fleet.audit_entries())
     taken_before = fleet.service.metrics.reports.value("attest.report")
     batch = [good["dev-1"], good["dev-2"], good["dev-2"], again, good["dev-3"], unknown, stale]
+    batch.append(no_ak)
     fleet.service.handle_many(batch, fleet.now)
 
     rejections = fleet.service.rejections
@@ -133,9 +139,10 @@ def test_a_batch_of_answers_lands_the_good_ones_and_refuses_each_bad_one_alone(
     assert rejections.count("attest.nonce.replayed") == 1  # dev-1's second answer
     assert rejections.count("attest.nonce.unknown") == 1  # dev-4
     assert rejections.count("attest.nonce.expired") == 1  # dev-5
+    assert rejections.count("attest.device.ak") == 1  # dev-6
     assert fleet.service.metrics.reports.value("attest.report") == taken_before + 3
     after = {n: snapshot(fleet, n) for n in NAMES}
-    for name in (*bad, "dev-6"):
+    for name in bad:
         assert after[name] == before[name], name
     with fleet.sessions() as s:
         records = {n: Registry(s).device(n) for n in ("dev-1", "dev-2", "dev-3")}
@@ -168,6 +175,7 @@ def test_a_batch_of_answers_lands_the_good_ones_and_refuses_each_bad_one_alone(
     refused = [e for e in entries if e.outcome.value == "refused"]
     reasons = sorted(str(e.reason).split("]")[0] + "]" for e in refused)
     assert reasons == [
+        "[attest.device.ak]",
         "[attest.nonce.expired]",
         "[attest.nonce.replayed]",
         "[attest.nonce.unknown]",
