@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.engine import Engine
 
-from agent.protocol.attest import tpm_name
+from agent.protocol.attest import public_key_from_area, tpm_name
 from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
 from agent.protocol.topics import SERVICE_ID, device_report_topic
 from agent.protocol.wire.envelope import encode_message
@@ -84,6 +85,7 @@ from bench.bench_scale import (
 )
 from firmware_sim.boot import default_components, measured_boot
 from provisioning import pki
+from provisioning.attestation import Challenge, Evidence, verify_evidence
 from provisioning.db.runtime import AttestChallengeRow, create_service_schema
 from provisioning.db.schema import AttestationResult, Group
 from provisioning.db.schema import Device as DeviceRow
@@ -333,8 +335,16 @@ def profiled(work: Callable[[], Any], limit: int = 25) -> str:
 
 
 def run(
-    url: str, backend: str, fleet: list[Device_], pems: list[str], evidence: TpmEvidence
+    url: str,
+    backend: str,
+    fleet: list[Device_],
+    pems: list[str],
+    evidence: TpmEvidence,
+    *,
+    only_attest: bool = False,
 ) -> dict[str, Any]:
+    """The figures of one backend and N; ``only_attest``: the attestation rounds alone (after
+    the same warm-up), the timed round profiled on SQLite if ``BENCH_PROFILE`` is set."""
     n = len(fleet)
     signer = Signer(fleet)
     with service_at(url) as (engine, service, statements):
@@ -346,22 +356,9 @@ def run(
         if refused:
             raise RuntimeError(f"{backend} N={n}: {refused} warm-up messages refused")
         figures: dict[str, Any] = {}
-        now = T0 + 20
-        reports = [signer.sign(i, report_body(), now) for i in range(n)]
-        before = statements[0]
-        checks = service._env.devices.validations
-        spent, refused, verify = timed(service, reports, now)
-        checks = service._env.devices.validations - checks
-        figures["report"] = (spent, statements[0] - before, refused, checks, n, verify)
-        with engine.begin() as connection:
-            connection.execute(update(Group).values(epoch=EPOCH + 1))
-        now = T0 + 30
-        acks = [signer.sign(i, Ack(group_of(i), EPOCH + 1, b"\x02" * 32), now) for i in range(n)]
-        before = statements[0]
-        checks = service._env.devices.validations
-        spent, refused, verify = timed(service, acks, now)
-        checks = service._env.devices.validations - checks
-        figures["ack"] = (spent, statements[0] - before, refused, checks, n, verify)
+        quote_ms: dict[str, float] = {}
+        if not only_attest:
+            timed_reports_acks(engine, service, statements, signer, figures)
         # two rounds of attestation answers from the first ATTESTED devices: the first (a
         # device's first answer to this instance: its certificate is checked with its AK) and
         # the next one, timed like the others
@@ -375,7 +372,13 @@ def run(
             before = statements[0]
             checks = service._env.devices.validations
             taken = service.metrics.reports.value("attest.report")
+            profile = only_attest and backend == "sqlite" and os.environ.get("BENCH_PROFILE")
+            if kind == "attest" and profile:
+                progress(profiled(partial(take, service, answers, now), limit=60))
+                continue
             spent, refused, verify = timed(service, answers, now)
+            if kind == "attest":
+                quote_ms[backend] = quote_check_ms(evidence, fleet[:attested], first, now)
             checks = service._env.devices.validations - checks
             if service.metrics.reports.value("attest.report") - taken != attested:
                 raise RuntimeError(f"{backend} N={n}: not every attestation answer was taken")
@@ -402,11 +405,61 @@ def run(
                 "messages": count,
                 "verify_ms": verify,
             }
-        if n == min(n, SIZES[0]) and backend == "sqlite":
+        if "attest" in out and backend in quote_ms:
+            out["attest"]["quote_check_ms"] = quote_ms[backend]
+        if not only_attest and n == min(n, SIZES[0]) and backend == "sqlite":
             now = T0 + 60
             more = [signer.sign(i, report_body(), now) for i in range(n)]
             out["profile"] = profiled(lambda: take(service, more, now))
         return out
+
+
+def quote_check_ms(evidence: TpmEvidence, fleet: list[Device_], first: int, now: int) -> float:
+    """What the quote check alone costs per answer (``verify_evidence``: the AK's signature
+    over the quote, the nonce, the PCR selection and digest, the event log replayed against
+    the golden policy), timed over the round's answers right after it: the part of an answer
+    that is not the service's bookkeeping."""
+    policy = policy_from_components(default_components("1.0"))
+    ak_public = public_key_from_area(evidence.ak_public)
+    cases = []
+    for i, (device_id, _) in enumerate(fleet):
+        body = attest_body(evidence, first + i)
+        challenge = Challenge(device_id, body.nonce, evidence.pcrs, now - 5, now + ATTEST_TTL)
+        cases.append((Evidence.from_report(body), challenge))
+    begin = time.perf_counter()
+    for found, challenge in cases:
+        if not verify_evidence(
+            found, ak_public=ak_public, challenge=challenge, policy=policy
+        ).trusted:
+            raise RuntimeError("a bench quote is not trusted")
+    return (time.perf_counter() - begin) * 1000 / len(cases)
+
+
+def timed_reports_acks(
+    engine: Engine,
+    service: DeliveryService,
+    statements: list[int],
+    signer: Signer,
+    figures: dict[str, Any],
+) -> None:
+    """The timed rounds of reports and acks (``figures["report"]``, ``figures["ack"]``)."""
+    n = len(signer.fleet)
+    now = T0 + 20
+    reports = [signer.sign(i, report_body(), now) for i in range(n)]
+    before = statements[0]
+    checks = service._env.devices.validations
+    spent, refused, verify = timed(service, reports, now)
+    checks = service._env.devices.validations - checks
+    figures["report"] = (spent, statements[0] - before, refused, checks, n, verify)
+    with engine.begin() as connection:
+        connection.execute(update(Group).values(epoch=EPOCH + 1))
+    now = T0 + 30
+    acks = [signer.sign(i, Ack(group_of(i), EPOCH + 1, b"\x02" * 32), now) for i in range(n)]
+    before = statements[0]
+    checks = service._env.devices.validations
+    spent, refused, verify = timed(service, acks, now)
+    checks = service._env.devices.validations - checks
+    figures["ack"] = (spent, statements[0] - before, refused, checks, n, verify)
 
 
 def records(rows: list[tuple[str, int, dict[str, Any]]], verify_ms: float) -> list[dict[str, Any]]:
@@ -414,6 +467,8 @@ def records(rows: list[tuple[str, int, dict[str, Any]]], verify_ms: float) -> li
     for backend, n, figures in rows:
         target = TARGET_SQLITE if backend == "sqlite" else TARGET_POSTGRESQL
         for kind in ("report", "ack", "attest"):
+            if kind not in figures:
+                continue
             ms = figures[kind]["ms"]
             verify = figures[kind]["verify_ms"]
             ratio = ms / verify
@@ -432,6 +487,11 @@ def records(rows: list[tuple[str, int, dict[str, Any]]], verify_ms: float) -> li
                     "messages": figures[kind]["messages"],
                     "first_attest_ms": (
                         round(figures["attest_first"]["ms"], 3) if kind == "attest" else None
+                    ),
+                    "quote_check_ms": (
+                        round(figures[kind]["quote_check_ms"], 4)
+                        if "quote_check_ms" in figures[kind]
+                        else None
                     ),
                 }
             )
@@ -481,9 +541,12 @@ def main() -> None:
     out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        if mode in ("all", "messages", "sqlite"):
+        if mode in ("all", "messages", "sqlite", "attest", "attest-sqlite"):
+            # "attest" / "attest-sqlite": the attestation rounds alone (on both backends / on
+            # SQLite); with BENCH_PROFILE set, the timed round on SQLite is profiled instead
             rows: list[tuple[str, int, dict[str, Any]]] = []
-            backends = ("sqlite",) if mode == "sqlite" else ("sqlite", "postgresql")
+            backends = ("sqlite",) if mode.endswith("sqlite") else ("sqlite", "postgresql")
+            only_attest = mode.startswith("attest")
             postgres = None
             if "postgresql" in backends:
                 postgres = PostgresServer()
@@ -499,7 +562,7 @@ def main() -> None:
                         else:
                             assert postgres is not None
                             url = postgres.create_database()
-                        figures = run(url, backend, fleet, pems, evidence)
+                        figures = run(url, backend, fleet, pems, evidence, only_attest=only_attest)
                         profile = figures.pop("profile", None)
                         if profile is not None:
                             progress(profile)

@@ -268,6 +268,69 @@ def append(
     return entry
 
 
+@dataclass(frozen=True)
+class Pending:
+    """One entry for ``append_many``: what ``append`` takes, as data."""
+
+    actor: str
+    action: str
+    target: str
+    outcome: Outcome
+    reason: str = ""
+    details: Mapping[str, JsonValue] | None = None
+
+
+def append_many(session: Session, pending: Sequence[Pending], *, now: int) -> list[AuditRecord]:
+    """``append`` for several entries in their order, in the caller's transaction: the head is
+    locked and read once, the entries inserted in one statement and the head written once (a
+    batch of device messages taken together). Same chain, same ``AuditConflict``."""
+    if not pending:
+        return []
+    for one in pending:
+        if not isinstance(one.outcome, Outcome):
+            raise TypeError(f"outcome must be an Outcome, not {one.outcome!r}")
+    texts = [canonical_json(one.details or {}) for one in pending]
+    _lock_head(session)
+    seq, prev_hash = head(session)
+    out: list[AuditRecord] = []
+    for one, details_text in zip(pending, texts, strict=True):
+        seq += 1
+        preimage = entry_preimage(
+            seq=seq,
+            time=now,
+            actor=one.actor,
+            action=one.action,
+            target=one.target,
+            outcome=one.outcome.value,
+            reason=one.reason,
+            details=details_text,
+        )
+        entry = AuditRecord(
+            seq=seq,
+            time=now,
+            actor=one.actor,
+            action=one.action,
+            target=one.target,
+            outcome=one.outcome,
+            reason=one.reason,
+            details=details_text,
+            prev_hash=prev_hash,
+            entry_hash=compute_hash(prev_hash, preimage),
+        )
+        out.append(entry)
+        prev_hash = entry.entry_hash
+    entries, heads = table_of(AuditEntry), table_of(AuditHead)
+    try:
+        with savepoint(session):
+            session.execute(insert(entries), [asdict(entry) for entry in out])
+            session.execute(
+                update(heads).where(heads.c.id == 1).values(seq=seq, entry_hash=prev_hash)
+            )
+    except IntegrityError:
+        raise AuditConflict(f"audit entries up to {seq} were appended concurrently") from None
+    return out
+
+
 def _lock_head(session: Session) -> None:
     """Lock the head row until the caller's transaction ends: other appenders wait here,
     before they read the head, rather than fail later at the unique constraint."""

@@ -72,11 +72,10 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
     run before the ack writes anything, and its replay window is updated on a copy that is
     kept only when the ack is taken, so the others' effects commit and its own do not, as if
     it had been handled on its own. If the transaction itself fails, each ack is tried on
-    its own."""
-    if not acks:
+    its own. One ack alone takes the ordinary path (``devices.take_batch``)."""
+    batch = devices.take_batch(cx, acks, now)
+    if batch is None:
         return
-    batch = list(acks)
-    acks.clear()
     taken: list[tuple[verify.VerifiedReport, int | None]] = []
     refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []
 
@@ -139,8 +138,6 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
     try:
         cx.env.tx(work)
     except (KeyfleetError, SQLAlchemyError) as exc:
-        if len(batch) == 1:
-            raise
         log.warning("a batch of %d acks failed (%s); taking them one by one", len(batch), exc)
         devices.one_by_one(cx, batch, now, what="an ack")
         return

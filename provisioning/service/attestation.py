@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 from sqlalchemy.orm import Session
@@ -38,6 +39,7 @@ from provisioning.attestation import (
     Evidence,
     verify_evidence,
 )
+from provisioning.policy import GoldenPolicy
 from provisioning.registry import (
     AttestationResult,
     DeviceRecord,
@@ -173,12 +175,40 @@ def dispatch_attest(
     ]
 
 
+@dataclass
+class AnswerBatch:
+    """What the answers of one batch (``attestbatch.on_answers``) read once and write once
+    instead of per answer: the golden policy, which senders are in a rollout that is not over,
+    which nonces an operator waits for, and the audit entries and release records collected
+    for one write each at the batch's end. ``changing`` is set once an answer has started to
+    change rows: a refusal after that undoes the batch."""
+
+    policy: GoldenPolicy
+    in_rollout: frozenset[str]
+    waited: frozenset[bytes]
+    audits: list[audit.Pending] = field(default_factory=list)
+    releases: dict[str, str | None] = field(default_factory=dict)
+    changing: bool = False
+
+    def flush_audits(self, session: Session, now: int) -> None:
+        audit.append_many(session, self.audits, now=now)
+        self.audits.clear()
+
+
 def on_attest_report(
-    cx: Call, session: Session, body: AttestReport, message: VerifiedMessage, *, now: int
+    cx: Call,
+    session: Session,
+    body: AttestReport,
+    message: VerifiedMessage,
+    *,
+    now: int,
+    batch: AnswerBatch | None = None,
 ) -> Effects:
     """Verify a report against the challenge it answers; record, audit, maybe quarantine.
     A report that answers no open challenge of this device (unknown, replayed, expired
-    nonce) is refused and changes nothing; any other failure is an untrusted verdict."""
+    nonce) is refused and changes nothing; any other failure is an untrusted verdict.
+    With ``batch`` (answers taken together), the reads and writes it names are the batch's;
+    the checks and the verdict are the same."""
     sender = message.sender
     settings = cx.env.attestation
     if settings is None:
@@ -189,20 +219,32 @@ def on_attest_report(
     if device.ak_public is None:
         raise ProtocolError("attest.device.ak", f"device {sender!r} has no AK registered")
     # The stored AK must be the one the device's DevID certificate names (``cred.stored``).
-    cx.env.devices.check(device, now, with_ak=True)
-    challenge = store.consume_challenge(session, sender, body.nonce, now=now)
-    waiting = store.take_attest_operation(session, body.nonce)
+    stored = cx.env.devices.check(device, now, with_ak=True)
+    # the AK's key as that check decoded it from these stored bytes (remembered with it)
+    ak_key = stored.ak_key or public_key_from_area(device.ak_public)
+    challenge = store.consume_challenge(session, sender, body.nonce, now=now, flush=batch is None)
+    # nothing below refuses the answer: every failure from here on is an untrusted verdict
+    if batch is not None:
+        batch.changing = True
+    waiting = (
+        store.take_attest_operation(session, body.nonce)
+        if batch is None or body.nonce in batch.waited
+        else None
+    )
     try:
         verdict = verify_evidence(
             Evidence.from_report(body),
-            ak_public=public_key_from_area(device.ak_public),
+            ak_public=ak_key,
             challenge=challenge,
-            policy=releases.golden(cx, session),
+            policy=releases.golden(cx, session) if batch is None else batch.policy,
         )
     except AttestationRefused as refused:
         verdict = refused.verdict
     if verdict.trusted:
-        releases.record_device(cx, session, sender, verdict.pcr_values, now)
+        if batch is None:
+            releases.record_device(cx, session, sender, verdict.pcr_values, now)
+        else:
+            batch.releases[sender] = releases.matched_release(cx, verdict.pcr_values)
     items = key_state_items(body.keys)
     keys_note: str | None = None
     try:
@@ -216,10 +258,9 @@ def on_attest_report(
         AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED,
         reason=verdict.summary,
         now=now,
+        flush=batch is None,
     )
-    audit.append(
-        session,
-        now=now,
+    entry = audit.Pending(
         actor=f"device:{sender}",
         action="attest.verdict",
         target=sender,
@@ -232,10 +273,31 @@ def on_attest_report(
             "keys": keys_note,
         },
     )
+    if batch is None:
+        audit.append(
+            session,
+            now=now,
+            actor=entry.actor,
+            action=entry.action,
+            target=entry.target,
+            outcome=entry.outcome,
+            reason=entry.reason,
+            details=entry.details,
+        )
+    else:
+        batch.audits.append(entry)
     jobs: list[Job] = []
     groups: set[str] = set()
     change = ""
-    if not verdict.trusted and settings.quarantine and device.state in GROUP_ELIGIBLE:
+    quarantine = not verdict.trusted and settings.quarantine and device.state in GROUP_ELIGIBLE
+    activate = verdict.trusted and device.state in (
+        DeviceState.REGISTERED,
+        DeviceState.QUARANTINED,
+    )
+    if batch is not None and (quarantine or activate):
+        # the state change's entries follow the verdict's, in the log's order
+        batch.flush_audits(session, now)
+    if quarantine:
         registry.set_device_state(
             sender,
             DeviceState.QUARANTINED,
@@ -259,7 +321,7 @@ def on_attest_report(
         change = "quarantined" + (
             f"; removal from {', '.join(sorted(groups))} queued" if groups else ""
         )
-    elif verdict.trusted and device.state in (DeviceState.REGISTERED, DeviceState.QUARANTINED):
+    elif activate:
         registry.set_device_state(
             sender, DeviceState.ACTIVE, reason="attestation: trusted", now=now
         )
@@ -297,6 +359,8 @@ def on_attest_report(
         effects += [StartNext(group_id) for group_id in sorted(groups)]
     if waiting is not None:
         effects.append(AttestVerdict(waiting, verdict, change))
+    if batch is not None and sender not in batch.in_rollout:
+        return effects
     # a staged rollout's step of this device (provisioning/service/rollout.py)
     return effects + rollout.on_verdict(cx, session, sender, verdict, now)
 

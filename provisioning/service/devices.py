@@ -115,12 +115,30 @@ def on_device_message(cx: Call, report: verify.VerifiedReport, now: int) -> None
     catchup.catch_up(cx, device_id, now)
 
 
+def take_batch(
+    cx: Call, messages: list[verify.VerifiedReport], now: int
+) -> list[verify.VerifiedReport] | None:
+    """The opening of every flow that takes messages received together in one transaction
+    (``reports.on_reports``, ``acks.on_acks``, ``keypackages.on_key_packages``,
+    ``attestbatch.on_answers``): the messages taken out of ``messages`` (it is emptied), or
+    None when nothing is left for the batch: there were none, or one, handled here on the
+    ordinary path (``on_device_message``: its own transaction, refusal and catch-up)."""
+    if not messages:
+        return None
+    batch = list(messages)
+    messages.clear()
+    if len(batch) == 1:
+        on_device_message(cx, batch[0], now)
+        return None
+    return batch
+
+
 def one_by_one(cx: Call, batch: list[verify.VerifiedReport], now: int, *, what: str) -> None:
     """Take each message of a batch whose shared transaction was undone on its own
     (``on_device_message``: its own transaction, refusal and catch-up), so that a refused
     message never leaves a partial change behind; a message whose handling fails is logged
     (``what``: "a report", "an ack") and the next one is taken. Used by ``reports.on_reports``,
-    ``acks.on_acks`` and ``keypackages.on_key_packages``."""
+    ``acks.on_acks``, ``keypackages.on_key_packages`` and ``attestbatch.on_answers``."""
     for report in batch:
         try:
             on_device_message(cx, report, now)
@@ -140,8 +158,8 @@ def refuse_in_batch(
 ) -> bool:
     """Refuse one message of a batch taken together (``verify.refuse``: counted, logged,
     audited). True when its sender must still catch up: a message refused by anything but its
-    replay window came from an alive, authentic device. Used by ``reports``, ``acks`` and
-    ``keypackages`` after their batch's transaction."""
+    replay window came from an alive, authentic device. Used by ``reports``, ``acks``,
+    ``keypackages`` and ``attestbatch`` after their batch's transaction."""
     verify.refuse(
         cx, err, actor=f"device:{sender}", action=action, target=target, now=now, details=details
     )

@@ -36,12 +36,8 @@ log = logging.getLogger("keyfleet.service")
 def on_key_packages(cx: Call, key_packages: list[verify.VerifiedReport], now: int) -> None:
     """Take the key packages received together (``key_packages`` is emptied): see the module
     docstring. One alone takes the ordinary path (``devices.on_device_message``)."""
-    if not key_packages:
-        return
-    batch = list(key_packages)
-    key_packages.clear()
-    if len(batch) == 1:
-        devices.on_device_message(cx, batch[0], now)
+    batch = devices.take_batch(cx, key_packages, now)
+    if batch is None:
         return
     taken: list[verify.VerifiedReport] = []
     refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []

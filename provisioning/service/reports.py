@@ -48,12 +48,8 @@ class _Abort(Exception):
 def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None:
     """Take the key-state reports received together (``reports`` is emptied) in one
     transaction; see the module docstring."""
-    if not reports:
-        return
-    batch = list(reports)
-    reports.clear()
-    if len(batch) == 1:
-        devices.on_device_message(cx, batch[0], now)
+    batch = devices.take_batch(cx, reports, now)
+    if batch is None:
         return
     taken: list[tuple[verify.VerifiedReport, Effects]] = []
     refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []

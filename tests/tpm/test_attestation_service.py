@@ -121,9 +121,15 @@ def make_attesting(
 
 
 def attesting_fleet(
-    tmp_path: Path, swtpm_factory: SwtpmFactory, *, quarantine: bool
+    tmp_path: Path,
+    swtpm_factory: SwtpmFactory,
+    *,
+    quarantine: bool,
+    names: tuple[str, ...] = ("dev-1", "dev-2", "dev-3"),
+    url: str | None = None,
 ) -> Iterator[Fleet]:
-    for fleet in make_fleet(tmp_path):
+    """A fleet of ``AttestingDevice`` members (``names``) on SQLite, or on ``url``."""
+    for fleet in make_fleet(tmp_path, names, url=url):
         old = fleet.service
         fleet.service = DeliveryService(
             fleet.sessions,

@@ -58,6 +58,7 @@ from provisioning.service.store.fleet import (
 )
 from provisioning.service.store.inflight import (
     add_attest_operation,
+    attest_operation_nonces,
     claim_nudge,
     drop_held,
     end_job,
@@ -103,6 +104,7 @@ from provisioning.service.store.ledger import (
     finish_task,
     forget_challenges,
     issue_challenge,
+    load_challenges,
     load_guard,
     lock_guard,
     lock_guards,
@@ -154,6 +156,7 @@ __all__ = [
     "commit_at",
     "commit_ms",
     "consume_challenge",
+    "load_challenges",
     "drop_held",
     "end_job",
     "expired_attest_nonces",
@@ -216,6 +219,7 @@ __all__ = [
     "save_progress",
     "save_request",
     "set_operation_authz",
+    "attest_operation_nonces",
     "take_attest_operation",
     "take_held_commit",
     "take_held_welcome",

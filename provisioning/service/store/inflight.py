@@ -12,6 +12,7 @@ version), ``end_job``, ``take_slot``, ``take_held``, ``take_attest_operation``,
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -504,6 +505,20 @@ def expired_attest_nonces(session: Session, *, now: int) -> list[bytes]:
             select(AttestOperationRow.nonce).where(AttestOperationRow.deadline <= now)
         )
     ]
+
+
+def attest_operation_nonces(session: Session, nonces: Iterable[bytes]) -> set[bytes]:
+    """Which of ``nonces`` an operator's ``op.attest`` waits for (one query for a batch of
+    answers; ``take_attest_operation`` then takes each of those alone)."""
+    keys = sorted({nonce.hex() for nonce in nonces})
+    if not keys:
+        return set()
+    return {
+        bytes.fromhex(nonce)
+        for nonce in session.scalars(
+            select(AttestOperationRow.nonce).where(AttestOperationRow.nonce.in_(keys))
+        )
+    }
 
 
 def take_attest_operation(session: Session, nonce: bytes) -> AttestOperation | None:

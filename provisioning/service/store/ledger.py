@@ -350,9 +350,12 @@ def issue_challenge(
     return _challenge(row)
 
 
-def consume_challenge(session: Session, device_id: str, nonce: bytes, *, now: int) -> Challenge:
+def consume_challenge(
+    session: Session, device_id: str, nonce: bytes, *, now: int, flush: bool = True
+) -> Challenge:
     """The open challenge ``nonce`` answers, marked answered (in the caller's transaction).
-    Raises ``attest.nonce.unknown`` / ``.replayed`` / ``.expired`` like ``NonceBook.consume``."""
+    Raises ``attest.nonce.unknown`` / ``.replayed`` / ``.expired`` like ``NonceBook.consume``.
+    Without ``flush`` the caller flushes (a batch of answers: their rows in one statement)."""
     row = session.get(AttestChallengeRow, nonce.hex())
     if row is None or row.device_id != device_id:
         raise ProtocolError("attest.nonce.unknown", "no open challenge with this nonce")
@@ -366,8 +369,21 @@ def consume_challenge(session: Session, device_id: str, nonce: bytes, *, now: in
             f"challenge issued at {row.issued_at} expired at {row.expires_at}",
         )
     row.answered_at = now
-    session.flush()
+    if flush:
+        session.flush()
     return _challenge(row)
+
+
+def load_challenges(session: Session, nonces: Iterable[bytes]) -> list[AttestChallengeRow]:
+    """The challenge rows of ``nonces`` (those that exist) in one query, for the session's
+    identity map: ``consume_challenge`` then finds them without a query. The caller keeps the
+    returned list while it reads them (the identity map holds them only weakly)."""
+    keys = sorted({nonce.hex() for nonce in nonces})
+    if not keys:
+        return []
+    return list(
+        session.scalars(select(AttestChallengeRow).where(AttestChallengeRow.nonce.in_(keys)))
+    )
 
 
 def open_challenges(session: Session, device_id: str, *, now: int) -> int:

@@ -9,10 +9,11 @@ secret: manifests, digests, Authorizations and the signed bundle are public.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from provisioning.db.engine import RetryableConflict, rowcount
@@ -215,6 +216,34 @@ def record_device_release(session: Session, device_id: str, version: str | None,
     if rowcount(written) == 0:
         session.add(DeviceReleaseRow(device_id=device_id, version=version, attested_at=now))
         session.flush()
+
+
+def record_device_releases(session: Session, versions: Mapping[str, str | None], now: int) -> None:
+    """``record_device_release`` for several devices (a batch of answers): the existing rows
+    read and written in one statement each, the first rows inserted in one."""
+    ids = sorted(versions)
+    if not ids:
+        return
+    existing = set(
+        session.scalars(
+            select(DeviceReleaseRow.device_id).where(DeviceReleaseRow.device_id.in_(ids))
+        )
+    )
+    rewritten = [{"who": d, "version": versions[d], "at": now} for d in ids if d in existing]
+    if rewritten:
+        session.connection().execute(
+            update(DeviceReleaseRow)
+            .where(DeviceReleaseRow.device_id == bindparam("who"))
+            .values(version=bindparam("version"), attested_at=bindparam("at")),
+            rewritten,
+        )
+    new = [
+        {"device_id": d, "version": versions[d], "attested_at": now}
+        for d in ids
+        if d not in existing
+    ]
+    if new:
+        session.execute(insert(DeviceReleaseRow), new)
 
 
 def device_releases(session: Session) -> list[tuple[str, str | None, int]]:
