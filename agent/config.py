@@ -23,7 +23,6 @@ import pwd
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, cast
 
@@ -59,7 +58,7 @@ from agent.protocol.dataseal import GROUP_NAME
 from agent.protocol.errors import StateError
 from agent.protocol.lifecycle import AES_GCM_RANDOM_NONCE_LIMIT, RotationPolicy
 from agent.protocol.membership import Membership
-from agent.protocol.renewal import DEFAULT_FRACTION
+from agent.protocol.renewal import DEFAULT_FRACTION, Ratio
 from agent.tpm.blob import KeyBlob
 
 log = logging.getLogger("keyagent.config")
@@ -123,17 +122,14 @@ class RenewalConfig:
     renewal"); ``ca``: the CA(s) its server certificate chains to (absent: ``[broker] ca``)."""
 
     enabled: bool = True
-    fraction: Fraction = DEFAULT_FRACTION
+    fraction: Ratio = DEFAULT_FRACTION
     url: str | None = None
     ca: CertFile | None = None
 
 
-def _fraction(value: str) -> Fraction:
-    try:
-        fraction = Fraction(value)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError("not a fraction") from None
-    if not Fraction(1, 10) <= fraction <= Fraction(19, 20):
+def _fraction(value: str) -> Ratio:
+    fraction = Ratio.parse(value)  # ValueError("not a fraction")
+    if not fraction.within(Ratio(1, 10), Ratio(19, 20)):
         raise ValueError("outside 1/10 .. 19/20")
     return fraction
 

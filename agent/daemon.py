@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from agent import renewal_https
+from agent import heap, renewal_https
 from agent.appseal import sealed_generations
 from agent.config import AgentConfig, InstallConfig, load_config
 from agent.core import (
@@ -79,7 +79,7 @@ from agent.protocol.wire.messages.release import ReleaseInstall
 from agent.releasestate import HeldReleases
 from agent.renewal_https import RenewalClient
 from agent.sdnotify import Notifier
-from agent.selftest import run_builtin_selftests
+from agent.selftest import run_builtin_selftests_apart
 from agent.staterotation import (
     RotationBudget,
     StateKeeper,
@@ -478,9 +478,9 @@ class Daemon:
                 "group membership change (create, add, remove) until one is configured",
                 config.source,
             )
-        report = run_builtin_selftests()
-        if not report.ok:
-            raise KeyfleetError(f"self-test failed ({report.failed} checks): refusing to start")
+        ok, failed = run_builtin_selftests_apart()
+        if not ok:
+            raise KeyfleetError(f"self-test failed ({failed} checks): refusing to start")
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._store = store = TPMStore(config.tpm.tcti)
         devid = load_devid(store, config, self.allow_insecure)
@@ -773,6 +773,7 @@ class Daemon:
             self._shutdown()
             return 1
         assert self._mqtt is not None and self.core is not None
+        heap.release_free_pages()  # what the start-up left free
         self._notify(self.notifier.ready, self._status_line())
         log.info("keyagent %s ready", self.core.device_id)
         period = self.notifier.ping_period()
@@ -813,6 +814,8 @@ class Daemon:
                 message = mqtt.get(timeout=wait)
                 if message is not None:
                     self._on_message(message)
+                    if not mqtt.waiting():  # the end of a burst: what handling it left free
+                        heap.release_free_pages()
                 self._installs_ended()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + TICK_SECONDS

@@ -426,6 +426,10 @@ class MqttClient:
         except queue.Empty:
             return None
 
+    def waiting(self) -> int:
+        """How many received messages wait for ``get`` (approximately: paho's thread adds)."""
+        return self._inbox.qsize()
+
     def ack(self, message: ReceivedMessage) -> None:
         """Acknowledge a QoS 1 message (only with ``manual_ack=True``)."""
         if message.qos > 0:

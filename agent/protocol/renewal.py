@@ -22,8 +22,8 @@ import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from fractions import Fraction
-from typing import Final
+from math import gcd
+from typing import Final, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -35,20 +35,80 @@ from agent.protocol.credentials import CredentialVerifier
 from agent.protocol.errors import ProtocolError
 from agent.protocol.x509der import load_certificate
 
-DEFAULT_FRACTION: Final = Fraction(2, 3)
+
+class Ratio(NamedTuple):
+    """An exact fraction ``num / den`` of integers, in lowest terms with ``den > 0``. The agent
+    keeps ``fractions.Fraction`` (and the ``decimal`` module it imports, about 0.5 MB of the
+    agent's resident memory) out of its process: the renewal point needs only this."""
+
+    num: int
+    den: int
+
+    @classmethod
+    def of(cls, num: int, den: int) -> Ratio:
+        if den == 0:
+            raise ValueError("a fraction with a zero denominator")
+        if den < 0:
+            num, den = -num, -den
+        common = gcd(num, den)
+        return cls(num // common, den // common)
+
+    @classmethod
+    def parse(cls, text: str) -> Ratio:
+        """``"2/3"``, ``"3"`` or a decimal such as ``"0.75"``; ``ValueError`` for anything else."""
+        text = text.strip()
+        if "/" in text:
+            num, _, den = text.partition("/")
+            if not (_plain_int(num) and _plain_int(den)):
+                raise ValueError("not a fraction")
+            return cls.of(int(num), int(den))
+        whole, dot, part = text.partition(".")
+        if not (_plain_int(whole) or (dot and whole in ("", "-", "+"))) or (
+            dot and not part.isdecimal()
+        ):
+            raise ValueError("not a fraction")
+        digits = whole + part if dot else whole
+        return cls.of(int(digits), 10 ** len(part) if dot else 1)
+
+    def scale(self, value: int) -> int:
+        """``value * self``, rounded toward minus infinity."""
+        return value * self.num // self.den
+
+    def __str__(self) -> str:
+        return f"{self.num}/{self.den}"
+
+    def within(self, low: Ratio, high: Ratio) -> bool:
+        """``low <= self <= high``."""
+        above = low.num * self.den <= self.num * low.den
+        return above and self.num * high.den <= high.num * self.den
+
+    def strictly_within(self, low: Ratio, high: Ratio) -> bool:
+        """``low < self < high``."""
+        above = low.num * self.den < self.num * low.den
+        return above and self.num * high.den < high.num * self.den
+
+
+def _plain_int(text: str) -> bool:
+    digits = text[1:] if text[:1] in ("-", "+") else text
+    return digits.isdecimal() and digits.isascii()
+
+
+ZERO: Final = Ratio(0, 1)
+ONE: Final = Ratio(1, 1)
+DEFAULT_FRACTION: Final = Ratio(2, 3)
 FIRST_RETRY: Final = 30  # seconds before asking again when a request got no answer
 MAX_RETRY: Final = 3600
-JITTER: Final = Fraction(1, 4)  # each wait is drawn from [1 - JITTER, 1] of the nominal one
+JITTER: Final = Ratio(1, 4)  # each wait is drawn from [1 - JITTER, 1] of the nominal one
 TLS_PROOF_LABEL: Final = b"keyfleet/renew-tls\0"
 
 _POINT = (serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
 
 
-def renewal_point(not_before: int, not_after: int, fraction: Fraction = DEFAULT_FRACTION) -> int:
+def renewal_point(not_before: int, not_after: int, fraction: Ratio = DEFAULT_FRACTION) -> int:
     """When a certificate valid from ``not_before`` to ``not_after`` is renewed."""
-    if not 0 < fraction < 1:
+    if not fraction.strictly_within(ZERO, ONE):
         raise ValueError("the renewal fraction is between 0 and 1")
-    return not_before + int((not_after - not_before) * fraction)
+    return not_before + fraction.scale(not_after - not_before)
 
 
 def validity(der: bytes) -> tuple[int, int]:
@@ -64,8 +124,8 @@ class RenewalSchedule:
     together does not ask together. ``reconnected``: the device is back online, ask at once.
     ``renewed``: the new certificates were taken; waits start over."""
 
-    def __init__(self, fraction: Fraction = DEFAULT_FRACTION) -> None:
-        if not 0 < fraction < 1:
+    def __init__(self, fraction: Ratio = DEFAULT_FRACTION) -> None:
+        if not fraction.strictly_within(ZERO, ONE):
             raise ValueError("the renewal fraction is between 0 and 1")
         self.fraction = fraction
         self.attempts = 0
@@ -93,8 +153,10 @@ class RenewalSchedule:
         """Record a request sent at ``now``; ``rng``: 4 random bytes for the jitter. Returns when
         the next one may go."""
         nominal = min(MAX_RETRY, FIRST_RETRY << min(self.attempts, 16))
-        spread = Fraction(int.from_bytes(rng[:4], "big"), 1 << 32)
-        wait = max(1, int(nominal * (1 - JITTER * spread)))
+        # nominal * (1 - JITTER * spread), spread = the 4 bytes / 2**32 in [0, 1)
+        spread = int.from_bytes(rng[:4], "big")
+        den = JITTER.den << 32
+        wait = max(1, nominal * (den - JITTER.num * spread) // den)
         self.attempts += 1
         self.next_try = now + wait
         return self.next_try

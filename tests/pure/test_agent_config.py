@@ -8,7 +8,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from agent.configschema import ConfigProblems
 from agent.localapi.access import PeerCredentials
 from agent.protocol.errors import ConfigError
 from agent.protocol.lifecycle import RotationPolicy
+from agent.protocol.renewal import Ratio
 from agent.tpm.blob import KeyBlob
 from tests.fixtures.nobody import NobodyPython
 
@@ -466,9 +466,9 @@ def test_releases_install_command_is_an_argv_with_a_version_placeholder(tmp_path
 
 
 def test_renewal_fraction_defaults_to_two_thirds_and_is_bounded(tmp_path: Path) -> None:
-    assert load_config(_write(tmp_path, "")).renewal == RenewalConfig(True, Fraction(2, 3))
+    assert load_config(_write(tmp_path, "")).renewal == RenewalConfig(True, Ratio(2, 3))
     config = load_config(_write(tmp_path, '[renewal]\nfraction = "0.75"\nenabled = false\n'))
-    assert config.renewal == RenewalConfig(False, Fraction(3, 4))
+    assert config.renewal == RenewalConfig(False, Ratio(3, 4))
     for bad in ('"1"', '"0"', '"x"', "0.5"):
         problems = _problems(_write(tmp_path, f"[renewal]\nfraction = {bad}\n"))
         assert len(problems) == 1 and problems[0].startswith("renewal.fraction"), problems

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from fractions import Fraction
 
 import pytest
 from cryptography import x509
@@ -22,6 +21,7 @@ from agent.protocol.mls.messages import Commit
 from agent.protocol.renewal import (
     FIRST_RETRY,
     MAX_RETRY,
+    Ratio,
     RenewalSchedule,
     renewal_point,
     sign_tls_proof,
@@ -97,12 +97,32 @@ def key() -> ec.EllipticCurvePrivateKey:
 
 def test_renewal_point_is_the_fraction_of_the_lifetime() -> None:
     assert renewal_point(0, 3000) == 2000
-    assert renewal_point(100, 1100, Fraction(3, 4)) == 850
-    for bad in (Fraction(0), Fraction(1), Fraction(3, 2)):
+    assert renewal_point(100, 1100, Ratio(3, 4)) == 850
+    for bad in (Ratio(0, 1), Ratio(1, 1), Ratio(3, 2)):
         with pytest.raises(ValueError):
             renewal_point(0, 100, bad)
         with pytest.raises(ValueError):
             RenewalSchedule(bad)
+
+
+def test_ratio_parses_as_fractions_did_and_refuses_the_rest() -> None:
+    """The renewal fraction is an exact ratio of integers (``fractions.Fraction`` is not loaded
+    by the agent): the forms the configuration documents, in lowest terms, and nothing else."""
+    for text, ratio in (
+        ("2/3", Ratio(2, 3)),
+        (" 6/8 ", Ratio(3, 4)),
+        ("0.75", Ratio(3, 4)),
+        (".5", Ratio(1, 2)),
+        ("1", Ratio(1, 1)),
+        ("-1/-2", Ratio(1, 2)),
+        ("0.95", Ratio(19, 20)),
+    ):
+        assert Ratio.parse(text) == ratio, text
+    for bad in ("", "x", "1/0", "1/", "/2", "1.2.3", "0.7x", "1e-1", "\u0661/2", "0.", "2 / 3"):
+        with pytest.raises(ValueError):
+            Ratio.parse(bad)
+    assert Ratio(2, 3).scale(3001) == 2000 and Ratio(1, 2).within(Ratio(1, 2), Ratio(1, 1))
+    assert not Ratio(1, 2).strictly_within(Ratio(1, 2), Ratio(1, 1))
 
 
 def test_short_lifetimes_are_backdated_by_a_tenth_at_most() -> None:

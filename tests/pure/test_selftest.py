@@ -74,6 +74,50 @@ def test_builtin_selftest_passes_every_shipped_file() -> None:
     assert report.to_json()["ok"] is True
 
 
+def _apart(patch: str) -> tuple[str, str]:
+    """``run_builtin_selftests_apart()`` in a fresh interpreter (one thread: it forks), with
+    ``run_builtin_selftests`` replaced by ``patch``; its answer and whether the replacement ran
+    in this process or in the child."""
+    code = (
+        "import sys\nfrom agent import selftest\nran = []\n"
+        f"{patch}\n"
+        "answer = selftest.run_builtin_selftests_apart()\n"
+        "print(answer, 'here' if ran else 'apart')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    answer, _, where = done.stdout.strip().rpartition(" ")
+    return answer, where
+
+
+def test_the_daemons_self_test_runs_in_a_child_and_its_answer_comes_back() -> None:
+    assert _apart("") == ("(True, 0)", "apart")
+    failing = (
+        "real = selftest.run_builtin_selftests\n"
+        "def fake():\n    ran.append(1)\n    report = real()\n"
+        "    bad = dataclasses.replace(report.files[0], failed=3, failures=('x',) * 3)\n"
+        "    return dataclasses.replace(report, files=(bad, *report.files[1:]))\n"
+        "import dataclasses\nselftest.run_builtin_selftests = fake"
+    )
+    assert _apart(failing) == ("(False, 3)", "apart")
+    # a child that dies before it answers is a failed self-test, not a pass
+    dying = "import os\nselftest.run_builtin_selftests = lambda: os.kill(os.getpid(), 9)"
+    assert _apart(dying) == ("(False, 0)", "apart")
+    raising = "def boom():\n    raise MemoryError\nselftest.run_builtin_selftests = boom"
+    assert _apart(raising) == ("(False, 0)", "apart")
+
+
+def test_the_self_test_runs_in_process_beside_other_threads() -> None:
+    patch = (
+        "import threading\nthreading.Thread(target=__import__('time').sleep, args=(5,), "
+        "daemon=True).start()\nreal = selftest.run_builtin_selftests\n"
+        "def counted():\n    ran.append(1)\n    return real()\n"
+        "selftest.run_builtin_selftests = counted"
+    )
+    assert _apart(patch) == ("(True, 0)", "here")
+
+
 def test_cli_runs_the_shipped_vectors() -> None:
     result = _keyagent("selftest", "--vectors", *VECTOR_FILES)
     assert result.returncode == 0, result.stdout + result.stderr
