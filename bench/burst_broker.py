@@ -33,14 +33,18 @@ of one connection seen from the device.
 
 Environment: ``BURST_TLS_SAMPLES`` (default 300) devices for that measurement;
 ``BURST_BROKER_CONF`` further Mosquitto configuration lines (``\\n`` between them), e.g.
-``max_inflight_messages 200`` to let the broker hand the service bigger batches.
+``max_inflight_messages 200`` to let the broker hand the service bigger batches;
+``BURST_PROFILE`` a file for ``keyfleet serve``'s cProfile statistics (written when it stops).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import signal
 import sqlite3
+import subprocess
 import tempfile
 import threading
 import time
@@ -80,6 +84,17 @@ TIMEOUT_S = 3_600.0
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu_s(pid: int) -> dict[int, float]:
+    """Each thread's CPU seconds (its /proc task stat), by thread id (the main thread's is
+    ``pid``)."""
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def _taken(path: Path) -> int:
@@ -189,6 +204,27 @@ def publish(site: Deployment, signer: Signer, n: int, db_path: Path) -> dict[str
         "bench": time.process_time(),
     }
     threads = [threading.Thread(target=sender, args=(c,), daemon=True) for c in range(CONNECTIONS)]
+    per_thread = _thread_cpu_s(server_pid)
+    spy = None
+    if os.environ.get("BURST_PYSPY"):  # "<py-spy executable> <output file>"
+        command, output = os.environ["BURST_PYSPY"].split()
+        spy = subprocess.Popen(
+            [
+                command,
+                "record",
+                "--pid",
+                str(server_pid),
+                "--threads",
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "--output",
+                output,
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
     begin = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -211,7 +247,16 @@ def publish(site: Deployment, signer: Signer, n: int, db_path: Path) -> dict[str
             progress(f"  {taken} of {n} taken after {now - begin:.0f} s, load {os.getloadavg()}")
         time.sleep(POLL_S)
     spent = time.perf_counter() - begin
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
+    threads_used = _thread_cpu_s(server_pid)
+    main_thread = threads_used.get(server_pid, 0.0) - per_thread.get(server_pid, 0.0)
     used = {
+        "service_main_thread": main_thread,
+        "service_other_threads": sum(threads_used.values())
+        - sum(per_thread.values())
+        - main_thread,
         "service": _cpu_s(server_pid) - cpu["service"],
         "broker": _cpu_s(site.broker.pid) - cpu["broker"],
         "bench": time.process_time() - cpu["bench"],
@@ -235,6 +280,7 @@ def burst_broker(n: int) -> dict[str, Any]:
             acl_extra=ACL_EXTRA,
             tcp_nodelay=True,
             broker_conf=os.environ.get("BURST_BROKER_CONF", "").replace("\\n", "\n"),
+            profile=Path(os.environ["BURST_PROFILE"]) if os.environ.get("BURST_PROFILE") else None,
         ) as site,
     ):
         assert site.db_url.startswith("sqlite:///")
@@ -271,6 +317,12 @@ def burst_broker(n: int) -> dict[str, Any]:
         "ms_per_report": round(spent * 1000 / n, 3),
         "extrapolated_100k_s": round(spent * 100_000 / n, 1),
         "service_cpu_ms_per_report": round(figures["service_cpu_ms_per_report"], 3),
+        "service_main_thread_cpu_ms_per_report": round(
+            figures["service_main_thread_cpu_ms_per_report"], 3
+        ),
+        "service_other_threads_cpu_ms_per_report": round(
+            figures["service_other_threads_cpu_ms_per_report"], 3
+        ),
         "broker_cpu_ms_per_report": round(figures["broker_cpu_ms_per_report"], 3),
         "bench_cpu_ms_per_report": round(figures["bench_cpu_ms_per_report"], 3),
         "device_tls": tls,
