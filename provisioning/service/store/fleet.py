@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
+from provisioning.db.engine import table_of
 from provisioning.db.runtime import OperatorKey, ReplayState, RevocationFeedSeen, TaskLease
 from provisioning.db.schema import Ack as AckRow
 from provisioning.db.schema import (
@@ -209,7 +210,7 @@ class FirstKeys:
         transition_ids = _new_ids(session, KeyTransition, len(transitions))
         connection = session.connection()
         connection.execute(
-            insert(DeviceKey),
+            insert(table_of(DeviceKey)),
             [
                 {
                     "id": key_id,
@@ -223,7 +224,7 @@ class FirstKeys:
             ],
         )
         connection.execute(
-            insert(KeyTransition),
+            insert(table_of(KeyTransition)),
             [
                 {
                     "id": id_,
