@@ -78,13 +78,14 @@ def deployment(
     acl_extra: str = "",
     metrics: bool = False,
     broker_conf: str = "",
+    service_conf: str = "",
 ) -> Iterator[Deployment]:
     """Start broker and service in ``workdir``; stop both on exit. ``db_url``: another
     database than the SQLite file in ``workdir`` (e.g. PostgreSQL, bench_scaleout).
     ``device_ca``: the fleet's device CA (default: a new one); ``acl_extra``: lines appended to
     the product ACL (a bench client's rights); ``metrics``: the service serves its metrics
     (``Deployment.metrics_port``); ``broker_conf``: lines appended to Mosquitto's
-    configuration."""
+    configuration; ``service_conf``: lines added to the service's ``[service]`` table."""
     workdir.mkdir(parents=True, exist_ok=True)
     broker_pki = BrokerPKI(workdir / "broker-pki")
     brokers: list[MosquittoBroker] = []
@@ -111,7 +112,7 @@ def deployment(
             instances=(INSTANCE,),
             operator=(OPERATOR, "admin"),
             groups=f"ack_timeout_seconds = {ack_timeout}\ncommit_log_retention_epochs = 64\n",
-            service=f"commit_request_timeout_seconds = {commit_request_timeout}\n",
+            service=f"commit_request_timeout_seconds = {commit_request_timeout}\n{service_conf}",
             device_prefix="dev-sim-",
             fleet_directory="fleet",
             start_timeout=SERVE_START_TIMEOUT,

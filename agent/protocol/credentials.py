@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 from cryptography.x509.verification import (
+    ClientVerifier,
     Criticality,
     ExtensionPolicy,
     Policy,
@@ -212,6 +213,14 @@ class CredentialVerifier:
         self._memo: OrderedDict[bytes, _Memo] = OrderedDict()
         self._memo_size = memo_size
         self.memo_hits = 0
+        # the anchors' ends by certificate (not by its DER, encoded again per leaf), and the
+        # last path validator built (for one ``now``: a batch's leaves share it)
+        self._anchor_ends = {
+            a: self._ends[a.public_bytes(serialization.Encoding.DER)]
+            for a in anchors
+            if a.public_bytes(serialization.Encoding.DER) in self._ends
+        }
+        self._built: tuple[int, ClientVerifier] | None = None
 
     def __repr__(self) -> str:
         return f"CredentialVerifier({len(self._memo)} remembered)"
@@ -233,26 +242,32 @@ class CredentialVerifier:
             self._memo.popitem(last=False)
         return entry.device
 
+    def _verifier_at(self, now: int) -> ClientVerifier:
+        """The path validator at ``now`` (the same store, depth and policies at every time)."""
+        if self._built is None or self._built[0] != now:
+            verifier = (
+                PolicyBuilder()
+                .store(self._store)
+                .time(datetime.fromtimestamp(now, UTC))
+                .max_chain_depth(_MAX_CHAIN_DEPTH)
+                .extension_policies(
+                    ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_ee_policy()
+                )
+                .build_client_verifier()
+            )
+            self._built = (now, verifier)
+        return self._built[1]
+
     def _verify_uncached(self, cert_der: bytes, now: int) -> _Memo:
         try:
             cert = load_certificate(cert_der)
         except (ValueError, x509.InvalidVersion):  # a version field outside 1..3 raises the latter
             raise ProtocolError("cred.decode", "the DevID certificate does not decode") from None
-        verifier = (
-            PolicyBuilder()
-            .store(self._store)
-            .time(datetime.fromtimestamp(now, UTC))
-            .max_chain_depth(_MAX_CHAIN_DEPTH)
-            .extension_policies(
-                ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_ee_policy()
-            )
-            .build_client_verifier()
-        )
         try:
-            verified = verifier.verify(cert, self._intermediates)
+            verified = self._verifier_at(now).verify(cert, self._intermediates)
         except VerificationError as exc:
             raise ProtocolError("cred.chain", f"DevID certificate path: {exc}") from None
-        end = self._ends.get(verified.chain[-1].public_bytes(serialization.Encoding.DER))
+        end = self._anchor_ends.get(verified.chain[-1])  # a path ends at one of the anchors
         if end is not None and now > end:
             raise ProtocolError(
                 "cred.chain", f"DevID certificate path: its device CA is accepted only until {end}"

@@ -35,6 +35,7 @@ from provisioning.registry.repository import (
     key_state_items,
     new_state_token,
     pem_fingerprint,
+    plan_key_states,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "Outcome",
     "PendingChange",
     "Registry",
+    "plan_key_states",
     "RetryableConflict",
     "Role",
     "StationRecord",

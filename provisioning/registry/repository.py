@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
@@ -296,6 +296,41 @@ def _record(cls: type[R], row: object) -> R:
 # ---- the repository --------------------------------------------------------------------------
 
 
+def plan_key_states(
+    device_id: str,
+    key_states: Iterable[KeyStateReport],
+    *,
+    current: Mapping[str, tuple[KeyState, int]],
+    recorded: Callable[[str, KeyState, int], bool],
+) -> tuple[list[tuple[KeyStateReport, KeyState | None]], dict[str, str]]:
+    """What ``Registry.record_report`` applies for a report's transitions, checked whole before
+    anything changes: the transitions not recorded yet, each with the state it leaves (None:
+    a new key), and the kind reported per key name. ``current``: each known key's (state,
+    changed_at); ``recorded(name, state, at)``: that transition is recorded already (skipped).
+    Refuses ``registry.key.name`` and ``registry.key.transition`` (NIST SP 800-57)."""
+    planned: list[tuple[KeyStateReport, KeyState | None]] = []
+    simulated = dict(current)
+    kinds: dict[str, str] = {}
+    for item in key_states:
+        _check_key_name(item.key_name)
+        if item.kind is not None:
+            kinds[item.key_name] = item.kind
+        if recorded(item.key_name, item.state, item.at):
+            continue
+        before = simulated.get(item.key_name)
+        if before is not None:
+            state, changed_at = before
+            if item.at < changed_at or item.state not in KEY_TRANSITIONS[state]:
+                raise ProtocolError(
+                    "registry.key.transition",
+                    f"device {device_id!r} key {item.key_name!r}: {state} at {changed_at} "
+                    f"cannot become {item.state} at {item.at} (NIST SP 800-57 transitions)",
+                )
+        planned.append((item, None if before is None else before[0]))
+        simulated[item.key_name] = (item.state, item.at)
+    return planned, kinds
+
+
 class Registry:
     """The fleet registry inside one transaction of ``session``."""
 
@@ -450,31 +485,16 @@ class Registry:
         keys = {key.key_name: key for key in row.keys}
         # Check the whole report before changing anything, so that a refused report leaves no
         # partial change behind even if the caller goes on to audit the refusal in this session.
-        planned: list[tuple[KeyStateReport, KeyState | None]] = []
-        simulated: dict[str, tuple[KeyState, int]] = {
-            name: (key.state, key.changed_at) for name, key in keys.items()
-        }
-        kinds: dict[str, str] = {}
-        for item in key_states:
-            _check_key_name(item.key_name)
-            if item.kind is not None:
-                kinds[item.key_name] = item.kind
-            known = keys.get(item.key_name)
-            if known is not None and any(
-                t.to_state == item.state and t.at == item.at for t in known.transitions
-            ):
-                continue
-            before = simulated.get(item.key_name)
-            if before is not None:
-                state, changed_at = before
-                if item.at < changed_at or item.state not in KEY_TRANSITIONS[state]:
-                    raise ProtocolError(
-                        "registry.key.transition",
-                        f"device {device_id!r} key {item.key_name!r}: {state} at {changed_at} "
-                        f"cannot become {item.state} at {item.at} (NIST SP 800-57 transitions)",
-                    )
-            planned.append((item, None if before is None else before[0]))
-            simulated[item.key_name] = (item.state, item.at)
+        planned, kinds = plan_key_states(
+            device_id,
+            key_states,
+            current={name: (key.state, key.changed_at) for name, key in keys.items()},
+            recorded=lambda name, state, at: (
+                any(t.to_state == state and t.at == at for t in keys[name].transitions)
+                if name in keys
+                else False
+            ),
+        )
         for item, from_state in planned:
             key = keys.get(item.key_name)
             if key is None:

@@ -141,6 +141,7 @@ class StoredDevices:
         self.cas = (device_ca, *others)
         self._ends = dict(ends or {})
         self._verifier = CredentialVerifier(self.cas, ends=ends, memo_size=memo_size)
+        self._windows: dict[x509.Name, tuple[int, int]] = {}
         # (device, SHA-256 of the certificate PEM, of the AK when it was checked too) -> the
         # checked result; the compact memo holds the DevID key as its encoded point
         self._memo: OrderedDict[_MemoKey, StoredDevice] = OrderedDict()
@@ -225,19 +226,31 @@ class StoredDevices:
                 ak_key = None
         public_key = cert.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)  # the verifier checked P-256
-        issuers = [c for c in self.cas if c.subject == cert.issuer] or list(self.cas)
         # a remembered result lasts while the certificate, its CA and the CA's acceptance do
-        ends = [self._ends.get(c.public_bytes(Encoding.DER)) for c in issuers]
-        starts = [cert.not_valid_before_utc, *(c.not_valid_before_utc for c in issuers)]
-        stops = [cert.not_valid_after_utc, *(c.not_valid_after_utc for c in issuers)]
-        verified_window = (
-            int(max(starts).timestamp()),
-            min([int(min(stops).timestamp()), *(e for e in ends if e is not None)]),
-        )
+        start, stop = self._issuer_window(cert.issuer)
         return StoredDevice(
             device_id=name,
             devid_key=public_key,
-            not_before=verified_window[0],
-            not_after=verified_window[1],
+            not_before=max(int(cert.not_valid_before_utc.timestamp()), start),
+            not_after=min(int(cert.not_valid_after_utc.timestamp()), stop),
             ak_key=ak_key,
         )
+
+    def _issuer_window(self, issuer: x509.Name) -> tuple[int, int]:
+        """When the device CA(s) named ``issuer`` (all of them if none is) are valid and
+        accepted: computed once per issuer name (the CAs do not change in this object)."""
+        window = self._windows.get(issuer)
+        if window is None:
+            issuers = [c for c in self.cas if c.subject == issuer] or list(self.cas)
+            ends = [self._ends.get(c.public_bytes(Encoding.DER)) for c in issuers]
+            window = (
+                max(int(c.not_valid_before_utc.timestamp()) for c in issuers),
+                min(
+                    [
+                        *(int(c.not_valid_after_utc.timestamp()) for c in issuers),
+                        *(e for e in ends if e is not None),
+                    ]
+                ),
+            )
+            self._windows[issuer] = window
+        return window

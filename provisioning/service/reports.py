@@ -75,8 +75,16 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         unknown = {r.sender for r in batch if r.sender not in known}
         unknown |= {r.sender for r in batch if not known[r.sender].knows(_items(r))}
         steady = set(known) - unknown
-        held += store.load_report_senders(session, [s for s in senders if s not in steady])
-        held += store.load_feed_seen(session, sorted(steady))
+        # Devices without any key row (their first report) get theirs as plain rows, in one
+        # Core insert per table (``store.FirstKeys``), and their device rows written as the
+        # steady senders' are: no ORM objects for them either.
+        fresh = store.keyless(
+            session, sorted(s for s in unknown if s in known and not known[s].keys)
+        )
+        first_keys = store.FirstKeys()
+        plain = steady | fresh
+        held += store.load_report_senders(session, [s for s in senders if s not in plain])
+        held += store.load_feed_seen(session, sorted(plain))
         facts = devices.BatchFacts.read(session, senders)
         online_since = now - cx.env.settings.online_window
         written: dict[str, dict[str, object]] = {}
@@ -104,6 +112,8 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
                 refused.append((report, err))
                 continue
             try:
+                if sender in fresh:
+                    first_keys.record(sender, _items(report), now=now)
                 effects = devices.on_key_states(
                     cx,
                     session,
@@ -112,11 +122,11 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
                     report.message,
                     now=now,
                     facts=facts,
-                    recorded=sender in steady,
+                    recorded=sender in plain,
                 )
             except ProtocolError as err:
                 raise _Abort(f"{sender}: [{err.check}]") from None
-            if row is not None and sender in steady:
+            if row is not None and sender in plain:
                 back = row.last_seen is None or row.last_seen < online_since
                 written[sender] = {
                     "device": sender,
@@ -128,6 +138,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
             guards[sender] = trial
             taken.append((report, effects))
         store.drop_claims(session, set(new) - set(guards))
+        first_keys.insert(session)
         store.number_new_key_rows(session)
         store.write_reports(session, [written[s] for s in sorted(written)])
         store.save_guards(session, guards, now=now, stored=stored)

@@ -304,6 +304,32 @@ def test_memo_hits_and_still_checks_time(ca: pki.CertificateAuthority) -> None:
     assert verifier.memo_hits == 2
 
 
+def test_the_validator_kept_for_one_time_still_refuses_foreign_and_ended_chains(
+    ca: pki.CertificateAuthority,
+) -> None:
+    """The verifier keeps its path validator for one ``now`` and each anchor's end by its
+    certificate: leaves checked one after the other at the same second (a batch of first
+    reports) are each validated. A leaf of a CA that only copies the device CA's name, or of
+    an unknown CA, is refused (``cred.chain``) right after a good one; a leaf of a CA accepted
+    until a time is refused after it, though a leaf of it passed just before."""
+    old = pki.create_ca("retiring device CA", now=T0, valid_for=timedelta(days=365))
+    until = NOW + 10
+    verifier = CredentialVerifier(
+        [ca.certificate, old.certificate],
+        ends={old.certificate.public_bytes(serialization.Encoding.DER): until},
+    )
+    impostor = pki.create_ca("keyfleet device CA", now=T0, valid_for=timedelta(days=365))
+    stranger = pki.create_ca("unknown CA", now=T0, valid_for=timedelta(days=365))
+    assert verifier.verify(devid(ca)[1], NOW).device_id == "dev-0001"
+    assert check_of(verifier.verify, devid(impostor, "dev-0002")[1], NOW) == "cred.chain"
+    assert check_of(verifier.verify, devid(stranger, "dev-0003")[1], NOW) == "cred.chain"
+    assert verifier.verify(devid(old, "dev-0004")[1], until).device_id == "dev-0004"
+    late = devid(old, "dev-0005")[1]
+    assert check_of(verifier.verify, late, until + 1) == "cred.chain"
+    assert verifier.verify(devid(ca, "dev-0006")[1], until + 1).device_id == "dev-0006"
+    assert check_of(verifier.verify, late, until + 1) == "cred.chain"
+
+
 # -- verify_tpm_residency (proofs by the simulated software AK) -------------------------------
 
 

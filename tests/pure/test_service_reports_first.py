@@ -131,6 +131,34 @@ def test_a_refused_first_report_in_a_batch_leaves_no_replay_row(
             assert Registry(s).key_states(BATCHED[1]) == []
 
 
+def test_a_first_report_with_a_bad_key_name_in_a_batch_is_refused_and_changes_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A device's first report with a key name the registry refuses (its key rows made as plain
+    rows, ``store.FirstKeys``) is refused by ``registry.key.name`` like one taken alone:
+    no key row, no replay row, no report kept; the others of the batch are taken with the rows
+    one by one would make."""
+    for fleet in make_fleet(tmp_path, (*BATCHED, *SINGLE), url=database_url):
+        fleet.service.handle_many([fleet.devices[SINGLE[0]].report(report(), fleet.now)], fleet.now)
+        history = ((KeyState.PRE_ACTIVATION, T0 - 10),)
+        bad = KeyStateReport((*report().keys, KeyRecord("not a name", KeyKind.AK, history)), feed=0)
+        batch = [
+            fleet.devices[name].report(bad if name == BATCHED[1] else report(), fleet.now)
+            for name in BATCHED
+        ]
+        fleet.service.handle_many(batch, fleet.now)
+        assert fleet.service.rejections.count("registry.key.name") == 1
+        assert fleet.service.metrics.reports.value("keys.report") == len(BATCHED)
+        with fleet.sessions() as s:
+            assert s.get(ReplayState, BATCHED[1]) is None
+            assert Registry(s).key_states(BATCHED[1]) == []
+            row = s.get(Device, BATCHED[1])
+            assert row is not None and row.last_report is None and row.last_seen is None
+        for name in BATCHED:
+            if name != BATCHED[1]:
+                assert rows_of(fleet, name) == rows_of(fleet, SINGLE[0])
+
+
 def test_two_first_reports_of_one_device_in_a_batch_are_both_taken(
     tmp_path: Path, database_url: str
 ) -> None:

@@ -35,11 +35,13 @@ from provisioning.service.store.checkpoints import (
     store_checkpoint,
 )
 from provisioning.service.store.fleet import (
+    FirstKeys,
     acked_at,
     acks_recorded,
     commit_at,
     commit_ms,
     device_state,
+    keyless,
     known_epoch,
     known_epochs,
     last_commit_at,
@@ -135,6 +137,8 @@ __all__ = [
     "load_feed_seen",
     "reported_devices",
     "write_reports",
+    "FirstKeys",
+    "keyless",
     "all_checkpoints",
     "checkpoint_at",
     "checkpoint_row",

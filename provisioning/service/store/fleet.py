@@ -8,9 +8,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
+from provisioning.db.engine import table_of
 from provisioning.db.runtime import OperatorKey, ReplayState, RevocationFeedSeen, TaskLease
 from provisioning.db.schema import Ack as AckRow
 from provisioning.db.schema import (
@@ -22,7 +23,7 @@ from provisioning.db.schema import (
     GroupMember,
     KeyTransition,
 )
-from provisioning.registry import KeyState, KeyStateReport
+from provisioning.registry import KeyState, KeyStateReport, plan_key_states
 from provisioning.service.store import ledger, revocations
 
 
@@ -121,22 +122,124 @@ def _number_new_key_rows(session: Session) -> None:
         rows = [row for row in pending if isinstance(row, model) and row.id is None]
         if not rows:
             continue
-        table = model.__tablename__
-        if session.get_bind().dialect.name == "sqlite":
-            first = (session.scalar(select(func.max(model.id))) or 0) + 1
-            ids = list(range(first, first + len(rows)))
-        else:
-            ids = list(
-                session.scalars(
-                    text(
-                        "SELECT nextval(pg_get_serial_sequence(:t, 'id'))"
-                        " FROM generate_series(1, :n)"
-                    ),
-                    {"t": table, "n": len(rows)},
-                )
-            )
-        for row, id_ in zip(rows, ids, strict=True):
+        for row, id_ in zip(rows, _new_ids(session, model, len(rows)), strict=True):
             row.id = id_
+
+
+def _new_ids(session: Session, model: type[DeviceKey] | type[KeyTransition], n: int) -> list[int]:
+    """``n`` ids for new rows of ``model`` (``number_new_key_rows`` says where from)."""
+    if session.get_bind().dialect.name == "sqlite":
+        first = (session.scalar(select(func.max(model.id))) or 0) + 1
+        return list(range(first, first + n))
+    return list(
+        session.scalars(
+            text("SELECT nextval(pg_get_serial_sequence(:t, 'id')) FROM generate_series(1, :n)"),
+            {"t": model.__tablename__, "n": n},
+        )
+    )
+
+
+def keyless(session: Session, devices: Sequence[str]) -> set[str]:
+    """Those of ``devices`` that have no key row at all (one query): a device's first report
+    makes all of its key rows (``FirstKeys``)."""
+    if not devices:
+        return set()
+    with_keys = session.scalars(
+        select(DeviceKey.device_id).where(DeviceKey.device_id.in_(devices)).distinct()
+    )
+    return set(devices) - set(with_keys)
+
+
+@dataclass
+class _NewKey:
+    kind: str | None
+    state: KeyState
+    changed_at: int
+    transitions: list[tuple[KeyState | None, KeyState, int, int]]  # from, to, at, recorded_at
+
+
+class FirstKeys:
+    """The key and transition rows of devices that have none yet (their first reports: a burst
+    after a fleet-wide reconnect), made as ``Registry.record_report`` makes them, same checks
+    (``plan_key_states``) and same rows, but as plain values inserted in one Core statement per
+    table (``insert``) instead of ORM objects. The caller holds the devices' replay rows under
+    lock (every report's key rows are written under it) and writes their device rows with
+    ``write_reports``; their ORM rows must not be in the session."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, dict[str, _NewKey]] = {}
+
+    def record(self, device_id: str, key_states: Sequence[KeyStateReport], *, now: int) -> None:
+        """A report's transitions (several reports of one device: in their order); refuses as
+        ``Registry.record_report`` does, changing nothing then."""
+        keys = self._keys.setdefault(device_id, {})
+        planned, kinds = plan_key_states(
+            device_id,
+            key_states,
+            current={name: (key.state, key.changed_at) for name, key in keys.items()},
+            recorded=lambda name, state, at: (
+                name in keys and any(t[1] == state and t[2] == at for t in keys[name].transitions)
+            ),
+        )
+        for item, from_state in planned:
+            key = keys.get(item.key_name)
+            if key is None:
+                key = keys[item.key_name] = _NewKey(item.kind, item.state, item.at, [])
+            key.transitions.append((from_state, item.state, item.at, now))
+            key.state = item.state
+            key.changed_at = item.at
+        for name, kind in kinds.items():
+            if name in keys:
+                keys[name].kind = kind
+
+    def insert(self, session: Session) -> None:
+        """The rows recorded, numbered in device, then report order (``number_new_key_rows``)."""
+        keys = [
+            (device_id, name, key)
+            for device_id in sorted(self._keys)
+            for name, key in self._keys[device_id].items()
+        ]
+        if not keys:
+            return
+        key_ids = _new_ids(session, DeviceKey, len(keys))
+        transitions = [
+            (key_id, step)
+            for key_id, (_, _, key) in zip(key_ids, keys, strict=True)
+            for step in key.transitions
+        ]
+        transition_ids = _new_ids(session, KeyTransition, len(transitions))
+        connection = session.connection()
+        connection.execute(
+            insert(table_of(DeviceKey)),
+            [
+                {
+                    "id": key_id,
+                    "device_id": device_id,
+                    "key_name": name,
+                    "kind": key.kind,
+                    "state": key.state,
+                    "changed_at": key.changed_at,
+                }
+                for key_id, (device_id, name, key) in zip(key_ids, keys, strict=True)
+            ],
+        )
+        connection.execute(
+            insert(table_of(KeyTransition)),
+            [
+                {
+                    "id": id_,
+                    "device_key_id": key_id,
+                    "from_state": from_state,
+                    "to_state": to_state,
+                    "at": at,
+                    "recorded_at": recorded_at,
+                }
+                for id_, (key_id, (from_state, to_state, at, recorded_at)) in zip(
+                    transition_ids, transitions, strict=True
+                )
+            ],
+        )
+        self._keys.clear()
 
 
 @dataclass(frozen=True)

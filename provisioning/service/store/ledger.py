@@ -51,7 +51,7 @@ from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.wire.envelope import DEFAULT_MAX_FUTURE
 from agent.protocol.wire.replay import DEFAULT_CAPACITY, ReplayGuard
 from provisioning.attestation import Challenge
-from provisioning.db.engine import RetryableConflict, rowcount
+from provisioning.db.engine import RetryableConflict, rowcount, table_of
 from provisioning.db.runtime import (
     AttestChallengeRow,
     AttestScheduleRow,
@@ -252,10 +252,10 @@ def claim_guards(session: Session, senders: Iterable[str], *, now: int) -> dict[
     data = ReplayGuard(REPLAY_WINDOW).to_bytes()
     dialect = session.get_bind().dialect.name
     upsert = sqlite_insert if dialect == "sqlite" else postgresql_insert
-    session.execute(
-        upsert(ReplayState)
-        .values([{"sender": s, "state": data, "updated_at": now} for s in ordered])
-        .on_conflict_do_nothing(index_elements=[ReplayState.sender])
+    # one statement run for every row (its compiled form cached, whatever the batch's size)
+    session.connection().execute(
+        upsert(table_of(ReplayState)).on_conflict_do_nothing(index_elements=["sender"]),
+        [{"sender": s, "state": data, "updated_at": now} for s in ordered],
     )
     return lock_guards(session, ordered)
 
