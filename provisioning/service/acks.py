@@ -87,8 +87,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         # Loaded once for the batch (the session's identity map then answers the per-ack
         # reads without a query); ``held`` keeps them there.
         stored = store.lock_guards(session, senders)
-        held: list[object] = []
-        held += store.load_ack_senders(
+        states, held = store.load_ack_senders(
             session, senders, (m.body.group_id for m in batch if isinstance(m.body, AckBody))
         )
         bodies = [m.body for m in batch if isinstance(m.body, AckBody)]
@@ -116,7 +115,10 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                 trial.accept(message.message)
                 # the registry judges epochs (see verify.accept_and)
                 trial.forget_group(body.group_id)
-                if registry.device(sender).state is DeviceState.QUARANTINED:
+                state = states.get(sender)
+                if state is None:
+                    raise ProtocolError("registry.device.unknown", f"no device {sender!r}")
+                if state is DeviceState.QUARANTINED:
                     raise ProtocolError(
                         "ds.device.quarantined",
                         f"device {sender!r} is quarantined: only attestation reports are taken",

@@ -113,6 +113,7 @@ class StoredDevice:
     devid_key: ec.EllipticCurvePublicKey
     not_before: int
     not_after: int
+    kid: bytes  # the DevID key's COSE key id (``cose.key_id``), computed once
 
 
 class StoredDevices:
@@ -139,7 +140,7 @@ class StoredDevices:
         # checked result; the compact memo holds the DevID key as its encoded point
         self._memo: OrderedDict[_MemoKey, StoredDevice] = OrderedDict()
         self._memo_size = memo_size
-        self._compact: OrderedDict[_MemoKey, tuple[bytes, int, int]] = OrderedDict()
+        self._compact: OrderedDict[_MemoKey, tuple[bytes, int, int, bytes]] = OrderedDict()
         self._compact_size = max(compact_size, memo_size)
         self.validations = 0
 
@@ -150,10 +151,28 @@ class StoredDevices:
         """``device``'s DevID key, once its stored certificate passes, and with ``with_ak`` its
         stored AK too (where the AK is used: attestation). Raises
         ``ProtocolError("cred.stored")``."""
-        ak = device.ak_public if with_ak else None
-        key = (
+        return self.check_stored(
             device.device_id,
-            hashlib.sha256(device.devid_cert_pem.encode()).digest(),
+            device.devid_cert_pem,
+            now,
+            ak_public=device.ak_public if with_ak else None,
+            with_ak=with_ak,
+        )
+
+    def check_stored(
+        self,
+        device_id: str,
+        devid_cert_pem: str,
+        now: int,
+        *,
+        ak_public: bytes | None = None,
+        with_ak: bool = False,
+    ) -> StoredDevice:
+        """``check`` of the stored columns themselves (a device read as plain columns)."""
+        ak = ak_public if with_ak else None
+        key = (
+            device_id,
+            hashlib.sha256(devid_cert_pem.encode()).digest(),
             None if ak is None else hashlib.sha256(ak).digest(),
         )
         memo = self._memo.get(key)
@@ -163,17 +182,18 @@ class StoredDevices:
         compact = self._compact.get(key)
         if compact is not None and compact[1] <= now <= compact[2]:
             self._compact.move_to_end(key)
-            point, not_before, not_after = compact
+            point, not_before, not_after, kid = compact
             checked = StoredDevice(
-                device_id=device.device_id,
+                device_id=device_id,
                 devid_key=ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point),
                 not_before=not_before,
                 not_after=not_after,
+                kid=kid,
             )
         else:
-            checked = self._check(device, now, with_ak=with_ak)
+            checked = self._check(device_id, devid_cert_pem, ak, now, with_ak=with_ak)
             point = checked.devid_key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-            self._compact[key] = (point, checked.not_before, checked.not_after)
+            self._compact[key] = (point, checked.not_before, checked.not_after, checked.kid)
             self._compact.move_to_end(key)
             while len(self._compact) > self._compact_size:
                 self._compact.popitem(last=False)
@@ -183,11 +203,12 @@ class StoredDevices:
             self._memo.popitem(last=False)
         return checked
 
-    def _check(self, device: DeviceRecord, now: int, *, with_ak: bool) -> StoredDevice:
+    def _check(
+        self, name: str, devid_cert_pem: str, ak_public: bytes | None, now: int, *, with_ak: bool
+    ) -> StoredDevice:
         self.validations += 1
-        name = device.device_id
         try:
-            cert = pki.cert_from_pem(device.devid_cert_pem.encode())
+            cert = pki.cert_from_pem(devid_cert_pem.encode())
             verified = self._verifier.verify(cert.public_bytes(Encoding.DER), now)
         except ProtocolError as err:
             raise ProtocolError(
@@ -199,9 +220,9 @@ class StoredDevices:
                 "cred.stored",
                 f"the stored DevID certificate of {name!r} names {verified.device_id!r}",
             )
-        if with_ak and device.ak_public is not None:
+        if with_ak and ak_public is not None:
             try:
-                stored_ak = tpm_name(device.ak_public)
+                stored_ak = tpm_name(ak_public)
             except ProtocolError:
                 raise ProtocolError(
                     "cred.stored", f"the stored AK of {name!r} does not decode"
@@ -227,4 +248,5 @@ class StoredDevices:
             devid_key=public_key,
             not_before=verified_window[0],
             not_after=verified_window[1],
+            kid=key_id(public_key),
         )

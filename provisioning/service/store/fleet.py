@@ -54,32 +54,62 @@ def member_device_states(
     return {device_id: (state, last_seen) for device_id, state, last_seen in rows}
 
 
-def load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
-    """Load the devices' rows and replay rows into ``session`` in two queries; the caller keeps
-    the returned list while it reads them (the identity map holds them only weakly)."""
+# ``session.info`` key: the (state, DevID certificate PEM) of senders read at once
+_LOADED_SENDERS = "keyfleet.sender_rows_loaded"
+
+
+def load_senders(session: Session, devices: AbstractSet[str]) -> None:
+    """Read the devices' state and stored DevID certificate and their replay rows as plain
+    columns (two queries, no ORM objects), kept with ``session`` for the rest of its life:
+    ``loaded_sender`` and ``ledger.load_guard`` answer from them (a device or replay row that
+    is not there is taken as missing), as of this read."""
     ordered = sorted(devices)
-    held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(ordered))))
-    held += session.scalars(select(ReplayState).where(ReplayState.sender.in_(ordered)))
-    ledger.note_loaded_guards(session, ordered)
-    return held
+    if not ordered:
+        return
+    loaded: dict[str, tuple[DeviceState, str] | None] = session.info.setdefault(_LOADED_SENDERS, {})
+    loaded.update(dict.fromkeys(ordered))
+    for device_id, state, pem in session.execute(
+        select(Device.device_id, Device.state, Device.devid_cert_pem).where(
+            Device.device_id.in_(ordered)
+        )
+    ):
+        loaded[device_id] = (state, pem)
+    rows = session.execute(
+        select(ReplayState.sender, ReplayState.state).where(ReplayState.sender.in_(ordered))
+    )
+    ledger.note_loaded_guards(session, ordered, {sender: state for sender, state in rows})
+
+
+def loaded_sender(session: Session, device_id: str) -> tuple[bool, tuple[DeviceState, str] | None]:
+    """Whether ``load_senders`` read ``device_id`` in ``session``, and then its (state, DevID
+    certificate PEM), None for no such device."""
+    loaded: dict[str, tuple[DeviceState, str] | None] | None = session.info.get(_LOADED_SENDERS)
+    if loaded is None or device_id not in loaded:
+        return False, None
+    return True, loaded[device_id]
 
 
 def load_ack_senders(
     session: Session, senders: Sequence[str], groups: Iterable[str]
-) -> list[object]:
-    """The senders' device rows, the groups' rows and the senders' membership rows in
-    ``groups`` (one query each), for the session's identity map; the caller keeps the returned
-    list while it reads them."""
-    held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(senders))))
+) -> tuple[dict[str, DeviceState], list[object]]:
+    """The senders' device states (plain columns, one query), and the groups' rows and the
+    senders' membership rows in ``groups`` (one query each) for the session's identity map;
+    the caller keeps the returned list while it reads them."""
+    states = {
+        device_id: state
+        for device_id, state in session.execute(
+            select(Device.device_id, Device.state).where(Device.device_id.in_(senders))
+        )
+    }
     ordered = sorted(set(groups))
-    held += session.scalars(select(Group).where(Group.group_id.in_(ordered)))
+    held: list[object] = list(session.scalars(select(Group).where(Group.group_id.in_(ordered))))
     for group_id in ordered:
         held += session.scalars(
             select(GroupMember).where(
                 GroupMember.group_id == group_id, GroupMember.device_id.in_(senders)
             )
         )
-    return held
+    return states, held
 
 
 def load_report_senders(session: Session, senders: Sequence[str]) -> list[object]:
