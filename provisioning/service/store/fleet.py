@@ -89,12 +89,20 @@ def loaded_sender(session: Session, device_id: str) -> tuple[bool, tuple[DeviceS
     return True, loaded[device_id]
 
 
-def load_ack_senders(
-    session: Session, senders: Sequence[str], groups: Iterable[str]
-) -> tuple[dict[str, DeviceState], list[object]]:
-    """The senders' device states (plain columns, one query), and the groups' rows and the
-    senders' membership rows in ``groups`` (one query each) for the session's identity map;
-    the caller keeps the returned list while it reads them."""
+@dataclass(frozen=True)
+class AckSenders:
+    """What a batch of acks is judged against, read as plain columns (``load_ack_senders``):
+    the senders' device states, the groups' epochs, and the senders' leaf index in each group
+    they are a member of (None: a member whose leaf is not assigned yet)."""
+
+    states: Mapping[str, DeviceState]
+    epochs: Mapping[str, int]
+    leaves: Mapping[tuple[str, str], int | None]
+
+
+def load_ack_senders(session: Session, senders: Sequence[str], groups: Iterable[str]) -> AckSenders:
+    """``AckSenders`` of ``senders`` in ``groups``: one query for the devices, one for the
+    groups, one per group for its members (Core columns, no ORM objects)."""
     states = {
         device_id: state
         for device_id, state in session.execute(
@@ -102,14 +110,21 @@ def load_ack_senders(
         )
     }
     ordered = sorted(set(groups))
-    held: list[object] = list(session.scalars(select(Group).where(Group.group_id.in_(ordered))))
+    epochs = {
+        group_id: int(epoch)
+        for group_id, epoch in session.execute(
+            select(Group.group_id, Group.epoch).where(Group.group_id.in_(ordered))
+        )
+    }
+    leaves: dict[tuple[str, str], int | None] = {}
     for group_id in ordered:
-        held += session.scalars(
-            select(GroupMember).where(
+        for device_id, leaf_index in session.execute(
+            select(GroupMember.device_id, GroupMember.leaf_index).where(
                 GroupMember.group_id == group_id, GroupMember.device_id.in_(senders)
             )
-        )
-    return states, held
+        ):
+            leaves[(group_id, device_id)] = leaf_index
+    return AckSenders(states, epochs, leaves)
 
 
 def load_report_senders(session: Session, senders: Sequence[str]) -> list[object]:
@@ -276,27 +291,25 @@ SQL_INT_MAX = (1 << 63) - 1
 
 def acks_recorded(
     session: Session, acks: Iterable[tuple[str, int, str]]
-) -> tuple[set[tuple[str, int, str]], list[object]]:
-    """Which of (group, epoch, device) have an ack recorded, and their rows for the session's
-    identity map (one query per group and epoch); keep the rows while using them. An epoch no
-    column can hold has none (the registry refuses such an ack as ahead of its group)."""
+) -> dict[tuple[str, int, str], bytes]:
+    """The epoch authenticators recorded for (group, epoch, device), those that have one
+    (Core columns, one query per group and epoch). An epoch no column can hold has none (the
+    registry refuses such an ack as ahead of its group)."""
     wanted: dict[tuple[str, int], set[str]] = {}
     for group_id, epoch, device_id in acks:
         if 0 <= epoch <= SQL_INT_MAX:
             wanted.setdefault((group_id, epoch), set()).add(device_id)
-    found: set[tuple[str, int, str]] = set()
-    held: list[object] = []
+    found: dict[tuple[str, int, str], bytes] = {}
     for (group_id, epoch), devices in sorted(wanted.items()):
-        for row in session.scalars(
-            select(AckRow).where(
+        for device_id, authenticator in session.execute(
+            select(AckRow.device_id, AckRow.epoch_authenticator).where(
                 AckRow.group_id == group_id,
                 AckRow.epoch == epoch,
                 AckRow.device_id.in_(sorted(devices)),
             )
         ):
-            held.append(row)
-            found.add((group_id, epoch, row.device_id))
-    return found, held
+            found[(group_id, epoch, device_id)] = authenticator
+    return found
 
 
 def commit_at(session: Session, group_id: str, epoch: int) -> CommitLogEntry | None:
