@@ -35,6 +35,7 @@ from provisioning.service.store.checkpoints import (
     store_checkpoint,
 )
 from provisioning.service.store.fleet import (
+    Membership,
     acked_at,
     acks_recorded,
     commit_at,
@@ -194,6 +195,7 @@ __all__ = [
     "lock_guards",
     "mark_heard",
     "member_device_states",
+    "Membership",
     "memberships",
     "number_new_key_rows",
     "open_adds_of",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session, selectinload
@@ -21,6 +22,7 @@ from provisioning.db.schema import (
     Group,
     GroupMember,
     KeyTransition,
+    PendingChange,
 )
 from provisioning.registry import KeyState, KeyStateReport
 from provisioning.service.store import ledger, revocations
@@ -271,15 +273,32 @@ def device_state(session: Session, device_id: str) -> DeviceState | None:
     return None if row is None else row.state
 
 
-def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[GroupMember]]:
-    """Each device's membership rows, by group id."""
-    found: dict[str, list[GroupMember]] = {}
-    for row in session.scalars(
-        select(GroupMember)
+class Membership(NamedTuple):
+    """A device's membership row, read as plain columns (``memberships``)."""
+
+    group_id: str
+    device_id: str
+    leaf_index: int | None
+    joined_epoch: int | None
+    pending: PendingChange | None
+
+
+def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[Membership]]:
+    """Each device's memberships, by group id (one Core query, no ORM objects)."""
+    found: dict[str, list[Membership]] = {}
+    for row in session.execute(
+        select(
+            GroupMember.group_id,
+            GroupMember.device_id,
+            GroupMember.leaf_index,
+            GroupMember.joined_epoch,
+            GroupMember.pending,
+        )
         .where(GroupMember.device_id.in_(sorted(set(devices))))
         .order_by(GroupMember.device_id, GroupMember.group_id)
     ):
-        found.setdefault(row.device_id, []).append(row)
+        member = Membership(*row)
+        found.setdefault(member.device_id, []).append(member)
     return found
 
 
