@@ -223,7 +223,12 @@ def reported_devices(session: Session, senders: Sequence[str]) -> dict[str, Repo
         .join(KeyTransition, KeyTransition.device_key_id == DeviceKey.id)
         .where(DeviceKey.device_id.in_(senders))
     ):
-        entry = keys.setdefault(device_id, {}).setdefault(name, (kind, set()))
+        device = keys.get(device_id)
+        if device is None:
+            device = keys[device_id] = {}
+        entry = device.get(name)
+        if entry is None:
+            entry = device[name] = (kind, set())
         entry[1].add((to_state, int(at)))
     return {
         device_id: ReportedDevice(state, last_seen, int(attest_due), keys.get(device_id, {}))
