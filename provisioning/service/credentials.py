@@ -20,10 +20,14 @@ certificate from another CA, another device's certificate, another AK) is refuse
 remembered by (device, SHA-256 of the certificate PEM, SHA-256 of the AK) for as long as the
 certificates are valid, so the hot path (every device report) validates a certificate once, not
 per message: the last ``MEMO_SIZE`` results whole (the key object, about 4 KB each with what
-OpenSSL holds: 16 MB), and the last ``COMPACT_MEMO_SIZE`` as the key's 65-byte point and the
-validity window (about 0.4 KB each: about 55 MB at 131,072 devices), from which a result is
-rebuilt without validating the chain again (about 14 µs: the point's decoding). Past that many
-devices talking in turn, a certificate is validated again at use.
+OpenSSL holds: 16 MB), and the last ``COMPACT_MEMO_SIZE`` as the key's 65-byte point, its key
+id and the validity window (about 0.4 KB each: about 55 MB at 131,072 devices), from which a
+result is rebuilt without validating the chain again (about 14 µs: the point's decoding). Past
+that many devices talking in turn, a certificate is validated again at use. Only the
+certificate's check is remembered: whether the device is revoked, destroyed or quarantined is
+read from its row with every batch (``verify.device_resolver``), so a remembered key never
+speaks for a revoked device, nor for a certificate its row no longer holds (the memo is keyed
+by the stored certificate's digest).
 
 Check ids: ``op.role``, ``op.certificate``, ``cred.stored`` (docs/checks.md).
 """
