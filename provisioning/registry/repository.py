@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
@@ -291,6 +291,43 @@ def _record(cls: type[R], row: object) -> R:
     """The frozen, session-free record of a row: each record field is the row's column of the
     same name (records are what the registry hands out; rows never leave a session)."""
     return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def judge_ack(
+    group_id: str,
+    *,
+    group_epoch: int,
+    device_id: str,
+    leaf_index: int | None,
+    epoch: int,
+    epoch_authenticator: bytes,
+    recorded: bytes | None,
+) -> bool:
+    """Whether an ack of ``device_id`` (at ``leaf_index`` in ``group_id``, None: not a member)
+    for ``epoch`` is new (True) or repeats the one recorded with authenticator ``recorded``
+    (False). Refuses an ack of a non-member (``ds.ack.not_member``), of an epoch the group has
+    not reached (``ds.ack.epoch_ahead``) and one that changes a recorded authenticator
+    (``ds.ack.changed``). ``Registry.record_ack``'s checks, for callers that read the rows
+    themselves (a batch of acks)."""
+    if leaf_index is None:
+        raise ProtocolError(
+            "ds.ack.not_member", f"device {device_id!r} is not a member of {group_id!r}"
+        )
+    if epoch > group_epoch:
+        raise ProtocolError(
+            "ds.ack.epoch_ahead",
+            f"device {device_id!r} acked epoch {epoch} of {group_id!r}, "
+            f"which is only at epoch {group_epoch}",
+        )
+    if recorded is None:
+        return True
+    if recorded != epoch_authenticator:
+        raise ProtocolError(
+            "ds.ack.changed",
+            f"device {device_id!r} already acked epoch {epoch} of {group_id!r} "
+            "with a different epoch authenticator",
+        )
+    return False
 
 
 # ---- the repository --------------------------------------------------------------------------
@@ -988,24 +1025,24 @@ class Registry:
         received_ms = _milliseconds(now, now_ms)
         group = self._group_row(group_id)
         member = self._s.get(GroupMember, (group_id, device_id))
-        if member is None or member.leaf_index is None:
-            raise ProtocolError(
-                "ds.ack.not_member", f"device {device_id!r} is not a member of {group_id!r}"
+        leaf_index = None if member is None else member.leaf_index
+
+        # membership and epoch first: an epoch past what a column holds is refused before
+        # any query binds it
+        def judge(recorded: bytes | None) -> bool:
+            return judge_ack(
+                group_id,
+                group_epoch=group.epoch,
+                device_id=device_id,
+                leaf_index=leaf_index,
+                epoch=epoch,
+                epoch_authenticator=epoch_authenticator,
+                recorded=recorded,
             )
-        if epoch > group.epoch:
-            raise ProtocolError(
-                "ds.ack.epoch_ahead",
-                f"device {device_id!r} acked epoch {epoch} of {group_id!r}, "
-                f"which is only at epoch {group.epoch}",
-            )
+
+        judge(None)
         existing = None if absent else self._s.get(Ack, (group_id, epoch, device_id))
-        if existing is not None:
-            if existing.epoch_authenticator != epoch_authenticator:
-                raise ProtocolError(
-                    "ds.ack.changed",
-                    f"device {device_id!r} already acked epoch {epoch} of {group_id!r} "
-                    "with a different epoch authenticator",
-                )
+        if existing is not None and not judge(existing.epoch_authenticator):
             return
         if mark_seen:
             self._device_row(device_id).last_seen = now
@@ -1024,6 +1061,30 @@ class Registry:
             self._s.add(row)
             return
         self._insert_or_retry(f"ack from {device_id!r} recorded concurrently", row)
+
+    def insert_acks(
+        self, acks: Sequence[tuple[str, int, str, bytes]], *, now: int, now_ms: int | None = None
+    ) -> None:
+        """Insert new acks (group, epoch, device, epoch authenticator) in one statement, each
+        judged new by ``judge_ack`` under its sender's replay row lock, which every writer of a
+        device's acks holds (a batch of acks); a conflict fails the caller's transaction."""
+        if not acks:
+            return
+        received_ms = _milliseconds(now, now_ms)
+        self._s.execute(
+            insert(Ack),
+            [
+                {
+                    "group_id": group_id,
+                    "epoch": epoch,
+                    "device_id": device_id,
+                    "epoch_authenticator": authenticator,
+                    "received_at": now,
+                    "received_at_ms": received_ms,
+                }
+                for group_id, epoch, device_id, authenticator in acks
+            ],
+        )
 
     def ack_status(self, group_id: str) -> AckStatus:
         """Acks for the group's current epoch, against its current members (pending removals

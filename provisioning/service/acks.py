@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.replay import ReplayGuard
-from provisioning.registry import DeviceState, Registry
+from provisioning.registry import DeviceState, Registry, judge_ack
 from provisioning.service import catchup, devices, jobs, rollout, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import AckLatency, Effects, GroupChanged, Log
@@ -27,16 +27,7 @@ from provisioning.service.store import rollouts
 log = logging.getLogger("keyfleet.service")
 
 
-def _record(
-    cx: Call,
-    registry: Registry,
-    sender: str,
-    body: AckBody,
-    now: int,
-    *,
-    absent: bool = False,
-    mark_seen: bool = True,
-) -> None:
+def _record(cx: Call, registry: Registry, sender: str, body: AckBody, now: int) -> None:
     registry.record_ack(
         body.group_id,
         epoch=body.epoch,
@@ -44,8 +35,6 @@ def _record(
         epoch_authenticator=body.epoch_authenticator,
         now=now,
         now_ms=cx.clock.ms,
-        absent=absent,
-        mark_seen=mark_seen,
     )
 
 
@@ -83,19 +72,17 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         taken.clear()
         refused.clear()
         senders = sorted({m.sender for m in batch})
-        # Loaded once for the batch (the session's identity map then answers the per-ack
-        # reads without a query); ``held`` keeps them there.
+        # Read once for the batch, as plain columns: the senders' replay rows (locked), their
+        # states and memberships, the groups' epochs, the acks already recorded.
         stored = store.lock_guards(session, senders)
-        held: list[object] = []
-        held += store.load_ack_senders(
+        rows = store.load_ack_senders(
             session, senders, (m.body.group_id for m in batch if isinstance(m.body, AckBody))
         )
         bodies = [m.body for m in batch if isinstance(m.body, AckBody)]
-        recorded, rows = store.acks_recorded(
+        recorded = store.acks_recorded(
             session, ((b.group_id, b.epoch, m.sender) for m, b in zip(batch, bodies, strict=True))
         )
-        held += rows
-        registry = Registry(session)
+        new: list[tuple[str, int, str, bytes]] = []
         guards: dict[str, ReplayGuard] = {}
         in_rollout = rollouts.attested_devices(session, senders)
         # read before any write: a read after one would flush the acks one by one
@@ -115,16 +102,31 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                 trial.accept(message.message)
                 # the registry judges epochs (see verify.accept_and)
                 trial.forget_group(body.group_id)
-                if registry.device(sender).state is DeviceState.QUARANTINED:
+                state = rows.states.get(sender)
+                if state is None:
+                    raise ProtocolError("registry.device.unknown", f"no device {sender!r}")
+                if state is DeviceState.QUARANTINED:
                     raise ProtocolError(
                         "ds.device.quarantined",
                         f"device {sender!r} is quarantined: only attestation reports are taken",
                     )
+                group_epoch = rows.epochs.get(body.group_id)
+                if group_epoch is None:
+                    raise ProtocolError("registry.group.unknown", f"no group {body.group_id!r}")
                 key = (body.group_id, body.epoch, sender)
-                # last_seen: mark_heard below, for every sender taken
-                _record(cx, registry, sender, body, now, absent=key not in recorded,
-                        mark_seen=False)  # fmt: skip
-                recorded.add(key)
+                # Registry.record_ack's checks; the new acks are inserted together below
+                # (under the senders' replay row locks), last_seen by mark_heard
+                if judge_ack(
+                    body.group_id,
+                    group_epoch=group_epoch,
+                    device_id=sender,
+                    leaf_index=rows.leaves.get((body.group_id, sender)),
+                    epoch=body.epoch,
+                    epoch_authenticator=body.epoch_authenticator,
+                    recorded=recorded.get(key),
+                ):
+                    new.append((*key, body.epoch_authenticator))
+                    recorded[key] = body.epoch_authenticator
                 if sender in in_rollout:
                     rollout.on_ack(session, sender, body.group_id, body.epoch, now)
             except ProtocolError as err:
@@ -132,6 +134,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                 continue
             guards[sender] = trial
             taken.append((message, started_at[(body.group_id, body.epoch - 1)]))
+        Registry(session).insert_acks(new, now=now, now_ms=cx.clock.ms)
         store.save_guards(session, guards, now=now, stored=stored)
         store.mark_heard(session, guards, now=now)
 

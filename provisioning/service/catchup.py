@@ -24,7 +24,6 @@ from agent.protocol.topics import device_cmd_topic
 from agent.protocol.wire.messages.group import CommitMessage
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning import audit
-from provisioning.db.schema import GroupMember
 from provisioning.registry import GroupRecord, Outcome, PendingChange, Registry
 from provisioning.service import jobs, store
 from provisioning.service.context import Call
@@ -99,7 +98,7 @@ def plan_catch_up(
     registry: Registry,
     device_id: str,
     *,
-    memberships: Sequence[GroupMember],
+    memberships: Sequence[store.Membership],
     groups: dict[str, GroupRecord],
     acked: AbstractSet[tuple[str, str, int]],
     now: int,

@@ -20,12 +20,16 @@ certificate from another CA, another device's certificate, another AK) is refuse
 remembered by (device, SHA-256 of the certificate PEM, SHA-256 of the AK) for as long as the
 certificates are valid, so the hot path (every device report) validates a certificate once, not
 per message: the last ``MEMO_SIZE`` results whole (the key object, about 4 KB each with what
-OpenSSL holds: 16 MB), and the last ``COMPACT_MEMO_SIZE`` as the key's 65-byte point and the
-validity window (about 0.4 KB each: about 55 MB at 131,072 devices), from which a result is
-rebuilt without validating the chain again (about 14 µs: the point's decoding). Past that many
-devices talking in turn, a certificate is validated again at use. A result checked with the AK
-also holds the AK's key decoded from that stored public area (the same bytes, by their digest in
-the key), so an attestation answer does not decode it again (about 0.3 ms with tpm2-pytss).
+OpenSSL holds: 16 MB), and the last ``COMPACT_MEMO_SIZE`` as the key's 65-byte point, its key
+id and the validity window (about 0.4 KB each: about 55 MB at 131,072 devices), from which a
+result is rebuilt without validating the chain again (about 14 µs: the point's decoding). Past
+that many devices talking in turn, a certificate is validated again at use. Only the
+certificate's check is remembered: whether the device is revoked, destroyed or quarantined is
+read from its row with every batch (``verify.device_resolver``), so a remembered key never
+speaks for a revoked device, nor for a certificate its row no longer holds (the memo is keyed
+by the stored certificate's digest). A result checked with the AK also holds the AK's key
+decoded from that stored public area (the same bytes, by their digest in the key), so an
+attestation answer does not decode it again (about 0.3 ms with tpm2-pytss).
 
 Check ids: ``op.role``, ``op.certificate``, ``cred.stored`` (docs/checks.md).
 """
@@ -115,6 +119,7 @@ class StoredDevice:
     devid_key: ec.EllipticCurvePublicKey
     not_before: int
     not_after: int
+    kid: bytes  # the DevID key's COSE key id (``cose.key_id``), computed once
     # checked ``with_ak``: the AK's key decoded from the stored public area that was checked
     # (None from the compact memo, or if it is not a P-256 key: the caller decodes it, and
     # refuses it, as before)
@@ -146,7 +151,7 @@ class StoredDevices:
         # checked result; the compact memo holds the DevID key as its encoded point
         self._memo: OrderedDict[_MemoKey, StoredDevice] = OrderedDict()
         self._memo_size = memo_size
-        self._compact: OrderedDict[_MemoKey, tuple[bytes, int, int]] = OrderedDict()
+        self._compact: OrderedDict[_MemoKey, tuple[bytes, int, int, bytes]] = OrderedDict()
         self._compact_size = max(compact_size, memo_size)
         self.validations = 0
 
@@ -157,10 +162,28 @@ class StoredDevices:
         """``device``'s DevID key, once its stored certificate passes, and with ``with_ak`` its
         stored AK too (where the AK is used: attestation). Raises
         ``ProtocolError("cred.stored")``."""
-        ak = device.ak_public if with_ak else None
-        key = (
+        return self.check_stored(
             device.device_id,
-            hashlib.sha256(device.devid_cert_pem.encode()).digest(),
+            device.devid_cert_pem,
+            now,
+            ak_public=device.ak_public if with_ak else None,
+            with_ak=with_ak,
+        )
+
+    def check_stored(
+        self,
+        device_id: str,
+        devid_cert_pem: str,
+        now: int,
+        *,
+        ak_public: bytes | None = None,
+        with_ak: bool = False,
+    ) -> StoredDevice:
+        """``check`` of the stored columns themselves (a device read as plain columns)."""
+        ak = ak_public if with_ak else None
+        key = (
+            device_id,
+            hashlib.sha256(devid_cert_pem.encode()).digest(),
             None if ak is None else hashlib.sha256(ak).digest(),
         )
         memo = self._memo.get(key)
@@ -170,17 +193,18 @@ class StoredDevices:
         compact = self._compact.get(key)
         if compact is not None and compact[1] <= now <= compact[2]:
             self._compact.move_to_end(key)
-            point, not_before, not_after = compact
+            point, not_before, not_after, kid = compact
             checked = StoredDevice(
-                device_id=device.device_id,
+                device_id=device_id,
                 devid_key=ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point),
                 not_before=not_before,
                 not_after=not_after,
+                kid=kid,
             )
         else:
-            checked = self._check(device, now, with_ak=with_ak)
+            checked = self._check(device_id, devid_cert_pem, ak, now, with_ak=with_ak)
             point = checked.devid_key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-            self._compact[key] = (point, checked.not_before, checked.not_after)
+            self._compact[key] = (point, checked.not_before, checked.not_after, checked.kid)
             self._compact.move_to_end(key)
             while len(self._compact) > self._compact_size:
                 self._compact.popitem(last=False)
@@ -190,11 +214,12 @@ class StoredDevices:
             self._memo.popitem(last=False)
         return checked
 
-    def _check(self, device: DeviceRecord, now: int, *, with_ak: bool) -> StoredDevice:
+    def _check(
+        self, name: str, devid_cert_pem: str, ak_public: bytes | None, now: int, *, with_ak: bool
+    ) -> StoredDevice:
         self.validations += 1
-        name = device.device_id
         try:
-            cert = pki.cert_from_pem(device.devid_cert_pem.encode())
+            cert = pki.cert_from_pem(devid_cert_pem.encode())
             verified = self._verifier.verify(cert.public_bytes(Encoding.DER), now)
         except ProtocolError as err:
             raise ProtocolError(
@@ -206,9 +231,9 @@ class StoredDevices:
                 "cred.stored",
                 f"the stored DevID certificate of {name!r} names {verified.device_id!r}",
             )
-        if with_ak and device.ak_public is not None:
+        if with_ak and ak_public is not None:
             try:
-                stored_ak = tpm_name(device.ak_public)
+                stored_ak = tpm_name(ak_public)
             except ProtocolError:
                 raise ProtocolError(
                     "cred.stored", f"the stored AK of {name!r} does not decode"
@@ -219,9 +244,9 @@ class StoredDevices:
                     f"the stored AK of {name!r} is not the AK its DevID certificate names",
                 )
         ak_key = None
-        if with_ak and device.ak_public is not None:
+        if with_ak and ak_public is not None:
             try:
-                ak_key = public_key_from_area(device.ak_public)
+                ak_key = public_key_from_area(ak_public)
             except ProtocolError:
                 ak_key = None
         public_key = cert.public_key()
@@ -233,6 +258,7 @@ class StoredDevices:
             devid_key=public_key,
             not_before=max(int(cert.not_valid_before_utc.timestamp()), start),
             not_after=min(int(cert.not_valid_after_utc.timestamp()), stop),
+            kid=key_id(public_key),
             ak_key=ak_key,
         )
 

@@ -90,12 +90,12 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
     answers: list[verify.VerifiedReport] = []
     senders = [report_sender(topic) for topic, _ in messages]
     # One read session verifies the device reports up to the next message that is handled
-    # on its own, with the senders' device and replay rows loaded in one query each: a
+    # on its own, with the senders' device and replay rows read in one query each: a
     # sender's device state is then as of that load (a few hundred ms at most), as if its
     # message had been verified that much earlier; the replay check that counts runs again
     # under the row lock (``acks.on_acks``, ``verify.accept_and``).
     reader: Session | None = None
-    held: list[object] | None = None
+    loaded = False
     try:
         for index, (topic, payload) in enumerate(messages):
             device_id = senders[index]
@@ -103,10 +103,11 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
             if device_id is not None:
                 if reader is None:
                     reader = cx.env.sessions()
-                    if held is None:
+                    if not loaded:
                         # once per call: again after each message handled on its own would
                         # be quadratic in a batch of reports that are not acks
-                        held = store.load_senders(reader, {d for d in senders[index:] if d})
+                        loaded = True
+                        store.load_senders(reader, {d for d in senders[index:] if d})
                 message = guarded(
                     topic, partial(verify.open_device, cx, device_id, payload, now, reader), None
                 )
@@ -141,7 +142,6 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
     finally:
         if reader is not None:
             reader.close()
-    del held
     guarded("acks", partial(acks_flow.on_acks, cx, acks, now), None)
     guarded("reports", partial(reports_flow.on_reports, cx, reports, now), None)
     guarded("key packages", partial(on_key_packages, cx, key_packages, now), None)

@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.topics import SERVICE_ID
-from agent.protocol.wire.cose import key_id
 from agent.protocol.wire.envelope import KeyResolver, Signer, VerifiedMessage, open_message
 from agent.protocol.wire.messages.base import Body
 from agent.protocol.wire.messages.group import CommitMessage
@@ -162,18 +161,24 @@ def accept_and(
 def device_resolver(cx: Call, device_id: str, now: int) -> Callable[[Session], KeyResolver]:
     def make(session: Session) -> KeyResolver:
         def resolve(kid: bytes) -> Signer:
-            try:
-                device = Registry(session).device(device_id)
-            except ProtocolError:
-                raise LookupError(device_id) from None
-            if device.state in REFUSED_DEVICE_STATES:
-                raise ProtocolError(
-                    "ds.device.revoked", f"device {device_id!r} is {device.state.value}"
-                )
-            public_key = devid_public_key(cx, device, now)
-            if key_id(public_key) != kid:
+            # the columns the batch's read session read for every sender (``load_senders``),
+            # else the device's row
+            loaded, columns = store.loaded_sender(session, device_id)
+            if not loaded:
+                try:
+                    device = Registry(session).device(device_id)
+                except ProtocolError:
+                    raise LookupError(device_id) from None
+                columns = (device.state, device.devid_cert_pem)
+            if columns is None:
                 raise LookupError(device_id)
-            return Signer(device_id, public_key)
+            state, cert_pem = columns
+            if state in REFUSED_DEVICE_STATES:
+                raise ProtocolError("ds.device.revoked", f"device {device_id!r} is {state.value}")
+            checked = cx.env.devices.check_stored(device_id, cert_pem, now)
+            if checked.kid != kid:
+                raise LookupError(device_id)
+            return Signer(device_id, checked.devid_key)
 
         return resolve
 

@@ -2,7 +2,8 @@
 and each is still judged alone: a replayed report, a quarantined sender's report and a report
 whose key history the registry refuses are refused by their own check, leave no trace, and the
 others of the batch are taken. The stored DevID certificate is checked at use even when its
-result is remembered (``credentials.StoredDevices``)."""
+result is remembered (``credentials.StoredDevices``), and a remembered key never speaks for a
+revoked device or for a certificate the device's row no longer holds."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from provisioning.registry import DeviceState, Registry
 from provisioning.service import store
 from provisioning.service.credentials import StoredDevices
 from tests.pure.test_service_core import T0, Fleet, make_fleet
+from tests.service_members import SoftDevice, utc
 
 pytestmark = pytest.mark.pure
 
@@ -141,6 +143,77 @@ def test_a_swapped_certificate_row_is_refused_though_the_good_one_is_remembered(
         fleet.service.handle_many([fleet.devices["dev-1"].report(report(), fleet.now)], fleet.now)
         assert fleet.service.rejections.count("cred.stored") == 1
         assert seqs(fleet)["dev-1"] == before
+
+
+def _device_row(fleet: Fleet, name: str) -> tuple[int | None, bytes | None]:
+    with fleet.sessions() as s:
+        row = s.get(Device, name)
+        assert row is not None
+        return row.last_seen, row.last_report
+
+
+def test_a_remembered_key_is_not_used_for_a_revoked_device(tmp_path: Path) -> None:
+    """The device's checked DevID key is remembered from its earlier reports, yet once the
+    registry says revoked its next report (in a batch with others) is refused
+    (``ds.device.revoked``) and changes nothing: its state comes from the batch's read of the
+    device rows, never from the memo."""
+    for fleet in make_fleet(tmp_path, NAMES):
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(), fleet.now) for n in NAMES], fleet.now
+        )
+        validations = fleet.service._env.devices.validations
+        with fleet.sessions.begin() as s:
+            Registry(s).set_device_state("dev-2", DeviceState.REVOKED, reason="test", now=fleet.now)
+        before, row_before = seqs(fleet), _device_row(fleet, "dev-2")
+        fleet.now += 5
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(), fleet.now) for n in NAMES], fleet.now
+        )
+        assert fleet.service.rejections.count("ds.device.revoked") == 1
+        after = seqs(fleet)
+        assert after["dev-2"] == before["dev-2"]
+        assert _device_row(fleet, "dev-2") == row_before
+        assert all(after[n] == fleet.devices[n].seq for n in NAMES if n != "dev-2")
+        assert fleet.service._env.devices.validations == validations  # the others remembered
+
+
+def test_a_remembered_key_is_not_used_once_the_device_has_a_new_certificate(
+    tmp_path: Path,
+) -> None:
+    """A device enrolled again (a new DevID key and certificate under its row): a report signed
+    with the old key, whose checked certificate the service remembers, is refused
+    (``cose.kid-unknown``) and changes nothing; the new key's report is taken after its
+    certificate is checked."""
+    for fleet in make_fleet(tmp_path, NAMES):
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(), fleet.now) for n in NAMES], fleet.now
+        )
+        old = fleet.devices["dev-1"]
+        assert fleet.device_ca is not None
+        new = SoftDevice.create("dev-1", fleet.device_ca, old.service_key, utc(fleet.now))
+        new.seq = old.seq
+        with fleet.sessions.begin() as s:
+            s.execute(
+                update(Device)
+                .where(Device.device_id == "dev-1")
+                .values(devid_cert_pem=new.cert_pem)
+            )
+        before, row_before = seqs(fleet), _device_row(fleet, "dev-1")
+        validations = fleet.service._env.devices.validations
+        fleet.now += 5
+        fleet.service.handle_many(
+            [old.report(report(), fleet.now), *(fleet.devices[n].report(report(), fleet.now)
+                                                for n in NAMES[1:])],
+            fleet.now,
+        )  # fmt: skip
+        assert fleet.service.rejections.count("cose.kid-unknown") == 1
+        assert seqs(fleet)["dev-1"] == before["dev-1"]
+        assert _device_row(fleet, "dev-1") == row_before
+        assert fleet.service._env.devices.validations == validations + 1  # the new certificate
+        fleet.now += 1
+        fleet.service.handle_many([new.report(report(), fleet.now)], fleet.now)
+        assert seqs(fleet)["dev-1"] == new.seq
+        assert fleet.service.rejections.count("cose.kid-unknown") == 1
 
 
 def _stored(fleet: Fleet) -> dict[str, bytes]:

@@ -59,13 +59,21 @@ def encode(value: object) -> bytes:
     else raises ``ProtocolError("cbor.type")`` rather than being silently converted (a float or a
     datetime in a message is a bug in the caller, and cbor2 would happily encode it with a tag).
     """
-    prepared = _prepare(value, 0)
+    if type(value) is list and all(type(item) in _FLAT for item in value):
+        # an array of strings only (a COSE Sig_structure, a message id's input): no map to
+        # order and no integer to range-check, so cbor2's encoding of it is the deterministic one
+        prepared: object = value
+    else:
+        prepared = _prepare(value, 0)
     try:
         return bytes(cbor2.dumps(prepared))
     except Exception as exc:  # cbor2 refusing an already-checked value would be a surprise
         raise ProtocolError(
             "cbor.encode", f"cbor2 refused the value: {type(exc).__name__}"
         ) from None
+
+
+_FLAT = frozenset({bytes, str})
 
 
 def _prepare(value: object, depth: int) -> object:
@@ -160,16 +168,21 @@ def _scan(data: bytes, max_depth: int) -> bool:
     pos = 0
     canonical = True
     # One entry per open container: [items still expected, 1 if it is a map else 0]; a map's
-    # entry also holds where its previous key started and ended.
+    # entry also holds where its previous key started and ended. ``top`` is the innermost
+    # (``stack[-1]``), None at the top level. It runs over every head of every message, so the
+    # loop reads as few names as it can.
     stack: list[list[int]] = []
+    top: list[int] | None = None
     while True:
         if pos >= end:
             raise ProtocolError("cbor.truncated", "input ends inside an item")
-        is_key = bool(stack) and stack[-1][1] == 1 and stack[-1][0] % 2 == 0
+        # a map counts its keys and values: a key comes when an even number is left
+        is_key = top is not None and top[1] == 1 and not top[0] & 1
         start = pos
         initial = data[pos]
         pos += 1
-        major, info = initial >> 5, initial & 0x1F
+        major = initial >> 5
+        info = initial & 0x1F
         if major == _MAJOR_SIMPLE:
             if info not in (_SIMPLE_FALSE, _SIMPLE_TRUE, _SIMPLE_NULL):
                 kind = "indefinite-length break" if info == _AI_INDEFINITE else "float/simple value"
@@ -212,22 +225,25 @@ def _scan(data: bytes, max_depth: int) -> bool:
             if len(stack) >= max_depth:
                 raise ProtocolError("cbor.depth", f"nesting deeper than {max_depth}")
             if count:
-                stack.append([count, 1, 0, 0] if major == _MAJOR_MAP else [count, 0])
+                top = [count, 1, 0, 0] if major == _MAJOR_MAP else [count, 0]
+                stack.append(top)
                 continue
         if is_key:
             # a key is one integer or text item: it ends here. Keys must ascend strictly
             # (an equal one is a duplicate: cbor2 refuses it as cbor.malformed).
-            top = stack[-1]
+            assert top is not None
             if top[3] and data[top[2] : top[3]] >= data[start:pos]:
                 canonical = False
-            top[2], top[3] = start, pos
+            top[2] = start
+            top[3] = pos
         # One complete item: close every container it completes.
-        while stack:
-            stack[-1][0] -= 1
-            if stack[-1][0]:
+        while top is not None:
+            top[0] -= 1
+            if top[0]:
                 break
             stack.pop()
-        if not stack:
+            top = stack[-1] if stack else None
+        if top is None:
             break
     if pos != end:
         raise ProtocolError("cbor.trailing", f"{end - pos} bytes after the item")

@@ -288,9 +288,12 @@ class ReplayGuard:
             known = _SenderWindow(highest=highest, min_seq=min_seq)
             lowest = known.lowest(window)
             last = -1
-            for _ in range(remembered):
-                seq, mid = _RECENT.unpack_from(data, pos)
-                pos += _RECENT.size
+            stop = pos + remembered * _RECENT.size
+            if stop > len(data):
+                raise StateError("replay state is truncated")
+            recent = _RECENT.iter_unpack(data[pos:stop])
+            pos = stop
+            for seq, mid in recent:
                 if not lowest <= seq <= highest:
                     raise StateError("replay state recent seq is outside the window")
                 if seq <= last:

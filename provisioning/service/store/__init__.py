@@ -36,6 +36,7 @@ from provisioning.service.store.checkpoints import (
 )
 from provisioning.service.store.fleet import (
     FirstKeys,
+    Membership,
     acked_at,
     acks_recorded,
     commit_at,
@@ -49,6 +50,7 @@ from provisioning.service.store.fleet import (
     load_feed_seen,
     load_report_senders,
     load_senders,
+    loaded_sender,
     mark_heard,
     member_device_states,
     memberships,
@@ -195,10 +197,12 @@ __all__ = [
     "load_operations",
     "load_request",
     "load_senders",
+    "loaded_sender",
     "lock_guard",
     "lock_guards",
     "mark_heard",
     "member_device_states",
+    "Membership",
     "memberships",
     "number_new_key_rows",
     "open_adds_of",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session, selectinload
@@ -22,6 +23,7 @@ from provisioning.db.schema import (
     Group,
     GroupMember,
     KeyTransition,
+    PendingChange,
 )
 from provisioning.registry import KeyState, KeyStateReport, plan_key_states
 from provisioning.service.store import ledger, revocations
@@ -55,32 +57,77 @@ def member_device_states(
     return {device_id: (state, last_seen) for device_id, state, last_seen in rows}
 
 
-def load_senders(session: Session, devices: AbstractSet[str]) -> list[object]:
-    """Load the devices' rows and replay rows into ``session`` in two queries; the caller keeps
-    the returned list while it reads them (the identity map holds them only weakly)."""
+# ``session.info`` key: the (state, DevID certificate PEM) of senders read at once
+_LOADED_SENDERS = "keyfleet.sender_rows_loaded"
+
+
+def load_senders(session: Session, devices: AbstractSet[str]) -> None:
+    """Read the devices' state and stored DevID certificate and their replay rows as plain
+    columns (two queries, no ORM objects), kept with ``session`` for the rest of its life:
+    ``loaded_sender`` and ``ledger.load_guard`` answer from them (a device or replay row that
+    is not there is taken as missing), as of this read."""
     ordered = sorted(devices)
-    held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(ordered))))
-    held += session.scalars(select(ReplayState).where(ReplayState.sender.in_(ordered)))
-    ledger.note_loaded_guards(session, ordered)
-    return held
+    if not ordered:
+        return
+    loaded: dict[str, tuple[DeviceState, str] | None] = session.info.setdefault(_LOADED_SENDERS, {})
+    loaded.update(dict.fromkeys(ordered))
+    for device_id, state, pem in session.execute(
+        select(Device.device_id, Device.state, Device.devid_cert_pem).where(
+            Device.device_id.in_(ordered)
+        )
+    ):
+        loaded[device_id] = (state, pem)
+    rows = session.execute(
+        select(ReplayState.sender, ReplayState.state).where(ReplayState.sender.in_(ordered))
+    )
+    ledger.note_loaded_guards(session, ordered, {sender: state for sender, state in rows})
 
 
-def load_ack_senders(
-    session: Session, senders: Sequence[str], groups: Iterable[str]
-) -> list[object]:
-    """The senders' device rows, the groups' rows and the senders' membership rows in
-    ``groups`` (one query each), for the session's identity map; the caller keeps the returned
-    list while it reads them."""
-    held: list[object] = list(session.scalars(select(Device).where(Device.device_id.in_(senders))))
+def loaded_sender(session: Session, device_id: str) -> tuple[bool, tuple[DeviceState, str] | None]:
+    """Whether ``load_senders`` read ``device_id`` in ``session``, and then its (state, DevID
+    certificate PEM), None for no such device."""
+    loaded: dict[str, tuple[DeviceState, str] | None] | None = session.info.get(_LOADED_SENDERS)
+    if loaded is None or device_id not in loaded:
+        return False, None
+    return True, loaded[device_id]
+
+
+@dataclass(frozen=True)
+class AckSenders:
+    """What a batch of acks is judged against, read as plain columns (``load_ack_senders``):
+    the senders' device states, the groups' epochs, and the senders' leaf index in each group
+    they are a member of (None: a member whose leaf is not assigned yet)."""
+
+    states: Mapping[str, DeviceState]
+    epochs: Mapping[str, int]
+    leaves: Mapping[tuple[str, str], int | None]
+
+
+def load_ack_senders(session: Session, senders: Sequence[str], groups: Iterable[str]) -> AckSenders:
+    """``AckSenders`` of ``senders`` in ``groups``: one query for the devices, one for the
+    groups, one per group for its members (Core columns, no ORM objects)."""
+    states = {
+        device_id: state
+        for device_id, state in session.execute(
+            select(Device.device_id, Device.state).where(Device.device_id.in_(senders))
+        )
+    }
     ordered = sorted(set(groups))
-    held += session.scalars(select(Group).where(Group.group_id.in_(ordered)))
+    epochs = {
+        group_id: int(epoch)
+        for group_id, epoch in session.execute(
+            select(Group.group_id, Group.epoch).where(Group.group_id.in_(ordered))
+        )
+    }
+    leaves: dict[tuple[str, str], int | None] = {}
     for group_id in ordered:
-        held += session.scalars(
-            select(GroupMember).where(
+        for device_id, leaf_index in session.execute(
+            select(GroupMember.device_id, GroupMember.leaf_index).where(
                 GroupMember.group_id == group_id, GroupMember.device_id.in_(senders)
             )
-        )
-    return held
+        ):
+            leaves[(group_id, device_id)] = leaf_index
+    return AckSenders(states, epochs, leaves)
 
 
 def load_report_senders(session: Session, senders: Sequence[str]) -> list[object]:
@@ -279,7 +326,12 @@ def reported_devices(session: Session, senders: Sequence[str]) -> dict[str, Repo
         .join(KeyTransition, KeyTransition.device_key_id == DeviceKey.id)
         .where(DeviceKey.device_id.in_(senders))
     ):
-        entry = keys.setdefault(device_id, {}).setdefault(name, (kind, set()))
+        device = keys.get(device_id)
+        if device is None:
+            device = keys[device_id] = {}
+        entry = device.get(name)
+        if entry is None:
+            entry = device[name] = (kind, set())
         entry[1].add((to_state, int(at)))
     return {
         device_id: ReportedDevice(state, last_seen, int(attest_due), keys.get(device_id, {}))
@@ -329,15 +381,32 @@ def device_state(session: Session, device_id: str) -> DeviceState | None:
     return None if row is None else row.state
 
 
-def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[GroupMember]]:
-    """Each device's membership rows, by group id."""
-    found: dict[str, list[GroupMember]] = {}
-    for row in session.scalars(
-        select(GroupMember)
+class Membership(NamedTuple):
+    """A device's membership row, read as plain columns (``memberships``)."""
+
+    group_id: str
+    device_id: str
+    leaf_index: int | None
+    joined_epoch: int | None
+    pending: PendingChange | None
+
+
+def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[Membership]]:
+    """Each device's memberships, by group id (one Core query, no ORM objects)."""
+    found: dict[str, list[Membership]] = {}
+    for row in session.execute(
+        select(
+            GroupMember.group_id,
+            GroupMember.device_id,
+            GroupMember.leaf_index,
+            GroupMember.joined_epoch,
+            GroupMember.pending,
+        )
         .where(GroupMember.device_id.in_(sorted(set(devices))))
         .order_by(GroupMember.device_id, GroupMember.group_id)
     ):
-        found.setdefault(row.device_id, []).append(row)
+        member = Membership(*row)
+        found.setdefault(member.device_id, []).append(member)
     return found
 
 
@@ -349,27 +418,25 @@ SQL_INT_MAX = (1 << 63) - 1
 
 def acks_recorded(
     session: Session, acks: Iterable[tuple[str, int, str]]
-) -> tuple[set[tuple[str, int, str]], list[object]]:
-    """Which of (group, epoch, device) have an ack recorded, and their rows for the session's
-    identity map (one query per group and epoch); keep the rows while using them. An epoch no
-    column can hold has none (the registry refuses such an ack as ahead of its group)."""
+) -> dict[tuple[str, int, str], bytes]:
+    """The epoch authenticators recorded for (group, epoch, device), those that have one
+    (Core columns, one query per group and epoch). An epoch no column can hold has none (the
+    registry refuses such an ack as ahead of its group)."""
     wanted: dict[tuple[str, int], set[str]] = {}
     for group_id, epoch, device_id in acks:
         if 0 <= epoch <= SQL_INT_MAX:
             wanted.setdefault((group_id, epoch), set()).add(device_id)
-    found: set[tuple[str, int, str]] = set()
-    held: list[object] = []
+    found: dict[tuple[str, int, str], bytes] = {}
     for (group_id, epoch), devices in sorted(wanted.items()):
-        for row in session.scalars(
-            select(AckRow).where(
+        for device_id, authenticator in session.execute(
+            select(AckRow.device_id, AckRow.epoch_authenticator).where(
                 AckRow.group_id == group_id,
                 AckRow.epoch == epoch,
                 AckRow.device_id.in_(sorted(devices)),
             )
         ):
-            held.append(row)
-            found.add((group_id, epoch, row.device_id))
-    return found, held
+            found[(group_id, epoch, device_id)] = authenticator
+    return found
 
 
 def commit_at(session: Session, group_id: str, epoch: int) -> CommitLogEntry | None:

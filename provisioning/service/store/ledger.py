@@ -120,11 +120,7 @@ def load_guard(
     earlier in the call is returned again instead of decoding them a second time (the strict
     decoding is most of a read's cost); the caller must then not change it (copy it first).
     ``stored``: the rows ``lock_guards`` read (a sender without one has no row yet)."""
-    if stored is None:
-        row = _guard_row(session, sender)
-        data = None if row is None else row.state
-    else:
-        data = stored.get(sender)
+    data = _guard_data(session, sender) if stored is None else stored.get(sender)
     if data is None:
         return ReplayGuard(window)
     if memo is not None:
@@ -144,25 +140,26 @@ def load_guard(
     return guard
 
 
-# ``session.info`` key: senders whose replay rows were all loaded into the session at once
+# ``session.info`` key: the stored windows of senders whose replay rows were all read at once
 _LOADED_GUARDS = "keyfleet.replay_rows_loaded"
 
 
-def note_loaded_guards(session: Session, senders: Iterable[str]) -> None:
-    """Every replay row of ``senders`` was loaded into ``session`` by one query (a batch's
-    read session): ``load_guard`` then takes a sender without a row in the identity map as
-    having none, instead of asking the database once per new sender. The caller keeps the
-    loaded rows (the identity map holds them only weakly)."""
-    loaded: frozenset[str] = session.info.get(_LOADED_GUARDS, frozenset())
-    session.info[_LOADED_GUARDS] = loaded | frozenset(senders)
+def note_loaded_guards(session: Session, senders: Iterable[str], rows: Mapping[str, bytes]) -> None:
+    """Every replay row of ``senders`` was read in ``session`` by one query (a batch's read
+    session), as ``rows`` (sender -> stored window): ``load_guard`` then answers from them, and
+    takes a sender without a row as having none, instead of asking the database once per
+    sender."""
+    loaded: dict[str, bytes | None] = session.info.setdefault(_LOADED_GUARDS, {})
+    for sender in senders:
+        loaded[sender] = rows.get(sender)
 
 
-def _guard_row(session: Session, sender: str) -> ReplayState | None:
-    if sender in session.info.get(_LOADED_GUARDS, ()):
-        key = Session.identity_key(ReplayState, (sender,))
-        found = session.identity_map.get(key)
-        return found if isinstance(found, ReplayState) else None
-    return session.get(ReplayState, sender)
+def _guard_data(session: Session, sender: str) -> bytes | None:
+    loaded: dict[str, bytes | None] | None = session.info.get(_LOADED_GUARDS)
+    if loaded is not None and sender in loaded:
+        return loaded[sender]
+    row = session.get(ReplayState, sender)
+    return None if row is None else row.state
 
 
 def lock_guard(session: Session, sender: str) -> None:
