@@ -20,7 +20,7 @@ copies the few it writes) and the tree keeps indexes of its encryption keys and 
 per-chunk member counts, so copying a tree for the next epoch, the duplicate-key and duplicate-
 device checks and the member count cost no scan of the tree.
 
-Why one module of this size (about 820 lines): the chunked node store, its indexes and the hash
+Why one module of this size (about 830 lines): the chunked node store, its indexes and the hash
 cache are one invariant (every edit updates all three along one path); split apart, each part
 could be edited without the others.
 """
@@ -667,7 +667,13 @@ class RatchetTree:
             self._hashes[y >> self._shift][y & mask] = None
             self._fill[y >> self._shift][y & mask] = None
 
-    def _set(self, x: int, node: Node, admission: bytes | None = None) -> None:
+    def _set(
+        self, x: int, node: Node, admission: bytes | None = None, *, invalidate: bool = True
+    ) -> None:
+        """Write node x. ``invalidate=False``: its cached hashes and fills are left for the
+        caller to invalidate (``_invalidate``) before anything reads them: a path written node
+        by node is invalidated once from its lowest node, not once per node (O(log N), not
+        O(log² N))."""
         old = self.node(x)
         ci, off = x >> self._shift, x & ((1 << self._shift) - 1)
         self._own(ci)
@@ -685,7 +691,8 @@ class RatchetTree:
                     self._adm_used.add(before, -1)
                 if after is not None:
                     self._adm_used.add(after, 1)
-        self._invalidate(x)
+        if invalidate:
+            self._invalidate(x)
 
     def _blank_direct_path(self, leaf_index: int) -> None:
         for p in tm.direct_path(tm.leaf_to_node(leaf_index), self.n_leaves):
@@ -790,9 +797,12 @@ class RatchetTree:
         """Blank the sender's direct path, then set each (node, public key) of its filtered
         direct path with no unmerged leaves: nodes the filter skipped stay blank. Parent hashes
         are set afterwards (``agent.protocol.mls.parenthash.set_path_parent_hashes``)."""
-        self._blank_direct_path(leaf_index)
+        leaf = tm.leaf_to_node(leaf_index)
+        for p in tm.direct_path(leaf, self.n_leaves):
+            self._set(p, None, invalidate=False)
         for x, key in path:
-            self._set(x, ParentNode(key))
+            self._set(x, ParentNode(key), invalidate=False)
+        self._invalidate(leaf)  # every node written above is on the leaf's direct path
 
 
 def _check_shape(nodes: list[Node]) -> None:
