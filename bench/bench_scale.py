@@ -50,6 +50,7 @@ same way and run on its own by name, and they share the service set-up and the v
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -634,6 +635,16 @@ def commit_record(directory: Path, n: int) -> dict[str, Any]:
                 counting[1] += 1
 
         event.listen(Engine, "before_cursor_execute", count)
+        collector: list[float] = [0.0, 0.0]  # the garbage collector's time in the flow, its start
+
+        def collecting(phase: str, _: dict[str, int]) -> None:
+            if counting[0] and phase == "start":
+                collector[1] = time.perf_counter()
+            elif counting[0] and phase == "stop":
+                collector[0] += time.perf_counter() - collector[1]
+
+        gc.callbacks.append(collecting)
+        paused: list[float] = []  # the collector's time in each timed flow, ms
         for k, index in enumerate(committers):
             mine = states[index]
             for commit in log[mine.epoch - 1 :]:
@@ -654,6 +665,7 @@ def commit_record(directory: Path, n: int) -> dict[str, Any]:
                 s: Any, cx: Call = cx, sender: str = sender, body: Any = body, flow: Any = flow
             ) -> Any:
                 counting[:] = [True, 0]
+                collector[0] = 0.0
                 begin, cpu = time.perf_counter(), time.thread_time()
                 out = commits.on_commit(cx, s, sender, body, cx.clock.seconds)
                 flow.append((time.perf_counter() - begin) * 1000)
@@ -673,6 +685,7 @@ def commit_record(directory: Path, n: int) -> dict[str, Any]:
                 flows.append(flow[-3])
                 flows_cpu.append(flow[-2])
                 statements.append(int(flow[-1]))
+                paused.append(collector[0] * 1000)
                 assert copy is not None and copy.epoch == body.epoch
                 start = time.perf_counter()
                 copy.verify(Commit.decode(body.commit))  # the MLS checks alone, once more
@@ -692,6 +705,7 @@ def commit_record(directory: Path, n: int) -> dict[str, Any]:
             )
         assert epoch == 1 + len(committers), epoch  # every commit accepted
         event.remove(Engine, "before_cursor_execute", count)
+        gc.callbacks.remove(collecting)
     median = round(statistics.median(flows), 2)
     baseline = round(_ecdsa_verify_ms(), 3)
     progress(
@@ -713,6 +727,7 @@ def commit_record(directory: Path, n: int) -> dict[str, Any]:
         "cpu_ms": round(statistics.median(flows_cpu), 2),
         "cpu_in_ecdsa_verifies": round(statistics.median(flows_cpu) / baseline, 1),
         "statements": statistics.median(statements),
+        "gc_ms": [round(t, 2) for t in paused],
         "commits_cpu_ms": [round(t, 2) for t in flows_cpu],
         "with_db_commit_ms": round(statistics.median(times), 2),
         "mls_verify_ms": round(statistics.median(checks), 2),
