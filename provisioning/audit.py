@@ -38,10 +38,10 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 import cbor2
-from sqlalchemy import ColumnElement, String, insert, select, type_coerce, update
+from sqlalchemy import ColumnElement, String, bindparam, insert, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
@@ -200,9 +200,7 @@ def record_of(row: AuditEntry) -> AuditRecord:
 
 def head(session: Session) -> tuple[int, bytes]:
     """(seq, hash) of the last entry, or (0, genesis) for an empty log."""
-    last = session.execute(
-        select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)
-    ).first()
+    last = session.execute(_HEAD).first()
     if last is None:
         return 0, GENESIS_PREV_HASH
     return int(last[0]), bytes(last[1])
@@ -256,13 +254,10 @@ def append(
         entry_hash=compute_hash(prev_hash, preimage),
     )
     # Core statements on the tables (the session holds neither row): the entry and the head
-    entries, heads = table_of(AuditEntry), table_of(AuditHead)
     try:
         with savepoint(session):
-            session.execute(insert(entries).values(asdict(entry)))
-            session.execute(
-                update(heads).where(heads.c.id == 1).values(seq=seq, entry_hash=entry.entry_hash)
-            )
+            session.execute(_INSERT_ENTRY, asdict(entry))
+            session.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": entry.entry_hash})
     except IntegrityError:
         raise AuditConflict(f"audit entry {seq} was appended concurrently") from None
     return entry
@@ -334,13 +329,13 @@ def append_many(session: Session, pending: Sequence[Pending], *, now: int) -> li
 def _lock_head(session: Session) -> None:
     """Lock the head row until the caller's transaction ends: other appenders wait here,
     before they read the head, rather than fail later at the unique constraint."""
-    heads = table_of(AuditHead)
+    heads = _HEADS
     if session.get_bind().dialect.name == "sqlite":
         # SQLite ignores FOR UPDATE; a no-op UPDATE is still a write and takes the write lock.
-        locked = session.execute(update(heads).where(heads.c.id == 1).values(seq=heads.c.seq))
+        locked = session.execute(_TOUCH_HEAD)
         if rowcount(locked) == 1:
             return
-    elif session.execute(select(heads.c.id).where(heads.c.id == 1).with_for_update()).first():
+    elif session.execute(_LOCK_HEAD).first():
         return
     # The first append ever: two writers may both get here; the loser's insert fails on the
     # primary key (in a savepoint, so PostgreSQL's transaction stays usable) and it retries.
@@ -349,6 +344,21 @@ def _lock_head(session: Session) -> None:
             session.execute(insert(heads).values(id=1, seq=0, entry_hash=GENESIS_PREV_HASH))
     except IntegrityError:
         raise AuditConflict("the audit head row was created concurrently") from None
+
+
+# The statements of every append, built once: their cache keys are computed once, not per append.
+_ENTRIES, _HEADS = table_of(AuditEntry), table_of(AuditHead)
+_HEAD: Final = (
+    select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)
+)
+_INSERT_ENTRY: Final = insert(_ENTRIES)
+_MOVE_HEAD: Final = (
+    update(_HEADS)
+    .where(_HEADS.c.id == 1)
+    .values(seq=bindparam("new_seq"), entry_hash=bindparam("new_hash"))
+)
+_TOUCH_HEAD: Final = update(_HEADS).where(_HEADS.c.id == 1).values(seq=_HEADS.c.seq)
+_LOCK_HEAD: Final = select(_HEADS.c.id).where(_HEADS.c.id == 1).with_for_update()
 
 
 def record(

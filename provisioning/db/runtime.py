@@ -315,9 +315,12 @@ class CommitReportRow(ServiceBase):
 
 
 class GroupPreviousRow(ServiceBase):
-    """A group's public state before its newest accepted commit (the epoch that commit was made
-    in, its public tree and GroupContext): what a rollback restores. Replaced with every accepted
-    commit; public, like the ``groups`` row it shadows."""
+    """A group's public state before the commit made in ``epoch`` (its public tree and
+    GroupContext): what a rollback of that commit restores. Written only by a commit that
+    converts a row holding the whole state (``store.trees``); any other commit's rollback
+    restores its undo rows and kept head (``GroupTreeUndoRow``, ``GroupTreeEpochRow``). Rows
+    written by every commit before that change are still read. Public, like the ``groups`` row
+    it shadows."""
 
     __tablename__ = "service_group_previous"
 
@@ -328,7 +331,7 @@ class GroupPreviousRow(ServiceBase):
 
 
 class GroupPreviousNodeRow(ServiceBase):
-    """What ``group_tree_nodes`` held, before the group's newest accepted commit, at each node
+    """What ``group_tree_nodes`` held, before the commit of ``GroupPreviousRow``, at each node
     that commit rewrote (``data`` NULL: no row, a blank node). A rollback puts these back."""
 
     __tablename__ = "service_group_previous_nodes"
@@ -341,7 +344,8 @@ class GroupPreviousNodeRow(ServiceBase):
 class GroupTreeUndoRow(ServiceBase):
     """What ``group_tree_nodes`` held at ``epoch``, at each node the commit accepted in that
     epoch rewrote (``data`` NULL: no row, a blank node): with the current rows, the tree of any
-    epoch whose commits are still kept (``store.trees.load_at``, for joiners' tree pages).
+    epoch whose commits are still kept (``store.trees.load_at``, for joiners' tree pages), and
+    what a rollback of the group's newest commit writes back (``store.wedge.roll_back``).
     Dropped with the commit log's retention, with a rollback of that commit, with the group."""
 
     __tablename__ = "service_group_tree_undo"

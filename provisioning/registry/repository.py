@@ -22,11 +22,11 @@ import re
 import secrets
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from sqlalchemy import delete, func, insert, inspect, select, update
+from sqlalchemy import bindparam, delete, func, insert, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -910,23 +910,21 @@ class Registry:
         try:
             with savepoint(self._s):
                 self._s.execute(
-                    insert(table_of(CommitLogEntry)).values(
-                        {f.name: getattr(entry, f.name) for f in fields(CommitRecord)}
-                    )
+                    _INSERT_COMMIT, {f.name: getattr(entry, f.name) for f in fields(CommitRecord)}
                 )
         except IntegrityError:
             raise EpochConflict(group_id, epoch, None) from None
-        groups = table_of(Group)
         moved = self._s.execute(
-            update(groups)
-            .where(groups.c.group_id == group_id, groups.c.epoch == epoch)
-            .values(
-                epoch=epoch + 1,
-                public_tree=public_tree,
-                group_context=group_context,
-                updated_at=now,
-                state_token=state_token or new_state_token(),
-            )
+            _MOVE_GROUP,
+            {
+                "group": group_id,
+                "from_epoch": epoch,
+                "to_epoch": epoch + 1,
+                "tree": public_tree,
+                "context": group_context,
+                "at": now,
+                "token": state_token or new_state_token(),
+            },
         )
         if moved.rowcount != 1:  # type: ignore[attr-defined]
             raise EpochConflict(group_id, epoch, None)
@@ -1279,3 +1277,20 @@ __all__ = [
     "cert_fingerprint",
     "pem_fingerprint",
 ]
+
+
+# The statements of every accepted commit (``Registry.append_commit``), built once: their cache
+# keys are computed once, not per commit.
+_GROUPS = table_of(Group)
+_INSERT_COMMIT: Final = insert(table_of(CommitLogEntry))
+_MOVE_GROUP: Final = (
+    update(_GROUPS)
+    .where(_GROUPS.c.group_id == bindparam("group"), _GROUPS.c.epoch == bindparam("from_epoch"))
+    .values(
+        epoch=bindparam("to_epoch"),
+        public_tree=bindparam("tree"),
+        group_context=bindparam("context"),
+        updated_at=bindparam("at"),
+        state_token=bindparam("token"),
+    )
+)

@@ -353,8 +353,11 @@ def accept_commit(
     token = new_state_token()
     # the tree rows this commit rewrites (O(log N)), and what they hold now
     rows, before = trees.plan(session, body.group_id, public, following)
-    # what a rollback restores if members cannot process this commit (recovery, rollback)
-    wedge_store.save_previous(session, body.group_id, before)
+    row = checked.row if checked.row is not None else session.get(Group, body.group_id)
+    if row is not None and not trees.holds_head(row.public_tree):
+        # a whole-state row: its undo rows (below) cannot rebuild it for a rollback; any other
+        # commit's rollback restores its undo rows (store.wedge)
+        wedge_store.save_previous(session, body.group_id, before)
     registry.append_commit(
         body.group_id,
         epoch=body.epoch,
@@ -369,7 +372,8 @@ def accept_commit(
         now_ms=cx.clock.ms,
         state_token=token,
     )
-    # what rebuilds this epoch's tree for its joiners while the commit is kept (treepages);
+    # what rebuilds this epoch's tree for its joiners while the commit is kept (treepages) and
+    # what a rollback restores if members cannot process this commit (recovery, rollback);
     # after the commit log's row, whose key decides a race for the epoch (EpochConflict)
     trees.save_undo(session, body.group_id, public, before)
     trees.write(session, body.group_id, rows)

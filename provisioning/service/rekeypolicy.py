@@ -254,10 +254,9 @@ def group_policy(cx: Call, session: Session, group_id: str) -> RekeyPolicy:
 def row_bounds(cx: Call, session: Session, group_id: str) -> rows.Bounds:
     """The policy a row of ``group_id`` is written under: the group's own, else the default
     the rows were computed with (the service's, until the check has recorded one)."""
-    own = rows.policy(session, group_id)
+    own, basis = rows.bounds_of(session, group_id)
     if own is not None:
         return own
-    basis = rows.default_basis(session)
     if basis is not None:
         return basis
     return cx.env.settings.rekey_max_age, cx.env.settings.rekey_max_epochs

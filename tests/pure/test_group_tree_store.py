@@ -151,6 +151,9 @@ def test_a_commit_rewrites_log_n_rows_of_a_group_past_the_old_ceiling(engine: En
 
 
 def test_a_rollback_restores_the_rows_the_newest_commit_rewrote(engine: Engine) -> None:
+    """What a rollback writes back is the newest commit's undo rows and its epoch's kept head
+    (the commit flow keeps nothing else for it); an older commit is not rolled back (nothing
+    changes); after the rollback its epoch's undo rows are gone."""
     migrations.upgrade(engine)
     sessions = session_factory(engine)
     public = _public(37)
@@ -162,21 +165,24 @@ def test_a_rollback_restores_the_rows_the_newest_commit_rewrote(engine: Engine) 
     assert removed.n_leaves == 32
     state = public.state
     following = _commit(PublicGroup(replace(state, tree=removed)), 3)
-    with sessions.begin() as s:
-        rows, before = trees.plan(s, G, public, following)
-        wedge.save_previous(s, G, before)
-        trees.write(s, G, rows)
-        s.execute(
-            update(Group)
-            .where(Group.group_id == G)
-            .values(epoch=following.epoch, public_tree=trees.head(following.state))
-        )
-    _same(_load(sessions), following)
-    with sessions.begin() as s:
-        assert wedge.roll_back(s, G, public.epoch, now=2)
-    _same(_load(sessions), public)
+    _accept(sessions, public, following)
+    newest = _commit(following, 9)
+    _accept(sessions, following, newest)
+    _same(_load(sessions), newest)
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(GroupPreviousNodeRow)) == 0
+    with sessions.begin() as s:
+        assert not wedge.roll_back(s, G, public.epoch, now=2)  # not the newest commit
+    _same(_load(sessions), newest)
+    with sessions.begin() as s:
+        assert wedge.roll_back(s, G, following.epoch, now=2)
+    _same(_load(sessions), following)
+    with sessions() as s:
+        assert trees.undo_rows(s, G, following.epoch) == {}
+        assert trees.undo_rows(s, G, public.epoch) != {}
+    with sessions.begin() as s:  # the commit before is the newest now, its undo rows kept
+        assert wedge.roll_back(s, G, public.epoch, now=3)
+    _same(_load(sessions), public)
 
 
 def _accept(sessions: sessionmaker[Session], before: PublicGroup, after: PublicGroup) -> None:

@@ -25,6 +25,7 @@ from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls import codec
 from agent.protocol.mls import tree as tree_mod
 from agent.protocol.mls import tree_math as tm
+from agent.protocol.mls.parenthash import set_path_parent_hashes
 from agent.protocol.mls.tree import SOURCE_KEY_PACKAGE, LeafNode, ParentNode, RatchetTree
 from tests.pure.test_mls_group import World
 
@@ -148,10 +149,13 @@ def test_cached_hash_equals_from_scratch_after_random_edits(
                 i = members[a % len(members)]
                 path = nxt.filtered_direct_path(i)
                 nxt._apply_path(i, [(x, _point()) for x, _ in path])
-                for x, _ in path:
-                    node = nxt.parent_node(x)
-                    assert node is not None
-                    nxt._set(x, ParentNode(node.encryption_key, os.urandom(32)))
+                if a % 2:  # as a commit sets them: invalidated once, from the path's lowest node
+                    set_path_parent_hashes(nxt, path)
+                else:
+                    for x, _ in path:
+                        node = nxt.parent_node(x)
+                        assert node is not None
+                        nxt._set(x, ParentNode(node.encryption_key, os.urandom(32)))
             _check(nxt)
             # the nodes a commit's store rewrites (store.trees.plan): exactly those whose
             # encoding differs, a node past a tree's width counting as blank

@@ -43,8 +43,12 @@ def set_path_parent_hashes(tree: RatchetTree, path: Sequence[tuple[int, int]]) -
         node = tree.parent_node(x)
         assert node is not None and not node.unmerged_leaves
         node = replace(node, parent_hash=above)
-        tree._set(x, node)
+        # the copath child's subtree (hashed next) holds no node of the path: the path's cached
+        # hashes are invalidated once, from its lowest node, below
+        tree._set(x, node, invalidate=False)
         above = parent_hash(node, tree.original_hash(child, frozenset()))
+    if path:
+        tree._invalidate(path[0][0])
     return above
 
 

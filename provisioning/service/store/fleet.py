@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session, selectinload
@@ -509,12 +509,13 @@ def known_epochs(
 
 def last_commit_at(session: Session, group_id: str, device_id: str) -> int | None:
     """When ``device_id``'s newest kept commit in ``group_id`` was accepted."""
-    value = session.scalar(
-        select(func.max(CommitLogEntry.accepted_at)).where(
-            CommitLogEntry.group_id == group_id, CommitLogEntry.committer == device_id
-        )
-    )
+    value = session.scalar(_LAST_COMMIT_AT, {"group": group_id, "device": device_id})
     return None if value is None else int(value)
+
+
+_LAST_COMMIT_AT: Final = select(func.max(CommitLogEntry.accepted_at)).where(
+    CommitLogEntry.group_id == bindparam("group"), CommitLogEntry.committer == bindparam("device")
+)
 
 
 def acked_at(session: Session, group_id: str, epoch: int) -> set[str]:

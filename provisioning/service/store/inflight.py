@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Final
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, case, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -195,13 +196,30 @@ def groups_with_open_jobs(session: Session) -> list[str]:
 
 
 def head_job(session: Session, group_id: str) -> Job | None:
-    """The group's job in flight (the slot holder), else its oldest queued job."""
-    holder = session.scalar(select(GroupSlot.job_id).where(GroupSlot.group_id == group_id))
-    rows = open_job_rows(session, group_id)
-    for row in rows:
-        if row.id == holder:
-            return job_from_row(row)
-    return job_from_row(rows[0]) if rows else None
+    """The group's job in flight (the slot holder), else its oldest queued job: one query."""
+    row = session.scalar(_HEAD_JOB, {"group": group_id})
+    return None if row is None else job_from_row(row)
+
+
+# built once (every commit reads it): its cache key is computed once, not per execution
+_HEAD_JOB: Final = (
+    select(JobRow)
+    .where(JobRow.group_id == bindparam("group"), JobRow.state.not_in(sorted(TERMINAL)))
+    .order_by(
+        case(
+            (
+                JobRow.id
+                == select(GroupSlot.job_id)
+                .where(GroupSlot.group_id == bindparam("group"))
+                .scalar_subquery(),
+                0,
+            ),
+            else_=1,
+        ),
+        JobRow.id,
+    )
+    .limit(1)
+)
 
 
 def pending_create(session: Session, group_id: str) -> bool:
@@ -479,8 +497,13 @@ def take_held_welcome(
 
 def drop_held(session: Session, group_id: str, epoch: int) -> None:
     """Every held half for an epoch that now has its accepted commit."""
-    table = table_of(HeldMessage)
-    session.execute(delete(table).where(table.c.group_id == group_id, table.c.epoch == epoch))
+    session.execute(_DROP_HELD, {"group": group_id, "epoch": epoch})
+
+
+_HELD = table_of(HeldMessage)
+_DROP_HELD: Final = delete(_HELD).where(
+    _HELD.c.group_id == bindparam("group"), _HELD.c.epoch == bindparam("epoch")
+)
 
 
 # -- op.attest waiting for its report ---------------------------------------------------------

@@ -10,18 +10,20 @@ from typing import Any, Final
 
 from sqlalchemy import (
     ColumnElement,
+    Executable,
     Select,
     and_,
     bindparam,
     case,
     delete,
-    insert,
     literal,
     null,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from provisioning.db.engine import table_of
@@ -137,9 +139,9 @@ def put_updates(
     group_epoch: int,
 ) -> None:
     """``put_update`` of each of ``device_ids`` (a commit adding a hundred members writes a
-    hundred rows): their epochs read in one query per ``_IN_CHUNK``, then one Core insert of the
-    new rows and one ``executemany`` update of the others (every commit writes some: the
-    session need not hold the rows)."""
+    hundred rows): one upsert (``INSERT ... ON CONFLICT DO UPDATE ... WHERE``, SQLite and
+    PostgreSQL), which leaves a row alone whose epoch is already past ``epoch`` (every commit
+    writes some rows: the session need not hold them)."""
     wanted = list(dict.fromkeys(device_ids))
     if not wanted:
         return
@@ -152,16 +154,6 @@ def put_updates(
         group_epoch=group_epoch,
         now=now,
     )
-    table = table_of(LeafUpdateRow)
-    held: dict[str, int] = {}
-    for start in range(0, len(wanted), _IN_CHUNK):
-        part = wanted[start : start + _IN_CHUNK]
-        for device_id, held_epoch in session.execute(
-            select(table.c.device_id, table.c.epoch).where(
-                table.c.group_id == group_id, table.c.device_id.in_(part)
-            )
-        ):
-            held[device_id] = held_epoch
     values = {
         "epoch": epoch,
         "updated_at": now,
@@ -169,32 +161,54 @@ def put_updates(
         "due_at": due_at,
         "due_epoch": due_epoch,
     }
-    new = [{"group_id": group_id, "device_id": d, **values} for d in wanted if d not in held]
-    if new:
-        session.execute(insert(table), new)
-    moved = [{"who": d} for d in wanted if d in held and epoch >= held[d]]
-    if moved:
-        session.connection().execute(
-            update(table)
-            .where(table.c.group_id == group_id, table.c.device_id == bindparam("who"))
-            .values(**values),
-            moved,
+    session.execute(
+        _upsert(session.get_bind().dialect.name),
+        [{"group_id": group_id, "device_id": d, **values} for d in wanted],
+    )
+
+
+_UPSERTS: dict[str, Executable] = {}
+
+
+def _upsert(dialect: str) -> Executable:
+    """The leaf-update rows' upsert, built once per dialect: a row's columns move only from an
+    epoch not past the new one."""
+    statement = _UPSERTS.get(dialect)
+    if statement is None:
+        table = table_of(LeafUpdateRow)
+        insert_ = sqlite_insert(table) if dialect == "sqlite" else postgresql_insert(table)
+        new = insert_.excluded
+        statement = insert_.on_conflict_do_update(
+            index_elements=[table.c.group_id, table.c.device_id],
+            set_={
+                "epoch": new.epoch,
+                "updated_at": new.updated_at,
+                "asked_at": new.asked_at,
+                "due_at": new.due_at,
+                "due_epoch": new.due_epoch,
+            },
+            where=table.c.epoch <= new.epoch,
         )
+        _UPSERTS[dialect] = statement
+    return statement
 
 
 def mark_epoch_due(session: Session, group_id: str, group_epoch: int, now: int) -> None:
     """The group reached ``group_epoch``: its rows due by epochs from then on are due ``now``
     (one indexed UPDATE, index ``group_id, due_epoch``; asked rows have no ``due_epoch``)."""
-    session.execute(
-        update(LeafUpdateRow)
-        .where(
-            LeafUpdateRow.group_id == group_id,
-            LeafUpdateRow.due_epoch <= group_epoch,
-            or_(LeafUpdateRow.due_at.is_(None), LeafUpdateRow.due_at > now),
-        )
-        .values(due_at=now)
-        .execution_options(synchronize_session=False)
+    session.execute(_MARK_EPOCH_DUE, {"group": group_id, "reached": group_epoch, "now": now})
+
+
+_LEAVES = table_of(LeafUpdateRow)
+_MARK_EPOCH_DUE: Final = (
+    update(_LEAVES)
+    .where(
+        _LEAVES.c.group_id == bindparam("group"),
+        _LEAVES.c.due_epoch <= bindparam("reached"),
+        or_(_LEAVES.c.due_at.is_(None), _LEAVES.c.due_at > bindparam("now")),
     )
+    .values(due_at=bindparam("now"))
+)
 
 
 def mark_asked(
@@ -258,6 +272,25 @@ def recompute(
     else:
         query = query.where(LeafUpdateRow.group_id.not_in(select(RekeyPolicyRow.group_id)))
     session.execute(query.execution_options(synchronize_session=False))
+
+
+def bounds_of(session: Session, group_id: str) -> tuple[Bounds | None, Bounds | None]:
+    """``(policy(group_id), default_basis())`` in one query."""
+    found: list[Bounds | None] = [None, None]
+    for max_age, max_epochs, which in session.execute(_BOUNDS, {"group": group_id}):
+        found[int(which)] = (int(max_age), int(max_epochs))
+    return found[0], found[1]
+
+
+_BOUNDS: Final = (
+    select(RekeyPolicyRow.max_age, RekeyPolicyRow.max_epochs, literal(0))
+    .where(RekeyPolicyRow.group_id == bindparam("group"))
+    .union_all(
+        select(RekeyDefaultRow.max_age, RekeyDefaultRow.max_epochs, literal(1)).where(
+            RekeyDefaultRow.id == 1
+        )
+    )
+)
 
 
 def default_basis(session: Session) -> Bounds | None:

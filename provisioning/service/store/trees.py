@@ -12,8 +12,8 @@ whose unmerged lists it extends) and the head; the tree is decoded, strictly as 
 A row that holds the whole public state (written before revision 0018, or by a tool seeding a
 group) is read as it is; the first commit after writes every node and the head.
 
-What a rollback restores (``store.wedge``): the head before the newest commit and, in
-``service_group_previous_nodes``, what ``group_tree_nodes`` held at each node the commit wrote.
+What a rollback restores (``store.wedge``): the head kept for the epoch the newest commit was
+made in and its undo rows (below), what ``group_tree_nodes`` held at each node the commit wrote.
 
 The trees of older epochs, for joiners whose Welcome names one (``provisioning.service
 .treepages``): every accepted commit also keeps, in ``service_group_tree_undo`` under the
@@ -29,8 +29,11 @@ commit made in it is kept.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Final
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import Executable, delete, insert, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from agent.protocol.errors import InternalError, ProtocolError
@@ -131,14 +134,34 @@ def holds_head(public_tree: bytes) -> bool:
 
 def write(session: Session, group_id: str, rows: Mapping[int, bytes | None]) -> None:
     """Set ``group_tree_nodes`` at each node of ``rows`` (None: no row). Core statements on the
-    table: the session never holds these rows."""
+    table: the session never holds these rows. The rows a commit writes are one upsert
+    (``INSERT ... ON CONFLICT DO UPDATE``); only the nodes it blanks are a DELETE."""
     if not rows:
         return
     table = table_of(GroupTreeNode)
-    session.execute(delete(table).where(table.c.group_id == group_id, table.c.node.in_(list(rows))))
+    gone = [x for x, d in rows.items() if d is None]
+    if gone:
+        session.execute(delete(table).where(table.c.group_id == group_id, table.c.node.in_(gone)))
     kept = [{"group_id": group_id, "node": x, "data": d} for x, d in rows.items() if d is not None]
     if kept:
-        session.execute(insert(table), kept)
+        session.execute(_upsert(session.get_bind().dialect.name), kept)
+
+
+_UPSERTS: dict[str, Executable] = {}
+
+
+def _upsert(dialect: str) -> Executable:
+    """``INSERT INTO group_tree_nodes ... ON CONFLICT (group_id, node) DO UPDATE SET data``,
+    built once per dialect (SQLite and PostgreSQL both have it)."""
+    statement = _UPSERTS.get(dialect)
+    if statement is None:
+        table = table_of(GroupTreeNode)
+        insert_ = sqlite_insert(table) if dialect == "sqlite" else postgresql_insert(table)
+        statement = insert_.on_conflict_do_update(
+            index_elements=[table.c.group_id, table.c.node], set_={"data": insert_.excluded.data}
+        )
+        _UPSERTS[dialect] = statement
+    return statement
 
 
 def plan(
@@ -163,19 +186,25 @@ def save_undo(
     its head and GroupContext, and ``rows`` (``plan``'s second half: what the rows the commit
     rewrites hold now) as its epoch's undo rows (module docstring)."""
     epoch = before.epoch
-    session.add(
-        GroupTreeEpochRow(
-            group_id=group_id,
-            epoch=epoch,
-            head=head(before.state),
-            group_context=before.state.group_context(),
-        )
+    session.execute(
+        _INSERT_EPOCH,
+        {
+            "group_id": group_id,
+            "epoch": epoch,
+            "head": head(before.state),
+            "group_context": before.state.group_context(),
+        },
     )
     if rows:
         session.execute(
-            insert(GroupTreeUndoRow),
+            _INSERT_UNDO,
             [{"group_id": group_id, "epoch": epoch, "node": x, "data": d} for x, d in rows.items()],
         )
+
+
+# Core statements built once (every commit runs them): the session never holds these rows
+_INSERT_EPOCH: Final = insert(table_of(GroupTreeEpochRow))
+_INSERT_UNDO: Final = insert(table_of(GroupTreeUndoRow))
 
 
 def drop_undo(session: Session, group_id: str, *, below: int | None = None) -> None:
@@ -195,6 +224,17 @@ def drop_undo_of(session: Session, group_id: str, epoch: int) -> None:
             .where(table.group_id == group_id, table.epoch == epoch)
             .execution_options(synchronize_session=False)
         )
+
+
+def undo_rows(session: Session, group_id: str, epoch: int) -> NodeRows:
+    """What the tree rows held before the commit accepted in ``epoch``, at the nodes it rewrote
+    (what a rollback of that commit writes back, ``store.wedge``)."""
+    rows = session.execute(
+        select(GroupTreeUndoRow.node, GroupTreeUndoRow.data).where(
+            GroupTreeUndoRow.group_id == group_id, GroupTreeUndoRow.epoch == epoch
+        )
+    )
+    return {x: d for x, d in rows}
 
 
 def load_at(session: Session, group_id: str, epoch: int) -> PublicGroup | None:
