@@ -33,6 +33,7 @@ so a report with both a forged quote and a garbled log is refused as ``eventlog.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,17 @@ nonce accepted late would let a stolen quote be replayed for that long."""
 NONCE_SIZE = 32
 MAX_OUTSTANDING_PER_DEVICE = 4
 TRUSTED = "attest.trusted"
+DECODED_LOGS = 32
+"""Event logs remembered decoded, by their bytes: the devices of one firmware send the same log
+at every attestation, and decoding is a pure function of the bytes (an ``EventLog`` is frozen),
+so a remembered one is what decoding again would give. A log that does not decode is not
+remembered (it raises each time). At most 32 x 64 KiB."""
+
+_decode_remembered = functools.lru_cache(maxsize=DECODED_LOGS)(decode_event_log)
+
+
+def _decode_log(data: bytes) -> EventLog:
+    return _decode_remembered(data) if type(data) is bytes else decode_event_log(data)
 
 
 @dataclass(frozen=True)
@@ -215,7 +227,7 @@ def verify_evidence(
             f"report quotes PCRs {list(evidence.pcrs)}, the challenge asked {list(challenge.pcrs)}",
         )
     try:
-        log = decode_event_log(evidence.event_log)
+        log = _decode_log(evidence.event_log)
     except ProtocolError as exc:
         raise _refuse(exc.check, f"event log: {exc.reason}") from None
     quoted = set(challenge.pcrs)

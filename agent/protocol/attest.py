@@ -1,6 +1,8 @@
 """Verification of TPM attestation structures. None of this issues a TPM command: the fleet
 service uses it on what devices send (go-tpm-tools keeps its ``server`` package apart the same
-way). tpm2-pytss types are used only to unmarshal.
+way). tpm2-pytss types are used only to unmarshal, except a quote: the service checks one per
+device per attestation interval, and ``agent.protocol.tpmquote`` decodes it in a fraction of
+tpm2-pytss's time.
 
 Every refusal is a ``ProtocolError`` (``CryptoError`` for a bad signature) with a stable check id:
 
@@ -30,10 +32,13 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPM2_ST, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_PUBLIC
 
 from agent.protocol.errors import CryptoError, ProtocolError, TPMError
+from agent.protocol.tpmquote import parse_quote
 
 TPM_GENERATED_VALUE = 0xFF544347
 MAX_ATTEST_SIZE = 2048
 MAX_PUBLIC_SIZE = 1024
+SHA256 = int(TPM2_ALG.SHA256)
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 @dataclass(frozen=True)
@@ -121,12 +126,16 @@ def parse_attest(attest: bytes) -> TPMS_ATTEST:
     return parsed
 
 
-def verify_signature(attestation: Attestation, ak_public: ec.EllipticCurvePublicKey) -> TPMS_ATTEST:
-    """Check the AK's ECDSA-SHA256 signature over the attest bytes, then decode them."""
+def _check_signature(attestation: Attestation, ak_public: ec.EllipticCurvePublicKey) -> None:
     try:
-        ak_public.verify(attestation.signature, attestation.attest, ec.ECDSA(hashes.SHA256()))
+        ak_public.verify(attestation.signature, attestation.attest, _ECDSA_SHA256)
     except (InvalidSignature, ValueError):
         raise CryptoError("tpm.attest.signature", "AK signature does not verify") from None
+
+
+def verify_signature(attestation: Attestation, ak_public: ec.EllipticCurvePublicKey) -> TPMS_ATTEST:
+    """Check the AK's ECDSA-SHA256 signature over the attest bytes, then decode them."""
+    _check_signature(attestation, ak_public)
     return parse_attest(attestation.attest)
 
 
@@ -148,36 +157,33 @@ def verify_quote(
     ``pcr_values`` (sha256 bank) and the digest is SHA-256 of those values.
 
     ``pcr_values`` are what the verifier expects (e.g. replayed from an event log)."""
-    parsed = verify_signature(attestation, ak_public)
-    if parsed.type != TPM2_ST.ATTEST_QUOTE:
-        raise ProtocolError("tpm.attest.type", "not a quote")
-    if bytes(parsed.extraData) != nonce:
+    _check_signature(attestation, ak_public)
+    parsed = parse_quote(attestation.attest)
+    if parsed.extra_data != nonce:
         raise ProtocolError("tpm.attest.nonce", "quote does not carry the verifier's nonce")
-    quote = parsed.attested.quote
     selected: list[int] = []
-    for i in range(quote.pcrSelect.count):
-        selection = quote.pcrSelect.pcrSelections[i]
-        if selection.hash != TPM2_ALG.SHA256:
+    for alg, bitmap in parsed.selections:
+        if alg != SHA256:
             raise ProtocolError("tpm.quote.pcr-select", "quote covers a bank other than sha256")
-        bitmap = bytes(selection.pcrSelect)[: selection.sizeofSelect]
         for byte_index, byte in enumerate(bitmap):
-            selected.extend(byte_index * 8 + bit for bit in range(8) if byte >> bit & 1)
+            if byte:
+                selected.extend(byte_index * 8 + bit for bit in range(8) if byte >> bit & 1)
     if sorted(selected) != sorted(pcr_values):
         raise ProtocolError(
             "tpm.quote.pcr-select",
             f"quote covers PCRs {sorted(selected)}, expected {sorted(pcr_values)}",
         )
     digest = pcr_digest(pcr_values, selected)
-    if bytes(quote.pcrDigest) != digest:
+    if parsed.pcr_digest != digest:
         raise ProtocolError("tpm.quote.pcr-digest", "PCR digest differs from the expected values")
     return QuoteInfo(
         nonce=nonce,
         pcrs=tuple(sorted(selected)),
         pcr_digest=digest,
-        clock=int(parsed.clockInfo.clock),
-        reset_count=int(parsed.clockInfo.resetCount),
-        restart_count=int(parsed.clockInfo.restartCount),
-        firmware_version=int(parsed.firmwareVersion),
+        clock=parsed.clock,
+        reset_count=parsed.reset_count,
+        restart_count=parsed.restart_count,
+        firmware_version=parsed.firmware_version,
     )
 
 

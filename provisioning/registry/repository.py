@@ -287,10 +287,19 @@ def new_state_token() -> bytes:
     return secrets.token_bytes(16)
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _record(cls: type[R], row: object) -> R:
     """The frozen, session-free record of a row: each record field is the row's column of the
-    same name (records are what the registry hands out; rows never leave a session)."""
-    return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+    same name (records are what the registry hands out; rows never leave a session). A loaded
+    column's current value is in the row's ``__dict__`` (where the ORM's attribute reads it
+    from); only one not loaded (expired) goes through the attribute, which loads it."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    loaded = row.__dict__
+    return cls(**{name: loaded[name] if name in loaded else getattr(row, name) for name in names})
 
 
 def judge_ack(

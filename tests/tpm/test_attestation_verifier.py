@@ -287,3 +287,34 @@ def test_verdict_is_recorded_in_the_registry(swtpm: Swtpm, tmp_path: Path) -> No
     assert record.attestation_result is AttestationResult.UNTRUSTED
     assert record.attestation_reason is not None
     assert record.attestation_reason.startswith("[attest.policy.digest] rootfs: digest ")
+
+
+def test_a_remembered_log_binds_nothing_but_its_bytes(swtpm_factory: SwtpmFactory) -> None:
+    """Logs are remembered decoded by their bytes (``provisioning.attestation.DECODED_LOGS``):
+    a genuine device's log, once trusted, sent by a device whose firmware is tampered is still
+    refused by its quote (replay mismatch), and a garbled log is refused every time."""
+    verifier = AttestationVerifier(golden())
+    with booted(swtpm_factory.start(), default_components("1.0")) as genuine:
+        first = verifier.verify(
+            DEVICE, genuine.answer(verifier.challenge(DEVICE, NOW)), genuine.ak_public, NOW
+        )
+        again = verifier.verify(
+            DEVICE, genuine.answer(verifier.challenge(DEVICE, NOW)), genuine.ak_public, NOW
+        )
+        golden_log = genuine.log
+    assert first.trusted and again.trusted
+    assert dict(again.pcr_values) == dict(first.pcr_values)
+    with booted(
+        swtpm_factory.start(fresh=True), tampered(default_components("1.0"), "kernel")
+    ) as forger:
+        borrowed = refusal(
+            verifier, forger, forger.answer(verifier.challenge(DEVICE, NOW), log=golden_log)
+        )
+        garbled = [
+            refusal(
+                verifier, forger, forger.answer(verifier.challenge(DEVICE, NOW), log=b"\xa1")
+            ).check
+            for _ in range(2)
+        ]
+    assert borrowed.check == "attest.eventlog.replay"
+    assert garbled == ["eventlog.cbor", "eventlog.cbor"]
