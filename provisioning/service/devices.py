@@ -395,6 +395,7 @@ def on_key_package(
     a multi-add job's key packages are gathered there and the job is not written here: the
     batch writes each job once (``keypackages.on_key_packages``). Every check runs before
     anything is kept, so a refused key package changes nothing either way."""
+    held = collecting is not None and body.command_id in collecting
     job, have = _requesting_job(session, body, collecting)
     multi = job is not None and bulkadd.is_multi(job)
     if (
@@ -409,7 +410,11 @@ def on_key_package(
         raise ProtocolError(
             "ds.key_package.unexpected", "no key package was requested with this command id"
         )
-    groupdelete.check_live(session, job.group_id)
+    if not held:
+        # a batch checks a job's group once: nothing in its transaction deletes a group
+        groupdelete.check_live(session, job.group_id)
+        if collecting is not None and multi and body.command_id is not None:
+            collecting[body.command_id] = (job, have)
     key_package = KeyPackage.decode(body.key_package)
     key_package.verify()
     device = Registry(session).device(sender)
@@ -453,7 +458,8 @@ def _requesting_job(
     session: Session, body: KeyPackageMessage, collecting: CollectedJobs | None
 ) -> tuple[Job | None, dict[str, bytes]]:
     """The job that asked for ``body`` (by its command id) and, for a multi-add, the key
-    packages it holds so far (from ``collecting`` when the batch read it already)."""
+    packages it holds so far (from ``collecting`` when the batch holds it already: a job is
+    held there once a key package of the batch passed its request and group checks)."""
     if body.command_id is None:
         return None, {}
     if collecting is not None and body.command_id in collecting:
@@ -461,10 +467,7 @@ def _requesting_job(
     job = store.job_by_request(session, body.command_id)
     if job is None or not bulkadd.is_multi(job):
         return job, {}
-    have = bulkadd.collected(job)
-    if collecting is not None and job.state is JobState.KEY_PACKAGE:
-        collecting[body.command_id] = (job, have)
-    return job, have
+    return job, bulkadd.collected(job)
 
 
 def on_group_created(
