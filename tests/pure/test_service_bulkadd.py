@@ -399,7 +399,8 @@ def test_a_batch_of_key_packages_writes_its_job_once_and_a_lost_write_takes_them
     """Key packages taken together read their multi-add job once and write it once (not per key
     package: the job's key-package map grows with each joiner); if that one write loses its
     compare-and-set (another instance moved the job), the batch is undone and each key package
-    is taken on its own: the creation still ends done with every founder, none counted twice."""
+    is taken on its own: the creation still ends done with every founder, none counted twice.
+    The senders' replay rows, created together by their first messages, refuse a replay."""
     saves: list[int] = []
     save_job = store.save_job
     lose_next = [True]
@@ -438,6 +439,15 @@ def test_a_batch_of_key_packages_writes_its_job_once_and_a_lost_write_takes_them
     # the sixth completed the job (a save in another state)
     assert saves == [3, 5, 4, 5], saves
     assert fleet.service.rejections.count("ds.key_package.unexpected") == 0
+    # the first three were their senders' first messages: their replay rows, created together,
+    # refuse a replay of one
+    with fleet.sessions() as s:
+        window = store.load_guard(s, first_batch[0][0].split("/")[3])
+    fleet.deliver(fleet.service.handle_many(first_batch[:1], fleet.now))
+    assert fleet.service.rejections.count("replay.duplicate") == 1
+    with fleet.sessions() as s:
+        again = store.load_guard(s, first_batch[0][0].split("/")[3])
+    assert again.to_bytes() == window.to_bytes()
     result = fleet.final(body.command_id)
     assert result.status is ResultStatus.DONE, result.detail
     assert sorted(fleet.members("g1")) == sorted(names)
