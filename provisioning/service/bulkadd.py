@@ -112,12 +112,9 @@ def missing(job: Job) -> list[str]:
     return [d for d in joiners(job) if d not in have]
 
 
-def keep(job: Job, device_id: str, key_package: bytes) -> bool:
-    """Record ``device_id``'s key package; True once every joiner's is in."""
-    have = collected(job)
-    have[device_id] = key_package
-    job.key_package = cbor.encode(have)
-    return len(have) == len(joiners(job))
+def store_collected(job: Job, have: dict[str, bytes]) -> None:
+    """Put the key packages collected (``collected``, with more added) back into ``job``."""
+    job.key_package = cbor.encode(have) if have else None
 
 
 def key_packages(job: Job) -> tuple[bytes, ...]:
@@ -135,7 +132,7 @@ def leave_out(job: Job, device_id: str) -> None:
     have = collected(job)
     have.pop(device_id, None)
     job.candidates = tuple(d for d in joiners(job) if d != device_id)
-    job.key_package = cbor.encode(have) if have else None
+    store_collected(job, have)
 
 
 def split_off_missing(job: Job, request_id: bytes) -> Job | None:

@@ -166,6 +166,17 @@ def refuse_in_batch(
     return not err.check.startswith("replay.")
 
 
+def check_not_quarantined(session: Session, sender: str) -> None:
+    """``ds.device.quarantined``: like a revoked device's, a quarantined device's reports are
+    refused, except attestation reports: a device whose firmware was fixed can prove it and
+    become active again (it is not re-added automatically)."""
+    if Registry(session).device(sender).state is DeviceState.QUARANTINED:
+        raise ProtocolError(
+            "ds.device.quarantined",
+            f"device {sender!r} is quarantined: only attestation reports are taken",
+        )
+
+
 def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: int) -> Effects:
     body = message.body
     sender = message.sender
@@ -173,13 +184,7 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
         return on_device_destroyed(cx, session, sender, body, now)
     if isinstance(body, AttestReport):
         return attestation.on_attest_report(cx, session, body, message, now=now)
-    if Registry(session).device(sender).state is DeviceState.QUARANTINED:
-        # Like a revoked device's, except attestation reports: a device whose firmware was
-        # fixed can prove it and become active again (it is not re-added automatically).
-        raise ProtocolError(
-            "ds.device.quarantined",
-            f"device {sender!r} is quarantined: only attestation reports are taken",
-        )
+    check_not_quarantined(session, sender)
     if isinstance(body, KeyStateBody):
         return on_key_states(cx, session, sender, body, message, now=now)
     if isinstance(body, KeyPackageMessage):
@@ -388,20 +393,46 @@ def on_device_destroyed(
     ]
 
 
+CollectedJobs = dict[bytes, tuple[Job, dict[str, bytes]]]
+"""Multi-add jobs a batch of key packages goes to (``keypackages.on_key_packages``), by request
+id: each job read and its key-package map decoded once for the batch, then written once after
+its last key package (``bulkadd.store_collected``, ``store.save_job``), not once per key
+package."""
+
+
 def on_key_package(
-    cx: Call, session: Session, sender: str, body: KeyPackageMessage, now: int
+    cx: Call,
+    session: Session,
+    sender: str,
+    body: KeyPackageMessage,
+    now: int,
+    *,
+    collecting: CollectedJobs | None = None,
 ) -> Effects:
-    job = store.job_by_request(session, body.command_id) if body.command_id is not None else None
+    """Take a joiner's key package for the job that asked for it. With ``collecting`` (a batch)
+    a multi-add job's key packages are gathered there and the job is not written here: the
+    batch writes each job once (``keypackages.on_key_packages``). Every check runs before
+    anything is kept, so a refused key package changes nothing either way."""
+    held = collecting is not None and body.command_id in collecting
+    job, have = _requesting_job(session, body, collecting)
     multi = job is not None and bulkadd.is_multi(job)
     if (
         job is None
         or job.state is not JobState.KEY_PACKAGE
-        or (sender not in bulkadd.missing(job) if multi else job.member != sender)
+        or (
+            (sender in have or sender not in bulkadd.joiners(job))
+            if multi
+            else job.member != sender
+        )
     ):
         raise ProtocolError(
             "ds.key_package.unexpected", "no key package was requested with this command id"
         )
-    groupdelete.check_live(session, job.group_id)
+    if not held:
+        # a batch checks a job's group once: nothing in its transaction deletes a group
+        groupdelete.check_live(session, job.group_id)
+        if collecting is not None and multi and body.command_id is not None:
+            collecting[body.command_id] = (job, have)
     key_package = KeyPackage.decode(body.key_package)
     key_package.verify()
     device = Registry(session).device(sender)
@@ -413,7 +444,16 @@ def on_key_package(
             "the key package is not bound to the sender's DevID key and device id",
         )
     if multi:
-        if not bulkadd.keep(job, sender, body.key_package):
+        have[sender] = body.key_package
+        complete = len(have) == len(bulkadd.joiners(job))
+        if collecting is not None:
+            # the batch saves the job (compare-and-set) after its last key package
+            if complete:
+                job.state = JobState.WAITING
+                return [Touch(job), StartNext(job.group_id)]
+            return [Touch(job)]
+        bulkadd.store_collected(job, have)
+        if not complete:
             # more joiners to hear from: the job waits for them (asked again at its deadline)
             if not store.save_job(session, job, cx.env.instance):
                 raise ProtocolError(
@@ -430,6 +470,22 @@ def on_key_package(
         )
 
     return [Touch(job), StartNext(job.group_id)]
+
+
+def _requesting_job(
+    session: Session, body: KeyPackageMessage, collecting: CollectedJobs | None
+) -> tuple[Job | None, dict[str, bytes]]:
+    """The job that asked for ``body`` (by its command id) and, for a multi-add, the key
+    packages it holds so far (from ``collecting`` when the batch holds it already: a job is
+    held there once a key package of the batch passed its request and group checks)."""
+    if body.command_id is None:
+        return None, {}
+    if collecting is not None and body.command_id in collecting:
+        return collecting[body.command_id]
+    job = store.job_by_request(session, body.command_id)
+    if job is None or not bulkadd.is_multi(job):
+        return job, {}
+    return job, bulkadd.collected(job)
 
 
 def on_group_created(

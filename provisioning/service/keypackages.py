@@ -9,10 +9,15 @@ sorted order, each key package is judged alone against its sender's window under
 and handled by ``devices.on_key_package`` exactly as on its own, then the replay rows, "heard
 from", one touch per operation and one start per group follow, and one catch-up pass.
 
-A key package refused here is refused alone: ``devices.on_key_package`` writes nothing before
-its last check (the job is saved only once the key package is taken, and a lost
-compare-and-set writes nothing), and its replay window is updated on a copy kept only when it
-is taken. If the transaction itself fails, each is tried on its own
+A multi-add job the batch's key packages go to is read and its key-package map decoded once
+for the batch (``devices.CollectedJobs``), and written once after the batch's last key
+package (compare-and-set), not read, decoded, re-encoded and written again per key package:
+that was O(joiners²) bytes per chunk of a creation.
+
+A key package refused here is refused alone: ``devices.on_key_package`` keeps nothing before
+its last check (a multi-add's key package joins the batch's map only once taken), and its
+replay window is updated on a copy kept only when it is taken. If the transaction itself fails
+(a lost compare-and-set on a job: another instance moved it), each is tried on its own
 (``devices.on_device_message``).
 """
 
@@ -26,7 +31,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.group import KeyPackageMessage
 from agent.protocol.wire.replay import ReplayGuard
-from provisioning.service import catchup, devices, execute, store, verify
+from provisioning.service import bulkadd, catchup, devices, execute, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Effect, StartNext, Touch
 
@@ -47,23 +52,48 @@ def on_key_packages(cx: Call, key_packages: list[verify.VerifiedReport], now: in
         refused.clear()
         senders = sorted({m.sender for m in batch})
         stored = store.lock_guards(session, senders)
+        # the senders' device rows in one query (the identity map answers the per-message
+        # reads); ``held`` keeps them there
+        held = store.load_ack_senders(session, senders, ())
         guards: dict[str, ReplayGuard] = {}
         effects: list[Effect] = []
+        collecting: devices.CollectedJobs = {}
         for report in batch:
             message = report.message
             sender = message.sender
+            body = report.body
             guard = guards.get(sender)
             if guard is None:
                 guard = store.load_guard(session, sender, memo=cx.guards, stored=stored)
             trial = guard.copy()
             try:
                 trial.accept(message)
-                effects.extend(devices.dispatch_device(cx, session, message, now))
+                if isinstance(body, KeyPackageMessage):
+                    devices.check_not_quarantined(session, sender)
+                    effects.extend(
+                        devices.on_key_package(
+                            cx, session, sender, body, now, collecting=collecting
+                        )
+                    )
+                else:
+                    effects.extend(devices.dispatch_device(cx, session, message, now))
             except ProtocolError as err:
                 refused.append((report, err))
                 continue
             guards[sender] = trial
             taken.append(report)
+        took = {r.body.command_id for r in taken if isinstance(r.body, KeyPackageMessage)}
+        for request_id, (job, have) in collecting.items():
+            if request_id not in took:
+                continue  # none of the batch's key packages was taken for it
+            bulkadd.store_collected(job, have)
+            if not store.save_job(session, job, cx.env.instance):
+                # another instance moved the job meanwhile: each key package is then taken
+                # (or refused) on its own
+                raise ProtocolError(
+                    "ds.key_package.unexpected", "the job moved meanwhile: send it again"
+                )
+        del held
         store.save_guards(session, guards, now=now, stored=stored)
         store.mark_heard(session, guards, now=now)
         return _once(effects)

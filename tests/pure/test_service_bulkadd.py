@@ -26,6 +26,7 @@ from agent.protocol.wire.messages.service import CommitAction, CommitRequest, Ke
 from provisioning.db.schema import CommitLogEntry
 from provisioning.registry import DeviceState, Registry
 from provisioning.service import bulkadd, feed, intake, keypackages, store
+from provisioning.service.model import JobState
 from tests.device_certs import devid_cert_der
 from tests.pure.test_service_core import Fleet, agreed, make_fleet
 from tests.pure.test_service_requests import approve, propose
@@ -390,3 +391,64 @@ def test_key_packages_received_together_are_one_batch_and_each_is_judged_alone(
     assert added == sorted(names[1:])
     assert all(kp.signature_key != forged.signature_key or kp.device_id == b"dev-02"
                for c in logged for kp in c.content.adds)  # fmt: skip
+
+
+def test_a_batch_of_key_packages_writes_its_job_once_and_a_lost_write_takes_them_one_by_one(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Key packages taken together read their multi-add job once and write it once (not per key
+    package: the job's key-package map grows with each joiner); if that one write loses its
+    compare-and-set (another instance moved the job), the batch is undone and each key package
+    is taken on its own: the creation still ends done with every founder, none counted twice.
+    The senders' replay rows, created together by their first messages, refuse a replay."""
+    saves: list[int] = []
+    save_job = store.save_job
+    lose_next = [True]
+
+    def counting(session: Any, job: Any, instance: str) -> bool:
+        if bulkadd.is_multi(job) and job.state is JobState.KEY_PACKAGE:
+            saves.append(len(bulkadd.collected(job)))
+            if lose_next[0] and saves[-1] == 5:
+                lose_next[0] = False
+                return False
+        return save_job(session, job, instance)
+
+    monkeypatch.setattr(store, "save_job", counting)
+    names = NAMES[:7]
+    body = group_create("g1", *names)
+    batch = [fleet.operators["op-alice"].command(body, fleet.now)]
+    first_batch = None
+    while batch:
+        if (
+            first_batch is None
+            and len(batch) == 6
+            and all(topic.endswith("/report") for topic, _ in batch)
+        ):
+            first_batch = list(batch)
+            saves.clear()
+            # three together: the job written once, with the three
+            fleet.deliver(fleet.service.handle_many(batch[:3], fleet.now))
+            assert saves == [3], saves
+            # two more together: their one write (five in the map) is lost; then each
+            # is taken on its own (four, then five)
+            fleet.deliver(fleet.service.handle_many(batch[3:5], fleet.now))
+            assert saves == [3, 5, 4, 5], saves
+            batch = batch[5:]
+        batch = fleet.deliver(fleet.service.handle_many(batch, fleet.now))
+    assert first_batch is not None, "the six joiners' key packages did not arrive together"
+    # the sixth completed the job (a save in another state)
+    assert saves == [3, 5, 4, 5], saves
+    assert fleet.service.rejections.count("ds.key_package.unexpected") == 0
+    # the first three were their senders' first messages: their replay rows, created together,
+    # refuse a replay of one
+    with fleet.sessions() as s:
+        window = store.load_guard(s, first_batch[0][0].split("/")[3])
+    fleet.deliver(fleet.service.handle_many(first_batch[:1], fleet.now))
+    assert fleet.service.rejections.count("replay.duplicate") == 1
+    with fleet.sessions() as s:
+        again = store.load_guard(s, first_batch[0][0].split("/")[3])
+    assert again.to_bytes() == window.to_bytes()
+    result = fleet.final(body.command_id)
+    assert result.status is ResultStatus.DONE, result.detail
+    assert sorted(fleet.members("g1")) == sorted(names)
+    assert len(agreed(fleet, "g1")) == 1

@@ -210,11 +210,18 @@ def save_guards(
     stored: Mapping[str, bytes] | None = None,
 ) -> None:
     """``save_guard`` for several senders (sorted), the existing rows written in one flush;
-    with ``stored`` (``lock_guards``'s), those rows in one Core ``executemany``."""
+    with ``stored`` (``lock_guards``'s), those rows in one Core ``executemany`` and the rows of
+    senders that had none (their first messages) inserted in one flush."""
     rewritten: list[dict[str, object]] = []
+    created: list[ReplayState] = []
     for sender in sorted(guards):
         if stored is not None and sender in stored:
             rewritten.append({"who": sender, "data": guards[sender].to_bytes(), "at": now})
+            continue
+        if stored is not None:
+            # no row when ``lock_guards`` read them: the senders' first rows, in one flush
+            data = guards[sender].to_bytes()
+            created.append(ReplayState(sender=sender, state=data, updated_at=now))
             continue
         row = session.get(ReplayState, sender)
         if row is None:
@@ -229,6 +236,10 @@ def save_guards(
             .values(state=bindparam("data"), updated_at=bindparam("at")),
             rewritten,
         )
+    if created:
+        session.add_all(created)
+        # another instance created one of them meanwhile: the unit runs again and finds it
+        _flush_or_retry(session, "a replay state was created concurrently")
     session.flush()
 
 
