@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.errors import ConfigError
+from firmware_sim.boot import default_components
 from provisioning.cli import main
 from provisioning.config import InvalidConfig, ServiceConfig, load_config
 from provisioning.custody import FileKeyRef, TokenKeyRef
-from provisioning.service.mqtt import settings_from
+from provisioning.policy import policy_from_components, write_policy
+from provisioning.service.mqtt import attestation_from, settings_from
 
 pytestmark = pytest.mark.pure
 
@@ -92,6 +94,10 @@ def test_good_file_loads_into_a_frozen_dataclass(config_dir: Path) -> None:
     assert config.attestation.golden_measurements == config_dir / "policy/golden.toml"
     assert config.attestation.interval_seconds == 600
     assert config.attestation.max_challenges_per_second == 12
+    write_policy(
+        policy_from_components(default_components("1.0")), config.attestation.golden_measurements
+    )
+    assert attestation_from(config).challenges_per_second == 12  # the schedule's rate
     assert (config.groups.commit_log_retention_epochs, config.groups.ack_timeout_seconds) == (
         16,
         20,
