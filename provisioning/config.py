@@ -181,6 +181,7 @@ class AttestationConfig:
     interval_seconds: int
     quarantine: bool = False
     manufacturer_crls: Path | None = None
+    max_challenges_per_second: int = 50
 
 
 @dataclass(frozen=True)
@@ -513,6 +514,7 @@ def _schema(base: Path) -> Table:
             "interval_seconds": Field(seconds(10, 7 * 86400), default=3600),
             "quarantine": Field(Bool(), default=False),
             "manufacturer_crls": Field(_file_to_write(base)),
+            "max_challenges_per_second": Field(Int(1, 100, "challenges"), default=50),
         },
         "groups": {
             "commit_log_retention_epochs": Field(Int(1, 1_000_000, "epochs"), default=64),

@@ -205,6 +205,11 @@ class ServiceMetrics:
             "Attestation challenges sent, by trigger (schedule or operator).",
             ("trigger",),
         )
+        self.attest_backlog_scans = Counter(
+            "keyfleet_attestation_scans_capped_total",
+            "Attestation scans that challenged their most ([attestation] "
+            "max_challenges_per_second) and left devices due for later scans.",
+        )
         self.jobs = Counter(
             "keyfleet_jobs_claimed_total",
             "Group jobs this instance moved forward: claimed (fresh or after its own deadline) "
@@ -240,6 +245,7 @@ class ServiceMetrics:
             self.commits,
             self.attestations,
             self.challenges,
+            self.attest_backlog_scans,
             self.jobs,
             self.claims_lost,
             self.tasks,

@@ -85,13 +85,16 @@ class ServiceSettings:
 class AttestationSettings:
     """Runtime attestation (the configuration's [attestation] table): the golden policy, how
     often each device is challenged, whether an untrusted device is quarantined, how long a
-    challenge stays answerable and how many may be open per device."""
+    challenge stays answerable and how many may be open per device, and how many challenges
+    the schedule sends a second at most (``tasks.attest_tick``: a backlog, as after a
+    fleet-wide outage, is worked off oldest-due first at this rate)."""
 
     policy: GoldenPolicy
     interval: int = 3600
     quarantine: bool = False
     nonce_ttl: int = 300
     max_open: int = 4
+    challenges_per_second: int = 50
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,7 @@ def attestation_from(config: ServiceConfig) -> AttestationSettings:
         policy=load_policy(config.attestation.golden_measurements),
         interval=config.attestation.interval_seconds,
         quarantine=config.attestation.quarantine,
+        challenges_per_second=config.attestation.max_challenges_per_second,
     )
 
 

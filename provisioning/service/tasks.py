@@ -1,7 +1,10 @@
 """Periodic work every instance's ``tick`` offers, done by one instance at a time: the attestation
 schedule (every ``ATTEST_SCAN_SECONDS``: challenge the online devices whose last verdict or
 challenge is an ``interval`` old, read by the ``devices.attest_due`` index, at most
-``ATTEST_SCAN_BATCH`` a scan; operator attestations without a report end in ``timeout``),
+``ATTEST_SCAN_BATCH`` looked at and ``challenges_per_second`` times ``ATTEST_SCAN_SECONDS``
+challenged a scan, the longest due first, the rest left due for the next scans: a fleet back
+from an outage is re-attested at that rate, not all at once; operator attestations without a
+report end in ``timeout``),
 pruning (once a minute fleet-wide: held halves nobody completed, ended jobs of ended operations,
 operations finished a day ago) and the device CA's CRL (``crl_tick``: re-issued at half its
 validity by one instance; every instance's ``[revocation] crl_file`` kept at the newest; a
@@ -69,10 +72,13 @@ def attest_tick(cx: Call, now: int) -> None:
     if cx.env.attestation is None or not claim_task(cx, "attest.scan", now):
         return
     interval = cx.env.attestation.interval
+    cap = scan_cap(cx.env.attestation.challenges_per_second)
+    capped: list[int] = []  # the due time of the first device left for a later scan
 
     def due(session: Session) -> list[str]:
         store.forget_challenges(session, now=now)
-        found = []
+        found: list[str] = []
+        capped.clear()
         for device in store.attest_due(session, now=now, limit=ATTEST_SCAN_BATCH):
             if device.state not in attestation.ATTESTABLE or not device.has_ak:
                 later = now + interval  # (a re-enrollment makes it due at once)
@@ -84,6 +90,11 @@ def attest_tick(cx: Call, now: int) -> None:
                 later = now + min(interval, OFFLINE_RECHECK_SECONDS)
             elif device.attested_at is not None and now - device.attested_at < interval:
                 later = device.attested_at + interval  # a verdict after its challenge
+            elif len(found) >= cap:
+                # this scan's share is taken: it and the rest stay due, in their order, for
+                # the next scans (neither skipped nor moved: still shown as due)
+                capped.append(device.attest_due)
+                break
             else:
                 found.append(device.device_id)  # challenging it sets when it is due next
                 continue
@@ -91,7 +102,16 @@ def attest_tick(cx: Call, now: int) -> None:
         return found
 
     try:
-        for device_id in cx.env.tx(due):
+        chosen = cx.env.tx(due)
+        if capped:
+            cx.env.metrics.attest_backlog_scans.inc()
+            log.info(
+                "scheduled attestation: %d challenged (the most a scan), more due; the "
+                "longest due for %ds",
+                len(chosen),
+                now - capped[0],
+            )
+        for device_id in chosen:
             try:
                 challenged = attestation.challenge(cx, device_id, now, scheduled=True)
             except ProtocolError as err:
@@ -104,6 +124,12 @@ def attest_tick(cx: Call, now: int) -> None:
                     log.info("scheduled attestation: challenged %s", device_id)
     finally:
         finish_task(cx, "attest.scan", now + ATTEST_SCAN_SECONDS)
+
+
+def scan_cap(per_second: int) -> int:
+    """The most devices one attestation scan challenges at ``per_second`` challenges a
+    second (``[attestation] max_challenges_per_second``)."""
+    return max(1, min(ATTEST_SCAN_BATCH, per_second * ATTEST_SCAN_SECONDS))
 
 
 def claim_task(cx: Call, name: str, now: int) -> bool:

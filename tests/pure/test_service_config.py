@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.errors import ConfigError
+from firmware_sim.boot import default_components
 from provisioning.cli import main
 from provisioning.config import InvalidConfig, ServiceConfig, load_config
 from provisioning.custody import FileKeyRef, TokenKeyRef
-from provisioning.service.mqtt import settings_from
+from provisioning.policy import policy_from_components, write_policy
+from provisioning.service.mqtt import attestation_from, settings_from
 
 pytestmark = pytest.mark.pure
 
@@ -40,6 +42,7 @@ SECTIONS = {
     "attestation": (
         '[attestation]\nmanufacturer_cas = "pki/manufacturer-cas.pem"\n'
         'golden_measurements = "policy/golden.toml"\ninterval_seconds = 600\n'
+        "max_challenges_per_second = 12\n"
     ),
     "groups": "[groups]\ncommit_log_retention_epochs = 16\nack_timeout_seconds = 20\n"
     "tree_requests_per_minute = 30\ntree_request_burst = 8\ntree_pages_kept = 4\n",
@@ -90,6 +93,11 @@ def test_good_file_loads_into_a_frozen_dataclass(config_dir: Path) -> None:
     assert config.operator_ca_cert == config_dir / "pki/operator-ca.pem"
     assert config.attestation.golden_measurements == config_dir / "policy/golden.toml"
     assert config.attestation.interval_seconds == 600
+    assert config.attestation.max_challenges_per_second == 12
+    write_policy(
+        policy_from_components(default_components("1.0")), config.attestation.golden_measurements
+    )
+    assert attestation_from(config).challenges_per_second == 12  # the schedule's rate
     assert (config.groups.commit_log_retention_epochs, config.groups.ack_timeout_seconds) == (
         16,
         20,
@@ -105,10 +113,12 @@ def test_good_file_loads_into_a_frozen_dataclass(config_dir: Path) -> None:
 def test_defaults_for_optional_tables_and_keys(config_dir: Path) -> None:
     text = without("database", "groups", "http").replace("port = 18883\n", "")
     text = text.replace("interval_seconds = 600\n", "")
+    text = text.replace("max_challenges_per_second = 12\n", "")
     config = load_config(write(config_dir, text))
     assert config.database_url == f"sqlite:///{config_dir / 'keyfleet.db'}"
     assert config.broker.port == 8883
     assert config.attestation.interval_seconds == 3600
+    assert config.attestation.max_challenges_per_second == 50
     assert (config.groups.commit_log_retention_epochs, config.groups.ack_timeout_seconds) == (
         64,
         30,
@@ -140,6 +150,7 @@ def test_wrong_types_and_ranges(config_dir: Path) -> None:
         .replace('listen = "127.0.0.1:8443"', 'listen = "127.0.0.1:99999"')
         .replace('host = "127.0.0.1"', "host = 42")
         .replace("tree_pages_kept = 4", "tree_pages_kept = 17")
+        .replace("max_challenges_per_second = 12", "max_challenges_per_second = 101")
     )
     found = problems_of(write(config_dir, text))
     assert found == {
@@ -155,6 +166,10 @@ def test_wrong_types_and_ranges(config_dir: Path) -> None:
             "an integer from 1 to 1000000 (epochs)",
         ),
         "groups.tree_pages_kept": ("17 (integer)", "an integer from 1 to 16 (trees)"),
+        "attestation.max_challenges_per_second": (
+            "101 (integer)",
+            "an integer from 1 to 100 (challenges)",
+        ),
         "http.listen": (
             '"127.0.0.1:99999" (string)',
             "HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8443 or [::1]:8443",
@@ -174,7 +189,7 @@ def test_missing_required_keys_and_tables(config_dir: Path) -> None:
     assert found["attestation"] == (
         "missing",
         "a table with manufacturer_cas, golden_measurements, interval_seconds, quarantine, "
-        "manufacturer_crls",
+        "manufacturer_crls, max_challenges_per_second",
     )
     assert found["operator_ca"] == ("missing", "a table with cert")
     assert len(found) == 4

@@ -528,6 +528,7 @@ class AttestCandidate:
     has_ak: bool
     attested_at: int | None
     last_seen: int | None
+    attest_due: int
 
 
 def attest_due(session: Session, *, now: int, limit: int) -> list[AttestCandidate]:
@@ -540,6 +541,7 @@ def attest_due(session: Session, *, now: int, limit: int) -> list[AttestCandidat
             Device.ak_public.is_not(None),
             Device.attested_at,
             Device.last_seen,
+            Device.attest_due,
         )
         .where(Device.attest_due <= now)
         .order_by(Device.attest_due)
