@@ -17,7 +17,7 @@ from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
 from agent.protocol.wire import cbor, cose
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.replay import PACKED_VERSION, ReplayGuard
-from provisioning.db.runtime import ReplayState
+from provisioning.db.runtime import ReplayState, RevocationFeedSeen
 from provisioning.db.schema import Device
 from provisioning.registry import DeviceState, Registry
 from provisioning.service import store
@@ -318,3 +318,30 @@ def test_steady_batches_on_each_backend(tmp_path: Path, database_url: str) -> No
         assert seqs(fleet) == {n: fleet.devices[n].seq for n in NAMES}
         assert all(data[0] == PACKED_VERSION for data in _stored(fleet).values())
         assert fleet.service.metrics.reports.value("keys.report") == 3 * len(NAMES)
+
+
+def test_a_moved_feed_seq_in_a_steady_batch_is_recorded(tmp_path: Path, database_url: str) -> None:
+    """The feed rows of a steady batch are read as columns: a report naming the recorded seq
+    changes nothing (not even its ``reported_at``), one naming another seq is written, on
+    SQLite and PostgreSQL."""
+    url = None if database_url.startswith("sqlite") else database_url
+    for fleet in make_fleet(tmp_path, NAMES, url=url):
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(), fleet.now) for n in NAMES], fleet.now
+        )
+        first = fleet.now
+        fleet.now += 1
+        moved = {"dev-2", "dev-4"}
+        batch = []
+        for n in NAMES:
+            body = report()
+            if n in moved:
+                body = KeyStateReport(body.keys, feed=1)
+            batch.append(fleet.devices[n].report(body, fleet.now))
+        fleet.service.handle_many(batch, fleet.now)
+        assert fleet.service.metrics.reports.value("keys.report") == 2 * len(NAMES)
+        with fleet.sessions() as s:
+            rows = {
+                r.device_id: (r.seq, r.reported_at) for r in s.scalars(select(RevocationFeedSeen))
+            }
+        assert rows == {n: (1, fleet.now) if n in moved else (0, first) for n in NAMES}

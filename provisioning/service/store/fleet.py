@@ -365,14 +365,11 @@ def write_reports(session: Session, reports: Sequence[Mapping[str, object]]) -> 
 
 
 def load_feed_seen(session: Session, senders: Sequence[str]) -> list[object]:
-    """The senders' revocation feed rows (one query), for the session's identity map."""
-    if not senders:
-        return []
-    feed_rows = list(
-        session.scalars(select(RevocationFeedSeen).where(RevocationFeedSeen.device_id.in_(senders)))
-    )
-    revocations.note_seen_rows(session, senders, feed_rows)
-    return list(feed_rows)
+    """The senders' revocation feed rows, read as plain columns in one query (no ORM object
+    unless a report moves a row: ``revocations.record_seen``); nothing for the session to
+    hold, hence the empty list."""
+    revocations.load_seen_seqs(session, senders)
+    return []
 
 
 def device_state(session: Session, device_id: str) -> DeviceState | None:
