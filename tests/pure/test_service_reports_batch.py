@@ -19,7 +19,7 @@ from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.replay import PACKED_VERSION, ReplayGuard
 from provisioning.db.runtime import ReplayState, RevocationFeedSeen
 from provisioning.db.schema import Device
-from provisioning.registry import DeviceState, Registry
+from provisioning.registry import DeviceState, Registry, key_state_digest, key_state_items
 from provisioning.service import store
 from provisioning.service.credentials import StoredDevices
 from tests.pure.test_service_core import T0, Fleet, make_fleet
@@ -345,3 +345,66 @@ def test_a_moved_feed_seq_in_a_steady_batch_is_recorded(tmp_path: Path, database
                 r.device_id: (r.seq, r.reported_at) for r in s.scalars(select(RevocationFeedSeen))
             }
         assert rows == {n: (1, fleet.now) if n in moved else (0, first) for n in NAMES}
+
+
+def _digests(fleet: Fleet) -> dict[str, bytes | None]:
+    with fleet.sessions() as s:
+        rows = s.execute(
+            select(Device.device_id, Device.reported_keys).where(Device.device_id.in_(NAMES))
+        )
+        return {device_id: None if value is None else bytes(value) for device_id, value in rows}
+
+
+def test_a_key_state_changed_after_its_digest_was_stored_is_still_recorded(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A steady report is judged by the device row's ``reported_keys`` digest alone; a key
+    state changed after it was stored (a new transition reported, keys compromised by the
+    service) is still recorded, and the report that comes back to the old state changes
+    nothing it should not, on SQLite and PostgreSQL."""
+    url = None if database_url.startswith("sqlite") else database_url
+    for fleet in make_fleet(tmp_path, NAMES, url=url):
+        steady = report(at=T0 + 5)
+        fleet.service.handle_many(
+            [fleet.devices[n].report(steady, fleet.now) for n in NAMES], fleet.now
+        )
+        digest = key_state_digest(key_state_items(steady.keys))
+        assert _digests(fleet) == dict.fromkeys(NAMES, digest)
+        fleet.now += 1
+        fleet.service.handle_many(
+            [fleet.devices[n].report(steady, fleet.now) for n in NAMES], fleet.now
+        )
+        assert _digests(fleet) == dict.fromkeys(NAMES, digest)
+        with fleet.sessions() as s:
+            Registry(s).compromise_keys("dev-1", now=fleet.now)
+            s.commit()
+        fleet.now += 1
+        history = ((KeyState.PRE_ACTIVATION, T0), (KeyState.ACTIVE, T0 + 5))
+        history += ((KeyState.SUSPENDED, T0 + 7),)
+        moved = KeyStateReport((KeyRecord("devid", KeyKind.DEVID, history),), feed=0)
+        bodies = {"dev-1": steady, "dev-2": moved, "dev-3": steady, "dev-4": moved}
+        fleet.service.handle_many(
+            [fleet.devices[n].report(bodies[n], fleet.now) for n in NAMES], fleet.now
+        )
+        assert keys(fleet) == {
+            "dev-1": [("devid", KeyState.COMPROMISED)],
+            "dev-2": [("devid", KeyState.SUSPENDED)],
+            "dev-3": [("devid", KeyState.ACTIVE)],
+            "dev-4": [("devid", KeyState.SUSPENDED)],
+        }
+        # the moved reports were recorded through the registry (no digest), the steady one of
+        # dev-1 is known again (the compromise added a transition, removed none)
+        moved_digest = key_state_digest(key_state_items(moved.keys))
+        assert _digests(fleet) == {
+            "dev-1": digest,
+            "dev-2": None,
+            "dev-3": digest,
+            "dev-4": None,
+        }
+        fleet.now += 1
+        fleet.service.handle_many(
+            [fleet.devices[n].report(bodies[n], fleet.now) for n in NAMES], fleet.now
+        )
+        assert _digests(fleet)["dev-2"] == moved_digest
+        assert keys(fleet)["dev-2"] == [("devid", KeyState.SUSPENDED)]
+        assert fleet.service.metrics.reports.value("keys.report") == 4 * len(NAMES)

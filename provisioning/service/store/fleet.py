@@ -292,17 +292,26 @@ class FirstKeys:
 @dataclass(frozen=True)
 class ReportedDevice:
     """What a key-state report is judged against, read as plain columns (``reported_devices``):
-    the device's state, when it was last heard from, its attestation due time, and per key its
-    kind and every recorded (state, at) transition."""
+    the device's state, when it was last heard from, its attestation due time, the digest of
+    a key state known to be recorded (``Device.reported_keys``), and per key its kind and
+    every recorded (state, at) transition (not read, empty, when every report of the batch
+    from this device has that digest: ``keys_read`` False)."""
 
     state: DeviceState
     last_seen: int | None
     attest_due: int
     keys: Mapping[str, tuple[str | None, AbstractSet[tuple[KeyState, int]]]]
+    reported: bytes | None = None
+    keys_read: bool = True
 
-    def knows(self, items: Iterable[KeyStateReport]) -> bool:
-        """Whether every transition of ``items`` is recorded with its kind, so that
-        ``Registry.record_report`` would change nothing but the report and heard-from columns."""
+    def knows(self, items: Iterable[KeyStateReport], digest: bytes | None = None) -> bool:
+        """Whether every transition of ``items`` (whose ``key_state_digest`` is ``digest``,
+        if given) is recorded with its kind, so that ``Registry.record_report`` would change
+        nothing but the report and heard-from columns."""
+        if digest is not None and digest == self.reported:
+            return True
+        if not self.keys_read:
+            raise AssertionError("the key rows of a device were not read")
         for item in items:
             key = self.keys.get(item.key_name)
             if key is None or (item.state, item.at) not in key[1]:
@@ -312,19 +321,47 @@ class ReportedDevice:
         return True
 
 
-def reported_devices(session: Session, senders: Sequence[str]) -> dict[str, ReportedDevice]:
-    """``ReportedDevice`` of each known sender, in two Core queries (no ORM objects)."""
-    keys: dict[str, dict[str, tuple[str | None, set[tuple[KeyState, int]]]]] = {}
-    for device_id, name, kind, to_state, at in session.execute(
-        select(
-            DeviceKey.device_id,
-            DeviceKey.key_name,
-            DeviceKey.kind,
-            KeyTransition.to_state,
-            KeyTransition.at,
+def reported_devices(
+    session: Session,
+    senders: Sequence[str],
+    digests: Mapping[str, AbstractSet[bytes]] | None = None,
+) -> dict[str, ReportedDevice]:
+    """``ReportedDevice`` of each known sender, in two Core queries (no ORM objects): the
+    device rows, then the key rows of the senders not every report of which (``digests``:
+    the ``key_state_digest`` of each sender's reports) has the row's ``reported_keys``."""
+    rows = list(
+        session.execute(
+            select(
+                Device.device_id,
+                Device.state,
+                Device.last_seen,
+                Device.attest_due,
+                Device.reported_keys,
+            ).where(Device.device_id.in_(senders))
         )
-        .join(KeyTransition, KeyTransition.device_key_id == DeviceKey.id)
-        .where(DeviceKey.device_id.in_(senders))
+    )
+    wanted = digests or {}
+    settled = {
+        device_id
+        for device_id, _, _, _, reported in rows
+        if reported is not None and wanted.get(device_id) == {reported}
+    }
+    keys: dict[str, dict[str, tuple[str | None, set[tuple[KeyState, int]]]]] = {}
+    unsettled = [device_id for device_id, *_ in rows if device_id not in settled]
+    for device_id, name, kind, to_state, at in (
+        session.execute(
+            select(
+                DeviceKey.device_id,
+                DeviceKey.key_name,
+                DeviceKey.kind,
+                KeyTransition.to_state,
+                KeyTransition.at,
+            )
+            .join(KeyTransition, KeyTransition.device_key_id == DeviceKey.id)
+            .where(DeviceKey.device_id.in_(unsettled))
+        )
+        if unsettled
+        else ()
     ):
         device = keys.get(device_id)
         if device is None:
@@ -334,21 +371,25 @@ def reported_devices(session: Session, senders: Sequence[str]) -> dict[str, Repo
             entry = device[name] = (kind, set())
         entry[1].add((to_state, int(at)))
     return {
-        device_id: ReportedDevice(state, last_seen, int(attest_due), keys.get(device_id, {}))
-        for device_id, state, last_seen, attest_due in session.execute(
-            select(Device.device_id, Device.state, Device.last_seen, Device.attest_due).where(
-                Device.device_id.in_(senders)
-            )
+        device_id: ReportedDevice(
+            state,
+            last_seen,
+            int(attest_due),
+            keys.get(device_id, {}),
+            None if reported is None else bytes(reported),
+            device_id not in settled,
         )
+        for device_id, state, last_seen, attest_due, reported in rows
     }
 
 
 def write_reports(session: Session, reports: Sequence[Mapping[str, object]]) -> None:
     """What ``Registry.record_report`` writes for a report whose transitions are all recorded
     (``ReportedDevice.knows``), for several devices in one Core ``executemany``: each mapping
-    holds ``device`` and the row's new ``report``, ``report_at``, ``seen`` and ``due``
-    (``last_report``, ``last_report_at``, ``last_seen``, ``attest_due``). The devices' ORM rows
-    must not be in the session (their objects would not see the change)."""
+    holds ``device`` and the row's new ``report``, ``report_at``, ``seen``, ``due`` and
+    ``keys`` (``last_report``, ``last_report_at``, ``last_seen``, ``attest_due``,
+    ``reported_keys``: the report's ``key_state_digest``, every item of it recorded). The
+    devices' ORM rows must not be in the session (their objects would not see the change)."""
     if not reports:
         return
     session.connection().execute(
@@ -359,6 +400,7 @@ def write_reports(session: Session, reports: Sequence[Mapping[str, object]]) -> 
             last_report_at=bindparam("report_at"),
             last_seen=bindparam("seen"),
             attest_due=bindparam("due"),
+            reported_keys=bindparam("keys"),
         ),
         list(reports),
     )
