@@ -546,6 +546,62 @@ def known_epochs(
     return known
 
 
+class CatchUpFacts(NamedTuple):
+    """What the catch-up plan of several devices reads (``catch_up_facts``): each device's
+    memberships, the epoch of each of their groups, and per (group, device) the epoch the
+    device is proven to hold (``known_epoch``)."""
+
+    memberships: dict[str, list[Membership]]
+    epochs: dict[str, int]
+    proven: dict[tuple[str, str], int]
+
+
+def catch_up_facts(session: Session, devices: Iterable[str]) -> CatchUpFacts:
+    """``memberships``, their groups' epochs and ``known_epochs`` of the devices in one
+    query (one round trip): the newest ack and commit of each membership are correlated
+    subqueries on the (group, device, epoch) indexes of acks and the commit log."""
+    acked = (
+        select(func.max(AckRow.epoch))
+        .where(AckRow.group_id == GroupMember.group_id, AckRow.device_id == GroupMember.device_id)
+        .scalar_subquery()
+    )
+    committed = (
+        select(func.max(CommitLogEntry.epoch))
+        .where(
+            CommitLogEntry.group_id == GroupMember.group_id,
+            CommitLogEntry.committer == GroupMember.device_id,
+        )
+        .scalar_subquery()
+    )
+    facts = CatchUpFacts({}, {}, {})
+    for row in session.execute(
+        select(
+            GroupMember.group_id,
+            GroupMember.device_id,
+            GroupMember.leaf_index,
+            GroupMember.joined_epoch,
+            GroupMember.pending,
+            Group.epoch,
+            acked,
+            committed,
+        )
+        .join(Group, Group.group_id == GroupMember.group_id)
+        .where(GroupMember.device_id.in_(sorted(set(devices))))
+        .order_by(GroupMember.device_id, GroupMember.group_id)
+    ):
+        member = Membership(*row[:5])
+        facts.memberships.setdefault(member.device_id, []).append(member)
+        facts.epochs[member.group_id] = int(row[5])
+        # an ack proves its epoch; a commit made in an epoch proves the one it made
+        known = member.joined_epoch or 0
+        if row[6] is not None:
+            known = max(known, int(row[6]))
+        if row[7] is not None:
+            known = max(known, int(row[7]) + 1)
+        facts.proven[(member.group_id, member.device_id)] = known
+    return facts
+
+
 def last_commit_at(session: Session, group_id: str, device_id: str) -> int | None:
     """When ``device_id``'s newest kept commit in ``group_id`` was accepted."""
     value = session.scalar(
