@@ -329,8 +329,9 @@ def reported_devices(
     """``ReportedDevice`` of each known sender, in two Core queries (no ORM objects): the
     device rows, then the key rows of the senders not every report of which (``digests``:
     the ``key_state_digest`` of each sender's reports) has the row's ``reported_keys``."""
-    rows = list(
-        session.execute(
+    rows = [
+        (device_id, state, last_seen, attest_due, None if reported is None else bytes(reported))
+        for device_id, state, last_seen, attest_due, reported in session.execute(
             select(
                 Device.device_id,
                 Device.state,
@@ -339,7 +340,7 @@ def reported_devices(
                 Device.reported_keys,
             ).where(Device.device_id.in_(senders))
         )
-    )
+    ]
     wanted = digests or {}
     settled = {
         device_id
@@ -376,7 +377,7 @@ def reported_devices(
             last_seen,
             int(attest_due),
             keys.get(device_id, {}),
-            None if reported is None else bytes(reported),
+            reported,
             device_id not in settled,
         )
         for device_id, state, last_seen, attest_due, reported in rows
