@@ -18,6 +18,7 @@ are checked in one place against one session; the record types it returns sit be
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -161,6 +162,13 @@ def key_state_items(records: Iterable[ReportedKey]) -> list[KeyStateReport]:
         for record in records
         for state, at in record.transitions
     ]
+
+
+def key_state_digest(items: Sequence[KeyStateReport]) -> bytes:
+    """A digest of reported key-state items, in their order (``Device.reported_keys``)."""
+    return hashlib.sha256(
+        repr([(i.key_name, i.kind, i.state.value, i.at) for i in items]).encode()
+    ).digest()
 
 
 @dataclass(frozen=True)
@@ -526,6 +534,7 @@ class Registry:
         schedule, which put it off while it was away, looks at it at its next scan (the same
         row write as ``last_seen``)."""
         row = self._device_row(device_id)
+        row.reported_keys = None  # its key rows may change here (Device.reported_keys)
         if online_since is not None and (row.last_seen is None or row.last_seen < online_since):
             row.attest_due = min(row.attest_due, now)
         keys = {key.key_name: key for key in row.keys}
@@ -597,6 +606,7 @@ class Registry:
         """Every key of the device neither in state ``to`` nor in ``leave`` moved to ``to`` at
         ``now`` (or at its last change, if later), with its transition; the names changed."""
         row = self._device_row(device_id)
+        row.reported_keys = None  # its key rows change here (Device.reported_keys)
         changed = []
         for key in sorted(row.keys, key=lambda k: k.key_name):
             if key.state is to or key.state in leave:
@@ -669,6 +679,7 @@ class Registry:
             .execution_options(synchronize_session=False)
         )
         row.keys.clear()
+        row.reported_keys = None
         row.devid_cert_pem = devid_cert_pem
         row.ak_public = ak_public
         row.state = DeviceState.REGISTERED

@@ -50,27 +50,22 @@ def catch_up_many(
 ) -> None:
     """``catch_up`` for several devices, in one read session. ``acked`` holds (group,
     device, epoch) of acks just committed: a device whose ack is for its group's current
-    epoch is known to be there, and its epoch queries are skipped."""
+    epoch is known to be there, and is not planned a catch-up in that group."""
     if not device_ids:
         return
-    acked_pairs = {(group_id, device_id) for group_id, device_id, _ in acked}
 
     def plan(session: Session) -> list[tuple[str, Replays, list[str]]]:
         registry = Registry(session)
-        memberships = store.memberships(session, device_ids)
         groups: dict[str, GroupRecord] = {}
         proven: dict[tuple[str, str], int] | None = None
+        epochs: dict[str, int] | None = None
         if len(device_ids) > 1:
-            # the epochs the devices are proven to hold, for every membership at once
-            proven = store.known_epochs(
-                session,
-                (
-                    (m.group_id, m.device_id, m.joined_epoch or 0)
-                    for rows in memberships.values()
-                    for m in rows
-                    if m.leaf_index is not None and (m.group_id, m.device_id) not in acked_pairs
-                ),
-            )
+            # the memberships, their groups' epochs and the epochs the devices are proven to
+            # hold, for every membership at once (one query)
+            facts = store.catch_up_facts(session, device_ids)
+            memberships, epochs, proven = facts.memberships, facts.epochs, facts.proven
+        else:
+            memberships = store.memberships(session, device_ids)
         plans = []
         for device_id in device_ids:
             replays, readd = plan_catch_up(
@@ -83,6 +78,7 @@ def catch_up_many(
                 acked=acked,
                 now=now,
                 proven=proven,
+                epochs=epochs,
             )
             if replays or readd:
                 plans.append((device_id, replays, readd))
@@ -103,27 +99,37 @@ def plan_catch_up(
     acked: AbstractSet[tuple[str, str, int]],
     now: int,
     proven: Mapping[tuple[str, str], int] | None = None,
+    epochs: Mapping[str, int] | None = None,
 ) -> tuple[Replays, list[str]]:
     """What to send ``device_id`` so it catches up: (group, commits, current epoch) to
-    replay, and the groups whose needed commits retention dropped (re-add)."""
+    replay, and the groups whose needed commits retention dropped (re-add). ``epochs``: the
+    groups' current epochs, read already (a group's row is then read only for a device
+    behind in it)."""
     replays: Replays = []
     readd: list[str] = []
     for member in memberships:
         if member.leaf_index is None or member.pending is PendingChange.REMOVE:
             continue
-        group = groups.get(member.group_id)
-        if group is None:
-            group = groups[member.group_id] = registry.group(member.group_id)
-        if (group.group_id, device_id, group.epoch) in acked:
+        group_id = member.group_id
+        epoch = None if epochs is None else epochs.get(group_id)
+        if epoch is None:
+            group = groups.get(group_id)
+            if group is None:
+                group = groups[group_id] = registry.group(group_id)
+            epoch = group.epoch
+        if (group_id, device_id, epoch) in acked:
             continue
-        found = None if proven is None else proven.get((group.group_id, device_id))
+        found = None if proven is None else proven.get((group_id, device_id))
         known = (
-            store.known_epoch(session, group.group_id, device_id, member.joined_epoch or 0)
+            store.known_epoch(session, group_id, device_id, member.joined_epoch or 0)
             if found is None
             else found
         )
-        if known >= group.epoch:
+        if known >= epoch:
             continue
+        group = groups.get(group_id)
+        if group is None:
+            group = groups[group_id] = registry.group(group_id)
         if cx.env.catchup_sent.get((group.group_id, device_id), (-1, -1, -1))[:2] == (
             known,
             group.epoch,

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.replay import ReplayGuard
-from provisioning.registry import DeviceState, key_state_items
+from provisioning.registry import DeviceState, key_state_digest, key_state_items
 from provisioning.registry import KeyStateReport as KeyStateItem
 from provisioning.service import catchup, devices, execute, store, verify
 from provisioning.service.context import Call
@@ -71,9 +71,20 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         # The steady case (every transition of every report of a sender recorded already: a
         # reconnect) is judged on plain columns and written in one Core statement; the other
         # senders' rows are loaded as objects for ``Registry.record_report``.
-        known = store.reported_devices(session, senders)
+        # A sender whose reports all have its row's ``reported_keys`` digest (the key state it
+        # reported last, recorded) is judged by that column, its key rows not read.
+        items = [_items(r) for r in batch]
+        digests = [key_state_digest(i) for i in items]
+        by_sender: dict[str, set[bytes]] = {}
+        for report, digest in zip(batch, digests, strict=True):
+            by_sender.setdefault(report.sender, set()).add(digest)
+        known = store.reported_devices(session, senders, by_sender)
         unknown = {r.sender for r in batch if r.sender not in known}
-        unknown |= {r.sender for r in batch if not known[r.sender].knows(_items(r))}
+        unknown |= {
+            r.sender
+            for r, i, d in zip(batch, items, digests, strict=True)
+            if r.sender not in unknown and not known[r.sender].knows(i, d)
+        }
         steady = set(known) - unknown
         # Devices without any key row (their first report) get theirs as plain rows, in one
         # Core insert per table (``store.FirstKeys``), and their device rows written as the
@@ -89,7 +100,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         online_since = now - cx.env.settings.online_window
         written: dict[str, dict[str, object]] = {}
         guards: dict[str, ReplayGuard] = {}
-        for report in batch:
+        for report, reported, digest in zip(batch, items, digests, strict=True):
             sender = report.sender
             body = report.body
             assert isinstance(body, KeyStateReport)
@@ -113,7 +124,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
                 continue
             try:
                 if sender in fresh:
-                    first_keys.record(sender, _items(report), now=now)
+                    first_keys.record(sender, reported, now=now)
                 effects = devices.on_key_states(
                     cx,
                     session,
@@ -134,6 +145,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
                     "report_at": now,
                     "seen": now,
                     "due": min(row.attest_due, now) if back else row.attest_due,
+                    "keys": digest,
                 }
             guards[sender] = trial
             taken.append((report, effects))

@@ -2,7 +2,8 @@
 it made in a group must each be one index seek, not a scan of the group's kept acks (about
 640,000 rows in a 10,000-member group; bench/bench_scale.py). Checked with SQLite's own query
 plan of the statements ``store.known_epoch`` runs, on a database the migrations made, and its
-answer checked on real rows."""
+answer checked on real rows; so is the one query a batch's catch-up reads
+(``store.catch_up_facts``)."""
 
 from __future__ import annotations
 
@@ -108,11 +109,6 @@ def test_the_newest_ack_and_commit_of_a_member_are_read_by_index(tmp_path: Path)
         assert store.known_epoch(session, "g", "dev-1", 0) == 5
         assert store.known_epoch(session, "g", "dev-2", 0) == 9
     event.remove(engine, "before_cursor_execute", capture)
-    with session_factory(engine)() as session:
-        # the batch form (store.known_epochs) gives the same answers; a later join epoch wins
-        members = [("g", "dev-1", 0), ("g", "dev-2", 0)]
-        assert store.known_epochs(session, members) == {("g", "dev-1"): 5, ("g", "dev-2"): 9}
-        assert store.known_epochs(session, [("g", "dev-1", 7)]) == {("g", "dev-1"): 7}
 
     reads = [(sql, p) for sql, p in statements if sql.lstrip().upper().startswith("SELECT")]
     assert len(reads) == 4, reads
@@ -124,4 +120,27 @@ def test_the_newest_ack_and_commit_of_a_member_are_read_by_index(tmp_path: Path)
     acks, commits = plans
     assert "USING COVERING INDEX ix_acks_group_device_epoch" in acks, acks
     assert "USING COVERING INDEX ix_commit_log_group_committer_epoch" in commits, commits
+
+    # the one-query form the catch-up of a batch reads (store.catch_up_facts): the same
+    # answers, the groups' epochs, and both subqueries by the same indexes
+    statements.clear()
+    event.listen(engine, "before_cursor_execute", capture)
+    with session_factory(engine)() as session:
+        facts = store.catch_up_facts(session, ["dev-2", "dev-1", "dev-3"])
+    event.remove(engine, "before_cursor_execute", capture)
+    assert facts.proven == {("g", "dev-1"): 5, ("g", "dev-2"): 9}
+    assert facts.epochs == {"g": 9}
+    assert [(m.device_id, m.leaf_index) for ms in facts.memberships.values() for m in ms] == [
+        ("dev-1", 0),
+        ("dev-2", 1),
+    ]
+    reads = [(sql, p) for sql, p in statements if sql.lstrip().upper().startswith("SELECT")]
+    assert len(reads) == 1, reads
+    with engine.connect() as c:
+        sql, params = reads[0]
+        plan = " | ".join(
+            str(row[-1]) for row in c.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params).all()
+        )
+    assert "USING COVERING INDEX ix_acks_group_device_epoch" in plan, plan
+    assert "USING COVERING INDEX ix_commit_log_group_committer_epoch" in plan, plan
     engine.dispose()

@@ -8,14 +8,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from agent.protocol.errors import ProtocolError
+from provisioning.db.schema import Device
 from provisioning.registry import (
     DeviceState,
     KeyState,
     KeyStateReport,
     Registry,
+    key_state_digest,
 )
 from tests.pure.test_registry import T0, enroll, fp
 
@@ -226,3 +229,39 @@ def test_keyfleet_devices_keys_lists_kind_state_since_and_transitions(
         "pre-activation@2023-11-14T22:13:21Z active@2023-11-14T22:13:21Z "
         "deactivated@2023-11-14T22:13:25Z",
     ]
+
+
+def test_every_write_of_key_rows_forgets_the_reported_key_digest(
+    sessions: sessionmaker[Session],
+) -> None:
+    """``Device.reported_keys`` lets a steady report be judged without the key rows: a report
+    recorded through the registry, keys compromised or destroyed, and a re-enrolment (its key
+    rows cleared) each set it to NULL, so that no report is judged by a stale digest."""
+    digest = key_state_digest(list(HISTORY))
+
+    def stored(s: Session) -> bytes | None:
+        return s.scalar(select(Device.reported_keys).where(Device.device_id == "d"))
+
+    def set_digest(s: Session) -> None:
+        s.flush()
+        s.execute(update(Device).where(Device.device_id == "d").values(reported_keys=digest))
+        s.expire_all()
+
+    with sessions.begin() as s:
+        reg = Registry(s)
+        enroll(reg, "d")
+        set_digest(s)
+        reg.record_report("d", b"r", HISTORY, now=T0 + 6)
+        assert stored(s) is None
+        set_digest(s)
+        assert stored(s) == digest
+        assert reg.compromise_keys("d", now=T0 + 7)
+        assert stored(s) is None
+        set_digest(s)
+        reg.destroy_keys("d", now=T0 + 8)
+        assert stored(s) is None
+        reg.set_device_state("d", DeviceState.DESTROYED, reason="reset", now=T0 + 9)
+        set_digest(s)
+        reg.reenroll_device("d", ek_cert_fingerprint=fp("ek-d"), devid_cert_pem="P2", now=T0 + 10)
+        assert stored(s) is None
+        assert reg.key_states("d") == []

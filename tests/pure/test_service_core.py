@@ -532,6 +532,30 @@ def test_offline_member_catches_up_from_the_commit_log(fleet: Fleet) -> None:
         assert Registry(s).ack_status("g1").agreed
 
 
+def test_offline_members_reporting_together_catch_up_in_one_batch(fleet: Fleet) -> None:
+    """Reports received together are caught up together (the memberships, the groups' epochs
+    and what each member is proven to hold read in one query): each member behind gets the
+    commits it missed, the one that is not behind gets none."""
+    create_g1(fleet)
+    fleet.offline.add("dev-2")
+    miss_two_rekeys(fleet, "dev-3")
+    assert fleet.devices["dev-2"].groups["g1"].epoch == fleet.epoch("g1") - 2
+    assert fleet.devices["dev-3"].groups["g1"].epoch == fleet.epoch("g1") - 2
+    fleet.come_online("dev-2", lost_session=True)
+    fleet.come_online("dev-3", lost_session=True)
+    before = fleet.devices["dev-1"].groups["g1"]
+    batch = [
+        fleet.devices[n].report(KeyStateReport(()), fleet.now) for n in ("dev-1", "dev-2", "dev-3")
+    ]
+    while batch:
+        batch = fleet.deliver(fleet.service.handle_many(batch, fleet.now))
+    assert {n: fleet.devices[n].groups["g1"].epoch for n in fleet.devices} == dict.fromkeys(
+        fleet.devices, fleet.epoch("g1")
+    )
+    assert fleet.devices["dev-1"].groups["g1"] is before
+    assert len(agreed(fleet, "g1")) == 1
+
+
 def test_member_beyond_retention_is_re_added_with_a_fresh_welcome(tmp_path: Path) -> None:
     fleet = next(make_fleet(tmp_path, retention_epochs=1))
     create_g1(fleet)

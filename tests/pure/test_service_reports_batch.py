@@ -17,9 +17,9 @@ from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
 from agent.protocol.wire import cbor, cose
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.replay import PACKED_VERSION, ReplayGuard
-from provisioning.db.runtime import ReplayState
+from provisioning.db.runtime import ReplayState, RevocationFeedSeen
 from provisioning.db.schema import Device
-from provisioning.registry import DeviceState, Registry
+from provisioning.registry import DeviceState, Registry, key_state_digest, key_state_items
 from provisioning.service import store
 from provisioning.service.credentials import StoredDevices
 from tests.pure.test_service_core import T0, Fleet, make_fleet
@@ -318,3 +318,93 @@ def test_steady_batches_on_each_backend(tmp_path: Path, database_url: str) -> No
         assert seqs(fleet) == {n: fleet.devices[n].seq for n in NAMES}
         assert all(data[0] == PACKED_VERSION for data in _stored(fleet).values())
         assert fleet.service.metrics.reports.value("keys.report") == 3 * len(NAMES)
+
+
+def test_a_moved_feed_seq_in_a_steady_batch_is_recorded(tmp_path: Path, database_url: str) -> None:
+    """The feed rows of a steady batch are read as columns: a report naming the recorded seq
+    changes nothing (not even its ``reported_at``), one naming another seq is written, on
+    SQLite and PostgreSQL."""
+    url = None if database_url.startswith("sqlite") else database_url
+    for fleet in make_fleet(tmp_path, NAMES, url=url):
+        fleet.service.handle_many(
+            [fleet.devices[n].report(report(), fleet.now) for n in NAMES], fleet.now
+        )
+        first = fleet.now
+        fleet.now += 1
+        moved = {"dev-2", "dev-4"}
+        batch = []
+        for n in NAMES:
+            body = report()
+            if n in moved:
+                body = KeyStateReport(body.keys, feed=1)
+            batch.append(fleet.devices[n].report(body, fleet.now))
+        fleet.service.handle_many(batch, fleet.now)
+        assert fleet.service.metrics.reports.value("keys.report") == 2 * len(NAMES)
+        with fleet.sessions() as s:
+            rows = {
+                r.device_id: (r.seq, r.reported_at) for r in s.scalars(select(RevocationFeedSeen))
+            }
+        assert rows == {n: (1, fleet.now) if n in moved else (0, first) for n in NAMES}
+
+
+def _digests(fleet: Fleet) -> dict[str, bytes | None]:
+    with fleet.sessions() as s:
+        rows = s.execute(
+            select(Device.device_id, Device.reported_keys).where(Device.device_id.in_(NAMES))
+        )
+        return {device_id: None if value is None else bytes(value) for device_id, value in rows}
+
+
+def test_a_key_state_changed_after_its_digest_was_stored_is_still_recorded(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A steady report is judged by the device row's ``reported_keys`` digest alone; a key
+    state changed after it was stored (a new transition reported, keys compromised by the
+    service) is still recorded, and the report that comes back to the old state changes
+    nothing it should not, on SQLite and PostgreSQL."""
+    url = None if database_url.startswith("sqlite") else database_url
+    for fleet in make_fleet(tmp_path, NAMES, url=url):
+        steady = report(at=T0 + 5)
+        fleet.service.handle_many(
+            [fleet.devices[n].report(steady, fleet.now) for n in NAMES], fleet.now
+        )
+        digest = key_state_digest(key_state_items(steady.keys))
+        assert _digests(fleet) == dict.fromkeys(NAMES, digest)
+        fleet.now += 1
+        fleet.service.handle_many(
+            [fleet.devices[n].report(steady, fleet.now) for n in NAMES], fleet.now
+        )
+        assert _digests(fleet) == dict.fromkeys(NAMES, digest)
+        with fleet.sessions() as s:
+            Registry(s).compromise_keys("dev-1", now=fleet.now)
+            s.commit()
+        fleet.now += 1
+        history = ((KeyState.PRE_ACTIVATION, T0), (KeyState.ACTIVE, T0 + 5))
+        history += ((KeyState.SUSPENDED, T0 + 7),)
+        moved = KeyStateReport((KeyRecord("devid", KeyKind.DEVID, history),), feed=0)
+        bodies = {"dev-1": steady, "dev-2": moved, "dev-3": steady, "dev-4": moved}
+        fleet.service.handle_many(
+            [fleet.devices[n].report(bodies[n], fleet.now) for n in NAMES], fleet.now
+        )
+        assert keys(fleet) == {
+            "dev-1": [("devid", KeyState.COMPROMISED)],
+            "dev-2": [("devid", KeyState.SUSPENDED)],
+            "dev-3": [("devid", KeyState.ACTIVE)],
+            "dev-4": [("devid", KeyState.SUSPENDED)],
+        }
+        # the moved reports were recorded through the registry (no digest), the steady one of
+        # dev-1 is known again (the compromise added a transition, removed none)
+        moved_digest = key_state_digest(key_state_items(moved.keys))
+        assert _digests(fleet) == {
+            "dev-1": digest,
+            "dev-2": None,
+            "dev-3": digest,
+            "dev-4": None,
+        }
+        fleet.now += 1
+        fleet.service.handle_many(
+            [fleet.devices[n].report(bodies[n], fleet.now) for n in NAMES], fleet.now
+        )
+        assert _digests(fleet)["dev-2"] == moved_digest
+        assert keys(fleet)["dev-2"] == [("devid", KeyState.SUSPENDED)]
+        assert fleet.service.metrics.reports.value("keys.report") == 4 * len(NAMES)

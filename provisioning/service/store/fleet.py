@@ -292,17 +292,26 @@ class FirstKeys:
 @dataclass(frozen=True)
 class ReportedDevice:
     """What a key-state report is judged against, read as plain columns (``reported_devices``):
-    the device's state, when it was last heard from, its attestation due time, and per key its
-    kind and every recorded (state, at) transition."""
+    the device's state, when it was last heard from, its attestation due time, the digest of
+    a key state known to be recorded (``Device.reported_keys``), and per key its kind and
+    every recorded (state, at) transition (not read, empty, when every report of the batch
+    from this device has that digest: ``keys_read`` False)."""
 
     state: DeviceState
     last_seen: int | None
     attest_due: int
     keys: Mapping[str, tuple[str | None, AbstractSet[tuple[KeyState, int]]]]
+    reported: bytes | None = None
+    keys_read: bool = True
 
-    def knows(self, items: Iterable[KeyStateReport]) -> bool:
-        """Whether every transition of ``items`` is recorded with its kind, so that
-        ``Registry.record_report`` would change nothing but the report and heard-from columns."""
+    def knows(self, items: Iterable[KeyStateReport], digest: bytes | None = None) -> bool:
+        """Whether every transition of ``items`` (whose ``key_state_digest`` is ``digest``,
+        if given) is recorded with its kind, so that ``Registry.record_report`` would change
+        nothing but the report and heard-from columns."""
+        if digest is not None and digest == self.reported:
+            return True
+        if not self.keys_read:
+            raise AssertionError("the key rows of a device were not read")
         for item in items:
             key = self.keys.get(item.key_name)
             if key is None or (item.state, item.at) not in key[1]:
@@ -312,19 +321,48 @@ class ReportedDevice:
         return True
 
 
-def reported_devices(session: Session, senders: Sequence[str]) -> dict[str, ReportedDevice]:
-    """``ReportedDevice`` of each known sender, in two Core queries (no ORM objects)."""
-    keys: dict[str, dict[str, tuple[str | None, set[tuple[KeyState, int]]]]] = {}
-    for device_id, name, kind, to_state, at in session.execute(
-        select(
-            DeviceKey.device_id,
-            DeviceKey.key_name,
-            DeviceKey.kind,
-            KeyTransition.to_state,
-            KeyTransition.at,
+def reported_devices(
+    session: Session,
+    senders: Sequence[str],
+    digests: Mapping[str, AbstractSet[bytes]] | None = None,
+) -> dict[str, ReportedDevice]:
+    """``ReportedDevice`` of each known sender, in two Core queries (no ORM objects): the
+    device rows, then the key rows of the senders not every report of which (``digests``:
+    the ``key_state_digest`` of each sender's reports) has the row's ``reported_keys``."""
+    rows = [
+        (device_id, state, last_seen, attest_due, None if reported is None else bytes(reported))
+        for device_id, state, last_seen, attest_due, reported in session.execute(
+            select(
+                Device.device_id,
+                Device.state,
+                Device.last_seen,
+                Device.attest_due,
+                Device.reported_keys,
+            ).where(Device.device_id.in_(senders))
         )
-        .join(KeyTransition, KeyTransition.device_key_id == DeviceKey.id)
-        .where(DeviceKey.device_id.in_(senders))
+    ]
+    wanted = digests or {}
+    settled = {
+        device_id
+        for device_id, _, _, _, reported in rows
+        if reported is not None and wanted.get(device_id) == {reported}
+    }
+    keys: dict[str, dict[str, tuple[str | None, set[tuple[KeyState, int]]]]] = {}
+    unsettled = [device_id for device_id, *_ in rows if device_id not in settled]
+    for device_id, name, kind, to_state, at in (
+        session.execute(
+            select(
+                DeviceKey.device_id,
+                DeviceKey.key_name,
+                DeviceKey.kind,
+                KeyTransition.to_state,
+                KeyTransition.at,
+            )
+            .join(KeyTransition, KeyTransition.device_key_id == DeviceKey.id)
+            .where(DeviceKey.device_id.in_(unsettled))
+        )
+        if unsettled
+        else ()
     ):
         device = keys.get(device_id)
         if device is None:
@@ -334,21 +372,25 @@ def reported_devices(session: Session, senders: Sequence[str]) -> dict[str, Repo
             entry = device[name] = (kind, set())
         entry[1].add((to_state, int(at)))
     return {
-        device_id: ReportedDevice(state, last_seen, int(attest_due), keys.get(device_id, {}))
-        for device_id, state, last_seen, attest_due in session.execute(
-            select(Device.device_id, Device.state, Device.last_seen, Device.attest_due).where(
-                Device.device_id.in_(senders)
-            )
+        device_id: ReportedDevice(
+            state,
+            last_seen,
+            int(attest_due),
+            keys.get(device_id, {}),
+            reported,
+            device_id not in settled,
         )
+        for device_id, state, last_seen, attest_due, reported in rows
     }
 
 
 def write_reports(session: Session, reports: Sequence[Mapping[str, object]]) -> None:
     """What ``Registry.record_report`` writes for a report whose transitions are all recorded
     (``ReportedDevice.knows``), for several devices in one Core ``executemany``: each mapping
-    holds ``device`` and the row's new ``report``, ``report_at``, ``seen`` and ``due``
-    (``last_report``, ``last_report_at``, ``last_seen``, ``attest_due``). The devices' ORM rows
-    must not be in the session (their objects would not see the change)."""
+    holds ``device`` and the row's new ``report``, ``report_at``, ``seen``, ``due`` and
+    ``keys`` (``last_report``, ``last_report_at``, ``last_seen``, ``attest_due``,
+    ``reported_keys``: the report's ``key_state_digest``, every item of it recorded). The
+    devices' ORM rows must not be in the session (their objects would not see the change)."""
     if not reports:
         return
     session.connection().execute(
@@ -359,20 +401,18 @@ def write_reports(session: Session, reports: Sequence[Mapping[str, object]]) -> 
             last_report_at=bindparam("report_at"),
             last_seen=bindparam("seen"),
             attest_due=bindparam("due"),
+            reported_keys=bindparam("keys"),
         ),
         list(reports),
     )
 
 
 def load_feed_seen(session: Session, senders: Sequence[str]) -> list[object]:
-    """The senders' revocation feed rows (one query), for the session's identity map."""
-    if not senders:
-        return []
-    feed_rows = list(
-        session.scalars(select(RevocationFeedSeen).where(RevocationFeedSeen.device_id.in_(senders)))
-    )
-    revocations.note_seen_rows(session, senders, feed_rows)
-    return list(feed_rows)
+    """The senders' revocation feed rows, read as plain columns in one query (no ORM object
+    unless a report moves a row: ``revocations.record_seen``); nothing for the session to
+    hold, hence the empty list."""
+    revocations.load_seen_seqs(session, senders)
+    return []
 
 
 def device_state(session: Session, device_id: str) -> DeviceState | None:
@@ -475,36 +515,60 @@ def known_epoch(session: Session, group_id: str, device_id: str, joined: int) ->
     return known
 
 
-def known_epochs(
-    session: Session, members: Iterable[tuple[str, str, int]]
-) -> dict[tuple[str, str], int]:
-    """``known_epoch`` of each (group, device, joined) in two queries per group (by the
-    (group, device, epoch) indexes of acks and the commit log): (group, device) -> epoch."""
-    by_group: dict[str, dict[str, int]] = {}
-    for group_id, device_id, joined in members:
-        by_group.setdefault(group_id, {})[device_id] = joined
-    known: dict[tuple[str, str], int] = {}
-    for group_id, joined_at in sorted(by_group.items()):
-        ids = sorted(joined_at)
-        for device_id, joined in joined_at.items():
-            known[(group_id, device_id)] = joined
-        acked = session.execute(
-            select(AckRow.device_id, func.max(AckRow.epoch))
-            .where(AckRow.group_id == group_id, AckRow.device_id.in_(ids))
-            .group_by(AckRow.device_id)
+class CatchUpFacts(NamedTuple):
+    """What the catch-up plan of several devices reads (``catch_up_facts``): each device's
+    memberships, the epoch of each of their groups, and per (group, device) the epoch the
+    device is proven to hold (``known_epoch``)."""
+
+    memberships: dict[str, list[Membership]]
+    epochs: dict[str, int]
+    proven: dict[tuple[str, str], int]
+
+
+def catch_up_facts(session: Session, devices: Iterable[str]) -> CatchUpFacts:
+    """``memberships``, their groups' epochs and ``known_epoch`` of each membership of the
+    devices in one query (one round trip): the newest ack and commit of each membership are
+    correlated subqueries on the (group, device, epoch) indexes of acks and the commit log."""
+    acked = (
+        select(func.max(AckRow.epoch))
+        .where(AckRow.group_id == GroupMember.group_id, AckRow.device_id == GroupMember.device_id)
+        .scalar_subquery()
+    )
+    committed = (
+        select(func.max(CommitLogEntry.epoch))
+        .where(
+            CommitLogEntry.group_id == GroupMember.group_id,
+            CommitLogEntry.committer == GroupMember.device_id,
         )
-        committed = session.execute(
-            select(CommitLogEntry.committer, func.max(CommitLogEntry.epoch))
-            .where(CommitLogEntry.group_id == group_id, CommitLogEntry.committer.in_(ids))
-            .group_by(CommitLogEntry.committer)
+        .scalar_subquery()
+    )
+    facts = CatchUpFacts({}, {}, {})
+    for row in session.execute(
+        select(
+            GroupMember.group_id,
+            GroupMember.device_id,
+            GroupMember.leaf_index,
+            GroupMember.joined_epoch,
+            GroupMember.pending,
+            Group.epoch,
+            acked,
+            committed,
         )
+        .join(Group, Group.group_id == GroupMember.group_id)
+        .where(GroupMember.device_id.in_(sorted(set(devices))))
+        .order_by(GroupMember.device_id, GroupMember.group_id)
+    ):
+        member = Membership(*row[:5])
+        facts.memberships.setdefault(member.device_id, []).append(member)
+        facts.epochs[member.group_id] = int(row[5])
         # an ack proves its epoch; a commit made in an epoch proves the one it made
-        for rows, made in ((acked, 0), (committed, 1)):
-            for device_id, epoch in rows:
-                if epoch is not None:
-                    key = (group_id, device_id)
-                    known[key] = max(known[key], int(epoch) + made)
-    return known
+        known = member.joined_epoch or 0
+        if row[6] is not None:
+            known = max(known, int(row[6]))
+        if row[7] is not None:
+            known = max(known, int(row[7]) + 1)
+        facts.proven[(member.group_id, member.device_id)] = known
+    return facts
 
 
 def last_commit_at(session: Session, group_id: str, device_id: str) -> int | None:

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.util import identity_key
 
 from provisioning.db.runtime import RevocationFeedRow, RevocationFeedSeen
 
@@ -41,7 +42,8 @@ def entries(
 
 
 # ``session.info`` key: the devices whose feed rows a batch loaded, and those rows (and the
-# ones added since) by device (``note_seen_rows``)
+# ones added since) by device (``note_seen_rows``), as ORM rows or, read as plain columns
+# (``note_seen_seqs``), as their ``seq`` alone
 _BATCH_ROWS = "keyfleet.feed_seen_rows"
 
 
@@ -51,27 +53,71 @@ def note_seen_rows(
     """``rows`` are every feed row of ``devices`` (loaded by one query for a batch): a device
     without one has none, and ``record_seen`` then adds it without asking the database (a
     device's first report) and without flushing the batch's other rows first."""
+    _note(session, devices, {row.device_id: row for row in rows})
+
+
+def note_seen_seqs(session: Session, devices: Iterable[str], seqs: Mapping[str, int]) -> None:
+    """``note_seen_rows`` with every feed row of ``devices`` read as (device, seq) columns: a
+    report whose seq is the recorded one then changes nothing and builds no ORM object."""
+    _note(session, devices, seqs)
+
+
+def _note(
+    session: Session, devices: Iterable[str], rows: Mapping[str, RevocationFeedSeen | int]
+) -> None:
     known: frozenset[str]
+    found: dict[str, RevocationFeedSeen | int]
     known, found = session.info.get(_BATCH_ROWS, (frozenset(), {}))
-    found = {**found, **{row.device_id: row for row in rows}}
-    session.info[_BATCH_ROWS] = (known | frozenset(devices), found)
+    session.info[_BATCH_ROWS] = (known | frozenset(devices), {**found, **rows})
+
+
+def load_seen_seqs(session: Session, devices: Sequence[str]) -> None:
+    """Read the feed rows of ``devices`` as columns, in one query (``note_seen_seqs``)."""
+    if not devices:
+        return
+    found = session.execute(
+        select(RevocationFeedSeen.device_id, RevocationFeedSeen.seq).where(
+            RevocationFeedSeen.device_id.in_(devices)
+        )
+    )
+    note_seen_seqs(session, devices, {device: int(seq) for device, seq in found})
 
 
 def record_seen(session: Session, device_id: str, seq: int, *, now: int) -> None:
-    batch: tuple[frozenset[str], dict[str, RevocationFeedSeen]] | None = session.info.get(
+    batch: tuple[frozenset[str], dict[str, RevocationFeedSeen | int]] | None = session.info.get(
         _BATCH_ROWS
     )
+    found: RevocationFeedSeen | int | None
     if batch is not None and device_id in batch[0]:
-        seen = batch[1].get(device_id)
+        found = batch[1].get(device_id)
     else:
-        seen = session.get(RevocationFeedSeen, device_id)
-    if seen is None:
-        seen = RevocationFeedSeen(device_id=device_id, seq=seq, reported_at=now)
-        session.add(seen)
+        found = session.get(RevocationFeedSeen, device_id)
+    if isinstance(found, int):
+        if found == seq:
+            return
+        found = _persistent(session, device_id, found)
+        assert batch is not None
+        batch[1][device_id] = found
+    if found is None:
+        found = RevocationFeedSeen(device_id=device_id, seq=seq, reported_at=now)
+        session.add(found)
         if batch is not None and device_id in batch[0]:
-            batch[1][device_id] = seen
-    elif seen.seq != seq:
-        seen.seq, seen.reported_at = seq, now
+            batch[1][device_id] = found
+    elif found.seq != seq:
+        found.seq, found.reported_at = seq, now
+
+
+def _persistent(session: Session, device_id: str, seq: int) -> RevocationFeedSeen:
+    """The ORM row of a feed row read as columns (its ``seq``), without reading it again: the
+    session's own if it holds it, else one made persistent as loaded (``reported_at`` left
+    unloaded), so that a change is flushed as an UPDATE like any loaded row's."""
+    held = session.identity_map.get(identity_key(RevocationFeedSeen, device_id))
+    if isinstance(held, RevocationFeedSeen):
+        return held
+    row = RevocationFeedSeen(device_id=device_id, seq=seq)
+    make_transient_to_detached(row)
+    session.add(row)
+    return row
 
 
 def seen(session: Session, device_id: str) -> int | None:
