@@ -5,7 +5,8 @@ the service asked for, and a group's creation by its founder.
 Each flow runs in the transaction that also records the report in the sender's replay state
 (``verify.accept_and``) and returns its effects as data (``provisioning.service.effects``),
 executed after that transaction commits. After every verified report (refused or not, unless
-it was a replay) the sender is caught up (``catchup``).
+it was a replay; tree requests answered in a batch only read: ``treepages.on_tree_requests``)
+the sender is caught up (``catchup``).
 
 A quarantined device's reports are refused (``ds.device.quarantined``) except attestation
 reports: a device whose firmware was fixed can prove it and become active again. A device that

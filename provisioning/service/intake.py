@@ -3,9 +3,10 @@ periodic ``tick``, and the signing of everything a call sends (``sign``).
 
 A batch is taken in its order. Device reports are verified in one read session up to the next
 message that is handled on its own (the senders' device and replay rows loaded in one query
-each); acks, key-state reports, key packages and attestation answers that follow each other
-are collected and taken in one transaction each (``acks.on_acks``, ``reports.on_reports``,
-``keypackages.on_key_packages``, ``attestbatch.on_answers``), every other report and every
+each); acks, key-state reports, key packages, attestation answers and tree requests that
+follow each other are collected and taken in one transaction each (``acks.on_acks``,
+``reports.on_reports``, ``keypackages.on_key_packages``, ``attestbatch.on_answers``,
+``treepages.on_tree_requests``), every other report and every
 operator command on its own. A transport or database failure while handling one message is
 logged and the others are still handled (the senders' timeouts and the service's retries
 recover that one's flow).
@@ -30,7 +31,7 @@ from agent.protocol.topics import SERVICE_ID, report_sender
 from agent.protocol.wire.envelope import encode_message
 from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.messages.attestation import AttestReport
-from agent.protocol.wire.messages.group import KeyPackageMessage
+from agent.protocol.wire.messages.group import KeyPackageMessage, TreeRequest
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.service import CommitAction
 from provisioning.registry import PendingChange, Registry
@@ -48,6 +49,7 @@ from provisioning.service import (
     rollout,
     store,
     tasks,
+    treepages,
     verify,
 )
 from provisioning.service import jobs as jobs_flow
@@ -88,6 +90,7 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
     reports: list[verify.VerifiedReport] = []
     key_packages: list[verify.VerifiedReport] = []
     answers: list[verify.VerifiedReport] = []
+    trees: list[verify.VerifiedReport] = []
     senders = [report_sender(topic) for topic, _ in messages]
     # One read session verifies the device reports up to the next message that is handled
     # on its own, with the senders' device and replay rows read in one query each: a
@@ -125,6 +128,9 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
                 if isinstance(message.body, AttestReport):
                     answers.append(message)
                     continue
+                if isinstance(message.body, TreeRequest):
+                    trees.append(message)
+                    continue
             if reader is not None:
                 reader.close()
                 reader = None
@@ -132,6 +138,7 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
             guarded("reports", partial(reports_flow.on_reports, cx, reports, now), None)
             guarded("key packages", partial(on_key_packages, cx, key_packages, now), None)
             guarded("attestation answers", partial(on_answers, cx, answers, now), None)
+            guarded("tree requests", partial(treepages.on_tree_requests, cx, trees, now), None)
             parts = topic.split("/")
             if message is not None:
                 guarded(topic, partial(devices.on_device_message, cx, message, now), None)
@@ -146,6 +153,7 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
     guarded("reports", partial(reports_flow.on_reports, cx, reports, now), None)
     guarded("key packages", partial(on_key_packages, cx, key_packages, now), None)
     guarded("attestation answers", partial(on_answers, cx, answers, now), None)
+    guarded("tree requests", partial(treepages.on_tree_requests, cx, trees, now), None)
 
 
 def guarded(what: str, work: Callable[[], T], failed: T) -> T:

@@ -6,8 +6,8 @@ service answers each with a ``svc.tree_page`` cut from the public tree it holds
 
 A device gets at most ``[groups] tree_request_burst`` requests at once and then
 ``tree_requests_per_minute`` a minute at each instance (``groupcache.RequestBuckets``); past
-that, ``ds.tree.rate`` (before anything is read). Only a member of the group (one with a leaf:
-its add was committed) gets pages (``ds.group.member``), only pages that exist
+that, ``ds.tree.rate`` (before any tree is read or cut). Only a member of the group (one with
+a leaf: its add was committed) gets pages (``ds.group.member``), only pages that exist
 (``ds.tree.page``), only of the group's current epoch or the epoch the member joined at (its
 Welcome's: a member cannot have instances rebuild other epochs' trees), and only of a tree the
 database still keeps:
@@ -27,27 +27,33 @@ Otherwise ``ds.tree.epoch``: the epoch is ahead of the group, is not the member'
 or retention dropped it (the joiner's fetch times out and the member gets back in through a
 fresh Welcome). The joiner
 checks everything against the signed tree hash: the service is not trusted here.
+
+Requests received together are answered in one transaction (``on_tree_requests``), each
+checked as on its own and refused alone (docs/service.md, "What the delivery service
+does").
 """
 
 from __future__ import annotations
 
 import logging
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from agent.protocol.errors import ProtocolError
+from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.mls.tree import RatchetTree
 from agent.protocol.mls.treepages import TreePage as Page
 from agent.protocol.topics import device_cmd_topic
 from agent.protocol.wire.messages.group import TreeRequest
 from agent.protocol.wire.messages.service import TreePage
+from agent.protocol.wire.replay import ReplayGuard
 from provisioning.db.runtime import GroupTreeEpochRow
-from provisioning.registry import Registry
-from provisioning.service import store
+from provisioning.registry import DeviceState, Registry
+from provisioning.service import catchup, devices, execute, store, verify
 from provisioning.service.commits import load_public
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Send
-from provisioning.service.store import trees
+from provisioning.service.store import Membership, trees
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,105 @@ def on_tree_request(
     cx: Call, session: Session, sender: str, body: TreeRequest, now: int
 ) -> Effects:
     """Answer one page of the group's tree at the epoch asked for (module docstring)."""
+    _take_rate(cx, sender, now)
+    member = _member(store.memberships(session, [sender]).get(sender, []), sender, body)
+    group_epoch = Registry(session).group(body.group_id).epoch
+    return [
+        _answer(
+            cx, session, sender, body, joined_epoch=member.joined_epoch, group_epoch=group_epoch
+        )
+    ]
+
+
+def on_tree_requests(cx: Call, requests: list[verify.VerifiedReport], now: int) -> None:
+    """Take the tree requests received together (``requests`` is emptied) in one transaction:
+    the same checks per request as ``verify.accept_and`` + ``dispatch_device`` +
+    ``on_tree_request``, with the senders' replay rows locked in sorted order
+    (``store.lock_guards``) and their states, memberships and groups' epochs read once for the
+    batch. A request refused here (replay, rate, not a member, epoch, page, quarantined sender)
+    is refused alone, its replay window updated on a copy kept only when it is answered. A
+    request is read-only: an answered one needs no catch-up pass (its sender is joining; its
+    ack of the join brings one), a refused one (but a replay) still gets one. If the
+    transaction fails, each request is taken on its own; one request alone takes the ordinary
+    path (``devices.take_batch``)."""
+    batch = devices.take_batch(cx, requests, now)
+    if batch is None:
+        return
+    answered: list[tuple[verify.VerifiedReport, Send]] = []
+    refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []
+
+    def work(session: Session) -> None:
+        answered.clear()
+        refused.clear()
+        senders = sorted({m.sender for m in batch})
+        stored = store.lock_guards(session, senders)
+        bodies = [m.body for m in batch if isinstance(m.body, TreeRequest)]
+        rows = store.load_ack_senders(session, senders, {b.group_id for b in bodies})
+        memberships = store.memberships(session, senders)
+        guards: dict[str, ReplayGuard] = {}
+        for message, body in zip(batch, bodies, strict=True):
+            sender = message.sender
+            guard = guards.get(sender)
+            if guard is None:
+                guard = store.load_guard(session, sender, memo=cx.guards, stored=stored)
+            trial = guard.copy()
+            try:
+                trial.accept(message.message)
+                state = rows.states.get(sender)
+                if state is None:
+                    raise ProtocolError("registry.device.unknown", f"no device {sender!r}")
+                if state is DeviceState.QUARANTINED:
+                    raise ProtocolError(
+                        "ds.device.quarantined",
+                        f"device {sender!r} is quarantined: only attestation reports are taken",
+                    )
+                _take_rate(cx, sender, now)
+                member = _member(memberships.get(sender, []), sender, body)
+                send = _answer(
+                    cx,
+                    session,
+                    sender,
+                    body,
+                    joined_epoch=member.joined_epoch,
+                    group_epoch=rows.epochs[body.group_id],
+                )
+            except ProtocolError as err:
+                refused.append((message, err))
+                continue
+            guards[sender] = trial
+            answered.append((message, send))
+        store.save_guards(session, guards, now=now, stored=stored)
+        store.mark_heard(session, guards, now=now)
+
+    try:
+        cx.env.tx(work)
+    except (KeyfleetError, SQLAlchemyError) as exc:
+        log.warning(
+            "a batch of %d tree requests failed (%s); taking them one by one", len(batch), exc
+        )
+        devices.one_by_one(cx, batch, now, what="a tree request")
+        return
+    behind: list[str] = []
+    for message, err in refused:
+        body = message.body
+        assert isinstance(body, TreeRequest)
+        if devices.refuse_in_batch(
+            cx,
+            err,
+            sender=message.sender,
+            action=message.type,
+            target=body.group_id,
+            details={"type": message.type, "epoch": body.epoch},
+            now=now,
+        ):
+            behind.append(message.sender)
+    for message, _ in answered:
+        cx.env.metrics.reports.inc(message.type)
+    execute.run(cx, [send for _, send in answered])
+    catchup.catch_up_many(cx, list(dict.fromkeys(behind)), now)
+
+
+def _take_rate(cx: Call, sender: str, now: int) -> None:
     settings = cx.env.settings
     if not cx.env.tree_requests.take(
         sender,
@@ -68,40 +173,50 @@ def on_tree_request(
             f"{sender!r} asked for tree pages faster than {settings.tree_requests_per_minute} "
             f"a minute (burst {settings.tree_request_burst})",
         )
+
+
+def _member(memberships: list[Membership], sender: str, body: TreeRequest) -> Membership:
     member = next(
-        (
-            m
-            for m in store.memberships(session, [sender]).get(sender, [])
-            if m.group_id == body.group_id and m.leaf_index is not None
-        ),
+        (m for m in memberships if m.group_id == body.group_id and m.leaf_index is not None),
         None,
     )
     if member is None:
         raise ProtocolError(
             "ds.group.member", f"{sender!r} is not a member of group {body.group_id!r}"
         )
-    group = Registry(session).group(body.group_id)
-    if body.epoch not in (group.epoch, member.joined_epoch):
+    return member
+
+
+def _answer(
+    cx: Call,
+    session: Session,
+    sender: str,
+    body: TreeRequest,
+    *,
+    joined_epoch: int | None,
+    group_epoch: int,
+) -> Send:
+    if body.epoch not in (group_epoch, joined_epoch):
         # an epoch the group has left is a joiner's, and only its own: a member cannot make an
         # instance rebuild trees it never joined with
         raise ProtocolError(
             "ds.tree.epoch",
-            f"{sender!r} joined {body.group_id!r} at epoch {member.joined_epoch}, not "
-            f"{body.epoch} (the group is at epoch {group.epoch})",
+            f"{sender!r} joined {body.group_id!r} at epoch {joined_epoch}, not "
+            f"{body.epoch} (the group is at epoch {group_epoch})",
         )
     pages: list[Page] | None = None
     tree = cx.env.tree_pages.tree(body.group_id, body.epoch)
-    if tree is None and group.epoch == body.epoch:
+    if tree is None and group_epoch == body.epoch:
         tree = load_public(session, body.group_id, cx.env.groups)[0].tree
     if tree is not None:
         pages = cx.env.tree_pages.pages(body.group_id, body.epoch, tree)
-    elif body.epoch < group.epoch:
+    elif body.epoch < group_epoch:
         pages = _rebuilt(cx, session, body.group_id, body.epoch)
     if pages is None:
         raise ProtocolError(
             "ds.tree.epoch",
             f"no tree of group {body.group_id!r} at epoch {body.epoch} is kept "
-            f"(the group is at epoch {group.epoch})",
+            f"(the group is at epoch {group_epoch})",
         )
     if body.page >= len(pages):
         raise ProtocolError("ds.tree.page", f"the tree of {body.group_id!r} has {len(pages)} pages")
@@ -115,7 +230,7 @@ def on_tree_request(
         start=page.start,
         nodes=page.nodes,
     )
-    return [Send(device_cmd_topic(sender), answer, sender)]
+    return Send(device_cmd_topic(sender), answer, sender)
 
 
 def _rebuilt(cx: Call, session: Session, group_id: str, epoch: int) -> list[Page] | None:
