@@ -18,6 +18,7 @@ import time
 import pytest
 from sqlalchemy import select
 
+from agent.core import KEY_CHANGE_REPORT_DELAY, KEY_CHANGE_REPORT_SPREAD
 from agent.protocol.errors import ProtocolError
 from agent.protocol.feed import page
 from agent.protocol.topics import FEED_RECIPIENT, REVOCATION_FEED_TOPIC, SERVICE_ID
@@ -35,6 +36,9 @@ FEED_BOUND = 30.0
 """Seconds from the revocation's result to every other agent holding the entry (measured on
 this 2-core machine under load: a few seconds; the retained head reaches connected agents at
 once, the bound leaves room for a loaded machine)."""
+REPORTED_WITHIN = KEY_CHANGE_REPORT_DELAY + KEY_CHANGE_REPORT_SPREAD + 10
+"""Seconds from an agent's change of feed to the service holding its keys.report (its delay
+plus its own offset within the spread, and a loaded machine's margin)."""
 
 
 def feed_seq(device: LabDevice) -> int | None:
@@ -104,8 +108,10 @@ def test_peers_learn_a_revocation_and_refuse_replayed_and_forged_heads(fleet_lab
     with lab.session() as session:
         rows = session.scalars(select(RevocationFeedRow).order_by(RevocationFeedRow.seq)).all()
         assert [r.seq for r in rows] == [1, 2]
-    # the service learns how far d0's feed is from its keys.report (who lags)
-    deadline = time.monotonic() + 30
+    # the service learns how far d0's feed is from its keys.report (who lags). That report
+    # leaves KEY_CHANGE_REPORT_DELAY plus d0's own offset within KEY_CHANGE_REPORT_SPREAD (from
+    # its id, so up to 32 s) after d0 took entry 1; entry 2 joins the report already due.
+    deadline = time.monotonic() + REPORTED_WITHIN
     seen = None
     while time.monotonic() < deadline:
         with lab.session() as session:
