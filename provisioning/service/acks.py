@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.replay import ReplayGuard
-from provisioning.registry import DeviceState, Registry, judge_ack
+from provisioning.registry import Registry, judge_ack
 from provisioning.service import catchup, devices, jobs, rollout, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import AckLatency, Effects, GroupChanged, Log
@@ -103,13 +103,7 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
                 # the registry judges epochs (see verify.accept_and)
                 trial.forget_group(body.group_id)
                 state = rows.states.get(sender)
-                if state is None:
-                    raise ProtocolError("registry.device.unknown", f"no device {sender!r}")
-                if state is DeviceState.QUARANTINED:
-                    raise ProtocolError(
-                        "ds.device.quarantined",
-                        f"device {sender!r} is quarantined: only attestation reports are taken",
-                    )
+                devices.check_state(sender, state)
                 group_epoch = rows.epochs.get(body.group_id)
                 if group_epoch is None:
                     raise ProtocolError("registry.group.unknown", f"no group {body.group_id!r}")

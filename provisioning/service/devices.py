@@ -171,7 +171,15 @@ def check_not_quarantined(session: Session, sender: str) -> None:
     """``ds.device.quarantined``: like a revoked device's, a quarantined device's reports are
     refused, except attestation reports: a device whose firmware was fixed can prove it and
     become active again (it is not re-added automatically)."""
-    if Registry(session).device(sender).state is DeviceState.QUARANTINED:
+    check_state(sender, Registry(session).device(sender).state)
+
+
+def check_state(sender: str, state: DeviceState | None) -> None:
+    """The sender's state as a batch read it (None: no such row): ``registry.device.unknown``
+    for a device that does not exist, ``ds.device.quarantined`` as ``check_not_quarantined``."""
+    if state is None:
+        raise ProtocolError("registry.device.unknown", f"no device {sender!r}")
+    if state is DeviceState.QUARANTINED:
         raise ProtocolError(
             "ds.device.quarantined",
             f"device {sender!r} is quarantined: only attestation reports are taken",

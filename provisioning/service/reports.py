@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.replay import ReplayGuard
-from provisioning.registry import DeviceState, key_state_digest, key_state_items
 from provisioning.registry import KeyStateReport as KeyStateItem
+from provisioning.registry import key_state_digest, key_state_items
 from provisioning.service import catchup, devices, execute, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects
@@ -112,13 +112,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
             state = None if row is None else row.state
             try:
                 trial.accept(report.message)
-                if state is None:
-                    raise ProtocolError("registry.device.unknown", f"no device {sender!r}")
-                if state is DeviceState.QUARANTINED:
-                    raise ProtocolError(
-                        "ds.device.quarantined",
-                        f"device {sender!r} is quarantined: only attestation reports are taken",
-                    )
+                devices.check_state(sender, state)
             except ProtocolError as err:
                 refused.append((report, err))
                 continue

@@ -48,7 +48,7 @@ from agent.protocol.wire.messages.group import TreeRequest
 from agent.protocol.wire.messages.service import TreePage
 from agent.protocol.wire.replay import ReplayGuard
 from provisioning.db.runtime import GroupTreeEpochRow
-from provisioning.registry import DeviceState, Registry
+from provisioning.registry import Registry
 from provisioning.service import catchup, devices, execute, store, verify
 from provisioning.service.commits import load_public
 from provisioning.service.context import Call
@@ -107,13 +107,7 @@ def on_tree_requests(cx: Call, requests: list[verify.VerifiedReport], now: int) 
             try:
                 trial.accept(message.message)
                 state = rows.states.get(sender)
-                if state is None:
-                    raise ProtocolError("registry.device.unknown", f"no device {sender!r}")
-                if state is DeviceState.QUARANTINED:
-                    raise ProtocolError(
-                        "ds.device.quarantined",
-                        f"device {sender!r} is quarantined: only attestation reports are taken",
-                    )
+                devices.check_state(sender, state)
                 _take_rate(cx, sender, now)
                 member = _member(memberships.get(sender, []), sender, body)
                 send = _answer(

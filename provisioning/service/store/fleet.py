@@ -431,17 +431,21 @@ class Membership(NamedTuple):
     pending: PendingChange | None
 
 
+# the columns of ``Membership``, in its order
+_MEMBERSHIP_COLUMNS: Final = (
+    GroupMember.group_id,
+    GroupMember.device_id,
+    GroupMember.leaf_index,
+    GroupMember.joined_epoch,
+    GroupMember.pending,
+)
+
+
 def memberships(session: Session, devices: Iterable[str]) -> dict[str, list[Membership]]:
     """Each device's memberships, by group id (one Core query, no ORM objects)."""
     found: dict[str, list[Membership]] = {}
     for row in session.execute(
-        select(
-            GroupMember.group_id,
-            GroupMember.device_id,
-            GroupMember.leaf_index,
-            GroupMember.joined_epoch,
-            GroupMember.pending,
-        )
+        select(*_MEMBERSHIP_COLUMNS)
         .where(GroupMember.device_id.in_(sorted(set(devices))))
         .order_by(GroupMember.device_id, GroupMember.group_id)
     ):
@@ -544,16 +548,7 @@ def catch_up_facts(session: Session, devices: Iterable[str]) -> CatchUpFacts:
     )
     facts = CatchUpFacts({}, {}, {})
     for row in session.execute(
-        select(
-            GroupMember.group_id,
-            GroupMember.device_id,
-            GroupMember.leaf_index,
-            GroupMember.joined_epoch,
-            GroupMember.pending,
-            Group.epoch,
-            acked,
-            committed,
-        )
+        select(*_MEMBERSHIP_COLUMNS, Group.epoch, acked, committed)
         .join(Group, Group.group_id == GroupMember.group_id)
         .where(GroupMember.device_id.in_(sorted(set(devices))))
         .order_by(GroupMember.device_id, GroupMember.group_id)
