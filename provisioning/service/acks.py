@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from agent.protocol.errors import KeyfleetError, ProtocolError
+from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.replay import ReplayGuard
 from provisioning.registry import Registry, judge_ack
@@ -132,26 +131,9 @@ def on_acks(cx: Call, acks: list[verify.VerifiedReport], now: int) -> None:
         store.save_guards(session, guards, now=now, stored=stored)
         store.mark_heard(session, guards, now=now)
 
-    try:
-        cx.env.tx(work)
-    except (KeyfleetError, SQLAlchemyError) as exc:
-        log.warning("a batch of %d acks failed (%s); taking them one by one", len(batch), exc)
-        devices.one_by_one(cx, batch, now, what="an ack")
+    if not devices.take_together(cx, batch, now, work, what="an ack"):
         return
-    behind: list[str] = []
-    for message, err in refused:
-        body = message.body
-        assert isinstance(body, AckBody)
-        if devices.refuse_in_batch(
-            cx,
-            err,
-            sender=message.sender,
-            action=message.type,
-            target=body.group_id,
-            details={"type": message.type, "epoch": body.epoch},
-            now=now,
-        ):
-            behind.append(message.sender)
+    behind = devices.refuse_all(cx, refused, now)
     groups: list[str] = []
     current: set[tuple[str, str, int]] = set()
     for message, accepted_ms in taken:

@@ -24,12 +24,9 @@ answer is then taken on its own (``devices.one_by_one``).
 
 from __future__ import annotations
 
-import logging
-
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from agent.protocol.errors import KeyfleetError, ProtocolError
+from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.attestation import AttestReport
 from agent.protocol.wire.replay import ReplayGuard
 from provisioning.service import attestation, catchup, devices, execute, releases, store, verify
@@ -37,12 +34,6 @@ from provisioning.service.context import Call
 from provisioning.service.effects import Effects
 from provisioning.service.store import releases as release_rows
 from provisioning.service.store import rollouts
-
-log = logging.getLogger("keyfleet.service")
-
-
-class _Abort(Exception):
-    """An answer of the batch was refused after it started to change rows: undo the batch."""
 
 
 def _body(report: verify.VerifiedReport) -> AttestReport:
@@ -95,7 +86,7 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
                 )
             except ProtocolError as err:
                 if facts.changing:
-                    raise _Abort(f"{sender}: [{err.check}]") from None
+                    raise devices.BatchUndone(f"{sender}: [{err.check}]") from None
                 refused.append((report, err))
                 continue
             guards[sender] = trial
@@ -107,24 +98,9 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
         # (``Registry.record_attestation``), written by that flush with its verdict
         del held
 
-    try:
-        cx.env.tx(work)
-    except (KeyfleetError, SQLAlchemyError, _Abort) as exc:
-        log.info("a batch of %d attestation answers is taken one by one (%s)", len(batch), exc)
-        devices.one_by_one(cx, batch, now, what="an attestation answer")
+    if not devices.take_together(cx, batch, now, work, what="an attestation answer"):
         return
-    behind: list[str] = []
-    for report, err in refused:
-        if devices.refuse_in_batch(
-            cx,
-            err,
-            sender=report.sender,
-            action=report.type,
-            target=report.sender,
-            details={"type": report.type},
-            now=now,
-        ):
-            behind.append(report.sender)
+    behind = devices.refuse_all(cx, refused, now)
     for report, effects in taken:
         cx.env.metrics.reports.inc(report.type)
         execute.run(cx, effects)

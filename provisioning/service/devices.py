@@ -17,7 +17,7 @@ members (the revocation's path), and its DevID key is refused from then on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -134,12 +134,42 @@ def take_batch(
     return batch
 
 
+class BatchUndone(Exception):
+    """A message of a batch taken together was refused after its handler may have written:
+    the batch's transaction is undone and its messages are taken one by one
+    (``take_together``)."""
+
+
+def take_together(
+    cx: Call,
+    batch: list[verify.VerifiedReport],
+    now: int,
+    work: Callable[[Session], object],
+    *,
+    what: str,
+) -> bool:
+    """Run ``work``, a batch's handling, in one transaction (True when it committed). If it
+    fails (a database error, a refusal it raised, ``BatchUndone``), the handler's in-memory
+    notes (audited refusal counts, trust bundles seen) are put back as they were before it,
+    and each message is taken on its own (``one_by_one``), so that a refused message never
+    leaves a partial change behind. The tail of every flow that ``take_batch`` opens."""
+    seen = (dict(cx.env.refusals_seen), dict(cx.env.trust_seen))
+    try:
+        cx.env.tx(work)
+        return True
+    except BatchUndone as exc:
+        log.info("a batch of %d messages is taken one by one (%s)", len(batch), exc)
+    except (KeyfleetError, SQLAlchemyError) as exc:
+        log.warning("a batch of %d messages failed (%s); taking them one by one", len(batch), exc)
+    cx.env.refusals_seen, cx.env.trust_seen = seen
+    one_by_one(cx, batch, now, what=what)
+    return False
+
+
 def one_by_one(cx: Call, batch: list[verify.VerifiedReport], now: int, *, what: str) -> None:
-    """Take each message of a batch whose shared transaction was undone on its own
-    (``on_device_message``: its own transaction, refusal and catch-up), so that a refused
-    message never leaves a partial change behind; a message whose handling fails is logged
-    (``what``: "a report", "an ack") and the next one is taken. Used by ``reports.on_reports``,
-    ``acks.on_acks``, ``keypackages.on_key_packages`` and ``attestbatch.on_answers``."""
+    """Take each message of a batch on its own (``on_device_message``: its own transaction,
+    refusal and catch-up); a message whose handling fails is logged (``what``: "a report",
+    "an ack") and the next one is taken."""
     for report in batch:
         try:
             on_device_message(cx, report, now)
@@ -147,24 +177,33 @@ def one_by_one(cx: Call, batch: list[verify.VerifiedReport], now: int, *, what: 
             log.error("handling %s from %s failed: %s", what, report.sender, one)
 
 
-def refuse_in_batch(
-    cx: Call,
-    err: ProtocolError,
-    *,
-    sender: str,
-    action: str,
-    target: str,
-    details: dict[str, str | int | None],
-    now: int,
-) -> bool:
-    """Refuse one message of a batch taken together (``verify.refuse``: counted, logged,
-    audited). True when its sender must still catch up: a message refused by anything but its
-    replay window came from an alive, authentic device. Used by ``reports``, ``acks``,
-    ``keypackages`` and ``attestbatch`` after their batch's transaction."""
-    verify.refuse(
-        cx, err, actor=f"device:{sender}", action=action, target=target, now=now, details=details
-    )
-    return not err.check.startswith("replay.")
+def refuse_all(
+    cx: Call, refused: list[tuple[verify.VerifiedReport, ProtocolError]], now: int
+) -> list[str]:
+    """Refuse each message of a batch that its handling refused, after the batch's
+    transaction (``verify.refuse``: counted, logged, audited; an ack's or a tree request's
+    target is its group, with its epoch in the details). Returns the senders that must still
+    catch up: a message refused by anything but its replay window came from an alive,
+    authentic device."""
+    behind: list[str] = []
+    for message, err in refused:
+        body = message.body
+        target: str = message.sender
+        details: dict[str, str | int | None] = {"type": message.type}
+        if isinstance(body, AckBody | TreeRequest):
+            target, details = body.group_id, {"type": message.type, "epoch": body.epoch}
+        verify.refuse(
+            cx,
+            err,
+            actor=f"device:{message.sender}",
+            action=message.type,
+            target=target,
+            now=now,
+            details=details,
+        )
+        if not err.check.startswith("replay."):
+            behind.append(message.sender)
+    return behind
 
 
 def check_not_quarantined(session: Session, sender: str) -> None:

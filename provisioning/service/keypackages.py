@@ -23,19 +23,14 @@ replay window is updated on a copy kept only when it is taken. If the transactio
 
 from __future__ import annotations
 
-import logging
-
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from agent.protocol.errors import KeyfleetError, ProtocolError
+from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.group import KeyPackageMessage
 from agent.protocol.wire.replay import ReplayGuard
 from provisioning.service import bulkadd, catchup, devices, execute, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Effect, StartNext, Touch
-
-log = logging.getLogger("keyfleet.service")
 
 
 def on_key_packages(cx: Call, key_packages: list[verify.VerifiedReport], now: int) -> None:
@@ -46,8 +41,9 @@ def on_key_packages(cx: Call, key_packages: list[verify.VerifiedReport], now: in
         return
     taken: list[verify.VerifiedReport] = []
     refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []
+    effects: list[Effect] = []  # the batch's, once per operation and group (``_once``)
 
-    def work(session: Session) -> list[Effect]:
+    def work(session: Session) -> None:
         taken.clear()
         refused.clear()
         senders = sorted({m.sender for m in batch})
@@ -56,7 +52,7 @@ def on_key_packages(cx: Call, key_packages: list[verify.VerifiedReport], now: in
         # reads); ``held`` keeps them there
         held = store.load_ack_senders(session, senders, ())
         guards: dict[str, ReplayGuard] = {}
-        effects: list[Effect] = []
+        found: list[Effect] = []
         collecting: devices.CollectedJobs = {}
         for report in batch:
             message = report.message
@@ -70,13 +66,13 @@ def on_key_packages(cx: Call, key_packages: list[verify.VerifiedReport], now: in
                 trial.accept(message)
                 if isinstance(body, KeyPackageMessage):
                     devices.check_not_quarantined(session, sender)
-                    effects.extend(
+                    found.extend(
                         devices.on_key_package(
                             cx, session, sender, body, now, collecting=collecting
                         )
                     )
                 else:
-                    effects.extend(devices.dispatch_device(cx, session, message, now))
+                    found.extend(devices.dispatch_device(cx, session, message, now))
             except ProtocolError as err:
                 refused.append((report, err))
                 continue
@@ -96,30 +92,11 @@ def on_key_packages(cx: Call, key_packages: list[verify.VerifiedReport], now: in
         del held
         store.save_guards(session, guards, now=now, stored=stored)
         store.mark_heard(session, guards, now=now)
-        return _once(effects)
+        effects[:] = _once(found)
 
-    try:
-        effects = cx.env.tx(work)
-    except (KeyfleetError, SQLAlchemyError) as exc:
-        log.warning(
-            "a batch of %d key packages failed (%s); taking them one by one", len(batch), exc
-        )
-        devices.one_by_one(cx, batch, now, what="a key package")
+    if not devices.take_together(cx, batch, now, work, what="a key package"):
         return
-    alive: list[str] = []
-    for report, err in refused:
-        body = report.body
-        assert isinstance(body, KeyPackageMessage)
-        if devices.refuse_in_batch(
-            cx,
-            err,
-            sender=report.sender,
-            action=report.message.type,
-            target=report.sender,
-            details={"type": report.message.type},
-            now=now,
-        ):
-            alive.append(report.sender)
+    alive = devices.refuse_all(cx, refused, now)
     for report in taken:
         cx.env.metrics.reports.inc(report.message.type)
         alive.append(report.sender)

@@ -18,12 +18,9 @@ refused report never leaves a partial change behind in a shared transaction.
 
 from __future__ import annotations
 
-import logging
-
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from agent.protocol.errors import KeyfleetError, ProtocolError
+from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.replay import ReplayGuard
 from provisioning.registry import KeyStateReport as KeyStateItem
@@ -32,17 +29,11 @@ from provisioning.service import catchup, devices, execute, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects
 
-log = logging.getLogger("keyfleet.service")
-
 
 def _items(report: verify.VerifiedReport) -> list[KeyStateItem]:
     body = report.body
     assert isinstance(body, KeyStateReport)
     return key_state_items(body.keys)
-
-
-class _Abort(Exception):
-    """A report of the batch was refused after its handler may have written: undo the batch."""
 
 
 def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None:
@@ -53,9 +44,6 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         return
     taken: list[tuple[verify.VerifiedReport, Effects]] = []
     refused: list[tuple[verify.VerifiedReport, ProtocolError]] = []
-    # the handler's in-memory notes (audited refusal counts, trust bundles seen) must not
-    # move if the batch is undone: the reports are then handled again one by one
-    seen = (dict(cx.env.refusals_seen), dict(cx.env.trust_seen))
 
     def work(session: Session) -> None:
         taken.clear()
@@ -130,7 +118,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
                     recorded=sender in plain,
                 )
             except ProtocolError as err:
-                raise _Abort(f"{sender}: [{err.check}]") from None
+                raise devices.BatchUndone(f"{sender}: [{err.check}]") from None
             if row is not None and sender in plain:
                 back = row.last_seen is None or row.last_seen < online_since
                 written[sender] = {
@@ -150,25 +138,9 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         store.save_guards(session, guards, now=now, stored=stored)
         # ``last_seen`` ("heard from") was written by each report's registry row update
 
-    try:
-        cx.env.tx(work)
-    except (KeyfleetError, SQLAlchemyError, _Abort) as exc:
-        cx.env.refusals_seen, cx.env.trust_seen = seen
-        log.info("a batch of %d reports is taken one by one (%s)", len(batch), exc)
-        devices.one_by_one(cx, batch, now, what="a report")
+    if not devices.take_together(cx, batch, now, work, what="a report"):
         return
-    behind: list[str] = []
-    for report, err in refused:
-        if devices.refuse_in_batch(
-            cx,
-            err,
-            sender=report.sender,
-            action=report.type,
-            target=report.sender,
-            details={"type": report.type},
-            now=now,
-        ):
-            behind.append(report.sender)
+    behind = devices.refuse_all(cx, refused, now)
     for report, effects in taken:
         cx.env.metrics.reports.inc(report.type)
         execute.run(cx, effects)

@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from agent.protocol.errors import KeyfleetError, ProtocolError
+from agent.protocol.errors import ProtocolError
 from agent.protocol.mls.tree import RatchetTree
 from agent.protocol.mls.treepages import TreePage as Page
 from agent.protocol.topics import device_cmd_topic
@@ -126,28 +125,9 @@ def on_tree_requests(cx: Call, requests: list[verify.VerifiedReport], now: int) 
         store.save_guards(session, guards, now=now, stored=stored)
         store.mark_heard(session, guards, now=now)
 
-    try:
-        cx.env.tx(work)
-    except (KeyfleetError, SQLAlchemyError) as exc:
-        log.warning(
-            "a batch of %d tree requests failed (%s); taking them one by one", len(batch), exc
-        )
-        devices.one_by_one(cx, batch, now, what="a tree request")
+    if not devices.take_together(cx, batch, now, work, what="a tree request"):
         return
-    behind: list[str] = []
-    for message, err in refused:
-        body = message.body
-        assert isinstance(body, TreeRequest)
-        if devices.refuse_in_batch(
-            cx,
-            err,
-            sender=message.sender,
-            action=message.type,
-            target=body.group_id,
-            details={"type": message.type, "epoch": body.epoch},
-            now=now,
-        ):
-            behind.append(message.sender)
+    behind = devices.refuse_all(cx, refused, now)
     for message, _ in answered:
         cx.env.metrics.reports.inc(message.type)
     execute.run(cx, [send for _, send in answered])
