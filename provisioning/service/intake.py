@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -63,6 +63,19 @@ log = logging.getLogger("keyfleet.service")
 
 T = TypeVar("T")
 
+BatchFlow = Callable[[Call, list[verify.VerifiedReport], int], None]
+
+BATCHED: Final[tuple[tuple[type, str, BatchFlow], ...]] = (
+    (AckBody, "acks", acks_flow.on_acks),
+    (KeyStateReport, "reports", reports_flow.on_reports),
+    (KeyPackageMessage, "key packages", on_key_packages),
+    (AttestReport, "attestation answers", on_answers),
+    (TreeRequest, "tree requests", treepages.on_tree_requests),
+)
+"""The device messages taken together when they follow each other (by body type, exactly),
+in the order their batches are handled, with the flow that takes each batch: the messages a
+fleet sends most (acks of a rekey, reports after a reconnect, attestation answers)."""
+
 
 def tick(cx: Call, now: int) -> None:
     """Timeouts and retries (``jobs.tick_jobs``, ``operations.tick_operations``), expiry of
@@ -86,11 +99,7 @@ def tick(cx: Call, now: int) -> None:
 def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> None:
     """Verify and handle ``messages`` in their order; what to send is in ``cx.outbox``."""
     ensure_started(cx, now)
-    acks: list[verify.VerifiedReport] = []
-    reports: list[verify.VerifiedReport] = []
-    key_packages: list[verify.VerifiedReport] = []
-    answers: list[verify.VerifiedReport] = []
-    trees: list[verify.VerifiedReport] = []
+    batches: dict[type, list[verify.VerifiedReport]] = {kind: [] for kind, _, _ in BATCHED}
     senders = [report_sender(topic) for topic, _ in messages]
     # One read session verifies the device reports up to the next message that is handled
     # on its own, with the senders' device and replay rows read in one query each: a
@@ -116,29 +125,14 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
                 )
                 if message is None:
                     continue
-                if isinstance(message.body, AckBody):
-                    acks.append(message)
-                    continue
-                if isinstance(message.body, KeyStateReport):
-                    reports.append(message)
-                    continue
-                if isinstance(message.body, KeyPackageMessage):
-                    key_packages.append(message)
-                    continue
-                if isinstance(message.body, AttestReport):
-                    answers.append(message)
-                    continue
-                if isinstance(message.body, TreeRequest):
-                    trees.append(message)
+                batch = batches.get(type(message.body))
+                if batch is not None:
+                    batch.append(message)
                     continue
             if reader is not None:
                 reader.close()
                 reader = None
-            guarded("acks", partial(acks_flow.on_acks, cx, acks, now), None)
-            guarded("reports", partial(reports_flow.on_reports, cx, reports, now), None)
-            guarded("key packages", partial(on_key_packages, cx, key_packages, now), None)
-            guarded("attestation answers", partial(on_answers, cx, answers, now), None)
-            guarded("tree requests", partial(treepages.on_tree_requests, cx, trees, now), None)
+            _take_batches(cx, batches, now)
             parts = topic.split("/")
             if message is not None:
                 guarded(topic, partial(devices.on_device_message, cx, message, now), None)
@@ -149,11 +143,13 @@ def handle_many(cx: Call, messages: Sequence[tuple[str, bytes]], now: int) -> No
     finally:
         if reader is not None:
             reader.close()
-    guarded("acks", partial(acks_flow.on_acks, cx, acks, now), None)
-    guarded("reports", partial(reports_flow.on_reports, cx, reports, now), None)
-    guarded("key packages", partial(on_key_packages, cx, key_packages, now), None)
-    guarded("attestation answers", partial(on_answers, cx, answers, now), None)
-    guarded("tree requests", partial(treepages.on_tree_requests, cx, trees, now), None)
+    _take_batches(cx, batches, now)
+
+
+def _take_batches(cx: Call, batches: dict[type, list[verify.VerifiedReport]], now: int) -> None:
+    """Handle the device messages gathered so far, each kind as one batch (emptied)."""
+    for kind, what, flow in BATCHED:
+        guarded(what, partial(flow, cx, batches[kind], now), None)
 
 
 def guarded(what: str, work: Callable[[], T], failed: T) -> T:
