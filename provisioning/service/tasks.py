@@ -78,6 +78,7 @@ def attest_tick(cx: Call, now: int) -> None:
     def due(session: Session) -> list[str]:
         store.forget_challenges(session, now=now)
         found: list[str] = []
+        deferred: dict[str, int] = {}
         capped.clear()
         for device in store.attest_due(session, now=now, limit=ATTEST_SCAN_BATCH):
             if device.state not in attestation.ATTESTABLE or not device.has_ak:
@@ -98,7 +99,8 @@ def attest_tick(cx: Call, now: int) -> None:
             else:
                 found.append(device.device_id)  # challenging it sets when it is due next
                 continue
-            store.defer_attestation(session, device.device_id, until=later)
+            deferred[device.device_id] = later
+        store.defer_attestations(session, deferred)
         return found
 
     try:

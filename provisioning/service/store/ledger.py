@@ -511,11 +511,20 @@ def claim_challenge_slot(
 
 def defer_attestation(session: Session, device_id: str, *, until: int) -> None:
     """The attestation schedule looks at ``device_id`` again at ``until``."""
-    session.execute(
+    defer_attestations(session, {device_id: until})
+
+
+def defer_attestations(session: Session, until: Mapping[str, int]) -> None:
+    """``defer_attestation`` for several devices (device -> when), one Core ``executemany``:
+    a scan after an outage defers up to a whole batch of offline devices."""
+    if not until:
+        return
+    session.flush()  # as an ORM statement would: a pending change of a row comes first
+    session.connection().execute(
         update(Device)
-        .where(Device.device_id == device_id)
-        .values(attest_due=until)
-        .execution_options(synchronize_session=False)
+        .where(Device.device_id == bindparam("device"))
+        .values(attest_due=bindparam("until")),
+        [{"device": device, "until": at} for device, at in sorted(until.items())],
     )
 
 
