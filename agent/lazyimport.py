@@ -25,17 +25,16 @@ _loading = threading.RLock()
 
 
 class _Deferred(types.ModuleType):
-    """The stand-in: a module whose missing attributes load the real one."""
+    """The stand-in: a module whose missing attributes (``__file__`` too) load the real one."""
 
     def __getattr__(self, attr: str) -> Any:
         with _loading:
-            if sys.modules.get(self.__name__) is self:
-                del sys.modules[self.__name__]
-            real = importlib.import_module(self.__name__)
-            if self.__dict__.get("__file__") is None:
-                for key, value in vars(real).items():
-                    self.__dict__.setdefault(key, value)
-                self.__dict__["__file__"] = getattr(real, "__file__", "")
+            real = sys.modules.get(self.__name__)
+            if real is None or real is self:
+                sys.modules.pop(self.__name__, None)
+                real = importlib.import_module(self.__name__)
+            for key, value in vars(real).items():
+                self.__dict__.setdefault(key, value)
         return getattr(real, attr)
 
 
@@ -54,7 +53,6 @@ def defer(*names: str) -> tuple[str, ...]:
             continue
         stand_in = _Deferred(name)
         stand_in.__spec__ = spec
-        stand_in.__dict__["__file__"] = None
         sys.modules[name] = stand_in
         if parent_name:
             setattr(sys.modules[parent_name], child, stand_in)

@@ -87,3 +87,19 @@ print(json.dumps({"deferred_at_start": deferred, "proxy": [found["proxy_addr"],
         "proxy": ["127.0.0.9", 1080],
         "loaded": "module",
     }
+
+
+def test_a_probe_of_the_module_file_loads_it_and_module_lookups_still_work() -> None:
+    # inspect.getmodule walks sys.modules and reads each module's __file__
+    result = _run(
+        """
+import inspect, json, sys
+from agent import lazyimport
+lazyimport.defer("colorsys")
+import colorsys
+found = inspect.getmodule(inspect.getmodule)
+print(json.dumps({"found": found.__name__, "file": colorsys.__file__.endswith("colorsys.py"),
+    "real_now": type(sys.modules["colorsys"]).__name__ == "module"}))
+"""
+    )
+    assert result == {"found": "inspect", "file": True, "real_now": True}
