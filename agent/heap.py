@@ -20,7 +20,7 @@ memory the pages no other process maps, then ``MADV_DONTNEED``, which unmaps fro
 ones that another process maps as well (those stay in memory for it). Nothing is lost: such a
 page is a clean copy of the file, the kernel drops it on its own under memory pressure, and
 the agent's next touch of it reads it again (from the file, or from memory if another process
-has it). What the agent uses after start-up comes back on its first use; about 7 MB of
+has it). What the agent uses after start-up comes back on its first use; about 6 MB of
 library pages that only the start-up used stay out (docs/bench/README.md). Mappings that are
 writable, shared or hold a page of the agent's own are left alone, and so is everything on a
 kernel or C library without these calls.
