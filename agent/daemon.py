@@ -774,6 +774,7 @@ class Daemon:
             return 1
         assert self._mqtt is not None and self.core is not None
         heap.release_free_pages()  # what the start-up left free
+        heap.release_library_pages()  # library code only the start-up ran
         self._notify(self.notifier.ready, self._status_line())
         log.info("keyagent %s ready", self.core.device_id)
         period = self.notifier.ping_period()

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 from agent.protocol.errors import StateError
+
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMP_ATTEMPTS = 100
+
+
+def _new_temp_file(directory: Path, name: str) -> tuple[int, str]:
+    """A new file ``.NAME.RANDOM.tmp`` in ``directory``, created exclusively with mode 0600, as
+    ``tempfile.mkstemp`` makes it: ``tempfile`` itself would keep ``shutil``, ``bz2`` and ``lzma``
+    in the agent's memory for this one call."""
+    for _ in range(_TEMP_ATTEMPTS):
+        tmp_name = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp_name, _TEMP_FLAGS, 0o600), tmp_name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {name} in {directory}")
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
@@ -18,7 +33,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
     """
     target = Path(path)
     directory = target.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    fd, tmp_name = _new_temp_file(directory, target.name)
     try:
         try:
             os.fchmod(fd, mode)

@@ -16,7 +16,6 @@ envelope (``AgentCore.expired_renewal``, ``handle``); this module only moves byt
 
 from __future__ import annotations
 
-import http.client
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +67,8 @@ class RenewalClient:
     def _post(self, path: str, device_id: str, envelope: bytes) -> bytes:
         body = cbor.encode({"device": device_id, "envelope": envelope})
         where = f"renewal listener {self.host}:{self.port}"
+        import http.client  # noqa: PLC0415 - only a renewal after expiry needs it (and email)
+
         conn = http.client.HTTPSConnection(
             self.host, self.port, context=self._context, timeout=self.timeout
         )

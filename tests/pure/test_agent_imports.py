@@ -5,7 +5,10 @@ rare path needs are imported on that path: importlib.metadata (only ``--version`
 installed version), subprocess (only the update hook of a release install runs a program), and
 zipfile (the self-test reads its vector files as plain files, not through importlib.resources).
 Some are not needed at all: fractions and decimal (the renewal fraction is a ratio of integers),
-ctypes (the heap trim calls malloc_trim through cffi's backend, already loaded). This checks,
+ctypes (the heap trim calls malloc_trim through cffi's backend, already loaded), urllib.request
+and uuid (paho imports them for proxies and generated client ids: they are deferred, see
+agent/lazyimport.py) and what urllib.request would bring (http.client, email's parser, tempfile,
+shutil, bz2, lzma; the HTTPS renewal imports http.client when it runs). This checks,
 in a fresh interpreter, that importing the agent's entry point, running the self-test and
 trimming the heap do not load them (tests/pure/test_agent_install.py runs the update hook,
 tests/pure/test_listings_cli.py prints every command's version).
@@ -32,6 +35,14 @@ NOT_AT_START = (
     "fractions",
     "decimal",
     "ctypes",
+    "urllib.request",
+    "uuid",
+    "http.client",
+    "email.parser",
+    "tempfile",
+    "shutil",
+    "bz2",
+    "lzma",
 )
 
 
@@ -40,7 +51,9 @@ def _modules_after(statement: str) -> set[str]:
         [
             sys.executable,
             "-c",
-            f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))",
+            # a deferred module's stand-in (agent/lazyimport.py) is not the module loaded
+            f"import json, sys\n{statement}\nprint(json.dumps(sorted(name for name, module "
+            "in sys.modules.items() if type(module).__module__ != 'agent.lazyimport')))",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -66,3 +79,9 @@ def test_the_check_sees_a_module_the_agent_loads() -> None:
     # the same check on an import that does load one of them: it is not blind
     loaded = _modules_after("import agent.cli\nimport agent.version as v\nv.installed_version()")
     assert "importlib.metadata" in loaded
+
+
+def test_the_check_sees_a_deferred_module_once_used() -> None:
+    loaded = _modules_after("import agent.cli\nimport uuid\nuuid.uuid4()")
+    assert "uuid" in loaded
+    assert "urllib.request" not in loaded

@@ -50,3 +50,21 @@ def test_shred_removes(tmp_path: Path) -> None:
     shred(target)
     assert not target.exists()
     shred(target)  # gone already: nothing to do
+
+
+def test_a_name_in_the_way_of_the_temp_file_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first two draws name a link planted to a victim file: it is neither followed nor
+    # replaced, the write goes through the third name
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"victim")
+    draws = iter([b"\x01" * 6, b"\x01" * 6, b"\x02" * 6])
+    monkeypatch.setattr(os, "urandom", lambda n: next(draws))
+    taken = tmp_path / f".state.bin.{'01' * 6}.tmp"
+    taken.symlink_to(victim)
+    atomic_write(tmp_path / "state.bin", b"new")
+    assert (tmp_path / "state.bin").read_bytes() == b"new"
+    assert victim.read_bytes() == b"victim"
+    assert taken.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["state.bin", "victim", taken.name])

@@ -22,10 +22,11 @@ pytestmark = pytest.mark.pure
 ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 # The device side's I/O modules that the fleet side may use: transports and file helpers that
-# both sides need (MQTT client, serial link client, atomic writes, configuration schema checks,
-# the installed version for --version).
+# both sides need (MQTT client and the deferred imports under it, serial link client, atomic
+# writes, configuration schema checks, the installed version for --version).
 SHARED_ADAPTERS = {
     "agent.mqtt",
+    "agent.lazyimport",
     "agent.serial_link",
     "agent.fsio",
     "agent.configschema",
