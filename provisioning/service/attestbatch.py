@@ -32,6 +32,8 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.attestation import AttestReport
 from agent.protocol.wire.replay import ReplayGuard
+from provisioning.registry import KeyStateReport as KeyStateItem
+from provisioning.registry import key_state_items
 from provisioning.service import attestation, catchup, devices, execute, releases, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects
@@ -70,15 +72,28 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
         senders = sorted({m.sender for m in batch})
         nonces = [_body(m).nonce for m in batch]
         stored = store.lock_guards(session, senders)
-        # Loaded once for the batch (the session's identity map then answers the per-answer
-        # reads without a query); ``held`` keeps them there.
-        held: list[object] = []
-        held += store.load_report_senders(session, senders)
-        held += store.load_challenges(session, nonces)
+        # Read once for the batch, as plain columns: the senders' rows and recorded keys, the
+        # challenges the answers name. A sender whose answers all report recorded key states
+        # and whose state no trusted verdict changes (the steady case: a scheduled round of
+        # an active fleet) stays on them; the others' rows are loaded as objects for the
+        # registry (the session's identity map then answers the per-answer reads without a
+        # query; ``held`` keeps them there).
+        plain = store.attest_senders(session, senders)
+        items: dict[str, list[list[KeyStateItem]]] = {}
+        for report in batch:
+            items.setdefault(report.sender, []).append(key_state_items(_body(report).keys))
+        for sender, found in list(plain.items()):
+            if found.state in attestation.STATE_CHANGING or not all(
+                found.reported.knows(i) for i in items[sender]
+            ):
+                del plain[sender]
+        held = store.load_device_rows(session, [s for s in senders if s not in plain])
         facts = attestation.AnswerBatch(
             policy=releases.golden(cx, session),
             in_rollout=frozenset(rollouts.in_active(session, senders)),
             waited=frozenset(store.attest_operation_nonces(session, nonces)),
+            challenges=store.ChallengeBook(session, nonces),
+            plain=plain,
         )
         guards: dict[str, ReplayGuard] = {}
         for report in batch:
@@ -101,6 +116,7 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
             guards[sender] = trial
             taken.append((report, effects))
         facts.flush_audits(session, now)
+        facts.flush(session, now)
         release_rows.record_device_releases(session, facts.releases, now)
         store.save_guards(session, guards, now=now, stored=stored)
         # "heard from" (``last_seen``) is in each taken answer's device row
