@@ -48,6 +48,7 @@ from provisioning.registry import (
     Registry,
     key_state_items,
 )
+from provisioning.registry import KeyStateReport as KeyStateItem
 from provisioning.service import operators, releases, rollout, store
 from provisioning.service.context import Call
 from provisioning.service.effects import (
@@ -229,12 +230,14 @@ def on_attest_report(
     *,
     now: int,
     batch: AnswerBatch | None = None,
+    items: list[KeyStateItem] | None = None,
 ) -> Effects:
     """Verify a report against the challenge it answers; record, audit, maybe quarantine.
     A report that answers no open challenge of this device (unknown, replayed, expired
     nonce) is refused and changes nothing; any other failure is an untrusted verdict.
     With ``batch`` (answers taken together), the reads and writes it names are the batch's;
-    the checks and the verdict are the same."""
+    the checks and the verdict are the same. ``items``: the report's key states
+    (``key_state_items`` of its keys), if the caller has them already."""
     sender = message.sender
     settings = cx.env.attestation
     if settings is None:
@@ -282,7 +285,8 @@ def on_attest_report(
             releases.record_device(cx, session, sender, verdict.pcr_values, now)
         else:
             batch.releases[sender] = releases.matched_release(cx, verdict.pcr_values)
-    items = key_state_items(body.keys)
+    if items is None:
+        items = key_state_items(body.keys)
     result = AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED
     quarantine = not verdict.trusted and settings.quarantine and state in GROUP_ELIGIBLE
     activate = verdict.trusted and state in STATE_CHANGING

@@ -79,9 +79,10 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
         # registry (the session's identity map then answers the per-answer reads without a
         # query; ``held`` keeps them there).
         plain = store.attest_senders(session, senders)
+        reported = [key_state_items(_body(report).keys) for report in batch]
         items: dict[str, list[list[KeyStateItem]]] = {}
-        for report in batch:
-            items.setdefault(report.sender, []).append(key_state_items(_body(report).keys))
+        for report, one in zip(batch, reported, strict=True):
+            items.setdefault(report.sender, []).append(one)
         for sender, found in list(plain.items()):
             if found.state in attestation.STATE_CHANGING or not all(
                 found.reported.knows(i) for i in items[sender]
@@ -96,7 +97,7 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
             plain=plain,
         )
         guards: dict[str, ReplayGuard] = {}
-        for report in batch:
+        for report, keys in zip(batch, reported, strict=True):
             sender = report.sender
             guard = guards.get(sender)
             if guard is None:
@@ -106,7 +107,7 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
             try:
                 trial.accept(report.message)
                 effects = attestation.on_attest_report(
-                    cx, session, _body(report), report.message, now=now, batch=facts
+                    cx, session, _body(report), report.message, now=now, batch=facts, items=keys
                 )
             except ProtocolError as err:
                 if facts.changing:
