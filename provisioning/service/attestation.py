@@ -46,6 +46,7 @@ from provisioning.registry import (
     DeviceState,
     Outcome,
     Registry,
+    key_state_digest,
     key_state_items,
 )
 from provisioning.registry import KeyStateReport as KeyStateItem
@@ -230,14 +231,15 @@ def on_attest_report(
     *,
     now: int,
     batch: AnswerBatch | None = None,
-    items: list[KeyStateItem] | None = None,
+    items: tuple[list[KeyStateItem], bytes] | None = None,
 ) -> Effects:
     """Verify a report against the challenge it answers; record, audit, maybe quarantine.
     A report that answers no open challenge of this device (unknown, replayed, expired
     nonce) is refused and changes nothing; any other failure is an untrusted verdict.
     With ``batch`` (answers taken together), the reads and writes it names are the batch's;
     the checks and the verdict are the same. ``items``: the report's key states
-    (``key_state_items`` of its keys), if the caller has them already."""
+    (``key_state_items`` of its keys) and their ``key_state_digest``, if the caller has them
+    already."""
     sender = message.sender
     settings = cx.env.attestation
     if settings is None:
@@ -285,8 +287,7 @@ def on_attest_report(
             releases.record_device(cx, session, sender, verdict.pcr_values, now)
         else:
             batch.releases[sender] = releases.matched_release(cx, verdict.pcr_values)
-    if items is None:
-        items = key_state_items(body.keys)
+    keys, digest = (key_state_items(body.keys), None) if items is None else items
     result = AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED
     quarantine = not verdict.trusted and settings.quarantine and state in GROUP_ELIGIBLE
     activate = verdict.trusted and state in STATE_CHANGING
@@ -295,7 +296,7 @@ def on_attest_report(
         batch is not None
         and plain is not None
         and not (quarantine or activate)
-        and plain.reported.knows(items)
+        and plain.reported.knows(keys, digest)
     ):
         # what the registry would write (the report and the verdict; no key row changes)
         batch.written[sender] = {
@@ -304,6 +305,7 @@ def on_attest_report(
             "at": now,
             "result": result,
             "reason": summary,
+            "keys": key_state_digest(keys) if digest is None else digest,
         }
     else:
         if registry is None:
@@ -312,7 +314,7 @@ def on_attest_report(
             registry = Registry(session, hold_rows=True)
         try:
             # not flushed yet: written with the verdict's columns (one UPDATE of the device row)
-            registry.record_report(sender, message.message_id, items, now=now, flush=False)
+            registry.record_report(sender, message.message_id, keys, now=now, flush=False)
         except ProtocolError as err:
             # record_report checks everything before changing anything: the verdict stands
             keys_note = f"[{err.check}] {err.reason}"

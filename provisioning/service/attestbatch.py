@@ -33,7 +33,7 @@ from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.wire.messages.attestation import AttestReport
 from agent.protocol.wire.replay import ReplayGuard
 from provisioning.registry import KeyStateReport as KeyStateItem
-from provisioning.registry import key_state_items
+from provisioning.registry import key_state_digest, key_state_items
 from provisioning.service import attestation, catchup, devices, execute, releases, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects
@@ -78,14 +78,19 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
         # an active fleet) stays on them; the others' rows are loaded as objects for the
         # registry (the session's identity map then answers the per-answer reads without a
         # query; ``held`` keeps them there).
-        plain = store.attest_senders(session, senders)
+        # (a sender all of whose answers have its row's digest of recorded key states,
+        # ``reported_keys``, is judged by it: its key rows are not read)
         reported = [key_state_items(_body(report).keys) for report in batch]
-        items: dict[str, list[list[KeyStateItem]]] = {}
-        for report, one in zip(batch, reported, strict=True):
-            items.setdefault(report.sender, []).append(one)
+        digests = [key_state_digest(one) for one in reported]
+        items: dict[str, list[tuple[list[KeyStateItem], bytes]]] = {}
+        for report, one, digest in zip(batch, reported, digests, strict=True):
+            items.setdefault(report.sender, []).append((one, digest))
+        plain = store.attest_senders(
+            session, senders, {s: {d for _, d in found} for s, found in items.items()}
+        )
         for sender, found in list(plain.items()):
             if found.state in attestation.STATE_CHANGING or not all(
-                found.reported.knows(i) for i in items[sender]
+                found.reported.knows(i, d) for i, d in items[sender]
             ):
                 del plain[sender]
         held = store.load_device_rows(session, [s for s in senders if s not in plain])
@@ -97,7 +102,7 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
             plain=plain,
         )
         guards: dict[str, ReplayGuard] = {}
-        for report, keys in zip(batch, reported, strict=True):
+        for report, keys, digest in zip(batch, reported, digests, strict=True):
             sender = report.sender
             guard = guards.get(sender)
             if guard is None:
@@ -107,7 +112,13 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
             try:
                 trial.accept(report.message)
                 effects = attestation.on_attest_report(
-                    cx, session, _body(report), report.message, now=now, batch=facts, items=keys
+                    cx,
+                    session,
+                    _body(report),
+                    report.message,
+                    now=now,
+                    batch=facts,
+                    items=(keys, digest),
                 )
             except ProtocolError as err:
                 if facts.changing:

@@ -29,7 +29,13 @@ from firmware_sim.boot import tampered
 from provisioning import audit
 from provisioning.db.runtime import AttestChallengeRow, ReplayState
 from provisioning.db.schema import Device
-from provisioning.registry import AttestationResult, DeviceState, Registry
+from provisioning.registry import (
+    AttestationResult,
+    DeviceState,
+    Registry,
+    key_state_digest,
+    key_state_items,
+)
 from provisioning.service import attestbatch
 from tests.fixtures.swtpm import SwtpmFactory
 from tests.pure.test_service_core import Fleet, agreed, create_g1
@@ -364,3 +370,23 @@ def test_an_answer_with_new_key_states_records_them_beside_plain_answers(fleet: 
     }
     assert verdicts["dev-1"].get("keys") is None and verdicts["dev-2"].get("keys") is None
     assert str(verdicts["dev-3"].get("keys")).startswith("[registry.key.transition]")
+    # the digest of a key state known to be recorded: an answer that recorded keys through
+    # the registry's rows clears it, one whose keys were all recorded keeps its own
+    assert reported_keys(fleet, "dev-1") is None
+    assert reported_keys(fleet, "dev-2") == key_state_digest([])
+    # dev-1 again with the same keys, now recorded: judged on its row, its digest kept
+    fleet.now += 10
+    answer(fleet, "dev-1")
+    again = dev1.report(replace(dev1.reports[-1], keys=new_keys), fleet.now)
+    fleet.service.handle_many([again, answer(fleet, "dev-2")], fleet.now)
+    assert sum(fleet.service.rejections.snapshot().values()) == 0
+    assert reported_keys(fleet, "dev-1") == key_state_digest(key_state_items(new_keys))
+    with fleet.sessions() as s:
+        assert Registry(s).device("dev-1").attested_at == fleet.now
+        assert len(Registry(s).key_states("dev-1")) == 1
+
+
+def reported_keys(fleet: Fleet, name: str) -> bytes | None:
+    with fleet.sessions() as s:
+        found = s.scalar(select(Device.reported_keys).where(Device.device_id == name))
+        return None if found is None else bytes(found)

@@ -411,11 +411,6 @@ _CHALLENGE_COLUMNS: Final = select(
     AttestChallengeRow.expires_at,
     AttestChallengeRow.answered_at,
 )
-_ANSWER: Final = (
-    update(table_of(AttestChallengeRow))
-    .where(table_of(AttestChallengeRow).c.nonce == bindparam("key"))
-    .values(answered_at=bindparam("at"))
-)
 
 
 class ChallengeBook:
@@ -453,8 +448,9 @@ class ChallengeBook:
 
     def write(self, session: Session, *, now: int) -> None:
         if self._answered:
+            rows = table_of(AttestChallengeRow)
             session.connection().execute(
-                _ANSWER, [{"key": key, "at": now} for key in self._answered]
+                update(rows).where(rows.c.nonce.in_(self._answered)).values(answered_at=now)
             )
             self._answered.clear()
 
