@@ -6,13 +6,16 @@ lock, read and write, its reads of the device row, the challenge and the waiting
 its audit head lock and read, its release record, its COMMIT and a catch-up session of its
 own: many times the quote's verification (docs/bench/README.md, "Device messages"). Here, as
 for key-state reports (``reports.on_reports``): every sender's replay row is locked in sorted
-order (two instances locking overlapping sets cannot deadlock), the senders' device rows with
-their keys and transitions, the challenges the answers name and which of them an operator
-waits for are read in one query each, each answer is judged alone against its sender's window
-under the lock and handled by ``attestation.on_attest_report`` exactly as on its own (the
-same checks, the same verdict), then the device rows, the challenges, the audit entries (one
-head lock, one insert of all), the release records and the replay rows are written once for
-the batch, one COMMIT, and one catch-up pass for the senders.
+order (two instances locking overlapping sets cannot deadlock), the senders' device rows (as
+plain columns, with their recorded keys unless the row's digest of them answers), the
+challenges the answers name and which of them an operator waits for are read in one query
+each, each answer is judged alone against its sender's window under the lock and handled by
+``attestation.on_attest_report`` exactly as on its own (the same checks, the same verdict),
+then the device rows, the challenges, the audit entries (one head lock, one insert of all),
+the release records and the replay rows are written once for the batch, one COMMIT, and one
+catch-up pass for the senders. The device rows of the steady answers (key states recorded, no
+state change: ``AnswerBatch``) are written in one Core statement; a sender whose answer
+changes its state or its key rows goes through the registry's ORM rows, loaded for the batch.
 
 An answer refused (replay, unknown device, no AK, a stored credential that does not check, a
 nonce unknown, replayed or expired) is refused alone: all of those checks run before the
