@@ -37,6 +37,7 @@ import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -210,6 +211,44 @@ def _refuse(
     )
 
 
+def _replay_log(event_log: bytes, pcrs: tuple[int, ...]) -> tuple[EventLog, Mapping[int, bytes]]:
+    """The event log decoded, checked (every event in a quoted PCR, no component twice) and
+    replayed over ``pcrs``: the values the quote must match. Raises ``AttestationRefused``."""
+    try:
+        log = _decode_log(event_log)
+    except ProtocolError as exc:
+        raise _refuse(exc.check, f"event log: {exc.reason}") from None
+    quoted = set(pcrs)
+    seen: set[str] = set()
+    for event in log.events:
+        if event.pcr not in quoted:
+            raise _refuse(
+                "attest.eventlog.unquoted",
+                f"{event.component}: measured into PCR {event.pcr}, which the quote does not cover",
+                event.component,
+            )
+        if event.component in seen:
+            raise _refuse(
+                "attest.eventlog.duplicate",
+                f"{event.component}: measured more than once",
+                event.component,
+            )
+        seen.add(event.component)
+    return log, MappingProxyType(replay(log, pcrs))
+
+
+# Remembered like decoded logs (``DECODED_LOGS``), by the log's bytes and the PCRs asked: the
+# checks and the replay are a pure function of both, and a log that fails them is not
+# remembered (it raises each time). The values are read-only: verdicts share them.
+_replay_remembered = functools.lru_cache(maxsize=DECODED_LOGS)(_replay_log)
+
+
+def _replayed(event_log: bytes, pcrs: tuple[int, ...]) -> tuple[EventLog, Mapping[int, bytes]]:
+    if type(event_log) is bytes and type(pcrs) is tuple:
+        return _replay_remembered(event_log, pcrs)
+    return _replay_log(event_log, tuple(pcrs))
+
+
 def verify_evidence(
     evidence: Evidence,
     *,
@@ -226,27 +265,7 @@ def verify_evidence(
             "attest.pcrs",
             f"report quotes PCRs {list(evidence.pcrs)}, the challenge asked {list(challenge.pcrs)}",
         )
-    try:
-        log = _decode_log(evidence.event_log)
-    except ProtocolError as exc:
-        raise _refuse(exc.check, f"event log: {exc.reason}") from None
-    quoted = set(challenge.pcrs)
-    seen: set[str] = set()
-    for event in log.events:
-        if event.pcr not in quoted:
-            raise _refuse(
-                "attest.eventlog.unquoted",
-                f"{event.component}: measured into PCR {event.pcr}, which the quote does not cover",
-                event.component,
-            )
-        if event.component in seen:
-            raise _refuse(
-                "attest.eventlog.duplicate",
-                f"{event.component}: measured more than once",
-                event.component,
-            )
-        seen.add(event.component)
-    values = replay(log, challenge.pcrs)
+    log, values = _replayed(evidence.event_log, challenge.pcrs)
     try:
         verify_quote(evidence.quote, ak_public, challenge.nonce, values)
     except ProtocolError as exc:

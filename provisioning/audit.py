@@ -37,7 +37,7 @@ import enum
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import cbor2
@@ -256,7 +256,7 @@ def append(
     # Core statements on the tables (the session holds neither row): the entry and the head
     try:
         with savepoint(session):
-            session.execute(_INSERT_ENTRY, asdict(entry))
+            session.execute(_INSERT_ENTRY, _values(entry))
             session.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": entry.entry_hash})
     except IntegrityError:
         raise AuditConflict(f"audit entry {seq} was appended concurrently") from None
@@ -317,13 +317,19 @@ def append_many(session: Session, pending: Sequence[Pending], *, now: int) -> li
     entries, heads = table_of(AuditEntry), table_of(AuditHead)
     try:
         with savepoint(session):
-            session.execute(insert(entries), [asdict(entry) for entry in out])
+            session.execute(insert(entries), [_values(entry) for entry in out])
             session.execute(
                 update(heads).where(heads.c.id == 1).values(seq=seq, entry_hash=prev_hash)
             )
     except IntegrityError:
         raise AuditConflict(f"audit entries up to {seq} were appended concurrently") from None
     return out
+
+
+def _values(entry: AuditRecord) -> dict[str, Any]:
+    """The entry's columns, for an insert (``asdict`` without its deep copy: every field is
+    immutable)."""
+    return dict(vars(entry))
 
 
 def _lock_head(session: Session) -> None:

@@ -138,7 +138,8 @@ class Device(Base):
     # transition and kind of which is recorded in ``keys``: a report with the same digest
     # changes no key row, judged without reading them. NULL: none known. Every write that
     # could make such a report change a key row (a learned kind, keys cleared at re-enrolment,
-    # ORM writes of keys) sets it to NULL; only the steady report path sets it.
+    # ORM writes of keys) sets it to NULL; only the steady report and attestation answer paths
+    # set it.
     reported_keys: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     # The AK's public area (marshalled TPM2B_PUBLIC) as enrolled: the attestation verifier checks
     # quotes with it. NULL for devices registered without one (they cannot be attested).

@@ -46,8 +46,10 @@ from provisioning.registry import (
     DeviceState,
     Outcome,
     Registry,
+    key_state_digest,
     key_state_items,
 )
+from provisioning.registry import KeyStateReport as KeyStateItem
 from provisioning.service import operators, releases, rollout, store
 from provisioning.service.context import Call
 from provisioning.service.effects import (
@@ -65,6 +67,9 @@ log = logging.getLogger("keyfleet.service")
 
 ATTESTABLE: Final = frozenset({DeviceState.REGISTERED, DeviceState.ACTIVE, DeviceState.QUARANTINED})
 NONCE_SIZE: Final = 32
+# the states a trusted verdict moves to ``active`` (a device in one is not judged on plain
+# columns in a batch of answers: ``attestbatch``)
+STATE_CHANGING: Final = frozenset({DeviceState.REGISTERED, DeviceState.QUARANTINED})
 
 
 def issue_challenge(cx: Call, session: Session, device_id: str, now: int) -> AttestChallenge:
@@ -179,13 +184,20 @@ def dispatch_attest(
 class AnswerBatch:
     """What the answers of one batch (``attestbatch.on_answers``) read once and write once
     instead of per answer: the golden policy, which senders are in a rollout that is not over,
-    which nonces an operator waits for, and the audit entries and release records collected
-    for one write each at the batch's end. ``changing`` is set once an answer has started to
-    change rows: a refusal after that undoes the batch."""
+    which nonces an operator waits for, the challenges the answers name (``challenges``), and
+    the audit entries and release records collected for one write each at the batch's end.
+    ``plain``: the senders judged on plain columns (``store.attest_senders``); an answer of one
+    of them whose key states are all recorded and that changes no device state is written with
+    the others in one statement (``written``), any other answer goes through the registry's
+    rows (``to_rows``). ``changing`` is set once an answer has started to change rows: a
+    refusal after that undoes the batch."""
 
     policy: GoldenPolicy
     in_rollout: frozenset[str]
     waited: frozenset[bytes]
+    challenges: store.ChallengeBook
+    plain: dict[str, store.AttestSender] = field(default_factory=dict)
+    written: dict[str, dict[str, object]] = field(default_factory=dict)
     audits: list[audit.Pending] = field(default_factory=list)
     releases: dict[str, str | None] = field(default_factory=dict)
     changing: bool = False
@@ -193,6 +205,22 @@ class AnswerBatch:
     def flush_audits(self, session: Session, now: int) -> None:
         audit.append_many(session, self.audits, now=now)
         self.audits.clear()
+
+    def to_rows(self, session: Session, sender: str) -> None:
+        """``sender``'s answers go through its registry rows from now on: what an earlier
+        answer of the batch left to write for it is written first, so its rows are read as
+        that answer left them."""
+        if self.plain.pop(sender, None) is None:
+            return
+        row = self.written.pop(sender, None)
+        if row is not None:
+            store.write_attestations(session, [row])
+
+    def flush(self, session: Session, now: int) -> None:
+        """The batch's writes of plain columns: the devices', then the challenges'."""
+        store.write_attestations(session, [self.written[s] for s in sorted(self.written)])
+        self.written.clear()
+        self.challenges.write(session, now=now)
 
 
 def on_attest_report(
@@ -203,26 +231,39 @@ def on_attest_report(
     *,
     now: int,
     batch: AnswerBatch | None = None,
+    items: tuple[list[KeyStateItem], bytes] | None = None,
 ) -> Effects:
     """Verify a report against the challenge it answers; record, audit, maybe quarantine.
     A report that answers no open challenge of this device (unknown, replayed, expired
     nonce) is refused and changes nothing; any other failure is an untrusted verdict.
     With ``batch`` (answers taken together), the reads and writes it names are the batch's;
-    the checks and the verdict are the same."""
+    the checks and the verdict are the same. ``items``: the report's key states
+    (``key_state_items`` of its keys) and their ``key_state_digest``, if the caller has them
+    already."""
     sender = message.sender
     settings = cx.env.attestation
     if settings is None:
         raise ProtocolError("op.unsupported", "attestation is not configured")
-    # the device row is read once and held for the steps below (verdict, report, state)
-    registry = Registry(session, hold_rows=True)
-    device = registry.device(sender)
-    if device.ak_public is None:
+    plain = None if batch is None else batch.plain.get(sender)
+    registry: Registry | None = None
+    if plain is None:
+        # the device row is read once and held for the steps below (verdict, report, state)
+        registry = Registry(session, hold_rows=True)
+        device = registry.device(sender)
+        state, pem, ak_public = device.state, device.devid_cert_pem, device.ak_public
+    else:
+        state, pem, ak_public = plain.state, plain.devid_cert_pem, plain.ak_public
+    if ak_public is None:
         raise ProtocolError("attest.device.ak", f"device {sender!r} has no AK registered")
     # The stored AK must be the one the device's DevID certificate names (``cred.stored``).
-    stored = cx.env.devices.check(device, now, with_ak=True)
+    stored = cx.env.devices.check_stored(sender, pem, now, ak_public=ak_public, with_ak=True)
     # the AK's key as that check decoded it from these stored bytes (remembered with it)
-    ak_key = stored.ak_key or public_key_from_area(device.ak_public)
-    challenge = store.consume_challenge(session, sender, body.nonce, now=now, flush=batch is None)
+    ak_key = stored.ak_key or public_key_from_area(ak_public)
+    challenge = (
+        store.consume_challenge(session, sender, body.nonce, now=now)
+        if batch is None
+        else batch.challenges.consume(sender, body.nonce, now=now)
+    )
     # nothing below refuses the answer: every failure from here on is an untrusted verdict
     if batch is not None:
         batch.changing = True
@@ -240,32 +281,50 @@ def on_attest_report(
         )
     except AttestationRefused as refused:
         verdict = refused.verdict
+    summary = verdict.summary
     if verdict.trusted:
         if batch is None:
             releases.record_device(cx, session, sender, verdict.pcr_values, now)
         else:
             batch.releases[sender] = releases.matched_release(cx, verdict.pcr_values)
-    items = key_state_items(body.keys)
+    keys, digest = (key_state_items(body.keys), None) if items is None else items
+    result = AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED
+    quarantine = not verdict.trusted and settings.quarantine and state in GROUP_ELIGIBLE
+    activate = verdict.trusted and state in STATE_CHANGING
     keys_note: str | None = None
-    try:
-        # not flushed yet: written with the verdict's columns (one UPDATE of the device row)
-        registry.record_report(sender, message.message_id, items, now=now, flush=False)
-    except ProtocolError as err:
-        # record_report checks everything before changing anything: the verdict stands
-        keys_note = f"[{err.check}] {err.reason}"
-    registry.record_attestation(
-        sender,
-        AttestationResult.TRUSTED if verdict.trusted else AttestationResult.UNTRUSTED,
-        reason=verdict.summary,
-        now=now,
-        flush=batch is None,
-    )
+    if (
+        batch is not None
+        and plain is not None
+        and not (quarantine or activate)
+        and plain.reported.knows(keys, digest)
+    ):
+        # what the registry would write (the report and the verdict; no key row changes)
+        batch.written[sender] = {
+            "device": sender,
+            "report": message.message_id,
+            "at": now,
+            "result": result,
+            "reason": summary,
+            "keys": key_state_digest(keys) if digest is None else digest,
+        }
+    else:
+        if registry is None:
+            assert batch is not None
+            batch.to_rows(session, sender)
+            registry = Registry(session, hold_rows=True)
+        try:
+            # not flushed yet: written with the verdict's columns (one UPDATE of the device row)
+            registry.record_report(sender, message.message_id, keys, now=now, flush=False)
+        except ProtocolError as err:
+            # record_report checks everything before changing anything: the verdict stands
+            keys_note = f"[{err.check}] {err.reason}"
+        registry.record_attestation(sender, result, reason=summary, now=now, flush=batch is None)
     entry = audit.Pending(
         actor=f"device:{sender}",
         action="attest.verdict",
         target=sender,
         outcome=Outcome.ACCEPTED,
-        reason=verdict.summary[:1000],
+        reason=summary[:1000],
         details={
             "result": "trusted" if verdict.trusted else "untrusted",
             "check": verdict.check,
@@ -289,19 +348,15 @@ def on_attest_report(
     jobs: list[Job] = []
     groups: set[str] = set()
     change = ""
-    quarantine = not verdict.trusted and settings.quarantine and device.state in GROUP_ELIGIBLE
-    activate = verdict.trusted and device.state in (
-        DeviceState.REGISTERED,
-        DeviceState.QUARANTINED,
-    )
     if batch is not None and (quarantine or activate):
         # the state change's entries follow the verdict's, in the log's order
         batch.flush_audits(session, now)
     if quarantine:
+        assert registry is not None
         registry.set_device_state(
             sender,
             DeviceState.QUARANTINED,
-            reason=f"attestation: {verdict.summary}"[:1000],
+            reason=f"attestation: {summary}"[:1000],
             now=now,
         )
         jobs, groups = operators.plan_removal(cx, session, sender, now)
@@ -312,7 +367,7 @@ def on_attest_report(
             action="device.quarantine",
             target=sender,
             outcome=Outcome.ACCEPTED,
-            reason=verdict.summary[:1000],
+            reason=summary[:1000],
             details={
                 "groups": ",".join(sorted(groups)),
                 "component": verdict.failing_component,
@@ -322,6 +377,7 @@ def on_attest_report(
             f"; removal from {', '.join(sorted(groups))} queued" if groups else ""
         )
     elif activate:
+        assert registry is not None
         registry.set_device_state(
             sender, DeviceState.ACTIVE, reason="attestation: trusted", now=now
         )
@@ -332,12 +388,12 @@ def on_attest_report(
             action="device.activate",
             target=sender,
             outcome=Outcome.ACCEPTED,
-            reason=f"was {device.state.value}; attestation trusted",
+            reason=f"was {state.value}; attestation trusted",
             details={},
         )
         change = "active" + (
             " (not re-added to any group: `keyfleet group add`)"
-            if device.state is DeviceState.QUARANTINED
+            if state is DeviceState.QUARANTINED
             else ""
         )
 
@@ -348,7 +404,7 @@ def on_attest_report(
             (
                 sender,
                 "trusted" if verdict.trusted else "UNTRUSTED",
-                verdict.summary,
+                summary,
                 f" -> {change}" if change else "",
             ),
         ),

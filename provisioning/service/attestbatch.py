@@ -6,13 +6,16 @@ lock, read and write, its reads of the device row, the challenge and the waiting
 its audit head lock and read, its release record, its COMMIT and a catch-up session of its
 own: many times the quote's verification (docs/bench/README.md, "Device messages"). Here, as
 for key-state reports (``reports.on_reports``): every sender's replay row is locked in sorted
-order (two instances locking overlapping sets cannot deadlock), the senders' device rows with
-their keys and transitions, the challenges the answers name and which of them an operator
-waits for are read in one query each, each answer is judged alone against its sender's window
-under the lock and handled by ``attestation.on_attest_report`` exactly as on its own (the
-same checks, the same verdict), then the device rows, the challenges, the audit entries (one
-head lock, one insert of all), the release records and the replay rows are written once for
-the batch, one COMMIT, and one catch-up pass for the senders.
+order (two instances locking overlapping sets cannot deadlock), the senders' device rows (as
+plain columns, with their recorded keys unless the row's digest of them answers), the
+challenges the answers name and which of them an operator waits for are read in one query
+each, each answer is judged alone against its sender's window under the lock and handled by
+``attestation.on_attest_report`` exactly as on its own (the same checks, the same verdict),
+then the device rows, the challenges, the audit entries (one head lock, one insert of all),
+the release records and the replay rows are written once for the batch, one COMMIT, and one
+catch-up pass for the senders. The device rows of the steady answers (key states recorded, no
+state change: ``AnswerBatch``) are written in one Core statement; a sender whose answer
+changes its state or its key rows goes through the registry's ORM rows, loaded for the batch.
 
 An answer refused (replay, unknown device, no AK, a stored credential that does not check, a
 nonce unknown, replayed or expired) is refused alone: all of those checks run before the
@@ -29,6 +32,8 @@ from sqlalchemy.orm import Session
 from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.attestation import AttestReport
 from agent.protocol.wire.replay import ReplayGuard
+from provisioning.registry import KeyStateReport as KeyStateItem
+from provisioning.registry import key_state_digest, key_state_items
 from provisioning.service import attestation, catchup, devices, execute, releases, store, verify
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects
@@ -61,18 +66,37 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
         senders = sorted({m.sender for m in batch})
         nonces = [_body(m).nonce for m in batch]
         stored = store.lock_guards(session, senders)
-        # Loaded once for the batch (the session's identity map then answers the per-answer
-        # reads without a query); ``held`` keeps them there.
-        held: list[object] = []
-        held += store.load_report_senders(session, senders)
-        held += store.load_challenges(session, nonces)
+        # Read once for the batch, as plain columns: the senders' rows and recorded keys, the
+        # challenges the answers name. A sender whose answers all report recorded key states
+        # and whose state no trusted verdict changes (the steady case: a scheduled round of
+        # an active fleet) stays on them; the others' rows are loaded as objects for the
+        # registry (the session's identity map then answers the per-answer reads without a
+        # query; ``held`` keeps them there).
+        # (a sender all of whose answers have its row's digest of recorded key states,
+        # ``reported_keys``, is judged by it: its key rows are not read)
+        reported = [key_state_items(_body(report).keys) for report in batch]
+        digests = [key_state_digest(one) for one in reported]
+        items: dict[str, list[tuple[list[KeyStateItem], bytes]]] = {}
+        for report, one, digest in zip(batch, reported, digests, strict=True):
+            items.setdefault(report.sender, []).append((one, digest))
+        plain = store.attest_senders(
+            session, senders, {s: {d for _, d in found} for s, found in items.items()}
+        )
+        for sender, found in list(plain.items()):
+            if found.state in attestation.STATE_CHANGING or not all(
+                found.reported.knows(i, d) for i, d in items[sender]
+            ):
+                del plain[sender]
+        held = store.load_device_rows(session, [s for s in senders if s not in plain])
         facts = attestation.AnswerBatch(
             policy=releases.golden(cx, session),
             in_rollout=frozenset(rollouts.in_active(session, senders)),
             waited=frozenset(store.attest_operation_nonces(session, nonces)),
+            challenges=store.ChallengeBook(session, nonces),
+            plain=plain,
         )
         guards: dict[str, ReplayGuard] = {}
-        for report in batch:
+        for report, keys, digest in zip(batch, reported, digests, strict=True):
             sender = report.sender
             guard = guards.get(sender)
             if guard is None:
@@ -82,7 +106,13 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
             try:
                 trial.accept(report.message)
                 effects = attestation.on_attest_report(
-                    cx, session, _body(report), report.message, now=now, batch=facts
+                    cx,
+                    session,
+                    _body(report),
+                    report.message,
+                    now=now,
+                    batch=facts,
+                    items=(keys, digest),
                 )
             except ProtocolError as err:
                 if facts.changing:
@@ -92,6 +122,7 @@ def on_answers(cx: Call, answers: list[verify.VerifiedReport], now: int) -> None
             guards[sender] = trial
             taken.append((report, effects))
         facts.flush_audits(session, now)
+        facts.flush(session, now)
         release_rows.record_device_releases(session, facts.releases, now)
         store.save_guards(session, guards, now=now, stored=stored)
         # "heard from" (``last_seen``) is in each taken answer's device row

@@ -8,10 +8,12 @@ nothing; the batch's statements do not grow with its answers."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 from sqlalchemy import Engine, event, select, update
 from sqlalchemy.exc import OperationalError
 
+from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
 from agent.protocol.wire.messages.attestation import AttestReport
 from agent.protocol.wire.messages.operator import AttestDevice
 from agent.protocol.wire.messages.result import ResultStatus
@@ -26,7 +29,13 @@ from firmware_sim.boot import tampered
 from provisioning import audit
 from provisioning.db.runtime import AttestChallengeRow, ReplayState
 from provisioning.db.schema import Device
-from provisioning.registry import AttestationResult, DeviceState, Registry
+from provisioning.registry import (
+    AttestationResult,
+    DeviceState,
+    Registry,
+    key_state_digest,
+    key_state_items,
+)
 from provisioning.service import attestbatch
 from tests.fixtures.swtpm import SwtpmFactory
 from tests.pure.test_service_core import Fleet, agreed, create_g1
@@ -267,3 +276,117 @@ def test_an_operators_answer_and_a_quarantine_in_one_batch(
     assert states["dev-1"] is states["dev-2"] is DeviceState.ACTIVE
     assert fleet.members("g1") == ["dev-1", "dev-2"]
     assert fleet.epoch("g1") == epoch + 1 and len(agreed(fleet, "g1")) == 1
+
+
+def test_a_device_trusted_then_untrusted_in_one_batch_ends_untrusted_and_quarantined(
+    fleet: Fleet,
+) -> None:
+    """Two answers of one active device in one batch: a good boot's, then (rebooted with a
+    tampered kernel) an untrusted one. The first is written with the batch's other plain
+    answers, the second quarantines the device through its registry row: the device ends as
+    the second answer left it, as if each had been taken on its own, and a third device's
+    answer in the same batch is trusted."""
+    fleet.service.handle_many([answer(fleet, n) for n in NAMES], fleet.now)  # all active
+    fleet.now += 10
+    first = answer(fleet, "dev-1")
+    member(fleet, "dev-1").boot(tampered(GOOD, "kernel"))
+    second = answer(fleet, "dev-1")
+    nonces = [r.nonce.hex() for r in member(fleet, "dev-1").reports[-2:]]
+    audit_before = len(fleet.audit_entries())
+    fleet.service.handle_many([first, answer(fleet, "dev-2"), second], fleet.now)
+    assert sum(fleet.service.rejections.snapshot().values()) == 0
+    with fleet.sessions() as s:
+        one, two = Registry(s).device("dev-1"), Registry(s).device("dev-2")
+        answered = dict(
+            s.execute(
+                select(AttestChallengeRow.nonce, AttestChallengeRow.answered_at).where(
+                    AttestChallengeRow.nonce.in_(nonces)
+                )
+            ).all()
+        )
+    assert one.attestation_result is AttestationResult.UNTRUSTED
+    assert str(one.attestation_reason).startswith("[attest.policy.digest] kernel")
+    assert one.state is DeviceState.QUARANTINED
+    assert one.attested_at == one.last_seen == one.last_report_at == fleet.now
+    assert answered == dict.fromkeys(nonces, fleet.now)
+    assert two.attestation_result is AttestationResult.TRUSTED
+    assert two.state is DeviceState.ACTIVE and two.attested_at == fleet.now
+    entries = fleet.audit_entries()[audit_before:]
+    assert [(e.action, e.target, json.loads(e.details).get("result")) for e in entries] == [
+        ("attest.verdict", "dev-1", "trusted"),
+        ("attest.verdict", "dev-2", "trusted"),
+        ("attest.verdict", "dev-1", "untrusted"),
+        ("device.quarantine", "dev-1", None),
+    ]
+    with fleet.sessions() as s:
+        assert audit.verify_chain(s).ok
+
+
+def test_an_answer_with_new_key_states_records_them_beside_plain_answers(fleet: Fleet) -> None:
+    """In one batch of active devices: an answer whose key states are recorded already (none
+    here) changes no key row; one that reports a key transition the registry has not seen
+    records it (the registry's rows), and one whose key history the registry cannot take
+    keeps its verdict and notes the refused keys in the verdict's audit entry."""
+    fleet.service.handle_many([answer(fleet, n) for n in NAMES], fleet.now)  # all active
+    fleet.now += 10
+    history = ((KeyState.PRE_ACTIVATION, fleet.now - 100), (KeyState.ACTIVE, fleet.now - 99))
+    new_keys = (KeyRecord("devid", KeyKind.DEVID, history),)
+    with_keys = answer(fleet, "dev-1")
+    dev1 = member(fleet, "dev-1")
+    with_keys = dev1.report(replace(dev1.reports[-1], keys=new_keys), fleet.now)
+    # dev-3: its key recorded (an answer taken alone), then a history that starts before it
+    answer(fleet, "dev-3")
+    dev3 = member(fleet, "dev-3")
+    fleet.service.handle_many(
+        [dev3.report(replace(dev3.reports[-1], keys=new_keys), fleet.now)], fleet.now
+    )
+    answer(fleet, "dev-3")
+    backwards = (
+        KeyRecord(
+            "devid",
+            KeyKind.DEVID,
+            ((KeyState.PRE_ACTIVATION, fleet.now - 300), (KeyState.ACTIVE, fleet.now - 299)),
+        ),
+    )
+    impossible = dev3.report(replace(dev3.reports[-1], keys=backwards), fleet.now)
+    audit_before = len(fleet.audit_entries())
+    fleet.service.handle_many([with_keys, answer(fleet, "dev-2"), impossible], fleet.now)
+    rejections = fleet.service.rejections.snapshot()
+    assert sum(rejections.values()) == 0, rejections
+    with fleet.sessions() as s:
+        registry = Registry(s)
+        keys = {n: registry.key_states(n) for n in ("dev-1", "dev-2", "dev-3")}
+        records = {n: registry.device(n) for n in ("dev-1", "dev-2", "dev-3")}
+    assert [(k.key_name, k.state) for k in keys["dev-1"]] == [("devid", KeyState.ACTIVE)]
+    assert keys["dev-2"] == []
+    assert [(k.key_name, k.changed_at) for k in keys["dev-3"]] == [("devid", fleet.now - 99)]
+    for name in ("dev-1", "dev-2", "dev-3"):
+        assert records[name].attestation_result is AttestationResult.TRUSTED, name
+        assert records[name].attested_at == records[name].last_seen == fleet.now
+    verdicts = {
+        e.target: json.loads(e.details)
+        for e in fleet.audit_entries()[audit_before:]
+        if e.action == "attest.verdict"
+    }
+    assert verdicts["dev-1"].get("keys") is None and verdicts["dev-2"].get("keys") is None
+    assert str(verdicts["dev-3"].get("keys")).startswith("[registry.key.transition]")
+    # the digest of a key state known to be recorded: an answer that recorded keys through
+    # the registry's rows clears it, one whose keys were all recorded keeps its own
+    assert reported_keys(fleet, "dev-1") is None
+    assert reported_keys(fleet, "dev-2") == key_state_digest([])
+    # dev-1 again with the same keys, now recorded: judged on its row, its digest kept
+    fleet.now += 10
+    answer(fleet, "dev-1")
+    again = dev1.report(replace(dev1.reports[-1], keys=new_keys), fleet.now)
+    fleet.service.handle_many([again, answer(fleet, "dev-2")], fleet.now)
+    assert sum(fleet.service.rejections.snapshot().values()) == 0
+    assert reported_keys(fleet, "dev-1") == key_state_digest(key_state_items(new_keys))
+    with fleet.sessions() as s:
+        assert Registry(s).device("dev-1").attested_at == fleet.now
+        assert len(Registry(s).key_states("dev-1")) == 1
+
+
+def reported_keys(fleet: Fleet, name: str) -> bytes | None:
+    with fleet.sessions() as s:
+        found = s.scalar(select(Device.reported_keys).where(Device.device_id == name))
+        return None if found is None else bytes(found)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final, NamedTuple
 
 from sqlalchemy import (
     bindparam,
@@ -315,9 +316,38 @@ def record_command(
 # -- attestation challenges (the nonce book) ------------------------------------------------------
 
 
-def _challenge(row: AttestChallengeRow) -> Challenge:
+class ChallengeColumns(NamedTuple):
+    """A challenge row read as plain columns (``ChallengeBook``)."""
+
+    nonce: str
+    device_id: str
+    pcrs: str
+    issued_at: int
+    expires_at: int
+    answered_at: int | None
+
+
+def _challenge(row: AttestChallengeRow | ChallengeColumns) -> Challenge:
     pcrs = tuple(int(p) for p in row.pcrs.split(",")) if row.pcrs else ()
     return Challenge(row.device_id, bytes.fromhex(row.nonce), pcrs, row.issued_at, row.expires_at)
+
+
+def _check_open(
+    device_id: str, row: AttestChallengeRow | ChallengeColumns | None, now: int
+) -> None:
+    """Whether ``row`` is an open challenge of ``device_id`` an answer at ``now`` may consume:
+    ``attest.nonce.unknown`` / ``.replayed`` / ``.expired`` like ``NonceBook.consume``."""
+    if row is None or row.device_id != device_id:
+        raise ProtocolError("attest.nonce.unknown", "no open challenge with this nonce")
+    if row.answered_at is not None:
+        raise ProtocolError(
+            "attest.nonce.replayed", "this nonce was already answered: replayed quote"
+        )
+    if now >= row.expires_at:
+        raise ProtocolError(
+            "attest.nonce.expired",
+            f"challenge issued at {row.issued_at} expired at {row.expires_at}",
+        )
 
 
 def issue_challenge(
@@ -365,33 +395,64 @@ def consume_challenge(
     Raises ``attest.nonce.unknown`` / ``.replayed`` / ``.expired`` like ``NonceBook.consume``.
     Without ``flush`` the caller flushes (a batch of answers: their rows in one statement)."""
     row = session.get(AttestChallengeRow, nonce.hex())
-    if row is None or row.device_id != device_id:
-        raise ProtocolError("attest.nonce.unknown", "no open challenge with this nonce")
-    if row.answered_at is not None:
-        raise ProtocolError(
-            "attest.nonce.replayed", "this nonce was already answered: replayed quote"
-        )
-    if now >= row.expires_at:
-        raise ProtocolError(
-            "attest.nonce.expired",
-            f"challenge issued at {row.issued_at} expired at {row.expires_at}",
-        )
+    _check_open(device_id, row, now)
+    assert row is not None
     row.answered_at = now
     if flush:
         session.flush()
     return _challenge(row)
 
 
-def load_challenges(session: Session, nonces: Iterable[bytes]) -> list[AttestChallengeRow]:
-    """The challenge rows of ``nonces`` (those that exist) in one query, for the session's
-    identity map: ``consume_challenge`` then finds them without a query. The caller keeps the
-    returned list while it reads them (the identity map holds them only weakly)."""
-    keys = sorted({nonce.hex() for nonce in nonces})
-    if not keys:
-        return []
-    return list(
-        session.scalars(select(AttestChallengeRow).where(AttestChallengeRow.nonce.in_(keys)))
-    )
+_CHALLENGE_COLUMNS: Final = select(
+    AttestChallengeRow.nonce,
+    AttestChallengeRow.device_id,
+    AttestChallengeRow.pcrs,
+    AttestChallengeRow.issued_at,
+    AttestChallengeRow.expires_at,
+    AttestChallengeRow.answered_at,
+)
+
+
+class ChallengeBook:
+    """The challenges a batch of answers names (those that exist), read as plain columns in
+    one query: ``consume`` judges an answer's nonce as ``consume_challenge`` does (same checks,
+    same refusals) and marks it answered here, so that a second answer of the batch with that
+    nonce is ``attest.nonce.replayed``; ``write`` then marks the consumed ones answered in the
+    database in one statement. Nothing is written for a nonce not consumed."""
+
+    def __init__(self, session: Session, nonces: Iterable[bytes]) -> None:
+        keys = sorted({nonce.hex() for nonce in nonces})
+        self._rows: dict[str, ChallengeColumns] = (
+            {
+                row.nonce: row
+                for row in (
+                    ChallengeColumns(*found)
+                    for found in session.execute(
+                        _CHALLENGE_COLUMNS.where(AttestChallengeRow.nonce.in_(keys))
+                    )
+                )
+            }
+            if keys
+            else {}
+        )
+        self._answered: list[str] = []
+
+    def consume(self, device_id: str, nonce: bytes, *, now: int) -> Challenge:
+        key = nonce.hex()
+        row = self._rows.get(key)
+        _check_open(device_id, row, now)
+        assert row is not None
+        self._rows[key] = row._replace(answered_at=now)
+        self._answered.append(key)
+        return _challenge(row)
+
+    def write(self, session: Session, *, now: int) -> None:
+        if self._answered:
+            rows = table_of(AttestChallengeRow)
+            session.connection().execute(
+                update(rows).where(rows.c.nonce.in_(self._answered)).values(answered_at=now)
+            )
+            self._answered.clear()
 
 
 def open_challenges(session: Session, device_id: str, *, now: int) -> int:

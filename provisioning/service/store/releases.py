@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from provisioning.db.engine import RetryableConflict, rowcount
+from provisioning.db.engine import RetryableConflict, rowcount, table_of
 from provisioning.db.runtime import DeviceReleaseRow, ReleaseRow, ReleaseStateRow
 
 STATE_ID = 1
@@ -220,22 +220,24 @@ def record_device_release(session: Session, device_id: str, version: str | None,
 
 def record_device_releases(session: Session, versions: Mapping[str, str | None], now: int) -> None:
     """``record_device_release`` for several devices (a batch of answers): the existing rows
-    read and written in one statement each, the first rows inserted in one."""
+    written in one statement per release (most often one: a fleet runs one firmware), which
+    names the rows it wrote, and the first rows inserted in one."""
     ids = sorted(versions)
     if not ids:
         return
-    existing = set(
-        session.scalars(
-            select(DeviceReleaseRow.device_id).where(DeviceReleaseRow.device_id.in_(ids))
-        )
-    )
-    rewritten = [{"who": d, "version": versions[d], "at": now} for d in ids if d in existing]
-    if rewritten:
-        session.connection().execute(
-            update(DeviceReleaseRow)
-            .where(DeviceReleaseRow.device_id == bindparam("who"))
-            .values(version=bindparam("version"), attested_at=bindparam("at")),
-            rewritten,
+    rows = table_of(DeviceReleaseRow)
+    by_version: dict[str | None, list[str]] = {}
+    for device_id in ids:
+        by_version.setdefault(versions[device_id], []).append(device_id)
+    existing: set[str] = set()
+    for version in sorted(by_version, key=lambda v: (v is not None, v or "")):
+        existing.update(
+            session.connection().scalars(
+                update(rows)
+                .where(rows.c.device_id.in_(by_version[version]))
+                .values(version=version, attested_at=now)
+                .returning(rows.c.device_id)
+            )
         )
     new = [
         {"device_id": d, "version": versions[d], "attested_at": now}
