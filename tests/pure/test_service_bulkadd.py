@@ -346,7 +346,14 @@ def test_key_packages_received_together_are_one_batch_and_each_is_judged_alone(
             batches.append(len(messages))
         taken(cx, messages, now)
 
-    monkeypatch.setattr(intake, "on_key_packages", recording)
+    monkeypatch.setattr(
+        intake,
+        "BATCHED",
+        tuple(
+            (kind, what, recording if flow is taken else flow)
+            for kind, what, flow in intake.BATCHED
+        ),
+    )
     fleet.record = True
     names = NAMES[:6]
     outsider = fleet.devices["dev-07"]
