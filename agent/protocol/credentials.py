@@ -115,15 +115,84 @@ def _check_ak_name(name: bytes, check: str) -> None:
         raise ProtocolError(check, "an AK name is a 34-byte SHA-256 TPM Name")
 
 
-def _ak_name_of(cert: x509.Certificate) -> bytes | None:
+_EXTENSIONS_TAG: Final = 0xA3  # tbsCertificate's [3] EXPLICIT Extensions
+
+
+def _der_header(der: bytes, at: int, end: int) -> tuple[int, int, int]:
+    """The (tag, content start, content end) of the DER element at ``der[at]``, which must end
+    by ``end`` (single-byte tags, definite lengths); ``ValueError`` otherwise."""
+    if at + 2 > end:
+        raise ValueError("truncated DER element")
+    tag, size = der[at], der[at + 1]
+    at += 2
+    if size & 0x80:
+        count = size & 0x7F
+        if not 0 < count <= 4 or at + count > end:
+            raise ValueError("bad DER length")
+        size = int.from_bytes(der[at : at + count], "big")
+        at += count
+    if at + size > end:
+        raise ValueError("DER element past its end")
+    return tag, at, at + size
+
+
+def _der_items(der: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """The (tag, content start, content end) of each DER element in ``der[start:end]``;
+    ``ValueError`` if they do not tile it exactly."""
+    items = []
+    at = start
+    while at < end:
+        item = _der_header(der, at, end)
+        items.append(item)
+        at = item[2]
+    return items
+
+
+def _oid_der(oid: x509.ObjectIdentifier) -> bytes:
+    """The content octets of an OBJECT IDENTIFIER (X.690 8.19)."""
+    arcs = [int(a) for a in oid.dotted_string.split(".")]
+    out = bytearray()
+    for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
+        rest = arc >> 7
+        chunk = [arc & 0x7F]
+        while rest:
+            chunk.append(0x80 | (rest & 0x7F))
+            rest >>= 7
+        out += bytes(reversed(chunk))
+    return bytes(out)
+
+
+_AK_NAME_OID_TLV: Final = b"\x06" + bytes([len(_oid_der(AK_NAME_OID))]) + _oid_der(AK_NAME_OID)
+
+
+def _ak_name_of(cert_der: bytes) -> bytes | None:
+    """The AK name the AK-name extension of a certificate (DER that ``cryptography`` parsed
+    already) carries, None if it has none. Only that extension is read: the others are not
+    decoded into objects (``Certificate.extensions`` decodes every extension, about 15 µs)."""
     try:
-        extension = cert.extensions.get_extension_for_oid(AK_NAME_OID)
-    except x509.ExtensionNotFound:
+        _, cert_start, cert_end = _der_header(cert_der, 0, len(cert_der))
+        _, tbs_start, tbs_end = _der_header(cert_der, cert_start, cert_end)
+        found: list[bytes] = []
+        oid = _AK_NAME_OID_TLV
+        for tag, start, end in _der_items(cert_der, tbs_start, tbs_end):
+            if tag != _EXTENSIONS_TAG:
+                continue
+            ((_, list_start, list_end),) = _der_items(cert_der, start, end)
+            for _, ext_start, ext_end in _der_items(cert_der, list_start, list_end):
+                if cert_der[ext_start : ext_start + len(oid)] != oid:
+                    continue  # another extension (its OID first, by the DER that parsed)
+                fields = _der_items(cert_der, ext_start, ext_end)
+                value_tag, value_start, value_end = fields[-1]
+                if value_tag != 0x04 or len(fields) not in (2, 3):
+                    raise ValueError("not an extension")
+                found.append(cert_der[value_start:value_end])
+    except ValueError:
+        raise ProtocolError("cred.decode", "the certificate's extensions do not decode") from None
+    if not found:
         return None
-    value = extension.value
-    if not isinstance(value, x509.UnrecognizedExtension):
-        raise ProtocolError("cred.decode", "AK-name extension of an unexpected type")
-    der = value.value
+    if len(found) > 1:
+        raise ProtocolError("cred.decode", "several AK-name extensions")
+    der = found[0]
     if len(der) < 2 or der[0] != 0x04 or der[1] != len(der) - 2:
         raise ProtocolError("cred.decode", "AK-name extension is not a DER OCTET STRING")
     name = der[2:]
@@ -145,8 +214,13 @@ class VerifiedDevice:
 
 
 @dataclass(frozen=True)
-class _Memo:
+class CheckedCertificate:
+    """A validated DevID certificate (``CredentialVerifier.check``): what it says, its public key
+    as an object, and the times between which its whole path validates (its certificates'
+    validity and an anchor's end of acceptance)."""
+
     device: VerifiedDevice
+    key: ec.EllipticCurvePublicKey
     not_before: int
     not_after: int
 
@@ -210,7 +284,7 @@ class CredentialVerifier:
         self._store = Store(list(anchors))
         self._ends = dict(ends or {})
         self._intermediates = list(intermediates)
-        self._memo: OrderedDict[bytes, _Memo] = OrderedDict()
+        self._memo: OrderedDict[bytes, CheckedCertificate] = OrderedDict()
         self._memo_size = memo_size
         self.memo_hits = 0
         # the anchors' ends by certificate (not by its DER, encoded again per leaf), and the
@@ -228,19 +302,24 @@ class CredentialVerifier:
     def verify(self, cert_der: bytes, now: int) -> VerifiedDevice:
         """The device a DevID certificate names, once its path validates at ``now`` (unix
         seconds). Raises ``ProtocolError`` (``cred.*``)."""
+        return self.check(cert_der, now).device
+
+    def check(self, cert_der: bytes, now: int) -> CheckedCertificate:
+        """``verify``, with the certificate's key object and the validity window of its path (for
+        a caller that remembers the result itself)."""
         if type(cert_der) is not bytes or not 0 < len(cert_der) <= MAX_CERT_SIZE:
             raise ProtocolError("cred.decode", "a DevID certificate is 1 to 16 KiB of DER")
         memo = self._memo.get(cert_der)
         if memo is not None and memo.not_before <= now <= memo.not_after:
             self._memo.move_to_end(cert_der)
             self.memo_hits += 1
-            return memo.device
+            return memo
         entry = self._verify_uncached(cert_der, now)
         self._memo[cert_der] = entry
         self._memo.move_to_end(cert_der)
         while len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)
-        return entry.device
+        return entry
 
     def _verifier_at(self, now: int) -> ClientVerifier:
         """The path validator at ``now`` (the same store, depth and policies at every time)."""
@@ -258,7 +337,7 @@ class CredentialVerifier:
             self._built = (now, verifier)
         return self._built[1]
 
-    def _verify_uncached(self, cert_der: bytes, now: int) -> _Memo:
+    def _verify_uncached(self, cert_der: bytes, now: int) -> CheckedCertificate:
         try:
             cert = load_certificate(cert_der)
         except (ValueError, x509.InvalidVersion):  # a version field outside 1..3 raises the latter
@@ -281,9 +360,12 @@ class CredentialVerifier:
         point = key.public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
-        device = VerifiedDevice(device_id=device_id, signature_key=point, ak_name=_ak_name_of(cert))
-        return _Memo(
+        device = VerifiedDevice(
+            device_id=device_id, signature_key=point, ak_name=_ak_name_of(cert_der)
+        )
+        return CheckedCertificate(
             device=device,
+            key=key,
             not_before=max(int(c.not_valid_before_utc.timestamp()) for c in verified.chain),
             not_after=min(
                 [int(c.not_valid_after_utc.timestamp()) for c in verified.chain]

@@ -36,6 +36,8 @@ Check ids: ``op.role``, ``op.certificate``, ``cred.stored`` (docs/checks.md).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -44,7 +46,7 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy.orm import Session
 
 from agent.protocol.attest import public_key_from_area, tpm_name
@@ -146,7 +148,6 @@ class StoredDevices:
         self.cas = (device_ca, *others)
         self._ends = dict(ends or {})
         self._verifier = CredentialVerifier(self.cas, ends=ends, memo_size=memo_size)
-        self._windows: dict[x509.Name, tuple[int, int]] = {}
         # (device, SHA-256 of the certificate PEM, of the AK when it was checked too) -> the
         # checked result; the compact memo holds the DevID key as its encoded point
         self._memo: OrderedDict[_MemoKey, StoredDevice] = OrderedDict()
@@ -202,8 +203,7 @@ class StoredDevices:
                 kid=kid,
             )
         else:
-            checked = self._check(device_id, devid_cert_pem, ak, now, with_ak=with_ak)
-            point = checked.devid_key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+            checked, point = self._check(device_id, devid_cert_pem, ak, now, with_ak=with_ak)
             self._compact[key] = (point, checked.not_before, checked.not_after, checked.kid)
             self._compact.move_to_end(key)
             while len(self._compact) > self._compact_size:
@@ -216,16 +216,17 @@ class StoredDevices:
 
     def _check(
         self, name: str, devid_cert_pem: str, ak_public: bytes | None, now: int, *, with_ak: bool
-    ) -> StoredDevice:
+    ) -> tuple[StoredDevice, bytes]:
+        """The stored credentials checked, and the DevID key's encoded point."""
         self.validations += 1
         try:
-            cert = pki.cert_from_pem(devid_cert_pem.encode())
-            verified = self._verifier.verify(cert.public_bytes(Encoding.DER), now)
+            checked = self._verifier.check(_pem_der(devid_cert_pem), now)
         except ProtocolError as err:
             raise ProtocolError(
                 "cred.stored",
                 f"the stored DevID certificate of {name!r}: [{err.check}] {err.reason}",
             ) from None
+        verified = checked.device
         if verified.device_id != name:
             raise ProtocolError(
                 "cred.stored",
@@ -249,34 +250,32 @@ class StoredDevices:
                 ak_key = public_key_from_area(ak_public)
             except ProtocolError:
                 ak_key = None
-        public_key = cert.public_key()
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)  # the verifier checked P-256
-        # a remembered result lasts while the certificate, its CA and the CA's acceptance do
-        start, stop = self._issuer_window(cert.issuer)
-        return StoredDevice(
+        # a remembered result lasts while the certificate's whole path validates: its
+        # certificates' validity and its device CA's end of acceptance (the verifier's window)
+        stored = StoredDevice(
             device_id=name,
-            devid_key=public_key,
-            not_before=max(int(cert.not_valid_before_utc.timestamp()), start),
-            not_after=min(int(cert.not_valid_after_utc.timestamp()), stop),
-            kid=key_id(public_key),
+            devid_key=checked.key,
+            not_before=checked.not_before,
+            not_after=checked.not_after,
+            kid=key_id(checked.key),
             ak_key=ak_key,
         )
+        return stored, verified.signature_key
 
-    def _issuer_window(self, issuer: x509.Name) -> tuple[int, int]:
-        """When the device CA(s) named ``issuer`` (all of them if none is) are valid and
-        accepted: computed once per issuer name (the CAs do not change in this object)."""
-        window = self._windows.get(issuer)
-        if window is None:
-            issuers = [c for c in self.cas if c.subject == issuer] or list(self.cas)
-            ends = [self._ends.get(c.public_bytes(Encoding.DER)) for c in issuers]
-            window = (
-                max(int(c.not_valid_before_utc.timestamp()) for c in issuers),
-                min(
-                    [
-                        *(int(c.not_valid_after_utc.timestamp()) for c in issuers),
-                        *(e for e in ends if e is not None),
-                    ]
-                ),
-            )
-            self._windows[issuer] = window
-        return window
+
+_PEM_HEAD: Final = "-----BEGIN CERTIFICATE-----"
+_PEM_TAIL: Final = "-----END CERTIFICATE-----"
+
+
+def _pem_der(pem: str) -> bytes:
+    """The DER of the one certificate a stored PEM holds, for the verifier (which parses it
+    once). A PEM as the service writes it (one block, nothing around it) is only base64-decoded;
+    anything else is read by ``pki.cert_from_pem`` (exactly one certificate, ``pki.pem``)."""
+    text = pem.strip()
+    if text.startswith(_PEM_HEAD) and text.endswith(_PEM_TAIL) and text.count("-----") == 4:
+        body = "".join(text[len(_PEM_HEAD) : -len(_PEM_TAIL)].split())
+        try:
+            return base64.b64decode(body, validate=True)
+        except binascii.Error:
+            pass
+    return pki.cert_from_pem(pem.encode()).public_bytes(Encoding.DER)

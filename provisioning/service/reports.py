@@ -85,6 +85,10 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
         held += store.load_report_senders(session, [s for s in senders if s not in plain])
         held += store.load_feed_seen(session, sorted(plain))
         facts = devices.BatchFacts.read(session, senders)
+        if not facts.deletions_open:
+            # first reports' feed rows as plain values, inserted together below (nothing
+            # reads them meanwhile: no group deletion open)
+            store.defer_new_seen(session)
         online_since = now - cx.env.settings.online_window
         written: dict[str, dict[str, object]] = {}
         guards: dict[str, ReplayGuard] = {}
@@ -133,6 +137,7 @@ def on_reports(cx: Call, reports: list[verify.VerifiedReport], now: int) -> None
             taken.append((report, effects))
         store.drop_claims(session, set(new) - set(guards))
         first_keys.insert(session)
+        store.insert_new_seen(session)
         store.number_new_key_rows(session)
         store.write_reports(session, [written[s] for s in sorted(written)])
         store.save_guards(session, guards, now=now, stored=stored)

@@ -20,6 +20,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 from agent.protocol import authz
 from agent.protocol.attest import tpm_name
 from agent.protocol.errors import ProtocolError
+from agent.protocol.lifecycle import KeyKind, KeyRecord, KeyState
 from agent.protocol.wire.messages.key_state import KeyStateReport
 from agent.protocol.wire.messages.operator import Propose
 from agent.protocol.wire.messages.result import ResultStatus
@@ -295,3 +296,111 @@ def test_a_checked_credential_is_remembered_and_a_changed_row_is_checked_again()
     with pytest.raises(ProtocolError):
         stored.check(DeviceRecord(**{**record.__dict__, "devid_cert_pem": swapped.cert_pem}), T0)
     assert stored.validations == 3
+
+
+# -- a burst's first reports: a remembered check does not outlive the row it was made for ------
+
+_HISTORY = ((KeyState.PRE_ACTIVATION, T0 - 1000), (KeyState.ACTIVE, T0 - 999))
+_FIRST = KeyStateReport((KeyRecord("devid", KeyKind.DEVID, _HISTORY),), feed=0)
+
+
+def _rows_of(fleet: Fleet, device_id: str) -> tuple[object, ...]:
+    """What a taken report writes for a device: its key rows, feed row, last report."""
+    with fleet.sessions() as s:
+        keys = s.execute(
+            text("SELECT COUNT(*) FROM device_keys WHERE device_id = :d"), {"d": device_id}
+        ).scalar()
+        feed = s.execute(
+            text("SELECT seq FROM service_revocation_feed_seen WHERE device_id = :d"),
+            {"d": device_id},
+        ).all()
+        last = s.execute(
+            text("SELECT last_report FROM devices WHERE device_id = :d"), {"d": device_id}
+        ).scalar()
+    return (keys, tuple(feed), last)
+
+
+def _ordered(fleet: Fleet) -> tuple[object, ...]:
+    """``state`` in an order that does not depend on where a row update moved a row."""
+    (groups, commits, states), requests, operations = state(fleet)  # type: ignore[misc]
+    return (sorted(groups), commits, sorted(states), requests, operations)  # type: ignore[call-overload]
+
+
+def test_a_certificate_replaced_after_its_check_was_remembered_is_refused(fleet: Fleet) -> None:
+    """Adversary: a database writer replaces dev-2's stored DevID certificate after the service
+    checked it (and remembered the check) for dev-2's first report: by a certificate from a CA
+    of its own naming dev-2 and certifying the writer's key, then by dev-3's genuine one. Taken
+    in batches (a burst of first reports), the reports signed with either key are refused with
+    ``cred.stored``, counted and audited, and write nothing for dev-2; the other device's first
+    report in the same batch is taken (its key and feed rows written)."""
+    dev2, dev3 = fleet.devices["dev-2"], fleet.devices["dev-3"]
+    fleet.now += 1
+    fleet.service.handle_many([dev2.report(_FIRST, fleet.now)], fleet.now)
+    assert _rows_of(fleet, "dev-2")[:2] == (1, ((0,),))  # taken: its key row, its feed row
+    rogue_ca = pki.create_ca("keyfleet test device CA", now=utc(T0), valid_for=timedelta(days=2))
+    impostor = SoftDevice.create("dev-2", rogue_ca, fleet.service._env.key.public_key(), utc(T0))
+    with fleet.sessions() as s:
+        dev3_pem = s.execute(
+            text("SELECT devid_cert_pem FROM devices WHERE device_id = 'dev-3'")
+        ).scalar()
+    taken = _rows_of(fleet, "dev-2")
+    for pem, others in ((impostor.cert_pem, [dev3]), (dev3_pem, [])):
+        write(fleet, "UPDATE devices SET devid_cert_pem = :pem WHERE device_id = 'dev-2'", pem=pem)
+        before = _ordered(fleet)
+        count = fleet.service.rejections.count("cred.stored")
+        fleet.now += 1
+        batch = [d.report(_FIRST, fleet.now) for d in (*others, dev2, impostor)]
+        fleet.service.handle_many(batch, fleet.now)
+        assert fleet.service.rejections.count("cred.stored") == count + 2
+        last = fleet.audit_entries()[-1]
+        assert last.actor == "device:dev-2" and "[cred.stored]" in (last.reason or "")
+        assert _rows_of(fleet, "dev-2") == taken and _ordered(fleet) == before
+    assert _rows_of(fleet, "dev-3")[:2] == (1, ((0,),))
+
+
+def test_a_device_revoked_after_its_check_was_remembered_is_refused(fleet: Fleet) -> None:
+    """A device whose certificate check the service remembers (its first report taken) and
+    that an operator then revokes: its next reports are refused (``ds.device.revoked``): the
+    remembered check is the certificate's alone, the device's state is read with every batch.
+    Nothing is written for it."""
+    dev2 = fleet.devices["dev-2"]
+    fleet.now += 1
+    fleet.service.handle_many([dev2.report(_FIRST, fleet.now)], fleet.now)
+    assert fleet.final(fleet.command("op-admin", revoke("dev-2"))).status is ResultStatus.DONE
+    taken = _rows_of(fleet, "dev-2")
+    before = _ordered(fleet)
+    count = fleet.service.rejections.count("ds.device.revoked")
+    fleet.now += 1
+    fleet.service.handle_many([dev2.report(_FIRST, fleet.now)], fleet.now)
+    assert fleet.service.rejections.count("ds.device.revoked") == count + 1
+    assert _rows_of(fleet, "dev-2") == taken and _ordered(fleet) == before
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["two certificates", "not base64", "text around it", "no line breaks"],
+)
+def test_a_stored_pem_in_another_form_is_read_as_one_certificate_or_refused(form: str) -> None:
+    """The stored PEM is read as exactly one certificate whatever its form: two certificates or
+    a body that is not base64 are refused (``cred.stored``), text around the block or a body on
+    one line are read as the certificate."""
+    ca = pki.create_ca("device CA", now=utc(T0), valid_for=timedelta(days=2))
+    device = SoftDevice.create("dev-1", ca, pki.generate_key().public_key(), utc(T0))
+    other = SoftDevice.create("dev-1", ca, pki.generate_key().public_key(), utc(T0))
+    lines = device.cert_pem.strip().splitlines()
+    head, body, tail = lines[0], "".join(lines[1:-1]), lines[-1]
+    pem = {
+        "two certificates": device.cert_pem + other.cert_pem,
+        "not base64": f"{head}\n{body[:40]}*{body[41:]}\n{tail}\n",
+        "text around it": f"Certificate:\n  dev-1\n{device.cert_pem}trailing words\n",
+        "no line breaks": f"{head}\n{body}\n{tail}",
+    }[form]
+    stored = StoredDevices(ca.certificate)
+    record = _record("dev-1", pem, None)
+    if form in ("two certificates", "not base64"):
+        with pytest.raises(ProtocolError) as refusal:
+            stored.check(record, T0)
+        assert refusal.value.check == "cred.stored"
+    else:
+        expected = pki.cert_from_pem(device.cert_pem.encode()).public_key()
+        assert stored.check(record, T0).devid_key == expected

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from agent.protocol.credentials import (
     AK_NAME_OID,
     CredentialVerifier,
+    _ak_name_of,
+    _oid_der,
     ak_name_extension,
     leaf_qualifying_data,
     tpm_proof_from_certify,
@@ -477,3 +479,60 @@ def test_a_certificate_with_a_negative_serial_is_refused_as_not_parsing(
         load_certificate(bad)
     assert check_of(CredentialVerifier([ca.certificate]).verify, bad, NOW) == "cred.decode"
     assert load_certificate(der).serial_number > 0  # the untouched certificate reads as before
+
+
+def _with_extensions(ca: pki.CertificateAuthority, *extensions: x509.ExtensionType) -> bytes:
+    """A certificate's DER with ``extensions`` (non-critical) and a subjectAltName."""
+    key = pki.generate_key().public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-x")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0)
+        .not_valid_after(T0 + DAY)
+        .add_extension(x509.SubjectAlternativeName([urn("dev-1")]), critical=False)
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(ca.private_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def test_the_ak_name_read_from_the_der_is_the_one_the_extensions_hold(
+    ca: pki.CertificateAuthority,
+) -> None:
+    """The AK name is read from the certificate's DER alone (the other extensions are not
+    decoded): what ``Certificate.extensions`` holds, none when another extension's OID only
+    starts like it; the AK-name OID twice in the extensions is refused (``cred.decode``)."""
+    name = b"\x00\x0b" + bytes(range(32))
+    value = b"\x04\x22" + name
+    arcs = AK_NAME_OID.dotted_string.rsplit(".", 1)
+    decoys = [x509.ObjectIdentifier(f"{arcs[0]}.{int(arcs[1]) + i}") for i in (1, 2)]
+    longer = x509.ObjectIdentifier(AK_NAME_OID.dotted_string + ".1")
+    for der, expected in (
+        (devid(ca, ak_name=name)[1], name),
+        (devid(ca)[1], None),
+        (_with_extensions(ca, x509.UnrecognizedExtension(longer, value)), None),
+        (_with_extensions(ca, x509.UnrecognizedExtension(decoys[0], value)), None),
+    ):
+        extensions = x509.load_der_x509_certificate(der).extensions
+        held = [e.value for e in extensions if e.oid == AK_NAME_OID]
+        assert (held[0].value[2:] if held else None) == expected  # type: ignore[attr-defined]
+        assert _ak_name_of(der) == expected
+    # the decoys' OIDs replaced by the AK-name OID in the DER (the signature no longer matters:
+    # the name is read after path validation)
+    twice = _with_extensions(ca, *(x509.UnrecognizedExtension(d, value) for d in decoys))
+    for decoy in decoys:
+        assert len(_oid_tlv(decoy)) == len(_oid_tlv(AK_NAME_OID))
+        twice = twice.replace(_oid_tlv(decoy), _oid_tlv(AK_NAME_OID))
+    once = _with_extensions(ca, x509.UnrecognizedExtension(decoys[0], value)).replace(
+        _oid_tlv(decoys[0]), _oid_tlv(AK_NAME_OID)
+    )
+    assert _ak_name_of(once) == name
+    assert check_of(_ak_name_of, twice) == "cred.decode"
+
+
+def _oid_tlv(oid: x509.ObjectIdentifier) -> bytes:
+    content = _oid_der(oid)
+    return b"\x06" + bytes([len(content)]) + content

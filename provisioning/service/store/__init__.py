@@ -139,9 +139,12 @@ from provisioning.service.store.quorum import (
     save_request,
     set_operation_authz,
 )
+from provisioning.service.store.revocations import defer_new_seen, insert_new_seen
 
 __all__ = [
     "load_feed_seen",
+    "defer_new_seen",
+    "insert_new_seen",
     "reported_devices",
     "write_reports",
     "FirstKeys",

@@ -248,8 +248,10 @@ def claim_guards(session: Session, senders: Iterable[str], *, now: int) -> dict[
     """Create the replay rows of the senders that have none yet (first messages: a burst after
     a fleet-wide reconnect), each with an empty window, in one statement, and take and load
     every sender's row as ``lock_guards`` does. Call it after ``lock_guards`` on the same
-    senders. ``INSERT ... ON CONFLICT DO NOTHING``: a row another instance created meanwhile
-    is left alone; on PostgreSQL the insert waits for that instance's transaction, and its
+    senders, in the same transaction (on SQLite that call's UPDATE took the database's write
+    lock: the rows made here are returned as written, not locked and read again).
+    ``INSERT ... ON CONFLICT DO NOTHING``: a row another instance created meanwhile is left
+    alone; on PostgreSQL the insert waits for that instance's transaction, and its
     committed row (with its seqs) is then locked and loaded like any existing one. So the
     senders whose row this call created and those whose row another instance created are
     all held under their lock afterwards, with no retry of the unit. Rows of senders whose
@@ -266,6 +268,11 @@ def claim_guards(session: Session, senders: Iterable[str], *, now: int) -> dict[
         upsert(table_of(ReplayState)).on_conflict_do_nothing(index_elements=["sender"]),
         [{"sender": s, "state": data, "updated_at": now} for s in ordered],
     )
+    if dialect == "sqlite":
+        # the transaction holds SQLite's write lock since ``lock_guards``'s UPDATE: no other
+        # writer created one of these rows meanwhile, so each holds the empty window just
+        # written (no second UPDATE and read of the rows)
+        return dict.fromkeys(ordered, data)
     return lock_guards(session, ordered)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
 
+from provisioning.db.engine import table_of
 from provisioning.db.runtime import RevocationFeedRow, RevocationFeedSeen
 
 
@@ -83,6 +84,35 @@ def load_seen_seqs(session: Session, devices: Sequence[str]) -> None:
     note_seen_seqs(session, devices, {device: int(seq) for device, seq in found})
 
 
+# ``session.info`` key: the feed rows ``record_seen`` adds for devices noted without one, kept as
+# (seq, reported_at) until ``insert_new_seen`` (``defer_new_seen``)
+_NEW_ROWS = "keyfleet.feed_seen_new"
+
+
+def defer_new_seen(session: Session) -> None:
+    """From now on, the feed row ``record_seen`` adds for a device whose rows were noted
+    (``note_seen_rows`` / ``note_seen_seqs``) without one (its first report: a burst after a
+    fleet-wide reconnect) is kept as plain values and inserted by ``insert_new_seen`` in one Core
+    statement, not as an ORM object flushed row by row. Until then no query of this session sees
+    those rows: for a caller that reads no feed row meanwhile (no group deletion open, whose
+    progress is read from them: ``groupdelete.on_feed_report``) and calls ``insert_new_seen``
+    before its transaction ends."""
+    session.info[_NEW_ROWS] = {}
+
+
+def insert_new_seen(session: Session) -> None:
+    """Insert the feed rows ``defer_new_seen`` kept (one statement), and stop keeping them."""
+    new: dict[str, tuple[int, int]] | None = session.info.pop(_NEW_ROWS, None)
+    if new:
+        session.connection().execute(
+            insert(table_of(RevocationFeedSeen)),
+            [
+                {"device_id": device, "seq": seq, "reported_at": at}
+                for device, (seq, at) in sorted(new.items())
+            ],
+        )
+
+
 def record_seen(session: Session, device_id: str, seq: int, *, now: int) -> None:
     batch: tuple[frozenset[str], dict[str, RevocationFeedSeen | int]] | None = session.info.get(
         _BATCH_ROWS
@@ -98,7 +128,12 @@ def record_seen(session: Session, device_id: str, seq: int, *, now: int) -> None
         found = _persistent(session, device_id, found)
         assert batch is not None
         batch[1][device_id] = found
-    if found is None:
+    new: dict[str, tuple[int, int]] | None = session.info.get(_NEW_ROWS)
+    if found is None and new is not None and batch is not None and device_id in batch[0]:
+        # a first report: its row kept as values (``defer_new_seen``); a later report of the
+        # same device in this batch replaces them, as it would update the row
+        new[device_id] = (seq, now)
+    elif found is None:
         found = RevocationFeedSeen(device_id=device_id, seq=seq, reported_at=now)
         session.add(found)
         if batch is not None and device_id in batch[0]:
