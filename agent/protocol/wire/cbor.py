@@ -13,9 +13,10 @@ order, and always writes integers and lengths in their shortest form).
 Decoding runs in three steps, each able to refuse:
 
 1. the size limit, before anything reads the bytes;
-2. a structural scan of the item heads (no allocation, no recursion) that enforces the data model,
-   the nesting limit, exact consumption of the input, and that every announced length fits in the
-   bytes that are actually there (so a head claiming 2**64 bytes costs nothing);
+2. a structural scan of the item heads (no values built; one call per container, so no deeper
+   than the nesting limit) that enforces the data model, the nesting limit, exact consumption of
+   the input, and that every announced length fits in the bytes that are actually there (so a
+   head claiming 2**64 bytes costs nothing);
 3. cbor2 builds the Python value (refusing duplicate keys), and anything that is not byte-for-byte
    the deterministic encoding is refused, so every accepted message has exactly one encoding and
    its digest identifies it. The scan of step 2 notes that while it reads the heads: every
