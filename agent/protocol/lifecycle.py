@@ -188,8 +188,8 @@ class KeyRecord:
         try:
             if not isinstance(kind_raw, str) or not isinstance(state_raw, str):
                 raise ValueError
-            kind = KeyKind(kind_raw)
-            state = KeyState(state_raw)
+            kind = _KINDS.get(kind_raw) or KeyKind(kind_raw)
+            state = _STATES.get(state_raw) or KeyState(state_raw)
         except ValueError:
             raise KeyStateError("key.record", f"key {name!r}: unknown kind or state") from None
         raw = obj.get("transitions")
@@ -204,8 +204,9 @@ class KeyRecord:
                 or isinstance(item[1], bool)
             ):
                 raise KeyStateError("key.record", f"key {name!r}: malformed transition")
+            seen = _STATES.get(item[0]) if type(item[0]) is str else None
             try:
-                history.append((KeyState(item[0]), item[1]))
+                history.append((seen or KeyState(item[0]), item[1]))
             except ValueError:
                 raise KeyStateError("key.record", f"key {name!r}: unknown state") from None
         _check_history(name, history)
@@ -224,6 +225,12 @@ class KeyRecord:
         if kind is KeyKind.EPOCH and (group is None or epoch is None):
             raise KeyStateError("key.record", f"key {name!r}: epoch key without group/epoch")
         return cls(name, kind, tuple(history), group, epoch, owner, note)
+
+
+# the members by value, looked up without an enum call for every field of every record read
+# (what is not found here goes through the enum call, which refuses it)
+_KINDS: dict[str, KeyKind] = {kind.value: kind for kind in KeyKind}
+_STATES: dict[str, KeyState] = {state.value: state for state in KeyState}
 
 
 def _check_history(name: str, history: list[tuple[KeyState, int]]) -> None:

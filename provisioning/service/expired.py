@@ -81,7 +81,7 @@ def _resolver(
             public_key = cx.env.devices.check(device, at).devid_key
             if key_id(public_key) != kid:
                 raise LookupError(device_id)
-            return Signer(device_id, public_key)
+            return Signer(device_id, public_key, kid)
 
         return resolve
 

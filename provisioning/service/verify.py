@@ -178,7 +178,7 @@ def device_resolver(cx: Call, device_id: str, now: int) -> Callable[[Session], K
             checked = cx.env.devices.check_stored(device_id, cert_pem, now)
             if checked.kid != kid:
                 raise LookupError(device_id)
-            return Signer(device_id, checked.devid_key)
+            return Signer(device_id, checked.devid_key, checked.kid)
 
         return resolve
 

@@ -13,9 +13,10 @@ order, and always writes integers and lengths in their shortest form).
 Decoding runs in three steps, each able to refuse:
 
 1. the size limit, before anything reads the bytes;
-2. a structural scan of the item heads (no allocation, no recursion) that enforces the data model,
-   the nesting limit, exact consumption of the input, and that every announced length fits in the
-   bytes that are actually there (so a head claiming 2**64 bytes costs nothing);
+2. a structural scan of the item heads (no values built; one call per container, so no deeper
+   than the nesting limit) that enforces the data model, the nesting limit, exact consumption of
+   the input, and that every announced length fits in the bytes that are actually there (so a
+   head claiming 2**64 bytes costs nothing);
 3. cbor2 builds the Python value (refusing duplicate keys), and anything that is not byte-for-byte
    the deterministic encoding is refused, so every accepted message has exactly one encoding and
    its digest identifies it. The scan of step 2 notes that while it reads the heads: every
@@ -165,86 +166,140 @@ def _scan(data: bytes, max_depth: int) -> bool:
     """``scan``, returning whether ``data`` is in the deterministic encoding: every head in its
     shortest form and every map's keys in strictly ascending bytewise order."""
     end = len(data)
-    pos = 0
-    canonical = True
-    # One entry per open container: [items still expected, 1 if it is a map else 0]; a map's
-    # entry also holds where its previous key started and ended. ``top`` is the innermost
-    # (``stack[-1]``), None at the top level. It runs over every head of every message, so the
-    # loop reads as few names as it can.
-    stack: list[list[int]] = []
-    top: list[int] | None = None
-    while True:
-        if pos >= end:
-            raise ProtocolError("cbor.truncated", "input ends inside an item")
-        # a map counts its keys and values: a key comes when an even number is left
-        is_key = top is not None and top[1] == 1 and not top[0] & 1
-        start = pos
-        initial = data[pos]
-        pos += 1
-        major = initial >> 5
-        info = initial & 0x1F
-        if major == _MAJOR_SIMPLE:
-            if info not in (_SIMPLE_FALSE, _SIMPLE_TRUE, _SIMPLE_NULL):
-                kind = "indefinite-length break" if info == _AI_INDEFINITE else "float/simple value"
-                raise ProtocolError("cbor.type", f"{kind} is not in the wire data model")
-            argument = 0
-        elif info < 24:
-            argument = info
-        elif info <= 27:
-            width = 1 << (info - 24)
-            if pos + width > end:
-                raise ProtocolError("cbor.truncated", "input ends inside an item head")
-            argument = int.from_bytes(data[pos : pos + width], "big")
-            pos += width
-            if argument < _SHORTEST[info]:
-                canonical = False
-        elif info == _AI_INDEFINITE:
-            raise ProtocolError("cbor.indefinite", "indefinite lengths are not accepted")
-        else:
-            raise ProtocolError("cbor.malformed", f"reserved additional information {info}")
-
-        if is_key and major not in (_MAJOR_UINT, _MAJOR_NINT, _MAJOR_TEXT):
-            raise ProtocolError("cbor.key-type", "map keys must be integers or text")
-        if major == _MAJOR_TAG:
-            raise ProtocolError("cbor.tag", f"tag {argument} is not accepted")
-        if major in (_MAJOR_BYTES, _MAJOR_TEXT):
-            if argument > end - pos:
-                raise ProtocolError("cbor.truncated", "string longer than the remaining input")
-            if major == _MAJOR_TEXT:
-                try:
-                    data[pos : pos + argument].decode("utf-8", "strict")
-                except UnicodeDecodeError:
-                    raise ProtocolError("cbor.utf8", "text string is not valid UTF-8") from None
-            pos += argument
-        elif major in (_MAJOR_ARRAY, _MAJOR_MAP):
-            count = argument * 2 if major == _MAJOR_MAP else argument
-            # Every item takes at least one byte: a count beyond the remaining bytes is a lie,
-            # refused here so that no decoder pre-allocates for it.
-            if count > end - pos:
-                raise ProtocolError("cbor.truncated", "container announces more items than bytes")
-            if len(stack) >= max_depth:
-                raise ProtocolError("cbor.depth", f"nesting deeper than {max_depth}")
-            if count:
-                top = [count, 1, 0, 0] if major == _MAJOR_MAP else [count, 0]
-                stack.append(top)
-                continue
-        if is_key:
-            # a key is one integer or text item: it ends here. Keys must ascend strictly
-            # (an equal one is a duplicate: cbor2 refuses it as cbor.malformed).
-            assert top is not None
-            if top[3] and data[top[2] : top[3]] >= data[start:pos]:
-                canonical = False
-            top[2] = start
-            top[3] = pos
-        # One complete item: close every container it completes.
-        while top is not None:
-            top[0] -= 1
-            if top[0]:
-                break
-            stack.pop()
-            top = stack[-1] if stack else None
-        if top is None:
-            break
+    pos, canonical = _items(data, 0, end, 1, is_map=False, depth=0, max_depth=max_depth)
     if pos != end:
         raise ProtocolError("cbor.trailing", f"{end - pos} bytes after the item")
     return canonical
+
+
+def _items(
+    data: bytes, pos: int, end: int, count: int, *, is_map: bool, depth: int, max_depth: int
+) -> tuple[int, bool]:
+    """Scan ``count`` items from ``pos`` (a map's keys and values, alternating, if ``is_map``)
+    inside ``depth`` enclosing containers: (where they end, whether they are deterministic).
+
+    It runs over every head of every message, so the commonest heads (small integers, short
+    text) take a short way; every other head, and every refusal, goes through :func:`_head`.
+    Either way the heads are read in order and the first problem is the one refused, with the
+    checks of one head in a fixed order, so the check id depends only on the input."""
+    canonical = True
+    key = is_map  # the next item is a map key
+    previous = b""  # the previous key's encoding (every encoding is longer than this)
+    for _ in range(count):
+        if pos >= end:
+            raise ProtocolError("cbor.truncated", "input ends inside an item")
+        start = pos
+        initial = data[pos]
+        pos += 1
+        if initial < 0x18 or 0x20 <= initial < 0x38:
+            pass  # an integer below 24 or above -25: one byte, a valid key
+        elif 0x60 <= initial < 0x78:
+            # text of fewer than 24 bytes, a valid key
+            length = initial - 0x60
+            if length > end - pos:
+                raise ProtocolError("cbor.truncated", "string longer than the remaining input")
+            if length:
+                text = data[pos : pos + length]
+                if not text.isascii():  # ASCII is UTF-8: the common case, without decoding
+                    try:
+                        text.decode("utf-8", "strict")
+                    except UnicodeDecodeError:
+                        raise ProtocolError("cbor.utf8", "text string is not valid UTF-8") from None
+                pos += length
+        elif 0x80 <= initial < 0xB8 and not key and (initial < 0x98 or initial >= 0xA0):
+            # an array or a map of fewer than 24 items (as a value: a key is refused in _head)
+            inner = initial & 0x1F
+            if initial >= 0xA0:
+                inner *= 2
+            if inner > end - pos:
+                raise ProtocolError("cbor.truncated", "container announces more items than bytes")
+            if depth >= max_depth:
+                raise ProtocolError("cbor.depth", f"nesting deeper than {max_depth}")
+            if inner:
+                pos, deterministic = _items(
+                    data,
+                    pos,
+                    end,
+                    inner,
+                    is_map=initial >= 0xA0,
+                    depth=depth + 1,
+                    max_depth=max_depth,
+                )
+                if not deterministic:
+                    canonical = False
+        else:
+            pos, deterministic = _head(data, start, end, key=key, depth=depth, max_depth=max_depth)
+            if not deterministic:
+                canonical = False
+        if key:
+            # keys must ascend strictly (an equal one is a duplicate: cbor2 refuses it as
+            # cbor.malformed)
+            encoded = data[start:pos]
+            if encoded <= previous:
+                canonical = False
+            previous = encoded
+            key = False
+        elif is_map:
+            key = True
+    return pos, canonical
+
+
+def _head(
+    data: bytes, start: int, end: int, *, key: bool, depth: int, max_depth: int
+) -> tuple[int, bool]:
+    """The item whose head starts at ``start``, whole (a container's items too): where it ends,
+    whether it is deterministic."""
+    initial = data[start]
+    pos = start + 1
+    canonical = True
+    major = initial >> 5
+    info = initial & 0x1F
+    if major == _MAJOR_SIMPLE:
+        if info not in (_SIMPLE_FALSE, _SIMPLE_TRUE, _SIMPLE_NULL):
+            kind = "indefinite-length break" if info == _AI_INDEFINITE else "float/simple value"
+            raise ProtocolError("cbor.type", f"{kind} is not in the wire data model")
+        argument = 0
+    elif info < 24:
+        argument = info
+    elif info <= 27:
+        width = 1 << (info - 24)
+        if pos + width > end:
+            raise ProtocolError("cbor.truncated", "input ends inside an item head")
+        argument = int.from_bytes(data[pos : pos + width], "big")
+        pos += width
+        if argument < _SHORTEST[info]:
+            canonical = False
+    elif info == _AI_INDEFINITE:
+        raise ProtocolError("cbor.indefinite", "indefinite lengths are not accepted")
+    else:
+        raise ProtocolError("cbor.malformed", f"reserved additional information {info}")
+
+    if key and major not in (_MAJOR_UINT, _MAJOR_NINT, _MAJOR_TEXT):
+        raise ProtocolError("cbor.key-type", "map keys must be integers or text")
+    if major == _MAJOR_TAG:
+        raise ProtocolError("cbor.tag", f"tag {argument} is not accepted")
+    if major in (_MAJOR_BYTES, _MAJOR_TEXT):
+        if argument > end - pos:
+            raise ProtocolError("cbor.truncated", "string longer than the remaining input")
+        if major == _MAJOR_TEXT:
+            try:
+                data[pos : pos + argument].decode("utf-8", "strict")
+            except UnicodeDecodeError:
+                raise ProtocolError("cbor.utf8", "text string is not valid UTF-8") from None
+        pos += argument
+    elif major in (_MAJOR_ARRAY, _MAJOR_MAP):
+        is_map = major == _MAJOR_MAP
+        count = argument * 2 if is_map else argument
+        # Every item takes at least one byte: a count beyond the remaining bytes is a lie,
+        # refused here so that no decoder pre-allocates for it.
+        if count > end - pos:
+            raise ProtocolError("cbor.truncated", "container announces more items than bytes")
+        if depth >= max_depth:
+            raise ProtocolError("cbor.depth", f"nesting deeper than {max_depth}")
+        if count:
+            pos, inner = _items(
+                data, pos, end, count, is_map=is_map, depth=depth + 1, max_depth=max_depth
+            )
+            if not inner:
+                canonical = False
+    return pos, canonical

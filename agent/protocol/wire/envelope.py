@@ -49,10 +49,13 @@ ENVELOPE_FIELDS: Final = frozenset({"type", "version", "sender", "to", "seq", "t
 
 @dataclass(frozen=True)
 class Signer:
-    """What a key resolver knows about a kid: whose key it is, and the key."""
+    """What a key resolver knows about a kid: whose key it is, and the key. ``kid``: the key's
+    :func:`~agent.protocol.wire.cose.key_id`, if the resolver has it already (from where it
+    loaded the key: it must be that key's id), else it is computed at each verification."""
 
     sender: str
     public_key: ec.EllipticCurvePublicKey = field(repr=False)
+    kid: bytes | None = field(default=None, repr=False)
 
 
 KeyResolver = Callable[[bytes], Signer]
@@ -119,7 +122,12 @@ def message_id(protected: bytes, payload: bytes) -> bytes:
 
     The signature is left out on purpose: ECDSA signatures are malleable ((r, s) and (r, n - s)
     both verify), so a digest over them would let a replay pass as a new message."""
-    return hashlib.sha256(cbor.encode([protected, payload])).digest()
+    return hashlib.sha256(
+        b"".join((_PAIR, cose.byte_string(protected), cose.byte_string(payload)))
+    ).digest()
+
+
+_PAIR: Final = b"\x82"  # the head of an array of two
 
 
 def encode_message(
@@ -159,8 +167,8 @@ def decode_message(raw: RawMessage) -> DecodedMessage:
     envelope = cbor.decode(sign1.payload, max_size=limit)
     if not isinstance(envelope, dict):
         raise ProtocolError("envelope.malformed", "payload must be a map")
-    keys = set(envelope)
-    if keys != ENVELOPE_FIELDS:
+    if envelope.keys() != ENVELOPE_FIELDS:
+        keys = set(envelope)
         missing = sorted(str(k) for k in ENVELOPE_FIELDS - keys)
         unknown = sorted(str(k) for k in keys - ENVELOPE_FIELDS)
         raise ProtocolError("envelope.malformed", f"missing {missing}, unknown {unknown}")
@@ -228,7 +236,7 @@ def verify_message(
     # name), and verify before looking at anything else the message says.
     if signer.sender != decoded.sender:
         raise ProtocolError("envelope.sender-mismatch", "the kid belongs to another sender")
-    cose.verify_sign1(decoded.sign1, signer.public_key)
+    cose.verify_sign1(decoded.sign1, signer.public_key, kid=signer.kid)
     if decoded.time + max_age < now:
         raise ProtocolError("envelope.stale", f"time is more than {max_age} s old")
     if decoded.time > now + max_future:

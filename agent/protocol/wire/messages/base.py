@@ -64,9 +64,7 @@ class Record:
 
     @classmethod
     def from_cbor_map(cls, value: object) -> Self:
-        spec = dataclasses.fields(cast("type[DataclassInstance]", cls))
-        required = [f.name for f in spec if f.default is dataclasses.MISSING]
-        optional = [f.name for f in spec if f.default is not dataclasses.MISSING]
+        required, optional = _field_names(cls)
         kwargs = fields(value, cls.__name__, required, optional)
         for name, item in kwargs.items():
             if name in cls.NESTED:
@@ -80,6 +78,23 @@ class Record:
             elif isinstance(item, list):
                 kwargs[name] = tuple(item)
         return cls(**kwargs)
+
+
+_FIELD_NAMES: dict[type[Record], tuple[frozenset[str], frozenset[str]]] = {}
+
+
+def _field_names(cls: type[Record]) -> tuple[frozenset[str], frozenset[str]]:
+    """A record class's (required, optional) field names: found once per class, not per map
+    read."""
+    found = _FIELD_NAMES.get(cls)
+    if found is None:
+        spec = dataclasses.fields(cast("type[DataclassInstance]", cls))
+        found = (
+            frozenset(f.name for f in spec if f.default is dataclasses.MISSING),
+            frozenset(f.name for f in spec if f.default is not dataclasses.MISSING),
+        )
+        _FIELD_NAMES[cls] = found
+    return found
 
 
 def _to_cbor(value: object) -> object:
