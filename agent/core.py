@@ -73,10 +73,11 @@ from agent.protocol.lifecycle import (
 )
 from agent.protocol.membership import Membership, MembershipState
 from agent.protocol.mls import codec
-from agent.protocol.mls.group import Group, OpenedWelcome
+from agent.protocol.mls.group import Group, OpenedWelcome, admissions_of
 from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Update, Welcome
-from agent.protocol.mls.public import CommitCheck, LeafCheck
+from agent.protocol.mls.public import CommitCheck, LeafCheck, admission_hash
 from agent.protocol.mls.tree import LeafNode, RatchetTree
+from agent.protocol.mls.treepages import admissions_missing
 from agent.protocol.release import ReleaseBundle
 from agent.protocol.renewal import RenewalSchedule, validity, verify_renewed
 from agent.protocol.secret import Secret
@@ -1003,8 +1004,14 @@ class AgentCore:
         if existing is not None:
             group = existing.group
             if group.epoch == 0 and group.tree.member_count() == 1:
-                # A re-sent create whose answer may have been lost: say it again.
-                return Outcome(publishes=[self._created(body.group_id, group, body.command_id)])
+                # A re-sent create whose answer may have been lost: say it again (with the
+                # creation Authorization if the request's is still the one our leaf records)
+                again = None if body.authz is None else self.membership.envelope(body.authz)
+                if admission_hash(again) != group.tree.admission(group.own_leaf):
+                    again = None
+                return Outcome(
+                    publishes=[self._created(body.group_id, group, body.command_id, again)]
+                )
             raise ProtocolError("agent.group-exists", "this device already holds the group")
         self.membership.adopt_policies(body.policies)
         if body.authz is None:
@@ -1028,7 +1035,7 @@ class AgentCore:
         self.membership.consume(authz, self._now)
         self._install(body.group_id, group)
         return Outcome(
-            publishes=[self._created(body.group_id, group, body.command_id)],
+            publishes=[self._created(body.group_id, group, body.command_id, authz)],
             epochs_changed=True,
         )
 
@@ -1067,9 +1074,13 @@ class AgentCore:
 
         return _Hooks(leaf_check, commit_check)
 
-    def _created(self, name: str, group: Group, command_id: bytes) -> Publish:
+    def _created(self, name: str, group: Group, command_id: bytes, authz: bytes | None) -> Publish:
+        """The founder's answer: the public group and the Authorization its leaf records (the
+        service keeps it to deliver to joiners: members keep none)."""
         public = codec.encode(group.public_group().to_state())
-        return self._send(GroupCreated(group_id=name, public_group=public, command_id=command_id))
+        return self._send(
+            GroupCreated(group_id=name, public_group=public, command_id=command_id, authz=authz)
+        )
 
     def _on_welcome(self, body: WelcomeDelivery) -> Outcome:
         self._refuse_deleted(body.group_id, "agent.group-deleted")
@@ -1102,9 +1113,11 @@ class AgentCore:
             self._keys.load_leaf(public),
             init_key=self._keys.load_leaf(key_package.init_key),
         )
-        if opened.info.tree is None:
+        if opened.info.tree is None or admissions_missing(opened.info.tree, body.admissions):
             # a large group: its tree comes in pages from the service, checked against the
-            # tree hash of the signed GroupInfo before anything is accepted (treefetch)
+            # tree hash of the signed GroupInfo before anything is accepted (treefetch); so
+            # does a small one's when the service could not fit its Authorizations in the
+            # Welcome's frame: the pages carry them
             if opened.info.group_id != body.group_id.encode() or opened.info.epoch != body.epoch:
                 raise ProtocolError(
                     "agent.welcome.mismatch",
@@ -1117,11 +1130,18 @@ class AgentCore:
                 leaf_public=public,
                 key_package=key_package,
                 now=self._now,
+                delivered=body.admissions,
             )
             log.info("welcome to %s epoch %d: fetching its tree", body.group_id, body.epoch)
             return Outcome(publishes=[self._send(request)], changed=True)
         return self._join(
-            body.group_id, body.epoch, opened, public=public, key_package=key_package, tree=None
+            body.group_id,
+            body.epoch,
+            opened,
+            public=public,
+            key_package=key_package,
+            tree=None,
+            admissions=body.admissions,
         )
 
     def _on_tree_page(self, body: TreePage) -> Outcome:
@@ -1145,6 +1165,7 @@ class AgentCore:
             public=fetch.leaf_public,
             key_package=fetch.key_package,
             tree=tree,
+            admissions=fetch.admissions(tree),
         )
 
     def _join(
@@ -1156,8 +1177,10 @@ class AgentCore:
         public: bytes,
         key_package: KeyPackage,
         tree: RatchetTree | None,
+        admissions: tuple[bytes, ...],
     ) -> Outcome:
-        """Join with an opened Welcome (and the fetched tree if its GroupInfo holds none)."""
+        """Join with an opened Welcome (and the fetched tree if its GroupInfo holds none) and
+        the Authorizations the service delivered (taken by the admission hashes of the tree)."""
         if public not in self._key_packages:
             raise ProtocolError(
                 "mls.init-key", "the key package of this welcome was used or dropped meanwhile"
@@ -1173,6 +1196,7 @@ class AgentCore:
             key_package,
             self._keys.load_leaf(public),
             tree=tree,
+            admissions=admissions,
             leaf_check=self._checks(name, fresh=False).leaf_check,
             admission_check=admission_check,
         )
@@ -1183,7 +1207,9 @@ class AgentCore:
         existing = self._groups.get(name)
         if existing is not None and epoch <= existing.group.epoch:
             return Outcome(publishes=[self._ack(existing, None)])
-        self.membership.consume(group.admission(group.own_leaf), self._now)
+        # the Authorization we were admitted by (the join checked it is among those delivered)
+        own = admissions_of(admissions).get(group.tree.admission(group.own_leaf))
+        self.membership.consume(own, self._now)
         if existing is not None:
             log.warning("re-added to group %s at epoch %d", name, group.epoch)
         # The init key is spent: no state refers to it any more, so the daemon flushes it and

@@ -27,7 +27,7 @@ from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls import codec
 from agent.protocol.mls.messages import KeyPackage
-from agent.protocol.mls.public import PublicGroup
+from agent.protocol.mls.public import PublicGroup, admission_hash
 from agent.protocol.wire.envelope import VerifiedMessage
 from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.messages.attestation import AttestReport
@@ -75,7 +75,7 @@ from provisioning.service.effects import (
     Touch,
 )
 from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
-from provisioning.service.store import rollouts, trees
+from provisioning.service.store import admissions, rollouts, trees
 
 log = logging.getLogger("keyfleet.service")
 
@@ -568,6 +568,11 @@ def on_group_created(
             "ds.create.public_group",
             "the public group is not epoch 0 of this group with the sender alone at leaf 0",
         )
+    if body.authz is not None and admission_hash(body.authz) != public.tree.admission(0):
+        raise ProtocolError(
+            "ds.create.admission",
+            "the creation Authorization is not the one the founder's leaf records",
+        )
     registry.create_group(
         body.group_id,
         creator=sender,
@@ -575,6 +580,9 @@ def on_group_created(
         group_context=public.state.group_context(),
         now=now,
     )
+    if body.authz is not None:
+        # joiners get it from us with their Welcome or tree pages (members keep none)
+        admissions.keep(session, body.group_id, [body.authz], epoch=0)
     rekeypolicy.record_creator(cx, session, body.group_id, sender, now)
     trees.write(session, body.group_id, trees.rows_of(public.tree, trees.all_nodes(public.tree)))
     audit.append(

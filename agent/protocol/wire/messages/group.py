@@ -15,6 +15,7 @@ from typing import ClassVar
 from agent.protocol.wire.messages.base import (
     COMMAND_ID_MAX,
     COMMAND_ID_MIN,
+    MAX_AUTHORIZATION,
     MAX_TREE_PAGES,
     MAX_WELCOME_MESSAGE_SIZE,
     Body,
@@ -59,18 +60,23 @@ class KeyPackageMessage(Body):
 class GroupCreated(Body):
     """Founder -> service: the group exists at epoch 0 with the sender as its only member;
     ``public_group`` is the public view (agent.protocol.mls.public.PublicGroup state) the delivery
-    service keeps to check every later commit."""
+    service keeps to check every later commit; ``authz`` the Authorization the founder's leaf
+    records as its admission (the operators' creation Authorization with the policy chain it
+    was judged under), which the service keeps to deliver to joiners."""
 
     TYPE: ClassVar[str] = "group.created"
 
     group_id: str
     public_group: bytes
     command_id: bytes
+    authz: bytes | None = None
 
     def __post_init__(self) -> None:
         check_id(self.group_id, "group_id")
         check_bytes(self.public_group, "public_group", min_len=1)
         check_bytes(self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX)
+        if self.authz is not None:
+            check_bytes(self.authz, "authz", min_len=1, max_len=MAX_AUTHORIZATION)
 
 
 @dataclass(frozen=True)
