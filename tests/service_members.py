@@ -92,6 +92,9 @@ class SoftDevice:
     commits_from_epoch: int = 0
     ignore_proposal_requests: bool = False  # never proposes an Update for a full rekey
     drop_updates: int = 0  # a compromised committer: commits this many fewer Updates than asked
+    # a forging founder: names this Authorization in its group.created, not the one its leaf
+    # records
+    created_authz: bytes | None = None
     refusals: list[str] = field(default_factory=list)
     # joins of large groups waiting for their tree's pages, and how many pages were taken
     tree_fetches: TreeFetches = field(default_factory=TreeFetches, repr=False)
@@ -265,7 +268,8 @@ class SoftDevice:
             group = Group.create(gid.encode(), kp, leaf, authz=authz)
             self.groups[gid] = group
             public = codec.encode(group.public_group().to_state())
-            created = GroupCreated(gid, public, request.command_id, authz)
+            named = authz if self.created_authz is None else self.created_authz
+            created = GroupCreated(gid, public, request.command_id, named)
             return [self.report(created, now)]
         group = self.groups[gid]
         if group.epoch != request.epoch:

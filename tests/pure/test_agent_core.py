@@ -32,7 +32,7 @@ from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.lifecycle import KeyKind, KeyState, RotationPolicy
 from agent.protocol.mls import codec
-from agent.protocol.mls.group import Group, admissions_of
+from agent.protocol.mls.group import Group, admissions_of, inline_tree
 from agent.protocol.mls.messages import Commit, KeyPackage
 from agent.protocol.mls.public import PublicGroup
 from agent.protocol.wire import cose
@@ -161,9 +161,13 @@ class FakeService:
 
     def deliver(self, device: str, body: Body) -> Outcome:
         """Sign and hand ``body`` to ``device``; a ``svc.welcome`` that carries no
-        Authorizations gets every one this service kept for its group (the joiner takes those
-        its tree names)."""
-        if isinstance(body, WelcomeDelivery) and not body.admissions:
+        Authorizations gets every one this service kept for its group when its tree is inline
+        (the joiner takes those its tree names; a larger tree's pages carry them)."""
+        if (
+            isinstance(body, WelcomeDelivery)
+            and not body.admissions
+            and inline_tree(self.public[body.group_id].tree)
+        ):
             kept = self.authorizations.get(body.group_id, {})
             body = replace(body, admissions=tuple(kept.values()))
         payload, topic = self.command(device, body)
