@@ -106,6 +106,7 @@ class FakeService:
         # group -> the Authorizations that admitted its members, by hash (members keep none)
         self.authorizations: dict[str, dict[bytes, bytes]] = {}
         self.approvers: tuple[str, ...] = ("op-alice",)  # who approves the changes it drives
+        self.create_authz: bytes | None = None  # the operators' Authorization of the creation
 
     def core(
         self, device_id: str, keys: FakeSoftwareKeys | None = None, **kwargs: Any
@@ -197,6 +198,7 @@ class FakeService:
     def create(self, device: str) -> None:
         devid = self.devices[device]._keys.devid.public_key()
         authz = self.authorize("group.create", [(device, serialize_public_key(devid))])
+        self.create_authz = authz
         out = self.deliver(device, CommitRequest(cmd(), G, 0, CommitAction.CREATE, authz=authz))
         (created,) = self.bodies(device, out)
         assert isinstance(created, GroupCreated) and created.group_id == G
@@ -553,6 +555,15 @@ def test_create_is_idempotent_for_a_resent_request() -> None:
         codec.decode(created.public_group, 1 << 20, "pg")
     ).tree_hash() == (service.public[G].tree_hash())
     assert a.epoch(G) == 0
+    # without the request's Authorization it cannot name the one its leaf records: none
+    assert created.authz is None
+    # with it (the same request sent again), the creation Authorization as the first time
+    again = service.deliver(
+        "dev-a", CommitRequest(cmd(), G, 0, CommitAction.CREATE, authz=service.create_authz)
+    )
+    (created,) = service.bodies("dev-a", again)
+    assert isinstance(created, GroupCreated) and created.authz is not None
+    assert set(service.authorizations[G].values()) == {created.authz}
 
 
 # -- persistence ------------------------------------------------------------------------------
