@@ -32,6 +32,7 @@ from agent.protocol.wire.messages.base import MAX_WELCOME_MESSAGE_SIZE, Body
 from agent.protocol.wire.messages.result import ResultStatus
 from agent.protocol.wire.messages.service import TreePage, WelcomeDelivery
 from provisioning.db.schema import Group as GroupRow
+from provisioning.service import commits
 from tests.pure.test_mls_welcome_pages import _Joiner, _members
 from tests.pure.test_service_core import Fleet, create_g1, make_fleet
 from tests.service_members import group_add, group_create
@@ -232,3 +233,23 @@ def test_a_founder_naming_another_creation_authorization_is_refused(fleet: Fleet
     with fleet.sessions() as s:
         assert s.get(GroupRow, "g1") is None
     assert fleet.admissions("g1") == {}
+
+
+def test_authorizations_that_do_not_fit_the_welcomes_frame_come_with_the_pages(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inline tree's Authorizations too large for the ``svc.welcome`` frame (a frame this
+    small stands in for 256 Authorizations of 16 KiB and more): the service sends the Welcome
+    without them, the joiner fetches the tree's pages, which carry them, and joins."""
+    create_g1(fleet, "dev-1", "dev-2")
+    fleet.record = True
+    monkeypatch.setattr(commits, "MAX_WELCOME_MESSAGE_SIZE", commits.WELCOME_FRAME_MARGIN + 1024)
+    cid = fleet.command("op-alice", group_add("g1", "dev-3"))
+    assert fleet.final(cid).status is ResultStatus.DONE
+    (welcome,) = [b for to, b in fleet.to_devices if isinstance(b, WelcomeDelivery)]
+    assert welcome.admissions == ()
+    pages = [b for to, b in fleet.to_devices if to == "dev-3" and isinstance(b, TreePage)]
+    assert pages and {a for p in pages for a in p.admissions} == set(
+        fleet.admissions("g1").values()
+    )
+    assert len({d.groups["g1"].epoch_authenticator for d in fleet.devices.values()}) == 1
