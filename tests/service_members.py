@@ -93,8 +93,9 @@ class SoftDevice:
     ignore_proposal_requests: bool = False  # never proposes an Update for a full rekey
     drop_updates: int = 0  # a compromised committer: commits this many fewer Updates than asked
     # a forging founder: names this Authorization in its group.created, not the one its leaf
-    # records
+    # records (``omit_created_authz``: names none)
     created_authz: bytes | None = None
+    omit_created_authz: bool = False
     refusals: list[str] = field(default_factory=list)
     # joins of large groups waiting for their tree's pages, and how many pages were taken
     tree_fetches: TreeFetches = field(default_factory=TreeFetches, repr=False)
@@ -269,6 +270,8 @@ class SoftDevice:
             self.groups[gid] = group
             public = codec.encode(group.public_group().to_state())
             named = authz if self.created_authz is None else self.created_authz
+            if self.omit_created_authz:
+                named = None
             created = GroupCreated(gid, public, request.command_id, named)
             return [self.report(created, now)]
         group = self.groups[gid]

@@ -568,10 +568,11 @@ def on_group_created(
             "ds.create.public_group",
             "the public group is not epoch 0 of this group with the sender alone at leaf 0",
         )
-    if body.authz is not None and admission_hash(body.authz) != public.tree.admission(0):
+    if admission_hash(body.authz) != public.tree.admission(0):
+        # the service delivers it to every joiner: without it (or with another) none could join
         raise ProtocolError(
             "ds.create.admission",
-            "the creation Authorization is not the one the founder's leaf records",
+            "the group.created does not name the creation Authorization the founder's leaf records",
         )
     registry.create_group(
         body.group_id,

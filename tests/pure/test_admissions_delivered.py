@@ -222,11 +222,17 @@ def test_the_service_keeps_each_authorization_and_sends_an_inline_trees_with_the
     assert len({d.groups["g1"].epoch_authenticator for d in fleet.devices.values()}) == 1
 
 
-def test_a_founder_naming_another_creation_authorization_is_refused(fleet: Fleet) -> None:
-    """Attack: the founder's ``group.created`` names an Authorization its leaf does not record
-    (the service would deliver the wrong one to every joiner): ``ds.create.admission``, no group
-    is created and nothing is kept."""
-    fleet.devices["dev-1"].created_authz = b"another creation authorization"
+@pytest.mark.parametrize("forgery", ["another", "none"])
+def test_a_founder_naming_another_or_no_creation_authorization_is_refused(
+    fleet: Fleet, forgery: str
+) -> None:
+    """Attack: the founder's ``group.created`` names an Authorization its leaf does not record,
+    or none (the service would deliver the wrong one, or none, to every joiner):
+    ``ds.create.admission``, no group is created and nothing is kept."""
+    if forgery == "none":
+        fleet.devices["dev-1"].omit_created_authz = True
+    else:
+        fleet.devices["dev-1"].created_authz = b"another creation authorization"
     before = fleet.service.rejections.count("ds.create.admission")
     fleet.command("op-alice", group_create("g1", "dev-1", "dev-2"))
     assert fleet.service.rejections.count("ds.create.admission") == before + 1
