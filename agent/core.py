@@ -73,7 +73,7 @@ from agent.protocol.lifecycle import (
 )
 from agent.protocol.membership import Membership, MembershipState
 from agent.protocol.mls import codec
-from agent.protocol.mls.group import Group, OpenedWelcome, admissions_of
+from agent.protocol.mls.group import Group, OpenedWelcome, admissions_of, legacy_admissions
 from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Update, Welcome
 from agent.protocol.mls.public import CommitCheck, LeafCheck, admission_hash
 from agent.protocol.mls.tree import LeafNode, RatchetTree
@@ -104,9 +104,11 @@ from agent.protocol.wire.messages.attestation import AttestChallenge, AttestRepo
 from agent.protocol.wire.messages.base import ID_PATTERN, Body
 from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
+    MAX_HANDOFF_BYTES,
     REFUSAL_CHECKS,
     CommitMessage,
     CommitRefused,
+    GroupAdmissions,
     GroupCreated,
     KeyPackageMessage,
     UpdateProposal,
@@ -422,6 +424,9 @@ class AgentCore:
         self._used_init = UsedInitKeys()  # packages whose init key opened a Welcome (destroyed)
         # joins waiting for their tree's pages (memory only: they hold GroupSecrets)
         self._tree_fetches = TreeFetches()
+        # group -> the Authorizations a version-2 saved state still held, handed to the
+        # service once at the next tick (memory only: every member of a group holds them all)
+        self._handoff: dict[str, tuple[bytes, ...]] = {}
         self._replies: OrderedDict[bytes, tuple[Publish, ...]] = OrderedDict()
         self._guard = ReplayGuard(SERVICE_REPLAY_WINDOW, SERVICE_REPLAY_CAPACITY)
         self._seq = 1
@@ -1611,6 +1616,7 @@ class AgentCore:
             )
             outcome.changed = True
         self._tree_fetch_tick(now, outcome)
+        self._handoff_tick(outcome)
         if self.report_due is not None and now >= self.report_due:
             outcome.publishes.append(self._report())
             outcome.changed = True
@@ -1618,6 +1624,26 @@ class AgentCore:
         if self._dirty:
             outcome.changed = True
         return outcome
+
+    def _handoff_tick(self, outcome: Outcome) -> None:
+        """Hand the service, once, the Authorizations our version-2 group states held (it keeps
+        those the group's tree names: docs/treekem.md, "Admissions delivered by the service"),
+        in ``group.admissions`` parts that fit their frame."""
+        for name, held in self._handoff.items():
+            if name not in self._groups:
+                continue
+            part: list[bytes] = []
+            size = 0
+            for authz in held:
+                if part and size + len(authz) > MAX_HANDOFF_BYTES:
+                    outcome.publishes.append(self._send(GroupAdmissions(name, tuple(part))))
+                    part, size = [], 0
+                part.append(authz)
+                size += len(authz)
+            outcome.publishes.append(self._send(GroupAdmissions(name, tuple(part))))
+            outcome.changed = True
+            log.info("handed the service the %d Authorizations group %s held", len(held), name)
+        self._handoff = {}
 
     def _tree_fetch_tick(self, now: int, outcome: Outcome) -> None:
         """Ask again for tree pages left unanswered; give up fetches that took too long (the
@@ -1801,6 +1827,7 @@ class AgentCore:
         self.last_report = restored.last_report
         self.last_acks = restored.last_acks
         self.membership.restore(restored.membership)
+        self._handoff = restored.handoff
         if restored.trust is not None:
             self._take_trust(restored.trust)
 
@@ -1907,6 +1934,7 @@ class _Restored:
     last_acks: dict[str, tuple[int, int]]
     membership: MembershipState
     trust: trust.TrustBundle | None
+    handoff: dict[str, tuple[bytes, ...]]
 
     @classmethod
     def parse(cls, state: dict[str, Any], core: AgentCore) -> _Restored:
@@ -1917,10 +1945,14 @@ class _Restored:
         seq = _uint(state["seq"], "seq")
         load_leaf = core._keys.load_leaf
         groups: dict[str, _GroupEntry] = {}
+        handoff: dict[str, tuple[bytes, ...]] = {}
         for name, raw in state["groups"].items():
             group = Group.from_state(raw["group"], load_leaf)
             if group.group_id != name.encode():
                 raise StateError(f"group state {name!r} holds another group")
+            legacy = legacy_admissions(raw["group"])
+            if legacy:
+                handoff[name] = legacy
             pending = [
                 _Pending(
                     commit=_bytes(p["commit"], "pending commit"),
@@ -2007,6 +2039,7 @@ class _Restored:
             # applied by restore() with the rest
             membership=core.membership.parse_state(state["membership"], held),
             trust=held,
+            handoff=handoff,
         )
 
 

@@ -34,6 +34,7 @@ from agent.protocol.wire.messages.attestation import AttestReport
 from agent.protocol.wire.messages.group import (
     CommitMessage,
     CommitRefused,
+    GroupAdmissions,
     GroupCreated,
     KeyPackageMessage,
     TreeRequest,
@@ -57,6 +58,7 @@ from provisioning.service import (
     feed,
     fullrekey,
     groupdelete,
+    handoff,
     rekeypolicy,
     renewal,
     rollback,
@@ -257,6 +259,8 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
         return renewal.on_renew_answer(cx, session, sender, body, now)
     if isinstance(body, TreeRequest):
         return treepages.on_tree_request(cx, session, sender, body, now)
+    if isinstance(body, GroupAdmissions):
+        return handoff.on_group_admissions(cx, session, sender, body, now)
     raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import delete
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
@@ -29,10 +30,13 @@ from agent.protocol.mls.treepages import MAX_PAGE_BYTES, TreeCollector, paginate
 from agent.protocol.mls.treepages import TreePage as Page
 from agent.protocol.wire.envelope import Signer, encode_message, open_message
 from agent.protocol.wire.messages.base import MAX_WELCOME_MESSAGE_SIZE, Body
+from agent.protocol.wire.messages.group import GroupAdmissions
 from agent.protocol.wire.messages.result import ResultStatus
 from agent.protocol.wire.messages.service import TreePage, WelcomeDelivery
 from provisioning.db.schema import Group as GroupRow
+from provisioning.db.schema import GroupAdmission
 from provisioning.service import commits
+from tests.pure.test_agent_core import G, group_of_two
 from tests.pure.test_mls_welcome_pages import _Joiner, _members
 from tests.pure.test_service_core import Fleet, create_g1, make_fleet
 from tests.service_members import group_add, group_create
@@ -259,3 +263,56 @@ def test_authorizations_that_do_not_fit_the_welcomes_frame_come_with_the_pages(
         fleet.admissions("g1").values()
     )
     assert len({d.groups["g1"].epoch_authenticator for d in fleet.devices.values()}) == 1
+
+
+# -- the handover after an upgrade ---------------------------------------------------------------
+
+
+def test_members_hand_over_the_authorizations_their_old_states_held(fleet: Fleet) -> None:
+    """A group the service kept no Authorization of (made before it did): a member hands over
+    those its version-2 state held (``group.admissions``); the service keeps the ones a leaf
+    names and ignores the rest, refuses a non-member (``ds.group.member``), and a new member
+    then joins."""
+    create_g1(fleet, "dev-1", "dev-2")
+    kept = fleet.admissions("g1")
+    assert len(kept) == 2
+    with fleet.sessions.begin() as s:
+        s.execute(delete(GroupAdmission))
+    assert fleet.admissions("g1") == {}
+    stray = b"an Authorization no leaf names"
+    before = fleet.service.rejections.count("ds.group.member")
+    handed = GroupAdmissions("g1", (*kept.values(), stray))
+    fleet.send(fleet.devices["dev-3"].report(handed, fleet.now))
+    assert fleet.service.rejections.count("ds.group.member") == before + 1
+    assert fleet.admissions("g1") == {}
+    fleet.send(fleet.devices["dev-2"].report(handed, fleet.now))
+    assert fleet.admissions("g1") == kept
+    cid = fleet.command("op-alice", group_add("g1", "dev-3"))
+    assert fleet.final(cid).status is ResultStatus.DONE
+    assert len({d.groups["g1"].epoch_authenticator for d in fleet.devices.values()}) == 1
+
+
+def test_an_agent_restored_from_a_version_2_state_hands_its_authorizations_over_once() -> None:
+    service, a, _ = group_of_two()
+    held = tuple(service.authorizations[G].values())
+    state = a.to_state()
+    group_state = state["groups"][G]["group"]
+    state["groups"][G]["group"] = {**group_state, "v": 2, "admissions": list(held)}
+    restored = service.restarted(a)
+    restored.restore(state)
+    service.devices["dev-a"] = restored
+    out = restored.tick(service.now)
+    handed = [b for b in service.bodies("dev-a", out) if isinstance(b, GroupAdmissions)]
+    assert [(h.group_id, set(h.admissions)) for h in handed] == [(G, set(held))]
+    again = restored.tick(service.now + 1)
+    assert not [b for b in service.bodies("dev-a", again) if isinstance(b, GroupAdmissions)]
+    # what it saves now is version 3: nothing to hand over after the next restart
+    saved = restored.to_state()
+    assert saved["groups"][G]["group"]["v"] == 3
+    later = service.restarted(restored)
+    later.restore(saved)
+    assert not [
+        b
+        for b in service.bodies("dev-a", later.tick(service.now + 2))
+        if isinstance(b, GroupAdmissions)
+    ]

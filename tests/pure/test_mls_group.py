@@ -22,7 +22,7 @@ from agent.protocol.errors import CryptoError, ProtocolError, StateError
 from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
 from agent.protocol.mls.crypto import decrypt_with_label
-from agent.protocol.mls.group import Group, admissions_of
+from agent.protocol.mls.group import Group, admissions_of, legacy_admissions
 from agent.protocol.mls.messages import (
     Commit,
     CommitContent,
@@ -1014,6 +1014,10 @@ def test_a_version_2_state_is_read_and_its_authorizations_dropped() -> None:
     old = {**state, "v": 2, "admissions": [b"create"]}
     restored = Group.from_state(old, lambda ref: creator.leaf_key)
     assert restored.to_state() == state
+    # what a member hands the service once (group.admissions); nothing from a version 3
+    assert legacy_admissions(old) == (b"create",)
+    assert legacy_admissions(state) == ()
+    assert legacy_admissions({**old, "admissions": [b""]}) == ()
     with pytest.raises(StateError):
         Group.from_state({**state, "admissions": [b"create"]}, lambda ref: creator.leaf_key)
     with pytest.raises(StateError):

@@ -19,6 +19,7 @@ from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
     CommitMessage,
     CommitRefused,
+    GroupAdmissions,
     GroupCreated,
     KeyPackageMessage,
     TreeRequest,
@@ -170,6 +171,7 @@ SAMPLES: list[Body] = [
     KeyPackageMessage(key_package=b"kp", command_id=CMD),
     GroupCreated(group_id="g1", public_group=b"public-group", command_id=CMD),
     GroupCreated(group_id="g1", public_group=b"public-group", command_id=CMD, authz=b"authz"),
+    GroupAdmissions(group_id="g1", admissions=(b"authz-1", b"authz-2")),
     CommitRequest(command_id=CMD, group_id="g1", epoch=0, action=CommitAction.CREATE),
     KeyPackageRequest(command_id=CMD),
     UpdateRequest(group_id="g1", epoch=4, reason="max-epoch-age"),
@@ -633,6 +635,12 @@ def test_body_is_not_a_map() -> None:
             "body.bounds",
         ),
         (lambda: GroupCreated("g", b"p", CMD, authz=b""), "body.bounds"),
+        (lambda: GroupAdmissions("g", ()), "body.bounds"),
+        (lambda: GroupAdmissions("g", (b"a", b"a")), "body.bounds"),
+        (
+            lambda: GroupAdmissions("g", tuple(bytes([i]) * (64 << 10) for i in range(4))),
+            "body.bounds",
+        ),
         (
             lambda: TreePage(group_id="g", epoch=1, page=3, pages=3, width=7, start=0, nodes=b"x"),
             "body.bounds",

@@ -78,6 +78,7 @@ from agent.protocol.mls.key_schedule import (
     welcome_key_nonce,
 )
 from agent.protocol.mls.messages import (
+    MAX_AUTHORIZATION,
     Commit,
     CommitContent,
     EncryptedGroupSecrets,
@@ -146,6 +147,25 @@ def _welcome_secret(joiner_secret: bytes) -> bytes:
     (RFC 9420 §8). Computed here because a joiner needs it before it knows the GroupContext
     that ``key_schedule.epoch_from_joiner`` takes; it does not depend on it."""
     return derive_secret(extract(joiner_secret, bytes(NH)), b"welcome")
+
+
+def legacy_admissions(state: object) -> tuple[bytes, ...]:
+    """The Authorizations a version-2 group state held (``Group.from_state`` drops them): what
+    a member that kept them hands to the delivery service once, for groups made before the
+    service kept them (docs/treekem.md, "Admissions delivered by the service"). Empty for any
+    other state, or a list that does not decode."""
+    if not isinstance(state, dict) or state.get("v") != 2:
+        return ()
+    try:
+        held = codec.as_list(
+            state.get("admissions"),
+            "group_state.admissions",
+            codec.MAX_LEAVES,
+            lambda v, w: codec.as_bytes(v, w, 1, MAX_AUTHORIZATION),
+        )
+    except ProtocolError:
+        return ()
+    return tuple(dict.fromkeys(held))
 
 
 def admissions_of(authorizations: Sequence[bytes | None]) -> dict[bytes, bytes]:

@@ -12,13 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.base import (
     COMMAND_ID_MAX,
     COMMAND_ID_MIN,
     MAX_AUTHORIZATION,
+    MAX_LIST,
     MAX_TREE_PAGES,
     MAX_WELCOME_MESSAGE_SIZE,
     Body,
+    check_admissions,
     check_bytes,
     check_choice,
     check_epoch,
@@ -77,6 +80,33 @@ class GroupCreated(Body):
         check_bytes(self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX)
         if self.authz is not None:
             check_bytes(self.authz, "authz", min_len=1, max_len=MAX_AUTHORIZATION)
+
+
+MAX_HANDOFF_BYTES = 192 << 10
+"""Authorizations one ``group.admissions`` carries in all (its frame is 256 KiB)."""
+
+
+@dataclass(frozen=True)
+class GroupAdmissions(Body):
+    """Member -> service, once after an upgrade: the operators' Authorizations its saved group
+    state still held (a version-2 state; members keep none since) for a group the service may
+    have kept none of. The service keeps those whose hash a leaf of the group's current tree
+    records, and ignores the rest; content-addressed, so the sender is not trusted with them
+    (docs/treekem.md, "Admissions delivered by the service"). Sent in parts of at most
+    ``MAX_HANDOFF_BYTES``."""
+
+    TYPE: ClassVar[str] = "group.admissions"
+
+    group_id: str
+    admissions: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_admissions(
+            self.admissions, "admissions", max_items=MAX_LIST, max_total=MAX_HANDOFF_BYTES
+        )
+        if not self.admissions:
+            raise ProtocolError("body.bounds", "admissions must hold at least one")
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ Create Date: 2026-12-07
 Members no longer keep the operators' Authorization each leaf's admission hash names, and a
 Welcome no longer carries them: the service stores each one it accepts (with a group's creation
 or a commit that adds members) under its SHA-256 and delivers them to joiners with the Welcome
-or the tree's pages. Existing groups start with no rows: a Welcome into one is refused by its
-joiner (``mls.welcome.admission``) for every member admitted before the upgrade, until those
-members are re-added or the group is created again (docs/operations.md). The downgrade drops
-the table.
+or the tree's pages. Existing groups start with no rows; each member's agent hands over the
+Authorizations its saved state held when it first runs upgraded (``group.admissions``), and
+until one member of a group has, a Welcome into it is refused by its joiner
+(``mls.welcome.admission``; docs/operations.md). The downgrade drops the table.
 """
 
 from __future__ import annotations
