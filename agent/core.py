@@ -1118,7 +1118,9 @@ class AgentCore:
             self._keys.load_leaf(public),
             init_key=self._keys.load_leaf(key_package.init_key),
         )
-        if opened.info.tree is None or admissions_missing(opened.info.tree, body.admissions):
+        # the service's, and those a committer from before then signed into its GroupInfo
+        delivered = body.admissions + (opened.info.legacy_admissions or ())
+        if opened.info.tree is None or admissions_missing(opened.info.tree, delivered):
             # a large group: its tree comes in pages from the service, checked against the
             # tree hash of the signed GroupInfo before anything is accepted (treefetch); so
             # does a small one's when the service could not fit its Authorizations in the
@@ -1135,7 +1137,7 @@ class AgentCore:
                 leaf_public=public,
                 key_package=key_package,
                 now=self._now,
-                delivered=body.admissions,
+                delivered=delivered,
             )
             log.info("welcome to %s epoch %d: fetching its tree", body.group_id, body.epoch)
             return Outcome(publishes=[self._send(request)], changed=True)
@@ -1146,7 +1148,7 @@ class AgentCore:
             public=public,
             key_package=key_package,
             tree=None,
-            admissions=body.admissions,
+            admissions=delivered,
         )
 
     def _on_tree_page(self, body: TreePage) -> Outcome:

@@ -1077,6 +1077,45 @@ def test_a_welcome_without_the_authorization_a_leaf_names_is_refused() -> None:
     assert joined.epoch_authenticator == result.group.epoch_authenticator
 
 
+def test_a_welcome_from_a_committer_that_still_signs_authorizations_into_it_is_joined(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A committer from before the service delivered them carries the Authorizations in its
+    GroupInfo (``admissions``, under its signature): a joiner now reads them as delivered ones;
+    one missing there (and not delivered) is still ``mls.welcome.admission``, and one altered
+    breaks the signature."""
+    from agent.protocol.mls import group as group_module
+
+    creator = Member.new()
+    group = Group.create(b"g-old", creator.key_package(), creator.leaf_key, authz=b"create")
+    real_info = group_module.GroupInfo
+    for carried, check in (((b"create", b"add"), None), ((b"add",), "mls.welcome.admission")):
+        joiner = Member.new()
+        monkeypatch.setattr(
+            group_module,
+            "GroupInfo",
+            lambda carried=carried, **kw: real_info(**kw, legacy_admissions=carried),
+        )
+        result = group.add(creator.signature_key, [joiner.key_package()], authz=b"add")
+        monkeypatch.undo()
+        assert result.welcome is not None
+        if check is not None:
+            _join_refused(joiner, result.welcome, check)
+            continue
+        joined = Group.join(
+            result.welcome, joiner.key_package(), joiner.leaf_key, init_key=joiner.init_key
+        )
+        assert joined.epoch_authenticator == result.group.epoch_authenticator
+        opened = Group.open_welcome(
+            result.welcome, joiner.key_package(), joiner.leaf_key, init_key=joiner.init_key
+        )
+        assert opened.info.legacy_admissions == (b"create", b"add")
+        altered = replace(opened, info=replace(opened.info, legacy_admissions=(b"create", b"x")))
+        with pytest.raises(ProtocolError) as exc:
+            Group.join_opened(altered, joiner.key_package(), joiner.leaf_key, admissions=[b"add"])
+        assert exc.value.check == "mls.welcome.signature"
+
+
 def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None:
     """The size budget end to end in one process: a Welcome for the 1,024th member of a group
     whose every leaf carries a DevID certificate, sealed as the service forwards it

@@ -436,7 +436,8 @@ class Group:
             info.group_id,
             tree,
             own_leaf=own_leaf,
-            admissions=admissions_of(admissions),
+            # a committer from before the service delivered them signed them into its GroupInfo
+            admissions=admissions_of([*admissions, *(info.legacy_admissions or ())]),
             leaf_check=leaf_check,
             admission_check=admission_check,
         )

@@ -514,7 +514,12 @@ class GroupInfo:
     hash, so a GroupInfo cannot be paired with the wrong secrets or the wrong tree). It carries
     no Authorization: the tree records each leaf's admission hash, and the delivery service,
     which need not be trusted with them, delivers the Authorizations those hashes name
-    (``admissions_of``; docs/treekem.md, "Admissions delivered by the service")."""
+    (``admissions_of``; docs/treekem.md, "Admissions delivered by the service").
+
+    ``legacy_admissions``: the Authorizations a GroupInfo made by a committer from before then
+    carried (its ``admissions`` key, under its signature); read so that a joiner can join
+    through a member not yet upgraded, taken as delivered ones (by hash). None: no such key,
+    and a GroupInfo made now never has one."""
 
     group_id: bytes
     epoch: int
@@ -524,6 +529,7 @@ class GroupInfo:
     confirmation_tag: bytes
     signer: int
     signature: bytes
+    legacy_admissions: tuple[bytes, ...] | None = None
 
     def tbs(self) -> bytes:
         obj = self.to_obj()
@@ -531,7 +537,7 @@ class GroupInfo:
         return codec.encode(obj)
 
     def to_obj(self) -> dict[str, object]:
-        return {
+        obj: dict[str, object] = {
             "group": self.group_id,
             "epoch": self.epoch,
             "tree": None if self.tree is None else self.tree.to_obj(),
@@ -541,6 +547,9 @@ class GroupInfo:
             "signer": self.signer,
             "signature": self.signature,
         }
+        if self.legacy_admissions is not None:
+            obj["admissions"] = list(self.legacy_admissions)
+        return obj
 
     @classmethod
     def from_obj(cls, value: object, what: str = "group_info") -> GroupInfo:
@@ -548,7 +557,18 @@ class GroupInfo:
             value,
             what,
             {"group", "epoch", "tree", "th", "cth", "tag", "signer", "signature"},
+            {"admissions"},
         )
+        legacy = None
+        if "admissions" in m:
+            legacy = tuple(
+                codec.as_list(
+                    m["admissions"],
+                    f"{what}.admissions",
+                    codec.MAX_LEAVES,
+                    lambda v, w: codec.as_bytes(v, w, 1, MAX_AUTHORIZATION),
+                )
+            )
         return cls(
             group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
             epoch=codec.as_uint(m["epoch"], f"{what}.epoch", (1 << 64) - 1),
@@ -558,6 +578,7 @@ class GroupInfo:
             confirmation_tag=codec.as_bytes(m["tag"], f"{what}.tag", NH, NH),
             signer=codec.as_uint(m["signer"], f"{what}.signer", codec.MAX_LEAVES - 1),
             signature=codec.as_bytes(m["signature"], f"{what}.signature", 8, codec.MAX_SIGNATURE),
+            legacy_admissions=legacy,
         )
 
     def encode(self) -> bytes:
