@@ -73,10 +73,11 @@ from agent.protocol.lifecycle import (
 )
 from agent.protocol.membership import Membership, MembershipState
 from agent.protocol.mls import codec
-from agent.protocol.mls.group import Group, OpenedWelcome
+from agent.protocol.mls.group import Group, OpenedWelcome, admissions_of, legacy_admissions
 from agent.protocol.mls.messages import Commit, CommitContent, KeyPackage, Update, Welcome
-from agent.protocol.mls.public import CommitCheck, LeafCheck
+from agent.protocol.mls.public import CommitCheck, LeafCheck, admission_hash
 from agent.protocol.mls.tree import LeafNode, RatchetTree
+from agent.protocol.mls.treepages import admissions_missing
 from agent.protocol.release import ReleaseBundle
 from agent.protocol.renewal import RenewalSchedule, validity, verify_renewed
 from agent.protocol.secret import Secret
@@ -103,9 +104,11 @@ from agent.protocol.wire.messages.attestation import AttestChallenge, AttestRepo
 from agent.protocol.wire.messages.base import ID_PATTERN, Body
 from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
+    MAX_HANDOFF_BYTES,
     REFUSAL_CHECKS,
     CommitMessage,
     CommitRefused,
+    GroupAdmissions,
     GroupCreated,
     KeyPackageMessage,
     UpdateProposal,
@@ -421,6 +424,9 @@ class AgentCore:
         self._used_init = UsedInitKeys()  # packages whose init key opened a Welcome (destroyed)
         # joins waiting for their tree's pages (memory only: they hold GroupSecrets)
         self._tree_fetches = TreeFetches()
+        # group -> the Authorizations a version-2 saved state still held, handed to the
+        # service once at the next tick (memory only: every member of a group holds them all)
+        self._handoff: dict[str, tuple[bytes, ...]] = {}
         self._replies: OrderedDict[bytes, tuple[Publish, ...]] = OrderedDict()
         self._guard = ReplayGuard(SERVICE_REPLAY_WINDOW, SERVICE_REPLAY_CAPACITY)
         self._seq = 1
@@ -1003,8 +1009,14 @@ class AgentCore:
         if existing is not None:
             group = existing.group
             if group.epoch == 0 and group.tree.member_count() == 1:
-                # A re-sent create whose answer may have been lost: say it again.
-                return Outcome(publishes=[self._created(body.group_id, group, body.command_id)])
+                # A re-sent create whose answer may have been lost: say it again (with the
+                # creation Authorization if the request's is still the one our leaf records)
+                again = None if body.authz is None else self.membership.envelope(body.authz)
+                if admission_hash(again) != group.tree.admission(group.own_leaf):
+                    again = None
+                return Outcome(
+                    publishes=[self._created(body.group_id, group, body.command_id, again)]
+                )
             raise ProtocolError("agent.group-exists", "this device already holds the group")
         self.membership.adopt_policies(body.policies)
         if body.authz is None:
@@ -1028,7 +1040,7 @@ class AgentCore:
         self.membership.consume(authz, self._now)
         self._install(body.group_id, group)
         return Outcome(
-            publishes=[self._created(body.group_id, group, body.command_id)],
+            publishes=[self._created(body.group_id, group, body.command_id, authz)],
             epochs_changed=True,
         )
 
@@ -1067,9 +1079,13 @@ class AgentCore:
 
         return _Hooks(leaf_check, commit_check)
 
-    def _created(self, name: str, group: Group, command_id: bytes) -> Publish:
+    def _created(self, name: str, group: Group, command_id: bytes, authz: bytes | None) -> Publish:
+        """The founder's answer: the public group and the Authorization its leaf records (the
+        service keeps it to deliver to joiners: members keep none)."""
         public = codec.encode(group.public_group().to_state())
-        return self._send(GroupCreated(group_id=name, public_group=public, command_id=command_id))
+        return self._send(
+            GroupCreated(group_id=name, public_group=public, command_id=command_id, authz=authz)
+        )
 
     def _on_welcome(self, body: WelcomeDelivery) -> Outcome:
         self._refuse_deleted(body.group_id, "agent.group-deleted")
@@ -1102,9 +1118,13 @@ class AgentCore:
             self._keys.load_leaf(public),
             init_key=self._keys.load_leaf(key_package.init_key),
         )
-        if opened.info.tree is None:
+        # the service's, and those a committer from before then signed into its GroupInfo
+        delivered = body.admissions + (opened.info.legacy_admissions or ())
+        if opened.info.tree is None or admissions_missing(opened.info.tree, delivered):
             # a large group: its tree comes in pages from the service, checked against the
-            # tree hash of the signed GroupInfo before anything is accepted (treefetch)
+            # tree hash of the signed GroupInfo before anything is accepted (treefetch); so
+            # does a small one's when the service could not fit its Authorizations in the
+            # Welcome's frame: the pages carry them
             if opened.info.group_id != body.group_id.encode() or opened.info.epoch != body.epoch:
                 raise ProtocolError(
                     "agent.welcome.mismatch",
@@ -1117,11 +1137,18 @@ class AgentCore:
                 leaf_public=public,
                 key_package=key_package,
                 now=self._now,
+                delivered=delivered,
             )
             log.info("welcome to %s epoch %d: fetching its tree", body.group_id, body.epoch)
             return Outcome(publishes=[self._send(request)], changed=True)
         return self._join(
-            body.group_id, body.epoch, opened, public=public, key_package=key_package, tree=None
+            body.group_id,
+            body.epoch,
+            opened,
+            public=public,
+            key_package=key_package,
+            tree=None,
+            admissions=delivered,
         )
 
     def _on_tree_page(self, body: TreePage) -> Outcome:
@@ -1145,6 +1172,7 @@ class AgentCore:
             public=fetch.leaf_public,
             key_package=fetch.key_package,
             tree=tree,
+            admissions=fetch.admissions(tree),
         )
 
     def _join(
@@ -1156,8 +1184,10 @@ class AgentCore:
         public: bytes,
         key_package: KeyPackage,
         tree: RatchetTree | None,
+        admissions: tuple[bytes, ...],
     ) -> Outcome:
-        """Join with an opened Welcome (and the fetched tree if its GroupInfo holds none)."""
+        """Join with an opened Welcome (and the fetched tree if its GroupInfo holds none) and
+        the Authorizations the service delivered (taken by the admission hashes of the tree)."""
         if public not in self._key_packages:
             raise ProtocolError(
                 "mls.init-key", "the key package of this welcome was used or dropped meanwhile"
@@ -1173,6 +1203,7 @@ class AgentCore:
             key_package,
             self._keys.load_leaf(public),
             tree=tree,
+            admissions=admissions,
             leaf_check=self._checks(name, fresh=False).leaf_check,
             admission_check=admission_check,
         )
@@ -1183,7 +1214,9 @@ class AgentCore:
         existing = self._groups.get(name)
         if existing is not None and epoch <= existing.group.epoch:
             return Outcome(publishes=[self._ack(existing, None)])
-        self.membership.consume(group.admission(group.own_leaf), self._now)
+        # the Authorization we were admitted by (the join checked it is among those delivered)
+        own = admissions_of(admissions).get(group.tree.admission(group.own_leaf))
+        self.membership.consume(own, self._now)
         if existing is not None:
             log.warning("re-added to group %s at epoch %d", name, group.epoch)
         # The init key is spent: no state refers to it any more, so the daemon flushes it and
@@ -1585,6 +1618,7 @@ class AgentCore:
             )
             outcome.changed = True
         self._tree_fetch_tick(now, outcome)
+        self._handoff_tick(outcome)
         if self.report_due is not None and now >= self.report_due:
             outcome.publishes.append(self._report())
             outcome.changed = True
@@ -1592,6 +1626,26 @@ class AgentCore:
         if self._dirty:
             outcome.changed = True
         return outcome
+
+    def _handoff_tick(self, outcome: Outcome) -> None:
+        """Hand the service, once, the Authorizations our version-2 group states held (it keeps
+        those the group's tree names: docs/treekem.md, "Admissions delivered by the service"),
+        in ``group.admissions`` parts that fit their frame."""
+        for name, held in self._handoff.items():
+            if name not in self._groups:
+                continue
+            part: list[bytes] = []
+            size = 0
+            for authz in held:
+                if part and size + len(authz) > MAX_HANDOFF_BYTES:
+                    outcome.publishes.append(self._send(GroupAdmissions(name, tuple(part))))
+                    part, size = [], 0
+                part.append(authz)
+                size += len(authz)
+            outcome.publishes.append(self._send(GroupAdmissions(name, tuple(part))))
+            outcome.changed = True
+            log.info("handed the service the %d Authorizations group %s held", len(held), name)
+        self._handoff = {}
 
     def _tree_fetch_tick(self, now: int, outcome: Outcome) -> None:
         """Ask again for tree pages left unanswered; give up fetches that took too long (the
@@ -1775,6 +1829,7 @@ class AgentCore:
         self.last_report = restored.last_report
         self.last_acks = restored.last_acks
         self.membership.restore(restored.membership)
+        self._handoff = restored.handoff
         if restored.trust is not None:
             self._take_trust(restored.trust)
 
@@ -1881,6 +1936,7 @@ class _Restored:
     last_acks: dict[str, tuple[int, int]]
     membership: MembershipState
     trust: trust.TrustBundle | None
+    handoff: dict[str, tuple[bytes, ...]]
 
     @classmethod
     def parse(cls, state: dict[str, Any], core: AgentCore) -> _Restored:
@@ -1891,10 +1947,14 @@ class _Restored:
         seq = _uint(state["seq"], "seq")
         load_leaf = core._keys.load_leaf
         groups: dict[str, _GroupEntry] = {}
+        handoff: dict[str, tuple[bytes, ...]] = {}
         for name, raw in state["groups"].items():
             group = Group.from_state(raw["group"], load_leaf)
             if group.group_id != name.encode():
                 raise StateError(f"group state {name!r} holds another group")
+            legacy = legacy_admissions(raw["group"])
+            if legacy:
+                handoff[name] = legacy
             pending = [
                 _Pending(
                     commit=_bytes(p["commit"], "pending commit"),
@@ -1981,6 +2041,7 @@ class _Restored:
             # applied by restore() with the rest
             membership=core.membership.parse_state(state["membership"], held),
             trust=held,
+            handoff=handoff,
         )
 
 

@@ -77,9 +77,8 @@ class FullGroup:
         members = [_device(i) for i in range(n)]
         self.signature_keys = [s for _, _, s in members]
         self.leaf_keys = [leaf for _, leaf, _ in members]
-        self.groups = Group.assemble(
-            b"bench-group", members, epoch=1, authz=os.urandom(AUTHORIZATION_BYTES)
-        )
+        self.authz = os.urandom(AUTHORIZATION_BYTES)
+        self.groups = Group.assemble(b"bench-group", members, epoch=1, authz=self.authz)
         self.public = self.groups[0].public_state
 
     def member(self, leaf: int) -> Group:
@@ -97,11 +96,12 @@ def _measure(full: FullGroup, op: str, committer: int, target: int | None) -> di
     sig = full.signature_keys[committer]
     joiner_init = ec.generate_private_key(ec.SECP256R1())
     joiner = _device(full.n, joiner_init) if op == "add" else None
+    added = os.urandom(AUTHORIZATION_BYTES)
     start = time.perf_counter()
     if op == "update":
         result = group.update(sig, ec.generate_private_key(ec.SECP256R1()))
     elif joiner is not None:
-        result = group.add(sig, [joiner[0]], authz=os.urandom(AUTHORIZATION_BYTES))
+        result = group.add(sig, [joiner[0]], authz=added)
     else:
         assert target is not None
         result = group.remove(sig, [target])
@@ -132,6 +132,8 @@ def _measure(full: FullGroup, op: str, committer: int, target: int | None) -> di
             joiner[1],
             init_key=joiner_init,
             tree=result.group.tree,
+            # what the service delivers with the Welcome or the pages (members keep none)
+            admissions=[full.authz, added],
         )
         welcome["join_ms"] = round((time.perf_counter() - start) * 1000, 2)
         welcome["welcome_bytes"] = len(welcome_bytes)

@@ -23,6 +23,7 @@ from agent.protocol.mls import codec
 from agent.protocol.mls.group import CommitResult, Group, OpenedWelcome
 from agent.protocol.mls.messages import Commit, KeyPackage, Update, Welcome
 from agent.protocol.mls.tree import RatchetTree
+from agent.protocol.mls.treepages import admissions_missing
 from agent.protocol.topics import SERVICE_ID, device_report_topic, operator_cmd_topic
 from agent.protocol.treefetch import TreeFetches
 from agent.protocol.wire.cose import key_id
@@ -58,6 +59,16 @@ def device_ca(now: datetime) -> pki.CertificateAuthority:
     return pki.create_ca("keyfleet test device CA", now=now, valid_for=timedelta(days=2))
 
 
+def _admission(request: CommitRequest) -> bytes:
+    """What a create or add by these members records as its admission: the operators'
+    Authorization as it came (an agent wraps it with its policy chain), or, where the fleet
+    runs without one, a stand-in naming the request (these members check no Authorization;
+    the service keeps and delivers either by its hash all the same)."""
+    if request.authz is not None:
+        return request.authz
+    return b"stand-in authorization of request " + request.command_id.hex().encode()
+
+
 @dataclass
 class SoftDevice:
     """One device: DevID key + certificate, its groups, the key packages it handed out."""
@@ -81,6 +92,10 @@ class SoftDevice:
     commits_from_epoch: int = 0
     ignore_proposal_requests: bool = False  # never proposes an Update for a full rekey
     drop_updates: int = 0  # a compromised committer: commits this many fewer Updates than asked
+    # a forging founder: names this Authorization in its group.created, not the one its leaf
+    # records (``omit_created_authz``: names none)
+    created_authz: bytes | None = None
+    omit_created_authz: bool = False
     refusals: list[str] = field(default_factory=list)
     # joins of large groups waiting for their tree's pages, and how many pages were taken
     tree_fetches: TreeFetches = field(default_factory=TreeFetches, repr=False)
@@ -193,8 +208,11 @@ class SoftDevice:
                 held = self.key_packages.get(entry.key_package_ref)
                 if held is not None:
                     opened = Group.open_welcome(welcome, held[0], held[1], init_key=held[2])
-                    if opened.info.tree is None:
-                        # a large group's Welcome: fetch the tree in pages (treefetch)
+                    if opened.info.tree is None or admissions_missing(
+                        opened.info.tree, body.admissions
+                    ):
+                        # a large group's Welcome: fetch the tree in pages (treefetch), which
+                        # carry the Authorizations too
                         request = self.tree_fetches.start(
                             body.group_id,
                             body.epoch,
@@ -202,9 +220,12 @@ class SoftDevice:
                             leaf_public=held[0].leaf_key,
                             key_package=held[0],
                             now=now,
+                            delivered=body.admissions,
                         )
                         return [self.report(request, now)]
-                    return self._joined(body.group_id, opened, held, None, now)
+                    return self._joined(
+                        body.group_id, opened, held, None, admissions=body.admissions, now=now
+                    )
             raise ProtocolError("test.welcome", "no key package of ours")
         if isinstance(body, TreePage):
             fetch, tree, request = self.tree_fetches.page(body, now)
@@ -212,7 +233,9 @@ class SoftDevice:
                 return [self.report(request, now)]
             self.tree_pages += body.pages
             held = self.key_packages[fetch.key_package.ref()]
-            return self._joined(body.group_id, fetch.opened, held, tree, now)
+            return self._joined(
+                body.group_id, fetch.opened, held, tree, admissions=fetch.admissions(tree), now=now
+            )
         return []
 
     def _joined(
@@ -221,9 +244,13 @@ class SoftDevice:
         opened: OpenedWelcome,
         held: tuple[KeyPackage, ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey],
         tree: RatchetTree | None,
+        *,
+        admissions: tuple[bytes, ...],
         now: int,
     ) -> list[Outgoing]:
-        self.groups[gid] = Group.join_opened(opened, held[0], held[1], tree=tree)
+        self.groups[gid] = Group.join_opened(
+            opened, held[0], held[1], tree=tree, admissions=admissions
+        )
         del self.key_packages[held[0].ref()]
         return [self._ack(gid, now)]
 
@@ -238,10 +265,15 @@ class SoftDevice:
                 devid_cert_der(self.device_id, self.devid),
                 init_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
             )
-            group = Group.create(gid.encode(), kp, leaf)
+            authz = _admission(request)
+            group = Group.create(gid.encode(), kp, leaf, authz=authz)
             self.groups[gid] = group
             public = codec.encode(group.public_group().to_state())
-            return [self.report(GroupCreated(gid, public, request.command_id), now)]
+            named = authz if self.created_authz is None else self.created_authz
+            if self.omit_created_authz:
+                named = None
+            created = GroupCreated(gid, public, request.command_id, named)
+            return [self.report(created, now)]
         group = self.groups[gid]
         if group.epoch != request.epoch:
             raise ProtocolError("test.epoch", f"asked for epoch {request.epoch}, at {group.epoch}")
@@ -252,10 +284,16 @@ class SoftDevice:
                 new_leaf_key=ec.generate_private_key(ec.SECP256R1()),
             )
         elif request.action is CommitAction.ADD and request.key_packages is not None:
-            result = group.add(self.devid, [KeyPackage.decode(k) for k in request.key_packages])
+            result = group.add(
+                self.devid,
+                [KeyPackage.decode(k) for k in request.key_packages],
+                authz=_admission(request),
+            )
         elif request.action is CommitAction.ADD:
             assert request.key_package is not None
-            result = group.add(self.devid, [KeyPackage.decode(request.key_package)])
+            result = group.add(
+                self.devid, [KeyPackage.decode(request.key_package)], authz=_admission(request)
+            )
         else:
             leaf_index = next(i for i, d in group.members() if d.decode() == request.member)
             result = group.remove(self.devid, [leaf_index])

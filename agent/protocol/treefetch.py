@@ -2,7 +2,10 @@
 Welcome of a large group references its tree by the hash in its signed GroupInfo; the device
 asks the service for page after page (``group.tree_request``), takes each ``svc.tree_page``
 into a ``TreeCollector`` and, once all are in, joins with the tree if its hash is the
-GroupInfo's.
+GroupInfo's and with the operators' Authorizations the pages carried (each taken by the
+admission hash a leaf records). A Welcome whose GroupInfo carries a small tree is fetched the
+same way when the service delivered it without every Authorization that tree names (it could
+not fit them in the Welcome's frame): the pages bring them.
 
 Pure state, driven by the agent core: ``start`` (a Welcome opened, its tree missing), ``page``
 (an answer came), ``due`` (the clock: a request unanswered for ``RETRY`` seconds is sent again,
@@ -36,7 +39,8 @@ MAX_FETCHES = 4
 @dataclass
 class Fetch:
     """One join waiting for its tree: the opened Welcome, our KeyPackage (by its leaf public
-    key), the pages so far, when it started and when the last request went out."""
+    key), the pages so far, when it started and when the last request went out, and the
+    Authorizations delivered with the Welcome (none unless its tree was inline)."""
 
     opened: OpenedWelcome = field(repr=False)
     leaf_public: bytes
@@ -44,6 +48,12 @@ class Fetch:
     collector: TreeCollector = field(repr=False)
     started: int
     asked: int
+    delivered: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def admissions(self, tree: RatchetTree) -> tuple[bytes, ...]:
+        """The Authorizations to join with: the pages' that ``tree`` names, and those delivered
+        with the Welcome."""
+        return self.collector.admissions(tree) + self.delivered
 
     def request(self) -> TreeRequest:
         c = self.collector
@@ -74,12 +84,13 @@ class TreeFetches:
         leaf_public: bytes,
         key_package: KeyPackage,
         now: int,
+        delivered: tuple[bytes, ...] = (),
     ) -> TreeRequest:
         """Begin fetching the tree the opened Welcome's GroupInfo names (a fetch for the same
         group is replaced); returns the request for page 0."""
         self._fetches.pop(group_id, None)
         collector = TreeCollector(group_id, epoch, opened.info.tree_hash)
-        fetch = Fetch(opened, leaf_public, key_package, collector, now, now)
+        fetch = Fetch(opened, leaf_public, key_package, collector, now, now, delivered)
         self._fetches[group_id] = fetch
         while len(self._fetches) > MAX_FETCHES:
             self._fetches.popitem(last=False)
@@ -102,7 +113,7 @@ class TreeFetches:
         fetch.collector.add(
             body.group_id,
             body.epoch,
-            Page(body.page, body.pages, body.width, body.start, body.nodes),
+            Page(body.page, body.pages, body.width, body.start, body.nodes, body.admissions),
         )
         if not fetch.collector.complete:
             fetch.asked = now

@@ -269,6 +269,24 @@ class GroupTreeNode(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class GroupAdmission(Base):
+    """An operators' Authorization that admitted members of a group (revision 0024), by its
+    SHA-256 (``digest``: the admission hash the leaves it admitted record): from the group's
+    creation (the founder's ``group.created``) and from each accepted commit that adds
+    members. The service delivers them to joiners with their Welcome or tree pages; members
+    keep none (docs/treekem.md, "Admissions delivered by the service"). ``epoch``: the epoch
+    whose commit (or creation: 0) stored it. Kept while the group exists."""
+
+    __tablename__ = "group_admissions"
+
+    group_id: Mapped[str] = mapped_column(
+        ForeignKey("groups.group_id", ondelete="CASCADE"), primary_key=True
+    )
+    digest: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+    authz: Mapped[bytes] = mapped_column(LargeBinary)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+
+
 class GroupMember(Base):
     """A device's place in a group. ``leaf_index`` is NULL while an add is pending (no commit has
     given it a leaf yet); two members of one group never share a leaf."""

@@ -27,9 +27,12 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.hpke import serialize_public_key
+from agent.protocol.mls.group import inline_tree
 from agent.protocol.mls.messages import Commit, Welcome
 from agent.protocol.mls.public import PublicGroup, VerifiedCommit
+from agent.protocol.mls.tree import RatchetTree
 from agent.protocol.topics import device_cmd_topic, group_commit_topic
+from agent.protocol.wire.messages.base import MAX_WELCOME_MESSAGE_SIZE
 from agent.protocol.wire.messages.group import CommitMessage, WelcomeMessage
 from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit
@@ -59,7 +62,7 @@ from provisioning.service.effects import (
 )
 from provisioning.service.groupcache import GroupCache
 from provisioning.service.model import Job, JobState
-from provisioning.service.store import trees
+from provisioning.service.store import admissions, trees
 from provisioning.service.store import wedge as wedge_store
 
 log = logging.getLogger("keyfleet.service")
@@ -100,6 +103,9 @@ class AcceptedCommit:
     welcome: bytes | None
     finished: Job | None
     head: Job | None
+    # the Authorizations the welcome's inline tree names (none for a tree fetched in pages,
+    # whose pages carry them: ``welcome_admissions``)
+    admissions: tuple[bytes, ...] = ()
 
     def effects(self) -> Effects:
         group_id, epoch = self.relay.group_id, self.relay.epoch
@@ -116,7 +122,7 @@ class AcceptedCommit:
             out += [
                 Send(
                     device_cmd_topic(device_id),
-                    WelcomeDelivery(group_id, epoch + 1, self.welcome),
+                    WelcomeDelivery(group_id, epoch + 1, self.welcome, self.admissions),
                     device_id,
                 )
                 for device_id in self.adds
@@ -383,6 +389,12 @@ def accept_commit(
     if welcome is not None:
         # its joiners may ask for this epoch's tree after the group has moved on (treepages)
         cx.env.tree_pages.keep(body.group_id, following.epoch, following.tree)
+    delivered: tuple[bytes, ...] = ()
+    if commit.content.adds and commit.content.authz is not None:
+        # the added leaves record its hash; joiners get it from us (members keep none)
+        admissions.keep(session, body.group_id, [commit.content.authz], epoch=following.epoch)
+    if welcome is not None:
+        delivered = welcome_admissions(session, body.group_id, following.tree, welcome.welcome)
     rekeypolicy.record_commit(
         session,
         body.group_id,
@@ -444,4 +456,33 @@ def accept_commit(
         None if welcome is None else welcome.welcome,
         finished,
         head,
+        delivered,
     )
+
+
+WELCOME_FRAME_MARGIN = 64 << 10
+"""What a ``svc.welcome`` frame needs besides its Welcome and Authorizations (envelope, ids,
+CBOR headers), with room to spare."""
+
+
+def welcome_admissions(
+    session: Session, group_id: str, tree: RatchetTree, welcome: bytes
+) -> tuple[bytes, ...]:
+    """The Authorizations a Welcome's joiners get with it: every one the tree's leaves name,
+    when the Welcome carries the tree (``inline_tree``: at most 256 leaves, so at most 256
+    Authorizations) and they fit its frame; else none, and the joiner fetches the tree's pages,
+    which carry them (docs/treekem.md, "Admissions delivered by the service")."""
+    if not inline_tree(tree):
+        return ()
+    found = admissions.load(session, group_id, tree.admission_hashes())
+    carried = tuple(a for _, a in sorted(found.items()))
+    if len(welcome) + sum(len(a) for a in carried) + WELCOME_FRAME_MARGIN > (
+        MAX_WELCOME_MESSAGE_SIZE
+    ):
+        log.warning(
+            "group %s: the Authorizations of the welcome's tree do not fit its frame: its "
+            "joiners fetch them with the tree's pages",
+            group_id,
+        )
+        return ()
+    return carried

@@ -27,13 +27,14 @@ from agent.protocol.errors import KeyfleetError, ProtocolError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.mls import codec
 from agent.protocol.mls.messages import KeyPackage
-from agent.protocol.mls.public import PublicGroup
+from agent.protocol.mls.public import PublicGroup, admission_hash
 from agent.protocol.wire.envelope import VerifiedMessage
 from agent.protocol.wire.messages.ack import Ack as AckBody
 from agent.protocol.wire.messages.attestation import AttestReport
 from agent.protocol.wire.messages.group import (
     CommitMessage,
     CommitRefused,
+    GroupAdmissions,
     GroupCreated,
     KeyPackageMessage,
     TreeRequest,
@@ -57,6 +58,7 @@ from provisioning.service import (
     feed,
     fullrekey,
     groupdelete,
+    handoff,
     rekeypolicy,
     renewal,
     rollback,
@@ -75,7 +77,7 @@ from provisioning.service.effects import (
     Touch,
 )
 from provisioning.service.model import MAX_PUBLIC_GROUP, Job, JobState
-from provisioning.service.store import rollouts, trees
+from provisioning.service.store import admissions, rollouts, trees
 
 log = logging.getLogger("keyfleet.service")
 
@@ -257,6 +259,8 @@ def dispatch_device(cx: Call, session: Session, message: VerifiedMessage, now: i
         return renewal.on_renew_answer(cx, session, sender, body, now)
     if isinstance(body, TreeRequest):
         return treepages.on_tree_request(cx, session, sender, body, now)
+    if isinstance(body, GroupAdmissions):
+        return handoff.on_group_admissions(cx, session, sender, body, now)
     raise ProtocolError("ds.message.type", f"{message.type} is not a device report")
 
 
@@ -568,6 +572,12 @@ def on_group_created(
             "ds.create.public_group",
             "the public group is not epoch 0 of this group with the sender alone at leaf 0",
         )
+    if admission_hash(body.authz) != public.tree.admission(0):
+        # the service delivers it to every joiner: without it (or with another) none could join
+        raise ProtocolError(
+            "ds.create.admission",
+            "the group.created does not name the creation Authorization the founder's leaf records",
+        )
     registry.create_group(
         body.group_id,
         creator=sender,
@@ -575,6 +585,9 @@ def on_group_created(
         group_context=public.state.group_context(),
         now=now,
     )
+    if body.authz is not None:
+        # joiners get it from us with their Welcome or tree pages (members keep none)
+        admissions.keep(session, body.group_id, [body.authz], epoch=0)
     rekeypolicy.record_creator(cx, session, body.group_id, sender, now)
     trees.write(session, body.group_id, trees.rows_of(public.tree, trees.all_nodes(public.tree)))
     audit.append(

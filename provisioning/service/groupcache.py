@@ -119,6 +119,9 @@ def replay(
     return public
 
 
+Admissions = Callable[[Sequence[bytes]], dict[bytes, bytes]]
+"""Admission hashes -> the stored Authorizations among them, by hash
+(``store.admissions.load`` with the session bound): what a tree's pages carry."""
 MAX_PAGED = 2
 """Trees whose pages one instance keeps cut, by default (``[groups] tree_pages_kept``; a
 100,000-member tree is about 100 MB of pages)."""
@@ -169,9 +172,12 @@ class TreePageCache:
             trees = self._trees.get(group_id)
             return None if trees is None else trees.get(epoch)
 
-    def pages(self, group_id: str, epoch: int, tree: RatchetTree) -> list[Page]:
-        """``tree`` (the group's at ``epoch``) cut into pages, once per tree."""
-        cut = self._cut((group_id, epoch, tree.tree_hash()), lambda: tree)
+    def pages(
+        self, group_id: str, epoch: int, tree: RatchetTree, admissions: Admissions
+    ) -> list[Page]:
+        """``tree`` (the group's at ``epoch``) cut into pages, once per tree, with the
+        Authorizations ``admissions`` finds for the admission hashes its leaves record."""
+        cut = self._cut((group_id, epoch, tree.tree_hash()), lambda: tree, admissions)
         assert cut is not None
         return cut
 
@@ -181,14 +187,18 @@ class TreePageCache:
         epoch: int,
         group_context: bytes,
         rebuild: Callable[[], RatchetTree | None],
+        admissions: Admissions,
     ) -> list[Page] | None:
         """The pages of the group's tree at ``epoch`` whose GroupContext (which holds its tree
         hash) is ``group_context``: cut once from the tree ``rebuild`` gives (from the database:
         ``store.trees.load_at``), None if it gives none."""
-        return self._cut((group_id, epoch, b"context:" + group_context), rebuild)
+        return self._cut((group_id, epoch, b"context:" + group_context), rebuild, admissions)
 
     def _cut(
-        self, key: tuple[str, int, bytes], tree: Callable[[], RatchetTree | None]
+        self,
+        key: tuple[str, int, bytes],
+        tree: Callable[[], RatchetTree | None],
+        admissions: Admissions,
     ) -> list[Page] | None:
         """The pages kept under ``key``, or ``tree()`` cut and kept. Concurrent calls for one
         key make it once: the others wait for it (a rebuild is O(N))."""
@@ -202,7 +212,11 @@ class TreePageCache:
                     self._making.pop(key, None)
                     return cut
             made = tree()
-            cut = None if made is None else paginate(made)
+            cut = (
+                None
+                if made is None
+                else paginate(made, admissions=admissions(made.admission_hashes()))
+            )
             with self._lock:
                 self._making.pop(key, None)
                 if cut is not None:

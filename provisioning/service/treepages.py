@@ -2,7 +2,10 @@
 Welcome into a group larger than ``agent.protocol.mls.group.INLINE_TREE_LEAVES`` carries only
 the tree hash; the joiner asks for the tree page by page (``group.tree_request``) and the
 service answers each with a ``svc.tree_page`` cut from the public tree it holds
-(``agent.protocol.mls.treepages.paginate``: every page at most 1 MiB of nodes).
+(``agent.protocol.mls.treepages.paginate``: every page at most 1 MiB of nodes and the
+operators' Authorizations its leaves name that no earlier page carries, from
+``store.admissions``: members keep none, docs/treekem.md "Admissions delivered by the
+service").
 
 A device gets at most ``[groups] tree_request_burst`` requests at once and then
 ``tree_requests_per_minute`` a minute at each instance (``groupcache.RequestBuckets``); past
@@ -36,6 +39,7 @@ does").
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
@@ -52,7 +56,8 @@ from provisioning.service import catchup, devices, execute, store, verify
 from provisioning.service.commits import load_public
 from provisioning.service.context import Call
 from provisioning.service.effects import Effects, Send
-from provisioning.service.store import Membership, trees
+from provisioning.service.groupcache import Admissions
+from provisioning.service.store import Membership, admissions, trees
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +184,17 @@ def _answer(
             f"{body.epoch} (the group is at epoch {group_epoch})",
         )
     pages: list[Page] | None = None
+
+    def stored(digests: Sequence[bytes]) -> dict[bytes, bytes]:
+        return admissions.load(session, body.group_id, digests)
+
     tree = cx.env.tree_pages.tree(body.group_id, body.epoch)
     if tree is None and group_epoch == body.epoch:
         tree = load_public(session, body.group_id, cx.env.groups)[0].tree
     if tree is not None:
-        pages = cx.env.tree_pages.pages(body.group_id, body.epoch, tree)
+        pages = cx.env.tree_pages.pages(body.group_id, body.epoch, tree, stored)
     elif body.epoch < group_epoch:
-        pages = _rebuilt(cx, session, body.group_id, body.epoch)
+        pages = _rebuilt(cx, session, body.group_id, body.epoch, stored)
     if pages is None:
         raise ProtocolError(
             "ds.tree.epoch",
@@ -203,11 +212,14 @@ def _answer(
         width=page.width,
         start=page.start,
         nodes=page.nodes,
+        admissions=page.admissions,
     )
     return Send(device_cmd_topic(sender), answer, sender)
 
 
-def _rebuilt(cx: Call, session: Session, group_id: str, epoch: int) -> list[Page] | None:
+def _rebuilt(
+    cx: Call, session: Session, group_id: str, epoch: int, stored: Admissions
+) -> list[Page] | None:
     """The pages of the group's tree at ``epoch`` (one it has left), rebuilt from the database
     unless this instance already cut them; None if the database no longer keeps it."""
     kept = session.get(GroupTreeEpochRow, (group_id, epoch))
@@ -222,4 +234,4 @@ def _rebuilt(cx: Call, session: Session, group_id: str, epoch: int) -> list[Page
             return None
         return public.tree
 
-    return cx.env.tree_pages.rebuilt_pages(group_id, epoch, kept.group_context, rebuild)
+    return cx.env.tree_pages.rebuilt_pages(group_id, epoch, kept.group_context, rebuild, stored)

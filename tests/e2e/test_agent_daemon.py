@@ -38,7 +38,7 @@ from agent.protocol.hpke import serialize_public_key
 from agent.protocol.membership import ChangeAuthorization
 from agent.protocol.mls import codec
 from agent.protocol.mls import group as group_module
-from agent.protocol.mls.group import Group
+from agent.protocol.mls.group import Group, admissions_of
 from agent.protocol.mls.messages import Commit, KeyPackage, Welcome
 from agent.protocol.mls.treepages import TreePage as TreePageData
 from agent.protocol.mls.treepages import paginate
@@ -355,8 +355,13 @@ def form_group(agent: AgentProcess, harness: ServiceHarness) -> SoftwareMember:
     harness.relay(0, commit.commit)
     ack = harness.expect(Ack, epoch=1).body
     assert isinstance(ack, Ack) and ack.command_id == commit.command_id  # the add's request
+    # what the service delivers with the Welcome: the Authorizations its leaves record
     member.group = Group.join(
-        Welcome.decode(welcome.welcome), kp, member.leaf_key, init_key=member.init_key
+        Welcome.decode(welcome.welcome),
+        kp,
+        member.leaf_key,
+        init_key=member.init_key,
+        admissions=[a for a in (created.authz, Commit.decode(commit.commit).content.authz) if a],
     )
     assert member.group.epoch_authenticator == ack.epoch_authenticator
     return member
@@ -733,27 +738,21 @@ def test_the_agent_joins_through_tree_pages_and_refuses_an_altered_page(
     harness.expect(KeyStateReport)
     monkeypatch.setattr(group_module, "INLINE_TREE_LEAVES", 0)
     member = SoftwareMember()
-    member.group = Group.create(
-        G.encode(),
-        member.key_package(),
-        member.leaf_key,
-        authz=ChangeAuthorization(
-            authorize("group.create", G, [("dev-soft", member.point())])
-        ).encode(),
-    )
+    created = ChangeAuthorization(
+        authorize("group.create", G, [("dev-soft", member.point())])
+    ).encode()
+    member.group = Group.create(G.encode(), member.key_package(), member.leaf_key, authz=created)
     harness.command(KeyPackageRequest(os.urandom(16)))
     offered = harness.expect(KeyPackageMessage).body
     assert isinstance(offered, KeyPackageMessage)
     kp = KeyPackage.decode(offered.key_package)
-    result = member.group.add(
-        member.signature_key,
-        [kp],
-        authz=ChangeAuthorization(authorize("group.add", G, [(DEVICE, kp.signature_key)])).encode(),
-    )
+    added = ChangeAuthorization(authorize("group.add", G, [(DEVICE, kp.signature_key)])).encode()
+    result = member.group.add(member.signature_key, [kp], authz=added)
     assert result.welcome is not None
     member.group = result.group
     welcome = result.welcome.encode()
-    pages = paginate(result.group.tree, max_bytes=1500)
+    # the pages carry the Authorizations the leaves record, as the service sends them
+    pages = paginate(result.group.tree, max_bytes=1500, admissions=admissions_of([created, added]))
     assert len(pages) >= 2
 
     def serve(tree_pages: list[TreePageData]) -> None:
@@ -763,7 +762,16 @@ def test_the_agent_joins_through_tree_pages_and_refuses_an_altered_page(
             assert isinstance(asked, TreeRequest)
             assert (asked.group_id, asked.epoch, asked.page) == (G, 1, page.index)
             harness.command(
-                TreePage(G, 1, page.index, page.count, page.width, page.start, page.nodes)
+                TreePage(
+                    G,
+                    1,
+                    page.index,
+                    page.count,
+                    page.width,
+                    page.start,
+                    page.nodes,
+                    page.admissions,
+                )
             )
 
     items = codec.decode(pages[0].nodes, 1 << 20, "page")

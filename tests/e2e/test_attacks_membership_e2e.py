@@ -257,14 +257,19 @@ def test_rogue_welcomes_into_a_fake_group_are_refused_and_open_nothing(
     admit = rogue.one_approval(
         "group.create", [("dev-fake", serialize_public_key(devid.public_key()))]
     )
-    fake = Group.create(G.encode(), own, leaf, authz=ChangeAuthorization(admit).encode())
+    envelope = ChangeAuthorization(admit).encode()
+    fake = Group.create(G.encode(), own, leaf, authz=envelope)
     while fake.epoch < real_epoch + 4:
         fake = fake.update(devid, ec.generate_private_key(ec.SECP256R1())).group
     for victim, check in ((d1, "authz.quorum"), (outsider, "authz.quorum")):
         kp = rogue.key_package(victim)
-        result = fake.add(devid, [kp], authz=ChangeAuthorization(admit).encode())
+        result = fake.add(devid, [kp], authz=envelope)
         assert result.welcome is not None
-        rogue.send(victim, WelcomeDelivery(G, result.group.epoch, result.welcome.encode()))
+        # with the Authorization its leaves record, as a service delivers it
+        rogue.send(
+            victim,
+            WelcomeDelivery(G, result.group.epoch, result.welcome.encode(), (envelope,)),
+        )
         refused(victim, check)
         data_key = Secret(result.group.data_key(32))
         # the members' data stays theirs: the fake group's key opens none of it

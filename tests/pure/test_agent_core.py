@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cbor2
@@ -32,7 +32,7 @@ from agent.protocol.errors import ProtocolError, StateError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.lifecycle import KeyKind, KeyState, RotationPolicy
 from agent.protocol.mls import codec
-from agent.protocol.mls.group import Group
+from agent.protocol.mls.group import Group, admissions_of, inline_tree
 from agent.protocol.mls.messages import Commit, KeyPackage
 from agent.protocol.mls.public import PublicGroup
 from agent.protocol.wire import cose
@@ -93,7 +93,9 @@ class FakeSoftwareKeys:
 
 class FakeService:
     """Plays the fleet service: signs commands, orders commits (first valid per epoch wins) with
-    the public view, relays them on the group topic, forwards welcomes, reads device reports."""
+    the public view, relays them on the group topic, forwards welcomes with the Authorizations
+    it kept (from the founder's ``group.created`` and each ordered commit that adds, as the
+    real service does), reads device reports."""
 
     def __init__(self) -> None:
         self.key = new_key()
@@ -101,7 +103,10 @@ class FakeService:
         self.now = T0
         self.devices: dict[str, AgentCore] = {}
         self.public: dict[str, PublicGroup] = {}
+        # group -> the Authorizations that admitted its members, by hash (members keep none)
+        self.authorizations: dict[str, dict[bytes, bytes]] = {}
         self.approvers: tuple[str, ...] = ("op-alice",)  # who approves the changes it drives
+        self.create_authz: bytes | None = None  # the operators' Authorization of the creation
 
     def core(
         self, device_id: str, keys: FakeSoftwareKeys | None = None, **kwargs: Any
@@ -156,6 +161,16 @@ class FakeService:
         return self.sign(body, device), f"kf/v1/dev/{device}/cmd"
 
     def deliver(self, device: str, body: Body) -> Outcome:
+        """Sign and hand ``body`` to ``device``; a ``svc.welcome`` that carries no
+        Authorizations gets every one this service kept for its group when its tree is inline
+        (the joiner takes those its tree names; a larger tree's pages carry them)."""
+        if (
+            isinstance(body, WelcomeDelivery)
+            and not body.admissions
+            and inline_tree(self.public[body.group_id].tree)
+        ):
+            kept = self.authorizations.get(body.group_id, {})
+            body = replace(body, admissions=tuple(kept.values()))
         payload, topic = self.command(device, body)
         return self.devices[device].handle(payload, topic, self.now)
 
@@ -183,10 +198,13 @@ class FakeService:
     def create(self, device: str) -> None:
         devid = self.devices[device]._keys.devid.public_key()
         authz = self.authorize("group.create", [(device, serialize_public_key(devid))])
+        self.create_authz = authz
         out = self.deliver(device, CommitRequest(cmd(), G, 0, CommitAction.CREATE, authz=authz))
         (created,) = self.bodies(device, out)
         assert isinstance(created, GroupCreated) and created.group_id == G
         self.public[G] = PublicGroup.from_state(codec.decode(created.public_group, 1 << 20, "pg"))
+        assert created.authz is not None
+        self.authorizations[G] = admissions_of([created.authz])
 
     def key_package(self, device: str) -> bytes:
         out = self.deliver(device, KeyPackageRequest(cmd()))
@@ -210,7 +228,10 @@ class FakeService:
 
     def order(self, commit: CommitMessage) -> bytes:
         """Check in public, advance the public view, and sign the relay for the group topic."""
+        content = Commit.decode(commit.commit).content
         self.public[G] = self.public[G].apply(Commit.decode(commit.commit))
+        if content.adds and content.authz is not None:
+            self.authorizations.setdefault(G, {}).update(admissions_of([content.authz]))
         return self.sign(CommitMessage(G, commit.epoch, commit.commit, commit.command_id), G)
 
     def fan_out(self, relay: bytes, members: list[str]) -> dict[str, Outcome]:
@@ -534,6 +555,15 @@ def test_create_is_idempotent_for_a_resent_request() -> None:
         codec.decode(created.public_group, 1 << 20, "pg")
     ).tree_hash() == (service.public[G].tree_hash())
     assert a.epoch(G) == 0
+    # without the request's Authorization it cannot name the one its leaf records: none
+    assert created.authz is None
+    # with it (the same request sent again), the creation Authorization as the first time
+    again = service.deliver(
+        "dev-a", CommitRequest(cmd(), G, 0, CommitAction.CREATE, authz=service.create_authz)
+    )
+    (created,) = service.bodies("dev-a", again)
+    assert isinstance(created, GroupCreated) and created.authz is not None
+    assert set(service.authorizations[G].values()) == {created.authz}
 
 
 # -- persistence ------------------------------------------------------------------------------

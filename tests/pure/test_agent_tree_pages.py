@@ -53,13 +53,15 @@ def _welcomed() -> tuple[FakeService, AgentCore, WelcomeDelivery, list[TreePage]
         if joiner == "dev-c":
             joined = _join_all(service, "dev-c", welcome)
             assert isinstance(joined, Ack)
-    pages = paginate(service.public[G].tree, max_bytes=1200)
+    pages = paginate(service.public[G].tree, max_bytes=1200, admissions=service.authorizations[G])
     assert len(pages) >= 3
     return service, b, WelcomeDelivery(G, welcome.epoch, welcome.welcome), pages
 
 
 def _page(page: TreePage, epoch: int, group: str = G) -> TreePageMessage:
-    return TreePageMessage(group, epoch, page.index, page.count, page.width, page.start, page.nodes)
+    return TreePageMessage(
+        group, epoch, page.index, page.count, page.width, page.start, page.nodes, page.admissions
+    )
 
 
 def _asked(service: FakeService, device: str, outcome: Outcome) -> TreeRequest:
@@ -72,7 +74,7 @@ def _asked(service: FakeService, device: str, outcome: Outcome) -> TreeRequest:
 def _join_all(service: FakeService, device: str, welcome: WelcomeMessage) -> object:
     out = service.deliver(device, WelcomeDelivery(G, welcome.epoch, welcome.welcome))
     request = _asked(service, device, out)
-    pages = paginate(service.public[G].tree)
+    pages = paginate(service.public[G].tree, admissions=service.authorizations[G])
     while True:
         out = service.deliver(device, _page(pages[request.page], welcome.epoch))
         (body,) = service.bodies(device, out)
@@ -166,3 +168,71 @@ def test_an_unanswered_page_is_asked_again_and_a_fetch_times_out() -> None:
     out = service.deliver("dev-b", _page(pages[1], welcome.epoch))
     assert out.refused is not None and out.refused.check == "agent.tree-page.unasked"
     assert b.epoch(G) is None
+
+
+def test_pages_that_withhold_or_swap_an_authorization_are_refused_and_nothing_joins() -> None:
+    """Attack: the service cuts the pages without the Authorization that admitted dev-b (or
+    with another one in its place): ``mls.welcome.admission`` once the tree is in, no group,
+    the key package kept; the Welcome sent again joins with the real pages."""
+    service, b, welcome, pages = _welcomed()
+    held = dict(b._key_packages)
+    own = service.public[G].tree.admission(service.public[G].tree.find_device(b"dev-b") or 0)
+    kept = service.authorizations[G]
+    assert own in kept
+    for stored in (
+        {h: a for h, a in kept.items() if h != own},
+        {**kept, own: b"another authorization"},
+    ):
+        forged = paginate(service.public[G].tree, max_bytes=1200, admissions=stored)
+        _asked(service, "dev-b", service.deliver("dev-b", welcome))
+        for page in forged[:-1]:
+            _asked(service, "dev-b", service.deliver("dev-b", _page(page, welcome.epoch)))
+        out = service.deliver("dev-b", _page(forged[-1], welcome.epoch))
+        assert out.refused is not None and out.refused.check == "mls.welcome.admission"
+        assert not out.publishes
+        assert b.epoch(G) is None and b._key_packages == held
+    _asked(service, "dev-b", service.deliver("dev-b", welcome))
+    for page in pages[:-1]:
+        _asked(service, "dev-b", service.deliver("dev-b", _page(page, welcome.epoch)))
+    acks(service, {"dev-b": service.deliver("dev-b", _page(pages[-1], welcome.epoch))})
+    assert b.epoch(G) == welcome.epoch
+
+
+def test_an_inline_welcome_without_its_authorizations_makes_the_joiner_fetch_the_pages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Welcome that carries its (small) tree but not every Authorization the tree names (the
+    service could not fit them in the frame): the joiner asks for the pages, which carry them,
+    and joins; with them all in the ``svc.welcome`` it joins at once."""
+    monkeypatch.setattr(group_module, "INLINE_TREE_LEAVES", 256)
+    service = FakeService()
+    service.core("dev-a")
+    b = service.core("dev-b")
+    service.create("dev-a")
+    kp = service.key_package("dev-b")
+    commit, message = service.request_commit(
+        "dev-a", CommitAction.ADD, member="dev-b", key_package=kp
+    )
+    assert isinstance(commit, CommitMessage) and isinstance(message, WelcomeMessage)
+    acks(service, service.fan_out(service.order(commit), ["dev-a"]))
+    welcome = WelcomeDelivery(G, message.epoch, message.welcome)
+    payload, topic = service.command("dev-b", welcome)  # as sent: no Authorizations
+    request = _asked(service, "dev-b", b.handle(payload, topic, service.now))
+    assert (request.epoch, request.page) == (welcome.epoch, 0)
+    assert b.epoch(G) is None
+    pages = paginate(service.public[G].tree, admissions=service.authorizations[G])
+    assert len(pages) == 1 and pages[0].admissions
+    acks(service, {"dev-b": service.deliver("dev-b", _page(pages[0], welcome.epoch))})
+    assert b.epoch(G) == welcome.epoch
+    # another joiner, this time with every Authorization in its svc.welcome: no fetch
+    d = service.core("dev-d")
+    kp = service.key_package("dev-d")
+    commit, message = service.request_commit(
+        "dev-a", CommitAction.ADD, member="dev-d", key_package=kp
+    )
+    assert isinstance(commit, CommitMessage) and isinstance(message, WelcomeMessage)
+    relay = service.order(commit)
+    acks(service, service.fan_out(relay, ["dev-a", "dev-b"]))
+    joined = service.deliver("dev-d", WelcomeDelivery(G, message.epoch, message.welcome))
+    acks(service, {"dev-d": joined})
+    assert d.epoch(G) == message.epoch

@@ -20,7 +20,7 @@ from agent.protocol.dataseal import open_sealed
 from agent.protocol.errors import ProtocolError
 from agent.protocol.hpke import serialize_public_key
 from agent.protocol.membership import ChangeAuthorization
-from agent.protocol.mls.group import Group
+from agent.protocol.mls.group import Group, admissions_of
 from agent.protocol.mls.messages import KeyPackage
 from agent.protocol.secret import Secret
 from agent.protocol.wire.messages.group import CommitMessage, KeyPackageMessage, WelcomeMessage
@@ -267,9 +267,16 @@ def fake_group(
     return WelcomeMessage(G, epoch, result.welcome.encode(), (victim,))
 
 
-def deliver_refused(service: FakeService, core: AgentCore, welcome: WelcomeMessage) -> str:
+def deliver_refused(
+    service: FakeService, core: AgentCore, welcome: WelcomeMessage, admit: bytes | None = None
+) -> str:
+    """Deliver ``welcome`` with the Authorizations the service kept for the group and the
+    rogue's ``admit`` (as its envelope): refused, nothing changed; the refusal's check id."""
+    kept = dict(service.authorizations.get(G, {}))
+    if admit is not None:
+        kept.update(admissions_of([ChangeAuthorization(admit).encode()]))
     payload, topic = service.command(
-        core.device_id, WelcomeDelivery(G, welcome.epoch, welcome.welcome)
+        core.device_id, WelcomeDelivery(G, welcome.epoch, welcome.welcome, tuple(kept.values()))
     )
     return refused_without_change(core, payload, topic, service.now)
 
@@ -286,7 +293,7 @@ def test_a_fake_welcome_at_a_higher_epoch_does_not_replace_the_real_group() -> N
     replayed = authorize("group.add", G, [("dev-b", point(b._keys.devid))], now=T0)
     welcome = fake_group(service, "dev-b", epoch=real_epoch + 5, admit=replayed)
     # the rogue's own leaf is not named by it
-    assert deliver_refused(service, b, welcome) == "authz.members"
+    assert deliver_refused(service, b, welcome, replayed) == "authz.members"
     assert b.epoch(G) == real_epoch
     # data still flows in the real group, and the fake group's key opens none of it
     blob = b.encrypt(G, b"valve open", service.now)

@@ -22,7 +22,7 @@ from agent.protocol.errors import CryptoError, ProtocolError, StateError
 from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
 from agent.protocol.mls.crypto import decrypt_with_label
-from agent.protocol.mls.group import Group
+from agent.protocol.mls.group import Group, admissions_of, legacy_admissions
 from agent.protocol.mls.messages import (
     Commit,
     CommitContent,
@@ -920,28 +920,34 @@ def _expect_with(receiver: Member, commit: Commit, check: str, **hooks: Any) -> 
     assert receiver.g.to_state() == before
 
 
-def test_admissions_are_recorded_carried_and_checked() -> None:
+def test_admissions_are_recorded_delivered_and_checked() -> None:
+    """Each leaf records the hash of the Authorization that admitted it; the joiner gets the
+    Authorizations delivered apart from the Welcome (which carries none) and takes each by the
+    hash a leaf records: one no leaf names is ignored. A member's state keeps none."""
     creator = Member.new()
     group = Group.create(
         b"g-adm", creator.key_package(), creator.leaf_key, authz=b"create authorization"
     )
-    assert group.admission(0) == b"create authorization"
+    assert group.tree.admission(0) == hashlib.sha256(b"create authorization").digest()
     joiners = [Member.new(), Member.new()]
     result = group.add(
         creator.signature_key, [j.key_package() for j in joiners], authz=b"add authorization"
     )
     assert result.commit.content.authz == b"add authorization"
     assert result.welcome is not None
+    assert b"authorization" not in result.welcome.encode()
     seen: list[tuple[bytes, bytes | None, bool]] = []
 
     def record(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
         seen.append((leaf.device_id, authz, is_own))
 
+    delivered = [b"add authorization", b"create authorization", b"named by no leaf"]
     joined = Group.join(
         result.welcome,
         joiners[0].key_package(),
         joiners[0].leaf_key,
         init_key=joiners[0].init_key,
+        admissions=delivered,
         admission_check=record,
     )
     assert sorted(seen) == sorted(
@@ -951,9 +957,11 @@ def test_admissions_are_recorded_carried_and_checked() -> None:
             (joiners[1].device_id, b"add authorization", False),
         ]
     )
-    assert set(joined.admissions()) == {b"create authorization", b"add authorization"}
     # the admission hash is in the tree hash: nobody can swap it unnoticed
     assert joined.tree.admission(1) == hashlib.sha256(b"add authorization").digest()
+    # the member keeps no Authorization: its state does not grow with them
+    assert "admissions" not in joined.to_state()
+    assert b"authorization" not in codec.encode(joined.to_state())
 
     def refuse(leaf: LeafNode, authz: bytes | None, is_own: bool) -> None:
         if is_own:
@@ -965,6 +973,7 @@ def test_admissions_are_recorded_carried_and_checked() -> None:
             joiners[1].key_package(),
             joiners[1].leaf_key,
             init_key=joiners[1].init_key,
+            admissions=delivered,
             admission_check=refuse,
         )
     assert exc.value.check == "authz.expired"
@@ -979,24 +988,45 @@ def test_admissions_are_recorded_carried_and_checked() -> None:
     assert exc.value.check == "authz.members"
     remove = joined.remove(joiners[0].signature_key, [0]).commit
     other = Group.join(
-        result.welcome, joiners[1].key_package(), joiners[1].leaf_key, init_key=joiners[1].init_key
+        result.welcome,
+        joiners[1].key_package(),
+        joiners[1].leaf_key,
+        init_key=joiners[1].init_key,
+        admissions=delivered,
     )
     before = other.to_state()
     with pytest.raises(ProtocolError) as exc:
         other.process(remove, commit_check=no_removes)
     assert exc.value.check == "authz.members"
     assert other.to_state() == before
-    # an Authorization no longer named by any leaf is dropped from the state
     after = other.process(remove)
-    assert after.admission(0) is None
-    assert after.admissions() == (b"add authorization",)
     restored = Group.from_state(after.to_state(), lambda ref: joiners[1].leaf_key)
-    assert restored.admission(after.own_leaf) == b"add authorization"
+    assert restored.to_state() == after.to_state()
+
+
+def test_a_version_2_state_is_read_and_its_authorizations_dropped() -> None:
+    """A state saved before members stopped keeping Authorizations (version 2, with its
+    ``admissions`` list) is read; they are dropped and the next save is version 3."""
+    creator = Member.new()
+    group = Group.create(b"g-v2", creator.key_package(), creator.leaf_key, authz=b"create")
+    state = group.to_state()
+    assert state["v"] == 3
+    old = {**state, "v": 2, "admissions": [b"create"]}
+    restored = Group.from_state(old, lambda ref: creator.leaf_key)
+    assert restored.to_state() == state
+    # what a member hands the service once (group.admissions); nothing from a version 3
+    assert legacy_admissions(old) == (b"create",)
+    assert legacy_admissions(state) == ()
+    assert legacy_admissions({**old, "admissions": [b""]}) == ()
+    with pytest.raises(StateError):
+        Group.from_state({**state, "admissions": [b"create"]}, lambda ref: creator.leaf_key)
+    with pytest.raises(StateError):
+        Group.from_state({**state, "v": 1}, lambda ref: creator.leaf_key)
 
 
 def test_processing_a_commit_walks_no_leaf(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A member's processing is O(log N): neither a remove (which drops the Authorizations no
-    leaf names any more) nor a self-update lists the tree's members or scans its leaves."""
+    """A member's processing is O(log N): neither a remove nor a self-update lists the tree's
+    members or scans its leaves."""
     creator = Member.new()
     group = Group.create(b"g-scan", creator.key_package(), creator.leaf_key, authz=b"create")
     joiners = [Member.new(), Member.new(), Member.new()]
@@ -1005,43 +1035,85 @@ def test_processing_a_commit_walks_no_leaf(monkeypatch: pytest.MonkeyPatch) -> N
     )
     assert added.welcome is not None
     member = Group.join(
-        added.welcome, joiners[0].key_package(), joiners[0].leaf_key, init_key=joiners[0].init_key
+        added.welcome,
+        joiners[0].key_package(),
+        joiners[0].leaf_key,
+        init_key=joiners[0].init_key,
+        admissions=[b"create", b"first add"],
     )
     last = added.group.add(creator.signature_key, [joiners[2].key_package()], authz=b"second add")
     member = member.process(last.commit)
     group = last.group
-    assert set(member.admissions()) == {b"create", b"first add", b"second add"}
 
     def no_scan(self: RatchetTree) -> Any:
         raise AssertionError("a commit's processing walked every leaf")
 
     monkeypatch.setattr(RatchetTree, "members", no_scan)
-    # the only leaf admitted by "second add" leaves: its Authorization is dropped
     removed = group.remove(creator.signature_key, [3], authz=b"remove")
     member = member.process(removed.commit)
-    assert set(member.admissions()) == {b"create", b"first add"}
+    assert not member.tree.admission_in_use(hashlib.sha256(b"second add").digest())
     assert member.tree.tree_hash() == removed.group.tree.tree_hash()
     update = removed.group.update(creator.signature_key, ec.generate_private_key(ec.SECP256R1()))
     member = member.process(update.commit)
-    assert set(member.admissions()) == {b"create", b"first add"}
     assert member.epoch_authenticator == update.group.epoch_authenticator
 
 
-def test_a_welcome_without_the_authorization_a_leaf_names_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from agent.protocol.mls import group as group_module
-
+def test_a_welcome_without_the_authorization_a_leaf_names_is_refused() -> None:
+    """Attack: the delivery service withholds an Authorization a leaf names, or sends another
+    one in its place: ``mls.welcome.admission``, and the joiner holds no group."""
     creator, joiner = Member.new(), Member.new()
     group = Group.create(b"g-adm", creator.key_package(), creator.leaf_key, authz=b"create")
-    real_info = group_module.GroupInfo
-    monkeypatch.setattr(
-        group_module, "GroupInfo", lambda **kw: real_info(**{**kw, "admissions": ()})
-    )
     result = group.add(creator.signature_key, [joiner.key_package()], authz=b"add")
-    monkeypatch.undo()
     assert result.welcome is not None
-    _join_refused(joiner, result.welcome, "mls.welcome.admission")
+    for delivered in ([b"create"], [b"add"], [b"create", b"add, altered"], []):
+        _join_refused(joiner, result.welcome, "mls.welcome.admission", admissions=delivered)
+    joined = Group.join(
+        result.welcome,
+        joiner.key_package(),
+        joiner.leaf_key,
+        init_key=joiner.init_key,
+        admissions=[b"add", b"create"],
+    )
+    assert joined.epoch_authenticator == result.group.epoch_authenticator
+
+
+def test_a_welcome_from_a_committer_that_still_signs_authorizations_into_it_is_joined(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A committer from before the service delivered them carries the Authorizations in its
+    GroupInfo (``admissions``, under its signature): a joiner now reads them as delivered ones;
+    one missing there (and not delivered) is still ``mls.welcome.admission``, and one altered
+    breaks the signature."""
+    from agent.protocol.mls import group as group_module
+
+    creator = Member.new()
+    group = Group.create(b"g-old", creator.key_package(), creator.leaf_key, authz=b"create")
+    real_info = group_module.GroupInfo
+    for carried, check in (((b"create", b"add"), None), ((b"add",), "mls.welcome.admission")):
+        joiner = Member.new()
+        monkeypatch.setattr(
+            group_module,
+            "GroupInfo",
+            lambda carried=carried, **kw: real_info(**kw, legacy_admissions=carried),
+        )
+        result = group.add(creator.signature_key, [joiner.key_package()], authz=b"add")
+        monkeypatch.undo()
+        assert result.welcome is not None
+        if check is not None:
+            _join_refused(joiner, result.welcome, check)
+            continue
+        joined = Group.join(
+            result.welcome, joiner.key_package(), joiner.leaf_key, init_key=joiner.init_key
+        )
+        assert joined.epoch_authenticator == result.group.epoch_authenticator
+        opened = Group.open_welcome(
+            result.welcome, joiner.key_package(), joiner.leaf_key, init_key=joiner.init_key
+        )
+        assert opened.info.legacy_admissions == (b"create", b"add")
+        altered = replace(opened, info=replace(opened.info, legacy_admissions=(b"create", b"x")))
+        with pytest.raises(ProtocolError) as exc:
+            Group.join_opened(altered, joiner.key_package(), joiner.leaf_key, admissions=[b"add"])
+        assert exc.value.check == "mls.welcome.signature"
 
 
 def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None:
@@ -1060,10 +1132,11 @@ def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None
         b"big",
         [(m.key_package(), m.leaf_key, m.signature_key) for m in members],
         epoch=1,
-        authz=os.urandom(2048),
+        authz=(seeded := os.urandom(2048)),
     )
     joiner = Member.new()
-    result = groups[5].add(members[5].signature_key, [joiner.key_package()], authz=os.urandom(2048))
+    added = os.urandom(2048)
+    result = groups[5].add(members[5].signature_key, [joiner.key_package()], authz=added)
     assert result.welcome is not None
     welcome = result.welcome.encode()
     assert len(welcome) < 8_000  # the tree travels apart: ~1 KB per member, most of it a cert
@@ -1089,15 +1162,23 @@ def test_a_welcome_into_1024_members_with_certificates_passes_the_wire() -> None
         init_key=joiner.init_key,
     )
     collector = TreeCollector("big", 2, opened.info.tree_hash)
-    for p in paginate(result.group.tree):
-        page = wire(TreePage("big", 2, p.index, p.count, p.width, p.start, p.nodes))
+    stored = admissions_of([seeded, added])  # what the service keeps
+    for p in paginate(result.group.tree, admissions=stored):
+        page = wire(TreePage("big", 2, p.index, p.count, p.width, p.start, p.nodes, p.admissions))
         assert isinstance(page, TreePage)
         collector.add(
             page.group_id,
             page.epoch,
-            Page(page.page, page.pages, page.width, page.start, page.nodes),
+            Page(page.page, page.pages, page.width, page.start, page.nodes, page.admissions),
         )
-    joined = Group.join_opened(opened, joiner.key_package(), joiner.leaf_key, tree=collector.tree())
+    tree = collector.tree()
+    joined = Group.join_opened(
+        opened,
+        joiner.key_package(),
+        joiner.leaf_key,
+        tree=tree,
+        admissions=collector.admissions(tree),
+    )
     assert joined.epoch_authenticator == result.group.epoch_authenticator
     assert joined.tree.member_count() == 1024
 

@@ -4,7 +4,9 @@ in the signed GroupInfo; the joiner fetches the tree in pages (agent.protocol.ml
 the untrusted delivery service and accepts it only if its hash is the GroupInfo's.
 
 Attack tests: a forged, altered, missing, reordered page or a page of another group or epoch is
-refused by its check id and changes nothing (the collector is as before; no group is built)."""
+refused by its check id and changes nothing (the collector is as before; no group is built).
+The pages carry the operators' Authorizations the leaves name (members keep none): one withheld
+or replaced by another is refused (``mls.welcome.admission``)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.mls import codec
-from agent.protocol.mls.group import INLINE_TREE_LEAVES, Group
+from agent.protocol.mls.group import INLINE_TREE_LEAVES, Group, admissions_of
 from agent.protocol.mls.messages import KeyPackage, Welcome
 from agent.protocol.mls.treepages import MAX_PAGE_BYTES, TreeCollector, TreePage, paginate
 from agent.protocol.wire.envelope import encode_message
@@ -64,13 +66,21 @@ class _Joiner:
         )
 
 
+SEEDED = os.urandom(512)
+"""The Authorization every member of ``big`` came in with."""
+ADDED = os.urandom(512)
+"""The Authorization of ``big``'s add of the joiner."""
+STORED = admissions_of([SEEDED, ADDED])
+"""What the delivery service keeps for ``big``."""
+
+
 @pytest.fixture(scope="module")
 def big() -> tuple[Group, Welcome, _Joiner, Group]:
     """A group of 300 members (past the inline bound) and a Welcome for one more."""
     members = _members(300)
-    groups = Group.assemble(b"big", members, epoch=3, authz=os.urandom(512))
+    groups = Group.assemble(b"big", members, epoch=3, authz=SEEDED)
     joiner = _Joiner()
-    result = groups[7].add(members[7][2], [joiner.kp], authz=os.urandom(512))
+    result = groups[7].add(members[7][2], [joiner.kp], authz=ADDED)
     assert result.welcome is not None
     return groups[7], Welcome.decode(result.welcome.encode()), joiner, result.group
 
@@ -85,7 +95,8 @@ def test_a_large_groups_welcome_carries_no_tree_and_joins_through_pages(
 ) -> None:
     _, welcome, joiner, committed = big
     assert committed.tree.n_leaves > INLINE_TREE_LEAVES
-    assert len(welcome.encode()) < 4096  # no tree: secrets, GroupInfo, one admission
+    assert len(welcome.encode()) < 2048  # no tree, no Authorization: secrets, GroupInfo
+    assert SEEDED not in welcome.encode() and ADDED not in welcome.encode()
     opened = Group.open_welcome(welcome, joiner.kp, joiner.leaf, init_key=joiner.init)
     assert opened.info.tree is None
     assert opened.info.tree_hash == committed.tree_hash()
@@ -94,17 +105,73 @@ def test_a_large_groups_welcome_carries_no_tree_and_joins_through_pages(
     with pytest.raises(ProtocolError) as err:
         Group.join_opened(opened, joiner.kp, joiner.leaf)
     assert err.value.check == "mls.welcome.tree-missing"
-    tree_pages = paginate(committed.tree, max_bytes=32 * 1024)
+    tree_pages = paginate(committed.tree, max_bytes=32 * 1024, admissions=STORED)
     assert len(tree_pages) > 3
-    assert all(len(p.nodes) <= 32 * 1024 for p in tree_pages)
+    assert all(p.size <= 32 * 1024 for p in tree_pages)
+    # each Authorization once, with the first page whose leaves name it
+    assert tree_pages[0].admissions == (SEEDED,)
+    assert [p.admissions for p in tree_pages[1:]].count((ADDED,)) == 1
+    assert sum(len(p.admissions) for p in tree_pages) == 2
     collector = TreeCollector("big", committed.epoch, opened.info.tree_hash)
     for page in tree_pages:
         assert collector.next_page == page.index
         collector.add("big", committed.epoch, page)
-    joined = Group.join_opened(opened, joiner.kp, joiner.leaf, tree=collector.tree())
+    tree = collector.tree()
+    assert set(collector.admissions(tree)) == {SEEDED, ADDED}
+    with pytest.raises(ProtocolError) as err:  # without the Authorizations: refused
+        Group.join_opened(opened, joiner.kp, joiner.leaf, tree=tree)
+    assert err.value.check == "mls.welcome.admission"
+    joined = Group.join_opened(
+        opened, joiner.kp, joiner.leaf, tree=tree, admissions=collector.admissions(tree)
+    )
     assert joined.epoch_authenticator == committed.epoch_authenticator
     assert joined.data_key() == committed.data_key()
     assert joined.tree.member_count() == 301
+
+
+def test_pages_that_withhold_or_replace_an_authorization_are_refused(
+    big: tuple[Group, Welcome, _Joiner, Group],
+) -> None:
+    """Attack: the delivery service cuts the pages without an Authorization a leaf names, or
+    with another one in its place, or with one no leaf names added: the first two are refused
+    (``mls.welcome.admission``, nothing joins), the last is dropped and the join goes on."""
+    _, welcome, joiner, committed = big
+    opened = Group.open_welcome(welcome, joiner.kp, joiner.leaf, init_key=joiner.init)
+    forged = os.urandom(512)
+    for stored in (
+        admissions_of([SEEDED]),
+        admissions_of([ADDED]),
+        {**admissions_of([SEEDED]), next(iter(admissions_of([ADDED]))): forged},
+    ):
+        collector = TreeCollector("big", committed.epoch, opened.info.tree_hash)
+        _collect(paginate(committed.tree, max_bytes=32 * 1024, admissions=stored), collector)
+        tree = collector.tree()
+        assert forged not in collector.admissions(tree)
+        with pytest.raises(ProtocolError) as err:
+            Group.join_opened(
+                opened, joiner.kp, joiner.leaf, tree=tree, admissions=collector.admissions(tree)
+            )
+        assert err.value.check == "mls.welcome.admission"
+    pages = paginate(committed.tree, max_bytes=32 * 1024, admissions=STORED)
+    pages[-1] = replace(pages[-1], admissions=(*pages[-1].admissions, forged))
+    collector = TreeCollector("big", committed.epoch, opened.info.tree_hash)
+    _collect(pages, collector)
+    tree = collector.tree()
+    assert set(collector.admissions(tree)) == {SEEDED, ADDED}
+    joined = Group.join_opened(
+        opened, joiner.kp, joiner.leaf, tree=tree, admissions=collector.admissions(tree)
+    )
+    assert joined.epoch_authenticator == committed.epoch_authenticator
+
+
+def test_a_page_over_its_size_with_its_authorizations_is_refused(
+    big: tuple[Group, Welcome, _Joiner, Group],
+) -> None:
+    _, _, _, committed = big
+    pages = paginate(committed.tree, admissions=STORED)
+    collector = TreeCollector("big", committed.epoch, committed.tree_hash())
+    over = replace(pages[0], admissions=(*pages[0].admissions, os.urandom(MAX_PAGE_BYTES)))
+    _refused(collector, "big", committed.epoch, over, "mls.tree-page.shape")
 
 
 def test_small_groups_keep_the_tree_in_the_welcome() -> None:
@@ -207,10 +274,11 @@ def test_a_welcome_and_every_tree_page_of_a_100k_member_group_fit_the_frame() ->
     tree, signed as the service sends it, is under its message limit."""
     n = 100_000
     members = _members(n, "fleet")
-    groups = Group.assemble(b"fleet", members, epoch=1, authz=os.urandom(2048))
+    seeded, added = os.urandom(2048), os.urandom(2048)
+    groups = Group.assemble(b"fleet", members, epoch=1, authz=seeded)
     committer = groups[12_345]
     joiner = _Joiner()
-    result = committer.add(members[12_345][2], [joiner.kp], authz=os.urandom(2048))
+    result = committer.add(members[12_345][2], [joiner.kp], authz=added)
     assert result.welcome is not None
     welcome = result.welcome.encode()
     service_key = _key()
@@ -223,9 +291,15 @@ def test_a_welcome_and_every_tree_page_of_a_100k_member_group_fit_the_frame() ->
     delivery = framed(WelcomeDelivery("fleet", 2, welcome))
     assert len(delivery) < 16 * 1024 < MAX_WELCOME_MESSAGE_SIZE
     tree = result.group.tree
-    tree_pages = paginate(tree)
+    tree_pages = paginate(tree, admissions=admissions_of([seeded, added]))
     sizes = [
-        len(framed(TreePageMessage("fleet", 2, p.index, p.count, p.width, p.start, p.nodes)))
+        len(
+            framed(
+                TreePageMessage(
+                    "fleet", 2, p.index, p.count, p.width, p.start, p.nodes, p.admissions
+                )
+            )
+        )
         for p in tree_pages
     ]
     assert max(sizes) <= TreePageMessage.MAX_MESSAGE_SIZE < MAX_WELCOME_MESSAGE_SIZE
@@ -235,6 +309,9 @@ def test_a_welcome_and_every_tree_page_of_a_100k_member_group_fit_the_frame() ->
     )
     collector = TreeCollector("fleet", 2, opened.info.tree_hash)
     _collect(tree_pages, collector)
-    joined = Group.join_opened(opened, joiner.kp, joiner.leaf, tree=collector.tree())
+    tree = collector.tree()
+    joined = Group.join_opened(
+        opened, joiner.kp, joiner.leaf, tree=tree, admissions=collector.admissions(tree)
+    )
     assert joined.epoch_authenticator == result.group.epoch_authenticator
     assert joined.tree.member_count() == n + 1

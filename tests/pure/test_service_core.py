@@ -33,6 +33,7 @@ from agent.protocol.wire.messages.service import CommitAction, WelcomeDelivery
 from provisioning import audit, pki
 from provisioning.db.runtime import create_service_schema
 from provisioning.db.schema import Ack as AckRow
+from provisioning.db.schema import GroupAdmission
 from provisioning.metrics import ServiceMetrics
 from provisioning.registry import (
     DeviceState,
@@ -171,6 +172,16 @@ class Fleet:
     def epoch(self, group_id: str) -> int:
         with self.sessions() as s:
             return Registry(s).group(group_id).epoch
+
+    def admissions(self, group_id: str) -> dict[bytes, bytes]:
+        """The Authorizations the service keeps for ``group_id`` (``group_admissions``)."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(GroupAdmission.digest, GroupAdmission.authz).where(
+                    GroupAdmission.group_id == group_id
+                )
+            )
+            return {digest: authz for digest, authz in rows}
 
     def members(self, group_id: str) -> list[str]:
         with self.sessions() as s:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,15 @@ DONE = ResultStatus.DONE
 pytestmark = pytest.mark.pure
 
 
-def _small_pages(tree: RatchetTree) -> list[TreePage]:
-    return paginate(tree, max_bytes=1200)
+def _small_pages(
+    tree: RatchetTree, *, admissions: Mapping[bytes, bytes] | None = None
+) -> list[TreePage]:
+    return paginate(tree, max_bytes=1200, admissions=admissions)
+
+
+def _none(digests: Sequence[bytes]) -> dict[bytes, bytes]:
+    """No Authorization stored (the cache's tests are about trees)."""
+    return {}
 
 
 @pytest.fixture
@@ -68,6 +75,11 @@ def test_members_join_through_tree_pages_the_service_answers(fleet: Fleet) -> No
     assert len(to_dev3) >= 3 and fleet.devices["dev-3"].tree_pages == len(to_dev3)
     assert [b.page for b in to_dev3] == list(range(to_dev3[0].pages))
     assert all(b.epoch == 2 for b in to_dev3)
+    # the pages carry the Authorizations of the creation and of the adds of dev-2 and dev-3,
+    # each once; no member keeps them, the service does (store.admissions)
+    carried = [a for b in to_dev3 for a in b.admissions]
+    assert len(carried) == len(set(carried)) == 3
+    assert set(carried) == set(fleet.admissions("g1").values())
     assert fleet.devices["dev-2"].tree_pages > 1  # joined at the creation, through pages too
     assert not any(d.refusals for d in fleet.devices.values())
 
@@ -295,7 +307,7 @@ def test_concurrent_requests_for_one_rebuilt_tree_rebuild_it_once() -> None:
     results: list[object] = []
     threads = [
         threading.Thread(
-            target=lambda: results.append(cache.rebuilt_pages("g1", 3, b"ctx", rebuild))
+            target=lambda: results.append(cache.rebuilt_pages("g1", 3, b"ctx", rebuild, _none))
         )
         for _ in range(4)
     ]
@@ -307,8 +319,8 @@ def test_concurrent_requests_for_one_rebuilt_tree_rebuild_it_once() -> None:
         t.join(5)
     assert len(calls) == 1 and len(results) == 4
     assert all(r == results[0] and r is not None for r in results)
-    assert cache.rebuilt_pages("g1", 4, b"ctx", lambda: None) is None
-    assert cache.rebuilt_pages("g1", 4, b"ctx", rebuild) is not None and len(calls) == 2
+    assert cache.rebuilt_pages("g1", 4, b"ctx", lambda: None, _none) is None
+    assert cache.rebuilt_pages("g1", 4, b"ctx", rebuild, _none) is not None and len(calls) == 2
 
 
 def test_joiners_of_more_epochs_than_the_trees_kept_make_it_cut_them_again(
@@ -332,7 +344,9 @@ def test_joiners_of_more_epochs_than_the_trees_kept_make_it_cut_them_again(
         calls.clear()
         for _ in range(3):
             for epoch in (3, 4, 5):
-                cache.rebuilt_pages("g1", epoch, b"ctx%d" % epoch, lambda e=epoch: rebuild(e))
+                cache.rebuilt_pages(
+                    "g1", epoch, b"ctx%d" % epoch, lambda e=epoch: rebuild(e), _none
+                )
         return list(calls)
 
     assert by_turns(TreePageCache()) == [3, 4, 5] * 3

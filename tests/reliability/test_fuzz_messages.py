@@ -241,6 +241,8 @@ def agent_under_fire() -> tuple[AgentCore, list[tuple[str, bytes]], dict[str, An
     (body,) = service.bodies("dev-a", created)
     assert isinstance(body, GroupCreated)
     service.public[G] = PublicGroup.from_state(codec.decode(body.public_group, 1 << 20, "pg"))
+    assert body.authz is not None  # what the service keeps and delivers with Welcomes
+    service.authorizations[G] = {hashlib.sha256(body.authz).digest(): body.authz}
     kp_b = service.key_package("dev-b")
     add_b = approved("group.add", G, "dev-b")
     out = deliver("dev-a", CommitRequest(cmd(), G, 0, CommitAction.ADD, "dev-b", kp_b, add_b))

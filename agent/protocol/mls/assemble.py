@@ -16,7 +16,7 @@ from agent.protocol.hpke import Rng, serialize_public_key
 from agent.protocol.mls import codec
 from agent.protocol.mls import tree_math as tm
 from agent.protocol.mls.crypto import NH, derive_secret, mac
-from agent.protocol.mls.group import Group, admissions_of, path_node_keys
+from agent.protocol.mls.group import Group, path_node_keys
 from agent.protocol.mls.key_schedule import derive_epoch, group_context_bytes
 from agent.protocol.mls.messages import KeyPackage
 from agent.protocol.mls.parenthash import parent_hash
@@ -38,10 +38,12 @@ def assemble(
     rng: Rng = os.urandom,
     authz: bytes | None = None,
     leaf_check: LeafCheck = accept_any_leaf,
+    authorizations: Sequence[bytes | None] | None = None,
 ) -> list[Group]:
     """Every member's state of a group of ``members`` (leaf i = ``members[i]``) at
     ``epoch``, each member given as (KeyPackage, leaf key, signature key), all admitted by
-    ``authz`` (the group's creation Authorization), built in one step instead of by commits.
+    ``authz`` (the group's creation Authorization), or member i by ``authorizations[i]`` (a
+    group grown by one add request per member), built in one step instead of by commits.
 
     The result is the state real commits reach when the members are added and then each one
     commits once (an UpdatePath), in leaf order, every member processing every commit:
@@ -122,8 +124,13 @@ def assemble(
             commit_secret = derive_secret(path_secrets[-1] if path_secrets else first, b"path")
     for p, key in parent_keys.items():
         nodes[p] = ParentNode(serialize_public_key(key.public_key()))
-    admission = admission_hash(authz)
-    tree = RatchetTree(nodes, dict.fromkeys(range(n), admission))
+    if authorizations is None:
+        admissions = dict.fromkeys(range(n), admission_hash(authz))
+    elif len(authorizations) != n or authz is not None:
+        raise ValueError("authorizations: one per member, and then no authz")
+    else:
+        admissions = {i: admission_hash(a) for i, a in enumerate(authorizations)}
+    tree = RatchetTree(nodes, admissions)
     # Parent hashes in commit order: the copath children of a member's own nodes hold only
     # earlier members, whose leaves and nodes are final by then.
     for i, (owned, cut) in enumerate(owned_by):
@@ -152,5 +159,5 @@ def assemble(
     for i, (_, leaf_key, _) in enumerate(members):
         path = tm.direct_path(tm.leaf_to_node(i), width)
         held = {p: parent_keys[p] for p in path if p in parent_keys}
-        groups.append(Group(public, i, leaf_key, held, secrets, admissions=admissions_of([authz])))
+        groups.append(Group(public, i, leaf_key, held, secrets))
     return groups

@@ -21,8 +21,12 @@ leaf of a Welcome's tree with the Authorization that admitted it. MLS itself alw
 signatures and parent hashes. The hooks' keyword defaults accept everything (no-ops), for the
 pure MLS tests and tools that build groups of their own: a caller that admits devices (the
 agent) must pass its real checks to every call.
-The group keeps the Authorizations its tree's admission hashes refer to, so that a Welcome it
-makes can carry them.
+The group keeps no Authorization: its tree records each leaf's admission hash (SHA-256 of the
+Authorization that admitted it), and a joiner gets the Authorizations from the delivery service
+(with the Welcome, or with the tree's pages), which need not be trusted with them: each is taken
+by its hash only (``join_opened(admissions=...)``; docs/treekem.md, "Admissions delivered by the
+service"). So neither a member's state nor a Welcome grows with the number of distinct add
+requests.
 
 Update proposals (``propose_update``, ``commit(updates=...)``, ``process(proposed_leaf_keys=...)``)
 let one commit renew many members' leaf keys (a full rekey in a few commits instead of one per
@@ -114,15 +118,11 @@ from agent.protocol.mls.tree import LeafNode, RatchetTree
 DATA_KEY_LABEL = b"keyfleet data key"
 GROUP_INFO_LABEL = b"GroupInfoTBS"
 WELCOME_LABEL = b"Welcome"
-STATE_VERSION = 2
+STATE_VERSION = 3
+"""Version 2 also held the Authorizations the tree names; it is still read (they are dropped)."""
 INLINE_TREE_LEAVES = 256
 
 ResolveLeafKey = Callable[[bytes], ec.EllipticCurvePrivateKey]
-
-
-def _referenced(tree: RatchetTree, admissions: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """The Authorizations (by hash) that some leaf of ``tree`` records."""
-    return {h: a for h, a in admissions.items() if tree.admission_in_use(h)}
 
 
 def inline_tree(tree: RatchetTree) -> bool:
@@ -149,7 +149,27 @@ def _welcome_secret(joiner_secret: bytes) -> bytes:
     return derive_secret(extract(joiner_secret, bytes(NH)), b"welcome")
 
 
+def legacy_admissions(state: object) -> tuple[bytes, ...]:
+    """The Authorizations a version-2 group state held (``Group.from_state`` drops them): what
+    a member that kept them hands to the delivery service once, for groups made before the
+    service kept them (docs/treekem.md, "Admissions delivered by the service"). Empty for any
+    other state, or a list that does not decode."""
+    if not isinstance(state, dict) or state.get("v") != 2:
+        return ()
+    try:
+        held = codec.as_list(
+            state.get("admissions"),
+            "group_state.admissions",
+            codec.MAX_LEAVES,
+            lambda v, w: codec.as_bytes(v, w, 1, MAX_AUTHORIZATION),
+        )
+    except ProtocolError:
+        return ()
+    return tuple(dict.fromkeys(held))
+
+
 def admissions_of(authorizations: Sequence[bytes | None]) -> dict[bytes, bytes]:
+    """The Authorizations by their admission hash (what a leaf records)."""
     return {admission_hash(a): a for a in authorizations if a is not None}
 
 
@@ -189,7 +209,6 @@ class Group:
     """One member's state for one epoch (immutable; see the module docstring)."""
 
     __slots__ = (
-        "_admissions",
         "_leaf_key",
         "_leaf_public",
         "_node_keys",
@@ -205,11 +224,7 @@ class Group:
         leaf_key: ec.EllipticCurvePrivateKey,
         node_keys: dict[int, ec.EllipticCurvePrivateKey],
         secrets: EpochSecrets,
-        *,
-        admissions: dict[bytes, bytes] | None = None,
     ) -> None:
-        """``admissions``: the Authorizations the tree's admission hashes refer to, by hash;
-        those no leaf names are dropped (the tree counts the leaves of each hash: no scan)."""
         leaf = public.tree.leaf(own_leaf)
         if leaf is None:
             raise StateError(f"leaf {own_leaf} is blank: not a member")
@@ -219,7 +234,6 @@ class Group:
         self._leaf_public = leaf.encryption_key
         self._node_keys = node_keys
         self._secrets = secrets
-        self._admissions = _referenced(public.tree, admissions or {})
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -270,16 +284,6 @@ class Group:
         """(leaf index, device id) of every member."""
         return [(i, leaf.device_id) for i, leaf in self.tree.members()]
 
-    def admission(self, leaf_index: int) -> bytes | None:
-        """The Authorization that admitted the member at ``leaf_index`` (None: none recorded)."""
-        if self.tree.leaf(leaf_index) is None:
-            return None
-        return self._admissions.get(self.tree.admission(leaf_index))
-
-    def admissions(self) -> tuple[bytes, ...]:
-        """Every distinct Authorization the tree records, in hash order."""
-        return tuple(a for _, a in sorted(self._admissions.items()))
-
     def __repr__(self) -> str:
         return (
             f"Group(group_id={self.group_id.hex()}, epoch={self.epoch}, "
@@ -311,7 +315,7 @@ class Group:
         secrets = derive_epoch(rng(NH), bytes(NH), context)
         tag = mac(secrets.confirmation_key, b"")
         public = PublicState(group_id, 0, tree, b"", interim_transcript_hash(b"", tag))
-        return cls(public, 0, leaf_key, {}, secrets, admissions=admissions_of([authz]))
+        return cls(public, 0, leaf_key, {}, secrets)
 
     @classmethod
     def join(
@@ -322,17 +326,20 @@ class Group:
         *,
         init_key: ec.EllipticCurvePrivateKey,
         tree: RatchetTree | None = None,
+        admissions: Sequence[bytes] = (),
         leaf_check: LeafCheck = accept_any_leaf,
         admission_check: AdmissionCheck = accept_any_admission,
     ) -> Group:
         """Join from a Welcome sealed to ``own``'s one-time init key: ``open_welcome`` then
-        ``join_opened`` (``tree``: the group's tree when the GroupInfo does not carry it)."""
+        ``join_opened`` (``tree``: the group's tree when the GroupInfo does not carry it;
+        ``admissions``: the Authorizations the delivery service delivered)."""
         opened = cls.open_welcome(welcome, own, leaf_key, init_key=init_key)
         return cls.join_opened(
             opened,
             own,
             leaf_key,
             tree=tree,
+            admissions=admissions,
             leaf_check=leaf_check,
             admission_check=admission_check,
         )
@@ -383,17 +390,20 @@ class Group:
         leaf_key: ec.EllipticCurvePrivateKey,
         *,
         tree: RatchetTree | None = None,
+        admissions: Sequence[bytes] = (),
         leaf_check: LeafCheck = accept_any_leaf,
         admission_check: AdmissionCheck = accept_any_admission,
     ) -> Group:
         """Join with an opened Welcome and the group's tree: the GroupInfo's own if it carries
         one, else ``tree`` (fetched from the delivery service, which is not trusted:
         ``mls.welcome.tree-missing`` without one, ``mls.welcome.tree-hash`` unless its tree
-        hash is the signed GroupInfo's). Checks the GroupInfo signature, every leaf of the tree
-        (leaf signature, ``leaf_check``, the admission: ``mls.welcome.admission`` if the
-        GroupInfo lacks the Authorization a leaf's hash names, then ``admission_check``), every
-        parent hash (``mls.parent-hash``), the confirmation tag, and the path secret against
-        the tree's public keys."""
+        hash is the signed GroupInfo's). ``admissions``: the Authorizations the delivery service
+        delivered (with the Welcome or the tree's pages; not trusted either: each is looked up
+        by the admission hash a leaf records, one no leaf names is ignored). Checks the
+        GroupInfo signature, every leaf of the tree (leaf signature, ``leaf_check``, the
+        admission: ``mls.welcome.admission`` if no delivered Authorization has the hash a
+        leaf records, then ``admission_check``), every parent hash (``mls.parent-hash``), the
+        confirmation tag, and the path secret against the tree's public keys."""
         info, secrets_in = opened.info, opened.secrets
         if info.tree is not None:
             tree = info.tree
@@ -422,12 +432,12 @@ class Group:
             )
         except CryptoError:
             raise ProtocolError("mls.welcome.signature", "GroupInfo signature invalid") from None
-        admissions = admissions_of(info.admissions)
         check_welcome_tree(
             info.group_id,
             tree,
             own_leaf=own_leaf,
-            admissions=admissions,
+            # a committer from before the service delivered them signed them into its GroupInfo
+            admissions=admissions_of([*admissions, *(info.legacy_admissions or ())]),
             leaf_check=leaf_check,
             admission_check=admission_check,
         )
@@ -453,7 +463,7 @@ class Group:
             info.confirmed_transcript_hash,
             interim_transcript_hash(info.confirmed_transcript_hash, info.confirmation_tag),
         )
-        return cls(public, own_leaf, leaf_key, node_keys, secrets, admissions=admissions)
+        return cls(public, own_leaf, leaf_key, node_keys, secrets)
 
     @classmethod
     def assemble(
@@ -467,12 +477,21 @@ class Group:
         rng: Rng = os.urandom,
         authz: bytes | None = None,
         leaf_check: LeafCheck = accept_any_leaf,
+        authorizations: Sequence[bytes | None] | None = None,
     ) -> list[Group]:
         """Every member's state of a group of ``members`` at ``epoch``, built in one step
         instead of by commits: see ``agent.protocol.mls.assemble.assemble``."""
         from agent.protocol.mls.assemble import assemble  # noqa: PLC0415 - it builds Groups
 
-        return assemble(group_id, members, epoch=epoch, rng=rng, authz=authz, leaf_check=leaf_check)
+        return assemble(
+            group_id,
+            members,
+            epoch=epoch,
+            rng=rng,
+            authz=authz,
+            leaf_check=leaf_check,
+            authorizations=authorizations,
+        )
 
     @staticmethod
     def _check_path_keys(
@@ -598,8 +617,7 @@ class Group:
         leaf_key = new_leaf_key if new_leaf_key is not None else self._leaf_key
         node_keys = self._kept_node_keys(tree)
         node_keys.update(zip(nodes, keys, strict=True))
-        admissions = {**self._admissions, **admissions_of([authz])}
-        group = Group(public, me, leaf_key, node_keys, secrets, admissions=admissions)
+        group = Group(public, me, leaf_key, node_keys, secrets)
         welcome = None
         if adds:
             welcome = self._welcome(
@@ -715,7 +733,6 @@ class Group:
             confirmation_tag=tag,
             signer=group._own_leaf,
             signature=b"",
-            admissions=group.admissions(),
         )
         signature = sign_with_label(signature_key, GROUP_INFO_LABEL, unsigned.tbs())
         info = replace(unsigned, signature=signature)
@@ -825,15 +842,7 @@ class Group:
             raise ProtocolError("mls.confirmation-tag", "the confirmation tag does not match")
         node_keys = self._kept_node_keys(verified.tree)
         node_keys.update(derived)
-        admissions = {**self._admissions, **admissions_of([verified.commit.content.authz])}
-        return Group(
-            public,
-            me,
-            leaf_key,
-            node_keys,
-            secrets,
-            admissions=admissions,
-        )
+        return Group(public, me, leaf_key, node_keys, secrets)
 
     def _decryption_key(
         self, resolution: Sequence[int], leaf_key: ec.EllipticCurvePrivateKey
@@ -865,21 +874,23 @@ class Group:
             "leaf_ref": self._leaf_public,
             "nodes": {x: _scalar(k) for x, k in sorted(self._node_keys.items())},
             "secrets": {f.name: getattr(self._secrets, f.name) for f in fields(EpochSecrets)},
-            "admissions": list(self.admissions()),
         }
 
     @classmethod
     def from_state(cls, state: object, resolve_leaf_key: ResolveLeafKey) -> Group:
         """Inverse of ``to_state``; ``resolve_leaf_key(leaf public key bytes)`` returns the leaf
-        key object (a TPM key on devices). Raises ``StateError`` if anything is inconsistent."""
+        key object (a TPM key on devices). Raises ``StateError`` if anything is inconsistent.
+        A version-2 state's Authorizations are dropped (``STATE_VERSION``)."""
         try:
+            version = state.get("v") if isinstance(state, dict) else None
+            if version not in (2, STATE_VERSION):
+                raise StateError(f"group state version {version!r} unknown")
             m = codec.as_map(
                 state,
                 "group_state",
-                {"v", "public", "leaf", "leaf_ref", "nodes", "secrets", "admissions"},
+                {"v", "public", "leaf", "leaf_ref", "nodes", "secrets"}
+                | ({"admissions"} if version == 2 else set()),
             )
-            if m["v"] != STATE_VERSION:
-                raise StateError(f"group state version {m['v']!r} unknown")
             public = PublicState.from_obj(m["public"])
             own_leaf = codec.as_uint(m["leaf"], "group_state.leaf", codec.MAX_LEAVES - 1)
             leaf_ref = codec.as_point(m["leaf_ref"], "group_state.leaf_ref")
@@ -904,12 +915,6 @@ class Group:
                     for name, value in secrets_in.items()
                 }
             )
-            admissions = codec.as_list(
-                m["admissions"],
-                "group_state.admissions",
-                codec.MAX_LEAVES,
-                lambda v, w: codec.as_bytes(v, w, 1, MAX_AUTHORIZATION),
-            )
         except (ProtocolError, ValueError) as exc:
             raise StateError(f"group state unreadable: {exc}") from None
         leaf = public.tree.leaf(own_leaf)
@@ -918,9 +923,7 @@ class Group:
         leaf_key = resolve_leaf_key(leaf_ref)
         if serialize_public_key(leaf_key.public_key()) != leaf_ref:
             raise StateError("the resolved leaf key is not the one in the tree")
-        return cls(
-            public, own_leaf, leaf_key, node_keys, secrets, admissions=admissions_of(admissions)
-        )
+        return cls(public, own_leaf, leaf_key, node_keys, secrets)
 
 
 __all__ = [

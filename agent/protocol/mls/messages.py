@@ -511,8 +511,15 @@ class GroupInfo:
     from the delivery service, ``agent.protocol.mls.treepages``, and accepts it only if its hash
     is ``tree_hash``), the confirmed transcript hash and the confirmation tag (which the joiner
     checks with the confirmation key it derives from the GroupContext, which holds the tree
-    hash, so a GroupInfo cannot be paired with the wrong secrets or the wrong tree), and each
-    distinct Authorization whose hash the tree records as a leaf's admission, once."""
+    hash, so a GroupInfo cannot be paired with the wrong secrets or the wrong tree). It carries
+    no Authorization: the tree records each leaf's admission hash, and the delivery service,
+    which need not be trusted with them, delivers the Authorizations those hashes name
+    (``admissions_of``; docs/treekem.md, "Admissions delivered by the service").
+
+    ``legacy_admissions``: the Authorizations a GroupInfo made by a committer from before then
+    carried (its ``admissions`` key, under its signature); read so that a joiner can join
+    through a member not yet upgraded, taken as delivered ones (by hash). None: no such key,
+    and a GroupInfo made now never has one."""
 
     group_id: bytes
     epoch: int
@@ -522,7 +529,7 @@ class GroupInfo:
     confirmation_tag: bytes
     signer: int
     signature: bytes
-    admissions: tuple[bytes, ...] = ()
+    legacy_admissions: tuple[bytes, ...] | None = None
 
     def tbs(self) -> bytes:
         obj = self.to_obj()
@@ -530,7 +537,7 @@ class GroupInfo:
         return codec.encode(obj)
 
     def to_obj(self) -> dict[str, object]:
-        return {
+        obj: dict[str, object] = {
             "group": self.group_id,
             "epoch": self.epoch,
             "tree": None if self.tree is None else self.tree.to_obj(),
@@ -539,24 +546,29 @@ class GroupInfo:
             "tag": self.confirmation_tag,
             "signer": self.signer,
             "signature": self.signature,
-            "admissions": list(self.admissions),
         }
+        if self.legacy_admissions is not None:
+            obj["admissions"] = list(self.legacy_admissions)
+        return obj
 
     @classmethod
     def from_obj(cls, value: object, what: str = "group_info") -> GroupInfo:
         m = codec.as_map(
             value,
             what,
-            {"group", "epoch", "tree", "th", "cth", "tag", "signer", "signature", "admissions"},
+            {"group", "epoch", "tree", "th", "cth", "tag", "signer", "signature"},
+            {"admissions"},
         )
-        admissions = codec.as_list(
-            m["admissions"],
-            f"{what}.admissions",
-            codec.MAX_LEAVES,
-            lambda v, w: codec.as_bytes(v, w, 1, MAX_AUTHORIZATION),
-        )
-        if len(set(admissions)) != len(admissions):
-            raise codec.fail(f"{what}.admissions", "an Authorization appears twice")
+        legacy = None
+        if "admissions" in m:
+            legacy = tuple(
+                codec.as_list(
+                    m["admissions"],
+                    f"{what}.admissions",
+                    codec.MAX_LEAVES,
+                    lambda v, w: codec.as_bytes(v, w, 1, MAX_AUTHORIZATION),
+                )
+            )
         return cls(
             group_id=codec.as_bytes(m["group"], f"{what}.group", 1, codec.MAX_GROUP_ID),
             epoch=codec.as_uint(m["epoch"], f"{what}.epoch", (1 << 64) - 1),
@@ -566,7 +578,7 @@ class GroupInfo:
             confirmation_tag=codec.as_bytes(m["tag"], f"{what}.tag", NH, NH),
             signer=codec.as_uint(m["signer"], f"{what}.signer", codec.MAX_LEAVES - 1),
             signature=codec.as_bytes(m["signature"], f"{what}.signature", 8, codec.MAX_SIGNATURE),
-            admissions=tuple(admissions),
+            legacy_admissions=legacy,
         )
 
     def encode(self) -> bytes:

@@ -96,7 +96,7 @@ def check_welcome_tree(
 ) -> None:
     """A joiner's checks of every leaf and parent of a Welcome's tree (``Group.join``), none
     of which needs a secret: each leaf's signature, ``leaf_check``, its admission (the
-    Authorization its hash names must be among ``admissions``, by hash; then
+    Authorization its hash names must be among ``admissions``, the delivered ones by hash; then
     ``admission_check``), and the parent-hash validity of every parent node."""
     for i, leaf in tree.members():
         leaf.verify(group_id, i)
@@ -105,7 +105,9 @@ def check_welcome_tree(
         authz = admissions.get(recorded)
         if authz is None and recorded != NO_ADMISSION:
             raise ProtocolError(
-                "mls.welcome.admission", f"leaf {i}: its Authorization is not in the GroupInfo"
+                "mls.welcome.admission",
+                f"leaf {i}: no Authorization delivered with the Welcome or the tree's pages "
+                "has the admission hash it records",
             )
         admission_check(leaf, authz, i == own_leaf)
     verify_tree(tree)

@@ -292,6 +292,9 @@ class _Counter(_Shards[int]):
     def get(self, key: bytes) -> int:
         return self._shards[hash(key) % self._n].get(key, 0)
 
+    def keys(self) -> list[bytes]:
+        return [key for shard in self._shards for key in shard]
+
     def add(self, key: bytes, delta: int) -> None:
         shard = self._shard(key)
         count = shard.get(key, 0) + delta
@@ -388,6 +391,11 @@ class RatchetTree:
         if value is None:
             raise KeyError(leaf_index)
         return value
+
+    def admission_hashes(self) -> list[bytes]:
+        """Every distinct admission hash some member's leaf records, NO_ADMISSION included
+        (O(distinct hashes): no scan of the leaves)."""
+        return self._adm_used.keys()
 
     def admission_in_use(self, admission: bytes) -> bool:
         """Whether some member's leaf records the admission hash ``admission`` (no scan)."""

@@ -89,6 +89,7 @@ def seed_group(
         members=[d.device_id for d in devices],
         epoch_authenticator=first.epoch_authenticator,
         now=now,
+        authz=envelope,
     )
     log.warning(
         "seeded group %s with %d virtual members directly (simulation only)",

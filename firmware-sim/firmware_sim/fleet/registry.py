@@ -22,6 +22,7 @@ from provisioning.registry import (
     run_in_transaction,
     session_factory,
 )
+from provisioning.service.store import admissions
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,13 @@ def record_seeded_group(
     members: Sequence[str],
     epoch_authenticator: bytes,
     now: int,
+    authz: bytes | None = None,
 ) -> None:
     """The registry rows of a group built in one step: the group (its public state), every
     member at its leaf index (``members[i]`` at leaf i, joined at ``epoch``), one ack per member
-    so that each counts as holding the current epoch, and the audit entry."""
+    so that each counts as holding the current epoch, the Authorization every leaf records as
+    its admission (``authz``, if any: the service delivers it to joiners), and the audit
+    entry."""
 
     def work(session: Session) -> None:
         session.add(
@@ -138,6 +142,8 @@ def record_seeded_group(
                 )
             )
         session.flush()
+        if authz is not None:
+            admissions.keep(session, group_id, [authz], epoch=epoch)
         registry = Registry(session)
         for device_id in members:
             registry.record_ack(

@@ -37,6 +37,28 @@ MAX_TREE_PAGE = 1 << 20
 """Largest encoded node list of one ``svc.tree_page`` (agent.protocol.mls.treepages)."""
 MAX_TREE_PAGE_MESSAGE_SIZE = MAX_TREE_PAGE + (64 << 10)
 MAX_TREE_PAGES = 4096
+MAX_AUTHORIZATION = 64 << 10
+"""Largest operators' Authorization a leaf's admission hash may name (as the MLS layer's)."""
+MAX_WELCOME_ADMISSIONS = 256
+"""Authorizations a ``svc.welcome`` carries: those a tree of at most 256 leaves (one carried
+inline in the Welcome) names, each once."""
+
+
+def check_admissions(value: object, name: str, *, max_items: int, max_total: int) -> None:
+    """Operators' Authorizations delivered by their hash (a leaf's admission hash): a tuple of
+    distinct byte strings, each 1..``MAX_AUTHORIZATION`` bytes, at most ``max_total`` in all."""
+    check_tuple(value, name, max_len=max_items)
+    assert isinstance(value, tuple)
+    total = 0
+    for item in value:
+        check_bytes(item, f"{name}[]", min_len=1, max_len=MAX_AUTHORIZATION)
+        total += len(item)
+    if total > max_total:
+        raise ProtocolError("body.bounds", f"{name} holds more than {max_total} bytes")
+    if len(set(value)) != len(value):
+        raise ProtocolError("body.bounds", f"{name} holds duplicates")
+
+
 MAX_TREE_WIDTH = 2 * (1 << 17) - 1
 MAX_LIST = 4096
 MAX_OPAQUE = 1 << 20

@@ -12,12 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from agent.protocol.errors import ProtocolError
 from agent.protocol.wire.messages.base import (
     COMMAND_ID_MAX,
     COMMAND_ID_MIN,
+    MAX_AUTHORIZATION,
+    MAX_LIST,
     MAX_TREE_PAGES,
     MAX_WELCOME_MESSAGE_SIZE,
     Body,
+    check_admissions,
     check_bytes,
     check_choice,
     check_epoch,
@@ -59,18 +63,50 @@ class KeyPackageMessage(Body):
 class GroupCreated(Body):
     """Founder -> service: the group exists at epoch 0 with the sender as its only member;
     ``public_group`` is the public view (agent.protocol.mls.public.PublicGroup state) the delivery
-    service keeps to check every later commit."""
+    service keeps to check every later commit; ``authz`` the Authorization the founder's leaf
+    records as its admission (the operators' creation Authorization with the policy chain it
+    was judged under), which the service keeps to deliver to joiners."""
 
     TYPE: ClassVar[str] = "group.created"
 
     group_id: str
     public_group: bytes
     command_id: bytes
+    authz: bytes | None = None
 
     def __post_init__(self) -> None:
         check_id(self.group_id, "group_id")
         check_bytes(self.public_group, "public_group", min_len=1)
         check_bytes(self.command_id, "command_id", min_len=COMMAND_ID_MIN, max_len=COMMAND_ID_MAX)
+        if self.authz is not None:
+            check_bytes(self.authz, "authz", min_len=1, max_len=MAX_AUTHORIZATION)
+
+
+MAX_HANDOFF_BYTES = 192 << 10
+"""Authorizations one ``group.admissions`` carries in all (its frame is 256 KiB)."""
+
+
+@dataclass(frozen=True)
+class GroupAdmissions(Body):
+    """Member -> service, once after an upgrade: the operators' Authorizations its saved group
+    state still held (a version-2 state; members keep none since) for a group the service may
+    have kept none of. The service keeps those whose hash a leaf of the group's current tree
+    records, and ignores the rest; content-addressed, so the sender is not trusted with them
+    (docs/treekem.md, "Admissions delivered by the service"). Sent in parts of at most
+    ``MAX_HANDOFF_BYTES``."""
+
+    TYPE: ClassVar[str] = "group.admissions"
+
+    group_id: str
+    admissions: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.group_id, "group_id")
+        check_admissions(
+            self.admissions, "admissions", max_items=MAX_LIST, max_total=MAX_HANDOFF_BYTES
+        )
+        if not self.admissions:
+            raise ProtocolError("body.bounds", "admissions must hold at least one")
 
 
 @dataclass(frozen=True)

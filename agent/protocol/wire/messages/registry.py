@@ -13,6 +13,7 @@ from agent.protocol.wire.messages.feed import RevocationFeed
 from agent.protocol.wire.messages.group import (
     CommitMessage,
     CommitRefused,
+    GroupAdmissions,
     GroupCreated,
     KeyPackageMessage,
     TreeRequest,
@@ -104,6 +105,7 @@ BODY_CLASSES: tuple[type[Body], ...] = (
     RenewIssued,
     TagDevice,
     TreeRequest,
+    GroupAdmissions,
     TreePage,
 )
 

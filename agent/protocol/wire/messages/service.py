@@ -15,12 +15,15 @@ from agent.protocol.wire.messages.attestation import AttestChallenge
 from agent.protocol.wire.messages.base import (
     COMMAND_ID_MAX,
     COMMAND_ID_MIN,
+    MAX_LIST,
     MAX_TREE_PAGE,
     MAX_TREE_PAGE_MESSAGE_SIZE,
     MAX_TREE_PAGES,
     MAX_TREE_WIDTH,
+    MAX_WELCOME_ADMISSIONS,
     MAX_WELCOME_MESSAGE_SIZE,
     Body,
+    check_admissions,
     check_bytes,
     check_enum,
     check_epoch,
@@ -191,9 +194,14 @@ class KeyPackageRequest(Body):
 
 @dataclass(frozen=True)
 class WelcomeDelivery(Body):
-    """The welcome a committer made for the receiver: join ``group_id`` at ``epoch``. Its
-    GroupInfo carries the operators' Authorization of every member's admission, the receiver's
-    own included (docs/authorization.md)."""
+    """The welcome a committer made for the receiver: join ``group_id`` at ``epoch``. When
+    its GroupInfo carries the tree (at most 256 leaves), ``admissions`` carries the operators'
+    Authorization of every member's admission, each distinct one once, the receiver's own
+    included (docs/authorization.md); the joiner takes each by the hash a leaf records, so the
+    service that attaches them is not trusted with them. A larger tree's Authorizations come
+    with its pages (``svc.tree_page``), as do those of an inline tree the service could not fit
+    here (then ``admissions`` is empty and the joiner fetches the pages).
+    ``docs/treekem.md``, "Admissions delivered by the service"."""
 
     TYPE: ClassVar[str] = "svc.welcome"
     MAX_MESSAGE_SIZE: ClassVar[int] = MAX_WELCOME_MESSAGE_SIZE
@@ -201,11 +209,18 @@ class WelcomeDelivery(Body):
     group_id: str
     epoch: int
     welcome: bytes
+    admissions: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         check_id(self.group_id, "group_id")
         check_epoch(self.epoch)
         check_bytes(self.welcome, "welcome", min_len=1, max_len=MAX_WELCOME_MESSAGE_SIZE)
+        check_admissions(
+            self.admissions,
+            "admissions",
+            max_items=MAX_WELCOME_ADMISSIONS,
+            max_total=MAX_WELCOME_MESSAGE_SIZE,
+        )
 
     def group_epoch(self) -> tuple[str, int]:
         return (self.group_id, self.epoch)
@@ -215,8 +230,11 @@ class WelcomeDelivery(Body):
 class TreePage(Body):
     """Service -> joiner, answering a ``group.tree_request``: page ``page`` of ``pages`` of the
     public tree of ``group_id`` at ``epoch`` (``width`` nodes): nodes ``[start, start + n)`` as
-    the encoded CBOR array ``nodes`` of their encodings (agent.protocol.mls.treepages). The
-    joiner trusts none of it: it accepts the tree only if its hash is the signed GroupInfo's.
+    the encoded CBOR array ``nodes`` of their encodings (agent.protocol.mls.treepages), and
+    ``admissions``: the operators' Authorizations that leaves of this page name and no earlier
+    page carried (nodes and Authorizations together at most ``MAX_TREE_PAGE`` bytes). The
+    joiner trusts none of it: it accepts the tree only if its hash is the signed GroupInfo's,
+    and an Authorization only by the admission hash a leaf records.
     Not a group message (no ``group_epoch``): the joiner does not hold the group yet."""
 
     TYPE: ClassVar[str] = "svc.tree_page"
@@ -229,6 +247,7 @@ class TreePage(Body):
     width: int
     start: int
     nodes: bytes
+    admissions: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         check_id(self.group_id, "group_id")
@@ -238,3 +257,9 @@ class TreePage(Body):
         check_uint(self.width, "width", minimum=1, maximum=MAX_TREE_WIDTH)
         check_uint(self.start, "start", maximum=self.width - 1)
         check_bytes(self.nodes, "nodes", min_len=1, max_len=MAX_TREE_PAGE)
+        check_admissions(
+            self.admissions,
+            "admissions",
+            max_items=MAX_LIST,
+            max_total=MAX_TREE_PAGE - len(self.nodes),
+        )
