@@ -99,6 +99,7 @@ def test_sqlite_file_has_every_table_wal_and_foreign_keys(engine: Engine, tmp_pa
         "enroll_sessions",
         "device_tags",
         "group_deleted_members",
+        "group_admissions",
     }
     assert set(Base.metadata.tables) == expected
 
